@@ -1,0 +1,383 @@
+"""The BrokerService: sessions, routing, retained messages, wills and QoS retries.
+
+It never touches a transport: it talks to connected clients through the few methods of
+:class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``).
+"""
+
+from __future__ import annotations
+
+import resource
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+
+from .config import BrokerConfig
+from .hooks import Hooks
+from .message import Client, Message
+from .retained import RetainedMessages
+from .session import Outgoing, Session
+from .topics import Subscription, SubscriptionTree, valid_topic_name
+from .wire.codes import ReasonCode
+from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
+
+log = Logger()
+
+
+class Stats:
+    """Counters kept with plain integer arithmetic on the hot path."""
+
+    __slots__ = ("messages_received", "messages_sent", "messages_dropped", "connections_total",
+                 "connections_refused")
+
+    def __init__(self) -> None:
+        self.messages_received = self.messages_sent = self.messages_dropped = 0
+        self.connections_total = self.connections_refused = 0
+
+
+class BrokerService(MultiService):
+    """An MQTT broker as a Twisted service.
+
+    ``BrokerService(endpoints=["tcp:1883"])`` listens when started (``startService()`` or as a
+    child of an application). Settings come from ``config`` (a :class:`BrokerConfig`, or the
+    path of a TOML file) and then from keyword arguments with the same names.
+    """
+
+    def __init__(self, endpoints: Iterable[str] | None = None,
+                 config: BrokerConfig | str | Path | None = None, *,
+                 reactor: Any = None, clock: IReactorTime | None = None, **settings: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = BrokerConfig()
+        elif not isinstance(config, BrokerConfig):
+            config = BrokerConfig.from_file(config)
+        if endpoints is not None:
+            settings["endpoints"] = list(endpoints)
+        self.config = config.replace(**settings) if settings else config
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.hooks = Hooks()
+        self.sessions: dict[str, Session] = {}
+        self.subscriptions = SubscriptionTree()
+        self.retained = RetainedMessages()
+        self.stats = Stats()
+        self.connections: set[Any] = set()
+        """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
+        self.ports: list[IListeningPort] = []
+        from .protocol import MQTTFactory
+        self.factory = MQTTFactory(self)
+
+    # --- service ------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Listen on every endpoint; a failure to listen raises here, so twistd stops at start-up."""
+        _raise_open_files_limit()
+        super().startService()
+        for description in self.config.endpoints:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+            failures: list[Any] = []
+            endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
+            if failures:
+                self.stopService()
+                failures[0].raiseException()
+            log.info("MQTT broker listening on {endpoint}", endpoint=description)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopping = [port.stopListening() for port in self.ports]
+        self.ports = []
+        for connection in list(self.connections):
+            connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
+        for session in self.sessions.values():
+            for call in (session.expiry_call, session.retry_call):
+                if call is not None and call.active():
+                    call.cancel()
+        return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    # --- embedding API ------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
+                properties: Properties = NO_PROPERTIES) -> Deferred[None]:
+        """Publish a message as the broker itself; returns a Deferred that fires once it is routed.
+
+        Raises ValueError for an invalid topic or QoS.
+        """
+        if not valid_topic_name(topic) or "\x00" in topic:
+            raise ValueError(f"invalid topic name {topic!r}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"invalid QoS {qos!r}")
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        self.route(Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties))
+        return succeed(None)
+
+    def clients(self) -> list[Client]:
+        """The clients connected now."""
+        return [s.connection.client for s in self.sessions.values()
+                if s.connection is not None and s.connection.client is not None]
+
+    def subscriptions_of(self, client_id: str) -> list[Subscription]:
+        """The subscriptions of a session (connected or not); empty if there is none."""
+        session = self.sessions.get(client_id)
+        return list(session.subscriptions.values()) if session is not None else []
+
+    # --- connecting ---------------------------------------------------------------------
+
+    def check_connect(self, connect: Connect) -> tuple[ReasonCode, str]:
+        """Validate a CONNECT against the settings; returns (reason code, client id to use)."""
+        client_id = connect.client_id
+        level = connect.protocol_level
+        if level == MQTT_3_1 and len(client_id) > 23:
+            return ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, client_id  # MQTT 3.1: 1 to 23 characters
+        if not client_id:
+            if not self.config.allow_zero_length_clientid or (level != MQTT_5 and not connect.clean_start):
+                return ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, client_id  # [MQTT-3.1.3-8]
+            client_id = self.config.auto_id_prefix + uuid.uuid4().hex
+        max_keepalive = self.config.max_keepalive
+        if level != MQTT_5 and (connect.keep_alive > max_keepalive or
+                                (max_keepalive < 65535 and connect.keep_alive == 0)):
+            # MQTT 3 cannot tell a client to use a shorter keepalive; refuse as Mosquitto does.
+            return ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, client_id
+        return ReasonCode.SUCCESS, client_id
+
+    def attach(self, connection: Any, client_id: str, clean_start: bool) -> Session:
+        """Give a connection its session, taking it over from another connection if needed.
+        The caller tells the client ``session.session_present``-style from the return of
+        :meth:`had_session` checked before."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            # Session takeover [MQTT-3.1.4-2]: the old connection ends as if it had failed.
+            old = session.connection
+            self.detach(old, graceful=False)
+            old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
+        if session is not None and (clean_start or not session.persistent):
+            self._discard(session)
+            session = None
+        if session is None:
+            session = self.sessions[client_id] = Session(client_id)
+        elif session.expiry_call is not None:
+            if session.expiry_call.active():
+                session.expiry_call.cancel()
+            session.expiry_call = None
+        session.persistent = not clean_start
+        session.connection = connection
+        return session
+
+    def resume(self, session: Session) -> None:
+        """After CONNACK: resend what was in flight [MQTT-4.4.0-1], then send what was queued."""
+        connection = session.connection
+        for packet_id, out in list(session.outgoing.items()):
+            if out.released:
+                connection.send_pubrel(packet_id)
+            else:
+                connection.send_publish(out.message, out.qos, out.retain, packet_id, dup=True)
+            out.sent_at = self.clock.seconds()
+        if session.outgoing:
+            self._schedule_retry(session)
+        self.pump(session)
+
+    def detach(self, connection: Any, graceful: bool) -> None:
+        """A connection ended: publish its will unless it ended gracefully, and keep or discard
+        its session."""
+        session = connection.session
+        if session is None:
+            return
+        connection.session = None
+        session.connection = None
+        if session.retry_call is not None and session.retry_call.active():
+            session.retry_call.cancel()
+        will = connection.will
+        connection.will = None
+        if will is not None and not graceful:
+            self.publish_will(connection.client, will)
+        if not session.persistent:
+            self._discard(session)
+        elif self.config.persistent_client_expiration:
+            session.expiry_call = self.clock.callLater(
+                self.config.persistent_client_expiration, self._expire, session)
+        if self.hooks.has_disconnect:
+            self.hooks.notify("disconnect", connection.client, graceful)
+
+    def publish_will(self, client: Client, will: Message) -> None:
+        if not self.hooks.has_will:
+            self.route(will)
+            return
+
+        def decided(answer: Any) -> None:
+            if answer is None:
+                self.route(will)
+            elif isinstance(answer, Message):
+                self.route(answer)
+        self.hooks.decide("will", client, will).addCallback(decided)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry_call = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("session {client_id} expired", client_id=session.client_id)
+            self._discard(session)
+
+    def _discard(self, session: Session) -> None:
+        for topic_filter in session.subscriptions:
+            self.subscriptions.remove(session.client_id, topic_filter)
+        session.clear()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    # --- subscriptions ------------------------------------------------------------------
+
+    def subscribe(self, session: Session, subscription: Subscription) -> None:
+        """Add a subscription and send the retained messages it matches [MQTT-3.3.1-6]."""
+        existed = subscription.topic_filter in session.subscriptions
+        session.subscriptions[subscription.topic_filter] = subscription
+        self.subscriptions.add(subscription)
+        if subscription.share_group is not None or subscription.retain_handling == 2 or (
+                subscription.retain_handling == 1 and existed):
+            return
+        for message in self.retained.match(subscription.topic_filter):
+            self.deliver(session, message, min(message.qos, subscription.qos), True)
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self.subscriptions.remove(session.client_id, topic_filter)
+        return True
+
+    # --- routing (the hot path) ---------------------------------------------------------
+
+    def route(self, message: Message) -> int:
+        """Store a retained message and deliver a message to every matching session.
+        Returns the number of sessions it was delivered or queued to."""
+        self.stats.messages_received += 1
+        if message.retain and self.config.retain_available:
+            self.retained.store(message)
+        by_client, groups = self.subscriptions.match(message.topic)
+        sessions = self.sessions
+        deliver = self.deliver
+        count = 0
+        for client_id, subs in by_client:
+            session = sessions.get(client_id)
+            if session is None:
+                continue
+            if len(subs) == 1:
+                sub = subs[0]
+                if sub.no_local and client_id == message.sender:
+                    continue
+                qos = sub.qos if sub.qos < message.qos else message.qos
+                retain = message.retain and sub.retain_as_published
+            else:
+                # Overlapping subscriptions: one copy at the highest granted QoS.
+                subs = [s for s in subs if not (s.no_local and client_id == message.sender)]
+                if not subs:
+                    continue
+                qos = min(max(s.qos for s in subs), message.qos)
+                retain = message.retain and any(s.retain_as_published for s in subs)
+            deliver(session, message, qos, retain)
+            count += 1
+        for _, members in groups:
+            count += self._deliver_shared(message, members)
+        return count
+
+    def _deliver_shared(self, message: Message, members: list[Subscription]) -> int:
+        """One member of a shared group gets the message: a connected one if any, in turn."""
+        members = [m for m in members if m.client_id in self.sessions]
+        if not members:
+            return 0
+        online = [m for m in members if self.sessions[m.client_id].connection is not None]
+        pool = online or members
+        choice = pool[self.stats.messages_received % len(pool)]
+        self.deliver(self.sessions[choice.client_id], message, min(choice.qos, message.qos), False)
+        return 1
+
+    def deliver(self, session: Session, message: Message, qos: int, retain: bool) -> None:
+        """Send a message to a session now, or queue it (bounded) if it cannot take it now."""
+        connection = session.connection
+        config = self.config
+        if connection is not None and not connection.paused and not session.queue:
+            if not qos:
+                connection.send_publish(message, 0, retain, 0)
+                self.stats.messages_sent += 1
+                return
+            if len(session.outgoing) < connection.send_quota:
+                self._send_tracked(session, connection, message, qos, retain)
+                return
+        elif connection is None and not qos and not config.queue_qos0_messages:
+            return  # QoS 0 is not kept for offline sessions unless asked to
+        if not session.enqueue(message, qos, retain, config.max_queued_messages, config.max_queued_bytes):
+            self.stats.messages_dropped += 1
+            if session.dropped == 1 or session.dropped % 1000 == 0:
+                log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
+                         client_id=session.client_id, dropped=session.dropped)
+
+    def _send_tracked(self, session: Session, connection: Any, message: Message, qos: int, retain: bool) -> None:
+        packet_id = session.allocate_packet_id()
+        session.outgoing[packet_id] = Outgoing(message, qos, retain, self.clock.seconds())
+        connection.send_publish(message, qos, retain, packet_id)
+        self.stats.messages_sent += 1
+        if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
+            self._schedule_retry(session)
+
+    def pump(self, session: Session) -> None:
+        """Send queued messages while the connection and its in-flight window allow."""
+        connection = session.connection
+        queue = session.queue
+        while queue and connection is not None and not connection.paused:
+            head = queue[0]
+            if head.qos and len(session.outgoing) >= connection.send_quota:
+                return
+            session.dequeue()
+            if head.qos:
+                self._send_tracked(session, connection, head.message, head.qos, head.retain)
+            else:
+                connection.send_publish(head.message, 0, head.retain, 0)
+                self.stats.messages_sent += 1
+
+    def acknowledged(self, session: Session, packet_id: int) -> bool:
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""
+        if session.outgoing.pop(packet_id, None) is None:
+            return False
+        if session.queue:
+            self.pump(session)
+        return True
+
+    def _schedule_retry(self, session: Session) -> None:
+        if self.config.retry_interval and session.retry_call is None and session.connection is not None \
+                and session.connection.version != MQTT_5:
+            session.retry_call = self.clock.callLater(self.config.retry_interval, self._retry, session)
+
+    def _retry(self, session: Session) -> None:
+        """Resend QoS 1/2 messages unacknowledged for retry_interval (MQTT 3 only)."""
+        session.retry_call = None
+        connection = session.connection
+        if connection is None or not session.outgoing:
+            return
+        now = self.clock.seconds()
+        deadline = now - self.config.retry_interval
+        for packet_id, out in session.outgoing.items():
+            if out.sent_at <= deadline:
+                if out.released:
+                    connection.send_pubrel(packet_id)
+                else:
+                    connection.send_publish(out.message, out.qos, out.retain, packet_id, dup=True)
+                out.sent_at = now
+        oldest = min(out.sent_at for out in session.outgoing.values())
+        session.retry_call = self.clock.callLater(
+            max(oldest + self.config.retry_interval - now, 0.001), self._retry, session)
+
+
+def _raise_open_files_limit() -> None:
+    """Many clients need many descriptors: raise the soft limit to the hard one where allowed."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn("could not raise the open files limit: {error}", error=e)

@@ -1,0 +1,140 @@
+"""Event hooks: handlers for connect, publish, subscribe, unsubscribe, ping, disconnect and will.
+
+Every handler may return a plain value, a Deferred or a coroutine; they run one after another
+in registration order. Events nobody listens to cost the broker nothing: it checks
+``hooks.has_publish`` (a plain attribute) before building anything for a hook.
+
+Two kinds of events:
+
+- deciders (connect, publish, subscribe, unsubscribe, ping, will) combine their handlers'
+  answers: ``None`` or ``True`` lets the next handler decide, ``False`` refuses, and a few
+  events take a richer answer (see each ``on_*``). The first refusal wins and later handlers
+  are not called. A handler that raises or fails refuses too (fail closed), and is logged.
+- notifications (disconnect) only observe; every handler is called, failures are logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+
+from .message import Client, Message
+from .topics import Subscription
+from .wire.codes import ReasonCode
+
+log = Logger()
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+EVENTS = ("connect", "publish", "subscribe", "unsubscribe", "ping", "disconnect", "will")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A decider's refusal, with the reason code the client is told where the protocol has one."""
+
+    reason_code: ReasonCode = ReasonCode.NOT_AUTHORIZED
+
+
+class Hooks:
+    """The registry of event handlers of one broker."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Callable[..., Any]]] = {event: [] for event in EVENTS}
+        self.has_connect = self.has_publish = self.has_subscribe = self.has_unsubscribe = False
+        self.has_ping = self.has_disconnect = self.has_will = False
+
+    def _register(self, event: str, handler: Handler) -> Handler:
+        self._handlers[event].append(handler)
+        setattr(self, "has_" + event, True)
+        return handler
+
+    def remove(self, event: str, handler: Callable[..., Any]) -> None:
+        handlers = self._handlers[event]
+        handlers.remove(handler)
+        setattr(self, "has_" + event, bool(handlers))
+
+    def on_connect(self, handler: Handler) -> Handler:
+        """``handler(client) -> None | bool | ReasonCode``: a CONNECT that passed the protocol's
+        checks. False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode
+        refuses with that code (3.x: the nearest return code)."""
+        return self._register("connect", handler)
+
+    def on_publish(self, handler: Handler) -> Handler:
+        """``handler(client, message) -> None | bool | Message``: a PUBLISH from a client, before
+        it is routed. False drops it (it is still acknowledged, as MQTT 3 has no way to say no;
+        MQTT 5 gets reason code 0x87); a Message replaces it for routing and later handlers."""
+        return self._register("publish", handler)
+
+    def on_subscribe(self, handler: Handler) -> Handler:
+        """``handler(client, subscription) -> None | bool | int``: one filter of a SUBSCRIBE.
+        False refuses the filter (SUBACK 0x80, 5.0: 0x87); an int 0..2 grants at most that QoS."""
+        return self._register("subscribe", handler)
+
+    def on_unsubscribe(self, handler: Handler) -> Handler:
+        """``handler(client, topic_filter) -> None | bool``: one filter of an UNSUBSCRIBE.
+        False keeps the subscription (5.0: UNSUBACK 0x87 for that filter)."""
+        return self._register("unsubscribe", handler)
+
+    def on_ping(self, handler: Handler) -> Handler:
+        """``handler(client) -> None | bool``: a PINGREQ. False sends no PINGRESP."""
+        return self._register("ping", handler)
+
+    def on_disconnect(self, handler: Handler) -> Handler:
+        """``handler(client, graceful) -> None``: the connection ended; ``graceful`` is True after
+        a DISCONNECT packet. A notification: the result is ignored, failures are logged."""
+        return self._register("disconnect", handler)
+
+    def on_will(self, handler: Handler) -> Handler:
+        """``handler(client, message) -> None | bool | Message``: a will about to be published.
+        False suppresses it; a Message replaces it."""
+        return self._register("will", handler)
+
+    # --- firing -------------------------------------------------------------------------
+
+    def decide(self, event: str, *args: Any) -> Deferred[Any]:
+        """Run a decider's handlers; fires with the last non-None answer that allowed, or with
+        ``Refused`` at the first refusal. A handler's failure is logged and refuses."""
+        handlers = list(self._handlers[event])
+        transforms = event in ("publish", "will")
+        result: Deferred[Any] = succeed(None)
+        answer: list[Any] = [None]
+
+        def step(previous: Any, handler: Callable[..., Any]) -> Any:
+            if isinstance(previous, Refused):
+                return previous
+            call_args = args
+            if transforms and isinstance(answer[0], Message):
+                call_args = (args[0], answer[0])
+            return maybeDeferred(handler, *call_args).addCallbacks(
+                judge, failed, errbackArgs=(handler,))
+
+        def judge(value: Any) -> Any:
+            if value is False:
+                return Refused()
+            if isinstance(value, ReasonCode) and value >= 0x80:
+                return Refused(value)
+            if value is not None and value is not True:
+                answer[0] = value
+            return None
+
+        def failed(failure: Any, handler: Callable[..., Any]) -> Refused:
+            log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
+            return Refused(ReasonCode.UNSPECIFIED_ERROR)
+
+        for handler in handlers:
+            result.addCallback(step, handler)
+        return result.addCallback(lambda last: last if isinstance(last, Refused) else answer[0])
+
+    def notify(self, event: str, *args: Any) -> None:
+        """Call every handler of a notification; results are ignored, failures logged."""
+        for handler in list(self._handlers[event]):
+            maybeDeferred(handler, *args).addErrback(
+                lambda failure, h=handler: log.failure(
+                    "{event} hook {handler!r} failed", failure, event=event, handler=h))
+
+
+__all__ = ["Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]

@@ -1,0 +1,45 @@
+"""The application message as the broker routes it, and the client as hooks see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .wire.packets import NO_PROPERTIES, Properties
+
+
+@dataclass(slots=True, kw_only=True, eq=False)
+class Message:
+    """A published message. One instance is shared by every subscriber it is delivered to.
+
+    ``encoded`` caches the wire bytes per (protocol level, QoS, retain flag), so a message
+    sent to many subscribers is encoded once for each kind of subscriber, not once each.
+    """
+
+    topic: str
+    payload: bytes = b""
+    qos: int = 0
+    retain: bool = False
+    properties: Properties = NO_PROPERTIES
+    sender: str | None = None
+    """Client id of the publisher; None for messages published by the broker itself."""
+    encoded: dict[tuple[int, int, bool], tuple[bytes, int]] | None = field(default=None, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.topic, self.payload, self.qos, self.retain, dict(self.properties)) == (
+            other.topic, other.payload, other.qos, other.retain, dict(other.properties))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Client:
+    """A connected (or connecting) client, as hooks and the embedding API see it."""
+
+    client_id: str
+    username: str | None
+    peer: str
+    """The remote address, as ``host:port``."""
+    protocol_version: int
+    """3 (MQTT 3.1), 4 (MQTT 3.1.1) or 5."""
+    clean_start: bool
+    keep_alive: int

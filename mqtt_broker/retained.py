@@ -1,0 +1,105 @@
+"""Retained messages, kept in a tree of topic levels so a filter finds its matches directly."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .message import Message
+
+
+class _Level:
+    __slots__ = ("children", "message")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Level] = {}
+        self.message: Message | None = None
+
+
+class RetainedMessages:
+    """The last retained message of every topic [MQTT-3.3.1-5]."""
+
+    def __init__(self) -> None:
+        self._root = _Level()
+        self.count = 0
+
+    def store(self, message: Message) -> None:
+        """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10]."""
+        if not message.payload:
+            self.delete(message.topic)
+            return
+        node = self._root
+        for level in message.topic.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Level()
+            node = child
+        if node.message is None:
+            self.count += 1
+        node.message = message
+
+    def delete(self, topic: str) -> bool:
+        path = [self._root]
+        levels = topic.split("/")
+        for level in levels:
+            child = path[-1].children.get(level)
+            if child is None:
+                return False
+            path.append(child)
+        if path[-1].message is None:
+            return False
+        path[-1].message = None
+        self.count -= 1
+        for depth in range(len(levels), 0, -1):
+            node = path[depth]
+            if node.children or node.message is not None:
+                break
+            del path[depth - 1].children[levels[depth - 1]]
+        return True
+
+    def get(self, topic: str) -> Message | None:
+        node: _Level | None = self._root
+        for level in topic.split("/"):
+            node = node.children.get(level) if node is not None else None
+        return node.message if node is not None else None
+
+    def match(self, topic_filter: str) -> Iterator[Message]:
+        """Every retained message whose topic matches a (non-shared) filter."""
+        yield from _match(self._root, topic_filter.split("/"), 0)
+
+    def __iter__(self) -> Iterator[Message]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.message is not None:
+                yield node.message
+            stack.extend(node.children.values())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _match(node: _Level, levels: list[str], index: int) -> Iterator[Message]:
+    if index == len(levels):
+        if node.message is not None:
+            yield node.message
+        return
+    level = levels[index]
+    if level == "#":
+        # "a/#" matches "a" itself too [MQTT-4.7.1-2]; no leading wildcard matches "$" topics.
+        stack = [node] if index else [c for name, c in node.children.items() if not name.startswith("$")]
+        if index and node.message is not None:
+            yield node.message
+            stack = list(node.children.values())
+        while stack:
+            current = stack.pop()
+            if current.message is not None:
+                yield current.message
+            stack.extend(current.children.values())
+    elif level == "+":
+        for name, child in node.children.items():
+            if index or not name.startswith("$"):
+                yield from _match(child, levels, index + 1)
+    else:
+        child = node.children.get(level)
+        if child is not None:
+            yield from _match(child, levels, index + 1)

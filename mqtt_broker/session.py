@@ -1,0 +1,87 @@
+"""One client's session state: subscriptions, messages in flight both ways, the offline queue.
+
+A session is plain data that the broker drives; it never sees a socket or the reactor (the
+broker passes times in), so it can be saved by a store and tested alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .message import Message
+from .topics import Subscription
+
+if TYPE_CHECKING:
+    from .protocol import MQTTProtocol
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A QoS 1/2 message sent to the client and not yet completely acknowledged."""
+
+    message: Message
+    qos: int
+    retain: bool
+    sent_at: float
+    released: bool = False
+    """QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited."""
+
+
+@dataclass(slots=True)
+class Queued:
+    message: Message
+    qos: int
+    retain: bool
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    client_id: str
+    persistent: bool = False
+    """Survives the connection (MQTT 3 clean session 0)."""
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    outgoing: dict[int, Outgoing] = field(default_factory=dict)
+    queue: deque[Queued] = field(default_factory=deque)
+    queued_bytes: int = 0
+    awaiting_pubrel: set[int] = field(default_factory=set)
+    """Inbound QoS 2 packet ids whose PUBLISH was routed; a repeat must not be routed again."""
+    connection: MQTTProtocol | None = None
+    dropped: int = 0
+    """Messages discarded because the queue was full."""
+    expiry_call: Any = None
+    retry_call: Any = None
+    _next_id: int = 1
+
+    def allocate_packet_id(self) -> int:
+        """A packet id not in use by any outgoing message [MQTT-2.3.1-2]."""
+        packet_id = self._next_id
+        outgoing = self.outgoing
+        while packet_id in outgoing:
+            packet_id = packet_id % 65535 + 1
+        self._next_id = packet_id % 65535 + 1
+        return packet_id
+
+    def enqueue(self, message: Message, qos: int, retain: bool, max_messages: int, max_bytes: int) -> bool:
+        """Queue a message for later delivery; False (and counted) when the queue is full."""
+        size = len(message.payload)
+        if (max_messages and len(self.queue) >= max_messages) or (
+                max_bytes and self.queued_bytes + size > max_bytes):
+            self.dropped += 1
+            return False
+        self.queue.append(Queued(message, qos, retain))
+        self.queued_bytes += size
+        return True
+
+    def dequeue(self) -> Queued:
+        item = self.queue.popleft()
+        self.queued_bytes -= len(item.message.payload)
+        return item
+
+    def clear(self) -> None:
+        self.subscriptions.clear()
+        self.outgoing.clear()
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.awaiting_pubrel.clear()

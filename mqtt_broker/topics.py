@@ -1,0 +1,198 @@
+"""Topic names and filters (MQTT section 4.7): validation, the subscription trie and its match cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+MAX_CACHED_TOPICS = 10_000
+
+
+def valid_topic_name(topic: str) -> bool:
+    """A PUBLISH topic: not empty, no wildcard [MQTT-3.3.2-2], [MQTT-4.7.3-1]."""
+    return bool(topic) and "+" not in topic and "#" not in topic
+
+
+def valid_topic_filter(topic_filter: str) -> bool:
+    """A SUBSCRIBE filter: ``#`` only as the whole last level, ``+`` only as a whole level
+    [MQTT-4.7.1-2, -3]; a ``$share/{group}/{filter}`` has a non-empty group without wildcards
+    and a valid filter."""
+    if not topic_filter:
+        return False
+    group, inner = split_shared(topic_filter)
+    if group is not None:
+        if not group or "+" in group or "#" in group or not inner:
+            return False
+        topic_filter = inner
+    levels = topic_filter.split("/")
+    last = len(levels) - 1
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != last):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """``$share/g/a/b`` -> ("g", "a/b"); any other filter -> (None, filter)."""
+    if not topic_filter.startswith("$share/"):
+        return None, topic_filter
+    _, group, *rest = topic_filter.split("/", 2)
+    return group, rest[0] if rest else ""
+
+
+def has_wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether a (non-shared) filter matches a topic name, ``$`` rule included [MQTT-4.7.2-1]."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels) or (level != "+" and level != topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+@dataclass(slots=True, kw_only=True)
+class Subscription:
+    """One filter of one client's session, with the options it was granted."""
+
+    client_id: str
+    topic_filter: str
+    qos: int = 0
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_id: int | None = None
+    share_group: str | None = None
+
+
+class _Node:
+    __slots__ = ("children", "subscribers", "shared")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.subscribers: dict[str, Subscription] = {}
+        self.shared: dict[str, dict[str, Subscription]] = {}
+
+    def empty(self) -> bool:
+        return not (self.children or self.subscribers or self.shared)
+
+
+Match = tuple[list[tuple[str, list[Subscription]]], list[tuple[str, list[Subscription]]]]
+"""What a topic matches: (per client id, its matching subscriptions) for ordinary
+subscriptions, and (group key, members' subscriptions) for each shared group."""
+
+
+class SubscriptionTree:
+    """Every session's subscriptions, by filter level, with a cache of topic -> subscribers."""
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        self._cache: dict[str, Match] = {}
+        self.count = 0
+
+    def add(self, subscription: Subscription) -> bool:
+        """Add or replace a client's subscription; True when it replaced one [MQTT-3.8.4-3]."""
+        group, inner = split_shared(subscription.topic_filter)
+        node = self._root
+        for level in inner.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Node()
+            node = child
+        members = node.subscribers if group is None else node.shared.setdefault(group, {})
+        replaced = subscription.client_id in members
+        members[subscription.client_id] = subscription
+        if not replaced:
+            self.count += 1
+        if self._cache:
+            self._cache.clear()
+        return replaced
+
+    def remove(self, client_id: str, topic_filter: str) -> bool:
+        """Remove a client's subscription; False when it had none for that filter."""
+        group, inner = split_shared(topic_filter)
+        path = [self._root]
+        for level in inner.split("/"):
+            child = path[-1].children.get(level)
+            if child is None:
+                return False
+            path.append(child)
+        node = path[-1]
+        members = node.subscribers if group is None else node.shared.get(group, {})
+        if members.pop(client_id, None) is None:
+            return False
+        if group is not None and not members:
+            del node.shared[group]
+        self.count -= 1
+        if self._cache:
+            self._cache.clear()
+        # Prune the branch that is now empty, so the tree does not keep dead filters.
+        levels = inner.split("/")
+        for depth in range(len(levels), 0, -1):
+            if not path[depth].empty():
+                break
+            del path[depth - 1].children[levels[depth - 1]]
+        return True
+
+    def match(self, topic: str) -> Match:
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        by_client: dict[str, list[Subscription]] = {}
+        groups: dict[str, list[Subscription]] = {}
+        levels = topic.split("/")
+        self._collect(self._root, levels, 0, topic.startswith("$"), by_client, groups)
+        result: Match = (list(by_client.items()), list(groups.items()))
+        if len(self._cache) >= MAX_CACHED_TOPICS:
+            self._cache.clear()
+        self._cache[topic] = result
+        return result
+
+    def _collect(self, node: _Node, levels: list[str], index: int, dollar: bool,
+                 by_client: dict[str, list[Subscription]], groups: dict[str, list[Subscription]]) -> None:
+        wild = not (dollar and index == 0)
+        if wild:
+            multi = node.children.get("#")
+            if multi is not None:
+                _gather(multi, levels, by_client, groups)
+        if index == len(levels):
+            _gather(node, levels, by_client, groups)
+            return
+        child = node.children.get(levels[index])
+        if child is not None:
+            self._collect(child, levels, index + 1, dollar, by_client, groups)
+        if wild:
+            child = node.children.get("+")
+            if child is not None:
+                self._collect(child, levels, index + 1, dollar, by_client, groups)
+
+    def __iter__(self) -> Iterator[Subscription]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            yield from node.subscribers.values()
+            for members in node.shared.values():
+                yield from members.values()
+            stack.extend(node.children.values())
+
+
+def _gather(node: _Node, levels: list[str], by_client: dict[str, list[Subscription]],
+            groups: dict[str, list[Subscription]]) -> None:
+    for client_id, subscription in node.subscribers.items():
+        found = by_client.get(client_id)
+        if found is None:
+            by_client[client_id] = [subscription]
+        else:
+            found.append(subscription)
+    for group, members in node.shared.items():
+        key = group + "\x00" + next(iter(members.values())).topic_filter
+        groups.setdefault(key, []).extend(members.values())

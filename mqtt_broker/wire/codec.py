@@ -1,0 +1,473 @@
+"""Decoding a byte stream into packets and encoding packets into bytes. No I/O."""
+
+from __future__ import annotations
+
+from struct import Struct
+from typing import Callable
+
+from .codes import MalformedPacket, PacketTooLarge, ProtocolError, UnsupportedProtocolVersion
+from .packets import (
+    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES,
+    PACKET_TYPES, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, Auth, Connack, Connect, Disconnect, Packet,
+    Pingreq, Pingresp, Properties, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
+    SubscriptionRequest, Unsuback, Unsubscribe, Will,
+)
+from .properties import (
+    WILL, decode_binary, decode_properties, decode_string, decode_varint, encode_binary,
+    encode_properties, encode_string, encode_varint,
+)
+
+_U16 = Struct("!H")
+MAX_REMAINING_LENGTH = 268_435_455
+PROTOCOL_NAMES = {MQTT_3_1: "MQIsdp", MQTT_3_1_1: "MQTT", MQTT_5: "MQTT"}
+
+# Fixed-header flags each packet type must carry [MQTT-2.2.2-1]; PUBLISH's are its own.
+_REQUIRED_FLAGS = {t: 0 for t in range(1, 16)}
+_REQUIRED_FLAGS.update({6: 2, 8: 2, 10: 2})
+
+
+class FrameReader:
+    """Splits a byte stream into packets, bounding each packet before it is buffered.
+
+    ``receive_data(bytes)`` then ``next_packet()`` until it returns None, or ``feed(bytes)`` for
+    every complete packet at once. The reader learns the protocol level from the CONNECT it
+    decodes; before that, only a CONNECT (or, as a client, a CONNACK) can be decoded exactly.
+    Raises :class:`MQTTError` subclasses; after one, the stream is not usable.
+    """
+
+    __slots__ = ("_buffer", "_pos", "max_packet_size", "version")
+
+    def __init__(self, max_packet_size: int = MAX_REMAINING_LENGTH + 5, version: int = MQTT_3_1_1) -> None:
+        self._buffer = bytearray()
+        self._pos = 0
+        self.max_packet_size = max_packet_size
+        self.version = version
+
+    def receive_data(self, data: bytes) -> None:
+        buffer = self._buffer
+        if self._pos:
+            del buffer[: self._pos]
+            self._pos = 0
+        buffer += data
+
+    def feed(self, data: bytes) -> list[Packet]:
+        self.receive_data(data)
+        packets = []
+        while (packet := self.next_packet()) is not None:
+            packets.append(packet)
+        return packets
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as packets."""
+        return len(self._buffer) - self._pos
+
+    def next_packet(self) -> Packet | None:
+        buffer = self._buffer
+        pos = self._pos
+        available = len(buffer) - pos
+        if available < 2:
+            return None
+        first = buffer[pos]
+        # Remaining Length, inlined: this runs once per packet.
+        length = 0
+        shift = 0
+        index = pos + 1
+        while True:
+            if index >= len(buffer):
+                return None
+            byte = buffer[index]
+            index += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                raise MalformedPacket("remaining length longer than 4 bytes")
+        end = index + length
+        if end - pos > self.max_packet_size:
+            raise PacketTooLarge(f"packet of {end - pos} bytes exceeds the maximum of {self.max_packet_size}")
+        if end > len(buffer):
+            return None
+        self._pos = end
+        packet_type = first >> 4
+        if packet_type == PUBLISH:
+            return _decode_publish(memoryview(buffer)[index:end], first, self.version)
+        flags = first & 0x0F
+        if packet_type == 0 or (packet_type == AUTH and self.version != MQTT_5):
+            raise MalformedPacket(f"reserved packet type {packet_type}")
+        if flags != _REQUIRED_FLAGS[packet_type]:
+            raise MalformedPacket(f"invalid fixed header flags 0x{flags:x} for packet type {packet_type}")
+        body = bytes(buffer[index:end])
+        packet = _DECODERS[packet_type](body, self.version)
+        if packet_type == CONNECT:
+            self.version = packet.protocol_level  # type: ignore[union-attr]
+        return packet
+
+
+def decode(data: bytes, version: int = MQTT_3_1_1) -> Packet:
+    """Decode exactly one whole packet."""
+    reader = FrameReader(version=version)
+    reader.receive_data(data)
+    packet = reader.next_packet()
+    if packet is None or reader.buffered:
+        raise MalformedPacket("not exactly one packet")
+    return packet
+
+
+def _u16(body: bytes | memoryview, pos: int) -> int:
+    if pos + 2 > len(body):
+        raise MalformedPacket("packet ends inside a two-byte integer")
+    return body[pos] << 8 | body[pos + 1]
+
+
+def _decode_publish(body: memoryview, first: int, version: int) -> Publish:
+    qos = (first >> 1) & 3
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
+    dup = bool(first & 8)
+    if dup and not qos:
+        raise MalformedPacket("PUBLISH with DUP set at QoS 0")  # [MQTT-3.3.1-2]
+    topic, pos = decode_string(body, 0)
+    packet_id = 0
+    if qos:
+        packet_id = _u16(body, pos)
+        pos += 2
+        if not packet_id:
+            raise MalformedPacket("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
+    properties = NO_PROPERTIES
+    if version == MQTT_5:
+        properties, pos = decode_properties(body, pos, PUBLISH)
+    return Publish(topic=topic, payload=bytes(body[pos:]), qos=qos, retain=bool(first & 1),
+                   dup=dup, packet_id=packet_id, properties=properties)
+
+
+def _decode_connect(body: bytes, version: int) -> Connect:
+    name, pos = decode_string(body, 0)
+    if pos >= len(body):
+        raise MalformedPacket("CONNECT ends before the protocol level")
+    level = body[pos]
+    if (name, level) not in ((PROTOCOL_NAMES[MQTT_3_1], MQTT_3_1), ("MQTT", MQTT_3_1_1), ("MQTT", MQTT_5)):
+        if name in ("MQTT", "MQIsdp"):
+            raise UnsupportedProtocolVersion(f"unsupported protocol level {level}")  # [MQTT-3.1.2-2]
+        raise ProtocolError(f"unknown protocol name {name!r}")  # [MQTT-3.1.2-1]
+    if pos + 4 > len(body):
+        raise MalformedPacket("CONNECT ends inside its variable header")
+    flags = body[pos + 1]
+    keep_alive = _u16(body, pos + 2)
+    pos += 4
+    if flags & 1:
+        raise MalformedPacket("CONNECT reserved flag is set")  # [MQTT-3.1.2-3]
+    will_flag = flags & 4
+    will_qos = (flags >> 3) & 3
+    will_retain = bool(flags & 0x20)
+    if will_qos == 3:
+        raise MalformedPacket("will QoS 3")  # [MQTT-3.1.2-14]
+    if not will_flag and (will_qos or will_retain):
+        raise MalformedPacket("will QoS or retain set without a will")  # [MQTT-3.1.2-13, -15]
+    if level != MQTT_5 and flags & 0x40 and not flags & 0x80:
+        raise MalformedPacket("password without a user name")  # [MQTT-3.1.2-22]
+    properties = NO_PROPERTIES
+    if level == MQTT_5:
+        properties, pos = decode_properties(body, pos, CONNECT)
+    client_id, pos = decode_string(body, pos)
+    will = None
+    if will_flag:
+        will_props = NO_PROPERTIES
+        if level == MQTT_5:
+            will_props, pos = decode_properties(body, pos, WILL)
+        will_topic, pos = decode_string(body, pos)
+        will_payload, pos = decode_binary(body, pos)
+        will = Will(topic=will_topic, payload=will_payload, qos=will_qos, retain=will_retain,
+                    properties=will_props)
+    username = password = None
+    if flags & 0x80:
+        username, pos = decode_string(body, pos)
+    if flags & 0x40:
+        password, pos = decode_binary(body, pos)
+    if pos != len(body):
+        raise MalformedPacket("trailing bytes after the CONNECT payload")
+    return Connect(protocol_name=name, protocol_level=level, clean_start=bool(flags & 2),
+                   keep_alive=keep_alive, client_id=client_id, will=will, username=username,
+                   password=password, properties=properties)
+
+
+def _decode_connack(body: bytes, version: int) -> Connack:
+    if len(body) < 2 or body[0] > 1:
+        raise MalformedPacket("bad CONNACK")
+    properties = NO_PROPERTIES
+    pos = 2
+    if version == MQTT_5:
+        properties, pos = decode_properties(body, pos, CONNACK)
+    if pos != len(body):
+        raise MalformedPacket("trailing bytes after CONNACK")
+    return Connack(session_present=bool(body[0]), reason_code=body[1], properties=properties)
+
+
+def _ack_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
+    def decode_ack(body: bytes, version: int) -> Packet:
+        packet_id = _u16(body, 0)
+        if not packet_id:
+            raise MalformedPacket("packet identifier 0")
+        reason_code = 0
+        properties = NO_PROPERTIES
+        if version == MQTT_5:
+            if len(body) > 2:
+                reason_code = body[2]
+            if len(body) > 3:
+                properties, pos = decode_properties(body, 3, packet_type)
+                if pos != len(body):
+                    raise MalformedPacket("trailing bytes after acknowledgement")
+        elif len(body) != 2:
+            raise MalformedPacket("acknowledgement of the wrong length")
+        return cls(packet_id=packet_id, reason_code=reason_code, properties=properties)  # type: ignore[no-any-return]
+    return decode_ack
+
+
+def _decode_subscribe(body: bytes, version: int) -> Subscribe:
+    packet_id = _u16(body, 0)
+    if not packet_id:
+        raise MalformedPacket("SUBSCRIBE with packet identifier 0")  # [MQTT-2.3.1-1]
+    properties: Properties = NO_PROPERTIES
+    pos = 2
+    if version == MQTT_5:
+        properties, pos = decode_properties(body, pos, SUBSCRIBE)
+        if len(properties.get("subscription_identifier", ())) > 1:  # decoded as a scalar
+            raise ProtocolError("more than one subscription identifier")
+    requests = []
+    while pos < len(body):
+        topic_filter, pos = decode_string(body, pos)
+        if pos >= len(body):
+            raise MalformedPacket("SUBSCRIBE topic filter without options")
+        options = body[pos]
+        pos += 1
+        qos = options & 3
+        if qos == 3:
+            raise MalformedPacket("subscription QoS 3")  # [MQTT-3.8.3-4]
+        if version == MQTT_5:
+            if options & 0xC0:
+                raise MalformedPacket("reserved subscription option bits set")  # [MQTT-3.8.3-5]
+            retain_handling = (options >> 4) & 3
+            if retain_handling == 3:
+                raise ProtocolError("retain handling 3")
+            requests.append(SubscriptionRequest(
+                topic_filter=topic_filter, qos=qos, no_local=bool(options & 4),
+                retain_as_published=bool(options & 8), retain_handling=retain_handling))
+        else:
+            if options & 0xFC:
+                raise MalformedPacket("reserved subscription option bits set")  # [MQTT-3-8.3-4]
+            requests.append(SubscriptionRequest(topic_filter=topic_filter, qos=qos))
+    if not requests:
+        raise ProtocolError("SUBSCRIBE without a topic filter")  # [MQTT-3.8.3-3]
+    return Subscribe(packet_id=packet_id, subscriptions=tuple(requests), properties=properties)
+
+
+def _decode_suback(body: bytes, version: int) -> Suback:
+    packet_id = _u16(body, 0)
+    properties = NO_PROPERTIES
+    pos = 2
+    if version == MQTT_5:
+        properties, pos = decode_properties(body, pos, 9)
+    return Suback(packet_id=packet_id, reason_codes=tuple(body[pos:]), properties=properties)
+
+
+def _decode_unsubscribe(body: bytes, version: int) -> Unsubscribe:
+    packet_id = _u16(body, 0)
+    if not packet_id:
+        raise MalformedPacket("UNSUBSCRIBE with packet identifier 0")
+    properties = NO_PROPERTIES
+    pos = 2
+    if version == MQTT_5:
+        properties, pos = decode_properties(body, pos, UNSUBSCRIBE)
+    filters = []
+    while pos < len(body):
+        topic_filter, pos = decode_string(body, pos)
+        filters.append(topic_filter)
+    if not filters:
+        raise ProtocolError("UNSUBSCRIBE without a topic filter")  # [MQTT-3.10.3-2]
+    return Unsubscribe(packet_id=packet_id, topic_filters=tuple(filters), properties=properties)
+
+
+def _decode_unsuback(body: bytes, version: int) -> Unsuback:
+    packet_id = _u16(body, 0)
+    if version != MQTT_5:
+        if len(body) != 2:
+            raise MalformedPacket("UNSUBACK of the wrong length")
+        return Unsuback(packet_id=packet_id)
+    properties, pos = decode_properties(body, 2, 11)
+    return Unsuback(packet_id=packet_id, reason_codes=tuple(body[pos:]), properties=properties)
+
+
+def _empty(cls: type) -> Callable[[bytes, int], Packet]:
+    instance = cls()
+
+    def decode_empty(body: bytes, version: int) -> Packet:
+        if body:
+            raise MalformedPacket(f"{cls.__name__.upper()} with a body")
+        return instance  # type: ignore[no-any-return]
+    return decode_empty
+
+
+def _reason_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
+    def decode_reason(body: bytes, version: int) -> Packet:
+        if version != MQTT_5:
+            if body:
+                raise MalformedPacket(f"{cls.__name__.upper()} with a body")
+            return cls()  # type: ignore[no-any-return]
+        if not body:
+            return cls()  # type: ignore[no-any-return]
+        properties = NO_PROPERTIES
+        if len(body) > 1:
+            properties, pos = decode_properties(body, 1, packet_type)
+            if pos != len(body):
+                raise MalformedPacket("trailing bytes")
+        return cls(reason_code=body[0], properties=properties)  # type: ignore[no-any-return]
+    return decode_reason
+
+
+_DECODERS: dict[int, Callable[[bytes, int], Packet]] = {
+    CONNECT: _decode_connect,
+    CONNACK: _decode_connack,
+    4: _ack_decoder(Puback, 4),
+    5: _ack_decoder(Pubrec, 5),
+    6: _ack_decoder(Pubrel, 6),
+    7: _ack_decoder(Pubcomp, 7),
+    SUBSCRIBE: _decode_subscribe,
+    9: _decode_suback,
+    UNSUBSCRIBE: _decode_unsubscribe,
+    11: _decode_unsuback,
+    12: _empty(Pingreq),
+    13: _empty(Pingresp),
+    DISCONNECT: _reason_decoder(Disconnect, DISCONNECT),
+    AUTH: _reason_decoder(Auth, AUTH),
+}
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+def _frame(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + encode_varint(len(body)) + body
+
+
+def encode_publish(publish: Publish, version: int) -> bytes:
+    return publish_template(publish.topic, publish.payload, publish.qos, publish.retain,
+                            publish.properties, version, publish.packet_id, publish.dup)[0]
+
+
+def publish_template(topic: str, payload: bytes, qos: int, retain: bool, properties: Properties,
+                     version: int, packet_id: int = 0, dup: bool = False) -> tuple[bytes, int]:
+    """Encode a PUBLISH; returns (bytes, offset of the packet id), so that the same bytes can be
+    sent to many subscribers with only the two packet id bytes (and the DUP bit) changed."""
+    raw_topic = topic.encode("utf-8")
+    parts = [_U16.pack(len(raw_topic)), raw_topic]
+    if qos:
+        parts.append(_U16.pack(packet_id))
+    if version == MQTT_5:
+        parts.append(encode_properties(properties))
+    parts.append(payload)
+    body = b"".join(parts)
+    header = bytes((0x30 | qos << 1 | retain | dup << 3,)) + encode_varint(len(body))
+    return header + body, len(header) + 2 + len(raw_topic)
+
+
+def _encode_connect(p: Connect, version: int) -> bytes:
+    level = p.protocol_level
+    flags = (p.clean_start << 1) | ((p.username is not None) << 7) | ((p.password is not None) << 6)
+    if p.will is not None:
+        flags |= 4 | p.will.qos << 3 | p.will.retain << 5
+    parts = [encode_string(p.protocol_name), bytes((level, flags)), _U16.pack(p.keep_alive)]
+    if level == MQTT_5:
+        parts.append(encode_properties(p.properties))
+    parts.append(encode_string(p.client_id))
+    if p.will is not None:
+        if level == MQTT_5:
+            parts.append(encode_properties(p.will.properties))
+        parts += [encode_string(p.will.topic), encode_binary(p.will.payload)]
+    if p.username is not None:
+        parts.append(encode_string(p.username))
+    if p.password is not None:
+        parts.append(encode_binary(p.password))
+    return _frame(0x10, b"".join(parts))
+
+
+def _encode_connack(p: Connack, version: int) -> bytes:
+    body = bytes((p.session_present, p.reason_code))
+    if version == MQTT_5:
+        body += encode_properties(p.properties)
+    return _frame(0x20, body)
+
+
+def _encode_ack(p: Puback | Pubrec | Pubrel | Pubcomp, version: int) -> bytes:
+    first = PACKET_TYPES[type(p)] << 4 | (2 if isinstance(p, Pubrel) else 0)
+    body = _U16.pack(p.packet_id)
+    if version == MQTT_5 and (p.reason_code or p.properties):
+        body += bytes((p.reason_code,))
+        if p.properties:
+            body += encode_properties(p.properties)
+    return _frame(first, body)
+
+
+def _encode_subscribe(p: Subscribe, version: int) -> bytes:
+    parts = [_U16.pack(p.packet_id)]
+    if version == MQTT_5:
+        parts.append(encode_properties(p.properties))
+    for s in p.subscriptions:
+        options = s.qos
+        if version == MQTT_5:
+            options |= s.no_local << 2 | s.retain_as_published << 3 | s.retain_handling << 4
+        parts += [encode_string(s.topic_filter), bytes((options,))]
+    return _frame(0x82, b"".join(parts))
+
+
+def _encode_suback(p: Suback, version: int) -> bytes:
+    props = encode_properties(p.properties) if version == MQTT_5 else b""
+    return _frame(0x90, _U16.pack(p.packet_id) + props + bytes(p.reason_codes))
+
+
+def _encode_unsubscribe(p: Unsubscribe, version: int) -> bytes:
+    parts = [_U16.pack(p.packet_id)]
+    if version == MQTT_5:
+        parts.append(encode_properties(p.properties))
+    parts += [encode_string(f) for f in p.topic_filters]
+    return _frame(0xA2, b"".join(parts))
+
+
+def _encode_unsuback(p: Unsuback, version: int) -> bytes:
+    body = _U16.pack(p.packet_id)
+    if version == MQTT_5:
+        body += encode_properties(p.properties) + bytes(p.reason_codes)
+    return _frame(0xB0, body)
+
+
+def _encode_reason(p: Disconnect | Auth, version: int) -> bytes:
+    first = PACKET_TYPES[type(p)] << 4
+    if version != MQTT_5 or (not p.reason_code and not p.properties):
+        return bytes((first, 0))
+    body = bytes((p.reason_code,))
+    if p.properties:
+        body += encode_properties(p.properties)
+    return _frame(first, body)
+
+
+_ENCODERS: dict[type, Callable[[Packet, int], bytes]] = {
+    Connect: _encode_connect,
+    Connack: _encode_connack,
+    Publish: encode_publish,
+    Puback: _encode_ack,
+    Pubrec: _encode_ack,
+    Pubrel: _encode_ack,
+    Pubcomp: _encode_ack,
+    Subscribe: _encode_subscribe,
+    Suback: _encode_suback,
+    Unsubscribe: _encode_unsubscribe,
+    Unsuback: _encode_unsuback,
+    Pingreq: lambda p, v: b"\xc0\x00",
+    Pingresp: lambda p, v: b"\xd0\x00",
+    Disconnect: _encode_reason,
+    Auth: _encode_reason,
+}  # type: ignore[dict-item]
+
+
+def encode(packet: Packet, version: int = MQTT_3_1_1) -> bytes:
+    """Encode one packet for the given protocol level."""
+    return _ENCODERS[type(packet)](packet, version)

@@ -1,0 +1,190 @@
+"""One immutable class per MQTT control packet, shared by MQTT 3.1, 3.1.1 and 5.0.
+
+Fields that exist only in MQTT 5 (properties, reason codes) keep their defaults when a 3.x
+packet is decoded, and are left out when one is encoded for 3.x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, NoReturn, Union
+
+Properties = Mapping[str, Any]
+"""MQTT 5 properties by name (``"message_expiry_interval"``). ``user_property`` is a list of
+``(name, value)`` pairs and ``subscription_identifier`` a list of ints; every other value is an
+int, a str or bytes."""
+
+
+
+class _NoProperties(Mapping[str, Any]):
+    """The shared empty property set: hashable, so it can be a dataclass default."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> NoReturn:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+NO_PROPERTIES: Properties = _NoProperties()
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = range(8, 16)
+
+MQTT_3_1, MQTT_3_1_1, MQTT_5 = 3, 4, 5
+"""Protocol levels as they appear in CONNECT."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connect:
+    protocol_name: str = "MQTT"
+    protocol_level: int = MQTT_3_1_1
+    clean_start: bool = True
+    keep_alive: int = 0
+    client_id: str = ""
+    will: Will | None = None
+    username: str | None = None
+    password: bytes | None = None
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connack:
+    session_present: bool = False
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(slots=True, kw_only=True)
+class Publish:
+    # Not frozen: this is the one packet on the hot path, and a frozen __init__ costs a
+    # object.__setattr__ call per field.
+    topic: str
+    payload: bytes = b""
+    qos: int = 0
+    retain: bool = False
+    dup: bool = False
+    packet_id: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Puback:
+    packet_id: int
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pubrec:
+    packet_id: int
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pubrel:
+    packet_id: int
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pubcomp:
+    packet_id: int
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionRequest:
+    """One topic filter of a SUBSCRIBE with its options (the last three are MQTT 5 only)."""
+
+    topic_filter: str
+    qos: int = 0
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribe:
+    packet_id: int
+    subscriptions: tuple[SubscriptionRequest, ...]
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suback:
+    packet_id: int
+    reason_codes: tuple[int, ...]
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unsubscribe:
+    packet_id: int
+    topic_filters: tuple[str, ...]
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unsuback:
+    packet_id: int
+    reason_codes: tuple[int, ...] = ()
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pingreq:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pingresp:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Disconnect:
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Auth:
+    reason_code: int = 0
+    properties: Properties = NO_PROPERTIES
+
+
+Packet = Union[
+    Connect, Connack, Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Suback,
+    Unsubscribe, Unsuback, Pingreq, Pingresp, Disconnect, Auth,
+]
+
+PACKET_TYPES: dict[type, int] = {
+    Connect: CONNECT, Connack: CONNACK, Publish: PUBLISH, Puback: PUBACK, Pubrec: PUBREC,
+    Pubrel: PUBREL, Pubcomp: PUBCOMP, Subscribe: SUBSCRIBE, Suback: SUBACK,
+    Unsubscribe: UNSUBSCRIBE, Unsuback: UNSUBACK, Pingreq: PINGREQ, Pingresp: PINGRESP,
+    Disconnect: DISCONNECT, Auth: AUTH,
+}
