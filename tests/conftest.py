@@ -1,0 +1,95 @@
+"""Shared fixtures: a broker run as a real process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0,
+                  host: str = "127.0.0.1") -> None:
+    """Wait until something accepts connections on the port (a bounded readiness poll)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"broker exited with {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+class BrokerProcess:
+    """``python -m twisted mqttbroker`` on a free loopback port."""
+
+    def __init__(self, *args: str, port: int | None = None, cwd: Path = ROOT,
+                 listen: str = "tcp:{port}:interface=127.0.0.1") -> None:
+        self.port = port or free_port()
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mqttbroker-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        endpoint = ["--endpoint", listen.format(port=self.port)] if listen else []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "mqttbroker", *endpoint, *args],
+            cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, self.process)
+        except Exception:
+            self.stop()
+            raise RuntimeError("broker did not start:\n" + self.output()) from None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def broker_process() -> Iterator[type[BrokerProcess]]:
+    """A factory: ``broker_process("--max-qos", "1")`` starts one; all are stopped after the test."""
+    started: list[BrokerProcess] = []
+
+    def start(*args: str, **kwargs: object) -> BrokerProcess:
+        broker = BrokerProcess(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(broker)
+        return broker
+
+    yield start  # type: ignore[misc]
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(broker_process: type[BrokerProcess]) -> BrokerProcess:
+    """A broker process with default settings."""
+    return broker_process()
