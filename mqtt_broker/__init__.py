@@ -1,15 +1,37 @@
-"""mqtt_broker: an MQTT 3.1, 3.1.1 and 5.0 broker on Twisted."""
+"""mqtt_broker: an MQTT 3.1, 3.1.1 and 5.0 broker on Twisted.
 
-from .broker import BrokerService
-from .config import BrokerConfig, ConfigError
-from .hooks import Hooks, Refused
-from .message import Client, Message
-from .topics import Subscription
-from .wire.codes import ReasonCode
+Names are imported on first use, so that ``import mqtt_broker.wire`` (the sans-IO codec) does not
+pull in Twisted.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BrokerService", "BrokerConfig", "ConfigError", "Hooks", "Refused", "Client", "Message",
-    "Subscription", "ReasonCode", "__version__",
-]
+_EXPORTS = {
+    "BrokerService": "broker", "BrokerConfig": "config", "ConfigError": "config",
+    "Hooks": "hooks", "Refused": "hooks", "Client": "message", "Message": "message",
+    "Subscription": "topics", "ReasonCode": "wire.codes",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from .broker import BrokerService
+    from .config import BrokerConfig, ConfigError
+    from .hooks import Hooks, Refused
+    from .message import Client, Message
+    from .topics import Subscription
+    from .wire.codes import ReasonCode
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mqtt_broker' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

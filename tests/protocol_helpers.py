@@ -1,0 +1,83 @@
+"""A broker on a fake reactor and clients on StringTransports: deterministic protocol tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from mqtt_broker import BrokerService
+from mqtt_broker.wire import Connect, FrameReader, Packet, Publish, Subscribe, SubscriptionRequest, encode
+
+_ports = iter(range(20000, 60000))
+
+
+def make_broker(**settings: Any) -> BrokerService:
+    reactor = MemoryReactorClock()
+    return BrokerService(endpoints=[], reactor=reactor, **settings)
+
+
+class FakeClient:
+    """One client connection: ``send`` packets in, ``received()`` decodes what the broker wrote."""
+
+    def __init__(self, broker: BrokerService, version: int = 4) -> None:
+        self.version = version
+        address = IPv4Address("TCP", "127.0.0.1", next(_ports))
+        self.protocol = broker.factory.buildProtocol(address)
+        assert self.protocol is not None
+        self.transport = StringTransport(peerAddress=address)
+        self.protocol.makeConnection(self.transport)
+        self.reader = FrameReader(version=version)
+        self.lost = False
+        self._pending: list[Packet] = []
+
+    def send(self, *packets: Packet) -> None:
+        self.send_bytes(b"".join(encode(p, self.version) for p in packets))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def received(self) -> list[Packet]:
+        data = self.transport.value()
+        self.transport.clear()
+        packets, self._pending = self._pending + self.reader.feed(data), []
+        return packets
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting or self.transport.disconnected
+
+    def lose(self) -> None:
+        """The network connection ends (as the reactor would report it)."""
+        if not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(None)
+
+    def connect(self, client_id: str = "c", clean: bool = True, **kwargs: Any) -> Packet:
+        level = kwargs.pop("protocol_level", self.version)
+        name = "MQIsdp" if level == 3 else "MQTT"
+        self.send(Connect(client_id=client_id, clean_start=clean, protocol_level=level,
+                          protocol_name=name, **kwargs))
+        packets = self.received()
+        assert len(packets) >= 1, packets
+        self._pending = packets[1:]
+        return packets[0]
+
+    def subscribe(self, *filters: str, qos: int = 0, packet_id: int = 1, **options: Any) -> list[Packet]:
+        self.send(Subscribe(packet_id=packet_id, subscriptions=tuple(
+            SubscriptionRequest(topic_filter=f, qos=qos, **options) for f in filters)))
+        return self.received()
+
+    def publish(self, topic: str, payload: bytes = b"x", qos: int = 0, retain: bool = False,
+                packet_id: int = 0, **kwargs: Any) -> list[Packet]:
+        self.send(Publish(topic=topic, payload=payload, qos=qos, retain=retain,
+                          packet_id=packet_id or (1 if qos else 0), **kwargs))
+        return self.received()
+
+
+def connected(broker: BrokerService, client_id: str = "c", version: int = 4, **kwargs: Any) -> FakeClient:
+    client = FakeClient(broker, version)
+    connack = client.connect(client_id, **kwargs)
+    assert connack.reason_code == 0, connack  # type: ignore[union-attr]
+    return client

@@ -1,0 +1,549 @@
+"""The broker's MQTT 3.1 / 3.1.1 behaviour, driven packet by packet on StringTransports and a Clock."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+
+from mqtt_broker.wire import (
+    Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel,
+    Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
+)
+
+from protocol_helpers import FakeClient, connected, make_broker
+
+
+# --- CONNECT ---------------------------------------------------------------------------------
+
+def test_connect_accepted() -> None:
+    broker = make_broker()
+    client = FakeClient(broker)
+    assert client.connect("c1") == Connack(session_present=False, reason_code=0)
+    assert [c.client_id for c in broker.clients()] == ["c1"]
+    assert broker.clients()[0].peer.startswith("127.0.0.1:")
+
+
+def test_first_packet_must_be_connect() -> None:  # [MQTT-3.1.0-1]
+    client = FakeClient(make_broker())
+    client.send(Pingreq())
+    assert client.closed and client.received() == []
+
+
+def test_second_connect_closes() -> None:  # [MQTT-3.1.0-2]
+    broker = make_broker()
+    client = connected(broker, "c1")
+    client.send(Connect(client_id="c1"))
+    assert client.closed
+
+
+def test_unsupported_protocol_level_gets_connack_1() -> None:  # [MQTT-3.1.2-2]
+    client = FakeClient(make_broker())
+    client.send_bytes(b"\x10\x0c\x00\x04MQTT\x07\x02\x00\x3c\x00\x00")
+    assert client.received() == [Connack(reason_code=1)]
+    assert client.closed
+
+
+def test_unknown_protocol_name_closes_without_connack() -> None:  # [MQTT-3.1.2-1]
+    client = FakeClient(make_broker())
+    client.send_bytes(b"\x10\x0c\x00\x04MQTX\x04\x02\x00\x3c\x00\x00")
+    assert client.received() == [] and client.closed
+
+
+def test_mqtt31_client_id_longer_than_23_is_rejected() -> None:
+    client = FakeClient(make_broker(), version=3)
+    assert client.connect("x" * 24, protocol_level=3).reason_code == 2
+    assert client.closed
+    assert FakeClient(make_broker(), version=3).connect("x" * 23, protocol_level=3).reason_code == 0
+
+
+def test_empty_client_id_is_assigned_with_clean_session() -> None:
+    broker = make_broker()
+    client = FakeClient(broker)
+    assert client.connect("", clean=True).reason_code == 0
+    assert broker.clients()[0].client_id.startswith("auto-")
+
+
+def test_empty_client_id_refused_without_clean_session() -> None:  # [MQTT-3.1.3-8]
+    client = FakeClient(make_broker())
+    assert client.connect("", clean=False).reason_code == 2
+    assert client.closed
+
+
+def test_empty_client_id_refused_when_not_allowed() -> None:
+    client = FakeClient(make_broker(allow_zero_length_clientid=False))
+    assert client.connect("", clean=True).reason_code == 2
+
+
+def test_keepalive_above_max_refused_for_mqtt3() -> None:
+    client = FakeClient(make_broker(max_keepalive=60))
+    assert client.connect("c", keep_alive=61).reason_code == 2
+
+
+def test_will_topic_with_wildcard_refused() -> None:
+    client = FakeClient(make_broker())
+    connack = client.connect("c", will=Will(topic="a/#", payload=b"x"))
+    assert connack.reason_code != 0 and client.closed
+
+
+# --- timers ----------------------------------------------------------------------------------
+
+def test_connect_timeout_drops_silent_connection() -> None:
+    broker = make_broker(connect_timeout=5)
+    client = FakeClient(broker)
+    broker.clock.advance(4.9)
+    assert not client.closed
+    broker.clock.advance(0.2)
+    assert client.closed
+
+
+def test_keepalive_timeout_at_one_and_a_half_times() -> None:  # [MQTT-3.1.2-24]
+    broker = make_broker()
+    watcher = connected(broker, "w")
+    watcher.subscribe("will/#")
+    client = connected(broker, "c", keep_alive=10, will=Will(topic="will/c", payload=b"gone"))
+    broker.clock.advance(14.9)
+    assert not client.closed
+    broker.clock.advance(0.2)
+    assert client.closed
+    assert watcher.received() == [Publish(topic="will/c", payload=b"gone")]
+
+
+def test_traffic_resets_keepalive() -> None:
+    broker = make_broker()
+    client = connected(broker, "c", keep_alive=10)
+    for _ in range(5):
+        broker.clock.advance(10)
+        client.send(Pingreq())
+        assert client.received() == [Pingresp()]
+    assert not client.closed
+
+
+# --- QoS -------------------------------------------------------------------------------------
+
+def test_qos0_routing() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    assert sub.subscribe("a/+") == [Suback(packet_id=1, reason_codes=(0,))]
+    pub = connected(broker, "pub")
+    pub.publish("a/b", b"hello")
+    assert sub.received() == [Publish(topic="a/b", payload=b"hello")]
+
+
+def test_qos1_acknowledged_and_delivered_at_granted_qos() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    assert pub.publish("t", b"m", qos=2, packet_id=7) == [Pubrec(packet_id=7)]
+    [delivered] = sub.received()
+    assert delivered.qos == 1 and delivered.payload == b"m" and delivered.packet_id != 0
+    sub.send(Puback(packet_id=delivered.packet_id))
+    assert broker.sessions["sub"].outgoing == {}
+
+
+def test_delivered_qos_is_minimum_of_published_and_granted() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=2)
+    pub = connected(broker, "pub")
+    assert pub.publish("t", qos=1, packet_id=3) == [Puback(packet_id=3)]
+    assert sub.received()[0].qos == 1
+
+
+def test_inbound_qos2_routed_once_before_pubrel() -> None:  # [MQTT-4.3.3-9]
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    pub = connected(broker, "pub")
+    assert pub.publish("t", b"once", qos=2, packet_id=5) == [Pubrec(packet_id=5)]
+    assert pub.publish("t", b"once", qos=2, packet_id=5, dup=True) == [Pubrec(packet_id=5)]
+    assert len(sub.received()) == 1
+    pub.send(Pubrel(packet_id=5))
+    assert pub.received() == [Pubcomp(packet_id=5)]
+    pub.publish("t", b"again", qos=2, packet_id=5)
+    assert sub.received() == [Publish(topic="t", payload=b"again")]
+
+
+def test_outbound_qos2_exchange() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=2)
+    connected(broker, "pub").publish("t", b"m", qos=2)
+    [message] = sub.received()
+    assert message.qos == 2
+    sub.send(Pubrec(packet_id=message.packet_id))
+    assert sub.received() == [Pubrel(packet_id=message.packet_id)]
+    assert broker.sessions["sub"].outgoing[message.packet_id].released
+    sub.send(Pubcomp(packet_id=message.packet_id))
+    assert broker.sessions["sub"].outgoing == {}
+
+
+def test_packet_ids_in_flight_are_not_reused() -> None:
+    broker = make_broker(max_inflight_messages=50)
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    for _ in range(30):
+        pub.publish("t", qos=1)
+    ids = [p.packet_id for p in sub.received()]
+    assert len(ids) == 30 and len(set(ids)) == 30 and 0 not in ids
+
+
+def test_inflight_window_queues_the_rest_in_order() -> None:
+    broker = make_broker(max_inflight_messages=2)
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    for n in range(5):
+        pub.publish("t", str(n).encode(), qos=1)
+    first = sub.received()
+    assert [p.payload for p in first] == [b"0", b"1"]
+    sub.send(Puback(packet_id=first[0].packet_id))
+    assert [p.payload for p in sub.received()] == [b"2"]
+    sub.send(Puback(packet_id=first[1].packet_id))
+    assert [p.payload for p in sub.received()] == [b"3"]
+
+
+def test_mqtt3_retry_resends_with_dup() -> None:
+    broker = make_broker(retry_interval=20)
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    connected(broker, "pub").publish("t", b"m", qos=1)
+    [first] = sub.received()
+    broker.clock.advance(19)
+    assert sub.received() == []
+    broker.clock.advance(1)
+    [again] = sub.received()
+    assert again.dup and again.packet_id == first.packet_id and again.payload == b"m"
+    sub.send(Puback(packet_id=first.packet_id))
+    broker.clock.advance(60)
+    assert sub.received() == []
+
+
+# --- subscriptions ---------------------------------------------------------------------------
+
+def test_overlapping_subscriptions_deliver_one_copy_at_highest_qos() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.send(Subscribe(packet_id=1, subscriptions=(
+        SubscriptionRequest(topic_filter="a/#", qos=0), SubscriptionRequest(topic_filter="a/+", qos=2))))
+    assert sub.received() == [Suback(packet_id=1, reason_codes=(0, 2))]
+    connected(broker, "pub").publish("a/b", qos=2)
+    [message] = sub.received()
+    assert message.qos == 2
+
+
+def test_invalid_filter_gets_0x80_and_others_still_granted() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.send(Subscribe(packet_id=2, subscriptions=(
+        SubscriptionRequest(topic_filter="a/#/b"), SubscriptionRequest(topic_filter="ok", qos=1))))
+    assert sub.received() == [Suback(packet_id=2, reason_codes=(0x80, 1))]
+    assert not sub.closed
+
+
+def test_dollar_topics_not_matched_by_leading_wildcard() -> None:  # [MQTT-4.7.2-1]
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("#")
+    sub.subscribe("+/x", packet_id=2)
+    broker.publish("$SYS/x", b"1")
+    assert sub.received() == []
+    broker.publish("a/x", b"2")
+    assert len(sub.received()) == 1
+
+
+def test_unsubscribe_stops_delivery() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    sub.send(Unsubscribe(packet_id=9, topic_filters=("t", "never")))
+    assert sub.received() == [Unsuback(packet_id=9)]
+    broker.publish("t", b"x")
+    assert sub.received() == []
+    assert broker.subscriptions.count == 0
+
+
+def test_publish_to_wildcard_topic_closes() -> None:
+    broker = make_broker()
+    pub = connected(broker, "pub")
+    pub.publish("a/+")
+    assert pub.closed
+
+
+def test_publish_above_max_qos_closes() -> None:
+    pub = connected(make_broker(max_qos=1), "pub")
+    pub.publish("t", qos=2)
+    assert pub.closed
+
+
+# --- retained --------------------------------------------------------------------------------
+
+def test_retained_sent_on_subscribe_with_flag_and_not_on_forward() -> None:
+    broker = make_broker()
+    pub = connected(broker, "pub")
+    pub.publish("r/1", b"old", retain=True)
+    pub.publish("r/1", b"new", retain=True)
+    pub.publish("r/2", b"two", qos=1, retain=True)
+    sub = connected(broker, "sub")
+    packets = sub.subscribe("r/#", qos=1)
+    assert packets[0] == Suback(packet_id=1, reason_codes=(1,))
+    retained = sorted((p.topic, p.payload, p.retain, p.qos) for p in packets[1:])
+    assert retained == [("r/1", b"new", True, 0), ("r/2", b"two", True, 1)]
+    pub.publish("r/1", b"live", retain=True)
+    assert [(p.payload, p.retain) for p in sub.received()] == [(b"live", False)]  # [MQTT-3.3.1-9]
+
+
+def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]
+    broker = make_broker()
+    pub = connected(broker, "pub")
+    pub.publish("r", b"x", retain=True)
+    pub.publish("r", b"", retain=True)
+    assert len(broker.retained) == 0
+    assert connected(broker, "sub").subscribe("r")[1:] == []
+
+
+# --- will ------------------------------------------------------------------------------------
+
+def test_will_published_on_network_failure_with_qos_and_retain() -> None:
+    broker = make_broker()
+    watcher = connected(broker, "w")
+    watcher.subscribe("will", qos=1)
+    client = connected(broker, "c", will=Will(topic="will", payload=b"bye", qos=1, retain=True))
+    client.lose()
+    [will] = watcher.received()
+    assert (will.topic, will.payload, will.qos) == ("will", b"bye", 1)
+    assert broker.retained.get("will") is not None
+
+
+def test_will_not_published_after_disconnect() -> None:  # [MQTT-3.14.4-3]
+    broker = make_broker()
+    watcher = connected(broker, "w")
+    watcher.subscribe("will")
+    client = connected(broker, "c", will=Will(topic="will", payload=b"bye"))
+    client.send(Disconnect())
+    assert client.closed
+    client.lose()
+    assert watcher.received() == []
+
+
+def test_will_published_on_protocol_violation() -> None:
+    broker = make_broker()
+    watcher = connected(broker, "w")
+    watcher.subscribe("will")
+    client = connected(broker, "c", will=Will(topic="will", payload=b"bye"))
+    client.send_bytes(b"\x00\x00")  # reserved packet type
+    assert client.closed
+    assert watcher.received() == [Publish(topic="will", payload=b"bye")]
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+def test_persistent_session_queues_and_resends() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub", clean=False)
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    pub.publish("t", b"inflight", qos=1)
+    [unacked] = sub.received()
+    sub.lose()
+    pub.publish("t", b"queued", qos=1)
+    pub.publish("t", b"qos0-dropped", qos=0)
+    again = FakeClient(broker)
+    assert again.connect("sub", clean=False) == Connack(session_present=True)
+    resent = again.received()
+    assert [(p.payload, p.dup) for p in resent] == [(b"inflight", True), (b"queued", False)]
+    assert resent[0].packet_id == unacked.packet_id  # [MQTT-4.4.0-1]
+
+
+def test_clean_session_discards_previous_state() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub", clean=False)
+    sub.subscribe("t", qos=1)
+    sub.lose()
+    again = FakeClient(broker)
+    assert again.connect("sub", clean=True) == Connack(session_present=False)  # [MQTT-3.2.2-1]
+    broker.publish("t", b"x", qos=1)
+    assert again.received() == []
+    assert broker.subscriptions.count == 0
+
+
+def test_offline_queue_is_bounded_and_counts_drops() -> None:
+    broker = make_broker(max_queued_messages=2)
+    sub = connected(broker, "sub", clean=False)
+    sub.subscribe("t", qos=1)
+    sub.lose()
+    for n in range(5):
+        broker.publish("t", str(n).encode(), qos=1)
+    assert broker.sessions["sub"].dropped == 3 and broker.stats.messages_dropped == 3
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    assert [p.payload for p in again.received()] == [b"0", b"1"]
+
+
+def test_takeover_closes_old_connection_and_keeps_session() -> None:  # [MQTT-3.1.4-2]
+    broker = make_broker()
+    watcher = connected(broker, "w")
+    watcher.subscribe("will")
+    old = connected(broker, "dup", clean=False, will=Will(topic="will", payload=b"old"))
+    old.subscribe("t")
+    new = FakeClient(broker)
+    assert new.connect("dup", clean=False) == Connack(session_present=True)
+    assert old.closed
+    assert watcher.received() == [Publish(topic="will", payload=b"old")]
+    old.lose()  # the old connection's end must not disturb the new one
+    broker.publish("t", b"still")
+    assert new.received() == [Publish(topic="t", payload=b"still")]
+
+
+def test_session_expiry_for_persistent_clients() -> None:
+    broker = make_broker(persistent_client_expiration=60)
+    sub = connected(broker, "sub", clean=False)
+    sub.subscribe("t", qos=1)
+    sub.lose()
+    broker.clock.advance(59)
+    assert "sub" in broker.sessions
+    broker.clock.advance(2)
+    assert "sub" not in broker.sessions and broker.subscriptions.count == 0
+
+
+# --- back-pressure and limits ----------------------------------------------------------------
+
+def test_slow_subscriber_is_queued_then_flushed() -> None:
+    broker = make_broker(max_queued_messages=3)
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    sub.protocol.pauseProducing()  # the transport's buffer is full
+    for n in range(5):
+        broker.publish("t", str(n).encode())
+    assert sub.received() == []
+    assert broker.sessions["sub"].dropped == 2
+    sub.protocol.resumeProducing()
+    assert [p.payload for p in sub.received()] == [b"0", b"1", b"2"]
+
+
+def test_oversize_packet_closes_before_buffering() -> None:
+    broker = make_broker(max_packet_size=1024)
+    pub = connected(broker, "pub")
+    header = encode(Publish(topic="t", payload=b"x" * 2000))[:5]
+    pub.send_bytes(header)
+    assert pub.closed
+
+
+def test_many_frames_in_one_read_and_split_frames() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    pub = connected(broker, "pub")
+    data = b"".join(encode(Publish(topic="t", payload=str(n).encode())) for n in range(100))
+    pub.send_bytes(data[:7])
+    pub.send_bytes(data[7:])
+    assert [p.payload for p in sub.received()] == [str(n).encode() for n in range(100)]
+
+
+def test_max_connections() -> None:
+    broker = make_broker(max_connections=1)
+    FakeClient(broker)
+    from twisted.internet.address import IPv4Address
+    assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
+
+
+# --- hooks -----------------------------------------------------------------------------------
+
+def test_connect_hook_refuses() -> None:
+    broker = make_broker()
+    broker.hooks.on_connect(lambda client: client.client_id != "bad")
+    assert FakeClient(broker).connect("good").reason_code == 0
+    bad = FakeClient(broker)
+    assert bad.connect("bad").reason_code == 5 and bad.closed
+
+
+def test_publish_hook_drops_and_rewrites() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("#")
+
+    def hook(client, message):  # type: ignore[no-untyped-def]
+        if message.topic == "drop":
+            return False
+        if message.topic == "rewrite":
+            from mqtt_broker import Message
+            return Message(topic="rewritten", payload=message.payload.upper())
+        return None
+
+    broker.hooks.on_publish(hook)
+    pub = connected(broker, "pub")
+    assert pub.publish("drop", qos=1) == [Puback(packet_id=1)]  # MQTT 3 still acknowledges
+    pub.publish("rewrite", b"abc")
+    pub.publish("plain", b"p")
+    assert sub.received() == [Publish(topic="rewritten", payload=b"ABC"), Publish(topic="plain", payload=b"p")]
+
+
+def test_async_publish_hook_keeps_order() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    pending: list[Deferred[None]] = []
+
+    def hook(client, message):  # type: ignore[no-untyped-def]
+        if message.payload == b"slow":
+            d: Deferred[None] = Deferred()
+            pending.append(d)
+            return d
+        return None
+
+    broker.hooks.on_publish(hook)
+    pub = connected(broker, "pub")
+    pub.publish("t", b"slow")
+    pub.publish("t", b"fast")
+    assert sub.received() == [] and pub.transport.producerState == "paused"
+    pending[0].callback(None)
+    assert [p.payload for p in sub.received()] == [b"slow", b"fast"]
+    assert pub.transport.producerState == "producing"
+
+
+def test_subscribe_hook_refuses_and_downgrades() -> None:
+    broker = make_broker()
+    broker.hooks.on_subscribe(lambda client, sub: False if sub.topic_filter == "secret" else 1)
+    sub = connected(broker, "sub")
+    sub.send(Subscribe(packet_id=3, subscriptions=(
+        SubscriptionRequest(topic_filter="secret", qos=1), SubscriptionRequest(topic_filter="open", qos=2))))
+    assert sub.received() == [Suback(packet_id=3, reason_codes=(0x80, 1))]
+
+
+def test_failing_hook_is_contained() -> None:
+    broker = make_broker()
+
+    def broken(client, message):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    broker.hooks.on_publish(broken)
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    pub = connected(broker, "pub")
+    assert pub.publish("t", qos=1) == [Puback(packet_id=1)]
+    assert sub.received() == [] and not pub.closed
+
+
+def test_disconnect_and_will_hooks() -> None:
+    broker = make_broker()
+    events: list[tuple[str, bool]] = []
+    broker.hooks.on_disconnect(lambda client, graceful: events.append((client.client_id, graceful)))
+    broker.hooks.on_will(lambda client, message: False)
+    watcher = connected(broker, "w")
+    watcher.subscribe("will")
+    connected(broker, "a", will=Will(topic="will", payload=b"x")).lose()
+    c = connected(broker, "b")
+    c.send(Disconnect())
+    assert events == [("a", False), ("b", True)]
+    assert watcher.received() == []
+
+
+def test_server_side_publish_and_read_access() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("status/#", qos=1)
+    d = broker.publish("status/app", b"up", qos=1, retain=True)
+    assert d.called
+    [message] = sub.received()
+    assert (message.topic, message.payload, message.qos) == ("status/app", b"up", 1)
+    assert [s.topic_filter for s in broker.subscriptions_of("sub")] == ["status/#"]
