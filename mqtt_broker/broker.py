@@ -1,13 +1,14 @@
 """The BrokerService: sessions, routing, retained messages, wills and QoS retries.
 
 It never touches a transport: it talks to connected clients through the few methods of
-:class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``).
+:class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``, and
+the ``paused``/``send_quota`` attributes).
 """
 
 from __future__ import annotations
 
+import math
 import resource
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,13 +19,14 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 
 from .config import BrokerConfig
+from .connect import NEVER
 from .hooks import Hooks
 from .message import Client, Message
 from .retained import RetainedMessages
-from .session import Outgoing, Session
+from .session import Outgoing, Queued, Session
 from .topics import Subscription, SubscriptionTree, valid_topic_name
 from .wire.codes import ReasonCode
-from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
+from .wire.packets import MQTT_5, NO_PROPERTIES, Properties
 
 log = Logger()
 
@@ -32,12 +34,12 @@ log = Logger()
 class Stats:
     """Counters kept with plain integer arithmetic on the hot path."""
 
-    __slots__ = ("messages_received", "messages_sent", "messages_dropped", "connections_total",
-                 "connections_refused")
+    __slots__ = ("messages_received", "messages_sent", "messages_dropped", "messages_expired",
+                 "connections_total", "connections_refused")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
-        self.connections_total = self.connections_refused = 0
+        self.messages_expired = self.connections_total = self.connections_refused = 0
 
 
 class BrokerService(MultiService):
@@ -71,6 +73,8 @@ class BrokerService(MultiService):
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
         self.ports: list[IListeningPort] = []
+        self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
+        self._share_turns: dict[tuple[str, str], int] = {}
         from .protocol import MQTTFactory
         self.factory = MQTTFactory(self)
 
@@ -96,9 +100,11 @@ class BrokerService(MultiService):
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
         for session in self.sessions.values():
-            for call in (session.expiry_call, session.retry_call):
-                if call is not None and call.active():
-                    call.cancel()
+            _cancel(session.expiry_call)
+            _cancel(session.retry_call)
+        for call, _, _ in self._delayed_wills.values():
+            _cancel(call)
+        self._delayed_wills.clear()
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
 
     # --- embedding API ------------------------------------------------------------------
@@ -128,57 +134,47 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         return list(session.subscriptions.values()) if session is not None else []
 
-    # --- connecting ---------------------------------------------------------------------
+    # --- sessions -----------------------------------------------------------------------
 
-    def check_connect(self, connect: Connect) -> tuple[ReasonCode, str]:
-        """Validate a CONNECT against the settings; returns (reason code, client id to use)."""
-        client_id = connect.client_id
-        level = connect.protocol_level
-        if level == MQTT_3_1 and len(client_id) > 23:
-            return ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, client_id  # MQTT 3.1: 1 to 23 characters
-        if not client_id:
-            if not self.config.allow_zero_length_clientid or (level != MQTT_5 and not connect.clean_start):
-                return ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, client_id  # [MQTT-3.1.3-8]
-            client_id = self.config.auto_id_prefix + uuid.uuid4().hex
-        max_keepalive = self.config.max_keepalive
-        if level != MQTT_5 and (connect.keep_alive > max_keepalive or
-                                (max_keepalive < 65535 and connect.keep_alive == 0)):
-            # MQTT 3 cannot tell a client to use a shorter keepalive; refuse as Mosquitto does.
-            return ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, client_id
-        return ReasonCode.SUCCESS, client_id
-
-    def attach(self, connection: Any, client_id: str, clean_start: bool) -> Session:
-        """Give a connection its session, taking it over from another connection if needed.
-        The caller tells the client ``session.session_present``-style from the return of
-        :meth:`had_session` checked before."""
+    def attach(self, connection: Any, client_id: str, clean_start: bool, expiry: int) -> tuple[Session, bool]:
+        """Give a connection its session, taking it over from another connection if there is
+        one [MQTT-3.1.4-2]. Returns the session and whether it existed (Session Present)."""
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
-            # Session takeover [MQTT-3.1.4-2]: the old connection ends as if it had failed.
             old = session.connection
             self.detach(old, graceful=False)
             old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
-        if session is not None and (clean_start or not session.persistent):
+            session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
+        pending = self._delayed_wills.pop(client_id, None)
+        if pending is not None:
+            call, client, will = pending
+            _cancel(call)
+            if clean_start:  # the old session ends now, so its will is due [MQTT-3.1.3-9]
+                self.publish_will(client, will)
+        if session is not None and clean_start:
             self._discard(session)
             session = None
+        present = session is not None
         if session is None:
             session = self.sessions[client_id] = Session(client_id)
-        elif session.expiry_call is not None:
-            if session.expiry_call.active():
-                session.expiry_call.cancel()
-            session.expiry_call = None
-        session.persistent = not clean_start
+        _cancel(session.expiry_call)
+        session.expiry_call = None
+        session.expiry = expiry
         session.connection = connection
-        return session
+        return session, present
 
     def resume(self, session: Session) -> None:
         """After CONNACK: resend what was in flight [MQTT-4.4.0-1], then send what was queued."""
         connection = session.connection
+        assert connection is not None
+        now = self.clock.seconds()
         for packet_id, out in list(session.outgoing.items()):
             if out.released:
                 connection.send_pubrel(packet_id)
-            else:
-                connection.send_publish(out.message, out.qos, out.retain, packet_id, dup=True)
-            out.sent_at = self.clock.seconds()
+            elif not connection.send_publish(out.message, out.qos, out.retain, packet_id, True,
+                                             out.subscription_ids):
+                del session.outgoing[packet_id]
+            out.sent_at = now
         if session.outgoing:
             self._schedule_retry(session)
         self.pump(session)
@@ -191,19 +187,26 @@ class BrokerService(MultiService):
             return
         connection.session = None
         session.connection = None
-        if session.retry_call is not None and session.retry_call.active():
-            session.retry_call.cancel()
+        _cancel(session.retry_call)
+        session.retry_call = None
         will = connection.will
         connection.will = None
+        client = connection.client
         if will is not None and not graceful:
-            self.publish_will(connection.client, will)
-        if not session.persistent:
+            delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
+            if delay and session.expiry:
+                # Delayed until the delay or the session's end, whichever comes first [MQTT-3.1.3-9].
+                delay = min(delay, session.expiry)
+                call = self.clock.callLater(delay, self._delayed_will_due, client.client_id)
+                self._delayed_wills[client.client_id] = (call, client, will)
+            else:
+                self.publish_will(client, will)
+        if not session.expiry:
             self._discard(session)
-        elif self.config.persistent_client_expiration:
-            session.expiry_call = self.clock.callLater(
-                self.config.persistent_client_expiration, self._expire, session)
+        elif session.expiry != NEVER:
+            session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
         if self.hooks.has_disconnect:
-            self.hooks.notify("disconnect", connection.client, graceful)
+            self.hooks.notify("disconnect", client, graceful)
 
     def publish_will(self, client: Client, will: Message) -> None:
         if not self.hooks.has_will:
@@ -217,31 +220,53 @@ class BrokerService(MultiService):
                 self.route(answer)
         self.hooks.decide("will", client, will).addCallback(decided)
 
+    def _delayed_will_due(self, client_id: str) -> None:
+        _, client, will = self._delayed_wills.pop(client_id)
+        self.publish_will(client, will)
+
     def _expire(self, session: Session) -> None:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.info("session {client_id} expired", client_id=session.client_id)
+            pending = self._delayed_wills.pop(session.client_id, None)
+            if pending is not None:
+                _cancel(pending[0])
+                self.publish_will(pending[1], pending[2])
             self._discard(session)
 
     def _discard(self, session: Session) -> None:
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(session.client_id, topic_filter)
-        session.clear()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        # Messages it got through a shared subscription and did not finish go to another member.
+        orphans = [item for item in (*session.outgoing.values(), *session.queue)
+                   if item.share is not None and not getattr(item, "released", False)]
+        session.clear()
+        for item in orphans:
+            assert item.share is not None
+            members = self.subscriptions.shared_members(*item.share)
+            if members:
+                self._deliver_shared(item.message, item.share, members)
 
     # --- subscriptions ------------------------------------------------------------------
 
     def subscribe(self, session: Session, subscription: Subscription) -> None:
-        """Add a subscription and send the retained messages it matches [MQTT-3.3.1-6]."""
+        """Add a subscription and send the retained messages it matches [MQTT-3.3.1-6], as its
+        Retain Handling option says [MQTT-3.3.1-9..11]."""
         existed = subscription.topic_filter in session.subscriptions
         session.subscriptions[subscription.topic_filter] = subscription
         self.subscriptions.add(subscription)
         if subscription.share_group is not None or subscription.retain_handling == 2 or (
                 subscription.retain_handling == 1 and existed):
-            return
-        for message in self.retained.match(subscription.topic_filter):
-            self.deliver(session, message, min(message.qos, subscription.qos), True)
+            return  # no retained messages on a shared subscription [MQTT-3.8.4-?]
+        ids = (subscription.subscription_id,) if subscription.subscription_id else ()
+        now = self.clock.seconds()
+        for message in list(self.retained.match(subscription.topic_filter)):
+            if message.expires_at is not None and message.expires_at <= now:
+                self.retained.delete(message.topic)
+                continue
+            self.deliver(session, message, min(message.qos, subscription.qos), True, ids)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
@@ -255,87 +280,111 @@ class BrokerService(MultiService):
         """Store a retained message and deliver a message to every matching session.
         Returns the number of sessions it was delivered or queued to."""
         self.stats.messages_received += 1
+        if message.properties and "message_expiry_interval" in message.properties:
+            message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
         if message.retain and self.config.retain_available:
             self.retained.store(message)
         by_client, groups = self.subscriptions.match(message.topic)
         sessions = self.sessions
         deliver = self.deliver
+        sender = message.sender
         count = 0
+        ids: tuple[int, ...]
         for client_id, subs in by_client:
             session = sessions.get(client_id)
             if session is None:
                 continue
             if len(subs) == 1:
                 sub = subs[0]
-                if sub.no_local and client_id == message.sender:
-                    continue
+                if sub.no_local and client_id == sender:
+                    continue  # [MQTT-3.8.3-3]
                 qos = sub.qos if sub.qos < message.qos else message.qos
                 retain = message.retain and sub.retain_as_published
+                ids = (sub.subscription_id,) if sub.subscription_id else ()
             else:
-                # Overlapping subscriptions: one copy at the highest granted QoS.
-                subs = [s for s in subs if not (s.no_local and client_id == message.sender)]
+                # Overlapping subscriptions: one copy at the highest granted QoS, carrying every
+                # matching subscription identifier [MQTT-3.3.4-3, -5].
+                subs = [s for s in subs if not (s.no_local and client_id == sender)]
                 if not subs:
                     continue
                 qos = min(max(s.qos for s in subs), message.qos)
                 retain = message.retain and any(s.retain_as_published for s in subs)
-            deliver(session, message, qos, retain)
+                ids = tuple(s.subscription_id for s in subs if s.subscription_id)
+            deliver(session, message, qos, retain, ids)
             count += 1
-        for _, members in groups:
-            count += self._deliver_shared(message, members)
+        for share, members in groups:
+            count += self._deliver_shared(message, share, members)
         return count
 
-    def _deliver_shared(self, message: Message, members: list[Subscription]) -> int:
-        """One member of a shared group gets the message: a connected one if any, in turn."""
-        members = [m for m in members if m.client_id in self.sessions]
-        if not members:
+    def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
+        """One member of a shared group gets the message: connected members in turn, or an
+        offline member's session if none is connected."""
+        sessions = self.sessions
+        online = [m for m in members if m.client_id in sessions and sessions[m.client_id].connection is not None]
+        pool = online or [m for m in members if m.client_id in sessions]
+        if not pool:
             return 0
-        online = [m for m in members if self.sessions[m.client_id].connection is not None]
-        pool = online or members
-        choice = pool[self.stats.messages_received % len(pool)]
-        self.deliver(self.sessions[choice.client_id], message, min(choice.qos, message.qos), False)
+        turn = self._share_turns.get(share, 0)
+        self._share_turns[share] = turn + 1
+        chosen = pool[turn % len(pool)]
+        ids = (chosen.subscription_id,) if chosen.subscription_id else ()
+        self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos), False, ids, share)
         return 1
 
-    def deliver(self, session: Session, message: Message, qos: int, retain: bool) -> None:
+    def deliver(self, session: Session, message: Message, qos: int, retain: bool,
+                subscription_ids: tuple[int, ...] = (), share: tuple[str, str] | None = None) -> None:
         """Send a message to a session now, or queue it (bounded) if it cannot take it now."""
         connection = session.connection
-        config = self.config
         if connection is not None and not connection.paused and not session.queue:
             if not qos:
-                connection.send_publish(message, 0, retain, 0)
-                self.stats.messages_sent += 1
+                if connection.send_publish(message, 0, retain, 0, False, subscription_ids):
+                    self.stats.messages_sent += 1
                 return
             if len(session.outgoing) < connection.send_quota:
-                self._send_tracked(session, connection, message, qos, retain)
+                self._send_tracked(session, Queued(message, qos, retain, subscription_ids, share))
                 return
-        elif connection is None and not qos and not config.queue_qos0_messages:
+        elif connection is None and not qos and not self.config.queue_qos0_messages:
             return  # QoS 0 is not kept for offline sessions unless asked to
-        if not session.enqueue(message, qos, retain, config.max_queued_messages, config.max_queued_bytes):
+        config = self.config
+        if not session.enqueue(Queued(message, qos, retain, subscription_ids, share),
+                               config.max_queued_messages, config.max_queued_bytes):
             self.stats.messages_dropped += 1
             if session.dropped == 1 or session.dropped % 1000 == 0:
                 log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
                          client_id=session.client_id, dropped=session.dropped)
 
-    def _send_tracked(self, session: Session, connection: Any, message: Message, qos: int, retain: bool) -> None:
+    def _send_tracked(self, session: Session, item: Queued) -> None:
+        connection = session.connection
+        assert connection is not None
         packet_id = session.allocate_packet_id()
-        session.outgoing[packet_id] = Outgoing(message, qos, retain, self.clock.seconds())
-        connection.send_publish(message, qos, retain, packet_id)
+        if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
+            return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
+        session.outgoing[packet_id] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
+                                               item.share, self.clock.seconds())
         self.stats.messages_sent += 1
         if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
             self._schedule_retry(session)
 
     def pump(self, session: Session) -> None:
-        """Send queued messages while the connection and its in-flight window allow."""
+        """Send queued messages while the connection and its in-flight window allow; expired
+        messages are dropped, never delivered [MQTT-3.3.2-5]."""
         connection = session.connection
         queue = session.queue
+        now = None
         while queue and connection is not None and not connection.paused:
             head = queue[0]
             if head.qos and len(session.outgoing) >= connection.send_quota:
                 return
             session.dequeue()
+            expires_at = head.message.expires_at
+            if expires_at is not None:
+                now = now or self.clock.seconds()
+                if expires_at <= now:
+                    self.stats.messages_expired += 1
+                    continue
             if head.qos:
-                self._send_tracked(session, connection, head.message, head.qos, head.retain)
-            else:
-                connection.send_publish(head.message, 0, head.retain, 0)
+                self._send_tracked(session, head)
+            elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
                 self.stats.messages_sent += 1
 
     def acknowledged(self, session: Session, packet_id: int) -> bool:
@@ -345,6 +394,12 @@ class BrokerService(MultiService):
         if session.queue:
             self.pump(session)
         return True
+
+    def remaining_expiry(self, message: Message) -> int | None:
+        """Seconds left of a message's expiry interval, rounded up, for forwarding [MQTT-3.3.2-6]."""
+        if message.expires_at is None:
+            return None
+        return max(1, math.ceil(message.expires_at - self.clock.seconds()))
 
     def _schedule_retry(self, session: Session) -> None:
         if self.config.retry_interval and session.retry_call is None and session.connection is not None \
@@ -364,11 +419,16 @@ class BrokerService(MultiService):
                 if out.released:
                     connection.send_pubrel(packet_id)
                 else:
-                    connection.send_publish(out.message, out.qos, out.retain, packet_id, dup=True)
+                    connection.send_publish(out.message, out.qos, out.retain, packet_id, True)
                 out.sent_at = now
         oldest = min(out.sent_at for out in session.outgoing.values())
         session.retry_call = self.clock.callLater(
             max(oldest + self.config.retry_interval - now, 0.001), self._retry, session)
+
+
+def _cancel(call: Any) -> None:
+    if call is not None and call.active():
+        call.cancel()
 
 
 def _raise_open_files_limit() -> None:

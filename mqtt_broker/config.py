@@ -6,6 +6,7 @@ Names follow Mosquitto's where Mosquitto has the setting, so its users' knowledg
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,15 @@ from typing import Any, Mapping
 
 
 class ConfigError(ValueError):
-    """A setting that is unknown or has a bad value; the message names the key."""
+    """A setting that is unknown or has a bad value, or a file that cannot be read.
+
+    ``str(error)`` names the file (when there is one) and the key; ``source``, ``key`` and
+    ``reason`` hold the parts, so the command line can name its flag instead of the key.
+    """
+
+    def __init__(self, reason: str, key: str | None = None, source: str | None = None) -> None:
+        self.reason, self.key, self.source = reason, key, source
+        super().__init__(": ".join(part for part in (source, key, reason) if part))
 
 
 def _setting(default: Any, help: str, minimum: int | None = 0, maximum: int | None = None) -> Any:
@@ -25,6 +34,12 @@ def _setting(default: Any, help: str, minimum: int | None = 0, maximum: int | No
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
+    """Every broker setting, validated when built: a bad value raises ConfigError naming the key.
+
+    Ints are accepted where a float is expected; a bool is never accepted for a number.
+    ``mqttbroker.example.toml`` lists each setting with its default (a test keeps it in step).
+    """
+
     endpoints: list[str] = _setting(
         ["tcp:1883"], "Twisted endpoint strings to listen on (tcp:, ssl:, unix:, ...).")
     max_packet_size: int = _setting(
@@ -58,30 +73,58 @@ class BrokerConfig:
         "client on the same connection; 0 to resend only on reconnect. MQTT 5 forbids "
         "resending on a live connection, so it only ever resends on reconnect.")
     set_tcp_nodelay: bool = _setting(True, "Disable Nagle's algorithm on client sockets.")
+    max_topic_alias: int = _setting(
+        10, "MQTT 5: topic aliases a client may set on its PUBLISHes (0 turns them off).", 0, 65535)
+    max_topic_alias_broker: int = _setting(
+        10, "MQTT 5: topic aliases the broker uses towards a client, at most the client's own "
+        "maximum; the most recently used topics keep theirs.", 0, 65535)
+    max_session_expiry_interval: int = _setting(
+        0xFFFFFFFF, "MQTT 5: longest session expiry interval granted, in seconds "
+        "(4294967295: a session may never expire).", 0, 0xFFFFFFFF)
+    wildcard_subscription_available: bool = _setting(
+        True, "Whether + and # may be used in subscriptions (MQTT 5 clients are told).")
+    subscription_identifier_available: bool = _setting(
+        True, "MQTT 5: whether subscription identifiers are supported.")
+    shared_subscription_available: bool = _setting(
+        True, "Whether $share/{group}/{filter} subscriptions are supported.")
+    response_information: str = _setting(
+        "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
+        "for it ({client_id} is replaced); empty to send none.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = type(f.default) if f.default is not dataclasses.MISSING else list
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
                 value = float(value)
+            # bool is an int subclass: "max_qos = true" is a mistake, not 1.
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ConfigError(f"{f.name}: expected {kind.__name__}, got {value!r}")
-            if kind is list and not all(isinstance(item, str) for item in value):
-                raise ConfigError(f"{f.name}: expected a list of strings, got {value!r}")
+                raise ConfigError(f"expected {kind.__name__}, got {value!r}", f.name)
+            if kind is list:
+                if not all(isinstance(item, str) for item in value):
+                    raise ConfigError(f"expected a list of strings, got {value!r}", f.name)
+                value = list(value)  # the caller's list is not ours to share
+            # TOML has nan and inf; a timer cannot be scheduled at either.
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(f"expected a finite number, got {value!r}", f.name)
             low, high = f.metadata["min"], f.metadata["max"]
             if kind in (int, float) and ((low is not None and value < low) or (high is not None and value > high)):
-                raise ConfigError(f"{f.name}: {value!r} is out of range "
-                                  f"({low if low is not None else '-inf'}..{high if high is not None else 'inf'})")
+                raise ConfigError(f"{value!r} is out of range "
+                                  f"({low if low is not None else '-inf'}..{high if high is not None else 'inf'})",
+                                  f.name)
+            object.__setattr__(self, f.name, value)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "settings") -> BrokerConfig:
+    def from_mapping(cls, values: Mapping[str, Any], source: str | None = None) -> BrokerConfig:
+        """Build a config from ``{setting: value}``; raises ConfigError naming ``source`` and the key."""
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in known:
-                raise ConfigError(f"{source}: unknown setting {key!r}")
-        return cls(**values)
+                raise ConfigError("unknown setting", str(key), source)
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(e.reason, e.key, source) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> BrokerConfig:
@@ -90,15 +133,16 @@ class BrokerConfig:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+            raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        try:
-            return cls.from_mapping(values, str(path))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"not valid TOML: {e}", source=str(path)) from None
+        except UnicodeDecodeError as e:  # tomllib decodes before parsing and lets this through
+            raise ConfigError(f"not valid TOML: not UTF-8 ({e.reason} at byte {e.start})",
+                              source=str(path)) from None
+        return cls.from_mapping(values, str(path))
 
     def replace(self, **changes: Any) -> BrokerConfig:
+        """A copy with some settings changed, validated like the original; raises ConfigError."""
         return self.from_mapping({**dataclasses.asdict(self), **changes})
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .message import Client, Message
 from .topics import Subscription
@@ -29,14 +30,20 @@ log = Logger()
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
-EVENTS = ("connect", "publish", "subscribe", "unsubscribe", "ping", "disconnect", "will")
+EVENTS = ("connect", "auth", "publish", "subscribe", "unsubscribe", "ping", "disconnect", "will")
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A decider's refusal, with the reason code the client is told where the protocol has one."""
+    """A decider's refusal. A handler may return one to choose the reason code and the MQTT 5
+    reason string the client is told; a plain False is ``Refused()``, and the event's default
+    code applies (see each ``on_*``)."""
 
-    reason_code: ReasonCode = ReasonCode.NOT_AUTHORIZED
+    reason_code: ReasonCode | None = None
+    reason_string: str | None = None
+
+    def code(self, default: ReasonCode) -> ReasonCode:
+        return default if self.reason_code is None else self.reason_code
 
 
 class Hooks:
@@ -44,8 +51,8 @@ class Hooks:
 
     def __init__(self) -> None:
         self._handlers: dict[str, list[Callable[..., Any]]] = {event: [] for event in EVENTS}
-        self.has_connect = self.has_publish = self.has_subscribe = self.has_unsubscribe = False
-        self.has_ping = self.has_disconnect = self.has_will = False
+        self.has_connect = self.has_auth = self.has_publish = self.has_subscribe = False
+        self.has_unsubscribe = self.has_ping = self.has_disconnect = self.has_will = False
 
     def _register(self, event: str, handler: Handler) -> Handler:
         self._handlers[event].append(handler)
@@ -58,20 +65,32 @@ class Hooks:
         setattr(self, "has_" + event, bool(handlers))
 
     def on_connect(self, handler: Handler) -> Handler:
-        """``handler(client) -> None | bool | ReasonCode``: a CONNECT that passed the protocol's
-        checks. False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode
-        refuses with that code (3.x: the nearest return code)."""
+        """``handler(client) -> None | bool | ReasonCode | Refused``: a CONNECT that passed the
+        protocol's checks (``client.properties`` has an MQTT 5 client's CONNECT properties).
+        False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses
+        with that code (3.x: the nearest return code)."""
         return self._register("connect", handler)
 
+    def on_auth(self, handler: Handler) -> Handler:
+        """``handler(client, method, data, reauthenticating) -> None | bool | bytes | Refused``:
+        MQTT 5 enhanced authentication. Called with the Authentication Method and Data of the
+        CONNECT and of every AUTH packet. None or True: authenticated. Bytes: continue, sending
+        them to the client in an AUTH packet (0x18) and waiting for its answer. False refuses
+        (CONNACK 0x87, or DISCONNECT 0x87 when re-authenticating). Without a handler, a CONNECT
+        with an Authentication Method is refused with 0x8C."""
+        return self._register("auth", handler)
+
     def on_publish(self, handler: Handler) -> Handler:
-        """``handler(client, message) -> None | bool | Message``: a PUBLISH from a client, before
-        it is routed. False drops it (it is still acknowledged, as MQTT 3 has no way to say no;
-        MQTT 5 gets reason code 0x87); a Message replaces it for routing and later handlers."""
+        """``handler(client, message) -> None | bool | Message | Refused``: a PUBLISH from a
+        client, before it is routed. False drops it (it is still acknowledged, as MQTT 3 has no
+        way to say no; MQTT 5 gets reason code 0x87); a Message replaces it for routing and
+        later handlers."""
         return self._register("publish", handler)
 
     def on_subscribe(self, handler: Handler) -> Handler:
-        """``handler(client, subscription) -> None | bool | int``: one filter of a SUBSCRIBE.
-        False refuses the filter (SUBACK 0x80, 5.0: 0x87); an int 0..2 grants at most that QoS."""
+        """``handler(client, subscription) -> None | bool | int | Refused``: one filter of a
+        SUBSCRIBE. False refuses the filter (SUBACK 0x80); a ReasonCode or Refused refuses with
+        that code in MQTT 5 (0x80 in 3.x); an int 0..2 grants at most that QoS."""
         return self._register("subscribe", handler)
 
     def on_unsubscribe(self, handler: Handler) -> Handler:
@@ -115,6 +134,8 @@ class Hooks:
         def judge(value: Any) -> Any:
             if value is False:
                 return Refused()
+            if isinstance(value, Refused):
+                return value
             if isinstance(value, ReasonCode) and value >= 0x80:
                 return Refused(value)
             if value is not None and value is not True:
@@ -131,10 +152,11 @@ class Hooks:
 
     def notify(self, event: str, *args: Any) -> None:
         """Call every handler of a notification; results are ignored, failures logged."""
+        def failed(failure: Failure, handler: Callable[..., Any]) -> None:
+            log.failure("{event} hook {handler!r} failed", failure, event=event, handler=handler)
+
         for handler in list(self._handlers[event]):
-            maybeDeferred(handler, *args).addErrback(
-                lambda failure, h=handler: log.failure(
-                    "{event} hook {handler!r} failed", failure, event=event, handler=h))
+            maybeDeferred(handler, *args).addErrback(failed, handler)
 
 
 __all__ = ["Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]

@@ -1,8 +1,9 @@
 """Which packet a client may send in which state of its connection: the one place that decides.
 
 A connection starts AWAITING_CONNECT; a CONNECT moves it to CONNECTING while the broker (and any
-connect hook) decides, then CONNECTED; anything that ends it moves it to CLOSED, after which
-input is ignored.
+connect hook) decides, or to AUTHENTICATING while an MQTT 5 enhanced authentication exchanges
+AUTH packets, then CONNECTED; anything that ends it moves it to CLOSED, after which input is
+ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .wire.packets import (
 class State(Enum):
     AWAITING_CONNECT = "awaiting CONNECT"
     CONNECTING = "connecting"
+    AUTHENTICATING = "authenticating"
     CONNECTED = "connected"
     CLOSED = "closed"
 
@@ -31,6 +33,7 @@ LEGAL: dict[State, frozenset[type]] = {
     State.AWAITING_CONNECT: frozenset({Connect}),  # [MQTT-3.1.0-1]
     # Input is held back while a CONNECT is being decided, so nothing arrives in CONNECTING.
     State.CONNECTING: frozenset(),
+    State.AUTHENTICATING: frozenset({Auth, Disconnect}),  # [MQTT-4.12.0-?]
     State.CONNECTED: _FROM_CLIENT_CONNECTED,
     State.CLOSED: frozenset(),
 }

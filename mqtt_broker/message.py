@@ -22,6 +22,8 @@ class Message:
     properties: Properties = NO_PROPERTIES
     sender: str | None = None
     """Client id of the publisher; None for messages published by the broker itself."""
+    expires_at: float | None = None
+    """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval)."""
     encoded: dict[tuple[int, int, bool], tuple[bytes, int]] | None = field(default=None, repr=False)
 
     def __eq__(self, other: object) -> bool:
@@ -43,3 +45,5 @@ class Client:
     """3 (MQTT 3.1), 4 (MQTT 3.1.1) or 5."""
     clean_start: bool
     keep_alive: int
+    properties: Properties = NO_PROPERTIES
+    """The CONNECT properties of an MQTT 5 client (user properties, session expiry, ...)."""

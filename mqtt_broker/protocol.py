@@ -20,7 +20,9 @@ from . import lifecycle
 from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
-from .topics import Subscription, split_shared, valid_topic_filter, valid_topic_name
+from .aliases import InboundAliases, OutboundAliases
+from .connect import NEVER, Terms, is_utf8, negotiate
+from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, FrameReader,
     MQTTError, Packet, Pingreq, Pingresp, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
@@ -31,9 +33,6 @@ from .wire import (
 log = Logger()
 
 _PINGRESP = encode(Pingresp())
-# Properties a broker must not forward as the publisher sent them [MQTT-3.3.2-?]: the alias is
-# per connection, subscription identifiers are the receiver's own.
-_NOT_FORWARDED = ("topic_alias", "subscription_identifier")
 
 
 @implementer(IPushProducer)
@@ -54,7 +53,14 @@ class MQTTProtocol(Protocol):
         self.will: Message | None = None
         self.paused = False
         self.send_quota = config.max_inflight_messages
+        self.max_send_size = NEVER
+        self.problem_information = True
+        self.terms: Terms | None = None
         self.peer = "?"
+        self._aliases_in: InboundAliases | None = None
+        self._aliases_out: OutboundAliases | None = None
+        self._auth_method: str | None = None
+        self._auth_connect: Connect | None = None
         self._blocked: Deferred[Any] | None = None
         self._graceful = False
         self._last_seen = 0.0
@@ -215,18 +221,32 @@ class MQTTProtocol(Protocol):
     def send(self, packet: Packet) -> None:
         self.transport.write(encode(packet, self.version))  # type: ignore[union-attr]
 
-    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool = False) -> None:
-        """Write a PUBLISH, reusing the bytes encoded for the same kind of receiver."""
-        cache = message.encoded
-        if cache is None:
-            cache = message.encoded = {}
-        key = (self.version, qos, retain)
-        entry = cache.get(key)
-        if entry is None:
-            properties = message.properties if self.version == MQTT_5 else NO_PROPERTIES
-            entry = cache[key] = publish_template(
-                message.topic, message.payload, qos, retain, properties, self.version, 1 if qos else 0)
-        data, offset = entry
+    def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool = False,
+                     subscription_ids: tuple[int, ...] = ()) -> bool:
+        """Write a PUBLISH; False if it is larger than the client accepts (then it is dropped
+        and counted, as if delivered [MQTT-3.1.2-25])."""
+        alias_topic = None
+        if self.version == MQTT_5 and (subscription_ids or message.expires_at is not None or self._aliases_out):
+            data, offset, alias_topic = self._encode_for_this_client(message, qos, retain, subscription_ids)
+        else:
+            # The bytes are shared by every receiver of the same protocol level, QoS and retain flag.
+            cache = message.encoded
+            if cache is None:
+                cache = message.encoded = {}
+            key = (self.version, qos, retain)
+            entry = cache.get(key)
+            if entry is None:
+                properties = message.properties if self.version == MQTT_5 else NO_PROPERTIES
+                entry = cache[key] = publish_template(
+                    message.topic, message.payload, qos, retain, properties, self.version, 1 if qos else 0)
+            data, offset = entry
+        if len(data) > self.max_send_size:
+            if alias_topic is not None and self._aliases_out is not None:
+                self._aliases_out.forget(alias_topic)
+            self.broker.stats.messages_dropped += 1
+            log.info("dropped a {size} byte message to {client_id}: above its maximum packet size",
+                     size=len(data), client_id=self.client.client_id if self.client else "-")
+            return False
         if qos:
             patched = bytearray(data)
             patched[offset] = packet_id >> 8
@@ -236,11 +256,33 @@ class MQTTProtocol(Protocol):
             self.transport.write(bytes(patched))  # type: ignore[union-attr]
         else:
             self.transport.write(data)  # type: ignore[union-attr]
+        return True
+
+    def _encode_for_this_client(self, message: Message, qos: int, retain: bool,
+                                subscription_ids: tuple[int, ...]) -> tuple[bytes, int, str | None]:
+        """An MQTT 5 PUBLISH whose properties are this receiver's own: its subscription
+        identifiers [MQTT-3.3.4-3], the expiry time left [MQTT-3.3.2-6], its topic alias."""
+        properties = dict(message.properties)
+        if subscription_ids:
+            properties["subscription_identifier"] = list(subscription_ids)
+        if message.expires_at is not None:
+            properties["message_expiry_interval"] = self.broker.remaining_expiry(message)
+        topic = message.topic
+        alias_topic = None
+        if self._aliases_out is not None:
+            alias, known = self._aliases_out.assign(topic)
+            properties["topic_alias"] = alias
+            if known:
+                topic = ""
+            else:
+                alias_topic = topic
+        data, offset = publish_template(topic, message.payload, qos, retain, properties, MQTT_5, 1 if qos else 0)
+        return data, offset, alias_topic
 
     def send_pubrel(self, packet_id: int) -> None:
         self.send(Pubrel(packet_id=packet_id))
 
-    # --- CONNECT ------------------------------------------------------------------------
+    # --- CONNECT and enhanced authentication --------------------------------------------
 
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
@@ -248,125 +290,172 @@ class MQTTProtocol(Protocol):
             self._connect_call.cancel()
         self._connect_call = None
         self.version = packet.protocol_level
-        reason, client_id = self.broker.check_connect(packet)
-        self.client = Client(client_id=client_id, username=packet.username, peer=self.peer,
+        terms = self.terms = negotiate(self.broker.config, packet)
+        self.problem_information = terms.problem_information
+        self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
                              protocol_version=self.version, clean_start=packet.clean_start,
-                             keep_alive=packet.keep_alive)
-        config = self.broker.config
-        will = packet.will
-        if not reason and will is not None:
-            if not valid_topic_name(will.topic):
-                reason = ReasonCode.TOPIC_NAME_INVALID
-            elif will.qos > config.max_qos:
-                reason = ReasonCode.QOS_NOT_SUPPORTED
-            elif will.retain and not config.retain_available:
-                reason = ReasonCode.RETAIN_NOT_SUPPORTED
-        if reason:
-            self._refuse(reason, "CONNECT refused")
-        elif self.broker.hooks.has_connect:
+                             keep_alive=packet.keep_alive, properties=packet.properties)
+        if terms.reason:
+            self._refuse(terms.reason, "CONNECT refused")
+            return
+        method = packet.properties.get("authentication_method")
+        if method is None:
+            self._authorize(packet)
+        elif not self.broker.hooks.has_auth:
+            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, f"no authentication method {method!r}")
+        else:
+            self._auth_method = method
+            self._auth_connect = packet
+            self._when(self.broker.hooks.decide(
+                "auth", self.client, method, packet.properties.get("authentication_data"), False),
+                self._auth_decided)
+
+    def _on_auth(self, packet: Auth) -> None:
+        method = packet.properties.get("authentication_method")
+        if self._auth_method is None or method != self._auth_method:
+            raise ProtocolError("AUTH without the connection's authentication method")  # [MQTT-4.12.0-1, -5]
+        reauthenticating = self.state is State.CONNECTED
+        expected = (ReasonCode.CONTINUE_AUTHENTICATION, ReasonCode.RE_AUTHENTICATE) if reauthenticating \
+            else (ReasonCode.CONTINUE_AUTHENTICATION,)
+        if packet.reason_code not in expected:
+            raise ProtocolError(f"AUTH with reason code 0x{packet.reason_code:02x} here")
+        self._when(self.broker.hooks.decide(
+            "auth", self.client, method, packet.properties.get("authentication_data"), reauthenticating),
+            self._auth_decided)
+
+    def _auth_decided(self, answer: Any) -> None:
+        reauthenticating = self.state is State.CONNECTED
+        if isinstance(answer, Refused):
+            reason = answer.code(ReasonCode.NOT_AUTHORIZED)
+            if reauthenticating:
+                self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
+            else:
+                self._refuse(reason, "refused by an auth hook", answer.reason_string)
+        elif isinstance(answer, bytes):
+            if not reauthenticating:
+                self._set_state(State.AUTHENTICATING)
+            self.send(Auth(reason_code=ReasonCode.CONTINUE_AUTHENTICATION, properties={
+                "authentication_method": self._auth_method, "authentication_data": answer}))
+        elif reauthenticating:
+            self.send(Auth(properties={"authentication_method": self._auth_method}))
+        else:
+            assert self._auth_connect is not None
+            self._authorize(self._auth_connect)
+
+    def _authorize(self, packet: Connect) -> None:
+        if self.broker.hooks.has_connect:
             self._when(self.broker.hooks.decide("connect", self.client), self._connect_decided, packet)
         else:
             self._accept(packet)
 
     def _connect_decided(self, answer: Any, packet: Connect) -> None:
         if isinstance(answer, Refused):
-            self._refuse(answer.reason_code, "refused by a connect hook")
+            self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED), "refused by a connect hook", answer.reason_string)
         else:
             self._accept(packet)
 
-    def _refuse(self, reason: ReasonCode, why: str) -> None:
-        code = reason if self.version == MQTT_5 else v3_connack_code(reason)
-        self.send(Connack(reason_code=code))  # [MQTT-3.2.2-5]: then close
+    def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
+        if self.version == MQTT_5:
+            properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
+            self.send(Connack(reason_code=reason, properties=properties))
+        else:
+            self.send(Connack(reason_code=v3_connack_code(reason)))  # [MQTT-3.2.2-5]: then close
         self.drop(reason, f"{why}: {reason.name}")
 
     def _accept(self, packet: Connect) -> None:
-        broker = self.broker
+        terms = self.terms
         client = self.client
-        assert client is not None
-        existing = broker.sessions.get(client.client_id)
-        present = existing is not None and existing.persistent and not packet.clean_start
-        session = broker.attach(self, client.client_id, packet.clean_start)
+        assert terms is not None and client is not None
+        session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry)
         self.session = session
         self._set_state(State.CONNECTED)
+        self.send_quota = terms.send_quota
+        self.max_send_size = terms.max_send_size
+        properties = terms.connack_properties
+        if self.version == MQTT_5:
+            self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
+            if terms.alias_maximum:
+                self._aliases_out = OutboundAliases(terms.alias_maximum)
+            if self._auth_method is not None:
+                properties = {**properties, "authentication_method": self._auth_method}
         if packet.will is not None:
             will = packet.will
             self.will = Message(topic=will.topic, payload=will.payload, qos=will.qos, retain=will.retain,
                                 properties=will.properties, sender=client.client_id)
-        properties: dict[str, Any] = {}
-        if self.version == MQTT_5:
-            properties = self._connack_properties(packet)
+        # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self.send(Connack(session_present=present and self.version != MQTT_3_1, properties=properties))
-        if packet.keep_alive:
-            self._keep_alive = float(properties.get("server_keep_alive", packet.keep_alive))
+        if terms.keep_alive:
+            self._keep_alive = float(terms.keep_alive)
             self._last_seen = self.clock.seconds()
             self._keepalive_call = self.clock.callLater(self._keep_alive * 1.5, self._check_keepalive)
-        broker.resume(session)
-
-    def _connack_properties(self, packet: Connect) -> dict[str, Any]:
-        config = self.broker.config
-        assert self.client is not None
-        props: dict[str, Any] = {
-            "receive_maximum": config.max_inflight_messages,
-            "maximum_packet_size": config.max_packet_size,
-            "topic_alias_maximum": 0,
-        }
-        if config.max_qos < 2:
-            props["maximum_qos"] = config.max_qos
-        if not config.retain_available:
-            props["retain_available"] = 0
-        if packet.client_id != self.client.client_id:
-            props["assigned_client_identifier"] = self.client.client_id
-        if packet.keep_alive > config.max_keepalive:
-            props["server_keep_alive"] = config.max_keepalive
-        self.send_quota = min(config.max_inflight_messages, packet.properties.get("receive_maximum", 65535))
-        return props
+        self.broker.resume(session)
 
     # --- PUBLISH in ---------------------------------------------------------------------
 
     def _on_publish(self, packet: Publish) -> None:
         topic = packet.topic
-        if not topic or "+" in topic or "#" in topic:
-            raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)
-        config = self.broker.config
+        properties = packet.properties
         qos = packet.qos
+        if properties:  # MQTT 5 only
+            if "subscription_identifier" in properties:
+                raise ProtocolError("PUBLISH from a client with a subscription identifier")  # [MQTT-3.3.4-6]
+            alias = properties.get("topic_alias")
+            if alias is not None:
+                assert self._aliases_in is not None
+                topic = self._aliases_in.resolve(topic, alias)
+                properties = {k: v for k, v in properties.items() if k != "topic_alias"}
+        if not topic or "+" in topic or "#" in topic:
+            raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
+        config = self.broker.config
         if qos > config.max_qos:
             raise MQTTError(f"QoS {qos} is above the maximum {config.max_qos}", ReasonCode.QOS_NOT_SUPPORTED)
         if packet.retain and not config.retain_available:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
-        if qos == 2 and packet.packet_id in self.session.awaiting_pubrel:
-            self.send(Pubrec(packet_id=packet.packet_id))  # a resend: not routed again [MQTT-4.3.3-9]
+        if qos == 2:
+            awaiting = self.session.awaiting_pubrel
+            if packet.packet_id in awaiting:
+                self.send(Pubrec(packet_id=packet.packet_id))  # a resend: not routed again [MQTT-4.3.3-9]
+                return
+            if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
+                raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
+                                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
+        if properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
+            if not qos:
+                raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
+            self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
             return
-        properties = packet.properties
-        if properties and any(name in properties for name in _NOT_FORWARDED):
-            properties = {k: v for k, v in properties.items() if k not in _NOT_FORWARDED}
         message = Message(topic=topic, payload=packet.payload, qos=qos, retain=packet.retain,
                           properties=properties, sender=self.client.client_id)  # type: ignore[union-attr]
         if self.broker.hooks.has_publish:
             self._when(self.broker.hooks.decide("publish", self.client, message),
                        self._publish_decided, packet, message)
             return
-        self.broker.route(message)
+        routed = self.broker.route(message)
         if qos:
-            self._acknowledge(packet, ReasonCode.SUCCESS)
+            self._acknowledge(packet, ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS)
 
     def _publish_decided(self, answer: Any, packet: Publish, message: Message) -> None:
         if isinstance(answer, Refused):
-            reason = ReasonCode.NOT_AUTHORIZED if answer.reason_code == ReasonCode.UNSPECIFIED_ERROR \
-                else answer.reason_code
-        else:
-            self.broker.route(answer if isinstance(answer, Message) else message)
-            reason = ReasonCode.SUCCESS
+            if packet.qos:
+                self._acknowledge(packet, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
+            return
+        routed = self.broker.route(answer if isinstance(answer, Message) else message)
         if packet.qos:
-            self._acknowledge(packet, reason)
+            self._acknowledge(packet, ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS)
 
-    def _acknowledge(self, packet: Publish, reason: ReasonCode) -> None:
-        code = reason if self.version == MQTT_5 else 0
+    def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
+        code = 0
+        properties: dict[str, Any] = {}
+        if self.version == MQTT_5:
+            code = reason
+            if reason_string and self.problem_information:
+                properties["reason_string"] = reason_string
         if packet.qos == 1:
-            self.send(Puback(packet_id=packet.packet_id, reason_code=code))
+            self.send(Puback(packet_id=packet.packet_id, reason_code=code, properties=properties))
         else:
             if reason < 0x80:
                 self.session.awaiting_pubrel.add(packet.packet_id)
-            self.send(Pubrec(packet_id=packet.packet_id, reason_code=code))
+            self.send(Pubrec(packet_id=packet.packet_id, reason_code=code, properties=properties))
 
     # --- acknowledgements of what we sent -------------------------------------------------
 
@@ -407,28 +496,32 @@ class MQTTProtocol(Protocol):
         config = self.broker.config
         client_id = self.client.client_id  # type: ignore[union-attr]
         subscription_id = packet.properties.get("subscription_identifier")
-        if isinstance(subscription_id, list):
-            subscription_id = subscription_id[0]
+        if subscription_id is not None and not config.subscription_identifier_available:
+            raise MQTTError("subscription identifiers are not supported",
+                            ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
         wanted: list[Subscription | ReasonCode] = []
         for request in packet.subscriptions:
             topic_filter = request.topic_filter
+            group, _ = split_shared(topic_filter)
             if not valid_topic_filter(topic_filter):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
-                continue
-            group, _ = split_shared(topic_filter)
-            if group is not None and request.no_local and self.version == MQTT_5:
+            elif group is not None and not config.shared_subscription_available:
+                wanted.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
+            elif not config.wildcard_subscription_available and has_wildcard(topic_filter):
+                wanted.append(ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
+            elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
-            wanted.append(Subscription(
-                client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
-                no_local=request.no_local, retain_as_published=request.retain_as_published,
-                retain_handling=request.retain_handling, subscription_id=subscription_id,
-                share_group=group))
+            else:
+                wanted.append(Subscription(
+                    client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
+                    no_local=request.no_local, retain_as_published=request.retain_as_published,
+                    retain_handling=request.retain_handling, subscription_id=subscription_id,
+                    share_group=group))
         hooks = self.broker.hooks
         if hooks.has_subscribe:
-            decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else w
+            decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else _now(w)
                          for w in wanted]
-            self._when(gatherResults([d if isinstance(d, Deferred) else _now(d) for d in decisions]),
-                       self._subscribe_decided, packet, wanted)
+            self._when(gatherResults(decisions), self._subscribe_decided, packet, wanted)
         else:
             self._subscribe_decided([None] * len(wanted), packet, wanted)
 
@@ -441,7 +534,7 @@ class MQTTProtocol(Protocol):
                 codes.append(subscription)
                 continue
             if isinstance(answer, Refused):
-                codes.append(ReasonCode.NOT_AUTHORIZED)
+                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR))
                 continue
             if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= 2:
                 subscription.qos = min(subscription.qos, answer)
@@ -465,7 +558,7 @@ class MQTTProtocol(Protocol):
         codes = []
         for topic_filter, answer in zip(packet.topic_filters, answers):
             if isinstance(answer, Refused):
-                codes.append(ReasonCode.NOT_AUTHORIZED)
+                codes.append(answer.code(ReasonCode.NOT_AUTHORIZED))
             elif self.broker.unsubscribe(self.session, topic_filter):
                 codes.append(ReasonCode.SUCCESS)
             else:
@@ -487,12 +580,14 @@ class MQTTProtocol(Protocol):
     def _on_disconnect(self, packet: Disconnect) -> None:
         # Only a normal disconnection discards the will [MQTT-3.14.4-3]; MQTT 5's 0x04 and
         # error codes still publish it.
+        expiry = packet.properties.get("session_expiry_interval")
+        if expiry is not None:
+            assert self.terms is not None
+            if self.terms.session_expiry == 0 and expiry:
+                raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")  # [MQTT-3.14.2-2]
+            self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})")
-
-    def _on_auth(self, packet: Auth) -> None:
-        # No authentication method is offered, so an AUTH is a protocol error [MQTT-4.12.0-1].
-        raise ProtocolError("AUTH without an authentication method")
 
 
 def _now(value: Any) -> Deferred[Any]:

@@ -57,10 +57,13 @@ class RetainedMessages:
         return True
 
     def get(self, topic: str) -> Message | None:
-        node: _Level | None = self._root
+        node = self._root
         for level in topic.split("/"):
-            node = node.children.get(level) if node is not None else None
-        return node.message if node is not None else None
+            child = node.children.get(level)
+            if child is None:
+                return None
+            node = child
+        return node.message
 
     def match(self, topic_filter: str) -> Iterator[Message]:
         """Every retained message whose topic matches a (non-shared) filter."""
@@ -100,6 +103,6 @@ def _match(node: _Level, levels: list[str], index: int) -> Iterator[Message]:
             if index or not name.startswith("$"):
                 yield from _match(child, levels, index + 1)
     else:
-        child = node.children.get(level)
-        if child is not None:
-            yield from _match(child, levels, index + 1)
+        exact = node.children.get(level)
+        if exact is not None:
+            yield from _match(exact, levels, index + 1)

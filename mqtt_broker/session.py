@@ -18,29 +18,33 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
-class Outgoing:
-    """A QoS 1/2 message sent to the client and not yet completely acknowledged."""
+class Queued:
+    """A message waiting for the client: offline, or its window or socket buffer is full."""
 
     message: Message
     qos: int
     retain: bool
-    sent_at: float
-    released: bool = False
-    """QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited."""
+    subscription_ids: tuple[int, ...] = ()
+    share: tuple[str, str] | None = None
+    """(group, filter) when it came through a shared subscription: on session end it goes to
+    another member of the group."""
 
 
 @dataclass(slots=True)
-class Queued:
-    message: Message
-    qos: int
-    retain: bool
+class Outgoing(Queued):
+    """A QoS 1/2 message sent to the client and not yet completely acknowledged."""
+
+    sent_at: float = 0.0
+    released: bool = False
+    """QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited."""
 
 
 @dataclass(slots=True, eq=False)
 class Session:
     client_id: str
-    persistent: bool = False
-    """Survives the connection (MQTT 3 clean session 0)."""
+    expiry: int = 0
+    """Seconds the session outlives its connection: 0 not at all, 0xFFFFFFFF for ever (MQTT 3:
+    clean session 1 is 0, clean session 0 is persistent_client_expiration or for ever)."""
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     outgoing: dict[int, Outgoing] = field(default_factory=dict)
     queue: deque[Queued] = field(default_factory=deque)
@@ -63,14 +67,18 @@ class Session:
         self._next_id = packet_id % 65535 + 1
         return packet_id
 
-    def enqueue(self, message: Message, qos: int, retain: bool, max_messages: int, max_bytes: int) -> bool:
+    @property
+    def persistent(self) -> bool:
+        return self.expiry != 0
+
+    def enqueue(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
         """Queue a message for later delivery; False (and counted) when the queue is full."""
-        size = len(message.payload)
+        size = len(item.message.payload)
         if (max_messages and len(self.queue) >= max_messages) or (
                 max_bytes and self.queued_bytes + size > max_bytes):
             self.dropped += 1
             return False
-        self.queue.append(Queued(message, qos, retain))
+        self.queue.append(item)
         self.queued_bytes += size
         return True
 

@@ -86,9 +86,9 @@ class _Node:
         return not (self.children or self.subscribers or self.shared)
 
 
-Match = tuple[list[tuple[str, list[Subscription]]], list[tuple[str, list[Subscription]]]]
-"""What a topic matches: (per client id, its matching subscriptions) for ordinary
-subscriptions, and (group key, members' subscriptions) for each shared group."""
+Match = tuple[list[tuple[str, list[Subscription]]], list[tuple[tuple[str, str], list[Subscription]]]]
+"""What a topic matches: (client id, its matching subscriptions) for ordinary subscriptions,
+and ((group, shared filter), the members' subscriptions) for each shared group."""
 
 
 class SubscriptionTree:
@@ -148,7 +148,7 @@ class SubscriptionTree:
         if cached is not None:
             return cached
         by_client: dict[str, list[Subscription]] = {}
-        groups: dict[str, list[Subscription]] = {}
+        groups: dict[tuple[str, str], list[Subscription]] = {}
         levels = topic.split("/")
         self._collect(self._root, levels, 0, topic.startswith("$"), by_client, groups)
         result: Match = (list(by_client.items()), list(groups.items()))
@@ -158,7 +158,7 @@ class SubscriptionTree:
         return result
 
     def _collect(self, node: _Node, levels: list[str], index: int, dollar: bool,
-                 by_client: dict[str, list[Subscription]], groups: dict[str, list[Subscription]]) -> None:
+                 by_client: dict[str, list[Subscription]], groups: dict[tuple[str, str], list[Subscription]]) -> None:
         wild = not (dollar and index == 0)
         if wild:
             multi = node.children.get("#")
@@ -175,6 +175,14 @@ class SubscriptionTree:
             if child is not None:
                 self._collect(child, levels, index + 1, dollar, by_client, groups)
 
+    def shared_members(self, group: str, topic_filter: str) -> list[Subscription]:
+        """The members of one shared subscription group (``topic_filter`` is the whole
+        ``$share/...`` filter)."""
+        node: _Node | None = self._root
+        for level in split_shared(topic_filter)[1].split("/"):
+            node = node.children.get(level) if node is not None else None
+        return list(node.shared.get(group, {}).values()) if node is not None else []
+
     def __iter__(self) -> Iterator[Subscription]:
         stack = [self._root]
         while stack:
@@ -186,7 +194,7 @@ class SubscriptionTree:
 
 
 def _gather(node: _Node, levels: list[str], by_client: dict[str, list[Subscription]],
-            groups: dict[str, list[Subscription]]) -> None:
+            groups: dict[tuple[str, str], list[Subscription]]) -> None:
     for client_id, subscription in node.subscribers.items():
         found = by_client.get(client_id)
         if found is None:
@@ -194,5 +202,5 @@ def _gather(node: _Node, levels: list[str], by_client: dict[str, list[Subscripti
         else:
             found.append(subscription)
     for group, members in node.shared.items():
-        key = group + "\x00" + next(iter(members.values())).topic_filter
+        key = (group, next(iter(members.values())).topic_filter)
         groups.setdefault(key, []).extend(members.values())

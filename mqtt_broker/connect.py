@@ -1,0 +1,122 @@
+"""What a CONNECT asks for against what the broker allows: the terms of one connection.
+
+Pure logic, no transport: ``negotiate(config, connect)`` returns the reason code (0 to accept),
+the client id to use, the timers and limits both ways, and the CONNACK properties.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import BrokerConfig
+from .topics import valid_topic_name
+from .wire.codes import ReasonCode
+from .wire.packets import MQTT_3_1, MQTT_5, Connect
+
+NEVER = 0xFFFFFFFF
+"""A session expiry interval that means the session never expires."""
+
+
+@dataclass(slots=True)
+class Terms:
+    reason: ReasonCode
+    client_id: str
+    keep_alive: int
+    session_expiry: int
+    """Seconds the session outlives the connection: 0 ends it with the connection, NEVER never."""
+    send_quota: int
+    """QoS 1/2 messages we may have unacknowledged at the client (its Receive Maximum)."""
+    max_send_size: int
+    """Largest packet the client accepts (its Maximum Packet Size)."""
+    alias_maximum: int
+    """Topic aliases the client accepts from us."""
+    problem_information: bool = True
+    connack_properties: dict[str, Any] = field(default_factory=dict)
+
+
+def negotiate(config: BrokerConfig, connect: Connect) -> Terms:
+    level = connect.protocol_level
+    props = connect.properties
+    client_id = connect.client_id
+    reason = ReasonCode.SUCCESS
+    keep_alive = connect.keep_alive
+    max_keepalive = config.max_keepalive
+    if level == MQTT_5:
+        session_expiry = min(props.get("session_expiry_interval", 0), config.max_session_expiry_interval)
+    else:
+        # MQTT 3: clean session 0 keeps the session until persistent_client_expiration.
+        session_expiry = 0 if connect.clean_start else (config.persistent_client_expiration or NEVER)
+    terms = Terms(
+        reason=reason, client_id=client_id, keep_alive=keep_alive, session_expiry=session_expiry,
+        send_quota=min(config.max_inflight_messages, props.get("receive_maximum", 65535)),
+        max_send_size=props.get("maximum_packet_size", NEVER),
+        alias_maximum=min(props.get("topic_alias_maximum", 0), config.max_topic_alias_broker),
+        problem_information=bool(props.get("request_problem_information", 1)))
+
+    if level == MQTT_3_1 and len(client_id) > 23:
+        terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID  # MQTT 3.1: 1 to 23 characters
+        return terms
+    if not client_id:
+        if not config.allow_zero_length_clientid or (level != MQTT_5 and not connect.clean_start):
+            terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID  # [MQTT-3.1.3-8]
+            return terms
+        terms.client_id = config.auto_id_prefix + uuid.uuid4().hex
+    if keep_alive > max_keepalive or (max_keepalive < 65535 and keep_alive == 0):
+        if level != MQTT_5:
+            # MQTT 3 cannot tell a client to use a shorter keepalive; refuse as Mosquitto does.
+            terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID
+            return terms
+        terms.keep_alive = max_keepalive
+    will = connect.will
+    if will is not None:
+        if not valid_topic_name(will.topic):
+            terms.reason = ReasonCode.TOPIC_NAME_INVALID
+        elif will.qos > config.max_qos:
+            terms.reason = ReasonCode.QOS_NOT_SUPPORTED  # [MQTT-3.2.2-12]
+        elif will.retain and not config.retain_available:
+            terms.reason = ReasonCode.RETAIN_NOT_SUPPORTED  # [MQTT-3.2.2-13]
+        elif will.properties.get("payload_format_indicator") == 1 and not is_utf8(will.payload):
+            terms.reason = ReasonCode.PAYLOAD_FORMAT_INVALID
+        if terms.reason:
+            return terms
+    if level == MQTT_5:
+        terms.connack_properties = _connack_properties(config, connect, terms)
+    return terms
+
+
+def _connack_properties(config: BrokerConfig, connect: Connect, terms: Terms) -> dict[str, Any]:
+    """What a v5 client is told about the broker [MQTT-3.2.2]: only what differs from defaults."""
+    props: dict[str, Any] = {
+        "receive_maximum": config.max_inflight_messages,
+        "maximum_packet_size": config.max_packet_size,
+        "topic_alias_maximum": config.max_topic_alias,
+    }
+    if config.max_qos < 2:
+        props["maximum_qos"] = config.max_qos
+    if not config.retain_available:
+        props["retain_available"] = 0
+    if not config.wildcard_subscription_available:
+        props["wildcard_subscription_available"] = 0
+    if not config.subscription_identifier_available:
+        props["subscription_identifier_available"] = 0
+    if not config.shared_subscription_available:
+        props["shared_subscription_available"] = 0
+    if terms.client_id != connect.client_id:
+        props["assigned_client_identifier"] = terms.client_id  # [MQTT-3.2.2-16]
+    if terms.keep_alive != connect.keep_alive:
+        props["server_keep_alive"] = terms.keep_alive  # [MQTT-3.2.2-21]
+    if terms.session_expiry != connect.properties.get("session_expiry_interval", 0):
+        props["session_expiry_interval"] = terms.session_expiry
+    if connect.properties.get("request_response_information") and config.response_information:
+        props["response_information"] = config.response_information.replace("{client_id}", terms.client_id)
+    return props
+
+
+def is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
