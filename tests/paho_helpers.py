@@ -12,7 +12,8 @@ WAIT = 10.0
 
 class PahoClient:
     def __init__(self, port: int, client_id: str = "", clean: bool = True, version: int = mqtt.MQTTv311,
-                 will: tuple[str, bytes, int, bool] | None = None, **tls: Any) -> None:
+                 will: tuple[str, bytes, int, bool] | None = None, properties: Any = None,
+                 **tls: Any) -> None:
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": version}
         if version != mqtt.MQTTv5:
             kwargs["clean_session"] = clean
@@ -27,8 +28,8 @@ class PahoClient:
             self.client.will_set(*will)
         if tls:
             self.client.tls_set(**tls)
-        self.client.connect("127.0.0.1" if not tls else "localhost", port, keepalive=60,
-                            **({"clean_start": clean} if version == mqtt.MQTTv5 else {}))
+        v5 = {"clean_start": clean, "properties": properties} if version == mqtt.MQTTv5 else {}
+        self.client.connect("127.0.0.1" if not tls else "localhost", port, keepalive=60, **v5)
         self.client.loop_start()
         kind, (self.flags, self.reason) = self.event("connect")
 
@@ -38,12 +39,15 @@ class PahoClient:
             if got[0] == kind:
                 return got
 
-    def subscribe(self, topic: str, qos: int = 0) -> Any:
-        self.client.subscribe(topic, qos)
+    def subscribe(self, topic: str, qos: int = 0, options: Any = None, properties: Any = None) -> Any:
+        if options is not None:
+            self.client.subscribe(topic, options=options, properties=properties)
+        else:
+            self.client.subscribe(topic, qos, properties=properties)
         return self.event("subscribe")[1]
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos, retain)
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, properties: Any = None) -> None:
+        info = self.client.publish(topic, payload, qos, retain, properties=properties)
         info.wait_for_publish(timeout=WAIT)
         assert info.is_published()
 
