@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import BrokerConfig, ConfigError, settings
 
+if TYPE_CHECKING:
+    from .broker import BrokerService
+
 
 def _flag_name(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    """A default as it is typed on the command line (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _bool(text: str) -> bool:
@@ -23,17 +30,43 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _endpoint_problem(description: str) -> str | None:
+    """Why ``description`` is not a server endpoint Twisted can parse, or None if it is."""
+    # Parsing is all this does; nothing listens.
+    from twisted.internet import endpoints, reactor
+    try:
+        endpoints.serverFromString(reactor, description)
+    except OSError:
+        # ssl: reads its key and certificate while parsing. Relative paths are relative to
+        # twistd's --rundir, which twistd enters after parsing options: leave files to startService.
+        return None
+    except Exception as e:  # a parser (ours or a plugin's) may raise anything; report it as usage
+        return str(e) or type(e).__name__
+    return None
+
+
+def _replace(config: BrokerConfig, flag: str, **changes: Any) -> BrokerConfig:
+    try:
+        return config.replace(**changes)
+    except ConfigError as e:
+        raise usage.UsageError(f"{flag}: {e.reason}") from None
+
+
 class Options(usage.Options):
-    """Every setting of :class:`BrokerConfig` is a flag too; flags override the config file."""
+    """Every setting of :class:`BrokerConfig` is a flag too; flags override the config file.
+
+    After ``parseOptions``, ``options["broker_config"]`` is the resulting :class:`BrokerConfig`;
+    a bad flag, file or setting raises ``usage.UsageError`` naming it.
+    """
 
     synopsis = "[options]"
     longdesc = ("Runs an MQTT broker. Settings come from --config (TOML), then from flags. "
-                "With no --endpoint and no endpoints in the config file it listens on tcp:1883.")
+                "--endpoint replaces the endpoints of the config file; with neither it "
+                "listens on tcp:1883.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see mqttbroker.example.toml)."],
     ] + [
-        [_flag_name(f.name), None, None,
-         f"{f.metadata['help']} [default: {f.default}]"]
+        [_flag_name(f.name), None, None, f"{f.metadata['help']} [default: {_show(f.default)}]"]
         for f in settings() if f.name != "endpoints"
     ]
 
@@ -41,9 +74,9 @@ class Options(usage.Options):
         super().__init__()
         self["endpoints"] = []
 
+    # The docstring is the --help text, on one line: usage.Options keeps a continuation's indent.
     def opt_endpoint(self, description: str) -> None:
-        """Listen on a Twisted endpoint, e.g. tcp:1883 or ssl:8883:privateKey=key.pem:certKey=cert.pem
-        (repeat for several) [default: tcp:1883]."""
+        """Listen on a Twisted endpoint, e.g. tcp:1883 or ssl:8883:privateKey=key.pem; repeatable [default: tcp:1883]."""
         self["endpoints"].append(description)
 
     opt_e = opt_endpoint
@@ -51,26 +84,39 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = BrokerConfig.from_file(self["config"]) if self["config"] else BrokerConfig()
-            overrides: dict[str, Any] = {}
-            for f in settings():
-                if f.name == "endpoints":
-                    continue
-                text = self[_flag_name(f.name)]
-                if text is None:
-                    continue
-                kind = type(f.default)
-                try:
-                    overrides[f.name] = _bool(text) if kind is bool else kind(text)
-                except ValueError:
-                    raise ConfigError(f"--{_flag_name(f.name)}: expected {kind.__name__}, got {text!r}") from None
-            if self["endpoints"]:
-                overrides["endpoints"] = self["endpoints"]
-            self["broker_config"] = config.replace(**overrides)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        # One flag at a time, so that an error names the flag rather than the setting.
+        for f in settings():
+            if f.name == "endpoints":
+                continue
+            flag = "--" + _flag_name(f.name)
+            text = self[_flag_name(f.name)]
+            if text is None:
+                continue
+            kind: Any = type(f.default)
+            try:
+                value = _bool(text) if kind is bool else kind(text)
+            except ValueError:
+                raise usage.UsageError(f"{flag}: expected {kind.__name__}, got {text!r}") from None
+            config = _replace(config, flag, **{f.name: value})
+        if self["endpoints"]:
+            config = _replace(config, "--endpoint", endpoints=self["endpoints"])
+            source = "--endpoint"
+        else:
+            source = f"{self['config']}: endpoints" if self["config"] else "endpoints"
+        if not config.endpoints:
+            raise usage.UsageError(f"{source}: no endpoint to listen on")
+        for description in config.endpoints:
+            problem = _endpoint_problem(description)
+            if problem is not None:
+                raise usage.UsageError(f"{source} {description!r}: {problem}")
+        self["broker_config"] = config
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options) -> BrokerService:
+    """The broker service (an ``IService``) for parsed ``options``, not started: twistd starts it,
+    and a port that cannot be bound then fails start-up."""
     from .broker import BrokerService  # the reactor is imported here, not when twistd lists plugins
     config: BrokerConfig = options["broker_config"]
     return BrokerService(config=config)

@@ -1,0 +1,350 @@
+"""BrokerConfig: defaults, validation of every setting, TOML files and the example file."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqtt_broker.config import BrokerConfig, ConfigError, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "mqttbroker.example.toml"
+
+DEFAULTS: dict[str, Any] = {
+    "endpoints": ["tcp:1883"],
+    "max_packet_size": 16 * 1024 * 1024,
+    "max_inflight_messages": 20,
+    "max_queued_messages": 1000,
+    "max_queued_bytes": 0,
+    "queue_qos0_messages": False,
+    "max_keepalive": 65535,
+    "max_connections": -1,
+    "max_qos": 2,
+    "retain_available": True,
+    "allow_zero_length_clientid": True,
+    "auto_id_prefix": "auto-",
+    "persistent_client_expiration": 0,
+    "connect_timeout": 10.0,
+    "retry_interval": 20.0,
+    "set_tcp_nodelay": True,
+    "max_topic_alias": 10,
+    "max_topic_alias_broker": 10,
+    "max_session_expiry_interval": 0xFFFFFFFF,
+    "wildcard_subscription_available": True,
+    "subscription_identifier_available": True,
+    "shared_subscription_available": True,
+    "response_information": "response/{client_id}",
+}
+
+# Values just outside each numeric setting's range, and the extremes that are still accepted.
+OUT_OF_RANGE: dict[str, list[Any]] = {
+    "max_packet_size": [1, 268_435_461],      # remaining length <= 268,435,455 plus a 5-byte header
+    "max_inflight_messages": [0, 65536],      # an MQTT 5 receive maximum is 1..65535
+    "max_queued_messages": [-1],
+    "max_queued_bytes": [-1],
+    "max_keepalive": [-1, 65536],             # the keepalive field is two bytes
+    "max_connections": [-2],
+    "max_qos": [-1, 3],
+    "persistent_client_expiration": [-1],
+    "connect_timeout": [-0.5],
+    "retry_interval": [-1.0],
+    "max_topic_alias": [-1, 65536],           # a two-byte property
+    "max_topic_alias_broker": [-1, 65536],
+    "max_session_expiry_interval": [-1, 2**32],  # a four-byte property
+}
+IN_RANGE: dict[str, list[Any]] = {
+    "max_packet_size": [2, 268_435_460],
+    "max_inflight_messages": [1, 65535],
+    "max_queued_messages": [0, 10**9],
+    "max_queued_bytes": [0, 2**40],
+    "max_keepalive": [0, 65535],
+    "max_connections": [-1, 0, 100_000],
+    "max_qos": [0, 1, 2],
+    "persistent_client_expiration": [0, 86400 * 365],
+    "connect_timeout": [0.0, 0.25, 3600.0],
+    "retry_interval": [0.0, 1.5],
+    "max_topic_alias": [0, 65535],
+    "max_topic_alias_broker": [0, 65535],
+    "max_session_expiry_interval": [0, 0xFFFFFFFF],
+}
+
+# Values of the wrong type, per the type of the setting's default.
+WRONG_TYPE: dict[type, list[Any]] = {
+    int: ["1", 1.0, None, [1]],
+    float: ["1.0", None, [1.0]],
+    bool: [1, 0, "true", None],
+    str: [1, None, b"auto-", ["auto-"]],
+    list: ["tcp:1883", ("tcp:1883",), [1], ["tcp:1883", None], None],
+}
+
+
+def kind_of(f: dataclasses.Field[Any]) -> type:
+    return list if f.default is dataclasses.MISSING else type(f.default)
+
+
+FIELDS = settings()
+NUMERIC = [f.name for f in FIELDS if kind_of(f) in (int, float)]
+
+
+# --- defaults -----------------------------------------------------------------------------
+
+def test_defaults() -> None:
+    assert dataclasses.asdict(BrokerConfig()) == DEFAULTS
+    assert [f.name for f in FIELDS] == list(DEFAULTS)
+
+
+def test_default_endpoints_are_not_shared() -> None:
+    first, second = BrokerConfig(), BrokerConfig()
+    first.endpoints.append("tcp:1884")
+    assert second.endpoints == ["tcp:1883"]
+    assert BrokerConfig().endpoints == ["tcp:1883"]
+
+
+def test_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BrokerConfig().max_qos = 1  # type: ignore[misc]
+
+
+def test_every_setting_has_help() -> None:
+    for f in FIELDS:
+        assert f.metadata["help"].strip(), f.name
+
+
+# --- validation ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [
+    (f.name, value) for f in FIELDS for value in WRONG_TYPE[kind_of(f)]])
+def test_wrong_type_names_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig(**{key: value})
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: ")
+    assert repr(value) in str(caught.value)
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+@pytest.mark.parametrize("value", [True, False])
+def test_bool_is_not_a_number(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig(**{key: value})
+    assert caught.value.key == key
+    assert str(caught.value) == f"{key}: expected {type(DEFAULTS[key]).__name__}, got {value!r}"
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, values in OUT_OF_RANGE.items() for v in values])
+def test_out_of_range_names_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig(**{key: value})
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: {value!r} is out of range (")
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, values in IN_RANGE.items() for v in values])
+def test_in_range_accepted(key: str, value: Any) -> None:
+    assert getattr(BrokerConfig(**{key: value}), key) == value
+
+
+def test_range_tables_cover_every_numeric_setting() -> None:
+    assert set(OUT_OF_RANGE) == set(NUMERIC)
+    assert set(IN_RANGE) == set(NUMERIC)
+
+
+@pytest.mark.parametrize("key", [f.name for f in FIELDS if kind_of(f) is float])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_floats_must_be_finite(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig(**{key: value})
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_ints_accepted_for_floats() -> None:
+    config = BrokerConfig(connect_timeout=5, retry_interval=0)
+    assert config.connect_timeout == 5.0 and type(config.connect_timeout) is float
+    assert config.retry_interval == 0.0 and type(config.retry_interval) is float
+
+
+def test_ints_accepted_for_floats_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("connect_timeout = 3\nretry_interval = 0\n")
+    config = BrokerConfig.from_file(path)
+    assert (config.connect_timeout, config.retry_interval) == (3.0, 0.0)
+    assert type(config.connect_timeout) is float and type(config.retry_interval) is float
+
+
+def test_endpoints_list_is_copied() -> None:
+    mine = ["tcp:1883"]
+    config = BrokerConfig(endpoints=mine)
+    mine.append("tcp:1884")
+    assert config.endpoints == ["tcp:1883"]
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        BrokerConfig(max_qos=3)
+
+
+# --- from_mapping and files ---------------------------------------------------------------
+
+def test_from_mapping() -> None:
+    config = BrokerConfig.from_mapping({"max_qos": 1, "endpoints": ["tcp:1884"]})
+    assert config == BrokerConfig(max_qos=1, endpoints=["tcp:1884"])
+
+
+def test_from_mapping_unknown_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_mapping({"max_qos": 1, "maxqos": 1})
+    assert caught.value.key == "maxqos"
+    assert str(caught.value) == "maxqos: unknown setting"
+
+
+def test_from_mapping_source_is_named() -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_mapping({"max_qos": 7}, "somewhere")
+    assert str(caught.value) == "somewhere: max_qos: 7 is out of range (0..2)"
+    assert (caught.value.source, caught.value.key) == ("somewhere", "max_qos")
+
+
+def test_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('endpoints = ["tcp:1884", "ssl:8883"]\nmax_qos = 1\n'
+                    'retain_available = false\nauto_id_prefix = "x-"\n')
+    assert BrokerConfig.from_file(path) == BrokerConfig(
+        endpoints=["tcp:1884", "ssl:8883"], max_qos=1, retain_available=False, auto_id_prefix="x-")
+    assert BrokerConfig.from_file(str(path)) == BrokerConfig.from_file(path)
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("# nothing set\n")
+    assert BrokerConfig.from_file(path) == BrokerConfig()
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("max_qos = 1\nmax_qoss = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value) == f"{path}: max_qoss: unknown setting"
+    assert (caught.value.source, caught.value.key) == (str(path), "max_qoss")
+
+
+def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("[broker]\nmax_qos = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value) == f"{path}: broker: unknown setting"
+
+
+@pytest.mark.parametrize("line,key,reason", [
+    ("max_qos = 3", "max_qos", "3 is out of range (0..2)"),
+    ("max_qos = true", "max_qos", "expected int, got True"),
+    ("max_qos = 1.0", "max_qos", "expected int, got 1.0"),
+    ('max_qos = "1"', "max_qos", "expected int, got '1'"),
+    ('endpoints = "tcp:1883"', "endpoints", "expected list, got 'tcp:1883'"),
+    ("endpoints = [1883]", "endpoints", "expected a list of strings, got [1883]"),
+    ("retain_available = 1", "retain_available", "expected bool, got 1"),
+    ("connect_timeout = nan", "connect_timeout", "expected a finite number, got nan"),
+    ("retry_interval = inf", "retry_interval", "expected a finite number, got inf"),
+])
+def test_bad_value_in_file_names_key_and_file(tmp_path: Path, line: str, key: str, reason: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value) == f"{path}: {key}: {reason}"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value) == f"{path}: cannot read: No such file or directory"
+    assert caught.value.key is None
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: cannot read: Is a directory"
+
+
+@pytest.mark.parametrize("text", ["max_qos = \n", "max_qos = 1\nmax_qos = 2\n", "endpoints = [\n", "= 1\n"])
+def test_invalid_toml(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value).startswith(f"{path}: not valid TOML: ")
+    assert re.search(r"\(at (line \d+, column \d+|end of document)\)$", str(caught.value))  # says where
+
+
+def test_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_bytes(b'auto_id_prefix = "\xff"\n')
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value).startswith(f"{path}: not valid TOML: not UTF-8")
+
+
+# --- replace ------------------------------------------------------------------------------
+
+def test_replace() -> None:
+    original = BrokerConfig(max_qos=1)
+    changed = original.replace(max_qos=2, endpoints=["tcp:1884"], connect_timeout=4)
+    assert changed == BrokerConfig(max_qos=2, endpoints=["tcp:1884"], connect_timeout=4.0)
+    assert original == BrokerConfig(max_qos=1)
+    assert original.replace() == original and original.replace() is not original
+
+
+def test_replace_validates() -> None:
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig().replace(max_qos=3)
+    assert str(caught.value) == "max_qos: 3 is out of range (0..2)"
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig().replace(max_qoss=1)
+    assert str(caught.value) == "max_qoss: unknown setting"
+
+
+def test_replace_does_not_share_lists() -> None:
+    original = BrokerConfig(endpoints=["tcp:1883"])
+    copy = original.replace(max_qos=1)
+    copy.endpoints.append("tcp:1884")
+    assert original.endpoints == ["tcp:1883"]
+
+
+# --- the example file ---------------------------------------------------------------------
+
+def test_example_file_sets_every_setting_to_its_default() -> None:
+    with open(EXAMPLE, "rb") as file:
+        raw = tomllib.load(file)
+    assert sorted(raw) == sorted(f.name for f in FIELDS)
+    config = BrokerConfig.from_file(EXAMPLE)
+    assert config == BrokerConfig()
+    for f in FIELDS:  # equal and of the same type: 10 would equal 10.0, true would equal 1
+        assert type(raw[f.name]) is kind_of(f), f.name
+
+
+def test_example_file_comments_are_the_help() -> None:
+    """Each setting is preceded by its help text as a comment, in declaration order."""
+    lines = EXAMPLE.read_text().splitlines()
+    found: list[str] = []
+    for number, line in enumerate(lines):
+        if not line or line.startswith("#"):
+            continue
+        key = line.split("=", 1)[0].strip()
+        comment: list[str] = []
+        above = number - 1
+        while above >= 0 and lines[above].startswith("#"):
+            comment.insert(0, lines[above].lstrip("#").strip())
+            above -= 1
+        help_text = next(f.metadata["help"] for f in FIELDS if f.name == key)
+        assert " ".join(comment) == help_text, key
+        found.append(key)
+    assert found == [f.name for f in FIELDS]

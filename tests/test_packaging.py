@@ -1,0 +1,157 @@
+"""The wheel as users get it: the twistd plugin ships, is found once installed, and stays light."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Build output and caches that must not go into the copy the wheel is built from.
+IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+                                 "dropin.cache", ".mypy_cache", ".hypothesis", "node_modules", "_trial_temp")
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from a copy of the source tree (building in place would write build/ and
+    *.egg-info into the repository, and two test runs at once would share them)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=IGNORED)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w", str(tmp / "dist")],
+        cwd=tmp)
+    [built] = (tmp / "dist").glob("mqtt_broker-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel installed into a directory of its own; put it on PYTHONPATH to use it."""
+    site = tmp_path_factory.mktemp("installed") / "site"
+    run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site), str(wheel)],
+        cwd=site.parent)
+    return site
+
+
+def test_no_plugins_init_in_source() -> None:
+    assert (ROOT / "twisted" / "plugins" / "mqttbroker.py").is_file()
+    assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
+    assert not (ROOT / "twisted" / "__init__.py").exists()
+
+
+def test_wheel_contents(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in ("twisted/plugins/mqttbroker.py", "mqtt_broker/py.typed", "mqtt_broker/wire/codec.py",
+                     "mqtt_broker/tap.py", "mqtt_broker/config.py"):
+        assert required in names
+    # Either would shadow Twisted's own package once installed.
+    assert "twisted/plugins/__init__.py" not in names
+    assert "twisted/__init__.py" not in names
+    assert not [name for name in names if name.endswith(("dropin.cache", ".pyc"))]
+    assert not [name for name in names if name.startswith("tests/")]
+    assert {n.split("/")[0] for n in names} == {"mqtt_broker", "twisted", wheel.name.split("-")[0]
+                                                + "-" + wheel.name.split("-")[1] + ".dist-info"}
+
+
+def test_wheel_has_every_module(wheel: Path) -> None:
+    """A subpackage that packages = find_namespace: missed would only show up once installed."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    source = {path.relative_to(ROOT).as_posix() for path in (ROOT / "mqtt_broker").rglob("*.py")
+              if "__pycache__" not in path.parts}
+    assert source and source <= names
+
+
+def test_installed_plugin_is_found(installed: Path, tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import json, sys
+        import twisted.plugins
+        from twisted.plugin import getPlugins
+        from twisted.application.service import IServiceMaker
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "mqttbroker"]
+        import mqtt_broker
+        print(json.dumps({
+            "makers": [[p.tapname, p.module, p.name] for p in makers],
+            "plugin_file": sys.modules["twisted.plugins.mqttbroker"].__file__,
+            "package_file": mqtt_broker.__file__,
+            "plugin_path": list(twisted.plugins.__path__),
+            "reactor": "twisted.internet.reactor" in sys.modules,
+        }))
+    """)
+    env = clean_env(PYTHONPATH=str(installed))
+    found = json.loads(run([sys.executable, "-c", script], cwd=tmp_path, env=env).stdout)
+    assert found["makers"] == [["mqttbroker", "mqtt_broker.tap", "MQTT broker"]]
+    assert Path(found["package_file"]).is_relative_to(installed)
+    assert str(installed / "twisted" / "plugins") in found["plugin_path"]
+    assert found["reactor"] is False
+    # Where this interpreter already has the package installed (scripts/test's virtualenv), its copy
+    # of the plugin sits beside Twisted's own and is found first; otherwise it must be the wheel's.
+    elsewhere = run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('mqtt_broker'))"],
+                    cwd=tmp_path, env=clean_env()).stdout.strip() != "None"
+    if not elsewhere:
+        assert Path(found["plugin_file"]).is_relative_to(installed)
+
+
+def test_installed_twistd_help(installed: Path, tmp_path: Path) -> None:
+    env = clean_env(PYTHONPATH=str(installed))
+    result = run([sys.executable, "-m", "twisted", "mqttbroker", "--help"], cwd=tmp_path, env=env, timeout=60)
+    assert "--endpoint=" in result.stdout and "--max-qos=" in result.stdout
+    listing = run([sys.executable, "-m", "twisted", "--help"], cwd=tmp_path, env=env, timeout=60)
+    assert "mqttbroker" in listing.stdout
+
+
+def test_installed_twistd_rejects_bad_flag(installed: Path, tmp_path: Path) -> None:
+    env = clean_env(PYTHONPATH=str(installed))
+    result = subprocess.run([sys.executable, "-m", "twisted", "mqttbroker", "--max-qos", "3"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--max-qos: 3 is out of range (0..2)" in result.stdout + result.stderr
+
+
+def test_plugin_does_not_import_the_reactor(tmp_path: Path) -> None:
+    """twistd --help imports every plugin and builds their Options; none of it may install a reactor."""
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location(
+            "mqttbroker_plugin", {str(ROOT / "twisted" / "plugins" / "mqttbroker.py")!r})
+        plugin = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plugin)
+        after_import = "twisted.internet.reactor" in sys.modules
+        options = plugin.mqttbroker.options()
+        usage = options.getUsage()
+        print(json.dumps({{
+            "after_import": after_import,
+            "after_options": "twisted.internet.reactor" in sys.modules,
+            "broker": "mqtt_broker.broker" in sys.modules,
+            "tapname": plugin.mqttbroker.tapname,
+            "usage": usage,
+        }}))
+    """)
+    result = run([sys.executable, "-c", script], cwd=tmp_path, env=clean_env(PYTHONPATH=str(ROOT)), timeout=60)
+    found = json.loads(result.stdout)
+    assert found["tapname"] == "mqttbroker"
+    assert "--endpoint=" in found["usage"]
+    assert found["after_import"] is False
+    assert found["after_options"] is False
+    assert found["broker"] is False

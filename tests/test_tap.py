@@ -1,0 +1,286 @@
+"""The twistd plugin's options and service, without running the reactor (as conch's test_tap)."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from twisted.application.service import IService
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.python import usage
+
+from mqtt_broker import BrokerService
+from mqtt_broker.config import BrokerConfig, settings
+from mqtt_broker.tap import Options, makeService
+
+FIELDS = [f for f in settings() if f.name != "endpoints"]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def other_value(f: dataclasses.Field[Any]) -> tuple[str, Any]:
+    """A valid value other than the default, as typed on the command line and as parsed."""
+    default = f.default
+    if isinstance(default, bool):
+        return ("false", False) if default else ("true", True)
+    if isinstance(default, int):
+        high = f.metadata["max"]
+        value = default + 1 if high is None or default + 1 <= high else default - 1
+        return str(value), value
+    if isinstance(default, float):
+        return str(default + 0.5), default + 0.5
+    assert isinstance(default, str)
+    return default + "x", default + "x"
+
+
+def bad_values(f: dataclasses.Field[Any]) -> list[str]:
+    """Command-line values the setting must refuse."""
+    kind = type(f.default)
+    low, high = f.metadata["min"], f.metadata["max"]
+    values: dict[type, list[str]] = {
+        bool: ["maybe", "", "2"], int: ["x", "1.5", "", "0x10"], float: ["x", "", "nan", "inf"], str: []}
+    out_of_range = [str(low - 1)] if low is not None else []
+    out_of_range += [str(high + 1)] if high is not None else []
+    return values[kind] + (out_of_range if kind in (int, float) else [])
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text('endpoints = ["tcp:1884", "tcp:1885"]\nmax_qos = 1\nretain_available = false\n')
+    return path
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port that something else is listening on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- options ------------------------------------------------------------------------------
+
+def test_no_arguments() -> None:
+    options = parse()
+    assert options["broker_config"] == BrokerConfig()
+    assert options["broker_config"].endpoints == ["tcp:1883"]
+
+
+def test_repeated_endpoint() -> None:
+    options = parse("--endpoint", "tcp:1884", "-e", "tcp:1885:interface=127.0.0.1",
+                    "--endpoint=unix:/tmp/mqtt.sock")
+    assert options["broker_config"].endpoints == [
+        "tcp:1884", "tcp:1885:interface=127.0.0.1", "unix:/tmp/mqtt.sock"]
+
+
+def test_options_are_independent() -> None:
+    parse("--endpoint", "tcp:1884")
+    assert parse()["broker_config"].endpoints == ["tcp:1883"]
+
+
+@pytest.mark.parametrize("name", [f.name for f in FIELDS])
+def test_every_setting_is_a_flag(name: str) -> None:
+    f = next(f for f in FIELDS if f.name == name)
+    text, value = other_value(f)
+    assert value != f.default
+    config = parse(flag(name), text)["broker_config"]
+    assert getattr(config, name) == value and type(getattr(config, name)) is type(f.default)
+    assert config == BrokerConfig(**{name: value})
+
+
+@pytest.mark.parametrize("text,value", [
+    ("true", True), ("TRUE", True), ("yes", True), ("on", True), ("1", True),
+    ("false", False), ("False", False), ("no", False), ("off", False), ("0", False)])
+def test_bool_flag_spellings(text: str, value: bool) -> None:
+    assert parse("--retain-available", text)["broker_config"].retain_available is value
+
+
+def test_int_accepted_for_float_flag() -> None:
+    config = parse("--connect-timeout", "3")["broker_config"]
+    assert config.connect_timeout == 3.0 and type(config.connect_timeout) is float
+
+
+def test_config_file_is_read(config_file: Path) -> None:
+    config = parse("--config", str(config_file))["broker_config"]
+    assert config == BrokerConfig(endpoints=["tcp:1884", "tcp:1885"], max_qos=1, retain_available=False)
+    assert parse("-c", str(config_file))["broker_config"] == config
+
+
+def test_flags_override_config_file(config_file: Path) -> None:
+    config = parse("--config", str(config_file), "--max-qos", "2")["broker_config"]
+    assert config.max_qos == 2
+    assert config.retain_available is False  # the file still applies where no flag is given
+    assert config.endpoints == ["tcp:1884", "tcp:1885"]
+
+
+def test_flag_order_does_not_matter(config_file: Path) -> None:
+    config = parse("--max-qos", "0", "--config", str(config_file))["broker_config"]
+    assert config.max_qos == 0
+
+
+def test_endpoint_flags_replace_config_endpoints(config_file: Path) -> None:
+    config = parse("--config", str(config_file), "--endpoint", "tcp:1886")["broker_config"]
+    assert config.endpoints == ["tcp:1886"]
+    assert config.max_qos == 1
+
+
+@pytest.mark.parametrize("name,text", [(f.name, text) for f in FIELDS for text in bad_values(f)])
+def test_bad_flag_value_names_the_flag(name: str, text: str) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        parse(flag(name), text)
+    assert str(caught.value).startswith(flag(name) + ": ")
+
+
+def test_bad_flag_value_messages() -> None:
+    with pytest.raises(usage.UsageError, match=r"^--max-qos: 3 is out of range \(0\.\.2\)$"):
+        parse("--max-qos", "3")
+    with pytest.raises(usage.UsageError, match=r"^--max-qos: expected int, got 'two'$"):
+        parse("--max-qos", "two")
+    with pytest.raises(usage.UsageError, match=r"^--retain-available: expected bool, got 'maybe'$"):
+        parse("--retain-available", "maybe")
+
+
+@pytest.mark.parametrize("description", ["tcp:notaport", "nosuchtransport:1883", "tcp:1883:nosuchoption=1",
+                                         "ssl:8883:nosuchoption=1", ""])
+def test_bad_endpoint_names_the_flag(description: str) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--endpoint", "tcp:1884", "--endpoint", description)
+    assert str(caught.value).startswith(f"--endpoint {description!r}: ")
+
+
+def test_endpoint_files_are_left_to_start_up() -> None:
+    """twistd enters --rundir after parsing options, so a relative key path cannot be checked yet."""
+    config = parse("--endpoint", "ssl:8883:privateKey=key.pem:certKey=cert.pem")["broker_config"]
+    assert config.endpoints == ["ssl:8883:privateKey=key.pem:certKey=cert.pem"]
+
+
+def test_bad_endpoint_in_config_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('endpoints = ["tcp:notaport"]\n')
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path))
+    assert str(caught.value).startswith(f"{path}: endpoints 'tcp:notaport': ")
+
+
+def test_no_endpoint_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("endpoints = []\n")
+    with pytest.raises(usage.UsageError, match="no endpoint to listen on"):
+        parse("--config", str(path))
+    assert parse("--config", str(path), "-e", "tcp:1884")["broker_config"].endpoints == ["tcp:1884"]
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("max_qos = 1\nmaximum_qos = 1\n")
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path))
+    assert str(caught.value) == f"{path}: maximum_qos: unknown setting"
+
+
+def test_bad_config_value(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("max_qos = 5\n")
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path), "--max-qos", "1")
+    assert str(caught.value) == f"{path}: max_qos: 5 is out of range (0..2)"
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path))
+    assert str(caught.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_invalid_toml_config(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("max_qos = = 1\n")
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path))
+    assert str(caught.value).startswith(f"{path}: not valid TOML: ")
+
+
+def test_unknown_flag() -> None:
+    with pytest.raises(usage.UsageError, match="max-qoss"):
+        parse("--max-qoss", "1")
+
+
+def test_help_mentions_every_setting() -> None:
+    for text in (str(Options()), Options().getUsage()):
+        for f in FIELDS:
+            assert flag(f.name) + "=" in text, f.name
+        assert "--endpoint=" in text and "--config=" in text
+        assert "tcp:1883" in text
+
+
+# --- the service --------------------------------------------------------------------------
+
+def test_make_service(config_file: Path) -> None:
+    options = parse("--config", str(config_file), "--max-qos", "0", "--endpoint", "tcp:0")
+    service = makeService(options)
+    assert isinstance(service, BrokerService)
+    assert IService.providedBy(service)
+    assert service.config == options["broker_config"]
+    assert service.config == BrokerConfig(endpoints=["tcp:0"], max_qos=0, retain_available=False)
+    assert not service.running and service.ports == []
+
+
+def test_make_service_defaults() -> None:
+    service = makeService(parse())
+    assert isinstance(service, BrokerService)
+    assert service.config == BrokerConfig()
+    assert not service.running
+
+
+def test_start_on_busy_port_raises(busy_port: int) -> None:
+    service = makeService(parse("--endpoint", f"tcp:{busy_port}:interface=127.0.0.1"))
+    with pytest.raises(CannotListenError):
+        service.startService()
+    assert not service.running and service.ports == []
+    service.stopService()
+    assert not service.running
+
+
+def test_start_listens_and_stop_closes() -> None:
+    """TCP listen is synchronous, so a started service accepts connections without a running
+    reactor; closing the port is a delayed call, which this test runs by hand."""
+    from twisted.internet import reactor
+
+    port = free_port()
+    service = makeService(parse("--endpoint", f"tcp:{port}:interface=127.0.0.1"))
+    service.startService()
+    try:
+        assert service.running and len(service.ports) == 1
+        host = service.ports[0].getHost()
+        assert isinstance(host, IPv4Address) and (host.host, host.port) == ("127.0.0.1", port)
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        stopped: list[Any] = []
+        service.stopService().addBoth(stopped.append)
+        if not stopped:
+            reactor.runUntilCurrent()  # type: ignore[attr-defined]
+    assert stopped == [None]
+    assert not service.running
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
