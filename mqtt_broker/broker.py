@@ -81,17 +81,21 @@ class BrokerService(MultiService):
     # --- service ------------------------------------------------------------------------
 
     def startService(self) -> None:
-        """Listen on every endpoint; a failure to listen raises here, so twistd stops at start-up."""
+        """Listen on every endpoint; any failure to listen raises here (after closing what was
+        opened), so twistd stops at start-up instead of running without a port."""
         _raise_open_files_limit()
         super().startService()
-        for description in self.config.endpoints:
-            endpoint = endpoints.serverFromString(self.reactor, description)
-            failures: list[Any] = []
-            endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
-            if failures:
-                self.stopService()
-                failures[0].raiseException()
-            log.info("MQTT broker listening on {endpoint}", endpoint=description)
+        try:
+            for description in self.config.endpoints:
+                endpoint = endpoints.serverFromString(self.reactor, description)
+                failures: list[Any] = []
+                endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
+                if failures:
+                    failures[0].raiseException()
+                log.info("MQTT broker listening on {endpoint}", endpoint=description)
+        except BaseException:
+            self.stopService()
+            raise
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

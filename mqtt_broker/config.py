@@ -67,7 +67,8 @@ class BrokerConfig:
     persistent_client_expiration: int = _setting(
         0, "Seconds after which a disconnected persistent session is discarded; 0 for never.")
     connect_timeout: float = _setting(
-        10.0, "Seconds a new connection has to send CONNECT before it is closed.")
+        10.0, "Seconds a new connection has to send CONNECT before it is closed; 0 for no "
+        "limit (then a silent connection is kept for ever).")
     retry_interval: float = _setting(
         20.0, "Seconds before an unacknowledged QoS 1/2 message is sent again to an MQTT 3 "
         "client on the same connection; 0 to resend only on reconnect. MQTT 5 forbids "

@@ -96,7 +96,8 @@ class MQTTProtocol(Protocol):
                 pass  # not a TCP transport (unix socket, in-memory)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._last_seen = self.clock.seconds()
-        self._connect_call = self.clock.callLater(self.broker.config.connect_timeout, self._connect_timed_out)
+        if self.broker.config.connect_timeout:
+            self._connect_call = self.clock.callLater(self.broker.config.connect_timeout, self._connect_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:

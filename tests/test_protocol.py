@@ -95,6 +95,13 @@ def test_connect_timeout_drops_silent_connection() -> None:
     assert client.closed
 
 
+def test_connect_timeout_zero_means_no_limit() -> None:
+    broker = make_broker(connect_timeout=0)
+    client = FakeClient(broker)
+    broker.clock.advance(3600)
+    assert not client.closed and not broker.clock.getDelayedCalls()
+
+
 def test_keepalive_timeout_at_one_and_a_half_times() -> None:  # [MQTT-3.1.2-24]
     broker = make_broker()
     watcher = connected(broker, "w")
