@@ -1,0 +1,377 @@
+"""Event hooks: deciders, filters and notifications, run in order through maybeDeferred."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import LogEvent, capturedLogs
+
+from mqtt_broker.hooks import EVENTS, Hooks, Refused
+from mqtt_broker.message import Client, Message
+from mqtt_broker.topics import Subscription
+from mqtt_broker.wire.codes import ReasonCode
+
+CLIENT = Client(client_id="c1", username="u", peer="127.0.0.1:5000", protocol_version=4,
+                clean_start=True, keep_alive=60)
+
+
+class Boom(Exception):
+    pass
+
+
+class Outcome:
+    """Watches a Deferred. ``d.called`` cannot tell whether ``decide()`` has answered: its
+    chain starts from ``succeed(None)``, so it is "called" while paused on a handler's Deferred.
+    A callback added at the end of the chain runs only once the answer is there."""
+
+    def __init__(self, d: Deferred[Any]) -> None:
+        self.results: list[Any] = []
+        self.failures: list[Any] = []
+        d.addCallbacks(self.results.append, self.failures.append)
+
+    @property
+    def fired(self) -> bool:
+        return bool(self.results or self.failures)
+
+    @property
+    def value(self) -> Any:
+        assert not self.failures, self.failures[0].getTraceback() if self.failures else ""
+        assert self.results, "the Deferred has not fired"
+        return self.results[0]
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The value a Deferred has fired with; it must have fired, and with a value, not a failure."""
+    return Outcome(d).value
+
+
+@pytest.fixture
+def logged() -> Iterator[Sequence[LogEvent]]:
+    with capturedLogs() as events:
+        yield events
+
+
+def failures_logged(events: Sequence[LogEvent]) -> list[BaseException]:
+    return [e["log_failure"].value for e in events if "log_failure" in e]
+
+
+def recorder(calls: list[tuple[str, tuple[Any, ...]]], name: str, answer: Any = None) -> Any:
+    def handler(*args: Any) -> Any:
+        calls.append((name, args))
+        return answer
+    return handler
+
+
+# --- flags and registration -------------------------------------------------------------------
+
+def test_no_handlers_no_flags() -> None:
+    hooks = Hooks()
+    for event in EVENTS:
+        assert getattr(hooks, "has_" + event) is False
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_flag_flips_on_register_and_remove(event: str) -> None:
+    hooks = Hooks()
+    register = getattr(hooks, "on_" + event)
+
+    def first(*args: Any) -> None:
+        return None
+
+    def second(*args: Any) -> None:
+        return None
+
+    assert register(first) is first  # usable as a decorator
+    assert getattr(hooks, "has_" + event) is True
+    assert all(getattr(hooks, "has_" + other) is False for other in EVENTS if other != event)
+    register(second)
+    hooks.remove(event, first)
+    assert getattr(hooks, "has_" + event) is True  # one is left
+    hooks.remove(event, second)
+    assert getattr(hooks, "has_" + event) is False
+
+
+def test_removed_handler_is_not_called() -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    handler = hooks.on_connect(recorder(calls, "h", False))
+    hooks.remove("connect", handler)
+    assert result_of(hooks.decide("connect", CLIENT)) is None
+    assert calls == []
+
+
+def test_removing_an_unknown_handler_raises() -> None:
+    with pytest.raises(ValueError):
+        Hooks().remove("connect", lambda client: None)
+
+
+# --- deciders ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("event", ["connect", "publish", "subscribe", "unsubscribe", "ping", "will"])
+def test_decide_with_no_handlers_fires_none(event: str) -> None:
+    assert result_of(Hooks().decide(event, CLIENT, "x")) is None
+
+
+def test_handlers_called_in_registration_order_with_the_args() -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    subscription = Subscription(client_id="c1", topic_filter="a/#", qos=1)
+    hooks.on_subscribe(recorder(calls, "first"))
+    hooks.on_subscribe(recorder(calls, "second", True))
+    hooks.on_subscribe(recorder(calls, "third"))
+    hooks.on_connect(recorder(calls, "other event"))
+    assert result_of(hooks.decide("subscribe", CLIENT, subscription)) is None
+    assert calls == [("first", (CLIENT, subscription)), ("second", (CLIENT, subscription)),
+                     ("third", (CLIENT, subscription))]
+
+
+def test_false_refuses_with_the_events_default_code() -> None:
+    hooks = Hooks()
+    hooks.on_connect(lambda client: False)
+    result = result_of(hooks.decide("connect", CLIENT))
+    assert result == Refused()
+    assert result.code(ReasonCode.NOT_AUTHORIZED) is ReasonCode.NOT_AUTHORIZED
+
+
+def test_refused_code() -> None:
+    assert Refused().code(ReasonCode.NOT_AUTHORIZED) is ReasonCode.NOT_AUTHORIZED
+    assert Refused(ReasonCode.BANNED).code(ReasonCode.NOT_AUTHORIZED) is ReasonCode.BANNED
+
+
+def test_returned_refused_is_the_answer() -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    refusal = Refused(ReasonCode.QUOTA_EXCEEDED, reason_string="slow down")
+    hooks.on_publish(lambda client, message: refusal)
+    hooks.on_publish(recorder(calls, "after"))
+    assert result_of(hooks.decide("publish", CLIENT, Message(topic="a"))) is refusal
+    assert calls == []
+
+
+@pytest.mark.parametrize("code", [ReasonCode.UNSPECIFIED_ERROR, ReasonCode.BAD_USER_NAME_OR_PASSWORD,
+                                  ReasonCode.BANNED, ReasonCode.NOT_AUTHORIZED])
+def test_error_reason_code_refuses_with_that_code(code: ReasonCode) -> None:
+    hooks = Hooks()
+    hooks.on_connect(lambda client: code)
+    result = result_of(hooks.decide("connect", CLIENT))
+    assert result == Refused(code)
+    assert result.reason_code is code
+
+
+def test_success_reason_code_is_an_answer_not_a_refusal() -> None:
+    hooks = Hooks()
+    hooks.on_subscribe(lambda client, subscription: ReasonCode.GRANTED_QOS_1)
+    assert result_of(hooks.decide("subscribe", CLIENT, None)) == ReasonCode.GRANTED_QOS_1
+
+
+def test_last_non_none_answer_wins() -> None:
+    hooks = Hooks()
+    hooks.on_subscribe(lambda client, subscription: 2)
+    hooks.on_subscribe(lambda client, subscription: 1)
+    hooks.on_subscribe(lambda client, subscription: None)
+    hooks.on_subscribe(lambda client, subscription: True)
+    assert result_of(hooks.decide("subscribe", CLIENT, None)) == 1
+
+
+def test_zero_is_an_answer_not_a_refusal() -> None:  # grant QoS 0
+    hooks = Hooks()
+    hooks.on_subscribe(lambda client, subscription: 0)
+    result = result_of(hooks.decide("subscribe", CLIENT, None))
+    assert result == 0 and not isinstance(result, Refused)
+
+
+def test_first_refusal_stops_the_chain() -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    hooks.on_unsubscribe(recorder(calls, "first", True))
+    hooks.on_unsubscribe(recorder(calls, "second", ReasonCode.BANNED))
+    hooks.on_unsubscribe(recorder(calls, "third", False))
+    assert result_of(hooks.decide("unsubscribe", CLIENT, "a/b")) == Refused(ReasonCode.BANNED)
+    assert [name for name, _ in calls] == ["first", "second"]
+
+
+def test_raising_handler_refuses_logs_and_stops(logged: Sequence[LogEvent]) -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    error = Boom("no")
+
+    def broken(client: Client) -> None:
+        raise error
+
+    hooks.on_connect(recorder(calls, "first"))
+    hooks.on_connect(broken)
+    hooks.on_connect(recorder(calls, "after"))
+    assert result_of(hooks.decide("connect", CLIENT)) == Refused(ReasonCode.UNSPECIFIED_ERROR)
+    assert [name for name, _ in calls] == ["first"]
+    assert failures_logged(logged) == [error]
+    event = next(e for e in logged if "log_failure" in e)
+    assert event["event"] == "connect" and event["handler"] is broken
+    assert event["log_namespace"] == "mqtt_broker.hooks"
+
+
+def test_failed_deferred_refuses_and_is_logged(logged: Sequence[LogEvent]) -> None:
+    hooks = Hooks()
+    error = Boom("later")
+    hooks.on_ping(lambda client: fail(error))
+    assert result_of(hooks.decide("ping", CLIENT)) == Refused(ReasonCode.UNSPECIFIED_ERROR)
+    assert failures_logged(logged) == [error]
+
+
+def test_unfired_deferred_delays_the_answer() -> None:
+    hooks = Hooks()
+    pending: Deferred[Any] = Deferred()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    hooks.on_connect(lambda client: pending)
+    hooks.on_connect(recorder(calls, "second"))
+    result = Outcome(hooks.decide("connect", CLIENT))
+    assert not result.fired
+    assert calls == []  # the next handler waits for the first
+    pending.callback(False)
+    assert result.fired
+    assert result.value == Refused()
+    assert calls == []
+
+
+def test_unfired_deferred_then_allow_runs_the_next_handler() -> None:
+    hooks = Hooks()
+    pending: Deferred[Any] = Deferred()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    hooks.on_subscribe(lambda client, subscription: pending)
+    hooks.on_subscribe(recorder(calls, "second"))
+    result = Outcome(hooks.decide("subscribe", CLIENT, "s"))
+    assert not result.fired and calls == []
+    pending.callback(1)
+    assert calls == [("second", (CLIENT, "s"))]
+    assert result.value == 1
+
+
+def test_coroutine_handler() -> None:
+    hooks = Hooks()
+
+    async def deny(client: Client) -> bool:
+        return False
+
+    hooks.on_connect(deny)
+    assert result_of(hooks.decide("connect", CLIENT)) == Refused()
+
+
+def test_coroutine_handler_awaiting_a_deferred() -> None:
+    hooks = Hooks()
+    pending: Deferred[int] = Deferred()
+
+    async def grant(client: Client, subscription: Any) -> int:
+        return await pending
+
+    hooks.on_subscribe(grant)
+    result = Outcome(hooks.decide("subscribe", CLIENT, "s"))
+    assert not result.fired
+    pending.callback(2)
+    assert result.value == 2
+
+
+def test_raising_coroutine_refuses(logged: Sequence[LogEvent]) -> None:
+    hooks = Hooks()
+    error = Boom("async")
+
+    async def broken(client: Client) -> None:
+        raise error
+
+    hooks.on_connect(broken)
+    assert result_of(hooks.decide("connect", CLIENT)) == Refused(ReasonCode.UNSPECIFIED_ERROR)
+    assert failures_logged(logged) == [error]
+
+
+# --- filters: publish and will may replace the message ----------------------------------------
+
+@pytest.mark.parametrize("event", ["publish", "will"])
+def test_returned_message_replaces_it_for_later_handlers(event: str) -> None:
+    hooks = Hooks()
+    register = getattr(hooks, "on_" + event)
+    original = Message(topic="a", payload=b"1")
+    replaced = Message(topic="b", payload=b"2")
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    register(recorder(calls, "first", replaced))
+    register(recorder(calls, "second"))
+    register(recorder(calls, "third", True))
+    result = result_of(hooks.decide(event, CLIENT, original))
+    assert result is replaced
+    assert calls[0] == ("first", (CLIENT, original))
+    assert calls[1][1][1] is replaced and calls[2][1][1] is replaced
+
+
+def test_each_replacement_feeds_the_next() -> None:
+    hooks = Hooks()
+    original = Message(topic="a", payload=b"")
+    seen: list[bytes] = []
+
+    def append(suffix: bytes) -> Any:
+        def handler(client: Client, message: Message) -> Message:
+            seen.append(message.payload)
+            return Message(topic=message.topic, payload=message.payload + suffix)
+        return handler
+
+    hooks.on_publish(append(b"x"))
+    hooks.on_publish(append(b"y"))
+    result = result_of(hooks.decide("publish", CLIENT, original))
+    assert seen == [b"", b"x"]
+    assert result.payload == b"xy"
+    assert original.payload == b""
+
+
+def test_publish_refused_after_a_replacement() -> None:
+    hooks = Hooks()
+    hooks.on_publish(lambda client, message: Message(topic="b"))
+    hooks.on_publish(lambda client, message: False)
+    assert result_of(hooks.decide("publish", CLIENT, Message(topic="a"))) == Refused()
+
+
+def test_answers_do_not_replace_arguments_of_other_deciders() -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    subscription = Subscription(client_id="c1", topic_filter="a")
+    hooks.on_subscribe(recorder(calls, "first", Message(topic="x")))
+    hooks.on_subscribe(recorder(calls, "second"))
+    result_of(hooks.decide("subscribe", CLIENT, subscription))
+    assert calls[1] == ("second", (CLIENT, subscription))
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+def test_notify_calls_every_handler_and_logs_failures(logged: Sequence[LogEvent]) -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    error = Boom("disconnect")
+
+    def broken(client: Client, graceful: bool) -> None:
+        calls.append(("broken", (client, graceful)))
+        raise error
+
+    hooks.on_disconnect(recorder(calls, "first", False))
+    hooks.on_disconnect(broken)
+    hooks.on_disconnect(recorder(calls, "third"))
+    hooks.notify("disconnect", CLIENT, True)
+    assert calls == [("first", (CLIENT, True)), ("broken", (CLIENT, True)),
+                     ("third", (CLIENT, True))]
+    assert failures_logged(logged) == [error]
+    event = next(e for e in logged if "log_failure" in e)
+    assert event["handler"] is broken and event["event"] == "disconnect"
+
+
+def test_notify_logs_a_later_failure(logged: Sequence[LogEvent]) -> None:
+    hooks = Hooks()
+    pending: Deferred[None] = Deferred()
+    calls: list[str] = []
+    hooks.on_disconnect(lambda client, graceful: pending)
+    hooks.on_disconnect(lambda client, graceful: calls.append("second"))
+    hooks.notify("disconnect", CLIENT, False)
+    assert calls == ["second"]  # a notification does not wait
+    assert failures_logged(logged) == []
+    error = Boom("late")
+    pending.errback(error)
+    assert failures_logged(logged) == [error]
+
+
+def test_notify_with_no_handlers() -> None:
+    Hooks().notify("disconnect", CLIENT, True)

@@ -1,0 +1,196 @@
+"""Retained messages: one per topic, found by filter [MQTT-3.3.1-5], [MQTT-3.3.1-10]."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import product
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqtt_broker.message import Message
+from mqtt_broker.retained import RetainedMessages
+from mqtt_broker.topics import matches, valid_topic_filter, valid_topic_name
+
+
+def msg(topic: str, payload: bytes = b"x", **fields: object) -> Message:
+    return Message(topic=topic, payload=payload, retain=True, **fields)  # type: ignore[arg-type]
+
+
+def store_all(*topics: str) -> RetainedMessages:
+    retained = RetainedMessages()
+    for topic in topics:
+        retained.store(msg(topic, topic.encode() or b"-"))
+    return retained
+
+
+def matched(retained: RetainedMessages, topic_filter: str) -> list[str]:
+    return sorted(m.topic for m in retained.match(topic_filter))
+
+
+# --- store / replace / delete -----------------------------------------------------------------
+
+def test_store_and_get() -> None:
+    retained = RetainedMessages()
+    assert len(retained) == 0 and retained.count == 0
+    first = msg("a/b", b"1", qos=1)
+    retained.store(first)
+    assert retained.get("a/b") is first
+    assert retained.get("a") is None  # only an inner level
+    assert retained.get("a/b/c") is None
+    assert retained.get("b") is None
+    assert len(retained) == 1
+
+
+def test_store_replaces_the_topics_message() -> None:
+    retained = RetainedMessages()
+    retained.store(msg("a/b", b"1"))
+    second = msg("a/b", b"2")
+    retained.store(second)
+    assert retained.get("a/b") is second
+    assert len(retained) == 1
+    assert [m.payload for m in retained.match("a/b")] == [b"2"]
+
+
+def test_empty_payload_deletes() -> None:  # [MQTT-3.3.1-10]
+    retained = store_all("a/b", "a")
+    retained.store(msg("a/b", b""))
+    assert retained.get("a/b") is None
+    assert retained.get("a") is not None
+    assert len(retained) == 1
+    assert matched(retained, "#") == ["a"]
+    # deleting what is not there changes nothing, and an empty payload is never stored
+    retained.store(msg("a/b", b""))
+    retained.store(msg("x/y", b""))
+    assert len(retained) == 1
+    assert retained.get("x/y") is None
+    assert matched(retained, "#") == ["a"]
+
+
+def test_delete() -> None:
+    retained = store_all("a/b/c", "a")
+    assert retained.delete("a/b") is False  # an inner level holds no message
+    assert retained.delete("a/b/c/d") is False
+    assert retained.delete("z") is False
+    assert len(retained) == 2
+    assert retained.delete("a/b/c") is True
+    assert retained.delete("a/b/c") is False
+    assert len(retained) == 1
+    assert retained.delete("a") is True
+    assert len(retained) == 0
+    assert list(retained) == []
+    assert retained._root.children == {}  # emptied branches are pruned
+
+
+def test_delete_keeps_a_message_on_an_inner_level() -> None:
+    retained = store_all("a", "a/b")
+    assert retained.delete("a/b") is True
+    assert retained.get("a") is not None
+    assert matched(retained, "a/#") == ["a"]
+
+
+def test_iteration_yields_every_message_once() -> None:
+    topics = ["a", "a/b", "a/b/c", "/x", "$SYS/y", "b/"]
+    retained = store_all(*topics)
+    assert sorted(m.topic for m in retained) == sorted(topics)
+    retained.store(msg("a/b", b"new"))
+    assert Counter(m.topic for m in retained) == Counter(topics)
+    assert [m.payload for m in retained if m.topic == "a/b"] == [b"new"]
+
+
+# --- match ------------------------------------------------------------------------------------
+
+TOPICS = ["sport", "sport/tennis", "sport/tennis/player1", "sport/tennis/player1/ranking",
+          "sport/tennis/player2", "sport/golf", "sport/", "/finance", "finance", "$SYS",
+          "$SYS/monitor/Clients", "a/$x"]
+
+
+@pytest.mark.parametrize("topic_filter, expected", [
+    ("sport/tennis/player1", ["sport/tennis/player1"]),
+    ("sport/tennis/player1/#", ["sport/tennis/player1", "sport/tennis/player1/ranking"]),
+    ("sport/#", ["sport", "sport/", "sport/golf", "sport/tennis", "sport/tennis/player1",
+                 "sport/tennis/player1/ranking", "sport/tennis/player2"]),
+    ("sport/+", ["sport/", "sport/golf", "sport/tennis"]),
+    ("sport/tennis/+", ["sport/tennis/player1", "sport/tennis/player2"]),
+    ("sport/+/player1", ["sport/tennis/player1"]),
+    ("+", ["finance", "sport"]),
+    ("+/+", ["/finance", "a/$x", "sport/", "sport/golf", "sport/tennis"]),
+    ("/+", ["/finance"]),
+    ("#", sorted(t for t in TOPICS if not t.startswith("$"))),
+    ("+/#", sorted(t for t in TOPICS if not t.startswith("$"))),
+    ("+/monitor/Clients", []),
+    ("$SYS/#", ["$SYS", "$SYS/monitor/Clients"]),
+    ("$SYS/monitor/+", ["$SYS/monitor/Clients"]),
+    ("a/+", ["a/$x"]),
+    ("a/#", ["a/$x"]),
+    ("nothing/#", []),
+    ("sport/tennis/player1/ranking/#", ["sport/tennis/player1/ranking"]),
+])
+def test_match(topic_filter: str, expected: list[str]) -> None:
+    retained = store_all(*TOPICS)
+    assert matched(retained, topic_filter) == expected
+    assert matched(retained, topic_filter) == sorted(t for t in TOPICS if matches(topic_filter, t))
+
+
+def test_hash_matches_the_parent_level() -> None:  # "a/#" matches "a" [MQTT-4.7.1-2]
+    retained = store_all("a")
+    assert matched(retained, "a/#") == ["a"]
+    retained = store_all("a/b/c")
+    assert matched(retained, "a/b/#") == ["a/b/c"]
+    assert matched(retained, "a/#") == ["a/b/c"]
+
+
+def test_dollar_topics_not_matched_by_leading_wildcards() -> None:  # [MQTT-4.7.2-1]
+    retained = store_all("$SYS/a", "$x", "$x/y/z")
+    assert matched(retained, "#") == []
+    assert matched(retained, "+") == []
+    assert matched(retained, "+/a") == []
+    assert matched(retained, "+/#") == []
+    assert matched(retained, "$x/#") == ["$x", "$x/y/z"]
+    assert matched(retained, "$x/+/z") == ["$x/y/z"]
+
+
+# --- property: match agrees with matches() ----------------------------------------------------
+
+LEVELS = ["a", "b", "$x", ""]
+
+topic_names = st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4).map("/".join).filter(
+    valid_topic_name)
+
+# every topic of up to four levels: each example also matches its filter against all of them
+ALL_TOPICS = sorted({"/".join(p) for n in (1, 2, 3, 4) for p in product(LEVELS, repeat=n)} - {""})
+
+
+@st.composite
+def topic_filters(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(st.sampled_from(LEVELS + ["+"]), min_size=0, max_size=4))
+    if not levels or draw(st.booleans()):
+        levels.append("#")
+    return "/".join(levels)
+
+
+@settings(max_examples=200, deadline=None)
+@given(topics=st.lists(topic_names, max_size=10),
+       deleted=st.lists(topic_names, max_size=4),
+       topic_filter=topic_filters().filter(valid_topic_filter))
+def test_match_agrees_with_matches(topics: list[str], deleted: list[str], topic_filter: str) -> None:
+    retained = RetainedMessages()
+    for index, topic in enumerate(topics):
+        retained.store(msg(topic, str(index).encode()))
+    for topic in deleted:
+        retained.store(msg(topic, b""))
+    live = set(topics) - set(deleted)
+    assert len(retained) == len(live)
+    assert Counter(m.topic for m in retained) == Counter(live)
+    expected = Counter(t for t in live if matches(topic_filter, t))
+    assert Counter(m.topic for m in retained.match(topic_filter)) == expected
+    for topic in live:  # the last store of a topic wins
+        last = max(i for i, t in enumerate(topics) if t == topic)
+        message = retained.get(topic)
+        assert message is not None and message.payload == str(last).encode()
+    everything = RetainedMessages()
+    for topic in ALL_TOPICS:
+        everything.store(msg(topic))
+    assert Counter(m.topic for m in everything.match(topic_filter)) == Counter(
+        t for t in ALL_TOPICS if matches(topic_filter, t))

@@ -1,0 +1,166 @@
+"""Session state: packet ids [MQTT-2.3.1-2] and the bounded offline queue."""
+
+from __future__ import annotations
+
+from mqtt_broker.message import Message
+from mqtt_broker.session import Outgoing, Queued, Session
+from mqtt_broker.topics import Subscription
+
+
+def message(payload: bytes = b"x", topic: str = "t") -> Message:
+    return Message(topic=topic, payload=payload, qos=1)
+
+
+def queued(payload: bytes = b"x", qos: int = 1) -> Queued:
+    return Queued(message=message(payload), qos=qos, retain=False)
+
+
+def in_flight(session: Session, *packet_ids: int) -> None:
+    for packet_id in packet_ids:
+        session.outgoing[packet_id] = Outgoing(message=message(), qos=1, retain=False)
+
+
+# --- packet ids -------------------------------------------------------------------------------
+
+def test_packet_ids_start_at_one_and_count_up() -> None:
+    session = Session("c1")
+    assert [session.allocate_packet_id() for _ in range(3)] == [1, 2, 3]
+
+
+def test_packet_id_skips_ids_in_flight() -> None:  # [MQTT-2.3.1-2]
+    session = Session("c1")
+    in_flight(session, 1, 2, 4)
+    assert session.allocate_packet_id() == 3
+    assert session.allocate_packet_id() == 5
+    session.outgoing.pop(1)
+    assert session.allocate_packet_id() == 6  # goes on rather than reusing the freed id at once
+
+
+def test_packet_ids_wrap_from_65535_to_1_never_0() -> None:
+    session = Session("c1")
+    ids = [session.allocate_packet_id() for _ in range(65535)]
+    assert ids == list(range(1, 65536))
+    assert session.allocate_packet_id() == 1
+    assert session.allocate_packet_id() == 2
+
+
+def test_packet_id_wrap_skips_ids_in_flight() -> None:
+    session = Session("c1")
+    for _ in range(65533):
+        session.allocate_packet_id()  # the next would be 65534
+    in_flight(session, 65535, 1, 2)
+    assert session.allocate_packet_id() == 65534
+    assert session.allocate_packet_id() == 3  # past 65535, never 0, past 1 and 2
+    assert session.allocate_packet_id() == 4
+
+
+def test_packet_id_never_in_outgoing_when_nearly_full() -> None:
+    session = Session("c1")
+    in_flight(session, *(i for i in range(1, 65536) if i != 40000))
+    allocated = session.allocate_packet_id()
+    assert allocated == 40000
+    session.outgoing[allocated] = Outgoing(message=message(), qos=1, retain=False)
+    session.outgoing.pop(7)
+    assert session.allocate_packet_id() == 7
+
+
+def test_allocated_ids_stay_unique_while_in_flight() -> None:
+    session = Session("c1")
+    in_flight(session, *range(10, 20), 65535)
+    for _ in range(70000):
+        packet_id = session.allocate_packet_id()
+        assert 1 <= packet_id <= 65535
+        assert packet_id not in session.outgoing
+        # keep a sliding window of 100 ids in flight
+        session.outgoing[packet_id] = Outgoing(message=message(), qos=1, retain=False)
+        if len(session.outgoing) > 100:
+            session.outgoing.pop(next(iter(session.outgoing)))
+
+
+# --- the offline queue ------------------------------------------------------------------------
+
+def test_enqueue_bounded_by_message_count() -> None:
+    session = Session("c1")
+    assert all(session.enqueue(queued(b"ab"), 3, 0) for _ in range(3))
+    assert session.enqueue(queued(b"ab"), 3, 0) is False
+    assert session.enqueue(queued(b"", qos=0), 3, 0) is False
+    assert len(session.queue) == 3
+    assert session.dropped == 2
+    assert session.queued_bytes == 6
+    session.dequeue()
+    assert session.enqueue(queued(b"ab"), 3, 0) is True
+    assert session.dropped == 2
+
+
+def test_enqueue_bounded_by_bytes() -> None:
+    session = Session("c1")
+    assert session.enqueue(queued(b"x" * 6), 0, 10) is True
+    assert session.enqueue(queued(b"x" * 5), 0, 10) is False  # 11 > 10
+    assert session.dropped == 1
+    assert session.enqueue(queued(b"x" * 4), 0, 10) is True  # exactly 10 fits
+    assert session.queued_bytes == 10
+    assert session.enqueue(queued(b"x"), 0, 10) is False
+    assert session.enqueue(queued(b""), 0, 10) is True  # nothing to count
+    assert session.dropped == 2
+    assert len(session.queue) == 3
+
+
+def test_a_message_larger_than_the_byte_bound_is_dropped() -> None:
+    session = Session("c1")
+    assert session.enqueue(queued(b"x" * 11), 0, 10) is False
+    assert session.dropped == 1 and not session.queue and session.queued_bytes == 0
+
+
+def test_zero_bounds_mean_no_limit() -> None:
+    session = Session("c1")
+    for _ in range(2000):
+        assert session.enqueue(queued(b"x" * 100, qos=0), 0, 0)
+    assert len(session.queue) == 2000
+    assert session.queued_bytes == 200_000
+    assert session.dropped == 0
+
+
+def test_either_bound_refuses() -> None:
+    session = Session("c1")
+    assert session.enqueue(queued(b"x"), 2, 100)
+    assert session.enqueue(queued(b"x"), 2, 100)
+    assert not session.enqueue(queued(b"x"), 2, 100)  # count
+    session.dequeue()
+    assert not session.enqueue(queued(b"x" * 100), 2, 100)  # bytes
+    assert session.dropped == 2
+
+
+def test_dequeue_is_fifo_and_keeps_queued_bytes() -> None:
+    session = Session("c1")
+    first, second, third = message(b"a"), message(b"bb"), message(b"ccc")
+    session.enqueue(Queued(message=first, qos=1, retain=True), 0, 0)
+    session.enqueue(Queued(message=second, qos=2, retain=False), 0, 0)
+    session.enqueue(Queued(message=third, qos=0, retain=False), 0, 0)
+    assert session.queued_bytes == 6
+    item = session.dequeue()
+    assert (item.message, item.qos, item.retain) == (first, 1, True)
+    assert item.message is first
+    assert session.queued_bytes == 5
+    assert session.dequeue().message is second
+    assert session.queued_bytes == 3
+    assert session.dequeue().message is third
+    assert session.queued_bytes == 0
+    assert not session.queue
+
+
+def test_clear() -> None:
+    session = Session("c1", expiry=60)
+    session.subscriptions["a"] = Subscription(client_id="c1", topic_filter="a")
+    in_flight(session, 1, 2)
+    session.enqueue(queued(b"abc"), 0, 0)
+    session.awaiting_pubrel.add(5)
+    session.dropped = 3
+    session.clear()
+    assert session.subscriptions == {}
+    assert session.outgoing == {}
+    assert not session.queue
+    assert session.queued_bytes == 0
+    assert session.awaiting_pubrel == set()
+    assert session.client_id == "c1" and session.persistent
+    # the queue bound starts over after clear()
+    assert session.enqueue(queued(b"x" * 10), 1, 10)

@@ -1,0 +1,422 @@
+"""Topic names, filters and the subscription trie (MQTT 3.1.1 / 5.0 section 4.7)."""
+
+from __future__ import annotations
+
+from itertools import product
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqtt_broker.topics import (
+    Match, Subscription, SubscriptionTree, has_wildcard, matches, split_shared, valid_topic_filter,
+    valid_topic_name,
+)
+
+
+def sub(client_id: str, topic_filter: str, **options: object) -> Subscription:
+    group, _ = split_shared(topic_filter)
+    return Subscription(client_id=client_id, topic_filter=topic_filter, share_group=group,
+                        **options)  # type: ignore[arg-type]
+
+
+def by_client(result: Match) -> dict[str, list[str]]:
+    """client id -> the filters it matched with, in the order the tree listed them."""
+    return {client_id: [s.topic_filter for s in subs] for client_id, subs in result[0]}
+
+
+def by_group(result: Match) -> dict[tuple[str, str], set[str]]:
+    """(group, shared filter) -> member client ids; every list holds one filter of one group."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for key, subs in result[1]:
+        filters = {s.topic_filter for s in subs}
+        assert len(filters) == 1, f"one group entry mixes filters {filters}"
+        topic_filter = filters.pop()
+        group, _ = split_shared(topic_filter)
+        assert group is not None
+        assert key == (group, topic_filter)
+        assert (group, topic_filter) not in groups, "a group is listed twice"
+        members = [s.client_id for s in subs]
+        assert len(members) == len(set(members)), "a group member is listed twice"
+        groups[(group, topic_filter)] = set(members)
+    return groups
+
+
+# --- validation [MQTT-4.7.1-1..3], [MQTT-4.7.3-1] --------------------------------------------
+
+@pytest.mark.parametrize("topic_filter", [
+    "#", "sport/tennis/#", "sport/tennis/player1/#", "+", "+/tennis/#", "sport/+/player1",
+    "sport/+", "+/+", "/+", "/finance", "sport", "$SYS/#", "$SYS/monitor/+", "a//b", "/",
+    "Accounts payable", "$share/g/a/#", "$share/g/+", "$share/g/#", "$share/group/a/b",
+])
+def test_valid_topic_filter(topic_filter: str) -> None:
+    assert valid_topic_filter(topic_filter)
+
+
+@pytest.mark.parametrize("topic_filter", [
+    "",  # [MQTT-4.7.3-1] at least one character
+    "sport/tennis#",  # "#" must be a whole level [MQTT-4.7.1-2]
+    "sport/tennis/#/ranking",  # "#" must be the last level [MQTT-4.7.1-2]
+    "sport/#/x",
+    "#/",
+    "##",
+    "sport+",  # "+" must be a whole level [MQTT-4.7.1-3]
+    "sport/+tennis",
+    "+/a+",
+    "++",
+    "$share//a",  # empty share name
+    "$share/g",  # no filter after the share name
+    "$share/g/",  # an empty filter
+    "$share/g+/a",  # wildcard in the share name
+    "$share/#/a",
+    "$share/g/a#",  # the inner filter is validated too
+    "$share/g/#/a",
+    "$share/g/a+",
+])
+def test_invalid_topic_filter(topic_filter: str) -> None:
+    assert not valid_topic_filter(topic_filter)
+
+
+@pytest.mark.parametrize("topic", [
+    "sport/tennis/player1", "/finance", "finance", "/", "a//b", "$SYS/monitor/Clients",
+    "Accounts payable", "ACCOUNTS",
+])
+def test_valid_topic_name(topic: str) -> None:
+    assert valid_topic_name(topic)
+
+
+@pytest.mark.parametrize("topic", ["", "#", "+", "sport/#", "sport/+/x", "sport+", "a#b"])
+def test_invalid_topic_name(topic: str) -> None:  # [MQTT-3.3.2-2], [MQTT-4.7.3-1]
+    assert not valid_topic_name(topic)
+
+
+def test_split_shared() -> None:
+    assert split_shared("$share/g/a/b") == ("g", "a/b")
+    assert split_shared("$share/g/#") == ("g", "#")
+    assert split_shared("$share/g") == ("g", "")
+    assert split_shared("a/b") == (None, "a/b")
+    assert split_shared("$SYS/a") == (None, "$SYS/a")
+
+
+def test_has_wildcard() -> None:
+    assert has_wildcard("a/+/b") and has_wildcard("a/#") and has_wildcard("+")
+    assert not has_wildcard("a/b") and not has_wildcard("$SYS/x")
+
+
+# --- matches(): the normative examples of MQTT 3.1.1 section 4.7 -----------------------------
+
+@pytest.mark.parametrize("topic_filter, topic, expected", [
+    # 4.7.1.2 multi-level wildcard
+    ("sport/tennis/player1/#", "sport/tennis/player1", True),
+    ("sport/tennis/player1/#", "sport/tennis/player1/ranking", True),
+    ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", True),
+    ("sport/tennis/player1/#", "sport/tennis/player2", False),
+    ("sport/tennis/player1/#", "sport/tennis", False),
+    ("sport/#", "sport", True),
+    ("#", "sport/tennis/player1", True),
+    ("#", "/finance", True),
+    ("#", "/", True),
+    # 4.7.1.3 single-level wildcard
+    ("sport/tennis/+", "sport/tennis/player1", True),
+    ("sport/tennis/+", "sport/tennis/player2", True),
+    ("sport/tennis/+", "sport/tennis/player1/ranking", False),
+    ("sport/tennis/+", "sport/tennis", False),
+    ("sport/+", "sport", False),
+    ("sport/+", "sport/", True),
+    ("sport/+/player1", "sport/tennis/player1", True),
+    ("sport/+/player1", "sport/tennis/player2", False),
+    ("+/+", "/finance", True),
+    ("/+", "/finance", True),
+    ("+", "/finance", False),
+    ("+", "finance", True),
+    ("+/tennis/#", "sport/tennis", True),
+    ("+/tennis/#", "sport/tennis/player1/score", True),
+    ("+/tennis/#", "sport/golf", False),
+    # 4.7.2 topics beginning with $ [MQTT-4.7.2-1]
+    ("#", "$SYS/monitor/Clients", False),
+    ("#", "$SYS", False),
+    ("+/monitor/Clients", "$SYS/monitor/Clients", False),
+    ("+", "$SYS", False),
+    ("+/#", "$SYS/a", False),
+    ("$SYS/#", "$SYS/monitor/Clients", True),
+    ("$SYS/#", "$SYS", True),
+    ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
+    ("$SYS/monitor/Clients", "$SYS/monitor/Clients", True),
+    ("a/#", "a/$x", True),  # "$" only matters at the first level
+    ("a/+", "a/$x", True),
+    # 4.7.3 names are case sensitive; a leading "/" makes a distinct level
+    ("ACCOUNTS", "Accounts", False),
+    ("Accounts payable", "Accounts payable", True),
+    ("finance", "/finance", False),
+    ("/finance", "finance", False),
+    ("/finance", "/finance", True),
+    # plain levels
+    ("a/b", "a/b", True),
+    ("a/b", "a/b/c", False),
+    ("a/b/c", "a/b", False),
+    ("a//b", "a//b", True),
+    ("a/+/b", "a//b", True),
+])
+def test_matches(topic_filter: str, topic: str, expected: bool) -> None:
+    assert matches(topic_filter, topic) is expected
+
+
+# --- SubscriptionTree: add / replace / remove -------------------------------------------------
+
+def test_add_counts_and_replace() -> None:
+    tree = SubscriptionTree()
+    assert tree.count == 0
+    assert tree.add(sub("c1", "a/b")) is False
+    assert tree.add(sub("c2", "a/b")) is False
+    assert tree.add(sub("c1", "a/+")) is False
+    assert tree.count == 3
+    # [MQTT-3.8.4-3] the same filter again replaces the subscription
+    assert tree.add(sub("c1", "a/b", qos=2)) is True
+    assert tree.count == 3
+    assert [s.qos for c, subs in tree.match("a/b")[0] if c == "c1" for s in subs
+            if s.topic_filter == "a/b"] == [2]
+
+
+def test_shared_subscriptions_count_per_group_and_client() -> None:
+    tree = SubscriptionTree()
+    assert tree.add(sub("c1", "$share/g/a")) is False
+    assert tree.add(sub("c2", "$share/g/a")) is False
+    assert tree.add(sub("c1", "$share/h/a")) is False
+    assert tree.add(sub("c1", "a")) is False  # an ordinary one on the same filter is separate
+    assert tree.add(sub("c1", "$share/g/a", qos=1)) is True
+    assert tree.count == 4
+
+
+def test_remove() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a/b"))
+    tree.add(sub("c2", "a/b"))
+    tree.add(sub("c1", "$share/g/a/b"))
+    assert tree.remove("c3", "a/b") is False  # not that client's
+    assert tree.remove("c1", "a/c") is False  # no such filter
+    assert tree.remove("c1", "a") is False  # only an inner node of "a/b"
+    assert tree.remove("c1", "$share/h/a/b") is False  # other group
+    assert tree.remove("c2", "$share/g/a/b") is False  # not a member
+    assert tree.count == 3
+    assert tree.remove("c1", "a/b") is True
+    assert tree.remove("c1", "a/b") is False
+    assert tree.count == 2
+    assert by_client(tree.match("a/b")) == {"c2": ["a/b"]}
+    assert tree.remove("c1", "$share/g/a/b") is True
+    assert tree.count == 1
+    assert tree.match("a/b")[1] == []
+
+
+def test_removing_an_inner_filter_keeps_deeper_ones() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a"))
+    tree.add(sub("c1", "a/b/c"))
+    assert tree.remove("c1", "a") is True
+    assert by_client(tree.match("a/b/c")) == {"c1": ["a/b/c"]}
+    assert by_client(tree.match("a")) == {}
+
+
+def test_shared_members() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "$share/g/a/+"))
+    tree.add(sub("c2", "$share/g/a/+"))
+    tree.add(sub("c3", "$share/h/a/+"))
+    tree.add(sub("c4", "a/+"))
+    assert sorted(s.client_id for s in tree.shared_members("g", "$share/g/a/+")) == ["c1", "c2"]
+    assert [s.client_id for s in tree.shared_members("h", "$share/h/a/+")] == ["c3"]
+    assert tree.shared_members("x", "$share/x/a/+") == []
+    assert tree.shared_members("g", "$share/g/a/b") == []
+    assert tree.shared_members("g", "$share/g/z/y") == []
+    tree.remove("c1", "$share/g/a/+")
+    assert [s.client_id for s in tree.shared_members("g", "$share/g/a/+")] == ["c2"]
+
+
+def test_iteration_yields_every_subscription() -> None:
+    tree = SubscriptionTree()
+    subs = [sub("c1", "a/b"), sub("c2", "a/b"), sub("c1", "#"), sub("c3", "$share/g/a/+"),
+            sub("c4", "$share/g/a/+"), sub("c1", "x/+/y")]
+    for s in subs:
+        tree.add(s)
+    assert sorted((s.client_id, s.topic_filter) for s in tree) == sorted(
+        (s.client_id, s.topic_filter) for s in subs)
+    assert len(list(tree)) == tree.count == len(subs)
+
+
+# --- SubscriptionTree: matching ---------------------------------------------------------------
+
+def test_match_lists_a_clients_overlapping_subscriptions_together() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "sport/tennis/player1"))
+    tree.add(sub("c1", "sport/#"))
+    tree.add(sub("c1", "sport/+/player1"))
+    tree.add(sub("c1", "sport/golf"))
+    tree.add(sub("c2", "#"))
+    tree.add(sub("c3", "sport/tennis/+/ranking"))
+    result = by_client(tree.match("sport/tennis/player1"))
+    assert set(result) == {"c1", "c2"}
+    assert sorted(result["c1"]) == ["sport/#", "sport/+/player1", "sport/tennis/player1"]
+    assert result["c2"] == ["#"]
+    # one entry per client, never the same client twice
+    assert len(tree.match("sport/tennis/player1")[0]) == 2
+
+
+def test_match_returns_shared_groups_separately() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a/b"))
+    tree.add(sub("c2", "$share/g/a/b"))
+    tree.add(sub("c3", "$share/g/a/b"))
+    tree.add(sub("c4", "$share/g/a/+"))
+    tree.add(sub("c5", "$share/h/a/b"))
+    tree.add(sub("c6", "$share/h/x"))
+    result = tree.match("a/b")
+    assert by_client(result) == {"c1": ["a/b"]}
+    assert by_group(result) == {
+        ("g", "$share/g/a/b"): {"c2", "c3"},
+        ("g", "$share/g/a/+"): {"c4"},
+        ("h", "$share/h/a/b"): {"c5"},
+    }
+
+
+@pytest.mark.parametrize("topic_filter, topic, expected", [
+    ("sport/#", "sport", True),
+    ("sport/tennis/player1/#", "sport/tennis/player1", True),
+    ("sport/+", "sport", False),
+    ("sport/+", "sport/", True),
+    ("+", "/finance", False),
+    ("+/+", "/finance", True),
+    ("/+", "/finance", True),
+    ("#", "$SYS/monitor/Clients", False),
+    ("+/monitor/Clients", "$SYS/monitor/Clients", False),
+    ("$SYS/#", "$SYS/monitor/Clients", True),
+    ("$SYS/#", "$SYS", True),
+    ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
+    ("$share/g/#", "$SYS/x", False),  # the $ rule holds inside a shared filter too
+    ("$share/g/+/x", "$SYS/x", False),
+    ("$share/g/$SYS/#", "$SYS/x", True),
+])
+def test_tree_matches_spec_examples(topic_filter: str, topic: str, expected: bool) -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", topic_filter))
+    result = tree.match(topic)
+    found = bool(result[0]) or bool(result[1])
+    assert found is expected
+
+
+def test_match_cache_sees_added_subscription() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a/b"))
+    assert by_client(tree.match("a/b")) == {"c1": ["a/b"]}
+    tree.add(sub("c2", "a/+"))
+    assert by_client(tree.match("a/b")) == {"c1": ["a/b"], "c2": ["a/+"]}
+    tree.add(sub("c3", "$share/g/#"))
+    assert by_group(tree.match("a/b")) == {("g", "$share/g/#"): {"c3"}}
+
+
+def test_match_cache_sees_removed_subscription() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a/b"))
+    tree.add(sub("c2", "a/+"))
+    assert set(by_client(tree.match("a/b"))) == {"c1", "c2"}
+    tree.remove("c2", "a/+")
+    assert by_client(tree.match("a/b")) == {"c1": ["a/b"]}
+
+
+def test_match_cache_sees_replaced_subscription() -> None:
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a/b", qos=0))
+    assert [s.qos for s in tree.match("a/b")[0][0][1]] == [0]
+    tree.add(sub("c1", "a/b", qos=2))
+    assert [s.qos for s in tree.match("a/b")[0][0][1]] == [2]
+
+
+def test_match_with_no_subscriptions() -> None:
+    tree = SubscriptionTree()
+    assert tree.match("a/b") == ([], [])
+    tree.add(sub("c1", "x/y"))
+    assert tree.match("a/b") == ([], [])
+
+
+def test_removing_everything_prunes_the_tree() -> None:
+    tree = SubscriptionTree()
+    filters = ["a/b/c", "a/b", "a/+/#", "#", "+", "$SYS/x", "/x/", "$share/g/a/b/c",
+               "$share/h/q/r"]
+    for index, topic_filter in enumerate(filters):
+        tree.add(sub(f"c{index % 2}", topic_filter))
+    tree.remove("c0", "a/b/c")
+    # a sibling branch survives a partial removal
+    assert by_client(tree.match("a/b/c")) == {"c1": ["#"], "c0": ["a/+/#"]}
+    assert by_group(tree.match("a/b/c")) == {("g", "$share/g/a/b/c"): {"c1"}}
+    for index, topic_filter in enumerate(filters):
+        if topic_filter != "a/b/c":
+            assert tree.remove(f"c{index % 2}", topic_filter) is True, topic_filter
+    assert tree.count == 0
+    assert list(tree) == []
+    assert tree._root.children == {}
+    assert tree._root.empty()
+
+
+# --- property: the trie agrees with matches() -------------------------------------------------
+
+LEVELS = ["a", "b", "$x", ""]
+
+topic_names = st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4).map("/".join).filter(
+    valid_topic_name)
+
+# every topic of up to three levels, checked in each example besides the drawn ones
+ALL_SHORT_TOPICS = sorted({"/".join(p) for n in (1, 2, 3) for p in product(LEVELS, repeat=n)}
+                          - {""})
+
+
+@st.composite
+def topic_filters(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(st.sampled_from(LEVELS + ["+"]), min_size=0, max_size=3))
+    if not levels or draw(st.booleans()):
+        levels.append("#")
+    return "/".join(levels)
+
+
+@settings(max_examples=200, deadline=None)
+@given(filters=st.lists(topic_filters().filter(valid_topic_filter), max_size=8, unique=True),
+       topics=st.lists(topic_names, min_size=1, max_size=6),
+       removed=st.sets(st.integers(min_value=0, max_value=7)))
+def test_tree_agrees_with_matches(filters: list[str], topics: list[str], removed: set[int]) -> None:
+    tree = SubscriptionTree()
+    topics = topics + ALL_SHORT_TOPICS
+    for topic in topics:  # fill the match cache; the adds below must invalidate it
+        assert tree.match(topic) == ([], [])
+    # three clients share the filters, so one client often holds several overlapping ones
+    owners = {f: f"c{i % 3}" for i, f in enumerate(filters)}
+    groups = {f: f"g{i % 2}" for i, f in enumerate(filters)}
+    for f in filters:
+        tree.add(sub(owners[f], f))
+        tree.add(sub("s-" + owners[f], f"$share/{groups[f]}/{f}"))
+    assert tree.count == 2 * len(filters)
+
+    def check(live: list[str]) -> None:
+        for topic in topics:
+            expected_clients: dict[str, list[str]] = {}
+            expected_groups: dict[tuple[str, str], set[str]] = {}
+            for f in live:
+                if matches(f, topic):
+                    expected_clients.setdefault(owners[f], []).append(f)
+                    shared = f"$share/{groups[f]}/{f}"
+                    expected_groups[(groups[f], shared)] = {"s-" + owners[f]}
+            for _ in range(2):  # the second answer comes from the cache
+                result = tree.match(topic)
+                assert {c: sorted(fs) for c, fs in by_client(result).items()} == {
+                    c: sorted(fs) for c, fs in expected_clients.items()}, topic
+                assert by_group(result) == expected_groups, topic
+
+    check(filters)
+    gone = [f for i, f in enumerate(filters) if i in removed]
+    for f in gone:
+        assert tree.remove(owners[f], f) is True
+        assert tree.remove("s-" + owners[f], f"$share/{groups[f]}/{f}") is True
+    live = [f for f in filters if f not in gone]
+    assert tree.count == 2 * len(live)
+    check(live)
+    for f in live:
+        assert tree.remove(owners[f], f) is True
+        assert tree.remove("s-" + owners[f], f"$share/{groups[f]}/{f}") is True
+    assert tree.count == 0
+    assert tree._root.children == {}
