@@ -59,7 +59,8 @@ class Session:
     _next_id: int = 1
 
     def allocate_packet_id(self) -> int:
-        """A packet id not in use by any outgoing message [MQTT-2.3.1-2]."""
+        """A packet id not in use by any outgoing message [MQTT-2.3.1-2]. Always finds one: the
+        broker keeps fewer than max_inflight_messages (at most 65535) in flight."""
         packet_id = self._next_id
         outgoing = self.outgoing
         while packet_id in outgoing:
