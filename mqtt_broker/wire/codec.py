@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from struct import Struct
-from typing import Callable
+from typing import Any, Callable
 
 from .codes import MalformedPacket, PacketTooLarge, ProtocolError, UnsupportedProtocolVersion
 from .packets import (
@@ -231,9 +231,8 @@ def _decode_subscribe(body: bytes, version: int) -> Subscribe:
     properties: Properties = NO_PROPERTIES
     pos = 2
     if version == MQTT_5:
+        # A second subscription identifier is refused by decode_properties as a duplicate.
         properties, pos = decode_properties(body, pos, SUBSCRIBE)
-        if len(properties.get("subscription_identifier", ())) > 1:  # decoded as a scalar
-            raise ProtocolError("more than one subscription identifier")
     requests = []
     while pos < len(body):
         topic_filter, pos = decode_string(body, pos)
@@ -243,6 +242,8 @@ def _decode_subscribe(body: bytes, version: int) -> Subscribe:
         pos += 1
         qos = options & 3
         if qos == 3:
+            if version == MQTT_5:
+                raise ProtocolError("subscription QoS 3")  # 5.0 §3.8.3.1
             raise MalformedPacket("subscription QoS 3")  # [MQTT-3.8.3-4]
         if version == MQTT_5:
             if options & 0xC0:
@@ -255,7 +256,7 @@ def _decode_subscribe(body: bytes, version: int) -> Subscribe:
                 retain_as_published=bool(options & 8), retain_handling=retain_handling))
         else:
             if options & 0xFC:
-                raise MalformedPacket("reserved subscription option bits set")  # [MQTT-3-8.3-4]
+                raise MalformedPacket("reserved subscription option bits set")  # [MQTT-3.8.3-4]
             requests.append(SubscriptionRequest(topic_filter=topic_filter, qos=qos))
     if not requests:
         raise ProtocolError("SUBSCRIBE without a topic filter")  # [MQTT-3.8.3-3]
@@ -449,7 +450,8 @@ def _encode_reason(p: Disconnect | Auth, version: int) -> bytes:
     return _frame(first, body)
 
 
-_ENCODERS: dict[type, Callable[[Packet, int], bytes]] = {
+# Each encoder takes only its own packet type; encode() picks it by type(packet).
+_ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
     Connect: _encode_connect,
     Connack: _encode_connack,
     Publish: encode_publish,
@@ -465,7 +467,7 @@ _ENCODERS: dict[type, Callable[[Packet, int], bytes]] = {
     Pingresp: lambda p, v: b"\xd0\x00",
     Disconnect: _encode_reason,
     Auth: _encode_reason,
-}  # type: ignore[dict-item]
+}
 
 
 def encode(packet: Packet, version: int = MQTT_3_1_1) -> bytes:

@@ -64,7 +64,7 @@ class ConnackCode(IntEnum):
     NOT_AUTHORIZED = 5
 
 
-_V3_CONNACK = {
+_V3_CONNACK: dict[int, ConnackCode] = {
     ReasonCode.SUCCESS: ConnackCode.ACCEPTED,
     ReasonCode.UNSUPPORTED_PROTOCOL_VERSION: ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION,
     ReasonCode.CLIENT_IDENTIFIER_NOT_VALID: ConnackCode.IDENTIFIER_REJECTED,
@@ -77,7 +77,7 @@ _V3_CONNACK = {
 
 def v3_connack_code(reason: int) -> ConnackCode:
     """The MQTT 3.x return code closest to an MQTT 5 CONNACK reason code."""
-    return _V3_CONNACK.get(reason, ConnackCode.SERVER_UNAVAILABLE)  # type: ignore[call-overload]
+    return _V3_CONNACK.get(reason, ConnackCode.SERVER_UNAVAILABLE)
 
 
 class MQTTError(Exception):

@@ -135,7 +135,8 @@ def decode_properties(data: bytes | memoryview, pos: int, packet_type: int) -> t
             raise MalformedPacket(f"unknown property identifier 0x{ident:02x}")
         name, kind, allowed = entry
         if packet_type not in allowed:
-            raise ProtocolError(f"property {name} is not allowed in this packet")
+            # An identifier not valid for the packet type is a Malformed Packet (5.0 §2.2.2.2).
+            raise MalformedPacket(f"property {name} is not allowed in this packet")
         value: Any
         if kind == BYTE:
             if pos >= end:
