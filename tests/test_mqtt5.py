@@ -1,0 +1,1280 @@
+"""The broker's MQTT 5.0 behaviour, packet by packet, on StringTransports and a Clock.
+
+Every test names the normative statements of the MQTT 5.0 specification (OASIS Standard,
+7 March 2019) that it checks. Where the specification states a rule without an id, the test
+names the section. Every interval runs on ``broker.clock``; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqtt_broker import Message, ReasonCode, Refused
+from mqtt_broker.wire import (
+    Auth, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
+    Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
+)
+
+from protocol_helpers import FakeClient, connected, make_broker
+
+NEVER = 0xFFFFFFFF
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def v5(broker: Any, client_id: str = "c", **kwargs: Any) -> FakeClient:
+    """An MQTT 5 client, connected (CONNACK 0 asserted)."""
+    return connected(broker, client_id, version=5, **kwargs)
+
+
+def connect5(broker: Any, client_id: str = "c", **kwargs: Any) -> tuple[FakeClient, Connack]:
+    """An MQTT 5 client after its CONNECT, and the CONNACK it got (whatever its code)."""
+    client = FakeClient(broker, version=5)
+    connack = client.connect(client_id, **kwargs)
+    assert isinstance(connack, Connack), connack
+    return client, connack
+
+
+def persistent(expiry: int = 100, **properties: Any) -> dict[str, Any]:
+    return {"session_expiry_interval": expiry, **properties}
+
+
+def subscribe5(client: FakeClient, topic_filter: str, qos: int = 0, packet_id: int = 1,
+               subscription_id: int | None = None, **options: Any) -> list[Any]:
+    """SUBSCRIBE one filter with MQTT 5 options and an optional Subscription Identifier."""
+    properties = {"subscription_identifier": subscription_id} if subscription_id is not None else {}
+    client.send(Subscribe(packet_id=packet_id, properties=properties, subscriptions=(
+        SubscriptionRequest(topic_filter=topic_filter, qos=qos, **options),)))
+    return client.received()
+
+
+def payloads(packets: list[Any]) -> list[bytes]:
+    assert all(isinstance(p, Publish) for p in packets), packets
+    return [p.payload for p in packets]
+
+
+def assert_server_disconnect(client: FakeClient, reason: int) -> Disconnect:
+    """The broker's last packet is a DISCONNECT with ``reason``, and it closed the connection
+    [MQTT-3.14.4-1, MQTT-3.14.4-2]."""
+    packets = client.received()
+    assert packets, "the broker sent nothing"
+    last = packets[-1]
+    assert isinstance(last, Disconnect), packets
+    assert last.reason_code == reason, f"DISCONNECT 0x{last.reason_code:02x}, expected 0x{reason:02x}: {last}"
+    assert client.closed
+    return last
+
+
+def frame_sizes(data: bytes) -> list[int]:
+    """The size of each MQTT packet in ``data`` (fixed header included, section 2.1.4)."""
+    sizes = []
+    pos = 0
+    while pos < len(data):
+        index, length, shift = pos + 1, 0, 0
+        while True:
+            byte = data[index]
+            index += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+        sizes.append(index + length - pos)
+        pos = index + length
+    return sizes
+
+
+class AliasResolver:
+    """What a client does with the topic aliases it receives [MQTT-3.3.2-10]."""
+
+    def __init__(self) -> None:
+        self.topics: dict[int, str] = {}
+
+    def topic(self, packet: Publish) -> str:
+        alias = packet.properties.get("topic_alias")
+        if alias is None:
+            return packet.topic
+        if packet.topic:
+            self.topics[alias] = packet.topic
+            return packet.topic
+        return self.topics[alias]
+
+
+# --- CONNACK properties ----------------------------------------------------------------------
+
+def test_connack_always_announces_receive_maximum_packet_size_and_alias_maximum() -> None:
+    """[MQTT-3.2.2-15] [MQTT-3.2.2-17] [MQTT-4.12.0-6]: the CONNACK tells the client the broker's
+    Receive Maximum, Maximum Packet Size and Topic Alias Maximum; capabilities left on are not
+    announced (absent means available), nor is an Authentication Method nobody asked for."""
+    broker = make_broker(max_inflight_messages=7, max_packet_size=5000, max_topic_alias=3)
+    _, connack = connect5(broker, "c")
+    assert connack.reason_code == 0 and not connack.session_present
+    assert dict(connack.properties) == {
+        "receive_maximum": 7, "maximum_packet_size": 5000, "topic_alias_maximum": 3}
+
+
+def test_connack_announces_capabilities_turned_off() -> None:
+    """[MQTT-3.2.2-9] [MQTT-3.2.2-10]: Maximum QoS, Retain Available, Wildcard / Subscription
+    Identifier / Shared Subscription Available are sent (as 0, or the QoS) only when turned off;
+    a SUBSCRIBE asking for QoS 2 is still accepted and granted the maximum."""
+    broker = make_broker(max_qos=1, retain_available=False, wildcard_subscription_available=False,
+                         subscription_identifier_available=False, shared_subscription_available=False)
+    client, connack = connect5(broker, "c")
+    properties = dict(connack.properties)
+    assert properties["maximum_qos"] == 1
+    assert properties["retain_available"] == 0
+    assert properties["wildcard_subscription_available"] == 0
+    assert properties["subscription_identifier_available"] == 0
+    assert properties["shared_subscription_available"] == 0
+    assert client.subscribe("t", qos=2) == [Suback(packet_id=1, reason_codes=(1,))]
+
+    _, zero = connect5(make_broker(max_qos=0), "z")
+    assert zero.properties["maximum_qos"] == 0
+
+
+def test_publish_above_maximum_qos_or_retained_when_unavailable_is_refused() -> None:
+    """§3.2.2.3.4, §3.2.2.3.5 [MQTT-3.2.2-11] [MQTT-3.2.2-14]: a PUBLISH above the announced
+    Maximum QoS gets DISCONNECT 0x9B; a retained PUBLISH when Retain Available is 0 gets 0x9A."""
+    broker = make_broker(max_qos=1, retain_available=False)
+    qos2 = v5(broker, "a")
+    qos2.send(Publish(topic="t", qos=2, packet_id=1))
+    assert_server_disconnect(qos2, ReasonCode.QOS_NOT_SUPPORTED)
+    retained = v5(broker, "b")
+    retained.send(Publish(topic="t", retain=True))
+    assert_server_disconnect(retained, ReasonCode.RETAIN_NOT_SUPPORTED)
+
+
+def test_assigned_client_identifier_for_empty_client_id() -> None:
+    """[MQTT-3.1.3-6] [MQTT-3.1.3-7] [MQTT-3.2.2-16]: an empty ClientID is given a new, unique
+    one, returned as Assigned Client Identifier; MQTT 5 allows it with Clean Start 0 too."""
+    broker = make_broker()
+    first, connack = connect5(broker, "", clean=True)
+    assigned = connack.properties["assigned_client_identifier"]
+    assert connack.reason_code == 0 and assigned.startswith("auto-")
+    assert broker.sessions[assigned].connection is first.protocol
+
+    second, connack2 = connect5(broker, "", clean=False, properties=persistent())
+    assert connack2.reason_code == 0
+    other = connack2.properties["assigned_client_identifier"]
+    assert other != assigned and other in broker.sessions
+    assert not second.closed
+
+    _, named = connect5(broker, "named")
+    assert "assigned_client_identifier" not in named.properties
+
+
+def test_server_keep_alive_when_client_asks_more_than_the_maximum() -> None:
+    """[MQTT-3.2.2-21] [MQTT-3.1.2-22]: with max_keepalive 60, a client asking for 120 is told
+    Server Keep Alive 60, and the broker closes it after 1.5 x 60 seconds of silence."""
+    broker = make_broker(max_keepalive=60)
+    client, connack = connect5(broker, "c", keep_alive=120)
+    assert connack.reason_code == 0
+    assert connack.properties["server_keep_alive"] == 60
+    broker.clock.advance(89.9)
+    assert not client.closed
+    broker.clock.advance(0.2)
+    assert_server_disconnect(client, ReasonCode.KEEP_ALIVE_TIMEOUT)
+
+
+def test_server_keep_alive_when_client_asks_zero_and_a_maximum_is_set() -> None:
+    """[MQTT-3.2.2-21] [MQTT-3.2.2-22]: keep alive 0 (off) with a maximum set: Server Keep Alive
+    is the maximum; without a maximum, and within it, no Server Keep Alive is sent."""
+    _, capped = connect5(make_broker(max_keepalive=30), "c", keep_alive=0)
+    assert capped.properties["server_keep_alive"] == 30
+    _, within = connect5(make_broker(max_keepalive=30), "c", keep_alive=30)
+    assert "server_keep_alive" not in within.properties
+    _, unlimited = connect5(make_broker(), "c", keep_alive=0)
+    assert "server_keep_alive" not in unlimited.properties
+
+
+def test_session_expiry_capped_by_maximum_is_announced_and_used() -> None:
+    """§3.2.2.3.2 [MQTT-4.1.0-2]: a Session Expiry Interval above max_session_expiry_interval is
+    cut to it and the CONNACK says so; the session then ends after the capped interval."""
+    broker = make_broker(max_session_expiry_interval=100)
+    client, connack = connect5(broker, "c", clean=False, properties=persistent(1000))
+    assert connack.properties["session_expiry_interval"] == 100
+    _, same = connect5(broker, "d", clean=False, properties=persistent(50))
+    assert "session_expiry_interval" not in same.properties
+    client.lose()
+    broker.clock.advance(99)
+    assert "c" in broker.sessions
+    broker.clock.advance(2)
+    assert "c" not in broker.sessions
+
+
+def test_response_information_only_when_requested() -> None:
+    """[MQTT-3.1.2-28]: Response Information only with Request Response Information 1."""
+    broker = make_broker(response_information="replies/{client_id}")
+    _, asked = connect5(broker, "c", properties={"request_response_information": 1})
+    assert asked.properties["response_information"] == "replies/c"
+    _, refused = connect5(broker, "d", properties={"request_response_information": 0})
+    assert "response_information" not in refused.properties
+    _, silent = connect5(broker, "e")
+    assert "response_information" not in silent.properties
+
+
+# --- session expiry --------------------------------------------------------------------------
+
+def test_session_expiry_zero_ends_session_with_connection() -> None:
+    """§3.1.2.11.2 [MQTT-3.2.2-3]: Session Expiry Interval 0 (or absent): the session ends when
+    the network connection closes; a later Clean Start 0 finds no session."""
+    broker = make_broker()
+    client = v5(broker, "c", clean=False)
+    client.subscribe("t", qos=1)
+    client.lose()
+    assert "c" not in broker.sessions
+    assert list(broker.subscriptions) == []
+    again, connack = connect5(broker, "c", clean=False)
+    assert connack.reason_code == 0 and not connack.session_present
+
+
+def test_session_kept_for_its_expiry_interval_then_discarded() -> None:
+    """[MQTT-3.1.2-23] [MQTT-4.1.0-2]: a session with expiry N outlives the connection by N
+    seconds, then is discarded with its subscriptions."""
+    broker = make_broker()
+    client = v5(broker, "c", clean=False, properties=persistent(30))
+    client.subscribe("t", qos=1)
+    client.lose()
+    broker.clock.advance(29)
+    assert "c" in broker.sessions
+    assert [s.client_id for s in broker.subscriptions] == ["c"]
+    broker.clock.advance(2)
+    assert "c" not in broker.sessions
+    assert list(broker.subscriptions) == []
+    assert broker.subscriptions_of("c") == []
+
+
+def test_session_expiry_ffffffff_never_expires() -> None:
+    """§3.1.2.11.2 [MQTT-3.1.2-23]: Session Expiry Interval 0xFFFFFFFF: the session does not
+    expire."""
+    broker = make_broker()
+    client = v5(broker, "c", clean=False, properties=persistent(NEVER))
+    client.subscribe("t", qos=1)
+    client.lose()
+    broker.clock.advance(10 * NEVER)
+    assert "c" in broker.sessions
+    again, connack = connect5(broker, "c", clean=False, properties=persistent(NEVER))
+    assert connack.session_present
+
+
+def test_clean_start_discards_existing_session() -> None:
+    """[MQTT-3.1.2-4] [MQTT-3.2.2-2]: Clean Start 1 discards the session: Session Present 0 and
+    the old subscriptions no longer deliver."""
+    broker = make_broker()
+    old = v5(broker, "c", clean=False, properties=persistent())
+    old.subscribe("t", qos=1)
+    old.lose()
+    again, connack = connect5(broker, "c", clean=True, properties=persistent())
+    assert connack == Connack(session_present=False, reason_code=0, properties=connack.properties)
+    broker.publish("t", b"x", qos=1)
+    assert again.received() == []
+    assert list(broker.subscriptions) == []
+
+
+def test_clean_start_zero_resumes_existing_session() -> None:
+    """[MQTT-3.1.2-5] [MQTT-3.2.2-3]: Clean Start 0 with a session: Session Present 1, its
+    subscriptions still deliver."""
+    broker = make_broker()
+    old = v5(broker, "c", clean=False, properties=persistent())
+    old.subscribe("t", qos=1)
+    old.lose()
+    again, connack = connect5(broker, "c", clean=False, properties=persistent())
+    assert connack.reason_code == 0 and connack.session_present
+    broker.publish("t", b"x", qos=1)
+    assert payloads(again.received()) == [b"x"]
+
+
+def test_disconnect_changes_session_expiry() -> None:
+    """§3.14.2.2.2 [MQTT-3.1.2-23]: a Session Expiry Interval on DISCONNECT replaces the one of
+    CONNECT: longer keeps the session longer, 0 ends it at once."""
+    broker = make_broker()
+    longer = v5(broker, "long", clean=False, properties=persistent(10))
+    longer.send(Disconnect(properties={"session_expiry_interval": 100}))
+    assert longer.closed
+    broker.clock.advance(50)
+    assert "long" in broker.sessions
+    broker.clock.advance(51)
+    assert "long" not in broker.sessions
+
+    ending = v5(broker, "end", clean=False, properties=persistent(100))
+    ending.subscribe("t")
+    ending.send(Disconnect(properties={"session_expiry_interval": 0}))
+    assert "end" not in broker.sessions and list(broker.subscriptions) == []
+
+
+def test_nonzero_session_expiry_on_disconnect_after_zero_is_protocol_error() -> None:
+    """§3.14.2.2.2 [MQTT-3.1.2-8]: expiry 0 at CONNECT and non-zero at DISCONNECT is a Protocol
+    Error: DISCONNECT 0x82 from the broker, the connection closed, and as the DISCONNECT was
+    not valid, the will is published and the session still ends."""
+    broker = make_broker()
+    watcher = connected(broker, "w")
+    watcher.subscribe("will")
+    client = v5(broker, "c", will=Will(topic="will", payload=b"bye"))
+    client.send(Disconnect(properties={"session_expiry_interval": 60}))
+    assert_server_disconnect(client, ReasonCode.PROTOCOL_ERROR)
+    assert payloads(watcher.received()) == [b"bye"]
+    assert "c" not in broker.sessions
+
+
+def test_disconnect_expiry_allowed_when_connect_asked_nonzero_but_was_capped() -> None:
+    """§3.14.2.2.2: only a zero Session Expiry Interval *in the CONNECT packet* makes a non-zero
+    one on DISCONNECT a Protocol Error. A client that asked for 60 (capped to 0 by the broker)
+    may send one; its DISCONNECT 0x00 is valid, so no DISCONNECT 0x82 and no will
+    [MQTT-3.14.4-3]."""
+    broker = make_broker(max_session_expiry_interval=0)
+    watcher = connected(broker, "w")
+    watcher.subscribe("will")
+    client, connack = connect5(broker, "c", properties=persistent(60),
+                               will=Will(topic="will", payload=b"bye"))
+    assert connack.properties["session_expiry_interval"] == 0
+    client.send(Disconnect(properties={"session_expiry_interval": 60}))
+    assert client.received() == []
+    assert client.closed
+    assert watcher.received() == []
+    assert "c" not in broker.sessions  # still capped to 0
+
+
+# --- message expiry --------------------------------------------------------------------------
+
+def test_queued_message_expires_and_is_never_delivered() -> None:
+    """[MQTT-3.3.2-5]: a message waiting for an offline session past its Message Expiry Interval
+    is deleted, not delivered when the session resumes; one without expiry still is."""
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=persistent())
+    sub.subscribe("t", qos=1)
+    sub.lose()
+    pub = v5(broker, "pub")
+    pub.publish("t", b"short", qos=1, properties={"message_expiry_interval": 5})
+    pub.publish("t", b"forever", qos=1)
+    broker.clock.advance(6)
+    again, connack = connect5(broker, "sub", clean=False, properties=persistent())
+    assert connack.session_present
+    assert payloads(again.received()) == [b"forever"]
+    assert broker.stats.messages_expired == 1
+
+
+def test_forwarded_message_carries_remaining_expiry_interval() -> None:
+    """[MQTT-3.3.2-6]: the PUBLISH sent to a client carries the received Message Expiry
+    Interval minus the time the message waited in the broker."""
+    broker = make_broker()
+    live = v5(broker, "live")
+    live.subscribe("t", qos=1)
+    sub = v5(broker, "sub", clean=False, properties=persistent())
+    sub.subscribe("t", qos=1)
+    sub.lose()
+    pub = v5(broker, "pub")
+    pub.publish("t", b"m", qos=1, properties={"message_expiry_interval": 10})
+    [now] = live.received()
+    assert now.properties["message_expiry_interval"] == 10
+    broker.clock.advance(4)
+    again, _ = connect5(broker, "sub", clean=False, properties=persistent())
+    [later] = again.received()
+    assert later.payload == b"m"
+    assert later.properties["message_expiry_interval"] == 6
+
+
+def test_retained_message_expires() -> None:
+    """[MQTT-3.3.2-5] [MQTT-3.3.2-6] §3.3.1.3: a retained message is sent to new subscribers with
+    the remaining expiry, and not at all once it has expired."""
+    broker = make_broker()
+    pub = v5(broker, "pub")
+    pub.publish("r", b"state", retain=True, properties={"message_expiry_interval": 10})
+    broker.clock.advance(4)
+    early = v5(broker, "early")
+    packets = early.subscribe("r")
+    assert packets[0] == Suback(packet_id=1, reason_codes=(0,))
+    [retained] = packets[1:]
+    assert retained.retain and retained.payload == b"state"
+    assert retained.properties["message_expiry_interval"] == 6
+    broker.clock.advance(7)
+    late = v5(broker, "late")
+    assert late.subscribe("r") == [Suback(packet_id=1, reason_codes=(0,))]
+    assert broker.retained.get("r") is None
+
+
+# --- will ------------------------------------------------------------------------------------
+
+def _will_watcher(broker: Any) -> FakeClient:
+    """An MQTT 3.1.1 watcher: it sees when a will is published, whatever its properties."""
+    watcher = connected(broker, "watcher")
+    watcher.subscribe("will/#")
+    return watcher
+
+
+def test_will_delay_interval_delays_the_will() -> None:
+    """[MQTT-3.1.2-8] [MQTT-3.1.3-9]: the will is published when the Will Delay Interval has
+    passed, not before."""
+    broker = make_broker()
+    watcher = _will_watcher(broker)
+    client = v5(broker, "c", properties=persistent(100),
+                will=Will(topic="will/c", payload=b"gone", properties={"will_delay_interval": 10}))
+    client.lose()
+    broker.clock.advance(9)
+    assert watcher.received() == []
+    broker.clock.advance(2)
+    assert watcher.received() == [Publish(topic="will/c", payload=b"gone")]
+
+
+def test_reconnect_within_will_delay_cancels_the_will() -> None:
+    """[MQTT-3.1.3-9] [MQTT-3.1.2-8]: a new connection to the session before the Will Delay
+    Interval has passed: the will is never sent."""
+    broker = make_broker()
+    watcher = _will_watcher(broker)
+    client = v5(broker, "c", properties=persistent(100),
+                will=Will(topic="will/c", payload=b"gone", properties={"will_delay_interval": 10}))
+    client.lose()
+    broker.clock.advance(5)
+    again, connack = connect5(broker, "c", clean=False, properties=persistent(100))
+    assert connack.session_present
+    broker.clock.advance(200)
+    assert watcher.received() == []
+
+
+def test_reconnect_with_clean_start_within_will_delay_publishes_the_will() -> None:
+    """[MQTT-3.1.2-8] §3.1.3.2.2: Clean Start 1 ends the old session, and the will is due when
+    the session ends, whichever comes first."""
+    broker = make_broker()
+    watcher = _will_watcher(broker)
+    client = v5(broker, "c", properties=persistent(100),
+                will=Will(topic="will/c", payload=b"gone", properties={"will_delay_interval": 10}))
+    client.lose()
+    broker.clock.advance(5)
+    v5(broker, "c", clean=True)
+    assert payloads(watcher.received()) == [b"gone"]
+    broker.clock.advance(200)
+    assert watcher.received() == []
+
+
+def test_will_delay_longer_than_session_expiry_publishes_at_session_end() -> None:
+    """[MQTT-3.1.2-8] §3.1.3.2.2: the will waits for the delay or the session's end, whichever
+    happens first."""
+    broker = make_broker()
+    watcher = _will_watcher(broker)
+    client = v5(broker, "c", properties=persistent(10),
+                will=Will(topic="will/c", payload=b"gone", properties={"will_delay_interval": 100}))
+    client.lose()
+    broker.clock.advance(9)
+    assert watcher.received() == []
+    broker.clock.advance(2)
+    assert payloads(watcher.received()) == [b"gone"]
+    assert "c" not in broker.sessions
+    broker.clock.advance(200)
+    assert watcher.received() == []
+
+
+def test_disconnect_with_will_message_publishes_the_will() -> None:
+    """[MQTT-3.1.2-8] §3.14.2.1: DISCONNECT with reason 0x04 (Disconnect with Will Message)
+    publishes the will."""
+    broker = make_broker()
+    watcher = _will_watcher(broker)
+    client = v5(broker, "c", will=Will(topic="will/c", payload=b"gone"))
+    client.send(Disconnect(reason_code=ReasonCode.DISCONNECT_WITH_WILL_MESSAGE))
+    assert client.closed
+    assert payloads(watcher.received()) == [b"gone"]
+
+
+def test_normal_disconnect_discards_the_will() -> None:
+    """[MQTT-3.14.4-3] [MQTT-3.1.2-10]: DISCONNECT 0x00 discards the will, delayed or not."""
+    broker = make_broker()
+    watcher = _will_watcher(broker)
+    plain = v5(broker, "a", will=Will(topic="will/a", payload=b"gone"))
+    plain.send(Disconnect(reason_code=0))
+    delayed = v5(broker, "b", properties=persistent(100),
+                 will=Will(topic="will/b", payload=b"gone", properties={"will_delay_interval": 5}))
+    delayed.send(Disconnect(reason_code=0))
+    plain.lose()
+    delayed.lose()
+    broker.clock.advance(200)
+    assert watcher.received() == []
+
+
+def test_will_properties_are_forwarded_and_will_delay_is_not() -> None:
+    """[MQTT-3.1.3-10] [MQTT-3.3.2-17] [MQTT-3.3.2-18] [MQTT-3.3.2-20]: the will's User
+    Properties (in order) and Content Type reach an MQTT 5 subscriber. The Will Delay Interval
+    is a will property, not a PUBLISH property (table 2-4): it must not be forwarded, or the
+    subscriber sees a malformed PUBLISH."""
+    broker = make_broker()
+    watcher = v5(broker, "watcher")
+    watcher.subscribe("will/#")
+    users = [("z", "1"), ("a", "2"), ("z", "3")]
+    client = v5(broker, "c", properties=persistent(100), will=Will(
+        topic="will/c", payload=b"gone",
+        properties={"will_delay_interval": 1, "user_property": users, "content_type": "text/plain"}))
+    client.lose()
+    broker.clock.advance(2)
+    [will] = watcher.received()
+    assert will.topic == "will/c" and will.payload == b"gone"
+    assert dict(will.properties) == {"user_property": users, "content_type": "text/plain"}
+
+
+# --- flow control ----------------------------------------------------------------------------
+
+def test_client_receive_maximum_limits_unacknowledged_publishes() -> None:
+    """[MQTT-3.3.4-9] [MQTT-4.9.0-2]: a client with Receive Maximum 2 has at most 2 QoS 1
+    PUBLISHes unacknowledged; the rest wait, in order, and go as PUBACKs come."""
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"receive_maximum": 2})
+    sub.subscribe("t", qos=1)
+    pub = v5(broker, "pub")
+    for n in range(5):
+        pub.publish("t", str(n).encode(), qos=1)
+    first = sub.received()
+    assert payloads(first) == [b"0", b"1"]
+    sub.send(Puback(packet_id=first[0].packet_id))
+    [third] = sub.received()
+    assert third.payload == b"2"
+    sub.send(Puback(packet_id=first[1].packet_id), Puback(packet_id=third.packet_id))
+    assert payloads(sub.received()) == [b"3", b"4"]
+
+
+def test_resent_messages_respect_the_new_connections_receive_maximum() -> None:
+    """[MQTT-3.3.4-9] [MQTT-4.4.0-1]: on resuming a session the unacknowledged PUBLISHes are
+    resent, but never more than the new connection's Receive Maximum at once (the send quota
+    is not part of the session state, §4.9)."""
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=persistent(receive_maximum=5))
+    sub.subscribe("t", qos=1)
+    for n in range(5):
+        broker.publish("t", str(n).encode(), qos=1)
+    assert len(sub.received()) == 5
+    sub.lose()
+    again, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=2))
+    resent = again.received()
+    assert len(resent) <= 2, f"{len(resent)} unacknowledged PUBLISHes with Receive Maximum 2"
+    assert all(p.dup for p in resent)
+
+
+def test_client_exceeding_broker_receive_maximum_is_disconnected() -> None:
+    """§3.3.4 [MQTT-3.3.4-7]: more QoS 2 PUBLISHes awaiting PUBREL than the broker's Receive
+    Maximum: DISCONNECT 0x93 (Receive Maximum exceeded)."""
+    broker = make_broker(max_inflight_messages=2)
+    pub, connack = connect5(broker, "pub")
+    assert connack.properties["receive_maximum"] == 2
+    assert pub.publish("t", qos=2, packet_id=1) == [Pubrec(packet_id=1, reason_code=0x10)]
+    assert pub.publish("t", qos=2, packet_id=2) == [Pubrec(packet_id=2, reason_code=0x10)]
+    pub.send(Publish(topic="t", qos=2, packet_id=3))
+    assert_server_disconnect(pub, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+
+
+# --- maximum packet size ---------------------------------------------------------------------
+
+def test_message_larger_than_client_maximum_packet_size_is_dropped() -> None:
+    """[MQTT-3.1.2-24] [MQTT-3.1.2-25]: a PUBLISH larger than the client's Maximum Packet Size is
+    not sent; it counts as delivered (it takes no in-flight slot) and is counted as dropped;
+    smaller ones still go."""
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"maximum_packet_size": 64})
+    sub.subscribe("t", qos=1)
+    pub = v5(broker, "pub")
+    pub.publish("t", b"small", qos=1)
+    pub.publish("t", b"x" * 200, qos=1)
+    pub.publish("t", b"after", qos=1)
+    raw = sub.transport.value()
+    assert all(size <= 64 for size in frame_sizes(raw))
+    assert payloads(sub.received()) == [b"small", b"after"]
+    assert broker.stats.messages_dropped == 1
+    assert len(broker.sessions["sub"].outgoing) == 2
+
+
+def test_packet_larger_than_broker_maximum_gets_disconnect_0x95() -> None:
+    """[MQTT-3.2.2-15] §3.2.2.3.6: a packet over the broker's Maximum Packet Size: DISCONNECT
+    0x95 (Packet too large) and the connection is closed, as soon as the header announces it."""
+    broker = make_broker(max_packet_size=1024)
+    pub, connack = connect5(broker, "pub")
+    assert connack.properties["maximum_packet_size"] == 1024
+    header = encode(Publish(topic="t", payload=b"x" * 2000), 5)[:5]
+    pub.send_bytes(header)
+    assert_server_disconnect(pub, ReasonCode.PACKET_TOO_LARGE)
+
+
+def test_reason_strings_left_out_when_they_would_exceed_client_maximum_packet_size() -> None:
+    """[MQTT-3.4.2-2] [MQTT-3.14.2-3] [MQTT-3.1.2-24]: the broker must not add a Reason String
+    that makes a PUBACK or DISCONNECT larger than the client's Maximum Packet Size."""
+    broker = make_broker()
+    broker.hooks.on_publish(lambda client, message: Refused(
+        ReasonCode.NOT_AUTHORIZED, "a reason string far longer than twenty bytes"))
+    client = v5(broker, "c", properties={"maximum_packet_size": 20})
+    client.send(Publish(topic="t", qos=1, packet_id=1))
+    client.send(Publish(topic="t", properties={"subscription_identifier": [1]}))
+    raw = client.transport.value()
+    assert all(size <= 20 for size in frame_sizes(raw)), frame_sizes(raw)
+    packets = client.received()
+    assert [(type(p), p.reason_code) for p in packets] == [
+        (Puback, ReasonCode.NOT_AUTHORIZED), (Disconnect, ReasonCode.PROTOCOL_ERROR)]
+    assert client.closed
+
+
+# --- topic aliases ---------------------------------------------------------------------------
+
+def test_inbound_topic_alias_set_then_used() -> None:
+    """[MQTT-3.3.2-12] §3.3.4: a PUBLISH with a topic and an alias sets it; a later PUBLISH with
+    an empty topic and that alias goes to that topic. The alias is not forwarded."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    sub.subscribe("sensors/#")
+    pub = v5(broker, "pub")
+    pub.publish("sensors/long/name", b"1", properties={"topic_alias": 3})
+    pub.publish("", b"2", properties={"topic_alias": 3})
+    pub.publish("sensors/other", b"3", properties={"topic_alias": 3})  # remaps 3
+    pub.publish("", b"4", properties={"topic_alias": 3})
+    received = sub.received()
+    assert [(p.topic, p.payload) for p in received] == [
+        ("sensors/long/name", b"1"), ("sensors/long/name", b"2"),
+        ("sensors/other", b"3"), ("sensors/other", b"4")]
+    assert all("topic_alias" not in p.properties for p in received)
+    assert not pub.closed
+
+
+def test_inbound_topic_alias_zero_is_invalid() -> None:
+    """[MQTT-3.3.2-8] §3.3.4: a Topic Alias of 0 gets DISCONNECT 0x94 (Topic Alias invalid)."""
+    broker = make_broker()
+    pub = v5(broker, "pub")
+    pub.send(Publish(topic="t", properties={"topic_alias": 0}))
+    assert_server_disconnect(pub, ReasonCode.TOPIC_ALIAS_INVALID)
+
+
+def test_inbound_topic_alias_above_maximum_is_invalid() -> None:
+    """[MQTT-3.3.2-9] [MQTT-3.2.2-17] §3.3.4: a Topic Alias above the announced Topic Alias
+    Maximum gets DISCONNECT 0x94."""
+    broker = make_broker(max_topic_alias=4)
+    pub = v5(broker, "pub")
+    pub.publish("t", properties={"topic_alias": 4})
+    assert not pub.closed
+    pub.send(Publish(topic="t", properties={"topic_alias": 5}))
+    assert_server_disconnect(pub, ReasonCode.TOPIC_ALIAS_INVALID)
+
+
+def test_inbound_unknown_topic_alias_with_empty_topic_is_protocol_error() -> None:
+    """§3.3.4 (3a): an empty topic with an alias that has no mapping: DISCONNECT 0x82."""
+    broker = make_broker()
+    pub = v5(broker, "pub")
+    pub.send(Publish(topic="", properties={"topic_alias": 2}))
+    assert_server_disconnect(pub, ReasonCode.PROTOCOL_ERROR)
+
+
+def test_inbound_topic_aliases_do_not_outlive_the_connection() -> None:
+    """[MQTT-3.3.2-7]: alias mappings are not carried to the next network connection."""
+    broker = make_broker()
+    pub = v5(broker, "pub", clean=False, properties=persistent())
+    pub.publish("t", properties={"topic_alias": 1})
+    pub.lose()
+    again = v5(broker, "pub", clean=False, properties=persistent())
+    again.send(Publish(topic="", properties={"topic_alias": 1}))
+    assert_server_disconnect(again, ReasonCode.PROTOCOL_ERROR)
+
+
+def test_outbound_topic_alias_set_then_used() -> None:
+    """[MQTT-3.1.2-26] [MQTT-3.3.2-11]: to a client with Topic Alias Maximum 2, the first
+    PUBLISH to a topic carries topic and alias, the next an empty topic and the same alias."""
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"topic_alias_maximum": 2})
+    sub.subscribe("a/#", qos=1)
+    broker.publish("a/x", b"1", qos=1)
+    broker.publish("a/x", b"2", qos=1)
+    first, second = sub.received()
+    assert (first.topic, first.properties["topic_alias"], first.payload) == ("a/x", 1, b"1")
+    assert (second.topic, second.properties["topic_alias"], second.payload) == ("", 1, b"2")
+
+
+def test_no_outbound_topic_alias_without_client_maximum() -> None:
+    """[MQTT-3.1.2-27]: Topic Alias Maximum absent: the broker sends no Topic Alias."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    sub.subscribe("a/#")
+    for _ in range(3):
+        broker.publish("a/x", b"m")
+    received = sub.received()
+    assert [p.topic for p in received] == ["a/x"] * 3
+    assert all("topic_alias" not in p.properties for p in received)
+
+
+def test_outbound_topic_alias_reuses_least_recently_used() -> None:
+    """[MQTT-3.3.2-11] [MQTT-3.1.2-26] §3.3.2.3.4: with Topic Alias Maximum 2 and three topics,
+    a new topic takes the alias of the least recently used one (sent with its topic, so the
+    mapping is remapped); aliases never exceed 2 and always resolve to the real topic."""
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"topic_alias_maximum": 2})
+    sub.subscribe("a/#")
+    sequence = ["a/1", "a/2", "a/1", "a/3", "a/2"]
+    for topic in sequence:
+        broker.publish(topic, topic.encode())
+    received = sub.received()
+    assert [(p.topic, p.properties["topic_alias"]) for p in received] == [
+        ("a/1", 1), ("a/2", 2), ("", 1), ("a/3", 2), ("a/2", 1)]
+    resolver = AliasResolver()
+    assert [resolver.topic(p) for p in received] == sequence
+
+
+def test_outbound_topic_alias_stays_consistent_after_an_oversize_drop() -> None:
+    """[MQTT-3.1.2-25] [MQTT-3.3.2-3] [MQTT-3.3.2-11]: a PUBLISH dropped for the client's Maximum
+    Packet Size must not leave two topics on one alias: every PUBLISH the client receives
+    resolves, through its alias mappings, to the topic it was published on."""
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"topic_alias_maximum": 2, "maximum_packet_size": 60})
+    sub.subscribe("a/#")
+    published = [("a/1", b"1"), ("a/2", b"2"), ("a/3", b"x" * 100), ("a/4", b"4"), ("a/2", b"5")]
+    for topic, payload in published:
+        broker.publish(topic, payload)
+    received = sub.received()
+    assert broker.stats.messages_dropped == 1
+    resolver = AliasResolver()
+    assert [(resolver.topic(p), p.payload) for p in received] == [
+        (t, p) for t, p in published if t != "a/3"]
+
+
+# --- subscription options --------------------------------------------------------------------
+
+def test_no_local() -> None:
+    """[MQTT-3.8.3-3]: with No Local, a client's own messages are not forwarded to it; other
+    clients' messages are."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    subscribe5(client, "t", qos=1, no_local=True)
+    assert client.publish("t", b"own", qos=1) == [Puback(packet_id=1, reason_code=0x10)]
+    assert client.received() == []
+    other = v5(broker, "other")
+    other.publish("t", b"theirs")
+    assert payloads(client.received()) == [b"theirs"]
+
+
+def test_retain_as_published() -> None:
+    """[MQTT-3.3.1-12] [MQTT-3.3.1-13]: Retain As Published 1 keeps the RETAIN flag on forwarded
+    messages; 0 clears it."""
+    broker = make_broker()
+    keep = v5(broker, "keep")
+    subscribe5(keep, "t", retain_as_published=True)
+    clear = v5(broker, "clear")
+    subscribe5(clear, "t", retain_as_published=False)
+    pub = v5(broker, "pub")
+    pub.publish("t", b"r", retain=True)
+    pub.publish("t", b"n", retain=False)
+    assert [(p.payload, p.retain) for p in keep.received()] == [(b"r", True), (b"n", False)]
+    assert [(p.payload, p.retain) for p in clear.received()] == [(b"r", False), (b"n", False)]
+
+
+def test_retain_handling_0_sends_retained_on_every_subscribe() -> None:
+    """[MQTT-3.3.1-9] [MQTT-3.8.4-4]: Retain Handling 0 sends the retained messages at each
+    SUBSCRIBE, even one that replaces an existing subscription; they carry RETAIN 1."""
+    broker = make_broker()
+    broker.publish("r", b"state", retain=True)
+    sub = v5(broker, "sub")
+    first = subscribe5(sub, "r", retain_handling=0)
+    again = subscribe5(sub, "r", retain_handling=0, packet_id=2)
+    assert [(p.payload, p.retain) for p in first[1:]] == [(b"state", True)]
+    assert [(p.payload, p.retain) for p in again[1:]] == [(b"state", True)]
+
+
+def test_retain_handling_1_sends_retained_only_for_a_new_subscription() -> None:
+    """[MQTT-3.3.1-10]: Retain Handling 1 sends retained messages only if the subscription did
+    not already exist."""
+    broker = make_broker()
+    broker.publish("r", b"state", retain=True)
+    sub = v5(broker, "sub")
+    first = subscribe5(sub, "r", retain_handling=1)
+    assert first[0] == Suback(packet_id=1, reason_codes=(0,))
+    assert payloads(first[1:]) == [b"state"]
+    assert subscribe5(sub, "r", retain_handling=1, packet_id=2) == [Suback(packet_id=2, reason_codes=(0,))]
+
+
+def test_retain_handling_2_never_sends_retained() -> None:
+    """[MQTT-3.3.1-11]: Retain Handling 2: no retained messages at subscribe; live ones flow."""
+    broker = make_broker()
+    broker.publish("r", b"state", retain=True)
+    sub = v5(broker, "sub")
+    assert subscribe5(sub, "r", retain_handling=2) == [Suback(packet_id=1, reason_codes=(0,))]
+    assert subscribe5(sub, "r", retain_handling=2, packet_id=2) == [Suback(packet_id=2, reason_codes=(0,))]
+    broker.publish("r", b"live")
+    assert payloads(sub.received()) == [b"live"]
+
+
+def test_subscription_identifier_delivered_with_each_message() -> None:
+    """[MQTT-3.3.4-3] §3.8.2.1.2: the Subscription Identifier of the matching subscription is in
+    every PUBLISH sent through it, retained ones included; re-subscribing without one removes
+    it (§3.8.4)."""
+    broker = make_broker()
+    broker.publish("t", b"kept", retain=True)
+    sub = v5(broker, "sub")
+    packets = subscribe5(sub, "t", qos=1, subscription_id=7)
+    assert packets[0] == Suback(packet_id=1, reason_codes=(1,))
+    assert [p.properties["subscription_identifier"] for p in packets[1:]] == [[7]]
+    broker.publish("t", b"a")
+    broker.publish("t", b"b", qos=1)
+    assert [p.properties.get("subscription_identifier") for p in sub.received()] == [[7], [7]]
+    subscribe5(sub, "t", qos=1, packet_id=2, retain_handling=2)
+    broker.publish("t", b"c")
+    [plain] = sub.received()
+    assert "subscription_identifier" not in plain.properties
+
+
+def test_overlapping_subscriptions_one_copy_with_both_identifiers_and_higher_qos() -> None:
+    """[MQTT-3.3.4-2] [MQTT-3.3.4-3] [MQTT-3.3.4-4]: a message matching two subscriptions of a
+    client comes once, at the highest granted QoS, carrying both Subscription Identifiers."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    subscribe5(sub, "a/+", qos=0, packet_id=1, subscription_id=1)
+    subscribe5(sub, "a/#", qos=1, packet_id=2, subscription_id=2)
+    connected(broker, "pub").publish("a/b", b"m", qos=2)
+    [message] = sub.received()
+    assert message.qos == 1 and message.payload == b"m"
+    assert sorted(message.properties["subscription_identifier"]) == [1, 2]
+
+
+def test_subscription_identifier_when_unsupported_gets_disconnect_0xa1() -> None:
+    """§3.2.2.3.12: a SUBSCRIBE with a Subscription Identifier when they are not supported:
+    DISCONNECT 0xA1 (Subscription Identifiers not supported)."""
+    broker = make_broker(subscription_identifier_available=False)
+    client = v5(broker, "c")
+    client.send(Subscribe(packet_id=1, properties={"subscription_identifier": 3},
+                          subscriptions=(SubscriptionRequest(topic_filter="t"),)))
+    assert_server_disconnect(client, ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
+    assert broker.subscriptions_of("c") == []
+
+
+def test_publish_from_client_with_subscription_identifier_is_protocol_error() -> None:
+    """[MQTT-3.3.4-6]: a PUBLISH from a client must not carry a Subscription Identifier:
+    DISCONNECT 0x82."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    sub.subscribe("t")
+    pub = v5(broker, "pub")
+    pub.send(Publish(topic="t", payload=b"x", properties={"subscription_identifier": [5]}))
+    assert_server_disconnect(pub, ReasonCode.PROTOCOL_ERROR)
+    assert sub.received() == []
+
+
+# --- shared subscriptions --------------------------------------------------------------------
+
+def test_shared_subscription_round_robin_and_non_member_gets_all() -> None:
+    """§4.8.2 [MQTT-4.8.2-3]: each message matching $share/g/t goes to exactly one member (here
+    in turn); a non-shared subscriber to t gets every message."""
+    broker = make_broker()
+    m1 = v5(broker, "m1")
+    m2 = v5(broker, "m2")
+    for member in (m1, m2):
+        assert member.subscribe("$share/g/t", qos=1) == [Suback(packet_id=1, reason_codes=(1,))]
+    plain = v5(broker, "plain")
+    plain.subscribe("t")
+    owner = []
+    for n in range(6):
+        broker.publish("t", str(n).encode(), qos=1)
+        got1, got2 = m1.received(), m2.received()
+        assert len(got1) + len(got2) == 1, (n, got1, got2)
+        owner.append(1 if got1 else 2)
+        (m1 if got1 else m2).send(Puback(packet_id=(got1 or got2)[0].packet_id))
+    assert owner in ([1, 2] * 3, [2, 1] * 3)
+    assert payloads(plain.received()) == [str(n).encode() for n in range(6)]
+
+
+def test_shared_subscription_gets_no_retained_messages() -> None:
+    """§3.8.4 §4.8.2 [MQTT-3.3.1-9 applies to non-shared subscriptions only]: no retained
+    messages are sent on a shared subscribe."""
+    broker = make_broker()
+    broker.publish("t", b"state", retain=True)
+    member = v5(broker, "m")
+    assert member.subscribe("$share/g/t") == [Suback(packet_id=1, reason_codes=(0,))]
+    broker.publish("t", b"live")
+    assert payloads(member.received()) == [b"live"]
+
+
+def test_shared_qos1_unacknowledged_goes_to_another_member_when_session_ends() -> None:
+    """§4.8.2: a QoS 1 message sent to a member whose session ends before it acknowledged is
+    sent to another member of the shared subscription."""
+    broker = make_broker()
+    members = {"m1": v5(broker, "m1"), "m2": v5(broker, "m2")}
+    for member in members.values():
+        member.subscribe("$share/g/t", qos=1)
+    broker.publish("t", b"work", qos=1)
+    holders = [name for name, m in members.items() if payloads(m.received()) == [b"work"]]
+    assert len(holders) == 1
+    [other] = [m for name, m in members.items() if name != holders[0]]
+    members[holders[0]].lose()  # session expiry 0: the session ends now
+    [handed_over] = other.received()
+    assert handed_over.payload == b"work" and handed_over.qos == 1
+
+
+def test_shared_qos2_in_flight_is_not_sent_to_another_member() -> None:
+    """[MQTT-4.8.2-5]: a QoS 2 message being delivered to a member whose session ends before it
+    reconnects MUST NOT be sent to any other member."""
+    broker = make_broker()
+    members = {"m1": v5(broker, "m1"), "m2": v5(broker, "m2")}
+    for member in members.values():
+        member.subscribe("$share/g/t", qos=2)
+    broker.publish("t", b"once", qos=2)
+    holders = [name for name, m in members.items() if payloads(m.received()) == [b"once"]]
+    assert len(holders) == 1
+    [other] = [m for name, m in members.items() if name != holders[0]]
+    members[holders[0]].lose()
+    assert other.received() == []
+
+
+def test_shared_subscriptions_unavailable_gets_suback_0x9e() -> None:
+    """[MQTT-3.9.3-2] §3.2.2.3.13: shared subscriptions turned off: SUBACK 0x9E (Shared
+    Subscriptions not supported) for a $share filter; the other filters are granted."""
+    broker = make_broker(shared_subscription_available=False)
+    client = v5(broker, "c")
+    client.send(Subscribe(packet_id=4, subscriptions=(
+        SubscriptionRequest(topic_filter="$share/g/t"), SubscriptionRequest(topic_filter="t", qos=1))))
+    assert client.received() == [Suback(packet_id=4, reason_codes=(0x9E, 1))]
+
+
+def test_no_local_on_shared_subscription_is_protocol_error() -> None:
+    """[MQTT-3.8.3-4]: No Local on a shared subscription is a Protocol Error: DISCONNECT 0x82."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    client.send(Subscribe(packet_id=1, subscriptions=(
+        SubscriptionRequest(topic_filter="$share/g/t", no_local=True),)))
+    assert_server_disconnect(client, ReasonCode.PROTOCOL_ERROR)
+    assert list(broker.subscriptions) == []
+
+
+# --- reason codes ----------------------------------------------------------------------------
+
+def test_suback_0x8f_for_invalid_topic_filter() -> None:
+    """[MQTT-3.8.4-7] [MQTT-3.9.3-1] [MQTT-3.9.3-2]: an invalid filter gets SUBACK 0x8F (Topic
+    Filter invalid) in MQTT 5, in the position of its filter; the others are granted."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    client.send(Subscribe(packet_id=2, subscriptions=(
+        SubscriptionRequest(topic_filter="ok", qos=1), SubscriptionRequest(topic_filter="a/#/b"),
+        SubscriptionRequest(topic_filter="x+"), SubscriptionRequest(topic_filter="$share/g+/t"))))
+    assert client.received() == [Suback(packet_id=2, reason_codes=(1, 0x8F, 0x8F, 0x8F))]
+    assert not client.closed
+
+
+def test_suback_0xa2_when_wildcards_unavailable() -> None:
+    """[MQTT-3.9.3-2] §3.2.2.3.11: wildcard subscriptions turned off: a filter with + or # gets
+    SUBACK 0xA2; a plain one is granted."""
+    broker = make_broker(wildcard_subscription_available=False)
+    client = v5(broker, "c")
+    client.send(Subscribe(packet_id=1, subscriptions=(
+        SubscriptionRequest(topic_filter="a/+"), SubscriptionRequest(topic_filter="#"),
+        SubscriptionRequest(topic_filter="a/b"))))
+    assert client.received() == [Suback(packet_id=1, reason_codes=(0xA2, 0xA2, 0))]
+
+
+def test_suback_codes_from_subscribe_hook() -> None:
+    """[MQTT-3.8.4-7] [MQTT-3.9.3-2]: an on_subscribe hook's False refuses with 0x80
+    (Unspecified error); ReasonCode.NOT_AUTHORIZED refuses with 0x87."""
+    broker = make_broker()
+
+    def hook(client: Any, subscription: Any) -> Any:
+        return {"no": False, "secret": ReasonCode.NOT_AUTHORIZED}.get(subscription.topic_filter)
+
+    broker.hooks.on_subscribe(hook)
+    client = v5(broker, "c")
+    client.send(Subscribe(packet_id=5, subscriptions=(
+        SubscriptionRequest(topic_filter="no", qos=1), SubscriptionRequest(topic_filter="secret", qos=1),
+        SubscriptionRequest(topic_filter="yes", qos=1))))
+    assert client.received() == [Suback(packet_id=5, reason_codes=(0x80, 0x87, 1))]
+    assert [s.topic_filter for s in broker.subscriptions_of("c")] == ["yes"]
+
+
+def test_puback_0x10_when_no_subscriber_matched() -> None:
+    """[MQTT-3.4.2-1] [MQTT-3.5.2-1]: PUBACK / PUBREC 0x10 (No matching subscribers) when nobody
+    subscribed; 0x00 when someone did."""
+    broker = make_broker()
+    pub = v5(broker, "pub")
+    assert pub.publish("nobody", qos=1, packet_id=3) == [Puback(packet_id=3, reason_code=0x10)]
+    assert pub.publish("nobody", qos=2, packet_id=4) == [Pubrec(packet_id=4, reason_code=0x10)]
+    v5(broker, "sub").subscribe("somebody")
+    assert pub.publish("somebody", qos=1, packet_id=5) == [Puback(packet_id=5, reason_code=0)]
+
+
+def test_puback_0x87_with_reason_string_from_publish_hook() -> None:
+    """[MQTT-3.4.2-1] §3.4.2.2.2: an on_publish hook's Refused(NOT_AUTHORIZED, "nope") gives
+    PUBACK 0x87 with Reason String "nope"; the message is not routed."""
+    broker = make_broker()
+    broker.hooks.on_publish(lambda client, message: Refused(ReasonCode.NOT_AUTHORIZED, "nope"))
+    sub = v5(broker, "sub")
+    sub.subscribe("t")
+    pub = v5(broker, "pub")
+    [puback] = pub.publish("t", qos=1, packet_id=9)
+    assert isinstance(puback, Puback) and puback.packet_id == 9
+    assert puback.reason_code == 0x87
+    assert dict(puback.properties) == {"reason_string": "nope"}
+    assert sub.received() == []
+
+
+def test_no_reason_string_when_problem_information_not_requested() -> None:
+    """[MQTT-3.1.2-29]: Request Problem Information 0: no Reason String on a PUBACK."""
+    broker = make_broker()
+    broker.hooks.on_publish(lambda client, message: Refused(ReasonCode.NOT_AUTHORIZED, "nope"))
+    pub = v5(broker, "pub", properties={"request_problem_information": 0})
+    [puback] = pub.publish("t", qos=1, packet_id=9)
+    assert isinstance(puback, Puback) and puback.reason_code == 0x87
+    assert "reason_string" not in puback.properties and "user_property" not in puback.properties
+
+
+def test_pubrec_0x97_from_publish_hook_and_the_exchange_ends() -> None:
+    """[MQTT-3.5.2-1] [MQTT-4.3.3-9]: Refused(QUOTA_EXCEEDED) gives PUBREC 0x97; after a PUBREC
+    of 0x80 or more the packet id is free: a PUBREL for it gets PUBCOMP 0x92, and a new
+    PUBLISH with that id is a new message."""
+    broker = make_broker()
+    refuse = [True]
+    broker.hooks.on_publish(
+        lambda client, message: Refused(ReasonCode.QUOTA_EXCEEDED) if refuse[0] else None)
+    sub = v5(broker, "sub")
+    sub.subscribe("t")
+    pub = v5(broker, "pub")
+    assert pub.publish("t", b"a", qos=2, packet_id=4) == [Pubrec(packet_id=4, reason_code=0x97)]
+    pub.send(Pubrel(packet_id=4))
+    assert pub.received() == [Pubcomp(packet_id=4, reason_code=ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)]
+    refuse[0] = False
+    assert pub.publish("t", b"b", qos=2, packet_id=4) == [Pubrec(packet_id=4)]
+    assert payloads(sub.received()) == [b"b"]
+
+
+def test_unsuback_0x11_for_filter_not_subscribed() -> None:
+    """[MQTT-3.11.3-1] [MQTT-3.11.3-2] [MQTT-3.10.4-5]: UNSUBACK has one code per filter, in
+    order: 0x00 for a removed subscription, 0x11 (No subscription existed) otherwise."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    client.subscribe("t")
+    client.send(Unsubscribe(packet_id=3, topic_filters=("never", "t", "t")))
+    assert client.received() == [Unsuback(packet_id=3, reason_codes=(0x11, 0, 0x11))]
+
+
+def test_payload_format_invalid() -> None:
+    """§3.3.2.3.2 [MQTT-3.3.2-4]: Payload Format Indicator 1 with a payload that is not UTF-8:
+    PUBACK 0x99 at QoS 1 (not routed), DISCONNECT 0x99 at QoS 0; a valid UTF-8 payload is
+    routed with the indicator unaltered."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    sub.subscribe("t")
+    pub = v5(broker, "pub")
+    utf8 = {"payload_format_indicator": 1}
+    assert pub.publish("t", "héllo".encode(), qos=1, properties=utf8) == [Puback(packet_id=1)]
+    [good] = sub.received()
+    assert good.properties["payload_format_indicator"] == 1
+    assert pub.publish("t", b"\xff\xfe", qos=1, packet_id=2, properties=utf8) == [
+        Puback(packet_id=2, reason_code=0x99)]
+    assert sub.received() == [] and not pub.closed
+    pub.send(Publish(topic="t", payload=b"\xc3\x28", properties=utf8))
+    assert_server_disconnect(pub, ReasonCode.PAYLOAD_FORMAT_INVALID)
+    assert sub.received() == []
+
+
+# --- DISCONNECT from the broker --------------------------------------------------------------
+
+def test_takeover_sends_disconnect_0x8e_to_old_connection() -> None:
+    """[MQTT-3.1.4-3]: a second connection with the same ClientID: the existing v5 connection
+    gets DISCONNECT 0x8E (Session taken over) and is closed."""
+    broker = make_broker()
+    old = v5(broker, "dup", clean=False, properties=persistent())
+    new, connack = connect5(broker, "dup", clean=False, properties=persistent())
+    assert connack.reason_code == 0 and connack.session_present
+    assert_server_disconnect(old, ReasonCode.SESSION_TAKEN_OVER)
+    assert not new.closed
+
+
+def test_keepalive_timeout_sends_disconnect_0x8d() -> None:
+    """[MQTT-3.1.2-22]: no packet within 1.5 x Keep Alive: DISCONNECT 0x8D (Keep Alive
+    timeout), then the connection is closed."""
+    broker = make_broker()
+    client = v5(broker, "c", keep_alive=10)
+    broker.clock.advance(14.9)
+    assert client.received() == [] and not client.closed
+    broker.clock.advance(0.2)
+    assert_server_disconnect(client, ReasonCode.KEEP_ALIVE_TIMEOUT)
+
+
+def test_shutdown_sends_disconnect_0x8b_to_v5_clients() -> None:
+    """§3.14.2.1 [MQTT-3.14.0-1]: stopping the broker sends DISCONNECT 0x8B (Server shutting
+    down) to connected MQTT 5 clients; MQTT 3.1.1 clients and clients still in CONNECT are just
+    closed."""
+    broker = make_broker()
+    a = v5(broker, "a")
+    b = v5(broker, "b")
+    old = connected(broker, "old")
+    connecting = FakeClient(broker, version=5)
+    broker.stopService()
+    assert_server_disconnect(a, ReasonCode.SERVER_SHUTTING_DOWN)
+    assert_server_disconnect(b, ReasonCode.SERVER_SHUTTING_DOWN)
+    assert old.received() == [] and old.closed
+    assert connecting.received() == [] and connecting.closed
+
+
+def test_malformed_packet_gets_disconnect_0x81() -> None:
+    """[MQTT-3.3.1-4] [MQTT-4.13.1-1]: a PUBLISH with both QoS bits set is malformed: DISCONNECT
+    0x81 (Malformed Packet) and the connection closed."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    client.send_bytes(b"\x36\x05\x00\x01t\x00\x01")
+    assert_server_disconnect(client, ReasonCode.MALFORMED_PACKET)
+
+
+# --- enhanced authentication -----------------------------------------------------------------
+
+def _scram(broker: Any) -> list[tuple[Any, ...]]:
+    """A two-step challenge hook; returns the list of its calls."""
+    calls: list[tuple[Any, ...]] = []
+
+    def auth(client: Any, method: str, data: bytes | None, reauthenticating: bool) -> Any:
+        calls.append((client.client_id, method, data, reauthenticating))
+        if data in (b"client-first", b"again-first"):
+            return b"server-first"
+        if data in (b"client-final", b"again-ok"):
+            return None
+        return False
+
+    broker.hooks.on_auth(auth)
+    return calls
+
+
+def _auth_properties(data: bytes | None = None, method: str = "SCRAM") -> dict[str, Any]:
+    properties: dict[str, Any] = {"authentication_method": method}
+    if data is not None:
+        properties["authentication_data"] = data
+    return properties
+
+
+def _authenticated(broker: Any) -> FakeClient:
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"client-first")))
+    client.send(Auth(reason_code=0x18, properties=_auth_properties(b"client-final")))
+    packets = client.received()
+    assert isinstance(packets[-1], Connack) and packets[-1].reason_code == 0, packets
+    return client
+
+
+def test_authentication_method_without_auth_hook_gets_connack_0x8c() -> None:
+    """[MQTT-4.12.0-1]: an Authentication Method the broker does not support: CONNACK 0x8C (Bad
+    authentication method), then the connection is closed; no DISCONNECT [MQTT-3.14.0-1]."""
+    broker = make_broker()
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"x")))
+    assert client.received() == [Connack(reason_code=ReasonCode.BAD_AUTHENTICATION_METHOD)]
+    assert client.closed
+    assert broker.clients() == []
+
+
+def test_enhanced_authentication_challenge_then_connack() -> None:
+    """[MQTT-4.12.0-2] [MQTT-4.12.0-3] [MQTT-4.12.0-5]: the hook's bytes go to the client in
+    AUTH 0x18 with the method; the client's AUTH 0x18 goes to the hook; when it accepts, CONNACK
+    0 carries the Authentication Method."""
+    broker = make_broker()
+    calls = _scram(broker)
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"client-first")))
+    assert client.received() == [Auth(reason_code=0x18, properties=_auth_properties(b"server-first"))]
+    assert broker.clients() == []
+    client.send(Auth(reason_code=0x18, properties=_auth_properties(b"client-final")))
+    [connack] = client.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert connack.properties["authentication_method"] == "SCRAM"
+    assert calls == [("c", "SCRAM", b"client-first", False), ("c", "SCRAM", b"client-final", False)]
+    assert [c.client_id for c in broker.clients()] == ["c"]
+
+
+def test_enhanced_authentication_refused_gets_connack_0x87() -> None:
+    """[MQTT-4.12.0-4] [MQTT-3.2.2-7]: an auth hook returning False: CONNACK 0x87 (Not
+    authorized) and the connection is closed."""
+    broker = make_broker()
+    _scram(broker)
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"wrong")))
+    assert client.received() == [Connack(reason_code=ReasonCode.NOT_AUTHORIZED)]
+    assert client.closed and broker.clients() == []
+
+
+def test_reauthentication_success_gets_auth_0x00() -> None:
+    """[MQTT-4.12.1-1] §4.12.1: AUTH 0x19 while connected calls the hook with reauthenticating
+    True; a challenge goes out as AUTH 0x18, and success ends with AUTH 0x00 carrying the method;
+    the connection stays open."""
+    broker = make_broker()
+    calls = _scram(broker)
+    client = _authenticated(broker)
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-ok")))
+    [done] = client.received()
+    assert isinstance(done, Auth) and done.reason_code == 0
+    assert done.properties["authentication_method"] == "SCRAM"
+    assert calls[-1] == ("c", "SCRAM", b"again-ok", True)
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-first")))
+    assert client.received() == [Auth(reason_code=0x18, properties=_auth_properties(b"server-first"))]
+    client.send(Auth(reason_code=0x18, properties=_auth_properties(b"again-ok")))
+    [done] = client.received()
+    assert isinstance(done, Auth) and done.reason_code == 0
+    assert not client.closed
+
+
+def test_reauthentication_failure_gets_disconnect_0x87() -> None:
+    """[MQTT-4.12.1-2]: a failed re-authentication: DISCONNECT 0x87 and the connection closed."""
+    broker = make_broker()
+    calls = _scram(broker)
+    client = _authenticated(broker)
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"bad")))
+    assert_server_disconnect(client, ReasonCode.NOT_AUTHORIZED)
+    assert calls[-1] == ("c", "SCRAM", b"bad", True)
+
+
+def test_auth_with_another_method_is_protocol_error() -> None:
+    """[MQTT-4.12.1-1] [MQTT-4.12.0-7] §3.15: an AUTH whose method is not the connection's, or an
+    AUTH on a connection that did not use enhanced authentication: DISCONNECT 0x82."""
+    broker = make_broker()
+    _scram(broker)
+    client = _authenticated(broker)
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-ok", method="OTHER")))
+    assert_server_disconnect(client, ReasonCode.PROTOCOL_ERROR)
+
+    plain = v5(broker, "plain")
+    plain.send(Auth(reason_code=0x19, properties=_auth_properties(b"x")))
+    assert_server_disconnect(plain, ReasonCode.PROTOCOL_ERROR)
+
+
+# --- mixed protocol versions -----------------------------------------------------------------
+
+def test_v5_publisher_to_v311_and_v5_subscribers() -> None:
+    """[MQTT-3.3.2-4] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17] [MQTT-3.3.2-18]
+    [MQTT-3.3.2-20]: an MQTT 5 subscriber gets the properties unaltered, User Properties in
+    order; an MQTT 3.1.1 subscriber gets the same message without properties."""
+    broker = make_broker()
+    old = connected(broker, "old")
+    old.subscribe("t")
+    new = v5(broker, "new")
+    new.subscribe("t")
+    users = [("k", "1"), ("a", "2"), ("k", "3")]
+    properties = {"user_property": users, "content_type": "text/plain", "response_topic": "reply/here",
+                  "correlation_data": b"\x00\x01", "payload_format_indicator": 1}
+    v5(broker, "pub").publish("t", b"hello", properties=properties)
+    assert old.received() == [Publish(topic="t", payload=b"hello")]
+    [message] = new.received()
+    assert message.payload == b"hello"
+    assert dict(message.properties) == properties
+    assert message.properties["user_property"] == users
+
+
+def test_v311_publisher_to_v5_subscriber() -> None:
+    """[MQTT-3.3.2-17]: an MQTT 3.1.1 message reaches an MQTT 5 subscriber with no properties."""
+    broker = make_broker()
+    new = v5(broker, "new")
+    new.subscribe("t", qos=1)
+    connected(broker, "old").publish("t", b"hi", qos=1)
+    [message] = new.received()
+    assert (message.topic, message.payload, message.qos) == ("t", b"hi", 1)
+    assert dict(message.properties) == {}
+
+
+# --- hooks see MQTT 5 properties -------------------------------------------------------------
+
+def test_connect_hook_sees_connect_user_properties() -> None:
+    """§3.1.2.11.8: the CONNECT's User Properties reach the on_connect hook, in order."""
+    broker = make_broker()
+    seen: list[Any] = []
+    broker.hooks.on_connect(lambda client: seen.append(client.properties))
+    users = [("tenant", "t1"), ("role", "r"), ("tenant", "t2")]
+    v5(broker, "c", properties={"user_property": users, "session_expiry_interval": 5})
+    assert len(seen) == 1
+    assert seen[0]["user_property"] == users
+    assert seen[0]["session_expiry_interval"] == 5
+
+
+def test_publish_hook_sees_publish_user_properties() -> None:
+    """§3.3.2.3.7: the PUBLISH's User Properties reach the on_publish hook's message."""
+    broker = make_broker()
+    seen: list[Message] = []
+    broker.hooks.on_publish(lambda client, message: seen.append(message))
+    users = [("trace", "abc"), ("hop", "1")]
+    v5(broker, "pub").publish("t", b"x", properties={"user_property": users, "content_type": "a/b"})
+    [message] = seen
+    assert message.topic == "t" and message.payload == b"x"
+    assert message.properties["user_property"] == users
+    assert message.properties["content_type"] == "a/b"
