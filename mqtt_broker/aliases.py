@@ -36,11 +36,12 @@ class OutboundAliases:
     or else the alias of the least recently used topic.
     """
 
-    __slots__ = ("maximum", "_aliases")
+    __slots__ = ("maximum", "_aliases", "_free")
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
         self._aliases: OrderedDict[str, int] = OrderedDict()
+        self._free = list(range(maximum, 0, -1))
 
     def assign(self, topic: str) -> tuple[int, bool]:
         """(alias, known): when ``known`` the topic may be sent empty; else send it with the alias."""
@@ -49,8 +50,8 @@ class OutboundAliases:
         if alias is not None:
             aliases.move_to_end(topic)
             return alias, True
-        if len(aliases) < self.maximum:
-            alias = len(aliases) + 1
+        if self._free:
+            alias = self._free.pop()
         else:
             _, alias = aliases.popitem(last=False)
         aliases[topic] = alias
@@ -58,4 +59,6 @@ class OutboundAliases:
 
     def forget(self, topic: str) -> None:
         """Undo an assignment whose PUBLISH was not sent."""
-        self._aliases.pop(topic, None)
+        alias = self._aliases.pop(topic, None)
+        if alias is not None:
+            self._free.append(alias)

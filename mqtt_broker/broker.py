@@ -172,13 +172,17 @@ class BrokerService(MultiService):
         connection = session.connection
         assert connection is not None
         now = self.clock.seconds()
+        resent = 0
         for packet_id, out in list(session.outgoing.items()):
+            out.sent_at = now
             if out.released:
                 connection.send_pubrel(packet_id)
-            elif not connection.send_publish(out.message, out.qos, out.retain, packet_id, True,
-                                             out.subscription_ids):
+            elif resent >= connection.send_quota:
+                out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
+            elif connection.send_publish(out.message, out.qos, out.retain, packet_id, True, out.subscription_ids):
+                resent += 1
+            else:
                 del session.outgoing[packet_id]
-            out.sent_at = now
         if session.outgoing:
             self._schedule_retry(session)
         self.pump(session)
@@ -197,7 +201,7 @@ class BrokerService(MultiService):
         connection.will = None
         client = connection.client
         if will is not None and not graceful:
-            delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
+            delay = connection.will_delay
             if delay and session.expiry:
                 # Delayed until the delay or the session's end, whichever comes first [MQTT-3.1.3-9].
                 delay = min(delay, session.expiry)
@@ -243,9 +247,10 @@ class BrokerService(MultiService):
             self.subscriptions.remove(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        # Messages it got through a shared subscription and did not finish go to another member.
+        # Messages it got through a shared subscription and did not finish go to another member,
+        # except QoS 2 ones already sent, which may not go to a second client [MQTT-4.8.2-5].
         orphans = [item for item in (*session.outgoing.values(), *session.queue)
-                   if item.share is not None and not getattr(item, "released", False)]
+                   if item.share is not None and (item.qos == 1 or not isinstance(item, Outgoing))]
         session.clear()
         for item in orphans:
             assert item.share is not None
@@ -395,6 +400,12 @@ class BrokerService(MultiService):
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""
         if session.outgoing.pop(packet_id, None) is None:
             return False
+        connection = session.connection
+        for next_id, out in session.outgoing.items():
+            if out.unsent and connection is not None:
+                out.unsent = False
+                connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids)
+                return True
         if session.queue:
             self.pump(session)
         return True

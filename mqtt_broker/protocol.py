@@ -7,6 +7,7 @@ broker sends. It never decides routing.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -51,6 +52,7 @@ class MQTTProtocol(Protocol):
         self.session: Any = None
         self.client: Client | None = None
         self.will: Message | None = None
+        self.will_delay = 0
         self.paused = False
         self.send_quota = config.max_inflight_messages
         self.max_send_size = NEVER
@@ -220,7 +222,13 @@ class MQTTProtocol(Protocol):
     # --- sending ------------------------------------------------------------------------
 
     def send(self, packet: Packet) -> None:
-        self.transport.write(encode(packet, self.version))  # type: ignore[union-attr]
+        data = encode(packet, self.version)
+        if len(data) > self.max_send_size and getattr(packet, "properties", None):
+            # Reason strings and user properties are the first to go [MQTT-3.1.2-24, -3.4.2-2].
+            properties = {k: v for k, v in packet.properties.items()  # type: ignore[union-attr]
+                          if k not in ("reason_string", "user_property")}
+            data = encode(dataclasses.replace(packet, properties=properties), self.version)  # type: ignore[type-var, arg-type]
+        self.transport.write(data)  # type: ignore[union-attr]
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool = False,
                      subscription_ids: tuple[int, ...] = ()) -> bool:
@@ -293,6 +301,7 @@ class MQTTProtocol(Protocol):
         self.version = packet.protocol_level
         terms = self.terms = negotiate(self.broker.config, packet)
         self.problem_information = terms.problem_information
+        self.max_send_size = terms.max_send_size
         self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
                              protocol_version=self.version, clean_start=packet.clean_start,
                              keep_alive=packet.keep_alive, properties=packet.properties)
@@ -371,7 +380,6 @@ class MQTTProtocol(Protocol):
         self.session = session
         self._set_state(State.CONNECTED)
         self.send_quota = terms.send_quota
-        self.max_send_size = terms.max_send_size
         properties = terms.connack_properties
         if self.version == MQTT_5:
             self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
@@ -381,8 +389,12 @@ class MQTTProtocol(Protocol):
                 properties = {**properties, "authentication_method": self._auth_method}
         if packet.will is not None:
             will = packet.will
+            will_properties = will.properties
+            if "will_delay_interval" in will_properties:  # a will property, not a PUBLISH one
+                self.will_delay = will_properties["will_delay_interval"]
+                will_properties = {k: v for k, v in will_properties.items() if k != "will_delay_interval"}
             self.will = Message(topic=will.topic, payload=will.payload, qos=will.qos, retain=will.retain,
-                                properties=will.properties, sender=client.client_id)
+                                properties=will_properties, sender=client.client_id)
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self.send(Connack(session_present=present and self.version != MQTT_3_1, properties=properties))
         if terms.keep_alive:
@@ -583,9 +595,9 @@ class MQTTProtocol(Protocol):
         # error codes still publish it.
         expiry = packet.properties.get("session_expiry_interval")
         if expiry is not None:
-            assert self.terms is not None
-            if self.terms.session_expiry == 0 and expiry:
-                raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")  # [MQTT-3.14.2-2]
+            assert self.client is not None
+            if not self.client.properties.get("session_expiry_interval") and expiry:
+                raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")  # 3.14.2.2.2
             self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})")

@@ -37,6 +37,8 @@ class Outgoing(Queued):
     sent_at: float = 0.0
     released: bool = False
     """QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited."""
+    unsent: bool = False
+    """To be resent after a reconnect, once the client's Receive Maximum allows."""
 
 
 @dataclass(slots=True, eq=False)

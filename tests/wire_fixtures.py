@@ -630,8 +630,6 @@ MALFORMED: list[Bad] = [
     Bad("maximum packet size 0 in CONNECT (5.0 §3.1.2.11.4)", _V5,
         b"\x10\x12\x00\x04MQTT\x05\x02\x00\x00\x05\x27\x00\x00\x00\x00\x00\x00", ProtocolError,
         "must not be 0"),
-    Bad("topic alias 0 in PUBLISH (5.0 §3.3.2.3.4)", _V5, b"\x30\x07\x00\x01t\x03\x23\x00\x00",
-        ProtocolError, "must not be 0"),
     Bad("unknown property identifier 0x04 (5.0 §2.2.2.2)", _V5,
         b"\x30\x06\x00\x01t\x02\x04\x00", MalformedPacket, "unknown property identifier 0x04"),
     Bad("unknown two-byte property identifier 0x80 (5.0 §2.2.2.2)", _V5,
