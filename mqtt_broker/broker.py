@@ -24,6 +24,7 @@ from .hooks import Hooks
 from .message import Client, Message
 from .retained import RetainedMessages
 from .session import Outgoing, Queued, Session
+from .store import Snapshot, Store, StoredWill
 from .topics import Subscription, SubscriptionTree, valid_topic_name
 from .wire.codes import ReasonCode
 from .wire.packets import MQTT_5, NO_PROPERTIES, Properties
@@ -52,7 +53,8 @@ class BrokerService(MultiService):
 
     def __init__(self, endpoints: Iterable[str] | None = None,
                  config: BrokerConfig | str | Path | None = None, *,
-                 reactor: Any = None, clock: IReactorTime | None = None, **settings: Any) -> None:
+                 reactor: Any = None, clock: IReactorTime | None = None, store: Store | None = None,
+                 **settings: Any) -> None:
         super().__init__()
         if config is None:
             config = BrokerConfig()
@@ -73,6 +75,12 @@ class BrokerService(MultiService):
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
         self.ports: list[IListeningPort] = []
+        if store is None and self.config.persistence == "sqlite":
+            from .store.sqlite import SQLiteStore
+            store = SQLiteStore(Path(self.config.data_dir) / "mqttbroker.db", reactor,
+                                self.config.persistence_synchronous)
+        self.store = store
+        """Where sessions and messages are kept across restarts; None keeps them in memory only."""
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
         self._share_turns: dict[tuple[str, str], int] = {}
         from .protocol import MQTTFactory
@@ -84,6 +92,8 @@ class BrokerService(MultiService):
         """Listen on every endpoint; any failure to listen raises here (after closing what was
         opened), so twistd stops at start-up instead of running without a port."""
         _raise_open_files_limit()
+        if self.store is not None:
+            self._restore(self.store.load())
         super().startService()
         try:
             for description in self.config.endpoints:
@@ -109,7 +119,41 @@ class BrokerService(MultiService):
         for call, _, _ in self._delayed_wills.values():
             _cancel(call)
         self._delayed_wills.clear()
+        if self.store is not None:
+            stopping.append(self.store.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        """Take up what the store kept: sessions (their expiry measured from when their client
+        went away, across the restart), retained messages, delayed wills."""
+        store = self.store
+        assert store is not None
+        now = self.clock.seconds()
+        for session, disconnected_at in snapshot.sessions:
+            if disconnected_at is None:  # connected when the broker stopped: it went away then
+                disconnected_at = now
+                store.save_session(session, now)
+            if session.expiry != NEVER:
+                remaining = disconnected_at + session.expiry - now
+                if remaining <= 0:
+                    store.delete_session(session.client_id)
+                    continue
+                session.expiry_call = self.clock.callLater(remaining, self._expire, session)
+            self.sessions[session.client_id] = session
+            for subscription in session.subscriptions.values():
+                self.subscriptions.add(subscription)
+        for message in snapshot.retained:
+            if message.expires_at is not None and message.expires_at <= now:
+                store.delete_retained(message.topic)
+            else:
+                self.retained.store(message)
+        for will in snapshot.wills:
+            client = Client(client_id=will.client_id, username=will.username, peer="", protocol_version=MQTT_5,
+                            clean_start=False, keep_alive=0)
+            call = self.clock.callLater(max(0.0, will.due - now), self._delayed_will_due, will.client_id)
+            self._delayed_wills[will.client_id] = (call, client, will.message)
+        log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
+                 sessions=len(self.sessions), retained=len(self.retained), wills=len(self._delayed_wills))
 
     # --- embedding API ------------------------------------------------------------------
 
@@ -153,6 +197,8 @@ class BrokerService(MultiService):
         if pending is not None:
             call, client, will = pending
             _cancel(call)
+            if self.store is not None:
+                self.store.delete_will(client_id)
             if clean_start:  # the old session ends now, so its will is due [MQTT-3.1.3-9]
                 self.publish_will(client, will)
         if session is not None and clean_start:
@@ -165,6 +211,9 @@ class BrokerService(MultiService):
         session.expiry_call = None
         session.expiry = expiry
         session.connection = connection
+        if self.store is not None and (expiry or session.stored):
+            session.stored = True
+            self.store.save_session(session, None)
         return session, present
 
     def resume(self, session: Session) -> None:
@@ -183,6 +232,7 @@ class BrokerService(MultiService):
                 resent += 1
             else:
                 del session.outgoing[packet_id]
+                self._forget_delivery(session, out)
         if session.outgoing:
             self._schedule_retry(session)
         self.pump(session)
@@ -207,12 +257,22 @@ class BrokerService(MultiService):
                 delay = min(delay, session.expiry)
                 call = self.clock.callLater(delay, self._delayed_will_due, client.client_id)
                 self._delayed_wills[client.client_id] = (call, client, will)
+                if self.store is not None:
+                    self.store.save_will(StoredWill(client.client_id, client.username, will,
+                                                    self.clock.seconds() + delay))
             else:
                 self.publish_will(client, will)
         if not session.expiry:
             self._discard(session)
-        elif session.expiry != NEVER:
+            return self._notify_disconnect(client, graceful)
+        if session.expiry != NEVER:
             session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
+        if session.stored:
+            assert self.store is not None
+            self.store.save_session(session, self.clock.seconds())
+        self._notify_disconnect(client, graceful)
+
+    def _notify_disconnect(self, client: Client, graceful: bool) -> None:
         if self.hooks.has_disconnect:
             self.hooks.notify("disconnect", client, graceful)
 
@@ -230,6 +290,8 @@ class BrokerService(MultiService):
 
     def _delayed_will_due(self, client_id: str) -> None:
         _, client, will = self._delayed_wills.pop(client_id)
+        if self.store is not None:
+            self.store.delete_will(client_id)
         self.publish_will(client, will)
 
     def _expire(self, session: Session) -> None:
@@ -239,6 +301,8 @@ class BrokerService(MultiService):
             pending = self._delayed_wills.pop(session.client_id, None)
             if pending is not None:
                 _cancel(pending[0])
+                if self.store is not None:
+                    self.store.delete_will(session.client_id)
                 self.publish_will(pending[1], pending[2])
             self._discard(session)
 
@@ -247,6 +311,10 @@ class BrokerService(MultiService):
             self.subscriptions.remove(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        if session.stored:
+            assert self.store is not None
+            self.store.delete_session(session.client_id)
+            session.stored = False
         # Messages it got through a shared subscription and did not finish go to another member,
         # except QoS 2 ones already sent, which may not go to a second client [MQTT-4.8.2-5].
         orphans = [item for item in (*session.outgoing.values(), *session.queue)
@@ -260,12 +328,19 @@ class BrokerService(MultiService):
 
     # --- subscriptions ------------------------------------------------------------------
 
-    def subscribe(self, session: Session, subscription: Subscription) -> None:
-        """Add a subscription and send the retained messages it matches [MQTT-3.3.1-6], as its
-        Retain Handling option says [MQTT-3.3.1-9..11]."""
+    def subscribe(self, session: Session, subscription: Subscription) -> bool:
+        """Add (or replace) a subscription; returns whether it replaced one."""
         existed = subscription.topic_filter in session.subscriptions
         session.subscriptions[subscription.topic_filter] = subscription
         self.subscriptions.add(subscription)
+        if session.stored:
+            assert self.store is not None
+            self.store.save_subscription(session.client_id, subscription)
+        return existed
+
+    def send_retained(self, session: Session, subscription: Subscription, existed: bool) -> None:
+        """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
+        Handling option says [MQTT-3.3.1-9..11]."""
         if subscription.share_group is not None or subscription.retain_handling == 2 or (
                 subscription.retain_handling == 1 and existed):
             return  # no retained messages on a shared subscription [MQTT-3.8.4-?]
@@ -281,6 +356,9 @@ class BrokerService(MultiService):
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
         self.subscriptions.remove(session.client_id, topic_filter)
+        if session.stored:
+            assert self.store is not None
+            self.store.delete_subscription(session.client_id, topic_filter)
         return True
 
     # --- routing (the hot path) ---------------------------------------------------------
@@ -293,6 +371,11 @@ class BrokerService(MultiService):
             message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
         if message.retain and self.config.retain_available:
             self.retained.store(message)
+            if self.store is not None:
+                if message.payload:
+                    self.store.save_retained(message)
+                else:
+                    self.store.delete_retained(message.topic)
         by_client, groups = self.subscriptions.match(message.topic)
         sessions = self.sessions
         deliver = self.deliver
@@ -350,26 +433,54 @@ class BrokerService(MultiService):
                     self.stats.messages_sent += 1
                 return
             if len(session.outgoing) < connection.send_quota:
-                self._send_tracked(session, Queued(message, qos, retain, subscription_ids, share))
+                self._send_tracked(session, self._item(session, Queued(message, qos, retain, subscription_ids, share)))
                 return
         elif connection is None and not qos and not self.config.queue_qos0_messages:
             return  # QoS 0 is not kept for offline sessions unless asked to
         config = self.config
-        if not session.enqueue(Queued(message, qos, retain, subscription_ids, share),
-                               config.max_queued_messages, config.max_queued_bytes):
+        item = Queued(message, qos, retain, subscription_ids, share)
+        if session.enqueue(item, config.max_queued_messages, config.max_queued_bytes):
+            if qos and session.stored:
+                self._item(session, item, stored=True)
+        else:
             self.stats.messages_dropped += 1
             if session.dropped == 1 or session.dropped % 1000 == 0:
                 log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
                          client_id=session.client_id, dropped=session.dropped)
 
-    def _send_tracked(self, session: Session, item: Queued) -> None:
+    def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
+        """Number a QoS 1/2 message of a stored session; ``stored``: record it as queued now
+        (otherwise _send_tracked records it with its packet id)."""
+        if session.stored:
+            item.seq = session.next_seq
+            session.next_seq += 1
+            if stored:
+                assert self.store is not None
+                self.store.add_delivery(session.client_id, item, None)
+        return item
+
+    def _forget_delivery(self, session: Session, item: Queued) -> None:
+        if item.seq and session.stored:
+            assert self.store is not None
+            self.store.remove_delivery(session.client_id, item.seq)
+
+    def _send_tracked(self, session: Session, item: Queued, queued: bool = False) -> None:
+        """Send a QoS 1/2 message with a new packet id and track it until acknowledged;
+        ``queued``: it comes from the queue (and the store already has it)."""
         connection = session.connection
         assert connection is not None
         packet_id = session.allocate_packet_id()
         if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
+            self._forget_delivery(session, item)
             return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
         session.outgoing[packet_id] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
-                                               item.share, self.clock.seconds())
+                                               item.share, item.seq, self.clock.seconds())
+        if item.seq and session.stored:
+            assert self.store is not None
+            if queued:
+                self.store.update_delivery(session.client_id, item.seq, packet_id, False)
+            else:
+                self.store.add_delivery(session.client_id, item, packet_id)
         self.stats.messages_sent += 1
         if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
             self._schedule_retry(session)
@@ -390,16 +501,19 @@ class BrokerService(MultiService):
                 now = now or self.clock.seconds()
                 if expires_at <= now:
                     self.stats.messages_expired += 1
+                    self._forget_delivery(session, head)
                     continue
             if head.qos:
-                self._send_tracked(session, head)
+                self._send_tracked(session, head, queued=True)
             elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
                 self.stats.messages_sent += 1
 
     def acknowledged(self, session: Session, packet_id: int) -> bool:
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""
-        if session.outgoing.pop(packet_id, None) is None:
+        out = session.outgoing.pop(packet_id, None)
+        if out is None:
             return False
+        self._forget_delivery(session, out)
         connection = session.connection
         for next_id, out in session.outgoing.items():
             if out.unsent and connection is not None:
@@ -408,6 +522,31 @@ class BrokerService(MultiService):
                 return True
         if session.queue:
             self.pump(session)
+        return True
+
+    def released(self, session: Session, packet_id: int) -> None:
+        """PUBREC for an outgoing QoS 2 message: from now on only PUBCOMP is awaited."""
+        out = session.outgoing[packet_id]
+        out.released = True
+        if out.seq and session.stored:
+            assert self.store is not None
+            self.store.update_delivery(session.client_id, out.seq, packet_id, True)
+
+    def await_pubrel(self, session: Session, packet_id: int) -> None:
+        """An inbound QoS 2 message was routed; until its PUBREL, a resend is not routed again."""
+        session.awaiting_pubrel.add(packet_id)
+        if session.stored:
+            assert self.store is not None
+            self.store.add_pubrel(session.client_id, packet_id)
+
+    def pubrel_received(self, session: Session, packet_id: int) -> bool:
+        """PUBREL for an inbound QoS 2 message; False if none was awaited with that id."""
+        if packet_id not in session.awaiting_pubrel:
+            return False
+        session.awaiting_pubrel.discard(packet_id)
+        if session.stored:
+            assert self.store is not None
+            self.store.remove_pubrel(session.client_id, packet_id)
         return True
 
     def remaining_expiry(self, message: Message) -> int | None:

@@ -25,8 +25,9 @@ class ConfigError(ValueError):
         super().__init__(": ".join(part for part in (source, key, reason) if part))
 
 
-def _setting(default: Any, help: str, minimum: int | None = 0, maximum: int | None = None) -> Any:
-    metadata = {"help": help, "min": minimum, "max": maximum}
+def _setting(default: Any, help: str, minimum: int | None = 0, maximum: int | None = None,
+             choices: tuple[str, ...] | None = None) -> Any:
+    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -88,6 +89,17 @@ class BrokerConfig:
         True, "MQTT 5: whether subscription identifiers are supported.")
     shared_subscription_available: bool = _setting(
         True, "Whether $share/{group}/{filter} subscriptions are supported.")
+    persistence: str = _setting(
+        "memory", "Where sessions, queued messages and retained messages are kept: memory (lost "
+        "when the broker stops) or sqlite (in data_dir; the default of twistd mqttbroker).",
+        choices=("memory", "sqlite"))
+    data_dir: str = _setting(
+        "mqttbroker-data", "Directory of the SQLite store (mqttbroker.db), relative to the "
+        "working directory.")
+    persistence_synchronous: str = _setting(
+        "normal", "SQLite synchronous mode: normal (an acknowledged message survives a crash of "
+        "the broker process) or full (it also survives a crash of the operating system or a "
+        "power loss, at the cost of an fsync per batch).", choices=("normal", "full"))
     response_information: str = _setting(
         "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
         "for it ({client_id} is replaced); empty to send none.")
@@ -113,6 +125,9 @@ class BrokerConfig:
                 raise ConfigError(f"{value!r} is out of range "
                                   f"({low if low is not None else '-inf'}..{high if high is not None else 'inf'})",
                                   f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", f.name)
             object.__setattr__(self, f.name, value)
 
     @classmethod
@@ -128,8 +143,9 @@ class BrokerConfig:
             raise ConfigError(e.reason, e.key, source) from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> BrokerConfig:
-        """Read a TOML file; raises ConfigError naming the file and key on any problem."""
+    def from_file(cls, path: str | Path, base: BrokerConfig | None = None) -> BrokerConfig:
+        """Read a TOML file, over the settings of ``base`` if given; raises ConfigError naming
+        the file and key on any problem."""
         try:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
@@ -140,7 +156,8 @@ class BrokerConfig:
         except UnicodeDecodeError as e:  # tomllib decodes before parsing and lets this through
             raise ConfigError(f"not valid TOML: not UTF-8 ({e.reason} at byte {e.start})",
                               source=str(path)) from None
-        return cls.from_mapping(values, str(path))
+        defaults = dataclasses.asdict(base) if base is not None else {}
+        return cls.from_mapping({**defaults, **values}, str(path))
 
     def replace(self, **changes: Any) -> BrokerConfig:
         """A copy with some settings changed, validated like the original; raises ConfigError."""

@@ -23,6 +23,7 @@ from .lifecycle import State
 from .message import Client, Message
 from .aliases import InboundAliases, OutboundAliases
 from .connect import NEVER, Terms, is_utf8, negotiate
+from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, FrameReader,
@@ -445,7 +446,7 @@ class MQTTProtocol(Protocol):
             return
         routed = self.broker.route(message)
         if qos:
-            self._acknowledge(packet, ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS)
+            self._routed(packet, routed)
 
     def _publish_decided(self, answer: Any, packet: Publish, message: Message) -> None:
         if isinstance(answer, Refused):
@@ -454,7 +455,33 @@ class MQTTProtocol(Protocol):
             return
         routed = self.broker.route(answer if isinstance(answer, Message) else message)
         if packet.qos:
-            self._acknowledge(packet, ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS)
+            self._routed(packet, routed)
+
+    def _routed(self, packet: Publish, routed: int) -> None:
+        """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
+        a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
+        not routed twice even across a restart [MQTT-4.3.3-9]."""
+        reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        if packet.qos == 2:
+            self.broker.await_pubrel(self.session, packet.packet_id)
+        store = self.broker.store
+        if store is None:
+            self._acknowledge(packet, reason)
+        else:
+            store.flushed().addCallbacks(self._durable, self._not_durable, (packet, reason), None, (packet,))
+
+    def _durable(self, _: None, packet: Publish, reason: ReasonCode) -> None:
+        if self.state is State.CONNECTED:
+            self._acknowledge(packet, reason)
+
+    def _not_durable(self, failure: Failure, packet: Publish) -> None:
+        """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
+        client gets none and sends the message again when it reconnects."""
+        failure.trap(StoreError)
+        if packet.qos == 2 and self.session is not None:
+            self.broker.pubrel_received(self.session, packet.packet_id)
+        if self.state is State.CONNECTED and self.version == MQTT_5:
+            self._acknowledge(packet, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
     def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
         code = 0
@@ -466,8 +493,6 @@ class MQTTProtocol(Protocol):
         if packet.qos == 1:
             self.send(Puback(packet_id=packet.packet_id, reason_code=code, properties=properties))
         else:
-            if reason < 0x80:
-                self.session.awaiting_pubrel.add(packet.packet_id)
             self.send(Pubrec(packet_id=packet.packet_id, reason_code=code, properties=properties))
 
     # --- acknowledgements of what we sent -------------------------------------------------
@@ -486,7 +511,7 @@ class MQTTProtocol(Protocol):
         if packet.reason_code >= 0x80:  # MQTT 5: the receiver refused it; the exchange ends here
             self.broker.acknowledged(self.session, packet.packet_id)
             return
-        out.released = True
+        self.broker.released(self.session, packet.packet_id)
         self.send_pubrel(packet.packet_id)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
@@ -495,9 +520,7 @@ class MQTTProtocol(Protocol):
             self.broker.acknowledged(self.session, packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
-        awaiting = self.session.awaiting_pubrel
-        if packet.packet_id in awaiting:
-            awaiting.discard(packet.packet_id)
+        if self.broker.pubrel_received(self.session, packet.packet_id):
             self.send(Pubcomp(packet_id=packet.packet_id))
         else:
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
@@ -553,11 +576,33 @@ class MQTTProtocol(Protocol):
                 subscription.qos = min(subscription.qos, answer)
             granted.append(subscription)
             codes.append(subscription.qos)
+        replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
+        store = self.broker.store
+        if store is None or not self.session.stored:
+            self._subscribed(None, packet, codes, granted, replaced)
+        else:  # SUBACK once the subscriptions are stored
+            store.flushed().addCallbacks(self._subscribed, self._not_subscribed,
+                                         (packet, codes, granted, replaced), None, (packet, codes, granted))
+
+    def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
+                    replaced: list[bool]) -> None:
+        if self.state is not State.CONNECTED:
+            return
         if self.version != MQTT_5:
             codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
-        for subscription in granted:  # after the SUBACK, so retained messages follow it
-            self.broker.subscribe(self.session, subscription)
+        for subscription, existed in zip(granted, replaced):  # after the SUBACK [MQTT-3.8.4-?]
+            self.broker.send_retained(self.session, subscription, existed)
+
+    def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int],
+                        granted: list[Subscription]) -> None:
+        failure.trap(StoreError)
+        if self.state is not State.CONNECTED:
+            return
+        for subscription in granted:
+            self.broker.unsubscribe(self.session, subscription.topic_filter)
+        codes = [0x80 if code < 0x80 else code for code in codes]
+        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         hooks = self.broker.hooks

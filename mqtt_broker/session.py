@@ -28,6 +28,8 @@ class Queued:
     share: tuple[str, str] | None = None
     """(group, filter) when it came through a shared subscription: on session end it goes to
     another member of the group."""
+    seq: int = 0
+    """Its number within the session, naming it in the store (QoS 1/2 of stored sessions)."""
 
 
 @dataclass(slots=True)
@@ -58,6 +60,9 @@ class Session:
     """Messages discarded because the queue was full."""
     expiry_call: Any = None
     retry_call: Any = None
+    stored: bool = False
+    """Whether the store has this session (it outlives its connection and there is a store)."""
+    next_seq: int = 1
     _next_id: int = 1
 
     def allocate_packet_id(self) -> int:

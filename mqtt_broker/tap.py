@@ -83,7 +83,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            config = BrokerConfig.from_file(self["config"]) if self["config"] else BrokerConfig()
+            # As a server, the broker keeps its state on disk unless told otherwise.
+            base = BrokerConfig(persistence="sqlite")
+            config = BrokerConfig.from_file(self["config"], base) if self["config"] else base
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         # One flag at a time, so that an error names the flag rather than the setting.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -41,13 +43,20 @@ class BrokerProcess:
     """``python -m twisted mqttbroker`` on a free loopback port."""
 
     def __init__(self, *args: str, port: int | None = None, cwd: Path = ROOT,
-                 listen: str = "tcp:{port}:interface=127.0.0.1") -> None:
+                 listen: str = "tcp:{port}:interface=127.0.0.1", data_dir: Path | None = None) -> None:
         self.port = port or free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mqttbroker-{self.port}.log"
         self.log = open(self.log_path, "wb")
         endpoint = ["--endpoint", listen.format(port=self.port)] if listen else []
+        # A fresh SQLite store per broker unless the test names one (--data-dir/--persistence).
+        self._own_data_dir = data_dir is None and not any(
+            a.startswith(("--data-dir", "--persistence")) for a in args)
+        if self._own_data_dir:
+            data_dir = Path(tempfile.mkdtemp(prefix="mqttbroker-data-"))
+        self.data_dir = data_dir
+        store = ["--data-dir", str(data_dir)] if data_dir is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "mqttbroker", *endpoint, *args],
+            [sys.executable, "-m", "twisted", "mqttbroker", *endpoint, *store, *args],
             cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, self.process)
@@ -72,6 +81,8 @@ class BrokerProcess:
                 self.process.kill()
                 self.process.wait(10)
         self.log.close()
+        if self._own_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "wildcard_subscription_available": True,
     "subscription_identifier_available": True,
     "shared_subscription_available": True,
+    "persistence": "memory",
+    "data_dir": "mqttbroker-data",
+    "persistence_synchronous": "normal",
     "response_information": "response/{client_id}",
 }
 
@@ -348,3 +351,15 @@ def test_example_file_comments_are_the_help() -> None:
         assert " ".join(comment) == help_text, key
         found.append(key)
     assert found == [f.name for f in FIELDS]
+
+
+@pytest.mark.parametrize("key, good, bad", [
+    ("persistence", ["memory", "sqlite"], ["disk", "SQLite", ""]),
+    ("persistence_synchronous", ["normal", "full"], ["off", "FULL"]),
+])
+def test_settings_with_a_fixed_set_of_values(key: str, good: list[str], bad: list[str]) -> None:
+    for value in good:
+        assert getattr(BrokerConfig(**{key: value}), key) == value
+    for value in bad:
+        with pytest.raises(ConfigError, match=f"{key}: .* is not one of"):
+            BrokerConfig(**{key: value})

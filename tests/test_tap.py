@@ -15,6 +15,9 @@ from twisted.python import usage
 
 from mqtt_broker import BrokerService
 from mqtt_broker.config import BrokerConfig, settings
+
+# As a server, twistd mqttbroker keeps its state in SQLite unless told otherwise.
+TWISTD_DEFAULTS = BrokerConfig(persistence="sqlite")
 from mqtt_broker.tap import Options, makeService
 
 FIELDS = [f for f in settings() if f.name != "endpoints"]
@@ -42,6 +45,10 @@ def other_value(f: dataclasses.Field[Any]) -> tuple[str, Any]:
     if isinstance(default, float):
         return str(default + 0.5), default + 0.5
     assert isinstance(default, str)
+    choices = f.metadata.get("choices")
+    if choices:
+        other = next(c for c in choices if c != default)
+        return other, other
     return default + "x", default + "x"
 
 
@@ -82,7 +89,7 @@ def free_port() -> int:
 
 def test_no_arguments() -> None:
     options = parse()
-    assert options["broker_config"] == BrokerConfig()
+    assert options["broker_config"] == TWISTD_DEFAULTS
     assert options["broker_config"].endpoints == ["tcp:1883"]
 
 
@@ -105,7 +112,7 @@ def test_every_setting_is_a_flag(name: str) -> None:
     assert value != f.default
     config = parse(flag(name), text)["broker_config"]
     assert getattr(config, name) == value and type(getattr(config, name)) is type(f.default)
-    assert config == BrokerConfig(**{name: value})
+    assert config == TWISTD_DEFAULTS.replace(**{name: value})
 
 
 @pytest.mark.parametrize("text,value", [
@@ -122,7 +129,7 @@ def test_int_accepted_for_float_flag() -> None:
 
 def test_config_file_is_read(config_file: Path) -> None:
     config = parse("--config", str(config_file))["broker_config"]
-    assert config == BrokerConfig(endpoints=["tcp:1884", "tcp:1885"], max_qos=1, retain_available=False)
+    assert config == TWISTD_DEFAULTS.replace(endpoints=["tcp:1884", "tcp:1885"], max_qos=1, retain_available=False)
     assert parse("-c", str(config_file))["broker_config"] == config
 
 
@@ -242,14 +249,14 @@ def test_make_service(config_file: Path) -> None:
     assert isinstance(service, BrokerService)
     assert IService.providedBy(service)
     assert service.config == options["broker_config"]
-    assert service.config == BrokerConfig(endpoints=["tcp:0"], max_qos=0, retain_available=False)
+    assert service.config == TWISTD_DEFAULTS.replace(endpoints=["tcp:0"], max_qos=0, retain_available=False)
     assert not service.running and service.ports == []
 
 
 def test_make_service_defaults() -> None:
     service = makeService(parse())
     assert isinstance(service, BrokerService)
-    assert service.config == BrokerConfig()
+    assert service.config == TWISTD_DEFAULTS
     assert not service.running
 
 

@@ -1,0 +1,91 @@
+"""Where the broker keeps what must survive it: sessions, their messages, retained messages, wills.
+
+The broker calls a :class:`Store` on the reactor thread. Each call only records a change; the
+store writes them in batches (group commit) and ``flushed()`` says when everything recorded so
+far is durable, which is when the broker acknowledges a QoS 1/2 PUBLISH or a SUBSCRIBE.
+Implementations: :class:`~mqtt_broker.store.sqlite.SQLiteStore` (the default of
+``twistd mqttbroker``) and :class:`~mqtt_broker.store.memory.MemoryStore` (a reference that keeps
+state across service restarts within one process). With ``persistence = "memory"`` the broker
+has no store at all and pays nothing for one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from ..message import Message
+from ..session import Queued, Session
+from ..topics import Subscription
+
+
+class StoreError(Exception):
+    """The store cannot be opened, read or written; the message says which file and what to do."""
+
+
+@dataclass(slots=True)
+class StoredWill:
+    client_id: str
+    username: str | None
+    message: Message
+    due: float
+    """Clock time at which the delayed will is published."""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything a store holds, read at start-up."""
+
+    sessions: list[tuple[Session, float | None]] = field(default_factory=list)
+    """Each session (with subscriptions, queued and in-flight messages, inbound QoS 2 state)
+    and the clock time its client disconnected (None: it was connected when the broker stopped)."""
+    retained: list[Message] = field(default_factory=list)
+    wills: list[StoredWill] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """What the broker needs from a store. Every method but ``load`` and ``flushed`` records a
+    change and returns at once; deliveries are named by (client id, ``Queued.seq``)."""
+
+    def load(self) -> Snapshot:
+        """Open the store and read it (blocking, at start-up). Raises StoreError."""
+
+    def save_session(self, session: Session, disconnected_at: float | None) -> None: ...
+
+    def delete_session(self, client_id: str) -> None:
+        """Forget a session with its subscriptions, messages and QoS 2 state."""
+
+    def save_subscription(self, client_id: str, subscription: Subscription) -> None: ...
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None: ...
+
+    def save_retained(self, message: Message) -> None: ...
+
+    def delete_retained(self, topic: str) -> None: ...
+
+    def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
+        """A QoS 1/2 message for a session: queued (no packet id yet) or sent."""
+
+    def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None: ...
+
+    def remove_delivery(self, client_id: str, seq: int) -> None:
+        """The client acknowledged the message (or it was dropped)."""
+
+    def add_pubrel(self, client_id: str, packet_id: int) -> None: ...
+
+    def remove_pubrel(self, client_id: str, packet_id: int) -> None: ...
+
+    def save_will(self, will: StoredWill) -> None: ...
+
+    def delete_will(self, client_id: str) -> None: ...
+
+    def flushed(self) -> Deferred[None]:
+        """Fires when every change recorded so far is durable; fails with StoreError if the
+        write failed."""
+
+    def close(self) -> Deferred[None]: ...
+
+
+__all__ = ["Store", "StoreError", "Snapshot", "StoredWill"]

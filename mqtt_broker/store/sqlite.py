@@ -1,0 +1,301 @@
+"""The SQLite store: one file in WAL mode, written in batches on one writer thread.
+
+Changes recorded on the reactor thread wait in a list; at most one batch is being written at a
+time, so while a commit is on disk the next batch grows, and under load many messages share one
+transaction and one fsync (group commit). A delivery that is acknowledged before its batch is
+written is dropped from the batch with its insert (a message to an online client costs no disk
+write at all when the client is quick).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ..message import Message
+from ..session import Outgoing, Queued, Session
+from ..topics import Subscription
+from ..wire.packets import PUBLISH
+from ..wire.properties import decode_properties, encode_properties
+from . import Snapshot, StoredWill, StoreError
+
+log = Logger()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL, disconnected_at REAL, next_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    client_id TEXT NOT NULL, topic_filter TEXT NOT NULL, qos INTEGER NOT NULL, no_local INTEGER NOT NULL,
+    retain_as_published INTEGER NOT NULL, retain_handling INTEGER NOT NULL, subscription_id INTEGER,
+    share_group TEXT, PRIMARY KEY (client_id, topic_filter));
+CREATE TABLE IF NOT EXISTS deliveries (
+    client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL,
+    subscription_ids TEXT NOT NULL, share TEXT, packet_id INTEGER, released INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (client_id, seq));
+CREATE TABLE IF NOT EXISTS awaiting_pubrel (
+    client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, properties BLOB NOT NULL,
+    expires_at REAL);
+CREATE TABLE IF NOT EXISTS wills (
+    client_id TEXT PRIMARY KEY, username TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL,
+    due REAL NOT NULL);
+"""
+
+_INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (client_id, seq, topic, payload, qos, retain, properties, "
+                    "expires_at, subscription_ids, share, packet_id, released) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _props(message: Message) -> bytes:
+    return encode_properties(message.properties)
+
+
+def _message(topic: str, payload: bytes, qos: int, retain: bool, properties: bytes, expires_at: float | None) -> Message:
+    props = decode_properties(properties, 0, PUBLISH)[0] if properties != b"\x00" else {}
+    return Message(topic=topic, payload=bytes(payload), qos=qos, retain=bool(retain), properties=props,
+                   expires_at=expires_at)
+
+
+class SQLiteStore:
+    """``SQLiteStore(path, reactor, synchronous="normal")``; see the README for what each
+    ``synchronous`` setting promises."""
+
+    def __init__(self, path: str | Path, reactor: Any, synchronous: str = "normal") -> None:
+        self.path = Path(path)
+        self.reactor = reactor
+        self.synchronous = synchronous.upper()
+        self._db: sqlite3.Connection | None = None
+        self._pool: ThreadPool | None = None
+        self._pending: list[tuple[str, tuple[Any, ...]] | None] = []
+        self._waiters: list[Deferred[None]] = []
+        self._inserts: dict[tuple[str, int], int] = {}
+        """Deliveries inserted by the pending batch: (client id, seq) -> index in _pending."""
+        self._pubrels: dict[tuple[str, int], int] = {}
+        self._scheduled = False
+        self._writing = False
+        self._failing = False
+
+    # --- opening and reading ------------------------------------------------------------
+
+    def load(self) -> Snapshot:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.executescript(SCHEMA)
+            snapshot = self._read(db)
+        except (sqlite3.Error, OSError, ValueError) as e:
+            raise StoreError(
+                f"cannot use the database {self.path}: {e}. If it is damaged, move it (and its "
+                f"-wal and -shm files) away to start with an empty store, or restore a backup; "
+                f"`sqlite3 {self.path} .recover` may save what is in it.") from None
+        self._db = db
+        self._pool = ThreadPool(1, 1, name="mqtt-store")
+        self._pool.start()
+        return snapshot
+
+    def _read(self, db: sqlite3.Connection) -> Snapshot:
+        sessions: dict[str, tuple[Session, float | None]] = {}
+        for client_id, expiry, disconnected_at, next_seq in db.execute(
+                "SELECT client_id, expiry, disconnected_at, next_seq FROM sessions"):
+            session = Session(client_id, expiry)
+            session.stored = True
+            session.next_seq = next_seq
+            sessions[client_id] = (session, disconnected_at)
+        for row in db.execute("SELECT client_id, topic_filter, qos, no_local, retain_as_published, "
+                              "retain_handling, subscription_id, share_group FROM subscriptions"):
+            if row[0] in sessions:
+                sessions[row[0]][0].subscriptions[row[1]] = Subscription(
+                    client_id=row[0], topic_filter=row[1], qos=row[2], no_local=bool(row[3]),
+                    retain_as_published=bool(row[4]), retain_handling=row[5], subscription_id=row[6],
+                    share_group=row[7])
+        for (client_id, seq, topic, payload, qos, retain, properties, expires_at, ids, share,
+             packet_id, released) in db.execute(
+                "SELECT client_id, seq, topic, payload, qos, retain, properties, expires_at, "
+                "subscription_ids, share, packet_id, released FROM deliveries ORDER BY client_id, seq"):
+            if client_id not in sessions:
+                continue
+            session = sessions[client_id][0]
+            message = _message(topic, payload, qos, retain, properties, expires_at)
+            fields = dict(message=message, qos=qos, retain=bool(retain), subscription_ids=tuple(json.loads(ids)),
+                          share=tuple(json.loads(share)) if share else None, seq=seq)
+            if packet_id is None:
+                session.queue.append(Queued(**fields))  # type: ignore[arg-type]
+                session.queued_bytes += len(message.payload)
+            else:
+                session.outgoing[packet_id] = Outgoing(**fields, released=bool(released))  # type: ignore[arg-type]
+            session.next_seq = max(session.next_seq, seq + 1)
+        for client_id, packet_id in db.execute("SELECT client_id, packet_id FROM awaiting_pubrel"):
+            if client_id in sessions:
+                sessions[client_id][0].awaiting_pubrel.add(packet_id)
+        retained = [_message(topic, payload, qos, True, properties, expires_at) for topic, payload, qos, properties,
+                    expires_at in db.execute("SELECT topic, payload, qos, properties, expires_at FROM retained")]
+        wills = []
+        for client_id, username, topic, payload, qos, retain, properties, expires_at, due in db.execute(
+                "SELECT client_id, username, topic, payload, qos, retain, properties, expires_at, due FROM wills"):
+            message = _message(topic, payload, qos, retain, properties, expires_at)
+            message.sender = client_id
+            wills.append(StoredWill(client_id, username, message, due))
+        return Snapshot(list(sessions.values()), retained, wills)
+
+    # --- recording changes --------------------------------------------------------------
+
+    def _record(self, sql: str, args: tuple[Any, ...]) -> int:
+        self._pending.append((sql, args))
+        if not self._scheduled and not self._writing:
+            self._scheduled = True
+            self.reactor.callLater(0, self._flush)
+        return len(self._pending) - 1
+
+    def save_session(self, session: Session, disconnected_at: float | None) -> None:
+        self._record("INSERT OR REPLACE INTO sessions (client_id, expiry, disconnected_at, next_seq) "
+                     "VALUES (?,?,?,?)", (session.client_id, session.expiry, disconnected_at, session.next_seq))
+
+    def delete_session(self, client_id: str) -> None:
+        for table in ("sessions", "subscriptions", "deliveries", "awaiting_pubrel"):
+            self._record(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
+
+    def save_subscription(self, client_id: str, s: Subscription) -> None:
+        self._record("INSERT OR REPLACE INTO subscriptions (client_id, topic_filter, qos, no_local, "
+                     "retain_as_published, retain_handling, subscription_id, share_group) VALUES (?,?,?,?,?,?,?,?)",
+                     (client_id, s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
+                      s.subscription_id, s.share_group))
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None:
+        self._record("DELETE FROM subscriptions WHERE client_id = ? AND topic_filter = ?", (client_id, topic_filter))
+
+    def save_retained(self, message: Message) -> None:
+        self._record("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?,?,?,?,?)",
+                     (message.topic, message.payload, message.qos, _props(message), message.expires_at))
+
+    def delete_retained(self, topic: str) -> None:
+        self._record("DELETE FROM retained WHERE topic = ?", (topic,))
+
+    def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
+        m = item.message
+        index = self._record(_INSERT_DELIVERY, (
+            client_id, item.seq, m.topic, m.payload, item.qos, item.retain, _props(m), m.expires_at,
+            json.dumps(item.subscription_ids), json.dumps(item.share) if item.share else None, packet_id, 0))
+        self._inserts[(client_id, item.seq)] = index
+
+    def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
+        index = self._inserts.get((client_id, seq))
+        if index is not None:  # still in the pending batch: change the insert itself
+            sql, args = self._pending[index]  # type: ignore[misc]
+            self._pending[index] = (sql, (*args[:10], packet_id, int(released)))
+            return
+        self._record("UPDATE deliveries SET packet_id = ?, released = ? WHERE client_id = ? AND seq = ?",
+                     (packet_id, released, client_id, seq))
+
+    def remove_delivery(self, client_id: str, seq: int) -> None:
+        index = self._inserts.pop((client_id, seq), None)
+        if index is not None:  # never written: nothing to delete
+            self._pending[index] = None
+            return
+        self._record("DELETE FROM deliveries WHERE client_id = ? AND seq = ?", (client_id, seq))
+
+    def add_pubrel(self, client_id: str, packet_id: int) -> None:
+        index = self._record("INSERT OR REPLACE INTO awaiting_pubrel (client_id, packet_id) VALUES (?,?)",
+                             (client_id, packet_id))
+        self._pubrels[(client_id, packet_id)] = index
+
+    def remove_pubrel(self, client_id: str, packet_id: int) -> None:
+        index = self._pubrels.pop((client_id, packet_id), None)
+        if index is not None:
+            self._pending[index] = None
+            return
+        self._record("DELETE FROM awaiting_pubrel WHERE client_id = ? AND packet_id = ?", (client_id, packet_id))
+
+    def save_will(self, will: StoredWill) -> None:
+        m = will.message
+        self._record("INSERT OR REPLACE INTO wills (client_id, username, topic, payload, qos, retain, properties, "
+                     "expires_at, due) VALUES (?,?,?,?,?,?,?,?,?)",
+                     (will.client_id, will.username, m.topic, m.payload, m.qos, m.retain, _props(m), m.expires_at,
+                      will.due))
+
+    def delete_will(self, client_id: str) -> None:
+        self._record("DELETE FROM wills WHERE client_id = ?", (client_id,))
+
+    # --- writing ------------------------------------------------------------------------
+
+    def flushed(self) -> Deferred[None]:
+        if not self._pending and not self._writing and not self._waiters:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        if not self._scheduled and not self._writing:
+            self._scheduled = True
+            self.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._writing:
+            return
+        batch = [op for op in self._pending if op is not None]
+        waiters = self._waiters
+        self._pending, self._waiters = [], []
+        self._inserts.clear()
+        self._pubrels.clear()
+        if not batch:
+            for d in waiters:
+                d.callback(None)
+            return
+        self._writing = True
+        assert self._pool is not None
+        deferToThreadPool(self.reactor, self._pool, self._write, batch).addBoth(self._written, waiters)
+
+    def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            db.execute("BEGIN")
+            for sql, args in batch:
+                db.execute(sql, args)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _written(self, result: Any, waiters: list[Deferred[None]]) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            if not self._failing:
+                self._failing = True
+                log.failure("cannot write to {path}; QoS 1/2 messages are not acknowledged until it works again",
+                            result, path=str(self.path))
+            error = StoreError(f"write to {self.path} failed: {result.getErrorMessage()}")
+            for d in waiters:
+                d.errback(error)
+        else:
+            if self._failing:
+                self._failing = False
+                log.info("writing to {path} works again", path=str(self.path))
+            for d in waiters:
+                d.callback(None)
+        if self._pending or self._waiters:
+            self._flush()
+
+    def close(self) -> Deferred[None]:
+        """Write what is pending, then close the file and stop the writer thread."""
+        def closed(_: Any) -> None:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        d = self.flushed() if self._db is not None else succeed(None)
+        return d.addBoth(closed)
