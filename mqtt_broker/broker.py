@@ -97,7 +97,8 @@ class BrokerService(MultiService):
         super().startService()
         try:
             for description in self.config.endpoints:
-                endpoint = endpoints.serverFromString(self.reactor, description)
+                endpoint = endpoints.serverFromString(
+                    self.reactor, with_backlog(description, self.config.listen_backlog))
                 failures: list[Any] = []
                 endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
                 if failures:
@@ -578,6 +579,16 @@ class BrokerService(MultiService):
         oldest = min(out.sent_at for out in session.outgoing.values())
         session.retry_call = self.clock.callLater(
             max(oldest + self.config.retry_interval - now, 0.001), self._retry, session)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """A listening endpoint string with a listen queue of ``backlog`` unless it names one: the
+    default of 50 overflows when many clients reconnect at once, and a dropped SYN costs the
+    client a one-second retry."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 def _cancel(call: Any) -> None:
