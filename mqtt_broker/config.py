@@ -10,7 +10,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
@@ -26,11 +26,29 @@ class ConfigError(ValueError):
 
 
 def _setting(default: Any, help: str, minimum: int | None = 0, maximum: int | None = None,
-             choices: tuple[str, ...] | None = None) -> Any:
-    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices}
+             choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+    """``check(value)`` returns why a value is refused, or None."""
+    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _paths_problem(paths: list[str]) -> str | None:
+    for path in paths:
+        if not path.startswith("/") or any(c in path for c in " ?#\t\r\n"):
+            return f"{path!r} is not a request path (/..., without a query)"
+    return None
+
+
+def _proxies_problem(proxies: list[str]) -> str | None:
+    import ipaddress
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            return f"{proxy!r} is not an IP address or network"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +93,9 @@ class BrokerConfig:
         "client on the same connection; 0 to resend only on reconnect. MQTT 5 forbids "
         "resending on a live connection, so it only ever resends on reconnect.")
     set_tcp_nodelay: bool = _setting(True, "Disable Nagle's algorithm on client sockets.")
+    listen_backlog: int = _setting(
+        1024, "Length of the listen queue of endpoints that do not set backlog= themselves "
+        "(the kernel caps it at net.core.somaxconn).", 1, 65535)
     max_topic_alias: int = _setting(
         10, "MQTT 5: topic aliases a client may set on its PUBLISHes (0 turns them off).", 0, 65535)
     max_topic_alias_broker: int = _setting(
@@ -103,6 +124,28 @@ class BrokerConfig:
     response_information: str = _setting(
         "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
         "for it ({client_id} is replaced); empty to send none.")
+    websocket_endpoints: list[str] = _setting(
+        [], "Twisted endpoint strings to listen on for MQTT over WebSocket (tcp:8083, "
+        "ssl:8084:privateKey=...:certKey=...); empty for none.")
+    websocket_paths: list[str] = _setting(
+        [], "Request paths WebSocket clients may use (e.g. [\"/mqtt\"]); empty to accept any path.",
+        check=_paths_problem)
+    websocket_compression: bool = _setting(
+        False, "Accept WebSocket per-message compression (permessage-deflate) when a client offers "
+        "it; off by default because it costs CPU for every message.")
+    websocket_max_frame_size: int = _setting(
+        0, "Largest WebSocket frame payload accepted, in bytes; a larger frame closes the "
+        "connection (close code 1009). 0: the same as max_packet_size.", 0, 2**63 - 1)
+    websocket_max_handshake_size: int = _setting(
+        16384, "Largest WebSocket opening handshake (HTTP request line and headers) accepted, in "
+        "bytes; a larger one is refused with HTTP 431.", 1024, 1024 * 1024)
+    websocket_handshake_timeout: float = _setting(
+        10.0, "Seconds a new WebSocket connection has to finish its TLS and HTTP upgrade "
+        "handshakes before it is dropped; 0 for no limit. connect_timeout applies after it.")
+    websocket_trusted_proxies: list[str] = _setting(
+        [], "Addresses or networks (10.0.0.0/8) of reverse proxies trusted to give the client's "
+        "address in X-Forwarded-For; from any other peer the header is ignored.",
+        check=_proxies_problem)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -128,6 +171,10 @@ class BrokerConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", f.name)
+            check = f.metadata.get("check")
+            problem = check(value) if check is not None else None
+            if problem:
+                raise ConfigError(problem, f.name)
             object.__setattr__(self, f.name, value)
 
     @classmethod

@@ -52,6 +52,11 @@ def _replace(config: BrokerConfig, flag: str, **changes: Any) -> BrokerConfig:
         raise usage.UsageError(f"{flag}: {e.reason}") from None
 
 
+# List settings are repeatable flags of their own; given at all, a flag replaces the file's list.
+_LIST_FLAGS = {"endpoints": "endpoint", "websocket_endpoints": "websocket", "websocket_paths": "websocket-path",
+               "websocket_trusted_proxies": "websocket-trusted-proxy"}
+
+
 class Options(usage.Options):
     """Every setting of :class:`BrokerConfig` is a flag too; flags override the config file.
 
@@ -62,17 +67,18 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Runs an MQTT broker. Settings come from --config (TOML), then from flags. "
                 "--endpoint replaces the endpoints of the config file; with neither it "
-                "listens on tcp:1883.")
+                "listens on tcp:1883. --websocket adds MQTT over WebSocket listeners.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see mqttbroker.example.toml)."],
     ] + [
         [_flag_name(f.name), None, None, f"{f.metadata['help']} [default: {_show(f.default)}]"]
-        for f in settings() if f.name != "endpoints"
+        for f in settings() if f.name not in _LIST_FLAGS
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["endpoints"] = []
+        for name in _LIST_FLAGS:
+            self[name] = []
 
     # The docstring is the --help text, on one line: usage.Options keeps a continuation's indent.
     def opt_endpoint(self, description: str) -> None:
@@ -80,6 +86,18 @@ class Options(usage.Options):
         self["endpoints"].append(description)
 
     opt_e = opt_endpoint
+
+    def opt_websocket(self, description: str) -> None:
+        """Listen for MQTT over WebSocket on a Twisted endpoint, e.g. tcp:8083 or ssl:8084:privateKey=key.pem; repeatable."""
+        self["websocket_endpoints"].append(description)
+
+    def opt_websocket_path(self, path: str) -> None:
+        """Accept WebSocket clients only on this request path (e.g. /mqtt); repeatable [default: any path]."""
+        self["websocket_paths"].append(path)
+
+    def opt_websocket_trusted_proxy(self, address: str) -> None:
+        """Trust X-Forwarded-For from this proxy address or network (e.g. 10.0.0.0/8); repeatable."""
+        self["websocket_trusted_proxies"].append(address)
 
     def postOptions(self) -> None:
         try:
@@ -90,7 +108,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         # One flag at a time, so that an error names the flag rather than the setting.
         for f in settings():
-            if f.name == "endpoints":
+            if f.name in _LIST_FLAGS:
                 continue
             flag = "--" + _flag_name(f.name)
             text = self[_flag_name(f.name)]
@@ -102,17 +120,22 @@ class Options(usage.Options):
             except ValueError:
                 raise usage.UsageError(f"{flag}: expected {kind.__name__}, got {text!r}") from None
             config = _replace(config, flag, **{f.name: value})
-        if self["endpoints"]:
-            config = _replace(config, "--endpoint", endpoints=self["endpoints"])
-            source = "--endpoint"
-        else:
-            source = f"{self['config']}: endpoints" if self["config"] else "endpoints"
-        if not config.endpoints:
-            raise usage.UsageError(f"{source}: no endpoint to listen on")
-        for description in config.endpoints:
-            problem = _endpoint_problem(description)
-            if problem is not None:
-                raise usage.UsageError(f"{source} {description!r}: {problem}")
+        for name, flag in _LIST_FLAGS.items():
+            if self[name]:
+                config = _replace(config, "--" + flag, **{name: self[name]})
+
+        def source(name: str) -> str:
+            if self[name]:
+                return "--" + _LIST_FLAGS[name]
+            return f"{self['config']}: {name}" if self["config"] else name
+
+        if not config.endpoints and not config.websocket_endpoints:
+            raise usage.UsageError(f"{source('endpoints')}: no endpoint to listen on")
+        for name in ("endpoints", "websocket_endpoints"):
+            for description in getattr(config, name):
+                problem = _endpoint_problem(description)
+                if problem is not None:
+                    raise usage.UsageError(f"{source(name)} {description!r}: {problem}")
         self["broker_config"] = config
 
 

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout": 10.0,
     "retry_interval": 20.0,
     "set_tcp_nodelay": True,
+    "listen_backlog": 1024,
     "max_topic_alias": 10,
     "max_topic_alias_broker": 10,
     "max_session_expiry_interval": 0xFFFFFFFF,
@@ -42,6 +43,13 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": "mqttbroker-data",
     "persistence_synchronous": "normal",
     "response_information": "response/{client_id}",
+    "websocket_endpoints": [],
+    "websocket_paths": [],
+    "websocket_compression": False,
+    "websocket_max_frame_size": 0,
+    "websocket_max_handshake_size": 16384,
+    "websocket_handshake_timeout": 10.0,
+    "websocket_trusted_proxies": [],
 }
 
 # Values just outside each numeric setting's range, and the extremes that are still accepted.
@@ -56,9 +64,13 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "persistent_client_expiration": [-1],
     "connect_timeout": [-0.5],
     "retry_interval": [-1.0],
+    "listen_backlog": [0, 65536],
     "max_topic_alias": [-1, 65536],           # a two-byte property
     "max_topic_alias_broker": [-1, 65536],
     "max_session_expiry_interval": [-1, 2**32],  # a four-byte property
+    "websocket_max_frame_size": [-1, 2**63],  # a 63-bit frame length
+    "websocket_max_handshake_size": [1023, 1024 * 1024 + 1],
+    "websocket_handshake_timeout": [-0.5],
 }
 IN_RANGE: dict[str, list[Any]] = {
     "max_packet_size": [2, 268_435_460],
@@ -71,9 +83,13 @@ IN_RANGE: dict[str, list[Any]] = {
     "persistent_client_expiration": [0, 86400 * 365],
     "connect_timeout": [0.0, 0.25, 3600.0],
     "retry_interval": [0.0, 1.5],
+    "listen_backlog": [1, 65535],
     "max_topic_alias": [0, 65535],
     "max_topic_alias_broker": [0, 65535],
     "max_session_expiry_interval": [0, 0xFFFFFFFF],
+    "websocket_max_frame_size": [0, 125, 2**63 - 1],
+    "websocket_max_handshake_size": [1024, 1024 * 1024],
+    "websocket_handshake_timeout": [0.0, 0.5, 3600.0],
 }
 
 # Values of the wrong type, per the type of the setting's default.
@@ -255,6 +271,14 @@ def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
     ("retain_available = 1", "retain_available", "expected bool, got 1"),
     ("connect_timeout = nan", "connect_timeout", "expected a finite number, got nan"),
     ("retry_interval = inf", "retry_interval", "expected a finite number, got inf"),
+    ('websocket_endpoints = "tcp:8083"', "websocket_endpoints", "expected list, got 'tcp:8083'"),
+    ('websocket_paths = ["/", "mqtt"]', "websocket_paths", "'mqtt' is not a request path (/..., without a query)"),
+    ('websocket_paths = ["/mqtt?x=1"]', "websocket_paths", "'/mqtt?x=1' is not a request path (/..., without a query)"),
+    ('websocket_paths = [""]', "websocket_paths", "'' is not a request path (/..., without a query)"),
+    ('websocket_trusted_proxies = ["10.0.0.1", "proxy.example"]', "websocket_trusted_proxies",
+     "'proxy.example' is not an IP address or network"),
+    ('websocket_trusted_proxies = ["10.0.0.0/33"]', "websocket_trusted_proxies",
+     "'10.0.0.0/33' is not an IP address or network"),
 ])
 def test_bad_value_in_file_names_key_and_file(tmp_path: Path, line: str, key: str, reason: str) -> None:
     path = tmp_path / "broker.toml"

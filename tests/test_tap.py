@@ -20,7 +20,8 @@ from mqtt_broker.config import BrokerConfig, settings
 TWISTD_DEFAULTS = BrokerConfig(persistence="sqlite")
 from mqtt_broker.tap import Options, makeService
 
-FIELDS = [f for f in settings() if f.name != "endpoints"]
+# List settings (endpoints, websocket_endpoints, ...) have repeatable flags of their own.
+FIELDS = [f for f in settings() if f.default is not dataclasses.MISSING]
 
 
 def flag(name: str) -> str:
