@@ -96,14 +96,22 @@ class BrokerService(MultiService):
             self._restore(self.store.load())
         super().startService()
         try:
-            for description in self.config.endpoints:
+            listeners: list[tuple[str, Any, str]] = [
+                (description, self.factory, "MQTT broker listening on {endpoint}")
+                for description in self.config.endpoints]
+            if self.config.websocket_endpoints:
+                from .websocket import WebSocketFactory  # autobahn is imported only when used
+                websocket = WebSocketFactory(self)
+                listeners += [(description, websocket, "MQTT over WebSocket listening on {endpoint}")
+                              for description in self.config.websocket_endpoints]
+            for description, factory, listening in listeners:
                 endpoint = endpoints.serverFromString(
                     self.reactor, with_backlog(description, self.config.listen_backlog))
                 failures: list[Any] = []
-                endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
+                endpoint.listen(factory).addCallbacks(self.ports.append, failures.append)
                 if failures:
                     failures[0].raiseException()
-                log.info("MQTT broker listening on {endpoint}", endpoint=description)
+                log.info(listening, endpoint=description)
         except BaseException:
             self.stopService()
             raise

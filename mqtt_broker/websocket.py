@@ -1,0 +1,363 @@
+"""MQTT over WebSocket (chapter 6 of MQTT 3.1.1 and 5.0): a transport that only moves bytes.
+
+Each WebSocket connection carries one :class:`~mqtt_broker.protocol.MQTTProtocol`, built by the
+broker's own factory, so every feature behaves as over TCP. The payload of every binary frame goes
+to its ``dataReceived`` as it arrives (MQTT packets may span frames and a frame may hold several:
+the MQTT frame reader does the framing [MQTT-6.0.0-2]); each of its ``transport.write`` calls goes
+out as one binary frame. A text frame closes the connection [MQTT-6.0.0-1].
+
+autobahn does the opening and closing handshakes, ping/pong, frame parsing and permessage-deflate.
+Around it this module adds what a broker needs: subprotocol ``mqtt`` (``mqttv3.1`` for 3.1
+clients) required [MQTT-6.0.0-3, -4], optional request paths, bounded handshake size and time,
+X-Forwarded-For from trusted proxies only, the broker's connection limit (HTTP 503), and
+back-pressure: MQTTProtocol registers itself as the push producer of the socket underneath, so a
+slow WebSocket subscriber is paused and queued exactly like a slow TCP one.
+
+Two ways in: :class:`WebSocketFactory` for an endpoint (``BrokerService`` builds one for
+``websocket_endpoints``), and :class:`WebSocketResource` to mount in a ``twisted.web`` site.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Iterable, Sequence
+
+from autobahn.twisted.resource import WebSocketResource as _AutobahnResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IConsumer, IPushProducer, ITransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
+
+SUBPROTOCOLS = ("mqtt", "mqttv3.1")
+"""The WebSocket subprotocols of MQTT: ``mqtt`` (3.1.1 and 5.0), ``mqttv3.1`` (3.1)."""
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds the peer has to answer our close frame before the socket is dropped."""
+
+_OPEN = WebSocketServerProtocol.STATE_OPEN
+_CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
+_CLOSING = WebSocketServerProtocol.STATE_CLOSING
+_UNSUPPORTED_DATA = WebSocketServerProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA
+_NORMAL = WebSocketServerProtocol.CLOSE_STATUS_CODE_NORMAL
+
+# Server frames are not masked [RFC 6455 5.1], so a binary frame is a 2, 4 or 10 byte header and
+# the payload as it is: cheap enough to build here instead of through autobahn's sendMessage.
+_SHORT_HEADERS = [bytes((0x82, n)) for n in range(126)]
+
+
+def frame_header(length: int) -> bytes:
+    """The header of a final, unmasked binary frame of ``length`` payload bytes."""
+    if length < 126:
+        return _SHORT_HEADERS[length]
+    if length < 65536:
+        return b"\x82\x7e" + length.to_bytes(2, "big")
+    return b"\x82\x7f" + length.to_bytes(8, "big")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_address(peer: IAddress, forwarded_for: str | None, trusted: Sequence[Network]) -> IAddress:
+    """The address of the client behind ``peer``.
+
+    Only when ``peer`` is a trusted proxy does X-Forwarded-For count: its addresses are read
+    from the right (the one the nearest proxy added) past trusted proxies, and the first that is
+    not one is the client (all trusted: the left-most). Anything that is not an IP address ends
+    the walk, so a client cannot hide behind a forged left part of the header. Returns ``peer``
+    when the header does not apply; otherwise an address with port 0 (the header has no port).
+    """
+    host = getattr(peer, "host", None)
+    if not trusted or not forwarded_for or host is None or not _is_trusted(host, trusted):
+        return peer
+    chosen: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    for entry in reversed(forwarded_for.split(",")):
+        try:
+            address = _unmapped(ipaddress.ip_address(entry.strip()))
+        except ValueError:
+            break
+        chosen = address
+        if not any(address in network for network in trusted):
+            break
+    if chosen is None:
+        return peer
+    if chosen.version == 6:
+        return IPv6Address("TCP", str(chosen), 0)
+    return IPv4Address("TCP", str(chosen), 0)
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) as ``10.0.0.1``."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_trusted(host: str, trusted: Sequence[Network]) -> bool:
+    try:
+        address = _unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class WebSocketTransport:
+    """The transport an MQTTProtocol sees on a WebSocket connection.
+
+    Writes become binary frames (nothing is sent once the closing handshake has begun, as RFC 6455
+    5.5.1 requires); producer registration, pausing the input and TCP options go to the socket
+    underneath; ``loseConnection`` starts the closing handshake, ``abortConnection`` drops the
+    socket. ``getPeer`` is the client's address (from X-Forwarded-For behind a trusted proxy).
+    """
+
+    __slots__ = ("_websocket", "_socket", "_peer")
+
+    def __init__(self, websocket: MQTTWebSocketProtocol, socket: Any, peer: IAddress) -> None:
+        self._websocket = websocket
+        self._socket = socket
+        self._peer = peer
+
+    @property
+    def disconnecting(self) -> bool:
+        return bool(self._websocket.state != _OPEN)
+
+    def write(self, data: bytes) -> None:
+        websocket = self._websocket
+        if websocket.state != _OPEN:
+            return
+        if websocket._perMessageCompress is not None:
+            websocket.sendMessage(data, isBinary=True)
+        elif len(data) < 65536:
+            self._socket.write(frame_header(len(data)) + data)
+        else:  # a large payload is not copied: the header and the payload go out as they are
+            self._socket.writeSequence([frame_header(len(data)), data])
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._websocket.close(_NORMAL)
+
+    def abortConnection(self) -> None:
+        self._websocket.dropConnection(abort=True)
+
+    def getPeer(self) -> IAddress:
+        return self._peer
+
+    def getHost(self) -> IAddress:
+        return self._socket.getHost()  # type: ignore[no-any-return]
+
+    def getPeerCertificate(self) -> Any:
+        """The client's TLS certificate, as for a TLS connection without WebSocket."""
+        return self._socket.getPeerCertificate()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self._socket.setTcpNoDelay(enabled)
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self._socket.getTcpNoDelay())
+
+    # IConsumer: the MQTT protocol is the producer of what the socket sends.
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._socket.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._socket.unregisterProducer()
+
+    # IPushProducer: the MQTT protocol pauses its input while a hook decides.
+    def pauseProducing(self) -> None:
+        self._socket.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._socket.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._socket.stopProducing()
+
+
+class MQTTWebSocketProtocol(WebSocketServerProtocol):
+    """One WebSocket connection, carrying one MQTTProtocol once the opening handshake is done."""
+
+    factory: WebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mqtt: Any = None
+        """The MQTTProtocol inside, from the handshake on; None before or when refused."""
+        self._peer: IAddress | None = None
+        self._handshake_call: Any = None
+        self._close_call: Any = None
+
+    # --- the opening handshake ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        timeout = self.factory.handshake_timeout
+        if timeout:
+            # From the moment the socket is accepted, so a stalled TLS handshake counts too.
+            self._handshake_call = self.factory.broker.clock.callLater(timeout, self._handshake_timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == _CONNECTING:
+            limit = self.factory.max_handshake_size
+            if len(self.data) + len(data) > limit and (self.data + data).find(b"\r\n\r\n", 0, limit) < 0:
+                # Bounded before it is buffered, as h11 bounds an incomplete event.
+                self.data = b""
+                self.failHandshake("Request Header Fields Too Large", 431)
+                return
+        self._dataReceived(data)  # autobahn's own dataReceived formats a debug line per read
+
+    def onConnect(self, request: ConnectionRequest) -> str:
+        factory = self.factory
+        if factory.paths and request.path not in factory.paths:
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
+        subprotocol = next((p for p in request.protocols if p in SUBPROTOCOLS), None)
+        if subprotocol is None:
+            # [MQTT-6.0.0-3]: the client must offer mqtt; without it no MQTT is spoken.
+            log.info("refusing a WebSocket connection from {peer}: subprotocols {offered}, not mqtt",
+                     peer=self.peer, offered=request.protocols)
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Bad Request: subprotocol mqtt required")
+        peer = client_address(self.transport.getPeer(),  # type: ignore[union-attr]
+                              request.headers.get("x-forwarded-for"),
+                              factory.trusted_proxies)
+        mqtt = factory.broker.factory.buildProtocol(peer)
+        if mqtt is None:  # max_connections: counted and logged by the MQTT factory
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Service Unavailable")
+        self.mqtt = mqtt
+        self._peer = peer
+        return subprotocol
+
+    def onOpen(self) -> None:
+        _cancel(self._handshake_call)
+        self._handshake_call = None
+        assert self.mqtt is not None and self._peer is not None
+        self.mqtt.makeConnection(WebSocketTransport(self, self.transport, self._peer))
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        if self.state == _CONNECTING:
+            log.info("dropping WebSocket connection from {peer}: no handshake within {timeout}s",
+                     peer=self.peer, timeout=self.factory.handshake_timeout)
+            self.wasNotCleanReason = "opening handshake timeout"
+            self.dropConnection(abort=True)
+
+    # --- data: binary frames go to MQTT as they arrive ------------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        if not isBinary:
+            log.info("closing WebSocket connection from {peer}: a text frame", peer=self.peer)
+            self._fail_connection(_UNSUPPORTED_DATA, "MQTT takes binary frames only")  # [MQTT-6.0.0-1]
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.state == _OPEN:
+            self.mqtt.dataReceived(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        pass  # nothing is collected: the MQTT reader has had every byte already
+
+    def onMessageEnd(self) -> None:
+        pass
+
+    # --- closing --------------------------------------------------------------------------
+
+    def close(self, code: int) -> None:
+        """Start the closing handshake (or end a connection that is still in its opening one)."""
+        if self.state == _OPEN:
+            self.sendCloseFrame(code=code)
+        elif self.state == _CONNECTING:
+            self.dropConnection(abort=False)
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        # autobahn's own timer would run on the global reactor; ours runs on the broker's clock.
+        if not isReply and self.state == _CLOSING and self._close_call is None:
+            self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._close_call = None
+        self.wasNotCleanReason = "closing handshake timeout"
+        self.dropConnection(abort=True)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        _cancel(self._handshake_call)
+        _cancel(self._close_call)
+        self._handshake_call = self._close_call = None
+        if self.mqtt is not None and self.mqtt.connected:
+            self.mqtt.connectionLost(reason)
+
+
+def _cancel(call: Any) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+class WebSocketFactory(WebSocketServerFactory):
+    """Builds an :class:`MQTTWebSocketProtocol` per connection, for ``broker`` (a BrokerService)
+    with its ``websocket_*`` settings; ``paths`` overrides ``websocket_paths`` (empty: any)."""
+
+    protocol = MQTTWebSocketProtocol  # type: ignore[assignment]
+
+    def __init__(self, broker: Any, paths: Iterable[str] | None = None) -> None:
+        super().__init__(protocols=list(SUBPROTOCOLS), server=None, reactor=broker.reactor)
+        config = broker.config
+        self.broker = broker
+        self.paths = frozenset(config.websocket_paths if paths is None else paths)
+        self.trusted_proxies: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(proxy, strict=False) for proxy in config.websocket_trusted_proxies)
+        self.max_handshake_size: int = config.websocket_max_handshake_size
+        self.handshake_timeout: float = config.websocket_handshake_timeout
+        options: dict[str, Any] = {}
+        if config.websocket_compression:
+            options["perMessageCompressionAccept"] = _accept_deflate
+        self.setProtocolOptions(
+            webStatus=False,  # no status page or redirects for a plain GET: 426 Upgrade Required
+            maxFramePayloadSize=config.websocket_max_frame_size or config.max_packet_size,
+            maxMessagePayloadSize=0,  # a message is never collected (see onMessageFrameData)
+            openHandshakeTimeout=0, closeHandshakeTimeout=0,  # ours, on the broker's clock
+            failByDrop=False,  # a protocol error is answered with a close frame giving the reason
+            tcpNoDelay=config.set_tcp_nodelay,
+            **options)
+
+
+def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+class WebSocketResource(_AutobahnResource):
+    """MQTT over WebSocket as a ``twisted.web`` resource, so that it can share a port with other
+    HTTP resources (a page, an admin API)::
+
+        root = Resource()
+        root.putChild(b"", File("index.html"))
+        root.putChild(b"mqtt", WebSocketResource(broker))
+        endpoints.serverFromString(reactor, "tcp:8080").listen(Site(root))
+
+    The site routes by path, so ``websocket_paths`` does not apply; every other ``websocket_*``
+    setting does (the handshake timeout runs from the moment the site hands the request over).
+    """
+
+    def __init__(self, broker: Any) -> None:
+        super().__init__(WebSocketFactory(broker, paths=()))
+
+    def render(self, request: Any) -> Any:
+        transport = request.channel.transport
+        if transport is not None:
+            # The HTTP channel is the socket's producer; the MQTT connection will register itself.
+            transport.unregisterProducer()
+        return super().render(request)
+
+
+__all__ = ["SUBPROTOCOLS", "WebSocketFactory", "WebSocketResource", "WebSocketTransport",
+           "MQTTWebSocketProtocol", "client_address", "frame_header"]
