@@ -16,6 +16,7 @@ Two kinds of events:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -115,40 +116,47 @@ class Hooks:
     # --- firing -------------------------------------------------------------------------
 
     def decide(self, event: str, *args: Any) -> Deferred[Any]:
-        """Run a decider's handlers; fires with the last non-None answer that allowed, or with
-        ``Refused`` at the first refusal. A handler's failure is logged and refuses."""
-        handlers = list(self._handlers[event])
-        transforms = event in ("publish", "will")
-        result: Deferred[Any] = succeed(None)
-        answer: list[Any] = [None]
+        """Run a decider's handlers; fires with the last answer that was neither None nor True,
+        or with ``Refused`` at the first refusal. A handler's failure is logged and refuses."""
+        result = self.resolve(event, *args)
+        return result if isinstance(result, Deferred) else succeed(result)
 
-        def step(previous: Any, handler: Callable[..., Any]) -> Any:
-            if isinstance(previous, Refused):
-                return previous
-            call_args = args
-            if transforms and isinstance(answer[0], Message):
-                call_args = (args[0], answer[0])
-            return maybeDeferred(handler, *call_args).addCallbacks(
-                judge, failed, errbackArgs=(handler,))
+    def resolve(self, event: str, *args: Any) -> Any:
+        """:meth:`decide`, without a Deferred while every handler answers at once: the answer
+        itself, or a Deferred from the first handler that answered with one (or a coroutine)."""
+        transforms = event in _TRANSFORMING
+        answer: Any = None
+        handlers = self._handlers[event]
+        for index, handler in enumerate(handlers):
+            call_args = (args[0], answer) if transforms and isinstance(answer, Message) else args
+            try:
+                value = handler(*call_args)
+            except Exception:
+                return _failed(Failure(), event, handler)  # type: ignore[no-untyped-call]
+            if isinstance(value, (Deferred, CoroutineType)):
+                pending = maybeDeferred(lambda: value).addErrback(_failed, event, handler)
+                return pending.addCallback(self._resume, event, args, list(handlers[index + 1:]), answer)
+            verdict = _judge(value)
+            if isinstance(verdict, Refused):
+                return verdict
+            if verdict is not None:
+                answer = verdict
+        return answer
 
-        def judge(value: Any) -> Any:
-            if value is False:
-                return Refused()
-            if isinstance(value, Refused):
-                return value
-            if isinstance(value, ReasonCode) and value >= 0x80:
-                return Refused(value)
-            if value is not None and value is not True:
-                answer[0] = value
-            return None
-
-        def failed(failure: Any, handler: Callable[..., Any]) -> Refused:
-            log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
-            return Refused(ReasonCode.UNSPECIFIED_ERROR)
-
-        for handler in handlers:
-            result.addCallback(step, handler)
-        return result.addCallback(lambda last: last if isinstance(last, Refused) else answer[0])
+    def _resume(self, value: Any, event: str, args: tuple[Any, ...], rest: list[Callable[..., Any]],
+                answer: Any) -> Any:
+        """Go on with the handlers after one that answered with a Deferred."""
+        verdict = _judge(value)
+        if isinstance(verdict, Refused):
+            return verdict
+        if verdict is not None:
+            answer = verdict
+        if not rest:
+            return answer
+        call_args = (args[0], answer) if event in _TRANSFORMING and isinstance(answer, Message) else args
+        handler = rest[0]
+        return maybeDeferred(handler, *call_args).addCallbacks(
+            self._resume, _failed, callbackArgs=(event, args, rest[1:], answer), errbackArgs=(event, handler))
 
     def notify(self, event: str, *args: Any) -> None:
         """Call every handler of a notification; results are ignored, failures logged."""
@@ -157,6 +165,28 @@ class Hooks:
 
         for handler in list(self._handlers[event]):
             maybeDeferred(handler, *args).addErrback(failed, handler)
+
+
+_TRANSFORMING = frozenset({"publish", "will"})
+"""Events whose handlers may replace the message that later handlers see."""
+
+
+def _judge(value: Any) -> Any:
+    """A handler's answer: a Refused, or None to let the next one decide, or a value."""
+    if value is False:
+        return Refused()
+    if isinstance(value, Refused):
+        return value
+    if isinstance(value, ReasonCode) and value >= 0x80:
+        return Refused(value)
+    if value is True:
+        return None
+    return value
+
+
+def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:
+    log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
+    return Refused(ReasonCode.UNSPECIFIED_ERROR)
 
 
 __all__ = ["Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]

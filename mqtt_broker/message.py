@@ -11,8 +11,9 @@ from .wire.packets import NO_PROPERTIES, Properties
 class Message:
     """A published message. One instance is shared by every subscriber it is delivered to.
 
-    ``encoded`` caches the wire bytes per (protocol level, QoS, retain flag), so a message
-    sent to many subscribers is encoded once for each kind of subscriber, not once each.
+    ``encoded`` caches the wire bytes (and the offset of the packet id in them) per (MQTT 5 or
+    not, QoS, retain flag), so a message sent to many subscribers is encoded once for each kind
+    of subscriber, not once each; it starts with the PUBLISH as it was received.
     """
 
     topic: str
@@ -24,7 +25,7 @@ class Message:
     """Client id of the publisher; None for messages published by the broker itself."""
     expires_at: float | None = None
     """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval)."""
-    encoded: dict[tuple[int, int, bool], tuple[bytes, int]] | None = field(default=None, repr=False)
+    encoded: dict[tuple[bool, int, bool], tuple[bytes, int]] | None = field(default=None, repr=False)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -190,9 +190,13 @@ class MQTTProtocol(Protocol):
 
     # --- waiting for hooks without reordering a client's packets -------------------------
 
-    def _when(self, decision: Deferred[Any], then: Callable[..., None], *args: Any) -> None:
-        """Run ``then(result, *args)`` when a hook decides; until then, read nothing more from
-        this client, so its packets are handled in the order they came."""
+    def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None:
+        """Run ``then(result, *args)`` when a hook decides (at once if ``decision`` is not a
+        Deferred); until then, read nothing more from this client, so its packets are handled
+        in the order they came."""
+        if not isinstance(decision, Deferred):
+            then(decision, *args)
+            return
         done = False
 
         def run(result: Any) -> None:
@@ -243,7 +247,7 @@ class MQTTProtocol(Protocol):
             cache = message.encoded
             if cache is None:
                 cache = message.encoded = {}
-            key = (self.version, qos, retain)
+            key = (self.version == MQTT_5, qos, retain)
             entry = cache.get(key)
             if entry is None:
                 properties = message.properties if self.version == MQTT_5 else NO_PROPERTIES
@@ -317,7 +321,7 @@ class MQTTProtocol(Protocol):
         else:
             self._auth_method = method
             self._auth_connect = packet
-            self._when(self.broker.hooks.decide(
+            self._when(self.broker.hooks.resolve(
                 "auth", self.client, method, packet.properties.get("authentication_data"), False),
                 self._auth_decided)
 
@@ -330,7 +334,7 @@ class MQTTProtocol(Protocol):
             else (ReasonCode.CONTINUE_AUTHENTICATION,)
         if packet.reason_code not in expected:
             raise ProtocolError(f"AUTH with reason code 0x{packet.reason_code:02x} here")
-        self._when(self.broker.hooks.decide(
+        self._when(self.broker.hooks.resolve(
             "auth", self.client, method, packet.properties.get("authentication_data"), reauthenticating),
             self._auth_decided)
 
@@ -355,7 +359,7 @@ class MQTTProtocol(Protocol):
 
     def _authorize(self, packet: Connect) -> None:
         if self.broker.hooks.has_connect:
-            self._when(self.broker.hooks.decide("connect", self.client), self._connect_decided, packet)
+            self._when(self.broker.hooks.resolve("connect", self.client), self._connect_decided, packet)
         else:
             self._accept(packet)
 
@@ -440,8 +444,16 @@ class MQTTProtocol(Protocol):
             return
         message = Message(topic=topic, payload=packet.payload, qos=qos, retain=packet.retain,
                           properties=properties, sender=self.client.client_id)  # type: ignore[union-attr]
+        frame = packet.frame
+        if frame is not None and not packet.properties:
+            # Forward the bytes as received: only the retain and DUP flags are not passed on.
+            if frame[0] & 0x09:
+                frame = bytes((frame[0] & 0xF6,)) + frame[1:]
+            v5 = self.version == MQTT_5
+            offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
+            message.encoded = {(v5, qos, False): (frame, offset)}
         if self.broker.hooks.has_publish:
-            self._when(self.broker.hooks.decide("publish", self.client, message),
+            self._when(self.broker.hooks.resolve("publish", self.client, message),
                        self._publish_decided, packet, message)
             return
         routed = self.broker.route(message)
@@ -555,7 +567,7 @@ class MQTTProtocol(Protocol):
                     share_group=group))
         hooks = self.broker.hooks
         if hooks.has_subscribe:
-            decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else _now(w)
+            decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else succeed(w)
                          for w in wanted]
             self._when(gatherResults(decisions), self._subscribe_decided, packet, wanted)
         else:
@@ -627,7 +639,7 @@ class MQTTProtocol(Protocol):
 
     def _on_pingreq(self, packet: Pingreq) -> None:
         if self.broker.hooks.has_ping:
-            self._when(self.broker.hooks.decide("ping", self.client), self._ping_decided)
+            self._when(self.broker.hooks.resolve("ping", self.client), self._ping_decided)
         else:
             self.transport.write(_PINGRESP)  # type: ignore[union-attr]
 
@@ -646,12 +658,6 @@ class MQTTProtocol(Protocol):
             self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})")
-
-
-def _now(value: Any) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.callback(value)
-    return d
 
 
 class MQTTFactory(Factory):

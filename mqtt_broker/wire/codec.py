@@ -92,7 +92,7 @@ class FrameReader:
         self._pos = end
         packet_type = first >> 4
         if packet_type == PUBLISH:
-            return _decode_publish(memoryview(buffer)[index:end], first, self.version)
+            return _decode_publish(bytes(buffer[pos:end]), index - pos, first, self.version)
         flags = first & 0x0F
         if packet_type == 0 or (packet_type == AUTH and self.version != MQTT_5):
             raise MalformedPacket(f"reserved packet type {packet_type}")
@@ -121,25 +121,38 @@ def _u16(body: bytes | memoryview, pos: int) -> int:
     return body[pos] << 8 | body[pos + 1]
 
 
-def _decode_publish(body: memoryview, first: int, version: int) -> Publish:
+def _decode_publish(frame: bytes, start: int, first: int, version: int) -> Publish:
+    """Decode a PUBLISH from its whole frame (``start``: where the variable header begins);
+    the hot path, so the topic is decoded inline rather than through decode_string."""
     qos = (first >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
     dup = bool(first & 8)
     if dup and not qos:
         raise MalformedPacket("PUBLISH with DUP set at QoS 0")  # [MQTT-3.3.1-2]
-    topic, pos = decode_string(body, 0)
+    length = len(frame)
+    if start + 2 > length:
+        raise MalformedPacket("length prefix runs past the end of the packet")
+    pos = start + 2 + (frame[start] << 8 | frame[start + 1])
+    if pos > length:
+        raise MalformedPacket("string or binary data runs past the end of the packet")
+    try:
+        topic = frame[start + 2:pos].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("string is not well-formed UTF-8") from None
+    if "\x00" in topic:
+        raise MalformedPacket("string contains U+0000")  # [MQTT-1.5.4-2]
     packet_id = 0
     if qos:
-        packet_id = _u16(body, pos)
+        packet_id = _u16(frame, pos)
         pos += 2
         if not packet_id:
             raise MalformedPacket("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
     properties = NO_PROPERTIES
     if version == MQTT_5:
-        properties, pos = decode_properties(body, pos, PUBLISH)
-    return Publish(topic=topic, payload=bytes(body[pos:]), qos=qos, retain=bool(first & 1),
-                   dup=dup, packet_id=packet_id, properties=properties)
+        properties, pos = decode_properties(frame, pos, PUBLISH)
+    return Publish(topic=topic, payload=frame[pos:], qos=qos, retain=bool(first & 1),
+                   dup=dup, packet_id=packet_id, properties=properties, frame=frame)
 
 
 def _decode_connect(body: bytes, version: int) -> Connect:

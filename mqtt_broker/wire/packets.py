@@ -6,8 +6,8 @@ packet is decoded, and are left out when one is encoded for 3.x.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, NoReturn, Union
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NoReturn, Union
 
 Properties = Mapping[str, Any]
 """MQTT 5 properties by name (``"message_expiry_interval"``). ``user_property`` is a list of
@@ -16,22 +16,19 @@ int, a str or bytes."""
 
 
 
-class _NoProperties(Mapping[str, Any]):
-    """The shared empty property set: hashable, so it can be a dataclass default."""
+class _NoProperties(dict[str, Any]):
+    """The shared empty property set: immutable and hashable, so it can be a dataclass default,
+    and a dict, so that ``if properties`` and ``.get`` cost no Python-level call."""
 
     __slots__ = ()
 
-    def __getitem__(self, key: str) -> NoReturn:
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
+    def __hash__(self) -> int:  # type: ignore[override]
         return 0
 
-    def __hash__(self) -> int:
-        return 0
+    def _immutable(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("NO_PROPERTIES is immutable")
+
+    __setitem__ = __delitem__ = setdefault = update = pop = popitem = clear = __ior__ = _immutable
 
     def __repr__(self) -> str:
         return "{}"
@@ -86,6 +83,9 @@ class Publish:
     dup: bool = False
     packet_id: int = 0
     properties: Properties = NO_PROPERTIES
+    frame: bytes | None = field(default=None, compare=False, repr=False)
+    """The whole packet as received, when a FrameReader decoded it: a broker can forward these
+    bytes as they are instead of encoding the message again."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
