@@ -33,14 +33,36 @@ log = Logger()
 
 
 class Stats:
-    """Counters kept with plain integer arithmetic on the hot path."""
+    """Counters kept with plain integer arithmetic on the hot path; ``mqtt_broker.admin`` reads
+    them ($SYS, Prometheus) when it reports, so counting costs one ``+=`` and nothing more.
+
+    Where a count can be derived it is not kept: PUBLISHes from clients are the routed messages
+    less the broker's own and the wills, and the QoS 0 figures are the totals less QoS 1 and 2
+    (``*_by_qos[0]`` stays 0), so the QoS 0 path pays for no counter of its own.
+    """
 
     __slots__ = ("messages_received", "messages_sent", "messages_dropped", "messages_expired",
-                 "connections_total", "connections_refused")
+                 "connections_total", "connections_refused", "broker_published", "wills_published",
+                 "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
+                 "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
+                 "auth_failures", "sessions_expired", "clients_maximum")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
         self.messages_expired = self.connections_total = self.connections_refused = 0
+        self.broker_published = self.wills_published = 0
+        """Routed messages that came from ``BrokerService.publish`` and from wills."""
+        self.received_by_qos = [0, 0, 0]
+        self.sent_by_qos = [0, 0, 0]
+        self.dropped_too_large = 0
+        """Of messages_dropped, those above a client's maximum packet size (the rest: queue full)."""
+        self.resent = 0
+        self.bytes_received = self.bytes_sent = 0
+        self.packets_received = self.control_packets_sent = 0
+        """MQTT packets of any type in; packets out other than PUBLISH."""
+        self.refused_by_reason: dict[str, int] = {}
+        """Connections refused, by reason (a ReasonCode name, or max_connections)."""
+        self.auth_failures = self.sessions_expired = self.clients_maximum = 0
 
 
 class BrokerService(MultiService):
@@ -178,6 +200,7 @@ class BrokerService(MultiService):
             raise ValueError(f"invalid QoS {qos!r}")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
+        self.stats.broker_published += 1
         self.route(Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties))
         return succeed(None)
 
@@ -220,6 +243,8 @@ class BrokerService(MultiService):
         session.expiry_call = None
         session.expiry = expiry
         session.connection = connection
+        if len(self.connections) > self.stats.clients_maximum:
+            self.stats.clients_maximum = len(self.connections)
         if self.store is not None and (expiry or session.stored):
             session.stored = True
             self.store.save_session(session, None)
@@ -287,14 +312,14 @@ class BrokerService(MultiService):
 
     def publish_will(self, client: Client, will: Message) -> None:
         if not self.hooks.has_will:
+            self.stats.wills_published += 1
             self.route(will)
             return
 
         def decided(answer: Any) -> None:
-            if answer is None:
-                self.route(will)
-            elif isinstance(answer, Message):
-                self.route(answer)
+            if answer is None or isinstance(answer, Message):
+                self.stats.wills_published += 1
+                self.route(will if answer is None else answer)
         self.hooks.decide("will", client, will).addCallback(decided)
 
     def _delayed_will_due(self, client_id: str) -> None:
@@ -307,6 +332,7 @@ class BrokerService(MultiService):
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.info("session {client_id} expired", client_id=session.client_id)
+            self.stats.sessions_expired += 1
             pending = self._delayed_wills.pop(session.client_id, None)
             if pending is not None:
                 _cancel(pending[0])
@@ -380,7 +406,8 @@ class BrokerService(MultiService):
             message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
         if message.retain and self.config.retain_available:
             self.retained.store(message)
-            if self.store is not None:
+            # $SYS values are made afresh at start-up: a stored one would only be stale.
+            if self.store is not None and not message.topic.startswith("$SYS/"):
                 if message.payload:
                     self.store.save_retained(message)
                 else:
@@ -490,7 +517,9 @@ class BrokerService(MultiService):
                 self.store.update_delivery(session.client_id, item.seq, packet_id, False)
             else:
                 self.store.add_delivery(session.client_id, item, packet_id)
-        self.stats.messages_sent += 1
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.sent_by_qos[item.qos] += 1
         if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
             self._schedule_retry(session)
 

@@ -45,6 +45,7 @@ class MQTTProtocol(Protocol):
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
         self.broker = broker
         self.clock = clock
+        self.stats = broker.stats
         config = broker.config
         self.reader = FrameReader(max_packet_size=config.max_packet_size)
         self.state = State.AWAITING_CONNECT
@@ -105,6 +106,7 @@ class MQTTProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
+        self.stats.bytes_received += len(data)
         if self._keep_alive:
             self._last_seen = self.clock.seconds()
         self.reader.receive_data(data)
@@ -114,11 +116,13 @@ class MQTTProtocol(Protocol):
     def _process(self) -> None:
         reader = self.reader
         handlers = self._handlers
+        count = 0  # counted in a local, added once per read
         try:
             while self._blocked is None:
                 packet = reader.next_packet()
                 if packet is None:
                     return
+                count += 1
                 if type(packet) not in self._legal:
                     if self.state is State.CLOSED:
                         return
@@ -126,6 +130,8 @@ class MQTTProtocol(Protocol):
                 handlers[type(packet)](packet)
         except MQTTError as error:
             self._violation(error)
+        finally:
+            self.stats.packets_received += count
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         for call in (self._keepalive_call, self._connect_call):
@@ -166,6 +172,7 @@ class MQTTProtocol(Protocol):
 
     def _violation(self, error: MQTTError) -> None:
         if isinstance(error, UnsupportedProtocolVersion) and self.state is State.AWAITING_CONNECT:
+            _count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
             # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
             self.transport.write(encode(Connack(reason_code=1), MQTT_3_1_1))  # type: ignore[union-attr]
         self.drop(error.reason_code, error.message)
@@ -233,6 +240,9 @@ class MQTTProtocol(Protocol):
             properties = {k: v for k, v in packet.properties.items()  # type: ignore[union-attr]
                           if k not in ("reason_string", "user_property")}
             data = encode(dataclasses.replace(packet, properties=properties), self.version)  # type: ignore[type-var, arg-type]
+        stats = self.stats
+        stats.control_packets_sent += 1
+        stats.bytes_sent += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool = False,
@@ -254,19 +264,23 @@ class MQTTProtocol(Protocol):
                 entry = cache[key] = publish_template(
                     message.topic, message.payload, qos, retain, properties, self.version, 1 if qos else 0)
             data, offset = entry
-        if len(data) > self.max_send_size:
+        size = len(data)
+        if size > self.max_send_size:
             if alias_topic is not None and self._aliases_out is not None:
                 self._aliases_out.forget(alias_topic)
             self.broker.stats.messages_dropped += 1
+            self.stats.dropped_too_large += 1
             log.info("dropped a {size} byte message to {client_id}: above its maximum packet size",
-                     size=len(data), client_id=self.client.client_id if self.client else "-")
+                     size=size, client_id=self.client.client_id if self.client else "-")
             return False
+        self.stats.bytes_sent += size
         if qos:
             patched = bytearray(data)
             patched[offset] = packet_id >> 8
             patched[offset + 1] = packet_id & 0xFF
             if dup:
                 patched[0] |= 0x08
+                self.stats.resent += 1
             self.transport.write(bytes(patched))  # type: ignore[union-attr]
         else:
             self.transport.write(data)  # type: ignore[union-attr]
@@ -343,6 +357,7 @@ class MQTTProtocol(Protocol):
         if isinstance(answer, Refused):
             reason = answer.code(ReasonCode.NOT_AUTHORIZED)
             if reauthenticating:
+                self.stats.auth_failures += 1
                 self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
             else:
                 self._refuse(reason, "refused by an auth hook", answer.reason_string)
@@ -370,6 +385,7 @@ class MQTTProtocol(Protocol):
             self._accept(packet)
 
     def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
+        _count_refusal(self.stats, reason)
         if self.version == MQTT_5:
             properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
             self.send(Connack(reason_code=reason, properties=properties))
@@ -473,6 +489,7 @@ class MQTTProtocol(Protocol):
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
         a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
         not routed twice even across a restart [MQTT-4.3.3-9]."""
+        self.stats.received_by_qos[packet.qos] += 1
         reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
         if packet.qos == 2:
             self.broker.await_pubrel(self.session, packet.packet_id)
@@ -641,11 +658,16 @@ class MQTTProtocol(Protocol):
         if self.broker.hooks.has_ping:
             self._when(self.broker.hooks.resolve("ping", self.client), self._ping_decided)
         else:
-            self.transport.write(_PINGRESP)  # type: ignore[union-attr]
+            self._pingresp()
 
     def _ping_decided(self, answer: Any) -> None:
         if not isinstance(answer, Refused):
-            self.transport.write(_PINGRESP)  # type: ignore[union-attr]
+            self._pingresp()
+
+    def _pingresp(self) -> None:
+        self.stats.control_packets_sent += 1
+        self.stats.bytes_sent += len(_PINGRESP)
+        self.transport.write(_PINGRESP)  # type: ignore[union-attr]
 
     def _on_disconnect(self, packet: Disconnect) -> None:
         # Only a normal disconnection discards the will [MQTT-3.14.4-3]; MQTT 5's 0x04 and
@@ -660,6 +682,15 @@ class MQTTProtocol(Protocol):
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})")
 
 
+_AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
+
+
+def _count_refusal(stats: Any, reason: ReasonCode) -> None:
+    stats.refused_by_reason[reason.name] = stats.refused_by_reason.get(reason.name, 0) + 1
+    if reason in _AUTH_REFUSALS:
+        stats.auth_failures += 1
+
+
 class MQTTFactory(Factory):
     """Builds an MQTTProtocol per connection, up to ``max_connections``."""
 
@@ -670,6 +701,8 @@ class MQTTFactory(Factory):
         limit = self.broker.config.max_connections
         if limit >= 0 and len(self.broker.connections) >= limit:
             self.broker.stats.connections_refused += 1
+            self.broker.stats.refused_by_reason["max_connections"] = \
+                self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
             log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
             return None
         return MQTTProtocol(self.broker, self.broker.clock)
