@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
 MAX_CACHED_TOPICS = 10_000
+MAX_RECENT_TOPICS = 10_000
 
 
 def valid_topic_name(topic: str) -> bool:
@@ -98,6 +100,10 @@ class SubscriptionTree:
         self._root = _Node()
         self._cache: dict[str, Match] = {}
         self.count = 0
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        """Topic names routed lately, oldest first, at most MAX_RECENT_TOPICS (for the admin API).
+        Kept up to date from cache misses only: a topic in the cache was recorded at its miss, and
+        the cache is cleared on every (un)subscribe and when full, so it costs cache hits nothing."""
 
     def add(self, subscription: Subscription) -> bool:
         """Add or replace a client's subscription; True when it replaced one [MQTT-3.8.4-3]."""
@@ -155,6 +161,13 @@ class SubscriptionTree:
         if len(self._cache) >= MAX_CACHED_TOPICS:
             self._cache.clear()
         self._cache[topic] = result
+        recent = self.recent
+        if topic in recent:
+            recent.move_to_end(topic)
+        else:
+            recent[topic] = None
+            if len(recent) > MAX_RECENT_TOPICS:
+                recent.popitem(last=False)
         return result
 
     def _collect(self, node: _Node, levels: list[str], index: int, dollar: bool,
