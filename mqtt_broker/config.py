@@ -51,6 +51,15 @@ def _proxies_problem(proxies: list[str]) -> str | None:
     return None
 
 
+def _api_keys_problem(keys: list[str]) -> str | None:
+    import re
+    for key in keys:
+        if not re.fullmatch(r"(?:[A-Za-z0-9_.-]+:)?sha256:[0-9a-f]{64}", key):
+            return (f"{key[:12]!r}... is not a hashed key (sha256:<64 hex digits>, optionally "
+                    f"name:sha256:...); python -m mqtt_broker.admin.keys makes one")
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     """Every broker setting, validated when built: a bad value raises ConfigError naming the key.
@@ -146,6 +155,25 @@ class BrokerConfig:
         [], "Addresses or networks (10.0.0.0/8) of reverse proxies trusted to give the client's "
         "address in X-Forwarded-For; from any other peer the header is ignored.",
         check=_proxies_problem)
+    sys_interval: float = _setting(
+        10.0, "Seconds between updates of the $SYS/broker/... topics (Mosquitto's names, published "
+        "retained through the broker, so ACLs apply); 0 turns them off.", 0, None)
+    http_endpoints: list[str] = _setting(
+        [], "Twisted endpoint strings for the admin HTTP site: the JSON API under /api/v1, "
+        "Prometheus metrics at /metrics and the dashboard at / (tcp:8080, "
+        "ssl:8443:privateKey=...:certKey=...); empty for none.")
+    http_api_keys: list[str] = _setting(
+        [], "Keys of the admin API, hashed: \"sha256:<hex>\" or \"name:sha256:<hex>\" (the name, "
+        "or the hash's first 8 digits, is logged with every change it makes); "
+        "python -m mqtt_broker.admin.keys makes a key and its hash. Empty: only health, readiness, "
+        "metrics and the dashboard page answer.", check=_api_keys_problem)
+    http_metrics_auth: bool = _setting(
+        False, "Require an API key for /metrics too (Prometheus sends it as a bearer token).")
+    http_max_body_size: int = _setting(
+        1048576, "Largest request body the admin API accepts, in bytes; a larger one is "
+        "answered 400.", 1, 2**31 - 1)
+    http_websocket: bool = _setting(
+        False, "Serve MQTT over WebSocket at /mqtt on the admin HTTP endpoints too.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -54,7 +54,8 @@ def _replace(config: BrokerConfig, flag: str, **changes: Any) -> BrokerConfig:
 
 # List settings are repeatable flags of their own; given at all, a flag replaces the file's list.
 _LIST_FLAGS = {"endpoints": "endpoint", "websocket_endpoints": "websocket", "websocket_paths": "websocket-path",
-               "websocket_trusted_proxies": "websocket-trusted-proxy"}
+               "websocket_trusted_proxies": "websocket-trusted-proxy", "http_endpoints": "http",
+               "http_api_keys": "http-api-key"}
 
 
 class Options(usage.Options):
@@ -99,6 +100,14 @@ class Options(usage.Options):
         """Trust X-Forwarded-For from this proxy address or network (e.g. 10.0.0.0/8); repeatable."""
         self["websocket_trusted_proxies"].append(address)
 
+    def opt_http(self, description: str) -> None:
+        """Serve the admin HTTP API, /metrics and the dashboard on a Twisted endpoint, e.g. tcp:8080 or ssl:8443:privateKey=key.pem; repeatable."""
+        self["http_endpoints"].append(description)
+
+    def opt_http_api_key(self, hashed: str) -> None:
+        """Accept this hashed admin API key (sha256:<hex>, from python -m mqtt_broker.admin.keys); repeatable."""
+        self["http_api_keys"].append(hashed)
+
     def postOptions(self) -> None:
         try:
             # As a server, the broker keeps its state on disk unless told otherwise.
@@ -131,7 +140,7 @@ class Options(usage.Options):
 
         if not config.endpoints and not config.websocket_endpoints:
             raise usage.UsageError(f"{source('endpoints')}: no endpoint to listen on")
-        for name in ("endpoints", "websocket_endpoints"):
+        for name in ("endpoints", "websocket_endpoints", "http_endpoints"):
             for description in getattr(config, name):
                 problem = _endpoint_problem(description)
                 if problem is not None:

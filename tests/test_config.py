@@ -50,6 +50,12 @@ DEFAULTS: dict[str, Any] = {
     "websocket_max_handshake_size": 16384,
     "websocket_handshake_timeout": 10.0,
     "websocket_trusted_proxies": [],
+    "sys_interval": 10.0,
+    "http_endpoints": [],
+    "http_api_keys": [],
+    "http_metrics_auth": False,
+    "http_max_body_size": 1048576,
+    "http_websocket": False,
 }
 
 # Values just outside each numeric setting's range, and the extremes that are still accepted.
@@ -71,6 +77,8 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "websocket_max_frame_size": [-1, 2**63],  # a 63-bit frame length
     "websocket_max_handshake_size": [1023, 1024 * 1024 + 1],
     "websocket_handshake_timeout": [-0.5],
+    "sys_interval": [-0.5],
+    "http_max_body_size": [0, 2**31],
 }
 IN_RANGE: dict[str, list[Any]] = {
     "max_packet_size": [2, 268_435_460],
@@ -90,6 +98,8 @@ IN_RANGE: dict[str, list[Any]] = {
     "websocket_max_frame_size": [0, 125, 2**63 - 1],
     "websocket_max_handshake_size": [1024, 1024 * 1024],
     "websocket_handshake_timeout": [0.0, 0.5, 3600.0],
+    "sys_interval": [0.0, 0.5, 86400.0],
+    "http_max_body_size": [1, 2**31 - 1],
 }
 
 # Values of the wrong type, per the type of the setting's default.
@@ -279,6 +289,10 @@ def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
      "'proxy.example' is not an IP address or network"),
     ('websocket_trusted_proxies = ["10.0.0.0/33"]', "websocket_trusted_proxies",
      "'10.0.0.0/33' is not an IP address or network"),
+    ('http_api_keys = ["secret"]', "http_api_keys", "'secret'... is not a hashed key (sha256:<64 hex "
+     "digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
+    ('http_api_keys = ["sha256:abc"]', "http_api_keys", "'sha256:abc'... is not a hashed key (sha256:<64 "
+     "hex digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
 ])
 def test_bad_value_in_file_names_key_and_file(tmp_path: Path, line: str, key: str, reason: str) -> None:
     path = tmp_path / "broker.toml"
