@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -84,6 +85,10 @@ class SQLiteStore:
         self._scheduled = False
         self._writing = False
         self._failing = False
+        self._batch_started = 0.0
+        self.commit_observers: list[Callable[[float], None]] = []
+        """Called on the reactor thread with the seconds each batch took, from being handed to the
+        writer thread to its commit (the admin metrics observe them)."""
 
     # --- opening and reading ------------------------------------------------------------
 
@@ -253,6 +258,7 @@ class SQLiteStore:
                 d.callback(None)
             return
         self._writing = True
+        self._batch_started = time.perf_counter()
         assert self._pool is not None
         deferToThreadPool(self.reactor, self._pool, self._write, batch).addBoth(self._written, waiters)
 
@@ -271,6 +277,10 @@ class SQLiteStore:
 
     def _written(self, result: Any, waiters: list[Deferred[None]]) -> None:
         self._writing = False
+        if self.commit_observers and not isinstance(result, Failure):
+            elapsed = time.perf_counter() - self._batch_started
+            for observe in self.commit_observers:
+                observe(elapsed)
         if isinstance(result, Failure):
             if not self._failing:
                 self._failing = True
