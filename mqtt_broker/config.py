@@ -119,6 +119,71 @@ class BrokerConfig:
         True, "MQTT 5: whether subscription identifiers are supported.")
     shared_subscription_available: bool = _setting(
         True, "Whether $share/{group}/{filter} subscriptions are supported.")
+    allow_anonymous: bool = _setting(
+        True, "Accept clients that connect without a username (they get the acl_file rules "
+        "written before any user line). Mosquitto 2 defaults to false; set false whenever "
+        "clients must authenticate.")
+    password_file: str = _setting(
+        "", "Mosquitto password file (username:$7$... or $6$... lines, as mosquitto_passwd or "
+        "mqttbroker-passwd write them); empty for none.")
+    acl_file: str = _setting(
+        "", "Mosquitto ACL file (topic, user and pattern lines) checked on every publish and "
+        "delivery; empty for none (every client may do everything).")
+    require_certificate: bool = _setting(
+        False, "Refuse clients that did not present a client certificate verified by an mqtts: "
+        "endpoint (0x87), whatever endpoint they came in by.")
+    use_identity_as_username: bool = _setting(
+        False, "Take the username from the client's verified certificate (see "
+        "certificate_identity) instead of the CONNECT packet, and check no password; clients "
+        "without one are refused.")
+    certificate_identity: str = _setting(
+        "cn", "The part of a client certificate that names the client: cn (common name), "
+        "subject (RFC 4514), or the first dns, email or uri subject alternative name.",
+        choices=("cn", "subject", "dns", "email", "uri"))
+    jwt_secret_file: str = _setting(
+        "", "File holding the HMAC secret (32 bytes or more) of HS256/HS384/HS512 tokens sent as "
+        "the password; empty for none.")
+    jwt_public_key_file: str = _setting(
+        "", "PEM public key or certificate for RS*, PS*, ES* or EdDSA tokens sent as the "
+        "password; empty for none.")
+    jwt_jwks_file: str = _setting(
+        "", "JSON Web Key Set file of token keys (a token's kid picks one); empty for none.")
+    jwt_algorithms: str = _setting(
+        "", "Comma-separated token algorithms accepted (e.g. RS256,ES256); empty for every one "
+        "that fits a configured key. none is never accepted.")
+    jwt_issuer: str = _setting(
+        "", "The iss claim tokens must carry; empty to accept any issuer.")
+    jwt_audience: str = _setting(
+        "", "The aud claim tokens must carry; empty to refuse tokens that carry one.")
+    jwt_leeway: int = _setting(
+        0, "Seconds of clock difference allowed when checking a token's exp, nbf and iat.", 0, 86400)
+    jwt_username_claim: str = _setting(
+        "sub", "Token claim that is the client's username (a CONNECT username must equal it); "
+        "empty to take the CONNECT username unchecked.")
+    jwt_publish_claim: str = _setting(
+        "publish", "Token claim listing the topic filters the client may publish to. A token "
+        "with this or the subscribe claim replaces acl_file for its client.")
+    jwt_subscribe_claim: str = _setting(
+        "subscribe", "Token claim listing the topic filters the client may subscribe to and "
+        "receive from.")
+    http_auth_url: str = _setting(
+        "", "URL the broker POSTs each connecting client's credentials to, for a verdict (see "
+        "http_auth_mode); empty for none.")
+    http_auth_mode: str = _setting(
+        "json", "json (the broker's JSON request and answer) or introspection (the password is an "
+        "OAuth2 token, checked at an RFC 7662 introspection endpoint).",
+        choices=("json", "introspection"))
+    http_auth_authorization_file: str = _setting(
+        "", "File holding the Authorization header value the broker sends to http_auth_url "
+        "(e.g. Basic ... for an introspection endpoint); empty to send none.")
+    http_auth_timeout: float = _setting(
+        5.0, "Seconds to wait for http_auth_url's answer before refusing the client (0x88); 0 "
+        "for no limit.")
+    http_auth_cache_seconds: float = _setting(
+        60.0, "Seconds an answer of http_auth_url is reused for the same credentials; 0 to ask "
+        "every time.")
+    http_auth_cache_size: int = _setting(
+        10000, "Answers of http_auth_url kept in the cache at most.")
     persistence: str = _setting(
         "memory", "Where sessions, queued messages and retained messages are kept: memory (lost "
         "when the broker stops) or sqlite (in data_dir; the default of twistd mqttbroker).",
