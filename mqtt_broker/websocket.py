@@ -27,7 +27,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IConsumer, IPushProducer, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -193,6 +195,8 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self._peer: IAddress | None = None
         self._handshake_call: Any = None
         self._close_call: Any = None
+        self._mqtt_closed_it = False
+        self._mqtt_lost = False
 
     # --- the opening handshake ----------------------------------------------------------
 
@@ -268,11 +272,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     # --- closing --------------------------------------------------------------------------
 
     def close(self, code: int) -> None:
-        """Start the closing handshake (or end a connection that is still in its opening one)."""
+        """The MQTT side ends the connection: start the closing handshake. (MQTT has already
+        let go of its session; it hears ``connectionLost`` when the socket closes, as over TCP.)"""
         if self.state == _OPEN:
+            self._mqtt_closed_it = True
             self.sendCloseFrame(code=code)
-        elif self.state == _CONNECTING:
-            self.dropConnection(abort=False)
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
                        isReply: bool = False) -> None:
@@ -280,18 +284,28 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         # autobahn's own timer would run on the global reactor; ours runs on the broker's clock.
         if not isReply and self.state == _CLOSING and self._close_call is None:
             self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+        if not self._mqtt_closed_it:
+            # Closed from the WebSocket side (the client's close frame, a text or oversize frame, a
+            # protocol error): no more MQTT can flow, so the MQTT connection ends now, will and
+            # all, instead of when the peer answers.
+            self._lose_mqtt(Failure(ConnectionDone("WebSocket closing handshake")))
 
     def _close_timed_out(self) -> None:
         self._close_call = None
         self.wasNotCleanReason = "closing handshake timeout"
         self.dropConnection(abort=True)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        super().connectionLost(reason)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Not autobahn's connectionLost: it logs a client's failed TLS handshake as an error.
+        self._connectionLost(reason)
         _cancel(self._handshake_call)
         _cancel(self._close_call)
         self._handshake_call = self._close_call = None
-        if self.mqtt is not None and self.mqtt.connected:
+        self._lose_mqtt(reason)
+
+    def _lose_mqtt(self, reason: Failure) -> None:
+        if self.mqtt is not None and self.mqtt.connected and not self._mqtt_lost:
+            self._mqtt_lost = True
             self.mqtt.connectionLost(reason)
 
 

@@ -1,0 +1,620 @@
+"""mqtt_broker.websocket on StringTransports and a Clock: the handshake, frames in and out, bounds,
+timers, X-Forwarded-For, back-pressure and the connection limit, byte by byte where it matters.
+
+End-to-end tests with real clients are in test_websocket_e2e.py and test_websocket_browser.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from mqtt_broker import BrokerService
+from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
+from mqtt_broker.wire import (
+    Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
+    SubscriptionRequest, encode, FrameReader,
+)
+from protocol_helpers import connected, make_broker
+from websocket_helpers import (
+    ACCEPT, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Frame, FrameParser, client_frame,
+    handshake_request, split_response,
+)
+
+_ports = iter(range(20000, 60000))
+
+
+class Socket(StringTransport):
+    """A StringTransport that, like TCP and TLS transports, lets go of no producer quietly."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+class WSClient:
+    """One WebSocket connection to ``broker``, driven byte by byte."""
+
+    def __init__(self, broker: BrokerService, factory: WebSocketFactory | None = None,
+                 host: str = "127.0.0.1", version: int = 4) -> None:
+        self.broker = broker
+        self.factory = factory or WebSocketFactory(broker)
+        address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, next(_ports))
+        self.protocol = self.factory.buildProtocol(address)
+        self.socket = Socket(peerAddress=address)
+        self.protocol.makeConnection(self.socket)
+        self.parser = FrameParser()
+        self.reader = FrameReader(version=version)
+        self.version = version
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+
+    def handshake(self, path: str = "/mqtt", protocols: tuple[str, ...] | None = ("mqtt",),
+                  headers: dict[str, str] | None = None) -> int:
+        self.send_bytes(handshake_request(path, protocols, headers))
+        response = split_response(self.socket.value())
+        assert response is not None, self.socket.value()
+        self.status, self.headers, rest = response
+        self.socket.clear()
+        self.parser.feed(rest)
+        return self.status
+
+    def send_bytes(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def send(self, payload: bytes, opcode: int = BINARY, fin: bool = True, **kwargs: Any) -> None:
+        self.send_bytes(client_frame(payload, opcode, fin, **kwargs))
+
+    def send_packets(self, *packets: Packet) -> None:
+        self.send(b"".join(encode(p, self.version) for p in packets))
+
+    def frames(self) -> list[Frame]:
+        data = self.socket.value()
+        self.socket.clear()
+        return self.parser.feed(data)
+
+    def packets(self) -> list[Packet]:
+        packets: list[Packet] = []
+        for frame in self.frames():
+            assert frame.opcode == BINARY, frame
+            packets += self.reader.feed(frame.payload)
+        return packets
+
+    def connect(self, client_id: str = "ws", **kwargs: Any) -> Packet:
+        level = kwargs.pop("protocol_level", self.version)
+        self.send_packets(Connect(client_id=client_id, protocol_level=level,
+                                  protocol_name="MQIsdp" if level == 3 else "MQTT", **kwargs))
+        [connack] = self.packets()
+        return connack
+
+    def lose(self) -> None:
+        """The socket closes (as the reactor would report it)."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    @property
+    def closed(self) -> bool:
+        return self.socket.disconnecting
+
+
+def ws_connected(broker: BrokerService, client_id: str = "ws", **kwargs: Any) -> WSClient:
+    client = WSClient(broker, **kwargs)
+    assert client.handshake() == 101
+    assert client.connect(client_id) == Connack(session_present=False, reason_code=0)
+    return client
+
+
+# --- the opening handshake ---------------------------------------------------------------------
+
+def test_handshake_accepts_mqtt_subprotocol() -> None:
+    client = WSClient(make_broker())
+    assert client.handshake() == 101
+    assert client.headers["sec-websocket-protocol"] == "mqtt"
+    assert client.headers["sec-websocket-accept"] == ACCEPT
+    assert "sec-websocket-extensions" not in client.headers  # no compression unless configured
+    assert "server" not in client.headers
+    assert not client.closed
+
+
+@pytest.mark.parametrize("offered,chosen", [
+    (("mqtt",), "mqtt"), (("mqttv3.1",), "mqttv3.1"), (("wamp.2.json", "mqtt"), "mqtt"),
+    (("mqttv3.1", "mqtt"), "mqttv3.1"), (("mqtt", "mqttv3.1"), "mqtt")])
+def test_subprotocol_is_the_first_mqtt_one_offered(offered: tuple[str, ...], chosen: str) -> None:
+    client = WSClient(make_broker())
+    assert client.handshake(protocols=offered) == 101
+    assert client.headers["sec-websocket-protocol"] == chosen
+    assert chosen in SUBPROTOCOLS
+
+
+@pytest.mark.parametrize("offered", [None, ("wamp.2.json",), ("MQTT",), ("mqttv5",)])
+def test_missing_or_unknown_subprotocol_is_refused(offered: tuple[str, ...] | None) -> None:
+    broker = make_broker()
+    client = WSClient(broker)
+    assert client.handshake(protocols=offered) == 400
+    assert client.closed
+    assert broker.connections == set()
+
+
+@pytest.mark.parametrize("path", ["/", "/mqtt", "/ws/mqtt", "/mqtt?token=1"])
+def test_any_path_by_default(path: str) -> None:
+    assert WSClient(make_broker()).handshake(path=path) == 101
+
+
+def test_paths_restrict() -> None:
+    broker = make_broker(websocket_paths=["/mqtt", "/ws"])
+    assert WSClient(broker).handshake(path="/mqtt") == 101
+    assert WSClient(broker).handshake(path="/ws") == 101
+    assert WSClient(broker).handshake(path="/mqtt?token=1") == 101  # the query is not the path
+    for path in ("/", "/mqtt/", "/MQTT", "/other"):
+        client = WSClient(broker)
+        assert client.handshake(path=path) == 404, path
+        assert client.closed
+
+
+def test_plain_http_request_gets_426_and_no_status_page() -> None:
+    client = WSClient(make_broker())
+    client.send_bytes(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    status, headers, body = split_response(client.socket.value())  # type: ignore[misc]
+    assert status == 426 and body == b""
+    assert client.closed
+
+
+def test_handshake_fed_byte_by_byte() -> None:
+    client = WSClient(make_broker())
+    data = handshake_request() + client_frame(encode(Connect(client_id="slow")))
+    for i in range(len(data)):
+        client.send_bytes(data[i:i + 1])
+    status, _, rest = split_response(client.socket.value())  # type: ignore[misc]
+    assert status == 101
+    assert client.reader.feed(client.parser.feed(rest)[0].payload) == [Connack(reason_code=0)]
+
+
+def test_oversize_handshake_is_refused_before_it_is_buffered() -> None:
+    broker = make_broker(websocket_max_handshake_size=2048)
+    client = WSClient(broker)
+    client.send_bytes(b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    for _ in range(40):  # 40 x 100 bytes of headers, never ending
+        if client.closed:
+            break
+        client.send_bytes(b"X-Padding: " + b"a" * 87 + b"\r\n")
+    assert client.closed
+    assert client.socket.value().startswith(b"HTTP/1.1 431 ")
+    assert len(client.protocol.data) == 0
+
+
+def test_handshake_within_the_size_limit_with_a_frame_behind_it() -> None:
+    request = handshake_request(headers={"X-Padding": "a" * 1500})
+    broker = make_broker(websocket_max_handshake_size=len(request))
+    client = WSClient(broker)
+    # The request and the first frame in one read: only the request counts against the limit.
+    client.send_bytes(request + client_frame(encode(Connect(client_id="big-headers")), mask=b"\0\0\0\0"))
+    status, _, rest = split_response(client.socket.value())  # type: ignore[misc]
+    assert status == 101
+    assert client.reader.feed(client.parser.feed(rest)[0].payload) == [Connack(reason_code=0)]
+
+
+def test_stalled_handshake_is_dropped_after_the_timeout() -> None:
+    broker = make_broker(websocket_handshake_timeout=3)
+    client = WSClient(broker)
+    client.send_bytes(handshake_request()[:30])
+    broker.clock.advance(2.9)  # type: ignore[attr-defined]
+    assert not client.closed
+    broker.clock.advance(0.2)  # type: ignore[attr-defined]
+    assert client.closed and client.socket.disconnected  # aborted: nothing to say to it
+
+
+def test_handshake_timeout_stops_at_the_handshake() -> None:
+    broker = make_broker(websocket_handshake_timeout=3, connect_timeout=0)
+    client = WSClient(broker)
+    assert client.handshake() == 101
+    broker.clock.advance(100)  # type: ignore[attr-defined]
+    assert not client.closed
+
+
+def test_no_handshake_timeout() -> None:
+    broker = make_broker(websocket_handshake_timeout=0)
+    client = WSClient(broker)
+    assert broker.clock.getDelayedCalls() == []  # type: ignore[attr-defined]
+    assert not client.closed
+
+
+def test_connect_timeout_runs_after_the_handshake() -> None:
+    broker = make_broker(connect_timeout=5, websocket_handshake_timeout=3)
+    client = WSClient(broker)
+    assert client.handshake() == 101
+    broker.clock.advance(4.9)  # type: ignore[attr-defined]
+    assert not client.closed
+    broker.clock.advance(0.2)  # type: ignore[attr-defined]
+    assert client.socket.disconnected  # MQTTProtocol's own timeout: aborted as over TCP
+
+
+def test_connection_limit_answers_503() -> None:
+    broker = make_broker(max_connections=1)
+    first = ws_connected(broker, "first")
+    second = WSClient(broker)
+    assert second.handshake() == 503
+    assert second.closed and not first.closed
+    assert broker.stats.connections_refused == 1
+    first.lose()
+    assert ws_connected(broker, "third")
+
+
+# --- MQTT in binary frames -----------------------------------------------------------------------
+
+def test_connect_and_round_trip_with_a_tcp_client() -> None:
+    broker = make_broker()
+    ws = ws_connected(broker, "ws")
+    tcp = connected(broker, "tcp")
+    ws.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t/#", qos=1),)))
+    assert ws.packets() == [Suback(packet_id=1, reason_codes=(1,))]
+    tcp.publish("t/1", b"to ws")
+    [publish] = ws.packets()
+    assert isinstance(publish, Publish) and (publish.topic, publish.payload) == ("t/1", b"to ws")
+    tcp.subscribe("back")
+    ws.send_packets(Publish(topic="back", payload=b"to tcp"))
+    [back] = tcp.received()
+    assert isinstance(back, Publish) and back.payload == b"to tcp"
+    assert [c.client_id for c in broker.clients()] == ["ws", "tcp"]
+
+
+def test_every_write_is_one_binary_frame() -> None:
+    broker = make_broker()
+    ws = ws_connected(broker)
+    ws.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="big", qos=0),)))
+    ws.packets()
+    for size in (10, 200, 70_000):  # the three header lengths: 7-bit, 16-bit, 64-bit
+        broker.publish("big", b"x" * size)
+        [frame] = ws.frames()
+        assert frame.opcode == BINARY and frame.fin and not frame.rsv1
+        [publish] = ws.reader.feed(frame.payload)
+        assert publish.payload == b"x" * size  # type: ignore[union-attr]
+
+
+def test_frame_header() -> None:
+    assert frame_header(0) == b"\x82\x00"
+    assert frame_header(125) == b"\x82\x7d"
+    assert frame_header(126) == b"\x82\x7e\x00\x7e"
+    assert frame_header(65535) == b"\x82\x7e\xff\xff"
+    assert frame_header(65536) == b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00"
+
+
+def test_packet_split_across_three_frames_of_one_message() -> None:
+    client = WSClient(make_broker())
+    client.handshake()
+    data = encode(Connect(client_id="split-frames", keep_alive=30))
+    client.send(data[:3], BINARY, fin=False)
+    client.send(data[3:9], CONTINUATION, fin=False)
+    assert client.packets() == []
+    client.send(data[9:], CONTINUATION, fin=True)
+    assert client.packets() == [Connack(reason_code=0)]
+
+
+def test_packet_split_across_three_messages() -> None:
+    client = WSClient(make_broker())
+    client.handshake()
+    data = encode(Connect(client_id="split-messages"))
+    for part in (data[:1], data[1:5], data[5:]):
+        client.send(part)
+    assert client.packets() == [Connack(reason_code=0)]
+
+
+def test_two_packets_in_one_frame_and_a_half_in_the_next() -> None:
+    client = WSClient(make_broker())
+    client.handshake()
+    subscribe = encode(Subscribe(packet_id=7, subscriptions=(SubscriptionRequest(topic_filter="a"),)))
+    client.send(encode(Connect(client_id="two")) + subscribe + encode(Pingreq())[:1])
+    assert client.packets() == [Connack(reason_code=0), Suback(packet_id=7, reason_codes=(0,))]
+    client.send(encode(Pingreq())[1:])
+    assert client.packets() == [Pingresp()]
+
+
+def test_frames_and_packets_fed_byte_by_byte() -> None:
+    client = WSClient(make_broker())
+    client.handshake()
+    stream = b"".join(client_frame(p) for p in (
+        encode(Connect(client_id="bytes")), encode(Pingreq()) + encode(Pingreq())))
+    for i in range(len(stream)):
+        client.send_bytes(stream[i:i + 1])
+    assert client.packets() == [Connack(reason_code=0), Pingresp(), Pingresp()]
+
+
+def test_text_frame_closes_with_1003() -> None:  # [MQTT-6.0.0-1]
+    broker = make_broker()
+    client = ws_connected(broker)
+    client.send(encode(Pingreq()), TEXT)
+    [close] = client.frames()
+    assert close.opcode == CLOSE and close.close_code == 1003
+    assert broker.clients() == []  # the MQTT connection ended at once (its will would be published)
+    client.send(encode(Pingreq()))  # nothing more is read or answered
+    assert client.frames() == []
+    client.send(b"\x03\xe8", CLOSE)  # the client's answer: the socket is closed
+    assert client.closed
+
+
+def test_text_frame_before_connect_closes_too() -> None:
+    client = WSClient(make_broker())
+    client.handshake()
+    client.send(b"hello", TEXT)
+    assert [f.close_code for f in client.frames()] == [1003]
+
+
+def test_oversize_frame_closes_with_1009_before_its_payload() -> None:
+    broker = make_broker(max_packet_size=1000)
+    client = ws_connected(broker)
+    client.send_bytes(client_frame(b"", length=1001)[:8])  # the header alone announces 1001 bytes
+    [close] = client.frames()
+    assert close.close_code == 1009
+    assert broker.clients() == []
+    # What follows is the oversize frame's payload, read and thrown away (never buffered) until
+    # the client answers the close frame or the close timeout ends it.
+    client.send_bytes(b"\0" * 1001)
+    assert len(client.protocol.data) == 0 and not client.closed
+    broker.clock.advance(CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+    assert client.socket.disconnected
+
+
+def test_frame_size_setting_overrides_max_packet_size() -> None:
+    broker = make_broker(websocket_max_frame_size=100)
+    client = ws_connected(broker)
+    client.send(encode(Publish(topic="t", payload=b"x" * 90)))
+    assert client.frames() == []
+    client.send(encode(Publish(topic="t", payload=b"x" * 110)))
+    assert [f.close_code for f in client.frames()] == [1009]
+
+
+def test_packet_over_max_packet_size_in_small_frames_is_refused_by_mqtt() -> None:
+    broker = make_broker(max_packet_size=100)
+    client = WSClient(broker, version=5)
+    client.handshake()
+    client.connect("v5", protocol_level=5)
+    data = encode(Publish(topic="t", payload=b"x" * 200), 5)
+    client.send(data[:50])  # the MQTT header says 200 bytes: refused before the rest arrives
+    frames = client.frames()
+    assert [type(p) for p in client.reader.feed(frames[0].payload)] == [Disconnect]
+    assert frames[1].close_code == 1000
+
+
+def test_ping_is_answered_with_pong() -> None:
+    client = ws_connected(make_broker())
+    client.send(b"are you there", PING)
+    assert client.frames() == [Frame(PONG, b"are you there")]
+
+
+def test_client_close_ends_mqtt_without_disconnect() -> None:
+    broker = make_broker()
+    client = ws_connected(broker)
+    watcher = connected(broker, "watcher")
+    watcher.subscribe("will")
+    client.send_packets(Connect(client_id="ws", will=None))  # a second CONNECT is a protocol error
+    [close] = client.frames()
+    assert close.close_code == 1000 and broker.clients() == [watcher.protocol.client]
+    client.send(b"\x03\xe8", CLOSE)
+    assert client.closed
+    client.lose()
+
+
+def test_will_published_when_the_websocket_closes() -> None:
+    from mqtt_broker.wire import Will
+    broker = make_broker()
+    watcher = connected(broker, "watcher")
+    watcher.subscribe("wills/#")
+    client = WSClient(broker)
+    client.handshake()
+    client.send_packets(Connect(client_id="mortal", will=Will(topic="wills/mortal", payload=b"gone")))
+    assert client.packets() == [Connack(reason_code=0)]
+    client.send(b"\x03\xe8", CLOSE)  # a WebSocket close without MQTT DISCONNECT
+    [close] = client.frames()
+    assert close.close_code == 1000 and client.closed
+    client.lose()
+    [will] = watcher.received()
+    assert isinstance(will, Publish) and (will.topic, will.payload) == ("wills/mortal", b"gone")
+
+
+def test_mqtt_disconnect_closes_the_websocket_and_waits_for_the_answer() -> None:
+    broker = make_broker()
+    client = ws_connected(broker)
+    client.send_packets(Disconnect())
+    [close] = client.frames()
+    assert close.close_code == 1000 and not client.closed
+    broker.clock.advance(CLOSE_TIMEOUT - 0.1)  # type: ignore[attr-defined]
+    assert not client.closed
+    broker.clock.advance(0.2)  # type: ignore[attr-defined]  # no answer: dropped
+    assert client.socket.disconnected
+
+
+def test_mqtt5_server_disconnect_goes_out_before_the_close_frame() -> None:
+    broker = make_broker()
+    client = WSClient(broker, version=5)
+    client.handshake()
+    assert client.connect("v5", protocol_level=5).reason_code == 0  # type: ignore[union-attr]
+    ws_connected(broker, "v5")  # takeover
+    frames = client.frames()
+    [disconnect] = client.reader.feed(frames[0].payload)
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x8E
+    assert frames[1].close_code == 1000
+    broker.publish("anything", b"x")
+    assert client.frames() == []  # nothing is written after the close frame
+
+
+def test_keepalive_timeout_aborts_the_socket() -> None:
+    broker = make_broker()
+    client = WSClient(broker)
+    client.handshake()
+    assert client.connect("sleepy", keep_alive=10) == Connack(reason_code=0)
+    broker.clock.advance(15.1)  # type: ignore[attr-defined]
+    assert client.socket.disconnected
+
+
+def test_connection_lost_reaches_mqtt() -> None:
+    broker = make_broker()
+    client = ws_connected(broker, "lost")
+    client.lose()
+    assert broker.clients() == [] and broker.connections == set()
+
+
+def test_connection_lost_during_handshake() -> None:
+    broker = make_broker()
+    client = WSClient(broker)
+    client.send_bytes(handshake_request()[:20])
+    client.lose()
+    assert broker.connections == set()
+    assert broker.clock.getDelayedCalls() == []  # type: ignore[attr-defined]
+
+
+# --- compression ---------------------------------------------------------------------------------
+
+DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+
+
+def deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-15)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def test_compression_offer_declined_by_default() -> None:
+    client = WSClient(make_broker())
+    assert client.handshake(headers=DEFLATE_OFFER) == 101
+    assert "sec-websocket-extensions" not in client.headers
+
+
+def test_compression_when_configured() -> None:
+    broker = make_broker(websocket_compression=True)
+    client = WSClient(broker)
+    assert client.handshake(headers=DEFLATE_OFFER) == 101
+    assert client.headers["sec-websocket-extensions"].startswith("permessage-deflate")
+    client.send(deflate(encode(Connect(client_id="squeezed"))), rsv1=True)
+    [frame] = client.frames()
+    assert frame.opcode == BINARY and frame.rsv1
+    inflated = zlib.decompressobj(wbits=-15).decompress(frame.payload + b"\x00\x00\xff\xff")
+    assert client.reader.feed(inflated) == [Connack(reason_code=0)]
+
+
+def test_compressed_frame_refused_without_compression() -> None:
+    client = ws_connected(make_broker())
+    client.send(deflate(encode(Pingreq())), rsv1=True)
+    assert [f.close_code for f in client.frames()] == [1002]
+
+
+# --- back-pressure ---------------------------------------------------------------------------------
+
+def test_mqtt_protocol_is_the_producer_of_the_socket() -> None:
+    broker = make_broker()
+    client = ws_connected(broker)
+    assert client.socket.producer is client.protocol.mqtt and client.socket.streaming is True
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_slow_subscriber_is_paused_and_queued_as_over_tcp(qos: int) -> None:
+    """The same slow subscriber over TCP and over WebSocket: what is queued, dropped and delivered
+    once the socket drains is the same."""
+    outcomes = []
+    for transport in ("tcp", "websocket"):
+        broker = make_broker(max_queued_messages=3)
+        if transport == "tcp":
+            client: Any = connected(broker, "slow")
+            client.subscribe("q", qos=qos)
+            socket, received = client.transport, client.received
+        else:
+            client = ws_connected(broker, "slow")
+            client.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="q", qos=qos),)))
+            client.packets()
+            socket, received = client.socket, client.packets
+        socket.producer.pauseProducing()  # the socket's buffer is full
+        for n in range(5):
+            broker.publish("q", str(n).encode(), qos=qos)
+        assert received() == []
+        queued = len(broker.sessions["slow"].queue)
+        socket.producer.resumeProducing()  # drained
+        delivered = [(p.payload, p.qos) for p in received()]  # type: ignore[union-attr]
+        outcomes.append((queued, broker.stats.messages_dropped, delivered))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == 3 and outcomes[0][1] == 2 and len(outcomes[0][2]) == 3
+
+
+def test_input_is_paused_while_a_hook_decides() -> None:
+    broker = make_broker()
+    pending: list[Deferred[Any]] = []
+
+    @broker.hooks.on_publish
+    def wait(client: Any, message: Any) -> Deferred[Any]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    client = ws_connected(broker)
+    client.send_packets(Publish(topic="t", payload=b"1", qos=1, packet_id=1),
+                        Publish(topic="t", payload=b"2", qos=1, packet_id=2))
+    assert client.socket.producerState == "paused" and len(pending) == 1
+    pending[0].callback(None)
+    assert len(pending) == 2
+    pending[1].callback(None)
+    assert client.socket.producerState == "producing"
+    assert [p.packet_id for p in client.packets()] == [1, 2]  # type: ignore[union-attr]
+
+
+# --- the client's address -----------------------------------------------------------------------------
+
+def peer_of(broker: BrokerService, client_id: str) -> str:
+    return next(c.peer for c in broker.clients() if c.client_id == client_id)
+
+
+def test_peer_is_the_socket_peer_without_trusted_proxies() -> None:
+    broker = make_broker()
+    client = WSClient(broker)
+    client.handshake(headers={"X-Forwarded-For": "203.0.113.7"})
+    client.connect("direct")
+    assert peer_of(broker, "direct").startswith("127.0.0.1:")
+    assert client.protocol.mqtt.transport.getPeer() == client.socket.getPeer()
+
+
+def test_forwarded_for_from_a_trusted_proxy() -> None:
+    broker = make_broker(websocket_trusted_proxies=["127.0.0.1"])
+    client = WSClient(broker)
+    client.handshake(headers={"X-Forwarded-For": "203.0.113.7"})
+    client.connect("proxied")
+    assert peer_of(broker, "proxied") == "203.0.113.7:0"
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
+    broker = make_broker(websocket_trusted_proxies=["10.0.0.0/8"])
+    client = WSClient(broker, host="192.0.2.1")
+    client.handshake(headers={"X-Forwarded-For": "203.0.113.7"})
+    client.connect("spoofer")
+    assert peer_of(broker, "spoofer").startswith("192.0.2.1:")
+
+
+V4 = ipaddress.ip_network("10.0.0.0/8")
+V6 = ipaddress.ip_network("fd00::/8")
+
+
+@pytest.mark.parametrize("peer,header,trusted,expected", [
+    ("10.0.0.1", "203.0.113.7", [V4], "203.0.113.7"),
+    ("10.0.0.1", "203.0.113.7, 10.0.0.2", [V4], "203.0.113.7"),       # a chain of our proxies
+    ("10.0.0.1", "198.51.100.1, 203.0.113.7", [V4], "203.0.113.7"),   # left part forged by the client
+    ("10.0.0.1", "10.0.0.3, 10.0.0.2", [V4], "10.0.0.3"),             # all proxies: the left-most
+    ("10.0.0.1", "garbage, 203.0.113.7", [V4], "203.0.113.7"),
+    ("10.0.0.1", "203.0.113.7, garbage", [V4], "10.0.0.1"),           # unreadable: the proxy itself
+    ("10.0.0.1", "", [V4], "10.0.0.1"),
+    ("10.0.0.1", None, [V4], "10.0.0.1"),
+    ("192.0.2.1", "203.0.113.7", [V4], "192.0.2.1"),                  # not a trusted proxy
+    ("10.0.0.1", "203.0.113.7", [], "10.0.0.1"),
+    ("fd00::1", "2001:db8::7", [V6], "2001:db8::7"),
+    ("fd00::1", "203.0.113.7", [V6], "203.0.113.7"),
+    ("::ffff:10.0.0.1", "2001:db8::7", [V4], "2001:db8::7"),          # dual-stack socket
+])
+def test_client_address(peer: str, header: str | None, trusted: list[Any], expected: str) -> None:
+    address = (IPv6Address if ":" in peer else IPv4Address)("TCP", peer, 4242)
+    result = client_address(address, header, trusted)
+    assert result.host == expected  # type: ignore[attr-defined]
+    if expected == peer:
+        assert result is address
+    else:
+        assert result.port == 0 and isinstance(result, IPv6Address if ":" in expected else IPv4Address)  # type: ignore[attr-defined]
