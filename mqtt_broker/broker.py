@@ -94,6 +94,10 @@ class BrokerService(MultiService):
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()
         self.stats = Stats()
+        self.batching = 0
+        """Non-zero while a read is being handled: connections gather their writes meanwhile."""
+        self.unflushed: list[Any] = []
+        """Connections with gathered writes, flushed when the read is done."""
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
         self.ports: list[IListeningPort] = []
@@ -153,6 +157,11 @@ class BrokerService(MultiService):
         if self.store is not None:
             stopping.append(self.store.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    def flush_writes(self) -> None:
+        unflushed, self.unflushed = self.unflushed, []
+        for connection in unflushed:
+            connection.flush()
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Take up what the store kept: sessions (their expiry measured from when their client
@@ -529,7 +538,9 @@ class BrokerService(MultiService):
         connection = session.connection
         queue = session.queue
         now = None
-        while queue and connection is not None and not connection.paused:
+        # While writes are gathered, the transport cannot say it is full: stop past twice its
+        # buffer (64 KiB), so that the write that follows fills it and it asks to resume us later.
+        while queue and connection is not None and not connection.paused and connection.pending_bytes < 131072:
             head = queue[0]
             if head.qos and len(session.outgoing) >= connection.send_quota:
                 return

@@ -64,6 +64,9 @@ class MQTTProtocol(Protocol):
         self._aliases_in: InboundAliases | None = None
         self._aliases_out: OutboundAliases | None = None
         self._auth_method: str | None = None
+        self._out: list[bytes] = []
+        self.pending_bytes = 0
+        """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
         self._blocked: Deferred[Any] | None = None
         self._graceful = False
@@ -117,6 +120,8 @@ class MQTTProtocol(Protocol):
         reader = self.reader
         handlers = self._handlers
         count = 0  # counted in a local, added once per read
+        broker = self.broker
+        broker.batching += 1
         try:
             while self._blocked is None:
                 packet = reader.next_packet()
@@ -132,6 +137,9 @@ class MQTTProtocol(Protocol):
             self._violation(error)
         finally:
             self.stats.packets_received += count
+            broker.batching -= 1
+            if not broker.batching and broker.unflushed:
+                broker.flush_writes()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         for call in (self._keepalive_call, self._connect_call):
@@ -148,7 +156,14 @@ class MQTTProtocol(Protocol):
     def resumeProducing(self) -> None:
         self.paused = False
         if self.session is not None:
-            self.broker.pump(self.session)
+            broker = self.broker
+            broker.batching += 1
+            try:
+                broker.pump(self.session)
+            finally:
+                broker.batching -= 1
+                if not broker.batching and broker.unflushed:
+                    broker.flush_writes()
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -166,15 +181,17 @@ class MQTTProtocol(Protocol):
         self._set_state(State.CLOSED)
         self.broker.detach(self, self._graceful)
         if abort:
+            self._out = []
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
+            self.flush()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _violation(self, error: MQTTError) -> None:
         if isinstance(error, UnsupportedProtocolVersion) and self.state is State.AWAITING_CONNECT:
             _count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
             # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
-            self.transport.write(encode(Connack(reason_code=1), MQTT_3_1_1))  # type: ignore[union-attr]
+            self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
         self.drop(error.reason_code, error.message)
 
     def _connect_timed_out(self) -> None:
@@ -233,6 +250,26 @@ class MQTTProtocol(Protocol):
 
     # --- sending ------------------------------------------------------------------------
 
+    def write(self, data: bytes) -> None:
+        """Write bytes. While the broker handles a read (``broker.batching``), writes to each
+        connection are gathered and go to its transport in one call when the read is done:
+        Twisted's write costs about a microsecond, a list append far less."""
+        if self.broker.batching:
+            out = self._out
+            if not out:
+                self.broker.unflushed.append(self)
+            out.append(data)
+            self.pending_bytes += len(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            self.pending_bytes = 0
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+
     def send(self, packet: Packet) -> None:
         data = encode(packet, self.version)
         if len(data) > self.max_send_size and getattr(packet, "properties", None):
@@ -243,7 +280,7 @@ class MQTTProtocol(Protocol):
         stats = self.stats
         stats.control_packets_sent += 1
         stats.bytes_sent += len(data)
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.write(data)
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool = False,
                      subscription_ids: tuple[int, ...] = ()) -> bool:
@@ -281,9 +318,9 @@ class MQTTProtocol(Protocol):
             if dup:
                 patched[0] |= 0x08
                 self.stats.resent += 1
-            self.transport.write(bytes(patched))  # type: ignore[union-attr]
+            self.write(bytes(patched))
         else:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.write(data)
         return True
 
     def _encode_for_this_client(self, message: Message, qos: int, retain: bool,
@@ -667,7 +704,7 @@ class MQTTProtocol(Protocol):
     def _pingresp(self) -> None:
         self.stats.control_packets_sent += 1
         self.stats.bytes_sent += len(_PINGRESP)
-        self.transport.write(_PINGRESP)  # type: ignore[union-attr]
+        self.write(_PINGRESP)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
         # Only a normal disconnection discards the will [MQTT-3.14.4-3]; MQTT 5's 0x04 and
