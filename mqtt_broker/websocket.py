@@ -155,9 +155,13 @@ class WebSocketTransport:
     def getHost(self) -> IAddress:
         return self._socket.getHost()  # type: ignore[no-any-return]
 
+    # TLS: client certificate authentication sees the same as on an ssl: endpoint (a plain
+    # socket raises AttributeError for both, as a TCP transport does).
     def getPeerCertificate(self) -> Any:
-        """The client's TLS certificate, as for a TLS connection without WebSocket."""
         return self._socket.getPeerCertificate()
+
+    def getHandle(self) -> Any:
+        return self._socket.getHandle()
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         self._socket.setTcpNoDelay(enabled)
