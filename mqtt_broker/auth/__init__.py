@@ -1,0 +1,295 @@
+"""Authentication, topic ACLs: the one interface the broker calls.
+
+The broker builds one :class:`Security` with :meth:`Security.from_config` and, when
+``security.enabled`` is true (otherwise it skips every call below):
+
+- on CONNECT: ``credentials = Credentials(..., certificate_identity=security.certificate_identity(transport))``,
+  then ``security.authenticate(credentials)``: a ``Deferred`` that always fires (never fails)
+  with an :class:`Identity` (connect; the connection keeps it) or a :class:`Refusal` (answer
+  CONNACK with ``refusal.reason_code``, mapped to a 3.x return code by
+  :func:`mqtt_broker.wire.codes.v3_connack_code`; the refusal is already logged);
+- on each SUBSCRIBE filter: ``security.can_subscribe(identity, topic_filter)`` (False: SUBACK
+  0x80 in 3.x, 0x87 in 5);
+- on each PUBLISH from a client: ``security.can_publish(identity, topic)`` (False: the message
+  is dropped; MQTT 5 PUBACK/PUBREC 0x87);
+- on each delivery, retained messages sent on SUBSCRIBE included:
+  ``security.can_read(identity, topic)`` (False: not delivered). Cached, so it is cheap;
+- on SIGHUP: ``security.reload()``; it raises :class:`ConfigError` (already logged) and keeps
+  the old state if a new file is bad;
+- on shutdown: ``security.close()`` (a ``Deferred``; closes the HTTP connection pool).
+
+Authentication is a chain. Each authenticator answers allow (an Identity), deny (a Refusal) or
+"not mine" (None, ask the next one), in this order:
+
+1. client certificate: with ``require_certificate``, a client without a verified certificate is
+   refused (0x87); with ``use_identity_as_username``, the certificate's identity becomes the
+   username and nothing else is asked (no identity: refused, 0x87);
+2. ``password_file``: decides for the users it lists (wrong or missing password: 0x86);
+3. JWT (``jwt_secret_file``, ``jwt_public_key_file``, ``jwt_jwks_file``): decides when the
+   password is a JWT (bad signature, expired, wrong issuer or audience, ``alg: none``: 0x86);
+4. HTTP (``http_auth_url``): decides for everyone who gets this far, unless it answers
+   ``ignore``; unreachable, slow or wrong answers refuse with 0x88 (server unavailable).
+
+When nobody decided: a client without a username is accepted if ``allow_anonymous``, else
+refused with 0x87; a client with a username is refused with 0x86, except when no authenticator
+is configured at all, where (as in Mosquitto) the username is taken as given.
+
+Authorization: ``$SYS`` topics can never be published to, nor ``$share/...`` topics. Then the
+identity's own :class:`AccessRules` (from a JWT's claims or an HTTP answer) decide alone when
+present; otherwise ``acl_file`` decides (see :mod:`mqtt_broker.auth.acl`); with neither,
+everything is allowed. Subscriptions are checked only against an identity's own rules: as in
+Mosquitto, ``acl_file`` is applied when messages are delivered.
+
+Hash checks, token verification and file parsing happen off the reactor thread (hashing) or at
+start-up and reload (files). A password is never logged, nor shown in a ``repr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from ..config import BrokerConfig, ConfigError
+from ..wire.codes import ReasonCode
+from .acl import READ, WRITE, AccessRules, AclFile
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorThreads, IReactorTime
+
+log = Logger()
+
+MAX_CACHED_READS = 100_000
+"""Entries of the can_read cache before it is emptied and starts again."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credentials:
+    """What a CONNECT brings, plus what the transport knows."""
+
+    client_id: str
+    username: str | None
+    password: bytes | None = field(repr=False)
+    peer: str
+    """The remote address, ``host:port``."""
+    protocol_version: int
+    """3, 4 (3.1.1) or 5."""
+    certificate_identity: str | None = None
+    """From :meth:`Security.certificate_identity`: set when an ``mqtts:`` endpoint verified a
+    client certificate."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """Who an authenticated client is; the connection keeps it for every ``can_*`` call."""
+
+    client_id: str
+    username: str | None
+    rules: AccessRules | None = None
+    """ACL handed out with the authentication (JWT claims, HTTP answer); when set, it replaces
+    ``acl_file`` for this client."""
+    expires_at: float | None = None
+    """POSIX time at which the credentials expire (a JWT's ``exp``); the broker may disconnect
+    the client then. None: no expiry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused CONNECT: the reason code to answer with, and why, for the log only (never sent
+    to the client: "unknown user" and "wrong password" must look the same from outside)."""
+
+    reason_code: ReasonCode
+    reason: str = ""
+
+
+class Authenticator(Protocol):
+    """One link of the chain (see the module docstring)."""
+
+    name: str
+
+    def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal | None]:
+        """Fires with an Identity (allow), a Refusal (deny) or None (not mine). May fail: the
+        chain logs the failure and refuses (0x80)."""
+
+    def prepare_reload(self) -> Callable[[], None]:
+        """Read the authenticator's files again; raises ConfigError if one is bad. Returns the
+        function that puts what was read in force (called only when every part succeeded)."""
+
+    def close(self) -> Deferred[None]:
+        """Release connections and the like."""
+
+    # Optional: ``equalize(credentials) -> Deferred`` does the work a check of a known user
+    # would, run before refusing a user nobody knows, so timing does not reveal who exists.
+
+
+class Security:
+    """Authentication and authorization for one broker; see the module docstring."""
+
+    def __init__(self, *, authenticators: Sequence[Authenticator] = (), acl_file: str = "",
+                 allow_anonymous: bool = True, require_certificate: bool = False,
+                 use_identity_as_username: bool = False, certificate_identity_field: str = "cn",
+                 reactor: Any = None) -> None:
+        """Most callers want :meth:`from_config`. ``acl_file`` is read here; raises ConfigError."""
+        self._authenticators = list(authenticators)
+        self._acl_path = acl_file
+        self._acl: AclFile | None = _load_acl(acl_file) if acl_file else None
+        self._allow_anonymous = allow_anonymous
+        self._require_certificate = require_certificate
+        self._use_identity_as_username = use_identity_as_username
+        self._certificate_field = certificate_identity_field
+        self._reactor = reactor
+        self._reads: dict[tuple[Any, ...], bool] = {}
+        self.enabled = bool(self._authenticators or self._acl is not None or not allow_anonymous
+                            or require_certificate or use_identity_as_username)
+        """False when nothing is configured: everyone may connect and do anything, and the broker
+        need not call anything here."""
+
+    @classmethod
+    def from_config(cls, config: BrokerConfig, reactor: IReactorTime | IReactorThreads | None = None) -> Security:
+        """The security of a broker with these settings; reads every configured file.
+
+        Raises ConfigError naming the setting (and file) when something cannot be used. The
+        reactor (default: the global one) runs hash checks in its thread pool, HTTP requests
+        and their timeouts."""
+        from .authenticators import authenticators_from_config
+        if config.use_identity_as_username and not config.require_certificate:
+            log.info("use_identity_as_username: clients without a verified certificate will be refused")
+        chain = authenticators_from_config(config, reactor)
+        security = cls(authenticators=chain, acl_file=config.acl_file,
+                       allow_anonymous=config.allow_anonymous,
+                       require_certificate=config.require_certificate,
+                       use_identity_as_username=config.use_identity_as_username,
+                       certificate_identity_field=config.certificate_identity, reactor=reactor)
+        if chain and config.allow_anonymous:
+            log.warn("allow_anonymous is true: clients without a username are accepted even though "
+                     "{methods} is configured", methods=", ".join(a.name for a in chain))
+        if config.acl_file and not chain and not config.use_identity_as_username:
+            log.warn("acl_file is set but no password_file, JWT key or http_auth_url: usernames "
+                     "are taken as the clients give them")
+        return security
+
+    # --- authentication -----------------------------------------------------------------
+
+    def certificate_identity(self, transport: Any) -> str | None:
+        """The identity (per the ``certificate_identity`` setting) of the client certificate the
+        transport verified; None without one. Call it once per connection, at CONNECT."""
+        from .certificates import certificate_identity
+        return certificate_identity(transport, self._certificate_field)
+
+    def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal]:
+        """Run the chain. Fires with an Identity or a Refusal (logged); never fails."""
+        return Deferred.fromCoroutine(self._authenticate(credentials))
+
+    async def _authenticate(self, credentials: Credentials) -> Identity | Refusal:
+        if self._require_certificate and credentials.certificate_identity is None:
+            return self._refused(credentials, ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
+        if self._use_identity_as_username:
+            if credentials.certificate_identity is None:
+                return self._refused(credentials, ReasonCode.NOT_AUTHORIZED,
+                                     "use_identity_as_username: no identity in a verified client certificate")
+            return Identity(client_id=credentials.client_id, username=credentials.certificate_identity)
+        for authenticator in self._authenticators:
+            try:
+                answer = await authenticator.authenticate(credentials)
+            except Exception:
+                log.failure("{name} authentication of {client_id!r} failed; refusing",
+                            name=authenticator.name, client_id=credentials.client_id)
+                return self._refused(credentials, ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name} failed")
+            if isinstance(answer, Refusal):
+                return self._refused(credentials, answer.reason_code, f"{authenticator.name}: {answer.reason}")
+            if isinstance(answer, Identity):
+                return answer
+        if credentials.username is None:
+            if self._allow_anonymous:
+                return Identity(client_id=credentials.client_id, username=None)
+            return self._refused(credentials, ReasonCode.NOT_AUTHORIZED, "anonymous clients are not allowed")
+        if not self._authenticators:
+            return Identity(client_id=credentials.client_id, username=credentials.username)
+        for authenticator in self._authenticators:
+            # Cost an unknown user what a known one costs, so timing does not tell them apart.
+            equalize = getattr(authenticator, "equalize", None)
+            if equalize is not None:
+                await equalize(credentials)
+        return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")
+
+    def _refused(self, credentials: Credentials, code: ReasonCode, reason: str) -> Refusal:
+        log.info("refused client {client_id!r} (username {username!r}) from {peer}: {reason} "
+                 "(reason code 0x{code:02X})", client_id=credentials.client_id,
+                 username=credentials.username, peer=credentials.peer, reason=reason, code=int(code))
+        return Refusal(code, reason)
+
+    # --- authorization ------------------------------------------------------------------
+
+    def can_publish(self, identity: Identity, topic: str) -> bool:
+        """Whether the client may publish to ``topic`` (a valid topic name)."""
+        if topic.startswith("$SYS") or topic.startswith("$share"):
+            return False
+        if identity.rules is not None:
+            return identity.rules.can_publish(topic)
+        acl = self._acl
+        return acl is None or acl.check(identity.client_id, identity.username, topic, WRITE)
+
+    def can_subscribe(self, identity: Identity, topic_filter: str) -> bool:
+        """Whether the client may subscribe to ``topic_filter`` (a valid filter, maybe
+        ``$share/...``). Only an identity's own rules refuse: like Mosquitto, ``acl_file`` lets
+        every subscription through and :meth:`can_read` filters what is delivered."""
+        if identity.rules is not None:
+            return identity.rules.can_subscribe(topic_filter)
+        return True
+
+    def can_read(self, identity: Identity, topic: str) -> bool:
+        """Whether a message on ``topic`` may be delivered to the client (retained ones too)."""
+        rules = identity.rules
+        key = (identity.client_id, identity.username, topic) if rules is None else (rules, topic)
+        reads = self._reads
+        allowed = reads.get(key)
+        if allowed is None:
+            if rules is not None:
+                allowed = rules.can_read(topic)
+            else:
+                acl = self._acl
+                allowed = acl is None or acl.check(identity.client_id, identity.username, topic, READ)
+            if len(reads) >= MAX_CACHED_READS:
+                reads.clear()
+            reads[key] = allowed
+        return allowed
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read ``password_file``, ``acl_file`` and the JWT keys (and HTTP credentials) again.
+
+        All or nothing: if any file is bad, the error is logged, ConfigError is raised and the
+        rules in force stay. New rules apply to connected clients at once."""
+        try:
+            commits = [a.prepare_reload() for a in self._authenticators]
+            acl = _load_acl(self._acl_path) if self._acl_path else None
+        except ConfigError as e:
+            log.error("reload refused, the previous security settings stay in force: {error}", error=str(e))
+            raise
+        for commit in commits:
+            commit()
+        self._acl = acl
+        self._reads = {}
+        log.info("security settings reloaded")
+
+    def close(self) -> Deferred[None]:
+        """Release what the authenticators hold (HTTP connections). Fires when done."""
+        from twisted.internet.defer import gatherResults
+        closing = [a.close() for a in self._authenticators]
+        if not closing:
+            return succeed(None)
+        return gatherResults(closing, consumeErrors=True).addBoth(lambda _: None)
+
+
+def _load_acl(path: str) -> AclFile:
+    from .acl import AclFileError
+    try:
+        return AclFile.load(path)
+    except AclFileError as e:
+        raise ConfigError(str(e), "acl_file") from None
+
+
+__all__ = ["Security", "Credentials", "Identity", "Refusal", "AccessRules", "Authenticator", "ConfigError"]

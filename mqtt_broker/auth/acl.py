@@ -1,0 +1,236 @@
+"""Topic access rules: Mosquitto's ``acl_file``, and the rules an authenticator hands out.
+
+The ``acl_file`` format, read as Mosquitto 2.0 reads it::
+
+    # rules before any "user" line apply to anonymous clients (no username)
+    topic read public/#
+    user alice
+    topic readwrite alice/#          # access: read, write, readwrite (the default) or deny
+    topic deny alice/secret
+    pattern readwrite devices/%c/#   # %c: client id, %u: username; applies to every client
+
+How a check is decided, as in Mosquitto's ``mosquitto_acl_check_default``:
+
+1. The client's own rules (its ``user`` section, or the anonymous rules): a matching ``deny``
+   refuses; else a matching rule that grants the access allows.
+2. Otherwise the patterns, with ``%c``/``%u`` replaced (a pattern with ``%u`` is skipped for a
+   client without a username). If the username or client id contains ``+``, ``#`` or ``/``
+   this step refuses outright: substituted, such a name would widen the pattern or reach
+   into another client's tree. (Mosquitto 2.0 checks ``+`` and ``#`` only; ``/`` is ours.)
+   A matching ``deny`` pattern refuses; else a matching pattern that grants allows.
+3. Otherwise refused. A filter that does not start with ``$`` never matches a ``$`` topic, so
+   reading ``$SYS`` takes a rule such as ``topic read $SYS/#``.
+
+Subscribing is not checked against the file (Mosquitto grants every SUBSCRIBE); each message
+is checked for ``read`` when it is delivered, retained messages included.
+
+:class:`AccessRules` are the other kind: lists of filters carried by a JWT or an HTTP answer.
+Pure Python, no Twisted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..topics import split_shared, valid_topic_filter
+
+DENY, READ, WRITE = 0, 1, 2
+READWRITE = READ | WRITE
+_ACCESS = {"read": READ, "write": WRITE, "readwrite": READWRITE, "deny": DENY}
+_SUBSTITUTION = re.compile(r"%[cu]")
+DANGEROUS = frozenset("+#/")
+"""Characters that make a username or client id unfit for ``%u``/``%c`` substitution."""
+
+
+class AclFileError(ValueError):
+    """An ACL file that cannot be read; ``str()`` names the file and line."""
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """Whether a topic filter matches a topic name, as ``mosquitto_topic_matches_sub``: a ``$``
+    topic is matched only by a filter that starts with ``$`` [MQTT-4.7.2-1]."""
+    if (topic[:1] == "$") != (topic_filter[:1] == "$"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels) or (level != "+" and level != topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+def filter_covers(granted: str, requested: str) -> bool:
+    """Whether every topic ``requested`` can match is matched by ``granted`` (both valid,
+    non-shared filters): ``a/#`` covers ``a/+/b`` and ``a``; ``a/+`` does not cover ``a/#``."""
+    if (granted[:1] == "$") != (requested[:1] == "$") and requested[:1] not in ("+", "#"):
+        return False
+    granted_levels = granted.split("/")
+    requested_levels = requested.split("/")
+    for index, level in enumerate(granted_levels):
+        if level == "#":
+            return True
+        if index >= len(requested_levels):
+            return False
+        wanted = requested_levels[index]
+        if wanted == "#" or (wanted == "+" and level != "+") or (level != "+" and level != wanted):
+            return False
+    if len(requested_levels) == len(granted_levels):
+        return True
+    # "a" is covered by "a/#" only, handled above; a longer request ending in "#" by nothing.
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRules:
+    """Topic filters one client may publish to and subscribe to (and so read), handed out by an
+    authenticator (JWT claims, an HTTP answer). When an :class:`Identity` carries rules, they
+    alone decide for that client; ``acl_file`` is not consulted. Filters are literal: no
+    ``%c``/``%u``."""
+
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+
+    @classmethod
+    def from_lists(cls, publish: Iterable[str], subscribe: Iterable[str]) -> AccessRules:
+        """Rules from two lists of filters; raises ValueError on a filter that is not valid."""
+        publish, subscribe = tuple(publish), tuple(subscribe)
+        for topic_filter in publish + subscribe:
+            if (not isinstance(topic_filter, str) or not valid_topic_filter(topic_filter)
+                    or topic_filter.startswith("$share/")):
+                raise ValueError(f"not a topic filter: {topic_filter!r}")
+        return cls(publish, subscribe)
+
+    def can_publish(self, topic: str) -> bool:
+        return any(filter_matches(granted, topic) for granted in self.publish)
+
+    def can_read(self, topic: str) -> bool:
+        return any(filter_matches(granted, topic) for granted in self.subscribe)
+
+    def can_subscribe(self, topic_filter: str) -> bool:
+        """A filter is allowed when one of the ``subscribe`` filters covers it; for a shared
+        subscription (``$share/{group}/{filter}``) the filter inside is checked."""
+        group, inner = split_shared(topic_filter)
+        return any(filter_covers(granted, inner) for granted in self.subscribe)
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """One ``topic`` or ``pattern`` line."""
+
+    access: int
+    """DENY (0), READ (1), WRITE (2) or READWRITE (3)."""
+    topic: str
+    uses_username: bool = False
+    uses_client_id: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AclFile:
+    """A parsed ``acl_file``. Rules keep Mosquitto's order: ``deny`` rules are checked before
+    the others (in Mosquitto they are put at the front of their list)."""
+
+    anonymous: tuple[AclRule, ...] = ()
+    users: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
+    patterns: tuple[AclRule, ...] = ()
+    source: str = ""
+
+    @classmethod
+    def parse(cls, text: str, source: str = "") -> AclFile:
+        """Read the text of an ACL file; raises AclFileError naming the line, where Mosquitto
+        refuses to start (unknown keyword or access, missing username, invalid filter)."""
+        anonymous: list[AclRule] = []
+        users: dict[str, list[AclRule]] = {}
+        patterns: list[AclRule] = []
+        current = anonymous
+        for number, line in enumerate(text.splitlines(), 1):
+            where = f"{source}, line {number}" if source else f"line {number}"
+            line = line.rstrip()
+            if line.lstrip(" ").startswith("#"):
+                continue
+            # Mosquitto splits on spaces only (strtok with " "): a tab is part of a word.
+            words = line.lstrip(" ").split(" ", 1)
+            keyword = words[0]
+            rest = words[1].lstrip(" ") if len(words) > 1 else ""
+            if not keyword:
+                continue
+            if keyword in ("topic", "pattern"):
+                if not rest:
+                    raise AclFileError(f"{where}: empty topic")
+                first, _, topic = rest.partition(" ")
+                topic = topic.strip()
+                if topic:
+                    if first not in _ACCESS:
+                        raise AclFileError(f"{where}: unknown access {first!r} "
+                                           "(read, write, readwrite or deny)")
+                    access = _ACCESS[first]
+                else:
+                    # "topic read" alone grants readwrite on the topic "read", as in Mosquitto.
+                    topic, access = first, READWRITE
+                if not valid_topic_filter(topic) or len(topic.encode("utf-8")) > 65535:
+                    raise AclFileError(f"{where}: invalid topic filter {topic!r}")
+                if keyword == "topic":
+                    current.append(AclRule(access, topic))
+                else:
+                    patterns.append(AclRule(access, topic, "%u" in topic, "%c" in topic))
+            elif keyword == "user":
+                username = rest.strip()
+                if not username:
+                    raise AclFileError(f"{where}: missing username")
+                current = users.setdefault(username, [])
+            else:
+                raise AclFileError(f"{where}: unknown keyword {keyword!r} (topic, user or pattern)")
+        return cls(_deny_first(anonymous), {name: _deny_first(rules) for name, rules in users.items()},
+                   _deny_first(patterns), source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AclFile:
+        """Read an ACL file; raises AclFileError (a ValueError) naming it."""
+        try:
+            text = Path(path).read_bytes().decode("utf-8")
+        except OSError as e:
+            raise AclFileError(f"{path}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise AclFileError(f"{path}: not UTF-8 (byte {e.start})") from None
+        return cls.parse(text, str(path))
+
+    def check(self, client_id: str, username: str | None, topic: str, access: int) -> bool:
+        """Whether the client may ``access`` (READ or WRITE) ``topic``."""
+        own = self.anonymous if username is None else self.users.get(username, ())
+        for rule in own:
+            if filter_matches(rule.topic, topic):
+                if rule.access == DENY:
+                    return False
+                if rule.access & access:
+                    return True
+        if not self.patterns:
+            return False
+        if (username is not None and not DANGEROUS.isdisjoint(username)) or not DANGEROUS.isdisjoint(client_id):
+            return False
+        for rule in self.patterns:
+            if rule.uses_username and username is None:
+                continue
+            pattern = rule.topic
+            if rule.uses_username or rule.uses_client_id:
+                # One pass, like Mosquitto's: a substituted name is never scanned again, so a
+                # client id of "%u" stays literal.
+                pattern = _SUBSTITUTION.sub(
+                    lambda m: client_id if m.group() == "%c" else username or "", pattern)
+            if filter_matches(pattern, topic):
+                if rule.access == DENY:
+                    return False
+                if rule.access & access:
+                    return True
+        return False
+
+
+def _deny_first(rules: list[AclRule]) -> tuple[AclRule, ...]:
+    return tuple([r for r in rules if r.access == DENY] + [r for r in rules if r.access != DENY])
+
+
+__all__ = ["AccessRules", "AclFile", "AclFileError", "AclRule", "filter_matches", "filter_covers",
+           "DENY", "READ", "WRITE", "READWRITE", "DANGEROUS"]

@@ -1,0 +1,93 @@
+"""The password file authenticator, the thread helper, and the chain built from the settings."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+
+from ..config import BrokerConfig, ConfigError
+from ..wire.codes import ReasonCode
+from . import Authenticator, Credentials, Identity, Refusal
+from .passwords import PasswordFile, PasswordFileError, PasswordHash
+
+T = TypeVar("T")
+
+
+def in_thread(reactor: Any, function: Callable[..., T], *args: Any) -> Deferred[T]:
+    """Run ``function(*args)`` in the reactor's thread pool (the global reactor when None)."""
+    from twisted.internet.threads import deferToThreadPool
+    if reactor is None:
+        from twisted.internet import reactor
+    return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+
+class PasswordFileAuthenticator:
+    """Mosquitto's ``password_file``: decides for the users it lists, passes the others on."""
+
+    name = "password_file"
+
+    def __init__(self, path: str, reactor: Any = None) -> None:
+        """Reads the file; raises ConfigError (key ``password_file``) if it cannot be used."""
+        self.path = path
+        self._reactor = reactor
+        self._file = self._load()
+
+    def _load(self) -> PasswordFile:
+        try:
+            return PasswordFile.load(self.path)
+        except PasswordFileError as e:
+            raise ConfigError(str(e), "password_file") from None
+
+    def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal | None]:
+        if credentials.username is None:
+            return succeed(None)
+        stored = self._file.users.get(credentials.username)
+        if stored is None:
+            return succeed(None)
+        if credentials.password is None:
+            return succeed(Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no password given"))
+        identity = Identity(client_id=credentials.client_id, username=credentials.username)
+
+        def judged(correct: bool) -> Identity | Refusal:
+            return identity if correct else Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "wrong password")
+
+        return in_thread(self._reactor, stored.verify, credentials.password).addCallback(judged)
+
+    def equalize(self, credentials: Credentials) -> Deferred[None]:
+        """Hash the password as a listed user's would be, and throw the answer away."""
+        sample = next(iter(self._file.users.values()), None)
+        if sample is None:
+            return succeed(None)
+        dummy = PasswordHash(sample.algorithm, sample.salt, bytes(len(sample.digest)), sample.iterations)
+        return in_thread(self._reactor, dummy.verify, credentials.password or b"").addCallback(lambda _: None)
+
+    def prepare_reload(self) -> Callable[[], None]:
+        new = self._load()
+
+        def commit() -> None:
+            self._file = new
+        return commit
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def authenticators_from_config(config: BrokerConfig, reactor: Any = None) -> list[Authenticator]:
+    """The chain for these settings, in order: password file, JWT, HTTP. Raises ConfigError."""
+    chain: list[Authenticator] = []
+    if config.password_file:
+        chain.append(PasswordFileAuthenticator(config.password_file, reactor))
+    if config.jwt_secret_file or config.jwt_public_key_file or config.jwt_jwks_file:
+        from .tokens import JwtAuthenticator
+        chain.append(JwtAuthenticator.from_config(config, reactor))
+    elif config.jwt_algorithms or config.jwt_issuer or config.jwt_audience:
+        raise ConfigError("JWT settings are given but no key: set jwt_secret_file, "
+                          "jwt_public_key_file or jwt_jwks_file", "jwt_secret_file")
+    if config.http_auth_url:
+        from .http_auth import HttpAuthenticator
+        chain.append(HttpAuthenticator.from_config(config, reactor))
+    return chain
+
+
+__all__ = ["PasswordFileAuthenticator", "authenticators_from_config", "in_thread"]
