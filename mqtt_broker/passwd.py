@@ -1,0 +1,191 @@
+"""``mqttbroker-passwd``: create and update Mosquitto password files, as ``mosquitto_passwd`` does.
+
+::
+
+    mqttbroker-passwd [-H sha512-pbkdf2|sha512] [-I ITERATIONS] [-c | -D] passwordfile username
+    mqttbroker-passwd [-H ...] [-I ITERATIONS] [-c] -b passwordfile username password
+    mqttbroker-passwd -U passwordfile
+
+Also ``python -m mqtt_broker.passwd``. Files it writes verify in Mosquitto, and Mosquitto's in
+the broker. Differences from ``mosquitto_passwd``: ``-U`` leaves lines that already hold a hash
+alone (instead of hashing the hash), an empty username is refused, and the file is replaced
+atomically, keeping its permissions (a new file is readable by its owner only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from .auth.passwords import (ALGORITHMS, DEFAULT_ITERATIONS, PBKDF2, PasswordFile, PasswordFileError,
+                             PasswordHash)
+
+
+class CommandError(Exception):
+    """Something the user must fix; printed as "Error: ..." with exit status 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mqttbroker-passwd",
+        description="Manage Mosquitto password files (username:$7$... lines) for mqttbroker and Mosquitto.")
+    parser.add_argument("-H", dest="algorithm", choices=ALGORITHMS, default=PBKDF2,
+                        help=f"hash algorithm (default {PBKDF2}, which is recommended; sha512 is Mosquitto 1.x's)")
+    parser.add_argument("-I", dest="iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"PBKDF2 iterations (default {DEFAULT_ITERATIONS}, as mosquitto_passwd); more "
+                        "is slower to guess, and slower for every connection attempt")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("-c", dest="create", action="store_true",
+                      help="create a new password file, overwriting an existing one")
+    mode.add_argument("-D", dest="delete", action="store_true", help="delete the user")
+    mode.add_argument("-U", dest="upgrade", action="store_true",
+                      help="hash every plain-text password of the file")
+    parser.add_argument("-b", dest="batch", action="store_true",
+                        help="batch mode: the password is given on the command line")
+    parser.add_argument("passwordfile")
+    parser.add_argument("username", nargs="?")
+    parser.add_argument("password", nargs="?")
+    return parser
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CommandError(f"unable to open password file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path} is not UTF-8") from None
+
+
+def _load(path: Path) -> PasswordFile:
+    try:
+        return PasswordFile.parse(_read_text(path), str(path))
+    except PasswordFileError as e:
+        raise CommandError(str(e)) from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o600
+    handle, temporary = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _ask_password(stdin: TextIO) -> bytes:
+    if not stdin.isatty():
+        raise CommandError("no terminal to ask for the password on; use -b")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Reenter password: "):
+        raise CommandError("passwords do not match")
+    return os.fsencode(first)
+
+
+def _upgrade(path: Path) -> None:
+    lines = _read_text(path).splitlines()
+    out = []
+    for line in lines:
+        username, colon, value = line.partition(":")
+        if line.lstrip().startswith("#") or not colon:
+            out.append(line)
+            continue
+        try:
+            PasswordHash.parse(value.strip())
+            out.append(line)  # already hashed
+        except ValueError:
+            out.append(f"{username.strip()}:{PasswordHash.create(value.strip().encode('utf-8'))}")
+    write_atomically(path, "".join(line + "\n" for line in out))
+
+
+def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
+    """Carry out one command; raises CommandError."""
+    args = _parser().parse_args(argv)
+    path = Path(args.passwordfile)
+    if args.upgrade:
+        if args.username is not None:
+            raise CommandError("-U takes only the password file")
+        _upgrade(path)
+        return
+    if args.username is None:
+        raise CommandError("a username is required")
+    username: str = args.username
+    if not username or ":" in username or username != username.strip() or "\n" in username:
+        raise CommandError("the username must not be empty, contain ':' or a line break, "
+                           "or start or end with a space")
+    if args.algorithm == PBKDF2 and args.iterations < 1:
+        raise CommandError("the number of iterations must be > 0")
+    if args.delete:
+        if args.batch or args.password is not None:
+            raise CommandError("-D takes no password")
+        if not _replace_line(path, username, None):
+            raise CommandError(f"user {username} not found in password file")
+        return
+    if args.batch:
+        if args.password is None:
+            raise CommandError("-b needs the password on the command line")
+        password = os.fsencode(args.password)  # the exact bytes typed, even if not UTF-8
+    else:
+        if args.password is not None:
+            raise CommandError("give the password only with -b")
+        password = _ask_password(stdin)
+    hashed = PasswordHash.create(password, args.algorithm, args.iterations)
+    if args.create:
+        write_atomically(path, PasswordFile({username: hashed}).dump())
+    elif not _replace_line(path, username, f"{username}:{hashed}"):
+        text = _read_text(path)
+        write_atomically(path, text + ("" if not text or text.endswith("\n") else "\n") + f"{username}:{hashed}\n")
+
+
+def _replace_line(path: Path, username: str, line: str | None) -> bool:
+    """Replace (or with None, remove) the user's line, keeping every other line as it is;
+    False when the user has no line. Refuses a file the broker could not read."""
+    _load(path)
+    lines = _read_text(path).splitlines(keepends=True)
+    for index, old in enumerate(lines):
+        name, colon, _ = old.partition(":")
+        if colon and not old.lstrip().startswith("#") and name.strip() == username:
+            if line is None:
+                del lines[index]
+            else:
+                lines[index] = line + "\n"
+            write_atomically(path, "".join(lines))
+            return True
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: exit status 0 on success, 1 on an error (printed), 2 on bad usage."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except CommandError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"Error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
