@@ -1,0 +1,132 @@
+"""The broker's figures, derived from :class:`~mqtt_broker.broker.Stats` and its state when asked.
+
+The hot path keeps only the counters it cannot do without (see ``Stats``); everything else is
+worked out here, once per report: the PUBLISHes of clients are the routed messages less the
+broker's own and the wills, the QoS 0 counts are the totals less QoS 1 and 2, gauges such as
+queued messages are summed over the sessions. $SYS, /metrics and the API all read this, so they
+agree.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import __version__
+
+VERSION = f"mqtt_broker version {__version__}"
+
+
+@dataclass(slots=True)
+class Figures:
+    """One reading of the broker: counters since start-up and gauges of now."""
+
+    uptime: float
+    clients_connected: int
+    clients_disconnected: int
+    """Sessions that outlive their connection and have none now."""
+    clients_maximum: int
+    clients_expired: int
+    connections: int
+    """Open network connections, those still in CONNECT included."""
+    connections_total: int
+    refused: dict[str, int]
+    auth_failures: int
+    publish_received: list[int]
+    """PUBLISHes from clients that were routed, by QoS."""
+    publish_sent: list[int]
+    """PUBLISHes delivered to clients, by QoS (resends not counted)."""
+    broker_published: int
+    wills_published: int
+    dropped: dict[str, int]
+    """Messages not delivered: queue_full, too_large, expired."""
+    resent: int
+    packets_received: int
+    packets_sent: int
+    bytes_received: int
+    bytes_sent: int
+    subscriptions: int
+    retained: int
+    queued: int
+    queued_bytes: int
+    inflight: int
+    memory: int
+    """Resident set size, in bytes."""
+    memory_maximum: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clients_total(self) -> int:
+        return self.clients_connected + self.clients_disconnected
+
+    @property
+    def publish_received_total(self) -> int:
+        return sum(self.publish_received)
+
+    @property
+    def publish_sent_total(self) -> int:
+        return sum(self.publish_sent)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("extra")
+        data.update(clients_total=self.clients_total, publish_received_total=self.publish_received_total,
+                    publish_sent_total=self.publish_sent_total, dropped_total=self.dropped_total)
+        return data
+
+
+def read(broker: Any, started_at: float | None = None) -> Figures:
+    """The figures of ``broker`` now; ``started_at`` (clock time) gives the uptime."""
+    stats = broker.stats
+    connected = disconnected = queued = queued_bytes = inflight = 0
+    for session in broker.sessions.values():
+        if session.connection is not None:
+            connected += 1
+        else:
+            disconnected += 1
+        queued += len(session.queue)
+        queued_bytes += session.queued_bytes
+        inflight += len(session.outgoing)
+    routed_from_clients = stats.messages_received - stats.broker_published - stats.wills_published
+    received = [routed_from_clients - stats.received_by_qos[1] - stats.received_by_qos[2],
+                stats.received_by_qos[1], stats.received_by_qos[2]]
+    sent = [stats.messages_sent - stats.sent_by_qos[1] - stats.sent_by_qos[2],
+            stats.sent_by_qos[1], stats.sent_by_qos[2]]
+    now = broker.clock.seconds()
+    return Figures(
+        uptime=max(0.0, now - started_at) if started_at is not None else 0.0,
+        clients_connected=connected, clients_disconnected=disconnected,
+        clients_maximum=max(stats.clients_maximum, connected), clients_expired=stats.sessions_expired,
+        connections=len(broker.connections), connections_total=stats.connections_total,
+        refused=dict(stats.refused_by_reason), auth_failures=stats.auth_failures,
+        publish_received=received, publish_sent=sent,
+        broker_published=stats.broker_published, wills_published=stats.wills_published,
+        dropped={"queue_full": stats.messages_dropped - stats.dropped_too_large,
+                 "too_large": stats.dropped_too_large, "expired": stats.messages_expired},
+        resent=stats.resent, packets_received=stats.packets_received,
+        packets_sent=stats.messages_sent + stats.resent + stats.control_packets_sent,
+        bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
+        subscriptions=broker.subscriptions.count, retained=len(broker.retained),
+        queued=queued, queued_bytes=queued_bytes, inflight=inflight,
+        memory=resident_memory(), memory_maximum=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_memory() -> int:
+    """This process's resident set size in bytes (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+__all__ = ["Figures", "VERSION", "read", "resident_memory"]

@@ -1,0 +1,138 @@
+"""The ``$SYS/broker/...`` topics, with Mosquitto's names and meanings.
+
+Every ``sys_interval`` seconds (on the broker's clock) the values are worked out and those that
+changed are published retained through ``BrokerService.publish``, so they reach subscribers by
+ordinary routing: hooks that authorize subscriptions (ACLs) apply to them as to any topic, and a
+``#`` subscription does not see them [MQTT-4.7.2-1]. They are not written to the store.
+
+Where Mosquitto measures something a Python broker does not have, the nearest figure is given:
+``heap/current`` and ``heap/maximum`` are the resident set size and its peak, in bytes.
+``messages/*`` count MQTT packets of every type, ``publish/messages/*`` PUBLISHes only, as in
+Mosquitto. The ``load/...`` figures are Mosquitto's: exponentially damped moving averages, per
+minute, over 1, 5 and 15 minutes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import figures
+from .figures import Figures
+
+log = Logger()
+
+PREFIX = "$SYS/broker/"
+
+WINDOWS = (("1min", 60.0), ("5min", 300.0), ("15min", 900.0))
+
+# Each load figure: its name under $SYS/broker/load/ and the counter it averages.
+LOADS: tuple[tuple[str, Callable[[Figures], int]], ...] = (
+    ("messages/received", lambda f: f.packets_received),
+    ("messages/sent", lambda f: f.packets_sent),
+    ("bytes/received", lambda f: f.bytes_received),
+    ("bytes/sent", lambda f: f.bytes_sent),
+    ("publish/received", lambda f: f.publish_received_total),
+    ("publish/sent", lambda f: f.publish_sent_total),
+    ("publish/dropped", lambda f: f.dropped_total),
+    ("connections", lambda f: f.connections_total),
+    ("sockets", lambda f: f.connections_total),
+)
+
+
+def values(f: Figures) -> dict[str, str]:
+    """The $SYS topics (without the ``$SYS/broker/`` prefix) other than the loads, as Mosquitto
+    writes them."""
+    stored = f.retained + f.queued + f.inflight
+    return {
+        "version": figures.VERSION,
+        "uptime": f"{int(f.uptime)} seconds",
+        "clients/connected": str(f.clients_connected),
+        "clients/active": str(f.clients_connected),  # Mosquitto's older name
+        "clients/disconnected": str(f.clients_disconnected),
+        "clients/inactive": str(f.clients_disconnected),
+        "clients/total": str(f.clients_total),
+        "clients/maximum": str(f.clients_maximum),
+        "clients/expired": str(f.clients_expired),
+        "messages/received": str(f.packets_received),
+        "messages/sent": str(f.packets_sent),
+        "messages/stored": str(stored),
+        "store/messages/count": str(stored),
+        "store/messages/bytes": str(f.queued_bytes),
+        "messages/inflight": str(f.inflight),
+        "publish/messages/received": str(f.publish_received_total),
+        "publish/messages/sent": str(f.publish_sent_total),
+        "publish/messages/dropped": str(f.dropped_total),
+        "bytes/received": str(f.bytes_received),
+        "bytes/sent": str(f.bytes_sent),
+        "retained messages/count": str(f.retained),
+        "subscriptions/count": str(f.subscriptions),
+        "heap/current": str(f.memory),
+        "heap/maximum": str(f.memory_maximum),
+    }
+
+
+class SysTopics(Service):
+    """Publishes the $SYS topics of ``broker`` every ``interval`` seconds from start-up.
+
+    ``started_at`` is the clock time uptime counts from (the operations service's start).
+    """
+
+    def __init__(self, broker: Any, interval: float, started_at: Callable[[], float | None]) -> None:
+        self.broker = broker
+        self.interval = interval
+        self._started_at = started_at
+        self._call: LoopingCall | None = None
+        self._published: dict[str, str] = {}
+        self._last: tuple[float, dict[str, int]] | None = None
+        self.loads: dict[str, float] = {}
+        """Current load averages by full topic name (per minute)."""
+
+    def startService(self) -> None:
+        super().startService()
+        self._published.clear()
+        self._last = None
+        self.loads = {f"load/{name}/{window}": 0.0 for name, _ in LOADS for window, _ in WINDOWS}
+        self._call = LoopingCall(self.update)
+        self._call.clock = self.broker.clock
+        self._call.start(self.interval, now=True).addErrback(
+            lambda failure: log.failure("$SYS updates stopped", failure))
+
+    def stopService(self) -> Any:
+        if self._call is not None and self._call.running:
+            self._call.stop()
+        self._call = None
+        return super().stopService()
+
+    def update(self) -> None:
+        """Work the values out now and publish those that changed (all of them the first time)."""
+        now = self.broker.clock.seconds()
+        reading = figures.read(self.broker, self._started_at())
+        current = values(reading)
+        counters = {name: count(reading) for name, count in LOADS}
+        first = self._last is None
+        if self._last is not None:
+            then, previous = self._last
+            elapsed = now - then
+            if elapsed > 0:
+                for name, count in counters.items():
+                    per_minute = (count - previous[name]) * 60.0 / elapsed
+                    for window, seconds in WINDOWS:
+                        key = f"load/{name}/{window}"
+                        # Mosquitto's calc_load: new = rate + e^(-dt/window) * (old - rate).
+                        self.loads[key] = per_minute + math.exp(-elapsed / seconds) * (self.loads[key] - per_minute)
+        self._last = (now, counters)
+        for key, load in self.loads.items():
+            current[key] = f"{load:.2f}"
+        publish = self.broker.publish
+        for name, value in current.items():
+            if first or self._published.get(name) != value:
+                self._published[name] = value
+                publish(PREFIX + name, value.encode(), qos=0, retain=True)
+
+
+__all__ = ["SysTopics", "values", "PREFIX", "LOADS", "WINDOWS"]

@@ -1,0 +1,110 @@
+"""$SYS topics: Mosquitto's names, values after a known workload, on task.Clock."""
+
+from __future__ import annotations
+
+import math
+
+from admin_helpers import M_MESSAGES, N_PUBLISHERS, workload
+from protocol_helpers import connected, make_broker
+
+from mqtt_broker import __version__
+from mqtt_broker.store.memory import MemoryStore
+from mqtt_broker.wire import Publish
+
+
+def sys_values(broker) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {m.topic.removeprefix("$SYS/broker/"): m.payload.decode() for m in broker.retained.match("$SYS/#")}
+
+
+def test_values_after_a_known_workload() -> None:
+    broker = make_broker()
+    broker.startService()
+    at_start = sys_values(broker)
+    assert at_start["version"] == f"mqtt_broker version {__version__}"
+    assert at_start["uptime"] == "0 seconds"
+    assert at_start["clients/connected"] == "0"
+    assert at_start["load/publish/received/1min"] == "0.00"
+    broker, tally, done = workload(broker)
+    # Values are those of the moment of the update: nothing has happened since the workload.
+    broker.reactor.advance(10)
+    v = sys_values(broker)
+    assert v["uptime"] == "10 seconds"
+    assert v["clients/connected"] == v["clients/active"] == str(done["connected"])
+    assert v["clients/disconnected"] == v["clients/inactive"] == "1"
+    assert v["clients/total"] == str(done["connected"] + 1)
+    assert v["clients/maximum"] == str(done["connected"])   # "away" had gone before the publishers came
+    assert v["clients/expired"] == "0"
+    assert v["publish/messages/received"] == str(N_PUBLISHERS * M_MESSAGES)
+    assert v["publish/messages/sent"] == str(N_PUBLISHERS * M_MESSAGES)  # one subscriber got every one
+    assert v["publish/messages/dropped"] == "0"
+    assert v["messages/received"] == str(tally.packets_from_clients)
+    assert v["messages/sent"] == str(tally.packets_to_clients)
+    assert v["bytes/received"] == str(tally.bytes_from_clients)
+    assert v["bytes/sent"] == str(tally.bytes_to_clients)
+    assert v["subscriptions/count"] == "2"
+    # The workload's one retained message and the $SYS topics published at start-up.
+    assert v["retained messages/count"] == str(1 + len(at_start))
+    assert v["messages/stored"] == v["store/messages/count"] == str(1 + len(at_start))
+    assert v["messages/inflight"] == "0"
+    assert int(v["heap/current"]) > 1_000_000 and int(v["heap/maximum"]) >= int(v["heap/current"]) // 2
+    # Mosquitto's damped averages per minute: one 10 s step from 0 at a rate of 600 per minute.
+    rate = N_PUBLISHERS * M_MESSAGES * 6.0
+    for window, seconds in (("1min", 60), ("5min", 300), ("15min", 900)):
+        expected = rate * (1 - math.exp(-10 / seconds))
+        assert v[f"load/publish/received/{window}"] == f"{expected:.2f}", window
+        assert v[f"load/publish/sent/{window}"] == f"{expected:.2f}", window
+        assert float(v[f"load/bytes/received/{window}"]) > 0
+    assert v["load/connections/1min"] == f"{(N_PUBLISHERS + 2) * 6 * (1 - math.exp(-10 / 60)):.2f}"
+    # Another interval with no traffic: the loads decay.
+    broker.reactor.advance(10)
+    later = sys_values(broker)
+    assert later["load/publish/received/1min"] == f"{rate * (1 - math.exp(-10 / 60)) * math.exp(-10 / 60):.2f}"
+    assert later["uptime"] == "20 seconds"
+
+
+def test_subscribers_get_them_by_ordinary_routing() -> None:
+    broker = make_broker(sys_interval=5)
+    broker.startService()
+    watcher = connected(broker, "watcher")
+    everything = connected(broker, "everything")
+    everything.subscribe("#")
+    packets = watcher.subscribe("$SYS/broker/clients/+")
+    retained = {p.topic: p.payload for p in packets if isinstance(p, Publish)}
+    assert retained["$SYS/broker/clients/connected"] == b"0"   # as published at start-up
+    assert all(p.retain for p in packets if isinstance(p, Publish))
+    broker.reactor.advance(5)
+    live = {p.topic: p.payload for p in watcher.received() if isinstance(p, Publish)}
+    assert live["$SYS/broker/clients/connected"] == b"2"
+    assert "$SYS/broker/clients/expired" not in live   # unchanged values are not published again
+    assert not [p for p in everything.received() if isinstance(p, Publish)]  # '#' does not match $SYS
+
+
+def test_sys_interval_zero_turns_them_off() -> None:
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+    broker.reactor.advance(60)
+    assert sys_values(broker) == {}
+    assert broker.operations.sys is None
+
+
+def test_not_written_to_the_store() -> None:
+    store = MemoryStore()
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker import BrokerService
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    broker.startService()
+    broker.reactor.advance(10)
+    assert sys_values(broker)
+    broker.publish("plain/retained", b"kept", retain=True)
+    assert [m.topic for m in store.load().retained] == ["plain/retained"]
+
+
+def test_stops_with_the_broker() -> None:
+    broker = make_broker()
+    broker.startService()
+    broker.stopService()
+    before = sys_values(broker)["uptime"]
+    broker.reactor.advance(100)
+    assert sys_values(broker)["uptime"] == before
+    assert not broker.reactor.getDelayedCalls()
