@@ -111,6 +111,10 @@ class BrokerService(MultiService):
         self._share_turns: dict[tuple[str, str], int] = {}
         from .protocol import MQTTFactory
         self.factory = MQTTFactory(self)
+        from .admin import Operations
+        self.operations = Operations(self)
+        """$SYS topics, and the admin site of http_endpoints (see mqtt_broker.admin)."""
+        self.operations.setServiceParent(self)
 
     # --- service ------------------------------------------------------------------------
 
@@ -130,6 +134,10 @@ class BrokerService(MultiService):
                 websocket = WebSocketFactory(self)
                 listeners += [(description, websocket, "MQTT over WebSocket listening on {endpoint}")
                               for description in self.config.websocket_endpoints]
+            if self.config.http_endpoints:
+                site = self.operations.site()
+                listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
+                              for description in self.config.http_endpoints]
             for description, factory, listening in listeners:
                 endpoint = endpoints.serverFromString(
                     self.reactor, with_backlog(description, self.config.listen_backlog))
