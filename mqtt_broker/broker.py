@@ -123,7 +123,7 @@ class BrokerService(MultiService):
         opened), so twistd stops at start-up instead of running without a port."""
         _raise_open_files_limit()
         if self.store is not None:
-            self._restore(self.store.load())
+            self._restore(self.store.load(self.config.max_queued_messages))
         super().startService()
         try:
             listeners: list[tuple[str, Any, str]] = [
@@ -478,9 +478,11 @@ class BrokerService(MultiService):
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,
                 subscription_ids: tuple[int, ...] = (), share: tuple[str, str] | None = None) -> None:
-        """Send a message to a session now, or queue it (bounded) if it cannot take it now."""
+        """Send a message to a session now, or queue it if it cannot take it now: in memory up to
+        max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
+        max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
         connection = session.connection
-        if connection is not None and not connection.paused and not session.queue:
+        if connection is not None and not connection.paused and not session.queue and not session.spilled:
             if not qos:
                 if connection.send_publish(message, 0, retain, 0, False, subscription_ids):
                     self.stats.messages_sent += 1
@@ -492,14 +494,23 @@ class BrokerService(MultiService):
             return  # QoS 0 is not kept for offline sessions unless asked to
         config = self.config
         item = Queued(message, qos, retain, subscription_ids, share)
-        if session.enqueue(item, config.max_queued_messages, config.max_queued_bytes):
+        if qos and session.stored and (session.spilled or not session.has_room(
+                item, config.max_queued_messages, config.max_queued_bytes)):
+            if not config.max_stored_messages or session.spilled < config.max_stored_messages:
+                self._item(session, item, stored=True)
+                session.spilled += 1
+                return
+            session.dropped += 1
+        elif session.enqueue(item, config.max_queued_messages, config.max_queued_bytes):
             if qos and session.stored:
                 self._item(session, item, stored=True)
-        else:
-            self.stats.messages_dropped += 1
-            if session.dropped == 1 or session.dropped % 1000 == 0:
-                log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
-                         client_id=session.client_id, dropped=session.dropped)
+                session.loaded_seq = item.seq
+            return
+        message.refused += 1
+        self.stats.messages_dropped += 1
+        if session.dropped == 1 or session.dropped % 1000 == 0:
+            log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
+                     client_id=session.client_id, dropped=session.dropped)
 
     def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
         """Number a QoS 1/2 message of a stored session; ``stored``: record it as queued now
@@ -564,6 +575,32 @@ class BrokerService(MultiService):
                 self._send_tracked(session, head, queued=True)
             elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
                 self.stats.messages_sent += 1
+        if not queue and session.spilled and not session.loading:
+            self._load_spilled(session)
+
+    def _load_spilled(self, session: Session) -> None:
+        """Bring the next spilled messages of a session back from the store into its queue."""
+        assert self.store is not None
+        session.loading = True
+        limit = self.config.max_queued_messages or 1000
+        self.store.load_queued(session.client_id, session.loaded_seq, limit).addCallbacks(
+            self._spilled_loaded, self._spilled_failed, callbackArgs=(session,), errbackArgs=(session,))
+
+    def _spilled_loaded(self, items: list[Queued], session: Session) -> None:
+        session.loading = False
+        if self.sessions.get(session.client_id) is not session or not session.spilled:
+            return  # discarded, or cleared, while reading
+        for item in items:
+            session.queue.append(item)
+            session.queued_bytes += len(item.message.payload)
+            session.loaded_seq = item.seq
+        session.spilled = session.spilled - len(items) if items else 0
+        self.pump(session)
+
+    def _spilled_failed(self, failure: Any, session: Session) -> None:
+        session.loading = False
+        log.failure("cannot read the queued messages of {client_id} back from the store", failure,
+                    client_id=session.client_id)
 
     def acknowledged(self, session: Session, packet_id: int) -> bool:
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""

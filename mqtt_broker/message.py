@@ -25,6 +25,8 @@ class Message:
     """Client id of the publisher; None for messages published by the broker itself."""
     expires_at: float | None = None
     """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval)."""
+    refused: int = 0
+    """Subscribers it could not be queued for (queue full, or the store's quota reached)."""
     encoded: dict[tuple[bool, int, bool], tuple[bytes, int]] | None = field(default=None, repr=False)
 
     def __eq__(self, other: object) -> bool:

@@ -511,23 +511,30 @@ class MQTTProtocol(Protocol):
             return
         routed = self.broker.route(message)
         if qos:
-            self._routed(packet, routed)
+            self._routed(packet, message, routed)
 
     def _publish_decided(self, answer: Any, packet: Publish, message: Message) -> None:
         if isinstance(answer, Refused):
             if packet.qos:
                 self._acknowledge(packet, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
             return
-        routed = self.broker.route(answer if isinstance(answer, Message) else message)
+        if isinstance(answer, Message):
+            message = answer
+        routed = self.broker.route(message)
         if packet.qos:
-            self._routed(packet, routed)
+            self._routed(packet, message, routed)
 
-    def _routed(self, packet: Publish, routed: int) -> None:
+    def _routed(self, packet: Publish, message: Message, routed: int) -> None:
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
         a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
-        not routed twice even across a restart [MQTT-4.3.3-9]."""
+        not routed twice even across a restart [MQTT-4.3.3-9]. A subscriber that could not take
+        it makes it 0x97 for MQTT 5 (MQTT 3 has no way to say so: it is acknowledged, and the
+        drop counted and logged)."""
         self.stats.received_by_qos[packet.qos] += 1
-        reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        if message.refused:
+            reason = ReasonCode.QUOTA_EXCEEDED
+        else:
+            reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
         if packet.qos == 2:
             self.broker.await_pubrel(self.session, packet.packet_id)
         store = self.broker.store

@@ -62,6 +62,13 @@ class Session:
     retry_call: Any = None
     stored: bool = False
     """Whether the store has this session (it outlives its connection and there is a store)."""
+    spilled: int = 0
+    """Queued QoS 1/2 messages kept only in the store, after those in ``queue``: a slow or
+    offline client's backlog beyond max_queued_messages does not stay in memory."""
+    loading: bool = False
+    """Spilled messages are being read back from the store."""
+    loaded_seq: int = 0
+    """The highest seq brought into memory; spilled messages all come after it."""
     next_seq: int = 1
     _next_id: int = 1
 
@@ -79,15 +86,18 @@ class Session:
     def persistent(self) -> bool:
         return self.expiry != 0
 
+    def has_room(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
+        """Whether the in-memory queue can take one more message."""
+        return not ((max_messages and len(self.queue) >= max_messages) or (
+            max_bytes and self.queued_bytes + len(item.message.payload) > max_bytes))
+
     def enqueue(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
         """Queue a message for later delivery; False (and counted) when the queue is full."""
-        size = len(item.message.payload)
-        if (max_messages and len(self.queue) >= max_messages) or (
-                max_bytes and self.queued_bytes + size > max_bytes):
+        if not self.has_room(item, max_messages, max_bytes):
             self.dropped += 1
             return False
         self.queue.append(item)
-        self.queued_bytes += size
+        self.queued_bytes += len(item.message.payload)
         return True
 
     def dequeue(self) -> Queued:
@@ -100,4 +110,5 @@ class Session:
         self.outgoing.clear()
         self.queue.clear()
         self.queued_bytes = 0
+        self.spilled = 0
         self.awaiting_pubrel.clear()

@@ -49,8 +49,14 @@ class Store(Protocol):
     """What the broker needs from a store. Every method but ``load`` and ``flushed`` records a
     change and returns at once; deliveries are named by (client id, ``Queued.seq``)."""
 
-    def load(self) -> Snapshot:
-        """Open the store and read it (blocking, at start-up). Raises StoreError."""
+    def load(self, window: int = 0) -> Snapshot:
+        """Open the store and read it (blocking, at start-up). Of each session's queued
+        messages only the first ``window`` (0: all) are read; the rest are counted in
+        ``Session.spilled`` and read later with load_queued. Raises StoreError."""
+
+    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+        """The queued (not yet sent) messages of a session numbered after ``after_seq``, in
+        order, at most ``limit``; everything recorded before the call is included."""
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None: ...
 

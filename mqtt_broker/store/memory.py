@@ -22,17 +22,28 @@ class MemoryStore:
         self._retained: dict[str, Message] = {}
         self._wills: dict[str, StoredWill] = {}
 
-    def load(self) -> Snapshot:
+    def load(self, window: int = 0) -> Snapshot:
         sessions = []
         for stored, disconnected_at in self._sessions.values():
             session = Session(stored.client_id, stored.expiry)
+            session.stored = True
             session.subscriptions = dict(stored.subscriptions)
             session.outgoing = {k: copy.copy(v) for k, v in stored.outgoing.items()}
-            session.queue.extend(copy.copy(item) for item in stored.queue)
+            queued = sorted(stored.queue, key=lambda item: item.seq)
+            kept = queued[:window] if window else queued
+            session.queue.extend(copy.copy(item) for item in kept)
+            session.queued_bytes = sum(len(item.message.payload) for item in kept)
+            session.spilled = len(queued) - len(kept)
+            session.loaded_seq = kept[-1].seq if kept else 0
             session.awaiting_pubrel = set(stored.awaiting_pubrel)
             session.next_seq = stored.next_seq
             sessions.append((session, disconnected_at))
         return Snapshot(sessions, list(self._retained.values()), list(self._wills.values()))
+
+    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+        known = self._sessions.get(client_id)
+        queued = sorted((i for i in known[0].queue if i.seq > after_seq), key=lambda i: i.seq) if known else []
+        return succeed([copy.copy(item) for item in queued[:limit]])
 
     def _session(self, client_id: str) -> Session:
         return self._sessions[client_id][0]

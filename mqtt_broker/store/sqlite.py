@@ -67,6 +67,15 @@ def _message(topic: str, payload: bytes, qos: int, retain: bool, properties: byt
                    expires_at=expires_at)
 
 
+def _delivery(row: tuple[Any, ...]) -> Queued:
+    """A Queued from (seq, topic, payload, qos, retain, properties, expires_at, subscription_ids,
+    share, packet_id)."""
+    seq, topic, payload, qos, retain, properties, expires_at, ids, share, _ = row
+    message = _message(topic, payload, qos, retain, properties, expires_at)
+    return Queued(message, qos, bool(retain), tuple(json.loads(ids)),
+                  tuple(json.loads(share)) if share else None, seq)  # type: ignore[arg-type]
+
+
 class SQLiteStore:
     """``SQLiteStore(path, reactor, synchronous="normal")``; see the README for what each
     ``synchronous`` setting promises."""
@@ -92,14 +101,14 @@ class SQLiteStore:
 
     # --- opening and reading ------------------------------------------------------------
 
-    def load(self) -> Snapshot:
+    def load(self, window: int = 0) -> Snapshot:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
-            snapshot = self._read(db)
+            snapshot = self._read(db, window)
         except (sqlite3.Error, OSError, ValueError) as e:
             raise StoreError(
                 f"cannot use the database {self.path}: {e}. If it is damaged, move it (and its "
@@ -110,7 +119,7 @@ class SQLiteStore:
         self._pool.start()
         return snapshot
 
-    def _read(self, db: sqlite3.Connection) -> Snapshot:
+    def _read(self, db: sqlite3.Connection, window: int) -> Snapshot:
         sessions: dict[str, tuple[Session, float | None]] = {}
         for client_id, expiry, disconnected_at, next_seq in db.execute(
                 "SELECT client_id, expiry, disconnected_at, next_seq FROM sessions"):
@@ -125,22 +134,29 @@ class SQLiteStore:
                     client_id=row[0], topic_filter=row[1], qos=row[2], no_local=bool(row[3]),
                     retain_as_published=bool(row[4]), retain_handling=row[5], subscription_id=row[6],
                     share_group=row[7])
-        for (client_id, seq, topic, payload, qos, retain, properties, expires_at, ids, share,
-             packet_id, released) in db.execute(
-                "SELECT client_id, seq, topic, payload, qos, retain, properties, expires_at, "
-                "subscription_ids, share, packet_id, released FROM deliveries ORDER BY client_id, seq"):
-            if client_id not in sessions:
+        # In-flight messages all; queued ones up to the window per session, the rest counted.
+        limit = "" if not window else f" WHERE packet_id IS NOT NULL OR rank <= {int(window)}"
+        for row in db.execute(
+                "SELECT * FROM (SELECT client_id, seq, topic, payload, qos, retain, properties, expires_at, "
+                "subscription_ids, share, packet_id, released, ROW_NUMBER() OVER (PARTITION BY client_id, "
+                "packet_id IS NULL ORDER BY seq) AS rank FROM deliveries)" + limit + " ORDER BY client_id, seq"):
+            if row[0] not in sessions:
                 continue
-            session = sessions[client_id][0]
-            message = _message(topic, payload, qos, retain, properties, expires_at)
-            fields = dict(message=message, qos=qos, retain=bool(retain), subscription_ids=tuple(json.loads(ids)),
-                          share=tuple(json.loads(share)) if share else None, seq=seq)
-            if packet_id is None:
-                session.queue.append(Queued(**fields))  # type: ignore[arg-type]
-                session.queued_bytes += len(message.payload)
+            session = sessions[row[0]][0]
+            item = _delivery(row[1:11])
+            if row[10] is None:
+                session.queue.append(item)
+                session.queued_bytes += len(item.message.payload)
+                session.loaded_seq = item.seq
             else:
-                session.outgoing[packet_id] = Outgoing(**fields, released=bool(released))  # type: ignore[arg-type]
-            session.next_seq = max(session.next_seq, seq + 1)
+                session.outgoing[row[10]] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
+                                                     item.share, item.seq, released=bool(row[11]))
+        for client_id, queued, last_seq in db.execute(
+                "SELECT client_id, SUM(packet_id IS NULL), MAX(seq) FROM deliveries GROUP BY client_id"):
+            if client_id in sessions:
+                session = sessions[client_id][0]
+                session.spilled = queued - len(session.queue)
+                session.next_seq = max(session.next_seq, last_seq + 1)
         for client_id, packet_id in db.execute("SELECT client_id, packet_id FROM awaiting_pubrel"):
             if client_id in sessions:
                 sessions[client_id][0].awaiting_pubrel.add(packet_id)
@@ -153,6 +169,19 @@ class SQLiteStore:
             message.sender = client_id
             wills.append(StoredWill(client_id, username, message, due))
         return Snapshot(list(sessions.values()), retained, wills)
+
+    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+        def read() -> list[Queued]:
+            assert self._db is not None
+            return [_delivery(row) for row in self._db.execute(
+                "SELECT seq, topic, payload, qos, retain, properties, expires_at, subscription_ids, share, "
+                "packet_id FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
+                "ORDER BY seq LIMIT ?", (client_id, after_seq, limit))]
+
+        def written(_: None) -> Deferred[list[Queued]]:
+            assert self._pool is not None
+            return deferToThreadPool(self.reactor, self._pool, read)
+        return self.flushed().addCallback(written)
 
     # --- recording changes --------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""A slow or offline client's backlog beyond max_queued_messages waits in the store, not in memory."""
+
+from __future__ import annotations
+
+from protocol_helpers import FakeClient, connected, make_broker
+
+from mqtt_broker.store.memory import MemoryStore
+from mqtt_broker.wire import Puback, ReasonCode
+
+
+def offline_subscriber(broker, client_id="sub"):  # type: ignore[no-untyped-def]
+    sub = connected(broker, client_id, clean=False)
+    sub.subscribe("t", qos=1)
+    sub.lose()
+
+
+def test_backlog_beyond_the_memory_window_is_delivered_in_order_from_the_store() -> None:
+    broker = make_broker(max_queued_messages=3, store=MemoryStore())
+    offline_subscriber(broker)
+    pub = connected(broker, "pub")
+    for n in range(10):
+        assert pub.publish("t", str(n).encode(), qos=1, packet_id=n + 1) == [Puback(packet_id=n + 1)]
+    session = broker.sessions["sub"]
+    assert len(session.queue) == 3 and session.spilled == 7
+    assert broker.stats.messages_dropped == 0
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    received = []
+    for _ in range(20):  # bounded: every round acknowledges what came
+        packets = again.received()
+        if not packets:
+            break
+        received += [p.payload for p in packets]
+        for p in packets:
+            again.send(Puback(packet_id=p.packet_id))
+    assert received == [str(n).encode() for n in range(10)]
+    assert session.spilled == 0 and not session.queue and not session.outgoing
+
+
+def test_store_quota_refuses_with_0x97_and_counts() -> None:
+    broker = make_broker(max_queued_messages=2, max_stored_messages=3, store=MemoryStore())
+    offline_subscriber(broker)
+    pub = connected(broker, "pub", version=5)
+    codes = [pub.publish("t", b"m", qos=1, packet_id=n + 1)[0].reason_code for n in range(7)]  # type: ignore[union-attr]
+    assert codes == [0, 0, 0, 0, 0, ReasonCode.QUOTA_EXCEEDED, ReasonCode.QUOTA_EXCEEDED]
+    assert broker.sessions["sub"].dropped == 2 and broker.stats.messages_dropped == 2
+
+
+def test_without_a_store_the_queue_bound_drops_and_mqtt5_publishers_are_told() -> None:
+    broker = make_broker(max_queued_messages=1)
+    offline_subscriber(broker)
+    pub = connected(broker, "pub", version=5)
+    assert pub.publish("t", qos=1, packet_id=1)[0].reason_code == 0  # type: ignore[union-attr]
+    assert pub.publish("t", qos=1, packet_id=2)[0].reason_code == ReasonCode.QUOTA_EXCEEDED  # type: ignore[union-attr]
+
+
+def test_spilled_backlog_survives_a_restart_without_coming_back_into_memory() -> None:
+    store = MemoryStore()
+    first = make_broker(max_queued_messages=2, store=store)
+    offline_subscriber(first)
+    for n in range(6):
+        first.publish("t", str(n).encode(), qos=1)
+    first.stopService()
+    second = make_broker(max_queued_messages=2, store=store)
+    second.startService()
+    session = second.sessions["sub"]
+    assert len(session.queue) == 2 and session.spilled == 4
+    again = FakeClient(second)
+    again.connect("sub", clean=False)
+    received = []
+    for _ in range(20):
+        packets = again.received()
+        if not packets:
+            break
+        received += [p.payload for p in packets]
+        for p in packets:
+            again.send(Puback(packet_id=p.packet_id))
+    assert received == [str(n).encode() for n in range(6)]
