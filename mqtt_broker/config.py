@@ -76,10 +76,16 @@ class BrokerConfig:
     max_inflight_messages: int = _setting(
         20, "QoS 1/2 messages sent to a client and not yet acknowledged, per client.", 1, 65535)
     max_queued_messages: int = _setting(
-        1000, "Messages queued per client while it is offline or slow; 0 for no limit. "
-        "Messages beyond it are dropped and counted.")
+        1000, "Messages queued in memory per client while it is offline or slow; 0 for no limit. "
+        "With a store, QoS 1/2 messages beyond it wait in the store (up to max_stored_messages); "
+        "without one, or for QoS 0, they are dropped and counted.")
     max_queued_bytes: int = _setting(
-        0, "Payload bytes queued per client; 0 for no limit.")
+        0, "Payload bytes queued in memory per client; 0 for no limit. Beyond it, as for "
+        "max_queued_messages.")
+    max_stored_messages: int = _setting(
+        0, "QoS 1/2 messages of one client kept in the store beyond its in-memory queue; 0 for no "
+        "limit. Beyond it the message is dropped for that client and counted, and an MQTT 5 "
+        "publisher gets reason code 0x97 (quota exceeded).")
     queue_qos0_messages: bool = _setting(
         False, "Queue QoS 0 messages for offline persistent sessions too.")
     max_keepalive: int = _setting(

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "max_inflight_messages": 20,
     "max_queued_messages": 1000,
     "max_queued_bytes": 0,
+    "max_stored_messages": 0,
     "queue_qos0_messages": False,
     "max_keepalive": 65535,
     "max_connections": -1,
@@ -86,6 +87,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "max_inflight_messages": [0, 65536],      # an MQTT 5 receive maximum is 1..65535
     "max_queued_messages": [-1],
     "max_queued_bytes": [-1],
+    "max_stored_messages": [-1],
     "max_keepalive": [-1, 65536],             # the keepalive field is two bytes
     "max_connections": [-2],
     "max_qos": [-1, 3],
@@ -111,6 +113,7 @@ IN_RANGE: dict[str, list[Any]] = {
     "max_inflight_messages": [1, 65535],
     "max_queued_messages": [0, 10**9],
     "max_queued_bytes": [0, 2**40],
+    "max_stored_messages": [0, 10**9],
     "max_keepalive": [0, 65535],
     "max_connections": [-1, 0, 100_000],
     "max_qos": [0, 1, 2],
