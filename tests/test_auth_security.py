@@ -1,0 +1,304 @@
+"""Security, the interface the broker calls: the authentication chain, allow_anonymous,
+certificates, authorization with acl_file and an identity's own rules, reload, caching, and
+hostile input (never a crash, never access by mistake, never a password in the log)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from auth_helpers import LogCapture
+from twisted.internet.defer import Deferred, fail
+
+import mqtt_broker.auth as auth
+from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
+from mqtt_broker.auth.passwords import PasswordHash
+from mqtt_broker.config import BrokerConfig, ConfigError
+from mqtt_broker.passwd import main as passwd
+from mqtt_broker.wire.codes import ReasonCode, v3_connack_code
+
+
+def credentials(username: str | None = "alice", password: bytes | None = b"alice-pw", client_id: str = "c1",
+                identity: str | None = None) -> Credentials:
+    return Credentials(client_id=client_id, username=username, password=password, peer="127.0.0.1:5000",
+                       protocol_version=5, certificate_identity=identity)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    assert passwd(["-c", "-b", str(tmp_path / "pw"), "alice", "alice-pw"]) == 0
+    assert passwd(["-b", "-H", "sha512", str(tmp_path / "pw"), "bob", "bob-pw"]) == 0
+    (tmp_path / "acl").write_text("topic read public/#\nuser alice\ntopic readwrite alice/#\n"
+                                  "pattern readwrite clients/%c/#\n")
+    return tmp_path
+
+
+def security(files: Path, **settings: Any) -> Security:
+    values = {"password_file": str(files / "pw"), "acl_file": str(files / "acl"), "allow_anonymous": False}
+    return Security.from_config(BrokerConfig(**{**values, **settings}))
+
+
+async def answer(sec: Security, creds: Credentials) -> Identity | Refusal:
+    result = await sec.authenticate(creds)
+    assert isinstance(result, (Identity, Refusal))
+    return result
+
+
+def refused(result: Identity | Refusal, code: ReasonCode) -> bool:
+    return isinstance(result, Refusal) and result.reason_code == code
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def test_nothing_configured_means_disabled() -> None:
+    sec = Security.from_config(BrokerConfig())
+    assert not sec.enabled
+    anyone = Identity(client_id="c", username=None)
+    assert sec.can_read(anyone, "a") and sec.can_subscribe(anyone, "#")
+
+
+@pytest.mark.parametrize("setting", [
+    {"allow_anonymous": False}, {"require_certificate": True}, {"use_identity_as_username": True},
+    {"password_file": "pw"}, {"acl_file": "acl"}])
+def test_any_setting_enables(files: Path, setting: dict[str, Any]) -> None:
+    setting = {k: str(files / v) if isinstance(v, str) else v for k, v in setting.items()}
+    assert Security.from_config(BrokerConfig(**setting)).enabled
+
+
+@pytest.mark.parametrize("settings,key", [
+    ({"password_file": "absent"}, "password_file"),
+    ({"acl_file": "absent"}, "acl_file"),
+    ({"jwt_issuer": "me"}, "jwt_secret_file"),
+    ({"jwt_secret_file": "absent"}, "jwt_secret_file"),
+    ({"http_auth_url": "ftp://example.invalid/"}, "http_auth_url"),
+    ({"http_auth_url": "http://127.0.0.1/", "http_auth_authorization_file": "absent"}, "http_auth_authorization_file"),
+])
+def test_unusable_settings_name_the_key(tmp_path: Path, settings: dict[str, Any], key: str) -> None:
+    settings = {k: str(tmp_path / v) if v == "absent" else v for k, v in settings.items()}
+    with pytest.raises(ConfigError) as caught:
+        Security.from_config(BrokerConfig(**settings))
+    assert caught.value.key == key
+
+
+def test_bad_password_file_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("alice:secret\n")
+    with pytest.raises(ConfigError) as caught:
+        Security.from_config(BrokerConfig(password_file=str(tmp_path / "pw")))
+    assert caught.value.key == "password_file" and "line 1" in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_credentials_repr_hides_the_password() -> None:
+    assert "alice-pw" not in repr(credentials()) and "alice" in repr(credentials())
+
+
+# --- the chain -------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_password_file(files: Path) -> None:
+    sec = security(files)
+    ok = await answer(sec, credentials())
+    assert ok == Identity(client_id="c1", username="alice")
+    assert await answer(sec, credentials("bob", b"bob-pw")) == Identity(client_id="c1", username="bob")
+    for wrong in (credentials(password=b"bob-pw"), credentials(password=None), credentials("carol", b"x"),
+                  credentials("bob", b"alice-pw"), credentials("", b"")):
+        assert refused(await answer(sec, wrong), ReasonCode.BAD_USER_NAME_OR_PASSWORD), wrong
+    assert v3_connack_code(ReasonCode.BAD_USER_NAME_OR_PASSWORD) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_anonymous(files: Path) -> None:
+    closed = security(files)
+    result = await answer(closed, credentials(None, None))
+    assert refused(result, ReasonCode.NOT_AUTHORIZED) and v3_connack_code(ReasonCode.NOT_AUTHORIZED) == 5
+    # MQTT 5 allows a password without a username: still anonymous.
+    assert refused(await answer(closed, credentials(None, b"alice-pw")), ReasonCode.NOT_AUTHORIZED)
+    opened = security(files, allow_anonymous=True)
+    assert await answer(opened, credentials(None, None)) == Identity(client_id="c1", username=None)
+    # An unknown user is not anonymous: refused either way.
+    assert refused(await answer(opened, credentials("carol", b"x")), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_authenticators_usernames_are_taken_as_given(files: Path) -> None:
+    sec = Security.from_config(BrokerConfig(acl_file=str(files / "acl"), allow_anonymous=False))
+    assert await answer(sec, credentials("alice", None)) == Identity(client_id="c1", username="alice")
+    assert refused(await answer(sec, credentials(None, None)), ReasonCode.NOT_AUTHORIZED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_require_certificate(files: Path) -> None:
+    sec = security(files, require_certificate=True)
+    assert refused(await answer(sec, credentials()), ReasonCode.NOT_AUTHORIZED)
+    # With a certificate the rest of the chain still decides.
+    assert await answer(sec, credentials(identity="client")) == Identity(client_id="c1", username="alice")
+    assert refused(await answer(sec, credentials(password=b"no", identity="client")),
+                   ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+
+
+@pytest_twisted.ensureDeferred
+async def test_use_identity_as_username(files: Path) -> None:
+    sec = security(files, use_identity_as_username=True)
+    # The certificate names the client; the CONNECT username and password are not looked at.
+    assert await answer(sec, credentials("alice", b"wrong", identity="client")) == Identity(
+        client_id="c1", username="client")
+    assert await answer(sec, credentials(None, None, identity="dev+1")) == Identity(client_id="c1", username="dev+1")
+    assert refused(await answer(sec, credentials()), ReasonCode.NOT_AUTHORIZED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hashing_runs_off_the_reactor_thread(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[threading.Thread] = []
+    original = PasswordHash.verify
+
+    def recording(self: PasswordHash, password: bytes) -> bool:
+        threads.append(threading.current_thread())
+        return original(self, password)
+
+    monkeypatch.setattr(PasswordHash, "verify", recording)
+    sec = security(files)
+    await answer(sec, credentials())
+    await answer(sec, credentials(password=b"wrong"))
+    # An unknown user costs a hash too, so that timing does not tell who exists.
+    await answer(sec, credentials("carol", b"x"))
+    assert len(threads) == 3
+    assert all(t is not threading.main_thread() for t in threads)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_authenticator_refuses(files: Path) -> None:
+    class Broken:
+        name = "broken"
+
+        def authenticate(self, creds: Credentials) -> Deferred[Any]:
+            return fail(RuntimeError("backend exploded"))
+
+    sec = Security(authenticators=[Broken()])  # type: ignore[list-item]
+    with LogCapture() as log:
+        result = await answer(sec, credentials())
+    assert refused(result, ReasonCode.UNSPECIFIED_ERROR)
+    assert "backend exploded" in log.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_credentials(files: Path) -> None:
+    """Long, odd and non-UTF-8 credentials: answered, never crashed on, never let in by mistake."""
+    sec = security(files, allow_anonymous=True)
+    names = ["a" * 65535, "+", "#", "a/b", "%u", "%c", "alice\x00", "ålice", "alice ", " alice", "ALICE"]
+    passwords = [b"\xff\xfe" * 30000, b"", b"alice-pw\x00", b"alice-pw\x00\x00", b"alice-pw" * 8192, b"\x00"]
+    for name in names:
+        for password in passwords + [b"alice-pw"]:
+            result = await answer(sec, credentials(name, password, client_id=name))
+            assert refused(result, ReasonCode.BAD_USER_NAME_OR_PASSWORD), (name[:10], password[:10])
+    for password in passwords:
+        assert refused(await answer(sec, credentials("alice", password)), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+    for client_id in ("+", "#", "/", "%c", "a" * 65535, ""):
+        assert await answer(sec, credentials(client_id=client_id)) == Identity(client_id=client_id, username="alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_passwords_never_reach_the_log(files: Path) -> None:
+    sec = security(files)
+    secrets = [b"alice-pw", b"wrong-secret-1", b"\xffraw-secret-2"]
+    with LogCapture() as log:
+        for password in secrets:
+            for username in ("alice", "carol", None):
+                await answer(sec, credentials(username, password))
+    text = log.text()
+    assert "refused client 'c1'" in text and "wrong password" in text
+    for password in secrets:
+        assert password.decode("utf-8", "replace") not in text and repr(password) not in text
+    assert "alice-pw" not in text
+
+
+# --- authorization --------------------------------------------------------------------------
+
+def test_sys_and_share_can_never_be_published_to(files: Path) -> None:
+    for sec in (Security(), Security(acl_file=str(files / "acl"))):
+        anyone = Identity(client_id="c", username="alice")
+        ruled = Identity(client_id="c", username="alice", rules=AccessRules(("#", "$SYS/#", "$share/#"), ()))
+        for identity in (anyone, ruled):
+            for topic in ("$SYS/broker/x", "$SYS", "$SYSTEM/x", "$share/g/a"):
+                assert not sec.can_publish(identity, topic)
+    assert Security().can_publish(Identity(client_id="c", username=None), "$other/x")
+
+
+def test_acl_file(files: Path) -> None:
+    sec = Security(acl_file=str(files / "acl"))
+    alice, anonymous = Identity(client_id="c", username="alice"), Identity(client_id="c", username=None)
+    assert sec.can_publish(alice, "alice/x") and not sec.can_publish(alice, "public/x")
+    assert sec.can_read(anonymous, "public/x") and not sec.can_read(anonymous, "alice/x")
+    assert sec.can_publish(anonymous, "clients/c/x") and not sec.can_publish(anonymous, "clients/d/x")
+    # As in Mosquitto, subscribing is not checked against acl_file; delivery is.
+    assert sec.can_subscribe(anonymous, "alice/#") and sec.can_subscribe(anonymous, "#")
+
+
+def test_identity_rules_replace_the_acl_file(files: Path) -> None:
+    sec = Security(acl_file=str(files / "acl"))
+    device = Identity(client_id="c", username="alice", rules=AccessRules(("up/c/#",), ("down/c/+",)))
+    assert sec.can_publish(device, "up/c/temp") and not sec.can_publish(device, "alice/x")
+    assert sec.can_read(device, "down/c/cmd") and not sec.can_read(device, "alice/x")
+    assert not sec.can_read(device, "public/x")
+    assert sec.can_subscribe(device, "down/c/+") and not sec.can_subscribe(device, "down/#")
+    assert sec.can_subscribe(device, "$share/g/down/c/x") and not sec.can_subscribe(device, "#")
+    locked = Identity(client_id="c", username="alice", rules=AccessRules())
+    assert not sec.can_publish(locked, "alice/x") and not sec.can_read(locked, "public/x")
+
+
+def test_read_cache_is_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "MAX_CACHED_READS", 10)
+    sec = Security(acl_file=str(files / "acl"))
+    anonymous = Identity(client_id="c", username=None)
+    for round in range(3):
+        for n in range(25):
+            assert sec.can_read(anonymous, f"public/{n}")
+            assert not sec.can_read(anonymous, f"private/{n}")
+            assert len(sec._reads) <= 10
+
+
+# --- reload -------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_reload_applies_new_files(files: Path) -> None:
+    sec = security(files)
+    alice = Identity(client_id="c", username="alice")
+    assert sec.can_read(alice, "alice/x")
+    assert passwd(["-b", str(files / "pw"), "alice", "new-pw"]) == 0
+    (files / "acl").write_text("user alice\ntopic read other/#\n")
+    sec.reload()
+    assert await answer(sec, credentials(password=b"new-pw")) == Identity(client_id="c1", username="alice")
+    assert refused(await answer(sec, credentials()), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+    # Connected clients are judged by the new rules at once (the read cache is emptied).
+    assert not sec.can_read(alice, "alice/x") and sec.can_read(alice, "other/y")
+
+
+@pytest.mark.parametrize("broken", ["pw", "acl"])
+@pytest_twisted.ensureDeferred
+async def test_bad_reload_keeps_everything(files: Path, broken: str) -> None:
+    sec = security(files)
+    alice = Identity(client_id="c", username="alice")
+    good_pw = (files / "pw").read_text()
+    assert passwd(["-b", str(files / "pw"), "alice", "new-pw"]) == 0
+    (files / "acl").write_text("user alice\ntopic read other/#\n")
+    (files / broken).write_text("this is not a valid line\n")
+    with LogCapture() as log, pytest.raises(ConfigError) as caught:
+        sec.reload()
+    assert caught.value.key == ("password_file" if broken == "pw" else "acl_file")
+    assert "reload refused" in log.text() and str(files / broken) in log.text()
+    # Neither file's new content is in force: all or nothing.
+    assert await answer(sec, credentials()) == Identity(client_id="c1", username="alice")
+    assert sec.can_read(alice, "alice/x") and not sec.can_read(alice, "other/y")
+    (files / "pw").write_text(good_pw)
+    (files / "acl").unlink()
+    with pytest.raises(ConfigError):
+        sec.reload()
+    assert sec.can_read(alice, "alice/x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_close(files: Path) -> None:
+    await security(files).close()
+    await Security().close()
