@@ -99,6 +99,7 @@ def read(broker: Any, started_at: float | None = None) -> Figures:
     sent = [stats.messages_sent - stats.sent_by_qos[1] - stats.sent_by_qos[2],
             stats.sent_by_qos[1], stats.sent_by_qos[2]]
     now = broker.clock.seconds()
+    memory = resident_memory()
     return Figures(
         uptime=max(0.0, now - started_at) if started_at is not None else 0.0,
         clients_connected=connected, clients_disconnected=disconnected,
@@ -114,7 +115,7 @@ def read(broker: Any, started_at: float | None = None) -> Figures:
         bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
         subscriptions=broker.subscriptions.count, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,
-        memory=resident_memory(), memory_maximum=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        memory=memory, memory_maximum=max(memory, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -1,0 +1,568 @@
+"""The admin HTTP API: JSON under ``/api/v1``, described by ``openapi.json`` beside this file.
+
+One table, :data:`ROUTES`, says which method and path template goes to which handler, and whether
+it needs a key. Templates name path parameters ``{name}`` (one segment, percent-decoded) and
+``{name+}`` (the rest of the path, for topic names and filters, which contain ``/``: encode ``#``
+as ``%23``). Answers are JSON; an error is ``{"error": "..."}`` with 400 (bad input, including a
+malformed or oversized body), 401 (no key), 403 (a key that is not ours), 404, 405 or 501.
+Every change (POST, DELETE) is logged with the id of the key that made it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import re
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
+from ..wire.codes import ReasonCode
+from . import figures
+from .keys import KeyRing, presented_key
+
+log = Logger()
+
+PREFIX = "/api/v1"
+OPENAPI = Path(__file__).with_name("openapi.json")
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BoundedRequest(Request):
+    """A request whose body is kept only up to ``max_body`` bytes; past that it is discarded as
+    it arrives and ``body_too_large`` is set (the API then answers 400)."""
+
+    max_body = 1 << 20
+    body_too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        if self.content.tell() + len(data) > self.max_body:
+            self.body_too_large = True
+            self.content = BytesIO()
+            return
+        self.content.write(data)
+
+
+# --- the JSON shapes -------------------------------------------------------------------------
+
+def client_json(session: Any) -> dict[str, Any]:
+    connection = session.connection
+    client = connection.client if connection is not None else None
+    return {
+        "client_id": session.client_id,
+        "connected": connection is not None,
+        "username": client.username if client else None,
+        "peer": client.peer if client else None,
+        "protocol_version": client.protocol_version if client else None,
+        "keep_alive": client.keep_alive if client else None,
+        "clean_start": client.clean_start if client else None,
+        "session_expiry_interval": session.expiry,
+        "subscription_count": len(session.subscriptions),
+        "inflight": len(session.outgoing),
+        "queued": len(session.queue),
+        "queued_bytes": session.queued_bytes,
+        "dropped": session.dropped,
+    }
+
+
+def subscription_json(subscription: Subscription) -> dict[str, Any]:
+    return dataclasses.asdict(subscription)
+
+
+def payload_json(payload: bytes) -> dict[str, Any]:
+    try:
+        return {"payload": payload.decode("utf-8"), "payload_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode("ascii"), "payload_encoding": "base64"}
+
+
+def message_json(message: Any) -> dict[str, Any]:
+    return {"topic": message.topic, "qos": message.qos, "size": len(message.payload),
+            **payload_json(message.payload)}
+
+
+def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
+    """A tree of topic levels from (topic, seen lately, retained) triples."""
+    root: dict[str, Any] = {"name": "", "topic": None, "recent": False, "retained": False, "children": {}}
+    for topic, recent, retained in topics:
+        node = root
+        for level in topic.split("/"):
+            children = node["children"]
+            if level not in children:
+                path = level if node is root else node["path"] + "/" + level
+                children[level] = {"name": level, "path": path, "topic": None, "recent": False,
+                                   "retained": False, "children": {}}
+            node = children[level]
+        node["topic"] = topic
+        node["recent"] = node["recent"] or recent
+        node["retained"] = node["retained"] or retained
+
+    def finish(node: dict[str, Any]) -> dict[str, Any]:
+        node.pop("path", None)
+        node["children"] = [finish(child) for _, child in sorted(node["children"].items())]
+        return node
+    return finish(root)
+
+
+# --- input ---------------------------------------------------------------------------------
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in body:
+        if default is ...:
+            raise ApiError(400, f"{name!r} is missing")
+        return default
+    value = body[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ApiError(400, f"{name!r} must be {names}, not {json.dumps(value)}")
+    return value
+
+
+def _qos(body: dict[str, Any], maximum: int) -> int:
+    qos = _field(body, "qos", int, 0)
+    if not 0 <= qos <= 2:
+        raise ApiError(400, f"'qos' must be 0, 1 or 2, not {qos}")
+    if qos > maximum:
+        raise ApiError(400, f"'qos' {qos} is above the broker's max_qos {maximum}")
+    return qos
+
+
+def _int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name.encode())
+    if not raw:
+        return default
+    try:
+        value = int(raw[0])
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be an integer") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"query parameter {name!r} must be in {low}..{high}")
+    return value
+
+
+def _str_arg(request: Any, name: str) -> str | None:
+    raw = request.args.get(name.encode())
+    if not raw:
+        return None
+    try:
+        return raw[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
+
+
+def _page(request: Any, items: list[Any]) -> dict[str, Any]:
+    offset = _int_arg(request, "offset", 0, 0, 2**31)
+    limit = _int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    return {"total": len(items), "offset": offset, "limit": limit, "items": items[offset:offset + limit]}
+
+
+# --- the resource --------------------------------------------------------------------------
+
+Handler = Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    handler: Handler
+    """Called as ``handler(resource, request, key_id, **path_parameters)``; returns (status, body)
+    or a Deferred of it, or raises ApiError."""
+    public: bool = False
+    """Answered without a key (probes and the API description)."""
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        parts = self.template.strip("/").split("/")
+        params: dict[str, str] = {}
+        for index, part in enumerate(parts):
+            if part.endswith("+}"):
+                rest = segments[index:]
+                if not rest or rest == [""]:
+                    return None
+                params[part[1:-2]] = unquote("/".join(rest), errors="strict")
+                return params
+            if index >= len(segments):
+                return None
+            if part.startswith("{"):
+                if not segments[index]:
+                    return None
+                params[part[1:-1]] = unquote(segments[index], errors="strict")
+            elif part != segments[index]:
+                return None
+        return params if len(segments) == len(parts) else None
+
+
+
+
+class ApiResource(Resource):
+    """``/api`` of the admin site; everything below it is dispatched through :data:`ROUTES`."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Any, operations: Any) -> None:
+        super().__init__()
+        self.broker = broker
+        self.operations = operations
+        self.keys = KeyRing(broker.config.http_api_keys)
+
+    def render(self, request: Request) -> Any:
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD":
+            method = "GET"
+        path = request.path.decode("latin-1")
+        key_id: str | None = None
+        try:
+            if not (path == PREFIX or path.startswith(PREFIX + "/")):
+                raise ApiError(404, f"no such API path {path!r}; the API is under {PREFIX}")
+            segments = path[len(PREFIX) + 1:].split("/")
+            route, params = self._route(method, segments, request)
+            if not route.public:
+                key_id = self._authenticate(request)
+            if getattr(request, "body_too_large", False):
+                raise ApiError(400, f"request body larger than http_max_body_size "
+                               f"({self.broker.config.http_max_body_size} bytes)")
+            result = maybeDeferred(route.handler, self, request, key_id, **params)
+        except ApiError as error:
+            return self._answer(request, error.status, {"error": error.message}, key_id)
+        done: list[bytes] = []
+
+        def answered(body: bytes) -> bytes:
+            done.append(body)
+            return body
+        result.addCallback(lambda answer: self._answer(request, answer[0], answer[1], key_id))
+        result.addErrback(self._failed, request, key_id)
+        result.addCallback(answered)
+        if done:  # answered at once, as nearly every handler does
+            return done[0]
+        result.addCallback(self._finish, request)
+        return NOT_DONE_YET
+
+    def _route(self, method: str, segments: list[str], request: Request) -> tuple[Route, dict[str, str]]:
+        allowed = []
+        for route in ROUTES:
+            try:
+                params = route.match(segments)
+            except UnicodeDecodeError:
+                raise ApiError(400, "path is not UTF-8 once percent-decoded") from None
+            if params is None:
+                continue
+            if route.method == method:
+                return route, params
+            allowed.append(route.method)
+        if allowed:
+            request.setHeader(b"allow", ", ".join(sorted(set(allowed))).encode())
+            raise ApiError(405, f"{method} is not allowed here (allowed: {', '.join(sorted(set(allowed)))})")
+        raise ApiError(404, "no such API path")
+
+    def _authenticate(self, request: Request) -> str:
+        presented = presented_key(request)
+        if presented is None:
+            request.setHeader(b"www-authenticate", b'Bearer realm="mqtt_broker admin"')
+            raise ApiError(401, "an API key is needed: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        key_id = self.keys.identify(presented)
+        if key_id is None:
+            raise ApiError(403, "this API key is not accepted")
+        return key_id
+
+    def _answer(self, request: Request, status: int, body: Any, key_id: str | None) -> bytes:
+        if request.method in (b"POST", b"DELETE") and status >= 400:  # changes made are logged by their handlers
+            log.info("admin API: {method} {path} by key {key} refused: {status}", method=request.method.decode(),
+                     path=request.path.decode("latin-1"), key=key_id or "-", status=status)
+        request.setResponseCode(status)
+        request.setHeader(b"cache-control", b"no-store")
+        if status == 204:
+            return b""
+        if isinstance(body, bytes):
+            request.setHeader(b"content-type", b"application/json")
+            return body
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+    def _failed(self, failure: Failure, request: Request, key_id: str | None) -> bytes:
+        if failure.check(ApiError):
+            error: ApiError = failure.value  # type: ignore[assignment]
+            return self._answer(request, error.status, {"error": error.message}, key_id)
+        log.failure("admin API: {method} {path} failed", failure, method=request.method.decode(),
+                    path=request.path.decode("latin-1"))
+        return self._answer(request, 500, {"error": "internal error (see the broker's log)"}, key_id)
+
+    def _finish(self, body: bytes, request: Request) -> None:
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.write(body)
+            request.finish()
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        raw = request.content.getvalue() if request.content is not None else b""  # type: ignore[attr-defined]
+        if not raw.strip():
+            raise ApiError(400, "a JSON object is needed in the request body")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _session(self, client_id: str) -> Any:
+        session = self.broker.sessions.get(client_id)
+        if session is None:
+            raise ApiError(404, f"no client or session {client_id!r}")
+        return session
+
+    # --- probes and description -------------------------------------------------------------
+
+    def _health(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        return 200, {"status": "ok", "version": figures.VERSION, "uptime": self._uptime()}
+
+    def _ready(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        broker = self.broker
+        if not broker.running:
+            return 503, {"ready": False, "reason": "the broker is not running"}
+        if not broker.ports:
+            return 503, {"ready": False, "reason": "the broker is not listening"}
+        return 200, {"ready": True, "listening": len(broker.ports)}
+
+    def _openapi(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        if self._openapi_bytes is None:
+            self._openapi_bytes = OPENAPI.read_bytes()
+        return 200, self._openapi_bytes
+
+    _openapi_bytes: bytes | None = None
+
+    def _uptime(self) -> float:
+        started = self.operations.started_at
+        return self.broker.clock.seconds() - started if started is not None else 0.0
+
+    # --- figures ----------------------------------------------------------------------------
+
+    def _stats(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        reading = figures.read(self.broker, self.operations.started_at)
+        body = reading.as_json()
+        body["version"] = figures.VERSION
+        body["time"] = self.broker.clock.seconds()
+        sys_topics = self.operations.sys
+        body["load"] = dict(sys_topics.loads) if sys_topics is not None else {}
+        return 200, body
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def _list_clients(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        query = (_str_arg(request, "q") or "").lower()
+        connected = _str_arg(request, "connected")
+        if connected not in (None, "true", "false"):
+            raise ApiError(400, "query parameter 'connected' must be true or false")
+        version = _str_arg(request, "protocol_version")
+        if version not in (None, "3", "4", "5"):
+            raise ApiError(400, "query parameter 'protocol_version' must be 3, 4 or 5")
+        username = _str_arg(request, "username")
+        items = []
+        for client_id in sorted(self.broker.sessions):
+            item = client_json(self.broker.sessions[client_id])
+            if connected is not None and item["connected"] != (connected == "true"):
+                continue
+            if version is not None and item["protocol_version"] != int(version):
+                continue
+            if username is not None and item["username"] != username:
+                continue
+            if query and not any(query in str(item[k] or "").lower() for k in ("client_id", "username", "peer")):
+                continue
+            items.append(item)
+        return 200, _page(request, items)
+
+    def _get_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
+        session = self._session(client_id)
+        body = client_json(session)
+        body["subscriptions"] = [subscription_json(s) for _, s in sorted(session.subscriptions.items())]
+        return 200, body
+
+    def _kick_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
+        session = self._session(client_id)
+        connection = session.connection
+        if connection is None:
+            raise ApiError(404, f"client {client_id!r} is not connected")
+        log.info("admin API: key {key} disconnects client {client_id}", key=key_id, client_id=client_id)
+        # MQTT 5 clients are told why: DISCONNECT 0x98 Administrative action.
+        connection.drop(ReasonCode.ADMINISTRATIVE_ACTION, "disconnected by an administrator")
+        return 200, {"disconnected": client_id}
+
+    def _client_subscriptions(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
+        session = self._session(client_id)
+        return 200, _page(request, [subscription_json(s) for _, s in sorted(session.subscriptions.items())])
+
+    def _subscribe_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
+        session = self._session(client_id)
+        body = self._body(request)
+        config = self.broker.config
+        topic_filter = _field(body, "topic_filter", str)
+        if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
+            raise ApiError(400, f"invalid topic filter {topic_filter!r}")
+        group, _ = split_shared(topic_filter)
+        if group is not None and not config.shared_subscription_available:
+            raise ApiError(400, "shared subscriptions are turned off (shared_subscription_available)")
+        if has_wildcard(topic_filter) and not config.wildcard_subscription_available:
+            raise ApiError(400, "wildcard subscriptions are turned off (wildcard_subscription_available)")
+        retain_handling = _field(body, "retain_handling", int, 0)
+        if retain_handling not in (0, 1, 2):
+            raise ApiError(400, "'retain_handling' must be 0, 1 or 2")
+        subscription = Subscription(
+            client_id=client_id, topic_filter=topic_filter, qos=_qos(body, config.max_qos),
+            no_local=_field(body, "no_local", bool, False),
+            retain_as_published=_field(body, "retain_as_published", bool, False),
+            retain_handling=retain_handling, share_group=group)
+        log.info("admin API: key {key} subscribes {client_id} to {topic_filter}", key=key_id,
+                 client_id=client_id, topic_filter=topic_filter)
+        existed = self.broker.subscribe(session, subscription)
+        if session.connection is not None:
+            self.broker.send_retained(session, subscription, existed)
+        return (200 if existed else 201), {"replaced": existed, "subscription": subscription_json(subscription)}
+
+    def _unsubscribe_client(self, request: Request, key_id: str | None, client_id: str,
+                            topic_filter: str) -> tuple[int, Any]:
+        session = self._session(client_id)
+        if not self.broker.unsubscribe(session, topic_filter):
+            raise ApiError(404, f"{client_id!r} has no subscription {topic_filter!r}")
+        log.info("admin API: key {key} unsubscribes {client_id} from {topic_filter}", key=key_id,
+                 client_id=client_id, topic_filter=topic_filter)
+        return 204, None
+
+    # --- subscriptions, topics, retained messages -----------------------------------------------
+
+    def _list_subscriptions(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        client_id = _str_arg(request, "client_id")
+        query = _str_arg(request, "q")
+        items = [subscription_json(s) for s in sorted(self.broker.subscriptions,
+                                                      key=lambda s: (s.client_id, s.topic_filter))
+                 if (client_id is None or s.client_id == client_id) and (query is None or query in s.topic_filter)]
+        return 200, _page(request, items)
+
+    def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        limit = _int_arg(request, "limit", 1000, 1, 10_000)
+        recent = list(self.broker.subscriptions.recent)[-limit:]
+        retained = {m.topic for m in self.broker.retained}
+        names = set(recent)
+        topics = [(t, True, t in retained) for t in recent]
+        topics += [(t, False, True) for t in sorted(retained) if t not in names][:max(0, limit - len(topics))]
+        return 200, {"count": len(topics), "tree": topic_tree(topics)}
+
+    def _list_retained(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        topic_filter = _str_arg(request, "filter")
+        if topic_filter is None:
+            messages = list(self.broker.retained)
+        else:
+            if not valid_topic_filter(topic_filter) or split_shared(topic_filter)[0] is not None:
+                raise ApiError(400, f"invalid topic filter {topic_filter!r}")
+            messages = list(self.broker.retained.match(topic_filter))
+        messages.sort(key=lambda m: m.topic)
+        return 200, _page(request, [message_json(m) for m in messages])
+
+    def _retained_topic(self, topic: str) -> str:
+        if not valid_topic_name(topic) or "\x00" in topic:
+            raise ApiError(400, f"invalid topic name {topic!r}")
+        return topic
+
+    def _get_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
+        message = self.broker.retained.get(self._retained_topic(topic))
+        if message is None:
+            raise ApiError(404, f"no retained message on {topic!r}")
+        return 200, message_json(message)
+
+    def _delete_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
+        topic = self._retained_topic(topic)
+        if not self.broker.retained.delete(topic):
+            raise ApiError(404, f"no retained message on {topic!r}")
+        if self.broker.store is not None:
+            self.broker.store.delete_retained(topic)
+        log.info("admin API: key {key} deletes the retained message of {topic}", key=key_id, topic=topic)
+        return 204, None
+
+    def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        body = self._body(request)
+        topic = _field(body, "topic", str)
+        if not valid_topic_name(topic) or "\x00" in topic:
+            raise ApiError(400, f"invalid topic name {topic!r}")
+        encoding = _field(body, "payload_encoding", str, "utf-8")
+        text = _field(body, "payload", str, "")
+        if encoding == "utf-8":
+            payload = text.encode("utf-8")
+        elif encoding == "base64":
+            try:
+                payload = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "'payload' is not valid base64") from None
+        else:
+            raise ApiError(400, "'payload_encoding' must be utf-8 or base64")
+        qos = _qos(body, self.broker.config.max_qos)
+        retain = _field(body, "retain", bool, False)
+        if retain and not self.broker.config.retain_available:
+            raise ApiError(400, "retained messages are turned off (retain_available)")
+        log.info("admin API: key {key} publishes {size} bytes to {topic}", key=key_id, size=len(payload), topic=topic)
+        self.broker.publish(topic, payload, qos=qos, retain=retain)
+        return 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def _get_config(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        config = dataclasses.asdict(self.broker.config)
+        config["http_api_keys"] = [key.key_id for key in self.keys.keys]  # never the hashes
+        return 200, config
+
+    def _reload_config(self, request: Request, key_id: str | None) -> Any:
+        reload = getattr(self.broker, "reload", None)
+        if reload is None:
+            raise ApiError(501, "this broker cannot reload its configuration")
+        log.info("admin API: key {key} reloads the configuration", key=key_id)
+
+        def done(_: Any) -> tuple[int, Any]:
+            return 200, {"reloaded": True}
+        result = maybeDeferred(reload)
+        return result.addCallback(done)
+
+
+ROUTES = (
+    Route("GET", "/health", ApiResource._health, public=True),
+    Route("GET", "/ready", ApiResource._ready, public=True),
+    Route("GET", "/openapi.json", ApiResource._openapi, public=True),
+    Route("GET", "/stats", ApiResource._stats),
+    Route("GET", "/clients", ApiResource._list_clients),
+    Route("GET", "/clients/{client_id}", ApiResource._get_client),
+    Route("DELETE", "/clients/{client_id}", ApiResource._kick_client),
+    Route("GET", "/clients/{client_id}/subscriptions", ApiResource._client_subscriptions),
+    Route("POST", "/clients/{client_id}/subscriptions", ApiResource._subscribe_client),
+    Route("DELETE", "/clients/{client_id}/subscriptions/{topic_filter+}", ApiResource._unsubscribe_client),
+    Route("GET", "/subscriptions", ApiResource._list_subscriptions),
+    Route("GET", "/topics", ApiResource._topics),
+    Route("GET", "/retained", ApiResource._list_retained),
+    Route("GET", "/retained/{topic+}", ApiResource._get_retained),
+    Route("DELETE", "/retained/{topic+}", ApiResource._delete_retained),
+    Route("POST", "/publish", ApiResource._publish),
+    Route("GET", "/config", ApiResource._get_config),
+    Route("POST", "/config/reload", ApiResource._reload_config),
+)
+
+
+__all__ = ["ApiError", "ApiResource", "BoundedRequest", "ROUTES", "Route", "topic_tree"]

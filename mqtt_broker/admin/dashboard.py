@@ -1,0 +1,94 @@
+"""The admin site: the dashboard page at ``/``, the API at ``/api/v1``, ``/metrics``, and MQTT
+over WebSocket at ``/mqtt`` when ``http_websocket`` is on.
+
+The dashboard is three static files in ``static/`` (HTML, CSS, plain JavaScript drawing its
+charts on canvas): no build step and no third-party code. It polls the API with the key the
+operator types in, kept in the browser's local storage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from twisted.web.static import File
+
+from . import metrics
+from .api import ApiError, ApiResource, BoundedRequest
+from .keys import KeyRing, presented_key
+
+STATIC = Path(__file__).with_name("static")
+
+# Everything the page needs is on this site; nothing inline, nothing from elsewhere.
+_SECURITY_HEADERS = {
+    b"content-security-policy": b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"cache-control": b"no-cache",
+}
+
+
+class StaticFiles(File):
+    """The dashboard's files, with headers that keep the page to itself (children inherit them)."""
+
+    def render(self, request: Request) -> Any:
+        for name, value in _SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return super().render(request)
+
+    def directoryListing(self) -> Resource:  # type: ignore[override]
+        return self.childNotFound
+
+
+class MetricsResource(Resource):
+    """``/metrics``: the Prometheus text format, built at scrape time."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Any, operations: Any) -> None:
+        super().__init__()
+        self.registry = metrics.registry(broker, operations)
+        self.keys = KeyRing(broker.config.http_api_keys) if broker.config.http_metrics_auth else None
+
+    def render_GET(self, request: Request) -> bytes:
+        if self.keys is not None:
+            presented = presented_key(request)
+            error = None
+            if presented is None:
+                request.setHeader(b"www-authenticate", b'Bearer realm="mqtt_broker metrics"')
+                error = ApiError(401, "an API key is needed (http_metrics_auth)")
+            elif self.keys.identify(presented) is None:
+                error = ApiError(403, "this API key is not accepted")
+            if error is not None:
+                request.setResponseCode(error.status)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return error.message.encode() + b"\n"
+        body, content_type = metrics.render(self.registry)
+        request.setHeader(b"content-type", content_type.encode())
+        return body
+
+
+class AdminSite(Site):
+    """A Site that keeps no access log (the dashboard polls every few seconds)."""
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def make_site(broker: Any, operations: Any) -> AdminSite:
+    root = StaticFiles(str(STATIC))
+    root.indexNames = ["index.html"]
+    root.putChild(b"api", ApiResource(broker, operations))
+    root.putChild(b"metrics", MetricsResource(broker, operations))
+    if broker.config.http_websocket:
+        from ..websocket import WebSocketResource  # autobahn is imported only when used
+        root.putChild(b"mqtt", WebSocketResource(broker))
+    request_factory = type("AdminRequest", (BoundedRequest,), {"max_body": broker.config.http_max_body_size})
+    site = AdminSite(root, requestFactory=request_factory)
+    site.displayTracebacks = False
+    return site
+
+
+__all__ = ["AdminSite", "MetricsResource", "StaticFiles", "make_site"]

@@ -1,0 +1,209 @@
+"""Prometheus metrics at ``/metrics``, read from the broker's counters at scrape time.
+
+The hot path never calls prometheus_client: the broker counts with plain integers
+(:class:`~mqtt_broker.broker.Stats`) and :class:`BrokerCollector` turns them into metric families
+when Prometheus asks. Timings are observed into :class:`Histogram`, a lock-free histogram that
+only the reactor thread touches: reactor lag (a timer that measures how late it fires), store
+commits (per batch, not per message) and publish-to-delivery time inside the broker, sampled:
+ten times a second :class:`Monitors` times the next message routed, from the moment the broker
+takes it to the moment its last immediate delivery is written (a message queued for a slow or
+offline client is not measured). Process figures (RSS, open fds, CPU) come from
+prometheus_client's own ProcessCollector.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Any, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import figures
+
+log = Logger()
+
+LAG_INTERVAL = 0.25
+"""Seconds between two reactor lag measurements."""
+SAMPLE_INTERVAL = 0.1
+"""Seconds between two sampled messages for the delivery latency."""
+
+
+class Histogram:
+    """Cumulative buckets as Prometheus wants them, observed without a lock (reactor thread only)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """(upper bound, cumulative count) pairs, +Inf last."""
+        total = 0
+        result = []
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts):
+            total += count
+            result.append((bound, total))
+        return result
+
+
+class Monitors(Service):
+    """Times the reactor, the store's commits and sampled deliveries of ``broker``."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.reactor_lag = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self.delivery_latency = Histogram((5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005,
+                                           0.01, 0.025, 0.05, 0.1))
+        self.store_commit = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self._lag_call: LoopingCall | None = None
+        self._sample_call: LoopingCall | None = None
+        self._expected = 0.0
+
+    def startService(self) -> None:
+        super().startService()
+        clock = self.broker.clock
+        self._expected = clock.seconds() + LAG_INTERVAL
+        self._lag_call = LoopingCall(self._measure_lag)
+        self._lag_call.clock = clock
+        self._lag_call.start(LAG_INTERVAL, now=False)
+        self._sample_call = LoopingCall(self._arm_sample)
+        self._sample_call.clock = clock
+        self._sample_call.start(SAMPLE_INTERVAL, now=True)
+        observers = getattr(self.broker.store, "commit_observers", None)
+        if observers is not None and self.store_commit.observe not in observers:
+            observers.append(self.store_commit.observe)
+
+    def stopService(self) -> Any:
+        for call in (self._lag_call, self._sample_call):
+            if call is not None and call.running:
+                call.stop()
+        self._lag_call = self._sample_call = None
+        self.broker.__dict__.pop("route", None)
+        observers = getattr(self.broker.store, "commit_observers", None)
+        if observers is not None and self.store_commit.observe in observers:
+            observers.remove(self.store_commit.observe)
+        return super().stopService()
+
+    def _measure_lag(self) -> None:
+        now = self.broker.clock.seconds()
+        self.reactor_lag.observe(max(0.0, now - self._expected))
+        self._expected = now + LAG_INTERVAL
+
+    def _arm_sample(self) -> None:
+        # The next message routed goes through _timed_route, once: an instance attribute shadows
+        # the method for one call, so unsampled messages pay nothing at all.
+        self.broker.route = self._timed_route
+
+    def _timed_route(self, message: Any) -> int:
+        broker = self.broker
+        broker.__dict__.pop("route", None)
+        started = time.perf_counter()
+        routed: int = type(broker).route(broker, message)
+        self.delivery_latency.observe(time.perf_counter() - started)
+        return routed
+
+
+class BrokerCollector:
+    """A prometheus_client collector that reads the broker's figures at scrape time."""
+
+    def __init__(self, broker: Any, operations: Any) -> None:
+        self.broker = broker
+        self.operations = operations
+
+    def collect(self) -> Iterator[Metric]:
+        f = figures.read(self.broker, self.operations.started_at)
+        yield _gauge("mqtt_uptime_seconds", "Seconds since the broker started.", f.uptime)
+        c = CounterMetricFamily("mqtt_messages_received", "PUBLISHes from clients routed, by QoS.", labels=["qos"])
+        for qos, count in enumerate(f.publish_received):
+            c.add_metric([str(qos)], count)
+        yield c
+        c = CounterMetricFamily("mqtt_messages_sent", "PUBLISHes delivered to clients, by QoS (resends not counted).",
+                                labels=["qos"])
+        for qos, count in enumerate(f.publish_sent):
+            c.add_metric([str(qos)], count)
+        yield c
+        yield _counter("mqtt_messages_published_by_broker", "Messages published by the broker itself "
+                       "(embedding API, admin API, $SYS).", f.broker_published)
+        yield _counter("mqtt_wills_published", "Wills published.", f.wills_published)
+        yield _counter("mqtt_messages_resent", "QoS 1/2 PUBLISHes sent again (DUP).", f.resent)
+        c = CounterMetricFamily("mqtt_messages_dropped", "Messages not delivered, by reason.", labels=["reason"])
+        for reason, count in sorted(f.dropped.items()):
+            c.add_metric([reason], count)
+        yield c
+        yield _counter("mqtt_bytes_received", "Bytes received from clients.", f.bytes_received)
+        yield _counter("mqtt_bytes_sent", "Bytes sent to clients.", f.bytes_sent)
+        yield _counter("mqtt_packets_received", "MQTT packets of any type received.", f.packets_received)
+        yield _counter("mqtt_packets_sent", "MQTT packets of any type sent.", f.packets_sent)
+        yield _gauge("mqtt_connections_open", "Open client connections (those still in CONNECT included).", f.connections)
+        yield _counter("mqtt_connections", "Client connections accepted since start-up.", f.connections_total)
+        c = CounterMetricFamily("mqtt_connections_refused", "Connections refused, by reason.", labels=["reason"])
+        for reason, count in sorted(f.refused.items()):
+            c.add_metric([reason], count)
+        yield c
+        yield _counter("mqtt_auth_failures", "Refusals for authentication or authorization at CONNECT, and "
+                       "failed re-authentications.", f.auth_failures)
+        yield _gauge("mqtt_clients_connected", "Clients connected now.", f.clients_connected)
+        yield _gauge("mqtt_clients_disconnected", "Sessions kept for clients that are not connected.",
+                     f.clients_disconnected)
+        yield _gauge("mqtt_clients_maximum", "Most clients connected at once since start-up.", f.clients_maximum)
+        yield _counter("mqtt_sessions_expired", "Sessions discarded after their expiry interval.", f.clients_expired)
+        yield _gauge("mqtt_subscriptions", "Subscriptions of all sessions.", f.subscriptions)
+        yield _gauge("mqtt_retained_messages", "Retained messages.", f.retained)
+        yield _gauge("mqtt_queued_messages", "Messages queued for clients (offline, slow or window full).", f.queued)
+        yield _gauge("mqtt_queued_bytes", "Payload bytes queued for clients.", f.queued_bytes)
+        yield _gauge("mqtt_inflight_messages", "QoS 1/2 messages sent and not yet acknowledged.", f.inflight)
+        monitors = self.operations.monitors
+        if monitors is not None:
+            yield _histogram("mqtt_delivery_latency_seconds", "Time from a PUBLISH being routed to its last "
+                             "immediate delivery written, sampled ten times a second.", monitors.delivery_latency)
+            yield _histogram("mqtt_reactor_lag_seconds", "How late a timer fires on the reactor (a busy or "
+                             "blocked event loop).", monitors.reactor_lag)
+            if getattr(self.broker.store, "commit_observers", None) is not None:
+                yield _histogram("mqtt_store_commit_seconds", "Time to write one batch to the store, from "
+                                 "handing it to the writer thread to its commit.", monitors.store_commit)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, buckets=histogram.buckets(), sum_value=histogram.sum)
+
+
+def registry(broker: Any, operations: Any) -> CollectorRegistry:
+    """A registry of the broker's metrics and the process's (RSS, open fds, CPU, start time)."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    registry.register(BrokerCollector(broker, operations))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text exposition format and its content type."""
+    started = time.perf_counter()
+    body = generate_latest(registry)
+    elapsed = time.perf_counter() - started
+    if elapsed > 0.1:
+        log.info("a /metrics scrape took {ms:.0f} ms", ms=elapsed * 1000)
+    return body, CONTENT_TYPE_LATEST
+
+
+__all__ = ["BrokerCollector", "Histogram", "Monitors", "registry", "render"]

@@ -1,0 +1,270 @@
+// The mqtt_broker dashboard: plain JavaScript, polling the admin API (/api/v1) every few seconds.
+// The API key the operator types is kept in this browser's localStorage and sent as a bearer token.
+"use strict";
+
+const API = "api/v1";
+const POLL_MS = Number(new URLSearchParams(location.search).get("interval")) || 2000;
+const HISTORY = 300; // points per chart: ten minutes at the default interval
+
+const state = {
+  key: localStorage.getItem("mqtt_broker.key") || "",
+  selected: null,        // client id whose subscriptions are shown
+  previous: null,        // the last /stats, for rates
+  messages: [],          // {t, in, out}
+  connections: [],       // {t, connected, rate}
+  timer: null,
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+function say(text) {
+  const box = $("message");
+  box.textContent = text || "";
+  box.hidden = !text;
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.key) headers.Authorization = "Bearer " + state.key;
+  const response = await fetch(API + path, Object.assign({}, options, { headers }));
+  if (response.status === 204) return null;
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body.error || response.statusText);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function humanBytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+
+function humanDuration(seconds) {
+  seconds = Math.floor(seconds);
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600), m = Math.floor(seconds % 3600 / 60);
+  return "up " + (d ? d + "d " : "") + (d || h ? h + "h " : "") + m + "m " + (seconds % 60) + "s";
+}
+
+// --- health (public: polled without a key) -----------------------------------------------------
+
+async function refreshHealth() {
+  const pill = $("health");
+  try {
+    const health = await fetch(API + "/health").then((r) => r.json());
+    const ready = await fetch(API + "/ready").then((r) => r.json());
+    pill.textContent = ready.ready ? "healthy · ready" : "alive · not ready: " + ready.reason;
+    pill.className = "pill " + (ready.ready ? "ok" : "bad");
+    $("version").textContent = health.version;
+    $("uptime").textContent = humanDuration(health.uptime);
+  } catch (e) {
+    pill.textContent = "unreachable";
+    pill.className = "pill bad";
+  }
+}
+
+// --- figures and charts ---------------------------------------------------------------------------
+
+async function refreshStats() {
+  const stats = await api("/stats");
+  $("fig-connected").textContent = stats.clients_connected;
+  $("fig-disconnected").textContent = stats.clients_disconnected;
+  $("fig-subscriptions").textContent = stats.subscriptions;
+  $("fig-retained").textContent = stats.retained;
+  $("fig-queued").textContent = stats.queued;
+  $("fig-inflight").textContent = stats.inflight;
+  $("fig-dropped").textContent = stats.dropped_total;
+  $("fig-memory").textContent = humanBytes(stats.memory);
+  const previous = state.previous;
+  state.previous = stats;
+  if (previous && stats.time > previous.time) {
+    const dt = stats.time - previous.time;
+    push(state.messages, { t: stats.time, in: (stats.publish_received_total - previous.publish_received_total) / dt,
+                           out: (stats.publish_sent_total - previous.publish_sent_total) / dt });
+    push(state.connections, { t: stats.time, connected: stats.clients_connected,
+                              rate: (stats.connections_total - previous.connections_total) / dt });
+    draw($("chart-messages"), state.messages, [["in", "--in"], ["out", "--out"]]);
+    draw($("chart-connections"), state.connections, [["connected", "--conn"], ["rate", "--rate"]]);
+  }
+}
+
+function push(series, point) {
+  series.push(point);
+  if (series.length > HISTORY) series.shift();
+}
+
+function draw(canvas, points, lines) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || canvas.width, height = canvas.clientHeight || canvas.height;
+  canvas.width = width * ratio;
+  canvas.height = height * ratio;
+  const g = canvas.getContext("2d");
+  g.scale(ratio, ratio);
+  g.clearRect(0, 0, width, height);
+  const style = getComputedStyle(document.documentElement);
+  const left = 44, bottom = height - 18, top = 8, right = width - 8;
+  let max = 1;
+  for (const p of points) for (const [name] of lines) max = Math.max(max, p[name]);
+  max = niceCeiling(max);
+  g.strokeStyle = "#e3e6eb";
+  g.fillStyle = "#6b7280";
+  g.font = "11px system-ui, sans-serif";
+  g.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const y = bottom - (bottom - top) * i / 4;
+    g.beginPath(); g.moveTo(left, y); g.lineTo(right, y); g.stroke();
+    g.fillText(formatNumber(max * i / 4), 4, y + 4);
+  }
+  if (points.length) {
+    const t0 = points[points.length - 1].t - (HISTORY - 1) * POLL_MS / 1000;
+    const span = (HISTORY - 1) * POLL_MS / 1000;
+    const x = (t) => left + (right - left) * Math.max(0, t - t0) / span;
+    g.fillText(Math.round(span / 60) + " min", left, height - 4);
+    g.fillText("now", right - 22, height - 4);
+    for (const [name, colour] of lines) {
+      g.strokeStyle = style.getPropertyValue(colour).trim() || "#000";
+      g.lineWidth = 2;
+      g.beginPath();
+      points.forEach((p, i) => {
+        const y = bottom - (bottom - top) * p[name] / max;
+        if (i) g.lineTo(x(p.t), y); else g.moveTo(x(p.t), y);
+      });
+      g.stroke();
+    }
+  }
+  canvas.dataset.points = String(points.length);
+  canvas.dataset.last = points.length ? JSON.stringify(points[points.length - 1]) : "";
+}
+
+function niceCeiling(value) {
+  const power = Math.pow(10, Math.floor(Math.log10(value)));
+  for (const step of [1, 2, 5, 10]) if (value <= step * power) return step * power;
+  return 10 * power;
+}
+
+function formatNumber(n) {
+  if (n >= 1e6) return (n / 1e6).toFixed(1) + "M";
+  if (n >= 1e3) return (n / 1e3).toFixed(1) + "k";
+  return n >= 10 || n === 0 ? String(Math.round(n)) : n.toFixed(1);
+}
+
+// --- clients ----------------------------------------------------------------------------------------
+
+async function refreshClients() {
+  const query = $("client-search").value.trim();
+  const page = await api("/clients?limit=200" + (query ? "&q=" + encodeURIComponent(query) : ""));
+  $("clients-count").textContent = page.total + (page.total > page.items.length ? " (first " + page.items.length + ")" : "");
+  const body = $("clients").tBodies[0];
+  body.replaceChildren(...page.items.map((c) => {
+    const row = el("tr", { class: "client" + (c.client_id === state.selected ? " selected" : ""), "data-client-id": c.client_id,
+                           onclick: () => select(c.client_id) },
+      el("td", {}, c.client_id),
+      c.connected ? el("td", {}, c.peer || "") : el("td", { class: "offline" }, "offline"),
+      el("td", {}, c.protocol_version ? { 3: "3.1", 4: "3.1.1", 5: "5" }[c.protocol_version] : ""),
+      el("td", {}, c.subscription_count),
+      el("td", {}, c.queued),
+      el("td", {}, c.connected ? el("button", { class: "kick", type: "button", title: "disconnect this client",
+                                                onclick: (event) => { event.stopPropagation(); kick(c.client_id); } }, "Kick") : ""));
+    return row;
+  }));
+  if (state.selected && !page.items.some((c) => c.client_id === state.selected) && !query) select(null);
+}
+
+async function kick(clientId) {
+  try {
+    await api("/clients/" + encodeURIComponent(clientId), { method: "DELETE" });
+    say("");
+  } catch (e) {
+    say("Could not disconnect " + clientId + ": " + e.message);
+  }
+  await refreshClients().catch(() => {});
+}
+
+async function select(clientId) {
+  state.selected = clientId;
+  $("details-client").textContent = clientId === null ? "(choose a client)" : clientId;
+  for (const row of $("clients").tBodies[0].rows) row.classList.toggle("selected", row.dataset.clientId === clientId);
+  await refreshSubscriptions();
+}
+
+async function refreshSubscriptions() {
+  const body = $("subscriptions").tBodies[0];
+  if (state.selected === null) { body.replaceChildren(); return; }
+  const page = await api("/subscriptions?limit=1000&client_id=" + encodeURIComponent(state.selected));
+  body.replaceChildren(...page.items.map((s) => el("tr", {},
+    el("td", {}, s.topic_filter), el("td", {}, s.qos),
+    el("td", {}, [s.no_local && "no local", s.retain_as_published && "retain as published",
+                  s.share_group && "shared"].filter(Boolean).join(", ")))));
+}
+
+// --- topics -------------------------------------------------------------------------------------------
+
+async function refreshTopics() {
+  const [topics, retained] = await Promise.all([api("/topics?limit=2000"), api("/retained?limit=1000")]);
+  const payloads = new Map(retained.items.map((m) => [m.topic, m]));
+  $("topics-count").textContent = topics.count + " topics, " + retained.total + " retained";
+  $("topics").replaceChildren(...topics.tree.children.map((node) => treeNode(node, payloads)));
+}
+
+function treeNode(node, payloads) {
+  const item = el("li", { "data-topic": node.topic || "" }, el("span", { class: "level" }, node.name || "(empty)"));
+  const message = node.topic !== null ? payloads.get(node.topic) : undefined;
+  if (message) {
+    const text = message.payload_encoding === "utf-8" ? message.payload : "base64:" + message.payload;
+    item.append(el("span", { class: "retained", title: "retained, QoS " + message.qos }, "= " + text.slice(0, 80)));
+  }
+  if (node.topic !== null && !node.retained && node.recent) item.append(el("span", { class: "tag" }, "live"));
+  if (node.children.length) item.append(el("ul", {}, ...node.children.map((child) => treeNode(child, payloads))));
+  return item;
+}
+
+// --- the loop ---------------------------------------------------------------------------------------
+
+async function refresh() {
+  await refreshHealth();
+  if (!state.key) { say("Paste an API key to see clients, topics and figures."); return; }
+  try {
+    await refreshStats();
+    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics()]);
+    say("");
+  } catch (e) {
+    say(e.status === 401 || e.status === 403 ? "The API key was refused: " + e.message : "Could not reach the API: " + e.message);
+  }
+}
+
+function schedule() {
+  clearTimeout(state.timer);
+  refresh().finally(() => { state.timer = setTimeout(schedule, POLL_MS); });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("key").value = state.key;
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.key = $("key").value.trim();
+    localStorage.setItem("mqtt_broker.key", state.key);
+    state.previous = null;
+    schedule();
+  });
+  let searching = null;
+  $("client-search").addEventListener("input", () => {
+    clearTimeout(searching);
+    searching = setTimeout(() => refreshClients().catch((e) => say(e.message)), 200);
+  });
+  schedule();
+});
