@@ -1,0 +1,327 @@
+"""HTTP authentication (mqtt_broker.auth.http_auth) against a real twisted.web server on a
+loopback port: the request, every kind of answer, failures that refuse, the timeout (on a
+task.Clock), the bounded cache, and OAuth2 token introspection (RFC 7662)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs
+
+import pytest
+import pytest_twisted
+from auth_helpers import LogCapture
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
+from mqtt_broker.auth.http_auth import HttpAuthenticator
+from mqtt_broker.config import BrokerConfig, ConfigError
+from mqtt_broker.wire.codes import ReasonCode
+
+Reply = tuple[int, bytes] | None  # None: never answer
+
+
+class AuthService(Resource):
+    """Records each request and answers with ``reply(request_body) -> (status, body)``."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[dict[str, Any]] = []
+        self.reply: Callable[[bytes], Reply] = lambda body: (200, b"")
+        self.hanging: list[Request] = []
+
+    def render_POST(self, request: Request) -> bytes | int:
+        body = request.content.read()
+        self.requests.append({"body": body, "path": request.path,
+                              "headers": {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}})
+        reply = self.reply(body)
+        if reply is None:
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        status, content = reply
+        request.setResponseCode(status)
+        if status in (301, 302):
+            request.setHeader(b"Location", b"http://127.0.0.1:1/elsewhere")
+        request.setHeader(b"Content-Type", b"application/json")
+        return content
+
+
+@pytest.fixture
+def service() -> Iterator[tuple[AuthService, str]]:
+    resource = AuthService()
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    yield resource, f"http://127.0.0.1:{port.getHost().port}/auth"
+    for request in resource.hanging:
+        if not request.finished and not request._disconnected:
+            request.finish()
+    pytest_twisted.blockon(port.stopListening())
+
+
+def creds(username: str | None = "alice", password: bytes | None = b"s3cret", client_id: str = "dev-1",
+          peer: str = "127.0.0.1:40000") -> Credentials:
+    return Credentials(client_id=client_id, username=username, password=password, peer=peer, protocol_version=4,
+                       certificate_identity=None)
+
+
+def json_reply(status: int, **answer: Any) -> Callable[[bytes], Reply]:
+    return lambda body: (status, json.dumps(answer).encode())
+
+
+def with_authenticator(authenticator: HttpAuthenticator, allow_anonymous: bool = False) -> Security:
+    return Security(authenticators=[authenticator], allow_anonymous=allow_anonymous)
+
+
+def refused(answer: Identity | Refusal, code: ReasonCode) -> bool:
+    return isinstance(answer, Refusal) and answer.reason_code == code
+
+
+# --- json mode ------------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_request_and_allow(service: tuple[AuthService, str], tmp_path: Path) -> None:
+    resource, url = service
+    (tmp_path / "authorization").write_text("Bearer broker-token\n")
+    sec = Security.from_config(BrokerConfig(http_auth_url=url, allow_anonymous=False,
+                                            http_auth_authorization_file=str(tmp_path / "authorization")))
+    try:
+        answer = await sec.authenticate(creds())
+        assert answer == Identity(client_id="dev-1", username="alice")
+        [request] = resource.requests
+        assert json.loads(request["body"]) == {
+            "client_id": "dev-1", "username": "alice", "password": "s3cret",
+            "password_base64": base64.b64encode(b"s3cret").decode(), "peer": "127.0.0.1:40000",
+            "protocol_version": 4, "certificate_identity": None}
+        assert request["headers"]["content-type"] == "application/json"
+        assert request["headers"]["authorization"] == "Bearer broker-token"
+        assert request["path"] == b"/auth"
+    finally:
+        await sec.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers(service: tuple[AuthService, str]) -> None:
+    resource, url = service
+    sec = with_authenticator(HttpAuthenticator(url, cache_seconds=0))
+    cases: list[tuple[Callable[[bytes], Reply], Any]] = [
+        (json_reply(200, result="allow"), Identity(client_id="dev-1", username="alice")),
+        (json_reply(200, result="allow", publish=["up/#"], subscribe=["down/+"]),
+         Identity(client_id="dev-1", username="alice", rules=AccessRules(("up/#",), ("down/+",)))),
+        (json_reply(200, publish=[]), Identity(client_id="dev-1", username="alice", rules=AccessRules())),
+        (lambda body: (204, b""), Identity(client_id="dev-1", username="alice")),
+        (json_reply(200, result="deny"), ReasonCode.BAD_USER_NAME_OR_PASSWORD),
+        (lambda body: (403, b"no"), ReasonCode.BAD_USER_NAME_OR_PASSWORD),
+        (lambda body: (401, b""), ReasonCode.BAD_USER_NAME_OR_PASSWORD),
+        (json_reply(200, result="ignore"), ReasonCode.BAD_USER_NAME_OR_PASSWORD),  # nobody else accepts
+        (lambda body: (500, b"oops"), ReasonCode.SERVER_UNAVAILABLE),
+        (lambda body: (404, b""), ReasonCode.SERVER_UNAVAILABLE),
+        (lambda body: (302, b""), ReasonCode.SERVER_UNAVAILABLE),  # redirects are not followed
+        (lambda body: (200, b"allow"), ReasonCode.SERVER_UNAVAILABLE),
+        (lambda body: (200, b"[1]"), ReasonCode.SERVER_UNAVAILABLE),
+        (json_reply(200, result="maybe"), ReasonCode.SERVER_UNAVAILABLE),
+        (json_reply(200, result="allow", publish=["a/#/b"]), ReasonCode.SERVER_UNAVAILABLE),
+        (json_reply(200, result="allow", subscribe="a/b"), ReasonCode.SERVER_UNAVAILABLE),
+        (lambda body: (200, b" " * (64 * 1024 + 1)), ReasonCode.SERVER_UNAVAILABLE),
+    ]
+    try:
+        for reply, expected in cases:
+            resource.reply = reply
+            answer = await sec.authenticate(creds())
+            if isinstance(expected, Identity):
+                assert answer == expected, reply
+            else:
+                assert refused(answer, expected), (answer, reply)
+    finally:
+        await sec.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_clients_are_asked_too(service: tuple[AuthService, str]) -> None:
+    resource, url = service
+    closed = with_authenticator(HttpAuthenticator(url, cache_seconds=0))
+    opened = with_authenticator(HttpAuthenticator(url, cache_seconds=0), allow_anonymous=True)
+    try:
+        resource.reply = json_reply(200, result="deny")
+        assert refused(await closed.authenticate(creds(None, None)), ReasonCode.NOT_AUTHORIZED)
+        assert json.loads(resource.requests[-1]["body"])["password_base64"] is None
+        resource.reply = json_reply(200, result="ignore")
+        assert await opened.authenticate(creds(None, None)) == Identity(client_id="dev-1", username=None)
+        assert refused(await closed.authenticate(creds(None, None)), ReasonCode.NOT_AUTHORIZED)
+    finally:
+        await closed.close()
+        await opened.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_utf8_and_long_passwords(service: tuple[AuthService, str]) -> None:
+    resource, url = service
+    sec = with_authenticator(HttpAuthenticator(url, cache_seconds=0))
+    try:
+        for password in (b"\xff\xfe\x00x", b"p" * 65535):
+            assert isinstance(await sec.authenticate(creds(password=password)), Identity)
+            sent = json.loads(resource.requests[-1]["body"])
+            assert base64.b64decode(sent["password_base64"]) == password
+            assert sent["password"] == (None if password.startswith(b"\xff") else password.decode())
+    finally:
+        await sec.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_service_refuses(service: tuple[AuthService, str]) -> None:
+    from conftest import free_port
+    sec = with_authenticator(HttpAuthenticator(f"http://127.0.0.1:{free_port()}/auth"))
+    with LogCapture() as log:
+        answer = await sec.authenticate(creds())
+    assert refused(answer, ReasonCode.SERVER_UNAVAILABLE)
+    assert "ConnectionRefusedError" in log.text() and "s3cret" not in log.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout(service: tuple[AuthService, str]) -> None:
+    resource, url = service
+    clock = Clock()
+    sec = with_authenticator(HttpAuthenticator(url, timeout=2.0, clock=clock))
+    resource.reply = lambda body: None
+    try:
+        asked = sec.authenticate(creds())
+        await _until(lambda: bool(resource.requests))
+        assert not asked.called
+        clock.advance(1.9)
+        assert not asked.called
+        clock.advance(0.2)
+        answer = await asked
+        assert refused(answer, ReasonCode.SERVER_UNAVAILABLE) and "no answer within 2.0s" in answer.reason
+    finally:
+        await sec.close()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the reactor run until ``condition()`` holds (a bounded number of turns, no sleeping)."""
+    from twisted.internet.task import deferLater
+    for _ in range(10000):
+        if condition():
+            return
+        await deferLater(reactor, 0, lambda: None)
+    raise AssertionError("condition never held")
+
+
+# --- the cache -----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_cache(service: tuple[AuthService, str]) -> None:
+    resource, url = service
+    clock = Clock()
+    authenticator = HttpAuthenticator(url, cache_seconds=30, cache_size=2, clock=clock)
+    sec = with_authenticator(authenticator)
+    try:
+        resource.reply = json_reply(200, result="deny")
+        assert refused(await sec.authenticate(creds()), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+        resource.reply = json_reply(200, result="allow")
+        assert refused(await sec.authenticate(creds(peer="127.0.0.1:40001")), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+        assert len(resource.requests) == 1  # the same credentials from the same host: cached
+        assert isinstance(await sec.authenticate(creds(password=b"other")), Identity)
+        assert isinstance(await sec.authenticate(creds(peer="127.0.0.2:40000")), Identity)
+        assert len(resource.requests) == 3
+        # Two entries at most: the first answer was the least recently used and is gone.
+        assert isinstance(await sec.authenticate(creds()), Identity)
+        assert len(resource.requests) == 4
+        assert isinstance(await sec.authenticate(creds()), Identity)
+        assert len(resource.requests) == 4
+        clock.advance(30)
+        assert isinstance(await sec.authenticate(creds()), Identity)
+        assert len(resource.requests) == 5
+        # Failures are not cached.
+        resource.reply = lambda body: (500, b"")
+        assert refused(await sec.authenticate(creds(client_id="x")), ReasonCode.SERVER_UNAVAILABLE)
+        assert refused(await sec.authenticate(creds(client_id="x")), ReasonCode.SERVER_UNAVAILABLE)
+        assert len(resource.requests) == 7
+    finally:
+        await sec.close()
+
+
+# --- introspection ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_introspection(service: tuple[AuthService, str], tmp_path: Path) -> None:
+    resource, url = service
+    basic = "Basic " + base64.b64encode(b"broker:broker-secret").decode()
+    (tmp_path / "authorization").write_text(basic)
+    sec = Security.from_config(BrokerConfig(http_auth_url=url, http_auth_mode="introspection",
+                                            http_auth_authorization_file=str(tmp_path / "authorization"),
+                                            http_auth_cache_seconds=0, allow_anonymous=False))
+    tokens = {"good": {"active": True, "username": "alice", "exp": 2000000000, "scope": "mqtt"},
+              "sub-only": {"active": True, "sub": "bob", "publish": ["bob/#"], "subscribe": ["bob/#"]},
+              "anonymous": {"active": True},
+              "revoked": {"active": False}}
+
+    def introspect(body: bytes) -> Reply:
+        form = parse_qs(body.decode())
+        assert form["token_type_hint"] == ["access_token"]
+        return 200, json.dumps(tokens.get(form["token"][0], {"active": False})).encode()
+
+    resource.reply = introspect
+    try:
+        answer = await sec.authenticate(creds(None, b"good"))
+        assert answer == Identity(client_id="dev-1", username="alice", expires_at=2000000000.0)
+        request = resource.requests[-1]
+        assert request["headers"]["authorization"] == basic
+        assert request["headers"]["content-type"] == "application/x-www-form-urlencoded"
+        assert await sec.authenticate(creds("alice", b"good")) == answer
+        assert refused(await sec.authenticate(creds("mallory", b"good")), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+        assert await sec.authenticate(creds(None, b"sub-only")) == Identity(
+            client_id="dev-1", username="bob", rules=AccessRules(("bob/#",), ("bob/#",)))
+        assert await sec.authenticate(creds("carol", b"anonymous")) == Identity(client_id="dev-1", username="carol")
+        for token in (b"revoked", b"unknown"):
+            assert refused(await sec.authenticate(creds(None, token)), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+        sent = len(resource.requests)
+        # No password, or one that cannot be a token: not asked, not accepted.
+        assert refused(await sec.authenticate(creds(None, None)), ReasonCode.NOT_AUTHORIZED)
+        assert refused(await sec.authenticate(creds("alice", b"\xff")), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+        assert len(resource.requests) == sent
+        # The endpoint refusing the broker itself is an outage, not a verdict on the client.
+        resource.reply = lambda body: (401, b'{"error": "invalid_client"}')
+        assert refused(await sec.authenticate(creds(None, b"good")), ReasonCode.SERVER_UNAVAILABLE)
+        resource.reply = json_reply(200, active="yes")
+        assert refused(await sec.authenticate(creds(None, b"good")), ReasonCode.SERVER_UNAVAILABLE)
+    finally:
+        await sec.close()
+
+
+# --- configuration and reload --------------------------------------------------------------------
+
+def test_bad_settings(tmp_path: Path) -> None:
+    for url in ("127.0.0.1:80/auth", "ftp://host/x", "http:///nohost"):
+        with pytest.raises(ConfigError) as caught:
+            HttpAuthenticator(url)
+        assert caught.value.key == "http_auth_url"
+    (tmp_path / "two-lines").write_text("Basic a\nBasic b\n")
+    with pytest.raises(ConfigError) as caught:
+        HttpAuthenticator("http://127.0.0.1/", authorization_file=str(tmp_path / "two-lines"))
+    assert caught.value.key == "http_auth_authorization_file"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_reads_the_authorization_file_and_empties_the_cache(
+        service: tuple[AuthService, str], tmp_path: Path) -> None:
+    resource, url = service
+    (tmp_path / "authorization").write_text("Bearer one")
+    sec = with_authenticator(HttpAuthenticator(url, authorization_file=str(tmp_path / "authorization")))
+    try:
+        await sec.authenticate(creds())
+        (tmp_path / "authorization").write_text("Bearer two")
+        sec.reload()
+        await sec.authenticate(creds())
+        assert [r["headers"]["authorization"] for r in resource.requests] == ["Bearer one", "Bearer two"]
+        (tmp_path / "authorization").unlink()
+        with pytest.raises(ConfigError):
+            sec.reload()
+        await sec.authenticate(creds(client_id="other"))
+        assert resource.requests[-1]["headers"]["authorization"] == "Bearer two"
+    finally:
+        await sec.close()
