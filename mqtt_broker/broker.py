@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from .config import BrokerConfig
 from .connect import NEVER
+from .history import MessageLog
 from .hooks import Hooks
 from .message import Client, Message
 from .retained import RetainedMessages
@@ -107,6 +108,10 @@ class BrokerService(MultiService):
                                 self.config.persistence_synchronous)
         self.store = store
         """Where sessions and messages are kept across restarts; None keeps them in memory only."""
+        config = self.config
+        self.history = MessageLog(config.history_filters, config.history_max_messages, config.history_max_age,
+                                  config.history_max_bytes) if config.history_filters else None
+        """The message log that subscribers can ask to replay; None when no filter is logged."""
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
         self._share_turns: dict[tuple[str, str], int] = {}
         from .protocol import MQTTFactory
@@ -200,6 +205,9 @@ class BrokerService(MultiService):
                             clean_start=False, keep_alive=0)
             call = self.clock.callLater(max(0.0, will.due - now), self._delayed_will_due, will.client_id)
             self._delayed_wills[will.client_id] = (call, client, will.message)
+        if self.history is not None:
+            self.history.restore(snapshot.history)
+            store.forget_history(self.history.oldest_seq)
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
                  sessions=len(self.sessions), retained=len(self.retained), wills=len(self._delayed_wills))
 
@@ -390,15 +398,32 @@ class BrokerService(MultiService):
             self.store.save_subscription(session.client_id, subscription)
         return existed
 
-    def send_retained(self, session: Session, subscription: Subscription, existed: bool) -> None:
+    def _log(self, message: Message) -> None:
+        assert self.history is not None
+        entry = self.history.record(message, self.clock.seconds())
+        if entry is not None and self.store is not None:
+            self.store.save_history(entry)
+            if entry.seq % 1000 == 0:  # now and then, forget on disk what every log has dropped
+                self.store.forget_history(self.history.oldest_seq)
+
+    def send_retained(self, session: Session, subscription: Subscription, existed: bool,
+                      replay: str | None = None) -> None:
         """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
-        Handling option says [MQTT-3.3.1-9..11]."""
+        Handling option says [MQTT-3.3.1-9..11]; with ``replay``, first the logged messages it
+        asks for (see mqtt_broker.history), and no retained message that was among them."""
+        ids = (subscription.subscription_id,) if subscription.subscription_id else ()
+        now = self.clock.seconds()
+        replayed: set[tuple[str, bytes]] = set()
+        if replay is not None and self.history is not None and subscription.share_group is None:
+            for message in self.history.replay(subscription.topic_filter, replay, now):
+                replayed.add((message.topic, message.payload))
+                self.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         if subscription.share_group is not None or subscription.retain_handling == 2 or (
                 subscription.retain_handling == 1 and existed):
             return  # no retained messages on a shared subscription [MQTT-3.8.4-?]
-        ids = (subscription.subscription_id,) if subscription.subscription_id else ()
-        now = self.clock.seconds()
         for message in list(self.retained.match(subscription.topic_filter)):
+            if (message.topic, message.payload) in replayed:
+                continue
             if message.expires_at is not None and message.expires_at <= now:
                 self.retained.delete(message.topic)
                 continue
@@ -429,6 +454,8 @@ class BrokerService(MultiService):
                     self.store.save_retained(message)
                 else:
                     self.store.delete_retained(message.topic)
+        if self.history is not None:
+            self._log(message)
         by_client, groups = self.subscriptions.match(message.topic)
         sessions = self.sessions
         deliver = self.deliver

@@ -201,6 +201,15 @@ class BrokerConfig:
         "normal", "SQLite synchronous mode: normal (an acknowledged message survives a crash of "
         "the broker process) or full (it also survives a crash of the operating system or a "
         "power loss, at the cost of an fsync per batch).", choices=("normal", "full"))
+    history_filters: list[str] = _setting(
+        [], "Topic filters whose messages are kept in the message log, for subscribers that ask "
+        "to replay them (see README, Message log); empty for none.")
+    history_max_messages: int = _setting(
+        10000, "Messages kept per history filter; 0 for no limit.")
+    history_max_age: float = _setting(
+        0.0, "Seconds a logged message is kept; 0 for no limit.")
+    history_max_bytes: int = _setting(
+        0, "Payload bytes kept per history filter; 0 for no limit.")
     response_information: str = _setting(
         "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
         "for it ({client_id} is replaced); empty to send none.")

@@ -23,6 +23,7 @@ from .lifecycle import State
 from .message import Client, Message
 from .aliases import InboundAliases, OutboundAliases
 from .connect import NEVER, Terms, is_utf8, negotiate
+from .history import ReplayError, parse_spec, split_replay_filter
 from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
 from .wire import (
@@ -609,9 +610,19 @@ class MQTTProtocol(Protocol):
             raise MQTTError("subscription identifiers are not supported",
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
         wanted: list[Subscription | ReasonCode] = []
+        replays: dict[str, str] = {}
+        asked = dict(packet.properties.get("user_property", ())).get("replay")
         for request in packet.subscriptions:
-            topic_filter = request.topic_filter
+            spec, topic_filter = split_replay_filter(request.topic_filter)
+            spec = spec or asked
             group, _ = split_shared(topic_filter)
+            if spec is not None:
+                try:
+                    parse_spec(spec)
+                except ReplayError:
+                    wanted.append(ReasonCode.UNSPECIFIED_ERROR)
+                    continue
+                replays[topic_filter] = spec
             if not valid_topic_filter(topic_filter):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
             elif group is not None and not config.shared_subscription_available:
@@ -630,12 +641,12 @@ class MQTTProtocol(Protocol):
         if hooks.has_subscribe:
             decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else succeed(w)
                          for w in wanted]
-            self._when(gatherResults(decisions), self._subscribe_decided, packet, wanted)
+            self._when(gatherResults(decisions), self._subscribe_decided, packet, wanted, replays)
         else:
-            self._subscribe_decided([None] * len(wanted), packet, wanted)
+            self._subscribe_decided([None] * len(wanted), packet, wanted, replays)
 
     def _subscribe_decided(self, answers: list[Any], packet: Subscribe,
-                           wanted: list[Subscription | ReasonCode]) -> None:
+                           wanted: list[Subscription | ReasonCode], replays: dict[str, str]) -> None:
         granted: list[Subscription] = []
         codes: list[int] = []
         for subscription, answer in zip(wanted, answers):
@@ -652,20 +663,20 @@ class MQTTProtocol(Protocol):
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
         store = self.broker.store
         if store is None or not self.session.stored:
-            self._subscribed(None, packet, codes, granted, replaced)
+            self._subscribed(None, packet, codes, granted, replaced, replays)
         else:  # SUBACK once the subscriptions are stored
             store.flushed().addCallbacks(self._subscribed, self._not_subscribed,
-                                         (packet, codes, granted, replaced), None, (packet, codes, granted))
+                                         (packet, codes, granted, replaced, replays), None, (packet, codes, granted))
 
     def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
-                    replaced: list[bool]) -> None:
+                    replaced: list[bool], replays: dict[str, str]) -> None:
         if self.state is not State.CONNECTED:
             return
         if self.version != MQTT_5:
             codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
         for subscription, existed in zip(granted, replaced):  # after the SUBACK [MQTT-3.8.4-?]
-            self.broker.send_retained(self.session, subscription, existed)
+            self.broker.send_retained(self.session, subscription, existed, replays.get(subscription.topic_filter))
 
     def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int],
                         granted: list[Subscription]) -> None:
@@ -690,7 +701,7 @@ class MQTTProtocol(Protocol):
         for topic_filter, answer in zip(packet.topic_filters, answers):
             if isinstance(answer, Refused):
                 codes.append(answer.code(ReasonCode.NOT_AUTHORIZED))
-            elif self.broker.unsubscribe(self.session, topic_filter):
+            elif self.broker.unsubscribe(self.session, split_replay_filter(topic_filter)[1]):
                 codes.append(ReasonCode.SUCCESS)
             else:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
+from ..history import Entry
 from ..message import Message
 from ..session import Queued, Session
 from ..topics import Subscription
@@ -43,6 +44,8 @@ class Snapshot:
     and the clock time its client disconnected (None: it was connected when the broker stopped)."""
     retained: list[Message] = field(default_factory=list)
     wills: list[StoredWill] = field(default_factory=list)
+    history: list[Entry] = field(default_factory=list)
+    """The message log, oldest first."""
 
 
 class Store(Protocol):
@@ -84,6 +87,12 @@ class Store(Protocol):
     def remove_pubrel(self, client_id: str, packet_id: int) -> None: ...
 
     def save_will(self, will: StoredWill) -> None: ...
+
+    def save_history(self, entry: Entry) -> None:
+        """A message of the message log."""
+
+    def forget_history(self, before_seq: int) -> None:
+        """Entries older than ``before_seq`` left every log."""
 
     def delete_will(self, client_id: str) -> None: ...
 

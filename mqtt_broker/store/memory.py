@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
+from ..history import Entry
 from . import Snapshot, StoredWill
 
 
@@ -21,6 +22,7 @@ class MemoryStore:
         self._sessions: dict[str, tuple[Session, float | None]] = {}
         self._retained: dict[str, Message] = {}
         self._wills: dict[str, StoredWill] = {}
+        self._history: dict[int, Entry] = {}
 
     def load(self, window: int = 0) -> Snapshot:
         sessions = []
@@ -38,7 +40,15 @@ class MemoryStore:
             session.awaiting_pubrel = set(stored.awaiting_pubrel)
             session.next_seq = stored.next_seq
             sessions.append((session, disconnected_at))
-        return Snapshot(sessions, list(self._retained.values()), list(self._wills.values()))
+        history = [self._history[seq] for seq in sorted(self._history)]
+        return Snapshot(sessions, list(self._retained.values()), list(self._wills.values()), history)
+
+    def save_history(self, entry: Entry) -> None:
+        self._history[entry.seq] = entry
+
+    def forget_history(self, before_seq: int) -> None:
+        for seq in [s for s in self._history if s < before_seq]:
+            del self._history[seq]
 
     def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
         known = self._sessions.get(client_id)

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ..history import Entry
 from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
@@ -47,6 +48,9 @@ CREATE TABLE IF NOT EXISTS awaiting_pubrel (
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, properties BLOB NOT NULL,
     expires_at REAL);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+    properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS wills (
     client_id TEXT PRIMARY KEY, username TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL,
@@ -168,7 +172,10 @@ class SQLiteStore:
             message = _message(topic, payload, qos, retain, properties, expires_at)
             message.sender = client_id
             wills.append(StoredWill(client_id, username, message, due))
-        return Snapshot(list(sessions.values()), retained, wills)
+        history = [Entry(seq, _message(topic, payload, qos, False, properties, expires_at), at)
+                   for seq, topic, payload, qos, properties, expires_at, at in db.execute(
+                       "SELECT seq, topic, payload, qos, properties, expires_at, at FROM history ORDER BY seq")]
+        return Snapshot(list(sessions.values()), retained, wills, history)
 
     def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
         def read() -> list[Queued]:
@@ -257,6 +264,14 @@ class SQLiteStore:
                      "expires_at, due) VALUES (?,?,?,?,?,?,?,?,?)",
                      (will.client_id, will.username, m.topic, m.payload, m.qos, m.retain, _props(m), m.expires_at,
                       will.due))
+
+    def save_history(self, entry: Entry) -> None:
+        m = entry.message
+        self._record("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at) "
+                     "VALUES (?,?,?,?,?,?,?)", (entry.seq, m.topic, m.payload, m.qos, _props(m), m.expires_at, entry.at))
+
+    def forget_history(self, before_seq: int) -> None:
+        self._record("DELETE FROM history WHERE seq < ?", (before_seq,))
 
     def delete_will(self, client_id: str) -> None:
         self._record("DELETE FROM wills WHERE client_id = ?", (client_id,))

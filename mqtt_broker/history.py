@@ -1,0 +1,133 @@
+"""The message log: messages published to configured topic filters, kept (bounded) so that a new
+subscriber can ask for them before the live ones.
+
+A subscriber asks with an MQTT 5 subscription user property ``replay`` (or, for any version,
+by subscribing to ``$replay/{spec}/{filter}``), where spec is ``all``, ``last:N`` (the last N
+matching messages) or ``since:T`` (T an ISO 8601 time, or seconds since the epoch). The broker
+sends the matching logged messages, oldest first, then goes on with live ones: both happen in one
+reactor turn, so there is neither a gap nor a duplicate between them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable
+
+from .message import Message
+from .topics import matches
+
+REPLAY_PREFIX = "$replay/"
+
+
+@dataclass(slots=True)
+class Entry:
+    seq: int
+    message: Message
+    at: float
+    """Clock time it was published."""
+
+
+class ReplayError(ValueError):
+    """A replay request that cannot be understood."""
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """``all`` -> ("all", 0); ``last:N`` -> ("last", N); ``since:T`` -> ("since", epoch seconds)."""
+    kind, _, value = spec.partition(":")
+    try:
+        if kind == "all" and not value:
+            return "all", 0
+        if kind == "last" and int(value) > 0:
+            return "last", int(value)
+        if kind == "since":
+            try:
+                return "since", float(value)
+            except ValueError:
+                return "since", datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        pass
+    raise ReplayError(f"replay request {spec!r} is not all, last:N or since:TIME")
+
+
+def split_replay_filter(topic_filter: str) -> tuple[str | None, str]:
+    """``$replay/last:10/a/#`` -> ("last:10", "a/#"); any other filter -> (None, filter)."""
+    if not topic_filter.startswith(REPLAY_PREFIX):
+        return None, topic_filter
+    spec, _, inner = topic_filter[len(REPLAY_PREFIX):].partition("/")
+    return spec, inner
+
+
+class MessageLog:
+    """One bounded log per configured filter; a message that matches several is kept once."""
+
+    def __init__(self, filters: Iterable[str], max_messages: int, max_age: float, max_bytes: int) -> None:
+        self.filters = list(filters)
+        self.max_messages = max_messages
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self._logs: list[deque[Entry]] = [deque() for _ in self.filters]
+        self._sizes = [0] * len(self.filters)
+        self._routes: dict[str, tuple[int, ...]] = {}
+        """Topic -> indexes of the filters it matches (bounded cache)."""
+        self._seq = 0
+
+    def record(self, message: Message, now: float) -> Entry | None:
+        """Log a message if its topic matches a configured filter; returns its entry."""
+        topic = message.topic
+        targets = self._routes.get(topic)
+        if targets is None:
+            if len(self._routes) >= 10_000:
+                self._routes.clear()
+            targets = self._routes[topic] = tuple(
+                i for i, f in enumerate(self.filters) if matches(f, topic))
+        if not targets:
+            return None
+        self._seq += 1
+        entry = Entry(self._seq, message, now)
+        size = len(message.payload)
+        for i in targets:
+            self._logs[i].append(entry)
+            self._sizes[i] += size
+            self._trim(i, now)
+        return entry
+
+    def _trim(self, index: int, now: float) -> None:
+        log = self._logs[index]
+        while log and ((self.max_messages and len(log) > self.max_messages)
+                       or (self.max_bytes and self._sizes[index] > self.max_bytes)
+                       or (self.max_age and log[0].at < now - self.max_age)):
+            self._sizes[index] -= len(log.popleft().message.payload)
+
+    def replay(self, topic_filter: str, spec: str, now: float) -> list[Message]:
+        """The logged messages that match ``topic_filter``, oldest first, as ``spec`` asks.
+        Raises ReplayError for a spec that cannot be understood."""
+        kind, value = parse_spec(spec)
+        seen: dict[int, Entry] = {}
+        for index, log in enumerate(self._logs):
+            self._trim(index, now)
+            for entry in log:
+                if entry.seq not in seen and matches(topic_filter, entry.message.topic):
+                    seen[entry.seq] = entry
+        entries = [seen[seq] for seq in sorted(seen)]
+        if kind == "last":
+            entries = entries[-int(value):]
+        elif kind == "since":
+            entries = [e for e in entries if e.at >= value]
+        return [e.message for e in entries if e.message.expires_at is None or e.message.expires_at > now]
+
+    def restore(self, entries: Iterable[Entry]) -> None:
+        """Take up logged entries read from a store (oldest first)."""
+        for entry in entries:
+            self._seq = max(self._seq, entry.seq - 1)
+            self.record(entry.message, entry.at)
+
+    @property
+    def oldest_seq(self) -> int:
+        """The seq of the oldest entry any log still holds (everything older can be forgotten)."""
+        heads = [log[0].seq for log in self._logs if log]
+        return min(heads) if heads else self._seq + 1
+
+    def __len__(self) -> int:
+        return len({e.seq for log in self._logs for e in log})

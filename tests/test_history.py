@@ -1,0 +1,95 @@
+"""The message log and its replay to new subscribers (mqtt_broker/history.py)."""
+
+from __future__ import annotations
+
+import pytest
+from protocol_helpers import connected, make_broker
+
+from mqtt_broker.history import MessageLog, ReplayError, parse_spec, split_replay_filter
+from mqtt_broker.message import Message
+from mqtt_broker.store.memory import MemoryStore
+from mqtt_broker.wire import Suback, Subscribe, SubscriptionRequest
+
+
+def payloads(packets):  # type: ignore[no-untyped-def]
+    return [p.payload for p in packets if hasattr(p, "payload")]
+
+
+def test_parse_spec() -> None:
+    assert parse_spec("all") == ("all", 0)
+    assert parse_spec("last:5") == ("last", 5)
+    assert parse_spec("since:100.5") == ("since", 100.5)
+    assert parse_spec("since:1970-01-01T00:01:40Z") == ("since", 100.0)
+    for bad in ("", "last:0", "last:x", "first:3", "since:yesterday", "all:1"):
+        with pytest.raises(ReplayError):
+            parse_spec(bad)
+    assert split_replay_filter("$replay/last:3/a/#") == ("last:3", "a/#")
+    assert split_replay_filter("a/#") == (None, "a/#")
+
+
+def test_log_bounds_by_count_bytes_and_age() -> None:
+    log = MessageLog(["a/#"], max_messages=3, max_age=10, max_bytes=0)
+    for n in range(5):
+        log.record(Message(topic="a/x", payload=str(n).encode()), now=n)
+    assert [m.payload for m in log.replay("#", "all", now=5)] == [b"2", b"3", b"4"]
+    assert [m.payload for m in log.replay("#", "all", now=13)] == [b"3", b"4"]  # age: at >= 3
+    by_bytes = MessageLog(["#"], max_messages=0, max_age=0, max_bytes=4)
+    for n in range(4):
+        by_bytes.record(Message(topic="t", payload=b"xx"), now=0)
+    assert len(by_bytes.replay("t", "all", now=0)) == 2
+
+
+def test_a_message_in_several_logs_is_replayed_once_in_order() -> None:
+    log = MessageLog(["a/#", "+/b"], max_messages=10, max_age=0, max_bytes=0)
+    for topic in ("a/b", "a/c", "x/b", "z"):
+        log.record(Message(topic=topic, payload=topic.encode()), now=0)
+    assert [m.topic for m in log.replay("#", "all", now=0)] == ["a/b", "a/c", "x/b"]
+    assert [m.topic for m in log.replay("+/b", "last:1", now=0)] == ["x/b"]
+    assert [m.topic for m in log.replay("#", "since:0", now=0)] == ["a/b", "a/c", "x/b"]
+
+
+def test_v5_replay_property_then_live_without_gap_or_duplicate() -> None:
+    broker = make_broker(history_filters=["sensors/#"])
+    pub = connected(broker, "pub")
+    for n in range(5):
+        pub.publish("sensors/t", str(n).encode())
+    pub.publish("sensors/t", b"last", retain=True)
+    sub = connected(broker, "sub", version=5)
+    sub.send(Subscribe(packet_id=1, properties={"user_property": [("replay", "last:3")]},
+                       subscriptions=(SubscriptionRequest(topic_filter="sensors/#", qos=1),)))
+    packets = sub.received()
+    assert packets[0] == Suback(packet_id=1, reason_codes=(1,))
+    assert payloads(packets[1:]) == [b"3", b"4", b"last"]  # the retained one is not sent twice
+    pub.publish("sensors/t", b"live")
+    assert payloads(sub.received()) == [b"live"]
+
+
+def test_mqtt3_replay_through_the_filter_prefix() -> None:
+    broker = make_broker(history_filters=["log/#"])
+    pub = connected(broker, "pub")
+    for n in range(4):
+        pub.publish("log/a", str(n).encode())
+    sub = connected(broker, "sub")
+    packets = sub.subscribe("$replay/all/log/#")
+    assert packets[0] == Suback(packet_id=1, reason_codes=(0,))
+    assert payloads(packets[1:]) == [b"0", b"1", b"2", b"3"]
+    assert [s.topic_filter for s in broker.subscriptions_of("sub")] == ["log/#"]
+    assert sub.subscribe("$replay/sometime/log/#", packet_id=2) == [Suback(packet_id=2, reason_codes=(0x80,))]
+    from mqtt_broker.wire import Unsubscribe, Unsuback
+    sub.send(Unsubscribe(packet_id=3, topic_filters=("$replay/all/log/#",)))
+    assert sub.received() == [Unsuback(packet_id=3)]
+    assert broker.subscriptions_of("sub") == []
+
+
+def test_log_survives_a_restart_through_the_store() -> None:
+    store = MemoryStore()
+    first = make_broker(history_filters=["h/#"], history_max_messages=2, store=store)
+    for n in range(3):
+        first.publish("h/x", str(n).encode())
+    first.stopService()
+    second = make_broker(history_filters=["h/#"], history_max_messages=2, store=store)
+    second.startService()
+    sub = connected(second, "sub")
+    assert payloads(sub.subscribe("$replay/all/h/#")[1:]) == [b"1", b"2"]
+    second.publish("h/x", b"3")
+    assert payloads(sub.received()) == [b"3"]
