@@ -1,0 +1,176 @@
+"""/metrics: the Prometheus text, parsed, after a known workload on task.Clock; the monitors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from admin_helpers import M_MESSAGES, N_PUBLISHERS, workload
+from prometheus_client.parser import text_string_to_metric_families
+from protocol_helpers import FakeClient, connected, make_broker
+
+from mqtt_broker import BrokerService
+from mqtt_broker.admin import metrics
+from mqtt_broker.admin.metrics import Histogram
+from mqtt_broker.wire import Connect, Disconnect, ReasonCode
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(broker: BrokerService) -> Samples:
+    registry = metrics.registry(broker, broker.operations)
+    body, content_type = metrics.render(registry)
+    assert content_type.startswith("text/plain; version=")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_counters_after_a_known_workload() -> None:
+    broker, tally, done = workload()
+    samples = scrape(broker)
+    for qos, count in enumerate(done["qos"]):
+        assert value(samples, "mqtt_messages_received_total", qos=str(qos)) == count
+        assert value(samples, "mqtt_messages_sent_total", qos=str(qos)) == count
+    assert sum(done["qos"]) == N_PUBLISHERS * M_MESSAGES
+    assert value(samples, "mqtt_bytes_received_total") == tally.bytes_from_clients
+    assert value(samples, "mqtt_bytes_sent_total") == tally.bytes_to_clients
+    assert value(samples, "mqtt_packets_received_total") == tally.packets_from_clients
+    assert value(samples, "mqtt_packets_sent_total") == tally.packets_to_clients
+    assert value(samples, "mqtt_connections_total") == done["connected"] + 1
+    assert value(samples, "mqtt_connections_open") == done["connected"]
+    assert value(samples, "mqtt_clients_connected") == done["connected"]
+    assert value(samples, "mqtt_clients_disconnected") == done["disconnected"]
+    assert value(samples, "mqtt_subscriptions") == done["subscriptions"]
+    sys_topics = sum(1 for m in broker.retained if m.topic.startswith("$SYS/"))
+    assert value(samples, "mqtt_retained_messages") == done["retained"] + sys_topics
+    assert value(samples, "mqtt_messages_published_by_broker_total") == sys_topics
+    assert value(samples, "mqtt_queued_messages") == 0 and value(samples, "mqtt_inflight_messages") == 0
+    for reason in ("queue_full", "too_large", "expired"):
+        assert value(samples, "mqtt_messages_dropped_total", reason=reason) == 0
+    assert value(samples, "mqtt_auth_failures_total") == 0
+    assert value(samples, "process_resident_memory_bytes") > 1_000_000
+    assert value(samples, "process_open_fds") > 0
+
+
+def test_gauges_drops_refusals_and_auth_failures() -> None:
+    broker = make_broker(max_queued_messages=3, max_inflight_messages=2, sys_interval=0)
+    broker.startService()
+
+    @broker.hooks.on_connect
+    def refuse_intruder(client):  # type: ignore[no-untyped-def]
+        return client.client_id != "intruder"
+
+    offline = connected(broker, "offline", clean=False)
+    offline.subscribe("q/#", qos=1)
+    offline.send(Disconnect())
+    offline.lose()
+    slow = connected(broker, "slow")
+    slow.subscribe("q/#", qos=1)
+    publisher = connected(broker, "publisher")
+    for n in range(6):
+        publisher.publish(f"q/{n}", qos=1, packet_id=n + 1)
+    intruder = FakeClient(broker)
+    assert intruder.connect("intruder").reason_code == 5   # MQTT 3.1.1: not authorized
+    bad_version = FakeClient(broker)
+    bad_version.send(Connect(client_id="old", protocol_level=2, protocol_name="MQTT"))
+    samples = scrape(broker)
+    # "offline" queued 3 and dropped 3; "slow" has 2 in flight (its window) and 3 queued, 1 dropped.
+    assert value(samples, "mqtt_queued_messages") == 6
+    assert value(samples, "mqtt_inflight_messages") == 2
+    assert value(samples, "mqtt_messages_dropped_total", reason="queue_full") == 4
+    assert value(samples, "mqtt_queued_bytes") == 6
+    assert value(samples, "mqtt_connections_refused_total", reason="NOT_AUTHORIZED") == 1
+    assert value(samples, "mqtt_connections_refused_total", reason="UNSUPPORTED_PROTOCOL_VERSION") == 1
+    assert value(samples, "mqtt_auth_failures_total") == 1
+    assert value(samples, "mqtt_clients_disconnected") == 1
+
+
+def test_too_large_and_expired_drops() -> None:
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+    small = connected(broker, "small", version=5, properties={"maximum_packet_size": 64})
+    small.subscribe("big")
+    away = connected(broker, "away", version=5, clean=False, properties={"session_expiry_interval": 60})
+    away.subscribe("expiring", qos=1)
+    away.lose()
+    publisher = connected(broker, "publisher", version=5)
+    publisher.publish("big", b"x" * 100)
+    publisher.publish("expiring", b"x", qos=1, properties={"message_expiry_interval": 1})
+    broker.reactor.advance(2)
+    connected(broker, "away", version=5, clean=False, properties={"session_expiry_interval": 60})
+    samples = scrape(broker)
+    assert value(samples, "mqtt_messages_dropped_total", reason="too_large") == 1
+    assert value(samples, "mqtt_messages_dropped_total", reason="expired") == 1
+    assert value(samples, "mqtt_messages_dropped_total", reason="queue_full") == 0
+
+
+def test_monitors_time_the_reactor_and_sampled_deliveries() -> None:
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+    broker.operations.site()   # builds the site and starts the monitors with the running broker
+    monitors = broker.operations.monitors
+    subscriber = connected(broker, "subscriber")
+    subscriber.subscribe("t")
+    publisher = connected(broker, "publisher")
+    publisher.publish("t")   # armed at start: this one is timed
+    assert monitors.delivery_latency.count == 1
+    publisher.publish("t")   # not armed again until the next tenth of a second
+    assert monitors.delivery_latency.count == 1
+    assert "route" not in broker.__dict__   # unsampled messages go straight to the method
+    broker.reactor.advance(0.1)
+    publisher.publish("t")
+    assert monitors.delivery_latency.count == 2
+    assert len([p for p in subscriber.received()]) == 3
+    broker.reactor.advance(0.25)   # due at 0.25, fires at 0.35: 0.1 s late
+    broker.reactor.advance(0.75)   # due at 0.6, fires at 1.1: 0.5 s late
+    assert monitors.reactor_lag.count == 2
+    assert monitors.reactor_lag.sum == pytest.approx(0.6)
+    samples = scrape(broker)
+    assert value(samples, "mqtt_delivery_latency_seconds_count") == 2
+    assert value(samples, "mqtt_reactor_lag_seconds_bucket", le="0.25") == 1
+    assert value(samples, "mqtt_reactor_lag_seconds_bucket", le="1.0") == 2
+    assert value(samples, "mqtt_reactor_lag_seconds_bucket", le="+Inf") == 2
+    broker.stopService()
+    assert "route" not in broker.__dict__ and not broker.reactor.getDelayedCalls()
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for observed in (0.05, 0.1, 0.5, 3.0):
+        histogram.observe(observed)
+    assert histogram.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
+    assert (histogram.count, histogram.sum) == (4, 3.65)
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_commits_are_timed(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from twisted.internet import reactor
+
+    from mqtt_broker.store.sqlite import SQLiteStore
+    store = SQLiteStore(tmp_path / "store.db", reactor)
+    broker = BrokerService(endpoints=[], store=store, sys_interval=0)
+    broker.startService()
+    try:
+        broker.operations.site()
+        broker.publish("kept", b"x", retain=True)
+        yield store.flushed()
+        samples = scrape(broker)
+        assert value(samples, "mqtt_store_commit_seconds_count") == 1
+        assert 0 < value(samples, "mqtt_store_commit_seconds_sum") < 10
+    finally:
+        yield broker.stopService()
+    assert store.commit_observers == []
+
+
+def test_refused_when_max_connections_reached() -> None:
+    broker = make_broker(max_connections=1, sys_interval=0)
+    connected(broker, "only")
+    from twisted.internet.address import IPv4Address
+    assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
+    assert value(scrape(broker), "mqtt_connections_refused_total", reason="max_connections") == 1
+    assert ReasonCode.ADMINISTRATIVE_ACTION == 0x98
