@@ -55,7 +55,7 @@ def _replace(config: BrokerConfig, flag: str, **changes: Any) -> BrokerConfig:
 # List settings are repeatable flags of their own; given at all, a flag replaces the file's list.
 _LIST_FLAGS = {"endpoints": "endpoint", "websocket_endpoints": "websocket", "websocket_paths": "websocket-path",
                "websocket_trusted_proxies": "websocket-trusted-proxy", "http_endpoints": "http",
-               "http_api_keys": "http-api-key"}
+               "http_api_keys": "http-api-key", "history_filters": "history-filter"}
 
 
 class Options(usage.Options):
@@ -107,6 +107,10 @@ class Options(usage.Options):
     def opt_http_api_key(self, hashed: str) -> None:
         """Accept this hashed admin API key (sha256:<hex>, from python -m mqtt_broker.admin.keys); repeatable."""
         self["http_api_keys"].append(hashed)
+
+    def opt_history_filter(self, topic_filter: str) -> None:
+        """Keep the messages of this topic filter in the message log, for replay; repeatable."""
+        self["history_filters"].append(topic_filter)
 
     def postOptions(self) -> None:
         try:

@@ -107,3 +107,26 @@ def test_no_local_and_retain_as_published(broker) -> None:  # type: ignore[no-un
     assert client.no_message()
     client.close()
     other.close()
+
+
+def test_replay_of_the_message_log(broker_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A new subscriber asks for logged messages (user property replay, or the $replay/ filter
+    for MQTT 3) and gets them before the live ones, across a restart of the broker."""
+    broker = broker_process("--history-filter", "log/#", "--data-dir", str(tmp_path))
+    pub = PahoClient(broker.port, "logger", version=V5)
+    for n in range(5):
+        pub.publish("log/x", str(n).encode(), qos=1)
+    pub.close()
+    broker.stop()
+    broker = broker_process("--history-filter", "log/#", "--data-dir", str(tmp_path), port=broker.port)
+    v5 = PahoClient(broker.port, "reader5", version=V5)
+    v5.subscribe("log/#", options=SubscribeOptions(qos=1),
+                 properties=props(PacketTypes.SUBSCRIBE, UserProperty=[("replay", "last:2")]))
+    v3 = PahoClient(broker.port, "reader3")
+    v3.subscribe("$replay/all/log/#", qos=1)
+    late = PahoClient(broker.port, "late", version=V5)
+    late.publish("log/x", b"live", qos=1)
+    assert [v5.message().payload for _ in range(3)] == [b"3", b"4", b"live"]
+    assert [v3.message().payload for _ in range(6)] == [b"0", b"1", b"2", b"3", b"4", b"live"]
+    for c in (v5, v3, late):
+        c.close()
