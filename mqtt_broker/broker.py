@@ -521,8 +521,11 @@ class BrokerService(MultiService):
             return  # QoS 0 is not kept for offline sessions unless asked to
         config = self.config
         item = Queued(message, qos, retain, subscription_ids, share)
-        if qos and session.stored and (session.spilled or not session.has_room(
+        if qos and self.store is not None and (session.spilled or not session.has_room(
                 item, config.max_queued_messages, config.max_queued_bytes)):
+            if not session.stored:  # a session that ends with its connection spills too
+                session.stored = True
+                self.store.save_session(session, None)
             if not config.max_stored_messages or session.spilled < config.max_stored_messages:
                 self._item(session, item, stored=True)
                 session.spilled += 1

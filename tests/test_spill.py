@@ -5,7 +5,7 @@ from __future__ import annotations
 from protocol_helpers import FakeClient, connected, make_broker
 
 from mqtt_broker.store.memory import MemoryStore
-from mqtt_broker.wire import Puback, ReasonCode
+from mqtt_broker.wire import Disconnect, Puback, ReasonCode
 
 
 def offline_subscriber(broker, client_id="sub"):  # type: ignore[no-untyped-def]
@@ -76,3 +76,28 @@ def test_spilled_backlog_survives_a_restart_without_coming_back_into_memory() ->
         for p in packets:
             again.send(Puback(packet_id=p.packet_id))
     assert received == [str(n).encode() for n in range(6)]
+
+
+def test_a_connected_clean_session_that_stops_reading_loses_nothing() -> None:
+    broker = make_broker(max_queued_messages=3, store=MemoryStore())
+    sub = connected(broker, "sub", version=5)  # clean start, session expiry 0
+    sub.subscribe("t", qos=1)
+    sub.protocol.pauseProducing()  # its socket buffer is full: it does not read
+    pub = connected(broker, "pub", version=5)
+    codes = [pub.publish("t", str(n).encode(), qos=1, packet_id=n + 1)[0].reason_code  # type: ignore[union-attr]
+             for n in range(10)]
+    assert codes == [0] * 10 and broker.stats.messages_dropped == 0
+    assert broker.sessions["sub"].spilled == 7
+    sub.protocol.resumeProducing()
+    received = []
+    for _ in range(20):
+        packets = sub.received()
+        if not packets:
+            break
+        received += [p.payload for p in packets]
+        for p in packets:
+            sub.send(Puback(packet_id=p.packet_id))
+    assert received == [str(n).encode() for n in range(10)]
+    sub.send(Disconnect())
+    sub.lose()
+    assert "sub" not in broker.sessions and broker.store._sessions == {}  # type: ignore[union-attr]
