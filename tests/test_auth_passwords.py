@@ -281,8 +281,9 @@ def test_python_dash_m(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Error: user bob not found" in result.stderr
 
 
-def test_console_script_is_installed(tmp_path: Path) -> None:
-    """The wheel declares mqttbroker-passwd; installed, the script runs the command."""
+def test_wheel_installs_the_command_and_the_endpoint_plugin(tmp_path: Path) -> None:
+    """The wheel declares mqttbroker-passwd and ships the mqtts: endpoint plugin; installed, the
+    script runs the command and Twisted finds the plugin."""
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache", ".mypy_cache",
@@ -293,6 +294,8 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         [entry_points] = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
         assert "mqttbroker-passwd = mqtt_broker.passwd:main" in archive.read(entry_points).decode()
+        assert {"twisted/plugins/mqttbroker_mqtts.py", "mqtt_broker/auth/endpoint.py",
+                "mqtt_broker/passwd.py"} <= set(archive.namelist())
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
                     str(wheel)], check=True, timeout=300, cwd=tmp_path)
@@ -302,3 +305,11 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
                             env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert PasswordFile.load(path).users["alice"].verify(b"pw")
+    script = ("from twisted.plugin import getPlugins\n"
+              "from twisted.internet.interfaces import IStreamServerEndpointStringParser as I\n"
+              "[p] = [p for p in getPlugins(I) if p.prefix == 'mqtts']\n"
+              "print(type(p).__module__)")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=WAIT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "mqtt_broker.auth.endpoint"

@@ -1,0 +1,281 @@
+"""The mqtts: endpoint (client certificates required and verified) and the identity taken from a
+certificate: real TLS on loopback with certificates made by certs/make-certs.sh, Python's ssl
+and mosquitto_pub as clients, and the plugin as twistd finds it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from conftest import ROOT, BrokerProcess
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import reactor, threads
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python import usage
+
+from mqtt_broker.auth import Security
+from mqtt_broker.auth.certificates import FIELDS, certificate_identity, identity_of
+from mqtt_broker.auth.endpoint import MQTTSServerParser
+from mqtt_broker.config import BrokerConfig
+from mqtt_broker.tap import Options
+
+MAKE_CERTS = ROOT / "certs" / "make-certs.sh"
+WAIT = 10.0
+
+
+def write_pair(directory: Path, name: str, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+    (directory / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def issue(subject: x509.Name, issuer_name: x509.Name, issuer_key: Any, key: Any,
+          alternative: list[x509.GeneralName] | None = None, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    if alternative:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alternative), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """make-certs.sh's CA, server and client (CN=client); a client with alternative names from
+    the same CA; and a client from a CA nobody trusts."""
+    directory = tmp_path_factory.mktemp("certs")
+    result = subprocess.run(["bash", str(MAKE_CERTS), str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    ca_certificate = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    named = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Plant 7"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, "sensor-7")]),
+                  ca_certificate.subject, ca_key, key,
+                  [x509.DNSName("sensor-7.plant.example"), x509.RFC822Name("ops@plant.example"),
+                   x509.UniformResourceIdentifier("spiffe://plant/sensor-7")])
+    write_pair(directory, "named", key, named)
+    rogue_ca_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rogue CA")])
+    rogue_ca = issue(rogue_name, rogue_name, rogue_ca_key, rogue_ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_pair(directory, "rogue", key, issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")]),
+                                             rogue_ca.subject, rogue_ca_key, key))
+    return directory
+
+
+def mqtts(certs: Path, *extra: str, port: int = 0) -> str:
+    return ":".join([f"mqtts:{port}", "interface=127.0.0.1", f"privateKey={certs / 'server.key'}",
+                     f"certKey={certs / 'server.pem'}", f"caCerts={certs / 'ca.pem'}", *extra])
+
+
+class Reporter(Protocol):
+    """Answers any data with the client certificate's identities, as JSON."""
+
+    def dataReceived(self, data: bytes) -> None:
+        report = {field: certificate_identity(self.transport, field) for field in FIELDS}
+        report["security"] = Security.from_config(BrokerConfig(certificate_identity="dns")).certificate_identity(
+            self.transport)
+        self.transport.write(json.dumps(report).encode() + b"\n")  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def listening(certs: Path) -> Iterator[Any]:
+    ports: list[Any] = []
+
+    async def listen(description: str) -> int:
+        port = await serverFromString(reactor, description).listen(Factory.forProtocol(Reporter))
+        ports.append(port)
+        return int(port.getHost().port)
+
+    yield listen
+    for port in ports:
+        pytest_twisted.blockon(port.stopListening())
+
+
+def tls_exchange(port: int, certs: Path, client: str | None) -> dict[str, Any]:
+    """Connect with Python's ssl (in a thread), send a line, return the server's report."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    if client is not None:
+        context.load_cert_chain(str(certs / f"{client}.pem"), str(certs / f"{client}.key"))
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"hello\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = tls.recv(4096)
+                if not chunk:
+                    raise ConnectionError("closed by the server")
+                data += chunk
+    return json.loads(data)
+
+
+async def exchange(port: int, certs: Path, client: str | None) -> dict[str, Any]:
+    return await threads.deferToThread(tls_exchange, port, certs, client)
+
+
+async def refused(port: int, certs: Path, client: str | None) -> bool:
+    try:
+        await exchange(port, certs, client)
+    except (ssl.SSLError, ConnectionError, OSError):
+        return True
+    return False
+
+
+# --- the endpoint -----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_verified_client_certificates_name_the_client(certs: Path, listening: Any) -> None:
+    port = await listening(mqtts(certs))
+    report = await exchange(port, certs, "client")
+    assert report == {"cn": "client", "subject": "CN=client,O=mqtt_broker development", "dns": None,
+                      "email": None, "uri": None, "security": None}
+    report = await exchange(port, certs, "named")
+    assert report == {"cn": "sensor-7", "subject": "CN=sensor-7,O=Plant 7", "dns": "sensor-7.plant.example",
+                      "email": "ops@plant.example", "uri": "spiffe://plant/sensor-7",
+                      "security": "sensor-7.plant.example"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_required_and_verified(certs: Path, listening: Any) -> None:
+    port = await listening(mqtts(certs))
+    assert await refused(port, certs, None)
+    assert await refused(port, certs, "rogue")
+    assert not await refused(port, certs, "client")
+
+
+@pytest_twisted.ensureDeferred
+async def test_optional_certificate(certs: Path, listening: Any) -> None:
+    port = await listening(mqtts(certs, "requireCertificate=no"))
+    assert (await exchange(port, certs, None))["cn"] is None
+    assert (await exchange(port, certs, "client"))["cn"] == "client"
+    assert await refused(port, certs, "rogue")  # one that is sent must still verify
+
+
+@pytest_twisted.ensureDeferred
+async def test_stock_ssl_endpoint_gives_no_identity(certs: Path, listening: Any) -> None:
+    port = await listening(f"ssl:0:interface=127.0.0.1:privateKey={certs / 'server.key'}:certKey={certs / 'server.pem'}")
+    report = await exchange(port, certs, "client")  # the server never asks for the certificate
+    assert all(value is None for value in report.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_tcp_gives_no_identity(listening: Any) -> None:
+    port = await listening("tcp:0:interface=127.0.0.1")
+
+    def plain() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+            s.sendall(b"hi")
+            return s.recv(4096)
+
+    assert all(v is None for v in json.loads(await threads.deferToThread(plain)).values())
+
+
+def test_identity_of_edge_cases(certs: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    nameless = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no cn")]),
+                     x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")]), key, key)
+    assert identity_of(nameless, "cn") is None and identity_of(nameless, "dns") is None
+    assert identity_of(nameless, "subject") == "O=no cn"
+    with pytest.raises(ValueError):
+        identity_of(nameless, "serial")
+    assert certificate_identity(object()) is None
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,problem", [
+    ("caCerts=", "needs caCerts"), ("requireCertificate=maybe", "must be yes or no"),
+    ("nosuchoption=1", "unknown option nosuchoption="), ("backlog=many", "must be numbers"),
+])
+def test_bad_options(certs: Path, extra: str, problem: str) -> None:
+    description = mqtts(certs, extra)
+    if extra == "caCerts=":
+        description = description.replace(f":caCerts={certs / 'ca.pem'}", "") + ":caCerts="
+    with pytest.raises(ValueError, match=problem):
+        serverFromString(reactor, description)
+
+
+def test_files(certs: Path, tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        serverFromString(reactor, mqtts(certs).replace(str(certs / "ca.pem"), str(tmp_path / "absent.pem")))
+    (tmp_path / "empty.pem").write_text("nothing here\n")
+    with pytest.raises(ValueError, match="holds no PEM certificate"):
+        serverFromString(reactor, mqtts(certs).replace(str(certs / "ca.pem"), str(tmp_path / "empty.pem")))
+    with pytest.raises(ValueError, match="needs a port"):
+        MQTTSServerParser().parseStreamServer(reactor, caCerts=str(certs / "ca.pem"))
+
+
+def test_command_line(certs: Path) -> None:
+    options = Options()
+    options.parseOptions(["--endpoint", mqtts(certs, port=8883)])
+    assert options["broker_config"].endpoints == [mqtts(certs, port=8883)]
+    with pytest.raises(usage.UsageError, match="unknown option"):
+        Options().parseOptions(["--endpoint", mqtts(certs, "bogus=1", port=8883)])
+    # Like ssl:, files are left to start-up (twistd's --rundir is entered after parsing).
+    Options().parseOptions(["--endpoint", "mqtts:8883:privateKey=k.pem:certKey=c.pem:caCerts=ca.pem"])
+
+
+def test_plugin_is_light() -> None:
+    """Twisted imports every plugin to list them (twistd --help): this one must stay cheap."""
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location(
+            "plugin", {str(ROOT / "twisted" / "plugins" / "mqttbroker_mqtts.py")!r})
+        plugin = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plugin)
+        heavy = ["twisted.internet.reactor", "OpenSSL", "twisted.internet.ssl", "cryptography.x509", "jwt",
+                 "treq", "mqtt_broker.broker", "mqtt_broker.auth.tokens", "mqtt_broker.auth.http_auth"]
+        print(json.dumps({{"prefix": plugin.mqtts.prefix, "loaded": [m for m in heavy if m in sys.modules]}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"prefix": "mqtts", "loaded": []}
+
+
+def test_plugin_is_found() -> None:
+    script = ("from twisted.plugin import getPlugins\n"
+              "from twisted.internet.interfaces import IStreamServerEndpointStringParser\n"
+              "print(sorted(p.prefix for p in getPlugins(IStreamServerEndpointStringParser)))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "mqtts" in result.stdout
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+def test_broker_listens_on_mqtts(certs: Path) -> None:
+    """twistd finds the plugin: the broker listens on mqtts:, mosquitto_pub with a client
+    certificate gets through, without one (or with an untrusted one) it does not."""
+    from conftest import free_port
+    port = free_port()
+    broker = BrokerProcess(listen=mqtts(certs, port=port), port=port)
+    try:
+        def publish(*client: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", str(port), "--cafile",
+                                   str(certs / "ca.pem"), *client, "-t", "t", "-m", "m", "-q", "1"],
+                                  capture_output=True, timeout=WAIT)
+
+        good = publish("--cert", str(certs / "client.pem"), "--key", str(certs / "client.key"))
+        assert good.returncode == 0, good.stderr
+        assert publish().returncode != 0
+        assert publish("--cert", str(certs / "rogue.pem"), "--key", str(certs / "rogue.key")).returncode != 0
+    finally:
+        broker.stop()
