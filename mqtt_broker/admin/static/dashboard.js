@@ -13,6 +13,7 @@ const state = {
   messages: [],          // {t, in, out}
   connections: [],       // {t, connected, rate}
   timer: null,
+  sysOpen: false,        // whether the $SYS branch of the topic tree is unfolded
 };
 
 const $ = (id) => document.getElementById(id);
@@ -131,10 +132,12 @@ function draw(canvas, points, lines) {
     g.fillText(formatNumber(max * i / 4), 4, y + 4);
   }
   if (points.length) {
-    const t0 = points[points.length - 1].t - (HISTORY - 1) * POLL_MS / 1000;
-    const span = (HISTORY - 1) * POLL_MS / 1000;
+    // The axis spans the points there are (at least 30 s), up to the whole history.
+    const last = points[points.length - 1].t;
+    const span = Math.min((HISTORY - 1) * POLL_MS / 1000, Math.max(30, last - points[0].t));
+    const t0 = last - span;
     const x = (t) => left + (right - left) * Math.max(0, t - t0) / span;
-    g.fillText(Math.round(span / 60) + " min", left, height - 4);
+    g.fillText(span >= 120 ? Math.round(span / 60) + " min ago" : Math.round(span) + " s ago", left, height - 4);
     g.fillText("now", right - 22, height - 4);
     for (const [name, colour] of lines) {
       g.strokeStyle = style.getPropertyValue(colour).trim() || "#000";
@@ -147,8 +150,9 @@ function draw(canvas, points, lines) {
       g.stroke();
     }
   }
+  // For tests and curious operators: how many points, and each line's highest value shown.
   canvas.dataset.points = String(points.length);
-  canvas.dataset.last = points.length ? JSON.stringify(points[points.length - 1]) : "";
+  canvas.dataset.peak = JSON.stringify(Object.fromEntries(lines.map(([name]) => [name, Math.max(0, ...points.map((p) => p[name]))])));
 }
 
 function niceCeiling(value) {
@@ -218,11 +222,20 @@ async function refreshTopics() {
   const [topics, retained] = await Promise.all([api("/topics?limit=2000"), api("/retained?limit=1000")]);
   const payloads = new Map(retained.items.map((m) => [m.topic, m]));
   $("topics-count").textContent = topics.count + " topics, " + retained.total + " retained";
-  $("topics").replaceChildren(...topics.tree.children.map((node) => treeNode(node, payloads)));
+  // Application topics first; the broker's own $SYS tree last, folded.
+  const roots = topics.tree.children.slice().sort((a, b) => (a.name.startsWith("$") - b.name.startsWith("$")));
+  $("topics").replaceChildren(...roots.map((node) => treeNode(node, payloads)));
 }
 
 function treeNode(node, payloads) {
   const item = el("li", { "data-topic": node.topic || "" }, el("span", { class: "level" }, node.name || "(empty)"));
+  if (node.name === "$SYS" && node.topic === null) {
+    const folded = el("details", {}, el("summary", {}, "$SYS"));
+    folded.open = state.sysOpen;   // kept across refreshes
+    folded.addEventListener("toggle", () => { state.sysOpen = folded.open; });
+    folded.append(el("ul", {}, ...node.children.map((child) => treeNode(child, payloads))));
+    return el("li", { "data-topic": "" }, folded);
+  }
   const message = node.topic !== null ? payloads.get(node.topic) : undefined;
   if (message) {
     const text = message.payload_encoding === "utf-8" ? message.payload : "base64:" + message.payload;
