@@ -25,7 +25,9 @@ from typing import Any, Iterable, Sequence
 from autobahn.twisted.resource import WebSocketResource as _AutobahnResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket import USES_NVX
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IConsumer, IPushProducer, ITransport
@@ -41,6 +43,9 @@ SUBPROTOCOLS = ("mqtt", "mqttv3.1")
 
 CLOSE_TIMEOUT = 5.0
 """Seconds the peer has to answer our close frame before the socket is dropped."""
+
+_GATHER = 65536
+"""Frames up to this payload size that a read cuts wait whole for their end; larger ones stream."""
 
 _OPEN = WebSocketServerProtocol.STATE_OPEN
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
@@ -98,6 +103,16 @@ def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddre
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """``payload`` XOR the repeated 4-byte ``mask``: as one big integer below 1 KiB (0.5 us for
+    64 bytes, against 3 us for a call into autobahn's native masker), natively above."""
+    n = len(payload)
+    if n > 1024 and USES_NVX:
+        return create_xor_masker(mask, n).process(payload)  # type: ignore[no-any-return]
+    key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
 
 
 def _is_trusted(host: str, trusted: Sequence[Network]) -> bool:
@@ -191,6 +206,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket connection, carrying one MQTTProtocol once the opening handshake is done."""
 
     factory: WebSocketFactory
+    maxFramePayloadSize: int  # copied from the factory's protocol options by autobahn
 
     def __init__(self) -> None:
         super().__init__()
@@ -201,6 +217,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self._close_call: Any = None
         self._mqtt_closed_it = False
         self._mqtt_lost = False
+        self.message_data_total_length = 0  # autobahn sets it per message; the fast path does not
 
     # --- the opening handshake ----------------------------------------------------------
 
@@ -212,6 +229,9 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             self._handshake_call = self.factory.broker.clock.callLater(timeout, self._handshake_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state == _OPEN and self.current_frame is None and self._perMessageCompress is None:
+            self._receive_frames(data)
+            return
         if self.state == _CONNECTING:
             limit = self.factory.max_handshake_size
             if len(self.data) + len(data) > limit and (self.data + data).find(b"\r\n\r\n", 0, limit) < 0:
@@ -220,6 +240,62 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
                 self.failHandshake("Request Header Fields Too Large", 431)
                 return
         self._dataReceived(data)  # autobahn's own dataReceived formats a debug line per read
+
+    def _receive_frames(self, data: bytes) -> None:
+        """The hot path: whole, masked, uncompressed binary frames (and continuations of a binary
+        message) are unmasked here and handed to MQTT in one call per read, so that MQTT handles
+        and answers them together as it does a TCP read; a frame cut by the end of the read waits
+        here for its end when it is small. Anything else (a control or text frame, a large frame
+        to stream, one autobahn must refuse) ends the loop and autobahn takes the rest, in order.
+        About 1 us per frame, against autobahn's 10."""
+        buffer = self.data + data if self.data else data
+        end = len(buffer)
+        offset = 0
+        inside = self.inside_message
+        limit = self.maxFramePayloadSize
+        payloads = []
+        wait = True  # for more bytes (True), or let autobahn take what is left (False)
+        while end - offset >= 2:
+            first = buffer[offset]
+            second = buffer[offset + 1]
+            # FIN and opcode 2 (or 0 inside a message), no RSV bit, the mask bit [RFC 6455 5.2].
+            if first & 0x7F != (0 if inside else 2) or second < 0x80:
+                wait = False
+                break
+            length = second & 0x7F
+            if length < 126:
+                start = offset + 6
+            elif length == 126:
+                start = offset + 8
+                if end < start:
+                    break
+                length = int.from_bytes(buffer[offset + 2:offset + 4], "big")
+                if length < 126:  # not the shortest encoding: autobahn refuses it
+                    wait = False
+                    break
+            else:
+                start = offset + 14
+                if end < start:
+                    break
+                length = int.from_bytes(buffer[offset + 2:offset + 10], "big")
+                if length < 65536 or length >> 63:
+                    wait = False
+                    break
+            stop = start + length
+            if length > limit > 0 or (stop > end and length > _GATHER):
+                wait = False  # too large (autobahn closes with 1009), or large enough to stream
+                break
+            if stop > end:
+                break
+            payloads.append(_unmask(buffer[start:stop], buffer[start - 4:start]))
+            inside = not first & 0x80
+            offset = stop
+        self.inside_message = inside
+        self.data = buffer[offset:] if offset else buffer
+        if payloads:
+            self.mqtt.dataReceived(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+        if self.data and not wait:
+            self.consumeData()
 
     def onConnect(self, request: ConnectionRequest) -> str:
         factory = self.factory
@@ -301,7 +377,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Not autobahn's connectionLost: it logs a client's failed TLS handshake as an error.
-        self._connectionLost(reason)
+        self._connectionLost(reason)  # type: ignore[arg-type]  # autobahn's hint says str; it is the Failure
         _cancel(self._handshake_call)
         _cancel(self._close_call)
         self._handshake_call = self._close_call = None

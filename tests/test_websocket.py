@@ -325,6 +325,77 @@ def test_frames_and_packets_fed_byte_by_byte() -> None:
     assert client.packets() == [Connack(reason_code=0), Pingresp(), Pingresp()]
 
 
+def stream_of_frames() -> tuple[bytes, list[Packet]]:
+    """Frames of every kind the broker reads, and the MQTT answers they get."""
+    big = encode(Publish(topic="self", payload=b"b" * 100_000))  # a frame to stream (> 64 KiB)
+    subscribe = encode(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="self"),)))
+    pingreq = encode(Pingreq())
+    stream = b"".join([
+        client_frame(encode(Connect(client_id="stream"))),
+        client_frame(subscribe[:3], fin=False), client_frame(subscribe[3:], CONTINUATION),
+        client_frame(b"still there?", PING),
+        client_frame(pingreq + pingreq[:1]), client_frame(pingreq[1:] + big[:70_000]),
+        client_frame(big[70_000:], fin=False), client_frame(b"", CONTINUATION),
+        client_frame(pingreq, mask=b"\0\0\0\0"),
+    ])
+    return stream, [Connack(reason_code=0), Suback(packet_id=1, reason_codes=(0,)), Pingresp(), Pingresp(),
+                    Publish(topic="self", payload=b"b" * 100_000), Pingresp()]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 13, 100, 4096, 65536, 10**6])
+def test_any_cut_of_the_stream_gives_the_same_packets(chunk: int) -> None:
+    stream, expected = stream_of_frames()
+    client = WSClient(make_broker())
+    client.handshake()
+    for i in range(0, len(stream), chunk):
+        client.send_bytes(stream[i:i + chunk])
+    frames = client.frames()
+    assert [f for f in frames if f.opcode != BINARY] == [Frame(PONG, b"still there?")]
+    packets = [p for f in frames if f.opcode == BINARY for p in client.reader.feed(f.payload)]
+    assert packets == expected
+    assert not client.closed
+
+
+def test_frames_of_one_read_are_answered_together() -> None:
+    client = WSClient(make_broker())
+    client.handshake()
+    client.send_bytes(client_frame(encode(Connect(client_id="batch"))) + client_frame(encode(Pingreq())) * 3)
+    [frame] = client.frames()  # one read in, one write out, as over TCP
+    assert client.reader.feed(frame.payload) == [Connack(reason_code=0), Pingresp(), Pingresp(), Pingresp()]
+
+
+def test_large_frame_cut_by_reads_is_streamed_not_gathered() -> None:
+    client = ws_connected(make_broker())
+    data = client_frame(encode(Publish(topic="t", payload=b"x" * 200_000)))
+    client.send_bytes(data[:100_000])
+    assert len(client.protocol.data) < 100  # handed on as it came, not held for the frame's end
+    client.send_bytes(data[100_000:] + client_frame(encode(Pingreq())))
+    assert client.packets() == [Pingresp()]
+
+
+@pytest.mark.parametrize("frame,code", [
+    (b"\x82\x05hello", 1002),                                         # not masked
+    (b"\x82\xfe\x00\x05\0\0\0\0hello", 1002),                          # 16-bit length for 5 bytes
+    (b"\x82\xff" + (5).to_bytes(8, "big") + b"\0\0\0\0hello", 1002),    # 64-bit length for 5 bytes
+    (b"\xc2\x85\0\0\0\0hello", 1002),                                  # RSV1 without compression
+    (b"\x80\x85\0\0\0\0hello", 1002),                                  # a continuation outside a message
+    (b"\x83\x85\0\0\0\0hello", 1002),                                  # reserved opcode
+])
+def test_malformed_frames_are_refused(frame: bytes, code: int) -> None:
+    client = ws_connected(make_broker())
+    client.send_bytes(frame)
+    assert [f.close_code for f in client.frames()] == [code]
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 64, 1024, 1025, 70_000])
+def test_unmask(size: int) -> None:
+    from mqtt_broker.websocket import _unmask
+    mask = b"\x9a\x01\xfe\x42"
+    payload = bytes(range(256)) * (size // 256 + 1)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload[:size]))
+    assert _unmask(masked, mask) == payload[:size]
+
+
 def test_text_frame_closes_with_1003() -> None:  # [MQTT-6.0.0-1]
     broker = make_broker()
     client = ws_connected(broker)
