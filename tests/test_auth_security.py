@@ -248,7 +248,7 @@ def test_identity_rules_replace_the_acl_file(files: Path) -> None:
     assert not sec.can_publish(locked, "alice/x") and not sec.can_read(locked, "public/x")
 
 
-def test_read_cache_is_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_caches_are_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth, "MAX_CACHED_READS", 10)
     sec = Security(acl_file=str(files / "acl"))
     anonymous = Identity(client_id="c", username=None)
@@ -256,7 +256,9 @@ def test_read_cache_is_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> 
         for n in range(25):
             assert sec.can_read(anonymous, f"public/{n}")
             assert not sec.can_read(anonymous, f"private/{n}")
-            assert len(sec._reads) <= 10
+            assert sec.can_publish(anonymous, f"clients/c/{n}")
+            assert not sec.can_publish(anonymous, f"public/{n}")
+            assert len(sec._reads) <= 10 and len(sec._writes) <= 10
 
 
 # --- reload -------------------------------------------------------------------------------
@@ -265,7 +267,7 @@ def test_read_cache_is_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> 
 async def test_reload_applies_new_files(files: Path) -> None:
     sec = security(files)
     alice = Identity(client_id="c", username="alice")
-    assert sec.can_read(alice, "alice/x")
+    assert sec.can_read(alice, "alice/x") and sec.can_publish(alice, "alice/x")
     assert passwd(["-b", str(files / "pw"), "alice", "new-pw"]) == 0
     (files / "acl").write_text("user alice\ntopic read other/#\n")
     sec.reload()
@@ -273,6 +275,7 @@ async def test_reload_applies_new_files(files: Path) -> None:
     assert refused(await answer(sec, credentials()), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
     # Connected clients are judged by the new rules at once (the read cache is emptied).
     assert not sec.can_read(alice, "alice/x") and sec.can_read(alice, "other/y")
+    assert not sec.can_publish(alice, "alice/x")
 
 
 @pytest.mark.parametrize("broken", ["pw", "acl"])

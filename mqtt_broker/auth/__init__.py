@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 MAX_CACHED_READS = 100_000
-"""Entries of the can_read cache before it is emptied and starts again."""
+"""Entries of the can_read (and of the can_publish) cache before it is emptied and starts again."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +141,7 @@ class Security:
         self._certificate_field = certificate_identity_field
         self._reactor = reactor
         self._reads: dict[tuple[Any, ...], bool] = {}
+        self._writes: dict[tuple[Any, ...], bool] = {}
         self.enabled = bool(self._authenticators or self._acl is not None or not allow_anonymous
                             or require_certificate or use_identity_as_username)
         """False when nothing is configured: everyone may connect and do anything, and the broker
@@ -229,7 +230,17 @@ class Security:
         if identity.rules is not None:
             return identity.rules.can_publish(topic)
         acl = self._acl
-        return acl is None or acl.check(identity.client_id, identity.username, topic, WRITE)
+        if acl is None:
+            return True
+        key = (identity.client_id, identity.username, topic)
+        writes = self._writes
+        allowed = writes.get(key)
+        if allowed is None:
+            allowed = acl.check(identity.client_id, identity.username, topic, WRITE)
+            if len(writes) >= MAX_CACHED_READS:
+                writes.clear()
+            writes[key] = allowed
+        return allowed
 
     def can_subscribe(self, identity: Identity, topic_filter: str) -> bool:
         """Whether the client may subscribe to ``topic_filter`` (a valid filter, maybe
@@ -272,7 +283,7 @@ class Security:
         for commit in commits:
             commit()
         self._acl = acl
-        self._reads = {}
+        self._reads, self._writes = {}, {}
         log.info("security settings reloaded")
 
     def close(self) -> Deferred[None]:
