@@ -53,9 +53,10 @@ def _proxies_problem(proxies: list[str]) -> str | None:
 
 def _api_keys_problem(keys: list[str]) -> str | None:
     import re
-    for key in keys:
+    for number, key in enumerate(keys, 1):
         if not re.fullmatch(r"(?:[A-Za-z0-9_.-]+:)?sha256:[0-9a-f]{64}", key):
-            return (f"{key[:12]!r}... is not a hashed key (sha256:<64 hex digits>, optionally "
+            # Not echoed: it may be a key itself, pasted where its hash belongs.
+            return (f"entry {number} is not a hashed key (sha256:<64 hex digits>, optionally "
                     f"name:sha256:...); python -m mqtt_broker.admin.keys makes one")
     return None
 

@@ -332,10 +332,10 @@ def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
      "'proxy.example' is not an IP address or network"),
     ('websocket_trusted_proxies = ["10.0.0.0/33"]', "websocket_trusted_proxies",
      "'10.0.0.0/33' is not an IP address or network"),
-    ('http_api_keys = ["secret"]', "http_api_keys", "'secret'... is not a hashed key (sha256:<64 hex "
+    ('http_api_keys = ["secret"]', "http_api_keys", "entry 1 is not a hashed key (sha256:<64 hex "
      "digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
-    ('http_api_keys = ["sha256:abc"]', "http_api_keys", "'sha256:abc'... is not a hashed key (sha256:<64 "
-     "hex digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
+    (f'http_api_keys = ["sha256:{"0" * 64}", "sha256:abc"]', "http_api_keys", "entry 2 is not a hashed key "
+     "(sha256:<64 hex digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
 ])
 def test_bad_value_in_file_names_key_and_file(tmp_path: Path, line: str, key: str, reason: str) -> None:
     path = tmp_path / "broker.toml"

@@ -1,0 +1,175 @@
+"""The admin site as a whole: TLS by endpoint string, MQTT over WebSocket at /mqtt on the same
+port, /metrics behind a key, the dashboard's files, readiness, the command line, API keys."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from admin_http import KEY, OTHER_KEY, start_admin
+from conftest import ROOT, free_port, wait_for_port
+from paho_helpers import WAIT, PahoClient
+from test_tls import _endpoint_quote, make_certs
+from twisted.internet.error import CannotListenError
+from twisted.python import usage
+from twisted.web.test.requesthelper import DummyRequest
+
+from mqtt_broker.admin.keys import KeyRing, hash_key, parse
+from mqtt_broker.tap import Options, makeService
+from protocol_helpers import make_broker
+
+
+def test_https_by_endpoint_string(broker_process: Any, tmp_path: Path) -> None:
+    make_certs(tmp_path / "certs")
+    certs = tmp_path / "certs"
+    port = free_port()
+    endpoint = (f"ssl:{port}:interface=127.0.0.1:privateKey={_endpoint_quote(certs / 'server.key')}"
+                f":certKey={_endpoint_quote(certs / 'server.pem')}")
+    broker = broker_process("--persistence", "memory", "--http", endpoint.replace("{", "{{").replace("}", "}}"),
+                            "--http-api-key", hash_key(KEY))
+    wait_for_port(port, broker.process)
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    request = urllib.request.Request(f"https://localhost:{port}/api/v1/stats", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        assert response.status == 200 and "clients_connected" in json.load(response)
+    with pytest.raises(OSError):  # plain HTTP is not spoken there (URLError or the connection dropped)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=10)
+
+
+def test_mqtt_over_websocket_shares_the_admin_port(broker_process: Any) -> None:
+    admin = start_admin(broker_process, "--http-websocket", "true")
+    received: queue.Queue[Any] = queue.Queue()
+    connected: queue.Queue[Any] = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="over-ws", transport="websockets")
+    client.ws_set_options(path="/mqtt")
+    client.on_connect = lambda c, u, flags, rc, props: connected.put(rc)
+    client.on_subscribe = lambda c, u, mid, rcs, props: connected.put(rcs)
+    client.on_message = lambda c, u, m: received.put(m)
+    client.connect("127.0.0.1", admin.http_port, keepalive=60)
+    client.loop_start()
+    try:
+        assert connected.get(timeout=WAIT) == 0
+        client.subscribe("ws/#", qos=1)
+        connected.get(timeout=WAIT)
+        publisher = PahoClient(admin.broker.port, "tcp-publisher")
+        publisher.publish("ws/t", b"from tcp", qos=1)
+        message = received.get(timeout=WAIT)
+        assert (message.topic, message.payload) == ("ws/t", b"from tcp")
+        publisher.close()
+        listed = admin.call("GET", "/api/v1/clients/over-ws")
+        assert listed.status == 200 and listed.body["connected"] and listed.body["subscription_count"] == 1
+        assert admin.call("GET", "/api/v1/health", key=None).status == 200   # the API still answers beside it
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_metrics_behind_a_key_and_the_dashboard_files(broker_process: Any) -> None:
+    admin = start_admin(broker_process, "--http-metrics-auth", "true")
+    missing = admin.call("GET", "/metrics", key=None)
+    assert missing.status == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    assert admin.call("GET", "/metrics", key=OTHER_KEY).status == 403
+    scraped = admin.call("GET", "/metrics")
+    assert scraped.status == 200 and b"mqtt_messages_received_total" in scraped.body
+    page = admin.call("GET", "/", key=None)
+    assert page.status == 200 and b'<script src="dashboard.js"' in page.body
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    script = admin.call("GET", "/dashboard.js", key=None)
+    assert script.status == 200 and "javascript" in script.headers["content-type"]
+    assert admin.call("GET", "/nothing-here.html", key=None).status == 404
+
+
+def test_without_http_endpoints_nothing_listens_for_http() -> None:
+    broker = make_broker()
+    broker.startService()
+    assert broker.ports == [] and broker.operations.monitors is None
+
+
+def test_readiness_before_start_and_after_stop() -> None:
+    from mqtt_broker.admin.api import ApiResource
+    broker = make_broker()
+    api = ApiResource(broker, broker.operations)
+
+    def ready() -> tuple[int, Any]:
+        request = DummyRequest([b""])
+        request.path = b"/api/v1/ready"
+        body = api.render(request)
+        return request.responseCode or 200, json.loads(body)
+    assert ready() == (503, {"ready": False, "reason": "the broker is not running"})
+    broker.startService()
+    assert ready() == (503, {"ready": False, "reason": "the broker is not listening"})  # endpoints=[]
+    broker.stopService()
+    assert ready()[0] == 503
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def test_http_flags_are_repeatable() -> None:
+    options = Options()
+    options.parseOptions(["--http", "tcp:8080", "--http", "tcp:8081:interface=127.0.0.1",
+                          "--http-api-key", hash_key("a"), "--http-api-key", "ops:" + hash_key("b"),
+                          "--sys-interval", "2.5", "--http-max-body-size", "1000"])
+    config = options["broker_config"]
+    assert config.http_endpoints == ["tcp:8080", "tcp:8081:interface=127.0.0.1"]
+    assert config.http_api_keys == [hash_key("a"), "ops:" + hash_key("b")]
+    assert (config.sys_interval, config.http_max_body_size) == (2.5, 1000)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--http", "tcp:notaport"], "--http 'tcp:notaport': "),
+    (["--http-api-key", "plain-text-key"], "--http-api-key: entry 1 is not a hashed key"),
+    (["--sys-interval", "-1"], "--sys-interval: -1.0 is out of range"),
+])
+def test_bad_http_flags_name_the_flag(args: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions(args)
+    assert str(caught.value).startswith(message)
+
+
+def test_busy_http_port_fails_start_up() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        options = Options()
+        options.parseOptions(["--endpoint", f"tcp:{free_port()}:interface=127.0.0.1", "--persistence", "memory",
+                              "--http", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"])
+        service = makeService(options)
+        with pytest.raises(CannotListenError):
+            service.startService()
+        assert not service.running and service.ports == []
+
+
+# --- API keys ----------------------------------------------------------------------------------
+
+def test_keys_tool_makes_a_key_and_its_config_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "mqtt_broker.admin.keys", "ops"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=True)
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    key = lines["key"].strip()
+    entry = json.loads(lines["config"].split("=", 1)[1])[0]
+    assert entry == "ops:" + hash_key(key) and len(key) >= 40
+    assert KeyRing([entry]).identify(key) == "ops"
+    bad = subprocess.run([sys.executable, "-m", "mqtt_broker.admin.keys", "no spaces"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+
+
+def test_key_ids_and_the_documented_one_liner() -> None:
+    one_liner = subprocess.run(
+        [sys.executable, "-c", 'import hashlib,sys; print("sha256:" + hashlib.sha256(sys.argv[1].encode()).hexdigest())',
+         "s3cret"], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    assert one_liner == hash_key("s3cret")
+    ring = KeyRing([hash_key("s3cret"), "ci:" + hash_key("other")])
+    assert ring.identify("s3cret") == hash_key("s3cret")[7:15]   # unnamed: the first 8 hex digits
+    assert ring.identify("other") == "ci"
+    assert ring.identify("S3cret") is None and ring.identify("") is None
+    assert [k.key_id for k in parse(["a.b-c_d:" + hash_key("x")])] == ["a.b-c_d"]
