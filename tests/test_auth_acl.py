@@ -154,6 +154,18 @@ def test_dangerous_names_get_no_pattern(client_id: str, username: str | None) ->
         assert not ACL.check(client_id, username, topic, WRITE)
 
 
+def test_wildcards_in_patterns() -> None:
+    acl = AclFile.parse("pattern readwrite +/%c/#\npattern read sites/+/%u\n")
+    assert acl.check("c", None, "site1/c/temp", WRITE) and acl.check("c", None, "x/c", READ)
+    assert not acl.check("c", None, "site1/d/temp", WRITE) and not acl.check("c", None, "c/x", READ)
+    assert acl.check("c", "u", "sites/7/u", READ) and not acl.check("c", "u", "sites/7/v", READ)
+    assert not acl.check("c", "u", "sites/7/u/more", READ)
+    # A wildcard in a name would widen these patterns to everyone's topics: no pattern applies.
+    for client_id, username in (("+", "u"), ("#", "u"), ("c", "+"), ("c", "#")):
+        assert not acl.check(client_id, username, "site1/c/temp", WRITE)
+        assert not acl.check(client_id, username, "sites/7/u", READ)
+
+
 def test_substitution_is_one_pass() -> None:
     acl = AclFile.parse("pattern readwrite x/%c/%u\n")
     assert acl.check("%u", "bob", "x/%u/bob", READ)

@@ -212,7 +212,10 @@ class Security:
             # Cost an unknown user what a known one costs, so timing does not tell them apart.
             equalize = getattr(authenticator, "equalize", None)
             if equalize is not None:
-                await equalize(credentials)
+                try:
+                    await equalize(credentials)
+                except Exception:
+                    log.failure("{name}: equalizing the cost of a refusal failed", name=authenticator.name)
         return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")
 
     def _refused(self, credentials: Credentials, code: ReasonCode, reason: str) -> Refusal:
