@@ -59,13 +59,14 @@ class BoundedRequest(Request):
             self.body_too_large = True
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
+        content = self.content
+        if self.body_too_large or content is None:
             return
-        if self.content.tell() + len(data) > self.max_body:
+        if content.tell() + len(data) > self.max_body:
             self.body_too_large = True
             self.content = BytesIO()
             return
-        self.content.write(data)
+        content.write(data)
 
 
 # --- the JSON shapes -------------------------------------------------------------------------
