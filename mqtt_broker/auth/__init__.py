@@ -40,8 +40,13 @@ present; otherwise ``acl_file`` decides (see :mod:`mqtt_broker.auth.acl`); with 
 everything is allowed. Subscriptions are checked only against an identity's own rules: as in
 Mosquitto, ``acl_file`` is applied when messages are delivered.
 
-Hash checks, token verification and file parsing happen off the reactor thread (hashing) or at
-start-up and reload (files). A password is never logged, nor shown in a ``repr``.
+``Identity.expires_at`` (a JWT's or an introspected token's ``exp``) tells the broker when the
+credentials run out, should it want to disconnect the client then. With ``enabled`` false the
+broker calls nothing here, so it must refuse PUBLISHes to ``$SYS`` itself if it wants them
+refused in that case too.
+
+Hash checks and token verification run in the reactor's thread pool; files are read at start-up
+and on reload. A password is never logged, nor shown in a ``repr``.
 """
 
 from __future__ import annotations
