@@ -168,6 +168,17 @@ async def test_hashing_runs_off_the_reactor_thread(files: Path, monkeypatch: pyt
     assert all(t is not threading.main_thread() for t in threads)
 
 
+def test_a_reactor_without_threads_checks_in_place(files: Path) -> None:
+    """Protocol tests run the broker on a task.Clock: answers come at once, on the calling thread."""
+    from twisted.internet.task import Clock
+    sec = Security.from_config(BrokerConfig(password_file=str(files / "pw")), reactor=Clock())
+    answers: list[Any] = []
+    sec.authenticate(credentials()).addCallback(answers.append)
+    sec.authenticate(credentials(password=b"wrong")).addCallback(answers.append)
+    assert answers[0] == Identity(client_id="c1", username="alice")
+    assert refused(answers[1], ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failing_authenticator_refuses(files: Path) -> None:
     class Broken:

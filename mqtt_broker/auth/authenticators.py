@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
@@ -15,10 +15,14 @@ T = TypeVar("T")
 
 
 def in_thread(reactor: Any, function: Callable[..., T], *args: Any) -> Deferred[T]:
-    """Run ``function(*args)`` in the reactor's thread pool (the global reactor when None)."""
+    """Run ``function(*args)`` in the reactor's thread pool (the global reactor when None). A
+    reactor without threads (a ``task.Clock`` in tests) runs it in place, deterministically."""
+    from twisted.internet.interfaces import IReactorThreads
     from twisted.internet.threads import deferToThreadPool
     if reactor is None:
         from twisted.internet import reactor
+    if not IReactorThreads.providedBy(reactor):
+        return maybeDeferred(function, *args)
     return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
 
