@@ -631,6 +631,17 @@ def test_input_is_paused_while_a_hook_decides() -> None:
     assert [p.packet_id for p in client.packets()] == [1, 2]  # type: ignore[union-attr]
 
 
+def test_tls_details_come_from_the_socket() -> None:
+    """Client certificate checks call getPeerCertificate and getHandle on the MQTT transport."""
+    client = ws_connected(make_broker())
+    certificate, handle = object(), object()
+    client.socket.getPeerCertificate = lambda: certificate  # type: ignore[attr-defined]
+    client.socket.getHandle = lambda: handle  # type: ignore[attr-defined]
+    transport = client.protocol.mqtt.transport
+    assert transport.getPeerCertificate() is certificate and transport.getHandle() is handle
+    assert transport.getHost() == client.socket.getHost()
+
+
 # --- the client's address -----------------------------------------------------------------------------
 
 def peer_of(broker: BrokerService, client_id: str) -> str:

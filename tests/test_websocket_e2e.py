@@ -151,6 +151,58 @@ def test_paho_over_websocket_tls(broker_process: type[BrokerProcess], tmp_path: 
     assert broker.errors() == []
 
 
+def certificate_client(transport: str, port: int, certs: Path, topics: list[str]) -> list[Any]:
+    """Connect with the client certificate, subscribe to ``topics``, publish one message to each;
+    returns what happened, in order."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"cert-{transport}", transport=transport)
+    client.tls_set(ca_certs=str(certs / "ca.pem"), certfile=str(certs / "client.pem"), keyfile=str(certs / "client.key"))
+    events: queue.Queue[Any] = queue.Queue()
+    client.on_connect = lambda c, u, flags, rc, props: events.put(("connect", int(rc.value)))
+    client.on_subscribe = lambda c, u, mid, rcs, props: events.put(("subscribe", [int(r.value) for r in rcs]))
+    client.on_message = lambda c, u, m: events.put(("message", m.topic, m.payload))
+    client.connect("localhost", port)
+    client.loop_start()
+    happened = []
+    try:
+        happened.append(events.get(timeout=WAIT))
+        client.subscribe([(topic + "/#", 1) for topic in topics])
+        happened.append(events.get(timeout=WAIT))
+        for topic in topics:
+            client.publish(f"{topic}/x", topic.encode(), qos=1).wait_for_publish(WAIT)
+        client.publish("end", b"", qos=1).wait_for_publish(WAIT)
+        client.subscribe("end")  # answered after every message before it was delivered
+        while (event := events.get(timeout=WAIT))[0] != "subscribe":
+            happened.append(event)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return happened
+
+
+def test_client_certificates_over_wss_as_over_mqtts(broker_process: type[BrokerProcess], tmp_path: Path) -> None:
+    """An mqtts: endpoint (client certificates required and verified) under --websocket: a client
+    with a certificate gets exactly what it gets on the same kind of endpoint without WebSocket,
+    under the same certificate, username and ACL settings; one without a certificate gets nothing."""
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    acl = tmp_path / "acl"
+    acl.write_text("user client\ntopic readwrite secure/#\n")
+    mqtts = (f"mqtts:{{port}}:interface=127.0.0.1:privateKey={_endpoint_quote(certs / 'server.key')}"
+             f":certKey={_endpoint_quote(certs / 'server.pem')}:caCerts={_endpoint_quote(certs / 'ca.pem')}")
+    tls_port = free_port()
+    broker = WSBroker(broker_process, "--persistence", "memory", "--use-identity-as-username", "true",
+                      "--allow-anonymous", "false", "--acl-file", str(acl),
+                      "--endpoint", mqtts.format(port=tls_port), websocket=mqtts)
+    wait_for_port(tls_port, broker.broker.process)
+    over_tls = certificate_client("tcp", tls_port, certs, ["secure", "other"])
+    over_wss = certificate_client("websockets", broker.ws_port, certs, ["secure", "other"])
+    assert over_tls[0] == ("connect", 0) and ("message", "secure/x", b"secure") in over_tls
+    assert over_wss == over_tls
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):  # no certificate: no TLS
+        RawWebSocket(broker.ws_port, context=client_context(certs / "ca.pem")).next_frame()
+    assert broker.errors() == []
+
+
 # --- raw WebSocket cases on a real socket ----------------------------------------------------------
 
 def connected_raw(port: int, client_id: str, **kwargs: Any) -> RawWebSocket:
