@@ -451,14 +451,14 @@ def _options(*args: str) -> Options:
 def test_start_listens_on_websocket_endpoints() -> None:
     from twisted.internet import reactor
 
-    ws_port = free_port()
+    ws_ports = [free_port(), free_port()]
     service = makeService(_options("--persistence", "memory", "--endpoint", f"tcp:{free_port()}:interface=127.0.0.1",
-                                   "--websocket", f"tcp:{ws_port}:interface=127.0.0.1"))
+                                   *[arg for port in ws_ports for arg in ("--websocket", f"tcp:{port}:interface=127.0.0.1")]))
     service.startService()
     try:
-        assert len(service.ports) == 2
-        assert service.ports[1].getHost().port == ws_port  # type: ignore[attr-defined]
-        socket.create_connection(("127.0.0.1", ws_port), timeout=5).close()
+        assert [port.getHost().port for port in service.ports[1:3]] == ws_ports  # type: ignore[attr-defined]
+        for port in ws_ports:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
     finally:
         stopped: list[Any] = []
         service.stopService().addBoth(stopped.append)
