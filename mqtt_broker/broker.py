@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 
-from .config import BrokerConfig
+from .auth import Security
+from .config import BrokerConfig, ConfigError
 from .connect import NEVER
 from .history import MessageLog
 from .hooks import Hooks
@@ -112,6 +113,9 @@ class BrokerService(MultiService):
         self.history = MessageLog(config.history_filters, config.history_max_messages, config.history_max_age,
                                   config.history_max_bytes) if config.history_filters else None
         """The message log that subscribers can ask to replay; None when no filter is logged."""
+        security = Security.from_config(config, reactor)
+        self.security: Security | None = security if security.enabled else None
+        """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
         self._share_turns: dict[tuple[str, str], int] = {}
         from .protocol import MQTTFactory
@@ -169,7 +173,31 @@ class BrokerService(MultiService):
         self._delayed_wills.clear()
         if self.store is not None:
             stopping.append(self.store.close())
+        if self.security is not None:
+            stopping.append(self.security.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    def _filter_readable(self, session: Session, identity: Any) -> None:
+        assert self.security is not None
+        can_read = self.security.can_read
+        for item in [i for i in session.queue if not can_read(identity, i.message.topic)]:
+            session.queue.remove(item)
+            session.queued_bytes -= len(item.message.payload)
+            self._forget_delivery(session, item)
+        for packet_id, out in list(session.outgoing.items()):
+            if not out.released and not can_read(identity, out.message.topic):
+                del session.outgoing[packet_id]
+                self._forget_delivery(session, out)
+
+    def reload(self) -> None:
+        """Read the password file, ACL file and JWT keys again (SIGHUP under twistd); a bad new
+        file is logged and the old rules stay in force. Clients are checked against the new
+        rules from their next operation on."""
+        if self.security is not None:
+            try:
+                self.security.reload()
+            except ConfigError:
+                pass  # logged by Security; the old state is kept
 
     def flush_writes(self) -> None:
         unflushed, self.unflushed = self.unflushed, []
@@ -241,7 +269,8 @@ class BrokerService(MultiService):
 
     # --- sessions -----------------------------------------------------------------------
 
-    def attach(self, connection: Any, client_id: str, clean_start: bool, expiry: int) -> tuple[Session, bool]:
+    def attach(self, connection: Any, client_id: str, clean_start: bool, expiry: int,
+               identity: Any = None) -> tuple[Session, bool]:
         """Give a connection its session, taking it over from another connection if there is
         one [MQTT-3.1.4-2]. Returns the session and whether it existed (Session Present)."""
         session = self.sessions.get(client_id)
@@ -268,6 +297,12 @@ class BrokerService(MultiService):
         session.expiry_call = None
         session.expiry = expiry
         session.connection = connection
+        if identity is not None and self.security is not None:
+            if session.identity is None and present:
+                # Restored from the store: what was queued before anyone knew who the client is
+                # must still pass its read rights.
+                self._filter_readable(session, identity)
+            session.identity = identity
         if len(self.connections) > self.stats.clients_maximum:
             self.stats.clients_maximum = len(self.connections)
         if self.store is not None and (expiry or session.stored):
@@ -413,16 +448,21 @@ class BrokerService(MultiService):
         asks for (see mqtt_broker.history), and no retained message that was among them."""
         ids = (subscription.subscription_id,) if subscription.subscription_id else ()
         now = self.clock.seconds()
+        security = self.security
+        readable = (lambda message: True) if security is None or session.identity is None else (
+            lambda message: security.can_read(session.identity, message.topic))
         replayed: set[tuple[str, bytes]] = set()
         if replay is not None and self.history is not None and subscription.share_group is None:
             for message in self.history.replay(subscription.topic_filter, replay, now):
+                if not readable(message):
+                    continue
                 replayed.add((message.topic, message.payload))
                 self.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         if subscription.share_group is not None or subscription.retain_handling == 2 or (
                 subscription.retain_handling == 1 and existed):
             return  # no retained messages on a shared subscription [MQTT-3.8.4-?]
         for message in list(self.retained.match(subscription.topic_filter)):
-            if (message.topic, message.payload) in replayed:
+            if (message.topic, message.payload) in replayed or not readable(message):
                 continue
             if message.expires_at is not None and message.expires_at <= now:
                 self.retained.delete(message.topic)
@@ -462,9 +502,13 @@ class BrokerService(MultiService):
         sender = message.sender
         count = 0
         ids: tuple[int, ...]
+        security = self.security
         for client_id, subs in by_client:
             session = sessions.get(client_id)
             if session is None:
+                continue
+            if security is not None and session.identity is not None and not security.can_read(
+                    session.identity, message.topic):
                 continue
             if len(subs) == 1:
                 sub = subs[0]
@@ -492,6 +536,10 @@ class BrokerService(MultiService):
         """One member of a shared group gets the message: connected members in turn, or an
         offline member's session if none is connected."""
         sessions = self.sessions
+        if self.security is not None:
+            can_read = self.security.can_read
+            members = [m for m in members if m.client_id not in sessions or sessions[m.client_id].identity is None
+                       or can_read(sessions[m.client_id].identity, message.topic)]
         online = [m for m in members if m.client_id in sessions and sessions[m.client_id].connection is not None]
         pool = online or [m for m in members if m.client_id in sessions]
         if not pool:

@@ -22,6 +22,7 @@ from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
 from .aliases import InboundAliases, OutboundAliases
+from .auth import Credentials, Identity, Refusal
 from .connect import NEVER, Terms, is_utf8, negotiate
 from .history import ReplayError, parse_spec, split_replay_filter
 from .store import StoreError
@@ -65,6 +66,8 @@ class MQTTProtocol(Protocol):
         self._aliases_in: InboundAliases | None = None
         self._aliases_out: OutboundAliases | None = None
         self._auth_method: str | None = None
+        self.identity: Identity | None = None
+        """Who the security chain says the client is (None without security)."""
         self._out: list[bytes] = []
         self.pending_bytes = 0
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
@@ -365,6 +368,30 @@ class MQTTProtocol(Protocol):
         if terms.reason:
             self._refuse(terms.reason, "CONNECT refused")
             return
+        security = self.broker.security
+        if security is None:
+            self._authenticated(None, packet)
+            return
+        credentials = Credentials(client_id=terms.client_id, username=packet.username, password=packet.password,
+                                  peer=self.peer, protocol_version=self.version,
+                                  certificate_identity=security.certificate_identity(self.transport))
+        self._when(security.authenticate(credentials), self._authenticated, packet)
+
+    def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:
+        """The security chain's answer (None: there is none); then enhanced authentication and
+        connect hooks."""
+        if isinstance(identity, Refusal):
+            self.broker.stats.auth_failures += 1
+            self._refuse(identity.reason_code, "authentication failed")
+            return
+        if identity is not None:
+            self.identity = identity
+            assert self.client is not None and self.broker.security is not None
+            if identity.username != self.client.username:  # e.g. a certificate's name
+                self.client = dataclasses.replace(self.client, username=identity.username)
+            if packet.will is not None and not self.broker.security.can_publish(identity, packet.will.topic):
+                self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {packet.will.topic!r} not allowed")
+                return
         method = packet.properties.get("authentication_method")
         if method is None:
             self._authorize(packet)
@@ -435,7 +462,8 @@ class MQTTProtocol(Protocol):
         terms = self.terms
         client = self.client
         assert terms is not None and client is not None
-        session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry)
+        session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
+                                              self.identity)
         self.session = session
         self._set_state(State.CONNECTED)
         self.send_quota = terms.send_quota
@@ -483,6 +511,14 @@ class MQTTProtocol(Protocol):
             raise MQTTError(f"QoS {qos} is above the maximum {config.max_qos}", ReasonCode.QOS_NOT_SUPPORTED)
         if packet.retain and not config.retain_available:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
+        security = self.broker.security
+        if (topic[0] == "$" and topic.startswith("$SYS")) or (
+                security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
+            # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
+            log.info("denied PUBLISH to {topic} from {client_id}", topic=topic, client_id=self.client.client_id)  # type: ignore[union-attr]
+            if qos:
+                self._acknowledge(packet, ReasonCode.NOT_AUTHORIZED)
+            return
         if qos == 2:
             awaiting = self.session.awaiting_pubrel
             if packet.packet_id in awaiting:
@@ -610,6 +646,7 @@ class MQTTProtocol(Protocol):
             raise MQTTError("subscription identifiers are not supported",
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
         wanted: list[Subscription | ReasonCode] = []
+        security = self.broker.security
         replays: dict[str, str] = {}
         asked = dict(packet.properties.get("user_property", ())).get("replay")
         for request in packet.subscriptions:
@@ -631,6 +668,8 @@ class MQTTProtocol(Protocol):
                 wanted.append(ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
             elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
+            elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
+                wanted.append(ReasonCode.NOT_AUTHORIZED)
             else:
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),

@@ -67,6 +67,9 @@ class Session:
     offline client's backlog beyond max_queued_messages does not stay in memory."""
     loading: bool = False
     """Spilled messages are being read back from the store."""
+    identity: Any = None
+    """The auth Identity of its client, for read rights (None: no security, or restored and
+    not yet reconnected)."""
     loaded_seq: int = 0
     """The highest seq brought into memory; spilled messages all come after it."""
     next_seq: int = 1

@@ -157,7 +157,24 @@ def makeService(options: Options) -> BrokerService:
     and a port that cannot be bound then fails start-up."""
     from .broker import BrokerService  # the reactor is imported here, not when twistd lists plugins
     config: BrokerConfig = options["broker_config"]
-    return BrokerService(config=config)
+    service = BrokerService(config=config)
+    _reload_on_sighup(service)
+    return service
+
+
+def _reload_on_sighup(service: BrokerService) -> None:
+    """SIGHUP re-reads the password file, ACL file and keys, as it does for Mosquitto."""
+    import signal
+
+    from twisted.internet import reactor
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(service.reload)  # type: ignore[attr-defined]
+
+    def install() -> None:
+        signal.signal(signal.SIGHUP, handler)
+
+    reactor.addSystemEventTrigger("after", "startup", install)  # type: ignore[attr-defined]
 
 
 __all__ = ["Options", "makeService"]

@@ -13,7 +13,7 @@ WAIT = 10.0
 class PahoClient:
     def __init__(self, port: int, client_id: str = "", clean: bool = True, version: int = mqtt.MQTTv311,
                  will: tuple[str, bytes, int, bool] | None = None, properties: Any = None,
-                 **tls: Any) -> None:
+                 username: str | None = None, password: str | None = None, **tls: Any) -> None:
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": version}
         if version != mqtt.MQTTv5:
             kwargs["clean_session"] = clean
@@ -24,6 +24,9 @@ class PahoClient:
         self.client.on_subscribe = lambda c, u, mid, rcs, props: self.events.put(("subscribe", rcs))
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_disconnect = lambda c, u, flags, rc, props: self.events.put(("disconnect", rc))
+        self.client.on_publish = lambda c, u, mid, rc, props: self.events.put(("publish", rc))
+        if username is not None:
+            self.client.username_pw_set(username, password)
         if will is not None:
             self.client.will_set(*will)
         if tls:

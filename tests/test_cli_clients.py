@@ -197,17 +197,18 @@ def test_overlapping_subscriptions_deliver_one_copy(broker) -> None:  # type: ig
 
 def test_dollar_topics_are_not_matched_by_leading_wildcards(broker) -> None:  # type: ignore[no-untyped-def]
     # [MQTT-4.7.2-1]: a filter starting with # or + does not match a topic starting with $.
-    explicit = MosquittoSub(broker.port, "$SYS/#", "$internal/+", qos=1, count=2)
+    # ($SYS itself is the broker's: clients may not publish there.)
+    explicit = MosquittoSub(broker.port, "$app/#", "$internal/+", qos=1, count=2)
     wild = MosquittoSub(broker.port, "#", "+/status", qos=1, count=1)
-    mosquitto_pub(broker.port, "$SYS/broker/test", "sys", qos=1)
+    mosquitto_pub(broker.port, "$app/broker/test", "sys", qos=1)
     mosquitto_pub(broker.port, "$internal/status", "internal", qos=1)
     mosquitto_pub(broker.port, "cli/sys/end", "end", qos=1)
     assert wild.finish() == ["0 1 cli/sys/end end"]
-    assert explicit.finish() == ["0 1 $SYS/broker/test sys", "0 1 $internal/status internal"]
+    assert explicit.finish() == ["0 1 $app/broker/test sys", "0 1 $internal/status internal"]
 
 
 def test_retained_dollar_topics_are_not_matched_by_leading_wildcards(broker) -> None:  # type: ignore[no-untyped-def]
-    mosquitto_pub(broker.port, "$SYS/retained", "sys", qos=1, retain=True)
+    mosquitto_pub(broker.port, "$app/retained", "sys", qos=1, retain=True)
     mosquitto_pub(broker.port, "plain/retained", "plain", qos=1, retain=True)
     # Retained messages are matched by their own code path, so check it apart from routing. One
     # filter per subscriber: each new subscription gets its own copy [MQTT-3.3.1-6].
@@ -216,7 +217,7 @@ def test_retained_dollar_topics_are_not_matched_by_leading_wildcards(broker) -> 
     mosquitto_pub(broker.port, "end/retained", "end", qos=1)
     for sub in (hash_sub, plus_sub):
         assert sub.finish() == ["1 1 plain/retained plain", "0 1 end/retained end"], sub.args
-    assert MosquittoSub(broker.port, "$SYS/+", qos=1).finish() == ["1 1 $SYS/retained sys"]
+    assert MosquittoSub(broker.port, "$app/+", qos=1).finish() == ["1 1 $app/retained sys"]
 
 
 def test_mqtt5_round_trip_with_properties(broker) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ import json
 import queue
 import socket
 import ssl
+import os
 import subprocess
 import sys
 import time
@@ -326,7 +327,8 @@ def site() -> Iterator[tuple[int, int]]:
     http_port, mqtt_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "websocket_site.py"), str(http_port), str(mqtt_port),
-         str(ROOT / "tests" / "browser")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         str(ROOT / "tests" / "browser")], env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(http_port, process)
         wait_for_port(mqtt_port, process)
