@@ -563,7 +563,7 @@ class BrokerService(MultiService):
                     self.stats.messages_sent += 1
                 return
             if len(session.outgoing) < connection.send_quota:
-                self._send_tracked(session, self._item(session, Queued(message, qos, retain, subscription_ids, share)))
+                self._send_tracked(session, self._item(session, Outgoing(message, qos, retain, subscription_ids, share)))
                 return
         elif connection is None and not qos and not self.config.queue_qos0_messages:
             return  # QoS 0 is not kept for offline sessions unless asked to
@@ -615,8 +615,10 @@ class BrokerService(MultiService):
         if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
             self._forget_delivery(session, item)
             return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
-        session.outgoing[packet_id] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
-                                               item.share, item.seq, self.clock.seconds())
+        if type(item) is not Outgoing:
+            item = Outgoing(item.message, item.qos, item.retain, item.subscription_ids, item.share, item.seq)
+        item.sent_at = self.clock.seconds()  # type: ignore[attr-defined]
+        session.outgoing[packet_id] = item  # type: ignore[assignment]
         if item.seq and session.stored:
             assert self.store is not None
             if queued:

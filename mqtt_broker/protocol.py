@@ -66,6 +66,7 @@ class MQTTProtocol(Protocol):
         self._aliases_in: InboundAliases | None = None
         self._aliases_out: OutboundAliases | None = None
         self._auth_method: str | None = None
+        self._client_id = ""
         self.identity: Identity | None = None
         """Who the security chain says the client is (None without security)."""
         self._out: list[bytes] = []
@@ -465,6 +466,7 @@ class MQTTProtocol(Protocol):
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
                                               self.identity)
         self.session = session
+        self._client_id = client.client_id
         self._set_state(State.CONNECTED)
         self.send_quota = terms.send_quota
         properties = terms.connack_properties
@@ -506,12 +508,13 @@ class MQTTProtocol(Protocol):
                 properties = {k: v for k, v in properties.items() if k != "topic_alias"}
         if not topic or "+" in topic or "#" in topic:
             raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
-        config = self.broker.config
+        broker = self.broker
+        config = broker.config
         if qos > config.max_qos:
             raise MQTTError(f"QoS {qos} is above the maximum {config.max_qos}", ReasonCode.QOS_NOT_SUPPORTED)
         if packet.retain and not config.retain_available:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
-        security = self.broker.security
+        security = broker.security
         if (topic[0] == "$" and topic.startswith("$SYS")) or (
                 security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
@@ -527,13 +530,13 @@ class MQTTProtocol(Protocol):
             if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
                 raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
                                 ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
-        if properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
+        if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
             if not qos:
                 raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
             self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
             return
         message = Message(topic=topic, payload=packet.payload, qos=qos, retain=packet.retain,
-                          properties=properties, sender=self.client.client_id)  # type: ignore[union-attr]
+                          properties=properties, sender=self._client_id)
         frame = packet.frame
         if frame is not None and not packet.properties:
             # Forward the bytes as received: only the retain and DUP flags are not passed on.
@@ -542,11 +545,11 @@ class MQTTProtocol(Protocol):
             v5 = self.version == MQTT_5
             offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
             message.encoded = {(v5, qos, False): (frame, offset)}
-        if self.broker.hooks.has_publish:
-            self._when(self.broker.hooks.resolve("publish", self.client, message),
+        if broker.hooks.has_publish:
+            self._when(broker.hooks.resolve("publish", self.client, message),
                        self._publish_decided, packet, message)
             return
-        routed = self.broker.route(message)
+        routed = broker.route(message)
         if qos:
             self._routed(packet, message, routed)
 
@@ -594,6 +597,10 @@ class MQTTProtocol(Protocol):
             self._acknowledge(packet, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
     def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
+        if not reason or self.version != MQTT_5:  # the common case, without building a packet
+            packet_id = packet.packet_id
+            self.write(bytes((0x40 if packet.qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
+            return
         code = 0
         properties: dict[str, Any] = {}
         if self.version == MQTT_5:
