@@ -266,12 +266,14 @@ class MQTTProtocol(Protocol):
             out.append(data)
             self.pending_bytes += len(data)
         else:
+            self.stats.bytes_sent += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
 
     def flush(self) -> None:
         out = self._out
         if out:
             self._out = []
+            self.stats.bytes_sent += self.pending_bytes  # counted per flush, not per message
             self.pending_bytes = 0
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
 
@@ -282,9 +284,7 @@ class MQTTProtocol(Protocol):
             properties = {k: v for k, v in packet.properties.items()  # type: ignore[union-attr]
                           if k not in ("reason_string", "user_property")}
             data = encode(dataclasses.replace(packet, properties=properties), self.version)  # type: ignore[type-var, arg-type]
-        stats = self.stats
-        stats.control_packets_sent += 1
-        stats.bytes_sent += len(data)
+        self.stats.control_packets_sent += 1
         self.write(data)
 
     def send_publish(self, message: Message, qos: int, retain: bool, packet_id: int, dup: bool = False,
@@ -315,7 +315,6 @@ class MQTTProtocol(Protocol):
             log.info("dropped a {size} byte message to {client_id}: above its maximum packet size",
                      size=size, client_id=self.client.client_id if self.client else "-")
             return False
-        self.stats.bytes_sent += size
         if qos:
             patched = bytearray(data)
             patched[offset] = packet_id >> 8
@@ -599,6 +598,7 @@ class MQTTProtocol(Protocol):
     def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
         if not reason or self.version != MQTT_5:  # the common case, without building a packet
             packet_id = packet.packet_id
+            self.stats.control_packets_sent += 1
             self.write(bytes((0x40 if packet.qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
             return
         code = 0
@@ -767,7 +767,6 @@ class MQTTProtocol(Protocol):
 
     def _pingresp(self) -> None:
         self.stats.control_packets_sent += 1
-        self.stats.bytes_sent += len(_PINGRESP)
         self.write(_PINGRESP)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
