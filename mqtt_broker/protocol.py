@@ -79,19 +79,6 @@ class MQTTProtocol(Protocol):
         self._keep_alive = 0.0
         self._keepalive_call: Any = None
         self._connect_call: Any = None
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            Connect: self._on_connect,
-            Publish: self._on_publish,
-            Puback: self._on_puback,
-            Pubrec: self._on_pubrec,
-            Pubrel: self._on_pubrel,
-            Pubcomp: self._on_pubcomp,
-            Subscribe: self._on_subscribe,
-            Unsubscribe: self._on_unsubscribe,
-            Pingreq: self._on_pingreq,
-            Disconnect: self._on_disconnect,
-            Auth: self._on_auth,
-        }
 
     # --- transport events ---------------------------------------------------------------
 
@@ -123,7 +110,7 @@ class MQTTProtocol(Protocol):
 
     def _process(self) -> None:
         reader = self.reader
-        handlers = self._handlers
+        handlers = _HANDLERS
         count = 0  # counted in a local, added once per read
         broker = self.broker
         broker.batching += 1
@@ -137,7 +124,7 @@ class MQTTProtocol(Protocol):
                     if self.state is State.CLOSED:
                         return
                     lifecycle.check(self.state, packet, self.version)
-                handlers[type(packet)](packet)
+                handlers[type(packet)](self, packet)
         except MQTTError as error:
             self._violation(error)
         finally:
@@ -789,6 +776,23 @@ def _count_refusal(stats: Any, reason: ReasonCode) -> None:
     stats.refused_by_reason[reason.name] = stats.refused_by_reason.get(reason.name, 0) + 1
     if reason in _AUTH_REFUSALS:
         stats.auth_failures += 1
+
+
+# The dispatch table: one per class, not per connection (thousands of connections would each
+# carry eleven bound methods).
+_HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
+    Connect: MQTTProtocol._on_connect,
+    Publish: MQTTProtocol._on_publish,
+    Puback: MQTTProtocol._on_puback,
+    Pubrec: MQTTProtocol._on_pubrec,
+    Pubrel: MQTTProtocol._on_pubrel,
+    Pubcomp: MQTTProtocol._on_pubcomp,
+    Subscribe: MQTTProtocol._on_subscribe,
+    Unsubscribe: MQTTProtocol._on_unsubscribe,
+    Pingreq: MQTTProtocol._on_pingreq,
+    Disconnect: MQTTProtocol._on_disconnect,
+    Auth: MQTTProtocol._on_auth,
+}
 
 
 class MQTTFactory(Factory):
