@@ -1,0 +1,574 @@
+"""The stores (mqtt_broker/store): what is recorded comes back from ``load()`` of a new store,
+and the SQLite store's group commit, writer thread, flushed(), damaged files and full disks.
+
+The SQLite tests run on the real reactor (pytest-twisted): the store writes on a thread and
+reports back through the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+
+from mqtt_broker.history import Entry
+from mqtt_broker.message import Message
+from mqtt_broker.session import Outgoing, Queued, Session
+from mqtt_broker.store import Snapshot, StoredWill, StoreError
+from mqtt_broker.store.memory import MemoryStore
+from mqtt_broker.store.sqlite import SQLiteStore
+from mqtt_broker.topics import Subscription
+
+from durability_helpers import CapturedLog, rows
+
+NEVER = 0xFFFFFFFF
+PROPS = {"user_property": [("k", "v"), ("k", "w"), ("ключ", "значение")], "content_type": "text/plain",
+         "correlation_data": b"\x00\x01", "response_topic": "reply/here", "payload_format_indicator": 1,
+         "message_expiry_interval": 60}
+
+
+class Harness:
+    """A store of one kind, and a fresh one over the same data (same file, or the same
+    MemoryStore, which is what survives a service restart)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.path = tmp_path / "data" / "mqttbroker.db"
+        self.memory = MemoryStore()
+        self.store: Any = None
+        self.opened: list[Any] = []
+
+    def open(self, window: int = 0) -> Snapshot:
+        self.store = SQLiteStore(self.path, reactor) if self.kind == "sqlite" else self.memory
+        snapshot = self.store.load(window)
+        self.opened.append(self.store)
+        return snapshot
+
+    @inlineCallbacks
+    def reopen(self, window: int = 0) -> Iterator[Deferred[Any]]:
+        yield self.store.close()
+        return self.open(window)
+
+    @inlineCallbacks
+    def close_all(self) -> Iterator[Deferred[Any]]:
+        for store in self.opened:
+            yield store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(request.param, tmp_path)
+    yield h
+    pytest_twisted.blockon(h.close_all())
+
+
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness("sqlite", tmp_path)
+    yield h
+    pytest_twisted.blockon(h.close_all())
+
+
+def item(seq: int, topic: str = "t", payload: bytes = b"x", qos: int = 1, **kwargs: Any) -> Queued:
+    message = Message(topic=topic, payload=payload, qos=qos, properties=kwargs.pop("properties", {}),
+                      expires_at=kwargs.pop("expires_at", None))
+    return Queued(message, qos, kwargs.pop("retain", False), kwargs.pop("subscription_ids", ()),
+                  kwargs.pop("share", None), seq)
+
+
+def view(delivery: Queued) -> tuple[Any, ...]:
+    """What a restored delivery must keep (message.qos is the delivery's QoS after a reload)."""
+    m = delivery.message
+    released = delivery.released if isinstance(delivery, Outgoing) else None
+    return (delivery.seq, m.topic, m.payload, delivery.qos, delivery.retain, dict(m.properties), m.expires_at,
+            tuple(delivery.subscription_ids), delivery.share, released)
+
+
+def by_id(snapshot: Snapshot) -> dict[str, tuple[Session, float | None]]:
+    return {session.client_id: (session, at) for session, at in snapshot.sessions}
+
+
+# --- everything round-trips ---------------------------------------------------------------------
+
+SUBSCRIPTIONS = [
+    Subscription(client_id="alice", topic_filter="sensors/+/temp", qos=2, no_local=True, retain_as_published=True,
+                 retain_handling=2, subscription_id=7),
+    Subscription(client_id="alice", topic_filter="$share/group/jobs/#", qos=1, retain_handling=1,
+                 subscription_id=268435455, share_group="group"),
+    Subscription(client_id="alice", topic_filter="plain", qos=0),
+]
+QUEUED_1 = item(1, "sensors/1/temp", b"21.5", qos=2, retain=True, properties=PROPS, expires_at=4321.25,
+                subscription_ids=(7, 9))
+QUEUED_2 = item(2, "jobs/1", b"\x00\xff" * 100, qos=1, share=("group", "jobs/#"))
+
+
+def record_first_batch(store: Any) -> None:
+    alice = Session("alice", 300)
+    alice.next_seq = 5
+    store.save_session(alice, 1234.5)
+    store.save_session(Session("bob", NEVER), None)
+    store.save_session(Session("carol", 60), 10.0)
+    for subscription in SUBSCRIPTIONS:
+        store.save_subscription("alice", subscription)
+    store.save_subscription("alice", Subscription(client_id="alice", topic_filter="gone", qos=1))
+    store.save_subscription("bob", Subscription(client_id="bob", topic_filter="#", qos=1))
+    store.add_delivery("alice", QUEUED_1, None)
+    store.add_delivery("alice", QUEUED_2, None)
+    store.add_delivery("alice", item(3, "t/sent", b"s", qos=1), 17)
+    store.add_delivery("alice", item(4, "t/released", b"r", qos=2), 18)
+    store.add_delivery("alice", item(6, "t/moved", b"m", qos=1), None)
+    store.add_delivery("alice", item(7, "t/dropped", b"d", qos=1), None)
+    store.add_delivery("alice", item(8, "t/acked", b"a", qos=1), 20)
+    for packet_id in (5, 6, 65535):
+        store.add_pubrel("alice", packet_id)
+    store.save_subscription("carol", Subscription(client_id="carol", topic_filter="c", qos=1))
+    store.add_delivery("carol", item(1, "c", b"c", qos=1), None)
+    store.add_pubrel("carol", 3)
+    store.save_retained(Message(topic="status/a", payload=b"up", qos=1, retain=True, properties=PROPS,
+                                expires_at=999.5))
+    store.save_retained(Message(topic="status/b", payload=b"plain", qos=0, retain=True))
+    store.save_retained(Message(topic="status/gone", payload=b"x", qos=0, retain=True))
+    store.save_will(StoredWill("alice", "alice-user", Message(
+        topic="wills/alice", payload=b"bye", qos=2, retain=True, properties={"content_type": "x",
+                                                                           "user_property": [("a", "b")]},
+        sender="alice", expires_at=2100.0), 2000.0))
+    store.save_will(StoredWill("bob", None, Message(topic="wills/bob", payload=b"b", sender="bob"), 50.0))
+    store.save_history(Entry(1, Message(topic="log/1", payload=b"one", qos=1, properties={"content_type": "c"}), 5.0))
+    store.save_history(Entry(2, Message(topic="log/2", payload=b"two"), 6.0))
+    store.save_history(Entry(3, Message(topic="log/3", payload=b"three", qos=2), 7.0))
+
+
+def record_second_batch(store: Any) -> None:
+    """Changes to what the first batch wrote, and short-lived records that never reach a batch."""
+    store.update_delivery("alice", 4, 18, True)  # PUBREC came
+    store.update_delivery("alice", 6, 19, False)  # sent from the queue
+    store.remove_delivery("alice", 7)
+    store.remove_delivery("alice", 8)
+    store.remove_pubrel("alice", 6)
+    store.delete_subscription("alice", "gone")
+    store.add_delivery("alice", item(9, "t/quick", b"q", qos=2), None)  # queued, sent and PUBREC'd in one batch
+    store.update_delivery("alice", 9, 21, False)
+    store.update_delivery("alice", 9, 21, True)
+    store.add_delivery("alice", item(10, "t/gone", b"g", qos=1), 22)  # acknowledged before written
+    store.remove_delivery("alice", 10)
+    store.add_pubrel("alice", 7)
+    store.remove_pubrel("alice", 7)
+    store.delete_session("carol")
+    store.delete_retained("status/gone")
+    store.delete_will("bob")
+    store.forget_history(2)
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_kind_of_record_round_trips(harness: Harness) -> Iterator[Deferred[Any]]:
+    assert harness.open() == Snapshot()
+    record_first_batch(harness.store)
+    yield harness.store.flushed()
+    record_second_batch(harness.store)
+    yield harness.store.flushed()
+    snapshot = yield harness.reopen()
+
+    sessions = by_id(snapshot)
+    assert sorted(sessions) == ["alice", "bob"]  # carol was deleted with everything of hers
+    alice, alice_left = sessions["alice"]
+    bob, bob_left = sessions["bob"]
+    assert (alice.expiry, alice_left) == (300, 1234.5)
+    assert (bob.expiry, bob_left) == (NEVER, None)
+    assert alice.stored and bob.stored  # the broker records changes of restored sessions
+    assert alice.subscriptions == {s.topic_filter: s for s in SUBSCRIPTIONS}
+    assert bob.subscriptions == {"#": Subscription(client_id="bob", topic_filter="#", qos=1)}
+
+    assert [view(q) for q in alice.queue] == [view(QUEUED_1), view(QUEUED_2)]
+    assert alice.queued_bytes == len(QUEUED_1.message.payload) + len(QUEUED_2.message.payload)
+    assert {pid: view(out) for pid, out in alice.outgoing.items()} == {
+        17: view(Outgoing(*_fields(item(3, "t/sent", b"s", qos=1)), released=False)),
+        18: view(Outgoing(*_fields(item(4, "t/released", b"r", qos=2)), released=True)),
+        19: view(Outgoing(*_fields(item(6, "t/moved", b"m", qos=1)), released=False)),
+        21: view(Outgoing(*_fields(item(9, "t/quick", b"q", qos=2)), released=True)),
+    }
+    assert alice.awaiting_pubrel == {5, 65535}
+    assert not bob.queue and not bob.outgoing and not bob.awaiting_pubrel
+
+    retained = {m.topic: m for m in snapshot.retained}
+    assert sorted(retained) == ["status/a", "status/b"]
+    a = retained["status/a"]
+    assert (a.payload, a.qos, a.retain, dict(a.properties), a.expires_at) == (b"up", 1, True, PROPS, 999.5)
+    b = retained["status/b"]
+    assert (b.payload, b.qos, b.retain, dict(b.properties), b.expires_at) == (b"plain", 0, True, {}, None)
+
+    assert len(snapshot.wills) == 1
+    will = snapshot.wills[0]
+    assert (will.client_id, will.username, will.due) == ("alice", "alice-user", 2000.0)
+    m = will.message
+    assert (m.topic, m.payload, m.qos, m.retain, dict(m.properties), m.sender, m.expires_at) == (
+        "wills/alice", b"bye", 2, True, {"content_type": "x", "user_property": [("a", "b")]}, "alice", 2100.0)
+
+    assert [(e.seq, e.message.topic, e.message.payload, e.message.qos, dict(e.message.properties), e.at)
+            for e in snapshot.history] == [(2, "log/2", b"two", 0, {}, 6.0), (3, "log/3", b"three", 2, {}, 7.0)]
+
+
+def _fields(q: Queued) -> tuple[Any, ...]:
+    return (q.message, q.qos, q.retain, q.subscription_ids, q.share, q.seq)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reloading_twice_changes_nothing(harness: Harness) -> Iterator[Deferred[Any]]:
+    """Loading is only reading: a second reload sees what the first saw."""
+    harness.open()
+    record_first_batch(harness.store)
+    record_second_batch(harness.store)
+    yield harness.store.flushed()
+    first = yield harness.reopen()
+    second = yield harness.reopen()
+
+    def summary(snapshot: Snapshot) -> Any:
+        return sorted((s.client_id, at, s.expiry, sorted(s.subscriptions), [view(q) for q in s.queue],
+                       sorted((p, view(o)) for p, o in s.outgoing.items()), sorted(s.awaiting_pubrel))
+                      for s, at in snapshot.sessions)
+    assert summary(first) == summary(second)
+
+
+@pytest_twisted.inlineCallbacks
+def test_next_seq_is_above_every_stored_delivery(harness: Harness) -> Iterator[Deferred[Any]]:
+    """The broker numbers deliveries of an offline session without saving the session again,
+    so after a reload the next number must come after every stored one: else two messages
+    share a seq, and acknowledging one deletes the other from the store."""
+    harness.open()
+    session = Session("s", NEVER)
+    harness.store.save_session(session, 1.0)  # saved when the client went away, next_seq 1
+    for seq in (1, 2, 3):
+        harness.store.add_delivery("s", item(seq, payload=b"%d" % seq), None)
+    yield harness.store.flushed()
+    snapshot = yield harness.reopen()
+    restored = by_id(snapshot)["s"][0]
+    assert restored.next_seq == 4
+
+
+@pytest_twisted.inlineCallbacks
+def test_window_loads_the_first_queued_messages_and_the_rest_on_demand(harness: Harness) -> Iterator[Deferred[Any]]:
+    harness.open()
+    harness.store.save_session(Session("s", NEVER), 1.0)
+    harness.store.add_delivery("s", item(1, payload=b"in flight"), 5)
+    for seq in range(2, 9):
+        harness.store.add_delivery("s", item(seq, payload=b"%d" % seq), None)
+    yield harness.store.flushed()
+    snapshot = yield harness.reopen(window=3)
+    session = by_id(snapshot)["s"][0]
+    assert [q.message.payload for q in session.queue] == [b"2", b"3", b"4"]
+    assert list(session.outgoing) == [5]  # in-flight messages are always loaded
+    assert session.spilled == 4
+    assert session.loaded_seq == 4
+    assert session.queued_bytes == 3
+    rest = yield harness.store.load_queued("s", session.loaded_seq, 3)
+    assert [(q.seq, q.message.payload) for q in rest] == [(5, b"5"), (6, b"6"), (7, b"7")]
+    rest = yield harness.store.load_queued("s", 7, 10)
+    assert [(q.seq, q.message.payload) for q in rest] == [(8, b"8")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_load_queued_includes_what_was_recorded_before_the_call(harness: Harness) -> Iterator[Deferred[Any]]:
+    harness.open()
+    harness.store.save_session(Session("s", NEVER), None)
+    harness.store.add_delivery("s", item(1, payload=b"one"), None)
+    harness.store.add_delivery("s", item(2, payload=b"two"), None)
+    loaded = yield harness.store.load_queued("s", 0, 10)  # nothing flushed yet
+    assert [q.message.payload for q in loaded] == [b"one", b"two"]
+
+
+# --- SQLite: group commit, writer thread, flushed() ----------------------------------------------
+
+def count_writes(store: SQLiteStore) -> list[tuple[int, int]]:
+    """Wrap the store's writer: each call appends (thread id, number of statements)."""
+    calls: list[tuple[int, int]] = []
+    original = store._write
+
+    def write(batch: list[Any]) -> None:
+        calls.append((threading.get_ident(), len(batch)))
+        original(batch)
+    store._write = write  # type: ignore[method-assign]
+    return calls
+
+
+@pytest_twisted.inlineCallbacks
+def test_delivery_added_and_removed_before_its_batch_costs_no_write(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    store.save_session(Session("s", NEVER), None)
+    yield store.flushed()
+    writes = count_writes(store)
+    store.add_delivery("s", item(1), 7)  # sent to an online client ...
+    store.add_delivery("s", item(2, qos=2), None)  # queued, sent, PUBREC'd, PUBCOMP'd
+    store.update_delivery("s", 2, 8, False)
+    store.update_delivery("s", 2, 8, True)
+    store.add_pubrel("s", 9)  # an inbound QoS 2 message released at once
+    store.remove_delivery("s", 1)  # ... and acknowledged within the same reactor turn
+    store.remove_delivery("s", 2)
+    store.remove_pubrel("s", 9)
+    assert [op for op in store._pending if op is not None] == []
+    yield store.flushed()
+    assert writes == []
+    assert rows(sqlite.path, "SELECT * FROM deliveries") == []
+    assert rows(sqlite.path, "SELECT * FROM awaiting_pubrel") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_delivery_acknowledged_after_its_batch_is_deleted(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    store.save_session(Session("s", NEVER), None)
+    store.add_delivery("s", item(1), 7)
+    yield store.flushed()
+    assert rows(sqlite.path, "SELECT seq, packet_id FROM deliveries") == [(1, 7)]
+    store.remove_delivery("s", 1)
+    yield store.flushed()
+    assert rows(sqlite.path, "SELECT * FROM deliveries") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_changes_of_one_reactor_turn_are_one_transaction(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    writes = count_writes(store)
+    store.save_session(Session("s", NEVER), None)
+    for seq in range(1, 501):
+        store.add_delivery("s", item(seq, payload=b"%d" % seq), None)
+        store.save_retained(Message(topic=f"r/{seq}", payload=b"v", retain=True))
+    waiters = [store.flushed() for _ in range(10)]
+    yield store.flushed()
+    assert [n for _, n in writes] == [1001]
+    assert all(d.called for d in waiters)
+    assert rows(sqlite.path, "SELECT COUNT(*) FROM deliveries") == [(500,)]
+    assert rows(sqlite.path, "SELECT COUNT(*) FROM retained") == [(500,)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_changes_made_while_a_batch_is_written_share_the_next_one(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """Group commit under load: while one transaction is on disk, everything recorded meanwhile
+    (over many reactor turns) waits and goes in one next transaction."""
+    sqlite.open()
+    store = sqlite.store
+    release = threading.Event()
+    started = threading.Event()
+    writes = count_writes(store)
+    inner = store._write
+    calls = []
+
+    def slow_first(batch: list[Any]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(10), "the test did not release the writer"
+        inner(batch)
+    store._write = slow_first  # type: ignore[method-assign]
+    store.save_session(Session("s", NEVER), None)
+    first = store.flushed()
+    try:
+        for _ in range(500):  # bounded wait for the writer thread to take the first batch
+            if started.is_set():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert started.is_set()
+        for seq in range(1, 101):  # a hundred reactor turns while the first batch is held
+            yield deferLater(reactor, 0, lambda: None)
+            store.add_delivery("s", item(seq), None)
+        assert not first.called
+    finally:
+        release.set()
+    yield store.flushed()
+    assert [n for _, n in writes] == [1, 100]
+
+
+@pytest_twisted.inlineCallbacks
+def test_flushed_fires_once_the_rows_are_on_disk(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    store.save_session(Session("s", NEVER), 5.0)
+    store.add_delivery("s", QUEUED_1, None)
+    store.save_retained(Message(topic="r", payload=b"kept", retain=True))
+    assert rows(sqlite.path, "SELECT * FROM sessions") == []  # recorded, not yet written
+    seen: list[Any] = []
+
+    def check(_: None) -> None:  # another connection sees the committed rows
+        seen.append(rows(sqlite.path, "SELECT client_id, disconnected_at FROM sessions"))
+        seen.append(rows(sqlite.path, "SELECT seq, payload FROM deliveries"))
+        seen.append(rows(sqlite.path, "SELECT topic, payload FROM retained"))
+    yield store.flushed().addCallback(check)
+    assert seen == [[("s", 5.0)], [(1, b"21.5")], [("r", b"kept")]]
+
+
+@pytest_twisted.inlineCallbacks
+def test_flushed_with_nothing_recorded_fires_at_once(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    writes = count_writes(sqlite.store)
+    d = sqlite.store.flushed()
+    assert d.called
+    yield d
+    assert writes == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_happen_on_a_thread_other_than_the_reactors(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    writes = count_writes(store)
+    reactor_thread = threading.get_ident()
+    store.save_session(Session("s", NEVER), None)
+    assert writes == []  # recording does not write
+    yield store.flushed()
+    store.save_retained(Message(topic="r", payload=b"v", retain=True))
+    yield store.flushed()
+    assert len(writes) == 2
+    assert all(thread != reactor_thread for thread, _ in writes)
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_writes_what_is_pending(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    sqlite.store.save_session(Session("s", NEVER), 3.0)
+    yield sqlite.store.close()
+    assert rows(sqlite.path, "SELECT client_id, disconnected_at FROM sessions") == [("s", 3.0)]
+
+
+# --- SQLite: files it cannot use -----------------------------------------------------------------
+
+def assert_tells_what_to_do(error: StoreError, path: Path) -> None:
+    text = str(error)
+    assert str(path) in text
+    assert "move it" in text and ("backup" in text or ".recover" in text), text
+
+
+def test_random_bytes_in_place_of_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "mqttbroker.db"
+    path.write_bytes(os.urandom(16384))
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(path, reactor).load()
+    assert_tells_what_to_do(caught.value, path)
+
+
+def test_a_directory_in_place_of_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "mqttbroker.db"
+    path.mkdir()
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(path, reactor).load()
+    assert str(path) in str(caught.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_damaged_table_pages_are_refused(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    yield fill(sqlite)
+    data = bytearray(sqlite.path.read_bytes())
+    page = 4096
+    assert len(data) > 40 * page
+    for number in (10, 20, 30):  # pages inside the tables, the header intact
+        data[number * page:(number + 1) * page] = os.urandom(page)
+    sqlite.path.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(sqlite.path, reactor).load()
+    assert_tells_what_to_do(caught.value, sqlite.path)
+
+
+@pytest_twisted.inlineCallbacks
+def test_damaged_index_is_refused_at_start_up(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """A damaged primary-key index is a corrupt database too: it must stop start-up, not let
+    the broker start and then fail every write that touches the index."""
+    yield fill(sqlite)
+    root = rows(sqlite.path, "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_sessions_1'")[0][0]
+    page = rows(sqlite.path, "PRAGMA page_size")[0][0]
+    data = bytearray(sqlite.path.read_bytes())
+    data[(root - 1) * page:root * page] = os.urandom(page)
+    sqlite.path.write_bytes(bytes(data))
+    store = SQLiteStore(sqlite.path, reactor)
+    try:
+        with pytest.raises(StoreError) as caught:
+            store.load()
+        assert_tells_what_to_do(caught.value, sqlite.path)
+    finally:
+        yield store.close()
+
+
+@inlineCallbacks
+def fill(h: Harness) -> Iterator[Deferred[Any]]:
+    """A database of a few hundred KiB, checkpointed into the main file and closed."""
+    h.open()
+    for n in range(3000):
+        h.store.save_session(Session(f"client-{n:05d}", NEVER), 1.0)
+        h.store.save_retained(Message(topic=f"r/{n}", payload=os.urandom(64), retain=True))
+    yield h.store.flushed()
+    h.store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    yield h.store.close()
+    h.opened.remove(h.store)
+
+
+# --- SQLite: a failing disk ----------------------------------------------------------------------
+
+def fill_up(store: SQLiteStore) -> None:
+    """No page more for this database: the next write that needs one fails (SQLITE_FULL)."""
+    assert store._db is not None
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def make_room(store: SQLiteStore) -> None:
+    assert store._db is not None
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failing_write_fails_flushed_logs_once_and_recovers(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    store.save_session(Session("s", NEVER), None)
+    yield store.flushed()
+    fill_up(store)
+    with CapturedLog() as log:
+        errors = []
+        for n in range(3):  # three failed batches, one episode
+            store.save_retained(Message(topic=f"big/{n}", payload=os.urandom(200_000), retain=True))
+            try:
+                yield store.flushed()
+            except StoreError as e:
+                errors.append(str(e))
+        assert len(errors) == 3
+        assert all(str(sqlite.path) in e for e in errors)
+        assert len(log.matching("cannot write to")) == 1, log.texts()
+        assert len(log.failures()) == 1
+        assert log.matching("writing to") == []
+
+        make_room(store)
+        store.save_retained(Message(topic="big/after", payload=os.urandom(200_000), retain=True))
+        yield store.flushed()
+        assert len(log.matching("writing to")) == 1
+        assert rows(sqlite.path, "SELECT topic FROM retained") == [("big/after",)]
+
+        fill_up(store)  # a second episode is logged again
+        store.save_retained(Message(topic="big/again", payload=os.urandom(200_000), retain=True))
+        with pytest.raises(StoreError):
+            yield store.flushed()
+        assert len(log.matching("cannot write to")) == 2
+    make_room(store)
+
+
+@pytest_twisted.inlineCallbacks
+def test_changes_of_a_failed_batch_are_written_once_the_disk_has_room(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """The store recovers by itself: what was recorded in a batch that failed (a session, its
+    subscription) is not simply lost, or a session created while the disk was full would be
+    missing after the next restart although its later SUBSCRIBE was acknowledged."""
+    sqlite.open()
+    store = sqlite.store
+    fill_up(store)
+    store.save_session(Session("late", NEVER), None)
+    store.save_retained(Message(topic="big", payload=os.urandom(200_000), retain=True))
+    with pytest.raises(StoreError):
+        yield store.flushed()
+    make_room(store)
+    store.save_subscription("late", Subscription(client_id="late", topic_filter="t", qos=1))
+    yield store.flushed()  # acknowledged: the SUBACK goes out now
+    snapshot = yield sqlite.reopen()
+    assert [s.client_id for s, _ in snapshot.sessions] == ["late"]
