@@ -15,6 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from mqtt_broker import BrokerService
 from mqtt_broker.store import Store
+from mqtt_broker.wire import Puback, Pubcomp, Publish, Pubrec, Pubrel
 
 
 def rows(path: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -91,3 +92,36 @@ class Restarts:
         stopped = self.stop()
         assert stopped.called, "the store did not close at once: use stop() and start()"
         return self.start()
+
+
+class Receiver:
+    """A subscriber's side of QoS 1 and 2, as a correct client does it (Method B of the MQTT
+    specification's QoS 2 flow): a QoS 2 PUBLISH goes to the application when it first comes
+    and its packet id is kept until the PUBREL; a PUBLISH with a kept id is a resend and does
+    not go to the application again. Its state outlives connections, as a client session's
+    does. ``handle(packet)`` returns the packets to answer with."""
+
+    def __init__(self) -> None:
+        self.awaiting_pubrel: set[int] = set()
+        self.delivered: list[Publish] = []
+        """What the application got, in order."""
+
+    def handle(self, packet: Any) -> list[Any]:
+        if isinstance(packet, Publish):
+            if packet.qos == 0:
+                self.delivered.append(packet)
+                return []
+            if packet.qos == 1:
+                self.delivered.append(packet)
+                return [Puback(packet_id=packet.packet_id)]
+            if packet.packet_id not in self.awaiting_pubrel:
+                self.awaiting_pubrel.add(packet.packet_id)
+                self.delivered.append(packet)
+            return [Pubrec(packet_id=packet.packet_id)]
+        if isinstance(packet, Pubrel):
+            self.awaiting_pubrel.discard(packet.packet_id)
+            return [Pubcomp(packet_id=packet.packet_id)]
+        return []
+
+    def payloads(self) -> list[bytes]:
+        return [p.payload for p in self.delivered]

@@ -1,0 +1,775 @@
+"""What survives a restart of the broker, in-process: one BrokerService stops, the next starts on
+the same store (and, on a MemoryReactorClock, the same clock, advanced in between).
+
+The first part runs on a MemoryStore and a MemoryReactorClock; the second on a SQLiteStore and
+the real reactor (pytest-twisted), for acknowledgements that wait for the commit, a failing
+disk, and crashes: ``crash_copy`` takes what a kill -9 at that moment would leave on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from mqtt_broker import BrokerService
+from mqtt_broker.store import StoreError
+from mqtt_broker.store.memory import MemoryStore
+from mqtt_broker.store.sqlite import SQLiteStore
+from mqtt_broker.wire import (
+    Connack, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest, Will,
+)
+
+from durability_helpers import CapturedLog, Receiver, Restarts, crash_copy, rows
+from protocol_helpers import FakeClient, connected
+
+NEVER = 0xFFFFFFFF
+
+
+def persistent(version: int) -> dict[str, Any]:
+    """CONNECT arguments of a session that outlives its connection."""
+    if version == 5:
+        return {"clean": False, "properties": {"session_expiry_interval": NEVER}}
+    return {"clean": False}
+
+
+def reconnect(broker: BrokerService, client_id: str, version: int = 4, **kwargs: Any) -> tuple[FakeClient, Connack]:
+    client = FakeClient(broker, version)
+    connack = client.connect(client_id, **(kwargs or persistent(version)))
+    assert isinstance(connack, Connack) and connack.reason_code == 0, connack
+    return client, connack
+
+
+def subscribe(client: FakeClient, *filters: str, qos: int = 1, packet_id: int = 1, **properties: Any) -> None:
+    client.send(Subscribe(packet_id=packet_id, properties=properties, subscriptions=tuple(
+        SubscriptionRequest(topic_filter=f, qos=qos) for f in filters)))
+
+
+def publishes(packets: list[Any]) -> list[Publish]:
+    return [p for p in packets if isinstance(p, Publish)]
+
+
+def answer(client: FakeClient, receiver: Receiver, packets: list[Any]) -> None:
+    for packet in packets:
+        for reply in receiver.handle(packet):
+            client.send(reply)
+
+
+# --- on a MemoryStore ----------------------------------------------------------------------------
+
+@pytest.fixture
+def restarts() -> Restarts:
+    return Restarts(MemoryStore())
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_session_and_subscriptions_survive_a_restart(restarts: Restarts, version: int) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", version, **persistent(version))
+    requests = [SubscriptionRequest(topic_filter="a/+", qos=1),
+                SubscriptionRequest(topic_filter="$share/g/b/#", qos=2)]
+    if version == 5:
+        requests.append(SubscriptionRequest(topic_filter="c", qos=2, no_local=True, retain_as_published=True,
+                                            retain_handling=2))
+    s.send(Subscribe(packet_id=1, subscriptions=tuple(requests),
+                     properties={"subscription_identifier": 42} if version == 5 else {}))
+    assert [type(p) for p in s.received()] == [Suback]
+    before = sorted(broker.subscriptions_of("s"), key=lambda sub: sub.topic_filter)
+    assert len(before) == len(requests)
+    s.lose()
+
+    broker = restarts.restart()
+    assert sorted(broker.subscriptions_of("s"), key=lambda sub: sub.topic_filter) == before
+    s, connack = reconnect(broker, "s", version)
+    assert connack.session_present
+    p = connected(broker, "p", 5)
+    p.publish("a/1", b"one", qos=1)
+    p.publish("b/x/y", b"two", qos=2)
+    got = publishes(s.received())
+    assert [(m.topic, m.payload, m.qos) for m in got] == [("a/1", b"one", 1), ("b/x/y", b"two", 2)]
+    if version == 5:
+        assert got[0].properties.get("subscription_identifier") == [42]
+        p.publish("c", b"three", qos=1, retain=True)
+        (three,) = publishes(s.received())
+        assert three.retain  # retain as published survived
+
+
+def test_subscription_made_after_a_restart_survives_the_next(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 4, clean=False)
+    s.lose()
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    subscribe(s, "later", qos=1)
+    assert [type(p) for p in s.received()] == [Suback]
+    s.send(Disconnect())
+    broker = restarts.restart()
+    assert [sub.topic_filter for sub in broker.subscriptions_of("s")] == ["later"]
+
+
+def test_queued_qos1_messages_are_delivered_after_a_restart(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=1)
+    s.received()
+    s.lose()
+    p = connected(broker, "p", 4)
+    for n in range(3):
+        assert [type(a) for a in p.publish("q", b"m%d" % n, qos=1, packet_id=n + 1)] == [Puback]
+
+    broker = restarts.restart()
+    s, connack = reconnect(broker, "s")
+    assert connack.session_present
+    got = publishes(s.received())
+    assert [(m.payload, m.qos, m.dup) for m in got] == [(b"m0", 1, False), (b"m1", 1, False), (b"m2", 1, False)]
+    for m in got:
+        s.send(Puback(packet_id=m.packet_id))
+    s.send(Disconnect())
+
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    assert s.received() == []  # acknowledged: gone from the store too
+
+
+def test_messages_queued_for_a_restored_session_survive_the_next_restart_in_order(restarts: Restarts) -> None:
+    """Messages for a session that was restored and has not reconnected are numbered after
+    those it already had: across two restarts they come in the order they were published."""
+    broker = restarts.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=1)
+    s.received()
+    s.lose()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"1", qos=1, packet_id=1)
+    p.publish("q", b"2", qos=1, packet_id=2)
+    broker = restarts.restart()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"3", qos=1, packet_id=1)
+    p.publish("q", b"4", qos=1, packet_id=2)
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    got = publishes(s.received())
+    assert [m.payload for m in got] == [b"1", b"2", b"3", b"4"]
+    s.send(Puback(packet_id=got[0].packet_id))  # the first acknowledged, the others not yet
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    assert [m.payload for m in publishes(s.received())] == [b"2", b"3", b"4"]
+
+
+def test_messages_beyond_the_in_memory_queue_survive_a_restart(restarts: Restarts) -> None:
+    restarts.settings["max_queued_messages"] = 5
+    broker = restarts.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    s.received()
+    s.lose()
+    p = connected(broker, "p", 4)
+    for n in range(12):
+        p.publish("q", b"%d" % n, qos=1 + n % 2, packet_id=n + 1)
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    receiver = Receiver()
+    for _ in range(100):
+        packets = s.received()
+        if not packets:
+            break
+        answer(s, receiver, packets)
+    assert receiver.payloads() == [b"%d" % n for n in range(12)]
+
+
+def test_in_flight_messages_are_resent_with_dup_and_their_packet_ids(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    s.received()
+    p = connected(broker, "p", 4)
+    for n in range(3):  # three exchanges done: the next packet ids are 4 and 5
+        p.publish("q", b"done", qos=1, packet_id=n + 1)
+        (done,) = publishes(s.received())
+        s.send(Puback(packet_id=done.packet_id))
+    p.publish("q", b"one", qos=1, packet_id=10)
+    p.publish("q", b"two", qos=2, packet_id=11)
+    sent = publishes(s.received())
+    assert [(m.payload, m.packet_id, m.dup) for m in sent] == [(b"one", 4, False), (b"two", 5, False)]
+
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    again = publishes(s.received())
+    assert [(m.payload, m.qos, m.packet_id, m.dup) for m in again] == [(b"one", 1, 4, True), (b"two", 2, 5, True)]
+
+
+def test_qos2_message_whose_pubrec_came_resumes_with_pubrel(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    s.received()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"x", qos=2, packet_id=1)
+    (sent,) = publishes(s.received())
+    s.send(Pubrec(packet_id=sent.packet_id))
+    assert s.received() == [Pubrel(packet_id=sent.packet_id)]
+
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    assert s.received() == [Pubrel(packet_id=sent.packet_id)]  # not the PUBLISH again [MQTT-4.3.3-5]
+    s.send(Pubcomp(packet_id=sent.packet_id))
+    s.send(Disconnect())
+    broker = restarts.restart()
+    s, _ = reconnect(broker, "s")
+    assert s.received() == []
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_inbound_qos2_awaiting_pubrel_survives_a_restart(restarts: Restarts, version: int) -> None:
+    broker = restarts.start()
+    watcher = connected(broker, "w", 4, clean=False)
+    subscribe(watcher, "q", qos=2)
+    watcher.received()
+    p = connected(broker, "p", version, **persistent(version))
+    assert [type(a) for a in p.publish("q", b"once", qos=2, packet_id=7)] == [Pubrec]
+    receiver = Receiver()
+    answer(watcher, receiver, watcher.received())
+
+    broker = restarts.restart()
+    watcher, _ = reconnect(broker, "w")
+    answer(watcher, receiver, watcher.received())
+    p, connack = reconnect(broker, "p", version)
+    assert connack.session_present
+    p.send(Publish(topic="q", payload=b"once", qos=2, packet_id=7, dup=True))  # PUBREC was lost
+    assert [(type(a), a.packet_id) for a in p.received()] == [(Pubrec, 7)]
+    p.send(Pubrel(packet_id=7))
+    (pubcomp,) = p.received()
+    assert isinstance(pubcomp, Pubcomp) and pubcomp.reason_code == 0  # the id was known
+    answer(watcher, receiver, watcher.received())
+    assert receiver.payloads() == [b"once"]
+    p.publish("q", b"new", qos=2, packet_id=7)  # the id is free again: a new message
+    answer(watcher, receiver, watcher.received())
+    assert receiver.payloads() == [b"once", b"new"]
+
+
+def test_retained_messages_survive_a_restart(restarts: Restarts) -> None:
+    broker = restarts.start()
+    p = connected(broker, "p", 5)
+    props = {"content_type": "text/plain", "user_property": [("unit", "°C")], "response_topic": "back"}
+    p.publish("r/kept", b"21", qos=1, retain=True, properties=props)
+    p.publish("r/old", b"old", qos=0, retain=True)
+    p.publish("r/old", b"", qos=0, retain=True)  # deleted
+    p.publish("r/replaced", b"first", qos=1, retain=True)
+    p.publish("r/replaced", b"second", qos=0, retain=True)
+
+    broker = restarts.restart()
+    s = connected(broker, "s", 5)
+    subscribe(s, "r/#", qos=1)
+    got = sorted(publishes(s.received()), key=lambda m: m.topic)
+    assert [(m.topic, m.payload, m.qos, m.retain) for m in got] == [
+        ("r/kept", b"21", 1, True), ("r/replaced", b"second", 0, True)]
+    assert {k: got[0].properties[k] for k in props} == props
+
+
+def test_session_expiry_counts_the_time_the_broker_was_down(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100})
+    subscribe(s, "q", qos=1)
+    s.received()
+    s.send(Disconnect())  # at t=0
+    restarts.stop()
+    restarts.reactor.advance(60)  # down for a minute
+    broker = restarts.start()
+    assert "s" in broker.sessions
+    restarts.reactor.advance(39)
+    assert "s" in broker.sessions
+    restarts.reactor.advance(2)  # 101 s after the client left
+    assert "s" not in broker.sessions
+    s, connack = reconnect(broker, "s", 5)
+    assert not connack.session_present
+
+
+def test_session_that_expired_while_the_broker_was_down_is_gone(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100})
+    subscribe(s, "q", qos=1)
+    s.received()
+    s.lose()
+    restarts.stop()
+    restarts.reactor.advance(150)
+    broker = restarts.start()
+    s, connack = reconnect(broker, "s", 5)
+    assert not connack.session_present
+    assert broker.subscriptions_of("s") == []
+
+
+def test_session_connected_when_the_broker_stopped_expires_from_then(restarts: Restarts) -> None:
+    broker = restarts.start()
+    connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100})
+    restarts.reactor.advance(30)
+    restarts.stop()  # the client goes away with the broker, at t=30
+    restarts.reactor.advance(50)
+    broker = restarts.start()
+    restarts.reactor.advance(49)
+    assert "s" in broker.sessions
+    restarts.reactor.advance(2)
+    assert "s" not in broker.sessions
+
+
+def test_delayed_will_survives_a_restart_and_fires_at_its_time(restarts: Restarts) -> None:
+    broker = restarts.start()
+    will = Will(topic="wills/w", payload=b"gone", qos=1, retain=False,
+                properties={"will_delay_interval": 30, "content_type": "note"})
+    w = connected(broker, "w", 5, clean=False, will=will, properties={"session_expiry_interval": 300})
+    w.lose()  # at t=0: the will is due at t=30
+    restarts.stop()
+    restarts.reactor.advance(10)
+    broker = restarts.start()
+    watcher = connected(broker, "watcher", 5)
+    subscribe(watcher, "wills/#", qos=1)
+    watcher.received()
+    restarts.reactor.advance(19)
+    assert watcher.received() == []
+    restarts.reactor.advance(2)
+    (fired,) = publishes(watcher.received())
+    assert (fired.topic, fired.payload, fired.qos) == ("wills/w", b"gone", 1)
+    assert fired.properties.get("content_type") == "note"
+    assert "will_delay_interval" not in fired.properties
+    restarts.reactor.advance(1000)
+    assert watcher.received() == []
+
+
+def test_delayed_will_due_while_the_broker_was_down_fires_at_start(restarts: Restarts) -> None:
+    broker = restarts.start()
+    will = Will(topic="wills/w", payload=b"gone", qos=0, properties={"will_delay_interval": 30})
+    w = connected(broker, "w", 5, clean=False, will=will, properties={"session_expiry_interval": 300})
+    watcher = connected(broker, "watcher", 4, clean=False)
+    subscribe(watcher, "wills/#", qos=1)
+    watcher.received()
+    w.lose()
+    restarts.stop()
+    restarts.reactor.advance(100)
+    broker = restarts.start()
+    watcher, _ = reconnect(broker, "watcher")
+    restarts.reactor.advance(0)
+    assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
+
+
+def test_delayed_will_of_a_client_back_before_its_time_is_not_published(restarts: Restarts) -> None:
+    broker = restarts.start()
+    will = Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 30})
+    w = connected(broker, "w", 5, clean=False, will=will, properties={"session_expiry_interval": 300})
+    w.lose()
+    broker = restarts.restart()
+    watcher = connected(broker, "watcher", 4)
+    subscribe(watcher, "wills/#", qos=1)
+    watcher.received()
+    reconnect(broker, "w", 5)  # back at t=0: the will is cancelled
+    broker = restarts.restart()
+    watcher = connected(broker, "watcher", 4)
+    subscribe(watcher, "wills/#", qos=1)
+    watcher.received()
+    restarts.reactor.advance(100)
+    assert watcher.received() == []
+
+
+def test_message_expiry_is_measured_across_a_restart(restarts: Restarts) -> None:
+    broker = restarts.start()
+    s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": NEVER})
+    subscribe(s, "e", qos=1)
+    s.received()
+    s.lose()
+    p = connected(broker, "p", 5)
+    p.publish("e", b"short", qos=1, properties={"message_expiry_interval": 30})
+    p.publish("e", b"long", qos=1, packet_id=2, properties={"message_expiry_interval": 100})
+    p.publish("e", b"forever", qos=1, packet_id=3)
+    p.publish("r", b"retained briefly", qos=1, retain=True, packet_id=4, properties={"message_expiry_interval": 30})
+    restarts.stop()
+    restarts.reactor.advance(40)
+    broker = restarts.start()
+    s, _ = reconnect(broker, "s", 5)
+    got = publishes(s.received())
+    assert [m.payload for m in got] == [b"long", b"forever"]  # never the expired one [MQTT-3.3.2-5]
+    assert got[0].properties["message_expiry_interval"] == 60  # what is left of it [MQTT-3.3.2-6]
+    assert "message_expiry_interval" not in got[1].properties
+    late = connected(broker, "late", 5)
+    subscribe(late, "r", qos=1)
+    assert publishes(late.received()) == []
+
+
+# --- on a SQLiteStore, with the real reactor ----------------------------------------------------
+
+class SQLiteRestarts(Restarts):
+    def __init__(self, path: Path, **settings: Any) -> None:
+        self.path = path
+        super().__init__(lambda: SQLiteStore(self.path, reactor), reactor=reactor, **settings)
+
+    @property
+    def store(self) -> SQLiteStore:
+        assert self.broker is not None
+        return self.broker.store  # type: ignore[return-value]
+
+    @pytest_twisted.inlineCallbacks
+    def again(self, path: Path | None = None) -> Iterator[Deferred[Any]]:
+        """Stop, then start on the same file (or on ``path``, a crash copy)."""
+        yield self.stop()
+        if path is not None:
+            self.path = path
+        return self.start()
+
+
+@pytest.fixture
+def on_disk(tmp_path: Path) -> Iterator[SQLiteRestarts]:
+    r = SQLiteRestarts(tmp_path / "mqttbroker.db")
+    yield r
+    pytest_twisted.blockon(r.stop())
+
+
+def watch_written(store: SQLiteStore, look: Any) -> list[Any]:
+    """Call ``look()`` as each batch comes back from the writer thread, before anyone is told."""
+    seen: list[Any] = []
+    original = store._written
+
+    def written(result: Any, waiters: Any) -> None:
+        seen.append(look())
+        original(result, waiters)
+    store._written = written  # type: ignore[method-assign]
+    return seen
+
+
+@pytest_twisted.inlineCallbacks
+def test_sqlite_session_and_its_messages_survive_a_restart(on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q1", qos=1)
+    subscribe(s, "q2", qos=2, packet_id=2)
+    yield on_disk.store.flushed()
+    assert [type(p) for p in s.received()] == [Suback, Suback]
+    p = connected(broker, "p", 4, clean=False)
+    p.send(Publish(topic="q1", payload=b"in flight", qos=1, packet_id=1),
+           Publish(topic="q2", payload=b"released", qos=2, packet_id=2),
+           Publish(topic="r", payload=b"retained", qos=1, retain=True, packet_id=3))
+    yield on_disk.store.flushed()
+    one, two = publishes(s.received())
+    s.send(Pubrec(packet_id=two.packet_id))
+    assert s.received() == [Pubrel(packet_id=two.packet_id)]
+    s.lose()
+    p.send(Publish(topic="q1", payload=b"queued", qos=1, packet_id=4))
+    yield on_disk.store.flushed()
+    assert [(type(a), a.packet_id) for a in p.received()] == [(Puback, 1), (Pubrec, 2), (Puback, 3), (Puback, 4)]
+
+    broker = yield on_disk.again()
+    s, connack = reconnect(broker, "s")
+    assert connack.session_present
+    got = s.received()
+    assert [(type(x).__name__, getattr(x, "payload", None), x.packet_id, getattr(x, "dup", None)) for x in got] == [
+        ("Publish", b"in flight", one.packet_id, True), ("Pubrel", None, two.packet_id, None),
+        ("Publish", b"queued", got[2].packet_id, False)]
+    late = connected(broker, "late", 4)
+    subscribe(late, "r", qos=1)
+    assert [m.payload for m in publishes(late.received())] == [b"retained"]
+
+    for packet in got:  # everything acknowledged: nothing comes after the next restart
+        s.send(Pubcomp(packet_id=packet.packet_id) if isinstance(packet, Pubrel) else Puback(packet_id=packet.packet_id))
+    yield on_disk.store.flushed()
+    broker = yield on_disk.again()
+    s, connack = reconnect(broker, "s")
+    assert connack.session_present and s.received() == []
+    assert rows(on_disk.path, "SELECT COUNT(*) FROM deliveries") == [(0,)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sqlite_messages_for_a_restored_session_survive_the_next_restart(
+        on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=1)
+    yield on_disk.store.flushed()
+    s.lose()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"1", qos=1, packet_id=1)
+    broker = yield on_disk.again()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"2", qos=1, packet_id=1)
+    yield on_disk.store.flushed()
+    assert [type(a) for a in p.received()] == [Puback]
+    broker = yield on_disk.again()
+    s, _ = reconnect(broker, "s")
+    assert [m.payload for m in publishes(s.received())] == [b"1", b"2"]
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+@pytest_twisted.inlineCallbacks
+def test_puback_and_pubrec_go_out_only_once_the_message_is_committed(
+        on_disk: SQLiteRestarts, qos: int) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    s = connected(broker, "s", 5, **persistent(5))
+    subscribe(s, "q", qos=2)
+    yield on_disk.store.flushed()
+    s.lose()
+    yield on_disk.store.flushed()
+    p = connected(broker, "p", 5)
+    committed = "SELECT COUNT(*) FROM deliveries WHERE client_id = 's'"
+    seen = watch_written(on_disk.store, lambda: (p.transport.value(), rows(on_disk.path, committed)[0][0]))
+    p.send(Publish(topic="q", payload=b"m", qos=qos, packet_id=9))
+    assert p.transport.value() == b""  # not before the batch is written
+    yield on_disk.store.flushed()
+    assert seen == [(b"", 1)]  # the commit was on disk, and still no acknowledgement
+    (ack,) = p.received()
+    assert type(ack) is (Puback if qos == 1 else Pubrec) and (ack.packet_id, ack.reason_code) == (9, 0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_suback_goes_out_only_once_the_subscription_is_committed(
+        on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    s = connected(broker, "s", 5, **persistent(5))
+    yield on_disk.store.flushed()
+    committed = "SELECT topic_filter, qos, subscription_id FROM subscriptions"
+    seen = watch_written(on_disk.store, lambda: (s.transport.value(), rows(on_disk.path, committed)))
+    subscribe(s, "a/#", qos=2, subscription_identifier=3)
+    assert s.transport.value() == b""
+    yield on_disk.store.flushed()
+    assert seen == [(b"", [("a/#", 2, 3)])]
+    (suback,) = s.received()
+    assert isinstance(suback, Suback) and suback.reason_codes == (2,)
+
+
+def fill_up(store: SQLiteStore) -> None:
+    assert store._db is not None
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def make_room(store: SQLiteStore) -> None:
+    assert store._db is not None
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+@pytest_twisted.inlineCallbacks
+def settle(store: SQLiteStore) -> Iterator[Deferred[Any]]:
+    """Wait for the store, whether its batch is written or fails."""
+    try:
+        yield store.flushed()
+    except StoreError:
+        pass
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_full_disk_stops_acknowledgements_keeps_qos0_and_recovers(
+        on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    offline = connected(broker, "offline", 4, clean=False)  # makes every QoS 1/2 message a write
+    subscribe(offline, "t", qos=2)
+    yield on_disk.store.flushed()
+    offline.lose()
+    online = connected(broker, "online", 4)
+    subscribe(online, "t", qos=0)
+    online.received()
+    p5 = connected(broker, "p5", 5)
+    p3 = connected(broker, "p3", 4, clean=False)
+    yield on_disk.store.flushed()
+    big = os.urandom(300_000)
+
+    def message(tag: bytes, qos: int, packet_id: int, dup: bool = False) -> Publish:
+        return Publish(topic="t", payload=tag + big, qos=qos, packet_id=packet_id, dup=dup)
+    fill_up(on_disk.store)
+    with CapturedLog() as log:
+        p5.send(message(b"p5-1", 1, 1))
+        yield settle(on_disk.store)
+        (ack,) = p5.received()
+        assert isinstance(ack, Puback) and ack.reason_code == 0x80
+        assert ack.properties.get("reason_string")
+        p5.send(message(b"p5-2", 2, 2))
+        yield settle(on_disk.store)
+        (rec,) = p5.received()
+        assert isinstance(rec, Pubrec) and rec.reason_code == 0x80
+        p3.send(message(b"p3-3", 1, 3), message(b"p3-4", 2, 4))
+        yield settle(on_disk.store)
+        assert p3.received() == [] and not p3.closed  # MQTT 3: no acknowledgement, still connected
+        p5.send(Publish(topic="t", payload=b"qos0 still flows", qos=0))
+        assert [m.payload for m in publishes(online.received())][-1] == b"qos0 still flows"
+        assert len(log.matching("cannot write to")) == 1, log.texts()
+
+        make_room(on_disk.store)
+        p5.send(message(b"p5-5", 1, 5), message(b"p5-6", 2, 6))
+        p3.send(message(b"p3-3", 1, 3, dup=True), message(b"p3-4", 2, 4, dup=True))  # MQTT 3 sends again
+        yield on_disk.store.flushed()
+        assert [(type(a), a.packet_id, a.reason_code) for a in p5.received()] == [(Puback, 5, 0), (Pubrec, 6, 0)]
+        assert [(type(a), a.packet_id) for a in p3.received()] == [(Puback, 3), (Pubrec, 4)]
+        assert len(log.matching("writing to")) == 1
+    offline, _ = reconnect(broker, "offline")
+    receiver = Receiver()
+    for _ in range(100):  # one large message per round
+        packets = offline.received()
+        if not packets:
+            break
+        answer(offline, receiver, packets)
+    tags = [payload[:4] for payload in receiver.payloads()]
+    assert {b"p5-5", b"p5-6", b"p3-3", b"p3-4"} <= set(tags)  # every acknowledged message
+    # QoS 2 exactly once: the MQTT 3 publisher got no PUBREC and sent it again; whatever the
+    # broker did with the first copy, the subscriber gets one.
+    assert tags.count(b"p3-4") == 1, tags
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_begun_while_the_disk_was_full_survives_once_it_has_room(
+        on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """The client connected (its session recorded in a batch that failed), the disk got room,
+    the client subscribed and got its SUBACK, then the broker was killed: after the restart,
+    its session and subscription are there."""
+    broker = on_disk.start()
+    p5 = connected(broker, "p5", 5)
+    yield on_disk.store.flushed()
+    fill_up(on_disk.store)
+    p5.send(Publish(topic="big", payload=os.urandom(300_000), qos=1, retain=True, packet_id=1))
+    s = connected(broker, "s", 4, clean=False)  # in the same batch as the retained message
+    yield settle(on_disk.store)
+    assert p5.received()[0].reason_code == 0x80
+    make_room(on_disk.store)
+    subscribe(s, "t", qos=1)
+    yield on_disk.store.flushed()
+    assert [type(p) for p in s.received()] == [Suback]
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")  # killed now
+
+    broker = yield on_disk.again(crashed)
+    s, connack = reconnect(broker, "s")
+    assert connack.session_present
+    assert [sub.topic_filter for sub in broker.subscriptions_of("s")] == ["t"]
+
+
+# --- crashes: what a kill -9 would leave --------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_acknowledged_messages_survive_a_crash(on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    yield on_disk.store.flushed()
+    s.lose()
+    p = connected(broker, "p", 5, **persistent(5))
+    p.publish("q", b"one", qos=1, packet_id=1)
+    p.publish("q", b"two", qos=2, packet_id=2)
+    yield on_disk.store.flushed()
+    assert [type(a) for a in p.received()] == [Puback, Pubrec]
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+    broker = yield on_disk.again(crashed)
+    s, _ = reconnect(broker, "s")
+    assert [m.payload for m in publishes(s.received())] == [b"one", b"two"]
+    p, _ = reconnect(broker, "p", 5)
+    p.send(Publish(topic="q", payload=b"two", qos=2, packet_id=2, dup=True))  # PUBREC lost in the crash
+    assert [type(a) for a in p.received()] == [Pubrec]
+    assert publishes(s.received()) == []  # not routed a second time
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubrel_sent_before_a_crash_is_not_followed_by_the_publish_again(
+        on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """[MQTT-4.3.3-5]: once the broker has sent PUBREL it must not send the PUBLISH again. The
+    subscriber that got the PUBREL answered PUBCOMP and forgot the packet id: a PUBLISH with it
+    after a restart is a new message to it, delivered to its application a second time."""
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    yield on_disk.store.flushed()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"exactly once", qos=2, packet_id=1)
+    yield on_disk.store.flushed()
+    receiver = Receiver()
+    answer(s, receiver, s.received())  # PUBLISH -> PUBREC
+    answer(s, receiver, s.received())  # PUBREL -> PUBCOMP
+    assert receiver.payloads() == [b"exactly once"] and not receiver.awaiting_pubrel
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")  # killed now
+    broker = yield on_disk.again(crashed)
+    s, _ = reconnect(broker, "s")
+    answer(s, receiver, s.received())
+    assert receiver.payloads() == [b"exactly once"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_queued_qos2_message_sent_before_a_crash_keeps_its_packet_id(
+        on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """A queued QoS 2 message went out with packet id 4; the subscriber has it and waits for the
+    PUBREL. After a crash it must come again with id 4 (the subscriber then knows it), not as a
+    new PUBLISH with another id, which the subscriber would deliver a second time."""
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    yield on_disk.store.flushed()
+    p = connected(broker, "p", 4)
+    receiver = Receiver()
+    for n in range(3):  # packet ids 1 to 3 used and done
+        p.publish("q", b"done", qos=2, packet_id=n + 1)
+        answer(s, receiver, s.received())
+        answer(s, receiver, s.received())
+    s.lose()
+    p.publish("q", b"queued", qos=2, packet_id=9)
+    yield on_disk.store.flushed()
+    s, _ = reconnect(broker, "s")
+    (sent,) = publishes(s.received())
+    assert sent.payload == b"queued" and sent.packet_id == 4
+    answer(s, receiver, [sent])  # delivered; PUBREC sent, PUBREL awaited
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+    broker = yield on_disk.again(crashed)
+    s, _ = reconnect(broker, "s")
+    again = publishes(s.received())
+    assert [(m.payload, m.packet_id, m.dup) for m in again] == [(b"queued", 4, True)]
+    answer(s, receiver, again)
+    assert receiver.payloads().count(b"queued") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_queued_qos1_message_sent_before_a_crash_comes_again_with_dup(
+        on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """[MQTT-3.3.1-1]: a PUBLISH sent again is marked DUP, also when it was sent from the queue
+    just before a crash."""
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=1)
+    yield on_disk.store.flushed()
+    s.lose()
+    p = connected(broker, "p", 4)
+    p.publish("q", b"queued", qos=1, packet_id=1)
+    yield on_disk.store.flushed()
+    s, _ = reconnect(broker, "s")
+    (first,) = publishes(s.received())
+    assert not first.dup
+    s.send(Puback(packet_id=first.packet_id))
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+    broker = yield on_disk.again(crashed)
+    s, _ = reconnect(broker, "s")
+    again = publishes(s.received())
+    assert [(m.payload, m.dup) for m in again] in ([], [(b"queued", True)])
+
+
+@pytest_twisted.inlineCallbacks
+def test_qos2_message_forwarded_before_a_crash_is_not_delivered_twice(
+        on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """Exactly once end to end: the broker forwarded a QoS 2 message to an online subscriber
+    before it had stored it; then it was killed. The publisher got no PUBREC, so it sends the
+    message again [MQTT-4.4.0-1]; the subscriber must not get it as a new message."""
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    yield on_disk.store.flushed()
+    p = connected(broker, "p", 4, clean=False)
+    receiver = Receiver()
+    for n in range(3):  # the subscriber's next packet id is 4
+        p.publish("q", b"done", qos=2, packet_id=n + 1)
+        answer(s, receiver, s.received())
+        answer(s, receiver, s.received())
+        p.send(Pubrel(packet_id=n + 1))
+    yield on_disk.store.flushed()
+    p.received()
+    p.send(Publish(topic="q", payload=b"once", qos=2, packet_id=9))
+    answer(s, receiver, s.received())  # the subscriber has it already
+    assert receiver.payloads()[-1] == b"once"
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+    broker = yield on_disk.again(crashed)
+    s, _ = reconnect(broker, "s")
+    answer(s, receiver, s.received())
+    p, _ = reconnect(broker, "p")
+    p.send(Publish(topic="q", payload=b"once", qos=2, packet_id=9, dup=True))
+    answer(s, receiver, s.received())
+    assert receiver.payloads().count(b"once") == 1
+
