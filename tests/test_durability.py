@@ -430,9 +430,9 @@ def watch_written(store: SQLiteStore, look: Any) -> list[Any]:
     seen: list[Any] = []
     original = store._written
 
-    def written(result: Any, waiters: Any) -> None:
+    def written(result: Any, *args: Any) -> None:
         seen.append(look())
-        original(result, waiters)
+        original(result, *args)
     store._written = written  # type: ignore[method-assign]
     return seen
 

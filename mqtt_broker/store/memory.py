@@ -82,6 +82,7 @@ class MemoryStore:
 
     def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
         session = self._session(client_id)
+        session.next_seq = max(session.next_seq, item.seq + 1)
         if packet_id is None:
             session.queue.append(copy.copy(item))
         else:

@@ -31,6 +31,9 @@ from . import Snapshot, StoredWill, StoreError
 
 log = Logger()
 
+RETRY_AFTER = 1.0
+"""Seconds after a failed write before it is tried again, when nothing else comes to write."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL, disconnected_at REAL, next_seq INTEGER NOT NULL);
@@ -98,6 +101,9 @@ class SQLiteStore:
         self._scheduled = False
         self._writing = False
         self._failing = False
+        self._unwritten: list[tuple[str, tuple[Any, ...]]] = []
+        """The statements of a batch that failed, written first in the next one."""
+        self._retry_scheduled = False
         self._batch_started = 0.0
         self.commit_observers: list[Callable[[float], None]] = []
         """Called on the reactor thread with the seconds each batch took, from being handed to the
@@ -112,6 +118,9 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
             snapshot = self._read(db, window)
         except (sqlite3.Error, OSError, ValueError) as e:
             raise StoreError(
@@ -279,7 +288,7 @@ class SQLiteStore:
     # --- writing ------------------------------------------------------------------------
 
     def flushed(self) -> Deferred[None]:
-        if not self._pending and not self._writing and not self._waiters:
+        if not self._pending and not self._writing and not self._waiters and not self._unwritten:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
@@ -292,7 +301,8 @@ class SQLiteStore:
         self._scheduled = False
         if self._writing:
             return
-        batch = [op for op in self._pending if op is not None]
+        # What a failed batch held goes first: it is written once the disk works again.
+        batch, self._unwritten = self._unwritten + [op for op in self._pending if op is not None], []
         waiters = self._waiters
         self._pending, self._waiters = [], []
         self._inserts.clear()
@@ -304,7 +314,7 @@ class SQLiteStore:
         self._writing = True
         self._batch_started = time.perf_counter()
         assert self._pool is not None
-        deferToThreadPool(self.reactor, self._pool, self._write, batch).addBoth(self._written, waiters)
+        deferToThreadPool(self.reactor, self._pool, self._write, batch).addBoth(self._written, waiters, batch)
 
     def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         db = self._db
@@ -319,7 +329,7 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
             raise
 
-    def _written(self, result: Any, waiters: list[Deferred[None]]) -> None:
+    def _written(self, result: Any, waiters: list[Deferred[None]], batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         self._writing = False
         if self.commit_observers and not isinstance(result, Failure):
             elapsed = time.perf_counter() - self._batch_started
@@ -331,6 +341,10 @@ class SQLiteStore:
                 log.failure("cannot write to {path}; QoS 1/2 messages are not acknowledged until it works again",
                             result, path=str(self.path))
             error = StoreError(f"write to {self.path} failed: {result.getErrorMessage()}")
+            self._unwritten = batch
+            if not self._retry_scheduled:  # try again even if nothing new comes
+                self._retry_scheduled = True
+                self.reactor.callLater(RETRY_AFTER, self._retry)
             for d in waiters:
                 d.errback(error)
         else:
@@ -340,6 +354,11 @@ class SQLiteStore:
             for d in waiters:
                 d.callback(None)
         if self._pending or self._waiters:
+            self._flush()
+
+    def _retry(self) -> None:
+        self._retry_scheduled = False
+        if self._unwritten and not self._writing and not self._scheduled and self._db is not None:
             self._flush()
 
     def close(self) -> Deferred[None]:
