@@ -511,7 +511,8 @@ class MQTTProtocol(Protocol):
         if qos == 2:
             awaiting = self.session.awaiting_pubrel
             if packet.packet_id in awaiting:
-                self.send(Pubrec(packet_id=packet.packet_id))  # a resend: not routed again [MQTT-4.3.3-9]
+                # A resend: not routed again [MQTT-4.3.3-9].
+                self._acknowledge_when_stored(packet, ReasonCode.SUCCESS)
                 return
             if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
                 raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
@@ -563,6 +564,12 @@ class MQTTProtocol(Protocol):
             reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
         if packet.qos == 2:
             self.broker.await_pubrel(self.session, packet.packet_id)
+        self._acknowledge_when_stored(packet, reason)
+
+    def _acknowledge_when_stored(self, packet: Publish, reason: ReasonCode) -> None:
+        """Acknowledge once everything recorded so far is stored; through the store even when
+        nothing new was recorded, so that acknowledgements keep the order of the PUBLISHes
+        [MQTT-4.6.0-2, -3]."""
         store = self.broker.store
         if store is None:
             self._acknowledge(packet, reason)
@@ -577,7 +584,9 @@ class MQTTProtocol(Protocol):
         """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
         client gets none and sends the message again when it reconnects."""
         failure.trap(StoreError)
-        if packet.qos == 2 and self.session is not None:
+        # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client will
+        # send the PUBLISH again, which must not be routed a second time.
+        if packet.qos == 2 and self.session is not None and self.version == MQTT_5:
             self.broker.pubrel_received(self.session, packet.packet_id)
         if self.state is State.CONNECTED and self.version == MQTT_5:
             self._acknowledge(packet, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
@@ -616,7 +625,18 @@ class MQTTProtocol(Protocol):
             self.broker.acknowledged(self.session, packet.packet_id)
             return
         self.broker.released(self.session, packet.packet_id)
-        self.send_pubrel(packet.packet_id)
+        store = self.broker.store
+        if store is not None and self.session.stored:
+            # PUBREL only once the store knows: after a crash the broker must not send the
+            # PUBLISH again [MQTT-4.3.3-5].
+            store.flushed().addCallbacks(self._release, lambda failure: failure.trap(StoreError),
+                                         callbackArgs=(packet.packet_id,))
+        else:
+            self.send_pubrel(packet.packet_id)
+
+    def _release(self, _: None, packet_id: int) -> None:
+        if self.state is State.CONNECTED:
+            self.send_pubrel(packet_id)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         out = self.session.outgoing.get(packet.packet_id)

@@ -452,6 +452,7 @@ def test_sqlite_session_and_its_messages_survive_a_restart(on_disk: SQLiteRestar
     yield on_disk.store.flushed()
     one, two = publishes(s.received())
     s.send(Pubrec(packet_id=two.packet_id))
+    yield on_disk.store.flushed()  # PUBREL once the store knows the PUBREC [MQTT-4.3.3-5]
     assert s.received() == [Pubrel(packet_id=two.packet_id)]
     s.lose()
     p.send(Publish(topic="q1", payload=b"queued", qos=1, packet_id=4))
@@ -601,6 +602,7 @@ def test_a_full_disk_stops_acknowledgements_keeps_qos0_and_recovers(
     offline, _ = reconnect(broker, "offline")
     receiver = Receiver()
     for _ in range(100):  # one large message per round
+        yield on_disk.store.flushed()  # PUBREL follows PUBREC once the store has it
         packets = offline.received()
         if not packets:
             break
@@ -658,6 +660,7 @@ def test_acknowledged_messages_survive_a_crash(on_disk: SQLiteRestarts, tmp_path
     assert [m.payload for m in publishes(s.received())] == [b"one", b"two"]
     p, _ = reconnect(broker, "p", 5)
     p.send(Publish(topic="q", payload=b"two", qos=2, packet_id=2, dup=True))  # PUBREC lost in the crash
+    yield on_disk.store.flushed()  # acknowledgements keep their order through the store
     assert [type(a) for a in p.received()] == [Pubrec]
     assert publishes(s.received()) == []  # not routed a second time
 
@@ -677,6 +680,7 @@ def test_pubrel_sent_before_a_crash_is_not_followed_by_the_publish_again(
     yield on_disk.store.flushed()
     receiver = Receiver()
     answer(s, receiver, s.received())  # PUBLISH -> PUBREC
+    yield on_disk.store.flushed()
     answer(s, receiver, s.received())  # PUBREL -> PUBCOMP
     assert receiver.payloads() == [b"exactly once"] and not receiver.awaiting_pubrel
     crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")  # killed now
