@@ -214,6 +214,9 @@ class BrokerService(MultiService):
             if disconnected_at is None:  # connected when the broker stopped: it went away then
                 disconnected_at = now
                 store.save_session(session, now)
+                # Its queued messages may have gone out before their packet ids were stored.
+                for item in session.queue:
+                    item.maybe_sent = True
             if session.expiry != NEVER:
                 remaining = disconnected_at + session.expiry - now
                 if remaining <= 0:
@@ -612,7 +615,8 @@ class BrokerService(MultiService):
         connection = session.connection
         assert connection is not None
         packet_id = session.allocate_packet_id()
-        if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
+        if not connection.send_publish(item.message, item.qos, item.retain, packet_id, item.maybe_sent,
+                                       item.subscription_ids):
             self._forget_delivery(session, item)
             return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
         if type(item) is not Outgoing:
