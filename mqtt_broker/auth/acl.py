@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..topics import split_shared, valid_topic_filter
+from ..topics import matches, split_shared, valid_topic_filter
 
 DENY, READ, WRITE = 0, 1, 2
 READWRITE = READ | WRITE
@@ -52,16 +52,7 @@ class AclFileError(ValueError):
 def filter_matches(topic_filter: str, topic: str) -> bool:
     """Whether a topic filter matches a topic name, as ``mosquitto_topic_matches_sub``: a ``$``
     topic is matched only by a filter that starts with ``$`` [MQTT-4.7.2-1]."""
-    if (topic[:1] == "$") != (topic_filter[:1] == "$"):
-        return False
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels) or (level != "+" and level != topic_levels[index]):
-            return False
-    return len(filter_levels) == len(topic_levels)
+    return matches(topic_filter, topic)
 
 
 def filter_covers(granted: str, requested: str) -> bool:
