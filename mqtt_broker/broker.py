@@ -118,6 +118,8 @@ class BrokerService(MultiService):
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
         self._share_turns: dict[tuple[str, str], int] = {}
+        self._connects: dict[str, tuple[float, int]] = {}
+        """Per client id: the start of its current minute and the CONNECTs in it."""
         from .protocol import MQTTFactory
         self.factory = MQTTFactory(self)
         from .admin import Operations
@@ -198,6 +200,25 @@ class BrokerService(MultiService):
                 self.security.reload()
             except ConfigError:
                 pass  # logged by Security; the old state is kept
+
+    def connect_allowed(self, client_id: str) -> bool:
+        """Count a CONNECT against max_connections_per_minute; False (logged) past it."""
+        limit = self.config.max_connections_per_minute
+        if not limit:
+            return True
+        now = self.clock.seconds()
+        recent = self._connects.get(client_id)
+        if recent is None or now - recent[0] >= 60:
+            if len(self._connects) >= 100_000:  # forget the old windows now and then
+                self._connects = {k: v for k, v in self._connects.items() if now - v[0] < 60}
+            self._connects[client_id] = (now, 1)
+            return True
+        if recent[1] >= limit:
+            log.info("refused a CONNECT of {client_id}: max_connections_per_minute ({limit})",
+                     client_id=client_id, limit=limit)
+            return False
+        self._connects[client_id] = (recent[0], recent[1] + 1)
+        return True
 
     def flush_writes(self) -> None:
         unflushed, self.unflushed = self.unflushed, []

@@ -94,6 +94,12 @@ class BrokerConfig:
         "for more (or for 0) is refused with 'identifier rejected', as in Mosquitto.", 0, 65535)
     max_connections: int = _setting(
         -1, "Simultaneous client connections; -1 for no limit.", -1)
+    max_connections_per_minute: int = _setting(
+        0, "CONNECTs accepted per client id per minute; more are refused (MQTT 5: 0x9F connection rate "
+        "exceeded; MQTT 3: server unavailable) and logged; 0 for no limit.")
+    max_subscriptions_per_client: int = _setting(
+        0, "Subscriptions one client may hold; more are refused (SUBACK 0x97 quota exceeded; MQTT 3: "
+        "0x80) and logged; 0 for no limit.")
     max_qos: int = _setting(2, "Highest QoS the broker accepts and grants.", 0, 2)
     retain_available: bool = _setting(True, "Whether retained messages are supported.")
     allow_zero_length_clientid: bool = _setting(

@@ -355,6 +355,9 @@ class MQTTProtocol(Protocol):
         if terms.reason:
             self._refuse(terms.reason, "CONNECT refused")
             return
+        if not self.broker.connect_allowed(terms.client_id):
+            self._refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
+            return
         security = self.broker.security
         if security is None:
             self._authenticated(None, packet)
@@ -691,6 +694,12 @@ class MQTTProtocol(Protocol):
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
+            elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
+                    len(self.session.subscriptions) + sum(isinstance(w, Subscription) for w in wanted)
+                    >= config.max_subscriptions_per_client):
+                log.info("refused a subscription of {client_id} to {filter}: max_subscriptions_per_client",
+                         client_id=client_id, filter=topic_filter)
+                wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),

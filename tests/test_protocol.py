@@ -554,3 +554,27 @@ def test_server_side_publish_and_read_access() -> None:
     [message] = sub.received()
     assert (message.topic, message.payload, message.qos) == ("status/app", b"up", 1)
     assert [s.topic_filter for s in broker.subscriptions_of("sub")] == ["status/#"]
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+def test_connections_per_minute_per_client_id() -> None:
+    broker = make_broker(max_connections_per_minute=2)
+    for _ in range(2):
+        assert FakeClient(broker).connect("busy").reason_code == 0
+    refused = FakeClient(broker)
+    assert refused.connect("busy").reason_code == 3  # MQTT 3: server unavailable
+    assert refused.closed
+    assert FakeClient(broker, version=5).connect("busy").reason_code == 0x9F
+    assert FakeClient(broker).connect("other").reason_code == 0  # per client id
+    broker.clock.advance(60)
+    assert FakeClient(broker).connect("busy").reason_code == 0
+
+
+def test_subscriptions_per_client() -> None:
+    broker = make_broker(max_subscriptions_per_client=2)
+    sub = connected(broker, "sub")
+    assert sub.subscribe("a", "b", "c") == [Suback(packet_id=1, reason_codes=(0, 0, 0x80))]
+    assert sub.subscribe("a", packet_id=2) == [Suback(packet_id=2, reason_codes=(0,))]  # a replacement
+    v5 = connected(broker, "v5", version=5)
+    assert v5.subscribe("x", "y", "z") == [Suback(packet_id=1, reason_codes=(0, 0, 0x97))]
