@@ -535,13 +535,6 @@ class MQTTProtocol(Protocol):
             v5 = self.version == MQTT_5
             offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
             message.encoded = {(v5, qos, False): (frame, offset)}
-        self._go_on(None, packet, message)
-
-    def _go_on(self, _: None, packet: Publish, message: Message) -> None:
-        """Route a PUBLISH (after the publish hooks) and acknowledge it."""
-        if self.state is not State.CONNECTED:
-            return
-        broker = self.broker
         if broker.hooks.has_publish:
             self._when(broker.hooks.resolve("publish", self.client, message),
                        self._publish_decided, packet, message)

@@ -8,6 +8,19 @@ from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire import Disconnect, Puback, ReasonCode
 
 
+def drain(client):  # type: ignore[no-untyped-def]
+    """Acknowledge what the broker sends until it sends nothing more (bounded); the payloads."""
+    received = []
+    for _ in range(20):
+        packets = client.received()
+        if not packets:
+            break
+        received += [p.payload for p in packets]
+        for p in packets:
+            client.send(Puback(packet_id=p.packet_id))
+    return received
+
+
 def offline_subscriber(broker, client_id="sub"):  # type: ignore[no-untyped-def]
     sub = connected(broker, client_id, clean=False)
     sub.subscribe("t", qos=1)
@@ -25,14 +38,7 @@ def test_backlog_beyond_the_memory_window_is_delivered_in_order_from_the_store()
     assert broker.stats.messages_dropped == 0
     again = FakeClient(broker)
     again.connect("sub", clean=False)
-    received = []
-    for _ in range(20):  # bounded: every round acknowledges what came
-        packets = again.received()
-        if not packets:
-            break
-        received += [p.payload for p in packets]
-        for p in packets:
-            again.send(Puback(packet_id=p.packet_id))
+    received = drain(again)
     assert received == [str(n).encode() for n in range(10)]
     assert session.spilled == 0 and not session.queue and not session.outgoing
 
@@ -67,14 +73,7 @@ def test_spilled_backlog_survives_a_restart_without_coming_back_into_memory() ->
     assert len(session.queue) == 2 and session.spilled == 4
     again = FakeClient(second)
     again.connect("sub", clean=False)
-    received = []
-    for _ in range(20):
-        packets = again.received()
-        if not packets:
-            break
-        received += [p.payload for p in packets]
-        for p in packets:
-            again.send(Puback(packet_id=p.packet_id))
+    received = drain(again)
     assert received == [str(n).encode() for n in range(6)]
 
 
@@ -89,14 +88,7 @@ def test_a_connected_clean_session_that_stops_reading_loses_nothing() -> None:
     assert codes == [0] * 10 and broker.stats.messages_dropped == 0
     assert broker.sessions["sub"].spilled == 7
     sub.protocol.resumeProducing()
-    received = []
-    for _ in range(20):
-        packets = sub.received()
-        if not packets:
-            break
-        received += [p.payload for p in packets]
-        for p in packets:
-            sub.send(Puback(packet_id=p.packet_id))
+    received = drain(sub)
     assert received == [str(n).encode() for n in range(10)]
     sub.send(Disconnect())
     sub.lose()

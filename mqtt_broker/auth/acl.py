@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..topics import matches, split_shared, valid_topic_filter
+from .files import read_utf8
 
 DENY, READ, WRITE = 0, 1, 2
 READWRITE = READ | WRITE
@@ -181,13 +182,7 @@ class AclFile:
     @classmethod
     def load(cls, path: str | Path) -> AclFile:
         """Read an ACL file; raises AclFileError (a ValueError) naming it."""
-        try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except OSError as e:
-            raise AclFileError(f"{path}: cannot read: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise AclFileError(f"{path}: not UTF-8 (byte {e.start})") from None
-        return cls.parse(text, str(path))
+        return cls.parse(read_utf8(path, AclFileError), str(path))
 
     def check(self, client_id: str, username: str | None, topic: str, access: int) -> bool:
         """Whether the client may ``access`` (READ or WRITE) ``topic``."""

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import read_utf8
+
 PBKDF2 = "sha512-pbkdf2"
 SHA512 = "sha512"
 ALGORITHMS = (PBKDF2, SHA512)
@@ -151,13 +153,7 @@ class PasswordFile:
     @classmethod
     def load(cls, path: str | Path) -> PasswordFile:
         """Read a password file; raises PasswordFileError (a ValueError) naming it."""
-        try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except OSError as e:
-            raise PasswordFileError(f"{path}: cannot read: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise PasswordFileError(f"{path}: not UTF-8 (byte {e.start})") from None
-        return cls.parse(text, str(path))
+        return cls.parse(read_utf8(path, PasswordFileError), str(path))
 
     def dump(self) -> str:
         """The file's text, as mosquitto_passwd writes it."""
