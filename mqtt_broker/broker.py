@@ -24,6 +24,7 @@ from .connect import NEVER
 from .history import MessageLog
 from .hooks import Hooks
 from .message import Client, Message
+from .protocol import HELD_BYTES
 from .retained import RetainedMessages
 from .session import Outgoing, Queued, Session
 from .store import Snapshot, Store, StoredWill
@@ -224,6 +225,9 @@ class BrokerService(MultiService):
         unflushed, self.unflushed = self.unflushed, []
         for connection in unflushed:
             connection.flush()
+            session = connection.session
+            if session is not None and session.queue and not connection.paused:
+                self.pump(session)  # queued past HELD_BYTES, and the transport took it all
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Take up what the store kept: sessions (their expiry measured from when their client
@@ -581,7 +585,7 @@ class BrokerService(MultiService):
         max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
         max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
         connection = session.connection
-        if connection is not None and not connection.paused and not session.queue and not session.spilled:
+        if connection is not None and connection.pending_bytes < HELD_BYTES and not session.queue and not session.spilled:
             if not qos:
                 if connection.send_publish(message, 0, retain, 0, False, subscription_ids):
                     self.stats.messages_sent += 1
@@ -662,9 +666,9 @@ class BrokerService(MultiService):
         connection = session.connection
         queue = session.queue
         now = None
-        # While writes are gathered, the transport cannot say it is full: stop past twice its
-        # buffer (64 KiB), so that the write that follows fills it and it asks to resume us later.
-        while queue and connection is not None and not connection.paused and connection.pending_bytes < 131072:
+        # While writes are gathered, the transport cannot say it is full: stop past HELD_BYTES,
+        # so that the write that follows fills it and it asks to resume us later.
+        while queue and connection is not None and connection.pending_bytes < HELD_BYTES:
             head = queue[0]
             if head.qos and len(session.outgoing) >= connection.send_quota:
                 return

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from .wire.packets import NO_PROPERTIES, Properties
 
 
-@dataclass(slots=True, kw_only=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Message:
     """A published message. One instance is shared by every subscriber it is delivered to.
+    (Positional arguments are allowed for the publish path: they cost half of keywords.)
 
     ``encoded`` caches the wire bytes (and the offset of the packet id in them) per (MQTT 5 or
     not, QoS, retain flag), so a message sent to many subscribers is encoded once for each kind

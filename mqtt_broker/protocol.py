@@ -37,6 +37,10 @@ from .wire import (
 log = Logger()
 
 _PINGRESP = encode(Pingresp())
+HELD_BYTES = 256 * 1024
+"""Encoded bytes a connection holds while its transport is full (paused) before the broker
+queues for it instead: a subscriber whose socket is full for a moment, as a busy one's often
+is between two turns of the reactor, keeps taking messages straight from the publish path."""
 
 
 @implementer(IPushProducer)
@@ -58,6 +62,8 @@ class MQTTProtocol(Protocol):
         self.will: Message | None = None
         self.will_delay = 0
         self.paused = False
+        """True while the transport's buffer is full: writes are held in ``_out`` until it
+        drains, and past HELD_BYTES the broker queues instead."""
         self.send_quota = config.max_inflight_messages
         self.max_send_size = NEVER
         self.problem_information = True
@@ -147,6 +153,7 @@ class MQTTProtocol(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.flush()
         if self.session is not None:
             broker = self.broker
             broker.batching += 1
@@ -176,7 +183,7 @@ class MQTTProtocol(Protocol):
             self._out = []
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
-            self.flush()
+            self.flush(even_if_paused=True)
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _violation(self, error: MQTTError) -> None:
@@ -245,8 +252,9 @@ class MQTTProtocol(Protocol):
     def write(self, data: bytes) -> None:
         """Write bytes. While the broker handles a read (``broker.batching``), writes to each
         connection are gathered and go to its transport in one call when the read is done:
-        Twisted's write costs about a microsecond, a list append far less."""
-        if self.broker.batching:
+        Twisted's write costs about a microsecond, a list append far less. While the transport
+        is full (``paused``) they are held until it drains."""
+        if self.broker.batching or self.paused:
             out = self._out
             if not out:
                 self.broker.unflushed.append(self)
@@ -256,9 +264,9 @@ class MQTTProtocol(Protocol):
             self.stats.bytes_sent += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
 
-    def flush(self) -> None:
+    def flush(self, even_if_paused: bool = False) -> None:
         out = self._out
-        if out:
+        if out and (even_if_paused or not self.paused):
             self._out = []
             self.stats.bytes_sent += self.pending_bytes  # counted per flush, not per message
             self.pending_bytes = 0
@@ -525,8 +533,7 @@ class MQTTProtocol(Protocol):
                 raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
             self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
             return
-        message = Message(topic=topic, payload=packet.payload, qos=qos, retain=packet.retain,
-                          properties=properties, sender=self._client_id)
+        message = Message(topic, packet.payload, qos, packet.retain, properties, self._client_id)
         frame = packet.frame
         if frame is not None and not packet.properties:
             # Forward the bytes as received: only the retain and DUP flags are not passed on.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
+from mqtt_broker.protocol import HELD_BYTES
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel,
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
@@ -415,17 +416,21 @@ def test_session_expiry_for_persistent_clients() -> None:
 
 # --- back-pressure and limits ----------------------------------------------------------------
 
-def test_slow_subscriber_is_queued_then_flushed() -> None:
+def test_slow_subscriber_is_held_then_queued_then_flushed() -> None:
+    """While the transport is full, up to HELD_BYTES of encoded messages wait on the connection,
+    then max_queued_messages in the session's queue; the rest are dropped."""
     broker = make_broker(max_queued_messages=3)
     sub = connected(broker, "sub")
     sub.subscribe("t")
     sub.protocol.pauseProducing()  # the transport's buffer is full
-    for n in range(5):
-        broker.publish("t", str(n).encode())
+    big = b"x" * (HELD_BYTES // 3 + 1)
+    for n in range(8):
+        broker.publish("t", str(n).encode() + big)
     assert sub.received() == []
+    assert len(broker.sessions["sub"].queue) == 3  # three held, three queued
     assert broker.sessions["sub"].dropped == 2
     sub.protocol.resumeProducing()
-    assert [p.payload for p in sub.received()] == [b"0", b"1", b"2"]
+    assert [p.payload[:1] for p in sub.received()] == [b"0", b"1", b"2", b"3", b"4", b"5"]
 
 
 def test_oversize_packet_closes_before_buffering() -> None:

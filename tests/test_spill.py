@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from protocol_helpers import FakeClient, connected, make_broker
 
+from mqtt_broker.protocol import HELD_BYTES
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire import Disconnect, Puback, ReasonCode
 
@@ -83,13 +84,14 @@ def test_a_connected_clean_session_that_stops_reading_loses_nothing() -> None:
     sub.subscribe("t", qos=1)
     sub.protocol.pauseProducing()  # its socket buffer is full: it does not read
     pub = connected(broker, "pub", version=5)
-    codes = [pub.publish("t", str(n).encode(), qos=1, packet_id=n + 1)[0].reason_code  # type: ignore[union-attr]
+    big = b"x" * (HELD_BYTES // 3 + 1)  # three are held on the connection, three queued
+    codes = [pub.publish("t", str(n).encode() + big, qos=1, packet_id=n + 1)[0].reason_code  # type: ignore[union-attr]
              for n in range(10)]
     assert codes == [0] * 10 and broker.stats.messages_dropped == 0
-    assert broker.sessions["sub"].spilled == 7
+    assert broker.sessions["sub"].spilled == 4
     sub.protocol.resumeProducing()
     received = drain(sub)
-    assert received == [str(n).encode() for n in range(10)]
+    assert received == [str(n).encode() + big for n in range(10)]
     sub.send(Disconnect())
     sub.lose()
     assert "sub" not in broker.sessions and broker.store._sessions == {}  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService
+from mqtt_broker.protocol import HELD_BYTES
 from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
@@ -600,15 +601,17 @@ def test_slow_subscriber_is_paused_and_queued_as_over_tcp(qos: int) -> None:
             client.packets()
             socket, received = client.socket, client.packets
         socket.producer.pauseProducing()  # the socket's buffer is full
-        for n in range(5):
-            broker.publish("q", str(n).encode(), qos=qos)
+        big = b"x" * (HELD_BYTES // 3 + 1)  # three are held on the connection, three queued
+        for n in range(8):
+            broker.publish("q", str(n).encode() + big, qos=qos)
         assert received() == []
         queued = len(broker.sessions["slow"].queue)
         socket.producer.resumeProducing()  # drained
-        delivered = [(p.payload, p.qos) for p in received()]  # type: ignore[union-attr]
+        delivered = [(p.payload[:1], p.qos) for p in received()]  # type: ignore[union-attr]
         outcomes.append((queued, broker.stats.messages_dropped, delivered))
     assert outcomes[0] == outcomes[1]
-    assert outcomes[0][0] == 3 and outcomes[0][1] == 2 and len(outcomes[0][2]) == 3
+    assert outcomes[0][0] == 3 and outcomes[0][1] == 2
+    assert outcomes[0][2] == [(str(n).encode(), qos) for n in range(6)]
 
 
 def test_input_is_paused_while_a_hook_decides() -> None:

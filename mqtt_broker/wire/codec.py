@@ -151,8 +151,7 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int) -> Publi
     properties = NO_PROPERTIES
     if version == MQTT_5:
         properties, pos = decode_properties(frame, pos, PUBLISH)
-    return Publish(topic=topic, payload=frame[pos:], qos=qos, retain=bool(first & 1),
-                   dup=dup, packet_id=packet_id, properties=properties, frame=frame)
+    return Publish(topic, frame[pos:], qos, bool(first & 1), dup, packet_id, properties, frame)
 
 
 def _decode_connect(body: bytes, version: int) -> Connect:
