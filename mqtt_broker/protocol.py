@@ -37,10 +37,13 @@ from .wire import (
 log = Logger()
 
 _PINGRESP = encode(Pingresp())
-HELD_BYTES = 256 * 1024
+HELD_BYTES = 1024 * 1024
 """Encoded bytes a connection holds while its transport is full (paused) before the broker
 queues for it instead: a subscriber whose socket is full for a moment, as a busy one's often
 is between two turns of the reactor, keeps taking messages straight from the publish path."""
+SEND_LIMIT = 1024 * 1024
+"""Bytes a TCP transport hands the kernel per turn of the reactor (Twisted's default, 128 KiB,
+is less than a subscriber of several busy publishers is sent per turn)."""
 
 
 @implementer(IPushProducer)
@@ -99,6 +102,8 @@ class MQTTProtocol(Protocol):
                 self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
             except (AttributeError, OSError):
                 pass  # not a TCP transport (unix socket, in-memory)
+        if hasattr(self.transport, "SEND_LIMIT"):
+            self.transport.SEND_LIMIT = SEND_LIMIT  # type: ignore[union-attr]
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._last_seen = self.clock.seconds()
         if self.broker.config.connect_timeout:
