@@ -343,13 +343,14 @@ class BrokerService(MultiService):
         connection = session.connection
         assert connection is not None
         now = self.clock.seconds()
-        resent = 0
+        resent = session.unsent = 0
         for packet_id, out in list(session.outgoing.items()):
             out.sent_at = now
             if out.released:
                 connection.send_pubrel(packet_id)
             elif resent >= connection.send_quota:
                 out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
+                session.unsent += 1
             elif connection.send_publish(out.message, out.qos, out.retain, packet_id, True, out.subscription_ids):
                 resent += 1
             else:
@@ -716,13 +717,18 @@ class BrokerService(MultiService):
         out = session.outgoing.pop(packet_id, None)
         if out is None:
             return False
+        if out.unsent:
+            session.unsent -= 1
         self._forget_delivery(session, out)
         connection = session.connection
-        for next_id, out in session.outgoing.items():
-            if out.unsent and connection is not None:
-                out.unsent = False
-                connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids)
-                return True
+        if session.unsent and connection is not None:
+            for next_id, out in session.outgoing.items():
+                if out.unsent:
+                    out.unsent = False
+                    session.unsent -= 1
+                    connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids)
+                    return True
+            session.unsent = 0
         if session.queue:
             self.pump(session)
         return True

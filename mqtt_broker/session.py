@@ -75,6 +75,8 @@ class Session:
     loaded_seq: int = 0
     """The highest seq brought into memory; spilled messages all come after it."""
     next_seq: int = 1
+    unsent: int = 0
+    """How many of ``outgoing`` wait to be resent (their ``unsent`` flag)."""
     _next_id: int = 1
 
     def allocate_packet_id(self) -> int:
@@ -113,6 +115,7 @@ class Session:
     def clear(self) -> None:
         self.subscriptions.clear()
         self.outgoing.clear()
+        self.unsent = 0
         self.queue.clear()
         self.queued_bytes = 0
         self.spilled = 0
