@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 
 from .auth import Security
+from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER
 from .history import MessageLog
@@ -103,6 +103,8 @@ class BrokerService(MultiService):
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
         self.ports: list[IListeningPort] = []
+        self._tls: list[tuple[str, ServerTLS]] = []
+        """The TLS listeners (endpoint string, context maker), whose files reload() reads again."""
         if store is None and self.config.persistence == "sqlite":
             from .store.sqlite import SQLiteStore
             store = SQLiteStore(Path(self.config.data_dir) / "mqttbroker.db", reactor,
@@ -150,8 +152,9 @@ class BrokerService(MultiService):
                 listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
                               for description in self.config.http_endpoints]
             for description, factory, listening in listeners:
-                endpoint = endpoints.serverFromString(
-                    self.reactor, with_backlog(description, self.config.listen_backlog))
+                endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
+                if isinstance(endpoint, TLSServerEndpoint):
+                    self._tls.append((description, endpoint.tls))
                 failures: list[Any] = []
                 endpoint.listen(factory).addCallbacks(self.ports.append, failures.append)
                 if failures:
@@ -165,6 +168,7 @@ class BrokerService(MultiService):
         super().stopService()
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
+        self._tls = []
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
         for session in self.sessions.values():
@@ -192,14 +196,23 @@ class BrokerService(MultiService):
                 self._forget_delivery(session, out)
 
     def reload(self) -> None:
-        """Read the password file, ACL file and JWT keys again (SIGHUP under twistd); a bad new
-        file is logged and the old rules stay in force. Clients are checked against the new
-        rules from their next operation on."""
+        """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
+        files again (SIGHUP under twistd). A bad new file is logged and what was in force stays.
+        Connected clients keep their connections; their rights follow the new rules from their
+        next operation on."""
         if self.security is not None:
             try:
                 self.security.reload()
             except ConfigError:
                 pass  # logged by Security; the old state is kept
+        for description, tls in self._tls:
+            try:
+                tls.reload()
+            except (OSError, ValueError) as e:
+                log.error("TLS files of {endpoint} not reloaded, the previous certificate stays in use: "
+                          "{error}", endpoint=description, error=str(e))
+            else:
+                log.info("TLS files of {endpoint} reloaded", endpoint=description)
 
     def connect_allowed(self, client_id: str) -> bool:
         """Count a CONNECT against max_connections_per_minute; False (logged) past it."""
