@@ -2,7 +2,7 @@
 
 It never touches a transport: it talks to connected clients through the few methods of
 :class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``, and
-the ``paused``/``send_quota`` attributes).
+the ``paused``/``send_quota``/``identity`` attributes).
 """
 
 from __future__ import annotations
@@ -198,13 +198,16 @@ class BrokerService(MultiService):
     def reload(self) -> None:
         """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
         files again (SIGHUP under twistd). A bad new file is logged and what was in force stays.
-        Connected clients keep their connections; their rights follow the new rules from their
-        next operation on."""
+        Connected clients whose credentials no longer pass (password changed, user removed from
+        ``password_file``) are disconnected; the others keep their connections, and their rights
+        follow the new rules from their next operation on."""
         if self.security is not None:
             try:
                 self.security.reload()
             except ConfigError:
                 pass  # logged by Security; the old state is kept
+            else:
+                self._drop_revoked()
         for description, tls in self._tls:
             try:
                 tls.reload()
@@ -213,6 +216,21 @@ class BrokerService(MultiService):
                           "{error}", endpoint=description, error=str(e))
             else:
                 log.info("TLS files of {endpoint} reloaded", endpoint=description)
+
+    def _drop_revoked(self) -> None:
+        """After a reload, disconnect every client (connected, or between its password check and
+        CONNACK) whose credentials the new files no longer accept."""
+        assert self.security is not None
+        for connection in list(self.connections):
+            identity = connection.identity
+            why = self.security.revoked(identity) if identity is not None else None
+            if why is not None:
+                log.info("disconnecting client {client_id} after the reload: {why}",
+                         client_id=identity.client_id, why=why)
+                # 0x87 Not authorized: DISCONNECT has no 0x86 (bad user name or password is a
+                # CONNACK code), and 0x87 is its code for a client the server no longer
+                # authorizes. (Mosquitto also closes such clients on reload.)
+                connection.drop(ReasonCode.NOT_AUTHORIZED, "credentials no longer accepted")
 
     def connect_allowed(self, client_id: str) -> bool:
         """Count a CONNECT against max_connections_per_minute; False (logged) past it."""
