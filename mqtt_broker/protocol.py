@@ -79,6 +79,8 @@ class MQTTProtocol(Protocol):
         self._keep_alive = 0.0
         self._keepalive_call: Any = None
         self._connect_call: Any = None
+        self._expiry_call: Any = None
+        """Disconnects the client when its credentials expire (``identity.expires_at``)."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class MQTTProtocol(Protocol):
                 broker.flush_writes()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        for call in (self._keepalive_call, self._connect_call):
+        for call in (self._keepalive_call, self._connect_call, self._expiry_call):
             if call is not None and call.active():
                 call.cancel()
         self._set_state(State.CLOSED)
@@ -199,6 +201,25 @@ class MQTTProtocol(Protocol):
             self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive timeout ({idle:.1f}s idle)", abort=True)
         else:
             self._keepalive_call = self.clock.callLater(limit - idle, self._check_keepalive)
+
+    def _watch_expiry(self) -> None:
+        """(Re)start the timer that disconnects the client when its credentials expire."""
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        self._expiry_call = None
+        expires_at = self.identity.expires_at if self.identity is not None else None
+        if expires_at is not None:
+            self._expiry_call = self.clock.callLater(max(0.0, expires_at - self.clock.seconds()),
+                                                     self._credentials_expired)
+
+    def _credentials_expired(self) -> None:
+        self._expiry_call = None
+        if self.state is State.CONNECTED:
+            # 0xA0 Maximum connect time, "the maximum connection time authorized for this
+            # connection has been exceeded" (MQTT 5 3.14.2.1): the token authorized the connection
+            # until its exp, and the code tells the client to come back with a fresh one, where
+            # 0x87 would say it is refused.
+            self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "credentials expired")
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -409,6 +430,10 @@ class MQTTProtocol(Protocol):
 
     def _auth_decided(self, answer: Any) -> None:
         reauthenticating = self.state is State.CONNECTED
+        if isinstance(answer, Identity):  # authenticated, as this identity from now on
+            self._take_identity(answer)
+            if reauthenticating:
+                self._watch_expiry()
         if isinstance(answer, Refused):
             reason = answer.code(ReasonCode.NOT_AUTHORIZED)
             if reauthenticating:
@@ -426,6 +451,16 @@ class MQTTProtocol(Protocol):
         else:
             assert self._auth_connect is not None
             self._authorize(self._auth_connect)
+
+    def _take_identity(self, identity: Identity) -> None:
+        """An auth hook's identity replaces the connection's: its rights apply from the next
+        operation (and to what the session is sent), its expiry to the disconnect timer."""
+        self.identity = identity
+        if self.session is not None:
+            self.session.identity = identity
+        assert self.client is not None
+        if identity.username != self.client.username:
+            self.client = dataclasses.replace(self.client, username=identity.username)
 
     def _authorize(self, packet: Connect) -> None:
         if self.broker.hooks.has_connect:
@@ -479,6 +514,7 @@ class MQTTProtocol(Protocol):
             self._keep_alive = float(terms.keep_alive)
             self._last_seen = self.clock.seconds()
             self._keepalive_call = self.clock.callLater(self._keep_alive * 1.5, self._check_keepalive)
+        self._watch_expiry()
         self.broker.resume(session)
 
     # --- PUBLISH in ---------------------------------------------------------------------

@@ -43,7 +43,7 @@ everything is allowed. Subscriptions are checked only against an identity's own 
 Mosquitto, ``acl_file`` is applied when messages are delivered.
 
 ``Identity.expires_at`` (a JWT's or an introspected token's ``exp``) tells the broker when the
-credentials run out, should it want to disconnect the client then. With ``enabled`` false the
+credentials run out: it disconnects the client then. With ``enabled`` false the
 broker calls nothing here, so it must refuse PUBLISHes to ``$SYS`` itself if it wants them
 refused in that case too.
 
@@ -98,8 +98,9 @@ class Identity:
     """ACL handed out with the authentication (JWT claims, HTTP answer); when set, it replaces
     ``acl_file`` for this client."""
     expires_at: float | None = None
-    """POSIX time at which the credentials expire (a JWT's ``exp``); the broker may disconnect
-    the client then. None: no expiry."""
+    """POSIX time at which the credentials expire (a JWT's ``exp`` plus ``jwt_leeway``, an
+    introspected token's ``exp``); the broker disconnects the client then (MQTT 5: DISCONNECT
+    0xA0). None: no expiry."""
     entry: Any = field(default=None, compare=False, repr=False)
     """What the credentials were checked against, kept instead of the password so that a reload
     can tell whether they still pass (:meth:`Security.revoked`): the user's hash in

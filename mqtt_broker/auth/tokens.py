@@ -262,8 +262,9 @@ class JwtAuthenticator:
             except ValueError as e:
                 return Refusal(refused, f"token: {e}")
         expiry = claims.get("exp")
+        # The token is accepted until exp + leeway; so the connection lasts as long.
         return Identity(client_id=credentials.client_id, username=username, rules=rules,
-                        expires_at=float(expiry) if isinstance(expiry, (int, float)) else None)
+                        expires_at=float(expiry) + self.leeway if isinstance(expiry, (int, float)) else None)
 
     def prepare_reload(self) -> Callable[[], None]:
         if self._reload_keys is None:
