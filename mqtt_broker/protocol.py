@@ -722,12 +722,14 @@ class MQTTProtocol(Protocol):
             elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
+                _count(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
             elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
                     len(self.session.subscriptions) + sum(isinstance(w, Subscription) for w in wanted)
                     >= config.max_subscriptions_per_client):
                 log.info("refused a subscription of {client_id} to {filter}: max_subscriptions_per_client",
                          client_id=client_id, filter=topic_filter)
+                _count(self.stats.subscriptions_refused, "max_subscriptions_per_client")
                 wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
                 wanted.append(Subscription(
@@ -838,9 +840,13 @@ _AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWOR
 
 
 def _count_refusal(stats: Any, reason: ReasonCode) -> None:
-    stats.refused_by_reason[reason.name] = stats.refused_by_reason.get(reason.name, 0) + 1
+    _count(stats.refused_by_reason, reason.name)
     if reason in _AUTH_REFUSALS:
         stats.auth_failures += 1
+
+
+def _count(tally: dict[str, int], reason: str) -> None:
+    tally[reason] = tally.get(reason, 0) + 1
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each
