@@ -10,13 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import jwt
 import paho.mqtt.client as mqtt
 import pytest
 from auth_helpers import RawClient
 from paho_helpers import PahoClient
 from twisted.logger import formatEvent
 
-from mqtt_broker.wire import Connect, Disconnect, FrameReader, Pingreq, Pingresp, encode
+from mqtt_broker.wire import (Connect, Disconnect, FrameReader, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe,
+                              SubscriptionRequest, encode)
 
 ACL = """\
 # anonymous clients
@@ -175,3 +177,48 @@ def test_sighup_disconnects_clients_whose_password_changed_or_was_removed(secure
     assert "wonderland" not in output and "new one" not in output
     for client in (carol, alice, bob, alice_again):
         client.close()
+
+
+def test_client_id_and_username_in_token_filters(broker_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A JWT's publish/subscribe claims with %c and %u, as acl_file patterns: each client gets
+    its own tree, and a client id with "/" or "+" gets none of the substituted filters ("a/b"
+    would reach into the tree of "a", "+" into everyone's)."""
+    secret = b"a secret of thirty-two bytes or more!"
+    (tmp_path / "secret").write_bytes(secret)
+    broker = broker_process("--jwt-secret-file", str(tmp_path / "secret"), "--allow-anonymous", "false")
+    claims = {"sub": "alice", "exp": int(time.time()) + 3600, "publish": ["devices/%c/#"],
+              "subscribe": ["devices/%c/#", "inbox/%u/#", "broadcast/#"]}
+    token = jwt.encode(claims, secret, algorithm="HS256").encode()
+
+    def subscribe(client: RawClient, *filters: str) -> tuple[int, ...]:
+        client.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(topic_filter=f, qos=1)
+                                                               for f in filters)))
+        suback = client.next()
+        assert isinstance(suback, Suback)
+        return suback.reason_codes
+
+    delivered: list[str] = []
+
+    def publish(client: RawClient, topic: str) -> int:
+        client.send(Publish(topic=topic, payload=b"x", qos=1, packet_id=7))
+        puback, before = client.until(Puback)  # a message to itself may come first
+        assert isinstance(puback, Puback)
+        delivered.extend(p.topic for p in before if isinstance(p, Publish))
+        return puback.reason_code
+
+    clients = [RawClient(broker.port, client_id, None, token) for client_id in ("dev-1", "a/b", "+", "%u")]
+    dev, slashed, plus, percent = clients
+    try:
+        assert subscribe(dev, "devices/dev-1/#", "inbox/alice/#", "devices/dev-2/#", "inbox/bob/#",
+                         "devices/+/#") == (1, 1, 0x87, 0x87, 0x87)
+        assert publish(dev, "devices/dev-1/temp") == 0 and publish(dev, "devices/dev-2/temp") == 0x87
+        assert delivered == ["devices/dev-1/temp"]
+        for unfit in (slashed, plus):  # no substituted filter at all; the literal one stays
+            assert subscribe(unfit, "devices/a/b/#", "devices/+/#", "devices/#", "inbox/alice/#",
+                             "broadcast/#") == (0x87, 0x87, 0x87, 0x87, 1)
+            assert publish(unfit, "devices/a/b/x") == 0x87
+        # One pass: the client id "%u" is not the username.
+        assert subscribe(percent, "devices/alice/#", "devices/%u/#") == (0x87, 1)
+    finally:
+        for client in clients:
+            client.close()
