@@ -217,7 +217,7 @@ def test_sighup_reloads_certificates_under_twistd(tmp_path: Path) -> None:
         old.send(Pingreq())  # answered after the signal is taken (it wakes the reactor first)
         assert isinstance(old.next(), Pingresp)
         seen = b""
-        for _ in range(100):  # bounded: the reload is queued on the reactor by the signal handler
+        for _ in range(500):  # bounded: the reload is queued on the reactor by the signal handler
             probe = RawClient(port, "probe", tls=context)
             seen = peer(probe)
             probe.close()
