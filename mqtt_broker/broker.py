@@ -2,7 +2,7 @@
 
 It never touches a transport: it talks to connected clients through the few methods of
 :class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``, and
-the ``paused``/``send_quota`` attributes).
+the ``paused``/``send_quota``/``identity`` attributes).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 
 from .auth import Security
+from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER
 from .history import MessageLog
@@ -48,7 +48,7 @@ class Stats:
                  "connections_total", "connections_refused", "broker_published", "wills_published",
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
-                 "auth_failures", "sessions_expired", "clients_maximum")
+                 "subscriptions_refused", "auth_failures", "sessions_expired", "clients_maximum")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
@@ -65,6 +65,9 @@ class Stats:
         """MQTT packets of any type in; packets out other than PUBLISH."""
         self.refused_by_reason: dict[str, int] = {}
         """Connections refused, by reason (a ReasonCode name, or max_connections)."""
+        self.subscriptions_refused: dict[str, int] = {}
+        """Topic filters of SUBSCRIBEs refused, by reason (max_subscriptions_per_client, or
+        NOT_AUTHORIZED by the client's ACL)."""
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
 
 
@@ -104,6 +107,8 @@ class BrokerService(MultiService):
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
         self.ports: list[IListeningPort] = []
+        self._tls: list[tuple[str, ServerTLS]] = []
+        """The TLS listeners (endpoint string, context maker), whose files reload() reads again."""
         if store is None and self.config.persistence == "sqlite":
             from .store.sqlite import SQLiteStore
             store = SQLiteStore(Path(self.config.data_dir) / "mqttbroker.db", reactor,
@@ -151,8 +156,9 @@ class BrokerService(MultiService):
                 listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
                               for description in self.config.http_endpoints]
             for description, factory, listening in listeners:
-                endpoint = endpoints.serverFromString(
-                    self.reactor, with_backlog(description, self.config.listen_backlog))
+                endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
+                if isinstance(endpoint, TLSServerEndpoint):
+                    self._tls.append((description, endpoint.tls))
                 failures: list[Any] = []
                 endpoint.listen(factory).addCallbacks(self.ports.append, failures.append)
                 if failures:
@@ -166,6 +172,7 @@ class BrokerService(MultiService):
         super().stopService()
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
+        self._tls = []
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
         for session in self.sessions.values():
@@ -193,14 +200,41 @@ class BrokerService(MultiService):
                 self._forget_delivery(session, out)
 
     def reload(self) -> None:
-        """Read the password file, ACL file and JWT keys again (SIGHUP under twistd); a bad new
-        file is logged and the old rules stay in force. Clients are checked against the new
-        rules from their next operation on."""
+        """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
+        files again (SIGHUP under twistd). A bad new file is logged and what was in force stays.
+        Connected clients whose credentials no longer pass (password changed, user removed from
+        ``password_file``) are disconnected; the others keep their connections, and their rights
+        follow the new rules from their next operation on."""
         if self.security is not None:
             try:
                 self.security.reload()
             except ConfigError:
                 pass  # logged by Security; the old state is kept
+            else:
+                self._drop_revoked()
+        for description, tls in self._tls:
+            try:
+                tls.reload()
+            except (OSError, ValueError) as e:
+                log.error("TLS files of {endpoint} not reloaded, the previous certificate stays in use: "
+                          "{error}", endpoint=description, error=str(e))
+            else:
+                log.info("TLS files of {endpoint} reloaded", endpoint=description)
+
+    def _drop_revoked(self) -> None:
+        """After a reload, disconnect every client (connected, or between its password check and
+        CONNACK) whose credentials the new files no longer accept."""
+        assert self.security is not None
+        for connection in list(self.connections):
+            identity = connection.identity
+            why = self.security.revoked(identity) if identity is not None else None
+            if why is not None:
+                log.info("disconnecting client {client_id} after the reload: {why}",
+                         client_id=identity.client_id, why=why)
+                # 0x87 Not authorized: DISCONNECT has no 0x86 (bad user name or password is a
+                # CONNACK code), and 0x87 is its code for a client the server no longer
+                # authorizes. (Mosquitto also closes such clients on reload.)
+                connection.drop(ReasonCode.NOT_AUTHORIZED, "credentials no longer accepted")
 
     def connect_allowed(self, client_id: str) -> bool:
         """Count a CONNECT against max_connections_per_minute; False (logged) past it."""

@@ -99,7 +99,7 @@ class BrokerConfig:
         "exceeded; MQTT 3: server unavailable) and logged; 0 for no limit.")
     max_subscriptions_per_client: int = _setting(
         0, "Subscriptions one client may hold; more are refused (SUBACK 0x97 quota exceeded; MQTT 3: "
-        "0x80) and logged; 0 for no limit.")
+        "0x80), logged and counted; 0 for no limit.")
     max_qos: int = _setting(2, "Highest QoS the broker accepts and grants.", 0, 2)
     retain_available: bool = _setting(True, "Whether retained messages are supported.")
     allow_zero_length_clientid: bool = _setting(

@@ -75,10 +75,13 @@ class Hooks:
     def on_auth(self, handler: Handler) -> Handler:
         """``handler(client, method, data, reauthenticating) -> None | bool | bytes | Refused``:
         MQTT 5 enhanced authentication. Called with the Authentication Method and Data of the
-        CONNECT and of every AUTH packet. None or True: authenticated. Bytes: continue, sending
-        them to the client in an AUTH packet (0x18) and waiting for its answer. False refuses
-        (CONNACK 0x87, or DISCONNECT 0x87 when re-authenticating). Without a handler, a CONNECT
-        with an Authentication Method is refused with 0x8C."""
+        CONNECT and of every AUTH packet. None or True: authenticated. An
+        :class:`~mqtt_broker.auth.Identity`: authenticated as that identity (for this client
+        id), which replaces the connection's: its ``rules`` from the next operation on, its
+        ``expires_at`` for the timer that disconnects the client (re-authentication moves it).
+        Bytes: continue, sending them to the client in an AUTH packet (0x18) and waiting for its
+        answer. False refuses (CONNACK 0x87, or DISCONNECT 0x87 when re-authenticating). Without
+        a handler, a CONNECT with an Authentication Method is refused with 0x8C."""
         return self._register("auth", handler)
 
     def on_publish(self, handler: Handler) -> Handler:

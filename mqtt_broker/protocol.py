@@ -100,6 +100,8 @@ class MQTTProtocol(Protocol):
         self._keep_alive = 0.0
         self._keepalive_call: Any = None
         self._connect_call: Any = None
+        self._expiry_call: Any = None
+        """Disconnects the client when its credentials expire (``identity.expires_at``)."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -158,7 +160,7 @@ class MQTTProtocol(Protocol):
                 broker.flush_writes()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        for call in (self._keepalive_call, self._connect_call):
+        for call in (self._keepalive_call, self._connect_call, self._expiry_call):
             if call is not None and call.active():
                 call.cancel()
         self._set_state(State.CLOSED)
@@ -224,6 +226,25 @@ class MQTTProtocol(Protocol):
             self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive timeout ({idle:.1f}s idle)", abort=True)
         else:
             self._keepalive_call = self.clock.callLater(limit - idle, self._check_keepalive)
+
+    def _watch_expiry(self) -> None:
+        """(Re)start the timer that disconnects the client when its credentials expire."""
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        self._expiry_call = None
+        expires_at = self.identity.expires_at if self.identity is not None else None
+        if expires_at is not None:
+            self._expiry_call = self.clock.callLater(max(0.0, expires_at - self.clock.seconds()),
+                                                     self._credentials_expired)
+
+    def _credentials_expired(self) -> None:
+        self._expiry_call = None
+        if self.state is State.CONNECTED:
+            # 0xA0 Maximum connect time, "the maximum connection time authorized for this
+            # connection has been exceeded" (MQTT 5 3.14.2.1): the token authorized the connection
+            # until its exp, and the code tells the client to come back with a fresh one, where
+            # 0x87 would say it is refused.
+            self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "credentials expired")
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -450,6 +471,10 @@ class MQTTProtocol(Protocol):
 
     def _auth_decided(self, answer: Any) -> None:
         reauthenticating = self.state is State.CONNECTED
+        if isinstance(answer, Identity):  # authenticated, as this identity from now on
+            self._take_identity(answer)
+            if reauthenticating:
+                self._watch_expiry()
         if isinstance(answer, Refused):
             reason = answer.code(ReasonCode.NOT_AUTHORIZED)
             if reauthenticating:
@@ -467,6 +492,16 @@ class MQTTProtocol(Protocol):
         else:
             assert self._auth_connect is not None
             self._authorize(self._auth_connect)
+
+    def _take_identity(self, identity: Identity) -> None:
+        """An auth hook's identity replaces the connection's: its rights apply from the next
+        operation (and to what the session is sent), its expiry to the disconnect timer."""
+        self.identity = identity
+        if self.session is not None:
+            self.session.identity = identity
+        assert self.client is not None
+        if identity.username != self.client.username:
+            self.client = dataclasses.replace(self.client, username=identity.username)
 
     def _authorize(self, packet: Connect) -> None:
         if self.broker.hooks.has_connect:
@@ -520,6 +555,7 @@ class MQTTProtocol(Protocol):
             self._keep_alive = float(terms.keep_alive)
             self._last_seen = self.clock.seconds()
             self._keepalive_call = self.clock.callLater(self._keep_alive * 1.5, self._check_keepalive)
+        self._watch_expiry()
         self.broker.resume(session)
 
     # --- PUBLISH in ---------------------------------------------------------------------
@@ -726,12 +762,14 @@ class MQTTProtocol(Protocol):
             elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
+                _count(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
             elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
                     len(self.session.subscriptions) + sum(isinstance(w, Subscription) for w in wanted)
                     >= config.max_subscriptions_per_client):
                 log.info("refused a subscription of {client_id} to {filter}: max_subscriptions_per_client",
                          client_id=client_id, filter=topic_filter)
+                _count(self.stats.subscriptions_refused, "max_subscriptions_per_client")
                 wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
                 wanted.append(Subscription(
@@ -842,9 +880,13 @@ _AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWOR
 
 
 def _count_refusal(stats: Any, reason: ReasonCode) -> None:
-    stats.refused_by_reason[reason.name] = stats.refused_by_reason.get(reason.name, 0) + 1
+    _count(stats.refused_by_reason, reason.name)
     if reason in _AUTH_REFUSALS:
         stats.auth_failures += 1
+
+
+def _count(tally: dict[str, int], reason: str) -> None:
+    tally[reason] = tally.get(reason, 0) + 1
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each

@@ -163,7 +163,8 @@ def makeService(options: Options) -> BrokerService:
 
 
 def _reload_on_sighup(service: BrokerService) -> None:
-    """SIGHUP re-reads the password file, ACL file and keys, as it does for Mosquitto."""
+    """SIGHUP re-reads the password file, ACL file, keys and TLS certificates, as it does for
+    Mosquitto (see ``BrokerService.reload``)."""
     import signal
 
     from twisted.internet import reactor

@@ -7,8 +7,10 @@ from __future__ import annotations
 import getpass
 import shutil
 import socket
+import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from conftest import free_port, wait_for_port
 from twisted.logger import formatEvent, globalLogPublisher
@@ -57,13 +59,18 @@ class RawClient:
     """One MQTT connection; ``next()`` returns the broker's packets in the order it sent them."""
 
     def __init__(self, port: int, client_id: str, username: str | None = None, password: bytes | None = None,
-                 version: int = MQTT_5, host: str = "127.0.0.1") -> None:
+                 version: int = MQTT_5, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None,
+                 **connect: Any) -> None:
+        """Connects and reads the CONNACK; ``tls``: over TLS, the server named ``localhost``;
+        ``connect``: more fields of the CONNECT (properties, keep_alive, ...)."""
         self.version = version
         self.sock = socket.create_connection((host, port), timeout=WAIT)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.reader = FrameReader(version=version)
         self.pending: list[Packet] = []
         self.send(Connect(protocol_name="MQTT" if version > 3 else "MQIsdp", protocol_level=version,
-                          client_id=client_id, username=username, password=password))
+                          client_id=client_id, username=username, password=password, **connect))
         connack = self.next()
         assert isinstance(connack, Connack), connack
         self.connack = connack

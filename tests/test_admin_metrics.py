@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from admin_helpers import M_MESSAGES, N_PUBLISHERS, workload
+from admin_http import start_admin
+from auth_helpers import RawClient
+from conftest import BrokerProcess
 from prometheus_client.parser import text_string_to_metric_families
 from protocol_helpers import FakeClient, connected, make_broker
+from twisted.logger import formatEvent
 
 from mqtt_broker import BrokerService
 from mqtt_broker.admin import metrics
 from mqtt_broker.admin.metrics import Histogram
-from mqtt_broker.wire import Connect, Disconnect, ReasonCode
+from mqtt_broker.wire import Connect, Disconnect, ReasonCode, Suback, Subscribe, SubscriptionRequest
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -174,3 +179,27 @@ def test_refused_when_max_connections_reached() -> None:
     assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
     assert value(scrape(broker), "mqtt_connections_refused_total", reason="max_connections") == 1
     assert ReasonCode.ADMINISTRATIVE_ACTION == 0x98
+
+
+def test_subscription_refusals_are_counted_end_to_end(broker_process: type[BrokerProcess]) -> None:
+    """max_subscriptions_per_client refusals, read from /metrics and /api/v1/stats of a broker
+    process, after real clients were refused."""
+    admin = start_admin(broker_process, "--max-subscriptions-per-client", "2")
+    requests = tuple(SubscriptionRequest(topic_filter=f"limit/{n}") for n in range(4))
+    v5 = RawClient(admin.broker.port, "limited-5", version=5)
+    v3 = RawClient(admin.broker.port, "limited-3", version=4)
+    try:
+        v5.send(Subscribe(packet_id=1, subscriptions=requests[:3]))
+        assert v5.next() == Suback(packet_id=1, reason_codes=(0, 0, ReasonCode.QUOTA_EXCEEDED))
+        v3.send(Subscribe(packet_id=1, subscriptions=requests))
+        assert v3.next() == Suback(packet_id=1, reason_codes=(0, 0, 0x80, 0x80))
+    finally:
+        v5.close()
+        v3.close()
+    body = admin.call("GET", "/metrics").body
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert value(samples, "mqtt_subscriptions_refused_total", reason="max_subscriptions_per_client") == 3
+    assert admin.call("GET", "/api/v1/stats").body["subscriptions_refused"] == {"max_subscriptions_per_client": 3}
+    assert "refused a subscription of limited-3 to limit/3: max_subscriptions_per_client" in "\n".join(
+        formatEvent(json.loads(record)) for record in admin.broker.output().split("\x1e") if record.strip())

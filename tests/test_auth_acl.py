@@ -57,6 +57,37 @@ def test_access_rules_refuse_invalid_filters(bad: object) -> None:
         AccessRules.from_lists([], [bad])  # type: ignore[list-item]
 
 
+def test_access_rules_substitute_client_id_and_username_like_patterns() -> None:
+    rules = AccessRules.from_lists(["devices/%c/#", "shared/out"],
+                                   ["devices/%c/cmd/+", "inbox/%u/#", "+/%c/%u", "broadcast/#"])
+    dev = rules.for_client("dev-1", "alice")
+    assert dev == AccessRules(("devices/dev-1/#", "shared/out"),
+                              ("devices/dev-1/cmd/+", "inbox/alice/#", "+/dev-1/alice", "broadcast/#"))
+    assert dev.can_publish("devices/dev-1/temp") and not dev.can_publish("devices/dev-2/temp")
+    assert dev.can_subscribe("inbox/alice/#") and not dev.can_subscribe("inbox/bob/#")
+    assert not dev.can_subscribe("devices/%c/cmd/+")  # granted only as substituted
+    # One pass, as in acl_file: a name that looks like a substitution stays literal.
+    assert rules.for_client("%u", "%c").subscribe[:3] == ("devices/%u/cmd/+", "inbox/%c/#", "+/%u/%c")
+    # No username: filters with %u do not apply; the others do.
+    assert rules.for_client("dev-1", None) == AccessRules(
+        ("devices/dev-1/#", "shared/out"), ("devices/dev-1/cmd/+", "broadcast/#"))
+    # An empty username would make "inbox//#" and the like: valid, narrow, kept; "%u" alone not.
+    assert AccessRules.from_lists([], ["%u", "inbox/%u"]).for_client("c", "") == AccessRules((), ("inbox/",))
+
+
+@pytest.mark.parametrize("client_id,username", [
+    ("+", "alice"), ("#", "alice"), ("a/b", "alice"), ("dev-1", "a+b"), ("dev-1", "h#"), ("dev-1", "a/b")])
+def test_access_rules_give_dangerous_names_no_substituted_filter(client_id: str, username: str) -> None:
+    """As acl_file gives such a client no pattern: substituted, the name would widen the filter
+    (a "+" or "#" level) or reach into another client's tree ("a/b" under "a")."""
+    rules = AccessRules.from_lists(["devices/%c/#", "shared/out"], ["inbox/%u/#", "devices/%c/#", "broadcast/#"])
+    narrowed = rules.for_client(client_id, username)
+    assert narrowed == AccessRules(("shared/out",), ("broadcast/#",))
+    for topic in ("devices/a/b/x", "devices/x", "inbox/alice/x", "devices/+/x", "inbox/a/b"):
+        assert not narrowed.can_publish(topic) and not narrowed.can_read(topic)
+    assert not narrowed.can_subscribe("devices/#") and not narrowed.can_subscribe("inbox/#")
+
+
 # --- parsing --------------------------------------------------------------------------------------
 
 def test_parse() -> None:

@@ -12,15 +12,18 @@ from urllib.parse import parse_qs
 
 import pytest
 import pytest_twisted
-from auth_helpers import LogCapture
+from auth_helpers import LogCapture, RawClient
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from mqtt_broker import BrokerService
 from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
 from mqtt_broker.auth.http_auth import HttpAuthenticator
 from mqtt_broker.config import BrokerConfig, ConfigError
+from mqtt_broker.wire import Suback, Subscribe, SubscriptionRequest
 from mqtt_broker.wire.codes import ReasonCode
 
 Reply = tuple[int, bytes] | None  # None: never answer
@@ -325,3 +328,40 @@ async def test_reload_reads_the_authorization_file_and_empties_the_cache(
         assert resource.requests[-1]["headers"]["authorization"] == "Bearer two"
     finally:
         await sec.close()
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_client_id_and_username_in_the_answers_filters(service: tuple[AuthService, str]) -> None:
+    """The broker on a loopback port asks the service, whose ACL uses %c and %u: substituted per
+    client, as acl_file patterns; a username with "#" gets none of the substituted filters."""
+    resource, url = service
+    resource.reply = json_reply(200, result="allow", publish=["devices/%c/#"],
+                                subscribe=["devices/%c/#", "inbox/%u/#", "news/#"])
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0,
+                           http_auth_url=url, allow_anonymous=False)
+    broker.startService()
+    port = broker.ports[0].getHost().port  # type: ignore[attr-defined]
+
+    async def granted(client_id: str, username: str, *filters: str) -> tuple[int, ...]:
+        client = await deferToThread(RawClient, port, client_id, username, b"pw")
+        try:
+            client.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(topic_filter=f)
+                                                                   for f in filters)))
+            suback = await deferToThread(client.next)
+            assert isinstance(suback, Suback)
+            return suback.reason_codes
+        finally:
+            client.close()
+
+    try:
+        assert await granted("dev-1", "alice", "devices/dev-1/#", "inbox/alice/#", "devices/dev-2/#",
+                             "inbox/bob/#", "news/#") == (0, 0, 0x87, 0x87, 0)
+        assert await granted("dev-2", "bob", "devices/dev-2/x", "inbox/bob/x", "inbox/alice/x") == (0, 0, 0x87)
+        assert await granted("dev-3", "h#", "devices/dev-3/#", "inbox/h#/x", "inbox/#", "news/x") == (
+            0x87, 0x8F, 0x87, 0)  # "inbox/h#/x" is no filter at all (0x8F)
+        assert broker.stats.subscriptions_refused == {"NOT_AUTHORIZED": 5}
+        assert len(resource.requests) == 3
+    finally:
+        await broker.stopService()

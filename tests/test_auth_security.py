@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import pytest_twisted
@@ -15,7 +16,7 @@ from twisted.internet.defer import Deferred, fail
 
 import mqtt_broker.auth as auth
 from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
-from mqtt_broker.auth.passwords import PasswordHash
+from mqtt_broker.auth.passwords import PasswordFile, PasswordHash
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.passwd import main as passwd
 from mqtt_broker.wire.codes import ReasonCode, v3_connack_code
@@ -310,6 +311,46 @@ async def test_bad_reload_keeps_everything(files: Path, broken: str) -> None:
     with pytest.raises(ConfigError):
         sec.reload()
     assert sec.can_read(alice, "alice/x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_tells_which_password_file_users_no_longer_pass(files: Path) -> None:
+    sec = security(files)
+    assert passwd(["-b", str(files / "pw"), "carol", "carol-pw"]) == 0
+    sec.reload()
+    alice, bob, carol = [await answer(sec, credentials(user, f"{user}-pw".encode()))
+                         for user in ("alice", "bob", "carol")]
+    assert all(isinstance(i, Identity) and sec.revoked(i) is None for i in (alice, bob, carol))
+    # What is kept is the file's hash, never the password.
+    assert alice.entry == PasswordFile.load(files / "pw").users["alice"]  # type: ignore[union-attr]
+    assert passwd(["-b", str(files / "pw"), "alice", "changed"]) == 0
+    assert passwd(["-D", str(files / "pw"), "bob"]) == 0
+    assert sec.revoked(alice) is None  # judged by the files in force: not reloaded yet
+    sec.reload()
+    assert sec.revoked(alice) == f"the password of 'alice' changed in {files / 'pw'}"  # type: ignore[arg-type]
+    assert sec.revoked(bob) == f"user 'bob' is no longer in {files / 'pw'}"  # type: ignore[arg-type]
+    assert sec.revoked(carol) is None  # type: ignore[arg-type]
+    # Identities the file did not give out have nothing to check again.
+    assert sec.revoked(Identity(client_id="c", username="alice")) is None
+    assert sec.revoked(Identity(client_id="c", username=None)) is None
+
+
+def test_a_reload_during_the_password_check_refuses_the_old_password(files: Path) -> None:
+    from twisted.internet.task import Clock
+    # On a Clock the check runs in place, so the reload can come in between.
+    sec = Security.from_config(BrokerConfig(password_file=str(files / "pw")), reactor=Clock())
+    verify = PasswordHash.verify
+
+    def verify_then_reload(stored: PasswordHash, password: bytes) -> bool:
+        assert passwd(["-b", str(files / "pw"), "alice", "changed"]) == 0
+        sec.reload()
+        return verify(stored, password)
+
+    with patch.object(PasswordHash, "verify", verify_then_reload):
+        results: list[Any] = []
+        sec.authenticate(credentials()).addCallback(results.append)
+    assert refused(results[0], ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+    assert "changed" in results[0].reason
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -9,11 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import jwt
 import paho.mqtt.client as mqtt
 import pytest
+from auth_helpers import RawClient
 from paho_helpers import PahoClient
+from twisted.logger import formatEvent
 
-from mqtt_broker.wire import Connect, FrameReader, encode
+from mqtt_broker.wire import (Connect, Disconnect, FrameReader, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe,
+                              SubscriptionRequest, encode)
 
 ACL = """\
 # anonymous clients
@@ -134,3 +139,86 @@ def test_clients_cannot_publish_to_sys_even_without_security(broker) -> None:  #
         assert message.payload != b"forged"
     watcher.close()
     writer.close()
+
+
+def test_sighup_disconnects_clients_whose_password_changed_or_was_removed(secured, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    passwd_file = tmp_path / "passwd"
+    subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "-b", str(passwd_file), "carol", "c4rol"],
+                   check=True, timeout=60)
+    secured.process.send_signal(signal.SIGHUP)
+    for _ in range(100):  # bounded: the signal handler queues the reload on the reactor
+        if connect_code(secured.port, "carol", "c4rol") == 0:
+            break
+    carol = RawClient(secured.port, "carol-1", "carol", b"c4rol", version=5)
+    alice = RawClient(secured.port, "alice-1", "alice", b"wonderland", version=5)
+    bob = RawClient(secured.port, "bob-1", "bob", b"builder", version=4)
+    alice_again = RawClient(secured.port, "alice-2", "alice", b"wonderland", version=4)
+    assert {c.connack.reason_code for c in (carol, alice, bob, alice_again)} == {0}
+    subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "-b", str(passwd_file), "alice", "new one"],
+                   check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "-D", str(passwd_file), "bob"],
+                   check=True, timeout=60)
+    secured.process.send_signal(signal.SIGHUP)
+    # MQTT 5 is told why (0x87 not authorized), MQTT 3 is closed; reads wait for it, bounded by
+    # the socket timeout.
+    disconnect = alice.next()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x87
+    assert alice.next() is None and bob.next() is None and alice_again.next() is None
+    carol.send(Pingreq())  # whose entry did not change: still connected
+    assert isinstance(carol.next(), Pingresp)
+    assert connect_code(secured.port, "alice", "new one") == 0
+    assert connect_code(secured.port, "bob", "builder") == 4
+    output = secured.output()
+    logged = "\n".join(formatEvent(json.loads(record)) for record in output.split("\x1e") if record.strip())
+    assert f"disconnecting client alice-1 after the reload: the password of 'alice' changed in {passwd_file}" \
+        in logged
+    assert f"disconnecting client bob-1 after the reload: user 'bob' is no longer in {passwd_file}" in logged
+    assert "disconnecting client alice-2" in logged and "carol-1 after the reload" not in logged
+    assert "wonderland" not in output and "new one" not in output
+    for client in (carol, alice, bob, alice_again):
+        client.close()
+
+
+def test_client_id_and_username_in_token_filters(broker_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A JWT's publish/subscribe claims with %c and %u, as acl_file patterns: each client gets
+    its own tree, and a client id with "/" or "+" gets none of the substituted filters ("a/b"
+    would reach into the tree of "a", "+" into everyone's)."""
+    secret = b"a secret of thirty-two bytes or more!"
+    (tmp_path / "secret").write_bytes(secret)
+    broker = broker_process("--jwt-secret-file", str(tmp_path / "secret"), "--allow-anonymous", "false")
+    claims = {"sub": "alice", "exp": int(time.time()) + 3600, "publish": ["devices/%c/#"],
+              "subscribe": ["devices/%c/#", "inbox/%u/#", "broadcast/#"]}
+    token = jwt.encode(claims, secret, algorithm="HS256").encode()
+
+    def subscribe(client: RawClient, *filters: str) -> tuple[int, ...]:
+        client.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(topic_filter=f, qos=1)
+                                                               for f in filters)))
+        suback = client.next()
+        assert isinstance(suback, Suback)
+        return suback.reason_codes
+
+    delivered: list[str] = []
+
+    def publish(client: RawClient, topic: str) -> int:
+        client.send(Publish(topic=topic, payload=b"x", qos=1, packet_id=7))
+        puback, before = client.until(Puback)  # a message to itself may come first
+        assert isinstance(puback, Puback)
+        delivered.extend(p.topic for p in before if isinstance(p, Publish))
+        return puback.reason_code
+
+    clients = [RawClient(broker.port, client_id, None, token) for client_id in ("dev-1", "a/b", "+", "%u")]
+    dev, slashed, plus, percent = clients
+    try:
+        assert subscribe(dev, "devices/dev-1/#", "inbox/alice/#", "devices/dev-2/#", "inbox/bob/#",
+                         "devices/+/#") == (1, 1, 0x87, 0x87, 0x87)
+        assert publish(dev, "devices/dev-1/temp") == 0 and publish(dev, "devices/dev-2/temp") == 0x87
+        assert delivered == ["devices/dev-1/temp"]
+        for unfit in (slashed, plus):  # no substituted filter at all; the literal one stays
+            assert subscribe(unfit, "devices/a/b/#", "devices/+/#", "devices/#", "inbox/alice/#",
+                             "broadcast/#") == (0x87, 0x87, 0x87, 0x87, 1)
+            assert publish(unfit, "devices/a/b/x") == 0x87
+        # One pass: the client id "%u" is not the username.
+        assert subscribe(percent, "devices/alice/#", "devices/%u/#") == (0x87, 1)
+    finally:
+        for client in clients:
+            client.close()

@@ -33,6 +33,9 @@ class Figures:
     """Open network connections, those still in CONNECT included."""
     connections_total: int
     refused: dict[str, int]
+    """Connections refused, by reason."""
+    subscriptions_refused: dict[str, int]
+    """Topic filters of SUBSCRIBEs refused, by reason."""
     auth_failures: int
     publish_received: list[int]
     """PUBLISHes from clients that were routed, by QoS."""
@@ -105,7 +108,8 @@ def read(broker: Any, started_at: float | None = None) -> Figures:
         clients_connected=connected, clients_disconnected=disconnected,
         clients_maximum=max(stats.clients_maximum, connected), clients_expired=stats.sessions_expired,
         connections=len(broker.connections), connections_total=stats.connections_total,
-        refused=dict(stats.refused_by_reason), auth_failures=stats.auth_failures,
+        refused=dict(stats.refused_by_reason), subscriptions_refused=dict(stats.subscriptions_refused),
+        auth_failures=stats.auth_failures,
         publish_received=received, publish_sent=sent,
         broker_published=stats.broker_published, wills_published=stats.wills_published,
         dropped={"queue_full": stats.messages_dropped - stats.dropped_too_large,

@@ -153,6 +153,11 @@ class BrokerCollector:
         for reason, count in sorted(f.refused.items()):
             c.add_metric([reason], count)
         yield c
+        c = CounterMetricFamily("mqtt_subscriptions_refused", "Topic filters of SUBSCRIBEs refused, by reason.",
+                                labels=["reason"])
+        for reason, count in sorted(f.subscriptions_refused.items()):
+            c.add_metric([reason], count)
+        yield c
         yield _counter("mqtt_auth_failures", "Refusals for authentication or authorization at CONNECT, and "
                        "failed re-authentications.", f.auth_failures)
         yield _gauge("mqtt_clients_connected", "Clients connected now.", f.clients_connected)

@@ -15,7 +15,9 @@ The broker builds one :class:`Security` with :meth:`Security.from_config` and, w
 - on each delivery, retained messages sent on SUBSCRIBE included:
   ``security.can_read(identity, topic)`` (False: not delivered). Cached, so it is cheap;
 - on SIGHUP: ``security.reload()``; it raises :class:`ConfigError` (already logged) and keeps
-  the old state if a new file is bad;
+  the old state if a new file is bad. Then, for each connected client,
+  ``security.revoked(identity)``: a reason (str) when its credentials no longer pass (password
+  changed, user removed): disconnect it;
 - on shutdown: ``security.close()`` (a ``Deferred``; closes the HTTP connection pool).
 
 Authentication is a chain. Each authenticator answers allow (an Identity), deny (a Refusal) or
@@ -41,7 +43,7 @@ everything is allowed. Subscriptions are checked only against an identity's own 
 Mosquitto, ``acl_file`` is applied when messages are delivered.
 
 ``Identity.expires_at`` (a JWT's or an introspected token's ``exp``) tells the broker when the
-credentials run out, should it want to disconnect the client then. With ``enabled`` false the
+credentials run out: it disconnects the client then. With ``enabled`` false the
 broker calls nothing here, so it must refuse PUBLISHes to ``$SYS`` itself if it wants them
 refused in that case too.
 
@@ -96,8 +98,13 @@ class Identity:
     """ACL handed out with the authentication (JWT claims, HTTP answer); when set, it replaces
     ``acl_file`` for this client."""
     expires_at: float | None = None
-    """POSIX time at which the credentials expire (a JWT's ``exp``); the broker may disconnect
-    the client then. None: no expiry."""
+    """POSIX time at which the credentials expire (a JWT's ``exp`` plus ``jwt_leeway``, an
+    introspected token's ``exp``); the broker disconnects the client then (MQTT 5: DISCONNECT
+    0xA0). None: no expiry."""
+    entry: Any = field(default=None, compare=False, repr=False)
+    """What the credentials were checked against, kept instead of the password so that a reload
+    can tell whether they still pass (:meth:`Security.revoked`): the user's hash in
+    ``password_file``. None: nothing to check again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,8 @@ class Authenticator(Protocol):
 
     # Optional: ``equalize(credentials) -> Deferred`` does the work a check of a known user
     # would, run before refusing a user nobody knows, so timing does not reveal who exists.
+    # Optional: ``revoked(identity) -> str | None`` says why an identity this authenticator gave
+    # out no longer holds after a reload (None: it holds, or is not this authenticator's).
 
 
 class Security:
@@ -206,6 +215,9 @@ class Security:
             if isinstance(answer, Refusal):
                 return self._refused(credentials, answer.reason_code, f"{authenticator.name}: {answer.reason}")
             if isinstance(answer, Identity):
+                revoked = self.revoked(answer)
+                if revoked is not None:  # the file changed while the password was being checked
+                    return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, revoked)
                 return answer
         if credentials.username is None:
             if self._allow_anonymous:
@@ -228,6 +240,17 @@ class Security:
                  "(reason code 0x{code:02X})", client_id=credentials.client_id,
                  username=credentials.username, peer=credentials.peer, reason=reason, code=int(code))
         return Refusal(code, reason)
+
+    def revoked(self, identity: Identity) -> str | None:
+        """Why the credentials a client connected with no longer pass the files now in force (its
+        ``password_file`` entry changed or is gone since), or None. No hashing: the password is
+        not kept, only what it was checked against (``identity.entry``)."""
+        for authenticator in self._authenticators:
+            check = getattr(authenticator, "revoked", None)
+            why = check(identity) if check is not None else None
+            if why is not None:
+                return why
+        return None
 
     # --- authorization ------------------------------------------------------------------
 

@@ -24,8 +24,9 @@ How a check is decided, as in Mosquitto's ``mosquitto_acl_check_default``:
 Subscribing is not checked against the file (Mosquitto grants every SUBSCRIBE); each message
 is checked for ``read`` when it is delivered, retained messages included.
 
-:class:`AccessRules` are the other kind: lists of filters carried by a JWT or an HTTP answer.
-Pure Python, no Twisted.
+:class:`AccessRules` are the other kind: lists of filters carried by a JWT or an HTTP answer,
+where ``%c`` and ``%u`` are replaced the same way (:meth:`AccessRules.for_client`). Pure
+Python, no Twisted.
 """
 
 from __future__ import annotations
@@ -77,12 +78,25 @@ def filter_covers(granted: str, requested: str) -> bool:
     return False
 
 
+def substitute(pattern: str, client_id: str, username: str | None) -> str:
+    """``pattern`` with ``%c`` replaced by the client id and ``%u`` by the username (nothing
+    without one), in one pass like Mosquitto's: a substituted name is never scanned again, so a
+    client id of "%u" stays literal. Check :func:`unfit_for_patterns` first."""
+    return _SUBSTITUTION.sub(lambda m: client_id if m.group() == "%c" else username or "", pattern)
+
+
+def unfit_for_patterns(client_id: str, username: str | None) -> bool:
+    """Whether a client gets no pattern at all: its username or client id contains ``+``, ``#``
+    or ``/``, which, substituted, would widen a pattern or reach into another client's tree."""
+    return (username is not None and not DANGEROUS.isdisjoint(username)) or not DANGEROUS.isdisjoint(client_id)
+
+
 @dataclass(frozen=True, slots=True)
 class AccessRules:
     """Topic filters one client may publish to and subscribe to (and so read), handed out by an
     authenticator (JWT claims, an HTTP answer). When an :class:`Identity` carries rules, they
-    alone decide for that client; ``acl_file`` is not consulted. Filters are literal: no
-    ``%c``/``%u``."""
+    alone decide for that client; ``acl_file`` is not consulted. Filters may hold ``%c`` and
+    ``%u``, replaced by :meth:`for_client` as ``acl_file`` patterns are."""
 
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
@@ -96,6 +110,28 @@ class AccessRules:
                     or topic_filter.startswith("$share/")):
                 raise ValueError(f"not a topic filter: {topic_filter!r}")
         return cls(publish, subscribe)
+
+    def for_client(self, client_id: str, username: str | None) -> AccessRules:
+        """These rules for one client: ``%c``/``%u`` replaced as in ``acl_file`` patterns. A
+        filter with ``%u`` is left out for a client without a username, and every filter with
+        ``%c`` or ``%u`` when the client id or username contains ``+``, ``#`` or ``/`` (as
+        ``acl_file`` gives such a client no pattern); so is one that the substitution leaves
+        invalid (an empty username). Filters without either are kept as they are."""
+        unfit = unfit_for_patterns(client_id, username)
+
+        def applied(filters: tuple[str, ...]) -> tuple[str, ...]:
+            kept = []
+            for topic_filter in filters:
+                if _SUBSTITUTION.search(topic_filter):
+                    if unfit or (username is None and "%u" in topic_filter):
+                        continue
+                    topic_filter = substitute(topic_filter, client_id, username)
+                    if not valid_topic_filter(topic_filter) or topic_filter.startswith("$share/"):
+                        continue
+                kept.append(topic_filter)
+            return tuple(kept)
+
+        return AccessRules(applied(self.publish), applied(self.subscribe))
 
     def can_publish(self, topic: str) -> bool:
         return any(filter_matches(granted, topic) for granted in self.publish)
@@ -193,19 +229,14 @@ class AclFile:
                     return False
                 if rule.access & access:
                     return True
-        if not self.patterns:
-            return False
-        if (username is not None and not DANGEROUS.isdisjoint(username)) or not DANGEROUS.isdisjoint(client_id):
+        if not self.patterns or unfit_for_patterns(client_id, username):
             return False
         for rule in self.patterns:
             if rule.uses_username and username is None:
                 continue
             pattern = rule.topic
             if rule.uses_username or rule.uses_client_id:
-                # One pass, like Mosquitto's: a substituted name is never scanned again, so a
-                # client id of "%u" stays literal.
-                pattern = _SUBSTITUTION.sub(
-                    lambda m: client_id if m.group() == "%c" else username or "", pattern)
+                pattern = substitute(pattern, client_id, username)
             if filter_matches(pattern, topic):
                 if rule.access == DENY:
                     return False
@@ -218,5 +249,5 @@ def _deny_first(rules: list[AclRule]) -> tuple[AclRule, ...]:
     return tuple([r for r in rules if r.access == DENY] + [r for r in rules if r.access != DENY])
 
 
-__all__ = ["AccessRules", "AclFile", "AclFileError", "AclRule", "filter_matches", "filter_covers",
-           "DENY", "READ", "WRITE", "READWRITE", "DANGEROUS"]
+__all__ = ["AccessRules", "AclFile", "AclFileError", "AclRule", "filter_matches", "filter_covers", "substitute",
+           "unfit_for_patterns", "DENY", "READ", "WRITE", "READWRITE", "DANGEROUS"]

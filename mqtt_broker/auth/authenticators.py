@@ -51,7 +51,7 @@ class PasswordFileAuthenticator:
             return succeed(None)
         if credentials.password is None:
             return succeed(Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no password given"))
-        identity = Identity(client_id=credentials.client_id, username=credentials.username)
+        identity = Identity(client_id=credentials.client_id, username=credentials.username, entry=stored)
 
         def judged(correct: bool) -> Identity | Refusal:
             return identity if correct else Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "wrong password")
@@ -65,6 +65,18 @@ class PasswordFileAuthenticator:
             return succeed(None)
         dummy = PasswordHash(sample.algorithm, sample.salt, bytes(len(sample.digest)), sample.iterations)
         return in_thread(self._reactor, dummy.verify, credentials.password or b"").addCallback(lambda _: None)
+
+    def revoked(self, identity: Identity) -> str | None:
+        """Why a client let in by this file is no longer: its entry changed (a new password, or
+        the same one hashed again) or is gone. Entries are compared, nothing is hashed."""
+        if not isinstance(identity.entry, PasswordHash):
+            return None  # not let in by this file
+        entry = self._file.users.get(identity.username or "")
+        if entry is None:
+            return f"user {identity.username!r} is no longer in {self.path}"
+        if entry != identity.entry:
+            return f"the password of {identity.username!r} changed in {self.path}"
+        return None
 
     def prepare_reload(self) -> Callable[[], None]:
         new = self._load()

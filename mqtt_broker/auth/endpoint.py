@@ -27,7 +27,6 @@ until an endpoint is parsed.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
@@ -38,7 +37,6 @@ _TRUE = ("yes", "true", "1", "on")
 _FALSE = ("no", "false", "0", "off")
 _OPTIONS = {"port", "privateKey", "certKey", "caCerts", "requireCertificate", "interface", "backlog",
             "extraCertChain", "dhParameters"}
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def _flag(name: str, text: str) -> bool:
@@ -50,27 +48,15 @@ def _flag(name: str, text: str) -> bool:
     raise ValueError(f"{name}= must be yes or no, not {text!r}")
 
 
-def _certificates(path: str, what: str) -> list[Any]:
-    """The OpenSSL certificates of a PEM file; raises OSError if unreadable, ValueError if empty."""
-    from OpenSSL import crypto
-    from twisted.python.filepath import FilePath
-
-    pems = _PEM_CERTIFICATE.findall(FilePath(path).getContent())
-    if not pems:
-        raise ValueError(f"{what}={path} holds no PEM certificate")
-    return [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in pems]
-
-
 def server_from_arguments(reactor: Any, port: str | None = None, privateKey: str = "server.pem",
                           certKey: str | None = None, caCerts: str | None = None,
                           requireCertificate: str = "yes", interface: str = "", backlog: str = "50",
                           extraCertChain: str | None = None, dhParameters: str | None = None,
                           ) -> IStreamServerEndpoint:
     """The endpoint for parsed ``mqtts:`` arguments. Raises ValueError on a bad option and
-    OSError on a file that cannot be read (as ``ssl:`` does)."""
-    from twisted.internet import ssl
-    from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.python.filepath import FilePath
+    OSError on a file that cannot be read (as ``ssl:`` does). Its files can be read again
+    (:class:`mqtt_broker.auth.tls.ServerTLS`)."""
+    from .tls import ServerTLS, TLSFiles, TLSServerEndpoint
 
     if port is None:
         raise ValueError("mqtts: needs a port")
@@ -81,19 +67,9 @@ def server_from_arguments(reactor: Any, port: str | None = None, privateKey: str
         port_number, backlog_number = int(port), int(backlog)
     except ValueError:
         raise ValueError(f"mqtts: port and backlog must be numbers, got {port!r} and {backlog!r}") from None
-    certificate = ssl.PrivateCertificate.loadPEM(
-        FilePath(certKey or privateKey).getContent() + b"\n" + FilePath(privateKey).getContent())
-    options = ssl.CertificateOptions(
-        privateKey=certificate.privateKey.original,
-        certificate=certificate.original,
-        extraCertChain=_certificates(extraCertChain, "extraCertChain") if extraCertChain else None,
-        dhParameters=ssl.DiffieHellmanParameters.fromFile(FilePath(dhParameters)) if dhParameters else None,
-        verify=True,
-        caCerts=_certificates(caCerts, "caCerts"),
-        requireCertificate=require,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
-    return SSL4ServerEndpoint(reactor, port_number, options, backlog=backlog_number, interface=interface)
+    tls = ServerTLS(TLSFiles(private_key=privateKey, certificate=certKey or privateKey, ca_certs=caCerts,
+                             require_certificate=require, extra_chain=extraCertChain, dh_parameters=dhParameters))
+    return TLSServerEndpoint(reactor, port_number, tls, backlog=backlog_number, interface=interface)
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)

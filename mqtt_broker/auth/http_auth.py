@@ -11,7 +11,8 @@ exact bytes; both are null without a password.) The answer decides:
 
 - 2xx with an empty body, or ``{"result": "allow"}``: accepted. The object may add
   ``"publish": [filters]`` and ``"subscribe": [filters]``: the client's ACL (it replaces
-  ``acl_file`` for that client);
+  ``acl_file`` for that client; ``%c`` and ``%u`` in them are replaced by the client id and
+  username as in ``acl_file`` patterns);
 - 401, 403, or 2xx with ``{"result": "deny"}``: refused (0x86, or 0x87 without credentials);
 - 2xx with ``{"result": "ignore"}``: not decided here (``allow_anonymous`` then applies to a
   client without a username, any other is refused);
@@ -257,7 +258,8 @@ class HttpAuthenticator:
             return None
         if result != "allow":
             raise BadAnswer(f"unknown result {str(result)[:40]!r}")
-        return Identity(client_id=credentials.client_id, username=credentials.username, rules=_rules(answer))
+        return Identity(client_id=credentials.client_id, username=credentials.username,
+                        rules=_rules(answer, credentials.client_id, credentials.username))
 
     def _introspected(self, status: int, body: bytes, credentials: Credentials) -> Answer:
         if status != 200:
@@ -276,7 +278,8 @@ class HttpAuthenticator:
                                "introspection: the username is not the token's")
             username = named
         expiry = answer.get("exp")
-        return Identity(client_id=credentials.client_id, username=username, rules=_rules(answer),
+        return Identity(client_id=credentials.client_id, username=username,
+                        rules=_rules(answer, credentials.client_id, username),
                         expires_at=float(expiry) if isinstance(expiry, (int, float)) and
                         not isinstance(expiry, bool) else None)
 
@@ -314,14 +317,15 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return answer
 
 
-def _rules(answer: dict[str, Any]) -> AccessRules | None:
+def _rules(answer: dict[str, Any], client_id: str, username: str | None) -> AccessRules | None:
+    """The ACL of an answer, for this client (``%c``, ``%u`` replaced), or None."""
     if "publish" not in answer and "subscribe" not in answer:
         return None
     publish, subscribe = answer.get("publish", []), answer.get("subscribe", [])
     if not isinstance(publish, list) or not isinstance(subscribe, list):
         raise BadAnswer("publish and subscribe must be lists of topic filters")
     try:
-        return AccessRules.from_lists(publish, subscribe)
+        return AccessRules.from_lists(publish, subscribe).for_client(client_id, username)
     except ValueError as e:
         raise BadAnswer(str(e)) from None
 

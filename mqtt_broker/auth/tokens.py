@@ -19,7 +19,8 @@ HMAC algorithm never meets a public key (no key confusion). ``exp`` is required;
 ``jwt_audience`` when those are set (a token with an ``aud`` is refused when
 ``jwt_audience`` is not set). The username is the ``jwt_username_claim`` claim (``sub``); a
 CONNECT username must then equal it. The ``jwt_publish_claim`` and ``jwt_subscribe_claim``
-claims (lists of topic filters, or one filter) become the client's :class:`AccessRules`.
+claims (lists of topic filters, or one filter) become the client's :class:`AccessRules`, with
+``%c`` and ``%u`` replaced by its client id and username as in ``acl_file`` patterns.
 
 A password that is not shaped like a JWT (three base64url parts) is "not mine".
 """
@@ -258,12 +259,14 @@ class JwtAuthenticator:
         if self.publish_claim in claims or self.subscribe_claim in claims:
             try:
                 rules = AccessRules.from_lists(_filters(claims.get(self.publish_claim)),
-                                               _filters(claims.get(self.subscribe_claim)))
+                                               _filters(claims.get(self.subscribe_claim))
+                                               ).for_client(credentials.client_id, username)
             except ValueError as e:
                 return Refusal(refused, f"token: {e}")
         expiry = claims.get("exp")
+        # The token is accepted until exp + leeway; so the connection lasts as long.
         return Identity(client_id=credentials.client_id, username=username, rules=rules,
-                        expires_at=float(expiry) if isinstance(expiry, (int, float)) else None)
+                        expires_at=float(expiry) + self.leeway if isinstance(expiry, (int, float)) else None)
 
     def prepare_reload(self) -> Callable[[], None]:
         if self._reload_keys is None:
