@@ -59,7 +59,7 @@ class MQTTProtocol(Protocol):
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_plain_tcp", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
-        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call",
+        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
