@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from .message import Message
 from .wire.codes import ProtocolError
 from .wire.packets import (
     MQTT_5, Auth, Connect, Disconnect, Packet, Pingreq, Puback, Pubcomp, Publish, Pubrec, Pubrel,
@@ -26,7 +27,7 @@ class State(Enum):
 
 
 _FROM_CLIENT_CONNECTED = frozenset({
-    Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Unsubscribe, Pingreq, Disconnect,
+    Publish, Message, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Unsubscribe, Pingreq, Disconnect,
 })
 
 LEGAL: dict[State, frozenset[type]] = {
@@ -46,6 +47,7 @@ def check(state: State, packet: Packet, version: int) -> None:
         return
     if kind is Connect:
         raise ProtocolError("second CONNECT on a connection")  # [MQTT-3.1.0-2]
+    name = "PUBLISH" if issubclass(kind, Publish) else kind.__name__.upper()
     if state is State.AWAITING_CONNECT:
-        raise ProtocolError(f"{kind.__name__.upper()} before CONNECT")
-    raise ProtocolError(f"a client may not send {kind.__name__.upper()}")
+        raise ProtocolError(f"{name} before CONNECT")
+    raise ProtocolError(f"a client may not send {name}")

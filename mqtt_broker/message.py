@@ -4,24 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .wire.packets import NO_PROPERTIES, Properties
+from .wire.packets import NO_PROPERTIES, Properties, Publish
 
 
 @dataclass(slots=True, eq=False)
-class Message:
+class Message(Publish):
     """A published message. One instance is shared by every subscriber it is delivered to.
-    (Positional arguments are allowed for the publish path: they cost half of keywords.)
+
+    It is a PUBLISH packet with what the broker needs to route it: the protocol's reader decodes
+    a client's PUBLISH straight into a Message, so a message costs one object on the publish
+    path, not two. ``packet_id``, ``dup`` and ``frame`` are those of the PUBLISH as received
+    (zero, False and None for a message the broker made).
 
     ``encoded`` caches the wire bytes (and the offset of the packet id in them) per (MQTT 5 or
     not, QoS, retain flag), so a message sent to many subscribers is encoded once for each kind
     of subscriber, not once each; it starts with the PUBLISH as it was received.
     """
 
-    topic: str
-    payload: bytes = b""
-    qos: int = 0
-    retain: bool = False
-    properties: Properties = NO_PROPERTIES
     sender: str | None = None
     """Client id of the publisher; None for messages published by the broker itself."""
     expires_at: float | None = None

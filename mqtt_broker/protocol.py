@@ -67,7 +67,7 @@ class MQTTProtocol(Protocol):
         self.clock = clock
         self.stats = broker.stats
         config = broker.config
-        self.reader = FrameReader(max_packet_size=config.max_packet_size)
+        self.reader = FrameReader(max_packet_size=config.max_packet_size, publish_type=Message)
         self.state = State.AWAITING_CONNECT
         self._legal = lifecycle.LEGAL[self.state]
         self.version = MQTT_3_1_1
@@ -560,7 +560,8 @@ class MQTTProtocol(Protocol):
 
     # --- PUBLISH in ---------------------------------------------------------------------
 
-    def _on_publish(self, packet: Publish) -> None:
+    def _on_publish(self, packet: Message) -> None:
+        """A PUBLISH, decoded by the reader into the Message that is routed (one object)."""
         topic = packet.topic
         properties = packet.properties
         qos = packet.qos
@@ -570,8 +571,8 @@ class MQTTProtocol(Protocol):
             alias = properties.get("topic_alias")
             if alias is not None:
                 assert self._aliases_in is not None
-                topic = self._aliases_in.resolve(topic, alias)
-                properties = {k: v for k, v in properties.items() if k != "topic_alias"}
+                topic = packet.topic = self._aliases_in.resolve(topic, alias)
+                packet.properties = {k: v for k, v in properties.items() if k != "topic_alias"}
         if not topic or "+" in topic or "#" in topic:
             raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
         broker = self.broker
@@ -602,9 +603,10 @@ class MQTTProtocol(Protocol):
                 raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
             self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
             return
-        message = Message(topic, packet.payload, qos, packet.retain, properties, self._client_id)
+        message = packet
+        message.sender = self._client_id
         frame = packet.frame
-        if frame is not None and not packet.properties:
+        if frame is not None and not properties:
             # Forward the bytes as received: only the retain and DUP flags are not passed on.
             if frame[0] & 0x09:
                 frame = bytes((frame[0] & 0xF6,)) + frame[1:]
@@ -893,7 +895,7 @@ def _count(tally: dict[str, int], reason: str) -> None:
 # carry eleven bound methods).
 _HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
     Connect: MQTTProtocol._on_connect,
-    Publish: MQTTProtocol._on_publish,
+    Message: MQTTProtocol._on_publish,  # what the reader decodes a PUBLISH into
     Puback: MQTTProtocol._on_puback,
     Pubrec: MQTTProtocol._on_pubrec,
     Pubrel: MQTTProtocol._on_pubrel,

@@ -33,22 +33,39 @@ class FrameReader:
     every complete packet at once. The reader learns the protocol level from the CONNECT it
     decodes; before that, only a CONNECT (or, as a client, a CONNACK) can be decoded exactly.
     Raises :class:`MQTTError` subclasses; after one, the stream is not usable.
+
+    ``publish_type``, a subclass of :class:`Publish`, is what PUBLISH packets are decoded into:
+    a broker that routes the decoded packet itself makes one object per message, not two.
     """
 
-    __slots__ = ("_buffer", "_pos", "max_packet_size", "version")
+    __slots__ = ("_buffer", "_pos", "max_packet_size", "version", "publish_type")
 
-    def __init__(self, max_packet_size: int = MAX_REMAINING_LENGTH + 5, version: int = MQTT_3_1_1) -> None:
-        self._buffer = bytearray()
+    def __init__(self, max_packet_size: int = MAX_REMAINING_LENGTH + 5, version: int = MQTT_3_1_1,
+                 publish_type: type[Publish] = Publish) -> None:
+        self._buffer: bytes | bytearray = b""
         self._pos = 0
         self.max_packet_size = max_packet_size
         self.version = version
+        self.publish_type = publish_type
 
     def receive_data(self, data: bytes) -> None:
+        # The buffer is bytes, whose slices are the packets' bytes at the cost of one copy,
+        # except while a large packet arrives in pieces: then a bytearray, so that each piece is
+        # appended rather than the whole packet copied again.
         buffer = self._buffer
-        if self._pos:
-            del buffer[: self._pos]
-            self._pos = 0
-        buffer += data
+        pos = self._pos
+        if pos >= len(buffer):
+            self._buffer = bytes(data)
+        elif type(buffer) is bytes and len(buffer) - pos < 4096:
+            self._buffer = buffer[pos:] + data
+        else:
+            if isinstance(buffer, bytearray):
+                del buffer[:pos]
+            else:
+                buffer = bytearray(buffer[pos:])
+            buffer += data
+            self._buffer = buffer
+        self._pos = 0
 
     def feed(self, data: bytes) -> list[Packet]:
         self.receive_data(data)
@@ -65,34 +82,36 @@ class FrameReader:
     def next_packet(self) -> Packet | None:
         buffer = self._buffer
         pos = self._pos
-        available = len(buffer) - pos
-        if available < 2:
+        size = len(buffer)
+        if size - pos < 2:
             return None
         first = buffer[pos]
-        # Remaining Length, inlined: this runs once per packet.
-        length = 0
-        shift = 0
-        index = pos + 1
-        while True:
-            if index >= len(buffer):
-                return None
-            byte = buffer[index]
-            index += 1
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-            shift += 7
-            if shift > 21:
-                raise MalformedPacket("remaining length longer than 4 bytes")
+        # Remaining Length, inlined: this runs once per packet, and is most often one byte.
+        length = buffer[pos + 1]
+        index = pos + 2
+        if length & 0x80:
+            length &= 0x7F
+            shift = 7
+            while True:
+                if index >= size:
+                    return None
+                byte = buffer[index]
+                index += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise MalformedPacket("remaining length longer than 4 bytes")
         end = index + length
         if end - pos > self.max_packet_size:
             raise PacketTooLarge(f"packet of {end - pos} bytes exceeds the maximum of {self.max_packet_size}")
-        if end > len(buffer):
+        if end > size:
             return None
         self._pos = end
         packet_type = first >> 4
         if packet_type == PUBLISH:
-            return _decode_publish(bytes(buffer[pos:end]), index - pos, first, self.version)
+            return _decode_publish(bytes(buffer[pos:end]), index - pos, first, self.version, self.publish_type)
         flags = first & 0x0F
         if packet_type == 0 or (packet_type == AUTH and self.version != MQTT_5):
             raise MalformedPacket(f"reserved packet type {packet_type}")
@@ -121,7 +140,7 @@ def _u16(body: bytes | memoryview, pos: int) -> int:
     return body[pos] << 8 | body[pos + 1]
 
 
-def _decode_publish(frame: bytes, start: int, first: int, version: int) -> Publish:
+def _decode_publish(frame: bytes, start: int, first: int, version: int, cls: type[Publish] = Publish) -> Publish:
     """Decode a PUBLISH from its whole frame (``start``: where the variable header begins);
     the hot path, so the topic is decoded inline rather than through decode_string."""
     qos = (first >> 1) & 3
@@ -151,7 +170,7 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int) -> Publi
     properties = NO_PROPERTIES
     if version == MQTT_5:
         properties, pos = decode_properties(frame, pos, PUBLISH)
-    return Publish(topic, frame[pos:], qos, bool(first & 1), dup, packet_id, properties, frame)
+    return cls(topic, frame[pos:], qos, bool(first & 1), dup, packet_id, properties, frame)
 
 
 def _decode_connect(body: bytes, version: int) -> Connect:
