@@ -475,8 +475,8 @@ class BrokerService(MultiService):
             session.stored = False
         # Messages it got through a shared subscription and did not finish go to another member,
         # except QoS 2 ones already sent, which may not go to a second client [MQTT-4.8.2-5].
-        orphans = [item for item in (*session.outgoing.values(), *session.queue)
-                   if item.share is not None and (item.qos == 1 or not isinstance(item, Outgoing))]
+        orphans = [*(out for out in session.outgoing.values() if out.share is not None and out.qos == 1),
+                   *(item for item in session.queue if item.share is not None)]
         session.clear()
         for item in orphans:
             assert item.share is not None
@@ -631,7 +631,8 @@ class BrokerService(MultiService):
         elif connection is None and not qos and not self.config.queue_qos0_messages:
             return  # QoS 0 is not kept for offline sessions unless asked to
         config = self.config
-        item = Queued(message, qos, retain, subscription_ids, share)
+        # QoS 1/2 is queued as the Outgoing it becomes when sent: one object, not two.
+        item = (Outgoing if qos else Queued)(message, qos, retain, subscription_ids, share)
         if qos and self.store is not None and (session.spilled or not session.has_room(
                 item, config.max_queued_messages, config.max_queued_bytes)):
             if not session.stored:  # a session that ends with its connection spills too
