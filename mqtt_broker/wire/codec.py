@@ -163,7 +163,9 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int, cls: typ
         raise MalformedPacket("string contains U+0000")  # [MQTT-1.5.4-2]
     packet_id = 0
     if qos:
-        packet_id = _u16(frame, pos)
+        if pos + 2 > length:
+            raise MalformedPacket("packet ends inside a two-byte integer")
+        packet_id = frame[pos] << 8 | frame[pos + 1]
         pos += 2
         if not packet_id:
             raise MalformedPacket("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
@@ -237,7 +239,9 @@ def _decode_connack(body: bytes, version: int) -> Connack:
 
 def _ack_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
     def decode_ack(body: bytes, version: int) -> Packet:
-        packet_id = _u16(body, 0)
+        if len(body) < 2:
+            raise MalformedPacket("packet ends inside a two-byte integer")
+        packet_id = body[0] << 8 | body[1]
         if not packet_id:
             raise MalformedPacket("packet identifier 0")
         reason_code = 0
