@@ -50,7 +50,8 @@ is less than a subscriber of several busy publishers is sent per turn)."""
 @implementer(IPushProducer)
 class MQTTProtocol(Protocol):
     """One client connection. ``paused`` is True while the transport's buffer is full; the
-    broker then queues (bounded) instead of writing."""
+    connection then holds what is written to it, up to HELD_BYTES, and past that the broker
+    queues (bounded) instead of writing."""
 
     # Slots: an idle connection's attributes in a dict would cost 1.5 KiB (more than 30 of them
     # do not share keys), in slots a third of that.
