@@ -171,7 +171,10 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int, cls: typ
             raise MalformedPacket("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
     properties = NO_PROPERTIES
     if version == MQTT_5:
-        properties, pos = decode_properties(frame, pos, PUBLISH)
+        if pos < length and not frame[pos]:
+            pos += 1  # no properties, the most common case
+        else:
+            properties, pos = decode_properties(frame, pos, PUBLISH)
     return cls(topic, frame[pos:], qos, bool(first & 1), dup, packet_id, properties, frame)
 
 
