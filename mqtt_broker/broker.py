@@ -1,4 +1,6 @@
-"""The BrokerService: sessions, routing, retained messages, wills and QoS retries.
+"""The BrokerService: the service and its listeners, sessions, subscriptions, retained messages
+and wills. Routing and delivery, with the QoS retries, are its methods from
+:mod:`mqtt_broker.delivery`.
 
 It never touches a transport: it talks to connected clients through the few methods of
 :class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``, and
@@ -7,7 +9,6 @@ the ``paused``/``send_quota``/``identity`` attributes).
 
 from __future__ import annotations
 
-import math
 import resource
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,12 +22,12 @@ from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER
+from .delivery import Delivery
 from .history import MessageLog
 from .hooks import Hooks
 from .message import Client, Message
-from .protocol import HELD_BYTES
 from .retained import RetainedMessages
-from .session import Outgoing, Queued, Session
+from .session import Session
 from .store import Snapshot, Store, StoredWill
 from .topics import Subscription, SubscriptionTree, valid_topic_name
 from .wire.codes import ReasonCode
@@ -71,7 +72,7 @@ class Stats:
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
 
 
-class BrokerService(MultiService):
+class BrokerService(Delivery, MultiService):
     """An MQTT broker as a Twisted service.
 
     ``BrokerService(endpoints=["tcp:1883"])`` listens when started (``startService()`` or as a
@@ -496,14 +497,6 @@ class BrokerService(MultiService):
             self.store.save_subscription(session.client_id, subscription)
         return existed
 
-    def _log(self, message: Message) -> None:
-        assert self.history is not None
-        entry = self.history.record(message, self.clock.seconds())
-        if entry is not None and self.store is not None:
-            self.store.save_history(entry)
-            if entry.seq % 1000 == 0:  # now and then, forget on disk what every log has dropped
-                self.store.forget_history(self.history.oldest_seq)
-
     def send_retained(self, session: Session, subscription: Subscription, existed: bool,
                       replay: str | None = None) -> None:
         """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
@@ -540,288 +533,6 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.delete_subscription(session.client_id, topic_filter)
         return True
-
-    # --- routing (the hot path) ---------------------------------------------------------
-
-    def route(self, message: Message) -> int:
-        """Store a retained message and deliver a message to every matching session.
-        Returns the number of sessions it was delivered or queued to."""
-        self.stats.messages_received += 1
-        if message.properties and "message_expiry_interval" in message.properties:
-            message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
-        if message.retain and self.config.retain_available:
-            self.retained.store(message)
-            # $SYS values are made afresh at start-up: a stored one would only be stale.
-            if self.store is not None and not message.topic.startswith("$SYS/"):
-                if message.payload:
-                    self.store.save_retained(message)
-                else:
-                    self.store.delete_retained(message.topic)
-        if self.history is not None:
-            self._log(message)
-        by_client, groups = self.subscriptions.match(message.topic)
-        sessions = self.sessions
-        deliver = self.deliver
-        sender = message.sender
-        count = 0
-        ids: tuple[int, ...]
-        security = self.security
-        for client_id, subs in by_client:
-            session = sessions.get(client_id)
-            if session is None:
-                continue
-            if security is not None and session.identity is not None and not security.can_read(
-                    session.identity, message.topic):
-                continue
-            if len(subs) == 1:
-                sub = subs[0]
-                if sub.no_local and client_id == sender:
-                    continue  # [MQTT-3.8.3-3]
-                qos = sub.qos if sub.qos < message.qos else message.qos
-                retain = message.retain and sub.retain_as_published
-                ids = (sub.subscription_id,) if sub.subscription_id else ()
-            else:
-                # Overlapping subscriptions: one copy at the highest granted QoS, carrying every
-                # matching subscription identifier [MQTT-3.3.4-3, -5].
-                subs = [s for s in subs if not (s.no_local and client_id == sender)]
-                if not subs:
-                    continue
-                qos = min(max(s.qos for s in subs), message.qos)
-                retain = message.retain and any(s.retain_as_published for s in subs)
-                ids = tuple(s.subscription_id for s in subs if s.subscription_id)
-            deliver(session, message, qos, retain, ids)
-            count += 1
-        for share, members in groups:
-            count += self._deliver_shared(message, share, members)
-        return count
-
-    def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
-        """One member of a shared group gets the message: connected members in turn, or an
-        offline member's session if none is connected."""
-        sessions = self.sessions
-        if self.security is not None:
-            can_read = self.security.can_read
-            members = [m for m in members if m.client_id not in sessions or sessions[m.client_id].identity is None
-                       or can_read(sessions[m.client_id].identity, message.topic)]
-        online = [m for m in members if m.client_id in sessions and sessions[m.client_id].connection is not None]
-        pool = online or [m for m in members if m.client_id in sessions]
-        if not pool:
-            return 0
-        turn = self._share_turns.get(share, 0)
-        self._share_turns[share] = turn + 1
-        chosen = pool[turn % len(pool)]
-        ids = (chosen.subscription_id,) if chosen.subscription_id else ()
-        self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos), False, ids, share)
-        return 1
-
-    def deliver(self, session: Session, message: Message, qos: int, retain: bool,
-                subscription_ids: tuple[int, ...] = (), share: tuple[str, str] | None = None) -> None:
-        """Send a message to a session now, or queue it if it cannot take it now: in memory up to
-        max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
-        max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
-        connection = session.connection
-        if connection is not None and connection.pending_bytes < HELD_BYTES and not session.queue and not session.spilled:
-            if not qos:
-                if connection.send_publish(message, 0, retain, 0, False, subscription_ids):
-                    self.stats.messages_sent += 1
-                return
-            if len(session.outgoing) < connection.send_quota:
-                self._send_tracked(session, self._item(session, Outgoing(message, qos, retain, subscription_ids, share)))
-                return
-        elif connection is None and not qos and not self.config.queue_qos0_messages:
-            return  # QoS 0 is not kept for offline sessions unless asked to
-        config = self.config
-        # QoS 1/2 is queued as the Outgoing it becomes when sent: one object, not two.
-        item = (Outgoing if qos else Queued)(message, qos, retain, subscription_ids, share)
-        if qos and self.store is not None and (session.spilled or not session.has_room(
-                item, config.max_queued_messages, config.max_queued_bytes)):
-            if not session.stored:  # a session that ends with its connection spills too
-                session.stored = True
-                self.store.save_session(session, None)
-            if not config.max_stored_messages or session.spilled < config.max_stored_messages:
-                self._item(session, item, stored=True)
-                session.spilled += 1
-                return
-            session.dropped += 1
-        elif session.enqueue(item, config.max_queued_messages, config.max_queued_bytes):
-            if qos and session.stored:
-                self._item(session, item, stored=True)
-                session.loaded_seq = item.seq
-            return
-        message.refused += 1
-        self.stats.messages_dropped += 1
-        if session.dropped == 1 or session.dropped % 1000 == 0:
-            log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
-                     client_id=session.client_id, dropped=session.dropped)
-
-    def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
-        """Number a QoS 1/2 message of a stored session; ``stored``: record it as queued now
-        (otherwise _send_tracked records it with its packet id)."""
-        if session.stored:
-            item.seq = session.next_seq
-            session.next_seq += 1
-            if stored:
-                assert self.store is not None
-                self.store.add_delivery(session.client_id, item, None)
-        return item
-
-    def _forget_delivery(self, session: Session, item: Queued) -> None:
-        if item.seq and session.stored:
-            assert self.store is not None
-            self.store.remove_delivery(session.client_id, item.seq)
-
-    def _send_tracked(self, session: Session, item: Queued, queued: bool = False) -> None:
-        """Send a QoS 1/2 message with a new packet id and track it until acknowledged;
-        ``queued``: it comes from the queue (and the store already has it)."""
-        connection = session.connection
-        assert connection is not None
-        packet_id = session.allocate_packet_id()
-        if not connection.send_publish(item.message, item.qos, item.retain, packet_id, item.maybe_sent,
-                                       item.subscription_ids):
-            self._forget_delivery(session, item)
-            return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
-        if type(item) is not Outgoing:
-            item = Outgoing(item.message, item.qos, item.retain, item.subscription_ids, item.share, item.seq)
-        item.sent_at = self.clock.seconds()  # type: ignore[attr-defined]
-        session.outgoing[packet_id] = item  # type: ignore[assignment]
-        if item.seq and session.stored:
-            assert self.store is not None
-            if queued:
-                self.store.update_delivery(session.client_id, item.seq, packet_id, False)
-            else:
-                self.store.add_delivery(session.client_id, item, packet_id)
-        stats = self.stats
-        stats.messages_sent += 1
-        stats.sent_by_qos[item.qos] += 1
-        if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
-            self._schedule_retry(session)
-
-    def pump(self, session: Session) -> None:
-        """Send queued messages while the connection and its in-flight window allow; expired
-        messages are dropped, never delivered [MQTT-3.3.2-5]."""
-        connection = session.connection
-        queue = session.queue
-        now = None
-        # While writes are gathered, the transport cannot say it is full: stop past HELD_BYTES,
-        # so that the write that follows fills it and it asks to resume us later.
-        while queue and connection is not None and connection.pending_bytes < HELD_BYTES:
-            head = queue[0]
-            if head.qos and len(session.outgoing) >= connection.send_quota:
-                return
-            session.dequeue()
-            expires_at = head.message.expires_at
-            if expires_at is not None:
-                now = now or self.clock.seconds()
-                if expires_at <= now:
-                    self.stats.messages_expired += 1
-                    self._forget_delivery(session, head)
-                    continue
-            if head.qos:
-                self._send_tracked(session, head, queued=True)
-            elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
-                self.stats.messages_sent += 1
-        if not queue and session.spilled and not session.loading:
-            self._load_spilled(session)
-
-    def _load_spilled(self, session: Session) -> None:
-        """Bring the next spilled messages of a session back from the store into its queue."""
-        assert self.store is not None
-        session.loading = True
-        limit = self.config.max_queued_messages or 1000
-        self.store.load_queued(session.client_id, session.loaded_seq, limit).addCallbacks(
-            self._spilled_loaded, self._spilled_failed, callbackArgs=(session,), errbackArgs=(session,))
-
-    def _spilled_loaded(self, items: list[Queued], session: Session) -> None:
-        session.loading = False
-        if self.sessions.get(session.client_id) is not session or not session.spilled:
-            return  # discarded, or cleared, while reading
-        for item in items:
-            session.queue.append(item)
-            session.queued_bytes += len(item.message.payload)
-            session.loaded_seq = item.seq
-        session.spilled = session.spilled - len(items) if items else 0
-        self.pump(session)
-
-    def _spilled_failed(self, failure: Any, session: Session) -> None:
-        session.loading = False
-        log.failure("cannot read the queued messages of {client_id} back from the store", failure,
-                    client_id=session.client_id)
-
-    def acknowledged(self, session: Session, packet_id: int) -> bool:
-        """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""
-        out = session.outgoing.pop(packet_id, None)
-        if out is None:
-            return False
-        if out.unsent:
-            session.unsent -= 1
-        self._forget_delivery(session, out)
-        connection = session.connection
-        if session.unsent and connection is not None:
-            for next_id, out in session.outgoing.items():
-                if out.unsent:
-                    out.unsent = False
-                    session.unsent -= 1
-                    connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids)
-                    return True
-            session.unsent = 0
-        if session.queue:
-            self.pump(session)
-        return True
-
-    def released(self, session: Session, packet_id: int) -> None:
-        """PUBREC for an outgoing QoS 2 message: from now on only PUBCOMP is awaited."""
-        out = session.outgoing[packet_id]
-        out.released = True
-        if out.seq and session.stored:
-            assert self.store is not None
-            self.store.update_delivery(session.client_id, out.seq, packet_id, True)
-
-    def await_pubrel(self, session: Session, packet_id: int) -> None:
-        """An inbound QoS 2 message was routed; until its PUBREL, a resend is not routed again."""
-        session.awaiting_pubrel.add(packet_id)
-        if session.stored:
-            assert self.store is not None
-            self.store.add_pubrel(session.client_id, packet_id)
-
-    def pubrel_received(self, session: Session, packet_id: int) -> bool:
-        """PUBREL for an inbound QoS 2 message; False if none was awaited with that id."""
-        if packet_id not in session.awaiting_pubrel:
-            return False
-        session.awaiting_pubrel.discard(packet_id)
-        if session.stored:
-            assert self.store is not None
-            self.store.remove_pubrel(session.client_id, packet_id)
-        return True
-
-    def remaining_expiry(self, message: Message) -> int | None:
-        """Seconds left of a message's expiry interval, rounded up, for forwarding [MQTT-3.3.2-6]."""
-        if message.expires_at is None:
-            return None
-        return max(1, math.ceil(message.expires_at - self.clock.seconds()))
-
-    def _schedule_retry(self, session: Session) -> None:
-        if self.config.retry_interval and session.retry_call is None and session.connection is not None \
-                and session.connection.version != MQTT_5:
-            session.retry_call = self.clock.callLater(self.config.retry_interval, self._retry, session)
-
-    def _retry(self, session: Session) -> None:
-        """Resend QoS 1/2 messages unacknowledged for retry_interval (MQTT 3 only)."""
-        session.retry_call = None
-        connection = session.connection
-        if connection is None or not session.outgoing:
-            return
-        now = self.clock.seconds()
-        deadline = now - self.config.retry_interval
-        for packet_id, out in session.outgoing.items():
-            if out.sent_at <= deadline:
-                if out.released:
-                    connection.send_pubrel(packet_id)
-                else:
-                    connection.send_publish(out.message, out.qos, out.retain, packet_id, True)
-                out.sent_at = now
-        oldest = min(out.sent_at for out in session.outgoing.values())
-        session.retry_call = self.clock.callLater(
-            max(oldest + self.config.retry_interval - now, 0.001), self._retry, session)
 
 
 def with_backlog(description: str, backlog: int) -> str:

@@ -2,7 +2,10 @@
 
 The protocol turns bytes into packets (through the sans-IO reader), checks each packet against
 the lifecycle table, dispatches it through an explicit table of handlers, and writes what the
-broker sends. It never decides routing.
+broker sends. It never decides routing. This module holds the connection itself (transport
+events, keepalive, sending, back-pressure), SUBSCRIBE/UNSUBSCRIBE, PINGREQ and DISCONNECT; the
+CONNECT and AUTH handlers are in :mod:`mqtt_broker.connecting`, those of PUBLISH and its
+acknowledgements in :mod:`mqtt_broker.publishing`.
 """
 
 from __future__ import annotations
@@ -23,16 +26,18 @@ from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
 from .aliases import InboundAliases, OutboundAliases
-from .auth import Credentials, Identity, Refusal
-from .connect import NEVER, Terms, is_utf8, negotiate
+from .auth import Identity
+from .connect import NEVER, Terms
+from .connecting import Connecting, _count, _count_refusal
 from .history import ReplayError, parse_spec, split_replay_filter
+from .publishing import Publishing
 from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, FrameReader,
-    MQTTError, Packet, Pingreq, Pingresp, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
+    MQTTError, Packet, Pingreq, Pingresp, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel,
     ReasonCode, Suback, Subscribe, Unsuback, Unsubscribe, UnsupportedProtocolVersion, encode,
-    publish_template, v3_connack_code,
+    publish_template,
 )
 
 log = Logger()
@@ -48,7 +53,7 @@ is less than a subscriber of several busy publishers is sent per turn)."""
 
 
 @implementer(IPushProducer)
-class MQTTProtocol(Protocol):
+class MQTTProtocol(Connecting, Publishing, Protocol):
     """One client connection. ``paused`` is True while the transport's buffer is full; the
     connection then holds what is written to it, up to HELD_BYTES, and past that the broker
     queues (bounded) instead of writing."""
@@ -228,25 +233,6 @@ class MQTTProtocol(Protocol):
         else:
             self._keepalive_call = self.clock.callLater(limit - idle, self._check_keepalive)
 
-    def _watch_expiry(self) -> None:
-        """(Re)start the timer that disconnects the client when its credentials expire."""
-        if self._expiry_call is not None and self._expiry_call.active():
-            self._expiry_call.cancel()
-        self._expiry_call = None
-        expires_at = self.identity.expires_at if self.identity is not None else None
-        if expires_at is not None:
-            self._expiry_call = self.clock.callLater(max(0.0, expires_at - self.clock.seconds()),
-                                                     self._credentials_expired)
-
-    def _credentials_expired(self) -> None:
-        self._expiry_call = None
-        if self.state is State.CONNECTED:
-            # 0xA0 Maximum connect time, "the maximum connection time authorized for this
-            # connection has been exceeded" (MQTT 5 3.14.2.1): the token authorized the connection
-            # until its exp, and the code tells the client to come back with a fresh one, where
-            # 0x87 would say it is refused.
-            self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "credentials expired")
-
     def _set_state(self, state: State) -> None:
         self.state = state
         self._legal = lifecycle.LEGAL[state]
@@ -401,337 +387,6 @@ class MQTTProtocol(Protocol):
     def send_pubrel(self, packet_id: int) -> None:
         self.send(Pubrel(packet_id=packet_id))
 
-    # --- CONNECT and enhanced authentication --------------------------------------------
-
-    def _on_connect(self, packet: Connect) -> None:
-        self._set_state(State.CONNECTING)
-        if self._connect_call is not None and self._connect_call.active():
-            self._connect_call.cancel()
-        self._connect_call = None
-        self.version = packet.protocol_level
-        terms = self.terms = negotiate(self.broker.config, packet)
-        self.problem_information = terms.problem_information
-        self.max_send_size = terms.max_send_size
-        self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
-                             protocol_version=self.version, clean_start=packet.clean_start,
-                             keep_alive=packet.keep_alive, properties=packet.properties)
-        if terms.reason:
-            self._refuse(terms.reason, "CONNECT refused")
-            return
-        if not self.broker.connect_allowed(terms.client_id):
-            self._refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
-            return
-        security = self.broker.security
-        if security is None:
-            self._authenticated(None, packet)
-            return
-        credentials = Credentials(client_id=terms.client_id, username=packet.username, password=packet.password,
-                                  peer=self.peer, protocol_version=self.version,
-                                  certificate_identity=security.certificate_identity(self.transport))
-        self._when(security.authenticate(credentials), self._authenticated, packet)
-
-    def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:
-        """The security chain's answer (None: there is none); then enhanced authentication and
-        connect hooks."""
-        if isinstance(identity, Refusal):
-            self.broker.stats.auth_failures += 1
-            self._refuse(identity.reason_code, "authentication failed")
-            return
-        if identity is not None:
-            self.identity = identity
-            assert self.client is not None and self.broker.security is not None
-            if identity.username != self.client.username:  # e.g. a certificate's name
-                self.client = dataclasses.replace(self.client, username=identity.username)
-            if packet.will is not None and not self.broker.security.can_publish(identity, packet.will.topic):
-                self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {packet.will.topic!r} not allowed")
-                return
-        method = packet.properties.get("authentication_method")
-        if method is None:
-            self._authorize(packet)
-        elif not self.broker.hooks.has_auth:
-            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, f"no authentication method {method!r}")
-        else:
-            self._auth_method = method
-            self._auth_connect = packet
-            self._when(self.broker.hooks.resolve(
-                "auth", self.client, method, packet.properties.get("authentication_data"), False),
-                self._auth_decided)
-
-    def _on_auth(self, packet: Auth) -> None:
-        method = packet.properties.get("authentication_method")
-        if self._auth_method is None or method != self._auth_method:
-            raise ProtocolError("AUTH without the connection's authentication method")  # [MQTT-4.12.0-1, -5]
-        reauthenticating = self.state is State.CONNECTED
-        expected = (ReasonCode.CONTINUE_AUTHENTICATION, ReasonCode.RE_AUTHENTICATE) if reauthenticating \
-            else (ReasonCode.CONTINUE_AUTHENTICATION,)
-        if packet.reason_code not in expected:
-            raise ProtocolError(f"AUTH with reason code 0x{packet.reason_code:02x} here")
-        self._when(self.broker.hooks.resolve(
-            "auth", self.client, method, packet.properties.get("authentication_data"), reauthenticating),
-            self._auth_decided)
-
-    def _auth_decided(self, answer: Any) -> None:
-        reauthenticating = self.state is State.CONNECTED
-        if isinstance(answer, Identity):  # authenticated, as this identity from now on
-            self._take_identity(answer)
-            if reauthenticating:
-                self._watch_expiry()
-        if isinstance(answer, Refused):
-            reason = answer.code(ReasonCode.NOT_AUTHORIZED)
-            if reauthenticating:
-                self.stats.auth_failures += 1
-                self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
-            else:
-                self._refuse(reason, "refused by an auth hook", answer.reason_string)
-        elif isinstance(answer, bytes):
-            if not reauthenticating:
-                self._set_state(State.AUTHENTICATING)
-            self.send(Auth(reason_code=ReasonCode.CONTINUE_AUTHENTICATION, properties={
-                "authentication_method": self._auth_method, "authentication_data": answer}))
-        elif reauthenticating:
-            self.send(Auth(properties={"authentication_method": self._auth_method}))
-        else:
-            assert self._auth_connect is not None
-            self._authorize(self._auth_connect)
-
-    def _take_identity(self, identity: Identity) -> None:
-        """An auth hook's identity replaces the connection's: its rights apply from the next
-        operation (and to what the session is sent), its expiry to the disconnect timer."""
-        self.identity = identity
-        if self.session is not None:
-            self.session.identity = identity
-        assert self.client is not None
-        if identity.username != self.client.username:
-            self.client = dataclasses.replace(self.client, username=identity.username)
-
-    def _authorize(self, packet: Connect) -> None:
-        if self.broker.hooks.has_connect:
-            self._when(self.broker.hooks.resolve("connect", self.client), self._connect_decided, packet)
-        else:
-            self._accept(packet)
-
-    def _connect_decided(self, answer: Any, packet: Connect) -> None:
-        if isinstance(answer, Refused):
-            self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED), "refused by a connect hook", answer.reason_string)
-        else:
-            self._accept(packet)
-
-    def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
-        _count_refusal(self.stats, reason)
-        if self.version == MQTT_5:
-            properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
-            self.send(Connack(reason_code=reason, properties=properties))
-        else:
-            self.send(Connack(reason_code=v3_connack_code(reason)))  # [MQTT-3.2.2-5]: then close
-        self.drop(reason, f"{why}: {reason.name}")
-
-    def _accept(self, packet: Connect) -> None:
-        terms = self.terms
-        client = self.client
-        assert terms is not None and client is not None
-        session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
-                                              self.identity)
-        self.session = session
-        self._client_id = client.client_id
-        self._set_state(State.CONNECTED)
-        self.send_quota = terms.send_quota
-        properties = terms.connack_properties
-        if self.version == MQTT_5:
-            self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
-            if terms.alias_maximum:
-                self._aliases_out = OutboundAliases(terms.alias_maximum)
-            if self._auth_method is not None:
-                properties = {**properties, "authentication_method": self._auth_method}
-        if packet.will is not None:
-            will = packet.will
-            will_properties = will.properties
-            if "will_delay_interval" in will_properties:  # a will property, not a PUBLISH one
-                self.will_delay = will_properties["will_delay_interval"]
-                will_properties = {k: v for k, v in will_properties.items() if k != "will_delay_interval"}
-            self.will = Message(topic=will.topic, payload=will.payload, qos=will.qos, retain=will.retain,
-                                properties=will_properties, sender=client.client_id)
-        # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
-        self.send(Connack(session_present=present and self.version != MQTT_3_1, properties=properties))
-        if terms.keep_alive:
-            self._keep_alive = float(terms.keep_alive)
-            self._last_seen = self.clock.seconds()
-            self._keepalive_call = self.clock.callLater(self._keep_alive * 1.5, self._check_keepalive)
-        self._watch_expiry()
-        self.broker.resume(session)
-
-    # --- PUBLISH in ---------------------------------------------------------------------
-
-    def _on_publish(self, packet: Message) -> None:
-        """A PUBLISH, decoded by the reader into the Message that is routed (one object)."""
-        topic = packet.topic
-        properties = packet.properties
-        qos = packet.qos
-        if properties:  # MQTT 5 only
-            if "subscription_identifier" in properties:
-                raise ProtocolError("PUBLISH from a client with a subscription identifier")  # [MQTT-3.3.4-6]
-            alias = properties.get("topic_alias")
-            if alias is not None:
-                assert self._aliases_in is not None
-                topic = packet.topic = self._aliases_in.resolve(topic, alias)
-                packet.properties = {k: v for k, v in properties.items() if k != "topic_alias"}
-        if not topic or "+" in topic or "#" in topic:
-            raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
-        broker = self.broker
-        config = broker.config
-        if qos > config.max_qos:
-            raise MQTTError(f"QoS {qos} is above the maximum {config.max_qos}", ReasonCode.QOS_NOT_SUPPORTED)
-        if packet.retain and not config.retain_available:
-            raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
-        security = broker.security
-        if (topic[0] == "$" and topic.startswith("$SYS")) or (
-                security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
-            # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
-            log.info("denied PUBLISH to {topic} from {client_id}", topic=topic, client_id=self.client.client_id)  # type: ignore[union-attr]
-            if qos:
-                self._acknowledge(packet, ReasonCode.NOT_AUTHORIZED)
-            return
-        if qos == 2:
-            awaiting = self.session.awaiting_pubrel
-            if packet.packet_id in awaiting:
-                # A resend: not routed again [MQTT-4.3.3-9].
-                self._acknowledge_when_stored(packet, ReasonCode.SUCCESS)
-                return
-            if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
-                raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
-                                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
-        if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
-            if not qos:
-                raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
-            self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
-            return
-        message = packet
-        message.sender = self._client_id
-        frame = packet.frame
-        if frame is not None and not properties:
-            # Forward the bytes as received: only the retain and DUP flags are not passed on.
-            if frame[0] & 0x09:
-                frame = bytes((frame[0] & 0xF6,)) + frame[1:]
-            v5 = self.version == MQTT_5
-            offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
-            message.encoded = {(v5, qos, False): (frame, offset)}
-        if broker.hooks.has_publish:
-            self._when(broker.hooks.resolve("publish", self.client, message),
-                       self._publish_decided, packet, message)
-            return
-        routed = broker.route(message)
-        if packet.qos:
-            self._routed(packet, message, routed)
-
-    def _publish_decided(self, answer: Any, packet: Publish, message: Message) -> None:
-        if isinstance(answer, Refused):
-            if packet.qos:
-                self._acknowledge(packet, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
-            return
-        if isinstance(answer, Message):
-            message = answer
-        routed = self.broker.route(message)
-        if packet.qos:
-            self._routed(packet, message, routed)
-
-    def _routed(self, packet: Publish, message: Message, routed: int) -> None:
-        """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
-        a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
-        not routed twice even across a restart [MQTT-4.3.3-9]. A subscriber that could not take
-        it makes it 0x97 for MQTT 5 (MQTT 3 has no way to say so: it is acknowledged, and the
-        drop counted and logged)."""
-        self.stats.received_by_qos[packet.qos] += 1
-        if message.refused:
-            reason = ReasonCode.QUOTA_EXCEEDED
-        else:
-            reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
-        if packet.qos == 2:
-            self.broker.await_pubrel(self.session, packet.packet_id)
-        self._acknowledge_when_stored(packet, reason)
-
-    def _acknowledge_when_stored(self, packet: Publish, reason: ReasonCode) -> None:
-        """Acknowledge once everything recorded so far is stored; through the store even when
-        nothing new was recorded, so that acknowledgements keep the order of the PUBLISHes
-        [MQTT-4.6.0-2, -3]."""
-        store = self.broker.store
-        if store is None:
-            self._acknowledge(packet, reason)
-        else:
-            store.flushed().addCallbacks(self._durable, self._not_durable, (packet, reason), None, (packet,))
-
-    def _durable(self, _: None, packet: Publish, reason: ReasonCode) -> None:
-        if self.state is State.CONNECTED:
-            self._acknowledge(packet, reason)
-
-    def _not_durable(self, failure: Failure, packet: Publish) -> None:
-        """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
-        client gets none and sends the message again when it reconnects."""
-        failure.trap(StoreError)
-        # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client will
-        # send the PUBLISH again, which must not be routed a second time.
-        if packet.qos == 2 and self.session is not None and self.version == MQTT_5:
-            self.broker.pubrel_received(self.session, packet.packet_id)
-        if self.state is State.CONNECTED and self.version == MQTT_5:
-            self._acknowledge(packet, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
-
-    def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
-        if not reason or self.version != MQTT_5:  # the common case, without building a packet
-            packet_id = packet.packet_id
-            self.stats.control_packets_sent += 1
-            self.write(bytes((0x40 if packet.qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
-            return
-        code = 0
-        properties: dict[str, Any] = {}
-        if self.version == MQTT_5:
-            code = reason
-            if reason_string and self.problem_information:
-                properties["reason_string"] = reason_string
-        if packet.qos == 1:
-            self.send(Puback(packet_id=packet.packet_id, reason_code=code, properties=properties))
-        else:
-            self.send(Pubrec(packet_id=packet.packet_id, reason_code=code, properties=properties))
-
-    # --- acknowledgements of what we sent -------------------------------------------------
-
-    def _on_puback(self, packet: Puback) -> None:
-        out = self.session.outgoing.get(packet.packet_id)
-        if out is not None and out.qos == 1:
-            self.broker.acknowledged(self.session, packet.packet_id)
-
-    def _on_pubrec(self, packet: Pubrec) -> None:
-        out = self.session.outgoing.get(packet.packet_id)
-        if out is None or out.qos != 2:
-            code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
-            self.send(Pubrel(packet_id=packet.packet_id, reason_code=code))
-            return
-        if packet.reason_code >= 0x80:  # MQTT 5: the receiver refused it; the exchange ends here
-            self.broker.acknowledged(self.session, packet.packet_id)
-            return
-        self.broker.released(self.session, packet.packet_id)
-        store = self.broker.store
-        if store is not None and self.session.stored:
-            # PUBREL only once the store knows: after a crash the broker must not send the
-            # PUBLISH again [MQTT-4.3.3-5].
-            store.flushed().addCallbacks(self._release, lambda failure: failure.trap(StoreError),
-                                         callbackArgs=(packet.packet_id,))
-        else:
-            self.send_pubrel(packet.packet_id)
-
-    def _release(self, _: None, packet_id: int) -> None:
-        if self.state is State.CONNECTED:
-            self.send_pubrel(packet_id)
-
-    def _on_pubcomp(self, packet: Pubcomp) -> None:
-        out = self.session.outgoing.get(packet.packet_id)
-        if out is not None and out.released:
-            self.broker.acknowledged(self.session, packet.packet_id)
-
-    def _on_pubrel(self, packet: Pubrel) -> None:
-        if self.broker.pubrel_received(self.session, packet.packet_id):
-            self.send(Pubcomp(packet_id=packet.packet_id))
-        else:
-            code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
-            self.send(Pubcomp(packet_id=packet.packet_id, reason_code=code))
-
     # --- SUBSCRIBE / UNSUBSCRIBE ----------------------------------------------------------
 
     def _on_subscribe(self, packet: Subscribe) -> None:
@@ -877,19 +532,6 @@ class MQTTProtocol(Protocol):
             self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})")
-
-
-_AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
-
-
-def _count_refusal(stats: Any, reason: ReasonCode) -> None:
-    _count(stats.refused_by_reason, reason.name)
-    if reason in _AUTH_REFUSALS:
-        stats.auth_failures += 1
-
-
-def _count(tally: dict[str, int], reason: str) -> None:
-    tally[reason] = tally.get(reason, 0) + 1
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each

@@ -1,0 +1,263 @@
+"""CONNECT and enhanced authentication: a client's CONNECT through the security chain, MQTT 5
+AUTH exchanges (re-authentication too) and the connect hooks to its CONNACK or refusal, and the
+timer that ends a connection when its credentials expire.
+
+:class:`Connecting` is a mixin of :class:`~mqtt_broker.protocol.MQTTProtocol`. What a CONNECT
+asks against what the settings allow is worked out apart, in :mod:`mqtt_broker.connect`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.protocol import Protocol
+
+from .aliases import InboundAliases, OutboundAliases
+from .auth import Credentials, Identity, Refusal
+from .connect import negotiate
+from .hooks import Refused
+from .lifecycle import State
+from .message import Client, Message
+from .wire import MQTT_3_1, MQTT_5, Auth, Connack, Connect, Packet, ProtocolError, ReasonCode, v3_connack_code
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from .connect import Terms
+
+
+class Connecting(Protocol):
+    """The CONNECT and AUTH handlers of MQTTProtocol and what follows from their answers. The
+    attributes declared here are the connection's state that they use, which lives in
+    ``MQTTProtocol``'s slots and is set up by its ``__init__``.
+
+    A base of MQTTProtocol only: it is a ``Protocol`` so that type checkers see what
+    ``Protocol`` gives (a slotted mixin of its own trips mypy's ``__slots__`` check)."""
+
+    __slots__ = ()
+
+    broker: Any
+    clock: IReactorTime
+    stats: Any
+    state: State
+    version: int
+    peer: str
+    terms: Terms | None
+    client: Client | None
+    identity: Identity | None
+    session: Any
+    will: Message | None
+    will_delay: int
+    send_quota: int
+    max_send_size: int
+    problem_information: bool
+    _client_id: str
+    _auth_method: str | None
+    _auth_connect: Connect | None
+    _aliases_in: InboundAliases | None
+    _aliases_out: OutboundAliases | None
+    _keep_alive: float
+    _last_seen: float
+    _keepalive_call: Any
+    _connect_call: Any
+    _expiry_call: Any
+
+    if TYPE_CHECKING:  # MQTTProtocol's methods that these use
+        def _set_state(self, state: State) -> None: ...
+        def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
+        def _check_keepalive(self) -> None: ...
+        def send(self, packet: Packet) -> None: ...
+        def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
+
+    # --- CONNECT and enhanced authentication --------------------------------------------
+
+    def _on_connect(self, packet: Connect) -> None:
+        self._set_state(State.CONNECTING)
+        if self._connect_call is not None and self._connect_call.active():
+            self._connect_call.cancel()
+        self._connect_call = None
+        self.version = packet.protocol_level
+        terms = self.terms = negotiate(self.broker.config, packet)
+        self.problem_information = terms.problem_information
+        self.max_send_size = terms.max_send_size
+        self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
+                             protocol_version=self.version, clean_start=packet.clean_start,
+                             keep_alive=packet.keep_alive, properties=packet.properties)
+        if terms.reason:
+            self._refuse(terms.reason, "CONNECT refused")
+            return
+        if not self.broker.connect_allowed(terms.client_id):
+            self._refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
+            return
+        security = self.broker.security
+        if security is None:
+            self._authenticated(None, packet)
+            return
+        credentials = Credentials(client_id=terms.client_id, username=packet.username, password=packet.password,
+                                  peer=self.peer, protocol_version=self.version,
+                                  certificate_identity=security.certificate_identity(self.transport))
+        self._when(security.authenticate(credentials), self._authenticated, packet)
+
+    def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:
+        """The security chain's answer (None: there is none); then enhanced authentication and
+        connect hooks."""
+        if isinstance(identity, Refusal):
+            self.broker.stats.auth_failures += 1
+            self._refuse(identity.reason_code, "authentication failed")
+            return
+        if identity is not None:
+            self.identity = identity
+            assert self.client is not None and self.broker.security is not None
+            if identity.username != self.client.username:  # e.g. a certificate's name
+                self.client = dataclasses.replace(self.client, username=identity.username)
+            if packet.will is not None and not self.broker.security.can_publish(identity, packet.will.topic):
+                self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {packet.will.topic!r} not allowed")
+                return
+        method = packet.properties.get("authentication_method")
+        if method is None:
+            self._authorize(packet)
+        elif not self.broker.hooks.has_auth:
+            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, f"no authentication method {method!r}")
+        else:
+            self._auth_method = method
+            self._auth_connect = packet
+            self._when(self.broker.hooks.resolve(
+                "auth", self.client, method, packet.properties.get("authentication_data"), False),
+                self._auth_decided)
+
+    def _on_auth(self, packet: Auth) -> None:
+        method = packet.properties.get("authentication_method")
+        if self._auth_method is None or method != self._auth_method:
+            raise ProtocolError("AUTH without the connection's authentication method")  # [MQTT-4.12.0-1, -5]
+        reauthenticating = self.state is State.CONNECTED
+        expected = (ReasonCode.CONTINUE_AUTHENTICATION, ReasonCode.RE_AUTHENTICATE) if reauthenticating \
+            else (ReasonCode.CONTINUE_AUTHENTICATION,)
+        if packet.reason_code not in expected:
+            raise ProtocolError(f"AUTH with reason code 0x{packet.reason_code:02x} here")
+        self._when(self.broker.hooks.resolve(
+            "auth", self.client, method, packet.properties.get("authentication_data"), reauthenticating),
+            self._auth_decided)
+
+    def _auth_decided(self, answer: Any) -> None:
+        reauthenticating = self.state is State.CONNECTED
+        if isinstance(answer, Identity):  # authenticated, as this identity from now on
+            self._take_identity(answer)
+            if reauthenticating:
+                self._watch_expiry()
+        if isinstance(answer, Refused):
+            reason = answer.code(ReasonCode.NOT_AUTHORIZED)
+            if reauthenticating:
+                self.stats.auth_failures += 1
+                self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
+            else:
+                self._refuse(reason, "refused by an auth hook", answer.reason_string)
+        elif isinstance(answer, bytes):
+            if not reauthenticating:
+                self._set_state(State.AUTHENTICATING)
+            self.send(Auth(reason_code=ReasonCode.CONTINUE_AUTHENTICATION, properties={
+                "authentication_method": self._auth_method, "authentication_data": answer}))
+        elif reauthenticating:
+            self.send(Auth(properties={"authentication_method": self._auth_method}))
+        else:
+            assert self._auth_connect is not None
+            self._authorize(self._auth_connect)
+
+    def _take_identity(self, identity: Identity) -> None:
+        """An auth hook's identity replaces the connection's: its rights apply from the next
+        operation (and to what the session is sent), its expiry to the disconnect timer."""
+        self.identity = identity
+        if self.session is not None:
+            self.session.identity = identity
+        assert self.client is not None
+        if identity.username != self.client.username:
+            self.client = dataclasses.replace(self.client, username=identity.username)
+
+    def _authorize(self, packet: Connect) -> None:
+        if self.broker.hooks.has_connect:
+            self._when(self.broker.hooks.resolve("connect", self.client), self._connect_decided, packet)
+        else:
+            self._accept(packet)
+
+    def _connect_decided(self, answer: Any, packet: Connect) -> None:
+        if isinstance(answer, Refused):
+            self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED), "refused by a connect hook", answer.reason_string)
+        else:
+            self._accept(packet)
+
+    def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
+        _count_refusal(self.stats, reason)
+        if self.version == MQTT_5:
+            properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
+            self.send(Connack(reason_code=reason, properties=properties))
+        else:
+            self.send(Connack(reason_code=v3_connack_code(reason)))  # [MQTT-3.2.2-5]: then close
+        self.drop(reason, f"{why}: {reason.name}")
+
+    def _accept(self, packet: Connect) -> None:
+        terms = self.terms
+        client = self.client
+        assert terms is not None and client is not None
+        session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
+                                              self.identity)
+        self.session = session
+        self._client_id = client.client_id
+        self._set_state(State.CONNECTED)
+        self.send_quota = terms.send_quota
+        properties = terms.connack_properties
+        if self.version == MQTT_5:
+            self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
+            if terms.alias_maximum:
+                self._aliases_out = OutboundAliases(terms.alias_maximum)
+            if self._auth_method is not None:
+                properties = {**properties, "authentication_method": self._auth_method}
+        if packet.will is not None:
+            will = packet.will
+            will_properties = will.properties
+            if "will_delay_interval" in will_properties:  # a will property, not a PUBLISH one
+                self.will_delay = will_properties["will_delay_interval"]
+                will_properties = {k: v for k, v in will_properties.items() if k != "will_delay_interval"}
+            self.will = Message(topic=will.topic, payload=will.payload, qos=will.qos, retain=will.retain,
+                                properties=will_properties, sender=client.client_id)
+        # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
+        self.send(Connack(session_present=present and self.version != MQTT_3_1, properties=properties))
+        if terms.keep_alive:
+            self._keep_alive = float(terms.keep_alive)
+            self._last_seen = self.clock.seconds()
+            self._keepalive_call = self.clock.callLater(self._keep_alive * 1.5, self._check_keepalive)
+        self._watch_expiry()
+        self.broker.resume(session)
+
+    # --- credentials that expire --------------------------------------------------------
+
+    def _watch_expiry(self) -> None:
+        """(Re)start the timer that disconnects the client when its credentials expire."""
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        self._expiry_call = None
+        expires_at = self.identity.expires_at if self.identity is not None else None
+        if expires_at is not None:
+            self._expiry_call = self.clock.callLater(max(0.0, expires_at - self.clock.seconds()),
+                                                     self._credentials_expired)
+
+    def _credentials_expired(self) -> None:
+        self._expiry_call = None
+        if self.state is State.CONNECTED:
+            # 0xA0 Maximum connect time, "the maximum connection time authorized for this
+            # connection has been exceeded" (MQTT 5 3.14.2.1): the token authorized the connection
+            # until its exp, and the code tells the client to come back with a fresh one, where
+            # 0x87 would say it is refused.
+            self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "credentials expired")
+
+
+_AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
+
+
+def _count_refusal(stats: Any, reason: ReasonCode) -> None:
+    _count(stats.refused_by_reason, reason.name)
+    if reason in _AUTH_REFUSALS:
+        stats.auth_failures += 1
+
+
+def _count(tally: dict[str, int], reason: str) -> None:
+    tally[reason] = tally.get(reason, 0) + 1

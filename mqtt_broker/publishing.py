@@ -1,0 +1,229 @@
+"""PUBLISH in, and the acknowledgements of QoS 1 and 2 both ways: a client's PUBLISH checked
+and routed (the hot path in), acknowledged once it is stored; the client's PUBACK, PUBREC,
+PUBREL and PUBCOMP handed to the broker.
+
+:class:`Publishing` is a mixin of :class:`~mqtt_broker.protocol.MQTTProtocol`; ``_HANDLERS``
+there dispatches to these handlers like to its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .connect import is_utf8
+from .hooks import Refused
+from .lifecycle import State
+from .message import Client, Message
+from .store import StoreError
+from .wire import (
+    MQTT_5, MQTTError, Packet, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode,
+)
+
+if TYPE_CHECKING:
+    from .aliases import InboundAliases
+    from .auth import Identity
+
+log = Logger()
+
+
+class Publishing(Protocol):
+    """The PUBLISH, PUBACK, PUBREC, PUBREL and PUBCOMP handlers of MQTTProtocol. The attributes
+    declared here are the connection's state that they use, which lives in ``MQTTProtocol``'s
+    slots and is set up by its ``__init__``. A base of MQTTProtocol only (a ``Protocol`` for
+    the reason given on ``Connecting``)."""
+
+    __slots__ = ()
+
+    broker: Any
+    stats: Any
+    state: State
+    version: int
+    client: Client | None
+    identity: Identity | None
+    session: Any
+    problem_information: bool
+    _client_id: str
+    _aliases_in: InboundAliases | None
+
+    if TYPE_CHECKING:  # MQTTProtocol's methods that these use
+        def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
+        def write(self, data: bytes) -> None: ...
+        def send(self, packet: Packet) -> None: ...
+        def send_pubrel(self, packet_id: int) -> None: ...
+
+    # --- PUBLISH in ---------------------------------------------------------------------
+
+    def _on_publish(self, packet: Message) -> None:
+        """A PUBLISH, decoded by the reader into the Message that is routed (one object)."""
+        topic = packet.topic
+        properties = packet.properties
+        qos = packet.qos
+        if properties:  # MQTT 5 only
+            if "subscription_identifier" in properties:
+                raise ProtocolError("PUBLISH from a client with a subscription identifier")  # [MQTT-3.3.4-6]
+            alias = properties.get("topic_alias")
+            if alias is not None:
+                assert self._aliases_in is not None
+                topic = packet.topic = self._aliases_in.resolve(topic, alias)
+                packet.properties = {k: v for k, v in properties.items() if k != "topic_alias"}
+        if not topic or "+" in topic or "#" in topic:
+            raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
+        broker = self.broker
+        config = broker.config
+        if qos > config.max_qos:
+            raise MQTTError(f"QoS {qos} is above the maximum {config.max_qos}", ReasonCode.QOS_NOT_SUPPORTED)
+        if packet.retain and not config.retain_available:
+            raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
+        security = broker.security
+        if (topic[0] == "$" and topic.startswith("$SYS")) or (
+                security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
+            # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
+            log.info("denied PUBLISH to {topic} from {client_id}", topic=topic, client_id=self.client.client_id)  # type: ignore[union-attr]
+            if qos:
+                self._acknowledge(packet, ReasonCode.NOT_AUTHORIZED)
+            return
+        if qos == 2:
+            awaiting = self.session.awaiting_pubrel
+            if packet.packet_id in awaiting:
+                # A resend: not routed again [MQTT-4.3.3-9].
+                self._acknowledge_when_stored(packet, ReasonCode.SUCCESS)
+                return
+            if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
+                raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
+                                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
+        if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
+            if not qos:
+                raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
+            self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
+            return
+        message = packet
+        message.sender = self._client_id
+        frame = packet.frame
+        if frame is not None and not properties:
+            # Forward the bytes as received: only the retain and DUP flags are not passed on.
+            if frame[0] & 0x09:
+                frame = bytes((frame[0] & 0xF6,)) + frame[1:]
+            v5 = self.version == MQTT_5
+            offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
+            message.encoded = {(v5, qos, False): (frame, offset)}
+        if broker.hooks.has_publish:
+            self._when(broker.hooks.resolve("publish", self.client, message),
+                       self._publish_decided, packet, message)
+            return
+        routed = broker.route(message)
+        if packet.qos:
+            self._routed(packet, message, routed)
+
+    def _publish_decided(self, answer: Any, packet: Publish, message: Message) -> None:
+        if isinstance(answer, Refused):
+            if packet.qos:
+                self._acknowledge(packet, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
+            return
+        if isinstance(answer, Message):
+            message = answer
+        routed = self.broker.route(message)
+        if packet.qos:
+            self._routed(packet, message, routed)
+
+    def _routed(self, packet: Publish, message: Message, routed: int) -> None:
+        """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
+        a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
+        not routed twice even across a restart [MQTT-4.3.3-9]. A subscriber that could not take
+        it makes it 0x97 for MQTT 5 (MQTT 3 has no way to say so: it is acknowledged, and the
+        drop counted and logged)."""
+        self.stats.received_by_qos[packet.qos] += 1
+        if message.refused:
+            reason = ReasonCode.QUOTA_EXCEEDED
+        else:
+            reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        if packet.qos == 2:
+            self.broker.await_pubrel(self.session, packet.packet_id)
+        self._acknowledge_when_stored(packet, reason)
+
+    def _acknowledge_when_stored(self, packet: Publish, reason: ReasonCode) -> None:
+        """Acknowledge once everything recorded so far is stored; through the store even when
+        nothing new was recorded, so that acknowledgements keep the order of the PUBLISHes
+        [MQTT-4.6.0-2, -3]."""
+        store = self.broker.store
+        if store is None:
+            self._acknowledge(packet, reason)
+        else:
+            store.flushed().addCallbacks(self._durable, self._not_durable, (packet, reason), None, (packet,))
+
+    def _durable(self, _: None, packet: Publish, reason: ReasonCode) -> None:
+        if self.state is State.CONNECTED:
+            self._acknowledge(packet, reason)
+
+    def _not_durable(self, failure: Failure, packet: Publish) -> None:
+        """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
+        client gets none and sends the message again when it reconnects."""
+        failure.trap(StoreError)
+        # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client will
+        # send the PUBLISH again, which must not be routed a second time.
+        if packet.qos == 2 and self.session is not None and self.version == MQTT_5:
+            self.broker.pubrel_received(self.session, packet.packet_id)
+        if self.state is State.CONNECTED and self.version == MQTT_5:
+            self._acknowledge(packet, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
+
+    def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
+        if not reason or self.version != MQTT_5:  # the common case, without building a packet
+            packet_id = packet.packet_id
+            self.stats.control_packets_sent += 1
+            self.write(bytes((0x40 if packet.qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
+            return
+        code = 0
+        properties: dict[str, Any] = {}
+        if self.version == MQTT_5:
+            code = reason
+            if reason_string and self.problem_information:
+                properties["reason_string"] = reason_string
+        if packet.qos == 1:
+            self.send(Puback(packet_id=packet.packet_id, reason_code=code, properties=properties))
+        else:
+            self.send(Pubrec(packet_id=packet.packet_id, reason_code=code, properties=properties))
+
+    # --- acknowledgements of what we sent -------------------------------------------------
+
+    def _on_puback(self, packet: Puback) -> None:
+        out = self.session.outgoing.get(packet.packet_id)
+        if out is not None and out.qos == 1:
+            self.broker.acknowledged(self.session, packet.packet_id)
+
+    def _on_pubrec(self, packet: Pubrec) -> None:
+        out = self.session.outgoing.get(packet.packet_id)
+        if out is None or out.qos != 2:
+            code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
+            self.send(Pubrel(packet_id=packet.packet_id, reason_code=code))
+            return
+        if packet.reason_code >= 0x80:  # MQTT 5: the receiver refused it; the exchange ends here
+            self.broker.acknowledged(self.session, packet.packet_id)
+            return
+        self.broker.released(self.session, packet.packet_id)
+        store = self.broker.store
+        if store is not None and self.session.stored:
+            # PUBREL only once the store knows: after a crash the broker must not send the
+            # PUBLISH again [MQTT-4.3.3-5].
+            store.flushed().addCallbacks(self._release, lambda failure: failure.trap(StoreError),
+                                         callbackArgs=(packet.packet_id,))
+        else:
+            self.send_pubrel(packet.packet_id)
+
+    def _release(self, _: None, packet_id: int) -> None:
+        if self.state is State.CONNECTED:
+            self.send_pubrel(packet_id)
+
+    def _on_pubcomp(self, packet: Pubcomp) -> None:
+        out = self.session.outgoing.get(packet.packet_id)
+        if out is not None and out.released:
+            self.broker.acknowledged(self.session, packet.packet_id)
+
+    def _on_pubrel(self, packet: Pubrel) -> None:
+        if self.broker.pubrel_received(self.session, packet.packet_id):
+            self.send(Pubcomp(packet_id=packet.packet_id))
+        else:
+            code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
+            self.send(Pubcomp(packet_id=packet.packet_id, reason_code=code))
