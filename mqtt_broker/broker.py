@@ -49,7 +49,7 @@ class Stats:
                  "connections_total", "connections_refused", "broker_published", "wills_published",
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
-                 "subscriptions_refused", "auth_failures", "sessions_expired", "clients_maximum")
+                 "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
@@ -69,6 +69,9 @@ class Stats:
         self.subscriptions_refused: dict[str, int] = {}
         """Topic filters of SUBSCRIBEs refused, by reason (max_subscriptions_per_client, or
         NOT_AUTHORIZED by the client's ACL)."""
+        self.closed_by_reason: dict[str, int] = {}
+        """Connected clients the broker disconnected, by the reason code's name (PACKET_TOO_LARGE,
+        KEEP_ALIVE_TIMEOUT, PROTOCOL_ERROR, SESSION_TAKEN_OVER, ...)."""
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
 
 

@@ -199,8 +199,10 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first."""
         if self.state is State.CLOSED:
             return
-        if self.state is State.CONNECTED and self.version == MQTT_5 and reason >= 0x80:
-            self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
+        if self.state is State.CONNECTED and reason >= 0x80:
+            _count(self.stats.closed_by_reason, reason.name)
+            if self.version == MQTT_5:
+                self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
         log.info("closing connection {client_id} from {peer}: {reason}",
                  client_id=self.client.client_id if self.client else "-", peer=self.peer, reason=message)
         self._set_state(State.CLOSED)

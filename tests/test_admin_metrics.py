@@ -203,3 +203,27 @@ def test_subscription_refusals_are_counted_end_to_end(broker_process: type[Broke
     assert admin.call("GET", "/api/v1/stats").body["subscriptions_refused"] == {"max_subscriptions_per_client": 3}
     assert "refused a subscription of limited-3 to limit/3: max_subscriptions_per_client" in "\n".join(
         formatEvent(json.loads(record)) for record in admin.broker.output().split("\x1e") if record.strip())
+
+
+def test_disconnections_by_the_broker_are_counted_by_reason() -> None:
+    """Each connected client the broker closes is counted under its reason code's name: an
+    oversized packet, a keepalive timeout, a takeover. A client's own DISCONNECT and a refused
+    CONNECT (counted with the refusals) are not."""
+    broker = make_broker(max_packet_size=100, sys_interval=0)
+    big = connected(broker, "big", version=5)
+    answer = big.publish("t", b"x" * 200)
+    assert big.closed and isinstance(answer[-1], Disconnect) and answer[-1].reason_code == 0x95
+    idle = connected(broker, "idle", keep_alive=10)
+    broker.reactor.advance(16)  # type: ignore[attr-defined]
+    assert idle.closed
+    connected(broker, "twice")
+    connected(broker, "twice")
+    polite = connected(broker, "polite")
+    polite.send(Disconnect())
+    FakeClient(broker).connect("", clean=False)  # refused at CONNECT: identifier rejected
+    assert broker.stats.closed_by_reason == {
+        "PACKET_TOO_LARGE": 1, "KEEP_ALIVE_TIMEOUT": 1, "SESSION_TAKEN_OVER": 1}
+    samples = scrape(broker)
+    assert value(samples, "mqtt_connections_closed_total", reason="PACKET_TOO_LARGE") == 1
+    assert value(samples, "mqtt_connections_closed_total", reason="KEEP_ALIVE_TIMEOUT") == 1
+    assert value(samples, "mqtt_connections_closed_total", reason="SESSION_TAKEN_OVER") == 1

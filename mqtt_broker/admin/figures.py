@@ -36,6 +36,8 @@ class Figures:
     """Connections refused, by reason."""
     subscriptions_refused: dict[str, int]
     """Topic filters of SUBSCRIBEs refused, by reason."""
+    closed: dict[str, int]
+    """Connected clients the broker disconnected, by reason."""
     auth_failures: int
     publish_received: list[int]
     """PUBLISHes from clients that were routed, by QoS."""
@@ -109,6 +111,7 @@ def read(broker: Any, started_at: float | None = None) -> Figures:
         clients_maximum=max(stats.clients_maximum, connected), clients_expired=stats.sessions_expired,
         connections=len(broker.connections), connections_total=stats.connections_total,
         refused=dict(stats.refused_by_reason), subscriptions_refused=dict(stats.subscriptions_refused),
+        closed=dict(stats.closed_by_reason),
         auth_failures=stats.auth_failures,
         publish_received=received, publish_sent=sent,
         broker_published=stats.broker_published, wills_published=stats.wills_published,

@@ -158,6 +158,11 @@ class BrokerCollector:
         for reason, count in sorted(f.subscriptions_refused.items()):
             c.add_metric([reason], count)
         yield c
+        c = CounterMetricFamily("mqtt_connections_closed", "Connected clients the broker disconnected, by "
+                                "reason (an MQTT 5 reason code name).", labels=["reason"])
+        for reason, count in sorted(f.closed.items()):
+            c.add_metric([reason], count)
+        yield c
         yield _counter("mqtt_auth_failures", "Refusals for authentication or authorization at CONNECT, and "
                        "failed re-authentications.", f.auth_failures)
         yield _gauge("mqtt_clients_connected", "Clients connected now.", f.clients_connected)
