@@ -54,6 +54,12 @@ async def alive(client: RawClient) -> bool:
     return isinstance(await deferToThread(client.next), Pingresp)
 
 
+async def expired(client: RawClient) -> None:
+    """The broker's next packet is the DISCONNECT that ends an expired login (0xA0)."""
+    disconnect = await deferToThread(client.next)
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0xA0
+
+
 def expiry_timers(clock: Clock) -> int:
     return sum(1 for call in clock.getDelayedCalls() if call.func.__name__ == "_credentials_expired")
 
@@ -99,8 +105,7 @@ async def test_leeway_lengthens_the_connection_as_it_does_the_token(tmp_path: Pa
         clock.advance(89)
         assert await alive(client)
         clock.advance(1)
-        disconnect = await deferToThread(client.next)
-        assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0xA0
+        await expired(client)
     finally:
         client.close()
         await broker.stopService()
@@ -132,8 +137,7 @@ async def test_reauthentication_with_a_new_identity_moves_the_timer(tmp_path: Pa
         clock.advance(3599)  # well past the first token's exp
         assert await alive(client)
         clock.advance(1)
-        disconnect = await deferToThread(client.next)
-        assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0xA0
+        await expired(client)
     finally:
         client.close()
         await broker.stopService()
@@ -152,8 +156,7 @@ async def test_introspected_expiry_ends_the_connection(tmp_path: Path) -> None:
         clock.advance(119)
         assert await alive(client)
         clock.advance(1)
-        disconnect = await deferToThread(client.next)
-        assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0xA0
+        await expired(client)
     finally:
         client.close()
         await broker.stopService()
