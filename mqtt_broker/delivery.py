@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from .message import Message
 from .protocol import HELD_BYTES
 from .session import Outgoing, Queued, Session
-from .topics import Subscription
+from .topics import Subscription, terms
 from .wire.packets import MQTT_5
 
 if TYPE_CHECKING:
@@ -76,32 +76,21 @@ class Delivery:
         deliver = self.deliver
         sender = message.sender
         count = 0
-        ids: tuple[int, ...]
         security = self.security
-        for client_id, subs in by_client:
+        for client_id, subs, granted, as_published, ids, no_local in by_client:
             session = sessions.get(client_id)
             if session is None:
                 continue
             if security is not None and session.identity is not None and not security.can_read(
                     session.identity, message.topic):
                 continue
-            if len(subs) == 1:
-                sub = subs[0]
-                if sub.no_local and client_id == sender:
-                    continue  # [MQTT-3.8.3-3]
-                qos = sub.qos if sub.qos < message.qos else message.qos
-                retain = message.retain and sub.retain_as_published
-                ids = (sub.subscription_id,) if sub.subscription_id else ()
-            else:
-                # Overlapping subscriptions: one copy at the highest granted QoS, carrying every
-                # matching subscription identifier [MQTT-3.3.4-3, -5].
-                subs = [s for s in subs if not (s.no_local and client_id == sender)]
+            if no_local and client_id == sender:
+                subs = [s for s in subs if not s.no_local]  # [MQTT-3.8.3-3]
                 if not subs:
                     continue
-                qos = min(max(s.qos for s in subs), message.qos)
-                retain = message.retain and any(s.retain_as_published for s in subs)
-                ids = tuple(s.subscription_id for s in subs if s.subscription_id)
-            deliver(session, message, qos, retain, ids)
+                granted, as_published, ids, _ = terms(subs)
+            deliver(session, message, granted if granted < message.qos else message.qos,
+                    message.retain and as_published, ids)
             count += 1
         for share, members in groups:
             count += self._deliver_shared(message, share, members)

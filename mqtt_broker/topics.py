@@ -88,9 +88,15 @@ class _Node:
         return not (self.children or self.subscribers or self.shared)
 
 
-Match = tuple[list[tuple[str, list[Subscription]]], list[tuple[tuple[str, str], list[Subscription]]]]
-"""What a topic matches: (client id, its matching subscriptions) for ordinary subscriptions,
-and ((group, shared filter), the members' subscriptions) for each shared group."""
+Terms = tuple[str, list[Subscription], int, bool, tuple[int, ...], bool]
+"""One client's terms for a topic: client id, its matching subscriptions, and what they come
+to, worked out once per topic rather than once per message: the highest QoS granted, whether
+any keeps the retain flag (Retain As Published), the subscription identifiers, and whether any
+has No Local (then the terms for the client's own messages are worked out again without those)."""
+
+Match = tuple[list[Terms], list[tuple[tuple[str, str], list[Subscription]]]]
+"""What a topic matches: each subscribed client's Terms, and ((group, shared filter), the
+members' subscriptions) for each shared group."""
 
 
 class SubscriptionTree:
@@ -157,7 +163,8 @@ class SubscriptionTree:
         groups: dict[tuple[str, str], list[Subscription]] = {}
         levels = topic.split("/")
         self._collect(self._root, levels, 0, topic.startswith("$"), by_client, groups)
-        result: Match = (list(by_client.items()), list(groups.items()))
+        result: Match = ([(client_id, subs, *terms(subs)) for client_id, subs in by_client.items()],
+                         list(groups.items()))
         if len(self._cache) >= MAX_CACHED_TOPICS:
             self._cache.clear()
         self._cache[topic] = result
@@ -204,6 +211,13 @@ class SubscriptionTree:
             for members in node.shared.values():
                 yield from members.values()
             stack.extend(node.children.values())
+
+
+def terms(subs: list[Subscription]) -> tuple[int, bool, tuple[int, ...], bool]:
+    """What overlapping subscriptions of one client come to: one copy at the highest granted QoS,
+    carrying every matching subscription identifier [MQTT-3.3.4-3, -5] (see Terms)."""
+    return (max(s.qos for s in subs), any(s.retain_as_published for s in subs),
+            tuple(s.subscription_id for s in subs if s.subscription_id), any(s.no_local for s in subs))
 
 
 def _gather(node: _Node, levels: list[str], by_client: dict[str, list[Subscription]],

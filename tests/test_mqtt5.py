@@ -736,6 +736,23 @@ def test_no_local() -> None:
     assert payloads(client.received()) == [b"theirs"]
 
 
+def test_no_local_among_overlapping_subscriptions() -> None:
+    """[MQTT-3.8.3-3] with [MQTT-3.3.4-3, -5]: of a client's overlapping subscriptions, only those
+    without No Local take its own messages, at their QoS and with their identifiers; another
+    client's message goes by all of them."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    subscribe5(client, "t/#", qos=2, subscription_id=1, no_local=True)
+    subscribe5(client, "t/+", qos=1, subscription_id=2, packet_id=2)
+    own, received = client.publish("t/x", b"own", qos=2)
+    assert received == Pubrec(packet_id=1)
+    assert (own.payload, own.qos, own.properties["subscription_identifier"]) == (b"own", 1, [2])
+    client.send(Puback(packet_id=own.packet_id))
+    v5(broker, "other").publish("t/x", b"theirs", qos=2)
+    (theirs,) = client.received()
+    assert (theirs.payload, theirs.qos, sorted(theirs.properties["subscription_identifier"])) == (b"theirs", 2, [1, 2])
+
+
 def test_retain_as_published() -> None:
     """[MQTT-3.3.1-12] [MQTT-3.3.1-13]: Retain As Published 1 keeps the RETAIN flag on forwarded
     messages; 0 clears it."""

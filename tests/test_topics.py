@@ -22,7 +22,7 @@ def sub(client_id: str, topic_filter: str, **options: object) -> Subscription:
 
 def by_client(result: Match) -> dict[str, list[str]]:
     """client id -> the filters it matched with, in the order the tree listed them."""
-    return {client_id: [s.topic_filter for s in subs] for client_id, subs in result[0]}
+    return {client_id: [s.topic_filter for s in subs] for client_id, subs, *_ in result[0]}
 
 
 def by_group(result: Match) -> dict[tuple[str, str], set[str]]:
@@ -173,7 +173,7 @@ def test_add_counts_and_replace() -> None:
     # [MQTT-3.8.4-3] the same filter again replaces the subscription
     assert tree.add(sub("c1", "a/b", qos=2)) is True
     assert tree.count == 3
-    assert [s.qos for c, subs in tree.match("a/b")[0] if c == "c1" for s in subs
+    assert [s.qos for c, subs, *_ in tree.match("a/b")[0] if c == "c1" for s in subs
             if s.topic_filter == "a/b"] == [2]
 
 
