@@ -244,10 +244,9 @@ class Delivery:
         session.loading = False
         if self.sessions.get(session.client_id) is not session or not session.spilled:
             return  # discarded, or cleared, while reading
-        for item in items:
-            session.queue.append(item)
-            session.queued_bytes += len(item.message.payload)
-            session.loaded_seq = item.seq
+        session.push(*items)
+        if items:
+            session.loaded_seq = items[-1].seq
         session.spilled = session.spilled - len(items) if items else 0
         self.pump(session)
 

@@ -33,8 +33,7 @@ class MemoryStore:
             session.outgoing = {k: copy.copy(v) for k, v in stored.outgoing.items()}
             queued = sorted(stored.queue, key=lambda item: item.seq)
             kept = queued[:window] if window else queued
-            session.queue.extend(copy.copy(item) for item in kept)
-            session.queued_bytes = sum(len(item.message.payload) for item in kept)
+            session.push(*(copy.copy(item) for item in kept))
             session.spilled = len(queued) - len(kept)
             session.loaded_seq = kept[-1].seq if kept else 0
             session.awaiting_pubrel = set(stored.awaiting_pubrel)
@@ -84,7 +83,7 @@ class MemoryStore:
         session = self._session(client_id)
         session.next_seq = max(session.next_seq, item.seq + 1)
         if packet_id is None:
-            session.queue.append(copy.copy(item))
+            session.push(copy.copy(item))
         else:
             session.outgoing[packet_id] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
                                                    item.share, item.seq)

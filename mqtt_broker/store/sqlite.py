@@ -158,8 +158,7 @@ class SQLiteStore:
             session = sessions[row[0]][0]
             item = _delivery(row[1:11])
             if row[10] is None:
-                session.queue.append(item)
-                session.queued_bytes += len(item.message.payload)
+                session.push(item)
                 session.loaded_seq = item.seq
             else:
                 session.outgoing[row[10]] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
