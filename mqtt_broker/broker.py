@@ -260,12 +260,19 @@ class BrokerService(Delivery, MultiService):
         return True
 
     def flush_writes(self) -> None:
-        unflushed, self.unflushed = self.unflushed, []
-        for connection in unflushed:
-            connection.flush()
-            session = connection.session
-            if session is not None and session.queue and not connection.paused:
-                self.pump(session)  # queued past HELD_BYTES, and the transport took it all
+        """Hand each connection's gathered writes to its transport. A connection that queued
+        past HELD_BYTES and whose transport took everything moves its queue on, gathered again."""
+        self.batching += 1
+        try:
+            while self.unflushed:
+                unflushed, self.unflushed = self.unflushed, []
+                for connection in unflushed:
+                    connection.flush()
+                    session = connection.session
+                    if session is not None and session.queue and not connection.paused:
+                        self.pump(session)
+        finally:
+            self.batching -= 1
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Take up what the store kept: sessions (their expiry measured from when their client
@@ -384,6 +391,7 @@ class BrokerService(Delivery, MultiService):
         resent = session.unsent = 0
         for packet_id, out in list(session.outgoing.items()):
             out.sent_at = now
+            out.unsent = False  # decided afresh for this connection's Receive Maximum
             if out.released:
                 connection.send_pubrel(packet_id)
             elif resent >= connection.send_quota:

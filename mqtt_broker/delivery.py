@@ -280,6 +280,9 @@ class Delivery:
         """PUBREC for an outgoing QoS 2 message: from now on only PUBCOMP is awaited."""
         out = session.outgoing[packet_id]
         out.released = True
+        if out.unsent:
+            out.unsent = False
+            session.unsent -= 1
         if out.seq and session.stored:
             assert self.store is not None
             self.store.update_delivery(session.client_id, out.seq, packet_id, True)
@@ -326,6 +329,9 @@ class Delivery:
                     connection.send_pubrel(packet_id)
                 else:
                     connection.send_publish(out.message, out.qos, out.retain, packet_id, True)
+                if out.unsent:
+                    out.unsent = False
+                    session.unsent -= 1
                 out.sent_at = now
         oldest = min(out.sent_at for out in session.outgoing.values())
         session.retry_call = self.clock.callLater(

@@ -27,7 +27,9 @@ class Message(Publish):
     """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval)."""
     refused: int = 0
     """Subscribers it could not be queued for (queue full, or the store's quota reached)."""
-    encoded: dict[tuple[bool, int, bool], tuple[bytes, int]] | None = field(default=None, repr=False)
+    encoded: dict[tuple[bool, int, bool], tuple[bytes, int]] | None = field(default=None, init=False, repr=False)
+    """Not an argument: a message made from another (``dataclasses.replace`` in a hook) is encoded
+    afresh, never sent as the bytes of the one it replaces."""
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):

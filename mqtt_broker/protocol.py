@@ -212,6 +212,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
             self.flush(even_if_paused=True)
+            # A paused producer would be resumed once the buffer drains, instead of the
+            # connection being closed: Twisted closes only a transport with no paused producer.
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _violation(self, error: MQTTError) -> None:

@@ -84,13 +84,14 @@ class Publishing(Protocol):
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
             log.info("denied PUBLISH to {topic} from {client_id}", topic=topic, client_id=self.client.client_id)  # type: ignore[union-attr]
             if qos:
-                self._acknowledge(packet, ReasonCode.NOT_AUTHORIZED)
+                self._acknowledge(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
             return
+        packet_id = packet.packet_id
         if qos == 2:
             awaiting = self.session.awaiting_pubrel
-            if packet.packet_id in awaiting:
+            if packet_id in awaiting:
                 # A resend: not routed again [MQTT-4.3.3-9].
-                self._acknowledge_when_stored(packet, ReasonCode.SUCCESS)
+                self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
                 return
             if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
                 raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
@@ -98,93 +99,94 @@ class Publishing(Protocol):
         if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
             if not qos:
                 raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
-            self._acknowledge(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
+            self._acknowledge(qos, packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID)
             return
         message = packet
         message.sender = self._client_id
         frame = packet.frame
-        if frame is not None and not properties:
-            # Forward the bytes as received: only the retain and DUP flags are not passed on.
-            if frame[0] & 0x09:
-                frame = bytes((frame[0] & 0xF6,)) + frame[1:]
-            v5 = self.version == MQTT_5
-            offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
-            message.encoded = {(v5, qos, False): (frame, offset)}
+        if frame is not None:
+            message.frame = None  # kept only as the forwarded bytes below, not a second time
+            if not properties:
+                # Forward the bytes as received: only the retain and DUP flags are not passed on.
+                if frame[0] & 0x09:
+                    frame = bytes((frame[0] & 0xF6,)) + frame[1:]
+                v5 = self.version == MQTT_5
+                offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
+                message.encoded = {(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
+            # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
             self._when(broker.hooks.resolve("publish", self.client, message),
-                       self._publish_decided, packet, message)
+                       self._publish_decided, qos, packet_id, message)
             return
         routed = broker.route(message)
-        if packet.qos:
-            self._routed(packet, message, routed)
+        if qos:
+            self._routed(qos, packet_id, message, routed)
 
-    def _publish_decided(self, answer: Any, packet: Publish, message: Message) -> None:
+    def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message) -> None:
         if isinstance(answer, Refused):
-            if packet.qos:
-                self._acknowledge(packet, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
+            if qos:
+                self._acknowledge(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
             return
         if isinstance(answer, Message):
             message = answer
         routed = self.broker.route(message)
-        if packet.qos:
-            self._routed(packet, message, routed)
+        if qos:
+            self._routed(qos, packet_id, message, routed)
 
-    def _routed(self, packet: Publish, message: Message, routed: int) -> None:
+    def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
         a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
         not routed twice even across a restart [MQTT-4.3.3-9]. A subscriber that could not take
         it makes it 0x97 for MQTT 5 (MQTT 3 has no way to say so: it is acknowledged, and the
         drop counted and logged)."""
-        self.stats.received_by_qos[packet.qos] += 1
+        self.stats.received_by_qos[qos] += 1
         if message.refused:
             reason = ReasonCode.QUOTA_EXCEEDED
         else:
             reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
-        if packet.qos == 2:
-            self.broker.await_pubrel(self.session, packet.packet_id)
-        self._acknowledge_when_stored(packet, reason)
+        if qos == 2:
+            self.broker.await_pubrel(self.session, packet_id)
+        self._acknowledge_when_stored(qos, packet_id, reason)
 
-    def _acknowledge_when_stored(self, packet: Publish, reason: ReasonCode) -> None:
+    def _acknowledge_when_stored(self, qos: int, packet_id: int, reason: ReasonCode) -> None:
         """Acknowledge once everything recorded so far is stored; through the store even when
         nothing new was recorded, so that acknowledgements keep the order of the PUBLISHes
         [MQTT-4.6.0-2, -3]."""
         store = self.broker.store
         if store is None:
-            self._acknowledge(packet, reason)
+            self._acknowledge(qos, packet_id, reason)
         else:
-            store.flushed().addCallbacks(self._durable, self._not_durable, (packet, reason), None, (packet,))
+            store.flushed().addCallbacks(self._durable, self._not_durable, (qos, packet_id, reason), None,
+                                         (qos, packet_id))
 
-    def _durable(self, _: None, packet: Publish, reason: ReasonCode) -> None:
+    def _durable(self, _: None, qos: int, packet_id: int, reason: ReasonCode) -> None:
         if self.state is State.CONNECTED:
-            self._acknowledge(packet, reason)
+            self._acknowledge(qos, packet_id, reason)
 
-    def _not_durable(self, failure: Failure, packet: Publish) -> None:
+    def _not_durable(self, failure: Failure, qos: int, packet_id: int) -> None:
         """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
         client gets none and sends the message again when it reconnects."""
         failure.trap(StoreError)
         # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client will
         # send the PUBLISH again, which must not be routed a second time.
-        if packet.qos == 2 and self.session is not None and self.version == MQTT_5:
-            self.broker.pubrel_received(self.session, packet.packet_id)
+        if qos == 2 and self.session is not None and self.version == MQTT_5:
+            self.broker.pubrel_received(self.session, packet_id)
         if self.state is State.CONNECTED and self.version == MQTT_5:
-            self._acknowledge(packet, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
+            self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
-    def _acknowledge(self, packet: Publish, reason: ReasonCode, reason_string: str | None = None) -> None:
+    def _acknowledge(self, qos: int, packet_id: int, reason: ReasonCode, reason_string: str | None = None) -> None:
+        """PUBACK (QoS 1) or PUBREC (QoS 2) for a PUBLISH received."""
         if not reason or self.version != MQTT_5:  # the common case, without building a packet
-            packet_id = packet.packet_id
             self.stats.control_packets_sent += 1
-            self.write(bytes((0x40 if packet.qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
+            self.write(bytes((0x40 if qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
             return
-        code = 0
         properties: dict[str, Any] = {}
-        if self.version == MQTT_5:
-            code = reason
-            if reason_string and self.problem_information:
-                properties["reason_string"] = reason_string
-        if packet.qos == 1:
-            self.send(Puback(packet_id=packet.packet_id, reason_code=code, properties=properties))
+        if reason_string and self.problem_information:
+            properties["reason_string"] = reason_string
+        if qos == 1:
+            self.send(Puback(packet_id=packet_id, reason_code=reason, properties=properties))
         else:
-            self.send(Pubrec(packet_id=packet.packet_id, reason_code=code, properties=properties))
+            self.send(Pubrec(packet_id=packet_id, reason_code=reason, properties=properties))
 
     # --- acknowledgements of what we sent -------------------------------------------------
 

@@ -56,8 +56,8 @@ class FrameReader:
         pos = self._pos
         if pos >= len(buffer):
             self._buffer = bytes(data)
-        elif type(buffer) is bytes and len(buffer) - pos < 4096:
-            self._buffer = buffer[pos:] + data
+        elif len(buffer) - pos < 4096:
+            self._buffer = bytes(buffer[pos:]) + data
         else:
             if isinstance(buffer, bytearray):
                 del buffer[:pos]
@@ -509,5 +509,10 @@ _ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
 
 
 def encode(packet: Packet, version: int = MQTT_3_1_1) -> bytes:
-    """Encode one packet for the given protocol level."""
-    return _ENCODERS[type(packet)](packet, version)
+    """Encode one packet for the given protocol level (a subclass of Publish as a PUBLISH)."""
+    encoder = _ENCODERS.get(type(packet))
+    if encoder is None and isinstance(packet, Publish):
+        encoder = encode_publish
+    if encoder is None:
+        raise TypeError(f"not an MQTT packet: {packet!r}")
+    return encoder(packet, version)
