@@ -476,3 +476,31 @@ def test_slow_subscriber_does_not_grow_the_broker(broker_process, bound: tuple[s
     logged = [formatEvent(eventFromJSON(line)) for line in broker.output().replace("\x1e", "\n").splitlines()
               if line.strip()]
     assert any(line.startswith("queue of slow is full") for line in logged)
+
+
+def test_a_connection_dropped_while_its_socket_is_full_closes(broker_process) -> None:  # type: ignore[no-untyped-def]
+    """A connection the broker drops (here, taken over) while its transport is paused on a full
+    socket still closes once the client has read what was written to it."""
+    broker = broker_process()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    stuck.settimeout(5.0)
+    stuck.connect(("127.0.0.1", broker.port))
+    stuck.sendall(encode(Connect(client_id="stuck", keep_alive=0)) + encode(Subscribe(
+        packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="flood", qos=0),))))
+    assert stuck.recv(4) == b"\x20\x02\x00\x00"  # CONNACK; it reads nothing more for now
+    pub = RawClient(broker.port, timeout=30.0)
+    try:
+        assert pub.connect("flood-pub").reason_code == 0
+        assert pub.ping() < 5.0  # the SUBSCRIBE has been handled by now too
+        pub.send_bytes(encode(Publish(topic="flood", payload=bytes(1024))) * 8000)
+        assert pub.ping(timeout=30.0) < 30.0  # all routed: the broker's writes wait on the full socket
+        taker = RawClient(broker.port)
+        assert taker.connect("stuck").reason_code == 0  # takes the session over: "stuck" is dropped
+        taker.close()
+        deadline = time.monotonic() + 30.0
+        while stuck.recv(1 << 20):  # read all that was written; then the broker must close
+            assert time.monotonic() < deadline, "the dropped connection was never closed"
+    finally:
+        stuck.close()
+        pub.close()

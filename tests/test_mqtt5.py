@@ -543,6 +543,31 @@ def test_resent_messages_respect_the_new_connections_receive_maximum() -> None:
     assert all(p.dup for p in resent)
 
 
+def test_messages_held_back_by_receive_maximum_all_go_out_over_reconnects() -> None:
+    """[MQTT-4.9.0-2] over reconnects with different Receive Maximums: what one connection held
+    back is decided afresh by the next, and acknowledging what was sent sends the rest, each
+    message once."""
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=persistent(receive_maximum=10))
+    sub.subscribe("t", qos=1)
+    for n in range(3):
+        broker.publish("t", str(n).encode(), qos=1)
+    assert len(sub.received()) == 3
+    sub.lose()
+    sub, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=1))
+    assert [p.payload for p in sub.received()] == [b"0"]  # 1 and 2 held back
+    sub.lose()
+    sub, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=2))
+    first, second = sub.received()
+    assert (first.payload, second.payload) == (b"0", b"1")  # 2 held back
+    sub.send(Puback(packet_id=first.packet_id))
+    (third,) = sub.received()
+    assert third.payload == b"2"
+    sub.send(Puback(packet_id=second.packet_id), Puback(packet_id=third.packet_id))
+    assert sub.received() == []
+    assert broker.sessions["sub"].outgoing == {} and broker.sessions["sub"].unsent == 0
+
+
 def test_client_exceeding_broker_receive_maximum_is_disconnected() -> None:
     """§3.3.4 [MQTT-3.3.4-7]: more QoS 2 PUBLISHes awaiting PUBREL than the broker's Receive
     Maximum: DISCONNECT 0x93 (Receive Maximum exceeded)."""

@@ -433,6 +433,23 @@ def test_slow_subscriber_is_held_then_queued_then_flushed() -> None:
     assert [p.payload[:1] for p in sub.received()] == [b"0", b"1", b"2", b"3", b"4", b"5"]
 
 
+def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
+    """Messages queued behind HELD_BYTES of one read, when the transport took all of it, are
+    moved on gathered: one more write, not one per message."""
+    broker = make_broker(max_queued_messages=0)
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    writes: list[int] = []
+    write = sub.transport.write
+    sub.transport.write = lambda data: (writes.append(len(data)), write(data))  # type: ignore[method-assign]
+    pub = connected(broker, "pub")
+    big = b"x" * (HELD_BYTES // 2)
+    pub.send(Publish(topic="t", payload=big), Publish(topic="t", payload=big),
+             *(Publish(topic="t", payload=str(n).encode()) for n in range(500)))
+    assert [p.payload for p in sub.received()] == [big, big, *(str(n).encode() for n in range(500))]
+    assert len(writes) == 2
+
+
 def test_oversize_packet_closes_before_buffering() -> None:
     broker = make_broker(max_packet_size=1024)
     pub = connected(broker, "pub")
