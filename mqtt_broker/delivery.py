@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from .message import Message
-from .protocol import HELD_BYTES
 from .session import Outgoing, Queued, Session
 from .topics import Subscription, terms
 from .wire.packets import MQTT_5
@@ -129,7 +128,7 @@ class Delivery:
         max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
         max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
         connection = session.connection
-        if connection is not None and connection.pending_bytes < HELD_BYTES and not session.queue and not session.spilled:
+        if connection is not None and connection.pending_bytes < connection.held_bytes and not session.queue and not session.spilled:
             if not qos:
                 if connection.send_publish(message, 0, retain, 0, False, subscription_ids):
                     self.stats.messages_sent += 1
@@ -211,9 +210,9 @@ class Delivery:
         connection = session.connection
         queue = session.queue
         now = None
-        # While writes are gathered, the transport cannot say it is full: stop past HELD_BYTES,
+        # While writes are gathered, the transport cannot say it is full: stop past held_bytes,
         # so that the write that follows fills it and it asks to resume us later.
-        while queue and connection is not None and connection.pending_bytes < HELD_BYTES:
+        while queue and connection is not None and connection.pending_bytes < connection.held_bytes:
             head = queue[0]
             if head.qos and len(session.outgoing) >= connection.send_quota:
                 return

@@ -43,10 +43,6 @@ from .wire import (
 log = Logger()
 
 _PINGRESP = encode(Pingresp())
-HELD_BYTES = 1024 * 1024
-"""Encoded bytes a connection holds while its transport is full (paused) before the broker
-queues for it instead: a subscriber whose socket is full for a moment, as a busy one's often
-is between two turns of the reactor, keeps taking messages straight from the publish path."""
 SEND_LIMIT = 1024 * 1024
 """Bytes a TCP transport hands the kernel per turn of the reactor (Twisted's default, 128 KiB,
 is less than a subscriber of several busy publishers is sent per turn)."""
@@ -55,8 +51,10 @@ is less than a subscriber of several busy publishers is sent per turn)."""
 @implementer(IPushProducer)
 class MQTTProtocol(Connecting, Publishing, Protocol):
     """One client connection. ``paused`` is True while the transport's buffer is full; the
-    connection then holds what is written to it, up to HELD_BYTES, and past that the broker
-    queues (bounded) instead of writing."""
+    connection then holds what is written to it, up to ``held_bytes`` (max_held_bytes: a busy
+    subscriber's socket is full for a moment between two turns of the reactor, and it keeps
+    taking messages straight from the publish path), and past that the broker queues (bounded)
+    instead of writing."""
 
     # Slots: an idle connection's attributes in a dict would cost 1.5 KiB (more than 30 of them
     # do not share keys), in slots a third of that.
@@ -64,7 +62,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         "broker", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
-        "_out", "_plain_tcp", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
+        "_out", "_on_socket", "pending_bytes", "held_bytes", "_auth_connect", "_blocked", "_graceful",
         "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call",
     )
 
@@ -83,7 +81,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self.will_delay = 0
         self.paused = False
         """True while the transport's buffer is full: writes are held in ``_out`` until it
-        drains, and past HELD_BYTES the broker queues instead."""
+        drains, and past ``held_bytes`` the broker queues instead."""
         self.send_quota = config.max_inflight_messages
         self.max_send_size = NEVER
         self.problem_information = True
@@ -96,7 +94,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self.identity: Identity | None = None
         """Who the security chain says the client is (None without security)."""
         self._out: list[bytes] = []
-        self._plain_tcp = False
+        self._on_socket = False
+        self.held_bytes = config.max_held_bytes
         self.pending_bytes = 0
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
@@ -122,9 +121,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
                 self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
             except (AttributeError, OSError):
                 pass  # not a TCP transport (unix socket, in-memory)
-        if isinstance(self.transport, tcp.Connection):
+        if isinstance(self.transport, tcp.Connection):  # TCP, or a UNIX socket (a subclass)
             self.transport.SEND_LIMIT = SEND_LIMIT
-            self._plain_tcp = True
+            self._on_socket = True
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._last_seen = self.clock.seconds()
         if self.broker.config.connect_timeout:
@@ -309,7 +308,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         reactor, at the cost of two epoll_ctl calls and a dispatch, which is most of the cost of
         a QoS 1 or 2 exchange. What the socket does not take goes the usual way."""
         transport: Any = self.transport
-        if self._plain_tcp and not transport.dataBuffer and not transport._tempDataLen and (
+        if self._on_socket and not transport.dataBuffer and not transport._tempDataLen and (
                 transport.connected and not transport.disconnecting):
             sent = transport.writeSomeData(data)
             if sent == len(data):

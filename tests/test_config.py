@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "max_inflight_messages": 20,
     "max_queued_messages": 1000,
     "max_queued_bytes": 0,
+    "max_held_bytes": 1_048_576,
     "max_stored_messages": 0,
     "queue_qos0_messages": False,
     "max_keepalive": 65535,
@@ -93,6 +94,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "max_inflight_messages": [0, 65536],      # an MQTT 5 receive maximum is 1..65535
     "max_queued_messages": [-1],
     "max_queued_bytes": [-1],
+    "max_held_bytes": [65535],
     "max_stored_messages": [-1],
     "history_max_messages": [-1],
     "history_max_age": [-1.0],
@@ -124,6 +126,7 @@ IN_RANGE: dict[str, list[Any]] = {
     "max_inflight_messages": [1, 65535],
     "max_queued_messages": [0, 10**9],
     "max_queued_bytes": [0, 2**40],
+    "max_held_bytes": [65536, 2**30],
     "max_stored_messages": [0, 10**9],
     "history_max_messages": [0, 10**6],
     "history_max_age": [0.0, 86400.0],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from mqtt_broker.protocol import HELD_BYTES
+from mqtt_broker.config import BrokerConfig
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel,
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
@@ -417,13 +417,13 @@ def test_session_expiry_for_persistent_clients() -> None:
 # --- back-pressure and limits ----------------------------------------------------------------
 
 def test_slow_subscriber_is_held_then_queued_then_flushed() -> None:
-    """While the transport is full, up to HELD_BYTES of encoded messages wait on the connection,
+    """While the transport is full, up to BrokerConfig().max_held_bytes of encoded messages wait on the connection,
     then max_queued_messages in the session's queue; the rest are dropped."""
     broker = make_broker(max_queued_messages=3)
     sub = connected(broker, "sub")
     sub.subscribe("t")
     sub.protocol.pauseProducing()  # the transport's buffer is full
-    big = b"x" * (HELD_BYTES // 3 + 1)
+    big = b"x" * (BrokerConfig().max_held_bytes // 3 + 1)
     for n in range(8):
         broker.publish("t", str(n).encode() + big)
     assert sub.received() == []
@@ -434,7 +434,7 @@ def test_slow_subscriber_is_held_then_queued_then_flushed() -> None:
 
 
 def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
-    """Messages queued behind HELD_BYTES of one read, when the transport took all of it, are
+    """Messages queued behind BrokerConfig().max_held_bytes of one read, when the transport took all of it, are
     moved on gathered: one more write, not one per message."""
     broker = make_broker(max_queued_messages=0)
     sub = connected(broker, "sub")
@@ -443,7 +443,7 @@ def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
     write = sub.transport.write
     sub.transport.write = lambda data: (writes.append(len(data)), write(data))  # type: ignore[method-assign]
     pub = connected(broker, "pub")
-    big = b"x" * (HELD_BYTES // 2)
+    big = b"x" * (BrokerConfig().max_held_bytes // 2)
     pub.send(Publish(topic="t", payload=big), Publish(topic="t", payload=big),
              *(Publish(topic="t", payload=str(n).encode()) for n in range(500)))
     assert [p.payload for p in sub.received()] == [big, big, *(str(n).encode() for n in range(500))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protocol_helpers import FakeClient, connected, make_broker
 
-from mqtt_broker.protocol import HELD_BYTES
+from mqtt_broker.config import BrokerConfig
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire import Disconnect, Puback, ReasonCode
 
@@ -84,7 +84,7 @@ def test_a_connected_clean_session_that_stops_reading_loses_nothing() -> None:
     sub.subscribe("t", qos=1)
     sub.protocol.pauseProducing()  # its socket buffer is full: it does not read
     pub = connected(broker, "pub", version=5)
-    big = b"x" * (HELD_BYTES // 3 + 1)  # three are held on the connection, three queued
+    big = b"x" * (BrokerConfig().max_held_bytes // 3 + 1)  # three are held on the connection, three queued
     codes = [pub.publish("t", str(n).encode() + big, qos=1, packet_id=n + 1)[0].reason_code  # type: ignore[union-attr]
              for n in range(10)]
     assert codes == [0] * 10 and broker.stats.messages_dropped == 0

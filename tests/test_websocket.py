@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService
-from mqtt_broker.protocol import HELD_BYTES
+from mqtt_broker.config import BrokerConfig
 from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
@@ -601,7 +601,7 @@ def test_slow_subscriber_is_paused_and_queued_as_over_tcp(qos: int) -> None:
             client.packets()
             socket, received = client.socket, client.packets
         socket.producer.pauseProducing()  # the socket's buffer is full
-        big = b"x" * (HELD_BYTES // 3 + 1)  # three are held on the connection, three queued
+        big = b"x" * (BrokerConfig().max_held_bytes // 3 + 1)  # three are held on the connection, three queued
         for n in range(8):
             broker.publish("q", str(n).encode() + big, qos=qos)
         assert received() == []
