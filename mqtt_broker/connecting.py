@@ -186,7 +186,7 @@ class Connecting(Protocol):
             self._accept(packet)
 
     def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
-        _count_refusal(self.stats, reason)
+        count_refusal(self.stats, reason)
         if self.version == MQTT_5:
             properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
             self.send(Connack(reason_code=reason, properties=properties))
@@ -253,11 +253,12 @@ class Connecting(Protocol):
 _AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
 
 
-def _count_refusal(stats: Any, reason: ReasonCode) -> None:
-    _count(stats.refused_by_reason, reason.name)
+def count_refusal(stats: Any, reason: ReasonCode) -> None:
+    """Count a refused connection by reason, and as an authentication failure if it is one."""
+    tally(stats.refused_by_reason, reason.name)
     if reason in _AUTH_REFUSALS:
         stats.auth_failures += 1
 
 
-def _count(tally: dict[str, int], reason: str) -> None:
-    tally[reason] = tally.get(reason, 0) + 1
+def tally(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1

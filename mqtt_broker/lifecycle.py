@@ -26,8 +26,9 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# A client's PUBLISH is decoded into a Message (the protocol's reader is made so).
 _FROM_CLIENT_CONNECTED = frozenset({
-    Publish, Message, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Unsubscribe, Pingreq, Disconnect,
+    Message, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Unsubscribe, Pingreq, Disconnect,
 })
 
 LEGAL: dict[State, frozenset[type]] = {

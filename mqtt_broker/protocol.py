@@ -28,7 +28,7 @@ from .message import Client, Message
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms
-from .connecting import Connecting, _count, _count_refusal
+from .connecting import Connecting, count_refusal, tally
 from .history import ReplayError, parse_spec, split_replay_filter
 from .publishing import Publishing
 from .store import StoreError
@@ -199,7 +199,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         if self.state is State.CLOSED:
             return
         if self.state is State.CONNECTED and reason >= 0x80:
-            _count(self.stats.closed_by_reason, reason.name)
+            tally(self.stats.closed_by_reason, reason.name)
             if self.version == MQTT_5:
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
         log.info("closing connection {client_id} from {peer}: {reason}",
@@ -218,7 +218,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
 
     def _violation(self, error: MQTTError) -> None:
         if isinstance(error, UnsupportedProtocolVersion) and self.state is State.AWAITING_CONNECT:
-            _count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
+            count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
             # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
             self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
         self.drop(error.reason_code, error.message)
@@ -424,14 +424,14 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
-                _count(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
+                tally(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
             elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
                     len(self.session.subscriptions) + sum(isinstance(w, Subscription) for w in wanted)
                     >= config.max_subscriptions_per_client):
                 log.info("refused a subscription of {client_id} to {filter}: max_subscriptions_per_client",
                          client_id=client_id, filter=topic_filter)
-                _count(self.stats.subscriptions_refused, "max_subscriptions_per_client")
+                tally(self.stats.subscriptions_refused, "max_subscriptions_per_client")
                 wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
                 wanted.append(Subscription(

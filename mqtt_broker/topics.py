@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 MAX_CACHED_TOPICS = 10_000
 MAX_RECENT_TOPICS = 10_000
@@ -88,14 +88,24 @@ class _Node:
         return not (self.children or self.subscribers or self.shared)
 
 
-Terms = tuple[str, list[Subscription], int, bool, tuple[int, ...], bool]
-"""One client's terms for a topic: client id, its matching subscriptions, and what they come
-to, worked out once per topic rather than once per message: the highest QoS granted, whether
-any keeps the retain flag (Retain As Published), the subscription identifiers, and whether any
-has No Local (then the terms for the client's own messages are worked out again without those)."""
+class ClientMatch(NamedTuple):
+    """One client's subscriptions matching a topic, and what they come to, worked out once per
+    topic rather than once per message."""
 
-Match = tuple[list[Terms], list[tuple[tuple[str, str], list[Subscription]]]]
-"""What a topic matches: each subscribed client's Terms, and ((group, shared filter), the
+    client_id: str
+    subscriptions: list[Subscription]
+    qos: int
+    """The highest QoS granted."""
+    retain_as_published: bool
+    """Whether any keeps the retain flag."""
+    subscription_ids: tuple[int, ...]
+    no_local: bool
+    """Whether any has No Local: then, for the client's own messages, the rest are worked out
+    again without those."""
+
+
+Match = tuple[list[ClientMatch], list[tuple[tuple[str, str], list[Subscription]]]]
+"""What a topic matches: a ClientMatch per subscribed client, and ((group, shared filter), the
 members' subscriptions) for each shared group."""
 
 
@@ -163,7 +173,7 @@ class SubscriptionTree:
         groups: dict[tuple[str, str], list[Subscription]] = {}
         levels = topic.split("/")
         self._collect(self._root, levels, 0, topic.startswith("$"), by_client, groups)
-        result: Match = ([(client_id, subs, *terms(subs)) for client_id, subs in by_client.items()],
+        result: Match = ([ClientMatch(client_id, subs, *terms(subs)) for client_id, subs in by_client.items()],
                          list(groups.items()))
         if len(self._cache) >= MAX_CACHED_TOPICS:
             self._cache.clear()
@@ -215,7 +225,7 @@ class SubscriptionTree:
 
 def terms(subs: list[Subscription]) -> tuple[int, bool, tuple[int, ...], bool]:
     """What overlapping subscriptions of one client come to: one copy at the highest granted QoS,
-    carrying every matching subscription identifier [MQTT-3.3.4-3, -5] (see Terms)."""
+    carrying every matching subscription identifier [MQTT-3.3.4-3, -5] (see ClientMatch)."""
     return (max(s.qos for s in subs), any(s.retain_as_published for s in subs),
             tuple(s.subscription_id for s in subs if s.subscription_id), any(s.no_local for s in subs))
 

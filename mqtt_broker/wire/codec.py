@@ -13,7 +13,7 @@ from .packets import (
     SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 from .properties import (
-    WILL, decode_binary, decode_properties, decode_string, decode_varint, encode_binary,
+    WILL, decode_binary, decode_properties, decode_string, encode_binary,
     encode_properties, encode_string, encode_varint,
 )
 
