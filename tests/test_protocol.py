@@ -600,3 +600,18 @@ def test_subscriptions_per_client() -> None:
     assert sub.subscribe("a", packet_id=2) == [Suback(packet_id=2, reason_codes=(0,))]  # a replacement
     v5 = connected(broker, "v5", version=5)
     assert v5.subscribe("x", "y", "z") == [Suback(packet_id=1, reason_codes=(0, 0, 0x97))]
+
+
+def test_a_publish_hook_replaces_the_message_and_not_the_acknowledgement() -> None:
+    """A hook's replacement (dataclasses.replace) is what subscribers get, encoded afresh rather
+    than sent as the bytes the original was received as; the publisher is acknowledged for the
+    PUBLISH it sent."""
+    import dataclasses
+    broker = make_broker()
+    broker.hooks.on_publish(lambda client, message: dataclasses.replace(message, payload=b"changed"))
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    assert pub.publish("t", b"original", qos=1, packet_id=7) == [Puback(packet_id=7)]
+    (message,) = sub.received()
+    assert (message.payload, message.qos) == (b"changed", 1)
