@@ -389,7 +389,13 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         return data, offset, alias_topic
 
     def send_pubrel(self, packet_id: int) -> None:
-        self.send(Pubrel(packet_id=packet_id))
+        self.send_ack(0x62, packet_id)
+
+    def send_ack(self, first: int, packet_id: int) -> None:
+        """A PUBACK, PUBREC, PUBREL or PUBCOMP with reason code 0 and no properties, written
+        without building a packet: four bytes, the form every protocol level reads [MQTT-3.4.2-1]."""
+        self.stats.control_packets_sent += 1
+        self.write(bytes((first, 2, packet_id >> 8, packet_id & 0xFF)))
 
     # --- SUBSCRIBE / UNSUBSCRIBE ----------------------------------------------------------
 

@@ -20,7 +20,7 @@ from .lifecycle import State
 from .message import Client, Message
 from .store import StoreError
 from .wire import (
-    MQTT_5, MQTTError, Packet, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode,
+    MQTT_5, MQTTError, Packet, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
 )
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ class Publishing(Protocol):
 
     if TYPE_CHECKING:  # MQTTProtocol's methods that these use
         def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
-        def write(self, data: bytes) -> None: ...
         def send(self, packet: Packet) -> None: ...
+        def send_ack(self, first: int, packet_id: int) -> None: ...
         def send_pubrel(self, packet_id: int) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
@@ -177,8 +177,7 @@ class Publishing(Protocol):
     def _acknowledge(self, qos: int, packet_id: int, reason: ReasonCode, reason_string: str | None = None) -> None:
         """PUBACK (QoS 1) or PUBREC (QoS 2) for a PUBLISH received."""
         if not reason or self.version != MQTT_5:  # the common case, without building a packet
-            self.stats.control_packets_sent += 1
-            self.write(bytes((0x40 if qos == 1 else 0x50, 2, packet_id >> 8, packet_id & 0xFF)))
+            self.send_ack(0x40 if qos == 1 else 0x50, packet_id)
             return
         properties: dict[str, Any] = {}
         if reason_string and self.problem_information:
@@ -225,7 +224,7 @@ class Publishing(Protocol):
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         if self.broker.pubrel_received(self.session, packet.packet_id):
-            self.send(Pubcomp(packet_id=packet.packet_id))
+            self.send_ack(0x70, packet.packet_id)
         else:
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
             self.send(Pubcomp(packet_id=packet.packet_id, reason_code=code))

@@ -14,13 +14,12 @@ import base64
 import binascii
 import dataclasses
 import json
-import re
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
