@@ -139,30 +139,18 @@ class BrokerCollector:
                        "(embedding API, admin API, $SYS).", f.broker_published)
         yield _counter("mqtt_wills_published", "Wills published.", f.wills_published)
         yield _counter("mqtt_messages_resent", "QoS 1/2 PUBLISHes sent again (DUP).", f.resent)
-        c = CounterMetricFamily("mqtt_messages_dropped", "Messages not delivered, by reason.", labels=["reason"])
-        for reason, count in sorted(f.dropped.items()):
-            c.add_metric([reason], count)
-        yield c
+        yield _by_reason("mqtt_messages_dropped", "Messages not delivered, by reason.", f.dropped)
         yield _counter("mqtt_bytes_received", "Bytes received from clients.", f.bytes_received)
         yield _counter("mqtt_bytes_sent", "Bytes sent to clients.", f.bytes_sent)
         yield _counter("mqtt_packets_received", "MQTT packets of any type received.", f.packets_received)
         yield _counter("mqtt_packets_sent", "MQTT packets of any type sent.", f.packets_sent)
         yield _gauge("mqtt_connections_open", "Open client connections (those still in CONNECT included).", f.connections)
         yield _counter("mqtt_connections", "Client connections accepted since start-up.", f.connections_total)
-        c = CounterMetricFamily("mqtt_connections_refused", "Connections refused, by reason.", labels=["reason"])
-        for reason, count in sorted(f.refused.items()):
-            c.add_metric([reason], count)
-        yield c
-        c = CounterMetricFamily("mqtt_subscriptions_refused", "Topic filters of SUBSCRIBEs refused, by reason.",
-                                labels=["reason"])
-        for reason, count in sorted(f.subscriptions_refused.items()):
-            c.add_metric([reason], count)
-        yield c
-        c = CounterMetricFamily("mqtt_connections_closed", "Connected clients the broker disconnected, by "
-                                "reason (an MQTT 5 reason code name).", labels=["reason"])
-        for reason, count in sorted(f.closed.items()):
-            c.add_metric([reason], count)
-        yield c
+        yield _by_reason("mqtt_connections_refused", "Connections refused, by reason.", f.refused)
+        yield _by_reason("mqtt_subscriptions_refused", "Topic filters of SUBSCRIBEs refused, by reason.",
+                         f.subscriptions_refused)
+        yield _by_reason("mqtt_connections_closed", "Connected clients the broker disconnected, by reason "
+                         "(an MQTT 5 reason code name).", f.closed)
         yield _counter("mqtt_auth_failures", "Refusals for authentication or authorization at CONNECT, and "
                        "failed re-authentications.", f.auth_failures)
         yield _gauge("mqtt_clients_connected", "Clients connected now.", f.clients_connected)
@@ -192,6 +180,13 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def _by_reason(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
