@@ -383,6 +383,20 @@ def test_large_message_and_oversized_header(broker_process) -> None:  # type: ig
     assert broker.process.poll() is None, broker.output()
 
 
+def unread_subscriber(port: int, client_id: str) -> socket.socket:
+    """A raw client subscribed to "flood" at QoS 0 that, after its CONNACK, reads nothing until
+    the test says so; its small receive buffer keeps the kernel from absorbing a flood for the
+    broker."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(5.0)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(encode(Connect(client_id=client_id, keep_alive=0)) + encode(Subscribe(
+        packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="flood", qos=0),))))
+    assert sock.recv(4) == b"\x20\x02\x00\x00"  # CONNACK
+    return sock
+
+
 def dropped_in_sys(port: int, expected: int, timeout: float = 10.0) -> int:
     """The $SYS count of dropped messages, read until it shows ``expected`` (it is published
     every sys_interval) or the time is up; returns the last value seen."""
@@ -408,14 +422,7 @@ def test_slow_subscriber_does_not_grow_the_broker(broker_process, bound: tuple[s
     (1,000 messages by default, or 1 MB by bytes) and drops the rest, counted; meanwhile other
     clients are answered at once."""
     broker = broker_process("--sys-interval", "0.2", *bound)
-    slow = socket.socket()
-    # A small receive buffer, so that the kernel cannot absorb the flood for the broker.
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    slow.settimeout(5.0)
-    slow.connect(("127.0.0.1", broker.port))
-    slow.sendall(encode(Connect(client_id="slow", keep_alive=0)) + encode(Subscribe(
-        packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="flood", qos=0),))))
-    assert slow.recv(4) == b"\x20\x02\x00\x00"  # CONNACK; from now on it reads nothing
+    slow = unread_subscriber(broker.port, "slow")
     pub = RawClient(broker.port, timeout=30.0)
     pinger = RawClient(broker.port)
     assert pub.connect("flood-pub").reason_code == 0
@@ -482,13 +489,7 @@ def test_a_connection_dropped_while_its_socket_is_full_closes(broker_process) ->
     """A connection the broker drops (here, taken over) while its transport is paused on a full
     socket still closes once the client has read what was written to it."""
     broker = broker_process()
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    stuck.settimeout(5.0)
-    stuck.connect(("127.0.0.1", broker.port))
-    stuck.sendall(encode(Connect(client_id="stuck", keep_alive=0)) + encode(Subscribe(
-        packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="flood", qos=0),))))
-    assert stuck.recv(4) == b"\x20\x02\x00\x00"  # CONNACK; it reads nothing more for now
+    stuck = unread_subscriber(broker.port, "stuck")
     pub = RawClient(broker.port, timeout=30.0)
     try:
         assert pub.connect("flood-pub").reason_code == 0

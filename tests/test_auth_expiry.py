@@ -54,8 +54,12 @@ async def alive(client: RawClient) -> bool:
     return isinstance(await deferToThread(client.next), Pingresp)
 
 
-async def expired(client: RawClient) -> None:
-    """The broker's next packet is the DISCONNECT that ends an expired login (0xA0)."""
+async def lives_for(client: RawClient, clock: Clock, seconds: int) -> None:
+    """The connection still answers ``seconds`` - 1 seconds on, and a second later the broker
+    ends the expired login with DISCONNECT 0xA0."""
+    clock.advance(seconds - 1)
+    assert await alive(client)
+    clock.advance(1)
     disconnect = await deferToThread(client.next)
     assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0xA0
 
@@ -102,10 +106,7 @@ async def test_leeway_lengthens_the_connection_as_it_does_the_token(tmp_path: Pa
     broker, clock, port = await start(tmp_path, jwt_secret_file=str(tmp_path / "secret"), jwt_leeway=30)
     client = await connect(port, "lenient", token("alice", 60, clock))
     try:
-        clock.advance(89)
-        assert await alive(client)
-        clock.advance(1)
-        await expired(client)
+        await lives_for(client, clock, 90)
     finally:
         client.close()
         await broker.stopService()
@@ -134,10 +135,7 @@ async def test_reauthentication_with_a_new_identity_moves_the_timer(tmp_path: Pa
         answer = await deferToThread(client.next)
         assert isinstance(answer, Auth) and answer.reason_code == ReasonCode.SUCCESS
         assert len(renewals) == 1 and expiry_timers(clock) == 1
-        clock.advance(3599)  # well past the first token's exp
-        assert await alive(client)
-        clock.advance(1)
-        await expired(client)
+        await lives_for(client, clock, 3600)  # well past the first token's exp
     finally:
         client.close()
         await broker.stopService()
@@ -153,10 +151,7 @@ async def test_introspected_expiry_ends_the_connection(tmp_path: Path) -> None:
         {"active": True, "username": "alice", "exp": clock.seconds() + 120}).encode())
     client = await connect(port, "introspected", b"opaque-access-token")
     try:
-        clock.advance(119)
-        assert await alive(client)
-        clock.advance(1)
-        await expired(client)
+        await lives_for(client, clock, 120)
     finally:
         client.close()
         await broker.stopService()
