@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from mqtt_broker import Message, ReasonCode, Refused
 from mqtt_broker.wire import (
     Auth, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
@@ -879,6 +881,19 @@ def test_publish_from_client_with_subscription_identifier_is_protocol_error() ->
     sub.subscribe("t")
     pub = v5(broker, "pub")
     pub.send(Publish(topic="t", payload=b"x", properties={"subscription_identifier": [5]}))
+    assert_server_disconnect(pub, ReasonCode.PROTOCOL_ERROR)
+    assert sub.received() == []
+
+
+@pytest.mark.parametrize("response_topic", ["reply/+", "reply/#", "#", ""])
+def test_publish_with_a_response_topic_that_is_not_a_topic_name_is_protocol_error(response_topic: str) -> None:
+    """[MQTT-3.3.2-13, -14]: a Response Topic is a topic name, without wildcards: a PUBLISH
+    carrying another is a bad packet, DISCONNECT 0x82, and nothing is forwarded."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    sub.subscribe("t")
+    pub = v5(broker, "pub")
+    pub.send(Publish(topic="t", payload=b"x", properties={"response_topic": response_topic}))
     assert_server_disconnect(pub, ReasonCode.PROTOCOL_ERROR)
     assert sub.received() == []
 

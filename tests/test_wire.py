@@ -573,6 +573,8 @@ def test_v3_connack_codes() -> None:
 
 TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
                max_size=20)
+TOPIC_NAME = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00+#"),
+                     min_size=1, max_size=20)
 PACKET_ID = st.integers(1, 65535)
 USER_PROPERTIES = st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3)
 
@@ -580,7 +582,7 @@ PUBLISH_PROPERTIES = st.fixed_dictionaries({}, optional={
     "payload_format_indicator": st.integers(0, 1),
     "message_expiry_interval": st.integers(0, 2**32 - 1),
     "content_type": TEXT,
-    "response_topic": TEXT,
+    "response_topic": TOPIC_NAME,
     "correlation_data": st.binary(max_size=20),
     "subscription_identifier": st.lists(st.integers(1, MAX_REMAINING_LENGTH), min_size=1,
                                         max_size=3),
@@ -605,7 +607,7 @@ WILL_PROPERTIES = st.fixed_dictionaries({}, optional={
     "payload_format_indicator": st.integers(0, 1),
     "message_expiry_interval": st.integers(0, 2**32 - 1),
     "content_type": TEXT,
-    "response_topic": TEXT,
+    "response_topic": TOPIC_NAME,
     "correlation_data": st.binary(max_size=20),
     "user_property": USER_PROPERTIES,
 })

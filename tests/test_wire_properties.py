@@ -264,6 +264,16 @@ def test_zero_is_refused_only_where_the_spec_says(ident: int) -> None:
         assert decode_properties(block, 0, packet_type)[0] == {name: 0}
 
 
+@pytest.mark.parametrize("packet_type", [PUBLISH, WILL])
+def test_response_topic_must_be_a_topic_name(packet_type: int) -> None:
+    # [MQTT-3.3.2-13, -14]: a topic name, so neither empty nor with a wildcard.
+    assert decode_properties(encode_properties({"response_topic": "reply/to/me"}), 0, packet_type)[0] == {
+        "response_topic": "reply/to/me"}
+    for bad in ("reply/+", "reply/#", "+", "a/#/b", ""):
+        with pytest.raises(ProtocolError, match="response topic .* is not a topic name"):
+            decode_properties(encode_properties({"response_topic": bad}), 0, packet_type)
+
+
 def test_largest_values_of_each_width() -> None:
     block = encode_properties({"session_expiry_interval": 0xFFFFFFFF, "receive_maximum": 0xFFFF})
     assert block == b"\x08\x11\xff\xff\xff\xff\x21\xff\xff"

@@ -170,6 +170,9 @@ def decode_properties(data: bytes | memoryview, pos: int, packet_type: int) -> t
             raise ProtocolError(f"property {name} must be 0 or 1")
         if ident in _NONZERO and value == 0:
             raise ProtocolError(f"property {name} must not be 0")
+        if ident == 0x08 and (not value or "+" in value or "#" in value):
+            # A Response Topic is a topic name: not empty, no wildcards [MQTT-3.3.2-13, -14].
+            raise ProtocolError(f"response topic {value!r} is not a topic name")
         if kind == PAIR or (ident == 0x0B and packet_type == PUBLISH):
             props.setdefault(name, []).append(value)
         elif name in props:
