@@ -128,6 +128,7 @@ class BrokerService(Delivery, MultiService):
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
         self._share_turns: dict[tuple[str, str], int] = {}
+        self.routing_waits_for_store = False
         self._connects: dict[str, tuple[float, int]] = {}
         """Per client id: the start of its current minute and the CONNECTs in it."""
         from .protocol import MQTTFactory
@@ -284,9 +285,6 @@ class BrokerService(Delivery, MultiService):
             if disconnected_at is None:  # connected when the broker stopped: it went away then
                 disconnected_at = now
                 store.save_session(session, now)
-                # Its queued messages may have gone out before their packet ids were stored.
-                for item in session.queue:
-                    item.maybe_sent = True
             if session.expiry != NEVER:
                 remaining = disconnected_at + session.expiry - now
                 if remaining <= 0:
@@ -388,12 +386,15 @@ class BrokerService(Delivery, MultiService):
         connection = session.connection
         assert connection is not None
         now = self.clock.seconds()
+        if session.stored and session.outgoing:
+            connection.wait_for_store()  # what was recorded last may not be written yet
         resent = session.unsent = 0
         for packet_id, out in list(session.outgoing.items()):
             out.sent_at = now
             out.unsent = False  # decided afresh for this connection's Receive Maximum
             if out.released:
                 connection.send_pubrel(packet_id)
+                resent += 1  # in flight until PUBCOMP, within the Receive Maximum [MQTT-4.9.0-2]
             elif resent >= connection.send_quota:
                 out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
                 session.unsent += 1

@@ -51,6 +51,9 @@ class Delivery:
     _share_turns: dict[tuple[str, str], int]
     """Per shared subscription (group, filter): the count of messages given out, whose remainder
     picks the next member."""
+    routing_waits_for_store: bool
+    """While True, what ``route`` sends to a client waits for the store to make durable what
+    is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 
@@ -71,6 +74,8 @@ class Delivery:
         if self.history is not None:
             self._log(message)
         by_client, groups = self.subscriptions.match(message.topic)
+        if self.routing_waits_for_store:
+            self._wait_for_store(by_client, groups)
         sessions = self.sessions
         deliver = self.deliver
         sender = message.sender
@@ -94,6 +99,16 @@ class Delivery:
         for share, members in groups:
             count += self._deliver_shared(message, share, members)
         return count
+
+    def _wait_for_store(self, by_client: Any, groups: Any) -> None:
+        """Every connection that may be sent the message being routed waits for the store."""
+        sessions = self.sessions
+        client_ids = [match[0] for match in by_client]
+        client_ids += [member.client_id for _, members in groups for member in members]
+        for client_id in client_ids:
+            session = sessions.get(client_id)
+            if session is not None and session.connection is not None:
+                session.connection.wait_for_store()
 
     def _log(self, message: Message) -> None:
         assert self.history is not None
@@ -184,20 +199,22 @@ class Delivery:
         connection = session.connection
         assert connection is not None
         packet_id = session.allocate_packet_id()
-        if not connection.send_publish(item.message, item.qos, item.retain, packet_id, item.maybe_sent,
-                                       item.subscription_ids):
+        if item.seq and session.stored:
+            # On the wire only once the store has it with its packet id: after a crash it is
+            # sent again with the same id, which the client knows [MQTT-4.3.3-2, -4.4.0-1].
+            assert self.store is not None
+            if queued:
+                self.store.update_delivery(session.client_id, item.seq, packet_id, False)
+            else:
+                self.store.add_delivery(session.client_id, item, packet_id)
+            connection.wait_for_store()
+        if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
             self._forget_delivery(session, item)
             return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
         if type(item) is not Outgoing:
             item = Outgoing(item.message, item.qos, item.retain, item.subscription_ids, item.share, item.seq)
         item.sent_at = self.clock.seconds()  # type: ignore[attr-defined]
         session.outgoing[packet_id] = item  # type: ignore[assignment]
-        if item.seq and session.stored:
-            assert self.store is not None
-            if queued:
-                self.store.update_delivery(session.client_id, item.seq, packet_id, False)
-            else:
-                self.store.add_delivery(session.client_id, item, packet_id)
         stats = self.stats
         stats.messages_sent += 1
         stats.sent_by_qos[item.qos] += 1
@@ -268,6 +285,8 @@ class Delivery:
                 if out.unsent:
                     out.unsent = False
                     session.unsent -= 1
+                    if session.stored:  # its record may not be written yet
+                        connection.wait_for_store()
                     connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids)
                     return True
             session.unsent = 0
@@ -275,8 +294,9 @@ class Delivery:
             self.pump(session)
         return True
 
-    def released(self, session: Session, packet_id: int) -> None:
-        """PUBREC for an outgoing QoS 2 message: from now on only PUBCOMP is awaited."""
+    def released(self, session: Session, packet_id: int) -> bool:
+        """PUBREC for an outgoing QoS 2 message: from now on only PUBCOMP is awaited. Returns
+        whether the store records it (then the PUBREL waits for the store)."""
         out = session.outgoing[packet_id]
         out.released = True
         if out.unsent:
@@ -285,13 +305,18 @@ class Delivery:
         if out.seq and session.stored:
             assert self.store is not None
             self.store.update_delivery(session.client_id, out.seq, packet_id, True)
+            return True
+        return False
 
-    def await_pubrel(self, session: Session, packet_id: int) -> None:
-        """An inbound QoS 2 message was routed; until its PUBREL, a resend is not routed again."""
+    def await_pubrel(self, session: Session, packet_id: int) -> bool:
+        """An inbound QoS 2 message is being routed; until its PUBREL, a resend is not routed
+        again. Returns whether the store records it."""
         session.awaiting_pubrel.add(packet_id)
         if session.stored:
             assert self.store is not None
             self.store.add_pubrel(session.client_id, packet_id)
+            return True
+        return False
 
     def pubrel_received(self, session: Session, packet_id: int) -> bool:
         """PUBREL for an inbound QoS 2 message; False if none was awaited with that id."""

@@ -11,6 +11,7 @@ acknowledgements in :mod:`mqtt_broker.publishing`.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet import tcp
@@ -63,7 +64,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "held_bytes", "_auth_connect", "_blocked", "_graceful",
-        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call",
+        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call", "_unstored",
+        "_unstored_generation",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -107,6 +109,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self._connect_call: Any = None
         self._expiry_call: Any = None
         """Disconnects the client when its credentials expire (``identity.expires_at``)."""
+        self._unstored: deque[_Unstored] | None = None
+        """Writes waiting for the store (see ``wait_for_store``), a batch each, oldest first."""
+        self._unstored_generation = -1
 
     # --- transport events ---------------------------------------------------------------
 
@@ -169,6 +174,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._set_state(State.CLOSED)
+        self._forget_unstored()
         self.broker.detach(self, self._graceful)
         self.broker.connections.discard(self)
 
@@ -198,6 +204,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first."""
         if self.state is State.CLOSED:
             return
+        self._forget_unstored()
         if self.state is State.CONNECTED and reason >= 0x80:
             tally(self.stats.closed_by_reason, reason.name)
             if self.version == MQTT_5:
@@ -283,7 +290,17 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         """Write bytes. While the broker handles a read (``broker.batching``), writes to each
         connection are gathered and go to its transport in one call when the read is done:
         Twisted's write costs about a microsecond, a list append far less. While the transport
-        is full (``paused``) they are held until it drains."""
+        is full (``paused``) they are held until it drains. While earlier writes wait for the
+        store, they wait behind them."""
+        if self._unstored:
+            waiting = self._unstored[-1]
+            waiting.data.append(data)
+            waiting.size += len(data)
+            self.pending_bytes += len(data)
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if self.broker.batching or self.paused:
             out = self._out
             if not out:
@@ -298,9 +315,66 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         out = self._out
         if out and (even_if_paused or not self.paused):
             self._out = []
-            self.stats.bytes_sent += self.pending_bytes  # counted per flush, not per message
-            self.pending_bytes = 0
+            unstored = sum(w.size for w in self._unstored) if self._unstored else 0
+            self.stats.bytes_sent += self.pending_bytes - unstored  # counted per flush, not per message
+            self.pending_bytes = unstored
             self._transmit(out[0] if len(out) == 1 else b"".join(out))
+
+    def wait_for_store(self) -> None:
+        """Hold what is written from now on until the store has made durable every change
+        recorded so far: a PUBLISH goes on the wire only once a restart would send it again
+        with the same packet id, a PUBREL or PUBCOMP only once the state it ends is stored.
+        Writes keep their order; the connection waits once per batch of the store, however
+        many messages the batch holds. If the batch cannot be written (a full disk, logged by
+        the store), what waited goes out all the same: the clients keep being served, and only
+        a crash before the disk recovers can repeat what was sent meanwhile."""
+        store = self.broker.store
+        if store is None or (self._unstored and self._unstored_generation == store.generation):
+            return  # nothing to wait for, or the wait already asked for covers what was just recorded
+        stored = store.flushed()
+        if stored.called:
+            return
+        waiting = _Unstored()
+        if self._unstored is None:
+            self._unstored = deque()
+        self._unstored.append(waiting)
+        self._unstored_generation = store.generation
+        stored.addBoth(self._stored, waiting)
+
+    def _stored(self, result: Any, waiting: _Unstored) -> None:
+        """The store wrote (or failed to write) the batch ``waiting`` waited for, and so every
+        earlier one: send what waited for them, in order."""
+        unstored = self._unstored
+        if waiting.sent or not unstored:
+            return
+        if isinstance(result, Failure) and not result.check(StoreError):
+            log.failure("waiting for the store", result)
+        broker = self.broker
+        broker.batching += 1
+        try:
+            while unstored:
+                first = unstored.popleft()
+                first.sent = True
+                if first.data:
+                    self.pending_bytes -= first.size
+                    self._write(first.data[0] if len(first.data) == 1 else b"".join(first.data))
+                if first is waiting:
+                    break
+            if self.session is not None and self.session.queue and not self.paused:
+                broker.pump(self.session)
+        finally:
+            broker.batching -= 1
+            if not broker.batching and broker.unflushed:
+                broker.flush_writes()
+
+    def _forget_unstored(self) -> None:
+        """The connection ends: what waited for the store is not sent (the session keeps every
+        message it held and sends it again on the next connection)."""
+        if self._unstored:
+            for waiting in self._unstored:
+                waiting.sent = True
+                self.pending_bytes -= waiting.size
+            self._unstored.clear()
 
     def _transmit(self, data: bytes) -> None:
         """Hand bytes to the transport. A TCP transport with nothing waiting is given them
@@ -559,6 +633,17 @@ _HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
     Disconnect: MQTTProtocol._on_disconnect,
     Auth: MQTTProtocol._on_auth,
 }
+
+
+class _Unstored:
+    """Writes of one connection that wait for one batch of the store."""
+
+    __slots__ = ("data", "size", "sent")
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.size = 0
+        self.sent = False
 
 
 class MQTTFactory(Factory):

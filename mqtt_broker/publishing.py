@@ -54,6 +54,7 @@ class Publishing(Protocol):
         def send(self, packet: Packet) -> None: ...
         def send_ack(self, first: int, packet_id: int) -> None: ...
         def send_pubrel(self, packet_id: int) -> None: ...
+        def wait_for_store(self) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
 
@@ -118,6 +119,9 @@ class Publishing(Protocol):
             self._when(broker.hooks.resolve("publish", self.client, message),
                        self._publish_decided, qos, packet_id, message)
             return
+        if qos == 2:
+            self._route_exactly_once(packet_id, message)
+            return
         routed = broker.route(message)
         if qos:
             self._routed(qos, packet_id, message, routed)
@@ -129,23 +133,38 @@ class Publishing(Protocol):
             return
         if isinstance(answer, Message):
             message = answer
+        if qos == 2:
+            self._route_exactly_once(packet_id, message)
+            return
         routed = self.broker.route(message)
         if qos:
             self._routed(qos, packet_id, message, routed)
 
+    def _route_exactly_once(self, packet_id: int, message: Message) -> None:
+        """Route a QoS 2 PUBLISH. Its packet id is recorded first, and when the store keeps it,
+        nothing of the routing reaches a client before the id is stored: after a crash, the
+        publisher's resend is then either routed for the first time or known as a resend
+        [MQTT-4.3.3-9], never routed twice."""
+        broker = self.broker
+        if broker.await_pubrel(self.session, packet_id):
+            broker.routing_waits_for_store = True
+            try:
+                routed = broker.route(message)
+            finally:
+                broker.routing_waits_for_store = False
+        else:
+            routed = broker.route(message)
+        self._routed(2, packet_id, message, routed)
+
     def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
-        a store). QoS 2's packet id is recorded in the same batch, so that a resent PUBLISH is
-        not routed twice even across a restart [MQTT-4.3.3-9]. A subscriber that could not take
-        it makes it 0x97 for MQTT 5 (MQTT 3 has no way to say so: it is acknowledged, and the
-        drop counted and logged)."""
+        a store). A subscriber that could not take it makes it 0x97 for MQTT 5 (MQTT 3 has no
+        way to say so: it is acknowledged, and the drop counted and logged)."""
         self.stats.received_by_qos[qos] += 1
         if message.refused:
             reason = ReasonCode.QUOTA_EXCEEDED
         else:
             reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
-        if qos == 2:
-            self.broker.await_pubrel(self.session, packet_id)
         self._acknowledge_when_stored(qos, packet_id, reason)
 
     def _acknowledge_when_stored(self, qos: int, packet_id: int, reason: ReasonCode) -> None:
@@ -203,19 +222,11 @@ class Publishing(Protocol):
         if packet.reason_code >= 0x80:  # MQTT 5: the receiver refused it; the exchange ends here
             self.broker.acknowledged(self.session, packet.packet_id)
             return
-        self.broker.released(self.session, packet.packet_id)
-        store = self.broker.store
-        if store is not None and self.session.stored:
+        if self.broker.released(self.session, packet.packet_id):
             # PUBREL only once the store knows: after a crash the broker must not send the
             # PUBLISH again [MQTT-4.3.3-5].
-            store.flushed().addCallbacks(self._release, lambda failure: failure.trap(StoreError),
-                                         callbackArgs=(packet.packet_id,))
-        else:
-            self.send_pubrel(packet.packet_id)
-
-    def _release(self, _: None, packet_id: int) -> None:
-        if self.state is State.CONNECTED:
-            self.send_pubrel(packet_id)
+            self.wait_for_store()
+        self.send_pubrel(packet.packet_id)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         out = self.session.outgoing.get(packet.packet_id)
@@ -224,6 +235,10 @@ class Publishing(Protocol):
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         if self.broker.pubrel_received(self.session, packet.packet_id):
+            if self.session.stored:
+                # PUBCOMP only once the id is forgotten in the store too: the publisher may use
+                # it again at once, and a restart must not take that message for a resend.
+                self.wait_for_store()
             self.send_ack(0x70, packet.packet_id)
         else:
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0

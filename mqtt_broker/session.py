@@ -30,8 +30,6 @@ class Queued:
     another member of the group."""
     seq: int = 0
     """Its number within the session, naming it in the store (QoS 1/2 of stored sessions)."""
-    maybe_sent: bool = False
-    """Restored after a crash, it may have gone out already: sent with DUP [MQTT-3.3.1-1]."""
 
 
 @dataclass(slots=True)

@@ -52,6 +52,11 @@ class Store(Protocol):
     """What the broker needs from a store. Every method but ``load`` and ``flushed`` records a
     change and returns at once; deliveries are named by (client id, ``Queued.seq``)."""
 
+    generation: int
+    """Changes whenever the changes recorded so far start being written: a ``flushed()`` asked
+    for while it keeps one value covers every change recorded while it keeps that value (so a
+    connection waits for the store once per batch, not once per message)."""
+
     def load(self, window: int = 0) -> Snapshot:
         """Open the store and read it (blocking, at start-up). Of each session's queued
         messages only the first ``window`` (0: all) are read; the rest are counted in
@@ -98,7 +103,7 @@ class Store(Protocol):
 
     def flushed(self) -> Deferred[None]:
         """Fires when every change recorded so far is durable; fails with StoreError if the
-        write failed."""
+        write failed. The Deferreds fire in the order they were asked for."""
 
     def close(self) -> Deferred[None]: ...
 

@@ -18,6 +18,9 @@ from . import Snapshot, StoredWill
 
 
 class MemoryStore:
+    generation = 0
+    """Never changes: every change is kept as it is recorded."""
+
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[Session, float | None]] = {}
         self._retained: dict[str, Message] = {}

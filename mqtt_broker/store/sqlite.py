@@ -105,6 +105,7 @@ class SQLiteStore:
         """The statements of a batch that failed, written first in the next one."""
         self._retry_scheduled = False
         self._batch_started = 0.0
+        self.generation = 0
         self.commit_observers: list[Callable[[float], None]] = []
         """Called on the reactor thread with the seconds each batch took, from being handed to the
         writer thread to its commit (the admin metrics observe them)."""
@@ -291,7 +292,8 @@ class SQLiteStore:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
-        if not self._scheduled and not self._writing:
+        # While writes fail, waiting alone does not write again at once: the retry timer does.
+        if not self._scheduled and not self._writing and (self._pending or not self._failing):
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return d
@@ -302,6 +304,7 @@ class SQLiteStore:
             return
         # What a failed batch held goes first: it is written once the disk works again.
         batch, self._unwritten = self._unwritten + [op for op in self._pending if op is not None], []
+        self.generation += 1
         waiters = self._waiters
         self._pending, self._waiters = [], []
         self._inserts.clear()
@@ -352,7 +355,7 @@ class SQLiteStore:
                 log.info("writing to {path} works again", path=str(self.path))
             for d in waiters:
                 d.callback(None)
-        if self._pending or self._waiters:
+        if self._pending or (self._waiters and not self._failing):
             self._flush()
 
     def _retry(self) -> None:
