@@ -5,6 +5,10 @@ The page loads without console errors, shows a client the test connects, filters
 its subscriptions and the topic tree with a retained message, its charts move, and its kick
 button disconnects the client (MQTT 5: DISCONNECT 0x98). A screenshot is saved to
 test-artifacts/dashboard.png (git-ignored). Every wait is bounded.
+
+The page re-renders its clients table and topic tree on every refresh (every 300 ms here), so
+rows and tree items are found inside the wait that reads or clicks them (tests/browser_helpers.py),
+never kept across a refresh.
 """
 
 from __future__ import annotations
@@ -18,15 +22,14 @@ from typing import Any, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 from admin_http import KEY, start_admin
+from browser_helpers import WAIT, click, text_of, wait_for
 from conftest import ROOT
 from paho_helpers import PahoClient
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options as ChromeOptions
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
-WAIT = 20.0
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -58,10 +61,6 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
-def wait_for(driver: webdriver.Chrome, condition: Any, message: str) -> Any:
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(condition, message)
-
-
 def chart(driver: webdriver.Chrome, name: str) -> tuple[int, dict[str, float]]:
     """How many points a chart shows, and the highest value of each of its lines."""
     canvas = driver.find_element(By.ID, f"chart-{name}")
@@ -89,9 +88,8 @@ def test_dashboard(broker_process: Any, browser: webdriver.Chrome) -> None:
         browser.find_element(By.ID, "save-key").click()
 
         # The client connected by the test appears, with its address.
-        row = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-client-id="dash-sensor-1"]'),
-                       "the connected client never appeared")[0]
-        assert "127.0.0.1:" in row.text and "5" in row.text
+        row = text_of(browser, 'tr[data-client-id="dash-sensor-1"]', "the connected client never appeared")
+        assert "127.0.0.1:" in row and "5" in row
 
         # The charts move: points are added and the message rate follows the traffic.
         points, _ = chart(browser, "messages")
@@ -108,21 +106,19 @@ def test_dashboard(broker_process: Any, browser: webdriver.Chrome) -> None:
         wait_for(browser, lambda d: [r.get_attribute("data-client-id")
                                      for r in d.find_elements(By.CSS_SELECTOR, "#clients tbody tr")] == ["dash-sensor-1"],
                  "search did not narrow the list")
-        browser.find_element(By.CSS_SELECTOR, 'tr[data-client-id="dash-sensor-1"] td').click()
+        click(browser, 'tr[data-client-id="dash-sensor-1"] td', "the client's row could not be clicked")
         wait_for(browser, lambda d: "dash/commands/#" in d.find_element(By.ID, "subscriptions").text,
                  "the client's subscriptions were not shown")
 
         # The topic tree, with the retained message.
-        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'li[data-topic="dash/status/line-1"]'),
-                 "the retained topic is not in the tree")
-        line = browser.find_element(By.CSS_SELECTOR, 'li[data-topic="dash/status/line-1"]')
-        assert "running" in line.text
+        line = text_of(browser, 'li[data-topic="dash/status/line-1"]', "the retained topic is not in the tree")
+        assert "running" in line
 
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
 
         # Kick from the page: the client is told 0x98 and leaves the list.
-        browser.find_element(By.CSS_SELECTOR, 'tr[data-client-id="dash-sensor-1"] button.kick').click()
+        click(browser, 'tr[data-client-id="dash-sensor-1"] button.kick', "the kick button could not be clicked")
         kind, reason = events.get(timeout=WAIT)
         assert kind == "disconnect" and reason.value == 0x98
         wait_for(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, 'tr[data-client-id="dash-sensor-1"] button.kick'),
