@@ -216,6 +216,10 @@ class Publishing(Protocol):
     def _on_pubrec(self, packet: Pubrec) -> None:
         out = self.session.outgoing.get(packet.packet_id)
         if out is None or out.qos != 2:
+            # Perhaps completed already, and its removal not yet stored: the PUBREL ends the
+            # exchange for the client, so after a crash the PUBLISH must not come again.
+            if self.session.stored:
+                self.wait_for_store()
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
             self.send(Pubrel(packet_id=packet.packet_id, reason_code=code))
             return
@@ -234,11 +238,13 @@ class Publishing(Protocol):
             self.broker.acknowledged(self.session, packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
-        if self.broker.pubrel_received(self.session, packet.packet_id):
-            if self.session.stored:
-                # PUBCOMP only once the id is forgotten in the store too: the publisher may use
-                # it again at once, and a restart must not take that message for a resend.
-                self.wait_for_store()
+        known = self.broker.pubrel_received(self.session, packet.packet_id)
+        if self.session.stored:
+            # PUBCOMP only once the id is forgotten in the store too (also for an id already
+            # forgotten, perhaps not yet in the store): the publisher may use it again at once,
+            # and a restart must not take that message for a resend.
+            self.wait_for_store()
+        if known:
             self.send_ack(0x70, packet.packet_id)
         else:
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0

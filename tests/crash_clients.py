@@ -261,7 +261,7 @@ class Report:
                 f"{self.acknowledged} acknowledged, {self.received} received, {self.duplicates} duplicates, "
                 f"{self.missing} missing, {self.out_of_order} out of order, {self.excess} over Receive Maximum, "
                 f"disconnects {self.disconnects}, {self.seconds:.1f}s ({self.after_last_restart:.1f}s after "
-                f"the last restart){' STALLED' if self.stalled else ''}{' ' + self.violation if self.violation else ''}")
+                f"the last restart, {self.received / self.seconds:,.0f} msg/s){' STALLED' if self.stalled else ''}{' ' + self.violation if self.violation else ''}")
 
 
 def run(qos: int, messages: int, kills: int, seed: int, port: int, workdir: Path, window: int = 100,
