@@ -298,9 +298,6 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             waiting.size += len(data)
             self.pending_bytes += len(data)
             return
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
         if self.broker.batching or self.paused:
             out = self._out
             if not out:
@@ -355,9 +352,10 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             while unstored:
                 first = unstored.popleft()
                 first.sent = True
-                if first.data:
-                    self.pending_bytes -= first.size
-                    self._write(first.data[0] if len(first.data) == 1 else b"".join(first.data))
+                if first.data:  # gathered with the other writes (still counted in pending_bytes)
+                    if not self._out:
+                        broker.unflushed.append(self)
+                    self._out += first.data
                 if first is waiting:
                     break
             if self.session is not None and self.session.queue and not self.paused:
