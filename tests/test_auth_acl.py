@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from auth_helpers import Mosquitto, RawClient
+from hypothesis import given, settings
+from topic_helpers import matched, topic_filters
 
 from mqtt_broker.auth import Identity, Security
 from mqtt_broker.auth.acl import (DENY, READ, READWRITE, WRITE, AccessRules, AclFile, AclFileError, AclRule,
@@ -32,9 +34,19 @@ def test_filter_matches(topic_filter: str, topic: str, expected: bool) -> None:
     ("a/b", "a/+", False), ("a/b", "a/#", False), ("a/b/#", "a", False), ("+/b", "a/b", True),
     ("#", "$SYS/#", False), ("+/x", "$SYS/x", False), ("$SYS/#", "$SYS/broker/+", True),
     ("$SYS/#", "#", False), ("a/b", "a/b/c", False),
+    # "#" under no level or under one empty level has no zero-level match: "" is no topic name
+    # [MQTT-4.7.3-1]; and "+" never matches a first "$" level [MQTT-4.7.2-1].
+    ("+/#", "#", True), ("+/+/#", "/#", True), ("+/#", "$SYS/#", False), ("+", "/#", False),
 ])
 def test_filter_covers(granted: str, requested: str, expected: bool) -> None:
     assert filter_covers(granted, requested) is expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(granted=topic_filters(), requested=topic_filters())
+def test_filter_covers_agrees_with_brute_force(granted: str, requested: str) -> None:
+    """Exact over the bounded universe of topic_helpers (see UNIVERSE for why it suffices)."""
+    assert filter_covers(granted, requested) is (matched(requested) <= matched(granted))
 
 
 def test_access_rules() -> None:

@@ -60,6 +60,10 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
 def filter_covers(granted: str, requested: str) -> bool:
     """Whether every topic ``requested`` can match is matched by ``granted`` (both valid,
     non-shared filters): ``a/#`` covers ``a/+/b`` and ``a``; ``a/+`` does not cover ``a/#``."""
+    if requested in ("#", "/#"):
+        # Their "#" matches no topic with zero levels below: that would be "", no topic name
+        # [MQTT-4.7.3-1]. So "+/#" covers "#", and "+/+/#" covers "/#".
+        requested = requested[:-1] + "+/#"
     if (granted[:1] == "$") != (requested[:1] == "$") and requested[:1] not in ("+", "#"):
         return False
     granted_levels = granted.split("/")
