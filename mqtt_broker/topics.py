@@ -62,6 +62,35 @@ def matches(topic_filter: str, topic: str) -> bool:
     return len(filter_levels) == len(topic_levels)
 
 
+def filter_intersection(a: str, b: str) -> str | None:
+    """The filter that matches exactly the topic names both (valid, non-shared) filters match, or
+    None when no topic name matches both: ``a/+`` and ``+/b`` give ``a/b``, ``a/#`` and ``a``
+    give ``a`` (``#`` also matches the parent level [MQTT-4.7.1-2]), ``#`` and ``$SYS/x`` give
+    None (a filter starting with a wildcard matches no ``$`` topic [MQTT-4.7.2-1])."""
+    a_levels, b_levels = a.split("/"), b.split("/")
+    a_first, b_first = a_levels[0], b_levels[0]
+    if (a_first in ("+", "#") and b_first.startswith("$")) or (b_first in ("+", "#") and a_first.startswith("$")):
+        return None
+    meet: list[str] = []
+    for index in range(max(len(a_levels), len(b_levels))):
+        x = a_levels[index] if index < len(a_levels) else None
+        y = b_levels[index] if index < len(b_levels) else None
+        if x == "#" or y == "#":
+            meet += b_levels[index:] if x == "#" else a_levels[index:]
+            break
+        if x is None or y is None or (x != y and x != "+" and y != "+"):
+            return None
+        meet.append(y if x == "+" else x)
+    # One empty level ("+" and "/#" meet there) is the empty string, no topic name [MQTT-4.7.3-1].
+    return "/".join(meet) or None
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic name matches both (valid, non-shared) filters: ``a/+`` and ``+/b`` do
+    (``a/b``), ``a/#`` and ``a`` do, ``#`` and ``$SYS/x`` do not [MQTT-4.7.2-1]."""
+    return filter_intersection(a, b) is not None
+
+
 @dataclass(slots=True, kw_only=True)
 class Subscription:
     """One filter of one client's session, with the options it was granted."""

@@ -231,6 +231,10 @@ async def test_acl_claims(keys: Path) -> None:
     assert answer.rules == AccessRules(("devices/dev-1/#",), ("commands/dev-1/+",))
     assert sec.can_publish(answer, "devices/dev-1/temp") and not sec.can_publish(answer, "devices/dev-2/temp")
     assert sec.can_subscribe(answer, "commands/dev-1/+") and not sec.can_subscribe(answer, "commands/#")
+    # The claim is a permission to subscribe: it must cover the filter. Overlapping what the
+    # client may read (as acl_file asks) is not enough.
+    assert not sec.can_subscribe(answer, "#") and not sec.can_subscribe(answer, "commands/+/reboot")
+    assert sec.can_subscribe(answer, "commands/dev-1/reboot")
     assert sec.can_read(answer, "commands/dev-1/reboot") and not sec.can_read(answer, "devices/dev-1/temp")
     answer = await result(sec, token(subscribe=[]))
     assert isinstance(answer, Identity) and answer.rules == AccessRules()

@@ -244,8 +244,12 @@ def test_acl_file(files: Path) -> None:
     assert sec.can_publish(alice, "alice/x") and not sec.can_publish(alice, "public/x")
     assert sec.can_read(anonymous, "public/x") and not sec.can_read(anonymous, "alice/x")
     assert sec.can_publish(anonymous, "clients/c/x") and not sec.can_publish(anonymous, "clients/d/x")
-    # As in Mosquitto, subscribing is not checked against acl_file; delivery is.
-    assert sec.can_subscribe(anonymous, "alice/#") and sec.can_subscribe(anonymous, "#")
+    # Unlike Mosquitto, a filter that matches nothing the client may read is refused; a granted
+    # one is still filtered on delivery.
+    assert not sec.can_subscribe(anonymous, "alice/#") and sec.can_subscribe(anonymous, "#")
+    assert sec.can_subscribe(anonymous, "+/c/#") and sec.can_subscribe(alice, "$share/g/alice/x")
+    assert not sec.can_subscribe(alice, "public/#")  # anonymous rules are not hers
+    assert Security().can_subscribe(anonymous, "alice/#")  # no acl_file: everything allowed
 
 
 def test_identity_rules_replace_the_acl_file(files: Path) -> None:
@@ -280,9 +284,11 @@ async def test_reload_applies_new_files(files: Path) -> None:
     sec = security(files)
     alice = Identity(client_id="c", username="alice")
     assert sec.can_read(alice, "alice/x") and sec.can_publish(alice, "alice/x")
+    assert not sec.can_subscribe(alice, "other/#")
     assert passwd(["-b", str(files / "pw"), "alice", "new-pw"]) == 0
     (files / "acl").write_text("user alice\ntopic read other/#\n")
     sec.reload()
+    assert sec.can_subscribe(alice, "other/#") and not sec.can_subscribe(alice, "alice/#")
     assert await answer(sec, credentials(password=b"new-pw")) == Identity(client_id="c1", username="alice")
     assert refused(await answer(sec, credentials()), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
     # Connected clients are judged by the new rules at once (the read cache is emptied).

@@ -7,10 +7,11 @@ from itertools import product
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from topic_helpers import LEVELS, matched, topic_filters, topic_names
 
 from mqtt_broker.topics import (
-    Match, Subscription, SubscriptionTree, has_wildcard, matches, split_shared, valid_topic_filter,
-    valid_topic_name,
+    Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard, matches,
+    split_shared, valid_topic_filter, valid_topic_name,
 )
 
 
@@ -159,6 +160,49 @@ def test_has_wildcard() -> None:
 ])
 def test_matches(topic_filter: str, topic: str, expected: bool) -> None:
     assert matches(topic_filter, topic) is expected
+
+
+# --- filters_overlap() and filter_intersection() -----------------------------------------------
+
+@pytest.mark.parametrize("a, b, intersection", [
+    ("a/b", "a/b", "a/b"), ("a/b", "a/c", None), ("a/+", "+/b", "a/b"), ("+", "+", "+"),
+    ("a/+", "a/b/c", None), ("a", "a/b", None), ("a//b", "a/+/b", "a//b"),
+    # "#" matches the parent level too, and any number of levels below [MQTT-4.7.1-2]
+    ("#", "a/b", "a/b"), ("a/#", "a", "a"), ("a/#", "a/+", "a/+"), ("a/#", "+/b/#", "a/b/#"),
+    ("a/#", "b/#", None), ("+/+", "a/#", "a/+"), ("+", "a/#", "a"), ("a/b/#", "+", None),
+    ("#", "#", "#"), ("+/#", "#", "+/#"), ("a/+/c", "+/b/#", "a/b/c"),
+    # a filter starting with "+" or "#" matches no topic starting with "$" [MQTT-4.7.2-1]
+    ("#", "$SYS/x", None), ("+/x", "$SYS/x", None), ("+/#", "$SYS/#", None), ("+", "$x", None),
+    ("$SYS/#", "$SYS/x", "$SYS/x"), ("$SYS/+", "$SYS/#", "$SYS/+"), ("$SYS/#", "$OTHER/#", None),
+    ("a/#", "a/$x", "a/$x"), ("+/+", "a/$x", "a/$x"),  # "$" matters at the first level only
+    # 4.7.3: names are case sensitive, and a leading "/" makes an empty first level
+    ("ACCOUNTS/#", "Accounts/+", None), ("/finance", "+/+", "/finance"), ("/finance", "+", None),
+    ("+/+", "/", "/"), ("#", "/", "/"),
+    # one empty level would be the empty string, which is no topic name [MQTT-4.7.3-1]
+    ("+", "/#", None), ("#", "+", "+"),
+])
+def test_filter_intersection(a: str, b: str, intersection: str | None) -> None:
+    assert filter_intersection(a, b) == intersection
+    assert filter_intersection(b, a) == intersection
+    assert filters_overlap(a, b) is (intersection is not None)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(a=topic_filters(), b=topic_filters())
+def test_filters_overlap_agrees_with_brute_force(a: str, b: str) -> None:
+    """Some topic name matches both filters exactly when one in the bounded universe does (see
+    topic_helpers.UNIVERSE for why the universe suffices)."""
+    assert filters_overlap(a, b) is bool(matched(a) & matched(b))
+
+
+@settings(max_examples=500, deadline=None)
+@given(a=topic_filters(), b=topic_filters())
+def test_filter_intersection_matches_what_both_match(a: str, b: str) -> None:
+    meet = filter_intersection(a, b)
+    if meet is None:
+        assert not matched(a) & matched(b)
+    else:
+        assert valid_topic_filter(meet) and matched(meet) == matched(a) & matched(b)
 
 
 # --- SubscriptionTree: add / replace / remove -------------------------------------------------
@@ -357,22 +401,9 @@ def test_removing_everything_prunes_the_tree() -> None:
 
 # --- property: the trie agrees with matches() -------------------------------------------------
 
-LEVELS = ["a", "b", "$x", ""]
-
-topic_names = st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4).map("/".join).filter(
-    valid_topic_name)
-
 # every topic of up to three levels, checked in each example besides the drawn ones
 ALL_SHORT_TOPICS = sorted({"/".join(p) for n in (1, 2, 3) for p in product(LEVELS, repeat=n)}
                           - {""})
-
-
-@st.composite
-def topic_filters(draw: st.DrawFn) -> str:
-    levels = draw(st.lists(st.sampled_from(LEVELS + ["+"]), min_size=0, max_size=3))
-    if not levels or draw(st.booleans()):
-        levels.append("#")
-    return "/".join(levels)
 
 
 @settings(max_examples=200, deadline=None)

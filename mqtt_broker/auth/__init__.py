@@ -9,7 +9,7 @@ The broker builds one :class:`Security` with :meth:`Security.from_config` and, w
   CONNACK with ``refusal.reason_code``, mapped to a 3.x return code by
   :func:`mqtt_broker.wire.codes.v3_connack_code`; the refusal is already logged);
 - on each SUBSCRIBE filter: ``security.can_subscribe(identity, topic_filter)`` (False: SUBACK
-  0x80 in 3.x, 0x87 in 5);
+  0x80 in 3.x, 0x87 in 5): False when nothing could ever be delivered on the filter;
 - on each PUBLISH from a client: ``security.can_publish(identity, topic)`` (False: the message
   is dropped; MQTT 5 PUBACK/PUBREC 0x87);
 - on each delivery, retained messages sent on SUBSCRIBE included:
@@ -39,8 +39,10 @@ is configured at all, where (as in Mosquitto) the username is taken as given.
 Authorization: ``$SYS`` topics can never be published to, nor ``$share/...`` topics. Then the
 identity's own :class:`AccessRules` (from a JWT's claims or an HTTP answer) decide alone when
 present; otherwise ``acl_file`` decides (see :mod:`mqtt_broker.auth.acl`); with neither,
-everything is allowed. Subscriptions are checked only against an identity's own rules: as in
-Mosquitto, ``acl_file`` is applied when messages are delivered.
+everything is allowed. A SUBSCRIBE is refused when the filter is not covered by one of an
+identity's own ``subscribe`` filters, or, with ``acl_file``, when it matches no topic the client
+may read; Mosquitto grants every SUBSCRIBE and only filters deliveries, as :meth:`can_read`
+still does for the filters granted.
 
 ``Identity.expires_at`` (a JWT's or an introspected token's ``exp``) tells the broker when the
 credentials run out: it disconnects the client then. With ``enabled`` false the
@@ -275,11 +277,15 @@ class Security:
 
     def can_subscribe(self, identity: Identity, topic_filter: str) -> bool:
         """Whether the client may subscribe to ``topic_filter`` (a valid filter, maybe
-        ``$share/...``). Only an identity's own rules refuse: like Mosquitto, ``acl_file`` lets
-        every subscription through and :meth:`can_read` filters what is delivered."""
+        ``$share/...``): with its own rules, when one of their ``subscribe`` filters covers it
+        (:meth:`AccessRules.can_subscribe`); with ``acl_file``, when it matches some topic the
+        client may read (:meth:`AclFile.can_subscribe`; unlike Mosquitto, which grants every
+        filter). :meth:`can_read` still filters each message on a granted filter. Not cached:
+        SUBSCRIBEs are rare next to deliveries."""
         if identity.rules is not None:
             return identity.rules.can_subscribe(topic_filter)
-        return True
+        acl = self._acl
+        return acl is None or acl.can_subscribe(identity.client_id, identity.username, topic_filter)
 
     def can_read(self, identity: Identity, topic: str) -> bool:
         """Whether a message on ``topic`` may be delivered to the client (retained ones too)."""

@@ -21,8 +21,11 @@ How a check is decided, as in Mosquitto's ``mosquitto_acl_check_default``:
 3. Otherwise refused. A filter that does not start with ``$`` never matches a ``$`` topic, so
    reading ``$SYS`` takes a rule such as ``topic read $SYS/#``.
 
-Subscribing is not checked against the file (Mosquitto grants every SUBSCRIBE); each message
-is checked for ``read`` when it is delivered, retained messages included.
+Each message is checked for ``read`` when it is delivered, retained messages included. A
+SUBSCRIBE is refused when its filter matches no topic the client may read
+(:meth:`AclFile.can_subscribe`); Mosquitto grants every SUBSCRIBE and delivers nothing on such a
+filter. With ``user alice``, ``topic readwrite alice/#`` and ``topic read shared/#``, alice's
+``bob/#`` is refused; ``#``, ``+/x`` and ``shared/+/x`` are granted and filtered on delivery.
 
 :class:`AccessRules` are the other kind: lists of filters carried by a JWT or an HTTP answer,
 where ``%c`` and ``%u`` are replaced the same way (:meth:`AccessRules.for_client`). Pure
@@ -34,9 +37,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from ..topics import matches, split_shared, valid_topic_filter
+from ..topics import filter_intersection, matches, split_shared, valid_topic_filter
 from .files import read_utf8
 
 DENY, READ, WRITE = 0, 1, 2
@@ -60,6 +63,10 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
 def filter_covers(granted: str, requested: str) -> bool:
     """Whether every topic ``requested`` can match is matched by ``granted`` (both valid,
     non-shared filters): ``a/#`` covers ``a/+/b`` and ``a``; ``a/+`` does not cover ``a/#``."""
+    if requested in ("#", "/#"):
+        # Their "#" matches no topic with zero levels below: that would be "", no topic name
+        # [MQTT-4.7.3-1]. So "+/#" covers "#", and "+/+/#" covers "/#".
+        requested = requested[:-1] + "+/#"
     if (granted[:1] == "$") != (requested[:1] == "$") and requested[:1] not in ("+", "#"):
         return False
     granted_levels = granted.split("/")
@@ -141,7 +148,13 @@ class AccessRules:
 
     def can_subscribe(self, topic_filter: str) -> bool:
         """A filter is allowed when one of the ``subscribe`` filters covers it; for a shared
-        subscription (``$share/{group}/{filter}``) the filter inside is checked."""
+        subscription (``$share/{group}/{filter}``) the filter inside is checked.
+
+        Stricter than the read-overlap test of :meth:`AclFile.can_subscribe`, and kept so: here
+        the ``subscribe`` filters are an explicit permission to subscribe (``commands/d1/+``
+        grants that filter and narrower ones, not ``commands/#`` or ``#``). The same list is what
+        the client reads, and a filter covered by one of them matches a topic it may read (every
+        valid filter matches some topic), so a filter allowed here never goes unread."""
         group, inner = split_shared(topic_filter)
         return any(filter_covers(granted, inner) for granted in self.subscribe)
 
@@ -222,27 +235,66 @@ class AclFile:
 
     def check(self, client_id: str, username: str | None, topic: str, access: int) -> bool:
         """Whether the client may ``access`` (READ or WRITE) ``topic``."""
-        own = self.anonymous if username is None else self.users.get(username, ())
-        for rule in own:
+        for rule in self._own(username):
             if filter_matches(rule.topic, topic):
                 if rule.access == DENY:
                     return False
                 if rule.access & access:
                     return True
+        for rule_access, pattern in self._patterns_for(client_id, username):
+            if filter_matches(pattern, topic):
+                if rule_access == DENY:
+                    return False
+                if rule_access & access:
+                    return True
+        return False
+
+    def can_subscribe(self, client_id: str, username: str | None, topic_filter: str) -> bool:
+        """Whether ``topic_filter`` (a valid filter, maybe ``$share/{group}/...``: the filter
+        inside is checked) matches some topic the client may read. False means no message could
+        ever be delivered on it, so the SUBSCRIBE is refused instead of granted in silence
+        (Mosquitto grants it); :meth:`check` still filters each message on a granted one.
+
+        Exact without ``deny`` rules: granted when some rule that grants ``read`` overlaps the
+        filter. With them, a rule's overlap with the filter (itself a filter) counts as unreadable
+        only when one ``deny`` rule that would be consulted for it covers all of it (for a pattern:
+        the client's own ``deny`` rules and the ``deny`` patterns; for an own rule: its own ``deny``
+        rules). Several denies that only together cover it do not refuse it: working that out is
+        a set cover over filters, so such a filter is granted and filtered on delivery. Never
+        refuses a filter that matches a readable topic."""
+        _, inner = split_shared(topic_filter)
+        own = self._own(username)
+        own_denies = [rule.topic for rule in own if rule.access == DENY]
+        for rule in own:
+            if rule.access & READ and _readable_part(inner, rule.topic, own_denies):
+                return True
+        patterns = list(self._patterns_for(client_id, username))
+        denies = own_denies + [pattern for access, pattern in patterns if access == DENY]
+        return any(access & READ and _readable_part(inner, pattern, denies) for access, pattern in patterns)
+
+    def _own(self, username: str | None) -> tuple[AclRule, ...]:
+        """The client's own rules: the anonymous ones without a username, else its section's."""
+        return self.anonymous if username is None else self.users.get(username, ())
+
+    def _patterns_for(self, client_id: str, username: str | None) -> Iterator[tuple[int, str]]:
+        """(access, filter) of each pattern that applies to the client, ``%c``/``%u`` replaced;
+        none for a client unfit for patterns."""
         if not self.patterns or unfit_for_patterns(client_id, username):
-            return False
+            return
         for rule in self.patterns:
             if rule.uses_username and username is None:
                 continue
             pattern = rule.topic
             if rule.uses_username or rule.uses_client_id:
                 pattern = substitute(pattern, client_id, username)
-            if filter_matches(pattern, topic):
-                if rule.access == DENY:
-                    return False
-                if rule.access & access:
-                    return True
-        return False
+            yield rule.access, pattern
+
+
+def _readable_part(topic_filter: str, granted: str, denies: list[str]) -> bool:
+    """Whether ``granted`` overlaps ``topic_filter`` in topics that no single one of ``denies``
+    covers all of."""
+    overlap = filter_intersection(topic_filter, granted)
+    return overlap is not None and not any(filter_covers(deny, overlap) for deny in denies)
 
 
 def _deny_first(rules: list[AclRule]) -> tuple[AclRule, ...]:
