@@ -25,6 +25,7 @@ from .connect import NEVER
 from .delivery import Delivery
 from .history import MessageLog
 from .hooks import Hooks
+from .linger import AllClosed
 from .message import Client, Message
 from .retained import RetainedMessages
 from .session import Session
@@ -109,7 +110,10 @@ class BrokerService(Delivery, MultiService):
         self.unflushed: list[Any] = []
         """Connections with gathered writes, flushed when the read is done."""
         self.connections: set[Any] = set()
-        """Every open client connection (MQTTProtocol), connected or still in CONNECT."""
+        """Every open client connection (MQTTProtocol), connected or still in CONNECT, or closed
+        by the broker and lingering (it leaves in ``connection_lost``)."""
+        self._all_closed: AllClosed | None = None
+        """While stopping: what waits for the last connection to go."""
         self.ports: list[IListeningPort] = []
         self._tls: list[tuple[str, ServerTLS]] = []
         """The TLS listeners (endpoint string, context maker), whose files reload() reads again."""
@@ -180,6 +184,10 @@ class BrokerService(Delivery, MultiService):
         self._tls = []
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
+        # The connections linger (close_linger) so that clients read the DISCONNECT 0x8B; the
+        # reactor closes what is left once this fires, so waiting longer would only delay the stop.
+        self._all_closed = AllClosed(self.connections, self.clock, self.config.close_linger)
+        stopping.append(self._all_closed.done)
         for session in self.sessions.values():
             _cancel(session.expiry_call)
             _cancel(session.retry_call)
@@ -191,6 +199,12 @@ class BrokerService(Delivery, MultiService):
         if self.security is not None:
             stopping.append(self.security.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    def connection_lost(self, connection: Any) -> None:
+        """A connection's socket is gone (it was detached before)."""
+        self.connections.discard(connection)
+        if self._all_closed is not None:
+            self._all_closed.lost()
 
     def _filter_readable(self, session: Session, identity: Any) -> None:
         assert self.security is not None

@@ -114,6 +114,11 @@ class BrokerConfig:
     connect_timeout: float = _setting(
         10.0, "Seconds a new connection has to send CONNECT before it is closed; 0 for no "
         "limit (then a silent connection is kept for ever).")
+    close_linger: float = _setting(
+        2.0, "Seconds a connection the broker closes (DISCONNECT, refused CONNACK, protocol error) "
+        "stays half-open, reading and discarding what the client still sends, so that the client "
+        "reads the broker's last packet instead of a connection reset; it is aborted at the end. "
+        "0 closes at once.", 0, 60)
     retry_interval: float = _setting(
         20.0, "Seconds before an unacknowledged QoS 1/2 message is sent again to an MQTT 3 "
         "client on the same connection; 0 to resend only on reconnect. MQTT 5 forbids "

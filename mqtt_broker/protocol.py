@@ -31,6 +31,7 @@ from .auth import Identity
 from .connect import NEVER, Terms
 from .connecting import Connecting, count_refusal, tally
 from .history import ReplayError, parse_spec, split_replay_filter
+from .linger import close_lingering
 from .publishing import Publishing
 from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
@@ -64,8 +65,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "held_bytes", "_auth_connect", "_blocked", "_graceful",
-        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call", "_unstored",
-        "_unstored_generation",
+        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call", "_linger_call",
+        "_unstored", "_unstored_generation",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -109,6 +110,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self._connect_call: Any = None
         self._expiry_call: Any = None
         """Disconnects the client when its credentials expire (``identity.expires_at``)."""
+        self._linger_call: Any = None
+        """Aborts the socket at the end of the linger after the broker closed it (see ``drop``)."""
         self._unstored: deque[_Unstored] | None = None
         """Writes waiting for the store (see ``wait_for_store``), a batch each, oldest first."""
         self._unstored_generation = -1
@@ -170,13 +173,11 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
                 broker.flush_writes()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        for call in (self._keepalive_call, self._connect_call, self._expiry_call):
-            if call is not None and call.active():
-                call.cancel()
+        self._cancel_timers()
         self._set_state(State.CLOSED)
         self._forget_unstored()
         self.broker.detach(self, self._graceful)
-        self.broker.connections.discard(self)
+        self.broker.connection_lost(self)
 
     # IPushProducer: the transport tells us when its buffer is full and when it drained.
     def pauseProducing(self) -> None:
@@ -201,7 +202,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
     # --- ending a connection ------------------------------------------------------------
 
     def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None:
-        """Close the connection; an MQTT 5 client is told why with a DISCONNECT first."""
+        """Close the connection; an MQTT 5 client is told why with a DISCONNECT first. Unless
+        ``abort``, the socket lingers (``close_linger``) so that the client reads that DISCONNECT
+        (or a refusing CONNACK) before the end of the stream: see :mod:`mqtt_broker.linger`."""
         if self.state is State.CLOSED:
             return
         self._forget_unstored()
@@ -212,6 +215,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         log.info("closing connection {client_id} from {peer}: {reason}",
                  client_id=self.client.client_id if self.client else "-", peer=self.peer, reason=message)
         self._set_state(State.CLOSED)
+        self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful)
         if abort:
             self._out = []
@@ -221,7 +225,13 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             # A paused producer would be resumed once the buffer drains, instead of the
             # connection being closed: Twisted closes only a transport with no paused producer.
             self.transport.unregisterProducer()  # type: ignore[union-attr]
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._linger_call = close_lingering(self.transport, self.clock, self.broker.config.close_linger,
+                                                self._on_socket)
+
+    def _cancel_timers(self) -> None:
+        for call in (self._keepalive_call, self._connect_call, self._expiry_call, self._linger_call):
+            if call is not None and call.active():
+                call.cancel()
 
     def _violation(self, error: MQTTError) -> None:
         if isinstance(error, UnsupportedProtocolVersion) and self.state is State.AWAITING_CONNECT:
@@ -233,6 +243,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
     def _connect_timed_out(self) -> None:
         self._connect_call = None
         if self.state is State.AWAITING_CONNECT:
+            # An abort, not a lingering close: there is nothing to tell a client that has sent no
+            # CONNECT (no DISCONNECT before CONNACK), and the descriptor such a silent socket holds
+            # is what the timeout is there to free, at once.
             self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "no CONNECT within the connect timeout", abort=True)
 
     def _check_keepalive(self) -> None:
@@ -240,6 +253,10 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         limit = self._keep_alive * 1.5  # [MQTT-3.1.2-24]
         if idle >= limit:
             self._keepalive_call = None
+            # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
+            # gone, and what is queued for it may never drain, so lingering would only hold its
+            # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
+            # after all (best effort: the reset may overtake it).
             self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive timeout ({idle:.1f}s idle)", abort=True)
         else:
             self._keepalive_call = self.clock.callLater(limit - idle, self._check_keepalive)

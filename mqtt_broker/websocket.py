@@ -135,6 +135,10 @@ class WebSocketTransport:
 
     __slots__ = ("_websocket", "_socket", "_peer")
 
+    closing_handshake = True
+    """``loseConnection`` lingers by itself (see :func:`mqtt_broker.linger.close_lingering`): the
+    closing handshake reads on until the client's close frame, for at most CLOSE_TIMEOUT."""
+
     def __init__(self, websocket: MQTTWebSocketProtocol, socket: Any, peer: IAddress) -> None:
         self._websocket = websocket
         self._socket = socket

@@ -61,12 +61,14 @@ class Restarts:
     """One broker after another on the same store and, for MemoryReactorClock tests, the same
     clock: ``start()`` the first, ``restart()`` stops it (``stopService``) and starts the next.
     ``store`` is a store or a callable making the store of each broker (a new SQLiteStore on
-    the same file)."""
+    the same file). The brokers close connections at once (``close_linger`` 0): the fake
+    clients never close their side, so a lingering close would hold ``stopService`` until the
+    clock moved on."""
 
     def __init__(self, store: Store | Callable[[], Store], reactor: Any = None, **settings: Any) -> None:
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self._store = store
-        self.settings = settings
+        self.settings = {"close_linger": 0, **settings}
         self.broker: BrokerService | None = None
         self.generations = 0
 

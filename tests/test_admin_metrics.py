@@ -140,7 +140,10 @@ def test_monitors_time_the_reactor_and_sampled_deliveries() -> None:
     assert value(samples, "mqtt_reactor_lag_seconds_bucket", le="0.25") == 1
     assert value(samples, "mqtt_reactor_lag_seconds_bucket", le="1.0") == 2
     assert value(samples, "mqtt_reactor_lag_seconds_bucket", le="+Inf") == 2
-    broker.stopService()
+    stopped = broker.stopService()
+    subscriber.lose()   # the clients close their side on the broker's close, ending its linger
+    publisher.lose()
+    assert stopped.called
     assert "route" not in broker.__dict__ and not broker.reactor.getDelayedCalls()
 
 

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "auto_id_prefix": "auto-",
     "persistent_client_expiration": 0,
     "connect_timeout": 10.0,
+    "close_linger": 2.0,
     "retry_interval": 20.0,
     "set_tcp_nodelay": True,
     "listen_backlog": 1024,
@@ -106,6 +107,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "max_qos": [-1, 3],
     "persistent_client_expiration": [-1],
     "connect_timeout": [-0.5],
+    "close_linger": [-0.5, 60.5],
     "retry_interval": [-1.0],
     "listen_backlog": [0, 65536],
     "max_topic_alias": [-1, 65536],           # a two-byte property
@@ -138,6 +140,7 @@ IN_RANGE: dict[str, list[Any]] = {
     "max_qos": [0, 1, 2],
     "persistent_client_expiration": [0, 86400 * 365],
     "connect_timeout": [0.0, 0.25, 3600.0],
+    "close_linger": [0.0, 0.5, 60.0],
     "retry_interval": [0.0, 1.5],
     "listen_backlog": [1, 65535],
     "max_topic_alias": [0, 65535],

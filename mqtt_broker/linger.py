@@ -1,0 +1,86 @@
+"""Closing a connection so that the client reads the broker's last packet: a lingering close.
+
+When the broker ends a connection it has just written why (a DISCONNECT with its reason code, a
+refusing CONNACK), but the client may still be writing. A TCP socket closed with unread bytes in
+its receive buffer makes the kernel send RST instead of FIN, and the client may then lose the
+packet it has not read yet and see ECONNRESET or EPIPE instead of the reason code. So the broker
+closes in two steps, as web servers do (Apache's and nginx's lingering close): it writes what is
+pending and half-closes its side (FIN), then reads and throws away whatever the client still
+sends until the client closes too, or until the linger is over, when the socket is aborted.
+
+What lingers is only the socket: the connection has left the session registry before, and it
+still counts against ``max_connections`` until the socket is gone (so a flood of lingering
+closes is bounded like any other flood of connections).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sized
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_close: bool) -> IDelayedCall | None:
+    """Close ``transport`` once what it holds is written, reading (and dropping) what still comes
+    for at most ``linger`` seconds. Returns the timer that aborts the connection at the end of
+    the linger, to be cancelled when the connection is lost first; None when ``linger`` is 0
+    (closed at once, the peer's unread bytes or not).
+
+    ``half_close`` is for a transport that is a socket of its own (TCP or UNIX, Twisted's
+    ``tcp.Connection``), whose ``loseWriteConnection`` sends FIN after the pending bytes and keeps
+    reading. Not for TLS: ``TLSMemoryBIOProtocol`` passes unknown attributes to the socket under
+    it, so its ``loseWriteConnection`` would end the TCP stream without a close_notify, cutting
+    the TLS record stream. There ``loseConnection`` is a half-close already (a close_notify
+    alert) that goes on reading until the peer answers with its own, which Twisted waits for
+    without a limit: the timer is the limit. A transport whose ``closing_handshake`` is true (the
+    WebSocket one) lingers on its own: its ``loseConnection`` sends a close frame, reads on until
+    the answer and has a timer of its own, so it is given no second one.
+    """
+    if linger <= 0:
+        transport.loseConnection()
+        return None
+    # Input may be paused while a hook decides; what still comes must be read to be discarded,
+    # or it fills the receive buffer and the final close resets after all. (Before the close: a
+    # transport that is disconnecting does not resume.)
+    transport.resumeProducing()
+    if half_close:
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+    if getattr(transport, "closing_handshake", False):
+        return None
+    return clock.callLater(linger, transport.abortConnection)
+
+
+class AllClosed:
+    """How long the broker's shutdown waits for the connections it closed to finish lingering:
+    ``done`` fires when ``connections`` is empty (``lost()`` is called after each connection
+    leaves it), or after ``within`` seconds if it is not by then, or at once if ``within`` is 0.
+    The reactor then closes what is left."""
+
+    __slots__ = ("done", "_connections", "_deadline")
+
+    def __init__(self, connections: Sized, clock: IReactorTime, within: float) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._connections = connections
+        self._deadline: IDelayedCall | None = None
+        if connections and within > 0:
+            self._deadline = clock.callLater(within, self._fire)
+        else:
+            self._fire()
+
+    def lost(self) -> None:
+        """A connection left ``connections``."""
+        if not self._connections:
+            self._fire()
+
+    def _fire(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if not self.done.called:
+            self.done.callback(None)
+
+
+__all__ = ["AllClosed", "close_lingering"]

@@ -1,0 +1,238 @@
+"""The lingering close (mqtt_broker/linger.py) and how a connection uses it, on StringTransports
+and a Clock: the timer that aborts, what cancels it, what is read meanwhile, and shutdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mqtt_broker.linger import AllClosed, close_lingering
+from mqtt_broker.wire import Disconnect, Pingreq, Publish, ReasonCode, Subscribe, SubscriptionRequest
+
+from protocol_helpers import FakeClient, connected, make_broker
+
+
+class Recorder:
+    """A transport that records which of its closing methods were called, in order."""
+
+    def __init__(self, closing_handshake: bool | None = None) -> None:
+        self.calls: list[str] = []
+        if closing_handshake is not None:
+            self.closing_handshake = closing_handshake
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "closing_handshake":
+            raise AttributeError(name)
+        return lambda: self.calls.append(name)
+
+
+def lingering(broker: Any) -> list[Any]:
+    return [call for call in broker.clock.getDelayedCalls() if call.func.__name__ == "abortConnection"]
+
+
+# --- close_lingering --------------------------------------------------------------------------
+
+def test_a_socket_is_half_closed_read_on_and_aborted_at_the_end() -> None:
+    clock = Clock()
+    transport = Recorder()
+    timer = close_lingering(transport, clock, 2.0, half_close=True)
+    assert transport.calls == ["resumeProducing", "loseWriteConnection"]
+    assert timer is not None and timer.getTime() == 2.0
+    clock.advance(1.9)
+    assert transport.calls == ["resumeProducing", "loseWriteConnection"]
+    clock.advance(0.1)
+    assert transport.calls[-1] == "abortConnection"
+
+
+def test_tls_closes_with_its_own_close_and_the_same_timer() -> None:
+    """Not loseWriteConnection: on TLS it would reach the TCP socket under the TLS layer."""
+    clock = Clock()
+    transport = Recorder()
+    timer = close_lingering(transport, clock, 0.5, half_close=False)
+    assert transport.calls == ["resumeProducing", "loseConnection"]
+    assert timer is not None
+    clock.advance(0.5)
+    assert transport.calls[-1] == "abortConnection"
+
+
+def test_a_closing_handshake_gets_no_second_timer() -> None:
+    clock = Clock()
+    transport = Recorder(closing_handshake=True)
+    assert close_lingering(transport, clock, 2.0, half_close=False) is None
+    assert transport.calls == ["resumeProducing", "loseConnection"] and clock.getDelayedCalls() == []
+
+
+def test_linger_zero_closes_at_once() -> None:
+    clock = Clock()
+    transport = Recorder()
+    assert close_lingering(transport, clock, 0.0, half_close=True) is None
+    assert transport.calls == ["loseConnection"] and clock.getDelayedCalls() == []
+
+
+# --- AllClosed ----------------------------------------------------------------------------------
+
+def test_all_closed_fires_when_the_last_connection_goes() -> None:
+    clock = Clock()
+    connections = {"a", "b"}
+    waiting = AllClosed(connections, clock, 2.0)
+    connections.discard("a")
+    waiting.lost()
+    assert not waiting.done.called
+    connections.discard("b")
+    waiting.lost()
+    assert waiting.done.called and clock.getDelayedCalls() == []
+
+
+def test_all_closed_gives_up_at_the_deadline() -> None:
+    clock = Clock()
+    waiting = AllClosed({"stays"}, clock, 2.0)
+    clock.advance(1.99)
+    assert not waiting.done.called
+    clock.advance(0.01)
+    assert waiting.done.called and clock.getDelayedCalls() == []
+
+
+def test_all_closed_fires_at_once_with_nothing_open_or_no_linger() -> None:
+    assert AllClosed(set(), Clock(), 2.0).done.called
+    assert AllClosed({"open"}, Clock(), 0.0).done.called
+
+
+# --- a connection's close -----------------------------------------------------------------------
+
+def test_the_socket_is_aborted_at_the_end_of_the_linger() -> None:
+    broker = make_broker(close_linger=1.5)
+    client = connected(broker, "kicked", version=5)
+    client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    [disconnect] = client.received()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x98
+    assert client.transport.disconnecting and not client.transport.disconnected
+    broker.clock.advance(1.49)  # type: ignore[attr-defined]
+    assert not client.transport.disconnected
+    broker.clock.advance(0.01)  # type: ignore[attr-defined]
+    assert client.transport.disconnected  # StringTransport's abortConnection
+    assert lingering(broker) == []
+
+
+def test_the_timer_is_cancelled_when_the_client_closes_first() -> None:
+    broker = make_broker()
+    client = connected(broker, "polite", version=5)
+    client.protocol.drop(ReasonCode.SERVER_BUSY, "busy")
+    assert len(lingering(broker)) == 1
+    client.lose()
+    assert lingering(broker) == [] and broker.clock.getDelayedCalls() == []  # type: ignore[attr-defined]
+    assert not client.transport.disconnected
+
+
+def test_what_comes_while_lingering_is_discarded_unread() -> None:
+    broker = make_broker()
+    watcher = connected(broker, "watcher")
+    watcher.subscribe("t")
+    client = connected(broker, "talker", version=5)
+    client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    client.received()
+    received = broker.stats.bytes_received
+    reader = client.protocol.reader
+    kept = (reader._buffer, reader._pos)
+    publish = Publish(topic="t", payload=b"x" * 1000, qos=0)
+    for _ in range(100):
+        client.send(publish, Pingreq())
+    client.send_bytes(b"\x30\xff\xff\xff\x7f")  # the header of a packet larger than any allowed
+    assert client.received() == [] and watcher.received() == []
+    assert broker.stats.bytes_received == received
+    assert (reader._buffer, reader._pos) == kept  # nothing buffered: the bytes never reached the reader
+
+
+def test_a_refused_connack_lingers_too() -> None:
+    broker = make_broker(allow_zero_length_clientid=False)
+    client = FakeClient(broker, version=5)
+    assert client.connect("").reason_code == ReasonCode.CLIENT_IDENTIFIER_NOT_VALID  # type: ignore[union-attr]
+    assert client.closed and len(lingering(broker)) == 1
+
+
+def test_the_connection_leaves_the_sessions_at_once_but_counts_until_its_socket_goes() -> None:
+    broker = make_broker(max_connections=1)
+    client = connected(broker, "one", version=5)
+    client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    assert broker.clients() == [] and "one" not in broker.sessions
+    assert broker.factory.buildProtocol(client.transport.getPeer()) is None  # still a socket
+    assert broker.stats.connections_refused == 1
+    client.lose()
+    assert broker.factory.buildProtocol(client.transport.getPeer()) is not None
+
+
+def test_a_connection_paused_by_a_hook_reads_again_while_it_lingers() -> None:
+    broker = make_broker()
+    pending: Deferred[Any] = Deferred()
+    broker.hooks.on_subscribe(lambda client, subscription: pending)
+    client = connected(broker, "waiting", version=5)
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t"),)))
+    assert client.transport.producerState == "paused"
+    client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    assert client.transport.producerState == "producing"
+    pending.callback(None)  # decided after the close: nothing more happens
+    assert [type(p) for p in client.received()] == [Disconnect]
+
+
+def test_connection_timers_stop_when_the_broker_closes_not_when_the_socket_goes() -> None:
+    broker = make_broker()
+    client = connected(broker, "kept", version=5, keep_alive=10)
+    client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    names = [call.func.__name__ for call in broker.clock.getDelayedCalls()]  # type: ignore[attr-defined]
+    assert names == ["abortConnection"]
+
+
+def test_connect_timeout_and_keepalive_timeout_still_abort() -> None:
+    broker = make_broker(connect_timeout=5)
+    silent = FakeClient(broker)
+    sleepy = connected(broker, "sleepy", version=5, keep_alive=10)
+    broker.clock.advance(15)  # type: ignore[attr-defined]
+    assert silent.transport.disconnected and sleepy.transport.disconnected
+    assert lingering(broker) == []
+
+
+def test_close_linger_zero_closes_at_once() -> None:
+    broker = make_broker(close_linger=0)
+    client = connected(broker, "old", version=5)
+    client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    assert client.transport.disconnecting and lingering(broker) == []
+
+
+# --- shutdown -----------------------------------------------------------------------------------
+
+def test_stop_waits_for_the_clients_to_close_and_no_longer() -> None:
+    broker = make_broker(close_linger=2)
+    broker.startService()
+    polite = connected(broker, "polite", version=5)
+    rude = connected(broker, "rude", version=5)
+    stopped = broker.stopService()
+    polite.lose()
+    assert not stopped.called  # rude has not closed its side
+    broker.clock.advance(1.99)  # type: ignore[attr-defined]
+    assert not stopped.called
+    broker.clock.advance(0.01)  # type: ignore[attr-defined]
+    assert stopped.called and rude.transport.disconnected
+
+
+def test_stop_is_done_when_the_last_client_closes() -> None:
+    broker = make_broker(close_linger=2)
+    broker.startService()
+    clients = [connected(broker, f"c{n}", version=5) for n in range(3)]
+    stopped = broker.stopService()
+    for client in clients:
+        assert not stopped.called
+        client.lose()
+    assert stopped.called
+    assert broker.clock.getDelayedCalls() == []  # type: ignore[attr-defined]
+
+
+def test_stop_with_no_connections_or_no_linger_is_done_at_once() -> None:
+    broker = make_broker()
+    broker.startService()
+    assert broker.stopService().called
+    broker = make_broker(close_linger=0)
+    broker.startService()
+    connected(broker, "stays", version=5)
+    assert broker.stopService().called
