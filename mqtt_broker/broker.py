@@ -117,6 +117,14 @@ class BrokerService(Delivery, MultiService):
         self.ports: list[IListeningPort] = []
         self._tls: list[tuple[str, ServerTLS]] = []
         """The TLS listeners (endpoint string, context maker), whose files reload() reads again."""
+        self.cluster: Any = None
+        """This node's link to the other nodes of a cluster (``cluster`` setting), whose store is
+        then the node's store; None for a broker of its own (nothing of the cluster is imported)."""
+        if self.config.cluster:
+            from .cluster.node import Cluster
+            self.cluster = Cluster(self, reactor)
+            store = self.cluster.store
+            self.subscriptions.watch = self.cluster.filter_changed
         if store is None and self.config.persistence == "sqlite":
             from .store.sqlite import SQLiteStore
             store = SQLiteStore(Path(self.config.data_dir) / "mqttbroker.db", reactor,
@@ -176,6 +184,8 @@ class BrokerService(Delivery, MultiService):
         except BaseException:
             self.stopService()
             raise
+        if self.cluster is not None:
+            self.cluster.start().addErrback(lambda failure: log.failure("joining the cluster", failure))
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -196,6 +206,8 @@ class BrokerService(Delivery, MultiService):
         self._delayed_wills.clear()
         if self.store is not None:
             stopping.append(self.store.close())
+        if self.cluster is not None:
+            stopping.append(self.cluster.stop())
         if self.security is not None:
             stopping.append(self.security.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
@@ -296,18 +308,7 @@ class BrokerService(Delivery, MultiService):
         assert store is not None
         now = self.clock.seconds()
         for session, disconnected_at in snapshot.sessions:
-            if disconnected_at is None:  # connected when the broker stopped: it went away then
-                disconnected_at = now
-                store.save_session(session, now)
-            if session.expiry != NEVER:
-                remaining = disconnected_at + session.expiry - now
-                if remaining <= 0:
-                    store.delete_session(session.client_id)
-                    continue
-                session.expiry_call = self.clock.callLater(remaining, self._expire, session)
-            self.sessions[session.client_id] = session
-            for subscription in session.subscriptions.values():
-                self.subscriptions.add(subscription)
+            self.take_session(session, disconnected_at)
         for message in snapshot.retained:
             if message.expires_at is not None and message.expires_at <= now:
                 store.delete_retained(message.topic)
@@ -316,13 +317,68 @@ class BrokerService(Delivery, MultiService):
         for will in snapshot.wills:
             client = Client(client_id=will.client_id, username=will.username, peer="", protocol_version=MQTT_5,
                             clean_start=False, keep_alive=0)
-            call = self.clock.callLater(max(0.0, will.due - now), self._delayed_will_due, will.client_id)
-            self._delayed_wills[will.client_id] = (call, client, will.message)
+            self.schedule_will(client, will.message, will.due)
         if self.history is not None:
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
                  sessions=len(self.sessions), retained=len(self.retained), wills=len(self._delayed_wills))
+
+    def take_session(self, session: Session, disconnected_at: float | None) -> None:
+        """Take up a session whose client is not connected (restored from the store, or adopted
+        from a dead node of a cluster): it expires from when its client went away (None: it was
+        connected until now)."""
+        assert self.store is not None
+        now = self.clock.seconds()
+        if disconnected_at is None:  # connected when its broker stopped: it went away then
+            disconnected_at = now
+            self.store.save_session(session, now)
+        if session.expiry != NEVER:
+            remaining = disconnected_at + session.expiry - now
+            if remaining <= 0:
+                self.store.delete_session(session.client_id)
+                self._release(session.client_id)
+                return
+            session.expiry_call = self.clock.callLater(remaining, self._expire, session)
+        self.sessions[session.client_id] = session
+        for subscription in session.subscriptions.values():
+            self.subscriptions.add(subscription)
+
+    def schedule_will(self, client: Client, will: Message, due: float) -> None:
+        """Publish a client's will at clock time ``due`` (at once if it is past), unless the
+        client connects again before."""
+        call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._delayed_will_due, client.client_id)
+        self._delayed_wills[client.client_id] = (call, client, will)
+
+    def forget_session(self, client_id: str, taken_over: bool = True, ended: bool = False) -> None:
+        """Another node of the cluster took the session: close its connection here (0x8E) and
+        forget the copy, without a word to the store (the new owner has the session). The
+        connection's will is published if its delay is 0 or the new connection ended the
+        session (``ended``) [MQTT-3.1.3-9]; otherwise the new connection came in time."""
+        session = self.sessions.pop(client_id, None)
+        pending = self._delayed_wills.pop(client_id, None)
+        if pending is not None:
+            _cancel(pending[0])
+            if ended:
+                self.publish_will(pending[1], pending[2])
+        if session is None:
+            return
+        connection = session.connection
+        if connection is not None:
+            will, delay, client = connection.will, connection.will_delay, connection.client
+            assert client is not None
+            connection.will = None
+            connection.session = session.connection = None  # detached here, not by the close
+            connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
+            if will is not None and (ended or not delay):
+                self.publish_will(client, will)
+            self._notify_disconnect(client, False)
+        _cancel(session.expiry_call)
+        _cancel(session.retry_call)
+        for topic_filter in session.subscriptions:
+            self.subscriptions.remove(client_id, topic_filter)
+        session.stored = False
+        session.clear()
 
     # --- embedding API ------------------------------------------------------------------
 
@@ -419,6 +475,8 @@ class BrokerService(Delivery, MultiService):
                 self._forget_delivery(session, out)
         if session.outgoing:
             self._schedule_retry(session)
+        if self.cluster is not None:
+            self.cluster.connected(session, connection)
         self.pump(session)
 
     def detach(self, connection: Any, graceful: bool) -> None:
@@ -434,6 +492,8 @@ class BrokerService(Delivery, MultiService):
         will = connection.will
         connection.will = None
         client = connection.client
+        if self.cluster is not None:
+            self.cluster.disconnected(session, will is not None)
         if will is not None and not graceful:
             delay = connection.will_delay
             if delay and session.expiry:
@@ -448,6 +508,7 @@ class BrokerService(Delivery, MultiService):
                 self.publish_will(client, will)
         if not session.expiry:
             self._discard(session)
+            self._release(session.client_id)
             return self._notify_disconnect(client, graceful)
         if session.expiry != NEVER:
             session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
@@ -490,6 +551,13 @@ class BrokerService(Delivery, MultiService):
                     self.store.delete_will(session.client_id)
                 self.publish_will(pending[1], pending[2])
             self._discard(session)
+            self._release(session.client_id)
+
+    def _release(self, client_id: str) -> None:
+        """The client's session ended here (not replaced by a new one): in a cluster, this node
+        gives the client up."""
+        if self.cluster is not None:
+            self.cluster.released(client_id)
 
     def _discard(self, session: Session) -> None:
         for topic_filter in session.subscriptions:

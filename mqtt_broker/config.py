@@ -25,7 +25,7 @@ class ConfigError(ValueError):
         super().__init__(": ".join(part for part in (source, key, reason) if part))
 
 
-def _setting(default: Any, help: str, minimum: int | None = 0, maximum: int | None = None,
+def _setting(default: Any, help: str, minimum: float | None = 0, maximum: float | None = None,
              choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
     """``check(value)`` returns why a value is refused, or None."""
     metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check}
@@ -38,6 +38,17 @@ def _paths_problem(paths: list[str]) -> str | None:
     for path in paths:
         if not path.startswith("/") or any(c in path for c in " ?#\t\r\n"):
             return f"{path!r} is not a request path (/..., without a query)"
+    return None
+
+
+def _redis_problem(url: str) -> str | None:
+    if not url:
+        return None
+    from .cluster.address import RedisAddress  # parses only: nothing of the cluster runs
+    try:
+        RedisAddress.parse(url)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -217,6 +228,26 @@ class BrokerConfig:
         "normal", "SQLite synchronous mode: normal (an acknowledged message survives a crash of "
         "the broker process) or full (it also survives a crash of the operating system or a "
         "power loss, at the cost of an fsync per batch).", choices=("normal", "full"))
+    cluster: str = _setting(
+        "", "Redis URL of the cluster this broker is a node of (redis://host:6379/0, rediss:// for "
+        "TLS, redis+sentinel://host:26379,host2:26379/mymaster/0 through Sentinel; a password as "
+        "redis://:password@host). Sessions, retained messages and messages between nodes are then "
+        "kept in Redis (persistence and data_dir's database are not used). Empty: no cluster.",
+        check=_redis_problem)
+    cluster_node_id: str = _setting(
+        "", "This node's id in the cluster; empty: an id made at the first start and kept in "
+        "data_dir (cluster-node-id). Two nodes must never share one.")
+    cluster_heartbeat: float = _setting(
+        1.0, "Seconds between a node's heartbeats in Redis.", 0.05, 60)
+    cluster_missed_heartbeats: int = _setting(
+        3, "Heartbeats a node may miss before the others take it for dead and adopt its "
+        "sessions (one survivor publishes its clients' wills).", 2, 100)
+    cluster_inbox_maxlen: int = _setting(
+        1_000_000, "Entries kept at most in a node's Redis inbox (XADD MAXLEN ~), each a batch of "
+        "messages for that node; older ones are trimmed.", 1000, 2**31 - 1)
+    cluster_claim_timeout: float = _setting(
+        5.0, "Seconds a CONNECT waits for Redis to hand over the client's session before the "
+        "client is refused (0x88 Server unavailable, 3 for MQTT 3).", 0.1, 600)
     history_filters: list[str] = _setting(
         [], "Topic filters whose messages are kept in the message log, for subscribers that ask "
         "to replay them (see README, Message log); empty for none.")

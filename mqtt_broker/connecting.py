@@ -195,6 +195,20 @@ class Connecting(Protocol):
         self.drop(reason, f"{why}: {reason.name}")
 
     def _accept(self, packet: Connect) -> None:
+        cluster = self.broker.cluster
+        if cluster is not None:  # the session may be on another node: take it first
+            assert self.client is not None
+            self._when(cluster.claim(self.client.client_id, packet.clean_start), self._claimed, packet)
+        else:
+            self._attach(packet)
+
+    def _claimed(self, claimed: bool, packet: Connect) -> None:
+        if claimed:
+            self._attach(packet)
+        else:
+            self._refuse(ReasonCode.SERVER_UNAVAILABLE, "the cluster's Redis did not answer in time")
+
+    def _attach(self, packet: Connect) -> None:
         terms = self.terms
         client = self.client
         assert terms is not None and client is not None

@@ -51,19 +51,25 @@ class Delivery:
     _share_turns: dict[tuple[str, str], int]
     """Per shared subscription (group, filter): the count of messages given out, whose remainder
     picks the next member."""
+    cluster: Any
     routing_waits_for_store: bool
     """While True, what ``route`` sends to a client waits for the store to make durable what
     is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 
-    def route(self, message: Message) -> int:
-        """Store a retained message and deliver a message to every matching session.
-        Returns the number of sessions it was delivered or queued to."""
+    def route(self, message: Message, shares: tuple[tuple[str, str], ...] | None = None) -> int:
+        """Store a retained message and deliver a message to every matching session (and, in
+        a cluster, forward it to the other nodes that hold a matching filter). Returns the number
+        of sessions (and nodes) it was delivered, queued or forwarded to.
+
+        ``shares``: the message was forwarded by another node of the cluster, which chose this
+        node for these shared subscriptions (group, filter); it goes to this node's sessions only,
+        and its origin has stored it if it is retained."""
         self.stats.messages_received += 1
         if message.properties and "message_expiry_interval" in message.properties:
             message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
-        if message.retain and self.config.retain_available:
+        if message.retain and self.config.retain_available and shares is None:
             self.retained.store(message)
             # $SYS values are made afresh at start-up: a stored one would only be stale.
             if self.store is not None and not message.topic.startswith("$SYS/"):
@@ -71,7 +77,7 @@ class Delivery:
                     self.store.save_retained(message)
                 else:
                     self.store.delete_retained(message.topic)
-        if self.history is not None:
+        if self.history is not None and shares is None:
             self._log(message)
         by_client, groups = self.subscriptions.match(message.topic)
         if self.routing_waits_for_store:
@@ -96,6 +102,13 @@ class Delivery:
             deliver(session, message, granted if granted < message.qos else message.qos,
                     message.retain and as_published, ids)
             count += 1
+        if shares is not None:
+            for share, members in groups:
+                if share in shares:
+                    count += self._deliver_shared(message, share, members)
+            return count
+        if self.cluster is not None:  # it chooses the members of shared subscriptions cluster-wide
+            return count + self.cluster.forward(message, groups)
         for share, members in groups:
             count += self._deliver_shared(message, share, members)
         return count

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 MAX_CACHED_TOPICS = 10_000
 MAX_RECENT_TOPICS = 10_000
@@ -145,6 +145,9 @@ class SubscriptionTree:
         self._root = _Node()
         self._cache: dict[str, Match] = {}
         self.count = 0
+        self.watch: Callable[[str, bool], None] | None = None
+        """Called with (filter, True) when a filter gets its first subscriber and (filter,
+        False) when it loses its last (a cluster node tells the others which filters it holds)."""
         self.recent: OrderedDict[str, None] = OrderedDict()
         """Topic names routed lately, oldest first, at most MAX_RECENT_TOPICS (for the admin API).
         Kept up to date from cache misses only: a topic in the cache was recorded at its miss, and
@@ -161,9 +164,12 @@ class SubscriptionTree:
             node = child
         members = node.subscribers if group is None else node.shared.setdefault(group, {})
         replaced = subscription.client_id in members
+        first = not members
         members[subscription.client_id] = subscription
         if not replaced:
             self.count += 1
+        if first and self.watch is not None:
+            self.watch(subscription.topic_filter, True)
         if self._cache:
             self._cache.clear()
         return replaced
@@ -184,6 +190,8 @@ class SubscriptionTree:
         if group is not None and not members:
             del node.shared[group]
         self.count -= 1
+        if not members and self.watch is not None:
+            self.watch(topic_filter, False)
         if self._cache:
             self._cache.clear()
         # Prune the branch that is now empty, so the tree does not keep dead filters.
@@ -241,6 +249,19 @@ class SubscriptionTree:
         for level in split_shared(topic_filter)[1].split("/"):
             node = node.children.get(level) if node is not None else None
         return list(node.shared.get(group, {}).values()) if node is not None else []
+
+    def filters(self) -> list[str]:
+        """Every filter some client holds, once (shared ones as ``$share/{group}/{filter}``)."""
+        stack = [self._root]
+        found = []
+        while stack:
+            node = stack.pop()
+            if node.subscribers:
+                found.append(next(iter(node.subscribers.values())).topic_filter)
+            for members in node.shared.values():
+                found.append(next(iter(members.values())).topic_filter)
+            stack.extend(node.children.values())
+        return found
 
     def __iter__(self) -> Iterator[Subscription]:
         stack = [self._root]

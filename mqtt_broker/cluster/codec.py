@@ -1,0 +1,154 @@
+"""What the nodes of a cluster write to Redis and to each other, as bytes.
+
+A message travels as the MQTT 5 PUBLISH it would be sent as (topic, payload, QoS, retain flag
+and properties, decoded again with the broker's own codec), preceded by what routing needs
+besides: the publisher's client id (No Local) and, when the message was forwarded, the shared
+subscriptions the sending node chose the receiving node for. Session state (subscriptions,
+queued and in-flight messages, a will) is a small JSON header and, for a message, its PUBLISH.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from struct import Struct
+from typing import Any, Iterator
+
+from ..message import Message
+from ..session import Queued
+from ..topics import Subscription
+from ..wire import MQTT_5, FrameReader, publish_template
+
+_U16 = Struct(">H")
+_U32 = Struct(">I")
+
+FORWARDED, TARGETED = 0, 1
+"""Record kinds of an inbox entry: a message to route to the node's matching sessions, or a
+message for one session (its writes were fenced off on the node that routed it)."""
+
+
+def pack_message(message: Message, now: float) -> bytes:
+    """The message as an MQTT 5 PUBLISH; an expiry is carried as the interval left at ``now``."""
+    properties = message.properties
+    if message.expires_at is not None:
+        properties = {**properties, "message_expiry_interval": max(1, math.ceil(message.expires_at - now))}
+    return publish_template(message.topic, message.payload, message.qos, message.retain, properties, MQTT_5,
+                            1 if message.qos else 0)[0]
+
+
+def unpack_message(data: bytes) -> Message:
+    (message,) = FrameReader(version=MQTT_5, publish_type=Message).feed(data)
+    assert isinstance(message, Message)
+    message.packet_id = 0
+    message.frame = None
+    return message
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return _U16.pack(len(raw)) + raw
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    (size,) = _U16.unpack_from(data, pos)
+    return data[pos + 2:pos + 2 + size].decode("utf-8"), pos + 2 + size
+
+
+def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float) -> bytes:
+    """One record of an inbox entry: a message for the receiving node to route."""
+    body = pack_message(message, now)
+    head = [bytes((FORWARDED,)), _string(message.sender or ""), bytes((len(shares),))]
+    for group, topic_filter in shares:
+        head += [_string(group), _string(topic_filter)]
+    return b"".join(head) + _U32.pack(len(body)) + body
+
+
+def pack_targeted(client_id: str, item: bytes) -> bytes:
+    """One record of an inbox entry: a queued message (``pack_queued``) for one session."""
+    return targeted_head(client_id, len(item)) + item
+
+
+def targeted_head(client_id: str, size: int) -> bytes:
+    """What precedes a queued message of ``size`` bytes in a TARGETED record."""
+    return bytes((TARGETED,)) + _string(client_id) + _U32.pack(size)
+
+
+Record = tuple[int, Any, Any]
+"""(FORWARDED, message, shares) or (TARGETED, client id, Queued)."""
+
+
+def unpack_records(data: bytes) -> Iterator[Record]:
+    pos = 0
+    while pos < len(data):
+        kind = data[pos]
+        if kind == FORWARDED:
+            sender, pos = _read_string(data, pos + 1)
+            count = data[pos]
+            pos += 1
+            shares = []
+            for _ in range(count):
+                group, pos = _read_string(data, pos)
+                topic_filter, pos = _read_string(data, pos)
+                shares.append((group, topic_filter))
+            (size,) = _U32.unpack_from(data, pos)
+            message = unpack_message(data[pos + 4:pos + 4 + size])
+            message.sender = sender or None
+            pos += 4 + size
+            yield FORWARDED, message, tuple(shares)
+        elif kind == TARGETED:
+            client_id, pos = _read_string(data, pos + 1)
+            (size,) = _U32.unpack_from(data, pos)
+            yield TARGETED, client_id, unpack_queued(data[pos + 4:pos + 4 + size], 0)
+            pos += 4 + size
+        else:
+            raise ValueError(f"unknown record kind {kind} in an inbox entry")
+
+
+def pack_queued(item: Queued) -> bytes:
+    """A queued or in-flight message of a session: its terms and its PUBLISH. The expiry is kept
+    as clock time, as the SQLite store keeps it."""
+    head = json.dumps([item.qos, item.retain, list(item.subscription_ids), item.share, item.message.expires_at,
+                       item.message.sender], separators=(",", ":")).encode()
+    message = item.message
+    body = publish_template(message.topic, message.payload, message.qos, message.retain, message.properties,
+                            MQTT_5, 1 if message.qos else 0)[0]
+    return _U16.pack(len(head)) + head + body
+
+
+def unpack_queued(data: bytes, seq: int) -> Queued:
+    (size,) = _U16.unpack_from(data, 0)
+    qos, retain, ids, share, expires_at, sender = json.loads(data[2:2 + size])
+    message = unpack_message(data[2 + size:])
+    message.expires_at = expires_at
+    message.sender = sender
+    return Queued(message, qos, retain, tuple(ids), tuple(share) if share else None, seq)  # type: ignore[arg-type]
+
+
+def pack_subscription(s: Subscription) -> bytes:
+    return json.dumps([s.qos, s.no_local, s.retain_as_published, s.retain_handling, s.subscription_id,
+                       s.share_group], separators=(",", ":")).encode()
+
+
+def unpack_subscription(client_id: str, topic_filter: str, data: bytes) -> Subscription:
+    qos, no_local, as_published, handling, subscription_id, group = json.loads(data)
+    return Subscription(client_id=client_id, topic_filter=topic_filter, qos=qos, no_local=no_local,
+                        retain_as_published=as_published, retain_handling=handling,
+                        subscription_id=subscription_id, share_group=group)
+
+
+def pack_will(message: Message, username: str | None, delay: int, due: float | None) -> bytes:
+    """A client's will as a session keeps it: ``due`` None while its client is connected (armed:
+    published by whoever finds the connection gone), else the clock time it is due."""
+    head = json.dumps([username, delay, due], separators=(",", ":")).encode()
+    return _U16.pack(len(head)) + head + pack_message(message, 0.0)
+
+
+def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
+    (size,) = _U16.unpack_from(data, 0)
+    username, delay, due = json.loads(data[2:2 + size])
+    return unpack_message(data[2 + size:]), username, delay, due
+
+
+__all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records",
+           "pack_queued", "unpack_queued", "pack_subscription", "unpack_subscription", "pack_will",
+           "unpack_will", "FORWARDED", "TARGETED"]

@@ -1,0 +1,130 @@
+-- One batch of a node's changes, applied at once: a script runs alone, and with appendonly its
+-- effects are written together. ARGV: the node, a marker naming the batch (kept in
+-- applied:<node>, so that a batch whose answer was lost is not applied twice), the inboxes'
+-- MAXLEN, then the changes, each an opcode and its arguments.
+--
+-- A change to a session carries the epoch its node claimed the session at (claim.lua) and is
+-- made only if that is still the session's epoch: once another node has claimed the session,
+-- the old owner's late writes are refused here (fencing). A message the old owner queued for it
+-- then goes to the new owner's inbox instead. Returns 'client\0epoch' for each epoch refused.
+local P = 'mqtt:'
+local node, marker, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local verdict, refused = {}, {}
+
+local function mine(c, epoch)
+  local key = c .. '\0' .. epoch
+  local ok = verdict[key]
+  if ok == nil then
+    ok = redis.call('HGET', P .. 'owner:' .. c, 'epoch') == epoch
+    verdict[key] = ok
+    if not ok then refused[#refused + 1] = key end
+  end
+  return ok
+end
+
+local i = 4
+local n = #ARGV
+while i <= n do
+  local op = ARGV[i]
+  if op == 'Q' then -- a message for a session: client epoch seq item packet_id released redirect_head
+    local c, seq = ARGV[i + 1], ARGV[i + 3]
+    if mine(c, ARGV[i + 2]) then
+      redis.call('HSET', P .. 'deliv:' .. c, seq, ARGV[i + 4])
+      if ARGV[i + 5] == '' then
+        redis.call('ZADD', P .. 'queue:' .. c, seq, seq)
+      else
+        redis.call('HSET', P .. 'inflight:' .. c, seq, ARGV[i + 5] .. ':' .. ARGV[i + 6])
+      end
+    else
+      local owner = redis.call('HGET', P .. 'owner:' .. c, 'node')
+      if owner then
+        redis.call('XADD', P .. 'inbox:' .. owner, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4])
+      end
+    end
+    i = i + 8
+  elseif op == 'M' then -- in flight now: client epoch seq packet_id released
+    local c, seq = ARGV[i + 1], ARGV[i + 3]
+    if mine(c, ARGV[i + 2]) then
+      redis.call('ZREM', P .. 'queue:' .. c, seq)
+      redis.call('HSET', P .. 'inflight:' .. c, seq, ARGV[i + 4] .. ':' .. ARGV[i + 5])
+    end
+    i = i + 6
+  elseif op == 'q' then -- acknowledged or dropped: client epoch seq
+    local c, seq = ARGV[i + 1], ARGV[i + 3]
+    if mine(c, ARGV[i + 2]) then
+      redis.call('HDEL', P .. 'deliv:' .. c, seq)
+      redis.call('HDEL', P .. 'inflight:' .. c, seq)
+      redis.call('ZREM', P .. 'queue:' .. c, seq)
+    end
+    i = i + 4
+  elseif op == 'S' then -- the session: client epoch expiry disconnected_at next_seq
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then
+      redis.call('HSET', P .. 'session:' .. c, 'expiry', ARGV[i + 3], 'disconnected_at', ARGV[i + 4],
+                 'next_seq', ARGV[i + 5])
+    end
+    i = i + 6
+  elseif op == 'D' then -- the session ends: client epoch
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then
+      redis.call('DEL', P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
+                 P .. 'queue:' .. c, P .. 'pubrel:' .. c)
+    end
+    i = i + 3
+  elseif op == 'E' then -- the node gives the client up: client epoch
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then
+      redis.call('DEL', P .. 'owner:' .. c)
+      redis.call('SREM', P .. 'clients:' .. node, c)
+    end
+    i = i + 3
+  elseif op == 'U' then -- a subscription: client epoch filter options
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then redis.call('HSET', P .. 'subs:' .. c, ARGV[i + 3], ARGV[i + 4]) end
+    i = i + 5
+  elseif op == 'u' then -- client epoch filter
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then redis.call('HDEL', P .. 'subs:' .. c, ARGV[i + 3]) end
+    i = i + 4
+  elseif op == 'P' or op == 'p' then -- an inbound QoS 2 packet id awaiting PUBREL: client epoch id
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then
+      redis.call(op == 'P' and 'SADD' or 'SREM', P .. 'pubrel:' .. c, ARGV[i + 3])
+    end
+    i = i + 4
+  elseif op == 'W' then -- the will: client epoch will
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then redis.call('HSET', P .. 'session:' .. c, 'will', ARGV[i + 3]) end
+    i = i + 4
+  elseif op == 'w' then -- client epoch
+    local c = ARGV[i + 1]
+    if mine(c, ARGV[i + 2]) then redis.call('HDEL', P .. 'session:' .. c, 'will') end
+    i = i + 3
+  elseif op == 'R' then -- a retained message: topic message
+    redis.call('HSET', P .. 'retained', ARGV[i + 1], ARGV[i + 2])
+    redis.call('PUBLISH', P .. 'control', 'R\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. ARGV[i + 2])
+    i = i + 3
+  elseif op == 'r' then -- topic
+    redis.call('HDEL', P .. 'retained', ARGV[i + 1])
+    redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
+    i = i + 2
+  elseif op == 'X' then -- messages for another node: node entry
+    redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2])
+    i = i + 3
+  elseif op == 'A' then -- an entry of this node's inbox is handled: entry id
+    redis.call('XACK', P .. 'inbox:' .. node, 'nodes', ARGV[i + 1])
+    i = i + 2
+  elseif op == 'F' or op == 'f' then -- a topic filter this node's sessions hold, or no longer
+    if op == 'F' then
+      redis.call('HSET', P .. 'routes:' .. node, ARGV[i + 1], '1')
+    else
+      redis.call('HDEL', P .. 'routes:' .. node, ARGV[i + 1])
+    end
+    redis.call('PUBLISH', P .. 'control', op .. '\0' .. node .. '\0' .. ARGV[i + 1])
+    i = i + 2
+  else
+    return redis.error_reply('unknown change ' .. tostring(op))
+  end
+end
+redis.call('SET', P .. 'applied:' .. node, marker)
+return refused

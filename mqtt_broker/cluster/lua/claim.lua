@@ -1,0 +1,57 @@
+-- A node takes a client's session: when the client connects to it, or when the node that held
+-- the session is dead (adoption). ARGV: client, node, clean start ('1'/'0'), the epoch the node
+-- already holds it at ('0': none), how many queued messages to read (0: all), and the node that
+-- must hold it now for the claim to proceed ('': any; adoption names the dead node).
+--
+-- A claim takes a new epoch from one counter (so epochs only grow, whatever happens to a
+-- session), which fences off every later write of the previous owner (batch.lua), and tells
+-- the previous owner on the control channel. The session's will leaves Redis here: it is
+-- returned when no live node will publish it (the previous owner is dead, or is this node
+-- before a restart), otherwise the previous owner decides on it.
+--
+-- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
+-- copy is current, session fields, subscriptions, {seq, 'packet_id:released', item}...,
+-- {seq, item}... queued, queued count, inbound QoS 2 packet ids}; false if the session is not
+-- held by the required node.
+local P = 'mqtt:'
+local c, node, clean, known, window, required = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local owner_key = P .. 'owner:' .. c
+local old = redis.call('HMGET', owner_key, 'node', 'epoch')
+local old_node, old_epoch = old[1], old[2]
+if required ~= '' and old_node ~= required then
+  return false
+end
+local data = {P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
+              P .. 'queue:' .. c, P .. 'pubrel:' .. c}
+if old_node == node and old_epoch == known then -- held already, by this very process
+  if clean then redis.call('DEL', unpack(data)) end
+  return {known, old_node, 1, false, 1}
+end
+local epoch = redis.call('INCR', P .. 'epochs')
+redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
+if old_node then redis.call('SREM', P .. 'clients:' .. old_node, c) end
+redis.call('SADD', P .. 'clients:' .. node, c)
+local alive = 0
+if old_node and old_node ~= node and redis.call('EXISTS', P .. 'node:' .. old_node) == 1 then alive = 1 end
+if old_node and old_node ~= node then
+  redis.call('PUBLISH', P .. 'control', 'C\0' .. node .. '\0' .. c .. '\0' .. epoch .. '\0' .. (clean and '1' or '0'))
+end
+local will = redis.call('HGET', data[1], 'will')
+redis.call('HDEL', data[1], 'will')
+if alive == 1 then will = false end
+if clean then
+  redis.call('DEL', unpack(data))
+  return {epoch, old_node or false, alive, will, 0}
+end
+local inflight = {}
+local seqs = redis.call('HGETALL', data[4])
+for j = 1, #seqs, 2 do
+  inflight[#inflight + 1] = {seqs[j], seqs[j + 1], redis.call('HGET', data[3], seqs[j])}
+end
+local queued = {}
+local first = redis.call('ZRANGE', data[5], 0, window > 0 and window - 1 or -1)
+for j = 1, #first do
+  queued[#queued + 1] = {first[j], redis.call('HGET', data[3], first[j])}
+end
+return {epoch, old_node or false, alive, will, 0, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
+        inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6])}

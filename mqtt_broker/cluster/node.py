@@ -1,0 +1,544 @@
+"""A node of a cluster: the broker's link to the other nodes, through Redis.
+
+The broker calls it at a few seams (see :class:`Cluster`): a message was routed here (forward
+it to the nodes that want it), a client connects (claim its session), a client's connection
+comes or goes (its will), a session ended. It calls the broker back to route what other nodes
+forward, to take sessions it adopts from a dead node, and to let go of sessions another node
+claimed. Redis keys and scripts stay in :mod:`mqtt_broker.cluster.store`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ..message import Client, Message
+from ..session import Queued, Session
+from ..store import StoredWill
+from ..topics import SubscriptionTree, Subscription, split_shared
+from ..wire import MQTT_5, ReasonCode
+from .address import RedisAddress
+from .codec import FORWARDED, pack_forwarded, unpack_message, unpack_records, unpack_will
+from .redis import Redis
+from .store import Claim, RedisStore
+
+if TYPE_CHECKING:
+    from ..broker import BrokerService
+
+log = Logger()
+
+GROUP = "nodes"
+"""The consumer group of every inbox (each node reads its own inbox as consumer ``node id``)."""
+
+
+class ClusterStats:
+    __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted", "inbox_lag")
+
+    def __init__(self) -> None:
+        self.forwarded_out = self.forwarded_in = self.redirected = self.claims = self.adopted = 0
+        self.inbox_lag = 0
+
+
+def node_id(config: Any) -> str:
+    """``cluster_node_id``, or a stable id kept in ``data_dir`` (made at the first start)."""
+    if config.cluster_node_id:
+        return config.cluster_node_id
+    path = Path(config.data_dir) / "cluster-node-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        path.write_text(made + "\n")
+        return made
+
+
+class Cluster:
+    """This node's part in a cluster. ``store`` is the node's Store (in Redis)."""
+
+    def __init__(self, broker: BrokerService, reactor: Any) -> None:
+        config = broker.config
+        self.broker = broker
+        self.clock = broker.clock
+        self.node = node_id(config)
+        self.address = RedisAddress.parse(config.cluster)
+        self.redis = Redis(self.address, on_up=self._redis_up, on_down=self._redis_down)
+        self.store = RedisStore(self.redis, self.node, reactor, config.cluster_inbox_maxlen)
+        self.store.on_fenced = self._fenced
+        self.store.before_batch = self._collect
+        self.stats = ClusterStats()
+        self.routes = SubscriptionTree()
+        """Which node holds which filter, the other nodes' (a Subscription per (node, filter))."""
+        self.nodes: dict[str, float] = {}
+        """The live nodes other than this one, with the time each was last seen."""
+        self._outgoing: dict[str, list[bytes]] = {}
+        """Records for each node's inbox, written with the store's next batch."""
+        self._qos0: dict[str, list[bytes]] = {}
+        self._qos0_scheduled = False
+        self._turns: dict[tuple[str, str], int] = {}
+        self._claiming: dict[str, list[Queued]] = {}
+        """Clients whose claim is under way, with the messages for them that came meanwhile."""
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self.clock
+        self._ttl_ms = int(config.cluster_heartbeat * config.cluster_missed_heartbeats * 1000)
+        self._started = False
+        self._reading = False
+        self._down_since: float | None = None
+        self._judge_after = 0.0
+        """Clock time before which no node is judged dead (after this node's own outage)."""
+        self._adopting: set[str] = set()
+
+    # --- starting and stopping --------------------------------------------------------------
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Join: register, learn the routes and retained messages, take back this node's own
+        sessions (a restart), and start reading the inbox and beating."""
+        self._started = True
+        self.redis.subscribe("mqtt:control", self._control)
+        self.redis.subscribe(f"mqtt:qos0:{self.node}", self._qos0_received)
+        yield self._register()
+        try:
+            yield self.redis.call("XGROUP", "CREATE", f"mqtt:inbox:{self.node}", GROUP, "$", "MKSTREAM")
+        except Exception as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        yield self._load_routes()
+        yield self._load_retained()
+        self._announce_all()
+        yield self._adopt(self.node)  # this node's sessions before a restart, if any
+        self._judge_after = self.clock.seconds() + self._ttl_ms / 1000
+        self._heartbeat.start(self.broker.config.cluster_heartbeat, now=False)
+        self._read_inbox("0")
+        log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
+                 node=self.node, address=str(self.address), nodes=len(self.nodes))
+
+    def stop(self) -> Deferred[Any]:
+        """Leave: what this node's sessions hold stays in Redis for the survivors to adopt."""
+        self._started = False
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        leaving = self.store.flushed()
+        leaving.addCallback(lambda _: self.redis.call("DEL", f"mqtt:node:{self.node}"))
+        leaving.addCallback(lambda _: self.redis.call("PUBLISH", "mqtt:control", f"B\0{self.node}"))
+        leaving.addErrback(lambda failure: log.warn("leaving the cluster: {error}", error=failure.getErrorMessage()))
+        return leaving.addBoth(lambda _: self.redis.close())
+
+    def _register(self) -> Deferred[Any]:
+        return DeferredList([
+            self.redis.call("SADD", "mqtt:nodes", self.node),
+            self.redis.call("SET", f"mqtt:node:{self.node}", self.node, "PX", self._ttl_ms),
+        ], fireOnOneErrback=True, consumeErrors=True)
+
+    # --- the broker's seams -----------------------------------------------------------------
+
+    def claim(self, client_id: str, clean_start: bool) -> Deferred[bool]:
+        """Take the client's session before its CONNACK: load it if another node (or this node
+        before a restart) had it, and make that node let go. False if Redis did not answer in
+        time (the client is refused with 0x88)."""
+        self.stats.claims += 1
+        self._claiming.setdefault(client_id, [])
+        d = self.store.claim(client_id, clean_start, self.broker.config.max_queued_messages)
+        d.addTimeout(self.broker.config.cluster_claim_timeout, self.clock)
+        return d.addCallbacks(self._claimed, self._not_claimed, callbackArgs=(client_id, clean_start),
+                              errbackArgs=(client_id,))
+
+    def _claimed(self, claim: Claim | None, client_id: str, clean_start: bool) -> bool:
+        assert claim is not None
+        broker = self.broker
+        if not claim.current:
+            local = broker.sessions.get(client_id)
+            if local is not None:  # a copy from before another node had it: stale
+                broker.forget_session(client_id)
+            if claim.session is not None:
+                broker.sessions[client_id] = claim.session
+                for subscription in claim.session.subscriptions.values():
+                    broker.subscriptions.add(subscription)
+        if claim.will is not None:
+            self._will_found(client_id, claim.will, ended=clean_start)
+        for item in self._claiming.pop(client_id, []):
+            self._deliver_targeted(client_id, item)
+        return True
+
+    def _not_claimed(self, failure: Any, client_id: str) -> bool:
+        self._claiming.pop(client_id, None)
+        log.warn("could not claim the session of {client_id} in Redis: {error}", client_id=client_id,
+                 error=failure.getErrorMessage())
+        return False
+
+    def forward(self, message: Message, groups: list[tuple[tuple[str, str], list[Subscription]]]) -> int:
+        """A message routed on this node: send it once to each other node holding a matching
+        filter, and give each shared subscription to one member across the cluster (here, or on
+        the node chosen). Returns how many nodes and shared members it went to."""
+        by_node, node_groups = self.routes.match(message.topic)
+        targets: dict[str, list[tuple[str, str]]] = {match[0]: [] for match in by_node}
+        count = 0
+        if groups or node_groups:
+            local = dict(groups)
+            remote: dict[tuple[str, str], list[str]] = {}
+            for share, members in node_groups:
+                remote[share] = [member.client_id for member in members]
+            for share in {*local, *remote}:
+                candidates = ([self.node] if share in local else []) + sorted(remote.get(share, ()))
+                turn = self._turns.get(share, 0)
+                self._turns[share] = turn + 1
+                chosen = candidates[turn % len(candidates)]
+                if chosen == self.node:
+                    count += self.broker._deliver_shared(message, share, local[share])
+                else:
+                    targets.setdefault(chosen, []).append(share)
+        if not targets:
+            return count
+        now = self.clock.seconds()
+        for node, shares in targets.items():
+            record = pack_forwarded(message, tuple(shares), now)
+            if message.qos:
+                self._outgoing.setdefault(node, []).append(record)
+            else:
+                self._qos0.setdefault(node, []).append(record)
+        if not message.qos and not self._qos0_scheduled:
+            self._qos0_scheduled = True
+            self.clock.callLater(0, self._send_qos0)
+        self.stats.forwarded_out += len(targets)
+        return count + len(targets)
+
+    def _collect(self) -> None:
+        """Before the store cuts a batch: the records for other nodes go in it, one entry per
+        node (so a publisher acknowledged after the batch is acknowledged after the inboxes
+        hold its message)."""
+        outgoing, self._outgoing = self._outgoing, {}
+        for node, records in outgoing.items():
+            self.store.forward(node, b"".join(records))
+
+    def _send_qos0(self) -> None:
+        self._qos0_scheduled = False
+        qos0, self._qos0 = self._qos0, {}
+        for node, records in qos0.items():  # fire and forget, as QoS 0 promises
+            self.redis.call("PUBLISH", f"mqtt:qos0:{node}", b"".join(records)).addErrback(lambda _: None)
+
+    def filter_changed(self, topic_filter: str, held: bool) -> None:
+        """This node's sessions hold a filter now, or no longer (from the subscription tree)."""
+        self.store.route(topic_filter, held)
+
+    def connected(self, session: Session, connection: Any) -> None:
+        """A client is connected: its will goes to Redis, for whichever node finds the
+        connection gone should this node die."""
+        will = connection.will
+        if will is not None:
+            client = connection.client
+            self.store.arm_will(session.client_id, client.username if client else None, will, connection.will_delay)
+
+    def disconnected(self, session: Session, had_will: bool) -> None:
+        """The client's connection ended: its will is this node's to publish (or not), as on a
+        single broker (a delayed one is saved again, with its time)."""
+        if had_will:
+            self.store.delete_will(session.client_id)
+
+    def released(self, client_id: str) -> None:
+        """The client's session ended on this node."""
+        self.store.give_up(client_id)
+
+    # --- other nodes' messages --------------------------------------------------------------
+
+    def _read_inbox(self, since: str) -> None:
+        """Read this node's inbox: first what it was given before a restart and never finished
+        (``since`` "0"), then what is new."""
+        if not self._started or self._reading:
+            return
+        self._reading = True
+        self.redis.read("XREADGROUP", "GROUP", GROUP, self.node, "COUNT", 100, "BLOCK", 2000, "STREAMS",
+                        f"mqtt:inbox:{self.node}", since).addCallbacks(
+            self._inbox_read, self._inbox_failed, callbackArgs=(since,))
+
+    def _inbox_read(self, reply: Any, since: str) -> None:
+        entries = reply[0][1] if reply else []
+        for entry_id, fields in entries:
+            if fields:  # (None: trimmed away since it was read)
+                self._handle_entry(bytes(fields[1]))
+            self.store.handled(entry_id)
+        if since == "0" and not entries:
+            since = ">"  # the pending entries are done
+        # The next read once these are marked handled: a pending entry must not be read twice.
+        self.store.flushed().addBoth(self._inbox_handled, since)
+
+    def _inbox_handled(self, _: Any, since: str) -> None:
+        self._reading = False
+        self._read_inbox(since)
+
+    def _inbox_failed(self, failure: Any) -> None:
+        self._reading = False
+        if self._started:
+            self.clock.callLater(1.0, self._read_inbox, "0")
+
+    def _handle_entry(self, data: bytes, only: set[str] | None = None) -> None:
+        broker = self.broker
+        for kind, first, second in unpack_records(data):
+            self.stats.forwarded_in += 1
+            if kind == FORWARDED:
+                if only is not None:
+                    self._deliver_adopted(first, only)
+                    continue
+                # Nothing of a QoS 2 message reaches a client before the store holds that this
+                # entry is handled: after a crash it is handled again, so it must not have gone out.
+                broker.routing_waits_for_store = first.qos == 2
+                try:
+                    broker.route(first, second)
+                finally:
+                    broker.routing_waits_for_store = False
+            elif only is None or first in only:
+                self._deliver_targeted(first, second)
+
+    def _qos0_received(self, data: bytes) -> None:
+        for kind, message, shares in unpack_records(data):
+            self.stats.forwarded_in += 1
+            self.broker.route(message, shares)
+
+    def _deliver_targeted(self, client_id: str, item: Queued) -> None:
+        """A message for one session (its previous owner's writes were fenced off)."""
+        if client_id in self._claiming:
+            self._claiming[client_id].append(item)
+            return
+        session = self.broker.sessions.get(client_id)
+        if session is not None and client_id in self.store.epochs:
+            self.broker.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
+        else:  # not here (any more): the store sends it on to the session's owner, if any
+            self.stats.redirected += 1
+            self.store.send_on(client_id, item)
+
+    def _deliver_adopted(self, message: Message, clients: set[str]) -> None:
+        """A message from a dead node's inbox: to the sessions adopted from it that match."""
+        by_client, _ = self.broker.subscriptions.match(message.topic)
+        security = self.broker.security
+        for match in by_client:
+            client_id = match.client_id
+            session = self.broker.sessions.get(client_id)
+            if client_id not in clients or session is None or (match.no_local and message.sender == client_id):
+                continue
+            if security is not None and session.identity is not None and not security.can_read(
+                    session.identity, message.topic):
+                continue
+            self.broker.deliver(session, message, min(match.qos, message.qos),
+                                message.retain and match.retain_as_published, match.subscription_ids)
+
+    # --- the control channel ----------------------------------------------------------------
+
+    def _control(self, data: bytes) -> None:
+        kind, _, rest = data.partition(b"\0")
+        parts = rest.split(b"\0", 2 if kind == b"R" else -1)  # (a retained message may hold a NUL)
+        node = parts[0].decode()
+        if node == self.node:
+            return
+        if kind in (b"F", b"f"):
+            topic_filter = parts[1].decode()
+            self.nodes.setdefault(node, self.clock.seconds())
+            if kind == b"F":
+                self._add_route(node, topic_filter)
+            else:
+                self.routes.remove(node, topic_filter)
+        elif kind == b"R":
+            message = unpack_message(parts[2])
+            message.retain = True
+            if message.properties and "message_expiry_interval" in message.properties:
+                message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
+            self.broker.retained.store(message)
+        elif kind == b"r":
+            self.broker.retained.delete(parts[1].decode())
+        elif kind == b"C":
+            self._claimed_elsewhere(parts[1].decode(), int(parts[2]), parts[3] == b"1")
+        elif kind == b"B":  # a node left: what it held is adopted at once
+            self.nodes.pop(node, None)
+            self.clock.callLater(0, self._check_nodes, True)
+        elif kind == b"G":  # a dead node's sessions are adopted: its routes go
+            self.nodes.pop(node, None)
+            for subscription in [s for s in self.routes if s.client_id == node]:
+                self.routes.remove(node, subscription.topic_filter)
+
+    def _add_route(self, node: str, topic_filter: str) -> None:
+        group, _ = split_shared(topic_filter)
+        self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+
+    def _claimed_elsewhere(self, client_id: str, epoch: int, clean: bool) -> None:
+        """Another node took a session this node held: its connection here is closed (0x8E),
+        and the session's copy here forgotten (the new owner has it, from Redis)."""
+        held = self.store.epochs.get(client_id)
+        if held is None or held >= epoch:
+            return
+        self.store.epochs.pop(client_id, None)
+        self.broker.forget_session(client_id, taken_over=True, ended=clean)
+
+    def _fenced(self, client_id: str, epoch: int) -> None:
+        """Redis refused changes to a session this node wrote at ``epoch``: another node has
+        claimed it (the control channel's news may have been lost)."""
+        if self.store.epochs.get(client_id) == epoch:
+            self.store.epochs.pop(client_id, None)
+            self.broker.forget_session(client_id, taken_over=True, ended=False)
+
+    # --- membership ---------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        if not self.redis.up:
+            return
+        self.redis.call("SET", f"mqtt:node:{self.node}", self.node, "PX", self._ttl_ms).addErrback(lambda _: None)
+        self._check_nodes()
+
+    @inlineCallbacks
+    def _check_nodes(self, now_judge: bool = False) -> Any:
+        """Learn the nodes that joined, and adopt what the dead ones held, if this node is the
+        survivor chosen for it (the lowest id of the live nodes)."""
+        try:
+            members = [m.decode() for m in (yield self.redis.call("SMEMBERS", "mqtt:nodes"))]
+            alive = yield DeferredList([self.redis.call("EXISTS", f"mqtt:node:{m}") for m in members],
+                                       consumeErrors=True)
+        except Exception:
+            return
+        now = self.clock.seconds()
+        live = {m for m, (ok, value) in zip(members, alive) if ok and value}
+        for member in live - {self.node} - set(self.nodes):
+            self.nodes[member] = now
+            yield self._load_routes(member)
+        for member in set(self.nodes) - live:
+            del self.nodes[member]
+        if now < self._judge_after and not now_judge:
+            return
+        dead = [m for m in members if m not in live and m != self.node]
+        if dead and min(live | {self.node}) == self.node:
+            for member in dead:
+                yield self._adopt(member)
+
+    @inlineCallbacks
+    def _adopt(self, dead: str) -> Any:
+        """Take every session ``dead`` held (this node's own id: those it held before a
+        restart), publish the wills of its clients that were connected, and route what is left
+        in its inbox to those sessions. Exactly one node does it for a session: the claim
+        succeeds only while the dead node still holds it."""
+        if dead in self._adopting:
+            return
+        self._adopting.add(dead)
+        try:
+            clients = [c.decode() for c in (yield self.redis.call("SMEMBERS", f"mqtt:clients:{dead}"))]
+            adopted: set[str] = set()
+            for client_id in clients:
+                if client_id in self.broker.sessions and dead == self.node:
+                    continue
+                claim = yield self.store.claim(client_id, False, self.broker.config.max_queued_messages, dead)
+                if claim is None:
+                    continue
+                if claim.will is not None:
+                    self._will_found(client_id, claim.will, ended=claim.session is None)
+                if claim.session is None:
+                    self.store.give_up(client_id)
+                    continue
+                self.broker.take_session(claim.session, claim.disconnected_at)
+                adopted.add(client_id)
+                self.stats.adopted += 1
+            if dead != self.node:
+                yield self._drain(dead, adopted)
+                yield self.store.flushed()
+                yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}")
+                yield self.redis.call("SREM", "mqtt:nodes", dead)
+                yield self.redis.call("PUBLISH", "mqtt:control", f"G\0{dead}")
+                log.info("adopted {count} sessions of node {dead}, which is gone", count=len(adopted), dead=dead)
+            elif adopted:
+                log.info("took back {count} sessions of this node from before its restart", count=len(adopted))
+        finally:
+            self._adopting.discard(dead)
+
+    @inlineCallbacks
+    def _drain(self, dead: str, adopted: set[str]) -> Any:
+        """Route what is left in a dead node's inbox to the sessions adopted from it."""
+        stream = f"mqtt:inbox:{dead}"
+        cursor = "0-0"
+        for _ in range(100_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
+            reply = yield self.redis.call("XAUTOCLAIM", stream, GROUP, self.node, 0, cursor, "COUNT", 100)
+            cursor = reply[0].decode()
+            entries = reply[1]
+            reply = yield self.redis.call("XREADGROUP", "GROUP", GROUP, self.node, "COUNT", 100, "STREAMS", stream, ">")
+            if reply:
+                entries = list(entries) + list(reply[0][1])
+            for entry_id, fields in entries:
+                if fields:
+                    self._handle_entry(bytes(fields[1]), only=adopted)
+            yield self.store.flushed()
+            if entries:
+                yield self.redis.call("XACK", stream, GROUP, *[entry_id for entry_id, _ in entries])
+            if not entries and cursor == "0-0":
+                break
+        yield self.redis.call("DEL", stream)
+
+    def _will_found(self, client_id: str, data: bytes, ended: bool) -> None:
+        """A will no live node will publish: its client's connection was on a node that is dead
+        (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
+        its delay is 0 or the session ends; dropped if the client is connecting again (it came
+        back within the delay [MQTT-3.1.3-9]); otherwise due after its delay, or at the time a
+        delayed will was given."""
+        message, username, delay, due = unpack_will(data)
+        message.sender = client_id
+        client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
+                        clean_start=False, keep_alive=0)
+        if ended or (due is None and not delay):
+            self.broker.publish_will(client, message)
+        elif client_id not in self._claiming:
+            session = self.broker.sessions.get(client_id)
+            expiry = session.expiry if session is not None else 0
+            self.broker.schedule_will(client, message, due if due is not None else
+                                      self.clock.seconds() + min(delay, expiry))
+
+    # --- Redis coming and going ---------------------------------------------------------------
+
+    def _redis_down(self) -> None:
+        self._down_since = self.clock.seconds()
+        log.warn("Redis at {address} is unreachable: local clients are still served; QoS 1/2 "
+                 "acknowledgements, new connections and messages to other nodes wait for it",
+                 address=str(self.address))
+
+    def _redis_up(self) -> None:
+        if self._down_since is None:
+            return
+        log.info("Redis at {address} is back after {seconds:.1f}s", address=str(self.address),
+                 seconds=self.clock.seconds() - self._down_since)
+        self._down_since = None
+        # Other nodes may have been cut off too: none is judged dead before it could beat again.
+        self._judge_after = self.clock.seconds() + self._ttl_ms / 1000
+        if self._started:
+            self._register()
+            self._announce_all()
+            self._load_routes()
+            self._load_retained()
+            self._read_inbox("0")
+
+    def _announce_all(self) -> None:
+        """Write this node's whole set of filters again (after an outage, events may be lost)."""
+        for topic_filter in self.broker.subscriptions.filters():
+            self.store.route(topic_filter, True)
+
+    @inlineCallbacks
+    def _load_routes(self, only: str | None = None) -> Any:
+        members = [only] if only else [m.decode() for m in (yield self.redis.call("SMEMBERS", "mqtt:nodes"))]
+        for member in members:
+            if member == self.node:
+                continue
+            filters = yield self.redis.call("HKEYS", f"mqtt:routes:{member}")
+            for topic_filter in filters:
+                self._add_route(member, topic_filter.decode())
+
+    @inlineCallbacks
+    def _load_retained(self) -> Any:
+        cursor = b"0"
+        for _ in range(1_000_000):
+            cursor, items = yield self.redis.call("HSCAN", "mqtt:retained", cursor, "COUNT", 1000)
+            for j in range(0, len(items), 2):
+                message = unpack_message(items[j + 1])
+                message.retain = True
+                self.broker.retained.store(message)
+            if cursor in (b"0", 0):
+                break
+
+
+__all__ = ["Cluster", "ClusterStats", "node_id"]

@@ -1,0 +1,187 @@
+"""The connections of a node to Redis, through txredisapi: one for commands and scripts, one for
+the blocking read of the node's inbox, one subscribed to the control channel.
+
+``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS) names one server;
+``redis+sentinel://[[user]:password@]host[:port],host2[:port]/service[/db]`` asks the Sentinels
+for the master of ``service`` before every connection, so a failover is followed. Each
+connection reconnects by itself with backoff; ``on_up``/``on_down`` tell the cluster when the
+command connection comes and goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import txredisapi
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from .address import RedisAddress
+
+log = Logger()
+
+
+class Script:
+    """A Lua script, run with EVALSHA (and loaded when Redis does not know it: after a restart
+    its script cache is empty)."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class _Watched:
+    """A factory mixin: tells its owner when a connection becomes usable and when it is lost."""
+
+    on_up: Callable[[Any], None] | None = None
+    on_down: Callable[[Any], None] | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)  # type: ignore[misc]
+        if self.on_up is not None:
+            protocol.whenConnected().addCallback(self.on_up)
+        if self.on_down is not None:
+            protocol.whenDisconnected().addCallback(self.on_down)
+        return protocol
+
+
+class _Factory(_Watched, txredisapi.RedisFactory):
+    pass
+
+
+class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
+    pass
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.factory.received(channel, message)
+
+
+class _SentinelSubscriber(txredisapi.SentinelRedisProtocol, _Subscriber):
+    pass
+
+
+class Redis:
+    """The connections of one node to one Redis."""
+
+    def __init__(self, address: RedisAddress, on_up: Callable[[], None] | None = None,
+                 on_down: Callable[[], None] | None = None, connect_timeout: float = 5.0,
+                 reply_timeout: float = 30.0) -> None:
+        self.address = address
+        self._on_up, self._on_down = on_up, on_down
+        self._connect_timeout, self._reply_timeout = connect_timeout, reply_timeout
+        self._sentinel = txredisapi.Sentinel(
+            list(address.hosts), connectTimeout=connect_timeout, password=address.password,
+            username=address.username) if address.service else None
+        self.up = False
+        self.commands = self._connect(_Factory, _SentinelFactory, self._command_up, self._command_down)
+        self.reader = self._connect(_Factory, _SentinelFactory, None, None, reply_timeout=None)
+        self._handlers: dict[bytes, Callable[[bytes], None]] = {}
+        self._subscriber: Any = None
+        self._scripts_known: set[str] = set()
+
+    def _connect(self, plain: type, sentinel: type, up: Any, down: Any, reply_timeout: float | None = -1.0,
+                 protocol: type | None = None) -> Any:
+        timeout = self._reply_timeout if reply_timeout == -1.0 else reply_timeout
+        a = self.address
+        kwargs = dict(dbid=a.db, poolsize=1, isLazy=True, charset=None, password=a.password, replyTimeout=timeout,
+                      convertNumbers=False, username=a.username)
+        if self._sentinel is not None:
+            factory = sentinel(sentinel_manager=self._sentinel, service_name=a.service, is_master=True, uuid=None,
+                               **kwargs)
+            endpoint: Any = txredisapi._SentinelEndpoint(factory)
+        else:
+            host, port = a.hosts[0]
+            factory = plain(f"{host}:{port}", **kwargs)
+            tls = None
+            if a.tls:
+                from twisted.internet import ssl
+                tls = ssl.ClientContextFactory()
+            endpoint = txredisapi._makeEndpoint(host, port, self._connect_timeout, tls)
+        if protocol is not None:
+            factory.protocol = protocol
+        factory.on_up, factory.on_down = up, down
+        factory.reconnect = True
+        factory.startConnecting(endpoint)
+        return factory
+
+    def _command_up(self, _: Any) -> None:
+        self._scripts_known.clear()
+        if not self.up:
+            self.up = True
+            if self._on_up is not None:
+                self._on_up()
+
+    def _command_down(self, _: Any) -> None:
+        if self.up:
+            self.up = False
+            if self._on_down is not None:
+                self._on_down()
+
+    # --- commands ------------------------------------------------------------------------
+
+    def call(self, *args: Any) -> Deferred[Any]:
+        """Run a command on the command connection (waiting for one while Redis is away)."""
+        return self.commands.handler.execute_command(*args)
+
+    def run(self, script: Script, *args: Any) -> Deferred[Any]:
+        """Run a script (no KEYS: the scripts name their keys, which a single Redis allows)."""
+        if script.sha in self._scripts_known:
+            return self._evalsha(script, args)
+        return self.call("SCRIPT", "LOAD", script.source).addCallback(self._loaded, script, args)
+
+    def _loaded(self, sha: bytes, script: Script, args: tuple[Any, ...]) -> Deferred[Any]:
+        self._scripts_known.add(script.sha)
+        return self._evalsha(script, args)
+
+    def _evalsha(self, script: Script, args: tuple[Any, ...]) -> Deferred[Any]:
+        def unknown(failure: Any) -> Any:
+            if "NOSCRIPT" in str(failure.value):  # Redis restarted since: load it again
+                self._scripts_known.discard(script.sha)
+                return self.run(script, *args)
+            return failure
+        return self.call("EVALSHA", script.sha, 0, *args).addErrback(unknown)
+
+    def read(self, *args: Any) -> Deferred[Any]:
+        """A blocking command (XREADGROUP ... BLOCK), on a connection of its own."""
+        return self.reader.handler.execute_command(*args, apply_timeout=False)
+
+    # --- pub/sub -------------------------------------------------------------------------
+
+    def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Call ``handler(message)`` for every message on ``channel``, from now on and across
+        reconnections (messages sent while the connection is down are lost: pub/sub keeps none)."""
+        self._handlers[channel.encode()] = handler
+        if self._subscriber is None:
+            self._subscriber = self._connect(_Factory, _SentinelFactory, self._subscribe_all, None,
+                                             reply_timeout=None,
+                                             protocol=_SentinelSubscriber if self._sentinel else _Subscriber)
+            self._subscriber.received = self._received
+        else:
+            for protocol in self._subscriber.pool:
+                protocol.subscribe([channel])
+
+    def _subscribe_all(self, protocol: Any) -> None:
+        protocol.subscribe([channel.decode() for channel in self._handlers])
+
+    def _received(self, channel: bytes, message: bytes) -> None:
+        handler = self._handlers.get(channel)
+        if handler is not None:
+            try:
+                handler(message)
+            except Exception:
+                log.failure("handling a message on the Redis channel {channel}", channel=channel)
+
+    def close(self) -> Deferred[Any]:
+        from twisted.internet.defer import DeferredList
+        factories = [self.commands, self.reader] + ([self._subscriber] if self._subscriber is not None else [])
+        closing = [factory.disconnect() for factory in factories]
+        if self._sentinel is not None:
+            closing.append(self._sentinel.disconnect())
+        return DeferredList(closing, consumeErrors=True)
+
+
+__all__ = ["Redis", "Script"]

@@ -1,0 +1,355 @@
+"""The Store of a cluster node, in Redis: sessions, retained messages, and the node's messages
+to other nodes and routes, written in batches that Redis applies at once. The only module that
+knows the keys (they are in the Lua scripts beside it, under ``mqtt:``).
+
+Changes are recorded on the reactor thread and written as one script call per batch; while a
+batch is on its way the next one collects what comes meanwhile (group commit), so under load one
+round trip carries many messages. ``flushed()`` fires, in order, when Redis has applied every
+change recorded so far: the broker acknowledges a QoS 1/2 PUBLISH then, so a message forwarded
+to another node is acknowledged only once that node's inbox holds it.
+
+When Redis is away, a batch waits and is written when it is back (acknowledgements wait with it;
+nothing is acknowledged that Redis does not hold). A batch whose answer was lost with the
+connection may have been applied or not: the marker it leaves in Redis tells, so it is written
+again only if it was not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib import resources
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..history import Entry
+from ..message import Message
+from ..session import Outgoing, Queued, Session
+from ..store import Snapshot, StoredWill
+from ..topics import Subscription
+from .codec import pack_message, pack_queued, pack_subscription, pack_will, targeted_head, unpack_queued, \
+    unpack_subscription
+from .redis import Redis, Script
+
+log = Logger()
+
+RETRY_AFTER = 1.0
+"""Seconds between tries of a batch whose answer was lost, while Redis is away."""
+
+
+def _script(name: str) -> Script:
+    return Script(name, resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
+
+
+BATCH, CLAIM, QUEUED = _script("batch"), _script("claim"), _script("queued")
+
+
+class Claim:
+    """What ``RedisStore.claim`` found: the new epoch, the previous owner, and the session."""
+
+    __slots__ = ("epoch", "previous", "previous_alive", "will", "current", "session", "disconnected_at")
+
+    def __init__(self, reply: list[Any], client_id: str) -> None:
+        self.epoch = int(reply[0])
+        self.previous: str | None = reply[1].decode() if reply[1] else None
+        self.previous_alive = bool(reply[2])
+        self.will: bytes | None = reply[3] or None
+        """The session's will, when no live node will publish it (pack_will)."""
+        self.current = bool(reply[4])
+        """The caller held the session already: its copy is current."""
+        self.session: Session | None = None
+        self.disconnected_at: float | None = None
+        if len(reply) > 5:
+            self.session, self.disconnected_at = _session(client_id, reply)
+
+
+def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | None]:
+    fields, subs, inflight, queued, count, pubrel = reply[5:11]
+    if not fields:
+        return None, None
+    meta = {fields[j].decode(): fields[j + 1] for j in range(0, len(fields), 2)}
+    session = Session(client_id, int(meta["expiry"]))
+    session.stored = True
+    session.next_seq = int(meta["next_seq"])
+    disconnected_at = float(meta["disconnected_at"]) if meta.get("disconnected_at") else None
+    for j in range(0, len(subs), 2):
+        topic_filter = subs[j].decode()
+        session.subscriptions[topic_filter] = unpack_subscription(client_id, topic_filter, subs[j + 1])
+    for seq, state, item in sorted(inflight, key=lambda entry: int(entry[0])):
+        if item is None:
+            continue
+        queued_item = unpack_queued(item, int(seq))
+        packet_id, released = state.decode().split(":")
+        session.outgoing[int(packet_id)] = Outgoing(queued_item.message, queued_item.qos, queued_item.retain,
+                                                    queued_item.subscription_ids, queued_item.share, queued_item.seq,
+                                                    released=released == "1")
+    items = [unpack_queued(item, int(seq)) for seq, item in queued if item is not None]
+    if items:
+        session.push(*items)
+        session.loaded_seq = items[-1].seq
+    session.spilled = int(count) - len(items)
+    session.awaiting_pubrel = {int(packet_id) for packet_id in pubrel}
+    last = max([session.next_seq - 1, *(out.seq for out in session.outgoing.values()), *(i.seq for i in items)])
+    session.next_seq = last + 1
+    return session, disconnected_at
+
+
+class RedisStore:
+    """``RedisStore(redis, node, reactor)``: the Store protocol, plus what the cluster records
+    through it (messages for other nodes, routes, claims)."""
+
+    def __init__(self, redis: Redis, node: str, reactor: Any, inbox_maxlen: int = 1_000_000) -> None:
+        self.redis = redis
+        self.node = node
+        self.reactor = reactor
+        self.inbox_maxlen = inbox_maxlen
+        self.epochs: dict[str, int] = {}
+        """The epoch this node holds each of its clients' sessions at (claim)."""
+        self.on_fenced: Callable[[str, int], None] | None = None
+        """Called with (client id, epoch) when Redis refused changes made at that epoch: another
+        node has claimed the session since."""
+        self.generation = 0
+        self._pending: list[tuple[Any, ...] | None] = []
+        self._queued_at: dict[tuple[str, int], int] = {}
+        """Messages queued by the pending batch: (client id, seq) -> index in _pending."""
+        self._pubrels_at: dict[tuple[str, int], int] = {}
+        self._waiters: list[Deferred[None]] = []
+        self._scheduled = False
+        self._writing = False
+        self._incarnation = os.urandom(6).hex()
+        self._batches = 0
+        self._batch_started = 0.0
+        self._failing = False
+        self.commit_observers: list[Callable[[float], None]] = []
+        """Called with the seconds each batch took, from its send to Redis's answer."""
+        self.before_batch: Callable[[], None] | None = None
+        """Called before a batch is cut, to record what waited for it (the cluster's messages
+        for other nodes, gathered per node)."""
+
+    # --- the Store protocol: reading ------------------------------------------------------
+
+    def load(self, window: int = 0) -> Snapshot:
+        """Nothing at start-up: each session is read when its client connects (``claim``), and the
+        retained messages by the cluster once Redis answers."""
+        return Snapshot()
+
+    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+        def read(_: Any) -> Deferred[list[Queued]]:
+            return self.redis.run(QUEUED, client_id, after_seq, limit).addCallback(
+                lambda reply: [unpack_queued(item, int(seq)) for seq, item in reply if item is not None])
+        return self.flushed().addCallback(read)
+
+    # --- the Store protocol: changes to sessions ------------------------------------------
+
+    def _epoch(self, client_id: str) -> int:
+        return self.epochs.get(client_id, 0)
+
+    def save_session(self, session: Session, disconnected_at: float | None) -> None:
+        c = session.client_id
+        self._record("S", c, self._epoch(c), session.expiry, "" if disconnected_at is None else repr(disconnected_at),
+                     session.next_seq)
+
+    def delete_session(self, client_id: str) -> None:
+        self._record("D", client_id, self._epoch(client_id))
+
+    def save_subscription(self, client_id: str, subscription: Subscription) -> None:
+        self._record("U", client_id, self._epoch(client_id), subscription.topic_filter,
+                     pack_subscription(subscription))
+
+    def delete_subscription(self, client_id: str, topic_filter: str) -> None:
+        self._record("u", client_id, self._epoch(client_id), topic_filter)
+
+    def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
+        packed = pack_queued(item)
+        # The head of the record that sends the message to the session's new owner, should
+        # another node have claimed it: the script appends the item itself.
+        head = targeted_head(client_id, len(packed))
+        index = self._record("Q", client_id, self._epoch(client_id), item.seq, packed,
+                             "" if packet_id is None else packet_id, 0, head)
+        self._queued_at[(client_id, item.seq)] = index
+
+    def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
+        index = self._queued_at.get((client_id, seq))
+        if index is not None:  # still in the pending batch: change it there
+            op = self._pending[index]
+            assert op is not None
+            self._pending[index] = (*op[:5], packet_id, int(released), op[7])
+            return
+        self._record("M", client_id, self._epoch(client_id), seq, packet_id, int(released))
+
+    def remove_delivery(self, client_id: str, seq: int) -> None:
+        index = self._queued_at.pop((client_id, seq), None)
+        if index is not None:  # never written: nothing to remove
+            self._pending[index] = None
+            return
+        self._record("q", client_id, self._epoch(client_id), seq)
+
+    def add_pubrel(self, client_id: str, packet_id: int) -> None:
+        self._pubrels_at[(client_id, packet_id)] = self._record("P", client_id, self._epoch(client_id), packet_id)
+
+    def remove_pubrel(self, client_id: str, packet_id: int) -> None:
+        index = self._pubrels_at.pop((client_id, packet_id), None)
+        if index is not None:
+            self._pending[index] = None
+            return
+        self._record("p", client_id, self._epoch(client_id), packet_id)
+
+    def save_will(self, will: StoredWill) -> None:
+        """A delayed will: due at ``will.due``."""
+        c = will.client_id
+        self._record("W", c, self._epoch(c), pack_will(will.message, will.username, 0, will.due))
+
+    def arm_will(self, client_id: str, username: str | None, message: Message, delay: int) -> None:
+        """The will of a connected client, for the node that finds its connection gone."""
+        self._record("W", client_id, self._epoch(client_id), pack_will(message, username, delay, None))
+
+    def delete_will(self, client_id: str) -> None:
+        self._record("w", client_id, self._epoch(client_id))
+
+    def save_retained(self, message: Message) -> None:
+        self._record("R", message.topic, pack_message(message, self.reactor.seconds()))
+
+    def delete_retained(self, topic: str) -> None:
+        self._record("r", topic)
+
+    def save_history(self, entry: Entry) -> None:
+        """The message log stays in each node's memory in a cluster."""
+
+    def forget_history(self, before_seq: int) -> None:
+        pass
+
+    # --- what the cluster records ---------------------------------------------------------
+
+    def forward(self, node: str, entry: bytes) -> None:
+        """Messages for another node's inbox (pack_forwarded records)."""
+        self._record("X", node, entry)
+
+    def handled(self, entry_id: bytes) -> None:
+        """An entry of this node's inbox is routed (what it queued is in the same batch)."""
+        self._record("A", entry_id)
+
+    def route(self, topic_filter: str, held: bool) -> None:
+        """This node's sessions hold a filter now, or no longer."""
+        self._record("F" if held else "f", topic_filter)
+
+    def send_on(self, client_id: str, item: Queued) -> None:
+        """A message for a session this node does not hold: Redis passes it to the node that
+        does (the epoch 0 is never a session's), or drops it if the session is gone."""
+        packed = pack_queued(item)
+        self._record("Q", client_id, 0, 0, packed, "", 0, targeted_head(client_id, len(packed)))
+
+    def give_up(self, client_id: str) -> None:
+        """The node no longer holds the client (its session ended)."""
+        epoch = self.epochs.pop(client_id, None)
+        if epoch is not None:
+            self._record("E", client_id, epoch)
+
+    def claim(self, client_id: str, clean_start: bool, window: int, required: str = "") -> Deferred[Claim | None]:
+        """Take the client's session, after this node's changes so far are written (so that the
+        claim sees them). None when ``required`` names a node that no longer holds it."""
+        known = self.epochs.get(client_id, 0)
+
+        def run(_: Any) -> Deferred[Any]:
+            return self.redis.run(CLAIM, client_id, self.node, "1" if clean_start else "0", known, window, required)
+
+        def claimed(reply: Any) -> Claim | None:
+            if reply is None:
+                return None
+            claim = Claim(reply, client_id)
+            self.epochs[client_id] = claim.epoch
+            return claim
+        return self.flushed().addCallback(run).addCallback(claimed)
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _record(self, *op: Any) -> int:
+        self._pending.append(op)
+        if not self._scheduled and not self._writing:
+            self._scheduled = True
+            self.reactor.callLater(0, self._flush)
+        return len(self._pending) - 1
+
+    def flushed(self) -> Deferred[None]:
+        if not self._pending and not self._writing and not self._waiters:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        if not self._scheduled and not self._writing:
+            self._scheduled = True
+            self.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._writing:
+            return
+        if self.before_batch is not None:
+            self.before_batch()
+        ops = [value for op in self._pending if op is not None for value in op]
+        waiters, self._waiters = self._waiters, []
+        self._pending = []
+        self._queued_at.clear()
+        self._pubrels_at.clear()
+        self.generation += 1
+        if not ops:
+            for d in waiters:
+                d.callback(None)
+            return
+        self._batches += 1
+        marker = f"{self._incarnation}:{self._batches}"
+        self._writing = True
+        self._write(marker, ops, waiters)
+
+    def _write(self, marker: str, ops: list[Any], waiters: list[Deferred[None]]) -> None:
+        self._batch_started = time.perf_counter()
+        self.redis.run(BATCH, self.node, marker, self.inbox_maxlen, *ops).addCallbacks(
+            self._written, self._not_written, callbackArgs=(waiters,), errbackArgs=(marker, ops, waiters))
+
+    def _written(self, refused: list[bytes], waiters: list[Deferred[None]]) -> None:
+        self._writing = False
+        elapsed = time.perf_counter() - self._batch_started
+        for observe in self.commit_observers:
+            observe(elapsed)
+        if self._failing:
+            self._failing = False
+            log.info("writing to Redis works again")
+        for d in waiters:
+            d.callback(None)
+        if refused and self.on_fenced is not None:
+            for entry in refused:
+                client_id, _, epoch = entry.decode().rpartition("\0")
+                self.on_fenced(client_id, int(epoch))
+        if self._pending or self._waiters:
+            self._flush()
+
+    def _not_written(self, failure: Failure, marker: str, ops: list[Any], waiters: list[Deferred[None]]) -> None:
+        """The batch failed, or its answer was lost: find out which, and write it again if it was
+        not applied. Its waiters wait meanwhile; nothing is acknowledged before Redis has it."""
+        if not self._failing:
+            self._failing = True
+            log.warn("a batch of changes to Redis failed ({error}); it is written again once Redis answers; "
+                     "QoS 1/2 acknowledgements wait until then", error=failure.getErrorMessage())
+        if "ERR" in failure.getErrorMessage() and "unknown change" in failure.getErrorMessage():
+            log.failure("Redis refused a batch of changes", failure)
+
+        def check() -> None:
+            self.redis.call("GET", f"mqtt:applied:{self.node}").addCallbacks(applied, lambda _: retry())
+
+        def applied(value: bytes | None) -> None:
+            if value is not None and value.decode() == marker:
+                self._written([], waiters)
+            else:
+                self._write(marker, ops, waiters)
+
+        def retry() -> None:
+            self.reactor.callLater(RETRY_AFTER, check)
+        retry()
+
+    def close(self) -> Deferred[None]:
+        return self.flushed()
+
+
+__all__ = ["RedisStore", "Claim"]
