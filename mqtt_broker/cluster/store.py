@@ -67,7 +67,7 @@ class Claim:
 
 
 def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | None]:
-    fields, subs, inflight, queued, count, pubrel = reply[5:11]
+    fields, subs, inflight, queued, count, pubrel, last_queued = reply[5:12]
     if not fields:
         return None, None
     meta = {fields[j].decode(): fields[j + 1] for j in range(0, len(fields), 2)}
@@ -92,7 +92,7 @@ def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | 
         session.loaded_seq = items[-1].seq
     session.spilled = int(count) - len(items)
     session.awaiting_pubrel = {int(packet_id) for packet_id in pubrel}
-    last = max([session.next_seq - 1, *(out.seq for out in session.outgoing.values()), *(i.seq for i in items)])
+    last = max([session.next_seq - 1, int(last_queued), *(out.seq for out in session.outgoing.values())])
     session.next_seq = last + 1
     return session, disconnected_at
 
@@ -316,12 +316,12 @@ class RedisStore:
         if self._failing:
             self._failing = False
             log.info("writing to Redis works again")
-        for d in waiters:
-            d.callback(None)
-        if refused and self.on_fenced is not None:
+        if refused and self.on_fenced is not None:  # (before the waiters go on)
             for entry in refused:
                 client_id, _, epoch = entry.decode().rpartition("\0")
                 self.on_fenced(client_id, int(epoch))
+        for d in waiters:
+            d.callback(None)
         if self._pending or self._waiters:
             self._flush()
 

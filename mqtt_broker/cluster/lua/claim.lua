@@ -11,7 +11,7 @@
 --
 -- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
 -- copy is current, session fields, subscriptions, {seq, 'packet_id:released', item}...,
--- {seq, item}... queued, queued count, inbound QoS 2 packet ids}; false if the session is not
+-- {seq, item}... queued, queued count, inbound QoS 2 packet ids, the last queued seq}; false if the session is not
 -- held by the required node.
 local P = 'mqtt:'
 local c, node, clean, known, window, required = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), ARGV[6]
@@ -53,5 +53,6 @@ local first = redis.call('ZRANGE', data[5], 0, window > 0 and window - 1 or -1)
 for j = 1, #first do
   queued[#queued + 1] = {first[j], redis.call('HGET', data[3], first[j])}
 end
+local last = redis.call('ZRANGE', data[5], -1, -1)
 return {epoch, old_node or false, alive, will, 0, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
-        inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6])}
+        inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6]), last[1] or 0}

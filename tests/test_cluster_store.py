@@ -1,0 +1,207 @@
+"""The cluster's store against a real Redis: claims and their fencing epochs (a stale owner
+cannot write), what a claim hands over, batches applied once, adoption, and the records of the
+inboxes. Two RedisStores stand for two nodes."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from mqtt_broker.cluster.address import RedisAddress
+from mqtt_broker.cluster.codec import TARGETED, pack_will, unpack_records, unpack_will
+from mqtt_broker.cluster.redis import Redis
+from mqtt_broker.cluster.store import RedisStore
+from mqtt_broker.message import Message
+from mqtt_broker.session import Queued, Session
+from mqtt_broker.topics import Subscription
+
+from redis_helpers import RedisServer
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def nodes(server: RedisServer) -> Iterator[tuple[RedisStore, RedisStore]]:
+    server.client().flushall()
+    links = [Redis(RedisAddress.parse(server.url)) for _ in range(2)]
+    stores = (RedisStore(links[0], "a", reactor), RedisStore(links[1], "b", reactor))
+    yield stores
+    for link in links:
+        pytest_twisted.blockon(link.close())
+
+
+def fenced_calls(store: RedisStore) -> list[tuple[str, int]]:
+    calls: list[tuple[str, int]] = []
+    store.on_fenced = lambda client_id, epoch: calls.append((client_id, epoch))
+    return calls
+
+
+def item(payload: bytes, seq: int, qos: int = 1) -> Queued:
+    return Queued(Message(topic="t", payload=payload, qos=qos), qos, False, (), None, seq)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_fences_off_the_previous_owner(nodes: tuple[RedisStore, RedisStore],
+                                              server: RedisServer) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    refused = fenced_calls(a)
+    first = yield a.claim("c", False, 0)
+    assert first.previous is None and first.session is None
+    session = Session("c", 60)
+    a.save_session(session, None)
+    a.save_subscription("c", Subscription(client_id="c", topic_filter="x/#", qos=1))
+    yield a.flushed()
+    second = yield b.claim("c", False, 0)
+    assert second.epoch > first.epoch and second.previous == "a" and not second.current
+    assert second.session is not None and list(second.session.subscriptions) == ["x/#"]
+    # a's writes after the claim: refused inside Redis, whatever a believes.
+    a.save_subscription("c", Subscription(client_id="c", topic_filter="stale/#", qos=1))
+    a.add_delivery("c", item(b"for c", 1), None)
+    yield a.flushed()
+    assert refused == [("c", first.epoch)]
+    redis = server.client()
+    assert redis.hkeys("mqtt:subs:c") == [b"x/#"]
+    assert redis.hgetall("mqtt:deliv:c") == {}
+    # The message a queued for c went to c's new owner instead, as a record for c alone.
+    (entry,) = redis.xrange("mqtt:inbox:b")
+    ((kind, client_id, queued),) = list(unpack_records(entry[1][b"d"]))
+    assert (kind, client_id, queued.message.payload) == (TARGETED, "c", b"for c")
+    # b, the owner, writes.
+    b.save_subscription("c", Subscription(client_id="c", topic_filter="y", qos=2))
+    yield b.flushed()
+    assert sorted(redis.hkeys("mqtt:subs:c")) == [b"x/#", b"y"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_same_node_claiming_again_keeps_its_epoch(nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
+    """A client reconnecting to the node that holds its session: that node's pending writes
+    stay valid (the epoch does not change) and nothing is loaded (its copy is current)."""
+    a, _ = nodes
+    refused = fenced_calls(a)
+    first = yield a.claim("c", False, 0)
+    a.save_session(Session("c", 60), None)
+    again = yield a.claim("c", False, 0)
+    assert again.epoch == first.epoch and again.current and again.session is None
+    a.save_subscription("c", Subscription(client_id="c", topic_filter="z", qos=0))
+    yield a.flushed()
+    assert refused == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_hands_over_the_whole_session(nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    yield a.claim("c", False, 0)
+    session = Session("c", 3600)
+    session.next_seq = 5
+    a.save_session(session, 123.5)
+    a.add_delivery("c", item(b"in flight", 2), 7)
+    a.add_delivery("c", item(b"released", 3, qos=2), 8)
+    a.update_delivery("c", 3, 8, True)
+    for seq in (4, 5, 6):
+        a.add_delivery("c", item(b"queued %d" % seq, seq), None)
+    a.add_pubrel("c", 42)
+    yield a.flushed()
+    claim = yield b.claim("c", False, 2)  # two queued messages read now, the rest later
+    s = claim.session
+    assert s is not None and s.expiry == 3600 and claim.disconnected_at == 123.5 and s.stored
+    assert {pid: (out.message.payload, out.released) for pid, out in s.outgoing.items()} == {
+        7: (b"in flight", False), 8: (b"released", True)}
+    assert [i.message.payload for i in s.queue] == [b"queued 4", b"queued 5"]
+    assert s.spilled == 1 and s.loaded_seq == 5 and s.awaiting_pubrel == {42}
+    assert s.next_seq == 7  # past every seq in use
+    later = yield b.load_queued("c", s.loaded_seq, 10)
+    assert [(i.seq, i.message.payload) for i in later] == [(6, b"queued 6")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_clean_start_empties_the_session_and_the_will_goes_with_the_claim(
+        nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    yield a.claim("c", False, 0)
+    a.save_session(Session("c", 60), None)
+    a.arm_will("c", "user", Message(topic="will/c", payload=b"gone", qos=1), 0)
+    yield a.flushed()
+    redis = server.client()
+    redis.set("mqtt:node:a", "a")  # a is alive: its own connection's will is its own to publish
+    claim = yield b.claim("c", True, 0)
+    assert claim.previous == "a" and claim.previous_alive and claim.will is None and claim.session is None
+    assert redis.hget("mqtt:session:c", "will") is None and not redis.exists("mqtt:session:c")
+    # a dead owner: the will comes with the claim, once.
+    yield b.flushed()
+    b.save_session(Session("c", 60), None)
+    b.arm_will("c", None, Message(topic="will/c", payload=b"dead", qos=0), 5)
+    yield b.flushed()
+    claim = yield a.claim("c", False, 0)
+    assert claim.previous == "b" and not claim.previous_alive
+    message, username, delay, due = unpack_will(claim.will)
+    assert (message.topic, message.payload, username, delay, due) == ("will/c", b"dead", None, 5, None)
+    again = yield b.claim("c", False, 0)
+    assert again.will is None  # handed over once
+
+
+@pytest_twisted.inlineCallbacks
+def test_adoption_needs_the_dead_node_to_hold_the_session(
+        nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    yield a.claim("c", False, 0)
+    adopted = yield b.claim("c", False, 0, required="x")
+    assert adopted is None
+    adopted = yield b.claim("c", False, 0, required="a")
+    assert adopted is not None and adopted.previous == "a"
+    twice = yield a.claim("c", False, 0, required="a")  # another survivor, too late
+    assert twice is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_batch_whose_answer_was_lost_is_not_applied_twice(
+        nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    a, _ = nodes
+    a.forward("b", b"an entry")
+    yield a.flushed()
+    assert server.client().xlen("mqtt:inbox:b") == 1
+    marker = server.client().get("mqtt:applied:a").decode()
+    # As if the connection had dropped before the answer: the store asks Redis whether the
+    # batch was applied before writing it again.
+    done: Deferred[None] = Deferred()
+    a._writing = True
+    a._not_written(Failure(ConnectionError("Lost connection")), marker, ["X", "b", b"an entry"], [done])
+    yield done
+    assert server.client().xlen("mqtt:inbox:b") == 1
+    unapplied: Deferred[None] = Deferred()
+    a._writing = True
+    a._not_written(Failure(ConnectionError("Lost connection")), "other:1", ["X", "b", b"second"], [unapplied])
+    yield unapplied
+    assert server.client().xlen("mqtt:inbox:b") == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_epochs_only_grow_whatever_happens_to_a_session(
+        nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    epochs = []
+    for store in (a, b, a):
+        claim = yield store.claim("c", True, 0)
+        epochs.append(claim.epoch)
+        store.delete_session("c")
+        store.give_up("c")
+        yield store.flushed()
+    assert epochs == sorted(set(epochs))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_record_round_trips(nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
+    message = Message(topic="w", payload=b"\x00\x01", qos=2, retain=True, properties={"content_type": "x"})
+    got, username, delay, due = unpack_will(pack_will(message, "u", 30, 12.5))
+    assert (got.topic, got.payload, got.qos, got.retain, got.properties, username, delay, due) == (
+        "w", b"\x00\x01", 2, True, {"content_type": "x"}, "u", 30, 12.5)
+    yield nodes[0].flushed()
