@@ -201,6 +201,7 @@ class Cluster:
             record = pack_forwarded(message, tuple(shares), now)
             if message.qos:
                 self._outgoing.setdefault(node, []).append(record)
+                self.store.collect()
             else:
                 self._qos0.setdefault(node, []).append(record)
         if not message.qos and not self._qos0_scheduled:
@@ -493,6 +494,8 @@ class Cluster:
     # --- Redis coming and going ---------------------------------------------------------------
 
     def _redis_down(self) -> None:
+        if not self._started:
+            return
         self._down_since = self.clock.seconds()
         log.warn("Redis at {address} is unreachable: local clients are still served; QoS 1/2 "
                  "acknowledgements, new connections and messages to other nodes wait for it",

@@ -126,8 +126,9 @@ class RedisStore:
         self.commit_observers: list[Callable[[float], None]] = []
         """Called with the seconds each batch took, from its send to Redis's answer."""
         self.before_batch: Callable[[], None] | None = None
-        """Called before a batch is cut, to record what waited for it (the cluster's messages
-        for other nodes, gathered per node)."""
+        """Called before a batch is cut, after ``collect()`` said there is something to record
+        (the cluster's messages for other nodes, gathered per node)."""
+        self._collect = False
 
     # --- the Store protocol: reading ------------------------------------------------------
 
@@ -272,8 +273,17 @@ class RedisStore:
             self.reactor.callLater(0, self._flush)
         return len(self._pending) - 1
 
+    def collect(self) -> None:
+        """``before_batch`` has something to record in the next batch: from now on a
+        ``flushed()`` waits for it."""
+        if not self._collect:
+            self._collect = True
+            if not self._scheduled and not self._writing:
+                self._scheduled = True
+                self.reactor.callLater(0, self._flush)
+
     def flushed(self) -> Deferred[None]:
-        if not self._pending and not self._writing and not self._waiters:
+        if not self._pending and not self._writing and not self._waiters and not self._collect:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
@@ -286,7 +296,8 @@ class RedisStore:
         self._scheduled = False
         if self._writing:
             return
-        if self.before_batch is not None:
+        if self._collect and self.before_batch is not None:
+            self._collect = False
             self.before_batch()
         ops = [value for op in self._pending if op is not None for value in op]
         waiters, self._waiters = self._waiters, []
@@ -322,7 +333,7 @@ class RedisStore:
                 self.on_fenced(client_id, int(epoch))
         for d in waiters:
             d.callback(None)
-        if self._pending or self._waiters:
+        if self._pending or self._waiters or self._collect:
             self._flush()
 
     def _not_written(self, failure: Failure, marker: str, ops: list[Any], waiters: list[Deferred[None]]) -> None:

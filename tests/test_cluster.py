@@ -1,0 +1,290 @@
+"""A cluster of three broker processes on one real Redis, end to end with real clients: any
+client on any node, routing by interest (once per node), MQTT 5 properties and order across
+nodes, retained messages and shared subscriptions cluster-wide, sessions taken over across nodes,
+nodes joining and leaving."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from mqtt_broker.wire import MQTT_5, Connack, Connect, Disconnect, Puback, Publish, Subscribe, SubscriptionRequest
+
+from cluster_helpers import Cluster, wait_until
+from paho_helpers import PahoClient
+from rawclient import RawClient
+
+_names = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    cluster = Cluster("a", "b", "c")
+    yield cluster
+    cluster.close()
+
+
+def settled(cluster: Cluster, node: str, topic_filter: str) -> None:
+    """The other nodes learn a node's filters from the control channel: wait until Redis has it
+    (the event goes out in the same script)."""
+    wait_until(lambda: topic_filter in cluster.routes(node), f"{node} to hold {topic_filter}")
+
+
+VERSIONS = [(mqtt.MQTTv311, mqtt.MQTTv5), (mqtt.MQTTv5, mqtt.MQTTv311), (mqtt.MQTTv31, mqtt.MQTTv5)]
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+@pytest.mark.parametrize("versions", VERSIONS, ids=["v311-to-v5", "v5-to-v311", "v31-to-v5"])
+def test_a_message_published_on_one_node_reaches_subscribers_on_the_others(
+        cluster: Cluster, qos: int, versions: tuple[int, int]) -> None:
+    topic = unique("cross") + "/room/temp"
+    on_b = PahoClient(cluster["b"].port, unique("sub-b"), version=versions[1])
+    on_c = PahoClient(cluster["c"].port, unique("sub-c"), version=versions[1])
+    publisher = PahoClient(cluster["a"].port, unique("pub-a"), version=versions[0])
+    try:
+        on_b.subscribe(topic.split("/")[0] + "/+/temp", qos)
+        on_c.subscribe(topic.split("/")[0] + "/#", 2)
+        settled(cluster, "b", topic.split("/")[0] + "/+/temp")
+        settled(cluster, "c", topic.split("/")[0] + "/#")
+        publisher.publish(topic, b"21.5", qos=qos)
+        for client, granted in ((on_b, qos), (on_c, 2)):
+            message = client.message()
+            assert (message.topic, message.payload, message.qos) == (topic, b"21.5", min(qos, granted))
+        assert on_b.no_message() and on_c.no_message()  # once each
+    finally:
+        for client in (on_b, on_c, publisher):
+            client.close()
+
+
+def test_dollar_topics_follow_the_wildcard_rules_across_nodes(cluster: Cluster) -> None:
+    """[MQTT-4.7.2-1]: a filter starting with a wildcard does not match a $ topic, on another
+    node as on one."""
+    everything = PahoClient(cluster["b"].port, unique("all"))
+    dollar = PahoClient(cluster["c"].port, unique("dollar"))
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        everything.subscribe("#", 1)
+        dollar.subscribe("$app/#", 1)
+        settled(cluster, "b", "#")
+        settled(cluster, "c", "$app/#")
+        publisher.publish("$app/x", b"dollar", qos=1)
+        assert dollar.message().payload == b"dollar"
+        assert everything.no_message()
+    finally:
+        for client in (everything, dollar, publisher):
+            client.close()
+
+
+def test_forwarded_once_to_each_node_that_holds_a_matching_filter(cluster: Cluster) -> None:
+    """Routing by interest: node b holds three overlapping filters for three clients and gets one
+    inbox entry per batch of messages, never one per subscriber; node c holds none and gets
+    nothing."""
+    prefix = unique("interest")
+    clients = [PahoClient(cluster["b"].port, unique("sub")) for _ in range(3)]
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        for client, topic_filter in zip(clients, (f"{prefix}/#", f"{prefix}/+", f"{prefix}/x")):
+            client.subscribe(topic_filter, 1)
+            settled(cluster, "b", topic_filter)
+        b_before, c_before = cluster.inbox_length("b"), cluster.inbox_length("c")
+        publisher.publish(f"{prefix}/x", b"once", qos=1)
+        for client in clients:
+            assert client.message().payload == b"once"
+            assert client.no_message(0.1)
+        assert cluster.inbox_length("b") == b_before + 1
+        assert cluster.inbox_length("c") == c_before
+    finally:
+        for client in (*clients, publisher):
+            client.close()
+
+
+def test_mqtt5_properties_survive_the_trip_between_nodes(cluster: Cluster) -> None:
+    topic = unique("props")
+    subscriber = PahoClient(cluster["b"].port, unique("sub"), version=mqtt.MQTTv5)
+    publisher = PahoClient(cluster["a"].port, unique("pub"), version=mqtt.MQTTv5)
+    try:
+        subscribe = Properties(PacketTypes.SUBSCRIBE)
+        subscribe.SubscriptionIdentifier = 77
+        subscriber.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True), properties=subscribe)
+        settled(cluster, "b", topic)
+        publish = Properties(PacketTypes.PUBLISH)
+        publish.UserProperty = [("k", "v"), ("k", "w")]
+        publish.MessageExpiryInterval = 600
+        publish.ResponseTopic = "reply/here"
+        publish.CorrelationData = b"\x01\x02"
+        publish.ContentType = "text/plain"
+        publisher.publish(topic, b"with properties", qos=1, retain=True, properties=publish)
+        message = subscriber.message()
+        got = message.properties
+        assert message.retain  # Retain As Published
+        assert got.UserProperty == [("k", "v"), ("k", "w")]
+        assert 598 <= got.MessageExpiryInterval <= 600
+        assert (got.ResponseTopic, got.CorrelationData, got.ContentType) == ("reply/here", b"\x01\x02", "text/plain")
+        assert got.SubscriptionIdentifier == [77]
+        publisher.publish(topic, b"", qos=1, retain=True)  # clear the retained message
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_order_per_publisher_is_kept_across_nodes(cluster: Cluster) -> None:
+    """Per topic and QoS, as the specification asks (4.6): QoS 0 travels between nodes by
+    another way than QoS 1 and 2 (pub/sub, not the inboxes), so it may overtake them."""
+    topic = unique("order")
+    subscriber = PahoClient(cluster["c"].port, unique("sub"))
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        subscriber.subscribe(topic, 2)
+        settled(cluster, "c", topic)
+        for n in range(600):
+            publisher.client.publish(topic, b"%d" % n, qos=n % 3)
+        got = [subscriber.message() for _ in range(600)]
+        for qos in (0, 1, 2):
+            numbers = [int(m.payload) for m in got if m.qos == qos]
+            assert numbers == list(range(qos, 600, 3))
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_retained_messages_are_cluster_wide(cluster: Cluster) -> None:
+    topic = unique("retained") + "/state"
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        publisher.publish(topic, b"on", qos=1, retain=True)
+        late = PahoClient(cluster["c"].port, unique("late"))
+        wait_until(lambda: cluster.redis.client().hexists("mqtt:retained", topic), "the retained message in Redis")
+        late.subscribe(topic.split("/")[0] + "/+", 1)
+        message = late.message()
+        assert (message.payload, message.retain) == (b"on", True)
+        late.close()
+        publisher.publish(topic, b"", qos=1, retain=True)  # deleted everywhere
+        wait_until(lambda: not cluster.redis.client().hexists("mqtt:retained", topic), "the deletion in Redis")
+        again = PahoClient(cluster["b"].port, unique("again"))
+        again.subscribe(topic, 1)
+        assert again.no_message(0.5)
+        again.close()
+    finally:
+        publisher.close()
+
+
+def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster: Cluster) -> None:
+    group = f"$share/{unique('g')}/jobs"
+    members = {node: PahoClient(cluster[node].port, unique(f"worker-{node}")) for node in ("a", "b", "c")}
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        for node, member in members.items():
+            member.subscribe(group, 1)
+            settled(cluster, node, group)
+        for n in range(30):
+            publisher.publish("jobs", b"%d" % n, qos=1)
+        got: dict[str, list[int]] = {node: [] for node in members}
+        for _ in range(30):
+            for node, member in members.items():
+                while not member.messages.empty():
+                    got[node].append(int(member.message().payload))
+            if sum(map(len, got.values())) == 30:
+                break
+            wait_until(lambda: any(not m.messages.empty() for m in members.values())
+                       or sum(map(len, got.values())) == 30, "shared messages")
+        everything = sorted(n for numbers in got.values() for n in numbers)
+        assert everything == list(range(30))  # each exactly once
+        assert all(got.values()), got  # and every node's member had a share
+    finally:
+        for client in (*members.values(), publisher):
+            client.close()
+
+
+def test_a_session_taken_over_on_another_node_is_resumed_there(cluster: Cluster) -> None:
+    """MQTT 5: the client moves from node a to node b while connected. a sends DISCONNECT 0x8E
+    and closes; b answers Session Present 1 and sends again, with DUP and the same packet id, the
+    message a sent and the client did not acknowledge [MQTT-4.4.0-1]."""
+    client_id, topic = unique("mover"), unique("moving")
+    first = RawClient(cluster["a"].port)
+    first.reader.version = MQTT_5
+    first.send_version = MQTT_5  # type: ignore[attr-defined]
+    expiry = {"session_expiry_interval": 3600}
+    first.sock.sendall(_encode5(Connect(client_id=client_id, clean_start=True, protocol_level=5, properties=expiry)))
+    assert isinstance(first.receive(), Connack)
+    first.sock.sendall(_encode5(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=topic, qos=1),))))
+    first.receive()
+    settled(cluster, "a", topic)
+    publisher = PahoClient(cluster["c"].port, unique("pub"))
+    try:
+        publisher.publish(topic, b"unacknowledged", qos=1)
+        sent = first.receive()
+        assert isinstance(sent, Publish) and sent.payload == b"unacknowledged" and not sent.dup
+        second = RawClient(cluster["b"].port)
+        second.reader.version = MQTT_5
+        second.sock.sendall(_encode5(Connect(client_id=client_id, clean_start=False, protocol_level=5,
+                                             properties=expiry)))
+        connack = second.receive()
+        assert isinstance(connack, Connack) and connack.session_present and connack.reason_code == 0
+        again = second.receive()
+        assert isinstance(again, Publish) and (again.payload, again.packet_id, again.dup) == (
+            b"unacknowledged", sent.packet_id, True)
+        second.sock.sendall(_encode5(Puback(packet_id=again.packet_id)))
+        told = first.receive()
+        assert isinstance(told, Disconnect) and told.reason_code == 0x8E
+        assert first.closed_by_peer(5)
+        publisher.publish(topic, b"after the move", qos=1)  # now routed to b
+        moved = second.receive()
+        assert isinstance(moved, Publish) and moved.payload == b"after the move"
+        second.sock.sendall(_encode5(Disconnect(properties={"session_expiry_interval": 0})))
+        second.close()
+    finally:
+        publisher.close()
+        first.close()
+
+
+def _encode5(packet: object) -> bytes:
+    from mqtt_broker.wire import encode
+    return encode(packet, MQTT_5)  # type: ignore[arg-type]
+
+
+def test_a_node_that_joins_late_learns_the_routes(cluster: Cluster) -> None:
+    topic = unique("late-join")
+    subscriber = PahoClient(cluster["b"].port, unique("sub"))
+    try:
+        subscriber.subscribe(topic, 1)
+        settled(cluster, "b", topic)
+        late = cluster.add(unique("d"))
+        publisher = PahoClient(late.port, unique("pub"))
+        publisher.publish(topic, b"from the new node", qos=1)
+        assert subscriber.message().payload == b"from the new node"
+        publisher.close()
+    finally:
+        subscriber.close()
+
+
+def test_a_node_that_leaves_is_removed_from_the_routes(cluster: Cluster) -> None:
+    """A node stopped gracefully: a survivor adopts its persistent session, its routes and
+    membership go, and messages for that session still arrive once the client comes back."""
+    node_id, topic, client_id = unique("e"), unique("leaving"), unique("stays")
+    leaving = cluster.add(node_id)
+    subscriber = PahoClient(leaving.port, client_id, clean=False)
+    subscriber.subscribe(topic, 1)
+    subscriber.close()
+    settled(cluster, node_id, topic)
+    leaving.stop()
+    wait_until(lambda: node_id not in cluster.members(), f"{node_id} to leave the membership")
+    assert cluster.routes(node_id) == set()
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        publisher.publish(topic, b"kept for it", qos=1)
+        back = PahoClient(cluster["b"].port, client_id, clean=False)
+        assert back.flags.session_present
+        assert back.message().payload == b"kept for it"
+        back.close()
+    finally:
+        publisher.close()
