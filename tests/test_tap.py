@@ -50,6 +50,8 @@ def other_value(f: dataclasses.Field[Any]) -> tuple[str, Any]:
     if choices:
         other = next(c for c in choices if c != default)
         return other, other
+    if f.name == "cluster":  # a URL
+        return "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"
     return default + "x", default + "x"
 
 
