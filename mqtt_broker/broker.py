@@ -350,19 +350,22 @@ class BrokerService(Delivery, MultiService):
         call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._delayed_will_due, client.client_id)
         self._delayed_wills[client.client_id] = (call, client, will)
 
-    def forget_session(self, client_id: str, taken_over: bool = True, ended: bool = False) -> None:
-        """Another node of the cluster took the session: close its connection here (0x8E) and
-        forget the copy, without a word to the store (the new owner has the session). The
-        connection's will is published if its delay is 0 or the new connection ended the
-        session (``ended``) [MQTT-3.1.3-9]; otherwise the new connection came in time."""
-        session = self.sessions.pop(client_id, None)
+    def let_go(self, client_id: str, ended: bool) -> None:
+        """Another node of the cluster took the session: close its connection here (0x8E). The
+        connection's will (or a delayed will waiting here) is published if its delay is 0 or the
+        new connection ended the session (``ended``) [MQTT-3.1.3-9]; otherwise the new connection
+        came in time. The copy stays until ``forget_session``: what is routed to it meanwhile
+        is passed on to the new owner by the store."""
         pending = self._delayed_wills.pop(client_id, None)
         if pending is not None:
             _cancel(pending[0])
             if ended:
                 self.publish_will(pending[1], pending[2])
+        session = self.sessions.get(client_id)
         if session is None:
             return
+        _cancel(session.expiry_call)
+        session.expiry_call = None
         connection = session.connection
         if connection is not None:
             will, delay, client = connection.will, connection.will_delay, connection.client
@@ -373,6 +376,17 @@ class BrokerService(Delivery, MultiService):
             if will is not None and (ended or not delay):
                 self.publish_will(client, will)
             self._notify_disconnect(client, False)
+
+    def forget_session(self, client_id: str, session: Session | None = None) -> None:
+        """Forget a copy of a session another node of the cluster holds (``session``: only if it
+        is that copy), without a word to the store."""
+        if session is not None and self.sessions.get(client_id) is not session:
+            return
+        session = self.sessions.pop(client_id, None)
+        if session is None:
+            return
+        if session.connection is not None:
+            self.let_go(client_id, False)
         _cancel(session.expiry_call)
         _cancel(session.retry_call)
         for topic_filter in session.subscriptions:

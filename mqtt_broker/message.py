@@ -27,6 +27,9 @@ class Message(Publish):
     """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval)."""
     refused: int = 0
     """Subscribers it could not be queued for (queue full, or the store's quota reached)."""
+    cluster_id: bytes | None = None
+    """In a cluster, the id a QoS 1/2 message gets when it first leaves its node: a session
+    that moves between nodes may be sent it by two ways for a moment, and takes it once."""
     encoded: dict[tuple[bool, int, bool], tuple[bytes, int]] | None = field(default=None, init=False, repr=False)
     """Not an argument: a message made from another (``dataclasses.replace`` in a hook) is encoded
     afresh, never sent as the bytes of the one it replaces."""

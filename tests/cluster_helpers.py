@@ -10,8 +10,8 @@ from typing import Callable
 from conftest import BrokerProcess
 from redis_helpers import RedisServer
 
-HEARTBEAT = "0.2"
-"""Seconds between heartbeats in the tests: a node is taken for dead after three missed ones."""
+HEARTBEAT = "0.5"
+"""Seconds between heartbeats in the tests: a node is taken for dead after three missed ones (1.5 s: a node of a busy test machine may stall for a moment, and a node taken for dead while alive loses its clients to fencing)."""
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 15.0) -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mqtt_broker.wire import (
     MQTT_5, Connack, Connect, Disconnect, FrameReader, Packet, Puback, Pubcomp, Publish, Pubrec,
@@ -245,6 +245,8 @@ class Report:
     excess: int = 0
     disconnects: list[int] = field(default_factory=list)
     """Reason codes of the DISCONNECTs the broker sent."""
+    missing_sample: list[int] = field(default_factory=list)
+    """The first and last messages missing."""
     violation: str = ""
     stalled: bool = False
     seconds: float = 0.0
@@ -259,7 +261,7 @@ class Report:
     def line(self) -> str:
         return (f"qos {self.qos} seed {self.seed}: {self.messages} messages, {self.kills} kills, "
                 f"{self.acknowledged} acknowledged, {self.received} received, {self.duplicates} duplicates, "
-                f"{self.missing} missing, {self.out_of_order} out of order, {self.excess} over Receive Maximum, "
+                f"{self.missing} missing {self.missing_sample or ''}, {self.out_of_order} out of order, {self.excess} over Receive Maximum, "
                 f"disconnects {self.disconnects}, {self.seconds:.1f}s ({self.after_last_restart:.1f}s after "
                 f"the last restart, {self.received / self.seconds:,.0f} msg/s){' STALLED' if self.stalled else ''}{' ' + self.violation if self.violation else ''}")
 
@@ -271,12 +273,30 @@ def run(qos: int, messages: int, kills: int, seed: int, port: int, workdir: Path
     traffic chosen by ``seed``; returns what the subscriber got. After each kill the subscriber
     stays away for up to ``away`` seconds (its messages queue meanwhile). ``settle``: seconds
     allowed after the last restart for everything to arrive (past it, the run has stalled)."""
-    rng = random.Random(seed)
-    points = sorted(rng.sample(range(messages // 20, messages * 9 // 10), kills))
-    report = Report(qos, messages, kills, seed)
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     broker = Broker(port, data_dir, workdir / "broker.log", *broker_args)
+
+    def kill() -> None:
+        broker.kill()
+        broker.start()
+    try:
+        return exchange(qos, messages, kills, seed, {"pub": port, "sub": port}, kill, window=window,
+                        receive_maximum=receive_maximum, away=away, settle=settle, deadline=deadline)
+    finally:
+        broker.stop()
+
+
+def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, int], kill: Callable[[], None],
+             window: int = 100, receive_maximum: int = 20, away: float = 0.0, settle: float = 20.0,
+             deadline: float = 120.0) -> Report:
+    """The publisher (on ``ports["pub"]``) sends ``messages`` messages to the subscriber (on
+    ``ports["sub"]``); ``kill()`` is called at ``kills`` points of the traffic chosen by ``seed``
+    (it may change ``ports``, for clients that move to another node). Returns what the
+    subscriber got."""
+    rng = random.Random(seed)
+    points = sorted(rng.sample(range(messages // 20, messages * 9 // 10), kills))
+    report = Report(qos, messages, kills, seed)
     publisher = Publisher("crash-pub", qos, messages, window)
     subscriber = Subscriber("crash-sub", qos, receive_maximum)
     clients: dict[str, Any] = {"sub": subscriber, "pub": publisher}
@@ -306,16 +326,13 @@ def run(qos: int, messages: int, kills: int, seed: int, port: int, workdir: Path
             if kill_at is not None and now >= kill_at:
                 points.pop(0)
                 kill_at = None
-                broker.kill()
-                for name in endpoints:
-                    down(name)
-                broker.start()
+                kill()
                 last_start = time.monotonic()
                 back_at["sub"] = last_start + rng.uniform(0, away)
             for name, client in clients.items():
                 if endpoints[name] is None and (name == "sub" or subscriber.subscribed) and now >= back_at[name]:
                     try:
-                        endpoint = Endpoint(port)
+                        endpoint = Endpoint(ports[name])
                     except OSError:
                         continue  # not listening yet
                     selector.register(endpoint.sock, selectors.EVENT_READ, name)
@@ -357,7 +374,6 @@ def run(qos: int, messages: int, kills: int, seed: int, port: int, workdir: Path
     finally:
         for name in endpoints:
             down(name)
-        broker.stop()
         selector.close()
     end = time.monotonic()
     report.seconds = end - started
@@ -376,7 +392,9 @@ def run(qos: int, messages: int, kills: int, seed: int, port: int, workdir: Path
             report.out_of_order += 1
         highest = max(highest, number)
     report.received = len(seen)
-    report.missing = len(publisher.acknowledged - seen)
+    missing = sorted(publisher.acknowledged - seen)
+    report.missing = len(missing)
+    report.missing_sample = missing[:5] + missing[-5:]
     return report
 
 

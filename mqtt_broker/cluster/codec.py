@@ -57,7 +57,8 @@ def _read_string(data: bytes, pos: int) -> tuple[str, int]:
 def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float) -> bytes:
     """One record of an inbox entry: a message for the receiving node to route."""
     body = pack_message(message, now)
-    head = [bytes((FORWARDED,)), _string(message.sender or ""), bytes((len(shares),))]
+    cluster_id = message.cluster_id or b""
+    head = [bytes((FORWARDED, len(cluster_id))), cluster_id, _string(message.sender or ""), bytes((len(shares),))]
     for group, topic_filter in shares:
         head += [_string(group), _string(topic_filter)]
     return b"".join(head) + _U32.pack(len(body)) + body
@@ -82,7 +83,9 @@ def unpack_records(data: bytes) -> Iterator[Record]:
     while pos < len(data):
         kind = data[pos]
         if kind == FORWARDED:
-            sender, pos = _read_string(data, pos + 1)
+            size = data[pos + 1]
+            cluster_id = data[pos + 2:pos + 2 + size] or None
+            sender, pos = _read_string(data, pos + 2 + size)
             count = data[pos]
             pos += 1
             shares = []
@@ -93,6 +96,7 @@ def unpack_records(data: bytes) -> Iterator[Record]:
             (size,) = _U32.unpack_from(data, pos)
             message = unpack_message(data[pos + 4:pos + 4 + size])
             message.sender = sender or None
+            message.cluster_id = cluster_id
             pos += 4 + size
             yield FORWARDED, message, tuple(shares)
         elif kind == TARGETED:
@@ -107,8 +111,10 @@ def unpack_records(data: bytes) -> Iterator[Record]:
 def pack_queued(item: Queued) -> bytes:
     """A queued or in-flight message of a session: its terms and its PUBLISH. The expiry is kept
     as clock time, as the SQLite store keeps it."""
+    cluster_id = item.message.cluster_id
     head = json.dumps([item.qos, item.retain, list(item.subscription_ids), item.share, item.message.expires_at,
-                       item.message.sender], separators=(",", ":")).encode()
+                       item.message.sender, cluster_id.hex() if cluster_id else None],
+                      separators=(",", ":")).encode()
     message = item.message
     body = publish_template(message.topic, message.payload, message.qos, message.retain, message.properties,
                             MQTT_5, 1 if message.qos else 0)[0]
@@ -117,10 +123,11 @@ def pack_queued(item: Queued) -> bytes:
 
 def unpack_queued(data: bytes, seq: int) -> Queued:
     (size,) = _U16.unpack_from(data, 0)
-    qos, retain, ids, share, expires_at, sender = json.loads(data[2:2 + size])
+    qos, retain, ids, share, expires_at, sender, cluster_id = json.loads(data[2:2 + size])
     message = unpack_message(data[2 + size:])
     message.expires_at = expires_at
     message.sender = sender
+    message.cluster_id = bytes.fromhex(cluster_id) if cluster_id else None
     return Queued(message, qos, retain, tuple(ids), tuple(share) if share else None, seq)  # type: ignore[arg-type]
 
 

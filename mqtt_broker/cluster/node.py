@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from ..message import Client, Message
@@ -26,7 +26,7 @@ from ..topics import SubscriptionTree, Subscription, split_shared
 from ..wire import MQTT_5, ReasonCode
 from .address import RedisAddress
 from .codec import FORWARDED, pack_forwarded, unpack_message, unpack_records, unpack_will
-from .redis import Redis
+from .redis import RECONNECT_MAX_DELAY, Redis
 from .store import Claim, RedisStore
 
 if TYPE_CHECKING:
@@ -88,12 +88,21 @@ class Cluster:
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self.clock
         self._ttl_ms = int(config.cluster_heartbeat * config.cluster_missed_heartbeats * 1000)
+        self._settle = 4 * self._ttl_ms / 1000 + 1.0
+        """Seconds after a session moves until every node routes for it where it is now: the
+        previous owner's death noticed, its inbox read, the routes replaced."""
         self._started = False
         self._reading = False
         self._down_since: float | None = None
         self._judge_after = 0.0
         """Clock time before which no node is judged dead (after this node's own outage)."""
         self._adopting: set[str] = set()
+        self._moving: dict[str, set[bytes]] = {}
+        """Sessions this node took from another lately, with the ids of the messages delivered
+        to each since: until the routes have settled, a message may come by two ways (forwarded
+        here, and passed on from the node that had the session), and is delivered once."""
+        self._ids = 0
+        self._id_prefix = os.urandom(6)
 
     # --- starting and stopping --------------------------------------------------------------
 
@@ -161,8 +170,11 @@ class Cluster:
                 broker.sessions[client_id] = claim.session
                 for subscription in claim.session.subscriptions.values():
                     broker.subscriptions.add(subscription)
+                if claim.previous is not None and claim.previous != self.node:
+                    self._moved_here(client_id)
         if claim.will is not None:
-            self._will_found(client_id, claim.will, ended=clean_start)
+            self._will_found(client_id, claim.will, ended=clean_start,
+                             expiry=claim.session.expiry if claim.session is not None else 0)
         for item in self._claiming.pop(client_id, []):
             self._deliver_targeted(client_id, item)
         return True
@@ -196,6 +208,9 @@ class Cluster:
                     targets.setdefault(chosen, []).append(share)
         if not targets:
             return count
+        if message.qos and message.cluster_id is None:
+            self._ids += 1
+            message.cluster_id = self._id_prefix + self._ids.to_bytes(8, "big")
         now = self.clock.seconds()
         for node, shares in targets.items():
             record = pack_forwarded(message, tuple(shares), now)
@@ -278,23 +293,40 @@ class Cluster:
         if self._started:
             self.clock.callLater(1.0, self._read_inbox, "0")
 
-    def _handle_entry(self, data: bytes, only: set[str] | None = None) -> None:
+    def _handle_entry(self, data: bytes) -> None:
         broker = self.broker
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
             if kind == FORWARDED:
-                if only is not None:
-                    self._deliver_adopted(first, only)
-                    continue
                 # Nothing of a QoS 2 message reaches a client before the store holds that this
                 # entry is handled: after a crash it is handled again, so it must not have gone out.
                 broker.routing_waits_for_store = first.qos == 2
                 try:
-                    broker.route(first, second)
+                    if self._moving and first.qos:
+                        self._route_while_moving(first, second)
+                    else:
+                        broker.route(first, second)
                 finally:
                     broker.routing_waits_for_store = False
-            elif only is None or first in only:
+            else:
                 self._deliver_targeted(first, second)
+
+    def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...]) -> None:
+        """Route a forwarded message, the sessions that moved here lately apart: to each of
+        those, only if it has not had the message by the other way."""
+        sessions = self.broker.sessions
+        moving = {c: sessions.pop(c) for c in self._moving if c in sessions}
+        try:
+            self.broker.route(message, shares)
+        finally:
+            sessions.update(moving)
+        if moving:
+            former = SubscriptionTree()
+            for session in moving.values():
+                for subscription in session.subscriptions.values():
+                    if subscription.share_group is None:
+                        former.add(subscription)
+            self._deliver_formerly(message, former)
 
     def _qos0_received(self, data: bytes) -> None:
         for kind, message, shares in unpack_records(data):
@@ -308,25 +340,33 @@ class Cluster:
             return
         session = self.broker.sessions.get(client_id)
         if session is not None and client_id in self.store.epochs:
+            security = self.broker.security
+            if security is not None and session.identity is not None and not security.can_read(
+                    session.identity, item.message.topic):
+                return
+            seen = self._moving.get(client_id)
+            cluster_id = item.message.cluster_id
+            if seen is not None and cluster_id is not None:
+                if cluster_id in seen:
+                    return  # it came by the other way already
+                seen.add(cluster_id)
             self.broker.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more): the store sends it on to the session's owner, if any
             self.stats.redirected += 1
             self.store.send_on(client_id, item)
 
-    def _deliver_adopted(self, message: Message, clients: set[str]) -> None:
-        """A message from a dead node's inbox: to the sessions adopted from it that match."""
-        by_client, _ = self.broker.subscriptions.match(message.topic)
-        security = self.broker.security
-        for match in by_client:
-            client_id = match.client_id
-            session = self.broker.sessions.get(client_id)
-            if client_id not in clients or session is None or (match.no_local and message.sender == client_id):
-                continue
-            if security is not None and session.identity is not None and not security.can_read(
-                    session.identity, message.topic):
-                continue
-            self.broker.deliver(session, message, min(match.qos, message.qos),
-                                message.retain and match.retain_as_published, match.subscription_ids)
+    def _deliver_formerly(self, message: Message, former: SubscriptionTree) -> None:
+        """A message from a dead node's inbox: to each session it held that matches, here if
+        this node adopted it, else passed on to the node that claimed it since."""
+        by_client, groups = former.match(message.topic)
+        targets = [(m.client_id, min(m.qos, message.qos), message.retain and m.retain_as_published, m.subscription_ids)
+                   for m in by_client if not (m.no_local and message.sender == m.client_id)]
+        for _, members in groups:  # a shared subscription's message went to that node for one member
+            member = members[0]
+            targets.append((member.client_id, min(member.qos, message.qos), False,
+                            (member.subscription_id,) if member.subscription_id else ()))
+        for client_id, qos, retain, ids in targets:
+            self._deliver_targeted(client_id, Queued(message, qos, retain, ids))
 
     # --- the control channel ----------------------------------------------------------------
 
@@ -371,15 +411,27 @@ class Cluster:
         held = self.store.epochs.get(client_id)
         if held is None or held >= epoch:
             return
-        self.store.epochs.pop(client_id, None)
-        self.broker.forget_session(client_id, taken_over=True, ended=clean)
+        self._let_go(client_id, clean)
 
     def _fenced(self, client_id: str, epoch: int) -> None:
         """Redis refused changes to a session this node wrote at ``epoch``: another node has
         claimed it (the control channel's news may have been lost)."""
         if self.store.epochs.get(client_id) == epoch:
-            self.store.epochs.pop(client_id, None)
-            self.broker.forget_session(client_id, taken_over=True, ended=False)
+            self._let_go(client_id, False)
+
+    def _let_go(self, client_id: str, ended: bool) -> None:
+        """Close the client's connection here; keep the copy of its session until the routes
+        have settled, so that what is still routed to it here is passed on (by the store,
+        whose writes for it are refused now) to its new owner rather than lost."""
+        self.store.lost(client_id)
+        self.broker.let_go(client_id, ended)
+        session = self.broker.sessions.get(client_id)
+        if session is not None:
+            self.clock.callLater(self._settle, self.broker.forget_session, client_id, session)
+
+    def _moved_here(self, client_id: str) -> None:
+        self._moving[client_id] = set()
+        self.clock.callLater(self._settle, self._moving.pop, client_id, None)
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -416,64 +468,88 @@ class Cluster:
     @inlineCallbacks
     def _adopt(self, dead: str) -> Any:
         """Take every session ``dead`` held (this node's own id: those it held before a
-        restart), publish the wills of its clients that were connected, and route what is left
-        in its inbox to those sessions. Exactly one node does it for a session: the claim
-        succeeds only while the dead node still holds it."""
+        restart), publish the wills of its clients that were connected, and deliver what is left
+        in its inbox to the sessions it held, wherever they are now. Exactly one node does it
+        for a session: the claim succeeds only while the dead node still holds it."""
         if dead in self._adopting:
             return
         self._adopting.add(dead)
         try:
             clients = [c.decode() for c in (yield self.redis.call("SMEMBERS", f"mqtt:clients:{dead}"))]
-            adopted: set[str] = set()
+            former = SubscriptionTree()
+            """The subscriptions of every session the dead node held, for its inbox."""
+            adopted = 0
             for client_id in clients:
                 if client_id in self.broker.sessions and dead == self.node:
                     continue
                 claim = yield self.store.claim(client_id, False, self.broker.config.max_queued_messages, dead)
-                if claim is None:
+                if claim is None:  # another node claimed it meanwhile (its client reconnected)
+                    if dead != self.node:
+                        for subscription in (yield self.store.subscriptions_of(client_id)):
+                            former.add(subscription)
                     continue
                 if claim.will is not None:
-                    self._will_found(client_id, claim.will, ended=claim.session is None)
+                    self._will_found(client_id, claim.will, ended=claim.session is None,
+                                     expiry=claim.session.expiry if claim.session is not None else 0)
                 if claim.session is None:
                     self.store.give_up(client_id)
                     continue
+                for subscription in claim.session.subscriptions.values():
+                    former.add(subscription)
                 self.broker.take_session(claim.session, claim.disconnected_at)
-                adopted.add(client_id)
-                self.stats.adopted += 1
+                if dead != self.node:
+                    self._moved_here(client_id)
+                adopted += 1
+            self.stats.adopted += adopted
             if dead != self.node:
-                yield self._drain(dead, adopted)
-                yield self.store.flushed()
+                log.info("adopted {count} sessions of node {dead}, which is gone", count=adopted, dead=dead)
+                yield self._drain(dead, former)
+                # Nodes that had not yet heard of the death may still have written to the dead
+                # node's inbox: read it again once its routes are gone everywhere, then drop it.
                 yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}")
-                yield self.redis.call("SREM", "mqtt:nodes", dead)
                 yield self.redis.call("PUBLISH", "mqtt:control", f"G\0{dead}")
-                log.info("adopted {count} sessions of node {dead}, which is gone", count=len(adopted), dead=dead)
+                yield deferLater(self.clock, 2 * self._ttl_ms / 1000, lambda: None)
+                yield self._drain(dead, former)
+                yield self.redis.call("DEL", f"mqtt:inbox:{dead}")
+                yield self.redis.call("SREM", "mqtt:nodes", dead)
             elif adopted:
-                log.info("took back {count} sessions of this node from before its restart", count=len(adopted))
+                log.info("took back {count} sessions of this node from before its restart", count=adopted)
         finally:
             self._adopting.discard(dead)
 
     @inlineCallbacks
-    def _drain(self, dead: str, adopted: set[str]) -> Any:
-        """Route what is left in a dead node's inbox to the sessions adopted from it."""
+    def _drain(self, dead: str, former: SubscriptionTree) -> Any:
+        """Deliver what is left in a dead node's inbox: what it was given and did not finish,
+        then what it was never given. Each entry is marked handled in the batch that delivers it,
+        so a survivor that dies meanwhile leaves the rest to the next one."""
         stream = f"mqtt:inbox:{dead}"
         cursor = "0-0"
-        for _ in range(100_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
-            reply = yield self.redis.call("XAUTOCLAIM", stream, GROUP, self.node, 0, cursor, "COUNT", 100)
-            cursor = reply[0].decode()
-            entries = reply[1]
-            reply = yield self.redis.call("XREADGROUP", "GROUP", GROUP, self.node, "COUNT", 100, "STREAMS", stream, ">")
-            if reply:
-                entries = list(entries) + list(reply[0][1])
+        for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
+            try:
+                reply = yield self.redis.call("XAUTOCLAIM", stream, GROUP, self.node, 0, cursor, "COUNT", 100)
+                cursor = reply[0].decode()
+                entries = list(reply[1])
+                if cursor == "0-0":
+                    fresh = yield self.redis.call("XREADGROUP", "GROUP", GROUP, self.node, "COUNT", 100,
+                                                  "STREAMS", stream, ">")
+                    entries += list(fresh[0][1]) if fresh else []
+            except Exception as e:
+                if "NOGROUP" in str(e):  # no inbox, or never read: nothing was left
+                    return
+                raise
             for entry_id, fields in entries:
                 if fields:
-                    self._handle_entry(bytes(fields[1]), only=adopted)
+                    for kind, first, second in unpack_records(bytes(fields[1])):
+                        if kind == FORWARDED:
+                            self._deliver_formerly(first, former)
+                        else:
+                            self._deliver_targeted(first, second)
+                self.store.handled(entry_id, dead)
             yield self.store.flushed()
-            if entries:
-                yield self.redis.call("XACK", stream, GROUP, *[entry_id for entry_id, _ in entries])
             if not entries and cursor == "0-0":
-                break
-        yield self.redis.call("DEL", stream)
+                return
 
-    def _will_found(self, client_id: str, data: bytes, ended: bool) -> None:
+    def _will_found(self, client_id: str, data: bytes, ended: bool, expiry: int) -> None:
         """A will no live node will publish: its client's connection was on a node that is dead
         (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
         its delay is 0 or the session ends; dropped if the client is connecting again (it came
@@ -486,8 +562,6 @@ class Cluster:
         if ended or (due is None and not delay):
             self.broker.publish_will(client, message)
         elif client_id not in self._claiming:
-            session = self.broker.sessions.get(client_id)
-            expiry = session.expiry if session is not None else 0
             self.broker.schedule_will(client, message, due if due is not None else
                                       self.clock.seconds() + min(delay, expiry))
 
@@ -507,8 +581,9 @@ class Cluster:
         log.info("Redis at {address} is back after {seconds:.1f}s", address=str(self.address),
                  seconds=self.clock.seconds() - self._down_since)
         self._down_since = None
-        # Other nodes may have been cut off too: none is judged dead before it could beat again.
-        self._judge_after = self.clock.seconds() + self._ttl_ms / 1000
+        # Other nodes were cut off too and may reconnect later than this one: none is judged dead
+        # before it could have reconnected and beaten again.
+        self._judge_after = self.clock.seconds() + self._ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY
         if self._started:
             self._register()
             self._announce_all()

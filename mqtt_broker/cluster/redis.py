@@ -47,12 +47,18 @@ class _Watched:
         return protocol
 
 
+RECONNECT_MAX_DELAY = 2.0
+"""Seconds between tries to reconnect to Redis, at most (txredisapi's default, 10, would leave a
+node cut off for that long after a short outage)."""
+
+
 class _Factory(_Watched, txredisapi.RedisFactory):
-    pass
+    initialDelay = 0.1
+    maxDelay = RECONNECT_MAX_DELAY
 
 
 class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
-    pass
+    maxDelay = RECONNECT_MAX_DELAY
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):

@@ -228,13 +228,24 @@ class RedisStore:
         """Messages for another node's inbox (pack_forwarded records)."""
         self._record("X", node, entry)
 
-    def handled(self, entry_id: bytes) -> None:
-        """An entry of this node's inbox is routed (what it queued is in the same batch)."""
-        self._record("A", entry_id)
+    def handled(self, entry_id: bytes, node: str = "") -> None:
+        """An entry of this node's inbox (or of a dead ``node``'s) is routed: what it queued is
+        in the same batch."""
+        self._record("A", node, entry_id)
+
+    def subscriptions_of(self, client_id: str) -> Deferred[list[Subscription]]:
+        def read(reply: list[bytes]) -> list[Subscription]:
+            return [unpack_subscription(client_id, reply[j].decode(), reply[j + 1]) for j in range(0, len(reply), 2)]
+        return self.redis.call("HGETALL", f"mqtt:subs:{client_id}").addCallback(read)
 
     def route(self, topic_filter: str, held: bool) -> None:
         """This node's sessions hold a filter now, or no longer."""
         self._record("F" if held else "f", topic_filter)
+
+    def lost(self, client_id: str) -> None:
+        """Another node claimed the client: this node no longer counts it as its own."""
+        self.epochs.pop(client_id, None)
+        self._record("x", client_id)
 
     def send_on(self, client_id: str, item: Queued) -> None:
         """A message for a session this node does not hold: Redis passes it to the node that

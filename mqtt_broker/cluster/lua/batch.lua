@@ -78,6 +78,9 @@ while i <= n do
       redis.call('SREM', P .. 'clients:' .. node, c)
     end
     i = i + 3
+  elseif op == 'x' then -- another node claimed the client: client
+    redis.call('SREM', P .. 'clients:' .. node, ARGV[i + 1])
+    i = i + 2
   elseif op == 'U' then -- a subscription: client epoch filter options
     local c = ARGV[i + 1]
     if mine(c, ARGV[i + 2]) then redis.call('HSET', P .. 'subs:' .. c, ARGV[i + 3], ARGV[i + 4]) end
@@ -111,9 +114,9 @@ while i <= n do
   elseif op == 'X' then -- messages for another node: node entry
     redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2])
     i = i + 3
-  elseif op == 'A' then -- an entry of this node's inbox is handled: entry id
-    redis.call('XACK', P .. 'inbox:' .. node, 'nodes', ARGV[i + 1])
-    i = i + 2
+  elseif op == 'A' then -- an inbox entry is handled: the inbox's node ('': this node's), entry id
+    redis.call('XACK', P .. 'inbox:' .. (ARGV[i + 1] == '' and node or ARGV[i + 1]), 'nodes', ARGV[i + 2])
+    i = i + 3
   elseif op == 'F' or op == 'f' then -- a topic filter this node's sessions hold, or no longer
     if op == 'F' then
       redis.call('HSET', P .. 'routes:' .. node, ARGV[i + 1], '1')

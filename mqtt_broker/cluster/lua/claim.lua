@@ -29,10 +29,12 @@ if old_node == node and old_epoch == known then -- held already, by this very pr
 end
 local epoch = redis.call('INCR', P .. 'epochs')
 redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
-if old_node then redis.call('SREM', P .. 'clients:' .. old_node, c) end
-redis.call('SADD', P .. 'clients:' .. node, c)
 local alive = 0
 if old_node and old_node ~= node and redis.call('EXISTS', P .. 'node:' .. old_node) == 1 then alive = 1 end
+-- The previous owner keeps the client in its set until it hears of the claim (a node just
+-- killed still looks alive for a moment): should it be dead, the survivor that empties its
+-- inbox delivers what is left there for the client to the client's session, wherever it is.
+redis.call('SADD', P .. 'clients:' .. node, c)
 if old_node and old_node ~= node then
   redis.call('PUBLISH', P .. 'control', 'C\0' .. node .. '\0' .. c .. '\0' .. epoch .. '\0' .. (clean and '1' or '0'))
 end

@@ -1,0 +1,130 @@
+"""A cluster under failure, with counts: a node killed with SIGKILL while it holds sessions and
+their messages, Redis killed in the middle of traffic, Redis away for a while. Clients resume
+their sessions as the specification says (crash_clients.py); every acknowledged message must
+arrive, QoS 2 exactly once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cluster_helpers import Cluster, wait_until
+from crash_clients import exchange
+from paho_helpers import PahoClient
+from rawclient import RawClient
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    cluster = Cluster("a", "b", "c")
+    yield cluster
+    cluster.close()
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+@pytest.mark.parametrize("away", [0.0, 1.5], ids=["reconnects-at-once", "offline-meanwhile"])
+def test_a_node_killed_with_sessions_loses_nothing_acknowledged(cluster: Cluster, qos: int, away: float) -> None:
+    """The subscriber's node b is killed in the middle of the traffic; the subscriber goes to
+    node c (at once, or after its messages queued for a while): its session, what was queued
+    and in flight there, and what was on its way to b, all reach it there, QoS 2 once. (What
+    was on its way to b comes once the survivor has read b's inbox, after newer messages: the
+    order is kept between nodes that live, not across a death.)"""
+    ports = {"pub": cluster["a"].port, "sub": cluster["b"].port}
+
+    def kill() -> None:
+        cluster["b"].kill()
+        ports["sub"] = cluster["c"].port
+
+    report = exchange(qos, 2000, 1, seed=qos, ports=ports, kill=kill, away=away, settle=30.0, deadline=90.0)
+    assert report.kills == 1, report.line()
+    assert report.received == report.acknowledged == 2000 and not report.missing, report.line()
+    assert not report.stalled and not report.violation and not report.excess, report.line()
+    if qos == 2:
+        assert report.duplicates == 0, report.line()
+
+
+def test_the_wills_of_a_killed_node_are_published_once(cluster: Cluster) -> None:
+    observer = PahoClient(cluster["a"].port, "observer")
+    observer.subscribe("wills/#", 1)
+    wait_until(lambda: "wills/#" in cluster.routes("a"), "the observer's route")
+    at_once = PahoClient(cluster["b"].port, "dies-at-once", will=("wills/at-once", b"gone", 1, False))
+    delayed = PahoClient(cluster["b"].port, "dies-later", version=5, clean=False, properties=_expiry(),
+                         will=("wills/later", b"gone later", 1, False, _will_delay(1)))  # type: ignore[arg-type]
+    returning = PahoClient(cluster["b"].port, "comes-back", version=5, clean=False, properties=_expiry(),
+                           will=("wills/never", b"must not be published", 1, False, _will_delay(30)))  # type: ignore[arg-type]
+    for client in (at_once, delayed, returning):
+        client.client.loop_stop()  # the node dies under them; they say nothing more
+    cluster["b"].kill()
+    first = observer.message()
+    assert (first.topic, first.payload) == ("wills/at-once", b"gone")
+    second = observer.message()  # after its delay (1 s), from the survivor
+    assert (second.topic, second.payload) == ("wills/later", b"gone later")
+    back = PahoClient(cluster["c"].port, "comes-back", version=5, clean=False, properties=_expiry())
+    assert back.flags.session_present
+    extra = [observer.message() for _ in range(0 if observer.no_message(1.5) else 1)]
+    assert extra == [], [(m.topic, m.payload) for m in extra]  # each once, and not the will of the client that came back
+    back.close()
+    observer.close()
+
+
+def _expiry() -> Properties:
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 3600
+    return properties
+
+
+def _will_delay(seconds: int) -> Properties:
+    properties = Properties(PacketTypes.WILLMESSAGE)
+    properties.WillDelayInterval = seconds
+    return properties
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_redis_killed_in_the_middle_of_the_traffic_loses_nothing_acknowledged(cluster: Cluster, qos: int) -> None:
+    """Redis with appendfsync always, killed with SIGKILL and started again on its files twice
+    while messages go from node a to node b: what it acknowledged it still has."""
+    ports = {"pub": cluster["a"].port, "sub": cluster["b"].port}
+
+    def kill() -> None:
+        cluster.redis.kill()
+        cluster.redis.start()
+
+    report = exchange(qos, 2000, 2, seed=10 + qos, ports=ports, kill=kill, settle=40.0, deadline=120.0)
+    assert report.kills == 2, report.line()
+    assert report.ok(), report.line()
+
+
+def test_redis_away_for_ten_seconds(cluster: Cluster, tmp_path: Path) -> None:
+    """Local service goes on, nothing is acknowledged that Redis has not stored, and the
+    cluster heals: what was published meanwhile reaches the other node once Redis is back."""
+    local_sub = PahoClient(cluster["a"].port, "local-sub")
+    local_sub.subscribe("local/#", 0)
+    remote_sub = PahoClient(cluster["b"].port, "remote-sub", clean=False)
+    remote_sub.subscribe("remote/#", 1)
+    wait_until(lambda: "remote/#" in cluster.routes("b"), "b's route")
+    publisher = RawClient(cluster["a"].port)
+    publisher.connect("away-pub")
+    cluster.redis.stop()
+    stopped = time.monotonic()
+    try:
+        from mqtt_broker.wire import Publish, Puback
+        publisher.send(Publish(topic="local/x", payload=b"still served", qos=0))
+        assert local_sub.message().payload == b"still served"
+        publisher.send(Publish(topic="remote/x", payload=b"waits for Redis", qos=1, packet_id=1))
+        with pytest.raises(TimeoutError):
+            publisher.receive(timeout=2.0)  # no PUBACK while Redis cannot store the message
+        time.sleep(max(0.0, 10.0 - (time.monotonic() - stopped)))  # the outage this test is about
+    finally:
+        cluster.redis.start()
+    ack = publisher.receive(timeout=30.0)
+    assert isinstance(ack, Puback) and ack.packet_id == 1 and ack.reason_code == 0
+    assert remote_sub.message().payload == b"waits for Redis"
+    publisher.send(Publish(topic="remote/y", payload=b"after", qos=1, packet_id=2))
+    assert remote_sub.message().payload == b"after"
+    for client in (local_sub, remote_sub, publisher):
+        client.close()
