@@ -7,7 +7,6 @@ document was called by the tests before it (they run in file order).
 from __future__ import annotations
 
 import base64
-import json
 import queue
 import urllib.parse
 from typing import Any, Iterator

@@ -7,7 +7,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from mqtt_broker.linger import AllClosed, close_lingering
 from mqtt_broker.wire import Disconnect, Pingreq, Publish, ReasonCode, Subscribe, SubscriptionRequest

@@ -15,15 +15,14 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from ..message import Client, Message
 from ..session import Queued, Session
-from ..store import StoredWill
 from ..topics import SubscriptionTree, Subscription, split_shared
-from ..wire import MQTT_5, ReasonCode
+from ..wire import MQTT_5
 from .address import RedisAddress
 from .codec import FORWARDED, pack_forwarded, unpack_message, unpack_records, unpack_will
 from .redis import RECONNECT_MAX_DELAY, Redis
@@ -33,10 +32,6 @@ if TYPE_CHECKING:
     from ..broker import BrokerService
 
 log = Logger()
-
-GROUP = "nodes"
-"""The consumer group of every inbox (each node reads its own inbox as consumer ``node id``)."""
-
 
 class ClusterStats:
     __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted", "inbox_lag")
@@ -97,6 +92,8 @@ class Cluster:
         self._judge_after = 0.0
         """Clock time before which no node is judged dead (after this node's own outage)."""
         self._adopting: set[str] = set()
+        self.ready: Deferred[None] = Deferred()
+        """Fires once the node has joined (its routes, retained messages and sessions loaded)."""
         self._moving: dict[str, set[bytes]] = {}
         """Sessions this node took from another lately, with the ids of the messages delivered
         to each since: until the routes have settled, a message may come by two ways (forwarded
@@ -111,14 +108,10 @@ class Cluster:
         """Join: register, learn the routes and retained messages, take back this node's own
         sessions (a restart), and start reading the inbox and beating."""
         self._started = True
-        self.redis.subscribe("mqtt:control", self._control)
-        self.redis.subscribe(f"mqtt:qos0:{self.node}", self._qos0_received)
-        yield self._register()
-        try:
-            yield self.redis.call("XGROUP", "CREATE", f"mqtt:inbox:{self.node}", GROUP, "$", "MKSTREAM")
-        except Exception as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        self.redis.subscribe(self.store.CONTROL, self._control)
+        self.redis.subscribe(self.store.qos0_channel(self.node), self._qos0_received)
+        yield self.store.register(self._ttl_ms)
+        yield self.store.create_inbox()
         yield self._load_routes()
         yield self._load_retained()
         self._announce_all()
@@ -128,23 +121,16 @@ class Cluster:
         self._read_inbox("0")
         log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
                  node=self.node, address=str(self.address), nodes=len(self.nodes))
+        self.ready.callback(None)
 
     def stop(self) -> Deferred[Any]:
         """Leave: what this node's sessions hold stays in Redis for the survivors to adopt."""
         self._started = False
         if self._heartbeat.running:
             self._heartbeat.stop()
-        leaving = self.store.flushed()
-        leaving.addCallback(lambda _: self.redis.call("DEL", f"mqtt:node:{self.node}"))
-        leaving.addCallback(lambda _: self.redis.call("PUBLISH", "mqtt:control", f"B\0{self.node}"))
+        leaving = self.store.leave()
         leaving.addErrback(lambda failure: log.warn("leaving the cluster: {error}", error=failure.getErrorMessage()))
         return leaving.addBoth(lambda _: self.redis.close())
-
-    def _register(self) -> Deferred[Any]:
-        return DeferredList([
-            self.redis.call("SADD", "mqtt:nodes", self.node),
-            self.redis.call("SET", f"mqtt:node:{self.node}", self.node, "PX", self._ttl_ms),
-        ], fireOnOneErrback=True, consumeErrors=True)
 
     # --- the broker's seams -----------------------------------------------------------------
 
@@ -237,7 +223,7 @@ class Cluster:
         self._qos0_scheduled = False
         qos0, self._qos0 = self._qos0, {}
         for node, records in qos0.items():  # fire and forget, as QoS 0 promises
-            self.redis.call("PUBLISH", f"mqtt:qos0:{node}", b"".join(records)).addErrback(lambda _: None)
+            self.store.publish_qos0(node, b"".join(records)).addErrback(lambda _: None)
 
     def filter_changed(self, topic_filter: str, held: bool) -> None:
         """This node's sessions hold a filter now, or no longer (from the subscription tree)."""
@@ -269,15 +255,12 @@ class Cluster:
         if not self._started or self._reading:
             return
         self._reading = True
-        self.redis.read("XREADGROUP", "GROUP", GROUP, self.node, "COUNT", 100, "BLOCK", 2000, "STREAMS",
-                        f"mqtt:inbox:{self.node}", since).addCallbacks(
-            self._inbox_read, self._inbox_failed, callbackArgs=(since,))
+        self.store.read_inbox(since).addCallbacks(self._inbox_read, self._inbox_failed, callbackArgs=(since,))
 
-    def _inbox_read(self, reply: Any, since: str) -> None:
-        entries = reply[0][1] if reply else []
-        for entry_id, fields in entries:
-            if fields:  # (None: trimmed away since it was read)
-                self._handle_entry(bytes(fields[1]))
+    def _inbox_read(self, entries: list[tuple[bytes, bytes | None]], since: str) -> None:
+        for entry_id, data in entries:
+            if data is not None:  # (None: trimmed away since it was read)
+                self._handle_entry(bytes(data))
             self.store.handled(entry_id)
         if since == "0" and not entries:
             since = ">"  # the pending entries are done
@@ -438,7 +421,7 @@ class Cluster:
     def _beat(self) -> None:
         if not self.redis.up:
             return
-        self.redis.call("SET", f"mqtt:node:{self.node}", self.node, "PX", self._ttl_ms).addErrback(lambda _: None)
+        self.store.beat(self._ttl_ms).addErrback(lambda _: None)
         self._check_nodes()
 
     @inlineCallbacks
@@ -446,13 +429,10 @@ class Cluster:
         """Learn the nodes that joined, and adopt what the dead ones held, if this node is the
         survivor chosen for it (the lowest id of the live nodes)."""
         try:
-            members = [m.decode() for m in (yield self.redis.call("SMEMBERS", "mqtt:nodes"))]
-            alive = yield DeferredList([self.redis.call("EXISTS", f"mqtt:node:{m}") for m in members],
-                                       consumeErrors=True)
+            members, live = yield self.store.members()
         except Exception:
             return
         now = self.clock.seconds()
-        live = {m for m, (ok, value) in zip(members, alive) if ok and value}
         for member in live - {self.node} - set(self.nodes):
             self.nodes[member] = now
             yield self._load_routes(member)
@@ -475,7 +455,7 @@ class Cluster:
             return
         self._adopting.add(dead)
         try:
-            clients = [c.decode() for c in (yield self.redis.call("SMEMBERS", f"mqtt:clients:{dead}"))]
+            clients = yield self.store.clients_of(dead)
             former = SubscriptionTree()
             """The subscriptions of every session the dead node held, for its inbox."""
             adopted = 0
@@ -506,12 +486,10 @@ class Cluster:
                 yield self._drain(dead, former)
                 # Nodes that had not yet heard of the death may still have written to the dead
                 # node's inbox: read it again once its routes are gone everywhere, then drop it.
-                yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}")
-                yield self.redis.call("PUBLISH", "mqtt:control", f"G\0{dead}")
+                yield self.store.forget_node(dead)
                 yield deferLater(self.clock, 2 * self._ttl_ms / 1000, lambda: None)
                 yield self._drain(dead, former)
-                yield self.redis.call("DEL", f"mqtt:inbox:{dead}")
-                yield self.redis.call("SREM", "mqtt:nodes", dead)
+                yield self.store.drop_node(dead)
             elif adopted:
                 log.info("took back {count} sessions of this node from before its restart", count=adopted)
         finally:
@@ -522,24 +500,12 @@ class Cluster:
         """Deliver what is left in a dead node's inbox: what it was given and did not finish,
         then what it was never given. Each entry is marked handled in the batch that delivers it,
         so a survivor that dies meanwhile leaves the rest to the next one."""
-        stream = f"mqtt:inbox:{dead}"
         cursor = "0-0"
         for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
-            try:
-                reply = yield self.redis.call("XAUTOCLAIM", stream, GROUP, self.node, 0, cursor, "COUNT", 100)
-                cursor = reply[0].decode()
-                entries = list(reply[1])
-                if cursor == "0-0":
-                    fresh = yield self.redis.call("XREADGROUP", "GROUP", GROUP, self.node, "COUNT", 100,
-                                                  "STREAMS", stream, ">")
-                    entries += list(fresh[0][1]) if fresh else []
-            except Exception as e:
-                if "NOGROUP" in str(e):  # no inbox, or never read: nothing was left
-                    return
-                raise
-            for entry_id, fields in entries:
-                if fields:
-                    for kind, first, second in unpack_records(bytes(fields[1])):
+            cursor, entries = yield self.store.take_inbox(dead, cursor)
+            for entry_id, data in entries:
+                if data is not None:
+                    for kind, first, second in unpack_records(bytes(data)):
                         if kind == FORWARDED:
                             self._deliver_formerly(first, former)
                         else:
@@ -585,7 +551,7 @@ class Cluster:
         # before it could have reconnected and beaten again.
         self._judge_after = self.clock.seconds() + self._ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY
         if self._started:
-            self._register()
+            self.store.register(self._ttl_ms)
             self._announce_all()
             self._load_routes()
             self._load_retained()
@@ -598,25 +564,16 @@ class Cluster:
 
     @inlineCallbacks
     def _load_routes(self, only: str | None = None) -> Any:
-        members = [only] if only else [m.decode() for m in (yield self.redis.call("SMEMBERS", "mqtt:nodes"))]
+        members = [only] if only else (yield self.store.members())[0]
         for member in members:
-            if member == self.node:
-                continue
-            filters = yield self.redis.call("HKEYS", f"mqtt:routes:{member}")
-            for topic_filter in filters:
-                self._add_route(member, topic_filter.decode())
+            if member != self.node:
+                for topic_filter in (yield self.store.routes_of(member)):
+                    self._add_route(member, topic_filter)
 
     @inlineCallbacks
     def _load_retained(self) -> Any:
-        cursor = b"0"
-        for _ in range(1_000_000):
-            cursor, items = yield self.redis.call("HSCAN", "mqtt:retained", cursor, "COUNT", 1000)
-            for j in range(0, len(items), 2):
-                message = unpack_message(items[j + 1])
-                message.retain = True
-                self.broker.retained.store(message)
-            if cursor in (b"0", 0):
-                break
+        for message in (yield self.store.retained()):
+            self.broker.retained.store(message)
 
 
 __all__ = ["Cluster", "ClusterStats", "node_id"]

@@ -21,7 +21,7 @@ import time
 from importlib import resources
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,7 +30,7 @@ from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..store import Snapshot, StoredWill
 from ..topics import Subscription
-from .codec import pack_message, pack_queued, pack_subscription, pack_will, targeted_head, unpack_queued, \
+from .codec import pack_message, unpack_message, pack_queued, pack_subscription, pack_will, targeted_head, unpack_queued, \
     unpack_subscription
 from .redis import Redis, Script
 
@@ -64,6 +64,18 @@ class Claim:
         self.disconnected_at: float | None = None
         if len(reply) > 5:
             self.session, self.disconnected_at = _session(client_id, reply)
+
+
+INBOX_GROUP = "nodes"
+"""The consumer group of every inbox: each node reads its own inbox as the consumer of its id,
+and a survivor a dead node's as the consumer of its own."""
+
+
+def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
+    """(id, data) of the entries of an XREADGROUP answer (data None: trimmed since given)."""
+    if not reply:
+        return []
+    return [(entry_id, fields[1] if fields else None) for entry_id, fields in reply[0][1]]
 
 
 def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | None]:
@@ -258,6 +270,133 @@ class RedisStore:
         epoch = self.epochs.pop(client_id, None)
         if epoch is not None:
             self._record("E", client_id, epoch)
+
+    # --- membership, routes and inboxes (read and written at once, not in batches) --------
+
+    CONTROL = "mqtt:control"
+    """The channel of the cluster's events: routes, retained messages, claims, nodes leaving."""
+
+    def qos0_channel(self, node: str) -> str:
+        """The channel a node's QoS 0 messages come by."""
+        return f"mqtt:qos0:{node}"
+
+    def register(self, ttl_ms: int) -> Deferred[Any]:
+        """Join the cluster's members, alive for ``ttl_ms``; also a heartbeat."""
+        return DeferredList([self.redis.call("SADD", "mqtt:nodes", self.node), self.beat(ttl_ms)],
+                            fireOnOneErrback=True, consumeErrors=True)
+
+    def beat(self, ttl_ms: int) -> Deferred[Any]:
+        return self.redis.call("SET", f"mqtt:node:{self.node}", self.node, "PX", ttl_ms)
+
+    def leave(self) -> Deferred[Any]:
+        """Stop being alive at once: the survivors adopt what this node held."""
+        d = self.flushed().addCallback(lambda _: self.redis.call("DEL", f"mqtt:node:{self.node}"))
+        return d.addCallback(lambda _: self.redis.call("PUBLISH", self.CONTROL, f"B\0{self.node}"))
+
+    @inlineCallbacks
+    def members(self) -> Any:
+        """The cluster's nodes, and which of them are alive: (members, alive)."""
+        members = [m.decode() for m in (yield self.redis.call("SMEMBERS", "mqtt:nodes"))]
+        alive = yield DeferredList([self.redis.call("EXISTS", f"mqtt:node:{m}") for m in members],
+                                   fireOnOneErrback=True, consumeErrors=True)
+        return members, {m for m, (_, value) in zip(members, alive) if value}
+
+    def routes_of(self, node: str) -> Deferred[list[str]]:
+        return self.redis.call("HKEYS", f"mqtt:routes:{node}").addCallback(lambda keys: [k.decode() for k in keys])
+
+    def clients_of(self, node: str) -> Deferred[list[str]]:
+        return self.redis.call("SMEMBERS", f"mqtt:clients:{node}").addCallback(lambda ids: [c.decode() for c in ids])
+
+    @inlineCallbacks
+    def retained(self) -> Any:
+        """Every retained message of the cluster."""
+        found: list[Message] = []
+        cursor: Any = b"0"
+        for _ in range(1_000_000):  # bounded: HSCAN ends when its cursor is back to 0
+            cursor, items = yield self.redis.call("HSCAN", "mqtt:retained", cursor, "COUNT", 1000)
+            for j in range(0, len(items), 2):
+                message = unpack_message(items[j + 1])
+                message.retain = True
+                found.append(message)
+            if cursor in (b"0", 0):
+                break
+        return found
+
+    @inlineCallbacks
+    def describe_nodes(self) -> Any:
+        """Each member of the cluster as the admin API shows it: id, alive, the filters it
+        holds, the clients it holds, and its inbox (entries kept, not yet read, read and not yet
+        handled)."""
+        members, alive = yield self.members()
+        described = []
+        for node in sorted(members):
+            routes = yield self.redis.call("HLEN", f"mqtt:routes:{node}")
+            clients = yield self.redis.call("SCARD", f"mqtt:clients:{node}")
+            length = yield self.redis.call("XLEN", f"mqtt:inbox:{node}")
+            lag = pending = 0
+            try:
+                for group in (yield self.redis.call("XINFO", "GROUPS", f"mqtt:inbox:{node}")):
+                    fields = {group[j].decode(): group[j + 1] for j in range(0, len(group), 2)}
+                    lag, pending = int(fields.get("lag") or 0), int(fields.get("pending") or 0)
+            except Exception:
+                pass  # no inbox yet
+            described.append({"id": node, "alive": node in alive, "filters": int(routes), "clients": int(clients),
+                              "inbox": {"length": int(length), "unread": lag, "unhandled": pending}})
+        return described
+
+    def locate(self, client_id: str) -> Deferred[dict[str, Any] | None]:
+        """Which node holds a client's session, and at which epoch (None: no node does)."""
+        def found(reply: list[bytes]) -> dict[str, Any] | None:
+            fields = {reply[j].decode(): reply[j + 1].decode() for j in range(0, len(reply), 2)}
+            return {"node": fields["node"], "epoch": int(fields["epoch"])} if "node" in fields else None
+        return self.redis.call("HGETALL", f"mqtt:owner:{client_id}").addCallback(found)
+
+    def publish_qos0(self, node: str, data: bytes) -> Deferred[Any]:
+        return self.redis.call("PUBLISH", self.qos0_channel(node), data)
+
+    def create_inbox(self) -> Deferred[Any]:
+        def exists(failure: Failure) -> None:
+            if "BUSYGROUP" not in failure.getErrorMessage():
+                failure.raiseException()
+        return self.redis.call("XGROUP", "CREATE", f"mqtt:inbox:{self.node}", INBOX_GROUP, "$", "MKSTREAM"
+                               ).addErrback(exists)
+
+    def read_inbox(self, since: str) -> Deferred[list[tuple[bytes, bytes | None]]]:
+        """Entries of this node's inbox, waiting up to two seconds for some: those given before
+        and not yet handled (``since`` "0"), or new ones (">"). (id, data or None if trimmed)."""
+        return self.redis.read("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT", 100, "BLOCK", 2000,
+                               "STREAMS", f"mqtt:inbox:{self.node}", since).addCallback(_entries)
+
+    @inlineCallbacks
+    def take_inbox(self, dead: str, cursor: str) -> Any:
+        """Entries of a dead node's inbox for this node to handle: first those given to any node
+        and not handled (from ``cursor``), then, once those are done, those never given.
+        Returns (next cursor, entries); no entries and cursor "0-0": the inbox is empty."""
+        stream = f"mqtt:inbox:{dead}"
+        try:
+            reply = yield self.redis.call("XAUTOCLAIM", stream, INBOX_GROUP, self.node, 0, cursor, "COUNT", 100)
+            cursor = reply[0].decode()
+            entries = [(entry_id, fields[1] if fields else None) for entry_id, fields in reply[1]]
+            if cursor == "0-0":
+                entries += _entries((yield self.redis.call("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT",
+                                                           100, "STREAMS", stream, ">")))
+        except Exception as e:
+            if "NOGROUP" in str(e):  # no inbox, or never read: nothing was left
+                return "0-0", []
+            raise
+        return cursor, entries
+
+    @inlineCallbacks
+    def forget_node(self, dead: str) -> Any:
+        """A dead node's sessions are adopted: its routes go, and the others are told."""
+        yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}")
+        yield self.redis.call("PUBLISH", self.CONTROL, f"G\0{dead}")
+
+    @inlineCallbacks
+    def drop_node(self, dead: str) -> Any:
+        """The last of a dead node: its inbox, read to the end, and its membership."""
+        yield self.redis.call("DEL", f"mqtt:inbox:{dead}")
+        yield self.redis.call("SREM", "mqtt:nodes", dead)
 
     def claim(self, client_id: str, clean_start: bool, window: int, required: str = "") -> Deferred[Claim | None]:
         """Take the client's session, after this node's changes so far are written (so that the

@@ -1,0 +1,100 @@
+"""A cluster node in this process, its timers on a Clock: membership and the adoption of a dead
+node's sessions, decided by the clock; and a broker without a cluster imports nothing of it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+
+from mqtt_broker import BrokerService, Message
+from mqtt_broker.cluster.address import RedisAddress
+from mqtt_broker.cluster.redis import Redis
+from mqtt_broker.cluster.store import RedisStore
+from mqtt_broker.session import Queued, Session
+from mqtt_broker.topics import Subscription
+from mqtt_broker.wire import Connect, Publish, Subscribe, SubscriptionRequest
+
+from protocol_helpers import FakeClient
+from redis_helpers import RedisServer
+
+
+@inlineCallbacks
+def until(condition: Any, what: str) -> Any:
+    """Wait (bounded) for Redis's answers to arrive: the reactor is real, the clock is not."""
+    for _ in range(500):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
+    code = ("import sys; from mqtt_broker import BrokerService; BrokerService(endpoints=[], persistence='memory'); "
+            "loaded = [m for m in sys.modules if m.startswith('mqtt_broker.cluster') or m == 'txredisapi']; "
+            "print(loaded); sys.exit(1 if loaded else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_adopted(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    server.client().flushall()
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
+                           cluster_heartbeat=1.0, cluster_missed_heartbeats=3)
+    broker.startService()
+    yield broker.cluster.ready
+    observer = FakeClient(broker, 4)
+    observer.send(Connect(client_id="observer"))
+    yield until(lambda: observer.transport.value(), "the CONNACK, after the claim")
+    observer.received()
+    observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
+    yield broker.store.flushed()
+    observer.received()
+    # Node b, by its store: a persistent session with a queued message, and a connected client's will.
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        yield b.register(3000)
+        yield b.claim("s", False, 0)
+        b.save_session(Session("s", 3600), None)
+        b.save_subscription("s", Subscription(client_id="s", topic_filter="t/#", qos=1))
+        b.add_delivery("s", Queued(Message(topic="t/1", payload=b"kept", qos=1), 1, False, (), None, 1), None)
+        b.arm_will("s", None, Message(topic="wills/s", payload=b"s is gone", qos=1), 0)
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b stopped beating: its key has expired
+        yield broker.cluster._check_nodes()
+        # Not yet: a node that just joined gives the others time to beat (they may be back
+        # from the same outage).
+        assert "s" not in broker.sessions
+        clock.advance(3.5)
+        checked = broker.cluster._check_nodes()
+        yield until(lambda: "s" in broker.sessions, "the adoption of b's session")
+        clock.advance(6.0)  # the dead node's inbox is read again once its routes are gone everywhere
+        yield checked
+        session = broker.sessions["s"]
+        assert list(session.subscriptions) == ["t/#"] and [i.message.payload for i in session.queue] == [b"kept"]
+        assert server.client().hget("mqtt:owner:s", "node") == b"a"
+        yield broker.store.flushed()
+        will = [p for p in observer.received() if isinstance(p, Publish)]
+        assert [(p.topic, p.payload) for p in will] == [("wills/s", b"s is gone")]
+        assert "b" not in {m.decode() for m in server.client().smembers("mqtt:nodes")}
+    finally:
+        yield broker.stopService()
+        yield link.close()
