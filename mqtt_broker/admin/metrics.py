@@ -107,11 +107,11 @@ class Monitors(Service):
         # the method for one call, so unsampled messages pay nothing at all.
         self.broker.route = self._timed_route
 
-    def _timed_route(self, message: Any) -> int:
+    def _timed_route(self, message: Any, shares: Any = None) -> int:
         broker = self.broker
         broker.__dict__.pop("route", None)
         started = time.perf_counter()
-        routed: int = type(broker).route(broker, message)
+        routed: int = type(broker).route(broker, message, shares)
         self.delivery_latency.observe(time.perf_counter() - started)
         return routed
 
