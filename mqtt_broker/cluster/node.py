@@ -378,7 +378,7 @@ class Cluster:
             self._claimed_elsewhere(parts[1].decode(), int(parts[2]), parts[3] == b"1")
         elif kind == b"B":  # a node left: what it held is adopted at once
             self.nodes.pop(node, None)
-            self.clock.callLater(0, self._check_nodes, True)
+            self.clock.callLater(0, lambda: self._check_nodes(True).addErrback(self._check_failed))
         elif kind == b"G":  # a dead node's sessions are adopted: its routes go
             self.nodes.pop(node, None)
             for subscription in [s for s in self.routes if s.client_id == node]:
@@ -422,7 +422,11 @@ class Cluster:
         if not self.redis.up:
             return
         self.store.beat(self._ttl_ms).addErrback(lambda _: None)
-        self._check_nodes()
+        self._check_nodes().addErrback(self._check_failed)
+
+    def _check_failed(self, failure: Any) -> None:
+        if self._started:  # (stopping cuts the connection under it)
+            log.failure("checking the cluster's nodes", failure)
 
     @inlineCallbacks
     def _check_nodes(self, now_judge: bool = False) -> Any:
