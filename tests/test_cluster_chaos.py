@@ -118,6 +118,10 @@ def test_redis_away_for_ten_seconds(cluster: Cluster, tmp_path: Path) -> None:
         publisher.send(Publish(topic="remote/x", payload=b"waits for Redis", qos=1, packet_id=1))
         with pytest.raises(TimeoutError):
             publisher.receive(timeout=2.0)  # no PUBACK while Redis cannot store the message
+        newcomer = RawClient(cluster["c"].port, timeout=10.0)
+        refused = newcomer.connect("newcomer")  # its session cannot be claimed: refused in time
+        assert refused.reason_code == 3 and newcomer.closed_by_peer(5)  # MQTT 3: 3 server unavailable
+        newcomer.close()
         time.sleep(max(0.0, 10.0 - (time.monotonic() - stopped)))  # the outage this test is about
     finally:
         cluster.redis.start()
