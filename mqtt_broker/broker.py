@@ -131,6 +131,8 @@ class BrokerService(Delivery, MultiService):
                                 self.config.persistence_synchronous)
         self.store = store
         """Where sessions and messages are kept across restarts; None keeps them in memory only."""
+        if store is not None:
+            store.gather = self.gathered
         config = self.config
         self.history = MessageLog(config.history_filters, config.history_max_messages, config.history_max_age,
                                   config.history_max_bytes) if config.history_filters else None
@@ -285,6 +287,18 @@ class BrokerService(Delivery, MultiService):
             return False
         self._connects[client_id] = (recent[0], recent[1] + 1)
         return True
+
+    def gathered(self, function: Any, *args: Any) -> None:
+        """Run ``function(*args)`` with the writes to each connection gathered and sent at once
+        when it returns, as for a read (the acknowledgements a store's batch releases, the
+        messages of another node of a cluster)."""
+        self.batching += 1
+        try:
+            function(*args)
+        finally:
+            self.batching -= 1
+            if not self.batching and self.unflushed:
+                self.flush_writes()
 
     def flush_writes(self) -> None:
         """Hand each connection's gathered writes to its transport. A connection that queued

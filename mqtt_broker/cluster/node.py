@@ -258,14 +258,19 @@ class Cluster:
         self.store.read_inbox(since).addCallbacks(self._inbox_read, self._inbox_failed, callbackArgs=(since,))
 
     def _inbox_read(self, entries: list[tuple[bytes, bytes | None]], since: str) -> None:
+        self.broker.gathered(self._handle_entries, entries)
+        if since == "0":
+            # The next read of pending entries once these are marked handled, or they would be
+            # read twice; then the new ones.
+            self.store.flushed().addBoth(self._inbox_handled, "0" if entries else ">")
+        else:  # new entries are given once: the next read goes at once
+            self._inbox_handled(None, since)
+
+    def _handle_entries(self, entries: list[tuple[bytes, bytes | None]]) -> None:
         for entry_id, data in entries:
             if data is not None:  # (None: trimmed away since it was read)
                 self._handle_entry(bytes(data))
             self.store.handled(entry_id)
-        if since == "0" and not entries:
-            since = ">"  # the pending entries are done
-        # The next read once these are marked handled: a pending entry must not be read twice.
-        self.store.flushed().addBoth(self._inbox_handled, since)
 
     def _inbox_handled(self, _: Any, since: str) -> None:
         self._reading = False
@@ -312,6 +317,9 @@ class Cluster:
             self._deliver_formerly(message, former)
 
     def _qos0_received(self, data: bytes) -> None:
+        self.broker.gathered(self._route_qos0, data)
+
+    def _route_qos0(self, data: bytes) -> None:
         for kind, message, shares in unpack_records(data):
             self.stats.forwarded_in += 1
             self.broker.route(message, shares)

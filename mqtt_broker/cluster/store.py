@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from ..history import Entry
 from ..message import Message
 from ..session import Outgoing, Queued, Session
-from ..store import Snapshot, StoredWill
+from ..store import Snapshot, StoredWill, call, fire
 from ..topics import Subscription
 from .codec import pack_message, unpack_message, pack_queued, pack_subscription, pack_will, targeted_head, unpack_queued, \
     unpack_subscription
@@ -137,6 +137,7 @@ class RedisStore:
         self._failing = False
         self.commit_observers: list[Callable[[float], None]] = []
         """Called with the seconds each batch took, from its send to Redis's answer."""
+        self.gather: Callable[..., None] = call
         self.before_batch: Callable[[], None] | None = None
         """Called before a batch is cut, after ``collect()`` said there is something to record
         (the cluster's messages for other nodes, gathered per node)."""
@@ -456,8 +457,7 @@ class RedisStore:
         self._pubrels_at.clear()
         self.generation += 1
         if not ops:
-            for d in waiters:
-                d.callback(None)
+            self.gather(fire, waiters)
             return
         self._batches += 1
         marker = f"{self._incarnation}:{self._batches}"
@@ -481,8 +481,7 @@ class RedisStore:
             for entry in refused:
                 client_id, _, epoch = entry.decode().rpartition("\0")
                 self.on_fenced(client_id, int(epoch))
-        for d in waiters:
-            d.callback(None)
+        self.gather(fire, waiters)
         if self._pending or self._waiters or self._collect:
             self._flush()
 

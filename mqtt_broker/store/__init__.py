@@ -12,7 +12,7 @@ has no store at all and pays nothing for one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -56,6 +56,11 @@ class Store(Protocol):
     """Changes whenever the changes recorded so far start being written: a ``flushed()`` asked
     for while it keeps one value covers every change recorded while it keeps that value (so a
     connection waits for the store once per batch, not once per message)."""
+
+    gather: Callable[..., None]
+    """``gather(function, *args)`` runs what follows a written batch (the ``flushed()``
+    Deferreds firing); the broker sets it so that the acknowledgements a batch releases are
+    gathered and sent in one write per connection. By default it just calls ``function``."""
 
     def load(self, window: int = 0) -> Snapshot:
         """Open the store and read it (blocking, at start-up). Of each session's queued
@@ -108,4 +113,18 @@ class Store(Protocol):
     def close(self) -> Deferred[None]: ...
 
 
-__all__ = ["Store", "StoreError", "Snapshot", "StoredWill"]
+def fire(waiters: list[Deferred[None]], error: Exception | None = None) -> None:
+    """Fire the ``flushed()`` Deferreds of a batch, in order."""
+    for d in waiters:
+        if error is None:
+            d.callback(None)
+        else:
+            d.errback(error)
+
+
+def call(function: Callable[..., None], *args: object) -> None:
+    """``Store.gather`` until the broker sets its own."""
+    function(*args)
+
+
+__all__ = ["Store", "StoreError", "Snapshot", "StoredWill", "fire", "call"]

@@ -14,12 +14,13 @@ from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
 from ..history import Entry
-from . import Snapshot, StoredWill
+from . import Snapshot, StoredWill, call
 
 
 class MemoryStore:
     generation = 0
     """Never changes: every change is kept as it is recorded."""
+    gather = staticmethod(call)
 
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[Session, float | None]] = {}

@@ -27,7 +27,7 @@ from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
 from ..wire.packets import PUBLISH
 from ..wire.properties import decode_properties, encode_properties
-from . import Snapshot, StoredWill, StoreError
+from . import Snapshot, StoredWill, StoreError, call, fire
 
 log = Logger()
 
@@ -106,6 +106,7 @@ class SQLiteStore:
         self._retry_scheduled = False
         self._batch_started = 0.0
         self.generation = 0
+        self.gather: Callable[..., None] = call
         self.commit_observers: list[Callable[[float], None]] = []
         """Called on the reactor thread with the seconds each batch took, from being handed to the
         writer thread to its commit (the admin metrics observe them)."""
@@ -310,8 +311,7 @@ class SQLiteStore:
         self._inserts.clear()
         self._pubrels.clear()
         if not batch:
-            for d in waiters:
-                d.callback(None)
+            self.gather(fire, waiters)
             return
         self._writing = True
         self._batch_started = time.perf_counter()
@@ -347,14 +347,12 @@ class SQLiteStore:
             if not self._retry_scheduled:  # try again even if nothing new comes
                 self._retry_scheduled = True
                 self.reactor.callLater(RETRY_AFTER, self._retry)
-            for d in waiters:
-                d.errback(error)
+            self.gather(fire, waiters, error)
         else:
             if self._failing:
                 self._failing = False
                 log.info("writing to {path} works again", path=str(self.path))
-            for d in waiters:
-                d.callback(None)
+            self.gather(fire, waiters)
         if self._pending or (self._waiters and not self._failing):
             self._flush()
 
