@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.cluster.codec import TARGETED, pack_will, unpack_records, unpack_will
 from mqtt_broker.cluster.redis import Redis
-from mqtt_broker.cluster.store import RedisStore
+from mqtt_broker.cluster.store import RedisStore, _Batch
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
@@ -169,19 +169,20 @@ def test_a_batch_whose_answer_was_lost_is_not_applied_twice(
     a.forward("b", b"an entry")
     yield a.flushed()
     assert server.client().xlen("mqtt:inbox:b") == 1
-    marker = server.client().get("mqtt:applied:a").decode()
-    # As if the connection had dropped before the answer: the store asks Redis whether the
-    # batch was applied before writing it again.
+    number = int(server.client().get("mqtt:applied:a").decode().rpartition(":")[2])
+    # As if the connection had dropped before the answers of that batch and the next: the
+    # store asks Redis which was applied before writing again the one that was not.
     done: Deferred[None] = Deferred()
-    a._writing = True
-    a._not_written(Failure(ConnectionError("Lost connection")), marker, ["X", "b", b"an entry"], [done])
-    yield done
-    assert server.client().xlen("mqtt:inbox:b") == 1
     unapplied: Deferred[None] = Deferred()
-    a._writing = True
-    a._not_written(Failure(ConnectionError("Lost connection")), "other:1", ["X", "b", b"second"], [unapplied])
+    lost = [_Batch(number, ["X", "b", b"an entry"], [done]), _Batch(number + 1, ["X", "b", b"second"], [unapplied])]
+    a._in_flight.extend(lost)
+    a._batches = number + 1
+    a._not_written(Failure(ConnectionError("Lost connection")), lost[0])
+    a._not_written(Failure(ConnectionError("Lost connection")), lost[1])
+    yield done
     yield unapplied
     assert server.client().xlen("mqtt:inbox:b") == 2
+    assert [fields[b"d"] for _, fields in server.client().xrange("mqtt:inbox:b")] == [b"an entry", b"second"]
 
 
 @pytest_twisted.inlineCallbacks

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from importlib import resources
 from typing import Any, Callable
 
@@ -109,6 +110,17 @@ def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | 
     return session, disconnected_at
 
 
+MAX_IN_FLIGHT = 16
+"""Batches sent to Redis and not yet answered, at most."""
+
+
+class _Batch:
+    __slots__ = ("number", "ops", "waiters", "started")
+
+    def __init__(self, number: int, ops: list[Any], waiters: list[Deferred[None]]) -> None:
+        self.number, self.ops, self.waiters, self.started = number, ops, waiters, 0.0
+
+
 class RedisStore:
     """``RedisStore(redis, node, reactor)``: the Store protocol, plus what the cluster records
     through it (messages for other nodes, routes, claims)."""
@@ -130,10 +142,10 @@ class RedisStore:
         self._pubrels_at: dict[tuple[str, int], int] = {}
         self._waiters: list[Deferred[None]] = []
         self._scheduled = False
-        self._writing = False
+        self._in_flight: deque[_Batch] = deque()
+        self._recovering = False
         self._incarnation = os.urandom(6).hex()
         self._batches = 0
-        self._batch_started = 0.0
         self._failing = False
         self.commit_observers: list[Callable[[float], None]] = []
         """Called with the seconds each batch took, from its send to Redis's answer."""
@@ -419,7 +431,7 @@ class RedisStore:
 
     def _record(self, *op: Any) -> int:
         self._pending.append(op)
-        if not self._scheduled and not self._writing:
+        if not self._scheduled:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return len(self._pending) - 1
@@ -429,24 +441,27 @@ class RedisStore:
         ``flushed()`` waits for it."""
         if not self._collect:
             self._collect = True
-            if not self._scheduled and not self._writing:
+            if not self._scheduled:
                 self._scheduled = True
                 self.reactor.callLater(0, self._flush)
 
     def flushed(self) -> Deferred[None]:
-        if not self._pending and not self._writing and not self._waiters and not self._collect:
+        if not self._pending and not self._in_flight and not self._waiters and not self._collect:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
-        if not self._scheduled and not self._writing:
+        if not self._scheduled:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return d
 
     def _flush(self) -> None:
+        """Cut a batch and send it at once, even while earlier ones are on their way: Redis
+        answers the batches of a connection in order (pipelining), so the waiters still fire in
+        order, without waiting a round trip for the one before."""
         self._scheduled = False
-        if self._writing:
-            return
+        if self._recovering or len(self._in_flight) >= MAX_IN_FLIGHT:
+            return  # sent when an answer comes
         if self._collect and self.before_batch is not None:
             self._collect = False
             self.before_batch()
@@ -457,56 +472,68 @@ class RedisStore:
         self._pubrels_at.clear()
         self.generation += 1
         if not ops:
-            self.gather(fire, waiters)
+            if self._in_flight:  # nothing new: they wait for what is on its way
+                self._in_flight[-1].waiters += waiters
+            else:
+                self.gather(fire, waiters)
             return
         self._batches += 1
-        marker = f"{self._incarnation}:{self._batches}"
-        self._writing = True
-        self._write(marker, ops, waiters)
+        batch = _Batch(self._batches, ops, waiters)
+        self._in_flight.append(batch)
+        self._send(batch)
 
-    def _write(self, marker: str, ops: list[Any], waiters: list[Deferred[None]]) -> None:
-        self._batch_started = time.perf_counter()
-        self.redis.run(BATCH, self.node, marker, self.inbox_maxlen, *ops).addCallbacks(
-            self._written, self._not_written, callbackArgs=(waiters,), errbackArgs=(marker, ops, waiters))
+    def _send(self, batch: _Batch) -> None:
+        batch.started = time.perf_counter()
+        marker = f"{self._incarnation}:{batch.number}"
+        self.redis.run(BATCH, self.node, marker, self.inbox_maxlen, *batch.ops).addCallbacks(
+            self._written, self._not_written, callbackArgs=(batch,), errbackArgs=(batch,))
 
-    def _written(self, refused: list[bytes], waiters: list[Deferred[None]]) -> None:
-        self._writing = False
-        elapsed = time.perf_counter() - self._batch_started
+    def _written(self, refused: list[bytes], batch: _Batch) -> None:
+        if not self._in_flight or self._in_flight[0] is not batch:
+            return  # (answered after the connection was lost: the recovery decides)
+        self._in_flight.popleft()
+        elapsed = time.perf_counter() - batch.started
         for observe in self.commit_observers:
             observe(elapsed)
-        if self._failing:
-            self._failing = False
-            log.info("writing to Redis works again")
         if refused and self.on_fenced is not None:  # (before the waiters go on)
             for entry in refused:
                 client_id, _, epoch = entry.decode().rpartition("\0")
                 self.on_fenced(client_id, int(epoch))
-        self.gather(fire, waiters)
+        self.gather(fire, batch.waiters)
         if self._pending or self._waiters or self._collect:
             self._flush()
 
-    def _not_written(self, failure: Failure, marker: str, ops: list[Any], waiters: list[Deferred[None]]) -> None:
-        """The batch failed, or its answer was lost: find out which, and write it again if it was
-        not applied. Its waiters wait meanwhile; nothing is acknowledged before Redis has it."""
+    def _not_written(self, failure: Failure, batch: _Batch) -> None:
+        """A batch failed, or its answer was lost with the connection (and so those sent after
+        it): once Redis answers again, the marker of the last batch applied tells which were,
+        and the others are sent again, in order. Their waiters wait meanwhile: nothing is
+        acknowledged before Redis has it."""
+        if self._recovering:
+            return
+        self._recovering = True
         if not self._failing:
             self._failing = True
             log.warn("a batch of changes to Redis failed ({error}); it is written again once Redis answers; "
                      "QoS 1/2 acknowledgements wait until then", error=failure.getErrorMessage())
-        if "ERR" in failure.getErrorMessage() and "unknown change" in failure.getErrorMessage():
-            log.failure("Redis refused a batch of changes", failure)
+        self.reactor.callLater(RETRY_AFTER, self._recover)
 
-        def check() -> None:
-            self.redis.call("GET", f"mqtt:applied:{self.node}").addCallbacks(applied, lambda _: retry())
-
+    def _recover(self) -> None:
         def applied(value: bytes | None) -> None:
-            if value is not None and value.decode() == marker:
-                self._written([], waiters)
-            else:
-                self._write(marker, ops, waiters)
+            incarnation, _, number = (value or b"").decode().partition(":")
+            last = int(number) if incarnation == self._incarnation else 0
+            while self._in_flight and self._in_flight[0].number <= last:
+                self.gather(fire, self._in_flight.popleft().waiters)
+            self._recovering = False
+            if self._failing:
+                self._failing = False
+                log.info("writing to Redis works again")
+            for batch in self._in_flight:
+                self._send(batch)
+            self._flush()
 
-        def retry() -> None:
-            self.reactor.callLater(RETRY_AFTER, check)
-        retry()
+        def retry(_: Any) -> None:
+            self.reactor.callLater(RETRY_AFTER, self._recover)
+        self.redis.call("GET", f"mqtt:applied:{self.node}").addCallbacks(applied, retry)
 
     def close(self) -> Deferred[None]:
         return self.flushed()
