@@ -234,6 +234,9 @@ class BrokerConfig:
         "redis://:password@host). Sessions, retained messages and messages between nodes are then "
         "kept in Redis (persistence and data_dir's database are not used). Empty: no cluster.",
         check=_redis_problem)
+    cluster_tls_ca_file: str = _setting(
+        "", "CA certificates (PEM) that a rediss:// Redis's certificate must chain to; empty: "
+        "the platform's trusted CAs. Its name is checked against the URL's host either way.")
     cluster_node_id: str = _setting(
         "", "This node's id in the cluster; empty: an id made at the first start and kept in "
         "data_dir (cluster-node-id). Two nodes must never share one.")

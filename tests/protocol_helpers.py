@@ -39,6 +39,12 @@ class FakeClient:
         self.protocol.dataReceived(data)
 
     def received(self) -> list[Packet]:
+        """What the broker wrote to this client. A test that goes on from inside the broker's
+        gathering of writes (resumed by a store's ``flushed()``, which fires while the writes a
+        batch releases are gathered) sees them as they are sent when the gathering ends."""
+        broker = self.protocol.broker
+        if broker.unflushed:
+            broker.flush_writes()
         data = self.transport.value()
         self.transport.clear()
         packets, self._pending = self._pending + self.reader.feed(data), []

@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": "mqttbroker-data",
     "persistence_synchronous": "normal",
     "cluster": "",
+    "cluster_tls_ca_file": "",
     "cluster_node_id": "",
     "cluster_heartbeat": 1.0,
     "cluster_missed_heartbeats": 3,

@@ -64,7 +64,8 @@ class Cluster:
         self.clock = broker.clock
         self.node = node_id(config)
         self.address = RedisAddress.parse(config.cluster)
-        self.redis = Redis(self.address, on_up=self._redis_up, on_down=self._redis_down)
+        self.redis = Redis(self.address, on_up=self._redis_up, on_down=self._redis_down,
+                           tls_ca_file=config.cluster_tls_ca_file)
         self.store = RedisStore(self.redis, self.node, reactor, config.cluster_inbox_maxlen)
         self.store.on_fenced = self._fenced
         self.store.before_batch = self._collect

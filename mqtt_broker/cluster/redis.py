@@ -57,8 +57,26 @@ class _Factory(_Watched, txredisapi.RedisFactory):
     maxDelay = RECONNECT_MAX_DELAY
 
 
+class _SentinelChecked(txredisapi.SentinelRedisProtocol):
+    """A connection to the master a Sentinel named, used only once the server says it is the
+    master (a failover may have demoted it since). txredisapi's own check compares the role with
+    a str, which fails on a connection that answers bytes (``charset=None``, as ours do)."""
+
+    def connectionMade(self) -> Any:
+        def check_role(role: list[Any]) -> Any:
+            name = role[0].decode() if isinstance(role[0], bytes) else role[0]
+            if self.factory.is_master and name != "master":
+                self.transport.loseConnection()
+                return None
+            return txredisapi.RedisProtocol.connectionMade(self)
+        if self.password is not None:
+            self.auth(self.password, self.username)
+        return self.role().addCallback(check_role)
+
+
 class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
     maxDelay = RECONNECT_MAX_DELAY
+    protocol = _SentinelChecked
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -66,7 +84,7 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.factory.received(channel, message)
 
 
-class _SentinelSubscriber(txredisapi.SentinelRedisProtocol, _Subscriber):
+class _SentinelSubscriber(_SentinelChecked, _Subscriber):
     pass
 
 
@@ -75,8 +93,9 @@ class Redis:
 
     def __init__(self, address: RedisAddress, on_up: Callable[[], None] | None = None,
                  on_down: Callable[[], None] | None = None, connect_timeout: float = 5.0,
-                 reply_timeout: float = 30.0) -> None:
+                 reply_timeout: float = 30.0, tls_ca_file: str = "") -> None:
         self.address = address
+        self._tls_ca_file = tls_ca_file
         self._on_up, self._on_down = on_up, on_down
         self._connect_timeout, self._reply_timeout = connect_timeout, reply_timeout
         self._sentinel = txredisapi.Sentinel(
@@ -102,17 +121,20 @@ class Redis:
         else:
             host, port = a.hosts[0]
             factory = plain(f"{host}:{port}", **kwargs)
-            tls = None
-            if a.tls:
-                from twisted.internet import ssl
-                tls = ssl.ClientContextFactory()
-            endpoint = txredisapi._makeEndpoint(host, port, self._connect_timeout, tls)
+            endpoint = txredisapi._makeEndpoint(host, port, self._connect_timeout, self._tls(host) if a.tls else None)
         if protocol is not None:
             factory.protocol = protocol
         factory.on_up, factory.on_down = up, down
         factory.reconnect = True
         factory.startConnecting(endpoint)
         return factory
+
+    def _tls(self, host: str) -> Any:
+        """TLS to Redis, checking its certificate against ``tls_ca_file`` (else the platform's
+        trusted CAs) and its name against ``host``."""
+        from twisted.internet import ssl
+        trust = ssl.Certificate.loadPEM(open(self._tls_ca_file, "rb").read()) if self._tls_ca_file else None
+        return ssl.optionsForClientTLS(host, trustRoot=trust)
 
     def _command_up(self, _: Any) -> None:
         self._scripts_known.clear()
