@@ -107,7 +107,9 @@ class Delivery:
                 if share in shares:
                     count += self._deliver_shared(message, share, members)
             return count
-        if self.cluster is not None:  # it chooses the members of shared subscriptions cluster-wide
+        # In a cluster it chooses the members of shared subscriptions cluster-wide. Not for $SYS:
+        # every node publishes the same names about itself, so each node's stay its own.
+        if self.cluster is not None and not (message.topic[0] == "$" and message.topic.startswith("$SYS/")):
             return count + self.cluster.forward(message, groups)
         for share, members in groups:
             count += self._deliver_shared(message, share, members)

@@ -350,5 +350,13 @@ def test_changes_are_logged_with_the_key(admin: Admin) -> None:
     assert "admin API: POST /api/v1/publish by key - refused: 401" in output
 
 
+def test_cluster_paths_of_a_broker_that_is_not_a_node(admin: Admin) -> None:
+    # (their answers on cluster nodes: tests/test_admin_cluster.py)
+    for path in ("/api/v1/cluster/nodes", "/api/v1/cluster/clients/anyone"):
+        answer = admin.call("GET", path)
+        assert answer.status == 404 and "not a node of a cluster" in answer.body["error"]
+        assert admin.call("GET", path, key=None).status == 401
+
+
 def test_every_documented_operation_was_exercised(admin: Admin) -> None:
     assert set(admin.templates) - admin.exercised == set()

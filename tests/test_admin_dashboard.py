@@ -4,7 +4,9 @@ driven by selenium) against a broker process on loopback with paho clients conne
 The page loads without console errors, shows a client the test connects, filters by search, shows
 its subscriptions and the topic tree with a retained message, its charts move, and its kick
 button disconnects the client (MQTT 5: DISCONNECT 0x98). A screenshot is saved to
-test-artifacts/dashboard.png (git-ignored). Every wait is bounded.
+test-artifacts/dashboard.png (git-ignored). Its cluster panel stays hidden, and on a node of a
+cluster (two broker processes on a real redis-server) it lists the nodes (screenshot:
+dashboard-cluster.png). Every wait is bounded.
 
 The page re-renders its clients table and topic tree on every refresh (every 300 ms here), so
 rows and tree items are found inside the wait that reads or clicks them (tests/browser_helpers.py),
@@ -23,12 +25,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from admin_http import KEY, start_admin
 from browser_helpers import WAIT, click, text_of, wait_for
-from conftest import ROOT
+from cluster_helpers import Cluster, wait_until
+from conftest import ROOT, free_port, wait_for_port
 from paho_helpers import PahoClient
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options as ChromeOptions
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
+
+from mqtt_broker.admin.keys import hash_key
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -90,6 +95,7 @@ def test_dashboard(broker_process: Any, browser: webdriver.Chrome) -> None:
         # The client connected by the test appears, with its address.
         row = text_of(browser, 'tr[data-client-id="dash-sensor-1"]', "the connected client never appeared")
         assert "127.0.0.1:" in row and "5" in row
+        assert not browser.find_element(By.ID, "cluster-panel").is_displayed()   # not a node of a cluster
 
         # The charts move: points are added and the message rate follows the traffic.
         points, _ = chart(browser, "messages")
@@ -131,3 +137,32 @@ def test_dashboard(broker_process: Any, browser: webdriver.Chrome) -> None:
         client.disconnect()
         other.close()
         publisher.close()
+
+
+def test_dashboard_of_a_cluster_node(browser: webdriver.Chrome) -> None:
+    http_port = free_port()
+    cluster = Cluster()
+    try:
+        node = cluster.add("a", "--http", f"tcp:{http_port}:interface=127.0.0.1", "--http-api-key", "ci:" + hash_key(KEY))
+        wait_for_port(http_port, node.process)
+        cluster.add("b")
+        client = PahoClient(cluster["b"].port, "dash-on-b")
+        client.subscribe("dash/b/#", qos=1)
+        wait_until(lambda: "dash/b/#" in cluster.routes("b"), "b to hold its client's filter")
+        browser.get(f"http://127.0.0.1:{http_port}/?interval=300")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "save-key").click()
+        wait_for(browser, lambda d: d.find_element(By.ID, "cluster-panel").is_displayed(), "the cluster panel never showed")
+        here = text_of(browser, 'tr[data-node-id="a"]', "node a is not listed")
+        assert "this node" in here and "alive" in here
+        # b: alive, one client, one filter, nothing waiting in its inbox
+        wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-node-id="b"]').text.split()
+                 == ["b", "alive", "1", "1", "0", "0"], "node b's row is not right")
+        assert "2 of 2 nodes alive" in browser.find_element(By.ID, "cluster-count").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-cluster.png"))
+        client.close()
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+    finally:
+        cluster.close()

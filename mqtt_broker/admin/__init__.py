@@ -25,7 +25,9 @@ from twisted.application.service import MultiService
 
 class Operations(MultiService):
     """The $SYS publisher (when ``sys_interval`` is set) and, once the site is built, the
-    monitors behind /metrics. Its start is the broker's start, from which uptime counts."""
+    monitors behind /metrics. Its start is the broker's start, from which uptime counts.
+    On a cluster node, ``inbox_lag`` keeps the last known lag of the node's inbox (None
+    otherwise)."""
 
     def __init__(self, broker: Any) -> None:
         super().__init__()
@@ -34,9 +36,13 @@ class Operations(MultiService):
         self.sys: Any = None
         self.monitors: Any = None
         self._site: Any = None
+        self.inbox_lag: Any = None
+        if broker.cluster is not None:
+            from .figures import InboxLag
+            self.inbox_lag = InboxLag(broker.cluster)
         if broker.config.sys_interval:
             from .sys import SysTopics
-            self.sys = SysTopics(broker, broker.config.sys_interval, lambda: self.started_at)
+            self.sys = SysTopics(broker, broker.config.sys_interval, lambda: self.started_at, self.inbox_lag)
             self.sys.setServiceParent(self)
 
     def startService(self) -> None:

@@ -4,8 +4,12 @@ One table, :data:`ROUTES`, says which method and path template goes to which han
 it needs a key. Templates name path parameters ``{name}`` (one segment, percent-decoded) and
 ``{name+}`` (the rest of the path, for topic names and filters, which contain ``/``: encode ``#``
 as ``%23``). Answers are JSON; an error is ``{"error": "..."}`` with 400 (bad input, including a
-malformed or oversized body), 401 (no key), 403 (a key that is not ours), 404, 405 or 501.
-Every change (POST, DELETE) is logged with the id of the key that made it.
+malformed or oversized body), 401 (no key), 403 (a key that is not ours), 404, 405, 501, or 503
+(a cluster node's Redis did not answer in time). Every change (POST, DELETE) is logged with the id
+of the key that made it.
+
+``/cluster/...`` read Redis, which holds what the cluster as a whole knows; a broker that is not a
+node of a cluster answers them 404.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -36,6 +40,9 @@ PREFIX = "/api/v1"
 OPENAPI = Path(__file__).with_name("openapi.json")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+REDIS_TIMEOUT = 5.0
+"""Seconds a cluster endpoint waits for Redis (which may be away: its commands then wait for it)
+before answering 503."""
 
 
 class ApiError(Exception):
@@ -361,7 +368,7 @@ class ApiResource(Resource):
     # --- figures ----------------------------------------------------------------------------
 
     def _stats(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        reading = figures.read(self.broker, self.operations.started_at)
+        reading = figures.read(self.broker, self.operations.started_at, self.operations.inbox_lag)
         body = reading.as_json()
         body["version"] = figures.VERSION
         body["time"] = self.broker.clock.seconds()
@@ -524,6 +531,50 @@ class ApiResource(Resource):
         self.broker.publish(topic, payload, qos=qos, retain=retain)
         return 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
 
+    # --- the cluster ------------------------------------------------------------------------------
+
+    def _cluster(self) -> Any:
+        cluster = self.broker.cluster
+        if cluster is None:
+            raise ApiError(404, "this broker is not a node of a cluster (its cluster setting is empty)")
+        return cluster
+
+    def _from_redis(self, asked: Deferred[Any]) -> Deferred[Any]:
+        """``asked``'s result, or ApiError 503 if Redis has not answered within REDIS_TIMEOUT. The
+        question itself is left to finish (cancelling a command queued on the Redis connection
+        would disturb the pairing of its replies); a late answer is dropped."""
+        answer: Deferred[Any] = Deferred()
+
+        def late() -> None:
+            answer.errback(ApiError(503, f"Redis did not answer within {REDIS_TIMEOUT:g} seconds"))
+
+        def came(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+        timer = self.broker.clock.callLater(REDIS_TIMEOUT, late)
+        asked.addBoth(came)
+        return answer
+
+    def _cluster_nodes(self, request: Request, key_id: str | None) -> Deferred[tuple[int, Any]]:
+        cluster = self._cluster()
+        return self._from_redis(cluster.store.describe_nodes()).addCallback(
+            lambda nodes: (200, {"node": cluster.node, "nodes": nodes}))
+
+    def _locate_client(self, request: Request, key_id: str | None, client_id: str) -> Deferred[tuple[int, Any]]:
+        cluster = self._cluster()
+
+        def located(owner: dict[str, Any] | None) -> tuple[int, Any]:
+            if owner is None:
+                raise ApiError(404, f"no node of the cluster holds a session for {client_id!r}")
+            session = self.broker.sessions.get(client_id)
+            return 200, {"client_id": client_id, "node": owner["node"], "epoch": owner["epoch"],
+                         "connected_here": session is not None and session.connection is not None}
+        return self._from_redis(cluster.store.locate(client_id)).addCallback(located)
+
     # --- configuration ------------------------------------------------------------------------
 
     def _get_config(self, request: Request, key_id: str | None) -> tuple[int, Any]:
@@ -562,6 +613,8 @@ ROUTES = (
     Route("POST", "/publish", ApiResource._publish),
     Route("GET", "/config", ApiResource._get_config),
     Route("POST", "/config/reload", ApiResource._reload_config),
+    Route("GET", "/cluster/nodes", ApiResource._cluster_nodes),
+    Route("GET", "/cluster/clients/{client_id}", ApiResource._locate_client),
 )
 
 

@@ -3,7 +3,9 @@ over WebSocket at ``/mqtt`` when ``http_websocket`` is on.
 
 The dashboard is three static files in ``static/`` (HTML, CSS, plain JavaScript drawing its
 charts on canvas): no build step and no third-party code. It polls the API with the key the
-operator types in, kept in the browser's local storage.
+operator types in, kept in the browser's local storage. On a node of a cluster (``/stats`` has a
+``cluster`` part then) it shows the cluster's nodes too, from ``/api/v1/cluster/nodes``; a broker
+of its own is never asked for them.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ worked out here, once per report: the PUBLISHes of clients are the routed messag
 broker's own and the wills, the QoS 0 counts are the totals less QoS 1 and 2, gauges such as
 queued messages are summed over the sessions. $SYS, /metrics and the API all read this, so they
 agree.
+
+A node of a cluster has :class:`ClusterFigures` besides: its counters of messages between nodes,
+and the lag of its inbox, which lives in Redis. That one is never read while a report waits:
+:class:`InboxLag` keeps the last value Redis gave, and is asked to refresh at each $SYS interval
+and each scrape.
 """
 
 from __future__ import annotations
@@ -14,9 +19,73 @@ import resource
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from .. import __version__
 
+log = Logger()
+
 VERSION = f"mqtt_broker version {__version__}"
+
+
+@dataclass(slots=True)
+class ClusterFigures:
+    """A cluster node's part of a reading."""
+
+    node: str
+    nodes: int
+    """Live nodes this node knows, itself included."""
+    forwarded_out: int
+    """Messages sent to other nodes, once per node."""
+    forwarded_in: int
+    """Messages received from other nodes."""
+    redirected: int
+    """Messages passed on to the node that took a session over."""
+    claims: int
+    """Sessions claimed in Redis at CONNECT."""
+    adopted: int
+    """Sessions taken from dead nodes."""
+    inbox_lag: int | None
+    """Entries of this node's inbox not yet read or not yet handled, as Redis last said (None:
+    not known yet)."""
+
+
+class InboxLag:
+    """The last known lag of this node's inbox. ``refresh()`` asks Redis and returns at once; the
+    answer replaces ``value`` when it comes. One question at a time: while one is on its way (Redis
+    slow or away), more calls do nothing, so a stalled Redis never piles questions up."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.value: int | None = None
+        self._asking = False
+        self._failing = False
+
+    def refresh(self) -> None:
+        if self._asking:
+            return
+        self._asking = True
+        asked = maybeDeferred(self.cluster.store.describe_nodes)
+        asked.addCallbacks(self._answered, self._failed)
+        asked.addBoth(self._done)
+
+    def _answered(self, nodes: list[dict[str, Any]]) -> None:
+        self._failing = False
+        for node in nodes:
+            if node["id"] == self.cluster.node:
+                self.value = node["inbox"]["unread"] + node["inbox"]["unhandled"]
+
+    def _failed(self, failure: Failure) -> None:
+        if not self._failing:  # once per outage: the cluster itself logs Redis's comings and goings
+            self._failing = True
+            log.warn("could not read this node's inbox lag from Redis ({error}); the last known value "
+                     "is reported meanwhile", error=failure.getErrorMessage())
+
+    def _done(self, result: Any) -> Any:
+        self._asking = False
+        return result
 
 
 @dataclass(slots=True)
@@ -60,6 +129,8 @@ class Figures:
     memory: int
     """Resident set size, in bytes."""
     memory_maximum: int
+    cluster: ClusterFigures | None = None
+    """None for a broker that is not a node of a cluster."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,13 +152,16 @@ class Figures:
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("extra")
+        if self.cluster is None:
+            data.pop("cluster")
         data.update(clients_total=self.clients_total, publish_received_total=self.publish_received_total,
                     publish_sent_total=self.publish_sent_total, dropped_total=self.dropped_total)
         return data
 
 
-def read(broker: Any, started_at: float | None = None) -> Figures:
-    """The figures of ``broker`` now; ``started_at`` (clock time) gives the uptime."""
+def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | None = None) -> Figures:
+    """The figures of ``broker`` now; ``started_at`` (clock time) gives the uptime, ``inbox_lag``
+    a cluster node's last known inbox lag."""
     stats = broker.stats
     connected = disconnected = queued = queued_bytes = inflight = 0
     for session in broker.sessions.values():
@@ -122,7 +196,16 @@ def read(broker: Any, started_at: float | None = None) -> Figures:
         bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
         subscriptions=broker.subscriptions.count, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,
-        memory=memory, memory_maximum=max(memory, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        memory=memory, memory_maximum=max(memory, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        cluster=cluster_figures(broker.cluster, inbox_lag) if broker.cluster is not None else None)
+
+
+def cluster_figures(cluster: Any, inbox_lag: InboxLag | None) -> ClusterFigures:
+    stats = cluster.stats
+    return ClusterFigures(
+        node=cluster.node, nodes=len(cluster.nodes) + 1, forwarded_out=stats.forwarded_out,
+        forwarded_in=stats.forwarded_in, redirected=stats.redirected, claims=stats.claims, adopted=stats.adopted,
+        inbox_lag=inbox_lag.value if inbox_lag is not None else None)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -137,4 +220,4 @@ def resident_memory() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-__all__ = ["Figures", "VERSION", "read", "resident_memory"]
+__all__ = ["ClusterFigures", "Figures", "InboxLag", "VERSION", "cluster_figures", "read", "resident_memory"]

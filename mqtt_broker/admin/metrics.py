@@ -9,6 +9,11 @@ ten times a second :class:`Monitors` times the next message routed, from the mom
 takes it to the moment its last immediate delivery is written (a message queued for a slow or
 offline client is not measured). Process figures (RSS, open fds, CPU) come from
 prometheus_client's own ProcessCollector.
+
+A node of a cluster has ``mqtt_cluster_*`` families besides. Its store is Redis, so the store's
+batch timings are the round trips of its batches to Redis: they are reported as
+``mqtt_cluster_redis_seconds`` (with finer buckets at the low end, where a nearby Redis answers)
+instead of ``mqtt_store_commit_seconds``, whose name and meaning are the SQLite store's.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ class Monitors(Service):
         self.reactor_lag = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
         self.delivery_latency = Histogram((5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005,
                                            0.01, 0.025, 0.05, 0.1))
-        self.store_commit = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.store_commit = Histogram(((0.0001, 0.00025) if broker.cluster is not None else ())
+                                      + (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self._lag_call: LoopingCall | None = None
         self._sample_call: LoopingCall | None = None
         self._expected = 0.0
@@ -124,7 +130,10 @@ class BrokerCollector:
         self.operations = operations
 
     def collect(self) -> Iterator[Metric]:
-        f = figures.read(self.broker, self.operations.started_at)
+        inbox_lag = self.operations.inbox_lag
+        f = figures.read(self.broker, self.operations.started_at, inbox_lag)
+        if inbox_lag is not None:
+            inbox_lag.refresh()  # for the next scrape, should $SYS be off
         yield _gauge("mqtt_uptime_seconds", "Seconds since the broker started.", f.uptime)
         c = CounterMetricFamily("mqtt_messages_received", "PUBLISHes from clients routed, by QoS.", labels=["qos"])
         for qos, count in enumerate(f.publish_received):
@@ -163,15 +172,36 @@ class BrokerCollector:
         yield _gauge("mqtt_queued_messages", "Messages queued for clients (offline, slow or window full).", f.queued)
         yield _gauge("mqtt_queued_bytes", "Payload bytes queued for clients.", f.queued_bytes)
         yield _gauge("mqtt_inflight_messages", "QoS 1/2 messages sent and not yet acknowledged.", f.inflight)
+        if f.cluster is not None:
+            yield from _cluster(f.cluster)
         monitors = self.operations.monitors
         if monitors is not None:
             yield _histogram("mqtt_delivery_latency_seconds", "Time from a PUBLISH being routed to its last "
                              "immediate delivery written, sampled ten times a second.", monitors.delivery_latency)
             yield _histogram("mqtt_reactor_lag_seconds", "How late a timer fires on the reactor (a busy or "
                              "blocked event loop).", monitors.reactor_lag)
-            if getattr(self.broker.store, "commit_observers", None) is not None:
+            if f.cluster is not None:
+                yield _histogram("mqtt_cluster_redis_seconds", "Round trip of one batch of changes to Redis "
+                                 "(one script call), from its send to Redis's answer.", monitors.store_commit)
+            elif getattr(self.broker.store, "commit_observers", None) is not None:
                 yield _histogram("mqtt_store_commit_seconds", "Time to write one batch to the store, from "
                                  "handing it to the writer thread to its commit.", monitors.store_commit)
+
+
+def _cluster(c: figures.ClusterFigures) -> Iterator[Metric]:
+    yield _gauge("mqtt_cluster_nodes", "Live nodes of the cluster this node knows, itself included.", c.nodes)
+    family = CounterMetricFamily("mqtt_cluster_forwarded", "Messages sent to other nodes (out, once per node) "
+                                 "and received from them (in).", labels=["direction"])
+    family.add_metric(["out"], c.forwarded_out)
+    family.add_metric(["in"], c.forwarded_in)
+    yield family
+    yield _counter("mqtt_cluster_redirected", "Messages passed on to the node that took a session over.",
+                   c.redirected)
+    yield _counter("mqtt_cluster_claims", "Sessions claimed in Redis at CONNECT.", c.claims)
+    yield _counter("mqtt_cluster_adopted", "Sessions adopted from dead nodes.", c.adopted)
+    if c.inbox_lag is not None:
+        yield _gauge("mqtt_cluster_inbox_lag", "Entries of this node's inbox not yet read or not yet handled, "
+                     "as Redis said at the last $SYS update or scrape.", c.inbox_lag)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -10,6 +10,11 @@ Where Mosquitto measures something a Python broker does not have, the nearest fi
 ``messages/*`` count MQTT packets of every type, ``publish/messages/*`` PUBLISHes only, as in
 Mosquitto. The ``load/...`` figures are Mosquitto's: exponentially damped moving averages, per
 minute, over 1, 5 and 15 minutes.
+
+A node of a cluster adds ``cluster/...`` (Mosquitto has none): its id, the live nodes, messages
+forwarded to and from other nodes, passed on to a session's new owner, sessions adopted from dead
+nodes, and its inbox lag. The lag is asked of Redis at each update and the answer published at the
+next one: an update never waits for Redis, and the lag is left out until Redis has answered once.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from . import figures
-from .figures import Figures
+from .figures import ClusterFigures, Figures, InboxLag
 
 log = Logger()
 
@@ -73,19 +78,38 @@ def values(f: Figures) -> dict[str, str]:
         "subscriptions/count": str(f.subscriptions),
         "heap/current": str(f.memory),
         "heap/maximum": str(f.memory_maximum),
+        **(cluster_values(f.cluster) if f.cluster is not None else {}),
     }
+
+
+def cluster_values(c: ClusterFigures) -> dict[str, str]:
+    """A cluster node's $SYS topics (without the ``$SYS/broker/`` prefix)."""
+    found = {
+        "cluster/node": c.node,
+        "cluster/nodes": str(c.nodes),
+        "cluster/messages/forwarded/sent": str(c.forwarded_out),
+        "cluster/messages/forwarded/received": str(c.forwarded_in),
+        "cluster/messages/redirected": str(c.redirected),
+        "cluster/sessions/adopted": str(c.adopted),
+    }
+    if c.inbox_lag is not None:
+        found["cluster/inbox/lag"] = str(c.inbox_lag)
+    return found
 
 
 class SysTopics(Service):
     """Publishes the $SYS topics of ``broker`` every ``interval`` seconds from start-up.
 
-    ``started_at`` is the clock time uptime counts from (the operations service's start).
+    ``started_at`` is the clock time uptime counts from (the operations service's start);
+    ``inbox_lag``, on a cluster node, the last known lag of its inbox.
     """
 
-    def __init__(self, broker: Any, interval: float, started_at: Callable[[], float | None]) -> None:
+    def __init__(self, broker: Any, interval: float, started_at: Callable[[], float | None],
+                 inbox_lag: InboxLag | None = None) -> None:
         self.broker = broker
         self.interval = interval
         self._started_at = started_at
+        self._inbox_lag = inbox_lag
         self._call: LoopingCall | None = None
         self._published: dict[str, str] = {}
         self._last: tuple[float, dict[str, int]] | None = None
@@ -111,7 +135,9 @@ class SysTopics(Service):
     def update(self) -> None:
         """Work the values out now and publish those that changed (all of them the first time)."""
         now = self.broker.clock.seconds()
-        reading = figures.read(self.broker, self._started_at())
+        reading = figures.read(self.broker, self._started_at(), self._inbox_lag)
+        if self._inbox_lag is not None:
+            self._inbox_lag.refresh()  # for the next update
         current = values(reading)
         counters = {name: count(reading) for name, count in LOADS}
         first = self._last is None
@@ -135,4 +161,4 @@ class SysTopics(Service):
                 publish(PREFIX + name, value.encode(), qos=0, retain=True)
 
 
-__all__ = ["SysTopics", "values", "PREFIX", "LOADS", "WINDOWS"]
+__all__ = ["SysTopics", "values", "cluster_values", "PREFIX", "LOADS", "WINDOWS"]

@@ -102,6 +102,7 @@ async function refreshStats() {
     draw($("chart-messages"), state.messages, [["in", "--in"], ["out", "--out"]]);
     draw($("chart-connections"), state.connections, [["connected", "--conn"], ["rate", "--rate"]]);
   }
+  return stats;
 }
 
 function push(series, point) {
@@ -246,14 +247,32 @@ function treeNode(node, payloads) {
   return item;
 }
 
+// --- the cluster (shown only on a node of a cluster, which /stats tells) -------------------------------
+
+async function refreshCluster(stats) {
+  const panel = $("cluster-panel");
+  if (!stats.cluster) { panel.hidden = true; return; }
+  const answer = await api("/cluster/nodes");
+  const alive = answer.nodes.filter((n) => n.alive).length;
+  $("cluster-count").textContent = alive + " of " + answer.nodes.length + " nodes alive";
+  $("cluster").tBodies[0].replaceChildren(...answer.nodes.map((n) => el("tr", { class: "node", "data-node-id": n.id },
+    el("td", {}, n.id, n.id === answer.node ? el("span", { class: "tag" }, "this node") : ""),
+    n.alive ? el("td", {}, "alive") : el("td", { class: "dead" }, "dead"),
+    el("td", {}, n.clients),
+    el("td", {}, n.filters),
+    el("td", {}, n.inbox.unread),
+    el("td", {}, n.inbox.unhandled))));
+  panel.hidden = false;
+}
+
 // --- the loop ---------------------------------------------------------------------------------------
 
 async function refresh() {
   await refreshHealth();
   if (!state.key) { say("Paste an API key to see clients, topics and figures."); return; }
   try {
-    await refreshStats();
-    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics()]);
+    const stats = await refreshStats();
+    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics(), refreshCluster(stats)]);
     say("");
   } catch (e) {
     say(e.status === 401 || e.status === 403 ? "The API key was refused: " + e.message : "Could not reach the API: " + e.message);
