@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+JOIN_WARNING = 5.0
+"""Seconds between warnings while a starting node cannot reach Redis."""
+
 class ClusterStats:
     __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted", "inbox_lag")
 
@@ -109,6 +112,7 @@ class Cluster:
         """Join: register, learn the routes and retained messages, take back this node's own
         sessions (a restart), and start reading the inbox and beating."""
         self._started = True
+        self.clock.callLater(JOIN_WARNING, self._still_joining)
         self.redis.subscribe(self.store.CONTROL, self._control)
         self.redis.subscribe(self.store.qos0_channel(self.node), self._qos0_received)
         yield self.store.register(self._ttl_ms)
@@ -123,6 +127,13 @@ class Cluster:
         log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
                  node=self.node, address=str(self.address), nodes=len(self.nodes))
         self.ready.callback(None)
+
+    def _still_joining(self) -> None:
+        if not self.ready.called and self._started:
+            log.warn("cluster node {node} has not reached Redis at {address} yet: check the address, the "
+                     "password and the TLS settings (cluster, cluster_tls_ca_file); still trying",
+                     node=self.node, address=str(self.address))
+            self.clock.callLater(JOIN_WARNING, self._still_joining)
 
     def stop(self) -> Deferred[Any]:
         """Leave: what this node's sessions hold stays in Redis for the survivors to adopt."""
@@ -254,7 +265,7 @@ class Cluster:
         """Read this node's inbox: first what it was given before a restart and never finished
         (``since`` "0"), then what is new."""
         if not self._started or self._reading:
-            return
+                return
         self._reading = True
         self.store.read_inbox(since).addCallbacks(self._inbox_read, self._inbox_failed, callbackArgs=(since,))
 
@@ -280,7 +291,12 @@ class Cluster:
     def _inbox_failed(self, failure: Any) -> None:
         self._reading = False
         if self._started:
-            self.clock.callLater(1.0, self._read_inbox, "0")
+            self.clock.callLater(1.0, self._read_inbox_again)
+
+    def _read_inbox_again(self) -> None:
+        """Read the entries given and not yet handled, once the store has written what it holds
+        (the marks of the entries handled before an outage among it): none is handled twice."""
+        self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
     def _handle_entry(self, data: bytes) -> None:
         broker = self.broker
@@ -568,7 +584,7 @@ class Cluster:
             self._announce_all()
             self._load_routes()
             self._load_retained()
-            self._read_inbox("0")
+            self._read_inbox_again()
 
     def _announce_all(self) -> None:
         """Write this node's whole set of filters again (after an outage, events may be lost)."""

@@ -112,7 +112,9 @@ class Redis:
                  protocol: type | None = None) -> Any:
         timeout = self._reply_timeout if reply_timeout == -1.0 else reply_timeout
         a = self.address
-        kwargs = dict(dbid=a.db, poolsize=1, isLazy=True, charset=None, password=a.password, replyTimeout=timeout,
+        # No SELECT for database 0: txredisapi gives a connection up for good when SELECT fails,
+        # as it does while a restarted Redis is still loading its files.
+        kwargs = dict(dbid=a.db or None, poolsize=1, isLazy=True, charset=None, password=a.password, replyTimeout=timeout,
                       convertNumbers=False, username=a.username)
         if self._sentinel is not None:
             factory = sentinel(sentinel_manager=self._sentinel, service_name=a.service, is_master=True, uuid=None,
@@ -156,20 +158,19 @@ class Redis:
         return self.commands.handler.execute_command(*args)
 
     def run(self, script: Script, *args: Any) -> Deferred[Any]:
-        """Run a script (no KEYS: the scripts name their keys, which a single Redis allows)."""
-        if script.sha in self._scripts_known:
-            return self._evalsha(script, args)
-        return self.call("SCRIPT", "LOAD", script.source).addCallback(self._loaded, script, args)
+        """Run a script (no KEYS: the scripts name their keys, which a single Redis allows).
 
-    def _loaded(self, sha: bytes, script: Script, args: tuple[Any, ...]) -> Deferred[Any]:
-        self._scripts_known.add(script.sha)
-        return self._evalsha(script, args)
+        Commands go in the order they are given, which Redis keeps: a script it may not know
+        yet (after a reconnection: Redis may have restarted and lost them) is loaded by a SCRIPT
+        LOAD sent just before, not after an answer, which would let later commands overtake it.
+        A NOSCRIPT answer (Redis restarted under a connection that looked alive) fails the call."""
+        if script.sha not in self._scripts_known or not self.up:  # (while away: sent once back)
+            self._scripts_known.add(script.sha)
+            self.call("SCRIPT", "LOAD", script.source).addErrback(lambda _: self._scripts_known.discard(script.sha))
 
-    def _evalsha(self, script: Script, args: tuple[Any, ...]) -> Deferred[Any]:
         def unknown(failure: Any) -> Any:
-            if "NOSCRIPT" in str(failure.value):  # Redis restarted since: load it again
+            if "NOSCRIPT" in str(failure.value):
                 self._scripts_known.discard(script.sha)
-                return self.run(script, *args)
             return failure
         return self.call("EVALSHA", script.sha, 0, *args).addErrback(unknown)
 

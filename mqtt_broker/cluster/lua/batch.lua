@@ -11,6 +11,16 @@ local P = 'mqtt:'
 local node, marker, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local verdict, refused = {}, {}
 
+-- Sent again after an outage, a batch that was applied is not applied twice.
+local last = redis.call('GET', P .. 'applied:' .. node)
+if last then
+  local last_incarnation, last_number = string.match(last, '^(.*):(%d+)$')
+  local incarnation, number = string.match(marker, '^(.*):(%d+)$')
+  if last_incarnation == incarnation and tonumber(last_number) >= tonumber(number) then
+    return refused
+  end
+end
+
 local function mine(c, epoch)
   local key = c .. '\0' .. epoch
   local ok = verdict[key]
