@@ -187,14 +187,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self.paused = False
         self.flush()
         if self.session is not None:
-            broker = self.broker
-            broker.batching += 1
-            try:
-                broker.pump(self.session)
-            finally:
-                broker.batching -= 1
-                if not broker.batching and broker.unflushed:
-                    broker.flush_writes()
+            self.broker.gathered(self.broker.pump, self.session)
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -363,24 +356,23 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             return
         if isinstance(result, Failure) and not result.check(StoreError):
             log.failure("waiting for the store", result)
+        self.broker.gathered(self._send_stored, waiting)
+
+    def _send_stored(self, waiting: _Unstored) -> None:
+        unstored = self._unstored
+        assert unstored is not None
         broker = self.broker
-        broker.batching += 1
-        try:
-            while unstored:
-                first = unstored.popleft()
-                first.sent = True
-                if first.data:  # gathered with the other writes (still counted in pending_bytes)
-                    if not self._out:
-                        broker.unflushed.append(self)
-                    self._out += first.data
-                if first is waiting:
-                    break
-            if self.session is not None and self.session.queue and not self.paused:
-                broker.pump(self.session)
-        finally:
-            broker.batching -= 1
-            if not broker.batching and broker.unflushed:
-                broker.flush_writes()
+        while unstored:
+            first = unstored.popleft()
+            first.sent = True
+            if first.data:  # gathered with the other writes (still counted in pending_bytes)
+                if not self._out:
+                    broker.unflushed.append(self)
+                self._out += first.data
+            if first is waiting:
+                break
+        if self.session is not None and self.session.queue and not self.paused:
+            broker.pump(self.session)
 
     def _forget_unstored(self) -> None:
         """The connection ends: what waited for the store is not sent (the session keeps every

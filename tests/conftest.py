@@ -39,6 +39,17 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not ended ten seconds later."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 class BrokerProcess:
     """``python -m twisted mqttbroker`` on a free loopback port."""
 
@@ -73,13 +84,7 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        terminate(self.process)
         self.log.close()
         if self._own_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from conftest import free_port, wait_for_port
+from conftest import free_port, terminate, wait_for_port
 
 
 class RedisServer:
@@ -59,12 +59,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            terminate(self.process)
             self.log.close()
 
     def close(self) -> None:
