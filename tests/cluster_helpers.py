@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from conftest import BrokerProcess
 from redis_helpers import RedisServer
@@ -21,6 +21,26 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 15.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def reachable(publisher: Any, subscribers: list[Any], topic: str) -> None:
+    """Wait until a message ``publisher`` (a PahoClient) publishes on ``topic`` reaches every one of
+    ``subscribers``: a node learns the others' filters from the control channel, a moment after
+    their SUBACKs. QoS 1 probes, one at a time, until each has one; then a last one, and
+    everything up to it is dropped, so that no probe is left on its way (order per publisher and
+    QoS is kept)."""
+    waiting = list(subscribers)
+    for _ in range(150):
+        publisher.publish(topic, b"probe", qos=1)
+        waiting = [s for s in waiting if s.no_message(0.1)]
+        if not waiting:
+            break
+    assert not waiting, f"{topic}: the probes never reached {len(waiting)} of the subscribers"
+    publisher.publish(topic, b"last probe", qos=1)
+    for subscriber in subscribers:
+        for _ in range(1000):
+            if subscriber.message().payload == b"last probe":
+                break
 
 
 class Node(BrokerProcess):

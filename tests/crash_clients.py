@@ -316,7 +316,8 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
     try:
         while True:
             now = time.monotonic()
-            if publisher.done and len(set(subscriber.delivered)) >= messages and not subscriber.awaiting_pubrel:
+            if (publisher.done and len(set(subscriber.delivered)) >= messages and not subscriber.awaiting_pubrel
+                    and not points):  # (every kill made, if need be after the last message)
                 break
             if now - started > deadline or (not points and now - last_start > settle):
                 report.stalled = True

@@ -16,7 +16,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_broker.wire import MQTT_5, Connack, Connect, Disconnect, Puback, Publish, Subscribe, SubscriptionRequest
 
-from cluster_helpers import Cluster, wait_until
+from cluster_helpers import Cluster, reachable, wait_until
 from paho_helpers import PahoClient
 from rawclient import RawClient
 
@@ -54,8 +54,7 @@ def test_a_message_published_on_one_node_reaches_subscribers_on_the_others(
     try:
         on_b.subscribe(topic.split("/")[0] + "/+/temp", qos)
         on_c.subscribe(topic.split("/")[0] + "/#", 2)
-        settled(cluster, "b", topic.split("/")[0] + "/+/temp")
-        settled(cluster, "c", topic.split("/")[0] + "/#")
+        reachable(publisher, [on_b, on_c], topic)
         publisher.publish(topic, b"21.5", qos=qos)
         for client, granted in ((on_b, qos), (on_c, 2)):
             message = client.message()
@@ -75,8 +74,8 @@ def test_dollar_topics_follow_the_wildcard_rules_across_nodes(cluster: Cluster) 
     try:
         everything.subscribe("#", 1)
         dollar.subscribe("$app/#", 1)
-        settled(cluster, "b", "#")
-        settled(cluster, "c", "$app/#")
+        reachable(publisher, [dollar], "$app/probe")
+        reachable(publisher, [everything], "probe")
         publisher.publish("$app/x", b"dollar", qos=1)
         assert dollar.message().payload == b"dollar"
         assert everything.no_message()
@@ -95,7 +94,7 @@ def test_forwarded_once_to_each_node_that_holds_a_matching_filter(cluster: Clust
     try:
         for client, topic_filter in zip(clients, (f"{prefix}/#", f"{prefix}/+", f"{prefix}/x")):
             client.subscribe(topic_filter, 1)
-            settled(cluster, "b", topic_filter)
+        reachable(publisher, clients, f"{prefix}/x")
         b_before, c_before = cluster.inbox_length("b"), cluster.inbox_length("c")
         publisher.publish(f"{prefix}/x", b"once", qos=1)
         for client in clients:
@@ -116,7 +115,7 @@ def test_mqtt5_properties_survive_the_trip_between_nodes(cluster: Cluster) -> No
         subscribe = Properties(PacketTypes.SUBSCRIBE)
         subscribe.SubscriptionIdentifier = 77
         subscriber.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True), properties=subscribe)
-        settled(cluster, "b", topic)
+        reachable(publisher, [subscriber], topic)
         publish = Properties(PacketTypes.PUBLISH)
         publish.UserProperty = [("k", "v"), ("k", "w")]
         publish.MessageExpiryInterval = 600
@@ -145,7 +144,7 @@ def test_order_per_publisher_is_kept_across_nodes(cluster: Cluster) -> None:
     publisher = PahoClient(cluster["a"].port, unique("pub"))
     try:
         subscriber.subscribe(topic, 2)
-        settled(cluster, "c", topic)
+        reachable(publisher, [subscriber], topic)
         for n in range(600):
             publisher.client.publish(topic, b"%d" % n, qos=n % 3)
         got = [subscriber.message() for _ in range(600)]
@@ -186,13 +185,20 @@ def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster
         for node, member in members.items():
             member.subscribe(group, 1)
             settled(cluster, node, group)
+        # Probes until the publisher's node knows every node's members (each node's get some).
+        for _ in range(150):
+            publisher.publish("jobs", b"probe", qos=1)
+            if all(not member.messages.empty() for member in members.values()):
+                break
         for n in range(30):
             publisher.publish("jobs", b"%d" % n, qos=1)
         got: dict[str, list[int]] = {node: [] for node in members}
         for _ in range(30):
             for node, member in members.items():
                 while not member.messages.empty():
-                    got[node].append(int(member.message().payload))
+                    payload = member.message().payload
+                    if payload != b"probe":
+                        got[node].append(int(payload))
             if sum(map(len, got.values())) == 30:
                 break
             wait_until(lambda: any(not m.messages.empty() for m in members.values())
@@ -220,6 +226,16 @@ def test_a_session_taken_over_on_another_node_is_resumed_there(cluster: Cluster)
     first.receive()
     settled(cluster, "a", topic)
     publisher = PahoClient(cluster["c"].port, unique("pub"))
+    for _ in range(150):  # QoS 0 probes until node c knows node a's route for the topic
+        publisher.publish(topic, b"probe", qos=0)
+        try:
+            first.receive(timeout=0.1)
+            break
+        except TimeoutError:
+            continue
+    publisher.publish(topic, b"last probe", qos=0)
+    while first.receive().payload != b"last probe":  # type: ignore[attr-defined]
+        pass
     try:
         publisher.publish(topic, b"unacknowledged", qos=1)
         sent = first.receive()
