@@ -9,13 +9,14 @@ publishers connected to node a and its subscribers to node b (fan-out: subscribe
 between a and b), so that every message crosses from one node to the other. mqttbench is
 imported and its clients are sent to the right node; everything else is its own (scenarios,
 counts, checks). The CPU per message is counted for each node and for Redis. Standard library
-only, besides mqttbench; prints Markdown (docs/performance.md keeps the latest).
+only, besides mqttbench; writes docs/performance-cluster.md (``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import os
 import importlib.util
 import re
 import shutil
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--mqttbench", type=Path, default=ROOT.parent / "shared" / "bench" / "mqttbench")
     parser.add_argument("--count", type=int, help="messages per publisher (mqttbench's)")
     parser.add_argument("--duration", type=float, help="most seconds of publishing (mqttbench's)")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "performance-cluster.md")
     args = parser.parse_args()
     bench = load_mqttbench(args.mqttbench)
     given = {k: v for k, v in (("count", args.count), ("duration", args.duration)) if v is not None}
@@ -223,7 +225,14 @@ def main() -> None:
                 runs.append(run)
                 print(f"{name} {repeat + 1}/{args.repeat} {run.setup}: {run.figures} cpu µs {run.cpu_us} "
                       f"{run.problems or ''}", file=sys.stderr, flush=True)
-    print(report(runs, args.scenario, "bench/cluster.py " + " ".join(sys.argv[1:]), args.appendfsync))
+    text = report(runs, args.scenario, "bench/cluster.py " + " ".join(sys.argv[1:]), args.appendfsync)
+    redis = subprocess.run([shutil.which("redis-server") or "redis-server", "--version"], capture_output=True,
+                           text=True).stdout.split(" ")[2]
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown")
+    args.output.write_text(f"# Performance: a cluster, node to node, against one node\n\n"
+                           f"Redis {redis}; {os.cpu_count()} CPUs, {model}.\n\n{text}\n", encoding="utf-8")
+    print(text)
 
 
 if __name__ == "__main__":

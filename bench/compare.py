@@ -142,7 +142,8 @@ def render(results: list[Result], date: datetime, facts: list[str], invocation: 
         "Each broker is started afresh for every run and the two take turns; figures are medians "
         "over the runs, ratios are mqtt_broker over Mosquitto (above 1 is better for rates, worse "
         "for latency and memory). `>=` and `<=` mark figures the load generator or a busy machine "
-        "may have held back (see mqttbench's README).", "",
+        "may have held back (see mqttbench's README). A cluster's figures, node to node, are in "
+        "[performance-cluster.md](performance-cluster.md) (`bench/cluster.py`).", "",
         *(f"- {fact}" for fact in facts),
     ]
     for result in results:
