@@ -37,11 +37,14 @@ JOIN_WARNING = 5.0
 """Seconds between warnings while a starting node cannot reach Redis."""
 
 class ClusterStats:
-    __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted", "inbox_lag")
+    """Counters of a node, plain integers read by $SYS and the metrics: messages sent to other
+    nodes (once per node), records received from them, messages passed on to a session's new
+    owner, sessions claimed at CONNECT and adopted from dead nodes."""
+
+    __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted")
 
     def __init__(self) -> None:
         self.forwarded_out = self.forwarded_in = self.redirected = self.claims = self.adopted = 0
-        self.inbox_lag = 0
 
 
 def node_id(config: Any) -> str:
