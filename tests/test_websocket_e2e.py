@@ -70,7 +70,8 @@ class WSBroker:
         wait_for_port(self.ws_port, self.broker.process)
 
     def events(self) -> list[dict[str, Any]]:
-        return [json.loads(r) for r in self.broker.output().split("\x1e") if r.strip()]
+        # Each record ends with a newline: the last one may still be being written.
+        return [json.loads(r) for r in self.broker.output().split("\x1e") if r.strip() and r.endswith("\n")]
 
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.events()
