@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Micro-benchmarks of the hot paths, in-process: a regression shows here before the end-to-end run.
 
-    .venv/bin/python bench/micro.py [--quick]
+    .venv/bin/python bench/micro.py [--quick] [--installed]
 
 One line per case: its name and µs per operation (a frame, a message, a match), the best of 5
-repeats. Measures this checkout's code, not an installed copy. --quick runs a hundredth of the
-iterations (for the tests: the figures are then rough).
+repeats. Measures this checkout's code, or with --installed the mqtt_broker the interpreter has
+installed (the compiled build, say); the first line says which build ran. --quick runs a
+hundredth of the iterations (for the tests: the figures are then rough).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+INSTALLED = "--installed" in sys.argv  # looked at before argparse: it decides what is imported
+sys.path[:0] = [str(ROOT / "tests")] if INSTALLED else [str(ROOT), str(ROOT / "tests")]
 
+import mqtt_broker  # noqa: E402
 from mqtt_broker.topics import Subscription, SubscriptionTree  # noqa: E402
 from mqtt_broker.wire import (  # noqa: E402
     MQTT_3_1_1, MQTT_5, NO_PROPERTIES, FrameReader, Publish, encode, publish_template,
@@ -137,9 +140,12 @@ def measure(function: Callable[[], object], calls: int, operations: int, collect
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a hundredth of the iterations")
+    parser.add_argument("--installed", action="store_true", help="the installed mqtt_broker, not this checkout's")
     args = parser.parse_args(argv)
     scale = 0.01 if args.quick else 1.0
-    print(f"µs per operation, best of {REPEATS}{' (--quick: rough)' if args.quick else ''}", flush=True)
+    build = "compiled" if mqtt_broker.compiled else "pure Python"
+    print(f"µs per operation, best of {REPEATS}{' (--quick: rough)' if args.quick else ''}; "
+          f"mqtt_broker {mqtt_broker.__version__} ({build}) from {Path(mqtt_broker.__file__).parent}", flush=True)
     cases = codec_cases(scale) + topic_cases(scale)
     for name, function, calls, operations in cases:
         print(f"{name:<22}{measure(function, calls, operations, False):>10.3f}", flush=True)

@@ -17,9 +17,13 @@ _EXPORTS = {
     "Subscription": "topics", "ReasonCode": "wire.codes",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "__version__", "compiled"]
 
 if TYPE_CHECKING:
+    compiled: bool
+    """Whether the modules built with mypyc (the codec, topic matching) run compiled; False when
+    the package was installed as pure Python (MQTT_BROKER_COMPILE=0, or no C compiler)."""
+
     from .broker import BrokerService
     from .config import BrokerConfig, ConfigError
     from .hooks import Hooks, Refused
@@ -29,9 +33,14 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name == "compiled":
+        from importlib.machinery import ExtensionFileLoader
+
+        from .wire import codec  # the compiled modules are built together: one tells for all
+        value: Any = isinstance(codec.__loader__, ExtensionFileLoader)
+    elif name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
         raise AttributeError(f"module 'mqtt_broker' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.python import usage
 
@@ -82,6 +83,15 @@ class Options(usage.Options):
             self[name] = []
 
     # The docstring is the --help text, on one line: usage.Options keeps a continuation's indent.
+    def opt_version(self) -> NoReturn:
+        """Show the versions of mqtt_broker (compiled or pure Python) and of Twisted, and exit."""
+        from twisted import copyright
+
+        from . import __version__, compiled
+        print(f"mqtt_broker {__version__} ({'compiled' if compiled else 'pure Python'})")
+        print(f"Twisted {copyright.version}")
+        sys.exit(0)
+
     def opt_endpoint(self, description: str) -> None:
         """Listen on a Twisted endpoint, e.g. tcp:1883 or ssl:8883:privateKey=key.pem; repeatable [default: tcp:1883]."""
         self["endpoints"].append(description)

@@ -15,7 +15,12 @@ from typing import Iterator
 
 import pytest
 
+import mqtt_broker
+
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(mqtt_broker.__file__).resolve().parent.parent
+"""Where the tests import mqtt_broker from: this checkout, or the build scripts/test installed. A
+Python subprocess that is given it on PYTHONPATH runs the same build as the tests."""
 
 
 def free_port() -> int:

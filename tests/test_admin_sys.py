@@ -7,7 +7,7 @@ import math
 from admin_helpers import M_MESSAGES, N_PUBLISHERS, workload
 from protocol_helpers import connected, make_broker
 
-from mqtt_broker import __version__
+from mqtt_broker import __version__, compiled
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire import Publish
 
@@ -20,7 +20,7 @@ def test_values_after_a_known_workload() -> None:
     broker = make_broker()
     broker.startService()
     at_start = sys_values(broker)
-    assert at_start["version"] == f"mqtt_broker version {__version__}"
+    assert at_start["version"] == f"mqtt_broker version {__version__} ({'compiled' if compiled else 'pure Python'})"
     assert at_start["uptime"] == "0 seconds"
     assert at_start["clients/connected"] == "0"
     assert at_start["load/publish/received/1min"] == "0.00"

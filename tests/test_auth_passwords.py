@@ -286,7 +286,7 @@ def test_wheel_installs_the_command_and_the_endpoint_plugin(tmp_path: Path) -> N
     script runs the command and Twisted finds the plugin."""
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache", ".mypy_cache",
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache", ".mypy_cache",
         ".hypothesis", "node_modules", "_trial_temp", "tests", "mqttbroker-data"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w",
                     str(tmp_path / "dist")], check=True, timeout=300, cwd=tmp_path)

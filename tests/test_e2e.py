@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import paho.mqtt.client as mqtt
-from conftest import ROOT, free_port, wait_for_port
+from conftest import PACKAGE_ROOT, ROOT, free_port, wait_for_port
 from paho_helpers import PahoClient
 
 from mqtt_broker.wire import Connect, FrameReader, Will, encode
@@ -84,7 +84,7 @@ def test_mqtt5_client_basic_round_trip(broker) -> None:  # type: ignore[no-untyp
 def test_embedding_example() -> None:
     port = free_port()
     process = subprocess.Popen([sys.executable, str(ROOT / "examples" / "embed.py"), str(port)],
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, process)
         client = PahoClient(port, "embedded")
@@ -108,7 +108,7 @@ def test_tac_file_runs_under_twistd() -> None:
     path.write_text(tac)
     twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
     process = subprocess.Popen([*twistd, "-ny", str(path), "--pidfile", ""],
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, process)
         client = PahoClient(port, "tac")

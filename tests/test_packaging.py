@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import shutil
@@ -13,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+import mqtt_broker
+
 ROOT = Path(__file__).resolve().parent.parent
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 # Build output and caches that must not go into the copy the wheel is built from.
-IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+IGNORED = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
                                  "dropin.cache", ".mypy_cache", ".hypothesis", "node_modules", "_trial_temp")
 
 
@@ -71,8 +75,35 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "twisted/__init__.py" not in names
     assert not [name for name in names if name.endswith(("dropin.cache", ".pyc"))]
     assert not [name for name in names if name.startswith("tests/")]
-    assert {n.split("/")[0] for n in names} == {"mqtt_broker", "twisted", wheel.name.split("-")[0]
-                                                + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    # A compiled wheel adds mypyc's shared library of the compiled modules beside the package.
+    assert {n.split("/")[0] for n in names} - {f"mqtt_broker__mypyc{SUFFIX}"} == {
+        "mqtt_broker", "twisted", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+
+
+def test_wheel_is_compiled_unless_told_not_to(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    compiled = {name for name in names if name.endswith(SUFFIX)}
+    if os.environ.get("MQTT_BROKER_COMPILE") == "0":
+        assert not compiled
+    else:
+        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}", f"mqtt_broker/topics{SUFFIX}"} | {
+            f"mqtt_broker/wire/{name}{SUFFIX}" for name in ("__init__", "codec", "packets", "properties")}
+
+
+def test_the_build_under_test() -> None:
+    """scripts/test runs the suite against a compiled and a pure-Python install, naming the one
+    it expects in MQTT_BROKER_EXPECT_BUILD ("compiled" or "pure"). Without that variable, this
+    says which build it found."""
+    build = "compiled" if mqtt_broker.compiled else "pure Python"
+    where = Path(mqtt_broker.__file__).parent
+    # The brokers the tests start run the same build as the tests.
+    version = run([sys.executable, "-m", "twisted", "mqttbroker", "--version"], cwd=ROOT, timeout=60).stdout
+    assert version.startswith(f"mqtt_broker {mqtt_broker.__version__} ({build})\n")
+    expected = os.environ.get("MQTT_BROKER_EXPECT_BUILD")
+    if expected is None:
+        pytest.skip(f"testing the {build} build in {where}")
+    assert mqtt_broker.compiled == (expected == "compiled"), f"expected the {expected} build, found {build}"
+    assert where != ROOT / "mqtt_broker", "the tests import this checkout, not the installed build"
 
 
 def test_wheel_has_every_module(wheel: Path) -> None:

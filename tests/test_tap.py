@@ -96,6 +96,15 @@ def test_no_arguments() -> None:
     assert options["broker_config"].endpoints == ["tcp:1883"]
 
 
+def test_version_names_the_build(capsys: pytest.CaptureFixture[str]) -> None:
+    import mqtt_broker
+    with pytest.raises(SystemExit) as exited:
+        Options().parseOptions(["--version"])
+    assert exited.value.code == 0
+    build = "compiled" if mqtt_broker.compiled else "pure Python"
+    assert capsys.readouterr().out.startswith(f"mqtt_broker {mqtt_broker.__version__} ({build})\nTwisted ")
+
+
 def test_repeated_endpoint() -> None:
     options = parse("--endpoint", "tcp:1884", "-e", "tcp:1885:interface=127.0.0.1",
                     "--endpoint=unix:/tmp/mqtt.sock")

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ROOT, BrokerProcess, free_port, wait_for_port
+from conftest import PACKAGE_ROOT, ROOT, BrokerProcess, free_port, wait_for_port
 from paho_helpers import PahoClient
 from test_tls import _endpoint_quote, client_context, make_certs, read_until_closed
 from twisted.internet.error import CannotListenError
@@ -328,7 +328,7 @@ def site() -> Iterator[tuple[int, int]]:
     http_port, mqtt_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "websocket_site.py"), str(http_port), str(mqtt_port),
-         str(ROOT / "tests" / "browser")], env={**os.environ, "PYTHONPATH": str(ROOT)},
+         str(ROOT / "tests" / "browser")], env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(http_port, process)

@@ -23,11 +23,11 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import __version__
+from .. import __version__, compiled
 
 log = Logger()
 
-VERSION = f"mqtt_broker version {__version__}"
+VERSION = f"mqtt_broker version {__version__} ({'compiled' if compiled else 'pure Python'})"
 
 
 @dataclass(slots=True)

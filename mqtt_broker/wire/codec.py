@@ -243,8 +243,9 @@ def _decode_connack(body: bytes, version: int) -> Connack:
 def _ack_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
     # The packet is built through its slots' own setters: a frozen dataclass's __init__ goes
     # through object.__setattr__ for each field, more than twice the time, and QoS 1/2 costs one
-    # to three acknowledgements per message.
-    new = object.__new__
+    # to three acknowledgements per message. The class's own __new__, not object's: a class
+    # compiled by mypyc allocates its instances itself.
+    new: Any = cls.__new__
     set_packet_id, set_reason_code, set_properties = (
         cls.packet_id.__set__, cls.reason_code.__set__, cls.properties.__set__)  # type: ignore[attr-defined]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NoReturn, Union
 
+from mypy_extensions import mypyc_attr
+
 Properties = Mapping[str, Any]
 """MQTT 5 properties by name (``"message_expiry_interval"``). ``user_property`` is a list of
 ``(name, value)`` pairs and ``subscription_identifier`` a list of ints; every other value is an
@@ -28,7 +30,31 @@ class _NoProperties(dict[str, Any]):
     def _immutable(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("NO_PROPERTIES is immutable")
 
-    __setitem__ = __delitem__ = setdefault = update = pop = popitem = clear = __ior__ = _immutable
+    # One def each: mypyc takes neither a chained assignment in a class body nor a function
+    # assigned as a method of a compiled class.
+    def __setitem__(self, key: str, value: Any) -> NoReturn:
+        self._immutable()
+
+    def __delitem__(self, key: str) -> NoReturn:
+        self._immutable()
+
+    def setdefault(self, *args: Any) -> NoReturn:
+        self._immutable()
+
+    def update(self, *args: Any, **kwargs: Any) -> NoReturn:
+        self._immutable()
+
+    def pop(self, *args: Any) -> NoReturn:
+        self._immutable()
+
+    def popitem(self) -> NoReturn:
+        self._immutable()
+
+    def clear(self) -> NoReturn:
+        self._immutable()
+
+    def __ior__(self, other: Any) -> NoReturn:  # type: ignore[misc]  # mypy wants __or__'s result type
+        self._immutable()
 
     def __repr__(self) -> str:
         return "{}"
@@ -72,6 +98,7 @@ class Connack:
     properties: Properties = NO_PROPERTIES
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # mqtt_broker.message.Message
 @dataclass(slots=True)
 class Publish:
     # Not frozen, and positional arguments allowed: this is the one packet on the hot path, and

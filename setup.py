@@ -1,0 +1,53 @@
+"""Builds mqtt_broker, compiling its hot modules with mypyc (metadata: setup.cfg).
+
+MQTT_BROKER_COMPILE=0 builds pure Python; so does a build without mypy or a C compiler, saying so.
+Either way the package holds every .py file, and the pure-Python modules are the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# The codec and topic matching: the work done for every message. Not wire/codes.py: its
+# exceptions' reason codes are class attributes, which mypyc drops from compiled subclasses, and
+# nothing in it runs per message.
+COMPILED = ["mqtt_broker/wire/__init__.py", "mqtt_broker/wire/codec.py", "mqtt_broker/wire/packets.py",
+            "mqtt_broker/wire/properties.py", "mqtt_broker/topics.py"]
+
+
+def warn(why: str) -> None:
+    print(f"*** mqtt_broker: {why}; installing the pure-Python modules only ***", file=sys.stderr)
+
+
+def compiled_modules() -> list[Extension]:
+    if os.environ.get("MQTT_BROKER_COMPILE", "1") == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        warn("mypy (mypyc) is not installed")
+        return []
+    # No config file: setup.cfg's [mypy] section loads a plugin the build neither needs nor
+    # installs, and imports outside the compiled modules are not followed (mqtt_broker/__init__
+    # names the whole package for type checkers). The compiled modules share one library,
+    # mqtt_broker__mypyc, beside the package: a name inside it (group_name "mqtt_broker.x") gives
+    # the modules wrong __file__ paths.
+    return mypycify(["--config-file=", "--follow-imports=skip", *COMPILED, "mqtt_broker/wire/codes.py"],
+                    only_compile_paths=COMPILED, group_name="mqtt_broker")
+
+
+class BuildExt(build_ext):
+    """Falls back to pure Python when the C compiler fails or is missing."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # distutils raises several unrelated types for a missing compiler
+            warn(f"compiling failed ({e})")
+
+
+setup(ext_modules=compiled_modules(), cmdclass={"build_ext": BuildExt})
