@@ -147,6 +147,12 @@ class BrokerService(Delivery, MultiService):
         """Per client id: the start of its current minute and the CONNECTs in it."""
         from .protocol import MQTTFactory
         self.factory = MQTTFactory(self)
+        self.bridges: Any = None
+        """The bridges of the ``bridge`` setting (:class:`mqtt_broker.bridge.Bridges`); None
+        without any (nothing of the bridges is imported)."""
+        if config.bridge:
+            from .bridge import Bridges
+            self.bridges = Bridges(self, config.bridge, reactor, self.clock)
         from .admin import Operations
         self.operations = Operations(self)
         """$SYS topics, and the admin site of http_endpoints (see mqtt_broker.admin)."""

@@ -26,9 +26,12 @@ class ConfigError(ValueError):
 
 
 def _setting(default: Any, help: str, minimum: float | None = 0, maximum: float | None = None,
-             choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
-    """``check(value)`` returns why a value is refused, or None."""
-    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check}
+             choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None,
+             table: Callable[[Mapping[str, Any]], Any] | None = None) -> Any:
+    """``check(value)`` returns why a value is refused, or None. ``table``: the setting is a list
+    of TOML tables (``[[name]]``), each made into an object by ``table(mapping)``; it has no
+    command-line flag."""
+    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check, "table": table}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -50,6 +53,11 @@ def _redis_problem(url: str) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def _bridge(values: Mapping[str, Any]) -> Any:
+    from .bridge.config import BridgeConfig  # parses only: nothing of the bridges runs
+    return values if isinstance(values, BridgeConfig) else BridgeConfig.from_mapping(values)
 
 
 def _proxies_problem(proxies: list[str]) -> str | None:
@@ -304,6 +312,9 @@ class BrokerConfig:
         "answered 400.", 1, 2**31 - 1)
     http_websocket: bool = _setting(
         False, "Serve MQTT over WebSocket at /mqtt on the admin HTTP endpoints too.")
+    bridge: list[Any] = _setting(
+        [], "Bridges to other brokers, one [[bridge]] table each, with Mosquitto's bridge settings "
+        "(connection, addresses, topic, remote_clientid, ...; see README, Bridges).", table=_bridge)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -314,7 +325,10 @@ class BrokerConfig:
             # bool is an int subclass: "max_qos = true" is a mistake, not 1.
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"expected {kind.__name__}, got {value!r}", f.name)
-            if kind is list:
+            table = f.metadata.get("table")
+            if table is not None:
+                value = self._tables(f.name, value, table)
+            elif kind is list:
                 if not all(isinstance(item, str) for item in value):
                     raise ConfigError(f"expected a list of strings, got {value!r}", f.name)
                 value = list(value)  # the caller's list is not ours to share
@@ -334,6 +348,24 @@ class BrokerConfig:
             if problem:
                 raise ConfigError(problem, f.name)
             object.__setattr__(self, f.name, value)
+
+    @staticmethod
+    def _tables(name: str, value: list[Any], table: Callable[[Mapping[str, Any]], Any]) -> list[Any]:
+        made = []
+        for number, item in enumerate(value, 1):
+            if not isinstance(item, Mapping) and not dataclasses.is_dataclass(item):
+                raise ConfigError(f"expected a list of [[{name}]] tables, got {value!r}", name)
+            try:
+                made.append(table(item))  # type: ignore[arg-type]
+            except ValueError as e:
+                key = getattr(e, "key", None)
+                raise ConfigError(getattr(e, "reason", str(e)), f"{name}[{number}]" + (f".{key}" if key else "")) from None
+        for attribute in ("connection", "local_client_id", "remote_client_id"):
+            seen = [getattr(item, attribute) for item in made]
+            twice = {x for x in seen if seen.count(x) > 1}
+            if twice:
+                raise ConfigError(f"two bridges share the {attribute} {sorted(twice)[0]!r}", name)
+        return made
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str | None = None) -> BrokerConfig:

@@ -52,6 +52,7 @@ class Connecting(Protocol):
     send_quota: int
     max_send_size: int
     problem_information: bool
+    _bridge: bool
     _client_id: str
     _auth_method: str | None
     _auth_connect: Connect | None
@@ -90,9 +91,11 @@ class Connecting(Protocol):
         if not self.broker.connect_allowed(terms.client_id):
             self._refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
             return
+        self._bridge = packet.bridge
         security = self.broker.security
-        if security is None:
-            self._authenticated(None, packet)
+        if security is None or self.identity is not None:
+            # An identity given before CONNECT is the broker's own (an in-process bridge's link).
+            self._authenticated(self.identity, packet)
             return
         credentials = Credentials(client_id=terms.client_id, username=packet.username, password=packet.password,
                                   peer=self.peer, protocol_version=self.version,

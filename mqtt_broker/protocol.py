@@ -66,7 +66,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "held_bytes", "_auth_connect", "_blocked", "_graceful",
         "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call", "_linger_call",
-        "_unstored", "_unstored_generation",
+        "_unstored", "_unstored_generation", "_bridge",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -115,6 +115,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self._unstored: deque[_Unstored] | None = None
         """Writes waiting for the store (see ``wait_for_store``), a batch each, oldest first."""
         self._unstored_generation = -1
+        self._bridge = False
+        """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -523,7 +525,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             else:
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
-                    no_local=request.no_local, retain_as_published=request.retain_as_published,
+                    no_local=request.no_local or self._bridge,
+                    retain_as_published=request.retain_as_published or self._bridge,
                     retain_handling=request.retain_handling, subscription_id=subscription_id,
                     share_group=group))
         hooks = self.broker.hooks

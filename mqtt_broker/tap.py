@@ -74,7 +74,7 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (see mqttbroker.example.toml)."],
     ] + [
         [_flag_name(f.name), None, None, f"{f.metadata['help']} [default: {_show(f.default)}]"]
-        for f in settings() if f.name not in _LIST_FLAGS
+        for f in settings() if f.name not in _LIST_FLAGS and not f.metadata["table"]
     ]
 
     def __init__(self) -> None:
@@ -131,7 +131,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         # One flag at a time, so that an error names the flag rather than the setting.
         for f in settings():
-            if f.name in _LIST_FLAGS:
+            if f.name in _LIST_FLAGS or f.metadata["table"]:
                 continue
             flag = "--" + _flag_name(f.name)
             text = self[_flag_name(f.name)]

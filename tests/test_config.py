@@ -94,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "http_metrics_auth": False,
     "http_max_body_size": 1048576,
     "http_websocket": False,
+    "bridge": [],
 }
 
 # Values just outside each numeric setting's range, and the extremes that are still accepted.

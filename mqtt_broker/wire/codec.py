@@ -183,6 +183,10 @@ def _decode_connect(body: bytes, version: int) -> Connect:
     if pos >= len(body):
         raise MalformedPacket("CONNECT ends before the protocol level")
     level = body[pos]
+    # Bit 7 of the level marks a bridge (Mosquitto's try_private): 0x83 or 0x84, never 0x85.
+    bridge = level in (0x83, 0x84)
+    if bridge:
+        level &= 0x7F
     if (name, level) not in ((PROTOCOL_NAMES[MQTT_3_1], MQTT_3_1), ("MQTT", MQTT_3_1_1), ("MQTT", MQTT_5)):
         if name in ("MQTT", "MQIsdp"):
             raise UnsupportedProtocolVersion(f"unsupported protocol level {level}")  # [MQTT-3.1.2-2]
@@ -225,7 +229,7 @@ def _decode_connect(body: bytes, version: int) -> Connect:
         raise MalformedPacket("trailing bytes after the CONNECT payload")
     return Connect(protocol_name=name, protocol_level=level, clean_start=bool(flags & 2),
                    keep_alive=keep_alive, client_id=client_id, will=will, username=username,
-                   password=password, properties=properties)
+                   password=password, properties=properties, bridge=bridge)
 
 
 def _decode_connack(body: bytes, version: int) -> Connack:
@@ -426,7 +430,7 @@ def _encode_connect(p: Connect, version: int) -> bytes:
     flags = (p.clean_start << 1) | ((p.username is not None) << 7) | ((p.password is not None) << 6)
     if p.will is not None:
         flags |= 4 | p.will.qos << 3 | p.will.retain << 5
-    parts = [encode_string(p.protocol_name), bytes((level, flags)), _U16.pack(p.keep_alive)]
+    parts = [encode_string(p.protocol_name), bytes((level | p.bridge << 7, flags)), _U16.pack(p.keep_alive)]
     if level == MQTT_5:
         parts.append(encode_properties(p.properties))
     parts.append(encode_string(p.client_id))

@@ -89,6 +89,10 @@ class Connect:
     username: str | None = None
     password: bytes | None = None
     properties: Properties = NO_PROPERTIES
+    bridge: bool = False
+    """MQTT 3.1/3.1.1 only: the client is a bridge (bit 7 of the protocol level, Mosquitto's
+    try_private): it is not sent back the messages it publishes, and gets the retain flag as
+    published."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,462 @@
+"""Bridges: this broker as a client of another, forwarding chosen topics both ways.
+
+A bridge is two MQTT client connections made with the broker's own codec: one to the remote
+broker, one to this broker through an in-memory pipe (:mod:`.link`). The second is an ordinary
+persistent session here (client id ``local_clientid``, never expiring), subscribed to the
+``out`` topics: while the remote is away, that session queues what is to go out, in memory and
+in the store like any other session's, bounded by ``max_queued_messages`` and
+``max_stored_messages`` (drops counted and logged), and resends what was in flight when it
+reconnects.
+
+The bridge passes each PUBLISH and acknowledgement across with its packet id unchanged: what
+this broker sends its session with id 7 goes to the remote with id 7, the remote's PUBACK 7
+comes back as the session's PUBACK 7, and the other way round. So each side's exactly-once
+state machine runs end to end, an acknowledgement reaches the sender only once the receiving
+broker has taken the message (here: routed and stored), and neither side's state lives in the
+bridge: both links are up together or down together, and after a restart both brokers resend
+what is unacknowledged. Ids never clash: the remote's server-to-client ids become this
+session's client-to-server ids and the other way round, each a namespace of its own.
+
+Loops are prevented with No Local on both sides (this broker's session always speaks MQTT 5;
+an MQTT 3 remote is told it is a bridge, ``try_private``) and by the prefixes.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from ..wire import (
+    MQTT_5, Connack, Connect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
+    SubscriptionRequest, Unsuback, Unsubscribe, Will,
+)
+from .config import BridgeConfig, BridgeConfigError, BridgeTopic
+from .link import Link, pipe
+
+log = Logger()
+
+_ACKS = (Puback, Pubrec, Pubrel, Pubcomp)
+# Properties a PUBLISH may not carry across: they belong to one connection [MQTT-3.3.4-6].
+_HOP_PROPERTIES = ("topic_alias", "subscription_identifier")
+
+
+class BridgeStats:
+    __slots__ = ("messages_out", "messages_in", "connects", "failures", "dropped")
+
+    def __init__(self) -> None:
+        self.messages_out = self.messages_in = 0
+        self.connects = 0
+        """Links made (the first connection and each reconnection)."""
+        self.failures = 0
+        """Connection attempts that failed, and links that broke."""
+        self.dropped = 0
+        """Messages from one side with no topic line to map them (e.g. after the topics changed)."""
+
+
+class Bridge(Service):
+    """One ``[[bridge]]``: keeps the two links up, reconnecting with back-off, and forwards
+    between them."""
+
+    def __init__(self, broker: Any, config: BridgeConfig, reactor: Any, clock: IReactorTime) -> None:
+        self.broker = broker
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock
+        self.connection = config.connection
+        self.setName(f"bridge:{self.connection}")
+        self.state = "stopped"
+        """stopped, connecting, connected or waiting (to reconnect)."""
+        self.stats = BridgeStats()
+        self.address = ""
+        self.last_error = ""
+        self.remote: Link | None = None
+        self.local: Link | None = None
+        self._attempt = 0
+        self._address_index = 0
+        self._retry_call: Any = None
+        self._connecting: Any = None
+        self._restarting = False
+        self._early: list[Packet] = []
+        """What the remote sent before the local link was ready."""
+        self._pending_acks = 0
+        self._remote_receive = broker.config.max_inflight_messages
+        self._remote_max_qos = 2
+        self._local_receive = broker.config.max_inflight_messages
+        self._inbound: set[int] = set()
+        """Ids of QoS 1/2 messages from the remote not yet completed here (bounded by this
+        broker's Receive Maximum: past it, the remote link is held)."""
+
+    # --- the service ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.notifications:
+            self.broker.publish(f"$SYS/broker/connection/{self.connection}/state", b"0", retain=True)
+        self._connect()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._cancel_retry()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        self._close_links("bridge stopped", disconnect=True)
+        self._set_state("stopped")
+
+    def restart(self) -> None:
+        """Drop the links (if up) and connect again now, from the first address."""
+        self._cancel_retry()
+        self._attempt = 0
+        self._address_index = 0
+        if self.remote is not None or self.local is not None:
+            self._restarting = True
+            self._close_links("restarted", disconnect=True)  # reconnects when both are down
+        elif self._connecting is None:
+            self._connect()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting in this broker for the remote (queued, stored, or in flight)."""
+        session = self.broker.sessions.get(self.config.local_client_id)
+        if session is None:
+            return 0
+        return len(session.queue) + session.spilled + len(session.outgoing)
+
+    # --- connecting ---------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry_call = None
+        if not self.running:
+            return
+        config = self.config
+        host, port = config.endpoints[self._address_index % len(config.endpoints)]
+        self.address = f"{host}:{port}"
+        self._set_state("connecting")
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=10)
+        if config.tls:
+            endpoint = wrapClientTLS(self._tls_options(host), endpoint)
+        connect = self._remote_connect()
+        max_size = config.bridge_max_packet_size or self.broker.config.max_packet_size
+        factory = Factory.forProtocol(lambda: Link(
+            "remote", connect, self.clock, max_size, self._remote_up, self._from_remote, self._lost))
+        self._connecting = endpoint.connect(factory)
+        self._connecting.addCallbacks(self._remote_made, self._not_connected)
+
+    def _remote_made(self, link: Link) -> None:
+        self._connecting = None
+        self.remote = link
+        link.on_pause = self._remote_paused
+
+    def _not_connected(self, failure: Any) -> None:
+        self._connecting = None
+        if not self.running:
+            return
+        self._failed(f"cannot connect to {self.address}: {failure.getErrorMessage()}")
+
+    def _tls_options(self, host: str) -> Any:
+        from twisted.internet.ssl import (
+            Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS, platformTrust,
+        )
+        config = self.config
+        trust: Any = platformTrust()
+        if config.bridge_cafile:
+            with open(config.bridge_cafile, "rb") as f:
+                trust = Certificate.loadPEM(f.read())
+        client_certificate = None
+        if config.bridge_certfile:
+            with open(config.bridge_certfile, "rb") as c, open(config.bridge_keyfile, "rb") as k:
+                client_certificate = PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+        if config.bridge_insecure:  # the chain is checked, the name is not
+            return CertificateOptions(
+                trustRoot=trust,
+                privateKey=client_certificate.privateKey.original if client_certificate else None,
+                certificate=client_certificate.original if client_certificate else None)
+        return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_certificate)
+
+    def _remote_connect(self) -> Connect:
+        config = self.config
+        version = config.version
+        properties: dict[str, Any] = {}
+        if version == MQTT_5:
+            properties = {"receive_maximum": self._local_receive}
+            if not config.cleansession:
+                properties["session_expiry_interval"] = 0xFFFFFFFF
+            max_size = config.bridge_max_packet_size or self.broker.config.max_packet_size
+            properties["maximum_packet_size"] = min(max_size, 268_435_460)
+        will = None
+        if config.notifications and not config.notifications_local_only:
+            will = Will(topic=config.remote_notification_topic, payload=b"0", qos=1, retain=True)
+        password = config.remote_password.encode() if config.remote_password is not None else None
+        return Connect(protocol_name="MQIsdp" if version == 3 else "MQTT", protocol_level=version,
+                       clean_start=config.cleansession, keep_alive=config.keepalive_interval,
+                       client_id=config.remote_client_id, will=will, username=config.remote_username,
+                       password=password, properties=properties,
+                       bridge=config.try_private and version != MQTT_5)
+
+    def _remote_up(self, link: Link, connack: Connack) -> None:
+        """CONNACK from the remote: subscribe to the in topics there, then open the local link."""
+        properties = connack.properties
+        self._remote_receive = properties.get("receive_maximum", 65535) if link.version == MQTT_5 \
+            else self.broker.config.max_inflight_messages
+        self._remote_max_qos = properties.get("maximum_qos", 2)
+        incoming = [t for t in self.config.topic if t.incoming]
+        v5 = link.version == MQTT_5
+        requests = tuple(SubscriptionRequest(
+            topic_filter=t.remote_filter, qos=min(t.qos, self.broker.config.max_qos), no_local=v5,
+            retain_as_published=v5, retain_handling=1 if v5 else 0) for t in incoming)
+        if requests:
+            # Packet ids 1.. are free: nothing of ours is in flight to the remote before the
+            # local link opens, and that waits for the SUBACK.
+            link.send(Subscribe(packet_id=1, subscriptions=requests))
+            self._pending_acks = 1
+        else:
+            link.hold()  # what comes before the local link is up stays in the reader
+            self._open_local()
+
+    def _open_local(self) -> None:
+        from ..auth import Identity
+        from ..auth.acl import AccessRules
+        from ..protocol import MQTTProtocol
+        config = self.config
+        broker = self.broker
+        server = MQTTProtocol(broker, self.clock)
+        if broker.security is not None:
+            # The bridge's session is the broker's own: the ACLs of clients do not apply to it.
+            server.identity = Identity(client_id=config.local_client_id, username=None,
+                                       rules=AccessRules(("#",), ("#", "$SYS/#")))
+        connect = Connect(protocol_level=MQTT_5, clean_start=False, client_id=config.local_client_id,
+                          properties={"session_expiry_interval": 0xFFFFFFFF,
+                                      "receive_maximum": min(self._remote_receive, 65535)})
+        link = Link("local", connect, self.clock, broker.config.max_packet_size,
+                    self._local_up, self._from_local, self._lost)
+        self.local = link
+        link.on_pause = self._local_paused
+        pipe(self.clock, server, link, self.connection)
+
+    def _local_up(self, link: Link, connack: Connack) -> None:
+        """CONNACK from this broker: make the session's subscriptions those of the out topics."""
+        self._local_receive = connack.properties.get("receive_maximum", 65535)
+        wanted: dict[str, BridgeTopic] = {}
+        for line in self.config.topic:
+            if line.outgoing:
+                wanted.setdefault(line.local_filter, line)
+        stale = [s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)
+                 if s.topic_filter not in wanted]
+        self._pending_acks = 0
+        if stale:
+            link.send(Unsubscribe(packet_id=2, topic_filters=tuple(stale)))
+            self._pending_acks += 1
+        if wanted:
+            link.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(
+                topic_filter=topic_filter, qos=min(line.qos, self._remote_max_qos), no_local=True,
+                retain_as_published=self.config.bridge_outgoing_retain, retain_handling=0)
+                for topic_filter, line in wanted.items())))
+            self._pending_acks += 1
+        if not self._pending_acks:
+            self._both_up()
+
+    def _both_up(self) -> None:
+        assert self.remote is not None and self.local is not None
+        self._attempt = 0
+        self.stats.connects += 1
+        self.last_error = ""
+        self._set_state("connected")
+        log.info("bridge {name} connected to {address}", name=self.connection, address=self.address)
+        config = self.config
+        if config.notifications and not config.notifications_local_only:
+            self.remote.send(Publish(topic=config.remote_notification_topic, payload=b"1", qos=0, retain=True))
+        early, self._early = self._early, []
+        for packet in early:
+            self._from_remote(self.remote, packet)
+        self.remote.release()
+
+    # --- forwarding ---------------------------------------------------------------------
+
+    def _from_remote(self, link: Link, packet: Packet) -> None:
+        local = self.local
+        if local is None or not local.up or self._pending_acks:
+            if isinstance(packet, (Suback, Unsuback)) and self._pending_acks and local is None:
+                self._subscribed(link, packet)
+            else:
+                self._early.append(packet)
+            return
+        if isinstance(packet, Publish):
+            topic = self.config.to_local(packet.topic)
+            if topic is None:
+                self._refuse(link, packet)
+                return
+            self.stats.messages_in += 1
+            if packet.qos:
+                self._inbound.add(packet.packet_id)
+                if len(self._inbound) >= self._local_receive:
+                    link.hold()
+            local.send(self._crossing(packet, topic, packet.retain, MQTT_5, 2))
+        elif isinstance(packet, _ACKS):
+            local.send(self._ack(packet, local.version))
+
+    def _from_local(self, link: Link, packet: Packet) -> None:
+        if isinstance(packet, (Suback, Unsuback)):
+            self._subscribed(link, packet)
+            return
+        remote = self.remote
+        if remote is None or not remote.up:
+            return  # both links go down together: the session keeps it for the next time
+        if isinstance(packet, Publish):
+            topic = self.config.to_remote(packet.topic)
+            if topic is None:
+                self._refuse(link, packet)
+                return
+            self.stats.messages_out += 1
+            retain = packet.retain and self.config.bridge_outgoing_retain
+            remote.send(self._crossing(packet, topic, retain, remote.version, self._remote_max_qos))
+        elif isinstance(packet, _ACKS):
+            if isinstance(packet, (Puback, Pubcomp)) or (isinstance(packet, Pubrec) and packet.reason_code >= 0x80):
+                self._completed(packet.packet_id)
+            remote.send(self._ack(packet, remote.version))
+
+    def _completed(self, packet_id: int) -> None:
+        self._inbound.discard(packet_id)
+        if self.remote is not None and self.remote.held and self._early == [] and len(self._inbound) < self._local_receive:
+            self.remote.release()
+
+    def _subscribed(self, link: Link, packet: Suback | Unsuback) -> None:
+        refused = [code for code in packet.reason_codes if code >= 0x80] if isinstance(packet, Suback) else []
+        if refused:
+            log.warn("bridge {name}: the {side} broker refused {count} subscription(s) (0x{code:02x})",
+                     name=self.connection, side=link.name, count=len(refused), code=refused[0])
+        self._pending_acks -= 1
+        if self._pending_acks:
+            return
+        if link is self.remote:
+            link.hold()  # what comes before the local link is up stays in the reader
+            self._open_local()
+        else:
+            self._both_up()
+
+    @staticmethod
+    def _crossing(packet: Publish, topic: str, retain: bool, version: int, max_qos: int) -> Publish:
+        properties = packet.properties
+        if version != MQTT_5:
+            properties = {}
+        elif any(key in properties for key in _HOP_PROPERTIES):
+            properties = {k: v for k, v in properties.items() if k not in _HOP_PROPERTIES}
+        return Publish(topic, packet.payload, min(packet.qos, max_qos), retain, packet.dup,
+                       packet.packet_id, properties)
+
+    @staticmethod
+    def _ack(packet: Puback | Pubrec | Pubrel | Pubcomp, version: int) -> Packet:
+        code = packet.reason_code if version == MQTT_5 else 0
+        return type(packet)(packet_id=packet.packet_id, reason_code=code)
+
+    def _refuse(self, link: Link, packet: Publish) -> None:
+        """A message no topic line maps: acknowledged to its sender and dropped."""
+        self.stats.dropped += 1
+        log.info("bridge {name}: no topic line sends {topic} on; dropped", name=self.connection, topic=packet.topic)
+        if packet.qos == 1:
+            link.send(Puback(packet_id=packet.packet_id))
+        elif packet.qos == 2:
+            link.send(Pubrec(packet_id=packet.packet_id))
+            # its PUBREL is answered as any unknown one: by forwarding it, as a PUBCOMP comes back
+
+    # --- back-pressure ------------------------------------------------------------------
+
+    def _remote_paused(self, paused: bool) -> None:
+        """The remote's socket is full: stop this broker writing to the bridge's session (it
+        holds up to max_held_bytes, then queues)."""
+        self._producer_of_local(paused)
+
+    def _producer_of_local(self, paused: bool) -> None:
+        local = self.local
+        if local is None or local.transport is None:
+            return
+        producer = local.transport.peer.producer  # type: ignore[attr-defined]
+        if producer is not None:
+            producer.pauseProducing() if paused else producer.resumeProducing()
+
+    def _local_paused(self, paused: bool) -> None:
+        pass  # the pipe holds what the broker has not read; the in-flight window bounds it
+
+    # --- losing the links ---------------------------------------------------------------
+
+    def _lost(self, link: Link, why: str) -> None:
+        if link is self.remote:
+            self.remote = None
+        elif link is self.local:
+            self.local = None
+        else:
+            return
+        if not self._restarting and self.state in ("connected", "connecting"):
+            log.info("bridge {name}: {side} link closed: {why}", name=self.connection, side=link.name, why=why)
+        self._close_links(why)
+        if self.remote is None and self.local is None:
+            self._down(why)
+
+    def _close_links(self, why: str, disconnect: bool = False) -> None:
+        for link in (self.remote, self.local):
+            if link is not None:
+                link.close(why, disconnect)
+
+    def _down(self, why: str) -> None:
+        was_connected = self.state == "connected"
+        self._early = []
+        self._inbound.clear()
+        self._pending_acks = 0
+        if not self.running:
+            self._set_state("stopped")
+        elif self._restarting:
+            self._restarting = False
+            self._set_state("waiting")
+            self._retry_call = self.clock.callLater(0, self._connect)
+        else:
+            self._failed(why, next_address=not was_connected)
+
+    def _failed(self, why: str, next_address: bool = True) -> None:
+        """Wait, then connect again (to the next address unless a link that worked broke)."""
+        self.stats.failures += 1
+        self.last_error = why
+        self._attempt += 1
+        if next_address:
+            self._address_index += 1
+        else:
+            self._address_index = 0
+        log.warn("bridge {name}: {why}", name=self.connection, why=why)
+        base, cap = self.config.restart_timeout
+        # Exponential back-off with jitter over the upper half of each step.
+        ceiling = min(cap, base * 2 ** (self._attempt - 1))
+        delay = base if base == cap else random.uniform(max(base, ceiling / 2), ceiling)
+        self._set_state("waiting")
+        self._retry_call = self.clock.callLater(delay, self._connect)
+
+    def _cancel_retry(self) -> None:
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+
+    def _set_state(self, state: str) -> None:
+        previous, self.state = self.state, state
+        up = state == "connected"
+        if self.config.notifications and (previous == "connected") != up:
+            self.broker.publish(f"$SYS/broker/connection/{self.connection}/state", b"1" if up else b"0", retain=True)
+
+
+class Bridges:
+    """The broker's bridges, by connection name."""
+
+    def __init__(self, broker: Any, configs: list[BridgeConfig], reactor: Any, clock: IReactorTime) -> None:
+        self.by_name = {c.connection: Bridge(broker, c, reactor, clock) for c in configs}
+        for bridge in self.by_name.values():
+            bridge.setServiceParent(broker)
+
+    def __iter__(self) -> Any:
+        return iter(self.by_name.values())
+
+    def get(self, name: str) -> Bridge | None:
+        return self.by_name.get(name)
+
+
+__all__ = ["Bridge", "BridgeConfig", "BridgeConfigError", "BridgeTopic", "Bridges"]

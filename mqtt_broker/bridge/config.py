@@ -1,0 +1,294 @@
+"""A bridge's settings: one ``[[bridge]]`` table of the TOML file, with Mosquitto's names.
+
+Read by :class:`~mqtt_broker.config.BrokerConfig`; nothing here opens a connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..topics import matches, valid_topic_filter
+
+PROTOCOLS = {"mqttv31": 3, "mqttv311": 4, "mqttv50": 5}
+
+
+class BridgeConfigError(ValueError):
+    """A bad ``[[bridge]]`` table: ``key`` names the setting."""
+
+    def __init__(self, reason: str, key: str | None = None) -> None:
+        self.reason, self.key = reason, key
+        super().__init__(f"{key}: {reason}" if key else reason)
+
+
+@dataclass(frozen=True)
+class BridgeTopic:
+    """One ``topic`` line: ``pattern [[[out|in|both] qos] local-prefix remote-prefix]``.
+
+    Out: the bridge subscribes to ``local_prefix + pattern`` here and publishes what it gets to
+    the remote with ``local_prefix`` replaced by ``remote_prefix``; in: the other way round."""
+
+    pattern: str
+    direction: str = "out"
+    qos: int = 0
+    local_prefix: str = ""
+    remote_prefix: str = ""
+
+    @classmethod
+    def parse(cls, line: str) -> BridgeTopic:
+        """A topic line as Mosquitto writes it (``""`` for an empty pattern or prefix)."""
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise BridgeConfigError(f"{line!r}: {e}", "topic") from None
+        if not words or len(words) > 5 or len(words) == 4:
+            raise BridgeConfigError(f"{line!r} is not: pattern [[[out|in|both] qos] local-prefix remote-prefix]",
+                                    "topic")
+        values: dict[str, Any] = {"pattern": words[0]}
+        if len(words) > 1:
+            values["direction"] = words[1]
+        if len(words) > 2:
+            if not words[2].isdigit():
+                raise BridgeConfigError(f"{line!r}: QoS {words[2]!r} is not 0, 1 or 2", "topic")
+            values["qos"] = int(words[2])
+        if len(words) == 5:
+            values["local_prefix"], values["remote_prefix"] = words[3], words[4]
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("out", "in", "both"):
+            raise BridgeConfigError(f"direction {self.direction!r} is not out, in or both", "topic")
+        if self.qos not in (0, 1, 2):
+            raise BridgeConfigError(f"QoS {self.qos!r} is not 0, 1 or 2", "topic")
+        for prefix in (self.local_prefix, self.remote_prefix):
+            if "+" in prefix or "#" in prefix:
+                raise BridgeConfigError(f"prefix {prefix!r} holds a wildcard", "topic")
+        if not self.pattern and not (self.local_prefix and self.remote_prefix):
+            raise BridgeConfigError("an empty pattern needs both prefixes (they are then the topics)", "topic")
+        for topic_filter in (self.local_filter, self.remote_filter):
+            if not valid_topic_filter(topic_filter):
+                raise BridgeConfigError(f"{topic_filter!r} is not a valid topic filter", "topic")
+
+    @property
+    def outgoing(self) -> bool:
+        return self.direction in ("out", "both")
+
+    @property
+    def incoming(self) -> bool:
+        return self.direction in ("in", "both")
+
+    @property
+    def local_filter(self) -> str:
+        return self.local_prefix + self.pattern
+
+    @property
+    def remote_filter(self) -> str:
+        return self.remote_prefix + self.pattern
+
+    def to_remote(self, topic: str) -> str | None:
+        """The remote topic of a local one, or None if this line does not send it out."""
+        if self.outgoing and matches(self.local_filter, topic):
+            return self.remote_prefix + topic[len(self.local_prefix):]
+        return None
+
+    def to_local(self, topic: str) -> str | None:
+        """The local topic of a remote one, or None if this line does not bring it in."""
+        if self.incoming and matches(self.remote_filter, topic):
+            return self.local_prefix + topic[len(self.remote_prefix):]
+        return None
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.strip().rpartition(":")
+    if not host:
+        host, port = port, "1883"
+    host = host.strip("[]")  # [::1]:1883
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BridgeConfigError(f"{text!r} is not host:port", "addresses")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """One bridge to another MQTT broker. The names are Mosquitto's bridge settings."""
+
+    connection: str
+    addresses: list[str]
+    """``host:port`` (port 1883 when left out), tried in turn when one cannot be reached."""
+    topic: list[BridgeTopic]
+    remote_clientid: str = ""
+    """Empty: ``<hostname>.<connection>``, as Mosquitto names it."""
+    local_clientid: str = ""
+    """The bridge's session on this broker, which queues what the remote has not taken yet.
+    Empty: ``local.<remote_clientid>``."""
+    remote_username: str | None = None
+    remote_password: str | None = None
+    cleansession: bool = False
+    """Whether the remote forgets the bridge's session (and what it queued for it) when the link
+    drops. The session on this broker is always kept, so nothing queued here is lost."""
+    bridge_protocol_version: str = "mqttv311"
+    keepalive_interval: int = 60
+    restart_timeout: tuple[float, float] = (5.0, 30.0)
+    """Seconds before reconnecting: ``[base, cap]`` backs off exponentially from base to cap, with
+    jitter; a single number waits that long every time."""
+    try_private: bool = True
+    """Tell an MQTT 3 remote that this is a bridge (bit 7 of the protocol level), so that it does
+    not send back what the bridge publishes. MQTT 5 uses No Local instead."""
+    notifications: bool = True
+    """Publish the link's state, 1 or 0, retained: here on ``$SYS/broker/connection/<connection>/state``
+    and on the remote on ``notification_topic`` (its will publishes the 0)."""
+    notification_topic: str = ""
+    """Empty: ``$SYS/broker/connection/<remote_clientid>/state``."""
+    notifications_local_only: bool = False
+    bridge_outgoing_retain: bool = True
+    """Keep the retain flag of what goes out (false: the remote gets no retained messages)."""
+    bridge_max_packet_size: int = 0
+    """Largest packet accepted from the remote, in bytes; 0: max_packet_size."""
+    bridge_cafile: str = ""
+    """CA certificates (PEM) the remote's certificate must chain to: setting it (or the other
+    bridge_* files) makes the link TLS. The remote's name is checked against its address."""
+    bridge_certfile: str = ""
+    bridge_keyfile: str = ""
+    bridge_insecure: bool = False
+    """TLS without checking the remote's name (its chain is still checked): for tests only."""
+    bridge_tls: bool = False
+    """TLS with the platform's trusted CAs, when no bridge_cafile is given."""
+
+    def __post_init__(self) -> None:
+        if not self.connection or any(c in self.connection for c in "/+#\x00") or not self.connection.isprintable():
+            raise BridgeConfigError(f"{self.connection!r} is not a name (no /, + or #)", "connection")
+        if not self.addresses:
+            raise BridgeConfigError("at least one host:port is needed", "addresses")
+        for address in self.addresses:
+            _address(address)
+        if not self.topic:
+            raise BridgeConfigError("at least one topic is needed", "topic")
+        if self.bridge_protocol_version not in PROTOCOLS:
+            raise BridgeConfigError(f"{self.bridge_protocol_version!r} is not one of {', '.join(PROTOCOLS)}",
+                                    "bridge_protocol_version")
+        if not 0 <= self.keepalive_interval <= 65535:
+            raise BridgeConfigError(f"{self.keepalive_interval} is out of range (0..65535)", "keepalive_interval")
+        base, cap = self.restart_timeout
+        if not 0 < base <= cap:
+            raise BridgeConfigError(f"{list(self.restart_timeout)} is not base <= cap, both above 0",
+                                    "restart_timeout")
+        if self.bridge_max_packet_size < 0:
+            raise BridgeConfigError("must be 0 or more", "bridge_max_packet_size")
+        if bool(self.bridge_certfile) != bool(self.bridge_keyfile):
+            raise BridgeConfigError("bridge_certfile and bridge_keyfile go together", "bridge_certfile")
+        if self.remote_password is not None and self.remote_username is None:
+            raise BridgeConfigError("a password needs remote_username", "remote_password")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> BridgeConfig:
+        """A bridge from its TOML table; raises BridgeConfigError naming the key."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = dict(values)
+        for key in values:
+            if key not in fields:
+                raise BridgeConfigError("unknown bridge setting", str(key))
+        for key in ("connection", "addresses", "topic"):
+            if key not in values:
+                raise BridgeConfigError("missing", key)
+        addresses = values["addresses"]
+        if isinstance(addresses, str):
+            addresses = [a for a in addresses.replace(",", " ").split() if a]
+        values["addresses"] = addresses
+        topics = values["topic"]
+        if isinstance(topics, (str, Mapping)):
+            topics = [topics]
+        parsed = []
+        for entry in topics if isinstance(topics, list) else [topics]:
+            if isinstance(entry, BridgeTopic):
+                parsed.append(entry)
+            elif isinstance(entry, str):
+                parsed.append(BridgeTopic.parse(entry))
+            elif isinstance(entry, Mapping):
+                unknown = set(entry) - {f.name for f in dataclasses.fields(BridgeTopic)}
+                if unknown:
+                    raise BridgeConfigError(f"unknown topic setting {sorted(unknown)[0]!r}", "topic")
+                try:
+                    parsed.append(BridgeTopic(**entry))
+                except TypeError as e:
+                    raise BridgeConfigError(str(e), "topic") from None
+            else:
+                raise BridgeConfigError(f"{entry!r} is not a topic line or table", "topic")
+        values["topic"] = parsed
+        timeout = values.get("restart_timeout")
+        if timeout is not None:
+            if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+                timeout = (timeout, timeout)
+            if not (isinstance(timeout, (list, tuple)) and len(timeout) == 2 and all(
+                    isinstance(t, (int, float)) and not isinstance(t, bool) for t in timeout)):
+                raise BridgeConfigError(f"{timeout!r} is not seconds or [base, cap]", "restart_timeout")
+            values["restart_timeout"] = (float(timeout[0]), float(timeout[1]))
+        for name, value in values.items():
+            kind = fields[name].type
+            if value is None and kind == "str | None":
+                continue
+            expected = {"str": str, "bool": bool, "int": int, "str | None": str}.get(str(kind))
+            if expected is not None and (not isinstance(value, expected) or (
+                    expected is int and isinstance(value, bool))):
+                raise BridgeConfigError(f"expected {expected.__name__}, got {value!r}", name)
+            if name == "addresses" and not all(isinstance(a, str) for a in value):
+                raise BridgeConfigError(f"expected host:port strings, got {value!r}", name)
+        return cls(**values)
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [_address(a) for a in self.addresses]
+
+    @property
+    def version(self) -> int:
+        return PROTOCOLS[self.bridge_protocol_version]
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.bridge_cafile or self.bridge_certfile or self.bridge_tls)
+
+    @property
+    def remote_client_id(self) -> str:
+        return self.remote_clientid or f"{socket.gethostname()}.{self.connection}"
+
+    @property
+    def local_client_id(self) -> str:
+        return self.local_clientid or f"local.{self.remote_client_id}"
+
+    @property
+    def remote_notification_topic(self) -> str:
+        return self.notification_topic or f"$SYS/broker/connection/{self.remote_client_id}/state"
+
+    def to_remote(self, topic: str) -> str | None:
+        """The remote topic of a local message, by the first ``topic`` line that sends it."""
+        for line in self.topic:
+            mapped = line.to_remote(topic)
+            if mapped is not None:
+                return mapped
+        return None
+
+    def to_local(self, topic: str) -> str | None:
+        for line in self.topic:
+            mapped = line.to_local(topic)
+            if mapped is not None:
+                return mapped
+        return None
+
+    def as_table(self) -> dict[str, Any]:
+        """The TOML table of this bridge (what ``dataclasses.asdict`` gives, in TOML's types)."""
+        table: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "topic":
+                value = [dataclasses.asdict(t) for t in value]
+            elif f.name == "restart_timeout":
+                value = list(value)
+            if value is None or (value == f.default and f.name not in ("connection",)):
+                continue
+            table[f.name] = value
+        return table
+
+
+__all__ = ["BridgeConfig", "BridgeConfigError", "BridgeTopic"]

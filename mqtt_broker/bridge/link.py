@@ -1,0 +1,283 @@
+"""The two connections of a bridge: an MQTT client protocol on the broker's own codec, and an
+in-memory pipe that joins such a client to an :class:`~mqtt_broker.protocol.MQTTProtocol` of
+this broker, so the bridge's session here is an ordinary session (queued, stored, resent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..wire import Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, encode
+
+log = Logger()
+
+_PINGREQ = encode(Pingreq())
+
+
+class Link(Protocol):
+    """An MQTT client connection that hands every packet after a successful CONNACK to
+    ``receive``. It sends the CONNECT, keeps the connection alive (PINGREQ every keepalive
+    seconds; no answer within half as long again closes it) and fails the connection on a
+    refusing CONNACK or a malformed packet.
+
+    ``held``: while true, packets stay in the reader (and the transport is paused), so that the
+    other side of the bridge is not sent more than it can take."""
+
+    def __init__(self, name: str, connect: Connect, clock: IReactorTime, max_packet_size: int,
+                 connected: Callable[[Link, Connack], None], receive: Callable[[Link, Packet], None],
+                 lost: Callable[[Link, str], None]) -> None:
+        self.name = name
+        self.connect = connect
+        self.clock = clock
+        self.version = connect.protocol_level
+        self.reader = FrameReader(max_packet_size=max_packet_size, version=self.version)
+        self._connected, self._receive, self._lost = connected, receive, lost
+        self.up = False
+        self.closed = False
+        self.held = False
+        self.why = "connection lost"
+        self._last_seen = 0.0
+        self._ping_call: Any = None
+        self.paused_by_transport = False
+        self.on_pause: Callable[[bool], None] = lambda paused: None
+        """Told when the transport's buffer fills (True) and drains (False)."""
+
+    # --- transport events ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        except (AttributeError, OSError):
+            pass
+        self.transport.registerProducer(_Producer(self), True)  # type: ignore[union-attr]
+        self._last_seen = self.clock.seconds()
+        self.send(self.connect)
+        # Until CONNACK, the keepalive timer is the CONNECT's timeout too.
+        self._ping_call = self.clock.callLater(self.connect.keep_alive or 30, self._ping)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._last_seen = self.clock.seconds()
+        self.reader.receive_data(data)
+        self.process()
+
+    def process(self) -> None:
+        try:
+            while not self.held and not self.closed:
+                packet = self.reader.next_packet()
+                if packet is None:
+                    return
+                if not self.up:
+                    self._connack(packet)
+                elif type(packet) is Pingresp:
+                    pass
+                elif type(packet) is Disconnect:
+                    self.close(f"DISCONNECT 0x{packet.reason_code:02x} from the server "
+                               f"({packet.properties.get('reason_string', '')})".replace(" ()", ""))
+                else:
+                    self._receive(self, packet)
+        except MQTTError as error:
+            self.close(f"bad packet from the server: {error.message}")
+
+    def _connack(self, packet: Packet) -> None:
+        if type(packet) is not Connack:
+            self.close(f"{type(packet).__name__} before CONNACK")
+            return
+        if packet.reason_code:
+            self.close(f"CONNECT refused with reason code 0x{packet.reason_code:02x}")
+            return
+        self.up = True
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        self._ping_call = self.clock.callLater(self.connect.keep_alive / 2, self._ping) \
+            if self.connect.keep_alive else None
+        self._connected(self, packet)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self.up = False
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        if reason is not None and not reason.check(ConnectionDone, ConnectionAborted) and self.why == "connection lost":
+            self.why = f"connection lost: {reason.getErrorMessage()}"
+        self._lost(self, self.why)
+
+    # --- sending ------------------------------------------------------------------------
+
+    def send(self, packet: Packet) -> None:
+        if not self.closed:
+            self.transport.write(encode(packet, self.version))  # type: ignore[union-attr]
+
+    def hold(self) -> None:
+        if not self.held:
+            self.held = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        if self.held and not self.closed:
+            self.held = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.process()
+
+    def close(self, why: str, disconnect: bool = False) -> None:
+        """End the connection; ``disconnect``: with a DISCONNECT first (a normal end, so the
+        server does not publish the will)."""
+        if self.closed:
+            return
+        self.why = why
+        self.closed = True
+        if disconnect and self.up:
+            self.transport.write(encode(Disconnect(), self.version))  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        if self.closed:
+            return
+        keep_alive = self.connect.keep_alive
+        if not self.up:
+            self.close("no CONNACK in time")
+            return
+        if not keep_alive:
+            return
+        if self.clock.seconds() - self._last_seen >= keep_alive * 1.5:
+            self.close("the server did not answer within the keepalive")
+            return
+        self.transport.write(_PINGREQ)  # type: ignore[union-attr]
+        self._ping_call = self.clock.callLater(keep_alive / 2, self._ping)
+
+
+@implementer(IPushProducer)
+class _Producer:
+    """Tells a link when its transport's buffer is full, without making the link a producer
+    of its own transport's reading (which ``hold`` pauses)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    def pauseProducing(self) -> None:
+        self.link.paused_by_transport = True
+        self.link.on_pause(True)
+
+    def resumeProducing(self) -> None:
+        self.link.paused_by_transport = False
+        self.link.on_pause(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IAddress)
+class PipeAddress:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"bridge:{self.name}"
+
+
+@implementer(ITransport)
+class PipeEnd:
+    """One end of an in-memory connection: what is written here reaches the other end's protocol
+    on a later turn of the reactor (never within the write, so neither protocol is re-entered)."""
+
+    def __init__(self, clock: IReactorTime, protocol: Protocol, address: PipeAddress) -> None:
+        self.clock = clock
+        self.protocol = protocol
+        self.address = address
+        self.peer: PipeEnd = self
+        self.connected = True
+        self.disconnecting = False
+        self.reading = True
+        self.producer: Any = None
+        self._out: list[bytes] = []
+        self._call: Any = None
+
+    def write(self, data: bytes) -> None:
+        if self.connected and not self.disconnecting and data:
+            self._out.append(data)
+            self._schedule()
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def _schedule(self) -> None:
+        if self._call is None and self.connected:
+            self._call = self.clock.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        self._call = None
+        if not self.connected:
+            return
+        if self._out and self.peer.reading:
+            data = b"".join(self._out)
+            self._out = []
+            self.peer.protocol.dataReceived(data)
+        if self.disconnecting and not self._out:
+            self._close(ConnectionDone())
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self._schedule()
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._close(ConnectionAborted())
+
+    def _close(self, reason: Exception) -> None:
+        if not self.connected:
+            return
+        for end in (self, self.peer):
+            end.connected = False
+            if end._call is not None and end._call.active():
+                end._call.cancel()
+            end._call = None
+        # Both protocols learn it on the next turn, as they would from a socket.
+        self.clock.callLater(0, self.protocol.connectionLost, Failure(reason))
+        self.clock.callLater(0, self.peer.protocol.connectionLost, Failure(reason))
+
+    # Reading: pausing this end holds what the other end writes.
+    def pauseProducing(self) -> None:
+        self.reading = False
+
+    def resumeProducing(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.peer._schedule()
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def getPeer(self) -> PipeAddress:
+        return self.peer.address
+
+    def getHost(self) -> PipeAddress:
+        return self.address
+
+
+def pipe(clock: IReactorTime, a: Protocol, b: Protocol, name: str) -> None:
+    """Connect two protocols in memory (``a`` is made connected first)."""
+    end_a = PipeEnd(clock, a, PipeAddress(name))
+    end_b = PipeEnd(clock, b, PipeAddress(name))
+    end_a.peer, end_b.peer = end_b, end_a
+    a.makeConnection(end_a)
+    b.makeConnection(end_b)

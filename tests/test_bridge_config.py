@@ -1,0 +1,149 @@
+"""Bridge settings ([[bridge]] tables with Mosquitto's names), the bridge bit of CONNECT
+(try_private) and how the broker treats a client that sets it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from protocol_helpers import connected, make_broker
+
+from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
+from mqtt_broker.config import BrokerConfig, ConfigError
+from mqtt_broker.tap import Options
+from mqtt_broker.wire import Connect, Publish, decode, encode
+from mqtt_broker.wire.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5
+
+
+def bridge(**values: object) -> BridgeConfig:
+    return BridgeConfig.from_mapping({"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"], **values})
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("sensors/#", BridgeTopic("sensors/#", "out", 0, "", "")),
+    ("sensors/# both", BridgeTopic("sensors/#", "both", 0)),
+    ("sensors/# in 2", BridgeTopic("sensors/#", "in", 2)),
+    ('# out 1 "" edge1/', BridgeTopic("#", "out", 1, "", "edge1/")),
+    ('"" out 1 local/state remote/state', BridgeTopic("", "out", 1, "local/state", "remote/state")),
+])
+def test_topic_lines_as_mosquitto_writes_them(line: str, expected: BridgeTopic) -> None:
+    assert BridgeTopic.parse(line) == expected
+
+
+@pytest.mark.parametrize("line, why", [
+    ("a/# sideways", "direction 'sideways'"),
+    ("a/# out 3", "QoS 3"),
+    ("a/# out x", "QoS 'x'"),
+    ("a/# out 1 local/", "is not: pattern"),
+    ("a/#/b", "not a valid topic filter"),
+    ("a out 0 x/+/ y/", "holds a wildcard"),
+    ('"" out 0 "" remote/', "an empty pattern needs both prefixes"),
+])
+def test_bad_topic_lines_say_why(line: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        BridgeTopic.parse(line)
+
+
+def test_prefixes_map_topics_both_ways() -> None:
+    config = bridge(topic=["# out 1 factory/ edge1/", "cmd/# in 2 local/ cloud/edge1/", "both/# both"])
+    assert config.to_remote("factory/line/temp") == "edge1/line/temp"
+    assert config.to_remote("cmd/x") is None  # an in line sends nothing out
+    assert config.to_local("cloud/edge1/cmd/stop") == "local/cmd/stop"
+    assert config.to_local("edge1/line/temp") is None
+    assert config.to_remote("both/a") == config.to_local("both/a") == "both/a"
+    exact = bridge(topic=['"" out 1 local/state remote/state'])
+    assert exact.to_remote("local/state") == "remote/state"
+    assert exact.to_remote("local/state/x") is None
+
+
+def test_defaults_follow_mosquitto() -> None:
+    import socket
+    config = bridge()
+    assert config.remote_client_id == f"{socket.gethostname()}.cloud"
+    assert config.local_client_id == f"local.{socket.gethostname()}.cloud"
+    assert config.remote_notification_topic == f"$SYS/broker/connection/{socket.gethostname()}.cloud/state"
+    assert (config.cleansession, config.try_private, config.notifications, config.bridge_outgoing_retain) == (
+        False, True, True, True)
+    assert config.version == 4 and config.keepalive_interval == 60
+    assert bridge(addresses="a:1 [::1]:2, c").endpoints == [("a", 1), ("::1", 2), ("c", 1883)]
+    assert bridge(restart_timeout=10).restart_timeout == (10.0, 10.0)
+
+
+def test_the_toml_file_takes_bridge_tables(tmp_path: Path) -> None:
+    path = tmp_path / "b.toml"
+    path.write_text('max_qos = 1\n\n[[bridge]]\nconnection = "a"\naddresses = ["h:1"]\ntopic = ["x/# out 1"]\n\n'
+                    '[[bridge]]\nconnection = "b"\naddresses = ["h:2"]\nbridge_protocol_version = "mqttv50"\n'
+                    'topic = [{pattern = "y/#", direction = "in", qos = 2, local_prefix = "l/"}]\n')
+    config = BrokerConfig.from_file(path)
+    assert [b.connection for b in config.bridge] == ["a", "b"]
+    assert config.bridge[1].topic == [BridgeTopic("y/#", "in", 2, "l/", "")]
+    assert config.replace(max_qos=2).bridge == config.bridge  # survives a copy
+
+
+@pytest.mark.parametrize("values, key, why", [
+    ({"start_type": "lazy"}, "bridge[1].start_type", "unknown bridge setting"),
+    ({"topic": ["a out 5"]}, "bridge[1].topic", "QoS 5"),
+    ({"addresses": ["h:99999"]}, "bridge[1].addresses", "not host:port"),
+    ({"addresses": []}, "bridge[1].addresses", "at least one"),
+    ({"bridge_protocol_version": "mqttv6"}, "bridge[1].bridge_protocol_version", "not one of"),
+    ({"cleansession": "yes"}, "bridge[1].cleansession", "expected bool"),
+    ({"keepalive_interval": 70000}, "bridge[1].keepalive_interval", "out of range"),
+    ({"restart_timeout": [30, 5]}, "bridge[1].restart_timeout", "base <= cap"),
+    ({"bridge_certfile": "c.pem"}, "bridge[1].bridge_certfile", "go together"),
+    ({"connection": "a/b"}, "bridge[1].connection", "not a name"),
+])
+def test_bad_bridge_settings_name_their_key(values: dict[str, object], key: str, why: str) -> None:
+    table = {"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"], **values}
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig(bridge=[table])
+    assert caught.value.key == key
+    assert why in caught.value.reason
+
+
+def test_two_bridges_cannot_share_a_name_or_session() -> None:
+    table = {"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"]}
+    with pytest.raises(ConfigError, match="connection 'cloud'"):
+        BrokerConfig(bridge=[table, table])
+    with pytest.raises(ConfigError, match="local_client_id 'x'"):
+        BrokerConfig(bridge=[{**table, "local_clientid": "x"}, {**table, "connection": "b", "local_clientid": "x"}])
+
+
+def test_bridges_have_no_command_line_flag() -> None:
+    options = Options()
+    assert "bridge" not in options and "--bridge" not in str(options)
+    with pytest.raises(Exception):
+        options.parseOptions(["--bridge", "x"])
+
+
+# --- the bridge bit ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("level", [MQTT_3_1, MQTT_3_1_1])
+def test_the_bridge_bit_round_trips(level: int) -> None:
+    packet = Connect(protocol_name="MQIsdp" if level == 3 else "MQTT", protocol_level=level, client_id="b", bridge=True)
+    data = encode(packet)
+    assert data[2 + 2 + len(packet.protocol_name)] == 0x80 | level
+    assert decode(data) == packet
+
+
+def test_the_bridge_bit_is_not_a_level_of_mqtt_5() -> None:
+    from mqtt_broker.wire import UnsupportedProtocolVersion
+    data = bytearray(encode(Connect(protocol_level=MQTT_5, client_id="b")))
+    data[8] = 0x85
+    with pytest.raises(UnsupportedProtocolVersion):
+        decode(bytes(data))
+
+
+def test_a_bridge_is_not_sent_back_what_it_publishes_and_gets_retain_as_published() -> None:
+    broker = make_broker()
+    bridge_client = connected(broker, "bridge", bridge=True)
+    plain = connected(broker, "plain")
+    for client in (bridge_client, plain):
+        client.subscribe("t/#", qos=1)
+    bridge_client.publish("t/from-bridge", b"1", retain=True)
+    assert [p.topic for p in plain.received() if isinstance(p, Publish)] == ["t/from-bridge"]
+    assert not [p for p in bridge_client.received() if isinstance(p, Publish)]
+    echoed = plain.publish("t/from-plain", b"2", retain=True)
+    got = [p for p in bridge_client.received() if isinstance(p, Publish)]
+    assert [(p.topic, p.retain) for p in got] == [("t/from-plain", True)]  # as published
+    got = [p for p in echoed if isinstance(p, Publish)]
+    assert [(p.topic, p.retain) for p in got] == [("t/from-plain", False)]  # a plain subscriber's
