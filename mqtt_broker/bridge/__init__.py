@@ -24,6 +24,7 @@ an MQTT 3 remote is told it is a bridge, ``try_private``) and by the prefixes.
 from __future__ import annotations
 
 import random
+from collections import deque
 from typing import Any
 
 from twisted.application.service import Service
@@ -42,6 +43,8 @@ from .link import Link, pipe
 log = Logger()
 
 _ACKS = (Puback, Pubrec, Pubrel, Pubcomp)
+MAX_WAITING = 10_000
+"""QoS 0 messages from the remote that wait, at most, behind this broker's full Receive Maximum."""
 # Properties a PUBLISH may not carry across: they belong to one connection [MQTT-3.3.4-6].
 _HOP_PROPERTIES = ("topic_alias", "subscription_identifier")
 
@@ -89,8 +92,9 @@ class Bridge(Service):
         self._remote_max_qos = 2
         self._local_receive = broker.config.max_inflight_messages
         self._inbound: set[int] = set()
-        """Ids of QoS 1/2 messages from the remote not yet completed here (bounded by this
-        broker's Receive Maximum: past it, the remote link is held)."""
+        """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
+        broker's Receive Maximum; the next ones wait in ``_waiting``."""
+        self._waiting: deque[Publish] = deque()
 
     # --- the service ----------------------------------------------------------------------
 
@@ -291,11 +295,11 @@ class Bridge(Service):
                 self._refuse(link, packet)
                 return
             self.stats.messages_in += 1
-            if packet.qos:
-                self._inbound.add(packet.packet_id)
-                if len(self._inbound) >= self._local_receive:
-                    link.hold()
-            local.send(self._crossing(packet, topic, packet.retain, MQTT_5, 2))
+            message = self._crossing(packet, topic, packet.retain, MQTT_5, 2)
+            if self._waiting or (packet.qos and len(self._inbound) >= self._local_receive):
+                self._wait(message)
+            else:
+                self._send_in(local, message)
         elif isinstance(packet, _ACKS):
             local.send(self._ack(packet, local.version))
 
@@ -319,10 +323,24 @@ class Bridge(Service):
                 self._completed(packet.packet_id)
             remote.send(self._ack(packet, remote.version))
 
+    def _send_in(self, local: Link, message: Publish) -> None:
+        if message.qos:
+            self._inbound.add(message.packet_id)
+        local.send(message)
+
+    def _wait(self, message: Publish) -> None:
+        """This broker's Receive Maximum is reached: the message waits for a slot. The remote's
+        own window bounds what waits at QoS 1 and 2; at QoS 0, past MAX_WAITING it is dropped."""
+        if not message.qos and len(self._waiting) >= MAX_WAITING:
+            self.stats.dropped += 1
+            return
+        self._waiting.append(message)
+
     def _completed(self, packet_id: int) -> None:
         self._inbound.discard(packet_id)
-        if self.remote is not None and self.remote.held and self._early == [] and len(self._inbound) < self._local_receive:
-            self.remote.release()
+        waiting, local = self._waiting, self.local
+        while waiting and local is not None and (not waiting[0].qos or len(self._inbound) < self._local_receive):
+            self._send_in(local, waiting.popleft())
 
     def _subscribed(self, link: Link, packet: Suback | Unsuback) -> None:
         refused = [code for code in packet.reason_codes if code >= 0x80] if isinstance(packet, Suback) else []
@@ -405,6 +423,7 @@ class Bridge(Service):
         was_connected = self.state == "connected"
         self._early = []
         self._inbound.clear()
+        self._waiting.clear()
         self._pending_acks = 0
         if not self.running:
             self._set_state("stopped")
