@@ -72,6 +72,8 @@ class Options(usage.Options):
                 "listens on tcp:1883. --websocket adds MQTT over WebSocket listeners.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see mqttbroker.example.toml)."],
+        ["mosquitto-config", None, None, "A mosquitto.conf to run with, converted as mqttbroker-config "
+         "from-mosquitto does (--config and flags apply over it)."],
     ] + [
         [_flag_name(f.name), None, None, f"{f.metadata['help']} [default: {_show(f.default)}]"]
         for f in settings() if f.name not in _LIST_FLAGS and not f.metadata["table"]
@@ -122,10 +124,30 @@ class Options(usage.Options):
         """Keep the messages of this topic filter in the message log, for replay; repeatable."""
         self["history_filters"].append(topic_filter)
 
+    @staticmethod
+    def _from_mosquitto(path: str) -> BrokerConfig:
+        from .mosquitto import convert
+        try:
+            conversion = convert(path)
+        except OSError as e:
+            raise usage.UsageError(f"--mosquitto-config {path}: {e.strerror or e}") from None
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise usage.UsageError(f"--mosquitto-config: {e}") from None
+        for note in conversion.notes:
+            print(f"mqttbroker: {note}", file=sys.stderr)
+        try:
+            return conversion.config()  # type: ignore[no-any-return]
+        except ConfigError as e:
+            raise usage.UsageError(f"--mosquitto-config {path}: {e}") from None
+
     def postOptions(self) -> None:
         try:
             # As a server, the broker keeps its state on disk unless told otherwise.
             base = BrokerConfig(persistence="sqlite")
+            if self["mosquitto-config"]:
+                base = self._from_mosquitto(self["mosquitto-config"])
             config = BrokerConfig.from_file(self["config"], base) if self["config"] else base
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

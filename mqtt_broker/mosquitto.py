@@ -1,0 +1,344 @@
+"""A ``mosquitto.conf`` read as this broker's settings: ``mqttbroker-config from-mosquitto FILE``
+writes the equivalent TOML, ``twistd mqttbroker --mosquitto-config FILE`` runs with it.
+
+What maps is converted (listeners to endpoint strings, authentication, limits, persistence,
+bridges); what has no equivalent here (plugins, dynamic security, per-listener authentication,
+logging options that are twistd's) is named with its file and line, never dropped in silence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+# Mosquitto setting -> (our setting, kind). Durations and sizes are converted by kind.
+_GLOBAL: dict[str, tuple[str, str]] = {
+    "allow_anonymous": ("allow_anonymous", "bool"),
+    "password_file": ("password_file", "path"),
+    "acl_file": ("acl_file", "path"),
+    "max_inflight_messages": ("max_inflight_messages", "int"),
+    "max_queued_messages": ("max_queued_messages", "int"),
+    "max_queued_bytes": ("max_queued_bytes", "int"),
+    "max_packet_size": ("max_packet_size", "int"),
+    "max_keepalive": ("max_keepalive", "int"),
+    "max_connections": ("max_connections", "int"),
+    "max_qos": ("max_qos", "int"),
+    "sys_interval": ("sys_interval", "float"),
+    "retain_available": ("retain_available", "bool"),
+    "allow_zero_length_clientid": ("allow_zero_length_clientid", "bool"),
+    "auto_id_prefix": ("auto_id_prefix", "str"),
+    "persistent_client_expiration": ("persistent_client_expiration", "duration"),
+    "queue_qos0_messages": ("queue_qos0_messages", "bool"),
+    "set_tcp_nodelay": ("set_tcp_nodelay", "bool"),
+    "use_identity_as_username": ("use_identity_as_username", "bool"),
+    "require_certificate": ("require_certificate", "bool"),
+}
+_LISTENER = {"certfile", "keyfile", "cafile", "protocol", "socket_domain", "bind_address", "bind_interface",
+             "require_certificate", "use_identity_as_username", "max_connections", "mount_point",
+             "tls_version", "ciphers", "ciphers_tls1.3", "http_dir", "use_subject_as_username",
+             "use_username_as_clientid", "capath", "crlfile", "dhparamfile", "psk_hint", "websockets_log_level",
+             "websockets_headers_size", "allow_anonymous", "password_file", "acl_file", "max_qos",
+             "max_topic_alias"}
+_BRIDGE = {"address", "addresses", "topic", "remote_clientid", "local_clientid", "remote_username",
+           "remote_password", "cleansession", "bridge_protocol_version", "keepalive_interval",
+           "restart_timeout", "bridge_cafile", "bridge_certfile", "bridge_keyfile", "bridge_insecure",
+           "try_private", "notifications", "notification_topic", "notifications_local_only",
+           "bridge_outgoing_retain", "bridge_max_packet_size", "clientid", "username", "password"}
+_BRIDGE_RENAMED = {"address": "addresses", "clientid": "remote_clientid", "username": "remote_username",
+                   "password": "remote_password"}
+_BRIDGE_BOOLS = {"cleansession", "bridge_insecure", "try_private", "notifications", "notifications_local_only",
+                 "bridge_outgoing_retain"}
+# Settings whose job twistd does, or that only tune Mosquitto's own workings.
+_TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_dest": "twistd --logfile/--syslog",
+           "log_type": "twistd's logging", "log_timestamp": "twistd's logging",
+           "log_timestamp_format": "twistd's logging", "log_facility": "twistd --syslog",
+           "connection_messages": "twistd's logging (connections are logged at info)",
+           "websockets_log_level": "twistd's logging"}
+_HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
+                 "memory_limit", "max_inflight_bytes"}
+
+
+@dataclass
+class Note:
+    """A line that is not carried over, and why."""
+
+    source: str
+    line: int
+    text: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.text!r} not carried over: {self.why}"
+
+
+@dataclass
+class Conversion:
+    settings: dict[str, Any] = field(default_factory=dict)
+    bridges: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+    def config(self) -> Any:
+        """The settings as a :class:`~mqtt_broker.config.BrokerConfig` (raises ConfigError)."""
+        from .config import BrokerConfig
+        return BrokerConfig.from_mapping({**self.settings, "bridge": self.bridges} if self.bridges else self.settings)
+
+    def toml(self, source: str = "") -> str:
+        lines = [f"# Converted from {source} by mqttbroker-config from-mosquitto." if source else
+                 "# Converted by mqttbroker-config from-mosquitto."]
+        if self.notes:
+            lines.append("# Not carried over:")
+            lines += [f"#   {note}" for note in self.notes]
+        lines.append("")
+        lines += [f"{key} = {_toml(value)}" for key, value in self.settings.items()]
+        for bridge in self.bridges:
+            lines += ["", "[[bridge]]"] + [f"{key} = {_toml(value)}" for key, value in bridge.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string for what we write
+    return "[" + ", ".join(_toml(v) for v in value) + "]"
+
+
+class _Listener:
+    def __init__(self, port: int, bind: str, source: str, line: int) -> None:
+        self.port, self.bind, self.source, self.line = port, bind, source, line
+        self.options: dict[str, str] = {}
+
+    def endpoint(self, notes: list[Note]) -> tuple[str, str]:
+        """("mqtt" or "websockets", endpoint string)."""
+        o = self.options
+        if self.port == 0 and self.bind.startswith("/"):
+            return "mqtt", f"unix:{_escape(self.bind)}"
+        interface = f":interface={_escape(self.bind)}" if self.bind else ""
+        if "certfile" in o or "keyfile" in o:
+            tls = f":privateKey={_escape(o.get('keyfile', ''))}:certKey={_escape(o.get('certfile', ''))}"
+            if "cafile" in o:
+                required = "yes" if o.get("require_certificate") == "true" else "no"
+                description = f"mqtts:{self.port}{interface}{tls}:caCerts={_escape(o['cafile'])}:requireCertificate={required}"
+            else:
+                description = f"ssl:{self.port}{interface}{tls}"
+        else:
+            description = f"tcp:{self.port}{interface}"
+        return o.get("protocol", "mqtt"), description
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[str]]]:
+    """(source, line number, text, words) of every setting line, include_dir files in place."""
+    path = path.resolve()
+    if path in seen:
+        return
+    seen.add(path)
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, 1):
+            text = raw.strip()
+            if not text or text.startswith("#"):
+                continue
+            words = text.split()
+            if words[0] == "include_dir" and len(words) > 1:
+                directory = Path(text.split(None, 1)[1])
+                if not directory.is_absolute():
+                    directory = path.parent / directory
+                for included in sorted(directory.glob("*.conf")):  # in Mosquitto's order: by name
+                    yield from _lines(included, seen)
+                continue
+            yield str(path), number, text, words
+
+
+def convert(path: str | Path) -> Conversion:
+    """Read a mosquitto.conf (and what it includes); raises OSError or ValueError for a file
+    that cannot be read or a value that cannot be understood."""
+    out = Conversion()
+    settings = out.settings
+    listeners: list[_Listener] = []
+    default_port: _Listener | None = None
+    bridge: dict[str, Any] | None = None
+    per_listener = False
+    persistence = False
+    location = ""
+
+    def note(source: str, number: int, text: str, why: str) -> None:
+        out.notes.append(Note(source, number, text, why))
+
+    for source, number, text, words in _lines(Path(path), set()):
+        key, args = words[0], words[1:]
+        value = text[len(key):].strip()
+        if key == "connection":
+            bridge = {"connection": value}
+            out.bridges.append(bridge)
+            continue
+        if bridge is not None and key in _BRIDGE:
+            name = _BRIDGE_RENAMED.get(key, key)
+            if name == "addresses":
+                bridge.setdefault("addresses", []).extend(a for a in value.replace(",", " ").split())
+            elif name == "topic":
+                bridge.setdefault("topic", []).append(value)
+            elif name in _BRIDGE_BOOLS:
+                bridge[name] = _bool(value, source, number)
+            elif name in ("keepalive_interval", "bridge_max_packet_size"):
+                bridge[name] = int(value)
+            elif name == "restart_timeout":
+                numbers = [float(n) for n in args]
+                bridge[name] = numbers if len(numbers) == 2 else numbers[0]
+            else:
+                bridge[name] = value
+            continue
+        if bridge is not None and (key.startswith("bridge_") or key in (
+                "start_type", "round_robin", "idle_timeout", "threshold", "local_username", "local_password",
+                "local_cleansession")):
+            note(source, number, text, "this bridge setting has no equivalent here")
+            continue
+        if key == "listener":
+            if not args or not args[0].isdigit():
+                raise ValueError(f"{source}:{number}: listener needs a port")
+            listener = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
+            listeners.append(listener)
+            bridge = None
+            continue
+        if key == "port":
+            default_port = _Listener(int(value), "", source, number)
+            continue
+        if key in _LISTENER and (listeners or key in ("protocol", "socket_domain", "certfile", "keyfile",
+                                                        "cafile", "bind_address")):
+            target = listeners[-1] if listeners else default_port
+            if target is None:
+                default_port = target = _Listener(1883, "", source, number)
+            if key in ("allow_anonymous", "password_file", "acl_file") and not per_listener:
+                pass  # global unless per_listener_settings: handled below
+            elif key == "require_certificate":
+                target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
+                continue
+            elif key in ("use_identity_as_username", "max_connections", "max_qos"):
+                # Global settings here: the last listener's value applies to every one.
+                if len(listeners) > 1:
+                    note(source, number, text, f"{key} applies to every listener here")
+                ours, kind = _GLOBAL[key]
+                settings[ours] = _value(kind, value, source, number)
+                continue
+            elif key in ("certfile", "keyfile", "cafile", "protocol", "bind_address"):
+                if key == "bind_address":
+                    target.bind = value
+                else:
+                    target.options[key] = value
+                continue
+            elif key == "socket_domain":
+                continue  # the interface decides the family here
+            else:
+                note(source, number, text, "no per-listener equivalent here")
+                continue
+        if key == "per_listener_settings":
+            per_listener = _bool(value, source, number)
+            if per_listener:
+                note(source, number, text, "authentication and ACLs apply to every listener alike here")
+            continue
+        if key == "persistence":
+            persistence = _bool(value, source, number)
+            continue
+        if key == "persistence_location":
+            location = value
+            continue
+        if key in _GLOBAL:
+            ours, kind = _GLOBAL[key]
+            if kind == "path" and not Path(value).is_absolute():
+                value = str(Path(source).parent / value)
+            settings[ours] = _value(kind, value, source, number)
+            continue
+        if key in _TWISTD:
+            note(source, number, text, f"done by {_TWISTD[key]}")
+        elif key in _HANDLED_HERE:
+            note(source, number, text, "the SQLite store commits each batch of changes and needs no tuning")
+        elif key in ("plugin", "auth_plugin", "global_plugin") or key.startswith(("plugin_opt_", "auth_opt_")):
+            why = ("dynamic security is not supported" if "dynamic_security" in value or "dynsec" in key
+                   else "Mosquitto plugins do not load here; see the hooks and auth chapters of the README")
+            note(source, number, text, why)
+        else:
+            note(source, number, text, "no equivalent setting here")
+    if persistence:
+        settings["persistence"] = "sqlite"
+        if location:
+            settings["data_dir"] = location.rstrip("/") or "/"
+    else:
+        settings["persistence"] = "memory"
+    if default_port is not None:
+        listeners.insert(0, default_port)
+    endpoints: list[str] = []
+    websockets: list[str] = []
+    for listener in listeners:
+        protocol, description = listener.endpoint(out.notes)
+        (websockets if protocol == "websockets" else endpoints).append(description)
+    if not listeners:
+        # Mosquitto 2 without a listener: local only, anonymous clients welcome.
+        endpoints = ["tcp:1883:interface=127.0.0.1"]
+        settings.setdefault("allow_anonymous", True)
+    else:
+        settings.setdefault("allow_anonymous", False)  # Mosquitto 2's default once a listener is set
+    settings["endpoints"] = endpoints
+    if websockets:
+        settings["websocket_endpoints"] = websockets
+    for table in out.bridges:
+        table.setdefault("topic", [])
+    return out
+
+
+def _bool(value: str, source: str, number: int) -> bool:
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError(f"{source}:{number}: {value!r} is not true or false")
+
+
+_UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
+
+
+def _value(kind: str, value: str, source: str, number: int) -> Any:
+    try:
+        if kind == "bool":
+            return _bool(value, source, number)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "duration":  # Mosquitto's persistent_client_expiration: 1h, 2d, 1w, 1m, 1y
+            return int(value[:-1]) * _UNITS[value[-1]] if value[-1:] in _UNITS else int(value)
+    except (ValueError, KeyError):
+        raise ValueError(f"{source}:{number}: {value!r} is not a valid {kind}") from None
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mqttbroker-config from-mosquitto FILE``: the TOML on stdout, what is not carried over on
+    stderr (and as comments at the top of the TOML)."""
+    parser = argparse.ArgumentParser(prog="mqttbroker-config", description="Convert broker configurations.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("from-mosquitto", help="write the TOML equivalent of a mosquitto.conf")
+    command.add_argument("file", help="the mosquitto.conf to read (include_dir is followed)")
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+    try:
+        conversion = convert(args.file)
+        conversion.config()  # refuse what would not start
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"mqttbroker-config: {args.file}: {reason}" if not isinstance(e, ConfigError) else
+              f"mqttbroker-config: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(conversion.toml(args.file))
+    for note in conversion.notes:
+        print(f"mqttbroker-config: {note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
