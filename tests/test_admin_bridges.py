@@ -4,21 +4,31 @@ In this process, on a MemoryReactorClock: the bridge is the real one, its attemp
 remote is the fake reactor's, and the test decides how it ends. Refused (as by a closed loopback
 port): the bridge waits to try again. Accepted: the attempt is joined in memory (twisted.test.iosim)
 to a second broker in this process, so messages cross the bridge both ways and are counted.
+
+And the dashboard's bridges panel in headless Chromium, against a broker process whose bridge
+points at a closed loopback port (screenshot: test-artifacts/dashboard-bridges.png).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from admin_http import KEY
+from admin_http import KEY, start_admin
+from bridge_helpers import write_config
+from browser_helpers import click, text_of, wait_for
+from conftest import free_port
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 from protocol_helpers import connected, make_broker
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from test_admin_dashboard import ARTIFACTS, browser  # noqa: F401 (the fixture)
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, eventFromJSON, formatEvent
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.test.requesthelper import DummyRequest
@@ -301,3 +311,34 @@ def test_answers_have_the_documented_fields() -> None:
     assert set(one["topics"][0]) == schema_properties(document, "BridgeTopic")
     stats = call(bridged.broker, "GET", "/stats")[1]
     assert set(stats["bridges"][0]) == schema_properties(document, "BridgeFigures")
+
+
+# --- the dashboard ----------------------------------------------------------------------------------
+
+def test_dashboard_bridges_panel_and_its_restart_button(broker_process: Any, browser: webdriver.Chrome,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    closed = free_port()   # nothing listens there: every attempt is refused
+    config = write_config(tmp_path / "broker.toml", {}, [{
+        "connection": "edge", "addresses": [f"127.0.0.1:{closed}"], "topic": ["dash/# out 1"],
+        "restart_timeout": 600}])
+    admin = start_admin(broker_process, "--config", str(config))
+    browser.get(f"{admin.base}/?interval=300")
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "save-key").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "bridges-panel").is_displayed(), "the bridges panel never showed")
+    wait_for(browser, lambda d: "waiting" in d.find_element(By.CSS_SELECTOR, 'tr[data-bridge="edge"]').text,
+             "the bridge never showed as waiting")
+    row = text_of(browser, 'tr[data-bridge="edge"]', "the bridge is not listed")
+    assert f"127.0.0.1:{closed}" in row and f"cannot connect to 127.0.0.1:{closed}" in row
+    assert "0 of 1 connected" in browser.find_element(By.ID, "bridges-count").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-bridges.png"))
+    assert admin.call("GET", "/api/v1/bridges/edge").body["failures"] == 1
+    # Restart from the page: the bridge tries again at once (its back-off is ten minutes) and fails again.
+    click(browser, 'tr[data-bridge="edge"] button.restart', "the restart button could not be clicked")
+    wait_for(browser, lambda d: admin.call("GET", "/api/v1/bridges/edge").body["failures"] == 2,
+             "the restart made no new attempt")
+    logged = [formatEvent(eventFromJSON(line)) for line in admin.broker.output().splitlines() if line.startswith("{")]
+    assert "admin API: key ci restarts bridge edge" in logged
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
