@@ -358,5 +358,14 @@ def test_cluster_paths_of_a_broker_that_is_not_a_node(admin: Admin) -> None:
         assert admin.call("GET", path, key=None).status == 401
 
 
+def test_bridge_paths_of_a_broker_without_bridges(admin: Admin) -> None:
+    # (their answers on a broker with bridges: tests/test_admin_bridges.py)
+    assert admin.call("GET", "/api/v1/bridges").body == []
+    for method, path in (("GET", "/api/v1/bridges/edge"), ("POST", "/api/v1/bridges/edge/restart")):
+        answer = admin.call(method, path)
+        assert answer.status == 404 and answer.body == {"error": "no bridge 'edge'"}
+        assert admin.call(method, path, key=None).status == 401
+
+
 def test_every_documented_operation_was_exercised(admin: Admin) -> None:
     assert set(admin.templates) - admin.exercised == set()

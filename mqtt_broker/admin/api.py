@@ -10,6 +10,9 @@ of the key that made it.
 
 ``/cluster/...`` read Redis, which holds what the cluster as a whole knows; a broker that is not a
 node of a cluster answers them 404.
+
+``/bridges`` lists the broker's bridges (none: an empty list), each with its settings and its
+figures; ``POST /bridges/{name}/restart`` drops a bridge's links and connects again at once.
 """
 
 from __future__ import annotations
@@ -99,6 +102,17 @@ def client_json(session: Any) -> dict[str, Any]:
 
 def subscription_json(subscription: Subscription) -> dict[str, Any]:
     return dataclasses.asdict(subscription)
+
+
+def bridge_json(bridge: Any) -> dict[str, Any]:
+    """A bridge's settings (those an operator looks for; never credentials) and its figures."""
+    config = bridge.config
+    body = dataclasses.asdict(figures.bridge_figures(bridge))
+    body.update(
+        addresses=list(config.addresses), remote_client_id=config.remote_client_id,
+        local_client_id=config.local_client_id, protocol=config.bridge_protocol_version,
+        topics=[dataclasses.asdict(topic) for topic in config.topic])
+    return body
 
 
 def payload_json(payload: bytes) -> dict[str, Any]:
@@ -575,6 +589,28 @@ class ApiResource(Resource):
                          "connected_here": session is not None and session.connection is not None}
         return self._from_redis(cluster.store.locate(client_id)).addCallback(located)
 
+    # --- bridges ---------------------------------------------------------------------------------
+
+    def _bridge(self, name: str) -> Any:
+        bridges = self.broker.bridges
+        bridge = bridges.get(name) if bridges is not None else None
+        if bridge is None:
+            raise ApiError(404, f"no bridge {name!r}")
+        return bridge
+
+    def _list_bridges(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+        bridges = self.broker.bridges
+        return 200, [bridge_json(bridge) for bridge in bridges] if bridges is not None else []
+
+    def _get_bridge(self, request: Request, key_id: str | None, name: str) -> tuple[int, Any]:
+        return 200, bridge_json(self._bridge(name))
+
+    def _restart_bridge(self, request: Request, key_id: str | None, name: str) -> tuple[int, Any]:
+        bridge = self._bridge(name)
+        log.info("admin API: key {key} restarts bridge {name}", key=key_id, name=name)
+        bridge.restart()
+        return 200, bridge_json(bridge)
+
     # --- configuration ------------------------------------------------------------------------
 
     def _get_config(self, request: Request, key_id: str | None) -> tuple[int, Any]:
@@ -615,7 +651,10 @@ ROUTES = (
     Route("POST", "/config/reload", ApiResource._reload_config),
     Route("GET", "/cluster/nodes", ApiResource._cluster_nodes),
     Route("GET", "/cluster/clients/{client_id}", ApiResource._locate_client),
+    Route("GET", "/bridges", ApiResource._list_bridges),
+    Route("GET", "/bridges/{name}", ApiResource._get_bridge),
+    Route("POST", "/bridges/{name}/restart", ApiResource._restart_bridge),
 )
 
 
-__all__ = ["ApiError", "ApiResource", "BoundedRequest", "ROUTES", "Route", "topic_tree"]
+__all__ = ["ApiError", "ApiResource", "BoundedRequest", "ROUTES", "Route", "bridge_json", "topic_tree"]

@@ -5,7 +5,8 @@ The dashboard is three static files in ``static/`` (HTML, CSS, plain JavaScript 
 charts on canvas): no build step and no third-party code. It polls the API with the key the
 operator types in, kept in the browser's local storage. On a node of a cluster (``/stats`` has a
 ``cluster`` part then) it shows the cluster's nodes too, from ``/api/v1/cluster/nodes``; a broker
-of its own is never asked for them.
+of its own is never asked for them. On a broker with bridges (``/stats`` has a ``bridges`` part) it
+shows each bridge's state and figures, with a button that restarts it.
 """
 
 from __future__ import annotations

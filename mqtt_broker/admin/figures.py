@@ -10,6 +10,9 @@ A node of a cluster has :class:`ClusterFigures` besides: its counters of message
 and the lag of its inbox, which lives in Redis. That one is never read while a report waits:
 :class:`InboxLag` keeps the last value Redis gave, and is asked to refresh at each $SYS interval
 and each scrape.
+
+A broker with bridges has a :class:`BridgeFigures` for each: its state and its bridge's counters
+(:class:`~mqtt_broker.bridge.BridgeStats`), read from the bridge when asked.
 """
 
 from __future__ import annotations
@@ -50,6 +53,32 @@ class ClusterFigures:
     inbox_lag: int | None
     """Entries of this node's inbox not yet read or not yet handled, as Redis last said (None:
     not known yet)."""
+
+
+@dataclass(slots=True)
+class BridgeFigures:
+    """One bridge's part of a reading."""
+
+    name: str
+    """The bridge's ``connection``."""
+    state: str
+    """stopped, connecting, connected or waiting (to reconnect)."""
+    address: str
+    """The remote's ``host:port`` connected or last tried."""
+    queued: int
+    """Messages waiting here for the remote: queued, stored or in flight."""
+    messages_out: int
+    """Messages sent to the remote."""
+    messages_in: int
+    """Messages received from the remote."""
+    connects: int
+    """Links made: the first connection and each reconnection."""
+    failures: int
+    """Connection attempts that failed, and links that broke."""
+    dropped: int
+    """Messages that no topic line maps."""
+    last_error: str
+    """Why the last attempt failed or the last link broke (empty once connected)."""
 
 
 class InboxLag:
@@ -131,6 +160,8 @@ class Figures:
     memory_maximum: int
     cluster: ClusterFigures | None = None
     """None for a broker that is not a node of a cluster."""
+    bridges: list[BridgeFigures] | None = None
+    """None for a broker without bridges."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,6 +185,8 @@ class Figures:
         data.pop("extra")
         if self.cluster is None:
             data.pop("cluster")
+        if self.bridges is None:
+            data.pop("bridges")
         data.update(clients_total=self.clients_total, publish_received_total=self.publish_received_total,
                     publish_sent_total=self.publish_sent_total, dropped_total=self.dropped_total)
         return data
@@ -197,7 +230,8 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         subscriptions=broker.subscriptions.count, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,
         memory=memory, memory_maximum=max(memory, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-        cluster=cluster_figures(broker.cluster, inbox_lag) if broker.cluster is not None else None)
+        cluster=cluster_figures(broker.cluster, inbox_lag) if broker.cluster is not None else None,
+        bridges=[bridge_figures(bridge) for bridge in broker.bridges] if broker.bridges is not None else None)
 
 
 def cluster_figures(cluster: Any, inbox_lag: InboxLag | None) -> ClusterFigures:
@@ -206,6 +240,15 @@ def cluster_figures(cluster: Any, inbox_lag: InboxLag | None) -> ClusterFigures:
         node=cluster.node, nodes=len(cluster.nodes) + 1, forwarded_out=stats.forwarded_out,
         forwarded_in=stats.forwarded_in, redirected=stats.redirected, claims=stats.claims, adopted=stats.adopted,
         inbox_lag=inbox_lag.value if inbox_lag is not None else None)
+
+
+def bridge_figures(bridge: Any) -> BridgeFigures:
+    """The figures of one :class:`~mqtt_broker.bridge.Bridge` now."""
+    stats = bridge.stats
+    return BridgeFigures(
+        name=bridge.connection, state=bridge.state, address=bridge.address, queued=bridge.queued,
+        messages_out=stats.messages_out, messages_in=stats.messages_in, connects=stats.connects,
+        failures=stats.failures, dropped=stats.dropped, last_error=bridge.last_error)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -220,4 +263,5 @@ def resident_memory() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-__all__ = ["ClusterFigures", "Figures", "InboxLag", "VERSION", "cluster_figures", "read", "resident_memory"]
+__all__ = ["BridgeFigures", "ClusterFigures", "Figures", "InboxLag", "VERSION", "bridge_figures", "cluster_figures",
+           "read", "resident_memory"]

@@ -14,6 +14,10 @@ A node of a cluster has ``mqtt_cluster_*`` families besides. Its store is Redis,
 batch timings are the round trips of its batches to Redis: they are reported as
 ``mqtt_cluster_redis_seconds`` (with finer buckets at the low end, where a nearby Redis answers)
 instead of ``mqtt_store_commit_seconds``, whose name and meaning are the SQLite store's.
+
+A broker with bridges has ``mqtt_bridge_*`` families besides, labelled by ``bridge`` (its
+``connection``): whether it is up, what waits here for the remote, messages each way, links made,
+failures, and messages no topic line maps.
 """
 
 from __future__ import annotations
@@ -174,6 +178,8 @@ class BrokerCollector:
         yield _gauge("mqtt_inflight_messages", "QoS 1/2 messages sent and not yet acknowledged.", f.inflight)
         if f.cluster is not None:
             yield from _cluster(f.cluster)
+        if f.bridges is not None:
+            yield from _bridges(f.bridges)
         monitors = self.operations.monitors
         if monitors is not None:
             yield _histogram("mqtt_delivery_latency_seconds", "Time from a PUBLISH being routed to its last "
@@ -202,6 +208,29 @@ def _cluster(c: figures.ClusterFigures) -> Iterator[Metric]:
     if c.inbox_lag is not None:
         yield _gauge("mqtt_cluster_inbox_lag", "Entries of this node's inbox not yet read or not yet handled, "
                      "as Redis said at the last $SYS update or scrape.", c.inbox_lag)
+
+
+def _bridges(bridges: list[figures.BridgeFigures]) -> Iterator[Metric]:
+    up = GaugeMetricFamily("mqtt_bridge_up", "1 while the bridge's links are up, else 0.", labels=["bridge"])
+    queued = GaugeMetricFamily("mqtt_bridge_queued_messages", "Messages waiting here for the remote broker "
+                               "(queued, stored or in flight).", labels=["bridge"])
+    messages = CounterMetricFamily("mqtt_bridge_messages", "Messages forwarded to the remote broker (out) and "
+                                   "from it (in).", labels=["bridge", "direction"])
+    connects = CounterMetricFamily("mqtt_bridge_connects", "Links made to the remote broker, the first one "
+                                   "included.", labels=["bridge"])
+    failures = CounterMetricFamily("mqtt_bridge_failures", "Connection attempts that failed and links that "
+                                   "broke.", labels=["bridge"])
+    dropped = CounterMetricFamily("mqtt_bridge_dropped", "Messages from either side that no topic line maps.",
+                                  labels=["bridge"])
+    for b in bridges:
+        up.add_metric([b.name], 1 if b.state == "connected" else 0)
+        queued.add_metric([b.name], b.queued)
+        messages.add_metric([b.name, "out"], b.messages_out)
+        messages.add_metric([b.name, "in"], b.messages_in)
+        connects.add_metric([b.name], b.connects)
+        failures.add_metric([b.name], b.failures)
+        dropped.add_metric([b.name], b.dropped)
+    yield from (up, queued, messages, connects, failures, dropped)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

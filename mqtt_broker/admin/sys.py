@@ -15,6 +15,16 @@ A node of a cluster adds ``cluster/...`` (Mosquitto has none): its id, the live 
 forwarded to and from other nodes, passed on to a session's new owner, sessions adopted from dead
 nodes, and its inbox lag. The lag is asked of Redis at each update and the answer published at the
 next one: an update never waits for Redis, and the lag is left out until Redis has answered once.
+
+A broker with bridges adds ``bridges/count`` and, for each bridge, ``bridges/<connection>/...``
+(Mosquitto has only ``connection/<connection>/state``, 1 or 0, which the bridge itself keeps):
+
+- ``state``: stopped, connecting, connected or waiting (to reconnect);
+- ``queued``: messages waiting here for the remote (queued, stored or in flight);
+- ``messages/sent``, ``messages/received``: messages forwarded to the remote and from it;
+- ``messages/dropped``: messages from either side that no topic line maps;
+- ``connects``: links made, the first connection included (so reconnections are one less);
+- ``failures``: connection attempts that failed and links that broke.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from . import figures
-from .figures import ClusterFigures, Figures, InboxLag
+from .figures import BridgeFigures, ClusterFigures, Figures, InboxLag
 
 log = Logger()
 
@@ -79,6 +89,7 @@ def values(f: Figures) -> dict[str, str]:
         "heap/current": str(f.memory),
         "heap/maximum": str(f.memory_maximum),
         **(cluster_values(f.cluster) if f.cluster is not None else {}),
+        **(bridge_values(f.bridges) if f.bridges is not None else {}),
     }
 
 
@@ -94,6 +105,23 @@ def cluster_values(c: ClusterFigures) -> dict[str, str]:
     }
     if c.inbox_lag is not None:
         found["cluster/inbox/lag"] = str(c.inbox_lag)
+    return found
+
+
+def bridge_values(bridges: list[BridgeFigures]) -> dict[str, str]:
+    """The $SYS topics of a broker's bridges (without the ``$SYS/broker/`` prefix)."""
+    found = {"bridges/count": str(len(bridges))}
+    for b in bridges:
+        prefix = f"bridges/{b.name}/"
+        found.update({
+            prefix + "state": b.state,
+            prefix + "queued": str(b.queued),
+            prefix + "messages/sent": str(b.messages_out),
+            prefix + "messages/received": str(b.messages_in),
+            prefix + "messages/dropped": str(b.dropped),
+            prefix + "connects": str(b.connects),
+            prefix + "failures": str(b.failures),
+        })
     return found
 
 
@@ -161,4 +189,4 @@ class SysTopics(Service):
                 publish(PREFIX + name, value.encode(), qos=0, retain=True)
 
 
-__all__ = ["SysTopics", "values", "cluster_values", "PREFIX", "LOADS", "WINDOWS"]
+__all__ = ["SysTopics", "values", "bridge_values", "cluster_values", "PREFIX", "LOADS", "WINDOWS"]

@@ -265,6 +265,36 @@ async function refreshCluster(stats) {
   panel.hidden = false;
 }
 
+// --- bridges (only on a broker with bridges: /stats has a bridges part then) ---------------------------
+
+async function refreshBridges(stats) {
+  const panel = $("bridges-panel");
+  if (!stats.bridges) { panel.hidden = true; return; }
+  const up = stats.bridges.filter((b) => b.state === "connected").length;
+  $("bridges-count").textContent = up + " of " + stats.bridges.length + " connected";
+  $("bridges").tBodies[0].replaceChildren(...stats.bridges.map((b) => el("tr", { class: "bridge", "data-bridge": b.name },
+    el("td", {}, b.name),
+    el("td", { class: b.state === "connected" ? "" : "dead" }, b.state),
+    el("td", {}, b.address),
+    el("td", {}, b.queued),
+    el("td", {}, b.messages_in),
+    el("td", {}, b.messages_out),
+    el("td", { class: "error" }, b.last_error),
+    el("td", {}, el("button", { class: "restart", type: "button", title: "drop the links and connect again now",
+                                onclick: () => restartBridge(b.name) }, "Restart")))));
+  panel.hidden = false;
+}
+
+async function restartBridge(name) {
+  try {
+    await api("/bridges/" + encodeURIComponent(name) + "/restart", { method: "POST" });
+    say("");
+  } catch (e) {
+    say("Could not restart bridge " + name + ": " + e.message);
+  }
+  await api("/stats").then(refreshBridges).catch(() => {});
+}
+
 // --- the loop ---------------------------------------------------------------------------------------
 
 async function refresh() {
@@ -272,7 +302,8 @@ async function refresh() {
   if (!state.key) { say("Paste an API key to see clients, topics and figures."); return; }
   try {
     const stats = await refreshStats();
-    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics(), refreshCluster(stats)]);
+    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics(), refreshCluster(stats),
+                      refreshBridges(stats)]);
     say("");
   } catch (e) {
     say(e.status === 401 || e.status === 403 ? "The API key was refused: " + e.message : "Could not reach the API: " + e.message);
