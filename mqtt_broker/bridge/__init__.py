@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -471,7 +471,7 @@ class Bridges:
         for bridge in self.by_name.values():
             bridge.setServiceParent(broker)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Bridge]:
         return iter(self.by_name.values())
 
     def get(self, name: str) -> Bridge | None:
