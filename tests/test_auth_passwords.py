@@ -276,6 +276,12 @@ def test_python_dash_m(tmp_path: Path) -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 0, result.stderr
     assert PasswordFile.load(path).users["alice"].verify(b"pw")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 127.0.0.1\n")
+    result = subprocess.run([str(site / "bin" / "mqttbroker-config"), "from-mosquitto", str(conf)],
+                            env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'endpoints = ["tcp:1883:interface=127.0.0.1"]' in result.stdout
     result = subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "-D", str(path), "bob"],
                             cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 1 and "Error: user bob not found" in result.stderr
@@ -293,7 +299,9 @@ def test_wheel_installs_the_command_and_the_endpoint_plugin(tmp_path: Path) -> N
     [wheel] = (tmp_path / "dist").glob("mqtt_broker-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         [entry_points] = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
-        assert "mqttbroker-passwd = mqtt_broker.passwd:main" in archive.read(entry_points).decode()
+        declared = archive.read(entry_points).decode()
+        assert "mqttbroker-passwd = mqtt_broker.passwd:main" in declared
+        assert "mqttbroker-config = mqtt_broker.mosquitto:main" in declared
         assert {"twisted/plugins/mqttbroker_mqtts.py", "mqtt_broker/auth/endpoint.py",
                 "mqtt_broker/passwd.py"} <= set(archive.namelist())
     site = tmp_path / "site"
@@ -305,6 +313,12 @@ def test_wheel_installs_the_command_and_the_endpoint_plugin(tmp_path: Path) -> N
                             env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert PasswordFile.load(path).users["alice"].verify(b"pw")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 127.0.0.1\n")
+    result = subprocess.run([str(site / "bin" / "mqttbroker-config"), "from-mosquitto", str(conf)],
+                            env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'endpoints = ["tcp:1883:interface=127.0.0.1"]' in result.stdout
     script = ("from twisted.plugin import getPlugins\n"
               "from twisted.internet.interfaces import IStreamServerEndpointStringParser as I\n"
               "[p] = [p for p in getPlugins(I) if p.prefix == 'mqtts']\n"
