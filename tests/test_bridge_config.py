@@ -147,3 +147,38 @@ def test_a_bridge_is_not_sent_back_what_it_publishes_and_gets_retain_as_publishe
     assert [(p.topic, p.retain) for p in got] == [("t/from-plain", True)]  # as published
     got = [p for p in echoed if isinstance(p, Publish)]
     assert [(p.topic, p.retain) for p in got] == [("t/from-plain", False)]  # a plain subscriber's
+
+
+# --- reconnecting -------------------------------------------------------------------------
+
+def test_back_off_doubles_from_base_to_cap_with_jitter_and_restart_skips_it() -> None:
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    from mqtt_broker import BrokerService
+    reactor = MemoryReactorClock()
+    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, bridge=[{
+        "connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["t/#"], "restart_timeout": [1, 8]}])
+    broker.startService()
+    bridge = broker.bridges.get("b")
+    delays = []
+    for _ in range(6):
+        attempts = len(reactor.tcpClients)
+        reactor.tcpClients[-1][2].clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+        reactor.advance(0.3)  # HostnameEndpoint learns of the failure at its next step
+        assert bridge.state == "waiting" and "refused" in bridge.last_error
+        delays.append(bridge._retry_call.getTime() - reactor.seconds())
+        reactor.advance(delays[-1])
+        assert len(reactor.tcpClients) == attempts + 1  # and it tries again, then
+    for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8]):
+        assert max(1, ceiling / 2) <= delay <= ceiling
+    assert len(set(delays[3:])) == 3  # jitter: clients of one remote do not come back in step
+    assert bridge.stats.failures == 6
+    reactor.tcpClients[-1][2].clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+    reactor.advance(0.3)
+    attempts = len(reactor.tcpClients)
+    bridge.restart()
+    assert len(reactor.tcpClients) == attempts + 1 and bridge.state == "connecting"
+    broker.stopService()
+    assert bridge.state == "stopped"
