@@ -276,12 +276,6 @@ def test_python_dash_m(tmp_path: Path) -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 0, result.stderr
     assert PasswordFile.load(path).users["alice"].verify(b"pw")
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text("listener 1883 127.0.0.1\n")
-    result = subprocess.run([str(site / "bin" / "mqttbroker-config"), "from-mosquitto", str(conf)],
-                            env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert 'endpoints = ["tcp:1883:interface=127.0.0.1"]' in result.stdout
     result = subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "-D", str(path), "bob"],
                             cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 1 and "Error: user bob not found" in result.stderr
