@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -133,6 +135,16 @@ def test_an_acknowledging_client_is_not_resent_anything() -> None:
     broker.connect("pub").publish("t", b"m", qos=2)
     broker.advance(100)  # without a look at what came meanwhile
     assert [(m.payload, m.dup) for m in sub.messages()] == [(b"m", False)]
+
+
+def test_received_takes_what_messages_left() -> None:
+    broker = MemoryBroker()
+    client = broker.connect("c")
+    client.subscribe("t")
+    broker.service.publish("t", b"x")
+    client.drop()
+    assert client.received() == [Publish(topic="t", payload=b"x")]
+    assert client.messages() == []
 
 
 # --- ending connections: wills, keepalive, sessions -------------------------------------------
@@ -306,11 +318,10 @@ def test_the_broker_does_not_import_the_kit() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_received_takes_what_messages_left() -> None:
-    broker = MemoryBroker()
-    client = broker.connect("c")
-    client.subscribe("t")
-    broker.service.publish("t", b"x")
-    client.drop()
-    assert client.received() == [Publish(topic="t", payload=b"x")]
-    assert client.messages() == []
+def test_the_readme_example() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Testing code that embeds the broker\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    namespace["test_a_sensor_publishes_under_its_own_id"]()
