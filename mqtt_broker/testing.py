@@ -53,7 +53,9 @@ class MemoryBroker:
     """A running :class:`~mqtt_broker.BrokerService` on a fake reactor and clock.
 
     ``MemoryBroker(**settings)`` takes the settings of ``BrokerService`` (a ``config``, a
-    ``store``, and keyword settings such as ``max_keepalive=60``); it listens on nothing.
+    ``store``, and keyword settings such as ``max_keepalive=60``). The service is started and
+    listens on nothing; its timers run on the fake clock, the ``$SYS`` topics' too (every
+    ``sys_interval`` seconds; ``sys_interval=0`` turns them off).
     """
 
     def __init__(self, config: BrokerConfig | None = None, *, store: Store | None = None,
@@ -104,7 +106,11 @@ class MemoryBroker:
             due = [call.getTime() for call in reactor.getDelayedCalls() if call.getTime() <= end]
             if not due:
                 break
-            reactor.advance(max(0.0, min(due) - reactor.seconds()))
+            target = max(min(due), reactor.seconds())
+            reactor.advance(target - reactor.seconds())
+            if reactor.seconds() < target:  # the float sum fell short of the call's time
+                reactor.rightNow = target
+                reactor.advance(0)
             self.flush()
         reactor.advance(max(0.0, end - reactor.seconds()))
         self.flush()
@@ -187,7 +193,8 @@ class MemoryClient:
                 username: str | None = None, password: bytes | str | None = None, will: Will | None = None,
                 properties: Mapping[str, Any] | None = None) -> Connack | None:
         """Send CONNECT; returns the CONNACK, or None if the broker has not answered yet (a
-        connect hook is deciding: the CONNACK then comes in :meth:`received`). ``will`` is a
+        connect hook is deciding: the CONNACK then comes in :meth:`received`) or answered with
+        an AUTH packet (MQTT 5 enhanced authentication, also in :meth:`received`). ``will`` is a
         :class:`mqtt_broker.wire.Will`; ``properties`` the MQTT 5 CONNECT properties by name
         (``{"session_expiry_interval": 60}``)."""
         self.client_id = client_id
