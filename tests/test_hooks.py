@@ -1,4 +1,5 @@
-"""Event hooks: deciders, filters and notifications, run in order through maybeDeferred."""
+"""Event hooks: deciders, filters and notifications, run in order through maybeDeferred; and what
+clients see of them in a running broker."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from twisted.logger import LogEvent, capturedLogs
 
 from mqtt_broker.hooks import EVENTS, Hooks, Refused
 from mqtt_broker.message import Client, Message
+from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
+from mqtt_broker.wire import MQTT_3_1_1, Connack, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will
 from mqtt_broker.wire.codes import ReasonCode
 
 CLIENT = Client(client_id="c1", username="u", peer="127.0.0.1:5000", protocol_version=4,
@@ -375,3 +378,95 @@ def test_notify_logs_a_later_failure(logged: Sequence[LogEvent]) -> None:
 
 def test_notify_with_no_handlers() -> None:
     Hooks().notify("disconnect", CLIENT, True)
+
+
+# --- in a running broker, through its clients (mqtt_broker.testing) --------------------------
+
+def test_connect_hook_refuses_in_the_broker() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_connect(lambda client: client.client_id != "bad")
+    assert broker.client(MQTT_3_1_1).connect("good") == Connack(reason_code=0)
+    bad = broker.client(MQTT_3_1_1)
+    assert bad.connect("bad") == Connack(reason_code=5) and bad.closed
+
+
+def test_publish_hook_drops_and_rewrites() -> None:
+    broker = MemoryBroker()
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.subscribe("#")
+
+    def hook(client: Client, message: Message) -> Message | bool | None:
+        if message.topic == "drop":
+            return False
+        if message.topic == "rewrite":
+            return Message(topic="rewritten", payload=message.payload.upper())
+        return None
+
+    broker.hooks.on_publish(hook)
+    pub = broker.connect("pub", version=MQTT_3_1_1)
+    assert pub.publish("drop", b"x", qos=1) == Puback(packet_id=1)  # MQTT 3 still acknowledges
+    pub.publish("rewrite", b"abc")
+    pub.publish("plain", b"p")
+    assert pub.received() == []
+    assert sub.received() == [Publish(topic="rewritten", payload=b"ABC"), Publish(topic="plain", payload=b"p")]
+
+
+def test_async_publish_hook_keeps_order() -> None:
+    broker = MemoryBroker()
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.subscribe("t")
+    pending: list[Deferred[None]] = []
+
+    def hook(client: Client, message: Message) -> Deferred[None] | None:
+        if message.payload == b"slow":
+            pending.append(Deferred())
+            return pending[-1]
+        return None
+
+    broker.hooks.on_publish(hook)
+    pub = broker.connect("pub", version=MQTT_3_1_1)
+    pub.publish("t", b"slow")
+    pub.publish("t", b"fast")
+    assert sub.received() == [] and pub.transport.producerState == "paused"
+    pending[0].callback(None)
+    assert sub.received() == [Publish(topic="t", payload=b"slow"), Publish(topic="t", payload=b"fast")]
+    assert pub.transport.producerState == "producing"
+
+
+def test_subscribe_hook_refuses_and_downgrades() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_subscribe(lambda client, sub: False if sub.topic_filter == "secret" else 1)
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.send(Subscribe(packet_id=3, subscriptions=(
+        SubscriptionRequest(topic_filter="secret", qos=1), SubscriptionRequest(topic_filter="open", qos=2))))
+    assert sub.received() == [Suback(packet_id=3, reason_codes=(0x80, 1))]
+
+
+def test_failing_hook_is_contained(logged: Sequence[LogEvent]) -> None:
+    broker = MemoryBroker()
+    error = Boom("boom")
+
+    def broken(client: Client, message: Message) -> None:
+        raise error
+
+    broker.hooks.on_publish(broken)
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.subscribe("t")
+    pub = broker.connect("pub", version=MQTT_3_1_1)
+    assert pub.publish("t", b"x", qos=1) == Puback(packet_id=1)
+    assert pub.received() == []
+    assert sub.received() == [] and not pub.closed
+    assert failures_logged(logged) == [error]
+
+
+def test_disconnect_and_will_hooks() -> None:
+    broker = MemoryBroker()
+    events: list[tuple[str, bool]] = []
+    broker.hooks.on_disconnect(lambda client, graceful: events.append((client.client_id, graceful)))
+    broker.hooks.on_will(lambda client, message: False)
+    watcher = broker.connect("w", version=MQTT_3_1_1)
+    watcher.subscribe("will")
+    broker.connect("a", version=MQTT_3_1_1, will=Will(topic="will", payload=b"x")).drop()
+    broker.connect("b", version=MQTT_3_1_1).disconnect()
+    assert events == [("a", False), ("b", True)]
+    assert watcher.received() == []

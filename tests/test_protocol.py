@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
-
 from mqtt_broker.config import BrokerConfig
+from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
-    Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel,
+    MQTT_3_1_1, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel,
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
@@ -347,20 +346,21 @@ def test_will_published_on_protocol_violation() -> None:
 # --- sessions --------------------------------------------------------------------------------
 
 def test_persistent_session_queues_and_resends() -> None:
-    broker = make_broker()
-    sub = connected(broker, "sub", clean=False)
+    broker = MemoryBroker()
+    sub = broker.connect("sub", version=MQTT_3_1_1, clean_start=False, acknowledge=False)
     sub.subscribe("t", qos=1)
-    pub = connected(broker, "pub")
+    pub = broker.connect("pub", version=MQTT_3_1_1)
     pub.publish("t", b"inflight", qos=1)
-    [unacked] = sub.received()
-    sub.lose()
+    [unacked] = sub.messages()
+    sub.drop()
     pub.publish("t", b"queued", qos=1)
     pub.publish("t", b"qos0-dropped", qos=0)
-    again = FakeClient(broker)
-    assert again.connect("sub", clean=False) == Connack(session_present=True)
-    resent = again.received()
+    again = broker.client(MQTT_3_1_1)
+    assert again.connect("sub", clean_start=False) == Connack(session_present=True)
+    resent = again.messages()
     assert [(p.payload, p.dup) for p in resent] == [(b"inflight", True), (b"queued", False)]
     assert resent[0].packet_id == unacked.packet_id  # [MQTT-4.4.0-1]
+    assert again.received() == []
 
 
 def test_clean_session_discards_previous_state() -> None:
@@ -404,14 +404,14 @@ def test_takeover_closes_old_connection_and_keeps_session() -> None:  # [MQTT-3.
 
 
 def test_session_expiry_for_persistent_clients() -> None:
-    broker = make_broker(persistent_client_expiration=60)
-    sub = connected(broker, "sub", clean=False)
+    broker = MemoryBroker(persistent_client_expiration=60)
+    sub = broker.connect("sub", version=MQTT_3_1_1, clean_start=False)
     sub.subscribe("t", qos=1)
-    sub.lose()
-    broker.clock.advance(59)
-    assert "sub" in broker.sessions
-    broker.clock.advance(2)
-    assert "sub" not in broker.sessions and broker.subscriptions.count == 0
+    sub.drop()
+    broker.advance(59)
+    assert "sub" in broker.service.sessions
+    broker.advance(2)
+    assert "sub" not in broker.service.sessions and broker.service.subscriptions.count == 0
 
 
 # --- back-pressure and limits ----------------------------------------------------------------
@@ -477,95 +477,6 @@ def test_max_connections() -> None:
 
 
 # --- hooks -----------------------------------------------------------------------------------
-
-def test_connect_hook_refuses() -> None:
-    broker = make_broker()
-    broker.hooks.on_connect(lambda client: client.client_id != "bad")
-    assert FakeClient(broker).connect("good").reason_code == 0
-    bad = FakeClient(broker)
-    assert bad.connect("bad").reason_code == 5 and bad.closed
-
-
-def test_publish_hook_drops_and_rewrites() -> None:
-    broker = make_broker()
-    sub = connected(broker, "sub")
-    sub.subscribe("#")
-
-    def hook(client, message):  # type: ignore[no-untyped-def]
-        if message.topic == "drop":
-            return False
-        if message.topic == "rewrite":
-            from mqtt_broker import Message
-            return Message(topic="rewritten", payload=message.payload.upper())
-        return None
-
-    broker.hooks.on_publish(hook)
-    pub = connected(broker, "pub")
-    assert pub.publish("drop", qos=1) == [Puback(packet_id=1)]  # MQTT 3 still acknowledges
-    pub.publish("rewrite", b"abc")
-    pub.publish("plain", b"p")
-    assert sub.received() == [Publish(topic="rewritten", payload=b"ABC"), Publish(topic="plain", payload=b"p")]
-
-
-def test_async_publish_hook_keeps_order() -> None:
-    broker = make_broker()
-    sub = connected(broker, "sub")
-    sub.subscribe("t")
-    pending: list[Deferred[None]] = []
-
-    def hook(client, message):  # type: ignore[no-untyped-def]
-        if message.payload == b"slow":
-            d: Deferred[None] = Deferred()
-            pending.append(d)
-            return d
-        return None
-
-    broker.hooks.on_publish(hook)
-    pub = connected(broker, "pub")
-    pub.publish("t", b"slow")
-    pub.publish("t", b"fast")
-    assert sub.received() == [] and pub.transport.producerState == "paused"
-    pending[0].callback(None)
-    assert [p.payload for p in sub.received()] == [b"slow", b"fast"]
-    assert pub.transport.producerState == "producing"
-
-
-def test_subscribe_hook_refuses_and_downgrades() -> None:
-    broker = make_broker()
-    broker.hooks.on_subscribe(lambda client, sub: False if sub.topic_filter == "secret" else 1)
-    sub = connected(broker, "sub")
-    sub.send(Subscribe(packet_id=3, subscriptions=(
-        SubscriptionRequest(topic_filter="secret", qos=1), SubscriptionRequest(topic_filter="open", qos=2))))
-    assert sub.received() == [Suback(packet_id=3, reason_codes=(0x80, 1))]
-
-
-def test_failing_hook_is_contained() -> None:
-    broker = make_broker()
-
-    def broken(client, message):  # type: ignore[no-untyped-def]
-        raise RuntimeError("boom")
-
-    broker.hooks.on_publish(broken)
-    sub = connected(broker, "sub")
-    sub.subscribe("t")
-    pub = connected(broker, "pub")
-    assert pub.publish("t", qos=1) == [Puback(packet_id=1)]
-    assert sub.received() == [] and not pub.closed
-
-
-def test_disconnect_and_will_hooks() -> None:
-    broker = make_broker()
-    events: list[tuple[str, bool]] = []
-    broker.hooks.on_disconnect(lambda client, graceful: events.append((client.client_id, graceful)))
-    broker.hooks.on_will(lambda client, message: False)
-    watcher = connected(broker, "w")
-    watcher.subscribe("will")
-    connected(broker, "a", will=Will(topic="will", payload=b"x")).lose()
-    c = connected(broker, "b")
-    c.send(Disconnect())
-    assert events == [("a", False), ("b", True)]
-    assert watcher.received() == []
-
 
 def test_server_side_publish_and_read_access() -> None:
     broker = make_broker()

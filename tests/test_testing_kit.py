@@ -1,0 +1,327 @@
+"""mqtt_broker.testing: the broker in memory and its clients, as an embedder's tests use them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITransport
+from zope.interface.verify import verifyObject
+
+from mqtt_broker import Client, Message, Refused, ReasonCode
+from mqtt_broker.testing import MemoryBroker
+from mqtt_broker.wire import (
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, Connack, Disconnect, Puback, Pubcomp, Publish, Pubrec, Suback,
+    Unsuback, Will,
+)
+
+VERSIONS = [MQTT_3_1_1, MQTT_5]
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", [MQTT_3_1, MQTT_3_1_1, MQTT_5])
+def test_connect(version: int) -> None:
+    broker = MemoryBroker()
+    client = broker.client(version)
+    connack = client.connect("c1", username="u", password="p")
+    assert connack is not None and connack.reason_code == 0 and not connack.session_present
+    [seen] = broker.service.clients()
+    assert (seen.client_id, seen.username, seen.protocol_version) == ("c1", "u", version)
+    assert seen.peer.startswith("127.0.0.1:")
+    assert not client.closed
+
+
+def test_mqtt5_client_learns_its_assigned_client_id() -> None:
+    client = MemoryBroker().connect("")
+    assert client.client_id.startswith("auto-")
+    assert [c.client_id for c in client.broker.service.clients()] == [client.client_id]
+
+
+def test_connect_shortcut_raises_when_refused() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_connect(lambda client: client.client_id != "bad")
+    with pytest.raises(AssertionError, match="'bad'"):
+        broker.connect("bad")
+    refused = broker.client(MQTT_3_1_1)
+    assert refused.connect("bad") == Connack(reason_code=5)
+    assert refused.closed and broker.service.connections == set()
+
+
+def test_a_connection_over_max_connections_is_closed_at_once() -> None:
+    broker = MemoryBroker(max_connections=1)
+    broker.connect("first")
+    second = broker.client()
+    assert second.protocol is None and second.closed
+    assert second.connect("second") is None
+
+
+def test_the_transport_is_a_transport() -> None:
+    assert verifyObject(ITransport, MemoryBroker().client().transport)
+
+
+# --- publish and subscribe --------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_publish_and_subscribe(version: int, qos: int) -> None:
+    broker = MemoryBroker()
+    sub = broker.connect("sub", version=version)
+    assert sub.subscribe("t/#", qos=2) == Suback(packet_id=1, reason_codes=(2,))
+    pub = broker.connect("pub", version=version)
+    ack = pub.publish("t/1", b"hello", qos=qos)
+    assert ack == [None, Puback(packet_id=1), Pubcomp(packet_id=1)][qos]
+    [message] = sub.messages()
+    assert (message.topic, message.payload, message.qos) == ("t/1", b"hello", qos)
+    assert sub.messages() == [] and sub.received() == []
+    # Both exchanges are complete on the broker's side.
+    assert not broker.service.sessions["pub"].awaiting_pubrel
+    assert not broker.service.sessions["sub"].outgoing
+
+
+def test_many_messages_are_acknowledged_as_they_come() -> None:
+    broker = MemoryBroker(max_inflight_messages=2)
+    sub = broker.connect("sub")
+    sub.subscribe("t", qos=1)
+    pub = broker.connect("pub")
+    for n in range(5):
+        pub.publish("t", str(n), qos=1)
+    assert [m.payload for m in sub.messages()] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_unsubscribe() -> None:
+    broker = MemoryBroker()
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.subscribe("a", "b")
+    assert sub.unsubscribe("a") == Unsuback(packet_id=2)
+    broker.service.publish("a", b"x")
+    broker.service.publish("b", b"y")
+    assert [m.topic for m in sub.messages()] == ["b"]
+
+
+def test_retained_message_comes_with_the_subscription() -> None:
+    broker = MemoryBroker()
+    broker.connect("pub").publish("state", b"on", qos=1, retain=True)
+    sub = broker.connect("sub")
+    sub.subscribe("state", qos=1)
+    [retained] = sub.messages()
+    assert (retained.payload, retained.retain) == (b"on", True)
+
+
+def test_without_acknowledge_an_mqtt3_delivery_is_resent_by_advancing_the_clock() -> None:
+    broker = MemoryBroker(retry_interval=20)
+    sub = broker.connect("sub", version=MQTT_3_1_1, acknowledge=False)
+    sub.subscribe("t", qos=1)
+    broker.connect("pub").publish("t", b"m", qos=1)
+    [first] = sub.messages()
+    broker.advance(19)
+    assert sub.messages() == []
+    broker.advance(1)
+    [again] = sub.messages()
+    assert again.dup and again.packet_id == first.packet_id
+    sub.send(Puback(packet_id=first.packet_id))
+    broker.advance(60)
+    assert sub.messages() == []
+
+
+def test_an_acknowledging_client_is_not_resent_anything() -> None:
+    broker = MemoryBroker(retry_interval=20)
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.subscribe("t", qos=2)
+    broker.connect("pub").publish("t", b"m", qos=2)
+    broker.advance(100)  # without a look at what came meanwhile
+    assert [(m.payload, m.dup) for m in sub.messages()] == [(b"m", False)]
+
+
+def test_received_takes_what_messages_left() -> None:
+    broker = MemoryBroker()
+    client = broker.connect("c")
+    client.subscribe("t")
+    broker.service.publish("t", b"x")
+    client.drop()
+    assert client.received() == [Publish(topic="t", payload=b"x")]
+    assert client.messages() == []
+
+
+# --- ending connections: wills, keepalive, sessions -------------------------------------------
+
+def test_will_on_drop_and_not_on_disconnect() -> None:
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("will/#")
+    broker.connect("a", will=Will(topic="will/a", payload=b"gone")).drop()
+    polite = broker.connect("b", will=Will(topic="will/b", payload=b"gone"))
+    polite.disconnect()
+    assert polite.closed
+    assert [m.topic for m in watcher.messages()] == ["will/a"]
+    assert broker.service.connections == {watcher.protocol}
+
+
+def test_delayed_will_by_advancing_the_clock() -> None:
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("will")
+    broker.connect("c", properties={"session_expiry_interval": 60},
+                   will=Will(topic="will", payload=b"gone", properties={"will_delay_interval": 10})).drop()
+    broker.advance(9)
+    assert watcher.messages() == []
+    broker.advance(1)
+    assert [m.payload for m in watcher.messages()] == [b"gone"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_keepalive_timeout_by_advancing_the_clock(version: int) -> None:  # [MQTT-3.1.2-24]
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("will")
+    client = broker.connect("c", version=version, keep_alive=10, will=Will(topic="will", payload=b"late"))
+    broker.advance(10)
+    assert client.ping() is not None  # traffic: the 15 s count starts again
+    broker.advance(14.9)
+    assert not client.closed
+    broker.advance(0.1)
+    assert client.closed
+    assert client.received() == ([Disconnect(reason_code=ReasonCode.KEEP_ALIVE_TIMEOUT, properties={
+        "reason_string": "keepalive timeout (15.0s idle)"})] if version == MQTT_5 else [])
+    assert [m.payload for m in watcher.messages()] == [b"late"]
+    assert broker.service.connections == {watcher.protocol}
+
+
+def test_mqtt5_session_expiry_by_advancing_the_clock() -> None:
+    broker = MemoryBroker()
+    client = broker.connect("c", clean_start=False, properties={"session_expiry_interval": 60})
+    client.subscribe("t", qos=1)
+    client.drop()
+    broker.service.publish("t", b"queued", qos=1)
+    broker.advance(59)
+    again = broker.client()
+    connack = again.connect("c", clean_start=False, properties={"session_expiry_interval": 60})
+    assert connack is not None and connack.session_present
+    assert [m.payload for m in again.messages()] == [b"queued"]
+    again.drop()
+    broker.advance(60)
+    assert "c" not in broker.service.sessions
+    assert broker.service.subscriptions_of("c") == []
+
+
+def test_message_expiry_by_advancing_the_clock() -> None:
+    broker = MemoryBroker()
+    offline = broker.connect("sub", clean_start=False, properties={"session_expiry_interval": 600})
+    offline.subscribe("t", qos=1)
+    offline.drop()
+    pub = broker.connect("pub")
+    pub.publish("t", b"short", qos=1, properties={"message_expiry_interval": 5})
+    pub.publish("t", b"long", qos=1, properties={"message_expiry_interval": 50})
+    broker.advance(10)
+    sub = broker.client()
+    sub.connect("sub", clean_start=False, properties={"session_expiry_interval": 600})
+    [message] = sub.messages()
+    assert message.payload == b"long" and message.properties["message_expiry_interval"] == 40
+
+
+# --- hooks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_publish_hook_refuses(version: int) -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_publish(lambda client, message: not message.topic.startswith("private/"))
+    sub = broker.connect("sub")
+    sub.subscribe("#")
+    pub = broker.connect("pub", version=version)
+    refused = ReasonCode.NOT_AUTHORIZED if version == MQTT_5 else 0  # MQTT 3 cannot be told
+    assert pub.publish("private/x", b"1", qos=1) == Puback(packet_id=1, reason_code=refused)
+    assert pub.publish("private/y", b"2", qos=2) == (
+        Pubrec(packet_id=2, reason_code=refused) if version == MQTT_5 else Pubcomp(packet_id=2))
+    assert pub.publish("public", b"3", qos=1) == Puback(packet_id=3)
+    assert [m.topic for m in sub.messages()] == ["public"]
+
+
+def test_refused_with_a_reason_string() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_publish(lambda client, message: Refused(ReasonCode.QUOTA_EXCEEDED, "slow down"))
+    ack = broker.connect("pub").publish("t", qos=1)
+    assert ack is not None
+    assert ack.reason_code == ReasonCode.QUOTA_EXCEEDED and ack.properties["reason_string"] == "slow down"
+
+
+def test_publish_hook_deferred_fired_later() -> None:
+    broker = MemoryBroker()
+    decisions: list[Deferred[bool]] = []
+
+    def later(client: Client, message: Message) -> Deferred[bool]:
+        decisions.append(Deferred())
+        return decisions[-1]
+
+    broker.hooks.on_publish(later)
+    sub = broker.connect("sub")
+    sub.subscribe("t", qos=2)
+    pub = broker.connect("pub")
+    assert pub.publish("t", b"first", qos=2) is None  # the hook is deciding
+    assert pub.publish("t", b"second", qos=1) is None  # read after the first is decided
+    assert sub.messages() == [] and len(decisions) == 1
+    decisions[0].callback(True)
+    assert [m.payload for m in sub.messages()] == [b"first"]
+    # The client answered the PUBREC with PUBREL, which waits behind the second PUBLISH.
+    assert pub.received() == [] and len(decisions) == 2
+    decisions[1].callback(False)
+    assert pub.received() == [Puback(packet_id=2, reason_code=ReasonCode.NOT_AUTHORIZED), Pubcomp(packet_id=1)]
+    assert sub.messages() == []
+    assert not broker.service.sessions["pub"].awaiting_pubrel
+
+
+def test_connect_hook_deferred_fired_later() -> None:
+    broker = MemoryBroker()
+    decision: Deferred[ReasonCode] = Deferred()
+    broker.hooks.on_connect(lambda client: decision)
+    client = broker.client()
+    assert client.connect("c") is None
+    assert broker.service.clients() == []
+    decision.callback(ReasonCode.BANNED)
+    assert client.received() == [Connack(reason_code=ReasonCode.BANNED)]
+    assert client.closed and broker.service.connections == set()
+
+
+def test_coroutine_subscribe_hook() -> None:
+    broker = MemoryBroker()
+    grant: Deferred[int] = Deferred()
+
+    async def at_most(client: Client, subscription: object) -> int:
+        return await grant
+
+    broker.hooks.on_subscribe(at_most)
+    sub = broker.connect("sub")
+    assert sub.subscribe("t", qos=2) is None
+    grant.callback(1)
+    assert sub.received() == [Suback(packet_id=1, reason_codes=(1,))]
+
+
+def test_disconnect_hook_sees_graceful_and_not() -> None:
+    broker = MemoryBroker()
+    ended: list[tuple[str, bool]] = []
+    broker.hooks.on_disconnect(lambda client, graceful: ended.append((client.client_id, graceful)))
+    broker.connect("a").disconnect()
+    broker.connect("b").drop()
+    broker.connect("c", keep_alive=1)
+    broker.advance(2)
+    assert ended == [("a", True), ("b", False), ("c", False)]
+
+
+# --- the kit stays out of the broker ----------------------------------------------------------
+
+def test_the_broker_does_not_import_the_kit() -> None:
+    code = ("import sys, mqtt_broker, mqtt_broker.tap; mqtt_broker.BrokerService; "
+            "assert 'mqtt_broker.testing' not in sys.modules and 'twisted.internet.testing' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_readme_example() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Testing code that embeds the broker\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    namespace["test_a_sensor_publishes_under_its_own_id"]()
