@@ -182,3 +182,20 @@ def test_back_off_doubles_from_base_to_cap_with_jitter_and_restart_skips_it() ->
     assert len(reactor.tcpClients) == attempts + 1 and bridge.state == "connecting"
     broker.stopService()
     assert bridge.state == "stopped"
+
+
+def test_every_bridge_setting_has_a_docstring() -> None:
+    """The docs render each [[bridge]] key from the docstring after its field."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    for cls in (BridgeConfig, BridgeTopic):
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+        documented = {statement.target.id for statement, following in zip(body, body[1:])
+                      if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                      and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                      and isinstance(following.value.value, str) and following.value.value.strip()}
+        for f in dataclasses.fields(cls):
+            assert f.name in documented, f"{cls.__name__}.{f.name}"

@@ -32,10 +32,15 @@ class BridgeTopic:
     the remote with ``local_prefix`` replaced by ``remote_prefix``; in: the other way round."""
 
     pattern: str
+    """The topic filter, without the prefixes; empty when both prefixes are the topics."""
     direction: str = "out"
+    """``out`` (from here to the remote), ``in`` (from the remote to here) or ``both``."""
     qos: int = 0
+    """The QoS of the bridge's subscriptions, here and on the remote."""
     local_prefix: str = ""
+    """Put before the pattern on this broker."""
     remote_prefix: str = ""
+    """Put before the pattern on the remote."""
 
     @classmethod
     def parse(cls, line: str) -> BridgeTopic:
@@ -116,21 +121,29 @@ class BridgeConfig:
     """One bridge to another MQTT broker. The names are Mosquitto's bridge settings."""
 
     connection: str
+    """The bridge's name, unique among the bridges: its state is published on
+    ``$SYS/broker/connection/<connection>/state``."""
     addresses: list[str]
     """``host:port`` (port 1883 when left out), tried in turn when one cannot be reached."""
     topic: list[BridgeTopic]
+    """What goes which way: Mosquitto's topic lines, ``pattern [[[out|in|both] qos] local-prefix
+    remote-prefix]``, or tables with the same keys (see :class:`BridgeTopic`)."""
     remote_clientid: str = ""
     """Empty: ``<hostname>.<connection>``, as Mosquitto names it."""
     local_clientid: str = ""
     """The bridge's session on this broker, which queues what the remote has not taken yet.
     Empty: ``local.<remote_clientid>``."""
     remote_username: str | None = None
+    """The username the bridge connects to the remote with; none when not set."""
     remote_password: str | None = None
+    """The password sent with ``remote_username``."""
     cleansession: bool = False
     """Whether the remote forgets the bridge's session (and what it queued for it) when the link
     drops. The session on this broker is always kept, so nothing queued here is lost."""
     bridge_protocol_version: str = "mqttv311"
+    """The MQTT version spoken to the remote: ``mqttv31``, ``mqttv311`` or ``mqttv50``."""
     keepalive_interval: int = 60
+    """Keepalive asked of the remote, in seconds (0 to 65535)."""
     restart_timeout: tuple[float, float] = (5.0, 30.0)
     """Seconds before reconnecting: ``[base, cap]`` backs off exponentially from base to cap, with
     jitter; a single number waits that long every time."""
@@ -143,6 +156,7 @@ class BridgeConfig:
     notification_topic: str = ""
     """Empty: ``$SYS/broker/connection/<remote_clientid>/state``."""
     notifications_local_only: bool = False
+    """Publish the state notifications on this broker only, not on the remote."""
     bridge_outgoing_retain: bool = True
     """Keep the retain flag of what goes out (false: the remote gets no retained messages)."""
     bridge_max_packet_size: int = 0
@@ -151,7 +165,9 @@ class BridgeConfig:
     """CA certificates (PEM) the remote's certificate must chain to: setting it (or the other
     bridge_* files) makes the link TLS. The remote's name is checked against its address."""
     bridge_certfile: str = ""
+    """Client certificate (PEM) the bridge presents to the remote; goes with bridge_keyfile."""
     bridge_keyfile: str = ""
+    """Private key (PEM) of bridge_certfile."""
     bridge_insecure: bool = False
     """TLS without checking the remote's name (its chain is still checked): for tests only."""
     bridge_tls: bool = False

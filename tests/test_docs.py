@@ -1,0 +1,196 @@
+"""The documentation: it builds without a warning, its examples run, and its generated references
+cover every setting, flag and admin API operation.
+
+The two Sphinx builds (html with warnings as errors, doctest) run once, side by side, in a
+temporary directory; the rest checks what they made and the examples the pages show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqtt_broker.bridge.config import BridgeConfig
+from mqtt_broker.config import BrokerConfig, settings
+from mqtt_broker.tap import _LIST_FLAGS, Options
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, str]]:
+    """{builder: (output directory, exit status, output)} of the html and doctest builds."""
+    out = tmp_path_factory.mktemp("docs")
+    running = {}
+    for builder in ("html", "doctest"):
+        command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", builder,
+                   "-d", str(out / f"doctrees-{builder}"), str(DOCS), str(out / builder)]
+        running[builder] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True, cwd=out)
+    results = {}
+    for builder, process in running.items():
+        output, _ = process.communicate(timeout=300)
+        results[builder] = (out / builder, process.returncode, output)
+    return results
+
+
+def test_html_builds_without_warnings(builds: dict[str, tuple[Path, int, str]]) -> None:
+    _, status, output = builds["html"]
+    assert status == 0, output
+
+
+def test_doctests_pass(builds: dict[str, tuple[Path, int, str]]) -> None:
+    out, status, output = builds["doctest"]
+    assert status == 0, output + (out / "output.txt").read_text()
+    report = (out / "output.txt").read_text()
+    assert re.search(r"[1-9]\d* tests", report) and "0 failures in tests" in report, report
+
+
+def _ids(builds: dict[str, tuple[Path, int, str]], page: str) -> set[str]:
+    out, status, output = builds["html"]
+    assert status == 0, output
+    return set(re.findall(r'id="([^"]+)"', (out / page).read_text()))
+
+
+def test_every_setting_is_in_the_reference(builds: dict[str, tuple[Path, int, str]]) -> None:
+    ids = _ids(builds, "configuration-reference.html")
+    for f in settings():
+        assert f"confval-{f.name}" in ids, f.name
+
+
+def test_every_bridge_key_is_in_the_reference(builds: dict[str, tuple[Path, int, str]]) -> None:
+    import dataclasses
+    ids = _ids(builds, "configuration-reference.html")
+    for f in dataclasses.fields(BridgeConfig):
+        assert f"confval-bridge.{f.name}" in ids, f.name
+
+
+def test_every_flag_is_in_the_command_line_reference(builds: dict[str, tuple[Path, int, str]]) -> None:
+    ids = _ids(builds, "command-line.html")
+    flags = [p[0] for p in Options.optParameters] + list(_LIST_FLAGS.values()) + ["version"]
+    for flag in flags:
+        assert f"cmdoption-twistd-mqttbroker-{flag}" in ids, flag
+
+
+def test_every_admin_operation_is_in_the_reference(builds: dict[str, tuple[Path, int, str]]) -> None:
+    ids = _ids(builds, "admin-api.html")
+    document = json.loads((ROOT / "mqtt_broker" / "admin" / "openapi.json").read_text())
+    for item in document["paths"].values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "operationId" in operation:
+                assert f"openapi-{operation['operationId'].lower()}" in ids, operation["operationId"]
+
+
+# --- the examples on the pages ---------------------------------------------------------------
+
+def _blocks(language: str) -> list[tuple[str, str]]:
+    """(page name, text) of every fenced block of ``language`` in the Markdown pages."""
+    found = []
+    for page in PAGES:
+        for text in re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), re.M | re.S):
+            found.append((page.name, text))
+    return found
+
+
+def _commands(program: str) -> list[tuple[str, list[str]]]:
+    """(page, arguments) of each shell command line of the pages that runs ``program``."""
+    found = []
+    for page, text in _blocks("sh"):
+        for line in text.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == [program] or words[:3] == ["python", "-m", program]:
+                found.append((page, words))
+    return found
+
+
+TOML = _blocks("toml")
+
+
+@pytest.mark.parametrize("page,text", TOML, ids=[f"{page}-{n}" for n, (page, _) in enumerate(TOML)])
+def test_toml_examples_are_valid_settings(page: str, text: str) -> None:
+    BrokerConfig.from_mapping(tomllib.loads(text), page)
+
+
+def _broker_arguments(words: list[str]) -> list[str]:
+    """The broker's arguments of a ``twistd ... mqttbroker ...`` command, without the files
+    that exist only on the reader's machine."""
+    arguments = words[words.index("mqttbroker") + 1:]
+    kept = []
+    skip = False
+    for word in arguments:
+        if skip:
+            skip = False
+        elif word in ("--config", "-c", "--mosquitto-config"):
+            skip = True
+        else:
+            kept.append(word)
+    return kept
+
+
+TWISTD = [(page, words) for page, words in _commands("twistd") + _commands("twisted") if "mqttbroker" in words]
+
+
+@pytest.mark.parametrize("page,words", TWISTD, ids=[f"{page}-{n}" for n, (page, _) in enumerate(TWISTD)])
+def test_twistd_examples_parse(page: str, words: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    arguments = _broker_arguments(words)
+    if "--help" in arguments or "--version" in arguments:
+        return  # run below, in a twistd of its own
+    if any("mqtts:" in word for word in arguments) and not _mqtts_installed():
+        pytest.skip("the mqtts: endpoint plugin is not installed (an editable install)")
+    options = Options()
+    options.parseOptions(arguments)
+    assert isinstance(options["broker_config"], BrokerConfig)
+
+
+def _mqtts_installed() -> bool:
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+    return any(parser.prefix == "mqtts" for parser in getPlugins(IStreamServerEndpointStringParser))
+
+
+def test_twistd_help_lists_every_flag() -> None:
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+    if any(maker.tapname == "mqttbroker" for maker in getPlugins(IServiceMaker)):
+        twistd = Path(sys.executable).parent / "twistd"
+        help_text = subprocess.run([str(twistd), "mqttbroker", "--help"], capture_output=True, text=True,
+                                   timeout=60, check=True).stdout
+    else:  # an editable install: twistd does not see the plugin, the options are the same
+        help_text = str(Options())
+    for flag in [p[0] for p in Options.optParameters] + list(_LIST_FLAGS.values()):
+        assert f"--{flag}" in help_text, flag
+
+
+def test_passwd_examples_use_its_flags() -> None:
+    help_text = subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "--help"], capture_output=True,
+                               text=True, timeout=60, env={**os.environ, "PYTHONSAFEPATH": "1"}).stdout
+    used = {word for _, words in _commands("mqttbroker-passwd") for word in words if word.startswith("-")}
+    assert used
+    for flag in used:
+        assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", help_text), flag
+
+
+def test_admin_api_table_names_real_operations() -> None:
+    document: dict[str, Any] = json.loads((ROOT / "mqtt_broker" / "admin" / "openapi.json").read_text())
+    def shape(path: str) -> str:  # /clients/{client_id} and /clients/{id} are the same path
+        return re.sub(r"\{[^}]*\}", "{}", path)
+
+    operations = {(method.upper(), shape(path)) for path, item in document["paths"].items() for method in item}
+    table = (DOCS / "operations.md").read_text()
+    named = re.findall(r"`((?:GET|POST|DELETE)(?:/(?:GET|POST|DELETE))*) (/[^`?]*)", table)
+    assert len(named) > 10
+    for methods, path in named:
+        for method in methods.split("/"):
+            assert (method, shape(path)) in operations, f"{method} {path}"
