@@ -261,7 +261,7 @@ class BrokerConfig:
         "client is refused (0x88 Server unavailable, 3 for MQTT 3).", 0.1, 600)
     history_filters: list[str] = _setting(
         [], "Topic filters whose messages are kept in the message log, for subscribers that ask "
-        "to replay them (see README, Message log); empty for none.")
+        "to replay them (see docs/message-log.md); empty for none.")
     history_max_messages: int = _setting(
         10000, "Messages kept per history filter; 0 for no limit.")
     history_max_age: float = _setting(
@@ -314,7 +314,7 @@ class BrokerConfig:
         False, "Serve MQTT over WebSocket at /mqtt on the admin HTTP endpoints too.")
     bridge: list[Any] = _setting(
         [], "Bridges to other brokers, one [[bridge]] table each, with Mosquitto's bridge settings "
-        "(connection, addresses, topic, remote_clientid, ...; see README, Bridges).", table=_bridge)
+        "(connection, addresses, topic, remote_clientid, ...; see docs/bridges.md).", table=_bridge)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

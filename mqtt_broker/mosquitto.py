@@ -262,7 +262,7 @@ def convert(path: str | Path) -> Conversion:
             note(source, number, text, "the SQLite store commits each batch of changes and needs no tuning")
         elif key in ("plugin", "auth_plugin", "global_plugin") or key.startswith(("plugin_opt_", "auth_opt_")):
             why = ("dynamic security is not supported" if "dynamic_security" in value or "dynsec" in key
-                   else "Mosquitto plugins do not load here; see the hooks and auth chapters of the README")
+                   else "Mosquitto plugins do not load here; see docs/embedding.md (hooks) and docs/security.md")
             note(source, number, text, why)
         else:
             note(source, number, text, "no equivalent setting here")

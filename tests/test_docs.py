@@ -25,7 +25,8 @@ from mqtt_broker.tap import _LIST_FLAGS, Options
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+"""The Markdown pages whose examples are checked: the documentation's and the README."""
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,15 @@ def _commands(program: str) -> list[tuple[str, list[str]]]:
 
 
 TOML = _blocks("toml")
+
+
+def test_the_readme_examples_that_need_no_network_run() -> None:
+    ran = 0
+    for page, text in _blocks("python"):
+        if page == "README.md" and "reactor.run()" not in text:
+            exec(compile(text, page, "exec"), {})
+            ran += 1
+    assert ran
 
 
 @pytest.mark.parametrize("page,text", TOML, ids=[f"{page}-{n}" for n, (page, _) in enumerate(TOML)])

@@ -318,10 +318,10 @@ def test_the_broker_does_not_import_the_kit() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_readme_example() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Testing code that embeds the broker\n", 1)[1]
+def test_the_documented_example() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "embedding.md").read_text(encoding="utf-8")
+    section = page.split("## Testing code that embeds the broker\n", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/embedding.md", "exec"), namespace)
     namespace["test_a_sensor_publishes_under_its_own_id"]()

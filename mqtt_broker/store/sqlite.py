@@ -84,7 +84,7 @@ def _delivery(row: tuple[Any, ...]) -> Queued:
 
 
 class SQLiteStore:
-    """``SQLiteStore(path, reactor, synchronous="normal")``; see the README for what each
+    """``SQLiteStore(path, reactor, synchronous="normal")``; see docs/durability.md for what each
     ``synchronous`` setting promises."""
 
     def __init__(self, path: str | Path, reactor: Any, synchronous: str = "normal") -> None:
