@@ -59,9 +59,9 @@ def source_version() -> str:
 
 @dataclass
 class Release:
-    source: Path         # the copy of the checkout both builds started from
+    source: Path          # the copy of the checkout the sdist was built from
     sdist: Path
-    wheel: Path          # built from the unpacked sdist, as python -m build does by default
+    wheel: Path           # built from the unpacked sdist, as python -m build does by default
     checkout_wheel: Path  # built from the source tree directly
 
 
@@ -126,7 +126,7 @@ def test_sdist_holds_the_tests_docs_and_examples(release: Release) -> None:
     for tree in SDIST_TREES:
         # The copy the sdist was built from, less build output and caches (test_packaging.IGNORED).
         files = {path.relative_to(release.source).as_posix() for path in (release.source / tree).rglob("*")
-                 if path.is_file() and not path.name.endswith(".egg-info")}
+                 if path.is_file()}
         assert files and not files - names, f"{tree}/ files not in the sdist: {sorted(files - names)}"
     assert {path.relative_to(ROOT).as_posix() for path in (ROOT / "mqtt_broker").rglob("*.py")
             if "__pycache__" not in path.parts} <= names
@@ -281,11 +281,12 @@ def test_unit_passes_systemd_analyze(venv: Path, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing (Debian: systemd; ./scripts/test installs it)"
     unit = installed_unit(venv, tmp_path / "units")
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
     assert result.returncode == 0 and not result.stderr.strip(), result.stdout + result.stderr
     # Exposure is 0-10 (printed) and 0-100 (the threshold); the unit scores 1.6, "OK".
     result = subprocess.run([analyze, "security", "--offline=yes", "--threshold=20", str(unit)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
