@@ -335,3 +335,81 @@ def test_tls_bridge_checks_the_remote_name(broker_process: Any, mosquitto: Any, 
     watcher = StateWatcher(ours.port, "tls")
     watcher.wait_for(b"0")
     watcher.close()
+
+
+def test_remote_credentials(broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """remote_username/remote_password log in; a refused login is logged with its reason code and
+    retried with back-off, and nothing crosses meanwhile."""
+    import subprocess
+    from cluster_helpers import wait_until
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(passwords), "edge", "secret"], check=True, timeout=30)
+    remote = Mosquitto(tmp_path, allow_anonymous="false", password_file=str(passwords))
+    try:
+        ours = bridged(broker_process, tmp_path, remote.port, topic=["c/# out 1"], remote_username="edge",
+                       remote_password="secret")
+        cloud = PahoClient(remote.port, username="edge", password="secret", client_id="cloud")
+        cloud.subscribe("c/#", 1)
+        PahoClient(ours.port).publish("c/x", b"logged in", 1)
+        assert cloud.message().payload == b"logged in"
+        config = write_config(tmp_path / "wrong.toml", {}, [{
+            "connection": "wrong", "addresses": [f"127.0.0.1:{remote.port}"], "topic": ["c/# out 1"],
+            "remote_username": "edge", "remote_password": "nope", "restart_timeout": [0.1, 0.2]}])
+        wrong = broker_process("--config", str(config))
+        import json
+
+        def refusals() -> list[str]:
+            return [event["why"] for event in map(json.loads, filter(str.strip, wrong.output().split("\x1e")))
+                    if event.get("log_format") == "bridge {name}: {why}"]
+        wait_until(lambda: len(refusals()) >= 2, "two refused attempts")
+        assert all(why == "CONNECT refused with reason code 0x05" for why in refusals()), refusals()
+        PahoClient(wrong.port).publish("c/y", b"never", 1)
+        assert cloud.no_message(0.5)
+        cloud.close()
+    finally:
+        remote.stop()
+
+
+def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_process: Any, mosquitto: Any,
+                                                                   tmp_path: Path) -> None:
+    """Without a store, what waits for the remote is bounded by max_queued_messages like any
+    session's queue: beyond it messages are dropped, counted and logged; the rest goes out."""
+    import json
+    import urllib.request
+
+    from admin_http import KEY
+    from conftest import free_port
+
+    from mqtt_broker.admin.keys import hash_key
+    remote = Remote("mosquitto", tmp_path, broker_process, mosquitto)
+    http = free_port()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["q/# out 1"],
+                   settings={"persistence": "memory", "max_queued_messages": 10,
+                             "http_endpoints": [f"tcp:{http}:interface=127.0.0.1"],
+                             "http_api_keys": ["ci:" + hash_key(KEY)]})
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    cloud.subscribe("q/#", 1)
+    cloud.close()
+    remote.stop()
+    watcher = StateWatcher(ours.port, "cloud")
+    watcher.wait_for(b"0")
+    local = PahoClient(ours.port)
+    for n in range(30):
+        local.publish("q/x", f"m {n}".encode(), 1)
+    request = urllib.request.Request(f"http://127.0.0.1:{http}/api/v1/bridges/cloud",
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        bridge = json.load(answer)
+    assert bridge["queued"] == 10 and bridge["state"] == "waiting"
+    full = [event for event in map(json.loads, filter(str.strip, ours.output().split("\x1e")))
+            if event.get("log_format", "").startswith("queue of {client_id} is full")]
+    assert [(event["client_id"], event["dropped"]) for event in full] == [("local.edge-cloud", 1)]
+    remote.start()
+    watcher.wait_for(b"1")
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    got = [cloud.message().payload for _ in range(10)]
+    assert got == [f"m {n}".encode() for n in range(10)]  # the first ten, in order
+    assert cloud.no_message(0.5)
+    for client in (cloud, local, watcher):
+        client.close()
