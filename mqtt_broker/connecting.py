@@ -213,6 +213,7 @@ class Connecting(Protocol):
 
     def _attach(self, packet: Connect) -> None:
         terms = self.terms
+        self.terms = None  # needed no longer: an idle connection keeps nothing it does not use
         client = self.client
         assert terms is not None and client is not None
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,

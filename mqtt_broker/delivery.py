@@ -326,7 +326,7 @@ class Delivery:
     def await_pubrel(self, session: Session, packet_id: int) -> bool:
         """An inbound QoS 2 message is being routed; until its PUBREL, a resend is not routed
         again. Returns whether the store records it."""
-        session.awaiting_pubrel.add(packet_id)
+        session.expect_pubrel(packet_id)
         if session.stored:
             assert self.store is not None
             self.store.add_pubrel(session.client_id, packet_id)

@@ -153,7 +153,7 @@ def test_clear() -> None:
     session.subscriptions["a"] = Subscription(client_id="c1", topic_filter="a")
     in_flight(session, 1, 2)
     session.enqueue(queued(b"abc"), 0, 0)
-    session.awaiting_pubrel.add(5)
+    session.expect_pubrel(5)
     session.dropped = 3
     session.clear()
     assert session.subscriptions == {}
@@ -164,3 +164,13 @@ def test_clear() -> None:
     assert session.client_id == "c1" and session.persistent
     # the queue bound starts over after clear()
     assert session.enqueue(queued(b"x" * 10), 1, 10)
+
+
+def test_an_idle_session_shares_one_empty_set_of_awaited_pubrels() -> None:
+    from mqtt_broker.session import NO_PUBRELS
+    idle, busy = Session("idle"), Session("busy")
+    assert idle.awaiting_pubrel is busy.awaiting_pubrel is NO_PUBRELS
+    busy.expect_pubrel(7)
+    assert busy.awaiting_pubrel == {7} and idle.awaiting_pubrel == set() and 7 not in NO_PUBRELS
+    busy.clear()
+    assert busy.awaiting_pubrel is NO_PUBRELS

@@ -111,10 +111,12 @@ class MemoryStore:
             del session.outgoing[packet_id]
 
     def add_pubrel(self, client_id: str, packet_id: int) -> None:
-        self._session(client_id).awaiting_pubrel.add(packet_id)
+        self._session(client_id).expect_pubrel(packet_id)
 
     def remove_pubrel(self, client_id: str, packet_id: int) -> None:
-        self._session(client_id).awaiting_pubrel.discard(packet_id)
+        awaiting = self._session(client_id).awaiting_pubrel
+        if packet_id in awaiting:
+            awaiting.discard(packet_id)
 
     def save_will(self, will: StoredWill) -> None:
         self._wills[will.client_id] = will

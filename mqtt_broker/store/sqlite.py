@@ -173,7 +173,7 @@ class SQLiteStore:
                 session.next_seq = max(session.next_seq, last_seq + 1)
         for client_id, packet_id in db.execute("SELECT client_id, packet_id FROM awaiting_pubrel"):
             if client_id in sessions:
-                sessions[client_id][0].awaiting_pubrel.add(packet_id)
+                sessions[client_id][0].expect_pubrel(packet_id)
         retained = [_message(topic, payload, qos, True, properties, expires_at) for topic, payload, qos, properties,
                     expires_at in db.execute("SELECT topic, payload, qos, properties, expires_at FROM retained")]
         wills = []
