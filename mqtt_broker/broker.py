@@ -24,6 +24,7 @@ from .config import BrokerConfig, ConfigError
 from .connect import NEVER
 from .delivery import Delivery
 from .history import MessageLog
+from .keepalive import Keepalives
 from .hooks import Hooks
 from .linger import AllClosed
 from .message import Client, Message
@@ -114,6 +115,8 @@ class BrokerService(Delivery, MultiService):
         by the broker and lingering (it leaves in ``connection_lost``)."""
         self._all_closed: AllClosed | None = None
         """While stopping: what waits for the last connection to go."""
+        self.keepalives = Keepalives(self.clock)
+        """Every connection's keepalive deadline, on one timer."""
         self.ports: list[IListeningPort] = []
         self._tls: list[tuple[str, ServerTLS]] = []
         """The TLS listeners (endpoint string, context maker), whose files reload() reads again."""
@@ -206,6 +209,7 @@ class BrokerService(Delivery, MultiService):
         # reactor closes what is left once this fires, so waiting longer would only delay the stop.
         self._all_closed = AllClosed(self.connections, self.clock, self.config.close_linger)
         stopping.append(self._all_closed.done)
+        self.keepalives.stop()
         for session in self.sessions.values():
             _cancel(session.expiry_call)
             _cancel(session.retry_call)

@@ -67,7 +67,6 @@ class Connecting(Protocol):
     if TYPE_CHECKING:  # MQTTProtocol's methods that these use
         def _set_state(self, state: State) -> None: ...
         def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
-        def _check_keepalive(self) -> None: ...
         def send(self, packet: Packet) -> None: ...
         def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
 
@@ -242,7 +241,7 @@ class Connecting(Protocol):
         if terms.keep_alive:
             self._keep_alive = float(terms.keep_alive)
             self._last_seen = self.clock.seconds()
-            self._keepalive_call = self.clock.callLater(self._keep_alive * 1.5, self._check_keepalive)
+            self._keepalive_call = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
         self._watch_expiry()
         self.broker.resume(session)
 

@@ -107,6 +107,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self._last_seen = 0.0
         self._keep_alive = 0.0
         self._keepalive_call: Any = None
+        """This connection's entry in ``broker.keepalives`` (see mqtt_broker.keepalive)."""
         self._connect_call: Any = None
         self._expiry_call: Any = None
         """Disconnects the client when its credentials expire (``identity.expires_at``)."""
@@ -224,7 +225,10 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
                                                 self._on_socket)
 
     def _cancel_timers(self) -> None:
-        for call in (self._keepalive_call, self._connect_call, self._expiry_call, self._linger_call):
+        if self._keepalive_call is not None:
+            self.broker.keepalives.forget(self._keepalive_call)
+            self._keepalive_call = None
+        for call in (self._connect_call, self._expiry_call, self._linger_call):
             if call is not None and call.active():
                 call.cancel()
 
@@ -243,18 +247,20 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             # is what the timeout is there to free, at once.
             self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "no CONNECT within the connect timeout", abort=True)
 
-    def _check_keepalive(self) -> None:
+    def keepalive_due(self) -> float | None:
+        """Called by the broker's keepalives at this connection's deadline: closes a client
+        silent for 1.5 keepalives [MQTT-3.1.2-24], or returns the next deadline."""
+        limit = self._keep_alive * 1.5
         idle = self.clock.seconds() - self._last_seen
-        limit = self._keep_alive * 1.5  # [MQTT-3.1.2-24]
-        if idle >= limit:
-            self._keepalive_call = None
-            # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
-            # gone, and what is queued for it may never drain, so lingering would only hold its
-            # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
-            # after all (best effort: the reset may overtake it).
-            self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive timeout ({idle:.1f}s idle)", abort=True)
-        else:
-            self._keepalive_call = self.clock.callLater(limit - idle, self._check_keepalive)
+        if idle < limit:
+            return self._last_seen + limit
+        self._keepalive_call = None
+        # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
+        # gone, and what is queued for it may never drain, so lingering would only hold its
+        # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
+        # after all (best effort: the reset may overtake it).
+        self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive timeout ({idle:.1f}s idle)", abort=True)
+        return None
 
     def _set_state(self, state: State) -> None:
         self.state = state

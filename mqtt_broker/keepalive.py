@@ -1,0 +1,90 @@
+"""Keepalive deadlines of every connection, on one timer of the broker's clock.
+
+A ``callLater`` per connection costs about 420 bytes (the ``DelayedCall``, its bound methods and
+keyword dictionary), a fifth of what an idle connection holds. Here a connection's deadline is
+an entry of a heap (a small list) and the clock has one timer, for the earliest deadline, so a
+connection is checked at exactly the time its own timer would have fired.
+
+A connection that ends is forgotten by clearing its entry, which then waits in the heap for its
+time (holding nothing); the heap is rebuilt without such entries once they are the majority, as
+Twisted's reactor does with cancelled calls.
+"""
+
+from __future__ import annotations
+
+import heapq
+from itertools import count
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+
+class Keepalives:
+    """``watch(connection, at)`` calls ``connection.keepalive_due()`` at clock time ``at``
+    (unless ``forget`` comes first), which returns the next time to be called at, or None."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._heap: list[list[Any]] = []
+        """Entries ``[at, order, connection]``; ``connection`` is None once forgotten."""
+        self._order = count()
+        self._forgotten = 0
+        self._call: Any = None
+        self._call_at = 0.0
+
+    def watch(self, connection: Any, at: float) -> list[Any]:
+        """Returns the entry, for :meth:`forget`."""
+        entry = [at, next(self._order), connection]
+        heapq.heappush(self._heap, entry)
+        if self._call is None or at < self._call_at:
+            self._schedule(at)
+        return entry
+
+    def forget(self, entry: list[Any]) -> None:
+        if entry[2] is not None:
+            entry[2] = None
+            self._forgotten += 1
+            if self._forgotten == len(self._heap):  # none left to watch: no timer either
+                self._heap.clear()
+                self._forgotten = 0
+                self.stop()
+            elif self._forgotten > 50 and self._forgotten * 2 > len(self._heap):
+                heap = self._heap  # in place: _due may be iterating over it
+                heap[:] = [e for e in heap if e[2] is not None]
+                heapq.heapify(heap)
+                self._forgotten = 0
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._forgotten
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self, at: float) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call_at = at
+        self._call = self.clock.callLater(max(at - self.clock.seconds(), 0), self._due)
+
+    def _due(self) -> None:
+        self._call = None
+        heap = self._heap
+        now = self.clock.seconds()
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            connection = entry[2]
+            if connection is None:
+                self._forgotten -= 1
+                continue
+            entry[2] = None  # done: a forget() of it now changes nothing
+            later = connection.keepalive_due()
+            if later is not None:
+                entry[0], entry[1], entry[2] = later, next(self._order), connection
+                heapq.heappush(heap, entry)  # the same entry: the connection's handle stays valid
+        while heap and heap[0][2] is None:  # the next timer for a live entry only
+            heapq.heappop(heap)
+            self._forgotten -= 1
+        if heap:
+            self._schedule(heap[0][0])

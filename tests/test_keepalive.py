@@ -1,0 +1,91 @@
+"""The keepalive deadlines of every connection on one timer (mqtt_broker.keepalive)."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from mqtt_broker.keepalive import Keepalives
+
+
+class Connection:
+    """Due at ``deadlines`` in turn; records when it was called."""
+
+    def __init__(self, clock: Clock, *deadlines: float) -> None:
+        self.clock = clock
+        self.deadlines = list(deadlines)
+        self.called: list[float] = []
+
+    def keepalive_due(self) -> float | None:
+        self.called.append(self.clock.seconds())
+        return self.deadlines.pop(0) if self.deadlines else None
+
+
+def test_each_connection_is_called_at_its_own_time_on_one_timer() -> None:
+    clock = Clock()
+    keepalives = Keepalives(clock)
+    late, early, again = Connection(clock), Connection(clock), Connection(clock, 12.5, 20.0)
+    keepalives.watch(late, 15.0)
+    keepalives.watch(early, 5.0)
+    keepalives.watch(again, 7.5)
+    assert len(clock.getDelayedCalls()) == 1 and len(keepalives) == 3
+    clock.advance(4.99)
+    assert not early.called
+    clock.advance(0.01)
+    assert early.called == [5.0]
+    clock.pump([2.5, 5.0, 2.5, 5.0])
+    assert again.called == [7.5, 12.5, 20.0] and late.called == [15.0]
+    assert len(keepalives) == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_forgotten_connection_is_not_called_and_not_held() -> None:
+    clock = Clock()
+    keepalives = Keepalives(clock)
+    kept, gone = Connection(clock), Connection(clock)
+    keepalives.watch(kept, 10.0)
+    entry = keepalives.watch(gone, 5.0)
+    keepalives.forget(entry)
+    keepalives.forget(entry)  # twice changes nothing
+    assert entry[2] is None and len(keepalives) == 1
+    clock.advance(10)
+    assert gone.called == [] and kept.called == [10.0]
+
+
+def test_forgetting_the_last_one_stops_the_timer() -> None:
+    clock = Clock()
+    keepalives = Keepalives(clock)
+    keepalives.forget(keepalives.watch(Connection(clock), 5.0))
+    assert clock.getDelayedCalls() == [] and len(keepalives) == 0
+
+
+def test_forgotten_entries_are_swept_once_they_are_the_majority() -> None:
+    clock = Clock()
+    keepalives = Keepalives(clock)
+    entries = [keepalives.watch(Connection(clock), 100.0 + n) for n in range(200)]
+    for entry in entries[:150]:
+        keepalives.forget(entry)
+    assert len(keepalives._heap) < 200 and len(keepalives) == 50
+    survivors = [entry[2] for entry in entries[150:]]
+    clock.advance(100)
+    clock.pump([1.0] * 200)
+    assert [c.called for c in survivors] == [[100.0 + n] for n in range(150, 200)]
+
+
+def test_a_connection_that_forgets_another_while_it_is_called() -> None:
+    clock = Clock()
+    keepalives = Keepalives(clock)
+    other = Connection(clock)
+    other_entry = keepalives.watch(other, 5.0)
+
+    class Dropper(Connection):
+        def keepalive_due(self) -> float | None:
+            keepalives.forget(other_entry)  # e.g. a takeover closing another connection
+            return super().keepalive_due()
+
+    dropper = Dropper(clock, 9.0)
+    keepalives.watch(dropper, 5.0)  # the same time, watched later: called after
+    keepalives.forget(other_entry)
+    keepalives.watch(other, 5.0)
+    clock.advance(5)
+    assert dropper.called == [5.0]
+    clock.advance(4)
+    assert dropper.called == [5.0, 9.0]
