@@ -783,3 +783,11 @@ def test_codec_modules_import_only_the_standard_library_and_each_other() -> None
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_the_reader_keeps_no_copy_of_what_it_has_read() -> None:
+    from mqtt_broker.wire import Pingreq
+    reader = FrameReader()
+    assert reader.feed(encode(Pingreq()) * 3) == [Pingreq()] * 3
+    assert reader.buffered == 0 and reader._buffer == b""  # an idle connection holds nothing
+    assert reader.feed(encode(Pingreq())[:1]) == [] and reader.buffered == 1

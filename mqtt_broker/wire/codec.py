@@ -84,6 +84,9 @@ class FrameReader:
         pos = self._pos
         size = len(buffer)
         if size - pos < 2:
+            if pos and pos == size:  # all read: an idle connection keeps no copy of its last read
+                self._buffer = b""
+                self._pos = 0
             return None
         first = buffer[pos]
         # Remaining Length, inlined: this runs once per packet, and is most often one byte.
