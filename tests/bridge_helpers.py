@@ -3,24 +3,13 @@ state through its retained ``$SYS/broker/connection/<name>/state`` topic."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho_helpers import PahoClient
 
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
+from mqtt_broker.mosquitto import _toml as toml_value
 
 
 def write_config(path: Path, settings: dict[str, Any], bridges: list[dict[str, Any]]) -> Path:
