@@ -413,3 +413,33 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
     assert cloud.no_message(0.5)
     for client in (cloud, local, watcher):
         client.close()
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "ours"])
+def test_remote_stopped_mid_stream(broker_process: Any, mosquitto: Any, tmp_path: Path, kind: str) -> None:
+    """The remote stops while messages are on their way through the bridge (some in flight on the
+    link) and comes back: every QoS 1/2 message arrives, QoS 2 once."""
+    remote = Remote(kind, tmp_path, broker_process, mosquitto)
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["q/# out 2"])
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)  # reconnects by itself
+    cloud.subscribe("q/#", 2)
+    watcher = StateWatcher(ours.port, "cloud")
+    watcher.wait_for(b"1")
+    local = PahoClient(ours.port)
+    total = 400
+    infos = [local.client.publish(f"q/{n % 2 + 1}", f"m {n}".encode(), n % 2 + 1) for n in range(total)]
+    payloads = [cloud.message().payload for _ in range(40)]
+    remote.stop()
+    watcher.wait_for(b"0")
+    remote.start()
+    watcher.wait_for(b"1")
+    for info in infos:
+        info.wait_for_publish(timeout=10)  # all acknowledged by our broker
+    while len(set(payloads)) < total:
+        payloads.append(cloud.message().payload)
+    assert cloud.no_message(0.5)
+    assert set(payloads) == {f"m {n}".encode() for n in range(total)}
+    qos2 = [p for p in payloads if int(p.split()[1]) % 2]
+    assert len(qos2) == len(set(qos2)) == total // 2
+    for client in (cloud, local, watcher):
+        client.close()
