@@ -114,7 +114,7 @@ class _Listener:
         self.port, self.bind, self.source, self.line = port, bind, source, line
         self.options: dict[str, str] = {}
 
-    def endpoint(self, notes: list[Note]) -> tuple[str, str]:
+    def endpoint(self) -> tuple[str, str]:
         """("mqtt" or "websockets", endpoint string)."""
         o = self.options
         if self.port == 0 and self.bind.startswith("/"):
@@ -277,7 +277,7 @@ def convert(path: str | Path) -> Conversion:
     endpoints: list[str] = []
     websockets: list[str] = []
     for listener in listeners:
-        protocol, description = listener.endpoint(out.notes)
+        protocol, description = listener.endpoint()
         (websockets if protocol == "websockets" else endpoints).append(description)
     if not listeners:
         # Mosquitto 2 without a listener: local only, anonymous clients welcome.

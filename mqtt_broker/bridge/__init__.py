@@ -239,7 +239,6 @@ class Bridge(Service):
         link = Link("local", connect, self.clock, broker.config.max_packet_size,
                     self._local_up, self._from_local, self._lost)
         self.local = link
-        link.on_pause = self._local_paused
         pipe(self.clock, server, link, self.connection)
 
     def _local_up(self, link: Link, connack: Connack) -> None:
@@ -386,18 +385,12 @@ class Bridge(Service):
     def _remote_paused(self, paused: bool) -> None:
         """The remote's socket is full: stop this broker writing to the bridge's session (it
         holds up to max_held_bytes, then queues)."""
-        self._producer_of_local(paused)
-
-    def _producer_of_local(self, paused: bool) -> None:
         local = self.local
         if local is None or local.transport is None:
             return
         producer = local.transport.peer.producer  # type: ignore[attr-defined]
         if producer is not None:
             producer.pauseProducing() if paused else producer.resumeProducing()
-
-    def _local_paused(self, paused: bool) -> None:
-        pass  # the pipe holds what the broker has not read; the in-flight window bounds it
 
     # --- losing the links ---------------------------------------------------------------
 

@@ -292,19 +292,5 @@ class BridgeConfig:
                 return mapped
         return None
 
-    def as_table(self) -> dict[str, Any]:
-        """The TOML table of this bridge (what ``dataclasses.asdict`` gives, in TOML's types)."""
-        table: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "topic":
-                value = [dataclasses.asdict(t) for t in value]
-            elif f.name == "restart_timeout":
-                value = list(value)
-            if value is None or (value == f.default and f.name not in ("connection",)):
-                continue
-            table[f.name] = value
-        return table
-
 
 __all__ = ["BridgeConfig", "BridgeConfigError", "BridgeTopic"]

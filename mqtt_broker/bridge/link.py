@@ -45,7 +45,6 @@ class Link(Protocol):
         self.why = "connection lost"
         self._last_seen = 0.0
         self._ping_call: Any = None
-        self.paused_by_transport = False
         self.on_pause: Callable[[bool], None] = lambda paused: None
         """Told when the transport's buffer fills (True) and drains (False)."""
 
@@ -166,11 +165,9 @@ class _Producer:
         self.link = link
 
     def pauseProducing(self) -> None:
-        self.link.paused_by_transport = True
         self.link.on_pause(True)
 
     def resumeProducing(self) -> None:
-        self.link.paused_by_transport = False
         self.link.on_pause(False)
 
     def stopProducing(self) -> None:
@@ -230,9 +227,6 @@ class PipeEnd:
     def loseConnection(self) -> None:
         self.disconnecting = True
         self._schedule()
-
-    def loseWriteConnection(self) -> None:
-        self.loseConnection()
 
     def abortConnection(self) -> None:
         self._close(ConnectionAborted())
