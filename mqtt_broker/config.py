@@ -143,6 +143,10 @@ class BrokerConfig:
         "client on the same connection; 0 to resend only on reconnect. MQTT 5 forbids "
         "resending on a live connection, so it only ever resends on reconnect.")
     set_tcp_nodelay: bool = _setting(True, "Disable Nagle's algorithm on client sockets.")
+    connection_messages: bool = _setting(
+        False, "Log every connection accepted and every client's own DISCONNECT (Mosquitto's "
+        "default). Off, only the connections the broker refuses or closes are logged: a log "
+        "line costs more than the rest of a short connection's work.")
     listen_backlog: int = _setting(
         1024, "Length of the listen queue of endpoints that do not set backlog= themselves "
         "(the kernel caps it at net.core.somaxconn).", 1, 65535)

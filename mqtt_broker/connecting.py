@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
@@ -19,24 +19,30 @@ from .connect import negotiate
 from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
-from .wire import MQTT_3_1, MQTT_5, Auth, Connack, Connect, Packet, ProtocolError, ReasonCode, v3_connack_code
+from .wire import (
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, ProtocolError, ReasonCode, v3_connack_code,
+)
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.interfaces import IReactorTime, ITransport
 
     from .connect import Terms
 
+log = Logger()
+_VERSION_NAMES = {MQTT_3_1: "3.1", MQTT_3_1_1: "3.1.1", MQTT_5: "5"}
 
-class Connecting(Protocol):
+
+class Connecting:
     """The CONNECT and AUTH handlers of MQTTProtocol and what follows from their answers. The
     attributes declared here are the connection's state that they use, which lives in
-    ``MQTTProtocol``'s slots and is set up by its ``__init__``.
+    ``MQTTProtocol``'s slots and is set up by its ``__init__``. A base of MQTTProtocol only."""
 
-    A base of MQTTProtocol only: it is a ``Protocol`` so that type checkers see what
-    ``Protocol`` gives (a slotted mixin of its own trips mypy's ``__slots__`` check)."""
+    if not TYPE_CHECKING:
+        # Empty, so that MQTTProtocol's instances have no dict; hidden from mypy, which would
+        # refuse a mixin's assignments to attributes outside its own (empty) slots.
+        __slots__ = ()
 
-    __slots__ = ()
-
+    transport: ITransport | None
     broker: Any
     clock: IReactorTime
     stats: Any
@@ -61,7 +67,6 @@ class Connecting(Protocol):
     _keep_alive: float
     _last_seen: float
     _keepalive_call: Any
-    _connect_call: Any
     _expiry_call: Any
 
     if TYPE_CHECKING:  # MQTTProtocol's methods that these use
@@ -74,9 +79,9 @@ class Connecting(Protocol):
 
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
-        if self._connect_call is not None and self._connect_call.active():
-            self._connect_call.cancel()
-        self._connect_call = None
+        if self._keepalive_call is not None:  # the CONNECT deadline
+            self.broker.keepalives.forget(self._keepalive_call)
+            self._keepalive_call = None
         self.version = packet.protocol_level
         terms = self.terms = negotiate(self.broker.config, packet)
         self.problem_information = terms.problem_information
@@ -238,6 +243,11 @@ class Connecting(Protocol):
                                 properties=will_properties, sender=client.client_id)
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self.send(Connack(session_present=present and self.version != MQTT_3_1, properties=properties))
+        if self.broker.config.connection_messages:
+            log.info("client {client_id} connected from {peer} (MQTT {version}, clean start {clean}, "
+                     "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
+                     peer=self.peer, version=_VERSION_NAMES[self.version], clean=packet.clean_start,
+                     keep_alive=terms.keep_alive, present=present)
         if terms.keep_alive:
             self._keep_alive = float(terms.keep_alive)
             self._last_seen = self.clock.seconds()

@@ -1,4 +1,5 @@
-"""Keepalive deadlines of every connection, on one timer of the broker's clock.
+"""The deadlines of every connection (CONNECT within connect_timeout, then its keepalive), on
+one timer of the broker's clock.
 
 A ``callLater`` per connection costs about 420 bytes (the ``DelayedCall``, its bound methods and
 keyword dictionary), a fifth of what an idle connection holds. Here a connection's deadline is

@@ -34,6 +34,7 @@ _GLOBAL: dict[str, tuple[str, str]] = {
     "persistent_client_expiration": ("persistent_client_expiration", "duration"),
     "queue_qos0_messages": ("queue_qos0_messages", "bool"),
     "set_tcp_nodelay": ("set_tcp_nodelay", "bool"),
+    "connection_messages": ("connection_messages", "bool"),
     "use_identity_as_username": ("use_identity_as_username", "bool"),
     "require_certificate": ("require_certificate", "bool"),
 }
@@ -56,7 +57,6 @@ _BRIDGE_BOOLS = {"cleansession", "bridge_insecure", "try_private", "notification
 _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_dest": "twistd --logfile/--syslog",
            "log_type": "twistd's logging", "log_timestamp": "twistd's logging",
            "log_timestamp_format": "twistd's logging", "log_facility": "twistd --syslog",
-           "connection_messages": "twistd's logging (connections are logged at info)",
            "websockets_log_level": "twistd's logging"}
 _HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
                  "memory_limit", "max_inflight_bytes"}

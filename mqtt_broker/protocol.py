@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IAddress, ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
+)
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -50,9 +52,10 @@ SEND_LIMIT = 1024 * 1024
 is less than a subscriber of several busy publishers is sent per turn)."""
 
 
-@implementer(IPushProducer)
-class MQTTProtocol(Connecting, Publishing, Protocol):
-    """One client connection. ``paused`` is True while the transport's buffer is full; the
+@implementer(IProtocol, ILoggingContext, IPushProducer)
+class MQTTProtocol(Connecting, Publishing):
+    """One client connection (an ``IProtocol`` of its own, without Twisted's ``Protocol`` as a
+    base: that has no slots, so every instance would carry a dict too). ``paused`` is True while the transport's buffer is full; the
     connection then holds what is written to it, up to ``held_bytes`` (max_held_bytes: a busy
     subscriber's socket is full for a moment between two turns of the reactor, and it keeps
     taking messages straight from the publish path), and past that the broker queues (bounded)
@@ -65,11 +68,13 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "held_bytes", "_auth_connect", "_blocked", "_graceful",
-        "_last_seen", "_keep_alive", "_keepalive_call", "_connect_call", "_expiry_call", "_linger_call",
-        "_unstored", "_unstored_generation", "_bridge",
+        "_last_seen", "_keep_alive", "_keepalive_call", "_expiry_call", "_linger_call",
+        "_unstored", "_unstored_generation", "_bridge", "transport", "connected",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
+        self.transport: ITransport | None = None
+        self.connected = 0
         self.broker = broker
         self.clock = clock
         self.stats = broker.stats
@@ -96,7 +101,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self._client_id = ""
         self.identity: Identity | None = None
         """Who the security chain says the client is (None without security)."""
-        self._out: list[bytes] = []
+        self._out: list[bytes] | None = None
+        """Writes gathered while a read is handled or the transport is full (None: none, which
+        an idle connection keeps instead of an empty list)."""
         self._on_socket = False
         self.held_bytes = config.max_held_bytes
         self.pending_bytes = 0
@@ -107,8 +114,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         self._last_seen = 0.0
         self._keep_alive = 0.0
         self._keepalive_call: Any = None
-        """This connection's entry in ``broker.keepalives`` (see mqtt_broker.keepalive)."""
-        self._connect_call: Any = None
+        """This connection's entry in ``broker.keepalives`` (see mqtt_broker.keepalive): its
+        CONNECT deadline until CONNECT, then its keepalive's."""
         self._expiry_call: Any = None
         """Disconnects the client when its credentials expire (``identity.expires_at``)."""
         self._linger_call: Any = None
@@ -120,6 +127,14 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
 
     # --- transport events ---------------------------------------------------------------
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def logPrefix(self) -> str:
+        return "MQTTProtocol"
 
     def connectionMade(self) -> None:
         self.broker.connections.add(self)
@@ -136,9 +151,9 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             self.transport.SEND_LIMIT = SEND_LIMIT
             self._on_socket = True
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self._last_seen = self.clock.seconds()
         if self.broker.config.connect_timeout:
-            self._connect_call = self.clock.callLater(self.broker.config.connect_timeout, self._connect_timed_out)
+            self._keepalive_call = self.broker.keepalives.watch(
+                self, self.clock.seconds() + self.broker.config.connect_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
@@ -176,6 +191,10 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
                 broker.flush_writes()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.state is not State.CLOSED and self.broker.config.connection_messages:
+            log.info("connection {client_id} from {peer} lost: {reason}",
+                     client_id=self.client.client_id if self.client else "-", peer=self.peer,
+                     reason=reason.getErrorMessage() if reason is not None else "closed")
         self._cancel_timers()
         self._set_state(State.CLOSED)
         self._forget_unstored()
@@ -197,10 +216,11 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
 
     # --- ending a connection ------------------------------------------------------------
 
-    def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None:
+    def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False) -> None:
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first. Unless
         ``abort``, the socket lingers (``close_linger``) so that the client reads that DISCONNECT
-        (or a refusing CONNACK) before the end of the stream: see :mod:`mqtt_broker.linger`."""
+        (or a refusing CONNACK) before the end of the stream: see :mod:`mqtt_broker.linger`.
+        ``routine``: the client asked for it (logged only with ``connection_messages``)."""
         if self.state is State.CLOSED:
             return
         self._forget_unstored()
@@ -208,19 +228,25 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             tally(self.stats.closed_by_reason, reason.name)
             if self.version == MQTT_5:
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
-        log.info("closing connection {client_id} from {peer}: {reason}",
-                 client_id=self.client.client_id if self.client else "-", peer=self.peer, reason=message)
+        if not routine or self.broker.config.connection_messages:
+            log.info("closing connection {client_id} from {peer}: {reason}",
+                     client_id=self.client.client_id if self.client else "-", peer=self.peer, reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful)
         if abort:
-            self._out = []
+            self._out = None
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
             self.flush(even_if_paused=True)
             # A paused producer would be resumed once the buffer drains, instead of the
             # connection being closed: Twisted closes only a transport with no paused producer.
             self.transport.unregisterProducer()  # type: ignore[union-attr]
+            if routine and self._on_socket:
+                # The client ended it and is sent nothing more: there is no last packet to wait
+                # for it to read, so no linger (its timer, half-close and extra read).
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
             self._linger_call = close_lingering(self.transport, self.clock, self.broker.config.close_linger,
                                                 self._on_socket)
 
@@ -228,7 +254,7 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
         if self._keepalive_call is not None:
             self.broker.keepalives.forget(self._keepalive_call)
             self._keepalive_call = None
-        for call in (self._connect_call, self._expiry_call, self._linger_call):
+        for call in (self._expiry_call, self._linger_call):
             if call is not None and call.active():
                 call.cancel()
 
@@ -239,17 +265,17 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
         self.drop(error.reason_code, error.message)
 
-    def _connect_timed_out(self) -> None:
-        self._connect_call = None
+    def keepalive_due(self) -> float | None:
+        """Called by the broker's keepalives at this connection's deadline: closes a connection
+        with no CONNECT within connect_timeout, or a client silent for 1.5 keepalives
+        [MQTT-3.1.2-24]; or returns the next deadline."""
         if self.state is State.AWAITING_CONNECT:
+            self._keepalive_call = None
             # An abort, not a lingering close: there is nothing to tell a client that has sent no
             # CONNECT (no DISCONNECT before CONNACK), and the descriptor such a silent socket holds
             # is what the timeout is there to free, at once.
             self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "no CONNECT within the connect timeout", abort=True)
-
-    def keepalive_due(self) -> float | None:
-        """Called by the broker's keepalives at this connection's deadline: closes a client
-        silent for 1.5 keepalives [MQTT-3.1.2-24], or returns the next deadline."""
+            return None
         limit = self._keep_alive * 1.5
         idle = self.clock.seconds() - self._last_seen
         if idle < limit:
@@ -318,9 +344,11 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             return
         if self.broker.batching or self.paused:
             out = self._out
-            if not out:
+            if out is None:
+                self._out = [data]
                 self.broker.unflushed.append(self)
-            out.append(data)
+            else:
+                out.append(data)
             self.pending_bytes += len(data)
         else:
             self.stats.bytes_sent += len(data)
@@ -328,8 +356,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
 
     def flush(self, even_if_paused: bool = False) -> None:
         out = self._out
-        if out and (even_if_paused or not self.paused):
-            self._out = []
+        if out is not None and (even_if_paused or not self.paused):
+            self._out = None
             unstored = sum(w.size for w in self._unstored) if self._unstored else 0
             self.stats.bytes_sent += self.pending_bytes - unstored  # counted per flush, not per message
             self.pending_bytes = unstored
@@ -374,9 +402,11 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
             first = unstored.popleft()
             first.sent = True
             if first.data:  # gathered with the other writes (still counted in pending_bytes)
-                if not self._out:
+                out = self._out
+                if out is None:
+                    out = self._out = []
                     broker.unflushed.append(self)
-                self._out += first.data
+                out += first.data
             if first is waiting:
                 break
         if self.session is not None and self.session.queue and not self.paused:
@@ -631,7 +661,8 @@ class MQTTProtocol(Connecting, Publishing, Protocol):
                 raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")  # 3.14.2.2.2
             self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
-        self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})")
+        self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})",
+                  routine=packet.reason_code < 0x80)
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,13 +29,13 @@ if TYPE_CHECKING:
 log = Logger()
 
 
-class Publishing(Protocol):
+class Publishing:
     """The PUBLISH, PUBACK, PUBREC, PUBREL and PUBCOMP handlers of MQTTProtocol. The attributes
     declared here are the connection's state that they use, which lives in ``MQTTProtocol``'s
-    slots and is set up by its ``__init__``. A base of MQTTProtocol only (a ``Protocol`` for
-    the reason given on ``Connecting``)."""
+    slots and is set up by its ``__init__``. A base of MQTTProtocol only."""
 
-    __slots__ = ()
+    if not TYPE_CHECKING:
+        __slots__ = ()  # see Connecting
 
     broker: Any
     stats: Any

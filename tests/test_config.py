@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "close_linger": 2.0,
     "retry_interval": 20.0,
     "set_tcp_nodelay": True,
+    "connection_messages": False,
     "listen_backlog": 1024,
     "max_topic_alias": 10,
     "max_topic_alias_broker": 10,

@@ -294,7 +294,8 @@ def test_the_command_writes_toml_that_loads(tmp_path: Path, capsys: pytest.Captu
     assert settings["endpoints"][0] == "tcp:1884:interface=127.0.0.1"
     assert settings["persistent_client_expiration"] == 2 * 86400
     assert settings["max_inflight_messages"] == 40
-    assert "log_type" in err and "connection_messages" in err  # named, with their lines
+    assert settings["connection_messages"] is True
+    assert "log_type" in err and "connection_messages" not in err  # named, with their lines
     assert f"{config}:19:" in err
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twisted.logger import capturedLogs
+
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
@@ -93,6 +95,18 @@ def test_connect_timeout_drops_silent_connection() -> None:
     assert not client.closed
     broker.clock.advance(0.2)
     assert client.closed
+
+
+def test_connect_deadlines_share_the_keepalive_timer() -> None:
+    broker = make_broker(connect_timeout=5)
+    silent = [FakeClient(broker) for _ in range(100)]
+    assert len(broker.clock.getDelayedCalls()) == 1  # one timer for every deadline
+    client = connected(broker, "c", keep_alive=60)
+    broker.clock.advance(5.1)
+    assert all(s.closed for s in silent) and not client.closed
+    assert len(broker.keepalives) == 1  # the connected client's keepalive, its CONNECT deadline gone
+    broker.clock.advance(60 * 1.5 - 5)
+    assert client.closed and len(broker.keepalives) == 0
 
 
 def test_connect_timeout_zero_means_no_limit() -> None:
@@ -526,3 +540,31 @@ def test_a_publish_hook_replaces_the_message_and_not_the_acknowledgement() -> No
     assert pub.publish("t", b"original", qos=1, packet_id=7) == [Puback(packet_id=7)]
     (message,) = sub.received()
     assert (message.payload, message.qos) == (b"changed", 1)
+
+
+# --- what is logged ----------------------------------------------------------------------------
+
+def closing_lines(events: list[dict]) -> list[str]:  # type: ignore[type-arg]
+    return [e["log_format"].split(" ")[0] + " " + e.get("client_id", "-") for e in events
+            if e.get("log_namespace", "").startswith("mqtt_broker")]
+
+
+def test_routine_disconnects_are_not_logged_by_default() -> None:
+    broker = make_broker()
+    with capturedLogs() as events:
+        connected(broker, "quiet").send(Disconnect())
+        connected(broker, "lost").lose()
+        rude = connected(broker, "rude")
+        rude.send(Connect(client_id="rude"))  # a second CONNECT: a protocol error, closed by the broker
+        connected(broker, "bad-disconnect", version=5).send(Disconnect(reason_code=0x80))
+    assert closing_lines(events) == ["closing rude", "closing bad-disconnect"]
+
+
+def test_connection_messages_logs_every_connection() -> None:
+    broker = make_broker(connection_messages=True)
+    with capturedLogs() as events:
+        connected(broker, "quiet", keep_alive=30).send(Disconnect())
+        connected(broker, "lost").lose()
+    assert closing_lines(events) == ["client quiet", "closing quiet", "client lost", "connection lost"]
+    assert "MQTT {version}" in events[0]["log_format"] and events[0]["version"] == "3.1.1"
+    assert events[0]["keep_alive"] == 30 and events[0]["peer"].startswith("127.0.0.1:")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import socket
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +20,7 @@ from mqtt_broker.config import BrokerConfig, settings
 
 # As a server, twistd mqttbroker keeps its state in SQLite unless told otherwise.
 TWISTD_DEFAULTS = BrokerConfig(persistence="sqlite")
-from mqtt_broker.tap import Options, makeService
+from mqtt_broker.tap import GC_THRESHOLD, Options, makeService, tune_gc
 
 # List settings (endpoints, websocket_endpoints, ...) have repeatable flags of their own.
 FIELDS = [f for f in settings() if f.default is not dataclasses.MISSING]
@@ -303,3 +305,23 @@ def test_start_listens_and_stop_closes() -> None:
     assert not service.running
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+class _Node:
+    next: _Node
+
+
+def test_a_twistd_broker_tunes_its_collector() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD and gc.get_freeze_count() > 10_000
+        node = _Node()
+        node.next = node
+        garbage = weakref.ref(node)
+        del node
+        gc.collect()
+        assert garbage() is None  # cycles are still collected
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -298,7 +298,8 @@ def test_oversize_handshake_is_refused(ws_broker: WSBroker) -> None:
 
 
 def test_forwarded_for_from_a_trusted_proxy(broker_process: type[BrokerProcess]) -> None:
-    broker = WSBroker(broker_process, "--websocket-trusted-proxy", "127.0.0.0/8", "--persistence", "memory")
+    broker = WSBroker(broker_process, "--websocket-trusted-proxy", "127.0.0.0/8", "--persistence", "memory",
+                      "--connection-messages", "true")
     client = connected_raw(broker.ws_port, "behind-proxy", headers={"X-Forwarded-For": "203.0.113.9, 127.0.0.2"})
     client.send(encode(Disconnect()))
     client.until_closed()

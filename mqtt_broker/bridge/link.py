@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IProtocol, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -188,7 +188,7 @@ class PipeEnd:
     """One end of an in-memory connection: what is written here reaches the other end's protocol
     on a later turn of the reactor (never within the write, so neither protocol is re-entered)."""
 
-    def __init__(self, clock: IReactorTime, protocol: Protocol, address: PipeAddress) -> None:
+    def __init__(self, clock: IReactorTime, protocol: IProtocol, address: PipeAddress) -> None:
         self.clock = clock
         self.protocol = protocol
         self.address = address
@@ -268,7 +268,7 @@ class PipeEnd:
         return self.address
 
 
-def pipe(clock: IReactorTime, a: Protocol, b: Protocol, name: str) -> None:
+def pipe(clock: IReactorTime, a: IProtocol, b: IProtocol, name: str) -> None:
     """Connect two protocols in memory (``a`` is made connected first)."""
     end_a = PipeEnd(clock, a, PipeAddress(name))
     end_b = PipeEnd(clock, b, PipeAddress(name))
