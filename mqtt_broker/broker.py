@@ -312,7 +312,7 @@ class BrokerService(Delivery, MultiService):
 
     def flush_writes(self) -> None:
         """Hand each connection's gathered writes to its transport. A connection that queued
-        past its held_bytes and whose transport took everything moves its queue on, gathered again."""
+        past max_held_bytes and whose transport took everything moves its queue on, gathered again."""
         self.batching += 1
         try:
             while self.unflushed:

@@ -158,7 +158,8 @@ class Delivery:
         max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
         max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
         connection = session.connection
-        if connection is not None and connection.pending_bytes < connection.held_bytes and not session.queue and not session.spilled:
+        if connection is not None and connection.pending_bytes < self.config.max_held_bytes and not session.queue \
+                and not session.spilled:
             if not qos:
                 if connection.send_publish(message, 0, retain, 0, False, subscription_ids):
                     self.stats.messages_sent += 1
@@ -242,9 +243,10 @@ class Delivery:
         connection = session.connection
         queue = session.queue
         now = None
-        # While writes are gathered, the transport cannot say it is full: stop past held_bytes,
+        # While writes are gathered, the transport cannot say it is full: stop past max_held_bytes,
         # so that the write that follows fills it and it asks to resume us later.
-        while queue and connection is not None and connection.pending_bytes < connection.held_bytes:
+        held = self.config.max_held_bytes
+        while queue and connection is not None and connection.pending_bytes < held:
             head = queue[0]
             if head.qos and len(session.outgoing) >= connection.send_quota:
                 return

@@ -47,6 +47,7 @@ from .wire import (
 log = Logger()
 
 _PINGRESP = encode(Pingresp())
+_LEGAL = lifecycle.LEGAL
 SEND_LIMIT = 1024 * 1024
 """Bytes a TCP transport hands the kernel per turn of the reactor (Twisted's default, 128 KiB,
 is less than a subscriber of several busy publishers is sent per turn)."""
@@ -55,21 +56,21 @@ is less than a subscriber of several busy publishers is sent per turn)."""
 @implementer(IProtocol, ILoggingContext, IPushProducer)
 class MQTTProtocol(Connecting, Publishing):
     """One client connection (an ``IProtocol`` of its own, without Twisted's ``Protocol`` as a
-    base: that has no slots, so every instance would carry a dict too). ``paused`` is True while the transport's buffer is full; the
-    connection then holds what is written to it, up to ``held_bytes`` (max_held_bytes: a busy
-    subscriber's socket is full for a moment between two turns of the reactor, and it keeps
-    taking messages straight from the publish path), and past that the broker queues (bounded)
-    instead of writing."""
+    base: that has no slots, so every instance would carry a dict too). ``paused`` is True while
+    the transport's buffer is full; the connection then holds what is written to it, up to
+    max_held_bytes (a busy subscriber's socket is full for a moment between two turns of the
+    reactor, and it keeps taking messages straight from the publish path), and past that the
+    broker queues (bounded) instead of writing."""
 
     # Slots: an idle connection's attributes in a dict would cost 1.5 KiB (more than 30 of them
     # do not share keys), in slots a third of that.
     __slots__ = (
-        "broker", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
+        "broker", "clock", "stats", "reader", "state", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
-        "_out", "_on_socket", "pending_bytes", "held_bytes", "_auth_connect", "_blocked", "_graceful",
+        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
         "_last_seen", "_keep_alive", "_keepalive_call", "_expiry_call", "_linger_call",
-        "_unstored", "_unstored_generation", "_bridge", "transport", "connected",
+        "_unstored", "_bridge", "transport", "connected",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -81,7 +82,6 @@ class MQTTProtocol(Connecting, Publishing):
         config = broker.config
         self.reader = FrameReader(max_packet_size=config.max_packet_size, publish_type=Message)
         self.state = State.AWAITING_CONNECT
-        self._legal = lifecycle.LEGAL[self.state]
         self.version = MQTT_3_1_1
         self.session: Any = None
         self.client: Client | None = None
@@ -89,7 +89,7 @@ class MQTTProtocol(Connecting, Publishing):
         self.will_delay = 0
         self.paused = False
         """True while the transport's buffer is full: writes are held in ``_out`` until it
-        drains, and past ``held_bytes`` the broker queues instead."""
+        drains, and past max_held_bytes the broker queues instead."""
         self.send_quota = config.max_inflight_messages
         self.max_send_size = NEVER
         self.problem_information = True
@@ -105,7 +105,6 @@ class MQTTProtocol(Connecting, Publishing):
         """Writes gathered while a read is handled or the transport is full (None: none, which
         an idle connection keeps instead of an empty list)."""
         self._on_socket = False
-        self.held_bytes = config.max_held_bytes
         self.pending_bytes = 0
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
@@ -122,7 +121,6 @@ class MQTTProtocol(Connecting, Publishing):
         """Aborts the socket at the end of the linger after the broker closed it (see ``drop``)."""
         self._unstored: deque[_Unstored] | None = None
         """Writes waiting for the store (see ``wait_for_store``), a batch each, oldest first."""
-        self._unstored_generation = -1
         self._bridge = False
         """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
 
@@ -177,7 +175,7 @@ class MQTTProtocol(Connecting, Publishing):
                 if packet is None:
                     return
                 count += 1
-                if type(packet) not in self._legal:
+                if type(packet) not in _LEGAL[self.state]:
                     if self.state is State.CLOSED:
                         return
                     lifecycle.check(self.state, packet, self.version)
@@ -290,7 +288,6 @@ class MQTTProtocol(Connecting, Publishing):
 
     def _set_state(self, state: State) -> None:
         self.state = state
-        self._legal = lifecycle.LEGAL[state]
 
     # --- waiting for hooks without reordering a client's packets -------------------------
 
@@ -372,16 +369,15 @@ class MQTTProtocol(Connecting, Publishing):
         the store), what waited goes out all the same: the clients keep being served, and only
         a crash before the disk recovers can repeat what was sent meanwhile."""
         store = self.broker.store
-        if store is None or (self._unstored and self._unstored_generation == store.generation):
+        if store is None or (self._unstored and self._unstored[-1].generation == store.generation):
             return  # nothing to wait for, or the wait already asked for covers what was just recorded
         stored = store.flushed()
         if stored.called:
             return
-        waiting = _Unstored()
+        waiting = _Unstored(store.generation)
         if self._unstored is None:
             self._unstored = deque()
         self._unstored.append(waiting)
-        self._unstored_generation = store.generation
         stored.addBoth(self._stored, waiting)
 
     def _stored(self, result: Any, waiting: _Unstored) -> None:
@@ -685,12 +681,14 @@ _HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
 class _Unstored:
     """Writes of one connection that wait for one batch of the store."""
 
-    __slots__ = ("data", "size", "sent")
+    __slots__ = ("data", "size", "sent", "generation")
 
-    def __init__(self) -> None:
+    def __init__(self, generation: int) -> None:
         self.data: list[bytes] = []
         self.size = 0
         self.sent = False
+        self.generation = generation
+        """The store's ``generation`` when this batch was waited for."""
 
 
 class MQTTFactory(Factory):
