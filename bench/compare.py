@@ -30,6 +30,11 @@ SCENARIOS = ["throughput-qos0", "throughput-qos1", "throughput-qos2", "fanout", 
              "connections", "subscriptions"]
 MOSQUITTO = "mosquitto -c {conf:anchors/mosquitto.conf}"
 PROTOCOLS = {"MQTT 3.1.1": [], "MQTT 5": ["--mqtt5"]}
+DURABLE = "MQTT 3.1.1, persistence on"
+"""A third run: QoS 1 and 2 with the SQLite store (acknowledge after commit) against Mosquitto
+with ``persistence true``."""
+DURABLE_SCENARIOS = ["throughput-qos1", "throughput-qos2"]
+MOSQUITTO_DURABLE = "mosquitto -c {conf:bench/mosquitto-persistent.conf}"
 
 
 @dataclass
@@ -50,18 +55,19 @@ class Blocks:
     problems: str
 
 
-def broker_command(python: str) -> str:
-    return (f"{shlex.quote(python)} -m twisted mqttbroker --persistence memory "
+def broker_command(python: str, durable: bool = False) -> str:
+    persistence = "sqlite --data-dir {dir}" if durable else "memory"
+    return (f"{shlex.quote(python)} -m twisted mqttbroker --persistence {persistence} "
             "--max-queued-messages 1000000 --endpoint tcp:{port}:interface=127.0.0.1")
 
 
 def mqttbench_command(mqttbench: Path, repeat: int, scenarios: list[str], extra: list[str],
-                      json_file: Path | None) -> list[str]:
+                      json_file: Path | None, durable: bool = False) -> list[str]:
     """``extra``: options for this protocol and any the user passed through."""
     command = [sys.executable, str(mqttbench), "compare", "--repeat", str(repeat),
                "--scenario", *scenarios, *extra,
-               "--broker", f"mosquitto={MOSQUITTO}",
-               "--broker", f"mqtt_broker={broker_command(sys.executable)}"]
+               "--broker", f"mosquitto={MOSQUITTO_DURABLE if durable else MOSQUITTO}",
+               "--broker", f"mqtt_broker={broker_command(sys.executable, durable)}"]
     return command + (["--json", str(json_file)] if json_file else [])
 
 
@@ -189,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                                     [*extra, *passed_on],
                                     args.json.resolve() / name if args.json else None)
         results.append(run(protocol, command))
+    durable = [name for name in args.scenario if name in DURABLE_SCENARIOS]
+    if durable:
+        command = mqttbench_command(args.mqttbench.resolve(), args.repeat, durable, passed_on,
+                                    args.json.resolve() / "durable.json" if args.json else None, durable=True)
+        results.append(run(DURABLE, command))
     invocation = shlex.join(["bench/compare.py", *(argv if argv is not None else sys.argv[1:])])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(results, date, environment(), invocation), encoding="utf-8")
