@@ -622,7 +622,7 @@ class BrokerService(Delivery, MultiService):
     def subscribe(self, session: Session, subscription: Subscription) -> bool:
         """Add (or replace) a subscription; returns whether it replaced one."""
         existed = subscription.topic_filter in session.subscriptions
-        session.subscriptions[subscription.topic_filter] = subscription
+        session.subscribe(subscription)
         self.subscriptions.add(subscription)
         if session.stored:
             assert self.store is not None

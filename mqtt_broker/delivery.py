@@ -230,7 +230,7 @@ class Delivery:
         if type(item) is not Outgoing:
             item = Outgoing(item.message, item.qos, item.retain, item.subscription_ids, item.share, item.seq)
         item.sent_at = self.clock.seconds()  # type: ignore[attr-defined]
-        session.outgoing[packet_id] = item  # type: ignore[assignment]
+        session.track(packet_id, item)  # type: ignore[arg-type]
         stats = self.stats
         stats.messages_sent += 1
         stats.sent_by_qos[item.qos] += 1

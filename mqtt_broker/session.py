@@ -47,6 +47,26 @@ NO_PUBRELS = cast("set[int]", frozenset())
 """The awaited PUBRELs of a session that has awaited none yet: an empty set costs 216 bytes, for
 each of thousands of idle sessions. Only ``Session.expect_pubrel`` adds to it; it makes the set."""
 
+class _Empty(dict):  # type: ignore[type-arg]
+    """An empty mapping shared by idle sessions, which refuses to be added to (so that no session
+    can write into another's): it reads as an empty dict does, and removing from it finds nothing."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a session's shared empty mapping: replace it with a dict of its own first")
+
+    __setitem__ = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+    __hash__ = object.__hash__  # type: ignore[assignment]  # immutable, so a dataclass default
+
+
+NO_SUBSCRIPTIONS = cast("dict[str, Subscription]", _Empty())
+"""The subscriptions of a session that has none yet (an empty dict costs 64 bytes, for each of
+thousands of idle sessions); ``Session.subscribe`` makes the dict."""
+
+NO_OUTGOING = cast("dict[int, Outgoing]", _Empty())
+"""The messages in flight of a session that has sent none yet; ``Session.track`` makes the dict."""
+
 NO_QUEUE = cast("deque[Queued]", ())
 """The queue of a session that has queued nothing yet: an empty tuple, which reads as an empty
 deque does (a deque costs 600 bytes even empty, for each of thousands of idle sessions). Only
@@ -59,8 +79,8 @@ class Session:
     expiry: int = 0
     """Seconds the session outlives its connection: 0 not at all, 0xFFFFFFFF for ever (MQTT 3:
     clean session 1 is 0, clean session 0 is persistent_client_expiration or for ever)."""
-    subscriptions: dict[str, Subscription] = field(default_factory=dict)
-    outgoing: dict[int, Outgoing] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = NO_SUBSCRIPTIONS
+    outgoing: dict[int, Outgoing] = NO_OUTGOING
     queue: deque[Queued] = NO_QUEUE
     queued_bytes: int = 0
     awaiting_pubrel: set[int] = NO_PUBRELS
@@ -96,6 +116,17 @@ class Session:
             packet_id = packet_id % 65535 + 1
         self._next_id = packet_id % 65535 + 1
         return packet_id
+
+    def subscribe(self, subscription: Subscription) -> None:
+        if self.subscriptions is NO_SUBSCRIPTIONS:
+            self.subscriptions = {}
+        self.subscriptions[subscription.topic_filter] = subscription
+
+    def track(self, packet_id: int, item: Outgoing) -> None:
+        """A QoS 1/2 message is in flight with this packet id."""
+        if self.outgoing is NO_OUTGOING:
+            self.outgoing = {}
+        self.outgoing[packet_id] = item
 
     def expect_pubrel(self, packet_id: int) -> None:
         """An inbound QoS 2 PUBLISH with this id was routed: its PUBREL is awaited."""
@@ -133,8 +164,8 @@ class Session:
         return item
 
     def clear(self) -> None:
-        self.subscriptions.clear()
-        self.outgoing.clear()
+        self.subscriptions = NO_SUBSCRIPTIONS
+        self.outgoing = NO_OUTGOING
         self.unsent = 0
         self.queue = NO_QUEUE
         self.queued_bytes = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mqtt_broker.message import Message
 from mqtt_broker.session import Outgoing, Queued, Session
 from mqtt_broker.topics import Subscription
@@ -17,7 +19,7 @@ def queued(payload: bytes = b"x", qos: int = 1) -> Queued:
 
 def in_flight(session: Session, *packet_ids: int) -> None:
     for packet_id in packet_ids:
-        session.outgoing[packet_id] = Outgoing(message=message(), qos=1, retain=False)
+        session.track(packet_id, Outgoing(message=message(), qos=1, retain=False))
 
 
 # --- packet ids -------------------------------------------------------------------------------
@@ -59,7 +61,7 @@ def test_packet_id_never_in_outgoing_when_nearly_full() -> None:
     in_flight(session, *(i for i in range(1, 65536) if i != 40000))
     allocated = session.allocate_packet_id()
     assert allocated == 40000
-    session.outgoing[allocated] = Outgoing(message=message(), qos=1, retain=False)
+    session.track(allocated, Outgoing(message=message(), qos=1, retain=False))
     session.outgoing.pop(7)
     assert session.allocate_packet_id() == 7
 
@@ -72,7 +74,7 @@ def test_allocated_ids_stay_unique_while_in_flight() -> None:
         assert 1 <= packet_id <= 65535
         assert packet_id not in session.outgoing
         # keep a sliding window of 100 ids in flight
-        session.outgoing[packet_id] = Outgoing(message=message(), qos=1, retain=False)
+        session.track(packet_id, Outgoing(message=message(), qos=1, retain=False))
         if len(session.outgoing) > 100:
             session.outgoing.pop(next(iter(session.outgoing)))
 
@@ -150,7 +152,7 @@ def test_dequeue_is_fifo_and_keeps_queued_bytes() -> None:
 
 def test_clear() -> None:
     session = Session("c1", expiry=60)
-    session.subscriptions["a"] = Subscription(client_id="c1", topic_filter="a")
+    session.subscribe(Subscription(client_id="c1", topic_filter="a"))
     in_flight(session, 1, 2)
     session.enqueue(queued(b"abc"), 0, 0)
     session.expect_pubrel(5)
@@ -174,3 +176,21 @@ def test_an_idle_session_shares_one_empty_set_of_awaited_pubrels() -> None:
     assert busy.awaiting_pubrel == {7} and idle.awaiting_pubrel == set() and 7 not in NO_PUBRELS
     busy.clear()
     assert busy.awaiting_pubrel is NO_PUBRELS
+
+
+def test_idle_sessions_share_empty_subscriptions_and_in_flight_messages() -> None:
+    from mqtt_broker.session import NO_OUTGOING, NO_SUBSCRIPTIONS
+    idle, busy = Session("idle"), Session("busy")
+    assert idle.subscriptions is busy.subscriptions is NO_SUBSCRIPTIONS
+    assert idle.outgoing is busy.outgoing is NO_OUTGOING
+    busy.subscribe(Subscription(client_id="busy", topic_filter="a/#"))
+    busy.track(busy.allocate_packet_id(), Outgoing(message=message(), qos=1, retain=False))
+    assert list(busy.subscriptions) == ["a/#"] and list(busy.outgoing) == [1]
+    assert idle.subscriptions == {} and idle.outgoing == {} and not NO_SUBSCRIPTIONS and not NO_OUTGOING
+    assert idle.subscriptions.pop("a/#", None) is None and idle.outgoing.get(1) is None
+    for write in (lambda: NO_SUBSCRIPTIONS.__setitem__("x", None), lambda: NO_OUTGOING.setdefault(1),
+                  lambda: NO_OUTGOING.update({1: None})):
+        with pytest.raises(TypeError):
+            write()
+    busy.clear()
+    assert busy.subscriptions is NO_SUBSCRIPTIONS and busy.outgoing is NO_OUTGOING

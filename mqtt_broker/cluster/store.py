@@ -90,15 +90,15 @@ def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | 
     disconnected_at = float(meta["disconnected_at"]) if meta.get("disconnected_at") else None
     for j in range(0, len(subs), 2):
         topic_filter = subs[j].decode()
-        session.subscriptions[topic_filter] = unpack_subscription(client_id, topic_filter, subs[j + 1])
+        session.subscribe(unpack_subscription(client_id, topic_filter, subs[j + 1]))
     for seq, state, item in sorted(inflight, key=lambda entry: int(entry[0])):
         if item is None:
             continue
         queued_item = unpack_queued(item, int(seq))
         packet_id, released = state.decode().split(":")
-        session.outgoing[int(packet_id)] = Outgoing(queued_item.message, queued_item.qos, queued_item.retain,
-                                                    queued_item.subscription_ids, queued_item.share, queued_item.seq,
-                                                    released=released == "1")
+        session.track(int(packet_id), Outgoing(queued_item.message, queued_item.qos, queued_item.retain,
+                                               queued_item.subscription_ids, queued_item.share, queued_item.seq,
+                                               released=released == "1"))
     items = [unpack_queued(item, int(seq)) for seq, item in queued if item is not None]
     if items:
         session.push(*items)

@@ -72,7 +72,7 @@ class MemoryStore:
         self._sessions.pop(client_id, None)
 
     def save_subscription(self, client_id: str, subscription: Subscription) -> None:
-        self._session(client_id).subscriptions[subscription.topic_filter] = copy.copy(subscription)
+        self._session(client_id).subscribe(copy.copy(subscription))
 
     def delete_subscription(self, client_id: str, topic_filter: str) -> None:
         self._session(client_id).subscriptions.pop(topic_filter, None)
@@ -89,16 +89,16 @@ class MemoryStore:
         if packet_id is None:
             session.push(copy.copy(item))
         else:
-            session.outgoing[packet_id] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
-                                                   item.share, item.seq)
+            session.track(packet_id, Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
+                                              item.share, item.seq))
 
     def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
         session = self._session(client_id)
         for item in list(session.queue):
             if item.seq == seq:
                 session.queue.remove(item)
-                session.outgoing[packet_id] = Outgoing(item.message, item.qos, item.retain,
-                                                       item.subscription_ids, item.share, item.seq)
+                session.track(packet_id, Outgoing(item.message, item.qos, item.retain,
+                                                  item.subscription_ids, item.share, item.seq))
         for out in session.outgoing.values():
             if out.seq == seq:
                 out.released = released

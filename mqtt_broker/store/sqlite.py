@@ -145,10 +145,10 @@ class SQLiteStore:
         for row in db.execute("SELECT client_id, topic_filter, qos, no_local, retain_as_published, "
                               "retain_handling, subscription_id, share_group FROM subscriptions"):
             if row[0] in sessions:
-                sessions[row[0]][0].subscriptions[row[1]] = Subscription(
+                sessions[row[0]][0].subscribe(Subscription(
                     client_id=row[0], topic_filter=row[1], qos=row[2], no_local=bool(row[3]),
                     retain_as_published=bool(row[4]), retain_handling=row[5], subscription_id=row[6],
-                    share_group=row[7])
+                    share_group=row[7]))
         # In-flight messages all; queued ones up to the window per session, the rest counted.
         limit = "" if not window else f" WHERE packet_id IS NOT NULL OR rank <= {int(window)}"
         for row in db.execute(
@@ -163,8 +163,8 @@ class SQLiteStore:
                 session.push(item)
                 session.loaded_seq = item.seq
             else:
-                session.outgoing[row[10]] = Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
-                                                     item.share, item.seq, released=bool(row[11]))
+                session.track(row[10], Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
+                                                item.share, item.seq, released=bool(row[11])))
         for client_id, queued, last_seq in db.execute(
                 "SELECT client_id, SUM(packet_id IS NULL), MAX(seq) FROM deliveries GROUP BY client_id"):
             if client_id in sessions:
