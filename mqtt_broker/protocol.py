@@ -65,7 +65,7 @@ class MQTTProtocol(Connecting, Publishing):
     # Slots: an idle connection's attributes in a dict would cost 1.5 KiB (more than 30 of them
     # do not share keys), in slots a third of that.
     __slots__ = (
-        "broker", "clock", "stats", "reader", "state", "version", "session", "client",
+        "broker", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
@@ -82,6 +82,7 @@ class MQTTProtocol(Connecting, Publishing):
         config = broker.config
         self.reader = FrameReader(max_packet_size=config.max_packet_size, publish_type=Message)
         self.state = State.AWAITING_CONNECT
+        self._legal = _LEGAL[self.state]
         self.version = MQTT_3_1_1
         self.session: Any = None
         self.client: Client | None = None
@@ -175,7 +176,7 @@ class MQTTProtocol(Connecting, Publishing):
                 if packet is None:
                     return
                 count += 1
-                if type(packet) not in _LEGAL[self.state]:
+                if type(packet) not in self._legal:
                     if self.state is State.CLOSED:
                         return
                     lifecycle.check(self.state, packet, self.version)
@@ -288,6 +289,7 @@ class MQTTProtocol(Connecting, Publishing):
 
     def _set_state(self, state: State) -> None:
         self.state = state
+        self._legal = _LEGAL[state]  # kept: a State is hashed by a Python function, per packet
 
     # --- waiting for hooks without reordering a client's packets -------------------------
 
