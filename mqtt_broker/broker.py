@@ -634,22 +634,25 @@ class BrokerService(Delivery, MultiService):
         """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
         Handling option says [MQTT-3.3.1-9..11]; with ``replay``, first the logged messages it
         asks for (see mqtt_broker.history), and no retained message that was among them."""
+        replaying = replay is not None and self.history is not None and subscription.share_group is None
+        retained = [] if subscription.share_group is not None or subscription.retain_handling == 2 or (
+            subscription.retain_handling == 1 and existed) else self.retained.match(subscription.topic_filter)
+        if not replaying and not retained:  # no retained messages on a shared subscription [MQTT-3.8.4-?]
+            return
         ids = (subscription.subscription_id,) if subscription.subscription_id else ()
         now = self.clock.seconds()
         security = self.security
         readable = (lambda message: True) if security is None or session.identity is None else (
             lambda message: security.can_read(session.identity, message.topic))
         replayed: set[tuple[str, bytes]] = set()
-        if replay is not None and self.history is not None and subscription.share_group is None:
+        if replaying:
+            assert self.history is not None and replay is not None
             for message in self.history.replay(subscription.topic_filter, replay, now):
                 if not readable(message):
                     continue
                 replayed.add((message.topic, message.payload))
                 self.deliver(session, message, min(message.qos, subscription.qos), False, ids)
-        if subscription.share_group is not None or subscription.retain_handling == 2 or (
-                subscription.retain_handling == 1 and existed):
-            return  # no retained messages on a shared subscription [MQTT-3.8.4-?]
-        for message in list(self.retained.match(subscription.topic_filter)):
+        for message in retained:
             if (message.topic, message.payload) in replayed or not readable(message):
                 continue
             if message.expires_at is not None and message.expires_at <= now:

@@ -526,7 +526,7 @@ class MQTTProtocol(Connecting, Publishing):
         wanted: list[Subscription | ReasonCode] = []
         security = self.broker.security
         replays: dict[str, str] = {}
-        asked = dict(packet.properties.get("user_property", ())).get("replay")
+        asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
         for request in packet.subscriptions:
             spec, topic_filter = split_replay_filter(request.topic_filter)
             spec = spec or asked

@@ -65,9 +65,12 @@ class RetainedMessages:
             node = child
         return node.message
 
-    def match(self, topic_filter: str) -> Iterator[Message]:
-        """Every retained message whose topic matches a (non-shared) filter."""
-        yield from _match(self._root, topic_filter.split("/"), 0)
+    def match(self, topic_filter: str) -> list[Message]:
+        """Every retained message whose topic matches a (non-shared) filter (a list, not a
+        generator: a SUBSCRIBE that matches none, the usual case, costs a call or two)."""
+        found: list[Message] = []
+        _match(self._root, topic_filter.split("/"), 0, found)
+        return found
 
     def __iter__(self) -> Iterator[Message]:
         stack = [self._root]
@@ -81,28 +84,28 @@ class RetainedMessages:
         return self.count
 
 
-def _match(node: _Level, levels: list[str], index: int) -> Iterator[Message]:
+def _match(node: _Level, levels: list[str], index: int, found: list[Message]) -> None:
     if index == len(levels):
         if node.message is not None:
-            yield node.message
+            found.append(node.message)
         return
     level = levels[index]
     if level == "#":
         # "a/#" matches "a" itself too [MQTT-4.7.1-2]; no leading wildcard matches "$" topics.
         stack = [node] if index else [c for name, c in node.children.items() if not name.startswith("$")]
         if index and node.message is not None:
-            yield node.message
+            found.append(node.message)
             stack = list(node.children.values())
         while stack:
             current = stack.pop()
             if current.message is not None:
-                yield current.message
+                found.append(current.message)
             stack.extend(current.children.values())
     elif level == "+":
         for name, child in node.children.items():
             if index or not name.startswith("$"):
-                yield from _match(child, levels, index + 1)
+                _match(child, levels, index + 1, found)
     else:
         exact = node.children.get(level)
         if exact is not None:
-            yield from _match(exact, levels, index + 1)
+            _match(exact, levels, index + 1, found)
