@@ -146,6 +146,7 @@ class BrokerService(Delivery, MultiService):
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
         self._share_turns: dict[tuple[str, str], int] = {}
         self.routing_waits_for_store = False
+        self.route_timer = None
         self._connects: dict[str, tuple[float, int]] = {}
         """Per client id: the start of its current minute and the CONNECTs in it."""
         from .protocol import MQTTFactory

@@ -101,7 +101,7 @@ class Monitors(Service):
             if call is not None and call.running:
                 call.stop()
         self._lag_call = self._sample_call = None
-        self.broker.__dict__.pop("route", None)
+        self.broker.route_timer = None
         observers = getattr(self.broker.store, "commit_observers", None)
         if observers is not None and self.store_commit.observe in observers:
             observers.remove(self.store_commit.observe)
@@ -113,17 +113,7 @@ class Monitors(Service):
         self._expected = now + LAG_INTERVAL
 
     def _arm_sample(self) -> None:
-        # The next message routed goes through _timed_route, once: an instance attribute shadows
-        # the method for one call, so unsampled messages pay nothing at all.
-        self.broker.route = self._timed_route
-
-    def _timed_route(self, message: Any, shares: Any = None) -> int:
-        broker = self.broker
-        broker.__dict__.pop("route", None)
-        started = time.perf_counter()
-        routed: int = type(broker).route(broker, message, shares)
-        self.delivery_latency.observe(time.perf_counter() - started)
-        return routed
+        self.broker.route_timer = self.delivery_latency.observe  # the next message routed, once
 
 
 class BrokerCollector:
