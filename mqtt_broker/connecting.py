@@ -228,7 +228,6 @@ class Connecting:
         self.send_quota = terms.send_quota
         properties = terms.connack_properties
         if self.version == MQTT_5:
-            self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
             if terms.alias_maximum:
                 self._aliases_out = OutboundAliases(terms.alias_maximum)
             if self._auth_method is not None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .aliases import InboundAliases
 from .connect import is_utf8
 from .hooks import Refused
 from .lifecycle import State
@@ -23,7 +24,6 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from .aliases import InboundAliases
     from .auth import Identity
 
 log = Logger()
@@ -67,8 +67,10 @@ class Publishing:
                 raise ProtocolError("PUBLISH from a client with a subscription identifier")  # [MQTT-3.3.4-6]
             alias = properties.get("topic_alias")
             if alias is not None:
-                assert self._aliases_in is not None
-                topic = packet.topic = self._aliases_in.resolve(topic, alias)
+                aliases = self._aliases_in
+                if aliases is None:  # made on first use: most clients never set an alias
+                    aliases = self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
+                topic = packet.topic = aliases.resolve(topic, alias)
                 packet.properties = {k: v for k, v in properties.items() if k != "topic_alias"}
         if not topic or "+" in topic or "#" in topic:
             raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
