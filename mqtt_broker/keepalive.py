@@ -45,10 +45,12 @@ class Keepalives:
         if entry[2] is not None:
             entry[2] = None
             self._forgotten += 1
-            if self._forgotten == len(self._heap):  # none left to watch: no timer either
+            if self._forgotten == len(self._heap):
+                # None left to watch. The timer stays: it finds nothing when it fires, where
+                # cancelling it would cost a new one for the next connection (a callLater and a
+                # cancel per connection, when each connects before the next one comes).
                 self._heap.clear()
                 self._forgotten = 0
-                self.stop()
             elif self._forgotten > 50 and self._forgotten * 2 > len(self._heap):
                 heap = self._heap  # in place: _due may be iterating over it
                 heap[:] = [e for e in heap if e[2] is not None]

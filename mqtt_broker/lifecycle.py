@@ -25,6 +25,10 @@ class State(Enum):
     CONNECTED = "connected"
     CLOSED = "closed"
 
+    # Members are singletons and compare by identity: hashed by identity too, in C, where
+    # Enum's own __hash__ is a Python function (a state is looked up per packet).
+    __hash__ = object.__hash__
+
 
 # A client's PUBLISH is decoded into a Message (the protocol's reader is made so).
 _FROM_CLIENT_CONNECTED = frozenset({

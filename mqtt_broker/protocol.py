@@ -289,7 +289,7 @@ class MQTTProtocol(Connecting, Publishing):
 
     def _set_state(self, state: State) -> None:
         self.state = state
-        self._legal = _LEGAL[state]  # kept: a State is hashed by a Python function, per packet
+        self._legal = _LEGAL[state]
 
     # --- waiting for hooks without reordering a client's packets -------------------------
 

@@ -50,11 +50,20 @@ def test_a_forgotten_connection_is_not_called_and_not_held() -> None:
     assert gone.called == [] and kept.called == [10.0]
 
 
-def test_forgetting_the_last_one_stops_the_timer() -> None:
+def test_forgetting_the_last_one_leaves_a_timer_that_finds_nothing() -> None:
     clock = Clock()
     keepalives = Keepalives(clock)
-    keepalives.forget(keepalives.watch(Connection(clock), 5.0))
-    assert clock.getDelayedCalls() == [] and len(keepalives) == 0
+    connection = Connection(clock)
+    keepalives.forget(keepalives.watch(connection, 5.0))
+    assert len(keepalives) == 0 and len(clock.getDelayedCalls()) == 1  # kept for the next one
+    later = Connection(clock)
+    keepalives.forget(keepalives.watch(later, 7.0))
+    keepalives.watch(later, 9.0)
+    assert len(clock.getDelayedCalls()) == 1  # the same timer, not one per connection
+    clock.advance(5.0)
+    assert connection.called == [] and later.called == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(4.0)
+    assert later.called == [9.0] and clock.getDelayedCalls() == []
 
 
 def test_forgotten_entries_are_swept_once_they_are_the_majority() -> None:
