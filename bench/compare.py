@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Mosquitto and this broker in one mqttbench run, over MQTT 3.1.1 and MQTT 5, into docs/performance.md.
+"""Mosquitto and this broker in one mqttbench run, over MQTT 3.1.1 and MQTT 5, and QoS 1 and 2 with
+persistence on in both, into docs/performance.md.
 
     .venv/bin/python bench/compare.py [--repeat 3] [--scenario NAME ...] [--json DIR] [MQTTBENCH OPTIONS]
 
