@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.logger import capturedLogs
 
 from mqtt_broker.config import BrokerConfig
@@ -544,7 +546,8 @@ def test_a_publish_hook_replaces_the_message_and_not_the_acknowledgement() -> No
 
 # --- what is logged ----------------------------------------------------------------------------
 
-def closing_lines(events: list[dict]) -> list[str]:  # type: ignore[type-arg]
+def logged(events: list[dict[str, Any]]) -> list[str]:
+    """The broker's log lines, each as its first word and the client id."""
     return [e["log_format"].split(" ")[0] + " " + e.get("client_id", "-") for e in events
             if e.get("log_namespace", "").startswith("mqtt_broker")]
 
@@ -557,7 +560,7 @@ def test_routine_disconnects_are_not_logged_by_default() -> None:
         rude = connected(broker, "rude")
         rude.send(Connect(client_id="rude"))  # a second CONNECT: a protocol error, closed by the broker
         connected(broker, "bad-disconnect", version=5).send(Disconnect(reason_code=0x80))
-    assert closing_lines(events) == ["closing rude", "closing bad-disconnect"]
+    assert logged(events) == ["closing rude", "closing bad-disconnect"]
 
 
 def test_connection_messages_logs_every_connection() -> None:
@@ -565,6 +568,6 @@ def test_connection_messages_logs_every_connection() -> None:
     with capturedLogs() as events:
         connected(broker, "quiet", keep_alive=30).send(Disconnect())
         connected(broker, "lost").lose()
-    assert closing_lines(events) == ["client quiet", "closing quiet", "client lost", "connection lost"]
+    assert logged(events) == ["client quiet", "closing quiet", "client lost", "connection lost"]
     assert "MQTT {version}" in events[0]["log_format"] and events[0]["version"] == "3.1.1"
     assert events[0]["keep_alive"] == 30 and events[0]["peer"].startswith("127.0.0.1:")
