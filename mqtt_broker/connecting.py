@@ -66,7 +66,7 @@ class Connecting:
     _aliases_out: OutboundAliases | None
     _keep_alive: float
     _last_seen: float
-    _keepalive_call: Any
+    _deadline: Any
     _expiry_call: Any
 
     if TYPE_CHECKING:  # MQTTProtocol's methods that these use
@@ -79,9 +79,9 @@ class Connecting:
 
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
-        if self._keepalive_call is not None:  # the CONNECT deadline
-            self.broker.keepalives.forget(self._keepalive_call)
-            self._keepalive_call = None
+        if self._deadline is not None:  # the CONNECT deadline
+            self.broker.keepalives.forget(self._deadline)
+            self._deadline = None
         self.version = packet.protocol_level
         terms = self.terms = negotiate(self.broker.config, packet)
         self.problem_information = terms.problem_information
@@ -250,7 +250,7 @@ class Connecting:
         if terms.keep_alive:
             self._keep_alive = float(terms.keep_alive)
             self._last_seen = self.clock.seconds()
-            self._keepalive_call = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
+            self._deadline = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
         self._watch_expiry()
         self.broker.resume(session)
 

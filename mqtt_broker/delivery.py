@@ -54,10 +54,10 @@ class Delivery:
     picks the next member."""
     cluster: Any
     routing_waits_for_store: bool
-    route_timer: Callable[[float], None] | None
-    """Given the seconds the next message takes to route (a sample for the metrics), then None."""
     """While True, what ``route`` sends to a client waits for the store to make durable what
     is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
+    route_timer: Callable[[float], None] | None
+    """Given the seconds the next message takes to route (a sample for the metrics), then None."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 

@@ -69,7 +69,7 @@ class MQTTProtocol(Connecting, Publishing):
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
-        "_last_seen", "_keep_alive", "_keepalive_call", "_expiry_call", "_linger_call",
+        "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_bridge", "transport", "connected",
     )
 
@@ -113,7 +113,7 @@ class MQTTProtocol(Connecting, Publishing):
         self._graceful = False
         self._last_seen = 0.0
         self._keep_alive = 0.0
-        self._keepalive_call: Any = None
+        self._deadline: Any = None
         """This connection's entry in ``broker.keepalives`` (see mqtt_broker.keepalive): its
         CONNECT deadline until CONNECT, then its keepalive's."""
         self._expiry_call: Any = None
@@ -151,7 +151,7 @@ class MQTTProtocol(Connecting, Publishing):
             self._on_socket = True
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         if self.broker.config.connect_timeout:
-            self._keepalive_call = self.broker.keepalives.watch(
+            self._deadline = self.broker.keepalives.watch(
                 self, self.clock.seconds() + self.broker.config.connect_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -241,18 +241,15 @@ class MQTTProtocol(Connecting, Publishing):
             # A paused producer would be resumed once the buffer drains, instead of the
             # connection being closed: Twisted closes only a transport with no paused producer.
             self.transport.unregisterProducer()  # type: ignore[union-attr]
-            if routine and self._on_socket:
-                # The client ended it and is sent nothing more: there is no last packet to wait
-                # for it to read, so no linger (its timer, half-close and extra read).
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                return
-            self._linger_call = close_lingering(self.transport, self.clock, self.broker.config.close_linger,
-                                                self._on_socket)
+            # A client that ended it is sent nothing more: no last packet to wait for it to read,
+            # so no linger on a socket. (TLS keeps its timer: it bounds the wait for close_notify.)
+            linger = 0 if routine and self._on_socket else self.broker.config.close_linger
+            self._linger_call = close_lingering(self.transport, self.clock, linger, self._on_socket)
 
     def _cancel_timers(self) -> None:
-        if self._keepalive_call is not None:
-            self.broker.keepalives.forget(self._keepalive_call)
-            self._keepalive_call = None
+        if self._deadline is not None:
+            self.broker.keepalives.forget(self._deadline)
+            self._deadline = None
         for call in (self._expiry_call, self._linger_call):
             if call is not None and call.active():
                 call.cancel()
@@ -269,7 +266,7 @@ class MQTTProtocol(Connecting, Publishing):
         with no CONNECT within connect_timeout, or a client silent for 1.5 keepalives
         [MQTT-3.1.2-24]; or returns the next deadline."""
         if self.state is State.AWAITING_CONNECT:
-            self._keepalive_call = None
+            self._deadline = None
             # An abort, not a lingering close: there is nothing to tell a client that has sent no
             # CONNECT (no DISCONNECT before CONNACK), and the descriptor such a silent socket holds
             # is what the timeout is there to free, at once.
@@ -279,7 +276,7 @@ class MQTTProtocol(Connecting, Publishing):
         idle = self.clock.seconds() - self._last_seen
         if idle < limit:
             return self._last_seen + limit
-        self._keepalive_call = None
+        self._deadline = None
         # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
         # gone, and what is queued for it may never drain, so lingering would only hold its
         # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive

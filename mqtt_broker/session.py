@@ -7,7 +7,7 @@ broker passes times in), so it can be saved by a store and tested alone.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from .message import Message
@@ -46,6 +46,7 @@ class Outgoing(Queued):
 NO_PUBRELS = cast("set[int]", frozenset())
 """The awaited PUBRELs of a session that has awaited none yet: an empty set costs 216 bytes, for
 each of thousands of idle sessions. Only ``Session.expect_pubrel`` adds to it; it makes the set."""
+
 
 class _Empty(dict):  # type: ignore[type-arg]
     """An empty mapping shared by idle sessions, which refuses to be added to (so that no session
