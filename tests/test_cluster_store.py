@@ -10,12 +10,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.cluster.codec import TARGETED, pack_will, unpack_records, unpack_will
 from mqtt_broker.cluster.redis import Redis
-from mqtt_broker.cluster.store import RedisStore, _Batch
+from mqtt_broker.cluster.store import ACK_DELAY, RedisStore, _Batch
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
@@ -183,6 +184,54 @@ def test_a_batch_whose_answer_was_lost_is_not_applied_twice(
     yield unapplied
     assert server.client().xlen("mqtt:inbox:b") == 2
     assert [fields[b"d"] for _, fields in server.client().xrange("mqtt:inbox:b")] == [b"an entry", b"second"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_marks_of_handled_entries_wait_for_a_batch_or_their_delay(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Marking an inbox entry handled sends nothing by itself until ACK_DELAY has passed; it
+    goes with the next batch cut for another reason, and with whatever ``flushed()`` waits for."""
+    server.client().flushall()
+    clock = Clock()
+    link = Redis(RedisAddress.parse(server.url))
+    store = RedisStore(link, "b", clock)
+    redis = server.client()
+
+    def pending() -> int:
+        return int(redis.xpending("mqtt:inbox:b", "nodes")["pending"])
+
+    def give(payload: bytes) -> Deferred[Any]:
+        redis.xadd("mqtt:inbox:b", {"d": payload})
+        return store.read_inbox(">")
+
+    def written(d: Deferred[Any]) -> Deferred[Any]:
+        clock.advance(0)  # the batch is cut on the next turn of the (here, injected) clock
+        return d
+
+    try:
+        yield store.create_inbox()
+        ((first, _),) = yield give(b"1")
+        store.handled(first)
+        clock.advance(ACK_DELAY / 2)
+        yield link.call("PING")  # after any batch sent so far, on the same connection
+        assert pending() == 1
+        clock.advance(ACK_DELAY / 2)  # due: the mark goes alone
+        yield written(store.flushed())
+        assert pending() == 0
+
+        ((second, _),) = yield give(b"2")
+        store.handled(second)
+        store.route("x/#", True)  # another change: the mark rides in its batch at once
+        yield written(store.flushed())
+        assert pending() == 0 and redis.hkeys("mqtt:routes:b") == [b"x/#"]
+
+        ((third, _),) = yield give(b"3")
+        store.handled(third)
+        yield written(store.flushed())  # flushed() means every mark so far is written
+        assert pending() == 0
+        clock.advance(ACK_DELAY)
+        assert not clock.getDelayedCalls()
+    finally:
+        yield link.close()
 
 
 @pytest_twisted.inlineCallbacks
