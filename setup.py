@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 # exceptions' reason codes are class attributes, which mypyc drops from compiled subclasses, and
 # nothing in it runs per message.
 COMPILED = ["mqtt_broker/wire/__init__.py", "mqtt_broker/wire/codec.py", "mqtt_broker/wire/packets.py",
-            "mqtt_broker/wire/properties.py", "mqtt_broker/topics.py"]
+            "mqtt_broker/wire/properties.py", "mqtt_broker/topics.py", "mqtt_broker/cluster/codec.py"]
 
 
 def warn(why: str) -> None:

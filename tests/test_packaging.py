@@ -86,7 +86,8 @@ def test_wheel_is_compiled_unless_told_not_to(wheel: Path) -> None:
     if os.environ.get("MQTT_BROKER_COMPILE") == "0":
         assert not compiled
     else:
-        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}", f"mqtt_broker/topics{SUFFIX}"} | {
+        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}", f"mqtt_broker/topics{SUFFIX}",
+                            f"mqtt_broker/cluster/codec{SUFFIX}"} | {
             f"mqtt_broker/wire/{name}{SUFFIX}" for name in ("__init__", "codec", "packets", "properties")}
 
 

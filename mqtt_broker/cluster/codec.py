@@ -36,8 +36,12 @@ def pack_message(message: Message, now: float) -> bytes:
                             1 if message.qos else 0)[0]
 
 
-def unpack_message(data: bytes) -> Message:
-    (message,) = FrameReader(version=MQTT_5, publish_type=Message).feed(data)
+def unpack_message(data: bytes, reader: FrameReader | None = None) -> Message:
+    """The message of a PUBLISH (``pack_message``), read by ``reader`` when given (one reader
+    serves every record of an inbox entry: each is a whole frame, so none is left over)."""
+    if reader is None:
+        reader = FrameReader(version=MQTT_5, publish_type=Message)
+    (message,) = reader.feed(data)
     assert isinstance(message, Message)
     message.packet_id = 0
     message.frame = None
@@ -79,6 +83,7 @@ Record = tuple[int, Any, Any]
 
 
 def unpack_records(data: bytes) -> Iterator[Record]:
+    reader = FrameReader(version=MQTT_5, publish_type=Message)
     pos = 0
     while pos < len(data):
         kind = data[pos]
@@ -94,7 +99,7 @@ def unpack_records(data: bytes) -> Iterator[Record]:
                 topic_filter, pos = _read_string(data, pos)
                 shares.append((group, topic_filter))
             (size,) = _U32.unpack_from(data, pos)
-            message = unpack_message(data[pos + 4:pos + 4 + size])
+            message = unpack_message(data[pos + 4:pos + 4 + size], reader)
             message.sender = sender or None
             message.cluster_id = cluster_id
             pos += 4 + size
