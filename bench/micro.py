@@ -25,6 +25,9 @@ INSTALLED = "--installed" in sys.argv  # looked at before argparse: it decides w
 sys.path[:0] = [str(ROOT / "tests")] if INSTALLED else [str(ROOT), str(ROOT / "tests")]
 
 import mqtt_broker  # noqa: E402
+from twisted.internet.defer import Deferred  # noqa: E402
+from mqtt_broker.store import fire  # noqa: E402
+from mqtt_broker.store.memory import MemoryStore  # noqa: E402
 from mqtt_broker.topics import Subscription, SubscriptionTree  # noqa: E402
 from mqtt_broker.wire import (  # noqa: E402
     MQTT_3_1_1, MQTT_5, NO_PROPERTIES, FrameReader, Publish, encode, publish_template,
@@ -103,14 +106,37 @@ def topic_cases(scale: float) -> list[Case]:
             ("match-uncached-10k", uncached, calls, per_call)]
 
 
-def broker_case(qos: int, messages: int) -> Case:
+class BatchStore(MemoryStore):
+    """A store that writes in batches, as the SQLite and Redis stores do: ``flushed()`` waits for
+    ``cut()``, which the case calls after each read (the batch's own writing is not measured)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+        self._waiters: list[Deferred[None]] = []
+
+    def flushed(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def cut(self) -> None:
+        self.generation += 1
+        waiters, self._waiters = self._waiters, []
+        self.gather(fire, waiters)
+
+
+def broker_case(qos: int, messages: int, stored: bool = False) -> Case:
     """One publisher and one subscriber on a broker in memory; the publisher's PUBLISHes are fed
-    to its protocol in reads of FRAMES, as Twisted would, and nothing is written anywhere."""
+    to its protocol in reads of FRAMES, as Twisted would, and nothing is written anywhere. With
+    ``stored``, the PUBLISHes are acknowledged once a store has written the batch of their read
+    (the subscriber takes them at QoS 0, so that only the acknowledgements wait for it)."""
     # The in-flight window is cleared after each read, so it must hold a whole read: otherwise
     # the queue, not the direct path, would be measured.
-    broker = make_broker(max_inflight_messages=FRAMES)
+    store = BatchStore() if stored else None
+    broker = make_broker(max_inflight_messages=FRAMES, store=store)
     subscriber = connected(broker, "sub")
-    subscriber.subscribe(TOPIC, qos=qos)
+    subscriber.subscribe(TOPIC, qos=0 if stored else qos)
     publisher = connected(broker, "pub")
     for client in (subscriber, publisher):
         client.transport.write = lambda data: None  # type: ignore[method-assign]
@@ -123,9 +149,11 @@ def broker_case(qos: int, messages: int) -> Case:
     def run() -> None:
         for _ in range(messages // FRAMES):
             feed(read)
+            if store is not None:
+                store.cut()
             outgoing.clear()  # as if the subscriber had acknowledged every message
 
-    return (f"broker-qos{qos}", run, 1, messages // FRAMES * FRAMES)
+    return (f"broker-qos{qos}{'-stored' if stored else ''}", run, 1, messages // FRAMES * FRAMES)
 
 
 def measure(function: Callable[[], object], calls: int, operations: int, collect: bool) -> float:
@@ -149,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = codec_cases(scale) + topic_cases(scale)
     for name, function, calls, operations in cases:
         print(f"{name:<22}{measure(function, calls, operations, False):>10.3f}", flush=True)
-    for qos in (0, 1):
-        name, function, calls, operations = broker_case(qos, max(FRAMES, int(200_000 * scale)))
+    for qos, stored in ((0, False), (1, False), (1, True)):
+        name, function, calls, operations = broker_case(qos, max(FRAMES, int(200_000 * scale)), stored)
         print(f"{name:<22}{measure(function, calls, operations, True):>10.3f}", flush=True)
 
 

@@ -34,7 +34,7 @@ from .connect import NEVER, Terms
 from .connecting import Connecting, count_refusal, tally
 from .history import ReplayError, parse_spec, split_replay_filter
 from .linger import close_lingering
-from .publishing import Publishing
+from .publishing import Publishing, _Acks
 from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
 from .wire import (
@@ -70,7 +70,7 @@ class MQTTProtocol(Connecting, Publishing):
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
-        "_unstored", "_bridge", "transport", "connected",
+        "_unstored", "_acks", "_bridge", "transport", "connected",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -122,6 +122,9 @@ class MQTTProtocol(Connecting, Publishing):
         """Aborts the socket at the end of the linger after the broker closed it (see ``drop``)."""
         self._unstored: deque[_Unstored] | None = None
         """Writes waiting for the store (see ``wait_for_store``), a batch each, oldest first."""
+        self._acks: _Acks | None = None
+        """The acknowledgements of PUBLISHes waiting for the store's latest batch (see
+        ``Publishing._acknowledge_when_stored``)."""
         self._bridge = False
         """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
 

@@ -47,6 +47,7 @@ class Publishing:
     problem_information: bool
     _client_id: str
     _aliases_in: InboundAliases | None
+    _acks: _Acks | None
 
     if TYPE_CHECKING:  # MQTTProtocol's methods that these use
         def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
@@ -171,28 +172,39 @@ class Publishing:
     def _acknowledge_when_stored(self, qos: int, packet_id: int, reason: ReasonCode) -> None:
         """Acknowledge once everything recorded so far is stored; through the store even when
         nothing new was recorded, so that acknowledgements keep the order of the PUBLISHes
-        [MQTT-4.6.0-2, -3]."""
+        [MQTT-4.6.0-2, -3]. The acknowledgements asked for while the store's ``generation``
+        keeps one value wait together, for one ``flushed()``."""
         store = self.broker.store
         if store is None:
             self._acknowledge(qos, packet_id, reason)
-        else:
-            store.flushed().addCallbacks(self._durable, self._not_durable, (qos, packet_id, reason), None,
-                                         (qos, packet_id))
+            return
+        acks = self._acks
+        if acks is not None and acks.generation == store.generation:
+            acks.entries.append((qos, packet_id, reason))
+            return
+        acks = self._acks = _Acks(store.generation, (qos, packet_id, reason))
+        store.flushed().addCallbacks(self._durable, self._not_durable, (acks,), None, (acks,))
 
-    def _durable(self, _: None, qos: int, packet_id: int, reason: ReasonCode) -> None:
+    def _durable(self, _: None, acks: _Acks) -> None:
+        if self._acks is acks:
+            self._acks = None
         if self.state is State.CONNECTED:
-            self._acknowledge(qos, packet_id, reason)
+            for qos, packet_id, reason in acks.entries:
+                self._acknowledge(qos, packet_id, reason)
 
-    def _not_durable(self, failure: Failure, qos: int, packet_id: int) -> None:
+    def _not_durable(self, failure: Failure, acks: _Acks) -> None:
         """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
         client gets none and sends the message again when it reconnects."""
+        if self._acks is acks:
+            self._acks = None
         failure.trap(StoreError)
-        # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client will
-        # send the PUBLISH again, which must not be routed a second time.
-        if qos == 2 and self.session is not None and self.version == MQTT_5:
-            self.broker.pubrel_received(self.session, packet_id)
-        if self.state is State.CONNECTED and self.version == MQTT_5:
-            self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
+        for qos, packet_id, _ in acks.entries:
+            # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client
+            # will send the PUBLISH again, which must not be routed a second time.
+            if qos == 2 and self.session is not None and self.version == MQTT_5:
+                self.broker.pubrel_received(self.session, packet_id)
+            if self.state is State.CONNECTED and self.version == MQTT_5:
+                self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
     def _acknowledge(self, qos: int, packet_id: int, reason: ReasonCode, reason_string: str | None = None) -> None:
         """PUBACK (QoS 1) or PUBREC (QoS 2) for a PUBLISH received."""
@@ -250,3 +262,15 @@ class Publishing:
         else:
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
             self.send(Pubcomp(packet_id=packet.packet_id, reason_code=code))
+
+
+class _Acks:
+    """Acknowledgements of PUBLISHes (QoS, packet id, reason code) that wait for one batch of
+    the store, in the order the PUBLISHes came."""
+
+    __slots__ = ("generation", "entries")
+
+    def __init__(self, generation: int, first: tuple[int, int, ReasonCode]) -> None:
+        self.generation = generation
+        """The store's ``generation`` when they started waiting."""
+        self.entries = [first]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MICRO_CASES = [
     f"{kind}-qos{qos}-{version}" for kind in ("decode", "encode", "template")
     for version in ("v311", "v5") for qos in (0, 1)
-] + ["match-cached", "match-uncached-10k", "broker-qos0", "broker-qos1"]
+] + ["match-cached", "match-uncached-10k", "broker-qos0", "broker-qos1", "broker-qos1-stored"]
 
 # What mqttbench 'compare' printed for two scenarios where the second broker never started: the
 # problems hold the (here empty) tail of the broker's log, so blank lines fall inside the block.

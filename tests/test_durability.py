@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
 
 from mqtt_broker import BrokerService
 from mqtt_broker.store import Store, StoreError
@@ -847,3 +848,55 @@ def test_pubcomp_goes_out_once_the_packet_id_is_forgotten_in_the_store(
     for _ in range(4):
         answer(s, receiver, (yield when_stored(on_disk.store, s)))
     assert receiver.payloads() == [b"first", b"second"]
+
+
+class HeldStore(MemoryStore):
+    """A store whose batches the test writes, or fails: ``flushed()`` waits for the batch of the
+    current ``generation``, which the test moves on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+        self.waiting: dict[int, list[Deferred[None]]] = {}
+        self.asked = 0
+
+    def flushed(self) -> Deferred[None]:
+        self.asked += 1
+        d: Deferred[None] = Deferred()
+        self.waiting.setdefault(self.generation, []).append(d)
+        return d
+
+    def write(self, generation: int, error: Exception | None = None) -> None:
+        for d in self.waiting.pop(generation):
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(error)
+
+
+def test_acknowledgements_wait_for_their_batch_together_and_in_order() -> None:
+    """The PUBLISHes acknowledged within one batch of the store ask it once, and are answered in
+    the order they came when that batch is written; when a batch fails, each of its MQTT 5
+    PUBLISHes gets 0x80, and a QoS 2 one's packet id is free again."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    client = connected(broker, "p", 5)
+    client.received()
+    asked = store.asked
+    client.send(*(Publish(topic="t", payload=b"x", qos=1, packet_id=i) for i in (1, 2, 3)))
+    client.send(Publish(topic="t", payload=b"x", qos=2, packet_id=4))
+    assert store.asked == asked + 1 and client.received() == []
+    store.generation += 1  # a batch is cut: what comes now waits for the next one
+    client.send(Publish(topic="t", payload=b"x", qos=2, packet_id=5), Publish(topic="t", payload=b"x", qos=1, packet_id=6))
+    assert store.asked == asked + 2 and client.received() == []
+
+    store.write(0)
+    unmatched = 0x10  # MQTT 5's "no matching subscribers": nobody subscribed to t
+    assert [(type(p), p.packet_id, p.reason_code) for p in client.received()] == [
+        (Puback, 1, unmatched), (Puback, 2, unmatched), (Puback, 3, unmatched), (Pubrec, 4, unmatched)]
+    store.write(1, StoreError("the disk is full"))
+    assert [(type(p), p.packet_id, p.reason_code) for p in client.received()] == [(Pubrec, 5, 0x80), (Puback, 6, 0x80)]
+    # Packet id 5 is free: the same id is a new message, routed and acknowledged once stored.
+    client.send(Publish(topic="t", payload=b"again", qos=2, packet_id=5))
+    store.write(store.generation)
+    assert [(type(p), p.packet_id, p.reason_code) for p in client.received()] == [(Pubrec, 5, unmatched)]
