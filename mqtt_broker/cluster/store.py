@@ -114,8 +114,9 @@ ACK_DELAY = 0.05
 """Seconds the mark that an inbox entry is handled may wait for a batch to go with, when the
 entry's messages were for clean sessions only (nothing else to write): with `appendfsync always`
 Redis then syncs its file once per window of messages (the sending node's batch, with this
-node's read) instead of twice. A node killed meanwhile has those entries read again, by itself
-when it restarts or by the node that adopts its inbox; no session they were for outlives it."""
+node's read) instead of twice. A node killed meanwhile has those entries handled again, by
+itself when it restarts or by the node that adopts its inbox; the clean sessions they were for
+ended with it."""
 
 MAX_IN_FLIGHT = 1
 """Batches sent to Redis and not yet answered, at most. One: Redis answers a connection's
