@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -13,6 +14,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,3 +151,19 @@ def test_missing_mqttbench_is_an_error(compare: ModuleType, tmp_path: Path,
         compare.main(["--mqttbench", str(tmp_path / "nowhere")])
     assert exit.value.code == 2
     assert f"mqttbench not found at {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_the_twisted_floor_answers_a_connect_and_closes_on_disconnect() -> None:
+    """bench/twisted_floor.py, the least a Twisted server does in the connections scenario."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "twisted_floor.py"), str(port)])
+    try:
+        wait_for_port(port, server, timeout=30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c")  # CONNECT, client id "c"
+            assert client.recv(16) == b"\x20\x02\x00\x00"
+            client.sendall(b"\xe0\x00")
+            assert client.recv(16) == b""  # closed by the server
+    finally:
+        server.terminate()
+        server.wait(15)
