@@ -278,9 +278,11 @@ class RedisStore:
             self.reactor.callLater(ACK_DELAY, self._acks_due)
 
     def _acks_due(self) -> None:
+        """The marks waited long enough: they make a change of their own, for the next batch."""
         self._ack_timer = False
         if self._handled:
-            self.flushed()
+            self._record(*self._handled)
+            self._handled = []
 
     def subscriptions_of(self, client_id: str) -> Deferred[list[Subscription]]:
         def read(reply: list[bytes]) -> list[Subscription]:
