@@ -77,7 +77,7 @@ class Stats:
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
 
 
-class BrokerService(Delivery, MultiService):
+class BrokerService(MultiService):
     """An MQTT broker as a Twisted service.
 
     ``BrokerService(endpoints=["tcp:1883"])`` listens when started (``startService()`` or as a
@@ -144,9 +144,8 @@ class BrokerService(Delivery, MultiService):
         self.security: Security | None = security if security.enabled else None
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
         self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
-        self._share_turns: dict[tuple[str, str], int] = {}
-        self.routing_waits_for_store = False
-        self.route_timer = None
+        self.delivery = Delivery(self)
+        """Routing and delivery (the hot path), on the state made above."""
         self._connects: dict[str, tuple[float, int]] = {}
         """Per client id: the start of its current minute and the CONNECTs in it."""
         from .protocol import MQTTFactory
@@ -237,11 +236,11 @@ class BrokerService(Delivery, MultiService):
         for item in [i for i in session.queue if not can_read(identity, i.message.topic)]:
             session.queue.remove(item)
             session.queued_bytes -= len(item.message.payload)
-            self._forget_delivery(session, item)
+            self.delivery.forget(session, item)
         for packet_id, out in list(session.outgoing.items()):
             if not out.released and not can_read(identity, out.message.topic):
                 del session.outgoing[packet_id]
-                self._forget_delivery(session, out)
+                self.delivery.forget(session, out)
 
     def reload(self) -> None:
         """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
@@ -322,7 +321,7 @@ class BrokerService(Delivery, MultiService):
                     connection.flush()
                     session = connection.session
                     if session is not None and session.queue and not connection.paused:
-                        self.pump(session)
+                        self.delivery.pump(session)
         finally:
             self.batching -= 1
 
@@ -434,7 +433,7 @@ class BrokerService(Delivery, MultiService):
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         self.stats.broker_published += 1
-        self.route(Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties))
+        self.delivery.route(Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties))
         return succeed(None)
 
     def clients(self) -> list[Client]:
@@ -511,12 +510,12 @@ class BrokerService(Delivery, MultiService):
                 resent += 1
             else:
                 del session.outgoing[packet_id]
-                self._forget_delivery(session, out)
+                self.delivery.forget(session, out)
         if session.outgoing:
-            self._schedule_retry(session)
+            self.delivery.schedule_retry(session)
         if self.cluster is not None:
             self.cluster.connected(session, connection)
-        self.pump(session)
+        self.delivery.pump(session)
 
     def detach(self, connection: Any, graceful: bool) -> None:
         """A connection ended: publish its will unless it ended gracefully, and keep or discard
@@ -563,13 +562,13 @@ class BrokerService(Delivery, MultiService):
     def publish_will(self, client: Client, will: Message) -> None:
         if not self.hooks.has_will:
             self.stats.wills_published += 1
-            self.route(will)
+            self.delivery.route(will)
             return
 
         def decided(answer: Any) -> None:
             if answer is None or isinstance(answer, Message):
                 self.stats.wills_published += 1
-                self.route(will if answer is None else answer)
+                self.delivery.route(will if answer is None else answer)
         self.hooks.decide("will", client, will).addCallback(decided)
 
     def _delayed_will_due(self, client_id: str) -> None:
@@ -616,7 +615,7 @@ class BrokerService(Delivery, MultiService):
             assert item.share is not None
             members = self.subscriptions.shared_members(*item.share)
             if members:
-                self._deliver_shared(item.message, item.share, members)
+                self.delivery.deliver_shared(item.message, item.share, members)
 
     # --- subscriptions ------------------------------------------------------------------
 
@@ -652,14 +651,14 @@ class BrokerService(Delivery, MultiService):
                 if not readable(message):
                     continue
                 replayed.add((message.topic, message.payload))
-                self.deliver(session, message, min(message.qos, subscription.qos), False, ids)
+                self.delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         for message in retained:
             if (message.topic, message.payload) in replayed or not readable(message):
                 continue
             if message.expires_at is not None and message.expires_at <= now:
                 self.retained.delete(message.topic)
                 continue
-            self.deliver(session, message, min(message.qos, subscription.qos), True, ids)
+            self.delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:

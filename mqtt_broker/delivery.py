@@ -2,9 +2,9 @@
 at once or queued (in memory, or spilled to the store), tracked until acknowledged, and resent
 (MQTT 3) when no acknowledgement comes.
 
-:class:`Delivery` is a mixin of :class:`~mqtt_broker.broker.BrokerService`, which owns the state
-it works on; its methods are the service's own (``broker.deliver``), so the hot path pays no
-extra call or attribute lookup for the split.
+:class:`Delivery` is a part of :class:`~mqtt_broker.broker.BrokerService` (``broker.delivery``),
+which makes the state it works on and gives it references to it; a class of its own, not a base
+of the service (a Twisted ``MultiService``), so that it compiles to a native class (``setup.py``).
 """
 
 from __future__ import annotations
@@ -35,29 +35,29 @@ log = Logger()
 
 
 class Delivery:
-    """Routing, delivery, the queues and the acknowledgements of what is sent, as methods of
-    ``BrokerService``. The attributes declared here are the state they use, which
-    ``BrokerService.__init__`` sets up."""
+    """Routing, delivery, the queues and the acknowledgements of what is sent. Its references
+    are to the state of the ``BrokerService`` that makes it, which never replaces them."""
 
-    config: BrokerConfig
-    clock: IReactorTime
-    stats: Stats
-    sessions: dict[str, Session]
-    """Every session, connected or not, by client id."""
-    subscriptions: SubscriptionTree
-    retained: RetainedMessages
-    store: Store | None
-    history: MessageLog | None
-    security: Security | None
-    _share_turns: dict[tuple[str, str], int]
-    """Per shared subscription (group, filter): the count of messages given out, whose remainder
-    picks the next member."""
-    cluster: Any
-    routing_waits_for_store: bool
-    """While True, what ``route`` sends to a client waits for the store to make durable what
-    is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
-    route_timer: Callable[[float], None] | None
-    """Given the seconds the next message takes to route (a sample for the metrics), then None."""
+    def __init__(self, broker: Any) -> None:
+        self.config: BrokerConfig = broker.config
+        self.clock: IReactorTime = broker.clock
+        self.stats: Stats = broker.stats
+        self.sessions: dict[str, Session] = broker.sessions
+        """Every session, connected or not, by client id."""
+        self.subscriptions: SubscriptionTree = broker.subscriptions
+        self.retained: RetainedMessages = broker.retained
+        self.store: Store | None = broker.store
+        self.history: MessageLog | None = broker.history
+        self.security: Security | None = broker.security
+        self.cluster: Any = broker.cluster
+        self._share_turns: dict[tuple[str, str], int] = {}
+        """Per shared subscription (group, filter): the count of messages given out, whose
+        remainder picks the next member."""
+        self.routing_waits_for_store = False
+        """While True, what ``route`` sends to a client waits for the store to make durable what
+        is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
+        self.route_timer: Callable[[float], None] | None = None
+        """Given the seconds the next message takes to route (a sample for the metrics), then None."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 
@@ -115,14 +115,14 @@ class Delivery:
         if shares is not None:
             for share, members in groups:
                 if share in shares:
-                    count += self._deliver_shared(message, share, members)
+                    count += self.deliver_shared(message, share, members)
             return count
         # In a cluster it chooses the members of shared subscriptions cluster-wide. Not for $SYS:
         # every node publishes the same names about itself, so each node's stay its own.
         if self.cluster is not None and not (message.topic[0] == "$" and message.topic.startswith("$SYS/")):
             return count + self.cluster.forward(message, groups)
         for share, members in groups:
-            count += self._deliver_shared(message, share, members)
+            count += self.deliver_shared(message, share, members)
         return count
 
     def _wait_for_store(self, by_client: Any, groups: Any) -> None:
@@ -143,7 +143,7 @@ class Delivery:
             if entry.seq % 1000 == 0:  # now and then, forget on disk what every log has dropped
                 self.store.forget_history(self.history.oldest_seq)
 
-    def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
+    def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         """One member of a shared group gets the message: connected members in turn, or an
         offline member's session if none is connected."""
         sessions = self.sessions
@@ -214,7 +214,7 @@ class Delivery:
                 self.store.add_delivery(session.client_id, item, None)
         return item
 
-    def _forget_delivery(self, session: Session, item: Queued) -> None:
+    def forget(self, session: Session, item: Queued) -> None:
         if item.seq and session.stored:
             assert self.store is not None
             self.store.remove_delivery(session.client_id, item.seq)
@@ -235,7 +235,7 @@ class Delivery:
                 self.store.add_delivery(session.client_id, item, packet_id)
             connection.wait_for_store()
         if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
-            self._forget_delivery(session, item)
+            self.forget(session, item)
             return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
         if type(item) is not Outgoing:
             item = Outgoing(item.message, item.qos, item.retain, item.subscription_ids, item.share, item.seq)
@@ -245,7 +245,7 @@ class Delivery:
         stats.messages_sent += 1
         stats.sent_by_qos[item.qos] += 1
         if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
-            self._schedule_retry(session)
+            self.schedule_retry(session)
 
     def pump(self, session: Session) -> None:
         """Send queued messages while the connection and its in-flight window allow; expired
@@ -266,7 +266,7 @@ class Delivery:
                 now = now or self.clock.seconds()
                 if expires_at <= now:
                     self.stats.messages_expired += 1
-                    self._forget_delivery(session, head)
+                    self.forget(session, head)
                     continue
             if head.qos:
                 self._send_tracked(session, head, queued=True)
@@ -305,7 +305,7 @@ class Delivery:
             return False
         if out.unsent:
             session.unsent -= 1
-        self._forget_delivery(session, out)
+        self.forget(session, out)
         connection = session.connection
         if session.unsent and connection is not None:
             for next_id, out in session.outgoing.items():
@@ -361,7 +361,7 @@ class Delivery:
             return None
         return max(1, math.ceil(message.expires_at - self.clock.seconds()))
 
-    def _schedule_retry(self, session: Session) -> None:
+    def schedule_retry(self, session: Session) -> None:
         if self.config.retry_interval and session.retry_call is None and session.connection is not None \
                 and session.connection.version != MQTT_5:
             session.retry_call = self.clock.callLater(self.config.retry_interval, self._retry, session)

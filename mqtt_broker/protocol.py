@@ -211,7 +211,7 @@ class MQTTProtocol(Connecting, Publishing):
         self.paused = False
         self.flush()
         if self.session is not None:
-            self.broker.gathered(self.broker.pump, self.session)
+            self.broker.gathered(self.broker.delivery.pump, self.session)
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -408,7 +408,7 @@ class MQTTProtocol(Connecting, Publishing):
             if first is waiting:
                 break
         if self.session is not None and self.session.queue and not self.paused:
-            broker.pump(self.session)
+            broker.delivery.pump(self.session)
 
     def _forget_unstored(self) -> None:
         """The connection ends: what waited for the store is not sent (the session keeps every
@@ -492,7 +492,7 @@ class MQTTProtocol(Connecting, Publishing):
         if subscription_ids:
             properties["subscription_identifier"] = list(subscription_ids)
         if message.expires_at is not None:
-            properties["message_expiry_interval"] = self.broker.remaining_expiry(message)
+            properties["message_expiry_interval"] = self.broker.delivery.remaining_expiry(message)
         topic = message.topic
         alias_topic = None
         if self._aliases_out is not None:

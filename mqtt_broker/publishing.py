@@ -124,7 +124,7 @@ class Publishing:
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return
-        routed = broker.route(message)
+        routed = broker.delivery.route(message)
         if qos:
             self._routed(qos, packet_id, message, routed)
 
@@ -138,7 +138,7 @@ class Publishing:
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return
-        routed = self.broker.route(message)
+        routed = self.broker.delivery.route(message)
         if qos:
             self._routed(qos, packet_id, message, routed)
 
@@ -148,14 +148,14 @@ class Publishing:
         publisher's resend is then either routed for the first time or known as a resend
         [MQTT-4.3.3-9], never routed twice."""
         broker = self.broker
-        if broker.await_pubrel(self.session, packet_id):
-            broker.routing_waits_for_store = True
+        if broker.delivery.await_pubrel(self.session, packet_id):
+            broker.delivery.routing_waits_for_store = True
             try:
-                routed = broker.route(message)
+                routed = broker.delivery.route(message)
             finally:
-                broker.routing_waits_for_store = False
+                broker.delivery.routing_waits_for_store = False
         else:
-            routed = broker.route(message)
+            routed = broker.delivery.route(message)
         self._routed(2, packet_id, message, routed)
 
     def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
@@ -202,7 +202,7 @@ class Publishing:
             # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client
             # will send the PUBLISH again, which must not be routed a second time.
             if qos == 2 and self.session is not None and self.version == MQTT_5:
-                self.broker.pubrel_received(self.session, packet_id)
+                self.broker.delivery.pubrel_received(self.session, packet_id)
             if self.state is State.CONNECTED and self.version == MQTT_5:
                 self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
@@ -224,7 +224,7 @@ class Publishing:
     def _on_puback(self, packet: Puback) -> None:
         out = self.session.outgoing.get(packet.packet_id)
         if out is not None and out.qos == 1:
-            self.broker.acknowledged(self.session, packet.packet_id)
+            self.broker.delivery.acknowledged(self.session, packet.packet_id)
 
     def _on_pubrec(self, packet: Pubrec) -> None:
         out = self.session.outgoing.get(packet.packet_id)
@@ -237,9 +237,9 @@ class Publishing:
             self.send(Pubrel(packet_id=packet.packet_id, reason_code=code))
             return
         if packet.reason_code >= 0x80:  # MQTT 5: the receiver refused it; the exchange ends here
-            self.broker.acknowledged(self.session, packet.packet_id)
+            self.broker.delivery.acknowledged(self.session, packet.packet_id)
             return
-        if self.broker.released(self.session, packet.packet_id):
+        if self.broker.delivery.released(self.session, packet.packet_id):
             # PUBREL only once the store knows: after a crash the broker must not send the
             # PUBLISH again [MQTT-4.3.3-5].
             self.wait_for_store()
@@ -248,10 +248,10 @@ class Publishing:
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         out = self.session.outgoing.get(packet.packet_id)
         if out is not None and out.released:
-            self.broker.acknowledged(self.session, packet.packet_id)
+            self.broker.delivery.acknowledged(self.session, packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
-        known = self.broker.pubrel_received(self.session, packet.packet_id)
+        known = self.broker.delivery.pubrel_received(self.session, packet.packet_id)
         if self.session.stored:
             # PUBCOMP only once the id is forgotten in the store too (also for an id already
             # forgotten, perhaps not yet in the store): the publisher may use it again at once,

@@ -126,7 +126,7 @@ def test_monitors_time_the_reactor_and_sampled_deliveries() -> None:
     assert monitors.delivery_latency.count == 1
     publisher.publish("t")   # not armed again until the next tenth of a second
     assert monitors.delivery_latency.count == 1
-    assert broker.route_timer is None   # disarmed: unsampled messages are not timed
+    assert broker.delivery.route_timer is None   # disarmed: unsampled messages are not timed
     broker.reactor.advance(0.1)
     publisher.publish("t")
     assert monitors.delivery_latency.count == 2
@@ -144,7 +144,7 @@ def test_monitors_time_the_reactor_and_sampled_deliveries() -> None:
     subscriber.lose()   # the clients close their side on the broker's close, ending its linger
     publisher.lose()
     assert stopped.called
-    assert broker.route_timer is None and not broker.reactor.getDelayedCalls()
+    assert broker.delivery.route_timer is None and not broker.reactor.getDelayedCalls()
 
 
 def test_histogram_buckets_are_cumulative() -> None:

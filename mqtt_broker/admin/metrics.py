@@ -101,7 +101,7 @@ class Monitors(Service):
             if call is not None and call.running:
                 call.stop()
         self._lag_call = self._sample_call = None
-        self.broker.route_timer = None
+        self.broker.delivery.route_timer = None
         observers = getattr(self.broker.store, "commit_observers", None)
         if observers is not None and self.store_commit.observe in observers:
             observers.remove(self.store_commit.observe)
@@ -113,7 +113,7 @@ class Monitors(Service):
         self._expected = now + LAG_INTERVAL
 
     def _arm_sample(self) -> None:
-        self.broker.route_timer = self.delivery_latency.observe  # the next message routed, once
+        self.broker.delivery.route_timer = self.delivery_latency.observe  # the next message routed, once
 
 
 class BrokerCollector:

@@ -204,7 +204,7 @@ class Cluster:
                 self._turns[share] = turn + 1
                 chosen = candidates[turn % len(candidates)]
                 if chosen == self.node:
-                    count += self.broker._deliver_shared(message, share, local[share])
+                    count += self.broker.delivery.deliver_shared(message, share, local[share])
                 else:
                     targets.setdefault(chosen, []).append(share)
         if not targets:
@@ -308,14 +308,14 @@ class Cluster:
             if kind == FORWARDED:
                 # Nothing of a QoS 2 message reaches a client before the store holds that this
                 # entry is handled: after a crash it is handled again, so it must not have gone out.
-                broker.routing_waits_for_store = first.qos == 2
+                broker.delivery.routing_waits_for_store = first.qos == 2
                 try:
                     if self._moving and first.qos:
                         self._route_while_moving(first, second)
                     else:
-                        broker.route(first, second)
+                        broker.delivery.route(first, second)
                 finally:
-                    broker.routing_waits_for_store = False
+                    broker.delivery.routing_waits_for_store = False
             else:
                 self._deliver_targeted(first, second)
 
@@ -325,7 +325,7 @@ class Cluster:
         sessions = self.broker.sessions
         moving = {c: sessions.pop(c) for c in self._moving if c in sessions}
         try:
-            self.broker.route(message, shares)
+            self.broker.delivery.route(message, shares)
         finally:
             sessions.update(moving)
         if moving:
@@ -342,7 +342,7 @@ class Cluster:
     def _route_qos0(self, data: bytes) -> None:
         for kind, message, shares in unpack_records(data):
             self.stats.forwarded_in += 1
-            self.broker.route(message, shares)
+            self.broker.delivery.route(message, shares)
 
     def _deliver_targeted(self, client_id: str, item: Queued) -> None:
         """A message for one session (its previous owner's writes were fenced off)."""
@@ -361,7 +361,7 @@ class Cluster:
                 if cluster_id in seen:
                     return  # it came by the other way already
                 seen.add(cluster_id)
-            self.broker.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
+            self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more): the store sends it on to the session's owner, if any
             self.stats.redirected += 1
             self.store.send_on(client_id, item)
