@@ -15,7 +15,8 @@ from typing import Any, Iterable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .auth import Security
@@ -28,6 +29,7 @@ from .keepalive import Keepalives
 from .hooks import Hooks
 from .linger import AllClosed
 from .message import Client, Message
+from .protocol import MQTTProtocol
 from .retained import RetainedMessages
 from .session import Session
 from .store import Snapshot, Store, StoredWill
@@ -75,6 +77,23 @@ class Stats:
         """Connected clients the broker disconnected, by the reason code's name (PACKET_TOO_LARGE,
         KEEP_ALIVE_TIMEOUT, PROTOCOL_ERROR, SESSION_TAKEN_OVER, ...)."""
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
+
+
+class MQTTFactory(Factory):
+    """Builds an MQTTProtocol per connection, up to ``max_connections``."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+
+    def buildProtocol(self, addr: IAddress) -> MQTTProtocol | None:  # type: ignore[override]
+        limit = self.broker.config.max_connections
+        if limit >= 0 and len(self.broker.connections) >= limit:
+            self.broker.stats.connections_refused += 1
+            self.broker.stats.refused_by_reason["max_connections"] = \
+                self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
+            log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
+            return None
+        return MQTTProtocol(self.broker, self.broker.clock)
 
 
 class BrokerService(MultiService):
@@ -148,7 +167,6 @@ class BrokerService(MultiService):
         """Routing and delivery (the hot path), on the state made above."""
         self._connects: dict[str, tuple[float, int]] = {}
         """Per client id: the start of its current minute and the CONNECTs in it."""
-        from .protocol import MQTTFactory
         self.factory = MQTTFactory(self)
         self.bridges: Any = None
         """The bridges of the ``bridge`` setting (:class:`mqtt_broker.bridge.Bridges`); None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
+from mypy_extensions import trait
 from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
@@ -28,19 +29,23 @@ if TYPE_CHECKING:
 
     from .connect import Terms
 
-log = Logger()
+log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 _VERSION_NAMES = {MQTT_3_1: "3.1", MQTT_3_1_1: "3.1.1", MQTT_5: "5"}
 
+NO_SLOTS: tuple[str, ...] = ()
+"""The slots of MQTTProtocol's traits: empty, so that its instances have no dict (in the pure
+build; compiled, they have none anyway). Not a literal, which mypy would take as the slots to
+check the traits' assignments against: the attributes are MQTTProtocol's slots."""
 
+
+@trait
 class Connecting:
     """The CONNECT and AUTH handlers of MQTTProtocol and what follows from their answers. The
     attributes declared here are the connection's state that they use, which lives in
-    ``MQTTProtocol``'s slots and is set up by its ``__init__``. A base of MQTTProtocol only."""
+    ``MQTTProtocol``'s slots and is set up by its ``__init__``. A trait of MQTTProtocol only
+    (mypyc compiles a class with one base and any number of traits)."""
 
-    if not TYPE_CHECKING:
-        # Empty, so that MQTTProtocol's instances have no dict; hidden from mypy, which would
-        # refuse a mixin's assignments to attributes outside its own (empty) slots.
-        __slots__ = ()
+    __slots__ = NO_SLOTS
 
     transport: ITransport | None
     broker: Any
@@ -64,16 +69,15 @@ class Connecting:
     _auth_connect: Connect | None
     _aliases_in: InboundAliases | None
     _aliases_out: OutboundAliases | None
-    _keep_alive: float
-    _last_seen: float
     _deadline: Any
     _expiry_call: Any
 
-    if TYPE_CHECKING:  # MQTTProtocol's methods that these use
-        def _set_state(self, state: State) -> None: ...
-        def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
-        def send(self, packet: Packet) -> None: ...
-        def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
+    # MQTTProtocol's methods that these use
+    def _set_state(self, state: State) -> None: ...
+    def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
+    def send(self, packet: Packet) -> None: ...
+    def _watch_keepalive(self, keep_alive: int) -> None: ...
+    def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
 
     # --- CONNECT and enhanced authentication --------------------------------------------
 
@@ -248,9 +252,7 @@ class Connecting:
                      peer=self.peer, version=_VERSION_NAMES[self.version], clean=packet.clean_start,
                      keep_alive=terms.keep_alive, present=present)
         if terms.keep_alive:
-            self._keep_alive = float(terms.keep_alive)
-            self._last_seen = self.clock.seconds()
-            self._deadline = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
+            self._watch_keepalive(terms.keep_alive)
         self._watch_expiry()
         self.broker.resume(session)
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .store import Store
     from .topics import SubscriptionTree
 
-log = Logger()
+log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
 
 class Delivery:

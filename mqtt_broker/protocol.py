@@ -1,4 +1,4 @@
-"""MQTTProtocol, one per client connection, and MQTTFactory.
+"""MQTTProtocol, one per client connection.
 
 The protocol turns bytes into packets (through the sans-IO reader), checks each packet against
 the lifecycle table, dispatches it through an explicit table of handlers, and writes what the
@@ -19,10 +19,9 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import (
     IAddress, ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
 )
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from . import lifecycle
 from .hooks import Refused
@@ -44,7 +43,7 @@ from .wire import (
     publish_template,
 )
 
-log = Logger()
+log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
 _PINGRESP = encode(Pingresp())
 _LEGAL = lifecycle.LEGAL
@@ -53,7 +52,6 @@ SEND_LIMIT = 1024 * 1024
 is less than a subscriber of several busy publishers is sent per turn)."""
 
 
-@implementer(IProtocol, ILoggingContext, IPushProducer)
 class MQTTProtocol(Connecting, Publishing):
     """One client connection (an ``IProtocol`` of its own, without Twisted's ``Protocol`` as a
     base: that has no slots, so every instance would carry a dict too). ``paused`` is True while
@@ -263,6 +261,11 @@ class MQTTProtocol(Connecting, Publishing):
             # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
             self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
         self.drop(error.reason_code, error.message)
+
+    def _watch_keepalive(self, keep_alive: int) -> None:
+        self._keep_alive = float(keep_alive)
+        self._last_seen = self.clock.seconds()
+        self._deadline = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
 
     def keepalive_due(self) -> float | None:
         """Called by the broker's keepalives at this connection's deadline: closes a connection
@@ -680,6 +683,10 @@ _HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
 }
 
 
+# Not a class decorator: mypyc compiles a class with one to a Python class (no native slots).
+classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
+
+
 class _Unstored:
     """Writes of one connection that wait for one batch of the store."""
 
@@ -693,21 +700,4 @@ class _Unstored:
         """The store's ``generation`` when this batch was waited for."""
 
 
-class MQTTFactory(Factory):
-    """Builds an MQTTProtocol per connection, up to ``max_connections``."""
-
-    def __init__(self, broker: Any) -> None:
-        self.broker = broker
-
-    def buildProtocol(self, addr: IAddress) -> MQTTProtocol | None:  # type: ignore[override]
-        limit = self.broker.config.max_connections
-        if limit >= 0 and len(self.broker.connections) >= limit:
-            self.broker.stats.connections_refused += 1
-            self.broker.stats.refused_by_reason["max_connections"] = \
-                self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
-            log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
-            return None
-        return MQTTProtocol(self.broker, self.broker.clock)
-
-
-__all__ = ["MQTTProtocol", "MQTTFactory", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5"]
+__all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5"]

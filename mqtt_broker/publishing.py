@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from mypy_extensions import trait
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .aliases import InboundAliases
 from .connect import is_utf8
+from .connecting import NO_SLOTS
 from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
@@ -26,16 +28,16 @@ from .wire import (
 if TYPE_CHECKING:
     from .auth import Identity
 
-log = Logger()
+log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
 
+@trait
 class Publishing:
     """The PUBLISH, PUBACK, PUBREC, PUBREL and PUBCOMP handlers of MQTTProtocol. The attributes
     declared here are the connection's state that they use, which lives in ``MQTTProtocol``'s
-    slots and is set up by its ``__init__``. A base of MQTTProtocol only."""
+    slots and is set up by its ``__init__``. A trait of MQTTProtocol only."""
 
-    if not TYPE_CHECKING:
-        __slots__ = ()  # see Connecting
+    __slots__ = NO_SLOTS
 
     broker: Any
     stats: Any
@@ -49,12 +51,12 @@ class Publishing:
     _aliases_in: InboundAliases | None
     _acks: _Acks | None
 
-    if TYPE_CHECKING:  # MQTTProtocol's methods that these use
-        def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
-        def send(self, packet: Packet) -> None: ...
-        def send_ack(self, first: int, packet_id: int) -> None: ...
-        def send_pubrel(self, packet_id: int) -> None: ...
-        def wait_for_store(self) -> None: ...
+    # MQTTProtocol's methods that these use
+    def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
+    def send(self, packet: Packet) -> None: ...
+    def send_ack(self, first: int, packet_id: int) -> None: ...
+    def send_pubrel(self, packet_id: int) -> None: ...
+    def wait_for_store(self) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
 

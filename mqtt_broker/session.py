@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .message import Message
 from .topics import Subscription
@@ -43,35 +43,35 @@ class Outgoing(Queued):
     """To be resent after a reconnect, once the client's Receive Maximum allows."""
 
 
-NO_PUBRELS = cast("set[int]", frozenset())
+def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise TypeError("a session's shared empty collection: replace it with one of its own first")
+
+
+def _shared_empty(kind: type, *adders: str) -> Any:
+    """An empty collection of this kind for idle sessions to share, which refuses to be added to
+    (so that no session can write into another's): it reads as an empty one does, and removing
+    from it finds nothing. A class made here, since mypyc's native classes cannot take a function
+    as a method."""
+    methods = dict.fromkeys(adders, _refuse)
+    # Hashable by identity, so that it can be a dataclass field's default.
+    return type(f"Empty{kind.__name__.title()}", (kind,), {"__slots__": (), "__hash__": object.__hash__, **methods})()
+
+
+NO_PUBRELS: set[int] = _shared_empty(set, "add", "update", "__ior__")
 """The awaited PUBRELs of a session that has awaited none yet: an empty set costs 216 bytes, for
 each of thousands of idle sessions. Only ``Session.expect_pubrel`` adds to it; it makes the set."""
 
-
-class _Empty(dict):  # type: ignore[type-arg]
-    """An empty mapping shared by idle sessions, which refuses to be added to (so that no session
-    can write into another's): it reads as an empty dict does, and removing from it finds nothing."""
-
-    __slots__ = ()
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("a session's shared empty mapping: replace it with a dict of its own first")
-
-    __setitem__ = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
-    __hash__ = object.__hash__  # type: ignore[assignment]  # immutable, so a dataclass default
-
-
-NO_SUBSCRIPTIONS = cast("dict[str, Subscription]", _Empty())
+NO_SUBSCRIPTIONS: dict[str, Subscription] = _shared_empty(dict, "__setitem__", "setdefault", "update", "__ior__")
 """The subscriptions of a session that has none yet (an empty dict costs 64 bytes, for each of
 thousands of idle sessions); ``Session.subscribe`` makes the dict."""
 
-NO_OUTGOING = cast("dict[int, Outgoing]", _Empty())
+NO_OUTGOING: dict[int, Outgoing] = _shared_empty(dict, "__setitem__", "setdefault", "update", "__ior__")
 """The messages in flight of a session that has sent none yet; ``Session.track`` makes the dict."""
 
-NO_QUEUE = cast("deque[Queued]", ())
-"""The queue of a session that has queued nothing yet: an empty tuple, which reads as an empty
-deque does (a deque costs 600 bytes even empty, for each of thousands of idle sessions). Only
-``Session.push`` and ``enqueue`` add to a queue; they make the deque."""
+NO_QUEUE: deque[Queued] = _shared_empty(deque, "append", "appendleft", "extend", "extendleft", "insert", "__iadd__")
+"""The queue of a session that has queued nothing yet (a deque costs 600 bytes even empty, for
+each of thousands of idle sessions). Only ``Session.push`` and ``enqueue`` add to a queue; they
+make the deque."""
 
 
 @dataclass(slots=True, eq=False)

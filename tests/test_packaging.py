@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -86,8 +88,9 @@ def test_wheel_is_compiled_unless_told_not_to(wheel: Path) -> None:
     if os.environ.get("MQTT_BROKER_COMPILE") == "0":
         assert not compiled
     else:
-        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}", f"mqtt_broker/topics{SUFFIX}",
-                            f"mqtt_broker/cluster/codec{SUFFIX}"} | {
+        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}", f"mqtt_broker/cluster/codec{SUFFIX}"} | {
+            f"mqtt_broker/{name}{SUFFIX}" for name in (
+                "topics", "message", "session", "delivery", "keepalive", "protocol", "connecting", "publishing")} | {
             f"mqtt_broker/wire/{name}{SUFFIX}" for name in ("__init__", "codec", "packets", "properties")}
 
 
@@ -106,6 +109,19 @@ def test_the_build_under_test() -> None:
     assert mqtt_broker.compiled == (expected == "compiled"), f"expected the {expected} build, found {build}"
     assert where != ROOT / "mqtt_broker", "the tests import this checkout, not the installed build"
 
+
+
+def test_loggers_are_named_after_their_modules() -> None:
+    """Log observers and filters go by namespace; a compiled module's ``Logger()`` would take its
+    namespace from whatever Python frame is below it (``importlib._bootstrap``)."""
+    from twisted.logger import Logger
+    loggers = {}
+    for info in pkgutil.walk_packages(mqtt_broker.__path__, "mqtt_broker."):
+        if not info.name.endswith("__main__"):
+            module = importlib.import_module(info.name)
+            loggers.update({info.name: value.namespace for value in vars(module).values() if isinstance(value, Logger)})
+    assert {"mqtt_broker.protocol", "mqtt_broker.delivery", "mqtt_broker.broker"} <= loggers.keys()
+    assert {name: namespace for name, namespace in loggers.items() if namespace != name} == {}
 
 def test_wheel_has_every_module(wheel: Path) -> None:
     """A subpackage that packages = find_namespace: missed would only show up once installed."""
