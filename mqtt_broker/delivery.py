@@ -93,7 +93,6 @@ class Delivery:
         if self.routing_waits_for_store:
             self._wait_for_store(by_client, groups)
         sessions = self.sessions
-        deliver = self.deliver
         sender = message.sender
         count = 0
         security = self.security
@@ -109,7 +108,7 @@ class Delivery:
                 if not subs:
                     continue
                 granted, as_published, ids, _ = terms(subs)
-            deliver(session, message, granted if granted < message.qos else message.qos,
+            self.deliver(session, message, granted if granted < message.qos else message.qos,
                     message.retain and as_published, ids)
             count += 1
         if shares is not None:

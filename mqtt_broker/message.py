@@ -34,6 +34,26 @@ class Message(Publish):
     """Not an argument: a message made from another (``dataclasses.replace`` in a hook) is encoded
     afresh, never sent as the bytes of the one it replaces."""
 
+    def __init__(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False, dup: bool = False,
+                 packet_id: int = 0, properties: Properties = NO_PROPERTIES, frame: bytes | None = None,
+                 sender: str | None = None, expires_at: float | None = None, refused: int = 0,
+                 cluster_id: bytes | None = None) -> None:
+        # The dataclass's own, the fields above in order, written out: compiled, this one is
+        # native, where the one dataclasses makes would be interpreted (one per PUBLISH).
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.dup = dup
+        self.packet_id = packet_id
+        self.properties = properties
+        self.frame = frame
+        self.sender = sender
+        self.expires_at = expires_at
+        self.refused = refused
+        self.cluster_id = cluster_id
+        self.encoded = None
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented

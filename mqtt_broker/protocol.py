@@ -31,6 +31,7 @@ from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms
 from .connecting import Connecting, count_refusal, tally
+from .delivery import Delivery
 from .history import ReplayError, parse_spec, split_replay_filter
 from .linger import close_lingering
 from .publishing import Publishing, _Acks
@@ -63,7 +64,7 @@ class MQTTProtocol(Connecting, Publishing):
     # Slots: an idle connection's attributes in a dict would cost 1.5 KiB (more than 30 of them
     # do not share keys), in slots a third of that.
     __slots__ = (
-        "broker", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
+        "broker", "delivery", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
@@ -75,6 +76,8 @@ class MQTTProtocol(Connecting, Publishing):
         self.transport: ITransport | None = None
         self.connected = 0
         self.broker = broker
+        self.delivery: Delivery = broker.delivery
+        """The broker's routing and delivery, typed: compiled, calls to it are native ones."""
         self.clock = clock
         self.stats = broker.stats
         config = broker.config
@@ -181,7 +184,10 @@ class MQTTProtocol(Connecting, Publishing):
                     if self.state is State.CLOSED:
                         return
                     lifecycle.check(self.state, packet, self.version)
-                handlers[type(packet)](self, packet)
+                if type(packet) is Message:  # compiled, a native call (the table's is a Python one)
+                    self._on_publish(packet)
+                else:
+                    handlers[type(packet)](self, packet)
         except MQTTError as error:
             self._violation(error)
         finally:
@@ -209,7 +215,7 @@ class MQTTProtocol(Connecting, Publishing):
         self.paused = False
         self.flush()
         if self.session is not None:
-            self.broker.gathered(self.broker.delivery.pump, self.session)
+            self.broker.gathered(self.delivery.pump, self.session)
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -411,7 +417,7 @@ class MQTTProtocol(Connecting, Publishing):
             if first is waiting:
                 break
         if self.session is not None and self.session.queue and not self.paused:
-            broker.delivery.pump(self.session)
+            self.delivery.pump(self.session)
 
     def _forget_unstored(self) -> None:
         """The connection ends: what waited for the store is not sent (the session keeps every
@@ -495,7 +501,7 @@ class MQTTProtocol(Connecting, Publishing):
         if subscription_ids:
             properties["subscription_identifier"] = list(subscription_ids)
         if message.expires_at is not None:
-            properties["message_expiry_interval"] = self.broker.delivery.remaining_expiry(message)
+            properties["message_expiry_interval"] = self.delivery.remaining_expiry(message)
         topic = message.topic
         alias_topic = None
         if self._aliases_out is not None:

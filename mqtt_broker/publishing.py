@@ -27,6 +27,7 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .auth import Identity
+    from .delivery import Delivery
 
 log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
@@ -40,6 +41,7 @@ class Publishing:
     __slots__ = NO_SLOTS
 
     broker: Any
+    delivery: Delivery
     stats: Any
     state: State
     version: int
@@ -126,7 +128,7 @@ class Publishing:
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return
-        routed = broker.delivery.route(message)
+        routed = self.delivery.route(message)
         if qos:
             self._routed(qos, packet_id, message, routed)
 
@@ -140,7 +142,7 @@ class Publishing:
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return
-        routed = self.broker.delivery.route(message)
+        routed = self.delivery.route(message)
         if qos:
             self._routed(qos, packet_id, message, routed)
 
@@ -149,15 +151,15 @@ class Publishing:
         nothing of the routing reaches a client before the id is stored: after a crash, the
         publisher's resend is then either routed for the first time or known as a resend
         [MQTT-4.3.3-9], never routed twice."""
-        broker = self.broker
-        if broker.delivery.await_pubrel(self.session, packet_id):
-            broker.delivery.routing_waits_for_store = True
+        delivery = self.delivery
+        if delivery.await_pubrel(self.session, packet_id):
+            delivery.routing_waits_for_store = True
             try:
-                routed = broker.delivery.route(message)
+                routed = delivery.route(message)
             finally:
-                broker.delivery.routing_waits_for_store = False
+                delivery.routing_waits_for_store = False
         else:
-            routed = broker.delivery.route(message)
+            routed = delivery.route(message)
         self._routed(2, packet_id, message, routed)
 
     def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
@@ -204,7 +206,7 @@ class Publishing:
             # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client
             # will send the PUBLISH again, which must not be routed a second time.
             if qos == 2 and self.session is not None and self.version == MQTT_5:
-                self.broker.delivery.pubrel_received(self.session, packet_id)
+                self.delivery.pubrel_received(self.session, packet_id)
             if self.state is State.CONNECTED and self.version == MQTT_5:
                 self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
@@ -226,7 +228,7 @@ class Publishing:
     def _on_puback(self, packet: Puback) -> None:
         out = self.session.outgoing.get(packet.packet_id)
         if out is not None and out.qos == 1:
-            self.broker.delivery.acknowledged(self.session, packet.packet_id)
+            self.delivery.acknowledged(self.session, packet.packet_id)
 
     def _on_pubrec(self, packet: Pubrec) -> None:
         out = self.session.outgoing.get(packet.packet_id)
@@ -239,9 +241,9 @@ class Publishing:
             self.send(Pubrel(packet_id=packet.packet_id, reason_code=code))
             return
         if packet.reason_code >= 0x80:  # MQTT 5: the receiver refused it; the exchange ends here
-            self.broker.delivery.acknowledged(self.session, packet.packet_id)
+            self.delivery.acknowledged(self.session, packet.packet_id)
             return
-        if self.broker.delivery.released(self.session, packet.packet_id):
+        if self.delivery.released(self.session, packet.packet_id):
             # PUBREL only once the store knows: after a crash the broker must not send the
             # PUBLISH again [MQTT-4.3.3-5].
             self.wait_for_store()
@@ -250,10 +252,10 @@ class Publishing:
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         out = self.session.outgoing.get(packet.packet_id)
         if out is not None and out.released:
-            self.broker.delivery.acknowledged(self.session, packet.packet_id)
+            self.delivery.acknowledged(self.session, packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
-        known = self.broker.delivery.pubrel_received(self.session, packet.packet_id)
+        known = self.delivery.pubrel_received(self.session, packet.packet_id)
         if self.session.stored:
             # PUBCOMP only once the id is forgotten in the store too (also for an id already
             # forgotten, perhaps not yet in the store): the publisher may use it again at once,

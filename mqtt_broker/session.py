@@ -31,6 +31,16 @@ class Queued:
     seq: int = 0
     """Its number within the session, naming it in the store (QoS 1/2 of stored sessions)."""
 
+    # The dataclasses' own __init__s, written out (as Message's is): compiled, these are native.
+    def __init__(self, message: Message, qos: int, retain: bool, subscription_ids: tuple[int, ...] = (),
+                 share: tuple[str, str] | None = None, seq: int = 0) -> None:
+        self.message = message
+        self.qos = qos
+        self.retain = retain
+        self.subscription_ids = subscription_ids
+        self.share = share
+        self.seq = seq
+
 
 @dataclass(slots=True)
 class Outgoing(Queued):
@@ -41,6 +51,14 @@ class Outgoing(Queued):
     """QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited."""
     unsent: bool = False
     """To be resent after a reconnect, once the client's Receive Maximum allows."""
+
+    def __init__(self, message: Message, qos: int, retain: bool, subscription_ids: tuple[int, ...] = (),
+                 share: tuple[str, str] | None = None, seq: int = 0, sent_at: float = 0.0,
+                 released: bool = False, unsent: bool = False) -> None:
+        Queued.__init__(self, message, qos, retain, subscription_ids, share, seq)  # slots=True: no super()
+        self.sent_at = sent_at
+        self.released = released
+        self.unsent = unsent
 
 
 def _refuse(*args: Any, **kwargs: Any) -> None:
