@@ -54,6 +54,13 @@ class Message(Publish):
         self.cluster_id = cluster_id
         self.encoded = None
 
+    def __reduce__(self) -> tuple[type[Message], tuple[object, ...]]:
+        # Compiled, a class with its own __init__ is made by calling it: copy and pickle must
+        # pass its arguments (Python's default makes it empty and then sets its fields).
+        return type(self), (self.topic, self.payload, self.qos, self.retain, self.dup, self.packet_id,
+                            self.properties, self.frame, self.sender, self.expires_at, self.refused,
+                            self.cluster_id)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented

@@ -41,6 +41,10 @@ class Queued:
         self.share = share
         self.seq = seq
 
+    def __reduce__(self) -> tuple[type[Queued], tuple[object, ...]]:
+        # As Message's: compiled, copy and pickle make it by calling its __init__.
+        return type(self), (self.message, self.qos, self.retain, self.subscription_ids, self.share, self.seq)
+
 
 @dataclass(slots=True)
 class Outgoing(Queued):
@@ -59,6 +63,10 @@ class Outgoing(Queued):
         self.sent_at = sent_at
         self.released = released
         self.unsent = unsent
+
+    def __reduce__(self) -> tuple[type[Queued], tuple[object, ...]]:
+        return type(self), (self.message, self.qos, self.retain, self.subscription_ids, self.share, self.seq,
+                            self.sent_at, self.released, self.unsent)
 
 
 def _refuse(*args: Any, **kwargs: Any) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
+from typing import Any
+
 import pytest
 
 from mqtt_broker.message import Message
@@ -194,3 +199,25 @@ def test_idle_sessions_share_empty_subscriptions_and_in_flight_messages() -> Non
             write()
     busy.clear()
     assert busy.subscriptions is NO_SUBSCRIPTIONS and busy.outgoing is NO_OUTGOING
+
+
+def test_the_shared_empty_queue_and_pubrels_refuse_to_be_added_to() -> None:
+    from mqtt_broker.session import NO_PUBRELS, NO_QUEUE
+    item = Queued(message(), 1, False)
+    for write in (lambda: NO_QUEUE.append(item), lambda: NO_QUEUE.extend([item]), lambda: NO_PUBRELS.add(1),
+                  lambda: NO_PUBRELS.update({1})):
+        with pytest.raises(TypeError):
+            write()
+    assert not NO_QUEUE and not NO_PUBRELS and 1 not in NO_PUBRELS
+
+
+@pytest.mark.parametrize("copy_of", [copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))])
+def test_messages_and_deliveries_copy_and_pickle_with_every_field(copy_of: Any) -> None:
+    """Compiled, these classes are made by calling their own __init__, which copy and pickle
+    must give every field."""
+    sent = Message("a/b", b"x", 2, True, True, 7, {"content_type": "text/plain"}, None, "pub", 12.5, 1, b"id")
+    item = Outgoing(sent, 1, True, (4,), ("g", "a/#"), 9, 3.5, True, True)
+    for original in (sent, Queued(sent, 2, False, (1, 2), None, 3), item):
+        copied = copy_of(original)
+        assert type(copied) is type(original) and copied is not original
+        assert dataclasses.asdict(copied) == dataclasses.asdict(original)
