@@ -12,7 +12,8 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# The codec and topic matching: the work done for every message. Not wire/codes.py: its
+# The codec, topic matching and the path of a message from socket to socket: the work done for
+# every message. Not wire/codes.py: its
 # exceptions' reason codes are class attributes, which mypyc drops from compiled subclasses, and
 # nothing in it runs per message.
 COMPILED = ["mqtt_broker/wire/__init__.py", "mqtt_broker/wire/codec.py", "mqtt_broker/wire/packets.py",

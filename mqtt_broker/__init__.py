@@ -21,7 +21,7 @@ __all__ = [*_EXPORTS, "__version__", "compiled"]
 
 if TYPE_CHECKING:
     compiled: bool
-    """Whether the modules built with mypyc (the codec, topic matching) run compiled; False when
+    """Whether the modules built with mypyc (the codec, topic matching, the message path) run compiled; False when
     the package was installed as pure Python (MQTT_BROKER_COMPILE=0, or no C compiler)."""
 
     from .broker import BrokerService

@@ -1,6 +1,6 @@
 """The BrokerService: the service and its listeners, sessions, subscriptions, retained messages
-and wills. Routing and delivery, with the QoS retries, are its methods from
-:mod:`mqtt_broker.delivery`.
+and wills, and the MQTTFactory that makes its connections. Routing and delivery, with the QoS
+retries, are done by its part ``broker.delivery`` (:mod:`mqtt_broker.delivery`).
 
 It never touches a transport: it talks to connected clients through the few methods of
 :class:`~mqtt_broker.protocol.MQTTProtocol` (``send_publish``, ``send_pubrel``, ``drop``, and

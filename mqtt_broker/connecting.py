@@ -2,7 +2,7 @@
 AUTH exchanges (re-authentication too) and the connect hooks to its CONNACK or refusal, and the
 timer that ends a connection when its credentials expire.
 
-:class:`Connecting` is a mixin of :class:`~mqtt_broker.protocol.MQTTProtocol`. What a CONNECT
+:class:`Connecting` is a trait of :class:`~mqtt_broker.protocol.MQTTProtocol`. What a CONNECT
 asks against what the settings allow is worked out apart, in :mod:`mqtt_broker.connect`.
 """
 
@@ -72,7 +72,8 @@ class Connecting:
     _deadline: Any
     _expiry_call: Any
 
-    # MQTTProtocol's methods that these use
+    # MQTTProtocol's methods that these use, declared for mypy and mypyc (a trait's calls go by
+    # what it declares); MQTTProtocol's own are the ones that run.
     def _set_state(self, state: State) -> None: ...
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
     def send(self, packet: Packet) -> None: ...

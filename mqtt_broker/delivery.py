@@ -109,7 +109,7 @@ class Delivery:
                     continue
                 granted, as_published, ids, _ = terms(subs)
             self.deliver(session, message, granted if granted < message.qos else message.qos,
-                    message.retain and as_published, ids)
+                         message.retain and as_published, ids)
             count += 1
         if shares is not None:
             for share, members in groups:
@@ -214,6 +214,7 @@ class Delivery:
         return item
 
     def forget(self, session: Session, item: Queued) -> None:
+        """A delivery is done with (acknowledged, expired or dropped): the store forgets it."""
         if item.seq and session.stored:
             assert self.store is not None
             self.store.remove_delivery(session.client_id, item.seq)
@@ -361,6 +362,8 @@ class Delivery:
         return max(1, math.ceil(message.expires_at - self.clock.seconds()))
 
     def schedule_retry(self, session: Session) -> None:
+        """MQTT 3 only: resend what stays unacknowledged after retry_interval (MQTT 5 resends
+        only on reconnect [MQTT-4.4.0-1])."""
         if self.config.retry_interval and session.retry_call is None and session.connection is not None \
                 and session.connection.version != MQTT_5:
             session.retry_call = self.clock.callLater(self.config.retry_interval, self._retry, session)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from .wire.packets import NO_PROPERTIES, Properties, Publish
+
+
+def init_arguments(obj: Any) -> tuple[type, tuple[object, ...]]:
+    """``__reduce__`` of a dataclass that writes its ``__init__`` out: compiled, copy and pickle
+    make one by calling its class, so they must pass its arguments (Python's default makes it
+    empty, then sets its fields)."""
+    return type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init)
 
 
 @dataclass(slots=True, eq=False)
@@ -54,12 +63,8 @@ class Message(Publish):
         self.cluster_id = cluster_id
         self.encoded = None
 
-    def __reduce__(self) -> tuple[type[Message], tuple[object, ...]]:
-        # Compiled, a class with its own __init__ is made by calling it: copy and pickle must
-        # pass its arguments (Python's default makes it empty and then sets its fields).
-        return type(self), (self.topic, self.payload, self.qos, self.retain, self.dup, self.packet_id,
-                            self.properties, self.frame, self.sender, self.expires_at, self.refused,
-                            self.cluster_id)
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return init_arguments(self)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):

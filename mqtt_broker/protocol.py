@@ -1,7 +1,8 @@
 """MQTTProtocol, one per client connection.
 
 The protocol turns bytes into packets (through the sans-IO reader), checks each packet against
-the lifecycle table, dispatches it through an explicit table of handlers, and writes what the
+the lifecycle table, dispatches it through an explicit table of handlers (PUBLISH, the most
+frequent, by a direct call), and writes what the
 broker sends. It never decides routing. This module holds the connection itself (transport
 events, keepalive, sending, back-pressure), SUBSCRIBE/UNSUBSCRIBE, PINGREQ and DISCONNECT; the
 CONNECT and AUTH handlers are in :mod:`mqtt_broker.connecting`, those of PUBLISH and its
@@ -269,6 +270,7 @@ class MQTTProtocol(Connecting, Publishing):
         self.drop(error.reason_code, error.message)
 
     def _watch_keepalive(self, keep_alive: int) -> None:
+        """After CONNECT: the client is disconnected when silent for 1.5 keepalives [MQTT-3.1.2-24]."""
         self._keep_alive = float(keep_alive)
         self._last_seen = self.clock.seconds()
         self._deadline = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
@@ -673,10 +675,9 @@ class MQTTProtocol(Connecting, Publishing):
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each
-# carry eleven bound methods).
+# carry ten bound methods). Not PUBLISH (decoded into a Message): _process calls its handler.
 _HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
     Connect: MQTTProtocol._on_connect,
-    Message: MQTTProtocol._on_publish,  # what the reader decodes a PUBLISH into
     Puback: MQTTProtocol._on_puback,
     Pubrec: MQTTProtocol._on_pubrec,
     Pubrel: MQTTProtocol._on_pubrel,

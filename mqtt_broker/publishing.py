@@ -1,9 +1,9 @@
 """PUBLISH in, and the acknowledgements of QoS 1 and 2 both ways: a client's PUBLISH checked
 and routed (the hot path in), acknowledged once it is stored; the client's PUBACK, PUBREC,
-PUBREL and PUBCOMP handed to the broker.
+PUBREL and PUBCOMP handed to the broker's delivery.
 
-:class:`Publishing` is a mixin of :class:`~mqtt_broker.protocol.MQTTProtocol`; ``_HANDLERS``
-there dispatches to these handlers like to its own.
+:class:`Publishing` is a trait of :class:`~mqtt_broker.protocol.MQTTProtocol`; ``_HANDLERS``
+there dispatches to these handlers like to its own (PUBLISH is called directly).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Publishing:
     _aliases_in: InboundAliases | None
     _acks: _Acks | None
 
-    # MQTTProtocol's methods that these use
+    # MQTTProtocol's methods that these use (see Connecting)
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
     def send(self, packet: Packet) -> None: ...
     def send_ack(self, first: int, packet_id: int) -> None: ...

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .message import Message
+from .message import Message, init_arguments
 from .topics import Subscription
 
 if TYPE_CHECKING:
@@ -41,9 +41,8 @@ class Queued:
         self.share = share
         self.seq = seq
 
-    def __reduce__(self) -> tuple[type[Queued], tuple[object, ...]]:
-        # As Message's: compiled, copy and pickle make it by calling its __init__.
-        return type(self), (self.message, self.qos, self.retain, self.subscription_ids, self.share, self.seq)
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return init_arguments(self)
 
 
 @dataclass(slots=True)
@@ -63,10 +62,6 @@ class Outgoing(Queued):
         self.sent_at = sent_at
         self.released = released
         self.unsent = unsent
-
-    def __reduce__(self) -> tuple[type[Queued], tuple[object, ...]]:
-        return type(self), (self.message, self.qos, self.retain, self.subscription_ids, self.share, self.seq,
-                            self.sent_at, self.released, self.unsent)
 
 
 def _refuse(*args: Any, **kwargs: Any) -> None:

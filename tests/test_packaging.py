@@ -110,7 +110,6 @@ def test_the_build_under_test() -> None:
     assert where != ROOT / "mqtt_broker", "the tests import this checkout, not the installed build"
 
 
-
 def test_loggers_are_named_after_their_modules() -> None:
     """Log observers and filters go by namespace; a compiled module's ``Logger()`` would take its
     namespace from whatever Python frame is below it (``importlib._bootstrap``)."""

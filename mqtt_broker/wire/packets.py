@@ -102,7 +102,7 @@ class Connack:
     properties: Properties = NO_PROPERTIES
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # mqtt_broker.message.Message
+@mypyc_attr(allow_interpreted_subclasses=True)  # a FrameReader's publish_type, compiled (Message) or not
 @dataclass(slots=True)
 class Publish:
     # Not frozen, and positional arguments allowed: this is the one packet on the hot path, and
