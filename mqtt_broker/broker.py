@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from . import tcp
 from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
@@ -206,7 +207,7 @@ class BrokerService(MultiService):
                 if isinstance(endpoint, TLSServerEndpoint):
                     self._tls.append((description, endpoint.tls))
                 failures: list[Any] = []
-                endpoint.listen(factory).addCallbacks(self.ports.append, failures.append)
+                tcp.listen(endpoint, factory).addCallbacks(self.ports.append, failures.append)
                 if failures:
                     failures[0].raiseException()
                 log.info(listening, endpoint=description)

@@ -1,0 +1,195 @@
+"""The broker's TCP listener (mqtt_broker.tcp): Twisted's, with connections that keep no log
+strings and close without waiting for a writable socket when nothing is left to write. Real
+sockets on loopback, the real reactor; clients are blocking sockets in threads, every wait
+bounded by a socket timeout."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.internet.threads import deferToThread
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.python.failure import Failure
+
+from mqtt_broker import BrokerService, tcp
+
+WAIT = 10.0
+
+
+class Recorder(Protocol):
+    """Answers each read as ``reply`` says, then remembers how the connection ended."""
+
+    def __init__(self, factory: RecorderFactory) -> None:
+        self.factory = factory
+
+    def connectionMade(self) -> None:
+        self.factory.made.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.reply(self.transport, data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.lost.append(reason)
+        if not self.factory.closed.called:
+            self.factory.closed.callback(None)
+
+
+class RecorderFactory(Factory):
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+        self.made: list[Recorder] = []
+        self.lost: list[Failure] = []
+        self.closed: Deferred[None] = Deferred()
+
+    def buildProtocol(self, addr: Any) -> Recorder:
+        return Recorder(self)
+
+
+def exchange(port: int, data: bytes, family: int = socket.AF_INET, host: str = "127.0.0.1") -> tuple[bytes, str]:
+    """Send ``data``, read until the server ends the stream: what was read, and how it ended
+    (``eof`` for a FIN, else the error's name)."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(WAIT)
+        sock.connect((host, port))
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError as e:
+            return received, type(e).__name__
+        return received, "eof"
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_are_lean_and_close_at_once_when_nothing_is_left() -> None:
+    seen: list[str] = []
+
+    def reply(transport: Any, data: bytes) -> None:
+        seen.extend((transport.logPrefix(), repr(transport)))
+        transport.write(data.upper())
+        transport.loseConnection()
+        transport.write(b"!")  # written after loseConnection: still sent before the end
+
+    factory = RecorderFactory(reply)
+    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
+    try:
+        assert type(port) is tcp.Port
+        received, ending = await deferToThread(exchange, port.getHost().port, b"hello")
+        await factory.closed
+        assert (received, ending) == (b"HELLO!", "eof")
+        transport = factory.made[0].transport
+        assert type(transport) is tcp.Server
+        assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
+        assert seen == ["Recorder", f"<Recorder #0 on {port.getHost().port}>"]
+        assert repr(transport) == f"<closed #0 on {port.getHost().port}>"
+        assert factory.lost[0].check(ConnectionDone)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_with_nothing_to_write_closes_without_writing() -> None:
+    """Its loseConnection neither waits for the socket to be writable nor writes to it."""
+    writes: list[int] = []
+
+    def reply(transport: Any, data: bytes) -> None:
+        transport.startWriting = lambda: writes.append(1)  # would be the writable wait
+        transport.loseConnection()
+
+    factory = RecorderFactory(reply)
+    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
+    try:
+        received, ending = await deferToThread(exchange, port.getHost().port, b"bye")
+        await factory.closed
+        assert (received, ending, writes) == (b"", "eof", [])
+        assert len(factory.lost) == 1 and factory.lost[0].check(ConnectionDone)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_is_still_buffered_is_written_before_the_close() -> None:
+    """More than the socket takes at once: Twisted's close, which writes it all first."""
+    big = bytes(range(256)) * 40_000  # 10 MB: more than loopback's buffers
+
+    def reply(transport: Any, data: bytes) -> None:
+        transport.write(big)
+        transport.loseConnection()
+
+    factory = RecorderFactory(reply)
+    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
+    try:
+        received, ending = await deferToThread(exchange, port.getHost().port, b"x")
+        await factory.closed
+        assert ending == "eof" and len(received) == len(big) and received == big
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abort_before_the_close_resets_and_is_lost_once() -> None:
+    def reply(transport: Any, data: bytes) -> None:
+        transport.loseConnection()
+        transport.abortConnection()
+
+    factory = RecorderFactory(reply)
+    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
+    try:
+        received, ending = await deferToThread(exchange, port.getHost().port, b"x")
+        await factory.closed
+        factory.made[0].transport._close()  # what loseConnection scheduled: nothing left to do
+        assert (received, ending) == (b"", "ConnectionResetError")
+        assert len(factory.lost) == 1 and factory.lost[0].check(ConnectionAborted)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6() -> None:
+    if not socket.has_ipv6:
+        pytest.fail("the machine has no IPv6 loopback")
+    factory = RecorderFactory(lambda transport, data: (transport.write(data), transport.loseConnection()))
+    port = await tcp.listen(TCP6ServerEndpoint(reactor, 0, interface="::1"), factory)
+    try:
+        received, ending = await deferToThread(exchange, port.getHost().port, b"six", socket.AF_INET6, "::1")
+        await factory.closed
+        assert (received, ending) == (b"six", "eof")
+        assert factory.made[0].transport.getPeer().host == "::1"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_endpoints_and_reactors_listen_as_they_would(tmp_path: Any) -> None:
+    memory = MemoryReactor()
+    factory = RecorderFactory(None)
+    await tcp.listen(TCP4ServerEndpoint(memory, 1883, interface="127.0.0.1"), factory)
+    assert memory.tcpServers == [(1883, factory, 50, "127.0.0.1")]  # the endpoint's own listenTCP
+    port = await tcp.listen(UNIXServerEndpoint(reactor, str(tmp_path / "s")), factory)
+    try:
+        assert not isinstance(port, tcp.Port)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_broker_listens_with_it() -> None:
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    try:
+        assert [type(port) for port in broker.ports] == [tcp.Port]
+        connect = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c"
+        disconnect = b"\xe0\x00"
+        received, ending = await deferToThread(exchange, broker.ports[0].getHost().port, connect + disconnect)
+        assert (received, ending) == (b"\x20\x02\x00\x00", "eof")  # CONNACK, then the end
+    finally:
+        await broker.stopService()
