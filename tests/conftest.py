@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -87,6 +88,11 @@ class BrokerProcess:
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events logged so far (Twisted's JSON event stream). Each record ends with a
+        newline: the last one may be still being written, and is left for the next call."""
+        return [json.loads(record) for record in self.output().split("\x1e") if record.endswith("\n")]
 
     def stop(self) -> None:
         terminate(self.process)

@@ -336,10 +336,11 @@ def test_tls_bridge_checks_the_remote_name(broker_process: Any, mosquitto: Any, 
         return
     config = write_config(tmp_path / "tls.toml", {}, [table])
     ours = broker_process("--config", str(config))
-    wait_until(lambda: "bridge {name}: {why}" in ours.output(), "the bridge's failure to be logged")
-    import json
-    why = [event["why"] for event in map(json.loads, filter(str.strip, ours.output().split("\x1e")))
-           if event.get("log_format") == "bridge {name}: {why}"]
+
+    def failures() -> list[str]:
+        return [event["why"] for event in ours.events() if event.get("log_format") == "bridge {name}: {why}"]
+    wait_until(failures, "the bridge's failure to be logged")
+    why = failures()
     assert why and all("DNSMismatch" in w for w in why), why  # refused for its name, not for anything else
     assert "New bridge connected" not in remote.log_path.read_text()
     watcher = StateWatcher(ours.port, "tls")
@@ -367,10 +368,9 @@ def test_remote_credentials(broker_process: Any, mosquitto: Any, tmp_path: Path)
             "connection": "wrong", "addresses": [f"127.0.0.1:{remote.port}"], "topic": ["c/# out 1"],
             "remote_username": "edge", "remote_password": "nope", "restart_timeout": [0.1, 0.2]}])
         wrong = broker_process("--config", str(config))
-        import json
 
         def refusals() -> list[str]:
-            return [event["why"] for event in map(json.loads, filter(str.strip, wrong.output().split("\x1e")))
+            return [event["why"] for event in wrong.events()
                     if event.get("log_format") == "bridge {name}: {why}"]
         wait_until(lambda: len(refusals()) >= 2, "two refused attempts")
         assert all(why == "CONNECT refused with reason code 0x05" for why in refusals()), refusals()
@@ -412,7 +412,7 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
     with urllib.request.urlopen(request, timeout=10) as answer:
         bridge = json.load(answer)
     assert bridge["queued"] == 10 and bridge["state"] == "waiting"
-    full = [event for event in map(json.loads, filter(str.strip, ours.output().split("\x1e")))
+    full = [event for event in ours.events()
             if event.get("log_format", "").startswith("queue of {client_id} is full")]
     assert [(event["client_id"], event["dropped"]) for event in full] == [("local.edge-cloud", 1)]
     remote.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -196,7 +195,7 @@ def test_sighup_disconnects_clients_whose_password_changed_or_was_removed(secure
     assert connect_code(secured.port, "alice", "new one") == 0
     assert connect_code(secured.port, "bob", "builder") == 4
     output = secured.output()
-    logged = "\n".join(formatEvent(json.loads(record)) for record in output.split("\x1e") if record.strip())
+    logged = "\n".join(map(formatEvent, secured.events()))
     assert f"disconnecting client alice-1 after the reload: the password of 'alice' changed in {passwd_file}" \
         in logged
     assert f"disconnecting client bob-1 after the reload: user 'bob' is no longer in {passwd_file}" in logged

@@ -7,7 +7,6 @@ Every wait is bounded: socket timeouts, queue timeouts, wait_for_port.
 
 from __future__ import annotations
 
-import json
 import queue
 import socket
 import ssl
@@ -70,8 +69,7 @@ class WSBroker:
         wait_for_port(self.ws_port, self.broker.process)
 
     def events(self) -> list[dict[str, Any]]:
-        # Each record ends with a newline: the last one may still be being written.
-        return [json.loads(r) for r in self.broker.output().split("\x1e") if r.strip() and r.endswith("\n")]
+        return self.broker.events()
 
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.events()
