@@ -30,7 +30,7 @@ from .keepalive import Keepalives
 from .hooks import Hooks
 from .linger import AllClosed
 from .message import Client, Message
-from .protocol import MQTTProtocol
+from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
 from .session import Session
 from .store import Snapshot, Store, StoredWill
@@ -94,7 +94,9 @@ class MQTTFactory(Factory):
                 self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
             log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
             return None
-        return MQTTProtocol(self.broker, self.broker.clock)
+        protocol = MQTTProtocol(self.broker, self.broker.clock)
+        protocol.peer = describe(addr)  # the transport would make another address object
+        return protocol
 
 
 class BrokerService(MultiService):
@@ -507,34 +509,6 @@ class BrokerService(MultiService):
             session.stored = True
             self.store.save_session(session, None)
         return session, present
-
-    def resume(self, session: Session) -> None:
-        """After CONNACK: resend what was in flight [MQTT-4.4.0-1], then send what was queued."""
-        connection = session.connection
-        assert connection is not None
-        now = self.clock.seconds()
-        if session.stored and session.outgoing:
-            connection.wait_for_store()  # what was recorded last may not be written yet
-        resent = session.unsent = 0
-        for packet_id, out in list(session.outgoing.items()):
-            out.sent_at = now
-            out.unsent = False  # decided afresh for this connection's Receive Maximum
-            if out.released:
-                connection.send_pubrel(packet_id)
-                resent += 1  # in flight until PUBCOMP, within the Receive Maximum [MQTT-4.9.0-2]
-            elif resent >= connection.send_quota:
-                out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
-                session.unsent += 1
-            elif connection.send_publish(out.message, out.qos, out.retain, packet_id, True, out.subscription_ids):
-                resent += 1
-            else:
-                del session.outgoing[packet_id]
-                self.delivery.forget(session, out)
-        if session.outgoing:
-            self.delivery.schedule_retry(session)
-        if self.cluster is not None:
-            self.cluster.connected(session, connection)
-        self.delivery.pump(session)
 
     def detach(self, connection: Any, graceful: bool) -> None:
         """A connection ended: publish its will unless it ended gracefully, and keep or discard

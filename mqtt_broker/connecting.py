@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
 from .connect import negotiate
+from .delivery import Delivery
 from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
@@ -49,6 +50,7 @@ class Connecting:
 
     transport: ITransport | None
     broker: Any
+    delivery: Delivery
     clock: IReactorTime
     stats: Any
     state: State
@@ -255,7 +257,7 @@ class Connecting:
         if terms.keep_alive:
             self._watch_keepalive(terms.keep_alive)
         self._watch_expiry()
-        self.broker.resume(session)
+        self.delivery.resume(session)
 
     # --- credentials that expire --------------------------------------------------------
 

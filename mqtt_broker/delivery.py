@@ -247,6 +247,34 @@ class Delivery:
         if session.retry_call is None and self.config.retry_interval and connection.version != MQTT_5:
             self.schedule_retry(session)
 
+    def resume(self, session: Session) -> None:
+        """After CONNACK: resend what was in flight [MQTT-4.4.0-1], then send what was queued."""
+        connection = session.connection
+        assert connection is not None
+        now = self.clock.seconds()
+        if session.stored and session.outgoing:
+            connection.wait_for_store()  # what was recorded last may not be written yet
+        resent = session.unsent = 0
+        for packet_id, out in list(session.outgoing.items()):
+            out.sent_at = now
+            out.unsent = False  # decided afresh for this connection's Receive Maximum
+            if out.released:
+                connection.send_pubrel(packet_id)
+                resent += 1  # in flight until PUBCOMP, within the Receive Maximum [MQTT-4.9.0-2]
+            elif resent >= connection.send_quota:
+                out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
+                session.unsent += 1
+            elif connection.send_publish(out.message, out.qos, out.retain, packet_id, True, out.subscription_ids):
+                resent += 1
+            else:
+                del session.outgoing[packet_id]
+                self.forget(session, out)
+        if session.outgoing:
+            self.schedule_retry(session)
+        if self.cluster is not None:
+            self.cluster.connected(session, connection)
+        self.pump(session)
+
     def pump(self, session: Session) -> None:
         """Send queued messages while the connection and its in-flight window allow; expired
         messages are dropped, never delivered [MQTT-3.3.2-5]."""

@@ -54,6 +54,12 @@ SEND_LIMIT = 1024 * 1024
 is less than a subscriber of several busy publishers is sent per turn)."""
 
 
+def describe(address: IAddress) -> str:
+    """A peer's address as logs and hooks show it: ``host:port``."""
+    host = getattr(address, "host", None)
+    return f"{host}:{getattr(address, 'port', '')}" if host is not None else str(address)
+
+
 class MQTTProtocol(Connecting, Publishing):
     """One client connection (an ``IProtocol`` of its own, without Twisted's ``Protocol`` as a
     base: that has no slots, so every instance would carry a dict too). ``paused`` is True while
@@ -143,9 +149,8 @@ class MQTTProtocol(Connecting, Publishing):
     def connectionMade(self) -> None:
         self.broker.connections.add(self)
         self.broker.stats.connections_total += 1
-        peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
-        host = getattr(peer, "host", None)
-        self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else str(peer)
+        if self.peer == "?":  # not told by the factory
+            self.peer = describe(self.transport.getPeer())  # type: ignore[union-attr]
         if self.broker.config.set_tcp_nodelay:
             try:
                 self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
@@ -707,4 +712,4 @@ class _Unstored:
         """The store's ``generation`` when this batch was waited for."""
 
 
-__all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5"]
+__all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "describe"]

@@ -31,7 +31,7 @@ class Server(tcp.Server):
     # alone ends the stream: Twisted says as much where it shuts down first all the same.
     _shouldShutdown = False
 
-    def __init__(self, sock: Any, protocol: IProtocol, client: tuple[Any, ...], server: Port,
+    def __init__(self, sock: Any, protocol: IProtocol, client: tuple[Any, ...], server: tcp.Port,
                  sessionno: int, reactor: Any) -> None:
         # tcp.Server.__init__ without its two strings.
         tcp.Connection.__init__(self, sock, protocol, reactor)
@@ -40,14 +40,14 @@ class Server(tcp.Server):
         self.server = server
         self.client = client
         self.sessionno = sessionno
-        if server.connection_prefix is None:
-            server.connection_prefix = self._getLogPrefix(protocol)
+        if server.connection_prefix is None:  # type: ignore[attr-defined]  # it is a Port of this module
+            server.connection_prefix = self._getLogPrefix(protocol)  # type: ignore[attr-defined]
         self.startReading()
         self.connected = 1
 
     def logPrefix(self) -> str:
         # Called around every event of the connection: one string per listener.
-        return self.server.connection_prefix  # type: ignore[return-value]
+        return self.server.connection_prefix  # type: ignore[attr-defined, no-any-return]
 
     def __repr__(self) -> str:
         name = type(self.protocol).__name__ if hasattr(self, "protocol") else "closed"
@@ -59,7 +59,7 @@ class Server(tcp.Server):
             # Nothing to write: no need to wait for the socket to be writable.
             self.stopReading()
             self.disconnecting = True
-            self.reactor.callLater(0, self._close)
+            self.reactor.callLater(0, self._close)  # type: ignore[attr-defined]  # a reactor has a clock
         else:
             super().loseConnection()
 
