@@ -4,7 +4,7 @@ Twisted's TCP transport (``twisted.internet.tcp.Server``) formats two strings fo
 connection it accepts, a log prefix and a repr, and keeps both for as long as the connection
 lives: about 160 bytes of an idle connection's 2 KiB. And its ``loseConnection`` of a connection
 with nothing left to write still waits for the socket to turn writable, sends it zero bytes and
-shuts it down before closing it: five system calls where closing takes two. ``Server`` here is
+shuts it down before closing it: four system calls more than the close needs. ``Server`` here is
 that transport without those: its log prefix is its listener's, its repr is made when asked
 for, and a connection with nothing to write is closed at the reactor's next turn.
 
