@@ -69,6 +69,24 @@ def exchange(port: int, data: bytes, family: int = socket.AF_INET, host: str = "
         return received, "eof"
 
 
+async def serve(reply: Any, data: bytes, ipv6: bool = False) -> tuple[bytes, str, RecorderFactory, int]:
+    """One client's exchange with a listener of mqtt_broker.tcp whose protocol answers as
+    ``reply`` says: what the client read, how the stream ended, the factory (once the
+    connection is lost) and the port."""
+    factory = RecorderFactory(reply)
+    family, host = (socket.AF_INET6, "::1") if ipv6 else (socket.AF_INET, "127.0.0.1")
+    endpoint = (TCP6ServerEndpoint if ipv6 else TCP4ServerEndpoint)(reactor, 0, interface=host)
+    port = await tcp.listen(endpoint, factory)
+    try:
+        assert type(port) is tcp.Port
+        received, ending = await deferToThread(exchange, port.getHost().port, data, family, host)
+        await factory.closed
+        assert type(factory.made[0].transport) is tcp.Server
+        return received, ending, factory, port.getHost().port
+    finally:
+        await port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_connections_are_lean_and_close_at_once_when_nothing_is_left() -> None:
     seen: list[str] = []
@@ -79,21 +97,13 @@ async def test_connections_are_lean_and_close_at_once_when_nothing_is_left() -> 
         transport.loseConnection()
         transport.write(b"!")  # written after loseConnection: still sent before the end
 
-    factory = RecorderFactory(reply)
-    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
-    try:
-        assert type(port) is tcp.Port
-        received, ending = await deferToThread(exchange, port.getHost().port, b"hello")
-        await factory.closed
-        assert (received, ending) == (b"HELLO!", "eof")
-        transport = factory.made[0].transport
-        assert type(transport) is tcp.Server
-        assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
-        assert seen == ["Recorder", f"<Recorder #0 on {port.getHost().port}>"]
-        assert repr(transport) == f"<closed #0 on {port.getHost().port}>"
-        assert factory.lost[0].check(ConnectionDone)
-    finally:
-        await port.stopListening()
+    received, ending, factory, port = await serve(reply, b"hello")
+    assert (received, ending) == (b"HELLO!", "eof")
+    transport = factory.made[0].transport
+    assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
+    assert seen == ["Recorder", f"<Recorder #0 on {port}>"]
+    assert repr(transport) == "<closed #0 on None>"  # the port is closed too
+    assert factory.lost[0].check(ConnectionDone)
 
 
 @pytest_twisted.ensureDeferred
@@ -105,15 +115,9 @@ async def test_a_connection_with_nothing_to_write_closes_without_writing() -> No
         transport.startWriting = lambda: writes.append(1)  # would be the writable wait
         transport.loseConnection()
 
-    factory = RecorderFactory(reply)
-    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
-    try:
-        received, ending = await deferToThread(exchange, port.getHost().port, b"bye")
-        await factory.closed
-        assert (received, ending, writes) == (b"", "eof", [])
-        assert len(factory.lost) == 1 and factory.lost[0].check(ConnectionDone)
-    finally:
-        await port.stopListening()
+    received, ending, factory, _ = await serve(reply, b"bye")
+    assert (received, ending, writes) == (b"", "eof", [])
+    assert len(factory.lost) == 1 and factory.lost[0].check(ConnectionDone)
 
 
 @pytest_twisted.ensureDeferred
@@ -125,14 +129,8 @@ async def test_what_is_still_buffered_is_written_before_the_close() -> None:
         transport.write(big)
         transport.loseConnection()
 
-    factory = RecorderFactory(reply)
-    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
-    try:
-        received, ending = await deferToThread(exchange, port.getHost().port, b"x")
-        await factory.closed
-        assert ending == "eof" and len(received) == len(big) and received == big
-    finally:
-        await port.stopListening()
+    received, ending, _, _ = await serve(reply, b"x")
+    assert ending == "eof" and len(received) == len(big) and received == big
 
 
 @pytest_twisted.ensureDeferred
@@ -141,31 +139,20 @@ async def test_an_abort_before_the_close_resets_and_is_lost_once() -> None:
         transport.loseConnection()
         transport.abortConnection()
 
-    factory = RecorderFactory(reply)
-    port = await tcp.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory)
-    try:
-        received, ending = await deferToThread(exchange, port.getHost().port, b"x")
-        await factory.closed
-        factory.made[0].transport._close()  # what loseConnection scheduled: nothing left to do
-        assert (received, ending) == (b"", "ConnectionResetError")
-        assert len(factory.lost) == 1 and factory.lost[0].check(ConnectionAborted)
-    finally:
-        await port.stopListening()
+    received, ending, factory, _ = await serve(reply, b"x")
+    factory.made[0].transport._close()  # what loseConnection scheduled: nothing left to do
+    assert (received, ending) == (b"", "ConnectionResetError")
+    assert len(factory.lost) == 1 and factory.lost[0].check(ConnectionAborted)
 
 
 @pytest_twisted.ensureDeferred
 async def test_ipv6() -> None:
     if not socket.has_ipv6:
         pytest.fail("the machine has no IPv6 loopback")
-    factory = RecorderFactory(lambda transport, data: (transport.write(data), transport.loseConnection()))
-    port = await tcp.listen(TCP6ServerEndpoint(reactor, 0, interface="::1"), factory)
-    try:
-        received, ending = await deferToThread(exchange, port.getHost().port, b"six", socket.AF_INET6, "::1")
-        await factory.closed
-        assert (received, ending) == (b"six", "eof")
-        assert factory.made[0].transport.getPeer().host == "::1"
-    finally:
-        await port.stopListening()
+    received, ending, factory, _ = await serve(
+        lambda transport, data: (transport.write(data), transport.loseConnection()), b"six", ipv6=True)
+    assert (received, ending) == (b"six", "eof")
+    assert factory.made[0].transport.getPeer().host == "::1"
 
 
 @pytest_twisted.ensureDeferred
