@@ -18,7 +18,7 @@ from conftest import BrokerProcess, free_port, terminate, wait_for_port
 from paho_helpers import PahoClient
 
 from mqtt_broker.mosquitto import convert, main
-from mqtt_broker.wire import Connack, Publish, Subscribe, SubscriptionRequest
+from mqtt_broker.wire import Connack
 from mqtt_broker.wire.packets import MQTT_3_1_1, MQTT_5
 
 CONFIGS = Path(__file__).parent / "mosquitto_configs"
