@@ -428,23 +428,35 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
 @pytest.mark.parametrize("kind", ["mosquitto", "ours"])
 def test_remote_stopped_mid_stream(broker_process: Any, mosquitto: Any, tmp_path: Path, kind: str) -> None:
     """The remote stops while messages are on their way through the bridge (some in flight on the
-    link) and comes back: every QoS 1/2 message arrives, QoS 2 once."""
+    link) and comes back: every QoS 1/2 message arrives, QoS 2 once.
+
+    The subscriber at the remote is offline across the remote's restart, so what it receives is
+    what the bridge delivered. (Mosquitto 2.0.11 resends a QoS 2 PUBLISH, DUP set, after a restart
+    to a client connected across it whose PUBREC it had already answered with PUBREL; the client
+    then takes that message twice. That is not the bridge's leg.)"""
     remote = Remote(kind, tmp_path, broker_process, mosquitto)
     ours = bridged(broker_process, tmp_path, remote.port, topic=["q/# out 2"])
-    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)  # reconnects by itself
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
     cloud.subscribe("q/#", 2)
+    cloud.close()
+    probe = PahoClient(remote.port)  # says when the stream is under way
+    probe.subscribe("q/#", 0)
     watcher = StateWatcher(ours.port, "cloud")
     watcher.wait_for(b"1")
     local = PahoClient(ours.port)
     total = 400
     infos = [local.client.publish(f"q/{n % 2 + 1}", f"m {n}".encode(), n % 2 + 1) for n in range(total)]
-    payloads = [cloud.message().payload for _ in range(40)]
+    for _ in range(40):
+        probe.message()
     remote.stop()
+    probe.close()
     watcher.wait_for(b"0")
     remote.start()
     watcher.wait_for(b"1")
     for info in infos:
         info.wait_for_publish(timeout=10)  # all acknowledged by our broker
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    payloads: list[bytes] = []
     while len(set(payloads)) < total:
         payloads.append(cloud.message().payload)
     assert cloud.no_message(0.5)
