@@ -35,6 +35,19 @@ class Terms:
     problem_information: bool = True
     connack_properties: dict[str, Any] = field(default_factory=dict)
 
+    def __init__(self, reason: ReasonCode, client_id: str, keep_alive: int, session_expiry: int, send_quota: int,
+                 max_send_size: int, alias_maximum: int, problem_information: bool = True) -> None:
+        # The dataclass's own, written out (compiled, it is native; one per CONNECT).
+        self.reason = reason
+        self.client_id = client_id
+        self.keep_alive = keep_alive
+        self.session_expiry = session_expiry
+        self.send_quota = send_quota
+        self.max_send_size = max_send_size
+        self.alias_maximum = alias_maximum
+        self.problem_information = problem_information
+        self.connack_properties = {}
+
 
 def negotiate(config: BrokerConfig, connect: Connect) -> Terms:
     level = connect.protocol_level

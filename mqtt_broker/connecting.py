@@ -22,7 +22,8 @@ from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
-    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, ProtocolError, ReasonCode, v3_connack_code,
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
+    encode_connack, v3_connack_code,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Connecting:
     def _set_state(self, state: State) -> None: ...
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
     def send(self, packet: Packet) -> None: ...
+    def write(self, data: bytes) -> None: ...
     def _watch_keepalive(self, keep_alive: int) -> None: ...
     def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
 
@@ -248,7 +250,7 @@ class Connecting:
             self.will = Message(topic=will.topic, payload=will.payload, qos=will.qos, retain=will.retain,
                                 properties=will_properties, sender=client.client_id)
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
-        self.send(Connack(session_present=present and self.version != MQTT_3_1, properties=properties))
+        self._send_connack(present and self.version != MQTT_3_1, properties)
         if self.broker.config.connection_messages:
             log.info("client {client_id} connected from {peer} (MQTT {version}, clean start {clean}, "
                      "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
@@ -258,6 +260,15 @@ class Connecting:
             self._watch_keepalive(terms.keep_alive)
         self._watch_expiry()
         self.delivery.resume(session)
+
+    def _send_connack(self, present: bool, properties: Properties) -> None:
+        """The CONNACK that accepts the connection, written without building a Connack."""
+        data = encode_connack(present, 0, properties, self.version)
+        if len(data) > self.max_send_size:  # send() trims its properties to the client's limit
+            self.send(Connack(session_present=present, properties=properties))
+            return
+        self.stats.control_packets_sent += 1
+        self.write(data)
 
     # --- credentials that expire --------------------------------------------------------
 

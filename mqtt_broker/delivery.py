@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .broker import Stats
     from .config import BrokerConfig
     from .history import MessageLog
+    from .protocol import MQTTProtocol
     from .retained import RetainedMessages
     from .store import Store
     from .topics import SubscriptionTree
@@ -251,10 +252,18 @@ class Delivery:
         """After CONNACK: resend what was in flight [MQTT-4.4.0-1], then send what was queued."""
         connection = session.connection
         assert connection is not None
-        now = self.clock.seconds()
-        if session.stored and session.outgoing:
+        session.unsent = 0
+        if session.outgoing:
+            self._resend(session, connection)
+        if self.cluster is not None:
+            self.cluster.connected(session, connection)
+        self.pump(session)
+
+    def _resend(self, session: Session, connection: MQTTProtocol) -> None:
+        if session.stored:
             connection.wait_for_store()  # what was recorded last may not be written yet
-        resent = session.unsent = 0
+        now = self.clock.seconds()
+        resent = 0
         for packet_id, out in list(session.outgoing.items()):
             out.sent_at = now
             out.unsent = False  # decided afresh for this connection's Receive Maximum
@@ -271,9 +280,6 @@ class Delivery:
                 self.forget(session, out)
         if session.outgoing:
             self.schedule_retry(session)
-        if self.cluster is not None:
-            self.cluster.connected(session, connection)
-        self.pump(session)
 
     def pump(self, session: Session) -> None:
         """Send queued messages while the connection and its in-flight window allow; expired

@@ -131,6 +131,28 @@ class Session:
     """How many of ``outgoing`` wait to be resent (their ``unsent`` flag)."""
     _next_id: int = 1
 
+    def __init__(self, client_id: str, expiry: int = 0) -> None:
+        # The fields above with their defaults, written out as Queued's are (one per CONNECT).
+        self.client_id = client_id
+        self.expiry = expiry
+        self.subscriptions = NO_SUBSCRIPTIONS
+        self.outgoing = NO_OUTGOING
+        self.queue = NO_QUEUE
+        self.queued_bytes = 0
+        self.awaiting_pubrel = NO_PUBRELS
+        self.connection = None
+        self.dropped = 0
+        self.expiry_call = None
+        self.retry_call = None
+        self.stored = False
+        self.spilled = 0
+        self.loading = False
+        self.identity = None
+        self.loaded_seq = 0
+        self.next_seq = 1
+        self.unsent = 0
+        self._next_id = 1
+
     def allocate_packet_id(self) -> int:
         """A packet id not in use by any outgoing message [MQTT-2.3.1-2]. Always finds one: the
         broker keeps fewer than max_inflight_messages (at most 65535) in flight."""

@@ -6,7 +6,10 @@ lives: about 160 bytes of an idle connection's 2 KiB. And its ``loseConnection``
 with nothing left to write still waits for the socket to turn writable, sends it zero bytes and
 shuts it down before closing it: four system calls more than the close needs. ``Server`` here is
 that transport without those: its log prefix is its listener's, its repr is made when asked
-for, and a connection with nothing to write is closed at the reactor's next turn.
+for, and a connection with nothing to write is closed at the reactor's next turn. Its socket is
+the bare one of the ``_socket`` module: ``socket.socket.accept`` would turn the listener's family
+and type into enums and wrap each connection's descriptor in a Python object besides, for
+nothing a transport uses (a fifth of the accept's Python).
 
 The broker listens through :func:`listen`, which uses ``Port`` (Twisted's ``tcp.Port`` with
 this ``Server``) for Twisted's ``tcp:`` and ``tcp6:`` endpoints on a reactor of file
@@ -15,6 +18,8 @@ descriptors, and leaves every other endpoint (``ssl:``, ``unix:``, ...) to itsel
 
 from __future__ import annotations
 
+import _socket
+import socket
 from typing import Any
 
 from twisted.internet import address, defer, main, tcp
@@ -72,6 +77,21 @@ class Server(tcp.Server):
             self.connectionLost(Failure(main.CONNECTION_DONE))
 
 
+class _Listening(socket.socket):
+    """A listening socket whose ``accept`` gives the connection's bare socket object."""
+
+    __slots__ = ("_kind",)
+
+    def __init__(self, listening: socket.socket) -> None:
+        self._kind = (int(listening.family), int(listening.type), listening.proto)
+        super().__init__(*self._kind, fileno=listening.detach())
+        self.setblocking(False)
+
+    def accept(self) -> tuple[Any, Any]:  # type: ignore[override]  # a socket of _socket, not of socket
+        fd, peer = self._accept()  # type: ignore[attr-defined]  # socket.socket's own, in C
+        return _socket.socket(*self._kind, fd), peer
+
+
 class Port(tcp.Port):
     """Twisted's TCP listener, accepting :class:`Server` connections."""
 
@@ -79,6 +99,9 @@ class Port(tcp.Port):
     connection_prefix: str | None = None
     """What its connections log with: their protocol's prefix (Twisted's adds a connection
     number and the peer's address, to a string per connection)."""
+
+    def createInternetSocket(self) -> socket.socket:
+        return _Listening(super().createInternetSocket())
 
 
 def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:

@@ -448,11 +448,15 @@ def _encode_connect(p: Connect, version: int) -> bytes:
     return _frame(0x10, b"".join(parts))
 
 
+def encode_connack(session_present: bool, reason_code: int, properties: Properties, version: int) -> bytes:
+    """A CONNACK's bytes, without a Connack to encode (one for every connection)."""
+    if version != MQTT_5:
+        return bytes((0x20, 2, session_present, reason_code))
+    return _frame(0x20, bytes((session_present, reason_code)) + encode_properties(properties))
+
+
 def _encode_connack(p: Connack, version: int) -> bytes:
-    body = bytes((p.session_present, p.reason_code))
-    if version == MQTT_5:
-        body += encode_properties(p.properties)
-    return _frame(0x20, body)
+    return encode_connack(p.session_present, p.reason_code, p.properties, version)
 
 
 def _encode_ack(p: Puback | Pubrec | Pubrel | Pubcomp, version: int) -> bytes:
