@@ -1,10 +1,13 @@
 """The broker's TCP listener (mqtt_broker.tcp): Twisted's, with connections that keep no log
-strings and close without waiting for a writable socket when nothing is left to write. Real
+strings, sit on _socket's bare socket objects, and close without waiting for a writable socket
+when nothing is left to write. Real
 sockets on loopback, the real reactor; clients are blocking sockets in threads, every wait
 bounded by a socket timeout."""
 
 from __future__ import annotations
 
+import _socket
+import os
 import socket
 from typing import Any
 
@@ -104,6 +107,25 @@ async def test_connections_are_lean_and_close_at_once_when_nothing_is_left() -> 
     assert seen == ["Recorder", f"<Recorder #0 on {port}>"]
     assert repr(transport) == "<closed #0 on None>"  # the port is closed too
     assert factory.lost[0].check(ConnectionDone)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("ipv6", [False, True])
+async def test_a_connection_sits_on_a_bare_nonblocking_socket_closed_on_exec(ipv6: bool) -> None:
+    """Not socket.socket's Python wrapper: _socket's own object, whatever the family."""
+    seen: list[tuple[Any, ...]] = []
+
+    def reply(transport: Any, data: bytes) -> None:
+        sock = transport.getHandle()
+        seen.append((type(sock), sock.family, sock.gettimeout(), os.get_inheritable(sock.fileno()),
+                     transport.getPeer().host))
+        transport.write(data)
+        transport.loseConnection()
+
+    received, ending, factory, _ = await serve(reply, b"ping", ipv6)
+    assert (received, ending) == (b"ping", "eof")
+    family, host = (socket.AF_INET6, "::1") if ipv6 else (socket.AF_INET, "127.0.0.1")
+    assert seen == [(_socket.socket, family, 0.0, False, host)]
 
 
 @pytest_twisted.ensureDeferred

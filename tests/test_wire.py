@@ -258,18 +258,24 @@ def test_connect_level_decides_its_encoding_not_the_version_argument() -> None:
     assert encode(CONNECT_3_1_1.packet, MQTT_5) == CONNECT_3_1_1.raw
 
 
-def test_packets_are_keyword_only_and_frozen_except_publish() -> None:
+def test_packets_are_keyword_only_and_frozen_except_publish_and_connect() -> None:
     with pytest.raises(TypeError):
         Puback(1)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Connect("MQTT")  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Puback(packet_id=1).packet_id = 2  # type: ignore[misc]
     for cls in PACKET_TYPES:
         assert cls.__dictoffset__ == 0  # slotted, or compiled: no __dict__ per packet
         params = getattr(cls, "__dataclass_params__")
-        assert params.frozen is (cls is not Publish), cls
+        assert params.frozen is (cls not in (Publish, Connect)), cls
+    # Mutable for speed: one PUBLISH per message, one CONNECT per connection.
     publish = Publish(topic="t")
-    publish.dup = True  # the one mutable packet, for the hot path
+    publish.dup = True
     assert publish.dup
+    connect = Connect(client_id="c", keep_alive=30)
+    assert (connect.client_id, connect.keep_alive, connect.protocol_level, connect.will) == ("c", 30, MQTT_3_1_1, None)
+    assert connect == Connect(client_id="c", keep_alive=30) != Connect(client_id="d", keep_alive=30)
 
 
 # --- encode_publish and the shared publish template ----------------------------------------

@@ -78,8 +78,11 @@ class Will:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Connect:
+    # Not frozen, and its __init__ written out: one is decoded for every connection, and a
+    # frozen dataclass's __init__ sets each field through object.__setattr__, interpreted even
+    # when compiled; this one is native.
     protocol_name: str = "MQTT"
     protocol_level: int = MQTT_3_1_1
     clean_start: bool = True
@@ -94,6 +97,20 @@ class Connect:
     try_private): it is not sent back the messages it publishes, and gets the retain flag as
     published."""
 
+    def __init__(self, *, protocol_name: str = "MQTT", protocol_level: int = MQTT_3_1_1, clean_start: bool = True,
+                 keep_alive: int = 0, client_id: str = "", will: Will | None = None, username: str | None = None,
+                 password: bytes | None = None, properties: Properties = NO_PROPERTIES, bridge: bool = False) -> None:
+        self.protocol_name = protocol_name
+        self.protocol_level = protocol_level
+        self.clean_start = clean_start
+        self.keep_alive = keep_alive
+        self.client_id = client_id
+        self.will = will
+        self.username = username
+        self.password = password
+        self.properties = properties
+        self.bridge = bridge
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Connack:
@@ -105,7 +122,7 @@ class Connack:
 @mypyc_attr(allow_interpreted_subclasses=True)  # a FrameReader's publish_type, compiled (Message) or not
 @dataclass(slots=True)
 class Publish:
-    # Not frozen, and positional arguments allowed: this is the one packet on the hot path, and
+    # Not frozen, and positional arguments allowed: this is the packet of the hot path, and
     # a frozen __init__ costs an object.__setattr__ call per field, keyword arguments twice the
     # time of positional ones.
     topic: str
