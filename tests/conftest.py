@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -120,3 +121,19 @@ def broker_process() -> Iterator[type[BrokerProcess]]:
 def broker(broker_process: type[BrokerProcess]) -> BrokerProcess:
     """A broker process with default settings."""
     return broker_process()
+
+
+def assert_every_field_set(made: Any, **given: Any) -> None:
+    """A dataclass whose ``__init__`` is written out (native when compiled) sets every field: to
+    what the call gave (``given``), else to its default. A field added to the class and not to the
+    ``__init__`` would be a slot left unset."""
+    for f in dataclasses.fields(made):
+        value = getattr(made, f.name)  # AttributeError for an unset slot
+        if f.name in given:
+            assert value == given[f.name], f.name
+        elif f.default is not dataclasses.MISSING:
+            assert value == f.default, f.name
+        elif f.default_factory is not dataclasses.MISSING:
+            assert value == f.default_factory(), f.name
+        else:
+            raise AssertionError(f"{f.name} has no default and was not given")

@@ -17,10 +17,6 @@ from pathlib import Path
 import pytest
 
 import mqtt_broker
-from mqtt_broker.connect import Terms
-from mqtt_broker.message import Message
-from mqtt_broker.session import Queued, Session
-from mqtt_broker.wire import Connect, ReasonCode
 
 ROOT = Path(__file__).resolve().parent.parent
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -126,30 +122,6 @@ def test_loggers_are_named_after_their_modules() -> None:
             loggers.update({info.name: value.namespace for value in vars(module).values() if isinstance(value, Logger)})
     assert {"mqtt_broker.protocol", "mqtt_broker.delivery", "mqtt_broker.broker"} <= loggers.keys()
     assert {name: namespace for name, namespace in loggers.items() if namespace != name} == {}
-
-WRITTEN_OUT = {
-    "Message": lambda: Message("t"),
-    "Queued": lambda: Queued(Message("t"), 0, False),
-    "Session": lambda: Session("c"),
-    "Terms": lambda: Terms(ReasonCode.SUCCESS, "c", 0, 0, 1, 1, 0),
-    "Connect": lambda: Connect(),
-}
-
-
-@pytest.mark.parametrize("name", WRITTEN_OUT)
-def test_written_out_inits_set_every_field(name: str) -> None:
-    """Dataclasses whose ``__init__`` is written out (native when compiled) set every field, to
-    its default where the call gave none: a field added to the class and not to the ``__init__``
-    would be a slot left unset."""
-    import dataclasses
-    made = WRITTEN_OUT[name]()
-    for f in dataclasses.fields(made):  # type: ignore[arg-type]
-        value = getattr(made, f.name)  # AttributeError for an unset slot
-        if f.default is not dataclasses.MISSING and f.name not in ("topic", "client_id"):
-            assert value == f.default, f.name
-        elif f.default_factory is not dataclasses.MISSING:
-            assert value == f.default_factory(), f.name
-
 
 def test_wheel_has_every_module(wheel: Path) -> None:
     """A subpackage that packages = find_namespace: missed would only show up once installed."""

@@ -13,6 +13,8 @@ from mqtt_broker.message import Message
 from mqtt_broker.session import Outgoing, Queued, Session
 from mqtt_broker.topics import Subscription
 
+from conftest import assert_every_field_set
+
 
 def message(payload: bytes = b"x", topic: str = "t") -> Message:
     return Message(topic=topic, payload=payload, qos=1)
@@ -221,3 +223,12 @@ def test_messages_and_deliveries_copy_and_pickle_with_every_field(copy_of: Any) 
         copied = copy_of(original)
         assert type(copied) is type(original) and copied is not original
         assert dataclasses.asdict(copied) == dataclasses.asdict(original)
+
+
+def test_written_out_inits_set_every_field() -> None:
+    sent = Message("t")
+    assert_every_field_set(sent, topic="t")
+    assert_every_field_set(Queued(sent, 1, True), message=sent, qos=1, retain=True)
+    assert_every_field_set(Outgoing(sent, 2, False), message=sent, qos=2, retain=False)
+    assert_every_field_set(Session("c"), client_id="c")
+    assert_every_field_set(Session("c", 60), client_id="c", expiry=60)

@@ -1,8 +1,7 @@
 """The broker's TCP listener (mqtt_broker.tcp): Twisted's, with connections that keep no log
 strings, sit on _socket's bare socket objects, and close without waiting for a writable socket
-when nothing is left to write. Real
-sockets on loopback, the real reactor; clients are blocking sockets in threads, every wait
-bounded by a socket timeout."""
+when nothing is left to write. Real sockets on loopback, the real reactor; clients are blocking
+sockets in threads, every wait bounded by a socket timeout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""One immutable class per MQTT control packet, shared by MQTT 3.1, 3.1.1 and 5.0.
+"""One class per MQTT control packet, shared by MQTT 3.1, 3.1.1 and 5.0; immutable but for
+``Publish`` and ``Connect``, which are built for every message and every connection.
 
 Fields that exist only in MQTT 5 (properties, reason codes) keep their defaults when a 3.x
 packet is decoded, and are left out when one is encoded for 3.x.

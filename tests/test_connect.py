@@ -1,0 +1,24 @@
+"""The terms of a connection (mqtt_broker.connect)."""
+
+from __future__ import annotations
+
+from mqtt_broker.config import BrokerConfig
+from mqtt_broker.connect import Terms, negotiate
+from mqtt_broker.wire import MQTT_5, Connect, ReasonCode
+
+from conftest import assert_every_field_set
+
+
+def test_terms_set_every_field() -> None:
+    terms = Terms(ReasonCode.SUCCESS, "c", 30, 0, 20, 1000, 0)
+    assert_every_field_set(terms, reason=ReasonCode.SUCCESS, client_id="c", keep_alive=30, session_expiry=0,
+                           send_quota=20, max_send_size=1000, alias_maximum=0)
+
+
+def test_negotiated_terms_of_an_mqtt_5_client() -> None:
+    config = BrokerConfig()
+    terms = negotiate(config, Connect(protocol_level=MQTT_5, client_id="c", keep_alive=30,
+                                      properties={"receive_maximum": 5, "session_expiry_interval": 60}))
+    assert (terms.reason, terms.client_id, terms.keep_alive, terms.send_quota, terms.session_expiry) == (
+        ReasonCode.SUCCESS, "c", 30, 5, 60)
+    assert terms.connack_properties["receive_maximum"] == config.max_inflight_messages
