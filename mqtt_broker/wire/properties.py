@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from struct import Struct
-from typing import Any, Callable
+from typing import Any
 
 from .codes import MalformedPacket, ProtocolError
 from .packets import (
@@ -182,15 +182,9 @@ def decode_properties(data: bytes | memoryview, pos: int, packet_type: int) -> t
     return props, pos
 
 
-_WRITERS: dict[int, Callable[[Any], bytes]] = {
-    BYTE: lambda v: bytes((v,)),
-    U16: _U16.pack,
-    U32: _U32.pack,
-    VARINT: encode_varint,
-    UTF8: encode_string,
-    BINARY: encode_binary,
-    PAIR: lambda kv: encode_string(kv[0]) + encode_string(kv[1]),
-}
+_ENCODING: dict[str, tuple[bytes, int]] = {name: (encode_varint(ident), kind)
+                                           for ident, (name, kind, _) in PROPERTIES.items()}
+"""Each property's identifier as encoded, and its kind."""
 
 
 def encode_properties(props: Properties) -> bytes:
@@ -199,13 +193,22 @@ def encode_properties(props: Properties) -> bytes:
         return b"\x00"
     out = bytearray()
     for name, value in props.items():
-        ident = IDENTIFIERS[name]
-        kind = PROPERTIES[ident][1]
-        write = _WRITERS[kind]
-        prefix = encode_varint(ident)
-        if kind == PAIR or (ident == 0x0B and isinstance(value, (list, tuple))):
-            for item in value:
-                out += prefix + write(item)
+        prefix, kind = _ENCODING[name]
+        if kind == PAIR:
+            for key, text in value:
+                out += prefix + encode_string(key) + encode_string(text)
+        elif kind == VARINT:  # a Subscription Identifier, or several in a PUBLISH
+            for item in (value if isinstance(value, (list, tuple)) else (value,)):
+                out += prefix + encode_varint(item)
+        elif kind == BYTE:
+            out += prefix
+            out.append(int(value))
+        elif kind == U16:
+            out += prefix + _U16.pack(value)
+        elif kind == U32:
+            out += prefix + _U32.pack(value)
+        elif kind == UTF8:
+            out += prefix + encode_string(value)
         else:
-            out += prefix + write(int(value) if kind == BYTE else value)
+            out += prefix + encode_binary(value)
     return encode_varint(len(out)) + out
