@@ -7,13 +7,13 @@ the client id to use, the timers and limits both ways, and the CONNACK propertie
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .config import BrokerConfig
 from .topics import valid_topic_name
 from .wire.codes import ReasonCode
-from .wire.packets import MQTT_3_1, MQTT_5, Connect
+from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
 
 NEVER = 0xFFFFFFFF
 """A session expiry interval that means the session never expires."""
@@ -33,7 +33,8 @@ class Terms:
     alias_maximum: int
     """Topic aliases the client accepts from us."""
     problem_information: bool = True
-    connack_properties: dict[str, Any] = field(default_factory=dict)
+    connack_properties: Properties = NO_PROPERTIES
+    """Set by negotiate for MQTT 5 (3.x CONNACKs have none)."""
 
     def __init__(self, reason: ReasonCode, client_id: str, keep_alive: int, session_expiry: int, send_quota: int,
                  max_send_size: int, alias_maximum: int, problem_information: bool = True) -> None:
@@ -46,7 +47,7 @@ class Terms:
         self.max_send_size = max_send_size
         self.alias_maximum = alias_maximum
         self.problem_information = problem_information
-        self.connack_properties = {}
+        self.connack_properties = NO_PROPERTIES
 
 
 def negotiate(config: BrokerConfig, connect: Connect) -> Terms:

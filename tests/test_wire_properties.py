@@ -20,9 +20,9 @@ from mqtt_broker.wire.packets import (
     SUBSCRIBE, UNSUBACK, UNSUBSCRIBE,
 )
 from mqtt_broker.wire.properties import (
-    BINARY, BYTE, IDENTIFIERS, PAIR, PROPERTIES, U16, U32, UTF8, VARINT, WILL, decode_binary,
+    BINARY, BYTE, PAIR, PROPERTIES, U16, U32, UTF8, VARINT, WILL, decode_binary,
     decode_properties, decode_string, decode_varint, encode_binary, encode_properties,
-    encode_string, encode_varint,
+    encode_string, encode_varint, _ENCODING,
 )
 
 FUZZ = settings(max_examples=250, deadline=None)
@@ -127,7 +127,9 @@ def _ids(cases: list[tuple[int, int]]) -> list[str]:
 def test_property_table_matches_the_spec() -> None:
     assert {ident: (name, kind, set(used)) for ident, (name, kind, used) in PROPERTIES.items()} \
         == SPEC_TABLE
-    assert IDENTIFIERS == {name: ident for ident, (name, _, _) in SPEC_TABLE.items()}
+    # The encoder's table: each name's identifier, as it goes on the wire, and kind.
+    assert {name: (decode_varint(prefix, 0)[0], kind) for name, (prefix, kind) in _ENCODING.items()} \
+        == {name: (ident, kind) for ident, (name, kind, _) in SPEC_TABLE.items()}
 
 
 # --- where each property may appear ---------------------------------------------------------

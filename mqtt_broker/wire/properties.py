@@ -53,8 +53,6 @@ PROPERTIES: dict[int, tuple[str, int, frozenset[int]]] = {
     0x29: ("subscription_identifier_available", BYTE, frozenset({CONNACK})),
     0x2A: ("shared_subscription_available", BYTE, frozenset({CONNACK})),
 }
-IDENTIFIERS: dict[str, int] = {name: ident for ident, (name, _, _) in PROPERTIES.items()}
-
 # Properties whose only legal byte values are 0 and 1.
 _BOOLEAN = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
 # Properties for which 0 is a Protocol Error.
