@@ -88,6 +88,17 @@ class _SentinelSubscriber(_SentinelChecked, _Subscriber):
     pass
 
 
+def _execute(factory: Any, *args: Any, apply_timeout: bool) -> Deferred[Any]:
+    """A command on the factory's connection while it is up, else through txredisapi's handler,
+    which waits for one (calls keep their order: the handler's are sent as the connection joins
+    the pool, before it can be used here). The handler finds the connection through an
+    inlineCallbacks generator and a queue: a PUBLISH and its answer took 116 µs of CPU through
+    it, 90-100 without."""
+    pool = factory.pool  # (one connection at most: poolsize=1)
+    target = pool[0] if pool and pool[0].connected else factory.handler
+    return target.execute_command(*args, apply_timeout=apply_timeout)  # type: ignore[no-any-return]
+
+
 class Redis:
     """The connections of one node to one Redis."""
 
@@ -153,9 +164,11 @@ class Redis:
 
     # --- commands ------------------------------------------------------------------------
 
-    def call(self, *args: Any) -> Deferred[Any]:
-        """Run a command on the command connection (waiting for one while Redis is away)."""
-        return self.commands.handler.execute_command(*args)
+    def call(self, *args: Any, apply_timeout: bool = True) -> Deferred[Any]:
+        """Run a command on the command connection (waiting for one while Redis is away).
+        ``apply_timeout=False``: no reply timer of its own, for a command sent often whose answer
+        nobody waits for (a hung connection is found by the timers of the others)."""
+        return _execute(self.commands, *args, apply_timeout=apply_timeout)
 
     def run(self, script: Script, *args: Any) -> Deferred[Any]:
         """Run a script (no KEYS: the scripts name their keys, which a single Redis allows).
@@ -176,7 +189,7 @@ class Redis:
 
     def read(self, *args: Any) -> Deferred[Any]:
         """A blocking command (XREADGROUP ... BLOCK), on a connection of its own."""
-        return self.reader.handler.execute_command(*args, apply_timeout=False)
+        return _execute(self.reader, *args, apply_timeout=False)
 
     # --- pub/sub -------------------------------------------------------------------------
 

@@ -391,7 +391,7 @@ class RedisStore:
         return self.redis.call("HGETALL", f"mqtt:owner:{client_id}").addCallback(found)
 
     def publish_qos0(self, node: str, data: bytes) -> Deferred[Any]:
-        return self.redis.call("PUBLISH", self.qos0_channel(node), data)
+        return self.redis.call("PUBLISH", self.qos0_channel(node), data, apply_timeout=False)
 
     def create_inbox(self) -> Deferred[Any]:
         def exists(failure: Failure) -> None:
