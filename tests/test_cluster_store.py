@@ -222,6 +222,21 @@ def test_commands_keep_their_order_through_a_reconnection(server: RedisServer) -
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_command_is_on_the_socket_when_the_call_returns(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Not kept for the reactor's next turn: Redis has it while the reactor is held here."""
+    redis = server.client()
+    redis.delete("sent")
+    link = Redis(RedisAddress.parse(server.url))
+    try:
+        yield link.call("PING")  # connected
+        answer = link.call("RPUSH", "sent", "x")
+        assert redis.blpop(["sent"], timeout=5) == (b"sent", b"x")  # blocks the reactor meanwhile
+        yield answer
+    finally:
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_marks_of_handled_entries_wait_for_a_batch_or_their_delay(server: RedisServer) -> Iterator[Deferred[Any]]:
     """Marking an inbox entry handled sends nothing by itself until ACK_DELAY has passed; it
     goes with the next batch cut for another reason, and with whatever ``flushed()`` waits for."""

@@ -14,6 +14,7 @@ import hashlib
 from typing import Any, Callable
 
 import txredisapi
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -92,11 +93,19 @@ def _execute(factory: Any, *args: Any, apply_timeout: bool) -> Deferred[Any]:
     """A command on the factory's connection while it is up, else through txredisapi's handler,
     which waits for one (calls keep their order: the handler's are sent as the connection joins
     the pool, before it can be used here). The handler finds the connection through an
-    inlineCallbacks generator and a queue: a PUBLISH and its answer took 116 µs of CPU through
-    it, 90-100 without."""
+    inlineCallbacks generator and a queue. Twisted's TCP transport keeps what is written for the
+    reactor's next turn, when the socket says it is writable: the command is sent at once
+    instead. A PUBLISH and its answer: 42 µs of CPU through the handler, 34 without, 27 sent at
+    once (medians of alternated rounds)."""
     pool = factory.pool  # (one connection at most: poolsize=1)
-    target = pool[0] if pool and pool[0].connected else factory.handler
-    return target.execute_command(*args, apply_timeout=apply_timeout)  # type: ignore[no-any-return]
+    if not pool or not pool[0].connected:
+        return factory.handler.execute_command(*args, apply_timeout=apply_timeout)  # type: ignore[no-any-return]
+    connection = pool[0]
+    result: Deferred[Any] = connection.execute_command(*args, apply_timeout=apply_timeout)
+    transport = connection.transport
+    if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
+        transport.doWrite()  # (a failure leaves it registered: the reactor's own doWrite finds it)
+    return result
 
 
 class Redis:
