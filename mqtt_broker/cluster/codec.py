@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from struct import Struct
-from typing import Any, Iterator
+from typing import Any
 
 from ..message import Message
 from ..session import Queued
@@ -62,10 +62,12 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
     """One record of an inbox entry: a message for the receiving node to route."""
     body = pack_message(message, now)
     cluster_id = message.cluster_id or b""
-    head = [bytes((FORWARDED, len(cluster_id))), cluster_id, _string(message.sender or ""), bytes((len(shares),))]
+    sender = message.sender.encode("utf-8") if message.sender else b""
+    parts = [bytes((FORWARDED, len(cluster_id))), cluster_id, _U16.pack(len(sender)), sender, bytes((len(shares),))]
     for group, topic_filter in shares:
-        head += [_string(group), _string(topic_filter)]
-    return b"".join(head) + _U32.pack(len(body)) + body
+        parts += [_string(group), _string(topic_filter)]
+    parts += [_U32.pack(len(body)), body]
+    return b"".join(parts)
 
 
 def pack_targeted(client_id: str, item: bytes) -> bytes:
@@ -82,35 +84,41 @@ Record = tuple[int, Any, Any]
 """(FORWARDED, message, shares) or (TARGETED, client id, Queued)."""
 
 
-def unpack_records(data: bytes) -> Iterator[Record]:
+def unpack_records(data: bytes) -> list[Record]:
     reader = FrameReader(version=MQTT_5, publish_type=Message)
-    pos = 0
-    while pos < len(data):
+    records: list[Record] = []
+    pos, end = 0, len(data)
+    while pos < end:
         kind = data[pos]
         if kind == FORWARDED:
             size = data[pos + 1]
-            cluster_id = data[pos + 2:pos + 2 + size] or None
-            sender, pos = _read_string(data, pos + 2 + size)
+            pos += 2
+            cluster_id = data[pos:pos + size] if size else None
+            pos += size
+            size = data[pos] << 8 | data[pos + 1]
+            sender = data[pos + 2:pos + 2 + size].decode("utf-8") if size else None
+            pos += 2 + size
             count = data[pos]
             pos += 1
-            shares = []
+            shares: list[tuple[str, str]] = []
             for _ in range(count):
                 group, pos = _read_string(data, pos)
                 topic_filter, pos = _read_string(data, pos)
                 shares.append((group, topic_filter))
             (size,) = _U32.unpack_from(data, pos)
             message = unpack_message(data[pos + 4:pos + 4 + size], reader)
-            message.sender = sender or None
+            message.sender = sender
             message.cluster_id = cluster_id
             pos += 4 + size
-            yield FORWARDED, message, tuple(shares)
+            records.append((FORWARDED, message, tuple(shares)))
         elif kind == TARGETED:
             client_id, pos = _read_string(data, pos + 1)
             (size,) = _U32.unpack_from(data, pos)
-            yield TARGETED, client_id, unpack_queued(data[pos + 4:pos + 4 + size], 0)
+            records.append((TARGETED, client_id, unpack_queued(data[pos + 4:pos + 4 + size], 0)))
             pos += 4 + size
         else:
             raise ValueError(f"unknown record kind {kind} in an inbox entry")
+    return records
 
 
 def pack_queued(item: Queued) -> bytes:

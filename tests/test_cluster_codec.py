@@ -1,0 +1,71 @@
+"""The records one node writes to another's inbox (or publishes to it for QoS 0), read back as
+they were written: every field of a message that routing or a subscriber sees, whatever the
+strings, the properties and the shared subscriptions chosen."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqtt_broker.cluster.codec import (
+    FORWARDED, TARGETED, pack_forwarded, pack_queued, pack_targeted, unpack_records,
+)
+from mqtt_broker.message import Message
+from mqtt_broker.session import Queued
+
+FUZZ = settings(max_examples=200, deadline=None)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
+TOPICS = TEXT.filter(bool).filter(lambda t: "+" not in t and "#" not in t)
+PROPERTIES = st.fixed_dictionaries({}, optional={
+    "payload_format_indicator": st.integers(0, 1),
+    "content_type": TEXT,
+    "response_topic": TOPICS,
+    "correlation_data": st.binary(max_size=20),
+    "user_property": st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3),
+})
+MESSAGES = st.builds(
+    lambda topic, payload, qos, retain, properties, sender, cluster_id: Message(
+        topic=topic, payload=payload, qos=qos, retain=retain, properties=properties, sender=sender,
+        cluster_id=cluster_id if qos else None),
+    TOPICS, st.binary(max_size=300), st.integers(0, 2), st.booleans(), PROPERTIES,
+    st.none() | TEXT.filter(bool), st.none() | st.binary(min_size=1, max_size=20))
+SHARES = st.lists(st.tuples(TEXT.filter(bool), TOPICS), max_size=3).map(tuple)
+
+
+def same_message(got: Message, sent: Message) -> None:
+    assert (got.topic, got.payload, got.qos, got.retain) == (sent.topic, sent.payload, sent.qos, sent.retain)
+    assert dict(got.properties) == dict(sent.properties)
+    assert (got.sender, got.cluster_id) == (sent.sender, sent.cluster_id)
+    assert (got.packet_id, got.dup, got.frame) == (0, False, None)
+
+
+@FUZZ
+@given(messages=st.lists(st.tuples(MESSAGES, SHARES), min_size=1, max_size=5))
+def test_forwarded_records_read_back_in_order(messages: list[tuple[Message, tuple[tuple[str, str], ...]]]) -> None:
+    entry = b"".join(pack_forwarded(message, shares, 100.0) for message, shares in messages)
+    records = list(unpack_records(entry))
+    assert len(records) == len(messages)
+    for (kind, got, shares), (sent, sent_shares) in zip(records, messages):
+        assert kind == FORWARDED and shares == sent_shares
+        same_message(got, sent)
+        assert got.expires_at is None
+
+
+def test_an_expiry_travels_as_the_interval_left() -> None:
+    message = Message(topic="t", payload=b"p", qos=1, properties={"message_expiry_interval": 60},
+                      expires_at=160.0, cluster_id=b"id")
+    ((_, got, _),) = unpack_records(pack_forwarded(message, (), 130.5))
+    assert got.properties["message_expiry_interval"] == 30  # 29.5 s left, rounded up
+
+
+@FUZZ
+@given(client_id=TEXT.filter(bool), message=MESSAGES, seq=st.integers(1, 2**40))
+def test_a_targeted_record_carries_the_queued_message(client_id: str, message: Message, seq: int) -> None:
+    item = Queued(message, message.qos, message.retain, (3, 7), ("group", "a/#"), seq)
+    forwarded = Message(topic="other", payload=b"x")
+    entry = pack_forwarded(forwarded, (), 0.0) + pack_targeted(client_id, pack_queued(item))
+    (_, first, _), (kind, got_client, got) = unpack_records(entry)
+    assert first.topic == "other"
+    assert kind == TARGETED and got_client == client_id
+    same_message(got.message, message)
+    assert (got.qos, got.retain, got.subscription_ids, got.share) == (item.qos, item.retain, (3, 7), ("group", "a/#"))
