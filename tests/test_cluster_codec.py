@@ -43,7 +43,7 @@ def same_message(got: Message, sent: Message) -> None:
 @given(messages=st.lists(st.tuples(MESSAGES, SHARES), min_size=1, max_size=5))
 def test_forwarded_records_read_back_in_order(messages: list[tuple[Message, tuple[tuple[str, str], ...]]]) -> None:
     entry = b"".join(pack_forwarded(message, shares, 100.0) for message, shares in messages)
-    records = list(unpack_records(entry))
+    records = unpack_records(entry)
     assert len(records) == len(messages)
     for (kind, got, shares), (sent, sent_shares) in zip(records, messages):
         assert kind == FORWARDED and shares == sent_shares
