@@ -18,6 +18,7 @@ from setuptools.command.build_ext import build_ext
 # nothing in it runs per message.
 COMPILED = ["mqtt_broker/wire/__init__.py", "mqtt_broker/wire/codec.py", "mqtt_broker/wire/packets.py",
             "mqtt_broker/wire/properties.py", "mqtt_broker/topics.py", "mqtt_broker/cluster/codec.py",
+            "mqtt_broker/cluster/forwarding.py",
             "mqtt_broker/message.py", "mqtt_broker/session.py", "mqtt_broker/delivery.py",
             "mqtt_broker/keepalive.py", "mqtt_broker/protocol.py", "mqtt_broker/connecting.py",
             "mqtt_broker/publishing.py", "mqtt_broker/connect.py"]

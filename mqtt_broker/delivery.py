@@ -51,6 +51,8 @@ class Delivery:
         self.history: MessageLog | None = broker.history
         self.security: Security | None = broker.security
         self.cluster: Any = broker.cluster
+        self.forwarding: Any = broker.cluster.forwarding if broker.cluster is not None else None
+        """The cluster's forwarding (mqtt_broker.cluster.forwarding), when there is a cluster."""
         self._share_turns: dict[tuple[str, str], int] = {}
         """Per shared subscription (group, filter): the count of messages given out, whose
         remainder picks the next member."""
@@ -119,8 +121,8 @@ class Delivery:
             return count
         # In a cluster it chooses the members of shared subscriptions cluster-wide. Not for $SYS:
         # every node publishes the same names about itself, so each node's stay its own.
-        if self.cluster is not None and not (message.topic[0] == "$" and message.topic.startswith("$SYS/")):
-            return count + self.cluster.forward(message, groups)
+        if self.forwarding is not None and not (message.topic[0] == "$" and message.topic.startswith("$SYS/")):
+            return count + self.forwarding.forward(message, groups)
         for share, members in groups:
             count += self.deliver_shared(message, share, members)
         return count

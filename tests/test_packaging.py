@@ -88,7 +88,8 @@ def test_wheel_is_compiled_unless_told_not_to(wheel: Path) -> None:
     if os.environ.get("MQTT_BROKER_COMPILE") == "0":
         assert not compiled
     else:
-        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}", f"mqtt_broker/cluster/codec{SUFFIX}"} | {
+        assert compiled == {f"mqtt_broker__mypyc{SUFFIX}"} | {
+            f"mqtt_broker/cluster/{name}{SUFFIX}" for name in ("codec", "forwarding")} | {
             f"mqtt_broker/{name}{SUFFIX}" for name in (
                 "topics", "message", "session", "delivery", "keepalive", "protocol", "connecting", "publishing",
                 "connect")} | {

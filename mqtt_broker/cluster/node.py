@@ -9,7 +9,6 @@ claimed. Redis keys and scripts stay in :mod:`mqtt_broker.cluster.store`.
 
 from __future__ import annotations
 
-import os
 import socket
 import uuid
 from pathlib import Path
@@ -24,7 +23,8 @@ from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription, split_shared
 from ..wire import MQTT_5
 from .address import RedisAddress
-from .codec import FORWARDED, pack_forwarded, unpack_message, unpack_records, unpack_will
+from .codec import FORWARDED, unpack_message, unpack_records, unpack_will
+from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .store import Claim, RedisStore
 
@@ -35,17 +35,6 @@ log = Logger()
 
 JOIN_WARNING = 5.0
 """Seconds between warnings while a starting node cannot reach Redis."""
-
-class ClusterStats:
-    """Counters of a node, plain integers read by $SYS and the metrics: messages sent to other
-    nodes (once per node), records received from them, messages passed on to a session's new
-    owner, sessions claimed at CONNECT and adopted from dead nodes."""
-
-    __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted")
-
-    def __init__(self) -> None:
-        self.forwarded_out = self.forwarded_in = self.redirected = self.claims = self.adopted = 0
-
 
 def node_id(config: Any) -> str:
     """``cluster_node_id``, or a stable id kept in ``data_dir`` (made at the first start)."""
@@ -76,15 +65,12 @@ class Cluster:
         self.store.on_fenced = self._fenced
         self.store.before_batch = self._collect
         self.stats = ClusterStats()
-        self.routes = SubscriptionTree()
+        self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
+                                     self._send_qos0)
+        self.routes = self.forwarding.routes
         """Which node holds which filter, the other nodes' (a Subscription per (node, filter))."""
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
-        self._outgoing: dict[str, list[bytes]] = {}
-        """Records for each node's inbox, written with the store's next batch."""
-        self._qos0: dict[str, list[bytes]] = {}
-        self._qos0_scheduled = False
-        self._turns: dict[tuple[str, str], int] = {}
         self._claiming: dict[str, list[Queued]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile."""
         self._heartbeat = LoopingCall(self._beat)
@@ -105,8 +91,6 @@ class Cluster:
         """Sessions this node took from another lately, with the ids of the messages delivered
         to each since: until the routes have settled, a message may come by two ways (forwarded
         here, and passed on from the node that had the session), and is delivered once."""
-        self._ids = 0
-        self._id_prefix = os.urandom(6)
 
     # --- starting and stopping --------------------------------------------------------------
 
@@ -186,59 +170,18 @@ class Cluster:
                  error=failure.getErrorMessage())
         return False
 
-    def forward(self, message: Message, groups: list[tuple[tuple[str, str], list[Subscription]]]) -> int:
-        """A message routed on this node: send it once to each other node holding a matching
-        filter, and give each shared subscription to one member across the cluster (here, or on
-        the node chosen). Returns how many nodes and shared members it went to."""
-        by_node, node_groups = self.routes.match(message.topic)
-        targets: dict[str, list[tuple[str, str]]] = {match[0]: [] for match in by_node}
-        count = 0
-        if groups or node_groups:
-            local = dict(groups)
-            remote: dict[tuple[str, str], list[str]] = {}
-            for share, members in node_groups:
-                remote[share] = [member.client_id for member in members]
-            for share in {*local, *remote}:
-                candidates = ([self.node] if share in local else []) + sorted(remote.get(share, ()))
-                turn = self._turns.get(share, 0)
-                self._turns[share] = turn + 1
-                chosen = candidates[turn % len(candidates)]
-                if chosen == self.node:
-                    count += self.broker.delivery.deliver_shared(message, share, local[share])
-                else:
-                    targets.setdefault(chosen, []).append(share)
-        if not targets:
-            return count
-        if message.qos and message.cluster_id is None:
-            self._ids += 1
-            message.cluster_id = self._id_prefix + self._ids.to_bytes(8, "big")
-        now = self.clock.seconds()
-        for node, shares in targets.items():
-            record = pack_forwarded(message, tuple(shares), now)
-            if message.qos:
-                self._outgoing.setdefault(node, []).append(record)
-                self.store.collect()
-            else:
-                self._qos0.setdefault(node, []).append(record)
-        if not message.qos and not self._qos0_scheduled:
-            self._qos0_scheduled = True
-            self.clock.callLater(0, self._send_qos0)
-        self.stats.forwarded_out += len(targets)
-        return count + len(targets)
+    def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
+        return self.broker.delivery.deliver_shared(message, share, members)
 
     def _collect(self) -> None:
         """Before the store cuts a batch: the records for other nodes go in it, one entry per
         node (so a publisher acknowledged after the batch is acknowledged after the inboxes
         hold its message)."""
-        outgoing, self._outgoing = self._outgoing, {}
-        for node, records in outgoing.items():
+        for node, records in self.forwarding.take_outgoing().items():
             self.store.forward(node, b"".join(records))
 
-    def _send_qos0(self) -> None:
-        self._qos0_scheduled = False
-        qos0, self._qos0 = self._qos0, {}
-        for node, records in qos0.items():  # fire and forget, as QoS 0 promises
-            self.store.publish_qos0(node, b"".join(records)).addErrback(lambda _: None)
+    def _send_qos0(self, node: str, data: bytes) -> None:
+        self.store.publish_qos0(node, data).addErrback(lambda _: None)  # fire and forget, as QoS 0 promises
 
     def filter_changed(self, topic_filter: str, held: bool) -> None:
         """This node's sessions hold a filter now, or no longer (from the subscription tree)."""

@@ -417,15 +417,22 @@ def publish_template(topic: str, payload: bytes, qos: int, retain: bool, propert
     """Encode a PUBLISH; returns (bytes, offset of the packet id), so that the same bytes can be
     sent to many subscribers with only the two packet id bytes (and the DUP bit) changed."""
     raw_topic = topic.encode("utf-8")
-    parts = [_U16.pack(len(raw_topic)), raw_topic]
+    size = len(raw_topic)
+    encoded = encode_properties(properties) if version == MQTT_5 else b""
+    length = 2 + size + (2 if qos else 0) + len(encoded) + len(payload)
+    first = 0x30 | qos << 1 | retain | dup << 3
+    # One join: the length is known before the body is, and most PUBLISHes fit a one-byte length.
+    if length < 0x80:
+        header = 2
+        parts = [bytes((first, length, size >> 8, size & 0xFF)), raw_topic]
+    else:
+        head = bytes((first,)) + encode_varint(length)
+        header = len(head)
+        parts = [head, _U16.pack(size), raw_topic]
     if qos:
         parts.append(_U16.pack(packet_id))
-    if version == MQTT_5:
-        parts.append(encode_properties(properties))
-    parts.append(payload)
-    body = b"".join(parts)
-    header = bytes((0x30 | qos << 1 | retain | dup << 3,)) + encode_varint(len(body))
-    return header + body, len(header) + 2 + len(raw_topic)
+    parts += [encoded, payload]
+    return b"".join(parts), header + 2 + size
 
 
 def _encode_connect(p: Connect, version: int) -> bytes:

@@ -1,0 +1,126 @@
+"""What a node of a cluster does with every message routed on it: which other nodes it goes to
+(once to each), which member of a shared subscription gets it, and the records for them.
+
+This is the cluster's part of a message's path, compiled with the rest of that path; node.py
+(Redis, nodes joining and dying, sessions moving) works at the seams, not per message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ..message import Message
+from ..topics import Subscription, SubscriptionTree
+from .codec import pack_forwarded
+
+Groups = list[tuple[tuple[str, str], list[Subscription]]]
+"""Shared subscriptions matching a message: ((group, filter), the members' subscriptions)."""
+
+
+class ClusterStats:
+    """Counters of a node, plain integers read by $SYS and the metrics: messages sent to other
+    nodes (once per node), records received from them, messages passed on to a session's new
+    owner, sessions claimed at CONNECT and adopted from dead nodes."""
+
+    def __init__(self) -> None:
+        self.forwarded_out = 0
+        self.forwarded_in = 0
+        self.redirected = 0
+        self.claims = 0
+        self.adopted = 0
+
+
+class Forwarding:
+    """Sends each message routed on this node to the other nodes holding a matching filter.
+
+    ``routes`` holds the other nodes' filters (a Subscription per (node, filter)). QoS 1 and 2
+    records wait for the store's next batch (``collect`` asks for one; ``take_outgoing`` hands
+    them over); QoS 0 records go at the end of the reactor's turn through ``send_qos0``, one
+    write per node."""
+
+    def __init__(self, node: str, clock: Any, stats: ClusterStats,
+                 deliver_shared: Callable[[Message, tuple[str, str], list[Subscription]], int],
+                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None]) -> None:
+        self.node = node
+        self.clock = clock
+        self.stats = stats
+        self.routes = SubscriptionTree()
+        self._deliver_shared = deliver_shared
+        self._collect = collect
+        self._send = send_qos0
+        self._outgoing: dict[str, list[bytes]] = {}
+        self._qos0: dict[str, list[bytes]] = {}
+        self._qos0_scheduled = False
+        self._turns: dict[tuple[str, str], int] = {}
+        self._ids = 0
+        self._id_prefix = os.urandom(6)
+
+    def forward(self, message: Message, groups: Groups) -> int:
+        """Send the message once to each other node holding a matching filter, and give each
+        shared subscription to one member across the cluster (here, or on the node chosen).
+        Returns how many nodes and shared members it went to."""
+        by_node, node_groups = self.routes.match(message.topic)
+        if not by_node and not node_groups and not groups:
+            return 0
+        targets: dict[str, list[tuple[str, str]]] = {}
+        for match in by_node:
+            targets[match.client_id] = []
+        count = 0
+        if groups or node_groups:
+            count = self._share(message, groups, node_groups, targets)
+        if not targets:
+            return count
+        if message.qos and message.cluster_id is None:
+            self._ids += 1
+            message.cluster_id = self._id_prefix + self._ids.to_bytes(8, "big")
+        now: float = self.clock.seconds()
+        waiting = self._outgoing if message.qos else self._qos0
+        for node, shares in targets.items():
+            record = pack_forwarded(message, tuple(shares), now)
+            records = waiting.get(node)
+            if records is None:
+                waiting[node] = [record]
+            else:
+                records.append(record)
+        if message.qos:
+            self._collect()
+        elif not self._qos0_scheduled:
+            self._qos0_scheduled = True
+            self.clock.callLater(0, self._send_qos0)
+        self.stats.forwarded_out += len(targets)
+        return count + len(targets)
+
+    def _share(self, message: Message, groups: Groups, node_groups: Groups,
+               targets: dict[str, list[tuple[str, str]]]) -> int:
+        """Each shared subscription's member, in turn over the cluster: delivered here when it
+        is this node, otherwise added to ``targets``. Returns the deliveries made here."""
+        count = 0
+        local = dict(groups)
+        remote: dict[tuple[str, str], list[str]] = {}
+        for share, members in node_groups:
+            remote[share] = [member.client_id for member in members]
+        for share in {*local, *remote}:
+            candidates = ([self.node] if share in local else []) + sorted(remote.get(share, []))
+            turn = self._turns.get(share, 0)
+            self._turns[share] = turn + 1
+            chosen = candidates[turn % len(candidates)]
+            if chosen == self.node:
+                count += self._deliver_shared(message, share, local[share])
+            else:
+                targets.setdefault(chosen, []).append(share)
+        return count
+
+    def take_outgoing(self) -> dict[str, list[bytes]]:
+        """The QoS 1 and 2 records waiting for each node's inbox, handed over once."""
+        outgoing, self._outgoing = self._outgoing, {}
+        return outgoing
+
+    def _send_qos0(self) -> None:
+        self._qos0_scheduled = False
+        qos0, self._qos0 = self._qos0, {}
+        for node, records in qos0.items():
+            self._send(node, b"".join(records))
+
+
+__all__ = ["ClusterStats", "Forwarding", "Groups"]
