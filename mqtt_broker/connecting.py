@@ -9,7 +9,7 @@ asks against what the settings allow is worked out apart, in :mod:`mqtt_broker.c
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 from mypy_extensions import trait
 from twisted.logger import Logger
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from .connect import Terms
 
 log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
-_VERSION_NAMES = {MQTT_3_1: "3.1", MQTT_3_1_1: "3.1.1", MQTT_5: "5"}
+_VERSION_NAMES: Final = {MQTT_3_1: "3.1", MQTT_3_1_1: "3.1.1", MQTT_5: "5"}
 
-NO_SLOTS: tuple[str, ...] = ()
+NO_SLOTS: Final[tuple[str, ...]] = ()
 """The slots of MQTTProtocol's traits: empty, so that its instances have no dict (in the pure
 build; compiled, they have none anyway). Not a literal, which mypy would take as the slots to
 check the traits' assignments against: the attributes are MQTTProtocol's slots."""
@@ -292,7 +292,7 @@ class Connecting:
             self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "credentials expired")
 
 
-_AUTH_REFUSALS = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
+_AUTH_REFUSALS: Final = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
 
 
 def count_refusal(stats: Any, reason: ReasonCode) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -47,9 +47,9 @@ from .wire import (
 
 log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
-_PINGRESP = encode(Pingresp())
-_LEGAL = lifecycle.LEGAL
-SEND_LIMIT = 1024 * 1024
+_PINGRESP: Final = encode(Pingresp())
+_LEGAL: Final = lifecycle.LEGAL
+SEND_LIMIT: Final = 1024 * 1024
 """Bytes a TCP transport hands the kernel per turn of the reactor (Twisted's default, 128 KiB,
 is less than a subscriber of several busy publishers is sent per turn)."""
 
@@ -681,7 +681,7 @@ class MQTTProtocol(Connecting, Publishing):
 
 # The dispatch table: one per class, not per connection (thousands of connections would each
 # carry ten bound methods). Not PUBLISH (decoded into a Message): _process calls its handler.
-_HANDLERS: dict[type, Callable[[MQTTProtocol, Any], None]] = {
+_HANDLERS: Final[dict[type, Callable[[MQTTProtocol, Any], None]]] = {
     Connect: MQTTProtocol._on_connect,
     Puback: MQTTProtocol._on_puback,
     Pubrec: MQTTProtocol._on_pubrec,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .message import Message, init_arguments
 from .topics import Subscription
@@ -78,20 +78,20 @@ def _shared_empty(kind: type, *adders: str) -> Any:
     return type(f"Empty{kind.__name__.title()}", (kind,), {"__slots__": (), "__hash__": object.__hash__, **methods})()
 
 
-NO_PUBRELS: set[int] = _shared_empty(set, "add", "update", "__ior__", "symmetric_difference_update", "__ixor__")
+NO_PUBRELS: Final[set[int]] = _shared_empty(set, "add", "update", "__ior__", "symmetric_difference_update", "__ixor__")
 """The awaited PUBRELs of a session that has awaited none yet: an empty set costs 216 bytes, for
 each of thousands of idle sessions. Only ``Session.expect_pubrel`` adds to it; it makes the set."""
 
-_DICT_ADDERS = ("__setitem__", "setdefault", "update", "__ior__")
+_DICT_ADDERS: Final = ("__setitem__", "setdefault", "update", "__ior__")
 
-NO_SUBSCRIPTIONS: dict[str, Subscription] = _shared_empty(dict, *_DICT_ADDERS)
+NO_SUBSCRIPTIONS: Final[dict[str, Subscription]] = _shared_empty(dict, *_DICT_ADDERS)
 """The subscriptions of a session that has none yet (an empty dict costs 64 bytes, for each of
 thousands of idle sessions); ``Session.subscribe`` makes the dict."""
 
-NO_OUTGOING: dict[int, Outgoing] = _shared_empty(dict, *_DICT_ADDERS)
+NO_OUTGOING: Final[dict[int, Outgoing]] = _shared_empty(dict, *_DICT_ADDERS)
 """The messages in flight of a session that has sent none yet; ``Session.track`` makes the dict."""
 
-NO_QUEUE: deque[Queued] = _shared_empty(deque, "append", "appendleft", "extend", "extendleft", "insert", "__iadd__")
+NO_QUEUE: Final[deque[Queued]] = _shared_empty(deque, "append", "appendleft", "extend", "extendleft", "insert", "__iadd__")
 """The queue of a session that has queued nothing yet (a deque costs 600 bytes even empty, for
 each of thousands of idle sessions). Only ``Session.push`` and ``enqueue`` add to a queue; they
 make the deque."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Final, Iterator, NamedTuple
 
-MAX_CACHED_TOPICS = 10_000
-MAX_RECENT_TOPICS = 10_000
+MAX_CACHED_TOPICS: Final = 10_000
+MAX_RECENT_TOPICS: Final = 10_000
 
 
 def valid_topic_name(topic: str) -> bool:

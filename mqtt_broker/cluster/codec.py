@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import math
 from struct import Struct
-from typing import Any
+from typing import Any, Final
 
 from ..message import Message
 from ..session import Queued
 from ..topics import Subscription
 from ..wire import MQTT_5, FrameReader, publish_template
 
-_U16 = Struct(">H")
-_U32 = Struct(">I")
+_U16: Final = Struct(">H")
+_U32: Final = Struct(">I")
 
-FORWARDED, TARGETED = 0, 1
+FORWARDED: Final = 0
+TARGETED: Final = 1
 """Record kinds of an inbox entry: a message to route to the node's matching sessions, or a
 message for one session (its writes were fenced off on the node that routed it)."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from struct import Struct
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from .codes import MalformedPacket, PacketTooLarge, ProtocolError, UnsupportedProtocolVersion
 from .packets import (
@@ -17,12 +17,12 @@ from .properties import (
     encode_properties, encode_string, encode_varint,
 )
 
-_U16 = Struct("!H")
-MAX_REMAINING_LENGTH = 268_435_455
-PROTOCOL_NAMES = {MQTT_3_1: "MQIsdp", MQTT_3_1_1: "MQTT", MQTT_5: "MQTT"}
+_U16: Final = Struct("!H")
+MAX_REMAINING_LENGTH: Final = 268_435_455
+PROTOCOL_NAMES: Final = {MQTT_3_1: "MQIsdp", MQTT_3_1_1: "MQTT", MQTT_5: "MQTT"}
 
 # Fixed-header flags each packet type must carry [MQTT-2.2.2-1]; PUBLISH's are its own.
-_REQUIRED_FLAGS = {t: 0 for t in range(1, 16)}
+_REQUIRED_FLAGS: Final = {t: 0 for t in range(1, 16)}
 _REQUIRED_FLAGS.update({6: 2, 8: 2, 10: 2})
 
 
@@ -383,7 +383,7 @@ def _reason_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packe
     return decode_reason
 
 
-_DECODERS: dict[int, Callable[[bytes, int], Packet]] = {
+_DECODERS: Final[dict[int, Callable[[bytes, int], Packet]]] = {
     CONNECT: _decode_connect,
     CONNACK: _decode_connack,
     4: _ack_decoder(Puback, 4),
@@ -519,7 +519,7 @@ def _encode_reason(p: Disconnect | Auth, version: int) -> bytes:
 
 
 # Each encoder takes only its own packet type; encode() picks it by type(packet).
-_ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
+_ENCODERS: Final[dict[type, Callable[[Any, int], bytes]]] = {
     Connect: _encode_connect,
     Connack: _encode_connack,
     Publish: encode_publish,

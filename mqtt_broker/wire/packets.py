@@ -8,7 +8,7 @@ packet is decoded, and are left out when one is encoded for 3.x.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NoReturn, Union
+from typing import Any, Final, Mapping, NoReturn, Union
 
 from mypy_extensions import mypyc_attr
 
@@ -61,12 +61,28 @@ class _NoProperties(dict[str, Any]):
         return "{}"
 
 
-NO_PROPERTIES: Properties = _NoProperties()
+NO_PROPERTIES: Final[Properties] = _NoProperties()
 
-CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = range(8, 16)
+# Final (one name to a line): the compiled modules use the values, not a lookup of the name.
+CONNECT: Final = 1
+CONNACK: Final = 2
+PUBLISH: Final = 3
+PUBACK: Final = 4
+PUBREC: Final = 5
+PUBREL: Final = 6
+PUBCOMP: Final = 7
+SUBSCRIBE: Final = 8
+SUBACK: Final = 9
+UNSUBSCRIBE: Final = 10
+UNSUBACK: Final = 11
+PINGREQ: Final = 12
+PINGRESP: Final = 13
+DISCONNECT: Final = 14
+AUTH: Final = 15
 
-MQTT_3_1, MQTT_3_1_1, MQTT_5 = 3, 4, 5
+MQTT_3_1: Final = 3
+MQTT_3_1_1: Final = 4
+MQTT_5: Final = 5
 """Protocol levels as they appear in CONNECT."""
 
 
@@ -232,7 +248,7 @@ Packet = Union[
     Unsubscribe, Unsuback, Pingreq, Pingresp, Disconnect, Auth,
 ]
 
-PACKET_TYPES: dict[type, int] = {
+PACKET_TYPES: Final[dict[type, int]] = {
     Connect: CONNECT, Connack: CONNACK, Publish: PUBLISH, Puback: PUBACK, Pubrec: PUBREC,
     Pubrel: PUBREL, Pubcomp: PUBCOMP, Subscribe: SUBSCRIBE, Suback: SUBACK,
     Unsubscribe: UNSUBSCRIBE, Unsuback: UNSUBACK, Pingreq: PINGREQ, Pingresp: PINGRESP,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from struct import Struct
-from typing import Any
+from typing import Any, Final
 
 from .codes import MalformedPacket, ProtocolError
 from .packets import (
@@ -11,20 +11,26 @@ from .packets import (
     PUBREL, SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, Properties,
 )
 
-WILL = 0
+WILL: Final = 0
 """Stands for the will properties of a CONNECT in the 'allowed in' column."""
 
-_U16 = Struct("!H")
-_U32 = Struct("!I")
+_U16: Final = Struct("!H")
+_U32: Final = Struct("!I")
 
-BYTE, U16, U32, VARINT, UTF8, BINARY, PAIR = range(7)
+BYTE: Final = 0
+U16: Final = 1
+U32: Final = 2
+VARINT: Final = 3
+UTF8: Final = 4
+BINARY: Final = 5
+PAIR: Final = 6
 
-_ACKS = (PUBACK, PUBREC, PUBREL, PUBCOMP)
-_ALL = frozenset({CONNECT, CONNACK, PUBLISH, *_ACKS, SUBSCRIBE, SUBACK, UNSUBSCRIBE,
+_ACKS: Final = (PUBACK, PUBREC, PUBREL, PUBCOMP)
+_ALL: Final = frozenset({CONNECT, CONNACK, PUBLISH, *_ACKS, SUBSCRIBE, SUBACK, UNSUBSCRIBE,
                   UNSUBACK, DISCONNECT, AUTH, WILL})
 
 # identifier: (name, type, packets it may appear in)
-PROPERTIES: dict[int, tuple[str, int, frozenset[int]]] = {
+PROPERTIES: Final[dict[int, tuple[str, int, frozenset[int]]]] = {
     0x01: ("payload_format_indicator", BYTE, frozenset({PUBLISH, WILL})),
     0x02: ("message_expiry_interval", U32, frozenset({PUBLISH, WILL})),
     0x03: ("content_type", UTF8, frozenset({PUBLISH, WILL})),
@@ -54,10 +60,10 @@ PROPERTIES: dict[int, tuple[str, int, frozenset[int]]] = {
     0x2A: ("shared_subscription_available", BYTE, frozenset({CONNACK})),
 }
 # Properties whose only legal byte values are 0 and 1.
-_BOOLEAN = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
+_BOOLEAN: Final = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
 # Properties for which 0 is a Protocol Error.
 # (A topic alias of 0 is refused by the receiver with 0x94, not here [MQTT-3.3.2-8].)
-_NONZERO = frozenset({0x0B, 0x21, 0x27})
+_NONZERO: Final = frozenset({0x0B, 0x21, 0x27})
 
 
 def decode_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -180,7 +186,7 @@ def decode_properties(data: bytes | memoryview, pos: int, packet_type: int) -> t
     return props, pos
 
 
-_ENCODING: dict[str, tuple[bytes, int]] = {name: (encode_varint(ident), kind)
+_ENCODING: Final[dict[str, tuple[bytes, int]]] = {name: (encode_varint(ident), kind)
                                            for ident, (name, kind, _) in PROPERTIES.items()}
 """Each property's identifier as encoded, and its kind."""
 
