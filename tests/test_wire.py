@@ -22,7 +22,7 @@ from mqtt_broker.wire import (
     Disconnect, FrameReader, MalformedPacket, MQTTError, Packet, PacketTooLarge, Pingreq,
     Pingresp, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, UnsupportedProtocolVersion, Will,
-    decode, encode, encode_publish, publish_template, v3_connack_code,
+    decode, decode_publish, encode, encode_publish, publish_template, v3_connack_code,
 )
 from mqtt_broker.wire.codec import MAX_REMAINING_LENGTH
 from mqtt_broker.wire.packets import PACKET_TYPES
@@ -697,6 +697,41 @@ def test_connect_round_trip(level: int, data: st.DataObject) -> None:
     reader = FrameReader()  # a server-side reader learns the level from the CONNECT
     assert reader.feed(encode(packet)) == [packet]
     assert reader.version == level
+
+
+@FUZZ
+@given(data=st.data(), level=ALL_LEVELS)
+def test_decode_publish_reads_one_whole_frame_as_the_reader_does(level: int, data: st.DataObject) -> None:
+    packet = data.draw(publishes(level))
+    raw = encode(packet, level)
+    assert decode_publish(raw, level) == packet == FrameReader(version=level).feed(raw)[0]
+
+
+@pytest.mark.parametrize("raw", [
+    b"",
+    bytes((0x20, 2, 0, 0)),  # a CONNACK
+    bytes((0x30,)),  # no remaining length
+    bytes((0x30, 0x80)),  # a remaining length that does not end
+    bytes((0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01)),  # five bytes of it
+    bytes((0x30, 5, 0, 1, 0x61)),  # shorter than it says
+    bytes((0x30, 3, 0, 1, 0x61, 0x62)),  # longer than it says (two frames, or garbage after one)
+    bytes((0x36, 3, 0, 1, 0x61)),  # QoS 3
+], ids=["empty", "connack", "no-length", "unended-length", "five-byte-length", "short", "long", "qos3"])
+def test_decode_publish_refuses_what_is_not_one_whole_publish(raw: bytes) -> None:
+    with pytest.raises(MalformedPacket):
+        decode_publish(raw, MQTT_5)
+
+
+@FUZZ
+@given(first=st.integers(0x30, 0x3F), body=st.binary(max_size=120), cut=st.integers(0, 8), level=ALL_LEVELS)
+def test_decode_publish_of_garbage_raises_only_malformed_packet(first: int, body: bytes, cut: int,
+                                                                  level: int) -> None:
+    raw = (bytes((first,)) + encode_varint(len(body)) + body)[:len(body) + 2 + cut]
+    try:
+        packet = decode_publish(raw, level)
+    except MalformedPacket:
+        return
+    assert FrameReader(version=level).feed(raw) == [packet]
 
 
 def _consume(reader: FrameReader, data: bytes, cuts: list[int]) -> list[tuple[Packet, int]]:

@@ -17,7 +17,7 @@ from typing import Any, Final
 from ..message import Message
 from ..session import Queued
 from ..topics import Subscription
-from ..wire import MQTT_5, FrameReader, publish_template
+from ..wire import MQTT_5, decode_publish, publish_template
 
 _U16: Final = Struct(">H")
 _U32: Final = Struct(">I")
@@ -26,6 +26,9 @@ FORWARDED: Final = 0
 TARGETED: Final = 1
 """Record kinds of an inbox entry: a message to route to the node's matching sessions, or a
 message for one session (its writes were fenced off on the node that routed it)."""
+
+_BYTES: Final = tuple(bytes((i,)) for i in range(256))
+_NO_CLUSTER_ID: Final = bytes((FORWARDED, 0))
 
 
 def pack_message(message: Message, now: float) -> bytes:
@@ -37,12 +40,9 @@ def pack_message(message: Message, now: float) -> bytes:
                             1 if message.qos else 0)[0]
 
 
-def unpack_message(data: bytes, reader: FrameReader | None = None) -> Message:
-    """The message of a PUBLISH (``pack_message``), read by ``reader`` when given (one reader
-    serves every record of an inbox entry: each is a whole frame, so none is left over)."""
-    if reader is None:
-        reader = FrameReader(version=MQTT_5, publish_type=Message)
-    (message,) = reader.feed(data)
+def unpack_message(data: bytes) -> Message:
+    """The message of a PUBLISH (``pack_message``)."""
+    message = decode_publish(data, MQTT_5, Message)
     assert isinstance(message, Message)
     message.packet_id = 0
     message.frame = None
@@ -62,8 +62,10 @@ def _read_string(data: bytes, pos: int) -> tuple[str, int]:
 def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float) -> bytes:
     """One record of an inbox entry: a message for the receiving node to route."""
     body = pack_message(message, now)
-    cluster_id = message.cluster_id or b""
-    parts = [bytes((FORWARDED, len(cluster_id))), cluster_id, _string(message.sender or ""), bytes((len(shares),))]
+    cluster_id = message.cluster_id
+    sender = message.sender.encode("utf-8") if message.sender else b""
+    parts = [_NO_CLUSTER_ID if cluster_id is None else bytes((FORWARDED, len(cluster_id))) + cluster_id,
+             _U16.pack(len(sender)), sender, _BYTES[len(shares)]]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
     parts += [_U32.pack(len(body)), body]
@@ -85,7 +87,6 @@ Record = tuple[int, Any, Any]
 
 
 def unpack_records(data: bytes) -> list[Record]:
-    reader = FrameReader(version=MQTT_5, publish_type=Message)
     records: list[Record] = []
     pos, end = 0, len(data)
     while pos < end:
@@ -102,7 +103,7 @@ def unpack_records(data: bytes) -> list[Record]:
                 topic_filter, pos = _read_string(data, pos)
                 shares.append((group, topic_filter))
             (size,) = _U32.unpack_from(data, pos)
-            message = unpack_message(data[pos + 4:pos + 4 + size], reader)
+            message = unpack_message(data[pos + 4:pos + 4 + size])
             message.sender = sender or None
             message.cluster_id = cluster_id
             pos += 4 + size

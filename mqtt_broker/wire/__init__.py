@@ -3,7 +3,7 @@
 Nothing here imports Twisted or touches a socket, so it can be tested, fuzzed and benchmarked alone.
 """
 
-from .codec import FrameReader, decode, encode, encode_connack, encode_publish, publish_template
+from .codec import FrameReader, decode, decode_publish, encode, encode_connack, encode_publish, publish_template
 from .codes import (
     ConnackCode, MalformedPacket, MQTTError, PacketTooLarge, ProtocolError, ReasonCode,
     UnsupportedProtocolVersion, v3_connack_code,
@@ -15,7 +15,7 @@ from .packets import (
 )
 
 __all__ = [
-    "FrameReader", "decode", "encode", "encode_connack", "encode_publish", "publish_template",
+    "FrameReader", "decode", "decode_publish", "encode", "encode_connack", "encode_publish", "publish_template",
     "ConnackCode", "MalformedPacket", "MQTTError", "PacketTooLarge", "ProtocolError", "ReasonCode",
     "UnsupportedProtocolVersion", "v3_connack_code",
     "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "NO_PROPERTIES", "Auth", "Connack", "Connect",

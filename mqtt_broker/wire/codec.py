@@ -181,6 +181,28 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int, cls: typ
     return cls(topic, frame[pos:], qos, bool(first & 1), dup, packet_id, properties, frame)
 
 
+def decode_publish(frame: bytes, version: int, cls: type[Publish] = Publish) -> Publish:
+    """Decode one whole PUBLISH frame, fixed header included, without a FrameReader (a frame
+    that came whole, e.g. inside a cluster's record)."""
+    first = frame[0] if frame else 0
+    if first >> 4 != PUBLISH:
+        raise MalformedPacket("not a PUBLISH")
+    length = shift = 0
+    index = 1
+    while True:
+        if index >= len(frame) or index > 4:
+            raise MalformedPacket("PUBLISH without a whole remaining length")
+        byte = frame[index]
+        index += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+    if index + length != len(frame):
+        raise MalformedPacket(f"remaining length {length} in a frame of {len(frame)} bytes")
+    return _decode_publish(frame, index, first, version, cls)
+
+
 def _decode_connect(body: bytes, version: int) -> Connect:
     name, pos = decode_string(body, 0)
     if pos >= len(body):
