@@ -25,9 +25,10 @@ class Message(Publish):
     path, not two. ``packet_id``, ``dup`` and ``frame`` are those of the PUBLISH as received
     (zero, False and None for a message the broker made).
 
-    ``encoded`` caches the wire bytes (and the offset of the packet id in them) per (MQTT 5 or
-    not, QoS, retain flag), so a message sent to many subscribers is encoded once for each kind
-    of subscriber, not once each; it starts with the PUBLISH as it was received.
+    ``encoded`` caches the wire bytes (and the offset of the packet id in them) per kind of
+    receiver, ``MQTT 5 << 2 | QoS << 1 | retain flag`` (an int: no tuple made per delivery), so a
+    message sent to many subscribers is encoded once for each kind of subscriber, not once each;
+    it starts with the PUBLISH as it was received.
     """
 
     sender: str | None = None
@@ -39,7 +40,7 @@ class Message(Publish):
     cluster_id: bytes | None = None
     """In a cluster, the id a QoS 1/2 message gets when it first leaves its node: a session
     that moves between nodes may be sent it by two ways for a moment, and takes it once."""
-    encoded: dict[tuple[bool, int, bool], tuple[bytes, int]] | None = field(default=None, init=False, repr=False)
+    encoded: dict[int, tuple[bytes, int]] | None = field(default=None, init=False, repr=False)
     """Not an argument: a message made from another (``dataclasses.replace`` in a hook) is encoded
     afresh, never sent as the bytes of the one it replaces."""
 

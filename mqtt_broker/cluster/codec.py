@@ -51,12 +51,16 @@ def unpack_message(data: bytes) -> Message:
 
 def _string(text: str) -> bytes:
     raw = text.encode("utf-8")
-    return _U16.pack(len(raw)) + raw
+    return len(raw).to_bytes(2, "big") + raw
 
 
 def _read_string(data: bytes, pos: int) -> tuple[str, int]:
     size = data[pos] << 8 | data[pos + 1]  # (compiled, cheaper than a Struct: one per record at least)
     return data[pos + 2:pos + 2 + size].decode("utf-8"), pos + 2 + size
+
+
+def _read_u32(data: bytes, pos: int) -> int:
+    return data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
 
 
 def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float) -> bytes:
@@ -65,10 +69,10 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
     cluster_id = message.cluster_id
     sender = message.sender.encode("utf-8") if message.sender else b""
     parts = [_NO_CLUSTER_ID if cluster_id is None else bytes((FORWARDED, len(cluster_id))) + cluster_id,
-             _U16.pack(len(sender)), sender, _BYTES[len(shares)]]
+             len(sender).to_bytes(2, "big"), sender, _BYTES[len(shares)]]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
-    parts += [_U32.pack(len(body)), body]
+    parts += [len(body).to_bytes(4, "big"), body]
     return b"".join(parts)
 
 
@@ -102,7 +106,7 @@ def unpack_records(data: bytes) -> list[Record]:
                 group, pos = _read_string(data, pos)
                 topic_filter, pos = _read_string(data, pos)
                 shares.append((group, topic_filter))
-            (size,) = _U32.unpack_from(data, pos)
+            size = _read_u32(data, pos)
             message = unpack_message(data[pos + 4:pos + 4 + size])
             message.sender = sender or None
             message.cluster_id = cluster_id
@@ -110,7 +114,7 @@ def unpack_records(data: bytes) -> list[Record]:
             records.append((FORWARDED, message, tuple(shares)))
         elif kind == TARGETED:
             client_id, pos = _read_string(data, pos + 1)
-            (size,) = _U32.unpack_from(data, pos)
+            size = _read_u32(data, pos)
             records.append((TARGETED, client_id, unpack_queued(data[pos + 4:pos + 4 + size], 0)))
             pos += 4 + size
         else:
