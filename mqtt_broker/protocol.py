@@ -528,7 +528,7 @@ class MQTTProtocol(Connecting, Publishing):
         """A PUBACK, PUBREC, PUBREL or PUBCOMP with reason code 0 and no properties, written
         without building a packet: four bytes, the form every protocol level reads [MQTT-3.4.2-1]."""
         self.stats.control_packets_sent += 1
-        self.write(bytes((first, 2, packet_id >> 8, packet_id & 0xFF)))
+        self.write((first << 24 | 2 << 16 | packet_id).to_bytes(4, "big"))  # (cheaper than bytes(tuple))
 
     # --- SUBSCRIBE / UNSUBSCRIBE ----------------------------------------------------------
 
