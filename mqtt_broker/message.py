@@ -26,7 +26,7 @@ class Message(Publish):
     (zero, False and None for a message the broker made).
 
     ``encoded`` caches the wire bytes (and the offset of the packet id in them) per kind of
-    receiver, ``MQTT 5 << 2 | QoS << 1 | retain flag`` (an int: no tuple made per delivery), so a
+    receiver, ``MQTT 5 << 3 | QoS << 1 | retain flag`` (an int: no tuple made per delivery), so a
     message sent to many subscribers is encoded once for each kind of subscriber, not once each;
     it starts with the PUBLISH as it was received.
     """

@@ -472,7 +472,7 @@ class MQTTProtocol(Connecting, Publishing):
             cache = message.encoded
             if cache is None:
                 cache = message.encoded = {}
-            key = (self.version == MQTT_5) << 2 | qos << 1 | retain
+            key = (self.version == MQTT_5) << 3 | qos << 1 | retain
             entry = cache.get(key)
             if entry is None:
                 properties = message.properties if self.version == MQTT_5 else NO_PROPERTIES

@@ -119,7 +119,7 @@ class Publishing:
                     frame = bytes((frame[0] & 0xF6,)) + frame[1:]
                 v5 = self.version == MQTT_5
                 offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
-                message.encoded = {v5 << 2 | qos << 1: (frame, offset)}
+                message.encoded = {v5 << 3 | qos << 1: (frame, offset)}
         if broker.hooks.has_publish:
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
             self._when(broker.hooks.resolve("publish", self.client, message),

@@ -1299,6 +1299,29 @@ def test_v5_publisher_to_v311_and_v5_subscribers() -> None:
     assert message.properties["user_property"] == users
 
 
+@pytest.mark.parametrize("retain", [False, True])
+@pytest.mark.parametrize("qos", [0, 1, 2])
+@pytest.mark.parametrize("publisher_version", [4, 5])
+def test_every_kind_of_subscriber_gets_a_publish_of_its_own_kind(publisher_version: int, qos: int,
+                                                                  retain: bool) -> None:
+    """A message's encoded PUBLISH is shared by the subscribers of one protocol level, QoS and
+    retain flag, and by no others: every mix of levels and QoS reads the message."""
+    broker = make_broker()
+    subscribers = {}
+    for version in (4, 5):
+        for granted in (0, 1, 2):
+            client = v5(broker, f"s5{granted}") if version == 5 else connected(broker, f"s4{granted}")
+            client.subscribe("t", qos=granted)
+            client.received()
+            subscribers[version, granted] = client
+    publisher = v5(broker, "p") if publisher_version == 5 else connected(broker, "p")
+    publisher.publish("t", b"payload", qos=qos, retain=retain)
+    for (version, granted), client in subscribers.items():
+        [message] = [p for p in client.received() if isinstance(p, Publish)]
+        assert (message.topic, message.payload, message.qos, message.retain) == (
+            "t", b"payload", min(qos, granted), False), (version, granted)
+
+
 def test_v311_publisher_to_v5_subscriber() -> None:
     """[MQTT-3.3.2-17]: an MQTT 3.1.1 message reaches an MQTT 5 subscriber with no properties."""
     broker = make_broker()
