@@ -13,7 +13,7 @@ from .packets import (
     SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 from .properties import (
-    WILL, decode_binary, decode_properties, decode_string, encode_binary,
+    WILL, decode_binary, decode_properties, decode_string, decode_varint, encode_binary,
     encode_properties, encode_string, encode_varint,
 )
 
@@ -187,17 +187,7 @@ def decode_publish(frame: bytes, version: int, cls: type[Publish] = Publish) -> 
     first = frame[0] if frame else 0
     if first >> 4 != PUBLISH:
         raise MalformedPacket("not a PUBLISH")
-    length = shift = 0
-    index = 1
-    while True:
-        if index >= len(frame) or index > 4:
-            raise MalformedPacket("PUBLISH without a whole remaining length")
-        byte = frame[index]
-        index += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
+    length, index = decode_varint(frame, 1)
     if index + length != len(frame):
         raise MalformedPacket(f"remaining length {length} in a frame of {len(frame)} bytes")
     return _decode_publish(frame, index, first, version, cls)
