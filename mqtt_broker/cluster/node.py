@@ -36,6 +36,7 @@ log = Logger()
 JOIN_WARNING = 5.0
 """Seconds between warnings while a starting node cannot reach Redis."""
 
+
 def node_id(config: Any) -> str:
     """``cluster_node_id``, or a stable id kept in ``data_dir`` (made at the first start)."""
     if config.cluster_node_id:
