@@ -1,0 +1,134 @@
+"""What a node of a cluster does with each message routed on it (``Forwarding``), in-process on a
+``Clock``: once to each other node holding a matching filter, QoS 0 records gathered into one
+write per node and turn, QoS 1/2 records handed to the store's next batch, and shared
+subscriptions given to their members in turn across the cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from mqtt_broker.cluster.codec import FORWARDED, unpack_records
+from mqtt_broker.cluster.forwarding import ClusterStats, Forwarding
+from mqtt_broker.message import Message
+from mqtt_broker.topics import Subscription, SubscriptionTree, split_shared
+
+
+class Node:
+    """A Forwarding named ``a``, with what it asks of the rest of its node recorded."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.stats = ClusterStats()
+        self.shared_here: list[tuple[str, tuple[str, str]]] = []
+        self.collects = 0
+        self.writes: list[tuple[str, list[Any]]] = []
+        self.forwarding = Forwarding("a", self.clock, self.stats, self._deliver_shared, self._collect, self._send)
+
+    def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
+        self.shared_here.append((message.topic, share))
+        return 1
+
+    def _collect(self) -> None:
+        self.collects += 1
+
+    def _send(self, node: str, data: bytes) -> None:
+        self.writes.append((node, unpack_records(data)))
+
+    def holds(self, node: str, topic_filter: str) -> None:
+        """Another node advertised a filter."""
+        group, _ = split_shared(topic_filter)
+        self.forwarding.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+
+
+def test_a_message_goes_once_to_each_node_holding_a_matching_filter() -> None:
+    node = Node()
+    for topic_filter in ("a/#", "a/+", "a/b"):
+        node.holds("b", topic_filter)
+    node.holds("c", "x/#")
+    node.holds("d", "+/b")
+    assert node.forwarding.forward(Message(topic="a/b", payload=b"p"), []) == 2
+    assert node.writes == []  # not before the end of the reactor's turn
+    node.clock.advance(0)
+    assert sorted(target for target, _ in node.writes) == ["b", "d"]
+    for _, records in node.writes:
+        [(kind, message, shares)] = records
+        assert (kind, message.topic, message.payload, message.qos, shares) == (FORWARDED, "a/b", b"p", 0, ())
+    assert node.stats.forwarded_out == 2
+    assert node.collects == 0
+
+
+def test_what_matches_no_other_node_is_sent_nowhere() -> None:
+    node = Node()
+    node.holds("b", "other/#")
+    assert node.forwarding.forward(Message(topic="a/b"), []) == 0
+    assert node.clock.getDelayedCalls() == []
+    assert node.stats.forwarded_out == 0
+
+
+def test_qos0_records_of_one_turn_go_to_a_node_in_one_write_in_order() -> None:
+    node = Node()
+    node.holds("b", "#")
+    for i in range(3):
+        node.forwarding.forward(Message(topic=f"t/{i}", sender="p"), [])
+    node.clock.advance(0)
+    [(target, records)] = node.writes
+    assert target == "b"
+    assert [(message.topic, message.sender) for _, message, _ in records] == [("t/0", "p"), ("t/1", "p"), ("t/2", "p")]
+    node.forwarding.forward(Message(topic="t/3"), [])
+    node.clock.advance(0)
+    assert [len(records) for _, records in node.writes] == [3, 1]
+
+
+def test_qos1_and_2_records_wait_for_the_stores_batch_with_an_id_each() -> None:
+    node = Node()
+    node.holds("b", "t")
+    first, second = Message(topic="t", qos=1), Message(topic="t", qos=2)
+    node.forwarding.forward(first, [])
+    node.forwarding.forward(second, [])
+    node.clock.advance(0)
+    assert node.writes == []  # not over pub/sub
+    assert node.collects == 2
+    assert first.cluster_id is not None and second.cluster_id is not None
+    assert len(first.cluster_id) == 14 and first.cluster_id != second.cluster_id
+    outgoing = node.forwarding.take_outgoing()
+    assert list(outgoing) == ["b"]
+    assert [unpack_records(record)[0][1].cluster_id for record in outgoing["b"]] == [first.cluster_id,
+                                                                                      second.cluster_id]
+    assert node.forwarding.take_outgoing() == {}
+
+
+def test_a_message_forwarded_again_keeps_its_id() -> None:
+    node = Node()
+    node.holds("b", "t")
+    message = Message(topic="t", qos=1, cluster_id=b"from elsewhere")
+    node.forwarding.forward(message, [])
+    assert message.cluster_id == b"from elsewhere"
+
+
+def test_shared_subscription_members_take_turns_across_the_cluster() -> None:
+    node = Node()
+    local = SubscriptionTree()
+    local.add(Subscription(client_id="x", topic_filter="$share/g/t", share_group="g"))
+    node.holds("c", "$share/g/t")
+    node.holds("b", "$share/g/t")
+    share = ("g", "$share/g/t")
+    for _ in range(6):
+        _, groups = local.match("t")
+        assert node.forwarding.forward(Message(topic="t"), groups) == 1
+        node.clock.advance(0)
+    # This node first, then the others in their order: a, b, c, a, b, c.
+    assert node.shared_here == [("t", share), ("t", share)]
+    assert [(target, records[0][2]) for target, records in node.writes] == [
+        ("b", (share,)), ("c", (share,)), ("b", (share,)), ("c", (share,))]
+
+
+def test_a_node_holding_the_filter_and_a_shared_member_gets_one_record_with_the_share() -> None:
+    node = Node()
+    node.holds("b", "t")
+    node.holds("b", "$share/g/t")
+    assert node.forwarding.forward(Message(topic="t"), []) == 1
+    node.clock.advance(0)
+    [(target, [(_, _, shares)])] = node.writes
+    assert (target, shares) == ("b", (("g", "$share/g/t"),))
