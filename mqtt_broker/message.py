@@ -26,9 +26,8 @@ class Message(Publish):
     (zero, False and None for a message the broker made).
 
     ``encoded`` caches the wire bytes (and the offset of the packet id in them) per kind of
-    receiver, ``MQTT 5 << 3 | QoS << 1 | retain flag`` (an int: no tuple made per delivery), so a
-    message sent to many subscribers is encoded once for each kind of subscriber, not once each;
-    it starts with the PUBLISH as it was received.
+    receiver (``encoding_kind``), so a message sent to many subscribers is encoded once for each
+    kind of subscriber, not once each; it starts with the PUBLISH as it was received.
     """
 
     sender: str | None = None
@@ -72,6 +71,12 @@ class Message(Publish):
             return NotImplemented
         return (self.topic, self.payload, self.qos, self.retain, dict(self.properties)) == (
             other.topic, other.payload, other.qos, other.retain, dict(other.properties))
+
+
+def encoding_kind(mqtt5: bool, qos: int, retain: bool) -> int:
+    """The key of ``Message.encoded`` for receivers of one protocol level (MQTT 5 or not), QoS
+    and retain flag: an int, so that no tuple is made per delivery."""
+    return mqtt5 << 3 | qos << 1 | retain
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

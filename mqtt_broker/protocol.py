@@ -27,7 +27,7 @@ from zope.interface import classImplements
 from . import lifecycle
 from .hooks import Refused
 from .lifecycle import State
-from .message import Client, Message
+from .message import Client, Message, encoding_kind
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms
@@ -472,7 +472,7 @@ class MQTTProtocol(Connecting, Publishing):
             cache = message.encoded
             if cache is None:
                 cache = message.encoded = {}
-            key = (self.version == MQTT_5) << 3 | qos << 1 | retain
+            key = encoding_kind(self.version == MQTT_5, qos, retain)
             entry = cache.get(key)
             if entry is None:
                 properties = message.properties if self.version == MQTT_5 else NO_PROPERTIES

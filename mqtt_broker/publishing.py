@@ -19,7 +19,7 @@ from .connect import is_utf8
 from .connecting import NO_SLOTS
 from .hooks import Refused
 from .lifecycle import State
-from .message import Client, Message
+from .message import Client, Message, encoding_kind
 from .store import StoreError
 from .wire import (
     MQTT_5, MQTTError, Packet, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
@@ -119,7 +119,7 @@ class Publishing:
                     frame = bytes((frame[0] & 0xF6,)) + frame[1:]
                 v5 = self.version == MQTT_5
                 offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
-                message.encoded = {v5 << 3 | qos << 1: (frame, offset)}
+                message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
             self._when(broker.hooks.resolve("publish", self.client, message),

@@ -133,9 +133,11 @@ class ClientMatch(NamedTuple):
     again without those."""
 
 
-Match = tuple[list[ClientMatch], list[tuple[tuple[str, str], list[Subscription]]]]
-"""What a topic matches: a ClientMatch per subscribed client, and ((group, shared filter), the
-members' subscriptions) for each shared group."""
+SharedGroups = list[tuple[tuple[str, str], list[Subscription]]]
+"""The shared groups a topic matches: ((group, shared filter), the members' subscriptions)."""
+
+Match = tuple[list[ClientMatch], SharedGroups]
+"""What a topic matches: a ClientMatch per subscribed client, and its SharedGroups."""
 
 
 class SubscriptionTree:

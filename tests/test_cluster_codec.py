@@ -69,3 +69,11 @@ def test_a_targeted_record_carries_the_queued_message(client_id: str, message: M
     assert kind == TARGETED and got_client == client_id
     same_message(got.message, message)
     assert (got.qos, got.retain, got.subscription_ids, got.share) == (item.qos, item.retain, (3, 7), ("group", "a/#"))
+
+
+def test_a_record_carries_hundreds_of_shared_subscriptions() -> None:
+    """A client may hold many shared groups of one topic, all chosen on one node: their count
+    is not bounded by a byte."""
+    shares = tuple((f"g{i}", "$share/g/t") for i in range(300))
+    [(kind, message, read)] = unpack_records(pack_forwarded(Message(topic="t", payload=b"p"), shares, 0.0))
+    assert (kind, message.topic, read) == (FORWARDED, "t", shares)

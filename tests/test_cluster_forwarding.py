@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from mqtt_broker.cluster.codec import FORWARDED, unpack_records
 from mqtt_broker.cluster.forwarding import ClusterStats, Forwarding
 from mqtt_broker.message import Message
-from mqtt_broker.topics import Subscription, SubscriptionTree, split_shared
+from mqtt_broker.topics import Subscription, SubscriptionTree
 
 
 class Node:
@@ -38,8 +38,7 @@ class Node:
 
     def holds(self, node: str, topic_filter: str) -> None:
         """Another node advertised a filter."""
-        group, _ = split_shared(topic_filter)
-        self.forwarding.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+        self.forwarding.add_route(node, topic_filter)
 
 
 def test_a_message_goes_once_to_each_node_holding_a_matching_filter() -> None:
@@ -132,3 +131,18 @@ def test_a_node_holding_the_filter_and_a_shared_member_gets_one_record_with_the_
     node.clock.advance(0)
     [(target, [(_, _, shares)])] = node.writes
     assert (target, shares) == ("b", (("g", "$share/g/t"),))
+
+
+def test_routes_go_with_the_filter_and_with_the_node() -> None:
+    node = Node()
+    node.holds("b", "t")
+    node.holds("b", "u/#")
+    node.holds("c", "t")
+    node.forwarding.remove_route("b", "t")
+    assert node.forwarding.forward(Message(topic="t"), []) == 1  # c only
+    node.forwarding.forget("c")
+    assert node.forwarding.forward(Message(topic="t"), []) == 0
+    assert node.forwarding.forward(Message(topic="u/v"), []) == 1  # b still holds u/#
+    node.clock.advance(0)
+    assert [(target, [m.topic for _, m, _ in records]) for target, records in node.writes] == [
+        ("c", ["t"]), ("b", ["u/v"])]

@@ -13,7 +13,7 @@ import pytest
 
 from mqtt_broker import Message, ReasonCode, Refused
 from mqtt_broker.wire import (
-    Auth, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
+    MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
@@ -1301,25 +1301,32 @@ def test_v5_publisher_to_v311_and_v5_subscribers() -> None:
 
 @pytest.mark.parametrize("retain", [False, True])
 @pytest.mark.parametrize("qos", [0, 1, 2])
-@pytest.mark.parametrize("publisher_version", [4, 5])
+@pytest.mark.parametrize("publisher_version", [MQTT_3_1_1, MQTT_5])
 def test_every_kind_of_subscriber_gets_a_publish_of_its_own_kind(publisher_version: int, qos: int,
                                                                   retain: bool) -> None:
     """A message's encoded PUBLISH is shared by the subscribers of one protocol level, QoS and
-    retain flag, and by no others: every mix of levels and QoS reads the message."""
+    retain flag, and by no others: every mix of levels, QoS and retain flag (MQTT 5 subscribers
+    with Retain As Published get it set) reads the message."""
     broker = make_broker()
     subscribers = {}
-    for version in (4, 5):
+    kinds = [(MQTT_3_1_1, False), (MQTT_5, False), (MQTT_5, True)]
+    for version, as_published in kinds:
         for granted in (0, 1, 2):
-            client = v5(broker, f"s5{granted}") if version == 5 else connected(broker, f"s4{granted}")
-            client.subscribe("t", qos=granted)
+            name = f"s{version}{granted}{as_published:d}"
+            if version == MQTT_5:
+                client = v5(broker, name)
+                client.subscribe("t", qos=granted, retain_as_published=as_published)
+            else:
+                client = connected(broker, name)
+                client.subscribe("t", qos=granted)
             client.received()
-            subscribers[version, granted] = client
-    publisher = v5(broker, "p") if publisher_version == 5 else connected(broker, "p")
+            subscribers[version, granted, as_published] = client
+    publisher = v5(broker, "p") if publisher_version == MQTT_5 else connected(broker, "p")
     publisher.publish("t", b"payload", qos=qos, retain=retain)
-    for (version, granted), client in subscribers.items():
+    for (version, granted, as_published), client in subscribers.items():
         [message] = [p for p in client.received() if isinstance(p, Publish)]
         assert (message.topic, message.payload, message.qos, message.retain) == (
-            "t", b"payload", min(qos, granted), False), (version, granted)
+            "t", b"payload", min(qos, granted), retain and as_published), (version, granted, as_published)
 
 
 def test_v311_publisher_to_v5_subscriber() -> None:

@@ -281,17 +281,19 @@ def test_packets_are_keyword_only_and_frozen_except_publish_and_connect() -> Non
 
 # --- encode_publish and the shared publish template ----------------------------------------
 
+@pytest.mark.parametrize("payload", [b"payload", b"p" * 200, b"p" * 20_000], ids=["short", "2-byte", "3-byte"])
 @pytest.mark.parametrize("level", [MQTT_3_1_1, MQTT_5])
 @pytest.mark.parametrize("qos", [1, 2])
-def test_publish_template_offset_is_the_packet_identifier(level: int, qos: int) -> None:
+def test_publish_template_offset_is_the_packet_identifier(level: int, qos: int, payload: bytes) -> None:
+    """Whatever the size of its remaining length (one byte, two, three)."""
     props = {"user_property": [("k", "v")]} if level == MQTT_5 else NO_PROPERTIES
-    raw, offset = publish_template("topic/ü", b"payload", qos, True, props, level, packet_id=1)
+    raw, offset = publish_template("topic/ü", payload, qos, True, props, level, packet_id=1)
     assert raw[offset:offset + 2] == b"\x00\x01"
     patched = bytearray(raw)
     patched[offset:offset + 2] = (0xBEEF).to_bytes(2, "big")
     patched[0] |= 0x08  # DUP
     assert decode(bytes(patched), level) == Publish(
-        topic="topic/ü", payload=b"payload", qos=qos, retain=True, dup=True, packet_id=0xBEEF,
+        topic="topic/ü", payload=payload, qos=qos, retain=True, dup=True, packet_id=0xBEEF,
         properties=props)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from struct import Struct
 from typing import Any, Final
 
 from ..message import Message
@@ -19,16 +18,13 @@ from ..session import Queued
 from ..topics import Subscription
 from ..wire import MQTT_5, decode_publish, publish_template
 
-_U16: Final = Struct(">H")
-_U32: Final = Struct(">I")
-
+# Record kinds of an inbox entry: a message to route to the node's matching sessions, or a
+# message for one session (its writes were fenced off on the node that routed it).
 FORWARDED: Final = 0
 TARGETED: Final = 1
-"""Record kinds of an inbox entry: a message to route to the node's matching sessions, or a
-message for one session (its writes were fenced off on the node that routed it)."""
 
-_BYTES: Final = tuple(bytes((i,)) for i in range(256))
-_NO_CLUSTER_ID: Final = bytes((FORWARDED, 0))
+_FORWARDED_NO_ID: Final = bytes((FORWARDED, 0))
+"""The head of a FORWARDED record of a message without a cluster id (QoS 0)."""
 
 
 def pack_message(message: Message, now: float) -> bytes:
@@ -67,9 +63,9 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
     """One record of an inbox entry: a message for the receiving node to route."""
     body = pack_message(message, now)
     cluster_id = message.cluster_id
-    sender = message.sender.encode("utf-8") if message.sender else b""
-    parts = [_NO_CLUSTER_ID if cluster_id is None else bytes((FORWARDED, len(cluster_id))) + cluster_id,
-             len(sender).to_bytes(2, "big"), sender, _BYTES[len(shares)]]
+    # (Two bytes for the count of shares: a client may hold hundreds of shared groups of a topic.)
+    parts = [_FORWARDED_NO_ID if cluster_id is None else bytes((FORWARDED, len(cluster_id))) + cluster_id,
+             _string(message.sender or ""), len(shares).to_bytes(2, "big")]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
     parts += [len(body).to_bytes(4, "big"), body]
@@ -83,7 +79,7 @@ def pack_targeted(client_id: str, item: bytes) -> bytes:
 
 def targeted_head(client_id: str, size: int) -> bytes:
     """What precedes a queued message of ``size`` bytes in a TARGETED record."""
-    return bytes((TARGETED,)) + _string(client_id) + _U32.pack(size)
+    return bytes((TARGETED,)) + _string(client_id) + size.to_bytes(4, "big")
 
 
 Record = tuple[int, Any, Any]
@@ -99,8 +95,8 @@ def unpack_records(data: bytes) -> list[Record]:
             size = data[pos + 1]
             cluster_id = data[pos + 2:pos + 2 + size] or None
             sender, pos = _read_string(data, pos + 2 + size)
-            count = data[pos]
-            pos += 1
+            count = data[pos] << 8 | data[pos + 1]
+            pos += 2
             shares: list[tuple[str, str]] = []
             for _ in range(count):
                 group, pos = _read_string(data, pos)
@@ -132,11 +128,11 @@ def pack_queued(item: Queued) -> bytes:
     message = item.message
     body = publish_template(message.topic, message.payload, message.qos, message.retain, message.properties,
                             MQTT_5, 1 if message.qos else 0)[0]
-    return _U16.pack(len(head)) + head + body
+    return len(head).to_bytes(2, "big") + head + body
 
 
 def unpack_queued(data: bytes, seq: int) -> Queued:
-    (size,) = _U16.unpack_from(data, 0)
+    size = data[0] << 8 | data[1]
     qos, retain, ids, share, expires_at, sender, cluster_id = json.loads(data[2:2 + size])
     message = unpack_message(data[2 + size:])
     message.expires_at = expires_at
@@ -161,11 +157,11 @@ def pack_will(message: Message, username: str | None, delay: int, due: float | N
     """A client's will as a session keeps it: ``due`` None while its client is connected (armed:
     published by whoever finds the connection gone), else the clock time it is due."""
     head = json.dumps([username, delay, due], separators=(",", ":")).encode()
-    return _U16.pack(len(head)) + head + pack_message(message, 0.0)
+    return len(head).to_bytes(2, "big") + head + pack_message(message, 0.0)
 
 
 def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
-    (size,) = _U16.unpack_from(data, 0)
+    size = data[0] << 8 | data[1]
     username, delay, due = json.loads(data[2:2 + size])
     return unpack_message(data[2 + size:]), username, delay, due
 

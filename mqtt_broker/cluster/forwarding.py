@@ -11,17 +11,16 @@ import os
 from typing import Any, Callable
 
 from ..message import Message
-from ..topics import Subscription, SubscriptionTree
+from ..topics import SharedGroups, Subscription, SubscriptionTree, split_shared
 from .codec import pack_forwarded
-
-Groups = list[tuple[tuple[str, str], list[Subscription]]]
-"""Shared subscriptions matching a message: ((group, filter), the members' subscriptions)."""
 
 
 class ClusterStats:
     """Counters of a node, plain integers read by $SYS and the metrics: messages sent to other
     nodes (once per node), records received from them, messages passed on to a session's new
     owner, sessions claimed at CONNECT and adopted from dead nodes."""
+
+    __slots__ = ("forwarded_out", "forwarded_in", "redirected", "claims", "adopted")
 
     def __init__(self) -> None:
         self.forwarded_out = 0
@@ -48,7 +47,7 @@ class Forwarding:
         self.routes = SubscriptionTree()
         self._deliver_shared = deliver_shared
         self._collect = collect
-        self._send = send_qos0
+        self._send_qos0 = send_qos0
         self._outgoing: dict[str, list[bytes]] = {}
         self._qos0: dict[str, list[bytes]] = {}
         self._qos0_scheduled = False
@@ -56,7 +55,21 @@ class Forwarding:
         self._ids = 0
         self._id_prefix = os.urandom(6)
 
-    def forward(self, message: Message, groups: Groups) -> int:
+    def add_route(self, node: str, topic_filter: str) -> None:
+        """Another node holds a filter now."""
+        group, _ = split_shared(topic_filter)
+        self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+
+    def remove_route(self, node: str, topic_filter: str) -> None:
+        """Another node no longer holds a filter."""
+        self.routes.remove(node, topic_filter)
+
+    def forget(self, node: str) -> None:
+        """A node is gone: nothing is routed to it any more."""
+        for subscription in [s for s in self.routes if s.client_id == node]:
+            self.routes.remove(node, subscription.topic_filter)
+
+    def forward(self, message: Message, groups: SharedGroups) -> int:
         """Send the message once to each other node holding a matching filter, and give each
         shared subscription to one member across the cluster (here, or on the node chosen).
         Returns how many nodes and shared members it went to."""
@@ -87,11 +100,11 @@ class Forwarding:
             self._collect()
         elif not self._qos0_scheduled:
             self._qos0_scheduled = True
-            self.clock.callLater(0, self._send_qos0)
+            self.clock.callLater(0, self._flush_qos0)
         self.stats.forwarded_out += len(targets)
         return count + len(targets)
 
-    def _share(self, message: Message, groups: Groups, node_groups: Groups,
+    def _share(self, message: Message, groups: SharedGroups, node_groups: SharedGroups,
                targets: dict[str, list[tuple[str, str]]]) -> int:
         """Each shared subscription's member, in turn over the cluster: delivered here when it
         is this node, otherwise added to ``targets``. Returns the deliveries made here."""
@@ -116,11 +129,11 @@ class Forwarding:
         outgoing, self._outgoing = self._outgoing, {}
         return outgoing
 
-    def _send_qos0(self) -> None:
+    def _flush_qos0(self) -> None:
         self._qos0_scheduled = False
         qos0, self._qos0 = self._qos0, {}
         for node, records in qos0.items():
-            self._send(node, b"".join(records))
+            self._send_qos0(node, b"".join(records))
 
 
-__all__ = ["ClusterStats", "Forwarding", "Groups"]
+__all__ = ["ClusterStats", "Forwarding"]

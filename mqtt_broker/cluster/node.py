@@ -1,10 +1,12 @@
 """A node of a cluster: the broker's link to the other nodes, through Redis.
 
-The broker calls it at a few seams (see :class:`Cluster`): a message was routed here (forward
-it to the nodes that want it), a client connects (claim its session), a client's connection
-comes or goes (its will), a session ended. It calls the broker back to route what other nodes
-forward, to take sessions it adopts from a dead node, and to let go of sessions another node
-claimed. Redis keys and scripts stay in :mod:`mqtt_broker.cluster.store`.
+The broker calls it at a few seams (see :class:`Cluster`): a client connects (claim its
+session), a client's connection comes or goes (its will), a session ended. What is done with
+every message routed here (forward it to the nodes that want it) is its ``forwarding``
+(:mod:`mqtt_broker.cluster.forwarding`, compiled), which the broker's routing calls directly;
+this module keeps the routes it uses current. It calls the broker back to route what other
+nodes forward, to take sessions it adopts from a dead node, and to let go of sessions another
+node claimed. Redis keys and scripts stay in :mod:`mqtt_broker.cluster.store`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from twisted.logger import Logger
 
 from ..message import Client, Message
 from ..session import Queued, Session
-from ..topics import SubscriptionTree, Subscription, split_shared
+from ..topics import SubscriptionTree, Subscription
 from ..wire import MQTT_5
 from .address import RedisAddress
 from .codec import FORWARDED, unpack_message, unpack_records, unpack_will
@@ -68,8 +70,6 @@ class Cluster:
         self.stats = ClusterStats()
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
                                      self._send_qos0)
-        self.routes = self.forwarding.routes
-        """Which node holds which filter, the other nodes' (a Subscription per (node, filter))."""
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[Queued]] = {}
@@ -335,9 +335,9 @@ class Cluster:
             topic_filter = parts[1].decode()
             self.nodes.setdefault(node, self.clock.seconds())
             if kind == b"F":
-                self._add_route(node, topic_filter)
+                self.forwarding.add_route(node, topic_filter)
             else:
-                self.routes.remove(node, topic_filter)
+                self.forwarding.remove_route(node, topic_filter)
         elif kind == b"R":
             message = unpack_message(parts[2])
             message.retain = True
@@ -353,12 +353,7 @@ class Cluster:
             self.clock.callLater(0, lambda: self._check_nodes(True).addErrback(self._check_failed))
         elif kind == b"G":  # a dead node's sessions are adopted: its routes go
             self.nodes.pop(node, None)
-            for subscription in [s for s in self.routes if s.client_id == node]:
-                self.routes.remove(node, subscription.topic_filter)
-
-    def _add_route(self, node: str, topic_filter: str) -> None:
-        group, _ = split_shared(topic_filter)
-        self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+            self.forwarding.forget(node)
 
     def _claimed_elsewhere(self, client_id: str, epoch: int, clean: bool) -> None:
         """Another node took a session this node held: its connection here is closed (0x8E),
@@ -544,7 +539,7 @@ class Cluster:
         for member in members:
             if member != self.node:
                 for topic_filter in (yield self.store.routes_of(member)):
-                    self._add_route(member, topic_filter)
+                    self.forwarding.add_route(member, topic_filter)
 
     @inlineCallbacks
     def _load_retained(self) -> Any:

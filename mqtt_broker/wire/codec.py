@@ -183,7 +183,8 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int, cls: typ
 
 def decode_publish(frame: bytes, version: int, cls: type[Publish] = Publish) -> Publish:
     """Decode one whole PUBLISH frame, fixed header included, without a FrameReader (a frame
-    that came whole, e.g. inside a cluster's record)."""
+    that came whole, e.g. inside a cluster's record). Raises MalformedPacket for anything else,
+    a frame whose remaining length is not its own included."""
     first = frame[0] if frame else 0
     if first >> 4 != PUBLISH:
         raise MalformedPacket("not a PUBLISH")
@@ -429,22 +430,23 @@ def publish_template(topic: str, payload: bytes, qos: int, retain: bool, propert
     """Encode a PUBLISH; returns (bytes, offset of the packet id), so that the same bytes can be
     sent to many subscribers with only the two packet id bytes (and the DUP bit) changed."""
     raw_topic = topic.encode("utf-8")
-    size = len(raw_topic)
-    encoded = encode_properties(properties) if version == MQTT_5 else b""
-    length = 2 + size + (2 if qos else 0) + len(encoded) + len(payload)
+    topic_size = len(raw_topic)
+    props = encode_properties(properties) if version == MQTT_5 else b""
+    length = 2 + topic_size + (2 if qos else 0) + len(props) + len(payload)
     first = 0x30 | qos << 1 | retain | dup << 3
-    # One join: the length is known before the body is, and most PUBLISHes fit a one-byte length.
+    # One join: the length is known before the body is, and most PUBLISHes fit a one-byte length
+    # (their first four bytes made by int.to_bytes, cheaper than bytes() of a tuple).
     if length < 0x80:
         header = 2
-        parts = [(first << 24 | length << 16 | size).to_bytes(4, "big"), raw_topic]  # (cheaper than bytes(tuple))
+        parts = [(first << 24 | length << 16 | topic_size).to_bytes(4, "big"), raw_topic]
     else:
         head = bytes((first,)) + encode_varint(length)
         header = len(head)
-        parts = [head, size.to_bytes(2, "big"), raw_topic]
+        parts = [head, topic_size.to_bytes(2, "big"), raw_topic]
     if qos:
         parts.append(packet_id.to_bytes(2, "big"))
-    parts += [encoded, payload]
-    return b"".join(parts), header + 2 + size
+    parts += [props, payload]
+    return b"".join(parts), header + 2 + topic_size
 
 
 def _encode_connect(p: Connect, version: int) -> bytes:

@@ -80,10 +80,10 @@ PINGRESP: Final = 13
 DISCONNECT: Final = 14
 AUTH: Final = 15
 
+# Protocol levels as they appear in CONNECT.
 MQTT_3_1: Final = 3
 MQTT_3_1_1: Final = 4
 MQTT_5: Final = 5
-"""Protocol levels as they appear in CONNECT."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

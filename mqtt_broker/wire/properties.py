@@ -27,7 +27,7 @@ PAIR: Final = 6
 
 _ACKS: Final = (PUBACK, PUBREC, PUBREL, PUBCOMP)
 _ALL: Final = frozenset({CONNECT, CONNACK, PUBLISH, *_ACKS, SUBSCRIBE, SUBACK, UNSUBSCRIBE,
-                  UNSUBACK, DISCONNECT, AUTH, WILL})
+                         UNSUBACK, DISCONNECT, AUTH, WILL})
 
 # identifier: (name, type, packets it may appear in)
 PROPERTIES: Final[dict[int, tuple[str, int, frozenset[int]]]] = {
@@ -187,7 +187,7 @@ def decode_properties(data: bytes | memoryview, pos: int, packet_type: int) -> t
 
 
 _ENCODING: Final[dict[str, tuple[bytes, int]]] = {name: (encode_varint(ident), kind)
-                                           for ident, (name, kind, _) in PROPERTIES.items()}
+                                                  for ident, (name, kind, _) in PROPERTIES.items()}
 """Each property's identifier as encoded, and its kind."""
 
 
