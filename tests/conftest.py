@@ -31,6 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses every connection for the whole test: bound, not listening.
+    A port from free_port() is free only until something takes it, and the next free_port() of
+    the same test (a broker's own port, its HTTP port) may be that very port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0,
                   host: str = "127.0.0.1") -> None:
     """Wait until something accepts connections on the port (a bounded readiness poll)."""

@@ -18,7 +18,6 @@ from typing import Any
 from admin_http import KEY, start_admin
 from bridge_helpers import write_config
 from browser_helpers import click, text_of, wait_for
-from conftest import free_port
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 from protocol_helpers import connected, make_broker
@@ -316,8 +315,8 @@ def test_answers_have_the_documented_fields() -> None:
 # --- the dashboard ----------------------------------------------------------------------------------
 
 def test_dashboard_bridges_panel_and_its_restart_button(broker_process: Any, browser: webdriver.Chrome,  # noqa: F811
-                                                         tmp_path: Path) -> None:
-    closed = free_port()   # nothing listens there: every attempt is refused
+                                                         tmp_path: Path, refused_port: int) -> None:
+    closed = refused_port
     config = write_config(tmp_path / "broker.toml", {}, [{
         "connection": "edge", "addresses": [f"127.0.0.1:{closed}"], "topic": ["dash/# out 1"],
         "restart_timeout": 600}])

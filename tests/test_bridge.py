@@ -286,10 +286,10 @@ def test_two_of_ours_bridged_both_ways_do_not_loop(broker_process: Any, tmp_path
     on_b.close()
 
 
-def test_failover_to_the_next_address(broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
-    from conftest import free_port
+def test_failover_to_the_next_address(broker_process: Any, mosquitto: Any, tmp_path: Path,
+                                       refused_port: int) -> None:
     remote = mosquitto()
-    dead = free_port()
+    dead = refused_port
     ours = bridged(broker_process, tmp_path, remote.port, topic=["f/# out 1"],
                    addresses=[f"127.0.0.1:{dead}", f"127.0.0.1:{remote.port}"])
     cloud = PahoClient(remote.port)
