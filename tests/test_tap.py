@@ -22,6 +22,8 @@ from mqtt_broker.config import BrokerConfig, settings
 TWISTD_DEFAULTS = BrokerConfig(persistence="sqlite")
 from mqtt_broker.tap import GC_THRESHOLD, Options, makeService, tune_gc
 
+from conftest import free_port
+
 # List settings (endpoints, websocket_endpoints, ...) have repeatable flags of their own.
 FIELDS = [f for f in settings() if f.default is not dataclasses.MISSING]
 
@@ -82,12 +84,6 @@ def busy_port() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         s.listen()
         yield s.getsockname()[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- options ------------------------------------------------------------------------------
