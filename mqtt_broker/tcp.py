@@ -9,7 +9,9 @@ that transport without those: its log prefix is its listener's, its repr is made
 for, and a connection with nothing to write is closed at the reactor's next turn. Its socket is
 the bare one of the ``_socket`` module: ``socket.socket.accept`` would turn the listener's family
 and type into enums and wrap each connection's descriptor in a Python object besides, for
-nothing a transport uses (5% of the broker's CPU while clients connect).
+nothing a transport uses (5% of the broker's CPU while clients connect). And ``Port`` reads each
+connection it accepts at once: a client's first bytes are usually there already, and Twisted
+would read them only after the reactor's next wait for events.
 
 The broker listens through :func:`listen`, which uses ``Port`` (Twisted's ``tcp.Port`` with
 this ``Server``) for Twisted's ``tcp:`` and ``tcp6:`` endpoints on a reactor of file
@@ -26,6 +28,7 @@ from twisted.internet import address, defer, main, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocol, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.python import log
 from twisted.python.failure import Failure
 
 
@@ -47,6 +50,7 @@ class Server(tcp.Server):
         self.sessionno = sessionno
         if server.connection_prefix is None:  # type: ignore[attr-defined]  # it is a Port of this module
             server.connection_prefix = self._getLogPrefix(protocol)  # type: ignore[attr-defined]
+        server.accepted.append(self)  # type: ignore[attr-defined]
         self.startReading()
         self.connected = 1
 
@@ -100,8 +104,33 @@ class Port(tcp.Port):
     """What its connections log with: their protocol's prefix (Twisted's adds a connection
     number and the peer's address, to a string per connection)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accepted: list[Server] = []
+        """The connections accepted by the current ``doRead``."""
+
     def createInternetSocket(self) -> socket.socket:
         return _Listening(super().createInternetSocket())
+
+    def doRead(self) -> None:
+        # A client's first bytes (an MQTT CONNECT) are usually there by the time its connection
+        # is accepted: read them now rather than after the reactor's next wait for events.
+        super().doRead()
+        accepted, self.accepted = self.accepted, []
+        for transport in accepted:
+            if transport.connected and not transport.disconnecting:
+                log.callWithLogger(transport, self._read, transport)
+
+    def _read(self, transport: Server) -> None:
+        # What the reactor does with a read event.
+        why: BaseException | None
+        try:
+            why = transport.doRead()
+        except BaseException as e:
+            log.err()
+            why = e
+        if why:
+            self.reactor._disconnectSelectable(transport, why, True)  # type: ignore[attr-defined]  # a PosixReactorBase
 
 
 def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:

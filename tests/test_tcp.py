@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import _socket
 import os
+import select
 import socket
 from typing import Any
 
@@ -201,3 +202,65 @@ async def test_the_broker_listens_with_it() -> None:
         assert (received, ending) == (b"\x20\x02\x00\x00", "eof")  # CONNACK, then the end
     finally:
         await broker.stopService()
+
+
+class _ReadCounting(tcp.Server):
+    reads: list[Any] = []
+
+    def doRead(self) -> Any:
+        _ReadCounting.reads.append(self)
+        return super().doRead()
+
+
+class _CountingPort(tcp.Port):
+    transport = _ReadCounting
+
+
+def _accept_one(port: tcp.Port, data: bytes) -> socket.socket:
+    """A client that connected and sent ``data``, then the listener's ``doRead`` as the reactor
+    calls it once the connection waits to be accepted (the reactor itself not running)."""
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=WAIT)
+    client.sendall(data)
+    readable, _, _ = select.select([port.socket], [], [], WAIT)
+    assert readable, "the connection never reached the listener's queue"
+    port.doRead()
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_accepted_connection_is_read_at_once() -> None:
+    """In the same call as its accept, not after the reactor's next wait for events: an MQTT
+    client's CONNECT is usually there already."""
+    _ReadCounting.reads = []
+    factory = RecorderFactory(lambda transport, data: None)
+    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        with _accept_one(port, b"CONNECT"):
+            assert len(factory.made) == 1
+            assert _ReadCounting.reads == [factory.made[0].transport]
+            factory.made[0].transport.abortConnection()
+            await factory.closed
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_as_it_is_made_is_not_read() -> None:
+    _ReadCounting.reads = []
+
+    class Closing(Recorder):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    factory = RecorderFactory(lambda transport, data: None)
+    factory.buildProtocol = lambda addr: Closing(factory)  # type: ignore[method-assign]
+    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        with _accept_one(port, b"CONNECT"):
+            assert len(factory.made) == 1 and _ReadCounting.reads == []
+            await factory.closed
+    finally:
+        await port.stopListening()
