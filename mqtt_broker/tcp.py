@@ -31,6 +31,10 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python import log
 from twisted.python.failure import Failure
 
+# One for every connection, as Twisted's reactor has it: a Failure computes its exception's
+# class names the first time it is asked about them.
+_DONE = Failure(main.CONNECTION_DONE)
+
 
 class Server(tcp.Server):
     """A connection accepted by :class:`Port`."""
@@ -78,7 +82,7 @@ class Server(tcp.Server):
         if self.dataBuffer or self._tempDataLen:
             self.startWriting()  # written after loseConnection: doWrite closes once it is out
         else:
-            self.connectionLost(Failure(main.CONNECTION_DONE))
+            self.connectionLost(_DONE)
 
 
 class _Listening(socket.socket):
