@@ -58,6 +58,18 @@ class Server(tcp.Server):
         self.startReading()
         self.connected = 1
 
+    reading = False
+    """Whether the reactor reads it (not paused, not closing): what :class:`Port` checks before
+    reading it as it is accepted."""
+
+    def startReading(self) -> None:
+        self.reading = True
+        super().startReading()
+
+    def stopReading(self) -> None:
+        self.reading = False
+        super().stopReading()
+
     def logPrefix(self) -> str:
         # Called around every event of the connection: one string per listener.
         return self.server.connection_prefix  # type: ignore[attr-defined, no-any-return]
@@ -122,7 +134,7 @@ class Port(tcp.Port):
         super().doRead()
         accepted, self.accepted = self.accepted, []
         for transport in accepted:
-            if transport.connected and not transport.disconnecting:
+            if transport.reading:
                 log.callWithLogger(transport, self._read, transport)
 
     def _read(self, transport: Server) -> None:

@@ -264,3 +264,27 @@ async def test_a_connection_closed_as_it_is_made_is_not_read() -> None:
             await factory.closed
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_paused_as_it_is_made_is_not_read() -> None:
+    """A protocol that pauses its transport at once is read only once it resumes it."""
+    _ReadCounting.reads = []
+
+    class Pausing(Recorder):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    factory = RecorderFactory(lambda transport, data: transport.loseConnection())
+    factory.buildProtocol = lambda addr: Pausing(factory)  # type: ignore[method-assign]
+    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        with _accept_one(port, b"CONNECT"):
+            assert len(factory.made) == 1 and _ReadCounting.reads == []
+            factory.made[0].transport.resumeProducing()  # type: ignore[union-attr]
+            await factory.closed  # read by the reactor once resumed, then closed by the reply
+            assert _ReadCounting.reads
+    finally:
+        await port.stopListening()
