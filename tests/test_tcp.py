@@ -9,7 +9,8 @@ import _socket
 import os
 import select
 import socket
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest
 import pytest_twisted
@@ -216,75 +217,60 @@ class _CountingPort(tcp.Port):
     transport = _ReadCounting
 
 
-def _accept_one(port: tcp.Port, data: bytes) -> socket.socket:
-    """A client that connected and sent ``data``, then the listener's ``doRead`` as the reactor
-    calls it once the connection waits to be accepted (the reactor itself not running)."""
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=WAIT)
-    client.sendall(data)
-    readable, _, _ = select.select([port.socket], [], [], WAIT)
-    assert readable, "the connection never reached the listener's queue"
-    port.doRead()
-    return client
+@asynccontextmanager
+async def _accepted(protocol: type[Recorder], reply: Any) -> AsyncIterator[RecorderFactory]:
+    """A client that connected and sent a CONNECT, then the listener's ``doRead`` as the reactor
+    calls it once the connection waits to be accepted (the reactor not running meanwhile): the
+    factory, its protocol made, while the client is still connected."""
+    _ReadCounting.reads = []
+    factory = RecorderFactory(reply)
+    factory.buildProtocol = lambda addr: protocol(factory)  # type: ignore[method-assign]
+    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=WAIT) as client:
+            client.sendall(b"CONNECT")
+            readable, _, _ = select.select([port.socket], [], [], WAIT)
+            assert readable, "the connection never reached the listener's queue"
+            port.doRead()
+            assert len(factory.made) == 1
+            yield factory
+    finally:
+        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_accepted_connection_is_read_at_once() -> None:
     """In the same call as its accept, not after the reactor's next wait for events: an MQTT
     client's CONNECT is usually there already."""
-    _ReadCounting.reads = []
-    factory = RecorderFactory(lambda transport, data: None)
-    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
-    port.startListening()
-    try:
-        with _accept_one(port, b"CONNECT"):
-            assert len(factory.made) == 1
-            assert _ReadCounting.reads == [factory.made[0].transport]
-            factory.made[0].transport.abortConnection()
-            await factory.closed
-    finally:
-        await port.stopListening()
+    async with _accepted(Recorder, lambda transport, data: None) as factory:
+        assert _ReadCounting.reads == [factory.made[0].transport]
+        factory.made[0].transport.abortConnection()  # type: ignore[union-attr]
+        await factory.closed
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_connection_closed_as_it_is_made_is_not_read() -> None:
-    _ReadCounting.reads = []
-
     class Closing(Recorder):
         def connectionMade(self) -> None:
             super().connectionMade()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-    factory = RecorderFactory(lambda transport, data: None)
-    factory.buildProtocol = lambda addr: Closing(factory)  # type: ignore[method-assign]
-    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
-    port.startListening()
-    try:
-        with _accept_one(port, b"CONNECT"):
-            assert len(factory.made) == 1 and _ReadCounting.reads == []
-            await factory.closed
-    finally:
-        await port.stopListening()
+    async with _accepted(Closing, lambda transport, data: None) as factory:
+        assert _ReadCounting.reads == []
+        await factory.closed
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_connection_paused_as_it_is_made_is_not_read() -> None:
     """A protocol that pauses its transport at once is read only once it resumes it."""
-    _ReadCounting.reads = []
-
     class Pausing(Recorder):
         def connectionMade(self) -> None:
             super().connectionMade()
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
-    factory = RecorderFactory(lambda transport, data: transport.loseConnection())
-    factory.buildProtocol = lambda addr: Pausing(factory)  # type: ignore[method-assign]
-    port = _CountingPort(0, factory, interface="127.0.0.1", reactor=reactor)
-    port.startListening()
-    try:
-        with _accept_one(port, b"CONNECT"):
-            assert len(factory.made) == 1 and _ReadCounting.reads == []
-            factory.made[0].transport.resumeProducing()  # type: ignore[union-attr]
-            await factory.closed  # read by the reactor once resumed, then closed by the reply
-            assert _ReadCounting.reads
-    finally:
-        await port.stopListening()
+    async with _accepted(Pausing, lambda transport, data: transport.loseConnection()) as factory:
+        assert _ReadCounting.reads == []
+        factory.made[0].transport.resumeProducing()  # type: ignore[union-attr]
+        await factory.closed  # read by the reactor once resumed, then closed by the reply
+        assert _ReadCounting.reads
