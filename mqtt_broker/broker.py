@@ -209,7 +209,8 @@ class BrokerService(MultiService):
                 if isinstance(endpoint, TLSServerEndpoint):
                     self._tls.append((description, endpoint.tls))
                 failures: list[Any] = []
-                tcp.listen(endpoint, factory).addCallbacks(self.ports.append, failures.append)
+                tcp.listen(endpoint, factory, self.config.set_tcp_nodelay).addCallbacks(
+                    self.ports.append, failures.append)
                 if failures:
                     failures[0].raiseException()
                 log.info(listening, endpoint=description)

@@ -16,6 +16,15 @@ def init_arguments(obj: Any) -> tuple[type, tuple[object, ...]]:
     return type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init)
 
 
+def _made(cls: type, fields: dict[str, object]) -> Any:
+    return cls(**fields)
+
+
+def init_keywords(obj: Any) -> tuple[Any, tuple[type, dict[str, object]]]:
+    """:func:`init_arguments` for a dataclass whose ``__init__`` takes keywords only."""
+    return _made, (type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+
+
 @dataclass(slots=True, eq=False)
 class Message(Publish):
     """A published message. One instance is shared by every subscriber it is delivered to.
@@ -93,3 +102,20 @@ class Client:
     keep_alive: int
     properties: Properties = NO_PROPERTIES
     """The CONNECT properties of an MQTT 5 client (user properties, session expiry, ...)."""
+
+    def __init__(self, *, client_id: str, username: str | None, peer: str, protocol_version: int,
+                 clean_start: bool, keep_alive: int, properties: Properties = NO_PROPERTIES) -> None:
+        # The dataclass's own, written out: compiled, this one is native, where the one
+        # dataclasses makes would be interpreted (one per CONNECT). Frozen: fields are set as
+        # dataclasses sets them.
+        set_field = object.__setattr__
+        set_field(self, "client_id", client_id)
+        set_field(self, "username", username)
+        set_field(self, "peer", peer)
+        set_field(self, "protocol_version", protocol_version)
+        set_field(self, "clean_start", clean_start)
+        set_field(self, "keep_alive", keep_alive)
+        set_field(self, "properties", properties)
+
+    def __reduce__(self) -> tuple[Any, tuple[type, dict[str, object]]]:
+        return init_keywords(self)

@@ -9,9 +9,12 @@ that transport without those: its log prefix is its listener's, its repr is made
 for, and a connection with nothing to write is closed at the reactor's next turn. Its socket is
 the bare one of the ``_socket`` module: ``socket.socket.accept`` would turn the listener's family
 and type into enums and wrap each connection's descriptor in a Python object besides, for
-nothing a transport uses (5% of the broker's CPU while clients connect). And ``Port`` reads each
-connection it accepts at once: a client's first bytes are usually there already, and Twisted
-would read them only after the reactor's next wait for events.
+nothing a transport uses (5% of the broker's CPU while clients connect). ``Port`` accepts
+without what only a failure to accept needs (Twisted's loop buffers its log events and makes a
+generator each time; any failure but "no more" is still left to it), reads each connection as
+it accepts it (a client's first bytes are usually there already, and Twisted would read them
+only after the reactor's next wait for events), and can turn Nagle's algorithm off once on the
+listening socket rather than on each connection.
 
 The broker listens through :func:`listen`, which uses ``Port`` (Twisted's ``tcp.Port`` with
 this ``Server``) for Twisted's ``tcp:`` and ``tcp6:`` endpoints on a reactor of file
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import _socket
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import address, defer, main, tcp
@@ -54,8 +58,8 @@ class Server(tcp.Server):
         self.sessionno = sessionno
         if server.connection_prefix is None:  # type: ignore[attr-defined]  # it is a Port of this module
             server.connection_prefix = self._getLogPrefix(protocol)  # type: ignore[attr-defined]
-        server.accepted.append(self)  # type: ignore[attr-defined]
-        self.startReading()
+        self.reading = True
+        reactor.addReader(self)  # what startReading does
         self.connected = 1
 
     reading = False
@@ -69,6 +73,15 @@ class Server(tcp.Server):
     def stopReading(self) -> None:
         self.reading = False
         super().stopReading()
+
+    _nodelay_set = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        # Until told otherwise, the socket has its listener's setting: no system call to set
+        # what is already so.
+        if enabled != self.server.nodelay or self._nodelay_set:  # type: ignore[attr-defined]  # a Port of this module
+            super().setTcpNoDelay(enabled)
+            self._nodelay_set = True
 
     def logPrefix(self) -> str:
         # Called around every event of the connection: one string per listener.
@@ -120,22 +133,50 @@ class Port(tcp.Port):
     """What its connections log with: their protocol's prefix (Twisted's adds a connection
     number and the peer's address, to a string per connection)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.accepted: list[Server] = []
-        """The connections accepted by the current ``doRead``."""
+    nodelay = False
+    """Whether its connections start with Nagle's algorithm off: set once on the listening
+    socket, which Linux's accepted sockets inherit, rather than on each connection."""
 
     def createInternetSocket(self) -> socket.socket:
-        return _Listening(super().createInternetSocket())
+        listening = _Listening(super().createInternetSocket())
+        if self.nodelay:
+            listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return listening
 
     def doRead(self) -> None:
-        # A client's first bytes (an MQTT CONNECT) are usually there by the time its connection
-        # is accepted: read them now rather than after the reactor's next wait for events.
-        super().doRead()
-        accepted, self.accepted = self.accepted, []
-        for transport in accepted:
-            if transport.reading:
-                log.callWithLogger(transport, self._read, transport)
+        # Twisted's accept loop, less what only its failures need (a log buffer, a generator),
+        # and reading each connection as it is accepted: a client's first bytes (an MQTT
+        # CONNECT) are usually there already, and the reactor would read them only after its
+        # next wait for events. Any failure to accept but "no more" is left to Twisted's loop.
+        accepted = 0
+        try:
+            accept, build, reactor = self.socket.accept, self.factory.buildProtocol, self.reactor  # type: ignore[union-attr]  # a listening port has its factory
+            for _ in range(self.numberAccepts):
+                try:
+                    skt, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    super().doRead()
+                    return
+                accepted += 1
+                if len(addr) == 4:  # IPv6: with its scope id, as Twisted has it
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
+                protocol = build(self._addressType("TCP", *addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                sessionno = self.sessionno
+                self.sessionno = sessionno + 1
+                transport = self.transport(skt, protocol, addr, self, sessionno, reactor)
+                protocol.makeConnection(transport)
+                if transport.reading:
+                    self._read(transport)
+        except BaseException:
+            log.deferr()
+        # As Twisted's: more accepts a call while they all find a connection, fewer when not.
+        self.numberAccepts = self.numberAccepts + 20 if accepted == self.numberAccepts else max(1, accepted)
 
     def _read(self, transport: Server) -> None:
         # What the reactor does with a read event.
@@ -149,16 +190,20 @@ class Port(tcp.Port):
             self.reactor._disconnectSelectable(transport, why, True)  # type: ignore[attr-defined]  # a PosixReactorBase
 
 
-def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
+           nodelay: bool = False) -> defer.Deferred[IListeningPort]:
     """``endpoint.listen(factory)``, through :class:`Port` where the endpoint is Twisted's TCP one
     on a reactor of file descriptors (the listener its ``listen`` would make, but for the
-    transport of the connections)."""
+    transport of the connections). ``nodelay``: the connections of such a listener on Linux
+    start with Nagle's algorithm off (:attr:`Port.nodelay`), so that turning it off costs them
+    nothing."""
     reactor = getattr(endpoint, "_reactor", None)
     if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint) or not isinstance(reactor, PosixReactorBase):
         return endpoint.listen(factory)
 
     def listening() -> IListeningPort:
         port = Port(endpoint._port, factory, endpoint._backlog, endpoint._interface, reactor)  # type: ignore[attr-defined]
+        port.nodelay = nodelay and sys.platform.startswith("linux")
         port.startListening()
         return port
     return defer.execute(listening)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mqtt_broker.message import Message
+from mqtt_broker.message import Client, Message
 from mqtt_broker.session import Outgoing, Queued, Session
 from mqtt_broker.topics import Subscription
 
@@ -219,7 +219,9 @@ def test_messages_and_deliveries_copy_and_pickle_with_every_field(copy_of: Any) 
     must give every field."""
     sent = Message("a/b", b"x", 2, True, True, 7, {"content_type": "text/plain"}, None, "pub", 12.5, 1, b"id")
     item = Outgoing(sent, 1, True, (4,), ("g", "a/#"), 9, 3.5, True, True)
-    for original in (sent, Queued(sent, 2, False, (1, 2), None, 3), item):
+    client = Client(client_id="c", username="u", peer="127.0.0.1:5000", protocol_version=5, clean_start=False,
+                    keep_alive=30, properties={"session_expiry_interval": 60})
+    for original in (sent, Queued(sent, 2, False, (1, 2), None, 3), item, client):
         copied = copy_of(original)
         assert type(copied) is type(original) and copied is not original
         assert dataclasses.asdict(copied) == dataclasses.asdict(original)
@@ -232,3 +234,15 @@ def test_written_out_inits_set_every_field() -> None:
     assert_every_field_set(Outgoing(sent, 2, False), message=sent, qos=2, retain=False)
     assert_every_field_set(Session("c"), client_id="c")
     assert_every_field_set(Session("c", 60), client_id="c", expiry=60)
+    given = dict(client_id="c", username=None, peer="p", protocol_version=4, clean_start=True, keep_alive=0)
+    assert_every_field_set(Client(**given), **given)  # type: ignore[arg-type]
+
+
+def test_a_client_stays_what_it_was_made() -> None:
+    """Hooks are given it: frozen, whichever build."""
+    client = Client(client_id="c", username="u", peer="p", protocol_version=4, clean_start=True, keep_alive=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        client.username = "other"  # type: ignore[misc]
+    assert client.username == "u"
+    assert dataclasses.replace(client, username="v").username == "v"
+    assert client == dataclasses.replace(client) and hash(client) == hash(dataclasses.replace(client))

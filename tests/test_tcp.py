@@ -6,6 +6,7 @@ sockets in threads, every wait bounded by a socket timeout."""
 from __future__ import annotations
 
 import _socket
+import errno
 import os
 import select
 import socket
@@ -21,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
 from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService, tcp
@@ -73,14 +75,15 @@ def exchange(port: int, data: bytes, family: int = socket.AF_INET, host: str = "
         return received, "eof"
 
 
-async def serve(reply: Any, data: bytes, ipv6: bool = False) -> tuple[bytes, str, RecorderFactory, int]:
+async def serve(reply: Any, data: bytes, ipv6: bool = False,
+                nodelay: bool = False) -> tuple[bytes, str, RecorderFactory, int]:
     """One client's exchange with a listener of mqtt_broker.tcp whose protocol answers as
     ``reply`` says: what the client read, how the stream ended, the factory (once the
     connection is lost) and the port."""
     factory = RecorderFactory(reply)
     family, host = (socket.AF_INET6, "::1") if ipv6 else (socket.AF_INET, "127.0.0.1")
     endpoint = (TCP6ServerEndpoint if ipv6 else TCP4ServerEndpoint)(reactor, 0, interface=host)
-    port = await tcp.listen(endpoint, factory)
+    port = await tcp.listen(endpoint, factory, nodelay)
     try:
         assert type(port) is tcp.Port
         received, ending = await deferToThread(exchange, port.getHost().port, data, family, host)
@@ -179,6 +182,59 @@ async def test_ipv6() -> None:
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("nodelay", [False, True])
+async def test_nagle_is_off_from_the_start_where_the_listener_says_so(nodelay: bool) -> None:
+    """Set once on the listening socket, which the accepted ones inherit; a connection still
+    turns it on and off as it is told."""
+    seen: list[bool] = []
+
+    def reply(transport: Any, data: bytes) -> None:
+        for enabled in (nodelay, not nodelay, nodelay):
+            seen.append(transport.getTcpNoDelay())
+            transport.setTcpNoDelay(not enabled)
+        seen.append(transport.getTcpNoDelay())
+        transport.write(data)
+        transport.loseConnection()
+
+    received, ending, _, _ = await serve(reply, b"ping", nodelay=nodelay)
+    assert (received, ending) == (b"ping", "eof")
+    assert seen == [nodelay, not nodelay, nodelay, not nodelay]
+
+
+class _Refusing(tcp._Listening):
+    """A listening socket whose next ``refusals`` accepts fail as a firewall rule makes them."""
+
+    __slots__ = ("refusals",)
+
+    def accept(self) -> tuple[Any, Any]:
+        if self.refusals:
+            self.refusals -= 1
+            raise OSError(errno.EPERM, "refused by a firewall rule")
+        return super().accept()
+
+
+class _RefusingPort(tcp.Port):
+    def createInternetSocket(self) -> socket.socket:
+        return _Refusing(super().createInternetSocket())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_to_accept_is_left_to_twisted_which_serves_the_next_connection() -> None:
+    factory = RecorderFactory(lambda transport, data: (transport.write(data), transport.loseConnection()))
+    port = _RefusingPort(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        port.socket.refusals = 1
+        with capturedLogs() as events:
+            received, ending = await deferToThread(exchange, port.getHost().port, b"ping")
+        assert (received, ending) == (b"ping", "eof")
+        assert port.socket.refusals == 0
+        assert not [event for event in events if event.get("isError") or "log_failure" in event]
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_other_endpoints_and_reactors_listen_as_they_would(tmp_path: Any) -> None:
     memory = MemoryReactor()
     factory = RecorderFactory(None)
@@ -189,6 +245,22 @@ async def test_other_endpoints_and_reactors_listen_as_they_would(tmp_path: Any) 
         assert not isinstance(port, tcp.Port)
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("nodelay", [False, True])
+async def test_the_broker_turns_nagle_off_as_configured(nodelay: bool) -> None:
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0,
+                           set_tcp_nodelay=nodelay)
+    broker.startService()
+    try:
+        with socket.create_connection(("127.0.0.1", broker.ports[0].getHost().port), timeout=WAIT) as client:
+            client.sendall(b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c")
+            assert await deferToThread(client.recv, 4) == b"\x20\x02\x00\x00"
+            [connection] = broker.connections
+            assert connection.transport.getTcpNoDelay() is nodelay
+    finally:
+        await broker.stopService()
 
 
 @pytest_twisted.ensureDeferred
