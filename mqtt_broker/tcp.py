@@ -179,7 +179,9 @@ class Port(tcp.Port):
         self.numberAccepts = self.numberAccepts + 20 if accepted == self.numberAccepts else max(1, accepted)
 
     def _read(self, transport: Server) -> None:
-        # What the reactor does with a read event.
+        # What the reactor does with a read event, less the log context it sets around it
+        # (callWithLogger, a microsecond and more): a legacy log event of this read has the
+        # listener's prefix, not the connection's.
         why: BaseException | None
         try:
             why = transport.doRead()
