@@ -77,11 +77,19 @@ def terminate(process: subprocess.Popen[bytes]) -> None:
             process.wait(10)
 
 
+_LIMITED = ("import resource, runpy, sys; limit = int(sys.argv.pop(1)); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); "
+            "runpy.run_module('twisted', run_name='__main__', alter_sys=True)")
+"""``python -m twisted`` allowed as many open files as its first argument says (the hard limit
+too: the broker raises its soft limit to the hard one)."""
+
+
 class BrokerProcess:
     """``python -m twisted mqttbroker`` on a free loopback port."""
 
     def __init__(self, *args: str, port: int | None = None, cwd: Path = ROOT,
-                 listen: str = "tcp:{port}:interface=127.0.0.1", data_dir: Path | None = None) -> None:
+                 listen: str = "tcp:{port}:interface=127.0.0.1", data_dir: Path | None = None,
+                 open_files: int | None = None) -> None:
         self.port = port or free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mqttbroker-{self.port}.log"
         self.log = open(self.log_path, "wb")
@@ -93,8 +101,11 @@ class BrokerProcess:
             data_dir = Path(tempfile.mkdtemp(prefix="mqttbroker-data-"))
         self.data_dir = data_dir
         store = ["--data-dir", str(data_dir)] if data_dir is not None else []
+        python = [sys.executable, "-m", "twisted"]
+        if open_files is not None:  # its RLIMIT_NOFILE (not preexec_fn: the tests run threads)
+            python = [sys.executable, "-c", _LIMITED, str(open_files)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "mqttbroker", *endpoint, *store, *args],
+            [*python, "mqttbroker", *endpoint, *store, *args],
             cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, self.process)

@@ -75,6 +75,36 @@ def round_trip(port: int, topic: str, payload: bytes, qos: int = 0, timeout: flo
         pub.close()
 
 
+def test_a_broker_out_of_descriptors_closes_what_it_cannot_take_and_goes_on(broker_process) -> None:  # type: ignore[no-untyped-def]
+    """With every descriptor it may open in use, the broker closes each further connection at
+    once (Twisted's reserved descriptor) rather than leaving it in the listen queue, still
+    serves the clients it has, and takes new ones once descriptors are free again."""
+    limit = 64
+    broker = broker_process("--persistence", "memory", open_files=limit)
+    spare = limit - settled_fds(broker.pid)
+    count = spare + 20
+    crowd = connect_crowd(broker.port, count, timeout=30.0, client_id=lambda i: f"fd-{i}", in_flight=count)
+    try:
+        assert 0 < len(crowd.connacks) <= spare, (spare, len(crowd.connacks), crowd.failures)
+        assert len(crowd.connacks) + len(crowd.failures) == count, "some clients were left waiting"
+        assert set(crowd.failures.values()) == {"closed by the broker before CONNACK"}, crowd.failures
+        assert "EMFILE" in broker.output()
+        served = crowd.sockets[min(crowd.connacks)]
+        served.setblocking(True)
+        served.settimeout(10)
+        served.sendall(b"\xc0\x00")  # PINGREQ
+        assert served.recv(2) == b"\xd0\x00"  # PINGRESP
+    finally:
+        crowd.close()
+    assert wait_until(lambda: open_fds(broker.pid) <= limit - spare + FD_SLACK, 15.0)
+    client = RawClient(broker.port)
+    try:
+        assert client.connect("fd-after").reason_code == 0
+    finally:
+        client.close()
+    assert broker.process.poll() is None, broker.output()
+
+
 def test_ten_thousand_concurrent_connections(broker_process) -> None:  # type: ignore[no-untyped-def]
     count = 10_000
     limit = raise_open_files_limit()
