@@ -9,20 +9,20 @@ from typing import Any
 from .wire.packets import NO_PROPERTIES, Properties, Publish
 
 
-def init_arguments(obj: Any) -> tuple[type, tuple[object, ...]]:
+def init_arguments(obj: Any) -> tuple[Any, tuple[object, ...]]:
     """``__reduce__`` of a dataclass that writes its ``__init__`` out: compiled, copy and pickle
-    make one by calling its class, so they must pass its arguments (Python's default makes it
-    empty, then sets its fields)."""
-    return type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init)
+    make one by calling its class, so they must pass its arguments, keyword-only ones by keyword
+    (Python's default makes it empty, then sets its fields)."""
+    fields = [f for f in dataclasses.fields(obj) if f.init]
+    arguments = tuple(getattr(obj, f.name) for f in fields if not f.kw_only)
+    keywords = {f.name: getattr(obj, f.name) for f in fields if f.kw_only}
+    if keywords:
+        return _called, (type(obj), arguments, keywords)
+    return type(obj), arguments
 
 
-def _made(cls: type, fields: dict[str, object]) -> Any:
-    return cls(**fields)
-
-
-def init_keywords(obj: Any) -> tuple[Any, tuple[type, dict[str, object]]]:
-    """:func:`init_arguments` for a dataclass whose ``__init__`` takes keywords only."""
-    return _made, (type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+def _called(cls: type, arguments: tuple[object, ...], keywords: dict[str, object]) -> Any:
+    return cls(*arguments, **keywords)
 
 
 @dataclass(slots=True, eq=False)
@@ -117,5 +117,5 @@ class Client:
         set_field(self, "keep_alive", keep_alive)
         set_field(self, "properties", properties)
 
-    def __reduce__(self) -> tuple[Any, tuple[type, dict[str, object]]]:
-        return init_keywords(self)
+    def __reduce__(self) -> tuple[Any, tuple[object, ...]]:
+        return init_arguments(self)

@@ -321,14 +321,18 @@ async def test_an_accepted_connection_is_read_at_once() -> None:
         await factory.closed
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_connection_closed_as_it_is_made_is_not_read() -> None:
-    class Closing(Recorder):
+def _at_once(action: str) -> type[Recorder]:
+    """A protocol that calls its transport's ``action`` (``loseConnection``, ...) as it is made."""
+    class Acting(Recorder):
         def connectionMade(self) -> None:
             super().connectionMade()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            getattr(self.transport, action)()
+    return Acting
 
-    async with _accepted(Closing, lambda transport, data: None) as factory:
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_as_it_is_made_is_not_read() -> None:
+    async with _accepted(_at_once("loseConnection"), lambda transport, data: None) as factory:
         assert _ReadCounting.reads == []
         await factory.closed
 
@@ -336,12 +340,7 @@ async def test_a_connection_closed_as_it_is_made_is_not_read() -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_connection_paused_as_it_is_made_is_not_read() -> None:
     """A protocol that pauses its transport at once is read only once it resumes it."""
-    class Pausing(Recorder):
-        def connectionMade(self) -> None:
-            super().connectionMade()
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-
-    async with _accepted(Pausing, lambda transport, data: transport.loseConnection()) as factory:
+    async with _accepted(_at_once("pauseProducing"), lambda transport, data: transport.loseConnection()) as factory:
         assert _ReadCounting.reads == []
         factory.made[0].transport.resumeProducing()  # type: ignore[union-attr]
         await factory.closed  # read by the reactor once resumed, then closed by the reply
