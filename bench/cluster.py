@@ -221,10 +221,15 @@ def main() -> None:
     parser.add_argument("--mqttbench", type=Path, default=ROOT.parent / "shared" / "bench" / "mqttbench")
     parser.add_argument("--count", type=int, help="messages per publisher (mqttbench's)")
     parser.add_argument("--duration", type=float, help="most seconds of publishing (mqttbench's)")
+    parser.add_argument("--qos", type=int, choices=(0, 1, 2), help="QoS of fanin, fanout, latency (mqttbench's)")
+    parser.add_argument("--publishers", type=int, help="fanin's publishers (mqttbench's)")
+    parser.add_argument("--inflight", type=int, help="QoS 1/2 messages a publisher keeps unacknowledged "
+                        "(mqttbench's, 20)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "performance-cluster.md")
     args = parser.parse_args()
     bench = load_mqttbench(args.mqttbench)
-    given = {k: v for k, v in (("count", args.count), ("duration", args.duration)) if v is not None}
+    given = {k: v for k in ("count", "duration", "qos", "publishers", "inflight")
+             if (v := getattr(args, k)) is not None}
     runs: list[Run] = []
     for name in args.scenario:
         scenario = bench.SCENARIOS[name]

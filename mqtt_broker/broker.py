@@ -607,9 +607,7 @@ class BrokerService(MultiService):
         session.clear()
         for item in orphans:
             assert item.share is not None
-            members = self.subscriptions.shared_members(*item.share)
-            if members:
-                self.delivery.deliver_shared(item.message, item.share, members)
+            self.delivery.hand_on(item.message, item.share)
 
     # --- subscriptions ------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ nodes joining and leaving."""
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -209,6 +209,61 @@ def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster
     finally:
         for client in (*members.values(), publisher):
             client.close()
+
+
+def test_a_shared_member_that_leaves_hands_its_unfinished_messages_to_a_member_on_another_node(
+        cluster: Cluster) -> None:
+    """The last member of a group on node a goes with QoS 1 messages it did not acknowledge:
+    they go to the group's member on node b, as they would to another member on one node."""
+    topic = unique("jobs")
+    group = f"$share/{unique('g')}/{topic}"
+    leaving = RawClient(cluster["a"].port)
+    leaving.connect(unique("leaving"))
+    leaving.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
+    leaving.receive()
+    staying = PahoClient(cluster["b"].port, unique("staying"))
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    try:
+        staying.subscribe(group, 1)
+        settled(cluster, "a", group)
+        settled(cluster, "b", group)
+        for _ in range(150):  # probes until node a takes turns with node b's member
+            publisher.publish(topic, b"probe", qos=1)
+            if not staying.no_message(0.1):
+                break
+        for n in range(10):
+            publisher.publish(topic, b"%d" % n, qos=1)
+        unacknowledged: list[int] = []
+        got: list[int] = []
+
+        def received(enough: Callable[[], bool]) -> bool:
+            for who, payload in _payloads(leaving, staying):
+                (unacknowledged if who == "leaving" else got).append(int(payload))
+            return enough()
+        wait_until(lambda: received(lambda: len(unacknowledged) + len(got) == 10), "the ten messages shared")
+        assert unacknowledged and got, (unacknowledged, got)
+        leaving.close()  # a clean session: it ends with the connection
+        wait_until(lambda: received(lambda: len(got) >= 10), "the messages the leaving member did not finish")
+        assert sorted(got) == list(range(10))
+    finally:
+        leaving.close()
+        staying.close()
+        publisher.close()
+
+
+def _payloads(raw: RawClient, paho: PahoClient) -> Iterator[tuple[str, bytes]]:
+    """The numbered payloads received since the last call, probes left out, by who got them."""
+    while True:
+        try:
+            packet = raw.receive(timeout=0.05)
+        except (TimeoutError, OSError):
+            break
+        if isinstance(packet, Publish) and packet.payload != b"probe":
+            yield "leaving", packet.payload
+    while not paho.messages.empty():
+        payload = paho.messages.get().payload
+        if payload != b"probe":
+            yield "staying", payload
 
 
 def test_a_session_taken_over_on_another_node_is_resumed_there(cluster: Cluster) -> None:

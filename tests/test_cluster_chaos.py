@@ -5,6 +5,7 @@ arrive, QoS 2 exactly once."""
 
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
 from typing import Iterator
@@ -70,6 +71,60 @@ def test_the_wills_of_a_killed_node_are_published_once(cluster: Cluster) -> None
     assert extra == [], [(m.topic, m.payload) for m in extra]  # each once, and not the will of the client that came back
     back.close()
     observer.close()
+
+
+def test_what_a_killed_node_was_sent_for_a_shared_member_goes_to_it_once(cluster: Cluster) -> None:
+    """Node b holds a subscriber of t and one member of a shared group whose other member is on
+    node c, both sessions persistent. b is killed, then ten messages are published on node a:
+    each goes to b's inbox for the subscriber, and every other one names b for the group too.
+    Once b's sessions are taken over, the member that was on b gets those five and not the
+    others, which the member on c had."""
+    share, topic = "$share/g/shared-on-a-dead-node", "shared-on-a-dead-node"
+    member = PahoClient(cluster["b"].port, "dead-member", clean=False)
+    member.subscribe(share, 1)
+    subscriber = PahoClient(cluster["b"].port, "dead-subscriber", clean=False)
+    subscriber.subscribe(topic, 1)
+    other = PahoClient(cluster["c"].port, "live-member")
+    other.subscribe(share, 1)
+    publisher = PahoClient(cluster["a"].port, "publisher-to-a-dead-node")
+    for node, held in (("b", {share, topic}), ("c", {share})):
+        wait_until(lambda: held <= cluster.routes(node), f"{node}'s routes")
+    probed = set()
+    for _ in range(150):  # probes until node a has the routes of both nodes
+        publisher.publish(topic, b"probe", qos=1)
+        probed |= {client for client in (subscriber, other) if not client.no_message(0.1)}
+        if len(probed) == 2:
+            break
+    for client in (member, subscriber):
+        client.client.loop_stop()  # the node dies under them
+    cluster["b"].kill()
+    for n in range(10):
+        publisher.publish(topic, b"%d" % n, qos=1)
+    on_c: list[int] = []
+    wait_until(lambda: _numbered(other, on_c) and len(on_c) == 5, "the live member's five")
+    back = PahoClient(cluster["c"].port, "dead-member", clean=False)
+    assert back.flags.session_present
+    on_b: list[int] = []
+    wait_until(lambda: _numbered(back, on_b) and len(on_b) >= 5, "the five for the member that was on b")
+    try:  # and nothing more
+        while True:
+            payload = back.messages.get(timeout=1.5).payload
+            if payload.isdigit():
+                on_b.append(int(payload))
+    except queue.Empty:
+        pass
+    assert sorted(on_b + on_c) == list(range(10)), (on_b, on_c)
+    for client in (back, other, publisher):
+        client.close()
+
+
+def _numbered(client: PahoClient, into: list[int]) -> bool:
+    """Move the numbered payloads a client has received into ``into`` (probes left out)."""
+    while not client.messages.empty():
+        payload = client.messages.get().payload
+        if payload.isdigit():
+            into.append(int(payload))
+    return True
 
 
 def _expiry() -> Properties:

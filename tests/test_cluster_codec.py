@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqtt_broker.cluster.codec import (
-    FORWARDED, TARGETED, pack_forwarded, pack_queued, pack_targeted, unpack_records,
+    FORWARDED, HANDED, TARGETED, pack_forwarded, pack_queued, pack_targeted, unpack_records,
 )
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued
@@ -40,13 +40,15 @@ def same_message(got: Message, sent: Message) -> None:
 
 
 @FUZZ
-@given(messages=st.lists(st.tuples(MESSAGES, SHARES), min_size=1, max_size=5))
-def test_forwarded_records_read_back_in_order(messages: list[tuple[Message, tuple[tuple[str, str], ...]]]) -> None:
-    entry = b"".join(pack_forwarded(message, shares, 100.0) for message, shares in messages)
+@given(messages=st.lists(st.tuples(MESSAGES, SHARES, st.sampled_from([FORWARDED, HANDED])), min_size=1, max_size=5))
+def test_forwarded_records_read_back_in_order(
+        messages: list[tuple[Message, tuple[tuple[str, str], ...], int]]) -> None:
+    """Forwarded to be routed, or handed on to shared subscriptions' members only."""
+    entry = b"".join(pack_forwarded(message, shares, 100.0, kind) for message, shares, kind in messages)
     records = unpack_records(entry)
     assert len(records) == len(messages)
-    for (kind, got, shares), (sent, sent_shares) in zip(records, messages):
-        assert kind == FORWARDED and shares == sent_shares
+    for (kind, got, shares), (sent, sent_shares, sent_kind) in zip(records, messages):
+        assert kind == sent_kind and shares == sent_shares
         same_message(got, sent)
         assert got.expires_at is None
 

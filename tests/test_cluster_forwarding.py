@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from mqtt_broker.cluster.codec import FORWARDED, unpack_records
+from mqtt_broker.cluster.codec import FORWARDED, HANDED, unpack_records
 from mqtt_broker.cluster.forwarding import ClusterStats, Forwarding
 from mqtt_broker.message import Message
 from mqtt_broker.topics import Subscription, SubscriptionTree
@@ -146,3 +146,32 @@ def test_routes_go_with_the_filter_and_with_the_node() -> None:
     node.clock.advance(0)
     assert [(target, [m.topic for _, m, _ in records]) for target, records in node.writes] == [
         ("c", ["t"]), ("b", ["u/v"])]
+
+
+def test_a_message_left_unfinished_is_handed_to_the_other_nodes_members_in_turn() -> None:
+    node = Node()
+    share = ("g", "$share/g/t")
+    node.holds("c", "$share/g/t")
+    node.holds("b", "$share/g/t")
+    node.holds("b", "t")  # b's subscribers of t had the message already: not again
+    node.holds("d", "$share/other/t")
+    messages = [Message(topic="t", qos=1), Message(topic="t", qos=0), Message(topic="t", qos=2)]
+    assert [node.forwarding.hand_on(message, share) for message in messages] == [1, 1, 1]
+    node.clock.advance(0)
+    assert node.writes == []  # through the inboxes, whatever the QoS
+    assert node.collects == 3 and node.stats.forwarded_out == 3
+    outgoing = {target: [unpack_records(record)[0] for record in records]
+                for target, records in node.forwarding.take_outgoing().items()}
+    assert {target: [(kind, message.qos, shares) for kind, message, shares in records]
+            for target, records in outgoing.items()} == {
+        "b": [(HANDED, 1, (share,)), (HANDED, 2, (share,))], "c": [(HANDED, 0, (share,))]}
+    assert [message.cluster_id is not None for message in messages] == [True, False, True]
+    assert outgoing["b"][0][1].cluster_id == messages[0].cluster_id
+
+
+def test_a_message_left_unfinished_with_no_member_elsewhere_goes_nowhere() -> None:
+    node = Node()
+    node.holds("b", "t")
+    node.holds("b", "$share/other/t")
+    assert node.forwarding.hand_on(Message(topic="t", qos=1), ("g", "$share/g/t")) == 0
+    assert node.forwarding.take_outgoing() == {} and node.collects == 0

@@ -18,10 +18,12 @@ from ..session import Queued
 from ..topics import Subscription
 from ..wire import MQTT_5, decode_publish, publish_template
 
-# Record kinds of an inbox entry: a message to route to the node's matching sessions, or a
-# message for one session (its writes were fenced off on the node that routed it).
+# Record kinds of an inbox entry: a message to route to the node's matching sessions, a message
+# for one session (its writes were fenced off on the node that routed it), or a message that the
+# last member of a shared subscription on another node left unfinished, for a member here.
 FORWARDED: Final = 0
 TARGETED: Final = 1
+HANDED: Final = 2
 
 _FORWARDED_NO_ID: Final = bytes((FORWARDED, 0))
 """The head of a FORWARDED record of a message without a cluster id (QoS 0)."""
@@ -59,13 +61,18 @@ def _read_u32(data: bytes, pos: int) -> int:
     return data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
 
 
-def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float) -> bytes:
-    """One record of an inbox entry: a message for the receiving node to route."""
+def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float,
+                   kind: int = FORWARDED) -> bytes:
+    """One record of an inbox entry: a message for the receiving node to route (or, HANDED,
+    to give to a member of each of ``shares`` only)."""
     body = pack_message(message, now)
     cluster_id = message.cluster_id
+    if cluster_id is None:
+        head = _FORWARDED_NO_ID if kind == FORWARDED else bytes((kind, 0))
+    else:
+        head = bytes((kind, len(cluster_id))) + cluster_id
     # (Two bytes for the count of shares: a client may hold hundreds of shared groups of a topic.)
-    parts = [_FORWARDED_NO_ID if cluster_id is None else bytes((FORWARDED, len(cluster_id))) + cluster_id,
-             _string(message.sender or ""), len(shares).to_bytes(2, "big")]
+    parts = [head, _string(message.sender or ""), len(shares).to_bytes(2, "big")]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
     parts += [len(body).to_bytes(4, "big"), body]
@@ -83,7 +90,7 @@ def targeted_head(client_id: str, size: int) -> bytes:
 
 
 Record = tuple[int, Any, Any]
-"""(FORWARDED, message, shares) or (TARGETED, client id, Queued)."""
+"""(FORWARDED or HANDED, message, shares) or (TARGETED, client id, Queued)."""
 
 
 def unpack_records(data: bytes) -> list[Record]:
@@ -91,7 +98,7 @@ def unpack_records(data: bytes) -> list[Record]:
     pos, end = 0, len(data)
     while pos < end:
         kind = data[pos]
-        if kind == FORWARDED:
+        if kind == FORWARDED or kind == HANDED:
             size = data[pos + 1]
             cluster_id = data[pos + 2:pos + 2 + size] or None
             sender, pos = _read_string(data, pos + 2 + size)
@@ -107,7 +114,7 @@ def unpack_records(data: bytes) -> list[Record]:
             message.sender = sender or None
             message.cluster_id = cluster_id
             pos += 4 + size
-            records.append((FORWARDED, message, tuple(shares)))
+            records.append((kind, message, tuple(shares)))
         elif kind == TARGETED:
             client_id, pos = _read_string(data, pos + 1)
             size = _read_u32(data, pos)
@@ -168,4 +175,4 @@ def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
 
 __all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records",
            "pack_queued", "unpack_queued", "pack_subscription", "unpack_subscription", "pack_will",
-           "unpack_will", "FORWARDED", "TARGETED"]
+           "unpack_will", "FORWARDED", "TARGETED", "HANDED"]

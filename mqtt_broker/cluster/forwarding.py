@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..message import Message
 from ..topics import SharedGroups, Subscription, SubscriptionTree, split_shared
-from .codec import pack_forwarded
+from .codec import HANDED, pack_forwarded
 
 
 class ClusterStats:
@@ -35,8 +35,8 @@ class Forwarding:
 
     ``routes`` holds the other nodes' filters (a Subscription per (node, filter)). QoS 1 and 2
     records wait for the store's next batch (``collect`` asks for one; ``take_outgoing`` hands
-    them over); QoS 0 records go at the end of the reactor's turn through ``send_qos0``, one
-    write per node."""
+    them over), and so do messages handed on (``hand_on``); QoS 0 records go at the end of the
+    reactor's turn through ``send_qos0``, one write per node."""
 
     def __init__(self, node: str, clock: Any, stats: ClusterStats,
                  deliver_shared: Callable[[Message, tuple[str, str], list[Subscription]], int],
@@ -85,8 +85,7 @@ class Forwarding:
         if not targets:
             return count
         if message.qos and message.cluster_id is None:
-            self._ids += 1
-            message.cluster_id = self._id_prefix + self._ids.to_bytes(8, "big")
+            self._identify(message)
         now: float = self.clock.seconds()
         waiting = self._outgoing if message.qos else self._qos0
         for node, shares in targets.items():
@@ -103,6 +102,31 @@ class Forwarding:
             self.clock.callLater(0, self._flush_qos0)
         self.stats.forwarded_out += len(targets)
         return count + len(targets)
+
+    def hand_on(self, message: Message, share: tuple[str, str]) -> int:
+        """A message that a member of a shared subscription left unfinished, with no member of
+        the group left on this node: to the other nodes' members of the group, in turn, through
+        the node's inbox whatever its QoS (it was acknowledged to its publisher long ago).
+        Returns 0 if no other node holds the group (it is dropped, as on one node)."""
+        _, node_groups = self.routes.match(message.topic)
+        nodes = sorted({node.client_id for held, members in node_groups if held == share for node in members})
+        if not nodes:
+            return 0
+        turn = self._turns.get(share, 0)
+        self._turns[share] = turn + 1
+        node = nodes[turn % len(nodes)]
+        if message.qos and message.cluster_id is None:
+            self._identify(message)
+        self._outgoing.setdefault(node, []).append(pack_forwarded(message, (share,), self.clock.seconds(), HANDED))
+        self._collect()
+        self.stats.forwarded_out += 1
+        return 1
+
+    def _identify(self, message: Message) -> None:
+        """A QoS 1/2 message leaving this node gets an id, by which a session that moves while
+        it is on its way gets it once."""
+        self._ids += 1
+        message.cluster_id = self._id_prefix + self._ids.to_bytes(8, "big")
 
     def _share(self, message: Message, groups: SharedGroups, node_groups: SharedGroups,
                targets: dict[str, list[tuple[str, str]]]) -> int:

@@ -25,7 +25,7 @@ from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription
 from ..wire import MQTT_5
 from .address import RedisAddress
-from .codec import FORWARDED, unpack_message, unpack_records, unpack_will
+from .codec import FORWARDED, HANDED, TARGETED, unpack_message, unpack_records, unpack_will
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .store import Claim, RedisStore
@@ -246,22 +246,24 @@ class Cluster:
         self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
     def _handle_entry(self, data: bytes) -> None:
-        broker = self.broker
+        delivery = self.broker.delivery
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
-            if kind == FORWARDED:
-                # Nothing of a QoS 2 message reaches a client before the store holds that this
-                # entry is handled: after a crash it is handled again, so it must not have gone out.
-                broker.delivery.routing_waits_for_store = first.qos == 2
-                try:
-                    if self._moving and first.qos:
-                        self._route_while_moving(first, second)
-                    else:
-                        broker.delivery.route(first, second)
-                finally:
-                    broker.delivery.routing_waits_for_store = False
-            else:
+            if kind == TARGETED:
                 self._deliver_targeted(first, second)
+                continue
+            # Nothing of a QoS 2 message reaches a client before the store holds that this entry
+            # is handled: after a crash it is handled again, so it must not have gone out.
+            delivery.routing_waits_for_store = first.qos == 2
+            try:
+                if kind == HANDED:
+                    delivery.handed(first, second)
+                elif self._moving and first.qos:
+                    self._route_while_moving(first, second)
+                else:
+                    delivery.route(first, second)
+            finally:
+                delivery.routing_waits_for_store = False
 
     def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...]) -> None:
         """Route a forwarded message, the sessions that moved here lately apart: to each of
@@ -310,13 +312,17 @@ class Cluster:
             self.stats.redirected += 1
             self.store.send_on(client_id, item)
 
-    def _deliver_formerly(self, message: Message, former: SubscriptionTree) -> None:
-        """A message from a dead node's inbox: to each session it held that matches, here if
-        this node adopted it, else passed on to the node that claimed it since."""
+    def _deliver_formerly(self, message: Message, former: SubscriptionTree,
+                          shares: tuple[tuple[str, str], ...] = (), everyone: bool = True) -> None:
+        """A message from a dead node's inbox: to each session it held that matches (only to
+        a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
+        passed on to the node that claimed it since."""
         by_client, groups = former.match(message.topic)
         targets = [(m.client_id, min(m.qos, message.qos), message.retain and m.retain_as_published, m.subscription_ids)
-                   for m in by_client if not (m.no_local and message.sender == m.client_id)]
-        for _, members in groups:  # a shared subscription's message went to that node for one member
+                   for m in by_client if everyone and not (m.no_local and message.sender == m.client_id)]
+        for share, members in groups:  # the sending node chose that node for these groups' members
+            if share not in shares:
+                continue
             member = members[0]
             targets.append((member.client_id, min(member.qos, message.qos), False,
                             (member.subscription_id,) if member.subscription_id else ()))
@@ -477,10 +483,10 @@ class Cluster:
             for entry_id, data in entries:
                 if data is not None:
                     for kind, first, second in unpack_records(bytes(data)):
-                        if kind == FORWARDED:
-                            self._deliver_formerly(first, former)
-                        else:
+                        if kind == TARGETED:
                             self._deliver_targeted(first, second)
+                        else:
+                            self._deliver_formerly(first, former, second, everyone=kind == FORWARDED)
                 self.store.handled(entry_id, dead)
             yield self.store.flushed()
             if not entries and cursor == "0-0":
