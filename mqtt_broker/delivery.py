@@ -115,9 +115,8 @@ class Delivery:
                          message.retain and as_published, ids)
             count += 1
         if shares is not None:
-            for share, members in groups:
-                if share in shares:
-                    count += self.deliver_shared(message, share, members)
+            for share in shares:  # (if its members here left as it came, one on another node)
+                count += self.hand_on(message, share)
             return count
         # In a cluster it chooses the members of shared subscriptions cluster-wide. Not for $SYS:
         # every node publishes the same names about itself, so each node's stay its own.

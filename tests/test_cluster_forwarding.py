@@ -9,10 +9,13 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
+from mqtt_broker import BrokerService
 from mqtt_broker.cluster.codec import FORWARDED, HANDED, unpack_records
 from mqtt_broker.cluster.forwarding import ClusterStats, Forwarding
 from mqtt_broker.message import Message
 from mqtt_broker.topics import Subscription, SubscriptionTree
+
+from protocol_helpers import connected, make_broker
 
 
 class Node:
@@ -175,3 +178,44 @@ def test_a_message_left_unfinished_with_no_member_elsewhere_goes_nowhere() -> No
     node.holds("b", "$share/other/t")
     assert node.forwarding.hand_on(Message(topic="t", qos=1), ("g", "$share/g/t")) == 0
     assert node.forwarding.take_outgoing() == {} and node.collects == 0
+
+
+SHARE = ("g", "$share/g/t")
+
+
+def node_broker() -> tuple[BrokerService, Forwarding]:
+    """A broker (no Redis) whose delivery forwards through a Forwarding with no store behind it."""
+    broker = make_broker(persistence="memory")
+    broker.startService()
+    forwarding = Forwarding("a", Clock(), ClusterStats(), broker.delivery.deliver_shared, lambda: None,
+                            lambda node, data: None)
+    broker.delivery.forwarding = forwarding
+    return broker, forwarding
+
+
+def test_a_message_chosen_for_a_group_whose_members_here_left_goes_to_a_member_elsewhere() -> None:
+    """Another node chose this one for the group as its member here was leaving: a member on a
+    third node gets the message rather than none."""
+    broker, forwarding = node_broker()
+    forwarding.add_route("c", "$share/g/t")
+    assert broker.delivery.route(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
+    [(target, [record])] = forwarding.take_outgoing().items()
+    assert target == "c" and unpack_records(record)[0][0::2] == (HANDED, (SHARE,))
+
+
+def test_a_message_handed_on_goes_no_further_when_no_member_is_here_either() -> None:
+    broker, forwarding = node_broker()
+    forwarding.add_route("c", "$share/g/t")
+    assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 0
+    assert forwarding.take_outgoing() == {}  # no message goes round between stale routes
+
+
+def test_a_message_chosen_for_a_group_goes_to_its_member_here() -> None:
+    broker, forwarding = node_broker()
+    forwarding.add_route("c", "$share/g/t")
+    member = connected(broker, "member")
+    member.subscribe("$share/g/t", qos=1)
+    for deliver in (broker.delivery.route, broker.delivery.handed):
+        assert deliver(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
+    assert [(p.topic, p.qos) for p in member.received()] == [("t", 1), ("t", 1)]  # type: ignore[attr-defined]
+    assert forwarding.take_outgoing() == {}
