@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqtt_broker.cluster.codec import (
-    FORWARDED, HANDED, TARGETED, pack_forwarded, pack_queued, pack_targeted, unpack_records,
+    FORWARDED, HANDED, TARGETED, pack_forwarded, pack_message, pack_queued, pack_retained, pack_targeted,
+    unpack_records, unpack_retained,
 )
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued
@@ -79,3 +80,26 @@ def test_a_record_carries_hundreds_of_shared_subscriptions() -> None:
     shares = tuple((f"g{i}", "$share/g/t") for i in range(300))
     [(kind, message, read)] = unpack_records(pack_forwarded(Message(topic="t", payload=b"p"), shares, 0.0))
     assert (kind, message.topic, read) == (FORWARDED, "t", shares)
+
+
+@FUZZ
+@given(message=MESSAGES, expires_in=st.none() | st.integers(1, 10**6))
+def test_a_retained_message_keeps_when_it_expires(message: Message, expires_in: int | None) -> None:
+    """Read back at any later time, a retained message expires when it was to: a node that loads
+    it from Redis learns how long it has left."""
+    message.retain = True
+    if expires_in is not None:
+        message.properties = {**message.properties, "message_expiry_interval": expires_in}
+        message.expires_at = 1_800_000_000.25 + expires_in
+    stored = pack_retained(message, 1_800_000_000.25)
+    got = unpack_retained(stored, 1_800_000_000.25 + 3600.0)
+    assert got.expires_at == message.expires_at and got.retain
+    assert (got.topic, got.payload, got.qos) == (message.topic, message.payload, message.qos)
+
+
+def test_a_retained_message_kept_as_a_publish_alone_expires_its_interval_after_it_is_read() -> None:
+    """As 0.1.0 kept them: the interval left when stored, all the clock tells."""
+    old = pack_message(Message(topic="t", payload=b"p", retain=True, properties={"message_expiry_interval": 60}),
+                       0.0)
+    assert unpack_retained(old, 5000.0).expires_at == 5060.0
+    assert unpack_retained(pack_message(Message(topic="t", payload=b"p", retain=True), 0.0), 5000.0).expires_at is None

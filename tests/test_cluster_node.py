@@ -15,6 +15,7 @@ from twisted.internet.task import Clock, deferLater
 
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
+from mqtt_broker.cluster.codec import pack_retained
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
@@ -100,6 +101,48 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
                 break
             yield deferLater(reactor, 0.05, lambda: None)
         assert b"b" not in server.client().smembers("mqtt:nodes")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_retained_messages_are_read_again_from_redis_after_an_outage(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """While node a was cut off from Redis, retained messages were deleted and set there without
+    a word to it (the events went with the connection): once back, its replica is what Redis
+    holds, each message expiring when it was to; what its own client retained stays."""
+    server.client().flushall()
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
+                           close_linger=0)
+    broker.startService()
+    yield broker.cluster.ready
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        client = FakeClient(broker, 4)
+        client.send(Connect(client_id="retainer"))
+        yield until(lambda: client.transport.value(), "the CONNACK, after the claim")
+        client.send(Publish(topic="mine", payload=b"a's own", retain=True))
+        expiring = Message(topic="kept", payload=b"k", retain=True, properties={"message_expiry_interval": 60},
+                           expires_at=1060.0)
+        b.save_retained(expiring)
+        b.save_retained(Message(topic="deleted", payload=b"d", retain=True))
+        yield b.flushed()
+        yield broker.store.flushed()
+        yield until(lambda: broker.retained.get("deleted") is not None, "b's retained messages, by their events")
+        assert broker.retained.get("kept").expires_at == 1060.0  # type: ignore[union-attr]
+        redis = server.client()
+        redis.hdel("mqtt:retained", "deleted")
+        redis.hset("mqtt:retained", "new", pack_retained(Message(topic="new", payload=b"n", retain=True,
+                                                                 properties={"message_expiry_interval": 30},
+                                                                 expires_at=1030.0), 1000.0))
+        redis.client_kill_filter(_type="pubsub")  # the cut: a's connections go, and the events with them
+        redis.client_kill_filter(_type="normal")
+        yield until(lambda: broker.retained.get("deleted") is None, "a to read the retained messages again")
+        assert {m.topic: (m.payload, m.expires_at) for m in broker.retained if not m.topic.startswith("$")} == {
+            "mine": (b"a's own", None), "kept": (b"k", 1060.0), "new": (b"n", 1030.0)}
     finally:
         yield broker.stopService()
         yield link.close()

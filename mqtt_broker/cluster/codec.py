@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any, Final
 
 from ..message import Message
@@ -44,6 +45,29 @@ def unpack_message(data: bytes) -> Message:
     assert isinstance(message, Message)
     message.packet_id = 0
     message.frame = None
+    return message
+
+
+_CLOCK: Final = struct.Struct(">d")
+
+
+def pack_retained(message: Message, now: float) -> bytes:
+    """A retained message as Redis keeps it: the clock time it expires at (0: never), so that a
+    node that loads it later knows how long it has left, then its PUBLISH."""
+    return _CLOCK.pack(message.expires_at or 0.0) + pack_message(message, now)
+
+
+def unpack_retained(data: bytes, now: float) -> Message:
+    """The message of ``pack_retained``; a PUBLISH alone (as 0.1.0 kept them) expires its
+    interval after ``now``."""
+    if data[0] >> 4 == 3:  # a PUBLISH's first byte, where an expiry time's is 0x00 or 0x41
+        message = unpack_message(data)
+        interval = message.properties.get("message_expiry_interval")
+        message.expires_at = now + interval if interval else None
+    else:
+        message = unpack_message(data[_CLOCK.size:])
+        message.expires_at = _CLOCK.unpack_from(data)[0] or None
+    message.retain = True
     return message
 
 
@@ -175,4 +199,4 @@ def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
 
 __all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records",
            "pack_queued", "unpack_queued", "pack_subscription", "unpack_subscription", "pack_will",
-           "unpack_will", "FORWARDED", "TARGETED", "HANDED"]
+           "unpack_will", "pack_retained", "unpack_retained", "FORWARDED", "TARGETED", "HANDED"]

@@ -25,7 +25,7 @@ from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription
 from ..wire import MQTT_5
 from .address import RedisAddress
-from .codec import FORWARDED, HANDED, TARGETED, unpack_message, unpack_records, unpack_will
+from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained, unpack_will
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .store import Claim, RedisStore
@@ -345,11 +345,7 @@ class Cluster:
             else:
                 self.forwarding.remove_route(node, topic_filter)
         elif kind == b"R":
-            message = unpack_message(parts[2])
-            message.retain = True
-            if message.properties and "message_expiry_interval" in message.properties:
-                message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
-            self.broker.retained.store(message)
+            self.broker.retained.store(unpack_retained(parts[2], self.clock.seconds()))
         elif kind == b"r":
             self.broker.retained.delete(parts[1].decode())
         elif kind == b"C":
@@ -531,7 +527,8 @@ class Cluster:
             self.store.register(self._ttl_ms)
             self._announce_all()
             self._load_routes()
-            self._load_retained()
+            # Once this node's own changes made meanwhile are written: they are the newest.
+            self.store.flushed().addBoth(lambda _: self._load_retained())
             self._read_inbox_again()
 
     def _announce_all(self) -> None:
@@ -549,8 +546,21 @@ class Cluster:
 
     @inlineCallbacks
     def _load_retained(self) -> Any:
-        for message in (yield self.store.retained()):
-            self.broker.retained.store(message)
+        """The cluster's retained messages, from Redis, in place of this node's replica (after
+        an outage it missed events: deletions too). A topic whose message changed here while
+        Redis was read, by an event or a client, keeps the change: it is the newer."""
+        retained = self.broker.retained
+        before = {message.topic: message for message in retained}
+        loaded = {message.topic: message for message in (yield self.store.retained())}
+        now = self.clock.seconds()
+        for topic in before.keys() | loaded.keys():
+            if retained.get(topic) is not before.get(topic) or topic.startswith("$SYS/"):
+                continue  # changed meanwhile, or the broker's own (never in Redis)
+            message = loaded.get(topic)
+            if message is None or (message.expires_at is not None and message.expires_at <= now):
+                retained.delete(topic)
+            else:
+                retained.store(message)
 
 
 __all__ = ["Cluster", "ClusterStats", "node_id"]

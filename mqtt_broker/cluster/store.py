@@ -31,8 +31,8 @@ from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..store import Snapshot, StoredWill, call, fire
 from ..topics import Subscription
-from .codec import pack_message, unpack_message, pack_queued, pack_subscription, pack_will, targeted_head, unpack_queued, \
-    unpack_subscription
+from .codec import pack_queued, pack_retained, pack_subscription, pack_will, targeted_head, unpack_queued, \
+    unpack_retained, unpack_subscription
 from .redis import Redis, Script
 
 log = Logger()
@@ -251,7 +251,7 @@ class RedisStore:
         self._record("w", client_id, self._epoch(client_id))
 
     def save_retained(self, message: Message) -> None:
-        self._record("R", message.topic, pack_message(message, self.reactor.seconds()))
+        self._record("R", message.topic, pack_retained(message, self.reactor.seconds()))
 
     def delete_retained(self, topic: str) -> None:
         self._record("r", topic)
@@ -353,10 +353,8 @@ class RedisStore:
         cursor: Any = b"0"
         for _ in range(1_000_000):  # bounded: HSCAN ends when its cursor is back to 0
             cursor, items = yield self.redis.call("HSCAN", "mqtt:retained", cursor, "COUNT", 1000)
-            for j in range(0, len(items), 2):
-                message = unpack_message(items[j + 1])
-                message.retain = True
-                found.append(message)
+            now = self.reactor.seconds()
+            found += [unpack_retained(items[j], now) for j in range(1, len(items), 2)]
             if cursor in (b"0", 0):
                 break
         return found
