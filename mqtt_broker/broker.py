@@ -423,9 +423,10 @@ class BrokerService(MultiService):
                 self.publish_will(client, will)
             self._notify_disconnect(client, False)
 
-    def forget_session(self, client_id: str, session: Session | None = None) -> None:
+    def forget_session(self, client_id: str, session: Session | None = None, ended: bool = False) -> None:
         """Forget a copy of a session another node of the cluster holds (``session``: only if it
-        is that copy), without a word to the store."""
+        is that copy), without a word to the store; ``ended``: the session ended with the other
+        node's claim, and what it did not finish of shared subscriptions goes to other members."""
         if session is not None and self.sessions.get(client_id) is not session:
             return
         session = self.sessions.pop(client_id, None)
@@ -438,7 +439,10 @@ class BrokerService(MultiService):
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(client_id, topic_filter)
         session.stored = False
-        session.clear()
+        if ended:
+            self._leave_unfinished(session)
+        else:
+            session.clear()
 
     # --- embedding API ------------------------------------------------------------------
 
@@ -600,8 +604,12 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.delete_session(session.client_id)
             session.stored = False
-        # Messages it got through a shared subscription and did not finish go to another member,
-        # except QoS 2 ones already sent, which may not go to a second client [MQTT-4.8.2-5].
+        self._leave_unfinished(session)
+
+    def _leave_unfinished(self, session: Session) -> None:
+        """Empty an ended session (its subscriptions gone): the messages it got through a shared
+        subscription and did not finish go to another member, except QoS 2 ones already sent,
+        which may not go to a second client [MQTT-4.8.2-5]."""
         orphans = [*(out for out in session.outgoing.values() if out.share is not None and out.qos == 1),
                    *(item for item in session.queue if item.share is not None)]
         session.clear()

@@ -251,6 +251,78 @@ def test_a_shared_member_that_leaves_hands_its_unfinished_messages_to_a_member_o
         publisher.close()
 
 
+def test_a_shared_member_that_starts_clean_on_another_node_leaves_its_unfinished_messages_to_the_group(
+        cluster: Cluster) -> None:
+    """The member on node a connects again on node c with a clean start: its old session ends,
+    and the QoS 1 messages it did not acknowledge go to the group's member on node b."""
+    topic = unique("jobs")
+    group = f"$share/{unique('g')}/{topic}"
+    client_id = unique("moving-member")
+    leaving = RawClient(cluster["a"].port)
+    leaving.connect(client_id)
+    leaving.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
+    leaving.receive()
+    staying = PahoClient(cluster["b"].port, unique("staying"))
+    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    again = None
+    try:
+        staying.subscribe(group, 1)
+        settled(cluster, "a", group)
+        settled(cluster, "b", group)
+        for _ in range(150):  # probes until node a takes turns with node b's member
+            publisher.publish(topic, b"probe", qos=1)
+            if not staying.no_message(0.1):
+                break
+        for n in range(10):
+            publisher.publish(topic, b"%d" % n, qos=1)
+        unacknowledged: list[int] = []
+        got: list[int] = []
+
+        def received(enough: Callable[[], bool]) -> bool:
+            for who, payload in _payloads(leaving, staying):
+                (unacknowledged if who == "leaving" else got).append(int(payload))
+            return enough()
+        wait_until(lambda: received(lambda: len(unacknowledged) + len(got) == 10), "the ten messages shared")
+        assert unacknowledged and got, (unacknowledged, got)
+        again = RawClient(cluster["c"].port)
+        again.connect(client_id, clean=True)  # node a closes the old connection (a clean start)
+        wait_until(lambda: received(lambda: len(got) >= 10), "the messages the old session did not finish")
+        assert sorted(got) == list(range(10))
+    finally:
+        for client in (leaving, again):
+            if client is not None:
+                client.close()
+        staying.close()
+        publisher.close()
+
+
+def test_a_will_whose_session_ends_as_another_node_takes_the_client_is_published_at_once(
+        cluster: Cluster) -> None:
+    """MQTT 5, a will delay of 30 s and no session expiry: the client connects again on node b
+    (not a clean start). Its old session could not outlive its connection on node a, so it ends
+    there, and its will is due then, not after its delay [MQTT-3.1.3-9], as on one node."""
+    client_id, topic = unique("will-mover"), unique("wills") + "/gone"
+    observer = PahoClient(cluster["c"].port, unique("observer"))
+    probe = PahoClient(cluster["a"].port, unique("probe"))
+    delay = Properties(PacketTypes.WILLMESSAGE)
+    delay.WillDelayInterval = 30
+    first = PahoClient(cluster["a"].port, client_id, version=mqtt.MQTTv5,
+                       will=(topic, b"gone", 1, False, delay))  # type: ignore[arg-type]
+    again = None
+    try:
+        observer.subscribe(topic.split("/")[0] + "/#", 1)
+        reachable(probe, [observer], topic)
+        first.client.loop_stop()  # it says nothing more: node a closes it
+        again = PahoClient(cluster["b"].port, client_id, version=mqtt.MQTTv5, clean=False)
+        assert not again.flags.session_present
+        will = observer.message()
+        assert (will.topic, will.payload) == (topic, b"gone")
+    finally:
+        for client in (again, probe, observer):
+            if client is not None:
+                client.close()
+
+
 def _payloads(raw: RawClient, paho: PahoClient) -> Iterator[tuple[str, bytes]]:
     """The numbered payloads received since the last call, probes left out, by who got them."""
     while True:

@@ -371,14 +371,21 @@ class Cluster:
         if self.store.epochs.get(client_id) == epoch:
             self._let_go(client_id, False)
 
-    def _let_go(self, client_id: str, ended: bool) -> None:
-        """Close the client's connection here; keep the copy of its session until the routes
-        have settled, so that what is still routed to it here is passed on (by the store,
-        whose writes for it are refused now) to its new owner rather than lost."""
+    def _let_go(self, client_id: str, clean: bool) -> None:
+        """Close the client's connection here. The session ended if the other node's connection
+        started clean, or if it was to end with its connection (Redis never had it): then the
+        copy goes at once. Otherwise the copy stays until the routes have settled, so that what
+        is still routed to it here is passed on (by the store, whose writes for it are refused
+        now) to its new owner rather than lost."""
+        session = self.broker.sessions.get(client_id)
+        ended = clean or (session is not None and not session.expiry)
         self.store.lost(client_id)
         self.broker.let_go(client_id, ended)
-        session = self.broker.sessions.get(client_id)
-        if session is not None:
+        if session is None:
+            return
+        if ended:
+            self.broker.forget_session(client_id, session, ended=True)
+        else:
             self.clock.callLater(self._settle, self.broker.forget_session, client_id, session)
 
     def _moved_here(self, client_id: str) -> None:
