@@ -80,8 +80,9 @@ class Delivery:
             timer(time.perf_counter() - started)
             return count
         self.stats.messages_received += 1
-        if message.properties and "message_expiry_interval" in message.properties:
-            self._expires(message)
+        if message.properties and message.expires_at is None and "message_expiry_interval" in message.properties:
+            # (A message from another node of a cluster comes with its expiry time.)
+            message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
         if message.retain and self.config.retain_available and shares is None:
             self.retained.store(message)
             # $SYS values are made afresh at start-up: a stored one would only be stale.
@@ -126,9 +127,6 @@ class Delivery:
             count += self.deliver_shared(message, share, members)
         return count
 
-    def _expires(self, message: Message) -> None:
-        message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
-
     def hand_on(self, message: Message, share: tuple[str, str]) -> int:
         """A message that a member of a shared subscription left unfinished goes to another
         member of the group: here, or in a cluster on another node if none is left here."""
@@ -141,8 +139,6 @@ class Delivery:
     def handed(self, message: Message, shares: tuple[tuple[str, str], ...]) -> int:
         """A message that another node's last member of these shared subscriptions left
         unfinished: to a member of each here (if none is left either, it is dropped)."""
-        if message.properties and "message_expiry_interval" in message.properties:
-            self._expires(message)
         groups = [(share, members) for share, members in self.subscriptions.match(message.topic)[1] if share in shares]
         if self.routing_waits_for_store:
             self._wait_for_store((), groups)

@@ -4,6 +4,7 @@ strings, the properties and the shared subscriptions chosen."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,10 +55,15 @@ def test_forwarded_records_read_back_in_order(
         assert got.expires_at is None
 
 
-def test_an_expiry_travels_as_the_interval_left() -> None:
-    message = Message(topic="t", payload=b"p", qos=1, properties={"message_expiry_interval": 60},
-                      expires_at=160.0, cluster_id=b"id")
-    ((_, got, _),) = unpack_records(pack_forwarded(message, (), 130.5))
+@pytest.mark.parametrize("kind", [FORWARDED, HANDED])
+@pytest.mark.parametrize("cluster_id", [b"id", None])
+def test_an_expiry_travels_as_its_time_and_the_interval_left(kind: int, cluster_id: bytes | None) -> None:
+    """The time, for a record read late (a dead node's inbox); the interval, for the PUBLISH."""
+    message = Message(topic="t", payload=b"p", qos=1 if cluster_id else 0, properties={"message_expiry_interval": 60},
+                      expires_at=160.0, cluster_id=cluster_id, sender="s")
+    ((got_kind, got, shares),) = unpack_records(pack_forwarded(message, (("g", "$share/g/t"),), 130.5, kind))
+    assert (got_kind, got.expires_at, got.cluster_id, got.sender, shares) == (
+        kind, 160.0, cluster_id, "s", (("g", "$share/g/t"),))
     assert got.properties["message_expiry_interval"] == 30  # 29.5 s left, rounded up
 
 

@@ -219,3 +219,13 @@ def test_a_message_chosen_for_a_group_goes_to_its_member_here() -> None:
         assert deliver(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
     assert [(p.topic, p.qos) for p in member.received()] == [("t", 1), ("t", 1)]  # type: ignore[attr-defined]
     assert forwarding.take_outgoing() == {}
+
+
+def test_a_message_from_another_node_keeps_its_expiry_time() -> None:
+    broker, _ = node_broker()
+    subscriber = connected(broker, "subscriber", version=5)
+    subscriber.subscribe("t", qos=1)
+    late = Message(topic="t", payload=b"p", qos=1, properties={"message_expiry_interval": 60}, expires_at=42.0)
+    broker.delivery.route(late, ())
+    [publish] = subscriber.received()
+    assert publish.properties["message_expiry_interval"] == 42  # type: ignore[attr-defined]

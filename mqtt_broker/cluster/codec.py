@@ -26,8 +26,13 @@ FORWARDED: Final = 0
 TARGETED: Final = 1
 HANDED: Final = 2
 
+_EXPIRING: Final = 0x80
+"""Set in the kind of a FORWARDED or HANDED record whose message expires: the clock time it
+expires at follows the cluster id, so that a record read late (from a dead node's inbox, say)
+does not give the message its whole interval again."""
+
 _FORWARDED_NO_ID: Final = bytes((FORWARDED, 0))
-"""The head of a FORWARDED record of a message without a cluster id (QoS 0)."""
+"""The head of a FORWARDED record of a message without a cluster id or an expiry (QoS 0)."""
 
 
 def pack_message(message: Message, now: float) -> bytes:
@@ -90,11 +95,14 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
     """One record of an inbox entry: a message for the receiving node to route (or, HANDED,
     to give to a member of each of ``shares`` only)."""
     body = pack_message(message, now)
-    cluster_id = message.cluster_id
-    if cluster_id is None:
-        head = _FORWARDED_NO_ID if kind == FORWARDED else bytes((kind, 0))
+    cluster_id, expires_at = message.cluster_id, message.expires_at
+    if cluster_id is None and expires_at is None and kind == FORWARDED:
+        head = _FORWARDED_NO_ID
     else:
-        head = bytes((kind, len(cluster_id))) + cluster_id
+        ident = cluster_id or b""
+        head = bytes((kind if expires_at is None else kind | _EXPIRING, len(ident))) + ident
+        if expires_at is not None:
+            head += _CLOCK.pack(expires_at)
     # (Two bytes for the count of shares: a client may hold hundreds of shared groups of a topic.)
     parts = [head, _string(message.sender or ""), len(shares).to_bytes(2, "big")]
     for group, topic_filter in shares:
@@ -121,10 +129,14 @@ def unpack_records(data: bytes) -> list[Record]:
     records: list[Record] = []
     pos, end = 0, len(data)
     while pos < end:
-        kind = data[pos]
+        kind = data[pos] & ~_EXPIRING
         if kind == FORWARDED or kind == HANDED:
             size = data[pos + 1]
             cluster_id = data[pos + 2:pos + 2 + size] or None
+            expires_at: float | None = None
+            if data[pos] & _EXPIRING:
+                expires_at = _CLOCK.unpack_from(data, pos + 2 + size)[0]
+                size += _CLOCK.size
             sender, pos = _read_string(data, pos + 2 + size)
             count = data[pos] << 8 | data[pos + 1]
             pos += 2
@@ -137,6 +149,7 @@ def unpack_records(data: bytes) -> list[Record]:
             message = unpack_message(data[pos + 4:pos + 4 + size])
             message.sender = sender or None
             message.cluster_id = cluster_id
+            message.expires_at = expires_at
             pos += 4 + size
             records.append((kind, message, tuple(shares)))
         elif kind == TARGETED:

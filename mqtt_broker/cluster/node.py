@@ -212,7 +212,7 @@ class Cluster:
         """Read this node's inbox: first what it was given before a restart and never finished
         (``since`` "0"), then what is new."""
         if not self._started or self._reading:
-                return
+            return
         self._reading = True
         self.store.read_inbox(since).addCallbacks(self._inbox_read, self._inbox_failed, callbackArgs=(since,))
 
