@@ -6,7 +6,7 @@ nodes joining and leaving."""
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterator
+from typing import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -211,89 +211,87 @@ def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster
             client.close()
 
 
+class SharedWork:
+    """A shared group with two members: on node a one that acknowledges nothing (``leaving``),
+    on node b one that does (``staying``); ten QoS 1 messages published on node a went to them
+    in turn. ``got`` gathers what ``staying`` receives (``collect``)."""
+
+    def __init__(self, cluster: Cluster, client_id: str) -> None:
+        topic = unique("jobs")
+        group = f"$share/{unique('g')}/{topic}"
+        self.leaving = RawClient(cluster["a"].port)
+        self.leaving.connect(client_id)
+        self.leaving.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
+        self.leaving.receive()
+        self.staying = PahoClient(cluster["b"].port, unique("staying"))
+        self.publisher = PahoClient(cluster["a"].port, unique("pub"))
+        self.unacknowledged: list[int] = []
+        self.got: list[int] = []
+        try:
+            self.staying.subscribe(group, 1)
+            settled(cluster, "a", group)
+            settled(cluster, "b", group)
+            for _ in range(150):  # probes until node a takes turns with node b's member
+                self.publisher.publish(topic, b"probe", qos=1)
+                if not self.staying.no_message(0.1):
+                    break
+            for n in range(10):
+                self.publisher.publish(topic, b"%d" % n, qos=1)
+            wait_until(lambda: self.collect() and len(self.unacknowledged) + len(self.got) == 10, "the ten messages")
+            assert self.unacknowledged and self.got, (self.unacknowledged, self.got)
+        except BaseException:
+            self.close()
+            raise
+
+    def collect(self) -> bool:
+        """Move the numbered payloads received since the last call (probes left out) to
+        ``unacknowledged`` or ``got``, by who received them."""
+        while True:
+            try:
+                packet = self.leaving.receive(timeout=0.05)
+            except (TimeoutError, OSError):
+                break
+            if isinstance(packet, Publish) and packet.payload != b"probe":
+                self.unacknowledged.append(int(packet.payload))
+        while not self.staying.messages.empty():
+            payload = self.staying.messages.get().payload
+            if payload != b"probe":
+                self.got.append(int(payload))
+        return True
+
+    def close(self) -> None:
+        self.leaving.close()
+        self.staying.close()
+        self.publisher.close()
+
+
 def test_a_shared_member_that_leaves_hands_its_unfinished_messages_to_a_member_on_another_node(
         cluster: Cluster) -> None:
     """The last member of a group on node a goes with QoS 1 messages it did not acknowledge:
     they go to the group's member on node b, as they would to another member on one node."""
-    topic = unique("jobs")
-    group = f"$share/{unique('g')}/{topic}"
-    leaving = RawClient(cluster["a"].port)
-    leaving.connect(unique("leaving"))
-    leaving.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
-    leaving.receive()
-    staying = PahoClient(cluster["b"].port, unique("staying"))
-    publisher = PahoClient(cluster["a"].port, unique("pub"))
+    work = SharedWork(cluster, unique("leaving"))
     try:
-        staying.subscribe(group, 1)
-        settled(cluster, "a", group)
-        settled(cluster, "b", group)
-        for _ in range(150):  # probes until node a takes turns with node b's member
-            publisher.publish(topic, b"probe", qos=1)
-            if not staying.no_message(0.1):
-                break
-        for n in range(10):
-            publisher.publish(topic, b"%d" % n, qos=1)
-        unacknowledged: list[int] = []
-        got: list[int] = []
-
-        def received(enough: Callable[[], bool]) -> bool:
-            for who, payload in _payloads(leaving, staying):
-                (unacknowledged if who == "leaving" else got).append(int(payload))
-            return enough()
-        wait_until(lambda: received(lambda: len(unacknowledged) + len(got) == 10), "the ten messages shared")
-        assert unacknowledged and got, (unacknowledged, got)
-        leaving.close()  # a clean session: it ends with the connection
-        wait_until(lambda: received(lambda: len(got) >= 10), "the messages the leaving member did not finish")
-        assert sorted(got) == list(range(10))
+        work.leaving.close()  # a clean session: it ends with the connection
+        wait_until(lambda: work.collect() and len(work.got) >= 10, "the messages the leaving member did not finish")
+        assert sorted(work.got) == list(range(10))
     finally:
-        leaving.close()
-        staying.close()
-        publisher.close()
+        work.close()
 
 
 def test_a_shared_member_that_starts_clean_on_another_node_leaves_its_unfinished_messages_to_the_group(
         cluster: Cluster) -> None:
     """The member on node a connects again on node c with a clean start: its old session ends,
     and the QoS 1 messages it did not acknowledge go to the group's member on node b."""
-    topic = unique("jobs")
-    group = f"$share/{unique('g')}/{topic}"
     client_id = unique("moving-member")
-    leaving = RawClient(cluster["a"].port)
-    leaving.connect(client_id)
-    leaving.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
-    leaving.receive()
-    staying = PahoClient(cluster["b"].port, unique("staying"))
-    publisher = PahoClient(cluster["a"].port, unique("pub"))
-    again = None
+    work = SharedWork(cluster, client_id)
+    again = RawClient(cluster["c"].port)
     try:
-        staying.subscribe(group, 1)
-        settled(cluster, "a", group)
-        settled(cluster, "b", group)
-        for _ in range(150):  # probes until node a takes turns with node b's member
-            publisher.publish(topic, b"probe", qos=1)
-            if not staying.no_message(0.1):
-                break
-        for n in range(10):
-            publisher.publish(topic, b"%d" % n, qos=1)
-        unacknowledged: list[int] = []
-        got: list[int] = []
-
-        def received(enough: Callable[[], bool]) -> bool:
-            for who, payload in _payloads(leaving, staying):
-                (unacknowledged if who == "leaving" else got).append(int(payload))
-            return enough()
-        wait_until(lambda: received(lambda: len(unacknowledged) + len(got) == 10), "the ten messages shared")
-        assert unacknowledged and got, (unacknowledged, got)
-        again = RawClient(cluster["c"].port)
-        again.connect(client_id, clean=True)  # node a closes the old connection (a clean start)
-        wait_until(lambda: received(lambda: len(got) >= 10), "the messages the old session did not finish")
-        assert sorted(got) == list(range(10))
+        again.connect(client_id, clean=True)  # node a closes the old connection
+        wait_until(lambda: work.collect() and len(work.got) >= 10, "the messages the old session did not finish")
+        assert sorted(work.got) == list(range(10))
     finally:
-        for client in (leaving, again):
-            if client is not None:
-                client.close()
-        staying.close()
-        publisher.close()
+        again.close()
+        work.close()
 
 
 def test_a_will_whose_session_ends_as_another_node_takes_the_client_is_published_at_once(
@@ -321,21 +319,6 @@ def test_a_will_whose_session_ends_as_another_node_takes_the_client_is_published
         for client in (again, probe, observer):
             if client is not None:
                 client.close()
-
-
-def _payloads(raw: RawClient, paho: PahoClient) -> Iterator[tuple[str, bytes]]:
-    """The numbered payloads received since the last call, probes left out, by who got them."""
-    while True:
-        try:
-            packet = raw.receive(timeout=0.05)
-        except (TimeoutError, OSError):
-            break
-        if isinstance(packet, Publish) and packet.payload != b"probe":
-            yield "leaving", packet.payload
-    while not paho.messages.empty():
-        payload = paho.messages.get().payload
-        if payload != b"probe":
-            yield "staying", payload
 
 
 def test_a_session_taken_over_on_another_node_is_resumed_there(cluster: Cluster) -> None:
