@@ -132,8 +132,8 @@ class Delivery:
         member of the group: here, or in a cluster on another node if none is left here."""
         members = self.subscriptions.shared_members(*share)
         count = self.deliver_shared(message, share, members) if members else 0
-        if not count and self.forwarding is not None:
-            count = self.forwarding.hand_on(message, share)
+        if not count and self.forwarding is not None and not message.topic.startswith("$SYS/"):
+            count = self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)
         return count
 
     def handed(self, message: Message, shares: tuple[tuple[str, str], ...]) -> int:

@@ -229,3 +229,12 @@ def test_a_message_from_another_node_keeps_its_expiry_time() -> None:
     broker.delivery.route(late, ())
     [publish] = subscriber.received()
     assert publish.properties["message_expiry_interval"] == 42  # type: ignore[attr-defined]
+
+
+def test_a_sys_message_is_not_handed_to_another_node() -> None:
+    """Every node publishes the same $SYS names about itself: each node's stay its own."""
+    broker, forwarding = node_broker()
+    forwarding.add_route("c", "$share/g/$SYS/broker/uptime")
+    share = ("g", "$share/g/$SYS/broker/uptime")
+    assert broker.delivery.hand_on(Message(topic="$SYS/broker/uptime", payload=b"1", qos=1), share) == 0
+    assert forwarding.take_outgoing() == {}
