@@ -54,24 +54,27 @@ def unpack_message(data: bytes) -> Message:
 
 
 _CLOCK: Final = struct.Struct(">d")
+_RETAINED: Final = struct.Struct(">xd")
+"""The head of a retained message as Redis keeps it: a zero byte (never a PUBLISH's first), then
+the clock time it expires at."""
 
 
 def pack_retained(message: Message, now: float) -> bytes:
     """A retained message as Redis keeps it: the clock time it expires at (0: never), so that a
     node that loads it later knows how long it has left, then its PUBLISH."""
-    return _CLOCK.pack(message.expires_at or 0.0) + pack_message(message, now)
+    return _RETAINED.pack(message.expires_at or 0.0) + pack_message(message, now)
 
 
 def unpack_retained(data: bytes, now: float) -> Message:
     """The message of ``pack_retained``; a PUBLISH alone (as 0.1.0 kept them) expires its
     interval after ``now``."""
-    if data[0] >> 4 == 3:  # a PUBLISH's first byte, where an expiry time's is 0x00 or 0x41
+    if data[0]:
         message = unpack_message(data)
         interval = message.properties.get("message_expiry_interval")
         message.expires_at = now + interval if interval else None
     else:
-        message = unpack_message(data[_CLOCK.size:])
-        message.expires_at = _CLOCK.unpack_from(data)[0] or None
+        message = unpack_message(data[_RETAINED.size:])
+        message.expires_at = _RETAINED.unpack_from(data)[0] or None
     message.retain = True
     return message
 
