@@ -615,7 +615,7 @@ class BrokerService(MultiService):
         session.clear()
         for item in orphans:
             assert item.share is not None
-            self.delivery.hand_on(item.message, item.share)
+            self.delivery.hand_on(item.message, item.share, self.subscriptions.shared_members(*item.share))
 
     # --- subscriptions ------------------------------------------------------------------
 

@@ -116,8 +116,10 @@ class Delivery:
                          message.retain and as_published, ids)
             count += 1
         if shares is not None:
-            for share in shares:  # (if its members here left as it came, one on another node)
-                count += self.hand_on(message, share)
+            if shares:  # (a group whose members here left as it came: one on another node)
+                held = dict(groups)
+                for share in shares:
+                    count += self.hand_on(message, share, held.get(share))
             return count
         # In a cluster it chooses the members of shared subscriptions cluster-wide. Not for $SYS:
         # every node publishes the same names about itself, so each node's stay its own.
@@ -127,10 +129,10 @@ class Delivery:
             count += self.deliver_shared(message, share, members)
         return count
 
-    def hand_on(self, message: Message, share: tuple[str, str]) -> int:
-        """A message that a member of a shared subscription left unfinished goes to another
-        member of the group: here, or in a cluster on another node if none is left here."""
-        members = self.subscriptions.shared_members(*share)
+    def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None) -> int:
+        """A message for a shared subscription's group (one a member left unfinished, say) goes
+        to one of its ``members`` here, or in a cluster to a member on another node if none is
+        here."""
         count = self.deliver_shared(message, share, members) if members else 0
         if not count and self.forwarding is not None and not message.topic.startswith("$SYS/"):
             count = self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)

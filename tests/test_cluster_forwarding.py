@@ -236,5 +236,5 @@ def test_a_sys_message_is_not_handed_to_another_node() -> None:
     broker, forwarding = node_broker()
     forwarding.add_route("c", "$share/g/$SYS/broker/uptime")
     share = ("g", "$share/g/$SYS/broker/uptime")
-    assert broker.delivery.hand_on(Message(topic="$SYS/broker/uptime", payload=b"1", qos=1), share) == 0
+    assert broker.delivery.hand_on(Message(topic="$SYS/broker/uptime", payload=b"1", qos=1), share, None) == 0
     assert forwarding.take_outgoing() == {}
