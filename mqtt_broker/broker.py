@@ -150,6 +150,7 @@ class BrokerService(MultiService):
             self.cluster = Cluster(self, reactor)
             store = self.cluster.store
             self.subscriptions.watch = self.cluster.filter_changed
+            self.subscriptions.watch_shared = self.cluster.member_changed
         if store is None and self.config.persistence == "sqlite":
             from .store.sqlite import SQLiteStore
             store = SQLiteStore(Path(self.config.data_dir) / "mqttbroker.db", reactor,

@@ -150,6 +150,10 @@ class SubscriptionTree:
         self.watch: Callable[[str, bool], None] | None = None
         """Called with (filter, True) when a filter gets its first subscriber and (filter,
         False) when it loses its last (a cluster node tells the others which filters it holds)."""
+        self.watch_shared: Callable[[Subscription, bool], None] | None = None
+        """Called, before ``watch``, with (subscription, True) when a client joins a shared group
+        and (subscription, False) when it leaves (a cluster node tells the others which groups
+        have a connected member here)."""
         self.recent: OrderedDict[str, None] = OrderedDict()
         """Topic names routed lately, oldest first, at most MAX_RECENT_TOPICS (for the admin API).
         Kept up to date from cache misses only: a topic in the cache was recorded at its miss, and
@@ -170,6 +174,8 @@ class SubscriptionTree:
         members[subscription.client_id] = subscription
         if not replaced:
             self.count += 1
+            if group is not None and self.watch_shared is not None:
+                self.watch_shared(subscription, True)
         if first and self.watch is not None:
             self.watch(subscription.topic_filter, True)
         if self._cache:
@@ -187,10 +193,14 @@ class SubscriptionTree:
             path.append(child)
         node = path[-1]
         members = node.subscribers if group is None else node.shared.get(group, {})
-        if members.pop(client_id, None) is None:
+        removed = members.pop(client_id, None)
+        if removed is None:
             return False
-        if group is not None and not members:
-            del node.shared[group]
+        if group is not None:
+            if not members:
+                del node.shared[group]
+            if self.watch_shared is not None:
+                self.watch_shared(removed, False)
         self.count -= 1
         if not members and self.watch is not None:
             self.watch(topic_filter, False)

@@ -5,7 +5,9 @@ nodes joining and leaving."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import queue
 from typing import Iterator
 
 import paho.mqtt.client as mqtt
@@ -208,6 +210,50 @@ def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster
         assert all(got.values()), got  # and every node's member had a share
     finally:
         for client in (*members.values(), publisher):
+            client.close()
+
+
+def test_a_shared_subscriptions_messages_go_to_its_connected_members_while_any_is(cluster: Cluster) -> None:
+    """As on one broker: a member whose session waits offline on node a gets none of the group's
+    messages while node b's member is connected (before, the nodes took turns, and half of them
+    waited for the offline member)."""
+    topic = unique("tasks")
+    group = f"$share/{unique('g')}/{topic}"
+    offline_id = unique("offline")
+    offline = PahoClient(cluster["a"].port, offline_id, clean=False)
+    offline.subscribe(group, 1)
+    offline.close()
+    wait_until(lambda: cluster.redis.client().hget("mqtt:routes:a", group) == b"0",
+               "node a to say its member of the group is offline")
+    online = PahoClient(cluster["b"].port, unique("online"))
+    publisher = PahoClient(cluster["c"].port, unique("pub"))
+    try:
+        online.subscribe(group, 1)
+        # Once c routes to b's member, it has heard a's news too: it came first, by one channel.
+        for _ in range(150):
+            publisher.publish(topic, b"probe", qos=1)
+            if not online.no_message(0.1):
+                break
+        for n in range(10):
+            publisher.publish(topic, b"%d" % n, qos=1)
+        got: list[int] = []
+
+        def arrived() -> bool:
+            while not online.messages.empty():
+                payload = online.messages.get().payload
+                if payload != b"probe":
+                    got.append(int(payload))
+            return len(got) == 10
+        wait_until(arrived, f"the ten messages at the connected member (got {got})")
+        assert got == list(range(10))
+        offline = PahoClient(cluster["a"].port, offline_id, clean=False)
+        queued = []
+        with contextlib.suppress(queue.Empty):
+            for _ in range(200):
+                queued.append(offline.messages.get(timeout=0.5).payload)
+        assert all(payload == b"probe" for payload in queued), queued
+    finally:
+        for client in (offline, online, publisher):
             client.close()
 
 

@@ -27,7 +27,10 @@ class Node:
         self.shared_here: list[tuple[str, tuple[str, str]]] = []
         self.collects = 0
         self.writes: list[tuple[str, list[Any]]] = []
-        self.forwarding = Forwarding("a", self.clock, self.stats, self._deliver_shared, self._collect, self._send)
+        self.awake: dict[str, set[str]] = {}
+        """Connected members here, by shared filter."""
+        self.forwarding = Forwarding("a", self.clock, self.stats, self._deliver_shared, self._collect, self._send,
+                                     self.awake)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         self.shared_here.append((message.topic, share))
@@ -39,9 +42,9 @@ class Node:
     def _send(self, node: str, data: bytes) -> None:
         self.writes.append((node, unpack_records(data)))
 
-    def holds(self, node: str, topic_filter: str) -> None:
+    def holds(self, node: str, topic_filter: str, awake: bool = True) -> None:
         """Another node advertised a filter."""
-        self.forwarding.add_route(node, topic_filter)
+        self.forwarding.add_route(node, topic_filter, awake)
 
 
 def test_a_message_goes_once_to_each_node_holding_a_matching_filter() -> None:
@@ -113,6 +116,7 @@ def test_shared_subscription_members_take_turns_across_the_cluster() -> None:
     node = Node()
     local = SubscriptionTree()
     local.add(Subscription(client_id="x", topic_filter="$share/g/t", share_group="g"))
+    node.awake["$share/g/t"] = {"x"}
     node.holds("c", "$share/g/t")
     node.holds("b", "$share/g/t")
     share = ("g", "$share/g/t")
@@ -124,6 +128,45 @@ def test_shared_subscription_members_take_turns_across_the_cluster() -> None:
     assert node.shared_here == [("t", share), ("t", share)]
     assert [(target, records[0][2]) for target, records in node.writes] == [
         ("b", (share,)), ("c", (share,)), ("b", (share,)), ("c", (share,))]
+
+
+def test_shared_subscription_members_that_are_connected_come_first_across_the_cluster() -> None:
+    """As one broker gives a group's messages to its connected members while any is: here x is
+    offline and so are b's members, so c's connected member gets them all; once none is
+    connected anywhere, the nodes take turns again (an offline member's session queues it)."""
+    node = Node()
+    local = SubscriptionTree()
+    local.add(Subscription(client_id="x", topic_filter="$share/g/t", share_group="g"))
+    node.holds("b", "$share/g/t", awake=False)
+    node.holds("c", "$share/g/t")
+    share = ("g", "$share/g/t")
+    _, groups = local.match("t")
+    for _ in range(3):
+        node.forwarding.forward(Message(topic="t", qos=1), groups)
+    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 3}
+    node.holds("c", "$share/g/t", awake=False)  # its member went offline
+    for _ in range(3):
+        node.forwarding.forward(Message(topic="t", qos=1), groups)
+    assert node.shared_here == [("t", share)]
+    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"b": 1, "c": 1}
+    node.awake["$share/g/t"] = {"x"}  # x is connected again: here, not c, which is awake again too
+    node.holds("c", "$share/g/t")
+    for _ in range(4):
+        node.forwarding.forward(Message(topic="t", qos=1), groups)
+    assert len(node.shared_here) == 3
+    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 2}
+    assert node.forwarding.filters_of("b") == {"$share/g/t": False}
+    assert node.forwarding.filters_of("c") == {"$share/g/t": True}
+
+
+def test_a_message_left_unfinished_goes_to_a_node_with_a_connected_member_first() -> None:
+    node = Node()
+    share = ("g", "$share/g/t")
+    node.holds("b", "$share/g/t", awake=False)
+    node.holds("c", "$share/g/t")
+    for _ in range(2):
+        node.forwarding.hand_on(Message(topic="t", qos=1), share)
+    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 2}
 
 
 def test_a_node_holding_the_filter_and_a_shared_member_gets_one_record_with_the_share() -> None:
@@ -188,7 +231,7 @@ def node_broker() -> tuple[BrokerService, Forwarding]:
     broker = make_broker(persistence="memory")
     broker.startService()
     forwarding = Forwarding("a", Clock(), ClusterStats(), broker.delivery.deliver_shared, lambda: None,
-                            lambda node, data: None)
+                            lambda node, data: None, {})
     broker.delivery.forwarding = forwarding
     return broker, forwarding
 

@@ -20,7 +20,7 @@ from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
-from mqtt_broker.wire import Connect, Publish, Subscribe, SubscriptionRequest
+from mqtt_broker.wire import Connect, Publish, Subscribe, SubscriptionRequest, Unsubscribe
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -104,6 +104,87 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_shared_subscription_is_announced_with_whether_a_member_is_connected_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Redis (and the other nodes, by the same script's event) learn whether a node's members of
+    a group are all offline, as they come and go, subscribe and unsubscribe."""
+    server.client().flushall()
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a",
+                           close_linger=0)
+    broker.startService()
+    yield broker.cluster.ready
+    group = "$share/g/t"
+
+    def announced() -> Any:
+        return broker.store.flushed().addCallback(lambda _: server.client().hget("mqtt:routes:a", group))
+
+    @inlineCallbacks
+    def connect(client_id: str) -> Any:
+        client = FakeClient(broker, 4)
+        client.send(Connect(client_id=client_id, clean_start=False))
+        yield until(lambda: client.transport.value(), "the CONNACK, after the claim")
+        return client
+
+    try:
+        first = yield connect("first")
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
+        assert (yield announced()) == b"1"
+        first.lose()
+        assert (yield announced()) == b"0"
+        second = yield connect("second")
+        assert (yield announced()) == b"0"  # connected, but not a member
+        second.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
+        assert (yield announced()) == b"1"
+        first = yield connect("first")
+        second.lose()
+        assert (yield announced()) == b"1"  # first is back
+        first.send(Unsubscribe(packet_id=2, topic_filters=(group,)))
+        assert (yield announced()) == b"0"  # second's offline session still holds it
+        assert broker.cluster.awake == {group: set()}
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_routes_are_read_again_from_redis_after_an_outage(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """While node a was cut off from Redis, node b let a filter go and took others, and node c
+    was dropped from the cluster, without a word to a: once back, a routes by what Redis holds
+    (before, it kept forwarding to b's old filter and to c for good)."""
+    server.client().flushall()
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a")
+    broker.startService()
+    yield broker.cluster.ready
+    links = [Redis(RedisAddress.parse(server.url)) for _ in "bc"]
+    b, c = (RedisStore(link, node, reactor) for link, node in zip(links, "bc"))
+    forwarding = broker.cluster.forwarding
+    try:
+        for store in (b, c):
+            yield store.register(60_000)
+        b.route("gone/#", True)
+        b.route("kept/+", True)
+        c.route("c/#", True)
+        yield b.flushed()
+        yield c.flushed()
+        yield until(lambda: set(forwarding.filters_of("b")) == {"gone/#", "kept/+"} and forwarding.filters_of("c"),
+                    "b's and c's routes, by their events")
+        redis = server.client()
+        redis.hdel("mqtt:routes:b", "gone/#")
+        redis.hset("mqtt:routes:b", "new/#", "1")
+        redis.hset("mqtt:routes:b", "$share/g/t", "0")  # b's members of g went offline
+        redis.delete("mqtt:routes:c", "mqtt:node:c")
+        redis.srem("mqtt:nodes", "c")
+        redis.client_kill_filter(_type="pubsub")  # the cut: a's connections go, and the events with them
+        redis.client_kill_filter(_type="normal")
+        yield until(lambda: forwarding.filters_of("b") == {"kept/+": True, "new/#": True, "$share/g/t": False},
+                    "a to read the routes again")
+        assert forwarding.nodes() == {"b"}
+    finally:
+        yield broker.stopService()
+        for link in links:
+            yield link.close()
 
 
 @pytest_twisted.inlineCallbacks

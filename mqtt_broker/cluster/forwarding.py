@@ -40,11 +40,16 @@ class Forwarding:
 
     def __init__(self, node: str, clock: Any, stats: ClusterStats,
                  deliver_shared: Callable[[Message, tuple[str, str], list[Subscription]], int],
-                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None]) -> None:
+                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None],
+                 awake: dict[str, set[str]]) -> None:
         self.node = node
         self.clock = clock
         self.stats = stats
         self.routes = SubscriptionTree()
+        self.awake = awake
+        """This node's connected members of each shared subscription, by filter."""
+        self._idle: set[tuple[str, str]] = set()
+        """(node, shared filter): routes whose members on that node are all offline."""
         self._deliver_shared = deliver_shared
         self._collect = collect
         self._send_qos0 = send_qos0
@@ -55,19 +60,33 @@ class Forwarding:
         self._ids = 0
         self._id_prefix = os.urandom(6)
 
-    def add_route(self, node: str, topic_filter: str) -> None:
-        """Another node holds a filter now."""
+    def add_route(self, node: str, topic_filter: str, awake: bool = True) -> None:
+        """Another node holds a filter now (a shared one not ``awake``: no member connected)."""
         group, _ = split_shared(topic_filter)
         self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+        if awake:
+            self._idle.discard((node, topic_filter))
+        else:
+            self._idle.add((node, topic_filter))
 
     def remove_route(self, node: str, topic_filter: str) -> None:
         """Another node no longer holds a filter."""
         self.routes.remove(node, topic_filter)
+        self._idle.discard((node, topic_filter))
 
     def forget(self, node: str) -> None:
         """A node is gone: nothing is routed to it any more."""
-        for subscription in [s for s in self.routes if s.client_id == node]:
-            self.routes.remove(node, subscription.topic_filter)
+        for topic_filter in self.filters_of(node):
+            self.remove_route(node, topic_filter)
+
+    def filters_of(self, node: str) -> dict[str, bool]:
+        """The filters routed to a node, each with whether it is awake (see ``add_route``)."""
+        idle = self._idle
+        return {s.topic_filter: (node, s.topic_filter) not in idle for s in self.routes if s.client_id == node}
+
+    def nodes(self) -> set[str]:
+        """The nodes something is routed to."""
+        return {s.client_id for s in self.routes}
 
     def forward(self, message: Message, groups: SharedGroups) -> int:
         """Send the message once to each other node holding a matching filter, and give each
@@ -112,6 +131,7 @@ class Forwarding:
         nodes = sorted({node.client_id for held, members in node_groups if held == share for node in members})
         if not nodes:
             return 0
+        nodes = self._awake_first(nodes, share[1])
         turn = self._turns.get(share, 0)
         self._turns[share] = turn + 1
         node = nodes[turn % len(nodes)]
@@ -138,7 +158,8 @@ class Forwarding:
         for share, members in node_groups:
             remote[share] = [member.client_id for member in members]
         for share in {*local, *remote}:
-            candidates = ([self.node] if share in local else []) + sorted(remote.get(share, []))
+            nodes = ([self.node] if share in local else []) + sorted(remote.get(share, []))
+            candidates = self._awake_first(nodes, share[1])
             turn = self._turns.get(share, 0)
             self._turns[share] = turn + 1
             chosen = candidates[turn % len(candidates)]
@@ -147,6 +168,14 @@ class Forwarding:
             else:
                 targets.setdefault(chosen, []).append(share)
         return count
+
+    def _awake_first(self, nodes: list[str], topic_filter: str) -> list[str]:
+        """The nodes with a connected member of a shared subscription, or all of them if none
+        has one (then an offline member's session gets the message, as on one broker)."""
+        idle, here = self._idle, self.node
+        awake = [node for node in nodes
+                 if (self.awake.get(topic_filter) if node == here else (node, topic_filter) not in idle)]
+        return awake or nodes
 
     def take_outgoing(self) -> dict[str, list[bytes]]:
         """The QoS 1 and 2 records waiting for each node's inbox, handed over once."""

@@ -68,8 +68,13 @@ class Cluster:
         self.store.on_fenced = self._fenced
         self.store.before_batch = self._collect
         self.stats = ClusterStats()
+        self.awake: dict[str, set[str]] = {}
+        """The connected members of each shared subscription held here, by its filter."""
+        self._shares: dict[str, bool] = {}
+        """The shared subscriptions held here, with whether the other nodes were told that a
+        member is connected."""
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
-                                     self._send_qos0)
+                                     self._send_qos0, self.awake)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[Queued]] = {}
@@ -185,12 +190,56 @@ class Cluster:
         self.store.publish_qos0(node, data).addErrback(lambda _: None)  # fire and forget, as QoS 0 promises
 
     def filter_changed(self, topic_filter: str, held: bool) -> None:
-        """This node's sessions hold a filter now, or no longer (from the subscription tree)."""
-        self.store.route(topic_filter, held)
+        """This node's sessions hold a filter now, or no longer (from the subscription tree). A
+        shared one is announced with whether a member is connected here: the other nodes give
+        its messages to nodes with a connected member first, as one broker gives them to
+        connected members first."""
+        if not topic_filter.startswith("$share/"):
+            self.store.route(topic_filter, held)
+        elif held:
+            awake = self._shares[topic_filter] = bool(self.awake.get(topic_filter))
+            self.store.route(topic_filter, True, awake)
+        else:
+            self._shares.pop(topic_filter, None)
+            self.awake.pop(topic_filter, None)
+            self.store.route(topic_filter, False)
+
+    def member_changed(self, subscription: Subscription, joined: bool) -> None:
+        """A client joined a shared subscription here, or left it (from the subscription tree)."""
+        client_id = subscription.client_id
+        if joined:
+            session = self.broker.sessions.get(client_id)
+            if session is None or session.connection is None:
+                return
+            self.awake.setdefault(subscription.topic_filter, set()).add(client_id)
+        else:
+            members = self.awake.get(subscription.topic_filter)
+            if members is None or client_id not in members:
+                return
+            members.discard(client_id)
+        self._share_changed(subscription.topic_filter)
+
+    def _members_changed(self, session: Session, connected: bool) -> None:
+        client_id = session.client_id
+        for subscription in session.subscriptions.values():
+            if subscription.share_group is not None:
+                topic_filter = subscription.topic_filter
+                if connected:
+                    self.awake.setdefault(topic_filter, set()).add(client_id)
+                else:
+                    self.awake.get(topic_filter, set()).discard(client_id)
+                self._share_changed(topic_filter)
+
+    def _share_changed(self, topic_filter: str) -> None:
+        awake = bool(self.awake.get(topic_filter))
+        if self._shares.get(topic_filter, awake) != awake:
+            self._shares[topic_filter] = awake
+            self.store.route(topic_filter, True, awake)
 
     def connected(self, session: Session, connection: Any) -> None:
         """A client is connected: its will goes to Redis, for whichever node finds the
         connection gone should this node die."""
+        self._members_changed(session, True)
         will = connection.will
         if will is not None:
             client = connection.client
@@ -199,6 +248,8 @@ class Cluster:
     def disconnected(self, session: Session, had_will: bool) -> None:
         """The client's connection ended: its will is this node's to publish (or not), as on a
         single broker (a delayed one is saved again, with its time)."""
+        if session.connection is None:  # (not already taken over by a new connection)
+            self._members_changed(session, False)
         if had_will:
             self.store.delete_will(session.client_id)
 
@@ -337,11 +388,11 @@ class Cluster:
         node = parts[0].decode()
         if node == self.node:
             return
-        if kind in (b"F", b"f"):
+        if kind in (b"F", b"f", b"I"):
             topic_filter = parts[1].decode()
             self.nodes.setdefault(node, self.clock.seconds())
-            if kind == b"F":
-                self.forwarding.add_route(node, topic_filter)
+            if kind != b"f":
+                self.forwarding.add_route(node, topic_filter, kind == b"F")
             else:
                 self.forwarding.remove_route(node, topic_filter)
         elif kind == b"R":
@@ -541,15 +592,27 @@ class Cluster:
     def _announce_all(self) -> None:
         """Write this node's whole set of filters again (after an outage, events may be lost)."""
         for topic_filter in self.broker.subscriptions.filters():
-            self.store.route(topic_filter, True)
+            self.store.route(topic_filter, True, self._shares.get(topic_filter, True))
 
     @inlineCallbacks
     def _load_routes(self, only: str | None = None) -> Any:
-        members = [only] if only else (yield self.store.members())[0]
-        for member in members:
-            if member != self.node:
-                for topic_filter in (yield self.store.routes_of(member)):
-                    self.forwarding.add_route(member, topic_filter)
+        """Other nodes' filters (or ``only``'s), from Redis, in place of the replica's: after an
+        outage the events of filters let go were lost too, and a node dropped meanwhile holds
+        none. A filter whose route changed by an event while Redis was read keeps the change."""
+        forwarding = self.forwarding
+        nodes = {only} if only else {*(yield self.store.members())[0], *forwarding.nodes()}
+        for node in nodes - {self.node}:
+            before = forwarding.filters_of(node)
+            loaded = yield self.store.routes_of(node)
+            current = forwarding.filters_of(node)
+            for topic_filter in loaded.keys() | current.keys():
+                if before.get(topic_filter) != current.get(topic_filter):
+                    continue  # an event changed it meanwhile
+                awake = loaded.get(topic_filter)
+                if awake is None:
+                    forwarding.remove_route(node, topic_filter)
+                elif awake != current.get(topic_filter):
+                    forwarding.add_route(node, topic_filter, awake)
 
     @inlineCallbacks
     def _load_retained(self) -> Any:

@@ -289,9 +289,10 @@ class RedisStore:
             return [unpack_subscription(client_id, reply[j].decode(), reply[j + 1]) for j in range(0, len(reply), 2)]
         return self.redis.call("HGETALL", f"mqtt:subs:{client_id}").addCallback(read)
 
-    def route(self, topic_filter: str, held: bool) -> None:
-        """This node's sessions hold a filter now, or no longer."""
-        self._record("F" if held else "f", topic_filter)
+    def route(self, topic_filter: str, held: bool, awake: bool = True) -> None:
+        """This node's sessions hold a filter now, or no longer; a shared one held with no
+        member connected here is not ``awake``."""
+        self._record(("F" if awake else "I") if held else "f", topic_filter)
 
     def lost(self, client_id: str) -> None:
         """Another node claimed the client: this node no longer counts it as its own."""
@@ -340,8 +341,11 @@ class RedisStore:
                                    fireOnOneErrback=True, consumeErrors=True)
         return members, {m for m, (_, value) in zip(members, alive) if value}
 
-    def routes_of(self, node: str) -> Deferred[list[str]]:
-        return self.redis.call("HKEYS", f"mqtt:routes:{node}").addCallback(lambda keys: [k.decode() for k in keys])
+    def routes_of(self, node: str) -> Deferred[dict[str, bool]]:
+        """A node's filters, each with whether it is awake (see ``route``)."""
+        def read(reply: list[bytes]) -> dict[str, bool]:
+            return {reply[j].decode(): reply[j + 1] != b"0" for j in range(0, len(reply), 2)}
+        return self.redis.call("HGETALL", f"mqtt:routes:{node}").addCallback(read)
 
     def clients_of(self, node: str) -> Deferred[list[str]]:
         return self.redis.call("SMEMBERS", f"mqtt:clients:{node}").addCallback(lambda ids: [c.decode() for c in ids])

@@ -127,9 +127,10 @@ while i <= n do
   elseif op == 'A' then -- an inbox entry is handled: the inbox's node ('': this node's), entry id
     redis.call('XACK', P .. 'inbox:' .. (ARGV[i + 1] == '' and node or ARGV[i + 1]), 'nodes', ARGV[i + 2])
     i = i + 3
-  elseif op == 'F' or op == 'f' then -- a topic filter this node's sessions hold, or no longer
-    if op == 'F' then
-      redis.call('HSET', P .. 'routes:' .. node, ARGV[i + 1], '1')
+  elseif op == 'F' or op == 'I' or op == 'f' then -- a topic filter this node's sessions hold
+    -- ('I': a shared one whose members here are all offline), or no longer
+    if op ~= 'f' then
+      redis.call('HSET', P .. 'routes:' .. node, ARGV[i + 1], op == 'F' and '1' or '0')
     else
       redis.call('HDEL', P .. 'routes:' .. node, ARGV[i + 1])
     end
