@@ -357,7 +357,7 @@ class BrokerService(MultiService):
         for session, disconnected_at in snapshot.sessions:
             self.take_session(session, disconnected_at)
         for message in snapshot.retained:
-            if message.expires_at is not None and message.expires_at <= now:
+            if message.expired(now):
                 store.delete_retained(message.topic)
             else:
                 self.retained.store(message)
@@ -656,7 +656,7 @@ class BrokerService(MultiService):
         for message in retained:
             if (message.topic, message.payload) in replayed or not readable(message):
                 continue
-            if message.expires_at is not None and message.expires_at <= now:
+            if message.expired(now):
                 self.retained.delete(message.topic)
                 continue
             self.delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)

@@ -115,7 +115,7 @@ class MessageLog:
             entries = entries[-int(value):]
         elif kind == "since":
             entries = [e for e in entries if e.at >= value]
-        return [e.message for e in entries if e.message.expires_at is None or e.message.expires_at > now]
+        return [e.message for e in entries if not e.message.expired(now)]
 
     def restore(self, entries: Iterable[Entry]) -> None:
         """Take up logged entries read from a store (oldest first)."""

@@ -75,6 +75,10 @@ class Message(Publish):
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return init_arguments(self)
 
+    def expired(self, now: float) -> bool:
+        """Whether its Message Expiry Interval has run out by ``now``."""
+        return self.expires_at is not None and self.expires_at <= now
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented

@@ -627,7 +627,7 @@ class Cluster:
             if retained.get(topic) is not before.get(topic) or topic.startswith("$SYS/"):
                 continue  # changed meanwhile, or the broker's own (never in Redis)
             message = loaded.get(topic)
-            if message is None or (message.expires_at is not None and message.expires_at <= now):
+            if message is None or message.expired(now):
                 retained.delete(topic)
             else:
                 retained.store(message)
