@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from .message import Message
 from .session import Outgoing, Queued, Session
-from .topics import Subscription, terms
+from .topics import Subscription, next_turn, terms
 from .wire.packets import MQTT_5
 
 if TYPE_CHECKING:
@@ -176,9 +176,7 @@ class Delivery:
         pool = online or [m for m in members if m.client_id in sessions]
         if not pool:
             return 0
-        turn = self._share_turns.get(share, 0)
-        self._share_turns[share] = turn + 1
-        chosen = pool[turn % len(pool)]
+        chosen = pool[next_turn(self._share_turns, share) % len(pool)]
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
         self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos), False, ids, share)
         return 1

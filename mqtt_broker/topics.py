@@ -8,6 +8,7 @@ from typing import Callable, Final, Iterator, NamedTuple
 
 MAX_CACHED_TOPICS: Final = 10_000
 MAX_RECENT_TOPICS: Final = 10_000
+MAX_SHARE_TURNS: Final = 10_000
 
 
 def valid_topic_name(topic: str) -> bool:
@@ -283,6 +284,17 @@ class SubscriptionTree:
             for members in node.shared.values():
                 yield from members.values()
             stack.extend(node.children.values())
+
+
+def next_turn(turns: dict[tuple[str, str], int], share: tuple[str, str]) -> int:
+    """The turn of a shared subscription's next message, counted in ``turns``: one count per
+    group, all forgotten at once when MAX_SHARE_TURNS groups are counted, since groups come and
+    go with their members and the counts only spread messages evenly."""
+    turn = turns.get(share, 0)
+    if not turn and len(turns) >= MAX_SHARE_TURNS:
+        turns.clear()
+    turns[share] = turn + 1
+    return turn
 
 
 def terms(subs: list[Subscription]) -> tuple[int, bool, tuple[int, ...], bool]:

@@ -16,6 +16,7 @@ from mqtt_broker.wire import (
     MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
+from mqtt_broker.topics import MAX_SHARE_TURNS
 
 from protocol_helpers import FakeClient, connected, make_broker
 
@@ -919,6 +920,21 @@ def test_shared_subscription_round_robin_and_non_member_gets_all() -> None:
         (m1 if got1 else m2).send(Puback(packet_id=(got1 or got2)[0].packet_id))
     assert owner in ([1, 2] * 3, [2, 1] * 3)
     assert payloads(plain.received()) == [str(n).encode() for n in range(6)]
+
+
+def test_shared_groups_that_come_and_go_leave_no_count_behind() -> None:
+    """The broker counts each group's turns: groups that come and go (a group name per job, say)
+    do not make the counts grow without end."""
+    broker = make_broker()
+    member = v5(broker, "m")
+    delivered = 0
+    for n in range(MAX_SHARE_TURNS + 500):
+        member.subscribe(f"$share/job{n}/t", packet_id=n % 60000 + 1)
+        broker.publish("t", b"x")
+        delivered += sum(isinstance(packet, Publish) for packet in member.received())
+        member.send(Unsubscribe(packet_id=1, topic_filters=(f"$share/job{n}/t",)))
+    assert delivered == MAX_SHARE_TURNS + 500
+    assert len(broker.delivery._share_turns) <= MAX_SHARE_TURNS
 
 
 def test_shared_subscription_gets_no_retained_messages() -> None:

@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable
 
 from ..message import Message
-from ..topics import SharedGroups, Subscription, SubscriptionTree, split_shared
+from ..topics import SharedGroups, Subscription, SubscriptionTree, next_turn, split_shared
 from .codec import HANDED, pack_forwarded
 
 
@@ -132,9 +132,7 @@ class Forwarding:
         if not nodes:
             return 0
         nodes = self._awake_first(nodes, share[1])
-        turn = self._turns.get(share, 0)
-        self._turns[share] = turn + 1
-        node = nodes[turn % len(nodes)]
+        node = nodes[next_turn(self._turns, share) % len(nodes)]
         if message.qos and message.cluster_id is None:
             self._identify(message)
         self._outgoing.setdefault(node, []).append(pack_forwarded(message, (share,), self.clock.seconds(), HANDED))
@@ -160,9 +158,7 @@ class Forwarding:
         for share in {*local, *remote}:
             nodes = ([self.node] if share in local else []) + sorted(remote.get(share, []))
             candidates = self._awake_first(nodes, share[1])
-            turn = self._turns.get(share, 0)
-            self._turns[share] = turn + 1
-            chosen = candidates[turn % len(candidates)]
+            chosen = candidates[next_turn(self._turns, share) % len(candidates)]
             if chosen == self.node:
                 count += self._deliver_shared(message, share, local[share])
             else:
