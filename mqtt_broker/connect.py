@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import BrokerConfig
 from .topics import valid_topic_name
+from .wire.codec import encode_connack
 from .wire.codes import ReasonCode
 from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
 
@@ -100,23 +101,52 @@ def negotiate(config: BrokerConfig, connect: Connect) -> Terms:
     return terms
 
 
+_base: tuple[BrokerConfig, dict[str, Any], tuple[bytes, bytes]] | None = None
+"""The last configuration's ``_connack_base``."""
+
+
+def _connack_base(config: BrokerConfig) -> tuple[dict[str, Any], tuple[bytes, bytes]]:
+    """What every v5 CONNACK of a configuration says about the broker [MQTT-3.2.2] (only what
+    differs from the defaults), and the whole accepting CONNACK that says only that, without and
+    with Session Present: made once per configuration, which is frozen, rather than for every
+    connection. The properties are shared: nothing may change them."""
+    global _base
+    base = _base
+    if base is None or base[0] is not config:
+        props: dict[str, Any] = {
+            "receive_maximum": config.max_inflight_messages,
+            "maximum_packet_size": config.max_packet_size,
+            "topic_alias_maximum": config.max_topic_alias,
+        }
+        if config.max_qos < 2:
+            props["maximum_qos"] = config.max_qos
+        if not config.retain_available:
+            props["retain_available"] = 0
+        if not config.wildcard_subscription_available:
+            props["wildcard_subscription_available"] = 0
+        if not config.subscription_identifier_available:
+            props["subscription_identifier_available"] = 0
+        if not config.shared_subscription_available:
+            props["shared_subscription_available"] = 0
+        base = _base = (config, props, (encode_connack(False, 0, props, MQTT_5), encode_connack(True, 0, props, MQTT_5)))
+    return base[1], base[2]
+
+
+def accepting_connack(config: BrokerConfig, present: bool, properties: Properties, version: int) -> bytes:
+    """The bytes of the CONNACK that accepts a connection, with the ``connack_properties`` of
+    its terms (or others)."""
+    if version == MQTT_5:
+        base, encoded = _connack_base(config)
+        if properties is base:
+            return encoded[present]
+    return encode_connack(present, 0, properties, version)
+
+
 def _connack_properties(config: BrokerConfig, connect: Connect, terms: Terms) -> dict[str, Any]:
-    """What a v5 client is told about the broker [MQTT-3.2.2]: only what differs from defaults."""
-    props: dict[str, Any] = {
-        "receive_maximum": config.max_inflight_messages,
-        "maximum_packet_size": config.max_packet_size,
-        "topic_alias_maximum": config.max_topic_alias,
-    }
-    if config.max_qos < 2:
-        props["maximum_qos"] = config.max_qos
-    if not config.retain_available:
-        props["retain_available"] = 0
-    if not config.wildcard_subscription_available:
-        props["wildcard_subscription_available"] = 0
-    if not config.subscription_identifier_available:
-        props["subscription_identifier_available"] = 0
-    if not config.shared_subscription_available:
-        props["shared_subscription_available"] = 0
+    """What a v5 client is told [MQTT-3.2.2]: the configuration's part, and what differs from
+    what the client asked."""
+    base = _connack_base(config)[0]
+    props: dict[str, Any] = {}
     if terms.client_id != connect.client_id:
         props["assigned_client_identifier"] = terms.client_id  # [MQTT-3.2.2-16]
     if terms.keep_alive != connect.keep_alive:
@@ -125,7 +155,7 @@ def _connack_properties(config: BrokerConfig, connect: Connect, terms: Terms) ->
         props["session_expiry_interval"] = terms.session_expiry
     if connect.properties.get("request_response_information") and config.response_information:
         props["response_information"] = config.response_information.replace("{client_id}", terms.client_id)
-    return props
+    return {**base, **props} if props else base
 
 
 def is_utf8(payload: bytes) -> bool:

@@ -16,14 +16,14 @@ from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
-from .connect import negotiate
+from .connect import accepting_connack, negotiate
 from .delivery import Delivery
 from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
-    encode_connack, v3_connack_code,
+    v3_connack_code,
 )
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ class Connecting:
 
     def _send_connack(self, present: bool, properties: Properties) -> None:
         """The CONNACK that accepts the connection, written without building a Connack."""
-        data = encode_connack(present, 0, properties, self.version)
+        data = accepting_connack(self.broker.config, present, properties, self.version)
         if len(data) > self.max_send_size:  # send() trims its properties to the client's limit
             self.send(Connack(session_present=present, properties=properties))
             return

@@ -115,6 +115,22 @@ def test_connack_always_announces_receive_maximum_packet_size_and_alias_maximum(
         "receive_maximum": 7, "maximum_packet_size": 5000, "topic_alias_maximum": 3}
 
 
+def test_each_broker_announces_its_own_settings_and_a_clients_own_terms() -> None:
+    """The part of the CONNACK that depends on the settings only is made once per settings:
+    brokers of different settings in one process each announce theirs, with Session Present and
+    what is particular to one client (an assigned id, a Server Keep Alive) beside them."""
+    seven, nine = make_broker(max_inflight_messages=7, max_keepalive=60), make_broker(max_inflight_messages=9)
+    for present in (False, True):  # the second time, each takes the first's session over
+        for broker, maximum in ((seven, 7), (nine, 9)):
+            _, connack = connect5(broker, "c", clean=False, properties={"session_expiry_interval": 60})
+            assert (connack.properties["receive_maximum"], connack.session_present) == (maximum, present)
+    _, assigned = connect5(seven, "", keep_alive=600)
+    assert assigned.properties["receive_maximum"] == 7
+    assert assigned.properties["server_keep_alive"] == 60 and assigned.properties["assigned_client_identifier"]
+    _, plain = connect5(nine, "d")
+    assert set(plain.properties) == {"receive_maximum", "maximum_packet_size", "topic_alias_maximum"}
+
+
 def test_connack_announces_capabilities_turned_off() -> None:
     """[MQTT-3.2.2-9] [MQTT-3.2.2-10]: Maximum QoS, Retain Available, Wildcard / Subscription
     Identifier / Shared Subscription Available are sent (as 0, or the QoS) only when turned off;
