@@ -149,6 +149,32 @@ def test_a_shared_subscription_is_announced_with_whether_a_member_is_connected_h
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_shared_member_taken_by_another_node_is_no_longer_counted_as_connected_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    server.client().flushall()
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a",
+                           close_linger=0)
+    broker.startService()
+    yield broker.cluster.ready
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        member = FakeClient(broker, 5)
+        member.send(Connect(client_id="member", clean_start=False, protocol_level=5,
+                            properties={"session_expiry_interval": 60}))
+        yield until(lambda: member.transport.value(), "the CONNACK, after the claim")
+        member.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
+        yield broker.store.flushed()
+        assert server.client().hget("mqtt:routes:a", "$share/g/t") == b"1"
+        yield b.claim("member", False, 0)  # its client connected to node b
+        yield until(lambda: server.client().hget("mqtt:routes:a", "$share/g/t") == b"0",
+                    "a to say that its member of the group is not connected here")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_routes_are_read_again_from_redis_after_an_outage(server: RedisServer) -> Iterator[Deferred[Any]]:
     """While node a was cut off from Redis, node b let a filter go and took others, and node c
     was dropped from the cluster, without a word to a: once back, a routes by what Redis holds

@@ -434,6 +434,7 @@ class Cluster:
         self.broker.let_go(client_id, ended)
         if session is None:
             return
+        self._members_changed(session, False)  # (its connection here is detached, not closed)
         if ended:
             self.broker.forget_session(client_id, session, ended=True)
         else:
