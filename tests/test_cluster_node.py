@@ -43,6 +43,27 @@ def server() -> Iterator[RedisServer]:
     server.close()
 
 
+@inlineCallbacks
+def node_a(server: RedisServer, clock: Clock | None = None, **settings: Any) -> Any:
+    """Node a of a cluster on the server's Redis, emptied first, in this process: joined."""
+    server.client().flushall()
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock or Clock(), cluster=server.url,
+                           cluster_node_id="a", close_linger=0,  # (the fake clients never close their side)
+                           **settings)
+    broker.startService()
+    yield broker.cluster.ready
+    return broker
+
+
+@inlineCallbacks
+def connect(broker: BrokerService, version: int = 4, **fields: Any) -> Any:
+    """A client of node a, once its CONNACK came (after the claim, in Redis)."""
+    client = FakeClient(broker, version)
+    client.send(Connect(protocol_level=version, **fields))
+    yield until(lambda: client.transport.value(), "the CONNACK, after the claim")
+    return client
+
+
 def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
     code = ("import sys; from mqtt_broker import BrokerService; BrokerService(endpoints=[], persistence='memory'); "
             "loaded = [m for m in sys.modules if m.startswith('mqtt_broker.cluster') or m == 'txredisapi']; "
@@ -54,17 +75,10 @@ def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
 @pytest_twisted.inlineCallbacks
 def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_adopted(
         server: RedisServer) -> Iterator[Deferred[Any]]:
-    server.client().flushall()
     clock = Clock()
     clock.advance(1000.0)
-    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
-                           cluster_heartbeat=1.0, cluster_missed_heartbeats=3,
-                           close_linger=0)  # (the fake clients never close their side)
-    broker.startService()
-    yield broker.cluster.ready
-    observer = FakeClient(broker, 4)
-    observer.send(Connect(client_id="observer"))
-    yield until(lambda: observer.transport.value(), "the CONNACK, after the claim")
+    broker = yield node_a(server, clock, cluster_heartbeat=1.0, cluster_missed_heartbeats=3)
+    observer = yield connect(broker, client_id="observer")
     observer.received()
     observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
     yield broker.store.flushed()
@@ -111,34 +125,23 @@ def test_a_shared_subscription_is_announced_with_whether_a_member_is_connected_h
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Redis (and the other nodes, by the same script's event) learn whether a node's members of
     a group are all offline, as they come and go, subscribe and unsubscribe."""
-    server.client().flushall()
-    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a",
-                           close_linger=0)
-    broker.startService()
-    yield broker.cluster.ready
+    broker = yield node_a(server)
     group = "$share/g/t"
 
     def announced() -> Any:
         return broker.store.flushed().addCallback(lambda _: server.client().hget("mqtt:routes:a", group))
 
-    @inlineCallbacks
-    def connect(client_id: str) -> Any:
-        client = FakeClient(broker, 4)
-        client.send(Connect(client_id=client_id, clean_start=False))
-        yield until(lambda: client.transport.value(), "the CONNACK, after the claim")
-        return client
-
     try:
-        first = yield connect("first")
+        first = yield connect(broker, client_id="first", clean_start=False)
         first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
         assert (yield announced()) == b"1"
         first.lose()
         assert (yield announced()) == b"0"
-        second = yield connect("second")
+        second = yield connect(broker, client_id="second", clean_start=False)
         assert (yield announced()) == b"0"  # connected, but not a member
         second.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=group, qos=1),)))
         assert (yield announced()) == b"1"
-        first = yield connect("first")
+        first = yield connect(broker, client_id="first", clean_start=False)
         second.lose()
         assert (yield announced()) == b"1"  # first is back
         first.send(Unsubscribe(packet_id=2, topic_filters=(group,)))
@@ -151,18 +154,12 @@ def test_a_shared_subscription_is_announced_with_whether_a_member_is_connected_h
 @pytest_twisted.inlineCallbacks
 def test_a_shared_member_taken_by_another_node_is_no_longer_counted_as_connected_here(
         server: RedisServer) -> Iterator[Deferred[Any]]:
-    server.client().flushall()
-    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a",
-                           close_linger=0)
-    broker.startService()
-    yield broker.cluster.ready
+    broker = yield node_a(server)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
-        member = FakeClient(broker, 5)
-        member.send(Connect(client_id="member", clean_start=False, protocol_level=5,
-                            properties={"session_expiry_interval": 60}))
-        yield until(lambda: member.transport.value(), "the CONNACK, after the claim")
+        member = yield connect(broker, 5, client_id="member", clean_start=False,
+                               properties={"session_expiry_interval": 60})
         member.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
         yield broker.store.flushed()
         assert server.client().hget("mqtt:routes:a", "$share/g/t") == b"1"
@@ -179,10 +176,7 @@ def test_routes_are_read_again_from_redis_after_an_outage(server: RedisServer) -
     """While node a was cut off from Redis, node b let a filter go and took others, and node c
     was dropped from the cluster, without a word to a: once back, a routes by what Redis holds
     (before, it kept forwarding to b's old filter and to c for good)."""
-    server.client().flushall()
-    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a")
-    broker.startService()
-    yield broker.cluster.ready
+    broker = yield node_a(server)
     links = [Redis(RedisAddress.parse(server.url)) for _ in "bc"]
     b, c = (RedisStore(link, node, reactor) for link, node in zip(links, "bc"))
     forwarding = broker.cluster.forwarding
@@ -218,19 +212,13 @@ def test_retained_messages_are_read_again_from_redis_after_an_outage(server: Red
     """While node a was cut off from Redis, retained messages were deleted and set there without
     a word to it (the events went with the connection): once back, its replica is what Redis
     holds, each message expiring when it was to; what its own client retained stays."""
-    server.client().flushall()
     clock = Clock()
     clock.advance(1000.0)
-    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
-                           close_linger=0)
-    broker.startService()
-    yield broker.cluster.ready
+    broker = yield node_a(server, clock)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
-        client = FakeClient(broker, 4)
-        client.send(Connect(client_id="retainer"))
-        yield until(lambda: client.transport.value(), "the CONNACK, after the claim")
+        client = yield connect(broker, client_id="retainer")
         client.send(Publish(topic="mine", payload=b"a's own", retain=True))
         expiring = Message(topic="kept", payload=b"k", retain=True, properties={"message_expiry_interval": 60},
                            expires_at=1060.0)
