@@ -23,7 +23,7 @@ from . import tcp
 from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
-from .connect import NEVER
+from .connect import NEVER, AcceptingConnack
 from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives
@@ -119,6 +119,7 @@ class BrokerService(MultiService):
         if endpoints is not None:
             settings["endpoints"] = list(endpoints)
         self.config = config.replace(**settings) if settings else config
+        self.connack = AcceptingConnack(self.config)
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.reactor = reactor

@@ -51,7 +51,8 @@ class Terms:
         self.connack_properties = NO_PROPERTIES
 
 
-def negotiate(config: BrokerConfig, connect: Connect) -> Terms:
+def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack | None = None) -> Terms:
+    """The terms of a connection (``connack``: the broker's, made for it once)."""
     level = connect.protocol_level
     props = connect.properties
     client_id = connect.client_id
@@ -97,22 +98,18 @@ def negotiate(config: BrokerConfig, connect: Connect) -> Terms:
         if terms.reason:
             return terms
     if level == MQTT_5:
-        terms.connack_properties = _connack_properties(config, connect, terms)
+        terms.connack_properties = _connack_properties((connack or AcceptingConnack(config)).properties, config,
+                                                       connect, terms)
     return terms
 
 
-_base: tuple[BrokerConfig, dict[str, Any], tuple[bytes, bytes]] | None = None
-"""The last configuration's ``_connack_base``."""
+class AcceptingConnack:
+    """``AcceptingConnack(config)``: what every v5 CONNACK of a broker says about it
+    [MQTT-3.2.2] (only what differs from the defaults), and the whole accepting CONNACK that says
+    only that, without and with Session Present: made once per broker (its settings are frozen)
+    rather than for every connection. ``properties`` is shared: nothing may change it."""
 
-
-def _connack_base(config: BrokerConfig) -> tuple[dict[str, Any], tuple[bytes, bytes]]:
-    """What every v5 CONNACK of a configuration says about the broker [MQTT-3.2.2] (only what
-    differs from the defaults), and the whole accepting CONNACK that says only that, without and
-    with Session Present: made once per configuration, which is frozen, rather than for every
-    connection. The properties are shared: nothing may change them."""
-    global _base
-    base = _base
-    if base is None or base[0] is not config:
+    def __init__(self, config: BrokerConfig) -> None:
         props: dict[str, Any] = {
             "receive_maximum": config.max_inflight_messages,
             "maximum_packet_size": config.max_packet_size,
@@ -128,24 +125,21 @@ def _connack_base(config: BrokerConfig) -> tuple[dict[str, Any], tuple[bytes, by
             props["subscription_identifier_available"] = 0
         if not config.shared_subscription_available:
             props["shared_subscription_available"] = 0
-        base = _base = (config, props, (encode_connack(False, 0, props, MQTT_5), encode_connack(True, 0, props, MQTT_5)))
-    return base[1], base[2]
+        self.properties = props
+        self._absent = encode_connack(False, 0, props, MQTT_5)
+        self._present = encode_connack(True, 0, props, MQTT_5)
+
+    def encode(self, present: bool, properties: Properties, version: int) -> bytes:
+        """The bytes of the CONNACK that accepts a connection, with the ``connack_properties``
+        of its terms (or others)."""
+        if version == MQTT_5 and properties is self.properties:
+            return self._present if present else self._absent
+        return encode_connack(present, 0, properties, version)
 
 
-def accepting_connack(config: BrokerConfig, present: bool, properties: Properties, version: int) -> bytes:
-    """The bytes of the CONNACK that accepts a connection, with the ``connack_properties`` of
-    its terms (or others)."""
-    if version == MQTT_5:
-        base, encoded = _connack_base(config)
-        if properties is base:
-            return encoded[present]
-    return encode_connack(present, 0, properties, version)
-
-
-def _connack_properties(config: BrokerConfig, connect: Connect, terms: Terms) -> dict[str, Any]:
-    """What a v5 client is told [MQTT-3.2.2]: the configuration's part, and what differs from
-    what the client asked."""
-    base = _connack_base(config)[0]
+def _connack_properties(base: dict[str, Any], config: BrokerConfig, connect: Connect, terms: Terms) -> dict[str, Any]:
+    """What a v5 client is told [MQTT-3.2.2]: the broker's part (``base``), and what differs
+    from what the client asked."""
     props: dict[str, Any] = {}
     if terms.client_id != connect.client_id:
         props["assigned_client_identifier"] = terms.client_id  # [MQTT-3.2.2-16]

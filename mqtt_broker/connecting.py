@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
-from .connect import accepting_connack, negotiate
+from .connect import negotiate
 from .delivery import Delivery
 from .hooks import Refused
 from .lifecycle import State
@@ -92,7 +92,7 @@ class Connecting:
             self.broker.keepalives.forget(self._deadline)
             self._deadline = None
         self.version = packet.protocol_level
-        terms = self.terms = negotiate(self.broker.config, packet)
+        terms = self.terms = negotiate(self.broker.config, packet, self.broker.connack)
         self.problem_information = terms.problem_information
         self.max_send_size = terms.max_send_size
         self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
@@ -263,7 +263,7 @@ class Connecting:
 
     def _send_connack(self, present: bool, properties: Properties) -> None:
         """The CONNACK that accepts the connection, written without building a Connack."""
-        data = accepting_connack(self.broker.config, present, properties, self.version)
+        data = self.broker.connack.encode(present, properties, self.version)
         if len(data) > self.max_send_size:  # send() trims its properties to the client's limit
             self.send(Connack(session_present=present, properties=properties))
             return

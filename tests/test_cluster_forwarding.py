@@ -27,10 +27,7 @@ class Node:
         self.shared_here: list[tuple[str, tuple[str, str]]] = []
         self.collects = 0
         self.writes: list[tuple[str, list[Any]]] = []
-        self.awake: dict[str, set[str]] = {}
-        """Connected members here, by shared filter."""
-        self.forwarding = Forwarding("a", self.clock, self.stats, self._deliver_shared, self._collect, self._send,
-                                     self.awake)
+        self.forwarding = Forwarding("a", self.clock, self.stats, self._deliver_shared, self._collect, self._send)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         self.shared_here.append((message.topic, share))
@@ -116,7 +113,7 @@ def test_shared_subscription_members_take_turns_across_the_cluster() -> None:
     node = Node()
     local = SubscriptionTree()
     local.add(Subscription(client_id="x", topic_filter="$share/g/t", share_group="g"))
-    node.awake["$share/g/t"] = {"x"}
+    node.forwarding.connected_here("$share/g/t", True)
     node.holds("c", "$share/g/t")
     node.holds("b", "$share/g/t")
     share = ("g", "$share/g/t")
@@ -149,7 +146,7 @@ def test_shared_subscription_members_that_are_connected_come_first_across_the_cl
         node.forwarding.forward(Message(topic="t", qos=1), groups)
     assert node.shared_here == [("t", share)]
     assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"b": 1, "c": 1}
-    node.awake["$share/g/t"] = {"x"}  # x is connected again: here, not c, which is awake again too
+    node.forwarding.connected_here("$share/g/t", True)  # x is connected again: here, and c, awake again too
     node.holds("c", "$share/g/t")
     for _ in range(4):
         node.forwarding.forward(Message(topic="t", qos=1), groups)
@@ -157,6 +154,31 @@ def test_shared_subscription_members_that_are_connected_come_first_across_the_cl
     assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 2}
     assert node.forwarding.filters_of("b") == {"$share/g/t": False}
     assert node.forwarding.filters_of("c") == {"$share/g/t": True}
+
+
+def test_a_routes_state_changes_without_emptying_the_match_cache() -> None:
+    """A group's members on another node come and go all the time: each change of its route's
+    state leaves the routes matched per topic as they are."""
+    node = Node()
+    node.holds("b", "$share/g/t")
+    matched = node.forwarding.routes.match("t")
+    node.holds("b", "$share/g/t", awake=False)
+    node.holds("b", "$share/g/t")
+    assert node.forwarding.routes.match("t") is matched
+    assert node.forwarding.filters_of("b") == {"$share/g/t": True}
+
+
+def test_a_nodes_routes_are_replaced_by_its_whole_set() -> None:
+    node = Node()
+    node.holds("b", "gone/#")
+    node.holds("b", "$share/g/t")
+    node.holds("c", "gone/#")
+    node.forwarding.replace_routes("b", {"$share/g/t": False, "new": True})
+    assert node.forwarding.filters_of("b") == {"$share/g/t": False, "new": True}
+    assert node.forwarding.filters_of("c") == {"gone/#": True}
+    assert node.forwarding.forward(Message(topic="gone/x"), []) == 1  # c only
+    node.forwarding.replace_routes("c", {})
+    assert node.forwarding.nodes() == {"b"}
 
 
 def test_a_message_left_unfinished_goes_to_a_node_with_a_connected_member_first() -> None:
@@ -231,7 +253,7 @@ def node_broker() -> tuple[BrokerService, Forwarding]:
     broker = make_broker(persistence="memory")
     broker.startService()
     forwarding = Forwarding("a", Clock(), ClusterStats(), broker.delivery.deliver_shared, lambda: None,
-                            lambda node, data: None, {})
+                            lambda node, data: None)
     broker.delivery.forwarding = forwarding
     return broker, forwarding
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 
 from mqtt_broker import BrokerService, Message
@@ -169,6 +169,87 @@ def test_a_shared_member_taken_by_another_node_is_no_longer_counted_as_connected
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+def control_events(server: RedisServer) -> Any:
+    """A listener to the cluster's control channel: ``events()`` gives what came since."""
+    pubsub = server.client().pubsub()
+    pubsub.subscribe("mqtt:control")
+
+    def events() -> list[bytes]:
+        got = []
+        for _ in range(10_000):
+            message = pubsub.get_message(timeout=0.05)
+            if message is None:
+                return got
+            if message["type"] == "message":
+                got.append(message["data"])
+        raise AssertionError("no end of events")
+    return events
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_taking_over_its_own_session_here_tells_the_other_nodes_nothing(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The old connection's end and the new one's start cancel out within one batch: the other
+    nodes are not told that the group's member went and came back."""
+    broker = yield node_a(server)
+    events = control_events(server)
+    try:
+        first = yield connect(broker, client_id="member", clean_start=False)
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
+        yield broker.store.flushed()
+        assert events() == [b"F\0a\0$share/g/t"]
+        yield connect(broker, client_id="member", clean_start=False)
+        yield broker.store.flushed()
+        assert first.closed and events() == []
+        assert broker.cluster.awake == {"$share/g/t": {"member"}}
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_routes_read_while_their_events_come_are_read_again(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b let x/# go and took it again while a read b's routes: the answer may predate both
+    events (they come by another connection), so it is read again rather than trusted."""
+    broker = yield node_a(server)
+    cluster = broker.cluster
+    answers = [Deferred(), succeed({"x/#": True})]
+    reads = []
+
+    def routes_of(node: str) -> Deferred[dict[str, bool]]:
+        reads.append(node)
+        return answers[len(reads) - 1]
+    cluster.store.routes_of = routes_of
+    try:
+        cluster.forwarding.add_route("b", "x/#")
+        loading = cluster._load_routes("b")
+        cluster._control(b"f\0b\0x/#")
+        cluster._control(b"F\0b\0x/#")
+        answers[0].callback({})  # read before either event
+        yield loading
+        assert reads == ["b", "b"] and cluster.forwarding.filters_of("b") == {"x/#": True}
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_nodes_offline_groups_are_announced_again_as_such_after_an_outage(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    broker = yield node_a(server)
+    try:
+        member = yield connect(broker, client_id="member", clean_start=False)
+        member.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
+        yield broker.store.flushed()
+        member.lose()
+        yield broker.store.flushed()
+        redis = server.client()
+        assert redis.hget("mqtt:routes:a", "$share/g/t") == b"0"
+        redis.hset("mqtt:routes:a", "$share/g/t", "1")  # as if an older write had come last
+        redis.client_kill_filter(_type="normal")
+        yield until(lambda: redis.hget("mqtt:routes:a", "$share/g/t") == b"0", "a to announce its routes again")
+    finally:
+        yield broker.stopService()
 
 
 @pytest_twisted.inlineCallbacks

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from topic_helpers import LEVELS, matched, topic_filters, topic_names
 
 from mqtt_broker.topics import (
-    Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard, matches,
-    split_shared, valid_topic_filter, valid_topic_name,
+    MAX_SHARE_TURNS, Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard,
+    matches, next_turn, split_shared, valid_topic_filter, valid_topic_name,
 )
 
 
@@ -206,6 +206,17 @@ def test_filter_intersection_matches_what_both_match(a: str, b: str) -> None:
 
 
 # --- SubscriptionTree: add / replace / remove -------------------------------------------------
+
+def test_next_turn_counts_per_group_and_forgets_them_all_past_the_bound() -> None:
+    turns: dict[tuple[str, str], int] = {}
+    assert [next_turn(turns, ("g", "$share/g/t")) for _ in range(3)] == [0, 1, 2]
+    assert next_turn(turns, ("h", "$share/h/t")) == 0
+    for n in range(MAX_SHARE_TURNS - 2):
+        next_turn(turns, (f"job{n}", "t"))
+    assert len(turns) == MAX_SHARE_TURNS
+    assert next_turn(turns, ("g", "$share/g/t")) == 3  # a group counted already goes on
+    assert next_turn(turns, ("new", "t")) == 0 and turns == {("new", "t"): 1}
+
 
 def test_add_counts_and_replace() -> None:
     tree = SubscriptionTree()

@@ -40,16 +40,17 @@ class Forwarding:
 
     def __init__(self, node: str, clock: Any, stats: ClusterStats,
                  deliver_shared: Callable[[Message, tuple[str, str], list[Subscription]], int],
-                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None],
-                 awake: dict[str, set[str]]) -> None:
+                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None]) -> None:
         self.node = node
         self.clock = clock
         self.stats = stats
         self.routes = SubscriptionTree()
-        self.awake = awake
-        """This node's connected members of each shared subscription, by filter."""
+        self._routed: set[tuple[str, str]] = set()
+        """(node, filter) of every route in ``routes``."""
         self._idle: set[tuple[str, str]] = set()
         """(node, shared filter): routes whose members on that node are all offline."""
+        self._connected_here: set[str] = set()
+        """The shared filters held here with a member connected here."""
         self._deliver_shared = deliver_shared
         self._collect = collect
         self._send_qos0 = send_qos0
@@ -62,17 +63,37 @@ class Forwarding:
 
     def add_route(self, node: str, topic_filter: str, awake: bool = True) -> None:
         """Another node holds a filter now (a shared one not ``awake``: no member connected)."""
-        group, _ = split_shared(topic_filter)
-        self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+        key = (node, topic_filter)
+        if key not in self._routed:  # (adding it again would empty the match cache for nothing)
+            self._routed.add(key)
+            group, _ = split_shared(topic_filter)
+            self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
         if awake:
-            self._idle.discard((node, topic_filter))
+            self._idle.discard(key)
         else:
-            self._idle.add((node, topic_filter))
+            self._idle.add(key)
 
     def remove_route(self, node: str, topic_filter: str) -> None:
         """Another node no longer holds a filter."""
-        self.routes.remove(node, topic_filter)
-        self._idle.discard((node, topic_filter))
+        key = (node, topic_filter)
+        if key in self._routed:
+            self._routed.discard(key)
+            self._idle.discard(key)
+            self.routes.remove(node, topic_filter)
+
+    def replace_routes(self, node: str, routes: dict[str, bool]) -> None:
+        """A node's whole set of filters (as ``filters_of`` gives them)."""
+        for topic_filter in self.filters_of(node).keys() - routes.keys():
+            self.remove_route(node, topic_filter)
+        for topic_filter, awake in routes.items():
+            self.add_route(node, topic_filter, awake)
+
+    def connected_here(self, topic_filter: str, connected: bool) -> None:
+        """Whether a shared filter held here has a member connected here."""
+        if connected:
+            self._connected_here.add(topic_filter)
+        else:
+            self._connected_here.discard(topic_filter)
 
     def forget(self, node: str) -> None:
         """A node is gone: nothing is routed to it any more."""
@@ -82,11 +103,11 @@ class Forwarding:
     def filters_of(self, node: str) -> dict[str, bool]:
         """The filters routed to a node, each with whether it is awake (see ``add_route``)."""
         idle = self._idle
-        return {s.topic_filter: (node, s.topic_filter) not in idle for s in self.routes if s.client_id == node}
+        return {key[1]: key not in idle for key in self._routed if key[0] == node}
 
     def nodes(self) -> set[str]:
         """The nodes something is routed to."""
-        return {s.client_id for s in self.routes}
+        return {node for node, _ in self._routed}
 
     def forward(self, message: Message, groups: SharedGroups) -> int:
         """Send the message once to each other node holding a matching filter, and give each
@@ -169,8 +190,10 @@ class Forwarding:
         """The nodes with a connected member of a shared subscription, or all of them if none
         has one (then an offline member's session gets the message, as on one broker)."""
         idle, here = self._idle, self.node
-        awake = [node for node in nodes
-                 if (self.awake.get(topic_filter) if node == here else (node, topic_filter) not in idle)]
+        here_awake = topic_filter in self._connected_here
+        if not idle and (here_awake or here not in nodes):
+            return nodes
+        awake = [node for node in nodes if (here_awake if node == here else (node, topic_filter) not in idle)]
         return awake or nodes
 
     def take_outgoing(self) -> dict[str, list[bytes]]:

@@ -1,7 +1,8 @@
 """A node of a cluster: the broker's link to the other nodes, through Redis.
 
 The broker calls it at a few seams (see :class:`Cluster`): a client connects (claim its
-session), a client's connection comes or goes (its will), a session ended. What is done with
+session), a client's connection comes or goes (its will, its shared subscriptions' connected
+members), a session ended, a filter or a shared group's member comes or goes here. What is done with
 every message routed here (forward it to the nodes that want it) is its ``forwarding``
 (:mod:`mqtt_broker.cluster.forwarding`, compiled), which the broker's routing calls directly;
 this module keeps the routes it uses current. It calls the broker back to route what other
@@ -73,8 +74,14 @@ class Cluster:
         self._shares: dict[str, bool] = {}
         """The shared subscriptions held here, with whether the other nodes were told that a
         member is connected."""
+        self._shares_changed: set[str] = set()
+        """Shared subscriptions whose members came or went since the last batch: what the other
+        nodes are told is decided then, so that a change undone in the meantime (a client taking
+        its own session over) tells them nothing."""
+        self._route_events: dict[str, int] = {}
+        """How many route events came from each node (see ``_load_routes``)."""
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
-                                     self._send_qos0, self.awake)
+                                     self._send_qos0)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[Queued]] = {}
@@ -93,6 +100,9 @@ class Cluster:
         self._adopting: set[str] = set()
         self.ready: Deferred[None] = Deferred()
         """Fires once the node has joined (its routes, retained messages and sessions loaded)."""
+        self._listening: Deferred[None] = Deferred()
+        """Fires once the control channel is listened to: routes and retained messages are read
+        after that, so that no change falls between the reading and the listening."""
         self._moving: dict[str, set[bytes]] = {}
         """Sessions this node took from another lately, with the ids of the messages delivered
         to each since: until the routes have settled, a message may come by two ways (forwarded
@@ -106,8 +116,10 @@ class Cluster:
         sessions (a restart), and start reading the inbox and beating."""
         self._started = True
         self.clock.callLater(JOIN_WARNING, self._still_joining)
+        self.redis.on_subscribed = self._subscribed
         self.redis.subscribe(self.store.CONTROL, self._control)
         self.redis.subscribe(self.store.qos0_channel(self.node), self._qos0_received)
+        yield self._listening
         yield self.store.register(self._ttl_ms)
         yield self.store.create_inbox()
         yield self._load_routes()
@@ -182,9 +194,15 @@ class Cluster:
     def _collect(self) -> None:
         """Before the store cuts a batch: the records for other nodes go in it, one entry per
         node (so a publisher acknowledged after the batch is acknowledged after the inboxes
-        hold its message)."""
+        hold its message), and what changed about the shared subscriptions' members here."""
         for node, records in self.forwarding.take_outgoing().items():
             self.store.forward(node, b"".join(records))
+        for topic_filter in self._shares_changed:
+            awake = bool(self.awake.get(topic_filter))
+            if self._shares.get(topic_filter, awake) != awake:
+                self._shares[topic_filter] = awake
+                self.store.route(topic_filter, True, awake)
+        self._shares_changed.clear()
 
     def _send_qos0(self, node: str, data: bytes) -> None:
         self.store.publish_qos0(node, data).addErrback(lambda _: None)  # fire and forget, as QoS 0 promises
@@ -202,6 +220,7 @@ class Cluster:
         else:
             self._shares.pop(topic_filter, None)
             self.awake.pop(topic_filter, None)
+            self.forwarding.connected_here(topic_filter, False)
             self.store.route(topic_filter, False)
 
     def member_changed(self, subscription: Subscription, joined: bool) -> None:
@@ -231,14 +250,14 @@ class Cluster:
                 self._share_changed(topic_filter)
 
     def _share_changed(self, topic_filter: str) -> None:
-        awake = bool(self.awake.get(topic_filter))
-        if self._shares.get(topic_filter, awake) != awake:
-            self._shares[topic_filter] = awake
-            self.store.route(topic_filter, True, awake)
+        self.forwarding.connected_here(topic_filter, bool(self.awake.get(topic_filter)))
+        self._shares_changed.add(topic_filter)
+        self.store.collect()
 
     def connected(self, session: Session, connection: Any) -> None:
         """A client is connected: its will goes to Redis, for whichever node finds the
-        connection gone should this node die."""
+        connection gone should this node die; its shared subscriptions have a connected
+        member here."""
         self._members_changed(session, True)
         will = connection.will
         if will is not None:
@@ -247,9 +266,9 @@ class Cluster:
 
     def disconnected(self, session: Session, had_will: bool) -> None:
         """The client's connection ended: its will is this node's to publish (or not), as on a
-        single broker (a delayed one is saved again, with its time)."""
-        if session.connection is None:  # (not already taken over by a new connection)
-            self._members_changed(session, False)
+        single broker (a delayed one is saved again, with its time). Its shared subscriptions
+        have one connected member fewer here."""
+        self._members_changed(session, False)
         if had_will:
             self.store.delete_will(session.client_id)
 
@@ -391,6 +410,7 @@ class Cluster:
         if kind in (b"F", b"f", b"I"):
             topic_filter = parts[1].decode()
             self.nodes.setdefault(node, self.clock.seconds())
+            self._route_events[node] = self._route_events.get(node, 0) + 1
             if kind != b"f":
                 self.forwarding.add_route(node, topic_filter, kind == b"F")
             else:
@@ -585,10 +605,18 @@ class Cluster:
         if self._started:
             self.store.register(self._ttl_ms)
             self._announce_all()
-            self._load_routes()
-            # Once this node's own changes made meanwhile are written: they are the newest.
-            self.store.flushed().addBoth(lambda _: self._load_retained())
             self._read_inbox_again()
+
+    def _subscribed(self) -> None:
+        """The control channel is listened to, for the first time or again after losing its
+        connection: then what was said on it meanwhile is read from Redis, the routes and the
+        retained messages (the latter once this node's own changes made meanwhile are written:
+        they are the newest)."""
+        if not self._listening.called:
+            self._listening.callback(None)
+        elif self.ready.called and self._started:
+            self._load_routes().addErrback(self._check_failed)
+            self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._check_failed)
 
     def _announce_all(self) -> None:
         """Write this node's whole set of filters again (after an outage, events may be lost)."""
@@ -599,21 +627,18 @@ class Cluster:
     def _load_routes(self, only: str | None = None) -> Any:
         """Other nodes' filters (or ``only``'s), from Redis, in place of the replica's: after an
         outage the events of filters let go were lost too, and a node dropped meanwhile holds
-        none. A filter whose route changed by an event while Redis was read keeps the change."""
+        none. A node's set is taken only if none of its events came while it was read (an event
+        and the answer come by different connections): else it is read again, and left to its
+        events if they keep coming."""
         forwarding = self.forwarding
         nodes = {only} if only else {*(yield self.store.members())[0], *forwarding.nodes()}
         for node in nodes - {self.node}:
-            before = forwarding.filters_of(node)
-            loaded = yield self.store.routes_of(node)
-            current = forwarding.filters_of(node)
-            for topic_filter in loaded.keys() | current.keys():
-                if before.get(topic_filter) != current.get(topic_filter):
-                    continue  # an event changed it meanwhile
-                awake = loaded.get(topic_filter)
-                if awake is None:
-                    forwarding.remove_route(node, topic_filter)
-                elif awake != current.get(topic_filter):
-                    forwarding.add_route(node, topic_filter, awake)
+            for _ in range(5):
+                seen = self._route_events.get(node, 0)
+                routes = yield self.store.routes_of(node)
+                if self._route_events.get(node, 0) == seen:
+                    forwarding.replace_routes(node, routes)
+                    break
 
     @inlineCallbacks
     def _load_retained(self) -> Any:

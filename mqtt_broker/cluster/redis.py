@@ -126,6 +126,9 @@ class Redis:
         self.commands = self._connect(_Factory, _SentinelFactory, self._command_up, self._command_down)
         self.reader = self._connect(_Factory, _SentinelFactory, None, None, reply_timeout=None)
         self._handlers: dict[bytes, Callable[[bytes], None]] = {}
+        self.on_subscribed: Callable[[], None] | None = None
+        """Called each time Redis confirms the channels are listened to (after a reconnection:
+        what was sent on them meanwhile is lost)."""
         self._subscriber: Any = None
         self._scripts_known: set[str] = set()
 
@@ -217,7 +220,8 @@ class Redis:
                 protocol.subscribe([channel])
 
     def _subscribe_all(self, protocol: Any) -> None:
-        protocol.subscribe([channel.decode() for channel in self._handlers])
+        subscribed = protocol.subscribe([channel.decode() for channel in self._handlers])
+        subscribed.addCallbacks(lambda _: self.on_subscribed and self.on_subscribed(), lambda _: None)
 
     def _received(self, channel: bytes, message: bytes) -> None:
         handler = self._handlers.get(channel)
