@@ -83,7 +83,8 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
     observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
     yield broker.store.flushed()
     observer.received()
-    # Node b, by its store: a persistent session with a queued message, and a connected client's will.
+    # Node b, by its store: a persistent session with a queued message and a shared subscription,
+    # and a connected client's will.
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
@@ -91,6 +92,7 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
         yield b.claim("s", False, 0)
         b.save_session(Session("s", 3600), None)
         b.save_subscription("s", Subscription(client_id="s", topic_filter="t/#", qos=1))
+        b.save_subscription("s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"))
         b.add_delivery("s", Queued(Message(topic="t/1", payload=b"kept", qos=1), 1, False, (), None, 1), None)
         b.arm_will("s", None, Message(topic="wills/s", payload=b"s is gone", qos=1), 0)
         yield b.flushed()
@@ -102,9 +104,12 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
         clock.advance(3.5)  # heartbeats: the last one finds b silent for longer than three of them
         yield until(lambda: "s" in broker.sessions, "the adoption of b's session")
         session = broker.sessions["s"]
-        assert list(session.subscriptions) == ["t/#"] and [i.message.payload for i in session.queue] == [b"kept"]
+        assert sorted(session.subscriptions) == ["$share/g/t", "t/#"]
+        assert [i.message.payload for i in session.queue] == [b"kept"]
         assert server.client().hget("mqtt:owner:s", "node") == b"a"
         yield broker.store.flushed()
+        # The group's member here is offline: the other nodes are told so.
+        assert server.client().hgetall("mqtt:routes:a") == {b"wills/#": b"1", b"t/#": b"1", b"$share/g/t": b"0"}
         will = [p for p in observer.received() if isinstance(p, Publish)]
         assert [(p.topic, p.payload) for p in will] == [("wills/s", b"s is gone")]
         # b's inbox is read again once its routes are gone everywhere (two of its lives later),
