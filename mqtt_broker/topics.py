@@ -158,7 +158,8 @@ class SubscriptionTree:
         self.recent: OrderedDict[str, None] = OrderedDict()
         """Topic names routed lately, oldest first, at most MAX_RECENT_TOPICS (for the admin API).
         Kept up to date from cache misses only: a topic in the cache was recorded at its miss, and
-        the cache is cleared on every (un)subscribe and when full, so it costs cache hits nothing."""
+        the cache is cleared on every change of subscriptions and when full, so it costs cache
+        hits nothing."""
 
     def add(self, subscription: Subscription) -> bool:
         """Add or replace a client's subscription; True when it replaced one [MQTT-3.8.4-3]."""
@@ -170,7 +171,10 @@ class SubscriptionTree:
                 child = node.children[level] = _Node()
             node = child
         members = node.subscribers if group is None else node.shared.setdefault(group, {})
-        replaced = subscription.client_id in members
+        previous = members.get(subscription.client_id)
+        if previous is not None and previous == subscription:
+            return True  # the same again (a client subscribing again as it reconnects): matches stand
+        replaced = previous is not None
         first = not members
         members[subscription.client_id] = subscription
         if not replaced:

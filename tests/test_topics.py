@@ -207,6 +207,18 @@ def test_filter_intersection_matches_what_both_match(a: str, b: str) -> None:
 
 # --- SubscriptionTree: add / replace / remove -------------------------------------------------
 
+def test_subscribing_again_with_the_same_options_leaves_the_matches_standing() -> None:
+    """A client with a session subscribes again to what it holds as it reconnects: the topics
+    matched so far stay matched (the cache is emptied only when a subscription changes)."""
+    tree = SubscriptionTree()
+    assert not tree.add(sub("c", "a/+", qos=1))
+    clients, _ = tree.match("a/b")
+    assert tree.add(sub("c", "a/+", qos=1))
+    assert tree.match("a/b")[0] is clients and tree.count == 1
+    assert tree.add(sub("c", "a/+", qos=2))
+    assert tree.match("a/b")[0] is not clients and tree.match("a/b")[0][0].qos == 2
+
+
 def test_next_turn_counts_per_group_and_forgets_them_all_past_the_bound() -> None:
     turns: dict[tuple[str, str], int] = {}
     assert [next_turn(turns, ("g", "$share/g/t")) for _ in range(3)] == [0, 1, 2]

@@ -45,8 +45,6 @@ class Forwarding:
         self.clock = clock
         self.stats = stats
         self.routes = SubscriptionTree()
-        self._routed: set[tuple[str, str]] = set()
-        """(node, filter) of every route in ``routes``."""
         self._idle: set[tuple[str, str]] = set()
         """(node, shared filter): routes whose members on that node are all offline."""
         self._connected_here: set[str] = set()
@@ -64,10 +62,8 @@ class Forwarding:
     def add_route(self, node: str, topic_filter: str, awake: bool = True) -> None:
         """Another node holds a filter now (a shared one not ``awake``: no member connected)."""
         key = (node, topic_filter)
-        if key not in self._routed:  # (adding it again would empty the match cache for nothing)
-            self._routed.add(key)
-            group, _ = split_shared(topic_filter)
-            self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
+        group, _ = split_shared(topic_filter)
+        self.routes.add(Subscription(client_id=node, topic_filter=topic_filter, share_group=group))
         if awake:
             self._idle.discard(key)
         else:
@@ -75,11 +71,8 @@ class Forwarding:
 
     def remove_route(self, node: str, topic_filter: str) -> None:
         """Another node no longer holds a filter."""
-        key = (node, topic_filter)
-        if key in self._routed:
-            self._routed.discard(key)
-            self._idle.discard(key)
-            self.routes.remove(node, topic_filter)
+        self.routes.remove(node, topic_filter)
+        self._idle.discard((node, topic_filter))
 
     def replace_routes(self, node: str, routes: dict[str, bool]) -> None:
         """A node's whole set of filters (as ``filters_of`` gives them)."""
@@ -103,11 +96,11 @@ class Forwarding:
     def filters_of(self, node: str) -> dict[str, bool]:
         """The filters routed to a node, each with whether it is awake (see ``add_route``)."""
         idle = self._idle
-        return {key[1]: key not in idle for key in self._routed if key[0] == node}
+        return {s.topic_filter: (node, s.topic_filter) not in idle for s in self.routes if s.client_id == node}
 
     def nodes(self) -> set[str]:
         """The nodes something is routed to."""
-        return {node for node, _ in self._routed}
+        return {s.client_id for s in self.routes}
 
     def forward(self, message: Message, groups: SharedGroups) -> int:
         """Send the message once to each other node holding a matching filter, and give each

@@ -199,7 +199,7 @@ class Cluster:
             self.store.forward(node, b"".join(records))
         for topic_filter in self._shares_changed:
             awake = bool(self.awake.get(topic_filter))
-            if self._shares.get(topic_filter, awake) != awake:
+            if self._shares.get(topic_filter, awake) != awake:  # (held, and changed)
                 self._shares[topic_filter] = awake
                 self.store.route(topic_filter, True, awake)
         self._shares_changed.clear()
@@ -225,32 +225,28 @@ class Cluster:
 
     def member_changed(self, subscription: Subscription, joined: bool) -> None:
         """A client joined a shared subscription here, or left it (from the subscription tree)."""
-        client_id = subscription.client_id
-        if joined:
-            session = self.broker.sessions.get(client_id)
-            if session is None or session.connection is None:
-                return
-            self.awake.setdefault(subscription.topic_filter, set()).add(client_id)
-        else:
-            members = self.awake.get(subscription.topic_filter)
-            if members is None or client_id not in members:
-                return
-            members.discard(client_id)
-        self._share_changed(subscription.topic_filter)
+        session = self.broker.sessions.get(subscription.client_id)
+        self._member(subscription.topic_filter, subscription.client_id,
+                     joined and session is not None and session.connection is not None)
 
     def _members_changed(self, session: Session, connected: bool) -> None:
-        client_id = session.client_id
         for subscription in session.subscriptions.values():
             if subscription.share_group is not None:
-                topic_filter = subscription.topic_filter
-                if connected:
-                    self.awake.setdefault(topic_filter, set()).add(client_id)
-                else:
-                    self.awake.get(topic_filter, set()).discard(client_id)
-                self._share_changed(topic_filter)
+                self._member(subscription.topic_filter, session.client_id, connected)
 
-    def _share_changed(self, topic_filter: str) -> None:
-        self.forwarding.connected_here(topic_filter, bool(self.awake.get(topic_filter)))
+    def _member(self, topic_filter: str, client_id: str, connected: bool) -> None:
+        """Count a member of a shared subscription as connected here, or not; what the other
+        nodes are told is decided at the next batch (``_collect``)."""
+        members = self.awake.get(topic_filter)
+        if connected:
+            if members is None:
+                members = self.awake[topic_filter] = set()
+            members.add(client_id)
+        elif members is None or client_id not in members:
+            return
+        else:
+            members.discard(client_id)
+        self.forwarding.connected_here(topic_filter, bool(members))
         self._shares_changed.add(topic_filter)
         self.store.collect()
 
