@@ -91,8 +91,11 @@ class BrokerProcess:
                  listen: str = "tcp:{port}:interface=127.0.0.1", data_dir: Path | None = None,
                  open_files: int | None = None) -> None:
         self.port = port or free_port()
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mqttbroker-{self.port}.log"
+        # Its own directory, removed at stop: the log is kept in memory from then on.
+        self._log_dir = Path(tempfile.mkdtemp(prefix="mqttbroker-log-"))
+        self.log_path = self._log_dir / f"mqttbroker-{self.port}.log"
         self.log = open(self.log_path, "wb")
+        self._stopped_output: str | None = None
         endpoint = ["--endpoint", listen.format(port=self.port)] if listen else []
         # A fresh SQLite store per broker unless the test names one (--data-dir/--persistence).
         self._own_data_dir = data_dir is None and not any(
@@ -118,6 +121,8 @@ class BrokerProcess:
         return self.process.pid
 
     def output(self) -> str:
+        if self._stopped_output is not None:
+            return self._stopped_output
         self.log.flush()
         return self.log_path.read_text(errors="replace")
 
@@ -128,7 +133,10 @@ class BrokerProcess:
 
     def stop(self) -> None:
         terminate(self.process)
-        self.log.close()
+        if self._stopped_output is None:
+            self._stopped_output = self.output()
+            self.log.close()
+            shutil.rmtree(self._log_dir, ignore_errors=True)
         if self._own_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
