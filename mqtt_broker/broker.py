@@ -431,11 +431,12 @@ class BrokerService(MultiService):
         node's claim, and what it did not finish of shared subscriptions goes to other members."""
         if session is not None and self.sessions.get(client_id) is not session:
             return
-        session = self.sessions.pop(client_id, None)
+        session = self.sessions.get(client_id)
         if session is None:
             return
         if session.connection is not None:
-            self.let_go(client_id, False)
+            self.let_go(client_id, False)  # (it finds the connection through the session)
+        del self.sessions[client_id]
         _cancel(session.expiry_call)
         _cancel(session.retry_call)
         for topic_filter in session.subscriptions:

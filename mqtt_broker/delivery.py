@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from .message import Message
 from .session import Outgoing, Queued, Session
-from .topics import Subscription, next_turn, terms
+from .topics import Subscription, Turns, terms
 from .wire.packets import MQTT_5
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class Delivery:
         self.cluster: Any = broker.cluster
         self.forwarding: Any = broker.cluster.forwarding if broker.cluster is not None else None
         """The cluster's forwarding (mqtt_broker.cluster.forwarding), when there is a cluster."""
-        self._share_turns: dict[tuple[str, str], int] = {}
+        self._share_turns = Turns()
         """Per shared subscription (group, filter): the count of messages given out, whose
         remainder picks the next member."""
         self.routing_waits_for_store = False
@@ -176,7 +176,7 @@ class Delivery:
         pool = online or [m for m in members if m.client_id in sessions]
         if not pool:
             return 0
-        chosen = pool[next_turn(self._share_turns, share) % len(pool)]
+        chosen = pool[self._share_turns.next(share) % len(pool)]
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
         self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos), False, ids, share)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Final, Iterator, NamedTuple
@@ -290,15 +291,32 @@ class SubscriptionTree:
             stack.extend(node.children.values())
 
 
-def next_turn(turns: dict[tuple[str, str], int], share: tuple[str, str]) -> int:
-    """The turn of a shared subscription's next message, counted in ``turns``: one count per
-    group, all forgotten at once when MAX_SHARE_TURNS groups are counted, since groups come and
-    go with their members and the counts only spread messages evenly."""
-    turn = turns.get(share, 0)
-    if not turn and len(turns) >= MAX_SHARE_TURNS:
-        turns.clear()
-    turns[share] = turn + 1
-    return turn
+class Turns:
+    """Whose turn it is in each shared group: a count per group, for at most ``limit`` groups,
+    since groups come and go with their members and the counts only spread messages evenly.
+    Once that many are counted, all are forgotten at once; from then on a group counted afresh
+    starts at a random turn: from 0, more groups in use than the limit would each be forgotten
+    before its next message, and give every message to its first member."""
+
+    def __init__(self, limit: int = MAX_SHARE_TURNS) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+        self._limit = limit
+        self._forgotten = False
+
+    def next(self, share: tuple[str, str]) -> int:
+        """The turn of the group's next message."""
+        counts = self._counts
+        turn = counts.get(share)
+        if turn is None:
+            if len(counts) >= self._limit:
+                counts.clear()
+                self._forgotten = True
+            turn = random.getrandbits(30) if self._forgotten else 0
+        counts[share] = turn + 1
+        return turn
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 def terms(subs: list[Subscription]) -> tuple[int, bool, tuple[int, ...], bool]:

@@ -204,7 +204,7 @@ def test_a_client_taking_over_its_own_session_here_tells_the_other_nodes_nothing
         first = yield connect(broker, client_id="member", clean_start=False)
         first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
         yield broker.store.flushed()
-        assert events() == [b"F\0a\0$share/g/t"]
+        assert [e.rpartition(b"\0")[0] for e in events()] == [b"F\0a\0$share/g/t"]
         yield connect(broker, client_id="member", clean_start=False)
         yield broker.store.flushed()
         assert first.closed and events() == []
@@ -214,28 +214,109 @@ def test_a_client_taking_over_its_own_session_here_tells_the_other_nodes_nothing
 
 
 @pytest_twisted.inlineCallbacks
-def test_routes_read_while_their_events_come_are_read_again(server: RedisServer) -> Iterator[Deferred[Any]]:
-    """Node b let x/# go and took it again while a read b's routes: the answer may predate both
-    events (they come by another connection), so it is read again rather than trusted."""
+def test_two_connects_of_one_client_at_once_leave_one_connection(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Two CONNECTs of a new client reach node a within one Redis round trip (a client retrying
+    fast): the second claim finds a's copy of the session out of date (the first claim's epoch
+    was not known when it was sent), and takes Redis's in its place. The first connection is
+    closed (0x8E) rather than left open beside the second [MQTT-3.1.4-2]."""
     broker = yield node_a(server)
-    cluster = broker.cluster
-    answers = [Deferred(), succeed({"x/#": True})]
-    reads = []
-
-    def routes_of(node: str) -> Deferred[dict[str, bool]]:
-        reads.append(node)
-        return answers[len(reads) - 1]
-    cluster.store.routes_of = routes_of
     try:
-        cluster.forwarding.add_route("b", "x/#")
-        loading = cluster._load_routes("b")
-        cluster._control(b"f\0b\0x/#")
-        cluster._control(b"F\0b\0x/#")
-        answers[0].callback({})  # read before either event
-        yield loading
-        assert reads == ["b", "b"] and cluster.forwarding.filters_of("b") == {"x/#": True}
+        first, second = FakeClient(broker, 5), FakeClient(broker, 5)
+        for client in (first, second):
+            client.send(Connect(protocol_level=5, client_id="member", clean_start=False,
+                                properties={"session_expiry_interval": 600}))
+        yield until(lambda: first.transport.value() and second.transport.value(), "both CONNACKs")
+        yield until(lambda: first.closed, "the first connection to be closed")
+        assert broker.sessions["member"].connection is second.protocol and not second.closed
+        second.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
+        yield broker.store.flushed()
+        assert broker.cluster.awake == {"$share/g/t": {"member"}}
+        assert server.client().hget("mqtt:routes:a", "$share/g/t") == b"1"
     finally:
         yield broker.stopService()
+
+
+def reading_routes(cluster: Any) -> list[Deferred[tuple[int, dict[str, bool]]]]:
+    """Reads of a node's routes from Redis, answered by the test."""
+    reads: list[Deferred[tuple[int, dict[str, bool]]]] = []
+
+    def routes_of(node: str) -> Deferred[tuple[int, dict[str, bool]]]:
+        reads.append(Deferred())
+        return reads[-1]
+    cluster.store.routes_of = routes_of
+    return reads
+
+
+@pytest_twisted.inlineCallbacks
+def test_routes_read_while_their_events_come_take_the_events_newer_than_the_read(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b's routes change as node a reads them (a busy node: clients subscribing, shared
+    members coming and going). The events and the answer come by different connections, so the
+    answer may be older than events that came before it, or newer than events that come after
+    it: each carries its version, and the replica ends as Redis is, after one read."""
+    broker = yield node_a(server)
+    cluster = broker.cluster
+    reads = reading_routes(cluster)
+    try:
+        cluster._control(b"F\0b\0x/#\0" + b"5")
+        loading = cluster._load_routes("b")
+        cluster._control(b"f\0b\0x/#\0" + b"6")
+        cluster._control(b"F\0b\0y/#\0" + b"7")
+        reads[0].callback((6, {"held/long/ago/#": True}))  # made after the 6th change, before the 7th
+        cluster._control(b"I\0b\0$share/g/t\0" + b"8")
+        yield loading
+        assert len(reads) == 1
+        assert cluster.forwarding.filters_of("b") == {"held/long/ago/#": True, "y/#": True, "$share/g/t": False}
+        cluster._control(b"F\0b\0$share/g/t\0" + b"8")  # an old event, after a read that had it
+        assert cluster.forwarding.filters_of("b")["$share/g/t"] is False
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_forgotten_while_its_routes_are_read_stays_forgotten(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died and a survivor deleted its routes while node a read them: the answer, made
+    before, comes after the event. b's routes do not come back (messages would go to an inbox
+    nobody reads)."""
+    broker = yield node_a(server)
+    cluster = broker.cluster
+    reads = reading_routes(cluster)
+    try:
+        cluster._control(b"F\0b\0x/#\0" + b"1")
+        loading = cluster._load_routes("b")
+        cluster._control(b"G\0b\0" + b"2")
+        assert cluster.forwarding.filters_of("b") == {}
+        reads[0].callback((1, {"x/#": True}))
+        yield loading
+        assert cluster.forwarding.filters_of("b") == {} and "b" not in cluster.nodes
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_route_events_and_reads_tell_the_same_versions(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """What Redis says: each change of a node's routes is announced with the version it makes,
+    which a read of the routes gives with them; a dead node's routes going is one more."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    events = control_events(server)
+    try:
+        before, _ = yield broker.store.routes_of("b")
+        b.route("x/#", True)
+        b.route("$share/g/t", True, False)
+        yield b.flushed()
+        b.route("x/#", False)
+        yield b.flushed()
+        version, routes = yield broker.store.routes_of("b")
+        assert (version, routes) == (before + 3, {"$share/g/t": False})
+        yield broker.store.forget_node("b")
+        assert events() == [b"F\0b\0x/#\0%d" % (before + 1), b"I\0b\0$share/g/t\0%d" % (before + 2),
+                            b"f\0b\0x/#\0%d" % (before + 3), b"G\0b\0%d" % (before + 4)]
+        assert (yield broker.store.routes_of("b")) == (before + 4, {})
+    finally:
+        yield broker.stopService()
+        yield link.close()
 
 
 @pytest_twisted.inlineCallbacks

@@ -16,7 +16,7 @@ from mqtt_broker.wire import (
     MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
-from mqtt_broker.topics import MAX_SHARE_TURNS
+from mqtt_broker.topics import MAX_SHARE_TURNS, Turns
 
 from protocol_helpers import FakeClient, connected, make_broker
 
@@ -951,6 +951,25 @@ def test_shared_groups_that_come_and_go_leave_no_count_behind() -> None:
         member.send(Unsubscribe(packet_id=1, topic_filters=(f"$share/job{n}/t",)))
     assert delivered == MAX_SHARE_TURNS + 500
     assert len(broker.delivery._share_turns) <= MAX_SHARE_TURNS
+
+
+def test_a_groups_members_take_turns_while_more_groups_are_in_use_than_are_counted() -> None:
+    """(The bound made small: the same holds at MAX_SHARE_TURNS.) Two connected members of
+    $share/g/t, and messages to more groups than are counted between g's: both get some."""
+    broker = make_broker()
+    broker.delivery._share_turns = Turns(limit=3)
+    first, second, other = v5(broker, "first"), v5(broker, "second"), v5(broker, "other")
+    first.subscribe("$share/g/t", packet_id=1)
+    second.subscribe("$share/g/t", packet_id=1)
+    for n in range(4):
+        other.subscribe(f"$share/job{n}/x", packet_id=n + 1)
+    for client in (first, second, other):
+        client.received()
+    for n in range(60):
+        broker.publish("t", b"%d" % n)
+        broker.publish("x", b"x")
+    got = [sum(isinstance(p, Publish) for p in client.received()) for client in (first, second)]
+    assert sum(got) == 60 and min(got) > 0, got
 
 
 def test_shared_subscription_gets_no_retained_messages() -> None:

@@ -11,7 +11,7 @@ from topic_helpers import LEVELS, matched, topic_filters, topic_names
 
 from mqtt_broker.topics import (
     MAX_SHARE_TURNS, Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard,
-    matches, next_turn, split_shared, valid_topic_filter, valid_topic_name,
+    matches, Turns, split_shared, valid_topic_filter, valid_topic_name,
 )
 
 
@@ -219,15 +219,26 @@ def test_subscribing_again_with_the_same_options_leaves_the_matches_standing() -
     assert tree.match("a/b")[0] is not clients and tree.match("a/b")[0][0].qos == 2
 
 
-def test_next_turn_counts_per_group_and_forgets_them_all_past_the_bound() -> None:
-    turns: dict[tuple[str, str], int] = {}
-    assert [next_turn(turns, ("g", "$share/g/t")) for _ in range(3)] == [0, 1, 2]
-    assert next_turn(turns, ("h", "$share/h/t")) == 0
+def test_turns_count_per_group_and_forget_them_all_past_the_bound() -> None:
+    turns = Turns()
+    assert [turns.next(("g", "$share/g/t")) for _ in range(3)] == [0, 1, 2]
+    assert turns.next(("h", "$share/h/t")) == 0
     for n in range(MAX_SHARE_TURNS - 2):
-        next_turn(turns, (f"job{n}", "t"))
+        turns.next((f"job{n}", "t"))
     assert len(turns) == MAX_SHARE_TURNS
-    assert next_turn(turns, ("g", "$share/g/t")) == 3  # a group counted already goes on
-    assert next_turn(turns, ("new", "t")) == 0 and turns == {("new", "t"): 1}
+    assert turns.next(("g", "$share/g/t")) == 3  # a group counted already goes on
+    turns.next(("new", "t"))
+    assert len(turns) == 1
+
+
+def test_turns_of_more_groups_than_the_bound_still_go_round() -> None:
+    """Messages to more groups than are counted, in a cycle: each group is forgotten before its
+    next message, and still its members take turns (not the first member every time)."""
+    turns = Turns(limit=10)
+    groups = [(f"g{n}", "t") for n in range(11)]
+    chosen = [[turns.next(share) % 2 for share in groups] for _ in range(60)]
+    for n in range(len(groups)):
+        assert {round[n] for round in chosen} == {0, 1}, n
 
 
 def test_add_counts_and_replace() -> None:

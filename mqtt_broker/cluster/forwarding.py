@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable
 
 from ..message import Message
-from ..topics import SharedGroups, Subscription, SubscriptionTree, next_turn, split_shared
+from ..topics import SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
 from .codec import HANDED, pack_forwarded
 
 
@@ -55,7 +55,7 @@ class Forwarding:
         self._outgoing: dict[str, list[bytes]] = {}
         self._qos0: dict[str, list[bytes]] = {}
         self._qos0_scheduled = False
-        self._turns: dict[tuple[str, str], int] = {}
+        self._turns = Turns()
         self._ids = 0
         self._id_prefix = os.urandom(6)
 
@@ -146,7 +146,7 @@ class Forwarding:
         if not nodes:
             return 0
         nodes = self._awake_first(nodes, share[1])
-        node = nodes[next_turn(self._turns, share) % len(nodes)]
+        node = nodes[self._turns.next(share) % len(nodes)]
         if message.qos and message.cluster_id is None:
             self._identify(message)
         self._outgoing.setdefault(node, []).append(pack_forwarded(message, (share,), self.clock.seconds(), HANDED))
@@ -172,7 +172,7 @@ class Forwarding:
         for share in {*local, *remote}:
             nodes = ([self.node] if share in local else []) + sorted(remote.get(share, []))
             candidates = self._awake_first(nodes, share[1])
-            chosen = candidates[next_turn(self._turns, share) % len(candidates)]
+            chosen = candidates[self._turns.next(share) % len(candidates)]
             if chosen == self.node:
                 count += self._deliver_shared(message, share, local[share])
             else:

@@ -78,8 +78,10 @@ class Cluster:
         """Shared subscriptions whose members came or went since the last batch: what the other
         nodes are told is decided then, so that a change undone in the meantime (a client taking
         its own session over) tells them nothing."""
-        self._route_events: dict[str, int] = {}
-        """How many route events came from each node (see ``_load_routes``)."""
+        self._route_versions: dict[str, int] = {}
+        """The version of each other node's routes that the replica is at (see ``_load_routes``)."""
+        self._route_reads: dict[str, list[list[tuple[int, bytes, str]]]] = {}
+        """The route events of each node whose routes are being read, one list per read."""
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
                                      self._send_qos0)
         self.nodes: dict[str, float] = {}
@@ -404,13 +406,7 @@ class Cluster:
         if node == self.node:
             return
         if kind in (b"F", b"f", b"I"):
-            topic_filter = parts[1].decode()
-            self.nodes.setdefault(node, self.clock.seconds())
-            self._route_events[node] = self._route_events.get(node, 0) + 1
-            if kind != b"f":
-                self.forwarding.add_route(node, topic_filter, kind == b"F")
-            else:
-                self.forwarding.remove_route(node, topic_filter)
+            self._route_event(node, int(parts[2]), kind, parts[1].decode())
         elif kind == b"R":
             self.broker.retained.store(unpack_retained(parts[2], self.clock.seconds()))
         elif kind == b"r":
@@ -421,8 +417,25 @@ class Cluster:
             self.nodes.pop(node, None)
             self.clock.callLater(0, lambda: self._check_nodes(True).addErrback(self._check_failed))
         elif kind == b"G":  # a dead node's sessions are adopted: its routes go
+            self._route_event(node, int(parts[1]), kind, "")
+
+    def _route_event(self, node: str, version: int, kind: bytes, topic_filter: str) -> None:
+        for events in self._route_reads.get(node, ()):
+            events.append((version, kind, topic_filter))
+        if version > self._route_versions.get(node, 0):
+            self._route_versions[node] = version
+            self._change_route(node, kind, topic_filter)
+
+    def _change_route(self, node: str, kind: bytes, topic_filter: str) -> None:
+        if kind == b"G":
             self.nodes.pop(node, None)
             self.forwarding.forget(node)
+            return
+        self.nodes.setdefault(node, self.clock.seconds())
+        if kind != b"f":
+            self.forwarding.add_route(node, topic_filter, kind == b"F")
+        else:
+            self.forwarding.remove_route(node, topic_filter)
 
     def _claimed_elsewhere(self, client_id: str, epoch: int, clean: bool) -> None:
         """Another node took a session this node held: its connection here is closed (0x8E),
@@ -610,7 +623,7 @@ class Cluster:
         they are the newest)."""
         if not self._listening.called:
             self._listening.callback(None)
-        elif self.ready.called and self._started:
+        elif self._started:  # (joining too: what it read may predate what it missed)
             self._load_routes().addErrback(self._check_failed)
             self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._check_failed)
 
@@ -623,18 +636,25 @@ class Cluster:
     def _load_routes(self, only: str | None = None) -> Any:
         """Other nodes' filters (or ``only``'s), from Redis, in place of the replica's: after an
         outage the events of filters let go were lost too, and a node dropped meanwhile holds
-        none. A node's set is taken only if none of its events came while it was read (an event
-        and the answer come by different connections): else it is read again, and left to its
-        events if they keep coming."""
+        none. Each node's set is read with its version, and its events that came during the
+        read (by another connection: before or after the answer was made) are applied again
+        over it if they are newer."""
         forwarding = self.forwarding
         nodes = {only} if only else {*(yield self.store.members())[0], *forwarding.nodes()}
         for node in nodes - {self.node}:
-            for _ in range(5):
-                seen = self._route_events.get(node, 0)
-                routes = yield self.store.routes_of(node)
-                if self._route_events.get(node, 0) == seen:
-                    forwarding.replace_routes(node, routes)
-                    break
+            events: list[tuple[int, bytes, str]] = []
+            reads = self._route_reads.setdefault(node, [])
+            reads.append(events)
+            try:
+                version, routes = yield self.store.routes_of(node)
+            finally:
+                reads.remove(events)
+                if not reads:
+                    del self._route_reads[node]
+            forwarding.replace_routes(node, routes)
+            self._route_versions[node] = version  # (lower after Redis lost its data: it starts again)
+            for event in events:
+                self._route_event(node, *event)
 
     @inlineCallbacks
     def _load_retained(self) -> Any:

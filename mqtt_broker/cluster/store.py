@@ -45,7 +45,7 @@ def _script(name: str) -> Script:
     return Script(name, resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
 
 
-BATCH, CLAIM, QUEUED = _script("batch"), _script("claim"), _script("queued")
+BATCH, CLAIM, QUEUED, ROUTES = _script("batch"), _script("claim"), _script("queued"), _script("routes")
 
 
 class Claim:
@@ -341,11 +341,13 @@ class RedisStore:
                                    fireOnOneErrback=True, consumeErrors=True)
         return members, {m for m, (_, value) in zip(members, alive) if value}
 
-    def routes_of(self, node: str) -> Deferred[dict[str, bool]]:
-        """A node's filters, each with whether it is awake (see ``route``)."""
-        def read(reply: list[bytes]) -> dict[str, bool]:
-            return {reply[j].decode(): reply[j + 1] != b"0" for j in range(0, len(reply), 2)}
-        return self.redis.call("HGETALL", f"mqtt:routes:{node}").addCallback(read)
+    def routes_of(self, node: str) -> Deferred[tuple[int, dict[str, bool]]]:
+        """A node's filters, each with whether it is awake (see ``route``), and the version
+        they are at: its route events (control channel) carry the version each makes."""
+        def read(reply: list[Any]) -> tuple[int, dict[str, bool]]:
+            version, fields = reply
+            return int(version), {fields[j].decode(): fields[j + 1] != b"0" for j in range(0, len(fields), 2)}
+        return self.redis.run(ROUTES, node).addCallback(read)
 
     def clients_of(self, node: str) -> Deferred[list[str]]:
         return self.redis.call("SMEMBERS", f"mqtt:clients:{node}").addCallback(lambda ids: [c.decode() for c in ids])
@@ -431,7 +433,8 @@ class RedisStore:
     def forget_node(self, dead: str) -> Any:
         """A dead node's sessions are adopted: its routes go, and the others are told."""
         yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}")
-        yield self.redis.call("PUBLISH", self.CONTROL, f"G\0{dead}")
+        version = yield self.redis.call("HINCRBY", "mqtt:routes-version", dead, 1)
+        yield self.redis.call("PUBLISH", self.CONTROL, f"G\0{dead}\0{version}")
 
     @inlineCallbacks
     def drop_node(self, dead: str) -> Any:

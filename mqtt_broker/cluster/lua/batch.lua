@@ -128,13 +128,15 @@ while i <= n do
     redis.call('XACK', P .. 'inbox:' .. (ARGV[i + 1] == '' and node or ARGV[i + 1]), 'nodes', ARGV[i + 2])
     i = i + 3
   elseif op == 'F' or op == 'I' or op == 'f' then -- a topic filter this node's sessions hold
-    -- ('I': a shared one whose members here are all offline), or no longer
+    -- ('I': a shared one whose members here are all offline), or no longer; the event carries
+    -- the routes' new version (routes.lua)
     if op ~= 'f' then
       redis.call('HSET', P .. 'routes:' .. node, ARGV[i + 1], op == 'F' and '1' or '0')
     else
       redis.call('HDEL', P .. 'routes:' .. node, ARGV[i + 1])
     end
-    redis.call('PUBLISH', P .. 'control', op .. '\0' .. node .. '\0' .. ARGV[i + 1])
+    local version = redis.call('HINCRBY', P .. 'routes-version', node, 1)
+    redis.call('PUBLISH', P .. 'control', op .. '\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. version)
     i = i + 2
   else
     return redis.error_reply('unknown change ' .. tostring(op))
