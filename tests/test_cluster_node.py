@@ -176,6 +176,37 @@ def test_a_shared_member_taken_by_another_node_is_no_longer_counted_as_connected
         yield link.close()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_session_adopted_back_leaves_nothing_of_its_old_copy_here(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A client moved from node a to node b, unsubscribed there from y/#, and b died before a
+    forgot its old copy of the session (it keeps it while the routes settle). a adopts the
+    session from Redis: the old copy's subscriptions go with it, and y/# is not delivered."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600})
+        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="x/#", qos=1),
+                                                          SubscriptionRequest(topic_filter="y/#", qos=1))))
+        yield broker.store.flushed()
+        old = broker.sessions["c"]
+        yield b.register(60_000)
+        yield b.claim("c", False, 0)  # its client connected to node b
+        yield until(lambda: client.closed and "c" not in broker.store.epochs, "a to let the client go")
+        assert broker.sessions["c"] is old  # kept while the routes settle
+        b.delete_subscription("c", "y/#")
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        broker.cluster._adopt("b")
+        yield until(lambda: broker.sessions.get("c") not in (None, old), "a to adopt b's session")
+        assert list(broker.sessions["c"].subscriptions) == ["x/#"]
+        assert [m.client_id for m in broker.subscriptions.match("y/1")[0]] == []
+        assert [m.client_id for m in broker.subscriptions.match("x/1")[0]] == ["c"]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
 def control_events(server: RedisServer) -> Any:
     """A listener to the cluster's control channel: ``events()`` gives what came since."""
     pubsub = server.client().pubsub()

@@ -537,6 +537,8 @@ class Cluster:
                     continue
                 for subscription in claim.session.subscriptions.values():
                     former.add(subscription)
+                if client_id in self.broker.sessions:  # a copy from before the dead node had it: stale
+                    self.broker.forget_session(client_id)
                 self.broker.take_session(claim.session, claim.disconnected_at)
                 if dead != self.node:
                     self._moved_here(client_id)
