@@ -972,6 +972,23 @@ def test_a_groups_members_take_turns_while_more_groups_are_in_use_than_are_count
     assert sum(got) == 60 and min(got) > 0, got
 
 
+def test_a_publish_with_a_property_length_in_more_bytes_than_it_needs_is_malformed() -> None:
+    """[MQTT-1.5.5-1]: a Variable Byte Integer in the fewest bytes. A PUBLISH whose property
+    length 0 takes two bytes is refused (0x81), and nothing of it reaches the subscriber, whose
+    copy would be the frame as it came with its packet id set (at the wrong place)."""
+    broker = make_broker()
+    subscriber = v5(broker, "sub")
+    subscribe5(subscriber, "t", qos=1)
+    publisher = v5(broker, "pub")
+    body = b"\x00\x01t" + b"\x00\x07" + b"\x80\x00" + b"hello"  # topic t, packet id 7, properties 0x80 0x00
+    publisher.send_bytes(bytes((0x32, len(body))) + body)
+    assert [(type(p), p.reason_code) for p in publisher.received()] == [(Disconnect, ReasonCode.MALFORMED_PACKET)]
+    assert publisher.closed and subscriber.received() == []
+    publisher = v5(broker, "pub")
+    publisher.publish("t", b"hello", qos=1, packet_id=7)
+    assert [(p.topic, p.payload) for p in subscriber.received() if isinstance(p, Publish)] == [("t", b"hello")]
+
+
 def test_shared_subscription_gets_no_retained_messages() -> None:
     """§3.8.4 §4.8.2 [MQTT-3.3.1-9 applies to non-shared subscriptions only]: no retained
     messages are sent on a shared subscribe."""

@@ -408,6 +408,20 @@ def test_remaining_length_of_five_bytes_is_malformed(raw: bytes) -> None:
     assert caught.value.reason_code == ReasonCode.MALFORMED_PACKET
 
 
+@pytest.mark.parametrize("raw", [b"\x30\x80\x00", b"\x30\x81\x80\x00" + b"\0" * 1, b"\xc0\x80\x00"])
+def test_remaining_length_in_more_bytes_than_it_needs_is_malformed(raw: bytes) -> None:
+    # [MQTT-1.5.5-1]: the fewest bytes; a PUBLISH's frame may be sent on as it came.
+    with pytest.raises(MalformedPacket, match="fewest bytes") as caught:
+        FrameReader().feed(raw)
+    assert caught.value.reason_code == ReasonCode.MALFORMED_PACKET
+
+
+@pytest.mark.parametrize("raw", [b"\x80\x00", b"\xff\x80\x00", b"\x80\x80\x80\x00"])
+def test_a_variable_byte_integer_in_more_bytes_than_it_needs_is_malformed(raw: bytes) -> None:
+    with pytest.raises(MalformedPacket, match="fewest bytes"):
+        decode_varint(raw, 0)
+
+
 def test_packet_too_large_on_the_fixed_header_alone() -> None:
     reader = FrameReader(max_packet_size=1024)
     # PUBLISH with remaining length 268 435 455: only the four-byte header has arrived.

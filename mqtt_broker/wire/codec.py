@@ -102,6 +102,8 @@ class FrameReader:
                 index += 1
                 length |= (byte & 0x7F) << shift
                 if not byte & 0x80:
+                    if not byte:  # (the frame's bytes may be sent on as they came)
+                        raise MalformedPacket("remaining length not in its fewest bytes")  # [MQTT-1.5.5-1]
                     break
                 shift += 7
                 if shift > 21:

@@ -76,6 +76,8 @@ def decode_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if shift and not byte:
+                raise MalformedPacket("variable byte integer not in its fewest bytes")  # [MQTT-1.5.5-1]
             return value, pos
     raise MalformedPacket("variable byte integer longer than 4 bytes")
 
