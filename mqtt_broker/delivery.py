@@ -361,15 +361,24 @@ class Delivery:
         self.forget(session, out)
         connection = session.connection
         if session.unsent and connection is not None:
+            sent = False
+            too_large = []
             for next_id, out in session.outgoing.items():
                 if out.unsent:
                     out.unsent = False
                     session.unsent -= 1
                     if session.stored:  # its record may not be written yet
                         connection.wait_for_store()
-                    connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids)
-                    return True
-            session.unsent = 0
+                    if connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids):
+                        sent = True
+                        break
+                    too_large.append(next_id)  # dropped, as if delivered [MQTT-3.1.2-25]
+            else:
+                session.unsent = 0
+            for next_id in too_large:
+                self.forget(session, session.outgoing.pop(next_id))
+            if sent:
+                return True
         if session.queue:
             self.pump(session)
         return True

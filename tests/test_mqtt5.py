@@ -989,6 +989,31 @@ def test_a_publish_with_a_property_length_in_more_bytes_than_it_needs_is_malform
     assert [(p.topic, p.payload) for p in subscriber.received() if isinstance(p, Publish)] == [("t", b"hello")]
 
 
+def test_a_message_held_back_by_receive_maximum_and_then_too_large_is_dropped_as_if_delivered() -> None:
+    """[MQTT-3.1.2-25], [MQTT-4.9.0-2]: two QoS 1 messages in flight when the client went away;
+    it comes back with Receive Maximum 1 and a Maximum Packet Size the second exceeds. Once the
+    first is acknowledged the second is dropped, as if delivered, and the window is free again
+    (it was kept in flight for good: nothing more was sent)."""
+    broker = make_broker()
+    subscriber = v5(broker, "sub", clean=False, properties={"session_expiry_interval": 100})
+    subscribe5(subscriber, "t", qos=1)
+    publisher = v5(broker, "pub")
+    publisher.publish("t", b"small", qos=1, packet_id=1)
+    publisher.publish("t", b"L" * 1000, qos=1, packet_id=2)
+    assert len(subscriber.received()) == 2
+    subscriber.lose()
+    subscriber = FakeClient(broker, version=5)
+    connack = subscriber.connect("sub", clean=False, properties={
+        "session_expiry_interval": 100, "receive_maximum": 1, "maximum_packet_size": 500})
+    assert connack.session_present
+    resent = subscriber.received()
+    assert [p.payload for p in resent] == [b"small"]
+    subscriber.send(Puback(packet_id=resent[0].packet_id))
+    assert subscriber.received() == [] and broker.sessions["sub"].outgoing == {}
+    publisher.publish("t", b"after", qos=1, packet_id=3)
+    assert [p.payload for p in subscriber.received()] == [b"after"]
+
+
 def test_shared_subscription_gets_no_retained_messages() -> None:
     """§3.8.4 §4.8.2 [MQTT-3.3.1-9 applies to non-shared subscriptions only]: no retained
     messages are sent on a shared subscribe."""
