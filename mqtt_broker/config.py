@@ -131,7 +131,8 @@ class BrokerConfig:
     persistent_client_expiration: int = _setting(
         0, "Seconds after which a disconnected persistent session is discarded; 0 for never.")
     connect_timeout: float = _setting(
-        10.0, "Seconds a new connection has to send CONNECT before it is closed; 0 for no "
+        10.0, "Seconds a new connection has to send CONNECT before it is closed, and a client "
+        "without keepalive to be connected after it (enhanced authentication, hooks); 0 for no "
         "limit (then a silent connection is kept for ever).")
     close_linger: float = _setting(
         2.0, "Seconds a connection the broker closes (DISCONNECT, refused CONNACK, protocol error) "

@@ -73,6 +73,7 @@ class Connecting:
     _aliases_in: InboundAliases | None
     _aliases_out: OutboundAliases | None
     _deadline: Any
+    _keep_alive: float
     _expiry_call: Any
 
     # MQTTProtocol's methods that these use, declared for mypy and mypyc (a trait's calls go by
@@ -88,9 +89,13 @@ class Connecting:
 
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
-        if self._deadline is not None:  # the CONNECT deadline
+        # Until CONNACK too (an exchange of AUTH, a hook): a client is watched by its keepalive
+        # from CONNECT on; one with none has connect_timeout more to be connected.
+        if packet.keep_alive:
+            self._watch_keepalive(packet.keep_alive)
+        elif self._deadline is not None:
             self.broker.keepalives.forget(self._deadline)
-            self._deadline = None
+            self._deadline = self.broker.keepalives.watch(self, self.clock.seconds() + self.broker.config.connect_timeout)
         self.version = packet.protocol_level
         terms = self.terms = negotiate(self.broker.config, packet, self.broker.connack)
         self.problem_information = terms.problem_information
@@ -256,7 +261,11 @@ class Connecting:
                      "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
                      peer=self.peer, version=_VERSION_NAMES[self.version], clean=packet.clean_start,
                      keep_alive=terms.keep_alive, present=present)
-        if terms.keep_alive:
+        if not terms.keep_alive:
+            if self._deadline is not None:
+                self.broker.keepalives.forget(self._deadline)
+                self._deadline = None
+        elif terms.keep_alive != self._keep_alive:  # (the server's, shorter)
             self._watch_keepalive(terms.keep_alive)
         self._watch_expiry()
         self.delivery.resume(session)

@@ -275,21 +275,26 @@ class MQTTProtocol(Connecting, Publishing):
         self.drop(error.reason_code, error.message)
 
     def _watch_keepalive(self, keep_alive: int) -> None:
-        """After CONNECT: the client is disconnected when silent for 1.5 keepalives [MQTT-3.1.2-24]."""
+        """From CONNECT: the client is disconnected when silent for 1.5 keepalives [MQTT-3.1.2-24]."""
+        if self._deadline is not None:
+            self.broker.keepalives.forget(self._deadline)
         self._keep_alive = float(keep_alive)
         self._last_seen = self.clock.seconds()
         self._deadline = self.broker.keepalives.watch(self, self._last_seen + self._keep_alive * 1.5)
 
     def keepalive_due(self) -> float | None:
         """Called by the broker's keepalives at this connection's deadline: closes a connection
-        with no CONNECT within connect_timeout, or a client silent for 1.5 keepalives
-        [MQTT-3.1.2-24]; or returns the next deadline."""
-        if self.state is State.AWAITING_CONNECT:
+        with no CONNECT within connect_timeout (nor, with no keepalive, a CONNACK within
+        connect_timeout of its CONNECT), or a client silent for 1.5 keepalives [MQTT-3.1.2-24];
+        or returns the next deadline."""
+        if not self._keep_alive:
             self._deadline = None
-            # An abort, not a lingering close: there is nothing to tell a client that has sent no
-            # CONNECT (no DISCONNECT before CONNACK), and the descriptor such a silent socket holds
-            # is what the timeout is there to free, at once.
-            self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "no CONNECT within the connect timeout", abort=True)
+            # An abort, not a lingering close: there is nothing to tell a client that is not
+            # connected (no DISCONNECT before CONNACK), and the descriptor such a socket holds is
+            # what the timeout is there to free, at once.
+            self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "no CONNECT within the connect timeout"
+                      if self.state is State.AWAITING_CONNECT else "not connected within the connect timeout",
+                      abort=True)
             return None
         limit = self._keep_alive * 1.5
         idle = self.clock.seconds() - self._last_seen
@@ -670,10 +675,11 @@ class MQTTProtocol(Connecting, Publishing):
         # error codes still publish it.
         expiry = packet.properties.get("session_expiry_interval")
         if expiry is not None:
-            assert self.client is not None
-            if not self.client.properties.get("session_expiry_interval") and expiry:
+            client = self.client
+            if client is not None and not client.properties.get("session_expiry_interval") and expiry:
                 raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")  # 3.14.2.2.2
-            self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
+            if self.session is not None:  # (none yet while the client authenticates)
+                self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})",
                   routine=packet.reason_code < 0x80)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from mqtt_broker import Message, ReasonCode, Refused
 from mqtt_broker.wire import (
@@ -1313,6 +1314,47 @@ def test_enhanced_authentication_challenge_then_connack() -> None:
     assert connack.properties["authentication_method"] == "SCRAM"
     assert calls == [("c", "SCRAM", b"client-first", False), ("c", "SCRAM", b"client-final", False)]
     assert [c.client_id for c in broker.clients()] == ["c"]
+
+
+def test_a_disconnect_with_session_expiry_while_authenticating_ends_the_connection() -> None:
+    """DISCONNECT is allowed while the client authenticates; its Session Expiry Interval has no
+    session to go to yet (it raised AttributeError out of dataReceived)."""
+    broker = make_broker()
+    _scram(broker)
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5,
+                        properties={**_auth_properties(b"client-first"), "session_expiry_interval": 10}))
+    assert [type(p) for p in client.received()] == [Auth]
+    client.send(Disconnect(properties={"session_expiry_interval": 20}))
+    assert client.closed and client.received() == [] and broker.sessions == {}
+
+
+@pytest.mark.parametrize("keep_alive, closed_after", [(10, 15.0), (0, 10.0)])
+def test_a_client_silent_while_authenticating_is_closed(keep_alive: int, closed_after: float) -> None:
+    """A client that gets AUTH 0x18 and says nothing more is closed: by its keepalive, which
+    applies from CONNECT [MQTT-3.1.2-22], or with none after connect_timeout (it was kept for
+    ever). Nothing is sent before the CONNACK it never got [MQTT-3.14.0-1]."""
+    broker = make_broker(connect_timeout=10)
+    _scram(broker)
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, keep_alive=keep_alive,
+                        properties=_auth_properties(b"client-first")))
+    assert [type(p) for p in client.received()] == [Auth]
+    broker.reactor.advance(closed_after - 0.5)
+    assert not client.closed
+    broker.reactor.advance(1.0)
+    assert client.closed and client.received() == []
+
+
+def test_a_connection_whose_connect_hook_never_answers_is_closed_after_the_connect_timeout() -> None:
+    broker = make_broker(connect_timeout=10)
+    broker.hooks.on_connect(lambda client: Deferred())
+    client = FakeClient(broker, version=4)
+    client.send(Connect(client_id="c", keep_alive=0))
+    broker.reactor.advance(9.5)
+    assert not client.closed
+    broker.reactor.advance(1.0)
+    assert client.closed and client.received() == []
 
 
 def test_enhanced_authentication_refused_gets_connack_0x87() -> None:
