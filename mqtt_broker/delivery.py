@@ -178,7 +178,8 @@ class Delivery:
             return 0
         chosen = pool[self._share_turns.next(share) % len(pool)]
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
-        self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos), False, ids, share)
+        self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos),
+                     message.retain and chosen.retain_as_published, ids, share)  # [MQTT-3.3.1-12, -13]
         return 1
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,

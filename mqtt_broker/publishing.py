@@ -77,7 +77,9 @@ class Publishing:
                     aliases = self._aliases_in = InboundAliases(self.broker.config.max_topic_alias)
                 topic = packet.topic = aliases.resolve(topic, alias)
                 packet.properties = {k: v for k, v in properties.items() if k != "topic_alias"}
-        if not topic or "+" in topic or "#" in topic:
+        if not topic:  # (MQTT 5: with no Topic Alias either)
+            raise ProtocolError("PUBLISH with an empty topic name")  # [MQTT-4.7.3-1], 3.3.2.1
+        if "+" in topic or "#" in topic:
             raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
         broker = self.broker
         config = broker.config

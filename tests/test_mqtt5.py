@@ -1015,6 +1015,26 @@ def test_a_message_held_back_by_receive_maximum_and_then_too_large_is_dropped_as
     assert [p.payload for p in subscriber.received()] == [b"after"]
 
 
+def test_retain_as_published_holds_for_a_shared_subscription() -> None:
+    """[MQTT-3.3.1-12, -13]: the RETAIN flag of a message sent on is the published one with
+    Retain As Published, 0 without, for a shared subscription as for any other."""
+    broker = make_broker()
+    kept, cleared = v5(broker, "kept"), v5(broker, "cleared")
+    subscribe5(kept, "$share/g/t", retain_as_published=True)
+    subscribe5(cleared, "$share/h/t")
+    v5(broker, "pub").publish("t", b"r", retain=True)
+    assert [p.retain for p in kept.received()] == [True]
+    assert [p.retain for p in cleared.received()] == [False]
+
+
+def test_a_publish_with_an_empty_topic_and_no_alias_is_a_protocol_error() -> None:
+    """MQTT 5 3.3.2.1: a zero-length Topic Name with no Topic Alias is a Protocol Error (0x82)."""
+    broker = make_broker()
+    client = v5(broker, "pub")
+    client.send(Publish(topic="", payload=b"x"))
+    assert_server_disconnect(client, ReasonCode.PROTOCOL_ERROR)
+
+
 def test_shared_subscription_gets_no_retained_messages() -> None:
     """§3.8.4 §4.8.2 [MQTT-3.3.1-9 applies to non-shared subscriptions only]: no retained
     messages are sent on a shared subscribe."""
@@ -1355,6 +1375,15 @@ def test_a_connection_whose_connect_hook_never_answers_is_closed_after_the_conne
     assert not client.closed
     broker.reactor.advance(1.0)
     assert client.closed and client.received() == []
+
+
+def test_authentication_data_without_a_method_is_a_protocol_error() -> None:
+    """MQTT 5 3.1.2.11.10: Authentication Data with no Authentication Method is a Protocol Error:
+    the connection is closed, with no CONNACK 0 and no DISCONNECT [MQTT-3.14.0-1]."""
+    broker = make_broker()
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties={"authentication_data": b"x"}))
+    assert client.closed and client.received() == [] and broker.clients() == []
 
 
 def test_enhanced_authentication_refused_gets_connack_0x87() -> None:

@@ -392,7 +392,8 @@ class Cluster:
             if share not in shares:
                 continue
             member = members[0]
-            targets.append((member.client_id, min(member.qos, message.qos), False,
+            targets.append((member.client_id, min(member.qos, message.qos),
+                            message.retain and member.retain_as_published,
                             (member.subscription_id,) if member.subscription_id else ()))
         for client_id, qos, retain, ids in targets:
             self._deliver_targeted(client_id, Queued(message, qos, retain, ids))

@@ -228,6 +228,8 @@ def _decode_connect(body: bytes, version: int) -> Connect:
     properties = NO_PROPERTIES
     if level == MQTT_5:
         properties, pos = decode_properties(body, pos, CONNECT)
+        if "authentication_data" in properties and "authentication_method" not in properties:
+            raise ProtocolError("authentication data without an authentication method")  # 3.1.2.11.10
     client_id, pos = decode_string(body, pos)
     will = None
     if will_flag:
