@@ -15,7 +15,7 @@ from twisted.internet.task import Clock, deferLater
 
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
-from mqtt_broker.cluster.codec import pack_retained
+from mqtt_broker.cluster.codec import pack_retained, unpack_will
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
@@ -202,6 +202,94 @@ def test_a_session_adopted_back_leaves_nothing_of_its_old_copy_here(server: Redi
         assert list(broker.sessions["c"].subscriptions) == ["x/#"]
         assert [m.client_id for m in broker.subscriptions.match("y/1")[0]] == []
         assert [m.client_id for m in broker.subscriptions.match("x/1")[0]] == ["c"]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+def received(client: FakeClient, into: list[Publish]) -> bool:
+    into += [p for p in client.received() if isinstance(p, Publish)]
+    return bool(into)
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_inbox_entry_that_cannot_be_handled_is_passed_over(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """An entry of node a's inbox that fails (here: not a record at all) is logged and passed
+    over; the entries after it are handled (the inbox was read no more)."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600})
+        client.received()
+        server.client().xadd("mqtt:inbox:a", {"d": b"\x07garbage"})
+        b.send_on("c", Queued(Message(topic="t/1", payload=b"for c", qos=1), 1, False, (), None, 0))
+        yield b.flushed()
+        got: list[Publish] = []
+        yield until(lambda: received(client, got), "the message after the bad entry")
+        assert [p.payload for p in got] == [b"for c"]
+        yield until(lambda: server.client().xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "both handled")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_taken_for_dead_and_back_reads_its_inbox_again(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """While node a was cut off from Redis, a survivor took it for dead and dropped its inbox
+    (the stream and its group) and its membership. Back, a is a member again and reads what
+    the others write to its inbox (every read failed: no group)."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600})
+        client.received()
+        redis = server.client()
+        redis.delete("mqtt:inbox:a", "mqtt:routes:a", "mqtt:clients:a")  # what the survivor did
+        redis.srem("mqtt:nodes", "a")
+        b.send_on("c", Queued(Message(topic="t/1", payload=b"for c", qos=1), 1, False, (), None, 0))
+        yield b.flushed()  # (into a stream of no group)
+        redis.client_kill_filter(_type="pubsub")
+        redis.client_kill_filter(_type="normal")
+        yield until(lambda: redis.sismember("mqtt:nodes", "a"), "a to be a member again")
+        got: list[Publish] = []
+        # (the inbox is read again a second after a failed read: a second of a's clock each time)
+        yield until(lambda: broker.clock.advance(1.0) or received(client, got),  # type: ignore[func-returns-value]
+                    "the message written to a's inbox meanwhile")
+        assert [p.payload for p in got] == [b"for c"]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected and c's will delayed 30 s. a adopts c's session and
+    schedules the will; the claim took it out of Redis, and a writes it back with its due time,
+    so that a node adopting c after a finds it (it lived in a's memory only)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        yield b.register(600_000)
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 600), None)
+        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        broker.cluster._adopt("b")
+        yield until(lambda: "c" in broker.sessions, "a to adopt c")
+        yield broker.store.flushed()
+        assert "c" in broker._delayed_wills
+        message, _, delay, due = unpack_will(server.client().hget("mqtt:session:c", "will"))
+        assert (message.payload, delay, due) == (b"c is gone", 0, 1030.0)
+        clock.advance(30.0)
+        yield broker.store.flushed()
+        assert server.client().hget("mqtt:session:c", "will") is None
     finally:
         yield broker.stopService()
         yield link.close()

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from ..message import Client, Message
 from ..session import Queued, Session
+from ..store import StoredWill
 from ..topics import SubscriptionTree, Subscription
 from ..wire import MQTT_5
 from .address import RedisAddress
@@ -296,7 +297,12 @@ class Cluster:
     def _handle_entries(self, entries: list[tuple[bytes, bytes | None]]) -> None:
         for entry_id, data in entries:
             if data is not None:  # (None: trimmed away since it was read)
-                self._handle_entry(bytes(data))
+                try:
+                    self._handle_entry(bytes(data))
+                except Exception:
+                    # (read again, it would fail again, and stop every entry after it for good)
+                    log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
+                                entry_id=entry_id)
             self.store.handled(entry_id)
 
     def _inbox_handled(self, _: Any, since: str) -> None:
@@ -306,6 +312,11 @@ class Cluster:
     def _inbox_failed(self, failure: Any) -> None:
         self._reading = False
         if self._started:
+            if "NOGROUP" in failure.getErrorMessage():
+                # Taken for dead while it was away, this node had its inbox dropped by the
+                # survivor that adopted what it held; other nodes may have written to it since.
+                log.warn("this node's inbox was dropped (taken for dead while away): made again")
+                self.store.create_inbox().addErrback(lambda _: None)
             self.clock.callLater(1.0, self._read_inbox_again)
 
     def _read_inbox_again(self) -> None:
@@ -479,7 +490,8 @@ class Cluster:
     def _beat(self) -> None:
         if not self.redis.up:
             return
-        self.store.beat(self._ttl_ms).addErrback(lambda _: None)
+        # (a member again if it was taken for dead and dropped: paused longer than its lives)
+        self.store.register(self._ttl_ms).addErrback(lambda _: None)
         self._check_nodes().addErrback(self._check_failed)
 
     def _check_failed(self, failure: Any) -> None:
@@ -592,8 +604,10 @@ class Cluster:
         if ended or (due is None and not delay):
             self.broker.publish_will(client, message)
         elif client_id not in self._claiming:
-            self.broker.schedule_will(client, message, due if due is not None else
-                                      self.clock.seconds() + min(delay, expiry))
+            due = due if due is not None else self.clock.seconds() + min(delay, expiry)
+            self.broker.schedule_will(client, message, due)
+            # In Redis too (the claim took it out): for the next node, should this one die first.
+            self.store.save_will(StoredWill(client_id, username, message, due))
 
     # --- Redis coming and going ---------------------------------------------------------------
 

@@ -401,7 +401,8 @@ class RedisStore:
         def exists(failure: Failure) -> None:
             if "BUSYGROUP" not in failure.getErrorMessage():
                 failure.raiseException()
-        return self.redis.call("XGROUP", "CREATE", f"mqtt:inbox:{self.node}", INBOX_GROUP, "$", "MKSTREAM"
+        # From the first entry: a node dropped as dead and back finds what others wrote since.
+        return self.redis.call("XGROUP", "CREATE", f"mqtt:inbox:{self.node}", INBOX_GROUP, "0", "MKSTREAM"
                                ).addErrback(exists)
 
     def read_inbox(self, since: str) -> Deferred[list[tuple[bytes, bytes | None]]]:
