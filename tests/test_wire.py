@@ -623,7 +623,7 @@ CONNECT_PROPERTIES = st.fixed_dictionaries({}, optional={
     "authentication_method": TEXT,
     "authentication_data": st.binary(max_size=20),
     "user_property": USER_PROPERTIES,
-})
+}).filter(lambda p: "authentication_method" in p or "authentication_data" not in p)  # (5.0 3.1.2.11.10)
 
 WILL_PROPERTIES = st.fixed_dictionaries({}, optional={
     "will_delay_interval": st.integers(0, 2**32 - 1),

@@ -110,7 +110,10 @@ def _value(ident: int, packet_type: int) -> Any:
 
 def _packet_with(ident: int, packet_type: int) -> Packet:
     name = PROPERTIES[ident][0]
-    return BUILDERS[packet_type]({name: _value(ident, packet_type)})
+    properties = {name: _value(ident, packet_type)}
+    if name == "authentication_data" and packet_type == CONNECT:  # only with its method (5.0 3.1.2.11.10)
+        properties["authentication_method"] = "m"
+    return BUILDERS[packet_type](properties)
 
 
 ALLOWED = [(i, t) for i, (_, _, used) in SPEC_TABLE.items() for t in sorted(used)]
