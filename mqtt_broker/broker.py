@@ -392,6 +392,20 @@ class BrokerService(MultiService):
         for subscription in session.subscriptions.values():
             self.subscriptions.add(subscription)
 
+    def left_unattached(self, session: Session) -> None:
+        """A session this broker took for a client that went before it could attach (in a
+        cluster: while Redis handed it over): kept as if its client had just disconnected, or
+        ended if it was to end with its connection."""
+        if not session.expiry:
+            self._discard(session)
+            self._release(session.client_id)
+            return
+        if session.expiry != NEVER and session.expiry_call is None:
+            session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
+        if session.stored:
+            assert self.store is not None
+            self.store.save_session(session, self.clock.seconds())
+
     def schedule_will(self, client: Client, will: Message, due: float) -> None:
         """Publish a client's will at clock time ``due`` (at once if it is past), unless the
         client connects again before."""

@@ -20,7 +20,7 @@ from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
-from mqtt_broker.wire import Connect, Publish, Subscribe, SubscriptionRequest, Unsubscribe
+from mqtt_broker.wire import Connect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -290,6 +290,131 @@ def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
         clock.advance(30.0)
         yield broker.store.flushed()
         assert server.client().hget("mqtt:session:c", "will") is None
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_claimed_for_a_client_gone_before_the_answer_expires_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c's session is on node b (disconnected there). c connects to a and goes before a's claim
+    is answered: the session is a's now (Redis says so), kept as if c had just disconnected,
+    and it expires (it stayed on a, with no timer, for good)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        yield b.register(600_000)
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 60), 1000.0)
+        b.save_subscription("c", Subscription(client_id="c", topic_filter="t/#", qos=1))
+        yield b.flushed()
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 60}))
+        client.lose()
+        yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
+        yield broker.store.flushed()
+        assert server.client().hget("mqtt:owner:c", "node") == b"a"
+        assert broker.sessions["c"].expiry_call is not None
+        clock.advance(61.0)
+        yield broker.store.flushed()
+        assert "c" not in broker.sessions and "c" not in broker.store.epochs
+        assert server.client().hget("mqtt:owner:c", "node") is None
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_clean_claims_of_clients_gone_before_the_answer_leave_nothing(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Clients that connect clean and go before their claims are answered: nothing of them is
+    left, here or in Redis (each left an epoch here and an owner in Redis, for good)."""
+    broker = yield node_a(server)
+    try:
+        for n in range(5):
+            client = FakeClient(broker, 4)
+            client.send(Connect(protocol_level=4, client_id=f"gone{n}", clean_start=True))
+            client.lose()
+        yield until(lambda: not broker.cluster._claiming, "the claims' answers")
+        yield broker.store.flushed()
+        assert not [c for c in broker.store.epochs if c.startswith("gone")]
+        assert server.client().keys("mqtt:owner:gone*") == []
+        assert server.client().smembers("mqtt:clients:a") == set()
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its_will(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died holding c, connected, with a will. c connects to a, whose claim is answered
+    only after cluster_claim_timeout (c is refused, 0x88): the claim went on in Redis, so the
+    session is a's, kept as disconnected, and the will it took out of Redis is published (a
+    knew nothing of it: the will was lost and the session left with no owner that knew)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        observer = yield connect(broker, client_id="observer")
+        observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
+        yield broker.store.flushed()
+        observer.received()
+        yield b.register(600_000)
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 3600), None)
+        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 0)
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        answer: Deferred[Any] = Deferred()
+        claim = broker.store.claim
+        broker.store.claim = lambda *args: answer  # Redis slow to answer
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 3600}))
+        broker.store.claim = claim
+        clock.advance(broker.config.cluster_claim_timeout)
+        assert [p.reason_code for p in client.received()] == [ReasonCode.SERVER_UNAVAILABLE] and client.closed
+        claim("c", False, 0).chainDeferred(answer)  # the answer, at last
+        yield until(lambda: "c" in broker.sessions, "the session to be taken")
+        yield broker.store.flushed()
+        assert broker.sessions["c"].connection is None and broker.sessions["c"].expiry_call is not None
+        assert [(p.topic, p.payload) for p in observer.received() if isinstance(p, Publish)] == [("wills/c", b"c is gone")]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_reconnecting_while_its_node_takes_its_sessions_back_stays_connected(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node a, restarted, takes back the sessions it held while c connects to it again, c's
+    claim first: c stays connected (it was closed with 0x8E and its will published), and its
+    will is in Redis still."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    before = RedisStore(link, "a", reactor)  # node a before its restart
+    try:
+        yield before.claim("c", False, 0)
+        before.save_session(Session("c", 600), None)
+        before.save_subscription("c", Subscription(client_id="c", topic_filter="t/#", qos=1))
+        yield before.flushed()
+        broker.store.clients_of = lambda node: succeed(["c"])  # (at once: the two claims meet)
+        broker.store.route("something/else", True)  # a batch under way: both claims wait for it
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
+                            will=Will(topic="wills/c", payload=b"c is gone", qos=0, retain=False)))
+        yield broker.cluster._adopt("a")
+        yield broker.store.flushed()
+        assert not client.closed and broker.sessions["c"].connection is client.protocol
+        assert server.client().hget("mqtt:session:c", "will") is not None
     finally:
         yield broker.stopService()
         yield link.close()

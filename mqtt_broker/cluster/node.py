@@ -157,15 +157,24 @@ class Cluster:
     def claim(self, client_id: str, clean_start: bool) -> Deferred[bool]:
         """Take the client's session before its CONNACK: load it if another node (or this node
         before a restart) had it, and make that node let go. False if Redis did not answer in
-        time (the client is refused with 0x88)."""
+        time (the client is refused with 0x88); the claim goes on all the same, and a session
+        it takes once the client is gone is kept here as if its client had just disconnected."""
         self.stats.claims += 1
         self._claiming.setdefault(client_id, [])
-        d = self.store.claim(client_id, clean_start, self.broker.config.max_queued_messages)
-        d.addTimeout(self.broker.config.cluster_claim_timeout, self.clock)
-        return d.addCallbacks(self._claimed, self._not_claimed, callbackArgs=(client_id, clean_start),
-                              errbackArgs=(client_id,))
+        answer: Deferred[bool] = Deferred()
+        timer = self.clock.callLater(self.broker.config.cluster_claim_timeout, self._claim_late, client_id, answer)
+        self.store.claim(client_id, clean_start, self.broker.config.max_queued_messages).addCallbacks(
+            self._claimed, self._not_claimed, callbackArgs=(client_id, clean_start, answer, timer),
+            errbackArgs=(client_id, answer, timer))
+        return answer
 
-    def _claimed(self, claim: Claim | None, client_id: str, clean_start: bool) -> bool:
+    def _claim_late(self, client_id: str, answer: Deferred[bool]) -> None:
+        log.warn("Redis has not handed over the session of {client_id} in time: the client is refused",
+                 client_id=client_id)
+        answer.callback(False)
+
+    def _claimed(self, claim: Claim | None, client_id: str, clean_start: bool, answer: Deferred[bool],
+                 timer: Any) -> None:
         assert claim is not None
         broker = self.broker
         if not claim.current:
@@ -178,18 +187,38 @@ class Cluster:
                     broker.subscriptions.add(subscription)
                 if claim.previous is not None and claim.previous != self.node:
                     self._moved_here(client_id)
-        if claim.will is not None:
-            self._will_found(client_id, claim.will, ended=clean_start,
-                             expiry=claim.session.expiry if claim.session is not None else 0)
-        for item in self._claiming.pop(client_id, []):
+        held = self._claiming.pop(client_id, [])
+        for item in held:
             self._deliver_targeted(client_id, item)
-        return True
+        if timer.active():
+            timer.cancel()
+            answer.callback(True)  # the connection attaches now, if it is still there
+        session = broker.sessions.get(client_id)
+        attached = session is not None and session.connection is not None
+        if claim.will is not None:
+            self._will_found(client_id, claim.will, ended=clean_start, connecting=attached,
+                             expiry=claim.session.expiry if claim.session is not None else 0)
+        if attached:
+            return
+        # The client went (or was refused) before it could attach: the session is this node's
+        # now all the same (Redis says so), as if its client had just disconnected.
+        if session is not None:
+            broker.left_unattached(session)
+        elif client_id in self.store.epochs:
+            self.store.give_up(client_id)
 
-    def _not_claimed(self, failure: Any, client_id: str) -> bool:
-        self._claiming.pop(client_id, None)
+    def _not_claimed(self, failure: Any, client_id: str, answer: Deferred[bool], timer: Any) -> None:
+        held = self._claiming.pop(client_id, [])
         log.warn("could not claim the session of {client_id} in Redis: {error}", client_id=client_id,
                  error=failure.getErrorMessage())
-        return False
+        if timer.active():
+            timer.cancel()
+            answer.callback(False)
+        for item in held:  # to the session's owner, through Redis
+            self._deliver_targeted(client_id, item)
+        # Redis may have applied the claim and lost only its answer: once it answers again,
+        # what it says this node holds and this node does not know is taken as at a restart.
+        self.store.flushed().addCallback(lambda _: self._adopt(self.node)).addErrback(self._check_failed)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         return self.broker.delivery.deliver_shared(message, share, members)
@@ -542,9 +571,16 @@ class Cluster:
                         for subscription in (yield self.store.subscriptions_of(client_id)):
                             former.add(subscription)
                     continue
+                local = self.broker.sessions.get(client_id)
+                if local is not None and local.connection is not None:
+                    # Its client connected here meanwhile, and its claim came first: the session
+                    # is its connection's, whose will (taken out of Redis by this claim) goes back.
+                    self.connected(local, local.connection)
+                    continue
                 if claim.will is not None:
                     self._will_found(client_id, claim.will, ended=claim.session is None,
-                                     expiry=claim.session.expiry if claim.session is not None else 0)
+                                     expiry=claim.session.expiry if claim.session is not None else 0,
+                                     connecting=client_id in self._claiming)
                 if claim.session is None:
                     self.store.give_up(client_id)
                     continue
@@ -591,19 +627,19 @@ class Cluster:
             if not entries and cursor == "0-0":
                 return
 
-    def _will_found(self, client_id: str, data: bytes, ended: bool, expiry: int) -> None:
+    def _will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False) -> None:
         """A will no live node will publish: its client's connection was on a node that is dead
         (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
         its delay is 0 or the session ends; dropped if the client is connecting again (it came
-        back within the delay [MQTT-3.1.3-9]); otherwise due after its delay, or at the time a
-        delayed will was given."""
+        back within the delay [MQTT-3.1.3-9]: ``connecting``); otherwise due after its delay, or
+        at the time a delayed will was given."""
         message, username, delay, due = unpack_will(data)
         message.sender = client_id
         client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
                         clean_start=False, keep_alive=0)
         if ended or (due is None and not delay):
             self.broker.publish_will(client, message)
-        elif client_id not in self._claiming:
+        elif not connecting:
             due = due if due is not None else self.clock.seconds() + min(delay, expiry)
             self.broker.schedule_will(client, message, due)
             # In Redis too (the claim took it out): for the next node, should this one die first.
