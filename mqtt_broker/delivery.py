@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from .message import Message
 from .session import Outgoing, Queued, Session
-from .topics import Subscription, Turns, terms
+from .topics import SharedGroups, Subscription, Turns, terms
 from .wire.packets import MQTT_5
 
 if TYPE_CHECKING:
@@ -116,11 +116,7 @@ class Delivery:
                          message.retain and as_published, ids)
             count += 1
         if shares is not None:
-            if shares:  # (a group whose members here left as it came: one on another node)
-                held = dict(groups)
-                for share in shares:
-                    count += self.hand_on(message, share, held.get(share))
-            return count
+            return count + self.to_groups(message, shares, groups) if shares else count
         # In a cluster it chooses the members of shared subscriptions cluster-wide. Not for $SYS:
         # every node publishes the same names about itself, so each node's stay its own.
         if self.forwarding is not None and not (message.topic[0] == "$" and message.topic.startswith("$SYS/")):
@@ -128,6 +124,17 @@ class Delivery:
         for share, members in groups:
             count += self.deliver_shared(message, share, members)
         return count
+
+    def to_groups(self, message: Message, shares: tuple[tuple[str, str], ...], groups: SharedGroups | None = None) -> int:
+        """A message another node of a cluster chose this node for, for these shared
+        subscriptions: to a member of each here, or one on another node if none is here (its
+        members left as it came). ``groups``: the topic's, matched already."""
+        if groups is None:
+            groups = self.subscriptions.match(message.topic)[1]
+            if self.routing_waits_for_store:
+                self._wait_for_store((), groups)
+        held = dict(groups)
+        return sum([self.hand_on(message, share, held.get(share)) for share in shares])
 
     def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None) -> int:
         """A message for a shared subscription's group (one a member left unfinished, say) goes

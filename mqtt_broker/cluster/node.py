@@ -375,13 +375,16 @@ class Cluster:
 
     def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...]) -> None:
         """Route a forwarded message, the sessions that moved here lately apart: to each of
-        those, only if it has not had the message by the other way."""
+        those, only if it has not had the message by the other way. (A shared subscription's
+        message comes by one way only, to one node: any member here may have it.)"""
         sessions = self.broker.sessions
         moving = {c: sessions.pop(c) for c in self._moving if c in sessions}
         try:
-            self.broker.delivery.route(message, shares)
+            self.broker.delivery.route(message, ())
         finally:
             sessions.update(moving)
+        if shares:
+            self.broker.delivery.to_groups(message, shares)
         if moving:
             former = SubscriptionTree()
             for session in moving.values():
