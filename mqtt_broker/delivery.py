@@ -96,6 +96,10 @@ class Delivery:
         by_client, groups = self.subscriptions.match(message.topic)
         if self.routing_waits_for_store:
             self._wait_for_store(by_client, groups)
+        if message.qos and self.forwarding is not None and message.cluster_id is None:
+            # Before a copy of a session here has it: one that moved to another node lately
+            # passes it on there, where it must be known as the one forwarded there too.
+            self.forwarding.identify(message)
         sessions = self.sessions
         sender = message.sender
         count = 0

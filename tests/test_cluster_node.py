@@ -451,6 +451,39 @@ def test_a_shared_message_for_a_session_adopted_lately_is_delivered(server: Redi
         yield link.close()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_qos2_message_published_on_the_node_a_session_just_left_reaches_it_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moves from node a to node b; a keeps its copy while the routes settle. A QoS 2 message
+    published on a goes to that copy (whose write Redis refuses, and passes on to b) and is
+    forwarded to b: b knows the two for one by the message's id, and s gets it once (the copy's
+    went before the message had its id, and s got it twice)."""
+    a = yield node_a(server)
+    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
+                      close_linger=0)
+    b.startService()
+    try:
+        yield b.cluster.ready
+        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+        yield a.store.flushed()
+        publisher = yield connect(a, 5, client_id="p")
+        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        moved.received()
+        yield until(lambda: first.closed and "t" in a.cluster.forwarding.filters_of("b"),
+                    "a to let s go and to route t to b")
+        assert "s" in a.sessions  # the copy, kept while the routes settle
+        publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=1))
+        got: list[Publish] = []
+        yield until(lambda: received(moved, got) and b.cluster.stats.forwarded_in >= 2, "both ways to b")
+        yield b.store.flushed()
+        received(moved, got)
+        assert [p.payload for p in got] == [b"once"]
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
 def control_events(server: RedisServer) -> Any:
     """A listener to the cluster's control channel: ``events()`` gives what came since."""
     pubsub = server.client().pubsub()

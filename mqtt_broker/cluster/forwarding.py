@@ -118,7 +118,7 @@ class Forwarding:
         if not targets:
             return count
         if message.qos and message.cluster_id is None:
-            self._identify(message)
+            self.identify(message)
         now: float = self.clock.seconds()
         waiting = self._outgoing if message.qos else self._qos0
         for node, shares in targets.items():
@@ -148,13 +148,13 @@ class Forwarding:
         nodes = self._awake_first(nodes, share[1])
         node = nodes[self._turns.next(share) % len(nodes)]
         if message.qos and message.cluster_id is None:
-            self._identify(message)
+            self.identify(message)
         self._outgoing.setdefault(node, []).append(pack_forwarded(message, (share,), self.clock.seconds(), HANDED))
         self._collect()
         self.stats.forwarded_out += 1
         return 1
 
-    def _identify(self, message: Message) -> None:
+    def identify(self, message: Message) -> None:
         """A QoS 1/2 message leaving this node gets an id, by which a session that moves while
         it is on its way gets it once."""
         self._ids += 1
