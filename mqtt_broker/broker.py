@@ -392,11 +392,11 @@ class BrokerService(MultiService):
         for subscription in session.subscriptions.values():
             self.subscriptions.add(subscription)
 
-    def left_unattached(self, session: Session) -> None:
+    def left_unattached(self, session: Session, ended: bool = False) -> None:
         """A session this broker took for a client that went before it could attach (in a
         cluster: while Redis handed it over): kept as if its client had just disconnected, or
-        ended if it was to end with its connection."""
-        if not session.expiry:
+        ended if it was to end with its connection or the client started clean (``ended``)."""
+        if ended or not session.expiry:
             self._discard(session)
             self._release(session.client_id)
             return

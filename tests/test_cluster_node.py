@@ -484,6 +484,79 @@ def test_a_qos2_message_published_on_the_node_a_session_just_left_reaches_it_onc
         yield a.stopService()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_left_to_a_connection_that_went_before_its_claim_was_answered_is_published(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c is connected to node b, its will delayed 30 s. c's client connects to node a and goes
+    before a's claim is answered: b lets c go and leaves the delayed will to the new connection
+    (which came within the delay), and a, whose connection went, publishes it after the delay
+    (nobody did)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock)
+    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
+                      close_linger=0)
+    b.startService()
+    try:
+        yield b.cluster.ready
+        watcher = yield connect(a, client_id="watcher")
+        watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=0),)))
+        yield a.store.flushed()
+        watcher.received()
+        c = yield connect(b, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
+                          will=Will(topic="wills/c", payload=b"c is gone", qos=0, retain=False,
+                                    properties={"will_delay_interval": 30}))
+        yield b.store.flushed()
+        gone = FakeClient(a, 5)
+        gone.send(Connect(protocol_level=5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600}))
+        gone.lose()
+        yield until(lambda: c.closed and "c" in a.sessions and "c" not in a.cluster._claiming,
+                    "b to let c go, and a to hold its session")
+        yield a.store.flushed()
+        assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+        clock.advance(30.0)
+        yield a.store.flushed()
+        assert [(p.topic, p.payload) for p in watcher.received() if isinstance(p, Publish)] == [("wills/c", b"c is gone")]
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_clean_start_after_the_owner_died_hands_on_what_its_shared_subscription_left(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node x died holding s, a member of $share/g/t with a QoS 1 message of the group in
+    flight. Before any survivor adopts s, its client connects to a with a clean start: the
+    message goes to the group's other member, as when a session ends on a live node (the
+    claim deleted it with the session)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        m = yield connect(broker, 5, client_id="m", clean_start=False, properties={"session_expiry_interval": 600})
+        m.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$share/g/t", qos=1),)))
+        yield broker.store.flushed()
+        m.received()
+        yield x.register(600_000)
+        yield x.claim("s", False, 0)
+        x.save_session(Session("s", 3600), None)
+        x.save_subscription("s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"))
+        x.add_delivery("s", Queued(Message(topic="t", payload=b"unfinished", qos=1), 1, False, (), ("g", "$share/g/t"), 1), 5)
+        yield x.flushed()
+        server.client().delete("mqtt:node:x")  # x died
+        s = yield connect(broker, 5, client_id="s", clean_start=True)
+        assert not s.received()[0].session_present
+        got: list[Publish] = []
+        yield until(lambda: received(m, got), "the group's message at m")
+        assert [p.payload for p in got] == [b"unfinished"]
+        assert server.client().hgetall("mqtt:deliv:s") == {}
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
 def control_events(server: RedisServer) -> Any:
     """A listener to the cluster's control channel: ``events()`` gives what came since."""
     pubsub = server.client().pubsub()

@@ -135,7 +135,10 @@ def test_clean_start_empties_the_session_and_the_will_goes_with_the_claim(
     redis = server.client()
     redis.set("mqtt:node:a", "a")  # a is alive: its own connection's will is its own to publish
     claim = yield b.claim("c", True, 0)
-    assert claim.previous == "a" and claim.previous_alive and claim.will is None and claim.session is None
+    assert claim.previous == "a" and claim.previous_alive and claim.session is None
+    # It leaves Redis with the claim, which returns it: a, alive, publishes it (its delay is 0);
+    # a claimant keeps a delayed will of a live owner only if its own connection went.
+    assert unpack_will(claim.will)[0].payload == b"gone"
     assert redis.hget("mqtt:session:c", "will") is None and not redis.exists("mqtt:session:c")
     # a dead owner: the will comes with the claim, once.
     yield b.flushed()

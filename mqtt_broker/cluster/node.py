@@ -195,15 +195,20 @@ class Cluster:
             answer.callback(True)  # the connection attaches now, if it is still there
         session = broker.sessions.get(client_id)
         attached = session is not None and session.connection is not None
+        expiry = claim.session.expiry if claim.session is not None else 0
         if claim.will is not None:
-            self._will_found(client_id, claim.will, ended=clean_start, connecting=attached,
-                             expiry=claim.session.expiry if claim.session is not None else 0)
+            if not claim.previous_alive:
+                self._will_found(client_id, claim.will, ended=clean_start, connecting=attached, expiry=expiry)
+            elif not (attached or clean_start or not expiry):
+                # The live previous owner published it unless it was delayed: then it was for
+                # the new connection to cancel, which went, so it is due after its delay.
+                self._will_found(client_id, claim.will, ended=False, expiry=expiry, delayed_only=True)
         if attached:
             return
         # The client went (or was refused) before it could attach: the session is this node's
         # now all the same (Redis says so), as if its client had just disconnected.
         if session is not None:
-            broker.left_unattached(session)
+            broker.left_unattached(session, ended=clean_start)
         elif client_id in self.store.epochs:
             self.store.give_up(client_id)
 
@@ -630,13 +635,16 @@ class Cluster:
             if not entries and cursor == "0-0":
                 return
 
-    def _will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False) -> None:
+    def _will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
+                    delayed_only: bool = False) -> None:
         """A will no live node will publish: its client's connection was on a node that is dead
         (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
         its delay is 0 or the session ends; dropped if the client is connecting again (it came
         back within the delay [MQTT-3.1.3-9]: ``connecting``); otherwise due after its delay, or
         at the time a delayed will was given."""
         message, username, delay, due = unpack_will(data)
+        if delayed_only and due is None and not delay:
+            return
         message.sender = client_id
         client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
                         clean_start=False, keep_alive=0)

@@ -58,7 +58,8 @@ class Claim:
         self.previous: str | None = reply[1].decode() if reply[1] else None
         self.previous_alive = bool(reply[2])
         self.will: bytes | None = reply[3] or None
-        """The session's will, when no live node will publish it (pack_will)."""
+        """The session's will, taken out of Redis (pack_will): the previous owner's to publish
+        if it is alive, but for a delayed one of a session that goes on."""
         self.current = bool(reply[4])
         """The caller held the session already: its copy is current."""
         self.session: Session | None = None

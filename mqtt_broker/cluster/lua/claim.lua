@@ -5,9 +5,9 @@
 --
 -- A claim takes a new epoch from one counter (so epochs only grow, whatever happens to a
 -- session), which fences off every later write of the previous owner (batch.lua), and tells
--- the previous owner on the control channel. The session's will leaves Redis here: it is
--- returned when no live node will publish it (the previous owner is dead, or is this node
--- before a restart), otherwise the previous owner decides on it.
+-- the previous owner on the control channel. The session's will leaves Redis here, and is
+-- returned: a live previous owner publishes it itself, but for a delayed will of a session that
+-- goes on (the claimant keeps that one, should its own connection be gone).
 --
 -- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
 -- copy is current, session fields, subscriptions, {seq, 'packet_id:released', item}...,
@@ -40,11 +40,13 @@ if old_node and old_node ~= node then
 end
 local will = redis.call('HGET', data[1], 'will')
 redis.call('HDEL', data[1], 'will')
-if alive == 1 then will = false end
-if clean then
+if clean and (alive == 1 or not old_node) then -- (a live previous owner ends it itself)
   redis.call('DEL', unpack(data))
   return {epoch, old_node or false, alive, will, 0}
 end
+-- A clean start ends the session here, returned all the same: what its shared subscriptions
+-- did not finish goes to another member of each.
+if clean then window = 0 end
 local inflight = {}
 local seqs = redis.call('HGETALL', data[4])
 for j = 1, #seqs, 2 do
@@ -56,5 +58,7 @@ for j = 1, #first do
   queued[#queued + 1] = {first[j], redis.call('HGET', data[3], first[j])}
 end
 local last = redis.call('ZRANGE', data[5], -1, -1)
-return {epoch, old_node or false, alive, will, 0, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
-        inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6]), last[1] or 0}
+local reply = {epoch, old_node or false, alive, will, 0, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
+               inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6]), last[1] or 0}
+if clean then redis.call('DEL', unpack(data)) end
+return reply
