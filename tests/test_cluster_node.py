@@ -20,7 +20,8 @@ from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
-from mqtt_broker.wire import Connect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will
+from mqtt_broker.wire import (
+    Connect, Disconnect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will)
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -555,6 +556,53 @@ def test_a_clean_start_after_the_owner_died_hands_on_what_its_shared_subscriptio
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_overtaken_before_its_answer_came_lets_the_client_go(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c connects to node a and, a moment later, to node b. a's claim comes first in Redis, b's
+    after it, and the news of b's claim reaches a before the answer to its own: a lets its
+    connection go once connected (0x8E). It ignored the news, and c stayed connected on both
+    nodes (with no will and a session ending with it, a never writes, so it was never fenced)."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    before, b = RedisStore(link, "a", reactor), RedisStore(link, "b", reactor)
+    try:
+        answer: Deferred[Any] = Deferred()
+        broker.store.claim = lambda *args: answer  # (its answer held back)
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=True))
+        mine = yield before.claim("c", True, 0)  # a's claim, as Redis applies it
+        yield b.register(60_000)
+        yield b.claim("c", True, 0)  # b's, after it
+        yield until(lambda: "c" in broker.cluster._overtaken, "the news of b's claim")
+        broker.store.epochs["c"] = mine.epoch  # (what the store does with an answer)
+        answer.callback(mine)
+        assert client.closed
+        assert [(type(p), p.reason_code) for p in client.received()][-1] == (Disconnect, ReasonCode.SESSION_TAKEN_OVER)
+        assert "c" not in broker.store.epochs
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_moved_here_twice_counts_as_moving_for_the_whole_time_after_the_second(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """(Against a message coming by two ways while routes settle.) The first move's time ended
+    the second's early."""
+    broker = yield node_a(server)
+    cluster = broker.cluster
+    try:
+        cluster._moved_here("c")
+        broker.clock.advance(cluster._settle / 2)
+        cluster._moved_here("c")
+        broker.clock.advance(cluster._settle / 2 + 0.1)
+        assert "c" in cluster._moving
+        broker.clock.advance(cluster._settle / 2)
+        assert "c" not in cluster._moving
+    finally:
+        yield broker.stopService()
 
 
 def control_events(server: RedisServer) -> Any:

@@ -89,6 +89,9 @@ class Cluster:
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[Queued]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile."""
+        self._overtaken: dict[str, tuple[int, bool]] = {}
+        """Clients whose claim here is under way and that another node claimed since, the news
+        coming before the answer: that node's epoch, and whether its connection started clean."""
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = self.clock
         self._ttl_ms = int(config.cluster_heartbeat * config.cluster_missed_heartbeats * 1000)
@@ -203,6 +206,10 @@ class Cluster:
                 # The live previous owner published it unless it was delayed: then it was for
                 # the new connection to cancel, which went, so it is due after its delay.
                 self._will_found(client_id, claim.will, ended=False, expiry=expiry, delayed_only=True)
+        overtaken = self._overtaken.pop(client_id, None)
+        if overtaken is not None and overtaken[0] > claim.epoch:  # claimed since by another node
+            self._let_go(client_id, overtaken[1])
+            return
         if attached:
             return
         # The client went (or was refused) before it could attach: the session is this node's
@@ -214,6 +221,7 @@ class Cluster:
 
     def _not_claimed(self, failure: Any, client_id: str, answer: Deferred[bool], timer: Any) -> None:
         held = self._claiming.pop(client_id, [])
+        self._overtaken.pop(client_id, None)
         log.warn("could not claim the session of {client_id} in Redis: {error}", client_id=client_id,
                  error=failure.getErrorMessage())
         if timer.active():
@@ -490,9 +498,12 @@ class Cluster:
         """Another node took a session this node held: its connection here is closed (0x8E),
         and the session's copy here forgotten (the new owner has it, from Redis)."""
         held = self.store.epochs.get(client_id)
-        if held is None or held >= epoch:
+        if held is None:
+            if client_id in self._claiming:  # (the answer to this node's claim is yet to come)
+                self._overtaken[client_id] = (epoch, clean)
             return
-        self._let_go(client_id, clean)
+        if held < epoch:
+            self._let_go(client_id, clean)
 
     def _fenced(self, client_id: str, epoch: int) -> None:
         """Redis refused changes to a session this node wrote at ``epoch``: another node has
@@ -519,8 +530,12 @@ class Cluster:
             self.clock.callLater(self._settle, self.broker.forget_session, client_id, session)
 
     def _moved_here(self, client_id: str) -> None:
-        self._moving[client_id] = set()
-        self.clock.callLater(self._settle, self._moving.pop, client_id, None)
+        seen = self._moving[client_id] = set()
+        self.clock.callLater(self._settle, self._settled, client_id, seen)
+
+    def _settled(self, client_id: str, seen: set[bytes]) -> None:
+        if self._moving.get(client_id) is seen:  # (not moved here again since)
+            del self._moving[client_id]
 
     # --- membership ---------------------------------------------------------------------------
 
