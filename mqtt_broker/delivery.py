@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
+SPILLED_READ_RETRY = 1.0
+"""Seconds before reading a session's spilled messages again after the store failed to."""
+
 
 class Delivery:
     """Routing, delivery, the queues and the acknowledgements of what is sent. Its references
@@ -359,9 +362,16 @@ class Delivery:
         self.pump(session)
 
     def _spilled_failed(self, failure: Any, session: Session) -> None:
-        session.loading = False
         log.failure("cannot read the queued messages of {client_id} back from the store", failure,
                     client_id=session.client_id)
+        # Read again later: a session with nothing else in flight may never be pumped again.
+        # ``loading`` stays set until then, so that nothing else starts a read meanwhile.
+        self.clock.callLater(SPILLED_READ_RETRY, self._read_spilled_again, session)
+
+    def _read_spilled_again(self, session: Session) -> None:
+        session.loading = False
+        if self.sessions.get(session.client_id) is session:
+            self.pump(session)
 
     def acknowledged(self, session: Session, packet_id: int) -> bool:
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""

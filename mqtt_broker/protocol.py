@@ -652,7 +652,21 @@ class MQTTProtocol(Connecting, Publishing):
                 codes.append(ReasonCode.SUCCESS)
             else:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
-        self.send(Unsuback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+        store = self.broker.store
+        if store is None or not self.session.stored:
+            self._unsubscribed(None, packet, codes)
+        else:  # UNSUBACK once the removal is stored: after a crash the subscription stays gone
+            store.flushed().addCallbacks(self._unsubscribed, self._not_unsubscribed, (packet, codes), None, (packet, codes))
+
+    def _unsubscribed(self, _: None, packet: Unsubscribe, codes: list[ReasonCode]) -> None:
+        if self.state is State.CONNECTED:
+            self.send(Unsuback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+
+    def _not_unsubscribed(self, failure: Failure, packet: Unsubscribe, codes: list[ReasonCode]) -> None:
+        """The store could not write the removal now (it writes it once it can). MQTT 5 is told
+        0x80; MQTT 3's UNSUBACK has nothing to say it with."""
+        failure.trap(StoreError)
+        self._unsubscribed(None, packet, [code or ReasonCode.UNSPECIFIED_ERROR for code in codes])
 
     # --- the rest -----------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ class Publishing:
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
             log.info("denied PUBLISH to {topic} from {client_id}", topic=topic, client_id=self.client.client_id)  # type: ignore[union-attr]
             if qos:
-                self._acknowledge(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
+                self._refuse_publish(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
             return
         packet_id = packet.packet_id
         if qos == 2:
@@ -108,7 +108,7 @@ class Publishing:
         if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
             if not qos:
                 raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)
-            self._acknowledge(qos, packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID)
+            self._refuse_publish(qos, packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID)
             return
         message = packet
         message.sender = self._client_id
@@ -137,7 +137,7 @@ class Publishing:
     def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message) -> None:
         if isinstance(answer, Refused):
             if qos:
-                self._acknowledge(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
+                self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
             return
         if isinstance(answer, Message):
             message = answer
@@ -175,6 +175,15 @@ class Publishing:
             reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
         self._acknowledge_when_stored(qos, packet_id, reason)
 
+    def _refuse_publish(self, qos: int, packet_id: int, reason: ReasonCode, reason_string: str | None = None) -> None:
+        """Acknowledge a PUBLISH that is not routed, in its turn: after the acknowledgements of
+        earlier PUBLISHes still waiting for the store [MQTT-4.6.0-2, -3]."""
+        acks = self._acks
+        if acks is None:
+            self._acknowledge(qos, packet_id, reason, reason_string)
+        else:
+            acks.entries.append((qos, packet_id, reason, reason_string))
+
     def _acknowledge_when_stored(self, qos: int, packet_id: int, reason: ReasonCode) -> None:
         """Acknowledge once everything recorded so far is stored; through the store even when
         nothing new was recorded, so that acknowledgements keep the order of the PUBLISHes
@@ -186,17 +195,17 @@ class Publishing:
             return
         acks = self._acks
         if acks is not None and acks.generation == store.generation:
-            acks.entries.append((qos, packet_id, reason))
+            acks.entries.append((qos, packet_id, reason, None))
             return
-        acks = self._acks = _Acks(store.generation, (qos, packet_id, reason))
+        acks = self._acks = _Acks(store.generation, (qos, packet_id, reason, None))
         store.flushed().addCallbacks(self._durable, self._not_durable, (acks,), None, (acks,))
 
     def _durable(self, _: None, acks: _Acks) -> None:
         if self._acks is acks:
             self._acks = None
         if self.state is State.CONNECTED:
-            for qos, packet_id, reason in acks.entries:
-                self._acknowledge(qos, packet_id, reason)
+            for qos, packet_id, reason, reason_string in acks.entries:
+                self._acknowledge(qos, packet_id, reason, reason_string)
 
     def _not_durable(self, failure: Failure, acks: _Acks) -> None:
         """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
@@ -204,7 +213,11 @@ class Publishing:
         if self._acks is acks:
             self._acks = None
         failure.trap(StoreError)
-        for qos, packet_id, _ in acks.entries:
+        for qos, packet_id, reason, reason_string in acks.entries:
+            if reason >= 0x80 and reason != ReasonCode.QUOTA_EXCEEDED:  # refused, not routed: nothing to store
+                if self.state is State.CONNECTED:
+                    self._acknowledge(qos, packet_id, reason, reason_string)
+                continue
             # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client
             # will send the PUBLISH again, which must not be routed a second time.
             if qos == 2 and self.session is not None and self.version == MQTT_5:
@@ -271,12 +284,12 @@ class Publishing:
 
 
 class _Acks:
-    """Acknowledgements of PUBLISHes (QoS, packet id, reason code) that wait for one batch of
-    the store, in the order the PUBLISHes came."""
+    """Acknowledgements of PUBLISHes (QoS, packet id, reason code, reason string) that wait for
+    one batch of the store, in the order the PUBLISHes came."""
 
     __slots__ = ("generation", "entries")
 
-    def __init__(self, generation: int, first: tuple[int, int, ReasonCode]) -> None:
+    def __init__(self, generation: int, first: tuple[int, int, ReasonCode, str | None]) -> None:
         self.generation = generation
         """The store's ``generation`` when they started waiting."""
         self.entries = [first]

@@ -199,3 +199,17 @@ def test_every_bridge_setting_has_a_docstring() -> None:
                       and isinstance(following.value.value, str) and following.value.value.strip()}
         for f in dataclasses.fields(cls):
             assert f.name in documented, f"{cls.__name__}.{f.name}"
+
+
+def test_back_off_stays_at_its_cap_however_long_the_remote_is_down() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker import BrokerService
+    reactor = MemoryReactorClock()
+    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, bridge=[{
+        "connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["t/#"], "restart_timeout": [1.5, 8]}])
+    bridge = broker.bridges.get("b")
+    bridge._attempt = 5000  # days of a remote that refuses, at the cap
+    bridge._failed("refused")
+    assert 4 <= bridge._retry_call.getTime() - reactor.seconds() <= 8 and bridge._attempt == 5001
+    bridge._cancel_retry()

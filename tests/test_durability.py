@@ -23,7 +23,8 @@ from mqtt_broker.store import Store, StoreError
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.store.sqlite import SQLiteStore
 from mqtt_broker.wire import (
-    Connack, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest, Will,
+    Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest,
+    Unsuback, Unsubscribe, Will,
 )
 
 from durability_helpers import CapturedLog, Receiver, Restarts, crash_copy, rows
@@ -900,3 +901,51 @@ def test_acknowledgements_wait_for_their_batch_together_and_in_order() -> None:
     client.send(Publish(topic="t", payload=b"again", qos=2, packet_id=5))
     store.write(store.generation)
     assert [(type(p), p.packet_id, p.reason_code) for p in client.received()] == [(Pubrec, 5, unmatched)]
+
+
+def test_a_refused_publish_is_answered_after_the_earlier_ones_waiting_for_the_store() -> None:
+    """A PUBLISH that is not routed needs nothing stored, but its answer keeps its turn
+    [MQTT-4.6.0-2, -3]; with nothing waiting it comes at once."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    client = connected(broker, "p", 5)
+    client.received()
+    client.send(Publish(topic="$SYS/broker/x", payload=b"x", qos=1, packet_id=1))
+    assert [(p.packet_id, p.reason_code) for p in client.received()] == [(1, 0x87)]  # type: ignore[attr-defined]
+    client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=2),
+                Publish(topic="$SYS/broker/x", payload=b"x", qos=2, packet_id=3),
+                Publish(topic="t", payload=b"\xff", qos=1, packet_id=4, properties={"payload_format_indicator": 1}))
+    assert client.received() == []
+    store.write(store.generation)
+    assert [(type(p), p.packet_id, p.reason_code) for p in client.received()] == [
+        (Puback, 2, 0x10), (Pubrec, 3, 0x87), (Puback, 4, 0x99)]
+    client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=5), Publish(topic="$SYS/x", payload=b"x", qos=1, packet_id=6))
+    store.write(store.generation, StoreError("the disk is full"))
+    # The refusal says why, whatever became of the store.
+    assert [(p.packet_id, p.reason_code) for p in client.received()] == [(5, 0x80), (6, 0x87)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_unsuback_waits_until_the_removal_is_stored(version: int) -> None:
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    client = FakeClient(broker, version)
+    client.send(Connect(client_id="s", clean_start=False, protocol_level=version, protocol_name="MQTT",
+                        properties={"session_expiry_interval": 60} if version == 5 else {}))
+    assert [type(p) for p in client.received()] == [Connack]
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="a", qos=1),)))
+    store.write(store.generation)
+    assert [type(p) for p in client.received()] == [Suback]
+    client.send(Unsubscribe(packet_id=2, topic_filters=("a",)))
+    assert client.received() == [] and store.waiting  # a crash now would bring the subscription back
+    store.write(store.generation)
+    assert [(type(p), p.packet_id) for p in client.received()] == [(Unsuback, 2)]
+    client.send(Subscribe(packet_id=3, subscriptions=(SubscriptionRequest(topic_filter="a", qos=1),)))
+    store.write(store.generation)
+    client.received()
+    client.send(Unsubscribe(packet_id=4, topic_filters=("a", "b")))
+    store.write(store.generation, StoreError("the disk is full"))
+    (unsuback,) = client.received()
+    assert isinstance(unsuback, Unsuback) and unsuback.packet_id == 4
+    if version == 5:
+        assert unsuback.reason_codes == (0x80, 0x11)

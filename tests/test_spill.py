@@ -95,3 +95,23 @@ def test_a_connected_clean_session_that_stops_reading_loses_nothing() -> None:
     sub.send(Disconnect())
     sub.lose()
     assert "sub" not in broker.sessions and broker.store._sessions == {}  # type: ignore[union-attr]
+
+
+def test_a_failed_read_of_the_spilled_backlog_is_tried_again() -> None:
+    from twisted.internet.defer import fail
+
+    from mqtt_broker.delivery import SPILLED_READ_RETRY
+    store = MemoryStore()
+    broker = make_broker(max_queued_messages=2, store=store)
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", str(n).encode(), qos=1)
+    read = store.load_queued
+    failures = [OSError("disk I/O error")]
+    store.load_queued = lambda *args: fail(failures.pop()) if failures else read(*args)  # type: ignore[method-assign]
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    assert drain(again) == [b"0", b"1"]  # the read of the rest failed: nothing else will pump the session
+    broker.reactor.advance(SPILLED_READ_RETRY)
+    assert drain(again) == [b"2", b"3", b"4"]
+    assert broker.sessions["sub"].spilled == 0

@@ -438,8 +438,9 @@ class Bridge(Service):
             self._address_index = 0
         log.warn("bridge {name}: {why}", name=self.connection, why=why)
         base, cap = self.config.restart_timeout
-        # Exponential back-off with jitter over the upper half of each step.
-        ceiling = min(cap, base * 2 ** (self._attempt - 1))
+        # Exponential back-off with jitter over the upper half of each step; the exponent stops
+        # growing long after the cap is reached, as a float would overflow past 2 ** 1023.
+        ceiling = min(cap, base * 2 ** min(self._attempt - 1, 64))
         delay = base if base == cap else random.uniform(max(base, ceiling / 2), ceiling)
         self._set_state("waiting")
         self._retry_call = self.clock.callLater(delay, self._connect)
