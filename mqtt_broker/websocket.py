@@ -50,6 +50,7 @@ _GATHER = 65536
 _OPEN = WebSocketServerProtocol.STATE_OPEN
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 _CLOSING = WebSocketServerProtocol.STATE_CLOSING
+_CLOSED = WebSocketServerProtocol.STATE_CLOSED
 _UNSUPPORTED_DATA = WebSocketServerProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA
 _NORMAL = WebSocketServerProtocol.CLOSE_STATUS_CODE_NORMAL
 
@@ -247,7 +248,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def _receive_frames(self, data: bytes) -> None:
         """The hot path: whole, masked, uncompressed binary frames (and continuations of a binary
-        message) are unmasked here and handed to MQTT in one call per read, so that MQTT handles
+        message autobahn began) are unmasked here and handed to MQTT in one call per read, so that MQTT handles
         and answers them together as it does a TCP read; a frame cut by the end of the read waits
         here for its end when it is small. Anything else (a control or text frame, a large frame
         to stream, one autobahn must refuse) ends the loop and autobahn takes the rest, in order.
@@ -262,8 +263,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         while end - offset >= 2:
             first = buffer[offset]
             second = buffer[offset + 1]
-            # FIN and opcode 2 (or 0 inside a message), no RSV bit, the mask bit [RFC 6455 5.2].
-            if first & 0x7F != (0 if inside else 2) or second < 0x80:
+            # A whole binary message (FIN, opcode 2), or any continuation (opcode 0) inside one;
+            # no RSV bit; the mask bit [RFC 6455 5.2]. autobahn begins a fragmented message: it
+            # keeps state for the message, which it needs if it takes one of the later frames.
+            if (first & 0x7F if inside else first ^ 0x82) or second < 0x80:
                 wait = False
                 break
             length = second & 0x7F
@@ -366,7 +369,9 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
                        isReply: bool = False) -> None:
         super().sendCloseFrame(code, reasonUtf8, isReply)
         # autobahn's own timer would run on the global reactor; ours runs on the broker's clock.
-        if not isReply and self.state == _CLOSING and self._close_call is None:
+        # After a reply autobahn closes the socket once what it wrote is out, which a peer that
+        # does not read never lets happen: the same timer aborts it.
+        if self._close_call is None and (isReply or self.state == _CLOSING):
             self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
         if not self._mqtt_closed_it:
             # Closed from the WebSocket side (the client's close frame, a text or oversize frame, a
@@ -377,7 +382,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def _close_timed_out(self) -> None:
         self._close_call = None
         self.wasNotCleanReason = "closing handshake timeout"
-        self.dropConnection(abort=True)
+        if self.state == _CLOSED:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        else:
+            self.dropConnection(abort=True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Not autobahn's connectionLost: it logs a client's failed TLS handshake as an error.

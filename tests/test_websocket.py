@@ -501,6 +501,31 @@ def test_mqtt_disconnect_closes_the_websocket_and_waits_for_the_answer() -> None
     assert client.socket.disconnected
 
 
+def test_a_client_that_closes_and_stops_reading_is_dropped_after_the_timeout() -> None:
+    """The server closes the socket after its close reply, gracefully: once what it wrote is
+    out, which a client that does not read never lets happen."""
+    broker = make_broker()
+    client = ws_connected(broker)
+    client.send(b"\x03\xe8", CLOSE)
+    [reply] = client.frames()
+    assert reply.close_code == 1000 and client.closed and not client.socket.disconnected
+    broker.clock.advance(CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+    assert client.socket.disconnected  # aborted
+    client.lose()
+
+
+def test_a_fragmented_message_may_go_on_in_a_frame_too_large_to_gather() -> None:
+    client = ws_connected(make_broker())
+    publish = encode(Publish(topic="t", payload=b"x" * 100_000))
+    frames = client_frame(publish[:10], BINARY, fin=False) + client_frame(publish[10:], CONTINUATION)
+    client.send_bytes(frames[:30_000])  # the continuation is streamed as it comes
+    client.send_bytes(frames[30_000:] + client_frame(encode(Pingreq())))
+    assert client.packets() == [Pingresp()]
+    client.send(encode(Pingreq())[:1], BINARY, fin=False)
+    client.send(encode(Pingreq())[1:], CONTINUATION)
+    assert client.packets() == [Pingresp()]
+
+
 def test_mqtt5_server_disconnect_goes_out_before_the_close_frame() -> None:
     broker = make_broker()
     client = WSClient(broker, version=5)
