@@ -466,3 +466,28 @@ def test_remote_stopped_mid_stream(broker_process: Any, mosquitto: Any, tmp_path
     assert len(qos2) == len(set(qos2)) == total // 2, (twice, remote.qos2_traffic())
     for client in (cloud, local, watcher):
         client.close()
+
+
+def test_what_the_remote_cannot_take_does_not_stop_the_bridge(broker_process: Any, tmp_path: Path) -> None:
+    """An MQTT 5 remote's CONNACK says what it takes: a packet over its Maximum Packet Size is
+    dropped and counted, and retained messages lose the flag when it has none; sent anyway, either
+    would make it close the link, and the message come again at each reconnection."""
+    remote = broker_process("--config", str(write_config(
+        tmp_path / "remote.toml", {"max_packet_size": 300, "retain_available": False}, [])))
+    ours = bridged(broker_process, tmp_path, remote.port, bridge_protocol_version="mqttv50", topic=["up/# out 1"],
+                   notifications_local_only=True)  # its will is retained: refused by this remote (0x9A)
+    watcher = StateWatcher(ours.port, "cloud")
+    cloud = PahoClient(remote.port, version=mqtt.MQTTv5)
+    cloud.subscribe("up/#", 1)
+    local = PahoClient(ours.port)
+    local.publish("up/big", b"x" * 1000, 1)
+    local.publish("up/kept", b"retained", 1, retain=True)
+    local.publish("up/small", b"small", 1)
+    got = [cloud.message() for _ in range(2)]
+    assert [(m.topic, m.payload, m.retain) for m in got] == [("up/kept", b"retained", False), ("up/small", b"small", False)]
+    assert cloud.no_message(0.5)
+    assert watcher.client.message().payload == b"1" and watcher.client.no_message(0.2)  # the link stayed up
+    dropped = [event for event in ours.events() if str(event.get("why", "")).startswith("larger than the remote")]
+    assert [event["topic"] for event in dropped] == ["up/big"]
+    for client in (cloud, local, watcher):
+        client.close()

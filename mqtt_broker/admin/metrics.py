@@ -210,8 +210,8 @@ def _bridges(bridges: list[figures.BridgeFigures]) -> Iterator[Metric]:
                                    "included.", labels=["bridge"])
     failures = CounterMetricFamily("mqtt_bridge_failures", "Connection attempts that failed and links that "
                                    "broke.", labels=["bridge"])
-    dropped = CounterMetricFamily("mqtt_bridge_dropped", "Messages from either side that no topic line maps.",
-                                  labels=["bridge"])
+    dropped = CounterMetricFamily("mqtt_bridge_dropped", "Messages from either side that no topic line maps, "
+                                  "or too large for the remote.", labels=["bridge"])
     for b in bridges:
         up.add_metric([b.name], 1 if b.state == "connected" else 0)
         queued.add_metric([b.name], b.queued)

@@ -59,7 +59,8 @@ class BridgeStats:
         self.failures = 0
         """Connection attempts that failed, and links that broke."""
         self.dropped = 0
-        """Messages from one side with no topic line to map them (e.g. after the topics changed)."""
+        """Messages from one side with no topic line to map them (e.g. after the topics changed),
+        or larger than the remote's Maximum Packet Size."""
 
 
 class Bridge(Service):
@@ -90,6 +91,7 @@ class Bridge(Service):
         self._pending_acks = 0
         self._remote_receive = broker.config.max_inflight_messages
         self._remote_max_qos = 2
+        self._remote_retain = True
         self._local_receive = broker.config.max_inflight_messages
         self._inbound: set[int] = set()
         """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
@@ -208,6 +210,7 @@ class Bridge(Service):
         self._remote_receive = properties.get("receive_maximum", 65535) if link.version == MQTT_5 \
             else self.broker.config.max_inflight_messages
         self._remote_max_qos = properties.get("maximum_qos", 2)
+        self._remote_retain = bool(properties.get("retain_available", 1))
         incoming = [t for t in self.config.topic if t.incoming]
         v5 = link.version == MQTT_5
         requests = tuple(SubscriptionRequest(
@@ -272,7 +275,8 @@ class Bridge(Service):
         log.info("bridge {name} connected to {address}", name=self.connection, address=self.address)
         config = self.config
         if config.notifications and not config.notifications_local_only:
-            self.remote.send(Publish(topic=config.remote_notification_topic, payload=b"1", qos=0, retain=True))
+            self.remote.send(Publish(topic=config.remote_notification_topic, payload=b"1", qos=0,
+                                     retain=self._remote_retain))
         early, self._early = self._early, []
         for packet in early:
             self._from_remote(self.remote, packet)
@@ -314,9 +318,13 @@ class Bridge(Service):
             if topic is None:
                 self._refuse(link, packet)
                 return
-            self.stats.messages_out += 1
-            retain = packet.retain and self.config.bridge_outgoing_retain
-            remote.send(self._crossing(packet, topic, retain, remote.version, self._remote_max_qos))
+            # A retained message or a packet the remote refuses would make it close the link,
+            # and the message come again when it reconnects: retain is dropped, and the packet.
+            retain = packet.retain and self.config.bridge_outgoing_retain and self._remote_retain
+            if remote.send(self._crossing(packet, topic, retain, remote.version, self._remote_max_qos)):
+                self.stats.messages_out += 1
+            else:
+                self._refuse(link, packet, f"larger than the remote's maximum packet size ({remote.max_send_size})")
         elif isinstance(packet, _ACKS):
             if isinstance(packet, (Puback, Pubcomp)) or (isinstance(packet, Pubrec) and packet.reason_code >= 0x80):
                 self._completed(packet.packet_id)
@@ -370,10 +378,11 @@ class Bridge(Service):
         code = packet.reason_code if version == MQTT_5 else 0
         return type(packet)(packet_id=packet.packet_id, reason_code=code)
 
-    def _refuse(self, link: Link, packet: Publish) -> None:
-        """A message no topic line maps: acknowledged to its sender and dropped."""
+    def _refuse(self, link: Link, packet: Publish, why: str = "no topic line sends it on") -> None:
+        """A message that cannot cross (no topic line maps it, say): acknowledged to its sender
+        and dropped."""
         self.stats.dropped += 1
-        log.info("bridge {name}: no topic line sends {topic} on; dropped", name=self.connection, topic=packet.topic)
+        log.info("bridge {name}: {topic} dropped: {why}", name=self.connection, topic=packet.topic, why=why)
         if packet.qos == 1:
             link.send(Puback(packet_id=packet.packet_id))
         elif packet.qos == 2:

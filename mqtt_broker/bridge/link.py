@@ -47,6 +47,9 @@ class Link(Protocol):
         self._ping_call: Any = None
         self.on_pause: Callable[[bool], None] = lambda paused: None
         """Told when the transport's buffer fills (True) and drains (False)."""
+        self.max_send_size = 0
+        """The server's Maximum Packet Size (MQTT 5's CONNACK), 0 for none: ``send`` keeps
+        back a larger packet, which the server would answer by closing the connection."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -94,6 +97,7 @@ class Link(Protocol):
             self.close(f"CONNECT refused with reason code 0x{packet.reason_code:02x}")
             return
         self.up = True
+        self.max_send_size = packet.properties.get("maximum_packet_size", 0)
         if self._ping_call is not None and self._ping_call.active():
             self._ping_call.cancel()
         self._ping_call = self.clock.callLater(self.connect.keep_alive / 2, self._ping) \
@@ -111,9 +115,14 @@ class Link(Protocol):
 
     # --- sending ------------------------------------------------------------------------
 
-    def send(self, packet: Packet) -> None:
+    def send(self, packet: Packet) -> bool:
+        """Write ``packet``; False if it is larger than the server takes (it is not sent)."""
+        data = encode(packet, self.version)
+        if 0 < self.max_send_size < len(data):
+            return False
         if not self.closed:
-            self.transport.write(encode(packet, self.version))  # type: ignore[union-attr]
+            self.transport.write(data)  # type: ignore[union-attr]
+        return True
 
     def hold(self) -> None:
         if not self.held:
