@@ -54,6 +54,12 @@ def test_prefixes_map_topics_both_ways() -> None:
     exact = bridge(topic=['"" out 1 local/state remote/state'])
     assert exact.to_remote("local/state") == "remote/state"
     assert exact.to_remote("local/state/x") is None
+    # "#" matches its parent level too: the prefixes' own level, when both end one.
+    assert config.to_remote("factory") == "edge1"
+    assert config.to_local("cloud/edge1/cmd") == "local/cmd" and config.to_local("cloud/edge1") is None
+    one_sided = BridgeTopic(pattern="#", direction="both", local_prefix="", remote_prefix="cloud/")
+    assert one_sided.to_local("cloud") is None  # it would be the empty topic here
+    assert one_sided.to_local("cloud/a") == "a" and one_sided.to_remote("a") == "cloud/a"
 
 
 def test_defaults_follow_mosquitto() -> None:

@@ -96,14 +96,23 @@ class BridgeTopic:
     def to_remote(self, topic: str) -> str | None:
         """The remote topic of a local one, or None if this line does not send it out."""
         if self.outgoing and matches(self.local_filter, topic):
-            return self.remote_prefix + topic[len(self.local_prefix):]
+            return _swap_prefix(topic, self.local_prefix, self.remote_prefix)
         return None
 
     def to_local(self, topic: str) -> str | None:
         """The local topic of a remote one, or None if this line does not bring it in."""
         if self.incoming and matches(self.remote_filter, topic):
-            return self.local_prefix + topic[len(self.remote_prefix):]
+            return _swap_prefix(topic, self.remote_prefix, self.local_prefix)
         return None
+
+
+def _swap_prefix(topic: str, prefix: str, other: str) -> str | None:
+    if topic.startswith(prefix):
+        return other + topic[len(prefix):]
+    # The one topic a "#" pattern matches without the prefix: its parent level, "a" for "a/#".
+    if topic == prefix[:-1] and prefix.endswith("/") and other.endswith("/") and len(other) > 1:
+        return other[:-1]
+    return None  # (the other prefix is empty: nothing stands for the parent there)
 
 
 def _address(text: str) -> tuple[str, int]:
