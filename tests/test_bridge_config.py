@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from protocol_helpers import connected, make_broker
@@ -219,3 +220,48 @@ def test_back_off_stays_at_its_cap_however_long_the_remote_is_down() -> None:
     bridge._failed("refused")
     assert 4 <= bridge._retry_call.getTime() - reactor.seconds() <= 8 and bridge._attempt == 5001
     bridge._cancel_retry()
+
+
+def test_a_remote_that_starts_a_new_session_may_use_its_qos2_ids_again() -> None:
+    """The bridge's session here keeps the remote's ids of the QoS 2 messages awaiting PUBREL;
+    a remote with a new session (Session Present 0) sends no PUBREL for them and may send a new
+    message with the same id, which must not be taken for a resend."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.python.failure import Failure
+
+    from mqtt_broker import BrokerService
+    from mqtt_broker.wire import Connack, FrameReader, Pubrec, Suback
+    reactor = MemoryReactorClock()
+    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, bridge=[{
+        "connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["in/# in 2"], "restart_timeout": [1, 1]}])
+    broker.startService()
+    subscriber = connected(broker, "sub")
+    subscriber.subscribe("in/#", qos=2)
+
+    def remote_session(present: bool) -> tuple[Any, StringTransport]:
+        reactor.advance(1)  # the back-off
+        reactor.advance(0.3)  # HostnameEndpoint's steps to its attempt
+        remote = reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        remote.makeConnection(transport)
+        remote.dataReceived(encode(Connack(session_present=present, reason_code=0)))
+        remote.dataReceived(encode(Suback(packet_id=1, reason_codes=(2,))))
+        reactor.advance(0)
+        assert broker.bridges.get("b").state == "connected"  # type: ignore[union-attr]
+        return remote, transport
+
+    for payload in (b"first", b"second"):
+        remote, transport = remote_session(present=False)
+        transport.clear()
+        remote.dataReceived(encode(Publish(topic="in/a", payload=payload, qos=2, packet_id=1)))
+        reactor.advance(0)
+        assert [p for p in FrameReader(version=4).feed(transport.value()) if isinstance(p, Pubrec)] == [Pubrec(packet_id=1)]
+        assert [p.payload for p in subscriber.received() if isinstance(p, Publish)] == [payload]
+        remote.connectionLost(Failure(ConnectionLost()))  # before its PUBREL
+        reactor.advance(0)  # the local link closes too
+        assert broker.bridges.get("b").state == "waiting"  # type: ignore[union-attr]
+    remote, transport = remote_session(present=True)  # the PUBREL can come: the id stays known
+    assert broker.sessions["local.vm.b"].awaiting_pubrel == {1}
+    broker.stopService()

@@ -211,6 +211,8 @@ class Bridge(Service):
             else self.broker.config.max_inflight_messages
         self._remote_max_qos = properties.get("maximum_qos", 2)
         self._remote_retain = bool(properties.get("retain_available", 1))
+        if not connack.session_present:
+            self._forget_remote_qos2()
         incoming = [t for t in self.config.topic if t.incoming]
         v5 = link.version == MQTT_5
         requests = tuple(SubscriptionRequest(
@@ -224,6 +226,16 @@ class Bridge(Service):
         else:
             link.hold()  # what comes before the local link is up stays in the reader
             self._open_local()
+
+    def _forget_remote_qos2(self) -> None:
+        """The remote starts a new session: it sends no PUBREL for the QoS 2 messages it sent
+        before, and may use their packet ids again, for new messages that this broker would take
+        for resends and not route [MQTT-4.3.3-9]. (The ids are the remote's, kept by the bridge's
+        session here.)"""
+        session = self.broker.sessions.get(self.config.local_client_id)
+        if session is not None:
+            for packet_id in list(session.awaiting_pubrel):
+                self.broker.delivery.pubrel_received(session, packet_id)
 
     def _open_local(self) -> None:
         from ..auth import Identity
