@@ -574,3 +574,43 @@ def test_changes_of_a_failed_batch_are_written_once_the_disk_has_room(sqlite: Ha
     yield store.flushed()  # acknowledged: the SUBACK goes out now
     snapshot = yield sqlite.reopen()
     assert [s.client_id for s, _ in snapshot.sessions] == ["late"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_waits_for_a_failing_disk_stays_the_size_of_what_it_changes(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """While writes fail the broker goes on: messages are queued, sent and acknowledged, retained
+    messages replaced, the history moves on. What a failed batch held and what came after it are
+    written together, without what later changes undo, so that what waits does not grow with
+    every message; once the disk has room, the data comes out as if every write had worked."""
+    sqlite.open()
+    store = sqlite.store
+    store.save_session(Session("s", NEVER), None)
+    store.add_delivery("s", item(1, payload=b"before"), 1)
+    store.add_pubrel("s", 1)
+    store.save_history(Entry(1, Message(topic="h", payload=b"1"), 1.0))
+    yield store.flushed()
+    fill_up(store)
+    big = os.urandom(100_000)  # pages are needed: each batch fails
+    for n in range(2, 202):
+        store.add_delivery("s", item(n, payload=big), None)
+        store.update_delivery("s", n, n % 60000 + 1, False)
+        store.save_retained(Message(topic="r", payload=b"%d" % n, retain=True))
+        store.save_history(Entry(n, Message(topic="h", payload=b"%d" % n), float(n)))
+        store.forget_history(n - 2)  # a history of three
+        store.add_pubrel("s", n)
+        store.remove_pubrel("s", n)  # a QoS 2 message in, released at once
+        if n > 2:
+            store.remove_delivery("s", n - 1)  # the one before, acknowledged
+        with pytest.raises(StoreError):
+            yield store.flushed()
+    waiting = store._unwritten
+    # The last delivery, retained message and forgetting, and the three entries of history.
+    assert len(waiting) == 6, [sql[:30] for sql, _ in waiting]
+    store.remove_delivery("s", 1)
+    store.remove_pubrel("s", 1)
+    make_room(store)
+    yield store.flushed()
+    assert rows(sqlite.path, "SELECT seq, packet_id FROM deliveries") == [(201, 202)]
+    assert rows(sqlite.path, "SELECT * FROM awaiting_pubrel") == []
+    assert rows(sqlite.path, "SELECT payload FROM retained") == [(b"201",)]
+    assert rows(sqlite.path, "SELECT seq FROM history ORDER BY seq") == [(199,), (200,), (201,)]

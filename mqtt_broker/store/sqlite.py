@@ -62,6 +62,66 @@ CREATE TABLE IF NOT EXISTS wills (
 
 _INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (client_id, seq, topic, payload, qos, retain, properties, "
                     "expires_at, subscription_ids, share, packet_id, released) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+_UPDATE_DELIVERY = "UPDATE deliveries SET packet_id = ?, released = ? WHERE client_id = ? AND seq = ?"
+_DELETE_DELIVERY = "DELETE FROM deliveries WHERE client_id = ? AND seq = ?"
+_INSERT_PUBREL = "INSERT OR REPLACE INTO awaiting_pubrel (client_id, packet_id) VALUES (?,?)"
+_DELETE_PUBREL = "DELETE FROM awaiting_pubrel WHERE client_id = ? AND packet_id = ?"
+_SAVE_RETAINED = "INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?,?,?,?,?)"
+_DELETE_RETAINED = "DELETE FROM retained WHERE topic = ?"
+_SAVE_HISTORY = ("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at) "
+                 "VALUES (?,?,?,?,?,?,?)")
+_FORGET_HISTORY = "DELETE FROM history WHERE seq < ?"
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def compacted(batch: list[Statement]) -> list[Statement]:
+    """``batch`` without the statements that later ones in it undo or replace, as the pending
+    batch is kept by the ``_inserts`` and ``_pubrels`` indexes: a batch that failed is written again
+    with what came after it, and while the disk fails, what waits must stay the size of the data it
+    changes, not grow with every message."""
+    kept: list[Statement | None] = list(batch)
+    inserts: dict[tuple[Any, ...], int] = {}
+    pubrels: dict[tuple[Any, ...], int] = {}
+    retained: dict[str, int] = {}
+    history: dict[int, int] = {}
+    forget = -1
+    for i, (sql, args) in enumerate(batch):
+        if sql == _INSERT_DELIVERY:
+            inserts[args[:2]] = i
+        elif sql == _UPDATE_DELIVERY or sql == _DELETE_DELIVERY:
+            key = args[2:] if sql == _UPDATE_DELIVERY else args
+            j = inserts.get(key)
+            if j is None:
+                continue
+            kept[i] = None
+            if sql == _DELETE_DELIVERY:  # never written: nothing to delete
+                kept[j] = None
+                del inserts[key]
+            else:
+                insert = kept[j]
+                assert insert is not None
+                kept[j] = (insert[0], (*insert[1][:10], args[0], int(args[1])))
+        elif sql == _INSERT_PUBREL:
+            pubrels[args] = i
+        elif sql == _DELETE_PUBREL:
+            j = pubrels.pop(args, None)
+            if j is not None:
+                kept[i] = kept[j] = None
+        elif sql == _SAVE_RETAINED or sql == _DELETE_RETAINED:
+            j = retained.get(args[0])
+            if j is not None:
+                kept[j] = None
+            retained[args[0]] = i
+        elif sql == _SAVE_HISTORY:
+            history[args[0]] = i
+        elif sql == _FORGET_HISTORY:
+            for seq in [seq for seq in history if seq < args[0]]:
+                kept[history.pop(seq)] = None
+            if forget >= 0 and batch[forget][1][0] <= args[0]:
+                kept[forget] = None
+            forget = i
+    return [statement for statement in kept if statement is not None]
 
 
 def _props(message: Message) -> bytes:
@@ -227,11 +287,10 @@ class SQLiteStore:
         self._record("DELETE FROM subscriptions WHERE client_id = ? AND topic_filter = ?", (client_id, topic_filter))
 
     def save_retained(self, message: Message) -> None:
-        self._record("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?,?,?,?,?)",
-                     (message.topic, message.payload, message.qos, _props(message), message.expires_at))
+        self._record(_SAVE_RETAINED, (message.topic, message.payload, message.qos, _props(message), message.expires_at))
 
     def delete_retained(self, topic: str) -> None:
-        self._record("DELETE FROM retained WHERE topic = ?", (topic,))
+        self._record(_DELETE_RETAINED, (topic,))
 
     def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
         m = item.message
@@ -246,19 +305,17 @@ class SQLiteStore:
             sql, args = self._pending[index]  # type: ignore[misc]
             self._pending[index] = (sql, (*args[:10], packet_id, int(released)))
             return
-        self._record("UPDATE deliveries SET packet_id = ?, released = ? WHERE client_id = ? AND seq = ?",
-                     (packet_id, released, client_id, seq))
+        self._record(_UPDATE_DELIVERY, (packet_id, released, client_id, seq))
 
     def remove_delivery(self, client_id: str, seq: int) -> None:
         index = self._inserts.pop((client_id, seq), None)
         if index is not None:  # never written: nothing to delete
             self._pending[index] = None
             return
-        self._record("DELETE FROM deliveries WHERE client_id = ? AND seq = ?", (client_id, seq))
+        self._record(_DELETE_DELIVERY, (client_id, seq))
 
     def add_pubrel(self, client_id: str, packet_id: int) -> None:
-        index = self._record("INSERT OR REPLACE INTO awaiting_pubrel (client_id, packet_id) VALUES (?,?)",
-                             (client_id, packet_id))
+        index = self._record(_INSERT_PUBREL, (client_id, packet_id))
         self._pubrels[(client_id, packet_id)] = index
 
     def remove_pubrel(self, client_id: str, packet_id: int) -> None:
@@ -266,7 +323,7 @@ class SQLiteStore:
         if index is not None:
             self._pending[index] = None
             return
-        self._record("DELETE FROM awaiting_pubrel WHERE client_id = ? AND packet_id = ?", (client_id, packet_id))
+        self._record(_DELETE_PUBREL, (client_id, packet_id))
 
     def save_will(self, will: StoredWill) -> None:
         m = will.message
@@ -277,11 +334,10 @@ class SQLiteStore:
 
     def save_history(self, entry: Entry) -> None:
         m = entry.message
-        self._record("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at) "
-                     "VALUES (?,?,?,?,?,?,?)", (entry.seq, m.topic, m.payload, m.qos, _props(m), m.expires_at, entry.at))
+        self._record(_SAVE_HISTORY, (entry.seq, m.topic, m.payload, m.qos, _props(m), m.expires_at, entry.at))
 
     def forget_history(self, before_seq: int) -> None:
-        self._record("DELETE FROM history WHERE seq < ?", (before_seq,))
+        self._record(_FORGET_HISTORY, (before_seq,))
 
     def delete_will(self, client_id: str) -> None:
         self._record("DELETE FROM wills WHERE client_id = ?", (client_id,))
@@ -304,7 +360,9 @@ class SQLiteStore:
         if self._writing:
             return
         # What a failed batch held goes first: it is written once the disk works again.
-        batch, self._unwritten = self._unwritten + [op for op in self._pending if op is not None], []
+        batch = [op for op in self._pending if op is not None]
+        if self._unwritten:
+            batch, self._unwritten = compacted(self._unwritten + batch), []
         self.generation += 1
         waiters = self._waiters
         self._pending, self._waiters = [], []
