@@ -257,10 +257,6 @@ class BrokerService(MultiService):
     def _filter_readable(self, session: Session, identity: Any) -> None:
         assert self.security is not None
         can_read = self.security.can_read
-        for item in [i for i in session.queue if not can_read(identity, i.message.topic)]:
-            session.queue.remove(item)
-            session.queued_bytes -= len(item.message.payload)
-            self.delivery.forget(session, item)
         for packet_id, out in list(session.outgoing.items()):
             if not out.released and not can_read(identity, out.message.topic):
                 del session.outgoing[packet_id]
@@ -520,9 +516,10 @@ class BrokerService(MultiService):
         session.expiry = expiry
         session.connection = connection
         if identity is not None and self.security is not None:
-            if session.identity is None and present:
-                # Restored from the store: what was queued before anyone knew who the client is
-                # must still pass its read rights.
+            if present and session.identity != identity:
+                # What is in flight is sent again at once, only if the client (restored from the
+                # store, or another user taking the session over) may read it; what is queued is
+                # checked as it goes.
                 self._filter_readable(session, identity)
             session.identity = identity
         if len(self.connections) > self.stats.clients_maximum:

@@ -324,6 +324,10 @@ class Delivery:
         # While writes are gathered, the transport cannot say it is full: stop past max_held_bytes,
         # so that the write that follows fills it and it asks to resume us later.
         held = self.config.max_held_bytes
+        # Read rights again as each message goes: they may have changed since it was queued (a
+        # reload, another user taking the session over, a session queued for before a restart).
+        security = self.security
+        identity = session.identity if security is not None else None
         while queue and connection is not None and connection.pending_bytes < held:
             head = queue[0]
             if head.qos and len(session.outgoing) >= connection.send_quota:
@@ -336,6 +340,9 @@ class Delivery:
                     self.stats.messages_expired += 1
                     self.forget(session, head)
                     continue
+            if identity is not None and security is not None and not security.can_read(identity, head.message.topic):
+                self.forget(session, head)
+                continue
             if head.qos:
                 self._send_tracked(session, head, queued=True)
             elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):

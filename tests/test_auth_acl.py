@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 from auth_helpers import Mosquitto, RawClient
+from durability_helpers import Restarts
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from protocol_helpers import FakeClient, connected, make_broker
 from topic_helpers import matched, topic_filters
 
 from mqtt_broker.auth import Identity, Security
 from mqtt_broker.auth.acl import (DENY, READ, READWRITE, WRITE, AccessRules, AclFile, AclFileError, AclRule,
                                   filter_covers, filter_matches)
 from mqtt_broker.passwd import main as passwd
+from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire.packets import Puback, Publish, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe
 
 # --- matching ------------------------------------------------------------------------------------
@@ -511,3 +514,71 @@ def test_same_answers_as_mosquitto(tmp_path: Path) -> None:
     assert all(expected[case] and not ours[case] for case in differing)
     # The table exercises both outcomes of every kind of rule.
     assert sum(expected.values()) > 40 and sum(not v for v in expected.values()) > 80
+
+
+# --- read rights as messages go out ----------------------------------------------------------
+
+def read_payloads(client: FakeClient) -> list[bytes]:
+    """What the client is sent, acknowledged as it comes (bounded)."""
+    got: list[bytes] = []
+    for _ in range(20):
+        packets = [p for p in client.received() if isinstance(p, Publish)]
+        if not packets:
+            return got
+        for p in packets:
+            got.append(p.payload)
+            if p.qos:
+                client.send(Puback(packet_id=p.packet_id))
+    return got
+
+
+def test_a_session_taken_over_by_another_user_gets_only_what_that_user_may_read(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read secret/#\nuser bob\ntopic read public/#\nuser pub\ntopic write #\n")
+    broker = make_broker(acl_file=str(acl))
+    alice = connected(broker, "shared-id", clean=False, username="alice")
+    alice.subscribe("secret/#", qos=1)
+    alice.lose()
+    pub = connected(broker, "pub", username="pub")
+    pub.publish("secret/plans", b"for alice", qos=1)
+    bob = FakeClient(broker)
+    assert bob.connect("shared-id", clean=False, username="bob").session_present  # type: ignore[union-attr]
+    assert read_payloads(bob) == []
+
+
+def test_what_waited_for_a_session_restored_from_the_store_passes_its_read_rights(tmp_path: Path) -> None:
+    """After a restart nobody knows who a restored session is until it connects: what is routed
+    to it meanwhile, in memory and spilled to the store, is checked as it is sent."""
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read #\ntopic deny secret/#\nuser pub\ntopic write #\n")
+    restarts = Restarts(MemoryStore(), acl_file=str(acl), max_queued_messages=2)
+    broker = restarts.start()
+    alice = connected(broker, "alice", clean=False, username="alice")
+    alice.subscribe("#", qos=1)
+    alice.lose()
+    broker = restarts.restart()
+    pub = connected(broker, "pub", username="pub")
+    for n in range(6):
+        pub.publish("secret/x" if n < 5 else "open/x", b"%d" % n, qos=1, packet_id=n + 1)
+    session = broker.sessions["alice"]
+    assert session.spilled == 4
+    alice = FakeClient(broker)
+    alice.connect("alice", clean=False, username="alice")
+    assert read_payloads(alice) == [b"5"]
+    assert session.spilled == 0 and not session.queue and not session.outgoing
+
+
+def test_what_is_queued_before_a_reload_passes_the_new_rules(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read secret/#\nuser pub\ntopic write #\n")
+    broker = make_broker(acl_file=str(acl))
+    alice = connected(broker, "alice", clean=False, username="alice")
+    alice.subscribe("secret/#", qos=1)
+    alice.lose()
+    pub = connected(broker, "pub", username="pub")
+    pub.publish("secret/x", b"queued before the reload", qos=1)
+    acl.write_text("user alice\ntopic deny secret/#\nuser pub\ntopic write #\n")
+    broker.reload()
+    alice = FakeClient(broker)
+    alice.connect("alice", clean=False, username="alice")
+    assert read_payloads(alice) == []
