@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from . import tcp
-from .auth import Security
+from .auth import Identity, Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER, AcceptingConnack
@@ -167,7 +167,7 @@ class BrokerService(MultiService):
         security = Security.from_config(config, reactor)
         self.security: Security | None = security if security.enabled else None
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
-        self._delayed_wills: dict[str, tuple[Any, Client, Message]] = {}
+        self._delayed_wills: dict[str, tuple[Any, Client, Message, Identity | None]] = {}
         self.delivery = Delivery(self)
         """Routing and delivery (the hot path), on the state made above."""
         self._connects: dict[str, tuple[float, int]] = {}
@@ -237,7 +237,7 @@ class BrokerService(MultiService):
         for session in self.sessions.values():
             _cancel(session.expiry_call)
             _cancel(session.retry_call)
-        for call, _, _ in self._delayed_wills.values():
+        for call, *_ in self._delayed_wills.values():
             _cancel(call)
         self._delayed_wills.clear()
         if self.store is not None:
@@ -297,6 +297,7 @@ class BrokerService(MultiService):
                 # 0x87 Not authorized: DISCONNECT has no 0x86 (bad user name or password is a
                 # CONNACK code), and 0x87 is its code for a client the server no longer
                 # authorizes. (Mosquitto also closes such clients on reload.)
+                connection.will = None  # nor does it speak for the client any more
                 connection.drop(ReasonCode.NOT_AUTHORIZED, "credentials no longer accepted")
 
     def connect_allowed(self, client_id: str) -> bool:
@@ -406,7 +407,7 @@ class BrokerService(MultiService):
         """Publish a client's will at clock time ``due`` (at once if it is past), unless the
         client connects again before."""
         call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._delayed_will_due, client.client_id)
-        self._delayed_wills[client.client_id] = (call, client, will)
+        self._delayed_wills[client.client_id] = (call, client, will, None)
 
     def let_go(self, client_id: str, ended: bool) -> None:
         """Another node of the cluster took the session: close its connection here (0x8E). The
@@ -418,7 +419,7 @@ class BrokerService(MultiService):
         if pending is not None:
             _cancel(pending[0])
             if ended:
-                self.publish_will(pending[1], pending[2])
+                self.publish_will(*pending[1:])
         session = self.sessions.get(client_id)
         if session is None:
             return
@@ -432,7 +433,7 @@ class BrokerService(MultiService):
             connection.session = session.connection = None  # detached here, not by the close
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
             if will is not None and (ended or not delay):
-                self.publish_will(client, will)
+                self.publish_will(client, will, connection.identity)
             self._notify_disconnect(client, False)
 
     def forget_session(self, client_id: str, session: Session | None = None, ended: bool = False) -> None:
@@ -499,12 +500,11 @@ class BrokerService(MultiService):
             session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
         pending = self._delayed_wills.pop(client_id, None)
         if pending is not None:
-            call, client, will = pending
-            _cancel(call)
+            _cancel(pending[0])
             if self.store is not None:
                 self.store.delete_will(client_id)
             if clean_start:  # the old session ends now, so its will is due [MQTT-3.1.3-9]
-                self.publish_will(client, will)
+                self.publish_will(*pending[1:])
         if session is not None and clean_start:
             self._discard(session)
             session = None
@@ -550,12 +550,12 @@ class BrokerService(MultiService):
                 # Delayed until the delay or the session's end, whichever comes first [MQTT-3.1.3-9].
                 delay = min(delay, session.expiry)
                 call = self.clock.callLater(delay, self._delayed_will_due, client.client_id)
-                self._delayed_wills[client.client_id] = (call, client, will)
+                self._delayed_wills[client.client_id] = (call, client, will, connection.identity)
                 if self.store is not None:
                     self.store.save_will(StoredWill(client.client_id, client.username, will,
                                                     self.clock.seconds() + delay))
             else:
-                self.publish_will(client, will)
+                self.publish_will(client, will, connection.identity)
         if not session.expiry:
             self._discard(session)
             self._release(session.client_id)
@@ -571,7 +571,17 @@ class BrokerService(MultiService):
         if self.hooks.has_disconnect:
             self.hooks.notify("disconnect", client, graceful)
 
-    def publish_will(self, client: Client, will: Message) -> None:
+    def publish_will(self, client: Client, will: Message, identity: Identity | None = None) -> None:
+        """Publish a client's will, if the client may still publish to its topic: the rules may
+        have changed since its CONNECT (a reload), as Mosquitto checks a will when it sends it.
+        ``identity``: the connection's; without it (a will restored from the store, or from
+        another node of a cluster), the rules of the client's user name apply."""
+        security = self.security
+        if security is not None and not security.can_publish(
+                identity or Identity(client_id=client.client_id, username=client.username), will.topic):
+            log.info("will of {client_id} to {topic} not published: not allowed", client_id=client.client_id,
+                     topic=will.topic)
+            return
         if not self.hooks.has_will:
             self.stats.wills_published += 1
             self.delivery.route(will)
@@ -584,10 +594,10 @@ class BrokerService(MultiService):
         self.hooks.decide("will", client, will).addCallback(decided)
 
     def _delayed_will_due(self, client_id: str) -> None:
-        _, client, will = self._delayed_wills.pop(client_id)
+        pending = self._delayed_wills.pop(client_id)
         if self.store is not None:
             self.store.delete_will(client_id)
-        self.publish_will(client, will)
+        self.publish_will(*pending[1:])
 
     def _expire(self, session: Session) -> None:
         session.expiry_call = None
@@ -599,7 +609,7 @@ class BrokerService(MultiService):
                 _cancel(pending[0])
                 if self.store is not None:
                     self.store.delete_will(session.client_id)
-                self.publish_will(pending[1], pending[2])
+                self.publish_will(*pending[1:])
             self._discard(session)
             self._release(session.client_id)
 

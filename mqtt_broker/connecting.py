@@ -127,14 +127,18 @@ class Connecting:
             self.broker.stats.auth_failures += 1
             self._refuse(identity.reason_code, "authentication failed")
             return
+        will = packet.will
         if identity is not None:
             self.identity = identity
             assert self.client is not None and self.broker.security is not None
             if identity.username != self.client.username:  # e.g. a certificate's name
                 self.client = dataclasses.replace(self.client, username=identity.username)
-            if packet.will is not None and not self.broker.security.can_publish(identity, packet.will.topic):
-                self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {packet.will.topic!r} not allowed")
+            if will is not None and not self.broker.security.can_publish(identity, will.topic):
+                self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {will.topic!r} not allowed")
                 return
+        if will is not None and will.topic.startswith("$SYS"):  # the broker's own, as for a PUBLISH
+            self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {will.topic!r} not allowed")
+            return
         method = packet.properties.get("authentication_method")
         if method is None:
             self._authorize(packet)

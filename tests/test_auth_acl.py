@@ -18,7 +18,9 @@ from mqtt_broker.auth.acl import (DENY, READ, READWRITE, WRITE, AccessRules, Acl
                                   filter_covers, filter_matches)
 from mqtt_broker.passwd import main as passwd
 from mqtt_broker.store.memory import MemoryStore
-from mqtt_broker.wire.packets import Puback, Publish, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe
+from mqtt_broker.wire.packets import (
+    Puback, Publish, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
+)
 
 # --- matching ------------------------------------------------------------------------------------
 
@@ -582,3 +584,48 @@ def test_what_is_queued_before_a_reload_passes_the_new_rules(tmp_path: Path) -> 
     alice = FakeClient(broker)
     alice.connect("alice", clean=False, username="alice")
     assert read_payloads(alice) == []
+
+
+# --- wills --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version,code", [(4, 5), (5, 0x87)])
+def test_a_will_to_sys_is_refused_without_any_security_settings(version: int, code: int) -> None:
+    broker = make_broker()
+    assert broker.security is None
+    client = FakeClient(broker, version)
+    connack = client.connect("c", will=Will(topic="$SYS/broker/connection/x/state", payload=b"1", retain=True))
+    assert connack.reason_code == code  # type: ignore[union-attr]
+    assert not broker.retained.get("$SYS/broker/connection/x/state")
+
+
+def test_a_will_is_checked_again_when_it_is_published(tmp_path: Path) -> None:
+    """Rules reloaded after the CONNECT apply to its will, at once or delayed."""
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic write status/#\nuser watcher\ntopic read status/#\n")
+    broker = make_broker(acl_file=str(acl))
+    watcher = connected(broker, "w", username="watcher")
+    watcher.subscribe("status/#")
+    now = connected(broker, "a1", username="alice", will=Will(topic="status/now", payload=b"gone"))
+    later = connected(broker, "a2", 5, username="alice", clean=False, properties={"session_expiry_interval": 60},
+                      will=Will(topic="status/later", payload=b"gone", properties={"will_delay_interval": 5}))
+    kept = connected(broker, "a3", username="alice", will=Will(topic="status/kept", payload=b"gone"))
+    acl.write_text("user alice\ntopic write status/kept\nuser watcher\ntopic read status/#\n")
+    broker.reload()
+    for client in (now, later, kept):
+        client.lose()
+    broker.reactor.advance(5)  # type: ignore[attr-defined]
+    assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["status/kept"]
+
+
+def test_the_will_of_a_client_whose_credentials_a_reload_revoked_is_not_published(tmp_path: Path) -> None:
+    from mqtt_broker.auth.passwords import PasswordHash
+    passwords = tmp_path / "pw"
+    passwords.write_text(f"alice:{PasswordHash.create(b'a')}\nwatcher:{PasswordHash.create(b'w')}\n")
+    broker = make_broker(password_file=str(passwords), allow_anonymous=False)
+    watcher = connected(broker, "w", username="watcher", password=b"w")
+    watcher.subscribe("status/#")
+    alice = connected(broker, "a", username="alice", password=b"a", will=Will(topic="status/alice", payload=b"gone"))
+    passwords.write_text(f"watcher:{PasswordHash.create(b'w')}\n")
+    broker.reload()
+    assert alice.closed
+    assert [p for p in watcher.received() if isinstance(p, Publish)] == []
