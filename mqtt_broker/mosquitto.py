@@ -113,6 +113,8 @@ class _Listener:
     def __init__(self, port: int, bind: str, source: str, line: int) -> None:
         self.port, self.bind, self.source, self.line = port, bind, source, line
         self.options: dict[str, str] = {}
+        self.security: dict[str, str] = {}
+        """Its allow_anonymous, password_file and acl_file (global settings here)."""
 
     def endpoint(self) -> tuple[str, str]:
         """("mqtt" or "websockets", endpoint string)."""
@@ -122,6 +124,11 @@ class _Listener:
         interface = f":interface={_escape(self.bind)}" if self.bind else ""
         if "certfile" in o or "keyfile" in o:
             tls = f":privateKey={_escape(o.get('keyfile', ''))}:certKey={_escape(o.get('certfile', ''))}"
+            if "cafile" not in o and o.get("require_certificate") == "true":
+                # Without the CA, the listener could not ask for a client certificate: refused
+                # rather than converted to a listener that lets in clients without one.
+                raise ValueError(f"{self.source}:{self.line}: require_certificate needs cafile here (capath is "
+                                 f"not supported)")
             if "cafile" in o:
                 required = "yes" if o.get("require_certificate") == "true" else "no"
                 description = f"mqtts:{self.port}{interface}{tls}:caCerts={_escape(o['cafile'])}:requireCertificate={required}"
@@ -216,8 +223,8 @@ def convert(path: str | Path) -> Conversion:
             target = listeners[-1] if listeners else default_port
             if target is None:
                 default_port = target = _Listener(1883, "", source, number)
-            if key in ("allow_anonymous", "password_file", "acl_file") and not per_listener:
-                pass  # global unless per_listener_settings: handled below
+            if key in ("allow_anonymous", "password_file", "acl_file"):
+                target.security[key] = value  # global here (handled below): see per_listener below
             elif key == "require_certificate":
                 target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
                 continue
@@ -274,6 +281,14 @@ def convert(path: str | Path) -> Conversion:
         settings["persistence"] = "memory"
     if default_port is not None:
         listeners.insert(0, default_port)
+    if per_listener:
+        # Authentication and ACLs are the same for every listener here: the listeners must agree,
+        # or one would be converted with another's (a password file dropped, anonymous clients let in).
+        for listener in listeners[1:]:
+            if listener.security != listeners[0].security:
+                raise ValueError(f"{listener.source}:{listener.line}: this listener's allow_anonymous, "
+                                 f"password_file or acl_file differ from the first one's; here they apply to every "
+                                 f"listener alike: give each listener the same")
     endpoints: list[str] = []
     websockets: list[str] = []
     for listener in listeners:

@@ -262,6 +262,29 @@ def test_tls_listeners_become_ssl_or_mqtts_endpoints(tmp_path: Path) -> None:
     assert settings["use_identity_as_username"] is True
 
 
+def test_a_listener_that_requires_a_certificate_without_cafile_is_refused(tmp_path: Path) -> None:
+    """Without the CA the listener could not ask for a client certificate: it would let in
+    clients without one."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 8883\ncertfile /c/s.pem\nkeyfile /c/s.key\ncapath /c/certs\nrequire_certificate true\n")
+    with pytest.raises(ValueError, match=r"m.conf:1: require_certificate needs cafile"):
+        convert(path)
+
+
+def test_per_listener_security_applies_to_every_listener_or_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("per_listener_settings true\nlistener 1883\nallow_anonymous false\npassword_file passwd\n"
+                    "acl_file acl\nlistener 1884 127.0.0.1\nallow_anonymous false\npassword_file passwd\nacl_file acl\n")
+    settings = convert(path).settings
+    assert settings["allow_anonymous"] is False
+    assert settings["password_file"] == str(tmp_path / "passwd") and settings["acl_file"] == str(tmp_path / "acl")
+    for second in ("allow_anonymous true\npassword_file passwd\n", "password_file other\n", ""):
+        # Anonymous clients let in on the first listener, another file, no file at all.
+        path.write_text(f"per_listener_settings true\nlistener 1883\npassword_file passwd\nlistener 1884\n{second}")
+        with pytest.raises(ValueError, match=r"m.conf:4: this listener's allow_anonymous, password_file or acl_file"):
+            convert(path)
+
+
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\nplugin /usr/lib/mosquitto_dynamic_security.so\n"
