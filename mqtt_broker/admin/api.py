@@ -21,6 +21,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import re
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
@@ -151,6 +152,21 @@ def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
 
 
 # --- input ---------------------------------------------------------------------------------
+
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """Settings as the API shows them: without a password, of a setting of its own (a bridge's
+    ``remote_password``) or in a URL (``cluster``, ``http_auth_url``)."""
+    if isinstance(value, dict):
+        return {k: _redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, key) for v in value]
+    if isinstance(value, str) and value:
+        return "********" if key.endswith("password") else _URL_PASSWORD.sub(r"\1********@", value)
+    return value
+
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
     if name not in body:
@@ -614,7 +630,7 @@ class ApiResource(Resource):
     # --- configuration ------------------------------------------------------------------------
 
     def _get_config(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        config = dataclasses.asdict(self.broker.config)
+        config = _redacted(dataclasses.asdict(self.broker.config))
         config["http_api_keys"] = [key.key_id for key in self.keys.keys]  # never the hashes
         return 200, config
 
