@@ -572,13 +572,16 @@ class BrokerService(MultiService):
             self.hooks.notify("disconnect", client, graceful)
 
     def publish_will(self, client: Client, will: Message, identity: Identity | None = None) -> None:
-        """Publish a client's will, if the client may still publish to its topic: the rules may
-        have changed since its CONNECT (a reload), as Mosquitto checks a will when it sends it.
+        """Publish a client's will, if the client may still publish to its topic (never to
+        ``$SYS``): the rules may have changed since its CONNECT (a reload), as Mosquitto checks a
+        will when it sends it.
         ``identity``: the connection's; without it (a will restored from the store, or from
         another node of a cluster), the rules of the client's user name apply."""
         security = self.security
-        if security is not None and not security.can_publish(
+        if will.topic.startswith("$SYS") or security is not None and not security.can_publish(
                 identity or Identity(client_id=client.client_id, username=client.username), will.topic):
+            # ($SYS: the broker's own topics, as for a PUBLISH. A bridge's will is there, as
+            # Mosquitto names it: its CONNECT is accepted.)
             log.info("will of {client_id} to {topic} not published: not allowed", client_id=client.client_id,
                      topic=will.topic)
             return

@@ -133,12 +133,11 @@ class Connecting:
             assert self.client is not None and self.broker.security is not None
             if identity.username != self.client.username:  # e.g. a certificate's name
                 self.client = dataclasses.replace(self.client, username=identity.username)
-            if will is not None and not self.broker.security.can_publish(identity, will.topic):
+            # A will on $SYS is never published, but accepted: a bridge's is there, as Mosquitto's.
+            if will is not None and not will.topic.startswith("$SYS") and not self.broker.security.can_publish(
+                    identity, will.topic):
                 self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {will.topic!r} not allowed")
                 return
-        if will is not None and will.topic.startswith("$SYS"):  # the broker's own, as for a PUBLISH
-            self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {will.topic!r} not allowed")
-            return
         method = packet.properties.get("authentication_method")
         if method is None:
             self._authorize(packet)

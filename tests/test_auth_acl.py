@@ -588,14 +588,19 @@ def test_what_is_queued_before_a_reload_passes_the_new_rules(tmp_path: Path) -> 
 
 # --- wills --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("version,code", [(4, 5), (5, 0x87)])
-def test_a_will_to_sys_is_refused_without_any_security_settings(version: int, code: int) -> None:
-    broker = make_broker()
-    assert broker.security is None
-    client = FakeClient(broker, version)
-    connack = client.connect("c", will=Will(topic="$SYS/broker/connection/x/state", payload=b"1", retain=True))
-    assert connack.reason_code == code  # type: ignore[union-attr]
-    assert not broker.retained.get("$SYS/broker/connection/x/state")
+@pytest.mark.parametrize("secured", [False, True])
+def test_a_will_to_sys_is_accepted_and_never_published(tmp_path: Path, secured: bool) -> None:
+    """The broker's own topics, as for a PUBLISH; the CONNECT is accepted, as a bridge's will
+    is there (Mosquitto's $SYS/broker/connection/<name>/state)."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\ntopic read $SYS/#\n")
+    broker = make_broker(**({"acl_file": str(acl)} if secured else {}))
+    watcher = connected(broker, "w")
+    watcher.subscribe("$SYS/broker/connection/#")
+    bridge = connected(broker, "bridge", will=Will(topic="$SYS/broker/connection/x/state", payload=b"0", retain=True))
+    bridge.lose()
+    assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+    assert [p for p in connected(broker, "late").subscribe("$SYS/broker/connection/#") if isinstance(p, Publish)] == []
 
 
 def test_a_will_is_checked_again_when_it_is_published(tmp_path: Path) -> None:

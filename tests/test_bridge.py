@@ -471,11 +471,11 @@ def test_remote_stopped_mid_stream(broker_process: Any, mosquitto: Any, tmp_path
 def test_what_the_remote_cannot_take_does_not_stop_the_bridge(broker_process: Any, tmp_path: Path) -> None:
     """An MQTT 5 remote's CONNACK says what it takes: a packet over its Maximum Packet Size is
     dropped and counted, and retained messages lose the flag when it has none; sent anyway, either
-    would make it close the link, and the message come again at each reconnection."""
+    would make it close the link, and the message come again at each reconnection. (The bridge's
+    first CONNECT, whose will is retained, is refused with 0x9A; the next one's is not.)"""
     remote = broker_process("--config", str(write_config(
         tmp_path / "remote.toml", {"max_packet_size": 300, "retain_available": False}, [])))
-    ours = bridged(broker_process, tmp_path, remote.port, bridge_protocol_version="mqttv50", topic=["up/# out 1"],
-                   notifications_local_only=True)  # its will is retained: refused by this remote (0x9A)
+    ours = bridged(broker_process, tmp_path, remote.port, bridge_protocol_version="mqttv50", topic=["up/# out 1"])
     watcher = StateWatcher(ours.port, "cloud")
     cloud = PahoClient(remote.port, version=mqtt.MQTTv5)
     cloud.subscribe("up/#", 1)

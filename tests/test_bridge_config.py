@@ -222,46 +222,110 @@ def test_back_off_stays_at_its_cap_however_long_the_remote_is_down() -> None:
     bridge._cancel_retry()
 
 
+# --- one bridge in-process, to a remote played by the test -------------------------------------
+
+class FakeRemote:
+    """A bridge of an in-process broker (a MemoryReactorClock), whose remote the test plays:
+    ``up()`` lets the bridge connect and answers its CONNECT and SUBSCRIBE; ``send`` is what the
+    remote sends; ``received()`` what the bridge sent it."""
+
+    def __init__(self, version: int = 4, **bridge: Any) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from mqtt_broker import BrokerService
+        self.reactor = MemoryReactorClock()
+        self.version = version
+        self.broker = BrokerService(endpoints=[], reactor=self.reactor, sys_interval=0, **{
+            "max_packet_size": bridge.pop("max_packet_size", 65536), "bridge": [{
+                "connection": "b", "addresses": ["127.0.0.1:1"], "restart_timeout": [1, 1], **bridge}]})
+        self.broker.startService()
+        self.bridge = self.broker.bridges.get("b")
+        self.protocol: Any = None
+
+    def up(self, session_present: bool = False, granted: tuple[int, ...] = (2,)) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from mqtt_broker.wire import Connack, Suback
+        self.reactor.advance(1)  # the back-off
+        self.reactor.advance(0.3)  # HostnameEndpoint's steps to its attempt
+        self.protocol = self.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.send(Connack(session_present=session_present, reason_code=0), Suback(packet_id=1, reason_codes=granted))
+        assert self.bridge.state == "connected"  # type: ignore[union-attr]
+        self.transport.clear()
+
+    def send(self, *packets: Any) -> None:
+        for packet in packets:
+            self.protocol.dataReceived(encode(packet, self.version))
+        self.reactor.advance(0)
+
+    def received(self) -> list[Any]:
+        from mqtt_broker.wire import FrameReader
+        packets = FrameReader(version=self.version).feed(self.transport.value())
+        self.transport.clear()
+        return packets
+
+    def down(self) -> None:
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+        self.protocol.connectionLost(Failure(ConnectionLost()))
+        self.reactor.advance(0)  # the local link closes too
+        assert self.bridge.state == "waiting"  # type: ignore[union-attr]
+
+
+def payloads(client: Any) -> list[bytes]:
+    return [p.payload for p in client.received() if isinstance(p, Publish)]
+
+
 def test_a_remote_that_starts_a_new_session_may_use_its_qos2_ids_again() -> None:
     """The bridge's session here keeps the remote's ids of the QoS 2 messages awaiting PUBREL;
     a remote with a new session (Session Present 0) sends no PUBREL for them and may send a new
     message with the same id, which must not be taken for a resend."""
-    from twisted.internet.address import IPv4Address
-    from twisted.internet.error import ConnectionLost
-    from twisted.internet.testing import MemoryReactorClock, StringTransport
-    from twisted.python.failure import Failure
-
-    from mqtt_broker import BrokerService
-    from mqtt_broker.wire import Connack, FrameReader, Pubrec, Suback
-    reactor = MemoryReactorClock()
-    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, bridge=[{
-        "connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["in/# in 2"], "restart_timeout": [1, 1]}])
-    broker.startService()
-    subscriber = connected(broker, "sub")
+    from mqtt_broker.wire import Pubrec
+    remote = FakeRemote(topic=["in/# in 2"])
+    subscriber = connected(remote.broker, "sub")
     subscriber.subscribe("in/#", qos=2)
-
-    def remote_session(present: bool) -> tuple[Any, StringTransport]:
-        reactor.advance(1)  # the back-off
-        reactor.advance(0.3)  # HostnameEndpoint's steps to its attempt
-        remote = reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        transport = StringTransport()
-        remote.makeConnection(transport)
-        remote.dataReceived(encode(Connack(session_present=present, reason_code=0)))
-        remote.dataReceived(encode(Suback(packet_id=1, reason_codes=(2,))))
-        reactor.advance(0)
-        assert broker.bridges.get("b").state == "connected"  # type: ignore[union-attr]
-        return remote, transport
-
     for payload in (b"first", b"second"):
-        remote, transport = remote_session(present=False)
-        transport.clear()
-        remote.dataReceived(encode(Publish(topic="in/a", payload=payload, qos=2, packet_id=1)))
-        reactor.advance(0)
-        assert [p for p in FrameReader(version=4).feed(transport.value()) if isinstance(p, Pubrec)] == [Pubrec(packet_id=1)]
-        assert [p.payload for p in subscriber.received() if isinstance(p, Publish)] == [payload]
-        remote.connectionLost(Failure(ConnectionLost()))  # before its PUBREL
-        reactor.advance(0)  # the local link closes too
-        assert broker.bridges.get("b").state == "waiting"  # type: ignore[union-attr]
-    remote, transport = remote_session(present=True)  # the PUBREL can come: the id stays known
-    assert broker.sessions["local.vm.b"].awaiting_pubrel == {1}
-    broker.stopService()
+        remote.up(session_present=False)
+        remote.send(Publish(topic="in/a", payload=payload, qos=2, packet_id=1))
+        assert [p for p in remote.received() if isinstance(p, Pubrec)] == [Pubrec(packet_id=1)]
+        assert payloads(subscriber) == [payload]
+        remote.down()  # before its PUBREL
+    remote.up(session_present=True)  # the PUBREL can come: the id stays known
+    assert remote.broker.sessions["local.vm.b"].awaiting_pubrel == {1}
+    remote.broker.stopService()
+
+
+def test_an_mqtt_3_1_remote_says_nothing_of_its_session() -> None:
+    """MQTT 3.1's CONNACK has no Session Present (the byte is 0): the remote may have kept its
+    session and send an unreleased QoS 2 message again, which is then a resend."""
+    remote = FakeRemote(version=3, topic=["in/# in 2"], bridge_protocol_version="mqttv31", cleansession=False)
+    subscriber = connected(remote.broker, "sub")
+    subscriber.subscribe("in/#", qos=2)
+    remote.up()
+    remote.send(Publish(topic="in/a", payload=b"once", qos=2, packet_id=5))
+    remote.down()  # the PUBREC did not reach it
+    remote.up()
+    remote.send(Publish(topic="in/a", payload=b"once", qos=2, packet_id=5, dup=True))
+    assert payloads(subscriber) == [b"once"]
+    remote.broker.stopService()
+
+
+def test_a_message_from_the_remote_too_large_here_is_dropped_and_acknowledged() -> None:
+    """Mapped to its local topic and re-encoded as MQTT 5, a message may go over this broker's
+    Maximum Packet Size: it is dropped and counted, acknowledged to the remote, and what comes
+    after it is delivered."""
+    from mqtt_broker.wire import Puback
+    remote = FakeRemote(max_packet_size=200, topic=["# in 1 a/much/longer/local/prefix/for/what/comes/in/ r/"])
+    subscriber = connected(remote.broker, "sub")
+    subscriber.subscribe("#", qos=1)
+    remote.up(granted=(1,))
+    for n in range(25):  # beyond the Receive Maximum of what waits for the local side
+        remote.send(Publish(topic="r/x", payload=b"p" * 150, qos=1, packet_id=n + 1))
+    remote.send(Publish(topic="r/x", payload=b"small", qos=1, packet_id=26))
+    assert [p.packet_id for p in remote.received() if isinstance(p, Puback)] == list(range(1, 27))
+    assert payloads(subscriber) == [b"small"]
+    assert remote.bridge.stats.dropped == 25 and not remote.bridge._inbound  # type: ignore[union-attr]
+    remote.broker.stopService()

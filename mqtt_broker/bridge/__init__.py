@@ -34,9 +34,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ..wire import (
-    MQTT_5, Connack, Connect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
+    MQTT_3_1, MQTT_5, Connack, Connect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
     SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
+from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
 from .link import Link, pipe
 
@@ -196,7 +197,7 @@ class Bridge(Service):
             properties["maximum_packet_size"] = min(max_size, 268_435_460)
         will = None
         if config.notifications and not config.notifications_local_only:
-            will = Will(topic=config.remote_notification_topic, payload=b"0", qos=1, retain=True)
+            will = Will(topic=config.remote_notification_topic, payload=b"0", qos=1, retain=self._remote_retain)
         password = config.remote_password.encode() if config.remote_password is not None else None
         return Connect(protocol_name="MQIsdp" if version == 3 else "MQTT", protocol_level=version,
                        clean_start=config.cleansession, keep_alive=config.keepalive_interval,
@@ -211,8 +212,8 @@ class Bridge(Service):
             else self.broker.config.max_inflight_messages
         self._remote_max_qos = properties.get("maximum_qos", 2)
         self._remote_retain = bool(properties.get("retain_available", 1))
-        if not connack.session_present:
-            self._forget_remote_qos2()
+        if not connack.session_present and (link.version != MQTT_3_1 or self.config.cleansession):
+            self._forget_remote_qos2()  # (MQTT 3.1's CONNACK has no Session Present: 0 says nothing)
         incoming = [t for t in self.config.topic if t.incoming]
         v5 = link.version == MQTT_5
         requests = tuple(SubscriptionRequest(
@@ -343,9 +344,11 @@ class Bridge(Service):
             remote.send(self._ack(packet, remote.version))
 
     def _send_in(self, local: Link, message: Publish) -> None:
-        if message.qos:
+        if not local.send(message):
+            assert self.remote is not None
+            self._refuse(self.remote, message, f"larger than this broker's maximum packet size ({local.max_send_size})")
+        elif message.qos:
             self._inbound.add(message.packet_id)
-        local.send(message)
 
     def _wait(self, message: Publish) -> None:
         """This broker's Receive Maximum is reached: the message waits for a slot. The remote's
@@ -418,6 +421,8 @@ class Bridge(Service):
     def _lost(self, link: Link, why: str) -> None:
         if link is self.remote:
             self.remote = None
+            if link.refused == ReasonCode.RETAIN_NOT_SUPPORTED:
+                self._remote_retain = False  # the will of the next CONNECT is not retained
         elif link is self.local:
             self.local = None
         else:

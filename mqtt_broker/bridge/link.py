@@ -47,6 +47,8 @@ class Link(Protocol):
         self._ping_call: Any = None
         self.on_pause: Callable[[bool], None] = lambda paused: None
         """Told when the transport's buffer fills (True) and drains (False)."""
+        self.refused = 0
+        """The reason code of a CONNACK that refused the CONNECT."""
         self.max_send_size = 0
         """The server's Maximum Packet Size (MQTT 5's CONNACK), 0 for none: ``send`` keeps
         back a larger packet, which the server would answer by closing the connection."""
@@ -94,6 +96,7 @@ class Link(Protocol):
             self.close(f"{type(packet).__name__} before CONNACK")
             return
         if packet.reason_code:
+            self.refused = packet.reason_code
             self.close(f"CONNECT refused with reason code 0x{packet.reason_code:02x}")
             return
         self.up = True
