@@ -663,10 +663,10 @@ class MQTTProtocol(Connecting, Publishing):
             self.send(Unsuback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
 
     def _not_unsubscribed(self, failure: Failure, packet: Unsubscribe, codes: list[ReasonCode]) -> None:
-        """The store could not write the removal now (it writes it once it can). MQTT 5 is told
-        0x80; MQTT 3's UNSUBACK has nothing to say it with."""
+        """The store could not write the removal now: it stands (nothing more is sent for those
+        filters), and the store writes it once it can."""
         failure.trap(StoreError)
-        self._unsubscribed(None, packet, [code or ReasonCode.UNSPECIFIED_ERROR for code in codes])
+        self._unsubscribed(None, packet, codes)
 
     # --- the rest -----------------------------------------------------------------------
 

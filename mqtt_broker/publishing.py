@@ -182,7 +182,7 @@ class Publishing:
         if acks is None:
             self._acknowledge(qos, packet_id, reason, reason_string)
         else:
-            acks.entries.append((qos, packet_id, reason, reason_string))
+            acks.entries.append((qos, packet_id, reason, reason_string, True))
 
     def _acknowledge_when_stored(self, qos: int, packet_id: int, reason: ReasonCode) -> None:
         """Acknowledge once everything recorded so far is stored; through the store even when
@@ -195,16 +195,16 @@ class Publishing:
             return
         acks = self._acks
         if acks is not None and acks.generation == store.generation:
-            acks.entries.append((qos, packet_id, reason, None))
+            acks.entries.append((qos, packet_id, reason, None, False))
             return
-        acks = self._acks = _Acks(store.generation, (qos, packet_id, reason, None))
+        acks = self._acks = _Acks(store.generation, (qos, packet_id, reason, None, False))
         store.flushed().addCallbacks(self._durable, self._not_durable, (acks,), None, (acks,))
 
     def _durable(self, _: None, acks: _Acks) -> None:
         if self._acks is acks:
             self._acks = None
         if self.state is State.CONNECTED:
-            for qos, packet_id, reason, reason_string in acks.entries:
+            for qos, packet_id, reason, reason_string, _refused in acks.entries:
                 self._acknowledge(qos, packet_id, reason, reason_string)
 
     def _not_durable(self, failure: Failure, acks: _Acks) -> None:
@@ -213,8 +213,8 @@ class Publishing:
         if self._acks is acks:
             self._acks = None
         failure.trap(StoreError)
-        for qos, packet_id, reason, reason_string in acks.entries:
-            if reason >= 0x80 and reason != ReasonCode.QUOTA_EXCEEDED:  # refused, not routed: nothing to store
+        for qos, packet_id, reason, reason_string, refused in acks.entries:
+            if refused:  # not routed: nothing of it to store
                 if self.state is State.CONNECTED:
                     self._acknowledge(qos, packet_id, reason, reason_string)
                 continue
@@ -284,12 +284,12 @@ class Publishing:
 
 
 class _Acks:
-    """Acknowledgements of PUBLISHes (QoS, packet id, reason code, reason string) that wait for
-    one batch of the store, in the order the PUBLISHes came."""
+    """Acknowledgements of PUBLISHes (QoS, packet id, reason code, reason string, refused: not
+    routed) that wait for one batch of the store, in the order the PUBLISHes came."""
 
     __slots__ = ("generation", "entries")
 
-    def __init__(self, generation: int, first: tuple[int, int, ReasonCode, str | None]) -> None:
+    def __init__(self, generation: int, first: tuple[int, int, ReasonCode, str | None, bool]) -> None:
         self.generation = generation
         """The store's ``generation`` when they started waiting."""
         self.entries = [first]

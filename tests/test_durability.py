@@ -22,6 +22,7 @@ from mqtt_broker import BrokerService
 from mqtt_broker.store import Store, StoreError
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.store.sqlite import SQLiteStore
+from mqtt_broker.wire import ReasonCode
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest,
     Unsuback, Unsubscribe, Will,
@@ -947,5 +948,25 @@ def test_unsuback_waits_until_the_removal_is_stored(version: int) -> None:
     store.write(store.generation, StoreError("the disk is full"))
     (unsuback,) = client.received()
     assert isinstance(unsuback, Unsuback) and unsuback.packet_id == 4
-    if version == 5:
-        assert unsuback.reason_codes == (0x80, 0x11)
+    if version == 5:  # the removal stands, and is written once the disk works
+        assert unsuback.reason_codes == (0x00, 0x11)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_hooks_refusal_keeps_its_code_whatever_the_store_does(version: int) -> None:
+    """A hook may refuse with any code, 0x97 say: behind a batch that fails, its PUBLISH is still
+    a refused one (acknowledged with the hook's code), not one the store failed to keep."""
+    from mqtt_broker.hooks import Refused
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+
+    @broker.hooks.on_publish
+    def limit(client: Any, message: Any) -> Any:
+        return Refused(ReasonCode.QUOTA_EXCEEDED, "too many") if message.topic == "limited" else None
+
+    client = connected(broker, "p", version)
+    client.received()
+    client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=1), Publish(topic="limited", payload=b"x", qos=1, packet_id=2))
+    store.write(store.generation, StoreError("the disk is full"))
+    got = [(p.packet_id, p.reason_code) for p in client.received()]  # type: ignore[attr-defined]
+    assert got == ([(1, 0x80), (2, 0x97)] if version == 5 else [(2, 0)])

@@ -614,3 +614,16 @@ def test_what_waits_for_a_failing_disk_stays_the_size_of_what_it_changes(sqlite:
     assert rows(sqlite.path, "SELECT * FROM awaiting_pubrel") == []
     assert rows(sqlite.path, "SELECT payload FROM retained") == [(b"201",)]
     assert rows(sqlite.path, "SELECT seq FROM history ORDER BY seq") == [(199,), (200,), (201,)]
+
+
+def test_a_backlog_written_before_the_disk_failed_costs_one_statement_a_message_while_it_fails() -> None:
+    """Sent (an UPDATE with its packet id, another when released) and acknowledged (a DELETE)
+    while the disk fails: only the DELETE of each waits."""
+    from mqtt_broker.store import sqlite
+    batch = []
+    for seq in range(1, 101):
+        batch += [(sqlite._UPDATE_DELIVERY, (seq, False, "c", seq)), (sqlite._UPDATE_DELIVERY, (seq, True, "c", seq)),
+                  (sqlite._DELETE_DELIVERY, ("c", seq))]
+    batch.append((sqlite._UPDATE_DELIVERY, (7, False, "c", 101)))  # in flight still
+    assert sqlite.compacted(batch) == [(sqlite._DELETE_DELIVERY, ("c", seq)) for seq in range(1, 101)] + [
+        (sqlite._UPDATE_DELIVERY, (7, False, "c", 101))]

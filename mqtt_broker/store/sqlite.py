@@ -82,6 +82,7 @@ def compacted(batch: list[Statement]) -> list[Statement]:
     changes, not grow with every message."""
     kept: list[Statement | None] = list(batch)
     inserts: dict[tuple[Any, ...], int] = {}
+    updates: dict[tuple[Any, ...], int] = {}
     pubrels: dict[tuple[Any, ...], int] = {}
     retained: dict[str, int] = {}
     history: dict[int, int] = {}
@@ -92,7 +93,12 @@ def compacted(batch: list[Statement]) -> list[Statement]:
         elif sql == _UPDATE_DELIVERY or sql == _DELETE_DELIVERY:
             key = args[2:] if sql == _UPDATE_DELIVERY else args
             j = inserts.get(key)
-            if j is None:
+            if j is None:  # a row written before: only its last change counts
+                j = updates.pop(key, None)
+                if j is not None:
+                    kept[j] = None
+                if sql == _UPDATE_DELIVERY:
+                    updates[key] = i
                 continue
             kept[i] = None
             if sql == _DELETE_DELIVERY:  # never written: nothing to delete
