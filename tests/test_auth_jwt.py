@@ -131,6 +131,8 @@ async def test_expired_and_not_yet_valid(keys: Path) -> None:
     assert is_refused(await result(sec, token(nbf=int(time.time()) + 60)))
     assert is_refused(await result(sec, token(iat=int(time.time()) + 600)))
     assert is_refused(await result(sec, token(exp=None)))  # exp is required
+    # A NumericDate is a number: one in a string would leave the connection without its end.
+    assert is_refused(await result(sec, token(exp=str(int(time.time()) + 300))))
     lenient = security(keys, jwt_leeway=60)
     assert isinstance(await result(lenient, token(exp=int(time.time()) - 10)), Identity)
 

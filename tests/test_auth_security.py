@@ -275,6 +275,11 @@ def test_caches_are_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             assert sec.can_publish(anonymous, f"clients/c/{n}")
             assert not sec.can_publish(anonymous, f"public/{n}")
             assert len(sec._reads) <= 10 and len(sec._writes) <= 10
+    sec._reads.clear()
+    sec._writes.clear()
+    long = "public/" + "x" * auth.MAX_CACHED_TOPIC
+    assert sec.can_read(anonymous, long) and not sec.can_publish(anonymous, long)
+    assert not sec._reads and not sec._writes  # checked each time, not kept
 
 
 # --- reload -------------------------------------------------------------------------------

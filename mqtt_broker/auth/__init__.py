@@ -72,6 +72,8 @@ log = Logger()
 
 MAX_CACHED_READS = 100_000
 """Entries of the can_read (and of the can_publish) cache before it is emptied and starts again."""
+MAX_CACHED_TOPIC = 256
+"""Longer topics are checked each time: a cache of the longest (65,535 bytes) would hold gigabytes."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,9 +272,10 @@ class Security:
         allowed = writes.get(key)
         if allowed is None:
             allowed = acl.check(identity.client_id, identity.username, topic, WRITE)
-            if len(writes) >= MAX_CACHED_READS:
-                writes.clear()
-            writes[key] = allowed
+            if len(topic) <= MAX_CACHED_TOPIC:
+                if len(writes) >= MAX_CACHED_READS:
+                    writes.clear()
+                writes[key] = allowed
         return allowed
 
     def can_subscribe(self, identity: Identity, topic_filter: str) -> bool:
@@ -299,9 +302,10 @@ class Security:
             else:
                 acl = self._acl
                 allowed = acl is None or acl.check(identity.client_id, identity.username, topic, READ)
-            if len(reads) >= MAX_CACHED_READS:
-                reads.clear()
-            reads[key] = allowed
+            if len(topic) <= MAX_CACHED_TOPIC:
+                if len(reads) >= MAX_CACHED_READS:
+                    reads.clear()
+                reads[key] = allowed
         return allowed
 
     # --- life cycle ---------------------------------------------------------------------

@@ -264,9 +264,13 @@ class JwtAuthenticator:
             except ValueError as e:
                 return Refusal(refused, f"token: {e}")
         expiry = claims.get("exp")
+        if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, (int, float))):
+            # A NumericDate is a JSON number (RFC 7519, 2); PyJWT lets "1796384387" through, and
+            # the connection would then outlive the token.
+            return Refusal(refused, "token: exp is not a number")
         # The token is accepted until exp + leeway; so the connection lasts as long.
         return Identity(client_id=credentials.client_id, username=username, rules=rules,
-                        expires_at=float(expiry) + self.leeway if isinstance(expiry, (int, float)) else None)
+                        expires_at=float(expiry) + self.leeway if expiry is not None else None)
 
     def prepare_reload(self) -> Callable[[], None]:
         if self._reload_keys is None:
