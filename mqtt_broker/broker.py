@@ -192,6 +192,8 @@ class BrokerService(MultiService):
         _raise_open_files_limit()
         if self.store is not None:
             self._restore(self.store.load(self.config.max_queued_messages))
+        else:
+            self._rearm()
         super().startService()
         try:
             listeners: list[tuple[str, Any, str]] = [
@@ -237,9 +239,11 @@ class BrokerService(MultiService):
         for session in self.sessions.values():
             _cancel(session.expiry_call)
             _cancel(session.retry_call)
+            session.expiry_call = session.retry_call = None
         for call, *_ in self._delayed_wills.values():
             _cancel(call)
-        self._delayed_wills.clear()
+        if self.store is not None:
+            self._delayed_wills.clear()  # the store has them, for the next start
         if self.store is not None:
             stopping.append(self.store.close())
         if self.cluster is not None:
@@ -345,6 +349,18 @@ class BrokerService(MultiService):
                         self.delivery.pump(session)
         finally:
             self.batching -= 1
+
+    def _rearm(self) -> None:
+        """Started again without a store (an embedding application stopped the service and
+        starts it again): the sessions and delayed wills kept in memory have their timers again,
+        a session's expiry counted from now."""
+        for session in self.sessions.values():
+            if session.connection is None and session.expiry != NEVER and session.expiry_call is None:
+                session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
+        for client_id, (call, client, will, identity) in list(self._delayed_wills.items()):
+            due = max(0.0, call.getTime() - self.clock.seconds())
+            call = self.clock.callLater(due, self._delayed_will_due, client_id)
+            self._delayed_wills[client_id] = (call, client, will, identity)
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Take up what the store kept: sessions (their expiry measured from when their client

@@ -970,3 +970,30 @@ def test_a_hooks_refusal_keeps_its_code_whatever_the_store_does(version: int) ->
     store.write(store.generation, StoreError("the disk is full"))
     got = [(p.packet_id, p.reason_code) for p in client.received()]  # type: ignore[attr-defined]
     assert got == ([(1, 0x80), (2, 0x97)] if version == 5 else [(2, 0)])
+
+
+def test_without_a_store_a_service_started_again_keeps_its_timers() -> None:
+    """An embedding application may stop the service and start it again: sessions kept in
+    memory still expire (counted from the new start), and a delayed will is still published."""
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), close_linger=0)
+    broker.startService()
+    watcher = connected(broker, "w")
+    watcher.subscribe("wills/#")
+    session = FakeClient(broker, 5)
+    session.connect("s", properties={"session_expiry_interval": 10})
+    session.send(Disconnect())
+    session.lose()
+    willing = FakeClient(broker, 5)
+    willing.connect("d", properties={"session_expiry_interval": 60},
+                    will=Will(topic="wills/d", payload=b"gone", properties={"will_delay_interval": 30}))
+    willing.lose()
+    broker.reactor.advance(5)  # type: ignore[attr-defined]
+    broker.stopService()
+    broker.reactor.advance(1)  # type: ignore[attr-defined]
+    broker.startService()
+    watcher = connected(broker, "w2")
+    watcher.subscribe("wills/#")
+    broker.reactor.advance(10)  # type: ignore[attr-defined]
+    assert "s" not in broker.sessions
+    broker.reactor.advance(15)  # type: ignore[attr-defined]  # the will's 30 s, from its disconnection
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"gone"]
