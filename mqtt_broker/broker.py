@@ -480,12 +480,16 @@ class BrokerService(MultiService):
                 properties: Properties = NO_PROPERTIES) -> Deferred[None]:
         """Publish a message as the broker itself; returns a Deferred that fires once it is routed.
 
-        Raises ValueError for an invalid topic or QoS.
+        Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
+        their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
+        subscription identifier).
         """
         if not valid_topic_name(topic) or "\x00" in topic:
             raise ValueError(f"invalid topic name {topic!r}")
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos!r}")
+        if properties:
+            _check_properties(properties)
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         self.stats.broker_published += 1
@@ -726,6 +730,20 @@ def with_backlog(description: str, backlog: int) -> str:
 def _cancel(call: Any) -> None:
     if call is not None and call.active():
         call.cancel()
+
+
+def _check_properties(properties: Properties) -> None:
+    """Raise ValueError unless ``properties`` can be sent in a PUBLISH: checked before routing,
+    which would otherwise fail for some subscribers, and keep a retained message that fails each
+    SUBSCRIBE after."""
+    from .wire.properties import decode_properties, encode_properties
+    from .wire.packets import PUBLISH
+    if "topic_alias" in properties or "subscription_identifier" in properties:
+        raise ValueError("a topic alias or subscription identifier is for each connection to set")
+    try:
+        decode_properties(encode_properties(properties), 0, PUBLISH)
+    except Exception as e:  # KeyError (unknown name), TypeError, struct.error, MQTTError, ...
+        raise ValueError(f"invalid properties {properties!r}: {e!r}") from None
 
 
 def _raise_open_files_limit() -> None:

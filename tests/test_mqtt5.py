@@ -1529,3 +1529,21 @@ def test_publish_hook_sees_publish_user_properties() -> None:
     assert message.topic == "t" and message.payload == b"x"
     assert message.properties["user_property"] == users
     assert message.properties["content_type"] == "a/b"
+
+
+@pytest.mark.parametrize("properties", [
+    {"no_such_property": 1}, {"user_property": "not pairs"}, {"content_type": b"bytes"},
+    {"message_expiry_interval": -1}, {"topic_alias": 3}, {"subscription_identifier": 7},
+    {"session_expiry_interval": 10},  # a CONNECT's, not a PUBLISH's
+])
+def test_the_broker_publishes_only_properties_a_publish_can_carry(properties: dict[str, Any]) -> None:
+    """Refused before routing: after, some subscribers would have it and others not, and a
+    retained one would fail each SUBSCRIBE that matches it."""
+    broker = make_broker()
+    subscriber = connected(broker, "s", version=4)
+    subscriber.subscribe("t")
+    with pytest.raises(ValueError):
+        broker.publish("t", b"x", retain=True, properties=properties)
+    assert subscriber.received() == [] and not broker.retained.get("t")
+    broker.publish("t", b"fine", retain=True, properties={"user_property": [("k", "v")], "content_type": "text/plain"})
+    assert [p.payload for p in connected(broker, "late", version=5).subscribe("t") if isinstance(p, Publish)] == [b"fine"]
