@@ -124,7 +124,7 @@ class BrokerService(MultiService):
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
-        self.hooks = Hooks()
+        self.hooks = Hooks(self.clock, self.config.hook_timeout)
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()

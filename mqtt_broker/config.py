@@ -134,6 +134,10 @@ class BrokerConfig:
         10.0, "Seconds a new connection has to send CONNECT before it is closed, and a client "
         "without keepalive to be connected after it (enhanced authentication, hooks); 0 for no "
         "limit (then a silent connection is kept for ever).")
+    hook_timeout: float = _setting(
+        30.0, "Seconds a hook (and each of its handlers) may take to answer with a Deferred; past "
+        "it the handler is cancelled and the operation refused, as when a handler fails; 0 for no "
+        "limit (then a handler that never answers holds its client for ever).")
     close_linger: float = _setting(
         2.0, "Seconds a connection the broker closes (DISCONNECT, refused CONNACK, protocol error) "
         "stays half-open, reading and discarding what the client still sends, so that the client "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import CoroutineType
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -26,6 +26,9 @@ from twisted.python.failure import Failure
 from .message import Client, Message
 from .topics import Subscription
 from .wire.codes import ReasonCode
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 log = Logger()
 
@@ -50,8 +53,12 @@ class Refused:
 class Hooks:
     """The registry of event handlers of one broker."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None, timeout: float = 0) -> None:
         self._handlers: dict[str, list[Callable[..., Any]]] = {event: [] for event in EVENTS}
+        self._clock = clock
+        self.timeout = timeout
+        """Seconds a handler's Deferred may take (0: no limit, or no ``clock``); past it, it is
+        cancelled, and refuses as a failed handler does."""
         self.has_connect = self.has_auth = self.has_publish = self.has_subscribe = False
         self.has_unsubscribe = self.has_ping = self.has_disconnect = self.has_will = False
 
@@ -137,7 +144,7 @@ class Hooks:
             except Exception:
                 return _failed(Failure(), event, handler)  # type: ignore[no-untyped-call]
             if isinstance(value, (Deferred, CoroutineType)):
-                pending = maybeDeferred(lambda: value).addErrback(_failed, event, handler)
+                pending = self._bounded(maybeDeferred(lambda: value)).addErrback(_failed, event, handler)
                 return pending.addCallback(self._resume, event, args, list(handlers[index + 1:]), answer)
             verdict = _judge(value)
             if isinstance(verdict, Refused):
@@ -158,8 +165,14 @@ class Hooks:
             return answer
         call_args = (args[0], answer) if event in _TRANSFORMING and isinstance(answer, Message) else args
         handler = rest[0]
-        return maybeDeferred(handler, *call_args).addCallbacks(
+        return self._bounded(maybeDeferred(handler, *call_args)).addCallbacks(
             self._resume, _failed, callbackArgs=(event, args, rest[1:], answer), errbackArgs=(event, handler))
+
+    def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
+        # A handler that never answers would hold its client for ever, reading nothing from it.
+        if self.timeout and self._clock is not None and not pending.called:
+            pending.addTimeout(self.timeout, self._clock)
+        return pending
 
     def notify(self, event: str, *args: Any) -> None:
         """Call every handler of a notification; results are ignored, failures logged."""

@@ -297,9 +297,14 @@ class MQTTProtocol(Connecting, Publishing):
                       abort=True)
             return None
         limit = self._keep_alive * 1.5
-        idle = self.clock.seconds() - self._last_seen
+        now = self.clock.seconds()
+        idle = now - self._last_seen
         if idle < limit:
             return self._last_seen + limit
+        if self._blocked is not None:
+            # Waiting for a hook, the broker reads nothing: what the client sent meanwhile (its
+            # PINGREQs) is not silence. (hook_timeout bounds the wait.)
+            return now + limit
         self._deadline = None
         # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
         # gone, and what is queued for it may never drain, so lingering would only hold its
@@ -647,7 +652,7 @@ class MQTTProtocol(Connecting, Publishing):
         codes = []
         for topic_filter, answer in zip(packet.topic_filters, answers):
             if isinstance(answer, Refused):
-                codes.append(answer.code(ReasonCode.NOT_AUTHORIZED))
+                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR))
             elif self.broker.unsubscribe(self.session, split_replay_filter(topic_filter)[1]):
                 codes.append(ReasonCode.SUCCESS)
             else:

@@ -13,7 +13,9 @@ from mqtt_broker.hooks import EVENTS, Hooks, Refused
 from mqtt_broker.message import Client, Message
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
-from mqtt_broker.wire import MQTT_3_1_1, Connack, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will
+from mqtt_broker.wire import (
+    MQTT_3_1_1, Connack, Connect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will,
+)
 from mqtt_broker.wire.codes import ReasonCode
 
 CLIENT = Client(client_id="c1", username="u", peer="127.0.0.1:5000", protocol_version=4,
@@ -431,6 +433,39 @@ def test_async_publish_hook_keeps_order() -> None:
     pending[0].callback(None)
     assert sub.received() == [Publish(topic="t", payload=b"slow"), Publish(topic="t", payload=b"fast")]
     assert pub.transport.producerState == "producing"
+
+
+def test_a_hook_that_never_answers_refuses_after_hook_timeout(logged: Sequence[LogEvent]) -> None:
+    """Its client is not held for ever, reading nothing: the handler is cancelled, and the
+    operation refused as when a handler fails."""
+    broker = MemoryBroker(hook_timeout=5)
+    cancelled = []
+    broker.hooks.on_connect(lambda client: Deferred(cancelled.append) if client.client_id == "stuck" else None)
+    client = broker.client(version=MQTT_3_1_1)
+    client.send(Connect(client_id="stuck", protocol_level=MQTT_3_1_1, protocol_name="MQTT", keep_alive=0))
+    broker.advance(4.9)
+    assert client.received() == []
+    broker.advance(0.1)
+    assert client.received() == [Connack(reason_code=3)] and len(cancelled) == 1  # 0x80: "server unavailable" in 3.1.1
+    assert any(event.get("event") == "connect" and "failed; refusing" in event.get("log_format", "")
+               for event in logged)
+    assert broker.connect("free", version=MQTT_3_1_1)  # the others go on
+
+
+def test_a_slow_hook_does_not_count_as_the_clients_silence() -> None:
+    """While a hook decides, nothing is read from the client, its PINGREQs neither: its keepalive
+    does not lapse for that."""
+    broker = MemoryBroker(hook_timeout=60)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    client = broker.connect("c", version=MQTT_3_1_1, keep_alive=10)
+    client.send(Publish(topic="t", payload=b"slow"))
+    for _ in range(4):
+        broker.advance(10)
+        client.send(Pingreq())
+    assert not client.closed
+    pending[0].callback(None)
+    assert [type(p) for p in client.received()] == [Pingresp] * 4
 
 
 def test_subscribe_hook_refuses_and_downgrades() -> None:
