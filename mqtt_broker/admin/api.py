@@ -212,10 +212,13 @@ def _str_arg(request: Any, name: str) -> str | None:
         raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
 
 
-def _page(request: Any, items: list[Any]) -> dict[str, Any]:
+def _page(request: Any, items: list[Any], render: Callable[[Any], Any]) -> dict[str, Any]:
+    """The page of ``items`` the request asks for, each made JSON by ``render``: only the page,
+    as a list may hold a hundred thousand sessions."""
     offset = _int_arg(request, "offset", 0, 0, 2**31)
     limit = _int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    return {"total": len(items), "offset": offset, "limit": limit, "items": items[offset:offset + limit]}
+    return {"total": len(items), "offset": offset, "limit": limit,
+            "items": [render(item) for item in items[offset:offset + limit]]}
 
 
 # --- the resource --------------------------------------------------------------------------
@@ -417,19 +420,23 @@ class ApiResource(Resource):
         if version not in (None, "3", "4", "5"):
             raise ApiError(400, "query parameter 'protocol_version' must be 3, 4 or 5")
         username = _str_arg(request, "username")
+        sessions = self.broker.sessions
         items = []
-        for client_id in sorted(self.broker.sessions):
-            item = client_json(self.broker.sessions[client_id])
-            if connected is not None and item["connected"] != (connected == "true"):
+        for client_id in sorted(sessions):
+            session = sessions[client_id]
+            connection = session.connection
+            client = connection.client if connection is not None else None
+            if connected is not None and (connection is not None) != (connected == "true"):
                 continue
-            if version is not None and item["protocol_version"] != int(version):
+            if version is not None and (client is None or client.protocol_version != int(version)):
                 continue
-            if username is not None and item["username"] != username:
+            if username is not None and (client is None or client.username != username):
                 continue
-            if query and not any(query in str(item[k] or "").lower() for k in ("client_id", "username", "peer")):
+            if query and not any(query in (text or "").lower() for text in (
+                    client_id, client and client.username, client and client.peer)):
                 continue
-            items.append(item)
-        return 200, _page(request, items)
+            items.append(session)
+        return 200, _page(request, items, client_json)
 
     def _get_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
@@ -449,7 +456,7 @@ class ApiResource(Resource):
 
     def _client_subscriptions(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
-        return 200, _page(request, [subscription_json(s) for _, s in sorted(session.subscriptions.items())])
+        return 200, _page(request, [s for _, s in sorted(session.subscriptions.items())], subscription_json)
 
     def _subscribe_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
@@ -492,10 +499,10 @@ class ApiResource(Resource):
     def _list_subscriptions(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         client_id = _str_arg(request, "client_id")
         query = _str_arg(request, "q")
-        items = [subscription_json(s) for s in sorted(self.broker.subscriptions,
-                                                      key=lambda s: (s.client_id, s.topic_filter))
-                 if (client_id is None or s.client_id == client_id) and (query is None or query in s.topic_filter)]
-        return 200, _page(request, items)
+        items = sorted((s for s in self.broker.subscriptions
+                        if (client_id is None or s.client_id == client_id) and (query is None or query in s.topic_filter)),
+                       key=lambda s: (s.client_id, s.topic_filter))
+        return 200, _page(request, items, subscription_json)
 
     def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         limit = _int_arg(request, "limit", 1000, 1, 10_000)
@@ -515,7 +522,7 @@ class ApiResource(Resource):
                 raise ApiError(400, f"invalid topic filter {topic_filter!r}")
             messages = list(self.broker.retained.match(topic_filter))
         messages.sort(key=lambda m: m.topic)
-        return 200, _page(request, [message_json(m) for m in messages])
+        return 200, _page(request, messages, message_json)
 
     def _retained_topic(self, topic: str) -> str:
         if not valid_topic_name(topic) or "\x00" in topic:
