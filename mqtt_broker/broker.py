@@ -750,9 +750,9 @@ def _raise_open_files_limit() -> None:
     """Many clients need many descriptors: raise the soft limit to the hard one where allowed."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY:
-            hard = 1 << 20
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < target:
+            # The hard limit stays: an embedding application may want it back.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as e:
         log.warn("could not raise the open files limit: {error}", error=e)

@@ -345,3 +345,17 @@ async def test_a_connection_paused_as_it_is_made_is_not_read() -> None:
         factory.made[0].transport.resumeProducing()  # type: ignore[union-attr]
         await factory.closed  # read by the reactor once resumed, then closed by the reply
         assert _ReadCounting.reads
+
+
+def test_the_open_files_limit_is_raised_and_its_hard_limit_kept(monkeypatch: Any) -> None:
+    import resource
+
+    from mqtt_broker import broker
+    limits = {"now": (1024, resource.RLIM_INFINITY)}
+    monkeypatch.setattr(broker.resource, "getrlimit", lambda kind: limits["now"])
+    monkeypatch.setattr(broker.resource, "setrlimit", lambda kind, value: limits.update(now=value))
+    broker._raise_open_files_limit()
+    assert limits["now"] == (1 << 20, resource.RLIM_INFINITY)  # not lowered to 1 << 20 for good
+    limits["now"] = (1024, 4096)
+    broker._raise_open_files_limit()
+    assert limits["now"] == (4096, 4096)
