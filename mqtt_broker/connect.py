@@ -79,7 +79,7 @@ def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack 
             terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID  # [MQTT-3.1.3-8]
             return terms
         terms.client_id = config.auto_id_prefix + uuid.uuid4().hex
-    if keep_alive > max_keepalive or (max_keepalive < 65535 and keep_alive == 0):
+    if max_keepalive and (keep_alive > max_keepalive or (max_keepalive < 65535 and keep_alive == 0)):
         if level != MQTT_5:
             # MQTT 3 cannot tell a client to use a shorter keepalive; refuse as Mosquitto does.
             terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID

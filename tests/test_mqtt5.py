@@ -204,6 +204,11 @@ def test_server_keep_alive_when_client_asks_zero_and_a_maximum_is_set() -> None:
     assert "server_keep_alive" not in within.properties
     _, unlimited = connect5(make_broker(), "c", keep_alive=0)
     assert "server_keep_alive" not in unlimited.properties
+    # max_keepalive 0 is no limit, as in Mosquitto: neither capped nor, for MQTT 3, refused.
+    _, free = connect5(make_broker(max_keepalive=0), "c", keep_alive=600)
+    assert free.reason_code == 0 and "server_keep_alive" not in free.properties
+    for keep_alive in (0, 600):
+        connected(make_broker(max_keepalive=0), "c", version=4, keep_alive=keep_alive)  # asserts CONNACK 0
 
 
 def test_session_expiry_capped_by_maximum_is_announced_and_used() -> None:
