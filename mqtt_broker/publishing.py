@@ -21,6 +21,7 @@ from .hooks import Refused
 from .lifecycle import State
 from .message import Client, Message, encoding_kind
 from .store import StoreError
+from .topics import MAX_TOPIC_LEVELS, too_deep
 from .wire import (
     MQTT_5, MQTTError, Packet, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
 )
@@ -81,6 +82,8 @@ class Publishing:
             raise ProtocolError("PUBLISH with an empty topic name")  # [MQTT-4.7.3-1], 3.3.2.1
         if "+" in topic or "#" in topic:
             raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)  # [MQTT-3.3.2-2]
+        if len(topic) >= MAX_TOPIC_LEVELS and too_deep(topic):
+            raise MQTTError(f"a topic name of more than {MAX_TOPIC_LEVELS} levels", ReasonCode.TOPIC_NAME_INVALID)
         broker = self.broker
         config = broker.config
         if qos > config.max_qos:

@@ -10,18 +10,27 @@ from typing import Callable, Final, Iterator, NamedTuple
 MAX_CACHED_TOPICS: Final = 10_000
 MAX_RECENT_TOPICS: Final = 10_000
 MAX_SHARE_TURNS: Final = 10_000
+MAX_TOPIC_LEVELS: Final = 128
+"""Levels a topic name or filter may have (EMQX's default too): matching walks a tree level by
+level, and a topic of thousands of levels would exhaust the interpreter's stack."""
 
 
 def valid_topic_name(topic: str) -> bool:
-    """A PUBLISH topic: not empty, no wildcard [MQTT-3.3.2-2], [MQTT-4.7.3-1]."""
-    return bool(topic) and "+" not in topic and "#" not in topic
+    """A PUBLISH topic: not empty, no wildcard [MQTT-3.3.2-2], [MQTT-4.7.3-1], at most
+    MAX_TOPIC_LEVELS levels."""
+    return bool(topic) and "+" not in topic and "#" not in topic and not too_deep(topic)
+
+
+def too_deep(topic: str) -> bool:
+    """Whether a topic name or filter has more than MAX_TOPIC_LEVELS levels."""
+    return len(topic) >= MAX_TOPIC_LEVELS and topic.count("/") >= MAX_TOPIC_LEVELS
 
 
 def valid_topic_filter(topic_filter: str) -> bool:
     """A SUBSCRIBE filter: ``#`` only as the whole last level, ``+`` only as a whole level
     [MQTT-4.7.1-2, -3]; a ``$share/{group}/{filter}`` has a non-empty group without wildcards
-    and a valid filter."""
-    if not topic_filter:
+    and a valid filter; at most MAX_TOPIC_LEVELS levels."""
+    if not topic_filter or too_deep(topic_filter):
         return False
     group, inner = split_shared(topic_filter)
     if group is not None:

@@ -329,3 +329,19 @@ def test_a_message_from_the_remote_too_large_here_is_dropped_and_acknowledged() 
     assert payloads(subscriber) == [b"small"]
     assert remote.bridge.stats.dropped == 25 and not remote.bridge._inbound  # type: ignore[union-attr]
     remote.broker.stopService()
+
+
+def test_a_message_from_the_remote_on_too_deep_a_topic_is_dropped_and_acknowledged() -> None:
+    """This broker would close the local link for it, and the remote would send it again."""
+    from mqtt_broker.topics import MAX_TOPIC_LEVELS
+    from mqtt_broker.wire import Puback
+    remote = FakeRemote(topic=["# in 1"])
+    subscriber = connected(remote.broker, "sub")
+    subscriber.subscribe("#", qos=1)
+    remote.up(granted=(1,))
+    remote.send(Publish(topic="/".join(["a"] * (MAX_TOPIC_LEVELS + 1)), payload=b"deep", qos=1, packet_id=1),
+                Publish(topic="a/b", payload=b"fine", qos=1, packet_id=2))
+    assert [p.packet_id for p in remote.received() if isinstance(p, Puback)] == [1, 2]
+    assert payloads(subscriber) == [b"fine"] and remote.bridge.stats.dropped == 1  # type: ignore[union-attr]
+    assert remote.bridge.state == "connected"  # type: ignore[union-attr]
+    remote.broker.stopService()

@@ -571,3 +571,20 @@ def test_connection_messages_logs_every_connection() -> None:
     assert logged(events) == ["client quiet", "closing quiet", "client lost", "connection lost"]
     assert "MQTT {version}" in events[0]["log_format"] and events[0]["version"] == "3.1.1"
     assert events[0]["keep_alive"] == 30 and events[0]["peer"].startswith("127.0.0.1:")
+
+
+def test_a_topic_of_more_than_max_topic_levels_is_refused() -> None:
+    """Matching walks the levels one by one: thousands of them would exhaust the stack (a retained
+    message on such a topic then failed each SUBSCRIBE matching it)."""
+    from mqtt_broker.topics import MAX_TOPIC_LEVELS
+    deep = "/".join(["a"] * (MAX_TOPIC_LEVELS + 1))
+    broker = make_broker()
+    subscriber = connected(broker, "s", version=5)
+    assert subscriber.subscribe(deep, "/".join(["+"] * 5000), "ok/#") == [
+        Suback(packet_id=1, reason_codes=(0x8F, 0x8F, 0))]
+    publisher = connected(broker, "p", version=5)
+    publisher.send(Publish(topic=deep, payload=b"x", retain=True))
+    assert [p.reason_code for p in publisher.received() if isinstance(p, Disconnect)] == [0x90] and publisher.closed
+    assert len(broker.retained) == 0
+    will = FakeClient(broker, 5).connect("w", will=Will(topic=deep, payload=b"x"))
+    assert will.reason_code == 0x90  # type: ignore[union-attr]

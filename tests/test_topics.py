@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from topic_helpers import LEVELS, matched, topic_filters, topic_names
 
 from mqtt_broker.topics import (
-    MAX_SHARE_TURNS, Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard,
+    MAX_SHARE_TURNS, MAX_TOPIC_LEVELS, Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard,
     matches, Turns, split_shared, valid_topic_filter, valid_topic_name,
 )
 
@@ -89,6 +89,15 @@ def test_valid_topic_name(topic: str) -> None:
 @pytest.mark.parametrize("topic", ["", "#", "+", "sport/#", "sport/+/x", "sport+", "a#b"])
 def test_invalid_topic_name(topic: str) -> None:  # [MQTT-3.3.2-2], [MQTT-4.7.3-1]
     assert not valid_topic_name(topic)
+
+
+def test_at_most_max_topic_levels() -> None:
+    deepest = "/".join(["a"] * MAX_TOPIC_LEVELS)
+    assert valid_topic_name(deepest) and valid_topic_filter(deepest) and valid_topic_filter(deepest[:-1] + "#")
+    assert valid_topic_name("/" * (MAX_TOPIC_LEVELS - 1))  # empty levels count too
+    for too_deep in (deepest + "/a", "/" * MAX_TOPIC_LEVELS, "/".join(["+"] * (MAX_TOPIC_LEVELS + 1))):
+        assert not valid_topic_filter(too_deep)
+        assert "+" in too_deep or not valid_topic_name(too_deep)
 
 
 def test_split_shared() -> None:

@@ -37,6 +37,7 @@ from ..wire import (
     MQTT_3_1, MQTT_5, Connack, Connect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
     SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
+from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
 from .link import Link, pipe
@@ -309,6 +310,9 @@ class Bridge(Service):
             topic = self.config.to_local(packet.topic)
             if topic is None:
                 self._refuse(link, packet)
+                return
+            if too_deep(topic):  # this broker would close the link for it, and it would come again
+                self._refuse(link, packet, f"more than {MAX_TOPIC_LEVELS} levels")
                 return
             self.stats.messages_in += 1
             message = self._crossing(packet, topic, packet.retain, MQTT_5, 2)
