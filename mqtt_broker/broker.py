@@ -125,6 +125,7 @@ class BrokerService(MultiService):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
+        self._retained_sweep: Any = None
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()
@@ -221,6 +222,7 @@ class BrokerService(MultiService):
         except BaseException:
             self.stopService()
             raise
+        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
         if self.cluster is not None:
             self.cluster.start().addErrback(lambda failure: log.failure("joining the cluster", failure))
 
@@ -236,6 +238,7 @@ class BrokerService(MultiService):
         self._all_closed = AllClosed(self.connections, self.clock, self.config.close_linger)
         stopping.append(self._all_closed.done)
         self.keepalives.stop()
+        _cancel(self._retained_sweep)
         for session in self.sessions.values():
             _cancel(session.expiry_call)
             _cancel(session.retry_call)
@@ -691,21 +694,36 @@ class BrokerService(MultiService):
         security = self.security
         readable = (lambda message: True) if security is None or session.identity is None else (
             lambda message: security.can_read(session.identity, message.topic))
-        replayed: set[tuple[str, bytes]] = set()
+        replayed: set[str] = set()
         if replaying:
             assert self.history is not None and replay is not None
             for message in self.history.replay(subscription.topic_filter, replay, now):
-                if not readable(message):
-                    continue
-                replayed.add((message.topic, message.payload))
+                if not readable(message) or (subscription.no_local and message.sender == session.client_id):
+                    continue  # [MQTT-3.8.3-3] for the past too
+                replayed.add(message.topic)
                 self.delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         for message in retained:
-            if (message.topic, message.payload) in replayed or not readable(message):
-                continue
             if message.expired(now):
-                self.retained.delete(message.topic)
+                self._drop_retained(message.topic)
+                continue
+            # A topic replayed had its latest logged message sent, the retained one or newer.
+            if message.topic in replayed or not readable(message):
                 continue
             self.delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
+
+    def _drop_retained(self, topic: str) -> None:
+        """An expired retained message goes, from the store too [MQTT-3.3.2-5]. (In a cluster
+        only this node's copy: another node may be setting the topic anew in Redis, and Redis
+        sends nothing expired to a node that reads it.)"""
+        self.retained.delete(topic)
+        if self.store is not None and self.cluster is None:
+            self.store.delete_retained(topic)
+
+    def _expire_retained(self) -> None:
+        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
+        for topic in self.retained.expire(self.clock.seconds()):
+            if self.store is not None and self.cluster is None:
+                self.store.delete_retained(topic)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
@@ -715,6 +733,10 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.delete_subscription(session.client_id, topic_filter)
         return True
+
+
+RETAINED_SWEEP = 60.0
+"""Seconds between two sweeps of the expired retained messages."""
 
 
 def with_backlog(description: str, backlog: int) -> str:

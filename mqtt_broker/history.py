@@ -16,9 +16,11 @@ from datetime import datetime
 from typing import Iterable
 
 from .message import Message
-from .topics import matches
+from .topics import filters_overlap, matches
 
 REPLAY_PREFIX = "$replay/"
+MAX_REPLAYS = 16
+"""Replay requests one SUBSCRIBE may make; each reads the logs, the others are refused (0x97)."""
 
 
 @dataclass(slots=True)
@@ -107,6 +109,8 @@ class MessageLog:
         seen: dict[int, Entry] = {}
         for index, log in enumerate(self._logs):
             self._trim(index, now)
+            if not filters_overlap(self.filters[index], topic_filter):
+                continue  # nothing logged there can match
             for entry in log:
                 if entry.seq not in seen and matches(topic_filter, entry.message.topic):
                     seen[entry.seq] = entry

@@ -33,7 +33,7 @@ from .auth import Identity
 from .connect import NEVER, Terms
 from .connecting import Connecting, count_refusal, tally
 from .delivery import Delivery
-from .history import ReplayError, parse_spec, split_replay_filter
+from .history import MAX_REPLAYS, ReplayError, parse_spec, split_replay_filter
 from .linger import close_lingering
 from .publishing import Publishing, _Acks
 from .store import StoreError
@@ -562,6 +562,9 @@ class MQTTProtocol(Connecting, Publishing):
                     parse_spec(spec)
                 except ReplayError:
                     wanted.append(ReasonCode.UNSPECIFIED_ERROR)
+                    continue
+                if len(replays) >= MAX_REPLAYS and topic_filter not in replays:
+                    wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
                     continue
                 replays[topic_filter] = spec
             if not valid_topic_filter(topic_filter):

@@ -21,12 +21,18 @@ class RetainedMessages:
     def __init__(self) -> None:
         self._root = _Level()
         self.count = 0
+        self._expiring: dict[str, float] = {}
+        """Topic -> expiry time of the kept messages that have one."""
 
     def store(self, message: Message) -> None:
         """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10]."""
         if not message.payload:
             self.delete(message.topic)
             return
+        if message.expires_at is not None:
+            self._expiring[message.topic] = message.expires_at
+        elif self._expiring:
+            self._expiring.pop(message.topic, None)
         node = self._root
         for level in message.topic.split("/"):
             child = node.children.get(level)
@@ -49,12 +55,20 @@ class RetainedMessages:
             return False
         path[-1].message = None
         self.count -= 1
+        self._expiring.pop(topic, None)
         for depth in range(len(levels), 0, -1):
             node = path[depth]
             if node.children or node.message is not None:
                 break
             del path[depth - 1].children[levels[depth - 1]]
         return True
+
+    def expire(self, now: float) -> list[str]:
+        """Delete the messages whose expiry has passed [MQTT-3.3.2-5]; their topics."""
+        topics = [topic for topic, at in self._expiring.items() if at <= now]
+        for topic in topics:
+            self.delete(topic)
+        return topics
 
     def get(self, topic: str) -> Message | None:
         node = self._root

@@ -93,3 +93,36 @@ def test_log_survives_a_restart_through_the_store() -> None:
     assert payloads(sub.subscribe("$replay/all/h/#")[1:]) == [b"1", b"2"]
     second.publish("h/x", b"3")
     assert payloads(sub.received()) == [b"3"]
+
+
+def test_a_replay_keeps_no_local_and_sends_no_retained_value_older_than_it_replayed() -> None:
+    broker = make_broker(history_filters=["s/#"])
+    me = connected(broker, "me", version=5)
+    me.publish("s/mine", b"mine")
+    other = connected(broker, "other")
+    other.publish("s/t", b"old-retained", retain=True)
+    other.publish("s/t", b"new")
+    other.publish("s/kept", b"kept", retain=True)
+    me.send(Subscribe(packet_id=1, properties={"user_property": [("replay", "all")]},
+                      subscriptions=(SubscriptionRequest(topic_filter="s/#", qos=0, no_local=True),)))
+    packets = me.received()[1:]
+    # Its own message is not sent back [MQTT-3.8.3-3]; s/t's retained value is older than the
+    # replayed "new" and does not follow it; s/kept was replayed, its retained copy not again.
+    assert [(p.payload, p.retain) for p in packets] == [(b"old-retained", False), (b"new", False), (b"kept", False)]
+
+
+def test_replays_of_one_subscribe_are_bounded_and_read_only_the_logs_they_could_match(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mqtt_broker import history
+    broker = make_broker(history_filters=["busy/#", "quiet/#"])
+    pub = connected(broker, "pub")
+    for n in range(50):
+        pub.publish("busy/x", b"%d" % n)
+    pub.publish("quiet/x", b"q")
+    compared = []
+    matches = history.matches
+    monkeypatch.setattr(history, "matches", lambda f, topic: compared.append(topic) or matches(f, topic))
+    sub = connected(broker, "sub", version=5)
+    (suback, *_) = sub.subscribe(*[f"$replay/all/quiet/{n}" for n in range(history.MAX_REPLAYS + 2)])
+    assert suback.reason_codes == (0,) * history.MAX_REPLAYS + (0x97, 0x97)  # type: ignore[attr-defined]
+    assert compared == ["quiet/x"] * history.MAX_REPLAYS  # quiet/n cannot match what busy/# logs

@@ -194,3 +194,35 @@ def test_match_agrees_with_matches(topics: list[str], deleted: list[str], topic_
         everything.store(msg(topic))
     assert Counter(m.topic for m in everything.match(topic_filter)) == Counter(
         t for t in ALL_TOPICS if matches(topic_filter, t))
+
+
+def test_expired_messages_are_swept_from_memory_and_the_store() -> None:
+    """An expired retained message goes although no SUBSCRIBE comes for it [MQTT-3.3.2-5]:
+    otherwise they pile up, in memory and on disk."""
+    from protocol_helpers import connected, make_broker
+
+    from mqtt_broker.broker import RETAINED_SWEEP
+    from mqtt_broker.store.memory import MemoryStore
+    store = MemoryStore()
+    broker = make_broker(store=store)
+    broker.startService()
+    publisher = connected(broker, "p", version=5)
+    for n in range(100):
+        publisher.publish(f"t/{n}", b"soon gone", retain=True, properties={"message_expiry_interval": 1})
+    publisher.publish("t/kept", b"kept", retain=True)
+    publisher.publish("t/0", b"replaced, no expiry", retain=True)
+    broker.reactor.advance(RETAINED_SWEEP)  # type: ignore[attr-defined]
+    assert sorted(m.topic for m in broker.retained if m.topic.startswith("t/")) == ["t/0", "t/kept"]
+    assert sorted(store._retained) == ["t/0", "t/kept"]  # type: ignore[attr-defined]
+    broker.stopService()
+
+
+def test_expire_drops_only_what_is_due() -> None:
+    retained = RetainedMessages()
+    retained.store(Message(topic="a", payload=b"1", retain=True, expires_at=10.0))
+    retained.store(Message(topic="b", payload=b"2", retain=True, expires_at=20.0))
+    retained.store(Message(topic="c", payload=b"3", retain=True))
+    assert retained.expire(10.0) == ["a"] and retained.expire(15.0) == []
+    assert sorted(m.topic for m in retained) == ["b", "c"]
+    retained.delete("b")
+    assert retained.expire(100.0) == [] and len(retained) == 1
