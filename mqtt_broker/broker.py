@@ -385,6 +385,9 @@ class BrokerService(MultiService):
         if self.history is not None:
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
+            dropped = self.history.take_dropped()
+            if dropped:
+                store.drop_history(dropped)
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
                  sessions=len(self.sessions), retained=len(self.retained), wills=len(self._delayed_wills))
 

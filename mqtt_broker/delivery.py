@@ -175,8 +175,9 @@ class Delivery:
         entry = self.history.record(message, self.clock.seconds())
         if entry is not None and self.store is not None:
             self.store.save_history(entry)
-            if entry.seq % 1000 == 0:  # now and then, forget on disk what every log has dropped
-                self.store.forget_history(self.history.oldest_seq)
+            dropped = self.history.take_dropped()
+            if dropped:
+                self.store.drop_history(dropped)
 
     def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         """One member of a shared group gets the message: connected members in turn, or an

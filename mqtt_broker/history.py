@@ -29,6 +29,8 @@ class Entry:
     message: Message
     at: float
     """Clock time it was published."""
+    holders: int = 0
+    """The logs that hold it: when the last one drops it, it is dropped from the store too."""
 
 
 class ReplayError(ValueError):
@@ -74,6 +76,8 @@ class MessageLog:
         self._routes: dict[str, tuple[int, ...]] = {}
         """Topic -> indexes of the filters it matches (bounded cache)."""
         self._seq = 0
+        self._dropped: list[int] = []
+        """Seqs of the entries every log has dropped since ``take_dropped``."""
 
     def record(self, message: Message, now: float) -> Entry | None:
         """Log a message if its topic matches a configured filter; returns its entry."""
@@ -87,7 +91,7 @@ class MessageLog:
         if not targets:
             return None
         self._seq += 1
-        entry = Entry(self._seq, message, now)
+        entry = Entry(self._seq, message, now, len(targets))
         size = len(message.payload)
         for i in targets:
             self._logs[i].append(entry)
@@ -100,7 +104,17 @@ class MessageLog:
         while log and ((self.max_messages and len(log) > self.max_messages)
                        or (self.max_bytes and self._sizes[index] > self.max_bytes)
                        or (self.max_age and log[0].at < now - self.max_age)):
-            self._sizes[index] -= len(log.popleft().message.payload)
+            entry = log.popleft()
+            self._sizes[index] -= len(entry.message.payload)
+            entry.holders -= 1
+            if not entry.holders:
+                self._dropped.append(entry.seq)
+
+    def take_dropped(self) -> list[int]:
+        """The seqs of the entries no log holds any more, since the last call (for the store:
+        one quiet filter's old entries must not keep what the busy ones dropped)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     def replay(self, topic_filter: str, spec: str, now: float) -> list[Message]:
         """The logged messages that match ``topic_filter``, oldest first, as ``spec`` asks.
@@ -125,7 +139,8 @@ class MessageLog:
         """Take up logged entries read from a store (oldest first)."""
         for entry in entries:
             self._seq = max(self._seq, entry.seq - 1)
-            self.record(entry.message, entry.at)
+            if self.record(entry.message, entry.at) is None:  # its filter is no longer logged
+                self._dropped.append(entry.seq)
 
     @property
     def oldest_seq(self) -> int:

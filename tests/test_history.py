@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 from protocol_helpers import connected, make_broker
 
@@ -126,3 +127,17 @@ def test_replays_of_one_subscribe_are_bounded_and_read_only_the_logs_they_could_
     (suback, *_) = sub.subscribe(*[f"$replay/all/quiet/{n}" for n in range(history.MAX_REPLAYS + 2)])
     assert suback.reason_codes == (0,) * history.MAX_REPLAYS + (0x97, 0x97)  # type: ignore[attr-defined]
     assert compared == ["quiet/x"] * history.MAX_REPLAYS  # quiet/n cannot match what busy/# logs
+
+
+def test_the_store_keeps_what_the_logs_hold_whatever_a_quiet_filter_keeps() -> None:
+    """A quiet filter's old entry must not keep in the store what the busy filters dropped since
+    (it grew with every message, and a restart read it all back)."""
+    store = MemoryStore()
+    broker = make_broker(history_filters=["rare/#", "busy/#"], history_max_messages=10, store=store)
+    broker.startService()
+    broker.publish("rare/x", b"once")
+    for n in range(300):
+        broker.publish("busy/x", b"%d" % n)
+    kept = store.load().history
+    assert [entry.message.payload for entry in kept] == [b"once"] + [b"%d" % n for n in range(290, 300)]
+    broker.stopService()

@@ -627,3 +627,10 @@ def test_a_backlog_written_before_the_disk_failed_costs_one_statement_a_message_
     batch.append((sqlite._UPDATE_DELIVERY, (7, False, "c", 101)))  # in flight still
     assert sqlite.compacted(batch) == [(sqlite._DELETE_DELIVERY, ("c", seq)) for seq in range(1, 101)] + [
         (sqlite._UPDATE_DELIVERY, (7, False, "c", 101))]
+
+
+def test_a_log_entry_saved_and_dropped_while_the_disk_fails_costs_nothing() -> None:
+    from mqtt_broker.store import sqlite
+    batch = [(sqlite._SAVE_HISTORY, (5, "t", b"x", 0, None, None, 1.0)), (sqlite._DROP_HISTORY, (5,)),
+             (sqlite._DROP_HISTORY, (4,))]  # 4 was written before: its drop stays
+    assert sqlite.compacted(batch) == [(sqlite._DROP_HISTORY, (4,))]

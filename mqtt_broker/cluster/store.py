@@ -263,6 +263,9 @@ class RedisStore:
     def forget_history(self, before_seq: int) -> None:
         pass
 
+    def drop_history(self, seqs: list[int]) -> None:
+        pass
+
     # --- what the cluster records ---------------------------------------------------------
 
     def forward(self, node: str, entry: bytes) -> None:

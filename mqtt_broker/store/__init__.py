@@ -104,6 +104,9 @@ class Store(Protocol):
     def forget_history(self, before_seq: int) -> None:
         """Entries older than ``before_seq`` left every log."""
 
+    def drop_history(self, seqs: list[int]) -> None:
+        """These entries left every log."""
+
     def delete_will(self, client_id: str) -> None: ...
 
     def flushed(self) -> Deferred[None]:

@@ -53,6 +53,10 @@ class MemoryStore:
         for seq in [s for s in self._history if s < before_seq]:
             del self._history[seq]
 
+    def drop_history(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self._history.pop(seq, None)
+
     def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
         known = self._sessions.get(client_id)
         queued = sorted((i for i in known[0].queue if i.seq > after_seq), key=lambda i: i.seq) if known else []

@@ -71,6 +71,7 @@ _DELETE_RETAINED = "DELETE FROM retained WHERE topic = ?"
 _SAVE_HISTORY = ("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at) "
                  "VALUES (?,?,?,?,?,?,?)")
 _FORGET_HISTORY = "DELETE FROM history WHERE seq < ?"
+_DROP_HISTORY = "DELETE FROM history WHERE seq = ?"
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -121,6 +122,10 @@ def compacted(batch: list[Statement]) -> list[Statement]:
             retained[args[0]] = i
         elif sql == _SAVE_HISTORY:
             history[args[0]] = i
+        elif sql == _DROP_HISTORY:
+            j = history.pop(args[0], None)
+            if j is not None:  # never written: nothing to drop
+                kept[i] = kept[j] = None
         elif sql == _FORGET_HISTORY:
             for seq in [seq for seq in history if seq < args[0]]:
                 kept[history.pop(seq)] = None
@@ -344,6 +349,10 @@ class SQLiteStore:
 
     def forget_history(self, before_seq: int) -> None:
         self._record(_FORGET_HISTORY, (before_seq,))
+
+    def drop_history(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self._record(_DROP_HISTORY, (seq,))
 
     def delete_will(self, client_id: str) -> None:
         self._record("DELETE FROM wills WHERE client_id = ?", (client_id,))
