@@ -4,6 +4,7 @@ out, and the same rules run in a real Mosquitto, compared case by case with Secu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from auth_helpers import Mosquitto, RawClient
@@ -534,15 +535,20 @@ def read_payloads(client: FakeClient) -> list[bytes]:
     return got
 
 
+def queued_while_away(broker: Any, client_id: str, username: str, topic: str) -> None:
+    """A persistent session of ``username`` subscribed to ``topic``, its client gone, and a
+    message queued for it by the user ``pub``."""
+    client = connected(broker, client_id, clean=False, username=username)
+    client.subscribe(topic, qos=1)
+    client.lose()
+    connected(broker, "pub", username="pub").publish(topic, b"queued", qos=1)
+
+
 def test_a_session_taken_over_by_another_user_gets_only_what_that_user_may_read(tmp_path: Path) -> None:
     acl = tmp_path / "acl"
     acl.write_text("user alice\ntopic read secret/#\nuser bob\ntopic read public/#\nuser pub\ntopic write #\n")
     broker = make_broker(acl_file=str(acl))
-    alice = connected(broker, "shared-id", clean=False, username="alice")
-    alice.subscribe("secret/#", qos=1)
-    alice.lose()
-    pub = connected(broker, "pub", username="pub")
-    pub.publish("secret/plans", b"for alice", qos=1)
+    queued_while_away(broker, "shared-id", "alice", "secret/plans")
     bob = FakeClient(broker)
     assert bob.connect("shared-id", clean=False, username="bob").session_present  # type: ignore[union-attr]
     assert read_payloads(bob) == []
@@ -574,11 +580,7 @@ def test_what_is_queued_before_a_reload_passes_the_new_rules(tmp_path: Path) -> 
     acl = tmp_path / "acl"
     acl.write_text("user alice\ntopic read secret/#\nuser pub\ntopic write #\n")
     broker = make_broker(acl_file=str(acl))
-    alice = connected(broker, "alice", clean=False, username="alice")
-    alice.subscribe("secret/#", qos=1)
-    alice.lose()
-    pub = connected(broker, "pub", username="pub")
-    pub.publish("secret/x", b"queued before the reload", qos=1)
+    queued_while_away(broker, "alice", "alice", "secret/x")
     acl.write_text("user alice\ntopic deny secret/#\nuser pub\ntopic write #\n")
     broker.reload()
     alice = FakeClient(broker)
