@@ -305,7 +305,8 @@ class BrokerConfig:
         check=_proxies_problem)
     sys_interval: float = _setting(
         10.0, "Seconds between updates of the $SYS/broker/... topics (Mosquitto's names, published "
-        "retained through the broker, so ACLs apply); 0 turns them off.", 0, None)
+        "retained through the broker, so ACLs apply); 0 turns them off, otherwise at least 0.1.", 0, None,
+        check=lambda seconds: f"{seconds!r} is out of range (0, or 0.1..inf)" if 0 < seconds < 0.1 else None)
     http_endpoints: list[str] = _setting(
         [], "Twisted endpoint strings for the admin HTTP site: the JSON API under /api/v1, "
         "Prometheus metrics at /metrics and the dashboard at / (tcp:8080, "

@@ -185,6 +185,30 @@ def test_a_bridge_that_cannot_connect_waits_and_says_why() -> None:
     assert bridged.attempts == 2 and call(broker, "GET", "/bridges/up")[1]["address"] == "127.0.0.1:2"
 
 
+def test_a_bridge_key_that_cannot_be_used_is_reported_and_tried_again(tmp_path: Path) -> None:
+    """An encrypted key fails the attempt, without OpenSSL asking for a passphrase on a terminal
+    (the reactor would wait for it): the bridge says why, waits, and takes the key once it is fixed."""
+    from cryptography.hazmat.primitives import serialization
+    from test_auth_tls_reload import PKI
+    pki = PKI(tmp_path)
+    key = tmp_path / "client.key"
+    plain = key.read_bytes()
+    key.write_bytes(pki.client.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.BestAvailableEncryption(b"passphrase")))
+    reactor = MemoryReactorClock()
+    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, bridge=[{
+        **BRIDGE, "bridge_cafile": str(tmp_path / "ca.pem"), "bridge_certfile": str(tmp_path / "client.pem"),
+        "bridge_keyfile": str(key)}])
+    broker.startService()
+    bridge = broker.bridges.get("up")
+    assert bridge.state == "waiting" and not reactor.tcpClients
+    assert bridge.last_error.startswith(f"bridge_keyfile={key} is encrypted: ")
+    assert bridge.stats.failures == 1
+    key.write_bytes(plain)
+    reactor.advance(RETRY)
+    assert bridge.state == "connecting" and len(reactor.tcpClients) == 1
+
+
 def test_figures_are_the_bridges_counters() -> None:
     bridged = Bridged()
     stats = bridged.bridge.stats

@@ -142,6 +142,14 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(tmp_path: Path)
             broker.reload()
         assert f"privateKey={tmp_path / 'server.key'} holds no PEM private key" in log.text()
         assert log.text().count("not reloaded, the previous certificate stays in use") == 2
+        # An encrypted key: refused as such, without OpenSSL asking for its passphrase on a terminal.
+        (tmp_path / "server.key").write_bytes(first.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase")))
+        with LogCapture() as log:
+            broker.reload()
+        assert f"privateKey={tmp_path / 'server.key'} is encrypted" in log.text()
+        assert log.text().count("not reloaded, the previous certificate stays in use") == 2
         # A key of another certificate: it does not fit, refused likewise.
         (tmp_path / "server.key").write_bytes(_key_pem(pki.client.key))
         with LogCapture() as log:

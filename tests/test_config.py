@@ -135,7 +135,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "websocket_max_frame_size": [-1, 2**63],  # a 63-bit frame length
     "websocket_max_handshake_size": [1023, 1024 * 1024 + 1],
     "websocket_handshake_timeout": [-0.5],
-    "sys_interval": [-0.5],
+    "sys_interval": [-0.5, 0.001, 0.099],  # each update publishes some forty retained topics
     "http_max_body_size": [0, 2**31],
 }
 IN_RANGE: dict[str, list[Any]] = {
@@ -173,7 +173,7 @@ IN_RANGE: dict[str, list[Any]] = {
     "websocket_max_frame_size": [0, 125, 2**63 - 1],
     "websocket_max_handshake_size": [1024, 1024 * 1024],
     "websocket_handshake_timeout": [0.0, 0.5, 3600.0],
-    "sys_interval": [0.0, 0.5, 86400.0],
+    "sys_interval": [0.0, 0.1, 0.5, 86400.0],
     "http_max_body_size": [1, 2**31 - 1],
 }
 

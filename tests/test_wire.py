@@ -259,6 +259,12 @@ def test_connect_level_decides_its_encoding_not_the_version_argument() -> None:
     assert encode(CONNECT_3_1_1.packet, MQTT_5) == CONNECT_3_1_1.raw
 
 
+def test_a_connects_repr_leaves_its_password_out() -> None:
+    connect = decode(encode(Connect(client_id="c", username="u", password=b"hunter2")))
+    assert connect.password == b"hunter2"
+    assert "hunter2" not in repr(connect) and "client_id='c'" in repr(connect)
+
+
 def test_packets_are_keyword_only_and_frozen_except_publish_and_connect() -> None:
     with pytest.raises(TypeError):
         Puback(1)  # type: ignore[misc]

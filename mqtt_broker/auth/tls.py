@@ -41,6 +41,30 @@ def certificates(path: str, option: str) -> list[Any]:
         raise ValueError(f"{option}={path} holds a certificate that cannot be read") from None
 
 
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase(*_: Any) -> bytes:
+    # Without a callback OpenSSL asks for the passphrase on the terminal, and the reactor (a
+    # reload, a bridge connecting) would wait for someone to type it.
+    raise _Encrypted
+
+
+def private_key(path: str, option: str) -> Any:
+    """The OpenSSL key of a PEM file; raises OSError if it cannot be read, ValueError (naming it)
+    if it holds none, or an encrypted one."""
+    from OpenSSL import crypto
+
+    try:
+        return crypto.load_privatekey(crypto.FILETYPE_PEM, Path(path).read_bytes(), passphrase=_no_passphrase)
+    except _Encrypted:
+        raise ValueError(f"{option}={path} is encrypted: give the key unencrypted "
+                         f"(openssl pkey -in KEY -out PLAIN), readable by the broker only") from None
+    except crypto.Error:
+        raise ValueError(f"{option}={path} holds no PEM private key") from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSFiles:
     """The files of one TLS listener, and how to use them."""
@@ -69,10 +93,7 @@ class TLSFiles:
             certificate = crypto.load_certificate(crypto.FILETYPE_PEM, Path(self.certificate).read_bytes())
         except crypto.Error:
             raise ValueError(f"certKey={self.certificate} holds no PEM certificate") from None
-        try:
-            key = crypto.load_privatekey(crypto.FILETYPE_PEM, Path(self.private_key).read_bytes())
-        except crypto.Error:
-            raise ValueError(f"privateKey={self.private_key} holds no PEM private key") from None
+        key = private_key(self.private_key, "privateKey")
         settings: dict[str, Any] = {}
         if self.method is not None:
             method = getattr(SSL, self.method, None)

@@ -147,7 +147,11 @@ class Bridge(Service):
         self._set_state("connecting")
         endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=10)
         if config.tls:
-            endpoint = wrapClientTLS(self._tls_options(host), endpoint)
+            try:
+                endpoint = wrapClientTLS(self._tls_options(host), endpoint)
+            except (OSError, ValueError) as e:  # a file moved or replaced since the start: try again later
+                self._failed(str(e))
+                return
         connect = self._remote_connect()
         max_size = config.bridge_max_packet_size or self.broker.config.max_packet_size
         factory = Factory.forProtocol(lambda: Link(
@@ -167,18 +171,23 @@ class Bridge(Service):
         self._failed(f"cannot connect to {self.address}: {failure.getErrorMessage()}")
 
     def _tls_options(self, host: str) -> Any:
+        """Raises OSError or ValueError naming a file that cannot be used."""
         from twisted.internet.ssl import (
-            Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS, platformTrust,
+            Certificate, CertificateOptions, KeyPair, PrivateCertificate, optionsForClientTLS, platformTrust,
+            trustRootFromCertificates,
         )
+
+        from ..auth.tls import certificates, private_key
         config = self.config
         trust: Any = platformTrust()
         if config.bridge_cafile:
-            with open(config.bridge_cafile, "rb") as f:
-                trust = Certificate.loadPEM(f.read())
+            authorities = certificates(config.bridge_cafile, "bridge_cafile")
+            trust = trustRootFromCertificates([Certificate(c) for c in authorities])
         client_certificate = None
         if config.bridge_certfile:
-            with open(config.bridge_certfile, "rb") as c, open(config.bridge_keyfile, "rb") as k:
-                client_certificate = PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+            client_certificate = PrivateCertificate.fromCertificateAndKeyPair(
+                Certificate(certificates(config.bridge_certfile, "bridge_certfile")[0]),
+                KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
         if config.bridge_insecure:  # the chain is checked, the name is not
             return CertificateOptions(
                 trustRoot=trust,

@@ -107,7 +107,7 @@ class Connect:
     client_id: str = ""
     will: Will | None = None
     username: str | None = None
-    password: bytes | None = None
+    password: bytes | None = field(default=None, repr=False)  # hooks and logs may print a Connect
     properties: Properties = NO_PROPERTIES
     bridge: bool = False
     """MQTT 3.1/3.1.1 only: the client is a bridge (bit 7 of the protocol level, Mosquitto's
