@@ -33,7 +33,7 @@ from .auth import Identity
 from .connect import NEVER, Terms
 from .connecting import Connecting, count_refusal, tally
 from .delivery import Delivery
-from .history import MAX_REPLAYS, ReplayError, parse_spec, split_replay_filter
+from .history import MAX_REPLAYS, REPLAY_PREFIX, ReplayError, parse_spec, split_replay_filter
 from .linger import close_lingering
 from .publishing import Publishing, _Acks
 from .store import StoreError
@@ -567,7 +567,7 @@ class MQTTProtocol(Connecting, Publishing):
                     wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
                     continue
                 replays[topic_filter] = spec
-            if not valid_topic_filter(topic_filter):
+            if not valid_topic_filter(topic_filter) or (spec is not None and topic_filter.startswith(REPLAY_PREFIX)):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
             elif group is not None and not config.shared_subscription_available:
                 wanted.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)

@@ -75,6 +75,9 @@ def test_mqtt3_replay_through_the_filter_prefix() -> None:
     assert payloads(packets[1:]) == [b"0", b"1", b"2", b"3"]
     assert [s.topic_filter for s in broker.subscriptions_of("sub")] == ["log/#"]
     assert sub.subscribe("$replay/sometime/log/#", packet_id=2) == [Suback(packet_id=2, reason_codes=(0x80,))]
+    v5 = connected(broker, "v5", version=5)
+    assert v5.subscribe("$replay/all/$replay/all/log/#") == [Suback(packet_id=1, reason_codes=(0x8F,))]
+    assert broker.subscriptions_of("v5") == []
     from mqtt_broker.wire import Unsubscribe, Unsuback
     sub.send(Unsubscribe(packet_id=3, topic_filters=("$replay/all/log/#",)))
     assert sub.received() == [Unsuback(packet_id=3)]
