@@ -71,7 +71,7 @@ def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack 
         alias_maximum=min(props.get("topic_alias_maximum", 0), config.max_topic_alias_broker),
         problem_information=bool(props.get("request_problem_information", 1)))
 
-    if level == MQTT_3_1 and len(client_id) > 23:
+    if level == MQTT_3_1 and not 0 < len(client_id) <= 23:
         terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID  # MQTT 3.1: 1 to 23 characters
         return terms
     if not client_id:

@@ -268,10 +268,13 @@ class MQTTProtocol(Connecting, Publishing):
                 call.cancel()
 
     def _violation(self, error: MQTTError) -> None:
-        if isinstance(error, UnsupportedProtocolVersion) and self.state is State.AWAITING_CONNECT:
-            count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
-            # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
-            self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
+        if isinstance(error, UnsupportedProtocolVersion):
+            if self.state is not State.AWAITING_CONNECT:  # 0x84 is a CONNACK's, not a DISCONNECT's
+                error = ProtocolError(f"a second CONNECT ({error.message})")  # [MQTT-3.1.0-2]
+            else:
+                count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
+                # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
+                self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
         self.drop(error.reason_code, error.message)
 
     def _watch_keepalive(self, keep_alive: int) -> None:

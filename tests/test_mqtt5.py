@@ -239,6 +239,13 @@ def test_response_information_only_when_requested() -> None:
 
 # --- session expiry --------------------------------------------------------------------------
 
+def test_a_second_connect_of_an_unknown_level_is_a_protocol_error() -> None:  # [MQTT-3.1.0-2]
+    client = connected(make_broker(), version=5)
+    client.send_bytes(b"\x10\x0d\x00\x04MQTT\x06\x02\x00\x3c\x00\x00\x00")
+    assert [(type(p), p.reason_code) for p in client.received()] == [(Disconnect, 0x82)]
+    assert client.closed
+
+
 def test_session_expiry_zero_ends_session_with_connection() -> None:
     """§3.1.2.11.2 [MQTT-3.2.2-3]: Session Expiry Interval 0 (or absent): the session ends when
     the network connection closes; a later Clean Start 0 finds no session."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.logger import capturedLogs
 
 from mqtt_broker.config import BrokerConfig
@@ -52,9 +53,10 @@ def test_unknown_protocol_name_closes_without_connack() -> None:  # [MQTT-3.1.2-
     assert client.received() == [] and client.closed
 
 
-def test_mqtt31_client_id_longer_than_23_is_rejected() -> None:
+@pytest.mark.parametrize("client_id", ["x" * 24, ""])
+def test_mqtt31_client_id_of_other_than_1_to_23_characters_is_rejected(client_id: str) -> None:
     client = FakeClient(make_broker(), version=3)
-    assert client.connect("x" * 24, protocol_level=3).reason_code == 2
+    assert client.connect(client_id, protocol_level=3).reason_code == 2
     assert client.closed
     assert FakeClient(make_broker(), version=3).connect("x" * 23, protocol_level=3).reason_code == 0
 
