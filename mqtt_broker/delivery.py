@@ -448,10 +448,11 @@ class Delivery:
         return True
 
     def remaining_expiry(self, message: Message) -> int | None:
-        """Seconds left of a message's expiry interval, rounded up, for forwarding [MQTT-3.3.2-6]."""
+        """Seconds left of a message's expiry interval, rounded up, for forwarding [MQTT-3.3.2-6]:
+        0 for one sent on at once with the interval 0 it was published with."""
         if message.expires_at is None:
             return None
-        return max(1, math.ceil(message.expires_at - self.clock.seconds()))
+        return max(0, math.ceil(message.expires_at - self.clock.seconds()))
 
     def schedule_retry(self, session: Session) -> None:
         """MQTT 3 only: resend what stays unacknowledged after retry_interval (MQTT 5 resends

@@ -402,6 +402,9 @@ def test_forwarded_message_carries_remaining_expiry_interval() -> None:
     [later] = again.received()
     assert later.payload == b"m"
     assert later.properties["message_expiry_interval"] == 6
+    pub.publish("t", b"now or never", qos=1, packet_id=2, properties={"message_expiry_interval": 0})
+    [at_once] = live.received()
+    assert at_once.properties["message_expiry_interval"] == 0  # not a second more than it was given
 
 
 def test_retained_message_expires() -> None:
