@@ -104,8 +104,9 @@ class BrokerConfig:
         "max_queued_messages.")
     max_held_bytes: int = _setting(
         1_048_576, "Encoded bytes a connection holds while its socket is full, before messages wait "
-        "in its session's queue instead (bounded by max_queued_messages and max_queued_bytes); "
-        "also the most moved from a queue to a connection at once.", 65536, None)
+        "in its session's queue instead (bounded by max_queued_messages and max_queued_bytes), and "
+        "nothing more is read from the client until it reads; also the most moved from a queue to a "
+        "connection at once.", 65536, None)
     max_stored_messages: int = _setting(
         0, "QoS 1/2 messages of one client kept in the store beyond its in-memory queue; 0 for no "
         "limit. Beyond it the message is dropped for that client and counted, and an MQTT 5 "

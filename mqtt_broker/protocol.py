@@ -74,7 +74,7 @@ class MQTTProtocol(Connecting, Publishing):
         "broker", "delivery", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
-        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_graceful",
+        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_bridge", "transport", "connected",
     )
@@ -118,6 +118,9 @@ class MQTTProtocol(Connecting, Publishing):
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
         self._blocked: Deferred[Any] | None = None
+        self._backlogged = False
+        """Reading from the client stopped: it reads nothing of what it is sent, answers included,
+        and those are held up to max_held_bytes."""
         self._graceful = False
         self._last_seen = 0.0
         self._keep_alive = 0.0
@@ -220,6 +223,10 @@ class MQTTProtocol(Connecting, Publishing):
     def resumeProducing(self) -> None:
         self.paused = False
         self.flush()
+        if self._backlogged:
+            self._backlogged = False
+            if self._blocked is None and self.state is not State.CLOSED:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
         if self.session is not None:
             self.broker.gathered(self.delivery.pump, self.session)
 
@@ -346,7 +353,8 @@ class MQTTProtocol(Connecting, Publishing):
     def _unblock(self, _: Any) -> None:
         self._blocked = None
         if self.state is not State.CLOSED:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            if not self._backlogged:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
             self._process()
 
     def _after_failure(self, failure: Failure) -> None:
@@ -378,6 +386,10 @@ class MQTTProtocol(Connecting, Publishing):
             else:
                 out.append(data)
             self.pending_bytes += len(data)
+            if self.paused and self.pending_bytes > self.broker.config.max_held_bytes and not self._backlogged:
+                # Its own answers (PUBACK, PINGRESP...) would pile up for as long as it sends.
+                self._backlogged = True
+                self.transport.pauseProducing()  # type: ignore[union-attr]
         else:
             self.stats.bytes_sent += len(data)
             self._transmit(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
 from mqtt_broker.config import BrokerConfig
@@ -449,6 +450,34 @@ def test_slow_subscriber_is_held_then_queued_then_flushed() -> None:
     assert broker.sessions["sub"].dropped == 2
     sub.protocol.resumeProducing()
     assert [p.payload[:1] for p in sub.received()] == [b"0", b"1", b"2", b"3", b"4", b"5"]
+
+
+def test_a_client_that_reads_nothing_is_read_no_more_once_its_answers_fill_what_is_held() -> None:
+    """A client that sends and never reads: the PUBACKs and PINGRESPs owed to it are held up to
+    max_held_bytes, then nothing more is read from it (they grew as long as it sent) until it
+    reads; a hook that decides meanwhile does not start the reading again."""
+    broker = make_broker()
+    limit = broker.config.max_held_bytes
+    client = connected(broker, "flood")
+    client.protocol.pauseProducing()  # its socket's buffer is full: it reads nothing
+    sent = 0
+    while client.transport.producerState == "producing" and sent < limit:  # (bounded)
+        sent += 1
+        client.send(Publish(topic="t", qos=1, packet_id=sent % 65535 + 1), Pingreq())
+    assert client.transport.producerState == "paused"
+    assert limit < client.protocol.pending_bytes <= limit + 6  # a PUBACK and a PINGRESP past it
+    assert sent == limit // 6 + 1
+    # The rest of its last read: a message whose hook decides later, then one more.
+    decisions: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: decisions.append(Deferred()) or decisions[-1])
+    client.send(Publish(topic="t", qos=1, packet_id=1), Publish(topic="t", qos=1, packet_id=2))
+    decisions[0].callback(None)
+    decisions[1].callback(None)
+    assert client.transport.producerState == "paused"
+    client.protocol.resumeProducing()  # its socket drained
+    assert client.transport.producerState == "producing"
+    answers = client.received()
+    assert [type(p) for p in answers] == [Puback, Pingresp] * sent + [Puback, Puback]
 
 
 def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
