@@ -490,7 +490,7 @@ class BrokerService(MultiService):
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
         subscription identifier).
         """
-        if not valid_topic_name(topic) or "\x00" in topic:
+        if not valid_topic_name(topic) or "\x00" in topic or not _encodable(topic):
             raise ValueError(f"invalid topic name {topic!r}")
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos!r}")
@@ -755,6 +755,16 @@ def with_backlog(description: str, backlog: int) -> str:
 def _cancel(call: Any) -> None:
     if call is not None and call.active():
         call.cancel()
+
+
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 can carry ``text``: a str may hold a lone surrogate (U+D800-U+DFFF), which
+    no MQTT string may [MQTT-1.5.4-1]."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_properties(properties: Properties) -> None:

@@ -185,7 +185,8 @@ def test_subscribe_and_unsubscribe_a_client(admin: Admin) -> None:
                               ({"topic_filter": "a/#/b"}, "invalid topic filter"),
                               ({"topic_filter": "a", "qos": 3}, "'qos' must be 0, 1 or 2"),
                               ({"topic_filter": "a", "qos": "1"}, "'qos' must be int"),
-                              ({"topic_filter": 7}, "'topic_filter' must be str")):
+                              ({"topic_filter": 7}, "'topic_filter' must be str"),
+                              ({"topic_filter": "$share/g/a", "no_local": True}, "cannot have 'no_local'")):
             bad = admin.call("POST", "/api/v1/clients/sub-target/subscriptions", body)
             assert bad.status == 400 and message in bad.body["error"], body
         malformed = admin.call("POST", "/api/v1/clients/sub-target/subscriptions", raw=b"{not json")
@@ -234,11 +235,15 @@ def test_publish(admin: Admin) -> None:
                                    ({"topic": "a", "payload_encoding": "base64", "payload": "%%%"}, "not valid base64"),
                                    ({"topic": "a", "payload_encoding": "utf-16"}, "must be utf-8 or base64"),
                                    ({"topic": "a", "qos": 5}, "'qos' must be 0, 1 or 2"),
-                                   ({"topic": "a", "retain": "yes"}, "'retain' must be bool")):
+                                   ({"topic": "a", "retain": "yes"}, "'retain' must be bool"),
+                                   # (kept, it failed every SUBSCRIBE to it: no UTF-8 carries the topic)
+                                   ({"topic": "apipub/\ud800", "retain": True}, "lone surrogate"),
+                                   ({"topic": "apipub/x", "payload": "\udfff"}, "lone surrogate")):
             bad = admin.call("POST", "/api/v1/publish", body)
             assert bad.status == 400 and message_part in bad.body["error"], body
         assert admin.call("POST", "/api/v1/publish", raw=b"").status == 400
         assert admin.call("POST", "/api/v1/publish", raw=b"[1,").body["error"].startswith("malformed JSON")
+        assert admin.call("POST", "/api/v1/publish", raw=b"[" * 60_000).body["error"] == "malformed JSON: nested too deep"
         oversize = admin.call("POST", "/api/v1/publish", {"topic": "apipub/big", "payload": "x" * 70_000})
         assert oversize.status == 400 and "http_max_body_size" in oversize.body["error"]
         assert subscriber.no_message()

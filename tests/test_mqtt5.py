@@ -1562,3 +1562,15 @@ def test_the_broker_publishes_only_properties_a_publish_can_carry(properties: di
     assert subscriber.received() == [] and not broker.retained.get("t")
     broker.publish("t", b"fine", retain=True, properties={"user_property": [("k", "v")], "content_type": "text/plain"})
     assert [p.payload for p in connected(broker, "late", version=5).subscribe("t") if isinstance(p, Publish)] == [b"fine"]
+
+
+def test_the_broker_publishes_only_to_a_topic_utf8_can_carry() -> None:
+    """A str may hold a lone surrogate; no MQTT string may [MQTT-1.5.4-1]. Kept retained, such a
+    topic failed every SUBSCRIBE matching it, with an unhandled error in that connection."""
+    broker = make_broker()
+    subscriber = connected(broker, "s")
+    subscriber.subscribe("t/#")
+    for topic in ("t/\ud800", "t/\udfff/x"):
+        with pytest.raises(ValueError):
+            broker.publish(topic, b"x", retain=True)
+    assert subscriber.received() == [] and broker.retained.match("t/#") == []

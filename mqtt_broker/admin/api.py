@@ -364,8 +364,17 @@ class ApiResource(Resource):
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deep") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        try:
+            # A lone surrogate ("\ud800") is JSON, and a Python str, but no UTF-8 can carry it:
+            # a topic holding one would fail every encoding of every message to it.
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone surrogate (\\ud800-\\udfff), "
+                                "which is not a character") from None
         return body
 
     def _session(self, client_id: str) -> Any:
@@ -473,9 +482,12 @@ class ApiResource(Resource):
         retain_handling = _field(body, "retain_handling", int, 0)
         if retain_handling not in (0, 1, 2):
             raise ApiError(400, "'retain_handling' must be 0, 1 or 2")
+        no_local = _field(body, "no_local", bool, False)
+        if no_local and group is not None:
+            raise ApiError(400, "a shared subscription cannot have 'no_local' (MQTT-3.8.3-4)")
         subscription = Subscription(
             client_id=client_id, topic_filter=topic_filter, qos=_qos(body, config.max_qos),
-            no_local=_field(body, "no_local", bool, False),
+            no_local=no_local,
             retain_as_published=_field(body, "retain_as_published", bool, False),
             retain_handling=retain_handling, share_group=group)
         log.info("admin API: key {key} subscribes {client_id} to {topic_filter}", key=key_id,
