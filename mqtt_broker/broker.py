@@ -228,6 +228,7 @@ class BrokerService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self.hooks.cancel_pending()  # (an answer after the stop would route with the store closed)
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
         self._tls = []

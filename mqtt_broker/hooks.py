@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -61,6 +61,10 @@ class Hooks:
         cancelled, and refuses as a failed handler does."""
         self.has_connect = self.has_auth = self.has_publish = self.has_subscribe = False
         self.has_unsubscribe = self.has_ping = self.has_disconnect = self.has_will = False
+        self._pending: set[Deferred[Any]] = set()
+        """The broker's waits for handlers' Deferreds, cancelled when it stops."""
+        self._waiters: dict[Deferred[Any], int] = {}
+        """Handlers' Deferreds not yet fired, with how many waits each has."""
 
     def _register(self, event: str, handler: Handler) -> Handler:
         self._handlers[event].append(handler)
@@ -136,7 +140,7 @@ class Hooks:
         itself, or a Deferred from the first handler that answered with one (or a coroutine)."""
         transforms = event in _TRANSFORMING
         answer: Any = None
-        handlers = self._handlers[event]
+        handlers = tuple(self._handlers[event])  # a handler may remove itself, or add one
         for index, handler in enumerate(handlers):
             call_args = (args[0], answer) if transforms and isinstance(answer, Message) else args
             try:
@@ -144,7 +148,7 @@ class Hooks:
             except Exception:
                 return _failed(Failure(), event, handler)  # type: ignore[no-untyped-call]
             if isinstance(value, (Deferred, CoroutineType)):
-                pending = self._bounded(maybeDeferred(lambda: value)).addErrback(_failed, event, handler)
+                pending = self._wait_for(value).addErrback(_failed, event, handler)
                 return pending.addCallback(self._resume, event, args, list(handlers[index + 1:]), answer)
             verdict = _judge(value)
             if isinstance(verdict, Refused):
@@ -165,14 +169,48 @@ class Hooks:
             return answer
         call_args = (args[0], answer) if event in _TRANSFORMING and isinstance(answer, Message) else args
         handler = rest[0]
-        return self._bounded(maybeDeferred(handler, *call_args)).addCallbacks(
+        try:
+            value = handler(*call_args)
+        except Exception:
+            return _failed(Failure(), event, handler)  # type: ignore[no-untyped-call]
+        return self._wait_for(value).addCallbacks(
             self._resume, _failed, callbackArgs=(event, args, rest[1:], answer), errbackArgs=(event, handler))
 
-    def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
-        # A handler that never answers would hold its client for ever, reading nothing from it.
-        if self.timeout and self._clock is not None and not pending.called:
-            pending.addTimeout(self.timeout, self._clock)
-        return pending
+    def _wait_for(self, value: Any) -> Deferred[Any]:
+        """A Deferred of the broker's own for a handler's answer. The handler's Deferred may be
+        shared (one "ready" Deferred returned to every call): its result reaches each waiter and
+        the handler's own callbacks unchanged. A handler that never answers would hold its
+        client for ever, reading nothing from it: past ``timeout`` the wait is cancelled, and
+        the handler's Deferred with it."""
+        theirs = maybeDeferred(lambda: value)
+        mine: Deferred[Any] = Deferred(lambda _: theirs.cancel())
+        self._pending.add(mine)
+        waiters = self._waiters
+        waiters[theirs] = waiters.get(theirs, 0) + 1
+
+        def answered(result: Any) -> Any:
+            left = waiters.pop(theirs) - 1
+            if left:
+                waiters[theirs] = left
+            if not mine.called:
+                mine.errback(result) if isinstance(result, Failure) else mine.callback(result)
+            # A failure goes on to the waits after this one; the last one has it (it is logged).
+            return result if left or not isinstance(result, Failure) else None
+
+        theirs.addBoth(answered)
+        mine.addBoth(self._done, mine)
+        if self.timeout and self._clock is not None and not mine.called:
+            mine.addTimeout(self.timeout, self._clock)
+        return mine
+
+    def _done(self, result: Any, waited: Deferred[Any]) -> Any:
+        self._pending.discard(waited)
+        return result
+
+    def cancel_pending(self) -> None:
+        """Stop waiting for handlers (the broker stops): each wait refuses what it was for."""
+        for pending in list(self._pending):
+            pending.cancel()
 
     def notify(self, event: str, *args: Any) -> None:
         """Call every handler of a notification; results are ignored, failures logged."""
@@ -201,7 +239,10 @@ def _judge(value: Any) -> Any:
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:
-    log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
+    if failure.check(CancelledError):
+        log.info("{event} hook {handler!r} not waited for: the broker stops; refusing", event=event, handler=handler)
+    else:
+        log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
 
 

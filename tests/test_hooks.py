@@ -252,6 +252,40 @@ def test_unfired_deferred_then_allow_runs_the_next_handler() -> None:
     assert result.value == 1
 
 
+def test_a_deferred_returned_to_several_calls_gives_each_its_answer(logged: Sequence[LogEvent]) -> None:
+    """One "ready" Deferred handed to every call: each call, and the handler's own callbacks
+    after them, see what it fired with (the first call's chain turned False into None for the
+    rest: a refusal became an acceptance)."""
+    hooks = Hooks()
+    gate: Deferred[Any] = Deferred()
+    hooks.on_connect(lambda client: gate)
+    first, second = Outcome(hooks.decide("connect", CLIENT)), Outcome(hooks.decide("connect", CLIENT))
+    seen: list[Any] = []
+    gate.addCallback(seen.append)
+    gate.callback(False)
+    assert first.value == second.value == Refused() and seen == [False]
+    failing: Deferred[Any] = Deferred()
+    hooks = Hooks()
+    hooks.on_connect(lambda client: failing)
+    first, second = Outcome(hooks.decide("connect", CLIENT)), Outcome(hooks.decide("connect", CLIENT))
+    failing.errback(Boom())
+    assert first.value == second.value == Refused(ReasonCode.UNSPECIFIED_ERROR)
+    assert [event["log_failure"].type for event in logged if "log_failure" in event] == [Boom, Boom]
+
+
+def test_a_handler_removing_itself_leaves_the_next_one_to_decide() -> None:
+    hooks = Hooks()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def once(client: Client) -> None:
+        hooks.remove("connect", once)
+
+    hooks.on_connect(once)
+    hooks.on_connect(recorder(calls, "guard", False))
+    assert result_of(hooks.decide("connect", CLIENT)) == Refused()
+    assert calls == [("guard", (CLIENT,))]
+
+
 def test_coroutine_handler() -> None:
     hooks = Hooks()
 
@@ -450,6 +484,22 @@ def test_a_hook_that_never_answers_refuses_after_hook_timeout(logged: Sequence[L
     assert any(event.get("event") == "connect" and "failed; refusing" in event.get("log_format", "")
                for event in logged)
     assert broker.connect("free", version=MQTT_3_1_1)  # the others go on
+
+
+def test_stopping_the_broker_stops_waiting_for_hooks(logged: Sequence[LogEvent]) -> None:
+    """No timer of a hook's wait is left in the reactor (trial calls that a dirty reactor), and
+    an answer that comes after the stop routes nothing (the store is closed then)."""
+    broker = MemoryBroker(hook_timeout=30)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    sub = broker.connect("sub", version=MQTT_3_1_1)
+    sub.subscribe("t")
+    broker.connect("pub", version=MQTT_3_1_1).send(Publish(topic="t", payload=b"late"))
+    assert broker.reactor.getDelayedCalls()
+    broker.service.stopService()
+    broker.advance(broker.service.config.close_linger)  # the connections' closes are done
+    assert pending[0].called and not broker.reactor.getDelayedCalls()
+    assert sub.received() == [] and not [event for event in logged if "log_failure" in event]
 
 
 def test_a_slow_hook_does_not_count_as_the_clients_silence() -> None:
