@@ -18,7 +18,7 @@ from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
 from .connect import negotiate
 from .delivery import Delivery
-from .hooks import Refused
+from .hooks import CONNACK_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
@@ -170,7 +170,7 @@ class Connecting:
             if reauthenticating:
                 self._watch_expiry()
         if isinstance(answer, Refused):
-            reason = answer.code(ReasonCode.NOT_AUTHORIZED)
+            reason = answer.code(ReasonCode.NOT_AUTHORIZED, CONNACK_REFUSALS)
             if reauthenticating:
                 self.stats.auth_failures += 1
                 self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
@@ -205,7 +205,8 @@ class Connecting:
 
     def _connect_decided(self, answer: Any, packet: Connect) -> None:
         if isinstance(answer, Refused):
-            self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED), "refused by a connect hook", answer.reason_string)
+            self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED, CONNACK_REFUSALS), "refused by a connect hook",
+                         answer.reason_string)
         else:
             self._accept(packet)
 

@@ -46,8 +46,24 @@ class Refused:
     reason_code: ReasonCode | None = None
     reason_string: str | None = None
 
-    def code(self, default: ReasonCode) -> ReasonCode:
-        return default if self.reason_code is None else self.reason_code
+    def code(self, default: ReasonCode, allowed: frozenset[int] | None = None) -> ReasonCode:
+        """The code to refuse with, in a packet that may carry the ``allowed`` ones: a code it
+        cannot carry (a success among them: the client would take it as one) gives ``default``."""
+        code = self.reason_code
+        if code is None:
+            return default
+        if allowed is not None and code not in allowed:
+            log.warn("a hook refused with {code!r}, which this answer cannot carry; {default!r} instead",
+                     code=code, default=default)
+            return default
+        return code
+
+
+# The refusals each MQTT 5 answer may carry (MQTT 5.0 3.2.2.2, 3.4.2.1, 3.9.3, 3.11.3).
+CONNACK_REFUSALS: frozenset[int] = frozenset({*range(0x80, 0x8B), 0x8C, 0x90, 0x95, 0x97, *range(0x99, 0x9E), 0x9F})
+PUBACK_REFUSALS: frozenset[int] = frozenset({0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99})
+SUBACK_REFUSALS: frozenset[int] = frozenset({0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2})
+UNSUBACK_REFUSALS: frozenset[int] = frozenset({0x80, 0x83, 0x87, 0x8F, 0x91})
 
 
 class Hooks:

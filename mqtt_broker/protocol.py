@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import classImplements
 
 from . import lifecycle
-from .hooks import Refused
+from .hooks import SUBACK_REFUSALS, UNSUBACK_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message, encoding_kind
 from .aliases import InboundAliases, OutboundAliases
@@ -624,7 +624,7 @@ class MQTTProtocol(Connecting, Publishing):
                 codes.append(subscription)
                 continue
             if isinstance(answer, Refused):
-                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR))
+                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR, SUBACK_REFUSALS))
                 continue
             if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= 2:
                 subscription.qos = min(subscription.qos, answer)
@@ -670,7 +670,7 @@ class MQTTProtocol(Connecting, Publishing):
         codes = []
         for topic_filter, answer in zip(packet.topic_filters, answers):
             if isinstance(answer, Refused):
-                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR))
+                codes.append(answer.code(ReasonCode.NOT_AUTHORIZED, UNSUBACK_REFUSALS))
             elif self.broker.unsubscribe(self.session, split_replay_filter(topic_filter)[1]):
                 codes.append(ReasonCode.SUCCESS)
             else:

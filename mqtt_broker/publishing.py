@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from .aliases import InboundAliases
 from .connect import is_utf8
 from .connecting import NO_SLOTS
-from .hooks import Refused
+from .hooks import PUBACK_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message, encoding_kind
 from .store import StoreError
@@ -140,7 +140,8 @@ class Publishing:
     def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message) -> None:
         if isinstance(answer, Refused):
             if qos:
-                self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED), answer.reason_string)
+                self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
+                                    answer.reason_string)
             return
         if isinstance(answer, Message):
             message = answer

@@ -555,3 +555,21 @@ def test_disconnect_and_will_hooks() -> None:
     broker.connect("b", version=MQTT_3_1_1).disconnect()
     assert events == [("a", False), ("b", True)]
     assert watcher.received() == []
+
+
+@pytest.mark.parametrize("code", [ReasonCode.SUCCESS, ReasonCode.GRANTED_QOS_1, ReasonCode.BANNED])
+def test_a_refusal_with_a_code_the_answer_cannot_carry_gets_the_default(code: ReasonCode) -> None:
+    """A SUBACK may not say 0x8A, nor a success for a filter it refuses (the client would take
+    it as granted); a CONNACK may not say 0 and close."""
+    broker = MemoryBroker()
+    broker.hooks.on_subscribe(lambda client, subscription: Refused(code))
+    broker.hooks.on_unsubscribe(lambda client, topic_filter: Refused(code))
+    client = broker.connect("c")
+    assert client.subscribe("t").reason_codes == (ReasonCode.UNSPECIFIED_ERROR,)  # type: ignore[union-attr]
+    assert broker.service.subscriptions_of("c") == []
+    assert client.unsubscribe("t").reason_codes == (ReasonCode.NOT_AUTHORIZED,)  # type: ignore[union-attr]
+    broker.hooks.on_connect(lambda client: Refused(code) if client.client_id == "other" else None)
+    other = broker.client()
+    connack = other.connect("other")
+    assert connack is not None and connack.reason_code == (ReasonCode.BANNED if code == ReasonCode.BANNED else ReasonCode.NOT_AUTHORIZED)
+    assert other.closed
