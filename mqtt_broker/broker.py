@@ -27,7 +27,7 @@ from .connect import NEVER, AcceptingConnack
 from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives
-from .hooks import Hooks
+from .hooks import Hooks, routable_problem
 from .linger import AllClosed
 from .message import Client, Message
 from .protocol import MQTTProtocol, describe
@@ -618,7 +618,10 @@ class BrokerService(MultiService):
             return
 
         def decided(answer: Any) -> None:
-            if answer is None or isinstance(answer, Message):
+            if isinstance(answer, Message) and routable_problem(answer) is not None:
+                log.error("a will hook replaced the will of {client_id} with one that cannot be sent ({problem})",
+                          client_id=client.client_id, problem=routable_problem(answer))
+            elif answer is None or isinstance(answer, Message):
                 self.stats.wills_published += 1
                 self.delivery.route(will if answer is None else answer)
         self.hooks.decide("will", client, will).addCallback(decided)

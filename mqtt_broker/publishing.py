@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from .aliases import InboundAliases
 from .connect import is_utf8
 from .connecting import NO_SLOTS
-from .hooks import PUBACK_REFUSALS, Refused
+from .hooks import PUBACK_REFUSALS, Refused, routable_problem
 from .lifecycle import State
 from .message import Client, Message, encoding_kind
 from .store import StoreError
@@ -118,7 +118,7 @@ class Publishing:
         frame = packet.frame
         if frame is not None:
             message.frame = None  # kept only as the forwarded bytes below, not a second time
-            if not properties:
+            if not properties and not broker.hooks.has_publish:  # (a hook may change it in place)
                 # Forward the bytes as received: only the retain and DUP flags are not passed on.
                 if frame[0] & 0x09:
                     frame = bytes((frame[0] & 0xF6,)) + frame[1:]
@@ -144,6 +144,13 @@ class Publishing:
                                     answer.reason_string)
             return
         if isinstance(answer, Message):
+            problem = routable_problem(answer)
+            if problem is not None:
+                log.error("a publish hook replaced a message of {client_id} with one that cannot be sent "
+                          "({problem}); refusing", client_id=self._client_id, problem=problem)
+                if qos:
+                    self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)
+                return
             message = answer
         if qos == 2:
             self._route_exactly_once(packet_id, message)

@@ -573,3 +573,44 @@ def test_a_refusal_with_a_code_the_answer_cannot_carry_gets_the_default(code: Re
     connack = other.connect("other")
     assert connack is not None and connack.reason_code == (ReasonCode.BANNED if code == ReasonCode.BANNED else ReasonCode.NOT_AUTHORIZED)
     assert other.closed
+
+
+def test_a_message_changed_in_place_goes_out_changed_to_every_kind_of_subscriber() -> None:
+    """Subscribers of the publisher's protocol and QoS got the bytes as received, the others the
+    change: one message, two payloads."""
+    broker = MemoryBroker()
+    subscribers = [broker.connect(f"{version}-{qos}", version=version) for version in (MQTT_3_1_1, 5) for qos in (0, 1)]
+    for subscriber, qos in zip(subscribers, (0, 1, 0, 1)):
+        subscriber.subscribe("t", qos=qos)
+
+    def shout(client: Client, message: Message) -> None:
+        message.payload = message.payload.upper()
+
+    broker.hooks.on_publish(shout)
+    broker.connect("pub", version=MQTT_3_1_1).publish("t", b"quiet", qos=1)
+    assert [[m.payload for m in s.messages()] for s in subscribers] == [[b"QUIET"]] * 4
+
+
+@pytest.mark.parametrize("replacement", [
+    Message(topic="t/+/x", payload=b"x"), Message(topic="", payload=b"x"), Message(topic="$SYS/broker/x", payload=b"x"),
+    Message(topic="t/\ud800", payload=b"x"), Message(topic="t", payload="str"),  # type: ignore[arg-type]
+    Message(topic="t", payload=b"x", qos=3), Message(topic="t", payload=b"x", properties={"no_such": 1}),
+    Message(topic="t", payload=b"x", properties={"topic_alias": 2}),
+])
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_replacement_that_cannot_be_sent_is_refused(replacement: Message, qos: int,
+                                                      logged: Sequence[LogEvent]) -> None:
+    """Checked as a client's PUBLISH is: it went to subscribers with a wildcard in its topic, or
+    into $SYS, or failed midway with the publisher left without an answer."""
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("#")
+    watcher.subscribe("$SYS/broker/x")
+    handler = broker.hooks.on_publish(lambda client, message: replacement)
+    publisher = broker.connect("pub")
+    answer = publisher.publish("t", b"original", qos=qos)
+    assert (answer.reason_code if qos else answer) == (ReasonCode.UNSPECIFIED_ERROR if qos else None)  # type: ignore[union-attr]
+    assert watcher.messages() == [] and not publisher.closed
+    assert any("cannot be sent" in event.get("log_format", "") for event in logged)
+    broker.hooks.remove("publish", handler)
+    assert publisher.publish("t", b"fine", qos=1).reason_code == ReasonCode.SUCCESS  # type: ignore[union-attr]
