@@ -125,6 +125,7 @@ class BrokerService(MultiService):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
+        self._stopped = False
         self._retained_sweep: Any = None
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
@@ -191,6 +192,7 @@ class BrokerService(MultiService):
         """Listen on every endpoint; any failure to listen raises here (after closing what was
         opened), so twistd stops at start-up instead of running without a port."""
         _raise_open_files_limit()
+        self._stopped = False
         if self.store is not None:
             self._restore(self.store.load(self.config.max_queued_messages))
         else:
@@ -228,6 +230,7 @@ class BrokerService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self._stopped = True
         self.hooks.cancel_pending()  # (an answer after the stop would route with the store closed)
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
@@ -485,12 +488,16 @@ class BrokerService(MultiService):
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                 properties: Properties = NO_PROPERTIES) -> Deferred[None]:
-        """Publish a message as the broker itself; returns a Deferred that fires once it is routed.
+        """Publish a message as the broker itself; returns a Deferred that fires once it is routed
+        and, with a store, once the store holds what it changed (a retained message, the queues
+        of persistent sessions).
 
         Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
-        subscription identifier).
+        subscription identifier), and RuntimeError once the broker has been stopped.
         """
+        if self._stopped:
+            raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
         if not valid_topic_name(topic) or "\x00" in topic or not _encodable(topic):
             raise ValueError(f"invalid topic name {topic!r}")
         if qos not in (0, 1, 2):
@@ -501,7 +508,7 @@ class BrokerService(MultiService):
             payload = payload.encode("utf-8")
         self.stats.broker_published += 1
         self.delivery.route(Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties))
-        return succeed(None)
+        return succeed(None) if self.store is None else self.store.flushed()
 
     def clients(self) -> list[Client]:
         """The clients connected now."""

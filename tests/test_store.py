@@ -634,3 +634,24 @@ def test_a_log_entry_saved_and_dropped_while_the_disk_fails_costs_nothing() -> N
     batch = [(sqlite._SAVE_HISTORY, (5, "t", b"x", 0, None, None, 1.0)), (sqlite._DROP_HISTORY, (5,)),
              (sqlite._DROP_HISTORY, (4,))]  # 4 was written before: its drop stays
     assert sqlite.compacted(batch) == [(sqlite._DROP_HISTORY, (4,))]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_brokers_publish_fires_once_the_store_holds_it(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """What embedding.md promises ("a Deferred: fired once stored"): an application that exits
+    when it fires loses nothing. And nothing is published once the broker has stopped (it was
+    routed to a closed store)."""
+    from mqtt_broker import BrokerService
+    broker = BrokerService(endpoints=[], reactor=reactor, persistence="sqlite", data_dir=str(tmp_path),
+                           sys_interval=0)
+    broker.startService()
+    try:
+        published = broker.publish("status/app", b"up", qos=1, retain=True)
+        assert not published.called
+        yield published
+        assert rows(tmp_path / "mqttbroker.db", "SELECT payload FROM retained WHERE topic = ?",
+                    ("status/app",)) == [(b"up",)]
+    finally:
+        yield broker.stopService()
+    with pytest.raises(RuntimeError):
+        broker.publish("status/app", b"down", retain=True)
