@@ -17,19 +17,22 @@ _EXPORTS = {
     "Subscription": "topics", "ReasonCode": "wire.codes",
 }
 
-__all__ = [*_EXPORTS, "__version__", "compiled"]
+# Written out, and the imports below as "X as X": type checkers read them (mypy --strict
+# refuses names a package does not export explicitly).
+__all__ = ["BrokerService", "BrokerConfig", "ConfigError", "Hooks", "Refused", "Client", "Message",
+           "Subscription", "ReasonCode", "__version__", "compiled"]
 
 if TYPE_CHECKING:
     compiled: bool
     """Whether the modules built with mypyc (the codec, topic matching, the message path) run compiled; False when
     the package was installed as pure Python (MQTT_BROKER_COMPILE=0, or no C compiler)."""
 
-    from .broker import BrokerService
-    from .config import BrokerConfig, ConfigError
-    from .hooks import Hooks, Refused
-    from .message import Client, Message
-    from .topics import Subscription
-    from .wire.codes import ReasonCode
+    from .broker import BrokerService as BrokerService
+    from .config import BrokerConfig as BrokerConfig, ConfigError as ConfigError
+    from .hooks import Hooks as Hooks, Refused as Refused
+    from .message import Client as Client, Message as Message
+    from .topics import Subscription as Subscription
+    from .wire.codes import ReasonCode as ReasonCode
 
 
 def __getattr__(name: str) -> Any:

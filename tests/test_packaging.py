@@ -124,6 +124,31 @@ def test_loggers_are_named_after_their_modules() -> None:
     assert {"mqtt_broker.protocol", "mqtt_broker.delivery", "mqtt_broker.broker"} <= loggers.keys()
     assert {name: namespace for name, namespace in loggers.items() if namespace != name} == {}
 
+
+def test_the_public_names_pass_a_strict_type_check(tmp_path: Path) -> None:
+    """Applications check their code with mypy --strict, which refuses a name that a package does
+    not export explicitly: the names the package imports on first use are exported so."""
+    (tmp_path / "app.py").write_text(textwrap.dedent("""\
+        from mqtt_broker import (
+            BrokerConfig, BrokerService, Client, ConfigError, Hooks, Message, ReasonCode, Refused, Subscription,
+        )
+
+
+        def guard(client: Client, message: Message) -> Refused | None:
+            return Refused(ReasonCode.NOT_AUTHORIZED, "no") if message.topic.startswith("admin/") else None
+
+
+        def hooks_of(broker: BrokerService) -> Hooks:
+            broker.hooks.on_publish(guard)
+            return broker.hooks
+
+
+        print(BrokerConfig, ConfigError, Subscription)
+    """))
+    # (from tmp_path: the build under test, as an application sees it)
+    run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "app.py"], cwd=tmp_path)
+
+
 def test_wheel_has_every_module(wheel: Path) -> None:
     """A subpackage that packages = find_namespace: missed would only show up once installed."""
     names = set(zipfile.ZipFile(wheel).namelist())
