@@ -279,7 +279,7 @@ def _judge(value: Any) -> Any:
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:
-    if failure.check(CancelledError):
+    if isinstance(failure.value, CancelledError):
         log.info("{event} hook {handler!r} not waited for: the broker stops; refusing", event=event, handler=handler)
     else:
         log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
