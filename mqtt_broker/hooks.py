@@ -121,7 +121,9 @@ class Hooks:
     def on_subscribe(self, handler: Handler) -> Handler:
         """``handler(client, subscription) -> None | bool | int | Refused``: one filter of a
         SUBSCRIBE. False refuses the filter (SUBACK 0x80); a ReasonCode or Refused refuses with
-        that code in MQTT 5 (0x80 in 3.x); an int 0..2 grants at most that QoS."""
+        that code in MQTT 5 (0x80 in 3.x); an int 0..2 grants at most that QoS. A shared
+        subscription's ``topic_filter`` keeps its ``$share/{group}/`` prefix (``share_group`` is
+        set): :func:`mqtt_broker.topics.split_shared` gives the filter it matches topics with."""
         return self._register("subscribe", handler)
 
     def on_unsubscribe(self, handler: Handler) -> Handler:
