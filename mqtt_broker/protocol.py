@@ -40,7 +40,7 @@ from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, FrameReader,
-    MQTTError, Packet, Pingreq, Pingresp, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel,
+    MQTTError, Packet, Pingreq, Pingresp, Properties, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel,
     ReasonCode, Suback, Subscribe, Unsuback, Unsubscribe, UnsupportedProtocolVersion, encode,
     publish_template,
 )
@@ -619,32 +619,37 @@ class MQTTProtocol(Connecting, Publishing):
                            wanted: list[Subscription | ReasonCode], replays: dict[str, str]) -> None:
         granted: list[Subscription] = []
         codes: list[int] = []
+        reasons: list[str] = []
         for subscription, answer in zip(wanted, answers):
             if not isinstance(subscription, Subscription):
                 codes.append(subscription)
                 continue
             if isinstance(answer, Refused):
                 codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR, SUBACK_REFUSALS))
+                if answer.reason_string:
+                    reasons.append(answer.reason_string)
                 continue
             if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= 2:
                 subscription.qos = min(subscription.qos, answer)
             granted.append(subscription)
             codes.append(subscription.qos)
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
+        reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)
         store = self.broker.store
         if store is None or not self.session.stored:
-            self._subscribed(None, packet, codes, granted, replaced, replays)
+            self._subscribed(None, packet, codes, granted, replaced, replays, reason)
         else:  # SUBACK once the subscriptions are stored
             store.flushed().addCallbacks(self._subscribed, self._not_subscribed,
-                                         (packet, codes, granted, replaced, replays), None, (packet, codes, granted))
+                                         (packet, codes, granted, replaced, replays, reason), None,
+                                         (packet, codes, granted))
 
     def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
-                    replaced: list[bool], replays: dict[str, str]) -> None:
+                    replaced: list[bool], replays: dict[str, str], reason: str = "") -> None:
         if self.state is not State.CONNECTED:
             return
         if self.version != MQTT_5:
             codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
-        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
         for subscription, existed in zip(granted, replaced):  # after the SUBACK [MQTT-3.8.4-?]
             self.broker.send_retained(self.session, subscription, existed, replays.get(subscription.topic_filter))
 
@@ -668,28 +673,40 @@ class MQTTProtocol(Connecting, Publishing):
 
     def _unsubscribe_decided(self, answers: list[Any], packet: Unsubscribe) -> None:
         codes = []
+        reasons: list[str] = []
         for topic_filter, answer in zip(packet.topic_filters, answers):
             if isinstance(answer, Refused):
                 codes.append(answer.code(ReasonCode.NOT_AUTHORIZED, UNSUBACK_REFUSALS))
+                if answer.reason_string:
+                    reasons.append(answer.reason_string)
             elif self.broker.unsubscribe(self.session, split_replay_filter(topic_filter)[1]):
                 codes.append(ReasonCode.SUCCESS)
             else:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        reason = "; ".join(dict.fromkeys(reasons))
         store = self.broker.store
         if store is None or not self.session.stored:
-            self._unsubscribed(None, packet, codes)
+            self._unsubscribed(None, packet, codes, reason)
         else:  # UNSUBACK once the removal is stored: after a crash the subscription stays gone
-            store.flushed().addCallbacks(self._unsubscribed, self._not_unsubscribed, (packet, codes), None, (packet, codes))
+            store.flushed().addCallbacks(self._unsubscribed, self._not_unsubscribed, (packet, codes, reason), None,
+                                         (packet, codes, reason))
 
-    def _unsubscribed(self, _: None, packet: Unsubscribe, codes: list[ReasonCode]) -> None:
+    def _unsubscribed(self, _: None, packet: Unsubscribe, codes: list[ReasonCode], reason: str) -> None:
         if self.state is State.CONNECTED:
-            self.send(Unsuback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+            self.send(Unsuback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
 
-    def _not_unsubscribed(self, failure: Failure, packet: Unsubscribe, codes: list[ReasonCode]) -> None:
+    def _not_unsubscribed(self, failure: Failure, packet: Unsubscribe, codes: list[ReasonCode], reason: str) -> None:
         """The store could not write the removal now: it stands (nothing more is sent for those
         filters), and the store writes it once it can."""
         failure.trap(StoreError)
-        self._unsubscribed(None, packet, codes)
+        self._unsubscribed(None, packet, codes, reason)
+
+    def _reason(self, reason: str) -> Properties:
+        """An MQTT 5 answer's properties: a hook's reason string, unless the client asked for
+        none [MQTT-3.1.2-29]."""
+        if reason and self.version == MQTT_5 and self.problem_information:
+            return {"reason_string": reason}
+        return NO_PROPERTIES
 
     # --- the rest -----------------------------------------------------------------------
 

@@ -614,3 +614,16 @@ def test_a_replacement_that_cannot_be_sent_is_refused(replacement: Message, qos:
     assert any("cannot be sent" in event.get("log_format", "") for event in logged)
     broker.hooks.remove("publish", handler)
     assert publisher.publish("t", b"fine", qos=1).reason_code == ReasonCode.SUCCESS  # type: ignore[union-attr]
+
+
+def test_a_refusals_reason_string_goes_in_the_suback_and_the_unsuback() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_subscribe(lambda client, subscription: Refused(ReasonCode.NOT_AUTHORIZED, "not yours"))
+    broker.hooks.on_unsubscribe(lambda client, topic_filter: Refused(reason_string="keep it"))
+    client = broker.connect("c")
+    suback = client.subscribe("a", "b")
+    assert suback is not None and suback.properties == {"reason_string": "not yours"}
+    unsuback = client.unsubscribe("a")
+    assert unsuback is not None and unsuback.properties == {"reason_string": "keep it"}
+    quiet = broker.connect("quiet", properties={"request_problem_information": 0})  # [MQTT-3.1.2-29]
+    assert quiet.subscribe("a").properties == {}  # type: ignore[union-attr]
