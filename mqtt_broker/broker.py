@@ -550,10 +550,10 @@ class BrokerService(MultiService):
         session.expiry = expiry
         session.connection = connection
         if identity is not None and self.security is not None:
-            if present and session.identity != identity:
-                # What is in flight is sent again at once, only if the client (restored from the
-                # store, or another user taking the session over) may read it; what is queued is
-                # checked as it goes.
+            if present:
+                # What is in flight is sent again at once, only if the client may read it: another
+                # user may take the session over, and a reload may have taken the right away;
+                # what is queued is checked as it goes.
                 self._filter_readable(session, identity)
             session.identity = identity
         if len(self.connections) > self.stats.clients_maximum:

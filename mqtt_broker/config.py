@@ -173,8 +173,10 @@ class BrokerConfig:
         True, "Whether $share/{group}/{filter} subscriptions are supported.")
     allow_anonymous: bool = _setting(
         True, "Accept clients that connect without a username (they get the acl_file rules "
-        "written before any user line). Mosquitto 2 defaults to false; set false whenever "
-        "clients must authenticate.")
+        "written before any user line); with no authenticator (password_file, JWT, HTTP), also "
+        "take the usernames clients give as they are. False with no authenticator refuses every "
+        "client, as Mosquitto does. Mosquitto 2 defaults to false; set false whenever clients "
+        "must authenticate.")
     password_file: str = _setting(
         "", "Mosquitto password file (username:$7$... or $6$... lines, as mosquitto_passwd or "
         "mqttbroker-passwd write them); empty for none.")

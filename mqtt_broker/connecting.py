@@ -115,8 +115,9 @@ class Connecting:
             # An identity given before CONNECT is the broker's own (an in-process bridge's link).
             self._authenticated(self.identity, packet)
             return
-        credentials = Credentials(client_id=terms.client_id, username=packet.username, password=packet.password,
-                                  peer=self.peer, protocol_version=self.version,
+        # An empty user name is none, as Mosquitto reads it (clients that send one are anonymous).
+        credentials = Credentials(client_id=terms.client_id, username=packet.username or None,
+                                  password=packet.password, peer=self.peer, protocol_version=self.version,
                                   certificate_identity=security.certificate_identity(self.transport))
         self._when(security.authenticate(credentials), self._authenticated, packet)
 

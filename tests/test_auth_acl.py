@@ -588,6 +588,36 @@ def test_what_is_queued_before_a_reload_passes_the_new_rules(tmp_path: Path) -> 
     assert read_payloads(alice) == []
 
 
+def test_what_is_in_flight_before_a_reload_is_not_sent_again_past_the_new_rules(tmp_path: Path) -> None:
+    """The same user, its right taken away: an unacknowledged message is not sent again when it
+    comes back (it was checked only when another user took the session over)."""
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read secret/#\nuser pub\ntopic write #\n")
+    broker = make_broker(acl_file=str(acl))
+    alice = connected(broker, "alice", clean=False, username="alice")
+    alice.subscribe("secret/#", qos=1)
+    connected(broker, "pub", username="pub").publish("secret/x", b"in flight", qos=1)
+    assert [p.payload for p in alice.received()] == [b"in flight"]  # (not acknowledged)
+    alice.lose()
+    acl.write_text("user alice\ntopic read other/#\nuser pub\ntopic write #\n")
+    broker.reload()
+    again = FakeClient(broker)
+    assert again.connect("alice", clean=False, username="alice").session_present  # type: ignore[union-attr]
+    assert read_payloads(again) == [] and not broker.sessions["alice"].outgoing
+
+
+def test_an_empty_username_is_anonymous_as_in_mosquitto(tmp_path: Path) -> None:
+    """Some client libraries send one: such a client gets the anonymous rules, not the patterns
+    with "" for %u (users//...), and a password file does not refuse it as an unknown user."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read anon/#\npattern read users/%u/#\n")
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    broker = make_broker(acl_file=str(acl), password_file=str(passwords), allow_anonymous=True)
+    client = connected(broker, "c", username="")
+    assert [p.reason_codes for p in client.subscribe("anon/#", "users//#")] == [(0, 0x80)]  # type: ignore[attr-defined]
+
+
 # --- wills --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("secured", [False, True])

@@ -124,10 +124,16 @@ async def test_allow_anonymous(files: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_without_authenticators_usernames_are_taken_as_given(files: Path) -> None:
-    sec = Security.from_config(BrokerConfig(acl_file=str(files / "acl"), allow_anonymous=False))
-    assert await answer(sec, credentials("alice", None)) == Identity(client_id="c1", username="alice")
-    assert refused(await answer(sec, credentials(None, None)), ReasonCode.NOT_AUTHORIZED)
+async def test_without_authenticators_usernames_are_taken_as_given_only_where_anonymous_clients_may_connect(
+        files: Path) -> None:
+    """As in Mosquitto. With allow_anonymous false nothing could check who a client says it is:
+    everyone is refused (any client got the rights of the user it named, an ACL's admin too)."""
+    opened = Security.from_config(BrokerConfig(acl_file=str(files / "acl"), allow_anonymous=True))
+    assert await answer(opened, credentials("alice", None)) == Identity(client_id="c1", username="alice")
+    for acl in ({"acl_file": str(files / "acl")}, {}):
+        closed = Security.from_config(BrokerConfig(allow_anonymous=False, **acl))
+        for who in (credentials("alice", None), credentials("alice", b"any"), credentials(None, None)):
+            assert refused(await answer(closed, who), ReasonCode.NOT_AUTHORIZED), (acl, who)
 
 
 @pytest_twisted.ensureDeferred

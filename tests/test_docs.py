@@ -179,6 +179,15 @@ def test_twistd_help_lists_every_flag() -> None:
         assert f"--{flag}" in help_text, flag
 
 
+def test_the_acl_file_example_loads() -> None:
+    from mqtt_broker.auth.acl import READ, WRITE, AclFile
+    text = (DOCS / "security.md").read_text()
+    [example] = re.findall(r"## ACL files\n\n```\n(.*?)```", text, re.DOTALL)
+    acl = AclFile.parse(example, "docs/security.md")
+    assert acl.check("c", "alice", "alice/notes", WRITE) and not acl.check("c", "alice", "alice/archive/1", READ)
+    assert acl.check("c", None, "public/news", READ) and not acl.check("c", None, "alice/notes", READ)
+
+
 def test_passwd_examples_use_its_flags() -> None:
     help_text = subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "--help"], capture_output=True,
                                text=True, timeout=60, env={**os.environ, "PYTHONSAFEPATH": "1"}).stdout

@@ -228,7 +228,11 @@ class Security:
                 return Identity(client_id=credentials.client_id, username=None)
             return self._refused(credentials, ReasonCode.NOT_AUTHORIZED, "anonymous clients are not allowed")
         if not self._authenticators:
-            return Identity(client_id=credentials.client_id, username=credentials.username)
+            if self._allow_anonymous:  # as in Mosquitto: user names taken as given (keying an acl_file)
+                return Identity(client_id=credentials.client_id, username=credentials.username)
+            # (Nothing could check the user name: taken as given, it would let anyone be anyone.)
+            return self._refused(credentials, ReasonCode.NOT_AUTHORIZED,
+                                 "allow_anonymous is false, and no authenticator (password_file, ...) is configured")
         for authenticator in self._authenticators:
             # Cost an unknown user what a known one costs, so timing does not tell them apart.
             equalize = getattr(authenticator, "equalize", None)
