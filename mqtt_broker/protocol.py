@@ -477,11 +477,18 @@ class MQTTProtocol(Connecting, Publishing):
 
     def send(self, packet: Packet) -> None:
         data = encode(packet, self.version)
-        if len(data) > self.max_send_size and getattr(packet, "properties", None):
-            # Reason strings and user properties are the first to go [MQTT-3.1.2-24, -3.4.2-2].
-            properties = {k: v for k, v in packet.properties.items()  # type: ignore[union-attr]
-                          if k not in ("reason_string", "user_property")}
-            data = encode(dataclasses.replace(packet, properties=properties), self.version)  # type: ignore[type-var, arg-type]
+        if len(data) > self.max_send_size:
+            if getattr(packet, "properties", None):
+                # Reason strings and user properties are the first to go [MQTT-3.1.2-24, -3.4.2-2].
+                properties = {k: v for k, v in packet.properties.items()  # type: ignore[union-attr]
+                              if k not in ("reason_string", "user_property")}
+                data = encode(dataclasses.replace(packet, properties=properties), self.version)  # type: ignore[type-var, arg-type]
+            if len(data) > self.max_send_size and isinstance(packet, (Suback, Unsuback)):
+                # One code per filter: a client that asks for more than its own limit lets in
+                # cannot be answered [MQTT-3.1.2-24].
+                self.drop(ReasonCode.PACKET_TOO_LARGE, f"its {type(packet).__name__} would be {len(data)} bytes, "
+                          f"more than its Maximum Packet Size")
+                return
         self.stats.control_packets_sent += 1
         self.write(data)
 

@@ -635,6 +635,20 @@ def test_message_larger_than_client_maximum_packet_size_is_dropped() -> None:
     assert len(broker.sessions["sub"].outgoing) == 2
 
 
+def test_an_answer_larger_than_the_client_maximum_packet_size_is_not_sent() -> None:
+    """[MQTT-3.1.2-24]: a SUBACK (or UNSUBACK) has one code per filter; a client asking for more
+    filters than its own limit lets in cannot be answered: DISCONNECT 0x95 and closed (the
+    oversized answer went out)."""
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"maximum_packet_size": 16})
+    sub.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(topic_filter=f"t/{n}") for n in range(20))))
+    raw = sub.transport.value()
+    assert all(size <= 16 for size in frame_sizes(raw))
+    assert_server_disconnect(sub, ReasonCode.PACKET_TOO_LARGE)
+    fine = v5(broker, "fine", properties={"maximum_packet_size": 16})
+    assert fine.subscribe("a", "b") == [Suback(packet_id=1, reason_codes=(0, 0))]
+
+
 def test_packet_larger_than_broker_maximum_gets_disconnect_0x95() -> None:
     """[MQTT-3.2.2-15] §3.2.2.3.6: a packet over the broker's Maximum Packet Size: DISCONNECT
     0x95 (Packet too large) and the connection is closed, as soon as the header announces it."""
