@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.logger import Logger
 
-from .message import Message
+from .message import Message, bare
 from .session import Outgoing, Queued, Session
 from .topics import SharedGroups, Subscription, Turns, terms
 from .wire.packets import MQTT_5
@@ -87,7 +87,7 @@ class Delivery:
             # (A message from another node of a cluster comes with its expiry time.)
             message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
         if message.retain and self.config.retain_available and shares is None:
-            self.retained.store(message)
+            self.retained.store(bare(message))
             # $SYS values are made afresh at start-up: a stored one would only be stale.
             if self.store is not None and not message.topic.startswith("$SYS/"):
                 if message.payload:

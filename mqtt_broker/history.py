@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
-from .message import Message
+from .message import Message, bare
 from .topics import filters_overlap, matches
 
 REPLAY_PREFIX = "$replay/"
@@ -31,14 +31,6 @@ class Entry:
     """Clock time it was published."""
     holders: int = 0
     """The logs that hold it: when the last one drops it, it is dropped from the store too."""
-
-
-def _bare(message: Message) -> Message:
-    """The message without its frame or encodings: a logged message outlives its deliveries,
-    and would otherwise keep two to four copies of its payload for as long as it is logged
-    (the PUBLISH as received, and one encoding for each kind of subscriber)."""
-    return Message(message.topic, message.payload, message.qos, message.retain, properties=message.properties,
-                   sender=message.sender, expires_at=message.expires_at, cluster_id=message.cluster_id)
 
 
 class ReplayError(ValueError):
@@ -99,7 +91,7 @@ class MessageLog:
         if not targets:
             return None
         self._seq += 1
-        entry = Entry(self._seq, _bare(message), now, len(targets))
+        entry = Entry(self._seq, bare(message), now, len(targets))
         size = len(message.payload)
         for i in targets:
             self._logs[i].append(entry)
@@ -142,7 +134,7 @@ class MessageLog:
         elif kind == "since":
             entries = [e for e in entries if e.at >= value]
         # Copies, whose encodings go with their deliveries rather than stay in the log.
-        return [_bare(e.message) for e in entries if not e.message.expired(now)]
+        return [bare(e.message) for e in entries if not e.message.expired(now)]
 
     def restore(self, entries: Iterable[Entry]) -> None:
         """Take up logged entries read from a store (oldest first)."""

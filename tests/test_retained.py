@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from collections import Counter
 from itertools import product
 
@@ -12,6 +14,9 @@ from hypothesis import strategies as st
 from mqtt_broker.message import Message
 from mqtt_broker.retained import RetainedMessages
 from mqtt_broker.topics import matches, valid_topic_filter, valid_topic_name
+from mqtt_broker.wire import Publish
+
+from protocol_helpers import connected, make_broker
 
 
 def msg(topic: str, payload: bytes = b"x", **fields: object) -> Message:
@@ -226,3 +231,32 @@ def test_expire_drops_only_what_is_due() -> None:
     assert sorted(m.topic for m in retained) == ["b", "c"]
     retained.delete("b")
     assert retained.expire(100.0) == [] and len(retained) == 1
+
+
+def test_a_retained_message_keeps_neither_the_publish_as_received_nor_its_live_encodings() -> None:
+    """Kept as long as its topic is: sent live to MQTT 3.1.1 and 5 subscribers, then as
+    retained to new ones of both, it held five times its payload (the PUBLISH as received,
+    the payload, one encoding per kind of subscriber), three now (the payload, and its two
+    retained encodings, made once for all the subscribers of a kind)."""
+    count, size = 50, 20_000
+    broker = make_broker()
+    publisher = connected(broker, "pub")
+    live = [connected(broker, "v3"), connected(broker, "v5", version=5)]
+    for subscriber in live:
+        subscriber.subscribe("r/#")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(count):
+            publisher.publish(f"r/{n}", bytes([n]) * size, retain=True)
+        for version in (4, 5, 4, 5):
+            late = connected(broker, f"late{version}", version=version)
+            assert len([p for p in late.subscribe("r/#") if isinstance(p, Publish)]) == count
+            late.lose()
+        for subscriber in live:
+            assert len([p for p in subscriber.received() if isinstance(p, Publish)]) == count
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert count * size <= held < 3.5 * count * size, held / (count * size)
