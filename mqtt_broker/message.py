@@ -80,18 +80,19 @@ class Message(Publish):
         return self.expires_at is not None and self.expires_at <= now
 
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.topic, self.payload, self.qos, self.retain, dict(self.properties)) == (
+            other.topic, other.payload, other.qos, other.retain, dict(other.properties))
+
+
 def bare(message: Message) -> Message:
     """The message without the PUBLISH it came as nor its encodings, for what outlives its
     deliveries (the retained message of a topic, the message log): they would keep two to four
     copies of its payload for as long (one per kind of subscriber it went to)."""
     return Message(message.topic, message.payload, message.qos, message.retain, properties=message.properties,
                    sender=message.sender, expires_at=message.expires_at, cluster_id=message.cluster_id)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Message):
-            return NotImplemented
-        return (self.topic, self.payload, self.qos, self.retain, dict(self.properties)) == (
-            other.topic, other.payload, other.qos, other.retain, dict(other.properties))
 
 
 def encoding_kind(mqtt5: bool, qos: int, retain: bool) -> int:

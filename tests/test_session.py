@@ -227,6 +227,24 @@ def test_messages_and_deliveries_copy_and_pickle_with_every_field(copy_of: Any) 
         assert dataclasses.asdict(copied) == dataclasses.asdict(original)
 
 
+def test_messages_are_equal_by_what_subscribers_get() -> None:
+    """Not by how one came (its packet id, DUP flag, frame) nor where it went since."""
+    received = Message("t", b"x", 1, False, True, 5, {"content_type": "a"}, b"frame", "pub")
+    assert received == Message("t", b"x", 1, properties={"content_type": "a"})
+    assert received != Message("t", b"y", 1, properties={"content_type": "a"})
+    assert received != Message("t", b"x", 2, properties={"content_type": "a"})
+
+
+def test_a_bare_message_has_what_it_is_sent_as_and_nothing_of_how_it_came() -> None:
+    from mqtt_broker.message import bare
+    received = Message("t", b"x", 2, True, True, 7, {"content_type": "a"}, b"frame", "pub", 12.5, 1, b"id")
+    received.encoded = {0: (b"bytes", 0)}
+    kept = bare(received)
+    assert kept == received and kept.payload is received.payload
+    assert (kept.sender, kept.expires_at, kept.cluster_id) == ("pub", 12.5, b"id")
+    assert (kept.frame, kept.encoded, kept.packet_id, kept.dup) == (None, None, 0, False)
+
+
 def test_written_out_inits_set_every_field() -> None:
     sent = Message("t")
     assert_every_field_set(sent, topic="t")
