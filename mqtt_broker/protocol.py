@@ -648,27 +648,29 @@ class MQTTProtocol(Connecting, Publishing):
         else:  # SUBACK once the subscriptions are stored
             store.flushed().addCallbacks(self._subscribed, self._not_subscribed,
                                          (packet, codes, granted, replaced, replays, reason), None,
-                                         (packet, codes, granted))
+                                         (packet, codes, granted, reason))
 
     def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
-                    replaced: list[bool], replays: dict[str, str], reason: str = "") -> None:
+                    replaced: list[bool], replays: dict[str, str], reason: str) -> None:
         if self.state is not State.CONNECTED:
             return
         if self.version != MQTT_5:
             codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
+        if self.state is not State.CONNECTED:  # (a SUBACK too large for the client closes it)
+            return
         for subscription, existed in zip(granted, replaced):  # after the SUBACK [MQTT-3.8.4-?]
             self.broker.send_retained(self.session, subscription, existed, replays.get(subscription.topic_filter))
 
     def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int],
-                        granted: list[Subscription]) -> None:
+                        granted: list[Subscription], reason: str) -> None:
         failure.trap(StoreError)
         if self.state is not State.CONNECTED:
             return
         for subscription in granted:
             self.broker.unsubscribe(self.session, subscription.topic_filter)
         codes = [0x80 if code < 0x80 else code for code in codes]
-        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         hooks = self.broker.hooks

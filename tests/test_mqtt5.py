@@ -640,6 +640,7 @@ def test_an_answer_larger_than_the_client_maximum_packet_size_is_not_sent() -> N
     filters than its own limit lets in cannot be answered: DISCONNECT 0x95 and closed (the
     oversized answer went out)."""
     broker = make_broker()
+    broker.publish("t/0", b"kept", retain=True)  # (nothing more goes out after the SUBACK that closes)
     sub = v5(broker, "sub", properties={"maximum_packet_size": 16})
     sub.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(topic_filter=f"t/{n}") for n in range(20))))
     raw = sub.transport.value()
