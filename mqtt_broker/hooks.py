@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from weakref import WeakKeyDictionary
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -79,8 +80,12 @@ class Hooks:
         self.has_unsubscribe = self.has_ping = self.has_disconnect = self.has_will = False
         self._pending: set[Deferred[Any]] = set()
         """The broker's waits for handlers' Deferreds, cancelled when it stops."""
-        self._waiters: dict[Deferred[Any], int] = {}
-        """Handlers' Deferreds not yet fired, with how many waits each has."""
+        self._waits: dict[Deferred[Any], int] = {}
+        """Handlers' Deferreds, with how many of those waits are on each."""
+        self._observers: dict[Deferred[Any], int] = {}
+        """Handlers' Deferreds not yet fired, with how many waits will see them fire."""
+        self._failures: WeakKeyDictionary[Deferred[Any], Failure] = WeakKeyDictionary()
+        """Handlers' Deferreds that failed, with the failure (a wait took it from the Deferred)."""
 
     def _register(self, event: str, handler: Handler) -> Handler:
         self._handlers[event].append(handler)
@@ -196,33 +201,51 @@ class Hooks:
 
     def _wait_for(self, value: Any) -> Deferred[Any]:
         """A Deferred of the broker's own for a handler's answer. The handler's Deferred may be
-        shared (one "ready" Deferred returned to every call): its result reaches each waiter and
-        the handler's own callbacks unchanged. A handler that never answers would hold its
-        client for ever, reading nothing from it: past ``timeout`` the wait is cancelled, and
-        the handler's Deferred with it."""
+        shared (one "ready" Deferred returned to every call): what it fires with reaches every
+        wait, those that come after it fired too, and a value stays the handler's (a failure is
+        taken by the last wait, and logged). A handler that never answers would hold its client
+        for ever, reading nothing from it: past ``timeout`` the wait is cancelled, and the
+        handler's Deferred too once no other wait is on it."""
         theirs = maybeDeferred(lambda: value)
-        mine: Deferred[Any] = Deferred(lambda _: theirs.cancel())
+        failure = self._failures.get(theirs)
+        if failure is not None:  # it failed, and a wait before this one took the failure
+            return fail(failure)
+        mine: Deferred[Any] = Deferred(lambda _: self._give_up(theirs))
         self._pending.add(mine)
-        waiters = self._waiters
-        waiters[theirs] = waiters.get(theirs, 0) + 1
+        waits, observers = self._waits, self._observers
+        waits[theirs] = waits.get(theirs, 0) + 1
+        observers[theirs] = observers.get(theirs, 0) + 1
 
         def answered(result: Any) -> Any:
-            left = waiters.pop(theirs) - 1
+            left = observers.pop(theirs) - 1
             if left:
-                waiters[theirs] = left
+                observers[theirs] = left
             if not mine.called:
-                mine.errback(result) if isinstance(result, Failure) else mine.callback(result)
-            # A failure goes on to the waits after this one; the last one has it (it is logged).
-            return result if left or not isinstance(result, Failure) else None
+                if isinstance(result, Failure):
+                    mine.errback(result)
+                else:
+                    mine.callback(result)
+            if isinstance(result, Failure) and not left:
+                # Taken, or the Deferred would log it again when collected; later waits get it here.
+                self._failures[theirs] = result
+                return None
+            return result
 
         theirs.addBoth(answered)
-        mine.addBoth(self._done, mine)
+        mine.addBoth(self._done, mine, theirs)
         if self.timeout and self._clock is not None and not mine.called:
             mine.addTimeout(self.timeout, self._clock)
         return mine
 
-    def _done(self, result: Any, waited: Deferred[Any]) -> Any:
-        self._pending.discard(waited)
+    def _give_up(self, theirs: Deferred[Any]) -> None:
+        if self._waits.get(theirs, 0) <= 1:  # (the other waits keep theirs going)
+            theirs.cancel()
+
+    def _done(self, result: Any, mine: Deferred[Any], theirs: Deferred[Any]) -> Any:
+        self._pending.discard(mine)
+        left = self._waits.pop(theirs, 1) - 1
+        if left:
+            self._waits[theirs] = left
         return result
 
     def cancel_pending(self) -> None:
@@ -281,8 +304,8 @@ def _judge(value: Any) -> Any:
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:
-    if isinstance(failure.value, CancelledError):
-        log.info("{event} hook {handler!r} not waited for: the broker stops; refusing", event=event, handler=handler)
+    if isinstance(failure.value, CancelledError):  # (the broker stops, or the handler cancelled it)
+        log.info("{event} hook {handler!r} cancelled; refusing", event=event, handler=handler)
     else:
         log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
