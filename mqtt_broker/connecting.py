@@ -18,7 +18,7 @@ from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
 from .connect import negotiate
 from .delivery import Delivery
-from .hooks import CONNACK_REFUSALS, Refused
+from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
@@ -171,7 +171,7 @@ class Connecting:
             if reauthenticating:
                 self._watch_expiry()
         if isinstance(answer, Refused):
-            reason = answer.code(ReasonCode.NOT_AUTHORIZED, CONNACK_REFUSALS)
+            reason = answer.code(ReasonCode.NOT_AUTHORIZED, DISCONNECT_REFUSALS if reauthenticating else CONNACK_REFUSALS)
             if reauthenticating:
                 self.stats.auth_failures += 1
                 self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]

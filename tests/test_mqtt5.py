@@ -1457,6 +1457,19 @@ def test_reauthentication_failure_gets_disconnect_0x87() -> None:
     assert calls[-1] == ("c", "SCRAM", b"bad", True)
 
 
+@pytest.mark.parametrize("code, sent", [(ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.NOT_AUTHORIZED),
+                                         (ReasonCode.ADMINISTRATIVE_ACTION, ReasonCode.ADMINISTRATIVE_ACTION)])
+def test_a_reauthentication_refused_with_a_code_is_told_in_disconnects_codes(code: ReasonCode,
+                                                                             sent: ReasonCode) -> None:
+    """0x86 is a CONNACK's code, not a DISCONNECT's: the default goes instead; 0x98 is one."""
+    broker = make_broker()
+    _scram(broker)
+    client = _authenticated(broker)
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating: Refused(code) if reauthenticating else None)
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-ok")))
+    assert_server_disconnect(client, sent)
+
+
 def test_auth_with_another_method_is_protocol_error() -> None:
     """[MQTT-4.12.1-1] [MQTT-4.12.0-7] §3.15: an AUTH whose method is not the connection's, or an
     AUTH on a connection that did not use enhanced authentication: DISCONNECT 0x82."""
