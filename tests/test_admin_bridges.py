@@ -204,6 +204,11 @@ def test_a_bridge_key_that_cannot_be_used_is_reported_and_tried_again(tmp_path: 
     assert bridge.state == "waiting" and not reactor.tcpClients
     assert bridge.last_error.startswith(f"bridge_keyfile={key} is encrypted: ")
     assert bridge.stats.failures == 1
+    key.write_bytes(pki.ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))  # another certificate's
+    reactor.advance(RETRY)
+    assert bridge.state == "waiting" and not reactor.tcpClients and bridge.stats.failures == 2
+    assert bridge.last_error == f"bridge_keyfile={key} is not the key of bridge_certfile={tmp_path / 'client.pem'}"
     key.write_bytes(plain)
     reactor.advance(RETRY)
     assert bridge.state == "connecting" and len(reactor.tcpClients) == 1

@@ -177,6 +177,8 @@ class Bridge(Service):
             trustRootFromCertificates,
         )
 
+        from twisted.internet.error import VerifyError
+
         from ..auth.tls import certificates, private_key
         config = self.config
         trust: Any = platformTrust()
@@ -185,9 +187,13 @@ class Bridge(Service):
             trust = trustRootFromCertificates([Certificate(c) for c in authorities])
         client_certificate = None
         if config.bridge_certfile:
-            client_certificate = PrivateCertificate.fromCertificateAndKeyPair(
-                Certificate(certificates(config.bridge_certfile, "bridge_certfile")[0]),
-                KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
+            try:
+                client_certificate = PrivateCertificate.fromCertificateAndKeyPair(
+                    Certificate(certificates(config.bridge_certfile, "bridge_certfile")[0]),
+                    KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
+            except VerifyError:  # (one of the two replaced, the other not yet)
+                raise ValueError(f"bridge_keyfile={config.bridge_keyfile} is not the key of "
+                                 f"bridge_certfile={config.bridge_certfile}") from None
         if config.bridge_insecure:  # the chain is checked, the name is not
             return CertificateOptions(
                 trustRoot=trust,
