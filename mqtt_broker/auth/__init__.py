@@ -184,9 +184,13 @@ class Security:
         if chain and config.allow_anonymous:
             log.warn("allow_anonymous is true: clients without a username are accepted even though "
                      "{methods} is configured", methods=", ".join(a.name for a in chain))
-        if config.acl_file and not chain and not config.use_identity_as_username:
-            log.warn("acl_file is set but no password_file, JWT key or http_auth_url: usernames "
-                     "are taken as the clients give them")
+        if not chain and not config.use_identity_as_username:
+            if not config.allow_anonymous:
+                log.warn("allow_anonymous is false and there is no password_file, JWT key or "
+                         "http_auth_url: every client is refused")
+            elif config.acl_file:
+                log.warn("acl_file is set but no password_file, JWT key or http_auth_url: usernames "
+                         "are taken as the clients give them")
         return security
 
     # --- authentication -----------------------------------------------------------------
