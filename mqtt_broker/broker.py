@@ -490,7 +490,8 @@ class BrokerService(MultiService):
                 properties: Properties = NO_PROPERTIES) -> Deferred[None]:
         """Publish a message as the broker itself; returns a Deferred that fires once it is routed
         and, with a store, once the store holds what it changed (a retained message, the queues
-        of persistent sessions).
+        of persistent sessions), or fails with StoreError while the store cannot write (logged
+        by the store, which writes it once it can).
 
         Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or

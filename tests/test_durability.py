@@ -876,6 +876,38 @@ class HeldStore(MemoryStore):
                 d.errback(error)
 
 
+def test_what_the_broker_publishes_while_the_store_fails_fails_its_wait_and_goes_on() -> None:
+    """BrokerService.publish's Deferred fails with StoreError then; the admin API's publish and a
+    bridge's $SYS state, which answer once routed, take the failure (it was "Unhandled error in
+    Deferred", logged again and again while the disk failed)."""
+    import gc
+    import io
+    import json
+
+    from twisted.logger import capturedLogs
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from mqtt_broker.admin.api import ApiResource
+    from mqtt_broker.admin.keys import hash_key
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
+                           http_api_keys=["ci:" + hash_key("k" * 32)])
+    failures: list[Any] = []
+    broker.publish("t", b"x", retain=True).addErrback(failures.append)
+    request = DummyRequest([b""])
+    request.method, request.path = b"POST", b"/api/v1/publish"
+    request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + b"k" * 32])
+    request.content = io.BytesIO(json.dumps({"topic": "t", "payload": "y", "retain": True}).encode())
+    with capturedLogs() as events:
+        assert ApiResource(broker, broker.operations).render(request)
+        assert request.responseCode in (None, 200)
+        store.write(store.generation, StoreError("disk full"))
+        gc.collect()
+    assert len(failures) == 1 and failures[0].check(StoreError)
+    assert [e for e in events if "Unhandled error" in str(e.get("log_format", ""))] == []
+    assert broker.retained.get("t").payload == b"y"  # routed all the same
+
+
 def test_acknowledgements_wait_for_their_batch_together_and_in_order() -> None:
     """The PUBLISHes acknowledged within one batch of the store ask it once, and are answered in
     the order they came when that batch is written; when a batch fails, each of its MQTT 5
