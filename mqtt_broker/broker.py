@@ -626,12 +626,16 @@ class BrokerService(MultiService):
             return
 
         def decided(answer: Any) -> None:
-            if isinstance(answer, Message) and routable_problem(answer) is not None:
-                log.error("a will hook replaced the will of {client_id} with one that cannot be sent ({problem})",
-                          client_id=client.client_id, problem=routable_problem(answer))
-            elif answer is None or isinstance(answer, Message):
-                self.stats.wills_published += 1
-                self.delivery.route(will if answer is None else answer)
+            if answer is not None and not isinstance(answer, Message):
+                return  # refused
+            message = will if answer is None else answer
+            problem = routable_problem(message)  # (a hook may have changed it in place, or made another)
+            if problem is not None:
+                log.error("a will hook made the will of {client_id} one that cannot be sent ({problem})",
+                          client_id=client.client_id, problem=problem)
+                return
+            self.stats.wills_published += 1
+            self.delivery.route(message)
         self.hooks.decide("will", client, will).addCallback(decided)
 
     def _delayed_will_due(self, client_id: str) -> None:

@@ -23,7 +23,7 @@ from .message import Client, Message, encoding_kind
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, too_deep
 from .wire import (
-    MQTT_5, MQTTError, Packet, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
+    MQTT_5, MQTTError, Packet, Properties, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
 )
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class Publishing:
         frame = packet.frame
         if frame is not None:
             message.frame = None  # kept only as the forwarded bytes below, not a second time
-            if not properties and not broker.hooks.has_publish:  # (a hook may change it in place)
+            if not properties:
                 # Forward the bytes as received: only the retain and DUP flags are not passed on.
                 if frame[0] & 0x09:
                     frame = bytes((frame[0] & 0xF6,)) + frame[1:]
@@ -127,8 +127,9 @@ class Publishing:
                 message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
-            self._when(broker.hooks.resolve("publish", self.client, message),
-                       self._publish_decided, qos, packet_id, message)
+            as_received = (message.topic, message.payload, message.properties)  # (before a hook may change it)
+            self._when(broker.hooks.resolve("publish", self.client, message), self._publish_decided,
+                       qos, packet_id, message, as_received)
             return
         if qos == 2:
             self._route_exactly_once(packet_id, message)
@@ -137,21 +138,26 @@ class Publishing:
         if qos:
             self._routed(qos, packet_id, message, routed)
 
-    def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message) -> None:
+    def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message,
+                         as_received: tuple[str, bytes, Properties]) -> None:
         if isinstance(answer, Refused):
             if qos:
                 self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
                                     answer.reason_string)
             return
-        if isinstance(answer, Message):
-            problem = routable_problem(answer)
+        topic, payload, properties = as_received
+        changed = message.topic is not topic or message.payload is not payload or message.properties is not properties
+        if changed:  # in place: not the bytes it came as any more
+            message.encoded = None
+        if isinstance(answer, Message) or changed:
+            message = answer if isinstance(answer, Message) else message
+            problem = routable_problem(message)
             if problem is not None:
-                log.error("a publish hook replaced a message of {client_id} with one that cannot be sent "
+                log.error("a publish hook made a message of {client_id} one that cannot be sent "
                           "({problem}); refusing", client_id=self._client_id, problem=problem)
                 if qos:
                     self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)
                 return
-            message = answer
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return

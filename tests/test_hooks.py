@@ -611,6 +611,25 @@ def test_a_message_changed_in_place_goes_out_changed_to_every_kind_of_subscriber
     assert [[m.payload for m in s.messages()] for s in subscribers] == [[b"QUIET"]] * 4
 
 
+@pytest.mark.parametrize("change", ["topic", "payload"])
+def test_a_message_changed_in_place_into_one_that_cannot_be_sent_is_refused(change: str,
+                                                                           logged: Sequence[LogEvent]) -> None:
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("#")
+
+    def spoil(client: Client, message: Message) -> None:
+        if change == "topic":
+            message.topic = "t/+"
+        else:
+            message.payload = "str"  # type: ignore[assignment]
+
+    broker.hooks.on_publish(spoil)
+    answer = broker.connect("pub").publish("t", b"x", qos=1)
+    assert answer is not None and answer.reason_code == ReasonCode.UNSPECIFIED_ERROR
+    assert watcher.messages() == []
+
+
 @pytest.mark.parametrize("fields", [
     {"topic": "t/+/x"}, {"topic": ""}, {"topic": "$SYS/broker/x"}, {"topic": "t/\ud800"}, {"payload": "str"},
     {"qos": 3}, {"properties": {"no_such": 1}}, {"properties": {"topic_alias": 2}},
