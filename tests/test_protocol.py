@@ -456,7 +456,7 @@ def test_a_client_that_reads_nothing_is_read_no_more_once_its_answers_fill_what_
     """A client that sends and never reads: the PUBACKs and PINGRESPs owed to it are held up to
     max_held_bytes, then nothing more is read from it (they grew as long as it sent) until it
     reads; a hook that decides meanwhile does not start the reading again."""
-    broker = make_broker()
+    broker = make_broker(max_held_bytes=65536)
     limit = broker.config.max_held_bytes
     client = connected(broker, "flood")
     client.protocol.pauseProducing()  # its socket's buffer is full: it reads nothing
@@ -478,6 +478,21 @@ def test_a_client_that_reads_nothing_is_read_no_more_once_its_answers_fill_what_
     assert client.transport.producerState == "producing"
     answers = client.received()
     assert [type(p) for p in answers] == [Puback, Pingresp] * sent + [Puback, Puback]
+
+
+def test_a_client_read_no_more_for_its_backlog_is_dropped_after_its_keepalive() -> None:
+    """Its PINGREQs wait unread: after 1.5 keepalives it is dropped as a silent client is, with
+    the reason in the log."""
+    broker = make_broker(max_held_bytes=65536)
+    client = connected(broker, "stuck", keep_alive=10)
+    client.protocol.pauseProducing()
+    with capturedLogs() as events:
+        client.send(*(Publish(topic="t", qos=1, packet_id=n % 65535 + 1)
+                      for n in range(broker.config.max_held_bytes // 4 + 1)))
+        assert client.transport.producerState == "paused"
+        broker.reactor.advance(15)
+    assert client.closed
+    assert any("reading nothing it was sent" in str(event.get("reason", "")) for event in events)
 
 
 def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
