@@ -27,14 +27,14 @@ from .connect import NEVER, AcceptingConnack
 from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives
-from .hooks import Hooks, routable_problem
+from .hooks import Hooks
 from .linger import AllClosed
-from .message import Client, Message
+from .message import Client, Message, unsendable
 from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
 from .session import Session
 from .store import Snapshot, Store, StoredWill
-from .topics import Subscription, SubscriptionTree, valid_topic_name
+from .topics import Subscription, SubscriptionTree
 from .wire.codes import ReasonCode
 from .wire.packets import MQTT_5, NO_PROPERTIES, Properties
 
@@ -499,16 +499,16 @@ class BrokerService(MultiService):
         """
         if self._stopped:
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
-        if not valid_topic_name(topic) or "\x00" in topic or not _encodable(topic):
-            raise ValueError(f"invalid topic name {topic!r}")
-        if qos not in (0, 1, 2):
-            raise ValueError(f"invalid QoS {qos!r}")
-        if properties:
-            _check_properties(properties)
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
+        message = Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties)
+        # Checked before routing, which would otherwise fail for some subscribers, and keep a
+        # retained message that fails each SUBSCRIBE after.
+        problem = unsendable(message, own=True)
+        if problem is not None:
+            raise ValueError(f"no PUBLISH can carry this message: {problem}")
         self.stats.broker_published += 1
-        self.delivery.route(Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties))
+        self.delivery.route(message)
         return succeed(None) if self.store is None else self.store.flushed()
 
     def clients(self) -> list[Client]:
@@ -629,7 +629,7 @@ class BrokerService(MultiService):
             if answer is not None and not isinstance(answer, Message):
                 return  # refused
             message = will if answer is None else answer
-            problem = routable_problem(message)  # (a hook may have changed it in place, or made another)
+            problem = unsendable(message)  # (a hook may have changed it in place, or made another)
             if problem is not None:
                 log.error("a will hook made the will of {client_id} one that cannot be sent ({problem})",
                           client_id=client.client_id, problem=problem)
@@ -771,30 +771,6 @@ def with_backlog(description: str, backlog: int) -> str:
 def _cancel(call: Any) -> None:
     if call is not None and call.active():
         call.cancel()
-
-
-def _encodable(text: str) -> bool:
-    """Whether UTF-8 can carry ``text``: a str may hold a lone surrogate (U+D800-U+DFFF), which
-    no MQTT string may [MQTT-1.5.4-1]."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_properties(properties: Properties) -> None:
-    """Raise ValueError unless ``properties`` can be sent in a PUBLISH: checked before routing,
-    which would otherwise fail for some subscribers, and keep a retained message that fails each
-    SUBSCRIBE after."""
-    from .wire.properties import decode_properties, encode_properties
-    from .wire.packets import PUBLISH
-    if "topic_alias" in properties or "subscription_identifier" in properties:
-        raise ValueError("a topic alias or subscription identifier is for each connection to set")
-    try:
-        decode_properties(encode_properties(properties), 0, PUBLISH)
-    except Exception as e:  # KeyError (unknown name), TypeError, struct.error, MQTTError, ...
-        raise ValueError(f"invalid properties {properties!r}: {e!r}") from None
 
 
 def _raise_open_files_limit() -> None:

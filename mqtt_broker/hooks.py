@@ -268,30 +268,6 @@ _TRANSFORMING = frozenset({"publish", "will"})
 """Events whose handlers may replace the message that later handlers see."""
 
 
-def routable_problem(message: Message) -> str | None:
-    """Why a message a hook made cannot be routed (a client's PUBLISH was checked as it was
-    decoded; a hook's replacement was not), or None."""
-    from .topics import valid_topic_name
-    from .wire.packets import PUBLISH
-    from .wire.properties import decode_properties, encode_properties
-
-    if not isinstance(message.payload, bytes):
-        return f"its payload is {type(message.payload).__name__}, not bytes"
-    if message.qos not in (0, 1, 2):
-        return f"QoS {message.qos!r}"
-    if "topic_alias" in message.properties or "subscription_identifier" in message.properties:
-        return "a topic alias or subscription identifier, which each connection sets"
-    try:
-        message.topic.encode()
-        if message.properties:
-            decode_properties(encode_properties(message.properties), 0, PUBLISH)
-    except Exception as e:  # UnicodeEncodeError (a lone surrogate), KeyError (an unknown property), ...
-        return repr(e)
-    if not valid_topic_name(message.topic) or "\x00" in message.topic or message.topic.startswith("$SYS"):
-        return f"topic {message.topic!r}"
-    return None
-
-
 def _judge(value: Any) -> Any:
     """A handler's answer: a Refused, or None to let the next one decide, or a value."""
     if value is False:
@@ -313,4 +289,4 @@ def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refuse
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
 
 
-__all__ = ["Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription", "routable_problem"]
+__all__ = ["Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]

@@ -87,6 +87,37 @@ class Message(Publish):
             other.topic, other.payload, other.qos, other.retain, dict(other.properties))
 
 
+def unsendable(message: Message, own: bool = False) -> str | None:
+    """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
+    decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here.
+    ``own``: the broker's own, which may go to $SYS."""
+    import struct
+
+    from .topics import valid_topic_name
+    from .wire.codes import MQTTError
+    from .wire.packets import PUBLISH
+    from .wire.properties import decode_properties, encode_properties
+
+    topic, properties = message.topic, message.properties
+    if not isinstance(message.payload, bytes):
+        return f"its payload is {type(message.payload).__name__}, not bytes"
+    if message.qos not in (0, 1, 2):
+        return f"QoS {message.qos!r}"
+    if not valid_topic_name(topic) or "\x00" in topic or (topic.startswith("$SYS") and not own):
+        return f"the topic name {topic!r}"
+    if "topic_alias" in properties or "subscription_identifier" in properties:
+        return "a topic alias or subscription identifier, which each connection sets"
+    try:
+        topic.encode()  # (a str may hold a lone surrogate, which no MQTT string may [MQTT-1.5.4-1])
+        if properties:
+            decode_properties(encode_properties(properties), 0, PUBLISH)
+    except UnicodeEncodeError:
+        return f"the topic name {topic!r}, which no UTF-8 can carry"
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError, struct.error, MQTTError) as e:
+        return f"its properties {dict(properties)!r} ({e!r})"
+    return None
+
+
 def bare(message: Message) -> Message:
     """The message without the PUBLISH it came as nor its encodings, for what outlives its
     deliveries (the retained message of a topic, the message log): they would keep two to four

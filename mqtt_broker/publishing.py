@@ -17,9 +17,9 @@ from twisted.python.failure import Failure
 from .aliases import InboundAliases
 from .connect import is_utf8
 from .connecting import NO_SLOTS
-from .hooks import PUBACK_REFUSALS, Refused, routable_problem
+from .hooks import PUBACK_REFUSALS, Refused
 from .lifecycle import State
-from .message import Client, Message, encoding_kind
+from .message import Client, Message, encoding_kind, unsendable
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, too_deep
 from .wire import (
@@ -151,7 +151,7 @@ class Publishing:
             message.encoded = None
         if isinstance(answer, Message) or changed:
             message = answer if isinstance(answer, Message) else message
-            problem = routable_problem(message)
+            problem = unsendable(message)
             if problem is not None:
                 log.error("a publish hook made a message of {client_id} one that cannot be sent "
                           "({problem}); refusing", client_id=self._client_id, problem=problem)

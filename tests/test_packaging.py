@@ -147,6 +147,7 @@ def test_the_public_names_pass_a_strict_type_check(tmp_path: Path) -> None:
     """))
     # (from tmp_path: the build under test, as an application sees it)
     run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "app.py"], cwd=tmp_path)
+    assert set(mqtt_broker.__all__) == {*mqtt_broker._EXPORTS, "__version__", "compiled"}  # (written out twice)
 
 
 def test_wheel_has_every_module(wheel: Path) -> None:
