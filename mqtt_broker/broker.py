@@ -497,6 +497,13 @@ class BrokerService(MultiService):
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
         subscription identifier), and RuntimeError once the broker has been stopped.
         """
+        self.route_own(topic, payload, qos, retain, properties)
+        return succeed(None) if self.store is None else self.store.flushed()
+
+    def route_own(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
+                  properties: Properties = NO_PROPERTIES) -> None:
+        """:meth:`publish`, without waiting for the store: for what goes on once the message is
+        routed ($SYS values, the admin API's publish, a bridge's state)."""
         if self._stopped:
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
         if isinstance(payload, str):
@@ -509,7 +516,6 @@ class BrokerService(MultiService):
             raise ValueError(f"no PUBLISH can carry this message: {problem}")
         self.stats.broker_published += 1
         self.delivery.route(message)
-        return succeed(None) if self.store is None else self.store.flushed()
 
     def clients(self) -> list[Client]:
         """The clients connected now."""

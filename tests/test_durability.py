@@ -877,9 +877,9 @@ class HeldStore(MemoryStore):
 
 
 def test_what_the_broker_publishes_while_the_store_fails_fails_its_wait_and_goes_on() -> None:
-    """BrokerService.publish's Deferred fails with StoreError then; the admin API's publish and a
-    bridge's $SYS state, which answer once routed, take the failure (it was "Unhandled error in
-    Deferred", logged again and again while the disk failed)."""
+    """BrokerService.publish's Deferred fails with StoreError then; the admin API's publish, the
+    $SYS values and a bridge's state, which go on once routed, do not wait for the store (their
+    waits' failures were "Unhandled error in Deferred", again and again while the disk failed)."""
     import gc
     import io
     import json

@@ -33,7 +33,6 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..store import logged_by_the_store
 from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codes import ReasonCode
 from . import figures
@@ -579,7 +578,7 @@ class ApiResource(Resource):
             raise ApiError(400, "retained messages are turned off (retain_available)")
         log.info("admin API: key {key} publishes {size} bytes to {topic}", key=key_id, size=len(payload), topic=topic)
         # Answered once routed (the store logs a failure to write it, and writes it once it can).
-        self.broker.publish(topic, payload, qos=qos, retain=retain).addErrback(logged_by_the_store)
+        self.broker.route_own(topic, payload, qos=qos, retain=retain)
         return 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
 
     # --- the cluster ------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class SysTopics(Service):
         self._last = (now, counters)
         for key, load in self.loads.items():
             current[key] = f"{load:.2f}"
-        publish = self.broker.publish
+        publish = self.broker.route_own
         for name, value in current.items():
             if first or self._published.get(name) != value:
                 self._published[name] = value

@@ -37,7 +37,6 @@ from ..wire import (
     MQTT_3_1, MQTT_5, Connack, Connect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
     SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
-from ..store import logged_by_the_store
 from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
@@ -106,8 +105,7 @@ class Bridge(Service):
     def startService(self) -> None:
         super().startService()
         if self.config.notifications:
-            self.broker.publish(f"$SYS/broker/connection/{self.connection}/state", b"0",
-                                retain=True).addErrback(logged_by_the_store)
+            self.broker.route_own(f"$SYS/broker/connection/{self.connection}/state", b"0", retain=True)
         self._connect()
 
     def stopService(self) -> None:
@@ -501,8 +499,7 @@ class Bridge(Service):
         previous, self.state = self.state, state
         up = state == "connected"
         if self.config.notifications and (previous == "connected") != up:
-            self.broker.publish(f"$SYS/broker/connection/{self.connection}/state", b"1" if up else b"0",
-                                retain=True).addErrback(logged_by_the_store)
+            self.broker.route_own(f"$SYS/broker/connection/{self.connection}/state", b"1" if up else b"0", retain=True)
 
 
 class Bridges:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from ..history import Entry
 from ..message import Message
@@ -25,12 +24,6 @@ from ..topics import Subscription
 
 class StoreError(Exception):
     """The store cannot be opened, read or written; the message says which file and what to do."""
-
-
-def logged_by_the_store(failure: Failure) -> None:
-    """An errback for a wait on the store by one that goes on all the same: the store logs its
-    failure (once per episode) and writes what it holds once it can."""
-    failure.trap(StoreError)
 
 
 @dataclass(slots=True)
