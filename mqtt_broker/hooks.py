@@ -83,7 +83,8 @@ class Hooks:
         self._pending: set[Deferred[Any]] = set()
         """The broker's waits for handlers' Deferreds, cancelled when it stops."""
         self._waits: dict[Deferred[Any], int] = {}
-        """Handlers' Deferreds, with how many of those waits are on each."""
+        """Handlers' Deferreds, with how many of those waits are on each (counted, not looked up
+        in ``_pending``: a stop, or a slow authenticator's timeouts, gives up thousands at once)."""
         self._observers: dict[Deferred[Any], int] = {}
         """Handlers' Deferreds not yet fired, with how many waits will see them fire."""
         self._failures: WeakKeyDictionary[Deferred[Any], Failure] = WeakKeyDictionary()

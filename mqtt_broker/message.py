@@ -79,7 +79,6 @@ class Message(Publish):
         """Whether its Message Expiry Interval has run out by ``now``."""
         return self.expires_at is not None and self.expires_at <= now
 
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented

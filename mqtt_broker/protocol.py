@@ -320,8 +320,9 @@ class MQTTProtocol(Connecting, Publishing):
         # gone, and what is queued for it may never drain, so lingering would only hold its
         # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
         # after all (best effort: the reset may overtake it).
-        self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive timeout ({idle:.1f}s idle)" if not self._backlogged else
-                  f"keepalive timeout: reading nothing it was sent for {idle:.1f}s, it was read no more", abort=True)
+        why = (f"keepalive timeout: reading nothing it was sent for {idle:.1f}s, it was read no more"
+               if self._backlogged else f"keepalive timeout ({idle:.1f}s idle)")
+        self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, why, abort=True)
         return None
 
     def _set_state(self, state: State) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -11,6 +13,25 @@ from mqtt_broker import BrokerService
 from mqtt_broker.wire import Connect, FrameReader, Packet, Publish, Subscribe, SubscriptionRequest, encode
 
 _ports = iter(range(20000, 60000))
+
+
+class Held:
+    """Bytes allocated inside a ``with Held() as held:`` block and still held at its end, after a
+    collection (``held.bytes``): what the broker keeps of what the block made it do."""
+
+    bytes = 0
+
+    def __enter__(self) -> Held:
+        tracemalloc.start()
+        self._before = tracemalloc.get_traced_memory()[0]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            gc.collect()
+            self.bytes = tracemalloc.get_traced_memory()[0] - self._before
+        finally:
+            tracemalloc.stop()
 
 
 def make_broker(**settings: Any) -> BrokerService:
@@ -87,3 +108,12 @@ def connected(broker: BrokerService, client_id: str = "c", version: int = 4, **k
     connack = client.connect(client_id, **kwargs)
     assert connack.reason_code == 0, connack  # type: ignore[union-attr]
     return client
+
+
+def publisher_and_subscribers(broker: BrokerService, topic_filter: str) -> tuple[FakeClient, list[FakeClient]]:
+    """A publisher, and a subscriber to ``topic_filter`` of each kind: MQTT 3.1.1 and MQTT 5."""
+    publisher = connected(broker, "pub")
+    subscribers = [connected(broker, "v3"), connected(broker, "v5", version=5)]
+    for subscriber in subscribers:
+        subscriber.subscribe(topic_filter)
+    return publisher, subscribers

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from protocol_helpers import connected, make_broker
+from protocol_helpers import Held, connected, make_broker, publisher_and_subscribers
 
 from mqtt_broker.history import MessageLog, ReplayError, parse_spec, split_replay_filter
 from mqtt_broker.message import Message
@@ -148,25 +148,14 @@ def test_the_store_keeps_what_the_logs_hold_whatever_a_quiet_filter_keeps() -> N
 def test_a_logged_message_keeps_one_copy_of_its_payload() -> None:
     """Once delivered to subscribers of two kinds (MQTT 3.1.1 and 5), and replayed, a logged
     message holds its payload once: not the PUBLISH as received, nor an encoding per kind."""
-    import gc
-    import tracemalloc
     count, size = 50, 20_000
     broker = make_broker(history_filters=["h/#"])
-    pub = connected(broker, "pub")
-    subscribers = [connected(broker, "v3"), connected(broker, "v5", version=5)]
-    for sub in subscribers:
-        sub.subscribe("h/#")
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    pub, subscribers = publisher_and_subscribers(broker, "h/#")
+    with Held() as held:
         for n in range(count):
             pub.publish("h/x", bytes([n]) * size)
         for sub in subscribers:
             assert len(payloads(sub.received())) == count
         late = connected(broker, "late", version=5)
         assert len(payloads(late.subscribe("$replay/all/h/#")[1:])) == count
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert count * size <= held < 1.5 * count * size, held
+    assert count * size <= held.bytes < 1.5 * count * size, held.bytes

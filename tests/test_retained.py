@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import tracemalloc
 from collections import Counter
 from itertools import product
 
@@ -16,7 +14,7 @@ from mqtt_broker.retained import RetainedMessages
 from mqtt_broker.topics import matches, valid_topic_filter, valid_topic_name
 from mqtt_broker.wire import Publish
 
-from protocol_helpers import connected, make_broker
+from protocol_helpers import Held, connected, make_broker, publisher_and_subscribers
 
 
 def msg(topic: str, payload: bytes = b"x", **fields: object) -> Message:
@@ -240,13 +238,8 @@ def test_a_retained_message_keeps_neither_the_publish_as_received_nor_its_live_e
     retained encodings, made once for all the subscribers of a kind)."""
     count, size = 50, 20_000
     broker = make_broker()
-    publisher = connected(broker, "pub")
-    live = [connected(broker, "v3"), connected(broker, "v5", version=5)]
-    for subscriber in live:
-        subscriber.subscribe("r/#")
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    publisher, live = publisher_and_subscribers(broker, "r/#")
+    with Held() as held:
         for n in range(count):
             publisher.publish(f"r/{n}", bytes([n]) * size, retain=True)
         for version in (4, 5, 4, 5):
@@ -255,8 +248,4 @@ def test_a_retained_message_keeps_neither_the_publish_as_received_nor_its_live_e
             late.lose()
         for subscriber in live:
             assert len([p for p in subscriber.received() if isinstance(p, Publish)]) == count
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert count * size <= held < 3.5 * count * size, held / (count * size)
+    assert count * size <= held.bytes < 3.5 * count * size, held.bytes / (count * size)

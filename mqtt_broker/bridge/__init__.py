@@ -172,12 +172,11 @@ class Bridge(Service):
 
     def _tls_options(self, host: str) -> Any:
         """Raises OSError or ValueError naming a file that cannot be used."""
+        from twisted.internet.error import VerifyError
         from twisted.internet.ssl import (
             Certificate, CertificateOptions, KeyPair, PrivateCertificate, optionsForClientTLS, platformTrust,
             trustRootFromCertificates,
         )
-
-        from twisted.internet.error import VerifyError
 
         from ..auth.tls import certificates, private_key
         config = self.config
