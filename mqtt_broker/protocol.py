@@ -52,6 +52,10 @@ _LEGAL: Final = lifecycle.LEGAL
 SEND_LIMIT: Final = 1024 * 1024
 """Bytes a TCP transport hands the kernel per turn of the reactor (Twisted's default, 128 KiB,
 is less than a subscriber of several busy publishers is sent per turn)."""
+LARGE_PACKET_PROGRESS: Final = 1000
+"""Bytes still to come of a packet, above which a read of part of it counts as traffic for the
+keepalive, as Mosquitto has it: a large PUBLISH on a slow link keeps its connection alive as it
+arrives, where a small packet trickled byte by byte does not."""
 
 
 def describe(address: IAddress) -> str:
@@ -171,8 +175,6 @@ class MQTTProtocol(Connecting, Publishing):
         if self.state is State.CLOSED:
             return
         self.stats.bytes_received += len(data)
-        if self._keep_alive:
-            self._last_seen = self.clock.seconds()
         self.reader.receive_data(data)
         if self._blocked is None:
             self._process()
@@ -200,6 +202,9 @@ class MQTTProtocol(Connecting, Publishing):
         except MQTTError as error:
             self._violation(error)
         finally:
+            # The keepalive counts whole packets [MQTT-3.1.2-24], and progress on a large one.
+            if self._keep_alive and (count or reader.awaited() > LARGE_PACKET_PROGRESS):
+                self._last_seen = self.clock.seconds()
             self.stats.packets_received += count
             broker.batching -= 1
             if not broker.batching and broker.unflushed:

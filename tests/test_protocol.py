@@ -143,6 +143,32 @@ def test_traffic_resets_keepalive() -> None:
     assert not client.closed
 
 
+def test_a_packet_trickled_byte_by_byte_does_not_keep_a_connection_alive() -> None:  # [MQTT-3.1.2-24]
+    broker = make_broker()
+    client = connected(broker, "c", keep_alive=10)
+    frame = encode(Publish(topic="t", payload=b"x" * 100))
+    for byte in frame[:-1]:
+        broker.clock.advance(1)
+        client.send_bytes(bytes([byte]))
+        if client.closed:
+            break
+    assert client.closed  # silent, as far as whole packets go, for 15 s
+
+
+def test_a_large_packet_arriving_slowly_keeps_its_connection_alive() -> None:
+    broker = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    client = connected(broker, "c", keep_alive=10)
+    frame = encode(Publish(topic="t", payload=b"x" * 100_000))
+    pieces = [frame[i:i + 5_000] for i in range(0, len(frame), 5_000)]
+    for piece in pieces:  # 21 pieces, 7 s apart: 147 s for the whole packet
+        broker.clock.advance(7)
+        client.send_bytes(piece)
+    assert not client.closed
+    assert sub.received() == [Publish(topic="t", payload=b"x" * 100_000)]
+
+
 # --- QoS -------------------------------------------------------------------------------------
 
 def test_qos0_routing() -> None:

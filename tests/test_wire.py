@@ -351,6 +351,16 @@ def test_reader_one_byte_at_a_time() -> None:
     assert reader.buffered == 0
 
 
+def test_reader_says_how_much_of_a_packet_is_still_to_come() -> None:
+    frame = encode(Publish(topic="t", payload=b"x" * 200))  # a Remaining Length of two bytes
+    reader = FrameReader()
+    for i in range(len(frame)):
+        reader.feed(frame[i:i + 1])
+        assert reader.awaited() == (0 if i < 2 else len(frame) - i - 1)
+    reader.feed(frame + frame[:10])  # one whole packet, and part of the next
+    assert reader.awaited() == len(frame) - 10
+
+
 @pytest.mark.parametrize("raw, expected", [(STREAM_5_RAW, STREAM_5_PACKETS),
                                            (STREAM_3_1_RAW, STREAM_3_1_PACKETS)],
                          ids=["mqtt5", "mqtt3.1"])

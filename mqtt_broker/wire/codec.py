@@ -79,6 +79,22 @@ class FrameReader:
         """Bytes received but not yet returned as packets."""
         return len(self._buffer) - self._pos
 
+    def awaited(self) -> int:
+        """Bytes still to come of the packet being received: 0 while none is, or while its
+        Remaining Length has not all come."""
+        buffer = self._buffer
+        size = len(buffer)
+        index = self._pos + 1
+        length = shift = 0
+        while index < size and shift <= 21:
+            byte = buffer[index]
+            index += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return max(0, index + length - size)
+            shift += 7
+        return 0
+
     def next_packet(self) -> Packet | None:
         buffer = self._buffer
         pos = self._pos
