@@ -54,10 +54,16 @@ class Refused:
         if code is None:
             return default
         if allowed is not None and code not in allowed:
-            log.warn("a hook refused with {code!r}, which this answer cannot carry; {default!r} instead",
-                     code=code, default=default)
+            if (code, default) not in _SAID:  # once: a hook refuses the same way every time
+                _SAID.add((code, default))
+                log.warn("a hook refused with {code!r}, which this answer cannot carry; {default!r} instead "
+                         "(said once)", code=code, default=default)
             return default
         return code
+
+
+_SAID: set[tuple[int, int]] = set()
+"""The (code, default) pairs :meth:`Refused.code` has warned of."""
 
 
 # The refusals each MQTT 5 answer may carry (MQTT 5.0 3.2.2.2, 3.4.2.1, 3.9.3, 3.11.3, 3.14.2.1).

@@ -9,6 +9,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import LogEvent, capturedLogs
 
+from mqtt_broker import hooks as hooks_module
 from mqtt_broker.hooks import EVENTS, Hooks, Refused
 from mqtt_broker.message import Client, Message
 from mqtt_broker.testing import MemoryBroker
@@ -593,6 +594,17 @@ def test_a_refusal_with_a_code_the_answer_cannot_carry_gets_the_default(code: Re
     connack = other.connect("other")
     assert connack is not None and connack.reason_code == (ReasonCode.BANNED if code == ReasonCode.BANNED else ReasonCode.NOT_AUTHORIZED)
     assert other.closed
+
+
+def test_a_refusal_with_a_code_the_answer_cannot_carry_is_warned_of_once() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_subscribe(lambda client, subscription: Refused(ReasonCode.SERVER_MOVED))
+    client = broker.connect("c")
+    hooks_module._SAID.discard((ReasonCode.SERVER_MOVED, ReasonCode.UNSPECIFIED_ERROR))  # (said by another test)
+    with capturedLogs() as events:
+        for _ in range(3):
+            assert client.subscribe("t").reason_codes == (ReasonCode.UNSPECIFIED_ERROR,)  # type: ignore[union-attr]
+    assert len([e for e in events if "cannot carry" in e.get("log_format", "")]) == 1
 
 
 def test_a_message_changed_in_place_goes_out_changed_to_every_kind_of_subscriber() -> None:
