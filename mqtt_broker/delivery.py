@@ -161,14 +161,15 @@ class Delivery:
         return sum([self.deliver_shared(message, share, members) for share, members in groups])
 
     def _wait_for_store(self, by_client: Any, groups: Any) -> None:
-        """Every connection that may be sent the message being routed waits for the store."""
+        """Every connection that may be sent the QoS 2 message being routed waits for the store
+        (through a failing disk, if it would be sent the message at QoS 2)."""
         sessions = self.sessions
-        client_ids = [match[0] for match in by_client]
-        client_ids += [member.client_id for _, members in groups for member in members]
-        for client_id in client_ids:
+        recipients = [(match.client_id, match.qos == 2) for match in by_client]
+        recipients += [(member.client_id, member.qos == 2) for _, members in groups for member in members]
+        for client_id, exact in recipients:
             session = sessions.get(client_id)
             if session is not None and session.connection is not None:
-                session.connection.wait_for_store()
+                session.connection.wait_for_store(exact)
 
     def _log(self, message: Message) -> None:
         assert self.history is not None
@@ -269,7 +270,7 @@ class Delivery:
                 self.store.update_delivery(session.client_id, item.seq, packet_id, False)
             else:
                 self.store.add_delivery(session.client_id, item, packet_id)
-            connection.wait_for_store()
+            connection.wait_for_store(item.qos == 2)
         if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
             self.forget(session, item)
             return  # too large for the client: discarded as if delivered [MQTT-3.1.2-25]
@@ -295,8 +296,8 @@ class Delivery:
         self.pump(session)
 
     def _resend(self, session: Session, connection: MQTTProtocol) -> None:
-        if session.stored:
-            connection.wait_for_store()  # what was recorded last may not be written yet
+        if session.stored:  # what was recorded last may not be written yet
+            connection.wait_for_store(any(out.qos == 2 for out in session.outgoing.values()))
         now = self.clock.seconds()
         resent = 0
         for packet_id, out in list(session.outgoing.items()):
@@ -398,7 +399,7 @@ class Delivery:
                     out.unsent = False
                     session.unsent -= 1
                     if session.stored:  # its record may not be written yet
-                        connection.wait_for_store()
+                        connection.wait_for_store(out.qos == 2)
                     if connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids):
                         sent = True
                         break

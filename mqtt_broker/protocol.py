@@ -385,6 +385,10 @@ class MQTTProtocol(Connecting, Publishing):
             waiting.size += len(data)
             self.pending_bytes += len(data)
             return
+        self._write_now(data)
+
+    def _write_now(self, data: bytes) -> None:
+        """``write``, ahead of what waits for the store."""
         if self.broker.batching or self.paused:
             out = self._out
             if out is None:
@@ -410,24 +414,32 @@ class MQTTProtocol(Connecting, Publishing):
             self.pending_bytes = unstored
             self._transmit(out[0] if len(out) == 1 else b"".join(out))
 
-    def wait_for_store(self) -> None:
+    def wait_for_store(self, exact: bool = False) -> None:
         """Hold what is written from now on until the store has made durable every change
         recorded so far: a PUBLISH goes on the wire only once a restart would send it again
         with the same packet id, a PUBREL or PUBCOMP only once the state it ends is stored.
         Writes keep their order; the connection waits once per batch of the store, however
-        many messages the batch holds. If the batch cannot be written (a full disk, logged by
-        the store), what waited goes out all the same: the clients keep being served, and only
-        a crash before the disk recovers can repeat what was sent meanwhile."""
+        many messages the batch holds.
+
+        If the batch cannot be written (a full disk, logged by the store), what waited goes out
+        all the same, so that clients keep being served (a crash before the disk recovers can
+        then repeat a QoS 0/1 message), unless it is ``exact``: a step of a QoS 2 exchange,
+        whose state a restart must find, or the message is lost or arrives twice. That waits
+        for the disk, as its publisher's acknowledgement does."""
         store = self.broker.store
-        if store is None or (self._unstored and self._unstored[-1].generation == store.generation):
-            return  # nothing to wait for, or the wait already asked for covers what was just recorded
+        if store is None:
+            return
+        unstored = self._unstored
+        if unstored and unstored[-1].generation == store.generation:
+            unstored[-1].exact |= exact  # the wait already asked for covers what was just recorded
+            return
         stored = store.flushed()
         if stored.called:
             return
-        waiting = _Unstored(store.generation)
-        if self._unstored is None:
-            self._unstored = deque()
-        self._unstored.append(waiting)
+        waiting = _Unstored(store.generation, exact)
+        if unstored is None:
+            unstored = self._unstored = deque()
+        unstored.append(waiting)
         stored.addBoth(self._stored, waiting)
 
     def _stored(self, result: Any, waiting: _Unstored) -> None:
@@ -436,9 +448,23 @@ class MQTTProtocol(Connecting, Publishing):
         unstored = self._unstored
         if waiting.sent or not unstored:
             return
-        if isinstance(result, Failure) and not result.check(StoreError):
-            log.failure("waiting for the store", result)
+        if isinstance(result, Failure):
+            if not result.check(StoreError):
+                log.failure("waiting for the store", result)
+            elif self._exact_held(waiting):
+                assert self.broker.store is not None
+                self.broker.store.flushed().addBoth(self._stored, waiting)  # (the store tries again by itself)
+                return
         self.broker.gathered(self._send_stored, waiting)
+
+    def _exact_held(self, waiting: _Unstored) -> bool:
+        """Whether what waits up to ``waiting`` holds a step of a QoS 2 exchange."""
+        for held in self._unstored or ():
+            if held.exact:
+                return True
+            if held is waiting:
+                break
+        return False
 
     def _send_stored(self, waiting: _Unstored) -> None:
         unstored = self._unstored
@@ -738,7 +764,9 @@ class MQTTProtocol(Connecting, Publishing):
 
     def _pingresp(self) -> None:
         self.stats.control_packets_sent += 1
-        self.write(_PINGRESP)
+        # Ahead of what waits for the store, which nothing orders it after: a client held behind
+        # a failing disk keeps its connection.
+        self._write_now(_PINGRESP)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
         # Only a normal disconnection discards the will [MQTT-3.14.4-3]; MQTT 5's 0x04 and
@@ -778,14 +806,16 @@ classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
 class _Unstored:
     """Writes of one connection that wait for one batch of the store."""
 
-    __slots__ = ("data", "size", "sent", "generation")
+    __slots__ = ("data", "size", "sent", "generation", "exact")
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, generation: int, exact: bool) -> None:
         self.data: list[bytes] = []
         self.size = 0
         self.sent = False
         self.generation = generation
         """The store's ``generation`` when this batch was waited for."""
+        self.exact = exact
+        """It holds a step of a QoS 2 exchange: sent only once the store has the batch."""
 
 
 __all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "describe"]

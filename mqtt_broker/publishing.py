@@ -59,7 +59,7 @@ class Publishing:
     def send(self, packet: Packet) -> None: ...
     def send_ack(self, first: int, packet_id: int) -> None: ...
     def send_pubrel(self, packet_id: int) -> None: ...
-    def wait_for_store(self) -> None: ...
+    def wait_for_store(self, exact: bool = False) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ class Publishing:
             # Perhaps completed already, and its removal not yet stored: the PUBREL ends the
             # exchange for the client, so after a crash the PUBLISH must not come again.
             if self.session.stored:
-                self.wait_for_store()
+                self.wait_for_store(exact=True)
             code = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if self.version == MQTT_5 else 0
             self.send(Pubrel(packet_id=packet.packet_id, reason_code=code))
             return
@@ -279,7 +279,7 @@ class Publishing:
         if self.delivery.released(self.session, packet.packet_id):
             # PUBREL only once the store knows: after a crash the broker must not send the
             # PUBLISH again [MQTT-4.3.3-5].
-            self.wait_for_store()
+            self.wait_for_store(exact=True)
         self.send_pubrel(packet.packet_id)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
@@ -293,7 +293,7 @@ class Publishing:
             # PUBCOMP only once the id is forgotten in the store too (also for an id already
             # forgotten, perhaps not yet in the store): the publisher may use it again at once,
             # and a restart must not take that message for a resend.
-            self.wait_for_store()
+            self.wait_for_store(exact=True)
         if known:
             self.send_ack(0x70, packet.packet_id)
         else:

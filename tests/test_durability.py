@@ -24,8 +24,8 @@ from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.store.sqlite import SQLiteStore
 from mqtt_broker.wire import ReasonCode
 from mqtt_broker.wire import (
-    Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest,
-    Unsuback, Unsubscribe, Will,
+    Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
+    SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 
 from durability_helpers import CapturedLog, Receiver, Restarts, crash_copy, rows
@@ -616,6 +616,66 @@ def test_a_full_disk_stops_acknowledgements_keeps_qos0_and_recovers(
     # QoS 2 exactly once: the MQTT 3 publisher got no PUBREC and sent it again; whatever the
     # broker did with the first copy, the subscriber gets one.
     assert tags.count(b"p3-4") == 1, tags
+
+
+@pytest.mark.parametrize("then", ["the disk gets room", "the broker is killed"])
+@pytest_twisted.inlineCallbacks
+def test_a_qos2_message_waits_for_a_full_disk_and_a_qos1_one_does_not(
+        on_disk: SQLiteRestarts, tmp_path: Path, then: str) -> Iterator[Deferred[Any]]:
+    """Sent while its packet id cannot be stored, a QoS 2 message would be lost by a crash: the
+    restarted broker gives that id to the next message, which the subscriber, still holding the
+    id until a PUBREL, takes for a resend and drops. So it waits for the disk; a QoS 1 message,
+    which a crash can only repeat, goes out."""
+    broker = on_disk.start()
+    exact = connected(broker, "exact", 4, clean=False)
+    subscribe(exact, "q", qos=2)
+    once = connected(broker, "once", 4, clean=False)
+    subscribe(once, "q", qos=1)
+    p = connected(broker, "p", 5)
+    yield on_disk.store.flushed()
+    exact.received(), once.received()
+    fill_up(on_disk.store)
+    p.publish("q", os.urandom(300_000), qos=2, packet_id=1)  # (too large for what is left)
+    yield settle(on_disk.store)
+    assert p.received()[0].reason_code == 0x80
+    assert len(publishes(once.received())) == 1
+    assert exact.received() == []
+    receiver = Receiver()
+    if then == "the disk gets room":
+        make_room(on_disk.store)
+        yield on_disk.store.flushed()  # the store's next try
+        answer(exact, receiver, exact.received())
+        assert len(receiver.payloads()) == 1
+        return
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+    make_room(on_disk.store)  # (for the store to stop: the crash copy is what restarts)
+    broker = yield on_disk.again(crashed)
+    exact, _ = reconnect(broker, "exact")
+    connected(broker, "p2", 4).publish("q", b"after the crash", qos=2, packet_id=1)
+    for _ in range(3):
+        answer(exact, receiver, (yield when_stored(on_disk.store, exact)))
+    assert receiver.payloads() == [b"after the crash"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_pubcomp_waits_for_a_full_disk(on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    """Sent before the store forgets the packet id, a PUBCOMP lets the publisher use it again at
+    once; after a crash the broker would take that new message for a resend and drop it."""
+    broker = on_disk.start()
+    p = connected(broker, "p", 4, clean=False)
+    yield on_disk.store.flushed()
+    p.publish("q", b"x", qos=2, packet_id=7)
+    assert [type(x) for x in (yield when_stored(on_disk.store, p))] == [Pubrec]
+    fill_up(on_disk.store)
+    connected(broker, "filler", 5).publish("r", os.urandom(300_000), qos=1, retain=True)  # fails the batch
+    p.send(Pubrel(packet_id=7))
+    yield settle(on_disk.store)
+    assert p.received() == []
+    p.send(Pingreq())
+    assert p.received() == [Pingresp()]  # ahead of the PUBCOMP: the client keeps its connection
+    make_room(on_disk.store)
+    yield on_disk.store.flushed()
+    assert p.received() == [Pubcomp(packet_id=7)]
 
 
 @pytest_twisted.inlineCallbacks
