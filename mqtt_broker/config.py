@@ -85,7 +85,8 @@ class BrokerConfig:
     """Every broker setting, validated when built: a bad value raises ConfigError naming the key.
 
     Ints are accepted where a float is expected; a bool is never accepted for a number.
-    ``mqttbroker.example.toml`` lists each setting with its default (a test keeps it in step).
+    ``mqttbroker.example.toml`` lists each setting with the default of ``twistd mqttbroker``
+    (``tap.TWISTD_DEFAULTS``; a test keeps it in step).
     """
 
     endpoints: list[str] = _setting(

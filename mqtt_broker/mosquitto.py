@@ -58,21 +58,24 @@ _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_de
            "log_type": "twistd's logging", "log_timestamp": "twistd's logging",
            "log_timestamp_format": "twistd's logging", "log_facility": "twistd --syslog",
            "websockets_log_level": "twistd's logging"}
+_PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2}
+"""Per-listener settings of Mosquitto that are global here, with Mosquitto's defaults."""
 _HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
                  "memory_limit", "max_inflight_bytes"}
 
 
 @dataclass
 class Note:
-    """A line that is not carried over, and why."""
+    """A line that is not carried over, or not as it was (``carried``), and why."""
 
     source: str
     line: int
     text: str
     why: str
+    carried: bool = False
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.line}: {self.text!r} not carried over: {self.why}"
+        return f"{self.source}:{self.line}: {self.text!r}{'' if self.carried else ' not carried over'}: {self.why}"
 
 
 @dataclass
@@ -115,6 +118,8 @@ class _Listener:
         self.options: dict[str, str] = {}
         self.security: dict[str, str] = {}
         """Its allow_anonymous, password_file and acl_file (global settings here)."""
+        self.limits: dict[str, tuple[Any, str, int, str]] = {}
+        """Its settings of _PER_LISTENER (global here): (value, source, line, text)."""
 
     def endpoint(self) -> tuple[str, str]:
         """("mqtt" or "websockets", endpoint string)."""
@@ -228,12 +233,11 @@ def convert(path: str | Path) -> Conversion:
             elif key == "require_certificate":
                 target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
                 continue
-            elif key in ("use_identity_as_username", "max_connections", "max_qos"):
+            elif key in _PER_LISTENER:
                 # Global settings here: the last listener's value applies to every one.
-                if len(listeners) > 1:
-                    note(source, number, text, f"{key} applies to every listener here")
                 ours, kind = _GLOBAL[key]
                 settings[ours] = _value(kind, value, source, number)
+                target.limits[key] = (settings[ours], source, number, text)
                 continue
             elif key in ("certfile", "keyfile", "cafile", "protocol", "bind_address"):
                 if key == "bind_address":
@@ -281,6 +285,12 @@ def convert(path: str | Path) -> Conversion:
         settings["persistence"] = "memory"
     if default_port is not None:
         listeners.insert(0, default_port)
+    for key, default in _PER_LISTENER.items():
+        values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
+        if len(values) > 1:
+            value, source, number, text = [lst.limits[key] for lst in listeners if key in lst.limits][-1]
+            out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is global, "
+                                  f"{value} for every listener", carried=True))
     if per_listener:
         # Authentication and ACLs are the same for every listener here: the listeners must agree,
         # or one would be converted with another's (a password file dropped, anonymous clients let in).

@@ -33,10 +33,13 @@ def _bool(text: str) -> bool:
 
 def _endpoint_problem(description: str) -> str | None:
     """Why ``description`` is not a server endpoint Twisted can parse, or None if it is."""
-    # Parsing is all this does; nothing listens.
-    from twisted.internet import endpoints, reactor
+    # Parsing is all this does; nothing listens. (The broker's own parser: Twisted's would ask
+    # for an encrypted key's passphrase on the terminal.)
+    from twisted.internet import reactor
+
+    from .auth.tls import server_endpoint
     try:
-        endpoints.serverFromString(reactor, description)
+        server_endpoint(reactor, description)
     except OSError:
         # ssl: reads its key and certificate while parsing. Relative paths are relative to
         # twistd's --rundir, which twistd enters after parsing options: leave files to startService.
@@ -52,6 +55,10 @@ def _replace(config: BrokerConfig, flag: str, **changes: Any) -> BrokerConfig:
     except ConfigError as e:
         raise usage.UsageError(f"{flag}: {e.reason}") from None
 
+
+TWISTD_DEFAULTS: dict[str, Any] = {"persistence": "sqlite"}
+"""Where ``twistd mqttbroker``'s defaults differ from :class:`BrokerConfig`'s (an embedded
+broker's): as a server, the broker keeps its state on disk unless told otherwise."""
 
 # List settings are repeatable flags of their own; given at all, a flag replaces the file's list.
 _LIST_FLAGS = {"endpoints": "endpoint", "websocket_endpoints": "websocket", "websocket_paths": "websocket-path",
@@ -75,7 +82,7 @@ class Options(usage.Options):
         ["mosquitto-config", None, None, "A mosquitto.conf to run with, converted as mqttbroker-config "
          "from-mosquitto does (--config and flags apply over it)."],
     ] + [
-        [_flag_name(f.name), None, None, f"{f.metadata['help']} [default: {_show(f.default)}]"]
+        [_flag_name(f.name), None, None, f"{f.metadata['help']} [default: {_show(TWISTD_DEFAULTS.get(f.name, f.default))}]"]
         for f in settings() if f.name not in _LIST_FLAGS and not f.metadata["table"]
     ]
 
@@ -144,8 +151,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            # As a server, the broker keeps its state on disk unless told otherwise.
-            base = BrokerConfig(persistence="sqlite")
+            base = BrokerConfig(**TWISTD_DEFAULTS)
             if self["mosquitto-config"]:
                 base = self._from_mosquitto(self["mosquitto-config"])
             config = BrokerConfig.from_file(self["config"], base) if self["config"] else base

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from mqtt_broker.config import BrokerConfig, ConfigError, settings
+from mqtt_broker.tap import TWISTD_DEFAULTS, Options
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "mqttbroker.example.toml"
@@ -437,12 +438,18 @@ def test_replace_does_not_share_lists() -> None:
 
 # --- the example file ---------------------------------------------------------------------
 
-def test_example_file_sets_every_setting_to_its_default() -> None:
+def test_example_file_sets_every_setting_to_the_default_of_twistd_mqttbroker() -> None:
+    """It is the file a server runs with (examples/mqttbroker.service installs it): copied as it
+    is, it must not change what twistd mqttbroker does, its store on disk included."""
     with open(EXAMPLE, "rb") as file:
         raw = tomllib.load(file)
     assert sorted(raw) == sorted(f.name for f in FIELDS)
     config = BrokerConfig.from_file(EXAMPLE)
-    assert config == BrokerConfig()
+    assert config == BrokerConfig(**TWISTD_DEFAULTS)
+    assert config.persistence == "sqlite"
+    options = Options()
+    options.parseOptions(["--config", str(EXAMPLE)])
+    assert options["broker_config"] == BrokerConfig(**TWISTD_DEFAULTS)
     for f in FIELDS:  # equal and of the same type: 10 would equal 10.0, true would equal 1
         assert type(raw[f.name]) is kind_of(f), f.name
 

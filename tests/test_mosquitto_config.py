@@ -285,6 +285,28 @@ def test_per_listener_security_applies_to_every_listener_or_is_refused(tmp_path:
             convert(path)
 
 
+@pytest.mark.parametrize("first, second, noted", [
+    ("max_qos 1", "max_qos 1", None),
+    ("max_qos 1", "max_qos 2", "max_qos 2"),  # the last listener's applies to both
+    ("max_qos 1", "", "max_qos 1"),  # the second listener had Mosquitto's default, 2
+    ("max_connections 10", "max_connections 20", "max_connections 20"),
+])
+def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
+        tmp_path: Path, first: str, second: str, noted: str | None) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\n{first}\nlistener 1884\n{second}\n")
+    conversion = convert(path)
+    key, value = (second or first).split()
+    assert conversion.settings[key] == int(value)
+    if noted is None:
+        assert conversion.notes == []
+        return
+    (note,) = conversion.notes
+    assert note.text == noted and note.line == (4 if noted == second else 2)
+    assert str(note).endswith(f"'{noted}': {key} differs between the listeners: here it is global, "
+                              f"{noted.split()[1]} for every listener")
+
+
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\nplugin /usr/lib/mosquitto_dynamic_security.so\n"

@@ -191,6 +191,33 @@ def test_endpoint_files_are_left_to_start_up() -> None:
     assert config.endpoints == ["ssl:8883:privateKey=key.pem:certKey=cert.pem"]
 
 
+def test_an_encrypted_key_is_refused_as_such_without_asking_for_its_passphrase(tmp_path: Path) -> None:
+    """Twisted's ssl: parser reads the key as it parses, and OpenSSL asks a terminal for the
+    passphrase of an encrypted one: twistd waited at start-up for someone to type it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+                   .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(private, hashes.SHA256()))
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.BestAvailableEncryption(b"passphrase")))
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--endpoint", f"ssl:8883:privateKey={key}:certKey={cert}")
+    assert f"privateKey={key} is encrypted" in str(caught.value)
+
+
+def test_the_help_gives_twistds_defaults() -> None:
+    assert "(in data_dir; the default of twistd mqttbroker). [default: sqlite]" in " ".join(Options().getUsage().split())
+
+
 def test_bad_endpoint_in_config_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
     path.write_text('endpoints = ["tcp:notaport"]\n')
