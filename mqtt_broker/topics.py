@@ -17,8 +17,8 @@ level, and a topic of thousands of levels would exhaust the interpreter's stack.
 
 def valid_topic_name(topic: str) -> bool:
     """A PUBLISH topic: not empty, no wildcard [MQTT-3.3.2-2], [MQTT-4.7.3-1], at most
-    MAX_TOPIC_LEVELS levels."""
-    return bool(topic) and "+" not in topic and "#" not in topic and not too_deep(topic)
+    MAX_TOPIC_LEVELS levels, and one an MQTT string can carry."""
+    return bool(topic) and "+" not in topic and "#" not in topic and not too_deep(topic) and not too_long(topic)
 
 
 def too_deep(topic: str) -> bool:
@@ -26,11 +26,17 @@ def too_deep(topic: str) -> bool:
     return len(topic) >= MAX_TOPIC_LEVELS and topic.count("/") >= MAX_TOPIC_LEVELS
 
 
+def too_long(topic: str) -> bool:
+    """Whether a topic name or filter is longer than an MQTT string, 65,535 bytes of UTF-8
+    [MQTT-1.5.4]. (One decoded from a packet never is; an application's may be.)"""
+    return len(topic) > 16_383 and len(topic.encode("utf-8", "surrogatepass")) > 65_535
+
+
 def valid_topic_filter(topic_filter: str) -> bool:
     """A SUBSCRIBE filter: ``#`` only as the whole last level, ``+`` only as a whole level
     [MQTT-4.7.1-2, -3]; a ``$share/{group}/{filter}`` has a non-empty group without wildcards
     and a valid filter; at most MAX_TOPIC_LEVELS levels."""
-    if not topic_filter or too_deep(topic_filter):
+    if not topic_filter or too_deep(topic_filter) or too_long(topic_filter):
         return False
     group, inner = split_shared(topic_filter)
     if group is not None:

@@ -100,6 +100,16 @@ def test_at_most_max_topic_levels() -> None:
         assert "+" in too_deep or not valid_topic_name(too_deep)
 
 
+def test_at_most_what_an_mqtt_string_carries() -> None:
+    """65,535 bytes of UTF-8: a longer topic from an application (the admin API's publish) made a
+    retained message that failed every SUBSCRIBE matching it."""
+    for longest in ("a" * 65_535, "é" * 32_767 + "a", "€" * 21_845):
+        assert len(longest.encode()) == 65_535
+        assert valid_topic_name(longest) and valid_topic_filter(longest)
+        assert not valid_topic_name(longest + "a") and not valid_topic_filter(longest + "a")
+    assert not valid_topic_filter("a/" + "x" * 70_000 + "/#")
+
+
 def test_split_shared() -> None:
     assert split_shared("$share/g/a/b") == ("g", "a/b")
     assert split_shared("$share/g/#") == ("g", "#")
