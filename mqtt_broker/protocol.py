@@ -387,6 +387,14 @@ class MQTTProtocol(Connecting, Publishing):
             return
         self._write_now(data)
 
+    def read_no_more_until_sent(self) -> None:
+        """Read nothing more from the client until its transport has sent what waits
+        (``resumeProducing``): its own answers (PUBACKs, PINGRESPs, a WebSocket's pongs) would
+        pile up for as long as it sends and does not read."""
+        if not self._backlogged:
+            self._backlogged = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
     def _write_now(self, data: bytes) -> None:
         """``write``, ahead of what waits for the store."""
         if self.broker.batching or self.paused:
@@ -397,10 +405,8 @@ class MQTTProtocol(Connecting, Publishing):
             else:
                 out.append(data)
             self.pending_bytes += len(data)
-            if self.paused and self.pending_bytes > self.broker.config.max_held_bytes and not self._backlogged:
-                # Its own answers (PUBACK, PINGRESP...) would pile up for as long as it sends.
-                self._backlogged = True
-                self.transport.pauseProducing()  # type: ignore[union-attr]
+            if self.paused and self.pending_bytes > self.broker.config.max_held_bytes:
+                self.read_no_more_until_sent()
         else:
             self.stats.bytes_sent += len(data)
             self._transmit(data)

@@ -304,6 +304,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if self.data and not wait:
             self.consumeData()
 
+    def onPing(self, payload: bytes) -> None:
+        super().onPing(payload)  # (the pong goes to the socket, past what MQTT holds and counts)
+        if self.mqtt is not None and self.mqtt.paused:  # the socket holds more than it sends
+            self.mqtt.read_no_more_until_sent()
+
     def onConnect(self, request: ConnectionRequest) -> str:
         factory = self.factory
         if factory.paths and request.path not in factory.paths:

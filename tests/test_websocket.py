@@ -453,6 +453,20 @@ def test_packet_over_max_packet_size_in_small_frames_is_refused_by_mqtt() -> Non
     assert frames[1].close_code == 1000
 
 
+def test_a_client_that_pings_and_never_reads_is_read_no_more_until_its_pongs_are_sent() -> None:
+    """A pong goes to the socket past what MQTT holds: a client that pinged and never read made
+    the broker keep its pongs without limit (186 MB in 30 s), where PINGREQs are bounded."""
+    client = ws_connected(make_broker(), "pinger")
+    client.send(b"x" * 125, PING)
+    assert client.socket.producerState == "producing"
+    client.protocol.mqtt.pauseProducing()  # its socket's buffer is full: it reads nothing
+    client.send(b"x" * 125, PING)
+    assert client.socket.producerState == "paused"
+    assert [f.opcode for f in client.frames()] == [PONG, PONG]
+    client.protocol.mqtt.resumeProducing()  # its socket drained
+    assert client.socket.producerState == "producing"
+
+
 def test_ping_is_answered_with_pong() -> None:
     client = ws_connected(make_broker())
     client.send(b"are you there", PING)
