@@ -44,6 +44,14 @@ def _paths_problem(paths: list[str]) -> str | None:
     return None
 
 
+def _origins_problem(origins: list[str]) -> str | None:
+    for origin in origins:
+        scheme, _, host = origin.partition("://")
+        if not scheme or not host or any(c in host for c in "/?# \t\r\n"):
+            return f"{origin!r} is not an origin (scheme://host[:port], e.g. https://app.example.com)"
+    return None
+
+
 def _redis_problem(url: str) -> str | None:
     if not url:
         return None
@@ -307,6 +315,11 @@ class BrokerConfig:
         [], "Addresses or networks (10.0.0.0/8) of reverse proxies trusted to give the client's "
         "address in X-Forwarded-For; from any other peer the header is ignored.",
         check=_proxies_problem)
+    websocket_origins: list[str] = _setting(
+        [], "Origins (scheme://host[:port], e.g. https://app.example.com) of the web pages that may "
+        "open MQTT over WebSocket: a browser's handshake from another page is refused with HTTP 403 "
+        "(a client that sends no Origin, not a browser, is let in). Empty: any page.",
+        check=_origins_problem)
     sys_interval: float = _setting(
         10.0, "Seconds between updates of the $SYS/broker/... topics (Mosquitto's names, published "
         "retained through the broker, so ACLs apply); 0 turns them off, otherwise at least 0.1.", 0, None,

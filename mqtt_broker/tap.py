@@ -62,7 +62,8 @@ broker's): as a server, the broker keeps its state on disk unless told otherwise
 
 # List settings are repeatable flags of their own; given at all, a flag replaces the file's list.
 _LIST_FLAGS = {"endpoints": "endpoint", "websocket_endpoints": "websocket", "websocket_paths": "websocket-path",
-               "websocket_trusted_proxies": "websocket-trusted-proxy", "http_endpoints": "http",
+               "websocket_trusted_proxies": "websocket-trusted-proxy", "websocket_origins": "websocket-origin",
+               "http_endpoints": "http",
                "http_api_keys": "http-api-key", "history_filters": "history-filter"}
 
 
@@ -118,6 +119,10 @@ class Options(usage.Options):
     def opt_websocket_trusted_proxy(self, address: str) -> None:
         """Trust X-Forwarded-For from this proxy address or network (e.g. 10.0.0.0/8); repeatable."""
         self["websocket_trusted_proxies"].append(address)
+
+    def opt_websocket_origin(self, origin: str) -> None:
+        """Let web pages of this origin (e.g. https://app.example.com) open MQTT over WebSocket, refusing others; repeatable [default: any]."""
+        self["websocket_origins"].append(origin)
 
     def opt_http(self, description: str) -> None:
         """Serve the admin HTTP API, /metrics and the dashboard on a Twisted endpoint, e.g. tcp:8080 or ssl:8443:privateKey=key.pem; repeatable."""

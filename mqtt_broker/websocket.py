@@ -313,6 +313,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         factory = self.factory
         if factory.paths and request.path not in factory.paths:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
+        origin = request.headers.get("origin")
+        if factory.origins and origin is not None and origin.lower() not in factory.origins:
+            # A page of another site, in a browser that would lend it the user's cookies or
+            # client certificate (cross-site WebSocket hijacking, RFC 6455 10.2).
+            log.info("refusing a WebSocket connection from {peer}: origin {origin} not in websocket_origins",
+                     peer=self.peer, origin=origin)
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         subprotocol = next((p for p in request.protocols if p in SUBPROTOCOLS), None)
         if subprotocol is None:
             # [MQTT-6.0.0-3]: the client must offer mqtt; without it no MQTT is spoken.
@@ -422,6 +429,7 @@ class WebSocketFactory(WebSocketServerFactory):
         config = broker.config
         self.broker = broker
         self.paths = frozenset(config.websocket_paths if paths is None else paths)
+        self.origins = frozenset(origin.lower() for origin in config.websocket_origins)
         self.trusted_proxies: tuple[Network, ...] = tuple(
             ipaddress.ip_network(proxy, strict=False) for proxy in config.websocket_trusted_proxies)
         self.max_handshake_size: int = config.websocket_max_handshake_size

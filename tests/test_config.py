@@ -91,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "websocket_max_handshake_size": 16384,
     "websocket_handshake_timeout": 10.0,
     "websocket_trusted_proxies": [],
+    "websocket_origins": [],
     "sys_interval": 10.0,
     "http_endpoints": [],
     "http_api_keys": [],
@@ -365,6 +366,10 @@ def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
      "'proxy.example' is not an IP address or network"),
     ('websocket_trusted_proxies = ["10.0.0.0/33"]', "websocket_trusted_proxies",
      "'10.0.0.0/33' is not an IP address or network"),
+    ('websocket_origins = ["app.example.com"]', "websocket_origins",
+     "'app.example.com' is not an origin (scheme://host[:port], e.g. https://app.example.com)"),
+    ('websocket_origins = ["https://app.example.com/"]', "websocket_origins",
+     "'https://app.example.com/' is not an origin (scheme://host[:port], e.g. https://app.example.com)"),
     ('http_api_keys = ["secret"]', "http_api_keys", "entry 1 is not a hashed key (sha256:<64 hex "
      "digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
     (f'http_api_keys = ["sha256:{"0" * 64}", "sha256:abc"]', "http_api_keys", "entry 2 is not a hashed key "

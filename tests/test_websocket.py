@@ -159,6 +159,24 @@ def test_paths_restrict() -> None:
         assert client.closed
 
 
+def test_any_origin_by_default() -> None:
+    assert WSClient(make_broker()).handshake(headers={"Origin": "https://elsewhere.example"}) == 101
+
+
+def test_origins_restrict_the_pages_of_browsers() -> None:
+    """A page of another site could lend itself the user's client certificate or cookies
+    (cross-site WebSocket hijacking, RFC 6455 10.2)."""
+    broker = make_broker(websocket_origins=["https://app.example.com", "http://localhost:8080"])
+    for origin in ("https://app.example.com", "HTTPS://App.Example.com", "http://localhost:8080", None):
+        headers = {"Origin": origin} if origin else None  # (no Origin: not a browser)
+        assert WSClient(broker).handshake(headers=headers) == 101, origin
+    accepted = len(broker.connections)
+    for origin in ("https://evil.example", "https://app.example.com:8443", "http://app.example.com"):
+        client = WSClient(broker)
+        assert client.handshake(headers={"Origin": origin}) == 403, origin
+        assert client.closed and len(broker.connections) == accepted
+
+
 def test_plain_http_request_gets_426_and_no_status_page() -> None:
     client = WSClient(make_broker())
     client.send_bytes(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

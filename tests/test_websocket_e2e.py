@@ -368,12 +368,14 @@ def parse(*args: str) -> BrokerConfig:
 def test_websocket_flags() -> None:
     config = parse("--websocket", "tcp:8083", "--websocket", "ssl:8084:privateKey=k.pem:certKey=c.pem",
                    "--websocket-path", "/mqtt", "--websocket-path", "/", "--websocket-trusted-proxy", "10.0.0.0/8",
+                   "--websocket-origin", "https://app.example.com",
                    "--websocket-compression", "true", "--websocket-max-frame-size", "65536",
                    "--websocket-max-handshake-size", "8192", "--websocket-handshake-timeout", "2.5")
     assert config.endpoints == ["tcp:1883"]
     assert config.websocket_endpoints == ["tcp:8083", "ssl:8084:privateKey=k.pem:certKey=c.pem"]
     assert config.websocket_paths == ["/mqtt", "/"]
     assert config.websocket_trusted_proxies == ["10.0.0.0/8"]
+    assert config.websocket_origins == ["https://app.example.com"]
     assert (config.websocket_compression, config.websocket_max_frame_size, config.websocket_max_handshake_size,
             config.websocket_handshake_timeout) == (True, 65536, 8192, 2.5)
 
