@@ -391,6 +391,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             # all, instead of when the peer answers.
             self._lose_mqtt(Failure(ConnectionDone("WebSocket closing handshake")))
 
+    def dropConnection(self, abort: bool = False) -> None:
+        # The client answered our close frame: autobahn aborts the socket, which throws away
+        # what is not written yet, our close frame too when the answer came in the same read
+        # (a client's DISCONNECT and close frame together). Closed, the socket sends it first;
+        # one that never drains is aborted by the close timer.
+        super().dropConnection(abort=abort and not (self.wasClean and self.state == _CLOSING))
+
     def _close_timed_out(self) -> None:
         self._close_call = None
         self.wasNotCleanReason = "closing handshake timeout"

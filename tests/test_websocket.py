@@ -533,6 +533,17 @@ def test_mqtt_disconnect_closes_the_websocket_and_waits_for_the_answer() -> None
     assert client.socket.disconnected
 
 
+def test_the_close_frame_goes_out_when_the_answer_comes_in_the_same_read() -> None:
+    """MQTT.js's end() then close: DISCONNECT and a close frame in one read. The server closes its
+    socket when the answer comes; aborted, it threw away its own close frame, not yet written,
+    and the client got a reset instead (close code 1006)."""
+    client = ws_connected(make_broker())
+    client.send_bytes(client_frame(encode(Disconnect())) + client_frame(b"\x03\xe8", CLOSE))
+    [close] = client.frames()
+    assert close.close_code == 1000
+    assert client.closed and not client.socket.disconnected  # closed once what was written is out
+
+
 def test_a_client_that_closes_and_stops_reading_is_dropped_after_the_timeout() -> None:
     """The server closes the socket after its close reply, gracefully: once what it wrote is
     out, which a client that does not read never lets happen."""
