@@ -197,6 +197,19 @@ def test_subscribe_and_unsubscribe_a_client(admin: Admin) -> None:
         publisher.close()
 
 
+def test_subscribing_a_client_keeps_to_max_subscriptions_per_client(broker_process: type[BrokerProcess]) -> None:
+    admin = start_admin(broker_process, "--max-subscriptions-per-client", "2")
+    target = PahoClient(admin.broker.port, "limited")
+    try:
+        for topic_filter in ("a", "b", "a"):  # (the same filter again replaces it)
+            assert admin.call("POST", "/api/v1/clients/limited/subscriptions", {"topic_filter": topic_filter}).status < 300
+        refused = admin.call("POST", "/api/v1/clients/limited/subscriptions", {"topic_filter": "c"})
+        assert refused.status == 400 and "max_subscriptions_per_client (2)" in refused.body["error"]
+        assert len(admin.call("GET", "/api/v1/clients/limited").body["subscriptions"]) == 2
+    finally:
+        target.close()
+
+
 def test_kick_sends_mqtt5_administrative_action(admin: Admin) -> None:
     client, events = v5_client(admin.broker.port, "kick-v5")
     old = PahoClient(admin.broker.port, "kick-v311")

@@ -479,6 +479,9 @@ class ApiResource(Resource):
             raise ApiError(400, "shared subscriptions are turned off (shared_subscription_available)")
         if has_wildcard(topic_filter) and not config.wildcard_subscription_available:
             raise ApiError(400, "wildcard subscriptions are turned off (wildcard_subscription_available)")
+        limit = config.max_subscriptions_per_client
+        if limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
+            raise ApiError(400, f"{client_id!r} holds max_subscriptions_per_client ({limit}) subscriptions")
         retain_handling = _field(body, "retain_handling", int, 0)
         if retain_handling not in (0, 1, 2):
             raise ApiError(400, "'retain_handling' must be 0, 1 or 2")
