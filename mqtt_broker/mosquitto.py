@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,18 @@ _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_de
            "websockets_log_level": "twistd's logging"}
 _PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2}
 """Per-listener settings of Mosquitto that are global here, with Mosquitto's defaults."""
+_SECURITY: dict[str, Any] = {"allow_anonymous": False, "password_file": None, "acl_file": None}
+"""Mosquitto's settings of authentication and ACLs (global here), with Mosquitto 2's defaults for a
+listener that does not set them."""
+_REFUSED = {
+    "bind_interface": "give bind_address with the interface's address instead (a listener for each address)",
+    "mount_point": "the listener's clients would not be kept under their own topic prefix; remove it to accept "
+                   "that, or run a broker of their own for them",
+}
+"""Listener settings without an equivalent here whose loss would open a listener more than Mosquitto
+does: refused, not noted."""
+_MAX_INFLIGHT = 65535
+"""The most max_inflight_messages can be here: as many as there are packet identifiers."""
 _HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
                  "memory_limit", "max_inflight_bytes"}
 
@@ -164,10 +177,22 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
                 directory = Path(text.split(None, 1)[1])
                 if not directory.is_absolute():
                     directory = path.parent / directory
-                for included in sorted(directory.glob("*.conf")):  # in Mosquitto's order: by name
-                    yield from _lines(included, seen)
+                try:
+                    names = [name for name in os.listdir(directory) if len(name) > 5 and name.endswith(".conf")]
+                except OSError as e:
+                    raise ValueError(f"{path}:{number}: unable to open include_dir {str(directory)!r}: "
+                                     f"{e.strerror}") from None
+                for name in sorted(names, key=_mosquitto_order):
+                    yield from _lines(directory / name, seen)
                 continue
             yield str(path), number, text, words
+
+
+def _mosquitto_order(name: str) -> list[tuple[int, int]]:
+    """Mosquitto's sort of include_dir files: each character compared in upper case, then as it
+    is (so "a.conf" < "B.conf" < "b.conf" < "_.conf"), a C char being signed."""
+    signed = [byte - 256 if byte > 127 else byte for byte in name.encode()]
+    return [(byte - 32 if 97 <= byte <= 122 else byte, byte) for byte in signed]
 
 
 def convert(path: str | Path) -> Conversion:
@@ -179,6 +204,11 @@ def convert(path: str | Path) -> Conversion:
     default_port: _Listener | None = None
     bridge: dict[str, Any] | None = None
     per_listener = False
+    security_seen = False
+    before_listeners: list[tuple[str, Any, str, int, str]] = []
+    """With per_listener_settings, the security lines before the first listener: (key, value,
+    source, line, text), the default listener's in Mosquitto."""
+    capaths: list[tuple[dict[str, Any], str, int, str]] = []
     persistence = False
     location = ""
 
@@ -201,12 +231,21 @@ def convert(path: str | Path) -> Conversion:
             elif name in _BRIDGE_BOOLS:
                 bridge[name] = _bool(value, source, number)
             elif name in ("keepalive_interval", "bridge_max_packet_size"):
-                bridge[name] = int(value)
+                bridge[name] = _value("int", value, source, number)
             elif name == "restart_timeout":
-                numbers = [float(n) for n in args]
+                numbers = [_value("float", n, source, number) for n in args]
+                if len(numbers) not in (1, 2):
+                    raise ValueError(f"{source}:{number}: restart_timeout takes one or two numbers of seconds")
                 bridge[name] = numbers if len(numbers) == 2 else numbers[0]
             else:
                 bridge[name] = value
+            continue
+        if bridge is not None and key in ("bridge_identity", "bridge_psk"):
+            # Noting it would leave a bridge without TLS, its CONNECT (password too) in clear.
+            raise ValueError(f"{source}:{number}: {key}: TLS-PSK is not supported here: give bridge_cafile with the "
+                             f"remote's CA certificates (and bridge_certfile/bridge_keyfile) instead")
+        if bridge is not None and key == "bridge_capath":
+            capaths.append((bridge, source, number, text))  # refused below unless the bridge has bridge_cafile
             continue
         if bridge is not None and (key.startswith("bridge_") or key in (
                 "start_type", "round_robin", "idle_timeout", "threshold", "local_username", "local_password",
@@ -221,16 +260,31 @@ def convert(path: str | Path) -> Conversion:
             bridge = None
             continue
         if key == "port":
-            default_port = _Listener(int(value), "", source, number)
+            port = _value("int", value, source, number)
+            if default_port is None:
+                default_port = _Listener(port, "", source, number)
+            else:
+                default_port.port = port  # keeps the bind_address, certfile... given before it
+            continue
+        if key in _REFUSED:
+            raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
+        if key in _SECURITY:
+            ours, kind = _GLOBAL[key]
+            converted = _setting(kind, value, source, number)
+            security_seen = True
+            if not per_listener:
+                settings[ours] = converted
+            elif listeners:
+                listeners[-1].security[key] = converted
+            else:
+                before_listeners.append((key, converted, source, number, text))
             continue
         if key in _LISTENER and (listeners or key in ("protocol", "socket_domain", "certfile", "keyfile",
                                                         "cafile", "bind_address")):
             target = listeners[-1] if listeners else default_port
             if target is None:
                 default_port = target = _Listener(1883, "", source, number)
-            if key in ("allow_anonymous", "password_file", "acl_file"):
-                target.security[key] = value  # global here (handled below): see per_listener below
-            elif key == "require_certificate":
+            if key == "require_certificate":
                 target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
                 continue
             elif key in _PER_LISTENER:
@@ -252,6 +306,10 @@ def convert(path: str | Path) -> Conversion:
                 continue
         if key == "per_listener_settings":
             per_listener = _bool(value, source, number)
+            if per_listener and security_seen:
+                # Mosquitto refuses it too: the lines before it were read as global ones.
+                raise ValueError(f"{source}:{number}: per_listener_settings must come before allow_anonymous, "
+                                 f"password_file and acl_file")
             if per_listener:
                 note(source, number, text, "authentication and ACLs apply to every listener alike here")
             continue
@@ -263,9 +321,11 @@ def convert(path: str | Path) -> Conversion:
             continue
         if key in _GLOBAL:
             ours, kind = _GLOBAL[key]
-            if kind == "path" and not Path(value).is_absolute():
-                value = str(Path(source).parent / value)
-            settings[ours] = _value(kind, value, source, number)
+            settings[ours] = _setting(kind, value, source, number)
+            if key == "max_inflight_messages" and settings[ours] == 0:
+                settings[ours] = _MAX_INFLIGHT
+                out.notes.append(Note(source, number, text, f"no limit in Mosquitto: {_MAX_INFLIGHT} here, the most "
+                                      f"there can be", carried=True))
             continue
         if key in _TWISTD:
             note(source, number, text, f"done by {_TWISTD[key]}")
@@ -291,14 +351,34 @@ def convert(path: str | Path) -> Conversion:
             value, source, number, text = [lst.limits[key] for lst in listeners if key in lst.limits][-1]
             out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is global, "
                                   f"{value} for every listener", carried=True))
-    if per_listener:
+    if per_listener and listeners:
+        # Mosquitto gives what comes before the first listener to the default listener (of a port
+        # line) only: a `listener` section keeps its own settings and Mosquitto 2's defaults.
+        for key, converted, source, number, text in before_listeners:
+            if default_port is not None:
+                default_port.security[key] = converted
+            else:
+                note(source, number, text, "with per_listener_settings true it is the default listener's (of a port "
+                     "line) only, and there is none")
         # Authentication and ACLs are the same for every listener here: the listeners must agree,
         # or one would be converted with another's (a password file dropped, anonymous clients let in).
-        for listener in listeners[1:]:
-            if listener.security != listeners[0].security:
+        effective = [{**_SECURITY, **listener.security} for listener in listeners]
+        for listener, its in zip(listeners[1:], effective[1:]):
+            if its != effective[0]:
                 raise ValueError(f"{listener.source}:{listener.line}: this listener's allow_anonymous, "
-                                 f"password_file or acl_file differ from the first one's; here they apply to every "
-                                 f"listener alike: give each listener the same")
+                                 f"password_file or acl_file differ from the first one's (one not set is Mosquitto's "
+                                 f"default: allow_anonymous false, no file); here they apply to every listener "
+                                 f"alike: give each listener the same")
+        settings.update({key: value for key, value in effective[0].items() if value is not None})
+    elif per_listener:
+        # No listener: Mosquitto listens on loopback only; global here, never more open than there.
+        settings.update({key: converted for key, converted, *_ in before_listeners})
+    for bridge_table, source, number, text in capaths:
+        if "bridge_cafile" not in bridge_table:
+            # Noting it would leave the bridge without TLS, its CONNECT (password too) in clear.
+            raise ValueError(f"{source}:{number}: bridge_capath is not supported here: give bridge_cafile with the "
+                             f"remote's CA certificates instead")
+        note(source, number, text, "the remote's certificate is checked against bridge_cafile only")
     endpoints: list[str] = []
     websockets: list[str] = []
     for listener in listeners:
@@ -319,9 +399,16 @@ def convert(path: str | Path) -> Conversion:
 
 
 def _bool(value: str, source: str, number: int) -> bool:
-    if value in ("true", "false"):
-        return value == "true"
-    raise ValueError(f"{source}:{number}: {value!r} is not true or false")
+    if value in ("true", "false", "1", "0"):  # as Mosquitto reads them
+        return value in ("true", "1")
+    raise ValueError(f"{source}:{number}: {value!r} is not true, false, 1 or 0")
+
+
+def _setting(kind: str, value: str, source: str, number: int) -> Any:
+    """A global setting's value: a relative path is the including file's."""
+    if kind == "path" and not Path(value).is_absolute():
+        value = str(Path(source).parent / value)
+    return _value(kind, value, source, number)
 
 
 _UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}

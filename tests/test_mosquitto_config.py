@@ -310,7 +310,7 @@ def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\nplugin /usr/lib/mosquitto_dynamic_security.so\n"
-                    "plugin_opt_config_file /etc/dynsec.json\nper_listener_settings true\nmount_point x/\n"
+                    "plugin_opt_config_file /etc/dynsec.json\nper_listener_settings true\nhttp_dir /srv/www\n"
                     "frobnicate 1\n")
     notes = [(n.line, n.why) for n in convert(path).notes]
     assert notes[0] == (2, "dynamic security is not supported")
@@ -318,6 +318,133 @@ def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> N
     assert notes[2][0] == 4 and "every listener" in notes[2][1]
     assert notes[3] == (5, "no per-listener equivalent here")
     assert notes[4] == (6, "no equivalent setting here")
+
+
+@pytest.mark.parametrize("first, refused", [
+    ("per_listener_settings true\nallow_anonymous true\n", None),  # the default listener's: there is none
+    ("per_listener_settings true\nport 1883\nallow_anonymous true\n", 4),  # the second keeps false
+    ("per_listener_settings true\nallow_anonymous true\nbind_address 127.0.0.1\n", 4),
+    ("allow_anonymous true\nper_listener_settings true\n", 2),  # Mosquitto refuses it too
+])
+def test_per_listener_security_before_the_first_listener_is_the_default_listeners(
+        tmp_path: Path, first: str, refused: int | None) -> None:
+    """Mosquitto 2 refuses anonymous clients on `listener 1884` in each case: the allow_anonymous
+    before it belongs to the default listener only, and one not set is false."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"{first}listener 1884 127.0.0.1\n")
+    if refused is not None:
+        with pytest.raises(ValueError, match=rf"m.conf:{refused}: "):
+            convert(path)
+        return
+    conversion = convert(path)
+    assert conversion.settings["allow_anonymous"] is False
+    assert [(n.line, n.why) for n in conversion.notes][1] == (
+        2, "with per_listener_settings true it is the default listener's (of a port line) only, and there is none")
+
+
+def test_per_listener_security_given_alike_to_the_default_listener_and_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("per_listener_settings true\nallow_anonymous true\npassword_file passwd\nport 1883\n"
+                    "listener 1884\nallow_anonymous true\npassword_file passwd\n")
+    settings = convert(path).settings
+    assert settings["allow_anonymous"] is True and settings["password_file"] == str(tmp_path / "passwd")
+    assert settings["endpoints"] == ["tcp:1883", "tcp:1884"]
+    path.write_text("per_listener_settings true\nlistener 1883\nallow_anonymous false\nlistener 1884\n")
+    assert convert(path).settings["allow_anonymous"] is False  # not set is false: the same
+    path.write_text("per_listener_settings true\nallow_anonymous true\n")  # no listener: local only
+    assert convert(path).settings["allow_anonymous"] is True
+
+
+def test_a_port_line_keeps_the_default_listeners_bind_address(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("bind_address 127.0.0.1\nport 1884\n")
+    assert convert(path).settings["endpoints"] == ["tcp:1884:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("bind_interface lo", "bind_interface is not supported here: give bind_address with the interface's address"),
+    ("mount_point tenant1/", "mount_point is not supported here: the listener's clients would not be kept under"),
+])
+def test_listener_settings_that_would_open_the_listener_more_are_refused(
+        tmp_path: Path, setting: str, message: str) -> None:
+    path = tmp_path / "m.conf"
+    for text in (f"listener 1883\n{setting}\n", f"{setting}\nlistener 1883\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"m.conf:{text.splitlines().index(setting) + 1}: {message}"):
+            convert(path)
+
+
+def test_include_dir_is_read_in_mosquittos_order(tmp_path: Path) -> None:
+    included = tmp_path / "conf.d"
+    included.mkdir()
+    (included / "a-open.conf").write_text("allow_anonymous true\n")
+    (included / "Z-lockdown.conf").write_text("allow_anonymous false\n")
+    for name in ("b.conf", "A.conf", "a.conf", "_u.conf", ".h.conf", ".conf", "x.CONF"):
+        (included / name).write_text(f"frobnicate {name}\n")
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\ninclude_dir conf.d\n")
+    conversion = convert(path)
+    assert conversion.settings["allow_anonymous"] is False  # Z-lockdown.conf comes after a-open.conf
+    # Each character compared in upper case first, then as it is: "_" after the letters.
+    assert [n.text.split()[1] for n in conversion.notes] == [".h.conf", "A.conf", "a.conf", "b.conf", "_u.conf"]
+
+
+def test_a_missing_include_dir_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\ninclude_dir conf.d\n")
+    with pytest.raises(ValueError, match=r"m.conf:2: unable to open include_dir '.*/conf.d': No such file"):
+        convert(path)
+
+
+BRIDGE = ("listener 1883\nconnection cloud\naddress 127.0.0.1:8883\nremote_username edge1\nremote_password secret\n"
+          "topic # out\n")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("bridge_capath /etc/ssl/certs", "bridge_capath is not supported here: give bridge_cafile"),
+    ("bridge_identity edge1", "bridge_identity: TLS-PSK is not supported here: give bridge_cafile"),
+    ("bridge_psk 0123abcd", "bridge_psk: TLS-PSK is not supported here: give bridge_cafile"),
+])
+def test_a_bridge_that_would_lose_its_tls_is_refused(tmp_path: Path, setting: str, message: str) -> None:
+    """Noted only, the bridge would connect without TLS and send its password in clear."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"{BRIDGE}{setting}\n")
+    with pytest.raises(ValueError, match=rf"m.conf:7: {message}"):
+        convert(path)
+
+
+def test_bridge_capath_with_bridge_cafile_is_noted(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(f"{BRIDGE}bridge_capath /etc/ssl/certs\nbridge_cafile /c/ca.pem\n")
+    conversion = convert(path)
+    assert [(n.line, n.why) for n in conversion.notes] == [
+        (7, "the remote's certificate is checked against bridge_cafile only")]
+    assert conversion.config().bridge[0].tls
+
+
+@pytest.mark.parametrize("setting", ["restart_timeout", "restart_timeout soon", "restart_timeout 1 2 3",
+                                     "keepalive_interval abc", "bridge_max_packet_size big"])
+def test_bad_bridge_values_are_refused_with_their_line(tmp_path: Path, setting: str) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(f"{BRIDGE}{setting}\n")
+    with pytest.raises(ValueError, match=r"m.conf:7: "):
+        convert(path)
+
+
+def test_mosquitto_booleans_and_unlimited_inflight_messages(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nallow_anonymous 1\nretain_available 0\nmax_inflight_messages 0\n"
+                    "connection cloud\naddress 127.0.0.1:1884\ntopic # out\ncleansession 0\n")
+    conversion = convert(path)
+    settings = conversion.settings
+    assert settings["allow_anonymous"] is True and settings["retain_available"] is False
+    assert settings["max_inflight_messages"] == 65535 and conversion.bridges[0]["cleansession"] is False
+    assert [str(n).split(": ", 1)[1] for n in conversion.notes] == [
+        "'max_inflight_messages 0': no limit in Mosquitto: 65535 here, the most there can be"]
+    conversion.config()  # valid settings
+    path.write_text("allow_anonymous yes\n")
+    with pytest.raises(ValueError, match=r"m.conf:1: 'yes' is not a valid bool"):
+        convert(path)
 
 
 def test_bridges_convert_to_bridge_tables(tmp_path: Path) -> None:
