@@ -437,14 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     command = commands.add_parser("from-mosquitto", help="write the TOML equivalent of a mosquitto.conf")
     command.add_argument("file", help="the mosquitto.conf to read (include_dir is followed)")
     args = parser.parse_args(argv)
-    from .config import ConfigError
     try:
         conversion = convert(args.file)
         conversion.config()  # refuse what would not start
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"mqttbroker-config: {args.file}: {reason}" if not isinstance(e, ConfigError) else
-              f"mqttbroker-config: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"mqttbroker-config: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # (each names its file and line, or the setting: ConfigError)
+        print(f"mqttbroker-config: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(conversion.toml(args.file))
     for note in conversion.notes:

@@ -478,6 +478,9 @@ def test_the_command_refuses_what_would_not_start(tmp_path: Path, capsys: pytest
     assert "max_qos" in capsys.readouterr().err
     assert main(["from-mosquitto", str(tmp_path / "missing.conf")]) == 1
     assert "No such file" in capsys.readouterr().err
+    path.write_text("listener 1883\nbind_interface lo\n")
+    assert main(["from-mosquitto", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"mqttbroker-config: {path}:2: bind_interface")  # named once
 
 
 def test_the_installed_command_runs(tmp_path: Path) -> None:
