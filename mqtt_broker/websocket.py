@@ -19,6 +19,7 @@ Two ways in: :class:`WebSocketFactory` for an endpoint (``BrokerService`` builds
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any, Iterable, Sequence
 
@@ -442,11 +443,12 @@ class WebSocketFactory(WebSocketServerFactory):
         self.max_handshake_size: int = config.websocket_max_handshake_size
         self.handshake_timeout: float = config.websocket_handshake_timeout
         options: dict[str, Any] = {}
+        largest = config.websocket_max_frame_size or config.max_packet_size
         if config.websocket_compression:
-            options["perMessageCompressionAccept"] = _accept_deflate
+            options["perMessageCompressionAccept"] = functools.partial(_accept_deflate, limit=largest)
         self.setProtocolOptions(
             webStatus=False,  # no status page or redirects for a plain GET: 426 Upgrade Required
-            maxFramePayloadSize=config.websocket_max_frame_size or config.max_packet_size,
+            maxFramePayloadSize=largest,
             maxMessagePayloadSize=0,  # a message is never collected (see onMessageFrameData)
             openHandshakeTimeout=0, closeHandshakeTimeout=0,  # ours, on the broker's clock
             failByDrop=False,  # a protocol error is answered with a close frame giving the reason
@@ -454,10 +456,12 @@ class WebSocketFactory(WebSocketServerFactory):
             **options)
 
 
-def _accept_deflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+def _accept_deflate(offers: list[Any], limit: int) -> PerMessageDeflateOfferAccept | None:
     for offer in offers:
         if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(offer)
+            # Inflated, a message is bounded as a frame is: a small one could inflate a
+            # thousandfold, all at once (closed with 1009 past it).
+            return PerMessageDeflateOfferAccept(offer, max_message_size=limit)
     return None
 
 

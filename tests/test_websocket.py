@@ -638,6 +638,22 @@ def test_compression_when_configured() -> None:
     assert client.reader.feed(inflated) == [Connack(reason_code=0)]
 
 
+def test_a_compressed_message_is_bounded_once_inflated_as_a_frame_is() -> None:
+    """A 1 MB message of zeros deflates to 1 kB: inflated all at once, a few such reads made a
+    spike of hundreds of MB."""
+    broker = make_broker(websocket_compression=True, websocket_max_frame_size=65536)
+    client = WSClient(broker)
+    assert client.handshake(headers=DEFLATE_OFFER) == 101
+    client.send(deflate(encode(Connect(client_id="squeezed"))), rsv1=True)
+    client.send(deflate(encode(Publish(topic="t", payload=bytes(60_000)))), rsv1=True)  # under the bound
+    assert [(f.opcode, f.rsv1) for f in client.frames()] == [(BINARY, True)]  # the CONNACK, deflated
+    assert [c.client_id for c in broker.clients()] == ["squeezed"]
+    bomb = deflate(bytes(1_000_000))
+    assert len(bomb) < 2_000
+    client.send(bomb, rsv1=True)
+    assert [f.close_code for f in client.frames()] == [1009]
+
+
 def test_compressed_frame_refused_without_compression() -> None:
     client = ws_connected(make_broker())
     client.send(deflate(encode(Pingreq())), rsv1=True)
