@@ -1,5 +1,5 @@
 """Helpers for the bridge tests: our broker with ``[[bridge]]`` tables, and waiting for a bridge's
-state through its retained ``$SYS/broker/connection/<name>/state`` topic."""
+state through its retained ``$SYS/broker/connection/<remote_clientid>/state`` topic."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ def write_config(path: Path, settings: dict[str, Any], bridges: list[dict[str, A
 
 
 class StateWatcher:
-    """A client of our broker that follows a bridge's state topic."""
+    """A client of our broker that follows a bridge's state topic (Mosquitto's, named by the
+    bridge's ``remote_clientid``, without a ``notification_topic``)."""
 
-    def __init__(self, port: int, name: str) -> None:
+    def __init__(self, port: int, remote_clientid: str) -> None:
         self.client = PahoClient(port, version=mqtt.MQTTv5)
-        self.topic = f"$SYS/broker/connection/{name}/state"
+        self.topic = f"$SYS/broker/connection/{remote_clientid}/state"
         self.client.subscribe(self.topic, 0)
 
     def wait_for(self, state: bytes) -> None:

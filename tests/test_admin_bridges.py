@@ -158,7 +158,7 @@ def test_a_bridge_that_cannot_connect_waits_and_says_why() -> None:
         "bridges/count": "1", "bridges/up/state": "waiting", "bridges/up/queued": "0",
         "bridges/up/messages/sent": "0", "bridges/up/messages/received": "0", "bridges/up/messages/dropped": "0",
         "bridges/up/connects": "0", "bridges/up/failures": "1"}
-    assert sys_values(broker)["connection/up/state"] == "0"   # the bridge's own, Mosquitto's
+    assert sys_values(broker)["connection/edge-1/state"] == "0"   # the bridge's own, Mosquitto's (remote_clientid)
     assert bridge_samples(broker) == {
         "mqtt_bridge_up": 0, "mqtt_bridge_queued_messages": 0, "mqtt_bridge_messages_total/out": 0,
         "mqtt_bridge_messages_total/in": 0, "mqtt_bridge_connects_total": 0, "mqtt_bridge_failures_total": 1,

@@ -623,7 +623,7 @@ def test_an_empty_username_is_anonymous_as_in_mosquitto(tmp_path: Path) -> None:
 @pytest.mark.parametrize("secured", [False, True])
 def test_a_will_to_sys_is_accepted_and_never_published(tmp_path: Path, secured: bool) -> None:
     """The broker's own topics, as for a PUBLISH; the CONNECT is accepted, as a bridge's will
-    is there (Mosquitto's $SYS/broker/connection/<name>/state)."""
+    is there (Mosquitto's $SYS/broker/connection/<remote_clientid>/state)."""
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite #\ntopic read $SYS/#\n")
     broker = make_broker(**({"acl_file": str(acl)} if secured else {}))

@@ -39,7 +39,7 @@ def bridged(broker_process: Any, tmp_path: Path, remote_port: int, *, settings: 
     config = write_config(tmp_path / f"bridge-{name}.toml", settings or {}, [table])
     extra = ["--data-dir", str(data_dir)] if data_dir is not None else []
     ours = broker_process("--config", str(config), *extra, port=port)
-    watcher = StateWatcher(ours.port, name)
+    watcher = StateWatcher(ours.port, table["remote_clientid"])
     try:
         watcher.wait_for(b"1")
     finally:
@@ -164,7 +164,7 @@ def test_remote_down_for_a_while_every_message_arrives(broker_process: Any, mosq
     cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
     cloud.subscribe("q/#", 2)
     local = PahoClient(ours.port)
-    watcher = StateWatcher(ours.port, "cloud")
+    watcher = StateWatcher(ours.port, "edge-cloud")
     watcher.wait_for(b"1")
     for n in range(20):
         local.publish(f"q/{n % 2 + 1}", f"before {n}".encode(), n % 2 + 1)
@@ -196,6 +196,36 @@ def test_remote_down_for_a_while_every_message_arrives(broker_process: Any, mosq
         client.close()
 
 
+def test_remote_never_reached_yet_every_message_arrives(broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """QoS 1 and 2 published before the bridge has ever reached the remote (down as our broker
+    starts) are queued here and delivered once it is up, as Mosquitto's bridge does; QoS 2 once."""
+    remote = Remote("mosquitto", tmp_path, broker_process, mosquitto)
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    cloud.subscribe("q/#", 2)
+    cloud.close()
+    remote.stop()
+    table = {"connection": "cloud", "addresses": [f"127.0.0.1:{remote.port}"], "restart_timeout": [0.2, 1.0],
+             "remote_clientid": "edge-cloud", "topic": ["q/# out 2"]}
+    ours = broker_process("--config", str(write_config(tmp_path / "bridge.toml", {}, [table])))
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    watcher.wait_for(b"0")
+    local = PahoClient(ours.port)
+    for n in range(20):
+        local.publish(f"q/{n % 2 + 1}", f"early {n}".encode(), n % 2 + 1)  # acknowledged: queued here
+    remote.start()
+    watcher.wait_for(b"1")
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    payloads = []
+    while len(set(payloads)) < 20:
+        payloads.append(cloud.message().payload)
+    assert cloud.no_message(0.5)
+    assert set(payloads) == {f"early {n}".encode() for n in range(20)}
+    qos2 = [p for p in payloads if int(p.split()[1]) % 2]
+    assert len(qos2) == len(set(qos2)) == 10
+    for client in (cloud, local, watcher):
+        client.close()
+
+
 def _restart(remote: Mosquitto) -> Mosquitto:
     """The same Mosquitto again, on the same port and store."""
     import subprocess
@@ -218,7 +248,7 @@ def test_ours_killed_with_messages_queued_for_the_remote(broker_process: Any, mo
     cloud.subscribe("q/#", 2)
     cloud.close()
     remote.stop()
-    watcher = StateWatcher(ours.port, "cloud")
+    watcher = StateWatcher(ours.port, "edge-cloud")
     watcher.wait_for(b"0")
     watcher.close()
     local = PahoClient(ours.port)
@@ -324,7 +354,7 @@ def test_tls_bridge_checks_the_remote_name(broker_process: Any, mosquitto: Any, 
     pem, key = (certs / "server.pem", certs / "server.key") if connects else _server_certificate(certs, server_name)
     remote = mosquitto(certfile=str(pem), keyfile=str(key))
     table = {"connection": "tls", "addresses": [f"localhost:{remote.port}"], "topic": ["t/# out 1"],
-             "bridge_cafile": str(certs / "ca.pem"), "restart_timeout": [0.2, 1.0]}
+             "bridge_cafile": str(certs / "ca.pem"), "restart_timeout": [0.2, 1.0], "remote_clientid": "edge-tls"}
     if connects:
         ours = bridged(broker_process, tmp_path, remote.port, name="tls", **{k: v for k, v in table.items()
                                                                             if k not in ("connection", "restart_timeout")})
@@ -343,7 +373,7 @@ def test_tls_bridge_checks_the_remote_name(broker_process: Any, mosquitto: Any, 
     why = failures()
     assert why and all("DNSMismatch" in w for w in why), why  # refused for its name, not for anything else
     assert "New bridge connected" not in remote.log_path.read_text()
-    watcher = StateWatcher(ours.port, "tls")
+    watcher = StateWatcher(ours.port, "edge-tls")
     watcher.wait_for(b"0")
     watcher.close()
 
@@ -402,7 +432,7 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
     cloud.subscribe("q/#", 1)
     cloud.close()
     remote.stop()
-    watcher = StateWatcher(ours.port, "cloud")
+    watcher = StateWatcher(ours.port, "edge-cloud")
     watcher.wait_for(b"0")
     local = PahoClient(ours.port)
     for n in range(30):
@@ -441,7 +471,7 @@ def test_remote_stopped_mid_stream(broker_process: Any, mosquitto: Any, tmp_path
     cloud.close()
     probe = PahoClient(remote.port)  # says when the stream is under way
     probe.subscribe("q/#", 0)
-    watcher = StateWatcher(ours.port, "cloud")
+    watcher = StateWatcher(ours.port, "edge-cloud")
     watcher.wait_for(b"1")
     local = PahoClient(ours.port)
     total = 400
@@ -476,7 +506,7 @@ def test_what_the_remote_cannot_take_does_not_stop_the_bridge(broker_process: An
     remote = broker_process("--config", str(write_config(
         tmp_path / "remote.toml", {"max_packet_size": 300, "retain_available": False}, [])))
     ours = bridged(broker_process, tmp_path, remote.port, bridge_protocol_version="mqttv50", topic=["up/# out 1"])
-    watcher = StateWatcher(ours.port, "cloud")
+    watcher = StateWatcher(ours.port, "edge-cloud")
     cloud = PahoClient(remote.port, version=mqtt.MQTTv5)
     cloud.subscribe("up/#", 1)
     local = PahoClient(ours.port)

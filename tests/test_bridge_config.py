@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def test_defaults_follow_mosquitto() -> None:
     config = bridge()
     assert config.remote_client_id == f"{socket.gethostname()}.cloud"
     assert config.local_client_id == f"local.{socket.gethostname()}.cloud"
-    assert config.remote_notification_topic == f"$SYS/broker/connection/{socket.gethostname()}.cloud/state"
+    assert config.state_topic == f"$SYS/broker/connection/{socket.gethostname()}.cloud/state"
     assert (config.cleansession, config.try_private, config.notifications, config.bridge_outgoing_retain) == (
         False, True, True, True)
     assert config.version == 4 and config.keepalive_interval == 60
@@ -98,6 +99,16 @@ def test_the_toml_file_takes_bridge_tables(tmp_path: Path) -> None:
     ({"restart_timeout": [30, 5]}, "bridge[1].restart_timeout", "base <= cap"),
     ({"bridge_certfile": "c.pem"}, "bridge[1].bridge_certfile", "go together"),
     ({"connection": "a/b"}, "bridge[1].connection", "not a name"),
+    ({"addresses": 5}, "bridge[1].addresses", "expected host:port strings, got 5"),
+    ({"addresses": {"h": 1883}}, "bridge[1].addresses", "expected host:port strings"),
+    ({"addresses": ["h:\u0661\u0668\u0668\u0663"]}, "bridge[1].addresses", "not host:port"),
+    ({"topic": [{"pattern": 5}]}, "bridge[1].topic", "pattern: expected str, got 5"),
+    ({"topic": [{"pattern": "a/#", "qos": True}]}, "bridge[1].topic", "qos: expected int, got True"),
+    ({"topic": [{"pattern": "a/#", "local_prefix": 1}]}, "bridge[1].topic", "local_prefix: expected str"),
+    ({"topic": [{"qos": 1}]}, "bridge[1].topic", "needs a pattern"),
+    ({"restart_timeout": [1, float("inf")]}, "bridge[1].restart_timeout", "finite"),
+    ({"notification_topic": "state/+"}, "bridge[1].notification_topic", "not a topic name"),
+    ({"remote_clientid": "edge#1"}, "bridge[1].remote_clientid", "not a topic name"),
 ])
 def test_bad_bridge_settings_name_their_key(values: dict[str, object], key: str, why: str) -> None:
     table = {"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"], **values}
@@ -105,6 +116,23 @@ def test_bad_bridge_settings_name_their_key(values: dict[str, object], key: str,
         BrokerConfig(bridge=[table])
     assert caught.value.key == key
     assert why in caught.value.reason
+
+
+WRONG_TYPES: list[object] = [5, 1.5, True, "x", None, [1], ["x"], {"a": 1}, [{"pattern": 5}]]
+
+
+@pytest.mark.parametrize("key", [f.name for f in dataclasses.fields(BridgeConfig)])
+def test_a_wrongly_typed_bridge_value_is_refused_by_its_key(key: str) -> None:
+    """Whatever a TOML value is, a [[bridge]] key gets a ConfigError naming it (never a TypeError
+    out of the checks, which would stop twistd with a traceback)."""
+    for value in WRONG_TYPES:
+        table = {"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"], "remote_username": "u",
+                 key: value}
+        try:
+            BrokerConfig(bridge=[table])
+        except ConfigError as e:
+            # (one that has the type may still be refused, with another key: bridge_keyfile="x")
+            assert e.key == f"bridge[1].{key}" or "expected" not in e.reason, (value, e)
 
 
 def test_two_bridges_cannot_share_a_name_or_session() -> None:
@@ -241,6 +269,7 @@ class FakeRemote:
         self.broker.startService()
         self.bridge = self.broker.bridges.get("b")
         self.protocol: Any = None
+        self._early: list[Any] = []
 
     def up(self, session_present: bool = False, granted: tuple[int, ...] = (2,)) -> None:
         from twisted.internet.address import IPv4Address
@@ -254,7 +283,7 @@ class FakeRemote:
         self.protocol.makeConnection(self.transport)
         self.send(Connack(session_present=session_present, reason_code=0), Suback(packet_id=1, reason_codes=granted))
         assert self.bridge.state == "connected"  # type: ignore[union-attr]
-        self.transport.clear()
+        self._early = self.received()  # (what the bridge sent as the link came up: received() has it)
 
     def send(self, *packets: Any) -> None:
         for packet in packets:
@@ -263,8 +292,9 @@ class FakeRemote:
 
     def received(self) -> list[Any]:
         from mqtt_broker.wire import FrameReader
-        packets = FrameReader(version=self.version).feed(self.transport.value())
+        packets = self._early + FrameReader(version=self.version).feed(self.transport.value())
         self.transport.clear()
+        self._early = []
         return packets
 
     def down(self) -> None:
@@ -344,4 +374,95 @@ def test_a_message_from_the_remote_on_too_deep_a_topic_is_dropped_and_acknowledg
     assert [p.packet_id for p in remote.received() if isinstance(p, Puback)] == [1, 2]
     assert payloads(subscriber) == [b"fine"] and remote.bridge.stats.dropped == 1  # type: ignore[union-attr]
     assert remote.bridge.state == "connected"  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
+# --- before the remote is first reached ------------------------------------------------------------
+
+def sent_out(remote: FakeRemote) -> list[tuple[str, bytes, int]]:
+    return [(p.topic, p.payload, p.qos) for p in remote.received() if isinstance(p, Publish)]
+
+
+def test_what_is_published_before_the_remote_is_first_reached_goes_out_once_it_is() -> None:
+    """The bridge's session here, subscribed to the out topics, is made as the bridge starts:
+    what is published while the remote has never been reachable queues in it, as in a later
+    outage (Mosquitto subscribes its bridges at start-up too)."""
+    remote = FakeRemote(topic=["out/# out 1"], notifications=False)
+    remote.reactor.advance(0)  # the session is made on the in-memory link, within a turn
+    assert [s.topic_filter for s in remote.broker.subscriptions_of("local.vm.b")] == ["out/#"]
+    assert remote.broker.sessions["local.vm.b"].connection is None  # and left, as in an outage
+    publisher = connected(remote.broker, "pub")
+    for n in range(3):
+        publisher.publish("out/t", f"early {n}".encode(), qos=1, packet_id=n + 1)
+    publisher.publish("elsewhere", b"not bridged", qos=1, packet_id=4)
+    assert remote.bridge.queued == 3  # type: ignore[union-attr]
+    remote.up()
+    assert sent_out(remote) == [("out/t", f"early {n}".encode(), 1) for n in range(3)]
+    remote.broker.stopService()
+
+
+def test_an_out_topic_added_while_the_remote_is_away_queues_from_the_start() -> None:
+    """Started again with other topic lines (a restart with a new configuration) and the remote
+    away: the session follows the new lines at once, so what is published on a new out topic
+    waits for the remote, and what is published on a removed one is not kept for it."""
+    import dataclasses
+    remote = FakeRemote(topic=["old/# out 1"], notifications=False)
+    remote.up()
+    remote.down()
+    bridge: Any = remote.bridge
+    bridge.stopService()
+    bridge.config = dataclasses.replace(bridge.config, topic=[BridgeTopic("new/#", "out", 1)])
+    bridge.startService()
+    remote.reactor.advance(0)
+    assert [s.topic_filter for s in remote.broker.subscriptions_of("local.vm.b")] == ["new/#"]
+    publisher = connected(remote.broker, "pub")
+    publisher.publish("old/t", b"no longer bridged", qos=1, packet_id=1)
+    publisher.publish("new/t", b"bridged now", qos=1, packet_id=2)
+    remote.up()
+    assert sent_out(remote) == [("new/t", b"bridged now", 1)]
+    assert bridge.stats.dropped == 0
+    remote.broker.stopService()
+
+
+def test_retained_messages_go_out_once_when_the_remote_is_first_reached() -> None:
+    """The session made at start does not take the retained messages (Retain Handling 2): the
+    link's subscriptions send them once it is up, once each."""
+    remote = FakeRemote(topic=["out/# out 1"], notifications=False)
+    connected(remote.broker, "pub").publish("out/kept", b"retained", qos=1, retain=True)
+    remote.reactor.advance(0)
+    remote.up()
+    assert sent_out(remote) == [("out/kept", b"retained", 1)]
+    remote.broker.stopService()
+
+
+# --- the state topic ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("notification_topic, local_only", [
+    ("", False), ("bridges/edge1/status", False), ("bridges/edge1/status", True)])
+def test_the_state_is_published_where_mosquitto_publishes_it(notification_topic: str, local_only: bool) -> None:
+    """Here and on the remote, on notification_topic, by default
+    $SYS/broker/connection/<remote_clientid>/state (not the connection's name); on the remote
+    unless notifications_local_only, by the link's first PUBLISH and its will."""
+    from mqtt_broker.wire import Connect
+    remote = FakeRemote(topic=["out/# out 1"], remote_clientid="edge1", notification_topic=notification_topic,
+                        notifications_local_only=local_only)
+    topic = notification_topic or "$SYS/broker/connection/edge1/state"
+
+    def here() -> dict[str, bytes]:
+        return {m.topic: m.payload for m in remote.broker.retained.match("#")
+                if m.topic.startswith("bridges/")} | {
+            m.topic: m.payload for m in remote.broker.retained.match("$SYS/broker/connection/#")}
+    assert here() == {topic: b"0"}
+    remote.up()
+    assert here() == {topic: b"1"}
+    sent = remote.received()
+    connect = next(p for p in sent if isinstance(p, Connect))
+    published = [(p.topic, p.payload, p.retain) for p in sent if isinstance(p, Publish)]
+    if local_only:
+        assert connect.will is None and published == []
+    else:
+        assert (connect.will.topic, connect.will.payload, connect.will.retain) == (topic, b"0", True)
+        assert published == [(topic, b"1", True)]
+    remote.down()
+    assert here() == {topic: b"0"}
     remote.broker.stopService()

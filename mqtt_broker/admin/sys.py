@@ -17,7 +17,8 @@ nodes, and its inbox lag. The lag is asked of Redis at each update and the answe
 next one: an update never waits for Redis, and the lag is left out until Redis has answered once.
 
 A broker with bridges adds ``bridges/count`` and, for each bridge, ``bridges/<connection>/...``
-(Mosquitto has only ``connection/<connection>/state``, 1 or 0, which the bridge itself keeps):
+(Mosquitto has only ``connection/<remote_clientid>/state``, 1 or 0, or its
+``notification_topic``, which the bridge itself keeps):
 
 - ``state``: stopped, connecting, connected or waiting (to reconnect);
 - ``queued``: messages waiting here for the remote (queued, stored or in flight);

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -34,8 +34,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ..wire import (
-    MQTT_3_1, MQTT_5, Connack, Connect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
-    SubscriptionRequest, Unsuback, Unsubscribe, Will,
+    MQTT_3_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
+    Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codes import ReasonCode
@@ -105,7 +105,8 @@ class Bridge(Service):
     def startService(self) -> None:
         super().startService()
         if self.config.notifications:
-            self.broker.route_own(f"$SYS/broker/connection/{self.connection}/state", b"0", retain=True)
+            self.broker.route_own(self.config.state_topic, b"0", retain=True)
+        self._prime()
         self._connect()
 
     def stopService(self) -> None:
@@ -212,7 +213,7 @@ class Bridge(Service):
             properties["maximum_packet_size"] = min(max_size, 268_435_460)
         will = None
         if config.notifications and not config.notifications_local_only:
-            will = Will(topic=config.remote_notification_topic, payload=b"0", qos=1, retain=self._remote_retain)
+            will = Will(topic=config.state_topic, payload=b"0", qos=1, retain=self._remote_retain)
         password = config.remote_password.encode() if config.remote_password is not None else None
         return Connect(protocol_name="MQIsdp" if version == 3 else "MQTT", protocol_level=version,
                        clean_start=config.cleansession, keep_alive=config.keepalive_interval,
@@ -254,6 +255,11 @@ class Bridge(Service):
                 self.broker.delivery.pubrel_received(session, packet_id)
 
     def _open_local(self) -> None:
+        self.local = self._local_link(self._local_up, self._from_local, self._lost)
+
+    def _local_link(self, connected: Callable[[Link, Connack], None], receive: Callable[[Link, Packet], None],
+                    lost: Callable[[Link, str], None]) -> Link:
+        """A client connection to this broker, in memory, that resumes the bridge's session."""
         from ..auth import Identity
         from ..auth.acl import AccessRules
         from ..protocol import MQTTProtocol
@@ -267,30 +273,68 @@ class Bridge(Service):
         connect = Connect(protocol_level=MQTT_5, clean_start=False, client_id=config.local_client_id,
                           properties={"session_expiry_interval": 0xFFFFFFFF,
                                       "receive_maximum": min(self._remote_receive, 65535)})
-        link = Link("local", connect, self.clock, broker.config.max_packet_size,
-                    self._local_up, self._from_local, self._lost)
-        self.local = link
+        link = Link("local", connect, self.clock, broker.config.max_packet_size, connected, receive, lost)
         pipe(self.clock, server, link, self.connection)
+        return link
 
-    def _local_up(self, link: Link, connack: Connack) -> None:
-        """CONNACK from this broker: make the session's subscriptions those of the out topics."""
-        self._local_receive = connack.properties.get("receive_maximum", 65535)
+    def _prime(self) -> None:
+        """Make the bridge's session here, subscribed to the out topics, as the bridge starts
+        rather than once the remote is first reached: what is published before then is to wait
+        in it too, as in any outage. One write (CONNECT, the subscriptions, DISCONNECT) does it,
+        within the reactor's first turn, before any client can have published (unless a connect
+        hook delays the CONNECT). The session is left as in an outage, for the local link to
+        resume; Retain Handling 2, as that link's subscriptions send the retained messages."""
+        subscribed = {s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)}
+        if subscribed == set(self._out_filters()):
+            return  # (restored from the store as it is to be, or nothing goes out)
+        link = self._local_link(lambda link, connack: None, self._primed, self._primed_lost)
+        for packet in self._subscription_changes(retain_handling=2):
+            link.send(packet)
+        link.send(Disconnect())
+
+    def _primed(self, link: Link, packet: Packet) -> None:
+        if isinstance(packet, (Suback, Unsuback)):
+            self._log_refusals(link, packet)
+
+    def _primed_lost(self, link: Link, why: str) -> None:
+        subscribed = {s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)}
+        missing = sorted(set(self._out_filters()) - subscribed)
+        if missing and self.local is None:  # (the session is being resumed otherwise: the link subscribes)
+            log.warn("bridge {name}: its session here is not subscribed to {filters} ({why}): what is "
+                     "published there before the first link is up is not sent", name=self.connection,
+                     filters=", ".join(missing), why=why)
+
+    def _out_filters(self) -> dict[str, BridgeTopic]:
+        """The local filters of the out topics, with the first line of each."""
         wanted: dict[str, BridgeTopic] = {}
         for line in self.config.topic:
             if line.outgoing:
                 wanted.setdefault(line.local_filter, line)
+        return wanted
+
+    def _subscription_changes(self, retain_handling: int) -> list[Packet]:
+        """What makes the session's subscriptions those of the out topics: an UNSUBSCRIBE of
+        those of topics no longer bridged (packet id 2), a SUBSCRIBE (packet id 1)."""
+        wanted = self._out_filters()
         stale = [s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)
                  if s.topic_filter not in wanted]
-        self._pending_acks = 0
+        changes: list[Packet] = []
         if stale:
-            link.send(Unsubscribe(packet_id=2, topic_filters=tuple(stale)))
-            self._pending_acks += 1
+            changes.append(Unsubscribe(packet_id=2, topic_filters=tuple(stale)))
         if wanted:
-            link.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(
+            changes.append(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(
                 topic_filter=topic_filter, qos=min(line.qos, self._remote_max_qos), no_local=True,
-                retain_as_published=self.config.bridge_outgoing_retain, retain_handling=0)
+                retain_as_published=self.config.bridge_outgoing_retain, retain_handling=retain_handling)
                 for topic_filter, line in wanted.items())))
-            self._pending_acks += 1
+        return changes
+
+    def _local_up(self, link: Link, connack: Connack) -> None:
+        """CONNACK from this broker: make the session's subscriptions those of the out topics."""
+        self._local_receive = connack.properties.get("receive_maximum", 65535)
+        changes = self._subscription_changes(retain_handling=0)
+        for packet in changes:
+            link.send(packet)
+        self._pending_acks = len(changes)
         if not self._pending_acks:
             self._both_up()
 
@@ -303,7 +347,7 @@ class Bridge(Service):
         log.info("bridge {name} connected to {address}", name=self.connection, address=self.address)
         config = self.config
         if config.notifications and not config.notifications_local_only:
-            self.remote.send(Publish(topic=config.remote_notification_topic, payload=b"1", qos=0,
+            self.remote.send(Publish(topic=config.state_topic, payload=b"1", qos=0,
                                      retain=self._remote_retain))
         early, self._early = self._early, []
         for packet in early:
@@ -383,10 +427,7 @@ class Bridge(Service):
             self._send_in(local, waiting.popleft())
 
     def _subscribed(self, link: Link, packet: Suback | Unsuback) -> None:
-        refused = [code for code in packet.reason_codes if code >= 0x80] if isinstance(packet, Suback) else []
-        if refused:
-            log.warn("bridge {name}: the {side} broker refused {count} subscription(s) (0x{code:02x})",
-                     name=self.connection, side=link.name, count=len(refused), code=refused[0])
+        self._log_refusals(link, packet)
         self._pending_acks -= 1
         if self._pending_acks:
             return
@@ -395,6 +436,12 @@ class Bridge(Service):
             self._open_local()
         else:
             self._both_up()
+
+    def _log_refusals(self, link: Link, packet: Suback | Unsuback) -> None:
+        refused = [code for code in packet.reason_codes if code >= 0x80] if isinstance(packet, Suback) else []
+        if refused:
+            log.warn("bridge {name}: the {side} broker refused {count} subscription(s) (0x{code:02x})",
+                     name=self.connection, side=link.name, count=len(refused), code=refused[0])
 
     @staticmethod
     def _crossing(packet: Publish, topic: str, retain: bool, version: int, max_qos: int) -> Publish:
@@ -498,7 +545,7 @@ class Bridge(Service):
         previous, self.state = self.state, state
         up = state == "connected"
         if self.config.notifications and (previous == "connected") != up:
-            self.broker.route_own(f"$SYS/broker/connection/{self.connection}/state", b"1" if up else b"0", retain=True)
+            self.broker.route_own(self.config.state_topic, b"1" if up else b"0", retain=True)
 
 
 class Bridges:

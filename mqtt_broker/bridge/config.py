@@ -6,12 +6,13 @@ Read by :class:`~mqtt_broker.config.BrokerConfig`; nothing here opens a connecti
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..topics import matches, valid_topic_filter
+from ..topics import matches, valid_topic_filter, valid_topic_name
 
 PROTOCOLS = {"mqttv31": 3, "mqttv311": 4, "mqttv50": 5}
 
@@ -56,7 +57,7 @@ class BridgeTopic:
         if len(words) > 1:
             values["direction"] = words[1]
         if len(words) > 2:
-            if not words[2].isdigit():
+            if not (words[2].isascii() and words[2].isdigit()):
                 raise BridgeConfigError(f"{line!r}: QoS {words[2]!r} is not 0, 1 or 2", "topic")
             values["qos"] = int(words[2])
         if len(words) == 5:
@@ -115,12 +116,27 @@ def _swap_prefix(topic: str, prefix: str, other: str) -> str | None:
     return None  # (the other prefix is empty: nothing stands for the parent there)
 
 
+_SCALARS: dict[str, type] = {"str": str, "bool": bool, "int": int, "str | None": str}
+
+
+def _type_problem(kind: str, value: Any) -> str | None:
+    """Why ``value`` is not of a scalar field's type (by its annotation); None if it is, or if
+    the field is not a scalar (the lists and restart_timeout are checked as they are read)."""
+    expected = _SCALARS.get(kind)
+    if expected is None or (value is None and kind == "str | None"):
+        return None
+    # bool is an int subclass: "qos = true" is a mistake, not 1.
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        return f"expected {expected.__name__}, got {value!r}"
+    return None
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.strip().rpartition(":")
     if not host:
         host, port = port, "1883"
     host = host.strip("[]")  # [::1]:1883
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise BridgeConfigError(f"{text!r} is not host:port", "addresses")
     return host, int(port)
 
@@ -130,8 +146,8 @@ class BridgeConfig:
     """One bridge to another MQTT broker. The names are Mosquitto's bridge settings."""
 
     connection: str
-    """The bridge's name, unique among the bridges: its state is published on
-    ``$SYS/broker/connection/<connection>/state``."""
+    """The bridge's name, unique among the bridges: the admin API and the dashboard show it, and
+    the ``$SYS/broker/bridges/<connection>/...`` topics are named after it."""
     addresses: list[str]
     """``host:port`` (port 1883 when left out), tried in turn when one cannot be reached."""
     topic: list[BridgeTopic]
@@ -160,10 +176,11 @@ class BridgeConfig:
     """Tell an MQTT 3 remote that this is a bridge (bit 7 of the protocol level), so that it does
     not send back what the bridge publishes. MQTT 5 uses No Local instead."""
     notifications: bool = True
-    """Publish the link's state, 1 or 0, retained: here on ``$SYS/broker/connection/<connection>/state``
-    and on the remote on ``notification_topic`` (its will publishes the 0)."""
+    """Publish the link's state, 1 or 0, retained, on ``notification_topic``: here, and on the
+    remote unless notifications_local_only (there, the bridge's will publishes the 0)."""
     notification_topic: str = ""
-    """Empty: ``$SYS/broker/connection/<remote_clientid>/state``."""
+    """Where the state is published, here and on the remote. Empty:
+    ``$SYS/broker/connection/<remote_clientid>/state``, as Mosquitto names it."""
     notifications_local_only: bool = False
     """Publish the state notifications on this broker only, not on the remote."""
     bridge_outgoing_retain: bool = True
@@ -197,8 +214,8 @@ class BridgeConfig:
         if not 0 <= self.keepalive_interval <= 65535:
             raise BridgeConfigError(f"{self.keepalive_interval} is out of range (0..65535)", "keepalive_interval")
         base, cap = self.restart_timeout
-        if not 0 < base <= cap:
-            raise BridgeConfigError(f"{list(self.restart_timeout)} is not base <= cap, both above 0",
+        if not 0 < base <= cap < math.inf:
+            raise BridgeConfigError(f"{list(self.restart_timeout)} is not base <= cap, both above 0 and finite",
                                     "restart_timeout")
         if self.bridge_max_packet_size < 0:
             raise BridgeConfigError("must be 0 or more", "bridge_max_packet_size")
@@ -206,6 +223,11 @@ class BridgeConfig:
             raise BridgeConfigError("bridge_certfile and bridge_keyfile go together", "bridge_certfile")
         if self.remote_password is not None and self.remote_username is None:
             raise BridgeConfigError("a password needs remote_username", "remote_password")
+        # Published from the start: a topic no PUBLISH can carry would stop the bridge there.
+        state_topic = self.state_topic
+        if self.notifications and (not valid_topic_name(state_topic) or "\x00" in state_topic):
+            raise BridgeConfigError(f"{state_topic!r} is not a topic name",
+                                    "notification_topic" if self.notification_topic else "remote_clientid")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> BridgeConfig:
@@ -221,6 +243,8 @@ class BridgeConfig:
         addresses = values["addresses"]
         if isinstance(addresses, str):
             addresses = [a for a in addresses.replace(",", " ").split() if a]
+        if not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
+            raise BridgeConfigError(f"expected host:port strings, got {values['addresses']!r}", "addresses")
         values["addresses"] = addresses
         topics = values["topic"]
         if isinstance(topics, (str, Mapping)):
@@ -232,18 +256,22 @@ class BridgeConfig:
             elif isinstance(entry, str):
                 parsed.append(BridgeTopic.parse(entry))
             elif isinstance(entry, Mapping):
-                unknown = set(entry) - {f.name for f in dataclasses.fields(BridgeTopic)}
+                topic_fields = {f.name: f for f in dataclasses.fields(BridgeTopic)}
+                unknown = set(entry) - set(topic_fields)
                 if unknown:
                     raise BridgeConfigError(f"unknown topic setting {sorted(unknown)[0]!r}", "topic")
-                try:
-                    parsed.append(BridgeTopic(**entry))
-                except TypeError as e:
-                    raise BridgeConfigError(str(e), "topic") from None
+                for name, value in entry.items():
+                    problem = _type_problem(str(topic_fields[name].type), value)
+                    if problem:
+                        raise BridgeConfigError(f"{name}: {problem}", "topic")
+                if "pattern" not in entry:
+                    raise BridgeConfigError("a topic table needs a pattern", "topic")
+                parsed.append(BridgeTopic(**entry))
             else:
                 raise BridgeConfigError(f"{entry!r} is not a topic line or table", "topic")
         values["topic"] = parsed
-        timeout = values.get("restart_timeout")
-        if timeout is not None:
+        if "restart_timeout" in values:
+            timeout = values["restart_timeout"]
             if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
                 timeout = (timeout, timeout)
             if not (isinstance(timeout, (list, tuple)) and len(timeout) == 2 and all(
@@ -251,15 +279,9 @@ class BridgeConfig:
                 raise BridgeConfigError(f"{timeout!r} is not seconds or [base, cap]", "restart_timeout")
             values["restart_timeout"] = (float(timeout[0]), float(timeout[1]))
         for name, value in values.items():
-            kind = fields[name].type
-            if value is None and kind == "str | None":
-                continue
-            expected = {"str": str, "bool": bool, "int": int, "str | None": str}.get(str(kind))
-            if expected is not None and (not isinstance(value, expected) or (
-                    expected is int and isinstance(value, bool))):
-                raise BridgeConfigError(f"expected {expected.__name__}, got {value!r}", name)
-            if name == "addresses" and not all(isinstance(a, str) for a in value):
-                raise BridgeConfigError(f"expected host:port strings, got {value!r}", name)
+            problem = _type_problem(str(fields[name].type), value)
+            if problem:
+                raise BridgeConfigError(problem, name)
         return cls(**values)
 
     @property
@@ -283,7 +305,8 @@ class BridgeConfig:
         return self.local_clientid or f"local.{self.remote_client_id}"
 
     @property
-    def remote_notification_topic(self) -> str:
+    def state_topic(self) -> str:
+        """The topic of the link's state notifications, on both brokers."""
         return self.notification_topic or f"$SYS/broker/connection/{self.remote_client_id}/state"
 
     def to_remote(self, topic: str) -> str | None:
