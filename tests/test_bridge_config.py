@@ -74,6 +74,7 @@ def test_defaults_follow_mosquitto() -> None:
         False, True, True, True)
     assert config.version == 4 and config.keepalive_interval == 60
     assert bridge(addresses="a:1 [::1]:2, c").endpoints == [("a", 1), ("::1", 2), ("c", 1883)]
+    assert bridge(addresses=["[::1]", "[fe80::1%eth0]:8883"]).endpoints == [("::1", 1883), ("fe80::1%eth0", 8883)]
     assert bridge(restart_timeout=10).restart_timeout == (10.0, 10.0)
 
 
@@ -92,6 +93,8 @@ def test_the_toml_file_takes_bridge_tables(tmp_path: Path) -> None:
     ({"start_type": "lazy"}, "bridge[1].start_type", "unknown bridge setting"),
     ({"topic": ["a out 5"]}, "bridge[1].topic", "QoS 5"),
     ({"addresses": ["h:99999"]}, "bridge[1].addresses", "not host:port"),
+    ({"addresses": ["::1"]}, "bridge[1].addresses", "an IPv6 address goes in brackets"),
+    ({"addresses": ["::1:1883"]}, "bridge[1].addresses", "an IPv6 address goes in brackets"),
     ({"addresses": []}, "bridge[1].addresses", "at least one"),
     ({"bridge_protocol_version": "mqttv6"}, "bridge[1].bridge_protocol_version", "not one of"),
     ({"cleansession": "yes"}, "bridge[1].cleansession", "expected bool"),

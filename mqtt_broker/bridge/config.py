@@ -132,10 +132,16 @@ def _type_problem(kind: str, value: Any) -> str | None:
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.strip().rpartition(":")
-    if not host:
-        host, port = port, "1883"
-    host = host.strip("[]")  # [::1]:1883
+    """host:port, host (port 1883), [IPv6]:port or [IPv6]."""
+    address = text.strip()
+    host, _, port = address.rpartition(":")
+    if not host or address.endswith("]"):
+        host, port = address, "1883"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # (::1 would be read as host ":" and port 1)
+        raise BridgeConfigError(f"{text!r} is not host:port (an IPv6 address goes in brackets: [::1]:1883)",
+                                "addresses")
     if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise BridgeConfigError(f"{text!r} is not host:port", "addresses")
     return host, int(port)
