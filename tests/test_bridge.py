@@ -179,13 +179,7 @@ def test_remote_down_for_a_while_every_message_arrives(broker_process: Any, mosq
     remote.start()
     watcher.wait_for(b"1")
     cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
-    payloads = []
-    while len(set(payloads)) < 200:
-        payloads.append(cloud.message().payload)
-    assert cloud.no_message(0.5)
-    assert set(payloads) == {f"during {n}".encode() for n in range(200)}
-    qos2 = [p for p in payloads if int(p.split()[1]) % 2]
-    assert len(qos2) == len(set(qos2)) == 100  # QoS 2: once
+    payloads = arrived_once_each(cloud, "during", 200)
     if kind == "ours":
         # In order per QoS level [MQTT-4.6.0-6]. (Mosquitto 2.0.11 may reorder what it queued for
         # an offline client with what arrives as it reconnects, so it is not asked this.)
@@ -194,6 +188,19 @@ def test_remote_down_for_a_while_every_message_arrives(broker_process: Any, mosq
                 f"during {n}".encode() for n in range(200) if n % 2 + 1 == qos]
     for client in (cloud, local, watcher):
         client.close()
+
+
+def arrived_once_each(cloud: PahoClient, tag: str, count: int) -> list[bytes]:
+    """The payloads ``cloud`` is sent, in the order they come, once it has every message "tag n"
+    for n below ``count`` (QoS 1 for even n, QoS 2 for odd n): a QoS 2 one only once."""
+    payloads: list[bytes] = []
+    while len(set(payloads)) < count:
+        payloads.append(cloud.message().payload)
+    assert cloud.no_message(0.5)
+    assert set(payloads) == {f"{tag} {n}".encode() for n in range(count)}
+    qos2 = [p for p in payloads if int(p.split()[1]) % 2]
+    assert len(qos2) == len(set(qos2)) == count // 2
+    return payloads
 
 
 def test_remote_never_reached_yet_every_message_arrives(broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
@@ -215,13 +222,7 @@ def test_remote_never_reached_yet_every_message_arrives(broker_process: Any, mos
     remote.start()
     watcher.wait_for(b"1")
     cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
-    payloads = []
-    while len(set(payloads)) < 20:
-        payloads.append(cloud.message().payload)
-    assert cloud.no_message(0.5)
-    assert set(payloads) == {f"early {n}".encode() for n in range(20)}
-    qos2 = [p for p in payloads if int(p.split()[1]) % 2]
-    assert len(qos2) == len(set(qos2)) == 10
+    arrived_once_each(cloud, "early", 20)
     for client in (cloud, local, watcher):
         client.close()
 
