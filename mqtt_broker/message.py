@@ -125,6 +125,12 @@ def bare(message: Message) -> Message:
                    sender=message.sender, expires_at=message.expires_at, cluster_id=message.cluster_id)
 
 
+NOT_CACHED: dict[int, tuple[bytes, int]] = {}
+"""``Message.encoded`` of a message whose encodings are not kept, made again for each receiver
+(at about a microsecond each): a retained message, which would otherwise keep one copy of its
+payload per kind of subscriber for as long as its topic keeps it."""
+
+
 def encoding_kind(mqtt5: bool, qos: int, retain: bool) -> int:
     """The key of ``Message.encoded`` for receivers of one protocol level (MQTT 5 or not), QoS
     and retain flag: an int, so that no tuple is made per delivery."""

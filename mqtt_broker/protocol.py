@@ -27,7 +27,7 @@ from zope.interface import classImplements
 from . import lifecycle
 from .hooks import SUBACK_REFUSALS, UNSUBACK_REFUSALS, Refused
 from .lifecycle import State
-from .message import Client, Message, encoding_kind
+from .message import NOT_CACHED, Client, Message, encoding_kind
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms
@@ -547,8 +547,10 @@ class MQTTProtocol(Connecting, Publishing):
             entry = cache.get(key)
             if entry is None:
                 properties = message.properties if self.version == MQTT_5 else NO_PROPERTIES
-                entry = cache[key] = publish_template(
-                    message.topic, message.payload, qos, retain, properties, self.version, 1 if qos else 0)
+                entry = publish_template(message.topic, message.payload, qos, retain, properties, self.version,
+                                         1 if qos else 0)
+                if cache is not NOT_CACHED:
+                    cache[key] = entry
             data, offset = entry
         size = len(data)
         if size > self.max_send_size:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .message import Message
+from .message import NOT_CACHED, Message
 
 
 class _Level:
@@ -25,10 +25,12 @@ class RetainedMessages:
         """Topic -> expiry time of the kept messages that have one."""
 
     def store(self, message: Message) -> None:
-        """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10]."""
+        """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10].
+        It keeps no encoding from now on (``NOT_CACHED``)."""
         if not message.payload:
             self.delete(message.topic)
             return
+        message.encoded = NOT_CACHED
         if message.expires_at is not None:
             self._expiring[message.topic] = message.expires_at
         elif self._expiring:
