@@ -312,6 +312,22 @@ def server() -> Iterator[RedisServer]:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_is_ready_once_it_has_joined(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Before, it answers new clients only once Redis has: a probe must not send them there."""
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, cluster=server.url,
+                           cluster_node_id="prober", sys_interval=0, close_linger=0)
+    broker.startService()
+    try:
+        status, body, _ = api_call(broker, "/api/v1/ready", key=None)
+        assert (status, body) == (503, {"ready": False, "reason": "the cluster node has not joined yet (Redis not reached)"})
+        yield broker.cluster.ready
+        status, body, _ = api_call(broker, "/api/v1/ready", key=None)
+        assert (status, body) == (200, {"ready": True, "listening": 1})
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_node_in_process_reports_without_waiting_for_redis(server: RedisServer) -> Iterator[Deferred[Any]]:
     server.client().flushall()
     clock = Clock()

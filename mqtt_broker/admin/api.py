@@ -394,6 +394,9 @@ class ApiResource(Resource):
             return 503, {"ready": False, "reason": "the broker is not running"}
         if not broker.ports:
             return 503, {"ready": False, "reason": "the broker is not listening"}
+        unready = broker.cluster.unready() if broker.cluster is not None else None
+        if unready is not None:
+            return 503, {"ready": False, "reason": unready}
         return 200, {"ready": True, "listening": len(broker.ports)}
 
     def _openapi(self, request: Request, key_id: str | None) -> tuple[int, Any]:

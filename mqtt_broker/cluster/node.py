@@ -139,6 +139,15 @@ class Cluster:
                  node=self.node, address=str(self.address), nodes=len(self.nodes))
         self.ready.callback(None)
 
+    def unready(self) -> str | None:
+        """Why this node cannot take new clients now (their CONNECTs wait for Redis, and are
+        refused after cluster_claim_timeout), or None: for readiness probes."""
+        if not self.ready.called:
+            return "the cluster node has not joined yet (Redis not reached)"
+        if self._down_since is not None:
+            return "Redis is unreachable: new connections wait for it"
+        return None
+
     def _still_joining(self) -> None:
         if not self.ready.called and self._started:
             log.warn("cluster node {node} has not reached Redis at {address} yet: check the address, the "
