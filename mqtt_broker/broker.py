@@ -54,7 +54,8 @@ class Stats:
                  "connections_total", "connections_refused", "broker_published", "wills_published",
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
-                 "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum")
+                 "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
+                 "publishes_denied")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
@@ -78,6 +79,9 @@ class Stats:
         """Connected clients the broker disconnected, by the reason code's name (PACKET_TOO_LARGE,
         KEEP_ALIVE_TIMEOUT, PROTOCOL_ERROR, SESSION_TAKEN_OVER, ...)."""
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
+        self.publishes_denied = 0
+        """PUBLISHes not routed for the client's ACL (or to $SYS): the first and every thousandth
+        is logged, as any client may send them as fast as it can."""
 
 
 class MQTTFactory(Factory):

@@ -94,7 +94,12 @@ class Publishing:
         if (topic[0] == "$" and topic.startswith("$SYS")) or (
                 security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
-            log.info("denied PUBLISH to {topic} from {client_id}", topic=topic, client_id=self.client.client_id)  # type: ignore[union-attr]
+            stats = broker.stats
+            stats.publishes_denied += 1
+            if stats.publishes_denied % 1000 == 1:
+                log.info("denied PUBLISH to {topic} from {client_id} ({count} denied in all; logged once per "
+                         "thousand)", topic=topic, client_id=self.client.client_id,  # type: ignore[union-attr]
+                         count=stats.publishes_denied)
             if qos:
                 self._refuse_publish(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
             return

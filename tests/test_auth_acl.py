@@ -635,6 +635,21 @@ def test_a_will_to_sys_is_accepted_and_never_published(tmp_path: Path, secured: 
     assert [p for p in connected(broker, "late").subscribe("$SYS/broker/connection/#") if isinstance(p, Publish)] == []
 
 
+def test_denied_publishes_are_logged_once_per_thousand(tmp_path: Path) -> None:
+    """Any client may send them as fast as it can: one line each made 2 MB of log a second."""
+    from twisted.logger import capturedLogs
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\n")
+    broker = make_broker(acl_file=str(acl))
+    client = connected(broker, "c")
+    with capturedLogs() as events:
+        for _ in range(2001):
+            client.send(Publish(topic="forbidden", payload=b"x"))
+    lines = [e for e in events if "denied PUBLISH" in e.get("log_format", "")]
+    assert [e["count"] for e in lines] == [1, 1001, 2001]
+    assert broker.stats.publishes_denied == 2001 and not client.closed
+
+
 def test_a_will_is_checked_again_when_it_is_published(tmp_path: Path) -> None:
     """Rules reloaded after the CONNECT apply to its will, at once or delayed."""
     acl = tmp_path / "acl"
