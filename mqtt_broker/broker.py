@@ -176,8 +176,9 @@ class BrokerService(MultiService):
         self._delayed_wills: dict[str, tuple[Any, Client, Message, Identity | None]] = {}
         self.delivery = Delivery(self)
         """Routing and delivery (the hot path), on the state made above."""
-        self._connects: dict[str, tuple[float, int]] = {}
-        """Per client id: the start of its current minute and the CONNECTs in it."""
+        self._connects: dict[int, tuple[float, int]] = {}
+        """Per client id (its hash: an id may be 65,535 bytes long, and the table keeps up to
+        100,000): the start of its current minute and the CONNECTs in it."""
         self.factory = MQTTFactory(self)
         self.bridges: Any = None
         """The bridges of the ``bridge`` setting (:class:`mqtt_broker.bridge.Bridges`); None
@@ -321,17 +322,18 @@ class BrokerService(MultiService):
         if not limit:
             return True
         now = self.clock.seconds()
-        recent = self._connects.get(client_id)
+        key = hash(client_id)  # (two ids of one hash share a count: vanishingly rare, and only stricter)
+        recent = self._connects.get(key)
         if recent is None or now - recent[0] >= 60:
             if len(self._connects) >= 100_000:  # forget the old windows now and then
                 self._connects = {k: v for k, v in self._connects.items() if now - v[0] < 60}
-            self._connects[client_id] = (now, 1)
+            self._connects[key] = (now, 1)
             return True
         if recent[1] >= limit:
             log.info("refused a CONNECT of {client_id}: max_connections_per_minute ({limit})",
                      client_id=client_id, limit=limit)
             return False
-        self._connects[client_id] = (recent[0], recent[1] + 1)
+        self._connects[key] = (recent[0], recent[1] + 1)
         return True
 
     def gathered(self, function: Any, *args: Any) -> None:

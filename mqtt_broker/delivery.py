@@ -174,9 +174,11 @@ class Delivery:
     def _log(self, message: Message) -> None:
         assert self.history is not None
         entry = self.history.record(message, self.clock.seconds())
-        if entry is not None and self.store is not None:
+        if entry is None:
+            return
+        dropped = self.history.take_dropped()  # (without a store too, or they pile up)
+        if self.store is not None:
             self.store.save_history(entry)
-            dropped = self.history.take_dropped()
             if dropped:
                 self.store.drop_history(dropped)
 

@@ -9,6 +9,9 @@ from typing import Callable, Final, Iterator, NamedTuple
 
 MAX_CACHED_TOPICS: Final = 10_000
 MAX_RECENT_TOPICS: Final = 10_000
+MAX_CACHED_TOPIC_LENGTH: Final = 1024
+"""Longer topic names are matched each time and not listed as recent: 10,000 of the longest
+(65,535 bytes) would hold 650 MB, for as long as nothing else is routed."""
 MAX_SHARE_TURNS: Final = 10_000
 MAX_TOPIC_LEVELS: Final = 128
 """Levels a topic name or filter may have (EMQX's default too): matching walks a tree level by
@@ -245,6 +248,8 @@ class SubscriptionTree:
         self._collect(self._root, levels, 0, topic.startswith("$"), by_client, groups)
         result: Match = ([ClientMatch(client_id, subs, *terms(subs)) for client_id, subs in by_client.items()],
                          list(groups.items()))
+        if len(topic) > MAX_CACHED_TOPIC_LENGTH:
+            return result
         if len(self._cache) >= MAX_CACHED_TOPICS:
             self._cache.clear()
         self._cache[topic] = result

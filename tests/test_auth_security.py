@@ -285,6 +285,9 @@ def test_caches_are_bounded(files: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     sec._writes.clear()
     long = "public/" + "x" * auth.MAX_CACHED_TOPIC
     assert sec.can_read(anonymous, long) and not sec.can_publish(anonymous, long)
+    # A long client id or username too: kept, each would hold as much for every topic it read.
+    for identity in (Identity(client_id="c" * 8000, username=None), Identity(client_id="c", username="u" * 8000)):
+        sec.can_read(identity, "public/x"), sec.can_publish(identity, "public/x")
     assert not sec._reads and not sec._writes  # checked each time, not kept
 
 

@@ -145,6 +145,17 @@ def test_the_store_keeps_what_the_logs_hold_whatever_a_quiet_filter_keeps() -> N
     broker.stopService()
 
 
+def test_without_a_store_the_log_keeps_no_trace_of_what_it_dropped() -> None:
+    """The seqs of dropped entries were kept for a store that was not there: about 40 bytes per
+    logged message, for as long as the broker ran."""
+    broker = make_broker(history_filters=["busy/#"], history_max_messages=10)
+    broker.startService()
+    for n in range(300):
+        broker.publish("busy/x", b"%d" % n)
+    assert broker.history is not None and broker.history.take_dropped() == []
+    broker.stopService()
+
+
 def test_a_logged_message_keeps_one_copy_of_its_payload() -> None:
     """Once delivered to subscribers of two kinds (MQTT 3.1.1 and 5), and replayed, a logged
     message holds its payload once: not the PUBLISH as received, nor an encoding per kind."""

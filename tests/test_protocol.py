@@ -15,7 +15,7 @@ from mqtt_broker.wire import (
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
-from protocol_helpers import FakeClient, connected, make_broker
+from protocol_helpers import FakeClient, Held, connected, make_broker
 
 
 # --- CONNECT ---------------------------------------------------------------------------------
@@ -590,6 +590,17 @@ def test_connections_per_minute_per_client_id() -> None:
     assert FakeClient(broker).connect("other").reason_code == 0  # per client id
     broker.clock.advance(60)
     assert FakeClient(broker).connect("busy").reason_code == 0
+
+
+def test_counting_connections_per_minute_keeps_no_client_id() -> None:
+    """Up to 100,000 ids are counted at once: whole ids of 65,535 bytes would be gigabytes."""
+    broker = make_broker(max_connections_per_minute=2)
+    with Held() as held:
+        for n in range(200):
+            client = FakeClient(broker)
+            client.connect(f"{n:05}" + "x" * 10_000)
+            client.lose()
+    assert held.bytes < 200 * 1_000, held.bytes  # (2 MB with the ids)
 
 
 def test_subscriptions_per_client() -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from topic_helpers import LEVELS, matched, topic_filters, topic_names
 
 from mqtt_broker.topics import (
-    MAX_SHARE_TURNS, MAX_TOPIC_LEVELS, Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard,
+    MAX_CACHED_TOPIC_LENGTH, MAX_SHARE_TURNS, MAX_TOPIC_LEVELS, Match, Subscription, SubscriptionTree, filter_intersection, filters_overlap, has_wildcard,
     matches, Turns, split_shared, valid_topic_filter, valid_topic_name,
 )
 
@@ -397,6 +397,16 @@ def test_tree_matches_spec_examples(topic_filter: str, topic: str, expected: boo
     result = tree.match(topic)
     found = bool(result[0]) or bool(result[1])
     assert found is expected
+
+
+def test_a_long_topic_is_matched_each_time_and_not_listed_as_recent() -> None:
+    """10,000 topics of 60,000 characters held 600 MB after their publishers had gone."""
+    tree = SubscriptionTree()
+    tree.add(sub("c1", "a/#"))
+    longest_cached = "a/" + "x" * (MAX_CACHED_TOPIC_LENGTH - 2)
+    for topic in (longest_cached, longest_cached + "x"):
+        assert by_client(tree.match(topic)) == {"c1": ["a/#"]}
+    assert list(tree.recent) == [longest_cached]
 
 
 def test_match_cache_sees_added_subscription() -> None:

@@ -73,7 +73,13 @@ log = Logger()
 MAX_CACHED_READS = 100_000
 """Entries of the can_read (and of the can_publish) cache before it is emptied and starts again."""
 MAX_CACHED_TOPIC = 256
-"""Longer topics are checked each time: a cache of the longest (65,535 bytes) would hold gigabytes."""
+"""Longer topics, client ids and usernames are checked each time: a cache of the longest (65,535
+bytes each) would hold gigabytes."""
+
+
+def _cacheable(identity: Identity, topic: str) -> bool:
+    return len(topic) <= MAX_CACHED_TOPIC and len(identity.client_id) <= MAX_CACHED_TOPIC and (
+        identity.username is None or len(identity.username) <= MAX_CACHED_TOPIC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -280,7 +286,7 @@ class Security:
         allowed = writes.get(key)
         if allowed is None:
             allowed = acl.check(identity.client_id, identity.username, topic, WRITE)
-            if len(topic) <= MAX_CACHED_TOPIC:
+            if _cacheable(identity, topic):
                 if len(writes) >= MAX_CACHED_READS:
                     writes.clear()
                 writes[key] = allowed
@@ -310,7 +316,7 @@ class Security:
             else:
                 acl = self._acl
                 allowed = acl is None or acl.check(identity.client_id, identity.username, topic, READ)
-            if len(topic) <= MAX_CACHED_TOPIC:
+            if _cacheable(identity, topic):
                 if len(reads) >= MAX_CACHED_READS:
                     reads.clear()
                 reads[key] = allowed
