@@ -5,9 +5,12 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import BrokerConfig, ConfigError, settings
+
+log = Logger()
 
 if TYPE_CHECKING:
     from .broker import BrokerService
@@ -137,7 +140,7 @@ class Options(usage.Options):
         self["history_filters"].append(topic_filter)
 
     @staticmethod
-    def _from_mosquitto(path: str) -> BrokerConfig:
+    def _from_mosquitto(path: str, quiet: bool = False) -> BrokerConfig:
         from .mosquitto import convert
         try:
             conversion = convert(path)
@@ -147,7 +150,7 @@ class Options(usage.Options):
             raise
         except ValueError as e:
             raise usage.UsageError(f"--mosquitto-config: {e}") from None
-        for note in conversion.notes:
+        for note in conversion.notes if not quiet else ():
             print(f"mqttbroker: {note}", file=sys.stderr)
         try:
             return conversion.config()  # type: ignore[no-any-return]
@@ -155,10 +158,15 @@ class Options(usage.Options):
             raise usage.UsageError(f"--mosquitto-config {path}: {e}") from None
 
     def postOptions(self) -> None:
+        self["broker_config"] = self.read_config()
+
+    def read_config(self, again: bool = False) -> BrokerConfig:
+        """The settings the files and flags give: read ``again`` (SIGHUP), without the notes of a
+        converted mosquitto.conf. Raises ``usage.UsageError`` naming what is wrong."""
         try:
             base = BrokerConfig(**TWISTD_DEFAULTS)
             if self["mosquitto-config"]:
-                base = self._from_mosquitto(self["mosquitto-config"])
+                base = self._from_mosquitto(self["mosquitto-config"], quiet=again)
             config = BrokerConfig.from_file(self["config"], base) if self["config"] else base
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
@@ -192,7 +200,7 @@ class Options(usage.Options):
                 problem = _endpoint_problem(description)
                 if problem is not None:
                     raise usage.UsageError(f"{source(name)} {description!r}: {problem}")
-        self["broker_config"] = config
+        return config
 
 
 def makeService(options: Options) -> BrokerService:
@@ -201,7 +209,7 @@ def makeService(options: Options) -> BrokerService:
     from .broker import BrokerService  # the reactor is imported here, not when twistd lists plugins
     config: BrokerConfig = options["broker_config"]
     service = BrokerService(config=config)
-    _reload_on_sighup(service)
+    _reload_on_sighup(service, options)
     from twisted.internet import reactor
     reactor.addSystemEventTrigger("after", "startup", tune_gc)  # type: ignore[attr-defined]
     return service
@@ -225,20 +233,33 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-def _reload_on_sighup(service: BrokerService) -> None:
+def _reload_on_sighup(service: BrokerService, options: Options) -> None:
     """SIGHUP re-reads the password file, ACL file, keys and TLS certificates, as it does for
-    Mosquitto (see ``BrokerService.reload``)."""
+    Mosquitto (see ``BrokerService.reload``), from now on: before the reactor runs, a SIGHUP
+    (an early ``systemctl reload``) would end the process."""
     import signal
 
     from twisted.internet import reactor
 
     def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(service.reload)  # type: ignore[attr-defined]
+        reactor.callFromThread(reload, service, options)  # type: ignore[attr-defined]
 
-    def install() -> None:
-        signal.signal(signal.SIGHUP, handler)
+    signal.signal(signal.SIGHUP, handler)
 
-    reactor.addSystemEventTrigger("after", "startup", install)  # type: ignore[attr-defined]
+
+def reload(service: BrokerService, options: Options) -> None:
+    """What SIGHUP does: ``service.reload()``, and a warning naming the settings the files or
+    flags now give otherwise, which only a restart applies (a changed ``acl_file`` path, say)."""
+    service.reload()
+    try:
+        config = options.read_config(again=True)
+    except usage.UsageError as e:
+        log.warn("the configuration cannot be read again ({error}): a restart would fail", error=str(e))
+        return
+    changed = [f.name for f in settings() if getattr(config, f.name) != getattr(service.config, f.name)]
+    if changed:
+        log.warn("settings changed since the broker started are not applied until it restarts: {names}",
+                 names=", ".join(changed))
 
 
 __all__ = ["Options", "makeService"]

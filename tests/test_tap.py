@@ -290,6 +290,38 @@ def test_make_service(config_file: Path) -> None:
     assert not service.running and service.ports == []
 
 
+def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path) -> None:
+    """Changed in the file, an acl_file path or allow_anonymous was kept as it was, and all the
+    log said was that the files were read again."""
+    import signal
+
+    from twisted.logger import capturedLogs
+
+    from mqtt_broker import tap
+    path = tmp_path / "broker.toml"
+    path.write_text("max_qos = 2\nallow_anonymous = true\n")
+    options = parse("--config", str(path), "--endpoint", "tcp:0")
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        service = makeService(options)
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, previous)  # from the start
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    with capturedLogs() as events:
+        tap.reload(service, options)
+    assert [e for e in events if e["log_level"].name == "warn"] == []
+    path.write_text("max_qos = 1\nallow_anonymous = false\n")
+    with capturedLogs() as events:
+        tap.reload(service, options)
+    [warning] = [e for e in events if e["log_level"].name == "warn"]
+    assert warning["names"] == "max_qos, allow_anonymous"
+    path.write_text("max_qos = 7\n")
+    with capturedLogs() as events:
+        tap.reload(service, options)
+    [warning] = [e for e in events if e["log_level"].name == "warn"]
+    assert "max_qos" in warning["error"] and "a restart would fail" in warning["log_format"]
+
+
 def test_make_service_defaults() -> None:
     service = makeService(parse())
     assert isinstance(service, BrokerService)
