@@ -161,15 +161,16 @@ class Delivery:
         return sum([self.deliver_shared(message, share, members) for share, members in groups])
 
     def _wait_for_store(self, by_client: Any, groups: Any) -> None:
-        """Every connection that may be sent the QoS 2 message being routed waits for the store
-        (through a failing disk, if it would be sent the message at QoS 2)."""
+        """Every connection that may be sent the message being routed waits for the store. (Not
+        through a failing disk: a stored session that is sent it at QoS 2 waits for its own
+        record, ``_send``.)"""
         sessions = self.sessions
-        recipients = [(match.client_id, match.qos == 2) for match in by_client]
-        recipients += [(member.client_id, member.qos == 2) for _, members in groups for member in members]
-        for client_id, exact in recipients:
+        client_ids = [match[0] for match in by_client]
+        client_ids += [member.client_id for _, members in groups for member in members]
+        for client_id in client_ids:
             session = sessions.get(client_id)
             if session is not None and session.connection is not None:
-                session.connection.wait_for_store(exact)
+                session.connection.wait_for_store()
 
     def _log(self, message: Message) -> None:
         assert self.history is not None

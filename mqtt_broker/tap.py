@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -158,6 +159,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--mosquitto-config {path}: {e}") from None
 
     def postOptions(self) -> None:
+        # Absolute: twistd enters --rundir after parsing, and SIGHUP reads the files again.
+        for name in ("config", "mosquitto-config"):
+            if self[name]:
+                self[name] = os.path.abspath(self[name])
         self["broker_config"] = self.read_config()
 
     def read_config(self, again: bool = False) -> BrokerConfig:
@@ -254,7 +259,7 @@ def reload(service: BrokerService, options: Options) -> None:
     try:
         config = options.read_config(again=True)
     except usage.UsageError as e:
-        log.warn("the configuration cannot be read again ({error}): a restart would fail", error=str(e))
+        log.warn("the configuration cannot be read now ({error}): a restart may fail", error=str(e))
         return
     changed = [f.name for f in settings() if getattr(config, f.name) != getattr(service.config, f.name)]
     if changed:
@@ -262,4 +267,4 @@ def reload(service: BrokerService, options: Options) -> None:
                  names=", ".join(changed))
 
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "TWISTD_DEFAULTS", "makeService", "reload"]

@@ -443,12 +443,11 @@ class WebSocketFactory(WebSocketServerFactory):
         self.max_handshake_size: int = config.websocket_max_handshake_size
         self.handshake_timeout: float = config.websocket_handshake_timeout
         options: dict[str, Any] = {}
-        largest = config.websocket_max_frame_size or config.max_packet_size
         if config.websocket_compression:
-            options["perMessageCompressionAccept"] = functools.partial(_accept_deflate, limit=largest)
+            options["perMessageCompressionAccept"] = functools.partial(_accept_deflate, limit=config.max_packet_size)
         self.setProtocolOptions(
             webStatus=False,  # no status page or redirects for a plain GET: 426 Upgrade Required
-            maxFramePayloadSize=largest,
+            maxFramePayloadSize=config.websocket_max_frame_size or config.max_packet_size,
             maxMessagePayloadSize=0,  # a message is never collected (see onMessageFrameData)
             openHandshakeTimeout=0, closeHandshakeTimeout=0,  # ours, on the broker's clock
             failByDrop=False,  # a protocol error is answered with a close frame giving the reason
@@ -459,7 +458,7 @@ class WebSocketFactory(WebSocketServerFactory):
 def _accept_deflate(offers: list[Any], limit: int) -> PerMessageDeflateOfferAccept | None:
     for offer in offers:
         if isinstance(offer, PerMessageDeflateOffer):
-            # Inflated, a message is bounded as a frame is: a small one could inflate a
+            # Inflated, a message is bounded as a packet is: a small one could inflate a
             # thousandfold, all at once (closed with 1009 past it).
             return PerMessageDeflateOfferAccept(offer, max_message_size=limit)
     return None

@@ -658,6 +658,40 @@ def test_a_qos2_message_waits_for_a_full_disk_and_a_qos1_one_does_not(
 
 
 @pytest_twisted.inlineCallbacks
+def test_only_a_stored_session_sent_a_qos2_message_waits_for_a_full_disk(
+        on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    """The QoS 2 message of a stored publisher is held for every connection that may be sent it
+    until its packet id is stored; through a failing disk, only a stored session sent it at QoS 2
+    waits on. A shared group's member not chosen, and a clean session, are served."""
+    broker = on_disk.start()
+    kept = connected(broker, "kept", 4, clean=False)
+    subscribe(kept, "q", qos=2)
+    live = connected(broker, "live", 4)
+    subscribe(live, "q", qos=2)
+    members = [connected(broker, f"member{n}", 4, clean=False) for n in range(2)]
+    for member in members:
+        subscribe(member, "$share/g/q", qos=2)
+    p = connected(broker, "p", 4, clean=False)
+    yield on_disk.store.flushed()
+    for client in (kept, live, *members):
+        client.received()
+    fill_up(on_disk.store)
+    p.send(Publish(topic="q", payload=os.urandom(300_000), qos=2, packet_id=1))
+    yield settle(on_disk.store)
+    assert len(publishes(live.received())) == 1
+    assert kept.received() == []
+    for n, member in enumerate(members):
+        subscribe(member, f"other/{n}", qos=0, packet_id=2)
+    yield settle(on_disk.store)  # (refused: the disk is full)
+    # The member chosen waits (its PUBLISH, then its SUBACK); the other is answered.
+    assert sorted([type(x).__name__ for x in m.received()] for m in members) == [[], ["Suback"]]
+    make_room(on_disk.store)
+    yield on_disk.store.flushed()
+    assert len(publishes(kept.received())) == 1
+    assert sorted([type(x).__name__ for x in m.received()] for m in members) == [[], ["Publish", "Suback"]]
+
+
+@pytest_twisted.inlineCallbacks
 def test_pubcomp_waits_for_a_full_disk(on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
     """Sent before the store forgets the packet id, a PUBCOMP lets the publisher use it again at
     once; after a crash the broker would take that new message for a resend and drop it."""

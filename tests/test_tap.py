@@ -70,6 +70,15 @@ def bad_values(f: dataclasses.Field[Any]) -> list[str]:
     return values[kind] + (out_of_range if kind in (int, float) else [])
 
 
+@pytest.fixture(autouse=True)
+def sighup_handler() -> Iterator[None]:
+    """makeService sets the process's SIGHUP handler: each test leaves it as it was."""
+    import signal
+    previous = signal.getsignal(signal.SIGHUP)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "broker.toml"
@@ -290,7 +299,7 @@ def test_make_service(config_file: Path) -> None:
     assert not service.running and service.ports == []
 
 
-def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path) -> None:
+def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Changed in the file, an acl_file path or allow_anonymous was kept as it was, and all the
     log said was that the files were read again."""
     import signal
@@ -300,13 +309,11 @@ def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path) -> Non
     from mqtt_broker import tap
     path = tmp_path / "broker.toml"
     path.write_text("max_qos = 2\nallow_anonymous = true\n")
-    options = parse("--config", str(path), "--endpoint", "tcp:0")
-    previous = signal.getsignal(signal.SIGHUP)
-    try:
-        service = makeService(options)
-        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, previous)  # from the start
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    monkeypatch.chdir(tmp_path)
+    options = parse("--config", "broker.toml", "--endpoint", "tcp:0")
+    monkeypatch.chdir("/")  # as twistd's --rundir does after parsing
+    service = makeService(options)
+    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)  # from the start
     with capturedLogs() as events:
         tap.reload(service, options)
     assert [e for e in events if e["log_level"].name == "warn"] == []
@@ -319,7 +326,7 @@ def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path) -> Non
     with capturedLogs() as events:
         tap.reload(service, options)
     [warning] = [e for e in events if e["log_level"].name == "warn"]
-    assert "max_qos" in warning["error"] and "a restart would fail" in warning["log_format"]
+    assert "max_qos" in warning["error"] and "a restart may fail" in warning["log_format"]
 
 
 def test_make_service_defaults() -> None:
