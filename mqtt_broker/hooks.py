@@ -54,16 +54,18 @@ class Refused:
         if code is None:
             return default
         if allowed is not None and code not in allowed:
-            if (code, default) not in _SAID:  # once: a hook refuses the same way every time
-                _SAID.add((code, default))
+            said = (code, default, allowed)
+            if said not in _SAID:  # once: a hook refuses the same way every time
+                _SAID.add(said)
                 log.warn("a hook refused with {code!r}, which this answer cannot carry; {default!r} instead "
                          "(said once)", code=code, default=default)
             return default
         return code
 
 
-_SAID: set[tuple[int, int]] = set()
-"""The (code, default) pairs :meth:`Refused.code` has warned of."""
+_SAID: set[tuple[int, int, frozenset[int]]] = set()
+"""What :meth:`Refused.code` has warned of, in this process: (code, default, the codes the
+answer allows)."""
 
 
 # The refusals each MQTT 5 answer may carry (MQTT 5.0 3.2.2.2, 3.4.2.1, 3.9.3, 3.11.3, 3.14.2.1).

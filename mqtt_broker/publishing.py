@@ -94,6 +94,8 @@ class Publishing:
         if (topic[0] == "$" and topic.startswith("$SYS")) or (
                 security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
+            # Counted for the broker, not per client: a client flooding denials hides the first of
+            # another's, where a count per client would keep an entry for every client id.
             stats = broker.stats
             stats.publishes_denied += 1
             if stats.publishes_denied % 1000 == 1:

@@ -206,6 +206,8 @@ def test_subscribing_a_client_keeps_to_max_subscriptions_per_client(broker_proce
         refused = admin.call("POST", "/api/v1/clients/limited/subscriptions", {"topic_filter": "c"})
         assert refused.status == 400 and "max_subscriptions_per_client (2)" in refused.body["error"]
         assert len(admin.call("GET", "/api/v1/clients/limited").body["subscriptions"]) == 2
+        stats = admin.call("GET", "/api/v1/stats").body
+        assert stats["subscriptions_refused"] == {"max_subscriptions_per_client": 1}, stats
     finally:
         target.close()
 

@@ -600,7 +600,7 @@ def test_a_refusal_with_a_code_the_answer_cannot_carry_is_warned_of_once() -> No
     broker = MemoryBroker()
     broker.hooks.on_subscribe(lambda client, subscription: Refused(ReasonCode.SERVER_MOVED))
     client = broker.connect("c")
-    hooks_module._SAID.discard((ReasonCode.SERVER_MOVED, ReasonCode.UNSPECIFIED_ERROR))  # (said by another test)
+    hooks_module._SAID.clear()  # (another test may have had the same said)
     with capturedLogs() as events:
         for _ in range(3):
             assert client.subscribe("t").reason_codes == (ReasonCode.UNSPECIFIED_ERROR,)  # type: ignore[union-attr]

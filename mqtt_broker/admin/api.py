@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..connecting import tally
 from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codes import ReasonCode
 from . import figures
@@ -484,6 +485,7 @@ class ApiResource(Resource):
             raise ApiError(400, "wildcard subscriptions are turned off (wildcard_subscription_available)")
         limit = config.max_subscriptions_per_client
         if limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
+            tally(self.broker.stats.subscriptions_refused, "max_subscriptions_per_client")  # (as a SUBSCRIBE's)
             raise ApiError(400, f"{client_id!r} holds max_subscriptions_per_client ({limit}) subscriptions")
         retain_handling = _field(body, "retain_handling", int, 0)
         if retain_handling not in (0, 1, 2):
