@@ -92,6 +92,8 @@ def test_gauges_drops_refusals_and_auth_failures() -> None:
     assert value(samples, "mqtt_connections_refused_total", reason="UNSUPPORTED_PROTOCOL_VERSION") == 1
     assert value(samples, "mqtt_auth_failures_total") == 1
     assert value(samples, "mqtt_clients_disconnected") == 1
+    publisher.publish("$SYS/broker/x", qos=1, packet_id=9)   # denied: the broker's own topics
+    assert value(scrape(broker), "mqtt_publishes_denied_total") == 1
 
 
 def test_too_large_and_expired_drops() -> None:

@@ -137,6 +137,8 @@ class Figures:
     closed: dict[str, int]
     """Connected clients the broker disconnected, by reason."""
     auth_failures: int
+    publishes_denied: int
+    """PUBLISHes not routed for the client's ACL, or to $SYS (logged once per thousand)."""
     publish_received: list[int]
     """PUBLISHes from clients that were routed, by QoS."""
     publish_sent: list[int]
@@ -219,7 +221,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         connections=len(broker.connections), connections_total=stats.connections_total,
         refused=dict(stats.refused_by_reason), subscriptions_refused=dict(stats.subscriptions_refused),
         closed=dict(stats.closed_by_reason),
-        auth_failures=stats.auth_failures,
+        auth_failures=stats.auth_failures, publishes_denied=stats.publishes_denied,
         publish_received=received, publish_sent=sent,
         broker_published=stats.broker_published, wills_published=stats.wills_published,
         dropped={"queue_full": stats.messages_dropped - stats.dropped_too_large,

@@ -156,6 +156,8 @@ class BrokerCollector:
                          "(an MQTT 5 reason code name).", f.closed)
         yield _counter("mqtt_auth_failures", "Refusals for authentication or authorization at CONNECT, and "
                        "failed re-authentications.", f.auth_failures)
+        yield _counter("mqtt_publishes_denied", "PUBLISHes not routed for the client's ACL, or to $SYS (logged "
+                       "once per thousand).", f.publishes_denied)
         yield _gauge("mqtt_clients_connected", "Clients connected now.", f.clients_connected)
         yield _gauge("mqtt_clients_disconnected", "Sessions kept for clients that are not connected.",
                      f.clients_disconnected)
