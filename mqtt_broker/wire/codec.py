@@ -83,17 +83,13 @@ class FrameReader:
         """Bytes still to come of the packet being received: 0 while none is, or while its
         Remaining Length has not all come."""
         buffer = self._buffer
-        size = len(buffer)
-        index = self._pos + 1
-        length = shift = 0
-        while index < size and shift <= 21:
-            byte = buffer[index]
-            index += 1
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return max(0, index + length - size)
-            shift += 7
-        return 0
+        if self._pos >= len(buffer):
+            return 0
+        try:
+            length, start = decode_varint(buffer, self._pos + 1)
+        except MalformedPacket:  # (not all come yet, or malformed: next_packet says which)
+            return 0
+        return max(0, start + length - len(buffer))
 
     def next_packet(self) -> Packet | None:
         buffer = self._buffer

@@ -66,7 +66,7 @@ _BOOLEAN: Final = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
 _NONZERO: Final = frozenset({0x0B, 0x21, 0x27})
 
 
-def decode_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+def decode_varint(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
     """Decode a Variable Byte Integer at ``pos``; returns (value, position after it)."""
     value = 0
     for shift in (0, 7, 14, 21):
