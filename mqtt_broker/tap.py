@@ -96,6 +96,15 @@ class Options(usage.Options):
         for name in _LIST_FLAGS:
             self[name] = []
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Run by twistd, whose answer to a usage error is the whole --help and then the error.
+            raise SystemExit(f"mqttbroker: {e} (--help lists the settings)") from None
+
     # The docstring is the --help text, on one line: usage.Options keeps a continuation's indent.
     def opt_version(self) -> NoReturn:
         """Show the versions of mqtt_broker (compiled or pure Python) and of Twisted, and exit."""
@@ -211,6 +220,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> BrokerService:
     """The broker service (an ``IService``) for parsed ``options``, not started: twistd starts it,
     and a port that cannot be bound then fails start-up."""
+    if options.parent is not None:
+        _say_start_up_failures_in_one_line()
     from .broker import BrokerService  # the reactor is imported here, not when twistd lists plugins
     config: BrokerConfig = options["broker_config"]
     service = BrokerService(config=config)
@@ -218,6 +229,25 @@ def makeService(options: Options) -> BrokerService:
     from twisted.internet import reactor
     reactor.addSystemEventTrigger("after", "startup", tune_gc)  # type: ignore[attr-defined]
     return service
+
+
+def _say_start_up_failures_in_one_line() -> None:
+    """In a process that twistd runs: a start-up failure the operator is to mend (a port in use, a
+    data directory or password file that cannot be read) is told as one line, not under a
+    traceback. It stays an exception, for what twistd does with one: a daemon's parent process
+    reports it, and the pid file is removed."""
+    from twisted.internet.error import CannotListenError
+
+    from .store import StoreError
+
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if issubclass(kind, (CannotListenError, StoreError, ConfigError)):
+            print(f"mqttbroker: cannot start: {value}", file=sys.stderr)
+        else:
+            default(kind, value, traceback)
+    sys.excepthook = hook
 
 
 GC_THRESHOLD = (10_000, 50, 100)

@@ -390,3 +390,57 @@ def test_a_twistd_broker_tunes_its_collector() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# --- run by twistd ------------------------------------------------------------------------
+
+def twistd(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """``twistd -n mqttbroker ARGS`` in tmp_path, to its end: its exit status and its output."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PACKAGE_ROOT
+    done = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                           "mqttbroker", "--persistence", "memory", *args],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    return done.returncode, done.stdout.decode(errors="replace")
+
+
+def test_twistd_says_a_start_up_failure_in_one_line(tmp_path: Path, busy_port: int) -> None:
+    """A port in use was the last line of forty lines of traceback."""
+    status, output = twistd(tmp_path, "--endpoint", f"tcp:{busy_port}:interface=127.0.0.1")
+    assert status == 1, output
+    [line] = [line for line in output.splitlines() if "mqttbroker: " in line]
+    assert line.endswith(f"mqttbroker: cannot start: Couldn't listen on 127.0.0.1:{busy_port}: "
+                         f"[Errno 98] Address already in use."), output
+    assert "Traceback" not in output and "File " not in output, output
+    assert not (tmp_path / "twistd.pid").exists()  # removed, as for any exception
+
+
+def test_twistd_says_a_file_it_cannot_use_in_one_line(tmp_path: Path) -> None:
+    status, output = twistd(tmp_path, "--endpoint", "tcp:0:interface=127.0.0.1",
+                            "--password-file", str(tmp_path / "missing"))
+    assert (status, output.strip()) == (1, f"mqttbroker: cannot start: password_file: {tmp_path / 'missing'}: "
+                                           "cannot read: No such file or directory")
+    (tmp_path / "file").write_text("")
+    status, output = twistd(tmp_path, "--endpoint", "tcp:0:interface=127.0.0.1", "--persistence", "sqlite",
+                            "--data-dir", str(tmp_path / "file"))
+    assert status == 1 and "Traceback" not in output, output
+    assert output.splitlines()[-1].endswith(f"mqttbroker: cannot start: cannot use the data directory "
+                                            f"{tmp_path / 'file'}: File exists"), output
+
+
+def test_twistd_says_a_bad_setting_without_the_whole_help(tmp_path: Path) -> None:
+    """twistd printed the 150 lines of --help above the one that said what was wrong."""
+    status, output = twistd(tmp_path, "--max-packet-size", "big")
+    assert (status, output) == (1, "mqttbroker: --max-packet-size: expected int, got 'big' (--help lists the settings)\n")
+    status, output = twistd(tmp_path, "--max-packet-sise", "1")
+    assert status == 1 and output.startswith("mqttbroker: option --max-packet-sise not recognized"), output
+
+
+def test_an_application_s_options_still_raise_usage_errors() -> None:
+    """Only a runner's (twistd's) options end the process; parsed by an application, they raise."""
+    with pytest.raises(usage.UsageError, match="expected int"):
+        parse("--max-packet-size", "big")

@@ -187,6 +187,9 @@ class SQLiteStore:
     def load(self, window: int = 0) -> Snapshot:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot use the data directory {self.path.parent}: {e.strerror or e}") from None
+        try:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
