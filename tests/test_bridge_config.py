@@ -469,3 +469,20 @@ def test_the_state_is_published_where_mosquitto_publishes_it(notification_topic:
     remote.down()
     assert here() == {topic: b"0"}
     remote.broker.stopService()
+
+
+def test_the_state_here_is_published_at_qos_1_as_mosquitto_publishes_it() -> None:
+    """It was QoS 0: a session subscribed at QoS 1 missed the changes made while it was away."""
+    remote = FakeRemote(topic=["out/# out 1"], remote_clientid="edge1")
+    topic = "$SYS/broker/connection/edge1/state"
+    watcher = connected(remote.broker, "watcher", clean=False)
+    watcher.subscribe(topic, qos=1)
+    watcher.lose()
+    remote.up()
+    remote.down()
+    watcher = connected(remote.broker, "watcher", clean=False)
+    assert [(p.topic, p.payload, p.qos) for p in watcher.received() if isinstance(p, Publish)] == [
+        (topic, b"1", 1), (topic, b"0", 1)]
+    [kept] = remote.broker.retained.match(topic)
+    assert (kept.payload, kept.qos) == (b"0", 1)
+    remote.broker.stopService()

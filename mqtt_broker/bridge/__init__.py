@@ -545,7 +545,9 @@ class Bridge(Service):
         previous, self.state = self.state, state
         up = state == "connected"
         if self.config.notifications and (previous == "connected") != up:
-            self.broker.route_own(self.config.state_topic, b"1" if up else b"0", retain=True)
+            # At QoS 1, as Mosquitto: a session that subscribed at QoS 1 keeps the change while away.
+            self.broker.route_own(self.config.state_topic, b"1" if up else b"0",
+                                  qos=min(1, self.broker.config.max_qos), retain=True)
 
 
 class Bridges:
