@@ -134,11 +134,12 @@ class Connecting:
             assert self.client is not None and self.broker.security is not None
             if identity.username != self.client.username:  # e.g. a certificate's name
                 self.client = dataclasses.replace(self.client, username=identity.username)
-            # A will on $SYS is never published, but accepted: a bridge's is there, as Mosquitto's.
+            # Accepted, as by Mosquitto (a device moved from it still connects): the will is
+            # checked again when it is due, and dropped then unless a reload granted it.
             if will is not None and not will.topic.startswith("$SYS") and not self.broker.security.can_publish(
                     identity, will.topic):
-                self._refuse(ReasonCode.NOT_AUTHORIZED, f"will topic {will.topic!r} not allowed")
-                return
+                log.info("will of {client_id} to {topic} is not allowed: it will not be published",
+                         client_id=self.client.client_id, topic=will.topic)
         method = packet.properties.get("authentication_method")
         if method is None:
             self._authorize(packet)

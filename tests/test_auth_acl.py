@@ -650,6 +650,28 @@ def test_denied_publishes_are_logged_once_per_thousand(tmp_path: Path) -> None:
     assert broker.stats.publishes_denied == 2001 and not client.closed
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_will_the_acl_denies_is_accepted_and_not_published_as_by_mosquitto(tmp_path: Path, version: int) -> None:
+    """Mosquitto 2 accepts such a CONNECT (checked: 2.0.11, MQTT 3.1.1 and 5) and drops the will
+    when it is due; it was refused here, so that a device moved from Mosquitto could not connect."""
+    from twisted.logger import capturedLogs
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic write status/alice\nuser watcher\ntopic read status/#\n")
+    broker = make_broker(acl_file=str(acl))
+    watcher = connected(broker, "w", username="watcher")
+    watcher.subscribe("status/#")
+    with capturedLogs() as events:
+        denied = connected(broker, "a1", version, username="alice", will=Will(topic="status/other", payload=b"gone"))
+    assert [(e["client_id"], e["topic"]) for e in events if "not be published" in e["log_format"]] == [
+        ("a1", "status/other")]
+    granted_later = connected(broker, "a2", version, username="alice", will=Will(topic="status/later", payload=b"gone"))
+    acl.write_text("user alice\ntopic write status/later\nuser watcher\ntopic read status/#\n")
+    broker.reload()
+    denied.lose()
+    granted_later.lose()
+    assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["status/later"]
+
+
 def test_a_will_is_checked_again_when_it_is_published(tmp_path: Path) -> None:
     """Rules reloaded after the CONNECT apply to its will, at once or delayed."""
     acl = tmp_path / "acl"
