@@ -84,6 +84,33 @@ def test_a_claim_fences_off_the_previous_owner(nodes: tuple[RedisStore, RedisSto
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_message_the_previous_owner_queued_does_not_reach_a_session_begun_anew(
+        nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    """After a clean start on b, what a queued for the session before is dropped, not passed on
+    to b as for a session that goes on (where it reached the new session)."""
+    a, b = nodes
+    refused = fenced_calls(a)
+    first = yield a.claim("c", False, 0)
+    a.save_session(Session("c", 60), None)
+    yield a.flushed()
+    yield b.claim("c", True, 0)
+    a.add_delivery("c", item(b"for the old session", 1), None)
+    yield a.flushed()
+    assert refused == [("c", first.epoch)]
+    redis = server.client()
+    assert redis.xrange("mqtt:inbox:b") == [] and redis.hgetall("mqtt:deliv:c") == {}
+    # Claimed again without a clean start, the session goes on: b's late message reaches it.
+    b.save_session(Session("c", 60), None)
+    yield b.flushed()
+    yield a.claim("c", False, 0)
+    b.add_delivery("c", item(b"for the session", 1), None)
+    yield b.flushed()
+    (entry,) = redis.xrange("mqtt:inbox:a")
+    ((kind, client_id, queued),) = list(unpack_records(entry[1][b"d"]))
+    assert (kind, client_id, queued.message.payload) == (TARGETED, "c", b"for the session")
+
+
+@pytest_twisted.inlineCallbacks
 def test_the_same_node_claiming_again_keeps_its_epoch(nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
     """A client reconnecting to the node that holds its session: that node's pending writes
     stay valid (the epoch does not change) and nothing is loaded (its copy is current)."""

@@ -46,9 +46,12 @@ while i <= n do
         redis.call('HSET', P .. 'inflight:' .. c, seq, ARGV[i + 5] .. ':' .. ARGV[i + 6])
       end
     else
-      local owner = redis.call('HGET', P .. 'owner:' .. c, 'node')
-      if owner then
-        redis.call('XADD', P .. 'inbox:' .. owner, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4])
+      -- Not for a session begun anew (a clean start) since the epoch it was queued at; epoch
+      -- 0: passed on by a node that did not hold the session (node.py's send_on).
+      local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since')
+      local epoch = tonumber(ARGV[i + 2])
+      if owner[1] and not (owner[2] and epoch > 0 and tonumber(owner[2]) > epoch) then
+        redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4])
       end
     end
     i = i + 8

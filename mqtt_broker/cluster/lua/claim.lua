@@ -28,7 +28,11 @@ if old_node == node and old_epoch == known then -- held already, by this very pr
   return {known, old_node, 1, false, 1}
 end
 local epoch = redis.call('INCR', P .. 'epochs')
-redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
+if clean then -- 'since': the session begun anew at this epoch (batch.lua drops older messages for it)
+  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch)
+else
+  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
+end
 local alive = 0
 if old_node and old_node ~= node and redis.call('EXISTS', P .. 'node:' .. old_node) == 1 then alive = 1 end
 -- The previous owner keeps the client in its set until it hears of the claim (a node just
