@@ -74,6 +74,27 @@ def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_stops_without_redis_after_leave_timeout() -> Iterator[Deferred[Any]]:
+    """With Redis out of reach, stopping waited for it for ever: twistd never exited on SIGTERM."""
+    from twisted.logger import capturedLogs
+
+    from mqtt_broker.cluster.node import LEAVE_TIMEOUT
+
+    from conftest import free_port
+    clock = Clock()
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=f"redis://127.0.0.1:{free_port()}/0",
+                           cluster_node_id="a")
+    broker.startService()
+    with capturedLogs() as events:
+        stopped = broker.stopService()
+        clock.advance(LEAVE_TIMEOUT - 0.1)
+        assert not stopped.called
+        clock.advance(0.1)
+        yield until(lambda: stopped.called, "the stop")
+    assert [e["timeout"] for e in events if "did not answer" in e.get("log_format", "")] == [LEAVE_TIMEOUT]
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_adopted(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     clock = Clock()

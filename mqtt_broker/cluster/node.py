@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -39,6 +39,8 @@ log = Logger()
 
 JOIN_WARNING = 5.0
 """Seconds between warnings while a starting node cannot reach Redis."""
+LEAVE_TIMEOUT = 5.0
+"""Seconds a stopping node waits for Redis to take what it has not written yet and its leaving."""
 
 
 def node_id(config: Any) -> str:
@@ -156,13 +158,22 @@ class Cluster:
             self.clock.callLater(JOIN_WARNING, self._still_joining)
 
     def stop(self) -> Deferred[Any]:
-        """Leave: what this node's sessions hold stays in Redis for the survivors to adopt."""
+        """Leave: what this node's sessions hold stays in Redis for the survivors to adopt. With
+        Redis out of reach, the node leaves without telling it after LEAVE_TIMEOUT (the others
+        take it for dead when its heartbeats stop), so that a stop does not wait for Redis."""
         self._started = False
         if self._heartbeat.running:
             self._heartbeat.stop()
-        leaving = self.store.leave()
-        leaving.addErrback(lambda failure: log.warn("leaving the cluster: {error}", error=failure.getErrorMessage()))
+        leaving = self.store.leave().addTimeout(LEAVE_TIMEOUT, self.clock)
+        leaving.addErrback(self._left_without_redis)
         return leaving.addBoth(lambda _: self.redis.close())
+
+    def _left_without_redis(self, failure: Any) -> None:
+        if failure.check(TimeoutError):
+            log.warn("leaving the cluster: Redis did not answer in {timeout} s; the other nodes take this node "
+                     "for dead when its heartbeats stop", timeout=LEAVE_TIMEOUT)
+        else:
+            log.warn("leaving the cluster: {error}", error=failure.getErrorMessage())
 
     # --- the broker's seams -----------------------------------------------------------------
 
