@@ -95,6 +95,26 @@ def test_a_node_stops_without_redis_after_leave_timeout() -> Iterator[Deferred[A
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_with_writes_waiting_for_a_dead_redis_stops_after_leave_timeout() -> Iterator[Deferred[Any]]:
+    """A client's session written at its drop waited for Redis for ever, and the stop with it."""
+    from mqtt_broker.cluster.node import LEAVE_TIMEOUT
+    redis = RedisServer()
+    clock = Clock()
+    try:
+        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=redis.url, cluster_node_id="a",
+                               close_linger=0)
+        broker.startService()
+        yield broker.cluster.ready
+        yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600})
+        redis.kill()
+        stopped = broker.stopService()
+        clock.advance(LEAVE_TIMEOUT)
+        yield until(lambda: stopped.called, "the stop")
+    finally:
+        redis.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_adopted(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     clock = Clock()

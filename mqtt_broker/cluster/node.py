@@ -172,6 +172,7 @@ class Cluster:
         if failure.check(TimeoutError):
             log.warn("leaving the cluster: Redis did not answer in {timeout} s; the other nodes take this node "
                      "for dead when its heartbeats stop", timeout=LEAVE_TIMEOUT)
+            self.store.abandon()
         else:
             log.warn("leaving the cluster: {error}", error=failure.getErrorMessage())
 

@@ -22,7 +22,7 @@ from collections import deque
 from importlib import resources
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -160,6 +160,8 @@ class RedisStore:
         self._scheduled = False
         self._in_flight: deque[_Batch] = deque()
         self._recovering = False
+        self._abandoned = False
+        self._closing: Deferred[None] | None = None
         self._incarnation = os.urandom(6).hex()
         self._batches = 0
         self._failing = False
@@ -544,7 +546,7 @@ class RedisStore:
         it): once Redis answers again, the marker of the last batch applied tells which were,
         and the others are sent again, in order. Their waiters wait meanwhile: nothing is
         acknowledged before Redis has it."""
-        if self._recovering:
+        if self._recovering or self._abandoned:
             return
         self._recovering = True
         if not self._failing:
@@ -568,11 +570,25 @@ class RedisStore:
             self._flush()
 
         def retry(_: Any) -> None:
-            self.reactor.callLater(RETRY_AFTER, self._recover)
+            if not self._abandoned:
+                self.reactor.callLater(RETRY_AFTER, self._recover)
         self.redis.call("GET", f"mqtt:applied:{self.node}").addCallbacks(applied, retry)
 
     def close(self) -> Deferred[None]:
-        return self.flushed()
+        """Fires once what was recorded is written, or once the node gives Redis up (``abandon``)."""
+        self._closing = self.flushed()
+        return self._closing.addErrback(_given_up)
+
+    def abandon(self) -> None:
+        """The node stops with Redis out of reach: what waits to be written is given up (none of it
+        was acknowledged), and the store tries no more."""
+        self._abandoned = True
+        if self._closing is not None:
+            self._closing.cancel()
+
+
+def _given_up(failure: Failure) -> None:
+    failure.trap(CancelledError)
 
 
 __all__ = ["RedisStore", "Claim"]
