@@ -186,6 +186,64 @@ def test_a_reactor_without_threads_checks_in_place(files: Path) -> None:
     assert refused(answers[1], ReasonCode.BAD_USER_NAME_OR_PASSWORD)
 
 
+class HeldThreads:
+    """A reactor whose thread pool runs its jobs only when the test says (``run``)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Any] = []
+
+    def getThreadPool(self) -> HeldThreads:
+        return self
+
+    def callInThreadWithCallback(self, on_result: Any, function: Any, *args: Any) -> None:
+        self.jobs.append((on_result, function, args))
+
+    def callFromThread(self, function: Any, *args: Any) -> None:
+        function(*args)
+
+    def run(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for on_result, function, args in jobs:
+            try:
+                on_result(True, function(*args))
+            except BaseException as e:
+                from twisted.python.failure import Failure
+                on_result(False, Failure(e))
+
+
+def test_password_checks_queued_when_the_broker_stops_are_not_run(files: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twisted's pool runs what is queued before its threads end: 100 CONNECTs queued with a
+    costly hash held a stop 25 s, hashing for clients already gone."""
+    from twisted.internet.interfaces import IReactorThreads
+    from zope.interface import directlyProvides
+    hashed: list[bytes] = []
+    original = PasswordHash.verify
+
+    def counting(self: PasswordHash, password: bytes) -> bool:
+        hashed.append(password)
+        return original(self, password)
+
+    monkeypatch.setattr(PasswordHash, "verify", counting)
+    reactor = HeldThreads()
+    directlyProvides(reactor, IReactorThreads)
+    sec = Security.from_config(BrokerConfig(password_file=str(files / "pw")), reactor=reactor)
+    answers: list[Any] = []
+    with LogCapture() as log:
+        for password in (b"alice-pw", b"wrong"):
+            sec.authenticate(credentials(password=password)).addCallback(answers.append)
+        sec.authenticate(credentials("carol", b"x")).addCallback(answers.append)  # (unknown: equalized)
+        sec.close()
+        reactor.run()
+    assert hashed == []
+    assert [a.reason_code for a in answers] == [ReasonCode.SERVER_SHUTTING_DOWN] * 3
+    assert "Traceback" not in log.text()
+    # Started again, the broker checks passwords again.
+    sec.authenticate(credentials()).addCallback(answers.append)
+    reactor.run()
+    assert answers[-1] == Identity(client_id="c1", username="alice") and hashed == [b"alice-pw"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failing_authenticator_refuses(files: Path) -> None:
     class Broken:

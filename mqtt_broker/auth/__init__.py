@@ -58,7 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 
 from ..config import BrokerConfig, ConfigError
@@ -222,6 +222,8 @@ class Security:
         for authenticator in self._authenticators:
             try:
                 answer = await authenticator.authenticate(credentials)
+            except CancelledError:  # the broker stops: the client is gone
+                return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
             except Exception:
                 log.failure("{name} authentication of {client_id!r} failed; refusing",
                             name=authenticator.name, client_id=credentials.client_id)
@@ -249,6 +251,8 @@ class Security:
             if equalize is not None:
                 try:
                     await equalize(credentials)
+                except CancelledError:
+                    return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
                 except Exception:
                     log.failure("{name}: equalizing the cost of a refusal failed", name=authenticator.name)
         return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 
 from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
@@ -36,6 +36,7 @@ class PasswordFileAuthenticator:
         self.path = path
         self._reactor = reactor
         self._file = self._load()
+        self._closes = 0
 
     def _load(self) -> PasswordFile:
         try:
@@ -56,7 +57,7 @@ class PasswordFileAuthenticator:
         def judged(correct: bool) -> Identity | Refusal:
             return identity if correct else Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "wrong password")
 
-        return in_thread(self._reactor, stored.verify, credentials.password).addCallback(judged)
+        return self._hash(stored.verify, credentials.password).addCallback(judged)
 
     def equalize(self, credentials: Credentials) -> Deferred[None]:
         """Hash the password as a listed user's would be, and throw the answer away."""
@@ -64,7 +65,20 @@ class PasswordFileAuthenticator:
         if sample is None:
             return succeed(None)
         dummy = PasswordHash(sample.algorithm, sample.salt, bytes(len(sample.digest)), sample.iterations)
-        return in_thread(self._reactor, dummy.verify, credentials.password or b"").addCallback(lambda _: None)
+        return self._hash(dummy.verify, credentials.password or b"").addCallback(lambda _: None)
+
+    def _hash(self, verify: Callable[[bytes], bool], password: bytes) -> Deferred[bool]:
+        """``verify(password)`` in the thread pool, unless the broker stops (``close``) before its
+        turn comes: a burst of CONNECTs, hashed one after another, held the stop for as long as
+        hashing them all took (Twisted's pool runs what is queued before it ends), for clients
+        already gone. Fails with CancelledError then."""
+        asked_at = self._closes
+
+        def unless_closed() -> bool:
+            if self._closes != asked_at:
+                raise CancelledError("the broker stopped")
+            return verify(password)
+        return in_thread(self._reactor, unless_closed)
 
     def revoked(self, identity: Identity) -> str | None:
         """Why a client let in by this file is no longer: its entry changed (a new password, or
@@ -86,6 +100,7 @@ class PasswordFileAuthenticator:
         return commit
 
     def close(self) -> Deferred[None]:
+        self._closes += 1  # (counted, not a flag: started again, the broker checks passwords again)
         return succeed(None)
 
 
