@@ -558,6 +558,20 @@ def test_a_failing_write_fails_flushed_logs_once_and_recovers(sqlite: Harness) -
 
 
 @pytest_twisted.inlineCallbacks
+def test_closing_on_a_failing_disk_says_what_is_lost(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """The stop dropped them without a word."""
+    sqlite.open()
+    store = sqlite.store
+    fill_up(store)
+    store.save_session(Session("s", NEVER), None)
+    store.save_retained(Message(topic="big", payload=os.urandom(200_000), retain=True))
+    with CapturedLog() as log:
+        yield store.close()
+    [line] = log.matching("changes not written")
+    assert str(sqlite.path) in line and "2 changes" in line, log.texts()
+
+
+@pytest_twisted.inlineCallbacks
 def test_changes_of_a_failed_batch_are_written_once_the_disk_has_room(sqlite: Harness) -> Iterator[Deferred[Any]]:
     """The store recovers by itself: what was recorded in a batch that failed (a session, its
     subscription) is not simply lost, or a session created while the disk was full would be

@@ -440,6 +440,10 @@ class SQLiteStore:
     def close(self) -> Deferred[None]:
         """Write what is pending, then close the file and stop the writer thread."""
         def closed(_: Any) -> None:
+            if self._unwritten:  # (written, or failed again, by the flush this close waited for)
+                log.error("closing {path} with {count} changes not written: the disk failed, and they are lost",
+                          path=str(self.path), count=len(self._unwritten))
+                self._unwritten = []
             if self._pool is not None:
                 self._pool.stop()
                 self._pool = None
