@@ -204,6 +204,28 @@ async def test_timeout(service: tuple[AuthService, str]) -> None:
         await sec.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_requests_ended_by_the_stop_refuse_without_an_error(service: tuple[AuthService, str]) -> None:
+    """Each logged an error and a refusal, at every stop, for clients already gone."""
+    from auth_helpers import LogCapture
+    resource, url = service
+    sec = with_authenticator(HttpAuthenticator(url))
+    resource.reply = lambda body: None
+    asked = sec.authenticate(creds())
+    await _until(lambda: bool(resource.requests))
+    with LogCapture() as log:
+        await sec.close()
+        answer = await asked
+    assert refused(answer, ReasonCode.SERVER_SHUTTING_DOWN)
+    assert "http authentication" not in log.text() and "refused client" not in log.text(), log.text()
+    # Started again, it asks again.
+    resource.reply = json_reply(200, result="allow")
+    try:
+        assert isinstance(await sec.authenticate(creds()), Identity)
+    finally:
+        await sec.close()
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     """Let the reactor run until ``condition()`` holds (a bounded number of turns, no sleeping)."""
     from twisted.internet.task import deferLater

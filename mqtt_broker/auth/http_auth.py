@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -105,6 +105,7 @@ class HttpAuthenticator:
         self._reactor, self._clock = reactor, clock
         self._client: Any = None
         self._pool: Any = None
+        self._closed = False
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, Answer]] = OrderedDict()
         self._cache_key = os.urandom(32)  # never a plain password hash in memory
         self.requests = 0
@@ -128,6 +129,7 @@ class HttpAuthenticator:
             from treq.client import HTTPClient
             from twisted.web.client import Agent, HTTPConnectionPool
             reactor = self._the_reactor()
+            self._closed = False  # (started again)
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 10
             self._client = HTTPClient(Agent(reactor, pool=self._pool))
@@ -186,6 +188,8 @@ class HttpAuthenticator:
         return answer
 
     def _unavailable(self, failure: Failure) -> Refusal:
+        if self._closed:  # the broker stops, and its requests with it
+            raise CancelledError("the broker stopped")
         if failure.check(TimeoutError):
             why = f"no answer within {self.timeout}s"
         elif failure.check(BadAnswer):
@@ -295,6 +299,7 @@ class HttpAuthenticator:
 
     def close(self) -> Deferred[None]:
         self._cache.clear()
+        self._closed = True
         if self._pool is None:
             return succeed(None)
         pool, self._pool, self._client = self._pool, None, None
