@@ -142,6 +142,8 @@ class BrokerService(MultiService):
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT, or closed
         by the broker and lingering (it leaves in ``connection_lost``)."""
+        self.attached = 0
+        """How many of ``connections`` have a session: the clients connected now."""
         self._all_closed: AllClosed | None = None
         """While stopping: what waits for the last connection to go."""
         self.keepalives = Keepalives(self.clock)
@@ -463,6 +465,7 @@ class BrokerService(MultiService):
             assert client is not None
             connection.will = None
             connection.session = session.connection = None  # detached here, not by the close
+            self.attached -= 1
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
             if will is not None and (ended or not delay):
                 self.publish_will(client, will, connection.identity)
@@ -569,8 +572,9 @@ class BrokerService(MultiService):
                 # what is queued is checked as it goes.
                 self._filter_readable(session, identity)
             session.identity = identity
-        if len(self.connections) > self.stats.clients_maximum:
-            self.stats.clients_maximum = len(self.connections)
+        self.attached += 1
+        if self.attached > self.stats.clients_maximum:
+            self.stats.clients_maximum = self.attached
         if self.store is not None and (expiry or session.stored):
             session.stored = True
             self.store.save_session(session, None)
@@ -584,6 +588,7 @@ class BrokerService(MultiService):
             return
         connection.session = None
         session.connection = None
+        self.attached -= 1
         _cancel(session.retry_call)
         session.retry_call = None
         will = connection.will

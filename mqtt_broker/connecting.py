@@ -124,8 +124,7 @@ class Connecting:
     def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:
         """The security chain's answer (None: there is none); then enhanced authentication and
         connect hooks."""
-        if isinstance(identity, Refusal):
-            self.broker.stats.auth_failures += 1
+        if isinstance(identity, Refusal):  # (counted by _refuse, as an authentication failure if it is one)
             self._refuse(identity.reason_code, "authentication failed")
             return
         will = packet.will

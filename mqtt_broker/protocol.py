@@ -286,6 +286,7 @@ class MQTTProtocol(Connecting, Publishing):
             else:
                 count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
                 # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
+                self.stats.control_packets_sent += 1
                 self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
         self.drop(error.reason_code, error.message)
 

@@ -96,6 +96,31 @@ def test_gauges_drops_refusals_and_auth_failures() -> None:
     assert value(scrape(broker), "mqtt_publishes_denied_total") == 1
 
 
+def test_clients_maximum_auth_failures_and_refusing_connacks_count_what_happened(tmp_path: Path) -> None:
+    """The peak counted open sockets (ones with no CONNECT yet, a taken over one), a wrong
+    password counted twice as an authentication failure, and the CONNACK refusing a protocol
+    version went uncounted among the packets sent."""
+    from mqtt_broker.passwd import main as passwd
+    assert passwd(["-c", "-b", str(tmp_path / "pw"), "alice", "alice-pw"]) == 0
+    broker = make_broker(sys_interval=0, password_file=str(tmp_path / "pw"))
+    broker.startService()
+    idle = [FakeClient(broker) for _ in range(3)]
+    first = connected(broker, "a", username="alice", password=b"alice-pw")
+    connected(broker, "b", username="alice", password=b"alice-pw")
+    connected(broker, "a", username="alice", password=b"alice-pw")  # takes "a" over
+    first.lose()
+    assert FakeClient(broker).connect("c", username="alice", password=b"wrong").reason_code == 4
+    bad_version = FakeClient(broker)
+    sent = value(scrape(broker), "mqtt_packets_sent_total")
+    bad_version.send(Connect(client_id="old", protocol_level=2, protocol_name="MQTT"))
+    samples = scrape(broker)
+    assert value(samples, "mqtt_clients_maximum") == 2 == broker.attached
+    assert value(samples, "mqtt_auth_failures_total") == 1
+    assert value(samples, "mqtt_packets_sent_total") == sent + 1
+    for client in idle:
+        client.lose()
+
+
 def test_too_large_and_expired_drops() -> None:
     broker = make_broker(sys_interval=0)
     broker.startService()

@@ -619,7 +619,7 @@ def test_a_claim_overtaken_before_its_answer_came_lets_the_client_go(server: Red
         yield until(lambda: "c" in broker.cluster._overtaken, "the news of b's claim")
         broker.store.epochs["c"] = mine.epoch  # (what the store does with an answer)
         answer.callback(mine)
-        assert client.closed
+        assert client.closed and broker.attached == 0
         assert [(type(p), p.reason_code) for p in client.received()][-1] == (Disconnect, ReasonCode.SESSION_TAKEN_OVER)
         assert "c" not in broker.store.epochs
     finally:
