@@ -527,6 +527,39 @@ def test_a_qos2_message_published_on_the_node_a_session_just_left_reaches_it_onc
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_qos2_message_published_on_the_node_a_session_just_moved_to_reaches_it_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moves from node a to node b, where its publisher is; a keeps its copy (and its filter)
+    while the routes settle. A QoS 2 message published on b went to s here and was forwarded to
+    a, whose copy's write Redis refused and passed on to b: s got it twice, for as long as the
+    routes took to settle (13 s with the default heartbeats)."""
+    a = yield node_a(server)
+    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
+                      close_linger=0)
+    b.startService()
+    try:
+        yield b.cluster.ready
+        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+        yield a.store.flushed()
+        publisher = yield connect(b, 5, client_id="p")
+        yield until(lambda: "t" in b.cluster.forwarding.filters_of("a"), "b to route t to a")
+        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        moved.received()
+        yield until(lambda: first.closed, "a to let s go")
+        assert "s" in a.sessions and "t" in b.cluster.forwarding.filters_of("a")  # (kept while the routes settle)
+        publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=1))
+        got: list[Publish] = []
+        yield until(lambda: received(moved, got) and b.cluster.stats.forwarded_in >= 1, "the copy passed on to b")
+        yield b.store.flushed()
+        received(moved, got)
+        assert [p.payload for p in got] == [b"once"]
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_delayed_will_left_to_a_connection_that_went_before_its_claim_was_answered_is_published(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """c is connected to node b, its will delayed 30 s. c's client connects to node a and goes

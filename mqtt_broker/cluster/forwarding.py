@@ -58,6 +58,10 @@ class Forwarding:
         self._turns = Turns()
         self._ids = 0
         self._id_prefix = os.urandom(6)
+        self.moving: dict[str, set[bytes]] = {}
+        """Sessions that moved here lately, with the ids of the QoS 1/2 messages delivered to each
+        since: until the routes have settled, a message may reach one by two ways (routed here,
+        and passed on from the node that had the session), and is delivered once."""
 
     def add_route(self, node: str, topic_filter: str, awake: bool = True) -> None:
         """Another node holds a filter now (a shared one not ``awake``: no member connected)."""

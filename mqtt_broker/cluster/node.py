@@ -111,10 +111,7 @@ class Cluster:
         self._listening: Deferred[None] = Deferred()
         """Fires once the control channel is listened to: routes and retained messages are read
         after that, so that no change falls between the reading and the listening."""
-        self._moving: dict[str, set[bytes]] = {}
-        """Sessions this node took from another lately, with the ids of the messages delivered
-        to each since: until the routes have settled, a message may come by two ways (forwarded
-        here, and passed on from the node that had the session), and is delivered once."""
+        self._moving = self.forwarding.moving  # (the routing of messages published here checks it too)
 
     # --- starting and stopping --------------------------------------------------------------
 
