@@ -107,19 +107,13 @@ class Delivery:
         sender = message.sender
         count = 0
         security = self.security
-        moving: dict[str, set[bytes]] | None = None
-        message_id = b""
-        if message.cluster_id is not None and self.forwarding is not None and self.forwarding.moving:
-            moving, message_id = self.forwarding.moving, message.cluster_id
+        moving = message.cluster_id is not None and self.forwarding is not None and bool(self.forwarding.moving)
         for client_id, subs, granted, as_published, ids, no_local in by_client:
             session = sessions.get(client_id)
             if session is None:
                 continue
-            if moving is not None and client_id in moving:
-                seen = moving[client_id]
-                if message_id in seen:
-                    continue  # moved here lately, it had this message by the other way already
-                seen.add(message_id)
+            if moving and not self.forwarding.first_time(client_id, message.cluster_id):
+                continue  # moved here lately, it had this message by the other way already
             if security is not None and session.identity is not None and not security.can_read(
                     session.identity, message.topic):
                 continue

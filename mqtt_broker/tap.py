@@ -240,6 +240,8 @@ def _say_start_up_failures_in_one_line() -> None:
 
     from .store import StoreError
 
+    from twisted.internet import reactor
+
     default = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
@@ -248,6 +250,7 @@ def _say_start_up_failures_in_one_line() -> None:
         else:
             default(kind, value, traceback)
     sys.excepthook = hook
+    reactor.callWhenRunning(setattr, sys, "excepthook", default)  # type: ignore[attr-defined]  # started: as it was
 
 
 GC_THRESHOLD = (10_000, 50, 100)

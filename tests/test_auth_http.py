@@ -209,12 +209,13 @@ async def test_requests_ended_by_the_stop_refuse_without_an_error(service: tuple
     """Each logged an error and a refusal, at every stop, for clients already gone."""
     from auth_helpers import LogCapture
     resource, url = service
-    sec = with_authenticator(HttpAuthenticator(url))
+    sec = with_authenticator(HttpAuthenticator(url, timeout=600))
     resource.reply = lambda body: None
     asked = sec.authenticate(creds())
     await _until(lambda: bool(resource.requests))
     with LogCapture() as log:
         await sec.close()
+        assert asked.called  # ended by the stop, not by its timeout
         answer = await asked
     assert refused(answer, ReasonCode.SERVER_SHUTTING_DOWN)
     assert "http authentication" not in log.text() and "refused client" not in log.text(), log.text()

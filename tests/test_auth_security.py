@@ -245,6 +245,23 @@ def test_password_checks_queued_when_the_broker_stops_are_not_run(files: Path,
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_authenticator_cancelled_while_the_broker_runs_is_a_failure(files: Path) -> None:
+    """Only the stop's cancellations refuse quietly with 0x8B (Server shutting down)."""
+    from twisted.internet.defer import CancelledError
+
+    class Cancelling:
+        name = "cancelling"
+
+        def authenticate(self, creds: Credentials) -> Deferred[Any]:
+            return fail(CancelledError())
+
+    sec = Security(authenticators=[Cancelling()])  # type: ignore[list-item]
+    with LogCapture() as log:
+        result = await answer(sec, credentials())
+    assert refused(result, ReasonCode.UNSPECIFIED_ERROR) and "cancelling authentication" in log.text()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failing_authenticator_refuses(files: Path) -> None:
     class Broken:
         name = "broken"

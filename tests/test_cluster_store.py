@@ -108,6 +108,14 @@ def test_a_message_the_previous_owner_queued_does_not_reach_a_session_begun_anew
     (entry,) = redis.xrange("mqtt:inbox:a")
     ((kind, client_id, queued),) = list(unpack_records(entry[1][b"d"]))
     assert (kind, client_id, queued.message.payload) == (TARGETED, "c", b"for the session")
+    # Begun anew by the node that holds it already (its epoch unchanged): dropped all the same.
+    redis.delete("mqtt:inbox:a")
+    yield b.claim("c", False, 0)
+    yield a.claim("c", False, 0)
+    yield a.claim("c", True, 0)
+    b.add_delivery("c", item(b"for the old session again", 2), None)
+    yield b.flushed()
+    assert redis.xrange("mqtt:inbox:a") == []
 
 
 @pytest_twisted.inlineCallbacks

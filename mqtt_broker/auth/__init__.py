@@ -160,6 +160,7 @@ class Security:
         self._acl_path = acl_file
         self._acl: AclFile | None = _load_acl(acl_file) if acl_file else None
         self._allow_anonymous = allow_anonymous
+        self._closes = 0
         self._require_certificate = require_certificate
         self._use_identity_as_username = use_identity_as_username
         self._certificate_field = certificate_identity_field
@@ -212,6 +213,7 @@ class Security:
         return Deferred.fromCoroutine(self._authenticate(credentials))
 
     async def _authenticate(self, credentials: Credentials) -> Identity | Refusal:
+        closes = self._closes
         if self._require_certificate and credentials.certificate_identity is None:
             return self._refused(credentials, ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
         if self._use_identity_as_username:
@@ -222,9 +224,9 @@ class Security:
         for authenticator in self._authenticators:
             try:
                 answer = await authenticator.authenticate(credentials)
-            except CancelledError:  # the broker stops: the client is gone
-                return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
-            except Exception:
+            except Exception as e:
+                if isinstance(e, CancelledError) and self._closes != closes:  # the broker stopped: the client is gone
+                    return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
                 log.failure("{name} authentication of {client_id!r} failed; refusing",
                             name=authenticator.name, client_id=credentials.client_id)
                 return self._refused(credentials, ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name} failed")
@@ -251,9 +253,9 @@ class Security:
             if equalize is not None:
                 try:
                     await equalize(credentials)
-                except CancelledError:
-                    return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
-                except Exception:
+                except Exception as e:
+                    if isinstance(e, CancelledError) and self._closes != closes:
+                        return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
                     log.failure("{name}: equalizing the cost of a refusal failed", name=authenticator.name)
         return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")
 
@@ -346,8 +348,10 @@ class Security:
         log.info("security settings reloaded")
 
     def close(self) -> Deferred[None]:
-        """Release what the authenticators hold (HTTP connections). Fires when done."""
+        """Release what the authenticators hold (HTTP connections). Fires when done. Checks under
+        way are given up: their clients are refused with 0x8B, quietly."""
         from twisted.internet.defer import gatherResults
+        self._closes += 1  # (counted, not a flag: started again, the broker checks again)
         closing = [a.close() for a in self._authenticators]
         if not closing:
             return succeed(None)

@@ -106,6 +106,8 @@ class HttpAuthenticator:
         self._client: Any = None
         self._pool: Any = None
         self._closed = False
+        self._asking: set[Deferred[Answer]] = set()
+        """The requests under way, cancelled by ``close``."""
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, Answer]] = OrderedDict()
         self._cache_key = os.urandom(32)  # never a plain password hash in memory
         self.requests = 0
@@ -155,9 +157,15 @@ class HttpAuthenticator:
             return succeed(cached[1])
         self.requests += 1
         asked = self._ask(credentials)
+        self._asking.add(asked)
+        asked.addBoth(self._answered, asked)
         if self.timeout > 0:
             asked.addTimeout(self.timeout, self._clock or self._the_reactor(), onTimeoutCancel=_timed_out)
         return asked.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,))
+
+    def _answered(self, result: Any, asked: Deferred[Answer]) -> Any:
+        self._asking.discard(asked)
+        return result
 
     def _key(self, credentials: Credentials) -> tuple[Any, ...]:
         password = None
@@ -300,6 +308,8 @@ class HttpAuthenticator:
     def close(self) -> Deferred[None]:
         self._cache.clear()
         self._closed = True
+        for asked in list(self._asking):
+            asked.cancel()
         if self._pool is None:
             return succeed(None)
         pool, self._pool, self._client = self._pool, None, None

@@ -59,9 +59,8 @@ class Forwarding:
         self._ids = 0
         self._id_prefix = os.urandom(6)
         self.moving: dict[str, set[bytes]] = {}
-        """Sessions that moved here lately, with the ids of the QoS 1/2 messages delivered to each
-        since: until the routes have settled, a message may reach one by two ways (routed here,
-        and passed on from the node that had the session), and is delivered once."""
+        """Sessions that moved here lately (the cluster adds and removes them), with the ids of
+        the QoS 1/2 messages delivered to each since: see ``first_time``."""
 
     def add_route(self, node: str, topic_filter: str, awake: bool = True) -> None:
         """Another node holds a filter now (a shared one not ``awake``: no member connected)."""
@@ -157,6 +156,18 @@ class Forwarding:
         self._collect()
         self.stats.forwarded_out += 1
         return 1
+
+    def first_time(self, client_id: str, message_id: bytes) -> bool:
+        """Whether the session has not had this message yet, counting it as had from now on. Until
+        the routes have settled, a message may reach a session that moved here lately by two ways
+        (routed here, and passed on from the node that had the session): it gets it once."""
+        seen = self.moving.get(client_id)
+        if seen is None:
+            return True
+        if message_id in seen:
+            return False
+        seen.add(message_id)
+        return True
 
     def identify(self, message: Message) -> None:
         """A QoS 1/2 message leaving this node gets an id, by which a session that moves while

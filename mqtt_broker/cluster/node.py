@@ -443,12 +443,9 @@ class Cluster:
             if security is not None and session.identity is not None and not security.can_read(
                     session.identity, item.message.topic):
                 return
-            seen = self._moving.get(client_id)
             cluster_id = item.message.cluster_id
-            if seen is not None and cluster_id is not None:
-                if cluster_id in seen:
-                    return  # it came by the other way already
-                seen.add(cluster_id)
+            if cluster_id is not None and not self.forwarding.first_time(client_id, cluster_id):
+                return  # it came by the other way already
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more): the store sends it on to the session's owner, if any
             self.stats.redirected += 1

@@ -576,6 +576,8 @@ class RedisStore:
 
     def close(self) -> Deferred[None]:
         """Fires once what was recorded is written, or once the node gives Redis up (``abandon``)."""
+        if self._abandoned:
+            return succeed(None)
         self._closing = self.flushed()
         return self._closing.addErrback(_given_up)
 

@@ -24,7 +24,10 @@ end
 local data = {P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
               P .. 'queue:' .. c, P .. 'pubrel:' .. c}
 if old_node == node and old_epoch == known then -- held already, by this very process
-  if clean then redis.call('DEL', unpack(data)) end
+  if clean then
+    redis.call('DEL', unpack(data))
+    redis.call('HSET', owner_key, 'since', known) -- (see below)
+  end
   return {known, old_node, 1, false, 1}
 end
 local epoch = redis.call('INCR', P .. 'epochs')
