@@ -99,15 +99,17 @@ class Delivery:
         by_client, groups = self.subscriptions.match(message.topic)
         if self.routing_waits_for_store:
             self._wait_for_store(by_client, groups)
-        if message.qos and self.forwarding is not None and message.cluster_id is None:
-            # Before a copy of a session here has it: one that moved to another node lately
-            # passes it on there, where it must be known as the one forwarded there too.
-            self.forwarding.identify(message)
+        moving = False
+        if self.forwarding is not None:
+            if message.qos and message.cluster_id is None:
+                # Before a copy of a session here has it: one that moved to another node lately
+                # passes it on there, where it must be known as the one forwarded there too.
+                self.forwarding.identify(message)
+            moving = message.cluster_id is not None and bool(self.forwarding.moving)
         sessions = self.sessions
         sender = message.sender
         count = 0
         security = self.security
-        moving = message.cluster_id is not None and self.forwarding is not None and bool(self.forwarding.moving)
         for client_id, subs, granted, as_published, ids, no_local in by_client:
             session = sessions.get(client_id)
             if session is None:

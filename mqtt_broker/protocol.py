@@ -285,9 +285,9 @@ class MQTTProtocol(Connecting, Publishing):
                 error = ProtocolError(f"a second CONNECT ({error.message})")  # [MQTT-3.1.0-2]
             else:
                 count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
-                # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read.
-                self.stats.control_packets_sent += 1
-                self.write(encode(Connack(reason_code=1), MQTT_3_1_1))
+                # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read (the
+                # connection's until a CONNECT is accepted).
+                self.send(Connack(reason_code=1))
         self.drop(error.reason_code, error.message)
 
     def _watch_keepalive(self, keep_alive: int) -> None:

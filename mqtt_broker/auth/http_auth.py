@@ -105,7 +105,7 @@ class HttpAuthenticator:
         self._reactor, self._clock = reactor, clock
         self._client: Any = None
         self._pool: Any = None
-        self._closed = False
+        self._closes = 0
         self._asking: set[Deferred[Answer]] = set()
         """The requests under way, cancelled by ``close``."""
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, Answer]] = OrderedDict()
@@ -131,7 +131,6 @@ class HttpAuthenticator:
             from treq.client import HTTPClient
             from twisted.web.client import Agent, HTTPConnectionPool
             reactor = self._the_reactor()
-            self._closed = False  # (started again)
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 10
             self._client = HTTPClient(Agent(reactor, pool=self._pool))
@@ -161,7 +160,8 @@ class HttpAuthenticator:
         asked.addBoth(self._answered, asked)
         if self.timeout > 0:
             asked.addTimeout(self.timeout, self._clock or self._the_reactor(), onTimeoutCancel=_timed_out)
-        return asked.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,))
+        return asked.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,),
+                                  errbackArgs=(self._closes,))
 
     def _answered(self, result: Any, asked: Deferred[Answer]) -> Any:
         self._asking.discard(asked)
@@ -195,8 +195,8 @@ class HttpAuthenticator:
                 self._cache.popitem(last=False)
         return answer
 
-    def _unavailable(self, failure: Failure) -> Refusal:
-        if self._closed:  # the broker stops, and its requests with it
+    def _unavailable(self, failure: Failure, asked_at: int) -> Refusal:
+        if self._closes != asked_at:  # the broker stopped, and its requests with it
             raise CancelledError("the broker stopped")
         if failure.check(TimeoutError):
             why = f"no answer within {self.timeout}s"
@@ -307,7 +307,7 @@ class HttpAuthenticator:
 
     def close(self) -> Deferred[None]:
         self._cache.clear()
-        self._closed = True
+        self._closes += 1  # (counted, not a flag: started again, the broker asks again)
         for asked in list(self._asking):
             asked.cancel()
         if self._pool is None:
