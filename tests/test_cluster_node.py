@@ -15,7 +15,7 @@ from twisted.internet.task import Clock, deferLater
 
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
-from mqtt_broker.cluster.codec import pack_forwarded, pack_retained, unpack_will
+from mqtt_broker.cluster.codec import pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
@@ -269,12 +269,42 @@ def test_an_inbox_entry_that_cannot_be_handled_is_passed_over(server: RedisServe
         client = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600})
         client.received()
         server.client().xadd("mqtt:inbox:a", {"d": b"\x07garbage"})
-        b.send_on("c", Queued(Message(topic="t/1", payload=b"for c", qos=1), 1, False, (), None, 0))
+        b.send_on("c", Queued(Message(topic="t/1", payload=b"for c", qos=1), 1, False, (), None, 0), 0)
         yield b.flushed()
         got: list[Publish] = []
         yield until(lambda: received(client, got), "the message after the bad entry")
         assert [p.payload for p in got] == [b"for c"]
         yield until(lambda: server.client().xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "both handled")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passed_on(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node a's inbox holds messages for a session it does not hold (its old owner's writes,
+    fenced off, say), and the client has since begun its session anew on node b: what came
+    before that is not passed on to b (it reached the new session), what came after is."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    redis = server.client()
+
+    def record(payload: bytes) -> bytes:
+        packed = pack_queued(Queued(Message(topic="t", payload=payload, qos=1), 1, False, (), None, 0))
+        return targeted_head("c", len(packed)) + packed
+    try:
+        yield b.claim("c", True, 0)
+        seconds, micros = redis.time()
+        begun = seconds * 1000 + micros // 1000
+        redis.xadd("mqtt:inbox:a", {"d": record(b"from before")}, id=f"{begun - 5_000}-0")
+        redis.xadd("mqtt:inbox:a", {"d": record(b"from after")}, id=f"{begun + 5_000}-0")
+        yield until(lambda: broker.cluster.stats.forwarded_in == 2 and
+                    redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "a to handle both")
+        payloads = [queued.message.payload for _, data in redis.xrange("mqtt:inbox:b")
+                    for _, _, queued in unpack_records(data[b"d"])]
+        assert payloads == [b"from after"]
     finally:
         yield broker.stopService()
         yield link.close()
@@ -294,7 +324,7 @@ def test_a_node_taken_for_dead_and_back_reads_its_inbox_again(server: RedisServe
         redis = server.client()
         redis.delete("mqtt:inbox:a", "mqtt:routes:a", "mqtt:clients:a")  # what the survivor did
         redis.srem("mqtt:nodes", "a")
-        b.send_on("c", Queued(Message(topic="t/1", payload=b"for c", qos=1), 1, False, (), None, 0))
+        b.send_on("c", Queued(Message(topic="t/1", payload=b"for c", qos=1), 1, False, (), None, 0), 0)
         yield b.flushed()  # (into a stream of no group)
         redis.client_kill_filter(_type="pubsub")
         redis.client_kill_filter(_type="normal")

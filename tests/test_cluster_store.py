@@ -119,6 +119,36 @@ def test_a_message_the_previous_owner_queued_does_not_reach_a_session_begun_anew
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_message_passed_on_from_before_a_clean_start_does_not_reach_the_new_session(
+        nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A node that no longer holds a session passes a message for it on with the time of the
+    inbox entry it came in: one from before the session was begun anew is dropped; one from
+    after, or of an unknown time, goes to the owner."""
+    a, b = nodes
+    redis = server.client()
+    yield a.claim("c", False, 0)
+    yield b.claim("c", True, 0)
+    seconds, micros = redis.time()
+    begun = seconds * 1000 + micros // 1000
+    assert int(redis.hget("mqtt:owner:c", "since_ms")) <= begun
+    a.send_on("c", item(b"from before", 1), begun - 5_000)
+    yield a.flushed()
+    assert redis.xrange("mqtt:inbox:b") == []
+    a.send_on("c", item(b"from after", 2), begun + 5_000)
+    a.send_on("c", item(b"from an unknown time", 3), 0)
+    yield a.flushed()
+    payloads = [queued.message.payload for _, data in redis.xrange("mqtt:inbox:b")
+                for _, _, queued in unpack_records(data[b"d"])]
+    assert payloads == [b"from after", b"from an unknown time"]
+    # Begun anew again by the node that holds it: its time is recorded too.
+    redis.hset("mqtt:owner:c", "since_ms", 0)
+    yield b.claim("c", True, 0)
+    a.send_on("c", item(b"from before again", 4), begun - 5_000)
+    yield a.flushed()
+    assert len(redis.xrange("mqtt:inbox:b")) == 2
+
+
+@pytest_twisted.inlineCallbacks
 def test_the_same_node_claiming_again_keeps_its_epoch(nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
     """A client reconnecting to the node that holds its session: that node's pending writes
     stay valid (the epoch does not change) and nothing is loaded (its copy is current)."""

@@ -30,7 +30,7 @@ from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained, unpack_will
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
-from .store import Claim, RedisStore
+from .store import Claim, RedisStore, entry_time
 
 if TYPE_CHECKING:
     from ..broker import BrokerService
@@ -89,8 +89,9 @@ class Cluster:
                                      self._send_qos0)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
-        self._claiming: dict[str, list[Queued]] = {}
-        """Clients whose claim is under way, with the messages for them that came meanwhile."""
+        self._claiming: dict[str, list[tuple[Queued, int]]] = {}
+        """Clients whose claim is under way, with the messages for them that came meanwhile (and
+        their inbox entries' times, see ``_deliver_targeted``)."""
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
@@ -209,8 +210,8 @@ class Cluster:
                 if claim.previous is not None and claim.previous != self.node:
                     self._moved_here(client_id)
         held = self._claiming.pop(client_id, [])
-        for item in held:
-            self._deliver_targeted(client_id, item)
+        for item, origin in held:
+            self._deliver_targeted(client_id, item, origin)
         if timer.active():
             timer.cancel()
             answer.callback(True)  # the connection attaches now, if it is still there
@@ -245,8 +246,8 @@ class Cluster:
         if timer.active():
             timer.cancel()
             answer.callback(False)
-        for item in held:  # to the session's owner, through Redis
-            self._deliver_targeted(client_id, item)
+        for item, origin in held:  # to the session's owner, through Redis
+            self._deliver_targeted(client_id, item, origin)
         # Redis may have applied the claim and lost only its answer: once it answers again,
         # what it says this node holds and this node does not know is taken as at a restart.
         self.store.flushed().addCallback(lambda _: self._adopt(self.node)).addErrback(self._check_failed)
@@ -358,7 +359,7 @@ class Cluster:
         for entry_id, data in entries:
             if data is not None:  # (None: trimmed away since it was read)
                 try:
-                    self._handle_entry(bytes(data))
+                    self._handle_entry(bytes(data), entry_time(entry_id))
                 except Exception:
                     # (read again, it would fail again, and stop every entry after it for good)
                     log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
@@ -384,12 +385,12 @@ class Cluster:
         (the marks of the entries handled before an outage among it): none is handled twice."""
         self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
-    def _handle_entry(self, data: bytes) -> None:
+    def _handle_entry(self, data: bytes, origin: int) -> None:
         delivery = self.broker.delivery
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
             if kind == TARGETED:
-                self._deliver_targeted(first, second)
+                self._deliver_targeted(first, second, origin)
                 continue
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
@@ -398,13 +399,13 @@ class Cluster:
                 if kind == HANDED:
                     delivery.handed(first, second)
                 elif self._moving and first.qos:
-                    self._route_while_moving(first, second)
+                    self._route_while_moving(first, second, origin)
                 else:
                     delivery.route(first, second)
             finally:
                 delivery.routing_waits_for_store = False
 
-    def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...]) -> None:
+    def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...], origin: int) -> None:
         """Route a forwarded message, the sessions that moved here lately apart: to each of
         those, only if it has not had the message by the other way. (A shared subscription's
         message comes by one way only, to one node: any member here may have it.)"""
@@ -422,7 +423,7 @@ class Cluster:
                 for subscription in session.subscriptions.values():
                     if subscription.share_group is None:
                         former.add(subscription)
-            self._deliver_formerly(message, former)
+            self._deliver_formerly(message, former, origin)
 
     def _qos0_received(self, data: bytes) -> None:
         self.broker.gathered(self._route_qos0, data)
@@ -432,10 +433,12 @@ class Cluster:
             self.stats.forwarded_in += 1
             self.broker.delivery.route(message, shares)
 
-    def _deliver_targeted(self, client_id: str, item: Queued) -> None:
-        """A message for one session (its previous owner's writes were fenced off)."""
+    def _deliver_targeted(self, client_id: str, item: Queued, origin: int) -> None:
+        """A message for one session (its previous owner's writes were fenced off, say), from
+        an inbox entry made at ``origin`` (Redis's time, ms): passed on to the session's owner
+        unless the session was begun anew since."""
         if client_id in self._claiming:
-            self._claiming[client_id].append(item)
+            self._claiming[client_id].append((item, origin))
             return
         session = self.broker.sessions.get(client_id)
         if session is not None and client_id in self.store.epochs:
@@ -449,9 +452,9 @@ class Cluster:
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more): the store sends it on to the session's owner, if any
             self.stats.redirected += 1
-            self.store.send_on(client_id, item)
+            self.store.send_on(client_id, item, origin)
 
-    def _deliver_formerly(self, message: Message, former: SubscriptionTree,
+    def _deliver_formerly(self, message: Message, former: SubscriptionTree, origin: int,
                           shares: tuple[tuple[str, str], ...] = (), everyone: bool = True) -> None:
         """A message from a dead node's inbox: to each session it held that matches (only to
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
@@ -467,7 +470,7 @@ class Cluster:
                             message.retain and member.retain_as_published,
                             (member.subscription_id,) if member.subscription_id else ()))
         for client_id, qos, retain, ids in targets:
-            self._deliver_targeted(client_id, Queued(message, qos, retain, ids))
+            self._deliver_targeted(client_id, Queued(message, qos, retain, ids), origin)
 
     # --- the control channel ----------------------------------------------------------------
 
@@ -655,11 +658,12 @@ class Cluster:
             cursor, entries = yield self.store.take_inbox(dead, cursor)
             for entry_id, data in entries:
                 if data is not None:
+                    origin = entry_time(entry_id)
                     for kind, first, second in unpack_records(bytes(data)):
                         if kind == TARGETED:
-                            self._deliver_targeted(first, second)
+                            self._deliver_targeted(first, second, origin)
                         else:
-                            self._deliver_formerly(first, former, second, everyone=kind == FORWARDED)
+                            self._deliver_formerly(first, former, origin, second, everyone=kind == FORWARDED)
                 self.store.handled(entry_id, dead)
             yield self.store.flushed()
             if not entries and cursor == "0-0":

@@ -73,6 +73,11 @@ INBOX_GROUP = "nodes"
 and a survivor a dead node's as the consumer of its own."""
 
 
+def entry_time(entry_id: bytes) -> int:
+    """When an inbox entry was made: Redis's time in ms, the first part of its id."""
+    return int(entry_id.partition(b"-")[0])
+
+
 def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
     """(id, data) of the entries of an XREADGROUP answer (data None: trimmed since given)."""
     if not reply:
@@ -305,11 +310,13 @@ class RedisStore:
         self.epochs.pop(client_id, None)
         self._record("x", client_id)
 
-    def send_on(self, client_id: str, item: Queued) -> None:
-        """A message for a session this node does not hold: Redis passes it to the node that
-        does (the epoch 0 is never a session's), or drops it if the session is gone."""
+    def send_on(self, client_id: str, item: Queued, origin: int) -> None:
+        """A message for a session this node does not hold, from an inbox entry made at
+        ``origin`` (Redis's time, ms; 0: unknown): Redis passes it to the node that holds the
+        session (the epoch 0 is never a session's), or drops it if the session is gone or was
+        begun anew after ``origin``."""
         packed = pack_queued(item)
-        self._record("Q", client_id, 0, 0, packed, "", 0, targeted_head(client_id, len(packed)))
+        self._record("Q", client_id, 0, origin, packed, "", 0, targeted_head(client_id, len(packed)))
 
     def give_up(self, client_id: str) -> None:
         """The node no longer holds the client (its session ended)."""
@@ -593,4 +600,4 @@ def _given_up(failure: Failure) -> None:
     failure.trap(CancelledError)
 
 
-__all__ = ["RedisStore", "Claim"]
+__all__ = ["RedisStore", "Claim", "entry_time"]

@@ -37,6 +37,8 @@ local n = #ARGV
 while i <= n do
   local op = ARGV[i]
   if op == 'Q' then -- a message for a session: client epoch seq item packet_id released redirect_head
+    -- (epoch 0: passed on by a node that does not hold the session; seq is then the time, in
+    -- ms, of the inbox entry it came in, 0 if unknown)
     local c, seq = ARGV[i + 1], ARGV[i + 3]
     if mine(c, ARGV[i + 2]) then
       redis.call('HSET', P .. 'deliv:' .. c, seq, ARGV[i + 4])
@@ -46,11 +48,17 @@ while i <= n do
         redis.call('HSET', P .. 'inflight:' .. c, seq, ARGV[i + 5] .. ':' .. ARGV[i + 6])
       end
     else
-      -- Not for a session begun anew (a clean start) since the epoch it was queued at; epoch
-      -- 0: passed on by a node that did not hold the session (node.py's send_on).
-      local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since')
-      local epoch = tonumber(ARGV[i + 2])
-      if owner[1] and not (owner[2] and epoch > 0 and tonumber(owner[2]) > epoch) then
+      -- Not for a session begun anew (a clean start) since the epoch it was queued at, or,
+      -- passed on, since the entry it came in was made.
+      local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since', 'since_ms')
+      local epoch, origin = tonumber(ARGV[i + 2]), tonumber(seq)
+      local older
+      if epoch > 0 then
+        older = owner[2] and tonumber(owner[2]) > epoch
+      else
+        older = owner[3] and origin > 0 and tonumber(owner[3]) > origin
+      end
+      if owner[1] and not older then
         redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4])
       end
     end

@@ -23,16 +23,20 @@ if required ~= '' and old_node ~= required then
 end
 local data = {P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
               P .. 'queue:' .. c, P .. 'pubrel:' .. c}
+-- 'since' and 'since_ms': the epoch and the time (Redis's, ms) at which the session was begun
+-- anew; batch.lua drops messages for its earlier life that come later.
+local now = redis.call('TIME')
+local now_ms = now[1] .. string.format('%03d', math.floor(now[2] / 1000))
 if old_node == node and old_epoch == known then -- held already, by this very process
   if clean then
     redis.call('DEL', unpack(data))
-    redis.call('HSET', owner_key, 'since', known) -- (see below)
+    redis.call('HSET', owner_key, 'since', known, 'since_ms', now_ms)
   end
   return {known, old_node, 1, false, 1}
 end
 local epoch = redis.call('INCR', P .. 'epochs')
-if clean then -- 'since': the session begun anew at this epoch (batch.lua drops older messages for it)
-  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch)
+if clean then
+  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch, 'since_ms', now_ms)
 else
   redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
 end
