@@ -195,34 +195,46 @@ def _mosquitto_order(name: str) -> list[tuple[int, int]]:
     return [(byte - 32 if 97 <= byte <= 122 else byte, byte) for byte in signed]
 
 
-def convert(path: str | Path) -> Conversion:
-    """Read a mosquitto.conf (and what it includes); raises OSError or ValueError for a file
-    that cannot be read or a value that cannot be understood."""
-    out = Conversion()
-    settings = out.settings
-    listeners: list[_Listener] = []
-    default_port: _Listener | None = None
-    bridge: dict[str, Any] | None = None
-    per_listener = False
-    security_seen = False
-    before_listeners: list[tuple[str, Any, str, int, str]] = []
-    """With per_listener_settings, the security lines before the first listener: (key, value,
-    source, line, text), the default listener's in Mosquitto."""
-    capaths: list[tuple[dict[str, Any], str, int, str]] = []
-    persistence = False
-    location = ""
+class _Converter:
+    """One conversion, read a line at a time: a method per family of directives takes the lines
+    that are its own, finish() does what needs every line."""
 
-    def note(source: str, number: int, text: str, why: str) -> None:
-        out.notes.append(Note(source, number, text, why))
+    def __init__(self) -> None:
+        self.out = Conversion()
+        self.listeners: list[_Listener] = []
+        self.default_port: _Listener | None = None
+        self.bridge: dict[str, Any] | None = None
+        """The table of the last connection line, until a listener line."""
+        self.capaths: list[tuple[dict[str, Any], str, int, str]] = []
+        self.per_listener = False
+        self.security_seen = False
+        self.before_listeners: list[tuple[str, Any, str, int, str]] = []
+        """With per_listener_settings, the security lines before the first listener: (key, value,
+        source, line, text), the default listener's in Mosquitto."""
+        self.persistence = False
+        self.location = ""
 
-    for source, number, text, words in _lines(Path(path), set()):
-        key, args = words[0], words[1:]
+    def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
+        # The first family to take the line has it, which settles the keys two of them know:
+        # allow_anonymous, password_file and acl_file are security's, not a listener's; max_qos and the
+        # like after a listener line are that listener's, not the global settings of those names.
+        for family in (self._bridge_line, self._security_line, self._listener_line, self._persistence_line,
+                       self._one_to_one_line):
+            if family(source, number, text, key, value):
+                return
+        self._unsupported_line(source, number, text, key, value)
+
+    def _note(self, source: str, number: int, text: str, why: str) -> None:
+        self.out.notes.append(Note(source, number, text, why))
+
+    def _bridge_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key == "connection":
-            bridge = {"connection": value}
-            out.bridges.append(bridge)
-            continue
-        if bridge is not None and key in _BRIDGE:
+            self.bridge = {"connection": value}
+            self.out.bridges.append(self.bridge)
+        elif (bridge := self.bridge) is None:
+            return False
+        elif key in _BRIDGE:
             name = _BRIDGE_RENAMED.get(key, key)
             if name == "addresses":
                 bridge.setdefault("addresses", []).extend(a for a in value.replace(",", " ").split())
@@ -233,133 +245,174 @@ def convert(path: str | Path) -> Conversion:
             elif name in ("keepalive_interval", "bridge_max_packet_size"):
                 bridge[name] = _value("int", value, source, number)
             elif name == "restart_timeout":
-                numbers = [_value("float", n, source, number) for n in args]
+                numbers = [_value("float", n, source, number) for n in value.split()]
                 if len(numbers) not in (1, 2):
                     raise ValueError(f"{source}:{number}: restart_timeout takes one or two numbers of seconds")
                 bridge[name] = numbers if len(numbers) == 2 else numbers[0]
             else:
                 bridge[name] = value
-            continue
-        if bridge is not None and key in ("bridge_identity", "bridge_psk"):
+        elif key in ("bridge_identity", "bridge_psk"):
             # Noting it would leave a bridge without TLS, its CONNECT (password too) in clear.
             raise ValueError(f"{source}:{number}: {key}: TLS-PSK is not supported here: give bridge_cafile with the "
                              f"remote's CA certificates (and bridge_certfile/bridge_keyfile) instead")
-        if bridge is not None and key == "bridge_capath":
-            capaths.append((bridge, source, number, text))  # refused below unless the bridge has bridge_cafile
-            continue
-        if bridge is not None and (key.startswith("bridge_") or key in (
-                "start_type", "round_robin", "idle_timeout", "threshold", "local_username", "local_password",
-                "local_cleansession")):
-            note(source, number, text, "this bridge setting has no equivalent here")
-            continue
-        if key == "listener":
-            if not args or not args[0].isdigit():
-                raise ValueError(f"{source}:{number}: listener needs a port")
-            listener = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
-            listeners.append(listener)
-            bridge = None
-            continue
-        if key == "port":
-            port = _value("int", value, source, number)
-            if default_port is None:
-                default_port = _Listener(port, "", source, number)
-            else:
-                default_port.port = port  # keeps the bind_address, certfile... given before it
-            continue
-        if key in _REFUSED:
-            raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
+        elif key == "bridge_capath":
+            self.capaths.append((bridge, source, number, text))  # refused below unless the bridge has bridge_cafile
+        elif key.startswith("bridge_") or key in ("start_type", "round_robin", "idle_timeout", "threshold",
+                                                  "local_username", "local_password", "local_cleansession"):
+            self._note(source, number, text, "this bridge setting has no equivalent here")
+        else:
+            return False
+        return True
+
+    def _security_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key in _SECURITY:
             ours, kind = _GLOBAL[key]
             converted = _setting(kind, value, source, number)
-            security_seen = True
-            if not per_listener:
-                settings[ours] = converted
-            elif listeners:
-                listeners[-1].security[key] = converted
+            self.security_seen = True
+            if not self.per_listener:
+                self.out.settings[ours] = converted
+            elif self.listeners:
+                self.listeners[-1].security[key] = converted
             else:
-                before_listeners.append((key, converted, source, number, text))
-            continue
-        if key in _LISTENER and (listeners or key in ("protocol", "socket_domain", "certfile", "keyfile",
-                                                        "cafile", "bind_address")):
-            target = listeners[-1] if listeners else default_port
-            if target is None:
-                default_port = target = _Listener(1883, "", source, number)
-            if key == "require_certificate":
-                target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
-                continue
-            elif key in _PER_LISTENER:
-                # Global settings here: the last listener's value applies to every one.
-                ours, kind = _GLOBAL[key]
-                settings[ours] = _value(kind, value, source, number)
-                target.limits[key] = (settings[ours], source, number, text)
-                continue
-            elif key in ("certfile", "keyfile", "cafile", "protocol", "bind_address"):
-                if key == "bind_address":
-                    target.bind = value
-                else:
-                    target.options[key] = value
-                continue
-            elif key == "socket_domain":
-                continue  # the interface decides the family here
-            else:
-                note(source, number, text, "no per-listener equivalent here")
-                continue
-        if key == "per_listener_settings":
-            per_listener = _bool(value, source, number)
-            if per_listener and security_seen:
+                self.before_listeners.append((key, converted, source, number, text))
+        elif key == "per_listener_settings":
+            self.per_listener = _bool(value, source, number)
+            if self.per_listener and self.security_seen:
                 # Mosquitto refuses it too: the lines before it were read as global ones.
                 raise ValueError(f"{source}:{number}: per_listener_settings must come before allow_anonymous, "
                                  f"password_file and acl_file")
-            if per_listener:
-                note(source, number, text, "authentication and ACLs apply to every listener alike here")
-            continue
+            if self.per_listener:
+                self._note(source, number, text, "authentication and ACLs apply to every listener alike here")
+        else:
+            return False
+        return True
+
+    def _listener_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
+        if key == "listener":
+            args = value.split()
+            if not args or not args[0].isdigit():
+                raise ValueError(f"{source}:{number}: listener needs a port")
+            self.listeners.append(_Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number))
+            self.bridge = None
+        elif key == "port":
+            port = _value("int", value, source, number)
+            if self.default_port is None:
+                self.default_port = _Listener(port, "", source, number)
+            else:
+                self.default_port.port = port  # keeps the bind_address, certfile... given before it
+        elif key in _REFUSED:
+            raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
+        elif key in _LISTENER and (self.listeners or key in ("protocol", "socket_domain", "certfile", "keyfile",
+                                                             "cafile", "bind_address")):
+            target = self.listeners[-1] if self.listeners else self.default_port
+            if target is None:
+                self.default_port = target = _Listener(1883, "", source, number)
+            if key == "require_certificate":
+                target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
+            elif key in _PER_LISTENER:
+                # Global settings here: the last listener's value applies to every one.
+                ours, kind = _GLOBAL[key]
+                self.out.settings[ours] = _value(kind, value, source, number)
+                target.limits[key] = (self.out.settings[ours], source, number, text)
+            elif key == "bind_address":
+                target.bind = value
+            elif key in ("certfile", "keyfile", "cafile", "protocol"):
+                target.options[key] = value
+            elif key != "socket_domain":  # (the interface decides the family here)
+                self._note(source, number, text, "no per-listener equivalent here")
+        else:
+            return False
+        return True
+
+    def _persistence_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key == "persistence":
-            persistence = _bool(value, source, number)
-            continue
-        if key == "persistence_location":
-            location = value
-            continue
-        if key in _GLOBAL:
-            ours, kind = _GLOBAL[key]
-            settings[ours] = _setting(kind, value, source, number)
-            if key == "max_inflight_messages" and settings[ours] == 0:
-                settings[ours] = _MAX_INFLIGHT
-                out.notes.append(Note(source, number, text, f"no limit in Mosquitto: {_MAX_INFLIGHT} here, the most "
-                                      f"there can be", carried=True))
-            continue
+            self.persistence = _bool(value, source, number)
+        elif key == "persistence_location":
+            self.location = value
+        else:
+            return False
+        return True
+
+    def _one_to_one_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
+        if key not in _GLOBAL:
+            return False
+        ours, kind = _GLOBAL[key]
+        settings = self.out.settings
+        settings[ours] = _setting(kind, value, source, number)
+        if key == "max_inflight_messages" and settings[ours] == 0:
+            settings[ours] = _MAX_INFLIGHT
+            self.out.notes.append(Note(source, number, text, f"no limit in Mosquitto: {_MAX_INFLIGHT} here, the most "
+                                       f"there can be", carried=True))
+        return True
+
+    def _unsupported_line(self, source: str, number: int, text: str, key: str, value: str) -> None:
         if key in _TWISTD:
-            note(source, number, text, f"done by {_TWISTD[key]}")
+            self._note(source, number, text, f"done by {_TWISTD[key]}")
         elif key in _HANDLED_HERE:
-            note(source, number, text, "the SQLite store commits each batch of changes and needs no tuning")
+            self._note(source, number, text, "the SQLite store commits each batch of changes and needs no tuning")
         elif key in ("plugin", "auth_plugin", "global_plugin") or key.startswith(("plugin_opt_", "auth_opt_")):
             why = ("dynamic security is not supported" if "dynamic_security" in value or "dynsec" in key
                    else "Mosquitto plugins do not load here; see docs/embedding.md (hooks) and docs/security.md")
-            note(source, number, text, why)
+            self._note(source, number, text, why)
         else:
-            note(source, number, text, "no equivalent setting here")
-    if persistence:
-        settings["persistence"] = "sqlite"
-        if location:
-            settings["data_dir"] = location.rstrip("/") or "/"
-    else:
-        settings["persistence"] = "memory"
-    if default_port is not None:
-        listeners.insert(0, default_port)
-    for key, default in _PER_LISTENER.items():
-        values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
-        if len(values) > 1:
-            value, source, number, text = [lst.limits[key] for lst in listeners if key in lst.limits][-1]
-            out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is global, "
-                                  f"{value} for every listener", carried=True))
-    if per_listener and listeners:
+            self._note(source, number, text, "no equivalent setting here")
+
+    def finish(self) -> Conversion:
+        """The conversion, with what needs every line: persistence, the listeners' settings that are
+        global here, the bridges' bridge_capath, the endpoints."""
+        settings = self.out.settings
+        if self.persistence:
+            settings["persistence"] = "sqlite"
+            if self.location:
+                settings["data_dir"] = self.location.rstrip("/") or "/"
+        else:
+            settings["persistence"] = "memory"
+        listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
+        for key, default in _PER_LISTENER.items():
+            values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
+            if len(values) > 1:
+                value, source, number, text = [lst.limits[key] for lst in listeners if key in lst.limits][-1]
+                self.out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is "
+                                           f"global, {value} for every listener", carried=True))
+        if self.per_listener and listeners:
+            self._listeners_security(listeners)
+        elif self.per_listener:
+            # No listener: Mosquitto listens on loopback only; global here, never more open than there.
+            settings.update({key: converted for key, converted, *_ in self.before_listeners})
+        for bridge_table, source, number, text in self.capaths:
+            if "bridge_cafile" not in bridge_table:
+                # Noting it would leave the bridge without TLS, its CONNECT (password too) in clear.
+                raise ValueError(f"{source}:{number}: bridge_capath is not supported here: give bridge_cafile with "
+                                 f"the remote's CA certificates instead")
+            self._note(source, number, text, "the remote's certificate is checked against bridge_cafile only")
+        endpoints: list[str] = []
+        websockets: list[str] = []
+        for listener in listeners:
+            protocol, description = listener.endpoint()
+            (websockets if protocol == "websockets" else endpoints).append(description)
+        if not listeners:
+            # Mosquitto 2 without a listener: local only, anonymous clients welcome.
+            endpoints = ["tcp:1883:interface=127.0.0.1"]
+            settings.setdefault("allow_anonymous", True)
+        else:
+            settings.setdefault("allow_anonymous", False)  # Mosquitto 2's default once a listener is set
+        settings["endpoints"] = endpoints
+        if websockets:
+            settings["websocket_endpoints"] = websockets
+        for table in self.out.bridges:
+            table.setdefault("topic", [])
+        return self.out
+
+    def _listeners_security(self, listeners: list[_Listener]) -> None:
+        """With per_listener_settings: the listeners' authentication and ACLs, refused unless alike."""
         # Mosquitto gives what comes before the first listener to the default listener (of a port
         # line) only: a `listener` section keeps its own settings and Mosquitto 2's defaults.
-        for key, converted, source, number, text in before_listeners:
-            if default_port is not None:
-                default_port.security[key] = converted
+        for key, converted, source, number, text in self.before_listeners:
+            if self.default_port is not None:
+                self.default_port.security[key] = converted
             else:
-                note(source, number, text, "with per_listener_settings true it is the default listener's (of a port "
-                     "line) only, and there is none")
+                self._note(source, number, text, "with per_listener_settings true it is the default listener's (of a "
+                           "port line) only, and there is none")
         # Authentication and ACLs are the same for every listener here: the listeners must agree,
         # or one would be converted with another's (a password file dropped, anonymous clients let in).
         effective = [{**_SECURITY, **listener.security} for listener in listeners]
@@ -369,33 +422,16 @@ def convert(path: str | Path) -> Conversion:
                                  f"password_file or acl_file differ from the first one's (one not set is Mosquitto's "
                                  f"default: allow_anonymous false, no file); here they apply to every listener "
                                  f"alike: give each listener the same")
-        settings.update({key: value for key, value in effective[0].items() if value is not None})
-    elif per_listener:
-        # No listener: Mosquitto listens on loopback only; global here, never more open than there.
-        settings.update({key: converted for key, converted, *_ in before_listeners})
-    for bridge_table, source, number, text in capaths:
-        if "bridge_cafile" not in bridge_table:
-            # Noting it would leave the bridge without TLS, its CONNECT (password too) in clear.
-            raise ValueError(f"{source}:{number}: bridge_capath is not supported here: give bridge_cafile with the "
-                             f"remote's CA certificates instead")
-        note(source, number, text, "the remote's certificate is checked against bridge_cafile only")
-    endpoints: list[str] = []
-    websockets: list[str] = []
-    for listener in listeners:
-        protocol, description = listener.endpoint()
-        (websockets if protocol == "websockets" else endpoints).append(description)
-    if not listeners:
-        # Mosquitto 2 without a listener: local only, anonymous clients welcome.
-        endpoints = ["tcp:1883:interface=127.0.0.1"]
-        settings.setdefault("allow_anonymous", True)
-    else:
-        settings.setdefault("allow_anonymous", False)  # Mosquitto 2's default once a listener is set
-    settings["endpoints"] = endpoints
-    if websockets:
-        settings["websocket_endpoints"] = websockets
-    for table in out.bridges:
-        table.setdefault("topic", [])
-    return out
+        self.out.settings.update({key: value for key, value in effective[0].items() if value is not None})
+
+
+def convert(path: str | Path) -> Conversion:
+    """Read a mosquitto.conf (and what it includes); raises OSError or ValueError for a file
+    that cannot be read or a value that cannot be understood."""
+    converter = _Converter()
+    for source, number, text, words in _lines(Path(path), set()):
+        converter.read(source, number, text, words[0])
+    return converter.finish()
 
 
 def _bool(value: str, source: str, number: int) -> bool:
