@@ -23,6 +23,15 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 15.0
         time.sleep(0.02)
 
 
+def holds_within(condition: Callable[[], object], timeout: float) -> bool:
+    """Whether ``condition`` comes to hold within ``timeout`` seconds."""
+    try:
+        wait_until(condition, "", timeout)
+    except AssertionError:
+        return False
+    return True
+
+
 def reachable(publisher: Any, subscribers: list[Any], topic: str) -> None:
     """Wait until a message ``publisher`` (a PahoClient) publishes on ``topic`` reaches every one of
     ``subscribers``: a node learns the others' filters from the control channel, a moment after

@@ -18,7 +18,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_broker.wire import MQTT_5, Connack, Connect, Disconnect, Puback, Publish, Subscribe, SubscriptionRequest
 
-from cluster_helpers import Cluster, reachable, wait_until
+from cluster_helpers import Cluster, holds_within, reachable, wait_until
 from paho_helpers import PahoClient
 from rawclient import RawClient
 
@@ -163,20 +163,39 @@ def test_retained_messages_are_cluster_wide(cluster: Cluster) -> None:
     publisher = PahoClient(cluster["a"].port, unique("pub"))
     try:
         publisher.publish(topic, b"on", qos=1, retain=True)
+        # Redis has it once the publish is acknowledged; c learns it by the control channel.
+        wait_until(lambda: retained_at(cluster["c"].port, topic) == b"on", "c's replica to hold the message")
         late = PahoClient(cluster["c"].port, unique("late"))
-        wait_until(lambda: cluster.redis.client().hexists("mqtt:retained", topic), "the retained message in Redis")
         late.subscribe(topic.split("/")[0] + "/+", 1)
         message = late.message()
         assert (message.payload, message.retain) == (b"on", True)
         late.close()
         publisher.publish(topic, b"", qos=1, retain=True)  # deleted everywhere
-        wait_until(lambda: not cluster.redis.client().hexists("mqtt:retained", topic), "the deletion in Redis")
+        # A fence: retained after the deletion, its event comes after the deletion's, on one channel.
+        fence = topic.split("/")[0] + "/fence"
+        publisher.publish(fence, b"fence", qos=1, retain=True)
+        wait_until(lambda: retained_at(cluster["b"].port, fence) == b"fence", "b to hear of the deletion")
+        publisher.publish(fence, b"", qos=1, retain=True)
         again = PahoClient(cluster["b"].port, unique("again"))
         again.subscribe(topic, 1)
         assert again.no_message(0.5)
         again.close()
     finally:
         publisher.close()
+
+
+def retained_at(port: int, topic: str) -> bytes | None:
+    """The retained message a node gives a new subscriber of ``topic`` (None: none in 0.2 s)."""
+    probe = PahoClient(port, unique("retained-probe"))
+    try:
+        probe.subscribe(topic, 0)
+        try:
+            message = probe.messages.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        return message.payload if message.retain else None
+    finally:
+        probe.close()
 
 
 def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster: Cluster) -> None:
@@ -187,11 +206,14 @@ def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster
         for node, member in members.items():
             member.subscribe(group, 1)
             settled(cluster, node, group)
-        # Probes until the publisher's node knows every node's members (each node's get some).
+        # Probes until the publisher's node knows every node's members (each node's get some):
+        # Redis has the routes, a learns them a moment later by the control channel.
         for _ in range(150):
             publisher.publish("jobs", b"probe", qos=1)
-            if all(not member.messages.empty() for member in members.values()):
+            if holds_within(lambda: all(not member.messages.empty() for member in members.values()), 0.1):
                 break
+        else:
+            raise AssertionError("node a never gave the group's probes to every node's member")
         for n in range(30):
             publisher.publish("jobs", b"%d" % n, qos=1)
         got: dict[str, list[int]] = {node: [] for node in members}

@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cluster_helpers import Cluster, wait_until
+from cluster_helpers import Cluster, reachable, wait_until
 from crash_clients import exchange
 from paho_helpers import PahoClient
 from rawclient import RawClient
@@ -60,6 +60,10 @@ def test_the_wills_of_a_killed_node_are_published_once(cluster: Cluster) -> None
                            will=("wills/never", b"must not be published", 1, False, _will_delay(30)))  # type: ignore[arg-type]
     for client in (at_once, delayed, returning):
         client.client.loop_stop()  # the node dies under them; they say nothing more
+    # (b answers a CONNECT before its batch of the session and will reaches Redis)
+    redis = cluster.redis.client()
+    wait_until(lambda: all(redis.hexists(f"mqtt:session:{c}", "will") for c in ("dies-at-once", "dies-later",
+                                                                                 "comes-back")), "b to store the wills")
     cluster["b"].kill()
     first = observer.message()
     assert (first.topic, first.payload) == ("wills/at-once", b"gone")
@@ -162,6 +166,9 @@ def test_redis_away_for_ten_seconds(cluster: Cluster, tmp_path: Path) -> None:
     remote_sub = PahoClient(cluster["b"].port, "remote-sub", clean=False)
     remote_sub.subscribe("remote/#", 1)
     wait_until(lambda: "remote/#" in cluster.routes("b"), "b's route")
+    prober = PahoClient(cluster["a"].port, "away-prober")  # a learns b's route by the control channel
+    reachable(prober, [remote_sub], "remote/probe")
+    prober.close()
     publisher = RawClient(cluster["a"].port)
     publisher.connect("away-pub")
     cluster.redis.stop()
