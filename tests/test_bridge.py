@@ -105,16 +105,26 @@ def test_retained_messages_go_out_and_come_in(broker_process: Any, mosquitto: An
     cloud = PahoClient(remote.port)
     cloud.publish("config/edge1", b"v2", 1, retain=True)
     ours = bridged(broker_process, tmp_path, remote.port, topic=["status/# out 1", "config/# in 1"])
+    # The state says both links are up; the retained message the remote sends for the bridge's
+    # SUBSCRIBE crosses after that (a turn later at least). Once a subscriber here has it, live or
+    # retained, it is kept here: the broker stores a retained message before it delivers it.
+    probe = PahoClient(ours.port)
+    probe.subscribe("config/#", 1)
+    assert probe.message().payload == b"v2"
     local = PahoClient(ours.port)
     assert local.subscribe("config/#", 1)
     got = local.message()
     assert (got.topic, got.payload, got.retain) == ("config/edge1", b"v2", True)
+    # Likewise out: our PUBACK says nothing of the remote; once a subscriber there has the
+    # message, the remote keeps it (Mosquitto stores a retained message before it delivers it).
+    cloud.subscribe("status/#", 1)
     local.publish("status/edge1", b"online", 1, retain=True)
+    assert cloud.message().payload == b"online"
     later = PahoClient(remote.port)
     later.subscribe("status/#", 1)
     got = later.message()
     assert (got.topic, got.payload, got.retain) == ("status/edge1", b"online", True)
-    for client in (cloud, local, later):
+    for client in (cloud, probe, local, later):
         client.close()
 
 
@@ -417,6 +427,7 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
     """Without a store, what waits for the remote is bounded by max_queued_messages like any
     session's queue: beyond it messages are dropped, counted and logged; the rest goes out."""
     import json
+    import time
     import urllib.request
 
     from admin_http import KEY
@@ -438,10 +449,20 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
     local = PahoClient(ours.port)
     for n in range(30):
         local.publish("q/x", f"m {n}".encode(), 1)
-    request = urllib.request.Request(f"http://127.0.0.1:{http}/api/v1/bridges/cloud",
-                                     headers={"Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        bridge = json.load(answer)
+
+    def bridge_now() -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{http}/api/v1/bridges/cloud",
+                                         headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.load(answer)
+    # Between its attempts to reach the remote the bridge is "waiting"; each attempt (the first
+    # 0.2 s after the link went down, then every 0.2 to 1 s) makes it "connecting" for a while
+    # (a refused attempt is noticed some 0.3 s later): this may come in the middle of one.
+    bridge = bridge_now()
+    deadline = time.monotonic() + 10
+    while bridge["state"] == "connecting" and time.monotonic() < deadline:
+        time.sleep(0.02)
+        bridge = bridge_now()
     assert bridge["queued"] == 10 and bridge["state"] == "waiting"
     full = [event for event in ours.events()
             if event.get("log_format", "").startswith("queue of {client_id} is full")]
