@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import queue
-import time
 import urllib.parse
 from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
 from admin_http import KEY, OTHER_KEY, Admin, start_admin
+from cluster_helpers import wait_until
 from conftest import BrokerProcess
 from openapi_spec_validator import validate
 from paho_helpers import WAIT, PahoClient
@@ -338,11 +338,7 @@ def test_stats_and_metrics_after_a_known_workload(admin: Admin) -> None:
     assert metrics[("mqtt_delivery_latency_seconds_count", ())] >= 1   # sampled ten times a second
     # The reactor's lag is first measured a quarter of a second after the broker started: this
     # module's broker may be younger than that (this test run alone), so wait for the measurement.
-    deadline = time.monotonic() + WAIT
-    while metrics[("mqtt_reactor_lag_seconds_count", ())] < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        metrics = scrape(admin)
-    assert metrics[("mqtt_reactor_lag_seconds_count", ())] >= 1
+    wait_until(lambda: scrape(admin)[("mqtt_reactor_lag_seconds_count", ())] >= 1, "the reactor's lag measured", WAIT)
     for client in (subscriber, *publishers):
         client.close()
 
