@@ -15,7 +15,9 @@ from twisted.internet.task import Clock, deferLater
 
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
-from mqtt_broker.cluster.codec import pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will
+from mqtt_broker.cluster.codec import (
+    pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
+)
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
@@ -280,6 +282,12 @@ def test_an_inbox_entry_that_cannot_be_handled_is_passed_over(server: RedisServe
         yield link.close()
 
 
+def targeted(payload: bytes) -> bytes:
+    """An inbox entry's record of a message for the session of client c alone."""
+    packed = pack_queued(Queued(Message(topic="t", payload=payload, qos=1), 1, False, (), None, 0))
+    return targeted_head("c", len(packed)) + packed
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passed_on(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -290,16 +298,11 @@ def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passe
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     redis = server.client()
-
-    def record(payload: bytes) -> bytes:
-        packed = pack_queued(Queued(Message(topic="t", payload=payload, qos=1), 1, False, (), None, 0))
-        return targeted_head("c", len(packed)) + packed
     try:
-        yield b.claim("c", True, 0)
-        seconds, micros = redis.time()
-        begun = seconds * 1000 + micros // 1000
-        redis.xadd("mqtt:inbox:a", {"d": record(b"from before")}, id=f"{begun - 5_000}-0")
-        redis.xadd("mqtt:inbox:a", {"d": record(b"from after")}, id=f"{begun + 5_000}-0")
+        redis.set("mqtt:epochs", 100)  # (the stamp one below the session's is not 0, no stamp)
+        claim = yield b.claim("c", True, 0)
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from before"), "e": claim.since - 1})
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from after"), "e": claim.since})
         yield until(lambda: broker.cluster.stats.forwarded_in == 2 and
                     redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "a to handle both")
         payloads = [queued.message.payload for _, data in redis.xrange("mqtt:inbox:b")
@@ -308,6 +311,30 @@ def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passe
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_from_before_its_session_was_begun_anew_here_is_not_delivered(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The same, on the node that holds the session begun anew: what its inbox holds for the
+    session's earlier life is not delivered to it (as a survivor emptying a dead node's inbox
+    would have it), what came after is."""
+    broker = yield node_a(server)
+    redis = server.client()
+    try:
+        redis.set("mqtt:epochs", 100)  # (the stamp one below the session's is not 0, no stamp)
+        client = yield connect(broker, 5, client_id="c", clean_start=True)
+        client.received()
+        since = broker.store.since["c"]
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from before"), "e": since - 1})
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from after"), "e": since})
+        got: list[Publish] = []
+        yield until(lambda: received(client, got), "the message from after")
+        yield until(lambda: broker.cluster.stats.forwarded_in == 2 and
+                    redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "a to handle both")
+        assert [p.payload for p in got + client.received()] == [b"from after"]
+    finally:
+        yield broker.stopService()
 
 
 @pytest_twisted.inlineCallbacks

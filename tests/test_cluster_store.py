@@ -121,31 +121,35 @@ def test_a_message_the_previous_owner_queued_does_not_reach_a_session_begun_anew
 @pytest_twisted.inlineCallbacks
 def test_a_message_passed_on_from_before_a_clean_start_does_not_reach_the_new_session(
         nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
-    """A node that no longer holds a session passes a message for it on with the time of the
-    inbox entry it came in: one from before the session was begun anew is dropped; one from
-    after, or of an unknown time, goes to the owner."""
+    """A node that no longer holds a session passes a message for it on with the stamp of the
+    inbox entry it came in (the epochs counter when the entry was made): one from before the
+    session was begun anew is dropped; one from after, or without a stamp, goes to the owner,
+    in an entry stamped in its turn."""
     a, b = nodes
     redis = server.client()
     yield a.claim("c", False, 0)
-    yield b.claim("c", True, 0)
-    seconds, micros = redis.time()
-    begun = seconds * 1000 + micros // 1000
-    assert int(redis.hget("mqtt:owner:c", "since_ms")) <= begun
-    a.send_on("c", item(b"from before", 1), begun - 5_000)
+    claim = yield b.claim("c", True, 0)
+    since = int(redis.hget("mqtt:owner:c", "since"))
+    assert since == claim.since == claim.epoch == b.since["c"]
+    a.send_on("c", item(b"from before", 1), since - 1)
     yield a.flushed()
     assert redis.xrange("mqtt:inbox:b") == []
-    a.send_on("c", item(b"from after", 2), begun + 5_000)
-    a.send_on("c", item(b"from an unknown time", 3), 0)
+    a.send_on("c", item(b"from after", 2), since)
+    a.send_on("c", item(b"without a stamp", 3), 0)
     yield a.flushed()
-    payloads = [queued.message.payload for _, data in redis.xrange("mqtt:inbox:b")
-                for _, _, queued in unpack_records(data[b"d"])]
-    assert payloads == [b"from after", b"from an unknown time"]
-    # Begun anew again by the node that holds it: its time is recorded too.
-    redis.hset("mqtt:owner:c", "since_ms", 0)
-    yield b.claim("c", True, 0)
-    a.send_on("c", item(b"from before again", 4), begun - 5_000)
+    entries = redis.xrange("mqtt:inbox:b")
+    assert [queued.message.payload for _, fields in entries for _, _, queued in unpack_records(fields[b"d"])] == [
+        b"from after", b"without a stamp"]
+    assert {int(fields[b"e"]) for _, fields in entries} == {int(redis.get("mqtt:epochs"))}
+    # Begun anew again by the node that holds it (its epoch unchanged): a new 'since' all the same.
+    again = yield b.claim("c", True, 0)
+    assert again.epoch == claim.epoch and again.since > since
+    a.send_on("c", item(b"from before again", 4), since)
     yield a.flushed()
     assert len(redis.xrange("mqtt:inbox:b")) == 2
+    # Claimed again without a clean start, the session keeps its 'since'.
+    goes_on = yield a.claim("c", False, 0)
+    assert goes_on.since == again.since == a.since["c"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -327,7 +331,7 @@ def test_marks_of_handled_entries_wait_for_a_batch_or_their_delay(server: RedisS
 
     try:
         yield store.create_inbox()
-        ((first, _),) = yield give(b"1")
+        ((first, _, _),) = yield give(b"1")
         store.handled(first)
         clock.advance(ACK_DELAY / 2)
         yield link.call("PING")  # after any batch sent so far, on the same connection
@@ -336,13 +340,13 @@ def test_marks_of_handled_entries_wait_for_a_batch_or_their_delay(server: RedisS
         yield written(store.flushed())
         assert pending() == 0
 
-        ((second, _),) = yield give(b"2")
+        ((second, _, _),) = yield give(b"2")
         store.handled(second)
         store.route("x/#", True)  # another change: the mark rides in its batch at once
         yield written(store.flushed())
         assert pending() == 0 and redis.hkeys("mqtt:routes:b") == [b"x/#"]
 
-        ((third, _),) = yield give(b"3")
+        ((third, _, _),) = yield give(b"3")
         store.handled(third)
         yield written(store.flushed())  # flushed() means every mark so far is written
         assert pending() == 0

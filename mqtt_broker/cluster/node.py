@@ -30,7 +30,7 @@ from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained, unpack_will
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
-from .store import Claim, RedisStore, entry_time
+from .store import Claim, InboxEntry, RedisStore
 
 if TYPE_CHECKING:
     from ..broker import BrokerService
@@ -91,7 +91,7 @@ class Cluster:
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[tuple[Queued, int]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
-        their inbox entries' times, see ``_deliver_targeted``)."""
+        their inbox entries' stamps, see ``_deliver_targeted``)."""
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
@@ -210,8 +210,8 @@ class Cluster:
                 if claim.previous is not None and claim.previous != self.node:
                     self._moved_here(client_id)
         held = self._claiming.pop(client_id, [])
-        for item, origin in held:
-            self._deliver_targeted(client_id, item, origin)
+        for item, stamp in held:
+            self._deliver_targeted(client_id, item, stamp)
         if timer.active():
             timer.cancel()
             answer.callback(True)  # the connection attaches now, if it is still there
@@ -246,8 +246,8 @@ class Cluster:
         if timer.active():
             timer.cancel()
             answer.callback(False)
-        for item, origin in held:  # to the session's owner, through Redis
-            self._deliver_targeted(client_id, item, origin)
+        for item, stamp in held:  # to the session's owner, through Redis
+            self._deliver_targeted(client_id, item, stamp)
         # Redis may have applied the claim and lost only its answer: once it answers again,
         # what it says this node holds and this node does not know is taken as at a restart.
         self.store.flushed().addCallback(lambda _: self._adopt(self.node)).addErrback(self._check_failed)
@@ -346,7 +346,7 @@ class Cluster:
         self._reading = True
         self.store.read_inbox(since).addCallbacks(self._inbox_read, self._inbox_failed, callbackArgs=(since,))
 
-    def _inbox_read(self, entries: list[tuple[bytes, bytes | None]], since: str) -> None:
+    def _inbox_read(self, entries: list[InboxEntry], since: str) -> None:
         self.broker.gathered(self._handle_entries, entries)
         if since == "0":
             # The next read of pending entries once these are marked handled, or they would be
@@ -355,11 +355,11 @@ class Cluster:
         else:  # new entries are given once: the next read goes at once
             self._inbox_handled(None, since)
 
-    def _handle_entries(self, entries: list[tuple[bytes, bytes | None]]) -> None:
-        for entry_id, data in entries:
+    def _handle_entries(self, entries: list[InboxEntry]) -> None:
+        for entry_id, data, stamp in entries:
             if data is not None:  # (None: trimmed away since it was read)
                 try:
-                    self._handle_entry(bytes(data), entry_time(entry_id))
+                    self._handle_entry(bytes(data), stamp)
                 except Exception:
                     # (read again, it would fail again, and stop every entry after it for good)
                     log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
@@ -385,12 +385,12 @@ class Cluster:
         (the marks of the entries handled before an outage among it): none is handled twice."""
         self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
-    def _handle_entry(self, data: bytes, origin: int) -> None:
+    def _handle_entry(self, data: bytes, stamp: int) -> None:
         delivery = self.broker.delivery
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
             if kind == TARGETED:
-                self._deliver_targeted(first, second, origin)
+                self._deliver_targeted(first, second, stamp)
                 continue
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
@@ -399,13 +399,13 @@ class Cluster:
                 if kind == HANDED:
                     delivery.handed(first, second)
                 elif self._moving and first.qos:
-                    self._route_while_moving(first, second, origin)
+                    self._route_while_moving(first, second, stamp)
                 else:
                     delivery.route(first, second)
             finally:
                 delivery.routing_waits_for_store = False
 
-    def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...], origin: int) -> None:
+    def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...], stamp: int) -> None:
         """Route a forwarded message, the sessions that moved here lately apart: to each of
         those, only if it has not had the message by the other way. (A shared subscription's
         message comes by one way only, to one node: any member here may have it.)"""
@@ -423,7 +423,7 @@ class Cluster:
                 for subscription in session.subscriptions.values():
                     if subscription.share_group is None:
                         former.add(subscription)
-            self._deliver_formerly(message, former, origin)
+            self._deliver_formerly(message, former, stamp)
 
     def _qos0_received(self, data: bytes) -> None:
         self.broker.gathered(self._route_qos0, data)
@@ -433,15 +433,20 @@ class Cluster:
             self.stats.forwarded_in += 1
             self.broker.delivery.route(message, shares)
 
-    def _deliver_targeted(self, client_id: str, item: Queued, origin: int) -> None:
+    def _deliver_targeted(self, client_id: str, item: Queued, stamp: int) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
-        an inbox entry made at ``origin`` (Redis's time, ms): passed on to the session's owner
-        unless the session was begun anew since."""
+        an inbox entry of ``stamp``: not for the session if it was begun anew since the entry
+        was made. A shared subscription's message goes to the member it was given to all the
+        same (dropped, the group would not have it)."""
         if client_id in self._claiming:
-            self._claiming[client_id].append((item, origin))
+            self._claiming[client_id].append((item, stamp))
             return
+        if item.share is not None:
+            stamp = 0
         session = self.broker.sessions.get(client_id)
         if session is not None and client_id in self.store.epochs:
+            if stamp and stamp < self.store.since.get(client_id, 0):
+                return  # for the session's earlier life
             security = self.broker.security
             if security is not None and session.identity is not None and not security.can_read(
                     session.identity, item.message.topic):
@@ -452,9 +457,9 @@ class Cluster:
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more): the store sends it on to the session's owner, if any
             self.stats.redirected += 1
-            self.store.send_on(client_id, item, origin)
+            self.store.send_on(client_id, item, stamp)
 
-    def _deliver_formerly(self, message: Message, former: SubscriptionTree, origin: int,
+    def _deliver_formerly(self, message: Message, former: SubscriptionTree, stamp: int,
                           shares: tuple[tuple[str, str], ...] = (), everyone: bool = True) -> None:
         """A message from a dead node's inbox: to each session it held that matches (only to
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
@@ -470,7 +475,7 @@ class Cluster:
                             message.retain and member.retain_as_published,
                             (member.subscription_id,) if member.subscription_id else ()))
         for client_id, qos, retain, ids in targets:
-            self._deliver_targeted(client_id, Queued(message, qos, retain, ids), origin)
+            self._deliver_targeted(client_id, Queued(message, qos, retain, ids), stamp)
 
     # --- the control channel ----------------------------------------------------------------
 
@@ -656,14 +661,13 @@ class Cluster:
         cursor = "0-0"
         for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
             cursor, entries = yield self.store.take_inbox(dead, cursor)
-            for entry_id, data in entries:
+            for entry_id, data, stamp in entries:
                 if data is not None:
-                    origin = entry_time(entry_id)
                     for kind, first, second in unpack_records(bytes(data)):
                         if kind == TARGETED:
-                            self._deliver_targeted(first, second, origin)
+                            self._deliver_targeted(first, second, stamp)
                         else:
-                            self._deliver_formerly(first, former, origin, second, everyone=kind == FORWARDED)
+                            self._deliver_formerly(first, former, stamp, shares=second, everyone=kind == FORWARDED)
                 self.store.handled(entry_id, dead)
             yield self.store.flushed()
             if not entries and cursor == "0-0":

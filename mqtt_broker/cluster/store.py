@@ -51,7 +51,7 @@ BATCH, CLAIM, QUEUED, ROUTES = _script("batch"), _script("claim"), _script("queu
 class Claim:
     """What ``RedisStore.claim`` found: the new epoch, the previous owner, and the session."""
 
-    __slots__ = ("epoch", "previous", "previous_alive", "will", "current", "session", "disconnected_at")
+    __slots__ = ("epoch", "previous", "previous_alive", "will", "current", "since", "session", "disconnected_at")
 
     def __init__(self, reply: list[Any], client_id: str) -> None:
         self.epoch = int(reply[0])
@@ -62,9 +62,12 @@ class Claim:
         if it is alive, but for a delayed one of a session that goes on."""
         self.current = bool(reply[4])
         """The caller held the session already: its copy is current."""
+        self.since = int(reply[5])
+        """The epoch at which the session was last begun anew (0: never): what was meant for it
+        before then is not delivered."""
         self.session: Session | None = None
         self.disconnected_at: float | None = None
-        if len(reply) > 5:
+        if len(reply) > 6:
             self.session, self.disconnected_at = _session(client_id, reply)
 
 
@@ -73,20 +76,26 @@ INBOX_GROUP = "nodes"
 and a survivor a dead node's as the consumer of its own."""
 
 
-def entry_time(entry_id: bytes) -> int:
-    """When an inbox entry was made: Redis's time in ms, the first part of its id."""
-    return int(entry_id.partition(b"-")[0])
+InboxEntry = tuple[bytes, bytes | None, int]
+"""An inbox entry: its id, its data (None: trimmed since it was given) and its stamp, the epochs
+counter when it was made (batch.lua; 0: none)."""
 
 
-def _entries(reply: Any) -> list[tuple[bytes, bytes | None]]:
-    """(id, data) of the entries of an XREADGROUP answer (data None: trimmed since given)."""
+def _entry(entry_id: bytes, fields: list[bytes] | None) -> InboxEntry:
+    if not fields:
+        return entry_id, None, 0
+    return entry_id, fields[1], int(fields[3]) if len(fields) > 3 else 0
+
+
+def _entries(reply: Any) -> list[InboxEntry]:
+    """The entries of an XREADGROUP answer."""
     if not reply:
         return []
-    return [(entry_id, fields[1] if fields else None) for entry_id, fields in reply[0][1]]
+    return [_entry(entry_id, fields) for entry_id, fields in reply[0][1]]
 
 
 def _session(client_id: str, reply: list[Any]) -> tuple[Session | None, float | None]:
-    fields, subs, inflight, queued, count, pubrel, last_queued = reply[5:12]
+    fields, subs, inflight, queued, count, pubrel, last_queued = reply[6:13]
     if not fields:
         return None, None
     meta = {fields[j].decode(): fields[j + 1] for j in range(0, len(fields), 2)}
@@ -150,6 +159,8 @@ class RedisStore:
         self.inbox_maxlen = inbox_maxlen
         self.epochs: dict[str, int] = {}
         """The epoch this node holds each of its clients' sessions at (claim)."""
+        self.since: dict[str, int] = {}
+        """The epoch at which each of those sessions was last begun anew (Claim.since)."""
         self.on_fenced: Callable[[str, int], None] | None = None
         """Called with (client id, epoch) when Redis refused changes made at that epoch: another
         node has claimed the session since."""
@@ -308,19 +319,20 @@ class RedisStore:
     def lost(self, client_id: str) -> None:
         """Another node claimed the client: this node no longer counts it as its own."""
         self.epochs.pop(client_id, None)
+        self.since.pop(client_id, None)
         self._record("x", client_id)
 
-    def send_on(self, client_id: str, item: Queued, origin: int) -> None:
-        """A message for a session this node does not hold, from an inbox entry made at
-        ``origin`` (Redis's time, ms; 0: unknown): Redis passes it to the node that holds the
-        session (the epoch 0 is never a session's), or drops it if the session is gone or was
-        begun anew after ``origin``."""
+    def send_on(self, client_id: str, item: Queued, stamp: int) -> None:
+        """A message for a session this node does not hold, from an inbox entry of ``stamp``
+        (0: none): Redis passes it to the node that holds the session (the epoch 0 is never a
+        session's), or drops it if the session is gone or was begun anew since the entry was made."""
         packed = pack_queued(item)
-        self._record("Q", client_id, 0, origin, packed, "", 0, targeted_head(client_id, len(packed)))
+        self._record("Q", client_id, 0, stamp, packed, "", 0, targeted_head(client_id, len(packed)))
 
     def give_up(self, client_id: str) -> None:
         """The node no longer holds the client (its session ended)."""
         epoch = self.epochs.pop(client_id, None)
+        self.since.pop(client_id, None)
         if epoch is not None:
             self._record("E", client_id, epoch)
 
@@ -418,9 +430,9 @@ class RedisStore:
         return self.redis.call("XGROUP", "CREATE", f"mqtt:inbox:{self.node}", INBOX_GROUP, "0", "MKSTREAM"
                                ).addErrback(exists)
 
-    def read_inbox(self, since: str) -> Deferred[list[tuple[bytes, bytes | None]]]:
+    def read_inbox(self, since: str) -> Deferred[list[InboxEntry]]:
         """Entries of this node's inbox, waiting up to two seconds for some: those given before
-        and not yet handled (``since`` "0"), or new ones (">"). (id, data or None if trimmed)."""
+        and not yet handled (``since`` "0"), or new ones (">")."""
         return self.redis.read("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT", 100, "BLOCK", 2000,
                                "STREAMS", f"mqtt:inbox:{self.node}", since).addCallback(_entries)
 
@@ -433,7 +445,7 @@ class RedisStore:
         try:
             reply = yield self.redis.call("XAUTOCLAIM", stream, INBOX_GROUP, self.node, 0, cursor, "COUNT", 100)
             cursor = reply[0].decode()
-            entries = [(entry_id, fields[1] if fields else None) for entry_id, fields in reply[1]]
+            entries = [_entry(entry_id, fields) for entry_id, fields in reply[1]]
             if cursor == "0-0":
                 entries += _entries((yield self.redis.call("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT",
                                                            100, "STREAMS", stream, ">")))
@@ -469,6 +481,7 @@ class RedisStore:
                 return None
             claim = Claim(reply, client_id)
             self.epochs[client_id] = claim.epoch
+            self.since[client_id] = claim.since
             return claim
         return self.flushed().addCallback(run).addCallback(claimed)
 
@@ -600,4 +613,4 @@ def _given_up(failure: Failure) -> None:
     failure.trap(CancelledError)
 
 
-__all__ = ["RedisStore", "Claim", "entry_time"]
+__all__ = ["RedisStore", "Claim", "InboxEntry"]

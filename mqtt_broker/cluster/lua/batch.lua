@@ -10,6 +10,9 @@
 local P = 'mqtt:'
 local node, marker, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local verdict, refused = {}, {}
+-- Each inbox entry is stamped with the epochs counter (field 'e'): a session begun anew after
+-- it was made has a higher 'since' (claim.lua), and the entry's messages for it are dropped.
+local stamp = redis.call('GET', P .. 'epochs') or '0'
 
 -- Sent again after an outage, a batch that was applied is not applied twice.
 local last = redis.call('GET', P .. 'applied:' .. node)
@@ -37,8 +40,8 @@ local n = #ARGV
 while i <= n do
   local op = ARGV[i]
   if op == 'Q' then -- a message for a session: client epoch seq item packet_id released redirect_head
-    -- (epoch 0: passed on by a node that does not hold the session; seq is then the time, in
-    -- ms, of the inbox entry it came in, 0 if unknown)
+    -- (epoch 0: passed on by a node that does not hold the session; seq is then the stamp of
+    -- the inbox entry it came in, 0 if it has none)
     local c, seq = ARGV[i + 1], ARGV[i + 3]
     if mine(c, ARGV[i + 2]) then
       redis.call('HSET', P .. 'deliv:' .. c, seq, ARGV[i + 4])
@@ -50,16 +53,12 @@ while i <= n do
     else
       -- Not for a session begun anew (a clean start) since the epoch it was queued at, or,
       -- passed on, since the entry it came in was made.
-      local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since', 'since_ms')
-      local epoch, origin = tonumber(ARGV[i + 2]), tonumber(seq)
-      local older
-      if epoch > 0 then
-        older = owner[2] and tonumber(owner[2]) > epoch
-      else
-        older = owner[3] and origin > 0 and tonumber(owner[3]) > origin
-      end
-      if owner[1] and not older then
-        redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4])
+      local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since')
+      local epoch = tonumber(ARGV[i + 2])
+      if epoch == 0 then epoch = tonumber(seq) end
+      if owner[1] and not (owner[2] and epoch > 0 and tonumber(owner[2]) > epoch) then
+        redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4],
+                   'e', stamp)
       end
     end
     i = i + 8
@@ -133,7 +132,7 @@ while i <= n do
     redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
     i = i + 2
   elseif op == 'X' then -- messages for another node: node entry
-    redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2])
+    redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2], 'e', stamp)
     i = i + 3
   elseif op == 'A' then -- an inbox entry is handled: the inbox's node ('': this node's), entry id
     redis.call('XACK', P .. 'inbox:' .. (ARGV[i + 1] == '' and node or ARGV[i + 1]), 'nodes', ARGV[i + 2])

@@ -10,33 +10,34 @@
 -- goes on (the claimant keeps that one, should its own connection be gone).
 --
 -- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
--- copy is current, session fields, subscriptions, {seq, 'packet_id:released', item}...,
+-- copy is current, since (below), session fields, subscriptions, {seq, 'packet_id:released', item}...,
 -- {seq, item}... queued, queued count, inbound QoS 2 packet ids, the last queued seq}; false if the session is not
 -- held by the required node.
 local P = 'mqtt:'
 local c, node, clean, known, window, required = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local owner_key = P .. 'owner:' .. c
-local old = redis.call('HMGET', owner_key, 'node', 'epoch')
-local old_node, old_epoch = old[1], old[2]
+local old = redis.call('HMGET', owner_key, 'node', 'epoch', 'since')
+local old_node, old_epoch, since = old[1], old[2], old[3] or 0
 if required ~= '' and old_node ~= required then
   return false
 end
 local data = {P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
               P .. 'queue:' .. c, P .. 'pubrel:' .. c}
--- 'since' and 'since_ms': the epoch and the time (Redis's, ms) at which the session was begun
--- anew; batch.lua drops messages for its earlier life that come later.
-local now = redis.call('TIME')
-local now_ms = now[1] .. string.format('%03d', math.floor(now[2] / 1000))
+-- 'since': the value of the epochs counter when the session was begun anew. Messages for its
+-- earlier life were queued at a lower epoch, or came in an inbox entry stamped with a lower
+-- value (batch.lua): they are dropped, by batch.lua or by the node that holds the session.
 if old_node == node and old_epoch == known then -- held already, by this very process
   if clean then
     redis.call('DEL', unpack(data))
-    redis.call('HSET', owner_key, 'since', known, 'since_ms', now_ms)
+    since = redis.call('INCR', P .. 'epochs')
+    redis.call('HSET', owner_key, 'since', since)
   end
-  return {known, old_node, 1, false, 1}
+  return {known, old_node, 1, false, 1, since}
 end
 local epoch = redis.call('INCR', P .. 'epochs')
 if clean then
-  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch, 'since_ms', now_ms)
+  since = epoch
+  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch)
 else
   redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
 end
@@ -53,7 +54,7 @@ local will = redis.call('HGET', data[1], 'will')
 redis.call('HDEL', data[1], 'will')
 if clean and (alive == 1 or not old_node) then -- (a live previous owner ends it itself)
   redis.call('DEL', unpack(data))
-  return {epoch, old_node or false, alive, will, 0}
+  return {epoch, old_node or false, alive, will, 0, since}
 end
 -- A clean start ends the session here, returned all the same: what its shared subscriptions
 -- did not finish goes to another member of each.
@@ -69,7 +70,7 @@ for j = 1, #first do
   queued[#queued + 1] = {first[j], redis.call('HGET', data[3], first[j])}
 end
 local last = redis.call('ZRANGE', data[5], -1, -1)
-local reply = {epoch, old_node or false, alive, will, 0, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
+local reply = {epoch, old_node or false, alive, will, 0, since, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
                inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6]), last[1] or 0}
 if clean then redis.call('DEL', unpack(data)) end
 return reply
