@@ -153,6 +153,25 @@ def test_a_message_passed_on_from_before_a_clean_start_does_not_reach_the_new_se
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_message_queued_in_the_copy_of_a_session_that_moved_goes_to_its_owner(
+        nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A node keeps its copy of a session that moved (not begun anew) until the routes settle:
+    what it queues there meanwhile, with no epoch of its own any more, goes to the new owner,
+    whatever the session's sequence numbers and 'since' are."""
+    a, b = nodes
+    redis = server.client()
+    redis.set("mqtt:epochs", 100)
+    yield a.claim("c", True, 0)  # since 101
+    yield b.claim("c", False, 0)
+    a.lost("c")
+    a.add_delivery("c", item(b"routed to the copy", 5), None)
+    yield a.flushed()
+    (entry,) = redis.xrange("mqtt:inbox:b")
+    ((kind, client_id, queued),) = list(unpack_records(entry[1][b"d"]))
+    assert (kind, client_id, queued.message.payload) == (TARGETED, "c", b"routed to the copy")
+
+
+@pytest_twisted.inlineCallbacks
 def test_the_same_node_claiming_again_keeps_its_epoch(nodes: tuple[RedisStore, RedisStore]) -> Iterator[Deferred[Any]]:
     """A client reconnecting to the node that holds its session: that node's pending writes
     stay valid (the epoch does not change) and nothing is loaded (its copy is current)."""

@@ -324,10 +324,10 @@ class RedisStore:
 
     def send_on(self, client_id: str, item: Queued, stamp: int) -> None:
         """A message for a session this node does not hold, from an inbox entry of ``stamp``
-        (0: none): Redis passes it to the node that holds the session (the epoch 0 is never a
-        session's), or drops it if the session is gone or was begun anew since the entry was made."""
+        (0: none): Redis passes it to the node that holds the session, or drops it if the
+        session is gone or was begun anew since the entry was made."""
         packed = pack_queued(item)
-        self._record("Q", client_id, 0, stamp, packed, "", 0, targeted_head(client_id, len(packed)))
+        self._record("T", client_id, stamp, packed, targeted_head(client_id, len(packed)))
 
     def give_up(self, client_id: str) -> None:
         """The node no longer holds the client (its session ended)."""

@@ -24,6 +24,16 @@ if last then
   end
 end
 
+-- A message for a session this batch cannot write to, queued at epoch ``n`` or passed on from
+-- an inbox entry stamped ``n`` (0: neither known): to the inbox of the session's owner, unless
+-- the session was begun anew (a clean start) since, or is gone.
+local function pass_on(c, n, data)
+  local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since')
+  if owner[1] and not (owner[2] and n > 0 and tonumber(owner[2]) > n) then
+    redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', data, 'e', stamp)
+  end
+end
+
 local function mine(c, epoch)
   local key = c .. '\0' .. epoch
   local ok = verdict[key]
@@ -40,8 +50,6 @@ local n = #ARGV
 while i <= n do
   local op = ARGV[i]
   if op == 'Q' then -- a message for a session: client epoch seq item packet_id released redirect_head
-    -- (epoch 0: passed on by a node that does not hold the session; seq is then the stamp of
-    -- the inbox entry it came in, 0 if it has none)
     local c, seq = ARGV[i + 1], ARGV[i + 3]
     if mine(c, ARGV[i + 2]) then
       redis.call('HSET', P .. 'deliv:' .. c, seq, ARGV[i + 4])
@@ -51,17 +59,12 @@ while i <= n do
         redis.call('HSET', P .. 'inflight:' .. c, seq, ARGV[i + 5] .. ':' .. ARGV[i + 6])
       end
     else
-      -- Not for a session begun anew (a clean start) since the epoch it was queued at, or,
-      -- passed on, since the entry it came in was made.
-      local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since')
-      local epoch = tonumber(ARGV[i + 2])
-      if epoch == 0 then epoch = tonumber(seq) end
-      if owner[1] and not (owner[2] and epoch > 0 and tonumber(owner[2]) > epoch) then
-        redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 7] .. ARGV[i + 4],
-                   'e', stamp)
-      end
+      pass_on(c, tonumber(ARGV[i + 2]), ARGV[i + 7] .. ARGV[i + 4])
     end
     i = i + 8
+  elseif op == 'T' then -- a message passed on by a node that does not hold the session: client stamp item head
+    pass_on(ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 4] .. ARGV[i + 3])
+    i = i + 5
   elseif op == 'M' then -- in flight now: client epoch seq packet_id released
     local c, seq = ARGV[i + 1], ARGV[i + 3]
     if mine(c, ARGV[i + 2]) then
