@@ -301,8 +301,8 @@ def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passe
     try:
         redis.set("mqtt:epochs", 100)  # (the stamp one below the session's is not 0, no stamp)
         claim = yield b.claim("c", True, 0)
-        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from before"), "e": claim.since - 1})
-        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from after"), "e": claim.since})
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from before"), "e": claim.since_stamp - 1})
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"from after"), "e": claim.since_stamp})
         yield until(lambda: broker.cluster.stats.forwarded_in == 2 and
                     redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "a to handle both")
         payloads = [queued.message.payload for _, data in redis.xrange("mqtt:inbox:b")
@@ -325,7 +325,7 @@ def test_a_message_from_before_its_session_was_begun_anew_here_is_not_delivered(
         redis.set("mqtt:epochs", 100)  # (the stamp one below the session's is not 0, no stamp)
         client = yield connect(broker, 5, client_id="c", clean_start=True)
         client.received()
-        since = broker.store.since["c"]
+        since = broker.store.since_stamps["c"]
         redis.xadd("mqtt:inbox:a", {"d": targeted(b"from before"), "e": since - 1})
         redis.xadd("mqtt:inbox:a", {"d": targeted(b"from after"), "e": since})
         got: list[Publish] = []

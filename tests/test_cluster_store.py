@@ -129,8 +129,8 @@ def test_a_message_passed_on_from_before_a_clean_start_does_not_reach_the_new_se
     redis = server.client()
     yield a.claim("c", False, 0)
     claim = yield b.claim("c", True, 0)
-    since = int(redis.hget("mqtt:owner:c", "since"))
-    assert since == claim.since == claim.epoch == b.since["c"]
+    since = int(redis.hget("mqtt:owner:c", "since_stamp"))
+    assert since == claim.since_stamp == claim.epoch == b.since_stamps["c"]
     a.send_on("c", item(b"from before", 1), since - 1)
     yield a.flushed()
     assert redis.xrange("mqtt:inbox:b") == []
@@ -141,15 +141,22 @@ def test_a_message_passed_on_from_before_a_clean_start_does_not_reach_the_new_se
     assert [queued.message.payload for _, fields in entries for _, _, queued in unpack_records(fields[b"d"])] == [
         b"from after", b"without a stamp"]
     assert {int(fields[b"e"]) for _, fields in entries} == {int(redis.get("mqtt:epochs"))}
-    # Begun anew again by the node that holds it (its epoch unchanged): a new 'since' all the same.
+    # Begun anew again by the node that holds it (its epoch unchanged, its writes going on): a
+    # new stamp all the same.
     again = yield b.claim("c", True, 0)
-    assert again.epoch == claim.epoch and again.since > since
+    assert again.epoch == claim.epoch and again.since_stamp > since
     a.send_on("c", item(b"from before again", 4), since)
     yield a.flushed()
     assert len(redis.xrange("mqtt:inbox:b")) == 2
-    # Claimed again without a clean start, the session keeps its 'since'.
+    # Claimed again without a clean start, the session keeps it; what b queued after its clean
+    # start, at the epoch it held the session at, goes to a.
     goes_on = yield a.claim("c", False, 0)
-    assert goes_on.since == again.since == a.since["c"]
+    assert goes_on.since_stamp == again.since_stamp == a.since_stamps["c"]
+    b.add_delivery("c", item(b"queued by b after its clean start", 5), None)
+    yield b.flushed()
+    ((_, fields),) = redis.xrange("mqtt:inbox:a")
+    assert [queued.message.payload for _, _, queued in unpack_records(fields[b"d"])] == [
+        b"queued by b after its clean start"]
 
 
 @pytest_twisted.inlineCallbacks

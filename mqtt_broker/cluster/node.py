@@ -445,7 +445,7 @@ class Cluster:
             stamp = 0
         session = self.broker.sessions.get(client_id)
         if session is not None and client_id in self.store.epochs:
-            if stamp and stamp < self.store.since.get(client_id, 0):
+            if stamp and stamp < self.store.since_stamps.get(client_id, 0):
                 return  # for the session's earlier life
             security = self.broker.security
             if security is not None and session.identity is not None and not security.can_read(

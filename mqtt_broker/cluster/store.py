@@ -51,7 +51,7 @@ BATCH, CLAIM, QUEUED, ROUTES = _script("batch"), _script("claim"), _script("queu
 class Claim:
     """What ``RedisStore.claim`` found: the new epoch, the previous owner, and the session."""
 
-    __slots__ = ("epoch", "previous", "previous_alive", "will", "current", "since", "session", "disconnected_at")
+    __slots__ = ("epoch", "previous", "previous_alive", "will", "current", "since_stamp", "session", "disconnected_at")
 
     def __init__(self, reply: list[Any], client_id: str) -> None:
         self.epoch = int(reply[0])
@@ -62,9 +62,9 @@ class Claim:
         if it is alive, but for a delayed one of a session that goes on."""
         self.current = bool(reply[4])
         """The caller held the session already: its copy is current."""
-        self.since = int(reply[5])
-        """The epoch at which the session was last begun anew (0: never): what was meant for it
-        before then is not delivered."""
+        self.since_stamp = int(reply[5])
+        """The epochs counter when the session was last begun anew (0: never): what came for it
+        in an inbox entry stamped lower was meant for its earlier life."""
         self.session: Session | None = None
         self.disconnected_at: float | None = None
         if len(reply) > 6:
@@ -159,8 +159,8 @@ class RedisStore:
         self.inbox_maxlen = inbox_maxlen
         self.epochs: dict[str, int] = {}
         """The epoch this node holds each of its clients' sessions at (claim)."""
-        self.since: dict[str, int] = {}
-        """The epoch at which each of those sessions was last begun anew (Claim.since)."""
+        self.since_stamps: dict[str, int] = {}
+        """When each of those sessions was last begun anew (Claim.since_stamp)."""
         self.on_fenced: Callable[[str, int], None] | None = None
         """Called with (client id, epoch) when Redis refused changes made at that epoch: another
         node has claimed the session since."""
@@ -319,7 +319,7 @@ class RedisStore:
     def lost(self, client_id: str) -> None:
         """Another node claimed the client: this node no longer counts it as its own."""
         self.epochs.pop(client_id, None)
-        self.since.pop(client_id, None)
+        self.since_stamps.pop(client_id, None)
         self._record("x", client_id)
 
     def send_on(self, client_id: str, item: Queued, stamp: int) -> None:
@@ -332,7 +332,7 @@ class RedisStore:
     def give_up(self, client_id: str) -> None:
         """The node no longer holds the client (its session ended)."""
         epoch = self.epochs.pop(client_id, None)
-        self.since.pop(client_id, None)
+        self.since_stamps.pop(client_id, None)
         if epoch is not None:
             self._record("E", client_id, epoch)
 
@@ -481,7 +481,7 @@ class RedisStore:
                 return None
             claim = Claim(reply, client_id)
             self.epochs[client_id] = claim.epoch
-            self.since[client_id] = claim.since
+            self.since_stamps[client_id] = claim.since_stamp
             return claim
         return self.flushed().addCallback(run).addCallback(claimed)
 

@@ -11,7 +11,7 @@ local P = 'mqtt:'
 local node, marker, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local verdict, refused = {}, {}
 -- Each inbox entry is stamped with the epochs counter (field 'e'): a session begun anew after
--- it was made has a higher 'since' (claim.lua), and the entry's messages for it are dropped.
+-- it was made has a higher 'since_stamp' (claim.lua), and the entry's messages for it are dropped.
 local stamp = redis.call('GET', P .. 'epochs') or '0'
 
 -- Sent again after an outage, a batch that was applied is not applied twice.
@@ -24,11 +24,11 @@ if last then
   end
 end
 
--- A message for a session this batch cannot write to, queued at epoch ``n`` or passed on from
--- an inbox entry stamped ``n`` (0: neither known): to the inbox of the session's owner, unless
--- the session was begun anew (a clean start) since, or is gone.
-local function pass_on(c, n, data)
-  local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'since')
+-- A message for a session this batch cannot write to, queued at epoch ``n`` (``since``
+-- 'since') or passed on from an inbox entry stamped ``n`` ('since_stamp'; 0: none): to the inbox
+-- of the session's owner, unless the session was begun anew (a clean start) since, or is gone.
+local function pass_on(c, n, since, data)
+  local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', since)
   if owner[1] and not (owner[2] and n > 0 and tonumber(owner[2]) > n) then
     redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', data, 'e', stamp)
   end
@@ -59,11 +59,11 @@ while i <= n do
         redis.call('HSET', P .. 'inflight:' .. c, seq, ARGV[i + 5] .. ':' .. ARGV[i + 6])
       end
     else
-      pass_on(c, tonumber(ARGV[i + 2]), ARGV[i + 7] .. ARGV[i + 4])
+      pass_on(c, tonumber(ARGV[i + 2]), 'since', ARGV[i + 7] .. ARGV[i + 4])
     end
     i = i + 8
   elseif op == 'T' then -- a message passed on by a node that does not hold the session: client stamp item head
-    pass_on(ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 4] .. ARGV[i + 3])
+    pass_on(ARGV[i + 1], tonumber(ARGV[i + 2]), 'since_stamp', ARGV[i + 4] .. ARGV[i + 3])
     i = i + 5
   elseif op == 'M' then -- in flight now: client epoch seq packet_id released
     local c, seq = ARGV[i + 1], ARGV[i + 3]

@@ -10,34 +10,35 @@
 -- goes on (the claimant keeps that one, should its own connection be gone).
 --
 -- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
--- copy is current, since (below), session fields, subscriptions, {seq, 'packet_id:released', item}...,
+-- copy is current, since_stamp (below), session fields, subscriptions, {seq, 'packet_id:released', item}...,
 -- {seq, item}... queued, queued count, inbound QoS 2 packet ids, the last queued seq}; false if the session is not
 -- held by the required node.
 local P = 'mqtt:'
 local c, node, clean, known, window, required = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local owner_key = P .. 'owner:' .. c
-local old = redis.call('HMGET', owner_key, 'node', 'epoch', 'since')
-local old_node, old_epoch, since = old[1], old[2], old[3] or 0
+local old = redis.call('HMGET', owner_key, 'node', 'epoch', 'since_stamp')
+local old_node, old_epoch, since_stamp = old[1], old[2], old[3] or 0
 if required ~= '' and old_node ~= required then
   return false
 end
 local data = {P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
               P .. 'queue:' .. c, P .. 'pubrel:' .. c}
--- 'since': the value of the epochs counter when the session was begun anew. Messages for its
--- earlier life were queued at a lower epoch, or came in an inbox entry stamped with a lower
--- value (batch.lua): they are dropped, by batch.lua or by the node that holds the session.
+-- When the session was begun anew: 'since', the epoch it was held at then (messages queued for
+-- its earlier life were queued at a lower one), and 'since_stamp', a value of the epochs counter
+-- above every stamp of an inbox entry made before (batch.lua). What is older is dropped, by
+-- batch.lua or by the node that holds the session.
 if old_node == node and old_epoch == known then -- held already, by this very process
   if clean then
     redis.call('DEL', unpack(data))
-    since = redis.call('INCR', P .. 'epochs')
-    redis.call('HSET', owner_key, 'since', since)
+    since_stamp = redis.call('INCR', P .. 'epochs')  -- (the epoch stays: this node's writes go on)
+    redis.call('HSET', owner_key, 'since', known, 'since_stamp', since_stamp)
   end
-  return {known, old_node, 1, false, 1, since}
+  return {known, old_node, 1, false, 1, since_stamp}
 end
 local epoch = redis.call('INCR', P .. 'epochs')
 if clean then
-  since = epoch
-  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch)
+  since_stamp = epoch
+  redis.call('HSET', owner_key, 'node', node, 'epoch', epoch, 'since', epoch, 'since_stamp', epoch)
 else
   redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
 end
@@ -54,7 +55,7 @@ local will = redis.call('HGET', data[1], 'will')
 redis.call('HDEL', data[1], 'will')
 if clean and (alive == 1 or not old_node) then -- (a live previous owner ends it itself)
   redis.call('DEL', unpack(data))
-  return {epoch, old_node or false, alive, will, 0, since}
+  return {epoch, old_node or false, alive, will, 0, since_stamp}
 end
 -- A clean start ends the session here, returned all the same: what its shared subscriptions
 -- did not finish goes to another member of each.
@@ -70,7 +71,7 @@ for j = 1, #first do
   queued[#queued + 1] = {first[j], redis.call('HGET', data[3], first[j])}
 end
 local last = redis.call('ZRANGE', data[5], -1, -1)
-local reply = {epoch, old_node or false, alive, will, 0, since, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
+local reply = {epoch, old_node or false, alive, will, 0, since_stamp, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
                inflight, queued, redis.call('ZCARD', data[5]), redis.call('SMEMBERS', data[6]), last[1] or 0}
 if clean then redis.call('DEL', unpack(data)) end
 return reply
