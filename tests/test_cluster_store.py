@@ -163,8 +163,8 @@ def test_a_message_passed_on_from_before_a_clean_start_does_not_reach_the_new_se
 def test_a_message_queued_in_the_copy_of_a_session_that_moved_goes_to_its_owner(
         nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
     """A node keeps its copy of a session that moved (not begun anew) until the routes settle:
-    what it queues there meanwhile, with no epoch of its own any more, goes to the new owner,
-    whatever the session's sequence numbers and 'since' are."""
+    what it queues there meanwhile, at the epoch it gave up, goes to the new owner (whatever
+    the session's sequence numbers are); once the session is begun anew, it does not."""
     a, b = nodes
     redis = server.client()
     redis.set("mqtt:epochs", 100)
@@ -176,6 +176,12 @@ def test_a_message_queued_in_the_copy_of_a_session_that_moved_goes_to_its_owner(
     (entry,) = redis.xrange("mqtt:inbox:b")
     ((kind, client_id, queued),) = list(unpack_records(entry[1][b"d"]))
     assert (kind, client_id, queued.message.payload) == (TARGETED, "c", b"routed to the copy")
+    yield b.claim("c", True, 0)  # begun anew where it is held: since 102
+    a.add_delivery("c", item(b"for its earlier life", 6), None)
+    yield a.flushed()
+    assert len(redis.xrange("mqtt:inbox:b")) == 1
+    a.forgotten("c")  # the copy gone: nothing is kept of it
+    assert a._epoch("c") == 0
 
 
 @pytest_twisted.inlineCallbacks

@@ -545,12 +545,18 @@ class Cluster:
         self.store.lost(client_id)
         self.broker.let_go(client_id, ended)
         if session is None:
+            self.store.forgotten(client_id)
             return
         self._members_changed(session, False)  # (its connection here is detached, not closed)
         if ended:
-            self.broker.forget_session(client_id, session, ended=True)
+            self._forget_copy(client_id, session, True)
         else:
-            self.clock.callLater(self._settle, self.broker.forget_session, client_id, session)
+            self.clock.callLater(self._settle, self._forget_copy, client_id, session, False)
+
+    def _forget_copy(self, client_id: str, session: Session, ended: bool) -> None:
+        self.broker.forget_session(client_id, session, ended=ended)
+        if client_id not in self.store.epochs:  # (not claimed back meanwhile)
+            self.store.forgotten(client_id)
 
     def _moved_here(self, client_id: str) -> None:
         seen = self._moving[client_id] = set()

@@ -161,6 +161,10 @@ class RedisStore:
         """The epoch this node holds each of its clients' sessions at (claim)."""
         self.since_stamps: dict[str, int] = {}
         """When each of those sessions was last begun anew (Claim.since_stamp)."""
+        self._given_up: dict[str, int] = {}
+        """The epochs of sessions another node claimed from this one, while this node keeps a copy
+        (until ``forgotten``): what it still writes for one is refused and passed on as queued at
+        that epoch, so that a session begun anew since does not get it."""
         self.on_fenced: Callable[[str, int], None] | None = None
         """Called with (client id, epoch) when Redis refused changes made at that epoch: another
         node has claimed the session since."""
@@ -205,7 +209,8 @@ class RedisStore:
     # --- the Store protocol: changes to sessions ------------------------------------------
 
     def _epoch(self, client_id: str) -> int:
-        return self.epochs.get(client_id, 0)
+        epoch = self.epochs.get(client_id)
+        return epoch if epoch is not None else self._given_up.get(client_id, 0)
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None:
         c = session.client_id
@@ -318,9 +323,15 @@ class RedisStore:
 
     def lost(self, client_id: str) -> None:
         """Another node claimed the client: this node no longer counts it as its own."""
-        self.epochs.pop(client_id, None)
+        epoch = self.epochs.pop(client_id, None)
+        if epoch is not None:
+            self._given_up[client_id] = epoch
         self.since_stamps.pop(client_id, None)
         self._record("x", client_id)
+
+    def forgotten(self, client_id: str) -> None:
+        """This node's copy of a session another node claimed is gone."""
+        self._given_up.pop(client_id, None)
 
     def send_on(self, client_id: str, item: Queued, stamp: int) -> None:
         """A message for a session this node does not hold, from an inbox entry of ``stamp``
@@ -481,6 +492,7 @@ class RedisStore:
                 return None
             claim = Claim(reply, client_id)
             self.epochs[client_id] = claim.epoch
+            self._given_up.pop(client_id, None)
             self.since_stamps[client_id] = claim.since_stamp
             return claim
         return self.flushed().addCallback(run).addCallback(claimed)
