@@ -84,6 +84,7 @@ class Connecting:
     def write(self, data: bytes) -> None: ...
     def _watch_keepalive(self, keep_alive: int) -> None: ...
     def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
+    def wait_for_store(self, exact: bool = False) -> None: ...
 
     # --- CONNECT and enhanced authentication --------------------------------------------
 
@@ -259,6 +260,11 @@ class Connecting:
                 will_properties = {k: v for k, v in will_properties.items() if k != "will_delay_interval"}
             self.will = Message(topic=will.topic, payload=will.payload, qos=will.qos, retain=will.retain,
                                 properties=will_properties, sender=client.client_id)
+        cluster = self.broker.cluster
+        if cluster is not None:
+            cluster.connected(session, self)
+            if self.will is not None:  # in Redis before the CONNACK, for the node that finds us gone
+                self.wait_for_store()
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self._send_connack(present and self.version != MQTT_3_1, properties)
         if self.broker.config.connection_messages:

@@ -299,8 +299,6 @@ class Delivery:
         session.unsent = 0
         if session.outgoing:
             self._resend(session, connection)
-        if self.cluster is not None:
-            self.cluster.connected(session, connection)
         self.pump(session)
 
     def _resend(self, session: Session, connection: MQTTProtocol) -> None:

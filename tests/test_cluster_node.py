@@ -23,7 +23,7 @@ from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
-    Connect, Disconnect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will)
+    Connack, Connect, Disconnect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will)
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -289,6 +289,43 @@ def targeted(payload: bytes) -> bytes:
 
 
 @pytest_twisted.inlineCallbacks
+def test_an_entry_for_a_session_being_claimed_stays_unhandled_until_the_message_is_queued(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A message reaches node a for c while c's claim is under way there: it waits for the claim
+    to end, and its inbox entry was marked handled meanwhile, so a node dying in that moment lost
+    it. Now the entry stays pending until the message is queued in c's session."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    redis = server.client()
+    gate: Deferred[None] = Deferred()
+    try:
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 600), None)
+        b.save_subscription("c", Subscription(client_id="c", topic_filter="t", qos=1))
+        yield b.flushed()
+        claim = broker.store.claim
+        broker.store.claim = lambda *args: gate.addCallback(lambda _: claim(*args))  # (held until the gate opens)
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 600}))
+        redis.xadd("mqtt:inbox:a", {"d": targeted(b"during the claim"), "e": 1})
+        yield until(lambda: broker.cluster.stats.forwarded_in == 1, "a to read the entry")
+        yield broker.store.flushed()
+        assert redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 1
+        gate.callback(None)
+        yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
+        yield broker.store.flushed()
+        assert redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0
+        assert [(p.topic, p.payload) for p in client.received() if isinstance(p, Publish)] == [
+            ("t", b"during the claim")]
+        assert redis.hlen("mqtt:inflight:c") == 1  # (queued in the session, in flight, in the batch that marked it)
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passed_on(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Node a's inbox holds messages for a session it does not hold (its old owner's writes,
@@ -491,6 +528,33 @@ def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_is_in_redis_before_its_connack(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The CONNACK went before the batch that takes the will to Redis: a node killed in that
+    moment left no will for the survivor to publish, though its client was told it was
+    connected."""
+    broker = yield node_a(server)
+    try:
+        client = FakeClient(broker, 5)
+        in_redis_at_connack: list[bytes | None] = []
+        write = client.transport.write
+
+        def writing(data: bytes) -> None:
+            if not in_redis_at_connack:
+                in_redis_at_connack.append(server.client().hget("mqtt:session:c", "will"))
+            write(data)
+        client.transport.write = writing  # type: ignore[method-assign]
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=True,
+                            will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False)))
+        yield until(lambda: client.transport.value(), "the CONNACK")
+        assert [type(p) for p in client.received()] == [Connack]
+        assert in_redis_at_connack and in_redis_at_connack[0] is not None
+        message, _, delay, _ = unpack_will(in_redis_at_connack[0])
+        assert (message.topic, message.payload, delay) == ("wills/c", b"c is gone", 0)
+    finally:
+        yield broker.stopService()
 
 
 @pytest_twisted.inlineCallbacks

@@ -57,6 +57,18 @@ def node_id(config: Any) -> str:
         return made
 
 
+class _Mark:
+    """An inbox entry whose messages wait for claims under way here: it is marked handled when
+    the last of them is queued (``waiting`` 0)."""
+
+    __slots__ = ("entry_id", "node", "waiting")
+
+    def __init__(self, entry_id: bytes, node: str) -> None:
+        self.entry_id = entry_id
+        self.node = node  # (whose inbox: '' this node's)
+        self.waiting = 0
+
+
 class Cluster:
     """This node's part in a cluster. ``store`` is the node's Store (in Redis)."""
 
@@ -89,9 +101,11 @@ class Cluster:
                                      self._send_qos0)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
-        self._claiming: dict[str, list[tuple[Queued, int]]] = {}
+        self._claiming: dict[str, list[tuple[Queued, int, _Mark | None]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
-        their inbox entries' stamps, see ``_deliver_targeted``)."""
+        their inbox entries' stamps, see ``_deliver_targeted``, and marks)."""
+        self._entry: _Mark | None = None
+        """The inbox entry being handled."""
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
@@ -209,9 +223,7 @@ class Cluster:
                     broker.subscriptions.add(subscription)
                 if claim.previous is not None and claim.previous != self.node:
                     self._moved_here(client_id)
-        held = self._claiming.pop(client_id, [])
-        for item, stamp in held:
-            self._deliver_targeted(client_id, item, stamp)
+        self._deliver_held(client_id)
         if timer.active():
             timer.cancel()
             answer.callback(True)  # the connection attaches now, if it is still there
@@ -239,18 +251,27 @@ class Cluster:
             self.store.give_up(client_id)
 
     def _not_claimed(self, failure: Any, client_id: str, answer: Deferred[bool], timer: Any) -> None:
-        held = self._claiming.pop(client_id, [])
         self._overtaken.pop(client_id, None)
         log.warn("could not claim the session of {client_id} in Redis: {error}", client_id=client_id,
                  error=failure.getErrorMessage())
         if timer.active():
             timer.cancel()
             answer.callback(False)
-        for item, stamp in held:  # to the session's owner, through Redis
-            self._deliver_targeted(client_id, item, stamp)
+        self._deliver_held(client_id)  # to the session's owner, through Redis
         # Redis may have applied the claim and lost only its answer: once it answers again,
         # what it says this node holds and this node does not know is taken as at a restart.
         self.store.flushed().addCallback(lambda _: self._adopt(self.node)).addErrback(self._check_failed)
+
+    def _deliver_held(self, client_id: str) -> None:
+        """The claim ended: the messages that came for the client meanwhile are delivered (or
+        sent on), and the inbox entries they came in marked handled after them, in the same
+        batch or a later one."""
+        for item, stamp, mark in self._claiming.pop(client_id, []):
+            self._deliver_targeted(client_id, item, stamp)
+            if mark is not None:
+                mark.waiting -= 1
+                if not mark.waiting:
+                    self.store.handled(mark.entry_id, mark.node)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         return self.broker.delivery.deliver_shared(message, share, members)
@@ -340,7 +361,7 @@ class Cluster:
 
     def _read_inbox(self, since: str) -> None:
         """Read this node's inbox: first what it was given before a restart and never finished
-        (``since`` "0"), then what is new."""
+        (``since`` "0", then the last entry read), then what is new (">")."""
         if not self._started or self._reading:
             return
         self._reading = True
@@ -348,15 +369,15 @@ class Cluster:
 
     def _inbox_read(self, entries: list[InboxEntry], since: str) -> None:
         self.broker.gathered(self._handle_entries, entries)
-        if since == "0":
-            # The next read of pending entries once these are marked handled, or they would be
-            # read twice; then the new ones.
-            self.store.flushed().addBoth(self._inbox_handled, "0" if entries else ">")
-        else:  # new entries are given once: the next read goes at once
-            self._inbox_handled(None, since)
+        if since != ">":
+            # The entries given before and not handled come in order: the next read goes on
+            # after these (some may wait for claims, unmarked yet), then come the new ones.
+            since = entries[-1][0].decode() if entries else ">"
+        self._inbox_handled(None, since)
 
     def _handle_entries(self, entries: list[InboxEntry]) -> None:
         for entry_id, data, stamp in entries:
+            mark = self._entry = _Mark(entry_id, "")
             if data is not None:  # (None: trimmed away since it was read)
                 try:
                     self._handle_entry(bytes(data), stamp)
@@ -364,7 +385,9 @@ class Cluster:
                     # (read again, it would fail again, and stop every entry after it for good)
                     log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
                                 entry_id=entry_id)
-            self.store.handled(entry_id)
+            self._entry = None
+            if not mark.waiting:
+                self.store.handled(entry_id)
 
     def _inbox_handled(self, _: Any, since: str) -> None:
         self._reading = False
@@ -439,7 +462,12 @@ class Cluster:
         was made. A shared subscription's message goes to the member it was given to all the
         same (dropped, the group would not have it)."""
         if client_id in self._claiming:
-            self._claiming[client_id].append((item, stamp))
+            # Its entry stays unhandled until the message is queued: a node that dies first
+            # leaves it to be read again.
+            mark = self._entry
+            if mark is not None:
+                mark.waiting += 1
+            self._claiming[client_id].append((item, stamp, mark))
             return
         if item.share is not None:
             stamp = 0
@@ -668,13 +696,17 @@ class Cluster:
         for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
             cursor, entries = yield self.store.take_inbox(dead, cursor)
             for entry_id, data, stamp in entries:
-                if data is not None:
-                    for kind, first, second in unpack_records(bytes(data)):
+                mark = self._entry = _Mark(entry_id, dead)
+                try:
+                    for kind, first, second in unpack_records(bytes(data)) if data is not None else ():
                         if kind == TARGETED:
                             self._deliver_targeted(first, second, stamp)
                         else:
                             self._deliver_formerly(first, former, stamp, shares=second, everyone=kind == FORWARDED)
-                self.store.handled(entry_id, dead)
+                finally:
+                    self._entry = None
+                if not mark.waiting:
+                    self.store.handled(entry_id, dead)
             yield self.store.flushed()
             if not entries and cursor == "0-0":
                 return
