@@ -326,6 +326,51 @@ def test_an_entry_for_a_session_being_claimed_stays_unhandled_until_the_message_
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_message_of_a_dead_nodes_inbox_for_a_session_being_claimed_goes_through_redis(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died holding c, with a message for c in its inbox; c connects to node a, which
+    adopts b's sessions and empties b's inbox while c's claim is under way. The message waited
+    in a's memory for the claim, b's entry marked handled: lost if a died then. It goes through
+    Redis instead, to a's own inbox in the batch that marks b's entry, and waits there."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    redis = server.client()
+    gate: Deferred[None] = Deferred()
+    try:
+        yield b.register(600_000)
+        yield b.create_inbox()
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 600), None)
+        b.save_subscription("c", Subscription(client_id="c", topic_filter="t", qos=1))
+        yield b.flushed()
+        redis.xadd("mqtt:inbox:b", {"d": targeted(b"left by b"), "e": 1})
+        claim, claims = broker.store.claim, []
+
+        def gated(*args: Any) -> Deferred[Any]:
+            claims.append(args)
+            return gate.addCallback(lambda _: claim(*args)) if len(claims) == 1 else claim(*args)
+        broker.store.claim = gated
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 600}))
+        redis.delete("mqtt:node:b")  # b died
+        broker.cluster._adopt("b")
+        yield until(lambda: redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 1, "the message in a's inbox")
+        yield broker.store.flushed()
+        assert redis.xpending("mqtt:inbox:b", "nodes")["pending"] == 0
+        assert broker.cluster._claiming["c"] and not client.received()
+        gate.callback(None)
+        yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
+        yield broker.store.flushed()
+        assert [(p.topic, p.payload) for p in client.received() if isinstance(p, Publish)] == [("t", b"left by b")]
+        assert redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passed_on(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Node a's inbox holds messages for a session it does not hold (its old owner's writes,

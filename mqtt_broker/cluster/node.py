@@ -58,14 +58,13 @@ def node_id(config: Any) -> str:
 
 
 class _Mark:
-    """An inbox entry whose messages wait for claims under way here: it is marked handled when
-    the last of them is queued (``waiting`` 0)."""
+    """An entry of this node's inbox whose message waits for a claim under way here: it is
+    marked handled once the message is queued (``waiting`` 0)."""
 
-    __slots__ = ("entry_id", "node", "waiting")
+    __slots__ = ("entry_id", "waiting")
 
-    def __init__(self, entry_id: bytes, node: str) -> None:
+    def __init__(self, entry_id: bytes) -> None:
         self.entry_id = entry_id
-        self.node = node  # (whose inbox: '' this node's)
         self.waiting = 0
 
 
@@ -104,8 +103,6 @@ class Cluster:
         self._claiming: dict[str, list[tuple[Queued, int, _Mark | None]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
         their inbox entries' stamps, see ``_deliver_targeted``, and marks)."""
-        self._entry: _Mark | None = None
-        """The inbox entry being handled."""
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
@@ -271,7 +268,7 @@ class Cluster:
             if mark is not None:
                 mark.waiting -= 1
                 if not mark.waiting:
-                    self.store.handled(mark.entry_id, mark.node)
+                    self.store.handled(mark.entry_id)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         return self.broker.delivery.deliver_shared(message, share, members)
@@ -377,15 +374,14 @@ class Cluster:
 
     def _handle_entries(self, entries: list[InboxEntry]) -> None:
         for entry_id, data, stamp in entries:
-            mark = self._entry = _Mark(entry_id, "")
+            mark = _Mark(entry_id)
             if data is not None:  # (None: trimmed away since it was read)
                 try:
-                    self._handle_entry(bytes(data), stamp)
+                    self._handle_entry(bytes(data), stamp, mark)
                 except Exception:
                     # (read again, it would fail again, and stop every entry after it for good)
                     log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
                                 entry_id=entry_id)
-            self._entry = None
             if not mark.waiting:
                 self.store.handled(entry_id)
 
@@ -408,12 +404,12 @@ class Cluster:
         (the marks of the entries handled before an outage among it): none is handled twice."""
         self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
-    def _handle_entry(self, data: bytes, stamp: int) -> None:
+    def _handle_entry(self, data: bytes, stamp: int, mark: _Mark) -> None:
         delivery = self.broker.delivery
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
-            if kind == TARGETED:
-                self._deliver_targeted(first, second, stamp)
+            if kind == TARGETED:  # (Redis passes these on one to an entry)
+                self._deliver_targeted(first, second, stamp, mark)
                 continue
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
@@ -456,17 +452,22 @@ class Cluster:
             self.stats.forwarded_in += 1
             self.broker.delivery.route(message, shares)
 
-    def _deliver_targeted(self, client_id: str, item: Queued, stamp: int) -> None:
+    def _deliver_targeted(self, client_id: str, item: Queued, stamp: int, mark: _Mark | None = None) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
         an inbox entry of ``stamp``: not for the session if it was begun anew since the entry
         was made. A shared subscription's message goes to the member it was given to all the
-        same (dropped, the group would not have it)."""
+        same (dropped, the group would not have it). While the session's claim is under way
+        here, the message waits for it if it came alone in an entry of this node's inbox
+        (``mark``), else goes through Redis to the session's owner: either way its entry is
+        marked handled only once it is queued (or sent on)."""
         if client_id in self._claiming:
+            if mark is None:  # (in an entry with other messages) through Redis, with the entry's mark
+                self.stats.redirected += 1
+                self.store.send_on(client_id, item, stamp)
+                return
             # Its entry stays unhandled until the message is queued: a node that dies first
             # leaves it to be read again.
-            mark = self._entry
-            if mark is not None:
-                mark.waiting += 1
+            mark.waiting += 1
             self._claiming[client_id].append((item, stamp, mark))
             return
         if item.share is not None:
@@ -696,17 +697,13 @@ class Cluster:
         for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
             cursor, entries = yield self.store.take_inbox(dead, cursor)
             for entry_id, data, stamp in entries:
-                mark = self._entry = _Mark(entry_id, dead)
-                try:
-                    for kind, first, second in unpack_records(bytes(data)) if data is not None else ():
+                if data is not None:
+                    for kind, first, second in unpack_records(bytes(data)):
                         if kind == TARGETED:
                             self._deliver_targeted(first, second, stamp)
                         else:
                             self._deliver_formerly(first, former, stamp, shares=second, everyone=kind == FORWARDED)
-                finally:
-                    self._entry = None
-                if not mark.waiting:
-                    self.store.handled(entry_id, dead)
+                self.store.handled(entry_id, dead)
             yield self.store.flushed()
             if not entries and cursor == "0-0":
                 return
