@@ -110,7 +110,10 @@ class Publishing:
             awaiting = self.session.awaiting_pubrel
             if packet_id in awaiting:
                 # A resend: not routed again [MQTT-4.3.3-9].
-                self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
+                if broker.cluster is not None and self.session.stored:  # (after the first, see below)
+                    broker.cluster.recorded(self._client_id).addCallback(self._resend_recorded, packet_id)
+                else:
+                    self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
                 return
             if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
                 raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
@@ -180,6 +183,12 @@ class Publishing:
         [MQTT-4.3.3-9], never routed twice."""
         delivery = self.delivery
         if delivery.await_pubrel(self.session, packet_id):
+            cluster = self.broker.cluster
+            if cluster is not None:
+                # Another node may take the session before Redis has its packet id, and the
+                # client send the message again there: routed once Redis has the id, if it does.
+                cluster.recorded(self._client_id).addCallback(self._recorded, packet_id, message)
+                return
             delivery.routing_waits_for_store = True
             try:
                 routed = delivery.route(message)
@@ -188,6 +197,24 @@ class Publishing:
         else:
             routed = delivery.route(message)
         self._routed(2, packet_id, message, routed)
+
+    def _recorded(self, held: bool, packet_id: int, message: Message) -> None:
+        """A QoS 2 PUBLISH's packet id was written to Redis, or refused there (``held`` False:
+        the session is another node's, to which the client sends the message again)."""
+        if held:
+            delivery = self.delivery
+            delivery.routing_waits_for_store = True
+            try:
+                routed = delivery.route(message)
+            finally:
+                delivery.routing_waits_for_store = False
+            self._routed(2, packet_id, message, routed)
+
+    def _resend_recorded(self, held: bool, packet_id: int) -> None:
+        """The resend of a QoS 2 PUBLISH whose first copy waited for Redis (a connection before):
+        acknowledged once what routing it recorded is written."""
+        if held:
+            self._acknowledge_when_stored(2, packet_id, ReasonCode.SUCCESS)
 
     def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without

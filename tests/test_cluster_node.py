@@ -371,6 +371,52 @@ def test_a_message_of_a_dead_nodes_inbox_for_a_session_being_claimed_goes_throug
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_qos2_publish_is_routed_once_redis_has_its_packet_id_and_only_if_it_does(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b takes publisher p's session while the batch holding the packet id of p's QoS 2
+    PUBLISH is on its way to Redis: the id is refused there, so p sends the message again to b,
+    which routes it. a routed it too, and subscriber s got it twice. Now a routes it once Redis
+    has the id, and not at all when Redis refused it; a publisher gone meanwhile (its session
+    kept) has its message routed all the same."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    store = broker.store
+    send, held = store._send, []
+    try:
+        s = yield connect(broker, 5, client_id="s")
+        s.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+        publishers = []
+        for name in ("p", "q"):
+            publishers.append((yield connect(broker, 5, client_id=name, clean_start=False,
+                                             properties={"session_expiry_interval": 600})))
+        yield store.flushed()
+        s.received()
+        p, q = publishers
+        store._send = held.append  # (the batches wait)
+        p.send(Publish(topic="t", payload=b"taken over", qos=2, packet_id=5))
+        q.send(Publish(topic="t", payload=b"gone", qos=2, packet_id=5))
+        q.lose()
+        yield until(lambda: held, "the batch")
+        yield b.claim("p", False, 0)  # p's client connected to node b
+        yield until(lambda: p.closed, "a to let p go")
+        store._send = send
+        for batch in held:
+            send(batch)
+        delivered: list[Publish] = []
+        yield until(lambda: received(s, delivered), "the message of the publisher gone")
+        yield store.flushed()
+        delivered += [m for m in s.received() if isinstance(m, Publish)]
+        assert [(m.topic, m.payload) for m in delivered] == [("t", b"gone")]
+        assert server.client().smembers("mqtt:pubrel:q") == {b"5"}
+        assert server.client().smembers("mqtt:pubrel:p") == set()
+    finally:
+        store._send = send
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_message_from_before_its_session_was_begun_anew_elsewhere_is_not_passed_on(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Node a's inbox holds messages for a session it does not hold (its old owner's writes,

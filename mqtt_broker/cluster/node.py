@@ -350,6 +350,12 @@ class Cluster:
         if had_will:
             self.store.delete_will(session.client_id)
 
+    def recorded(self, client_id: str) -> Deferred[bool]:
+        """Fires once what this node recorded so far for the client's session is written: True
+        unless Redis refused it, the session claimed by another node meanwhile."""
+        epoch = self.store.epochs.get(client_id)
+        return self.store.flushed().addCallback(lambda _: epoch is not None and self.store.epochs.get(client_id) == epoch)
+
     def released(self, client_id: str) -> None:
         """The client's session ended on this node."""
         self.store.give_up(client_id)
