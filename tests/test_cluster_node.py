@@ -23,7 +23,7 @@ from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
-    Connack, Connect, Disconnect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will)
+    Connack, Connect, Disconnect, Publish, Pubrec, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will)
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -414,6 +414,48 @@ def test_a_qos2_publish_is_routed_once_redis_has_its_packet_id_and_only_if_it_do
         store._send = send
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_qos2_resend_is_acknowledged_once_the_routing_of_the_first_copy_is_written(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """An MQTT 3.1.1 client sends its QoS 2 PUBLISH again on the same connection (DUP) before the
+    first copy's packet id is in Redis: the PUBREC of the resend waits for the batch that queues
+    the first copy for subscriber s (the first copy is routed once Redis has its packet id), or
+    a node dying then left the client acknowledged and s without the message."""
+    broker = yield node_a(server)
+    store = broker.store
+    send, held = store._send, []
+    try:
+        s = yield connect(broker, 4, client_id="s", clean_start=False)
+        s.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+        p = yield connect(broker, 4, client_id="p", clean_start=False)
+        yield store.flushed()
+        p.received()
+        queued_at_pubrec: list[int] = []
+        write = p.transport.write
+
+        def writing(data: bytes) -> None:
+            queued_at_pubrec.append(server.client().hlen("mqtt:deliv:s"))
+            write(data)
+        p.transport.write = writing  # type: ignore[method-assign]
+        store._send = held.append  # (the batches wait)
+        p.send(Publish(topic="t", payload=b"once", qos=2, packet_id=5),
+               Publish(topic="t", payload=b"once", qos=2, packet_id=5, dup=True))  # (in one read)
+        yield until(lambda: held, "the batch")
+        store._send = send
+        for batch in held:
+            send(batch)
+        yield until(lambda: queued_at_pubrec, "the PUBREC")
+        yield store.flushed()
+        assert [(type(m), m.packet_id) for m in p.received()] == [(Pubrec, 5), (Pubrec, 5)]  # (one each)
+        assert queued_at_pubrec and set(queued_at_pubrec) == {1}
+        delivered: list[Publish] = []
+        yield until(lambda: received(s, delivered), "the message")
+        assert [m.payload for m in delivered] == [b"once"]
+    finally:
+        store._send = send
+        yield broker.stopService()
 
 
 @pytest_twisted.inlineCallbacks
