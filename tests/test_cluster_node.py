@@ -288,6 +288,15 @@ def targeted(payload: bytes) -> bytes:
     return targeted_head("c", len(packed)) + packed
 
 
+@inlineCallbacks
+def holds(store: RedisStore, client_id: str) -> Any:
+    """The store's node holds the client's session (in Redis), subscribed to t at QoS 1."""
+    yield store.claim(client_id, False, 0)
+    store.save_session(Session(client_id, 600), None)
+    store.save_subscription(client_id, Subscription(client_id=client_id, topic_filter="t", qos=1))
+    yield store.flushed()
+
+
 @pytest_twisted.inlineCallbacks
 def test_an_entry_for_a_session_being_claimed_stays_unhandled_until_the_message_is_queued(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -300,10 +309,7 @@ def test_an_entry_for_a_session_being_claimed_stays_unhandled_until_the_message_
     redis = server.client()
     gate: Deferred[None] = Deferred()
     try:
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 600), None)
-        b.save_subscription("c", Subscription(client_id="c", topic_filter="t", qos=1))
-        yield b.flushed()
+        yield holds(b, "c")
         claim = broker.store.claim
         broker.store.claim = lambda *args: gate.addCallback(lambda _: claim(*args))  # (held until the gate opens)
         client = FakeClient(broker, 5)
@@ -340,10 +346,7 @@ def test_a_message_of_a_dead_nodes_inbox_for_a_session_being_claimed_goes_throug
     try:
         yield b.register(600_000)
         yield b.create_inbox()
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 600), None)
-        b.save_subscription("c", Subscription(client_id="c", topic_filter="t", qos=1))
-        yield b.flushed()
+        yield holds(b, "c")
         redis.xadd("mqtt:inbox:b", {"d": targeted(b"left by b"), "e": 1})
         claim, claims = broker.store.claim, []
 
