@@ -67,6 +67,13 @@ def connect(broker: BrokerService, version: int = 4, **fields: Any) -> Any:
     return client
 
 
+def adopt(broker: BrokerService, dead: str) -> None:
+    """Adopt what ``dead`` held, as the node itself starts it: what fails once the node stops
+    (Redis's connection cut under it) is not an error (left unhandled, it was logged as one in
+    whichever test collected it)."""
+    broker.cluster._adopt(dead).addErrback(broker.cluster._check_failed)
+
+
 def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
     code = ("import sys; from mqtt_broker import BrokerService; BrokerService(endpoints=[], persistence='memory'); "
             "loaded = [m for m in sys.modules if m.startswith('mqtt_broker.cluster') or m == 'txredisapi']; "
@@ -245,7 +252,7 @@ def test_a_session_adopted_back_leaves_nothing_of_its_old_copy_here(server: Redi
         b.delete_subscription("c", "y/#")
         yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
-        broker.cluster._adopt("b")
+        adopt(broker, "b")
         yield until(lambda: broker.sessions.get("c") not in (None, old), "a to adopt b's session")
         assert list(broker.sessions["c"].subscriptions) == ["x/#"]
         assert [m.client_id for m in broker.subscriptions.match("y/1")[0]] == []
@@ -358,7 +365,7 @@ def test_a_message_of_a_dead_nodes_inbox_for_a_session_being_claimed_goes_throug
         client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
                             properties={"session_expiry_interval": 600}))
         redis.delete("mqtt:node:b")  # b died
-        broker.cluster._adopt("b")
+        adopt(broker, "b")
         yield until(lambda: redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 1, "the message in a's inbox")
         yield broker.store.flushed()
         assert redis.xpending("mqtt:inbox:b", "nodes")["pending"] == 0
@@ -557,7 +564,7 @@ def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
         b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
         yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
-        broker.cluster._adopt("b")
+        adopt(broker, "b")
         yield until(lambda: "c" in broker.sessions, "a to adopt c")
         yield broker.store.flushed()
         assert "c" in broker._delayed_wills
@@ -741,7 +748,7 @@ def test_a_shared_message_for_a_session_adopted_lately_is_delivered(server: Redi
         x.save_subscription("s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"))
         yield x.flushed()
         server.client().delete("mqtt:node:x")  # x died
-        broker.cluster._adopt("x")
+        adopt(broker, "x")
         yield until(lambda: "s" in broker.sessions, "a to adopt s")
         assert "s" in broker.cluster._moving
         message = Message(topic="t", payload=b"shared", qos=1, cluster_id=b"c-id-0001")
