@@ -110,7 +110,7 @@ class Publishing:
             awaiting = self.session.awaiting_pubrel
             if packet_id in awaiting:
                 # A resend: not routed again [MQTT-4.3.3-9].
-                if broker.cluster is not None and self.session.stored:  # (after the first, see below)
+                if broker.cluster is not None and self.session.stored:
                     broker.cluster.recorded(self._client_id).addCallback(self._resend_recorded, packet_id)
                 else:
                     self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
@@ -182,25 +182,21 @@ class Publishing:
         publisher's resend is then either routed for the first time or known as a resend
         [MQTT-4.3.3-9], never routed twice."""
         delivery = self.delivery
-        if delivery.await_pubrel(self.session, packet_id):
-            cluster = self.broker.cluster
-            if cluster is not None:
-                # Another node may take the session before Redis has its packet id, and the
-                # client send the message again there: routed once Redis has the id, if it does.
-                cluster.recorded(self._client_id).addCallback(self._recorded, packet_id, message)
-                return
-            delivery.routing_waits_for_store = True
-            try:
-                routed = delivery.route(message)
-            finally:
-                delivery.routing_waits_for_store = False
+        if not delivery.await_pubrel(self.session, packet_id):
+            self._routed(2, packet_id, message, delivery.route(message))
+            return
+        cluster = self.broker.cluster
+        if cluster is not None:
+            # Another node may take the session before Redis has the packet id, and the client
+            # send the message again there: routed once Redis has the id, and only if it does.
+            cluster.recorded(self._client_id).addCallback(self._recorded, packet_id, message)
         else:
-            routed = delivery.route(message)
-        self._routed(2, packet_id, message, routed)
+            self._recorded(True, packet_id, message)
 
     def _recorded(self, held: bool, packet_id: int, message: Message) -> None:
-        """A QoS 2 PUBLISH's packet id was written to Redis, or refused there (``held`` False:
-        the session is another node's, to which the client sends the message again)."""
+        """Route a QoS 2 PUBLISH whose packet id the store records, unless the session is
+        another node's now (``held`` False: Redis refused the id; the client sends the message
+        again there)."""
         if held:
             delivery = self.delivery
             delivery.routing_waits_for_store = True
@@ -211,8 +207,8 @@ class Publishing:
             self._routed(2, packet_id, message, routed)
 
     def _resend_recorded(self, held: bool, packet_id: int) -> None:
-        """The resend of a QoS 2 PUBLISH whose first copy waited for Redis (a connection before):
-        acknowledged once what routing it recorded is written."""
+        """A QoS 2 PUBLISH sent again while its first copy may still wait for Redis: acknowledged
+        once the routing of the first copy is written."""
         if held:
             self._acknowledge_when_stored(2, packet_id, ReasonCode.SUCCESS)
 
