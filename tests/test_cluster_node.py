@@ -762,6 +762,39 @@ def test_a_shared_message_for_a_session_adopted_lately_is_delivered(server: Redi
         yield link.close()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_message_a_session_brought_with_it_is_not_queued_again_by_a_second_way(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node x died with a QoS 2 message queued in s's session; a adopts s, and the same message
+    (by its id) reaches a from the node it was published on, forwarded while s moved: s got it
+    twice, the copy it brought counting as no way at all."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
+    try:
+        yield x.register(600_000)
+        yield x.claim("s", False, 0)
+        x.save_session(Session("s", 3600), 1000.0)
+        x.save_subscription("s", Subscription(client_id="s", topic_filter="t", qos=2))
+        message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"c-id-0002")
+        x.add_delivery("s", Queued(message, 2, False, (), None, 1), None)
+        yield x.flushed()
+        server.client().delete("mqtt:node:x")  # x died
+        adopt(broker, "x")
+        yield until(lambda: "s" in broker.sessions, "a to adopt s")
+        assert [i.message.payload for i in broker.sessions["s"].queue] == [b"once"]
+        c.forward("a", pack_forwarded(message, (), clock.seconds()))
+        yield c.flushed()
+        yield until(lambda: broker.cluster.stats.forwarded_in, "a to read c's entry")
+        yield broker.store.flushed()
+        assert [i.message.payload for i in broker.sessions["s"].queue] == [b"once"]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
 @pytest.mark.parametrize("publisher_on", ["a", "b"])
 @pytest_twisted.inlineCallbacks
 def test_a_qos2_message_published_while_a_session_moves_reaches_it_once(
