@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from twisted.logger import globalLogPublisher
 
 import mqtt_broker
 
@@ -176,3 +178,30 @@ def assert_every_field_set(made: Any, **given: Any) -> None:
             assert value == f.default_factory(), f.name
         else:
             raise AssertionError(f"{f.name} has no default and was not given")
+
+
+
+_unhandled: list[str] = []
+
+
+def _watch_unhandled(event: dict[str, Any]) -> None:
+    failure = event.get("log_failure")
+    if "Unhandled error in Deferred" in str(event.get("log_format", "")):
+        _unhandled.append(repr(failure.value) if failure is not None else "")
+    elif failure is not None and _unhandled and not _unhandled[-1]:  # (Twisted logs it next)
+        _unhandled[-1] = repr(failure.value)
+
+
+globalLogPublisher.addObserver(_watch_unhandled)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_errors() -> Iterator[None]:
+    """Fail the test that left a Deferred failing with nothing to handle it: collected later,
+    its "Unhandled error in Deferred" was logged in whichever test collected garbage next (the
+    young generations only: what a test made is there, and a whole collection per test would
+    take a minute per thousand tests)."""
+    yield
+    gc.collect(1)
+    found, _unhandled[:] = list(_unhandled), []
+    assert not found, f"Deferreds failed with nothing to handle them: {found}"

@@ -334,8 +334,10 @@ def test_a_command_is_on_the_socket_when_the_call_returns(server: RedisServer) -
     try:
         yield link.call("PING")  # connected
         answer = link.call("RPUSH", "sent", "x")
-        assert redis.blpop(["sent"], timeout=5) == (b"sent", b"x")  # blocks the reactor meanwhile
-        yield answer
+        try:
+            assert redis.blpop(["sent"], timeout=5) == (b"sent", b"x")  # blocks the reactor meanwhile
+        finally:
+            yield answer  # (before the link closes: cut under it, its failure went unhandled)
     finally:
         yield link.close()
 

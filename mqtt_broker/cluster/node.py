@@ -758,7 +758,7 @@ class Cluster:
         # before it could have reconnected and beaten again.
         self._judge_after = self.clock.seconds() + self._ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY
         if self._started:
-            self.store.register(self._ttl_ms)
+            self.store.register(self._ttl_ms).addErrback(lambda _: None)  # (gone again: the next beat registers)
             self._announce_all()
             self._read_inbox_again()
 

@@ -216,8 +216,8 @@ class Redis:
                                              protocol=_SentinelSubscriber if self._sentinel else _Subscriber)
             self._subscriber.received = self._received
         else:
-            for protocol in self._subscriber.pool:
-                protocol.subscribe([channel])
+            for protocol in self._subscriber.pool:  # (a connection lost meanwhile subscribes anew to all)
+                protocol.subscribe([channel]).addErrback(lambda _: None)
 
     def _subscribe_all(self, protocol: Any) -> None:
         subscribed = protocol.subscribe([channel.decode() for channel in self._handlers])
