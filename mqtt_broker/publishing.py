@@ -110,10 +110,7 @@ class Publishing:
             awaiting = self.session.awaiting_pubrel
             if packet_id in awaiting:
                 # A resend: not routed again [MQTT-4.3.3-9].
-                if broker.cluster is not None and self.session.stored:
-                    broker.cluster.recorded(self._client_id).addCallback(self._resend_recorded, packet_id)
-                else:
-                    self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
+                self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
                 return
             if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
                 raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
@@ -182,35 +179,15 @@ class Publishing:
         publisher's resend is then either routed for the first time or known as a resend
         [MQTT-4.3.3-9], never routed twice."""
         delivery = self.delivery
-        if not delivery.await_pubrel(self.session, packet_id):
-            self._routed(2, packet_id, message, delivery.route(message))
-            return
-        cluster = self.broker.cluster
-        if cluster is not None:
-            # Another node may take the session before Redis has the packet id, and the client
-            # send the message again there: routed once Redis has the id, and only if it does.
-            cluster.recorded(self._client_id).addCallback(self._recorded, packet_id, message)
-        else:
-            self._recorded(True, packet_id, message)
-
-    def _recorded(self, held: bool, packet_id: int, message: Message) -> None:
-        """Route a QoS 2 PUBLISH whose packet id the store records, unless the session is
-        another node's now (``held`` False: Redis refused the id; the client sends the message
-        again there)."""
-        if held:
-            delivery = self.delivery
+        if delivery.await_pubrel(self.session, packet_id):
             delivery.routing_waits_for_store = True
             try:
                 routed = delivery.route(message)
             finally:
                 delivery.routing_waits_for_store = False
-            self._routed(2, packet_id, message, routed)
-
-    def _resend_recorded(self, held: bool, packet_id: int) -> None:
-        """A QoS 2 PUBLISH sent again while its first copy may still wait for Redis: acknowledged
-        once the routing of the first copy is written."""
-        if held:
-            self._acknowledge_when_stored(2, packet_id, ReasonCode.SUCCESS)
+        else:
+            routed = delivery.route(message)
+        self._routed(2, packet_id, message, routed)
 
     def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without

@@ -180,7 +180,6 @@ def assert_every_field_set(made: Any, **given: Any) -> None:
             raise AssertionError(f"{f.name} has no default and was not given")
 
 
-
 _unhandled: list[str] = []
 
 

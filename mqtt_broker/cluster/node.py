@@ -100,9 +100,12 @@ class Cluster:
                                      self._send_qos0)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
-        self._claiming: dict[str, list[tuple[Queued, int, _Mark | None]]] = {}
+        self._claiming: dict[str, list[tuple[Queued, int, _Mark]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
         their inbox entries' stamps, see ``_deliver_targeted``, and marks)."""
+        self._waiting: dict[bytes, _Mark] = {}
+        """The entries of this node's inbox whose messages wait for claims, by id: read again
+        (after an outage, from the first entry given), they are not handled twice."""
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
@@ -265,10 +268,10 @@ class Cluster:
         batch or a later one."""
         for item, stamp, mark in self._claiming.pop(client_id, []):
             self._deliver_targeted(client_id, item, stamp)
-            if mark is not None:
-                mark.waiting -= 1
-                if not mark.waiting:
-                    self.store.handled(mark.entry_id)
+            mark.waiting -= 1
+            if not mark.waiting:
+                del self._waiting[mark.entry_id]
+                self.store.handled(mark.entry_id)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         return self.broker.delivery.deliver_shared(message, share, members)
@@ -350,12 +353,6 @@ class Cluster:
         if had_will:
             self.store.delete_will(session.client_id)
 
-    def recorded(self, client_id: str) -> Deferred[bool]:
-        """Fires once what this node recorded so far for the client's session is written: True
-        unless Redis refused it, the session claimed by another node meanwhile."""
-        epoch = self.store.epochs.get(client_id)
-        return self.store.flushed().addCallback(lambda _: epoch is not None and self.store.epochs.get(client_id) == epoch)
-
     def released(self, client_id: str) -> None:
         """The client's session ended on this node."""
         self.store.give_up(client_id)
@@ -380,6 +377,8 @@ class Cluster:
 
     def _handle_entries(self, entries: list[InboxEntry]) -> None:
         for entry_id, data, stamp in entries:
+            if entry_id in self._waiting:
+                continue  # (read again: its message waits for a claim already)
             mark = _Mark(entry_id)
             if data is not None:  # (None: trimmed away since it was read)
                 try:
@@ -388,7 +387,9 @@ class Cluster:
                     # (read again, it would fail again, and stop every entry after it for good)
                     log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
                                 entry_id=entry_id)
-            if not mark.waiting:
+            if mark.waiting:
+                self._waiting[entry_id] = mark
+            else:
                 self.store.handled(entry_id)
 
     def _inbox_handled(self, _: Any, since: str) -> None:

@@ -216,8 +216,8 @@ class Redis:
                                              protocol=_SentinelSubscriber if self._sentinel else _Subscriber)
             self._subscriber.received = self._received
         else:
-            for protocol in self._subscriber.pool:  # (a connection lost meanwhile subscribes anew to all)
-                protocol.subscribe([channel]).addErrback(lambda _: None)
+            for protocol in self._subscriber.pool:
+                protocol.subscribe([channel]).addErrback(_subscribe_failed, channel)
 
     def _subscribe_all(self, protocol: Any) -> None:
         subscribed = protocol.subscribe([channel.decode() for channel in self._handlers])
@@ -238,6 +238,13 @@ class Redis:
         if self._sentinel is not None:
             closing.append(self._sentinel.disconnect())
         return DeferredList(closing, consumeErrors=True)
+
+
+def _subscribe_failed(failure: Any, channel: str) -> None:
+    """A connection lost meanwhile subscribes anew to every channel when it is back; anything
+    else is worth a line."""
+    if not failure.check(txredisapi.ConnectionError):
+        log.failure("subscribing to {channel}", failure, channel=channel)
 
 
 __all__ = ["Redis", "Script"]
