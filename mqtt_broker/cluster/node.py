@@ -597,8 +597,8 @@ class Cluster:
     def _moved_here(self, client_id: str) -> None:
         # What the session brought came by one way already.
         session = self.broker.sessions.get(client_id)
-        held = [*session.queue, *session.outgoing.values()] if session is not None else ()
-        seen = self._moving[client_id] = {i.message.cluster_id for i in held if i.message.cluster_id is not None}
+        brought = [*session.queue, *session.outgoing.values()] if session is not None else ()
+        seen = self._moving[client_id] = {i.message.cluster_id for i in brought if i.message.cluster_id is not None}
         self.clock.callLater(self._settle, self._settled, client_id, seen)
 
     def _settled(self, client_id: str, seen: set[bytes]) -> None:
