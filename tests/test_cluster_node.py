@@ -67,6 +67,17 @@ def connect(broker: BrokerService, version: int = 4, **fields: Any) -> Any:
     return client
 
 
+@inlineCallbacks
+def holds(store: RedisStore, client_id: str, *subscriptions: Subscription, expiry: int = 600,
+          disconnected_at: float | None = None) -> Any:
+    """The store's node holds the client's session, with these subscriptions, in Redis."""
+    yield store.claim(client_id, False, 0)
+    store.save_session(Session(client_id, expiry), disconnected_at)
+    for subscription in subscriptions:
+        store.save_subscription(client_id, subscription)
+    yield store.flushed()
+
+
 def adopt(broker: BrokerService, dead: str) -> None:
     """Adopt what ``dead`` held, as the node itself starts it: what fails once the node stops
     (Redis's connection cut under it) is not an error (left unhandled, it was logged as one in
@@ -144,10 +155,8 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
     b = RedisStore(link, "b", reactor)
     try:
         yield b.register(3000)
-        yield b.claim("s", False, 0)
-        b.save_session(Session("s", 3600), None)
-        b.save_subscription("s", Subscription(client_id="s", topic_filter="t/#", qos=1))
-        b.save_subscription("s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"))
+        yield holds(b, "s", Subscription(client_id="s", topic_filter="t/#", qos=1),
+                    Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"), expiry=3600)
         b.add_delivery("s", Queued(Message(topic="t/1", payload=b"kept", qos=1), 1, False, (), None, 1), None)
         b.arm_will("s", None, Message(topic="wills/s", payload=b"s is gone", qos=1), 0)
         yield b.flushed()
@@ -295,15 +304,6 @@ def targeted(payload: bytes) -> bytes:
     return targeted_head("c", len(packed)) + packed
 
 
-@inlineCallbacks
-def holds(store: RedisStore, client_id: str) -> Any:
-    """The store's node holds the client's session (in Redis), subscribed to t at QoS 1."""
-    yield store.claim(client_id, False, 0)
-    store.save_session(Session(client_id, 600), None)
-    store.save_subscription(client_id, Subscription(client_id=client_id, topic_filter="t", qos=1))
-    yield store.flushed()
-
-
 @pytest_twisted.inlineCallbacks
 def test_an_entry_for_a_session_being_claimed_stays_unhandled_until_the_message_is_queued(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -317,7 +317,7 @@ def test_an_entry_for_a_session_being_claimed_stays_unhandled_until_the_message_
     redis = server.client()
     gate: Deferred[None] = Deferred()
     try:
-        yield holds(b, "c")
+        yield holds(b, "c", Subscription(client_id="c", topic_filter="t", qos=1))
         claim = broker.store.claim
         broker.store.claim = lambda *args: gate.addCallback(lambda _: claim(*args))  # (held until the gate opens)
         client = FakeClient(broker, 5)
@@ -364,7 +364,7 @@ def test_a_message_of_a_dead_nodes_inbox_for_a_session_being_claimed_goes_throug
     try:
         yield b.register(600_000)
         yield b.create_inbox()
-        yield holds(b, "c")
+        yield holds(b, "c", Subscription(client_id="c", topic_filter="t", qos=1))
         redis.xadd("mqtt:inbox:b", {"d": targeted(b"left by b"), "e": 1})
         claim, claims = broker.store.claim, []
 
@@ -483,8 +483,7 @@ def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
     b = RedisStore(link, "b", reactor)
     try:
         yield b.register(600_000)
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 600), None)
+        yield holds(b, "c")
         b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
         yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
@@ -515,10 +514,7 @@ def test_a_session_claimed_for_a_client_gone_before_the_answer_expires_here(
     b = RedisStore(link, "b", reactor)
     try:
         yield b.register(600_000)
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 60), 1000.0)
-        b.save_subscription("c", Subscription(client_id="c", topic_filter="t/#", qos=1))
-        yield b.flushed()
+        yield holds(b, "c", Subscription(client_id="c", topic_filter="t/#", qos=1), expiry=60, disconnected_at=1000.0)
         client = FakeClient(broker, 5)
         client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
                             properties={"session_expiry_interval": 60}))
@@ -573,8 +569,7 @@ def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its
         yield broker.store.flushed()
         observer.received()
         yield b.register(600_000)
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 3600), None)
+        yield holds(b, "c", expiry=3600)
         b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 0)
         yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
@@ -636,10 +631,7 @@ def test_a_client_reconnecting_while_its_node_takes_its_sessions_back_stays_conn
     link = Redis(RedisAddress.parse(server.url))
     before = RedisStore(link, "a", reactor)  # node a before its restart
     try:
-        yield before.claim("c", False, 0)
-        before.save_session(Session("c", 600), None)
-        before.save_subscription("c", Subscription(client_id="c", topic_filter="t/#", qos=1))
-        yield before.flushed()
+        yield holds(before, "c", Subscription(client_id="c", topic_filter="t/#", qos=1))
         broker.store.clients_of = lambda node: succeed(["c"])  # (at once: the two claims meet)
         broker.store.route("something/else", True)  # a batch under way: both claims wait for it
         client = FakeClient(broker, 5)
@@ -667,10 +659,8 @@ def test_a_shared_message_for_a_session_adopted_lately_is_delivered(server: Redi
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     try:
         yield x.register(600_000)
-        yield x.claim("s", False, 0)
-        x.save_session(Session("s", 3600), 1000.0)
-        x.save_subscription("s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"))
-        yield x.flushed()
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"),
+                    expiry=3600, disconnected_at=1000.0)
         server.client().delete("mqtt:node:x")  # x died
         adopt(broker, "x")
         yield until(lambda: "s" in broker.sessions, "a to adopt s")
@@ -698,9 +688,8 @@ def test_a_message_a_session_brought_with_it_is_not_queued_again_by_a_second_way
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     try:
         yield x.register(600_000)
-        yield x.claim("s", False, 0)
-        x.save_session(Session("s", 3600), 1000.0)
-        x.save_subscription("s", Subscription(client_id="s", topic_filter="t", qos=2))
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2), expiry=3600,
+                    disconnected_at=1000.0)
         message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"c-id-0002")
         x.add_delivery("s", Queued(message, 2, False, (), None, 1), None)
         yield x.flushed()
@@ -813,9 +802,8 @@ def test_a_clean_start_after_the_owner_died_hands_on_what_its_shared_subscriptio
         yield broker.store.flushed()
         m.received()
         yield x.register(600_000)
-        yield x.claim("s", False, 0)
-        x.save_session(Session("s", 3600), None)
-        x.save_subscription("s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"))
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="$share/g/t", qos=1, share_group="g"),
+                    expiry=3600)
         x.add_delivery("s", Queued(Message(topic="t", payload=b"unfinished", qos=1), 1, False, (), ("g", "$share/g/t"), 1), 5)
         yield x.flushed()
         server.client().delete("mqtt:node:x")  # x died

@@ -57,17 +57,6 @@ def node_id(config: Any) -> str:
         return made
 
 
-class _Mark:
-    """An entry of this node's inbox whose message waits for a claim under way here: it is
-    marked handled once the message is queued (``waiting`` 0)."""
-
-    __slots__ = ("entry_id", "waiting")
-
-    def __init__(self, entry_id: bytes) -> None:
-        self.entry_id = entry_id
-        self.waiting = 0
-
-
 class Cluster:
     """This node's part in a cluster. ``store`` is the node's Store (in Redis)."""
 
@@ -100,12 +89,13 @@ class Cluster:
                                      self._send_qos0)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
-        self._claiming: dict[str, list[tuple[Queued, int, _Mark]]] = {}
+        self._claiming: dict[str, list[tuple[Queued, int, bytes]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
-        their inbox entries' stamps, see ``_deliver_targeted``, and marks)."""
-        self._waiting: dict[bytes, _Mark] = {}
-        """The entries of this node's inbox whose messages wait for claims, by id: read again
-        (after an outage, from the first entry given), they are not handled twice."""
+        their inbox entries' stamps and ids, see ``_deliver_targeted``)."""
+        self._waiting: dict[bytes, int] = {}
+        """The entries of this node's inbox with messages that wait for claims, and how many:
+        each is marked handled once they are queued; read again meanwhile (after an outage,
+        from the first entry given), it is not handled twice."""
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
@@ -266,12 +256,13 @@ class Cluster:
         """The claim ended: the messages that came for the client meanwhile are delivered (or
         sent on), and the inbox entries they came in marked handled after them, in the same
         batch or a later one."""
-        for item, stamp, mark in self._claiming.pop(client_id, []):
+        waiting = self._waiting
+        for item, stamp, entry_id in self._claiming.pop(client_id, []):
             self._deliver_targeted(client_id, item, stamp)
-            mark.waiting -= 1
-            if not mark.waiting:
-                del self._waiting[mark.entry_id]
-                self.store.handled(mark.entry_id)
+            waiting[entry_id] -= 1
+            if not waiting[entry_id]:
+                del waiting[entry_id]
+                self.store.handled(entry_id)
 
     def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         return self.broker.delivery.deliver_shared(message, share, members)
@@ -379,17 +370,14 @@ class Cluster:
         for entry_id, data, stamp in entries:
             if entry_id in self._waiting:
                 continue  # (read again: its message waits for a claim already)
-            mark = _Mark(entry_id)
             if data is not None:  # (None: trimmed away since it was read)
                 try:
-                    self._handle_entry(bytes(data), stamp, mark)
+                    self._handle_entry(bytes(data), stamp, entry_id)
                 except Exception:
                     # (read again, it would fail again, and stop every entry after it for good)
                     log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
                                 entry_id=entry_id)
-            if mark.waiting:
-                self._waiting[entry_id] = mark
-            else:
+            if entry_id not in self._waiting:
                 self.store.handled(entry_id)
 
     def _inbox_handled(self, _: Any, since: str) -> None:
@@ -411,12 +399,12 @@ class Cluster:
         (the marks of the entries handled before an outage among it): none is handled twice."""
         self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
-    def _handle_entry(self, data: bytes, stamp: int, mark: _Mark) -> None:
+    def _handle_entry(self, data: bytes, stamp: int, entry_id: bytes) -> None:
         delivery = self.broker.delivery
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
             if kind == TARGETED:  # (Redis passes these on one to an entry)
-                self._deliver_targeted(first, second, stamp, mark)
+                self._deliver_targeted(first, second, stamp, entry_id)
                 continue
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
@@ -459,28 +447,25 @@ class Cluster:
             self.stats.forwarded_in += 1
             self.broker.delivery.route(message, shares)
 
-    def _deliver_targeted(self, client_id: str, item: Queued, stamp: int, mark: _Mark | None = None) -> None:
+    def _deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
         an inbox entry of ``stamp``: not for the session if it was begun anew since the entry
         was made. A shared subscription's message goes to the member it was given to all the
         same (dropped, the group would not have it). While the session's claim is under way
         here, the message waits for it if it came alone in an entry of this node's inbox
-        (``mark``), else goes through Redis to the session's owner: either way its entry is
+        (``entry_id``), else goes through Redis to the session's owner: either way its entry is
         marked handled only once it is queued (or sent on)."""
-        if client_id in self._claiming:
-            if mark is None:  # (in an entry with other messages) through Redis, with the entry's mark
-                self.stats.redirected += 1
-                self.store.send_on(client_id, item, stamp)
-                return
+        claiming = self._claiming.get(client_id)
+        if claiming is not None and entry_id is not None:
             # Its entry stays unhandled until the message is queued: a node that dies first
             # leaves it to be read again.
-            mark.waiting += 1
-            self._claiming[client_id].append((item, stamp, mark))
+            self._waiting[entry_id] = self._waiting.get(entry_id, 0) + 1
+            claiming.append((item, stamp, entry_id))
             return
         if item.share is not None:
             stamp = 0
         session = self.broker.sessions.get(client_id)
-        if session is not None and client_id in self.store.epochs:
+        if claiming is None and session is not None and client_id in self.store.epochs:
             if stamp and stamp < self.store.since_stamps.get(client_id, 0):
                 return  # for the session's earlier life
             security = self.broker.security
@@ -491,7 +476,7 @@ class Cluster:
             if cluster_id is not None and not self.forwarding.first_time(client_id, cluster_id):
                 return  # it came by the other way already
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
-        else:  # not here (any more): the store sends it on to the session's owner, if any
+        else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
             self.store.send_on(client_id, item, stamp)
 
