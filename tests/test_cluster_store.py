@@ -164,7 +164,8 @@ def test_a_message_queued_in_the_copy_of_a_session_that_moved_goes_to_its_owner(
         nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
     """A node keeps its copy of a session that moved (not begun anew) until the routes settle:
     what it queues there meanwhile, at the epoch it gave up, goes to the new owner (whatever
-    the session's sequence numbers are); once the session is begun anew, it does not."""
+    the session's sequence numbers are); once the session is begun anew, it does not, but for
+    a shared subscription's message, which goes to the member it was given to."""
     a, b = nodes
     redis = server.client()
     redis.set("mqtt:epochs", 100)
@@ -178,8 +179,13 @@ def test_a_message_queued_in_the_copy_of_a_session_that_moved_goes_to_its_owner(
     assert (kind, client_id, queued.message.payload) == (TARGETED, "c", b"routed to the copy")
     yield b.claim("c", True, 0)  # begun anew where it is held: since 102
     a.add_delivery("c", item(b"for its earlier life", 6), None)
+    shared = item(b"shared", 7)
+    shared.share = ("g", "$share/g/t")  # (dropped, the group would not have it)
+    a.add_delivery("c", shared, None)
     yield a.flushed()
-    assert len(redis.xrange("mqtt:inbox:b")) == 1
+    payloads = [queued.message.payload for _, fields in redis.xrange("mqtt:inbox:b")
+                for _, _, queued in unpack_records(fields[b"d"])]
+    assert payloads == [b"routed to the copy", b"shared"]
     a.forgotten("c")  # the copy gone: nothing is kept of it
     assert a._epoch("c") == 0
 

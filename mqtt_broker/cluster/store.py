@@ -232,8 +232,11 @@ class RedisStore:
         # The head of the record that sends the message to the session's new owner, should
         # another node have claimed it: the script appends the item itself.
         head = targeted_head(client_id, len(packed))
-        index = self._record("Q", client_id, self._epoch(client_id), item.seq, packed,
-                             "" if packet_id is None else packet_id, 0, head)
+        # A shared subscription's message queued in a copy of a session that moved goes to the
+        # member all the same, begun anew or not (the group would lose it): at epoch 0, which
+        # Redis refuses and compares with no clean start.
+        epoch = self._epoch(client_id) if item.share is None else self.epochs.get(client_id, 0)
+        index = self._record("Q", client_id, epoch, item.seq, packed, "" if packet_id is None else packet_id, 0, head)
         self._queued_at[(client_id, item.seq)] = index
 
     def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
