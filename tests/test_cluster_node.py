@@ -82,7 +82,7 @@ def adopt(broker: BrokerService, dead: str) -> None:
     """Adopt what ``dead`` held, as the node itself starts it: what fails once the node stops
     (Redis's connection cut under it) is not an error (left unhandled, it was logged as one in
     whichever test collected it)."""
-    broker.cluster._adopt(dead).addErrback(broker.cluster._check_failed)
+    broker.cluster.survivor.adopt(dead).addErrback(broker.cluster.survivor.failed)
 
 
 def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
@@ -161,7 +161,7 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
         b.arm_will("s", None, Message(topic="wills/s", payload=b"s is gone", qos=1), 0)
         yield b.flushed()
         server.client().delete("mqtt:node:b")  # b stopped beating: its key has expired
-        yield broker.cluster._check_nodes()
+        yield broker.cluster.survivor.check_nodes()
         # Not yet: a node that just joined gives the others time to beat (they may be back
         # from the same outage).
         assert "s" not in broker.sessions
@@ -637,7 +637,7 @@ def test_a_client_reconnecting_while_its_node_takes_its_sessions_back_stays_conn
         client = FakeClient(broker, 5)
         client.send(Connect(protocol_level=5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
                             will=Will(topic="wills/c", payload=b"c is gone", qos=0, retain=False)))
-        yield broker.cluster._adopt("a")
+        yield broker.cluster.survivor.adopt("a")
         yield broker.store.flushed()
         assert not client.closed and broker.sessions["c"].connection is client.protocol
         assert server.client().hget("mqtt:session:c", "will") is not None
@@ -854,9 +854,9 @@ def test_a_session_moved_here_twice_counts_as_moving_for_the_whole_time_after_th
     broker = yield node_a(server)
     cluster = broker.cluster
     try:
-        cluster._moved_here("c")
+        cluster.moved_here("c")
         broker.clock.advance(cluster._settle / 2)
-        cluster._moved_here("c")
+        cluster.moved_here("c")
         broker.clock.advance(cluster._settle / 2 + 0.1)
         assert "c" in cluster._moving
         broker.clock.advance(cluster._settle / 2)
@@ -948,7 +948,7 @@ def test_routes_read_while_their_events_come_take_the_events_newer_than_the_read
     reads = reading_routes(cluster)
     try:
         cluster._control(b"F\0b\0x/#\0" + b"5")
-        loading = cluster._load_routes("b")
+        loading = cluster.load_routes("b")
         cluster._control(b"f\0b\0x/#\0" + b"6")
         cluster._control(b"F\0b\0y/#\0" + b"7")
         reads[0].callback((6, {"held/long/ago/#": True}))  # made after the 6th change, before the 7th
@@ -972,7 +972,7 @@ def test_a_node_forgotten_while_its_routes_are_read_stays_forgotten(server: Redi
     reads = reading_routes(cluster)
     try:
         cluster._control(b"F\0b\0x/#\0" + b"1")
-        loading = cluster._load_routes("b")
+        loading = cluster.load_routes("b")
         cluster._control(b"G\0b\0" + b"2")
         assert cluster.forwarding.filters_of("b") == {}
         reads[0].callback((1, {"x/#": True}))

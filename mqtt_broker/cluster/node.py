@@ -18,19 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from ..message import Client, Message
+from ..message import Message
 from ..session import Queued, Session
-from ..store import StoredWill
 from ..topics import SubscriptionTree, Subscription
-from ..wire import MQTT_5
 from .address import RedisAddress
-from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained, unpack_will
+from .codec import HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .store import Claim, InboxEntry, RedisStore
+from .survivor import Survivor
 
 if TYPE_CHECKING:
     from ..broker import BrokerService
@@ -82,7 +80,7 @@ class Cluster:
         nodes are told is decided then, so that a change undone in the meantime (a client taking
         its own session over) tells them nothing."""
         self._route_versions: dict[str, int] = {}
-        """The version of each other node's routes that the replica is at (see ``_load_routes``)."""
+        """The version of each other node's routes that the replica is at (see ``load_routes``)."""
         self._route_reads: dict[str, list[list[tuple[int, bytes, str]]]] = {}
         """The route events of each node whose routes are being read, one list per read."""
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
@@ -91,7 +89,7 @@ class Cluster:
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[tuple[Queued, int, bytes]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
-        their inbox entries' stamps and ids, see ``_deliver_targeted``)."""
+        their inbox entries' stamps and ids, see ``deliver_targeted``)."""
         self._waiting: dict[bytes, int] = {}
         """The entries of this node's inbox with messages that wait for claims, and how many:
         each is marked handled once they are queued; read again meanwhile (after an outage,
@@ -99,18 +97,13 @@ class Cluster:
         self._overtaken: dict[str, tuple[int, bool]] = {}
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = self.clock
-        self._ttl_ms = int(config.cluster_heartbeat * config.cluster_missed_heartbeats * 1000)
-        self._settle = 4 * self._ttl_ms / 1000 + 1.0
+        self.survivor = Survivor(self)
+        self._settle = 4 * self.survivor.ttl_ms / 1000 + 1.0
         """Seconds after a session moves until every node routes for it where it is now: the
         previous owner's death noticed, its inbox read, the routes replaced."""
-        self._started = False
+        self.started = False
         self._reading = False
         self._down_since: float | None = None
-        self._judge_after = 0.0
-        """Clock time before which no node is judged dead (after this node's own outage)."""
-        self._adopting: set[str] = set()
         self.ready: Deferred[None] = Deferred()
         """Fires once the node has joined (its routes, retained messages and sessions loaded)."""
         self._listening: Deferred[None] = Deferred()
@@ -124,20 +117,19 @@ class Cluster:
     def start(self) -> Any:
         """Join: register, learn the routes and retained messages, take back this node's own
         sessions (a restart), and start reading the inbox and beating."""
-        self._started = True
+        self.started = True
         self.clock.callLater(JOIN_WARNING, self._still_joining)
         self.redis.on_subscribed = self._subscribed
         self.redis.subscribe(self.store.CONTROL, self._control)
         self.redis.subscribe(self.store.qos0_channel(self.node), self._qos0_received)
         yield self._listening
-        yield self.store.register(self._ttl_ms)
+        yield self.store.register(self.survivor.ttl_ms)
         yield self.store.create_inbox()
-        yield self._load_routes()
+        yield self.load_routes()
         yield self._load_retained()
         self._announce_all()
-        yield self._adopt(self.node)  # this node's sessions before a restart, if any
-        self._judge_after = self.clock.seconds() + self._ttl_ms / 1000
-        self._heartbeat.start(self.broker.config.cluster_heartbeat, now=False)
+        yield self.survivor.adopt(self.node)  # this node's sessions before a restart, if any
+        self.survivor.start()
         self._read_inbox("0")
         log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
                  node=self.node, address=str(self.address), nodes=len(self.nodes))
@@ -153,7 +145,7 @@ class Cluster:
         return None
 
     def _still_joining(self) -> None:
-        if not self.ready.called and self._started:
+        if not self.ready.called and self.started:
             log.warn("cluster node {node} has not reached Redis at {address} yet: check the address, the "
                      "password and the TLS settings (cluster, cluster_tls_ca_file); still trying",
                      node=self.node, address=str(self.address))
@@ -163,9 +155,8 @@ class Cluster:
         """Leave: what this node's sessions hold stays in Redis for the survivors to adopt. With
         Redis out of reach, the node leaves without telling it after LEAVE_TIMEOUT (the others
         take it for dead when its heartbeats stop), so that a stop does not wait for Redis."""
-        self._started = False
-        if self._heartbeat.running:
-            self._heartbeat.stop()
+        self.started = False
+        self.survivor.stop()
         leaving = self.store.leave().addTimeout(LEAVE_TIMEOUT, self.clock)
         leaving.addErrback(self._left_without_redis)
         return leaving.addBoth(lambda _: self.redis.close())
@@ -212,7 +203,7 @@ class Cluster:
                 for subscription in claim.session.subscriptions.values():
                     broker.subscriptions.add(subscription)
                 if claim.previous is not None and claim.previous != self.node:
-                    self._moved_here(client_id)
+                    self.moved_here(client_id)
         self._deliver_held(client_id)
         if timer.active():
             timer.cancel()
@@ -222,11 +213,11 @@ class Cluster:
         expiry = claim.session.expiry if claim.session is not None else 0
         if claim.will is not None:
             if not claim.previous_alive:
-                self._will_found(client_id, claim.will, ended=clean_start, connecting=attached, expiry=expiry)
+                self.survivor.will_found(client_id, claim.will, ended=clean_start, connecting=attached, expiry=expiry)
             elif not (attached or clean_start or not expiry):
                 # The live previous owner published it unless it was delayed: then it was for
                 # the new connection to cancel, which went, so it is due after its delay.
-                self._will_found(client_id, claim.will, ended=False, expiry=expiry, delayed_only=True)
+                self.survivor.will_found(client_id, claim.will, ended=False, expiry=expiry, delayed_only=True)
         overtaken = self._overtaken.pop(client_id, None)
         if overtaken is not None and overtaken[0] > claim.epoch:  # claimed since by another node
             self._let_go(client_id, overtaken[1])
@@ -250,7 +241,12 @@ class Cluster:
         self._deliver_held(client_id)  # to the session's owner, through Redis
         # Redis may have applied the claim and lost only its answer: once it answers again,
         # what it says this node holds and this node does not know is taken as at a restart.
-        self.store.flushed().addCallback(lambda _: self._adopt(self.node)).addErrback(self._check_failed)
+        survivor = self.survivor
+        self.store.flushed().addCallback(lambda _: survivor.adopt(self.node)).addErrback(survivor.failed)
+
+    def claiming(self, client_id: str) -> bool:
+        """Whether the client's claim is under way here (its connection waits for it)."""
+        return client_id in self._claiming
 
     def _deliver_held(self, client_id: str) -> None:
         """The claim ended: the messages that came for the client meanwhile are delivered (or
@@ -258,7 +254,7 @@ class Cluster:
         batch or a later one."""
         waiting = self._waiting
         for item, stamp, entry_id in self._claiming.pop(client_id, []):
-            self._deliver_targeted(client_id, item, stamp)
+            self.deliver_targeted(client_id, item, stamp)
             waiting[entry_id] -= 1
             if not waiting[entry_id]:
                 del waiting[entry_id]
@@ -353,7 +349,7 @@ class Cluster:
     def _read_inbox(self, since: str) -> None:
         """Read this node's inbox: first what it was given before a restart and never finished
         (``since`` "0", then the last entry read), then what is new (">")."""
-        if not self._started or self._reading:
+        if not self.started or self._reading:
             return
         self._reading = True
         self.store.read_inbox(since).addCallbacks(self._inbox_read, self._inbox_failed, callbackArgs=(since,))
@@ -386,7 +382,7 @@ class Cluster:
 
     def _inbox_failed(self, failure: Any) -> None:
         self._reading = False
-        if self._started:
+        if self.started:
             if "NOGROUP" in failure.getErrorMessage():
                 # Taken for dead while it was away, this node had its inbox dropped by the
                 # survivor that adopted what it held; other nodes may have written to it since.
@@ -404,7 +400,7 @@ class Cluster:
         for kind, first, second in unpack_records(data):
             self.stats.forwarded_in += 1
             if kind == TARGETED:  # (Redis passes these on one to an entry)
-                self._deliver_targeted(first, second, stamp, entry_id)
+                self.deliver_targeted(first, second, stamp, entry_id)
                 continue
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
@@ -437,7 +433,7 @@ class Cluster:
                 for subscription in session.subscriptions.values():
                     if subscription.share_group is None:
                         former.add(subscription)
-            self._deliver_formerly(message, former, stamp)
+            self.deliver_formerly(message, former, stamp)
 
     def _qos0_received(self, data: bytes) -> None:
         self.broker.gathered(self._route_qos0, data)
@@ -447,7 +443,7 @@ class Cluster:
             self.stats.forwarded_in += 1
             self.broker.delivery.route(message, shares)
 
-    def _deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
+    def deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
         an inbox entry of ``stamp``: not for the session if it was begun anew since the entry
         was made. A shared subscription's message goes to the member it was given to all the
@@ -480,7 +476,7 @@ class Cluster:
             self.stats.redirected += 1
             self.store.send_on(client_id, item, stamp)
 
-    def _deliver_formerly(self, message: Message, former: SubscriptionTree, stamp: int,
+    def deliver_formerly(self, message: Message, former: SubscriptionTree, stamp: int,
                           shares: tuple[tuple[str, str], ...] = (), everyone: bool = True) -> None:
         """A message from a dead node's inbox: to each session it held that matches (only to
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
@@ -496,7 +492,7 @@ class Cluster:
                             message.retain and member.retain_as_published,
                             (member.subscription_id,) if member.subscription_id else ()))
         for client_id, qos, retain, ids in targets:
-            self._deliver_targeted(client_id, Queued(message, qos, retain, ids), stamp)
+            self.deliver_targeted(client_id, Queued(message, qos, retain, ids), stamp)
 
     # --- the control channel ----------------------------------------------------------------
 
@@ -516,7 +512,7 @@ class Cluster:
             self._claimed_elsewhere(parts[1].decode(), int(parts[2]), parts[3] == b"1")
         elif kind == b"B":  # a node left: what it held is adopted at once
             self.nodes.pop(node, None)
-            self.clock.callLater(0, lambda: self._check_nodes(True).addErrback(self._check_failed))
+            self.survivor.left()
         elif kind == b"G":  # a dead node's sessions are adopted: its routes go
             self._route_event(node, int(parts[1]), kind, "")
 
@@ -579,7 +575,7 @@ class Cluster:
         if client_id not in self.store.epochs:  # (not claimed back meanwhile)
             self.store.forgotten(client_id)
 
-    def _moved_here(self, client_id: str) -> None:
+    def moved_here(self, client_id: str) -> None:
         # What the session brought came by one way already.
         session = self.broker.sessions.get(client_id)
         brought = [*session.queue, *session.outgoing.values()] if session is not None else ()
@@ -590,144 +586,10 @@ class Cluster:
         if self._moving.get(client_id) is seen:  # (not moved here again since)
             del self._moving[client_id]
 
-    # --- membership ---------------------------------------------------------------------------
-
-    def _beat(self) -> None:
-        if not self.redis.up:
-            return
-        # (a member again if it was taken for dead and dropped: paused longer than its lives)
-        self.store.register(self._ttl_ms).addErrback(lambda _: None)
-        self._check_nodes().addErrback(self._check_failed)
-
-    def _check_failed(self, failure: Any) -> None:
-        if self._started:  # (stopping cuts the connection under it)
-            log.failure("checking the cluster's nodes", failure)
-
-    @inlineCallbacks
-    def _check_nodes(self, now_judge: bool = False) -> Any:
-        """Learn the nodes that joined, and adopt what the dead ones held, if this node is the
-        survivor chosen for it (the lowest id of the live nodes)."""
-        try:
-            members, live = yield self.store.members()
-        except Exception:
-            return
-        now = self.clock.seconds()
-        for member in live - {self.node} - set(self.nodes):
-            self.nodes[member] = now
-            yield self._load_routes(member)
-        for member in set(self.nodes) - live:
-            del self.nodes[member]
-        if now < self._judge_after and not now_judge:
-            return
-        dead = [m for m in members if m not in live and m != self.node]
-        if dead and min(live | {self.node}) == self.node:
-            for member in dead:
-                yield self._adopt(member)
-
-    @inlineCallbacks
-    def _adopt(self, dead: str) -> Any:
-        """Take every session ``dead`` held (this node's own id: those it held before a
-        restart), publish the wills of its clients that were connected, and deliver what is left
-        in its inbox to the sessions it held, wherever they are now. Exactly one node does it
-        for a session: the claim succeeds only while the dead node still holds it."""
-        if dead in self._adopting:
-            return
-        self._adopting.add(dead)
-        try:
-            clients = yield self.store.clients_of(dead)
-            former = SubscriptionTree()
-            """The subscriptions of every session the dead node held, for its inbox."""
-            adopted = 0
-            for client_id in clients:
-                if client_id in self.broker.sessions and dead == self.node:
-                    continue
-                claim = yield self.store.claim(client_id, False, self.broker.config.max_queued_messages, dead)
-                if claim is None:  # another node claimed it meanwhile (its client reconnected)
-                    if dead != self.node:
-                        for subscription in (yield self.store.subscriptions_of(client_id)):
-                            former.add(subscription)
-                    continue
-                local = self.broker.sessions.get(client_id)
-                if local is not None and local.connection is not None:
-                    # Its client connected here meanwhile, and its claim came first: the session
-                    # is its connection's, whose will (taken out of Redis by this claim) goes back.
-                    self.connected(local, local.connection)
-                    continue
-                if claim.will is not None:
-                    self._will_found(client_id, claim.will, ended=claim.session is None,
-                                     expiry=claim.session.expiry if claim.session is not None else 0,
-                                     connecting=client_id in self._claiming)
-                if claim.session is None:
-                    self.store.give_up(client_id)
-                    continue
-                for subscription in claim.session.subscriptions.values():
-                    former.add(subscription)
-                if client_id in self.broker.sessions:  # a copy from before the dead node had it: stale
-                    self.broker.forget_session(client_id)
-                self.broker.take_session(claim.session, claim.disconnected_at)
-                if dead != self.node:
-                    self._moved_here(client_id)
-                adopted += 1
-            self.stats.adopted += adopted
-            if dead != self.node:
-                log.info("adopted {count} sessions of node {dead}, which is gone", count=adopted, dead=dead)
-                yield self._drain(dead, former)
-                # Nodes that had not yet heard of the death may still have written to the dead
-                # node's inbox: read it again once its routes are gone everywhere, then drop it.
-                yield self.store.forget_node(dead)
-                yield deferLater(self.clock, 2 * self._ttl_ms / 1000, lambda: None)
-                yield self._drain(dead, former)
-                yield self.store.drop_node(dead)
-            elif adopted:
-                log.info("took back {count} sessions of this node from before its restart", count=adopted)
-        finally:
-            self._adopting.discard(dead)
-
-    @inlineCallbacks
-    def _drain(self, dead: str, former: SubscriptionTree) -> Any:
-        """Deliver what is left in a dead node's inbox: what it was given and did not finish,
-        then what it was never given. Each entry is marked handled in the batch that delivers it,
-        so a survivor that dies meanwhile leaves the rest to the next one."""
-        cursor = "0-0"
-        for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
-            cursor, entries = yield self.store.take_inbox(dead, cursor)
-            for entry_id, data, stamp in entries:
-                if data is not None:
-                    for kind, first, second in unpack_records(bytes(data)):
-                        if kind == TARGETED:
-                            self._deliver_targeted(first, second, stamp)
-                        else:
-                            self._deliver_formerly(first, former, stamp, shares=second, everyone=kind == FORWARDED)
-                self.store.handled(entry_id, dead)
-            yield self.store.flushed()
-            if not entries and cursor == "0-0":
-                return
-
-    def _will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
-                    delayed_only: bool = False) -> None:
-        """A will no live node will publish: its client's connection was on a node that is dead
-        (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
-        its delay is 0 or the session ends; dropped if the client is connecting again (it came
-        back within the delay [MQTT-3.1.3-9]: ``connecting``); otherwise due after its delay, or
-        at the time a delayed will was given."""
-        message, username, delay, due = unpack_will(data)
-        if delayed_only and due is None and not delay:
-            return
-        message.sender = client_id
-        client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
-                        clean_start=False, keep_alive=0)
-        if ended or (due is None and not delay):
-            self.broker.publish_will(client, message)
-        elif not connecting:
-            due = due if due is not None else self.clock.seconds() + min(delay, expiry)
-            self.broker.schedule_will(client, message, due)
-            # In Redis too (the claim took it out): for the next node, should this one die first.
-            self.store.save_will(StoredWill(client_id, username, message, due))
-
     # --- Redis coming and going ---------------------------------------------------------------
 
     def _redis_down(self) -> None:
-        if not self._started:
+        if not self.started:
             return
         self._down_since = self.clock.seconds()
         log.warn("Redis at {address} is unreachable: local clients are still served; QoS 1/2 "
@@ -742,9 +604,9 @@ class Cluster:
         self._down_since = None
         # Other nodes were cut off too and may reconnect later than this one: none is judged dead
         # before it could have reconnected and beaten again.
-        self._judge_after = self.clock.seconds() + self._ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY
-        if self._started:
-            self.store.register(self._ttl_ms).addErrback(lambda _: None)  # (gone again: the next beat registers)
+        self.survivor.judge_after(self.survivor.ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY)
+        if self.started:
+            self.store.register(self.survivor.ttl_ms).addErrback(lambda _: None)  # (gone again: the next beat registers)
             self._announce_all()
             self._read_inbox_again()
 
@@ -755,9 +617,13 @@ class Cluster:
         they are the newest)."""
         if not self._listening.called:
             self._listening.callback(None)
-        elif self._started:  # (joining too: what it read may predate what it missed)
-            self._load_routes().addErrback(self._check_failed)
-            self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._check_failed)
+        elif self.started:  # (joining too: what it read may predate what it missed)
+            self.load_routes().addErrback(self._reread_failed)
+            self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._reread_failed)
+
+    def _reread_failed(self, failure: Any) -> None:
+        if self.started:  # (stopping cuts the connection under it)
+            log.failure("reading the cluster's routes and retained messages again", failure)
 
     def _announce_all(self) -> None:
         """Write this node's whole set of filters again (after an outage, events may be lost)."""
@@ -765,7 +631,7 @@ class Cluster:
             self.store.route(topic_filter, True, self._shares.get(topic_filter, True))
 
     @inlineCallbacks
-    def _load_routes(self, only: str | None = None) -> Any:
+    def load_routes(self, only: str | None = None) -> Any:
         """Other nodes' filters (or ``only``'s), from Redis, in place of the replica's: after an
         outage the events of filters let go were lost too, and a node dropped meanwhile holds
         none. Each node's set is read with its version, and its events that came during the

@@ -1,0 +1,203 @@
+"""What a node of a cluster does about the others dying.
+
+Each node beats in Redis (a key with a TTL); one silent past ``cluster_missed_heartbeats``
+beats is dead, and the survivor chosen for it (the lowest id of the live nodes) adopts what it
+held: its sessions, its connected clients' wills, and what is left in its inbox. A restarted
+node takes back its own sessions the same way. Exactly one node adopts a session: the claim in
+Redis succeeds only while the dead node still holds it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from ..message import Client
+from ..store import StoredWill
+from ..topics import SubscriptionTree
+from ..wire import MQTT_5
+from .codec import FORWARDED, TARGETED, unpack_records, unpack_will
+
+if TYPE_CHECKING:
+    from .node import Cluster
+
+log = Logger()
+
+
+class Survivor:
+    """The heartbeats of one node, and its adoption of what dead nodes (and itself, before a
+    restart) held."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        config = cluster.broker.config
+        self.cluster = cluster
+        self.ttl_ms = int(config.cluster_heartbeat * config.cluster_missed_heartbeats * 1000)
+        """How long a node's heartbeat key lives: silent that long, it is dead."""
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = cluster.clock
+        self._judge_after = 0.0
+        """Clock time before which no node is judged dead (after this node's own outage)."""
+        self._adopting: set[str] = set()
+
+    def start(self) -> None:
+        """Beat from now on; judge others once they could have beaten since this node joined."""
+        self.judge_after(self.ttl_ms / 1000)
+        self._heartbeat.start(self.cluster.broker.config.cluster_heartbeat, now=False)
+
+    def stop(self) -> None:
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+
+    def judge_after(self, seconds: float) -> None:
+        """Take no node for dead in the next ``seconds`` (it may not have been able to beat)."""
+        self._judge_after = self.cluster.clock.seconds() + seconds
+
+    def left(self) -> None:
+        """A node said it left: what it held is adopted at once, without waiting for its
+        heartbeat key to expire."""
+        self.cluster.clock.callLater(0, lambda: self.check_nodes(True).addErrback(self.failed))
+
+    def failed(self, failure: Any) -> None:
+        if self.cluster.started:  # (stopping cuts the connection under it)
+            log.failure("checking the cluster's nodes", failure)
+
+    def _beat(self) -> None:
+        cluster = self.cluster
+        if not cluster.redis.up:
+            return
+        # (a member again if it was taken for dead and dropped: paused longer than its lives)
+        cluster.store.register(self.ttl_ms).addErrback(lambda _: None)
+        self.check_nodes().addErrback(self.failed)
+
+    @inlineCallbacks
+    def check_nodes(self, now_judge: bool = False) -> Any:
+        """Learn the nodes that joined, and adopt what the dead ones held, if this node is the
+        survivor chosen for it (the lowest id of the live nodes)."""
+        cluster = self.cluster
+        try:
+            members, live = yield cluster.store.members()
+        except Exception:
+            return
+        now = cluster.clock.seconds()
+        nodes, me = cluster.nodes, cluster.node
+        for member in live - {me} - set(nodes):
+            nodes[member] = now
+            yield cluster.load_routes(member)
+        for member in set(nodes) - live:
+            del nodes[member]
+        if now < self._judge_after and not now_judge:
+            return
+        dead = [m for m in members if m not in live and m != me]
+        if dead and min(live | {me}) == me:
+            for member in dead:
+                yield self.adopt(member)
+
+    @inlineCallbacks
+    def adopt(self, dead: str) -> Any:
+        """Take every session ``dead`` held (this node's own id: those it held before a
+        restart), publish the wills of its clients that were connected, and deliver what is left
+        in its inbox to the sessions it held, wherever they are now."""
+        if dead in self._adopting:
+            return
+        self._adopting.add(dead)
+        cluster = self.cluster
+        broker, store, here = cluster.broker, cluster.store, cluster.node
+        try:
+            clients = yield store.clients_of(dead)
+            former = SubscriptionTree()
+            """The subscriptions of every session the dead node held, for its inbox."""
+            adopted = 0
+            for client_id in clients:
+                if client_id in broker.sessions and dead == here:
+                    continue
+                claim = yield store.claim(client_id, False, broker.config.max_queued_messages, dead)
+                if claim is None:  # another node claimed it meanwhile (its client reconnected)
+                    if dead != here:
+                        for subscription in (yield store.subscriptions_of(client_id)):
+                            former.add(subscription)
+                    continue
+                local = broker.sessions.get(client_id)
+                if local is not None and local.connection is not None:
+                    # Its client connected here meanwhile, and its claim came first: the session
+                    # is its connection's, whose will (taken out of Redis by this claim) goes back.
+                    cluster.connected(local, local.connection)
+                    continue
+                if claim.will is not None:
+                    self.will_found(client_id, claim.will, ended=claim.session is None,
+                                    expiry=claim.session.expiry if claim.session is not None else 0,
+                                    connecting=cluster.claiming(client_id))
+                if claim.session is None:
+                    store.give_up(client_id)
+                    continue
+                for subscription in claim.session.subscriptions.values():
+                    former.add(subscription)
+                if client_id in broker.sessions:  # a copy from before the dead node had it: stale
+                    broker.forget_session(client_id)
+                broker.take_session(claim.session, claim.disconnected_at)
+                if dead != here:
+                    cluster.moved_here(client_id)
+                adopted += 1
+            cluster.stats.adopted += adopted
+            if dead != here:
+                log.info("adopted {count} sessions of node {dead}, which is gone", count=adopted, dead=dead)
+                yield self._drain(dead, former)
+                # Nodes that had not yet heard of the death may still have written to the dead
+                # node's inbox: read it again once its routes are gone everywhere, then drop it.
+                yield store.forget_node(dead)
+                yield deferLater(cluster.clock, 2 * self.ttl_ms / 1000, lambda: None)
+                yield self._drain(dead, former)
+                yield store.drop_node(dead)
+            elif adopted:
+                log.info("took back {count} sessions of this node from before its restart", count=adopted)
+        finally:
+            self._adopting.discard(dead)
+
+    @inlineCallbacks
+    def _drain(self, dead: str, former: SubscriptionTree) -> Any:
+        """Deliver what is left in a dead node's inbox: what it was given and did not finish,
+        then what it was never given. Each entry is marked handled in the batch that delivers it,
+        so a survivor that dies meanwhile leaves the rest to the next one."""
+        cluster = self.cluster
+        store = cluster.store
+        cursor = "0-0"
+        for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
+            cursor, entries = yield store.take_inbox(dead, cursor)
+            for entry_id, data, stamp in entries:
+                if data is not None:
+                    for kind, first, second in unpack_records(bytes(data)):
+                        if kind == TARGETED:
+                            cluster.deliver_targeted(first, second, stamp)
+                        else:
+                            cluster.deliver_formerly(first, former, stamp, shares=second, everyone=kind == FORWARDED)
+                store.handled(entry_id, dead)
+            yield store.flushed()
+            if not entries and cursor == "0-0":
+                return
+
+    def will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
+                   delayed_only: bool = False) -> None:
+        """A will no live node will publish: its client's connection was on a node that is dead
+        (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
+        its delay is 0 or the session ends; dropped if the client is connecting again (it came
+        back within the delay [MQTT-3.1.3-9]: ``connecting``); otherwise due after its delay, or
+        at the time a delayed will was given. ``delayed_only``: only if it had a delay."""
+        message, username, delay, due = unpack_will(data)
+        if delayed_only and due is None and not delay:
+            return
+        broker = self.cluster.broker
+        message.sender = client_id
+        client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
+                        clean_start=False, keep_alive=0)
+        if ended or (due is None and not delay):
+            broker.publish_will(client, message)
+        elif not connecting:
+            due = due if due is not None else self.cluster.clock.seconds() + min(delay, expiry)
+            broker.schedule_will(client, message, due)
+            # In Redis too (the claim took it out): for the next node, should this one die first.
+            self.cluster.store.save_will(StoredWill(client_id, username, message, due))
+
+
+__all__ = ["Survivor"]
