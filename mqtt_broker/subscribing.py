@@ -1,0 +1,213 @@
+"""SUBSCRIBE and UNSUBSCRIBE: each topic filter checked (validity, what the settings allow, the
+ACL, the client's quota, a replay of the message history asked for), decided by the hooks,
+applied by the broker, and answered once the store holds the change; then the retained
+messages of each filter granted.
+
+:class:`Subscribing` is a trait of :class:`~mqtt_broker.protocol.MQTTProtocol`; ``_HANDLERS``
+there dispatches to these handlers like to its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from mypy_extensions import trait
+from twisted.internet.defer import gatherResults, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .connecting import NO_SLOTS, tally
+from .hooks import SUBACK_REFUSALS, UNSUBACK_REFUSALS, Refused
+from .history import MAX_REPLAYS, REPLAY_PREFIX, ReplayError, parse_spec, split_replay_filter
+from .lifecycle import State
+from .message import Client
+from .store import StoreError
+from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
+from .wire import (
+    MQTT_5, NO_PROPERTIES, MQTTError, Packet, Properties, ProtocolError, ReasonCode, Suback, Subscribe,
+    Unsuback, Unsubscribe,
+)
+
+if TYPE_CHECKING:
+    from .auth import Identity
+
+log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
+
+
+@trait
+class Subscribing:
+    """The SUBSCRIBE and UNSUBSCRIBE handlers of MQTTProtocol. The attributes declared here are
+    the connection's state that they use, which lives in ``MQTTProtocol``'s slots and is set up
+    by its ``__init__``. A trait of MQTTProtocol only."""
+
+    __slots__ = NO_SLOTS
+
+    broker: Any
+    stats: Any
+    state: State
+    version: int
+    client: Client | None
+    identity: Identity | None
+    session: Any
+    problem_information: bool
+    _bridge: bool
+
+    # MQTTProtocol's methods that these use (see Connecting)
+    def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
+    def send(self, packet: Packet) -> None: ...
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        config = self.broker.config
+        client_id = self.client.client_id  # type: ignore[union-attr]
+        subscription_id = packet.properties.get("subscription_identifier")
+        if subscription_id is not None and not config.subscription_identifier_available:
+            raise MQTTError("subscription identifiers are not supported",
+                            ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
+        wanted: list[Subscription | ReasonCode] = []
+        security = self.broker.security
+        replays: dict[str, str] = {}
+        asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
+        for request in packet.subscriptions:
+            spec, topic_filter = split_replay_filter(request.topic_filter)
+            spec = spec or asked
+            group, _ = split_shared(topic_filter)
+            if spec is not None:
+                try:
+                    parse_spec(spec)
+                except ReplayError:
+                    wanted.append(ReasonCode.UNSPECIFIED_ERROR)
+                    continue
+                if len(replays) >= MAX_REPLAYS and topic_filter not in replays:
+                    wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
+                    continue
+                replays[topic_filter] = spec
+            if not valid_topic_filter(topic_filter) or (spec is not None and topic_filter.startswith(REPLAY_PREFIX)):
+                wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
+            elif group is not None and not config.shared_subscription_available:
+                wanted.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
+            elif not config.wildcard_subscription_available and has_wildcard(topic_filter):
+                wanted.append(ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
+            elif group is not None and request.no_local and self.version == MQTT_5:
+                raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
+            elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
+                tally(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
+                wanted.append(ReasonCode.NOT_AUTHORIZED)
+            elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
+                    len(self.session.subscriptions) + sum(isinstance(w, Subscription) for w in wanted)
+                    >= config.max_subscriptions_per_client):
+                log.info("refused a subscription of {client_id} to {filter}: max_subscriptions_per_client",
+                         client_id=client_id, filter=topic_filter)
+                tally(self.stats.subscriptions_refused, "max_subscriptions_per_client")
+                wanted.append(ReasonCode.QUOTA_EXCEEDED)
+            else:
+                wanted.append(Subscription(
+                    client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
+                    no_local=request.no_local or self._bridge,
+                    retain_as_published=request.retain_as_published or self._bridge,
+                    retain_handling=request.retain_handling, subscription_id=subscription_id,
+                    share_group=group))
+        hooks = self.broker.hooks
+        if hooks.has_subscribe:
+            decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else succeed(w)
+                         for w in wanted]
+            self._when(gatherResults(decisions), self._subscribe_decided, packet, wanted, replays)
+        else:
+            self._subscribe_decided([None] * len(wanted), packet, wanted, replays)
+
+    def _subscribe_decided(self, answers: list[Any], packet: Subscribe,
+                           wanted: list[Subscription | ReasonCode], replays: dict[str, str]) -> None:
+        granted: list[Subscription] = []
+        codes: list[int] = []
+        reasons: list[str] = []
+        for subscription, answer in zip(wanted, answers):
+            if not isinstance(subscription, Subscription):
+                codes.append(subscription)
+                continue
+            if isinstance(answer, Refused):
+                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR, SUBACK_REFUSALS))
+                if answer.reason_string:
+                    reasons.append(answer.reason_string)
+                continue
+            if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= 2:
+                subscription.qos = min(subscription.qos, answer)
+            granted.append(subscription)
+            codes.append(subscription.qos)
+        replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
+        reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)
+        store = self.broker.store
+        if store is None or not self.session.stored:
+            self._subscribed(None, packet, codes, granted, replaced, replays, reason)
+        else:  # SUBACK once the subscriptions are stored
+            store.flushed().addCallbacks(self._subscribed, self._not_subscribed,
+                                         (packet, codes, granted, replaced, replays, reason), None,
+                                         (packet, codes, granted, reason))
+
+    def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
+                    replaced: list[bool], replays: dict[str, str], reason: str) -> None:
+        if self.state is not State.CONNECTED:
+            return
+        if self.version != MQTT_5:
+            codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
+        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
+        if self.state is not State.CONNECTED:  # (a SUBACK too large for the client closes it)
+            return
+        for subscription, existed in zip(granted, replaced):  # after the SUBACK [MQTT-3.8.4-?]
+            self.broker.send_retained(self.session, subscription, existed, replays.get(subscription.topic_filter))
+
+    def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int],
+                        granted: list[Subscription], reason: str) -> None:
+        failure.trap(StoreError)
+        if self.state is not State.CONNECTED:
+            return
+        for subscription in granted:
+            self.broker.unsubscribe(self.session, subscription.topic_filter)
+        codes = [0x80 if code < 0x80 else code for code in codes]
+        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        hooks = self.broker.hooks
+        if hooks.has_unsubscribe:
+            decisions = [hooks.decide("unsubscribe", self.client, f) for f in packet.topic_filters]
+            self._when(gatherResults(decisions), self._unsubscribe_decided, packet)
+        else:
+            self._unsubscribe_decided([None] * len(packet.topic_filters), packet)
+
+    def _unsubscribe_decided(self, answers: list[Any], packet: Unsubscribe) -> None:
+        codes = []
+        reasons: list[str] = []
+        for topic_filter, answer in zip(packet.topic_filters, answers):
+            if isinstance(answer, Refused):
+                codes.append(answer.code(ReasonCode.NOT_AUTHORIZED, UNSUBACK_REFUSALS))
+                if answer.reason_string:
+                    reasons.append(answer.reason_string)
+            elif self.broker.unsubscribe(self.session, split_replay_filter(topic_filter)[1]):
+                codes.append(ReasonCode.SUCCESS)
+            else:
+                codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        reason = "; ".join(dict.fromkeys(reasons))
+        store = self.broker.store
+        if store is None or not self.session.stored:
+            self._unsubscribed(None, packet, codes, reason)
+        else:  # UNSUBACK once the removal is stored: after a crash the subscription stays gone
+            store.flushed().addCallbacks(self._unsubscribed, self._not_unsubscribed, (packet, codes, reason), None,
+                                         (packet, codes, reason))
+
+    def _unsubscribed(self, _: None, packet: Unsubscribe, codes: list[ReasonCode], reason: str) -> None:
+        if self.state is State.CONNECTED:
+            self.send(Unsuback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
+
+    def _not_unsubscribed(self, failure: Failure, packet: Unsubscribe, codes: list[ReasonCode], reason: str) -> None:
+        """The store could not write the removal now: it stands (nothing more is sent for those
+        filters), and the store writes it once it can."""
+        failure.trap(StoreError)
+        self._unsubscribed(None, packet, codes, reason)
+
+    def _reason(self, reason: str) -> Properties:
+        """An MQTT 5 answer's properties: a hook's reason string, unless the client asked for
+        none [MQTT-3.1.2-29]."""
+        if reason and self.version == MQTT_5 and self.problem_information:
+            return {"reason_string": reason}
+        return NO_PROPERTIES
+
+
+__all__ = ["Subscribing"]
