@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from . import tcp
-from .auth import Identity, Security
+from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER, AcceptingConnack
@@ -33,55 +33,14 @@ from .message import Client, Message, unsendable
 from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
 from .session import Session
-from .store import Snapshot, Store, StoredWill
+from .stats import Stats
+from .store import Snapshot, Store
 from .topics import Subscription, SubscriptionTree
+from .wills import Wills
 from .wire.codes import ReasonCode
 from .wire.packets import MQTT_5, NO_PROPERTIES, Properties
 
 log = Logger()
-
-
-class Stats:
-    """Counters kept with plain integer arithmetic on the hot path; ``mqtt_broker.admin`` reads
-    them ($SYS, Prometheus) when it reports, so counting costs one ``+=`` and nothing more.
-
-    Where a count can be derived it is not kept: PUBLISHes from clients are the routed messages
-    less the broker's own and the wills, and the QoS 0 figures are the totals less QoS 1 and 2
-    (``*_by_qos[0]`` stays 0), so the QoS 0 path pays for no counter of its own.
-    """
-
-    __slots__ = ("messages_received", "messages_sent", "messages_dropped", "messages_expired",
-                 "connections_total", "connections_refused", "broker_published", "wills_published",
-                 "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
-                 "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
-                 "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
-                 "publishes_denied")
-
-    def __init__(self) -> None:
-        self.messages_received = self.messages_sent = self.messages_dropped = 0
-        self.messages_expired = self.connections_total = self.connections_refused = 0
-        self.broker_published = self.wills_published = 0
-        """Routed messages that came from ``BrokerService.publish`` and from wills."""
-        self.received_by_qos = [0, 0, 0]
-        self.sent_by_qos = [0, 0, 0]
-        self.dropped_too_large = 0
-        """Of messages_dropped, those above a client's maximum packet size (the rest: queue full)."""
-        self.resent = 0
-        self.bytes_received = self.bytes_sent = 0
-        self.packets_received = self.control_packets_sent = 0
-        """MQTT packets of any type in; packets out other than PUBLISH."""
-        self.refused_by_reason: dict[str, int] = {}
-        """Connections refused, by reason (a ReasonCode name, or max_connections)."""
-        self.subscriptions_refused: dict[str, int] = {}
-        """Topic filters of SUBSCRIBEs refused, by reason (max_subscriptions_per_client, or
-        NOT_AUTHORIZED by the client's ACL)."""
-        self.closed_by_reason: dict[str, int] = {}
-        """Connected clients the broker disconnected, by the reason code's name (PACKET_TOO_LARGE,
-        KEEP_ALIVE_TIMEOUT, PROTOCOL_ERROR, SESSION_TAKEN_OVER, ...)."""
-        self.auth_failures = self.sessions_expired = self.clients_maximum = 0
-        self.publishes_denied = 0
-        """PUBLISHes not routed for the client's ACL (or to $SYS): the first and every thousandth
-        is logged, as any client may send them as fast as it can."""
 
 
 class MQTTFactory(Factory):
@@ -175,7 +134,7 @@ class BrokerService(MultiService):
         security = Security.from_config(config, reactor)
         self.security: Security | None = security if security.enabled else None
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
-        self._delayed_wills: dict[str, tuple[Any, Client, Message, Identity | None]] = {}
+        self.wills = Wills(self)
         self.delivery = Delivery(self)
         """Routing and delivery (the hot path), on the state made above."""
         self._connects: dict[int, tuple[float, int]] = {}
@@ -254,10 +213,7 @@ class BrokerService(MultiService):
             _cancel(session.expiry_call)
             _cancel(session.retry_call)
             session.expiry_call = session.retry_call = None
-        for call, *_ in self._delayed_wills.values():
-            _cancel(call)
-        if self.store is not None:
-            self._delayed_wills.clear()  # the store has them, for the next start
+        self.wills.stop()
         if self.store is not None:
             stopping.append(self.store.close())
         if self.cluster is not None:
@@ -372,10 +328,7 @@ class BrokerService(MultiService):
         for session in self.sessions.values():
             if session.connection is None and session.expiry != NEVER and session.expiry_call is None:
                 session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
-        for client_id, (call, client, will, identity) in list(self._delayed_wills.items()):
-            due = max(0.0, call.getTime() - self.clock.seconds())
-            call = self.clock.callLater(due, self._delayed_will_due, client_id)
-            self._delayed_wills[client_id] = (call, client, will, identity)
+        self.wills.rearm()
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Take up what the store kept: sessions (their expiry measured from when their client
@@ -393,7 +346,7 @@ class BrokerService(MultiService):
         for will in snapshot.wills:
             client = Client(client_id=will.client_id, username=will.username, peer="", protocol_version=MQTT_5,
                             clean_start=False, keep_alive=0)
-            self.schedule_will(client, will.message, will.due)
+            self.wills.schedule(client, will.message, will.due)
         if self.history is not None:
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
@@ -401,7 +354,7 @@ class BrokerService(MultiService):
             if dropped:
                 store.drop_history(dropped)
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
-                 sessions=len(self.sessions), retained=len(self.retained), wills=len(self._delayed_wills))
+                 sessions=len(self.sessions), retained=len(self.retained), wills=len(self.wills))
 
     def take_session(self, session: Session, disconnected_at: float | None) -> None:
         """Take up a session whose client is not connected (restored from the store, or adopted
@@ -437,23 +390,13 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.save_session(session, self.clock.seconds())
 
-    def schedule_will(self, client: Client, will: Message, due: float) -> None:
-        """Publish a client's will at clock time ``due`` (at once if it is past), unless the
-        client connects again before."""
-        call = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._delayed_will_due, client.client_id)
-        self._delayed_wills[client.client_id] = (call, client, will, None)
-
     def let_go(self, client_id: str, ended: bool) -> None:
         """Another node of the cluster took the session: close its connection here (0x8E). The
         connection's will (or a delayed will waiting here) is published if its delay is 0 or the
         new connection ended the session (``ended``) [MQTT-3.1.3-9]; otherwise the new connection
         came in time. The copy stays until ``forget_session``: what is routed to it meanwhile
         is passed on to the new owner by the store."""
-        pending = self._delayed_wills.pop(client_id, None)
-        if pending is not None:
-            _cancel(pending[0])
-            if ended:
-                self.publish_will(*pending[1:])
+        self.wills.end(client_id, publish=ended, in_store=False)
         session = self.sessions.get(client_id)
         if session is None:
             return
@@ -468,7 +411,7 @@ class BrokerService(MultiService):
             self.attached -= 1
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
             if will is not None and (ended or not delay):
-                self.publish_will(client, will, connection.identity)
+                self.wills.publish(client, will, connection.identity)
             self._notify_disconnect(client, False)
 
     def forget_session(self, client_id: str, session: Session | None = None, ended: bool = False) -> None:
@@ -548,13 +491,8 @@ class BrokerService(MultiService):
             self.detach(old, graceful=False)
             old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
             session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
-        pending = self._delayed_wills.pop(client_id, None)
-        if pending is not None:
-            _cancel(pending[0])
-            if self.store is not None:
-                self.store.delete_will(client_id)
-            if clean_start:  # the old session ends now, so its will is due [MQTT-3.1.3-9]
-                self.publish_will(*pending[1:])
+        # A clean start ends the old session now, so its will is due [MQTT-3.1.3-9].
+        self.wills.end(client_id, publish=clean_start)
         if session is not None and clean_start:
             self._discard(session)
             session = None
@@ -600,14 +538,9 @@ class BrokerService(MultiService):
             delay = connection.will_delay
             if delay and session.expiry:
                 # Delayed until the delay or the session's end, whichever comes first [MQTT-3.1.3-9].
-                delay = min(delay, session.expiry)
-                call = self.clock.callLater(delay, self._delayed_will_due, client.client_id)
-                self._delayed_wills[client.client_id] = (call, client, will, connection.identity)
-                if self.store is not None:
-                    self.store.save_will(StoredWill(client.client_id, client.username, will,
-                                                    self.clock.seconds() + delay))
+                self.wills.delay(client, will, connection.identity, min(delay, session.expiry))
             else:
-                self.publish_will(client, will, connection.identity)
+                self.wills.publish(client, will, connection.identity)
         if not session.expiry:
             self._discard(session)
             self._release(session.client_id)
@@ -623,55 +556,12 @@ class BrokerService(MultiService):
         if self.hooks.has_disconnect:
             self.hooks.notify("disconnect", client, graceful)
 
-    def publish_will(self, client: Client, will: Message, identity: Identity | None = None) -> None:
-        """Publish a client's will, if the client may still publish to its topic (never to
-        ``$SYS``): the rules may have changed since its CONNECT (a reload), as Mosquitto checks a
-        will when it sends it.
-        ``identity``: the connection's; without it (a will restored from the store, or from
-        another node of a cluster), the rules of the client's user name apply."""
-        security = self.security
-        if will.topic.startswith("$SYS") or security is not None and not security.can_publish(
-                identity or Identity(client_id=client.client_id, username=client.username), will.topic):
-            # ($SYS: the broker's own topics, as for a PUBLISH. A bridge's will is there, as
-            # Mosquitto names it: its CONNECT is accepted.)
-            log.info("will of {client_id} to {topic} not published: not allowed", client_id=client.client_id,
-                     topic=will.topic)
-            return
-        if not self.hooks.has_will:
-            self.stats.wills_published += 1
-            self.delivery.route(will)
-            return
-
-        def decided(answer: Any) -> None:
-            if answer is not None and not isinstance(answer, Message):
-                return  # refused
-            message = will if answer is None else answer
-            problem = unsendable(message)  # (a hook may have changed it in place, or made another)
-            if problem is not None:
-                log.error("a will hook made the will of {client_id} one that cannot be sent ({problem})",
-                          client_id=client.client_id, problem=problem)
-                return
-            self.stats.wills_published += 1
-            self.delivery.route(message)
-        self.hooks.decide("will", client, will).addCallback(decided)
-
-    def _delayed_will_due(self, client_id: str) -> None:
-        pending = self._delayed_wills.pop(client_id)
-        if self.store is not None:
-            self.store.delete_will(client_id)
-        self.publish_will(*pending[1:])
-
     def _expire(self, session: Session) -> None:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.info("session {client_id} expired", client_id=session.client_id)
             self.stats.sessions_expired += 1
-            pending = self._delayed_wills.pop(session.client_id, None)
-            if pending is not None:
-                _cancel(pending[0])
-                if self.store is not None:
-                    self.store.delete_will(session.client_id)
-                self.publish_will(*pending[1:])
+            self.wills.end(session.client_id, publish=True)
             self._discard(session)
             self._release(session.client_id)
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from .auth import Security
-    from .broker import Stats
+    from .stats import Stats
     from .config import BrokerConfig
     from .history import MessageLog
     from .protocol import MQTTProtocol

@@ -490,7 +490,7 @@ def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
         adopt(broker, "b")
         yield until(lambda: "c" in broker.sessions, "a to adopt c")
         yield broker.store.flushed()
-        assert "c" in broker._delayed_wills
+        assert "c" in broker.wills
         message, _, delay, due = unpack_will(server.client().hget("mqtt:session:c", "will"))
         assert (message.payload, delay, due) == (b"c is gone", 0, 1030.0)
         clock.advance(30.0)

@@ -1,7 +1,7 @@
 """Operations: ``$SYS`` topics, Prometheus metrics, the admin HTTP API and the dashboard.
 
 None of it is on the hot path: the broker counts with plain integers in
-:class:`~mqtt_broker.broker.Stats`, and these modules read the counters when they report.
+:class:`~mqtt_broker.stats.Stats`, and these modules read the counters when they report.
 
 - :mod:`.figures`: the numbers, derived from the counters and the broker's state;
 - :mod:`.sys`: the ``$SYS/broker/...`` topics (Mosquitto's);

@@ -1,4 +1,4 @@
-"""The broker's figures, derived from :class:`~mqtt_broker.broker.Stats` and its state when asked.
+"""The broker's figures, derived from :class:`~mqtt_broker.stats.Stats` and its state when asked.
 
 The hot path keeps only the counters it cannot do without (see ``Stats``); everything else is
 worked out here, once per report: the PUBLISHes of clients are the routed messages less the

@@ -1,7 +1,7 @@
 """Prometheus metrics at ``/metrics``, read from the broker's counters at scrape time.
 
 The hot path never calls prometheus_client: the broker counts with plain integers
-(:class:`~mqtt_broker.broker.Stats`) and :class:`BrokerCollector` turns them into metric families
+(:class:`~mqtt_broker.stats.Stats`) and :class:`BrokerCollector` turns them into metric families
 when Prometheus asks. Timings are observed into :class:`Histogram`, a lock-free histogram that
 only the reactor thread touches: reactor lag (a timer that measures how late it fires), store
 commits (per batch, not per message) and publish-to-delivery time inside the broker, sampled:

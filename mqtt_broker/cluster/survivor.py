@@ -192,10 +192,10 @@ class Survivor:
         client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
                         clean_start=False, keep_alive=0)
         if ended or (due is None and not delay):
-            broker.publish_will(client, message)
+            broker.wills.publish(client, message)
         elif not connecting:
             due = due if due is not None else self.cluster.clock.seconds() + min(delay, expiry)
-            broker.schedule_will(client, message, due)
+            broker.wills.schedule(client, message, due)
             # In Redis too (the claim took it out): for the next node, should this one die first.
             self.cluster.store.save_will(StoredWill(client_id, username, message, due))
 

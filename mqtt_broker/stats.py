@@ -1,0 +1,49 @@
+"""The broker's counters."""
+
+from __future__ import annotations
+
+
+class Stats:
+    """Counters kept with plain integer arithmetic on the hot path; ``mqtt_broker.admin`` reads
+    them ($SYS, Prometheus) when it reports, so counting costs one ``+=`` and nothing more.
+
+    Where a count can be derived it is not kept: PUBLISHes from clients are the routed messages
+    less the broker's own and the wills, and the QoS 0 figures are the totals less QoS 1 and 2
+    (``*_by_qos[0]`` stays 0), so the QoS 0 path pays for no counter of its own.
+    """
+
+    __slots__ = ("messages_received", "messages_sent", "messages_dropped", "messages_expired",
+                 "connections_total", "connections_refused", "broker_published", "wills_published",
+                 "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
+                 "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
+                 "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
+                 "publishes_denied")
+
+    def __init__(self) -> None:
+        self.messages_received = self.messages_sent = self.messages_dropped = 0
+        self.messages_expired = self.connections_total = self.connections_refused = 0
+        self.broker_published = self.wills_published = 0
+        """Routed messages that came from ``BrokerService.publish`` and from wills."""
+        self.received_by_qos = [0, 0, 0]
+        self.sent_by_qos = [0, 0, 0]
+        self.dropped_too_large = 0
+        """Of messages_dropped, those above a client's maximum packet size (the rest: queue full)."""
+        self.resent = 0
+        self.bytes_received = self.bytes_sent = 0
+        self.packets_received = self.control_packets_sent = 0
+        """MQTT packets of any type in; packets out other than PUBLISH."""
+        self.refused_by_reason: dict[str, int] = {}
+        """Connections refused, by reason (a ReasonCode name, or max_connections)."""
+        self.subscriptions_refused: dict[str, int] = {}
+        """Topic filters of SUBSCRIBEs refused, by reason (max_subscriptions_per_client, or
+        NOT_AUTHORIZED by the client's ACL)."""
+        self.closed_by_reason: dict[str, int] = {}
+        """Connected clients the broker disconnected, by the reason code's name (PACKET_TOO_LARGE,
+        KEEP_ALIVE_TIMEOUT, PROTOCOL_ERROR, SESSION_TAKEN_OVER, ...)."""
+        self.auth_failures = self.sessions_expired = self.clients_maximum = 0
+        self.publishes_denied = 0
+        """PUBLISHes not routed for the client's ACL (or to $SYS): the first and every thousandth
+        is logged, as any client may send them as fast as it can."""
+
+
+__all__ = ["Stats"]

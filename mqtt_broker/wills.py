@@ -1,0 +1,128 @@
+"""The wills of clients whose connections ended without a DISCONNECT: published at once, or
+after their Will Delay Interval unless the client connects again first or its session ends
+sooner [MQTT-3.1.3-9], and only if its client may still publish to the topic when it goes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from twisted.logger import Logger
+
+from .auth import Identity
+from .message import Client, Message, unsendable
+from .store import StoredWill
+
+if TYPE_CHECKING:
+    from .broker import BrokerService
+
+log = Logger()
+
+
+class Wills:
+    """The wills of one broker, and those waiting for their delay (by client id)."""
+
+    def __init__(self, broker: BrokerService) -> None:
+        self.broker = broker
+        self._delayed: dict[str, tuple[Any, Client, Message, Identity | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._delayed)
+
+    def __contains__(self, client_id: object) -> bool:
+        """Whether the client's will waits for its delay."""
+        return client_id in self._delayed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._delayed)
+
+    def publish(self, client: Client, will: Message, identity: Identity | None = None) -> None:
+        """Publish a client's will, if the client may still publish to its topic (never to
+        ``$SYS``): the rules may have changed since its CONNECT (a reload), as Mosquitto checks a
+        will when it sends it. ``identity``: the connection's; without it (a will restored from
+        the store, or from another node of a cluster), the rules of the client's user name apply."""
+        broker = self.broker
+        security = broker.security
+        if will.topic.startswith("$SYS") or security is not None and not security.can_publish(
+                identity or Identity(client_id=client.client_id, username=client.username), will.topic):
+            # ($SYS: the broker's own topics, as for a PUBLISH. A bridge's will is there, as
+            # Mosquitto names it: its CONNECT is accepted.)
+            log.info("will of {client_id} to {topic} not published: not allowed", client_id=client.client_id,
+                     topic=will.topic)
+            return
+        if not broker.hooks.has_will:
+            broker.stats.wills_published += 1
+            broker.delivery.route(will)
+            return
+
+        def decided(answer: Any) -> None:
+            if answer is not None and not isinstance(answer, Message):
+                return  # refused
+            message = will if answer is None else answer
+            problem = unsendable(message)  # (a hook may have changed it in place, or made another)
+            if problem is not None:
+                log.error("a will hook made the will of {client_id} one that cannot be sent ({problem})",
+                          client_id=client.client_id, problem=problem)
+                return
+            broker.stats.wills_published += 1
+            broker.delivery.route(message)
+        broker.hooks.decide("will", client, will).addCallback(decided)
+
+    def delay(self, client: Client, will: Message, identity: Identity | None, delay: float) -> None:
+        """Publish the will of a connection that just ended in ``delay`` seconds, unless its
+        client connects again before; the store keeps it meanwhile, for a restart."""
+        broker = self.broker
+        self._wait(client, will, identity, delay)
+        if broker.store is not None:
+            broker.store.save_will(StoredWill(client.client_id, client.username, will, broker.clock.seconds() + delay))
+
+    def schedule(self, client: Client, will: Message, due: float) -> None:
+        """Publish a will kept elsewhere (the store, another node of a cluster) at clock time
+        ``due`` (at once if it is past), unless its client connects again before."""
+        self._wait(client, will, None, max(0.0, due - self.broker.clock.seconds()))
+
+    def end(self, client_id: str, publish: bool, in_store: bool = True) -> None:
+        """The client connected again, or its session ended: its will waits no more, published
+        now if ``publish`` (the session ended) or dropped; ``in_store``: the store's copy goes
+        too (not when another node of a cluster took the client: the will is that node's)."""
+        pending = self._delayed.pop(client_id, None)
+        if pending is None:
+            return
+        _cancel(pending[0])
+        store = self.broker.store
+        if in_store and store is not None:
+            store.delete_will(client_id)
+        if publish:
+            self.publish(*pending[1:])
+
+    def stop(self) -> None:
+        """The broker stops: no will is published from now on. With a store, they are forgotten
+        (the store has them, for the next start); without one, ``rearm`` sets them again."""
+        for call, *_ in self._delayed.values():
+            _cancel(call)
+        if self.broker.store is not None:
+            self._delayed.clear()
+
+    def rearm(self) -> None:
+        """Started again without a store: each will waits what was left of its delay."""
+        now = self.broker.clock.seconds()
+        for client_id, (call, client, will, identity) in list(self._delayed.items()):
+            self._wait(client, will, identity, max(0.0, call.getTime() - now))
+
+    def _wait(self, client: Client, will: Message, identity: Identity | None, delay: float) -> None:
+        call = self.broker.clock.callLater(delay, self._due, client.client_id)
+        self._delayed[client.client_id] = (call, client, will, identity)
+
+    def _due(self, client_id: str) -> None:
+        pending = self._delayed.pop(client_id)
+        store = self.broker.store
+        if store is not None:
+            store.delete_will(client_id)
+        self.publish(*pending[1:])
+
+
+def _cancel(call: Any) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+__all__ = ["Wills"]
