@@ -62,6 +62,11 @@ class Delivery:
         self.routing_waits_for_store = False
         """While True, what ``route`` sends to a client waits for the store to make durable what
         is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
+        self.fenced_by: str | None = None
+        """In a cluster, the client whose QoS 2 PUBLISH ``route`` routes next, its packet id just
+        recorded in Redis: the message goes to every node through the inboxes, this one's too,
+        only if the client's session is still this node's when Redis writes them
+        (``Forwarding.forward_fenced``)."""
         self.route_timer: Callable[[float], None] | None = None
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
 
@@ -97,6 +102,13 @@ class Delivery:
         if self.history is not None and shares is None:
             self._log(message)
         by_client, groups = self.subscriptions.match(message.topic)
+        fenced_by = self.fenced_by
+        if fenced_by is not None and self.forwarding is not None and shares is None:
+            self.fenced_by = None
+            count, here = self.forwarding.forward_fenced(message, groups, bool(by_client), fenced_by)
+            if here:
+                self.stats.messages_received -= 1  # (counted as it is routed from this node's inbox)
+            return count
         if self.routing_waits_for_store:
             self._wait_for_store(by_client, groups)
         moving = False

@@ -23,7 +23,8 @@ from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
-    Connack, Connect, Disconnect, Publish, ReasonCode, Subscribe, SubscriptionRequest, Unsubscribe, Will)
+    Connack, Connect, Disconnect, Publish, Pubrec, ReasonCode, Suback, Subscribe, SubscriptionRequest, Unsubscribe,
+    Will)
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -1094,6 +1095,88 @@ def test_retained_messages_are_read_again_from_redis_after_an_outage(server: Red
         yield until(lambda: broker.retained.get("deleted") is None, "a to read the retained messages again")
         assert {m.topic: (m.payload, m.expires_at) for m in broker.retained if not m.topic.startswith("$")} == {
             "mine": (b"a's own", None), "kept": (b"k", 1060.0), "new": (b"n", 1030.0)}
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@inlineCallbacks
+def subscriber(broker: BrokerService, client_id: str, topic_filter: str) -> Any:
+    """A client of node a with a session Redis keeps, subscribed at QoS 2."""
+    client = yield connect(broker, 5, client_id=client_id, clean_start=False,
+                           properties={"session_expiry_interval": 600})
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=topic_filter, qos=2),)))
+    received: list[Any] = []
+    yield until(lambda: received.extend(client.received()) or Suback in map(type, received), "the SUBACK")
+    return client
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_qos2_message_of_a_session_redis_keeps_reaches_the_sessions_here_through_this_nodes_inbox(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Written by the batch that records its packet id, as to any other node: a subscriber here
+    and a member of a shared subscription here get it once, and it counts as received once."""
+    broker = yield node_a(server)
+    try:
+        plain = yield subscriber(broker, "s", "t")
+        member = yield subscriber(broker, "m", "$share/g/t")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        received_before = broker.stats.messages_received
+        publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=7))
+        got: dict[str, list[Any]] = {"s": [], "m": [], "p": []}
+
+        def all_three() -> bool:
+            got["s"] += plain.received()
+            got["m"] += member.received()
+            got["p"] += publisher.received()
+            return bool(got["s"] and got["m"] and Pubrec in map(type, got["p"]))
+        yield until(all_three, "the message, from a's inbox, and the PUBREC")
+        assert [type(p) for p in got["p"]] == [Connack, Pubrec]
+        assert [(p.topic, p.payload) for p in got["s"] + got["m"]] == [("t", b"once"), ("t", b"once")]
+        entries = server.client().xrange("mqtt:inbox:a")
+        assert len(entries) == 1
+        assert [(m.topic, m.payload, shares) for _, m, shares in unpack_records(entries[0][1][b"d"])] == [
+            ("t", b"once", (("g", "$share/g/t"),))]
+        assert broker.stats.messages_received - received_before == 1
+        assert broker.cluster.stats.forwarded_in == broker.cluster.stats.forwarded_out == 0
+        yield deferLater(reactor, 0.05, lambda: None)
+        assert plain.received() == member.received() == []  # (once)
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_qos2_publish_whose_session_another_node_claims_before_its_batch_goes_nowhere_from_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The publisher's session is claimed by node c between its PUBLISH here and the batch that
+    records its packet id: the record is refused, and so is the routing (to node b's inbox and
+    to this node's subscriber). Routed from here, it was routed again once the publisher sent
+    it to c, which had no record of its packet id: twice in all."""
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    c = RedisStore(link, "c", reactor)
+    try:
+        local = yield subscriber(broker, "s", "t")
+        broker.cluster.forwarding.add_route("b", "t")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        yield broker.store.flushed()
+        store = broker.store
+        store._recovering = True  # (what holds its batches back after a failure: here, until c has claimed)
+        publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=7))
+        claim = yield c.claim("p", False, 0)
+        assert claim.session is not None and claim.session.awaiting_pubrel == set()
+        store._recovering = False
+        yield store.flushed()
+        yield until(lambda: publisher.closed, "a to let p go, told by Redis")
+        redis = server.client()
+        assert redis.xlen("mqtt:inbox:b") == 0
+        assert redis.xlen("mqtt:inbox:a") == 0
+        assert redis.smembers("mqtt:pubrel:p") == set()
+        assert local.received() == []
+        assert [(type(p), getattr(p, "reason_code", None)) for p in publisher.received()] == [
+            (Connack, 0), (Disconnect, ReasonCode.SESSION_TAKEN_OVER)]
     finally:
         yield broker.stopService()
         yield link.close()

@@ -53,6 +53,8 @@ class Forwarding:
         self._collect = collect
         self._send_qos0 = send_qos0
         self._outgoing: dict[str, list[bytes]] = {}
+        self._fenced: dict[tuple[str, str], list[bytes]] = {}
+        """Records of QoS 2 messages for each node's inbox, by (node, publisher): see ``forward_fenced``."""
         self._qos0: dict[str, list[bytes]] = {}
         self._qos0_scheduled = False
         self._turns = Turns()
@@ -139,6 +141,41 @@ class Forwarding:
         self.stats.forwarded_out += len(targets)
         return count + len(targets)
 
+    def forward_fenced(self, message: Message, groups: SharedGroups, here: bool, publisher: str) -> tuple[int, bool]:
+        """A QoS 2 message whose publisher's session Redis keeps: to each node with a matching
+        filter, this one too (``here``: its sessions match), through the nodes' inboxes, written
+        by the batch that records the message's packet id and only if the publisher's session is
+        still this node's then. A session claimed meanwhile by another node has its publisher
+        send the message again there, where it is routed for the first time: routed here at once,
+        it would be routed twice. Returns how many nodes it goes to, and whether this one is
+        among them."""
+        by_node, node_groups = self.routes.match(message.topic)
+        targets: dict[str, list[tuple[str, str]]] = {}
+        for match in by_node:
+            targets[match.client_id] = []
+        if here:
+            targets[self.node] = []
+        if groups or node_groups:
+            self._share(message, groups, node_groups, targets, deliver_here=False)
+        if not targets:
+            return 0, False
+        if message.cluster_id is None:
+            self.identify(message)
+        now: float = self.clock.seconds()
+        fenced = self._fenced
+        for node, shares in targets.items():
+            key = (node, publisher)
+            record = pack_forwarded(message, tuple(shares), now)
+            records = fenced.get(key)
+            if records is None:
+                fenced[key] = [record]
+            else:
+                records.append(record)
+        self._collect()
+        here = self.node in targets
+        self.stats.forwarded_out += len(targets) - here
+        return len(targets), here
+
     def hand_on(self, message: Message, share: tuple[str, str]) -> int:
         """A message that a member of a shared subscription left unfinished, with no member of
         the group left on this node: to the other nodes' members of the group, in turn, through
@@ -169,6 +206,10 @@ class Forwarding:
         seen.add(message_id)
         return True
 
+    def made_here(self, cluster_id: bytes) -> bool:
+        """Whether a message with this id was identified by this node (since it started)."""
+        return cluster_id.startswith(self._id_prefix)
+
     def identify(self, message: Message) -> None:
         """A QoS 1/2 message leaving this node gets an id, by which a session that moves while
         it is on its way gets it once."""
@@ -176,9 +217,10 @@ class Forwarding:
         message.cluster_id = self._id_prefix + self._ids.to_bytes(8, "big")
 
     def _share(self, message: Message, groups: SharedGroups, node_groups: SharedGroups,
-               targets: dict[str, list[tuple[str, str]]]) -> int:
+               targets: dict[str, list[tuple[str, str]]], deliver_here: bool = True) -> int:
         """Each shared subscription's member, in turn over the cluster: delivered here when it
-        is this node, otherwise added to ``targets``. Returns the deliveries made here."""
+        is this node (unless not ``deliver_here``), otherwise added to ``targets``. Returns the
+        deliveries made here."""
         count = 0
         local = dict(groups)
         remote: dict[tuple[str, str], list[str]] = {}
@@ -188,7 +230,7 @@ class Forwarding:
             nodes = ([self.node] if share in local else []) + sorted(remote.get(share, []))
             candidates = self._awake_first(nodes, share[1])
             chosen = candidates[self._turns.next(share) % len(candidates)]
-            if chosen == self.node:
+            if chosen == self.node and deliver_here:
                 count += self._deliver_shared(message, share, local[share])
             else:
                 targets.setdefault(chosen, []).append(share)
@@ -208,6 +250,11 @@ class Forwarding:
         """The QoS 1 and 2 records waiting for each node's inbox, handed over once."""
         outgoing, self._outgoing = self._outgoing, {}
         return outgoing
+
+    def take_fenced(self) -> dict[tuple[str, str], list[bytes]]:
+        """The records of ``forward_fenced``, by (node, publisher), handed over once."""
+        fenced, self._fenced = self._fenced, {}
+        return fenced
 
     def _flush_qos0(self) -> None:
         self._qos0_scheduled = False

@@ -269,6 +269,8 @@ class Cluster:
         hold its message), and what changed about the shared subscriptions' members here."""
         for node, records in self.forwarding.take_outgoing().items():
             self.store.forward(node, b"".join(records))
+        for (node, publisher), records in self.forwarding.take_fenced().items():
+            self.store.forward_fenced(node, publisher, b"".join(records))
         for topic_filter in self._shares_changed:
             awake = bool(self.awake.get(topic_filter))
             if self._shares.get(topic_filter, awake) != awake:  # (held, and changed)
@@ -398,10 +400,12 @@ class Cluster:
     def _handle_entry(self, data: bytes, stamp: int, entry_id: bytes) -> None:
         delivery = self.broker.delivery
         for kind, first, second in unpack_records(data):
-            self.stats.forwarded_in += 1
             if kind == TARGETED:  # (Redis passes these on one to an entry)
+                self.stats.forwarded_in += 1
                 self.deliver_targeted(first, second, stamp, entry_id)
                 continue
+            if first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
+                self.stats.forwarded_in += 1  # (not a QoS 2 message of a client here: forward_fenced)
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
             delivery.routing_waits_for_store = first.qos == 2

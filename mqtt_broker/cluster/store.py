@@ -298,6 +298,11 @@ class RedisStore:
         """Messages for another node's inbox (pack_forwarded records)."""
         self._record("X", node, entry)
 
+    def forward_fenced(self, node: str, client_id: str, entry: bytes) -> None:
+        """QoS 2 messages of a client for a node's inbox (this node's too), written only if the
+        client's session is still this node's (see ``Forwarding.forward_fenced``)."""
+        self._record("Y", node, client_id, self._epoch(client_id), entry)
+
     def handled(self, entry_id: bytes, node: str = "") -> None:
         """An entry of this node's inbox (or of a dead ``node``'s) is routed: what it queued is
         in the same batch. When it queued nothing (its messages went to clean sessions only),

@@ -137,6 +137,11 @@ while i <= n do
   elseif op == 'X' then -- messages for another node: node entry
     redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2], 'e', stamp)
     i = i + 3
+  elseif op == 'Y' then -- a client's QoS 2 messages for a node's inbox, if its session is the batch's: node client epoch entry
+    if mine(ARGV[i + 2], ARGV[i + 3]) then
+      redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 4], 'e', stamp)
+    end
+    i = i + 5
   elseif op == 'A' then -- an inbox entry is handled: the inbox's node ('': this node's), entry id
     redis.call('XACK', P .. 'inbox:' .. (ARGV[i + 1] == '' and node or ARGV[i + 1]), 'nodes', ARGV[i + 2])
     i = i + 3
