@@ -62,11 +62,11 @@ class Delivery:
         self.routing_waits_for_store = False
         """While True, what ``route`` sends to a client waits for the store to make durable what
         is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
+        self.through_inboxes = False
+        """In a cluster, while True, ``route`` sends the message to every node through the
+        inboxes, this one's too (``Forwarding.through_inboxes``): a QoS 2 PUBLISH of a session
+        Redis keeps, fenced by it (``fenced_by``), and a will, after what its client published."""
         self.fenced_by: str | None = None
-        """In a cluster, the client whose QoS 2 PUBLISH ``route`` routes next, its packet id just
-        recorded in Redis: the message goes to every node through the inboxes, this one's too,
-        only if the client's session is still this node's when Redis writes them
-        (``Forwarding.forward_fenced``)."""
         self.route_timer: Callable[[float], None] | None = None
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
 
@@ -102,10 +102,9 @@ class Delivery:
         if self.history is not None and shares is None:
             self._log(message)
         by_client, groups = self.subscriptions.match(message.topic)
-        fenced_by = self.fenced_by
-        if fenced_by is not None and self.forwarding is not None and shares is None:
-            self.fenced_by = None
-            count, here = self.forwarding.forward_fenced(message, groups, bool(by_client), fenced_by)
+        if self.through_inboxes and self.forwarding is not None and shares is None:
+            self.through_inboxes = False
+            count, here = self.forwarding.through_inboxes(message, groups, bool(by_client), self.fenced_by)
             if here:
                 self.stats.messages_received -= 1  # (counted as it is routed from this node's inbox)
             return count

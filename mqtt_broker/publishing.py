@@ -178,18 +178,19 @@ class Publishing:
         nothing of the routing reaches a client before the id is stored: after a crash, the
         publisher's resend is then either routed for the first time or known as a resend
         [MQTT-4.3.3-9], never routed twice. In a cluster, the routing is written with the id,
-        fenced by the session's epoch (see ``Delivery.fenced_by``): the session may be claimed
+        fenced by the session's epoch (see ``Delivery.through_inboxes``): the session may be claimed
         by another node before Redis has the id, and its publisher send the message again there."""
         delivery = self.delivery
         if delivery.await_pubrel(self.session, packet_id):
             if delivery.forwarding is not None:
+                delivery.through_inboxes = True
                 delivery.fenced_by = self._client_id
             else:
                 delivery.routing_waits_for_store = True
             try:
                 routed = delivery.route(message)
             finally:
-                delivery.routing_waits_for_store = False
+                delivery.routing_waits_for_store = delivery.through_inboxes = False
                 delivery.fenced_by = None
         else:
             routed = delivery.route(message)

@@ -51,7 +51,7 @@ class Wills:
             return
         if not broker.hooks.has_will:
             broker.stats.wills_published += 1
-            broker.delivery.route(will)
+            self._route(will)
             return
 
         def decided(answer: Any) -> None:
@@ -64,8 +64,18 @@ class Wills:
                           client_id=client.client_id, problem=problem)
                 return
             broker.stats.wills_published += 1
-            broker.delivery.route(message)
+            self._route(message)
         broker.hooks.decide("will", client, will).addCallback(decided)
+
+    def _route(self, will: Message) -> None:
+        # In a cluster, through the inboxes, this node's too: its client's last QoS 2 messages
+        # may be on their way to this node's subscribers that way, and the will comes after them.
+        delivery = self.broker.delivery
+        delivery.through_inboxes = delivery.forwarding is not None
+        try:
+            delivery.route(will)
+        finally:
+            delivery.through_inboxes = False
 
     def delay(self, client: Client, will: Message, identity: Identity | None, delay: float) -> None:
         """Publish the will of a connection that just ended in ``delay`` seconds, unless its

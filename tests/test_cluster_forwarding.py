@@ -18,6 +18,11 @@ from mqtt_broker.topics import Subscription, SubscriptionTree
 from protocol_helpers import connected, make_broker
 
 
+def taken(forwarding: Forwarding) -> dict[str, list[bytes]]:
+    """The records waiting for each node's inbox, handed over (their runs joined)."""
+    return {node: [record for run in runs for record in run.records] for node, runs in forwarding.take_outgoing().items()}
+
+
 class Node:
     """A Forwarding named ``a``, with what it asks of the rest of its node recorded."""
 
@@ -94,11 +99,11 @@ def test_qos1_and_2_records_wait_for_the_stores_batch_with_an_id_each() -> None:
     assert node.collects == 2
     assert first.cluster_id is not None and second.cluster_id is not None
     assert len(first.cluster_id) == 14 and first.cluster_id != second.cluster_id
-    outgoing = node.forwarding.take_outgoing()
+    outgoing = taken(node.forwarding)
     assert list(outgoing) == ["b"]
     assert [unpack_records(record)[0][1].cluster_id for record in outgoing["b"]] == [first.cluster_id,
                                                                                       second.cluster_id]
-    assert node.forwarding.take_outgoing() == {}
+    assert taken(node.forwarding) == {}
 
 
 def test_a_message_forwarded_again_keeps_its_id() -> None:
@@ -140,18 +145,18 @@ def test_shared_subscription_members_that_are_connected_come_first_across_the_cl
     _, groups = local.match("t")
     for _ in range(3):
         node.forwarding.forward(Message(topic="t", qos=1), groups)
-    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 3}
+    assert {target: len(records) for target, records in taken(node.forwarding).items()} == {"c": 3}
     node.holds("c", "$share/g/t", awake=False)  # its member went offline
     for _ in range(3):
         node.forwarding.forward(Message(topic="t", qos=1), groups)
     assert node.shared_here == [("t", share)]
-    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"b": 1, "c": 1}
+    assert {target: len(records) for target, records in taken(node.forwarding).items()} == {"b": 1, "c": 1}
     node.forwarding.connected_here("$share/g/t", True)  # x is connected again: here, and c, awake again too
     node.holds("c", "$share/g/t")
     for _ in range(4):
         node.forwarding.forward(Message(topic="t", qos=1), groups)
     assert len(node.shared_here) == 3
-    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 2}
+    assert {target: len(records) for target, records in taken(node.forwarding).items()} == {"c": 2}
     assert node.forwarding.filters_of("b") == {"$share/g/t": False}
     assert node.forwarding.filters_of("c") == {"$share/g/t": True}
 
@@ -188,7 +193,7 @@ def test_a_message_left_unfinished_goes_to_a_node_with_a_connected_member_first(
     node.holds("c", "$share/g/t")
     for _ in range(2):
         node.forwarding.hand_on(Message(topic="t", qos=1), share)
-    assert {target: len(records) for target, records in node.forwarding.take_outgoing().items()} == {"c": 2}
+    assert {target: len(records) for target, records in taken(node.forwarding).items()} == {"c": 2}
 
 
 def test_a_node_holding_the_filter_and_a_shared_member_gets_one_record_with_the_share() -> None:
@@ -229,7 +234,7 @@ def test_a_message_left_unfinished_is_handed_to_the_other_nodes_members_in_turn(
     assert node.writes == []  # through the inboxes, whatever the QoS
     assert node.collects == 3 and node.stats.forwarded_out == 3
     outgoing = {target: [unpack_records(record)[0] for record in records]
-                for target, records in node.forwarding.take_outgoing().items()}
+                for target, records in taken(node.forwarding).items()}
     assert {target: [(kind, message.qos, shares) for kind, message, shares in records]
             for target, records in outgoing.items()} == {
         "b": [(HANDED, 1, (share,)), (HANDED, 2, (share,))], "c": [(HANDED, 0, (share,))]}
@@ -242,7 +247,7 @@ def test_a_message_left_unfinished_with_no_member_elsewhere_goes_nowhere() -> No
     node.holds("b", "t")
     node.holds("b", "$share/other/t")
     assert node.forwarding.hand_on(Message(topic="t", qos=1), ("g", "$share/g/t")) == 0
-    assert node.forwarding.take_outgoing() == {} and node.collects == 0
+    assert taken(node.forwarding) == {} and node.collects == 0
 
 
 SHARE = ("g", "$share/g/t")
@@ -264,7 +269,7 @@ def test_a_message_chosen_for_a_group_whose_members_here_left_goes_to_a_member_e
     broker, forwarding = node_broker()
     forwarding.add_route("c", "$share/g/t")
     assert broker.delivery.route(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
-    [(target, [record])] = forwarding.take_outgoing().items()
+    [(target, [record])] = taken(forwarding).items()
     assert target == "c" and unpack_records(record)[0][0::2] == (HANDED, (SHARE,))
 
 
@@ -272,7 +277,7 @@ def test_a_message_handed_on_goes_no_further_when_no_member_is_here_either() -> 
     broker, forwarding = node_broker()
     forwarding.add_route("c", "$share/g/t")
     assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 0
-    assert forwarding.take_outgoing() == {}  # no message goes round between stale routes
+    assert taken(forwarding) == {}  # no message goes round between stale routes
 
 
 def test_a_message_chosen_for_a_group_goes_to_its_member_here() -> None:
@@ -283,7 +288,7 @@ def test_a_message_chosen_for_a_group_goes_to_its_member_here() -> None:
     for deliver in (broker.delivery.route, broker.delivery.handed):
         assert deliver(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
     assert [(p.topic, p.qos) for p in member.received()] == [("t", 1), ("t", 1)]  # type: ignore[attr-defined]
-    assert forwarding.take_outgoing() == {}
+    assert taken(forwarding) == {}
 
 
 def test_a_message_from_another_node_keeps_its_expiry_time() -> None:
@@ -302,4 +307,4 @@ def test_a_sys_message_is_not_handed_to_another_node() -> None:
     forwarding.add_route("c", "$share/g/$SYS/broker/uptime")
     share = ("g", "$share/g/$SYS/broker/uptime")
     assert broker.delivery.hand_on(Message(topic="$SYS/broker/uptime", payload=b"1", qos=1), share, None) == 0
-    assert forwarding.take_outgoing() == {}
+    assert taken(forwarding) == {}

@@ -1180,3 +1180,114 @@ def test_a_qos2_publish_whose_session_another_node_claims_before_its_batch_goes_
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_batch_whose_answer_is_lost_still_tells_which_sessions_redis_refused(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node c claims p, the news of it lost (a's pub/sub connection cut); a's batch is applied
+    after the claim, p's packet id and routing refused, and its answer lost. Read back after the
+    outage, the marker said the batch was applied, and its waiters went on without a word of the
+    refusal: p had its PUBREC for a message routed nowhere. Now the refusals are kept with the
+    marker, and a lets p go before anything is acknowledged."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    broker = yield node_a(server)
+    link = Redis(RedisAddress.parse(server.url))
+    c = RedisStore(link, "c", reactor)
+    try:
+        local = yield subscriber(broker, "s", "t")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        store = broker.store
+        yield store.flushed()
+        broker.cluster._claimed_elsewhere = lambda *args: None  # type: ignore[method-assign]  # (the news lost)
+        store._recovering = True  # (holding a's batch back until c has claimed)
+        publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=7))
+        yield c.claim("p", False, 0)
+        refused: list[list[bytes]] = []
+        written = store._written
+
+        def answer_lost(answer: list[bytes], batch: Any) -> None:
+            refused.append(answer)
+            store._written = written  # type: ignore[method-assign]
+            store._not_written(Failure(ConnectionLost("the answer is lost")), batch)
+        store._written = answer_lost  # type: ignore[method-assign]
+        store._recovering = False
+        store._flush()  # (as the end of a recovery does)
+        yield until(lambda: publisher.closed, "a to let p go, from the refusals kept in Redis")
+        assert refused and refused[0]
+        assert [(type(p), getattr(p, "reason_code", None)) for p in publisher.received()] == [
+            (Connack, 0), (Disconnect, ReasonCode.SESSION_TAKEN_OVER)]
+        redis = server.client()
+        assert redis.xlen("mqtt:inbox:a") == 0 and redis.smembers("mqtt:pubrel:p") == set()
+        assert local.received() == []
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_qos2_message_then_a_disconnect_that_ends_the_session_reaches_the_subscriber_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The session's end (its owner gone from Redis) was recorded in the same batch before the
+    message's routing, which carried the epoch read when the batch was cut (none by then): the
+    routing was refused. It carries the epoch of the PUBLISH."""
+    broker = yield node_a(server)
+    try:
+        local = yield subscriber(broker, "s", "t")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        yield broker.store.flushed()
+        publisher.send(Publish(topic="t", payload=b"last", qos=2, packet_id=7),
+                       Disconnect(properties={"session_expiry_interval": 0}))
+        got: list[Any] = []
+        yield until(lambda: got.extend(local.received()) or bool(got), "the message at s")
+        assert [(p.topic, p.payload) for p in got] == [("t", b"last")]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_does_not_overtake_the_last_qos2_message_of_its_client(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A QoS 2 message of a session Redis keeps reaches the subscribers here through this node's
+    inbox: the will, routed at once, came first, and a subscriber of a client's state saw it
+    "online" last."""
+    broker = yield node_a(server)
+    try:
+        local = yield subscriber(broker, "s", "status")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600},
+                                  will=Will(topic="status", payload=b"offline", qos=2, retain=False))
+        yield broker.store.flushed()
+        publisher.send(Publish(topic="status", payload=b"online", qos=2, packet_id=7))
+        publisher.lose()
+        got: list[Any] = []
+        yield until(lambda: got.extend(local.received()) or len(got) >= 2, "both messages at s")
+        assert [p.payload for p in got] == [b"online", b"offline"]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_another_nodes_inbox_has_a_clients_messages_and_its_will_in_the_order_they_came(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The QoS 2 message of a session Redis keeps goes with a guard of its own; it went in an
+    entry of its own after the batch's other records for that node, its will among them."""
+    broker = yield node_a(server)
+    try:
+        broker.cluster.forwarding.add_route("b", "t")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600},
+                                  will=Will(topic="t", payload=b"third", qos=1, retain=False))
+        yield broker.store.flushed()
+        publisher.send(Publish(topic="t", payload=b"first", qos=1, packet_id=1),
+                       Publish(topic="t", payload=b"second", qos=2, packet_id=2))
+        publisher.lose()
+        yield broker.store.flushed()
+        payloads = [message.payload for _, fields in server.client().xrange("mqtt:inbox:b")
+                    for _, message, _ in unpack_records(fields[b"d"])]
+        assert payloads == [b"first", b"second", b"third"]
+    finally:
+        yield broker.stopService()

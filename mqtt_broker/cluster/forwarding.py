@@ -30,6 +30,17 @@ class ClusterStats:
         self.adopted = 0
 
 
+class Run:
+    """Records for one node's inbox, made one after the other, with one guard: None, or the
+    (client, epoch) that must still hold the client's session when Redis writes them."""
+
+    __slots__ = ("guard", "records")
+
+    def __init__(self, guard: tuple[str, int] | None, record: bytes) -> None:
+        self.guard = guard
+        self.records = [record]
+
+
 class Forwarding:
     """Sends each message routed on this node to the other nodes holding a matching filter.
 
@@ -40,7 +51,8 @@ class Forwarding:
 
     def __init__(self, node: str, clock: Any, stats: ClusterStats,
                  deliver_shared: Callable[[Message, tuple[str, str], list[Subscription]], int],
-                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None]) -> None:
+                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None],
+                 epoch_of: Callable[[str], int] = lambda client_id: 0) -> None:
         self.node = node
         self.clock = clock
         self.stats = stats
@@ -52,9 +64,10 @@ class Forwarding:
         self._deliver_shared = deliver_shared
         self._collect = collect
         self._send_qos0 = send_qos0
-        self._outgoing: dict[str, list[bytes]] = {}
-        self._fenced: dict[tuple[str, str], list[bytes]] = {}
-        """Records of QoS 2 messages for each node's inbox, by (node, publisher): see ``forward_fenced``."""
+        self._epoch_of = epoch_of
+        self._outgoing: dict[str, list[Run]] = {}
+        """The records of QoS 1/2 messages for each node's inbox, in the order they were made:
+        runs of records with one guard each (see ``through_inboxes``)."""
         self._qos0: dict[str, list[bytes]] = {}
         self._qos0_scheduled = False
         self._turns = Turns()
@@ -125,30 +138,46 @@ class Forwarding:
         if message.qos and message.cluster_id is None:
             self.identify(message)
         now: float = self.clock.seconds()
-        waiting = self._outgoing if message.qos else self._qos0
-        for node, shares in targets.items():
-            record = pack_forwarded(message, tuple(shares), now)
-            records = waiting.get(node)
-            if records is None:
-                waiting[node] = [record]
-            else:
-                records.append(record)
         if message.qos:
+            for node, shares in targets.items():
+                self._add(node, None, pack_forwarded(message, tuple(shares), now))
             self._collect()
-        elif not self._qos0_scheduled:
-            self._qos0_scheduled = True
-            self.clock.callLater(0, self._flush_qos0)
+        else:
+            qos0 = self._qos0
+            for node, shares in targets.items():
+                record = pack_forwarded(message, tuple(shares), now)
+                records = qos0.get(node)
+                if records is None:
+                    qos0[node] = [record]
+                else:
+                    records.append(record)
+            if not self._qos0_scheduled:
+                self._qos0_scheduled = True
+                self.clock.callLater(0, self._flush_qos0)
         self.stats.forwarded_out += len(targets)
         return count + len(targets)
 
-    def forward_fenced(self, message: Message, groups: SharedGroups, here: bool, publisher: str) -> tuple[int, bool]:
-        """A QoS 2 message whose publisher's session Redis keeps: to each node with a matching
-        filter, this one too (``here``: its sessions match), through the nodes' inboxes, written
-        by the batch that records the message's packet id and only if the publisher's session is
-        still this node's then. A session claimed meanwhile by another node has its publisher
-        send the message again there, where it is routed for the first time: routed here at once,
-        it would be routed twice. Returns how many nodes it goes to, and whether this one is
-        among them."""
+    def _add(self, node: str, guard: tuple[str, int] | None, record: bytes) -> None:
+        runs = self._outgoing.get(node)
+        if runs is None:
+            self._outgoing[node] = [Run(guard, record)]
+            return
+        last = runs[-1]
+        if last.guard == guard:
+            last.records.append(record)
+        else:
+            runs.append(Run(guard, record))
+
+    def through_inboxes(self, message: Message, groups: SharedGroups, here: bool, fenced_by: str | None) -> tuple[int, bool]:
+        """Send a message to each node with a matching filter, this one too (``here``: its
+        sessions match), through the nodes' inboxes, in the order of the other records for
+        them. ``fenced_by``: a client whose QoS 2 PUBLISH it is, whose session Redis keeps; its
+        records are written by the batch that records the packet id, and only if the session is
+        still this node's then: a session claimed meanwhile by another node has its publisher
+        send the message again there, where it is routed for the first time (routed here at
+        once, it would be routed twice). A will goes this way unfenced, after what its client
+        published (``fenced_by`` None). Returns how many nodes it goes to, and whether this one
+        is among them."""
         by_node, node_groups = self.routes.match(message.topic)
         targets: dict[str, list[tuple[str, str]]] = {}
         for match in by_node:
@@ -159,18 +188,12 @@ class Forwarding:
             self._share(message, groups, node_groups, targets, deliver_here=False)
         if not targets:
             return 0, False
-        if message.cluster_id is None:
+        if message.cluster_id is None:  # (a QoS 0 will too: see made_here)
             self.identify(message)
+        guard = None if fenced_by is None else (fenced_by, self._epoch_of(fenced_by))
         now: float = self.clock.seconds()
-        fenced = self._fenced
         for node, shares in targets.items():
-            key = (node, publisher)
-            record = pack_forwarded(message, tuple(shares), now)
-            records = fenced.get(key)
-            if records is None:
-                fenced[key] = [record]
-            else:
-                records.append(record)
+            self._add(node, guard, pack_forwarded(message, tuple(shares), now))
         self._collect()
         here = self.node in targets
         self.stats.forwarded_out += len(targets) - here
@@ -189,7 +212,7 @@ class Forwarding:
         node = nodes[self._turns.next(share) % len(nodes)]
         if message.qos and message.cluster_id is None:
             self.identify(message)
-        self._outgoing.setdefault(node, []).append(pack_forwarded(message, (share,), self.clock.seconds(), HANDED))
+        self._add(node, None, pack_forwarded(message, (share,), self.clock.seconds(), HANDED))
         self._collect()
         self.stats.forwarded_out += 1
         return 1
@@ -246,15 +269,10 @@ class Forwarding:
         awake = [node for node in nodes if (here_awake if node == here else (node, topic_filter) not in idle)]
         return awake or nodes
 
-    def take_outgoing(self) -> dict[str, list[bytes]]:
+    def take_outgoing(self) -> dict[str, list[Run]]:
         """The QoS 1 and 2 records waiting for each node's inbox, handed over once."""
         outgoing, self._outgoing = self._outgoing, {}
         return outgoing
-
-    def take_fenced(self) -> dict[tuple[str, str], list[bytes]]:
-        """The records of ``forward_fenced``, by (node, publisher), handed over once."""
-        fenced, self._fenced = self._fenced, {}
-        return fenced
 
     def _flush_qos0(self) -> None:
         self._qos0_scheduled = False
@@ -263,4 +281,4 @@ class Forwarding:
             self._send_qos0(node, b"".join(records))
 
 
-__all__ = ["ClusterStats", "Forwarding"]
+__all__ = ["ClusterStats", "Forwarding", "Run"]

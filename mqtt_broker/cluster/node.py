@@ -24,7 +24,7 @@ from ..message import Message
 from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription
 from .address import RedisAddress
-from .codec import HANDED, TARGETED, unpack_records, unpack_retained
+from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .store import Claim, InboxEntry, RedisStore
@@ -84,7 +84,7 @@ class Cluster:
         self._route_reads: dict[str, list[list[tuple[int, bytes, str]]]] = {}
         """The route events of each node whose routes are being read, one list per read."""
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
-                                     self._send_qos0)
+                                     self._send_qos0, self.store.epoch_of)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
         self._claiming: dict[str, list[tuple[Queued, int, bytes]]] = {}
@@ -267,10 +267,12 @@ class Cluster:
         """Before the store cuts a batch: the records for other nodes go in it, one entry per
         node (so a publisher acknowledged after the batch is acknowledged after the inboxes
         hold its message), and what changed about the shared subscriptions' members here."""
-        for node, records in self.forwarding.take_outgoing().items():
-            self.store.forward(node, b"".join(records))
-        for (node, publisher), records in self.forwarding.take_fenced().items():
-            self.store.forward_fenced(node, publisher, b"".join(records))
+        for node, runs in self.forwarding.take_outgoing().items():
+            for run in runs:
+                if run.guard is None:
+                    self.store.forward(node, b"".join(run.records))
+                else:
+                    self.store.forward_fenced(node, *run.guard, b"".join(run.records))
         for topic_filter in self._shares_changed:
             awake = bool(self.awake.get(topic_filter))
             if self._shares.get(topic_filter, awake) != awake:  # (held, and changed)
@@ -404,8 +406,8 @@ class Cluster:
                 self.stats.forwarded_in += 1
                 self.deliver_targeted(first, second, stamp, entry_id)
                 continue
-            if first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
-                self.stats.forwarded_in += 1  # (not a QoS 2 message of a client here: forward_fenced)
+            if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
+                self.stats.forwarded_in += 1  # (not one this node sent itself: Forwarding.through_inboxes)
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
             delivery.routing_waits_for_store = first.qos == 2

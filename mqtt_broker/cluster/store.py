@@ -22,7 +22,7 @@ from collections import deque
 from importlib import resources
 from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -208,6 +208,10 @@ class RedisStore:
 
     # --- the Store protocol: changes to sessions ------------------------------------------
 
+    def epoch_of(self, client_id: str) -> int:
+        """The epoch this node's writes of the client's session carry."""
+        return self._epoch(client_id)
+
     def _epoch(self, client_id: str) -> int:
         epoch = self.epochs.get(client_id)
         return epoch if epoch is not None else self._given_up.get(client_id, 0)
@@ -298,10 +302,11 @@ class RedisStore:
         """Messages for another node's inbox (pack_forwarded records)."""
         self._record("X", node, entry)
 
-    def forward_fenced(self, node: str, client_id: str, entry: bytes) -> None:
+    def forward_fenced(self, node: str, client_id: str, epoch: int, entry: bytes) -> None:
         """QoS 2 messages of a client for a node's inbox (this node's too), written only if the
-        client's session is still this node's (see ``Forwarding.forward_fenced``)."""
-        self._record("Y", node, client_id, self._epoch(client_id), entry)
+        client's session is still this node's at ``epoch``, the one it had when they were
+        published (see ``Forwarding.through_inboxes``)."""
+        self._record("Y", node, client_id, epoch, entry)
 
     def handled(self, entry_id: bytes, node: str = "") -> None:
         """An entry of this node's inbox (or of a dead ``node``'s) is routed: what it queued is
@@ -573,13 +578,19 @@ class RedisStore:
         elapsed = time.perf_counter() - batch.started
         for observe in self.commit_observers:
             observe(elapsed)
-        if refused and self.on_fenced is not None:  # (before the waiters go on)
-            for entry in refused:
-                client_id, _, epoch = entry.decode().rpartition("\0")
-                self.on_fenced(client_id, int(epoch))
+        self._refused(refused)  # (before the waiters go on)
         self.gather(fire, batch.waiters)
         if self._pending or self._waiters or self._collect:
             self._flush()
+
+    def _refused(self, refused: list[bytes]) -> None:
+        """Redis refused a batch's changes to these sessions ('client\\0epoch'): another node
+        has them. Told before the batch's waiters go on, so that nothing of those sessions is
+        acknowledged as written (a QoS 2 PUBLISH whose routing was refused with its packet id)."""
+        if self.on_fenced is not None:
+            for entry in refused:
+                client_id, _, epoch = entry.decode().rpartition("\0")
+                self.on_fenced(client_id, int(epoch))
 
     def _not_written(self, failure: Failure, batch: _Batch) -> None:
         """A batch failed, or its answer was lost with the connection (and so those sent after
@@ -596,11 +607,15 @@ class RedisStore:
         self.reactor.callLater(RETRY_AFTER, self._recover)
 
     def _recover(self) -> None:
-        def applied(value: bytes | None) -> None:
+        def applied(answers: list[Any]) -> None:
+            value, refused = answers
             incarnation, _, number = (value or b"").decode().partition(":")
             last = int(number) if incarnation == self._incarnation else 0
             while self._in_flight and self._in_flight[0].number <= last:
-                self.gather(fire, self._in_flight.popleft().waiters)
+                batch = self._in_flight.popleft()
+                if batch.number == last:  # (what it found refused, kept with the marker)
+                    self._refused(refused)
+                self.gather(fire, batch.waiters)
             self._recovering = False
             if self._failing:
                 self._failing = False
@@ -612,7 +627,9 @@ class RedisStore:
         def retry(_: Any) -> None:
             if not self._abandoned:
                 self.reactor.callLater(RETRY_AFTER, self._recover)
-        self.redis.call("GET", f"mqtt:applied:{self.node}").addCallbacks(applied, retry)
+        gatherResults([self.redis.call("GET", f"mqtt:applied:{self.node}"),
+                       self.redis.call("LRANGE", f"mqtt:refused:{self.node}", 0, -1)],
+                      consumeErrors=True).addCallbacks(applied, retry)
 
     def close(self) -> Deferred[None]:
         """Fires once what was recorded is written, or once the node gives Redis up (``abandon``)."""

@@ -14,12 +14,16 @@ local verdict, refused = {}, {}
 -- it was made has a higher 'since_stamp' (claim.lua), and the entry's messages for it are dropped.
 local stamp = redis.call('GET', P .. 'epochs') or '0'
 
--- Sent again after an outage, a batch that was applied is not applied twice.
+-- Sent again after an outage, a batch that was applied is not applied twice; the epochs it
+-- found refused are answered again (refused:<node> keeps those of the last batch applied).
 local last = redis.call('GET', P .. 'applied:' .. node)
 if last then
   local last_incarnation, last_number = string.match(last, '^(.*):(%d+)$')
   local incarnation, number = string.match(marker, '^(.*):(%d+)$')
   if last_incarnation == incarnation and tonumber(last_number) >= tonumber(number) then
+    if tonumber(last_number) == tonumber(number) then
+      return redis.call('LRANGE', P .. 'refused:' .. node, 0, -1)
+    end
     return refused
   end
 end
@@ -137,7 +141,9 @@ while i <= n do
   elseif op == 'X' then -- messages for another node: node entry
     redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2], 'e', stamp)
     i = i + 3
-  elseif op == 'Y' then -- a client's QoS 2 messages for a node's inbox, if its session is the batch's: node client epoch entry
+  elseif op == 'Y' then -- messages for a node's inbox, if the client's session is this node's: node client epoch entry
+    -- (a QoS 2 PUBLISH of the client, whose packet id an earlier change of this batch records:
+    -- both are judged alike, by the session's epoch when the batch began to change it)
     if mine(ARGV[i + 2], ARGV[i + 3]) then
       redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 4], 'e', stamp)
     end
@@ -161,4 +167,8 @@ while i <= n do
   end
 end
 redis.call('SET', P .. 'applied:' .. node, marker)
+redis.call('DEL', P .. 'refused:' .. node)
+if #refused > 0 then
+  redis.call('RPUSH', P .. 'refused:' .. node, unpack(refused))
+end
 return refused
