@@ -70,8 +70,10 @@ class Wills:
     def _route(self, will: Message) -> None:
         # In a cluster, through the inboxes, this node's too: its client's last QoS 2 messages
         # may be on their way to this node's subscribers that way, and the will comes after them.
+        # Not while Redis is away: this node's clients are served all the same meanwhile.
         delivery = self.broker.delivery
-        delivery.through_inboxes = delivery.forwarding is not None
+        cluster = self.broker.cluster
+        delivery.through_inboxes = cluster is not None and cluster.unready() is None
         try:
             delivery.route(will)
         finally:

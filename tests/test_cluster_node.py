@@ -1302,3 +1302,32 @@ def test_another_nodes_inbox_has_a_clients_messages_and_its_will_in_the_order_th
         assert payloads == [b"first", b"second", b"third"]
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_reaches_the_subscribers_here_at_once_while_redis_is_away() -> Iterator[Deferred[Any]]:
+    """A will goes through the inboxes while Redis answers (after its client's messages); while
+    it is away, this node's clients are served all the same, a will included."""
+    from mqtt_broker.cluster.node import LEAVE_TIMEOUT
+    redis = RedisServer()
+    clock = Clock()
+    try:
+        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=redis.url, cluster_node_id="a",
+                               close_linger=0)
+        broker.startService()
+        yield broker.cluster.ready
+        watcher = yield connect(broker, 5, client_id="watcher")  # (its session ends with it: not in Redis)
+        watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
+        gone = yield connect(broker, 5, client_id="c", will=Will(topic="wills/c", payload=b"c is gone", qos=1,
+                                                                 retain=False))
+        yield broker.store.flushed()
+        redis.kill()
+        yield until(lambda: broker.cluster.unready() is not None, "a to find Redis gone")
+        gone.lose()
+        assert [(p.topic, p.payload) for p in watcher.received() if isinstance(p, Publish)] == [
+            ("wills/c", b"c is gone")]
+        stopped = broker.stopService()
+        clock.advance(LEAVE_TIMEOUT)
+        yield until(lambda: stopped.called, "the stop")
+    finally:
+        redis.close()
