@@ -51,7 +51,7 @@ class Wills:
             return
         if not broker.hooks.has_will:
             broker.stats.wills_published += 1
-            self._route(will)
+            self._route(will, client.client_id)
             return
 
         def decided(answer: Any) -> None:
@@ -64,16 +64,18 @@ class Wills:
                           client_id=client.client_id, problem=problem)
                 return
             broker.stats.wills_published += 1
-            self._route(message)
+            self._route(message, client.client_id)
         broker.hooks.decide("will", client, will).addCallback(decided)
 
-    def _route(self, will: Message) -> None:
-        # In a cluster, through the inboxes, this node's too: its client's last QoS 2 messages
-        # may be on their way to this node's subscribers that way, and the will comes after them.
-        # Not while Redis is away: this node's clients are served all the same meanwhile.
+    def _route(self, will: Message, client_id: str) -> None:
+        # In a cluster, a will of a client whose QoS 2 messages went to this node's subscribers
+        # through its inbox goes that way too, after them; not while Redis is away (this node's
+        # clients are served all the same meanwhile).
         delivery = self.broker.delivery
         cluster = self.broker.cluster
-        delivery.through_inboxes = cluster is not None and cluster.unready() is None
+        if cluster is not None and client_id in cluster.forwarding.fenced_here:
+            cluster.forwarding.fenced_here.discard(client_id)
+            delivery.through_inboxes = cluster.unready() is None
         try:
             delivery.route(will)
         finally:

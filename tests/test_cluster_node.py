@@ -1331,3 +1331,57 @@ def test_a_will_reaches_the_subscribers_here_at_once_while_redis_is_away() -> It
         yield until(lambda: stopped.called, "the stop")
     finally:
         redis.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_records_of_one_batch_for_a_node_go_in_one_entry_whoever_published_them(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Two clients whose sessions Redis keeps publish QoS 2 messages in turn, a third QoS 1 ones:
+    each change of guard made an entry of its own, one XADD (and one XACK) per message."""
+    broker = yield node_a(server)
+    try:
+        broker.cluster.forwarding.add_route("b", "t")
+        one = yield connect(broker, 5, client_id="p1", clean_start=False, properties={"session_expiry_interval": 600})
+        two = yield connect(broker, 5, client_id="p2", clean_start=False, properties={"session_expiry_interval": 600})
+        three = yield connect(broker, client_id="p3")
+        yield broker.store.flushed()
+        broker.store._recovering = True  # (all of them in one batch)
+        for i in range(1, 4):
+            one.send(Publish(topic="t", payload=b"1-%d" % i, qos=2, packet_id=i))
+            two.send(Publish(topic="t", payload=b"2-%d" % i, qos=2, packet_id=i))
+            three.send(Publish(topic="t", payload=b"3-%d" % i, qos=1, packet_id=i))
+        broker.store._recovering = False
+        broker.store._flush()
+        yield broker.store.flushed()
+        entries = server.client().xrange("mqtt:inbox:b")
+        assert len(entries) == 1
+        assert [message.payload for _, message, _ in unpack_records(entries[0][1][b"d"])] == [
+            b"%d-%d" % (client, i) for i in range(1, 4) for client in (1, 2, 3)]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_of_a_client_without_qos2_messages_here_does_not_wait_for_redis(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Only a will that must come after its client's QoS 2 messages goes through this node's
+    inbox: the others reach this node's subscribers at once, while Redis takes no write (a stall,
+    a failover), as a QoS 0 message does."""
+    broker = yield node_a(server)
+    redis = server.client()
+    try:
+        watcher = yield connect(broker, 5, client_id="watcher")  # (its session ends with it: not in Redis)
+        watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="status", qos=1),)))
+        for qos in (0, 1):
+            gone = yield connect(broker, 5, client_id=f"p{qos}", will=Will(topic="status", payload=b"offline %d" % qos,
+                                                                          qos=qos, retain=False))
+            yield broker.store.flushed()
+            redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+            try:
+                gone.lose()
+                will = yield publishes(watcher, "the will, while Redis takes no write")
+            finally:
+                redis.execute_command("CLIENT", "UNPAUSE")
+            assert [(p.payload, p.qos) for p in will] == [(b"offline %d" % qos, qos)]
+    finally:
+        yield broker.stopService()

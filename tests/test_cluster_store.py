@@ -426,3 +426,21 @@ def test_replies_are_parsed_by_hiredis() -> None:
 
     assert txredisapi.RedisProtocol is txredisapi.HiredisProtocol
     assert issubclass(txredisapi.SubscriberProtocol, txredisapi.HiredisProtocol)
+
+
+def test_a_batch_refused_for_thousands_of_sessions_keeps_every_refusal(server: RedisServer) -> None:
+    """A node taken for dead (its sessions adopted) writes to 9,000 of them in one batch: Lua's
+    unpack takes a few thousand values at most, and the script failed after marking the batch
+    applied, keeping none of the refusals for the node to find after the error."""
+    from mqtt_broker.cluster.store import BATCH
+    redis = server.client()
+    redis.flushall()
+    ops: list[Any] = []
+    for i in range(9000):
+        ops += ["w", f"c{i}", 1]
+    answer = redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, *ops)
+    assert len(answer) == 9000
+    assert redis.get("mqtt:applied:a") == b"incarnation:1"
+    assert redis.lrange("mqtt:refused:a", 0, -1) == answer
+    # Sent again (its answer lost), it is not applied twice, and answers the same.
+    assert redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, *ops) == answer

@@ -65,6 +65,9 @@ class Forwarding:
         self._collect = collect
         self._send_qos0 = send_qos0
         self._epoch_of = epoch_of
+        self.fenced_here: set[str] = set()
+        """Clients whose QoS 2 messages went to this node's subscribers through its inbox: their
+        wills go that way too, after them (see ``Wills``)."""
         self._outgoing: dict[str, list[Run]] = {}
         """The records of QoS 1/2 messages for each node's inbox, in the order they were made:
         runs of records with one guard each (see ``through_inboxes``)."""
@@ -176,8 +179,9 @@ class Forwarding:
         still this node's then: a session claimed meanwhile by another node has its publisher
         send the message again there, where it is routed for the first time (routed here at
         once, it would be routed twice). A will goes this way unfenced, after what its client
-        published (``fenced_by`` None). Returns how many nodes it goes to, and whether this one
-        is among them."""
+        published (``fenced_by`` None); at QoS 0, to the other nodes as the client's QoS 0
+        messages went, by pub/sub. Returns how many nodes it goes to, and whether this one is
+        among them."""
         by_node, node_groups = self.routes.match(message.topic)
         targets: dict[str, list[tuple[str, str]]] = {}
         for match in by_node:
@@ -193,9 +197,18 @@ class Forwarding:
         guard = None if fenced_by is None else (fenced_by, self._epoch_of(fenced_by))
         now: float = self.clock.seconds()
         for node, shares in targets.items():
-            self._add(node, guard, pack_forwarded(message, tuple(shares), now))
+            record = pack_forwarded(message, tuple(shares), now)
+            if message.qos or node == self.node:
+                self._add(node, guard, record)
+            else:
+                self._qos0.setdefault(node, []).append(record)
+                if not self._qos0_scheduled:
+                    self._qos0_scheduled = True
+                    self.clock.callLater(0, self._flush_qos0)
         self._collect()
         here = self.node in targets
+        if here and fenced_by is not None:
+            self.fenced_here.add(fenced_by)
         self.stats.forwarded_out += len(targets) - here
         return len(targets), here
 

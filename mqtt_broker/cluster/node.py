@@ -268,11 +268,10 @@ class Cluster:
         node (so a publisher acknowledged after the batch is acknowledged after the inboxes
         hold its message), and what changed about the shared subscriptions' members here."""
         for node, runs in self.forwarding.take_outgoing().items():
-            for run in runs:
-                if run.guard is None:
-                    self.store.forward(node, b"".join(run.records))
-                else:
-                    self.store.forward_fenced(node, *run.guard, b"".join(run.records))
+            if len(runs) == 1 and runs[0].guard is None:
+                self.store.forward(node, b"".join(runs[0].records))
+            else:
+                self.store.forward_fenced(node, [(run.guard or ("", 0), b"".join(run.records)) for run in runs])
         for topic_filter in self._shares_changed:
             awake = bool(self.awake.get(topic_filter))
             if self._shares.get(topic_filter, awake) != awake:  # (held, and changed)
@@ -343,10 +342,13 @@ class Cluster:
         self._members_changed(session, False)
         if had_will:
             self.store.delete_will(session.client_id)
+        else:
+            self.forwarding.fenced_here.discard(session.client_id)  # (no will to come after its messages)
 
     def released(self, client_id: str) -> None:
         """The client's session ended on this node."""
         self.store.give_up(client_id)
+        self.forwarding.fenced_here.discard(client_id)
 
     # --- other nodes' messages --------------------------------------------------------------
 

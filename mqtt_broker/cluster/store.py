@@ -302,11 +302,13 @@ class RedisStore:
         """Messages for another node's inbox (pack_forwarded records)."""
         self._record("X", node, entry)
 
-    def forward_fenced(self, node: str, client_id: str, epoch: int, entry: bytes) -> None:
-        """QoS 2 messages of a client for a node's inbox (this node's too), written only if the
-        client's session is still this node's at ``epoch``, the one it had when they were
-        published (see ``Forwarding.through_inboxes``)."""
-        self._record("Y", node, client_id, epoch, entry)
+    def forward_fenced(self, node: str, parts: list[tuple[tuple[str, int], bytes]]) -> None:
+        """Messages for a node's inbox (this node's too), in one entry, in order: each part
+        with a guard, the (client, epoch) whose session must still be this node's for the part to
+        go (a client's QoS 2 messages, the epoch they were published at: see
+        ``Forwarding.through_inboxes``), or ("", 0) for none."""
+        self._record("Y", node, len(parts), *(value for (client_id, epoch), records in parts
+                                               for value in (client_id, epoch, records)))
 
     def handled(self, entry_id: bytes, node: str = "") -> None:
         """An entry of this node's inbox (or of a dead ``node``'s) is routed: what it queued is
@@ -590,7 +592,10 @@ class RedisStore:
         if self.on_fenced is not None:
             for entry in refused:
                 client_id, _, epoch = entry.decode().rpartition("\0")
-                self.on_fenced(client_id, int(epoch))
+                try:
+                    self.on_fenced(client_id, int(epoch))
+                except Exception:  # (the batch's waiters, and the store, go on all the same)
+                    log.failure("letting go of {client_id}, whose session another node holds", client_id=client_id)
 
     def _not_written(self, failure: Failure, batch: _Batch) -> None:
         """A batch failed, or its answer was lost with the connection (and so those sent after
@@ -613,7 +618,7 @@ class RedisStore:
             last = int(number) if incarnation == self._incarnation else 0
             while self._in_flight and self._in_flight[0].number <= last:
                 batch = self._in_flight.popleft()
-                if batch.number == last:  # (what it found refused, kept with the marker)
+                if batch.number == last:  # (what it found refused, kept with the marker: one batch in flight)
                     self._refused(refused)
                 self.gather(fire, batch.waiters)
             self._recovering = False

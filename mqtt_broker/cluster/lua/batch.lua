@@ -141,13 +141,19 @@ while i <= n do
   elseif op == 'X' then -- messages for another node: node entry
     redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2], 'e', stamp)
     i = i + 3
-  elseif op == 'Y' then -- messages for a node's inbox, if the client's session is this node's: node client epoch entry
-    -- (a QoS 2 PUBLISH of the client, whose packet id an earlier change of this batch records:
-    -- both are judged alike, by the session's epoch when the batch began to change it)
-    if mine(ARGV[i + 2], ARGV[i + 3]) then
-      redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 4], 'e', stamp)
+  elseif op == 'Y' then -- messages for another node, some of them guarded: node count, then count times client epoch records
+    -- Records of a client's QoS 2 PUBLISH ('' client: none) go only if its session is this
+    -- node's: judged as the change recording its packet id, earlier in the batch, is (a verdict
+    -- holds for the whole batch). The rest go in one entry, in order.
+    local parts, j = {}, i + 3
+    for _ = 1, tonumber(ARGV[i + 2]) do
+      if ARGV[j] == '' or mine(ARGV[j], ARGV[j + 1]) then parts[#parts + 1] = ARGV[j + 2] end
+      j = j + 3
     end
-    i = i + 5
+    if #parts > 0 then
+      redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', table.concat(parts), 'e', stamp)
+    end
+    i = j
   elseif op == 'A' then -- an inbox entry is handled: the inbox's node ('': this node's), entry id
     redis.call('XACK', P .. 'inbox:' .. (ARGV[i + 1] == '' and node or ARGV[i + 1]), 'nodes', ARGV[i + 2])
     i = i + 3
@@ -168,7 +174,7 @@ while i <= n do
 end
 redis.call('SET', P .. 'applied:' .. node, marker)
 redis.call('DEL', P .. 'refused:' .. node)
-if #refused > 0 then
-  redis.call('RPUSH', P .. 'refused:' .. node, unpack(refused))
+for first = 1, #refused, 1000 do  -- (unpack takes a few thousand values at most)
+  redis.call('RPUSH', P .. 'refused:' .. node, unpack(refused, first, math.min(first + 999, #refused)))
 end
 return refused
