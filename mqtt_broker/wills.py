@@ -41,6 +41,13 @@ class Wills:
         will when it sends it. ``identity``: the connection's; without it (a will restored from
         the store, or from another node of a cluster), the rules of the client's user name apply."""
         broker = self.broker
+        cluster = broker.cluster
+        # In a cluster, a will of a client whose messages are on their way to this node's
+        # subscribers through its inbox (QoS 2 ones of a session Redis keeps) goes that way too,
+        # after them; not while Redis is away (this node's clients are served all the same).
+        # Decided now: a will hook may answer after the session has gone.
+        through_inboxes = cluster is not None and client.client_id in cluster.forwarding.inbox_here and (
+            cluster.unready() is None)
         security = broker.security
         if will.topic.startswith("$SYS") or security is not None and not security.can_publish(
                 identity or Identity(client_id=client.client_id, username=client.username), will.topic):
@@ -51,7 +58,7 @@ class Wills:
             return
         if not broker.hooks.has_will:
             broker.stats.wills_published += 1
-            self._route(will, client.client_id)
+            self._route(will, through_inboxes)
             return
 
         def decided(answer: Any) -> None:
@@ -64,18 +71,12 @@ class Wills:
                           client_id=client.client_id, problem=problem)
                 return
             broker.stats.wills_published += 1
-            self._route(message, client.client_id)
+            self._route(message, through_inboxes)
         broker.hooks.decide("will", client, will).addCallback(decided)
 
-    def _route(self, will: Message, client_id: str) -> None:
-        # In a cluster, a will of a client whose QoS 2 messages went to this node's subscribers
-        # through its inbox goes that way too, after them; not while Redis is away (this node's
-        # clients are served all the same meanwhile).
+    def _route(self, will: Message, through_inboxes: bool) -> None:
         delivery = self.broker.delivery
-        cluster = self.broker.cluster
-        if cluster is not None and client_id in cluster.forwarding.fenced_here:
-            cluster.forwarding.fenced_here.discard(client_id)
-            delivery.through_inboxes = cluster.unready() is None
+        delivery.through_inboxes = through_inboxes
         try:
             delivery.route(will)
         finally:

@@ -1188,6 +1188,7 @@ def test_a_qos2_publish_whose_session_another_node_claims_before_its_batch_goes_
         assert local.received() == []
         assert [(type(p), getattr(p, "reason_code", None)) for p in publisher.received()] == [
             (Connack, 0), (Disconnect, ReasonCode.SESSION_TAKEN_OVER)]
+        assert "p" not in broker.cluster.forwarding.inbox_here  # (refused, it never comes back)
     finally:
         yield broker.stopService()
         yield link.close()
@@ -1383,5 +1384,32 @@ def test_a_will_of_a_client_without_qos2_messages_here_does_not_wait_for_redis(
             finally:
                 redis.execute_command("CLIENT", "UNPAUSE")
             assert [(p.payload, p.qos) for p in will] == [(b"offline %d" % qos, qos)]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_a_hook_decides_late_still_follows_its_clients_qos2_message(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Whether the will goes through this node's inbox, after its client's QoS 2 message, was
+    decided once the will hook answered: by then the session had ended (expiry 0 at DISCONNECT),
+    the client was forgotten, and the will went straight to the subscriber, first."""
+    broker = yield node_a(server)
+    try:
+        decision: Deferred[None] = Deferred()
+        broker.hooks.on_will(lambda client, message: decision)
+        local = yield subscriber(broker, "s", "status")
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600},
+                                  will=Will(topic="status", payload=b"offline", qos=2, retain=False))
+        yield broker.store.flushed()
+        publisher.send(Publish(topic="status", payload=b"online", qos=2, packet_id=7),
+                       Disconnect(reason_code=ReasonCode.DISCONNECT_WITH_WILL_MESSAGE,
+                                  properties={"session_expiry_interval": 0}))
+        decision.callback(None)
+        got = yield publishes(local, "both messages at s", 2)
+        assert [p.payload for p in got] == [b"online", b"offline"]
+        yield deferLater(reactor, 0.05, lambda: None)
+        assert broker.cluster.forwarding.inbox_here == {}  # (both came back)
     finally:
         yield broker.stopService()

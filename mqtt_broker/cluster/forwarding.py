@@ -65,9 +65,10 @@ class Forwarding:
         self._collect = collect
         self._send_qos0 = send_qos0
         self._epoch_of = epoch_of
-        self.fenced_here: set[str] = set()
-        """Clients whose QoS 2 messages went to this node's subscribers through its inbox: their
-        wills go that way too, after them (see ``Wills``)."""
+        self.inbox_here: dict[str, int] = {}
+        """The records of each client on their way to this node's subscribers through its inbox
+        (``through_inboxes``), until they come back (``came_back``): a will of the client goes
+        that way too while there are any, after them (see ``Wills``)."""
         self._outgoing: dict[str, list[Run]] = {}
         """The records of QoS 1/2 messages for each node's inbox, in the order they were made:
         runs of records with one guard each (see ``through_inboxes``)."""
@@ -207,8 +208,9 @@ class Forwarding:
                     self.clock.callLater(0, self._flush_qos0)
         self._collect()
         here = self.node in targets
-        if here and fenced_by is not None:
-            self.fenced_here.add(fenced_by)
+        sender = message.sender
+        if here and sender is not None:
+            self.inbox_here[sender] = self.inbox_here.get(sender, 0) + 1
         self.stats.forwarded_out += len(targets) - here
         return len(targets), here
 
@@ -241,6 +243,15 @@ class Forwarding:
             return False
         seen.add(message_id)
         return True
+
+    def came_back(self, sender: str | None) -> None:
+        """A record of ``through_inboxes`` came back from this node's inbox."""
+        if sender is not None:
+            left = self.inbox_here.get(sender, 0) - 1
+            if left > 0:
+                self.inbox_here[sender] = left
+            else:
+                self.inbox_here.pop(sender, None)
 
     def made_here(self, cluster_id: bytes) -> bool:
         """Whether a message with this id was identified by this node (since it started)."""

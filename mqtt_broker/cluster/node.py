@@ -342,13 +342,10 @@ class Cluster:
         self._members_changed(session, False)
         if had_will:
             self.store.delete_will(session.client_id)
-        else:
-            self.forwarding.fenced_here.discard(session.client_id)  # (no will to come after its messages)
 
     def released(self, client_id: str) -> None:
         """The client's session ended on this node."""
         self.store.give_up(client_id)
-        self.forwarding.fenced_here.discard(client_id)
 
     # --- other nodes' messages --------------------------------------------------------------
 
@@ -409,7 +406,9 @@ class Cluster:
                 self.deliver_targeted(first, second, stamp, entry_id)
                 continue
             if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
-                self.stats.forwarded_in += 1  # (not one this node sent itself: Forwarding.through_inboxes)
+                self.stats.forwarded_in += 1
+            else:  # one this node sent itself (Forwarding.through_inboxes)
+                self.forwarding.came_back(first.sender)
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
             delivery.routing_waits_for_store = first.qos == 2
@@ -569,6 +568,7 @@ class Cluster:
         ended = clean or (session is not None and not session.expiry)
         self.store.lost(client_id)
         self.broker.let_go(client_id, ended)
+        self.forwarding.inbox_here.pop(client_id, None)  # (what was refused never comes back)
         if session is None:
             self.store.forgotten(client_id)
             return
