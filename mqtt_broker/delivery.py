@@ -63,10 +63,12 @@ class Delivery:
         """While True, what ``route`` sends to a client waits for the store to make durable what
         is recorded so far (a QoS 2 PUBLISH whose packet id has just been recorded)."""
         self.through_inboxes = False
-        """In a cluster, while True, ``route`` sends the message to every node through the
-        inboxes, this one's too (``Forwarding.through_inboxes``): a QoS 2 PUBLISH of a session
-        Redis keeps, fenced by it (``fenced_by``), and a will, after what its client published."""
+        """In a cluster, True for the next ``route`` only (which clears it): the message goes to
+        each matching node through its inbox, this one's too (``Forwarding.through_inboxes``): a
+        QoS 2 PUBLISH of a session Redis keeps, and a will after its client's messages."""
         self.fenced_by: str | None = None
+        """With ``through_inboxes``: the client whose QoS 2 PUBLISH it is, whose session must
+        still be this node's when Redis writes the records."""
         self.route_timer: Callable[[float], None] | None = None
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
 
@@ -79,7 +81,8 @@ class Delivery:
 
         ``shares``: the message was forwarded by another node of the cluster, which chose this
         node for these shared subscriptions (group, filter); it goes to this node's sessions only,
-        and its origin has stored it if it is retained."""
+        and its origin has stored it if it is retained. With ``through_inboxes``, it goes to the
+        nodes' inboxes only, and the count is of nodes."""
         timer = self.route_timer
         if timer is not None:
             self.route_timer = None

@@ -198,8 +198,9 @@ class Publishing:
 
     def _routed(self, qos: int, packet_id: int, message: Message, routed: int) -> None:
         """A QoS 1/2 PUBLISH was routed: acknowledge it once the store has it (at once without
-        a store). A subscriber that could not take it makes it 0x97 for MQTT 5 (MQTT 3 has no
-        way to say so: it is acknowledged, and the drop counted and logged)."""
+        a store). A subscriber here that could not take it makes it 0x97 for MQTT 5 (MQTT 3 has
+        no way to say so: it is acknowledged, and the drop counted and logged); one reached
+        through an inbox is not known of yet."""
         self.stats.received_by_qos[qos] += 1
         if message.refused:
             reason = ReasonCode.QUOTA_EXCEEDED

@@ -1,6 +1,8 @@
-"""The wills of clients whose connections ended without a DISCONNECT: published at once, or
-after their Will Delay Interval unless the client connects again first or its session ends
-sooner [MQTT-3.1.3-9], and only if its client may still publish to the topic when it goes."""
+"""The wills of clients whose connections ended other than by a normal DISCONNECT: published at
+once, or after their Will Delay Interval unless the client connects again first or its session
+ends sooner [MQTT-3.1.3-9], only if its client may still publish to the topic when it goes, and
+as the will hooks decide. In a cluster, a will follows its client's QoS 2 messages still on
+their way to this node's subscribers through its inbox."""
 
 from __future__ import annotations
 
@@ -42,12 +44,8 @@ class Wills:
         the store, or from another node of a cluster), the rules of the client's user name apply."""
         broker = self.broker
         cluster = broker.cluster
-        # In a cluster, a will of a client whose messages are on their way to this node's
-        # subscribers through its inbox (QoS 2 ones of a session Redis keeps) goes that way too,
-        # after them; not while Redis is away (this node's clients are served all the same).
         # Decided now: a will hook may answer after the session has gone.
-        through_inboxes = cluster is not None and client.client_id in cluster.forwarding.inbox_here and (
-            cluster.unready() is None)
+        through_inboxes = cluster is not None and cluster.will_follows(client.client_id)
         security = broker.security
         if will.topic.startswith("$SYS") or security is not None and not security.can_publish(
                 identity or Identity(client_id=client.client_id, username=client.username), will.topic):

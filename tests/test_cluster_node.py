@@ -81,8 +81,8 @@ def holds(store: RedisStore, client_id: str, *subscriptions: Subscription, expir
 
 @inlineCallbacks
 def publishes(client: FakeClient, what: str, count: int = 1) -> Any:
-    """The first ``count`` PUBLISHes the client is sent, waited for (bounded): a will comes
-    through the node's inbox, a moment after the batch that writes it there."""
+    """Every PUBLISH the client is sent until there are ``count``, waited for (bounded): a
+    message may come through the node's inbox, a moment after the batch that writes it there."""
     got: list[Publish] = []
     yield until(lambda: got.extend(p for p in client.received() if isinstance(p, Publish)) or len(got) >= count, what)
     return got
@@ -184,7 +184,7 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
         yield broker.store.flushed()
         # The group's member here is offline: the other nodes are told so.
         assert server.client().hgetall("mqtt:routes:a") == {b"wills/#": b"1", b"t/#": b"1", b"$share/g/t": b"0"}
-        will = yield publishes(observer, "the will, through a's inbox")
+        will = yield publishes(observer, "the will at the observer")
         assert [(p.topic, p.payload) for p in will] == [("wills/s", b"s is gone")]
         # b's inbox is read again once its routes are gone everywhere (two of its lives later),
         # then b leaves the membership.
@@ -596,7 +596,7 @@ def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its
         yield until(lambda: "c" in broker.sessions, "the session to be taken")
         yield broker.store.flushed()
         assert broker.sessions["c"].connection is None and broker.sessions["c"].expiry_call is not None
-        will = yield publishes(observer, "the will, through a's inbox")
+        will = yield publishes(observer, "the will at the observer")
         assert [(p.topic, p.payload) for p in will] == [("wills/c", b"c is gone")]
     finally:
         yield broker.stopService()
@@ -789,7 +789,7 @@ def test_a_delayed_will_left_to_a_connection_that_went_before_its_claim_was_answ
         assert a.stats.wills_published == 0 and [p for p in watcher.received() if isinstance(p, Publish)] == []
         clock.advance(30.0)
         assert a.stats.wills_published == 1
-        will = yield publishes(watcher, "the will, through a's inbox")
+        will = yield publishes(watcher, "the will at the watcher")
         assert [(p.topic, p.payload) for p in will] == [("wills/c", b"c is gone")]
     finally:
         yield b.stopService()
@@ -1188,7 +1188,7 @@ def test_a_qos2_publish_whose_session_another_node_claims_before_its_batch_goes_
         assert local.received() == []
         assert [(type(p), getattr(p, "reason_code", None)) for p in publisher.received()] == [
             (Connack, 0), (Disconnect, ReasonCode.SESSION_TAKEN_OVER)]
-        assert "p" not in broker.cluster.forwarding.inbox_here  # (refused, it never comes back)
+        assert "p" not in broker.cluster.forwarding.pending_here  # (refused, it never comes back)
     finally:
         yield broker.stopService()
         yield link.close()
@@ -1285,8 +1285,9 @@ def test_a_will_does_not_overtake_the_last_qos2_message_of_its_client(server: Re
 @pytest_twisted.inlineCallbacks
 def test_another_nodes_inbox_has_a_clients_messages_and_its_will_in_the_order_they_came(
         server: RedisServer) -> Iterator[Deferred[Any]]:
-    """The QoS 2 message of a session Redis keeps goes with a guard of its own; it went in an
-    entry of its own after the batch's other records for that node, its will among them."""
+    """The QoS 2 message of a session Redis keeps goes with a guard of its own. Before, it went in
+    an entry of its own after the batch's other records for that node, its will among them; now
+    one entry has them all in the order they were routed."""
     broker = yield node_a(server)
     try:
         broker.cluster.forwarding.add_route("b", "t")
@@ -1307,8 +1308,9 @@ def test_another_nodes_inbox_has_a_clients_messages_and_its_will_in_the_order_th
 
 @pytest_twisted.inlineCallbacks
 def test_a_will_reaches_the_subscribers_here_at_once_while_redis_is_away() -> Iterator[Deferred[Any]]:
-    """A will goes through the inboxes while Redis answers (after its client's messages); while
-    it is away, this node's clients are served all the same, a will included."""
+    """The will of a client whose QoS 2 message is on its way to a subscriber here through this
+    node's inbox follows it there while Redis answers; while Redis is away, this node's clients
+    are served all the same, and the will reaches them at once."""
     from mqtt_broker.cluster.node import LEAVE_TIMEOUT
     redis = RedisServer()
     clock = Clock()
@@ -1319,9 +1321,13 @@ def test_a_will_reaches_the_subscribers_here_at_once_while_redis_is_away() -> It
         yield broker.cluster.ready
         watcher = yield connect(broker, 5, client_id="watcher")  # (its session ends with it: not in Redis)
         watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
-        gone = yield connect(broker, 5, client_id="c", will=Will(topic="wills/c", payload=b"c is gone", qos=1,
-                                                                 retain=False))
+        yield subscriber(broker, "s", "t")
+        gone = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
+                             will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False))
         yield broker.store.flushed()
+        broker.store._recovering = True  # (the batch that would take it there never goes)
+        gone.send(Publish(topic="t", payload=b"on its way", qos=2, packet_id=1))
+        assert broker.cluster.forwarding.pending_here == {"c": 1}
         redis.kill()
         yield until(lambda: broker.cluster.unready() is not None, "a to find Redis gone")
         gone.lose()
@@ -1338,7 +1344,8 @@ def test_a_will_reaches_the_subscribers_here_at_once_while_redis_is_away() -> It
 def test_the_records_of_one_batch_for_a_node_go_in_one_entry_whoever_published_them(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Two clients whose sessions Redis keeps publish QoS 2 messages in turn, a third QoS 1 ones:
-    each change of guard made an entry of its own, one XADD (and one XACK) per message."""
+    they go in one entry, in order, each part with its guard (before, each change of guard made
+    an entry of its own: one XADD, and one XACK, per message)."""
     broker = yield node_a(server)
     try:
         broker.cluster.forwarding.add_route("b", "t")
@@ -1410,6 +1417,6 @@ def test_a_will_a_hook_decides_late_still_follows_its_clients_qos2_message(
         got = yield publishes(local, "both messages at s", 2)
         assert [p.payload for p in got] == [b"online", b"offline"]
         yield deferLater(reactor, 0.05, lambda: None)
-        assert broker.cluster.forwarding.inbox_here == {}  # (both came back)
+        assert broker.cluster.forwarding.pending_here == {}  # (both came back)
     finally:
         yield broker.stopService()

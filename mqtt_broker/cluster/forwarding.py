@@ -1,5 +1,6 @@
 """What a node of a cluster does with every message routed on it: which other nodes it goes to
-(once to each), which member of a shared subscription gets it, and the records for them.
+(once to each; this one too, through its own inbox, for a QoS 2 message of a session Redis
+keeps), which member of a shared subscription gets it, and the records for them.
 
 This is the cluster's part of a message's path, compiled with the rest of that path; node.py
 (Redis, nodes joining and dying, sessions moving) works at the seams, not per message.
@@ -65,13 +66,14 @@ class Forwarding:
         self._collect = collect
         self._send_qos0 = send_qos0
         self._epoch_of = epoch_of
-        self.inbox_here: dict[str, int] = {}
-        """The records of each client on their way to this node's subscribers through its inbox
-        (``through_inboxes``), until they come back (``came_back``): a will of the client goes
-        that way too while there are any, after them (see ``Wills``)."""
+        self.pending_here: dict[str, int] = {}
+        """How many messages of each client are on their way to this node's subscribers through
+        its inbox (``through_inboxes``) and not back yet (``came_back``): a will of the client
+        goes that way too while there are any, after them (``Cluster.will_follows``)."""
         self._outgoing: dict[str, list[Run]] = {}
-        """The records of QoS 1/2 messages for each node's inbox, in the order they were made:
-        runs of records with one guard each (see ``through_inboxes``)."""
+        """The records for each node's inbox (QoS 1/2 messages, and a will coming after its
+        client's messages here), in the order they were made: runs of records with one guard
+        each (see ``through_inboxes``)."""
         self._qos0: dict[str, list[bytes]] = {}
         self._qos0_scheduled = False
         self._turns = Turns()
@@ -172,9 +174,10 @@ class Forwarding:
         else:
             runs.append(Run(guard, record))
 
-    def through_inboxes(self, message: Message, groups: SharedGroups, here: bool, fenced_by: str | None) -> tuple[int, bool]:
-        """Send a message to each node with a matching filter, this one too (``here``: its
-        sessions match), through the nodes' inboxes, in the order of the other records for
+    def through_inboxes(self, message: Message, groups: SharedGroups, sessions_here: bool,
+                        fenced_by: str | None) -> tuple[int, bool]:
+        """Send a message to each node with a matching filter, this one too (``sessions_here``:
+        its sessions match), through the nodes' inboxes, in the order of the other records for
         them. ``fenced_by``: a client whose QoS 2 PUBLISH it is, whose session Redis keeps; its
         records are written by the batch that records the packet id, and only if the session is
         still this node's then: a session claimed meanwhile by another node has its publisher
@@ -187,7 +190,7 @@ class Forwarding:
         targets: dict[str, list[tuple[str, str]]] = {}
         for match in by_node:
             targets[match.client_id] = []
-        if here:
+        if sessions_here:
             targets[self.node] = []
         if groups or node_groups:
             self._share(message, groups, node_groups, targets, deliver_here=False)
@@ -210,7 +213,7 @@ class Forwarding:
         here = self.node in targets
         sender = message.sender
         if here and sender is not None:
-            self.inbox_here[sender] = self.inbox_here.get(sender, 0) + 1
+            self.pending_here[sender] = self.pending_here.get(sender, 0) + 1
         self.stats.forwarded_out += len(targets) - here
         return len(targets), here
 
@@ -245,13 +248,18 @@ class Forwarding:
         return True
 
     def came_back(self, sender: str | None) -> None:
-        """A record of ``through_inboxes`` came back from this node's inbox."""
+        """A message of ``through_inboxes`` came back from this node's inbox: one fewer of its
+        sender's on their way (``pending_here``)."""
         if sender is not None:
-            left = self.inbox_here.get(sender, 0) - 1
+            left = self.pending_here.get(sender, 0) - 1
             if left > 0:
-                self.inbox_here[sender] = left
+                self.pending_here[sender] = left
             else:
-                self.inbox_here.pop(sender, None)
+                self.pending_here.pop(sender, None)
+
+    def forget_sender(self, client_id: str) -> None:
+        """The client went to another node: what Redis refused of its messages never comes back."""
+        self.pending_here.pop(client_id, None)
 
     def made_here(self, cluster_id: bytes) -> bool:
         """Whether a message with this id was identified by this node (since it started)."""
@@ -294,7 +302,7 @@ class Forwarding:
         return awake or nodes
 
     def take_outgoing(self) -> dict[str, list[Run]]:
-        """The QoS 1 and 2 records waiting for each node's inbox, handed over once."""
+        """The records waiting for each node's inbox, in runs, handed over once."""
         outgoing, self._outgoing = self._outgoing, {}
         return outgoing
 

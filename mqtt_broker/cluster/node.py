@@ -244,6 +244,11 @@ class Cluster:
         survivor = self.survivor
         self.store.flushed().addCallback(lambda _: survivor.adopt(self.node)).addErrback(survivor.failed)
 
+    def will_follows(self, client_id: str) -> bool:
+        """Whether a will of the client goes through this node's inbox, after its messages on
+        their way there (not while Redis is away: this node's clients are served all the same)."""
+        return client_id in self.forwarding.pending_here and self.unready() is None
+
     def claiming(self, client_id: str) -> bool:
         """Whether the client's claim is under way here (its connection waits for it)."""
         return client_id in self._claiming
@@ -264,14 +269,15 @@ class Cluster:
         return self.broker.delivery.deliver_shared(message, share, members)
 
     def _collect(self) -> None:
-        """Before the store cuts a batch: the records for other nodes go in it, one entry per
-        node (so a publisher acknowledged after the batch is acknowledged after the inboxes
-        hold its message), and what changed about the shared subscriptions' members here."""
+        """Before the store cuts a batch: the records for the nodes' inboxes (this node's too) go
+        in it, one entry per node (so a publisher acknowledged after the batch is acknowledged
+        after the inboxes hold its message), and what changed about the shared subscriptions'
+        members here."""
         for node, runs in self.forwarding.take_outgoing().items():
             if len(runs) == 1 and runs[0].guard is None:
                 self.store.forward(node, b"".join(runs[0].records))
             else:
-                self.store.forward_fenced(node, [(run.guard or ("", 0), b"".join(run.records)) for run in runs])
+                self.store.forward_parts(node, [(run.guard, b"".join(run.records)) for run in runs])
         for topic_filter in self._shares_changed:
             awake = bool(self.awake.get(topic_filter))
             if self._shares.get(topic_filter, awake) != awake:  # (held, and changed)
@@ -568,7 +574,7 @@ class Cluster:
         ended = clean or (session is not None and not session.expiry)
         self.store.lost(client_id)
         self.broker.let_go(client_id, ended)
-        self.forwarding.inbox_here.pop(client_id, None)  # (what was refused never comes back)
+        self.forwarding.forget_sender(client_id)
         if session is None:
             self.store.forgotten(client_id)
             return
@@ -584,7 +590,8 @@ class Cluster:
             self.store.forgotten(client_id)
 
     def moved_here(self, client_id: str) -> None:
-        # What the session brought came by one way already.
+        """A session moved here: until the routes settle, a message it has had (what it brought
+        among them) is not delivered to it again by a second way."""
         session = self.broker.sessions.get(client_id)
         brought = [*session.queue, *session.outgoing.values()] if session is not None else ()
         seen = self._moving[client_id] = {i.message.cluster_id for i in brought if i.message.cluster_id is not None}

@@ -299,16 +299,16 @@ class RedisStore:
     # --- what the cluster records ---------------------------------------------------------
 
     def forward(self, node: str, entry: bytes) -> None:
-        """Messages for another node's inbox (pack_forwarded records)."""
+        """Messages for a node's inbox (pack_forwarded records), this node's too."""
         self._record("X", node, entry)
 
-    def forward_fenced(self, node: str, parts: list[tuple[tuple[str, int], bytes]]) -> None:
-        """Messages for a node's inbox (this node's too), in one entry, in order: each part
-        with a guard, the (client, epoch) whose session must still be this node's for the part to
-        go (a client's QoS 2 messages, the epoch they were published at: see
-        ``Forwarding.through_inboxes``), or ("", 0) for none."""
-        self._record("Y", node, len(parts), *(value for (client_id, epoch), records in parts
-                                               for value in (client_id, epoch, records)))
+    def forward_parts(self, node: str, parts: list[tuple[tuple[str, int] | None, bytes]]) -> None:
+        """Messages for a node's inbox (this node's too), in one entry, in order: each part with
+        its guard, the (client, epoch) whose session must still be this node's for the part to go
+        (a client's QoS 2 messages, the epoch they were published at: see
+        ``Forwarding.through_inboxes``), or None."""
+        self._record("Y", node, len(parts), *(value for guard, records in parts
+                                               for value in (*(guard or ("", 0)), records)))
 
     def handled(self, entry_id: bytes, node: str = "") -> None:
         """An entry of this node's inbox (or of a dead ``node``'s) is routed: what it queued is

@@ -48,6 +48,7 @@ class Survivor:
         self._heartbeat.start(self.cluster.broker.config.cluster_heartbeat, now=False)
 
     def stop(self) -> None:
+        """Beat no more (the node leaves)."""
         if self._heartbeat.running:
             self._heartbeat.stop()
 
@@ -99,7 +100,8 @@ class Survivor:
     def adopt(self, dead: str) -> Any:
         """Take every session ``dead`` held (this node's own id: those it held before a
         restart), publish the wills of its clients that were connected, and deliver what is left
-        in its inbox to the sessions it held, wherever they are now."""
+        in its inbox to the sessions it held, wherever they are now. Fires when done, or at once
+        if this adoption is under way already."""
         if dead in self._adopting:
             return
         self._adopting.add(dead)
@@ -180,7 +182,8 @@ class Survivor:
     def will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
                    delayed_only: bool = False) -> None:
         """A will no live node will publish: its client's connection was on a node that is dead
-        (or on this node before a restart), so it ended then [MQTT-3.1.2-8]. Published now if
+        (or on this node before a restart), so it ended then [MQTT-3.1.2-8]; or, ``delayed_only``,
+        a delayed one a live previous owner left to a new connection that went. Published now if
         its delay is 0 or the session ends; dropped if the client is connecting again (it came
         back within the delay [MQTT-3.1.3-9]: ``connecting``); otherwise due after its delay, or
         at the time a delayed will was given. ``delayed_only``: only if it had a delay."""

@@ -138,10 +138,10 @@ while i <= n do
     redis.call('HDEL', P .. 'retained', ARGV[i + 1])
     redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
     i = i + 2
-  elseif op == 'X' then -- messages for another node: node entry
+  elseif op == 'X' then -- messages for a node's inbox (this node's too): node entry
     redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2], 'e', stamp)
     i = i + 3
-  elseif op == 'Y' then -- messages for another node, some of them guarded: node count, then count times client epoch records
+  elseif op == 'Y' then -- messages for a node's inbox, some of them guarded: node count, then count times client epoch records
     -- Records of a client's QoS 2 PUBLISH ('' client: none) go only if its session is this
     -- node's: judged as the change recording its packet id, earlier in the batch, is (a verdict
     -- holds for the whole batch). The rest go in one entry, in order.
