@@ -187,7 +187,7 @@ def test_a_message_queued_in_the_copy_of_a_session_that_moved_goes_to_its_owner(
                 for _, _, queued in unpack_records(fields[b"d"])]
     assert payloads == [b"routed to the copy", b"shared"]
     a.forgotten("c")  # the copy gone: nothing is kept of it
-    assert a._epoch("c") == 0
+    assert a.epoch_of("c") == 0
 
 
 @pytest_twisted.inlineCallbacks

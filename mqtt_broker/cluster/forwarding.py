@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable
 
 from ..message import Message
-from ..topics import SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
+from ..topics import ClientMatch, SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
 from .codec import HANDED, pack_forwarded
 
 
@@ -134,11 +134,7 @@ class Forwarding:
         if not by_node and not node_groups and not groups:
             return 0
         targets: dict[str, list[tuple[str, str]]] = {}
-        for match in by_node:
-            targets[match.client_id] = []
-        count = 0
-        if groups or node_groups:
-            count = self._share(message, groups, node_groups, targets)
+        count = self._choose(message, by_node, node_groups, groups, targets, True)
         if not targets:
             return count
         if message.qos and message.cluster_id is None:
@@ -149,19 +145,31 @@ class Forwarding:
                 self._add(node, None, pack_forwarded(message, tuple(shares), now))
             self._collect()
         else:
-            qos0 = self._qos0
             for node, shares in targets.items():
-                record = pack_forwarded(message, tuple(shares), now)
-                records = qos0.get(node)
-                if records is None:
-                    qos0[node] = [record]
-                else:
-                    records.append(record)
-            if not self._qos0_scheduled:
-                self._qos0_scheduled = True
-                self.clock.callLater(0, self._flush_qos0)
+                self._add_qos0(node, pack_forwarded(message, tuple(shares), now))
         self.stats.forwarded_out += len(targets)
         return count + len(targets)
+
+    def _choose(self, message: Message, by_node: list[ClientMatch], node_groups: SharedGroups, groups: SharedGroups,
+                targets: dict[str, list[tuple[str, str]]], deliver_here: bool) -> int:
+        """Add to ``targets`` the nodes holding a matching filter and those chosen for shared
+        subscriptions (with the subscriptions each was chosen for). Returns the shared members
+        here given the message at once (none unless ``deliver_here``: this node is a target then)."""
+        for match in by_node:
+            targets[match.client_id] = []
+        if groups or node_groups:
+            return self._share(message, groups, node_groups, targets, deliver_here)
+        return 0
+
+    def _add_qos0(self, node: str, record: bytes) -> None:
+        records = self._qos0.get(node)
+        if records is None:
+            self._qos0[node] = [record]
+        else:
+            records.append(record)
+        if not self._qos0_scheduled:
+            self._qos0_scheduled = True
+            self.clock.callLater(0, self._flush_qos0)
 
     def _add(self, node: str, guard: tuple[str, int] | None, record: bytes) -> None:
         runs = self._outgoing.get(node)
@@ -187,13 +195,8 @@ class Forwarding:
         messages went, by pub/sub. Returns how many nodes it goes to, and whether this one is
         among them."""
         by_node, node_groups = self.routes.match(message.topic)
-        targets: dict[str, list[tuple[str, str]]] = {}
-        for match in by_node:
-            targets[match.client_id] = []
-        if sessions_here:
-            targets[self.node] = []
-        if groups or node_groups:
-            self._share(message, groups, node_groups, targets, deliver_here=False)
+        targets: dict[str, list[tuple[str, str]]] = {self.node: []} if sessions_here else {}
+        self._choose(message, by_node, node_groups, groups, targets, False)
         if not targets:
             return 0, False
         if message.cluster_id is None:  # (a QoS 0 will too: see made_here)
@@ -205,10 +208,7 @@ class Forwarding:
             if message.qos or node == self.node:
                 self._add(node, guard, record)
             else:
-                self._qos0.setdefault(node, []).append(record)
-                if not self._qos0_scheduled:
-                    self._qos0_scheduled = True
-                    self.clock.callLater(0, self._flush_qos0)
+                self._add_qos0(node, record)
         self._collect()
         here = self.node in targets
         sender = message.sender

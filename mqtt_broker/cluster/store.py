@@ -210,26 +210,23 @@ class RedisStore:
 
     def epoch_of(self, client_id: str) -> int:
         """The epoch this node's writes of the client's session carry."""
-        return self._epoch(client_id)
-
-    def _epoch(self, client_id: str) -> int:
         epoch = self.epochs.get(client_id)
         return epoch if epoch is not None else self._given_up.get(client_id, 0)
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None:
         c = session.client_id
-        self._record("S", c, self._epoch(c), session.expiry, "" if disconnected_at is None else repr(disconnected_at),
+        self._record("S", c, self.epoch_of(c), session.expiry, "" if disconnected_at is None else repr(disconnected_at),
                      session.next_seq)
 
     def delete_session(self, client_id: str) -> None:
-        self._record("D", client_id, self._epoch(client_id))
+        self._record("D", client_id, self.epoch_of(client_id))
 
     def save_subscription(self, client_id: str, subscription: Subscription) -> None:
-        self._record("U", client_id, self._epoch(client_id), subscription.topic_filter,
+        self._record("U", client_id, self.epoch_of(client_id), subscription.topic_filter,
                      pack_subscription(subscription))
 
     def delete_subscription(self, client_id: str, topic_filter: str) -> None:
-        self._record("u", client_id, self._epoch(client_id), topic_filter)
+        self._record("u", client_id, self.epoch_of(client_id), topic_filter)
 
     def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
         packed = pack_queued(item)
@@ -239,7 +236,7 @@ class RedisStore:
         # A shared subscription's message queued in a copy of a session that moved goes to the
         # member all the same, begun anew or not (the group would lose it): at epoch 0, which
         # Redis refuses and compares with no clean start.
-        epoch = self._epoch(client_id) if item.share is None else self.epochs.get(client_id, 0)
+        epoch = self.epoch_of(client_id) if item.share is None else self.epochs.get(client_id, 0)
         index = self._record("Q", client_id, epoch, item.seq, packed, "" if packet_id is None else packet_id, 0, head)
         self._queued_at[(client_id, item.seq)] = index
 
@@ -250,36 +247,36 @@ class RedisStore:
             assert op is not None
             self._pending[index] = (*op[:5], packet_id, int(released), op[7])
             return
-        self._record("M", client_id, self._epoch(client_id), seq, packet_id, int(released))
+        self._record("M", client_id, self.epoch_of(client_id), seq, packet_id, int(released))
 
     def remove_delivery(self, client_id: str, seq: int) -> None:
         index = self._queued_at.pop((client_id, seq), None)
         if index is not None:  # never written: nothing to remove
             self._pending[index] = None
             return
-        self._record("q", client_id, self._epoch(client_id), seq)
+        self._record("q", client_id, self.epoch_of(client_id), seq)
 
     def add_pubrel(self, client_id: str, packet_id: int) -> None:
-        self._pubrels_at[(client_id, packet_id)] = self._record("P", client_id, self._epoch(client_id), packet_id)
+        self._pubrels_at[(client_id, packet_id)] = self._record("P", client_id, self.epoch_of(client_id), packet_id)
 
     def remove_pubrel(self, client_id: str, packet_id: int) -> None:
         index = self._pubrels_at.pop((client_id, packet_id), None)
         if index is not None:
             self._pending[index] = None
             return
-        self._record("p", client_id, self._epoch(client_id), packet_id)
+        self._record("p", client_id, self.epoch_of(client_id), packet_id)
 
     def save_will(self, will: StoredWill) -> None:
         """A delayed will: due at ``will.due``."""
         c = will.client_id
-        self._record("W", c, self._epoch(c), pack_will(will.message, will.username, 0, will.due))
+        self._record("W", c, self.epoch_of(c), pack_will(will.message, will.username, 0, will.due))
 
     def arm_will(self, client_id: str, username: str | None, message: Message, delay: int) -> None:
         """The will of a connected client, for the node that finds its connection gone."""
-        self._record("W", client_id, self._epoch(client_id), pack_will(message, username, delay, None))
+        self._record("W", client_id, self.epoch_of(client_id), pack_will(message, username, delay, None))
 
     def delete_will(self, client_id: str) -> None:
-        self._record("w", client_id, self._epoch(client_id))
+        self._record("w", client_id, self.epoch_of(client_id))
 
     def save_retained(self, message: Message) -> None:
         self._record("R", message.topic, pack_retained(message, self.reactor.seconds()))
