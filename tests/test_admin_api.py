@@ -398,12 +398,12 @@ def test_the_config_shows_no_password() -> None:
     import dataclasses
     import json
 
-    from mqtt_broker.admin.api import _redacted
+    from mqtt_broker.admin.shapes import redacted
     from mqtt_broker.config import BrokerConfig
     config = BrokerConfig(cluster="redis://:s3cret@127.0.0.1:6379/0", http_auth_url="https://svc:pw@127.0.0.1/auth",
                           bridge=[{"connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["t/#"],
                                    "remote_username": "edge", "remote_password": "bridge-pw"}])
-    shown = _redacted(dataclasses.asdict(config))
+    shown = redacted(dataclasses.asdict(config))
     assert shown["cluster"] == "redis://:********@127.0.0.1:6379/0"
     assert shown["http_auth_url"] == "https://svc:********@127.0.0.1/auth"
     assert shown["bridge"][0]["remote_password"] == "********" and shown["bridge"][0]["remote_username"] == "edge"

@@ -21,7 +21,6 @@ import base64
 import binascii
 import dataclasses
 import json
-import re
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
@@ -37,24 +36,19 @@ from ..connecting import tally
 from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codes import ReasonCode
 from . import figures
+from .shapes import (
+    ApiError, body_field, body_qos, bridge_json, client_json, int_arg, message_json, page, redacted, str_arg,
+    subscription_json, topic_tree,
+)
 from .keys import KeyRing, presented_key
 
 log = Logger()
 
 PREFIX = "/api/v1"
 OPENAPI = Path(__file__).with_name("openapi.json")
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
 REDIS_TIMEOUT = 5.0
 """Seconds a cluster endpoint waits for Redis (which may be away: its commands then wait for it)
 before answering 503."""
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class BoundedRequest(Request):
@@ -78,148 +72,6 @@ class BoundedRequest(Request):
             self.content = BytesIO()
             return
         content.write(data)
-
-
-# --- the JSON shapes -------------------------------------------------------------------------
-
-def client_json(session: Any) -> dict[str, Any]:
-    connection = session.connection
-    client = connection.client if connection is not None else None
-    return {
-        "client_id": session.client_id,
-        "connected": connection is not None,
-        "username": client.username if client else None,
-        "peer": client.peer if client else None,
-        "protocol_version": client.protocol_version if client else None,
-        "keep_alive": client.keep_alive if client else None,
-        "clean_start": client.clean_start if client else None,
-        "session_expiry_interval": session.expiry,
-        "subscription_count": len(session.subscriptions),
-        "inflight": len(session.outgoing),
-        "queued": len(session.queue),
-        "queued_bytes": session.queued_bytes,
-        "dropped": session.dropped,
-    }
-
-
-def subscription_json(subscription: Subscription) -> dict[str, Any]:
-    return dataclasses.asdict(subscription)
-
-
-def bridge_json(bridge: Any) -> dict[str, Any]:
-    """A bridge's settings (those an operator looks for; never credentials) and its figures."""
-    config = bridge.config
-    body = dataclasses.asdict(figures.bridge_figures(bridge))
-    body.update(
-        addresses=list(config.addresses), remote_client_id=config.remote_client_id,
-        local_client_id=config.local_client_id, protocol=config.bridge_protocol_version,
-        topics=[dataclasses.asdict(topic) for topic in config.topic])
-    return body
-
-
-def payload_json(payload: bytes) -> dict[str, Any]:
-    try:
-        return {"payload": payload.decode("utf-8"), "payload_encoding": "utf-8"}
-    except UnicodeDecodeError:
-        return {"payload": base64.b64encode(payload).decode("ascii"), "payload_encoding": "base64"}
-
-
-def message_json(message: Any) -> dict[str, Any]:
-    return {"topic": message.topic, "qos": message.qos, "size": len(message.payload),
-            **payload_json(message.payload)}
-
-
-def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
-    """A tree of topic levels from (topic, seen lately, retained) triples."""
-    root: dict[str, Any] = {"name": "", "topic": None, "recent": False, "retained": False, "children": {}}
-    for topic, recent, retained in topics:
-        node = root
-        for level in topic.split("/"):
-            children = node["children"]
-            if level not in children:
-                path = level if node is root else node["path"] + "/" + level
-                children[level] = {"name": level, "path": path, "topic": None, "recent": False,
-                                   "retained": False, "children": {}}
-            node = children[level]
-        node["topic"] = topic
-        node["recent"] = node["recent"] or recent
-        node["retained"] = node["retained"] or retained
-
-    def finish(node: dict[str, Any]) -> dict[str, Any]:
-        node.pop("path", None)
-        node["children"] = [finish(child) for _, child in sorted(node["children"].items())]
-        return node
-    return finish(root)
-
-
-# --- input ---------------------------------------------------------------------------------
-
-_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
-
-
-def _redacted(value: Any, key: str = "") -> Any:
-    """Settings as the API shows them: without a password, of a setting of its own (a bridge's
-    ``remote_password``) or in a URL (``cluster``, ``http_auth_url``)."""
-    if isinstance(value, dict):
-        return {k: _redacted(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v, key) for v in value]
-    if isinstance(value, str) and value:
-        return "********" if key.endswith("password") else _URL_PASSWORD.sub(r"\1********@", value)
-    return value
-
-
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    if name not in body:
-        if default is ...:
-            raise ApiError(400, f"{name!r} is missing")
-        return default
-    value = body[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ApiError(400, f"{name!r} must be {names}, not {json.dumps(value)}")
-    return value
-
-
-def _qos(body: dict[str, Any], maximum: int) -> int:
-    qos = _field(body, "qos", int, 0)
-    if not 0 <= qos <= 2:
-        raise ApiError(400, f"'qos' must be 0, 1 or 2, not {qos}")
-    if qos > maximum:
-        raise ApiError(400, f"'qos' {qos} is above the broker's max_qos {maximum}")
-    return qos
-
-
-def _int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name.encode())
-    if not raw:
-        return default
-    try:
-        value = int(raw[0])
-    except ValueError:
-        raise ApiError(400, f"query parameter {name!r} must be an integer") from None
-    if not low <= value <= high:
-        raise ApiError(400, f"query parameter {name!r} must be in {low}..{high}")
-    return value
-
-
-def _str_arg(request: Any, name: str) -> str | None:
-    raw = request.args.get(name.encode())
-    if not raw:
-        return None
-    try:
-        return raw[0].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
-
-
-def _page(request: Any, items: list[Any], render: Callable[[Any], Any]) -> dict[str, Any]:
-    """The page of ``items`` the request asks for, each made JSON by ``render``: only the page,
-    as a list may hold a hundred thousand sessions."""
-    offset = _int_arg(request, "offset", 0, 0, 2**31)
-    limit = _int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    return {"total": len(items), "offset": offset, "limit": limit,
-            "items": [render(item) for item in items[offset:offset + limit]]}
 
 
 # --- the resource --------------------------------------------------------------------------
@@ -425,14 +277,14 @@ class ApiResource(Resource):
     # --- clients ----------------------------------------------------------------------------
 
     def _list_clients(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        query = (_str_arg(request, "q") or "").lower()
-        connected = _str_arg(request, "connected")
+        query = (str_arg(request, "q") or "").lower()
+        connected = str_arg(request, "connected")
         if connected not in (None, "true", "false"):
             raise ApiError(400, "query parameter 'connected' must be true or false")
-        version = _str_arg(request, "protocol_version")
+        version = str_arg(request, "protocol_version")
         if version not in (None, "3", "4", "5"):
             raise ApiError(400, "query parameter 'protocol_version' must be 3, 4 or 5")
-        username = _str_arg(request, "username")
+        username = str_arg(request, "username")
         sessions = self.broker.sessions
         items = []
         for client_id in sorted(sessions):
@@ -449,7 +301,7 @@ class ApiResource(Resource):
                     client_id, client and client.username, client and client.peer)):
                 continue
             items.append(session)
-        return 200, _page(request, items, client_json)
+        return 200, page(request, items, client_json)
 
     def _get_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
@@ -469,13 +321,13 @@ class ApiResource(Resource):
 
     def _client_subscriptions(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
-        return 200, _page(request, [s for _, s in sorted(session.subscriptions.items())], subscription_json)
+        return 200, page(request, [s for _, s in sorted(session.subscriptions.items())], subscription_json)
 
     def _subscribe_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
         body = self._body(request)
         config = self.broker.config
-        topic_filter = _field(body, "topic_filter", str)
+        topic_filter = body_field(body, "topic_filter", str)
         if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
             raise ApiError(400, f"invalid topic filter {topic_filter!r}")
         group, _ = split_shared(topic_filter)
@@ -487,16 +339,16 @@ class ApiResource(Resource):
         if limit and topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
             tally(self.broker.stats.subscriptions_refused, "max_subscriptions_per_client")  # (as a SUBSCRIBE's)
             raise ApiError(400, f"{client_id!r} holds max_subscriptions_per_client ({limit}) subscriptions")
-        retain_handling = _field(body, "retain_handling", int, 0)
+        retain_handling = body_field(body, "retain_handling", int, 0)
         if retain_handling not in (0, 1, 2):
             raise ApiError(400, "'retain_handling' must be 0, 1 or 2")
-        no_local = _field(body, "no_local", bool, False)
+        no_local = body_field(body, "no_local", bool, False)
         if no_local and group is not None:
             raise ApiError(400, "a shared subscription cannot have 'no_local' (MQTT-3.8.3-4)")
         subscription = Subscription(
-            client_id=client_id, topic_filter=topic_filter, qos=_qos(body, config.max_qos),
+            client_id=client_id, topic_filter=topic_filter, qos=body_qos(body, config.max_qos),
             no_local=no_local,
-            retain_as_published=_field(body, "retain_as_published", bool, False),
+            retain_as_published=body_field(body, "retain_as_published", bool, False),
             retain_handling=retain_handling, share_group=group)
         log.info("admin API: key {key} subscribes {client_id} to {topic_filter}", key=key_id,
                  client_id=client_id, topic_filter=topic_filter)
@@ -517,15 +369,15 @@ class ApiResource(Resource):
     # --- subscriptions, topics, retained messages -----------------------------------------------
 
     def _list_subscriptions(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        client_id = _str_arg(request, "client_id")
-        query = _str_arg(request, "q")
+        client_id = str_arg(request, "client_id")
+        query = str_arg(request, "q")
         items = sorted((s for s in self.broker.subscriptions
                         if (client_id is None or s.client_id == client_id) and (query is None or query in s.topic_filter)),
                        key=lambda s: (s.client_id, s.topic_filter))
-        return 200, _page(request, items, subscription_json)
+        return 200, page(request, items, subscription_json)
 
     def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        limit = _int_arg(request, "limit", 1000, 1, 10_000)
+        limit = int_arg(request, "limit", 1000, 1, 10_000)
         recent = list(self.broker.subscriptions.recent)[-limit:]
         retained = {m.topic for m in self.broker.retained}
         names = set(recent)
@@ -534,7 +386,7 @@ class ApiResource(Resource):
         return 200, {"count": len(topics), "tree": topic_tree(topics)}
 
     def _list_retained(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        topic_filter = _str_arg(request, "filter")
+        topic_filter = str_arg(request, "filter")
         if topic_filter is None:
             messages = list(self.broker.retained)
         else:
@@ -542,7 +394,7 @@ class ApiResource(Resource):
                 raise ApiError(400, f"invalid topic filter {topic_filter!r}")
             messages = list(self.broker.retained.match(topic_filter))
         messages.sort(key=lambda m: m.topic)
-        return 200, _page(request, messages, message_json)
+        return 200, page(request, messages, message_json)
 
     def _retained_topic(self, topic: str) -> str:
         if not valid_topic_name(topic) or "\x00" in topic:
@@ -566,11 +418,11 @@ class ApiResource(Resource):
 
     def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         body = self._body(request)
-        topic = _field(body, "topic", str)
+        topic = body_field(body, "topic", str)
         if not valid_topic_name(topic) or "\x00" in topic:
             raise ApiError(400, f"invalid topic name {topic!r}")
-        encoding = _field(body, "payload_encoding", str, "utf-8")
-        text = _field(body, "payload", str, "")
+        encoding = body_field(body, "payload_encoding", str, "utf-8")
+        text = body_field(body, "payload", str, "")
         if encoding == "utf-8":
             payload = text.encode("utf-8")
         elif encoding == "base64":
@@ -580,8 +432,8 @@ class ApiResource(Resource):
                 raise ApiError(400, "'payload' is not valid base64") from None
         else:
             raise ApiError(400, "'payload_encoding' must be utf-8 or base64")
-        qos = _qos(body, self.broker.config.max_qos)
-        retain = _field(body, "retain", bool, False)
+        qos = body_qos(body, self.broker.config.max_qos)
+        retain = body_field(body, "retain", bool, False)
         if retain and not self.broker.config.retain_available:
             raise ApiError(400, "retained messages are turned off (retain_available)")
         log.info("admin API: key {key} publishes {size} bytes to {topic}", key=key_id, size=len(payload), topic=topic)
@@ -658,7 +510,7 @@ class ApiResource(Resource):
     # --- configuration ------------------------------------------------------------------------
 
     def _get_config(self, request: Request, key_id: str | None) -> tuple[int, Any]:
-        config = _redacted(dataclasses.asdict(self.broker.config))
+        config = redacted(dataclasses.asdict(self.broker.config))
         config["http_api_keys"] = [key.key_id for key in self.keys.keys]  # never the hashes
         return 200, config
 
@@ -701,4 +553,4 @@ ROUTES = (
 )
 
 
-__all__ = ["ApiError", "ApiResource", "BoundedRequest", "ROUTES", "Route", "bridge_json", "topic_tree"]
+__all__ = ["ApiResource", "BoundedRequest", "ROUTES", "Route"]

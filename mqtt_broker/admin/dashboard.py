@@ -19,7 +19,8 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from . import metrics
-from .api import ApiError, ApiResource, BoundedRequest
+from .api import ApiResource, BoundedRequest
+from .shapes import ApiError
 from .keys import KeyRing, presented_key
 
 STATIC = Path(__file__).with_name("static")

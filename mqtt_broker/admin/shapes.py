@@ -1,0 +1,172 @@
+"""What the admin API reads and answers: the JSON shapes of the broker's objects, and its checks
+of a request's body and query parameters (each failing with an :class:`ApiError` that says what
+is wrong)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import re
+from typing import Any, Callable
+
+from ..topics import Subscription
+from . import figures
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+class ApiError(Exception):
+    """A request the API refuses: answered ``status`` with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- the JSON shapes -------------------------------------------------------------------------
+
+def client_json(session: Any) -> dict[str, Any]:
+    connection = session.connection
+    client = connection.client if connection is not None else None
+    return {
+        "client_id": session.client_id,
+        "connected": connection is not None,
+        "username": client.username if client else None,
+        "peer": client.peer if client else None,
+        "protocol_version": client.protocol_version if client else None,
+        "keep_alive": client.keep_alive if client else None,
+        "clean_start": client.clean_start if client else None,
+        "session_expiry_interval": session.expiry,
+        "subscription_count": len(session.subscriptions),
+        "inflight": len(session.outgoing),
+        "queued": len(session.queue),
+        "queued_bytes": session.queued_bytes,
+        "dropped": session.dropped,
+    }
+
+
+def subscription_json(subscription: Subscription) -> dict[str, Any]:
+    return dataclasses.asdict(subscription)
+
+
+def bridge_json(bridge: Any) -> dict[str, Any]:
+    """A bridge's settings (those an operator looks for; never credentials) and its figures."""
+    config = bridge.config
+    body = dataclasses.asdict(figures.bridge_figures(bridge))
+    body.update(
+        addresses=list(config.addresses), remote_client_id=config.remote_client_id,
+        local_client_id=config.local_client_id, protocol=config.bridge_protocol_version,
+        topics=[dataclasses.asdict(topic) for topic in config.topic])
+    return body
+
+
+def payload_json(payload: bytes) -> dict[str, Any]:
+    try:
+        return {"payload": payload.decode("utf-8"), "payload_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode("ascii"), "payload_encoding": "base64"}
+
+
+def message_json(message: Any) -> dict[str, Any]:
+    return {"topic": message.topic, "qos": message.qos, "size": len(message.payload),
+            **payload_json(message.payload)}
+
+
+def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
+    """A tree of topic levels from (topic, seen lately, retained) triples."""
+    root: dict[str, Any] = {"name": "", "topic": None, "recent": False, "retained": False, "children": {}}
+    for topic, recent, retained in topics:
+        node = root
+        for level in topic.split("/"):
+            children = node["children"]
+            if level not in children:
+                path = level if node is root else node["path"] + "/" + level
+                children[level] = {"name": level, "path": path, "topic": None, "recent": False,
+                                   "retained": False, "children": {}}
+            node = children[level]
+        node["topic"] = topic
+        node["recent"] = node["recent"] or recent
+        node["retained"] = node["retained"] or retained
+
+    def finish(node: dict[str, Any]) -> dict[str, Any]:
+        node.pop("path", None)
+        node["children"] = [finish(child) for _, child in sorted(node["children"].items())]
+        return node
+    return finish(root)
+
+
+# --- input ---------------------------------------------------------------------------------
+
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """Settings as the API shows them: without a password, of a setting of its own (a bridge's
+    ``remote_password``) or in a URL (``cluster``, ``http_auth_url``)."""
+    if isinstance(value, dict):
+        return {k: redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if isinstance(value, str) and value:
+        return "********" if key.endswith("password") else _URL_PASSWORD.sub(r"\1********@", value)
+    return value
+
+
+def body_field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in body:
+        if default is ...:
+            raise ApiError(400, f"{name!r} is missing")
+        return default
+    value = body[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ApiError(400, f"{name!r} must be {names}, not {json.dumps(value)}")
+    return value
+
+
+def body_qos(body: dict[str, Any], maximum: int) -> int:
+    qos = body_field(body, "qos", int, 0)
+    if not 0 <= qos <= 2:
+        raise ApiError(400, f"'qos' must be 0, 1 or 2, not {qos}")
+    if qos > maximum:
+        raise ApiError(400, f"'qos' {qos} is above the broker's max_qos {maximum}")
+    return qos
+
+
+def int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name.encode())
+    if not raw:
+        return default
+    try:
+        value = int(raw[0])
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be an integer") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"query parameter {name!r} must be in {low}..{high}")
+    return value
+
+
+def str_arg(request: Any, name: str) -> str | None:
+    raw = request.args.get(name.encode())
+    if not raw:
+        return None
+    try:
+        return raw[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
+
+
+def page(request: Any, items: list[Any], render: Callable[[Any], Any]) -> dict[str, Any]:
+    """The page of ``items`` the request asks for, each made JSON by ``render``: only the page,
+    as a list may hold a hundred thousand sessions."""
+    offset = int_arg(request, "offset", 0, 0, 2**31)
+    limit = int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    return {"total": len(items), "offset": offset, "limit": limit,
+            "items": [render(item) for item in items[offset:offset + limit]]}
+
+
+__all__ = ["ApiError", "body_field", "body_qos", "bridge_json", "client_json", "int_arg", "message_json", "page",
+           "payload_json", "redacted", "str_arg", "subscription_json", "topic_tree"]
