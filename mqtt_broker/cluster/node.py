@@ -27,7 +27,8 @@ from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
-from .store import Claim, InboxEntry, RedisStore
+from .replies import Claim, InboxEntry
+from .store import RedisStore
 from .survivor import Survivor
 
 if TYPE_CHECKING:
