@@ -90,7 +90,6 @@ class Delivery:
             count = self.route(message, shares)
             timer(time.perf_counter() - started)
             return count
-        self.stats.messages_received += 1
         if message.properties and message.expires_at is None and "message_expiry_interval" in message.properties:
             # (A message from another node of a cluster comes with its expiry time.)
             message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
@@ -108,9 +107,10 @@ class Delivery:
         if self.through_inboxes and self.forwarding is not None and shares is None:
             self.through_inboxes = False
             count, here = self.forwarding.through_inboxes(message, groups, bool(by_client), self.fenced_by)
-            if here:
-                self.stats.messages_received -= 1  # (counted as it is routed from this node's inbox)
+            if not here:  # (else counted as it is routed from this node's inbox)
+                self.stats.messages_received += 1
             return count
+        self.stats.messages_received += 1
         if self.routing_waits_for_store:
             self._wait_for_store(by_client, groups)
         moving = False
