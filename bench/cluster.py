@@ -8,8 +8,9 @@ as in bench/compare.py), then a Redis and two nodes of a cluster on it, with mqt
 publishers connected to node a and its subscribers to node b (fan-out: subscribers alternate
 between a and b), so that every message crosses from one node to the other. mqttbench is
 imported and its clients are sent to the right node; everything else is its own (scenarios,
-counts, checks). The CPU per message is counted for each node and for Redis. Standard library
-only, besides mqttbench; writes docs/performance-cluster.md (``--output``).
+counts, checks). The CPU per message is counted for each node and for Redis, and Redis alone is
+timed for the round trip a window of QoS 1 messages waits for. Standard library only, besides
+mqttbench; writes docs/performance-cluster.md (``--output``).
 """
 
 from __future__ import annotations
@@ -166,12 +167,60 @@ def run_one(bench: Any, scenario: Any, options: Any, cluster: bool, appendfsync:
     return run
 
 
+def _command(*args: str | bytes) -> bytes:
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    return b"".join([b"*%d\r\n" % len(parts), *(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)])
+
+
+def _answer(sock: socket.socket) -> None:
+    """Read one short answer (a status, an integer or a bulk string under a read's size)."""
+    data = b""
+    while not data.endswith(b"\r\n") or (data[:1] == b"$" and data.count(b"\r\n") < 2):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("Redis closed the connection")
+        data += chunk
+    if data[:1] == b"-":
+        raise RuntimeError(data.decode(errors="replace"))
+
+
+def redis_round_trips(appendfsync: str, count: int = 3000) -> tuple[float, float]:
+    """Microseconds a client waits for Redis, alone on the machine, configured as the cluster's
+    is (medians of ``count`` commands sent one at a time, from Python): a PING, and an XADD of an
+    inbox entry of 20 messages (written, and synced under ``appendfsync always``). What a window
+    of QoS 1 messages between two nodes waits for, at least, beside one node's own work."""
+    workdir = Path(tempfile.mkdtemp(prefix="mqttbench-redis-"))
+    processes = Processes(workdir)
+    port = free_port()
+    try:
+        processes.start("redis", [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                                  "127.0.0.1", "--dir", str(workdir), "--save", "", "--appendonly", "yes",
+                                  "--appendfsync", appendfsync], port)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            figures = []
+            for command in (_command("PING"), _command("XADD", "inbox", "MAXLEN", "~", "1000000", "*", "d",
+                                                       b"x" * 2000, "e", "1")):
+                times = []
+                for _ in range(count):
+                    started = time.perf_counter()
+                    sock.sendall(command)
+                    _answer(sock)
+                    times.append(time.perf_counter() - started)
+                figures.append(statistics.median(times) * 1e6)
+        return figures[0], figures[1]
+    finally:
+        processes.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
 
 
-def report(runs: list[Run], scenarios: list[str], command: str, appendfsync: str) -> str:
+def report(runs: list[Run], scenarios: list[str], command: str, appendfsync: str,
+           round_trips: tuple[float, float] | None = None) -> str:
     lines = [f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC: medians of "
              f"each scenario's runs; one node with `--persistence memory`; the cluster is two nodes on one Redis "
              f"(`appendonly yes`, `appendfsync {appendfsync}`), publishers on node a and subscribers on node b "
@@ -194,6 +243,17 @@ def report(runs: list[Run], scenarios: list[str], command: str, appendfsync: str
         total = sum(v for v in parts.values() if v is not None) if any(parts.values()) else None
         lines.append(f"| {name} | {_show(one, 1)} | {_show(parts['a'], 1)} | {_show(parts['b'], 1)} | "
                      f"{_show(parts['redis'], 1)} | {_show(total, 1)} |")
+    one_qos1 = median([r.figures.get("msg/s") for r in runs if r.scenario == "throughput-qos1" and r.setup == "one"])
+    if round_trips is not None:
+        ping, xadd = round_trips
+        lines += ["", f"Redis alone, one command at a time from Python: a PING {ping:.0f} µs, an XADD of a "
+                      f"2,000-byte inbox entry {xadd:.0f} µs (`appendfsync {appendfsync}`)."]
+        if one_qos1:
+            window = 20 / one_qos1 * 1e6  # µs: a window of mqttbench's 20 QoS 1 messages through one node
+            floor = 20 / (window + xadd) * 1e6
+            lines[-1] += (f" A window of 20 QoS 1 messages takes one node {window:.0f} µs; across nodes it "
+                          f"waits for such an XADD besides, so at best {floor:,.0f} msg/s, "
+                          f"{floor / one_qos1:.2f} of one node.")
     problems = [f"- {r.scenario} ({r.setup}): {p}" for r in runs for p in r.problems]
     lines += ["", *(problems or ["- none: every message arrived once"]), "",
               "Reading them: a QoS 0 message between nodes costs each node about what a message costs one "
@@ -240,7 +300,8 @@ def main() -> None:
                 runs.append(run)
                 print(f"{name} {repeat + 1}/{args.repeat} {run.setup}: {run.figures} cpu µs {run.cpu_us} "
                       f"{run.problems or ''}", file=sys.stderr, flush=True)
-    text = report(runs, args.scenario, "bench/cluster.py " + " ".join(sys.argv[1:]), args.appendfsync)
+    round_trips = redis_round_trips(args.appendfsync)
+    text = report(runs, args.scenario, "bench/cluster.py " + " ".join(sys.argv[1:]), args.appendfsync, round_trips)
     redis = subprocess.run([shutil.which("redis-server") or "redis-server", "--version"], capture_output=True,
                            text=True).stdout.split(" ")[2]
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
