@@ -68,9 +68,26 @@ _REFUSED = {
     "bind_interface": "give bind_address with the interface's address instead (a listener for each address)",
     "mount_point": "the listener's clients would not be kept under their own topic prefix; remove it to accept "
                    "that, or run a broker of their own for them",
+    "use_username_as_clientid": "clients would keep the client ids they give, and the ACL's %c patterns would "
+                                "name those: a client could take another's topics",
+    "psk_hint": "the listener would let in clients without the key, over plain TCP (TLS-PSK is not supported); give "
+                "it certfile and keyfile instead",
+    "crlfile": "clients with revoked certificates would be let in (certificate revocation lists are not checked)",
+    "clientid_prefixes": "clients with any client id would be let in; check client ids in a connect hook instead "
+                         "(docs/embedding.md)",
 }
-"""Listener settings without an equivalent here whose loss would open a listener more than Mosquitto
-does: refused, not noted."""
+"""Settings without an equivalent here whose loss would open the broker more than Mosquitto does:
+refused, not noted (the booleans of _REFUSED_IF_TRUE only when true, their default being this
+broker's way)."""
+_REFUSED_IF_TRUE = {"use_username_as_clientid"}
+_MAKE_DEFAULT_LISTENER = {"protocol": "mqtt", "socket_domain": None, "certfile": None, "keyfile": None,
+                          "cafile": None, "capath": None, "ciphers": None, "ciphers_tls1.3": None,
+                          "dhparamfile": None, "max_connections": "-1", "max_qos": "2",
+                          "use_identity_as_username": "false", "use_subject_as_username": "false"}
+"""Listener settings that, before any listener line, make Mosquitto open its default listener (port
+1883, or ``port``'s, on every interface, or ``bind_address``'s), unless given their default here."""
+_MOST_PACKET_SIZE = 268_435_460
+"""Mosquitto's packet size limit when none is set: the most MQTT allows (header included)."""
 _MAX_INFLIGHT = 65535
 """The most max_inflight_messages can be here: as many as there are packet identifiers."""
 _HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
@@ -213,6 +230,9 @@ class _Converter:
         source, line, text), the default listener's in Mosquitto."""
         self.persistence = False
         self.location = ""
+        self.identity_by_cn = False
+        """A use_identity_as_username true was read (the common name names clients)."""
+        self.message_size_limit: tuple[int, str, int, str] | None = None
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
@@ -268,6 +288,9 @@ class _Converter:
         if key in _SECURITY:
             ours, kind = _GLOBAL[key]
             converted = _setting(kind, value, source, number)
+            if kind == "path" and not Path(value).is_absolute():
+                self.out.notes.append(Note(source, number, text, f"a relative path: Mosquitto opens it from the "
+                                           f"directory it runs in, this broker {converted}", carried=True))
             self.security_seen = True
             if not self.per_listener:
                 self.out.settings[ours] = converted
@@ -288,22 +311,27 @@ class _Converter:
         return True
 
     def _listener_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
+        given = key
+        if key == "use_subject_as_username":
+            key, value = self._subject_as_username(source, number, text, value)
         if key == "listener":
             args = value.split()
             if not args or not args[0].isdigit():
                 raise ValueError(f"{source}:{number}: listener needs a port")
             self.listeners.append(_Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number))
             self.bridge = None
-        elif key == "port":
-            port = _value("int", value, source, number)
+        elif key in ("port", "bind_address"):
+            # The default listener's, wherever the line is (as in Mosquitto).
             if self.default_port is None:
-                self.default_port = _Listener(port, "", source, number)
+                self.default_port = _Listener(1883, "", source, number)
+            if key == "port":
+                self.default_port.port = _value("int", value, source, number)  # keeps what was given before it
             else:
-                self.default_port.port = port  # keeps the bind_address, certfile... given before it
+                self.default_port.bind = value
         elif key in _REFUSED:
-            raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
-        elif key in _LISTENER and (self.listeners or key in ("protocol", "socket_domain", "certfile", "keyfile",
-                                                             "cafile", "bind_address")):
+            if key not in _REFUSED_IF_TRUE or _bool(value, source, number):
+                raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
+        elif key in _LISTENER and (self.listeners or _opens_default_listener(key, value)):
             target = self.listeners[-1] if self.listeners else self.default_port
             if target is None:
                 self.default_port = target = _Listener(1883, "", source, number)
@@ -313,9 +341,13 @@ class _Converter:
                 # Global settings here: the last listener's value applies to every one.
                 ours, kind = _GLOBAL[key]
                 self.out.settings[ours] = _value(kind, value, source, number)
+                if given == "use_identity_as_username" and self.out.settings[ours]:
+                    if self.out.settings.get("certificate_identity") == "subject":
+                        raise ValueError(f"{source}:{number}: one listener names clients by their certificate's "
+                                         f"common name, another by its subject (use_subject_as_username): here one "
+                                         f"way applies to every listener")
+                    self.identity_by_cn = True
                 target.limits[key] = (self.out.settings[ours], source, number, text)
-            elif key == "bind_address":
-                target.bind = value
             elif key in ("certfile", "keyfile", "cafile", "protocol"):
                 target.options[key] = value
             elif key != "socket_domain":  # (the interface decides the family here)
@@ -323,6 +355,20 @@ class _Converter:
         else:
             return False
         return True
+
+    def _subject_as_username(self, source: str, number: int, text: str, value: str) -> tuple[str, str]:
+        """``use_subject_as_username``: ``use_identity_as_username`` with the subject as the
+        identity (one way of naming clients by certificate for every listener here)."""
+        if not _bool(value, source, number):
+            return "use_subject_as_username", value  # (Mosquitto's default: nothing to carry over)
+        if self.out.settings.get("certificate_identity", "subject") != "subject" or self.identity_by_cn:
+            raise ValueError(f"{source}:{number}: one listener names clients by their certificate's subject, another "
+                             f"by its common name (use_identity_as_username): here one way applies to every listener")
+        self.out.settings["certificate_identity"] = "subject"
+        self.out.notes.append(Note(source, number, text, "use_identity_as_username with certificate_identity "
+                                   "\"subject\": the subject as an RFC 4514 string, as Mosquitto's for the usual "
+                                   "attributes", carried=True))
+        return "use_identity_as_username", "true"
 
     def _persistence_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key == "persistence":
@@ -334,6 +380,9 @@ class _Converter:
         return True
 
     def _one_to_one_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
+        if key == "message_size_limit":
+            self.message_size_limit = (_value("int", value, source, number), source, number, text)
+            return True
         if key not in _GLOBAL:
             return False
         ours, kind = _GLOBAL[key]
@@ -367,6 +416,15 @@ class _Converter:
                 settings["data_dir"] = self.location.rstrip("/") or "/"
         else:
             settings["persistence"] = "memory"
+        if not settings.get("max_packet_size"):  # (0: no limit, as when it is not set)
+            settings["max_packet_size"] = _MOST_PACKET_SIZE
+        if self.message_size_limit is not None and self.message_size_limit[0] > 0:
+            size, source, number, text = self.message_size_limit
+            settings["max_packet_size"] = min(settings["max_packet_size"], max(size, 2))
+            self.out.notes.append(Note(source, number, text, f"as max_packet_size {settings['max_packet_size']}: it "
+                                       f"limits whole packets (a message whose payload fits but whose topic takes it "
+                                       f"over is refused too), and a client that sends a larger one is disconnected "
+                                       f"(MQTT 5: 0x95) rather than its message dropped", carried=True))
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
         for key, default in _PER_LISTENER.items():
             values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
@@ -434,7 +492,26 @@ def convert(path: str | Path) -> Conversion:
     return converter.finish()
 
 
+def _opens_default_listener(key: str, value: str) -> bool:
+    """Whether this listener setting, before any listener line, makes Mosquitto open its default
+    listener (Mosquitto 2.0's conf.c: any of them set, and not to its default)."""
+    if key not in _MAKE_DEFAULT_LISTENER:
+        return False
+    default = _MAKE_DEFAULT_LISTENER[key]
+    if default == "false":
+        return _first(value) not in ("false", "0")
+    return default is None or _first(value) != default
+
+
+def _first(value: str) -> str:
+    """A value's first word: Mosquitto reads no more of a boolean's or a number's line (the rest
+    may be a comment)."""
+    words = value.split(None, 1)
+    return words[0] if words else ""
+
+
 def _bool(value: str, source: str, number: int) -> bool:
+    value = _first(value)
     if value in ("true", "false", "1", "0"):  # as Mosquitto reads them
         return value in ("true", "1")
     raise ValueError(f"{source}:{number}: {value!r} is not true, false, 1 or 0")
@@ -451,6 +528,8 @@ _UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 864
 
 
 def _value(kind: str, value: str, source: str, number: int) -> Any:
+    if kind in ("bool", "int", "float", "duration"):
+        value = _first(value)
     try:
         if kind == "bool":
             return _bool(value, source, number)
@@ -458,8 +537,8 @@ def _value(kind: str, value: str, source: str, number: int) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
-        if kind == "duration":  # Mosquitto's persistent_client_expiration: 1h, 2d, 1w, 1m, 1y
-            return int(value[:-1]) * _UNITS[value[-1]] if value[-1:] in _UNITS else int(value)
+        if kind == "duration":  # Mosquitto's persistent_client_expiration: 1h, 2d, 1w, 1m, 1y (a unit needed)
+            return int(value[:-1]) * _UNITS[value[-1]]
     except (ValueError, KeyError):
         raise ValueError(f"{source}:{number}: {value!r} is not a valid {kind}") from None
     return value

@@ -70,18 +70,25 @@ def _load(path: Path) -> PasswordFile:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one."""
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, which
+    keeps the old one's mode and owner (a broker running as its own user must still read it)."""
     try:
-        mode = path.stat().st_mode & 0o7777
+        old = path.stat()
     except FileNotFoundError:
-        mode = 0o600
+        old = None
     handle, temporary = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.fchown(file.fileno(), old.st_uid, old.st_gid)
+                except PermissionError:
+                    raise CommandError(f"{path} belongs to another user or group, which it must keep: run this as "
+                                       f"that user or as root") from None
             os.fsync(file.fileno())
-        os.chmod(temporary, mode)
+        os.chmod(temporary, old.st_mode & 0o7777 if old is not None else 0o600)
         os.replace(temporary, path)
     except BaseException:
         try:

@@ -207,6 +207,19 @@ def test_update_keeps_other_lines_and_the_mode(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["pw"]  # no temporary file left behind
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the file another owner needs root")
+def test_update_keeps_the_owner(tmp_path: Path) -> None:
+    """A broker that runs as its own user (Mosquitto's packaging: mosquitto, 0600) must still read
+    the file once root has changed a password in it."""
+    path = tmp_path / "pw"
+    assert ours("-c", "-b", path, "alice", "one") == 0
+    os.chown(path, 4321, 4322)
+    path.chmod(0o600)
+    assert ours("-b", path, "bob", "two") == 0
+    assert (path.stat().st_uid, path.stat().st_gid, stat.S_IMODE(path.stat().st_mode)) == (4321, 4322, 0o600)
+    assert list(PasswordFile.load(path).users) == ["alice", "bob"]
+
+
 def test_iterations(tmp_path: Path) -> None:
     path = tmp_path / "pw"
     assert ours("-c", "-b", "-I", "1234", path, "alice", "x") == 0

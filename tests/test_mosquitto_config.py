@@ -364,6 +364,14 @@ def test_a_port_line_keeps_the_default_listeners_bind_address(tmp_path: Path) ->
 @pytest.mark.parametrize("setting, message", [
     ("bind_interface lo", "bind_interface is not supported here: give bind_address with the interface's address"),
     ("mount_point tenant1/", "mount_point is not supported here: the listener's clients would not be kept under"),
+    # Mosquitto 2.0.11 makes the client id the username (the ACL's %c patterns then name the user),
+    # takes only clients with the pre-shared key, refuses revoked certificates and other client ids.
+    ("use_username_as_clientid true", "use_username_as_clientid is not supported here: clients would keep the "
+                                      "client ids they give"),
+    ("psk_hint sensors", "psk_hint is not supported here: the listener would let in clients without the key, over "
+                         "plain TCP"),
+    ("crlfile /etc/mosquitto/crl.pem", "crlfile is not supported here: clients with revoked certificates would"),
+    ("clientid_prefixes sec-", "clientid_prefixes is not supported here: clients with any client id would be let in"),
 ])
 def test_listener_settings_that_would_open_the_listener_more_are_refused(
         tmp_path: Path, setting: str, message: str) -> None:
@@ -372,6 +380,100 @@ def test_listener_settings_that_would_open_the_listener_more_are_refused(
         path.write_text(text)
         with pytest.raises(ValueError, match=rf"m.conf:{text.splitlines().index(setting) + 1}: {message}"):
             convert(path)
+
+
+def test_use_username_as_clientid_false_is_what_happens_here(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nuse_username_as_clientid false\n")
+    assert convert(path).notes == []
+
+
+def test_use_subject_as_username_names_clients_by_their_certificates_subject(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    tls = "certfile s.crt\nkeyfile s.key\ncafile ca.crt\nrequire_certificate true\n"
+    path.write_text(f"listener 8883\n{tls}use_subject_as_username true\n")
+    conversion = convert(path)
+    assert conversion.settings["use_identity_as_username"] is True
+    assert conversion.settings["certificate_identity"] == "subject"
+    (note,) = conversion.notes
+    assert note.line == 6 and note.carried and "RFC 4514" in note.why
+    path.write_text(f"listener 8883\n{tls}use_subject_as_username false\n")
+    assert "certificate_identity" not in convert(path).settings
+    # One way of naming clients for every listener here: the common name on one, the subject on another, refused.
+    for first, second in (("use_identity_as_username", "use_subject_as_username"),
+                          ("use_subject_as_username", "use_identity_as_username")):
+        path.write_text(f"listener 8883\n{tls}{first} true\nlistener 8884\n{tls}{second} true\n")
+        with pytest.raises(ValueError, match=r"m.conf:12: one listener names clients by their certificate's"):
+            convert(path)
+
+
+def test_bind_address_is_the_default_listeners_wherever_it_is(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 listens on 0.0.0.0:1883 and 127.0.0.1:18832 here: bind_address, as port,
+    is the default listener's."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 18832 127.0.0.1\nbind_address 0.0.0.0\n")
+    assert convert(path).settings["endpoints"] == ["tcp:1883:interface=0.0.0.0", "tcp:18832:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize("text, endpoints", [
+    # Mosquitto 2.0's conf.c: a listener setting before any listener line, other than its default,
+    # opens the default listener on every interface, and the local-only mode is off.
+    ("max_connections 100\n", ["tcp:1883"]),
+    ("max_qos 1\nlistener 1884\n", ["tcp:1883", "tcp:1884"]),
+    ("use_identity_as_username true\ncafile ca.crt\ncertfile s.crt\nkeyfile s.key\n",
+     ["mqtts:1883:privateKey=s.key:certKey=s.crt:caCerts=ca.crt:requireCertificate=no"]),
+    ("max_connections -1\nmax_qos 2\nprotocol mqtt\nuse_identity_as_username false\n",
+     ["tcp:1883:interface=127.0.0.1"]),  # their defaults: still local only
+])
+def test_listener_settings_before_any_listener_open_mosquittos_default_listener(
+        tmp_path: Path, text: str, endpoints: list[str]) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(text)
+    assert convert(path).settings["endpoints"] == endpoints
+
+
+def test_a_boolean_or_a_number_is_the_first_word_of_its_line(tmp_path: Path) -> None:
+    """Mosquitto reads no more of such a line: the rest may be a comment."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nallow_anonymous true # the sensors\nmax_queued_messages 5000 # per client\n"
+                    "persistent_client_expiration 2d  # then forgotten\n")
+    settings = convert(path).settings
+    assert settings["allow_anonymous"] is True and settings["max_queued_messages"] == 5000
+    assert settings["persistent_client_expiration"] == 2 * 86400
+
+
+def test_persistent_client_expiration_needs_a_unit_as_in_mosquitto(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\npersistent_client_expiration 3600\n")
+    with pytest.raises(ValueError, match=r"m.conf:2: '3600' is not a valid duration"):
+        convert(path)
+
+
+@pytest.mark.parametrize("lines, size, noted", [
+    ("", 268_435_460, False),  # Mosquitto's default: no limit but MQTT's
+    ("max_packet_size 0\n", 268_435_460, False),  # Mosquitto's 0: no limit
+    ("max_packet_size 5000\n", 5000, False),
+    ("message_size_limit 1000\n", 1000, True),  # whole packets: never more than Mosquitto lets through
+    ("max_packet_size 500\nmessage_size_limit 1000\n", 500, True),
+    ("message_size_limit 0\n", 268_435_460, False),
+])
+def test_the_packet_size_limit_is_mosquittos(tmp_path: Path, lines: str, size: int, noted: bool) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\n{lines}")
+    conversion = convert(path)
+    assert conversion.settings["max_packet_size"] == size
+    assert conversion.config().max_packet_size == size
+    assert [n.text for n in conversion.notes if n.carried] == (["message_size_limit 1000"] if noted else [])
+
+
+def test_a_relative_password_file_is_the_config_files_and_noted(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\npassword_file passwd\nacl_file /etc/mosquitto/acl\n")
+    conversion = convert(path)
+    assert conversion.settings["password_file"] == str(tmp_path / "passwd")
+    (note,) = conversion.notes
+    assert (note.line, note.carried) == (2, True)
+    assert note.why == f"a relative path: Mosquitto opens it from the directory it runs in, this broker {tmp_path}/passwd"
 
 
 def test_include_dir_is_read_in_mosquittos_order(tmp_path: Path) -> None:
