@@ -249,6 +249,77 @@ def test_remote_never_reached_yet_every_message_arrives(broker_process: Any, mos
         client.close()
 
 
+def test_a_remote_of_a_lower_maximum_qos_gets_what_was_queued_at_a_higher_one(
+        broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """Mosquitto with max_qos 1 (an MQTT 5 CONNACK's Maximum QoS 1): QoS 2 messages queued here
+    before the remote was reached go to it at QoS 1, and are done here once it has them. They
+    stayed in flight here: once its Receive Maximum (20) of them were, nothing went out."""
+    remote = Remote("mosquitto", tmp_path, broker_process, mosquitto)
+    remote.process.config.write_text(remote.process.config.read_text() + "max_qos 1\n")
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    cloud.subscribe("q/#", 1)
+    cloud.close()
+    remote.stop()
+    table = {"connection": "cloud", "addresses": [f"127.0.0.1:{remote.port}"], "restart_timeout": [0.2, 1.0],
+             "remote_clientid": "edge-cloud", "topic": ["q/# out 2"], "bridge_protocol_version": "mqttv50"}
+    ours = broker_process("--config", str(write_config(tmp_path / "bridge.toml", {}, [table])))
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    watcher.wait_for(b"0")
+    local = PahoClient(ours.port)
+    for n in range(25):
+        local.publish("q/t", f"early {n}".encode(), 2)  # acknowledged: queued here
+    remote.start()
+    watcher.wait_for(b"1")
+    cloud = PahoClient(remote.port, client_id="cloud-sub", clean=False)
+    local.publish("q/t", b"once up", 1)
+    wanted = {f"early {n}".encode() for n in range(25)} | {b"once up"}
+    got: list[bytes] = []
+    while not wanted <= set(got):
+        try:
+            got.append(cloud.messages.get(timeout=WAIT).payload)
+        except queue.Empty:
+            raise AssertionError(f"{len(wanted - set(got))} of the 26 messages never came") from None
+    assert cloud.no_message(0.5) and len(got) == 26  # each once
+    for client in (cloud, local, watcher):
+        client.close()
+
+
+def remote_state(port: int, topic: str) -> bytes | None:
+    """The retained message of ``topic`` on the broker at ``port`` (None: none)."""
+    client = PahoClient(port)
+    try:
+        client.subscribe(topic, 0)
+        return client.messages.get(timeout=2).payload
+    except queue.Empty:
+        return None
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("edge", ["ours", "mosquitto"])
+def test_a_stopped_bridge_leaves_the_remote_saying_so(broker_process: Any, mosquitto: Any, tmp_path: Path,
+                                                      edge: str) -> None:
+    """The broker that bridges stops (SIGTERM): the remote's state of the link says 0, as when
+    Mosquitto's bridge stops. It kept saying 1: the bridge's own DISCONNECT discards the will that
+    says 0 when a link fails."""
+    remote = mosquitto()
+    topic = "$SYS/broker/connection/edge-cloud/state"
+    if edge == "ours":
+        ours: Any = bridged(broker_process, tmp_path, remote.port, topic=["q/# out 1"])
+    else:
+        ours = mosquitto(connection="cloud", address=f"127.0.0.1:{remote.port}", remote_clientid="edge-cloud",
+                         topic="q/# out 1")
+    for _ in range(20):
+        if remote_state(remote.port, topic) == b"1":
+            break
+    assert remote_state(remote.port, topic) == b"1"
+    ours.stop()
+    for _ in range(20):  # (Mosquitto's bridge: the remote publishes its will once it sees the close)
+        if remote_state(remote.port, topic) == b"0":
+            break
+    assert remote_state(remote.port, topic) == b"0"
+
+
 def _restart(remote: Mosquitto) -> Mosquitto:
     """The same Mosquitto again, on the same port and store."""
     import subprocess

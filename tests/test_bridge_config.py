@@ -27,6 +27,9 @@ def bridge(**values: object) -> BridgeConfig:
     ("sensors/# in 2", BridgeTopic("sensors/#", "in", 2)),
     ('# out 1 "" edge1/', BridgeTopic("#", "out", 1, "", "edge1/")),
     ('"" out 1 local/state remote/state', BridgeTopic("", "out", 1, "local/state", "remote/state")),
+    # Words between spaces, nothing quoted but "": both are in topic names Mosquitto bridges.
+    ("it's/# out 1", BridgeTopic("it's/#", "out", 1)),
+    ("a\\b/# in 2 \"\" x/", BridgeTopic("a\\b/#", "in", 2, "", "x/")),
 ])
 def test_topic_lines_as_mosquitto_writes_them(line: str, expected: BridgeTopic) -> None:
     assert BridgeTopic.parse(line) == expected
@@ -274,7 +277,8 @@ class FakeRemote:
         self.protocol: Any = None
         self._early: list[Any] = []
 
-    def up(self, session_present: bool = False, granted: tuple[int, ...] = (2,)) -> None:
+    def up(self, session_present: bool = False, granted: tuple[int, ...] = (2,),
+           properties: dict[str, Any] | None = None) -> None:
         from twisted.internet.address import IPv4Address
         from twisted.internet.testing import StringTransport
 
@@ -284,7 +288,8 @@ class FakeRemote:
         self.protocol = self.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
-        self.send(Connack(session_present=session_present, reason_code=0), Suback(packet_id=1, reason_codes=granted))
+        self.send(Connack(session_present=session_present, reason_code=0, properties=properties or {}),
+                  Suback(packet_id=1, reason_codes=granted))
         assert self.bridge.state == "connected"  # type: ignore[union-attr]
         self._early = self.received()  # (what the bridge sent as the link came up: received() has it)
 
@@ -310,6 +315,87 @@ class FakeRemote:
 
 def payloads(client: Any) -> list[bytes]:
     return [p.payload for p in client.received() if isinstance(p, Publish)]
+
+
+def queue(remote: FakeRemote, qos: int, *payloads: bytes) -> None:
+    """Messages for the remote, published here before the bridge reached it (queued)."""
+    from mqtt_broker.wire import Pubrel
+    remote.reactor.advance(0)  # the bridge's session is made (primed)
+    publisher = connected(remote.broker, "pub")
+    for n, payload in enumerate(payloads, 1):
+        publisher.publish("out/t", payload, qos=qos, packet_id=n)
+        if qos == 2:
+            publisher.send(Pubrel(packet_id=n))
+    remote.reactor.advance(0)
+    assert remote.bridge.queued == len(payloads)  # type: ignore[union-attr]
+
+
+def test_a_queued_qos2_message_the_remote_takes_at_qos1_is_completed_here() -> None:
+    """The session subscribed at the topic line's QoS before the remote's Maximum QoS was known:
+    the remote's PUBACK is the session's PUBREC, and the session's PUBREL is answered here (it
+    stayed in flight for good, and the remote's window filled with such messages)."""
+    from mqtt_broker.wire import Puback, Pubrel
+    remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=["out/# out 2"], notifications=False)
+    queue(remote, 2, b"early 1", b"early 2")
+    remote.up(properties={"maximum_qos": 1, "receive_maximum": 2})
+    sent = [p for p in remote.received() if isinstance(p, Publish)]
+    assert [(p.payload, p.qos) for p in sent] == [(b"early 1", 1), (b"early 2", 1)]
+    remote.send(*(Puback(packet_id=p.packet_id) for p in sent))
+    assert remote.bridge.queued == 0  # type: ignore[union-attr]
+    assert not [p for p in remote.received() if isinstance(p, Pubrel)]  # (QoS 1 there: nothing to release)
+    connected(remote.broker, "pub2").publish("out/t", b"later", qos=1, packet_id=1)
+    remote.reactor.advance(0)
+    assert payloads(remote) == [b"later"]  # the remote's window of 2 is free
+    remote.broker.stopService()
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_queued_messages_the_remote_takes_at_qos0_are_acknowledged_here_and_sent_once(qos: int) -> None:
+    remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=[f"out/# out {qos}"],
+                        notifications=False)
+    queue(remote, qos, b"once")
+    remote.up(properties={"maximum_qos": 0})
+    sent = [p for p in remote.received() if isinstance(p, Publish)]
+    assert [(p.payload, p.qos, p.dup) for p in sent] == [(b"once", 0, False)]
+    assert remote.bridge.queued == 0  # type: ignore[union-attr]
+    remote.down()
+    remote.up(session_present=True, properties={"maximum_qos": 0})
+    assert payloads(remote) == []  # it was, with DUP set at QoS 0 (a malformed PUBLISH), each time
+    remote.broker.stopService()
+
+
+def test_a_topic_lines_new_qos_is_the_sessions_from_the_start() -> None:
+    """Started again with the line's QoS raised while the remote is away: the session subscribes
+    at it at once, so what is published meanwhile at QoS 1 queues (an offline session does not
+    queue QoS 0: it was lost)."""
+    remote = FakeRemote(topic=["q/# out 0"], notifications=False)
+    remote.up()
+    remote.down()
+    bridge: Any = remote.bridge
+    bridge.stopService()
+    bridge.config = dataclasses.replace(bridge.config, topic=[BridgeTopic("q/#", "out", 1)])
+    bridge.startService()
+    remote.reactor.advance(0)
+    assert [(s.topic_filter, s.qos) for s in remote.broker.subscriptions_of("local.vm.b")] == [("q/#", 1)]
+    connected(remote.broker, "pub").publish("q/t", b"during the outage", qos=1, packet_id=1)
+    remote.up()
+    assert [(p.payload, p.qos) for p in remote.received() if isinstance(p, Publish)] == [(b"during the outage", 1)]
+    remote.broker.stopService()
+
+
+def test_a_stopped_bridge_tells_the_remote_it_is_disconnected() -> None:
+    """Its own DISCONNECT discards the will that says so when the link fails: the state goes
+    first (as Mosquitto's stop leaves "0" there)."""
+    from mqtt_broker.wire import Disconnect
+    remote = FakeRemote(topic=["q/# out 0"], remote_clientid="edge")
+    remote.up()
+    remote.received()
+    remote.bridge.stopService()  # type: ignore[union-attr]
+    remote.reactor.advance(0)
+    sent = remote.received()
+    assert [type(p) for p in sent] == [Publish, Disconnect]
+    assert (sent[0].topic, sent[0].payload, sent[0].retain) == ("$SYS/broker/connection/edge/state", b"0", True)
+    remote.broker.stopService()
 
 
 def test_a_remote_that_starts_a_new_session_may_use_its_qos2_ids_again() -> None:

@@ -15,7 +15,10 @@ state machine runs end to end, an acknowledgement reaches the sender only once t
 broker has taken the message (here: routed and stored), and neither side's state lives in the
 bridge: both links are up together or down together, and after a restart both brokers resend
 what is unacknowledged. Ids never clash: the remote's server-to-client ids become this
-session's client-to-server ids and the other way round, each a namespace of its own.
+session's client-to-server ids and the other way round, each a namespace of its own. One
+exception: a message the session has at a QoS above the remote's Maximum QoS crosses at the
+remote's, and the bridge finishes the session's exchange for it (at QoS 0 at once; a QoS 2 one
+sent at QoS 1 when the remote's PUBACK comes).
 
 Loops are prevented with No Local on both sides (this broker's session always speaks MQTT 5;
 an MQTT 3 remote is told it is a bridge, ``try_private``) and by the prefixes.
@@ -99,6 +102,10 @@ class Bridge(Service):
         """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
         broker's Receive Maximum; the next ones wait in ``_waiting``."""
         self._waiting: deque[Publish] = deque()
+        self._lowered: dict[int, int] = {}
+        """Ids of the session's QoS 2 messages sent to the remote at a lower QoS (its Maximum QoS),
+        and at which: the bridge finishes their exchange with the session itself (a PUBACK from
+        the remote is the session's PUBREC; the session's PUBREL is answered here)."""
 
     # --- the service ----------------------------------------------------------------------
 
@@ -114,6 +121,7 @@ class Bridge(Service):
         self._cancel_retry()
         if self._connecting is not None:
             self._connecting.cancel()
+        self._say_disconnected()
         self._close_links("bridge stopped", disconnect=True)
         self._set_state("stopped")
 
@@ -124,6 +132,7 @@ class Bridge(Service):
         self._address_index = 0
         if self.remote is not None or self.local is not None:
             self._restarting = True
+            self._say_disconnected()
             self._close_links("restarted", disconnect=True)  # reconnects when both are down
         elif self._connecting is None:
             self._connect()
@@ -221,6 +230,13 @@ class Bridge(Service):
                        password=password, properties=properties,
                        bridge=config.try_private and version != MQTT_5)
 
+    def _say_disconnected(self) -> None:
+        """Tell the remote the bridge is going: a DISCONNECT of its own discards the will that
+        would (as when the link fails, in Mosquitto)."""
+        config, remote = self.config, self.remote
+        if config.notifications and not config.notifications_local_only and remote is not None and remote.up:
+            remote.send(Publish(topic=config.state_topic, payload=b"0", qos=0, retain=self._remote_retain))
+
     def _remote_up(self, link: Link, connack: Connack) -> None:
         """CONNACK from the remote: subscribe to the in topics there, then open the local link."""
         properties = connack.properties
@@ -284,8 +300,11 @@ class Bridge(Service):
         within the reactor's first turn, before any client can have published (unless a connect
         hook delays the CONNECT). The session is left as in an outage, for the local link to
         resume; Retain Handling 2, as that link's subscriptions send the retained messages."""
-        subscribed = {s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)}
-        if subscribed == set(self._out_filters()):
+        subscribed = {(s.topic_filter, s.qos, s.no_local, s.retain_as_published)
+                      for s in self.broker.subscriptions_of(self.config.local_client_id)}
+        wanted = {(r.topic_filter, min(r.qos, self.broker.config.max_qos), r.no_local, r.retain_as_published)
+                  for r in self._requests(retain_handling=2)}
+        if subscribed == wanted:
             return  # (restored from the store as it is to be, or nothing goes out)
         link = self._local_link(lambda link, connack: None, self._primed, self._primed_lost)
         for packet in self._subscription_changes(retain_handling=2):
@@ -322,11 +341,15 @@ class Bridge(Service):
         if stale:
             changes.append(Unsubscribe(packet_id=2, topic_filters=tuple(stale)))
         if wanted:
-            changes.append(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(
-                topic_filter=topic_filter, qos=min(line.qos, self._remote_max_qos), no_local=True,
-                retain_as_published=self.config.bridge_outgoing_retain, retain_handling=retain_handling)
-                for topic_filter, line in wanted.items())))
+            changes.append(Subscribe(packet_id=1, subscriptions=self._requests(retain_handling)))
         return changes
+
+    def _requests(self, retain_handling: int) -> tuple[SubscriptionRequest, ...]:
+        """The subscriptions of the out topics, as the session is to hold them."""
+        return tuple(SubscriptionRequest(
+            topic_filter=topic_filter, qos=min(line.qos, self._remote_max_qos), no_local=True,
+            retain_as_published=self.config.bridge_outgoing_retain, retain_handling=retain_handling)
+            for topic_filter, line in self._out_filters().items())
 
     def _local_up(self, link: Link, connack: Connack) -> None:
         """CONNACK from this broker: make the session's subscriptions those of the out topics."""
@@ -364,7 +387,9 @@ class Bridge(Service):
             else:
                 self._early.append(packet)
             return
-        if isinstance(packet, Publish):
+        if isinstance(packet, Puback) and packet.packet_id in self._lowered:
+            local.send(Pubrec(packet_id=packet.packet_id, reason_code=packet.reason_code))  # (QoS 2 here)
+        elif isinstance(packet, Publish):
             topic = self.config.to_local(packet.topic)
             if topic is None:
                 self._refuse(link, packet)
@@ -396,14 +421,32 @@ class Bridge(Service):
             # A retained message or a packet the remote refuses would make it close the link,
             # and the message come again when it reconnects: retain is dropped, and the packet.
             retain = packet.retain and self.config.bridge_outgoing_retain and self._remote_retain
-            if remote.send(self._crossing(packet, topic, retain, remote.version, self._remote_max_qos)):
+            crossing = self._crossing(packet, topic, retain, remote.version, self._remote_max_qos)
+            if remote.send(crossing):
                 self.stats.messages_out += 1
+                if crossing.qos < packet.qos:
+                    self._lowered_sent(link, packet, crossing.qos)
+                else:
+                    self._lowered.pop(packet.packet_id, None)
             else:
                 self._refuse(link, packet, f"larger than the remote's maximum packet size ({remote.max_send_size})")
+        elif isinstance(packet, Pubrel) and self._lowered.pop(packet.packet_id, None) is not None:
+            link.send(Pubcomp(packet_id=packet.packet_id))  # (the remote had it at QoS 0 or 1: done)
         elif isinstance(packet, _ACKS):
             if isinstance(packet, (Puback, Pubcomp)) or (isinstance(packet, Pubrec) and packet.reason_code >= 0x80):
                 self._completed(packet.packet_id)
             remote.send(self._ack(packet, remote.version))
+
+    def _lowered_sent(self, link: Link, packet: Publish, qos: int) -> None:
+        """A message of the session sent at the remote's lower Maximum QoS: what the remote will
+        not acknowledge is acknowledged here (at QoS 0, at once, as the remote takes no more), so
+        that it does not stay in flight in the session for good."""
+        if qos == 0:
+            if packet.qos == 1:
+                link.send(Puback(packet_id=packet.packet_id))
+                return
+            link.send(Pubrec(packet_id=packet.packet_id))
+        self._lowered[packet.packet_id] = qos  # (QoS 2 here: its PUBREL is answered here)
 
     def _send_in(self, local: Link, message: Publish) -> None:
         if not local.send(message):
@@ -450,8 +493,9 @@ class Bridge(Service):
             properties = {}
         elif any(key in properties for key in _HOP_PROPERTIES):
             properties = {k: v for k, v in properties.items() if k not in _HOP_PROPERTIES}
-        return Publish(topic, packet.payload, min(packet.qos, max_qos), retain, packet.dup,
-                       packet.packet_id, properties)
+        qos = min(packet.qos, max_qos)
+        return Publish(topic, packet.payload, qos, retain, packet.dup and qos > 0, packet.packet_id if qos else 0,
+                       properties)
 
     @staticmethod
     def _ack(packet: Puback | Pubrec | Pubrel | Pubcomp, version: int) -> Packet:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..topics import matches, valid_topic_filter, valid_topic_name
@@ -45,11 +44,9 @@ class BridgeTopic:
 
     @classmethod
     def parse(cls, line: str) -> BridgeTopic:
-        """A topic line as Mosquitto writes it (``""`` for an empty pattern or prefix)."""
-        try:
-            words = shlex.split(line)
-        except ValueError as e:
-            raise BridgeConfigError(f"{line!r}: {e}", "topic") from None
+        """A topic line as Mosquitto reads it: words between spaces, ``""`` for an empty pattern
+        or prefix (nothing else is quoted: a topic may hold quotes and backslashes)."""
+        words = ["" if word == '""' else word for word in line.split()]
         if not words or len(words) > 5 or len(words) == 4:
             raise BridgeConfigError(f"{line!r} is not: pattern [[[out|in|both] qos] local-prefix remote-prefix]",
                                     "topic")
