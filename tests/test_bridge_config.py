@@ -346,6 +346,18 @@ def test_a_queued_qos2_message_the_remote_takes_at_qos1_is_completed_here() -> N
     connected(remote.broker, "pub2").publish("out/t", b"later", qos=1, packet_id=1)
     remote.reactor.advance(0)
     assert payloads(remote) == [b"later"]  # the remote's window of 2 is free
+    assert remote.bridge._lowered == {}  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
+def test_a_queued_qos2_message_the_remote_refuses_at_qos1_is_done_here() -> None:
+    from mqtt_broker.wire import Puback
+    remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=["out/# out 2"], notifications=False)
+    queue(remote, 2, b"refused")
+    remote.up(properties={"maximum_qos": 1})
+    (sent,) = [p for p in remote.received() if isinstance(p, Publish)]
+    remote.send(Puback(packet_id=sent.packet_id, reason_code=0x87))
+    assert remote.bridge.queued == 0 and remote.bridge._lowered == {}  # type: ignore[union-attr]
     remote.broker.stopService()
 
 

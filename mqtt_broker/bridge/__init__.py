@@ -388,6 +388,8 @@ class Bridge(Service):
                 self._early.append(packet)
             return
         if isinstance(packet, Puback) and packet.packet_id in self._lowered:
+            if packet.reason_code >= 0x80:  # (a PUBREC that refuses ends the exchange: no PUBREL comes)
+                del self._lowered[packet.packet_id]
             local.send(Pubrec(packet_id=packet.packet_id, reason_code=packet.reason_code))  # (QoS 2 here)
         elif isinstance(packet, Publish):
             topic = self.config.to_local(packet.topic)
