@@ -13,7 +13,7 @@ from protocol_helpers import connected, make_broker
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.tap import Options
-from mqtt_broker.wire import Connect, Publish, decode, encode
+from mqtt_broker.wire import Connect, FrameReader, Publish, decode, encode
 from mqtt_broker.wire.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5
 
 
@@ -392,6 +392,35 @@ def test_a_topic_lines_new_qos_is_the_sessions_from_the_start() -> None:
     connected(remote.broker, "pub").publish("q/t", b"during the outage", qos=1, packet_id=1)
     remote.up()
     assert [(p.payload, p.qos) for p in remote.received() if isinstance(p, Publish)] == [(b"during the outage", 1)]
+    remote.broker.stopService()
+
+
+def test_a_remote_that_refuses_a_qos1_will_gets_one_at_qos0() -> None:
+    """A remote of Maximum QoS 0 refuses a CONNECT whose will is QoS 1 (0x9B, Mosquitto and this
+    broker alike): the bridge's next CONNECT has its will at QoS 0, as it drops retain on 0x9A
+    (Mosquitto's own bridge tries again with the same will for ever)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from mqtt_broker.wire import Connack, Connect
+    remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=["out/# out 1"])
+    remote.reactor.advance(1)
+    remote.reactor.advance(0.3)
+    protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    (first,) = FrameReader(version=5).feed(transport.value())
+    assert isinstance(first, Connect) and first.will is not None and first.will.qos == 1
+    protocol.dataReceived(encode(Connack(reason_code=0x9B), 5))
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    remote.reactor.advance(0)
+    assert remote.bridge.state == "waiting"  # type: ignore[union-attr]
+    remote.up(properties={"maximum_qos": 0})
+    (connect,) = [p for p in remote.received() if isinstance(p, Connect)]
+    assert connect.will is not None and (connect.will.qos, connect.will.payload) == (0, b"0")
     remote.broker.stopService()
 
 

@@ -97,6 +97,7 @@ class Bridge(Service):
         self._remote_receive = broker.config.max_inflight_messages
         self._remote_max_qos = 2
         self._remote_retain = True
+        self._will_qos = 1
         self._local_receive = broker.config.max_inflight_messages
         self._inbound: set[int] = set()
         """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
@@ -222,7 +223,7 @@ class Bridge(Service):
             properties["maximum_packet_size"] = min(max_size, 268_435_460)
         will = None
         if config.notifications and not config.notifications_local_only:
-            will = Will(topic=config.state_topic, payload=b"0", qos=1, retain=self._remote_retain)
+            will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)
         password = config.remote_password.encode() if config.remote_password is not None else None
         return Connect(protocol_name="MQIsdp" if version == 3 else "MQTT", protocol_level=version,
                        clean_start=config.cleansession, keep_alive=config.keepalive_interval,
@@ -534,6 +535,8 @@ class Bridge(Service):
             self.remote = None
             if link.refused == ReasonCode.RETAIN_NOT_SUPPORTED:
                 self._remote_retain = False  # the will of the next CONNECT is not retained
+            elif link.refused == ReasonCode.QOS_NOT_SUPPORTED:
+                self._will_qos = 0  # (a remote of Maximum QoS 0: the will at QoS 1 was refused)
         elif link is self.local:
             self.local = None
         else:
