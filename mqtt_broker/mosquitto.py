@@ -88,6 +88,8 @@ _MAKE_DEFAULT_LISTENER = {"protocol": "mqtt", "socket_domain": None, "certfile":
 1883, or ``port``'s, on every interface, or ``bind_address``'s), unless given their default here."""
 _MOST_PACKET_SIZE = 268_435_460
 """Mosquitto's packet size limit when none is set: the most MQTT allows (header included)."""
+_RANGES = {"max_keepalive": (10, 65535), "max_packet_size": (20, _MOST_PACKET_SIZE)}
+"""Values Mosquitto 2 refuses to start with outside these bounds."""
 _MAX_INFLIGHT = 65535
 """The most max_inflight_messages can be here: as many as there are packet identifiers."""
 _HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
@@ -388,6 +390,9 @@ class _Converter:
         ours, kind = _GLOBAL[key]
         settings = self.out.settings
         settings[ours] = _setting(kind, value, source, number)
+        low, high = _RANGES.get(key, (None, None))
+        if low is not None and not low <= settings[ours] <= high:
+            raise ValueError(f"{source}:{number}: {key} must be {low} to {high}, as Mosquitto 2 takes it")
         if key == "max_inflight_messages" and settings[ours] == 0:
             settings[ours] = _MAX_INFLIGHT
             self.out.notes.append(Note(source, number, text, f"no limit in Mosquitto: {_MAX_INFLIGHT} here, the most "
@@ -416,8 +421,7 @@ class _Converter:
                 settings["data_dir"] = self.location.rstrip("/") or "/"
         else:
             settings["persistence"] = "memory"
-        if not settings.get("max_packet_size"):  # (0: no limit, as when it is not set)
-            settings["max_packet_size"] = _MOST_PACKET_SIZE
+        settings.setdefault("max_packet_size", _MOST_PACKET_SIZE)
         if self.message_size_limit is not None and self.message_size_limit[0] > 0:
             size, source, number, text = self.message_size_limit
             settings["max_packet_size"] = min(settings["max_packet_size"], max(size, 2))

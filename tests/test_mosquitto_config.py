@@ -442,16 +442,23 @@ def test_a_boolean_or_a_number_is_the_first_word_of_its_line(tmp_path: Path) -> 
     assert settings["persistent_client_expiration"] == 2 * 86400
 
 
-def test_persistent_client_expiration_needs_a_unit_as_in_mosquitto(tmp_path: Path) -> None:
+@pytest.mark.parametrize("line, message", [
+    ("persistent_client_expiration 3600", "'3600' is not a valid duration"),  # a unit is needed
+    ("max_keepalive 0", "max_keepalive must be 10 to 65535"),
+    ("max_keepalive 9", "max_keepalive must be 10 to 65535"),
+    ("max_packet_size 0", "max_packet_size must be 20 to 268435460"),
+    ("max_packet_size 19", "max_packet_size must be 20 to 268435460"),
+])
+def test_values_mosquitto_refuses_to_start_with_are_refused(tmp_path: Path, line: str, message: str) -> None:
+    """Mosquitto 2.0.11: "Error: Invalid max_keepalive value (0)." and the like."""
     path = tmp_path / "m.conf"
-    path.write_text("listener 1883\npersistent_client_expiration 3600\n")
-    with pytest.raises(ValueError, match=r"m.conf:2: '3600' is not a valid duration"):
+    path.write_text(f"listener 1883\n{line}\n")
+    with pytest.raises(ValueError, match=rf"m.conf:2: {message}"):
         convert(path)
 
 
 @pytest.mark.parametrize("lines, size, noted", [
     ("", 268_435_460, False),  # Mosquitto's default: no limit but MQTT's
-    ("max_packet_size 0\n", 268_435_460, False),  # Mosquitto's 0: no limit
     ("max_packet_size 5000\n", 5000, False),
     ("message_size_limit 1000\n", 1000, True),  # whole packets: never more than Mosquitto lets through
     ("max_packet_size 500\nmessage_size_limit 1000\n", 500, True),
