@@ -317,6 +317,17 @@ def payloads(client: Any) -> list[bytes]:
     return [p.payload for p in client.received() if isinstance(p, Publish)]
 
 
+def restarted_while_away(remote: FakeRemote, *lines: BridgeTopic) -> None:
+    """The bridge, once connected, started again with these topic lines while the remote is away."""
+    remote.up()
+    remote.down()
+    bridge: Any = remote.bridge
+    bridge.stopService()
+    bridge.config = dataclasses.replace(bridge.config, topic=list(lines))
+    bridge.startService()
+    remote.reactor.advance(0)
+
+
 def queue(remote: FakeRemote, qos: int, *payloads: bytes) -> None:
     """Messages for the remote, published here before the bridge reached it (queued)."""
     from mqtt_broker.wire import Pubrel
@@ -381,13 +392,7 @@ def test_a_topic_lines_new_qos_is_the_sessions_from_the_start() -> None:
     at it at once, so what is published meanwhile at QoS 1 queues (an offline session does not
     queue QoS 0: it was lost)."""
     remote = FakeRemote(topic=["q/# out 0"], notifications=False)
-    remote.up()
-    remote.down()
-    bridge: Any = remote.bridge
-    bridge.stopService()
-    bridge.config = dataclasses.replace(bridge.config, topic=[BridgeTopic("q/#", "out", 1)])
-    bridge.startService()
-    remote.reactor.advance(0)
+    restarted_while_away(remote, BridgeTopic("q/#", "out", 1))
     assert [(s.topic_filter, s.qos) for s in remote.broker.subscriptions_of("local.vm.b")] == [("q/#", 1)]
     connected(remote.broker, "pub").publish("q/t", b"during the outage", qos=1, packet_id=1)
     remote.up()
@@ -535,22 +540,15 @@ def test_an_out_topic_added_while_the_remote_is_away_queues_from_the_start() -> 
     """Started again with other topic lines (a restart with a new configuration) and the remote
     away: the session follows the new lines at once, so what is published on a new out topic
     waits for the remote, and what is published on a removed one is not kept for it."""
-    import dataclasses
     remote = FakeRemote(topic=["old/# out 1"], notifications=False)
-    remote.up()
-    remote.down()
-    bridge: Any = remote.bridge
-    bridge.stopService()
-    bridge.config = dataclasses.replace(bridge.config, topic=[BridgeTopic("new/#", "out", 1)])
-    bridge.startService()
-    remote.reactor.advance(0)
+    restarted_while_away(remote, BridgeTopic("new/#", "out", 1))
     assert [s.topic_filter for s in remote.broker.subscriptions_of("local.vm.b")] == ["new/#"]
     publisher = connected(remote.broker, "pub")
     publisher.publish("old/t", b"no longer bridged", qos=1, packet_id=1)
     publisher.publish("new/t", b"bridged now", qos=1, packet_id=2)
     remote.up()
     assert sent_out(remote) == [("new/t", b"bridged now", 1)]
-    assert bridge.stats.dropped == 0
+    assert remote.bridge.stats.dropped == 0  # type: ignore[union-attr]
     remote.broker.stopService()
 
 
