@@ -135,9 +135,14 @@ class Connecting:
             if identity.username != self.client.username:  # e.g. a certificate's name
                 self.client = dataclasses.replace(self.client, username=identity.username)
             # Accepted, as by Mosquitto (a device moved from it still connects): the will is
-            # checked again when it is due, and dropped then unless a reload granted it.
+            # checked again when it is due, and dropped then unless a reload granted it. Rules
+            # that came with the credentials (a token's claims) are not reloaded, nor kept with a
+            # will in the store or in Redis (checked after a restart, or by another node, without
+            # them): such a will is dropped now.
             if will is not None and not will.topic.startswith("$SYS") and not self.broker.security.can_publish(
                     identity, will.topic):
+                if identity.rules is not None:
+                    packet = dataclasses.replace(packet, will=None)
                 log.info("will of {client_id} to {topic} is not allowed: it will not be published",
                          client_id=self.client.client_id, topic=will.topic)
         method = packet.properties.get("authentication_method")

@@ -408,3 +408,23 @@ def test_the_config_shows_no_password() -> None:
     assert shown["http_auth_url"] == "https://svc:********@127.0.0.1/auth"
     assert shown["bridge"][0]["remote_password"] == "********" and shown["bridge"][0]["remote_username"] == "edge"
     assert "s3cret" not in json.dumps(shown) and "bridge-pw" not in json.dumps(shown)
+
+
+@pytest.mark.parametrize("url, shown", [
+    # What the broker itself reads as the Redis password (and sends in AUTH): were shown.
+    ("redis://s3cret@127.0.0.1:6379/0", "redis://********@127.0.0.1:6379/0"),
+    ("rediss://s3cret@127.0.0.1:6380/0", "rediss://********@127.0.0.1:6380/0"),
+    ("redis+sentinel://s3cret@127.0.0.1:26379,127.0.0.2/mymaster/0",
+     "redis+sentinel://********@127.0.0.1:26379,127.0.0.2/mymaster/0"),
+    ("redis://:abc@s3cret@127.0.0.1:6379/0", "redis://:********@127.0.0.1:6379/0"),
+    ("redis://user:s3cret@127.0.0.1", "redis://user:********@127.0.0.1"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+])
+def test_a_redis_url_shows_no_password_in_any_form(url: str, shown: str) -> None:
+    import dataclasses
+
+    from mqtt_broker.admin.shapes import redacted
+    from mqtt_broker.cluster.address import RedisAddress
+    from mqtt_broker.config import BrokerConfig
+    assert RedisAddress.parse(url).password in (None, "s3cret", "abc@s3cret")
+    assert redacted(dataclasses.asdict(BrokerConfig(cluster=url)))["cluster"] == shown

@@ -691,6 +691,34 @@ def test_a_will_is_checked_again_when_it_is_published(tmp_path: Path) -> None:
     assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["status/kept"]
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+def test_a_will_its_tokens_claims_forbid_is_never_published(tmp_path: Path, restarted: bool) -> None:
+    """Rules that came with the credentials are not kept with a delayed will in the store (nor in
+    Redis, for another node): after a restart it was checked by acl_file's rules, none here, and
+    published. Such a will is dropped at the CONNECT."""
+    import time
+
+    import jwt
+    secret = b"a secret of thirty-two bytes or more!"
+    (tmp_path / "secret").write_bytes(secret)
+
+    def token(subject: str, publish: list[str], subscribe: list[str]) -> bytes:
+        claims = {"sub": subject, "exp": int(time.time()) + 3600, "publish": publish, "subscribe": subscribe}
+        return jwt.encode(claims, secret, algorithm="HS256").encode()
+
+    restarts = Restarts(MemoryStore(), jwt_secret_file=str(tmp_path / "secret"), allow_anonymous=False)
+    broker = restarts.start()
+    connected(broker, "d1", 5, clean=False, password=token("d1", ["devices/d1/#"], ["devices/d1/#"]),
+              properties={"session_expiry_interval": 3600},
+              will=Will(topic="commands/all/reboot", payload=b"reboot", properties={"will_delay_interval": 30})).lose()
+    if restarted:
+        broker = restarts.restart()  # within the will's delay
+    watcher = connected(broker, "w", 5, password=token("ops", [], ["#"]))
+    watcher.subscribe("commands/#")
+    restarts.reactor.advance(31)
+    assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+
+
 def test_the_will_of_a_client_whose_credentials_a_reload_revoked_is_not_published(tmp_path: Path) -> None:
     from mqtt_broker.auth.passwords import PasswordHash
     passwords = tmp_path / "pw"

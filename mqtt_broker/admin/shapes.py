@@ -100,7 +100,18 @@ def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
 
 # --- input ---------------------------------------------------------------------------------
 
-_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+_URL_AUTHORITY = re.compile(r"(://)([^/?#\s]*)")
+
+
+def _without_password(match: re.Match[str]) -> str:
+    """A URL's authority without its password: all before its last ``@`` is credentials (as the
+    broker's own parsers read them: ``redis://secret@host`` holds a password alone), and the
+    password all after the first ``:`` of those."""
+    credentials, at, host = match.group(2).rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _ = credentials.partition(":")
+    return f"{match.group(1)}{user + ':' if colon else ''}********@{host}"
 
 
 def redacted(value: Any, key: str = "") -> Any:
@@ -111,7 +122,7 @@ def redacted(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redacted(v, key) for v in value]
     if isinstance(value, str) and value:
-        return "********" if key.endswith("password") else _URL_PASSWORD.sub(r"\1********@", value)
+        return "********" if key.endswith("password") else _URL_AUTHORITY.sub(_without_password, value)
     return value
 
 
