@@ -22,7 +22,7 @@ from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
-    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode, encode,
     v3_connack_code,
 )
 
@@ -75,6 +75,7 @@ class Connecting:
     _deadline: Any
     _keep_alive: float
     _expiry_call: Any
+    _inherited_pubrels: frozenset[int] | None
 
     # MQTTProtocol's methods that these use, declared for mypy and mypyc (a trait's calls go by
     # what it declares); MQTTProtocol's own are the ones that run.
@@ -249,6 +250,8 @@ class Connecting:
                                               self.identity)
         self.session = session
         self._client_id = client.client_id
+        if session.awaiting_pubrel:
+            self._inherited_pubrels = frozenset(session.awaiting_pubrel)
         self._set_state(State.CONNECTED)
         self.send_quota = terms.send_quota
         properties = terms.connack_properties
@@ -272,6 +275,8 @@ class Connecting:
                 self.wait_for_store()
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self._send_connack(present and self.version != MQTT_3_1, properties)
+        if self.state is not State.CONNECTED:  # (a CONNACK too large for the client closes it)
+            return
         if self.broker.config.connection_messages:
             log.info("client {client_id} connected from {peer} (MQTT {version}, clean start {clean}, "
                      "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
@@ -290,7 +295,15 @@ class Connecting:
         """The CONNACK that accepts the connection, written without building a Connack."""
         data = self.broker.connack.encode(present, properties, self.version)
         if len(data) > self.max_send_size:  # send() trims its properties to the client's limit
-            self.send(Connack(session_present=present, properties=properties))
+            trimmed = Connack(session_present=present, properties={
+                k: v for k, v in properties.items() if k not in ("reason_string", "user_property")})
+            size = len(encode(trimmed, self.version))
+            if size > self.max_send_size:  # [MQTT-3.1.2-24]; and no DISCONNECT before a CONNACK [MQTT-3.14.0-1]
+                self._set_state(State.CONNECTING)
+                self.drop(ReasonCode.PACKET_TOO_LARGE, f"its CONNACK would be {size} bytes, more than its Maximum "
+                          f"Packet Size ({self.max_send_size})")
+                return
+            self.send(trimmed)
             return
         self.stats.control_packets_sent += 1
         self.write(data)

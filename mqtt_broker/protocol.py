@@ -80,7 +80,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
-        "_unstored", "_acks", "_bridge", "transport", "connected",
+        "_unstored", "_acks", "_bridge", "transport", "connected", "_inherited_pubrels",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -140,6 +140,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._acks: _Acks | None = None
         """The acknowledgements of PUBLISHes waiting for the store's latest batch (see
         ``Publishing._acknowledge_when_stored``)."""
+        self._inherited_pubrels: frozenset[int] | None = None
+        """The packet ids of QoS 2 PUBLISHes that a session resumed by this connection had
+        received and not yet released: they do not count against this connection's Receive
+        Maximum, which starts afresh with each connection (MQTT 5, 4.9)."""
         self._bridge = False
         """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
 

@@ -53,6 +53,7 @@ class Publishing:
     _client_id: str
     _aliases_in: InboundAliases | None
     _acks: _Acks | None
+    _inherited_pubrels: frozenset[int] | None
 
     # MQTTProtocol's methods that these use (see Connecting)
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
@@ -112,7 +113,9 @@ class Publishing:
                 # A resend: not routed again [MQTT-4.3.3-9].
                 self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
                 return
-            if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5:
+            if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5 and (
+                    self._inherited_pubrels is None
+                    or len(awaiting - self._inherited_pubrels) >= config.max_inflight_messages):
                 raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
                                 ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
         if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):

@@ -615,6 +615,25 @@ def test_client_exceeding_broker_receive_maximum_is_disconnected() -> None:
     assert_server_disconnect(pub, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
 
 
+def test_receive_maximum_starts_afresh_with_each_connection() -> None:
+    """4.9: the send quota and Receive Maximum are not kept across connections. The QoS 2
+    PUBLISHes a resumed session still awaits PUBREL for counted against the new connection's,
+    and a client within it was disconnected (0x93)."""
+    broker = make_broker(max_inflight_messages=2)
+    persistent = {"session_expiry_interval": 100}
+    first = v5(broker, "p", clean=False, properties=persistent)
+    assert first.publish("t", qos=2, packet_id=1) == [Pubrec(packet_id=1, reason_code=0x10)]
+    assert first.publish("t", qos=2, packet_id=2) == [Pubrec(packet_id=2, reason_code=0x10)]
+    first.lose()
+    again = v5(broker, "p", clean=False, properties=persistent)
+    assert again.publish("t", qos=2, packet_id=3) == [Pubrec(packet_id=3, reason_code=0x10)]
+    assert again.publish("t", qos=2, packet_id=4) == [Pubrec(packet_id=4, reason_code=0x10)]
+    again.send(Pubrel(packet_id=1))  # (an earlier connection's: it frees nothing of this one's)
+    assert again.received() == [Pubcomp(packet_id=1)]
+    again.send(Publish(topic="t", qos=2, packet_id=5))  # a third of this connection's
+    assert_server_disconnect(again, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+
+
 # --- maximum packet size ---------------------------------------------------------------------
 
 def test_message_larger_than_client_maximum_packet_size_is_dropped() -> None:
@@ -633,6 +652,21 @@ def test_message_larger_than_client_maximum_packet_size_is_dropped() -> None:
     assert payloads(sub.received()) == [b"small", b"after"]
     assert broker.stats.messages_dropped == 1
     assert len(broker.sessions["sub"].outgoing) == 2
+
+
+def test_a_connack_larger_than_the_client_maximum_packet_size_is_not_sent() -> None:
+    """[MQTT-3.1.2-24]: the CONNACK's properties tell the client what it may do (Receive Maximum,
+    Topic Alias Maximum...); a client whose limit they do not fit in is closed, without a
+    DISCONNECT, which may not come before a CONNACK [MQTT-3.14.0-1]. It was sent all the same."""
+    broker = make_broker()
+    small = FakeClient(broker, version=5)
+    small.send(Connect(client_id="small", protocol_level=5, properties={"maximum_packet_size": 12}))
+    assert small.transport.value() == b"" and small.closed
+    assert "small" not in broker.sessions
+    enough = FakeClient(broker, version=5)
+    enough.send(Connect(client_id="enough", protocol_level=5, properties={"maximum_packet_size": 64}))
+    (connack,) = enough.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0 and not enough.closed
 
 
 def test_an_answer_larger_than_the_client_maximum_packet_size_is_not_sent() -> None:
