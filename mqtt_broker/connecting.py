@@ -246,8 +246,14 @@ class Connecting:
         self.terms = None  # needed no longer: an idle connection keeps nothing it does not use
         client = self.client
         assert terms is not None and client is not None
+        previous = self.broker.sessions.get(client.client_id)
+        ends_stored = packet.clean_start and previous is not None and previous.stored
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
                                               self.identity)
+        if ends_stored:
+            # Session Present 0 only once the old session's end is committed: brought back by a
+            # crash, its inbound QoS 2 ids would take the new session's first messages for resends.
+            self.wait_for_store(exact=True)
         self.session = session
         self._client_id = client.client_id
         if session.awaiting_pubrel:

@@ -132,6 +132,7 @@ class Subscribing:
                 subscription.qos = min(subscription.qos, answer)
             granted.append(subscription)
             codes.append(subscription.qos)
+        previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
         reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)
         store = self.broker.store
@@ -142,8 +143,8 @@ class Subscribing:
             # from now on, the subscriptions would otherwise get a newer message on a topic before
             # its older retained one [MQTT-4.6.0-5] (a PUBLISH may come before the SUBACK, §3.8.4).
             self._send_retained(granted, replaced, replays)
-            store.flushed().addCallbacks(self._subscribed, self._not_subscribed,
-                                         (packet, codes, [], [], {}, reason), None, (packet, codes, granted, reason))
+            store.flushed().addCallbacks(self._subscribed, self._not_subscribed, (packet, codes, [], [], {}, reason),
+                                         None, (packet, codes, granted, previous, reason))
 
     def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
                     replaced: list[bool], replays: dict[str, str], reason: str) -> None:
@@ -160,13 +161,18 @@ class Subscribing:
         for subscription, existed in zip(granted, replaced):
             self.broker.send_retained(self.session, subscription, existed, replays.get(subscription.topic_filter))
 
-    def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int],
-                        granted: list[Subscription], reason: str) -> None:
+    def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int], granted: list[Subscription],
+                        previous: list[Subscription | None], reason: str) -> None:
+        """The store could not write the subscriptions: refused (0x80), and those they replaced,
+        committed before, kept."""
         failure.trap(StoreError)
         if self.state is not State.CONNECTED:
             return
-        for subscription in granted:
-            self.broker.unsubscribe(self.session, subscription.topic_filter)
+        for subscription, before in zip(granted, previous):
+            if before is None:
+                self.broker.unsubscribe(self.session, subscription.topic_filter)
+            else:
+                self.broker.subscribe(self.session, before)
         codes = [0x80 if code < 0x80 else code for code in codes]
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
 

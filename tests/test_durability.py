@@ -561,6 +561,31 @@ def settle(store: SQLiteStore) -> Iterator[Deferred[Any]]:
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_subscription_changed_on_a_full_disk_stays_as_it_was(
+        on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    """A SUBSCRIBE the store cannot write is refused (0x80): the subscription of that filter
+    committed before stays, with its options. It was removed, from memory and, once the disk had
+    room, from the disk."""
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "t", qos=1)
+    yield on_disk.store.flushed()
+    assert [type(x) for x in s.received()] == [Suback]
+    filler = connected(broker, "filler", 5)
+    yield on_disk.store.flushed()
+    fill_up(on_disk.store)
+    filler.publish("big", os.urandom(300_000), qos=1, retain=True)  # fails its batch
+    subscribe(s, "t", "u", qos=2, packet_id=2)  # in the failing batch
+    yield settle(on_disk.store)
+    (suback,) = s.received()
+    assert suback.reason_codes == (0x80, 0x80)
+    make_room(on_disk.store)
+    yield on_disk.store.flushed()
+    committed = rows(on_disk.path, "SELECT topic_filter, qos FROM subscriptions WHERE client_id = 's'")
+    assert [(sub.topic_filter, sub.qos) for sub in broker.subscriptions_of("s")] == [("t", 1)] == committed
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_full_disk_stops_acknowledgements_keeps_qos0_and_recovers(
         on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
     broker = on_disk.start()
@@ -769,6 +794,45 @@ def test_acknowledged_messages_survive_a_crash(on_disk: SQLiteRestarts, tmp_path
     assert [type(a) for a in p.received()] == [Pubrec]
     got = yield when_stored(on_disk.store, s)
     assert publishes(got) == []  # not routed a second time
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_clean_start_is_acknowledged_once_the_old_session_is_gone_from_the_disk(
+        on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """Session Present 0 went out before the old session's end was committed: killed then, the
+    broker brought the old session back, still awaiting PUBREL for id 5, and took the first
+    message of the new session, with that id, for a resend: PUBREC and PUBCOMP, and routed to no
+    one (an acknowledged QoS 2 message lost)."""
+    broker = on_disk.start()
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "q", qos=2)
+    yield on_disk.store.flushed()
+    s.lose()
+    p = connected(broker, "p", 5, **persistent(5))
+    p.publish("q", b"old", qos=2, packet_id=5)  # received, never released
+    yield on_disk.store.flushed()
+    assert [type(x) for x in p.received()] == [Pubrec]
+    p.lose()
+    p = FakeClient(broker, 5)
+    p.send(Connect(client_id="p", clean_start=True, protocol_level=5, protocol_name="MQTT",
+                   properties={"session_expiry_interval": NEVER}))
+    assert p.received() == []  # not before the old session's end is on the disk
+    yield on_disk.store.flushed()
+    (connack,) = p.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0 and not connack.session_present
+    p.send(Publish(topic="q", payload=b"new", qos=2, packet_id=5))
+    assert p.received() == []  # its PUBREC waits for the store: killed now
+    broker = yield on_disk.again(crash_copy(on_disk.path, tmp_path / "crashed.db"))
+    p, _ = reconnect(broker, "p", 5)
+    p.send(Publish(topic="q", payload=b"new", qos=2, packet_id=5, dup=True))
+    assert [type(x) for x in (yield when_stored(on_disk.store, p))] == [Pubrec]
+    p.send(Pubrel(packet_id=5))
+    assert [type(x) for x in (yield when_stored(on_disk.store, p))] == [Pubcomp]
+    s, _ = reconnect(broker, "s")
+    receiver = Receiver()
+    for _ in range(4):
+        answer(s, receiver, (yield when_stored(on_disk.store, s)))
+    assert receiver.payloads() == [b"old", b"new"]
 
 
 @pytest_twisted.inlineCallbacks
