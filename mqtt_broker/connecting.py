@@ -75,7 +75,7 @@ class Connecting:
     _deadline: Any
     _keep_alive: float
     _expiry_call: Any
-    _inherited_pubrels: frozenset[int] | None
+    _inherited_pubrels: set[int] | None
 
     # MQTTProtocol's methods that these use, declared for mypy and mypyc (a trait's calls go by
     # what it declares); MQTTProtocol's own are the ones that run.
@@ -136,14 +136,10 @@ class Connecting:
             if identity.username != self.client.username:  # e.g. a certificate's name
                 self.client = dataclasses.replace(self.client, username=identity.username)
             # Accepted, as by Mosquitto (a device moved from it still connects): the will is
-            # checked again when it is due, and dropped then unless a reload granted it. Rules
-            # that came with the credentials (a token's claims) are not reloaded, nor kept with a
-            # will in the store or in Redis (checked after a restart, or by another node, without
-            # them): such a will is dropped now.
+            # checked again when it is due, and dropped then unless a reload granted it (one the
+            # credentials' own rules forbid is dropped as the session is attached: _attach).
             if will is not None and not will.topic.startswith("$SYS") and not self.broker.security.can_publish(
                     identity, will.topic):
-                if identity.rules is not None:
-                    packet = dataclasses.replace(packet, will=None)
                 log.info("will of {client_id} to {topic} is not allowed: it will not be published",
                          client_id=self.client.client_id, topic=will.topic)
         method = packet.properties.get("authentication_method")
@@ -246,6 +242,11 @@ class Connecting:
         self.terms = None  # needed no longer: an idle connection keeps nothing it does not use
         client = self.client
         assert terms is not None and client is not None
+        properties = terms.connack_properties
+        if self.version == MQTT_5 and self._auth_method is not None:
+            properties = {**properties, "authentication_method": self._auth_method}
+        if not self._connack_fits(properties):
+            return
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
@@ -257,16 +258,12 @@ class Connecting:
         self.session = session
         self._client_id = client.client_id
         if session.awaiting_pubrel:
-            self._inherited_pubrels = frozenset(session.awaiting_pubrel)
+            self._inherited_pubrels = set(session.awaiting_pubrel)
         self._set_state(State.CONNECTED)
         self.send_quota = terms.send_quota
-        properties = terms.connack_properties
-        if self.version == MQTT_5:
-            if terms.alias_maximum:
-                self._aliases_out = OutboundAliases(terms.alias_maximum)
-            if self._auth_method is not None:
-                properties = {**properties, "authentication_method": self._auth_method}
-        if packet.will is not None:
+        if self.version == MQTT_5 and terms.alias_maximum:
+            self._aliases_out = OutboundAliases(terms.alias_maximum)
+        if packet.will is not None and not self._forbidden_by_credentials(packet.will.topic):
             will = packet.will
             will_properties = will.properties
             if "will_delay_interval" in will_properties:  # a will property, not a PUBLISH one
@@ -281,8 +278,6 @@ class Connecting:
                 self.wait_for_store()
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self._send_connack(present and self.version != MQTT_3_1, properties)
-        if self.state is not State.CONNECTED:  # (a CONNACK too large for the client closes it)
-            return
         if self.broker.config.connection_messages:
             log.info("client {client_id} connected from {peer} (MQTT {version}, clean start {clean}, "
                      "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
@@ -297,19 +292,41 @@ class Connecting:
         self._watch_expiry()
         self.delivery.resume(session)
 
+    def _connack_fits(self, properties: Properties) -> bool:
+        """Whether the CONNACK fits in the client's Maximum Packet Size, once send() has trimmed
+        its reason string and user properties; if not, the connection is closed, before its
+        session is touched, without a CONNACK [MQTT-3.1.2-24] or a DISCONNECT, which may not
+        come before one [MQTT-3.14.0-1]. (Session Present does not change its size.)"""
+        if len(self.broker.connack.encode(False, properties, self.version)) <= self.max_send_size:
+            return True
+        trimmed = {k: v for k, v in properties.items() if k not in ("reason_string", "user_property")}
+        size = len(encode(Connack(properties=trimmed), self.version))
+        if size <= self.max_send_size:
+            return True
+        self.drop(ReasonCode.PACKET_TOO_LARGE, f"its CONNACK would be {size} bytes, more than its Maximum Packet "
+                  f"Size ({self.max_send_size})")
+        return False
+
+    def _forbidden_by_credentials(self, topic: str) -> bool:
+        """Whether the ACL that came with the client's credentials (a token's claims, an HTTP
+        answer, an auth hook's identity) forbids it a will on ``topic``. Such a will is dropped at
+        once: those rules are not reloaded, nor kept with a will in the store or in Redis, where
+        it is checked after a restart, or by another node, without them. (One that ``acl_file``
+        forbids is kept, and checked again when it is due, as by Mosquitto.)"""
+        identity, security = self.identity, self.broker.security
+        if identity is None or identity.rules is None or security is None or topic.startswith("$SYS"):
+            return False
+        if security.can_publish(identity, topic):
+            return False
+        log.info("will of {client_id} to {topic} is not allowed by its credentials: dropped",
+                 client_id=identity.client_id, topic=topic)
+        return True
+
     def _send_connack(self, present: bool, properties: Properties) -> None:
         """The CONNACK that accepts the connection, written without building a Connack."""
         data = self.broker.connack.encode(present, properties, self.version)
-        if len(data) > self.max_send_size:  # send() trims its properties to the client's limit
-            trimmed = Connack(session_present=present, properties={
-                k: v for k, v in properties.items() if k not in ("reason_string", "user_property")})
-            size = len(encode(trimmed, self.version))
-            if size > self.max_send_size:  # [MQTT-3.1.2-24]; and no DISCONNECT before a CONNACK [MQTT-3.14.0-1]
-                self._set_state(State.CONNECTING)
-                self.drop(ReasonCode.PACKET_TOO_LARGE, f"its CONNACK would be {size} bytes, more than its Maximum "
-                          f"Packet Size ({self.max_send_size})")
-                return
-            self.send(trimmed)
+        if len(data) > self.max_send_size:  # send() trims its properties to the client's limit (_connack_fits)
+            self.send(Connack(session_present=present, properties=properties))
             return
         self.stats.control_packets_sent += 1
         self.write(data)

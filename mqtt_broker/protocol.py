@@ -140,7 +140,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._acks: _Acks | None = None
         """The acknowledgements of PUBLISHes waiting for the store's latest batch (see
         ``Publishing._acknowledge_when_stored``)."""
-        self._inherited_pubrels: frozenset[int] | None = None
+        self._inherited_pubrels: set[int] | None = None
         """The packet ids of QoS 2 PUBLISHes that a session resumed by this connection had
         received and not yet released: they do not count against this connection's Receive
         Maximum, which starts afresh with each connection (MQTT 5, 4.9)."""

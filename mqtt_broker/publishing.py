@@ -53,7 +53,7 @@ class Publishing:
     _client_id: str
     _aliases_in: InboundAliases | None
     _acks: _Acks | None
-    _inherited_pubrels: frozenset[int] | None
+    _inherited_pubrels: set[int] | None
 
     # MQTTProtocol's methods that these use (see Connecting)
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
@@ -307,6 +307,8 @@ class Publishing:
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         known = self.delivery.pubrel_received(self.session, packet.packet_id)
+        if self._inherited_pubrels is not None:
+            self._inherited_pubrels.discard(packet.packet_id)  # (its id may come again: this connection's then)
         if self.session.stored:
             # PUBCOMP only once the id is forgotten in the store too (also for an id already
             # forgotten, perhaps not yet in the store): the publisher may use it again at once,

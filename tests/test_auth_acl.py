@@ -719,6 +719,33 @@ def test_a_will_its_tokens_claims_forbid_is_never_published(tmp_path: Path, rest
     assert [p for p in watcher.received() if isinstance(p, Publish)] == []
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+def test_a_will_an_auth_hooks_rules_forbid_is_never_published(tmp_path: Path, restarted: bool) -> None:
+    """The same with the rules of an auth hook's Identity, which replace the connection's
+    (docs/embedding.md): they come after the security chain's answer."""
+    from mqtt_broker.wire.packets import Connack, Connect
+    (tmp_path / "secret").write_bytes(b"a secret of thirty-two bytes or more!")  # (security on)
+    restarts = Restarts(MemoryStore(), jwt_secret_file=str(tmp_path / "secret"), allow_anonymous=True)
+    broker = restarts.start()
+    rules = AccessRules.from_lists(["devices/d1/#"], ["devices/d1/#"])
+    broker.hooks.on_auth(lambda client, method, data, again: Identity(client_id=client.client_id, username="d1",
+                                                                       rules=rules))
+    device = FakeClient(broker, version=5)
+    device.send(Connect(client_id="d1", protocol_level=5, clean_start=False,
+                        properties={"session_expiry_interval": 3600, "authentication_method": "X"},
+                        will=Will(topic="commands/all/reboot", payload=b"reboot",
+                                  properties={"will_delay_interval": 30})))
+    (connack,) = device.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    device.lose()
+    if restarted:
+        broker = restarts.restart()
+    watcher = connected(broker, "w", 5)
+    watcher.subscribe("commands/#")
+    restarts.reactor.advance(31)
+    assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+
+
 def test_the_will_of_a_client_whose_credentials_a_reload_revoked_is_not_published(tmp_path: Path) -> None:
     from mqtt_broker.auth.passwords import PasswordHash
     passwords = tmp_path / "pw"

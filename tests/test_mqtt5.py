@@ -632,6 +632,18 @@ def test_receive_maximum_starts_afresh_with_each_connection() -> None:
     assert again.received() == [Pubcomp(packet_id=1)]
     again.send(Publish(topic="t", qos=2, packet_id=5))  # a third of this connection's
     assert_server_disconnect(again, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+    # An earlier connection's id, once released, is this connection's when it comes again.
+    third = v5(broker, "q", clean=False, properties=persistent)
+    third.publish("t", qos=2, packet_id=1)
+    third.publish("t", qos=2, packet_id=2)
+    third.lose()
+    fourth = v5(broker, "q", clean=False, properties=persistent)
+    fourth.send(Pubrel(packet_id=1), Pubrel(packet_id=2))
+    assert fourth.received() == [Pubcomp(packet_id=1), Pubcomp(packet_id=2)]
+    assert fourth.publish("t", qos=2, packet_id=1) == [Pubrec(packet_id=1, reason_code=0x10)]
+    assert fourth.publish("t", qos=2, packet_id=2) == [Pubrec(packet_id=2, reason_code=0x10)]
+    fourth.send(Publish(topic="t", qos=2, packet_id=3))
+    assert_server_disconnect(fourth, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
 
 
 # --- maximum packet size ---------------------------------------------------------------------
@@ -659,10 +671,16 @@ def test_a_connack_larger_than_the_client_maximum_packet_size_is_not_sent() -> N
     Topic Alias Maximum...); a client whose limit they do not fit in is closed, without a
     DISCONNECT, which may not come before a CONNACK [MQTT-3.14.0-1]. It was sent all the same."""
     broker = make_broker()
+    watcher = v5(broker, "w")
+    watcher.subscribe("wills/#")
+    first = v5(broker, "small", clean=False, properties={"session_expiry_interval": 100})
     small = FakeClient(broker, version=5)
-    small.send(Connect(client_id="small", protocol_level=5, properties={"maximum_packet_size": 12}))
+    small.send(Connect(client_id="small", protocol_level=5, properties={"maximum_packet_size": 12},
+                       will=Will(topic="wills/small", payload=b"gone")))
     assert small.transport.value() == b"" and small.closed
-    assert "small" not in broker.sessions
+    # Never accepted: nothing of it happens (no takeover, no will, no clean start).
+    assert not first.closed and first.received() == []
+    assert payloads(watcher.received()) == [] and broker.sessions["small"].connection is not None
     enough = FakeClient(broker, version=5)
     enough.send(Connect(client_id="enough", protocol_level=5, properties={"maximum_packet_size": 64}))
     (connack,) = enough.received()
