@@ -80,15 +80,15 @@ _REFUSED = {
 refused, not noted (the booleans of _REFUSED_IF_TRUE only when true, their default being this
 broker's way)."""
 _REFUSED_IF_TRUE = {"use_username_as_clientid"}
-_MAKE_DEFAULT_LISTENER = {"protocol": "mqtt", "socket_domain": None, "certfile": None, "keyfile": None,
-                          "cafile": None, "capath": None, "ciphers": None, "ciphers_tls1.3": None,
-                          "dhparamfile": None, "max_connections": "-1", "max_qos": "2",
-                          "use_identity_as_username": "false", "use_subject_as_username": "false"}
+_MAKE_DEFAULT_LISTENER: dict[str, Any] = {
+    "protocol": "mqtt", "socket_domain": None, "certfile": None, "keyfile": None, "cafile": None, "capath": None,
+    "ciphers": None, "ciphers_tls1.3": None, "dhparamfile": None, "max_connections": -1, "max_qos": 2,
+    "use_identity_as_username": False, "use_subject_as_username": False, "require_certificate": False}
 """Listener settings that, before any listener line, make Mosquitto open its default listener (port
 1883, or ``port``'s, on every interface, or ``bind_address``'s), unless given their default here."""
 _MOST_PACKET_SIZE = 268_435_460
 """Mosquitto's packet size limit when none is set: the most MQTT allows (header included)."""
-_RANGES = {"max_keepalive": (10, 65535), "max_packet_size": (20, _MOST_PACKET_SIZE)}
+_RANGES: dict[str, tuple[int, int | None]] = {"max_keepalive": (10, 65535), "max_packet_size": (20, None)}
 """Values Mosquitto 2 refuses to start with outside these bounds."""
 _MAX_INFLIGHT = 65535
 """The most max_inflight_messages can be here: as many as there are packet identifiers."""
@@ -390,9 +390,11 @@ class _Converter:
         ours, kind = _GLOBAL[key]
         settings = self.out.settings
         settings[ours] = _setting(kind, value, source, number)
-        low, high = _RANGES.get(key, (None, None))
-        if low is not None and not low <= settings[ours] <= high:
-            raise ValueError(f"{source}:{number}: {key} must be {low} to {high}, as Mosquitto 2 takes it")
+        if key in _RANGES:
+            low, high = _RANGES[key]
+            if settings[ours] < low or high is not None and settings[ours] > high:
+                bounds = f"{low} to {high}" if high is not None else f"{low} or more"
+                raise ValueError(f"{source}:{number}: {key} must be {bounds}, as Mosquitto 2 takes it")
         if key == "max_inflight_messages" and settings[ours] == 0:
             settings[ours] = _MAX_INFLIGHT
             self.out.notes.append(Note(source, number, text, f"no limit in Mosquitto: {_MAX_INFLIGHT} here, the most "
@@ -421,14 +423,15 @@ class _Converter:
                 settings["data_dir"] = self.location.rstrip("/") or "/"
         else:
             settings["persistence"] = "memory"
-        settings.setdefault("max_packet_size", _MOST_PACKET_SIZE)
+        settings["max_packet_size"] = min(settings.get("max_packet_size", _MOST_PACKET_SIZE), _MOST_PACKET_SIZE)
         if self.message_size_limit is not None and self.message_size_limit[0] > 0:
             size, source, number, text = self.message_size_limit
-            settings["max_packet_size"] = min(settings["max_packet_size"], max(size, 2))
+            settings["max_packet_size"] = min(settings["max_packet_size"], max(size, 20))
             self.out.notes.append(Note(source, number, text, f"as max_packet_size {settings['max_packet_size']}: it "
-                                       f"limits whole packets (a message whose payload fits but whose topic takes it "
-                                       f"over is refused too), and a client that sends a larger one is disconnected "
-                                       f"(MQTT 5: 0x95) rather than its message dropped", carried=True))
+                                       f"limits whole packets, CONNECT and SUBSCRIBE too (a message whose payload fits "
+                                       f"but whose topic takes it over is refused too), and a client that sends a "
+                                       f"larger one is disconnected (MQTT 5: 0x95) rather than its message dropped",
+                                       carried=True))
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
         for key, default in _PER_LISTENER.items():
             values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
@@ -502,9 +505,18 @@ def _opens_default_listener(key: str, value: str) -> bool:
     if key not in _MAKE_DEFAULT_LISTENER:
         return False
     default = _MAKE_DEFAULT_LISTENER[key]
-    if default == "false":
-        return _first(value) not in ("false", "0")
-    return default is None or _first(value) != default
+    word = _first(value)
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return word not in ("false", "0")
+    if isinstance(default, int):
+        try:
+            number = int(word)
+        except ValueError:
+            return True  # (refused as it is read)
+        return number != default and not (key == "max_connections" and number < 0)  # (Mosquitto: < 0 is -1)
+    return word != default
 
 
 def _first(value: str) -> str:
@@ -542,7 +554,10 @@ def _value(kind: str, value: str, source: str, number: int) -> Any:
         if kind == "float":
             return float(value)
         if kind == "duration":  # Mosquitto's persistent_client_expiration: 1h, 2d, 1w, 1m, 1y (a unit needed)
-            return int(value[:-1]) * _UNITS[value[-1]]
+            seconds = int(value[:-1]) * _UNITS[value[-1]]
+            if seconds <= 0:
+                raise ValueError
+            return seconds
     except (ValueError, KeyError):
         raise ValueError(f"{source}:{number}: {value!r} is not a valid {kind}") from None
     return value

@@ -418,6 +418,7 @@ def test_the_config_shows_no_password() -> None:
      "redis+sentinel://********@127.0.0.1:26379,127.0.0.2/mymaster/0"),
     ("redis://:abc@s3cret@127.0.0.1:6379/0", "redis://:********@127.0.0.1:6379/0"),
     ("redis://user:s3cret@127.0.0.1", "redis://user:********@127.0.0.1"),
+    ("redis://:s3cret pw@127.0.0.1:6379/0", "redis://:********@127.0.0.1:6379/0"),
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
 ])
 def test_a_redis_url_shows_no_password_in_any_form(url: str, shown: str) -> None:
@@ -426,5 +427,5 @@ def test_a_redis_url_shows_no_password_in_any_form(url: str, shown: str) -> None
     from mqtt_broker.admin.shapes import redacted
     from mqtt_broker.cluster.address import RedisAddress
     from mqtt_broker.config import BrokerConfig
-    assert RedisAddress.parse(url).password in (None, "s3cret", "abc@s3cret")
+    assert RedisAddress.parse(url).password in (None, "s3cret", "abc@s3cret", "s3cret pw")
     assert redacted(dataclasses.asdict(BrokerConfig(cluster=url)))["cluster"] == shown

@@ -203,6 +203,12 @@ def test_every_check_hashes_the_same_whoever_is_named(tmp_path: Path, monkeypatc
         sec.authenticate(credentials(username, password)).addCallback(answers.append)
         assert isinstance(answers[0], Identity) is accepted, (username, password)
         assert sorted(hashed) == kinds, (username, password)
+    # Reloaded with one kind only: one hash per check.
+    (tmp_path / "pw").write_text(f"alice:{PasswordHash.create(b'a', iterations=101)}\n")
+    sec.reload()
+    hashed.clear()
+    sec.authenticate(credentials("dave", b"x"))
+    assert hashed == [("sha512-pbkdf2", 101)]
 
 
 def test_a_reactor_without_threads_checks_in_place(files: Path) -> None:

@@ -429,14 +429,15 @@ def test_a_remote_that_refuses_a_qos1_will_gets_one_at_qos0() -> None:
     remote.broker.stopService()
 
 
-def test_a_stopped_bridge_tells_the_remote_it_is_disconnected() -> None:
+@pytest.mark.parametrize("how", ["stopService", "restart"])
+def test_a_stopped_bridge_tells_the_remote_it_is_disconnected(how: str) -> None:
     """Its own DISCONNECT discards the will that says so when the link fails: the state goes
     first (as Mosquitto's stop leaves "0" there)."""
     from mqtt_broker.wire import Disconnect
     remote = FakeRemote(topic=["q/# out 0"], remote_clientid="edge")
     remote.up()
     remote.received()
-    remote.bridge.stopService()  # type: ignore[union-attr]
+    getattr(remote.bridge, how)()
     remote.reactor.advance(0)
     sent = remote.received()
     assert [type(p) for p in sent] == [Publish, Disconnect]

@@ -100,7 +100,7 @@ def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
 
 # --- input ---------------------------------------------------------------------------------
 
-_URL_AUTHORITY = re.compile(r"(://)([^/?#\s]*)")
+_URL_AUTHORITY = re.compile(r"(://)([^/?#]*)")
 
 
 def _without_password(match: re.Match[str]) -> str:
