@@ -43,7 +43,7 @@ from ..wire import (
 from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
-from .link import Link, pipe
+from .link import Link, client_tls, pipe
 
 log = Logger()
 
@@ -159,7 +159,7 @@ class Bridge(Service):
         endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=10)
         if config.tls:
             try:
-                endpoint = wrapClientTLS(self._tls_options(host), endpoint)
+                endpoint = wrapClientTLS(client_tls(config, host), endpoint)
             except (OSError, ValueError) as e:  # a file moved or replaced since the start: try again later
                 self._failed(str(e))
                 return
@@ -180,36 +180,6 @@ class Bridge(Service):
         if not self.running:
             return
         self._failed(f"cannot connect to {self.address}: {failure.getErrorMessage()}")
-
-    def _tls_options(self, host: str) -> Any:
-        """Raises OSError or ValueError naming a file that cannot be used."""
-        from twisted.internet.error import VerifyError
-        from twisted.internet.ssl import (
-            Certificate, CertificateOptions, KeyPair, PrivateCertificate, optionsForClientTLS, platformTrust,
-            trustRootFromCertificates,
-        )
-
-        from ..auth.tls import certificates, private_key
-        config = self.config
-        trust: Any = platformTrust()
-        if config.bridge_cafile:
-            authorities = certificates(config.bridge_cafile, "bridge_cafile")
-            trust = trustRootFromCertificates([Certificate(c) for c in authorities])
-        client_certificate = None
-        if config.bridge_certfile:
-            try:
-                client_certificate = PrivateCertificate.fromCertificateAndKeyPair(
-                    Certificate(certificates(config.bridge_certfile, "bridge_certfile")[0]),
-                    KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
-            except VerifyError:  # (one of the two replaced, the other not yet)
-                raise ValueError(f"bridge_keyfile={config.bridge_keyfile} is not the key of "
-                                 f"bridge_certfile={config.bridge_certfile}") from None
-        if config.bridge_insecure:  # the chain is checked, the name is not
-            return CertificateOptions(
-                trustRoot=trust,
-                privateKey=client_certificate.privateKey.original if client_certificate else None,
-                certificate=client_certificate.original if client_certificate else None)
-        return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_certificate)
 
     def _remote_connect(self) -> Connect:
         config = self.config

@@ -1,6 +1,7 @@
 """The two connections of a bridge: an MQTT client protocol on the broker's own codec, and an
 in-memory pipe that joins such a client to an :class:`~mqtt_broker.protocol.MQTTProtocol` of
-this broker, so the bridge's session here is an ordinary session (queued, stored, resent).
+this broker, so the bridge's session here is an ordinary session (queued, stored, resent); and
+the TLS options of the connection to the remote.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..wire import Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, encode
+from .config import BridgeConfig
 
 log = Logger()
 
@@ -287,3 +289,34 @@ def pipe(clock: IReactorTime, a: IProtocol, b: IProtocol, name: str) -> None:
     end_a.peer, end_b.peer = end_b, end_a
     a.makeConnection(end_a)
     b.makeConnection(end_b)
+
+
+def client_tls(config: BridgeConfig, host: str) -> Any:
+    """The TLS options of a bridge's connection to ``host``; raises OSError or ValueError naming
+    a file that cannot be used."""
+    from twisted.internet.error import VerifyError
+    from twisted.internet.ssl import (
+        Certificate, CertificateOptions, KeyPair, PrivateCertificate, optionsForClientTLS, platformTrust,
+        trustRootFromCertificates,
+    )
+
+    from ..auth.tls import certificates, private_key
+    trust: Any = platformTrust()
+    if config.bridge_cafile:
+        authorities = certificates(config.bridge_cafile, "bridge_cafile")
+        trust = trustRootFromCertificates([Certificate(c) for c in authorities])
+    client_certificate = None
+    if config.bridge_certfile:
+        try:
+            client_certificate = PrivateCertificate.fromCertificateAndKeyPair(
+                Certificate(certificates(config.bridge_certfile, "bridge_certfile")[0]),
+                KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
+        except VerifyError:  # (one of the two replaced, the other not yet)
+            raise ValueError(f"bridge_keyfile={config.bridge_keyfile} is not the key of "
+                             f"bridge_certfile={config.bridge_certfile}") from None
+    if config.bridge_insecure:  # the chain is checked, the name is not
+        return CertificateOptions(
+            trustRoot=trust,
+            privateKey=client_certificate.privateKey.original if client_certificate else None,
+            certificate=client_certificate.original if client_certificate else None)
+    return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_certificate)
