@@ -245,7 +245,9 @@ class Connecting:
         properties = terms.connack_properties
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}
-        if not self._connack_fits(properties):
+        # Only a small limit can be below a CONNACK whose reason string and user properties send()
+        # has trimmed: the common case encodes it once.
+        if self.max_send_size < 65536 and not self._connack_fits(properties):
             return
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored
