@@ -90,6 +90,7 @@ class BrokerService(MultiService):
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
         self._stopped = False
         self._retained_sweep: Any = None
+        self._alive_call: Any = None
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()
@@ -191,6 +192,8 @@ class BrokerService(MultiService):
             self.stopService()
             raise
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
+        if getattr(self.store, "alive", None) is not None:
+            self._alive()
         if self.cluster is not None:
             self.cluster.start().addErrback(lambda failure: log.failure("joining the cluster", failure))
 
@@ -209,6 +212,7 @@ class BrokerService(MultiService):
         stopping.append(self._all_closed.done)
         self.keepalives.stop()
         _cancel(self._retained_sweep)
+        _cancel(self._alive_call)
         for session in self.sessions.values():
             _cancel(session.expiry_call)
             _cancel(session.retry_call)
@@ -337,7 +341,7 @@ class BrokerService(MultiService):
         assert store is not None
         now = self.clock.seconds()
         for session, disconnected_at in snapshot.sessions:
-            self.take_session(session, disconnected_at)
+            self.take_session(session, disconnected_at, snapshot.alive_at)
         for message in snapshot.retained:
             if message.expired(now):
                 store.delete_retained(message.topic)
@@ -356,15 +360,15 @@ class BrokerService(MultiService):
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
                  sessions=len(self.sessions), retained=len(self.retained), wills=len(self.wills))
 
-    def take_session(self, session: Session, disconnected_at: float | None) -> None:
+    def take_session(self, session: Session, disconnected_at: float | None, alive_at: float | None = None) -> None:
         """Take up a session whose client is not connected (restored from the store, or adopted
         from a dead node of a cluster): it expires from when its client went away (None: it was
-        connected until now)."""
+        connected when its broker stopped, which was last known alive at ``alive_at``, or now)."""
         assert self.store is not None
         now = self.clock.seconds()
         if disconnected_at is None:  # connected when its broker stopped: it went away then
-            disconnected_at = now
-            self.store.save_session(session, now)
+            disconnected_at = min(now, alive_at) if alive_at is not None else now
+            self.store.save_session(session, disconnected_at)
         if session.expiry != NEVER:
             remaining = disconnected_at + session.expiry - now
             if remaining <= 0:
@@ -565,6 +569,11 @@ class BrokerService(MultiService):
             self._discard(session)
             self._release(session.client_id)
 
+    def _alive(self) -> None:
+        """Tell the store the broker is alive now (see ALIVE_EVERY)."""
+        self.store.alive(self.clock.seconds())  # type: ignore[union-attr]
+        self._alive_call = self.clock.callLater(ALIVE_EVERY, self._alive)
+
     def _release(self, client_id: str) -> None:
         """The client's session ended here (not replaced by a new one): in a cluster, this node
         gives the client up."""
@@ -663,6 +672,10 @@ class BrokerService(MultiService):
 
 RETAINED_SWEEP = 60.0
 """Seconds between two sweeps of the expired retained messages."""
+ALIVE_EVERY = 5.0
+"""Seconds between two notes to a store that can keep them (``alive``) that the broker is alive:
+a session whose client was connected when the broker was killed counts its expiry from the last
+one, within these seconds of the kill, not from the restart."""
 
 
 def with_backlog(description: str, backlog: int) -> str:

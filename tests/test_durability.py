@@ -797,6 +797,34 @@ def test_acknowledged_messages_survive_a_crash(on_disk: SQLiteRestarts, tmp_path
 
 
 @pytest_twisted.inlineCallbacks
+def test_session_expiry_counts_the_time_down_after_a_kill_9(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """A session whose client was connected when the broker was killed counted its expiry from
+    the restart, as if its client had been there all the while the broker was down: after each
+    crash a full expiry again. It counts from the broker's last note that it was alive (every
+    ALIVE_EVERY seconds), within those seconds of the kill."""
+    from mqtt_broker.broker import ALIVE_EVERY
+    clock = MemoryReactorClock()
+    clock.advance(1_000_000)
+    on_disk = SQLiteRestarts(tmp_path / "mqttbroker.db", clock=clock)
+    try:
+        broker = on_disk.start()
+        connected(broker, "gone", 5, clean=False, properties={"session_expiry_interval": 100})
+        connected(broker, "kept", 5, clean=False, properties={"session_expiry_interval": 1000})
+        yield on_disk.store.flushed()
+        clock.advance(3 * ALIVE_EVERY)  # a note each time
+        yield on_disk.store.flushed()
+        noted = clock.seconds()
+        crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")  # killed now, both connected
+        clock.advance(600)  # down for ten minutes
+        broker = yield on_disk.again(crashed)
+        assert "gone" not in broker.sessions and "kept" in broker.sessions
+        yield on_disk.store.flushed()
+        assert rows(on_disk.path, "SELECT disconnected_at FROM sessions WHERE client_id = 'kept'") == [(noted,)]
+    finally:
+        yield on_disk.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_clean_start_is_acknowledged_once_the_old_session_is_gone_from_the_disk(
         on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
     """Session Present 0 went out before the old session's end was committed: killed then, the

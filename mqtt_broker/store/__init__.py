@@ -46,6 +46,9 @@ class Snapshot:
     wills: list[StoredWill] = field(default_factory=list)
     history: list[Entry] = field(default_factory=list)
     """The message log, oldest first."""
+    alive_at: float | None = None
+    """The last clock time the broker noted it was alive (a store's optional ``alive(now)``),
+    None if never: a session connected when the broker stopped went away then."""
 
 
 class Store(Protocol):
@@ -114,6 +117,11 @@ class Store(Protocol):
         write failed. The Deferreds fire in the order they were asked for."""
 
     def close(self) -> Deferred[None]: ...
+
+    # Optional: ``alive(now: float) -> None`` records that the broker is alive at clock time
+    # ``now`` (the broker calls it every few seconds), for ``load`` to give as
+    # ``Snapshot.alive_at``: the sessions whose clients were connected when the broker was
+    # killed then count their expiry from then rather than from the restart.
 
 
 def fire(waiters: list[Deferred[None]], error: Exception | None = None) -> None:

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS wills (
     client_id TEXT PRIMARY KEY, username TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL,
     due REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 
 _INSERT_DELIVERY = ("INSERT OR REPLACE INTO deliveries (client_id, seq, topic, payload, qos, retain, properties, "
@@ -259,7 +260,8 @@ class SQLiteStore:
         history = [Entry(seq, _message(topic, payload, qos, False, properties, expires_at), at)
                    for seq, topic, payload, qos, properties, expires_at, at in db.execute(
                        "SELECT seq, topic, payload, qos, properties, expires_at, at FROM history ORDER BY seq")]
-        return Snapshot(list(sessions.values()), retained, wills, history)
+        alive = db.execute("SELECT value FROM meta WHERE key = 'alive'").fetchone()
+        return Snapshot(list(sessions.values()), retained, wills, history, alive[0] if alive else None)
 
     def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
         def read() -> list[Queued]:
@@ -282,6 +284,11 @@ class SQLiteStore:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return len(self._pending) - 1
+
+    def alive(self, now: float) -> None:
+        """The broker is alive at clock time ``now`` (kept for the sessions its next start takes
+        up, if it is killed)."""
+        self._record("INSERT OR REPLACE INTO meta (key, value) VALUES ('alive', ?)", (now,))
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None:
         self._record("INSERT OR REPLACE INTO sessions (client_id, expiry, disconnected_at, next_seq) "
