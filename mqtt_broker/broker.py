@@ -672,10 +672,11 @@ class BrokerService(MultiService):
 
 RETAINED_SWEEP = 60.0
 """Seconds between two sweeps of the expired retained messages."""
-ALIVE_EVERY = 5.0
+ALIVE_EVERY = 60.0
 """Seconds between two notes to a store that can keep them (``alive``) that the broker is alive:
 a session whose client was connected when the broker was killed counts its expiry from the last
-one, within these seconds of the kill, not from the restart."""
+one, within these seconds of the kill, not from the restart. (An idle broker writes its disk
+once per note: a minute is nothing next to expiries of minutes or days, and spares flash.)"""
 
 
 def with_backlog(description: str, backlog: int) -> str:
