@@ -347,7 +347,8 @@ def test_start_on_busy_port_raises(busy_port: int) -> None:
 
 def test_start_listens_and_stop_closes() -> None:
     """TCP listen is synchronous, so a started service accepts connections without a running
-    reactor; closing the port is a delayed call, which this test runs by hand."""
+    reactor; closing the port is a delayed call, and the store's last write comes back from its
+    thread, which this test runs by hand."""
     from twisted.internet import reactor
 
     port = free_port()
@@ -361,8 +362,11 @@ def test_start_listens_and_stop_closes() -> None:
     finally:
         stopped: list[Any] = []
         service.stopService().addBoth(stopped.append)
-        if not stopped:
+        for _ in range(3000):  # (the store's last write comes back from its thread through the reactor)
+            if stopped:
+                break
             reactor.runUntilCurrent()  # type: ignore[attr-defined]
+            reactor.doIteration(0.01)  # type: ignore[attr-defined]
     assert stopped == [None]
     assert not service.running
     with pytest.raises(ConnectionRefusedError):
