@@ -425,7 +425,7 @@ def test_bind_address_is_the_default_listeners_wherever_it_is(tmp_path: Path) ->
     ("max_connections -1\nmax_qos 2\nprotocol mqtt\nuse_identity_as_username false\n",
      ["tcp:1883:interface=127.0.0.1"]),  # their defaults: still local only
     ("max_qos 02\nmax_connections -5\n", ["tcp:1883:interface=127.0.0.1"]),  # read as numbers: 2, and -1
-    ("require_certificate true\ncafile ca.crt\n", ["tcp:1883"]),
+    ("require_certificate true\n", ["tcp:1883"]),  # (checked: Mosquitto 2.0.11 opens 1883 for it alone)
 ])
 def test_listener_settings_before_any_listener_open_mosquittos_default_listener(
         tmp_path: Path, text: str, endpoints: list[str]) -> None:
