@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -192,8 +192,9 @@ class BrokerService(MultiService):
             self.stopService()
             raise
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
-        if getattr(self.store, "alive", None) is not None:
-            self._alive()
+        note = getattr(self.store, "alive", None)
+        if note is not None:
+            self._alive(note)
         if self.cluster is not None:
             self.cluster.start().addErrback(lambda failure: log.failure("joining the cluster", failure))
 
@@ -569,10 +570,10 @@ class BrokerService(MultiService):
             self._discard(session)
             self._release(session.client_id)
 
-    def _alive(self) -> None:
-        """Tell the store the broker is alive now (see ALIVE_EVERY)."""
-        self.store.alive(self.clock.seconds())  # type: ignore[union-attr]
-        self._alive_call = self.clock.callLater(ALIVE_EVERY, self._alive)
+    def _alive(self, note: Callable[[float], None]) -> None:
+        """Tell the store the broker is alive now (``note``: its ``alive``; see ALIVE_EVERY)."""
+        note(self.clock.seconds())
+        self._alive_call = self.clock.callLater(ALIVE_EVERY, self._alive, note)
 
     def _release(self, client_id: str) -> None:
         """The client's session ended here (not replaced by a new one): in a cluster, this node

@@ -22,7 +22,7 @@ from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
-    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode, encode,
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
     v3_connack_code,
 )
 
@@ -245,8 +245,8 @@ class Connecting:
         properties = terms.connack_properties
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}
-        # Only a small limit can be below a CONNACK whose reason string and user properties send()
-        # has trimmed: the common case encodes it once.
+        # Only a small limit can be below a CONNACK that accepts (its properties are the broker's
+        # few: no reason string, no user property): the common case encodes it once.
         if self.max_send_size < 65536 and not self._connack_fits(properties):
             return
         previous = self.broker.sessions.get(client.client_id)
@@ -295,14 +295,11 @@ class Connecting:
         self.delivery.resume(session)
 
     def _connack_fits(self, properties: Properties) -> bool:
-        """Whether the CONNACK fits in the client's Maximum Packet Size, once send() has trimmed
-        its reason string and user properties; if not, the connection is closed, before its
-        session is touched, without a CONNACK [MQTT-3.1.2-24] or a DISCONNECT, which may not
-        come before one [MQTT-3.14.0-1]. (Session Present does not change its size.)"""
-        if len(self.broker.connack.encode(False, properties, self.version)) <= self.max_send_size:
-            return True
-        trimmed = {k: v for k, v in properties.items() if k not in ("reason_string", "user_property")}
-        size = len(encode(Connack(properties=trimmed), self.version))
+        """Whether the CONNACK fits in the client's Maximum Packet Size; if not, the connection is
+        closed, before its session is touched, without a CONNACK [MQTT-3.1.2-24] or a
+        DISCONNECT, which may not come before one [MQTT-3.14.0-1]. (Session Present does not
+        change its size.)"""
+        size = len(self.broker.connack.encode(False, properties, self.version))
         if size <= self.max_send_size:
             return True
         self.drop(ReasonCode.PACKET_TOO_LARGE, f"its CONNACK would be {size} bytes, more than its Maximum Packet "
@@ -327,7 +324,7 @@ class Connecting:
     def _send_connack(self, present: bool, properties: Properties) -> None:
         """The CONNACK that accepts the connection, written without building a Connack."""
         data = self.broker.connack.encode(present, properties, self.version)
-        if len(data) > self.max_send_size:  # send() trims its properties to the client's limit (_connack_fits)
+        if len(data) > self.max_send_size:  # (a large limit, and a huge authentication method)
             self.send(Connack(session_present=present, properties=properties))
             return
         self.stats.control_packets_sent += 1

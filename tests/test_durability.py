@@ -772,13 +772,21 @@ def when_stored(store: Store, client: FakeClient) -> Deferred[list[Any]]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_acknowledged_messages_survive_a_crash(on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
-    broker = on_disk.start()
-    s = connected(broker, "s", 4, clean=False)
+def subscriber_away_and_publisher(on_disk: SQLiteRestarts) -> Iterator[Deferred[Any]]:
+    """On the started broker: a subscriber "s" of "q" at QoS 2, stored and gone, and a publisher
+    "p" of a session that outlives its connection, returned."""
+    assert on_disk.broker is not None
+    s = connected(on_disk.broker, "s", 4, clean=False)
     subscribe(s, "q", qos=2)
     yield on_disk.store.flushed()
     s.lose()
-    p = connected(broker, "p", 5, **persistent(5))
+    return connected(on_disk.broker, "p", 5, **persistent(5))
+
+
+@pytest_twisted.inlineCallbacks
+def test_acknowledged_messages_survive_a_crash(on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    broker = on_disk.start()
+    p = yield subscriber_away_and_publisher(on_disk)
     p.publish("q", b"one", qos=1, packet_id=1)
     p.publish("q", b"two", qos=2, packet_id=2)
     yield on_disk.store.flushed()
@@ -832,11 +840,7 @@ def test_a_clean_start_is_acknowledged_once_the_old_session_is_gone_from_the_dis
     message of the new session, with that id, for a resend: PUBREC and PUBCOMP, and routed to no
     one (an acknowledged QoS 2 message lost)."""
     broker = on_disk.start()
-    s = connected(broker, "s", 4, clean=False)
-    subscribe(s, "q", qos=2)
-    yield on_disk.store.flushed()
-    s.lose()
-    p = connected(broker, "p", 5, **persistent(5))
+    p = yield subscriber_away_and_publisher(on_disk)
     p.publish("q", b"old", qos=2, packet_id=5)  # received, never released
     yield on_disk.store.flushed()
     assert [type(x) for x in p.received()] == [Pubrec]
