@@ -627,3 +627,18 @@ def test_what_the_remote_cannot_take_does_not_stop_the_bridge(broker_process: An
     assert [event["topic"] for event in dropped] == ["up/big"]
     for client in (cloud, local, watcher):
         client.close()
+
+
+def test_a_message_lowered_to_qos_0_crosses_without_dup_or_packet_id() -> None:
+    """Sent again after a reconnection (DUP set) to a remote whose Maximum QoS is now 0: at QoS 0
+    neither DUP nor a packet id may be on the wire [MQTT-3.3.1-2, MQTT-2.2.1-2]."""
+    from mqtt_broker.bridge import Bridge
+    from mqtt_broker.wire import MQTT_5, Publish, decode_publish, encode
+
+    for qos in (1, 2):
+        again = Publish("here/t", b"x", qos, False, True, 7, {})
+        crossing = Bridge._crossing(again, "there/t", False, MQTT_5, 0)
+        assert (crossing.qos, crossing.dup, crossing.packet_id) == (0, False, 0)
+        assert decode_publish(encode(crossing, MQTT_5), MQTT_5).dup is False  # (a DUP at QoS 0 is refused)
+        kept = Bridge._crossing(again, "there/t", False, MQTT_5, 1)
+        assert (kept.qos, kept.dup, kept.packet_id) == (1, True, 7)
