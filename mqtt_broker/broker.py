@@ -26,7 +26,7 @@ from .config import BrokerConfig, ConfigError
 from .connect import NEVER, AcceptingConnack
 from .delivery import Delivery
 from .history import MessageLog
-from .keepalive import Keepalives
+from .keepalive import Keepalives, cancel
 from .hooks import Hooks
 from .linger import AllClosed
 from .message import Client, Message, unsendable
@@ -212,11 +212,11 @@ class BrokerService(MultiService):
         self._all_closed = AllClosed(self.connections, self.clock, self.config.close_linger)
         stopping.append(self._all_closed.done)
         self.keepalives.stop()
-        _cancel(self._retained_sweep)
-        _cancel(self._alive_call)
+        cancel(self._retained_sweep)
+        cancel(self._alive_call)
         for session in self.sessions.values():
-            _cancel(session.expiry_call)
-            _cancel(session.retry_call)
+            cancel(session.expiry_call)
+            cancel(session.retry_call)
             session.expiry_call = session.retry_call = None
         self.wills.stop()
         if self.store is not None:
@@ -405,7 +405,7 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         if session is None:
             return
-        _cancel(session.expiry_call)
+        cancel(session.expiry_call)
         session.expiry_call = None
         connection = session.connection
         if connection is not None:
@@ -431,8 +431,8 @@ class BrokerService(MultiService):
         if session.connection is not None:
             self.let_go(client_id, False)  # (it finds the connection through the session)
         del self.sessions[client_id]
-        _cancel(session.expiry_call)
-        _cancel(session.retry_call)
+        cancel(session.expiry_call)
+        cancel(session.retry_call)
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(client_id, topic_filter)
         session.stored = False
@@ -504,7 +504,7 @@ class BrokerService(MultiService):
         present = session is not None
         if session is None:
             session = self.sessions[client_id] = Session(client_id)
-        _cancel(session.expiry_call)
+        cancel(session.expiry_call)
         session.expiry_call = None
         session.expiry = expiry
         session.connection = connection
@@ -532,7 +532,7 @@ class BrokerService(MultiService):
         connection.session = None
         session.connection = None
         self.attached -= 1
-        _cancel(session.retry_call)
+        cancel(session.retry_call)
         session.retry_call = None
         will = connection.will
         connection.will = None
@@ -688,11 +688,6 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
         return f"{description}:backlog={backlog}"
     return description
-
-
-def _cancel(call: Any) -> None:
-    if call is not None and call.active():
-        call.cancel()
 
 
 def _raise_open_files_limit() -> None:

@@ -61,13 +61,11 @@ class Keepalives:
         return len(self._heap) - self._forgotten
 
     def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel(self._call)
         self._call = None
 
     def _schedule(self, at: float) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel(self._call)
         self._call_at = at
         self._call = self.clock.callLater(max(at - self.clock.seconds(), 0), self._due)
 
@@ -91,3 +89,9 @@ class Keepalives:
             self._forgotten -= 1
         if heap:
             self._schedule(heap[0][0])
+
+
+def cancel(call: Any) -> None:
+    """Cancel a ``callLater`` call unless it is None, has run or was cancelled."""
+    if call is not None and call.active():
+        call.cancel()

@@ -37,6 +37,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .keepalive import cancel
+
 log = Logger()
 
 SUBPROTOCOLS = ("mqtt", "mqttv3.1")
@@ -338,7 +340,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         return subprotocol
 
     def onOpen(self) -> None:
-        _cancel(self._handshake_call)
+        cancel(self._handshake_call)
         self._handshake_call = None
         assert self.mqtt is not None and self._peer is not None
         self.mqtt.makeConnection(WebSocketTransport(self, self.transport, self._peer))
@@ -410,8 +412,8 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Not autobahn's connectionLost: it logs a client's failed TLS handshake as an error.
         self._connectionLost(reason)  # type: ignore[arg-type]  # autobahn's hint says str; it is the Failure
-        _cancel(self._handshake_call)
-        _cancel(self._close_call)
+        cancel(self._handshake_call)
+        cancel(self._close_call)
         self._handshake_call = self._close_call = None
         self._lose_mqtt(reason)
 
@@ -419,11 +421,6 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if self.mqtt is not None and self.mqtt.connected and not self._mqtt_lost:
             self._mqtt_lost = True
             self.mqtt.connectionLost(reason)
-
-
-def _cancel(call: Any) -> None:
-    if call is not None and call.active():
-        call.cancel()
 
 
 class WebSocketFactory(WebSocketServerFactory):

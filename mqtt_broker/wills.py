@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from twisted.logger import Logger
 
 from .auth import Identity
+from .keepalive import cancel
 from .message import Client, Message, unsendable
 from .store import StoredWill
 
@@ -100,7 +101,7 @@ class Wills:
         pending = self._delayed.pop(client_id, None)
         if pending is None:
             return
-        _cancel(pending[0])
+        cancel(pending[0])
         store = self.broker.store
         if in_store and store is not None:
             store.delete_will(client_id)
@@ -111,7 +112,7 @@ class Wills:
         """The broker stops: no will is published from now on. With a store, they are forgotten
         (the store has them, for the next start); without one, ``rearm`` sets them again."""
         for call, *_ in self._delayed.values():
-            _cancel(call)
+            cancel(call)
         if self.broker.store is not None:
             self._delayed.clear()
 
@@ -131,11 +132,6 @@ class Wills:
         if store is not None:
             store.delete_will(client_id)
         self.publish(*pending[1:])
-
-
-def _cancel(call: Any) -> None:
-    if call is not None and call.active():
-        call.cancel()
 
 
 __all__ = ["Wills"]
