@@ -137,23 +137,22 @@ class Subscribing:
         reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)
         store = self.broker.store
         if store is None or not self.session.stored:
-            self._subscribed(None, packet, codes, granted, replaced, replays, reason)
+            self._subscribed(None, packet, codes, reason)
+            self._send_retained(granted, replaced, replays)
         else:
             # SUBACK once the subscriptions are stored, and the retained messages at once: live
             # from now on, the subscriptions would otherwise get a newer message on a topic before
             # its older retained one [MQTT-4.6.0-5] (a PUBLISH may come before the SUBACK, §3.8.4).
             self._send_retained(granted, replaced, replays)
-            store.flushed().addCallbacks(self._subscribed, self._not_subscribed, (packet, codes, [], [], {}, reason),
+            store.flushed().addCallbacks(self._subscribed, self._not_subscribed, (packet, codes, reason),
                                          None, (packet, codes, granted, previous, reason))
 
-    def _subscribed(self, _: None, packet: Subscribe, codes: list[int], granted: list[Subscription],
-                    replaced: list[bool], replays: dict[str, str], reason: str) -> None:
+    def _subscribed(self, _: None, packet: Subscribe, codes: list[int], reason: str) -> None:
         if self.state is not State.CONNECTED:
             return
         if self.version != MQTT_5:
             codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
-        self._send_retained(granted, replaced, replays)  # (none here when they went already)
 
     def _send_retained(self, granted: list[Subscription], replaced: list[bool], replays: dict[str, str]) -> None:
         if self.state is not State.CONNECTED:  # (a SUBACK too large for the client closes it)
