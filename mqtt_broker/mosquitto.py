@@ -59,6 +59,11 @@ _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_de
            "log_type": "twistd's logging", "log_timestamp": "twistd's logging",
            "log_timestamp_format": "twistd's logging", "log_facility": "twistd --syslog",
            "websockets_log_level": "twistd's logging"}
+_ONCE = {"password_file", "acl_file", "persistence_location", "persistence_file", "pid_file", "user", "bind_address",
+         "certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile", "psk_file"}
+"""Settings Mosquitto 2 refuses to start with twice ("Duplicate ... value in configuration"): for
+the whole file, or for each listener (the TLS files; with per_listener_settings, the security ones)."""
+_ONCE_PER_LISTENER = {"certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile"}
 _PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2}
 """Per-listener settings of Mosquitto that are global here, with Mosquitto's defaults."""
 _SECURITY: dict[str, Any] = {"allow_anonymous": False, "password_file": None, "acl_file": None}
@@ -235,9 +240,17 @@ class _Converter:
         self.identity_by_cn = False
         """A use_identity_as_username true was read (the common name names clients)."""
         self.message_size_limit: tuple[int, str, int, str] | None = None
+        self.given: set[tuple[int, str]] = set()
+        """(listener, key) of the settings of _ONCE read so far (listener -1: the whole file's)."""
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
+        if key in _ONCE:
+            per_listener = key in _ONCE_PER_LISTENER or (self.per_listener and key in _SECURITY)
+            scope = (len(self.listeners) if per_listener else -1, key)
+            if scope in self.given:
+                raise ValueError(f"{source}:{number}: {key} is given twice; Mosquitto refuses to start so")
+            self.given.add(scope)
         # The first family to take the line has it, which settles the keys two of them know:
         # allow_anonymous, password_file and acl_file are security's, not a listener's; max_qos and the
         # like after a listener line are that listener's, not the global settings of those names.

@@ -460,6 +460,30 @@ def test_values_mosquitto_refuses_to_start_with_are_refused(tmp_path: Path, line
         convert(path)
 
 
+@pytest.mark.parametrize("lines, bad", [
+    ("password_file /etc/p\nlistener 1884\npassword_file /etc/q\n", 4),  # global: once in the file
+    ("acl_file /etc/a\nacl_file /etc/a\n", 3),
+    ("persistence_location /var/lib/m/\npersistence_location /var/lib/m/\n", 3),
+    ("certfile /c\nkeyfile /k\ncertfile /c\n", 4),  # once per listener
+    ("bind_address 127.0.0.1\nlistener 1884\nbind_address 127.0.0.1\n", 4),  # the default listener's
+    ("per_listener_settings true\nlistener 1884\nacl_file /a\nacl_file /b\n", 5),
+])
+def test_a_setting_mosquitto_takes_once_given_twice_is_refused(tmp_path: Path, lines: str, bad: int) -> None:
+    """Mosquitto 2.0.11: "Error: Duplicate password_file value in configuration." Taking the last
+    one would convert a file Mosquitto does not start with, and maybe not the one meant."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\n{lines}")
+    with pytest.raises(ValueError, match=rf"m.conf:{bad}: .* is given twice"):
+        convert(path)
+
+
+def test_settings_mosquitto_takes_once_per_listener_may_be_given_for_each(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("per_listener_settings true\nlistener 1883\nacl_file /a\ncertfile /c\nkeyfile /k\n"
+                    "listener 1884\nacl_file /a\ncertfile /c\nkeyfile /k\n")
+    assert len(convert(path).config().endpoints) == 2
+
+
 @pytest.mark.parametrize("lines, size, noted", [
     ("", 268_435_460, False),  # Mosquitto's default: no limit but MQTT's
     ("max_packet_size 5000\n", 5000, False),
