@@ -444,6 +444,14 @@ def test_a_boolean_or_a_number_is_the_first_word_of_its_line(tmp_path: Path) -> 
     assert settings["persistent_client_expiration"] == 2 * 86400
 
 
+
+def refused(tmp_path: Path, text: str, message: str) -> None:
+    """The converter refuses a mosquitto.conf of this text with this message."""
+    path = tmp_path / "m.conf"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        convert(path)
+
 @pytest.mark.parametrize("line, message", [
     ("persistent_client_expiration 3600", "'3600' is not a valid duration"),  # a unit is needed
     ("max_keepalive 0", "max_keepalive must be 10 to 65535"),
@@ -454,10 +462,7 @@ def test_a_boolean_or_a_number_is_the_first_word_of_its_line(tmp_path: Path) -> 
 ])
 def test_values_mosquitto_refuses_to_start_with_are_refused(tmp_path: Path, line: str, message: str) -> None:
     """Mosquitto 2.0.11: "Error: Invalid max_keepalive value (0)." and the like."""
-    path = tmp_path / "m.conf"
-    path.write_text(f"listener 1883\n{line}\n")
-    with pytest.raises(ValueError, match=rf"m.conf:2: {message}"):
-        convert(path)
+    refused(tmp_path, f"listener 1883\n{line}\n", rf"m.conf:2: {message}")
 
 
 @pytest.mark.parametrize("lines, bad", [
@@ -471,10 +476,7 @@ def test_values_mosquitto_refuses_to_start_with_are_refused(tmp_path: Path, line
 def test_a_setting_mosquitto_takes_once_given_twice_is_refused(tmp_path: Path, lines: str, bad: int) -> None:
     """Mosquitto 2.0.11: "Error: Duplicate password_file value in configuration." Taking the last
     one would convert a file Mosquitto does not start with, and maybe not the one meant."""
-    path = tmp_path / "m.conf"
-    path.write_text(f"listener 1883\n{lines}")
-    with pytest.raises(ValueError, match=rf"m.conf:{bad}: .* is given twice"):
-        convert(path)
+    refused(tmp_path, f"listener 1883\n{lines}", rf"m.conf:{bad}: .* is given twice")
 
 
 def test_settings_mosquitto_takes_once_per_listener_may_be_given_for_each(tmp_path: Path) -> None:
@@ -547,10 +549,7 @@ BRIDGE = ("listener 1883\nconnection cloud\naddress 127.0.0.1:8883\nremote_usern
     ("keepalive_interval abc", ""), ("bridge_max_packet_size big", ""),
 ])
 def test_bridge_settings_are_refused_with_their_line(tmp_path: Path, setting: str, message: str) -> None:
-    path = tmp_path / "m.conf"
-    path.write_text(f"{BRIDGE}{setting}\n")
-    with pytest.raises(ValueError, match=rf"m.conf:7: {message}"):
-        convert(path)
+    refused(tmp_path, f"{BRIDGE}{setting}\n", rf"m.conf:7: {message}")
 
 
 def test_bridge_capath_with_bridge_cafile_is_noted(tmp_path: Path) -> None:
