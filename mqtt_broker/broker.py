@@ -201,12 +201,15 @@ class BrokerService(MultiService):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stopped = True
-        self.hooks.cancel_pending()  # (an answer after the stop would route with the store closed)
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
         self._tls = []
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
+        # After the drops: a connection's pending decision then finds it closed (no answer, no
+        # refusal a client would take as the broker's), and the will hooks the drops called are
+        # cancelled too. (An answer after the stop would route with the store closed.)
+        self.hooks.cancel_pending()
         # The connections linger (close_linger) so that clients read the DISCONNECT 0x8B; the
         # reactor closes what is left once this fires, so waiting longer would only delay the stop.
         self._all_closed = AllClosed(self.connections, self.clock, self.config.close_linger)

@@ -153,7 +153,8 @@ class Hooks:
 
     def on_disconnect(self, handler: Handler) -> Handler:
         """``handler(client, graceful) -> None``: the connection ended; ``graceful`` is True after
-        a DISCONNECT packet. A notification: the result is ignored, failures are logged."""
+        a DISCONNECT packet that ends it without its will (reason code 0x00: not MQTT 5's 0x04,
+        Disconnect with Will Message). A notification: the result is ignored, failures are logged."""
         return self._register("disconnect", handler)
 
     def on_will(self, handler: Handler) -> Handler:

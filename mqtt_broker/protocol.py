@@ -360,9 +360,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if not done:
             self._blocked = decision
             self.transport.pauseProducing()  # type: ignore[union-attr]
-            decision.addBoth(self._unblock)
+            decision.addBoth(self._unblock, decision)
 
-    def _unblock(self, _: Any) -> None:
+    def _unblock(self, _: Any, decision: Any) -> None:
+        if self._blocked is not decision:  # what it decided waits for another decision now
+            return
         self._blocked = None
         if self.state is not State.CLOSED:
             if not self._backlogged:

@@ -169,6 +169,7 @@ class Publishing:
                     self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)
                 return
             message = made
+            message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return

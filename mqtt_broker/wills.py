@@ -64,6 +64,7 @@ class Wills:
             if answer is not None and not isinstance(answer, Message):
                 return  # refused
             message = will if answer is None else answer
+            message.sender = will.sender  # (a new Message has none): still the client's
             problem = unsendable(message)  # (a hook may have changed it in place, or made another)
             if problem is not None:
                 log.error("a will hook made the will of {client_id} one that cannot be sent ({problem})",

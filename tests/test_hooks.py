@@ -679,3 +679,85 @@ def test_a_refusals_reason_string_goes_in_the_suback_and_the_unsuback() -> None:
     assert unsuback is not None and unsuback.properties == {"reason_string": "keep it"}
     quiet = broker.connect("quiet", properties={"request_problem_information": 0})  # [MQTT-3.1.2-29]
     assert quiet.subscribe("a").properties == {}  # type: ignore[union-attr]
+
+
+def test_a_packet_sent_right_after_connect_waits_for_two_decisions_in_turn() -> None:
+    """The CONNECT waits for one decision (an auth hook here; the password file's check in the
+    thread pool, or a cluster's claim, alike), then for the connect hook's: the SUBSCRIBE the
+    client sent without waiting for its CONNACK (allowed, §3.1.4) is read once both have
+    answered. It was read as soon as the first had, while the CONNECT was still being decided,
+    and the client was closed without a CONNACK."""
+    broker = MemoryBroker()
+    auth: list[Deferred[None]] = []
+    connect: list[Deferred[None]] = []
+    broker.hooks.on_auth(lambda client, method, data, again: auth.append(Deferred()) or auth[-1])
+    broker.hooks.on_connect(lambda client: connect.append(Deferred()) or connect[-1])
+    client = broker.client()
+    client.send(Connect(protocol_level=5, client_id="c", properties={"authentication_method": "m"}),
+                Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+    auth[0].callback(None)
+    broker.flush()
+    assert connect and not client.closed and client.received() == []
+    connect[0].callback(None)
+    assert [type(p) for p in client.received()] == [Connack, Suback]
+
+
+def test_a_message_a_publish_hook_makes_is_still_its_publishers() -> None:
+    """A Message the hook returns in place of the PUBLISH is the client's: a No Local
+    subscription of the publisher does not get it [MQTT-3.8.3-3]."""
+    broker = MemoryBroker()
+    broker.hooks.on_publish(lambda client, message: Message(topic=message.topic, payload=message.payload.upper()))
+    me = broker.connect("me")
+    me.subscribe("t", qos=1, no_local=True)
+    other = broker.connect("other")
+    other.subscribe("t", qos=1)
+    me.publish("t", b"abc", qos=1)
+    assert [m.payload for m in other.messages()] == [b"ABC"]
+    assert me.messages() == []
+
+
+def test_a_will_a_will_hook_makes_is_still_its_clients() -> None:
+    """Taken over, a connection's will goes: not to its own session's No Local subscription,
+    whichever message the will hook answers with [MQTT-3.8.3-3]."""
+    broker = MemoryBroker()
+    broker.hooks.on_will(lambda client, message: Message(topic=message.topic, payload=b"made", qos=1))
+    first = broker.connect("c", clean_start=False, properties={"session_expiry_interval": 60},
+                           will=Will(topic="w", payload=b"gone", qos=1))
+    first.subscribe("w", qos=1, no_local=True)
+    watcher = broker.connect("watcher")
+    watcher.subscribe("w", qos=1)
+    again = broker.client()
+    again.connect("c", clean_start=False, properties={"session_expiry_interval": 60})
+    assert first.closed
+    assert [m.payload for m in watcher.messages()] == [b"made"]
+    assert again.messages() == []
+
+
+def test_stopping_while_a_publish_hook_decides_acknowledges_nothing() -> None:
+    """MQTT 3.1.1 has no refusal: a PUBACK says the broker took the message over, and the client
+    would not send it again. The stop leaves the message unacknowledged instead, for the client
+    to send again when it reconnects [MQTT-4.4.0-1]."""
+    broker = MemoryBroker()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    publisher = broker.connect("pub", version=MQTT_3_1_1, clean_start=False)
+    assert publisher.publish("t", b"x", qos=1) is None  # the hook decides
+    broker.service.stopService()
+    assert [p for p in publisher.received() if isinstance(p, Puback)] == []
+
+
+def test_a_will_hook_the_stop_calls_is_not_waited_for_past_the_stop() -> None:
+    """Closing the connections at the stop calls the will hooks: their waits end with the stop
+    (no timer of theirs left, and no will routed into the sessions or the store after it)."""
+    broker = MemoryBroker(hook_timeout=30)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_will(lambda client, message: pending.append(Deferred()) or pending[-1])
+    watcher = broker.connect("watcher", properties={"session_expiry_interval": 100})
+    watcher.subscribe("w", qos=1)
+    broker.connect("c", will=Will(topic="w", payload=b"gone", qos=1))
+    stopped = broker.service.stopService()
+    broker.advance(broker.service.config.close_linger)
+    assert stopped.called and pending
+    assert not broker.reactor.getDelayedCalls()
+    assert all(d.called for d in pending)  # (cancelled)
+    assert not broker.service.sessions["watcher"].queue
