@@ -148,7 +148,9 @@ def _connack_properties(base: dict[str, Any], config: BrokerConfig, connect: Con
     if terms.session_expiry != connect.properties.get("session_expiry_interval", 0):
         props["session_expiry_interval"] = terms.session_expiry
     if connect.properties.get("request_response_information") and config.response_information:
-        props["response_information"] = config.response_information.replace("{client_id}", terms.client_id)
+        information = config.response_information.replace("{client_id}", terms.client_id)
+        if len(information.encode()) <= 65535:  # (with a client id near that long: none, not no CONNACK)
+            props["response_information"] = information
     return {**base, **props} if props else base
 
 

@@ -251,6 +251,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         ``routine``: the client asked for it (logged only with ``connection_messages``)."""
         if self.state is State.CLOSED:
             return
+        if len(message) > 256:  # (one quoting a client's 64 KiB topic: a reason string holds no more)
+            message = message[:253] + "..."
         self._forget_unstored()
         if self.state is State.CONNECTED and reason >= 0x80:
             tally(self.stats.closed_by_reason, reason.name)

@@ -208,6 +208,8 @@ class Publishing:
         self.stats.received_by_qos[qos] += 1
         if message.refused:
             reason = ReasonCode.QUOTA_EXCEEDED
+            if qos == 2 and self.version == MQTT_5:  # PUBREC 0x97 ends the exchange: no PUBREL follows (4.3.3)
+                self.delivery.pubrel_received(self.session, packet_id)
         else:
             reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
         self._acknowledge_when_stored(qos, packet_id, reason)

@@ -1276,6 +1276,51 @@ def test_pubrec_0x97_from_publish_hook_and_the_exchange_ends() -> None:
     assert payloads(sub.received()) == [b"b"]
 
 
+def test_pubrec_0x97_for_a_full_queue_ends_the_exchange() -> None:
+    """[MQTT-4.3.3-9], §4.3.3: a PUBREC of 0x97 because a subscriber's queue is full ends the
+    exchange as a hook's refusal does: a PUBREL for the id gets PUBCOMP 0x92, the id used again
+    is a new message (routed, not taken for a resend), and the refused PUBLISHes do not count
+    against the broker's Receive Maximum [MQTT-3.3.4-9]."""
+    broker = make_broker(max_queued_messages=1, max_inflight_messages=20)
+    away = v5(broker, "away", clean=False, properties=persistent())
+    away.subscribe("t", qos=1)
+    away.lose()
+    online = v5(broker, "online")
+    online.subscribe("t", qos=1)
+    pub = v5(broker, "pub")
+    assert pub.publish("t", b"fills", qos=1, packet_id=1) == [Puback(packet_id=1)]
+    assert pub.publish("t", b"a", qos=2, packet_id=7) == [Pubrec(packet_id=7, reason_code=0x97)]
+    pub.send(Pubrel(packet_id=7))
+    assert pub.received() == [Pubcomp(packet_id=7, reason_code=ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)]
+    assert pub.publish("t", b"b", qos=2, packet_id=7) == [Pubrec(packet_id=7, reason_code=0x97)]
+    assert payloads(online.received()) == [b"fills", b"a", b"b"]
+    for packet_id in range(100, 121):
+        assert pub.publish("t", b"x", qos=2, packet_id=packet_id) == [Pubrec(packet_id=packet_id, reason_code=0x97)]
+    assert not pub.closed
+
+
+def test_a_reason_string_quoting_a_long_topic_is_cut() -> None:
+    """[MQTT-3.3.2-2]: a wildcard in a topic name is answered with DISCONNECT 0x90, whose reason
+    string quotes the topic; one of 64 KiB would make a string no packet can hold. The client is
+    still told (§4.13), the reason cut short."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    client.send(Publish(topic="a/+/" + "x" * 65528, payload=b"p"))
+    disconnect = assert_server_disconnect(client, 0x90)
+    assert len(disconnect.properties["reason_string"]) <= 256
+
+
+def test_response_information_too_long_to_send_is_left_out() -> None:
+    """Request Response Information with a client id near 65535 bytes: "response/{client_id}"
+    is longer than a string can be; the CONNACK goes without it [MQTT-3.2.2-22: the server may
+    send none]."""
+    broker = make_broker()
+    client, connack = connect5(broker, "c" * 65530, properties={"request_response_information": 1})
+    assert connack.reason_code == 0 and "response_information" not in connack.properties
+    _, connack = connect5(broker, "d", properties={"request_response_information": 1})
+    assert connack.properties["response_information"] == "response/d"
+
+
 def test_unsuback_0x11_for_filter_not_subscribed() -> None:
     """[MQTT-3.11.3-1] [MQTT-3.11.3-2] [MQTT-3.10.4-5]: UNSUBACK has one code per filter, in
     order: 0x00 for a removed subscription, 0x11 (No subscription existed) otherwise."""
