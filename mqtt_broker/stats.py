@@ -17,7 +17,7 @@ class Stats:
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
                  "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
-                 "publishes_denied")
+                 "publishes_denied", "routed_from_nodes")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
@@ -44,6 +44,9 @@ class Stats:
         self.publishes_denied = 0
         """PUBLISHes not routed for the client's ACL (or to $SYS): the first and every thousandth
         is logged, as any client may send them as fast as it can."""
+        self.routed_from_nodes = 0
+        """Of messages_received, those a node of a cluster routed for another node (forwarded in):
+        not PUBLISHes of its own clients."""
 
 
 __all__ = ["Stats"]

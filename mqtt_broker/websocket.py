@@ -448,6 +448,7 @@ class WebSocketFactory(WebSocketServerFactory):
             maxMessagePayloadSize=0,  # a message is never collected (see onMessageFrameData)
             openHandshakeTimeout=0, closeHandshakeTimeout=0,  # ours, on the broker's clock
             failByDrop=False,  # a protocol error is answered with a close frame giving the reason
+            allowNullOrigin=True,  # a page from file:// or a sandbox: onConnect applies websocket_origins
             tcpNoDelay=config.set_tcp_nodelay,
             **options)
 

@@ -74,6 +74,17 @@ def test_openapi_document_is_valid_and_matches_the_routes(admin: Admin) -> None:
     assert documented == routed
 
 
+
+def test_a_path_parameter_that_is_not_utf8_is_400_as_documented(admin: Admin) -> None:
+    """Every operation with a parameter in its path answers 400 for one that is not UTF-8 once
+    percent-decoded: the document says so for each."""
+    assert admin.call("GET", "/api/v1/clients/%ff").status == 400
+    document = admin.call("GET", "/api/v1/openapi.json", key=None).body
+    undocumented = [f"{method.upper()} {path}" for path, item in document["paths"].items() if "{" in path
+                    for method, operation in item.items() if method != "parameters"
+                    and "400" not in operation["responses"]]
+    assert undocumented == []
+
 def test_health_and_readiness_need_no_key(admin: Admin) -> None:
     health = admin.call("GET", "/api/v1/health", key=None)
     assert health.status == 200 and health.body["status"] == "ok" and health.body["uptime"] >= 0

@@ -217,7 +217,9 @@ def test_metrics_after_a_cross_node_message(nodes: tuple[Cluster, dict[str, Admi
         a_before, b_before = scrape(admins["a"]), scrape(admins["b"])
         for n in range(4):
             publisher.publish(f"metricsfwd/{n}", b"x", qos=1)
-        for _ in range(4):
+        for n in range(2):
+            publisher.publish(f"metricsfwd/qos0/{n}", b"x", qos=0)
+        for _ in range(6):
             subscriber.message()
     finally:
         subscriber.close()
@@ -225,8 +227,12 @@ def test_metrics_after_a_cross_node_message(nodes: tuple[Cluster, dict[str, Admi
     out = ("mqtt_cluster_forwarded_total", (("direction", "out"),))
     into = ("mqtt_cluster_forwarded_total", (("direction", "in"),))
     a, b = scrape(admins["a"]), scrape(admins["b"])
-    assert a[out] - a_before[out] == 4 and a[into] == a_before[into]
-    assert b[into] - b_before[into] == 4 and b[out] == b_before[out]
+    assert a[out] - a_before[out] == 6 and a[into] == a_before[into]
+    assert b[into] - b_before[into] == 6 and b[out] == b_before[out]
+    # What a node's clients published: messages forwarded in are not b's clients' PUBLISHes.
+    received = [("mqtt_messages_received_total", (("qos", str(qos)),)) for qos in range(3)]
+    assert [a[key] - a_before[key] for key in received] == [2, 4, 0]
+    assert [b[key] - b_before[key] for key in received] == [0, 0, 0]
     for node in (a, b):
         assert node[("mqtt_cluster_nodes", ())] == 2
         assert node[("mqtt_cluster_claims_total", ())] >= 1

@@ -160,7 +160,10 @@ def test_paths_restrict() -> None:
 
 
 def test_any_origin_by_default() -> None:
-    assert WSClient(make_broker()).handshake(headers={"Origin": "https://elsewhere.example"}) == 101
+    """A page from disk or a sandboxed frame sends "null" (Chrome "file://" for a local file):
+    let in as Mosquitto 2.0.11 does."""
+    for origin in ("https://elsewhere.example", "null", "file://"):
+        assert WSClient(make_broker()).handshake(headers={"Origin": origin}) == 101, origin
 
 
 def test_origins_restrict_the_pages_of_browsers() -> None:
@@ -171,7 +174,7 @@ def test_origins_restrict_the_pages_of_browsers() -> None:
         headers = {"Origin": origin} if origin else None  # (no Origin: not a browser)
         assert WSClient(broker).handshake(headers=headers) == 101, origin
     accepted = len(broker.connections)
-    for origin in ("https://evil.example", "https://app.example.com:8443", "http://app.example.com"):
+    for origin in ("https://evil.example", "https://app.example.com:8443", "http://app.example.com", "null"):
         client = WSClient(broker)
         assert client.handshake(headers={"Origin": origin}) == 403, origin
         assert client.closed and len(broker.connections) == accepted

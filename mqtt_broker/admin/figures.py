@@ -207,7 +207,8 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         queued += len(session.queue)
         queued_bytes += session.queued_bytes
         inflight += len(session.outgoing)
-    routed_from_clients = stats.messages_received - stats.broker_published - stats.wills_published
+    routed_from_clients = (stats.messages_received - stats.broker_published - stats.wills_published
+                           - stats.routed_from_nodes)
     received = [routed_from_clients - stats.received_by_qos[1] - stats.received_by_qos[2],
                 stats.received_by_qos[1], stats.received_by_qos[2]]
     sent = [stats.messages_sent - stats.sent_by_qos[1] - stats.sent_by_qos[2],

@@ -414,6 +414,8 @@ class Cluster:
                 continue
             if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
                 self.stats.forwarded_in += 1
+                if kind == FORWARDED:  # routed here, but published on another node
+                    self.broker.stats.routed_from_nodes += 1
             else:  # one this node sent itself (Forwarding.through_inboxes)
                 self.forwarding.came_back(first.sender)
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
@@ -455,6 +457,7 @@ class Cluster:
     def _route_qos0(self, data: bytes) -> None:
         for kind, message, shares in unpack_records(data):
             self.stats.forwarded_in += 1
+            self.broker.stats.routed_from_nodes += 1
             self.broker.delivery.route(message, shares)
 
     def deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
