@@ -244,17 +244,19 @@ class BrokerService(MultiService):
                 del session.outgoing[packet_id]
                 self.delivery.forget(session, out)
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
         """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
         files again (SIGHUP under twistd). A bad new file is logged and what was in force stays.
         Connected clients whose credentials no longer pass (password changed, user removed from
         ``password_file``) are disconnected; the others keep their connections, and their rights
-        follow the new rules from their next operation on."""
+        follow the new rules from their next operation on. Returns what was not reloaded, and
+        why: nothing when everything was."""
+        problems = []
         if self.security is not None:
             try:
                 self.security.reload()
-            except ConfigError:
-                pass  # logged by Security; the old state is kept
+            except ConfigError as e:  # (logged by Security; the old state is kept)
+                problems.append(f"security settings: {e}")
             else:
                 self._drop_revoked()
         for description, tls in self._tls:
@@ -263,8 +265,10 @@ class BrokerService(MultiService):
             except (OSError, ValueError) as e:
                 log.error("TLS files of {endpoint} not reloaded, the previous certificate stays in use: "
                           "{error}", endpoint=description, error=str(e))
+                problems.append(f"TLS files of {description}: {e}")
             else:
                 log.info("TLS files of {endpoint} reloaded", endpoint=description)
+        return problems
 
     def _drop_revoked(self) -> None:
         """After a reload, disconnect every client (connected, or between its password check and

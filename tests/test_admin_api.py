@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import queue
 import urllib.parse
+from pathlib import Path
 from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
@@ -21,7 +22,6 @@ from paho_helpers import WAIT, PahoClient
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import eventFromJSON, formatEvent
 
-from mqtt_broker import BrokerService
 from mqtt_broker.admin.api import ROUTES
 
 OPERATIONS: set[tuple[str, str]] = set()
@@ -367,10 +367,22 @@ def test_config_and_reload(admin: Admin) -> None:
     assert config.body["max_qos"] == 2 and config.body["http_max_body_size"] == 65536
     assert config.body["http_api_keys"] == ["ci"]   # the key's name, never its hash
     reload = admin.call("POST", "/api/v1/config/reload")
-    if hasattr(BrokerService, "reload"):
-        assert reload.status == 200 and reload.body == {"reloaded": True}
-    else:
-        assert reload.status == 501 and "cannot reload" in reload.body["error"]
+    assert reload.status == 200 and reload.body == {"reloaded": True, "problems": []}
+
+
+def test_a_reload_that_keeps_a_bad_file_says_so(broker_process: Any, tmp_path: Path) -> None:
+    """The rules in force stay when a new file cannot be read: the answer says what was not
+    reloaded, not that everything was."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\n")
+    admin = start_admin(broker_process, "--acl-file", str(acl))
+    acl.unlink()
+    reload = admin.call("POST", "/api/v1/config/reload")
+    assert reload.status == 200 and reload.body["reloaded"] is False
+    [problem] = reload.body["problems"]
+    assert problem.startswith("security settings: ") and "acl" in problem
+    acl.write_text("topic readwrite #\n")
+    assert admin.call("POST", "/api/v1/config/reload").body == {"reloaded": True, "problems": []}
 
 
 def test_changes_are_logged_with_the_key(admin: Admin) -> None:

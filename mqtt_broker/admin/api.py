@@ -520,8 +520,9 @@ class ApiResource(Resource):
             raise ApiError(501, "this broker cannot reload its configuration")
         log.info("admin API: key {key} reloads the configuration", key=key_id)
 
-        def done(_: Any) -> tuple[int, Any]:
-            return 200, {"reloaded": True}
+        def done(problems: list[str] | None) -> tuple[int, Any]:
+            # (200 either way: what could be read again was; the rest stays as it was)
+            return 200, {"reloaded": not problems, "problems": problems or []}
         result = maybeDeferred(reload)
         return result.addCallback(done)
 
