@@ -67,6 +67,8 @@ class Subscribing:
         security = self.broker.security
         replays: dict[str, str] = {}
         asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
+        adding = 0  # (the Subscriptions in ``wanted``: counted, not recounted per filter)
+        over_quota: list[str] = []
         for request in packet.subscriptions:
             spec, topic_filter = split_replay_filter(request.topic_filter)
             spec = spec or asked
@@ -93,19 +95,22 @@ class Subscribing:
                 tally(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
             elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
-                    len(self.session.subscriptions) + sum(isinstance(w, Subscription) for w in wanted)
-                    >= config.max_subscriptions_per_client):
-                log.info("refused a subscription of {client_id} to {filter}: max_subscriptions_per_client",
-                         client_id=client_id, filter=topic_filter)
+                    len(self.session.subscriptions) + adding >= config.max_subscriptions_per_client):
+                over_quota.append(topic_filter)
                 tally(self.stats.subscriptions_refused, "max_subscriptions_per_client")
                 wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
+                adding += 1
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
                     no_local=request.no_local or self._bridge,
                     retain_as_published=request.retain_as_published or self._bridge,
                     retain_handling=request.retain_handling, subscription_id=subscription_id,
                     share_group=group))
+        if over_quota:  # (one line per SUBSCRIBE, however many filters it refuses)
+            more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
+            log.info("refused {count} subscription(s) of {client_id} to {filters}: max_subscriptions_per_client",
+                     count=len(over_quota), client_id=client_id, filters=", ".join(over_quota[:3]) + more)
         hooks = self.broker.hooks
         if hooks.has_subscribe:
             decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else succeed(w)
