@@ -655,18 +655,23 @@ class BrokerService(MultiService):
             self.delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
 
     def _drop_retained(self, topic: str) -> None:
-        """An expired retained message goes, from the store too [MQTT-3.3.2-5]. (In a cluster
-        only this node's copy: another node may be setting the topic anew in Redis, and Redis
-        sends nothing expired to a node that reads it.)"""
+        """An expired retained message goes [MQTT-3.3.2-5]."""
         self.retained.delete(topic)
-        if self.store is not None and self.cluster is None:
-            self.store.delete_retained(topic)
+        self._expired_retained(topic)
 
     def _expire_retained(self) -> None:
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
         for topic in self.retained.expire(self.clock.seconds()):
-            if self.store is not None and self.cluster is None:
-                self.store.delete_retained(topic)
+            self._expired_retained(topic)
+
+    def _expired_retained(self, topic: str) -> None:
+        """An expired retained message goes from the store too. (In a cluster, from Redis only if
+        it still holds that one: another node may have set the topic anew. Every node drops it
+        from its own copy by itself.)"""
+        if self.cluster is not None:
+            self.cluster.store.expire_retained(topic)
+        elif self.store is not None:
+            self.store.delete_retained(topic)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:

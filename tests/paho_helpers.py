@@ -22,6 +22,7 @@ class PahoClient:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.client.on_connect = lambda c, u, flags, rc, props: self.events.put(("connect", (flags, rc)))
         self.client.on_subscribe = lambda c, u, mid, rcs, props: self.events.put(("subscribe", rcs))
+        self.client.on_unsubscribe = lambda c, u, mid, rcs, props: self.events.put(("unsubscribe", rcs))
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_disconnect = lambda c, u, flags, rc, props: self.events.put(("disconnect", rc))
         self.client.on_publish = lambda c, u, mid, rc, props: self.events.put(("publish", rc))
@@ -48,6 +49,10 @@ class PahoClient:
         else:
             self.client.subscribe(topic, qos, properties=properties)
         return self.event("subscribe")[1]
+
+    def unsubscribe(self, topic: str) -> Any:
+        self.client.unsubscribe(topic)
+        return self.event("unsubscribe")[1]
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, properties: Any = None) -> None:
         info = self.client.publish(topic, payload, qos, retain, properties=properties)

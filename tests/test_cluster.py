@@ -16,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from mqtt_broker.cluster.codec import unpack_retained
 from mqtt_broker.wire import MQTT_5, Connack, Connect, Disconnect, Puback, Publish, Subscribe, SubscriptionRequest
 
 from cluster_helpers import Cluster, holds_within, reachable, wait_until
@@ -183,6 +184,84 @@ def test_retained_messages_are_cluster_wide(cluster: Cluster) -> None:
     finally:
         publisher.close()
 
+
+
+def in_redis(cluster: Cluster, topic: str) -> bytes | None:
+    """The retained message Redis holds for ``topic``."""
+    data = cluster.redis.client().hget("mqtt:retained", topic)
+    return None if data is None else unpack_retained(data, 0.0).payload
+
+
+@pytest.mark.parametrize("second", [b"from b", b""], ids=["set-on-both", "cleared-on-b"])
+def test_a_retained_topic_changed_at_once_on_two_nodes_ends_the_same_everywhere(cluster: Cluster,
+                                                                                 second: bytes) -> None:
+    """A client on a sets a retained topic as one on b sets or clears it: every node ends with
+    what Redis applied last [MQTT-3.3.1-5]. (A node has its own change at once; the other's
+    event, applied in Redis before it, comes after it.)"""
+    on_a, on_b = RawClient(cluster["a"].port), RawClient(cluster["b"].port)
+    on_a.connect(unique("sets-on-a"))
+    on_b.connect(unique("sets-on-b"))
+    try:
+        for _ in range(5):
+            topic = unique("race")
+            if not second:  # something to clear
+                on_b.send(Publish(topic=topic, payload=b"old", qos=1, retain=True, packet_id=1))
+                on_b.expect(Puback)
+                wait_until(lambda: retained_at(cluster["a"].port, topic) == b"old", "a to hold the old message")
+            on_a.send(Publish(topic=topic, payload=b"from a", qos=1, retain=True, packet_id=2))
+            on_b.send(Publish(topic=topic, payload=second, qos=1, retain=True, packet_id=2))
+            on_a.expect(Puback)
+            on_b.expect(Puback)
+            wait_until(lambda: retained_at(cluster["a"].port, topic) == retained_at(cluster["b"].port, topic)
+                       == retained_at(cluster["c"].port, topic) == in_redis(cluster, topic),
+                       "every node to hold what Redis holds")
+    finally:
+        on_a.close()
+        on_b.close()
+
+
+def test_an_expired_retained_message_goes_from_redis_too(cluster: Cluster) -> None:
+    """[MQTT-3.3.2-5]. (Each node drops it from its own copy; Redis kept it for good, for every
+    node that joins to read again.)"""
+    topic = unique("expiring")
+    publisher = PahoClient(cluster["a"].port, unique("pub"), version=mqtt.MQTTv5)
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.MessageExpiryInterval = 1
+    publisher.publish(topic, b"short-lived", qos=1, retain=True, properties=properties)
+    publisher.close()
+    assert in_redis(cluster, topic) == b"short-lived"
+    wait_until(lambda: retained_at(cluster["b"].port, topic) is None and in_redis(cluster, topic) is None,
+               "the expired message to go")
+
+
+@pytest.mark.parametrize("publisher_on", ["a", "b"])
+def test_a_session_moved_to_another_node_gets_nothing_for_a_filter_it_dropped_there(
+        cluster: Cluster, publisher_on: str) -> None:
+    """A session moves from node a to node b, whose client unsubscribes there: nothing more for
+    that filter [MQTT-3.10.4-2], although a keeps a copy of the session (subscriptions too) until
+    the routes settle, and passes on to b what the copy matches."""
+    client_id, topic = unique("unsubscriber"), unique("dropped")
+    expiry = {"session_expiry_interval": 3600}
+    first = RawClient(cluster["a"].port)
+    first.reader.version = MQTT_5
+    first.sock.sendall(_encode5(Connect(client_id=client_id, clean_start=True, protocol_level=5, properties=expiry)))
+    assert isinstance(first.receive(), Connack)
+    first.sock.sendall(_encode5(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=topic, qos=1),))))
+    first.receive()
+    settled(cluster, "a", topic)
+    resume = Properties(PacketTypes.CONNECT)
+    resume.SessionExpiryInterval = 3600
+    again = PahoClient(cluster["b"].port, client_id, version=mqtt.MQTTv5, clean=False, properties=resume)
+    publisher = PahoClient(cluster[publisher_on].port, unique("pub"))
+    try:
+        assert again.flags.session_present
+        assert again.unsubscribe(topic) == [0]
+        for n in range(3):
+            publisher.publish(topic, b"after the UNSUBACK %d" % n, qos=1)
+        assert again.no_message(1.5)
+    finally:
+        for client in (again, publisher, first):
+            client.close()
 
 def retained_at(port: int, topic: str) -> bytes | None:
     """The retained message a node gives a new subscriber of ``topic`` (None: none in 0.2 s)."""

@@ -122,6 +122,58 @@ def test_what_a_killed_node_was_sent_for_a_shared_member_goes_to_it_once(cluster
         client.close()
 
 
+
+@pytest.mark.parametrize("clean", [False, True], ids=["resumes", "starts-clean"])
+def test_the_will_of_a_client_back_at_once_from_a_killed_node_is_published_once(cluster: Cluster, clean: bool) -> None:
+    """Node a is killed under a client whose will has no delay, and the client connects to node
+    b at once, before a is taken for dead: its connection ended without a DISCONNECT, so the
+    will goes [MQTT-3.1.2-8], once. (b's claim leaves the will to a previous owner that looks
+    alive; a dead one never publishes it, the survivor does.)"""
+    observer = PahoClient(cluster["c"].port, "will-observer")
+    observer.subscribe("wills/#", 1)
+    wait_until(lambda: "wills/#" in cluster.routes("c"), "the observer's route")
+    client = PahoClient(cluster["a"].port, "back-at-once", version=5, clean=False, properties=_expiry(),
+                        will=("wills/back-at-once", b"gone", 1, False))
+    client.client.loop_stop()  # the node dies under it
+    redis = cluster.redis.client()
+    wait_until(lambda: redis.hexists("mqtt:session:back-at-once", "will"), "a to store the will")
+    cluster["a"].kill()
+    again = PahoClient(cluster["b"].port, "back-at-once", version=5, clean=clean, properties=_expiry())
+    will = observer.message()
+    assert (will.topic, will.payload) == ("wills/back-at-once", b"gone")
+    assert observer.no_message(1.5)
+    again.close()
+    observer.close()
+
+
+def test_what_a_killed_node_was_given_for_a_member_that_ended_with_it_goes_to_another_member(
+        cluster: Cluster) -> None:
+    """A shared group has a member on node a and one on node b, both clean sessions. a is
+    killed; until b takes it for dead, b gives every other message of the group to a's member,
+    through a's inbox, and acknowledges it. That member ended with a: the survivor that reads
+    a's inbox hands those messages to the group's member on b, and none acknowledged is lost."""
+    share, topic = "$share/g/jobs-of-a-dead-node", "jobs-of-a-dead-node"
+    on_a = PahoClient(cluster["a"].port, "member-on-a")
+    on_a.subscribe(share, 1)
+    on_b = PahoClient(cluster["b"].port, "member-on-b")
+    on_b.subscribe(share, 1)
+    wait_until(lambda: share in cluster.routes("a") and share in cluster.routes("b"), "both members' routes")
+    publisher = PahoClient(cluster["b"].port, "jobs-publisher")
+    for _ in range(150):  # probes until b gives a's member its turns
+        publisher.publish(topic, b"probe", qos=0)
+        if not on_a.no_message(0.05):
+            break
+    else:
+        raise AssertionError("b never gave the member on a a message")
+    on_a.client.loop_stop()  # the node dies under it
+    cluster["a"].kill()
+    for n in range(10):
+        publisher.publish(topic, b"%d" % n, qos=1)  # (each acknowledged)
+    got: list[int] = []
+    wait_until(lambda: _numbered(on_b, got) and sorted(got) == list(range(10)), "the ten for the member on b")
+    for client in (on_b, publisher):
+        client.close()
+
 def _numbered(client: PahoClient, into: list[int]) -> bool:
     """Move the numbered payloads a client has received into ``into`` (probes left out)."""
     while not client.messages.empty():

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from ..message import Message
 from ..session import Queued, Session
-from ..topics import SubscriptionTree, Subscription
+from ..topics import SubscriptionTree, Subscription, matches, terms
 from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
@@ -488,6 +488,18 @@ class Cluster:
             cluster_id = item.message.cluster_id
             if cluster_id is not None and not self.forwarding.first_time(client_id, cluster_id):
                 return  # it came by the other way already
+            if item.share is None and client_id in self._moving:
+                # Routed by the subscriptions of the copy the session's previous owner keeps
+                # until the routes settle (or a dead node's): what the session holds here now
+                # decides, the subscriptions its client dropped or changed since included
+                # [MQTT-3.10.4-2].
+                message = item.message
+                subs = [s for s in session.subscriptions.values() if s.share_group is None
+                        and matches(s.topic_filter, message.topic) and not (s.no_local and message.sender == client_id)]
+                if not subs:
+                    return
+                granted, _, ids, _ = terms(subs)
+                item = Queued(message, min(granted, message.qos), item.retain, ids)
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
@@ -499,17 +511,24 @@ class Cluster:
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
         passed on to the node that claimed it since."""
         by_client, groups = former.match(message.topic)
-        targets = [(m.client_id, min(m.qos, message.qos), message.retain and m.retain_as_published, m.subscription_ids)
-                   for m in by_client if everyone and not (m.no_local and message.sender == m.client_id)]
+        targets: list[tuple[str, int, bool, tuple[int, ...], tuple[str, str] | None]] = [
+            (m.client_id, min(m.qos, message.qos), message.retain and m.retain_as_published, m.subscription_ids, None)
+            for m in by_client if everyone and not (m.no_local and message.sender == m.client_id)]
+        matched = set()
         for share, members in groups:  # the sending node chose that node for these groups' members
             if share not in shares:
                 continue
+            matched.add(share)
             member = members[0]
             targets.append((member.client_id, min(member.qos, message.qos),
                             message.retain and member.retain_as_published,
-                            (member.subscription_id,) if member.subscription_id else ()))
-        for client_id, qos, retain, ids in targets:
-            self.deliver_targeted(client_id, Queued(message, qos, retain, ids), stamp)
+                            (member.subscription_id,) if member.subscription_id else (), share))
+        for client_id, qos, retain, ids, chosen in targets:
+            self.deliver_targeted(client_id, Queued(message, qos, retain, ids, chosen), stamp)
+        for share in shares:
+            if share not in matched:  # its members there ended with the node: another member has it
+                here = dict(self.broker.subscriptions.match(message.topic)[1]).get(share)
+                self.broker.delivery.hand_on(message, share, here)
 
     # --- the control channel ----------------------------------------------------------------
 
@@ -517,6 +536,8 @@ class Cluster:
         kind, _, rest = data.partition(b"\0")
         parts = rest.split(b"\0", 2 if kind == b"R" else -1)  # (a retained message may hold a NUL)
         node = parts[0].decode()
+        if kind in (b"R", b"r") and not self.store.retained_news(node, parts[1].decode()):
+            return
         if node == self.node:
             return
         if kind in (b"F", b"f", b"I"):
@@ -637,6 +658,7 @@ class Cluster:
         if not self._listening.called:
             self._listening.callback(None)
         elif self.started:  # (joining too: what it read may predate what it missed)
+            self.store.retained_reread()
             self.load_routes().addErrback(self._reread_failed)
             self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._reread_failed)
 

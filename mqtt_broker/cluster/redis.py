@@ -158,8 +158,19 @@ class Redis:
     def _tls(self, host: str) -> Any:
         """TLS to Redis, checking its certificate against ``tls_ca_file`` (else the platform's
         trusted CAs) and its name against ``host``."""
+        from OpenSSL.crypto import Error as OpenSSLError
         from twisted.internet import ssl
-        trust = ssl.Certificate.loadPEM(open(self._tls_ca_file, "rb").read()) if self._tls_ca_file else None
+
+        from ..config import ConfigError
+        trust = None
+        if self._tls_ca_file:
+            try:
+                with open(self._tls_ca_file, "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+            except OSError as e:
+                raise ConfigError(f"{self._tls_ca_file}: cannot read: {e.strerror}", "cluster_tls_ca_file") from None
+            except OpenSSLError:
+                raise ConfigError(f"{self._tls_ca_file}: holds no PEM certificate", "cluster_tls_ca_file") from None
         return ssl.optionsForClientTLS(host, trustRoot=trust)
 
     def _command_up(self, _: Any) -> None:

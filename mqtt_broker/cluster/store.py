@@ -82,6 +82,9 @@ class RedisStore:
     through it (messages for other nodes, routes, claims)."""
 
     def __init__(self, redis: Redis, node: str, reactor: Any, inbox_maxlen: int = 1_000_000) -> None:
+        self._retained_pending: dict[str, int] = {}
+        """Topics this node set or deleted, with how many of those changes have not come back on
+        the control channel yet (see ``retained_news``)."""
         self.redis = redis
         self.node = node
         self.reactor = reactor
@@ -208,10 +211,36 @@ class RedisStore:
         self._record("w", client_id, self.epoch_of(client_id))
 
     def save_retained(self, message: Message) -> None:
+        self._retained_written(message.topic)
         self._record("R", message.topic, pack_retained(message, self.reactor.seconds()))
 
     def delete_retained(self, topic: str) -> None:
+        self._retained_written(topic)
         self._record("r", topic)
+
+    def _retained_written(self, topic: str) -> None:
+        self._retained_pending[topic] = self._retained_pending.get(topic, 0) + 1
+
+    def retained_news(self, node: str, topic: str) -> bool:
+        """A change of a retained topic that Redis applied, told on the control channel: whether
+        this node's replica is to take it. Not this node's own (the replica has it already), nor
+        another node's while a change of this node's is on its way: Redis applied that one
+        before this node's, whose event comes after (events keep Redis's order)."""
+        pending = self._retained_pending
+        if node != self.node:
+            return topic not in pending
+        left = pending.pop(topic, 0) - 1
+        if left > 0:
+            pending[topic] = left
+        return False
+
+    def retained_reread(self) -> None:
+        """The control channel was away (events lost): the replica is read from Redis again."""
+        self._retained_pending.clear()
+
+    def expire_retained(self, topic: str) -> None:
+        """The topic's retained message expired: Redis drops it if it still holds that one."""
+        self._record("e", topic, repr(self.reactor.seconds()))
 
     def save_history(self, entry: Entry) -> None:
         """The message log stays in each node's memory in a cluster."""
@@ -407,10 +436,15 @@ class RedisStore:
             raise
         return cursor, entries
 
+    def left_will(self, node: str, client_id: str) -> Deferred[bytes | None]:
+        """The will of a client another node claimed while ``node`` looked alive, if ``node``
+        never heard of the claim (it would have published the will itself)."""
+        return self.redis.call("HGET", f"mqtt:wills-left:{node}", client_id)
+
     @inlineCallbacks
     def forget_node(self, dead: str) -> Any:
         """A dead node's sessions are adopted: its routes go, and the others are told."""
-        yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}")
+        yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}", f"mqtt:wills-left:{dead}")
         version = yield self.redis.call("HINCRBY", "mqtt:routes-version", dead, 1)
         yield self.redis.call("PUBLISH", self.CONTROL, f"G\0{dead}\0{version}")
 

@@ -117,6 +117,9 @@ class Survivor:
                     continue
                 claim = yield store.claim(client_id, False, broker.config.max_queued_messages, dead)
                 if claim is None:  # another node claimed it meanwhile (its client reconnected)
+                    left = yield store.left_will(dead, client_id)
+                    if left is not None:  # (while the dead node looked alive: it never published it)
+                        self.will_found(client_id, bytes(left), ended=False, expiry=0, connecting=True)
                     if dead != here:
                         for subscription in (yield store.subscriptions_of(client_id)):
                             former.add(subscription)

@@ -107,6 +107,7 @@ while i <= n do
     i = i + 3
   elseif op == 'x' then -- another node claimed the client: client
     redis.call('SREM', P .. 'clients:' .. node, ARGV[i + 1])
+    redis.call('HDEL', P .. 'wills-left:' .. node, ARGV[i + 1])
     i = i + 2
   elseif op == 'U' then -- a subscription: client epoch filter options
     local c = ARGV[i + 1]
@@ -138,6 +139,15 @@ while i <= n do
     redis.call('HDEL', P .. 'retained', ARGV[i + 1])
     redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
     i = i + 2
+  elseif op == 'e' then -- a retained message expired by now (a node's clock): topic now
+    -- (only if what Redis holds is that expired one: another node may have set the topic anew;
+    -- no event: every node drops an expired message from its replica by itself)
+    local held = redis.call('HGET', P .. 'retained', ARGV[i + 1])
+    if held and string.byte(held, 1) == 0 then
+      local at = struct.unpack('>d', string.sub(held, 2, 9))
+      if at > 0 and at <= tonumber(ARGV[i + 2]) then redis.call('HDEL', P .. 'retained', ARGV[i + 1]) end
+    end
+    i = i + 3
   elseif op == 'X' then -- messages for a node's inbox (this node's too): node entry
     redis.call('XADD', P .. 'inbox:' .. ARGV[i + 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i + 2], 'e', stamp)
     i = i + 3

@@ -53,6 +53,9 @@ if old_node and old_node ~= node then
 end
 local will = redis.call('HGET', data[1], 'will')
 redis.call('HDEL', data[1], 'will')
+-- A previous owner that looks alive publishes the will itself when it hears of the claim, and
+-- says so ('x', batch.lua); one just killed never will: the survivor that adopts it does.
+if will and alive == 1 then redis.call('HSET', P .. 'wills-left:' .. old_node, c, will) end
 if clean and (alive == 1 or not old_node) then -- (a live previous owner ends it itself)
   redis.call('DEL', unpack(data))
   return {epoch, old_node or false, alive, will, 0, since_stamp}
