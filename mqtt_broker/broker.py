@@ -179,7 +179,13 @@ class BrokerService(MultiService):
                 listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
                               for description in self.config.http_endpoints]
             for description, factory, listening in listeners:
-                endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
+                try:
+                    endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
+                except OSError as e:  # a key or certificate file of ssl:/mqtts: that cannot be read
+                    key = next(name for name in ("endpoints", "websocket_endpoints", "http_endpoints")
+                               if description in getattr(self.config, name))
+                    reason = f"{e.filename}: cannot read: {e.strerror}" if e.filename else str(e)
+                    raise ConfigError(f"{description!r}: {reason}", key) from None
                 if isinstance(endpoint, TLSServerEndpoint):
                     self._tls.append((description, endpoint.tls))
                 failures: list[Any] = []

@@ -68,6 +68,21 @@ def _bridge(values: Mapping[str, Any]) -> Any:
     return values if isinstance(values, BridgeConfig) else BridgeConfig.from_mapping(values)
 
 
+def _filters_problem(filters: list[str]) -> str | None:
+    from .topics import valid_topic_filter
+    for topic_filter in filters:
+        if not valid_topic_filter(topic_filter):
+            return f"{topic_filter!r} is not a topic filter"
+    return None
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    # An assigned id is the prefix and 32 hex digits, sent as a UTF-8 string (at most 65535 bytes).
+    if len(prefix.encode()) > 65535 - 32:
+        return f"longer than {65535 - 32} bytes"
+    return None
+
+
 def _proxies_problem(proxies: list[str]) -> str | None:
     import ipaddress
     for proxy in proxies:
@@ -138,9 +153,9 @@ class BrokerConfig:
     retain_available: bool = _setting(True, "Whether retained messages are supported.")
     allow_zero_length_clientid: bool = _setting(
         True, "Accept an empty client id (with clean session) and assign one.")
-    auto_id_prefix: str = _setting("auto-", "Prefix of the client ids the broker assigns.")
+    auto_id_prefix: str = _setting("auto-", "Prefix of the client ids the broker assigns.", check=_prefix_problem)
     persistent_client_expiration: int = _setting(
-        0, "Seconds after which a disconnected persistent session is discarded; 0 for never.")
+        0, "Seconds after which a disconnected persistent session is discarded; 0 for never.", 0, 0xFFFFFFFF)
     connect_timeout: float = _setting(
         10.0, "Seconds a new connection has to send CONNECT before it is closed, and a client "
         "without keepalive to be connected after it (enhanced authentication, hooks); 0 for no "
@@ -283,7 +298,7 @@ class BrokerConfig:
         "client is refused (0x88 Server unavailable, 3 for MQTT 3).", 0.1, 600)
     history_filters: list[str] = _setting(
         [], "Topic filters whose messages are kept in the message log, for subscribers that ask "
-        "to replay them (see docs/message-log.md); empty for none.")
+        "to replay them (see docs/message-log.md); empty for none.", check=_filters_problem)
     history_max_messages: int = _setting(
         10000, "Messages kept per history filter; 0 for no limit.")
     history_max_age: float = _setting(

@@ -117,7 +117,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "max_connections_per_minute": [-1],
     "max_subscriptions_per_client": [-1],
     "max_qos": [-1, 3],
-    "persistent_client_expiration": [-1],
+    "persistent_client_expiration": [-1, 2**32],  # (SQLite holds no more than 2**63 - 1)
     "connect_timeout": [-0.5],
     "hook_timeout": [-0.5],
     "close_linger": [-0.5, 60.5],
@@ -155,7 +155,7 @@ IN_RANGE: dict[str, list[Any]] = {
     "max_connections_per_minute": [0, 10_000],
     "max_subscriptions_per_client": [0, 10**6],
     "max_qos": [0, 1, 2],
-    "persistent_client_expiration": [0, 86400 * 365],
+    "persistent_client_expiration": [0, 86400 * 365, 2**32 - 1],
     "connect_timeout": [0.0, 0.25, 3600.0],
     "hook_timeout": [0.0, 0.25, 3600.0],
     "close_linger": [0.0, 0.5, 60.0],
@@ -370,6 +370,7 @@ def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
      "'app.example.com' is not an origin (scheme://host[:port], e.g. https://app.example.com)"),
     ('websocket_origins = ["https://app.example.com/"]', "websocket_origins",
      "'https://app.example.com/' is not an origin (scheme://host[:port], e.g. https://app.example.com)"),
+    ('history_filters = ["a/#/b"]', "history_filters", "'a/#/b' is not a topic filter"),
     ('http_api_keys = ["secret"]', "http_api_keys", "entry 1 is not a hashed key (sha256:<64 hex "
      "digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
     (f'http_api_keys = ["sha256:{"0" * 64}", "sha256:abc"]', "http_api_keys", "entry 2 is not a hashed key "
@@ -382,6 +383,14 @@ def test_bad_value_in_file_names_key_and_file(tmp_path: Path, line: str, key: st
         BrokerConfig.from_file(path)
     assert str(caught.value) == f"{path}: {key}: {reason}"
 
+
+
+def test_an_auto_id_prefix_too_long_to_send_is_refused() -> None:
+    """An assigned client id is the prefix and 32 hex digits, sent in a string of at most 65535
+    bytes: with a longer prefix, every MQTT 5 client without a client id lost its CONNACK."""
+    assert BrokerConfig(auto_id_prefix="x" * 65503).auto_id_prefix
+    with pytest.raises(ConfigError, match="auto_id_prefix: longer than 65503 bytes"):
+        BrokerConfig(auto_id_prefix="x" * 65504)
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"

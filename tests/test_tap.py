@@ -440,6 +440,33 @@ def test_twistd_says_a_file_it_cannot_use_in_one_line(tmp_path: Path) -> None:
                                             f"{tmp_path / 'file'}: File exists"), output
 
 
+
+@pytest.mark.parametrize("listener", ["--endpoint", "--websocket", "--http"])
+def test_twistd_says_a_tls_file_it_cannot_read_in_one_line(tmp_path: Path, listener: str) -> None:
+    """A key or certificate path with a typo in it ended twistd with forty lines of traceback."""
+    missing = tmp_path / "server.pem"
+    endpoint = f"ssl:0:interface=127.0.0.1:privateKey={missing}:certKey={missing}"
+    status, output = twistd(tmp_path, listener, endpoint, *(("--endpoint", "tcp:0:interface=127.0.0.1")
+                                                             if listener != "--endpoint" else ()))
+    key = {"--endpoint": "endpoints", "--websocket": "websocket_endpoints", "--http": "http_endpoints"}[listener]
+    assert status == 1 and "Traceback" not in output and "File " not in output, output
+    [line] = [line for line in output.splitlines() if "mqttbroker: " in line]
+    assert line.endswith(f"mqttbroker: cannot start: {key}: {endpoint!r}: {missing}: "
+                         "cannot read: No such file or directory"), output
+
+
+def test_twistd_says_a_ca_file_it_cannot_read_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+    status, output = twistd(tmp_path, "--endpoint", "tcp:0:interface=127.0.0.1", "--cluster",
+                            "rediss://127.0.0.1:1/0", "--cluster-tls-ca-file", str(missing))
+    assert (status, output.strip()) == (1, f"mqttbroker: cannot start: cluster_tls_ca_file: {missing}: "
+                                           "cannot read: No such file or directory")
+    missing.write_text("not a certificate\n")
+    status, output = twistd(tmp_path, "--endpoint", "tcp:0:interface=127.0.0.1", "--cluster",
+                            "rediss://127.0.0.1:1/0", "--cluster-tls-ca-file", str(missing))
+    assert (status, output.strip()) == (1, f"mqttbroker: cannot start: cluster_tls_ca_file: {missing}: "
+                                           "holds no PEM certificate")
+
 def test_twistd_says_a_bad_setting_without_the_whole_help(tmp_path: Path) -> None:
     """twistd printed the 150 lines of --help above the one that said what was wrong."""
     status, output = twistd(tmp_path, "--max-packet-size", "big")
