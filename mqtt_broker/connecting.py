@@ -219,8 +219,10 @@ class Connecting:
         if self.version == MQTT_5:
             properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
             self.send(Connack(reason_code=reason, properties=properties))
-        else:
+        elif reason not in _NO_V3_CONNACK:
             self.send(Connack(reason_code=v3_connack_code(reason)))  # [MQTT-3.2.2-5]: then close
+        # else: no 3.x return code says what is wrong with the will: close without a CONNACK
+        # [MQTT-3.2.2-6], as Mosquitto does ("server unavailable" would tell it to come back)
         self.drop(reason, f"{why}: {reason.name}")
 
     def _accept(self, packet: Connect) -> None:
@@ -352,6 +354,8 @@ class Connecting:
             self.drop(ReasonCode.MAXIMUM_CONNECT_TIME, "credentials expired")
 
 
+_NO_V3_CONNACK: Final = (ReasonCode.TOPIC_NAME_INVALID, ReasonCode.QOS_NOT_SUPPORTED,
+                          ReasonCode.RETAIN_NOT_SUPPORTED, ReasonCode.PAYLOAD_FORMAT_INVALID)
 _AUTH_REFUSALS: Final = (ReasonCode.NOT_AUTHORIZED, ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.BAD_AUTHENTICATION_METHOD)
 
 

@@ -85,10 +85,20 @@ def test_keepalive_above_max_refused_for_mqtt3() -> None:
     assert client.connect("c", keep_alive=61).reason_code == 2
 
 
-def test_will_topic_with_wildcard_refused() -> None:
-    client = FakeClient(make_broker())
-    connack = client.connect("c", will=Will(topic="a/#", payload=b"x"))
-    assert connack.reason_code != 0 and client.closed
+@pytest.mark.parametrize("will, settings", [
+    (Will(topic="a/#", payload=b"x"), {}), (Will(topic="", payload=b"x"), {}),
+    (Will(topic="w", payload=b"x", qos=2), {"max_qos": 1}), (Will(topic="w", payload=b"x", retain=True),
+                                                             {"retain_available": False})],
+    ids=["wildcard", "empty", "qos-above-max", "retained"])
+def test_a_will_the_broker_cannot_take_closes_an_mqtt3_connection_without_connack(
+        will: Will, settings: dict[str, Any]) -> None:
+    """No 3.1.1 return code says what is wrong with it: closed without a CONNACK [MQTT-3.2.2-6],
+    as Mosquitto does ("server unavailable" would have the client come back for ever)."""
+    for level in (3, 4):
+        client = FakeClient(make_broker(**settings), version=level)
+        client.send(Connect(protocol_name="MQIsdp" if level == 3 else "MQTT", protocol_level=level, client_id="c",
+                            will=will))
+        assert client.received() == [] and client.closed
 
 
 # --- timers ----------------------------------------------------------------------------------

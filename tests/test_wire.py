@@ -221,6 +221,19 @@ def test_round_trip(level: int, packet: Packet) -> None:
     assert encode(decoded, level) == raw
 
 
+
+@pytest.mark.parametrize("packet", [Pubrel(packet_id=5), Subscribe(packet_id=5, subscriptions=(
+    SubscriptionRequest(topic_filter="a/b", qos=1),)), Unsubscribe(packet_id=5, topic_filters=("a/b",))],
+    ids=["PUBREL", "SUBSCRIBE", "UNSUBSCRIBE"])
+def test_mqtt31_sets_dup_on_a_resent_pubrel_subscribe_or_unsubscribe(packet: Packet) -> None:
+    """MQTT 3.1 (2.1, DUP): set "when the client or server attempts to re-deliver a PUBLISH,
+    PUBREL, SUBSCRIBE or UNSUBSCRIBE message"; only 3.1.1 fixed their flags to 0010."""
+    raw = encode(packet, MQTT_3_1)
+    again = bytes((raw[0] | 0x08,)) + raw[1:]
+    assert decode(again, MQTT_3_1) == packet
+    with pytest.raises(MalformedPacket, match="invalid fixed header flags"):
+        decode(bytes((raw[0] | 0x08,)) + encode(packet, MQTT_3_1_1)[1:], MQTT_3_1_1)
+
 @pytest.mark.parametrize("level", [MQTT_3_1, MQTT_3_1_1, MQTT_5])
 def test_round_trip_as_one_stream(level: int) -> None:
     # A server-side reader starts at 3.1.1 and takes its level from the CONNECT.

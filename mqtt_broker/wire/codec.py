@@ -24,6 +24,7 @@ PROTOCOL_NAMES: Final = {MQTT_3_1: "MQIsdp", MQTT_3_1_1: "MQTT", MQTT_5: "MQTT"}
 # Fixed-header flags each packet type must carry [MQTT-2.2.2-1]; PUBLISH's are its own.
 _REQUIRED_FLAGS: Final = {t: 0 for t in range(1, 16)}
 _REQUIRED_FLAGS.update({6: 2, 8: 2, 10: 2})
+_DUP_ON_RESEND_V31: Final = (6, SUBSCRIBE, UNSUBSCRIBE)  # PUBREL, SUBSCRIBE, UNSUBSCRIBE
 
 
 class FrameReader:
@@ -132,7 +133,10 @@ class FrameReader:
         flags = first & 0x0F
         if packet_type == 0 or (packet_type == AUTH and self.version != MQTT_5):
             raise MalformedPacket(f"reserved packet type {packet_type}")
-        if flags != _REQUIRED_FLAGS[packet_type]:
+        if flags != _REQUIRED_FLAGS[packet_type] and not (
+                # MQTT 3.1 sets DUP on a resent PUBREL, SUBSCRIBE or UNSUBSCRIBE (QoS 1 in their
+                # header); only 3.1.1 fixed their flags to 0010 [MQTT-2.2.2-2].
+                self.version == MQTT_3_1 and flags & 0x07 == 0x02 and packet_type in _DUP_ON_RESEND_V31):
             raise MalformedPacket(f"invalid fixed header flags 0x{flags:x} for packet type {packet_type}")
         body = bytes(buffer[index:end])
         packet = _DECODERS[packet_type](body, self.version)
