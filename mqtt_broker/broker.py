@@ -408,13 +408,13 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.save_session(session, self.clock.seconds())
 
-    def let_go(self, client_id: str, ended: bool) -> None:
+    def let_go(self, client_id: str, ended: bool, will_left: bool = True) -> None:
         """Another node of the cluster took the session: close its connection here (0x8E). The
         connection's will (or a delayed will waiting here) is published if its delay is 0 or the
         new connection ended the session (``ended``) [MQTT-3.1.3-9]; otherwise the new connection
         came in time. The copy stays until ``forget_session``: what is routed to it meanwhile
         is passed on to the new owner by the store."""
-        self.wills.end(client_id, publish=ended, in_store=False)
+        self.wills.end(client_id, publish=ended and will_left, in_store=False)
         session = self.sessions.get(client_id)
         if session is None:
             return
@@ -428,7 +428,7 @@ class BrokerService(MultiService):
             connection.session = session.connection = None  # detached here, not by the close
             self.attached -= 1
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
-            if will is not None and (ended or not delay):
+            if will is not None and will_left and (ended or not delay):
                 self.wills.publish(client, will, connection.identity)
             self._notify_disconnect(client, False)
 

@@ -5,7 +5,9 @@ arrive, QoS 2 exactly once."""
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -173,6 +175,31 @@ def test_what_a_killed_node_was_given_for_a_member_that_ended_with_it_goes_to_an
     wait_until(lambda: _numbered(on_b, got) and sorted(got) == list(range(10)), "the ten for the member on b")
     for client in (on_b, publisher):
         client.close()
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["clean", "persistent"])
+def test_a_node_taken_for_dead_while_alive_does_not_publish_its_wills_again(cluster: Cluster,
+                                                                           persistent: bool) -> None:
+    """Node a stalls (SIGSTOP) past the heartbeat window: the survivor takes its client and
+    publishes the will, as for a killed node. a comes back (SIGCONT), hears of the claim and
+    closes the client (0x8E), without a will of its own: the connection ended once."""
+    observer = PahoClient(cluster["b"].port, "stall-observer")
+    observer.subscribe("wills/#", 1)
+    wait_until(lambda: "wills/#" in cluster.routes("b"), "the observer's route")
+    client = PahoClient(cluster["a"].port, "on-a-stalled-node", version=5, clean=not persistent,
+                        properties=_expiry() if persistent else None, will=("wills/stalled", b"gone", 1, False))
+    redis = cluster.redis.client()
+    wait_until(lambda: redis.hexists("mqtt:session:on-a-stalled-node", "will"), "a to store the will")
+    client.client.loop_stop()  # the client says nothing more
+    os.kill(cluster["a"].pid, signal.SIGSTOP)
+    try:
+        will = observer.message()  # from the survivor, once a is taken for dead
+        assert (will.topic, will.payload) == ("wills/stalled", b"gone")
+    finally:
+        os.kill(cluster["a"].pid, signal.SIGCONT)
+    wait_until(lambda: "a" in cluster.members(), "a to join again")
+    assert observer.no_message(3.0)
+    observer.close()
 
 def _numbered(client: PahoClient, into: list[int]) -> bool:
     """Move the numbered payloads a client has received into ``into`` (probes left out)."""

@@ -547,7 +547,10 @@ class Cluster:
         elif kind == b"r":
             self.broker.retained.delete(parts[1].decode())
         elif kind == b"C":
-            self._claimed_elsewhere(parts[1].decode(), int(parts[2]), parts[3] == b"1")
+            # (parts[4]: whether the claim found this node alive, and so left it the will: a
+            # node taken for dead while it was not, its survivor publishes it)
+            self._claimed_elsewhere(parts[1].decode(), int(parts[2]), parts[3] == b"1",
+                                    len(parts) < 5 or parts[4] != b"0")
         elif kind == b"B":  # a node left: what it held is adopted at once
             self.nodes.pop(node, None)
             self.survivor.left()
@@ -572,7 +575,7 @@ class Cluster:
         else:
             self.forwarding.remove_route(node, topic_filter)
 
-    def _claimed_elsewhere(self, client_id: str, epoch: int, clean: bool) -> None:
+    def _claimed_elsewhere(self, client_id: str, epoch: int, clean: bool, will_left: bool = True) -> None:
         """Another node took a session this node held: its connection here is closed (0x8E),
         and the session's copy here forgotten (the new owner has it, from Redis)."""
         held = self.store.epochs.get(client_id)
@@ -581,7 +584,7 @@ class Cluster:
                 self._overtaken[client_id] = (epoch, clean)
             return
         if held < epoch:
-            self._let_go(client_id, clean)
+            self._let_go(client_id, clean, will_left)
 
     def _fenced(self, client_id: str, epoch: int) -> None:
         """Redis refused changes to a session this node wrote at ``epoch``: another node has
@@ -589,7 +592,7 @@ class Cluster:
         if self.store.epochs.get(client_id) == epoch:
             self._let_go(client_id, False)
 
-    def _let_go(self, client_id: str, clean: bool) -> None:
+    def _let_go(self, client_id: str, clean: bool, will_left: bool = True) -> None:
         """Close the client's connection here. The session ended if the other node's connection
         started clean, or if it was to end with its connection (Redis never had it): then the
         copy goes at once. Otherwise the copy stays until the routes have settled, so that what
@@ -598,7 +601,7 @@ class Cluster:
         session = self.broker.sessions.get(client_id)
         ended = clean or (session is not None and not session.expiry)
         self.store.lost(client_id)
-        self.broker.let_go(client_id, ended)
+        self.broker.let_go(client_id, ended, will_left)
         self.forwarding.forget_sender(client_id)
         if session is None:
             self.store.forgotten(client_id)

@@ -49,7 +49,8 @@ if old_node and old_node ~= node and redis.call('EXISTS', P .. 'node:' .. old_no
 -- inbox delivers what is left there for the client to the client's session, wherever it is.
 redis.call('SADD', P .. 'clients:' .. node, c)
 if old_node and old_node ~= node then
-  redis.call('PUBLISH', P .. 'control', 'C\0' .. node .. '\0' .. c .. '\0' .. epoch .. '\0' .. (clean and '1' or '0'))
+  redis.call('PUBLISH', P .. 'control', 'C\0' .. node .. '\0' .. c .. '\0' .. epoch .. '\0' .. (clean and '1' or '0')
+             .. '\0' .. alive)
 end
 local will = redis.call('HGET', data[1], 'will')
 redis.call('HDEL', data[1], 'will')
