@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs
 
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
@@ -1418,5 +1419,19 @@ def test_a_will_a_hook_decides_late_still_follows_its_clients_qos2_message(
         assert [p.payload for p in got] == [b"online", b"offline"]
         yield deferLater(reactor, 0.05, lambda: None)
         assert broker.cluster.forwarding.pending_here == {}  # (both came back)
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_entries_trimmed_before_they_were_handled_are_told(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """An inbox keeps its last cluster_inbox_maxlen entries: read again after an outage, the
+    entries trimmed meanwhile come without their data. Their loss is logged, once per read."""
+    broker = yield node_a(server)
+    try:
+        with capturedLogs() as events:
+            broker.cluster._handle_entries([(b"1-0", None, 0), (b"2-0", None, 0)])
+        [warning] = [e for e in events if "trimmed" in e.get("log_format", "")]
+        assert warning["count"] == 2 and warning["log_level"].name == "warn"
     finally:
         yield broker.stopService()

@@ -373,10 +373,13 @@ class Cluster:
         self._inbox_handled(None, since)
 
     def _handle_entries(self, entries: list[InboxEntry]) -> None:
+        trimmed = 0
         for entry_id, data, stamp in entries:
             if entry_id in self._waiting:
                 continue  # (read again: its message waits for a claim already)
-            if data is not None:  # (None: trimmed away since it was read)
+            if data is None:  # trimmed away since it was read
+                trimmed += 1
+            else:
                 try:
                     self._handle_entry(bytes(data), stamp, entry_id)
                 except Exception:
@@ -385,6 +388,9 @@ class Cluster:
                                 entry_id=entry_id)
             if entry_id not in self._waiting:
                 self.store.handled(entry_id)
+        if trimmed:
+            log.warn("{count} entries of this node's inbox were trimmed (cluster_inbox_maxlen) before they were "
+                     "handled: their messages are lost", count=trimmed)
 
     def _inbox_handled(self, _: Any, since: str) -> None:
         self._reading = False
