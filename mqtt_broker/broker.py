@@ -354,8 +354,12 @@ class BrokerService(MultiService):
         store = self.store
         assert store is not None
         now = self.clock.seconds()
-        for session, disconnected_at in snapshot.sessions:
-            self.take_session(session, disconnected_at, snapshot.alive_at)
+        ended = [session for session, disconnected_at in snapshot.sessions
+                 if not self.take_session(session, disconnected_at, snapshot.alive_at)]
+        # Sessions that ended while the broker was down hand what they held of shared
+        # subscriptions to another member, once every restored member is back in the tree.
+        for session in ended:
+            self._leave_unfinished(session)
         for message in snapshot.retained:
             if message.expired(now):
                 store.delete_retained(message.topic)
@@ -374,7 +378,7 @@ class BrokerService(MultiService):
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
                  sessions=len(self.sessions), retained=len(self.retained), wills=len(self.wills))
 
-    def take_session(self, session: Session, disconnected_at: float | None, alive_at: float | None = None) -> None:
+    def take_session(self, session: Session, disconnected_at: float | None, alive_at: float | None = None) -> bool:
         """Take up a session whose client is not connected (restored from the store, or adopted
         from a dead node of a cluster): it expires from when its client went away (None: it was
         connected when its broker stopped, which was last known alive at ``alive_at``, or now)."""
@@ -388,11 +392,19 @@ class BrokerService(MultiService):
             if remaining <= 0:
                 self.store.delete_session(session.client_id)
                 self._release(session.client_id)
-                return
+                return False
             session.expiry_call = self.clock.callLater(remaining, self._expire, session)
+        max_bytes = self.config.max_queued_bytes
+        queue = session.queue
+        while max_bytes and len(queue) > 1 and session.queued_bytes > max_bytes:
+            # The store's load reads max_queued_messages: the newest beyond the bytes stay stored.
+            session.queued_bytes -= len(queue.pop().message.payload)
+            session.spilled += 1
+            session.loaded_seq = queue[-1].seq
         self.sessions[session.client_id] = session
         for subscription in session.subscriptions.values():
             self.subscriptions.add(subscription)
+        return True
 
     def left_unattached(self, session: Session, ended: bool = False) -> None:
         """A session this broker took for a client that went before it could attach (in a

@@ -225,6 +225,10 @@ class Delivery:
         """Send a message to a session now, or queue it if it cannot take it now: in memory up to
         max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
         max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
+        expires_at = message.expires_at
+        if expires_at is not None and expires_at < self.clock.seconds():  # (interval 0: sent at once, not queued)
+            self.stats.messages_expired += 1  # (handed on from an ended session) [MQTT-3.3.2-5]
+            return
         connection = session.connection
         if connection is not None and connection.pending_bytes < self.config.max_held_bytes and not session.queue \
                 and not session.spilled:
@@ -384,10 +388,21 @@ class Delivery:
         session.loading = False
         if self.sessions.get(session.client_id) is not session or not session.spilled:
             return  # discarded, or cleared, while reading
-        session.push(*items)
-        if items:
+        if not items:
+            session.spilled = 0
+        else:
+            max_bytes = self.config.max_queued_bytes
+            if max_bytes:  # memory holds max_queued_bytes (and at least one message): the rest stays stored
+                size, kept = session.queued_bytes, 0
+                for item in items:
+                    size += len(item.message.payload)
+                    if size > max_bytes and kept:
+                        break
+                    kept += 1
+                items = items[:kept]
+            session.push(*items)
             session.loaded_seq = items[-1].seq
-        session.spilled = session.spilled - len(items) if items else 0
+            session.spilled -= len(items)
         self.pump(session)
 
     def _spilled_failed(self, failure: Any, session: Session) -> None:

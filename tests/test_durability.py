@@ -1248,3 +1248,51 @@ def test_without_a_store_a_service_started_again_keeps_its_timers() -> None:
     assert "s" not in broker.sessions
     broker.reactor.advance(15)  # type: ignore[attr-defined]  # the will's 30 s, from its disconnection
     assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"gone"]
+
+
+def _shared_members_away(broker: BrokerService) -> None:
+    """m1 (session expiry 10 s) and m2 (1,000 s), members of $share/g/t at QoS 1, both away."""
+    for name, expiry in (("m1", 10), ("m2", 1000)):
+        member = connected(broker, name, 5, clean=False, properties={"session_expiry_interval": expiry})
+        member.subscribe("$share/g/t", qos=1)
+        member.send(Disconnect())
+        member.lose()
+
+
+def test_a_shared_member_whose_session_ended_while_the_broker_was_down_leaves_its_messages_to_another() -> None:
+    """Unfinished messages of a member whose session ends go to another member (docs/mqtt5.md),
+    when it ends while the broker is down too: at the start, once every member is back."""
+    restarts = Restarts(MemoryStore())
+    broker = restarts.start()
+    _shared_members_away(broker)
+    broker.publish("t", b"a", qos=1)
+    broker.publish("t", b"b", qos=1)  # one each, in turn
+    restarts.stop()
+    restarts.reactor.advance(11)  # m1's session ends meanwhile
+    broker = restarts.start()
+    assert "m1" not in broker.sessions
+    m2 = FakeClient(broker, 5)
+    m2.connect("m2", clean=False, properties={"session_expiry_interval": 1000})
+    assert sorted(p.payload for p in m2.received() if isinstance(p, Publish)) == [b"a", b"b"]
+
+
+def test_a_restart_reads_back_no_more_than_max_queued_bytes() -> None:
+    restarts = Restarts(MemoryStore(), max_queued_bytes=10_000)
+    broker = restarts.start()
+    away = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 1000})
+    away.subscribe("t", qos=1)
+    away.lose()
+    for n in range(10):
+        broker.publish("t", bytes([n]) * 4000, qos=1)
+    broker = restarts.restart()
+    session = broker.sessions["s"]
+    assert session.queued_bytes <= 10_000 and len(session.queue) + session.spilled == 10
+    back = FakeClient(broker, 5)
+    back.connect("s", clean=False, properties={"session_expiry_interval": 1000})
+    payloads = []
+    for _ in range(10):
+        for message in [p for p in back.received() if isinstance(p, Publish)]:
+            payloads.append(message.payload[0])
+            back.send(Puback(packet_id=message.packet_id))
+    assert payloads == list(range(10))
+

@@ -1321,6 +1321,22 @@ def test_response_information_too_long_to_send_is_left_out() -> None:
     assert connack.properties["response_information"] == "response/d"
 
 
+def test_an_expired_message_of_an_ended_shared_member_is_not_handed_to_another() -> None:
+    """[MQTT-3.3.2-5]: a shared message queued for a member whose session ends after the
+    message expired is dropped, not sent to another member with an interval of 0."""
+    broker = make_broker()
+    m1 = v5(broker, "m1", clean=False, properties=persistent(20))
+    m1.subscribe("$share/g/t", qos=1)
+    m1.lose()
+    broker.publish("t", b"short-lived", qos=1, properties={"message_expiry_interval": 5})
+    assert len(broker.sessions["m1"].queue) == 1
+    m2 = v5(broker, "m2")
+    m2.subscribe("$share/g/t", qos=1)
+    broker.reactor.advance(21)  # the message expired at 5 s; m1's session ends at 20 s
+    assert "m1" not in broker.sessions
+    assert m2.received() == []
+
+
 def test_unsuback_0x11_for_filter_not_subscribed() -> None:
     """[MQTT-3.11.3-1] [MQTT-3.11.3-2] [MQTT-3.10.4-5]: UNSUBACK has one code per filter, in
     order: 0x00 for a removed subscription, 0x11 (No subscription existed) otherwise."""

@@ -115,3 +115,42 @@ def test_a_failed_read_of_the_spilled_backlog_is_tried_again() -> None:
     broker.reactor.advance(SPILLED_READ_RETRY)
     assert drain(again) == [b"2", b"3", b"4"]
     assert broker.sessions["sub"].spilled == 0
+
+
+def test_spilled_messages_read_back_keep_to_max_queued_bytes() -> None:
+    """Memory holds max_queued_bytes of a session's queue (docs/durability.md): read back from
+    the store, no more than that, whatever max_queued_messages allows (at least one message)."""
+    broker = make_broker(max_queued_bytes=10_000, store=MemoryStore())
+    away = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 1000})
+    away.subscribe("t", qos=1)
+    away.lose()
+    for n in range(10):
+        broker.publish("t", bytes([n]) * 4000, qos=1)
+    session = broker.sessions["s"]
+    assert len(session.queue) == 2 and session.spilled == 8  # 8,000 bytes in memory, the rest stored
+    back = FakeClient(broker, 5)
+    back.connect("s", clean=False, properties={"session_expiry_interval": 1000, "receive_maximum": 1})
+    got = []
+    for _ in range(10):  # acknowledged one by one: the queue is read back from the store in turn
+        [message] = [p for p in back.received() if hasattr(p, "payload")]
+        got.append(message.payload[0])
+        back.send(Puback(packet_id=message.packet_id))
+        assert session.queued_bytes <= 10_000
+    assert got == list(range(10)) and not session.spilled
+
+
+def test_messages_waiting_in_the_store_are_counted_as_queued() -> None:
+    """GET /clients/{id}'s queued and mqtt_queued_messages count every message waiting for the
+    client, those past max_queued_messages waiting in the store too."""
+    from mqtt_broker.admin import figures
+    from mqtt_broker.admin.shapes import client_json
+    broker = make_broker(max_queued_messages=2, store=MemoryStore())
+    away = connected(broker, "s", 4, clean=False)
+    away.subscribe("t", qos=1)
+    away.lose()
+    for n in range(10):
+        broker.publish("t", b"%d" % n, qos=1)
+    assert broker.sessions["s"].spilled == 8
+    assert client_json(broker.sessions["s"])["queued"] == 10
+    assert figures.read(broker).queued == 10
+

@@ -204,7 +204,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
             connected += 1
         else:
             disconnected += 1
-        queued += len(session.queue)
+        queued += len(session.queue) + session.spilled
         queued_bytes += session.queued_bytes
         inflight += len(session.outgoing)
     routed_from_clients = (stats.messages_received - stats.broker_published - stats.wills_published

@@ -42,7 +42,7 @@ def client_json(session: Any) -> dict[str, Any]:
         "session_expiry_interval": session.expiry,
         "subscription_count": len(session.subscriptions),
         "inflight": len(session.outgoing),
-        "queued": len(session.queue),
+        "queued": len(session.queue) + session.spilled,
         "queued_bytes": session.queued_bytes,
         "dropped": session.dropped,
     }
