@@ -1435,3 +1435,55 @@ def test_entries_trimmed_before_they_were_handled_are_told(server: RedisServer) 
         assert warning["count"] == 2 and warning["log_level"].name == "warn"
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_restarted_node_does_not_queue_again_a_message_its_session_has(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A node drops a message that reached a session moved to it by a second way; the mark of
+    that inbox entry waits for a batch, and the node is killed first. Restarted, it takes its own
+    sessions back and reads the entry again: the session still gets the QoS 2 message once."""
+    clock = Clock()
+    clock.advance(1000.0)
+    first = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
+    redis = server.client()
+    second = None
+    try:
+        # x dies holding s, with a QoS 2 message queued for it; a adopts s (s "moved" to a).
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2), expiry=3600,
+                    disconnected_at=1000.0)
+        message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"c-id-0001")
+        x.add_delivery("s", Queued(message, 2, False, (), None, 1), None)
+        yield x.flushed()
+        redis.delete("mqtt:node:x")
+        adopt(first, "x")
+        yield until(lambda: "s" in first.sessions, "a to adopt s")
+        yield first.store.flushed()
+        assert redis.hlen("mqtt:deliv:s") == 1
+        # The same message reaches a by a second way (forwarded by c while s moved): dropped as
+        # a copy, nothing queued, so the entry's mark waits for a batch (ACK_DELAY)...
+        marks: list[Any] = []
+        first.store.handled = lambda entry_id, node="": marks.append(entry_id)  # ...and a dies first (kill -9)
+        c.forward("a", pack_forwarded(message, (), clock.seconds()))
+        yield c.flushed()
+        yield until(lambda: marks, "a to handle c's entry")
+        assert [i.message.payload for i in first.sessions["s"].queue] == [b"once"]  # (dropped as a copy)
+        first.cluster.started = False
+        first.cluster.survivor.stop()
+        yield first.cluster.redis.close()  # (dead: writes nothing more)
+        # a restarts: it takes its sessions back and reads the entries it was given again.
+        second = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url,
+                               cluster_node_id="a", close_linger=0)
+        second.startService()
+        yield second.cluster.ready
+        yield until(lambda: redis.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "a to handle the entry again")
+        yield second.store.flushed()
+        queued = [i.message.payload for i in second.sessions["s"].queue]
+        assert queued == [b"once"], f"s holds the QoS 2 message {len(queued)} times: {queued}"
+        assert redis.hlen("mqtt:deliv:s") == 1
+    finally:
+        if second is not None:
+            yield second.stopService()
+        yield link.close()

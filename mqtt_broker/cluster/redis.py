@@ -53,6 +53,11 @@ RECONNECT_MAX_DELAY = 2.0
 node cut off for that long after a short outage)."""
 
 
+SENTINEL_DISCOVERY_TIMEOUT = 1.0
+"""Seconds one round of asking the Sentinels for the master may take before the connection
+attempt fails and is tried again (with the back-off above)."""
+
+
 class _Factory(_Watched, txredisapi.RedisFactory):
     initialDelay = 0.1
     maxDelay = RECONNECT_MAX_DELAY
@@ -122,6 +127,11 @@ class Redis:
         self._sentinel = txredisapi.Sentinel(
             list(address.hosts), connectTimeout=connect_timeout, password=address.password,
             username=address.username) if address.service else None
+        if self._sentinel is not None:
+            # txredisapi waits 10 s for a Sentinel to name a master that is up, however soon
+            # after a failover they all name one: a connection tried while the old master is
+            # down would leave the node cut off for that long after the new one is named.
+            self._sentinel.discovery_timeout = SENTINEL_DISCOVERY_TIMEOUT
         self.up = False
         self.commands = self._connect(_Factory, _SentinelFactory, self._command_up, self._command_down)
         self.reader = self._connect(_Factory, _SentinelFactory, None, None, reply_timeout=None)

@@ -142,8 +142,9 @@ class Survivor:
                 if client_id in broker.sessions:  # a copy from before the dead node had it: stale
                     broker.forget_session(client_id)
                 broker.take_session(claim.session, claim.disconnected_at)
-                if dead != here:
-                    cluster.moved_here(client_id)
+                # (its own sessions, taken back at a restart, too: the inbox entries it reads
+                # again may hold what they have, the mark of an entry dropped as a copy lost)
+                cluster.moved_here(client_id)
                 adopted += 1
             cluster.stats.adopted += adopted
             if dead != here:
