@@ -110,6 +110,16 @@ async def test_password_file(files: Path) -> None:
     assert v3_connack_code(ReasonCode.BAD_USER_NAME_OR_PASSWORD) == 4
 
 
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_password_is_none_as_in_mosquitto(files: Path) -> None:
+    """`mosquitto_passwd -b pw dave ""` (an unset variable in a script) writes a valid entry; a
+    CONNECT's zero-length password is none to Mosquitto, which never lets dave in: nor here."""
+    assert passwd(["-b", str(files / "pw"), "dave", ""]) == 0
+    sec = security(files)
+    for empty in (b"", None):
+        assert refused(await answer(sec, credentials("dave", empty)), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+
 @pytest_twisted.ensureDeferred
 async def test_allow_anonymous(files: Path) -> None:
     closed = security(files)

@@ -60,7 +60,7 @@ class PasswordFileAuthenticator:
         if stored is None:
             return succeed(None)
         identity = Identity(client_id=credentials.client_id, username=credentials.username, entry=stored)
-        password = credentials.password
+        password = credentials.password or None  # (a zero-length one is none, as Mosquitto reads it)
 
         def judged(correct: bool) -> Identity | Refusal:
             if password is None:
