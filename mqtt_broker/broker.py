@@ -354,6 +354,12 @@ class BrokerService(MultiService):
         store = self.store
         assert store is not None
         now = self.clock.seconds()
+        # Started again (an embedding application stopped the service): what memory kept of the
+        # sessions gives way to what the store kept, where a session that ended meanwhile is gone.
+        for old in list(self.sessions.values()):
+            for topic_filter in old.subscriptions:
+                self.subscriptions.remove(old.client_id, topic_filter)
+        self.sessions.clear()
         ended = [session for session, disconnected_at in snapshot.sessions
                  if not self.take_session(session, disconnected_at, snapshot.alive_at)]
         # Sessions that ended while the broker was down hand what they held of shared

@@ -166,6 +166,9 @@ class Delivery:
         """A message for a shared subscription's group (one a member left unfinished, say) goes
         to one of its ``members`` here, or in a cluster to a member on another node if none is
         here."""
+        if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
+            self.stats.messages_expired += 1
+            return 0
         count = self.deliver_shared(message, share, members) if members else 0
         if not count and self.forwarding is not None and not message.topic.startswith("$SYS/"):
             count = self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)
@@ -174,6 +177,9 @@ class Delivery:
     def handed(self, message: Message, shares: tuple[tuple[str, str], ...]) -> int:
         """A message that another node's last member of these shared subscriptions left
         unfinished: to a member of each here (if none is left either, it is dropped)."""
+        if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
+            self.stats.messages_expired += 1
+            return 0
         groups = [(share, members) for share, members in self.subscriptions.match(message.topic)[1] if share in shares]
         if self.routing_waits_for_store:
             self._wait_for_store((), groups)
@@ -225,10 +231,6 @@ class Delivery:
         """Send a message to a session now, or queue it if it cannot take it now: in memory up to
         max_queued_messages, then (QoS 1/2 of a stored session) in the store only, up to
         max_stored_messages. What cannot be queued is dropped, counted in ``message.refused``."""
-        expires_at = message.expires_at
-        if expires_at is not None and expires_at < self.clock.seconds():  # (interval 0: sent at once, not queued)
-            self.stats.messages_expired += 1  # (handed on from an ended session) [MQTT-3.3.2-5]
-            return
         connection = session.connection
         if connection is not None and connection.pending_bytes < self.config.max_held_bytes and not session.queue \
                 and not session.spilled:

@@ -1296,3 +1296,112 @@ def test_a_restart_reads_back_no_more_than_max_queued_bytes() -> None:
             back.send(Puback(packet_id=message.packet_id))
     assert payloads == list(range(10))
 
+
+def _same_service(tmp_path: Path, clock: MemoryReactorClock) -> BrokerService:
+    return BrokerService(endpoints=[], reactor=reactor, clock=clock, close_linger=0,
+                         store=SQLiteStore(tmp_path / "mqttbroker.db", reactor))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_that_expired_while_the_service_was_stopped_is_gone_when_it_starts_again(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """One BrokerService stopped and started again (an embedding application may): what memory
+    kept of the sessions gives way to what the store kept, where a session ended meanwhile is
+    gone, with its subscriptions. (It stayed, without a timer to end it, for good.)"""
+    clock = MemoryReactorClock()
+    clock.advance(1000)
+    broker = _same_service(tmp_path, clock)
+    broker.startService()
+    try:
+        s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 10})
+        subscribe(s, "t", qos=1)
+        yield broker.store.flushed()
+        s.send(Disconnect())
+        s.lose()
+        yield broker.stopService()
+        clock.advance(60)  # the session's 10 s pass while the service is stopped
+        broker.startService()
+        yield broker.store.flushed()
+        assert rows(tmp_path / "mqttbroker.db", "SELECT client_id FROM sessions") == []  # gone from the store
+        assert "s" not in broker.sessions  # ... and from the broker
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_session_present_is_0_for_a_session_that_expired_while_the_service_was_stopped(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    clock = MemoryReactorClock()
+    clock.advance(1000)
+    broker = _same_service(tmp_path, clock)
+    broker.startService()
+    try:
+        s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 10})
+        subscribe(s, "t", qos=1)
+        yield broker.store.flushed()
+        s.send(Disconnect())
+        s.lose()
+        yield broker.stopService()
+        clock.advance(60)
+        broker.startService()
+        p = connected(broker, "p", 5)
+        p.send(Publish(topic="t", payload=b"for nobody", qos=1, packet_id=1))
+        yield broker.store.flushed()
+        back = FakeClient(broker, 5)
+        connack = back.connect("s", clean=False, properties={"session_expiry_interval": 10})
+        assert not connack.session_present  # [MQTT-3.2.2-3]: the session ended
+        yield broker.store.flushed()
+        assert [x for x in back.received() if isinstance(x, Publish)] == []
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_ended_shared_members_messages_go_to_a_live_member_when_the_service_starts_again(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    clock = MemoryReactorClock()
+    clock.advance(1000)
+    broker = _same_service(tmp_path, clock)
+    broker.startService()
+    try:
+        for name, expiry in (("m1", 10), ("m2", 1000)):
+            m = connected(broker, name, 5, clean=False, properties={"session_expiry_interval": expiry})
+            subscribe(m, "$share/g/t", qos=1)
+            yield broker.store.flushed()
+            m.send(Disconnect())
+            m.lose()
+        for n in range(4):
+            yield broker.publish("t", b"%d" % n, qos=1)
+        yield broker.stopService()
+        clock.advance(60)  # m1's session ends while stopped
+        broker.startService()
+        yield broker.store.flushed()
+        m2 = FakeClient(broker, 5)
+        m2.connect("m2", clean=False, properties={"session_expiry_interval": 1000})
+        got = []
+        for _ in range(10):
+            yield broker.store.flushed()
+            for x in m2.received():
+                if isinstance(x, Publish):
+                    got.append(x.payload)
+                    m2.send(Puback(packet_id=x.packet_id))
+        assert sorted(got) == [b"0", b"1", b"2", b"3"]
+    finally:
+        yield broker.stopService()
+
+
+def test_on_a_memory_store_too_an_expired_session_is_gone_when_the_service_starts_again() -> None:
+    """MemoryStore: "state survives stopping and starting a BrokerService" (its docstring)."""
+    clock = MemoryReactorClock()
+    broker = BrokerService(endpoints=[], reactor=clock, close_linger=0, store=MemoryStore())
+    broker.startService()
+    s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 10})
+    subscribe(s, "t", qos=1)
+    s.send(Disconnect())
+    s.lose()
+    broker.stopService()
+    clock.advance(60)
+    broker.startService()
+    back = FakeClient(broker, 5)
+    connack = back.connect("s", clean=False, properties={"session_expiry_interval": 10})
+    assert not connack.session_present

@@ -62,6 +62,24 @@ def test_request_response_properties_forwarded(broker) -> None:  # type: ignore[
     requester.close()
 
 
+
+def test_a_message_expiry_interval_of_0_is_sent_on_at_once(broker) -> None:  # type: ignore[no-untyped-def]
+    """"Now or never" [MQTT-3.3.2-5, -6]: a connected subscriber gets it, with 0. On a real
+    clock the time moves between routing and delivery: a check of the expiry there dropped every
+    such message (tests on a Clock that stands still could not tell)."""
+    subscriber = PahoClient(broker.port, "now-or-never-sub", version=V5)
+    subscriber.subscribe("now-or-never", qos=1)
+    publisher = PahoClient(broker.port, "now-or-never-pub", version=V5)
+    for n in range(5):
+        publisher.publish("now-or-never", b"now %d" % n, qos=1,
+                          properties=props(PacketTypes.PUBLISH, MessageExpiryInterval=0))
+    publisher.publish("now-or-never", b"end", qos=1)
+    got = [subscriber.message() for _ in range(6)]
+    assert [m.payload for m in got] == [b"now %d" % n for n in range(5)] + [b"end"]
+    assert [m.properties.MessageExpiryInterval for m in got[:5]] == [0] * 5
+    publisher.close()
+    subscriber.close()
+
 def test_shared_subscription_splits_messages(broker) -> None:  # type: ignore[no-untyped-def]
     """Each message to a shared subscription goes to one member [MQTT-4.8.2-?]."""
     members = [PahoClient(broker.port, f"worker{n}", version=V5) for n in range(2)]
