@@ -160,7 +160,9 @@ class Delivery:
             if self.routing_waits_for_store:
                 self._wait_for_store((), groups)
         held = dict(groups)
-        return sum([self.hand_on(message, share, held.get(share)) for share in shares])
+        # (Routed just now, on another node's clock: not checked for expiry here, or every message
+        # of interval 0 would be dropped.)
+        return sum([self._to_group(message, share, held.get(share)) for share in shares])
 
     def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None) -> int:
         """A message for a shared subscription's group (one a member left unfinished, say) goes
@@ -169,6 +171,9 @@ class Delivery:
         if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
             self.stats.messages_expired += 1
             return 0
+        return self._to_group(message, share, members)
+
+    def _to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None) -> int:
         count = self.deliver_shared(message, share, members) if members else 0
         if not count and self.forwarding is not None and not message.topic.startswith("$SYS/"):
             count = self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)

@@ -314,6 +314,29 @@ def test_a_shared_subscription_gets_each_message_once_across_the_cluster(cluster
             client.close()
 
 
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_message_expiry_interval_of_0_reaches_a_shared_member_on_another_node(cluster: Cluster, qos: int) -> None:
+    """"Now or never" [MQTT-3.3.2-5]: routed just now to the group's member on another node, it
+    is sent on, not taken there for expired (that node's clock has moved on since)."""
+    topic = unique("now-or-never")
+    member = PahoClient(cluster["b"].port, unique("member"), version=mqtt.MQTTv5)
+    publisher = PahoClient(cluster["a"].port, unique("pub"), version=mqtt.MQTTv5)
+    try:
+        member.subscribe(f"$share/g/{topic}", 1)
+        settled(cluster, "b", f"$share/g/{topic}")
+        reachable(publisher, [member], topic)
+        now_or_never = Properties(PacketTypes.PUBLISH)
+        now_or_never.MessageExpiryInterval = 0
+        for n in range(3):
+            publisher.publish(topic, b"now %d" % n, qos=qos, properties=now_or_never)
+        publisher.publish(topic, b"end", qos=1)
+        got = [member.message().payload for _ in range(4)]  # (QoS 0 and 1 take two ways: any order)
+        assert sorted(got) == [b"end", b"now 0", b"now 1", b"now 2"]
+    finally:
+        member.close()
+        publisher.close()
+
 def test_a_shared_subscriptions_messages_go_to_its_connected_members_while_any_is(cluster: Cluster) -> None:
     """As on one broker: a member whose session waits offline on node a gets none of the group's
     messages while node b's member is connected (before, the nodes took turns, and half of them
