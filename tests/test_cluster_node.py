@@ -96,6 +96,21 @@ def adopt(broker: BrokerService, dead: str) -> None:
     broker.cluster.survivor.adopt(dead).addErrback(broker.cluster.survivor.failed)
 
 
+@inlineCallbacks
+def s_adopted_from_x(broker: BrokerService, x: RedisStore, server: RedisServer, cluster_id: bytes) -> Any:
+    """Node x dies holding session s, with a QoS 2 message queued for it ("once"); the broker's
+    node adopts s. Returns the message."""
+    yield x.register(600_000)
+    yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2), expiry=3600, disconnected_at=1000.0)
+    message = Message(topic="t", payload=b"once", qos=2, cluster_id=cluster_id)
+    x.add_delivery("s", Queued(message, 2, False, (), None, 1), None)
+    yield x.flushed()
+    server.client().delete("mqtt:node:x")
+    adopt(broker, "x")
+    yield until(lambda: "s" in broker.sessions, "the node to adopt s")
+    return message
+
+
 def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
     code = ("import sys; from mqtt_broker import BrokerService; BrokerService(endpoints=[], persistence='memory'); "
             "loaded = [m for m in sys.modules if m.startswith('mqtt_broker.cluster') or m == 'txredisapi']; "
@@ -699,15 +714,7 @@ def test_a_message_a_session_brought_with_it_is_not_queued_again_by_a_second_way
     link = Redis(RedisAddress.parse(server.url))
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2), expiry=3600,
-                    disconnected_at=1000.0)
-        message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"c-id-0002")
-        x.add_delivery("s", Queued(message, 2, False, (), None, 1), None)
-        yield x.flushed()
-        server.client().delete("mqtt:node:x")  # x died
-        adopt(broker, "x")
-        yield until(lambda: "s" in broker.sessions, "a to adopt s")
+        message = yield s_adopted_from_x(broker, x, server, b"c-id-0002")
         assert [i.message.payload for i in broker.sessions["s"].queue] == [b"once"]
         c.forward("a", pack_forwarded(message, (), clock.seconds()))
         yield c.flushed()
@@ -1450,16 +1457,7 @@ def test_a_restarted_node_does_not_queue_again_a_message_its_session_has(server:
     redis = server.client()
     second = None
     try:
-        # x dies holding s, with a QoS 2 message queued for it; a adopts s (s "moved" to a).
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2), expiry=3600,
-                    disconnected_at=1000.0)
-        message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"c-id-0001")
-        x.add_delivery("s", Queued(message, 2, False, (), None, 1), None)
-        yield x.flushed()
-        redis.delete("mqtt:node:x")
-        adopt(first, "x")
-        yield until(lambda: "s" in first.sessions, "a to adopt s")
+        message = yield s_adopted_from_x(first, x, server, b"c-id-0001")  # (s "moved" to a)
         yield first.store.flushed()
         assert redis.hlen("mqtt:deliv:s") == 1
         # The same message reaches a by a second way (forwarded by c while s moved): dropped as
