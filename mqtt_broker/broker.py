@@ -182,8 +182,8 @@ class BrokerService(MultiService):
                 try:
                     endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
                 except OSError as e:  # a key or certificate file of ssl:/mqtts: that cannot be read
-                    key = next(name for name in ("endpoints", "websocket_endpoints", "http_endpoints")
-                               if description in getattr(self.config, name))
+                    key = next((name for name in ("websocket_endpoints", "http_endpoints")
+                                if description in getattr(self.config, name)), "endpoints")
                     reason = f"{e.filename}: cannot read: {e.strerror}" if e.filename else str(e)
                     raise ConfigError(f"{description!r}: {reason}", key) from None
                 if isinstance(endpoint, TLSServerEndpoint):

@@ -62,7 +62,8 @@ _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_de
 _ONCE = {"password_file", "acl_file", "persistence_location", "persistence_file", "pid_file", "user", "bind_address",
          "certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile", "psk_file"}
 """Settings Mosquitto 2 refuses to start with twice ("Duplicate ... value in configuration"): for
-the whole file, or for each listener (the TLS files; with per_listener_settings, the security ones)."""
+the whole file, or for each listener (the TLS files; with per_listener_settings, the security ones
+and psk_file)."""
 _ONCE_PER_LISTENER = {"certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile"}
 _PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2}
 """Per-listener settings of Mosquitto that are global here, with Mosquitto's defaults."""
@@ -246,7 +247,7 @@ class _Converter:
     def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
         if key in _ONCE:
-            per_listener = key in _ONCE_PER_LISTENER or (self.per_listener and key in _SECURITY)
+            per_listener = key in _ONCE_PER_LISTENER or (self.per_listener and (key in _SECURITY or key == "psk_file"))
             scope = (len(self.listeners) if per_listener else -1, key)
             if scope in self.given:
                 raise ValueError(f"{source}:{number}: {key} is given twice; Mosquitto refuses to start so")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import queue
+from pathlib import Path
 from typing import Iterator
 
 import paho.mqtt.client as mqtt
@@ -336,6 +337,34 @@ def test_a_message_expiry_interval_of_0_reaches_a_shared_member_on_another_node(
     finally:
         member.close()
         publisher.close()
+
+
+def test_a_message_expiry_interval_of_0_reaches_the_member_a_node_hands_it_on_to(tmp_path: Path) -> None:
+    """The group's turn falls on a member on node b that may not read the topic (the ACL): b hands
+    the message on at once to a member that may, on node a, which sends it on; it is not taken
+    there for expired on a's clock."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write #\ntopic read T/open\npattern read T/%c\n")  # a client reads T/<its id>
+    handing = Cluster("a", "b", args=("--acl-file", str(acl)))
+    reader = PahoClient(handing["a"].port, "reader", version=mqtt.MQTTv5)
+    other = PahoClient(handing["b"].port, "other", version=mqtt.MQTTv5)
+    publisher = PahoClient(handing["a"].port, "pub", version=mqtt.MQTTv5)
+    try:
+        reader.subscribe("$share/g/T/+", 1)
+        other.subscribe("$share/g/T/+", 1)  # granted (it may read T/open), not for T/reader
+        settled(handing, "b", "$share/g/T/+")
+        reachable(publisher, [reader], "T/reader")
+        now_or_never = Properties(PacketTypes.PUBLISH)
+        now_or_never.MessageExpiryInterval = 0
+        for n in range(6):  # (every other turn is b's member's)
+            publisher.publish("T/reader", b"now %d" % n, qos=1, properties=now_or_never)
+        publisher.publish("T/reader", b"end", qos=1)
+        got = [reader.message().payload for _ in range(7)]
+        assert sorted(got) == sorted([b"now %d" % n for n in range(6)] + [b"end"])
+    finally:
+        for client in (reader, other, publisher):
+            client.close()
+        handing.close()
 
 def test_a_shared_subscriptions_messages_go_to_its_connected_members_while_any_is(cluster: Cluster) -> None:
     """As on one broker: a member whose session waits offline on node a gets none of the group's

@@ -482,8 +482,9 @@ def test_a_setting_mosquitto_takes_once_given_twice_is_refused(tmp_path: Path, l
 def test_settings_mosquitto_takes_once_per_listener_may_be_given_for_each(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("per_listener_settings true\nlistener 1883\nacl_file /a\ncertfile /c\nkeyfile /k\n"
-                    "listener 1884\nacl_file /a\ncertfile /c\nkeyfile /k\n")
-    assert len(convert(path).config().endpoints) == 2
+                    "psk_file /p\nlistener 1884\nacl_file /a\ncertfile /c\nkeyfile /k\npsk_file /p\n")
+    assert len(convert(path).config().endpoints) == 2  # (Mosquitto 2.0.11 starts with it)
+    refused(tmp_path, "listener 1883\npsk_file /p\nlistener 1884\npsk_file /p\n", "m.conf:4: psk_file is given twice")
 
 
 @pytest.mark.parametrize("lines, size, noted", [
