@@ -642,3 +642,51 @@ def test_a_message_lowered_to_qos_0_crosses_without_dup_or_packet_id() -> None:
         assert decode_publish(encode(crossing, MQTT_5), MQTT_5).dup is False  # (a DUP at QoS 0 is refused)
         kept = Bridge._crossing(again, "there/t", False, MQTT_5, 1)
         assert (kept.qos, kept.dup, kept.packet_id) == (1, True, 7)
+
+
+def test_a_retained_message_of_the_remote_crosses_to_a_broker_without_retain(broker_process: Any, mosquitto: Any,
+                                                                           tmp_path: Path) -> None:
+    """retain_available = false here: the remote's retained message crosses without the flag, as
+    toward a remote without retain. Sent retained, this broker closed the link (0x9A), and the
+    remote sent it again at each reconnection: the link never stayed up."""
+    remote = mosquitto()
+    cloud = PahoClient(remote.port)
+    cloud.publish("config/edge1", b"v2", 1, retain=True)
+    table = {"connection": "cloud", "addresses": [f"127.0.0.1:{remote.port}"], "restart_timeout": [0.2, 1.0],
+             "remote_clientid": "edge-cloud", "topic": ["config/# in 1"]}
+    ours = broker_process("--config", str(write_config(tmp_path / "b.toml", {"retain_available": False}, [table])))
+    local = PahoClient(ours.port)
+    local.subscribe("config/#", 1)
+    for n in range(50):  # (the state is not retained here: live messages until the link carries one)
+        cloud.publish("config/live", b"live %d" % n, 1)
+        if not local.no_message(0.2):
+            break
+    else:
+        raise AssertionError("no live message crossed")
+    assert not [e for e in ours.events() if "0x9a" in str(e.get("why", ""))]
+    for client in (cloud, local):
+        client.close()
+
+
+def test_a_remote_qos0_message_not_the_utf8_it_says_is_dropped_and_the_link_stays(
+        broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """Mosquitto passes on an MQTT 5 QoS 0 message whose payload format indicator says UTF-8 and
+    whose payload is not; this broker closes a connection for one (0x99): both links went down,
+    and with them the QoS 0 messages on their way."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    remote = mosquitto()
+    ours = bridged(broker_process, tmp_path, remote.port, bridge_protocol_version="mqttv50", topic=["c/# in 1"])
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    watcher.wait_for(b"1")
+    local = PahoClient(ours.port)
+    local.subscribe("c/#", 1)
+    cloud = PahoClient(remote.port, version=mqtt.MQTTv5)
+    utf8 = Properties(PacketTypes.PUBLISH)
+    utf8.PayloadFormatIndicator = 1
+    cloud.publish("c/bad", b"\xff\xfe", 0, properties=utf8)
+    cloud.publish("c/ok", b"ok", 0)
+    assert local.message().payload == b"ok"
+    assert watcher.client.no_message(1.0)  # (the link stayed up: no state 0)
+    for client in (local, cloud, watcher):
+        client.close()

@@ -40,6 +40,7 @@ from ..wire import (
     MQTT_3_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
+from ..connect import is_utf8
 from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
@@ -370,8 +371,14 @@ class Bridge(Service):
             if too_deep(topic):  # this broker would close the link for it, and it would come again
                 self._refuse(link, packet, f"more than {MAX_TOPIC_LEVELS} levels")
                 return
+            if not packet.qos and packet.properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
+                # (This broker would close the link for it, 0x99; at QoS 1/2 its refusal goes back.)
+                self._refuse(link, packet, "a payload that is not the UTF-8 its format indicator says")
+                return
             self.stats.messages_in += 1
-            message = self._crossing(packet, topic, packet.retain, MQTT_5, 2)
+            # Retained only where this broker keeps retained messages: it closes the link for one
+            # otherwise, and the remote would send it again at each reconnection.
+            message = self._crossing(packet, topic, packet.retain and self.broker.config.retain_available, MQTT_5, 2)
             if self._waiting or (packet.qos and len(self._inbound) >= self._local_receive):
                 self._wait(message)
             else:

@@ -167,7 +167,8 @@ class BridgeConfig:
     """The password sent with ``remote_username``."""
     cleansession: bool = False
     """Whether the remote forgets the bridge's session (and what it queued for it) when the link
-    drops. The session on this broker is always kept, so nothing queued here is lost."""
+    drops. The session on this broker is always kept, so nothing queued here is lost; the QoS 2
+    messages the remote was part way through may be lost or come twice (docs/bridges.md)."""
     bridge_protocol_version: str = "mqttv311"
     """The MQTT version spoken to the remote: ``mqttv31``, ``mqttv311`` or ``mqttv50``."""
     keepalive_interval: int = 60
