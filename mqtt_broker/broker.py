@@ -356,10 +356,8 @@ class BrokerService(MultiService):
         now = self.clock.seconds()
         # Started again (an embedding application stopped the service): what memory kept of the
         # sessions gives way to what the store kept, where a session that ended meanwhile is gone.
-        for old in list(self.sessions.values()):
-            for topic_filter in old.subscriptions:
-                self.subscriptions.remove(old.client_id, topic_filter)
-        self.sessions.clear()
+        for client_id in list(self.sessions):
+            self.forget_session(client_id)
         ended = [session for session, disconnected_at in snapshot.sessions
                  if not self.take_session(session, disconnected_at, snapshot.alive_at)]
         # Sessions that ended while the broker was down hand what they held of shared
@@ -451,8 +449,8 @@ class BrokerService(MultiService):
             self._notify_disconnect(client, False)
 
     def forget_session(self, client_id: str, session: Session | None = None, ended: bool = False) -> None:
-        """Forget a copy of a session another node of the cluster holds (``session``: only if it
-        is that copy), without a word to the store; ``ended``: the session ended with the other
+        """Forget a copy of a session another node of the cluster holds, or the store (a service
+        started again) (``session``: only if it is that copy), without a word to the store; ``ended``: the session ended with the other
         node's claim, and what it did not finish of shared subscriptions goes to other members."""
         if session is not None and self.sessions.get(client_id) is not session:
             return
