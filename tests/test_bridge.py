@@ -690,3 +690,25 @@ def test_a_remote_qos0_message_not_the_utf8_it_says_is_dropped_and_the_link_stay
     assert watcher.client.no_message(1.0)  # (the link stayed up: no state 0)
     for client in (local, cloud, watcher):
         client.close()
+
+
+def test_an_mqtt3_remote_message_over_bridge_max_packet_size_is_dropped_and_the_link_stays(
+        broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """An MQTT 3.1.1 remote cannot be told the largest packet the bridge takes. The link was
+    closed for a larger one, and the remote sent it again at each reconnection: nothing crossed
+    either way again. It is acknowledged, dropped and logged, and what follows crosses."""
+    remote = mosquitto()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["c/# in 1"], bridge_max_packet_size=300)
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    watcher.wait_for(b"1")
+    local = PahoClient(ours.port)
+    local.subscribe("c/#", 1)
+    cloud = PahoClient(remote.port)
+    cloud.publish("c/big", b"x" * 1000, 1)
+    cloud.publish("c/ok", b"ok", 1)
+    assert local.message().payload == b"ok"
+    assert watcher.client.no_message(1.0)  # (the link stayed up: no state 0)
+    dropped = [e for e in ours.events() if str(e.get("why", "")).startswith("larger than bridge_max_packet_size")]
+    assert [e["topic"] for e in dropped] == ["c/big"]
+    for client in (local, cloud, watcher):
+        client.close()

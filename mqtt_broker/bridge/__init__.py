@@ -42,6 +42,7 @@ from ..wire import (
 )
 from ..connect import is_utf8
 from ..topics import MAX_TOPIC_LEVELS, too_deep
+from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
 from .link import Link, client_tls, pipe
@@ -165,7 +166,10 @@ class Bridge(Service):
                 self._failed(str(e))
                 return
         connect = self._remote_connect()
-        max_size = config.bridge_max_packet_size or self.broker.config.max_packet_size
+        # Only an MQTT 5 remote is told the largest packet the bridge takes. An MQTT 3 one sends
+        # anything, and closing the link for a packet it cannot know is too large would have it
+        # send that packet again at each reconnection: read anything, drop what is too large.
+        max_size = self._max_size if connect.protocol_level == MQTT_5 else MAX_REMAINING_LENGTH + 5
         factory = Factory.forProtocol(lambda: Link(
             "remote", connect, self.clock, max_size, self._remote_up, self._from_remote, self._lost))
         self._connecting = endpoint.connect(factory)
@@ -182,6 +186,11 @@ class Bridge(Service):
             return
         self._failed(f"cannot connect to {self.address}: {failure.getErrorMessage()}")
 
+    @property
+    def _max_size(self) -> int:
+        """The largest packet taken from the remote."""
+        return self.config.bridge_max_packet_size or self.broker.config.max_packet_size
+
     def _remote_connect(self) -> Connect:
         config = self.config
         version = config.version
@@ -190,8 +199,7 @@ class Bridge(Service):
             properties = {"receive_maximum": self._local_receive}
             if not config.cleansession:
                 properties["session_expiry_interval"] = 0xFFFFFFFF
-            max_size = config.bridge_max_packet_size or self.broker.config.max_packet_size
-            properties["maximum_packet_size"] = min(max_size, 268_435_460)
+            properties["maximum_packet_size"] = min(self._max_size, MAX_REMAINING_LENGTH + 5)
         will = None
         if config.notifications and not config.notifications_local_only:
             will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)
@@ -364,6 +372,9 @@ class Bridge(Service):
                 del self._lowered[packet.packet_id]
             local.send(Pubrec(packet_id=packet.packet_id, reason_code=packet.reason_code))  # (QoS 2 here)
         elif isinstance(packet, Publish):
+            if packet.frame is not None and len(packet.frame) > self._max_size:  # (an MQTT 3 remote)
+                self._refuse(link, packet, f"larger than bridge_max_packet_size ({self._max_size})")
+                return
             topic = self.config.to_local(packet.topic)
             if topic is None:
                 self._refuse(link, packet)
