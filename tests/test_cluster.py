@@ -18,7 +18,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_broker.cluster.codec import unpack_retained
-from mqtt_broker.wire import MQTT_5, Connack, Connect, Disconnect, Puback, Publish, Subscribe, SubscriptionRequest
+from mqtt_broker.wire import (
+    MQTT_5, Connack, Connect, Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel, Subscribe, SubscriptionRequest,
+)
 
 from cluster_helpers import Cluster, holds_within, reachable, wait_until
 from paho_helpers import PahoClient
@@ -570,6 +572,46 @@ def test_a_session_taken_over_on_another_node_is_resumed_there(cluster: Cluster)
     finally:
         publisher.close()
         first.close()
+
+
+def test_a_qos2_message_received_on_one_node_is_released_on_the_next_and_routed_once(cluster: Cluster) -> None:
+    """Node a answered a QoS 2 PUBLISH with PUBREC; the client moves to node b, sends the
+    PUBLISH again (DUP, as a client that missed the PUBREC would) and the PUBREL there: b knows
+    the packet id from the session, answers PUBCOMP 0, and the message is routed once."""
+    client_id, topic = unique("q2mover"), unique("q2moving")
+    subscriber = PahoClient(cluster["c"].port, unique("q2sub"), version=mqtt.MQTTv5)
+    subscriber.subscribe(topic, 2)
+    settled(cluster, "c", topic)
+    prober = PahoClient(cluster["a"].port, unique("q2probe"))
+    for _ in range(150):  # until node a routes the topic to node c
+        prober.publish(topic, b"probe", qos=0)
+        if not subscriber.no_message(0.1):
+            break
+    else:
+        raise AssertionError("node a never routed the topic to node c")
+    prober.publish(topic, b"last probe", qos=0)
+    while subscriber.message().payload != b"last probe":
+        pass
+    first, second = RawClient(cluster["a"].port), RawClient(cluster["b"].port)
+    try:
+        assert not first.connect(client_id, clean=False).session_present
+        first.send(Publish(topic, b"once", 2, False, False, 7))
+        assert first.expect(Pubrec).packet_id == 7
+        assert second.connect(client_id, clean=False).session_present
+        second.send(Publish(topic, b"once", 2, False, True, 7))
+        assert second.expect(Pubrec).packet_id == 7
+        second.send(Pubrel(packet_id=7))
+        assert second.expect(Pubcomp).packet_id == 7
+        assert subscriber.message().payload == b"once"
+        assert subscriber.no_message(1.0)
+    finally:
+        for client in (first, second):
+            client.close()
+        for paho in (subscriber, prober):
+            paho.close()
+        ending = RawClient(cluster["b"].port)
+        ending.connect(client_id, clean=True)
+        ending.close()
 
 
 def _encode5(packet: object) -> bytes:
