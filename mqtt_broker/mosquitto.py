@@ -2,8 +2,9 @@
 writes the equivalent TOML, ``twistd mqttbroker --mosquitto-config FILE`` runs with it.
 
 What maps is converted (listeners to endpoint strings, authentication, limits, persistence,
-bridges); what has no equivalent here (plugins, dynamic security, per-listener authentication,
-logging options that are twistd's) is named with its file and line, never dropped in silence.
+bridges); what has no equivalent here (per-listener authentication, logging options that are
+twistd's) is named with its file and line, never dropped in silence; what would leave the broker
+more open than Mosquitto without it (plugins, which may check logins and topics) is refused.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ _PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connect
 _SECURITY: dict[str, Any] = {"allow_anonymous": False, "password_file": None, "acl_file": None}
 """Mosquitto's settings of authentication and ACLs (global here), with Mosquitto 2's defaults for a
 listener that does not set them."""
+_PLUGIN = ("Mosquitto plugins do not load here, and what it checks (logins, topics: dynamic security, say) "
+           "would not be checked; remove the line to accept that, and do its checks with the authenticators "
+           "(docs/security.md) or hooks (docs/embedding.md)")
 _REFUSED = {
     "bind_interface": "give bind_address with the interface's address instead (a listener for each address)",
     "mount_point": "the listener's clients would not be kept under their own topic prefix; remove it to accept "
@@ -81,11 +85,14 @@ _REFUSED = {
     "crlfile": "clients with revoked certificates would be let in (certificate revocation lists are not checked)",
     "clientid_prefixes": "clients with any client id would be let in; check client ids in a connect hook instead "
                          "(docs/embedding.md)",
+    "check_retain_source": "a retained message would still be sent after its publisher lost the right to write its "
+                           "topic (the ACL is not checked again at delivery)",
+    "plugin": _PLUGIN, "auth_plugin": _PLUGIN, "global_plugin": _PLUGIN,
 }
 """Settings without an equivalent here whose loss would open the broker more than Mosquitto does:
 refused, not noted (the booleans of _REFUSED_IF_TRUE only when true, their default being this
 broker's way)."""
-_REFUSED_IF_TRUE = {"use_username_as_clientid"}
+_REFUSED_IF_TRUE = {"use_username_as_clientid", "check_retain_source"}
 _MAKE_DEFAULT_LISTENER: dict[str, Any] = {
     "protocol": "mqtt", "socket_domain": None, "certfile": None, "keyfile": None, "cafile": None, "capath": None,
     "ciphers": None, "ciphers_tls1.3": None, "dhparamfile": None, "max_connections": -1, "max_qos": 2,
@@ -98,8 +105,10 @@ _RANGES: dict[str, tuple[int, int | None]] = {"max_keepalive": (10, 65535), "max
 """Values Mosquitto 2 refuses to start with outside these bounds."""
 _MAX_INFLIGHT = 65535
 """The most max_inflight_messages can be here: as many as there are packet identifiers."""
-_HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file", "check_retain_source",
-                 "memory_limit", "max_inflight_bytes"}
+_HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file"}
+_NO_LIMIT_HERE = {"memory_limit": "no memory limit here: bound what sessions hold with max_queued_messages and "
+                                  "max_queued_bytes",
+                  "max_inflight_bytes": "no byte limit on messages in flight here: max_inflight_messages bounds them"}
 
 
 @dataclass
@@ -192,11 +201,14 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
     if path in seen:
         return
     seen.add(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
-            text = raw.strip()
-            if not text or text.startswith("#"):
-                continue
+            if not raw.strip() or raw.lstrip().startswith(b"#"):
+                continue  # (a comment in any encoding, as Mosquitto reads bytes)
+            try:
+                text = raw.decode().strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 (byte {e.start + 1})") from None
             words = text.split()
             if words[0] == "include_dir" and len(words) > 1:
                 directory = Path(text.split(None, 1)[1])
@@ -273,7 +285,7 @@ class _Converter:
         elif key in _BRIDGE:
             name = _BRIDGE_RENAMED.get(key, key)
             if name == "addresses":
-                bridge.setdefault("addresses", []).extend(a for a in value.replace(",", " ").split())
+                bridge.setdefault("addresses", []).extend(_words(value.replace(",", " ")))
             elif name == "topic":
                 bridge.setdefault("topic", []).append(value)
             elif name in _BRIDGE_BOOLS:
@@ -331,7 +343,7 @@ class _Converter:
         if key == "use_subject_as_username":
             key, value = self._subject_as_username(source, number, text, value)
         if key == "listener":
-            args = value.split()
+            args = _words(value)
             if not args or not args[0].isdigit():
                 raise ValueError(f"{source}:{number}: listener needs a port")
             self.listeners.append(_Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number))
@@ -351,8 +363,8 @@ class _Converter:
             target = self.listeners[-1] if self.listeners else self.default_port
             if target is None:
                 self.default_port = target = _Listener(1883, "", source, number)
-            if key == "require_certificate":
-                target.options[key] = value  # the listener's TLS handshake asks for it (mqtts:)
+            if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
+                target.options[key] = "true" if _bool(value, source, number) else "false"
             elif key in _PER_LISTENER:
                 # Global settings here: the last listener's value applies to every one.
                 ours, kind = _GLOBAL[key]
@@ -364,7 +376,12 @@ class _Converter:
                                          f"way applies to every listener")
                     self.identity_by_cn = True
                 target.limits[key] = (self.out.settings[ours], source, number, text)
-            elif key in ("certfile", "keyfile", "cafile", "protocol"):
+            elif key == "protocol":
+                protocol = _first(value)
+                if protocol not in ("mqtt", "websockets"):
+                    raise ValueError(f"{source}:{number}: protocol is mqtt or websockets, not {protocol!r}")
+                target.options[key] = protocol
+            elif key in ("certfile", "keyfile", "cafile"):
                 target.options[key] = value
             elif key != "socket_domain":  # (the interface decides the family here)
                 self._note(source, number, text, "no per-listener equivalent here")
@@ -420,10 +437,10 @@ class _Converter:
             self._note(source, number, text, f"done by {_TWISTD[key]}")
         elif key in _HANDLED_HERE:
             self._note(source, number, text, "the SQLite store commits each batch of changes and needs no tuning")
-        elif key in ("plugin", "auth_plugin", "global_plugin") or key.startswith(("plugin_opt_", "auth_opt_")):
-            why = ("dynamic security is not supported" if "dynamic_security" in value or "dynsec" in key
-                   else "Mosquitto plugins do not load here; see docs/embedding.md (hooks) and docs/security.md")
-            self._note(source, number, text, why)
+        elif key in _NO_LIMIT_HERE:
+            self._note(source, number, text, _NO_LIMIT_HERE[key])
+        elif key.startswith(("plugin_opt_", "auth_opt_")):
+            self._note(source, number, text, "Mosquitto plugins do not load here")
         else:
             self._note(source, number, text, "no equivalent setting here")
 
@@ -538,6 +555,16 @@ def _first(value: str) -> str:
     may be a comment)."""
     words = value.split(None, 1)
     return words[0] if words else ""
+
+
+def _words(value: str) -> list[str]:
+    """The words of a value up to a comment: Mosquitto stops at a word that begins with ``#``
+    where a line takes several (a listener's, a bridge's addresses)."""
+    words = value.split()
+    for index, word in enumerate(words):
+        if word.startswith("#"):
+            return words[:index]
+    return words
 
 
 def _bool(value: str, source: str, number: int) -> bool:

@@ -161,9 +161,11 @@ def test_parse_errors_name_the_line(line: str, problem: str) -> None:
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(AclFileError, match="cannot read"):
         AclFile.load(tmp_path / "absent")
-    (tmp_path / "acl").write_bytes(b"topic read caf\xe9\n")
-    with pytest.raises(AclFileError, match="not UTF-8"):
+    (tmp_path / "acl").write_bytes(b"# caf\xe9\ntopic read caf\xe9\n")
+    with pytest.raises(AclFileError, match="acl:2: not UTF-8 \\(byte 15\\)"):
         AclFile.load(tmp_path / "acl")
+    (tmp_path / "acl").write_bytes(b"# caf\xe9, a comment in Latin-1 as Mosquitto takes it\ntopic read cafe\n")
+    assert AclFile.load(tmp_path / "acl") == AclFile.parse("#\ntopic read cafe\n", str(tmp_path / "acl"))
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -309,15 +309,76 @@ def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
 
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
-    path.write_text("listener 1883\nplugin /usr/lib/mosquitto_dynamic_security.so\n"
-                    "plugin_opt_config_file /etc/dynsec.json\nper_listener_settings true\nhttp_dir /srv/www\n"
-                    "frobnicate 1\n")
+    path.write_text("listener 1883\nplugin_opt_config_file /etc/dynsec.json\nper_listener_settings true\n"
+                    "http_dir /srv/www\nfrobnicate 1\nmemory_limit 1000000\nautosave_interval 60\n")
     notes = [(n.line, n.why) for n in convert(path).notes]
-    assert notes[0] == (2, "dynamic security is not supported")
-    assert notes[1][0] == 3 and "plugins" in notes[1][1]
-    assert notes[2][0] == 4 and "every listener" in notes[2][1]
-    assert notes[3] == (5, "no per-listener equivalent here")
-    assert notes[4] == (6, "no equivalent setting here")
+    assert notes[0] == (2, "Mosquitto plugins do not load here")
+    assert notes[1][0] == 3 and "every listener" in notes[1][1]
+    assert notes[2] == (4, "no per-listener equivalent here")
+    assert notes[3] == (5, "no equivalent setting here")
+    assert notes[4][0] == 6 and notes[4][1].startswith("no memory limit here")
+    assert notes[5][0] == 7 and "SQLite" in notes[5][1]
+
+
+@pytest.mark.parametrize("line", ["plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                                  "auth_plugin /usr/lib/mosquitto-go-auth.so", "check_retain_source true"])
+def test_what_checks_clients_in_mosquitto_and_not_here_is_refused(tmp_path: Path, line: str) -> None:
+    """A plugin (dynamic security, say) refuses what the rest of the file allows: with
+    allow_anonymous true, Mosquitto 2.0.11 with dynamic security answers an anonymous PUBLISH
+    with 0x87. Noted and dropped, anyone could publish and read everything here;
+    check_retain_source, the same for retained messages of publishers who lost the right."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\nallow_anonymous true\n{line}\n")
+    with pytest.raises(ValueError, match=f"m.conf:3: {line.split()[0]} is not supported here"):
+        convert(path)
+    path.write_text("listener 1883\ncheck_retain_source false\nallow_anonymous true\n")
+    assert convert(path).notes == []
+
+
+@pytest.mark.parametrize("value", ["1", "true # every client needs one"])
+def test_require_certificate_is_read_as_mosquitto_reads_a_boolean(tmp_path: Path, value: str) -> None:
+    """Mosquitto with ``require_certificate 1`` (or a comment after ``true``) refuses a client
+    without a certificate; the converter compared the text with "true" and let every client in."""
+    path = tmp_path / "m.conf"
+    tls = "certfile /c/server.pem\nkeyfile /c/server.key\n"
+    path.write_text(f"listener 8883\n{tls}cafile /c/ca.pem\nrequire_certificate {value}\n")
+    (endpoint,) = convert(path).settings["endpoints"]
+    assert endpoint.endswith(":requireCertificate=yes"), endpoint
+    path.write_text(f"listener 8883\n{tls}capath /c/certs\nrequire_certificate {value}\n")
+    with pytest.raises(ValueError, match="require_certificate needs cafile"):
+        convert(path)
+    path.write_text(f"listener 8883\n{tls}cafile /c/ca.pem\nrequire_certificate yes\n")
+    with pytest.raises(ValueError, match="m.conf:5: 'yes' is not true, false, 1 or 0"):
+        convert(path)
+
+
+def test_a_comment_after_the_words_of_a_line_is_not_read_as_more_words(tmp_path: Path) -> None:
+    """As Mosquitto 2.0.11 reads them: a listener on every interface, a WebSocket listener, and a
+    bridge connecting to its one address (the words after it were taken for hosts named "the"
+    and "cloud", and sent the bridge's CONNECT, password included, when the first was down)."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 18835 # the main one\nlistener 9001 127.0.0.1 # local\n"
+                    "protocol websockets # for the browsers\nallow_anonymous true\n"
+                    "connection up\naddress 127.0.0.1:18845 # the cloud\ntopic # out 0\n")
+    conversion = convert(path)
+    assert conversion.settings["endpoints"] == ["tcp:18835"]
+    assert conversion.settings["websocket_endpoints"] == ["tcp:9001:interface=127.0.0.1"]
+    (bridge,) = conversion.bridges
+    assert bridge["addresses"] == ["127.0.0.1:18845"]
+    path.write_text("listener 9001\nprotocol http\n")
+    with pytest.raises(ValueError, match="m.conf:2: protocol is mqtt or websockets, not 'http'"):
+        convert(path)
+
+
+def test_a_comment_not_in_utf8_is_read_as_mosquitto_reads_it(tmp_path: Path) -> None:
+    """Mosquitto reads bytes: a Latin-1 comment starts it. Another line that is not UTF-8 is
+    refused with its file and line (it was refused with only the codec's message)."""
+    path = tmp_path / "m.conf"
+    path.write_bytes(b"# R\xe9seau local\nlistener 1883\nallow_anonymous true\n")
+    assert convert(path).settings["endpoints"] == ["tcp:1883"]
+    path.write_bytes(b"listener 1883\nauto_id_prefix caf\xe9\n")
+    with pytest.raises(ValueError, match="m.conf:2: not UTF-8 \\(byte 19\\)"):
+        convert(path)
 
 
 @pytest.mark.parametrize("first, refused", [

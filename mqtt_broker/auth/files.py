@@ -6,10 +6,23 @@ from pathlib import Path
 
 
 def read_utf8(path: str | Path, error: type[ValueError]) -> str:
-    """The file's text; raises ``error`` naming the file when it cannot be read or is not UTF-8."""
+    """The file's text; raises ``error`` naming the file (and line) when it cannot be read or a
+    line other than a comment is not UTF-8. A comment may be in any encoding, as Mosquitto reads
+    bytes: one that is not UTF-8 is read as ``#``."""
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        data = Path(path).read_bytes()
     except OSError as e:
         raise error(f"{path}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 (byte {e.start})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if not line.lstrip().startswith(b"#"):
+                raise error(f"{path}:{number}: not UTF-8 (byte {e.start + 1})") from None
+            lines[number - 1] = b"#"
+    return b"\n".join(lines).decode("utf-8")
