@@ -412,8 +412,10 @@ class Delivery:
         self.pump(session)
 
     def _spilled_failed(self, failure: Any, session: Session) -> None:
-        log.failure("cannot read the queued messages of {client_id} back from the store", failure,
-                    client_id=session.client_id)
+        from .store import StoreError
+        if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
+            log.failure("cannot read the queued messages of {client_id} back from the store", failure,
+                        client_id=session.client_id)
         # Read again later: a session with nothing else in flight may never be pumped again.
         # ``loading`` stays set until then, so that nothing else starts a read meanwhile.
         self.clock.callLater(SPILLED_READ_RETRY, self._read_spilled_again, session)

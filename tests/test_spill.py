@@ -117,6 +117,34 @@ def test_a_failed_read_of_the_spilled_backlog_is_tried_again() -> None:
     assert broker.sessions["sub"].spilled == 0
 
 
+def test_a_read_of_the_backlog_failed_by_a_failing_write_is_not_logged_at_each_retry() -> None:
+    """While the disk fails, the store fails every read behind its failed batch, and logs the
+    episode once; each connected session with a backlog logged a traceback besides, each second."""
+    from twisted.internet.defer import fail
+
+    from mqtt_broker.delivery import SPILLED_READ_RETRY
+    from mqtt_broker.store import StoreError
+
+    from durability_helpers import CapturedLog
+    store = MemoryStore()
+    broker = make_broker(max_queued_messages=2, store=store)
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", str(n).encode(), qos=1)
+    read = store.load_queued
+    failures: list[Exception] = [OSError("disk I/O error")] + [StoreError("write to the store failed")] * 5
+    store.load_queued = lambda *args: fail(failures.pop()) if failures else read(*args)  # type: ignore[method-assign]
+    again = FakeClient(broker)
+    with CapturedLog() as log:
+        again.connect("sub", clean=False)
+        assert drain(again) == [b"0", b"1"]
+        for _ in range(6):
+            broker.reactor.advance(SPILLED_READ_RETRY)
+    assert drain(again) == [b"2", b"3", b"4"]
+    logged = log.matching("cannot read the queued messages of sub")
+    assert len(logged) == 1 and len(log.failures()) == 1 and "disk I/O error" in str(log.failures()[0]["log_failure"])
+
+
 def test_spilled_messages_read_back_keep_to_max_queued_bytes() -> None:
     """Memory holds max_queued_bytes of a session's queue (docs/durability.md): read back from
     the store, no more than that, whatever max_queued_messages allows (at least one message)."""

@@ -8,7 +8,9 @@ reports back through the reactor.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -458,6 +460,26 @@ def test_a_directory_in_place_of_the_database(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as caught:
         SQLiteStore(path, reactor).load()
     assert str(path) in str(caught.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_damaged_properties_blob_is_refused_as_a_damaged_database(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """The pages are sound, what a row holds is not: quick_check passes, and reading the row's
+    properties raised MalformedPacket, which start-up printed as a traceback."""
+    sqlite.open()
+    sqlite.store.save_retained(Message(topic="r", payload=b"kept", qos=1, retain=True,
+                                       properties={"content_type": "text/plain"}))
+    yield sqlite.store.close()
+    with closing(sqlite3.connect(str(sqlite.path))) as db:
+        db.execute("UPDATE retained SET properties = X'05FF000000'")  # a Content Type of 0xFF00 bytes in 3
+        db.commit()
+    store = SQLiteStore(sqlite.path, reactor)
+    try:
+        with pytest.raises(StoreError) as caught:
+            store.load()
+        assert_tells_what_to_do(caught.value, sqlite.path)
+    finally:
+        yield store.close()
 
 
 @pytest_twisted.inlineCallbacks

@@ -25,6 +25,7 @@ from ..history import Entry
 from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
+from ..wire.codes import MQTTError
 from ..wire.packets import PUBLISH
 from ..wire.properties import decode_properties, encode_properties
 from . import Snapshot, StoredWill, StoreError, call, fire
@@ -199,7 +200,7 @@ class SQLiteStore:
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
             snapshot = self._read(db, window)
-        except (sqlite3.Error, OSError, ValueError) as e:
+        except (sqlite3.Error, OSError, ValueError, MQTTError) as e:  # (MQTTError: a damaged properties blob)
             raise StoreError(
                 f"cannot use the database {self.path}: {e}. If it is damaged, move it (and its "
                 f"-wal and -shm files) away to start with an empty store, or restore a backup; "
