@@ -9,6 +9,8 @@ disk, and crashes: ``crash_copy`` takes what a kill -9 at that moment would leav
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -501,6 +503,35 @@ def test_sqlite_messages_for_a_restored_session_survive_the_next_restart(
     broker = yield on_disk.again()
     s, _ = reconnect(broker, "s")
     assert [m.payload for m in publishes((yield when_stored(on_disk.store, s)))] == [b"1", b"2"]
+
+
+@pytest.mark.parametrize("old_schema", [False, True], ids=["new", "of-0.1.0"])
+@pytest_twisted.inlineCallbacks
+def test_a_replay_after_a_restart_keeps_no_local(tmp_path: Path, old_schema: bool) -> Iterator[Deferred[Any]]:
+    """The message log kept no sender on disk: after a restart, a replay with No Local sent the
+    client its own messages [MQTT-3.8.3-3] (docs/message-log.md). A database of 0.1.0, whose log
+    has no sender column, is given one: what it logged before has no sender and is replayed."""
+    path = tmp_path / "mqttbroker.db"
+    if old_schema:
+        with closing(sqlite3.connect(str(path))) as db:
+            db.execute("CREATE TABLE history (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, "
+                       "qos INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL)")
+            db.execute("INSERT INTO history VALUES (1, 's/before', X'6F6C64', 0, X'00', NULL, 1.0)")
+            db.commit()
+    r = SQLiteRestarts(path, history_filters=["s/#"])
+    try:
+        broker = r.start()
+        connected(broker, "me", 5).publish("s/mine", b"mine")
+        connected(broker, "other", 5).publish("s/theirs", b"theirs")
+        yield r.store.flushed()
+        broker = yield r.again()
+        me = connected(broker, "me", 5)
+        me.send(Subscribe(packet_id=1, properties={"user_property": [("replay", "all")]},
+                          subscriptions=(SubscriptionRequest(topic_filter="s/#", qos=0, no_local=True),)))
+        got = yield when_stored(r.store, me)
+        assert [p.payload for p in publishes(got)] == ([b"old", b"theirs"] if old_schema else [b"theirs"])
+    finally:
+        yield r.stop()
 
 
 @pytest.mark.parametrize("qos", [1, 2])

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS retained (
     expires_at REAL);
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
-    properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL);
+    properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL, sender TEXT);
 CREATE TABLE IF NOT EXISTS wills (
     client_id TEXT PRIMARY KEY, username TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL,
@@ -70,8 +70,8 @@ _INSERT_PUBREL = "INSERT OR REPLACE INTO awaiting_pubrel (client_id, packet_id) 
 _DELETE_PUBREL = "DELETE FROM awaiting_pubrel WHERE client_id = ? AND packet_id = ?"
 _SAVE_RETAINED = "INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?,?,?,?,?)"
 _DELETE_RETAINED = "DELETE FROM retained WHERE topic = ?"
-_SAVE_HISTORY = ("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at) "
-                 "VALUES (?,?,?,?,?,?,?)")
+_SAVE_HISTORY = ("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at, sender) "
+                 "VALUES (?,?,?,?,?,?,?,?)")
 _FORGET_HISTORY = "DELETE FROM history WHERE seq < ?"
 _DROP_HISTORY = "DELETE FROM history WHERE seq = ?"
 
@@ -141,10 +141,11 @@ def _props(message: Message) -> bytes:
     return encode_properties(message.properties)
 
 
-def _message(topic: str, payload: bytes, qos: int, retain: bool, properties: bytes, expires_at: float | None) -> Message:
+def _message(topic: str, payload: bytes, qos: int, retain: bool, properties: bytes, expires_at: float | None,
+             sender: str | None = None) -> Message:
     props = decode_properties(properties, 0, PUBLISH)[0] if properties != b"\x00" else {}
     return Message(topic=topic, payload=bytes(payload), qos=qos, retain=bool(retain), properties=props,
-                   expires_at=expires_at)
+                   expires_at=expires_at, sender=sender)
 
 
 def _delivery(row: tuple[Any, ...]) -> Queued:
@@ -196,6 +197,9 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
+            if "sender" not in {row[1] for row in db.execute("PRAGMA table_info(history)")}:
+                # (A database of 0.1.0: a replay's No Local needs the sender of each message logged.)
+                db.execute("ALTER TABLE history ADD COLUMN sender TEXT")
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
@@ -258,9 +262,10 @@ class SQLiteStore:
             message = _message(topic, payload, qos, retain, properties, expires_at)
             message.sender = client_id
             wills.append(StoredWill(client_id, username, message, due))
-        history = [Entry(seq, _message(topic, payload, qos, False, properties, expires_at), at)
-                   for seq, topic, payload, qos, properties, expires_at, at in db.execute(
-                       "SELECT seq, topic, payload, qos, properties, expires_at, at FROM history ORDER BY seq")]
+        history = [Entry(seq, _message(topic, payload, qos, False, properties, expires_at, sender), at)
+                   for seq, topic, payload, qos, properties, expires_at, at, sender in db.execute(
+                       "SELECT seq, topic, payload, qos, properties, expires_at, at, sender FROM history "
+                       "ORDER BY seq")]
         alive = db.execute("SELECT value FROM meta WHERE key = 'alive'").fetchone()
         return Snapshot(list(sessions.values()), retained, wills, history, alive[0] if alive else None)
 
@@ -356,7 +361,8 @@ class SQLiteStore:
 
     def save_history(self, entry: Entry) -> None:
         m = entry.message
-        self._record(_SAVE_HISTORY, (entry.seq, m.topic, m.payload, m.qos, _props(m), m.expires_at, entry.at))
+        self._record(_SAVE_HISTORY, (entry.seq, m.topic, m.payload, m.qos, _props(m), m.expires_at, entry.at,
+                                     m.sender))
 
     def forget_history(self, before_seq: int) -> None:
         self._record(_FORGET_HISTORY, (before_seq,))
