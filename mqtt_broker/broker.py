@@ -23,7 +23,7 @@ from . import tcp
 from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
-from .connect import NEVER, AcceptingConnack
+from .connect import NEVER, AcceptingConnack, granted_expiry
 from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives, cancel
@@ -388,6 +388,7 @@ class BrokerService(MultiService):
         connected when its broker stopped, which was last known alive at ``alive_at``, or now)."""
         assert self.store is not None
         now = self.clock.seconds()
+        session.expiry = granted_expiry(session.expiry, self.config)  # (as the settings are now)
         if disconnected_at is None:  # connected when its broker stopped: it went away then
             disconnected_at = min(now, alive_at) if alive_at is not None else now
             self.store.save_session(session, disconnected_at)

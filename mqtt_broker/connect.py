@@ -17,6 +17,13 @@ from .wire.codes import ReasonCode
 from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
 
 NEVER = 0xFFFFFFFF
+
+
+def granted_expiry(requested: int, config: BrokerConfig) -> int:
+    """The session expiry interval a session gets: at most max_session_expiry_interval, and
+    persistent_client_expiration (when set) for one that would never expire, as in Mosquitto."""
+    expiry = min(requested, config.max_session_expiry_interval)
+    return (config.persistent_client_expiration or NEVER) if expiry == NEVER else expiry
 """A session expiry interval that means the session never expires."""
 
 
@@ -60,10 +67,10 @@ def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack 
     keep_alive = connect.keep_alive
     max_keepalive = config.max_keepalive
     if level == MQTT_5:
-        session_expiry = min(props.get("session_expiry_interval", 0), config.max_session_expiry_interval)
+        session_expiry = granted_expiry(props.get("session_expiry_interval", 0), config)
     else:
         # MQTT 3: clean session 0 keeps the session until persistent_client_expiration.
-        session_expiry = 0 if connect.clean_start else (config.persistent_client_expiration or NEVER)
+        session_expiry = 0 if connect.clean_start else granted_expiry(NEVER, config)
     terms = Terms(
         reason=reason, client_id=client_id, keep_alive=keep_alive, session_expiry=session_expiry,
         send_quota=min(config.max_inflight_messages, props.get("receive_maximum", 65535)),

@@ -31,7 +31,7 @@ from .lifecycle import State
 from .message import NOT_CACHED, Client, Message, encoding_kind
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
-from .connect import NEVER, Terms
+from .connect import NEVER, Terms, granted_expiry
 from .connecting import Connecting, count_refusal, tally
 from .delivery import Delivery
 from .linger import close_lingering
@@ -639,7 +639,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if client is not None and not client.properties.get("session_expiry_interval") and expiry:
                 raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")  # 3.14.2.2.2
             if self.session is not None:  # (none yet while the client authenticates)
-                self.session.expiry = min(expiry, self.broker.config.max_session_expiry_interval)
+                self.session.expiry = granted_expiry(expiry, self.broker.config)
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})",
                   routine=packet.reason_code < 0x80)

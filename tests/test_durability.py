@@ -294,6 +294,26 @@ def test_session_expiry_counts_the_time_the_broker_was_down(restarts: Restarts) 
     assert not connack.session_present
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_persistent_client_expiration_set_later_applies_to_the_sessions_restored(restarts: Restarts,
+                                                                              version: int) -> None:
+    """An operator sets persistent_client_expiration to clear the sessions abandoned so far (MQTT
+    3's clean session 0; MQTT 5's 4294967295, as in Mosquitto): each had never to expire, and
+    restored so, none ever did. One of a finite interval keeps it."""
+    broker = restarts.start()
+    reconnect(broker, "abandoned", version)[0].lose()
+    reconnect(broker, "for-a-day", 5, clean=False, properties={"session_expiry_interval": 86400})[0].lose()
+    restarts.stop()
+    restarts.settings["persistent_client_expiration"] = 3600
+    broker = restarts.start()
+    assert {"abandoned", "for-a-day"} <= broker.sessions.keys()
+    restarts.reactor.advance(3601)
+    assert "abandoned" not in broker.sessions and "for-a-day" in broker.sessions
+    if version == 5:  # and a CONNECT asking for ever is told the interval it gets
+        connack = reconnect(broker, "abandoned", 5)[1]
+        assert connack.properties["session_expiry_interval"] == 3600
+
+
 def test_session_that_expired_while_the_broker_was_down_is_gone(restarts: Restarts) -> None:
     broker = restarts.start()
     s = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100})
