@@ -672,6 +672,55 @@ def test_a_log_entry_saved_and_dropped_while_the_disk_fails_costs_nothing() -> N
     assert sqlite.compacted(batch) == [(sqlite._DROP_HISTORY, (4,))]
 
 
+def test_a_row_set_again_and_again_while_the_disk_fails_waits_once() -> None:
+    """A session, its will and subscriptions saved at each of a client's reconnections, and the
+    minutely alive note: only the last change of each row waits (they all did, at each retry),
+    whatever came between; deleting all of a client's subscriptions stays as it was."""
+    from mqtt_broker.store import sqlite
+    batch: list[sqlite.Statement] = []
+    for n in range(100):
+        batch += [(sqlite._SAVE_SESSION, ("c", 3600, None, n)), (sqlite._SAVE_WILL, ("c", None, "w", b"", 0, 0, b"\0",
+                                                                                     None, float(n))),
+                  (sqlite._SAVE_SUBSCRIPTION, ("c", "t", 1, 0, 0, 0, None, None)), (sqlite._ALIVE, (float(n),)),
+                  (sqlite._SAVE_SESSION, ("c", 3600, float(n), n))]
+    batch += [(sqlite._DELETE_WILL, ("c",)), (sqlite._DELETE_SUBSCRIPTION, ("c", "t")),
+              ("DELETE FROM subscriptions WHERE client_id = ?", ("c",)), (sqlite._SAVE_SESSION, ("d", 0, None, 1))]
+    assert sqlite.compacted(batch) == [
+        (sqlite._ALIVE, (99.0,)), (sqlite._SAVE_SESSION, ("c", 3600, 99.0, 99)), (sqlite._DELETE_WILL, ("c",)),
+        (sqlite._DELETE_SUBSCRIPTION, ("c", "t")), ("DELETE FROM subscriptions WHERE client_id = ?", ("c",)),
+        (sqlite._SAVE_SESSION, ("d", 0, None, 1))]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_coming_and_going_while_the_disk_fails_adds_nothing_that_waits(
+        sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """End to end: 100 reconnections of a persistent client while the disk is full, then room:
+    what waited is one session row (beside the message that filled the disk), and it is written."""
+    from mqtt_broker import BrokerService
+    from mqtt_broker.wire import Disconnect
+
+    from protocol_helpers import connected
+    store = SQLiteStore(sqlite.path, reactor)
+    broker = BrokerService(endpoints=[], reactor=reactor, store=store, sys_interval=0, close_linger=0)
+    broker.startService()
+    try:
+        connected(broker, "c", 4, clean=False).send(Disconnect())
+        yield store.flushed()
+        fill_up(store)
+        with pytest.raises(StoreError):  # more than the file has room for
+            yield broker.publish("big", b"x" * 300_000, qos=1, retain=True)
+        for _ in range(100):
+            connected(broker, "c", 4, clean=False).send(Disconnect())
+        with pytest.raises(StoreError):
+            yield store.flushed()
+        assert len(store._unwritten) == 2, [sql[:40] for sql, _ in store._unwritten]  # the retained message too
+        make_room(store)
+        yield store.flushed()
+        assert len(rows(sqlite.path, "SELECT disconnected_at FROM sessions WHERE client_id = 'c'")) == 1
+    finally:
+        yield broker.stopService()
+
+
 @pytest_twisted.inlineCallbacks
 def test_the_brokers_publish_fires_once_the_store_holds_it(tmp_path: Path) -> Iterator[Deferred[Any]]:
     """What embedding.md promises ("a Deferred: fired once stored"): an application that exits

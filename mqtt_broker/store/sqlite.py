@@ -74,6 +74,20 @@ _SAVE_HISTORY = ("INSERT OR REPLACE INTO history (seq, topic, payload, qos, prop
                  "VALUES (?,?,?,?,?,?,?,?)")
 _FORGET_HISTORY = "DELETE FROM history WHERE seq < ?"
 _DROP_HISTORY = "DELETE FROM history WHERE seq = ?"
+_SAVE_SESSION = "INSERT OR REPLACE INTO sessions (client_id, expiry, disconnected_at, next_seq) VALUES (?,?,?,?)"
+_SAVE_SUBSCRIPTION = ("INSERT OR REPLACE INTO subscriptions (client_id, topic_filter, qos, no_local, "
+                      "retain_as_published, retain_handling, subscription_id, share_group) VALUES (?,?,?,?,?,?,?,?)")
+_DELETE_SUBSCRIPTION = "DELETE FROM subscriptions WHERE client_id = ? AND topic_filter = ?"
+_SAVE_WILL = ("INSERT OR REPLACE INTO wills (client_id, username, topic, payload, qos, retain, properties, "
+              "expires_at, due) VALUES (?,?,?,?,?,?,?,?,?)")
+_DELETE_WILL = "DELETE FROM wills WHERE client_id = ?"
+_ALIVE = "INSERT OR REPLACE INTO meta (key, value) VALUES ('alive', ?)"
+_ROWS: dict[str, tuple[str, int]] = {
+    _SAVE_SESSION: ("sessions", 1), "DELETE FROM sessions WHERE client_id = ?": ("sessions", 1),
+    _SAVE_SUBSCRIPTION: ("subscriptions", 2), _DELETE_SUBSCRIPTION: ("subscriptions", 2),
+    _SAVE_WILL: ("wills", 1), _DELETE_WILL: ("wills", 1), _ALIVE: ("meta", 0)}
+"""Statements that set or delete one whole row, named by their first arguments: of several for
+one row in a batch, the last does what they all do."""
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -89,9 +103,17 @@ def compacted(batch: list[Statement]) -> list[Statement]:
     pubrels: dict[tuple[Any, ...], int] = {}
     retained: dict[str, int] = {}
     history: dict[int, int] = {}
+    rows: dict[tuple[Any, ...], int] = {}
     forget = -1
     for i, (sql, args) in enumerate(batch):
-        if sql == _INSERT_DELIVERY:
+        row = _ROWS.get(sql)
+        if row is not None:
+            key = (row[0], *args[:row[1]])
+            j = rows.get(key)
+            if j is not None:
+                kept[j] = None
+            rows[key] = i
+        elif sql == _INSERT_DELIVERY:
             inserts[args[:2]] = i
         elif sql == _UPDATE_DELIVERY or sql == _DELETE_DELIVERY:
             key = args[2:] if sql == _UPDATE_DELIVERY else args
@@ -294,24 +316,21 @@ class SQLiteStore:
     def alive(self, now: float) -> None:
         """The broker is alive at clock time ``now`` (kept for the sessions its next start takes
         up, if it is killed)."""
-        self._record("INSERT OR REPLACE INTO meta (key, value) VALUES ('alive', ?)", (now,))
+        self._record(_ALIVE, (now,))
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None:
-        self._record("INSERT OR REPLACE INTO sessions (client_id, expiry, disconnected_at, next_seq) "
-                     "VALUES (?,?,?,?)", (session.client_id, session.expiry, disconnected_at, session.next_seq))
+        self._record(_SAVE_SESSION, (session.client_id, session.expiry, disconnected_at, session.next_seq))
 
     def delete_session(self, client_id: str) -> None:
         for table in ("sessions", "subscriptions", "deliveries", "awaiting_pubrel"):
             self._record(f"DELETE FROM {table} WHERE client_id = ?", (client_id,))
 
     def save_subscription(self, client_id: str, s: Subscription) -> None:
-        self._record("INSERT OR REPLACE INTO subscriptions (client_id, topic_filter, qos, no_local, "
-                     "retain_as_published, retain_handling, subscription_id, share_group) VALUES (?,?,?,?,?,?,?,?)",
-                     (client_id, s.topic_filter, s.qos, s.no_local, s.retain_as_published, s.retain_handling,
-                      s.subscription_id, s.share_group))
+        self._record(_SAVE_SUBSCRIPTION, (client_id, s.topic_filter, s.qos, s.no_local, s.retain_as_published,
+                                          s.retain_handling, s.subscription_id, s.share_group))
 
     def delete_subscription(self, client_id: str, topic_filter: str) -> None:
-        self._record("DELETE FROM subscriptions WHERE client_id = ? AND topic_filter = ?", (client_id, topic_filter))
+        self._record(_DELETE_SUBSCRIPTION, (client_id, topic_filter))
 
     def save_retained(self, message: Message) -> None:
         self._record(_SAVE_RETAINED, (message.topic, message.payload, message.qos, _props(message), message.expires_at))
@@ -354,10 +373,8 @@ class SQLiteStore:
 
     def save_will(self, will: StoredWill) -> None:
         m = will.message
-        self._record("INSERT OR REPLACE INTO wills (client_id, username, topic, payload, qos, retain, properties, "
-                     "expires_at, due) VALUES (?,?,?,?,?,?,?,?,?)",
-                     (will.client_id, will.username, m.topic, m.payload, m.qos, m.retain, _props(m), m.expires_at,
-                      will.due))
+        self._record(_SAVE_WILL, (will.client_id, will.username, m.topic, m.payload, m.qos, m.retain, _props(m),
+                                  m.expires_at, will.due))
 
     def save_history(self, entry: Entry) -> None:
         m = entry.message
@@ -372,7 +389,7 @@ class SQLiteStore:
             self._record(_DROP_HISTORY, (seq,))
 
     def delete_will(self, client_id: str) -> None:
-        self._record("DELETE FROM wills WHERE client_id = ?", (client_id,))
+        self._record(_DELETE_WILL, (client_id,))
 
     # --- writing ------------------------------------------------------------------------
 
