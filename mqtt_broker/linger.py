@@ -25,7 +25,8 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
     """Close ``transport`` once what it holds is written, reading (and dropping) what still comes
     for at most ``linger`` seconds. Returns the timer that aborts the connection at the end of
     the linger, to be cancelled when the connection is lost first; None when ``linger`` is 0
-    (closed at once, the peer's unread bytes or not).
+    (closed once what it holds is written, the peer's unread bytes or not; on TLS without waiting
+    for the peer's close_notify).
 
     ``half_close`` is for a transport that is a socket of its own (TCP or UNIX, Twisted's
     ``tcp.Connection``), whose ``loseWriteConnection`` sends FIN after the pending bytes and keeps
@@ -39,6 +40,12 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
     """
     if linger <= 0:
         transport.loseConnection()
+        if not half_close and not getattr(transport, "closing_handshake", False):
+            # TLS: its close_notify is written to the socket under it; that is closed once it
+            # is, rather than held until the peer answers, which it may never do.
+            under = getattr(transport, "transport", None)
+            if under is not None:
+                under.loseConnection()
         return None
     # Input may be paused while a hook decides; what still comes must be read to be discarded,
     # or it fills the receive buffer and the final close resets after all. (Before the close: a

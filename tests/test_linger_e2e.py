@@ -346,6 +346,38 @@ def test_tls_client_reads_the_disconnect_and_a_silent_one_is_aborted(broker_proc
         silent.close()
 
 
+def test_with_close_linger_0_a_tls_connection_is_closed_without_waiting_for_the_client(
+        broker_process: Any, certs: Path) -> None:  # noqa: F811
+    """close_linger 0 closes at once: on TLS, Twisted sent close_notify and waited for the
+    client's, without a limit, so a client that read it and said nothing held its socket for
+    ever. It still reads the broker's DISCONNECT before the end of the stream."""
+    tls = start_tls_broker(broker_process, certs, "--persistence", "memory", "--close-linger", "0")
+    context = client_context(tls.ca)
+    baseline = settled_fds(tls.broker.pid)
+    clients = []
+    try:
+        for n in range(5):
+            raw = socket.create_connection(("127.0.0.1", tls.port), timeout=WAIT)
+            sock = context.wrap_socket(raw, server_hostname="localhost")
+            clients.append(sock)
+            connect = encode(Connect(client_id=f"tls-quiet-{n}", protocol_level=MQTT_5), MQTT_5)
+            sock.sendall(connect + connect)  # the second is a protocol error (0x82)
+        for sock in clients:  # each reads to the close_notify, then neither answers nor closes
+            reader, packets = FrameReader(version=MQTT_5), []
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                packets += reader.feed(data)
+            assert [type(p) for p in packets] == [Connack, Disconnect] and packets[1].reason_code == 0x82, packets
+        assert wait_until(lambda: open_fds(tls.broker.pid) <= baseline, timeout=5), \
+            f"{open_fds(tls.broker.pid) - baseline} TLS sockets kept after their close"
+    finally:
+        for sock in clients:
+            sock.close()
+
+
 def test_websocket_takeover_still_ends_with_the_closing_handshake(broker_process: Any) -> None:
     ws_port = free_port()
     broker = broker_process("--persistence", "memory", "--websocket", f"tcp:{ws_port}:interface=127.0.0.1")
