@@ -118,9 +118,10 @@ class Connecting:
             self._authenticated(self.identity, packet)
             return
         # An empty user name is none, as Mosquitto reads it (clients that send one are anonymous).
+        verified, identity = security.client_certificate(self.transport)
         credentials = Credentials(client_id=terms.client_id, username=packet.username or None,
                                   password=packet.password, peer=self.peer, protocol_version=self.version,
-                                  certificate_identity=security.certificate_identity(self.transport))
+                                  certificate_identity=identity, certificate_verified=verified)
         self._when(security.authenticate(credentials), self._authenticated, packet)
 
     def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:

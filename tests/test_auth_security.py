@@ -4,6 +4,7 @@ hostile input (never a crash, never access by mistake, never a password in the l
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,9 @@ async def test_require_certificate(files: Path) -> None:
     assert await answer(sec, credentials(identity="client")) == Identity(client_id="c1", username="alice")
     assert refused(await answer(sec, credentials(password=b"no", identity="client")),
                    ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+    # Verified, without the field that would name it: a certificate all the same.
+    verified = dataclasses.replace(credentials(), certificate_verified=True)
+    assert await answer(sec, verified) == Identity(client_id="c1", username="alice")
 
 
 @pytest_twisted.ensureDeferred

@@ -279,3 +279,19 @@ def test_broker_listens_on_mqtts(certs: Path) -> None:
         assert publish("--cert", str(certs / "rogue.pem"), "--key", str(certs / "rogue.key")).returncode != 0
     finally:
         broker.stop()
+
+
+def test_require_certificate_takes_a_verified_one_without_the_identity_field(certs: Path) -> None:
+    """require_certificate asks for a verified certificate, nothing more: one without the
+    certificate_identity field (no DNS name here) was refused as if there were none."""
+    from conftest import free_port
+    port = free_port()
+    broker = BrokerProcess("--require-certificate", "true", "--certificate-identity", "dns",
+                           listen=mqtts(certs, port=port), port=port)
+    try:
+        done = subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", str(port), "--cafile", str(certs / "ca.pem"),
+                               "--cert", str(certs / "client.pem"), "--key", str(certs / "client.key"),
+                               "-t", "t", "-m", "m", "-q", "1"], capture_output=True, timeout=WAIT)
+        assert done.returncode == 0, (done.stderr, broker.output()[-1000:])
+    finally:
+        broker.stop()

@@ -95,7 +95,9 @@ class Credentials:
     """3, 4 (3.1.1) or 5."""
     certificate_identity: str | None = None
     """From :meth:`Security.certificate_identity`: set when an ``mqtts:`` endpoint verified a
-    client certificate."""
+    client certificate that has the ``certificate_identity`` field."""
+    certificate_verified: bool = False
+    """An ``mqtts:`` endpoint verified a client certificate (whether it has that field or not)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,8 +207,16 @@ class Security:
     def certificate_identity(self, transport: Any) -> str | None:
         """The identity (per the ``certificate_identity`` setting) of the client certificate the
         transport verified; None without one. Call it once per connection, at CONNECT."""
-        from .certificates import certificate_identity
-        return certificate_identity(transport, self._certificate_field)
+        return self.client_certificate(transport)[1]
+
+    def client_certificate(self, transport: Any) -> tuple[bool, str | None]:
+        """Whether the transport verified a client certificate, and its identity (as
+        :meth:`certificate_identity`)."""
+        from .certificates import identity_of, verified_certificate
+        certificate = verified_certificate(transport)
+        if certificate is None:
+            return False, None
+        return True, identity_of(certificate, self._certificate_field)
 
     def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal]:
         """Run the chain. Fires with an Identity or a Refusal (logged); never fails."""
@@ -214,7 +224,7 @@ class Security:
 
     async def _authenticate(self, credentials: Credentials) -> Identity | Refusal:
         closes = self._closes
-        if self._require_certificate and credentials.certificate_identity is None:
+        if self._require_certificate and not credentials.certificate_verified and credentials.certificate_identity is None:
             return self._refused(credentials, ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
         if self._use_identity_as_username:
             if credentials.certificate_identity is None:

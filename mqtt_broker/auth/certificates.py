@@ -42,7 +42,14 @@ def identity_of(certificate: x509.Certificate, field: str = "cn") -> str | None:
 
 
 def certificate_identity(transport: Any, field: str = "cn") -> str | None:
-    """The identity of the client certificate that ``transport`` verified, or None.
+    """The identity of the client certificate that ``transport`` verified, or None (none
+    verified, or one without ``field``)."""
+    certificate = verified_certificate(transport)
+    return None if certificate is None else identity_of(certificate, field)
+
+
+def verified_certificate(transport: Any) -> x509.Certificate | None:
+    """The client certificate that ``transport`` verified, or None.
 
     ``transport`` is a connection's transport (``protocol.transport``). None when it is not TLS,
     when the client sent no certificate, or when the certificate was not verified against a
@@ -64,7 +71,7 @@ def certificate_identity(transport: Any, field: str = "cn") -> str | None:
             certificate = certificate.to_cryptography()
     except Exception:  # a transport that is closing, or not an OpenSSL one: no identity
         return None
-    return identity_of(certificate, field)
+    return certificate
 
 
-__all__ = ["FIELDS", "certificate_identity", "identity_of"]
+__all__ = ["FIELDS", "certificate_identity", "identity_of", "verified_certificate"]
