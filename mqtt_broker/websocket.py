@@ -236,6 +236,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             # From the moment the socket is accepted, so a stalled TLS handshake counts too.
             self._handshake_call = self.factory.broker.clock.callLater(timeout, self._handshake_timed_out)
 
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        # The headers HTTP requires of these answers [RFC 9110 15.5.6, 15.5.22].
+        required = {405: [("Allow", "GET")], 426: [("Upgrade", "websocket")]}.get(code, [])
+        super().failHandshake(reason, code, [*(responseHeaders or []), *required])
+
     def dataReceived(self, data: bytes) -> None:
         if self.state == _OPEN and self.current_frame is None and self._perMessageCompress is None:
             self._receive_frames(data)
@@ -449,6 +454,9 @@ class WebSocketFactory(WebSocketServerFactory):
             openHandshakeTimeout=0, closeHandshakeTimeout=0,  # ours, on the broker's clock
             failByDrop=False,  # a protocol error is answered with a close frame giving the reason
             allowNullOrigin=True,  # a page from file:// or a sandbox: onConnect applies websocket_origins
+            # RFC 6455's only: the drafts before it (8) carry the page in Sec-WebSocket-Origin,
+            # which websocket_origins would not see.
+            versions=[13],
             tcpNoDelay=config.set_tcp_nodelay,
             **options)
 

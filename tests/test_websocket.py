@@ -181,11 +181,28 @@ def test_origins_restrict_the_pages_of_browsers() -> None:
 
 
 def test_plain_http_request_gets_426_and_no_status_page() -> None:
-    client = WSClient(make_broker())
-    client.send_bytes(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    status, headers, body = split_response(client.socket.value())  # type: ignore[misc]
-    assert status == 426 and body == b""
-    assert client.closed
+    """With the headers HTTP requires of the answers [RFC 9110 15.5.22, 15.5.6]."""
+    for request, code, header in ((b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 426, ("upgrade", "websocket")),
+                                  (b"POST /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405,
+                                   ("allow", "GET"))):
+        client = WSClient(make_broker())
+        client.send_bytes(request)
+        status, headers, body = split_response(client.socket.value())  # type: ignore[misc]
+        assert status == code and body == b""
+        assert headers.get(header[0]) == header[1], headers
+        assert client.closed
+
+
+def test_only_rfc_6455_handshakes_are_taken() -> None:
+    """A draft's handshake (version 8) carries the page in Sec-WebSocket-Origin, which
+    websocket_origins did not see: another site's page was let in."""
+    broker = make_broker(websocket_origins=["https://app.example.com"])
+    client = WSClient(broker)
+    request = handshake_request(headers={"Sec-WebSocket-Origin": "https://evil.example"})
+    client.send_bytes(request.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"))
+    status, headers, _ = split_response(client.socket.value())  # type: ignore[misc]
+    assert status == 400 and headers.get("sec-websocket-version") == "13", headers
+    assert client.closed and not broker.connections
 
 
 def test_handshake_fed_byte_by_byte() -> None:
