@@ -650,6 +650,9 @@ class BrokerService(MultiService):
         """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
         Handling option says [MQTT-3.3.1-9..11]; with ``replay``, first the logged messages it
         asks for (see mqtt_broker.history), and no retained message that was among them."""
+        delivery = self.delivery
+        if delivery.full(session, 0) and delivery.full(session, subscription.qos):
+            return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
         replaying = replay is not None and self.history is not None and subscription.share_group is None
         retained = [] if subscription.share_group is not None or subscription.retain_handling == 2 or (
             subscription.retain_handling == 1 and existed) else self.retained.match(subscription.topic_filter)
@@ -668,14 +671,17 @@ class BrokerService(MultiService):
                     continue  # [MQTT-3.8.3-3] for the past too
                 replayed.add(message.topic)
                 self.delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
-        for message in retained:
+        for index, message in enumerate(retained):
+            if delivery.full(session, 0) and delivery.full(session, subscription.qos):
+                delivery.drop(session, len(retained) - index)  # what is left could only be dropped
+                return
             if message.expired(now):
                 self._drop_retained(message.topic)
                 continue
             # A topic replayed had its latest logged message sent, the retained one or newer.
             if message.topic in replayed or not readable(message):
                 continue
-            self.delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
+            delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
 
     def _drop_retained(self, topic: str) -> None:
         """An expired retained message goes [MQTT-3.3.2-5]."""

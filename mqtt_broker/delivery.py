@@ -271,6 +271,30 @@ class Delivery:
             log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
                      client_id=session.client_id, dropped=session.dropped)
 
+    def full(self, session: Session, qos: int) -> bool:
+        """Whether ``deliver`` would drop any message of ``qos`` for the session now, whatever its
+        size: a long run of deliveries (the retained messages of a SUBSCRIBE) stops there rather
+        than drop them one by one, holding up the reactor."""
+        config = self.config
+        connection = session.connection
+        if connection is None:
+            if not qos and not config.queue_qos0_messages:
+                return True
+        elif connection.pending_bytes < config.max_held_bytes and not session.queue and not session.spilled:
+            return False
+        if qos and self.store is not None:
+            return bool(config.max_stored_messages) and session.spilled >= config.max_stored_messages
+        return bool(config.max_queued_messages) and len(session.queue) >= config.max_queued_messages
+
+    def drop(self, session: Session, count: int) -> None:
+        """``count`` messages dropped for the session at once (see ``full``)."""
+        self.stats.messages_dropped += count
+        before = session.dropped
+        session.dropped += count
+        if not before or before // 1000 != session.dropped // 1000:
+            log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
+                     client_id=session.client_id, dropped=session.dropped)
+
     def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
         """Number a QoS 1/2 message of a stored session; ``stored``: record it as queued now
         (otherwise _send_tracked records it with its packet id)."""

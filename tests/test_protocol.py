@@ -355,6 +355,33 @@ def test_retained_sent_on_subscribe_with_flag_and_not_on_forward() -> None:
     assert [(p.payload, p.retain) for p in sub.received()] == [(b"live", False)]  # [MQTT-3.3.1-9]
 
 
+@pytest.mark.parametrize("qos", [0, 1])
+def test_retained_messages_a_full_session_cannot_take_are_dropped_at_once(qos: int) -> None:
+    """A SUBSCRIBE whose filters each match many retained messages held the reactor for seconds
+    (100,000 messages, a few such filters) dropping one by one what the session could not take.
+    Once it can take no more, the rest is dropped at once (counted), and the next filters are
+    not even matched: the expired message last in the list was never reached, so it is still
+    there for the sweep."""
+    broker = make_broker(max_queued_messages=10)
+    big = b"x" * (BrokerConfig().max_held_bytes // 3 + 1)
+    for n in range(200):
+        broker.publish(f"r/{n}", big, qos=qos, retain=True)
+    last = broker.retained.match("#")[-1]
+    last.expires_at = broker.clock.seconds() - 1
+    sub = connected(broker, "sub")
+    sub.protocol.pauseProducing()  # its socket is full: three messages are held, ten queued
+    matched: list[str] = []
+    match = broker.retained.match
+    broker.retained.match = lambda topic_filter: matched.append(topic_filter) or match(topic_filter)  # type: ignore[method-assign]
+    sub.send(Subscribe(packet_id=1, subscriptions=tuple(
+        SubscriptionRequest(topic_filter=f, qos=qos) for f in ("#", "r/#", "r/+"))))
+    assert matched == ["#"]
+    assert broker.stats.messages_dropped == 200 - 3 - 10
+    assert broker.retained.get(last.topic) is last
+    sub.protocol.resumeProducing()
+    assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3 + 10
+
+
 def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]
     broker = make_broker()
     pub = connected(broker, "pub")
