@@ -482,7 +482,8 @@ class BrokerService(MultiService):
 
         Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
-        subscription identifier), and RuntimeError once the broker has been stopped.
+        subscription identifier), and RuntimeError once the broker has been stopped, and, with
+        SQLite persistence, before it is started (the database is opened then).
         """
         self.route_own(topic, payload, qos, retain, properties)
         return succeed(None) if self.store is None else self.store.flushed()
@@ -493,6 +494,8 @@ class BrokerService(MultiService):
         routed ($SYS values, the admin API's publish, a bridge's state)."""
         if self._stopped:
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
+        if not getattr(self.store, "opened", True):  # (a file the start opens: written to before, it jammed)
+            raise RuntimeError("the broker is not started: its store is not open yet")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         message = Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties)

@@ -209,6 +209,11 @@ class SQLiteStore:
 
     # --- opening and reading ------------------------------------------------------------
 
+    @property
+    def opened(self) -> bool:
+        """Whether ``load`` has opened the database: nothing can be written before."""
+        return self._db is not None
+
     def load(self, window: int = 0) -> Snapshot:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
