@@ -179,11 +179,11 @@ class BrokerService(MultiService):
                 listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
                               for description in self.config.http_endpoints]
             for description, factory, listening in listeners:
+                key = next((name for name in ("websocket_endpoints", "http_endpoints")
+                            if description in getattr(self.config, name)), "endpoints")
                 try:
                     endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
                 except OSError as e:  # a key or certificate file of ssl:/mqtts: that cannot be read
-                    key = next((name for name in ("websocket_endpoints", "http_endpoints")
-                                if description in getattr(self.config, name)), "endpoints")
                     reason = f"{e.filename}: cannot read: {e.strerror}" if e.filename else str(e)
                     raise ConfigError(f"{description!r}: {reason}", key) from None
                 if isinstance(endpoint, TLSServerEndpoint):
@@ -192,6 +192,8 @@ class BrokerService(MultiService):
                 tcp.listen(endpoint, factory, self.config.set_tcp_nodelay).addCallbacks(
                     self.ports.append, failures.append)
                 if failures:
+                    if failures[0].check(OverflowError, OSError):  # a port past 65535, a UNIX socket's missing directory
+                        raise ConfigError(f"{description!r}: {failures[0].getErrorMessage()}", key)
                     failures[0].raiseException()
                 log.info(listening, endpoint=description)
         except BaseException:

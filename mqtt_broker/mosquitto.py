@@ -346,6 +346,8 @@ class _Converter:
             args = _words(value)
             if not args or not args[0].isdigit():
                 raise ValueError(f"{source}:{number}: listener needs a port")
+            if int(args[0]) > 65535:
+                raise ValueError(f"{source}:{number}: invalid port {args[0]}, as Mosquitto says")
             self.listeners.append(_Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number))
             self.bridge = None
         elif key in ("port", "bind_address"):

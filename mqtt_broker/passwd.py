@@ -71,7 +71,9 @@ def _load(path: Path) -> PasswordFile:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, which
-    keeps the old one's mode and owner (a broker running as its own user must still read it)."""
+    keeps the old one's mode and owner (a broker running as its own user must still read it).
+    A symbolic link stays one: the file it names is replaced."""
+    path = Path(os.path.realpath(path))
     try:
         old = path.stat()
     except FileNotFoundError:
@@ -99,10 +101,14 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _ask_password(stdin: TextIO) -> bytes:
-    if not stdin.isatty():
-        raise CommandError("no terminal to ask for the password on; use -b")
-    first = getpass.getpass("Password: ")
-    if first != getpass.getpass("Reenter password: "):
+    if stdin.isatty():
+        first, again = getpass.getpass("Password: "), getpass.getpass("Reenter password: ")
+    else:  # piped, twice, as mosquitto_passwd reads it: kept out of the command line (and ps)
+        lines = [stdin.readline() for _ in range(2)]
+        if not lines[1]:  # (end of input: an empty password is an empty line)
+            raise CommandError("no password on standard input (give it twice, a line each)")
+        first, again = (line.removesuffix("\n").removesuffix("\r") for line in lines)
+    if first != again:
         raise CommandError("passwords do not match")
     return os.fsencode(first)
 
@@ -135,6 +141,10 @@ def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
     if args.username is None:
         raise CommandError("a username is required")
     username: str = args.username
+    try:
+        username.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandError("the username must be UTF-8, as the broker reads the file") from None
     if not username or ":" in username or username != username.strip() or "\n" in username:
         raise CommandError("the username must not be empty, contain ':' or a line break, "
                            "or start or end with a space")
@@ -187,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"Error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"Error: {e.filename}: {e.strerror}" if e.filename else f"Error: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 1

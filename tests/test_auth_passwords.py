@@ -253,7 +253,6 @@ def test_non_utf8_password_bytes_are_hashed_as_given(tmp_path: Path) -> None:
     (["-b", "{missing}", "alice", "x"], "unable to open password file"),
     (["-b", "{path}", "alice"], "-b needs the password"),
     (["{path}", "alice", "x"], "only with -b"),
-    (["{path}", "alice"], "no terminal"),
     (["-D", "-b", "{path}", "alice", "x"], "-D takes no password"),
     (["{path}"], "a username is required"),
     (["-U", "{path}", "alice"], "-U takes only the password file"),
@@ -266,6 +265,42 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[s
     assert main(filled) == 1
     assert message in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_a_password_piped_in_twice_is_taken_as_mosquitto_passwd_takes_it(tmp_path: Path) -> None:
+    """Scripts pipe it to keep it off the command line; it was refused without a terminal."""
+    import io
+
+    from mqtt_broker.passwd import CommandError, run
+    path = tmp_path / "pw"
+    run(["-c", str(path), "alice"], stdin=io.StringIO("s3cret\ns3cret\n"))
+    run([str(path), "bob"], stdin=io.StringIO("\n\n"))  # an empty password, as with -b
+    users = PasswordFile.load(path).users
+    assert users["alice"].verify(b"s3cret") and users["bob"].verify(b"")
+    with pytest.raises(CommandError, match="do not match"):
+        run([str(path), "carol"], stdin=io.StringIO("one\ntwo\n"))
+    with pytest.raises(CommandError, match="no password on standard input"):
+        run([str(path), "carol"], stdin=io.StringIO("once\n"))
+    theirs = tmp_path / "theirs"
+    done = subprocess.run(["mosquitto_passwd", "-c", str(theirs), "alice"], input=b"s3cret\ns3cret\n",
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0 and PasswordFile.load(theirs).users["alice"].verify(b"s3cret")
+
+
+def test_a_symlinked_password_file_is_updated_through_the_link(tmp_path: Path) -> None:
+    """As mosquitto_passwd does (a secret mounted by Kubernetes, a file of a configuration
+    manager): the link was replaced by a file, and the file it named kept the old users."""
+    target, link = tmp_path / "real", tmp_path / "link"
+    assert ours("-c", "-b", target, "alice", "a") == 0
+    link.symlink_to(target)
+    assert ours("-b", link, "bob", "b") == 0
+    assert link.is_symlink() and sorted(PasswordFile.load(target).users) == ["alice", "bob"]
+
+
+def test_a_username_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker reads the file as UTF-8; such a name ended the command in a traceback."""
+    assert main(["-c", "-b", str(tmp_path / "pw"), os.fsdecode(b"\xff"), "x"]) == 1
+    assert "must be UTF-8" in capsys.readouterr().err and not (tmp_path / "pw").exists()
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -368,6 +368,9 @@ def test_a_comment_after_the_words_of_a_line_is_not_read_as_more_words(tmp_path:
     path.write_text("listener 9001\nprotocol http\n")
     with pytest.raises(ValueError, match="m.conf:2: protocol is mqtt or websockets, not 'http'"):
         convert(path)
+    path.write_text("listener 99999\n")  # (it was converted, to a broker that cannot start)
+    with pytest.raises(ValueError, match="m.conf:1: invalid port 99999"):
+        convert(path)
 
 
 def test_a_comment_not_in_utf8_is_read_as_mosquitto_reads_it(tmp_path: Path) -> None:

@@ -455,6 +455,18 @@ def test_twistd_says_a_tls_file_it_cannot_read_in_one_line(tmp_path: Path, liste
                          "cannot read: No such file or directory"), output
 
 
+@pytest.mark.parametrize("endpoint", ["tcp:70000:interface=127.0.0.1", "unix:{tmp}/missing/mqtt.sock"],
+                         ids=["port-out-of-range", "unix-missing-directory"])
+def test_twistd_says_a_listener_it_cannot_open_in_one_line(tmp_path: Path, endpoint: str) -> None:
+    """Twisted's parser takes either; the listen failed with OverflowError or FileNotFoundError,
+    the last line of a traceback."""
+    endpoint = endpoint.format(tmp=tmp_path)
+    status, output = twistd(tmp_path, "--endpoint", endpoint)
+    assert status == 1 and "Traceback" not in output and "File " not in output, output
+    [line] = [line for line in output.splitlines() if "mqttbroker: " in line]
+    assert f"mqttbroker: cannot start: endpoints: {endpoint!r}: " in line, output
+
+
 def test_twistd_says_a_ca_file_it_cannot_read_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "ca.pem"
     status, output = twistd(tmp_path, "--endpoint", "tcp:0:interface=127.0.0.1", "--cluster",
