@@ -458,7 +458,9 @@ class Delivery:
             session.unsent -= 1
         self.forget(session, out)
         connection = session.connection
-        if session.unsent and connection is not None:
+        # One held back goes if a slot is free: an acknowledgement of one held back (the client
+        # had it from the connection before) frees none [MQTT-4.9.0-2].
+        if session.unsent and connection is not None and len(session.outgoing) - session.unsent < connection.send_quota:
             sent = False
             too_large = []
             for next_id, out in session.outgoing.items():

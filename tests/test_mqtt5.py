@@ -603,6 +603,36 @@ def test_messages_held_back_by_receive_maximum_all_go_out_over_reconnects() -> N
     assert broker.sessions["sub"].outgoing == {} and broker.sessions["sub"].unsent == 0
 
 
+@pytest.mark.parametrize("qos", [1, 2])
+def test_an_acknowledgement_of_a_message_held_back_frees_no_slot(qos: int) -> None:
+    """[MQTT-4.9.0-2]: with Receive Maximum 1, message 0 is in flight; the client acknowledges
+    message 1, held back on this connection (it had it from the one before). No slot of this
+    connection is free: message 2 went at once, two in flight. It goes once 0 is done."""
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=persistent(receive_maximum=10))
+    sub.subscribe("t", qos=qos)
+    for n in range(3):
+        broker.publish("t", str(n).encode(), qos=qos)
+    first = sub.received()
+    sub.lose()
+    sub, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=1))
+    assert [p.payload for p in sub.received()] == [b"0"]  # 1 and 2 held back
+    if qos == 1:
+        sub.send(Puback(packet_id=first[1].packet_id))
+    else:
+        sub.send(Pubrec(packet_id=first[1].packet_id))
+        assert sub.received() == [Pubrel(packet_id=first[1].packet_id)]
+        sub.send(Pubcomp(packet_id=first[1].packet_id))
+    assert sub.received() == []
+    if qos == 1:
+        sub.send(Puback(packet_id=first[0].packet_id))
+    else:
+        sub.send(Pubrec(packet_id=first[0].packet_id))
+        assert sub.received() == [Pubrel(packet_id=first[0].packet_id)]
+        sub.send(Pubcomp(packet_id=first[0].packet_id))
+    assert [p.payload for p in sub.received()] == [b"2"]
+
+
 def test_client_exceeding_broker_receive_maximum_is_disconnected() -> None:
     """§3.3.4 [MQTT-3.3.4-7]: more QoS 2 PUBLISHes awaiting PUBREL than the broker's Receive
     Maximum: DISCONNECT 0x93 (Receive Maximum exceeded)."""
