@@ -91,20 +91,21 @@ class Connecting:
 
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
-        # Until CONNACK too (an exchange of AUTH, a hook): a client is watched by its keepalive
-        # from CONNECT on; one with none has connect_timeout more to be connected.
-        if packet.keep_alive:
-            self._watch_keepalive(packet.keep_alive)
+        self.version = packet.protocol_level
+        terms = self.terms = negotiate(self.broker.config, packet, self.broker.connack)
+        # Until CONNACK too (an exchange of AUTH, a hook): a client is watched by the keepalive it
+        # gets (max_keepalive's at most) from CONNECT on; one with none has connect_timeout more
+        # to be connected.
+        if terms.keep_alive:
+            self._watch_keepalive(terms.keep_alive)
         elif self._deadline is not None:
             self.broker.keepalives.forget(self._deadline)
             self._deadline = self.broker.keepalives.watch(self, self.clock.seconds() + self.broker.config.connect_timeout)
-        self.version = packet.protocol_level
-        terms = self.terms = negotiate(self.broker.config, packet, self.broker.connack)
         self.problem_information = terms.problem_information
         self.max_send_size = terms.max_send_size
         self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
                              protocol_version=self.version, clean_start=packet.clean_start,
-                             keep_alive=packet.keep_alive, properties=packet.properties)
+                             keep_alive=terms.keep_alive, properties=packet.properties)
         if terms.reason:
             self._refuse(terms.reason, "CONNECT refused")
             return
@@ -288,12 +289,9 @@ class Connecting:
                      "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
                      peer=self.peer, version=_VERSION_NAMES[self.version], clean=packet.clean_start,
                      keep_alive=terms.keep_alive, present=present)
-        if not terms.keep_alive:
-            if self._deadline is not None:
-                self.broker.keepalives.forget(self._deadline)
-                self._deadline = None
-        elif terms.keep_alive != self._keep_alive:  # (the server's, shorter)
-            self._watch_keepalive(terms.keep_alive)
+        if not terms.keep_alive and self._deadline is not None:  # (connect_timeout's, until now)
+            self.broker.keepalives.forget(self._deadline)
+            self._deadline = None
         self._watch_expiry()
         self.delivery.resume(session)
 

@@ -149,6 +149,8 @@ class Client:
     """3 (MQTT 3.1), 4 (MQTT 3.1.1) or 5."""
     clean_start: bool
     keep_alive: int
+    """The keepalive in force, in seconds: the client's, or max_keepalive's (MQTT 5's Server Keep
+    Alive), 0 for none."""
     properties: Properties = NO_PROPERTIES
     """The CONNECT properties of an MQTT 5 client (user properties, session expiry, ...)."""
 

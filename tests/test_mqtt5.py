@@ -195,6 +195,25 @@ def test_server_keep_alive_when_client_asks_more_than_the_maximum() -> None:
     assert_server_disconnect(client, ReasonCode.KEEP_ALIVE_TIMEOUT)
 
 
+def test_max_keepalive_holds_from_the_connect_on() -> None:
+    """While it authenticates, a client asking for 65535 s was watched with that: one that never
+    answered the AUTH challenge kept its socket 27 hours where max_keepalive = 60 says 90 s. The
+    keepalive in force is also the one the admin API and hooks see."""
+    from mqtt_broker.admin.shapes import client_json
+    broker = make_broker(max_keepalive=60, connect_timeout=10)
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating: b"server-challenge")
+    silent = FakeClient(broker, version=5)
+    silent.send(Connect(client_id="c", protocol_level=5, keep_alive=65535,
+                        properties={"authentication_method": "SCRAM-SHA-1", "authentication_data": b"x"}))
+    assert [type(p) for p in silent.received()] == [Auth]
+    broker.clock.advance(60 * 1.5 + 0.1)
+    assert silent.closed
+    asked_none, connack = connect5(make_broker(max_keepalive=60), "d", keep_alive=0)
+    assert connack.properties["server_keep_alive"] == 60
+    assert asked_none.protocol.client is not None and asked_none.protocol.client.keep_alive == 60
+    assert client_json(asked_none.protocol.broker.sessions["d"])["keep_alive"] == 60
+
+
 def test_server_keep_alive_when_client_asks_zero_and_a_maximum_is_set() -> None:
     """[MQTT-3.2.2-21] [MQTT-3.2.2-22]: keep alive 0 (off) with a maximum set: Server Keep Alive
     is the maximum; without a maximum, and within it, no Server Keep Alive is sent."""
