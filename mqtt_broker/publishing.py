@@ -21,7 +21,7 @@ from .hooks import PUBACK_REFUSALS, Refused
 from .lifecycle import State
 from .message import Client, Message, encoding_kind, unsendable
 from .store import StoreError
-from .topics import MAX_TOPIC_LEVELS, too_deep
+from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
 from .wire import (
     MQTT_5, MQTTError, Packet, Properties, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
 )
@@ -92,7 +92,7 @@ class Publishing:
         if packet.retain and not config.retain_available:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
         security = broker.security
-        if (topic[0] == "$" and topic.startswith("$SYS")) or (
+        if reserved(topic) or (
                 security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
             # Counted for the broker, not per client: a client flooding denials hides the first of

@@ -56,6 +56,13 @@ def valid_topic_filter(topic_filter: str) -> bool:
     return True
 
 
+def reserved(topic: str) -> bool:
+    """Whether nobody may publish to the topic: ``$SYS`` is the broker's own, and ``$share``
+    names shared subscriptions (a message there could reach no subscription but another group's,
+    and retained, none)."""
+    return topic[:1] == "$" and (topic.startswith("$SYS") or topic.startswith("$share"))
+
+
 def split_shared(topic_filter: str) -> tuple[str | None, str]:
     """``$share/g/a/b`` -> ("g", "a/b"); any other filter -> (None, filter)."""
     if not topic_filter.startswith("$share/"):

@@ -14,6 +14,7 @@ from .auth import Identity
 from .keepalive import cancel
 from .message import Client, Message, unsendable
 from .store import StoredWill
+from .topics import reserved
 
 if TYPE_CHECKING:
     from .broker import BrokerService
@@ -48,10 +49,10 @@ class Wills:
         # Decided now: a will hook may answer after the session has gone.
         through_inboxes = cluster is not None and cluster.will_follows(client.client_id)
         security = broker.security
-        if will.topic.startswith("$SYS") or security is not None and not security.can_publish(
+        if reserved(will.topic) or security is not None and not security.can_publish(
                 identity or Identity(client_id=client.client_id, username=client.username), will.topic):
-            # ($SYS: the broker's own topics, as for a PUBLISH. A bridge's will is there, as
-            # Mosquitto names it: its CONNECT is accepted.)
+            # (As for a PUBLISH. A bridge's will is on $SYS, as Mosquitto names it: its CONNECT
+            # is accepted.)
             log.info("will of {client_id} to {topic} not published: not allowed", client_id=client.client_id,
                      topic=will.topic)
             return

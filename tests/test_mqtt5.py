@@ -195,6 +195,24 @@ def test_server_keep_alive_when_client_asks_more_than_the_maximum() -> None:
     assert_server_disconnect(client, ReasonCode.KEEP_ALIVE_TIMEOUT)
 
 
+@pytest.mark.parametrize("topic", ["$SYS/broker/x", "$share/g/t"])
+def test_sys_and_share_topics_are_refused_without_security_settings(topic: str) -> None:
+    """docs/security.md: refused "with or without security settings". Without any, a PUBLISH to
+    $share/g/t was acknowledged, sent to $share/h/$share/g/t and kept retained, where no
+    subscription could ever get it; a will there was published."""
+    broker = make_broker()
+    assert broker.security is None
+    member = v5(broker, "member")
+    member.subscribe(f"$share/h/{topic}", "$share/h/$share/#", qos=1)
+    publisher = v5(broker, "pub")
+    assert publisher.publish(topic, b"x", qos=1, retain=True) == [
+        Puback(packet_id=1, reason_code=ReasonCode.NOT_AUTHORIZED)]
+    willing, _ = connect5(broker, "willing", will=Will(topic=topic, payload=b"gone"))
+    willing.lose()
+    assert [p for p in member.received() if isinstance(p, Publish)] == []
+    assert broker.retained.get(topic) is None
+
+
 def test_max_keepalive_holds_from_the_connect_on() -> None:
     """While it authenticates, a client asking for 65535 s was watched with that: one that never
     answered the AUTH challenge kept its socket 27 hours where max_keepalive = 60 says 90 s. The

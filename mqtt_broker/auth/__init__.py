@@ -62,6 +62,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 
 from ..config import BrokerConfig, ConfigError
+from ..topics import reserved
 from ..wire.codes import ReasonCode
 from .acl import READ, WRITE, AccessRules, AclFile
 
@@ -290,7 +291,7 @@ class Security:
 
     def can_publish(self, identity: Identity, topic: str) -> bool:
         """Whether the client may publish to ``topic`` (a valid topic name)."""
-        if topic.startswith("$SYS") or topic.startswith("$share"):
+        if reserved(topic):
             return False
         if identity.rules is not None:
             return identity.rules.can_publish(topic)
