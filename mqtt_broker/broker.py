@@ -192,7 +192,7 @@ class BrokerService(MultiService):
                 tcp.listen(endpoint, factory, self.config.set_tcp_nodelay).addCallbacks(
                     self.ports.append, failures.append)
                 if failures:
-                    if failures[0].check(OverflowError, OSError):  # a port past 65535, a UNIX socket's missing directory
+                    if failures[0].check(OverflowError, OSError):  # a port past 65535, no UNIX socket directory
                         raise ConfigError(f"{description!r}: {failures[0].getErrorMessage()}", key)
                     failures[0].raiseException()
                 log.info(listening, endpoint=description)
@@ -675,10 +675,10 @@ class BrokerService(MultiService):
                 if not readable(message) or (subscription.no_local and message.sender == session.client_id):
                     continue  # [MQTT-3.8.3-3] for the past too
                 replayed.add(message.topic)
-                self.delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
+                delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         for index, message in enumerate(retained):
             if delivery.full(session, 0) and delivery.full(session, subscription.qos):
-                delivery.drop(session, len(retained) - index)  # what is left could only be dropped
+                delivery.drop(session, len(retained) - index)  # what is left could only be dropped (or skipped)
                 return
             if message.expired(now):
                 self._drop_retained(message.topic)

@@ -17,6 +17,7 @@ from .wire.codes import ReasonCode
 from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
 
 NEVER = 0xFFFFFFFF
+"""A session expiry interval that means the session never expires."""
 
 
 def granted_expiry(requested: int, config: BrokerConfig) -> int:
@@ -24,7 +25,6 @@ def granted_expiry(requested: int, config: BrokerConfig) -> int:
     persistent_client_expiration (when set) for one that would never expire, as in Mosquitto."""
     expiry = min(requested, config.max_session_expiry_interval)
     return (config.persistent_client_expiration or NEVER) if expiry == NEVER else expiry
-"""A session expiry interval that means the session never expires."""
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from .message import Message, bare
 from .session import Outgoing, Queued, Session
+from .store import StoreError
 from .topics import SharedGroups, Subscription, Turns, terms
 from .wire.packets import MQTT_5
 
@@ -436,7 +437,6 @@ class Delivery:
         self.pump(session)
 
     def _spilled_failed(self, failure: Any, session: Session) -> None:
-        from .store import StoreError
         if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
             log.failure("cannot read the queued messages of {client_id} back from the store", failure,
                         client_id=session.client_id)

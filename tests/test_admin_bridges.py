@@ -36,7 +36,7 @@ from mqtt_broker import BrokerService
 from mqtt_broker.admin import metrics
 from mqtt_broker.admin.api import OPENAPI, ApiResource
 from mqtt_broker.admin.keys import hash_key
-from mqtt_broker.wire import Publish
+from mqtt_broker.wire import Puback, Publish
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -316,6 +316,46 @@ def test_restarting_a_connected_bridge_reconnects_it() -> None:
     one = call(broker, "GET", "/bridges/up")[1]
     # A restart is not a failure: two links made, none broken.
     assert (one["state"], one["connects"], one["failures"]) == ("connected", 2, 0)
+
+
+def test_restarting_a_bridge_while_it_connects_connects_again_at_once_from_the_first_address() -> None:
+    """While a connect to an address that does not answer was pending (up to its 10 s timeout),
+    a restart only set the address back, and that connect's timeout moved the bridge on past the
+    first address again: a restart took two timeouts, not "at once"."""
+    bridged = Bridged()
+    broker = bridged.broker
+    bridged.refuse()
+    broker.reactor.advance(RETRY)
+    assert bridged.attempts == 2 and bridged.reactor.tcpClients[-1][1] == 2  # no answer from there yet
+    assert call(broker, "POST", "/bridges/up/restart")[0] == 200
+    assert bridged.attempts == 3 and bridged.reactor.tcpClients[-1][1] == 1
+    bridged.accept()
+    one = call(broker, "GET", "/bridges/up")[1]
+    assert (one["state"], one["address"], one["failures"]) == ("connected", "127.0.0.1:1", 1)
+    broker.reactor.advance(30)  # (the abandoned attempt's timeout, had it not been cancelled)
+    assert bridged.bridge.state == "connected" and bridged.attempts == 3
+
+
+def test_the_state_at_start_reaches_a_qos1_subscriber_that_is_away() -> None:
+    """docs/bridges.md: the state topic is at QoS 1, "so that a session subscribed at QoS 1 keeps
+    the changes while away". The "0" of the start (after kill -9, the remote unreachable: the
+    only one) went at QoS 0, which an offline session does not keep."""
+    from durability_helpers import Restarts
+    from protocol_helpers import FakeClient
+
+    from mqtt_broker.store.memory import MemoryStore
+    restarts = Restarts(MemoryStore(), bridge=[BRIDGE], sys_interval=0)
+    broker = restarts.start()
+    watcher = connected(broker, "watcher", clean=False)
+    retained = [p for p in watcher.subscribe("$SYS/broker/connection/edge-1/state", qos=1) if isinstance(p, Publish)]
+    watcher.send(*(Puback(packet_id=p.packet_id) for p in retained if p.qos))
+    watcher.lose()
+    restarts.restart()
+    assert restarts.broker is not None
+    again = FakeClient(restarts.broker)
+    assert again.connect("watcher", clean=False).session_present  # type: ignore[union-attr]
+    states = [p for p in again.received() if isinstance(p, Publish)]
+    assert [(p.payload, p.qos) for p in states] == [(b"0", 1)]
 
 
 # --- the API's description -------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 The broker builds one :class:`Security` with :meth:`Security.from_config` and, when
 ``security.enabled`` is true (otherwise it skips every call below):
 
-- on CONNECT: ``credentials = Credentials(..., certificate_identity=security.certificate_identity(transport))``,
-  then ``security.authenticate(credentials)``: a ``Deferred`` that always fires (never fails)
+- on CONNECT: ``verified, identity = security.client_certificate(transport)``, then
+  ``security.authenticate(Credentials(..., certificate_identity=identity, certificate_verified=verified))``: a ``Deferred`` that always fires (never fails)
   with an :class:`Identity` (connect; the connection keeps it) or a :class:`Refusal` (answer
   CONNACK with ``refusal.reason_code``, mapped to a 3.x return code by
   :func:`mqtt_broker.wire.codes.v3_connack_code`; the refusal is already logged);
@@ -225,7 +225,8 @@ class Security:
 
     async def _authenticate(self, credentials: Credentials) -> Identity | Refusal:
         closes = self._closes
-        if self._require_certificate and not credentials.certificate_verified and credentials.certificate_identity is None:
+        certificate = credentials.certificate_verified or credentials.certificate_identity is not None
+        if self._require_certificate and not certificate:  # (an identity alone: Credentials made before the flag)
             return self._refused(credentials, ReasonCode.NOT_AUTHORIZED, "no verified client certificate")
         if self._use_identity_as_username:
             if credentials.certificate_identity is None:

@@ -31,7 +31,9 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -114,8 +116,8 @@ class Bridge(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.config.notifications:
-            self.broker.route_own(self.config.state_topic, b"0", retain=True)
+        if self.config.notifications:  # (at QoS 1, as every state: see _set_state)
+            self.broker.route_own(self.config.state_topic, b"0", qos=min(1, self.broker.config.max_qos), retain=True)
         self._prime()
         self._connect()
 
@@ -137,8 +139,11 @@ class Bridge(Service):
             self._restarting = True
             self._say_disconnected()
             self._close_links("restarted", disconnect=True)  # reconnects when both are down
-        elif self._connecting is None:
-            self._connect()
+            return
+        if self._connecting is not None:  # to an address that may not answer for a while
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        self._connect()
 
     @property
     def queued(self) -> int:
@@ -181,6 +186,8 @@ class Bridge(Service):
         link.on_pause = self._remote_paused
 
     def _not_connected(self, failure: Any) -> None:
+        if failure.check(CancelledError, ConnectingCancelledError):
+            return  # (by a restart, which connects again, or a stop)
         self._connecting = None
         if not self.running:
             return
