@@ -13,7 +13,7 @@ from protocol_helpers import connected, make_broker
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.tap import Options
-from mqtt_broker.wire import Connect, FrameReader, Publish, decode, encode
+from mqtt_broker.wire import Connect, FrameReader, Puback, Publish, decode, encode
 from mqtt_broker.wire.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5
 
 
@@ -602,7 +602,9 @@ def test_the_state_here_is_published_at_qos_1_as_mosquitto_publishes_it() -> Non
     remote = FakeRemote(topic=["out/# out 1"], remote_clientid="edge1")
     topic = "$SYS/broker/connection/edge1/state"
     watcher = connected(remote.broker, "watcher", clean=False)
-    watcher.subscribe(topic, qos=1)
+    [start] = [p for p in watcher.subscribe(topic, qos=1) if isinstance(p, Publish)]  # the start's "0", retained
+    assert (start.payload, start.qos, start.retain) == (b"0", 1, True)
+    watcher.send(Puback(packet_id=start.packet_id))
     watcher.lose()
     remote.up()
     remote.down()
