@@ -91,6 +91,7 @@ class Connecting:
 
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
+        self.broker.stats.connects += 1
         self.version = packet.protocol_level
         terms = self.terms = negotiate(self.broker.config, packet, self.broker.connack)
         # Until CONNACK too (an exchange of AUTH, a hook): a client is watched by the keepalive it

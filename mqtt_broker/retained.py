@@ -21,6 +21,8 @@ class RetainedMessages:
     def __init__(self) -> None:
         self._root = _Level()
         self.count = 0
+        self.bytes = 0
+        """The payload bytes of the messages kept."""
         self._expiring: dict[str, float] = {}
         """Topic -> expiry time of the kept messages that have one."""
 
@@ -43,6 +45,9 @@ class RetainedMessages:
             node = child
         if node.message is None:
             self.count += 1
+        else:
+            self.bytes -= len(node.message.payload)
+        self.bytes += len(message.payload)
         node.message = message
 
     def delete(self, topic: str) -> bool:
@@ -55,6 +60,7 @@ class RetainedMessages:
             path.append(child)
         if path[-1].message is None:
             return False
+        self.bytes -= len(path[-1].message.payload)
         path[-1].message = None
         self.count -= 1
         self._expiring.pop(topic, None)

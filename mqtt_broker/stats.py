@@ -17,11 +17,13 @@ class Stats:
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
                  "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
-                 "publishes_denied", "routed_from_nodes")
+                 "publishes_denied", "routed_from_nodes", "connects")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
         self.messages_expired = self.connections_total = self.connections_refused = 0
+        self.connects = 0
+        """CONNECT packets received (connections_total counts the sockets accepted)."""
         self.broker_published = self.wills_published = 0
         """Routed messages that came from ``BrokerService.publish`` and from wills."""
         self.received_by_qos = [0, 0, 0]

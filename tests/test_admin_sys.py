@@ -62,6 +62,27 @@ def test_values_after_a_known_workload() -> None:
     assert later["uptime"] == "20 seconds"
 
 
+def test_store_bytes_and_loads_mean_what_mosquittos_do() -> None:
+    """store/messages/bytes was the bytes of the in-memory queues alone: a broker keeping a
+    10,000-byte retained message said 0. load/connections averaged the sockets accepted, as
+    load/sockets does, where Mosquitto's averages the CONNECT packets."""
+    from protocol_helpers import FakeClient
+    broker = make_broker()
+    broker.startService()
+    before = sum(len(message.payload) for message in broker.retained)  # the $SYS values of the start
+    connected(broker, "p").publish("kept", b"x" * 10_000, retain=True)
+    sub = connected(broker, "s")
+    sub.subscribe("t", qos=1)
+    broker.publish("t", b"y" * 500, qos=1)  # in flight: the subscriber does not acknowledge it
+    for _ in range(4):
+        FakeClient(broker)  # sockets that never send a CONNECT
+    broker.reactor.advance(10)
+    v = sys_values(broker)
+    assert int(v["store/messages/bytes"]) == before + 10_000 + 500
+    assert v["load/connections/1min"] == f"{2 * 6 * (1 - math.exp(-10 / 60)):.2f}"
+    assert v["load/sockets/1min"] == f"{6 * 6 * (1 - math.exp(-10 / 60)):.2f}"
+
+
 def test_subscribers_get_them_by_ordinary_routing() -> None:
     broker = make_broker(sys_interval=5)
     broker.startService()

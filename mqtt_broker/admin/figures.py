@@ -130,6 +130,8 @@ class Figures:
     connections: int
     """Open network connections, those still in CONNECT included."""
     connections_total: int
+    connects: int
+    """CONNECT packets received (connections_total counts sockets)."""
     refused: dict[str, int]
     """Connections refused, by reason."""
     subscriptions_refused: dict[str, int]
@@ -156,6 +158,9 @@ class Figures:
     retained: int
     queued: int
     queued_bytes: int
+    """Of the queued messages, those in memory (the store's are not counted)."""
+    stored_bytes: int
+    """Payload bytes of the retained, queued (in memory) and in-flight messages."""
     inflight: int
     memory: int
     """Resident set size, in bytes."""
@@ -198,7 +203,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
     """The figures of ``broker`` now; ``started_at`` (clock time) gives the uptime, ``inbox_lag``
     a cluster node's last known inbox lag."""
     stats = broker.stats
-    connected = disconnected = queued = queued_bytes = inflight = 0
+    connected = disconnected = queued = queued_bytes = inflight = inflight_bytes = 0
     for session in broker.sessions.values():
         if session.connection is not None:
             connected += 1
@@ -207,6 +212,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         queued += len(session.queue) + session.spilled
         queued_bytes += session.queued_bytes
         inflight += len(session.outgoing)
+        inflight_bytes += sum(len(out.message.payload) for out in session.outgoing.values())
     routed_from_clients = (stats.messages_received - stats.broker_published - stats.wills_published
                            - stats.routed_from_nodes)
     received = [routed_from_clients - stats.received_by_qos[1] - stats.received_by_qos[2],
@@ -232,6 +238,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
         subscriptions=broker.subscriptions.count, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,
+        stored_bytes=broker.retained.bytes + queued_bytes + inflight_bytes, connects=stats.connects,
         memory=memory, memory_maximum=max(memory, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         cluster=cluster_figures(broker.cluster, inbox_lag) if broker.cluster is not None else None,
         bridges=[bridge_figures(bridge) for bridge in broker.bridges] if broker.bridges is not None else None)

@@ -166,7 +166,8 @@ class BrokerCollector:
         yield _gauge("mqtt_subscriptions", "Subscriptions of all sessions.", f.subscriptions)
         yield _gauge("mqtt_retained_messages", "Retained messages.", f.retained)
         yield _gauge("mqtt_queued_messages", "Messages queued for clients (offline, slow or window full).", f.queued)
-        yield _gauge("mqtt_queued_bytes", "Payload bytes queued for clients.", f.queued_bytes)
+        yield _gauge("mqtt_queued_bytes", "Payload bytes queued for clients in memory (not those waiting in the "
+                     "store, which mqtt_queued_messages counts).", f.queued_bytes)
         yield _gauge("mqtt_inflight_messages", "QoS 1/2 messages sent and not yet acknowledged.", f.inflight)
         if f.cluster is not None:
             yield from _cluster(f.cluster)

@@ -55,7 +55,7 @@ LOADS: tuple[tuple[str, Callable[[Figures], int]], ...] = (
     ("publish/received", lambda f: f.publish_received_total),
     ("publish/sent", lambda f: f.publish_sent_total),
     ("publish/dropped", lambda f: f.dropped_total),
-    ("connections", lambda f: f.connections_total),
+    ("connections", lambda f: f.connects),
     ("sockets", lambda f: f.connections_total),
 )
 
@@ -78,7 +78,7 @@ def values(f: Figures) -> dict[str, str]:
         "messages/sent": str(f.packets_sent),
         "messages/stored": str(stored),
         "store/messages/count": str(stored),
-        "store/messages/bytes": str(f.queued_bytes),
+        "store/messages/bytes": str(f.stored_bytes),
         "messages/inflight": str(f.inflight),
         "publish/messages/received": str(f.publish_received_total),
         "publish/messages/sent": str(f.publish_sent_total),
