@@ -673,7 +673,10 @@ class BrokerService(MultiService):
             assert self.history is not None and replay is not None
             for message in self.history.replay(subscription.topic_filter, replay, now):
                 if not readable(message) or (subscription.no_local and message.sender == session.client_id):
-                    continue  # [MQTT-3.8.3-3] for the past too
+                    # [MQTT-3.8.3-3] for the past too. (Oldest first: a topic stays replayed
+                    # only if its newest message went, which the retained one is then no newer than.)
+                    replayed.discard(message.topic)
+                    continue
                 replayed.add(message.topic)
                 delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         for index, message in enumerate(retained):

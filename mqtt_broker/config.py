@@ -306,7 +306,7 @@ class BrokerConfig:
     history_max_age: float = _setting(
         0.0, "Seconds a logged message is kept; 0 for no limit.")
     history_max_bytes: int = _setting(
-        0, "Payload bytes kept per history filter; 0 for no limit.")
+        0, "Bytes of the messages (topic, payload and properties) kept per history filter; 0 for no limit.")
     response_information: str = _setting(
         "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
         "for it ({client_id} is replaced); empty to send none.")

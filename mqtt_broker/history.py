@@ -17,6 +17,7 @@ from typing import Iterable
 
 from .message import Message, bare
 from .topics import filters_overlap, matches
+from .wire.properties import encode_properties
 
 REPLAY_PREFIX = "$replay/"
 MAX_REPLAYS = 16
@@ -31,6 +32,8 @@ class Entry:
     """Clock time it was published."""
     holders: int = 0
     """The logs that hold it: when the last one drops it, it is dropped from the store too."""
+    size: int = 0
+    """What ``history_max_bytes`` counts of it: its topic, payload and properties."""
 
 
 class ReplayError(ValueError):
@@ -91,8 +94,11 @@ class MessageLog:
         if not targets:
             return None
         self._seq += 1
-        entry = Entry(self._seq, bare(message), now, len(targets))
-        size = len(message.payload)
+        # Topic and properties too: a 1-byte payload may come with 64 KiB of topic and megabytes
+        # of user properties, which the log keeps as well.
+        size = len(topic) + len(message.payload) + (len(encode_properties(message.properties))
+                                                     if message.properties else 0)
+        entry = Entry(self._seq, bare(message), now, len(targets), size)
         for i in targets:
             self._logs[i].append(entry)
             self._sizes[i] += size
@@ -105,7 +111,7 @@ class MessageLog:
                        or (self.max_bytes and self._sizes[index] > self.max_bytes)
                        or (self.max_age and log[0].at < now - self.max_age)):
             entry = log.popleft()
-            self._sizes[index] -= len(entry.message.payload)
+            self._sizes[index] -= entry.size
             entry.holders -= 1
             if not entry.holders:
                 self._dropped.append(entry.seq)
@@ -128,13 +134,13 @@ class MessageLog:
             for entry in log:
                 if entry.seq not in seen and matches(topic_filter, entry.message.topic):
                     seen[entry.seq] = entry
-        entries = [seen[seq] for seq in sorted(seen)]
+        entries = [seen[seq] for seq in sorted(seen) if not seen[seq].message.expired(now)]
         if kind == "last":
             entries = entries[-int(value):]
         elif kind == "since":
             entries = [e for e in entries if e.at >= value]
         # Copies, whose encodings go with their deliveries rather than stay in the log.
-        return [bare(e.message) for e in entries if not e.message.expired(now)]
+        return [bare(e.message) for e in entries]
 
     def restore(self, entries: Iterable[Entry]) -> None:
         """Take up logged entries read from a store (oldest first)."""

@@ -65,7 +65,9 @@ class Subscribing:
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
         wanted: list[Subscription | ReasonCode] = []
         security = self.broker.security
-        replays: dict[str, str] = {}
+        replays: dict[int, str] = {}
+        """The replay each request asks for, by its place in ``wanted``."""
+        replaying: set[str] = set()
         asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
         adding = 0  # (the Subscriptions in ``wanted``: counted, not recounted per filter)
         over_quota: list[str] = []
@@ -79,10 +81,11 @@ class Subscribing:
                 except ReplayError:
                     wanted.append(ReasonCode.UNSPECIFIED_ERROR)
                     continue
-                if len(replays) >= MAX_REPLAYS and topic_filter not in replays:
+                if len(replaying) >= MAX_REPLAYS and topic_filter not in replaying:
                     wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
                     continue
-                replays[topic_filter] = spec
+                replaying.add(topic_filter)
+                replays[len(wanted)] = spec
             if not valid_topic_filter(topic_filter) or (spec is not None and topic_filter.startswith(REPLAY_PREFIX)):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
             elif group is not None and not config.shared_subscription_available:
@@ -120,11 +123,12 @@ class Subscribing:
             self._subscribe_decided([None] * len(wanted), packet, wanted, replays)
 
     def _subscribe_decided(self, answers: list[Any], packet: Subscribe,
-                           wanted: list[Subscription | ReasonCode], replays: dict[str, str]) -> None:
+                           wanted: list[Subscription | ReasonCode], replays: dict[int, str]) -> None:
         granted: list[Subscription] = []
+        granted_replays: list[str | None] = []
         codes: list[int] = []
         reasons: list[str] = []
-        for subscription, answer in zip(wanted, answers):
+        for index, (subscription, answer) in enumerate(zip(wanted, answers)):
             if not isinstance(subscription, Subscription):
                 codes.append(subscription)
                 continue
@@ -136,6 +140,7 @@ class Subscribing:
             if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= 2:
                 subscription.qos = min(subscription.qos, answer)
             granted.append(subscription)
+            granted_replays.append(replays.get(index))
             codes.append(subscription.qos)
         previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
@@ -143,12 +148,12 @@ class Subscribing:
         store = self.broker.store
         if store is None or not self.session.stored:
             self._subscribed(None, packet, codes, reason)
-            self._send_retained(granted, replaced, replays)
+            self._send_retained(granted, replaced, granted_replays)
         else:
             # SUBACK once the subscriptions are stored, and the retained messages at once: live
             # from now on, the subscriptions would otherwise get a newer message on a topic before
             # its older retained one [MQTT-4.6.0-5] (a PUBLISH may come before the SUBACK, §3.8.4).
-            self._send_retained(granted, replaced, replays)
+            self._send_retained(granted, replaced, granted_replays)
             store.flushed().addCallbacks(self._subscribed, self._not_subscribed, (packet, codes, reason),
                                          None, (packet, codes, granted, previous, reason))
 
@@ -159,11 +164,11 @@ class Subscribing:
             codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
 
-    def _send_retained(self, granted: list[Subscription], replaced: list[bool], replays: dict[str, str]) -> None:
+    def _send_retained(self, granted: list[Subscription], replaced: list[bool], replays: list[str | None]) -> None:
         if self.state is not State.CONNECTED:  # (a SUBACK too large for the client closes it)
             return
-        for subscription, existed in zip(granted, replaced):
-            self.broker.send_retained(self.session, subscription, existed, replays.get(subscription.topic_filter))
+        for subscription, existed, replay in zip(granted, replaced, replays):
+            self.broker.send_retained(self.session, subscription, existed, replay)
 
     def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int], granted: list[Subscription],
                         previous: list[Subscription | None], reason: str) -> None:

@@ -33,7 +33,7 @@ def test_log_bounds_by_count_bytes_and_age() -> None:
         log.record(Message(topic="a/x", payload=str(n).encode()), now=n)
     assert [m.payload for m in log.replay("#", "all", now=5)] == [b"2", b"3", b"4"]
     assert [m.payload for m in log.replay("#", "all", now=13)] == [b"3", b"4"]  # age: at >= 3
-    by_bytes = MessageLog(["#"], max_messages=0, max_age=0, max_bytes=4)
+    by_bytes = MessageLog(["#"], max_messages=0, max_age=0, max_bytes=6)  # (topic and payload: 3 bytes each)
     for n in range(4):
         by_bytes.record(Message(topic="t", payload=b"xx"), now=0)
     assert len(by_bytes.replay("t", "all", now=0)) == 2
@@ -170,3 +170,48 @@ def test_a_logged_message_keeps_one_copy_of_its_payload() -> None:
         late = connected(broker, "late", version=5)
         assert len(payloads(late.subscribe("$replay/all/h/#")[1:])) == count
     assert count * size <= held.bytes < 1.5 * count * size, held.bytes
+
+
+def test_a_replay_no_local_kept_from_the_newest_leaves_the_retained_message_to_go() -> None:
+    """docs/message-log.md: the retained message is not sent after a newer one of its topic was
+    replayed. Here No Local kept the newest (the client's own, retained) out of the replay: the
+    older one replayed, the retained one was held back too, and the client was left with "old"."""
+    broker = make_broker(history_filters=["s/#"])
+    connected(broker, "other").publish("s/t", b"old")
+    me = connected(broker, "me", version=5)
+    me.publish("s/t", b"current", retain=True)
+    me.send(Subscribe(packet_id=2, properties={"user_property": [("replay", "all")]},
+                      subscriptions=(SubscriptionRequest(topic_filter="s/#", qos=0, no_local=True),)))
+    assert payloads(me.received()) == [b"old", b"current"]
+
+
+def test_history_max_bytes_counts_topics_and_properties_too() -> None:
+    """Only payloads were counted: messages of a 1-byte payload and 20 kB of user properties
+    each kept 2 MB under history_max_bytes = 10,000."""
+    broker = make_broker(history_filters=["h/#"], history_max_bytes=10_000, history_max_messages=0)
+    pub = connected(broker, "pub", version=5)
+    with Held() as held:
+        for _ in range(100):
+            pub.publish("h/x", b"y", properties={"user_property": [("k", "v" * 20_000)]})
+    assert broker.history is not None and len(broker.history) == 0  # (each alone is over the bound)
+    assert held.bytes < 10_000 + 100 * 1000, held.bytes
+
+
+def test_a_filter_and_its_replay_in_one_subscribe_replay_once() -> None:
+    """A SUBSCRIBE of several filters is as many SUBSCRIBEs [MQTT-3.8.4-5]: the replay asked for
+    the second applied to the first too, which had asked for none: everything came twice."""
+    broker = make_broker(history_filters=["log/#"])
+    pub = connected(broker, "pub")
+    for n in range(3):
+        pub.publish("log/a", str(n).encode())
+    assert payloads(connected(broker, "sub").subscribe("log/#", "$replay/all/log/#")) == [b"0", b"1", b"2"]
+
+
+def test_last_n_counts_the_messages_not_expired() -> None:
+    """An expired message was one of the N: last:1 replayed nothing, though a message lives."""
+    broker = make_broker(history_filters=["e/#"])
+    pub = connected(broker, "pub", version=5)
+    pub.publish("e/t", b"lives")
+    pub.publish("e/t", b"dies", properties={"message_expiry_interval": 1})
+    broker.reactor.advance(5)
+    assert payloads(connected(broker, "sub").subscribe("$replay/last:1/e/#")) == [b"lives"]
