@@ -287,6 +287,8 @@ class Cluster:
         self._shares_changed.clear()
 
     def _send_qos0(self, node: str, data: bytes) -> None:
+        if not self.store.redis.up:
+            return  # dropped, as QoS 0 may be: held for Redis's return, they grew without bound
         self.store.publish_qos0(node, data).addErrback(lambda _: None)  # fire and forget, as QoS 0 promises
 
     def filter_changed(self, topic_filter: str, held: bool) -> None:
