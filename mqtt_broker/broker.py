@@ -109,6 +109,8 @@ class BrokerService(MultiService):
         self.keepalives = Keepalives(self.clock)
         """Every connection's keepalive deadline, on one timer."""
         self.ports: list[IListeningPort] = []
+        self._listening = False
+        """Whether the endpoints were listened on (by privilegedStartService, or the start)."""
         self._tls: list[tuple[str, ServerTLS]] = []
         """The TLS listeners (endpoint string, context maker), whose files reload() reads again."""
         self.cluster: Any = None
@@ -155,9 +157,22 @@ class BrokerService(MultiService):
 
     # --- service ------------------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        """Listen on every endpoint: twistd calls this before it sheds root's privileges
+        (``--uid``), so that a broker started as root may listen on ports below 1024."""
+        super().privilegedStartService()
+        try:
+            self._listen()
+        except BaseException:
+            for port in self.ports:
+                port.stopListening()
+            self.ports, self._tls, self._listening = [], [], False
+            raise
+
     def startService(self) -> None:
-        """Listen on every endpoint; any failure to listen raises here (after closing what was
-        opened), so twistd stops at start-up instead of running without a port."""
+        """Listen on every endpoint (unless :meth:`privilegedStartService` did); any failure to
+        listen raises here (after closing what was opened), so twistd stops at start-up instead
+        of running without a port."""
         _raise_open_files_limit()
         self._stopped = False
         if self.store is not None:
@@ -166,36 +181,8 @@ class BrokerService(MultiService):
             self._rearm()
         super().startService()
         try:
-            listeners: list[tuple[str, Any, str]] = [
-                (description, self.factory, "MQTT broker listening on {endpoint}")
-                for description in self.config.endpoints]
-            if self.config.websocket_endpoints:
-                from .websocket import WebSocketFactory  # autobahn is imported only when used
-                websocket = WebSocketFactory(self)
-                listeners += [(description, websocket, "MQTT over WebSocket listening on {endpoint}")
-                              for description in self.config.websocket_endpoints]
-            if self.config.http_endpoints:
-                site = self.operations.site()
-                listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
-                              for description in self.config.http_endpoints]
-            for description, factory, listening in listeners:
-                key = next((name for name in ("websocket_endpoints", "http_endpoints")
-                            if description in getattr(self.config, name)), "endpoints")
-                try:
-                    endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
-                except OSError as e:  # a key or certificate file of ssl:/mqtts: that cannot be read
-                    reason = f"{e.filename}: cannot read: {e.strerror}" if e.filename else str(e)
-                    raise ConfigError(f"{description!r}: {reason}", key) from None
-                if isinstance(endpoint, TLSServerEndpoint):
-                    self._tls.append((description, endpoint.tls))
-                failures: list[Any] = []
-                tcp.listen(endpoint, factory, self.config.set_tcp_nodelay).addCallbacks(
-                    self.ports.append, failures.append)
-                if failures:
-                    if failures[0].check(OverflowError, OSError):  # a port past 65535, no UNIX socket directory
-                        raise ConfigError(f"{description!r}: {failures[0].getErrorMessage()}", key)
-                    failures[0].raiseException()
-                log.info(listening, endpoint=description)
+            if not self._listening:
+                self._listen()
         except BaseException:
             self.stopService()
             raise
@@ -206,12 +193,45 @@ class BrokerService(MultiService):
         if self.cluster is not None:
             self.cluster.start().addErrback(lambda failure: log.failure("joining the cluster", failure))
 
+    def _listen(self) -> None:
+        """Listen on every endpoint; raises at the first that cannot be listened on."""
+        self._listening = True  # (whatever comes of it: a failure stops the service)
+        listeners: list[tuple[str, Any, str]] = [
+            (description, self.factory, "MQTT broker listening on {endpoint}")
+            for description in self.config.endpoints]
+        if self.config.websocket_endpoints:
+            from .websocket import WebSocketFactory  # autobahn is imported only when used
+            websocket = WebSocketFactory(self)
+            listeners += [(description, websocket, "MQTT over WebSocket listening on {endpoint}")
+                          for description in self.config.websocket_endpoints]
+        if self.config.http_endpoints:
+            site = self.operations.site()
+            listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
+                          for description in self.config.http_endpoints]
+        for description, factory, listening in listeners:
+            key = next((name for name in ("websocket_endpoints", "http_endpoints")
+                        if description in getattr(self.config, name)), "endpoints")
+            try:
+                endpoint = server_endpoint(self.reactor, with_backlog(description, self.config.listen_backlog))
+            except OSError as e:  # a key or certificate file of ssl:/mqtts: that cannot be read
+                reason = f"{e.filename}: cannot read: {e.strerror}" if e.filename else str(e)
+                raise ConfigError(f"{description!r}: {reason}", key) from None
+            if isinstance(endpoint, TLSServerEndpoint):
+                self._tls.append((description, endpoint.tls))
+            failures: list[Any] = []
+            tcp.listen(endpoint, factory, self.config.set_tcp_nodelay).addCallbacks(
+                self.ports.append, failures.append)
+            if failures:
+                if failures[0].check(OverflowError, OSError):  # a port past 65535, no UNIX socket directory
+                    raise ConfigError(f"{description!r}: {failures[0].getErrorMessage()}", key)
+                failures[0].raiseException()
+            log.info(listening, endpoint=description)
+
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stopped = True
         stopping = [port.stopListening() for port in self.ports]
-        self.ports = []
-        self._tls = []
+        self.ports, self._tls, self._listening = [], [], False
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
         # After the drops: a connection's pending decision then finds it closed (no answer, no
@@ -734,7 +754,7 @@ def with_backlog(description: str, backlog: int) -> str:
     default of 50 overflows when many clients reconnect at once, and a dropped SYN costs the
     client a one-second retry."""
     kind = description.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+    if kind in ("tcp", "tcp6", "ssl", "mqtts", "unix") and "backlog=" not in description:
         return f"{description}:backlog={backlog}"
     return description
 

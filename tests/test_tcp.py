@@ -277,6 +277,37 @@ async def test_the_broker_listens_with_it() -> None:
         await broker.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_broker_listens_before_twistd_sheds_roots_privileges() -> None:
+    """docs/twistd.md: with --uid, a broker started as root may listen on ports below 1024.
+    twistd calls privilegedStartService, then sheds root, then startService; the broker listened
+    in startService only, so the bind of port 884 was refused. It listens in the first now, once."""
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0)
+    broker.privilegedStartService()
+    try:
+        [port] = broker.ports
+        broker.startService()
+        assert broker.ports == [port]
+        connect = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c"
+        received, ending = await deferToThread(exchange, port.getHost().port, connect + b"\xe0\x00")
+        assert (received, ending) == (b"\x20\x02\x00\x00", "eof")
+    finally:
+        await broker.stopService()
+    broker.startService()  # (started again in one process, without twistd: it listens again)
+    try:
+        assert len(broker.ports) == 1
+    finally:
+        await broker.stopService()
+
+
+def test_every_listener_kind_gets_listen_backlog() -> None:
+    """mqtts: was left with its parser's 50, the default listen_backlog exists to replace."""
+    from mqtt_broker.broker import with_backlog
+    for kind in ("tcp:1883", "tcp6:1883", "ssl:8883:privateKey=k", "mqtts:8883:privateKey=k", "unix:/s"):
+        assert with_backlog(kind, 1024) == f"{kind}:backlog=1024"
+    assert with_backlog("mqtts:8883:backlog=5", 1024) == "mqtts:8883:backlog=5"
+
+
 class _ReadCounting(tcp.Server):
     reads: list[Any] = []
 
