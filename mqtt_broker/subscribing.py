@@ -65,8 +65,7 @@ class Subscribing:
                             ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED)
         wanted: list[Subscription | ReasonCode] = []
         security = self.broker.security
-        replays: dict[int, str] = {}
-        """The replay each request asks for, by its place in ``wanted``."""
+        replays: dict[int, str] = {}  # the replay each request asks for, by its place in ``wanted``
         replaying: set[str] = set()
         asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
         adding = 0  # (the Subscriptions in ``wanted``: counted, not recounted per filter)

@@ -36,7 +36,7 @@ from mqtt_broker import BrokerService
 from mqtt_broker.admin import metrics
 from mqtt_broker.admin.api import OPENAPI, ApiResource
 from mqtt_broker.admin.keys import hash_key
-from mqtt_broker.wire import Puback, Publish
+from mqtt_broker.wire import Publish
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -52,9 +52,11 @@ SYS_INTERVAL = 10
 class Bridged:
     """A broker with the one bridge ``up``, and a remote broker that the test joins it to."""
 
-    def __init__(self, **settings: Any) -> None:
-        self.reactor = MemoryReactorClock()
-        self.broker = BrokerService(endpoints=[], reactor=self.reactor, bridge=[BRIDGE], sys_interval=SYS_INTERVAL,
+    def __init__(self, reactor: MemoryReactorClock | None = None, addresses: list[str] | None = None,
+                 **settings: Any) -> None:
+        self.reactor = reactor or MemoryReactorClock()
+        bridge = dict(BRIDGE, addresses=addresses) if addresses else BRIDGE
+        self.broker = BrokerService(endpoints=[], reactor=self.reactor, bridge=[bridge], sys_interval=SYS_INTERVAL,
                                     http_api_keys=["ci:" + hash_key(KEY)], **settings)
         self.remote = make_broker(sys_interval=0)
         self.pumps: list[iosim.IOPump] = []
@@ -336,26 +338,43 @@ def test_restarting_a_bridge_while_it_connects_connects_again_at_once_from_the_f
     assert bridged.bridge.state == "connected" and bridged.attempts == 3
 
 
-def test_the_state_at_start_reaches_a_qos1_subscriber_that_is_away() -> None:
-    """docs/bridges.md: the state topic is at QoS 1, "so that a session subscribed at QoS 1 keeps
-    the changes while away". The "0" of the start (after kill -9, the remote unreachable: the
-    only one) went at QoS 0, which an offline session does not keep."""
-    from durability_helpers import Restarts
-    from protocol_helpers import FakeClient
+def test_a_restart_while_the_name_is_looked_up_leaves_one_attempt() -> None:
+    """A restart cancels the attempt under way. Cancelled while its name was looked up, it failed
+    with DNSLookupError, taken for the bridge's failure: a retry was scheduled beside the
+    restart's attempt, and later connected a second time over the link that was up."""
+    from twisted.internet.interfaces import IHostnameResolver
+    from zope.interface import implementer
 
-    from mqtt_broker.store.memory import MemoryStore
-    restarts = Restarts(MemoryStore(), bridge=[BRIDGE], sys_interval=0)
-    broker = restarts.start()
-    watcher = connected(broker, "watcher", clean=False)
-    retained = [p for p in watcher.subscribe("$SYS/broker/connection/edge-1/state", qos=1) if isinstance(p, Publish)]
-    watcher.send(*(Puback(packet_id=p.packet_id) for p in retained if p.qos))
-    watcher.lose()
-    restarts.restart()
-    assert restarts.broker is not None
-    again = FakeClient(restarts.broker)
-    assert again.connect("watcher", clean=False).session_present  # type: ignore[union-attr]
-    states = [p for p in again.received() if isinstance(p, Publish)]
-    assert [(p.payload, p.qos) for p in states] == [(b"0", 1)]
+    @implementer(IHostnameResolver)
+    class Unanswered:
+        """Name lookups that the test answers."""
+
+        def __init__(self) -> None:
+            self.pending: list[tuple[Any, int]] = []
+
+        def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, addressTypes: Any = None,
+                            transportSemantics: str = "TCP") -> Any:
+            receiver.resolutionBegan(None)
+            self.pending.append((receiver, portNumber))
+
+        def answer_last(self) -> None:
+            receiver, port = self.pending[-1]
+            receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", port))
+            receiver.resolutionComplete()
+
+    resolver = Unanswered()
+    reactor = MemoryReactorClock()
+    reactor.installNameResolver(resolver)
+    bridged = Bridged(reactor=reactor, addresses=["remote.example:1883"])
+    bridge = bridged.bridge
+    assert len(resolver.pending) == 1 and bridge.state == "connecting"
+    assert call(bridged.broker, "POST", "/bridges/up/restart")[0] == 200
+    resolver.answer_last()
+    reactor.advance(0)
+    bridged.accept()
+    reactor.advance(RETRY)
+    bridged.settle()
+    assert (bridge.state, bridged.attempts, len(resolver.pending), bridge.stats.failures) == ("connected", 1, 2, 0)
 
 
 # --- the API's description -------------------------------------------------------------------------

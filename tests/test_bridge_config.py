@@ -597,6 +597,29 @@ def test_the_state_is_published_where_mosquitto_publishes_it(notification_topic:
     remote.broker.stopService()
 
 
+def test_the_state_at_start_reaches_a_qos1_subscriber_that_is_away() -> None:
+    """docs/bridges.md: the state topic is at QoS 1, "so that a session subscribed at QoS 1 keeps
+    the changes while away". The "0" of the start (after kill -9, the remote unreachable: the
+    only one) went at QoS 0, which an offline session does not keep."""
+    from durability_helpers import Restarts
+    from protocol_helpers import FakeClient
+
+    from mqtt_broker.store.memory import MemoryStore
+    table = {"connection": "up", "addresses": ["127.0.0.1:1"], "remote_clientid": "edge-1", "topic": ["a/# out 1"]}
+    restarts = Restarts(MemoryStore(), bridge=[table], sys_interval=0)
+    broker = restarts.start()
+    watcher = connected(broker, "watcher", clean=False)
+    retained = [p for p in watcher.subscribe("$SYS/broker/connection/edge-1/state", qos=1) if isinstance(p, Publish)]
+    watcher.send(*(Puback(packet_id=p.packet_id) for p in retained if p.qos))
+    watcher.lose()
+    restarts.restart()
+    assert restarts.broker is not None
+    again = FakeClient(restarts.broker)
+    assert again.connect("watcher", clean=False).session_present  # type: ignore[union-attr]
+    states = [p for p in again.received() if isinstance(p, Publish)]
+    assert [(p.payload, p.qos) for p in states] == [(b"0", 1)]
+
+
 def test_the_state_here_is_published_at_qos_1_as_mosquitto_publishes_it() -> None:
     """It was QoS 0: a session subscribed at QoS 1 missed the changes made while it was away."""
     remote = FakeRemote(topic=["out/# out 1"], remote_clientid="edge1")

@@ -31,9 +31,7 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -116,16 +114,15 @@ class Bridge(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.config.notifications:  # (at QoS 1, as every state: see _set_state)
-            self.broker.route_own(self.config.state_topic, b"0", qos=min(1, self.broker.config.max_qos), retain=True)
+        if self.config.notifications:
+            self._publish_state(b"0")
         self._prime()
         self._connect()
 
     def stopService(self) -> None:
         super().stopService()
         self._cancel_retry()
-        if self._connecting is not None:
-            self._connecting.cancel()
+        self._abandon_attempt()
         self._say_disconnected()
         self._close_links("bridge stopped", disconnect=True)
         self._set_state("stopped")
@@ -140,10 +137,14 @@ class Bridge(Service):
             self._say_disconnected()
             self._close_links("restarted", disconnect=True)  # reconnects when both are down
             return
-        if self._connecting is not None:  # to an address that may not answer for a while
-            connecting, self._connecting = self._connecting, None
-            connecting.cancel()
+        self._abandon_attempt()  # (to an address that may not answer for a while)
         self._connect()
+
+    def _abandon_attempt(self) -> None:
+        """Cancel the connection attempt under way, whose outcome no longer counts."""
+        attempt, self._connecting = self._connecting, None
+        if attempt is not None:
+            attempt.cancel()
 
     @property
     def queued(self) -> int:
@@ -156,7 +157,7 @@ class Bridge(Service):
     # --- connecting ---------------------------------------------------------------------
 
     def _connect(self) -> None:
-        self._retry_call = None
+        self._cancel_retry()
         if not self.running:
             return
         config = self.config
@@ -177,17 +178,22 @@ class Bridge(Service):
         max_size = self._max_size if connect.protocol_level == MQTT_5 else MAX_REMAINING_LENGTH + 5
         factory = Factory.forProtocol(lambda: Link(
             "remote", connect, self.clock, max_size, self._remote_up, self._from_remote, self._lost))
-        self._connecting = endpoint.connect(factory)
-        self._connecting.addCallbacks(self._remote_made, self._not_connected)
+        attempt = self._connecting = endpoint.connect(factory)
+        attempt.addCallbacks(self._remote_made, self._not_connected, (attempt,), None, (attempt,))
 
-    def _remote_made(self, link: Link) -> None:
+    def _remote_made(self, link: Link, attempt: Any) -> None:
+        if attempt is not self._connecting:  # (abandoned: no link of it may stay)
+            link.transport.loseConnection()  # type: ignore[union-attr]
+            return
         self._connecting = None
         self.remote = link
         link.on_pause = self._remote_paused
 
-    def _not_connected(self, failure: Any) -> None:
-        if failure.check(CancelledError, ConnectingCancelledError):
-            return  # (by a restart, which connects again, or a stop)
+    def _not_connected(self, failure: Any, attempt: Any) -> None:
+        # An attempt abandoned by a restart or a stop fails as it may (cancelled, or a lookup
+        # error when cancelled while the name was resolved): it is not this bridge's failure.
+        if attempt is not self._connecting:
+            return
         self._connecting = None
         if not self.running:
             return
@@ -589,9 +595,11 @@ class Bridge(Service):
         previous, self.state = self.state, state
         up = state == "connected"
         if self.config.notifications and (previous == "connected") != up:
-            # At QoS 1, as Mosquitto: a session that subscribed at QoS 1 keeps the change while away.
-            self.broker.route_own(self.config.state_topic, b"1" if up else b"0",
-                                  qos=min(1, self.broker.config.max_qos), retain=True)
+            self._publish_state(b"1" if up else b"0")
+
+    def _publish_state(self, state: bytes) -> None:
+        # At QoS 1, as Mosquitto: a session that subscribed at QoS 1 keeps the change while away.
+        self.broker.route_own(self.config.state_topic, state, qos=min(1, self.broker.config.max_qos), retain=True)
 
 
 class Bridges:
