@@ -654,19 +654,17 @@ def test_an_acknowledgement_of_a_message_held_back_frees_no_slot(qos: int) -> No
     sub.lose()
     sub, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=1))
     assert [p.payload for p in sub.received()] == [b"0"]  # 1 and 2 held back
-    if qos == 1:
-        sub.send(Puback(packet_id=first[1].packet_id))
-    else:
-        sub.send(Pubrec(packet_id=first[1].packet_id))
-        assert sub.received() == [Pubrel(packet_id=first[1].packet_id)]
-        sub.send(Pubcomp(packet_id=first[1].packet_id))
+
+    def acknowledge(packet_id: int) -> None:
+        if qos == 1:
+            sub.send(Puback(packet_id=packet_id))
+        else:
+            sub.send(Pubrec(packet_id=packet_id))
+            assert sub.received() == [Pubrel(packet_id=packet_id)]
+            sub.send(Pubcomp(packet_id=packet_id))
+    acknowledge(first[1].packet_id)
     assert sub.received() == []
-    if qos == 1:
-        sub.send(Puback(packet_id=first[0].packet_id))
-    else:
-        sub.send(Pubrec(packet_id=first[0].packet_id))
-        assert sub.received() == [Pubrel(packet_id=first[0].packet_id)]
-        sub.send(Pubcomp(packet_id=first[0].packet_id))
+    acknowledge(first[0].packet_id)
     assert [p.payload for p in sub.received()] == [b"2"]
 
 

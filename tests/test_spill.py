@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from protocol_helpers import FakeClient, connected, make_broker
 
+from mqtt_broker import BrokerService
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire import Disconnect, Puback, ReasonCode
@@ -97,18 +98,23 @@ def test_a_connected_clean_session_that_stops_reading_loses_nothing() -> None:
     assert "sub" not in broker.sessions and broker.store._sessions == {}  # type: ignore[union-attr]
 
 
-def test_a_failed_read_of_the_spilled_backlog_is_tried_again() -> None:
+def backlog_read_failing(failures: list[Exception]) -> BrokerService:
+    """A broker whose offline subscriber "sub" has five QoS 1 messages, three of them in the store,
+    whose next reads of a backlog fail with ``failures`` (the last first)."""
     from twisted.internet.defer import fail
-
-    from mqtt_broker.delivery import SPILLED_READ_RETRY
     store = MemoryStore()
     broker = make_broker(max_queued_messages=2, store=store)
     offline_subscriber(broker)
     for n in range(5):
         broker.publish("t", str(n).encode(), qos=1)
     read = store.load_queued
-    failures = [OSError("disk I/O error")]
     store.load_queued = lambda *args: fail(failures.pop()) if failures else read(*args)  # type: ignore[method-assign]
+    return broker
+
+
+def test_a_failed_read_of_the_spilled_backlog_is_tried_again() -> None:
+    from mqtt_broker.delivery import SPILLED_READ_RETRY
+    broker = backlog_read_failing([OSError("disk I/O error")])
     again = FakeClient(broker)
     again.connect("sub", clean=False)
     assert drain(again) == [b"0", b"1"]  # the read of the rest failed: nothing else will pump the session
@@ -120,20 +126,11 @@ def test_a_failed_read_of_the_spilled_backlog_is_tried_again() -> None:
 def test_a_read_of_the_backlog_failed_by_a_failing_write_is_not_logged_at_each_retry() -> None:
     """While the disk fails, the store fails every read behind its failed batch, and logs the
     episode once; each connected session with a backlog logged a traceback besides, each second."""
-    from twisted.internet.defer import fail
-
     from mqtt_broker.delivery import SPILLED_READ_RETRY
     from mqtt_broker.store import StoreError
 
     from durability_helpers import CapturedLog
-    store = MemoryStore()
-    broker = make_broker(max_queued_messages=2, store=store)
-    offline_subscriber(broker)
-    for n in range(5):
-        broker.publish("t", str(n).encode(), qos=1)
-    read = store.load_queued
-    failures: list[Exception] = [OSError("disk I/O error")] + [StoreError("write to the store failed")] * 5
-    store.load_queued = lambda *args: fail(failures.pop()) if failures else read(*args)  # type: ignore[method-assign]
+    broker = backlog_read_failing([OSError("disk I/O error")] + [StoreError("write to the store failed")] * 5)
     again = FakeClient(broker)
     with CapturedLog() as log:
         again.connect("sub", clean=False)

@@ -462,6 +462,18 @@ def test_a_directory_in_place_of_the_database(tmp_path: Path) -> None:
     assert str(path) in str(caught.value)
 
 
+@inlineCallbacks
+def refused_at_load(path: Path) -> Iterator[Deferred[Any]]:
+    """Opening the database at ``path`` fails with a StoreError that tells what to do."""
+    store = SQLiteStore(path, reactor)
+    try:
+        with pytest.raises(StoreError) as caught:
+            store.load()
+        assert_tells_what_to_do(caught.value, path)
+    finally:
+        yield store.close()
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_damaged_properties_blob_is_refused_as_a_damaged_database(sqlite: Harness) -> Iterator[Deferred[Any]]:
     """The pages are sound, what a row holds is not: quick_check passes, and reading the row's
@@ -473,13 +485,7 @@ def test_a_damaged_properties_blob_is_refused_as_a_damaged_database(sqlite: Harn
     with closing(sqlite3.connect(str(sqlite.path))) as db:
         db.execute("UPDATE retained SET properties = X'05FF000000'")  # a Content Type of 0xFF00 bytes in 3
         db.commit()
-    store = SQLiteStore(sqlite.path, reactor)
-    try:
-        with pytest.raises(StoreError) as caught:
-            store.load()
-        assert_tells_what_to_do(caught.value, sqlite.path)
-    finally:
-        yield store.close()
+    yield refused_at_load(sqlite.path)
 
 
 @pytest_twisted.inlineCallbacks
@@ -506,13 +512,7 @@ def test_damaged_index_is_refused_at_start_up(sqlite: Harness) -> Iterator[Defer
     data = bytearray(sqlite.path.read_bytes())
     data[(root - 1) * page:root * page] = os.urandom(page)
     sqlite.path.write_bytes(bytes(data))
-    store = SQLiteStore(sqlite.path, reactor)
-    try:
-        with pytest.raises(StoreError) as caught:
-            store.load()
-        assert_tells_what_to_do(caught.value, sqlite.path)
-    finally:
-        yield store.close()
+    yield refused_at_load(sqlite.path)
 
 
 @inlineCallbacks
