@@ -654,9 +654,7 @@ class BrokerService(MultiService):
         orphans = [*(out for out in session.outgoing.values() if out.share is not None and out.qos == 1),
                    *(item for item in session.queue if item.share is not None)]
         session.clear()
-        for item in orphans:
-            assert item.share is not None
-            self.delivery.hand_on(item.message, item.share, self.subscriptions.shared_members(*item.share))
+        self.delivery.hand_on_all(orphans, self.subscriptions.shared_members)
 
     # --- subscriptions ------------------------------------------------------------------
 

@@ -213,23 +213,56 @@ class Delivery:
             if dropped:
                 self.store.drop_history(dropped)
 
-    def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
+    def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription],
+                       pool: list[Subscription] | None = None) -> int:
         """One member of a shared group gets the message: connected members in turn, or an
-        offline member's session if none is connected."""
-        sessions = self.sessions
-        if self.security is not None:
-            can_read = self.security.can_read
-            members = [m for m in members if m.client_id not in sessions or sessions[m.client_id].identity is None
-                       or can_read(sessions[m.client_id].identity, message.topic)]
-        online = [m for m in members if m.client_id in sessions and sessions[m.client_id].connection is not None]
-        pool = online or [m for m in members if m.client_id in sessions]
+        offline member's session if none is connected. ``pool``: those, as ``shared_pool`` gave
+        them for the message's topic."""
+        if pool is None:
+            pool = self.shared_pool(message.topic, members)
         if not pool:
             return 0
+        sessions = self.sessions
         chosen = pool[self._share_turns.next(share) % len(pool)]
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
         self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos),
                      message.retain and chosen.retain_as_published, ids, share)  # [MQTT-3.3.1-12, -13]
         return 1
+
+    def shared_pool(self, topic: str, members: list[Subscription]) -> list[Subscription]:
+        """The members of a shared group that a message on ``topic`` may go to: those connected
+        that may read it, or if none is, those whose sessions are kept."""
+        sessions = self.sessions
+        if self.security is not None:
+            can_read = self.security.can_read
+            members = [m for m in members if m.client_id not in sessions or sessions[m.client_id].identity is None
+                       or can_read(sessions[m.client_id].identity, topic)]
+        online = [m for m in members if m.client_id in sessions and sessions[m.client_id].connection is not None]
+        return online or [m for m in members if m.client_id in sessions]
+
+    def hand_on_all(self, items: list[Queued], members_of: Callable[[str, str], list[Subscription]]) -> None:
+        """``hand_on`` for the unfinished messages of a member whose session ended: each group's
+        pool is sorted out once per topic, not once per message (a thousand members and tens of
+        thousands of messages held the reactor for seconds)."""
+        pools: dict[tuple[tuple[str, str], str], list[Subscription]] = {}
+        members: dict[tuple[str, str], list[Subscription]] = {}
+        now = self.clock.seconds()
+        for item in items:
+            share, message = item.share, item.message
+            assert share is not None
+            if message.expired(now):  # queued, it expired meanwhile [MQTT-3.3.2-5]
+                self.stats.messages_expired += 1
+                continue
+            group = members.get(share)
+            if group is None:
+                group = members[share] = members_of(*share)
+            key = (share, message.topic if self.security is not None else "")
+            pool = pools.get(key)
+            if pool is None:
+                pool = pools[key] = self.shared_pool(message.topic, group)
+            if not (group and self.deliver_shared(message, share, group, pool)) and self.forwarding is not None \
+                    and not message.topic.startswith("$SYS/"):
+                self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,
                 subscription_ids: tuple[int, ...] = (), share: tuple[str, str] | None = None) -> None:

@@ -1780,3 +1780,30 @@ def test_the_broker_publishes_only_to_a_topic_an_mqtt_string_can_carry() -> None
         with pytest.raises(ValueError):
             broker.publish(topic, b"x", retain=True)
     assert subscriber.received() == [] and broker.retained.match("t/#") == []
+
+
+def test_a_member_leaving_hands_its_messages_on_sorting_the_group_out_once(tmp_path: Any) -> None:
+    """Each message a member left unfinished went through the whole group again (its members,
+    who is connected, who may read the topic): 1,000 members and 20,000 messages held the
+    reactor for seconds. The group is sorted out once per topic; the messages still go round."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\n")
+    broker = make_broker(acl_file=str(acl))
+    for n in range(20):
+        member = v5(broker, f"member-{n}", clean=False, properties=persistent())
+        member.subscribe("$share/g/t", qos=1)
+        member.lose()
+    leaver = v5(broker, "leaver")  # its session ends with its connection
+    leaver.subscribe("$share/g/t", qos=1)
+    for n in range(200):
+        broker.publish("t", str(n).encode(), qos=1)  # all to the one connected member, unacknowledged
+    assert len(broker.sessions["leaver"].outgoing) + len(broker.sessions["leaver"].queue) == 200
+    security = broker.security
+    assert security is not None
+    checks = []
+    can_read = security.can_read
+    security.can_read = lambda identity, topic: checks.append(topic) or can_read(identity, topic)  # type: ignore[method-assign]
+    leaver.lose()
+    assert len(checks) <= 20  # (the group once: it was 200 x 20)
+    queued = sorted(len(broker.sessions[f"member-{n}"].queue) for n in range(20))
+    assert sum(queued) == 200 and queued[0] == queued[-1] == 10
