@@ -165,17 +165,19 @@ class Delivery:
         # of interval 0 would be dropped.)
         return sum([self._to_group(message, share, held.get(share)) for share in shares])
 
-    def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None) -> int:
+    def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
+                pool: list[Subscription] | None = None) -> int:
         """A message for a shared subscription's group (one a member left unfinished, say) goes
         to one of its ``members`` here, or in a cluster to a member on another node if none is
-        here."""
+        here. ``pool``: as in ``deliver_shared``."""
         if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
             self.stats.messages_expired += 1
             return 0
-        return self._to_group(message, share, members)
+        return self._to_group(message, share, members, pool)
 
-    def _to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None) -> int:
-        count = self.deliver_shared(message, share, members) if members else 0
+    def _to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
+                  pool: list[Subscription] | None = None) -> int:
+        count = self.deliver_shared(message, share, members, pool) if members else 0
         if not count and self.forwarding is not None and not message.topic.startswith("$SYS/"):
             count = self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)
         return count
@@ -246,13 +248,9 @@ class Delivery:
         thousands of messages held the reactor for seconds)."""
         pools: dict[tuple[tuple[str, str], str], list[Subscription]] = {}
         members: dict[tuple[str, str], list[Subscription]] = {}
-        now = self.clock.seconds()
         for item in items:
             share, message = item.share, item.message
             assert share is not None
-            if message.expired(now):  # queued, it expired meanwhile [MQTT-3.3.2-5]
-                self.stats.messages_expired += 1
-                continue
             group = members.get(share)
             if group is None:
                 group = members[share] = members_of(*share)
@@ -260,9 +258,7 @@ class Delivery:
             pool = pools.get(key)
             if pool is None:
                 pool = pools[key] = self.shared_pool(message.topic, group)
-            if not (group and self.deliver_shared(message, share, group, pool)) and self.forwarding is not None \
-                    and not message.topic.startswith("$SYS/"):
-                self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)
+            self.hand_on(message, share, group, pool)
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,
                 subscription_ids: tuple[int, ...] = (), share: tuple[str, str] | None = None) -> None:
