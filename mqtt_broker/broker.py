@@ -674,7 +674,7 @@ class BrokerService(MultiService):
         Handling option says [MQTT-3.3.1-9..11]; with ``replay``, first the logged messages it
         asks for (see mqtt_broker.history), and no retained message that was among them."""
         delivery = self.delivery
-        if delivery.full(session, 0) and delivery.full(session, subscription.qos):
+        if delivery.full(session, subscription.qos):
             return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
         replaying = replay is not None and self.history is not None and subscription.share_group is None
         retained = [] if subscription.share_group is not None or subscription.retain_handling == 2 or (
@@ -698,7 +698,7 @@ class BrokerService(MultiService):
                 replayed.add(message.topic)
                 delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
         for index, message in enumerate(retained):
-            if delivery.full(session, 0) and delivery.full(session, subscription.qos):
+            if delivery.full(session, subscription.qos):
                 delivery.drop(session, len(retained) - index)  # what is left could only be dropped (or skipped)
                 return
             if message.expired(now):

@@ -302,19 +302,23 @@ class Delivery:
                      client_id=session.client_id, dropped=session.dropped)
 
     def full(self, session: Session, qos: int) -> bool:
-        """Whether ``deliver`` would drop any message of ``qos`` for the session now, whatever its
-        size: a long run of deliveries (the retained messages of a SUBSCRIBE) stops there rather
-        than drop them one by one, holding up the reactor."""
+        """Whether ``deliver`` would drop every message, whatever its size, that a subscription of
+        ``qos`` sends the session now (each at QoS 0 up to ``qos``): a long run of deliveries (the
+        retained messages of a SUBSCRIBE) stops there rather than drop them one by one, holding up
+        the reactor."""
         config = self.config
         connection = session.connection
-        if connection is None:
-            if not qos and not config.queue_qos0_messages:
-                return True
-        elif connection.pending_bytes < config.max_held_bytes and not session.queue and not session.spilled:
+        if connection is not None and connection.pending_bytes < config.max_held_bytes and not session.queue \
+                and not session.spilled:
             return False
-        if qos and self.store is not None:
+        queue_full = bool(config.max_queued_messages) and len(session.queue) >= config.max_queued_messages
+        if not queue_full and (connection is not None or config.queue_qos0_messages):
+            return False  # QoS 0 would be queued
+        if not qos:
+            return True
+        if self.store is not None:
             return bool(config.max_stored_messages) and session.spilled >= config.max_stored_messages
-        return bool(config.max_queued_messages) and len(session.queue) >= config.max_queued_messages
+        return queue_full
 
     def drop(self, session: Session, count: int) -> None:
         """``count`` messages dropped for the session at once (see ``full``)."""
