@@ -297,9 +297,7 @@ class Delivery:
             return
         message.refused += 1
         self.stats.messages_dropped += 1
-        if session.dropped == 1 or session.dropped % 1000 == 0:
-            log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
-                     client_id=session.client_id, dropped=session.dropped)
+        self._warn_full(session, 1)  # (session.dropped counted above)
 
     def full(self, session: Session, qos: int) -> bool:
         """Whether ``deliver`` would drop every message, whatever its size, that a subscription of
@@ -323,9 +321,13 @@ class Delivery:
     def drop(self, session: Session, count: int) -> None:
         """``count`` messages dropped for the session at once (see ``full``)."""
         self.stats.messages_dropped += count
-        before = session.dropped
         session.dropped += count
-        if not before or before // 1000 != session.dropped // 1000:
+        self._warn_full(session, count)
+
+    @staticmethod
+    def _warn_full(session: Session, count: int) -> None:
+        """A warning for the first message dropped for a session, then one per thousand."""
+        if session.dropped == count or session.dropped // 1000 != (session.dropped - count) // 1000:
             log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
                      client_id=session.client_id, dropped=session.dropped)
 
