@@ -516,7 +516,7 @@ class BrokerService(MultiService):
         routed ($SYS values, the admin API's publish, a bridge's state)."""
         if self._stopped:
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
-        if not getattr(self.store, "opened", True):  # (a file the start opens: written to before, it jammed)
+        if self.store is not None and not self.store.opened:  # (a file the start opens: written to before, it jammed)
             raise RuntimeError("the broker is not started: its store is not open yet")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")

@@ -81,6 +81,8 @@ class RedisStore:
     """``RedisStore(redis, node, reactor)``: the Store protocol, plus what the cluster records
     through it (messages for other nodes, routes, claims)."""
 
+    opened = True
+
     def __init__(self, redis: Redis, node: str, reactor: Any, inbox_maxlen: int = 1_000_000) -> None:
         self._retained_pending: dict[str, int] = {}
         """Topics this node set or deleted, with how many of those changes have not come back on

@@ -65,6 +65,10 @@ class Store(Protocol):
     Deferreds firing); the broker sets it so that the acknowledgements a batch releases are
     gathered and sent in one write per connection. By default it just calls ``function``."""
 
+    @property
+    def opened(self) -> bool:
+        """Whether changes can be recorded yet (SQLite's file is opened by ``load``)."""
+
     def load(self, window: int = 0) -> Snapshot:
         """Open the store and read it (blocking, at start-up). Of each session's queued
         messages only the first ``window`` (0: all) are read; the rest are counted in

@@ -21,6 +21,7 @@ class MemoryStore:
     generation = 0
     """Never changes: every change is kept as it is recorded."""
     gather = staticmethod(call)
+    opened = True
 
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[Session, float | None]] = {}
