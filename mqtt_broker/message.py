@@ -93,6 +93,7 @@ def unsendable(message: Message, own: bool = False) -> str | None:
     import struct
 
     from .topics import valid_topic_name
+    from .wire.codec import MAX_REMAINING_LENGTH
     from .wire.codes import MQTTError
     from .wire.packets import PUBLISH
     from .wire.properties import decode_properties, encode_properties
@@ -107,13 +108,19 @@ def unsendable(message: Message, own: bool = False) -> str | None:
     if "topic_alias" in properties or "subscription_identifier" in properties:
         return "a topic alias or subscription identifier, which each connection sets"
     try:
-        topic.encode()  # (a str may hold a lone surrogate, which no MQTT string may [MQTT-1.5.4-1])
+        size = len(topic.encode())  # (a str may hold a lone surrogate, which no MQTT string may [MQTT-1.5.4-1])
+        encoded = encode_properties(properties)
         if properties:
-            decode_properties(encode_properties(properties), 0, PUBLISH)
+            decode_properties(encoded, 0, PUBLISH)
     except UnicodeEncodeError:
         return f"the topic name {topic!r}, which no UTF-8 can carry"
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError, struct.error, MQTTError) as e:
         return f"its properties {dict(properties)!r} ({e!r})"
+    # What follows the fixed header of the largest PUBLISH it goes as (MQTT 5's, with the
+    # properties), which four bytes of Remaining Length must count [MQTT-1.5.5].
+    size += 2 + (2 if message.qos else 0) + len(encoded) + len(message.payload)
+    if size > MAX_REMAINING_LENGTH:
+        return f"{size} bytes after the fixed header of its PUBLISH, more than MQTT's {MAX_REMAINING_LENGTH}"
     return None
 
 

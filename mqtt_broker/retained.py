@@ -94,6 +94,20 @@ class RetainedMessages:
         _match(self._root, topic_filter.split("/"), 0, found)
         return found
 
+    def topics(self, limit: int) -> list[str]:
+        """The first ``limit`` topics, ordered level by level, without walking the others (the
+        admin API's topic tree is a page of what may be a hundred thousand)."""
+        found: list[str] = []
+        stack: list[tuple[str | None, _Level]] = [(None, self._root)]
+        while stack and len(found) < limit:
+            topic, node = stack.pop()
+            if topic is not None and node.message is not None:
+                found.append(topic)
+            children = node.children
+            stack.extend([(name if topic is None else f"{topic}/{name}", children[name])
+                          for name in sorted(children, reverse=True)])
+        return found
+
     def __iter__(self) -> Iterator[Message]:
         stack = [self._root]
         while stack:

@@ -23,7 +23,7 @@ import dataclasses
 import json
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -371,18 +371,24 @@ class ApiResource(Resource):
     def _list_subscriptions(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         client_id = str_arg(request, "client_id")
         query = str_arg(request, "q")
-        items = sorted((s for s in self.broker.subscriptions
-                        if (client_id is None or s.client_id == client_id) and (query is None or query in s.topic_filter)),
+        if client_id is None:
+            subscriptions: Iterable[Subscription] = self.broker.subscriptions
+        else:  # (the dashboard asks for its selected client's every 2 s: not a walk of every one)
+            session = self.broker.sessions.get(client_id)
+            subscriptions = session.subscriptions.values() if session is not None else ()
+        items = sorted((s for s in subscriptions if query is None or query in s.topic_filter),
                        key=lambda s: (s.client_id, s.topic_filter))
         return 200, page(request, items, subscription_json)
 
     def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         limit = int_arg(request, "limit", 1000, 1, 10_000)
         recent = list(self.broker.subscriptions.recent)[-limit:]
-        retained = {m.topic for m in self.broker.retained}
+        retained = self.broker.retained
         names = set(recent)
-        topics = [(t, True, t in retained) for t in recent]
-        topics += [(t, False, True) for t in sorted(retained) if t not in names][:max(0, limit - len(topics))]
+        topics = [(t, True, retained.get(t) is not None) for t in recent]
+        room = limit - len(topics)
+        if room > 0:
+            topics += [(t, False, True) for t in retained.topics(room + len(names)) if t not in names][:room]
         return 200, {"count": len(topics), "tree": topic_tree(topics)}
 
     def _list_retained(self, request: Request, key_id: str | None) -> tuple[int, Any]:
@@ -438,7 +444,10 @@ class ApiResource(Resource):
             raise ApiError(400, "retained messages are turned off (retain_available)")
         log.info("admin API: key {key} publishes {size} bytes to {topic}", key=key_id, size=len(payload), topic=topic)
         # Answered once routed (the store logs a failure to write it, and writes it once it can).
-        self.broker.route_own(topic, payload, qos=qos, retain=retain)
+        try:
+            self.broker.route_own(topic, payload, qos=qos, retain=retain)
+        except ValueError as e:  # (one too large for any PUBLISH, say)
+            raise ApiError(400, str(e)) from None
         return 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
 
     # --- the cluster ------------------------------------------------------------------------------

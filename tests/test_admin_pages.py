@@ -1,0 +1,125 @@
+"""The admin API in this process (its resource rendered with DummyRequest on a MemoryReactor
+broker): what the dashboard polls on a large broker, a publish no MQTT packet can carry, and the
+document's schemas against the real answers."""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from protocol_helpers import connected, make_broker
+from twisted.web.test.requesthelper import DummyRequest
+
+from mqtt_broker import BrokerService, Message, Subscription
+from mqtt_broker.admin.api import OPENAPI, ApiResource
+from mqtt_broker.admin.keys import hash_key
+from mqtt_broker.session import Session
+from mqtt_broker.wire.codec import MAX_REMAINING_LENGTH
+
+KEY = "pages-key"
+
+
+def started(**settings: Any) -> tuple[BrokerService, ApiResource]:
+    broker = make_broker(http_api_keys=[hash_key(KEY)], sys_interval=0, **settings)
+    broker.startService()
+    return broker, ApiResource(broker, broker.operations)
+
+
+def call(api: ApiResource, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+    url = urlsplit(path)
+    request = DummyRequest([b""])
+    request.method = method.encode()
+    request.path = url.path.encode()
+    request.args = {k.encode(): [v.encode() for v in vs] for k, vs in parse_qs(url.query).items()}
+    request.content = BytesIO(body)
+    request.requestHeaders.addRawHeader(b"authorization", f"Bearer {KEY}".encode())
+    answer = api.render(request)
+    assert isinstance(answer, bytes)
+    return request.responseCode or 200, json.loads(answer) if answer else None
+
+
+class Unwalkable:
+    """A stand-in for a collection of the broker that answers everything but a walk of all it holds."""
+
+    def __init__(self, held: Any) -> None:
+        self._held = held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._held, name)
+
+    def __iter__(self) -> Any:
+        raise AssertionError("walked every item to answer a page")
+
+
+# --- a publish too large for any PUBLISH -------------------------------------------------------------
+
+def test_a_publish_no_packet_can_carry_is_refused_before_it_is_routed() -> None:
+    """Four bytes of Remaining Length count at most 268,435,455 bytes [MQTT-1.5.5]: a larger
+    PUBLISH would be sent with a fifth, which every client takes for a malformed packet (and a
+    retained one would be sent so to every later subscriber)."""
+    broker, _ = started()
+    # topic length (2) + "big/t" (5) + property length (1) + payload
+    fits = b"x" * (MAX_REMAINING_LENGTH - 8)
+    broker.publish("big/t", fits, retain=True)
+    assert broker.retained.get("big/t") is not None
+    with pytest.raises(ValueError, match="268435456 bytes after the fixed header of its PUBLISH"):
+        broker.publish("big/t", fits + b"y", retain=True)
+    retained = broker.retained.get("big/t")
+    assert retained is not None and len(retained.payload) == len(fits)
+
+
+def test_admin_publish_of_a_message_no_packet_can_carry_is_400() -> None:
+    broker, api = started(http_max_body_size=MAX_REMAINING_LENGTH + 100)
+    subscriber = connected(broker, "big-sub")
+    subscriber.subscribe("big/#")
+    body = b'{"topic": "big/t", "retain": true, "payload": "' + b"a" * (MAX_REMAINING_LENGTH - 6) + b'"}'
+    status, answer = call(api, "POST", "/api/v1/publish", body)
+    del body
+    assert status == 400 and "more than MQTT's 268435455" in answer["error"], answer
+    assert subscriber.received() == [] and broker.retained.get("big/t") is None
+
+
+# --- the dashboard's polls --------------------------------------------------------------------
+
+def test_one_clients_subscriptions_are_listed_from_its_session() -> None:
+    """The dashboard asks for its selected client's subscriptions every two seconds: a walk of
+    every subscription of the broker (a hundred thousand clients) held the reactor each time."""
+    broker, api = started()
+    for n in range(3):
+        session = broker.sessions[f"c{n}"] = Session(f"c{n}")
+        for topic_filter in ("b/#", "a/+"):
+            broker.subscribe(session, Subscription(client_id=f"c{n}", topic_filter=topic_filter, qos=1))
+    broker.subscriptions = Unwalkable(broker.subscriptions)  # type: ignore[assignment]
+    status, answer = call(api, "GET", "/api/v1/subscriptions?client_id=c1&q=%2B")
+    assert status == 200 and [(s["client_id"], s["topic_filter"]) for s in answer["items"]] == [("c1", "a/+")]
+    status, answer = call(api, "GET", "/api/v1/subscriptions?client_id=nobody")
+    assert (status, answer["total"]) == (200, 0)
+
+
+def test_the_topic_tree_takes_the_first_retained_topics_without_walking_them_all() -> None:
+    broker, api = started()
+    for topic in ("z/1", "a/b/c", "a/b", "m", "a/a", "/lead"):
+        broker.retained.store(Message(topic=topic, payload=b"on", retain=True))
+    broker.subscriptions.recent["m"] = None  # (routed lately, and retained)
+    broker.retained = Unwalkable(broker.retained)  # type: ignore[assignment]
+    status, answer = call(api, "GET", "/api/v1/topics?limit=4")
+    assert status == 200 and answer["count"] == 4
+
+    def leaves(node: dict[str, Any]) -> list[tuple[str, bool, bool]]:
+        here = [(node["topic"], node["recent"], node["retained"])] if node["topic"] is not None else []
+        return here + [leaf for child in node.get("children", ()) for leaf in leaves(child)]
+    assert sorted(leaves(answer["tree"])) == [("/lead", False, True), ("a/a", False, True), ("a/b", False, True),
+                                               ("m", True, True)]
+
+
+# --- the document -------------------------------------------------------------------------------
+
+def test_the_stats_schema_names_every_field_of_the_answer() -> None:
+    schema = json.loads(OPENAPI.read_text())["components"]["schemas"]["Stats"]
+    _, api = started()
+    status, answer = call(api, "GET", "/api/v1/stats")
+    assert status == 200
+    assert sorted(set(answer) - set(schema["properties"])) == []
