@@ -163,7 +163,7 @@ class Delivery:
         held = dict(groups)
         # (Routed just now, on another node's clock: not checked for expiry here, or every message
         # of interval 0 would be dropped.)
-        return sum([self._to_group(message, share, held.get(share)) for share in shares])
+        return sum([self.to_group(message, share, held.get(share)) for share in shares])
 
     def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
                 pool: list[Subscription] | None = None) -> int:
@@ -173,24 +173,43 @@ class Delivery:
         if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
             self.stats.messages_expired += 1
             return 0
-        return self._to_group(message, share, members, pool)
+        return self.to_group(message, share, members, pool)
 
-    def _to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
-                  pool: list[Subscription] | None = None) -> int:
-        count = self.deliver_shared(message, share, members, pool) if members else 0
-        if not count and self.forwarding is not None and not message.topic.startswith("$SYS/"):
-            count = self.forwarding.hand_on(message, share)  # ($SYS: each node's stays its own)
-        return count
+    def to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
+                 pool: list[Subscription] | None = None) -> int:
+        """A message for a shared subscription's group, whose ``members`` here are these: to one
+        of them, or in a cluster to a member on another node if none here may have it, or if
+        those here are all offline and another node has one connected (connected members
+        first, as on one broker). ``pool``: as in ``deliver_shared``."""
+        if pool is None:
+            pool = self.shared_pool(message.topic, members) if members else []
+        forwarding = self.forwarding
+        if forwarding is None or message.topic.startswith("$SYS/"):  # ($SYS: each node's stays its own)
+            return self.deliver_shared(message, share, pool, pool) if pool else 0  # (the pool, chosen from)
+        if not pool:
+            return forwarding.hand_on(message, share)
+        if self.sessions[pool[0].client_id].connection is None and forwarding.hand_on(message, share, awake_only=True):
+            return 1
+        return self.deliver_shared(message, share, pool, pool)
 
-    def handed(self, message: Message, shares: tuple[tuple[str, str], ...]) -> int:
-        """A message that another node's last member of these shared subscriptions left
-        unfinished: to a member of each here (if none is left either, it is dropped). (Its expiry
-        was checked where it waited: on this node's clock, one handed on just after it was routed
-        there, with an interval of 0, would be taken for expired.)"""
-        groups = [(share, members) for share, members in self.subscriptions.match(message.topic)[1] if share in shares]
+    def handed(self, message: Message, shares: tuple[tuple[str, str], ...], again: bool = False) -> int:
+        """A message that another node had no member of these shared subscriptions for (its last
+        one left it unfinished, say): to a member of each here. If none here may have it (none is
+        left, or the ACL lets none read it), it is handed on once more, to another node, unless
+        it was so ``again`` already; otherwise it is dropped. (Its expiry was checked where it
+        waited: on this node's clock, one handed on just after it was routed there, with an
+        interval of 0, would be taken for expired.)"""
+        held = dict(self.subscriptions.match(message.topic)[1])
         if self.routing_waits_for_store:
-            self._wait_for_store((), groups)
-        return sum([self.deliver_shared(message, share, members) for share, members in groups])
+            self._wait_for_store((), [(share, held[share]) for share in shares if share in held])
+        count = 0
+        for share in shares:
+            members = held.get(share)
+            done = self.deliver_shared(message, share, members) if members else 0
+            if not done and not again and self.forwarding is not None:
+                done = self.forwarding.hand_on(message, share, again=True)
+            count += done
+        return count
 
     def _wait_for_store(self, by_client: Any, groups: Any) -> None:
         """Every connection that may be sent the message being routed waits for the store. (Not

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from mqtt_broker import BrokerService
-from mqtt_broker.cluster.codec import FORWARDED, HANDED, unpack_records
+from mqtt_broker.cluster.codec import FORWARDED, HANDED, HANDED_AGAIN, unpack_records
 from mqtt_broker.cluster.forwarding import ClusterStats, Forwarding
 from mqtt_broker.message import Message
 from mqtt_broker.topics import Subscription, SubscriptionTree
@@ -273,10 +273,13 @@ def test_a_message_chosen_for_a_group_whose_members_here_left_goes_to_a_member_e
     assert target == "c" and unpack_records(record)[0][0::2] == (HANDED, (SHARE,))
 
 
-def test_a_message_handed_on_goes_no_further_when_no_member_is_here_either() -> None:
+def test_a_message_handed_on_goes_on_once_more_at_most_when_no_member_is_here_either() -> None:
     broker, forwarding = node_broker()
     forwarding.add_route("c", "$share/g/t")
-    assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 0
+    assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
+    [(target, [record])] = taken(forwarding).items()
+    assert target == "c" and unpack_records(record)[0][0::2] == (HANDED_AGAIN, (SHARE,))
+    assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,), again=True) == 0
     assert taken(forwarding) == {}  # no message goes round between stale routes
 
 

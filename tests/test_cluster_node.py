@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -17,7 +18,7 @@ from twisted.logger import capturedLogs
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.cluster.codec import (
-    pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
+    HANDED, HANDED_AGAIN, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
@@ -1485,3 +1486,98 @@ def test_a_restarted_node_does_not_queue_again_a_message_its_session_has(server:
         if second is not None:
             yield second.stopService()
         yield link.close()
+
+
+# --- shared subscriptions whose members here may not have a message ----------------------------------
+
+def inbox(server: RedisServer, node: str) -> list[tuple[int, bytes, tuple[tuple[str, str], ...]]]:
+    """(kind, payload, shares) of every record in the node's inbox."""
+    return [(kind, message.payload, shares) for _, fields in server.client().xrange(f"mqtt:inbox:{node}")
+            for kind, message, shares in unpack_records(fields[b"d"])]
+
+
+def shared_member(broker: BrokerService, client_id: str, topic_filter: str, **fields: Any) -> Any:
+    return subscribed(broker, client_id, topic_filter, 1, **fields)
+
+
+@inlineCallbacks
+def subscribed(broker: BrokerService, client_id: str, topic_filter: str, qos: int, **fields: Any) -> Any:
+    client = yield connect(broker, 5, client_id=client_id, **fields)
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=topic_filter, qos=qos),)))
+    yield broker.store.flushed()
+    assert Suback in map(type, client.received())
+    return client
+
+
+SHARE = ("g", "$share/g/t/+")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_shared_message_no_member_here_may_read_goes_to_the_groups_other_node(
+        server: RedisServer, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """The publisher and a member of $share/g/t/+ are on node a, another member on node b: a
+    chooses between the two nodes in turn. The member here may not read t/secret (the ACL): what
+    a chose itself for goes to b too, as one broker gives it to the member that may read it."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write #\ntopic read t/open\n")
+    broker = yield node_a(server, acl_file=str(acl))
+    try:
+        broker.cluster.forwarding.add_route("b", SHARE[1])
+        member = yield shared_member(broker, "m", SHARE[1])
+        publisher = yield connect(broker, 5, client_id="p")
+        publisher.send(*[Publish(topic="t/secret", payload=b"%d" % n, qos=1, packet_id=n + 1) for n in range(4)])
+        yield until(lambda: len(inbox(server, "b")) >= 4, "the four messages in b's inbox")
+        assert sorted(payload for _, payload, _ in inbox(server, "b")) == [b"0", b"1", b"2", b"3"]
+        assert not [p for p in member.received() if isinstance(p, Publish)]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_handed_message_no_member_here_may_read_is_handed_on_once_more(
+        server: RedisServer, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """Another node's last member of $share/g/t/+ left a message unfinished and that node handed
+    it to a, whose member may not read it: a hands it on once more, to the group's member on c.
+    One handed on so already is dropped, not sent round the nodes."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write #\ntopic read t/open\n")
+    broker = yield node_a(server, acl_file=str(acl))
+    try:
+        broker.cluster.forwarding.add_route("c", SHARE[1])
+        member = yield shared_member(broker, "m", SHARE[1])
+        records = [pack_forwarded(Message(topic="t/secret", payload=payload, qos=1), (SHARE,), 0.0, kind)
+                   for payload, kind in ((b"again", HANDED_AGAIN), (b"handed", HANDED))]
+        server.client().xadd("mqtt:inbox:a", {"d": b"".join(records)})  # (one entry: handled at once)
+        yield until(lambda: inbox(server, "c"), "a record in c's inbox")
+        assert inbox(server, "c") == [(HANDED_AGAIN, b"handed", (SHARE,))]
+        assert not [p for p in member.received() if isinstance(p, Publish)]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_leaving_members_messages_go_to_a_connected_member_elsewhere_before_an_offline_one_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node a holds two members of $share/g/t/+, one offline (its session kept) and one whose
+    connection ends with QoS 1 messages it did not acknowledge; node b has one connected. As on
+    one broker, connected members come first: those messages go to b, not to the offline one."""
+    broker = yield node_a(server)
+    try:
+        broker.cluster.forwarding.add_route("b", SHARE[1])
+        offline = yield shared_member(broker, "off", SHARE[1], clean_start=False,
+                                      properties={"session_expiry_interval": 600})
+        offline.lose()
+        leaving = yield shared_member(broker, "leaving", SHARE[1])
+        publisher = yield connect(broker, 5, client_id="p")
+        publisher.send(*[Publish(topic="t/1", payload=b"%d" % n, qos=1, packet_id=n + 1) for n in range(4)])
+        yield until(lambda: len(inbox(server, "b")) >= 2, "b's turns in its inbox")
+        unfinished: list[Publish] = []
+        assert received(leaving, unfinished)
+        leaving.lose()
+        yield until(lambda: len(inbox(server, "b")) >= 4, "the unfinished messages in b's inbox too")
+        assert sorted(payload for _, payload, _ in inbox(server, "b")) == [b"0", b"1", b"2", b"3"]
+        assert sorted(payload for kind, payload, _ in inbox(server, "b") if kind == HANDED) == sorted(
+            p.payload for p in unfinished)
+        assert not broker.sessions["off"].queue
+    finally:
+        yield broker.stopService()

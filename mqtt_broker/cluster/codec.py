@@ -25,6 +25,9 @@ from ..wire import MQTT_5, decode_publish, publish_template
 FORWARDED: Final = 0
 TARGETED: Final = 1
 HANDED: Final = 2
+HANDED_AGAIN: Final = 3
+"""A HANDED message that the node it was handed to had no member for that may have it (the ACL
+lets none read it, or none is left): handed on once more, and not a third time."""
 
 _EXPIRING: Final = 0x80
 """Set in the kind of a FORWARDED or HANDED record whose message expires: the clock time it
@@ -133,7 +136,7 @@ def unpack_records(data: bytes) -> list[Record]:
     pos, end = 0, len(data)
     while pos < end:
         kind = data[pos] & ~_EXPIRING
-        if kind == FORWARDED or kind == HANDED:
+        if kind == FORWARDED or kind == HANDED or kind == HANDED_AGAIN:
             size = data[pos + 1]
             cluster_id = data[pos + 2:pos + 2 + size] or None
             expires_at: float | None = None
@@ -215,4 +218,5 @@ def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
 
 __all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records",
            "pack_queued", "unpack_queued", "pack_subscription", "unpack_subscription", "pack_will",
-           "unpack_will", "pack_retained", "unpack_retained", "FORWARDED", "TARGETED", "HANDED"]
+           "unpack_will", "pack_retained", "unpack_retained", "FORWARDED", "TARGETED", "HANDED",
+           "HANDED_AGAIN"]
