@@ -1,6 +1,7 @@
 """Sphinx configuration: ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
 
-Only ``docs/_ext`` goes on ``sys.path``: the package documented is the installed one.
+The package documented is the source beside the docs, not the one installed: compiled with
+mypyc, its classes keep neither their docstrings nor their signatures.
 """
 
 from __future__ import annotations
@@ -8,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import mqtt_broker
-
 here = Path(__file__).parent
-sys.path.insert(0, str(here / "_ext"))
+sys.path[:0] = [str(here.parent), str(here / "_ext")]
+
+import mqtt_broker  # noqa: E402  (from the source, above)
 
 project = "mqtt_broker"
 copyright = "the mqtt_broker authors"

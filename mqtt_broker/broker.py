@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -518,9 +518,14 @@ class BrokerService(MultiService):
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
         if self.store is not None and not self.store.opened:  # (a file the start opens: written to before, it jammed)
             raise RuntimeError("the broker is not started: its store is not open yet")
+        # (Compiled, Message checks the types of what it is given, and raises TypeError.)
+        if not (isinstance(topic, str) and type(qos) is int and retain in (True, False)
+                and isinstance(payload, (bytes, str)) and isinstance(properties, Mapping)):
+            raise ValueError(f"no PUBLISH can carry this message: topic {topic!r}, QoS {qos!r}, retain {retain!r}, "
+                             f"a {type(payload).__name__} payload, properties {properties!r}")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        message = Message(topic=topic, payload=payload, qos=qos, retain=retain, properties=properties)
+        message = Message(topic=topic, payload=payload, qos=qos, retain=bool(retain), properties=properties)
         # Checked before routing, which would otherwise fail for some subscribers, and keep a
         # retained message that fails each SUBSCRIBE after.
         problem = unsendable(message, own=True)

@@ -101,7 +101,7 @@ def unsendable(message: Message, own: bool = False) -> str | None:
     topic, properties = message.topic, message.properties
     if not isinstance(message.payload, bytes):
         return f"its payload is {type(message.payload).__name__}, not bytes"
-    if message.qos not in (0, 1, 2):
+    if type(message.qos) is not int or message.qos not in (0, 1, 2):
         return f"QoS {message.qos!r}"
     if not valid_topic_name(topic) or "\x00" in topic or (topic.startswith("$SYS") and not own):
         return f"the topic name {topic!r}"

@@ -1770,6 +1770,22 @@ def test_the_broker_publishes_only_properties_a_publish_can_carry(properties: di
     assert [p.payload for p in connected(broker, "late", version=5).subscribe("t") if isinstance(p, Publish)] == [b"fine"]
 
 
+@pytest.mark.parametrize("arguments", [
+    {"topic": None}, {"qos": None}, {"qos": "1"}, {"qos": 1.0}, {"qos": True}, {"retain": "yes"},
+    {"payload": bytearray(b"x")}, {"payload": None}, {"properties": None},
+])
+def test_the_broker_publishes_only_what_its_types_allow(arguments: dict[str, Any]) -> None:
+    """ValueError as documented, in either build: compiled, Message raised TypeError for these
+    first; pure, a QoS of 1.0 was taken, kept retained, and failed every SUBSCRIBE after."""
+    broker = make_broker()
+    with pytest.raises(ValueError, match="no PUBLISH can carry"):
+        broker.publish(**{"topic": "t", "payload": b"x", "retain": True, **arguments})
+    assert not broker.retained.get("t")
+    broker.publish("t", b"kept", qos=1, retain=1)  # type: ignore[arg-type]  # (0 and 1 are flags too)
+    retained = broker.retained.get("t")
+    assert retained is not None and retained.retain is True
+
+
 def test_the_broker_publishes_only_to_a_topic_an_mqtt_string_can_carry() -> None:
     """A str may hold a lone surrogate; no MQTT string may [MQTT-1.5.4-1]. Kept retained, such a
     topic failed every SUBSCRIBE matching it, with an unhandled error in that connection."""
