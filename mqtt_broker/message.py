@@ -92,7 +92,7 @@ def unsendable(message: Message, own: bool = False) -> str | None:
     ``own``: the broker's own, which may go to $SYS."""
     import struct
 
-    from .topics import valid_topic_name
+    from .topics import reserved, valid_topic_name
     from .wire.codec import MAX_REMAINING_LENGTH
     from .wire.codes import MQTTError
     from .wire.packets import PUBLISH
@@ -103,7 +103,7 @@ def unsendable(message: Message, own: bool = False) -> str | None:
         return f"its payload is {type(message.payload).__name__}, not bytes"
     if type(message.qos) is not int or message.qos not in (0, 1, 2):
         return f"QoS {message.qos!r}"
-    if not valid_topic_name(topic) or "\x00" in topic or (topic.startswith("$SYS") and not own):
+    if not valid_topic_name(topic) or "\x00" in topic or (reserved(topic) and not (own and topic.startswith("$SYS"))):
         return f"the topic name {topic!r}"
     if "topic_alias" in properties or "subscription_identifier" in properties:
         return "a topic alias or subscription identifier, which each connection sets"

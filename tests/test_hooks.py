@@ -3,6 +3,7 @@ clients see of them in a running broker."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import pytest
@@ -15,7 +16,7 @@ from mqtt_broker.message import Client, Message
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
-    MQTT_3_1_1, Connack, Connect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will,
+    MQTT_3_1_1, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will,
 )
 from mqtt_broker.wire.codes import ReasonCode
 
@@ -761,3 +762,75 @@ def test_a_will_hook_the_stop_calls_is_not_waited_for_past_the_stop() -> None:
     assert not broker.reactor.getDelayedCalls()
     assert all(d.called for d in pending)  # (cancelled)
     assert not broker.service.sessions["watcher"].queue
+
+
+# --- what a publish or will hook makes, checked as a PUBLISH ------------------------------------
+
+def _add_unknown_property(client: Client, message: Message) -> None:
+    """A change in place that no PUBLISH can carry."""
+    message.properties["no_such"] = 1  # type: ignore[index]
+
+
+def test_a_property_added_in_place_that_cannot_be_sent_is_refused_not_an_internal_error() -> None:
+    """Not checked, it was routed, and encoding it for the MQTT 5 subscriber failed: the publisher
+    was disconnected (0x83), and sent it again on reconnecting, to be disconnected again."""
+    broker = MemoryBroker()
+    subscriber = broker.connect("sub")
+    subscriber.subscribe("t", qos=1)
+    pending: list[Deferred[None]] = []
+
+    def hook(client: Client, message: Message) -> Deferred[None]:
+        _add_unknown_property(client, message)
+        pending.append(Deferred())
+        return pending[-1]
+
+    broker.hooks.on_publish(hook)
+    publisher = broker.connect("pub")
+    with capturedLogs():
+        assert publisher.publish("t", b"x", qos=1, properties={"user_property": [("k", "v")]}) is None
+        pending[0].callback(None)
+        answers = publisher.received()
+    assert not any(isinstance(p, Disconnect) for p in answers), answers
+    assert answers == [Puback(packet_id=1, reason_code=ReasonCode.UNSPECIFIED_ERROR)]
+    assert not publisher.closed
+    assert subscriber.messages() == []
+
+
+def test_a_property_added_in_place_does_not_leave_a_retained_message_no_subscriber_can_get() -> None:
+    """Kept retained, it failed every SUBSCRIBE that matched it."""
+    broker = MemoryBroker()
+    broker.hooks.on_publish(_add_unknown_property)
+    publisher = broker.connect("pub")
+    with capturedLogs():
+        answer = publisher.publish("t", b"x", qos=1, retain=True, properties={"user_property": [("k", "v")]})
+    assert answer is not None and answer.reason_code == ReasonCode.UNSPECIFIED_ERROR, answer
+    assert broker.service.retained.get("t") is None
+    subscriber = broker.connect("sub")
+    try:
+        suback = subscriber.subscribe("t", qos=1)
+    except KeyError as e:  # (the memory transport hands the exception back; TCP closes the connection)
+        raise AssertionError(f"subscribing to the topic fails: {e!r}") from e
+    assert suback is not None and suback.reason_codes == (1,)
+    assert not subscriber.closed
+
+
+def test_a_publish_hook_rewriting_to_a_share_topic_is_refused_as_a_clients_publish_is() -> None:
+    """Retained, it was kept under a topic no subscription can match."""
+    broker = MemoryBroker()
+    broker.hooks.on_publish(lambda client, message: dataclasses.replace(message, topic="$share/g/t"))
+    publisher = broker.connect("pub")
+    with capturedLogs():
+        answer = publisher.publish("x", b"v", qos=1, retain=True)
+    assert answer is not None and answer.reason_code == ReasonCode.UNSPECIFIED_ERROR, answer
+    assert broker.service.retained.get("$share/g/t") is None
+
+
+def test_a_will_hook_rewriting_to_a_share_topic_publishes_nothing() -> None:
+    broker = MemoryBroker()
+    broker.hooks.on_will(lambda client, message: dataclasses.replace(message, topic="$share/g/w"))
+    client = broker.connect("c", will=Will(topic="w", payload=b"gone", retain=True))
+    with capturedLogs():
+        client.drop()
+    stats: Any = broker.service.stats
+    assert broker.service.retained.get("$share/g/w") is None
+    assert stats.wills_published == 0
