@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
-from .connect import negotiate
+from .connect import NEVER, negotiate
 from .delivery import Delivery
 from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
 from .lifecycle import State
@@ -250,9 +250,8 @@ class Connecting:
         properties = terms.connack_properties
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}
-        # Only a small limit can be below a CONNACK that accepts (its properties are the broker's
-        # few: no reason string, no user property): the common case encodes it once.
-        if self.max_send_size < 65536 and not self._connack_fits(properties):
+        # (Without a limit, the common case, it is encoded once.)
+        if self.max_send_size < NEVER and not self._connack_fits(properties):
             return
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored
@@ -326,9 +325,6 @@ class Connecting:
     def _send_connack(self, present: bool, properties: Properties) -> None:
         """The CONNACK that accepts the connection, written without building a Connack."""
         data = self.broker.connack.encode(present, properties, self.version)
-        if len(data) > self.max_send_size:  # (a large limit, and a huge authentication method)
-            self.send(Connack(session_present=present, properties=properties))
-            return
         self.stats.control_packets_sent += 1
         self.write(data)
 

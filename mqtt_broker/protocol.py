@@ -41,7 +41,7 @@ from .store import StoreError
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES, Auth, Connack, Connect, Disconnect, FrameReader,
     MQTTError, Packet, Pingreq, Pingresp, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel,
-    ReasonCode, Suback, Subscribe, Unsuback, Unsubscribe, UnsupportedProtocolVersion, encode,
+    ReasonCode, Subscribe, Unsubscribe, UnsupportedProtocolVersion, encode,
     publish_template,
 )
 
@@ -531,11 +531,13 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                 properties = {k: v for k, v in packet.properties.items()  # type: ignore[union-attr]
                               if k not in ("reason_string", "user_property")}
                 data = encode(dataclasses.replace(packet, properties=properties), self.version)  # type: ignore[type-var, arg-type]
-            if len(data) > self.max_send_size and isinstance(packet, (Suback, Unsuback)):
-                # One code per filter: a client that asks for more than its own limit lets in
-                # cannot be answered [MQTT-3.1.2-24].
-                self.drop(ReasonCode.PACKET_TOO_LARGE, f"its {type(packet).__name__} would be {len(data)} bytes, "
-                          f"more than its Maximum Packet Size")
+            if len(data) > self.max_send_size:
+                # Not sent [MQTT-3.1.2-24]: a client that cannot be answered (a SUBACK has one code
+                # per filter, an AUTH the data a hook gave) is closed, the DISCONNECT left out if
+                # even that is too large.
+                if not isinstance(packet, Disconnect):
+                    self.drop(ReasonCode.PACKET_TOO_LARGE, f"its {type(packet).__name__} would be {len(data)} "
+                              f"bytes, more than its Maximum Packet Size")
                 return
         self.stats.control_packets_sent += 1
         self.write(data)

@@ -767,6 +767,36 @@ def test_an_answer_larger_than_the_client_maximum_packet_size_is_not_sent() -> N
     assert fine.subscribe("a", "b") == [Suback(packet_id=1, reason_codes=(0, 0))]
 
 
+def test_an_auth_challenge_larger_than_the_client_maximum_packet_size_is_not_sent() -> None:
+    """[MQTT-3.1.2-24], for the data an auth hook answers: before the CONNACK the client is
+    closed without a packet [MQTT-3.14.0-1]; re-authenticating, with DISCONNECT 0x95. The AUTH
+    was sent whatever its size."""
+    broker = make_broker()
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating: b"c" * 200 if data or reauthenticating else None)
+    connecting = FakeClient(broker, version=5)
+    connecting.send(Connect(client_id="c", protocol_level=5, properties={
+        "authentication_method": "M", "authentication_data": b"first", "maximum_packet_size": 64}))
+    assert connecting.transport.value() == b"" and connecting.closed
+    connected = FakeClient(broker, version=5)
+    connected.send(Connect(client_id="d", protocol_level=5, properties={
+        "authentication_method": "M", "maximum_packet_size": 100}))
+    (connack,) = connected.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    connected.send(Auth(reason_code=ReasonCode.RE_AUTHENTICATE, properties={"authentication_method": "M"}))
+    assert all(size <= 100 for size in frame_sizes(connected.transport.value()))
+    assert_server_disconnect(connected, ReasonCode.PACKET_TOO_LARGE)
+
+
+def test_an_accepting_connack_is_checked_against_a_maximum_packet_size_of_64_kib_too() -> None:
+    """Response Information ("response/{client_id}") and a long client id make a CONNACK of more
+    than 64 KiB: it was checked only against smaller limits, and sent."""
+    broker = make_broker()
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="x" * 65520, protocol_level=5, properties={
+        "maximum_packet_size": 65536, "request_response_information": 1}))
+    assert client.transport.value() == b"" and client.closed
+
+
 def test_packet_larger_than_broker_maximum_gets_disconnect_0x95() -> None:
     """[MQTT-3.2.2-15] §3.2.2.3.6: a packet over the broker's Maximum Packet Size: DISCONNECT
     0x95 (Packet too large) and the connection is closed, as soon as the header announces it."""
