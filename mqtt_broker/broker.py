@@ -144,6 +144,9 @@ class BrokerService(MultiService):
         """Per client id (its hash: an id may be 65,535 bytes long, and the table keeps up to
         100,000): the start of its current minute and the CONNECTs in it."""
         self.factory = MQTTFactory(self)
+        self.config_check: Callable[[], list[str]] | None = None
+        """What ``reload`` checks besides: the files the settings were read from, read again
+        (twistd's ``--config``); returns the problems, a setting that only a restart applies too."""
         self.bridges: Any = None
         """The bridges of the ``bridge`` setting (:class:`mqtt_broker.bridge.Bridges`); None
         without any (nothing of the bridges is imported)."""
@@ -296,6 +299,8 @@ class BrokerService(MultiService):
                 problems.append(f"TLS files of {description}: {e}")
             else:
                 log.info("TLS files of {endpoint} reloaded", endpoint=description)
+        if self.config_check is not None:
+            problems += self.config_check()
         return problems
 
     def _drop_revoked(self) -> None:

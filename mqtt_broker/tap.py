@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -224,7 +225,12 @@ def makeService(options: Options) -> BrokerService:
         _say_start_up_failures_in_one_line()
     from .broker import BrokerService  # the reactor is imported here, not when twistd lists plugins
     config: BrokerConfig = options["broker_config"]
-    service = BrokerService(config=config)
+    # twistd enters --rundir once the service is made: what it reads now (password and ACL files,
+    # keys) is read from there too, as at each SIGHUP after. (One that does not exist, twistd reports.)
+    rundir = options.parent.get("rundir", ".") if options.parent is not None else "."
+    with contextlib.chdir(rundir if os.path.isdir(rundir) else "."):
+        service = BrokerService(config=config)
+    service.config_check = lambda: _config_problems(service, options)
     _reload_on_sighup(service, options)
     from twisted.internet import reactor
     reactor.addSystemEventTrigger("after", "startup", tune_gc)  # type: ignore[attr-defined]
@@ -286,18 +292,25 @@ def _reload_on_sighup(service: BrokerService, options: Options) -> None:
 
 
 def reload(service: BrokerService, options: Options) -> None:
-    """What SIGHUP does: ``service.reload()``, and a warning naming the settings the files or
-    flags now give otherwise, which only a restart applies (a changed ``acl_file`` path, say)."""
+    """What SIGHUP does: ``service.reload()``, which reads ``options``' files again too
+    (``_config_problems``, the service's ``config_check``)."""
     service.reload()
+
+
+def _config_problems(service: BrokerService, options: Options) -> list[str]:
+    """A warning, and a problem, naming the settings the files or flags now give otherwise, which
+    only a restart applies (a changed ``acl_file`` path, say), or what would stop a restart."""
     try:
         config = options.read_config(again=True)
     except usage.UsageError as e:
         log.warn("the configuration cannot be read now ({error}): a restart may fail", error=str(e))
-        return
-    changed = [f.name for f in settings() if getattr(config, f.name) != getattr(service.config, f.name)]
+        return [f"the configuration cannot be read now ({e}): a restart may fail"]
+    changed = ", ".join(f.name for f in settings() if getattr(config, f.name) != getattr(service.config, f.name))
     if changed:
         log.warn("settings changed since the broker started are not applied until it restarts: {names}",
-                 names=", ".join(changed))
+                 names=changed)
+        return [f"settings changed since the broker started are not applied until it restarts: {changed}"]
+    return []
 
 
 __all__ = ["Options", "TWISTD_DEFAULTS", "makeService", "reload"]

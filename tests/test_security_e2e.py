@@ -248,3 +248,39 @@ def test_client_id_and_username_in_token_filters(broker_process, tmp_path) -> No
     finally:
         for client in clients:
             client.close()
+
+
+def test_relative_files_are_read_from_rundir_at_start_as_at_each_sighup(tmp_path: Path) -> None:
+    """docs/twistd.md: relative paths in the settings are relative to --rundir. twistd makes the
+    service before it enters --rundir: a relative password_file was read at start from the
+    directory twistd was started in, and from --rundir at each SIGHUP, which changed who could
+    log in with nothing changed on disk."""
+    from conftest import free_port, terminate, wait_for_port
+
+    from mqtt_broker.passwd import main as passwd
+    launch, rundir = tmp_path / "launch", tmp_path / "run"
+    launch.mkdir()
+    rundir.mkdir()
+    assert passwd(["-c", "-b", str(launch / "pw"), "alice", "alice-pw"]) == 0
+    assert passwd(["-c", "-b", str(rundir / "pw"), "bob", "bob-pw"]) == 0
+    port = free_port()
+    log = tmp_path / "broker.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "--rundir", str(rundir), "mqttbroker",
+             "--endpoint", f"tcp:{port}:interface=127.0.0.1", "--persistence", "memory", "--password-file", "pw",
+             "--allow-anonymous", "false"], cwd=launch, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        assert (connect_code(port, "alice", "alice-pw"), connect_code(port, "bob", "bob-pw")) == (4, 0), \
+            log.read_text(errors="replace")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "reloaded" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text(errors="replace")
+            time.sleep(0.05)
+        assert (connect_code(port, "alice", "alice-pw"), connect_code(port, "bob", "bob-pw")) == (4, 0), \
+            log.read_text(errors="replace")
+    finally:
+        terminate(process)
+

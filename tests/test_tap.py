@@ -329,6 +329,35 @@ def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path, monkey
     assert "max_qos" in warning["error"] and "a restart may fail" in warning["log_format"]
 
 
+def test_a_reload_over_the_admin_api_reads_the_configuration_file_again(tmp_path: Path) -> None:
+    """docs/operations.md: POST /config/reload names what could not be read again. The file of
+    --config was read again on SIGHUP only: over the API, one that would stop a restart was
+    answered {"reloaded": true}."""
+    import json
+
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from mqtt_broker.admin.api import ApiResource
+    from mqtt_broker.admin.keys import hash_key
+    path = tmp_path / "broker.toml"
+    path.write_text(f'max_qos = 2\nhttp_api_keys = ["{hash_key("k")}"]\n')
+    service = makeService(parse("--config", str(path), "--endpoint", "tcp:0"))
+    api = ApiResource(service, service.operations)
+
+    def reload() -> Any:
+        request = DummyRequest([b""])
+        request.method, request.path = b"POST", b"/api/v1/config/reload"
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer k"])
+        body = api.render(request)
+        return json.loads(body if isinstance(body, bytes) else b"".join(request.written))
+    assert reload() == {"reloaded": True, "problems": []}
+    path.write_text("max_qos = = 1\n")
+    answer = reload()
+    assert answer["reloaded"] is False and str(path) in answer["problems"][0], answer
+    path.write_text(f'max_qos = 1\nhttp_api_keys = ["{hash_key("k")}"]\n')
+    assert reload()["problems"] == ["settings changed since the broker started are not applied until it restarts: max_qos"]
+
+
 def test_make_service_defaults() -> None:
     service = makeService(parse())
     assert isinstance(service, BrokerService)
