@@ -27,6 +27,7 @@ The broker itself never imports this module.
 
 from __future__ import annotations
 
+import time
 from itertools import count
 from typing import Any, Callable, Mapping
 
@@ -39,6 +40,7 @@ from .broker import BrokerService
 from .config import BrokerConfig
 from .hooks import Hooks
 from .store import Store
+from .store.sqlite import SQLiteStore
 from .wire import (
     MQTT_3_1, MQTT_5, NO_PROPERTIES, Connack, Connect, Disconnect, FrameReader, Packet, Pingreq,
     Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest,
@@ -53,15 +55,23 @@ class MemoryBroker:
     """A running :class:`~mqtt_broker.BrokerService` on a fake reactor and clock.
 
     ``MemoryBroker(**settings)`` takes the settings of ``BrokerService`` (a ``config``, a
-    ``store``, and keyword settings such as ``max_keepalive=60``). The service is started and
-    listens on nothing; its timers run on the fake clock, the ``$SYS`` topics' too (every
-    ``sys_interval`` seconds; ``sys_interval=0`` turns them off).
+    ``store``, and keyword settings such as ``max_keepalive=60``), but SQLite persistence, whose
+    writes run in threads, which a fake reactor has none of (a ``MemoryStore`` keeps state
+    across two brokers instead). The service is started and listens on nothing; its timers run
+    on the fake clock, the ``$SYS`` topics' too (every ``sys_interval`` seconds;
+    ``sys_interval=0`` turns them off). The clock starts at the wall clock's time, in whole
+    seconds, as a JSON Web Token's times are wall-clock times.
     """
 
     def __init__(self, config: BrokerConfig | None = None, *, store: Store | None = None,
                  **settings: Any) -> None:
         self.reactor = MemoryReactorClock()
         """The reactor and clock of the broker: ``reactor.seconds()`` is the broker's time."""
+        self.reactor.advance(int(time.time()))
+        if isinstance(store, SQLiteStore) or (store is None and "sqlite" in (
+                settings.get("persistence"), config is not None and config.persistence)):
+            raise ValueError("the testing kit runs no threads, which SQLite persistence writes in: "
+                             "use a MemoryStore (store=MemoryStore()) to keep state across brokers")
         self.service = BrokerService(endpoints=[], config=config, reactor=self.reactor, store=store,
                                      **settings)
         """The broker under test, as an application would embed it."""
@@ -135,6 +145,9 @@ class MemoryBroker:
                     if client.transport.disconnecting and not client._lost:
                         client._lose(ConnectionAborted() if client.transport.disconnected else ConnectionDone())
                         moved = True
+            # (A closed client keeps what it received: the kit lets it go, or every call would
+            # go through every client a long test ever made.)
+            self._clients = [client for client in self._clients if not client._lost]
         finally:
             self._flushing = False
 

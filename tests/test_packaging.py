@@ -74,6 +74,7 @@ def test_wheel_contents(wheel: Path) -> None:
         assert required in names
     # Either would shadow Twisted's own package once installed.
     assert "twisted/plugins/__init__.py" not in names
+    assert [name for name in names if name.endswith((".dist-info/licenses/LICENSE", ".dist-info/LICENSE"))]  # (MIT)
     assert "twisted/__init__.py" not in names
     assert not [name for name in names if name.endswith(("dropin.cache", ".pyc"))]
     assert not [name for name in names if name.startswith("tests/")]

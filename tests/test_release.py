@@ -42,7 +42,7 @@ UNIT_CONFIG = "/etc/mqttbroker/mqttbroker.toml"
 WAIT = 10.0
 
 # What a release's source distribution must hold besides the package.
-SDIST_FILES = {"README.md", "CHANGELOG.md", "MANIFEST.in", "setup.py", "setup.cfg", "pyproject.toml",
+SDIST_FILES = {"README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in", "setup.py", "setup.cfg", "pyproject.toml",
                "mqttbroker.example.toml", "certs/make-certs.sh", "certs/README.md", "tests/conftest.py",
                "examples/mqttbroker.service", "scripts/test"}
 SDIST_TREES = ("tests", "docs", "examples", "scripts", "bench")

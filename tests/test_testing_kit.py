@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +328,52 @@ def test_the_documented_example() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(code, "docs/embedding.md", "exec"), namespace)
     namespace["test_a_sensor_publishes_under_its_own_id"]()
+
+
+def test_a_closed_client_is_let_go() -> None:
+    """The kit kept every client it made, and went through all of them at each call: a test of a
+    few thousand connections in turn slowed down quadratically (4,000: 16 s)."""
+    broker = MemoryBroker()
+    client = broker.connect("gone")
+    client.subscribe("t")
+    broker.connect("other").publish("t", b"last")
+    client.disconnect()
+    assert client.closed and [m.payload for m in client.messages()] == [b"last"]  # (kept by the client)
+    gone = weakref.ref(client)
+    del client
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("how", ["setting", "store"])
+def test_sqlite_persistence_is_refused_with_a_reason(how: str, tmp_path: Path) -> None:
+    """Its writes run in threads, which the fake reactor has none of: no SUBACK nor PUBACK ever
+    came, whatever the test advanced."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker.store.sqlite import SQLiteStore
+    settings: dict[str, Any] = {"persistence": "sqlite", "data_dir": str(tmp_path)} if how == "setting" else {
+        "store": SQLiteStore(tmp_path / "mqttbroker.db", MemoryReactorClock())}
+    with pytest.raises(ValueError, match="use a MemoryStore"):
+        MemoryBroker(**settings)
+
+
+def test_a_json_web_token_lasts_its_lifetime_on_the_kits_clock(tmp_path: Path) -> None:
+    """A token's exp is a wall-clock time, which PyJWT checks at CONNECT, and the broker ends the
+    connection at it on its own clock: the kit's started at 0, so the connection outlived the
+    token by decades of the kit's time."""
+    import jwt
+    secret = b"an HMAC secret of at least thirty-two bytes"
+    (tmp_path / "secret").write_bytes(secret)
+    broker = MemoryBroker(jwt_secret_file=str(tmp_path / "secret"), allow_anonymous=False, sys_interval=0)
+    now = broker.reactor.seconds()
+    assert abs(now - time.time()) < 60
+    token = jwt.encode({"sub": "alice", "exp": int(now) + 60}, secret, algorithm="HS256")
+    client = broker.client()
+    connack = client.connect("alice", password=token)
+    assert connack is not None and connack.reason_code == 0
+    broker.advance(59)
+    assert not client.closed
+    broker.advance(2)
+    assert client.closed
+
