@@ -154,8 +154,8 @@ class Delivery:
 
     def to_groups(self, message: Message, shares: tuple[tuple[str, str], ...], groups: SharedGroups | None = None) -> int:
         """A message another node of a cluster chose this node for, for these shared
-        subscriptions: to a member of each here, or one on another node if none is here (its
-        members left as it came). ``groups``: the topic's, matched already."""
+        subscriptions: each group's, as ``to_group`` gives it. ``groups``: the topic's, matched
+        already."""
         if groups is None:
             groups = self.subscriptions.match(message.topic)[1]
             if self.routing_waits_for_store:
@@ -167,9 +167,8 @@ class Delivery:
 
     def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
                 pool: list[Subscription] | None = None) -> int:
-        """A message for a shared subscription's group (one a member left unfinished, say) goes
-        to one of its ``members`` here, or in a cluster to a member on another node if none is
-        here. ``pool``: as in ``deliver_shared``."""
+        """A message for a shared subscription's group (one a member left unfinished, say), if it
+        has not expired meanwhile: ``to_group``."""
         if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
             self.stats.messages_expired += 1
             return 0
@@ -192,11 +191,11 @@ class Delivery:
             return 1
         return self.deliver_shared(message, share, pool, pool)
 
-    def handed(self, message: Message, shares: tuple[tuple[str, str], ...], again: bool = False) -> int:
-        """A message that another node had no member of these shared subscriptions for (its last
-        one left it unfinished, say): to a member of each here. If none here may have it (none is
-        left, or the ACL lets none read it), it is handed on once more, to another node, unless
-        it was so ``again`` already; otherwise it is dropped. (Its expiry was checked where it
+    def handed(self, message: Message, shares: tuple[tuple[str, str], ...], declined: tuple[str, ...] = ()) -> int:
+        """A message that other nodes, ``declined``, had no member of these shared subscriptions
+        for (the last one left it unfinished, say): to a member of each here. If none here may
+        have it either (none is left, or the ACL lets none read it), it is handed on to a node
+        that has not declined it yet; otherwise it is dropped. (Its expiry was checked where it
         waited: on this node's clock, one handed on just after it was routed there, with an
         interval of 0, would be taken for expired.)"""
         held = dict(self.subscriptions.match(message.topic)[1])
@@ -206,8 +205,8 @@ class Delivery:
         for share in shares:
             members = held.get(share)
             done = self.deliver_shared(message, share, members) if members else 0
-            if not done and not again and self.forwarding is not None:
-                done = self.forwarding.hand_on(message, share, again=True)
+            if not done and self.forwarding is not None:
+                done = self.forwarding.hand_on(message, share, declined)
             count += done
         return count
 

@@ -42,15 +42,17 @@ def same_message(got: Message, sent: Message) -> None:
 
 
 @FUZZ
-@given(messages=st.lists(st.tuples(MESSAGES, SHARES, st.sampled_from([FORWARDED, HANDED])), min_size=1, max_size=5))
+@given(messages=st.lists(st.tuples(MESSAGES, SHARES, st.sampled_from([FORWARDED, HANDED]),
+                                   st.lists(TEXT, max_size=3).map(tuple)), min_size=1, max_size=5))
 def test_forwarded_records_read_back_in_order(
-        messages: list[tuple[Message, tuple[tuple[str, str], ...], int]]) -> None:
-    """Forwarded to be routed, or handed on to shared subscriptions' members only."""
-    entry = b"".join(pack_forwarded(message, shares, 100.0, kind) for message, shares, kind in messages)
+        messages: list[tuple[Message, tuple[tuple[str, str], ...], int, tuple[str, ...]]]) -> None:
+    """Forwarded to be routed, or handed on to shared subscriptions' members only (with the nodes
+    that declined it)."""
+    entry = b"".join(pack_forwarded(message, shares, 100.0, kind, declined) for message, shares, kind, declined in messages)
     records = unpack_records(entry)
     assert len(records) == len(messages)
-    for (kind, got, shares), (sent, sent_shares, sent_kind) in zip(records, messages):
-        assert kind == sent_kind and shares == sent_shares
+    for (kind, got, shares), (sent, sent_shares, sent_kind, declined) in zip(records, messages):
+        assert kind == sent_kind and shares == ((sent_shares, declined) if kind == HANDED else sent_shares)
         same_message(got, sent)
         assert got.expires_at is None
 
@@ -62,8 +64,9 @@ def test_an_expiry_travels_as_its_time_and_the_interval_left(kind: int, cluster_
     message = Message(topic="t", payload=b"p", qos=1 if cluster_id else 0, properties={"message_expiry_interval": 60},
                       expires_at=160.0, cluster_id=cluster_id, sender="s")
     ((got_kind, got, shares),) = unpack_records(pack_forwarded(message, (("g", "$share/g/t"),), 130.5, kind))
+    sent = (("g", "$share/g/t"),)
     assert (got_kind, got.expires_at, got.cluster_id, got.sender, shares) == (
-        kind, 160.0, cluster_id, "s", (("g", "$share/g/t"),))
+        kind, 160.0, cluster_id, "s", (sent, ()) if kind == HANDED else sent)
     assert got.properties["message_expiry_interval"] == 30  # 29.5 s left, rounded up
 
 

@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.cluster.codec import (
-    HANDED, HANDED_AGAIN, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
+    HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
@@ -1534,22 +1534,24 @@ def test_a_shared_message_no_member_here_may_read_goes_to_the_groups_other_node(
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_handed_message_no_member_here_may_read_is_handed_on_once_more(
+def test_a_handed_message_no_member_here_may_read_goes_to_a_node_that_has_not_declined_it(
         server: RedisServer, tmp_path: Path) -> Iterator[Deferred[Any]]:
-    """Another node's last member of $share/g/t/+ left a message unfinished and that node handed
-    it to a, whose member may not read it: a hands it on once more, to the group's member on c.
-    One handed on so already is dropped, not sent round the nodes."""
+    """Node x's last member of $share/g/t/+ left a message unfinished and x handed it to a,
+    whose member may not read it: a hands it on, to the group's member on c (not back to x).
+    One that c has declined already is dropped, not sent round the nodes again."""
     acl = tmp_path / "acl"
     acl.write_text("topic write #\ntopic read t/open\n")
     broker = yield node_a(server, acl_file=str(acl))
     try:
-        broker.cluster.forwarding.add_route("c", SHARE[1])
+        for node in "cx":
+            broker.cluster.forwarding.add_route(node, SHARE[1])
         member = yield shared_member(broker, "m", SHARE[1])
-        records = [pack_forwarded(Message(topic="t/secret", payload=payload, qos=1), (SHARE,), 0.0, kind)
-                   for payload, kind in ((b"again", HANDED_AGAIN), (b"handed", HANDED))]
+        records = [pack_forwarded(Message(topic="t/secret", payload=payload, qos=1), (SHARE,), 0.0, HANDED, declined)
+                   for payload, declined in ((b"declined by c", ("x", "c")), (b"handed", ("x",)))]
         server.client().xadd("mqtt:inbox:a", {"d": b"".join(records)})  # (one entry: handled at once)
         yield until(lambda: inbox(server, "c"), "a record in c's inbox")
-        assert inbox(server, "c") == [(HANDED_AGAIN, b"handed", (SHARE,))]
+        assert inbox(server, "c") == [(HANDED, b"handed", ((SHARE,), ("x", "a")))]
+        assert inbox(server, "x") == []
         assert not [p for p in member.received() if isinstance(p, Publish)]
     finally:
         yield broker.stopService()

@@ -25,9 +25,6 @@ from ..wire import MQTT_5, decode_publish, publish_template
 FORWARDED: Final = 0
 TARGETED: Final = 1
 HANDED: Final = 2
-HANDED_AGAIN: Final = 3
-"""A HANDED message that the node it was handed to had no member for that may have it (the ACL
-lets none read it, or none is left): handed on once more, and not a third time."""
 
 _EXPIRING: Final = 0x80
 """Set in the kind of a FORWARDED or HANDED record whose message expires: the clock time it
@@ -97,9 +94,10 @@ def _read_u32(data: bytes, pos: int) -> int:
 
 
 def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: float,
-                   kind: int = FORWARDED) -> bytes:
+                   kind: int = FORWARDED, declined: tuple[str, ...] = ()) -> bytes:
     """One record of an inbox entry: a message for the receiving node to route (or, HANDED,
-    to give to a member of each of ``shares`` only)."""
+    to give to a member of each of ``shares`` only; ``declined``: the nodes that had none for
+    it, which it is not handed to again)."""
     body = pack_message(message, now)
     cluster_id, expires_at = message.cluster_id, message.expires_at
     if cluster_id is None and expires_at is None and kind == FORWARDED:
@@ -113,6 +111,8 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
     parts = [head, _string(message.sender or ""), len(shares).to_bytes(2, "big")]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
+    if kind == HANDED:
+        parts += [len(declined).to_bytes(2, "big"), *[_string(node) for node in declined]]
     parts += [len(body).to_bytes(4, "big"), body]
     return b"".join(parts)
 
@@ -128,7 +128,8 @@ def targeted_head(client_id: str, size: int) -> bytes:
 
 
 Record = tuple[int, Any, Any]
-"""(FORWARDED or HANDED, message, shares) or (TARGETED, client id, Queued)."""
+"""(FORWARDED, message, shares), (HANDED, message, (shares, declined nodes)) or (TARGETED, client
+id, Queued)."""
 
 
 def unpack_records(data: bytes) -> list[Record]:
@@ -136,7 +137,7 @@ def unpack_records(data: bytes) -> list[Record]:
     pos, end = 0, len(data)
     while pos < end:
         kind = data[pos] & ~_EXPIRING
-        if kind == FORWARDED or kind == HANDED or kind == HANDED_AGAIN:
+        if kind == FORWARDED or kind == HANDED:
             size = data[pos + 1]
             cluster_id = data[pos + 2:pos + 2 + size] or None
             expires_at: float | None = None
@@ -151,13 +152,20 @@ def unpack_records(data: bytes) -> list[Record]:
                 group, pos = _read_string(data, pos)
                 topic_filter, pos = _read_string(data, pos)
                 shares.append((group, topic_filter))
+            declined: list[str] = []
+            if kind == HANDED:
+                count = data[pos] << 8 | data[pos + 1]
+                pos += 2
+                for _ in range(count):
+                    node, pos = _read_string(data, pos)
+                    declined.append(node)
             size = _read_u32(data, pos)
             message = unpack_message(data[pos + 4:pos + 4 + size])
             message.sender = sender or None
             message.cluster_id = cluster_id
             message.expires_at = expires_at
             pos += 4 + size
-            records.append((kind, message, tuple(shares)))
+            records.append((kind, message, (tuple(shares), tuple(declined)) if kind == HANDED else tuple(shares)))
         elif kind == TARGETED:
             client_id, pos = _read_string(data, pos + 1)
             size = _read_u32(data, pos)
@@ -218,5 +226,4 @@ def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
 
 __all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records",
            "pack_queued", "unpack_queued", "pack_subscription", "unpack_subscription", "pack_will",
-           "unpack_will", "pack_retained", "unpack_retained", "FORWARDED", "TARGETED", "HANDED",
-           "HANDED_AGAIN"]
+           "unpack_will", "pack_retained", "unpack_retained", "FORWARDED", "TARGETED", "HANDED"]

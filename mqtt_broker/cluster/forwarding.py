@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ..message import Message
 from ..topics import ClientMatch, SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
-from .codec import HANDED, HANDED_AGAIN, pack_forwarded
+from .codec import HANDED, pack_forwarded
 
 
 class ClusterStats:
@@ -217,15 +217,17 @@ class Forwarding:
         self.stats.forwarded_out += len(targets) - here
         return len(targets), here
 
-    def hand_on(self, message: Message, share: tuple[str, str], again: bool = False, awake_only: bool = False) -> int:
+    def hand_on(self, message: Message, share: tuple[str, str], declined: tuple[str, ...] = (),
+                awake_only: bool = False) -> int:
         """A message for a shared subscription that no member here may have (one a member left
         unfinished, say): to the other nodes' members of the group, in turn, through the node's
-        inbox whatever its QoS (it may have been acknowledged to its publisher long ago).
-        ``again``: it was handed to this node already (HANDED_AGAIN); ``awake_only``: only to a
-        node with a connected member. Returns 0 if no other node holds the group so (it is
-        dropped, as on one node)."""
+        inbox whatever its QoS (it may have been acknowledged to its publisher long ago), but
+        those of the nodes that ``declined`` it already; ``awake_only``: only to a node with a
+        connected member. Returns 0 if no other node holds the group so (it is dropped, as on
+        one node)."""
         _, node_groups = self.routes.match(message.topic)
-        nodes = sorted({node.client_id for held, members in node_groups if held == share for node in members})
+        nodes = sorted({node.client_id for held, members in node_groups if held == share for node in members}
+                       - set(declined))
         awake = [node for node in nodes if (node, share[1]) not in self._idle]
         if awake_only:
             nodes = awake
@@ -235,7 +237,7 @@ class Forwarding:
         node = nodes[self._turns.next(share) % len(nodes)]
         if message.qos and message.cluster_id is None:
             self.identify(message)
-        self._add(node, None, pack_forwarded(message, (share,), self.clock.seconds(), HANDED_AGAIN if again else HANDED))
+        self._add(node, None, pack_forwarded(message, (share,), self.clock.seconds(), HANDED, (*declined, self.node)))
         self._collect()
         self.stats.forwarded_out += 1
         return 1

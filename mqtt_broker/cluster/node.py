@@ -24,7 +24,7 @@ from ..message import Message
 from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription, matches, terms
 from .address import RedisAddress
-from .codec import FORWARDED, HANDED, HANDED_AGAIN, TARGETED, unpack_records, unpack_retained
+from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .replies import Claim, InboxEntry
@@ -430,8 +430,8 @@ class Cluster:
             # is handled: after a crash it is handled again, so it must not have gone out.
             delivery.routing_waits_for_store = first.qos == 2
             try:
-                if kind == HANDED or kind == HANDED_AGAIN:
-                    delivery.handed(first, second, kind == HANDED_AGAIN)
+                if kind == HANDED:
+                    delivery.handed(first, *second)
                 elif self._moving and first.qos:
                     self._route_while_moving(first, second, stamp)
                 else:

@@ -177,7 +177,8 @@ class Survivor:
                         if kind == TARGETED:
                             cluster.deliver_targeted(first, second, stamp)
                         else:
-                            cluster.deliver_formerly(first, former, stamp, shares=second, everyone=kind == FORWARDED)
+                            cluster.deliver_formerly(first, former, stamp, shares=second if kind == FORWARDED else second[0],
+                                                     everyone=kind == FORWARDED)
                 store.handled(entry_id, dead)
             yield store.flushed()
             if not entries and cursor == "0-0":
