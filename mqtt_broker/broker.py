@@ -280,8 +280,9 @@ class BrokerService(MultiService):
         files again (SIGHUP under twistd). A bad new file is logged and what was in force stays.
         Connected clients whose credentials no longer pass (password changed, user removed from
         ``password_file``) are disconnected; the others keep their connections, and their rights
-        follow the new rules from their next operation on. Returns what was not reloaded, and
-        why: nothing when everything was."""
+        follow the new rules from their next operation on; ``config_check``, if set, says what
+        else the files now give. Returns what was not reloaded, and why: nothing when
+        everything was."""
         problems = []
         if self.security is not None:
             try:
@@ -509,7 +510,8 @@ class BrokerService(MultiService):
 
         Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
-        subscription identifier), and RuntimeError once the broker has been stopped, and, with
+        subscription identifier), arguments of other types than these, or a message larger than
+        any PUBLISH can carry; and RuntimeError once the broker has been stopped, and, with
         SQLite persistence, before it is started (the database is opened then).
         """
         self.route_own(topic, payload, qos, retain, properties)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .wire.packets import NO_PROPERTIES, Properties, Publish
+from .topics import reserved, valid_topic_name
+from .wire.codec import MAX_REMAINING_LENGTH
+from .wire.codes import MQTTError
+from .wire.packets import NO_PROPERTIES, PUBLISH, Properties, Publish
+from .wire.properties import decode_properties, encode_properties
 
 
 def init_arguments(obj: Any) -> tuple[Any, tuple[object, ...]]:
@@ -90,14 +95,6 @@ def unsendable(message: Message, own: bool = False) -> str | None:
     """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
     decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here.
     ``own``: the broker's own, which may go to $SYS."""
-    import struct
-
-    from .topics import reserved, valid_topic_name
-    from .wire.codec import MAX_REMAINING_LENGTH
-    from .wire.codes import MQTTError
-    from .wire.packets import PUBLISH
-    from .wire.properties import decode_properties, encode_properties
-
     topic, properties = message.topic, message.properties
     if not isinstance(message.payload, bytes):
         return f"its payload is {type(message.payload).__name__}, not bytes"

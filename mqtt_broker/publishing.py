@@ -155,21 +155,23 @@ class Publishing:
                 self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
                                     answer.reason_string)
             return
-        made = answer if isinstance(answer, Message) else message
+        made = answer if isinstance(answer, Message) else None
         topic, payload, properties = as_received
-        if message.topic is not topic or message.payload is not payload or message.properties is not properties:
+        changed = message.topic is not topic or message.payload is not payload or message.properties is not properties
+        if changed:
             message.encoded = None  # changed in place: not the bytes it came as any more
-        # What a hook made, or may have changed in place (a property added to the dict, even), is
-        # checked as a client's PUBLISH was decoded.
-        problem = unsendable(made)
-        if problem is not None:
-            log.error("a publish hook made a message of {client_id} one that cannot be sent "
-                      "({problem}); refusing", client_id=self._client_id, problem=problem)
-            if qos:
-                self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)
-            return
-        message = made
-        message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
+        if changed or message.properties:  # (a dict may have been changed in place, unlike the shared empty one)
+            made = made or message
+        if made is not None:  # what a hook made or changed is checked as a client's PUBLISH was decoded
+            problem = unsendable(made)
+            if problem is not None:
+                log.error("a publish hook made a message of {client_id} one that cannot be sent "
+                          "({problem}); refusing", client_id=self._client_id, problem=problem)
+                if qos:
+                    self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)
+                return
+            message = made
+            message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return

@@ -68,13 +68,12 @@ class MemoryBroker:
         self.reactor = MemoryReactorClock()
         """The reactor and clock of the broker: ``reactor.seconds()`` is the broker's time."""
         self.reactor.advance(int(time.time()))
-        if isinstance(store, SQLiteStore) or (store is None and "sqlite" in (
-                settings.get("persistence"), config is not None and config.persistence)):
-            raise ValueError("the testing kit runs no threads, which SQLite persistence writes in: "
-                             "use a MemoryStore (store=MemoryStore()) to keep state across brokers")
         self.service = BrokerService(endpoints=[], config=config, reactor=self.reactor, store=store,
                                      **settings)
         """The broker under test, as an application would embed it."""
+        if isinstance(self.service.store, SQLiteStore):  # (it opens nothing before it starts)
+            raise ValueError("the testing kit runs no threads, which SQLite persistence writes in: "
+                             "use a MemoryStore (store=MemoryStore()) to keep state across brokers")
         self._clients: list[MemoryClient] = []
         self._ports = count(50000)
         self._flushing = False

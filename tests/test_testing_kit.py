@@ -358,6 +358,17 @@ def test_sqlite_persistence_is_refused_with_a_reason(how: str, tmp_path: Path) -
         MemoryBroker(**settings)
 
 
+def test_sqlite_is_refused_only_where_the_broker_would_use_it(tmp_path: Path) -> None:
+    """The settings as BrokerService reads them: a TOML file, keywords over a config."""
+    from mqtt_broker.config import BrokerConfig
+    assert MemoryBroker(config=BrokerConfig(persistence="sqlite"), persistence="memory").service.store is None
+    (tmp_path / "broker.toml").write_text("max_qos = 1\n")
+    assert MemoryBroker(config=str(tmp_path / "broker.toml")).service.config.max_qos == 1
+    (tmp_path / "broker.toml").write_text("persistence = 'sqlite'\n")
+    with pytest.raises(ValueError, match="use a MemoryStore"):
+        MemoryBroker(config=str(tmp_path / "broker.toml"))
+
+
 def test_a_json_web_token_lasts_its_lifetime_on_the_kits_clock(tmp_path: Path) -> None:
     """A token's exp is a wall-clock time, which PyJWT checks at CONNECT, and the broker ends the
     connection at it on its own clock: the kit's started at 0, so the connection outlived the
