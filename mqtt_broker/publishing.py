@@ -137,7 +137,7 @@ class Publishing:
                 message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
-            as_received = (message.topic, message.payload, message.properties)  # (before a hook may change it)
+            as_received = (message.topic, message.payload, message.properties, qos)  # (before a hook may change it)
             self._when(broker.hooks.resolve("publish", self.client, message), self._publish_decided,
                        qos, packet_id, message, as_received)
             return
@@ -149,15 +149,16 @@ class Publishing:
             self._routed(qos, packet_id, message, routed)
 
     def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message,
-                         as_received: tuple[str, bytes, Properties]) -> None:
+                         as_received: tuple[str, bytes, Properties, int]) -> None:
         if isinstance(answer, Refused):
             if qos:
                 self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
                                     answer.reason_string)
             return
         made = answer if isinstance(answer, Message) else None
-        topic, payload, properties = as_received
-        changed = message.topic is not topic or message.payload is not payload or message.properties is not properties
+        topic, payload, properties, qos_received = as_received
+        changed = (message.topic is not topic or message.payload is not payload or message.properties is not properties
+                   or message.qos != qos_received)
         if changed:
             message.encoded = None  # changed in place: not the bytes it came as any more
         if changed or message.properties:  # (a dict may have been changed in place, unlike the shared empty one)

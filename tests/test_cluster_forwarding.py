@@ -290,40 +290,15 @@ def test_a_message_no_member_may_read_goes_round_the_nodes_to_one_whose_member_m
     it: an acknowledged message lost while c's member could read it."""
     acl = tmp_path / "acl"
     acl.write_text("topic write #\ntopic read t/open\n")
-    nodes = {name: member_node(name, acl, [other for other in "abc" if other != name]) for name in "ab"}
-    to_c: list[bytes] = []
+    nodes = {name: bare_node(name, acl_file=str(acl)) for name in "ab"}
+    for name, broker in nodes.items():
+        for other in "abc".replace(name, ""):
+            broker.delivery.forwarding.add_route(other, "$share/g/t/+")  # type: ignore[union-attr]
+        connected(broker, f"member-{name}").subscribe("$share/g/t/+", qos=1)
+        broker.delivery.forwarding.connected_here("$share/g/t/+", True)  # type: ignore[union-attr]
     for n in range(3):
         nodes["a"].delivery.route(Message(topic="t/secret", payload=b"%d" % n, qos=1))
-    for _ in range(10):  # (bounded) the inbox records go from node to node, as the inboxes would take them
-        moved = False
-        for broker in list(nodes.values()):
-            for target, runs in broker.delivery.forwarding.take_outgoing().items():  # type: ignore[union-attr]
-                for kind, message, shares in [r for run in runs for record in run.records for r in unpack_records(record)]:
-                    moved = True
-                    if target == "c":
-                        to_c.append(message.payload)
-                    elif kind == FORWARDED:
-                        nodes[target].delivery.route(message, shares)
-                    else:  # as Cluster._handle_entry does
-                        nodes[target].delivery.handed(message, *shares)
-        if not moved:
-            break
-    assert sorted(to_c) == [b"0", b"1", b"2"]
-
-
-def member_node(name: str, acl: Path, others: list[str]) -> BrokerService:
-    """A broker whose delivery forwards through a Forwarding named ``name``, as Cluster wires it,
-    with a member of $share/g/t/+ connected here, and the ``others`` nodes holding it too."""
-    broker = make_broker(acl_file=str(acl))
-    broker.startService()
-    forwarding = Forwarding(name, Clock(), ClusterStats(), broker.delivery.to_group, lambda: None,
-                            lambda node, data: None)
-    broker.delivery.forwarding = forwarding
-    for other in others:
-        forwarding.add_route(other, "$share/g/t/+")
-    connected(broker, f"member-{name}").subscribe("$share/g/t/+", qos=1)
-    forwarding.connected_here("$share/g/t/+", True)
-    return broker
+    assert sorted(pass_records(nodes)) == [("c", b"0"), ("c", b"1"), ("c", b"2")]
 
 
 def test_a_message_chosen_for_a_group_goes_to_its_member_here() -> None:
@@ -354,3 +329,66 @@ def test_a_sys_message_is_not_handed_to_another_node() -> None:
     share = ("g", "$share/g/$SYS/broker/uptime")
     assert broker.delivery.hand_on(Message(topic="$SYS/broker/uptime", payload=b"1", qos=1), share, None) == 0
     assert taken(forwarding) == {}
+
+
+def bare_node(name: str, **settings: Any) -> BrokerService:
+    """A broker (no Redis) whose delivery forwards through a Forwarding named ``name``, as Cluster
+    wires it (a shared group's message chosen here goes through ``Delivery.to_group``)."""
+    broker = make_broker(persistence="memory", **settings)
+    broker.startService()
+    forwarding = Forwarding(name, Clock(), ClusterStats(), broker.delivery.to_group, lambda: None,
+                            lambda node, data: None)
+    broker.delivery.forwarding = forwarding
+    return broker
+
+
+def pass_records(nodes: dict[str, BrokerService]) -> list[tuple[str, bytes]]:
+    """The inbox records go from node to node as Cluster._handle_entry would take them (bounded);
+    returns (node, payload) of those for nodes not among ``nodes``."""
+    elsewhere: list[tuple[str, bytes]] = []
+    for _ in range(10):
+        moved = False
+        for broker in list(nodes.values()):
+            forwarding = broker.delivery.forwarding
+            assert forwarding is not None
+            for target, runs in forwarding.take_outgoing().items():
+                for kind, message, second in [r for run in runs for rec in run.records for r in unpack_records(rec)]:
+                    moved = True
+                    if target not in nodes:
+                        elsewhere.append((target, message.payload))
+                    elif kind == FORWARDED:
+                        nodes[target].delivery.route(message, second)
+                    else:
+                        nodes[target].delivery.handed(message, *second)
+        if not moved:
+            break
+    return elsewhere
+
+
+def test_a_message_handed_to_a_connected_member_elsewhere_may_come_back_to_an_offline_one_here() -> None:
+    """On node a, member-l (connected, its session ends with the connection) holds an
+    unacknowledged QoS 1 message of $share/g/t/+; member-a is a's other member, offline with its
+    session kept. As member-l leaves, the message goes to a connected member elsewhere first (b:
+    Delivery.to_group). b's member has left by the time b reads the record: b hands it back to
+    a, which has not declined it (its member is offline), and member-a's session queues it. It
+    was dropped, a counted among the nodes that had declined it."""
+    a, b = bare_node("a"), bare_node("b")
+    fa, fb = a.delivery.forwarding, b.delivery.forwarding
+    assert fa is not None and fb is not None
+    member = connected(a, "member-a", clean=False)
+    member.subscribe("$share/g/t/+", qos=1)
+    member.lose()  # offline, its session kept
+    leaving = connected(a, "member-l")
+    leaving.subscribe("$share/g/t/+", qos=1)
+    fa.connected_here("$share/g/t/+", True)
+    fa.add_route("b", "$share/g/t/+", False)
+    a.delivery.route(Message(topic="t/x", payload=b"m", qos=1))
+    assert [p.payload for p in leaving.received()] == [b"m"]  # member-l has it, unacknowledged
+    assert fa.take_outgoing() == {}
+    fa.add_route("b", "$share/g/t/+", True)  # b's member connects...
+    fa.connected_here("$share/g/t/+", False)
+    leaving.lose()  # ...member-l leaves: its message is handed on, to b (connected members first)
+    fb.add_route("a", "$share/g/t/+", False)  # (b's member has left meanwhile: b holds none now)
+    pass_records({"a": a, "b": b})
+    session = a.sessions["member-a"]
+    assert [item.message.payload for item in session.queue] == [b"m"], "the QoS 1 message was dropped"

@@ -834,3 +834,21 @@ def test_a_will_hook_rewriting_to_a_share_topic_publishes_nothing() -> None:
     stats: Any = broker.service.stats
     assert broker.service.retained.get("$share/g/w") is None
     assert stats.wills_published == 0
+
+
+def _set_qos_in_place(client: Any, message: Message) -> None:
+    message.qos = 3  # a change in place that no PUBLISH can carry
+
+
+def test_a_qos_changed_in_place_that_no_publish_can_carry_is_refused() -> None:
+    """Checked again only when its topic, payload or properties changed, a message of QoS 3 was
+    routed and retained."""
+    broker = MemoryBroker()
+    subscriber = broker.connect("sub")
+    subscriber.subscribe("t", qos=2)
+    broker.hooks.on_publish(_set_qos_in_place)
+    publisher = broker.connect("pub")
+    with capturedLogs():
+        answer = publisher.publish("t", b"x", qos=1, retain=True)
+    assert answer is not None and answer.reason_code == ReasonCode.UNSPECIFIED_ERROR, answer
+    assert broker.service.retained.get("t") is None

@@ -237,7 +237,9 @@ class Forwarding:
         node = nodes[self._turns.next(share) % len(nodes)]
         if message.qos and message.cluster_id is None:
             self.identify(message)
-        self._add(node, None, pack_forwarded(message, (share,), self.clock.seconds(), HANDED, (*declined, self.node)))
+        # (A node with offline members, handing on to a connected one, has not declined it.)
+        declined = declined if awake_only else (*declined, self.node)
+        self._add(node, None, pack_forwarded(message, (share,), self.clock.seconds(), HANDED, declined))
         self._collect()
         self.stats.forwarded_out += 1
         return 1
