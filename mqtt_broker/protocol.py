@@ -320,9 +320,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return None
         limit = self._keep_alive * 1.5
         now = self.clock.seconds()
+        deadline = self._last_seen + limit
+        if now < deadline:  # (not ``now - last_seen < limit``: by rounding, true at the deadline itself)
+            return deadline
         idle = now - self._last_seen
-        if idle < limit:
-            return self._last_seen + limit
         if self._blocked is not None:
             # Waiting for a hook, the broker reads nothing: what the client sent meanwhile (its
             # PINGREQs) is not silence. (hook_timeout bounds the wait.)

@@ -143,6 +143,18 @@ def test_keepalive_timeout_at_one_and_a_half_times() -> None:  # [MQTT-3.1.2-24]
     assert watcher.received() == [Publish(topic="will/c", payload=b"gone")]
 
 
+def test_a_keepalive_deadline_is_due_at_its_own_time_whatever_the_rounding() -> None:
+    """At 968.5885203292438 + 90, ``now - last_seen`` comes out below 90 by rounding: the check
+    gave back the same deadline, already due, and the timer took it again for ever (the reactor
+    hung). Asked at the deadline, it is due."""
+    broker = make_broker()
+    broker.clock.advance(968.5885203292438)
+    client = connected(broker, "k", keep_alive=60)
+    broker.clock.rightNow = 968.5885203292438 + 90  # (the time alone: the timer would not come back)
+    assert client.protocol.keepalive_due() is None
+    assert client.closed
+
+
 def test_traffic_resets_keepalive() -> None:
     broker = make_broker()
     client = connected(broker, "c", keep_alive=10)
