@@ -371,6 +371,8 @@ class _Converter:
                 # Global settings here: the last listener's value applies to every one.
                 ours, kind = _GLOBAL[key]
                 self.out.settings[ours] = _value(kind, value, source, number)
+                if key == "max_connections" and self.out.settings[ours] < 1:
+                    self.out.settings[ours] = -1  # (Mosquitto 2 takes 0 and below for no limit)
                 if given == "use_identity_as_username" and self.out.settings[ours]:
                     if self.out.settings.get("certificate_identity") == "subject":
                         raise ValueError(f"{source}:{number}: one listener names clients by their certificate's "
@@ -428,10 +430,13 @@ class _Converter:
             if settings[ours] < low or high is not None and settings[ours] > high:
                 bounds = f"{low} to {high}" if high is not None else f"{low} or more"
                 raise ValueError(f"{source}:{number}: {key} must be {bounds}, as Mosquitto 2 takes it")
-        if key == "max_inflight_messages" and settings[ours] == 0:
+        # Mosquitto 2 starts with these below zero, and takes them for no limit.
+        if key == "max_inflight_messages" and settings[ours] <= 0:
             settings[ours] = _MAX_INFLIGHT
             self.out.notes.append(Note(source, number, text, f"no limit in Mosquitto: {_MAX_INFLIGHT} here, the most "
                                        f"there can be", carried=True))
+        elif key in ("max_queued_messages", "max_queued_bytes") and settings[ours] < 0:
+            settings[ours] = 0
         return True
 
     def _unsupported_line(self, source: str, number: int, text: str, key: str, value: str) -> None:

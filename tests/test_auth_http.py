@@ -128,6 +128,7 @@ async def test_answers(service: tuple[AuthService, str]) -> None:
         (lambda body: (200, b"allow"), ReasonCode.SERVER_UNAVAILABLE),
         (lambda body: (200, b"[1]"), ReasonCode.SERVER_UNAVAILABLE),
         (json_reply(200, result="maybe"), ReasonCode.SERVER_UNAVAILABLE),
+        (json_reply(200, error="database unavailable"), ReasonCode.SERVER_UNAVAILABLE),  # (not an allow)
         (json_reply(200, result="allow", publish=["a/#/b"]), ReasonCode.SERVER_UNAVAILABLE),
         (json_reply(200, result="allow", subscribe="a/b"), ReasonCode.SERVER_UNAVAILABLE),
         (lambda body: (200, b" " * (64 * 1024 + 1)), ReasonCode.SERVER_UNAVAILABLE),

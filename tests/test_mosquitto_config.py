@@ -685,3 +685,17 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert tomllib.loads(result.stdout)["endpoints"] == ["tcp:1883:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize("line, setting, value", [
+    ("max_connections 0", "max_connections", -1), ("max_connections -5", "max_connections", -1),
+    ("max_queued_messages -1", "max_queued_messages", 0), ("max_queued_bytes -1", "max_queued_bytes", 0),
+    ("max_inflight_messages -1", "max_inflight_messages", 65535),
+])
+def test_limits_mosquitto_takes_for_none_are_none_here(tmp_path: Path, line: str, setting: str, value: int) -> None:
+    """Mosquitto 2.0.11 starts with these (checked), and takes them for no limit: copied as they
+    were, the file was refused (below zero), or every connection was (a limit of 0)."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\n{line}\n")
+    assert getattr(convert(path).config(), setting) == value
+

@@ -263,13 +263,14 @@ class HttpAuthenticator:
         if not body.strip():
             return Identity(client_id=credentials.client_id, username=credentials.username)
         answer = _json_object(body)
-        result = answer.get("result", "allow")
+        # (Without a result, only an ACL allows: an error object must not let the client in.)
+        result = answer.get("result", "allow" if "publish" in answer or "subscribe" in answer else None)
         if result == "deny":
             return denied
         if result == "ignore":
             return None
         if result != "allow":
-            raise BadAnswer(f"unknown result {str(result)[:40]!r}")
+            raise BadAnswer(f"unknown result {str(result)[:40]!r}" if result is not None else "no result")
         return Identity(client_id=credentials.client_id, username=credentials.username,
                         rules=_rules(answer, credentials.client_id, credentials.username))
 
