@@ -712,3 +712,46 @@ def test_an_mqtt3_remote_message_over_bridge_max_packet_size_is_dropped_and_the_
     assert [e["topic"] for e in dropped] == ["c/big"]
     for client in (local, cloud, watcher):
         client.close()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_message_at_this_brokers_maximum_packet_size_goes_out(broker_process: Any, mosquitto: Any,
+                                                                 tmp_path: Path, qos: int) -> None:
+    """max_packet_size = 300 here, and an MQTT 3.1.1 client's PUBLISH of 300 bytes. Sent to the
+    bridge's MQTT 5 session, it is a byte longer (the properties' length): the bridge's link to
+    this broker failed on it, went down and came up again, and was sent it again (QoS 1) for
+    ever; nothing else crossed."""
+    remote = mosquitto()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["up/# out 1"], settings={"max_packet_size": 300})
+    cloud = PahoClient(remote.port)
+    cloud.subscribe("up/#", 1)
+    local = PahoClient(ours.port)
+    # 1 + 2 (remaining length) + 2 + 4 (topic) + 2 (packet id, QoS 1) + payload = 300
+    local.publish("up/x", b"p" * (289 if qos else 291), qos)
+    local.publish("up/after", b"small", 1)
+    got = [cloud.message().topic for _ in range(2)]
+    assert got == ["up/x", "up/after"]
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    assert watcher.client.message().payload == b"1" and watcher.client.no_message(1.0)  # (the link stayed up)
+    for client in (cloud, local, watcher):
+        client.close()
+
+
+def test_a_message_of_an_mqtt3_remote_at_this_brokers_maximum_packet_size_comes_in(
+        broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
+    """The other way: bridge_max_packet_size (by default max_packet_size) is the largest packet
+    taken from the remote. An MQTT 3.1.1 remote's 300 bytes were a byte more in MQTT 5, for this
+    broker: acknowledged to the remote, and dropped."""
+    remote = mosquitto()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["c/# in 1"], settings={"max_packet_size": 300})
+    local = PahoClient(ours.port)
+    local.subscribe("c/#", 1)
+    cloud = PahoClient(remote.port)
+    # 1 + 2 (remaining length) + 2 + 3 (topic) + 2 (packet id) + payload = 300
+    cloud.publish("c/x", b"p" * 290, 1)
+    cloud.publish("c/after", b"small", 1)
+    got = local.message()
+    dropped = [e["why"] for e in ours.events() if str(e.get("why", "")).startswith("larger than")]
+    assert dropped == [] and got.topic == "c/x"
+    for client in (cloud, local):
+        client.close()
