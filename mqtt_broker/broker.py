@@ -717,7 +717,8 @@ class BrokerService(MultiService):
                 self._drop_retained(message.topic)
                 continue
             # A topic replayed had its latest logged message sent, the retained one or newer.
-            if message.topic in replayed or not readable(message):
+            if message.topic in replayed or not readable(message) or (
+                    subscription.no_local and message.sender == session.client_id):  # [MQTT-3.8.3-3]
                 continue
             delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
 

@@ -755,3 +755,50 @@ def test_a_message_of_an_mqtt3_remote_at_this_brokers_maximum_packet_size_comes_
     assert dropped == [] and got.topic == "c/x"
     for client in (cloud, local):
         client.close()
+
+
+def retained_of(port: int, topic: str, version: int = mqtt.MQTTv311) -> mqtt.MQTTMessage | None:
+    client = PahoClient(port, version=version)
+    try:
+        client.subscribe(topic, 1)
+        return client.messages.get(timeout=2)
+    except queue.Empty:
+        return None
+    finally:
+        client.close()
+
+
+def test_a_retained_message_bridged_out_does_not_come_back_stale(broker_process: Any, tmp_path: Path) -> None:
+    """One bridge, `both`, MQTT 3.1.1, between two of ours. A retained v1 goes out; the link
+    breaks (the remote stopped); v2 is retained here and waits for the remote. As the link came
+    back, the remote sent the bridge its retained messages again for its SUBSCRIBE, v1 among
+    them, though it came from the bridge (No Local): v1 replaced v2 here, while the remote had v2."""
+    remote = broker_process()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["shared/# both 1"], keepalive_interval=1)
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    watcher.wait_for(b"1")
+    local = PahoClient(ours.port)
+    local.publish("shared/x", b"v1", 1, retain=True)
+    for _ in range(20):
+        got = retained_of(remote.port, "shared/x")
+        if got is not None and got.payload == b"v1":
+            break
+    else:
+        raise AssertionError("v1 never reached the remote")
+    os.kill(remote.process.pid, signal.SIGSTOP)  # (the link breaks; the remote keeps what it has)
+    try:
+        watcher.wait_for(b"0")
+        local.publish("shared/x", b"v2", 1, retain=True)
+    finally:
+        os.kill(remote.process.pid, signal.SIGCONT)
+    watcher.wait_for(b"1")
+    for _ in range(20):
+        got = retained_of(remote.port, "shared/x")
+        if got is not None and got.payload == b"v2":
+            break
+    else:
+        raise AssertionError("v2 never reached the remote")
+    here = retained_of(ours.port, "shared/x")
+    assert here is not None and here.payload == b"v2"
+    for client in (local, watcher):
+        client.close()

@@ -554,6 +554,36 @@ def test_a_replay_after_a_restart_keeps_no_local(tmp_path: Path, old_schema: boo
         yield r.stop()
 
 
+@pytest.mark.parametrize("old_schema", [False, True], ids=["new", "of-0.1.0"])
+@pytest_twisted.inlineCallbacks
+def test_a_retained_message_keeps_its_sender_for_no_local_after_a_restart(
+        tmp_path: Path, old_schema: bool) -> Iterator[Deferred[Any]]:
+    """No Local holds for retained messages too [MQTT-3.8.3-3]: a bridge with `both` was sent its
+    own retained messages back at each reconnection, an old value over a newer one after an
+    outage. The store kept no sender: after a restart the client was sent its own. A database of
+    0.1.0 is given the column (what it retained before has no sender, and is sent)."""
+    path = tmp_path / "mqttbroker.db"
+    if old_schema:
+        with closing(sqlite3.connect(str(path))) as db:
+            db.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, "
+                       "properties BLOB NOT NULL, expires_at REAL)")
+            db.execute("INSERT INTO retained VALUES ('s/before', X'6F6C64', 0, X'00', NULL)")
+            db.commit()
+    r = SQLiteRestarts(path)
+    try:
+        broker = r.start()
+        connected(broker, "me", 5).publish("s/mine", b"mine", retain=True)
+        connected(broker, "other", 5).publish("s/theirs", b"theirs", retain=True)
+        yield r.store.flushed()
+        broker = yield r.again()
+        me = connected(broker, "me", 5)
+        me.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="s/#", qos=0, no_local=True),)))
+        got = yield when_stored(r.store, me)
+        assert sorted(p.payload for p in publishes(got)) == ([b"old", b"theirs"] if old_schema else [b"theirs"])
+    finally:
+        yield r.stop()
+
+
 @pytest.mark.parametrize("qos", [1, 2])
 @pytest_twisted.inlineCallbacks
 def test_puback_and_pubrec_go_out_only_once_the_message_is_committed(

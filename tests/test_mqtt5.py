@@ -958,6 +958,19 @@ def test_no_local() -> None:
     assert payloads(client.received()) == [b"theirs"]
 
 
+def test_no_local_holds_for_retained_messages() -> None:
+    """[MQTT-3.8.3-3]: a client's own retained message is not sent to it by a subscription with No
+    Local (a bridge with `both` was sent its own back at each reconnection); another's is."""
+    broker = make_broker()
+    client = v5(broker, "c")
+    client.publish("t/own", b"own", retain=True)
+    v5(broker, "other").publish("t/theirs", b"theirs", retain=True)
+    def sent(answer: list[Any]) -> list[bytes]:
+        return sorted(p.payload for p in answer if isinstance(p, Publish))
+    assert sent(subscribe5(client, "t/#", qos=1, no_local=True)) == [b"theirs"]
+    assert sent(subscribe5(client, "t/#", qos=1, packet_id=2)) == [b"own", b"theirs"]  # (without it)
+
+
 def test_no_local_among_overlapping_subscriptions() -> None:
     """[MQTT-3.8.3-3] with [MQTT-3.3.4-3, -5]: of a client's overlapping subscriptions, only those
     without No Local take its own messages, at their QoS and with their identifiers; another

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS awaiting_pubrel (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, properties BLOB NOT NULL,
-    expires_at REAL);
+    expires_at REAL, sender TEXT);
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
     properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL, sender TEXT);
@@ -68,7 +68,8 @@ _UPDATE_DELIVERY = "UPDATE deliveries SET packet_id = ?, released = ? WHERE clie
 _DELETE_DELIVERY = "DELETE FROM deliveries WHERE client_id = ? AND seq = ?"
 _INSERT_PUBREL = "INSERT OR REPLACE INTO awaiting_pubrel (client_id, packet_id) VALUES (?,?)"
 _DELETE_PUBREL = "DELETE FROM awaiting_pubrel WHERE client_id = ? AND packet_id = ?"
-_SAVE_RETAINED = "INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?,?,?,?,?)"
+_SAVE_RETAINED = ("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at, sender) "
+                  "VALUES (?,?,?,?,?,?)")
 _DELETE_RETAINED = "DELETE FROM retained WHERE topic = ?"
 _SAVE_HISTORY = ("INSERT OR REPLACE INTO history (seq, topic, payload, qos, properties, expires_at, at, sender) "
                  "VALUES (?,?,?,?,?,?,?,?)")
@@ -224,9 +225,11 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
-            if "sender" not in {row[1] for row in db.execute("PRAGMA table_info(history)")}:
-                # (A database of 0.1.0: a replay's No Local needs the sender of each message logged.)
-                db.execute("ALTER TABLE history ADD COLUMN sender TEXT")
+            for table in ("history", "retained"):
+                if "sender" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    # (A database of 0.1.0: No Local needs the sender of a message logged or
+                    # retained, a bridge's that came back to it the most.)
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN sender TEXT")
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
@@ -281,8 +284,9 @@ class SQLiteStore:
         for client_id, packet_id in db.execute("SELECT client_id, packet_id FROM awaiting_pubrel"):
             if client_id in sessions:
                 sessions[client_id][0].expect_pubrel(packet_id)
-        retained = [_message(topic, payload, qos, True, properties, expires_at) for topic, payload, qos, properties,
-                    expires_at in db.execute("SELECT topic, payload, qos, properties, expires_at FROM retained")]
+        retained = [_message(topic, payload, qos, True, properties, expires_at, sender) for topic, payload, qos,
+                    properties, expires_at, sender in db.execute(
+                        "SELECT topic, payload, qos, properties, expires_at, sender FROM retained")]
         wills = []
         for client_id, username, topic, payload, qos, retain, properties, expires_at, due in db.execute(
                 "SELECT client_id, username, topic, payload, qos, retain, properties, expires_at, due FROM wills"):
@@ -338,7 +342,8 @@ class SQLiteStore:
         self._record(_DELETE_SUBSCRIPTION, (client_id, topic_filter))
 
     def save_retained(self, message: Message) -> None:
-        self._record(_SAVE_RETAINED, (message.topic, message.payload, message.qos, _props(message), message.expires_at))
+        self._record(_SAVE_RETAINED, (message.topic, message.payload, message.qos, _props(message), message.expires_at,
+                                      message.sender))
 
     def delete_retained(self, topic: str) -> None:
         self._record(_DELETE_RETAINED, (topic,))
