@@ -157,8 +157,8 @@ class BrokerConfig:
     persistent_client_expiration: int = _setting(
         0, "Seconds after which a disconnected session that would otherwise never expire (MQTT 3's clean "
         "session 0, MQTT 5's interval 4294967295) is discarded, as in Mosquitto; 0 for never. A session "
-        "keeps the value it was given: lowered, it applies to the sessions restored at start too; raised "
-        "or set to 0, it does not lengthen those given the old one.", 0, 0xFFFFFFFF)
+        "keeps the value it was given: set where it was 0, it applies to the sessions restored at start "
+        "that had none; changed, it does not change those given the old one.", 0, 0xFFFFFFFF)
     connect_timeout: float = _setting(
         10.0, "Seconds a new connection has to send CONNECT before it is closed, and a client "
         "without keepalive to be connected after it (enhanced authentication, hooks); 0 for no "

@@ -437,6 +437,8 @@ class _Converter:
                                        f"there can be", carried=True))
         elif key in ("max_queued_messages", "max_queued_bytes") and settings[ours] < 0:
             settings[ours] = 0
+        elif key == "max_connections" and settings[ours] < 0:  # (before any listener: 0 opens the default one)
+            settings[ours] = -1
         return True
 
     def _unsupported_line(self, source: str, number: int, text: str, key: str, value: str) -> None:

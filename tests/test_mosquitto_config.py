@@ -692,10 +692,12 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
     ("max_queued_messages -1", "max_queued_messages", 0), ("max_queued_bytes -1", "max_queued_bytes", 0),
     ("max_inflight_messages -1", "max_inflight_messages", 65535),
 ])
-def test_limits_mosquitto_takes_for_none_are_none_here(tmp_path: Path, line: str, setting: str, value: int) -> None:
+@pytest.mark.parametrize("where", ["after a listener", "before any"])
+def test_limits_mosquitto_takes_for_none_are_none_here(
+        tmp_path: Path, line: str, setting: str, value: int, where: str) -> None:
     """Mosquitto 2.0.11 starts with these (checked), and takes them for no limit: copied as they
     were, the file was refused (below zero), or every connection was (a limit of 0)."""
     path = tmp_path / "m.conf"
-    path.write_text(f"listener 1883\n{line}\n")
+    path.write_text(f"listener 1883\n{line}\n" if where == "after a listener" else f"{line}\n")
     assert getattr(convert(path).config(), setting) == value
 

@@ -9,7 +9,7 @@
 (``password`` is null when the password is not UTF-8; ``password_base64`` always carries the
 exact bytes; both are null without a password.) The answer decides:
 
-- 2xx with an empty body, or ``{"result": "allow"}``: accepted. The object may add
+- 2xx with an empty body, ``{"result": "allow"}``, or an object with an ACL alone: accepted. The object may add
   ``"publish": [filters]`` and ``"subscribe": [filters]``: the client's ACL (it replaces
   ``acl_file`` for that client; ``%c`` and ``%u`` in them are replaced by the client id and
   username as in ``acl_file`` patterns);
