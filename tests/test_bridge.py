@@ -737,26 +737,6 @@ def test_a_message_at_this_brokers_maximum_packet_size_goes_out(broker_process: 
         client.close()
 
 
-def test_a_message_of_an_mqtt3_remote_at_this_brokers_maximum_packet_size_comes_in(
-        broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
-    """The other way: bridge_max_packet_size (by default max_packet_size) is the largest packet
-    taken from the remote. An MQTT 3.1.1 remote's 300 bytes were a byte more in MQTT 5, for this
-    broker: acknowledged to the remote, and dropped."""
-    remote = mosquitto()
-    ours = bridged(broker_process, tmp_path, remote.port, topic=["c/# in 1"], settings={"max_packet_size": 300})
-    local = PahoClient(ours.port)
-    local.subscribe("c/#", 1)
-    cloud = PahoClient(remote.port)
-    # 1 + 2 (remaining length) + 2 + 3 (topic) + 2 (packet id) + payload = 300
-    cloud.publish("c/x", b"p" * 290, 1)
-    cloud.publish("c/after", b"small", 1)
-    got = local.message()
-    dropped = [e["why"] for e in ours.events() if str(e.get("why", "")).startswith("larger than")]
-    assert dropped == [] and got.topic == "c/x"
-    for client in (cloud, local):
-        client.close()
-
-
 def retained_of(port: int, topic: str, version: int = mqtt.MQTTv311) -> mqtt.MQTTMessage | None:
     client = PahoClient(port, version=version)
     try:

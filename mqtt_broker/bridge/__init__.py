@@ -275,9 +275,6 @@ class Bridge(Service):
         config = self.config
         broker = self.broker
         server = MQTTProtocol(broker, self.clock)
-        # The session is the broker's own, and carries what it took already: no client's packet
-        # limit either way (an MQTT 3 client's largest PUBLISH is a byte longer in MQTT 5).
-        server.reader.max_packet_size = MAX_REMAINING_LENGTH + 5
         if broker.security is not None:
             # The bridge's session is the broker's own: the ACLs of clients do not apply to it.
             server.identity = Identity(client_id=config.local_client_id, username=None,
@@ -285,6 +282,8 @@ class Bridge(Service):
         connect = Connect(protocol_level=MQTT_5, clean_start=False, client_id=config.local_client_id,
                           properties={"session_expiry_interval": 0xFFFFFFFF,
                                       "receive_maximum": min(self._remote_receive, 65535)})
+        # (It reads what this broker took already: an MQTT 3 client's largest PUBLISH is a byte
+        # longer in the session's MQTT 5, which a reader of max_packet_size failed on.)
         link = Link("local", connect, self.clock, MAX_REMAINING_LENGTH + 5, connected, receive, lost)
         pipe(self.clock, server, link, self.connection)
         return link
@@ -349,7 +348,6 @@ class Bridge(Service):
 
     def _local_up(self, link: Link, connack: Connack) -> None:
         """CONNACK from this broker: make the session's subscriptions those of the out topics."""
-        link.max_send_size = 0  # (its Maximum Packet Size is its clients': see _local_link)
         self._local_receive = connack.properties.get("receive_maximum", 65535)
         changes = self._subscription_changes(retain_handling=0)
         for packet in changes:
