@@ -737,15 +737,19 @@ def test_a_message_at_this_brokers_maximum_packet_size_goes_out(broker_process: 
         client.close()
 
 
-def retained_of(port: int, topic: str, version: int = mqtt.MQTTv311) -> mqtt.MQTTMessage | None:
-    client = PahoClient(port, version=version)
-    try:
-        client.subscribe(topic, 1)
-        return client.messages.get(timeout=2)
-    except queue.Empty:
-        return None
-    finally:
-        client.close()
+def retained_becomes(port: int, topic: str, payload: bytes) -> None:
+    """Wait (bounded) until a new subscriber of ``topic`` at ``port`` is sent ``payload`` retained."""
+    for _ in range(20):
+        client = PahoClient(port)
+        try:
+            client.subscribe(topic, 1)
+            if client.messages.get(timeout=2).payload == payload:
+                return
+        except queue.Empty:
+            pass
+        finally:
+            client.close()
+    raise AssertionError(f"{payload!r} never became the retained message of {topic} at {port}")
 
 
 def test_a_retained_message_bridged_out_does_not_come_back_stale(broker_process: Any, tmp_path: Path) -> None:
@@ -759,12 +763,7 @@ def test_a_retained_message_bridged_out_does_not_come_back_stale(broker_process:
     watcher.wait_for(b"1")
     local = PahoClient(ours.port)
     local.publish("shared/x", b"v1", 1, retain=True)
-    for _ in range(20):
-        got = retained_of(remote.port, "shared/x")
-        if got is not None and got.payload == b"v1":
-            break
-    else:
-        raise AssertionError("v1 never reached the remote")
+    retained_becomes(remote.port, "shared/x", b"v1")
     os.kill(remote.process.pid, signal.SIGSTOP)  # (the link breaks; the remote keeps what it has)
     try:
         watcher.wait_for(b"0")
@@ -772,13 +771,10 @@ def test_a_retained_message_bridged_out_does_not_come_back_stale(broker_process:
     finally:
         os.kill(remote.process.pid, signal.SIGCONT)
     watcher.wait_for(b"1")
-    for _ in range(20):
-        got = retained_of(remote.port, "shared/x")
-        if got is not None and got.payload == b"v2":
-            break
-    else:
-        raise AssertionError("v2 never reached the remote")
-    here = retained_of(ours.port, "shared/x")
-    assert here is not None and here.payload == b"v2"
+    retained_becomes(remote.port, "shared/x", b"v2")
+    here = PahoClient(ours.port)
+    here.subscribe("shared/x", 1)
+    assert here.message().payload == b"v2" and here.no_message(1.0)
+    here.close()
     for client in (local, watcher):
         client.close()
