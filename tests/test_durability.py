@@ -525,6 +525,15 @@ def test_sqlite_messages_for_a_restored_session_survive_the_next_restart(
     assert [m.payload for m in publishes((yield when_stored(on_disk.store, s)))] == [b"1", b"2"]
 
 
+def of_0_1_0(path: Path, table: str, row: str) -> None:
+    """A database as 0.1.0 left it: ``table`` (its CREATE TABLE, without those words) with ``row``
+    (its INSERT INTO, without those)."""
+    with closing(sqlite3.connect(str(path))) as db:
+        db.execute(f"CREATE TABLE {table}")
+        db.execute(f"INSERT INTO {row}")
+        db.commit()
+
+
 @pytest.mark.parametrize("old_schema", [False, True], ids=["new", "of-0.1.0"])
 @pytest_twisted.inlineCallbacks
 def test_a_replay_after_a_restart_keeps_no_local(tmp_path: Path, old_schema: bool) -> Iterator[Deferred[Any]]:
@@ -533,11 +542,9 @@ def test_a_replay_after_a_restart_keeps_no_local(tmp_path: Path, old_schema: boo
     has no sender column, is given one: what it logged before has no sender and is replayed."""
     path = tmp_path / "mqttbroker.db"
     if old_schema:
-        with closing(sqlite3.connect(str(path))) as db:
-            db.execute("CREATE TABLE history (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, "
-                       "qos INTEGER NOT NULL, properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL)")
-            db.execute("INSERT INTO history VALUES (1, 's/before', X'6F6C64', 0, X'00', NULL, 1.0)")
-            db.commit()
+        of_0_1_0(path, "history (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER "
+                 "NOT NULL, properties BLOB NOT NULL, expires_at REAL, at REAL NOT NULL)",
+                 "history VALUES (1, 's/before', X'6F6C64', 0, X'00', NULL, 1.0)")
     r = SQLiteRestarts(path, history_filters=["s/#"])
     try:
         broker = r.start()
@@ -564,11 +571,8 @@ def test_a_retained_message_keeps_its_sender_for_no_local_after_a_restart(
     0.1.0 is given the column (what it retained before has no sender, and is sent)."""
     path = tmp_path / "mqttbroker.db"
     if old_schema:
-        with closing(sqlite3.connect(str(path))) as db:
-            db.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, "
-                       "properties BLOB NOT NULL, expires_at REAL)")
-            db.execute("INSERT INTO retained VALUES ('s/before', X'6F6C64', 0, X'00', NULL)")
-            db.commit()
+        of_0_1_0(path, "retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, "
+                 "properties BLOB NOT NULL, expires_at REAL)", "retained VALUES ('s/before', X'6F6C64', 0, X'00', NULL)")
     r = SQLiteRestarts(path)
     try:
         broker = r.start()
