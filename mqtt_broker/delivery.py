@@ -179,17 +179,17 @@ class Delivery:
         """A message for a shared subscription's group, whose ``members`` here are these: to one
         of them, or in a cluster to a member on another node if none here may have it, or if
         those here are all offline and another node has one connected (connected members
-        first, as on one broker). ``pool``: as in ``deliver_shared``."""
+        first, as on one broker). ``pool``: theirs, as ``shared_pool`` gave it."""
         if pool is None:
             pool = self.shared_pool(message.topic, members) if members else []
         forwarding = self.forwarding
         if forwarding is None or message.topic.startswith("$SYS/"):  # ($SYS: each node's stays its own)
-            return self.deliver_shared(message, share, pool, pool) if pool else 0  # (the pool, chosen from)
+            return self._deliver_to(message, share, pool) if pool else 0
         if not pool:
             return forwarding.hand_on(message, share)
         if self.sessions[pool[0].client_id].connection is None and forwarding.hand_on(message, share, awake_only=True):
             return 1
-        return self.deliver_shared(message, share, pool, pool)
+        return self._deliver_to(message, share, pool)
 
     def handed(self, message: Message, shares: tuple[tuple[str, str], ...], declined: tuple[str, ...] = ()) -> int:
         """A message that other nodes, ``declined``, had no member of these shared subscriptions
@@ -233,15 +233,14 @@ class Delivery:
             if dropped:
                 self.store.drop_history(dropped)
 
-    def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription],
-                       pool: list[Subscription] | None = None) -> int:
+    def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         """One member of a shared group gets the message: connected members in turn, or an
-        offline member's session if none is connected. ``pool``: those, as ``shared_pool`` gave
-        them for the message's topic."""
-        if pool is None:
-            pool = self.shared_pool(message.topic, members)
-        if not pool:
-            return 0
+        offline member's session if none is connected."""
+        pool = self.shared_pool(message.topic, members)
+        return self._deliver_to(message, share, pool) if pool else 0
+
+    def _deliver_to(self, message: Message, share: tuple[str, str], pool: list[Subscription]) -> int:
+        """``deliver_shared`` to a member of ``pool``, as ``shared_pool`` gave it (not empty)."""
         sessions = self.sessions
         chosen = pool[self._share_turns.next(share) % len(pool)]
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
