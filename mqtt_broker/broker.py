@@ -10,6 +10,7 @@ the ``paused``/``send_quota``/``identity`` attributes).
 from __future__ import annotations
 
 import resource
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -330,7 +331,12 @@ class BrokerService(MultiService):
         recent = self._connects.get(key)
         if recent is None or now - recent[0] >= 60:
             if len(self._connects) >= 100_000:  # forget the old windows now and then
-                self._connects = {k: v for k, v in self._connects.items() if now - v[0] < 60}
+                kept = {k: v for k, v in self._connects.items() if now - v[0] < 60}
+                if len(kept) > 50_000:
+                    # A flood of new ids: the latest half stays, or each CONNECT would copy the
+                    # table. An id dropped early gets a new minute: stricter it cannot be.
+                    kept = dict(islice(kept.items(), len(kept) - 50_000, None))
+                self._connects = kept
             self._connects[key] = (now, 1)
             return True
         if recent[1] >= limit:
@@ -649,6 +655,8 @@ class BrokerService(MultiService):
             self.cluster.released(client_id)
 
     def _discard(self, session: Session) -> None:
+        cancel(session.expiry_call)  # (a Clean Start ends a session that was waiting to expire)
+        session.expiry_call = None
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:

@@ -339,6 +339,18 @@ def test_clean_start_discards_existing_session() -> None:
     assert list(broker.subscriptions) == []
 
 
+def test_clean_start_ends_the_old_sessions_expiry_timer() -> None:
+    """The session a Clean Start ends takes its expiry timer with it: each reconnect left one,
+    holding the old session, for as long as its expiry interval."""
+    broker = make_broker()
+    for _ in range(3):
+        client, _ = connect5(broker, "c", clean=True, properties=persistent(86_400))
+        client.lose()
+    assert len(broker.clock.getDelayedCalls()) == 2  # the last session's expiry, the keepalives'
+    again, _ = connect5(broker, "c", clean=True, properties=persistent(86_400))
+    assert len(broker.clock.getDelayedCalls()) == 1
+
+
 def test_clean_start_zero_resumes_existing_session() -> None:
     """[MQTT-3.1.2-5] [MQTT-3.2.2-3]: Clean Start 0 with a session: Session Present 1, its
     subscriptions still deliver."""

@@ -652,6 +652,16 @@ def test_counting_connections_per_minute_keeps_no_client_id() -> None:
     assert held.bytes < 200 * 1_000, held.bytes  # (2 MB with the ids)
 
 
+def test_counting_connections_per_minute_is_bounded_when_every_id_is_new() -> None:
+    """A flood of new ids within a minute: the table stays bounded, and is not copied whole at
+    each CONNECT (it was, past 100,000, for as long as they were all under a minute old)."""
+    broker = make_broker(max_connections_per_minute=1)
+    for n in range(100_200):
+        assert broker.connect_allowed(f"id-{n}")
+    assert len(broker._connects) <= 100_000
+    assert not broker.connect_allowed("id-100199")  # the latest ids are still counted
+
+
 def test_subscriptions_per_client() -> None:
     broker = make_broker(max_subscriptions_per_client=2)
     sub = connected(broker, "sub")
