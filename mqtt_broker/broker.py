@@ -483,6 +483,12 @@ class BrokerService(MultiService):
                 self.wills.publish(client, will, connection.identity)
             self._notify_disconnect(client, False)
 
+    def moved_away(self, client_id: str) -> bool:
+        """Whether the client's session here is the copy of one another node of the cluster
+        has claimed (kept until the routes settle, see ``let_go``): not this broker's to show or
+        change."""
+        return self.cluster is not None and self.cluster.moved_away(client_id)
+
     def forget_session(self, client_id: str, session: Session | None = None, ended: bool = False) -> None:
         """Forget a copy of a session another node of the cluster holds, or the store (a service
         started again) (``session``: only if it is that copy), without a word to the store; ``ended``: the session ended with the other

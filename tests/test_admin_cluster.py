@@ -9,6 +9,7 @@ own, which shows none of it and imports nothing of the cluster.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import urllib.parse
@@ -301,6 +302,36 @@ def test_api_locates_a_client_on_any_node(nodes: tuple[Cluster, dict[str, Admin]
     assert admins["a"].call("GET", path, key=None).status == 401
 
 
+def test_a_session_that_moved_is_not_shown_or_changed_by_its_old_node(nodes: tuple[Cluster, dict[str, Admin]]) -> None:
+    """The copy a node keeps of a session another node claimed (for what is still routed to it,
+    until the routes settle: 13 s by default) is not its client: its API answered for it, took a
+    subscription that then went nowhere, and its figures counted it beside the new owner's."""
+    cluster, admins = nodes
+    first = PahoClient(cluster["b"].port, "moved-away", clean=False)
+    first.subscribe("movedaway/#", 1)
+    first.close()
+    settled(cluster, "b", "movedaway/#")
+    before = admins["b"].call("GET", "/api/v1/stats").body
+    moved = PahoClient(cluster["a"].port, "moved-away", clean=False)
+    try:
+        assert moved.flags.session_present
+        b = admins["b"]
+        wait_until(lambda: b.call("GET", "/api/v1/clients/moved-away").status == 404,
+                   "b to stop answering for the session it gave up", 3)
+        assert "on another node" in b.call("GET", "/api/v1/clients/moved-away").body["error"]
+        added = b.call("POST", "/api/v1/clients/moved-away/subscriptions", {"topic_filter": "adminsub/#", "qos": 1})
+        assert added.status == 404
+        assert "moved-away" not in [c["client_id"] for c in b.call("GET", "/api/v1/clients").body["items"]]
+        assert b.call("GET", "/api/v1/subscriptions?q=movedaway").body["items"] == []
+        stats = b.call("GET", "/api/v1/stats").body
+        assert stats["clients_disconnected"] == before["clients_disconnected"] - 1
+        assert stats["subscriptions"] == before["subscriptions"] - 1
+        a = admins["a"].call("GET", "/api/v1/clients/moved-away")
+        assert a.status == 200 and a.body["connected"] is True
+    finally:
+        moved.close()
+
+
 def test_openapi_document_of_a_node_is_valid(nodes: tuple[Cluster, dict[str, Admin]]) -> None:
     cluster, admins = nodes
     document = admins["a"].call("GET", "/api/v1/openapi.json", key=None).body
@@ -388,6 +419,61 @@ def test_a_node_in_process_reports_without_waiting_for_redis(server: RedisServer
         assert [(n["id"], n["alive"], n["clients"], n["filters"]) for n in body["nodes"]] == [("solo", True, 1, 1)]
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stats_ask_redis_for_the_inbox_lag_without_sys_topics(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """With $SYS off and no scrape, /stats was the only reader, and it never asked: null for ever."""
+    server.client().flushall()
+    broker = BrokerService(endpoints=[], reactor=reactor, cluster=server.url, cluster_node_id="quiet",
+                           sys_interval=0, http_api_keys=["ci:" + hash_key(KEY)], close_linger=0)
+    broker.startService()
+    try:
+        yield broker.cluster.ready
+        assert api_call(broker, "/api/v1/stats")[1]["cluster"]["inbox_lag"] is None  # not asked yet
+        for _ in range(500):  # bounded: Redis's answer
+            if api_call(broker, "/api/v1/stats")[1]["cluster"]["inbox_lag"] is not None:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert api_call(broker, "/api/v1/stats")[1]["cluster"]["inbox_lag"] == 0
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_is_not_ready_while_redis_answers_no_heartbeat() -> Iterator[Deferred[Any]]:
+    """A Redis that stalls (here stopped with SIGSTOP) keeps its connections: the node said it was
+    ready while every CONNECT waited for Redis and was refused after cluster_claim_timeout."""
+    server = RedisServer()
+    clock = Clock()
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, clock=clock,
+                           cluster=server.url, cluster_node_id="stalled", cluster_heartbeat=1.0,
+                           cluster_missed_heartbeats=3, sys_interval=0, close_linger=0)
+    broker.startService()
+    try:
+        yield broker.cluster.ready
+        assert api_call(broker, "/api/v1/ready", key=None)[0] == 200
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                clock.advance(1.0)  # heartbeats that get no answer
+                assert api_call(broker, "/api/v1/ready", key=None)[0] == 200  # not silent for long yet
+            clock.advance(1.0)
+            status, body, _ = api_call(broker, "/api/v1/ready", key=None)
+            assert (status, body) == (503, {"ready": False, "reason": "Redis has answered no heartbeat for 4 s: "
+                                                                       "new connections wait for it"})
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        clock.advance(1.0)
+        for _ in range(500):  # bounded: the heartbeat's answer, now that Redis runs again
+            if api_call(broker, "/api/v1/ready", key=None)[0] == 200:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert api_call(broker, "/api/v1/ready", key=None)[0] == 200
+    finally:
+        yield broker.stopService()
+        server.close()
 
 
 # --- the API's answers, from a stand-in cluster ---------------------------------------------------

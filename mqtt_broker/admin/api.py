@@ -234,6 +234,9 @@ class ApiResource(Resource):
         session = self.broker.sessions.get(client_id)
         if session is None:
             raise ApiError(404, f"no client or session {client_id!r}")
+        if self.broker.moved_away(client_id):
+            raise ApiError(404, f"the session of {client_id!r} is on another node now "
+                                f"(/api/v1/cluster/clients/{{client_id}} says which)")
         return session
 
     # --- probes and description -------------------------------------------------------------
@@ -285,10 +288,12 @@ class ApiResource(Resource):
         if version not in (None, "3", "4", "5"):
             raise ApiError(400, "query parameter 'protocol_version' must be 3, 4 or 5")
         username = str_arg(request, "username")
-        sessions = self.broker.sessions
+        sessions, moved_away = self.broker.sessions, self.broker.moved_away
         items = []
         for client_id in sorted(sessions):
             session = sessions[client_id]
+            if moved_away(client_id):
+                continue
             connection = session.connection
             client = connection.client if connection is not None else None
             if connected is not None and (connection is not None) != (connected == "true"):
@@ -371,13 +376,14 @@ class ApiResource(Resource):
     def _list_subscriptions(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         client_id = str_arg(request, "client_id")
         query = str_arg(request, "q")
+        moved_away = self.broker.moved_away
         if client_id is None:
             subscriptions: Iterable[Subscription] = self.broker.subscriptions
         else:  # (the dashboard asks for its selected client's every 2 s: not a walk of every one)
             session = self.broker.sessions.get(client_id)
             subscriptions = session.subscriptions.values() if session is not None else ()
-        items = sorted((s for s in subscriptions if query is None or query in s.topic_filter),
-                       key=lambda s: (s.client_id, s.topic_filter))
+        items = sorted((s for s in subscriptions if (query is None or query in s.topic_filter)
+                        and not moved_away(s.client_id)), key=lambda s: (s.client_id, s.topic_filter))
         return 200, page(request, items, subscription_json)
 
     def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:

@@ -203,8 +203,11 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
     """The figures of ``broker`` now; ``started_at`` (clock time) gives the uptime, ``inbox_lag``
     a cluster node's last known inbox lag."""
     stats = broker.stats
-    connected = disconnected = queued = queued_bytes = inflight = inflight_bytes = 0
+    connected = disconnected = queued = queued_bytes = inflight = inflight_bytes = moved_subscriptions = 0
     for session in broker.sessions.values():
+        if broker.cluster is not None and broker.moved_away(session.client_id):
+            moved_subscriptions += len(session.subscriptions)  # (still routed to, until the routes settle)
+            continue
         if session.connection is not None:
             connected += 1
         else:
@@ -236,7 +239,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         resent=stats.resent, packets_received=stats.packets_received,
         packets_sent=stats.messages_sent + stats.resent + stats.control_packets_sent,
         bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
-        subscriptions=broker.subscriptions.count, retained=len(broker.retained),
+        subscriptions=broker.subscriptions.count - moved_subscriptions, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,
         stored_bytes=broker.retained.bytes + queued_bytes + inflight_bytes, connects=stats.connects,
         memory=memory, memory_maximum=max(memory, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
@@ -245,11 +248,15 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
 
 
 def cluster_figures(cluster: Any, inbox_lag: InboxLag | None) -> ClusterFigures:
+    """A cluster node's figures; ``inbox_lag`` is asked again for the next reading."""
     stats = cluster.stats
+    lag = inbox_lag.value if inbox_lag is not None else None
+    if inbox_lag is not None:
+        inbox_lag.refresh()
     return ClusterFigures(
         node=cluster.node, nodes=len(cluster.nodes) + 1, forwarded_out=stats.forwarded_out,
         forwarded_in=stats.forwarded_in, redirected=stats.redirected, claims=stats.claims, adopted=stats.adopted,
-        inbox_lag=inbox_lag.value if inbox_lag is not None else None)
+        inbox_lag=lag)
 
 
 def bridge_figures(bridge: Any) -> BridgeFigures:

@@ -124,10 +124,7 @@ class BrokerCollector:
         self.operations = operations
 
     def collect(self) -> Iterator[Metric]:
-        inbox_lag = self.operations.inbox_lag
-        f = figures.read(self.broker, self.operations.started_at, inbox_lag)
-        if inbox_lag is not None:
-            inbox_lag.refresh()  # for the next scrape, should $SYS be off
+        f = figures.read(self.broker, self.operations.started_at, self.operations.inbox_lag)
         yield _gauge("mqtt_uptime_seconds", "Seconds since the broker started.", f.uptime)
         c = CounterMetricFamily("mqtt_messages_received", "PUBLISHes from clients routed, by QoS.", labels=["qos"])
         for qos, count in enumerate(f.publish_received):
@@ -200,7 +197,7 @@ def _cluster(c: figures.ClusterFigures) -> Iterator[Metric]:
     yield _counter("mqtt_cluster_adopted", "Sessions adopted from dead nodes.", c.adopted)
     if c.inbox_lag is not None:
         yield _gauge("mqtt_cluster_inbox_lag", "Entries of this node's inbox not yet read or not yet handled, "
-                     "as Redis said at the last $SYS update or scrape.", c.inbox_lag)
+                     "as Redis said at the last reading ($SYS, a scrape, /stats).", c.inbox_lag)
 
 
 def _bridges(bridges: list[figures.BridgeFigures]) -> Iterator[Metric]:

@@ -165,8 +165,6 @@ class SysTopics(Service):
         """Work the values out now and publish those that changed (all of them the first time)."""
         now = self.broker.clock.seconds()
         reading = figures.read(self.broker, self._started_at(), self._inbox_lag)
-        if self._inbox_lag is not None:
-            self._inbox_lag.refresh()  # for the next update
         current = values(reading)
         counters = {name: count(reading) for name, count in LOADS}
         first = self._last is None

@@ -143,6 +143,9 @@ class Cluster:
             return "the cluster node has not joined yet (Redis not reached)"
         if self._down_since is not None:
             return "Redis is unreachable: new connections wait for it"
+        silent = self.clock.seconds() - self.survivor.answered_at
+        if silent > self.survivor.ttl_ms / 1000:
+            return f"Redis has answered no heartbeat for {silent:.0f} s: new connections wait for it"
         return None
 
     def _still_joining(self) -> None:
@@ -620,6 +623,10 @@ class Cluster:
         else:
             self.clock.callLater(self._settle, self._forget_copy, client_id, session, False)
 
+    def moved_away(self, client_id: str) -> bool:
+        """Whether the client's session here is a copy kept after another node claimed it."""
+        return self.store.given_up(client_id)
+
     def _forget_copy(self, client_id: str, session: Session, ended: bool) -> None:
         self.broker.forget_session(client_id, session, ended=ended)
         if client_id not in self.store.epochs:  # (not claimed back meanwhile)
@@ -657,7 +664,7 @@ class Cluster:
         # before it could have reconnected and beaten again.
         self.survivor.judge_after(self.survivor.ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY)
         if self.started:
-            self.store.register(self.survivor.ttl_ms).addErrback(lambda _: None)  # (gone again: the next beat registers)
+            self.survivor.register()  # (gone again: the next beat registers)
             self._announce_all()
             self._read_inbox_again()
 

@@ -301,6 +301,10 @@ class RedisStore:
         self.since_stamps.pop(client_id, None)
         self._record("x", client_id)
 
+    def given_up(self, client_id: str) -> bool:
+        """Whether another node claimed the client and this node still keeps a copy."""
+        return client_id in self._given_up
+
     def forgotten(self, client_id: str) -> None:
         """This node's copy of a session another node claimed is gone."""
         self._given_up.pop(client_id, None)

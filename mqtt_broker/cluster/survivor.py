@@ -41,9 +41,13 @@ class Survivor:
         self._judge_after = 0.0
         """Clock time before which no node is judged dead (after this node's own outage)."""
         self._adopting: set[str] = set()
+        self.answered_at = 0.0
+        """Clock time of the last heartbeat Redis answered: a Redis that stalls keeps the
+        connection up and answers nothing (see ``Cluster.unready``)."""
 
     def start(self) -> None:
         """Beat from now on; judge others once they could have beaten since this node joined."""
+        self.answered_at = self.cluster.clock.seconds()  # (the joining's registration just was)
         self.judge_after(self.ttl_ms / 1000)
         self._heartbeat.start(self.cluster.broker.config.cluster_heartbeat, now=False)
 
@@ -70,8 +74,14 @@ class Survivor:
         if not cluster.redis.up:
             return
         # (a member again if it was taken for dead and dropped: paused longer than its lives)
-        cluster.store.register(self.ttl_ms).addErrback(lambda _: None)
+        self.register()
         self.check_nodes().addErrback(self.failed)
+
+    def register(self) -> None:
+        """Join the members again, and beat."""
+        def answered(_: Any) -> None:
+            self.answered_at = self.cluster.clock.seconds()
+        self.cluster.store.register(self.ttl_ms).addCallbacks(answered, lambda _: None)
 
     @inlineCallbacks
     def check_nodes(self, now_judge: bool = False) -> Any:
