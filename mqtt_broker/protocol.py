@@ -214,6 +214,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if not broker.batching and broker.unflushed:
                 broker.flush_writes()
 
+    def heard(self) -> None:
+        """Part of a large packet arrived that the transport holds for now (a WebSocket frame
+        waiting for its end): it counts for the keepalive, as it would as bytes of the packet."""
+        if self._keep_alive:
+            self._last_seen = self.clock.seconds()
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
             log.info("connection {client_id} from {peer} lost: {reason}",

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .keepalive import cancel
+from .protocol import LARGE_PACKET_PROGRESS
 
 log = Logger()
 
@@ -301,6 +302,8 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
                 wait = False  # too large (autobahn closes with 1009), or large enough to stream
                 break
             if stop > end:
+                if stop - end > LARGE_PACKET_PROGRESS:  # as over TCP, unseen by MQTT meanwhile
+                    self.mqtt.heard()
                 break
             payloads.append(_unmask(buffer[start:stop], buffer[start - 4:start]))
             inside = not first & 0x80

@@ -14,8 +14,10 @@ import pytest
 import pytest_twisted
 from auth_helpers import LogCapture
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.testing import MemoryReactorClock
 
 import mqtt_broker.auth as auth
+from mqtt_broker import BrokerService
 from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
 from mqtt_broker.auth.passwords import PasswordFile, PasswordHash
 from mqtt_broker.config import BrokerConfig, ConfigError
@@ -132,6 +134,30 @@ async def test_allow_anonymous(files: Path) -> None:
     assert await answer(opened, credentials(None, None)) == Identity(client_id="c1", username=None)
     # An unknown user is not anonymous: refused either way.
     assert refused(await answer(opened, credentials("carol", b"x")), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+
+
+def anonymous_warnings(**settings: Any) -> list[str]:
+    """The start-up warnings of a broker with these settings that anonymous clients get in."""
+    with LogCapture() as logged:
+        broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), **settings)
+        broker.startService()
+        broker.stopService()
+    return [line for line in logged.lines if "allow_anonymous is true" in line]
+
+
+@pytest.mark.parametrize("authenticator", ["password_file", "jwt_secret_file", "http_auth_url"])
+def test_a_broker_warns_at_start_up_when_an_authenticator_lets_anonymous_clients_in(
+        files: Path, authenticator: str) -> None:
+    """docs/security.md: the broker warns at start-up when an authenticator is configured and
+    anonymous clients are still let in (allow_anonymous is true by default, as in Mosquitto 1)."""
+    (files / "secret").write_bytes(b"s" * 40)
+    value = {"password_file": str(files / "pw"), "jwt_secret_file": str(files / "secret"),
+             "http_auth_url": "http://127.0.0.1:9/auth"}[authenticator]
+    [warning] = anonymous_warnings(**{authenticator: value})
+    assert "clients without a username are accepted" in warning
+    assert anonymous_warnings(**{authenticator: value, "allow_anonymous": True}) == [warning]
+    assert anonymous_warnings(**{authenticator: value, "allow_anonymous": False}) == []
+    assert anonymous_warnings() == anonymous_warnings(allow_anonymous=True) == []  # (no authenticator)
 
 
 @pytest_twisted.ensureDeferred

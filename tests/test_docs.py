@@ -138,6 +138,30 @@ def test_the_readme_examples_that_need_no_network_run() -> None:
     assert ran
 
 
+def test_the_readme_embedded_example_refuses_what_its_hook_does_not_want() -> None:
+    """The README's embedded broker, on a free port and without ``reactor.run()``: its hook keeps
+    secret/ messages from the subscribers and lets the rest through."""
+    from protocol_helpers import connected
+    from mqtt_broker.wire import Publish
+
+    [text] = [text for page, text in _blocks("python") if page == "README.md" and "on_publish" in text]
+    assert '"tcp:1883"' in text and text.rstrip().endswith("reactor.run()")
+    scope: dict[str, Any] = {}
+    exec(compile(text.replace('"tcp:1883"', '"tcp:0:interface=127.0.0.1"').rstrip().removesuffix("reactor.run()"),
+                 "README.md", "exec"), scope)
+    broker = scope["broker"]
+    try:
+        subscriber = connected(broker, "sub")
+        subscriber.subscribe("#", qos=1)
+        publisher = connected(broker, "pub")
+        publisher.publish("secret/plans", b"no", qos=1)
+        publisher.publish("sensors/kitchen", b"21.5")
+        assert [(p.topic, p.payload) for p in subscriber.received() if isinstance(p, Publish)] == [
+            ("sensors/kitchen", b"21.5")]
+    finally:
+        broker.stopService()
+
+
 @pytest.mark.parametrize("page,text", TOML, ids=[f"{page}-{n}" for n, (page, _) in enumerate(TOML)])
 def test_toml_examples_are_valid_settings(page: str, text: str) -> None:
     BrokerConfig.from_mapping(tomllib.loads(text), page)

@@ -364,6 +364,31 @@ def test_delayed_will_survives_a_restart_and_fires_at_its_time(restarts: Restart
     assert watcher.received() == []
 
 
+def test_a_clean_stop_publishes_the_wills_of_the_clients_connected_then(restarts: Restarts) -> None:
+    """docs/durability.md: a clean stop closes every connection first, so that their wills go as
+    when a connection is lost: at once, or after their delay (kept meanwhile, and published after
+    the restart)."""
+    broker = restarts.start()
+    watcher = connected(broker, "watcher", 4, clean=False)
+    subscribe(watcher, "wills/#", qos=1)
+    watcher.received()
+    connected(broker, "now", 4, will=Will(topic="wills/now", payload=b"now", qos=1))
+    connected(broker, "later", 5, clean=False, properties={"session_expiry_interval": 300},
+              will=Will(topic="wills/later", payload=b"later", qos=1, properties={"will_delay_interval": 30}))
+    restarts.stop()  # at t=0, with all three connected
+    restarts.reactor.advance(10)
+    broker = restarts.start()
+    watcher, _ = reconnect(broker, "watcher")
+    restarts.reactor.advance(0)
+    (now,) = publishes(watcher.received())
+    assert now.payload == b"now"
+    watcher.send(Puback(packet_id=now.packet_id))
+    restarts.reactor.advance(19)
+    assert watcher.received() == []
+    restarts.reactor.advance(2)
+    assert [m.payload for m in publishes(watcher.received())] == [b"later"]
+
+
 def test_delayed_will_due_while_the_broker_was_down_fires_at_start(restarts: Restarts) -> None:
     broker = restarts.start()
     will = Will(topic="wills/w", payload=b"gone", qos=0, properties={"will_delay_interval": 30})
