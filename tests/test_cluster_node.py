@@ -1482,6 +1482,8 @@ def test_a_restarted_node_does_not_queue_again_a_message_its_session_has(server:
         queued = [i.message.payload for i in second.sessions["s"].queue]
         assert queued == [b"once"], f"s holds the QoS 2 message {len(queued)} times: {queued}"
         assert redis.hlen("mqtt:deliv:s") == 1
+        # Adopted from dead x by a; taken back by a itself after its restart: not adopted again.
+        assert (first.cluster.stats.adopted, second.cluster.stats.adopted) == (1, 0)
     finally:
         if second is not None:
             yield second.stopService()

@@ -156,8 +156,8 @@ class Survivor:
                 # again may hold what they have, the mark of an entry dropped as a copy lost)
                 cluster.moved_here(client_id)
                 adopted += 1
-            cluster.stats.adopted += adopted
             if dead != here:
+                cluster.stats.adopted += adopted
                 log.info("adopted {count} sessions of node {dead}, which is gone", count=adopted, dead=dead)
                 yield self._drain(dead, former)
                 # Nodes that had not yet heard of the death may still have written to the dead
