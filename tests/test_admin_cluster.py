@@ -448,7 +448,8 @@ def test_a_node_is_not_ready_while_redis_answers_no_heartbeat() -> Iterator[Defe
     clock = Clock()
     broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, clock=clock,
                            cluster=server.url, cluster_node_id="stalled", cluster_heartbeat=1.0,
-                           cluster_missed_heartbeats=3, sys_interval=0, close_linger=0)
+                           cluster_missed_heartbeats=3, sys_interval=0, close_linger=0,
+                           http_api_keys=["ci:" + hash_key(KEY)])
     broker.startService()
     try:
         yield broker.cluster.ready
@@ -463,6 +464,10 @@ def test_a_node_is_not_ready_while_redis_answers_no_heartbeat() -> Iterator[Defe
             status, body, _ = api_call(broker, "/api/v1/ready", key=None)
             assert (status, body) == (503, {"ready": False, "reason": "Redis has answered no heartbeat for 4 s: "
                                                                        "new connections wait for it"})
+            # What would ask Redis is not asked (and is not left to wait for it on the connection).
+            status, body, _ = api_call(broker, "/api/v1/cluster/nodes")
+            assert body is not None, "the answer waits for Redis"
+            assert status == 503 and body["error"].startswith("Redis has answered no heartbeat")
         finally:
             server.process.send_signal(signal.SIGCONT)
         clock.advance(1.0)
@@ -496,6 +501,9 @@ class StandInCluster:
     def __init__(self, node: str = "here") -> None:
         self.node = node
         self.store = StandInStore()
+
+    def unready(self) -> str | None:
+        return None
 
 
 def test_api_answers_503_when_redis_is_slow_and_drops_the_late_answer() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import queue
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -164,5 +165,14 @@ def test_dashboard_of_a_cluster_node(browser: webdriver.Chrome) -> None:
         client.close()
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == []
+        # Redis stalls: the panel says so, and the rest of the page is not taken for unreachable.
+        assert cluster.redis.process is not None
+        cluster.redis.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(browser, lambda d: "Redis" in d.find_element(By.ID, "cluster-count").text,
+                     "the cluster panel never said Redis was out of reach", timeout=20)
+            assert not browser.find_element(By.ID, "message").is_displayed()
+        finally:
+            cluster.redis.process.send_signal(signal.SIGCONT)
     finally:
         cluster.close()

@@ -459,9 +459,14 @@ class ApiResource(Resource):
     # --- the cluster ------------------------------------------------------------------------------
 
     def _cluster(self) -> Any:
+        """The cluster, to ask Redis something: 503 at once while the node knows Redis out of
+        reach (a question would wait for REDIS_TIMEOUT, and on the connection after it)."""
         cluster = self.broker.cluster
         if cluster is None:
             raise ApiError(404, "this broker is not a node of a cluster (its cluster setting is empty)")
+        unready = cluster.unready()
+        if unready is not None:
+            raise ApiError(503, unready)
         return cluster
 
     def _from_redis(self, asked: Deferred[Any]) -> Deferred[Any]:

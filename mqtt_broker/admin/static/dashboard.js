@@ -252,7 +252,15 @@ function treeNode(node, payloads) {
 async function refreshCluster(stats) {
   const panel = $("cluster-panel");
   if (!stats.cluster) { panel.hidden = true; return; }
-  const answer = await api("/cluster/nodes");
+  let answer;
+  try {
+    answer = await api("/cluster/nodes");
+  } catch (e) {
+    if (e.status !== 503) throw e;
+    // Redis out of reach: the rest of the page is this node's and goes on; the rows are the last known.
+    $("cluster-count").textContent = e.message + " (the nodes as last known)";
+    return;
+  }
   const alive = answer.nodes.filter((n) => n.alive).length;
   $("cluster-count").textContent = alive + " of " + answer.nodes.length + " nodes alive";
   $("cluster").tBodies[0].replaceChildren(...answer.nodes.map((n) => el("tr", { class: "node", "data-node-id": n.id },
