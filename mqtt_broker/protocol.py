@@ -259,10 +259,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return
         if len(message) > 256:  # (one quoting a client's 64 KiB topic: a reason string holds no more)
             message = message[:253] + "..."
+        connack_sent = not self.connack_held()
         self._forget_unstored()
         if self.state is State.CONNECTED and reason >= 0x80:
             tally(self.stats.closed_by_reason, reason.name)
-            if self.version == MQTT_5:
+            if self.version == MQTT_5 and connack_sent:  # not before the CONNACK [MQTT-3.14.0-1]
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
         if not routine or self.broker.config.connection_messages:
             log.info("closing connection {client_id} from {peer}: {reason}",
@@ -635,9 +636,25 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     def _pingresp(self) -> None:
         self.stats.control_packets_sent += 1
-        # Ahead of what waits for the store, which nothing orders it after: a client held behind
-        # a failing disk keeps its connection.
-        self._write_now(_PINGRESP)
+        # Ahead of what waits for the store, which nothing orders it after (a client held behind
+        # a failing disk keeps its connection), but the CONNACK [MQTT-3.2.0-1].
+        if self.connack_held():
+            self.write(_PINGRESP)
+        else:
+            self._write_now(_PINGRESP)
+
+    def write_connack(self, data: bytes) -> None:
+        """Write the CONNACK that accepts the connection. Held for the store, it stays the first
+        packet all the same: a PINGRESP waits behind it [MQTT-3.2.0-1], and the connection ends
+        without a DISCONNECT before it [MQTT-3.14.0-1]."""
+        self.write(data)
+        if self._unstored:
+            self._unstored[-1].connack = True
+
+    def connack_held(self) -> bool:
+        """Whether the connection's CONNACK waits for the store (see ``wait_for_store``)."""
+        unstored = self._unstored
+        return bool(unstored) and unstored[0].connack  # type: ignore[index]  # (not None when true)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
         # Only a normal disconnection discards the will [MQTT-3.14.4-3]; MQTT 5's 0x04 and
@@ -677,7 +694,7 @@ classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
 class _Unstored:
     """Writes of one connection that wait for one batch of the store."""
 
-    __slots__ = ("data", "size", "sent", "generation", "exact")
+    __slots__ = ("data", "size", "sent", "generation", "exact", "connack")
 
     def __init__(self, generation: int, exact: bool) -> None:
         self.data: list[bytes] = []
@@ -687,6 +704,8 @@ class _Unstored:
         """The store's ``generation`` when this batch was waited for."""
         self.exact = exact
         """It holds a step of a QoS 2 exchange: sent only once the store has the batch."""
+        self.connack = False
+        """It holds the connection's CONNACK, which every other packet must follow."""
 
 
 __all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "describe"]

@@ -1333,6 +1333,45 @@ def test_a_hooks_refusal_keeps_its_code_whatever_the_store_does(version: int) ->
     assert got == ([(1, 0x80), (2, 0x97)] if version == 5 else [(2, 0)])
 
 
+def stored_session_of(client_id: str, store: HeldStore) -> BrokerService:
+    """A broker on ``store`` with a stored session of ``client_id``, its client gone."""
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, close_linger=0)
+    old = connected(broker, client_id, 5, clean=False, properties={"session_expiry_interval": NEVER})
+    old.lose()
+    if store.generation in store.waiting:
+        store.write(store.generation)
+    store.generation += 1
+    assert broker.sessions[client_id].stored
+    return broker
+
+
+def test_a_pingresp_does_not_overtake_a_connack_held_for_the_store() -> None:
+    """A clean start that ends a stored session holds its CONNACK until the end is stored; a
+    PINGREQ sent right after the CONNECT was answered first [MQTT-3.2.0-1]."""
+    store = HeldStore()
+    broker = stored_session_of("c", store)
+    client = FakeClient(broker, 5)
+    client.send(Connect(client_id="c", clean_start=True, protocol_level=5), Pingreq())
+    assert client.received() == []
+    store.write(store.generation)
+    assert [type(p) for p in client.received()] == [Connack, Pingresp]
+
+
+def test_a_connection_ended_while_its_connack_is_held_gets_no_disconnect() -> None:
+    """Taken over before its CONNACK went out, a connection got a DISCONNECT alone, which may not
+    come before a CONNACK [MQTT-3.14.0-1]: it is closed without one."""
+    store = HeldStore()
+    broker = stored_session_of("c", store)
+    first = FakeClient(broker, 5)
+    first.send(Connect(client_id="c", clean_start=True, protocol_level=5))
+    assert first.received() == []
+    second = FakeClient(broker, 5)
+    second.send(Connect(client_id="c", clean_start=True, protocol_level=5))
+    store.write(store.generation)
+    assert first.received() == [] and first.closed
+    assert isinstance(second.received()[0], Connack)
+
+
 def test_without_a_store_a_service_started_again_keeps_its_timers() -> None:
     """An embedding application may stop the service and start it again: sessions kept in
     memory still expire (counted from the new start), and a delayed will is still published."""
