@@ -18,6 +18,7 @@ from typing import Any, Callable, Final
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress, ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
 )
@@ -80,7 +81,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
-        "_unstored", "_acks", "_bridge", "transport", "connected", "_inherited_pubrels",
+        "_unstored", "_acks", "_bridge", "transport", "connected", "_inherited_pubrels", "_ended",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -146,6 +147,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         Maximum, which starts afresh with each connection (MQTT 5, 4.9)."""
         self._bridge = False
         """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
+        self._ended: Failure | None = None
+        """Why the transport ended while a hook decided on a packet of this connected client: the
+        connection ends once the packets read before are handled (see ``connectionLost``)."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -221,6 +225,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._last_seen = self.clock.seconds()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        blocked = self._blocked
+        if blocked is not None and self.state is State.CONNECTED:
+            # A hook decides on a packet read before the end: the packets read after it are
+            # handled once it has (a DISCONNECT, say, that discards the will), then it ends.
+            self._ended = reason if reason is not None else Failure(ConnectionDone())
+            return
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
             log.info("connection {client_id} from {peer} lost: {reason}",
                      client_id=self.client.client_id if self.client else "-", peer=self.peer,
@@ -271,7 +281,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful)
-        if abort:
+        if self._ended is not None:  # the transport is gone already (see connectionLost)
+            self._out = None
+        elif abort:
             self._out = None
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
@@ -376,10 +388,14 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self._blocked is not decision:  # what it decided waits for another decision now
             return
         self._blocked = None
+        ended = self._ended
         if self.state is not State.CLOSED:
-            if not self._backlogged:
+            if not self._backlogged and ended is None:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
             self._process()
+        if ended is not None and self._blocked is None:  # what was read before the end is handled
+            self._ended = None
+            self.connectionLost(ended)
 
     def _after_failure(self, failure: Failure) -> None:
         if failure.check(MQTTError):

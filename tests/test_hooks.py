@@ -491,6 +491,31 @@ def test_async_publish_hook_keeps_order() -> None:
     assert pub.transport.producerState == "producing"
 
 
+@pytest.mark.parametrize("reason,wills", [(0, []), (0x04, [("wills/c", b"gone")]), (0x80, [("wills/c", b"gone")])])
+def test_what_a_client_sent_before_closing_while_a_hook_decides_is_handled(
+        logged: Sequence[LogEvent], reason: int, wills: list[tuple[str, bytes]]) -> None:
+    """A client sends a PUBLISH and a DISCONNECT, then closes its socket, as clients do, while a
+    publish hook decides: the DISCONNECT, read already, is handled once the hook has decided (a
+    normal one discards the will [MQTT-3.14.4-3]), and the PUBLISH is routed. (Ended at once,
+    the connection published the will and dropped both.)"""
+    broker = MemoryBroker()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    watcher = broker.connect("watcher")
+    watcher.subscribe("#")
+    timers = len(broker.reactor.getDelayedCalls())
+    client = broker.client()
+    client.send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT",
+                        will=Will(topic="wills/c", payload=b"gone")))
+    client.send(Publish(topic="data", payload=b"last reading"), Disconnect(reason_code=reason))
+    client.drop()
+    assert "c" in broker.service.sessions and watcher.messages() == []  # (waiting for the hook)
+    pending[0].callback(None)
+    assert [(m.topic, m.payload) for m in watcher.messages()] == [("data", b"last reading"), *wills]
+    assert "c" not in broker.service.sessions and broker.service.connections == {watcher.protocol}
+    assert failures_logged(logged) == [] and len(broker.reactor.getDelayedCalls()) == timers
+
+
 def test_a_hook_that_never_answers_refuses_after_hook_timeout(logged: Sequence[LogEvent]) -> None:
     """Its client is not held for ever, reading nothing: the handler is cancelled, and the
     operation refused as when a handler fails."""
