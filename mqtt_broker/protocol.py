@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any, Callable, Final
 
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress, ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
@@ -240,6 +240,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._forget_unstored()
         self.broker.detach(self, self._graceful)
         self.broker.connection_lost(self)
+        if blocked is not None:  # (connecting: an authentication, a hook, that no one waits for)
+            blocked.cancel()
 
     # IPushProducer: the transport tells us when its buffer is full and when it drained.
     def pauseProducing(self) -> None:
@@ -398,6 +400,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self.connectionLost(ended)
 
     def _after_failure(self, failure: Failure) -> None:
+        if self.state is State.CLOSED and failure.check(CancelledError):
+            return  # cancelled as the connection ended: nothing to answer
         if failure.check(MQTTError):
             self._violation(failure.value)  # type: ignore[arg-type]
         else:

@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from auth_helpers import LogCapture, RawClient
 from twisted.internet import reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -389,5 +389,43 @@ async def test_client_id_and_username_in_the_answers_filters(service: tuple[Auth
             0x87, 0x8F, 0x87, 0)  # "inbox/h#/x" is no filter at all (0x8F)
         assert broker.stats.subscriptions_refused == {"NOT_AUTHORIZED": 6}
         assert len(resource.requests) == 3
+    finally:
+        await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_before_the_answer_withdraws_its_request(service: tuple[AuthService, str]) -> None:
+    """With no http_auth_timeout, a client gone while the service had not answered was held for
+    ever, with its request and a connection to the service: its request is cancelled now, and
+    nothing is logged for it."""
+    from protocol_helpers import FakeClient
+    from mqtt_broker.wire import Connect
+    resource, url = service
+    resource.reply = lambda body: None  # never answers
+    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, close_linger=0, http_auth_url=url,
+                           http_auth_timeout=0, allow_anonymous=False)
+    broker.startService()
+    [http] = broker.security._authenticators  # type: ignore[union-attr]
+    try:
+        with LogCapture() as logged:
+            clients = []
+            for n in range(3):
+                client = FakeClient(broker, 5)
+                client.send(Connect(client_id=f"gone-{n}", protocol_level=5, username="alice", password=b"pw"))
+                clients.append(client)
+            for _ in range(500):  # bounded: the requests reach the service
+                if len(resource.hanging) == 3:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            assert len(resource.hanging) == 3 and len(http._asking) == 3
+            for client in clients:
+                client.lose()
+            for _ in range(500):  # bounded: the service sees the requests go
+                if all(request._disconnected for request in resource.hanging):
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            assert all(request._disconnected for request in resource.hanging)
+            assert http._asking == set() and broker.connections == set()
+        assert "http authentication" not in logged.text() and "Traceback" not in logged.text()
     finally:
         await broker.stopService()

@@ -528,3 +528,38 @@ def test_a_reload_during_the_password_check_refuses_the_old_password(files: Path
 async def test_close(files: Path) -> None:
     await security(files).close()
     await Security().close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_password_of_a_client_gone_before_its_turn_is_not_hashed(
+        files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of CONNECTs waits for the thread pool; those whose clients left meanwhile were
+    hashed all the same (PBKDF2, milliseconds each, for no one), each holding its connection."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from protocol_helpers import FakeClient
+    from mqtt_broker.wire import Connect
+    hashed: list[bytes] = []
+    verify = PasswordHash.verify
+    monkeypatch.setattr(PasswordHash, "verify", lambda self, password: hashed.append(password) or verify(self, password))
+    broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, close_linger=0,
+                           password_file=str(files / "pw"), allow_anonymous=False)
+    broker.startService()
+    pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+    gate = threading.Event()
+    try:
+        for _ in range(pool.max):  # every thread busy: the checks wait for their turn
+            pool.callInThread(gate.wait, 10)
+        for n in range(5):
+            client = FakeClient(broker, 5)
+            client.send(Connect(client_id=f"gone-{n}", protocol_level=5, username="alice", password=b"guess"))
+            client.lose()
+        gate.set()
+        for _ in range(500):  # bounded: the pool works through its queue
+            if pool.q.qsize() == 0 and not pool.working:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert hashed == [] and broker.connections == set()
+    finally:
+        gate.set()
+        await broker.stopService()

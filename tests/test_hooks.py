@@ -516,6 +516,19 @@ def test_what_a_client_sent_before_closing_while_a_hook_decides_is_handled(
     assert failures_logged(logged) == [] and len(broker.reactor.getDelayedCalls()) == timers
 
 
+def test_a_connect_hook_whose_client_left_is_cancelled(logged: Sequence[LogEvent]) -> None:
+    """No one waits for its answer any more: the handler's Deferred is cancelled, and its client
+    not held until hook_timeout."""
+    broker = MemoryBroker(hook_timeout=30)
+    cancelled: list[Deferred[None]] = []
+    broker.hooks.on_connect(lambda client: Deferred(cancelled.append))
+    client = broker.client(version=MQTT_3_1_1)
+    client.send(Connect(client_id="leaving", protocol_level=MQTT_3_1_1, protocol_name="MQTT", keep_alive=0))
+    client.drop()
+    assert len(cancelled) == 1 and broker.service.connections == set()
+    assert failures_logged(logged) == []
+
+
 def test_a_hook_that_never_answers_refuses_after_hook_timeout(logged: Sequence[LogEvent]) -> None:
     """Its client is not held for ever, reading nothing: the handler is cancelled, and the
     operation refused as when a handler fails."""

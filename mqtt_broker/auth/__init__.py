@@ -220,10 +220,23 @@ class Security:
         return True, identity_of(certificate, self._certificate_field)
 
     def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal]:
-        """Run the chain. Fires with an Identity or a Refusal (logged); never fails."""
-        return Deferred.fromCoroutine(self._authenticate(credentials))
+        """Run the chain. Fires with an Identity or a Refusal (logged); never fails. Cancelled
+        (its client left), it cancels the authenticator at work and refuses, unlogged."""
+        withdrawn: list[bool] = []
+        running = Deferred.fromCoroutine(self._authenticate(credentials, withdrawn))
 
-    async def _authenticate(self, credentials: Credentials) -> Identity | Refusal:
+        def withdraw(_: Deferred[Identity | Refusal]) -> None:
+            withdrawn.append(True)
+            running.cancel()
+        answer: Deferred[Identity | Refusal] = Deferred(withdraw)
+
+        def settle(result: Identity | Refusal) -> None:
+            if not answer.called:  # (withdrawn, it has its answer already)
+                answer.callback(result)
+        running.addCallback(settle)
+        return answer
+
+    async def _authenticate(self, credentials: Credentials, withdrawn: list[bool]) -> Identity | Refusal:
         closes = self._closes
         certificate = credentials.certificate_verified or credentials.certificate_identity is not None
         if self._require_certificate and not certificate:  # (an identity alone: Credentials made before the flag)
@@ -239,6 +252,8 @@ class Security:
             except Exception as e:
                 if isinstance(e, CancelledError) and self._closes != closes:  # the broker stopped: the client is gone
                     return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
+                if isinstance(e, CancelledError) and withdrawn:  # the client left: no one waits
+                    return Refusal(ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name}: withdrawn")
                 log.failure("{name} authentication of {client_id!r} failed; refusing",
                             name=authenticator.name, client_id=credentials.client_id)
                 return self._refused(credentials, ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name} failed")

@@ -16,14 +16,23 @@ T = TypeVar("T")
 
 def in_thread(reactor: Any, function: Callable[..., T], *args: Any) -> Deferred[T]:
     """Run ``function(*args)`` in the reactor's thread pool (the global reactor when None). A
-    reactor without threads (a ``task.Clock`` in tests) runs it in place, deterministically."""
+    reactor without threads (a ``task.Clock`` in tests) runs it in place, deterministically.
+    Cancelled before its turn in the pool comes (its client left, say), it does not run: a burst
+    of clients gone would have kept the pool busy hashing passwords for no one."""
     from twisted.internet.interfaces import IReactorThreads
     from twisted.internet.threads import deferToThreadPool
     if reactor is None:
         from twisted.internet import reactor
     if not IReactorThreads.providedBy(reactor):
         return maybeDeferred(function, *args)
-    return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+    result: Deferred[T] = Deferred()  # (no canceller: cancelled, it drops the pool's answer)
+
+    def unless_cancelled() -> T:
+        if result.called:  # cancelled while it waited for its turn
+            raise CancelledError("no longer waited for")
+        return function(*args)
+    deferToThreadPool(reactor, reactor.getThreadPool(), unless_cancelled).chainDeferred(result)
+    return result
 
 
 class PasswordFileAuthenticator:

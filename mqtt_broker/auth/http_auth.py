@@ -160,8 +160,15 @@ class HttpAuthenticator:
         asked.addBoth(self._answered, asked)
         if self.timeout > 0:
             asked.addTimeout(self.timeout, self._clock or self._the_reactor(), onTimeoutCancel=_timed_out)
-        return asked.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,),
-                                  errbackArgs=(self._closes,))
+        withdrawn: list[bool] = []
+
+        def withdraw(_: Deferred[Answer]) -> None:  # the client left: the request goes, unlogged
+            withdrawn.append(True)
+            asked.cancel()
+        answer: Deferred[Answer] = Deferred(withdraw)
+        asked.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,),
+                           errbackArgs=(self._closes, withdrawn)).chainDeferred(answer)
+        return answer
 
     def _answered(self, result: Any, asked: Deferred[Answer]) -> Any:
         self._asking.discard(asked)
@@ -195,9 +202,11 @@ class HttpAuthenticator:
                 self._cache.popitem(last=False)
         return answer
 
-    def _unavailable(self, failure: Failure, asked_at: int) -> Refusal:
+    def _unavailable(self, failure: Failure, asked_at: int, withdrawn: list[bool]) -> Refusal:
         if self._closes != asked_at:  # the broker stopped, and its requests with it
             raise CancelledError("the broker stopped")
+        if withdrawn:
+            raise CancelledError("no longer waited for")
         if failure.check(TimeoutError):
             why = f"no answer within {self.timeout}s"
         elif failure.check(BadAnswer):
