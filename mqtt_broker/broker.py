@@ -572,7 +572,7 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             old = session.connection
-            self.detach(old, graceful=False)
+            self.detach(old, graceful=False, taken_over=True)
             old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
             session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
         # A clean start ends the old session now, so its will is due [MQTT-3.1.3-9].
@@ -602,9 +602,10 @@ class BrokerService(MultiService):
             self.store.save_session(session, None)
         return session, present
 
-    def detach(self, connection: Any, graceful: bool) -> None:
+    def detach(self, connection: Any, graceful: bool, taken_over: bool = False) -> None:
         """A connection ended: publish its will unless it ended gracefully, and keep or discard
-        its session."""
+        its session. ``taken_over``: by a new connection of its client, here (in a cluster, the
+        client stays this node's)."""
         session = connection.session
         if session is None:
             return
@@ -627,7 +628,8 @@ class BrokerService(MultiService):
                 self.wills.publish(client, will, connection.identity)
         if not session.expiry:
             self._discard(session)
-            self._release(session.client_id)
+            if not taken_over:
+                self._release(session.client_id)
             return self._notify_disconnect(client, graceful)
         if session.expiry != NEVER:
             session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)

@@ -924,6 +924,27 @@ def test_a_client_taking_over_its_own_session_here_tells_the_other_nodes_nothing
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_clean_client_taking_over_its_connection_here_keeps_its_claim(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The old connection's session ends with it (clean): giving the client up undid the claim
+    the new connection had just made, and the new connection's will, refused by Redis for it,
+    closed that connection too (0x8E)."""
+    broker = yield node_a(server)
+    redis = server.client()
+    try:
+        will = Will(topic="wills/clean-one", payload=b"gone")
+        first = yield connect(broker, 5, client_id="clean-one", will=will)
+        yield broker.store.flushed()
+        second = yield connect(broker, 5, client_id="clean-one", will=will)
+        yield broker.store.flushed()
+        yield broker.store.flushed()
+        assert first.closed and not second.closed
+        assert redis.hget("mqtt:owner:clean-one", "node") == b"a"
+        assert int(redis.hget("mqtt:owner:clean-one", "epoch")) == broker.store.epochs["clean-one"]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_two_connects_of_one_client_at_once_leave_one_connection(server: RedisServer) -> Iterator[Deferred[Any]]:
     """Two CONNECTs of a new client reach node a within one Redis round trip (a client retrying
     fast): the second claim finds a's copy of the session out of date (the first claim's epoch
