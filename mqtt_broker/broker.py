@@ -52,7 +52,7 @@ class MQTTFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> MQTTProtocol | None:  # type: ignore[override]
         limit = self.broker.config.max_connections
-        if limit >= 0 and len(self.broker.connections) >= limit:
+        if limit >= 0 and len(self.broker.connections) - self.broker.ending >= limit:
             self.broker.stats.connections_refused += 1
             self.broker.stats.refused_by_reason["max_connections"] = \
                 self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
@@ -103,6 +103,9 @@ class BrokerService(MultiService):
         self.connections: set[Any] = set()
         """Every open client connection (MQTTProtocol), connected or still in CONNECT, or closed
         by the broker and lingering (it leaves in ``connection_lost``)."""
+        self.ending = 0
+        """How many of ``connections`` have lost their socket while a hook decided and end once
+        it has (see ``MQTTProtocol.connectionLost``): not counted against max_connections."""
         self.attached = 0
         """How many of ``connections`` have a session: the clients connected now."""
         self._all_closed: AllClosed | None = None

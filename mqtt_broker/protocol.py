@@ -230,6 +230,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # A hook decides on a packet read before the end: the packets read after it are
             # handled once it has (a DISCONNECT, say, that discards the will), then it ends.
             self._ended = reason if reason is not None else Failure(ConnectionDone())
+            self.broker.ending += 1
             return
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
             log.info("connection {client_id} from {peer} lost: {reason}",
@@ -397,6 +398,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._process()
         if ended is not None and self._blocked is None:  # what was read before the end is handled
             self._ended = None
+            self.broker.ending -= 1
             self.connectionLost(ended)
 
     def _after_failure(self, failure: Failure) -> None:

@@ -13,7 +13,7 @@ from unittest.mock import patch
 import pytest
 import pytest_twisted
 from auth_helpers import LogCapture
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 import mqtt_broker.auth as auth
@@ -563,3 +563,28 @@ async def test_the_password_of_a_client_gone_before_its_turn_is_not_hashed(
     finally:
         gate.set()
         await broker.stopService()
+
+
+def test_an_authentication_withdrawn_while_the_cost_of_a_refusal_is_equalized_logs_nothing() -> None:
+    """A user nobody knows costs what a known one does (``equalize``): a client that left
+    meanwhile had that cancellation logged as a failure, with a traceback, and its refusal too."""
+    class Equalizing:
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.pending: list[Deferred[None]] = []
+
+        def authenticate(self, credentials: Credentials) -> Deferred[Any]:
+            return succeed(None)
+
+        def equalize(self, credentials: Credentials) -> Deferred[None]:
+            self.pending.append(Deferred())  # (in_thread's has no canceller either)
+            return self.pending[-1]
+
+    chain = Equalizing()
+    sec = Security(authenticators=[chain], allow_anonymous=False)  # type: ignore[list-item]
+    with LogCapture() as logged:
+        answer = sec.authenticate(credentials("nobody", b"x"))
+        assert len(chain.pending) == 1 and not answer.called
+        answer.cancel()
+    assert answer.called and logged.text() == ""

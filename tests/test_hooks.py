@@ -516,6 +516,22 @@ def test_what_a_client_sent_before_closing_while_a_hook_decides_is_handled(
     assert failures_logged(logged) == [] and len(broker.reactor.getDelayedCalls()) == timers
 
 
+def test_a_connection_gone_while_a_hook_decides_takes_no_place_of_max_connections() -> None:
+    """It ends once the hook has decided (see the test above), without its socket meanwhile: a
+    client connecting again in the meantime was refused for max_connections."""
+    broker = MemoryBroker(max_connections=2)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    broker.connect("watcher")
+    client = broker.connect("c")
+    client.send(Publish(topic="data", payload=b"x"))
+    client.drop()
+    assert pending and broker.client().protocol is not None
+    assert broker.client().protocol is None  # (two now, besides the one that ends)
+    pending[0].callback(None)
+    assert broker.service.ending == 0
+
+
 def test_a_connect_hook_whose_client_left_is_cancelled(logged: Sequence[LogEvent]) -> None:
     """No one waits for its answer any more: the handler's Deferred is cancelled, and its client
     not held until hook_timeout."""

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..config import BrokerConfig, ConfigError
 from ..topics import reserved
@@ -230,10 +231,14 @@ class Security:
             running.cancel()
         answer: Deferred[Identity | Refusal] = Deferred(withdraw)
 
-        def settle(result: Identity | Refusal) -> None:
-            if not answer.called:  # (withdrawn, it has its answer already)
+        def settle(result: Identity | Refusal | Failure) -> None:
+            if answer.called:  # (withdrawn, it has its answer already)
+                return
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
                 answer.callback(result)
-        running.addCallback(settle)
+        running.addBoth(settle)
         return answer
 
     async def _authenticate(self, credentials: Credentials, withdrawn: list[bool]) -> Identity | Refusal:
@@ -250,10 +255,9 @@ class Security:
             try:
                 answer = await authenticator.authenticate(credentials)
             except Exception as e:
-                if isinstance(e, CancelledError) and self._closes != closes:  # the broker stopped: the client is gone
-                    return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
-                if isinstance(e, CancelledError) and withdrawn:  # the client left: no one waits
-                    return Refusal(ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name}: withdrawn")
+                cancelled = self._cancelled(e, authenticator.name, closes, withdrawn)
+                if cancelled is not None:
+                    return cancelled
                 log.failure("{name} authentication of {client_id!r} failed; refusing",
                             name=authenticator.name, client_id=credentials.client_id)
                 return self._refused(credentials, ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name} failed")
@@ -281,10 +285,21 @@ class Security:
                 try:
                     await equalize(credentials)
                 except Exception as e:
-                    if isinstance(e, CancelledError) and self._closes != closes:
-                        return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{authenticator.name}: the broker stopped")
+                    cancelled = self._cancelled(e, authenticator.name, closes, withdrawn)
+                    if cancelled is not None:
+                        return cancelled
                     log.failure("{name}: equalizing the cost of a refusal failed", name=authenticator.name)
         return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")
+
+    def _cancelled(self, error: Exception, name: str, closes: int, withdrawn: list[bool]) -> Refusal | None:
+        """The refusal, unlogged, for a check cancelled because no one waits for its answer any
+        more (the broker stopped, or the client left); None for any other failure."""
+        if isinstance(error, CancelledError):
+            if self._closes != closes:
+                return Refusal(ReasonCode.SERVER_SHUTTING_DOWN, f"{name}: the broker stopped")
+            if withdrawn:
+                return Refusal(ReasonCode.UNSPECIFIED_ERROR, f"{name}: withdrawn")
+        return None
 
     def _refused(self, credentials: Credentials, code: ReasonCode, reason: str) -> Refusal:
         log.info("refused client {client_id!r} (username {username!r}) from {peer}: {reason} "
