@@ -336,8 +336,8 @@ class BrokerService(MultiService):
             if len(self._connects) >= 100_000:  # forget the old windows now and then
                 kept = {k: v for k, v in self._connects.items() if now - v[0] < 60}
                 if len(kept) > 50_000:
-                    # A flood of new ids: the latest half stays, or each CONNECT would copy the
-                    # table. An id dropped early gets a new minute: stricter it cannot be.
+                    # A flood of new ids: the ids counted first go (half of them), or each CONNECT
+                    # would copy the table. An id dropped so gets a new minute early.
                     kept = dict(islice(kept.items(), len(kept) - 50_000, None))
                 self._connects = kept
             self._connects[key] = (now, 1)
