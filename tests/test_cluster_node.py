@@ -924,6 +924,37 @@ def test_a_client_taking_over_its_own_session_here_tells_the_other_nodes_nothing
 
 
 @pytest_twisted.inlineCallbacks
+def test_nodes_that_left_for_good_leave_nothing_for_good(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A node id made afresh at each start (a data_dir not kept) is a new node each time: what
+    Redis and the other nodes kept of each one that left piled up (its routes' version, its
+    batches' marker)."""
+    broker = yield node_a(server)
+    redis = server.client()
+    try:
+        for n in range(3):
+            b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url,
+                              cluster_node_id=f"b{n}", close_linger=0)
+            b.startService()
+            yield b.cluster.ready
+            client = yield connect(b, 5, client_id=f"x{n}")
+            client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=f"f/{n}", qos=1),)))
+            yield b.store.flushed()
+            yield b.stopService()
+            for _ in range(40):  # bounded: a adopts b's sessions, waits two lives of a heartbeat, drops b
+                if f"b{n}".encode() not in redis.smembers("mqtt:nodes"):
+                    break
+                broker.clock.advance(broker.cluster.survivor.ttl_ms / 1000)
+                yield deferLater(reactor, 0.05, lambda: None)
+            assert f"b{n}".encode() not in redis.smembers("mqtt:nodes")
+        yield broker.store.flushed()
+        assert redis.hkeys("mqtt:routes-version") == [] and broker.cluster._route_versions == {}
+        left = redis.keys("mqtt:*:b*")
+        assert left and all(0 < redis.ttl(key) <= 7 * 24 * 3600 for key in left), left  # (the markers, for a week)
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_clean_client_taking_over_its_connection_here_keeps_its_claim(server: RedisServer) -> Iterator[Deferred[Any]]:
     """The old connection's session ends with it (clean): giving the client up undid the claim
     the new connection had just made, and the new connection's will, refused by Redis for it,

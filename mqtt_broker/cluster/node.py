@@ -578,6 +578,7 @@ class Cluster:
     def _change_route(self, node: str, kind: bytes, topic_filter: str) -> None:
         if kind == b"G":
             self.nodes.pop(node, None)
+            self._route_versions.pop(node, None)  # (silent for long already: its own events are all in)
             self.forwarding.forget(node)
             return
         self.nodes.setdefault(node, self.clock.seconds())

@@ -54,6 +54,8 @@ INBOX_GROUP = "nodes"
 and a survivor a dead node's as the consumer of its own."""
 
 
+DROPPED_MARKER_TTL = 7 * 24 * 3600
+"""Seconds a dropped node's last batch marker stays in Redis (see ``RedisStore.drop_node``)."""
 ACK_DELAY = 0.05
 """Seconds the mark that an inbox entry is handled may wait for a batch to go with, when the
 entry's messages were for clean sessions only (nothing else to write): with `appendfsync always`
@@ -456,8 +458,15 @@ class RedisStore:
 
     @inlineCallbacks
     def drop_node(self, dead: str) -> Any:
-        """The last of a dead node: its inbox, read to the end, and its membership."""
+        """The last of a dead node: its inbox, read to the end, its membership and its routes'
+        version. Its last batch's marker stays a week (``DROPPED_MARKER_TTL``): a node taken for
+        dead that comes back from a partition may still send that batch again, which the marker
+        keeps from being applied twice; a node id made afresh at each start leaves nothing for
+        good."""
         yield self.redis.call("DEL", f"mqtt:inbox:{dead}")
+        yield self.redis.call("HDEL", "mqtt:routes-version", dead)
+        for key in (f"mqtt:applied:{dead}", f"mqtt:refused:{dead}"):
+            yield self.redis.call("EXPIRE", key, DROPPED_MARKER_TTL)
         yield self.redis.call("SREM", "mqtt:nodes", dead)
 
     def claim(self, client_id: str, clean_start: bool, window: int, required: str = "") -> Deferred[Claim | None]:
