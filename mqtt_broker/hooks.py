@@ -292,8 +292,8 @@ def _judge(value: Any) -> Any:
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:
-    if isinstance(failure.value, CancelledError):  # (the broker stops, or the handler cancelled it)
-        log.info("{event} hook {handler!r} cancelled; refusing", event=event, handler=handler)
+    if isinstance(failure.value, CancelledError):  # (its client left, the broker stops, or the handler cancelled it)
+        log.info("{event} hook {handler!r} cancelled (no answer is awaited any more)", event=event, handler=handler)
     else:
         log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
