@@ -293,7 +293,7 @@ def _judge(value: Any) -> Any:
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:
     if isinstance(failure.value, CancelledError):  # (its client left, the broker stops, or the handler cancelled it)
-        log.info("{event} hook {handler!r} cancelled (no answer is awaited any more)", event=event, handler=handler)
+        log.info("{event} hook {handler!r} cancelled", event=event, handler=handler)
     else:
         log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
