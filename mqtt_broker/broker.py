@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from . import tcp
@@ -45,12 +45,19 @@ log = Logger()
 
 
 class MQTTFactory(Factory):
-    """Builds an MQTTProtocol per connection, up to ``max_connections``."""
+    """Builds an MQTTProtocol per connection, up to ``max_connections``; past it, None (the
+    listener closes the socket), or with ``wrapped`` a protocol that aborts it: a factory that
+    wraps this one (TLS) takes None for a protocol and fails on it, leaving the socket open."""
 
-    def __init__(self, broker: Any) -> None:
+    def __init__(self, broker: Any, wrapped: bool = False) -> None:
         self.broker = broker
+        self.wrapped = wrapped
 
-    def buildProtocol(self, addr: IAddress) -> MQTTProtocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> Any:  # type: ignore[override]
+        protocol = self.build(addr)
+        return _Refused() if protocol is None and self.wrapped else protocol
+
+    def build(self, addr: IAddress) -> MQTTProtocol | None:
         limit = self.broker.config.max_connections
         if limit >= 0 and len(self.broker.connections) - self.broker.ending >= limit:
             self.broker.stats.connections_refused += 1
@@ -61,6 +68,14 @@ class MQTTFactory(Factory):
         protocol = MQTTProtocol(self.broker, self.broker.clock)
         protocol.peer = describe(addr)  # the transport would make another address object
         return protocol
+
+
+class _Refused(Protocol):
+    """A connection past max_connections under a wrapping factory: aborted as it is made."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class BrokerService(MultiService):
@@ -203,8 +218,10 @@ class BrokerService(MultiService):
     def _listen(self) -> None:
         """Listen on every endpoint; raises at the first that cannot be listened on."""
         self._listening = True  # (whatever comes of it: a failure stops the service)
+        wrapped = MQTTFactory(self, wrapped=True)  # (for listeners that wrap it: TLS)
         listeners: list[tuple[str, Any, str]] = [
-            (description, self.factory, "MQTT broker listening on {endpoint}")
+            (description, self.factory if description.split(":", 1)[0] in ("tcp", "tcp6", "unix") else wrapped,
+             "MQTT broker listening on {endpoint}")
             for description in self.config.endpoints]
         if self.config.websocket_endpoints:
             from .websocket import WebSocketFactory  # autobahn is imported only when used

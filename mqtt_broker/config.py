@@ -171,7 +171,8 @@ class BrokerConfig:
         2.0, "Seconds a connection the broker closes (DISCONNECT, refused CONNACK, protocol error) "
         "stays half-open, reading and discarding what the client still sends, so that the client "
         "reads the broker's last packet instead of a connection reset; it is aborted at the end. "
-        "0 closes at once.", 0, 60)
+        "0 closes at once (once what was written is out; a client that does not take it within 5 s "
+        "is aborted).", 0, 60)
     retry_interval: float = _setting(
         20.0, "Seconds before an unacknowledged QoS 1/2 message is sent again to an MQTT 3 "
         "client on the same connection; 0 to resend only on reconnect. MQTT 5 forbids "

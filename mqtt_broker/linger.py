@@ -17,16 +17,23 @@ from __future__ import annotations
 
 from typing import Any, Sized
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+UNTAKEN_LIMIT = 5.0
+"""Seconds a socket closed without a linger (``close_linger`` 0) may wait for its peer to take
+what it was sent last before it is aborted."""
 
 
 def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_close: bool) -> IDelayedCall | None:
     """Close ``transport`` once what it holds is written, reading (and dropping) what still comes
     for at most ``linger`` seconds. Returns the timer that aborts the connection at the end of
-    the linger, to be cancelled when the connection is lost first; None when ``linger`` is 0
-    (closed once what it holds is written, the peer's unread bytes or not; on TLS without waiting
-    for the peer's close_notify).
+    the linger, to be cancelled when the connection is lost first. When ``linger`` is 0 it is
+    closed once what it holds is written, the peer's unread bytes or not (on TLS without waiting
+    for the peer's close_notify): None, or if the socket still holds bytes the peer has not
+    taken, the timer that aborts it after ``UNTAKEN_LIMIT``.
 
     ``half_close`` is for a transport that is a socket of its own (TCP or UNIX, Twisted's
     ``tcp.Connection``), whose ``loseWriteConnection`` sends FIN after the pending bytes and keeps
@@ -40,12 +47,17 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
     """
     if linger <= 0:
         transport.loseConnection()
+        socket = transport if half_close else None
         if not half_close and not getattr(transport, "closing_handshake", False):
             # TLS: its close_notify is written to the socket under it; that is closed once it
             # is, rather than held until the peer answers, which it may never do.
-            under = getattr(transport, "transport", None)
-            if under is not None:
-                under.loseConnection()
+            socket = getattr(transport, "transport", None)
+            if socket is not None:
+                socket.loseConnection()
+        if socket is not None and unwritten(socket):
+            # It closes once its peer has taken what is left, which a peer that does not read
+            # never does: bounded all the same.
+            return clock.callLater(UNTAKEN_LIMIT, socket.abortConnection)
         return None
     # Input may be paused while a hook decides; what still comes must be read to be discarded,
     # or it fills the receive buffer and the final close resets after all. (Before the close: a
@@ -58,6 +70,12 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
     if getattr(transport, "closing_handshake", False):
         return None
     return clock.callLater(linger, transport.abortConnection)
+
+
+def unwritten(transport: Any) -> bool:
+    """Whether a socket's transport (Twisted's ``tcp.Connection``) holds bytes its peer has not
+    taken yet; False for another kind."""
+    return isinstance(transport, tcp.Connection) and bool(transport.dataBuffer or transport._tempDataLen)
 
 
 class AllClosed:
@@ -90,4 +108,4 @@ class AllClosed:
             self.done.callback(None)
 
 
-__all__ = ["AllClosed", "close_lingering"]
+__all__ = ["AllClosed", "close_lingering", "unwritten"]

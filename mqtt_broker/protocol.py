@@ -35,7 +35,7 @@ from .auth import Identity
 from .connect import NEVER, Terms, granted_expiry
 from .connecting import Connecting, count_refusal, tally
 from .delivery import Delivery
-from .linger import close_lingering
+from .linger import close_lingering, unwritten
 from .publishing import Publishing, _Acks
 from .subscribing import Subscribing
 from .store import StoreError
@@ -295,8 +295,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # connection being closed: Twisted closes only a transport with no paused producer.
             self.transport.unregisterProducer()  # type: ignore[union-attr]
             # A client that ended it is sent nothing more: no last packet to wait for it to read,
-            # so no linger on a socket. (TLS keeps its timer: it bounds the wait for close_notify.)
-            linger = 0 if routine and self._on_socket else self.broker.config.close_linger
+            # so no linger on a socket, unless it has not taken what it was sent before (it may
+            # never read it: the linger's timer bounds the wait). TLS keeps its timer: it bounds
+            # the wait for close_notify.
+            linger = self.broker.config.close_linger
+            if routine and self._on_socket and not unwritten(self.transport):
+                linger = 0
             self._linger_call = close_lingering(self.transport, self.clock, linger, self._on_socket)
 
     def _cancel_timers(self) -> None:

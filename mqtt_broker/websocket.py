@@ -241,6 +241,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         # The headers HTTP requires of these answers [RFC 9110 15.5.6, 15.5.22].
         required = {405: [("Allow", "GET")], 426: [("Upgrade", "websocket")]}.get(code, [])
         super().failHandshake(reason, code, [*(responseHeaders or []), *required])
+        if self._close_call is None:
+            # The socket is closed once the answer is out, over TLS once the client answers the
+            # close_notify, which it may never do: the close timer bounds the wait.
+            self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == _OPEN and self.current_frame is None and self._perMessageCompress is None:

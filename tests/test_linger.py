@@ -3,14 +3,18 @@ and a Clock: the timer that aborts, what cancels it, what is read meanwhile, and
 
 from __future__ import annotations
 
-from typing import Any
+import socket
+from typing import Any, Iterator
 
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from mqtt_broker import BrokerService
-from mqtt_broker.linger import AllClosed, close_lingering
-from mqtt_broker.wire import Disconnect, Pingreq, Publish, ReasonCode, Subscribe, SubscriptionRequest
+from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unwritten
+from mqtt_broker.wire import Connect, Disconnect, Pingreq, Publish, ReasonCode, Subscribe, SubscriptionRequest, encode
 
 from protocol_helpers import FakeClient, connected, make_broker
 
@@ -243,3 +247,63 @@ def test_stop_with_no_connections_or_no_linger_is_done_at_once() -> None:
     broker.startService()
     connected(broker, "stays", version=5)
     assert broker.stopService().called
+
+
+# --- a client that does not take what it was sent, on a real socket -----------------------------
+
+@pytest.mark.parametrize("close_linger,how,bound", [(2.0, "disconnect", 2.0), (0.0, "taken over", UNTAKEN_LIMIT)])
+@pytest_twisted.inlineCallbacks
+def test_a_closed_connection_whose_client_takes_nothing_is_not_held(
+        close_linger: float, how: str, bound: float) -> Iterator[Deferred[Any]]:
+    """Closed with bytes its client has not taken (a subscriber that stopped reading), a socket
+    closed without a linger waited for it to take them, for ever: after the client's own
+    DISCONNECT (a routine end, never lingered on), or with close_linger 0. The wait is bounded."""
+    clock = Clock()
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, clock=clock,
+                           sys_interval=0, close_linger=close_linger, max_queued_messages=1)
+    broker.startService()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (a small window, before it opens)
+    sock.connect(("127.0.0.1", broker.ports[0].getHost().port))  # type: ignore[attr-defined]
+    sock.setblocking(False)
+    try:
+        def received() -> bytes:
+            try:
+                return sock.recv(65536)
+            except BlockingIOError:
+                return b""
+
+        sock.send(encode(Connect(client_id="reader", keep_alive=0)) + encode(Subscribe(
+            packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t"),))))
+        seen = b""
+        for _ in range(500):  # bounded: CONNACK and SUBACK
+            seen += received()
+            if len(seen) >= 9:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        [reader] = broker.connections
+        for _ in range(400):  # bounded: until the socket holds what the client does not take
+            if unwritten(reader.transport):
+                break
+            broker.publish("t", bytes(65536))
+            yield deferLater(reactor, 0, lambda: None)
+        assert unwritten(reader.transport)
+        if how == "disconnect":
+            sock.send(encode(Disconnect()))
+        else:
+            FakeClient(broker).connect("reader")
+        for _ in range(500):  # bounded: the DISCONNECT read, or the takeover done
+            if reader.session is None:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.05, lambda: None)
+        assert reader in broker.connections  # (its socket still holds what was not taken)
+        clock.advance(bound)
+        for _ in range(500):  # bounded: the abort reaches the reactor
+            if reader not in broker.connections:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert reader not in broker.connections
+    finally:
+        sock.close()
+        yield broker.stopService()

@@ -462,3 +462,24 @@ def test_stalled_handshake_is_closed_after_the_connect_timeout(
     mqtt_over_tls(tls.port, client_context(tls.ca), "after-timeout").close()
     assert tls.broker.process.poll() is None
     assert tls.error_events() == []
+
+
+def test_a_tls_connection_past_max_connections_is_closed(broker_process: type[BrokerProcess], certs: Path) -> None:
+    """Past max_connections the MQTT factory builds no protocol; Twisted's TLS wrapper was built
+    around None, its makeConnection failed (logged as an unhandled error) and the socket was left
+    open, held for ever and counted nowhere."""
+    tls = start_tls_broker(broker_process, certs, "--max-connections", "1", "--connect-timeout", "1")
+    first = None
+    for _ in range(50):  # bounded: the start-up probes of the ports may still count for a moment
+        try:
+            first = mqtt_over_tls(tls.port, client_context(tls.ca), "first")
+            break
+        except (AssertionError, OSError):  # (refused then: reset)
+            time.sleep(0.1)
+    assert first is not None
+    try:
+        with socket.create_connection(("127.0.0.1", tls.port), timeout=WAIT) as extra:
+            read_until_closed(extra)  # fails if the broker keeps it for WAIT seconds
+    finally:
+        first.close()
+    assert tls.error_events() == []

@@ -6,15 +6,23 @@ End-to-end tests with real clients are in test_websocket_e2e.py and test_websock
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import ssl
 import zlib
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService
@@ -838,3 +846,86 @@ def test_client_address(peer: str, header: str | None, trusted: list[Any], expec
         assert result is address
     else:
         assert result.port == 0 and isinstance(result, IPv6Address if ":" in expected else IPv4Address)  # type: ignore[attr-defined]
+
+
+# --- over TLS -------------------------------------------------------------------------------------
+
+def _self_signed() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return key, cert
+
+
+class TLSPeer:
+    """A TLS client (Python's ssl on memory BIOs) talking to a server protocol on a StringTransport:
+    bytes move only when the test says so, and the client answers nothing by itself."""
+
+    def __init__(self, server: object, socket_: StringTransport) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.server, self.socket = server, socket_
+
+    def pump(self) -> None:
+        for _ in range(10):
+            out = self.outgoing.read()
+            if out:
+                self.server.dataReceived(out)  # type: ignore[attr-defined]
+            back = self.socket.value()
+            self.socket.clear()
+            if back:
+                self.incoming.write(back)
+            if not out and not back:
+                return
+
+    def handshake(self) -> None:
+        for _ in range(10):
+            try:
+                self.tls.do_handshake()
+                self.pump()
+                return
+            except ssl.SSLWantReadError:
+                self.pump()
+        raise AssertionError("no TLS handshake")
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.pump()
+
+    def read(self) -> bytes:
+        received = b""
+        for _ in range(10):
+            try:
+                chunk = self.tls.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def test_an_upgrade_refused_over_tls_is_not_held_by_a_client_that_never_answers_close_notify() -> None:
+    """An upgrade refused with an HTTP error (here 400, no subprotocol mqtt; also 403, 404, 431,
+    and 503 at max_connections) over TLS is closed with a close_notify, which Twisted then waits
+    to be answered for ever: the close timer bounds the wait."""
+    broker = make_broker(websocket_handshake_timeout=3, connect_timeout=5, close_linger=2)
+    key, cert = _self_signed()
+    factory = TLSMemoryBIOFactory(CertificateOptions(privateKey=key, certificate=cert), False,
+                                  WebSocketFactory(broker), clock=broker.clock)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    socket_ = StringTransport()
+    protocol.makeConnection(socket_)
+    client = TLSPeer(protocol, socket_)
+    client.handshake()
+    client.send(handshake_request(protocols=None))  # no subprotocol mqtt: HTTP 400
+    assert client.read().startswith(b"HTTP/1.1 400")
+    # The client neither answers the close_notify nor closes its socket.
+    broker.clock.advance(CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+    assert socket_.disconnecting, "the refused WebSocket-over-TLS connection is still held"
