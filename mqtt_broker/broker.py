@@ -9,6 +9,7 @@ the ``paused``/``send_quota``/``identity`` attributes).
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 from itertools import islice
 from pathlib import Path
@@ -715,6 +716,15 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.save_subscription(session.client_id, subscription)
         return existed
+
+    def options_of_mqtt3(self, session: Session) -> None:
+        """A session an MQTT 3 client resumes, made by an MQTT 5 one: its subscriptions lose the
+        options MQTT 3 has not. Routed with Retain As Published, a message went to the client
+        with the RETAIN flag of a retained one [MQTT-3.3.1-9 of 3.1.1]; with No Local, its own
+        messages did not come back, which it could not have asked for."""
+        for subscription in list(session.subscriptions.values()):
+            if subscription.no_local or subscription.retain_as_published:
+                self.subscribe(session, dataclasses.replace(subscription, no_local=False, retain_as_published=False))
 
     def send_retained(self, session: Session, subscription: Subscription, existed: bool,
                       replay: str | None = None) -> None:

@@ -264,6 +264,8 @@ class Connecting:
             self.wait_for_store(exact=True)
         self.session = session
         self._client_id = client.client_id
+        if present and self.version != MQTT_5 and not self._bridge and session.subscriptions:
+            self.broker.options_of_mqtt3(session)
         if session.awaiting_pubrel:
             self._inherited_pubrels = set(session.awaiting_pubrel)
         self._set_state(State.CONNECTED)

@@ -351,6 +351,24 @@ def test_clean_start_ends_the_old_sessions_expiry_timer() -> None:
     assert len(broker.clock.getDelayedCalls()) == 1
 
 
+def test_an_mqtt3_client_resuming_a_session_of_mqtt5_loses_the_options_mqtt3_has_not() -> None:
+    """MQTT 3.1.1 [MQTT-3.3.1-9]: a PUBLISH sent because it matches an established subscription
+    has RETAIN 0. A session made with Retain As Published (and No Local) by an MQTT 5 client,
+    resumed by an MQTT 3.1.1 one, kept both: routed messages came with RETAIN 1, taken for
+    stored values, and the client's own never came back."""
+    broker = make_broker()
+    old = v5(broker, "c", clean=False, properties=persistent(1000))
+    subscribe5(old, "t", retain_as_published=True, no_local=True)
+    old.lose()
+    again = FakeClient(broker, version=4)
+    assert again.connect("c", clean=False).session_present
+    connected(broker, "pub").publish("t", b"live", retain=True)
+    assert [(p.payload, p.retain) for p in again.received()] == [(b"live", False)]
+    assert [p.payload for p in again.publish("t", b"mine")] == [b"mine"]
+    [subscription] = broker.subscriptions_of("c")
+    assert not subscription.retain_as_published and not subscription.no_local
+
+
 def test_clean_start_zero_resumes_existing_session() -> None:
     """[MQTT-3.1.2-5] [MQTT-3.2.2-3]: Clean Start 0 with a session: Session Present 1, its
     subscriptions still deliver."""
