@@ -51,6 +51,7 @@ class Subscribing:
     session: Any
     problem_information: bool
     _bridge: bool
+    _client_id: str
 
     # MQTTProtocol's methods that these use (see Connecting)
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
@@ -68,8 +69,6 @@ class Subscribing:
         replays: dict[int, str] = {}  # the replay each request asks for, by its place in ``wanted``
         replaying: set[str] = set()
         asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
-        adding = 0  # (the Subscriptions in ``wanted``: counted, not recounted per filter)
-        over_quota: list[str] = []
         for request in packet.subscriptions:
             spec, topic_filter = split_replay_filter(request.topic_filter)
             spec = spec or asked
@@ -96,23 +95,13 @@ class Subscribing:
             elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
                 tally(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
-            elif config.max_subscriptions_per_client and topic_filter not in self.session.subscriptions and (
-                    len(self.session.subscriptions) + adding >= config.max_subscriptions_per_client):
-                over_quota.append(topic_filter)
-                tally(self.stats.subscriptions_refused, "max_subscriptions_per_client")
-                wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
-                adding += 1
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
                     no_local=request.no_local or self._bridge,
                     retain_as_published=request.retain_as_published or self._bridge,
                     retain_handling=request.retain_handling, subscription_id=subscription_id,
                     share_group=group))
-        if over_quota:  # (one line per SUBSCRIBE, however many filters it refuses)
-            more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
-            log.info("refused {count} subscription(s) of {client_id} to {filters}: max_subscriptions_per_client",
-                     count=len(over_quota), client_id=client_id, filters=", ".join(over_quota[:3]) + more)
         hooks = self.broker.hooks
         if hooks.has_subscribe:
             decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else succeed(w)
@@ -127,6 +116,12 @@ class Subscribing:
         granted_replays: list[str | None] = []
         codes: list[int] = []
         reasons: list[str] = []
+        # The quota counts what is granted, in order: a filter held already, or granted earlier in
+        # this SUBSCRIBE, is replaced, not added; one a hook refused takes no place.
+        quota = self.broker.config.max_subscriptions_per_client
+        held = self.session.subscriptions
+        adding: set[str] = set()
+        over_quota: list[str] = []
         for index, (subscription, answer) in enumerate(zip(wanted, answers)):
             if not isinstance(subscription, Subscription):
                 codes.append(subscription)
@@ -136,11 +131,23 @@ class Subscribing:
                 if answer.reason_string:
                     reasons.append(answer.reason_string)
                 continue
+            topic_filter = subscription.topic_filter
+            if quota and topic_filter not in held and topic_filter not in adding:
+                if len(held) + len(adding) >= quota:
+                    over_quota.append(topic_filter)
+                    tally(self.stats.subscriptions_refused, "max_subscriptions_per_client")
+                    codes.append(ReasonCode.QUOTA_EXCEEDED)
+                    continue
+                adding.add(topic_filter)
             if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= 2:
                 subscription.qos = min(subscription.qos, answer)
             granted.append(subscription)
             granted_replays.append(replays.get(index))
             codes.append(subscription.qos)
+        if over_quota:  # (one line per SUBSCRIBE, however many filters it refuses)
+            more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
+            log.info("refused {count} subscription(s) of {client_id} to {filters}: max_subscriptions_per_client",
+                     count=len(over_quota), client_id=self._client_id, filters=", ".join(over_quota[:3]) + more)
         previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
         reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)
@@ -177,6 +184,8 @@ class Subscribing:
         if self.state is not State.CONNECTED:
             return
         for subscription, before in zip(granted, previous):
+            if self.session.subscriptions.get(subscription.topic_filter) is not subscription:
+                continue  # changed since (unsubscribed, subscribed again): that stands
             if before is None:
                 self.broker.unsubscribe(self.session, subscription.topic_filter)
             else:

@@ -38,14 +38,17 @@ def too_long(topic: str) -> bool:
 def valid_topic_filter(topic_filter: str) -> bool:
     """A SUBSCRIBE filter: ``#`` only as the whole last level, ``+`` only as a whole level
     [MQTT-4.7.1-2, -3]; a ``$share/{group}/{filter}`` has a non-empty group without wildcards
-    and a valid filter; at most MAX_TOPIC_LEVELS levels."""
-    if not topic_filter or too_deep(topic_filter) or too_long(topic_filter):
+    and a valid filter; at most MAX_TOPIC_LEVELS levels (a shared one's after its prefix, as the
+    topics it matches have them)."""
+    if not topic_filter or too_long(topic_filter):
         return False
     group, inner = split_shared(topic_filter)
     if group is not None:
         if not group or "+" in group or "#" in group or not inner:
             return False
         topic_filter = inner
+    if too_deep(topic_filter):
+        return False
     levels = topic_filter.split("/")
     last = len(levels) - 1
     for index, level in enumerate(levels):

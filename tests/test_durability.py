@@ -1372,6 +1372,25 @@ def test_a_connection_ended_while_its_connack_is_held_gets_no_disconnect() -> No
     assert isinstance(second.received()[0], Connack)
 
 
+def test_a_filter_unsubscribed_stays_gone_when_a_subscribe_before_it_is_not_stored() -> None:
+    """A SUBSCRIBE replacing 'a', then an UNSUBSCRIBE of it, in one batch of the store that
+    fails: the SUBSCRIBE is refused and what it replaced was put back, though the UNSUBSCRIBE,
+    whose removal stands, had removed it (UNSUBACK 0x00)."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, close_linger=0)
+    client = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 60})
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="a", qos=0),)))
+    store.write(store.generation)
+    assert [p.reason_codes for p in client.received()] == [(0,)]
+    store.generation += 1
+    client.send(Subscribe(packet_id=2, subscriptions=(SubscriptionRequest(topic_filter="a", qos=1),)),
+                Unsubscribe(packet_id=3, topic_filters=("a",)))
+    store.write(store.generation, StoreError("the disk is full"))
+    assert [(type(p), p.packet_id, p.reason_codes) for p in client.received()] == [
+        (Suback, 2, (0x80,)), (Unsuback, 3, (0x00,))]
+    assert "a" not in broker.sessions["s"].subscriptions
+
+
 def test_without_a_store_a_service_started_again_keeps_its_timers() -> None:
     """An embedding application may stop the service and start it again: sessions kept in
     memory still expire (counted from the new start), and a delayed will is still published."""

@@ -9,9 +9,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
 from mqtt_broker.config import BrokerConfig
+from mqtt_broker.hooks import Refused
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
-    MQTT_3_1_1, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel,
+    MQTT_3_1_1, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode,
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
@@ -669,6 +670,33 @@ def test_subscriptions_per_client() -> None:
     assert sub.subscribe("a", packet_id=2) == [Suback(packet_id=2, reason_codes=(0,))]  # a replacement
     v5 = connected(broker, "v5", version=5)
     assert v5.subscribe("x", "y", "z") == [Suback(packet_id=1, reason_codes=(0, 0, 0x97))]
+
+
+def test_the_same_filter_twice_in_one_subscribe_takes_one_place_of_the_quota() -> None:
+    """A SUBSCRIBE's filters are handled as a sequence of SUBSCRIBEs, a second 'a' replacing the
+    first [MQTT-3.8.4-3, -5]: it was counted twice, and refused at the limit though held."""
+    broker = make_broker(max_subscriptions_per_client=2)
+    client = connected(broker, "c", version=5)
+    assert client.subscribe("a", "a", "b", qos=1) == [Suback(packet_id=1, reason_codes=(1, 1, 1))]
+    assert client.subscribe("a", "b", "c", packet_id=2, qos=1) == [Suback(packet_id=2, reason_codes=(1, 1, 0x97))]
+
+
+def test_a_filter_a_hook_refuses_takes_no_place_of_the_quota() -> None:
+    broker = make_broker(max_subscriptions_per_client=1)
+    broker.hooks.on_subscribe(
+        lambda client, subscription: Refused(ReasonCode.NOT_AUTHORIZED) if subscription.topic_filter == "a" else None)
+    client = connected(broker, "c", version=5)
+    assert client.subscribe("a", "b") == [Suback(packet_id=1, reason_codes=(0x87, 0))]
+
+
+def test_a_shared_subscription_may_have_the_levels_a_plain_one_may() -> None:
+    """Its topics have them, after the '$share/{group}/' prefix, which was counted too."""
+    from mqtt_broker.topics import MAX_TOPIC_LEVELS
+    broker = make_broker()
+    client = connected(broker, "c", version=5)
+    deep = "/".join(["x"] * MAX_TOPIC_LEVELS)
+    assert client.subscribe(deep, "$share/g/" + deep, "$share/g/" + deep + "/x") == [
+        Suback(packet_id=1, reason_codes=(0, 0, 0x8F))]
 
 
 def test_a_publish_hook_replaces_the_message_and_not_the_acknowledgement() -> None:
