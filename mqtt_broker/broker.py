@@ -565,6 +565,8 @@ class BrokerService(MultiService):
                              f"a {type(payload).__name__} payload, properties {properties!r}")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
+        # The message's own properties: the caller's dict, changed after, would change it.
+        properties = {k: tuple(v) if isinstance(v, list) else v for k, v in properties.items()}
         message = Message(topic=topic, payload=payload, qos=qos, retain=bool(retain), properties=properties)
         # Checked before routing, which would otherwise fail for some subscribers, and keep a
         # retained message that fails each SUBSCRIBE after.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import BrokerConfig
+from .message import is_utf8
 from .topics import valid_topic_name
 from .wire.codec import encode_connack
 from .wire.codes import ReasonCode
@@ -159,11 +160,3 @@ def _connack_properties(base: dict[str, Any], config: BrokerConfig, connect: Con
         if len(information.encode()) <= 65535:  # (with a client id near that long: none, not no CONNACK)
             props["response_information"] = information
     return {**base, **props} if props else base
-
-
-def is_utf8(payload: bytes) -> bool:
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True

@@ -91,6 +91,14 @@ class Message(Publish):
             other.topic, other.payload, other.qos, other.retain, dict(other.properties))
 
 
+def is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def unsendable(message: Message, own: bool = False) -> str | None:
     """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
     decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here.
@@ -104,6 +112,8 @@ def unsendable(message: Message, own: bool = False) -> str | None:
         return f"the topic name {topic!r}"
     if "topic_alias" in properties or "subscription_identifier" in properties:
         return "a topic alias or subscription identifier, which each connection sets"
+    if properties.get("payload_format_indicator") == 1 and not is_utf8(message.payload):
+        return "a payload that is not the UTF-8 its format indicator says"  # (0x99, a client's)
     try:
         size = len(topic.encode())  # (a str may hold a lone surrogate, which no MQTT string may [MQTT-1.5.4-1])
         encoded = encode_properties(properties)

@@ -15,11 +15,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .aliases import InboundAliases
-from .connect import is_utf8
 from .connecting import NO_SLOTS
 from .hooks import PUBACK_REFUSALS, Refused
 from .lifecycle import State
-from .message import Client, Message, encoding_kind, unsendable
+from .message import Client, Message, encoding_kind, is_utf8, unsendable
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
 from .wire import (

@@ -1829,6 +1829,7 @@ def test_publish_hook_sees_publish_user_properties() -> None:
     {"no_such_property": 1}, {"user_property": "not pairs"}, {"content_type": b"bytes"},
     {"message_expiry_interval": -1}, {"topic_alias": 3}, {"subscription_identifier": 7},
     {"session_expiry_interval": 10},  # a CONNECT's, not a PUBLISH's
+    {"payload_format_indicator": 1},  # the payload, b"x\xff", is not UTF-8 (a client's: 0x99)
 ])
 def test_the_broker_publishes_only_properties_a_publish_can_carry(properties: dict[str, Any]) -> None:
     """Refused before routing: after, some subscribers would have it and others not, and a
@@ -1837,10 +1838,22 @@ def test_the_broker_publishes_only_properties_a_publish_can_carry(properties: di
     subscriber = connected(broker, "s", version=4)
     subscriber.subscribe("t")
     with pytest.raises(ValueError):
-        broker.publish("t", b"x", retain=True, properties=properties)
+        broker.publish("t", b"x\xff", retain=True, properties=properties)
     assert subscriber.received() == [] and not broker.retained.get("t")
     broker.publish("t", b"fine", retain=True, properties={"user_property": [("k", "v")], "content_type": "text/plain"})
     assert [p.payload for p in connected(broker, "late", version=5).subscribe("t") if isinstance(p, Publish)] == [b"fine"]
+
+
+def test_the_broker_keeps_its_own_copy_of_the_properties_it_publishes() -> None:
+    """The caller's dict, changed after (an application reusing it for its next message), changed
+    the retained message, a topic alias (which each connection sets) included."""
+    broker = make_broker()
+    properties: dict[str, Any] = {"user_property": [("seq", "1")]}
+    broker.publish("status/a", b"1", qos=1, retain=True, properties=properties)
+    properties["user_property"].append(("seq", "2"))
+    properties["topic_alias"] = 7
+    [message] = [p for p in connected(broker, "late", version=5).subscribe("status/#", qos=1) if isinstance(p, Publish)]
+    assert message.properties == {"user_property": [("seq", "1")]}
 
 
 @pytest.mark.parametrize("arguments", [

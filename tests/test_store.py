@@ -745,3 +745,27 @@ def test_the_brokers_publish_fires_once_the_store_holds_it(tmp_path: Path) -> It
         yield broker.stopService()
     with pytest.raises(RuntimeError):
         broker.publish("status/app", b"down", retain=True)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_broker_started_again_before_its_stop_has_finished_is_told_so(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """The store was still writing its last changes: opened again then, it did not read them,
+    and the close, when it came, closed the new file and left the old writer thread running
+    (the process could not end), with the broker running on a closed store."""
+    from mqtt_broker import BrokerService
+    broker = BrokerService(endpoints=[], reactor=reactor, persistence="sqlite", data_dir=str(tmp_path),
+                           sys_interval=0, close_linger=0)
+    broker.startService()
+    broker.publish("status/app", b"up", qos=1, retain=True)
+    stopped = broker.stopService()
+    with pytest.raises(StoreError, match="still being closed"):
+        broker.startService()
+    yield stopped
+    broker.startService()
+    try:
+        assert broker.running and broker.store.opened  # type: ignore[union-attr]
+        retained = broker.retained.get("status/app")
+        assert retained is not None and retained.payload == b"up"
+        yield broker.publish("status/app", b"again", qos=1, retain=True)
+    finally:
+        yield broker.stopService()

@@ -40,7 +40,7 @@ from ..wire import (
     MQTT_3_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
-from ..connect import is_utf8
+from ..message import is_utf8
 from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode

@@ -189,6 +189,8 @@ class SQLiteStore:
         self.reactor = reactor
         self.synchronous = synchronous.upper()
         self._db: sqlite3.Connection | None = None
+        self._closing = False
+        """Between ``close()`` and the end of its last write: the file may not be opened again."""
         self._pool: ThreadPool | None = None
         self._pending: list[tuple[str, tuple[Any, ...]] | None] = []
         self._waiters: list[Deferred[None]] = []
@@ -216,6 +218,11 @@ class SQLiteStore:
         return self._db is not None
 
     def load(self, window: int = 0) -> Snapshot:
+        if self._closing:
+            # (Opened again now, it would not read the last changes, still being written, and the
+            # close would end the new connection instead of the old one.)
+            raise StoreError(f"{self.path} is still being closed: start again once the stop has finished "
+                             f"(stopService's Deferred has fired)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -481,6 +488,7 @@ class SQLiteStore:
     def close(self) -> Deferred[None]:
         """Write what is pending, then close the file and stop the writer thread."""
         def closed(_: Any) -> None:
+            self._closing = False
             if self._unwritten:  # (written, or failed again, by the flush this close waited for)
                 log.error("closing {path} with {count} changes not written: the disk failed, and they are lost",
                           path=str(self.path), count=len(self._unwritten))
@@ -491,5 +499,6 @@ class SQLiteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        self._closing = True
         d = self.flushed() if self._db is not None else succeed(None)
         return d.addBoth(closed)
