@@ -205,7 +205,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
     stats = broker.stats
     connected = disconnected = queued = queued_bytes = inflight = inflight_bytes = moved_subscriptions = 0
     for session in broker.sessions.values():
-        if broker.cluster is not None and broker.moved_away(session.client_id):
+        if broker.moved_away(session.client_id):
             moved_subscriptions += len(session.subscriptions)  # (still routed to, until the routes settle)
             continue
         if session.connection is not None:

@@ -56,7 +56,7 @@ and on reload. A password is never logged, nor shown in a ``repr``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
@@ -77,6 +77,32 @@ MAX_CACHED_READS = 100_000
 MAX_CACHED_TOPIC = 256
 """Longer topics, client ids and usernames are checked each time: a cache of the longest (65,535
 bytes each) would hold gigabytes."""
+
+
+T = TypeVar("T")
+
+
+def withdrawable(start: Callable[[list[bool]], Deferred[T]]) -> Deferred[T]:
+    """``start(withdrawn)``'s answer, in a Deferred whose cancellation (the client left) marks
+    ``withdrawn`` before it cancels what ``start`` returned: what handles that cancellation then
+    knows no one waits for the answer, and neither logs nor refuses it as a failure."""
+    withdrawn: list[bool] = []
+
+    def withdraw(_: Deferred[T]) -> None:
+        withdrawn.append(True)
+        running.cancel()
+    answer: Deferred[T] = Deferred(withdraw)
+
+    def settle(result: T | Failure) -> None:
+        if answer.called:  # (withdrawn, it has its answer already)
+            return
+        if isinstance(result, Failure):
+            answer.errback(result)
+        else:
+            answer.callback(result)
+    running = start(withdrawn)
+    running.addBoth(settle)
+    return answer
 
 
 def _cacheable(identity: Identity, topic: str) -> bool:
@@ -223,23 +249,7 @@ class Security:
     def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal]:
         """Run the chain. Fires with an Identity or a Refusal (logged); never fails. Cancelled
         (its client left), it cancels the authenticator at work and refuses, unlogged."""
-        withdrawn: list[bool] = []
-        running = Deferred.fromCoroutine(self._authenticate(credentials, withdrawn))
-
-        def withdraw(_: Deferred[Identity | Refusal]) -> None:
-            withdrawn.append(True)
-            running.cancel()
-        answer: Deferred[Identity | Refusal] = Deferred(withdraw)
-
-        def settle(result: Identity | Refusal | Failure) -> None:
-            if answer.called:  # (withdrawn, it has its answer already)
-                return
-            if isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
-        running.addBoth(settle)
-        return answer
+        return withdrawable(lambda withdrawn: Deferred.fromCoroutine(self._authenticate(credentials, withdrawn)))
 
     async def _authenticate(self, credentials: Credentials, withdrawn: list[bool]) -> Identity | Refusal:
         closes = self._closes

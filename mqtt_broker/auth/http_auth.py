@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 
 from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
-from . import Credentials, Identity, Refusal
+from . import Credentials, Identity, Refusal, withdrawable
 from .acl import AccessRules
 
 log = Logger()
@@ -160,15 +160,9 @@ class HttpAuthenticator:
         asked.addBoth(self._answered, asked)
         if self.timeout > 0:
             asked.addTimeout(self.timeout, self._clock or self._the_reactor(), onTimeoutCancel=_timed_out)
-        withdrawn: list[bool] = []
-
-        def withdraw(_: Deferred[Answer]) -> None:  # the client left: the request goes, unlogged
-            withdrawn.append(True)
-            asked.cancel()
-        answer: Deferred[Answer] = Deferred(withdraw)
-        asked.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,),
-                           errbackArgs=(self._closes, withdrawn)).chainDeferred(answer)
-        return answer
+        # (Withdrawn, the client gone, the request goes, unlogged.)
+        return withdrawable(lambda withdrawn: asked.addCallbacks(
+            self._remember, self._unavailable, callbackArgs=(key,), errbackArgs=(self._closes, withdrawn)))
 
     def _answered(self, result: Any, asked: Deferred[Answer]) -> Any:
         self._asking.discard(asked)
