@@ -241,10 +241,9 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         # The headers HTTP requires of these answers [RFC 9110 15.5.6, 15.5.22].
         required = {405: [("Allow", "GET")], 426: [("Upgrade", "websocket")]}.get(code, [])
         super().failHandshake(reason, code, [*(responseHeaders or []), *required])
-        if self._close_call is None:
-            # The socket is closed once the answer is out, over TLS once the client answers the
-            # close_notify, which it may never do: the close timer bounds the wait.
-            self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+        # The socket is closed once the answer is out, over TLS once the client answers the
+        # close_notify, which it may never do: the close timer bounds the wait.
+        self._bound_the_close()
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == _OPEN and self.current_frame is None and self._perMessageCompress is None:
@@ -398,8 +397,8 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         # autobahn's own timer would run on the global reactor; ours runs on the broker's clock.
         # After a reply autobahn closes the socket once what it wrote is out, which a peer that
         # does not read never lets happen: the same timer aborts it.
-        if self._close_call is None and (isReply or self.state == _CLOSING):
-            self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+        if isReply or self.state == _CLOSING:
+            self._bound_the_close()
         if not self._mqtt_closed_it:
             # Closed from the WebSocket side (the client's close frame, a text or oversize frame, a
             # protocol error): no more MQTT can flow, so the MQTT connection ends now, will and
@@ -412,6 +411,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         # (a client's DISCONNECT and close frame together). Closed, the socket sends it first;
         # one that never drains is aborted by the close timer.
         super().dropConnection(abort=abort and not (self.wasClean and self.state == _CLOSING))
+
+    def _bound_the_close(self) -> None:
+        """Abort the socket after CLOSE_TIMEOUT (on the broker's clock) unless it is closed by then."""
+        if self._close_call is None:
+            self._close_call = self.factory.broker.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
 
     def _close_timed_out(self) -> None:
         self._close_call = None
