@@ -70,6 +70,7 @@ class Connecting:
     _client_id: str
     _auth_method: str | None
     _auth_connect: Connect | None
+    _reauthenticating: bool
     _aliases_in: InboundAliases | None
     _aliases_out: OutboundAliases | None
     _deadline: Any
@@ -163,9 +164,10 @@ class Connecting:
         if self._auth_method is None or method != self._auth_method:
             raise ProtocolError("AUTH without the connection's authentication method")  # [MQTT-4.12.0-1, -5]
         reauthenticating = self.state is State.CONNECTED
-        expected = (ReasonCode.CONTINUE_AUTHENTICATION, ReasonCode.RE_AUTHENTICATE) if reauthenticating \
-            else (ReasonCode.CONTINUE_AUTHENTICATION,)
-        if packet.reason_code not in expected:
+        # A re-authentication starts with 0x19; 0x18 answers the broker's 0x18 (§4.12.1, §3.15.2.1).
+        expected = ReasonCode.RE_AUTHENTICATE if reauthenticating and not self._reauthenticating \
+            else ReasonCode.CONTINUE_AUTHENTICATION
+        if packet.reason_code != expected:
             raise ProtocolError(f"AUTH with reason code 0x{packet.reason_code:02x} here")
         self._when(self.broker.hooks.resolve(
             "auth", self.client, method, packet.properties.get("authentication_data"), reauthenticating),
@@ -173,6 +175,14 @@ class Connecting:
 
     def _auth_decided(self, answer: Any) -> None:
         reauthenticating = self.state is State.CONNECTED
+        if isinstance(answer, (bytearray, memoryview)):
+            answer = bytes(answer)
+        elif not (answer is None or isinstance(answer, (Identity, Refused, bytes))):
+            # Fail closed, as a failing hook does: a challenge not encoded, say, authenticates no one.
+            log.error("auth hook answered {answer!r} for {client_id}, which is not an answer it may give; refusing",
+                      answer=answer, client_id=self._client_id)
+            answer = Refused(ReasonCode.UNSPECIFIED_ERROR)
+        self._reauthenticating = reauthenticating and isinstance(answer, bytes)
         if isinstance(answer, Identity):  # authenticated, as this identity from now on
             self._take_identity(answer)
             if reauthenticating:
@@ -192,8 +202,9 @@ class Connecting:
         elif reauthenticating:
             self.send(Auth(properties={"authentication_method": self._auth_method}))
         else:
-            assert self._auth_connect is not None
-            self._authorize(self._auth_connect)
+            connect, self._auth_connect = self._auth_connect, None
+            assert connect is not None
+            self._authorize(connect)
 
     def _take_identity(self, identity: Identity) -> None:
         """An auth hook's identity replaces the connection's: its rights apply from the next

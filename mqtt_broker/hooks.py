@@ -122,9 +122,10 @@ class Hooks:
         :class:`~mqtt_broker.auth.Identity`: authenticated as that identity (for this client
         id), which replaces the connection's: its ``rules`` from the next operation on, its
         ``expires_at`` for the timer that disconnects the client (re-authentication moves it).
-        Bytes: continue, sending them to the client in an AUTH packet (0x18) and waiting for its
-        answer. False refuses (CONNACK 0x87, or DISCONNECT 0x87 when re-authenticating). Without
-        a handler, a CONNECT with an Authentication Method is refused with 0x8C."""
+        Bytes (or a bytearray, a memoryview): continue, sending them to the client in an AUTH
+        packet (0x18) and waiting for its answer. False refuses (CONNACK 0x87, or DISCONNECT 0x87
+        when re-authenticating); so does any other answer (0x80, logged). Without a handler, a
+        CONNECT with an Authentication Method is refused with 0x8C."""
         return self._register("auth", handler)
 
     def on_publish(self, handler: Handler) -> Handler:

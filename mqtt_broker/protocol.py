@@ -82,6 +82,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_bridge", "transport", "connected", "_inherited_pubrels", "_ended",
+        "_reauthenticating",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -122,6 +123,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self.pending_bytes = 0
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
+        self._reauthenticating = False
+        """The broker sent AUTH 0x18 in a re-authentication and waits for the client's answer."""
         self._blocked: Deferred[Any] | None = None
         self._backlogged = False
         """Reading from the client stopped: it reads nothing of what it is sent, answers included,

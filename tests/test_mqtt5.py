@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs, formatEvent
 
 from mqtt_broker import Message, ReasonCode, Refused
 from mqtt_broker.wire import (
@@ -1719,6 +1720,75 @@ def test_a_reauthentication_refused_with_a_code_is_told_in_disconnects_codes(cod
     broker.hooks.on_auth(lambda client, method, data, reauthenticating: Refused(code) if reauthenticating else None)
     client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-ok")))
     assert_server_disconnect(client, sent)
+
+
+def test_an_auth_0x18_with_no_reauthentication_under_way_is_a_protocol_error() -> None:
+    """§4.12.1, §3.15.2.1: a re-authentication starts with AUTH 0x19; a 0x18 only answers the
+    server's 0x18. One out of turn: DISCONNECT 0x82, the hook not asked (as Mosquitto does)."""
+    broker = make_broker()
+    calls = _scram(broker)
+    client = _authenticated(broker)
+    asked = len(calls)
+    client.send(Auth(reason_code=0x18, properties=_auth_properties(b"again-ok")))
+    assert_server_disconnect(client, ReasonCode.PROTOCOL_ERROR)
+    assert len(calls) == asked
+
+
+def test_an_auth_0x19_while_a_reauthentication_is_under_way_is_a_protocol_error() -> None:
+    """The server sent AUTH 0x18 and waits for the client's 0x18: a second 0x19 does not start
+    the exchange again (DISCONNECT 0x82); once one ends, the next may start."""
+    broker = make_broker()
+    _scram(broker)
+    client = _authenticated(broker)
+    for _ in range(2):
+        client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-first")))
+        assert client.received() == [Auth(reason_code=0x18, properties=_auth_properties(b"server-first"))]
+        client.send(Auth(reason_code=0x18, properties=_auth_properties(b"again-ok")))
+        assert client.received() == [Auth(reason_code=0, properties=_auth_properties())]
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-first")))
+    client.received()
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-first")))
+    assert_server_disconnect(client, ReasonCode.PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize("challenge", [bytearray(b"server-first"), memoryview(b"server-first")],
+                         ids=["bytearray", "memoryview"])
+def test_an_auth_hooks_challenge_may_be_any_bytes_like_object(challenge: Any) -> None:
+    """on_auth's bytes continue the exchange: a challenge built in a bytearray is sent as one, not
+    taken for a success."""
+    broker = make_broker()
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating: challenge if data == b"client-first" else None)
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"client-first")))
+    assert client.received() == [Auth(reason_code=0x18, properties=_auth_properties(b"server-first"))]
+    assert broker.clients() == []
+    client.send(Auth(reason_code=0x18, properties=_auth_properties(b"client-final")))
+    [connack] = client.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+
+
+@pytest.mark.parametrize("reauthenticating", [False, True])
+def test_an_auth_hooks_answer_it_does_not_define_refuses(reauthenticating: bool) -> None:
+    """An on_auth answer that is none of None, a bool, an Identity, bytes or a refusal (a str: a
+    challenge not encoded) refuses, as a failing hook does, and says why in the log: it does not
+    authenticate the client."""
+    broker = make_broker()
+    if reauthenticating:
+        _scram(broker)
+        client = _authenticated(broker)
+        broker.hooks.on_auth(lambda client, method, data, reauthenticating: "server-first" if reauthenticating else None)
+    with capturedLogs() as events:
+        if reauthenticating:
+            client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-first")))
+            assert_server_disconnect(client, ReasonCode.UNSPECIFIED_ERROR)
+        else:
+            broker.hooks.on_auth(lambda client, method, data, reauthenticating: "server-first")
+            client = FakeClient(broker, version=5)
+            client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"client-first")))
+            [connack] = client.received()
+            assert isinstance(connack, Connack) and connack.reason_code == ReasonCode.UNSPECIFIED_ERROR
+            assert client.closed
+    assert any("'server-first'" in formatEvent(event) for event in events), [formatEvent(e) for e in events]
 
 
 def test_auth_with_another_method_is_protocol_error() -> None:
