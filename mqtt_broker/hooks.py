@@ -112,7 +112,8 @@ class Hooks:
         """``handler(client) -> None | bool | ReasonCode | Refused``: a CONNECT that passed the
         protocol's checks (``client.properties`` has an MQTT 5 client's CONNECT properties).
         False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses
-        with that code (3.x: the nearest return code)."""
+        with that code (3.x: the nearest return code). Any other answer refuses too (0x80,
+        logged)."""
         return self._register("connect", handler)
 
     def on_auth(self, handler: Handler) -> Handler:

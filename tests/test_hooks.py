@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import LogEvent, capturedLogs
+from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from mqtt_broker import hooks as hooks_module
 from mqtt_broker.hooks import EVENTS, Hooks, Refused
@@ -16,7 +16,7 @@ from mqtt_broker.message import Client, Message
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
-    MQTT_3_1_1, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will,
+    MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will,
 )
 from mqtt_broker.wire.codes import ReasonCode
 
@@ -446,6 +446,18 @@ def test_connect_hook_refuses_in_the_broker() -> None:
     assert broker.client(MQTT_3_1_1).connect("good") == Connack(reason_code=0)
     bad = broker.client(MQTT_3_1_1)
     assert bad.connect("bad") == Connack(reason_code=5) and bad.closed
+
+
+@pytest.mark.parametrize("answer", [0x87, "no", ReasonCode.SUCCESS], ids=["int", "str", "success-code"])
+def test_a_connect_hooks_answer_it_does_not_define_refuses(answer: Any, logged: Sequence[LogEvent]) -> None:
+    """on_connect answers None, a bool, an error ReasonCode or a Refused: anything else (0x87
+    written as a plain int, say) refuses with 0x80 and is logged, as a failing hook is; it let
+    the client in."""
+    broker = MemoryBroker()
+    broker.hooks.on_connect(lambda client: answer)
+    client = broker.client(MQTT_5)
+    assert client.connect("c") == Connack(reason_code=ReasonCode.UNSPECIFIED_ERROR) and client.closed
+    assert any(repr(answer) in formatEvent(event) for event in logged)
 
 
 def test_publish_hook_drops_and_rewrites() -> None:
