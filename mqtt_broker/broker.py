@@ -415,6 +415,7 @@ class BrokerService(MultiService):
             self.forget_session(client_id)
         ended = [session for session, disconnected_at in snapshot.sessions
                  if not self.take_session(session, disconnected_at, snapshot.alive_at)]
+        ended_ids = {session.client_id for session in ended}
         # Sessions that ended while the broker was down hand what they held of shared
         # subscriptions to another member, once every restored member is back in the tree.
         for session in ended:
@@ -427,7 +428,8 @@ class BrokerService(MultiService):
         for will in snapshot.wills:
             client = Client(client_id=will.client_id, username=will.username, peer="", protocol_version=MQTT_5,
                             clean_start=False, keep_alive=0)
-            self.wills.schedule(client, will.message, will.due)
+            # A will waits no longer than its session, which may have ended meanwhile [MQTT-3.1.3-9].
+            self.wills.schedule(client, will.message, now if will.client_id in ended_ids else will.due)
         if self.history is not None:
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
@@ -645,8 +647,9 @@ class BrokerService(MultiService):
         if will is not None and not graceful:
             delay = connection.will_delay
             if delay and session.expiry:
-                # Delayed until the delay or the session's end, whichever comes first [MQTT-3.1.3-9].
-                self.wills.delay(client, will, connection.identity, min(delay, session.expiry))
+                # Delayed until the delay or the session's end, whichever comes first [MQTT-3.1.3-9]:
+                # the session's end publishes it (_expire), wherever a restart moves that end.
+                self.wills.delay(client, will, connection.identity, delay)
             else:
                 self.wills.publish(client, will, connection.identity)
         if not session.expiry:

@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from mqtt_broker import BrokerService
@@ -405,6 +406,27 @@ def test_delayed_will_due_while_the_broker_was_down_fires_at_start(restarts: Res
     assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
 
 
+def test_a_delayed_will_whose_session_ends_at_the_start_is_published_then(restarts: Restarts) -> None:
+    """A will goes when its delay is over or its session ends, whichever comes first
+    [MQTT-3.1.3-9]: started with a shorter max_session_expiry_interval, a session that ended
+    while the broker was down takes its will with it at the start, not at the will's own time."""
+    broker = restarts.start()
+    w = connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": 1000},
+                  will=Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 500}))
+    w.lose()
+    restarts.stop()
+    restarts.reactor.advance(100)
+    restarts.settings["max_session_expiry_interval"] = 50
+    broker = restarts.start()
+    assert "w" not in broker.sessions
+    watcher = connected(broker, "watcher", 4)
+    subscribe(watcher, "wills/#")
+    watcher.received()
+    restarts.reactor.advance(0)
+    assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
+    assert "w" not in broker.wills
+
+
 def test_delayed_will_of_a_client_back_before_its_time_is_not_published(restarts: Restarts) -> None:
     broker = restarts.start()
     will = Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 30})
@@ -466,6 +488,35 @@ class SQLiteRestarts(Restarts):
         if path is not None:
             self.path = path
         return self.start()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sqlite_a_delayed_will_whose_session_ends_at_the_start_is_published_then(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """On SQLite too (the store keeps the will with the time it is due): published at the start,
+    once, where the session it outlived has ended."""
+    clock = Clock()
+    restarts = SQLiteRestarts(tmp_path / "mqttbroker.db", clock=clock)
+    broker = restarts.start()
+    w = connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": 1000},
+                  will=Will(topic="wills/w", payload=b"gone", qos=1, properties={"will_delay_interval": 500}))
+    w.lose()
+    yield restarts.store.flushed()
+    yield restarts.stop()
+    clock.advance(100)
+    restarts.settings["max_session_expiry_interval"] = 50
+    broker = restarts.start()
+    try:
+        watcher = connected(broker, "watcher", 4)
+        subscribe(watcher, "wills/#")
+        watcher.received()
+        clock.advance(0)
+        assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
+        yield restarts.store.flushed()
+        with closing(sqlite3.connect(restarts.path)) as db:
+            assert db.execute("SELECT count(*) FROM wills").fetchone() == (0,)
+    finally:
+        yield restarts.stop()
 
 
 @pytest.fixture
@@ -1389,6 +1440,29 @@ def test_a_filter_unsubscribed_stays_gone_when_a_subscribe_before_it_is_not_stor
     assert [(type(p), p.packet_id, p.reason_codes) for p in client.received()] == [
         (Suback, 2, (0x80,)), (Unsuback, 3, (0x00,))]
     assert "a" not in broker.sessions["s"].subscriptions
+
+
+def test_without_a_store_a_delayed_will_waits_for_its_sessions_end_as_started_again() -> None:
+    """A will whose delay is longer than its session waits for the session's end: started again
+    without a store, that end is counted from the new start, and the will goes with it, not at
+    the session's old end while the session lives and its client may resume it."""
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), close_linger=0)
+    broker.startService()
+    willing = FakeClient(broker, 5)
+    willing.connect("d", clean=False, properties={"session_expiry_interval": 10},
+                    will=Will(topic="wills/d", payload=b"gone", properties={"will_delay_interval": 100}))
+    willing.lose()
+    broker.reactor.advance(5)  # type: ignore[attr-defined]
+    broker.stopService()
+    broker.reactor.advance(1)  # type: ignore[attr-defined]
+    broker.startService()  # at 6: the session ends at 16
+    watcher = connected(broker, "w")
+    watcher.subscribe("wills/#")
+    broker.reactor.advance(9)  # type: ignore[attr-defined]
+    assert "d" in broker.sessions and broker.stats.wills_published == 0
+    broker.reactor.advance(1)  # type: ignore[attr-defined]
+    assert "d" not in broker.sessions
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"gone"]
 
 
 def test_without_a_store_a_service_started_again_keeps_its_timers() -> None:

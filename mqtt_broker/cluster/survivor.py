@@ -151,7 +151,8 @@ class Survivor:
                     former.add(subscription)
                 if client_id in broker.sessions:  # a copy from before the dead node had it: stale
                     broker.forget_session(client_id)
-                broker.take_session(claim.session, claim.disconnected_at)
+                if not broker.take_session(claim.session, claim.disconnected_at):
+                    broker.wills.end(client_id, publish=True)  # (its session ended while it waited)
                 # (its own sessions, taken back at a restart, too: the inbox entries it reads
                 # again may hold what they have, the mark of an entry dropped as a copy lost)
                 cluster.moved_here(client_id)
