@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import tcp
 from .auth import Security
@@ -67,7 +68,8 @@ class MQTTFactory(Factory):
             log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
             return None
         protocol = MQTTProtocol(self.broker, self.broker.clock)
-        protocol.peer = describe(addr)  # the transport would make another address object
+        if not self.wrapped:  # (a wrapper may know better: haproxy: reads the client's from its header)
+            protocol.peer = describe(addr)  # the transport would make another address object
         return protocol
 
 
@@ -96,8 +98,8 @@ class BrokerService(MultiService):
             config = BrokerConfig()
         elif not isinstance(config, BrokerConfig):
             config = BrokerConfig.from_file(config)
-        if endpoints is not None:
-            settings["endpoints"] = list(endpoints)
+        if endpoints is not None:  # (a str is the setting's to refuse, not one endpoint a character)
+            settings["endpoints"] = endpoints if isinstance(endpoints, str) else list(endpoints)
         self.config = config.replace(**settings) if settings else config
         self.connack = AcceptingConnack(self.config)
         if reactor is None:
@@ -129,6 +131,8 @@ class BrokerService(MultiService):
         self.keepalives = Keepalives(self.clock)
         """Every connection's keepalive deadline, on one timer."""
         self.ports: list[IListeningPort] = []
+        self._starting: list[Deferred[Any]] = []
+        """The listeners of endpoints that listen later (not the built-in ones)."""
         self._listening = False
         """Whether the endpoints were listened on (by privilegedStartService, or the start)."""
         self._tls: list[tuple[str, ServerTLS]] = []
@@ -187,9 +191,7 @@ class BrokerService(MultiService):
         try:
             self._listen()
         except BaseException:
-            for port in self.ports:
-                port.stopListening()
-            self.ports, self._tls, self._listening = [], [], False
+            self._unlisten()
             raise
 
     def startService(self) -> None:
@@ -198,10 +200,14 @@ class BrokerService(MultiService):
         of running without a port."""
         _raise_open_files_limit()
         self._stopped = False
-        if self.store is not None:
-            self._restore(self.store.load(self.config.max_queued_messages))
-        else:
-            self._rearm()
+        try:
+            if self.store is not None:
+                self._restore(self.store.load(self.config.max_queued_messages))
+            else:
+                self._rearm()
+        except BaseException:
+            self._unlisten()  # (what privilegedStartService opened)
+            raise
         super().startService()
         try:
             if not self._listening:
@@ -241,22 +247,49 @@ class BrokerService(MultiService):
             except OSError as e:  # a key or certificate file of ssl:/mqtts: that cannot be read
                 reason = f"{e.filename}: cannot read: {e.strerror}" if e.filename else str(e)
                 raise ConfigError(f"{description!r}: {reason}", key) from None
+            except ValueError as e:  # one that is no PEM, a key that does not fit its certificate
+                raise ConfigError(f"{description!r}: {e}", key) from None
             if isinstance(endpoint, TLSServerEndpoint):
                 self._tls.append((description, endpoint.tls))
-            failures: list[Any] = []
-            tcp.listen(endpoint, factory, self.config.set_tcp_nodelay).addCallbacks(
-                self.ports.append, failures.append)
-            if failures:
-                if failures[0].check(OverflowError, OSError):  # a port past 65535, no UNIX socket directory
-                    raise ConfigError(f"{description!r}: {failures[0].getErrorMessage()}", key)
-                failures[0].raiseException()
-            log.info(listening, endpoint=description)
+            listened = tcp.listen(endpoint, factory, self.config.set_tcp_nodelay)
+            if not listened.called:  # a plugin's endpoint (onion:, say) listens later
+                self._starting.append(listened)
+                listened.addCallbacks(self._listened_late, self._not_listened,
+                                      callbackArgs=(listened, description, listening), errbackArgs=(listened, description))
+                continue
+            outcome: list[Any] = []
+            listened.addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                if outcome[0].check(OverflowError, OSError):  # a port past 65535, no UNIX socket directory
+                    raise ConfigError(f"{description!r}: {outcome[0].getErrorMessage()}", key)
+                outcome[0].raiseException()
+            else:
+                self.ports.append(outcome[0])
+                log.info(listening, endpoint=description)
+
+    def _listened_late(self, port: Any, listened: Deferred[Any], description: str, listening: str) -> None:
+        if listened not in self._starting:  # stopped meanwhile
+            port.stopListening()
+            return
+        self._starting.remove(listened)
+        self.ports.append(port)
+        log.info(listening, endpoint=description)
+
+    def _not_listened(self, failure: Failure, listened: Deferred[Any], description: str) -> None:
+        if listened in self._starting:
+            self._starting.remove(listened)
+            log.failure("cannot listen on {endpoint}: running without it", failure, endpoint=description)
+
+    def _unlisten(self) -> list[Any]:
+        """Close every listener (and those still starting once they listen)."""
+        stopping = [port.stopListening() for port in self.ports]
+        self.ports, self._starting, self._tls, self._listening = [], [], [], False
+        return stopping
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stopped = True
-        stopping = [port.stopListening() for port in self.ports]
-        self.ports, self._tls, self._listening = [], [], False
+        stopping = self._unlisten()
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
         # After the drops: a connection's pending decision then finds it closed (no answer, no
@@ -815,7 +848,9 @@ def with_backlog(description: str, backlog: int) -> str:
     """A listening endpoint string with a listen queue of ``backlog`` unless it names one: the
     default of 50 overflows when many clients reconnect at once, and a dropped SYN costs the
     client a one-second retry."""
-    kind = description.split(":", 1)[0]
+    kind, _, rest = description.partition(":")
+    if kind == "haproxy":  # (a wrapper: its listener is the endpoint it names)
+        kind = rest.partition(":")[0]
     if kind in ("tcp", "tcp6", "ssl", "mqtts", "unix") and "backlog=" not in description:
         return f"{description}:backlog={backlog}"
     return description

@@ -12,6 +12,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Final
 
 from mypy_extensions import trait
+from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
@@ -27,7 +28,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime, ITransport
+    from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 
     from .connect import Terms
 
@@ -40,6 +41,19 @@ build; compiled, they have none anyway). Not a literal, which mypy would take as
 check the traits' assignments against: the attributes are MQTTProtocol's slots."""
 
 
+def describe(address: IAddress) -> str:
+    """A peer's address as logs and hooks show it: ``host:port``, or ``unix:path`` for a UNIX
+    socket's (``unix`` alone: a client's socket has no path, as a rule)."""
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"{host}:{getattr(address, 'port', '')}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        path = name.decode(errors="replace") if isinstance(name, bytes) else name
+        return f"unix:{path}" if path else "unix"
+    return str(address)
+
+
 @trait
 class Connecting:
     """The CONNECT and AUTH handlers of MQTTProtocol and what follows from their answers. The
@@ -50,6 +64,7 @@ class Connecting:
     __slots__ = NO_SLOTS
 
     transport: ITransport | None
+    _on_socket: bool
     broker: Any
     delivery: Delivery
     clock: IReactorTime
@@ -106,6 +121,8 @@ class Connecting:
             self._deadline = self.broker.keepalives.watch(self, self.clock.seconds() + self.broker.config.connect_timeout)
         self.problem_information = terms.problem_information
         self.max_send_size = terms.max_send_size
+        if not self._on_socket:  # a wrapper may know the client's address only now (haproxy: reads it)
+            self.peer = describe(self.transport.getPeer())  # type: ignore[union-attr]
         self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
                              protocol_version=self.version, clean_start=packet.clean_start,
                              keep_alive=terms.keep_alive, properties=packet.properties)

@@ -158,7 +158,7 @@ class Client:
     client_id: str
     username: str | None
     peer: str
-    """The remote address, as ``host:port``."""
+    """The remote address, as ``host:port`` (``unix`` for a UNIX socket's client)."""
     protocol_version: int
     """3 (MQTT 3.1), 4 (MQTT 3.1.1) or 5."""
     clean_start: bool

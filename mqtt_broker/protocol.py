@@ -20,7 +20,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
-    IAddress, ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
+    ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +33,7 @@ from .message import NOT_CACHED, Client, Message, encoding_kind
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms, granted_expiry
-from .connecting import Connecting, count_refusal, tally
+from .connecting import Connecting, count_refusal, describe, tally
 from .delivery import Delivery
 from .linger import close_lingering, unwritten
 from .publishing import Publishing, _Acks
@@ -57,12 +57,6 @@ LARGE_PACKET_PROGRESS: Final = 1000
 """Bytes still to come of a packet, above which a read of part of it counts as traffic for the
 keepalive, as Mosquitto has it: a large PUBLISH on a slow link keeps its connection alive as it
 arrives, where a small packet trickled byte by byte does not."""
-
-
-def describe(address: IAddress) -> str:
-    """A peer's address as logs and hooks show it: ``host:port``."""
-    host = getattr(address, "host", None)
-    return f"{host}:{getattr(address, 'port', '')}" if host is not None else str(address)
 
 
 class MQTTProtocol(Connecting, Publishing, Subscribing):

@@ -431,14 +431,14 @@ def test_a_twistd_broker_tunes_its_collector() -> None:
 
 # --- run by twistd ------------------------------------------------------------------------
 
-def twistd(tmp_path: Path, *args: str) -> tuple[int, str]:
-    """``twistd -n mqttbroker ARGS`` in tmp_path, to its end: its exit status and its output."""
+def twistd(tmp_path: Path, *args: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
+    """``twistd -n OPTIONS mqttbroker ARGS`` in tmp_path, to its end: its exit status and its output."""
     import os
     import subprocess
     import sys
 
     from conftest import PACKAGE_ROOT
-    done = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+    done = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", *options,
                            "mqttbroker", "--persistence", "memory", *args],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
@@ -454,6 +454,19 @@ def test_twistd_says_a_start_up_failure_in_one_line(tmp_path: Path, busy_port: i
                          f"[Errno 98] Address already in use."), output
     assert "Traceback" not in output and "File " not in output, output
     assert not (tmp_path / "twistd.pid").exists()  # removed, as for any exception
+
+
+def test_twistd_says_an_unusable_key_file_under_rundir_in_one_line(tmp_path: Path) -> None:
+    """A relative key path is checked at start-up (under --rundir), where a file that is no PEM
+    was a traceback: one line, as for an absolute path."""
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    (rundir / "server.pem").write_text("not a certificate\n")
+    status, output = twistd(tmp_path, "--endpoint", "ssl:0:interface=127.0.0.1:privateKey=server.pem",
+                            options=("--pidfile=", "--rundir", str(rundir)))
+    assert status == 1 and "Traceback" not in output and "File " not in output, output
+    [line] = [line for line in output.splitlines() if "mqttbroker: " in line]
+    assert "mqttbroker: cannot start: endpoints: 'ssl:0:" in line and "server.pem" in line, output
 
 
 def test_twistd_says_a_file_it_cannot_use_in_one_line(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.logger import capturedLogs
@@ -303,9 +304,149 @@ async def test_the_broker_listens_before_twistd_sheds_roots_privileges() -> None
 def test_every_listener_kind_gets_listen_backlog() -> None:
     """mqtts: was left with its parser's 50, the default listen_backlog exists to replace."""
     from mqtt_broker.broker import with_backlog
-    for kind in ("tcp:1883", "tcp6:1883", "ssl:8883:privateKey=k", "mqtts:8883:privateKey=k", "unix:/s"):
+    for kind in ("tcp:1883", "tcp6:1883", "ssl:8883:privateKey=k", "mqtts:8883:privateKey=k", "unix:/s",
+                 "haproxy:tcp:1883"):
         assert with_backlog(kind, 1024) == f"{kind}:backlog=1024"
     assert with_backlog("mqtts:8883:backlog=5", 1024) == "mqtts:8883:backlog=5"
+
+
+CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c"
+CONNACK = b"\x20\x02\x00\x00"
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_haproxy_a_clients_address_is_the_one_its_proxy_says() -> None:
+    """haproxy: (any Twisted endpoint string may be given) tells the client's address in the PROXY
+    header: that is the peer hooks, logs and the admin API show, not the proxy's; and its listener
+    gets listen_backlog as any other."""
+    broker = BrokerService(endpoints=["haproxy:tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    try:
+        [port] = broker.ports
+        assert port.backlog == broker.config.listen_backlog
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=WAIT) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n" + CONNECT)
+            assert await deferToThread(client.recv, 4) == CONNACK
+            assert [c.peer for c in broker.clients()] == ["203.0.113.7:5555"]
+    finally:
+        await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None:
+    path = str(tmp_path / "mqtt.sock")
+    broker = BrokerService(endpoints=[f"unix:{path}"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(WAIT)
+            client.connect(path)
+            client.sendall(CONNECT)
+            assert await deferToThread(client.recv, 4) == CONNACK
+            assert [c.peer for c in broker.clients()] == ["unix"]  # (a client's socket has no path)
+    finally:
+        await broker.stopService()
+
+
+class _Later:
+    """An endpoint that listens when told (as a plugin's may: onion:, say), on a real port."""
+
+    def __init__(self) -> None:
+        self.go: Deferred[None] = Deferred()
+        self.ports: list[Any] = []
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        def listen(_: None) -> Deferred[Any]:
+            return TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(
+                lambda port: self.ports.append(port) or port)
+        listened: Deferred[Any] = Deferred()
+        self.go.addCallback(listen).chainDeferred(listened)
+        return listened
+
+
+@pytest.fixture
+def later(monkeypatch: Any) -> _Later:
+    import mqtt_broker.broker
+    endpoint = _Later()
+    real = mqtt_broker.broker.server_endpoint
+    monkeypatch.setattr(mqtt_broker.broker, "server_endpoint",
+                        lambda reactor, description: endpoint if description.startswith("later:") else
+                        real(reactor, description))
+    return endpoint
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_that_listens_later_is_listened_on_then(later: _Later) -> None:
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1", "later:1"], reactor=reactor, sys_interval=0)
+    with capturedLogs() as events:
+        broker.startService()
+        try:
+            assert len(broker.ports) == 1
+            later.go.callback(None)
+            [_, port] = broker.ports
+            assert await deferToThread(exchange, port.getHost().port, CONNECT + b"\xe0\x00") == (CONNACK, "eof")
+        finally:
+            await broker.stopService()
+    assert [e["endpoint"] for e in events if "listening on" in e.get("log_format", "")] == [
+        "tcp:0:interface=127.0.0.1", "later:1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_that_fails_to_listen_later_is_told(later: _Later) -> None:
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1", "later:1"], reactor=reactor, sys_interval=0)
+    with capturedLogs() as events:
+        broker.startService()
+        try:
+            later.go.errback(OSError(98, "Address already in use"))
+        finally:
+            await broker.stopService()
+    [failed] = [e for e in events if "log_failure" in e]
+    assert failed["endpoint"] == "later:1" and failed["log_failure"].check(OSError)
+    assert [e["endpoint"] for e in events if "listening on" in e.get("log_format", "")] == [
+        "tcp:0:interface=127.0.0.1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_that_listens_after_the_stop_is_closed(later: _Later) -> None:
+    """Its port came after stopService, which had closed the others: nothing closed it."""
+    broker = BrokerService(endpoints=["later:1"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    await broker.stopService()
+    later.go.callback(None)
+    [port] = later.ports
+    try:
+        await deferLater(reactor, 0, lambda: None)  # (a listener closes at the next turn)
+        assert not port.connected
+    finally:
+        if port.connected:
+            await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_that_fails_closes_what_privilegedStartService_listened_on(tmp_path: Any) -> None:
+    """twistd calls privilegedStartService (which listens), then startService: a store that could
+    not be opened there left the port accepting clients of a broker that was not running."""
+    (tmp_path / "file").write_text("")
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0,
+                           persistence="sqlite", data_dir=str(tmp_path / "file"))
+    broker.privilegedStartService()
+    [port] = broker.ports
+    try:
+        with pytest.raises(Exception, match="cannot use the data directory"):
+            broker.startService()
+        await deferLater(reactor, 0, lambda: None)  # (a listener closes at the next turn)
+        assert not port.connected and broker.ports == []
+    finally:
+        if port.connected:
+            await port.stopListening()
+
+
+def test_one_endpoint_string_is_refused_as_the_setting_is() -> None:
+    """A str where a list is wanted: refused as the setting refuses it, not listened on as one
+    endpoint a character ("Unknown endpoint type: 't'" at the start)."""
+    from mqtt_broker.config import ConfigError
+    with pytest.raises(ConfigError, match="expected list"):
+        BrokerService(endpoints="tcp:1883", sys_interval=0)
 
 
 class _ReadCounting(tcp.Server):
