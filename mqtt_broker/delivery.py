@@ -297,6 +297,9 @@ class Delivery:
         config = self.config
         # QoS 1/2 is queued as the Outgoing it becomes when sent: one object, not two.
         item = (Outgoing if qos else Queued)(message, qos, retain, subscription_ids, share)
+        if session.queue and not session.spilled and not session.has_room(
+                item, config.max_queued_messages, config.max_queued_bytes):
+            self._sweep(session)
         if qos and self.store is not None and (session.spilled or not session.has_room(
                 item, config.max_queued_messages, config.max_queued_bytes)):
             if not session.stored:  # a session that ends with its connection spills too
@@ -315,6 +318,19 @@ class Delivery:
         message.refused += 1
         self.stats.messages_dropped += 1
         self._warn_full(session, 1)  # (session.dropped counted above)
+
+    def _sweep(self, session: Session) -> None:
+        """Make room in a full queue: the messages in it that expired go, as they would have
+        when sent [MQTT-3.3.2-5]. Once a second at most: a queue a flood keeps full is not
+        walked for each message it drops."""
+        now = self.clock.seconds()
+        if now - session.swept_at < 1.0:
+            return
+        session.swept_at = now
+        expired = session.drop_expired(now)
+        self.stats.messages_expired += len(expired)
+        for item in expired:
+            self.forget(session, item)
 
     def full(self, session: Session, qos: int) -> bool:
         """Whether ``deliver`` would drop every message, whatever its size, that a subscription of
@@ -574,7 +590,8 @@ class Delivery:
         0 for one sent on at once with the interval 0 it was published with."""
         if message.expires_at is None:
             return None
-        return max(0, math.ceil(message.expires_at - self.clock.seconds()))
+        # (Less a millisecond: a float's rounding would make an interval sent on at once one more.)
+        return max(0, math.ceil(message.expires_at - self.clock.seconds() - 0.001))
 
     def schedule_retry(self, session: Session) -> None:
         """MQTT 3 only: resend what stays unacknowledged after retry_interval (MQTT 5 resends

@@ -26,6 +26,8 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from .auth import Identity
     from .delivery import Delivery
 
@@ -42,6 +44,7 @@ class Publishing:
 
     broker: Any
     delivery: Delivery
+    clock: IReactorTime
     stats: Any
     state: State
     version: int
@@ -136,7 +139,8 @@ class Publishing:
                 message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
-            as_received = (message.topic, message.payload, message.properties, qos)  # (before a hook may change it)
+            # (Before a hook may change it; its time counts against the expiry [MQTT-3.3.2-6].)
+            as_received = (message.topic, message.payload, message.properties, qos, self.clock.seconds())
             self._when(broker.hooks.resolve("publish", self.client, message), self._publish_decided,
                        qos, packet_id, message, as_received)
             return
@@ -148,14 +152,14 @@ class Publishing:
             self._routed(qos, packet_id, message, routed)
 
     def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message,
-                         as_received: tuple[str, bytes, Properties, int]) -> None:
+                         as_received: tuple[str, bytes, Properties, int, float]) -> None:
         if isinstance(answer, Refused):
             if qos:
                 self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
                                     answer.reason_string)
             return
         made = answer if isinstance(answer, Message) else None
-        topic, payload, properties, qos_received = as_received
+        topic, payload, properties, qos_received, received_at = as_received
         changed = (message.topic is not topic or message.payload is not payload or message.properties is not properties
                    or message.qos != qos_received)
         if changed:
@@ -172,6 +176,15 @@ class Publishing:
                 return
             message = made
             message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
+        if message.properties and "message_expiry_interval" in message.properties:
+            message.expires_at = received_at + message.properties["message_expiry_interval"]
+            if message.expires_at < self.clock.seconds():  # while the hook decided: it goes nowhere
+                self.stats.messages_expired += 1
+                if qos == 2:
+                    self.delivery.await_pubrel(self.session, packet_id)  # (its PUBREL is to come)
+                if qos:
+                    self._routed(qos, packet_id, message, 0)
+                return
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return

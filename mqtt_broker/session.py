@@ -129,6 +129,8 @@ class Session:
     next_seq: int = 1
     unsent: int = 0
     """How many of ``outgoing`` wait to be resent (their ``unsent`` flag)."""
+    swept_at: float = 0.0
+    """When its full queue was last rid of the messages in it that expired."""
     _next_id: int = 1
 
     def __init__(self, client_id: str, expiry: int = 0) -> None:
@@ -151,6 +153,7 @@ class Session:
         self.loaded_seq = 0
         self.next_seq = 1
         self.unsent = 0
+        self.swept_at = 0.0
         self._next_id = 1
 
     def allocate_packet_id(self) -> int:
@@ -203,6 +206,14 @@ class Session:
             self.queue = deque()
         self.queue.extend(items)
         self.queued_bytes += sum(len(item.message.payload) for item in items)
+
+    def drop_expired(self, now: float) -> list[Queued]:
+        """Take the messages that expired out of the queue; returns them."""
+        expired = [item for item in self.queue if item.message.expired(now)]
+        if expired:
+            self.queue = deque(item for item in self.queue if not item.message.expired(now))
+            self.queued_bytes -= sum(len(item.message.payload) for item in expired)
+        return expired
 
     def dequeue(self) -> Queued:
         item = self.queue.popleft()

@@ -475,6 +475,74 @@ def test_forwarded_message_carries_remaining_expiry_interval() -> None:
     assert at_once.properties["message_expiry_interval"] == 0  # not a second more than it was given
 
 
+def test_an_interval_sent_on_at_once_is_the_one_it_came_with_at_any_clock_time() -> None:
+    """[MQTT-3.3.2-6]: at clock time 3.3, 3.3 + 5 - 3.3 is a hair over 5 in floating point, and
+    rounded up it was sent on as 6."""
+    broker = make_broker()
+    broker.clock.advance(3.3)
+    sub = v5(broker, "sub")
+    sub.subscribe("t", qos=1)
+    v5(broker, "pub").publish("t", b"m", qos=1, properties={"message_expiry_interval": 5})
+    [got] = sub.received()
+    assert got.properties["message_expiry_interval"] == 5
+
+
+def test_the_time_a_publish_hook_takes_counts_against_the_expiry() -> None:
+    """[MQTT-3.3.2-5] [MQTT-3.3.2-6]: the message waits in the broker while the hook decides: what
+    is forwarded is what is left of its interval (of the one a hook gives it, from its arrival),
+    and one whose interval ran out meanwhile is not delivered."""
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    sub.subscribe("t", qos=1)
+    pending: list[Deferred[Any]] = []
+
+    def hook(client: Any, message: Any) -> Deferred[Any]:
+        pending.append(Deferred())
+        if message.payload == b"given":
+            message.properties = {**message.properties, "message_expiry_interval": 20}
+        return pending[-1]
+    broker.hooks.on_publish(hook)
+    publishers = {}
+    for payload, interval, qos in ((b"slow", 10, 1), (b"stale", 2, 1), (b"given", 2, 1), (b"stale 2", 2, 2)):
+        # (one publisher each: a connection's next packet is read once the hook has decided)
+        publishers[payload] = publisher = v5(broker, payload.decode().replace(" ", ""))
+        publisher.send(Publish(topic="t", payload=payload, qos=qos, packet_id=1,
+                               properties={"message_expiry_interval": interval}))
+    assert len(pending) == 4
+    broker.clock.advance(4)
+    for decision in pending:
+        decision.callback(None)
+    got = {p.payload: p.properties.get("message_expiry_interval") for p in sub.received() if isinstance(p, Publish)}
+    assert got == {b"slow": 6, b"given": 16}
+    assert broker.stats.messages_expired == 2
+    # Expired before it went anywhere: acknowledged as a message no subscriber had, and a QoS 2
+    # exchange goes to its end.
+    assert publishers[b"stale"].received() == [Puback(packet_id=1, reason_code=ReasonCode.NO_MATCHING_SUBSCRIBERS)]
+    assert publishers[b"stale 2"].received() == [Pubrec(packet_id=1, reason_code=ReasonCode.NO_MATCHING_SUBSCRIBERS)]
+    publishers[b"stale 2"].send(Pubrel(packet_id=1))
+    assert publishers[b"stale 2"].received() == [Pubcomp(packet_id=1)]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_expired_messages_make_room_in_a_full_queue(stored: bool) -> None:
+    """[MQTT-3.3.2-5]: messages that expired while their session was offline still counted
+    against max_queued_messages: a later one that had not was dropped as if the queue were full,
+    and the client came back to nothing."""
+    broker = make_broker(max_queued_messages=2, **({"persistence": "memory"} if stored else {}))
+    sub = v5(broker, "sub", clean=False, properties=persistent(1000))
+    sub.subscribe("t", qos=1)
+    sub.lose()
+    pub = v5(broker, "pub")
+    pub.publish("t", b"short-1", qos=1, packet_id=1, properties={"message_expiry_interval": 1})
+    pub.publish("t", b"short-2", qos=1, packet_id=2, properties={"message_expiry_interval": 1})
+    broker.clock.advance(60)
+    pub.publish("t", b"lasting", qos=1, packet_id=3)
+    pub.publish("t", b"lasting too", qos=1, packet_id=4)
+    assert broker.stats.messages_expired == 2
+    again, _ = connect5(broker, "sub", clean=False, properties=persistent(1000))
+    assert payloads(again.received()) == [b"lasting", b"lasting too"]
+
+
 def test_retained_message_expires() -> None:
     """[MQTT-3.3.2-5] [MQTT-3.3.2-6] §3.3.1.3: a retained message is sent to new subscribers with
     the remaining expiry, and not at all once it has expired."""
