@@ -176,6 +176,13 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._deadline = self.broker.keepalives.watch(
                 self, self.clock.seconds() + self.broker.config.connect_timeout)
 
+    def _where(self) -> str:
+        """The peer, as logged: a wrapper's transport (haproxy:) may know it only once its client
+        has sent something, after connectionMade (CONNECT reads it again too)."""
+        if self.client is None and not self._on_socket and self.transport is not None:
+            self.peer = describe(self.transport.getPeer())
+        return self.peer
+
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
@@ -231,7 +238,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
             log.info("connection {client_id} from {peer} lost: {reason}",
-                     client_id=self.client.client_id if self.client else "-", peer=self.peer,
+                     client_id=self.client.client_id if self.client else "-", peer=self._where(),
                      reason=reason.getErrorMessage() if reason is not None else "closed")
         self._cancel_timers()
         self._set_state(State.CLOSED)
@@ -277,7 +284,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
         if not routine or self.broker.config.connection_messages:
             log.info("closing connection {client_id} from {peer}: {reason}",
-                     client_id=self.client.client_id if self.client else "-", peer=self.peer, reason=message)
+                     client_id=self.client.client_id if self.client else "-", peer=self._where(), reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful)
@@ -408,7 +415,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if failure.check(MQTTError):
             self._violation(failure.value)  # type: ignore[arg-type]
         else:
-            log.failure("error handling a packet from {peer}", failure, peer=self.peer)
+            log.failure("error handling a packet from {peer}", failure, peer=self._where())
             self.drop(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "internal error")
 
     # --- sending ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from mqtt_broker.cluster.codec import (
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import RedisStore
 from mqtt_broker.session import Queued, Session
+from mqtt_broker.store import StoredWill
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Publish, Pubrec, ReasonCode, Suback, Subscribe, SubscriptionRequest, Unsubscribe,
@@ -1637,3 +1638,47 @@ def test_a_leaving_members_messages_go_to_a_connected_member_elsewhere_before_an
         assert not broker.sessions["off"].queue
     finally:
         yield broker.stopService()
+
+
+@pytest.mark.parametrize("stays", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_a_claim_of_a_session_that_ran_out_on_a_dead_node_publishes_its_will_at_once(
+        server: Any, stays: bool) -> Iterator[Deferred[Any]]:
+    """Node b died holding c's session (disconnected at 1000, expiry 10) and c's will, delayed
+    100 s. At 1050 c connects to node a, the session having ended at 1010: its will is due at
+    once [MQTT-3.1.3-9], and the session is not resumed (Session Present 0), whether c stays or
+    goes before the claim is answered (the will waited for 1100, or for an expiry counted anew)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        observer = yield connect(broker, client_id="observer")
+        observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
+        yield broker.store.flushed()
+        observer.received()
+        yield b.register(600_000)
+        yield holds(b, "c", expiry=10, disconnected_at=1000.0)
+        b.save_will(StoredWill("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 1000.0 + 100))
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        clock.advance(50.0)  # the session ended at 1010
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 10}))
+        if not stays:
+            client.lose()
+        yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
+        if stays:
+            [connack] = client.received()
+            assert connack.reason_code == 0 and not connack.session_present
+        yield broker.store.flushed()
+        clock.advance(1.0)  # (a will due at once is published on the next turn)
+        yield broker.store.flushed()
+        got = [(p.topic, p.payload) for p in observer.received() if isinstance(p, Publish)]
+        waiting = broker.wills._delayed["c"][0].getTime() - clock.seconds() if "c" in broker.wills else None
+        assert got == [("wills/c", b"c is gone")], f"the will still waits {waiting} s"
+    finally:
+        yield broker.stopService()
+        yield link.close()

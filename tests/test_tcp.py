@@ -333,6 +333,23 @@ async def test_behind_haproxy_a_clients_address_is_the_one_its_proxy_says() -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_behind_haproxy_a_client_that_never_connects_is_logged_with_its_own_address() -> None:
+    """The peer was read again at CONNECT only: a client whose first packet after its PROXY header
+    is not a CONNECT was logged with the proxy's address, one a log reader cannot act on."""
+    broker = BrokerService(endpoints=["haproxy:tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    try:
+        with capturedLogs() as events:
+            header = b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n"
+            received, _ = await deferToThread(exchange, broker.ports[0].getHost().port, header + b"\xc0\x00")
+            assert received == b""  # (a PINGREQ before CONNECT: closed [MQTT-3.1.0-1])
+        [closing] = [e for e in events if "closing connection" in e.get("log_format", "")]
+        assert closing["peer"] == "203.0.113.7:5555"
+    finally:
+        await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None:
     path = str(tmp_path / "mqtt.sock")
     broker = BrokerService(endpoints=[f"unix:{path}"], reactor=reactor, sys_interval=0)

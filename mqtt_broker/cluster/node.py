@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
 from twisted.logger import Logger
 
+from ..connect import NEVER
 from ..message import Message
 from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription, matches, terms
@@ -198,6 +199,11 @@ class Cluster:
                  timer: Any) -> None:
         assert claim is not None
         broker = self.broker
+        ran_out = claim.session is not None and claim.disconnected_at is not None and claim.session.expiry != NEVER \
+            and claim.disconnected_at + claim.session.expiry <= self.clock.seconds()
+        if ran_out:  # (on a node that died before it could end it): not resumed, and its will is due
+            self.store.delete_session(client_id)
+            claim.session = None
         if not claim.current:
             local = broker.sessions.get(client_id)
             if local is not None:  # a copy from before another node had it: stale
@@ -217,7 +223,8 @@ class Cluster:
         expiry = claim.session.expiry if claim.session is not None else 0
         if claim.will is not None:
             if not claim.previous_alive:
-                self.survivor.will_found(client_id, claim.will, ended=clean_start, connecting=attached, expiry=expiry)
+                self.survivor.will_found(client_id, claim.will, ended=clean_start or ran_out, connecting=attached,
+                                         expiry=expiry)
             elif not (attached or clean_start or not expiry):
                 # The live previous owner published it unless it was delayed: then it was for
                 # the new connection to cancel, which went, so it is due after its delay.
