@@ -453,7 +453,7 @@ class BrokerService(MultiService):
         # subscriptions to another member, once every restored member is back in the tree.
         for session in ended:
             self._leave_unfinished(session)
-        for message in snapshot.retained:
+        for message in snapshot.retained if self.config.retain_available else ():  # (kept for a start with them)
             if message.expired(now):
                 store.delete_retained(message.topic)
             else:
@@ -478,7 +478,8 @@ class BrokerService(MultiService):
         connected when its broker stopped, which was last known alive at ``alive_at``, or now)."""
         assert self.store is not None
         now = self.clock.seconds()
-        session.expiry = granted_expiry(session.expiry, self.config)  # (as the settings are now)
+        if self.bridges is None or not self.bridges.holds(session.client_id):  # (a bridge's never expires)
+            session.expiry = granted_expiry(session.expiry, self.config)  # (as the settings are now)
         if disconnected_at is None:  # connected when its broker stopped: it went away then
             disconnected_at = min(now, alive_at) if alive_at is not None else now
             self.store.save_session(session, disconnected_at)
@@ -576,6 +577,8 @@ class BrokerService(MultiService):
         of persistent sessions), or fails with StoreError while the store cannot write (logged
         by the store, which writes it once it can).
 
+        Without retained messages (``retain_available`` off), ``retain`` is dropped.
+
         Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or
         subscription identifier), arguments of other types than these, or a message larger than
@@ -602,7 +605,9 @@ class BrokerService(MultiService):
             payload = payload.encode("utf-8")
         # The message's own properties: the caller's dict, changed after, would change it.
         properties = {k: tuple(v) if isinstance(v, list) else v for k, v in properties.items()}
-        message = Message(topic=topic, payload=payload, qos=qos, retain=bool(retain), properties=properties)
+        # (Without retained messages, the flag goes, as from a bridge's remote: clients were told 0.)
+        message = Message(topic=topic, payload=payload, qos=qos, retain=bool(retain) and self.config.retain_available,
+                          properties=properties)
         # Checked before routing, which would otherwise fail for some subscribers, and keep a
         # retained message that fails each SUBSCRIBE after.
         problem = unsendable(message, own=True)

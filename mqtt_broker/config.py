@@ -156,7 +156,8 @@ class BrokerConfig:
     auto_id_prefix: str = _setting("auto-", "Prefix of the client ids the broker assigns.", check=_prefix_problem)
     persistent_client_expiration: int = _setting(
         0, "Seconds after which a disconnected session that would otherwise never expire (MQTT 3's clean "
-        "session 0, MQTT 5's interval 4294967295) is discarded, as in Mosquitto; 0 for never. A session "
+        "session 0, MQTT 5's interval 4294967295; not a bridge's session here) is discarded, as in "
+        "Mosquitto; 0 for never. A session "
         "keeps the value it was given: set where it was 0, it applies to the sessions restored at start "
         "that had none; changed, it does not change those given the old one.", 0, 0xFFFFFFFF)
     connect_timeout: float = _setting(
@@ -191,8 +192,9 @@ class BrokerConfig:
         10, "MQTT 5: topic aliases the broker uses towards a client, at most the client's own "
         "maximum; the most recently used topics keep theirs.", 0, 65535)
     max_session_expiry_interval: int = _setting(
-        0xFFFFFFFF, "MQTT 5: longest session expiry interval granted, in seconds "
-        "(4294967295: a session may never expire).", 0, 0xFFFFFFFF)
+        0xFFFFFFFF, "Longest session expiry interval granted, in seconds (4294967295: a session may "
+        "never expire); MQTT 3's clean session 0 asks for one that never expires, so it is held to it too. "
+        "Not a bridge's session here, which never expires.", 0, 0xFFFFFFFF)
     wildcard_subscription_available: bool = _setting(
         True, "Whether + and # may be used in subscriptions (MQTT 5 clients are told).")
     subscription_identifier_available: bool = _setting(

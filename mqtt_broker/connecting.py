@@ -86,6 +86,7 @@ class Connecting:
     _auth_method: str | None
     _auth_connect: Connect | None
     _reauthenticating: bool
+    _own: bool
     _aliases_in: InboundAliases | None
     _aliases_out: OutboundAliases | None
     _deadline: Any
@@ -111,6 +112,8 @@ class Connecting:
         self.broker.stats.connects += 1
         self.version = packet.protocol_level
         terms = self.terms = negotiate(self.broker.config, packet, self.broker.connack)
+        if self._own:
+            terms.session_expiry = packet.properties.get("session_expiry_interval", 0)
         # Until CONNACK too (an exchange of AUTH, a hook): a client is watched by the keepalive it
         # gets (max_keepalive's at most) from CONNECT on; one with none has connect_timeout more
         # to be connected.

@@ -76,7 +76,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_bridge", "transport", "connected", "_inherited_pubrels", "_ended",
-        "_reauthenticating",
+        "_reauthenticating", "_own",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -118,6 +118,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
         self._reauthenticating = False
+        self._own = False
+        """A connection of the broker's own (a bridge's, in memory): the limits set for clients
+        (session expiry, wildcard and shared subscriptions, subscriptions a client) are not its."""
         """The broker sent AUTH 0x18 in a re-authentication and waits for the client's answer."""
         self._blocked: Deferred[Any] | None = None
         self._backlogged = False

@@ -51,6 +51,7 @@ class Subscribing:
     session: Any
     problem_information: bool
     _bridge: bool
+    _own: bool
     _client_id: str
 
     # MQTTProtocol's methods that these use (see Connecting)
@@ -86,9 +87,9 @@ class Subscribing:
                 replays[len(wanted)] = spec
             if not valid_topic_filter(topic_filter) or (spec is not None and topic_filter.startswith(REPLAY_PREFIX)):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
-            elif group is not None and not config.shared_subscription_available:
+            elif group is not None and not config.shared_subscription_available and not self._own:
                 wanted.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
-            elif not config.wildcard_subscription_available and has_wildcard(topic_filter):
+            elif not config.wildcard_subscription_available and has_wildcard(topic_filter) and not self._own:
                 wanted.append(ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
             elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
@@ -118,7 +119,7 @@ class Subscribing:
         reasons: list[str] = []
         # The quota counts what is granted, in order: a filter held already, or granted earlier in
         # this SUBSCRIBE, is replaced, not added; one a hook refused takes no place.
-        quota = self.broker.config.max_subscriptions_per_client
+        quota = 0 if self._own else self.broker.config.max_subscriptions_per_client
         held = self.session.subscriptions
         adding: set[str] = set()
         over_quota: list[str] = []

@@ -13,7 +13,7 @@ from protocol_helpers import connected, make_broker
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.tap import Options
-from mqtt_broker.wire import Connect, FrameReader, Puback, Publish, decode, encode
+from mqtt_broker.wire import Connect, FrameReader, Pingreq, Pingresp, Puback, Publish, decode, encode
 from mqtt_broker.wire.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5
 
 
@@ -263,13 +263,13 @@ class FakeRemote:
     ``up()`` lets the bridge connect and answers its CONNECT and SUBSCRIBE; ``send`` is what the
     remote sends; ``received()`` what the bridge sent it."""
 
-    def __init__(self, version: int = 4, **bridge: Any) -> None:
+    def __init__(self, version: int = 4, settings: dict[str, Any] | None = None, **bridge: Any) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
         from mqtt_broker import BrokerService
         self.reactor = MemoryReactorClock()
         self.version = version
-        self.broker = BrokerService(endpoints=[], reactor=self.reactor, sys_interval=0, **{
+        self.broker = BrokerService(endpoints=[], reactor=self.reactor, sys_interval=0, **(settings or {}), **{
             "max_packet_size": bridge.pop("max_packet_size", 65536), "bridge": [{
                 "connection": "b", "addresses": ["127.0.0.1:1"], "restart_timeout": [1, 1], **bridge}]})
         self.broker.startService()
@@ -637,3 +637,65 @@ def test_the_state_here_is_published_at_qos_1_as_mosquitto_publishes_it() -> Non
     [kept] = remote.broker.retained.match(topic)
     assert (kept.payload, kept.qos) == (b"0", 1)
     remote.broker.stopService()
+
+
+# --- the limits set for clients are not the bridge's ----------------------------------------------
+
+def test_the_bridges_local_link_keeps_alive_by_the_brokers_max_keepalive() -> None:
+    """max_keepalive gives every connection a Server Keep Alive, the bridge's own link here too,
+    which pinged by its CONNECT's (none): the broker closed it for silence after 1.5 times it."""
+    remote = FakeRemote(settings={"max_keepalive": 60}, topic=["t/# both 1"])
+    remote.up()
+    for _ in range(20):  # 200 s of a quiet bridge, the remote answering every PINGREQ
+        remote.reactor.advance(10)
+        if any(isinstance(p, Pingreq) for p in remote.received()):
+            remote.send(Pingresp())
+    assert remote.broker.stats.closed_by_reason == {}
+    assert remote.bridge.state == "connected"  # type: ignore[union-attr]
+
+
+def test_the_bridge_keeps_alive_by_the_remotes_server_keep_alive() -> None:
+    """[MQTT-3.1.2-21]: a client uses the Server Keep Alive of the CONNACK, not its own: asked
+    60 s, given 10, the bridge pinged every 30 s, and the remote dropped it."""
+    remote = FakeRemote(5, bridge_protocol_version="mqttv50", topic=["t/# both 1"], notifications=False,
+                        keepalive_interval=60)
+    remote.up(properties={"server_keep_alive": 10})
+    remote.received()
+    remote.reactor.advance(5)
+    assert any(isinstance(p, Pingreq) for p in remote.received())
+
+
+@pytest.mark.parametrize("settings", [{"wildcard_subscription_available": False}, {"max_subscriptions_per_client": 1}])
+def test_the_bridges_out_topics_are_not_held_to_the_clients_subscription_limits(settings: dict[str, Any]) -> None:
+    """The bridge's session here is the broker's own (the ACLs of clients do not apply to it
+    either): its out topics were refused (SUBACK 0xA2, 0x97, only logged) and nothing went out."""
+    remote = FakeRemote(settings=settings, topic=["t/# out 1", "u/+ out 1"])
+    remote.up()
+    remote.received()
+    connected(remote.broker, "pub").publish("t/x", b"hello", qos=1)
+    connected(remote.broker, "pub2").publish("u/x", b"hello too", qos=1)
+    remote.reactor.advance(0)
+    assert [p.payload for p in remote.received() if isinstance(p, Publish)] == [b"hello", b"hello too"]
+
+
+@pytest.mark.parametrize("settings", [{"max_session_expiry_interval": 0}, {"persistent_client_expiration": 60}])
+def test_the_bridges_session_here_never_expires_whatever_the_limits_of_clients(settings: dict[str, Any]) -> None:
+    """docs/bridges.md: the bridge's session here never expires, and what is to go out waits in it
+    while the remote cannot be reached: these settings cut it short, and a message published in
+    a two-minute outage never reached the remote. Neither does a restart (the store's session)."""
+    from durability_helpers import Restarts
+
+    from mqtt_broker.store.memory import MemoryStore
+    remote = FakeRemote(settings=settings, topic=["t/# out 1"], notifications=False)
+    remote.up()
+    remote.down()
+    connected(remote.broker, "pub").publish("t/x", b"during the outage", qos=1)
+    remote.reactor.advance(120)
+    remote.up()
+    assert [p.payload for p in remote.received() if isinstance(p, Publish)] == [b"during the outage"]
+    bridge = {"connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["t/# out 1"], "notifications": False}
+    restarts = Restarts(MemoryStore(), sys_interval=0, bridge=[bridge], **settings)
+    restarts.start()
+    restarts.reactor.advance(0)  # (the bridge makes its session here as it starts)
+    broker = restarts.restart()
+    assert broker.sessions[BridgeConfig.from_mapping(bridge).local_client_id].expiry == 0xFFFFFFFF

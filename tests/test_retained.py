@@ -249,3 +249,32 @@ def test_a_retained_message_keeps_one_copy_of_its_payload() -> None:
         for subscriber in live:
             assert len([p for p in subscriber.received() if isinstance(p, Publish)]) == count
     assert count * size <= held.bytes < 1.2 * count * size, held.bytes / (count * size)
+
+
+# --- retain_available = false --------------------------------------------------------------------
+
+def test_retained_messages_kept_from_before_are_not_sent_once_retain_is_off() -> None:
+    """Started again with retain_available = false, clients are told Retain Available 0 (MQTT 5
+    §3.2.2.3.5): what the store kept from before was sent all the same, RETAIN 1. It stays in
+    the store, for a start with them again."""
+    from durability_helpers import Restarts
+
+    from mqtt_broker.store.memory import MemoryStore
+    restarts = Restarts(MemoryStore(), sys_interval=0)
+    connected(restarts.start(), "pub").publish("t", b"old", qos=1, retain=True)
+    restarts.settings["retain_available"] = False
+    client = connected(restarts.restart(), "sub", version=5)
+    assert [p for p in client.subscribe("t", qos=1) if isinstance(p, Publish)] == []
+    restarts.settings["retain_available"] = True
+    client = connected(restarts.restart(), "sub", version=5)
+    assert [p.payload for p in client.subscribe("t", qos=1) if isinstance(p, Publish)] == [b"old"]
+
+
+def test_without_retained_messages_the_brokers_own_publish_carries_no_retain_flag() -> None:
+    """$SYS values, a bridge's state and BrokerService.publish reached a Retain As Published
+    subscriber with RETAIN 1 (the admin API refuses it): the flag goes, as from a bridge's remote."""
+    broker = make_broker(retain_available=False, sys_interval=0)
+    client = connected(broker, "sub", version=5)
+    client.subscribe("t", qos=0, retain_as_published=True)
+    broker.publish("t", b"x", retain=True)
+    assert [p.retain for p in client.received() if isinstance(p, Publish)] == [False]

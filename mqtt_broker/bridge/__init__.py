@@ -275,6 +275,7 @@ class Bridge(Service):
         config = self.config
         broker = self.broker
         server = MQTTProtocol(broker, self.clock)
+        server._own = True
         if broker.security is not None:
             # The bridge's session is the broker's own: the ACLs of clients do not apply to it.
             server.identity = Identity(client_id=config.local_client_id, username=None,
@@ -617,6 +618,10 @@ class Bridges:
 
     def get(self, name: str) -> Bridge | None:
         return self.by_name.get(name)
+
+    def holds(self, client_id: str) -> bool:
+        """Whether the session of ``client_id`` here is a bridge's (``local_clientid``)."""
+        return any(bridge.config.local_client_id == client_id for bridge in self)
 
 
 __all__ = ["Bridge", "BridgeConfig", "BridgeConfigError", "BridgeTopic", "Bridges"]

@@ -54,6 +54,8 @@ class Link(Protocol):
         self.max_send_size = 0
         """The server's Maximum Packet Size (MQTT 5's CONNACK), 0 for none: ``send`` keeps
         back a larger packet, which the server would answer by closing the connection."""
+        self.keep_alive = connect.keep_alive
+        """The CONNECT's, or the server's Server Keep Alive, which replaces it [MQTT-3.1.2-21]."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -103,10 +105,10 @@ class Link(Protocol):
             return
         self.up = True
         self.max_send_size = packet.properties.get("maximum_packet_size", 0)
+        self.keep_alive = packet.properties.get("server_keep_alive", self.connect.keep_alive)
         if self._ping_call is not None and self._ping_call.active():
             self._ping_call.cancel()
-        self._ping_call = self.clock.callLater(self.connect.keep_alive / 2, self._ping) \
-            if self.connect.keep_alive else None
+        self._ping_call = self.clock.callLater(self.keep_alive / 2, self._ping) if self.keep_alive else None
         self._connected(self, packet)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -157,7 +159,7 @@ class Link(Protocol):
         self._ping_call = None
         if self.closed:
             return
-        keep_alive = self.connect.keep_alive
+        keep_alive = self.keep_alive
         if not self.up:
             self.close("no CONNACK in time")
             return
