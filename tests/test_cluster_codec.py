@@ -4,13 +4,15 @@ strings, the properties and the shared subscriptions chosen."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqtt_broker.cluster.codec import (
     FORWARDED, HANDED, TARGETED, pack_forwarded, pack_message, pack_queued, pack_retained, pack_targeted,
-    unpack_records, unpack_retained,
+    records_of_0_1_0, unpack_records, unpack_retained,
 )
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued
@@ -112,3 +114,30 @@ def test_a_retained_message_kept_as_a_publish_alone_expires_its_interval_after_i
                        0.0)
     assert unpack_retained(old, 5000.0).expires_at == 5060.0
     assert unpack_retained(pack_message(Message(topic="t", payload=b"p", retain=True), 0.0), 5000.0).expires_at is None
+
+
+# --- what 0.1.0 left in an inbox --------------------------------------------------------------
+
+# Records as 0.1.0's pack_forwarded made them (QoS 1, QoS 1 with a share, QoS 0; then a TARGETED
+# one): its count of shares took one byte, this layout's two.
+OF_0_1_0 = [
+    "000c6e6f6465313a3030303030310003707562000000000f320d0003712f6100010068656c6c6f",
+    "000c6e6f6465313a303030303031000370756201000167000c2473686172652f672f712f230000000f320d0003712f6100010068656c6c6f",
+    "00000000000000000c300a0003712f61007a65726f",
+]
+
+
+@pytest.mark.parametrize("hexed, payload, shares", [
+    (OF_0_1_0[0], b"hello", ()), (OF_0_1_0[1], b"hello", (("g", "$share/g/q/#"),)), (OF_0_1_0[2], b"zero", ())],
+    ids=["qos1", "qos1-shared", "qos0"])
+def test_the_records_0_1_0_left_in_an_inbox_are_read(hexed: str, payload: bytes, shares: tuple[Any, ...]) -> None:
+    (kind, message, read_shares), = unpack_records(records_of_0_1_0(bytes.fromhex(hexed)))
+    assert (kind, message.topic, message.payload, read_shares) == (FORWARDED, "q/a", payload, shares)
+
+
+def test_an_entry_of_0_1_0_with_several_records_keeps_them_all() -> None:
+    queued = pack_queued(Queued(Message(topic="t", payload=b"for c", qos=1), 1, False))
+    entry = b"".join(bytes.fromhex(hexed) for hexed in OF_0_1_0) + pack_targeted("c", queued)
+    records = unpack_records(records_of_0_1_0(entry))
+    assert [kind for kind, _, _ in records] == [FORWARDED, FORWARDED, FORWARDED, TARGETED]
+    assert records[-1][1] == "c" and records[-1][2].message.payload == b"for c"

@@ -1603,7 +1603,7 @@ def test_a_handed_message_no_member_here_may_read_goes_to_a_node_that_has_not_de
         member = yield shared_member(broker, "m", SHARE[1])
         records = [pack_forwarded(Message(topic="t/secret", payload=payload, qos=1), (SHARE,), 0.0, HANDED, declined)
                    for payload, declined in ((b"declined by c", ("x", "c")), (b"handed", ("x",)))]
-        server.client().xadd("mqtt:inbox:a", {"d": b"".join(records)})  # (one entry: handled at once)
+        server.client().xadd("mqtt:inbox:a", {"d": b"".join(records), "e": 1})  # (one entry: handled at once)
         yield until(lambda: inbox(server, "c"), "a record in c's inbox")
         assert inbox(server, "c") == [(HANDED, b"handed", ((SHARE,), ("x", "a")))]
         assert inbox(server, "x") == []
@@ -1682,3 +1682,25 @@ def test_a_claim_of_a_session_that_ran_out_on_a_dead_node_publishes_its_will_at_
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_0_1_0_left_in_a_nodes_inbox_reaches_its_session_after_an_upgrade(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """docs/cluster.md: to upgrade, stop every node, upgrade, start them: inboxes wait in Redis.
+    An entry 0.1.0 wrote (a one-byte count of shares, no stamp) was passed over as malformed,
+    and its message, acknowledged to its publisher, lost."""
+    broker = yield node_a(server)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False,
+                               properties={"session_expiry_interval": 600})
+        client.received()
+        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="q/#", qos=1),)))
+        yield until(lambda: client.received(), "the SUBACK")
+        record = bytes.fromhex("000c6e6f6465313a3030303030310003707562000000000f320d0003712f6100010068656c6c6f")
+        server.client().xadd("mqtt:inbox:a", {"d": record})  # (as 0.1.0's pack_forwarded made it)
+        got: list[Publish] = []
+        yield until(lambda: received(client, got), "the message 0.1.0 left in the inbox")
+        assert [(p.topic, p.payload) for p in got] == [("q/a", b"hello")]
+    finally:
+        yield broker.stopService()

@@ -362,7 +362,7 @@ def test_marks_of_handled_entries_wait_for_a_batch_or_their_delay(server: RedisS
         return int(redis.xpending("mqtt:inbox:b", "nodes")["pending"])
 
     def give(payload: bytes) -> Deferred[Any]:
-        redis.xadd("mqtt:inbox:b", {"d": payload})
+        redis.xadd("mqtt:inbox:b", {"d": payload, "e": 1})
         return store.read_inbox(">")
 
     def written(d: Deferred[Any]) -> Deferred[Any]:

@@ -176,6 +176,31 @@ def unpack_records(data: bytes) -> list[Record]:
     return records
 
 
+def records_of_0_1_0(data: bytes) -> bytes:
+    """The records of an inbox entry as 0.1.0 wrote them, in the layout read now (messages left
+    in an inbox across an upgrade): its FORWARDED records counted their shares in one byte."""
+    parts: list[bytes] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        kind = data[pos]
+        if kind == FORWARDED:
+            _, counted = _read_string(data, pos + 2 + data[pos + 1])  # (past the cluster id and the sender)
+            count = data[counted]
+            after = counted + 1
+            for _ in range(count):  # a group, a filter
+                after = _read_string(data, _read_string(data, after)[1])[1]
+            after += 4 + _read_u32(data, after)
+            parts += [data[pos:counted], count.to_bytes(2, "big"), data[counted + 1:after]]
+        elif kind == TARGETED:
+            _, after = _read_string(data, pos + 1)
+            after += 4 + _read_u32(data, after)
+            parts.append(data[pos:after])
+        else:
+            raise ValueError(f"unknown record kind {kind} in an inbox entry of 0.1.0")
+        pos = after
+    return b"".join(parts)
+
+
 def pack_queued(item: Queued) -> bytes:
     """A queued or in-flight message of a session: its terms and its PUBLISH. The expiry is kept
     as clock time, as the SQLite store keeps it."""
@@ -224,6 +249,6 @@ def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
     return unpack_message(data[2 + size:]), username, delay, due
 
 
-__all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records",
+__all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records", "records_of_0_1_0",
            "pack_queued", "unpack_queued", "pack_subscription", "unpack_subscription", "pack_will",
            "unpack_will", "pack_retained", "unpack_retained", "FORWARDED", "TARGETED", "HANDED"]

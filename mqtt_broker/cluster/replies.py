@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..session import Outgoing, Session
-from .codec import unpack_queued, unpack_subscription
+from .codec import records_of_0_1_0, unpack_queued, unpack_subscription
 
 
 class Claim:
@@ -40,7 +40,12 @@ counter when it was made (batch.lua; 0: none)."""
 def inbox_entry(entry_id: bytes, fields: list[bytes] | None) -> InboxEntry:
     if not fields:
         return entry_id, None, 0
-    return entry_id, fields[1], int(fields[3]) if len(fields) > 3 else 0
+    if len(fields) < 4:  # no stamp: written by 0.1.0
+        try:
+            return entry_id, records_of_0_1_0(fields[1]), 0
+        except (ValueError, IndexError):
+            return entry_id, fields[1], 0  # (passed over as it is read)
+    return entry_id, fields[1], int(fields[3])
 
 
 def inbox_entries(reply: Any) -> list[InboxEntry]:
