@@ -197,8 +197,6 @@ class Connecting:
         reauthenticating = self.state is State.CONNECTED
         if isinstance(answer, (bytearray, memoryview)):
             answer = bytes(answer)
-        elif not (answer is None or isinstance(answer, (Identity, Refused, bytes))):
-            answer = self._undefined_answer("auth", answer)
         self._reauthenticating = reauthenticating and isinstance(answer, bytes)
         if isinstance(answer, Identity):  # authenticated, as this identity from now on
             self._take_identity(answer)
@@ -223,13 +221,6 @@ class Connecting:
             assert connect is not None
             self._authorize(connect)
 
-    def _undefined_answer(self, event: str, answer: Any) -> Refused:
-        """Fail closed, as a failing hook does: a challenge not encoded, a code written as a plain
-        int, lets no one in."""
-        log.error("{event} hook answered {answer!r} for {client_id}, which is not an answer it may give; refusing",
-                  event=event, answer=answer, client_id=self._client_id)
-        return Refused(ReasonCode.UNSPECIFIED_ERROR)
-
     def _take_identity(self, identity: Identity) -> None:
         """An auth hook's identity replaces the connection's: its rights apply from the next
         operation (and to what the session is sent), its expiry to the disconnect timer."""
@@ -247,8 +238,6 @@ class Connecting:
             self._accept(packet)
 
     def _connect_decided(self, answer: Any, packet: Connect) -> None:
-        if answer is not None and not isinstance(answer, Refused):
-            answer = self._undefined_answer("connect", answer)
         if isinstance(answer, Refused):
             self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED, CONNACK_REFUSALS), "refused by a connect hook",
                          answer.reason_string)

@@ -8,8 +8,10 @@ Two kinds of events:
 
 - deciders (connect, publish, subscribe, unsubscribe, ping, will) combine their handlers'
   answers: ``None`` or ``True`` lets the next handler decide, ``False`` refuses, and a few
-  events take a richer answer (see each ``on_*``). The first refusal wins and later handlers
-  are not called. A handler that raises or fails refuses too (fail closed), and is logged.
+  events take a richer answer (see each ``on_*``); an error code (a ReasonCode or an int of
+  0x80 or more) refuses with it. The first refusal wins and later handlers are not called. A
+  handler that raises or fails, or gives an answer its event does not take, refuses too (fail
+  closed), and is logged.
 - notifications (disconnect) only observe; every handler is called, failures are logged.
 """
 
@@ -24,6 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .auth import Identity
 from .message import Client, Message
 from .topics import Subscription
 from .wire.codes import ReasonCode
@@ -112,8 +115,7 @@ class Hooks:
         """``handler(client) -> None | bool | ReasonCode | Refused``: a CONNECT that passed the
         protocol's checks (``client.properties`` has an MQTT 5 client's CONNECT properties).
         False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses
-        with that code (3.x: the nearest return code). Any other answer refuses too (0x80,
-        logged)."""
+        with that code (3.x: the nearest return code)."""
         return self._register("connect", handler)
 
     def on_auth(self, handler: Handler) -> Handler:
@@ -125,8 +127,8 @@ class Hooks:
         ``expires_at`` for the timer that disconnects the client (re-authentication moves it).
         Bytes (or a bytearray, a memoryview): continue, sending them to the client in an AUTH
         packet (0x18) and waiting for its answer. False refuses (CONNACK 0x87, or DISCONNECT 0x87
-        when re-authenticating); so does any other answer (0x80, logged). Without a handler, a
-        CONNECT with an Authentication Method is refused with 0x8C."""
+        when re-authenticating). Without a handler, a CONNECT with an Authentication Method is
+        refused with 0x8C."""
         return self._register("auth", handler)
 
     def on_publish(self, handler: Handler) -> Handler:
@@ -186,18 +188,18 @@ class Hooks:
                 return _failed(Failure(), event, handler)  # type: ignore[no-untyped-call]
             if isinstance(value, (Deferred, CoroutineType)):
                 pending = self._wait_for(value).addErrback(_failed, event, handler)
-                return pending.addCallback(self._resume, event, args, list(handlers[index + 1:]), answer)
-            verdict = _judge(value)
+                return pending.addCallback(self._resume, event, args, handler, list(handlers[index + 1:]), answer)
+            verdict = _judge(value, event, handler)
             if isinstance(verdict, Refused):
                 return verdict
             if verdict is not None:
                 answer = verdict
         return answer
 
-    def _resume(self, value: Any, event: str, args: tuple[Any, ...], rest: list[Callable[..., Any]],
-                answer: Any) -> Any:
-        """Go on with the handlers after one that answered with a Deferred."""
-        verdict = _judge(value)
+    def _resume(self, value: Any, event: str, args: tuple[Any, ...], answered: Callable[..., Any],
+                rest: list[Callable[..., Any]], answer: Any) -> Any:
+        """Go on with the handlers after one (``answered``) that answered with a Deferred."""
+        verdict = _judge(value, event, answered)
         if isinstance(verdict, Refused):
             return verdict
         if verdict is not None:
@@ -211,7 +213,7 @@ class Hooks:
         except Exception:
             return _failed(Failure(), event, handler)  # type: ignore[no-untyped-call]
         return self._wait_for(value).addCallbacks(
-            self._resume, _failed, callbackArgs=(event, args, rest[1:], answer), errbackArgs=(event, handler))
+            self._resume, _failed, callbackArgs=(event, args, handler, rest[1:], answer), errbackArgs=(event, handler))
 
     def _wait_for(self, value: Any) -> Deferred[Any]:
         """A Deferred of the broker's own for a handler's answer. The handler's Deferred may be
@@ -280,17 +282,33 @@ _TRANSFORMING = frozenset({"publish", "will"})
 """Events whose handlers may replace the message that later handlers see."""
 
 
-def _judge(value: Any) -> Any:
-    """A handler's answer: a Refused, or None to let the next one decide, or a value."""
+_ANSWERS: dict[str, tuple[type, ...]] = {
+    "connect": (), "unsubscribe": (), "ping": (),
+    "auth": (Identity, bytes, bytearray, memoryview), "publish": (Message,), "will": (Message,),
+    "subscribe": (int,),  # (a QoS to grant at most: 0 to 2)
+}
+"""The answers an event's handlers may give besides None, a bool, a refusal and an error code."""
+
+
+def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:
+    """A handler's answer: a Refused, or None to let the next one decide, or a value. One it may
+    not give (a str, say, where a challenge is to be bytes) refuses, as a failure does."""
+    if value is None or value is True:
+        return None
     if value is False:
         return Refused()
     if isinstance(value, Refused):
         return value
-    if isinstance(value, ReasonCode) and value >= 0x80:
-        return Refused(value)
-    if value is True:
-        return None
-    return value
+    if isinstance(value, int) and value >= 0x80:  # (a ReasonCode, or one written as a plain int)
+        return Refused(ReasonCode(value) if value in _REASON_CODES else None)
+    if isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and value > 2):  # (a QoS, or nothing)
+        return value
+    log.error("{event} hook {handler!r} answered {answer!r}, which is not an answer it may give; refusing",
+              event=event, handler=handler, answer=value)
+    return Refused(ReasonCode.UNSPECIFIED_ERROR)
+
+
+_REASON_CODES = frozenset(int(code) for code in ReasonCode)
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:

@@ -392,9 +392,9 @@ def test_answers_do_not_replace_arguments_of_other_deciders() -> None:
     hooks = Hooks()
     calls: list[tuple[str, tuple[Any, ...]]] = []
     subscription = Subscription(client_id="c1", topic_filter="a")
-    hooks.on_subscribe(recorder(calls, "first", Message(topic="x")))
+    hooks.on_subscribe(recorder(calls, "first", 1))
     hooks.on_subscribe(recorder(calls, "second"))
-    result_of(hooks.decide("subscribe", CLIENT, subscription))
+    assert result_of(hooks.decide("subscribe", CLIENT, subscription)) == 1
     assert calls[1] == ("second", (CLIENT, subscription))
 
 
@@ -448,15 +448,36 @@ def test_connect_hook_refuses_in_the_broker() -> None:
     assert bad.connect("bad") == Connack(reason_code=5) and bad.closed
 
 
-@pytest.mark.parametrize("answer", [0x87, "no", ReasonCode.SUCCESS], ids=["int", "str", "success-code"])
+@pytest.mark.parametrize("answer", ["no", ReasonCode.SUCCESS, Message(topic="t")], ids=["str", "success-code", "message"])
 def test_a_connect_hooks_answer_it_does_not_define_refuses(answer: Any, logged: Sequence[LogEvent]) -> None:
-    """on_connect answers None, a bool, an error ReasonCode or a Refused: anything else (0x87
-    written as a plain int, say) refuses with 0x80 and is logged, as a failing hook is; it let
-    the client in."""
+    """on_connect answers None, a bool, an error code or a Refused: anything else refuses with
+    0x80 and is logged, as a failing hook is; it let the client in."""
     broker = MemoryBroker()
     broker.hooks.on_connect(lambda client: answer)
     client = broker.client(MQTT_5)
     assert client.connect("c") == Connack(reason_code=ReasonCode.UNSPECIFIED_ERROR) and client.closed
+    assert any(repr(answer) in formatEvent(event) for event in logged)
+
+
+def test_an_error_code_written_as_a_plain_int_refuses_with_it() -> None:
+    """0x87 is ReasonCode.NOT_AUTHORIZED: as a plain int, it let the client in (and a plain 0x80
+    granted a subscription at the QoS asked)."""
+    broker = MemoryBroker()
+    broker.hooks.on_connect(lambda client: 0x87 if client.client_id == "bad" else None)
+    broker.hooks.on_subscribe(lambda client, subscription: 0x80)
+    bad = broker.client(MQTT_5)
+    assert bad.connect("bad") == Connack(reason_code=ReasonCode.NOT_AUTHORIZED) and bad.closed
+    good = broker.client(MQTT_5)
+    good.connect("good")
+    assert good.subscribe("t", qos=1) == Suback(packet_id=1, reason_codes=(0x80,))
+
+
+@pytest.mark.parametrize("event, answer", [("publish", 3), ("subscribe", 3), ("subscribe", "1"),
+                                           ("unsubscribe", "keep"), ("ping", Message(topic="t")), ("will", b"x")])
+def test_an_answer_an_event_does_not_take_refuses(event: str, answer: Any, logged: Sequence[LogEvent]) -> None:
+    hooks = Hooks()
+    getattr(hooks, f"on_{event}")(lambda *args: answer)
+    assert result_of(hooks.decide(event, CLIENT, None)) == Refused(ReasonCode.UNSPECIFIED_ERROR)
     assert any(repr(answer) in formatEvent(event) for event in logged)
 
 
