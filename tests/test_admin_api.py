@@ -301,6 +301,28 @@ def test_retained_messages(admin: Admin) -> None:
     assert admin.call("GET", "/api/v1/retained/ret/%23").status == 400
 
 
+def test_a_list_of_retained_messages_may_carry_the_first_bytes_of_each_payload(admin: Admin) -> None:
+    """The dashboard shows the first characters of each; its poll carried whole payloads (a
+    thousand of 16 MiB each, encoded on the reactor thread), which any client could retain."""
+    for topic, payload in (("cut/big", "x" * 30_000), ("cut/text", "ab€d"), ("cut/binary", "\xff" * 10)):
+        raw = payload.encode("latin-1") if topic == "cut/binary" else payload.encode()
+        admin.call("POST", "/api/v1/publish", {"topic": topic, "payload": base64.b64encode(raw).decode(),
+                                               "payload_encoding": "base64", "retain": True})
+    items = admin.call("GET", "/api/v1/retained?filter=cut/%23&payload_max=3").body["items"]
+    assert [(m["topic"], m["size"], m["payload"], m["payload_encoding"]) for m in items] == [
+        ("cut/big", 30_000, "xxx", "utf-8"), ("cut/binary", 10, base64.b64encode(b"\xff" * 3).decode(), "base64"),
+        ("cut/text", 6, "ab", "utf-8")]  # (not half a €)
+    assert admin.call("GET", "/api/v1/retained?payload_max=-1").status == 400
+
+
+def test_answers_are_not_to_be_sniffed(admin: Admin) -> None:
+    """An error echoes what the request said (a client id, a path): no browser is to take it for
+    a page, as no browser takes the dashboard's files for anything but what they are."""
+    for path, key in (("/api/v1/clients/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E", KEY), ("/api/%3Cb%3E", None),
+                      ("/api/v1/stats", KEY), ("/metrics", None)):
+        assert admin.call("GET", path, key=key).headers.get("x-content-type-options") == "nosniff", path
+
+
 def test_topic_tree(admin: Admin) -> None:
     publisher = PahoClient(admin.broker.port, "tree-publisher")
     publisher.publish("tree/a/b", b"x")

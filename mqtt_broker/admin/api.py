@@ -34,6 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..connecting import tally
 from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
+from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
 from . import figures
 from .shapes import (
@@ -188,6 +189,7 @@ class ApiResource(Resource):
                      path=request.path.decode("latin-1"), key=key_id or "-", status=status)
         request.setResponseCode(status)
         request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")  # (an error echoes what the request said)
         if status == 204:
             return b""
         if isinstance(body, bytes):
@@ -406,7 +408,9 @@ class ApiResource(Resource):
                 raise ApiError(400, f"invalid topic filter {topic_filter!r}")
             messages = list(self.broker.retained.match(topic_filter))
         messages.sort(key=lambda m: m.topic)
-        return 200, page(request, messages, message_json)
+        # (A page of a thousand payloads of 16 MiB each, encoded on the reactor thread, would stall it.)
+        payload_max = int_arg(request, "payload_max", MAX_REMAINING_LENGTH, 0, MAX_REMAINING_LENGTH)
+        return 200, page(request, messages, lambda message: message_json(message, payload_max))
 
     def _retained_topic(self, topic: str) -> str:
         if not valid_topic_name(topic) or "\x00" in topic:

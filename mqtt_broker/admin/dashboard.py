@@ -57,6 +57,7 @@ class MetricsResource(Resource):
         self.keys = KeyRing(broker.config.http_api_keys) if broker.config.http_metrics_auth else None
 
     def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"x-content-type-options", b"nosniff")
         if self.keys is not None:
             presented = presented_key(request)
             error = None

@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import json
 import re
+from codecs import getincrementaldecoder
 from typing import Any, Callable
 
 from ..topics import Subscription
@@ -70,9 +71,19 @@ def payload_json(payload: bytes) -> dict[str, Any]:
         return {"payload": base64.b64encode(payload).decode("ascii"), "payload_encoding": "base64"}
 
 
-def message_json(message: Any) -> dict[str, Any]:
-    return {"topic": message.topic, "qos": message.qos, "size": len(message.payload),
-            **payload_json(message.payload)}
+def message_json(message: Any, payload_max: int | None = None) -> dict[str, Any]:
+    """A message as JSON; with ``payload_max``, its payload's first bytes only (``size`` is the
+    whole payload's), text not cut inside a character."""
+    payload = message.payload
+    if payload_max is None or len(payload) <= payload_max:
+        shown = payload_json(payload)
+    else:
+        try:  # (an incremental decoder keeps back a character cut in two)
+            shown = {"payload": getincrementaldecoder("utf-8")().decode(payload[:payload_max]),
+                     "payload_encoding": "utf-8"}
+        except UnicodeDecodeError:
+            shown = payload_json(payload[:payload_max])
+    return {"topic": message.topic, "qos": message.qos, "size": len(payload), **shown}
 
 
 def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:

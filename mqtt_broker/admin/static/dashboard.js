@@ -3,7 +3,7 @@
 "use strict";
 
 const API = "api/v1";
-const POLL_MS = Number(new URLSearchParams(location.search).get("interval")) || 2000;
+const POLL_MS = Math.max(500, Number(new URLSearchParams(location.search).get("interval")) || 2000);
 const HISTORY = 300; // points per chart: ten minutes at the default interval
 
 const state = {
@@ -220,7 +220,7 @@ async function refreshSubscriptions() {
 // --- topics -------------------------------------------------------------------------------------------
 
 async function refreshTopics() {
-  const [topics, retained] = await Promise.all([api("/topics?limit=2000"), api("/retained?limit=1000")]);
+  const [topics, retained] = await Promise.all([api("/topics?limit=2000"), api("/retained?limit=1000&payload_max=320")]);
   const payloads = new Map(retained.items.map((m) => [m.topic, m]));
   $("topics-count").textContent = topics.count + " topics, " + retained.total + " retained";
   // Application topics first; the broker's own $SYS tree last, folded.
