@@ -478,7 +478,9 @@ class BrokerService(MultiService):
         connected when its broker stopped, which was last known alive at ``alive_at``, or now)."""
         assert self.store is not None
         now = self.clock.seconds()
-        if self.bridges is None or not self.bridges.holds(session.client_id):  # (a bridge's never expires)
+        if self.bridges is not None and self.bridges.holds(session.client_id):
+            session.expiry = NEVER  # (a bridge's never expires: stored by a release that held it to a limit too)
+        else:
             session.expiry = granted_expiry(session.expiry, self.config)  # (as the settings are now)
         if disconnected_at is None:  # connected when its broker stopped: it went away then
             disconnected_at = min(now, alive_at) if alive_at is not None else now

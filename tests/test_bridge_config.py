@@ -699,3 +699,23 @@ def test_the_bridges_session_here_never_expires_whatever_the_limits_of_clients(s
     restarts.reactor.advance(0)  # (the bridge makes its session here as it starts)
     broker = restarts.restart()
     assert broker.sessions[BridgeConfig.from_mapping(bridge).local_client_id].expiry == 0xFFFFFFFF
+
+
+def test_a_bridges_session_stored_with_a_limit_of_clients_never_expires_once_restored() -> None:
+    """A release that held the bridge's session to persistent_client_expiration stored it with
+    that expiry (60): restored, it kept it, and expired while the remote stayed away (the local
+    link, which would have made it never expire, resumes it only once the remote is back)."""
+    from durability_helpers import Restarts
+
+    from mqtt_broker.store.memory import MemoryStore
+    bridge = {"connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["t/# out 1"], "notifications": False}
+    client_id = BridgeConfig.from_mapping(bridge).local_client_id
+    restarts = Restarts(MemoryStore(), sys_interval=0, bridge=[bridge], persistent_client_expiration=60)
+    broker = restarts.start()
+    restarts.reactor.advance(0)
+    session = broker.sessions[client_id]
+    session.expiry = 60
+    broker.store.save_session(session, restarts.reactor.seconds())  # (as that release left it)
+    broker = restarts.restart()
+    restarts.reactor.advance(61)  # the remote (127.0.0.1:1) away all along
+    assert broker.sessions[client_id].expiry == 0xFFFFFFFF

@@ -1704,3 +1704,26 @@ def test_a_message_0_1_0_left_in_a_nodes_inbox_reaches_its_session_after_an_upgr
         assert [(p.topic, p.payload) for p in got] == [("q/a", b"hello")]
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_without_retained_messages_a_node_takes_none_from_redis(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """retain_available = false: clients are told retained messages are not supported; the node
+    loaded Redis's all the same (at start, and from other nodes' events), and sent them."""
+    server.client().flushall()
+    server.client().hset("mqtt:retained", "r/t", pack_retained(Message(topic="r/t", payload=b"old", retain=True), 0.0))
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="a",
+                           close_linger=0, retain_available=False)
+    broker.startService()
+    try:
+        yield broker.cluster.ready
+        broker.cluster._control(b"R\0b\0r/u\0" + pack_retained(Message(topic="r/u", payload=b"new", retain=True), 0.0))
+        client = yield connect(broker, 5, client_id="s")
+        client.received()
+        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="r/#", qos=0),)))
+        got: list[Any] = []
+        yield until(lambda: got.extend(client.received()) or Suback in map(type, got), "the SUBACK")
+        assert [p for p in got if isinstance(p, Publish)] == []
+        assert [m.topic for m in broker.retained if m.topic.startswith("r/")] == []
+    finally:
+        yield broker.stopService()
