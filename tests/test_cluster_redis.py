@@ -135,8 +135,40 @@ def test_the_sentinels_are_asked_again_within_the_back_off() -> Iterator[Deferre
     while the old master was down stayed off Redis that long after the Sentinels had named the
     new one (11.4 s measured after a master was killed, against three Sentinels). A round of
     asking is bounded by less than the reconnection back-off."""
-    link = Redis(RedisAddress.parse(f"redis+sentinel://127.0.0.1:{free_port()}/mymaster/0"))
+    link = Redis(RedisAddress.parse(f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/mymaster/0"))
     try:
         assert link._sentinel.discovery_timeout == SENTINEL_DISCOVERY_TIMEOUT < RECONNECT_MAX_DELAY
+        # The connections to the Sentinels themselves: txredisapi's back off up to 10 s.
+        assert [handler._factory.maxDelay for handler in link._sentinel.sentinels] == [RECONNECT_MAX_DELAY] * 2
     finally:
         yield link.close()
+
+
+def test_a_master_turned_replica_is_left_for_the_one_the_sentinels_name(stop_after: list[object]) -> None:
+    """A switchover that leaves the old master's clients connected: every write is refused
+    READONLY. The node retried its batches there for ever (logging each second that writing
+    worked again); it leaves the connection and asks the Sentinels, as redis-py's client does."""
+    import redis
+
+    master = Server()
+    replica = Server("--replicaof", "127.0.0.1", str(master.port))
+    stop_after += [master, replica]
+    wait_until(lambda: redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up",
+               "the replica to sync")
+    sentinel = Server(sentinel_conf=f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+                                    "sentinel down-after-milliseconds mymaster 5000\n")
+    stop_after.append(sentinel)
+    a = node(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/0", "readonly-a")
+    stop_after.append(a)
+    wait_until(lambda: joined(a), "the node to join")
+    publisher = PahoClient(a.port, "readonly-pub")
+    try:
+        publisher.publish("t/x", b"before", qos=1)  # (acknowledged once stored)
+        redis.Redis(port=replica.port).execute_command("REPLICAOF", "NO", "ONE")
+        redis.Redis(port=master.port).execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
+        told = redis.Redis(port=sentinel.port)
+        told.execute_command("SENTINEL", "REMOVE", "mymaster")
+        told.execute_command("SENTINEL", "MONITOR", "mymaster", "127.0.0.1", str(replica.port), "1")
+        publisher.publish("t/x", b"after", qos=1)  # (PahoClient waits, bounded, for its PUBACK)
+    finally:
+        publisher.close()

@@ -114,6 +114,16 @@ def _execute(factory: Any, *args: Any, apply_timeout: bool) -> Deferred[Any]:
     return result
 
 
+def _demoted(failure: Any, factory: Any) -> Any:
+    """A master the Sentinels named became a replica (a failover that left its clients
+    connected): every write is refused READONLY. The connection goes, and the next one is to the
+    master the Sentinels name now (its role checked)."""
+    if "READONLY" in str(failure.value):
+        for connection in factory.pool:
+            connection.transport.loseConnection()
+    return failure
+
+
 class Redis:
     """The connections of one node to one Redis."""
 
@@ -132,6 +142,8 @@ class Redis:
             # after a failover they all name one: a connection tried while the old master is
             # down would leave the node cut off for that long after the new one is named.
             self._sentinel.discovery_timeout = SENTINEL_DISCOVERY_TIMEOUT
+            for sentinel in self._sentinel.sentinels:  # (txredisapi's own connections: up to 10 s apart)
+                sentinel._factory.initialDelay, sentinel._factory.maxDelay = _Factory.initialDelay, RECONNECT_MAX_DELAY
         self.up = False
         self.commands = self._connect(_Factory, _SentinelFactory, self._command_up, self._command_down)
         self.reader = self._connect(_Factory, _SentinelFactory, None, None, reply_timeout=None)
@@ -202,7 +214,8 @@ class Redis:
         """Run a command on the command connection (waiting for one while Redis is away).
         ``apply_timeout=False``: no reply timer of its own, for a command sent often whose answer
         nobody waits for (a hung connection is found by the timers of the others)."""
-        return _execute(self.commands, *args, apply_timeout=apply_timeout)
+        result = _execute(self.commands, *args, apply_timeout=apply_timeout)
+        return result if self._sentinel is None else result.addErrback(_demoted, self.commands)
 
     def run(self, script: Script, *args: Any) -> Deferred[Any]:
         """Run a script (no KEYS: the scripts name their keys, which a single Redis allows).
@@ -223,7 +236,8 @@ class Redis:
 
     def read(self, *args: Any) -> Deferred[Any]:
         """A blocking command (XREADGROUP ... BLOCK), on a connection of its own."""
-        return _execute(self.reader, *args, apply_timeout=False)
+        result = _execute(self.reader, *args, apply_timeout=False)
+        return result if self._sentinel is None else result.addErrback(_demoted, self.reader)
 
     # --- pub/sub -------------------------------------------------------------------------
 
