@@ -35,7 +35,7 @@ from .linger import AllClosed
 from .message import Client, Message, unsendable
 from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
-from .session import Session
+from .session import Queued, Session
 from .stats import Stats
 from .store import Snapshot, Store
 from .topics import Subscription, SubscriptionTree
@@ -322,13 +322,26 @@ class BrokerService(MultiService):
         if self._all_closed is not None:
             self._all_closed.lost()
 
-    def _filter_readable(self, session: Session, identity: Any) -> None:
+    def obey_rules(self) -> None:
+        """An auth hook gave an identity rules of its own, on a broker with no security setting:
+        they are checked from now on, as with one (what no rules say stays allowed)."""
+        if self.security is None:
+            log.info("an auth hook gave rules of its own: they are checked from now on")
+            self.security = self.delivery.security = Security.from_config(self.config, self.reactor)
+
+    def _filter_readable(self, session: Session, identity: Any) -> list[Queued]:
+        """Drop what is in flight that ``identity`` may not read; returns the QoS 1 messages of
+        shared subscriptions among them, which another member may have [MQTT-4.8.2-5]."""
         assert self.security is not None
         can_read = self.security.can_read
+        unread: list[Queued] = []
         for packet_id, out in list(session.outgoing.items()):
             if not out.released and not can_read(identity, out.message.topic):
                 del session.outgoing[packet_id]
                 self.delivery.forget(session, out)
+                if out.share is not None and out.qos == 1:
+                    unread.append(out)
+        return unread
 
     def reload(self) -> list[str]:
         """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
@@ -653,12 +666,13 @@ class BrokerService(MultiService):
         session.expiry = expiry
         session.connection = connection
         if identity is not None and self.security is not None:
-            if present:
-                # What is in flight is sent again at once, only if the client may read it: another
-                # user may take the session over, and a reload may have taken the right away;
-                # what is queued is checked as it goes.
-                self._filter_readable(session, identity)
+            # What is in flight is sent again at once, only if the client may read it: another
+            # user may take the session over, and a reload may have taken the right away; what is
+            # queued is checked as it goes.
+            unread = self._filter_readable(session, identity) if present else []
             session.identity = identity
+            if unread:  # (a shared subscription's: for a member that may read them)
+                self.delivery.hand_on_all(unread, self.subscriptions.shared_members)
         self.attached += 1
         if self.attached > self.stats.clients_maximum:
             self.stats.clients_maximum = self.attached

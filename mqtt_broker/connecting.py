@@ -224,6 +224,8 @@ class Connecting:
     def _take_identity(self, identity: Identity) -> None:
         """An auth hook's identity replaces the connection's: its rights apply from the next
         operation (and to what the session is sent), its expiry to the disconnect timer."""
+        if identity.rules is not None and self.broker.security is None:
+            self.broker.obey_rules()
         self.identity = identity
         if self.session is not None:
             self.session.identity = identity

@@ -467,6 +467,8 @@ class Delivery:
                     continue
             if identity is not None and security is not None and not security.can_read(identity, head.message.topic):
                 self.forget(session, head)
+                if head.share is not None:  # (a member that may read it may have it)
+                    self.hand_on(head.message, head.share, self.subscriptions.shared_members(*head.share))
                 continue
             if head.qos:
                 self._send_tracked(session, head, queued=True)

@@ -20,7 +20,7 @@ from mqtt_broker.auth.acl import (DENY, READ, READWRITE, WRITE, AccessRules, Acl
 from mqtt_broker.passwd import main as passwd
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire.packets import (
-    Puback, Publish, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
+    Connect, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 
 # --- matching ------------------------------------------------------------------------------------
@@ -760,3 +760,75 @@ def test_the_will_of_a_client_whose_credentials_a_reload_revoked_is_not_publishe
     broker.reload()
     assert alice.closed
     assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+
+
+# --- one user's client id taken by another ----------------------------------------------------------
+
+SHARED_ACL = "user alice\ntopic read secret/#\nuser bob\ntopic read public/#\nuser dave\ntopic read secret/#\n" \
+             "user pub\ntopic write #\n"
+
+
+def _payloads(client: FakeClient) -> list[bytes]:
+    """What the client was sent, acknowledged as it comes (bounded)."""
+    got: list[bytes] = []
+    for _ in range(20):
+        packets = [p for p in client.received() if isinstance(p, Publish)]
+        if not packets:
+            return got
+        for p in packets:
+            got.append(p.payload)
+            if p.qos:
+                client.send(Puback(packet_id=p.packet_id))
+    return got
+
+
+@pytest.mark.parametrize("in_flight", [True, False])
+def test_a_shared_message_the_user_taking_a_session_may_not_read_goes_to_a_member_that_may(
+        tmp_path: Path, in_flight: bool) -> None:
+    """Alice and dave share $share/g/secret/#; bob takes alice's client id (clean start 0). What
+    alice had of the group, in flight or queued, may not go to bob: it was dropped from the
+    session and lost for the group too, where dave may have it [MQTT-4.8.2-5]."""
+    (tmp_path / "acl").write_text(SHARED_ACL)
+    broker = make_broker(acl_file=str(tmp_path / "acl"))
+    alice = connected(broker, "alice-phone", clean=False, username="alice")
+    alice.subscribe("$share/g/secret/#", qos=1)
+    dave = connected(broker, "dave", clean=False, username="dave")
+    dave.subscribe("$share/g/secret/#", qos=1)
+    if not in_flight:
+        alice.lose()
+        dave.lose()
+    pub = connected(broker, "pub", username="pub")
+    for n in range(2):
+        pub.publish("secret/x", b"%d" % n, qos=1, packet_id=n + 1)
+    if in_flight:
+        assert [p.payload for p in alice.received()] == [b"0"]  # (not acknowledged)
+        assert _payloads(dave) == [b"1"]
+        alice.lose()
+    bob = FakeClient(broker)
+    assert bob.connect("alice-phone", clean=False, username="bob").session_present  # type: ignore[union-attr]
+    assert _payloads(bob) == []
+    if not in_flight:
+        dave = FakeClient(broker)
+        dave.connect("dave", clean=False, username="dave")
+    assert sorted(_payloads(dave)) == ([b"0"] if in_flight else [b"0", b"1"])
+
+
+def test_an_auth_hooks_rules_are_checked_without_a_security_setting() -> None:
+    """An on_auth hook's Identity replaces the connection's rules: with no password, ACL, JWT or
+    HTTP setting, no rules were checked at all, and the device published anywhere."""
+    broker = make_broker()
+    rules = AccessRules.from_lists(["devices/d1/#"], ["devices/d1/#"])
+    broker.hooks.on_auth(lambda client, method, data, again: Identity(client_id=client.client_id, username="d1",
+                                                                       rules=rules))
+    watcher = connected(broker, "w", 5)
+    watcher.subscribe("commands/#", "devices/#")
+    device = FakeClient(broker, version=5)
+    device.send(Connect(client_id="d1", protocol_level=5, properties={"authentication_method": "X"}))
+    [connack] = device.received()
+    assert connack.reason_code == 0  # type: ignore[attr-defined]
+    device.publish("commands/all/reboot", b"reboot", qos=1)
+    device.publish("devices/d1/state", b"up", qos=1, packet_id=2)
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"up"]
+    other = connected(broker, "other", 5)  # (no rules of its own: anything, as before)
+    other.publish("commands/all/reboot", b"reboot", qos=1)
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"reboot"]
