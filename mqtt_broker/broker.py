@@ -792,7 +792,9 @@ class BrokerService(MultiService):
         asks for (see mqtt_broker.history), and no retained message that was among them."""
         delivery = self.delivery
         if delivery.full(session, subscription.qos):
-            return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
+            delivery.sweep(session)  # (what expired in the queue makes room)
+            if delivery.full(session, subscription.qos):
+                return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
         replaying = replay is not None and self.history is not None and subscription.share_group is None
         retained = [] if subscription.share_group is not None or subscription.retain_handling == 2 or (
             subscription.retain_handling == 1 and existed) else self.retained.match(subscription.topic_filter)

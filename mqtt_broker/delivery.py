@@ -299,7 +299,7 @@ class Delivery:
         item = (Outgoing if qos else Queued)(message, qos, retain, subscription_ids, share)
         if session.queue and not session.spilled and not session.has_room(
                 item, config.max_queued_messages, config.max_queued_bytes):
-            self._sweep(session)
+            self.sweep(session)
         if qos and self.store is not None and (session.spilled or not session.has_room(
                 item, config.max_queued_messages, config.max_queued_bytes)):
             if not session.stored:  # a session that ends with its connection spills too
@@ -319,7 +319,7 @@ class Delivery:
         self.stats.messages_dropped += 1
         self._warn_full(session, 1)  # (session.dropped counted above)
 
-    def _sweep(self, session: Session) -> None:
+    def sweep(self, session: Session) -> None:
         """Make room in a full queue: the messages in it that expired go, as they would have
         when sent [MQTT-3.3.2-5]. Once a second at most: a queue a flood keeps full is not
         walked for each message it drops."""

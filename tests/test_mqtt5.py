@@ -528,7 +528,8 @@ def test_expired_messages_make_room_in_a_full_queue(stored: bool) -> None:
     """[MQTT-3.3.2-5]: messages that expired while their session was offline still counted
     against max_queued_messages: a later one that had not was dropped as if the queue were full,
     and the client came back to nothing."""
-    broker = make_broker(max_queued_messages=2, **({"persistence": "memory"} if stored else {}))
+    from mqtt_broker.store.memory import MemoryStore
+    broker = make_broker(max_queued_messages=2, **({"store": MemoryStore()} if stored else {}))
     sub = v5(broker, "sub", clean=False, properties=persistent(1000))
     sub.subscribe("t", qos=1)
     sub.lose()
@@ -541,6 +542,22 @@ def test_expired_messages_make_room_in_a_full_queue(stored: bool) -> None:
     assert broker.stats.messages_expired == 2
     again, _ = connect5(broker, "sub", clean=False, properties=persistent(1000))
     assert payloads(again.received()) == [b"lasting", b"lasting too"]
+
+
+def test_a_retained_message_for_a_queue_full_of_expired_messages_is_queued() -> None:
+    """[MQTT-3.3.1-6] with [MQTT-3.3.2-5]: a new subscription's retained message was skipped for a
+    queue full only of messages that had expired, which a PUBLISH would have swept."""
+    broker = make_broker(max_queued_messages=2, max_inflight_messages=1)
+    broker.publish("r", b"retained", qos=1, retain=True)
+    sub = v5(broker, "sub")
+    sub.subscribe("t", qos=1)
+    broker.publish("t", b"in flight", qos=1)  # (a window of one)
+    for n in range(2):
+        broker.publish("t", b"short-lived %d" % n, qos=1, properties={"message_expiry_interval": 1})
+    assert payloads(sub.received()) == [b"in flight"]
+    broker.clock.advance(5)
+    sub.subscribe("r", qos=1, packet_id=2)
+    assert [item.message.payload for item in broker.sessions["sub"].queue] == [b"retained"]
 
 
 def test_retained_message_expires() -> None:
