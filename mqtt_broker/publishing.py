@@ -94,8 +94,9 @@ class Publishing:
         if packet.retain and not config.retain_available:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
         security = broker.security
+        identity = self.identity  # (None: connected before an auth hook's rules had checks made)
         if (topic[0] == "$" and reserved(topic)) or (  # (the call only for "$" topics: this is per message)
-                security is not None and not security.can_publish(self.identity, topic)):  # type: ignore[arg-type]
+                security is not None and identity is not None and not security.can_publish(identity, topic)):
             # Not routed; MQTT 3 cannot be told and is acknowledged, as Mosquitto does.
             # Counted for the broker, not per client: a client flooding denials hides the first of
             # another's, where a count per client would keep an entry for every client id.

@@ -93,7 +93,8 @@ class Subscribing:
                 wanted.append(ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
             elif group is not None and request.no_local and self.version == MQTT_5:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
-            elif security is not None and not security.can_subscribe(self.identity, topic_filter):  # type: ignore[arg-type]
+            elif security is not None and self.identity is not None and not security.can_subscribe(self.identity,
+                                                                                               topic_filter):
                 tally(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
             else:

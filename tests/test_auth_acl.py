@@ -822,6 +822,7 @@ def test_an_auth_hooks_rules_are_checked_without_a_security_setting() -> None:
                                                                        rules=rules))
     watcher = connected(broker, "w", 5)
     watcher.subscribe("commands/#", "devices/#")
+    early = connected(broker, "early", 5)  # (before any rules: connected with no identity)
     device = FakeClient(broker, version=5)
     device.send(Connect(client_id="d1", protocol_level=5, properties={"authentication_method": "X"}))
     [connack] = device.received()
@@ -832,3 +833,6 @@ def test_an_auth_hooks_rules_are_checked_without_a_security_setting() -> None:
     other = connected(broker, "other", 5)  # (no rules of its own: anything, as before)
     other.publish("commands/all/reboot", b"reboot", qos=1)
     assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"reboot"]
+    assert early.subscribe("devices/#", qos=1) == [Suback(packet_id=1, reason_codes=(1,))]  # (it raised)
+    early.publish("commands/all/halt", b"halt", qos=1)
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"halt"]
