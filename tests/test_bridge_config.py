@@ -719,3 +719,34 @@ def test_a_bridges_session_stored_with_a_limit_of_clients_never_expires_once_res
     broker = restarts.restart()
     restarts.reactor.advance(61)  # the remote (127.0.0.1:1) away all along
     assert broker.sessions[client_id].expiry == 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("interval", [50, 10])
+def test_a_message_from_the_remote_that_waits_for_a_slot_here_loses_that_time_of_its_expiry(interval: int) -> None:
+    """[MQTT-3.3.2-5, -6]: this broker's Receive Maximum full (a slow hook here), a message from
+    the remote waited for a slot, then went in with its whole interval, or after it had run out;
+    one that ran out is acknowledged to the remote and goes no further."""
+    from twisted.internet.defer import Deferred
+
+    from mqtt_broker.wire import Puback
+    remote = FakeRemote(5, settings={"max_inflight_messages": 1, "hook_timeout": 100},
+                        bridge_protocol_version="mqttv50", topic=["in/# in 1"], notifications=False)
+    gate: Deferred[None] = Deferred()
+    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
+    remote.reactor.advance(0)
+    subscriber = connected(remote.broker, "s", 5)
+    subscriber.subscribe("in/#", qos=1)
+    remote.up()
+    remote.send(Publish(topic="in/x", payload=b"first", qos=1, packet_id=1, properties={"message_expiry_interval": 100}),
+                Publish(topic="in/x", payload=b"second", qos=1, packet_id=2,
+                        properties={"message_expiry_interval": interval}))
+    remote.reactor.advance(30)  # the first held 30 s by the hook, the second waiting behind it
+    gate.callback(None)
+    remote.reactor.advance(0)
+    got = [p for p in subscriber.received() if isinstance(p, Publish)]
+    subscriber.send(Puback(packet_id=got[0].packet_id))
+    remote.reactor.advance(0)
+    got += [p for p in subscriber.received() if isinstance(p, Publish)]
+    assert [(p.payload, p.properties["message_expiry_interval"]) for p in got] == [(b"first", 70)] + (
+        [(b"second", interval - 30)] if interval > 30 else [])
+    assert sorted(p.packet_id for p in remote.received() if isinstance(p, Puback)) == [1, 2]

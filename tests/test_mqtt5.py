@@ -560,6 +560,22 @@ def test_a_retained_message_for_a_queue_full_of_expired_messages_is_queued() -> 
     assert [item.message.payload for item in broker.sessions["sub"].queue] == [b"retained"]
 
 
+def test_the_largest_publish_with_a_subscription_identifier_added_is_dropped_not_sent_malformed() -> None:
+    """A client with no Maximum Packet Size of its own still takes no packet past 268,435,460
+    bytes [MQTT-1.5.5, 2.1.4]: the largest PUBLISH there is, with a subscriber's Subscription
+    Identifier added, went out with a five-byte Remaining Length. It is dropped, as a message
+    larger than a client's Maximum Packet Size is [MQTT-3.1.2-25]."""
+    from mqtt_broker.wire.codec import MAX_REMAINING_LENGTH
+    broker = make_broker()
+    sub = v5(broker, "sub")
+    subscribe5(sub, "t", subscription_id=1)
+    sub.transport.clear()
+    broker.publish("t", bytes(MAX_REMAINING_LENGTH - 4))  # (accepted: the largest PUBLISH there is)
+    assert sub.transport.value() == b"" and sub.protocol.stats.dropped_too_large == 1
+    broker.publish("t", b"small")
+    assert payloads(sub.received()) == [b"small"]
+
+
 def test_retained_message_expires() -> None:
     """[MQTT-3.3.2-5] [MQTT-3.3.2-6] §3.3.1.3: a retained message is sent to new subscribers with
     the remaining expiry, and not at all once it has expired."""

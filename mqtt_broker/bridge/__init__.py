@@ -26,6 +26,7 @@ an MQTT 3 remote is told it is a bridge, ``try_private``) and by the prefixes.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from typing import Any, Callable, Iterator
@@ -104,7 +105,7 @@ class Bridge(Service):
         self._inbound: set[int] = set()
         """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
         broker's Receive Maximum; the next ones wait in ``_waiting``."""
-        self._waiting: deque[Publish] = deque()
+        self._waiting: deque[tuple[Publish, float]] = deque()
         self._lowered: dict[int, int] = {}
         """Ids of the session's QoS 2 messages sent to the remote at a lower QoS (its Maximum QoS),
         and at which: the bridge finishes their exchange with the session itself (a PUBACK from
@@ -455,7 +456,18 @@ class Bridge(Service):
             link.send(Pubrec(packet_id=packet.packet_id))
         self._lowered[packet.packet_id] = qos  # (QoS 2 here: its PUBREL is answered here)
 
-    def _send_in(self, local: Link, message: Publish) -> None:
+    def _send_in(self, local: Link, message: Publish, since: float | None = None) -> None:
+        """``since``: the time it came, having waited for a slot: that long is gone of its Message
+        Expiry Interval [MQTT-3.3.2-6], and one whose interval ran out goes no further [MQTT-3.3.2-5]."""
+        interval = message.properties.get("message_expiry_interval") if since is not None else None
+        if interval is not None:
+            assert since is not None
+            left = interval - (self.clock.seconds() - since)
+            if left <= 0:
+                assert self.remote is not None
+                self._refuse(self.remote, message, "its message expiry interval ran out while it waited")
+                return
+            message.properties = {**message.properties, "message_expiry_interval": math.ceil(left - 0.001)}
         if not local.send(message):
             assert self.remote is not None
             self._refuse(self.remote, message, f"larger than this broker's maximum packet size ({local.max_send_size})")
@@ -468,13 +480,13 @@ class Bridge(Service):
         if not message.qos and len(self._waiting) >= MAX_WAITING:
             self.stats.dropped += 1
             return
-        self._waiting.append(message)
+        self._waiting.append((message, self.clock.seconds()))
 
     def _completed(self, packet_id: int) -> None:
         self._inbound.discard(packet_id)
         waiting, local = self._waiting, self.local
-        while waiting and local is not None and (not waiting[0].qos or len(self._inbound) < self._local_receive):
-            self._send_in(local, waiting.popleft())
+        while waiting and local is not None and (not waiting[0][0].qos or len(self._inbound) < self._local_receive):
+            self._send_in(local, *waiting.popleft())
 
     def _subscribed(self, link: Link, packet: Suback | Unsuback) -> None:
         self._log_refusals(link, packet)
