@@ -769,3 +769,80 @@ def test_a_broker_started_again_before_its_stop_has_finished_is_told_so(tmp_path
         yield broker.publish("status/app", b"again", qos=1, retain=True)
     finally:
         yield broker.stopService()
+
+
+# --- one broker a data directory; a later release's database; a disk that cannot be written ---------
+
+@pytest_twisted.inlineCallbacks
+def test_a_second_store_on_an_open_database_is_refused(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """Two on one file each kept their sessions' sequence numbers in memory and wrote the same
+    rows, each over the other's: acknowledged messages were lost. One broker a data directory."""
+    path = tmp_path / "mqttbroker.db"
+    first, second = SQLiteStore(path, reactor), SQLiteStore(path, reactor)
+    first.load()
+    try:
+        with pytest.raises(StoreError, match=f"in use by another broker \\(process {os.getpid()}\\)"):
+            second.load()
+    finally:
+        yield first.close()
+    second.load()  # (the first has let it go)
+    yield second.close()
+
+
+def test_a_second_broker_process_on_the_data_directory_of_a_running_one_does_not_start(
+        tmp_path: Path, broker_process: Any) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+    data = tmp_path / "data"
+    broker_process("--persistence", "sqlite", "--data-dir", str(data))
+    done = subprocess.run([sys.executable, "-m", "twisted", "mqttbroker", "--persistence", "sqlite",
+                           "--endpoint", f"tcp:{free_port()}:interface=127.0.0.1", "--data-dir", str(data)],
+                          cwd=ROOT, capture_output=True, timeout=30)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 1 and "Traceback" not in output, output
+    assert f"mqttbroker: cannot start: {data / 'mqttbroker.db'} is in use by another broker" in output, output
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_database_of_a_later_schema_is_refused_and_left_as_it_was(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """A downgrade: it was opened, migrated and written to, whatever that release had changed."""
+    from mqtt_broker.store.sqlite import SCHEMA, VERSION
+    path = tmp_path / "mqttbroker.db"
+    with closing(sqlite3.connect(str(path))) as db:
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version = {VERSION + 1}")
+        db.commit()
+    before = path.read_bytes()
+    store = SQLiteStore(path, reactor)
+    with pytest.raises(StoreError, match="written by a later release"):
+        store.load()
+    yield store.close()
+    assert path.read_bytes() == before
+    with closing(sqlite3.connect(str(path))) as db:
+        db.execute("PRAGMA user_version = 0")  # (as 0.1.0 left it: taken, and marked as this release's)
+        db.commit()
+    store.load()
+    yield store.close()
+    with closing(sqlite3.connect(str(path))) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (VERSION,)
+
+
+@pytest.mark.parametrize("error, name", [("attempt to write a readonly database", "SQLITE_READONLY"),
+                                         ("database or disk is full", "SQLITE_FULL"),
+                                         ("disk I/O error", "SQLITE_IOERR_WRITE")])
+def test_a_disk_that_cannot_be_written_is_not_taken_for_a_damaged_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str, name: str) -> None:
+    """Read-only or full, the disk was taken for a damaged database, with the advice to move it
+    away: sound sessions and messages lost by following it."""
+    import mqtt_broker.store.sqlite as module
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        e = sqlite3.OperationalError(error)
+        e.sqlite_errorname = name  # type: ignore[attr-defined]
+        raise e
+    monkeypatch.setattr(module.sqlite3, "connect", failing)
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(tmp_path / "mqttbroker.db", reactor).load()
+    assert "read-only, or full" in str(caught.value) and "move it" not in str(caught.value)

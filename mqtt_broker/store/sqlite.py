@@ -9,7 +9,9 @@ write at all when the client is quick).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -34,6 +36,13 @@ log = Logger()
 
 RETRY_AFTER = 1.0
 """Seconds after a failed write before it is tried again, when nothing else comes to write."""
+
+VERSION = 1
+"""The schema's version (``PRAGMA user_version``; 0.1.0's databases have 0). A database of a later
+one is refused: this release would not know what it holds."""
+
+_CANNOT_WRITE = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_PERM")
+"""Errors of the disk, not of the database: moving the file away would lose sound data."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -189,6 +198,8 @@ class SQLiteStore:
         self.reactor = reactor
         self.synchronous = synchronous.upper()
         self._db: sqlite3.Connection | None = None
+        self._lock: int | None = None
+        """The descriptor of the lock file held while the database is open (one broker a file)."""
         self._closing = False
         """Between ``close()`` and the end of its last write: the file may not be opened again."""
         self._pool: ThreadPool | None = None
@@ -227,8 +238,15 @@ class SQLiteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot use the data directory {self.path.parent}: {e.strerror or e}") from None
+        self._take_lock()
         try:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > VERSION:
+                self._release_lock()
+                db.close()
+                raise StoreError(f"{self.path} was written by a later release of mqtt_broker (its schema "
+                                 f"{version}, this release's {VERSION}): start that release, or an empty store")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
@@ -237,11 +255,16 @@ class SQLiteStore:
                     # (A database of 0.1.0: No Local needs the sender of a message logged or
                     # retained, a bridge's that came back to it the most.)
                     db.execute(f"ALTER TABLE {table} ADD COLUMN sender TEXT")
+            db.execute(f"PRAGMA user_version = {VERSION}")
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
             snapshot = self._read(db, window)
         except (sqlite3.Error, OSError, ValueError, MQTTError) as e:  # (MQTTError: a damaged properties blob)
+            self._release_lock()
+            if (getattr(e, "sqlite_errorname", "") or "").startswith(_CANNOT_WRITE) or isinstance(e, OSError):
+                raise StoreError(f"cannot use the database {self.path}: {e}: can its disk be written (read-only, "
+                                 f"or full)?") from None
             raise StoreError(
                 f"cannot use the database {self.path}: {e}. If it is damaged, move it (and its "
                 f"-wal and -shm files) away to start with an empty store, or restore a backup; "
@@ -250,6 +273,30 @@ class SQLiteStore:
         self._pool = ThreadPool(1, 1, name="mqtt-store")
         self._pool.start()
         return snapshot
+
+    def _take_lock(self) -> None:
+        """One broker a database: a second (a service restarted over a running one) would write
+        the same rows, each over the other's (flock: a second store in this process is refused too)."""
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot use the data directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another broker (process {holder}): one broker a data "
+                             f"directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # (which releases the flock)
+            self._lock = None
 
     def _read(self, db: sqlite3.Connection, window: int) -> Snapshot:
         sessions: dict[str, tuple[Session, float | None]] = {}
@@ -499,6 +546,7 @@ class SQLiteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            self._release_lock()
         self._closing = True
         d = self.flushed() if self._db is not None else succeed(None)
         return d.addBoth(closed)
