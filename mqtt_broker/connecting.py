@@ -17,7 +17,8 @@ from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
-from .connect import NEVER, negotiate
+from .connect import negotiate
+from .wire.codec import MAX_REMAINING_LENGTH
 from .delivery import Delivery
 from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
 from .lifecycle import State
@@ -280,7 +281,7 @@ class Connecting:
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}
         # (Without a limit, the common case, it is encoded once.)
-        if self.max_send_size < NEVER and not self._connack_fits(properties):
+        if self.max_send_size < MAX_REMAINING_LENGTH + 5 and not self._connack_fits(properties):
             return
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored

@@ -750,3 +750,20 @@ def test_a_message_from_the_remote_that_waits_for_a_slot_here_loses_that_time_of
     assert [(p.payload, p.properties["message_expiry_interval"]) for p in got] == [(b"first", 70)] + (
         [(b"second", interval - 30)] if interval > 30 else [])
     assert sorted(p.packet_id for p in remote.received() if isinstance(p, Puback)) == [1, 2]
+
+
+def test_the_bridge_sends_no_packet_past_mqtts_largest_to_its_remote() -> None:
+    """[MQTT-1.5.5, 2.1.4]: to an MQTT 3.1.1 remote (which says nothing of its maximum), the
+    largest PUBLISH there is, grown by a topic line's remote prefix, went with a five-byte
+    Remaining Length: the remote closed the link, and the message came again at each
+    reconnection. It is dropped (acknowledged here), as one too large for a v5 remote is."""
+    from mqtt_broker.wire.codec import MAX_REMAINING_LENGTH
+    remote = FakeRemote(version=4, max_packet_size=MAX_REMAINING_LENGTH + 5, topic=['t out 0 "" remote/a/longer/prefix/'],
+                        notifications=False)
+    remote.up()
+    remote.received()
+    remote.broker.publish("t", bytes(MAX_REMAINING_LENGTH - 4))  # (accepted: the largest PUBLISH there is)
+    remote.reactor.advance(0)
+    sent = remote.transport.value()
+    remote.transport.clear()
+    assert len(sent) <= MAX_REMAINING_LENGTH + 5, f"{len(sent)} bytes sent; first bytes {sent[:6].hex()}"

@@ -7,9 +7,14 @@ reports back through the reactor.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import types
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +31,7 @@ from mqtt_broker.session import Outgoing, Queued, Session
 from mqtt_broker.store import Snapshot, StoredWill, StoreError
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.store.sqlite import SQLiteStore
+import mqtt_broker.store.sqlite as sqlite_module
 from mqtt_broker.topics import Subscription
 
 from durability_helpers import CapturedLog, rows
@@ -846,3 +852,71 @@ def test_a_disk_that_cannot_be_written_is_not_taken_for_a_damaged_database(
     with pytest.raises(StoreError) as caught:
         SQLiteStore(tmp_path / "mqttbroker.db", reactor).load()
     assert "read-only, or full" in str(caught.value) and "move it" not in str(caught.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_lock_file_that_cannot_be_written_leaves_no_lock_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    """A disk full as the pid is written into mqttbroker.db.lock: a bare OSError (a traceback at
+    start-up), and the lock kept: once room was made, the next load in this process was refused
+    as "in use by another broker (process <its own>)"."""
+    path = tmp_path / "mqttbroker.db"
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(sqlite_module, "os", types.SimpleNamespace(**{**vars(os), "write": full}))
+    store = SQLiteStore(path, reactor)
+    try:
+        with pytest.raises(Exception) as caught:
+            store.load()
+    finally:
+        monkeypatch.setattr(sqlite_module, "os", os)
+    yield store.close()
+    second = SQLiteStore(path, reactor)
+    second.load()  # the disk has room again
+    yield second.close()
+    assert isinstance(caught.value, StoreError), repr(caught.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_broker_killed_by_sigkill_leaves_no_stale_lock(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """The lock file stays behind after kill -9; the kernel released the flock: the next start
+    is not refused."""
+    path = tmp_path / "mqttbroker.db"
+    code = ("import sys; from twisted.internet import reactor; from mqtt_broker.store.sqlite import SQLiteStore;"
+            f"SQLiteStore(__import__('pathlib').Path({str(path)!r}), reactor).load(); print('ready', flush=True);"
+            "sys.stdin.read()")
+    env = {**os.environ, "PYTHONPATH": str(Path(sqlite_module.__file__).parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        with pytest.raises(StoreError, match=f"process {child.pid}"):
+            SQLiteStore(path, reactor).load()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    assert (tmp_path / "mqttbroker.db.lock").exists()
+    store = SQLiteStore(path, reactor)
+    store.load()
+    yield store.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_database_locked_by_a_tool_is_not_taken_for_a_damaged_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    """A database another program holds a write lock on (a sqlite3 shell in a transaction, a
+    VACUUM) is sound: not to be moved away as a damaged one."""
+    import sqlite3
+    from contextlib import closing
+    path = tmp_path / "mqttbroker.db"
+    store = SQLiteStore(path, reactor)
+    store.load()
+    yield store.close()
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite_module.sqlite3, "connect", lambda *a, **k: connect(*a, **{**k, "timeout": 0}))
+    with closing(connect(str(path), isolation_level=None)) as tool:
+        tool.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError) as caught:
+            SQLiteStore(path, reactor).load()
+        tool.execute("ROLLBACK")
+    assert "move it" not in str(caught.value), str(caught.value)

@@ -94,7 +94,7 @@ class Bridge(Service):
         self._retry_call: Any = None
         self._connecting: Any = None
         self._restarting = False
-        self._early: list[Packet] = []
+        self._early: list[tuple[Packet, float]] = []
         """What the remote sent before the local link was ready."""
         self._pending_acks = 0
         self._remote_receive = broker.config.max_inflight_messages
@@ -370,19 +370,21 @@ class Bridge(Service):
             self.remote.send(Publish(topic=config.state_topic, payload=b"1", qos=0,
                                      retain=self._remote_retain))
         early, self._early = self._early, []
-        for packet in early:
-            self._from_remote(self.remote, packet)
+        for packet, since in early:
+            self._from_remote(self.remote, packet, since)
         self.remote.release()
 
     # --- forwarding ---------------------------------------------------------------------
 
-    def _from_remote(self, link: Link, packet: Packet) -> None:
+    def _from_remote(self, link: Link, packet: Packet, since: float | None = None) -> None:
+        """``since``: when it came, held until the local link was up (what it waited is gone of
+        its expiry)."""
         local = self.local
         if local is None or not local.up or self._pending_acks:
             if isinstance(packet, (Suback, Unsuback)) and self._pending_acks and local is None:
                 self._subscribed(link, packet)
             else:
-                self._early.append(packet)
+                self._early.append((packet, self.clock.seconds() if since is None else since))
             return
         if isinstance(packet, Puback) and packet.packet_id in self._lowered:
             if packet.reason_code >= 0x80:  # (a PUBREC that refuses ends the exchange: no PUBREL comes)
@@ -408,9 +410,9 @@ class Bridge(Service):
             # otherwise, and the remote would send it again at each reconnection.
             message = self._crossing(packet, topic, packet.retain and self.broker.config.retain_available, MQTT_5, 2)
             if self._waiting or (packet.qos and len(self._inbound) >= self._local_receive):
-                self._wait(message)
+                self._wait(message, since)
             else:
-                self._send_in(local, message)
+                self._send_in(local, message, since)
         elif isinstance(packet, _ACKS):
             local.send(self._ack(packet, local.version))
 
@@ -474,13 +476,13 @@ class Bridge(Service):
         elif message.qos:
             self._inbound.add(message.packet_id)
 
-    def _wait(self, message: Publish) -> None:
+    def _wait(self, message: Publish, since: float | None = None) -> None:
         """This broker's Receive Maximum is reached: the message waits for a slot. The remote's
         own window bounds what waits at QoS 1 and 2; at QoS 0, past MAX_WAITING it is dropped."""
         if not message.qos and len(self._waiting) >= MAX_WAITING:
             self.stats.dropped += 1
             return
-        self._waiting.append((message, self.clock.seconds()))
+        self._waiting.append((message, self.clock.seconds() if since is None else since))
 
     def _completed(self, packet_id: int) -> None:
         self._inbound.discard(packet_id)

@@ -16,9 +16,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..wire import Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, encode
+from ..wire.codec import MAX_REMAINING_LENGTH
 from .config import BridgeConfig
 
 log = Logger()
+
+LARGEST = MAX_REMAINING_LENGTH + 5
+"""No packet is larger, whatever a server takes (MQTT 3 servers say nothing of their maximum)."""
 
 _PINGREQ = encode(Pingreq())
 
@@ -125,7 +129,7 @@ class Link(Protocol):
     def send(self, packet: Packet) -> bool:
         """Write ``packet``; False if it is larger than the server takes (it is not sent)."""
         data = encode(packet, self.version)
-        if 0 < self.max_send_size < len(data):
+        if len(data) > min(self.max_send_size or LARGEST, LARGEST):
             return False
         if not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]

@@ -262,7 +262,11 @@ class SQLiteStore:
             snapshot = self._read(db, window)
         except (sqlite3.Error, OSError, ValueError, MQTTError) as e:  # (MQTTError: a damaged properties blob)
             self._release_lock()
-            if (getattr(e, "sqlite_errorname", "") or "").startswith(_CANNOT_WRITE) or isinstance(e, OSError):
+            name = getattr(e, "sqlite_errorname", "") or ""
+            if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise StoreError(f"cannot use the database {self.path}: {e}: another program holds it (a sqlite3 "
+                                 f"shell, a backup): close it and start again") from None
+            if name.startswith(_CANNOT_WRITE) or isinstance(e, OSError):
                 raise StoreError(f"cannot use the database {self.path}: {e}: can its disk be written (read-only, "
                                  f"or full)?") from None
             raise StoreError(
@@ -289,9 +293,14 @@ class SQLiteStore:
             os.close(fd)
             raise StoreError(f"{self.path} is in use by another broker (process {holder}): one broker a data "
                              f"directory") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            self._release_lock()
+            raise StoreError(f"cannot use the data directory {self.path.parent}: {e.strerror or e}: can its disk "
+                             f"be written (read-only, or full)?") from None
 
     def _release_lock(self) -> None:
         if self._lock is not None:
