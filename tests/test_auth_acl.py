@@ -768,20 +768,6 @@ SHARED_ACL = "user alice\ntopic read secret/#\nuser bob\ntopic read public/#\nus
              "user pub\ntopic write #\n"
 
 
-def _payloads(client: FakeClient) -> list[bytes]:
-    """What the client was sent, acknowledged as it comes (bounded)."""
-    got: list[bytes] = []
-    for _ in range(20):
-        packets = [p for p in client.received() if isinstance(p, Publish)]
-        if not packets:
-            return got
-        for p in packets:
-            got.append(p.payload)
-            if p.qos:
-                client.send(Puback(packet_id=p.packet_id))
-    return got
-
-
 @pytest.mark.parametrize("in_flight", [True, False])
 def test_a_shared_message_the_user_taking_a_session_may_not_read_goes_to_a_member_that_may(
         tmp_path: Path, in_flight: bool) -> None:
@@ -802,15 +788,15 @@ def test_a_shared_message_the_user_taking_a_session_may_not_read_goes_to_a_membe
         pub.publish("secret/x", b"%d" % n, qos=1, packet_id=n + 1)
     if in_flight:
         assert [p.payload for p in alice.received()] == [b"0"]  # (not acknowledged)
-        assert _payloads(dave) == [b"1"]
+        assert read_payloads(dave) == [b"1"]
         alice.lose()
     bob = FakeClient(broker)
     assert bob.connect("alice-phone", clean=False, username="bob").session_present  # type: ignore[union-attr]
-    assert _payloads(bob) == []
+    assert read_payloads(bob) == []
     if not in_flight:
         dave = FakeClient(broker)
         dave.connect("dave", clean=False, username="dave")
-    assert sorted(_payloads(dave)) == ([b"0"] if in_flight else [b"0", b"1"])
+    assert sorted(read_payloads(dave)) == ([b"0"] if in_flight else [b"0", b"1"])
 
 
 def test_an_auth_hooks_rules_are_checked_without_a_security_setting() -> None:

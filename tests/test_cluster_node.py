@@ -83,6 +83,16 @@ def holds(store: RedisStore, client_id: str, *subscriptions: Subscription, expir
 
 
 @inlineCallbacks
+def watching_wills(broker: BrokerService) -> Any:
+    """A client of node a subscribed to ``wills/#`` (the SUBACK read, the subscription in Redis)."""
+    observer = yield connect(broker, client_id="observer")
+    observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
+    yield broker.store.flushed()
+    observer.received()
+    return observer
+
+
+@inlineCallbacks
 def publishes(client: FakeClient, what: str, count: int = 1) -> Any:
     """Every PUBLISH the client is sent until there are ``count``, waited for (bounded): a
     message may come through the node's inbox, a moment after the batch that writes it there."""
@@ -592,10 +602,7 @@ def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
-        observer = yield connect(broker, client_id="observer")
-        observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
-        yield broker.store.flushed()
-        observer.received()
+        observer = yield watching_wills(broker)
         yield b.register(600_000)
         yield holds(b, "c", expiry=3600)
         b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 0)
@@ -1654,10 +1661,7 @@ def test_a_claim_of_a_session_that_ran_out_on_a_dead_node_publishes_its_will_at_
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
-        observer = yield connect(broker, client_id="observer")
-        observer.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=1),)))
-        yield broker.store.flushed()
-        observer.received()
+        observer = yield watching_wills(broker)
         yield b.register(600_000)
         yield holds(b, "c", expiry=10, disconnected_at=1000.0)
         b.save_will(StoredWill("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 1000.0 + 100))
