@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.connect import Terms, negotiate
 from mqtt_broker.wire import MQTT_5, Connect, ReasonCode
 
 from conftest import assert_every_field_set
-from protocol_helpers import connected, make_broker
 
 
 def test_terms_set_every_field() -> None:
@@ -25,14 +22,3 @@ def test_negotiated_terms_of_an_mqtt_5_client() -> None:
     assert (terms.reason, terms.client_id, terms.keep_alive, terms.send_quota, terms.session_expiry) == (
         ReasonCode.SUCCESS, "c", 30, 5, 60)
     assert terms.connack_properties["receive_maximum"] == config.max_inflight_messages
-
-
-def test_a_client_without_a_maximum_packet_size_has_its_connack_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Measured against a client's Maximum Packet Size only when it has one: every CONNACK was
-    encoded twice (once to measure it) once every client's largest packet was capped."""
-    broker = make_broker()
-    calls = []
-    encode = broker.connack.encode
-    monkeypatch.setattr(broker.connack, "encode", lambda *a: calls.append(a) or encode(*a))
-    connected(broker, "c", 5)
-    assert len(calls) == 1, calls
