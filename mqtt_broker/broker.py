@@ -112,7 +112,7 @@ class BrokerService(MultiService):
         self._alive_call: Any = None
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
-        self.retained = RetainedMessages()
+        self.retained = RetainedMessages(kept=self.config.retain_available)
         self.stats = Stats()
         self.batching = 0
         """Non-zero while a read is being handled: connections gather their writes meanwhile."""
@@ -466,7 +466,7 @@ class BrokerService(MultiService):
         # subscriptions to another member, once every restored member is back in the tree.
         for session in ended:
             self._leave_unfinished(session)
-        for message in snapshot.retained if self.config.retain_available else ():  # (kept for a start with them)
+        for message in snapshot.retained:
             if message.expired(now):
                 store.delete_retained(message.topic)
             else:

@@ -13,7 +13,7 @@ from typing import Any
 from .config import BrokerConfig
 from .message import is_utf8
 from .topics import valid_topic_name
-from .wire.codec import MAX_REMAINING_LENGTH, encode_connack
+from .wire.codec import MAX_PACKET_SIZE, encode_connack
 from .wire.codes import ReasonCode
 from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
 
@@ -77,7 +77,7 @@ def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack 
         send_quota=min(config.max_inflight_messages, props.get("receive_maximum", 65535)),
         # (No packet may be larger, whatever the client takes: a subscription identifier or topic
         # alias added to the largest PUBLISH a client may send would need a fifth length byte.)
-        max_send_size=min(props.get("maximum_packet_size", NEVER), MAX_REMAINING_LENGTH + 5),
+        max_send_size=min(props.get("maximum_packet_size", NEVER), MAX_PACKET_SIZE),
         alias_maximum=min(props.get("topic_alias_maximum", 0), config.max_topic_alias_broker),
         problem_information=bool(props.get("request_problem_information", 1)))
 

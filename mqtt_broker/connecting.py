@@ -18,7 +18,6 @@ from twisted.logger import Logger
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
 from .connect import negotiate
-from .wire.codec import MAX_REMAINING_LENGTH
 from .delivery import Delivery
 from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
 from .lifecycle import State
@@ -27,6 +26,7 @@ from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
     v3_connack_code,
 )
+from .wire.codec import MAX_PACKET_SIZE
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
@@ -108,6 +108,13 @@ class Connecting:
 
     # --- CONNECT and enhanced authentication --------------------------------------------
 
+    def _where(self) -> str:
+        """The peer, as logged and as hooks see it: a wrapper's transport (haproxy:) may know it
+        only once its client has sent something, after connectionMade."""
+        if self.client is None and not self._on_socket and self.transport is not None:
+            self.peer = describe(self.transport.getPeer())
+        return self.peer
+
     def _on_connect(self, packet: Connect) -> None:
         self._set_state(State.CONNECTING)
         self.broker.stats.connects += 1
@@ -125,9 +132,7 @@ class Connecting:
             self._deadline = self.broker.keepalives.watch(self, self.clock.seconds() + self.broker.config.connect_timeout)
         self.problem_information = terms.problem_information
         self.max_send_size = terms.max_send_size
-        if not self._on_socket:  # a wrapper may know the client's address only now (haproxy: reads it)
-            self.peer = describe(self.transport.getPeer())  # type: ignore[union-attr]
-        self.client = Client(client_id=terms.client_id, username=packet.username, peer=self.peer,
+        self.client = Client(client_id=terms.client_id, username=packet.username, peer=self._where(),
                              protocol_version=self.version, clean_start=packet.clean_start,
                              keep_alive=terms.keep_alive, properties=packet.properties)
         if terms.reason:
@@ -281,7 +286,7 @@ class Connecting:
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}
         # (Without a limit, the common case, it is encoded once.)
-        if self.max_send_size < MAX_REMAINING_LENGTH + 5 and not self._connack_fits(properties):
+        if self.max_send_size < MAX_PACKET_SIZE and not self._connack_fits(properties):
             return
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored

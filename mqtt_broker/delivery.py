@@ -297,11 +297,10 @@ class Delivery:
         config = self.config
         # QoS 1/2 is queued as the Outgoing it becomes when sent: one object, not two.
         item = (Outgoing if qos else Queued)(message, qos, retain, subscription_ids, share)
-        if session.queue and not session.spilled and not session.has_room(
-                item, config.max_queued_messages, config.max_queued_bytes):
-            self.sweep(session)
-        if qos and self.store is not None and (session.spilled or not session.has_room(
-                item, config.max_queued_messages, config.max_queued_bytes)):
+        room = session.has_room(item, config.max_queued_messages, config.max_queued_bytes)
+        if not room and session.queue and not session.spilled and self.sweep(session):
+            room = session.has_room(item, config.max_queued_messages, config.max_queued_bytes)
+        if qos and self.store is not None and (session.spilled or not room):
             if not session.stored:  # a session that ends with its connection spills too
                 session.stored = True
                 self.store.save_session(session, None)
@@ -319,18 +318,19 @@ class Delivery:
         self.stats.messages_dropped += 1
         self._warn_full(session, 1)  # (session.dropped counted above)
 
-    def sweep(self, session: Session) -> None:
+    def sweep(self, session: Session) -> bool:
         """Make room in a full queue: the messages in it that expired go, as they would have
         when sent [MQTT-3.3.2-5]. Once a second at most: a queue a flood keeps full is not
-        walked for each message it drops."""
+        walked for each message it drops. Returns whether any went."""
         now = self.clock.seconds()
         if now - session.swept_at < 1.0:
-            return
+            return False
         session.swept_at = now
         expired = session.drop_expired(now)
         self.stats.messages_expired += len(expired)
         for item in expired:
             self.forget(session, item)
+        return bool(expired)
 
     def full(self, session: Session, qos: int) -> bool:
         """Whether ``deliver`` would drop every message, whatever its size, that a subscription of

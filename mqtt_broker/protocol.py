@@ -118,10 +118,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         """Bytes gathered in ``_out``: the broker stops moving a queue into it past a limit."""
         self._auth_connect: Connect | None = None
         self._reauthenticating = False
+        """The broker sent AUTH 0x18 in a re-authentication and waits for the client's answer."""
         self._own = False
         """A connection of the broker's own (a bridge's, in memory): the limits set for clients
         (session expiry, wildcard and shared subscriptions, subscriptions a client) are not its."""
-        """The broker sent AUTH 0x18 in a re-authentication and waits for the client's answer."""
         self._blocked: Deferred[Any] | None = None
         self._backlogged = False
         """Reading from the client stopped: it reads nothing of what it is sent, answers included,
@@ -178,13 +178,6 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self.broker.config.connect_timeout:
             self._deadline = self.broker.keepalives.watch(
                 self, self.clock.seconds() + self.broker.config.connect_timeout)
-
-    def _where(self) -> str:
-        """The peer, as logged: a wrapper's transport (haproxy:) may know it only once its client
-        has sent something, after connectionMade (CONNECT reads it again too)."""
-        if self.client is None and not self._on_socket and self.transport is not None:
-            self.peer = describe(self.transport.getPeer())
-        return self.peer
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:

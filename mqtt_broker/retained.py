@@ -18,7 +18,10 @@ class _Level:
 class RetainedMessages:
     """The last retained message of every topic [MQTT-3.3.1-5]."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: bool = True) -> None:
+        self.kept = kept
+        """False without retained messages (``retain_available`` off): nothing is kept, whether
+        restored from the store or told by another node of a cluster."""
         self._root = _Level()
         self.count = 0
         self.bytes = 0
@@ -29,6 +32,8 @@ class RetainedMessages:
     def store(self, message: Message) -> None:
         """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10].
         It keeps no encoding from now on (``NOT_CACHED``)."""
+        if not self.kept:
+            return
         if not message.payload:
             self.delete(message.topic)
             return

@@ -209,9 +209,15 @@ class Session:
 
     def drop_expired(self, now: float) -> list[Queued]:
         """Take the messages that expired out of the queue; returns them."""
-        expired = [item for item in self.queue if item.message.expired(now)]
+        kept: deque[Queued] = deque()
+        expired: list[Queued] = []
+        for item in self.queue:
+            if item.message.expired(now):
+                expired.append(item)
+            else:
+                kept.append(item)
         if expired:
-            self.queue = deque(item for item in self.queue if not item.message.expired(now))
+            self.queue = kept
             self.queued_bytes -= sum(len(item.message.payload) for item in expired)
         return expired
 

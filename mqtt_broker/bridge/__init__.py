@@ -43,7 +43,7 @@ from ..wire import (
 )
 from ..message import is_utf8
 from ..topics import MAX_TOPIC_LEVELS, too_deep
-from ..wire.codec import MAX_REMAINING_LENGTH
+from ..wire.codec import MAX_PACKET_SIZE
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic
 from .link import Link, client_tls, pipe
@@ -176,7 +176,7 @@ class Bridge(Service):
         # Only an MQTT 5 remote is told the largest packet the bridge takes. An MQTT 3 one sends
         # anything, and closing the link for a packet it cannot know is too large would have it
         # send that packet again at each reconnection: read anything, drop what is too large.
-        max_size = self._max_size if connect.protocol_level == MQTT_5 else MAX_REMAINING_LENGTH + 5
+        max_size = self._max_size if connect.protocol_level == MQTT_5 else MAX_PACKET_SIZE
         factory = Factory.forProtocol(lambda: Link(
             "remote", connect, self.clock, max_size, self._remote_up, self._from_remote, self._lost))
         attempt = self._connecting = endpoint.connect(factory)
@@ -213,7 +213,7 @@ class Bridge(Service):
             properties = {"receive_maximum": self._local_receive}
             if not config.cleansession:
                 properties["session_expiry_interval"] = 0xFFFFFFFF
-            properties["maximum_packet_size"] = min(self._max_size, MAX_REMAINING_LENGTH + 5)
+            properties["maximum_packet_size"] = min(self._max_size, MAX_PACKET_SIZE)
         will = None
         if config.notifications and not config.notifications_local_only:
             will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)
@@ -286,7 +286,7 @@ class Bridge(Service):
                                       "receive_maximum": min(self._remote_receive, 65535)})
         # (It reads what this broker took already: an MQTT 3 client's largest PUBLISH is a byte
         # longer in the session's MQTT 5, which a reader of max_packet_size failed on.)
-        link = Link("local", connect, self.clock, MAX_REMAINING_LENGTH + 5, connected, receive, lost)
+        link = Link("local", connect, self.clock, MAX_PACKET_SIZE, connected, receive, lost)
         pipe(self.clock, server, link, self.connection)
         return link
 

@@ -16,13 +16,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..wire import Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, encode
-from ..wire.codec import MAX_REMAINING_LENGTH
+from ..wire.codec import MAX_PACKET_SIZE
 from .config import BridgeConfig
 
 log = Logger()
-
-LARGEST = MAX_REMAINING_LENGTH + 5
-"""No packet is larger, whatever a server takes (MQTT 3 servers say nothing of their maximum)."""
 
 _PINGREQ = encode(Pingreq())
 
@@ -129,7 +126,7 @@ class Link(Protocol):
     def send(self, packet: Packet) -> bool:
         """Write ``packet``; False if it is larger than the server takes (it is not sent)."""
         data = encode(packet, self.version)
-        if len(data) > min(self.max_send_size or LARGEST, LARGEST):
+        if len(data) > min(self.max_send_size or MAX_PACKET_SIZE, MAX_PACKET_SIZE):  # (an MQTT 3 server says none)
             return False
         if not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]

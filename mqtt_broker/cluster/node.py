@@ -561,8 +561,7 @@ class Cluster:
         if kind in (b"F", b"f", b"I"):
             self._route_event(node, int(parts[2]), kind, parts[1].decode())
         elif kind == b"R":
-            if self.broker.config.retain_available:  # (other nodes may keep them: not this one)
-                self.broker.retained.store(unpack_retained(parts[2], self.clock.seconds()))
+            self.broker.retained.store(unpack_retained(parts[2], self.clock.seconds()))
         elif kind == b"r":
             self.broker.retained.delete(parts[1].decode())
         elif kind == b"C":
@@ -728,8 +727,6 @@ class Cluster:
         an outage it missed events: deletions too). A topic whose message changed here while
         Redis was read, by an event or a client, keeps the change: it is the newer."""
         retained = self.broker.retained
-        if not self.broker.config.retain_available:
-            return  # (Redis keeps them, for nodes that have them)
         before = {message.topic: message for message in retained}
         loaded = {message.topic: message for message in (yield self.store.retained())}
         now = self.clock.seconds()

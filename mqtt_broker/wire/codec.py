@@ -19,6 +19,8 @@ from .properties import (
 
 _U16: Final = Struct("!H")
 MAX_REMAINING_LENGTH: Final = 268_435_455
+MAX_PACKET_SIZE: Final = MAX_REMAINING_LENGTH + 5
+"""No MQTT packet is larger: a fixed header byte and four of Remaining Length [MQTT-1.5.5]."""
 PROTOCOL_NAMES: Final = {MQTT_3_1: "MQIsdp", MQTT_3_1_1: "MQTT", MQTT_5: "MQTT"}
 
 # Fixed-header flags each packet type must carry [MQTT-2.2.2-1]; PUBLISH's are its own.
@@ -41,7 +43,7 @@ class FrameReader:
 
     __slots__ = ("_buffer", "_pos", "max_packet_size", "version", "publish_type")
 
-    def __init__(self, max_packet_size: int = MAX_REMAINING_LENGTH + 5, version: int = MQTT_3_1_1,
+    def __init__(self, max_packet_size: int = MAX_PACKET_SIZE, version: int = MQTT_3_1_1,
                  publish_type: type[Publish] = Publish) -> None:
         self._buffer: bytes | bytearray = b""
         self._pos = 0
