@@ -134,7 +134,9 @@ class BrokerConfig:
     max_stored_messages: int = _setting(
         0, "QoS 1/2 messages of one client kept in the store beyond its in-memory queue; 0 for no "
         "limit. Beyond it the message is dropped for that client and counted, and an MQTT 5 "
-        "publisher gets reason code 0x97 (quota exceeded).")
+        "publisher gets reason code 0x97 (quota exceeded); the client's messages that expired are "
+        "deleted then (every 10 seconds at most; not from a cluster's Redis), making room for the "
+        "next ones.")
     queue_qos0_messages: bool = _setting(
         False, "Queue QoS 0 messages for offline persistent sessions too.")
     max_keepalive: int = _setting(

@@ -37,6 +37,9 @@ log = Logger(__name__)  # compiled, Logger() would not find the module from the 
 
 SPILLED_READ_RETRY = 1.0
 """Seconds before reading a session's spilled messages again after the store failed to."""
+STORE_SWEEP_EVERY = 10.0
+"""Seconds at least between two deletions of a session's expired messages from the store, which
+reads every message it keeps for the session."""
 
 
 class Delivery:
@@ -300,11 +303,15 @@ class Delivery:
         room = session.has_room(item, config.max_queued_messages, config.max_queued_bytes)
         if not room and session.queue and not session.spilled and self.sweep(session):
             room = session.has_room(item, config.max_queued_messages, config.max_queued_bytes)
+        bound = config.max_stored_messages
+        if qos and bound and session.spilled >= bound and self.store is not None:
+            self.sweep_store(session)  # (a store that answers at once makes room for this message)
+            room = session.has_room(item, config.max_queued_messages, config.max_queued_bytes)
         if qos and self.store is not None and (session.spilled or not room):
             if not session.stored:  # a session that ends with its connection spills too
                 session.stored = True
                 self.store.save_session(session, None)
-            if not config.max_stored_messages or session.spilled < config.max_stored_messages:
+            if not bound or session.spilled < bound:
                 self._item(session, item, stored=True)
                 session.spilled += 1
                 return
@@ -331,6 +338,37 @@ class Delivery:
         for item in expired:
             self.forget(session, item)
         return bool(expired)
+
+    def sweep_store(self, session: Session) -> None:
+        """Make room under max_stored_messages: the messages of the session that expired go from
+        its queue and from the store, for those that come next. Every STORE_SWEEP_EVERY at most
+        (counted from the last sweep of its queue in memory too)."""
+        drop_expired = getattr(self.store, "drop_expired", None)
+        now = self.clock.seconds()
+        if drop_expired is None or session.loading or now - session.swept_at < STORE_SWEEP_EVERY:
+            return
+        session.swept_at = now
+        expired = session.drop_expired(now)
+        self.stats.messages_expired += len(expired)
+        for item in expired:
+            self.forget(session, item)
+        session.loading = True  # (no read of the spilled messages meanwhile: it would count some twice)
+        drop_expired(session.client_id, session.loaded_seq, now).addCallbacks(
+            self._store_swept, self._store_sweep_failed, callbackArgs=(session,), errbackArgs=(session,))
+
+    def _store_swept(self, count: int, session: Session) -> None:
+        session.loading = False
+        if self.sessions.get(session.client_id) is session and session.spilled:  # (not discarded, or cleared)
+            session.spilled = max(0, session.spilled - count)
+            self.stats.messages_expired += count
+        if session.connection is not None:
+            self.pump(session)
+
+    def _store_sweep_failed(self, failure: Any, session: Session) -> None:
+        if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
+            log.failure("cannot delete the expired messages of {client_id} from the store", failure,
+                        client_id=session.client_id)
+        self._store_swept(0, session)
 
     def full(self, session: Session, qos: int) -> bool:
         """Whether ``deliver`` would drop every message, whatever its size, that a subscription of

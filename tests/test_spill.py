@@ -6,6 +6,7 @@ from protocol_helpers import FakeClient, connected, make_broker
 
 from mqtt_broker import BrokerService
 from mqtt_broker.config import BrokerConfig
+from mqtt_broker.delivery import STORE_SWEEP_EVERY
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire import Disconnect, Puback, ReasonCode
 
@@ -52,6 +53,42 @@ def test_store_quota_refuses_with_0x97_and_counts() -> None:
     codes = [pub.publish("t", b"m", qos=1, packet_id=n + 1)[0].reason_code for n in range(7)]  # type: ignore[union-attr]
     assert codes == [0, 0, 0, 0, 0, ReasonCode.QUOTA_EXCEEDED, ReasonCode.QUOTA_EXCEEDED]
     assert broker.sessions["sub"].dropped == 2 and broker.stats.messages_dropped == 2
+
+
+def test_stored_messages_that_expired_make_room_under_max_stored_messages() -> None:
+    broker = make_broker(max_queued_messages=1, max_stored_messages=2, store=MemoryStore())
+    offline_subscriber(broker)
+    pub = connected(broker, "pub", version=5)
+    short = {"message_expiry_interval": 10}
+    codes = [pub.publish("t", b"old", qos=1, packet_id=n + 1, properties=short)[0].reason_code  # type: ignore[union-attr]
+             for n in range(4)]
+    assert codes == [0, 0, 0, ReasonCode.QUOTA_EXCEEDED]  # one in memory, two in the store
+    broker.clock.advance(11)
+    codes = [pub.publish("t", b"new%d" % n, qos=1, packet_id=n + 1)[0].reason_code  # type: ignore[union-attr]
+             for n in range(3)]
+    assert codes == [0, 0, 0]
+    assert broker.stats.messages_expired == 3
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    assert drain(again) == [b"new0", b"new1", b"new2"]
+
+
+def test_the_store_is_swept_of_expired_messages_once_a_while_not_for_each_message_dropped() -> None:
+    store = MemoryStore()
+    broker = make_broker(max_queued_messages=1, max_stored_messages=1, store=store)
+    offline_subscriber(broker)
+    sweeps = []
+    drop_expired = store.drop_expired
+    store.drop_expired = lambda *args: sweeps.append(args) or drop_expired(*args)  # type: ignore[method-assign]
+    for n in range(3):  # (a clock that starts at 0 reads as just swept)
+        broker.publish("t", b"%d" % n, qos=1)
+    broker.clock.advance(STORE_SWEEP_EVERY)
+    for n in range(10):
+        broker.publish("t", b"%d" % n, qos=1)
+    assert len(sweeps) == 1
+    broker.clock.advance(STORE_SWEEP_EVERY)
+    broker.publish("t", b"later", qos=1)
+    assert len(sweeps) == 2
 
 
 def test_without_a_store_the_queue_bound_drops_and_mqtt5_publishers_are_told() -> None:

@@ -290,6 +290,27 @@ def test_load_queued_includes_what_was_recorded_before_the_call(harness: Harness
     assert [q.message.payload for q in loaded] == [b"one", b"two"]
 
 
+@pytest_twisted.inlineCallbacks
+def test_drop_expired_deletes_only_queued_messages_past_the_window_that_expired(
+        harness: Harness) -> Iterator[Deferred[Any]]:
+    harness.open()
+    harness.store.save_session(Session("s", NEVER), 1.0)
+    harness.store.add_delivery("s", item(1, payload=b"in flight", expires_at=5.0), 3)
+    harness.store.add_delivery("s", item(2, payload=b"in memory", expires_at=5.0), None)
+    for seq, expires_at in [(3, 5.0), (4, None), (5, 10.0), (6, 4.0), (7, 5.5)]:
+        harness.store.add_delivery("s", item(seq, payload=b"%d" % seq, expires_at=expires_at), None)
+    harness.store.save_session(Session("other", NEVER), 1.0)
+    harness.store.add_delivery("other", item(1, payload=b"o", expires_at=1.0), None)
+    dropped = yield harness.store.drop_expired("s", 2, 5.0)  # (recorded, not yet flushed: included)
+    assert dropped == 2
+    rest = yield harness.store.load_queued("s", 0, 10)
+    assert [q.seq for q in rest] == [2, 4, 5, 7]
+    snapshot = yield harness.reopen()
+    sessions = by_id(snapshot)
+    assert list(sessions["s"][0].outgoing) == [3]
+    assert [q.seq for q in sessions["other"][0].queue] == [1]
+
+
 # --- SQLite: group commit, writer thread, flushed() ----------------------------------------------
 
 def count_writes(store: SQLiteStore) -> list[tuple[int, int]]:

@@ -122,6 +122,11 @@ class Store(Protocol):
 
     def close(self) -> Deferred[None]: ...
 
+    # Optional: ``drop_expired(client_id, after_seq, now) -> Deferred[int]`` deletes the queued
+    # messages of a session numbered after ``after_seq`` that expired by ``now`` and fires with
+    # how many (everything recorded before the call included): expired messages then make room
+    # under max_stored_messages.
+    #
     # Optional: ``alive(now: float) -> None`` records that the broker is alive at clock time
     # ``now`` (the broker calls it every few seconds), for ``load`` to give as
     # ``Snapshot.alive_at``: the sessions whose clients were connected when the broker was

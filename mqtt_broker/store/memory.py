@@ -63,6 +63,16 @@ class MemoryStore:
         queued = sorted((i for i in known[0].queue if i.seq > after_seq), key=lambda i: i.seq) if known else []
         return succeed([copy.copy(item) for item in queued[:limit]])
 
+    def drop_expired(self, client_id: str, after_seq: int, now: float) -> Deferred[int]:
+        known = self._sessions.get(client_id)
+        if known is None:
+            return succeed(0)
+        queue = known[0].queue
+        expired = [i for i in queue if i.seq > after_seq and i.message.expired(now)]
+        for item in expired:
+            queue.remove(item)
+        return succeed(len(expired))
+
     def _session(self, client_id: str) -> Session:
         return self._sessions[client_id][0]
 

@@ -376,6 +376,20 @@ class SQLiteStore:
             return deferToThreadPool(self.reactor, self._pool, read)
         return self.flushed().addCallback(written)
 
+    def drop_expired(self, client_id: str, after_seq: int, now: float) -> Deferred[int]:
+        """Delete the queued messages of a session numbered after ``after_seq`` that expired by
+        ``now``; fires with how many. Everything recorded before the call is included."""
+        def delete() -> int:
+            assert self._db is not None
+            return self._db.execute(
+                "DELETE FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
+                "AND expires_at <= ?", (client_id, after_seq, now)).rowcount
+
+        def written(_: None) -> Deferred[int]:
+            assert self._pool is not None
+            return deferToThreadPool(self.reactor, self._pool, delete)
+        return self.flushed().addCallback(written)
+
     # --- recording changes --------------------------------------------------------------
 
     def _record(self, sql: str, args: tuple[Any, ...]) -> int:
