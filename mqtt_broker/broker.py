@@ -380,7 +380,7 @@ class BrokerService(MultiService):
             identity = connection.identity
             why = self.security.revoked(identity) if identity is not None else None
             if why is not None:
-                log.info("disconnecting client {client_id} after the reload: {why}",
+                log.info("disconnecting client {client_id!r} after the reload: {why}",
                          client_id=identity.client_id, why=why)
                 # 0x87 Not authorized: DISCONNECT has no 0x86 (bad user name or password is a
                 # CONNACK code), and 0x87 is its code for a client the server no longer
@@ -407,7 +407,7 @@ class BrokerService(MultiService):
             self._connects[key] = (now, 1)
             return True
         if recent[1] >= limit:
-            log.info("refused a CONNECT of {client_id}: max_connections_per_minute ({limit})",
+            log.info("refused a CONNECT of {client_id!r}: max_connections_per_minute ({limit})",
                      client_id=client_id, limit=limit)
             return False
         self._connects[key] = (recent[0], recent[1] + 1)
@@ -725,7 +725,7 @@ class BrokerService(MultiService):
     def _expire(self, session: Session) -> None:
         session.expiry_call = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
-            log.info("session {client_id} expired", client_id=session.client_id)
+            log.info("session {client_id!r} expired", client_id=session.client_id)
             self.stats.sessions_expired += 1
             self.wills.end(session.client_id, publish=True)
             self._discard(session)

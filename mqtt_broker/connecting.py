@@ -171,7 +171,7 @@ class Connecting:
             # credentials' own rules forbid is dropped as the session is attached: _attach).
             if will is not None and not will.topic.startswith("$SYS") and not self.broker.security.can_publish(
                     identity, will.topic):
-                log.info("will of {client_id} to {topic} is not allowed: it will not be published",
+                log.info("will of {client_id!r} to {topic!r} is not allowed: it will not be published",
                          client_id=self.client.client_id, topic=will.topic)
         method = packet.properties.get("authentication_method")
         if method is None:
@@ -322,7 +322,7 @@ class Connecting:
         # Session Present is 0 after a clean start [MQTT-3.2.2-1]; MQTT 3.1 has no such flag.
         self._send_connack(present and self.version != MQTT_3_1, properties)
         if self.broker.config.connection_messages:
-            log.info("client {client_id} connected from {peer} (MQTT {version}, clean start {clean}, "
+            log.info("client {client_id!r} connected from {peer} (MQTT {version}, clean start {clean}, "
                      "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
                      peer=self.peer, version=_VERSION_NAMES[self.version], clean=packet.clean_start,
                      keep_alive=terms.keep_alive, present=present)
@@ -355,7 +355,7 @@ class Connecting:
             return False
         if security.can_publish(identity, topic):
             return False
-        log.info("will of {client_id} to {topic} is not allowed by its credentials: dropped",
+        log.info("will of {client_id!r} to {topic!r} is not allowed by its credentials: dropped",
                  client_id=identity.client_id, topic=topic)
         return True
 

@@ -366,7 +366,7 @@ class Delivery:
 
     def _store_sweep_failed(self, failure: Any, session: Session) -> None:
         if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
-            log.failure("cannot delete the expired messages of {client_id} from the store", failure,
+            log.failure("cannot delete the expired messages of {client_id!r} from the store", failure,
                         client_id=session.client_id)
         self._store_swept(0, session)
 
@@ -399,7 +399,7 @@ class Delivery:
     def _warn_full(session: Session, count: int) -> None:
         """A warning for the first message dropped for a session, then one per thousand."""
         if session.dropped == count or session.dropped // 1000 != (session.dropped - count) // 1000:
-            log.warn("queue of {client_id} is full: {dropped} messages dropped so far",
+            log.warn("queue of {client_id!r} is full: {dropped} messages dropped so far",
                      client_id=session.client_id, dropped=session.dropped)
 
     def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
@@ -546,7 +546,7 @@ class Delivery:
 
     def _spilled_failed(self, failure: Any, session: Session) -> None:
         if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
-            log.failure("cannot read the queued messages of {client_id} back from the store", failure,
+            log.failure("cannot read the queued messages of {client_id!r} back from the store", failure,
                         client_id=session.client_id)
         # Read again later: a session with nothing else in flight may never be pumped again.
         # ``loading`` stays set until then, so that nothing else starts a read meanwhile.

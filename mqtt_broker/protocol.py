@@ -233,8 +233,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self.broker.ending += 1
             return
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
-            log.info("connection {client_id} from {peer} lost: {reason}",
-                     client_id=self.client.client_id if self.client else "-", peer=self._where(),
+            log.info("connection {client_id!r} from {peer} lost: {reason}" if self.client else
+                     "connection from {peer} lost: {reason}",
+                     client_id=self.client.client_id if self.client else None, peer=self._where(),
                      reason=reason.getErrorMessage() if reason is not None else "closed")
         self._cancel_timers()
         self._set_state(State.CLOSED)
@@ -279,8 +280,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if self.version == MQTT_5 and connack_sent:  # not before the CONNACK [MQTT-3.14.0-1]
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
         if not routine or self.broker.config.connection_messages:
-            log.info("closing connection {client_id} from {peer}: {reason}",
-                     client_id=self.client.client_id if self.client else "-", peer=self._where(), reason=message)
+            log.info("closing connection {client_id!r} from {peer}: {reason}" if self.client else
+                     "closing connection from {peer}: {reason}",
+                     client_id=self.client.client_id if self.client else None, peer=self._where(), reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful)
@@ -603,7 +605,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                 self._aliases_out.forget(alias_topic)
             self.broker.stats.messages_dropped += 1
             self.stats.dropped_too_large += 1
-            log.info("dropped a {size} byte message to {client_id}: above its maximum packet size",
+            log.info("dropped a {size} byte message to {client_id!r}: above its maximum packet size",
                      size=size, client_id=self.client.client_id if self.client else "-")
             return False
         if qos:

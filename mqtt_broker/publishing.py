@@ -103,7 +103,7 @@ class Publishing:
             stats = broker.stats
             stats.publishes_denied += 1
             if stats.publishes_denied % 1000 == 1:
-                log.info("denied PUBLISH to {topic} from {client_id} ({count} denied in all; logged once per "
+                log.info("denied PUBLISH to {topic!r} from {client_id!r} ({count} denied in all; logged once per "
                          "thousand)", topic=topic, client_id=self.client.client_id,  # type: ignore[union-attr]
                          count=stats.publishes_denied)
             if qos:
@@ -170,7 +170,7 @@ class Publishing:
         if made is not None:  # what a hook made or changed is checked as a client's PUBLISH was decoded
             problem = unsendable(made)
             if problem is not None:
-                log.error("a publish hook made a message of {client_id} one that cannot be sent "
+                log.error("a publish hook made a message of {client_id!r} one that cannot be sent "
                           "({problem}); refusing", client_id=self._client_id, problem=problem)
                 if qos:
                     self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)

@@ -148,8 +148,8 @@ class Subscribing:
             codes.append(subscription.qos)
         if over_quota:  # (one line per SUBSCRIBE, however many filters it refuses)
             more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
-            log.info("refused {count} subscription(s) of {client_id} to {filters}: max_subscriptions_per_client",
-                     count=len(over_quota), client_id=self._client_id, filters=", ".join(over_quota[:3]) + more)
+            log.info("refused {count} subscription(s) of {client_id!r} to {filters}: max_subscriptions_per_client",
+                     count=len(over_quota), client_id=self._client_id, filters=", ".join(map(repr, over_quota[:3])) + more)
         previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
         reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)

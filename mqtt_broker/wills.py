@@ -53,7 +53,7 @@ class Wills:
                 identity or Identity(client_id=client.client_id, username=client.username), will.topic):
             # (As for a PUBLISH. A bridge's will is on $SYS, as Mosquitto names it: its CONNECT
             # is accepted.)
-            log.info("will of {client_id} to {topic} not published: not allowed", client_id=client.client_id,
+            log.info("will of {client_id!r} to {topic!r} not published: not allowed", client_id=client.client_id,
                      topic=will.topic)
             return
         if not broker.hooks.has_will:
@@ -68,7 +68,7 @@ class Wills:
             message.sender = will.sender  # (a new Message has none): still the client's
             problem = unsendable(message)  # (a hook may have changed it in place, or made another)
             if problem is not None:
-                log.error("a will hook made the will of {client_id} one that cannot be sent ({problem})",
+                log.error("a will hook made the will of {client_id!r} one that cannot be sent ({problem})",
                           client_id=client.client_id, problem=problem)
                 return
             broker.stats.wills_published += 1

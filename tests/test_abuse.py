@@ -513,7 +513,7 @@ def test_slow_subscriber_does_not_grow_the_broker(broker_process, bound: tuple[s
     assert dropped_in_sys(broker.port, count - received) == count - received
     logged = [formatEvent(eventFromJSON(line)) for line in broker.output().replace("\x1e", "\n").splitlines()
               if line.strip()]
-    assert any(line.startswith("queue of slow is full") for line in logged)
+    assert any(line.startswith("queue of 'slow' is full") for line in logged)
 
 
 def test_a_connection_dropped_while_its_socket_is_full_closes(broker_process) -> None:  # type: ignore[no-untyped-def]

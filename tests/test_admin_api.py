@@ -411,10 +411,10 @@ def test_changes_are_logged_with_the_key(admin: Admin) -> None:
     # twist writes JSON lines; the text of an event is its format filled in.
     output = "\n".join(formatEvent(eventFromJSON(line)) for line in admin.broker.output().splitlines()
                        if line.startswith("{"))
-    assert "admin API: key ci publishes 6 bytes to apipub/text" in output
-    assert "admin API: key ci disconnects client kick-v5" in output
-    assert "admin API: key ci subscribes sub-target to subapi/+/x" in output
-    assert "admin API: key ci deletes the retained message of ret/b/c" in output
+    assert "admin API: key ci publishes 6 bytes to 'apipub/text'" in output
+    assert "admin API: key ci disconnects client 'kick-v5'" in output
+    assert "admin API: key ci subscribes 'sub-target' to 'subapi/+/x'" in output
+    assert "admin API: key ci deletes the retained message of 'ret/b/c'" in output
     assert "admin API: POST /api/v1/publish by key - refused: 401" in output
 
 

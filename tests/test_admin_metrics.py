@@ -231,8 +231,8 @@ def test_subscription_refusals_are_counted_end_to_end(broker_process: type[Broke
     assert admin.call("GET", "/api/v1/stats").body["subscriptions_refused"] == {"max_subscriptions_per_client": 3}
     refusals = [line for line in map(formatEvent, admin.broker.events()) if "max_subscriptions_per_client" in line]
     assert [line.split("refused ", 1)[1] for line in refusals] == [
-        "1 subscription(s) of limited-5 to limit/2: max_subscriptions_per_client",
-        "2 subscription(s) of limited-3 to limit/2, limit/3: max_subscriptions_per_client"]  # (one line a SUBSCRIBE)
+        "1 subscription(s) of 'limited-5' to 'limit/2': max_subscriptions_per_client",
+        "2 subscription(s) of 'limited-3' to 'limit/2', 'limit/3': max_subscriptions_per_client"]  # (one line a SUBSCRIBE)
 
 
 def test_disconnections_by_the_broker_are_counted_by_reason() -> None:

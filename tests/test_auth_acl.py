@@ -239,7 +239,32 @@ def test_dollar_topics_need_a_dollar_rule() -> None:
     acl = AclFile.parse("topic read #\ntopic read $SYS/broker/#\npattern read %c/#\n")
     assert acl.check("c", None, "a/b", READ) and not acl.check("c", None, "$SYS/load", READ)
     assert acl.check("c", None, "$SYS/broker/uptime", READ)
-    assert acl.check("$SYS", None, "$SYS/load", READ)  # the pattern becomes $SYS/# (Mosquitto does the same)
+    # A pattern the name would make a $ topic's is left out: %c/# as $SYS/# (Mosquitto keeps it).
+    assert not acl.check("$SYS", None, "$SYS/load", READ)
+
+
+@pytest.mark.parametrize("client_id, username", [("$SYS", None), ("c", "$SYS")])
+def test_no_name_turns_a_pattern_into_one_of_dollar_topics(client_id: str, username: str | None) -> None:
+    """Substituted, ``%c/#`` would be ``$SYS/#``: the broker's own topics, to any client naming
+    itself so."""
+    acl = AclFile.parse("pattern readwrite %c/#\npattern readwrite %u/#\npattern read shared/#\n")
+    assert acl.check("dev1", "u", "dev1/x", READ)
+    assert not acl.can_subscribe(client_id, username, "$SYS/#")
+    assert not acl.check(client_id, username, "$SYS/broker/clients/connected", READ)
+    assert acl.check(client_id, username, "shared/x", READ)  # (only the patterns it would turn into $ ones go)
+    rules = AccessRules.from_lists(["%c/#", "%u/#"], ["%c/#", "%u/#"]).for_client(client_id, username)
+    assert not rules.can_subscribe("$SYS/#") and not rules.can_read("$SYS/broker/uptime")
+
+
+def test_a_client_named_dollar_sys_reads_no_sys_topic_through_a_pattern(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("pattern readwrite %c/#\n")
+    broker = make_broker(acl_file=str(acl), sys_interval=10)
+    broker.startService()
+    spy = connected(broker, "$SYS")
+    spy.subscribe("$SYS/#")
+    broker.clock.advance(10)
+    assert [p.topic for p in spy.received() if isinstance(p, Publish)] == []
 
 
 def test_empty_file_denies_everything() -> None:

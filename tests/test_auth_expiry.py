@@ -90,7 +90,7 @@ async def test_token_expiry_ends_the_connection(tmp_path: Path) -> None:
             assert isinstance(disconnect, Disconnect)
             assert disconnect.reason_code == ReasonCode.MAXIMUM_CONNECT_TIME == 0xA0
             assert await deferToThread(v5.next) is None
-        assert "closing connection v5 from" in log.text() and "credentials expired" in log.text()
+        assert "closing connection 'v5' from" in log.text() and "credentials expired" in log.text()
         assert await alive(v3)
         clock.advance(600)
         assert await deferToThread(v3.next) is None  # MQTT 3 has no DISCONNECT to send: closed

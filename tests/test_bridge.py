@@ -549,7 +549,7 @@ def test_the_queue_for_the_remote_is_bounded_and_drops_are_counted(broker_proces
     wait_until(between_attempts, "the bridge between two attempts to reach the remote", 10)
     assert bridge["queued"] == 10 and bridge["state"] == "waiting"
     full = [event for event in ours.events()
-            if event.get("log_format", "").startswith("queue of {client_id} is full")]
+            if event.get("log_format", "").startswith("queue of {client_id!r} is full")]
     assert [(event["client_id"], event["dropped"]) for event in full] == [("local.edge-cloud", 1)]
     remote.start()
     watcher.wait_for(b"1")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEventAsClassicLogText
 
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.hooks import Refused
@@ -741,6 +741,39 @@ def test_connection_messages_logs_every_connection() -> None:
     assert logged(events) == ["client quiet", "closing quiet", "client lost", "connection lost"]
     assert "MQTT {version}" in events[0]["log_format"] and events[0]["version"] == "3.1.1"
     assert events[0]["keep_alive"] == 30 and events[0]["peer"].startswith("127.0.0.1:")
+
+
+HOSTILE = "x\r2026-12-06T10:00:00Z [-] admin connected\x1b[2K\x1b[1A\u2028"
+"""A client id MQTT allows (only U+0000 is not) that, written raw, would forge a log line."""
+
+
+def test_what_clients_choose_is_escaped_in_the_text_log() -> None:
+    broker = make_broker(connection_messages=True)
+    with capturedLogs() as events:
+        client = connected(broker, HOSTILE)
+        client.send(Publish(topic="$SYS/" + HOSTILE, payload=b"x"))  # denied, and logged
+        client.send(Connect(client_id=HOSTILE))  # a second CONNECT: closed, and logged
+    text = "".join(formatEventAsClassicLogText(event) or "" for event in events)
+    assert "client 'x\\r2026" in text and "denied PUBLISH to '$SYS/x\\r2026" in text
+    assert "closing connection 'x\\r2026" in text
+    assert not {"\r", "\x1b", "\u2028"} & set(text), text
+
+
+def test_a_newline_a_client_chose_makes_no_syslog_record_of_its_own() -> None:
+    from twisted.python import log as legacy
+    from twisted.python.syslog import SyslogObserver
+    records: list[str] = []
+    observer = SyslogObserver("mqttbroker")
+    observer.syslog = lambda priority, text: records.append(text)  # type: ignore[method-assign]
+    broker = make_broker()
+    client = connected(broker, "x\nmqttbroker: client admin authenticated")
+    legacy.addObserver(observer.emit)
+    try:
+        client.send(Connect(client_id="again"))
+    finally:
+        legacy.removeObserver(observer.emit)
+    [record] = [r for r in records if "closing connection" in r or "authenticated" in r]
+    assert record.startswith("[-] closing connection 'x\\nmqttbroker: client admin authenticated' from ")
 
 
 def test_a_topic_of_more_than_max_topic_levels_is_refused() -> None:

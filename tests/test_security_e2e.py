@@ -196,10 +196,10 @@ def test_sighup_disconnects_clients_whose_password_changed_or_was_removed(secure
     assert connect_code(secured.port, "bob", "builder") == 4
     output = secured.output()
     logged = "\n".join(map(formatEvent, secured.events()))
-    assert f"disconnecting client alice-1 after the reload: the password of 'alice' changed in {passwd_file}" \
+    assert f"disconnecting client 'alice-1' after the reload: the password of 'alice' changed in {passwd_file}" \
         in logged
-    assert f"disconnecting client bob-1 after the reload: user 'bob' is no longer in {passwd_file}" in logged
-    assert "disconnecting client alice-2" in logged and "carol-1 after the reload" not in logged
+    assert f"disconnecting client 'bob-1' after the reload: user 'bob' is no longer in {passwd_file}" in logged
+    assert "disconnecting client 'alice-2'" in logged and "carol-1' after the reload" not in logged
     assert "wonderland" not in output and "new one" not in output
     for client in (carol, alice, bob, alice_again):
         client.close()

@@ -175,7 +175,7 @@ def test_a_read_of_the_backlog_failed_by_a_failing_write_is_not_logged_at_each_r
         for _ in range(6):
             broker.reactor.advance(SPILLED_READ_RETRY)
     assert drain(again) == [b"2", b"3", b"4"]
-    logged = log.matching("cannot read the queued messages of sub")
+    logged = log.matching("cannot read the queued messages of 'sub'")
     assert len(logged) == 1 and len(log.failures()) == 1 and "disk I/O error" in str(log.failures()[0]["log_failure"])
 
 

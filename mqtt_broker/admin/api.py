@@ -321,7 +321,7 @@ class ApiResource(Resource):
         connection = session.connection
         if connection is None:
             raise ApiError(404, f"client {client_id!r} is not connected")
-        log.info("admin API: key {key} disconnects client {client_id}", key=key_id, client_id=client_id)
+        log.info("admin API: key {key} disconnects client {client_id!r}", key=key_id, client_id=client_id)
         # MQTT 5 clients are told why: DISCONNECT 0x98 Administrative action.
         connection.drop(ReasonCode.ADMINISTRATIVE_ACTION, "disconnected by an administrator")
         return 200, {"disconnected": client_id}
@@ -357,7 +357,7 @@ class ApiResource(Resource):
             no_local=no_local,
             retain_as_published=body_field(body, "retain_as_published", bool, False),
             retain_handling=retain_handling, share_group=group)
-        log.info("admin API: key {key} subscribes {client_id} to {topic_filter}", key=key_id,
+        log.info("admin API: key {key} subscribes {client_id!r} to {topic_filter!r}", key=key_id,
                  client_id=client_id, topic_filter=topic_filter)
         existed = self.broker.subscribe(session, subscription)
         if session.connection is not None:
@@ -369,7 +369,7 @@ class ApiResource(Resource):
         session = self._session(client_id)
         if not self.broker.unsubscribe(session, topic_filter):
             raise ApiError(404, f"{client_id!r} has no subscription {topic_filter!r}")
-        log.info("admin API: key {key} unsubscribes {client_id} from {topic_filter}", key=key_id,
+        log.info("admin API: key {key} unsubscribes {client_id!r} from {topic_filter!r}", key=key_id,
                  client_id=client_id, topic_filter=topic_filter)
         return 204, None
 
@@ -429,7 +429,7 @@ class ApiResource(Resource):
             raise ApiError(404, f"no retained message on {topic!r}")
         if self.broker.store is not None:
             self.broker.store.delete_retained(topic)
-        log.info("admin API: key {key} deletes the retained message of {topic}", key=key_id, topic=topic)
+        log.info("admin API: key {key} deletes the retained message of {topic!r}", key=key_id, topic=topic)
         return 204, None
 
     def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any]:
@@ -452,7 +452,7 @@ class ApiResource(Resource):
         retain = body_field(body, "retain", bool, False)
         if retain and not self.broker.config.retain_available:
             raise ApiError(400, "retained messages are turned off (retain_available)")
-        log.info("admin API: key {key} publishes {size} bytes to {topic}", key=key_id, size=len(payload), topic=topic)
+        log.info("admin API: key {key} publishes {size} bytes to {topic!r}", key=key_id, size=len(payload), topic=topic)
         # Answered once routed (the store logs a failure to write it, and writes it once it can).
         try:
             self.broker.route_own(topic, payload, qos=qos, retain=retain)

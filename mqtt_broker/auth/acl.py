@@ -88,8 +88,15 @@ def filter_covers(granted: str, requested: str) -> bool:
 def substitute(pattern: str, client_id: str, username: str | None) -> str:
     """``pattern`` with ``%c`` replaced by the client id and ``%u`` by the username (nothing
     without one), in one pass like Mosquitto's: a substituted name is never scanned again, so a
-    client id of "%u" stays literal. Check :func:`unfit_for_patterns` first."""
+    client id of "%u" stays literal. Check :func:`unfit_for_patterns` first, and
+    :func:`reaches_dollar` after."""
     return _SUBSTITUTION.sub(lambda m: client_id if m.group() == "%c" else username or "", pattern)
+
+
+def reaches_dollar(pattern: str, substituted: str) -> bool:
+    """Whether a substitution made a pattern a ``$`` topic's (``%c/#`` for a client named
+    ``$SYS``): the broker's own topics are not for a name to reach, and such a pattern is left out."""
+    return substituted.startswith("$") and not pattern.startswith("$")
 
 
 def unfit_for_patterns(client_id: str, username: str | None) -> bool:
@@ -123,7 +130,8 @@ class AccessRules:
         filter with ``%u`` is left out for a client without a username, and every filter with
         ``%c`` or ``%u`` when the client id or username contains ``+``, ``#`` or ``/`` (as
         ``acl_file`` gives such a client no pattern); so is one that the substitution leaves
-        invalid (an empty username). Filters without either are kept as they are."""
+        invalid (an empty username) or makes a ``$`` topic's (:func:`reaches_dollar`). Filters
+        without either are kept as they are."""
         unfit = unfit_for_patterns(client_id, username)
 
         def applied(filters: tuple[str, ...]) -> tuple[str, ...]:
@@ -132,9 +140,10 @@ class AccessRules:
                 if _SUBSTITUTION.search(topic_filter):
                     if unfit or (username is None and "%u" in topic_filter):
                         continue
-                    topic_filter = substitute(topic_filter, client_id, username)
-                    if not valid_topic_filter(topic_filter) or topic_filter.startswith("$share/"):
+                    substituted = substitute(topic_filter, client_id, username)
+                    if not valid_topic_filter(substituted) or reaches_dollar(topic_filter, substituted):
                         continue
+                    topic_filter = substituted
                 kept.append(topic_filter)
             return tuple(kept)
 
@@ -287,6 +296,8 @@ class AclFile:
             pattern = rule.topic
             if rule.uses_username or rule.uses_client_id:
                 pattern = substitute(pattern, client_id, username)
+                if reaches_dollar(rule.topic, pattern):
+                    continue
             yield rule.access, pattern
 
 
@@ -302,4 +313,4 @@ def _deny_first(rules: list[AclRule]) -> tuple[AclRule, ...]:
 
 
 __all__ = ["AccessRules", "AclFile", "AclFileError", "AclRule", "filter_matches", "filter_covers", "substitute",
-           "unfit_for_patterns", "DENY", "READ", "WRITE", "READWRITE", "DANGEROUS"]
+           "unfit_for_patterns", "reaches_dollar", "DENY", "READ", "WRITE", "READWRITE", "DANGEROUS"]

@@ -527,7 +527,7 @@ class Bridge(Service):
         """A message that cannot cross (no topic line maps it, say): acknowledged to its sender
         and dropped."""
         self.stats.dropped += 1
-        log.info("bridge {name}: {topic} dropped: {why}", name=self.connection, topic=packet.topic, why=why)
+        log.info("bridge {name}: {topic!r} dropped: {why}", name=self.connection, topic=packet.topic, why=why)
         if packet.qos == 1:
             link.send(Puback(packet_id=packet.packet_id))
         elif packet.qos == 2:

@@ -191,7 +191,7 @@ class Cluster:
         return answer
 
     def _claim_late(self, client_id: str, answer: Deferred[bool]) -> None:
-        log.warn("Redis has not handed over the session of {client_id} in time: the client is refused",
+        log.warn("Redis has not handed over the session of {client_id!r} in time: the client is refused",
                  client_id=client_id)
         answer.callback(False)
 
@@ -244,7 +244,7 @@ class Cluster:
 
     def _not_claimed(self, failure: Any, client_id: str, answer: Deferred[bool], timer: Any) -> None:
         self._overtaken.pop(client_id, None)
-        log.warn("could not claim the session of {client_id} in Redis: {error}", client_id=client_id,
+        log.warn("could not claim the session of {client_id!r} in Redis: {error}", client_id=client_id,
                  error=failure.getErrorMessage())
         if timer.active():
             timer.cancel()

@@ -570,7 +570,7 @@ class RedisStore:
                 try:
                     self.on_fenced(client_id, int(epoch))
                 except Exception:  # (the batch's waiters, and the store, go on all the same)
-                    log.failure("letting go of {client_id}, whose session another node holds", client_id=client_id)
+                    log.failure("letting go of {client_id!r}, whose session another node holds", client_id=client_id)
 
     def _not_written(self, failure: Failure, batch: _Batch) -> None:
         """A batch failed, or its answer was lost with the connection (and so those sent after
