@@ -33,15 +33,19 @@ class OutboundAliases:
     """Aliases we use towards the client, up to its Topic Alias Maximum.
 
     Policy: the most recently used topics keep their aliases. A new topic takes a free alias,
-    or else the alias of the least recently used topic.
+    or else the alias of the least recently used topic. Memory follows the aliases in use, not
+    the maximum (a client may announce 65,535 and be sent one topic).
     """
 
-    __slots__ = ("maximum", "_aliases", "_free")
+    __slots__ = ("maximum", "_aliases", "_free", "_next")
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
         self._aliases: OrderedDict[str, int] = OrderedDict()
-        self._free = list(range(maximum, 0, -1))
+        self._free: list[int] = []
+        """Aliases given back by ``forget``."""
+        self._next = 1
+        """The lowest alias never handed out."""
 
     def assign(self, topic: str) -> tuple[int, bool]:
         """(alias, known): when ``known`` the topic may be sent empty; else send it with the alias."""
@@ -52,6 +56,9 @@ class OutboundAliases:
             return alias, True
         if self._free:
             alias = self._free.pop()
+        elif self._next <= self.maximum:
+            alias = self._next
+            self._next += 1
         else:
             _, alias = aliases.popitem(last=False)
         aliases[topic] = alias

@@ -29,6 +29,7 @@ _GLOBAL: dict[str, tuple[str, str]] = {
     "max_keepalive": ("max_keepalive", "int"),
     "max_connections": ("max_connections", "int"),
     "max_qos": ("max_qos", "int"),
+    "max_topic_alias": ("max_topic_alias", "int"),
     "sys_interval": ("sys_interval", "float"),
     "retain_available": ("retain_available", "bool"),
     "allow_zero_length_clientid": ("allow_zero_length_clientid", "bool"),
@@ -66,7 +67,8 @@ _ONCE = {"password_file", "acl_file", "persistence_location", "persistence_file"
 the whole file, or for each listener (the TLS files; with per_listener_settings, the security ones
 and psk_file)."""
 _ONCE_PER_LISTENER = {"certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile"}
-_PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2}
+_PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2,
+                                 "max_topic_alias": 10}
 """Per-listener settings of Mosquitto that are global here, with Mosquitto's defaults."""
 _SECURITY: dict[str, Any] = {"allow_anonymous": False, "password_file": None, "acl_file": None}
 """Mosquitto's settings of authentication and ACLs (global here), with Mosquitto 2's defaults for a

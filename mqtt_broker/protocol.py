@@ -600,9 +600,14 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                     cache[key] = entry
             data, offset = entry
         size = len(data)
-        if size > self.max_send_size:
-            if alias_topic is not None and self._aliases_out is not None:
+        if size > self.max_send_size and self._aliases_out is not None:
+            # Its alias may be what makes it too large (a short topic, a limit just met): a
+            # message that fits without one goes without one [MQTT-3.1.2-25].
+            if alias_topic is not None:
                 self._aliases_out.forget(alias_topic)
+            data, offset, _ = self._encode_for_this_client(message, qos, retain, subscription_ids, aliased=False)
+            size = len(data)
+        if size > self.max_send_size:
             self.broker.stats.messages_dropped += 1
             self.stats.dropped_too_large += 1
             log.info("dropped a {size} byte message to {client_id!r}: above its maximum packet size",
@@ -620,10 +625,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self.write(data)
         return True
 
-    def _encode_for_this_client(self, message: Message, qos: int, retain: bool,
-                                subscription_ids: tuple[int, ...]) -> tuple[bytes, int, str | None]:
+    def _encode_for_this_client(self, message: Message, qos: int, retain: bool, subscription_ids: tuple[int, ...],
+                                aliased: bool = True) -> tuple[bytes, int, str | None]:
         """An MQTT 5 PUBLISH whose properties are this receiver's own: its subscription
-        identifiers [MQTT-3.3.4-3], the expiry time left [MQTT-3.3.2-6], its topic alias."""
+        identifiers [MQTT-3.3.4-3], the expiry time left [MQTT-3.3.2-6], its topic alias (unless
+        not ``aliased``); and the topic given a new alias, if any."""
         properties = dict(message.properties)
         if subscription_ids:
             properties["subscription_identifier"] = list(subscription_ids)
@@ -631,7 +637,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             properties["message_expiry_interval"] = self.delivery.remaining_expiry(message)
         topic = message.topic
         alias_topic = None
-        if self._aliases_out is not None:
+        if aliased and self._aliases_out is not None:
             alias, known = self._aliases_out.assign(topic)
             properties["topic_alias"] = alias
             if known:

@@ -644,6 +644,31 @@ def test_a_message_lowered_to_qos_0_crosses_without_dup_or_packet_id() -> None:
         assert (kept.qos, kept.dup, kept.packet_id) == (1, True, 7)
 
 
+def test_a_topic_alias_from_a_remote_that_was_allowed_none_closes_the_link_with_0x94() -> None:
+    """The link's CONNECT announces no Topic Alias Maximum (0): an alias from the remote is a
+    protocol error, DISCONNECT 0x94 (3.3.2.3.4). Passed on, its message went on with an empty
+    topic, or with the topic the PUBLISH before it set."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mqtt_broker.bridge.link import Link
+    from mqtt_broker.wire import MQTT_5, Connack, Connect, Publish, decode, encode
+
+    received: list[Any] = []
+    lost: list[str] = []
+    link = Link("remote", Connect(protocol_level=MQTT_5, client_id="b", keep_alive=0), Clock(), 1 << 20,
+                lambda link, connack: None, lambda link, packet: received.append(packet),
+                lambda link, why: lost.append(why))
+    transport = StringTransport()
+    link.makeConnection(transport)
+    link.dataReceived(encode(Connack(), MQTT_5))
+    transport.clear()
+    link.dataReceived(encode(Publish(topic="r/x", payload=b"1", properties={"topic_alias": 1}), MQTT_5)
+                      + encode(Publish(topic="", payload=b"2", properties={"topic_alias": 1}), MQTT_5))
+    assert received == [] and link.closed
+    assert decode(transport.value(), MQTT_5).reason_code == 0x94  # type: ignore[union-attr]
+
+
 def test_a_retained_message_of_the_remote_crosses_to_a_broker_without_retain(broker_process: Any, mosquitto: Any,
                                                                            tmp_path: Path) -> None:
     """retain_available = false here: the remote's retained message crosses without the flag, as

@@ -290,6 +290,8 @@ def test_per_listener_security_applies_to_every_listener_or_is_refused(tmp_path:
     ("max_qos 1", "max_qos 2", "max_qos 2"),  # the last listener's applies to both
     ("max_qos 1", "", "max_qos 1"),  # the second listener had Mosquitto's default, 2
     ("max_connections 10", "max_connections 20", "max_connections 20"),
+    ("max_topic_alias 0", "max_topic_alias 0", None),
+    ("max_topic_alias 0", "", "max_topic_alias 0"),  # the second listener had Mosquitto's default, 10
 ])
 def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
         tmp_path: Path, first: str, second: str, noted: str | None) -> None:
@@ -305,6 +307,13 @@ def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
     assert note.text == noted and note.line == (4 if noted == second else 2)
     assert str(note).endswith(f"'{noted}': {key} differs between the listeners: here it is global, "
                               f"{noted.split()[1]} for every listener")
+
+
+def test_max_topic_alias_before_any_listener_is_carried(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("max_topic_alias 0\nlistener 1883\n")
+    conversion = convert(path)
+    assert conversion.settings["max_topic_alias"] == 0 and conversion.notes == []
 
 
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:

@@ -1075,6 +1075,34 @@ def test_outbound_topic_alias_stays_consistent_after_an_oversize_drop() -> None:
         (t, p) for t, p in published if t != "a/3"]
 
 
+@pytest.mark.parametrize("topic", ["a/" + "t" * 20, "a"])
+def test_a_message_that_fits_without_its_topic_alias_goes_without_it(topic: str) -> None:
+    """[MQTT-3.1.2-25] allows dropping a packet the client cannot take, not one made too large by
+    the alias the broker chose to add (three bytes; more than a short topic it stands for)."""
+    size = len(encode(Publish(topic=topic, payload=b"p" * 50), MQTT_5))
+    broker = make_broker()
+    sub = v5(broker, "sub", properties={"maximum_packet_size": size, "topic_alias_maximum": 5})
+    sub.subscribe("#")
+    resolver = AliasResolver()
+    for n in range(2):  # the second time the topic would have an alias already
+        broker.publish(topic, b"p" * 50)
+        [received] = sub.received()
+        assert (resolver.topic(received), received.payload) == (topic, b"p" * 50)  # type: ignore[arg-type]
+    broker.publish("a/" if topic == "a" else "a", b"p")  # the alias freed is handed out again
+    [received] = sub.received()
+    assert received.properties["topic_alias"] == 1 and broker.stats.messages_dropped == 0  # type: ignore[union-attr]
+
+
+def test_the_outbound_alias_table_grows_with_the_aliases_used_not_the_maximum() -> None:
+    from protocol_helpers import Held
+    broker = make_broker(max_topic_alias_broker=65535)
+    with Held() as plain:
+        keep = [v5(broker, f"p{i}") for i in range(10)]
+    with Held() as aliased:
+        keep += [v5(broker, f"a{i}", properties={"topic_alias_maximum": 65535}) for i in range(10)]
+    assert aliased.bytes < plain.bytes + 10 * 2_000, (plain.bytes // 10, aliased.bytes // 10)
+
+
 # --- subscription options --------------------------------------------------------------------
 
 def test_no_local() -> None:

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..wire import Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, encode
+from ..wire import (Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, Publish,
+                    ReasonCode, encode)
 from ..wire.codec import MAX_PACKET_SIZE
 from .config import BridgeConfig
 
@@ -91,6 +92,10 @@ class Link(Protocol):
                 elif type(packet) is Disconnect:
                     self.close(f"DISCONNECT 0x{packet.reason_code:02x} from the server "
                                f"({packet.properties.get('reason_string', '')})".replace(" ()", ""))
+                elif type(packet) is Publish and "topic_alias" in packet.properties:
+                    # The CONNECT announced no Topic Alias Maximum: none may be used (3.3.2.3.4).
+                    self.close("a topic alias from the server, which none were allowed",
+                               code=ReasonCode.TOPIC_ALIAS_INVALID)
                 else:
                     self._receive(self, packet)
         except MQTTError as error:
@@ -143,15 +148,15 @@ class Link(Protocol):
             self.transport.resumeProducing()  # type: ignore[union-attr]
             self.process()
 
-    def close(self, why: str, disconnect: bool = False) -> None:
+    def close(self, why: str, disconnect: bool = False, code: ReasonCode | None = None) -> None:
         """End the connection; ``disconnect``: with a DISCONNECT first (a normal end, so the
-        server does not publish the will)."""
+        server does not publish the will); ``code``: with an MQTT 5 DISCONNECT of that error."""
         if self.closed:
             return
         self.why = why
         self.closed = True
-        if disconnect and self.up:
-            self.transport.write(encode(Disconnect(), self.version))  # type: ignore[union-attr]
+        if (disconnect or code is not None) and self.up:
+            self.transport.write(encode(Disconnect(reason_code=code or 0), self.version))  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
         else:
             self.transport.abortConnection()  # type: ignore[union-attr]
