@@ -650,7 +650,7 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             old = session.connection
-            self.detach(old, graceful=False, taken_over=True)
+            self.detach(old, graceful=old.ended_gracefully(), taken_over=True)
             old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
             session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
         # A clean start ends the old session now, so its will is due [MQTT-3.1.3-9].

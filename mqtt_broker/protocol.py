@@ -264,6 +264,13 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     # --- ending a connection ------------------------------------------------------------
 
+    def ended_gracefully(self) -> bool:
+        """Whether the client's last word is a DISCONNECT 0x00, which discards its will
+        [MQTT-3.14.4-3]: handled, or read and held while a hook decides on a packet before it
+        (the connection may be ended before the hook decides: taken over, kicked, stopped)."""
+        return self._graceful or (self._blocked is not None and self.state is State.CONNECTED
+                                  and self.reader.pending_disconnect() == 0)
+
     def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False) -> None:
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first. Unless
         ``abort``, the socket lingers (``close_linger``) so that the client reads that DISCONNECT
@@ -271,6 +278,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         ``routine``: the client asked for it (logged only with ``connection_messages``)."""
         if self.state is State.CLOSED:
             return
+        graceful = self.ended_gracefully()
         if len(message) > 256:  # (one quoting a client's 64 KiB topic: a reason string holds no more)
             message = message[:253] + "..."
         connack_sent = not self.connack_held()
@@ -285,7 +293,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      client_id=self.client.client_id if self.client else None, peer=self._where(), reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
-        self.broker.detach(self, self._graceful)
+        self.broker.detach(self, graceful)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._out = None
         elif abort:

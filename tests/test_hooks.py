@@ -549,6 +549,38 @@ def test_what_a_client_sent_before_closing_while_a_hook_decides_is_handled(
     assert failures_logged(logged) == [] and len(broker.reactor.getDelayedCalls()) == timers
 
 
+@pytest.mark.parametrize("ending", ["taken over", "stop", "kick"])
+@pytest.mark.parametrize("reason,wills", [(0, []), (0x04, [("wills/c", b"gone")])])
+def test_a_disconnect_read_while_a_hook_decides_decides_the_will_however_the_connection_ends(
+        ending: str, reason: int, wills: list[tuple[str, bytes]]) -> None:
+    """As above, but the connection is ended by the broker before the hook decides (the client
+    connecting again, the broker stopping, a kick): the DISCONNECT 0x00 read before that still
+    discards the will [MQTT-3.14.4-3]. (Stopping, the broker may close the watcher's connection
+    first: the will is counted.)"""
+    broker = MemoryBroker()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    watcher = broker.connect("watcher")
+    watcher.subscribe("wills/#")
+    client = broker.client()
+    client.send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT",
+                        will=Will(topic="wills/c", payload=b"gone")))
+    client.send(Publish(topic="data", payload=b"last reading"), Disconnect(reason_code=reason))
+    client.drop()
+    if ending == "taken over":
+        broker.client().send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT"))
+    elif ending == "stop":
+        broker.service.stopService()
+    else:
+        client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+    for decision in pending:
+        if not decision.called:
+            decision.callback(None)
+    assert broker.service.stats.wills_published == len(wills)
+    if ending != "stop":
+        assert [(m.topic, m.payload) for m in watcher.messages()] == wills
+
+
 def test_a_connection_gone_while_a_hook_decides_takes_no_place_of_max_connections() -> None:
     """It ends once the hook has decided (see the test above), without its socket meanwhile: a
     client connecting again in the meantime was refused for max_connections."""

@@ -878,3 +878,22 @@ def test_the_reader_keeps_no_copy_of_what_it_has_read() -> None:
     assert reader.feed(encode(Pingreq()) * 3) == [Pingreq()] * 3
     assert reader.buffered == 0 and reader._buffer == b""  # an idle connection holds nothing
     assert reader.feed(encode(Pingreq())[:1]) == [] and reader.buffered == 1
+
+
+def test_the_reader_finds_a_disconnect_among_what_it_holds_without_reading_it() -> None:
+    reader = FrameReader(version=MQTT_5)
+    reader.receive_data(encode(Publish(topic="t", payload=b"x" * 300), MQTT_5) + encode(Pingreq(), MQTT_5))
+    assert reader.pending_disconnect() is None
+    for reason, tail in [(0x04, b""), (0, b"\x30"), (0, b"")]:
+        reader = FrameReader(version=MQTT_5)
+        reader.receive_data(encode(Publish(topic="t", payload=b"x" * 300), MQTT_5)
+                            + encode(Disconnect(reason_code=reason), MQTT_5) + tail)
+        assert reader.pending_disconnect() == reason
+        assert [type(p) for p in reader.feed(b"")] == [Publish, Disconnect]
+    reader = FrameReader(version=MQTT_3_1_1)
+    reader.receive_data(encode(Disconnect(), MQTT_3_1_1))
+    assert reader.pending_disconnect() == 0
+    whole = encode(Disconnect(reason_code=0x04), MQTT_5)
+    reader = FrameReader(version=MQTT_5)
+    reader.receive_data(whole[:-1])  # (not all come yet)
+    assert reader.pending_disconnect() is None
