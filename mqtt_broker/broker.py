@@ -547,13 +547,14 @@ class BrokerService(MultiService):
         if connection is not None:
             will, delay, client = connection.will, connection.will_delay, connection.client
             assert client is not None
+            graceful = connection.ended_gracefully()
             connection.will = None
             connection.session = session.connection = None  # detached here, not by the close
             self.attached -= 1
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
-            if will is not None and will_left and (ended or not delay):
+            if will is not None and will_left and not graceful and (ended or not delay):
                 self.wills.publish(client, will, connection.identity)
-            self._notify_disconnect(client, False)
+            self._notify_disconnect(client, graceful)
 
     def moved_away(self, client_id: str) -> bool:
         """Whether the client's session here is the copy of one another node of the cluster

@@ -267,9 +267,26 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
     def ended_gracefully(self) -> bool:
         """Whether the client's last word is a DISCONNECT 0x00, which discards its will
         [MQTT-3.14.4-3]: handled, or read and held while a hook decides on a packet before it
-        (the connection may be ended before the hook decides: taken over, kicked, stopped)."""
-        return self._graceful or (self._blocked is not None and self.state is State.CONNECTED
-                                  and self.reader.pending_disconnect() == 0)
+        (the connection may be ended before the hook decides: taken over, kicked, stopped). A
+        held one counts if it and the packets before it are ones the connection would take."""
+        if self._graceful:
+            return True
+        blocked = self._blocked
+        if blocked is None or blocked.called or self.state is not State.CONNECTED:
+            return False  # (called: the close comes of handling the packet decided on)
+        reader = FrameReader(self.reader.max_packet_size, self.version)
+        reader.receive_data(self.reader.held())
+        try:
+            while (packet := reader.next_packet()) is not None:
+                lifecycle.check(self.state, packet, self.version)
+                if type(packet) is Disconnect:
+                    client = self.client
+                    return packet.reason_code == ReasonCode.SUCCESS and not (
+                        packet.properties.get("session_expiry_interval") and client is not None
+                        and not client.properties.get("session_expiry_interval"))  # (see _on_disconnect)
+        except MQTTError:
+            pass
+        return False
 
     def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False) -> None:
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first. Unless

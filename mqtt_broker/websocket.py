@@ -331,7 +331,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if factory.origins and origin is not None and origin.lower() not in factory.origins:
             # A page of another site, in a browser that would lend it the user's cookies or
             # client certificate (cross-site WebSocket hijacking, RFC 6455 10.2).
-            log.info("refusing a WebSocket connection from {peer}: origin {origin} not in websocket_origins",
+            log.info("refusing a WebSocket connection from {peer}: origin {origin!r} not in websocket_origins",
                      peer=self.peer, origin=origin)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         subprotocol = next((p for p in request.protocols if p in SUBPROTOCOLS), None)

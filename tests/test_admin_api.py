@@ -415,7 +415,7 @@ def test_changes_are_logged_with_the_key(admin: Admin) -> None:
     assert "admin API: key ci disconnects client 'kick-v5'" in output
     assert "admin API: key ci subscribes 'sub-target' to 'subapi/+/x'" in output
     assert "admin API: key ci deletes the retained message of 'ret/b/c'" in output
-    assert "admin API: POST /api/v1/publish by key - refused: 401" in output
+    assert "admin API: 'POST' '/api/v1/publish' by key - refused: 401" in output
 
 
 def test_cluster_paths_of_a_broker_that_is_not_a_node(admin: Admin) -> None:

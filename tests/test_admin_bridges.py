@@ -304,7 +304,7 @@ def test_restart_needs_a_key_and_is_logged() -> None:
     assert refused == (404, {"error": "no bridge 'nope'"})
     lines = [formatEvent(event) for event in events if event.get("log_level") == LogLevel.info]
     assert "admin API: key ci restarts bridge up" in lines
-    assert "admin API: POST /api/v1/bridges/nope/restart by key ci refused: 404" in lines
+    assert "admin API: 'POST' '/api/v1/bridges/nope/restart' by key ci refused: 404" in lines
 
 
 def test_restarting_a_connected_bridge_reconnects_it() -> None:

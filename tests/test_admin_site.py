@@ -111,6 +111,27 @@ def test_readiness_before_start_and_after_stop() -> None:
     assert ready()[0] == 503
 
 
+def test_a_refused_request_is_logged_with_its_path_quoted_and_escaped() -> None:
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import capturedLogs, formatEvent
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from mqtt_broker.admin.api import ApiResource
+    broker = make_broker()
+    root = Resource()
+    root.putChild(b"api", ApiResource(broker, broker.operations))
+    channel = Site(root).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    with capturedLogs() as events:
+        channel.dataReceived(b"DELETE /api/v1/clients/a\x9b2J\x85forged HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 401")
+    [line] = [formatEvent(e) for e in events if "admin API" in (formatEvent(e) or "")]
+    assert line == "admin API: 'DELETE' '/api/v1/clients/a\\x9b2J\\x85forged' by key - refused: 401"
+
+
 # --- the command line ------------------------------------------------------------------------
 
 def test_http_flags_are_repeatable() -> None:

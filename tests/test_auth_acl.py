@@ -256,6 +256,12 @@ def test_no_name_turns_a_pattern_into_one_of_dollar_topics(client_id: str, usern
     assert not rules.can_subscribe("$SYS/#") and not rules.can_read("$SYS/broker/uptime")
 
 
+def test_a_deny_pattern_a_name_turns_into_one_of_dollar_topics_still_denies() -> None:
+    acl = AclFile.parse("pattern read $SYS/broker/#\npattern deny %c/broker/secret\n")
+    assert acl.check("$SYS", None, "$SYS/broker/uptime", READ)
+    assert not acl.check("$SYS", None, "$SYS/broker/secret", READ)
+
+
 def test_a_client_named_dollar_sys_reads_no_sys_topic_through_a_pattern(tmp_path: Path) -> None:
     acl = tmp_path / "acl"
     acl.write_text("pattern readwrite %c/#\n")

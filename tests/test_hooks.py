@@ -17,6 +17,7 @@ from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
     MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Will,
+    encode,
 )
 from mqtt_broker.wire.codes import ReasonCode
 
@@ -579,6 +580,79 @@ def test_a_disconnect_read_while_a_hook_decides_decides_the_will_however_the_con
     assert broker.service.stats.wills_published == len(wills)
     if ending != "stop":
         assert [(m.topic, m.payload) for m in watcher.messages()] == wills
+
+
+# A DISCONNECT malformed or refused when handled is no normal one: handled in its turn, it
+# closes the connection with the will published [MQTT-3.1.2-8]; held behind a hook when the
+# connection is taken over, it is no more.
+NOT_A_NORMAL_DISCONNECT = {
+    "reserved flags set": b"\xe2\x00",
+    "session expiry after 0 at CONNECT": encode(
+        Disconnect(reason_code=0, properties={"session_expiry_interval": 60}), MQTT_5),
+    "malformed packet before it": b"\x00\x00" + encode(Disconnect(), MQTT_5),  # (packet type 0: reserved)
+    "illegal packet before it": encode(Connect(client_id="c"), MQTT_5) + encode(Disconnect(), MQTT_5),
+}
+
+
+@pytest.mark.parametrize("ending", ["hook decides", "taken over"])
+@pytest.mark.parametrize("tail", list(NOT_A_NORMAL_DISCONNECT))
+def test_a_held_disconnect_that_is_not_a_normal_one_keeps_the_will(tail: str, ending: str) -> None:
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("wills/#")
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    client = broker.client()
+    client.send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT",
+                        will=Will(topic="wills/c", payload=b"gone")))
+    client._write(encode(Publish(topic="data", payload=b"x"), MQTT_5) + NOT_A_NORMAL_DISCONNECT[tail])
+    broker.flush()
+    if ending == "taken over":
+        broker.client().send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT"))
+    for decision in pending:
+        if not decision.called:
+            decision.callback(None)
+    assert [(m.topic, m.payload) for m in watcher.messages()] == [("wills/c", b"gone")]
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_a_held_disconnect_discards_the_will_when_another_node_takes_the_session(ended: bool) -> None:
+    """The cluster's takeover (``let_go``: a connection to another node claimed the session)."""
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("wills/#")
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    client = broker.client()
+    client.send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT",
+                        will=Will(topic="wills/c", payload=b"gone")))
+    client.send(Publish(topic="data", payload=b"x"), Disconnect(reason_code=0))
+    broker.service.let_go("c", ended=ended)
+    for decision in pending:
+        decision.callback(None)
+    assert watcher.messages() == [] and broker.service.stats.wills_published == 0
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_connection_closed_for_a_packet_before_its_disconnect_publishes_the_will(hooked: bool) -> None:
+    """The SUBACK is larger than the client's Maximum Packet Size: the broker closes the
+    connection (0x95) before it handles the DISCONNECT 0x00 that follows [MQTT-3.1.2-8], with a
+    subscribe hook deciding as without one."""
+    broker = MemoryBroker()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("wills/#")
+    pending: list[Deferred[Any]] = []
+    if hooked:
+        broker.hooks.on_subscribe(lambda client, subscription: pending.append(Deferred()) or pending[-1])
+    client = broker.client()
+    client.send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT",
+                        will=Will(topic="wills/c", payload=b"gone"), properties={"maximum_packet_size": 20}))
+    client.send(Subscribe(packet_id=1, subscriptions=tuple(SubscriptionRequest(topic_filter=f"f/{n}", qos=0)
+                                                          for n in range(30))), Disconnect(reason_code=0))
+    for decision in pending:
+        if not decision.called:
+            decision.callback(None)
+    assert [(m.topic, m.payload) for m in watcher.messages()] == [("wills/c", b"gone")]
 
 
 def test_a_connection_gone_while_a_hook_decides_takes_no_place_of_max_connections() -> None:

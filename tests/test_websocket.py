@@ -188,6 +188,15 @@ def test_origins_restrict_the_pages_of_browsers() -> None:
         assert client.closed and len(broker.connections) == accepted
 
 
+def test_a_refused_origin_is_logged_quoted_and_escaped() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+    broker = make_broker(websocket_origins=["https://app.example.com"])
+    with capturedLogs() as events:
+        assert WSClient(broker).handshake(headers={"Origin": "https://evil.example\x9b2J\x85forged"}) == 403
+    [line] = [formatEvent(e) for e in events if "websocket_origins" in (formatEvent(e) or "")]
+    assert "origin 'https://evil.example\\x9b2J\\x85forged' not in" in line
+
+
 def test_plain_http_request_gets_426_and_no_status_page() -> None:
     """With the headers HTTP requires of the answers [RFC 9110 15.5.22, 15.5.6]."""
     for request, code, header in ((b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 426, ("upgrade", "websocket")),

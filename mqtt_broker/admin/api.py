@@ -185,7 +185,7 @@ class ApiResource(Resource):
 
     def _answer(self, request: Request, status: int, body: Any, key_id: str | None) -> bytes:
         if request.method in (b"POST", b"DELETE") and status >= 400:  # changes made are logged by their handlers
-            log.info("admin API: {method} {path} by key {key} refused: {status}", method=request.method.decode(),
+            log.info("admin API: {method!r} {path!r} by key {key} refused: {status}", method=request.method.decode(),
                      path=request.path.decode("latin-1"), key=key_id or "-", status=status)
         request.setResponseCode(status)
         request.setHeader(b"cache-control", b"no-store")
@@ -202,7 +202,7 @@ class ApiResource(Resource):
         if failure.check(ApiError):
             error: ApiError = failure.value  # type: ignore[assignment]
             return self._answer(request, error.status, {"error": error.message}, key_id)
-        log.failure("admin API: {method} {path} failed", failure, method=request.method.decode(),
+        log.failure("admin API: {method!r} {path!r} failed", failure, method=request.method.decode(),
                     path=request.path.decode("latin-1"))
         return self._answer(request, 500, {"error": "internal error (see the broker's log)"}, key_id)
 

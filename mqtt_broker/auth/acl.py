@@ -95,7 +95,8 @@ def substitute(pattern: str, client_id: str, username: str | None) -> str:
 
 def reaches_dollar(pattern: str, substituted: str) -> bool:
     """Whether a substitution made a pattern a ``$`` topic's (``%c/#`` for a client named
-    ``$SYS``): the broker's own topics are not for a name to reach, and such a pattern is left out."""
+    ``$SYS``): the broker's own topics are not for a name to reach, and such a pattern is left
+    out, unless it denies."""
     return substituted.startswith("$") and not pattern.startswith("$")
 
 
@@ -296,8 +297,8 @@ class AclFile:
             pattern = rule.topic
             if rule.uses_username or rule.uses_client_id:
                 pattern = substitute(pattern, client_id, username)
-                if reaches_dollar(rule.topic, pattern):
-                    continue
+                if rule.access != DENY and reaches_dollar(rule.topic, pattern):
+                    continue  # (a deny still denies)
             yield rule.access, pattern
 
 

@@ -94,23 +94,9 @@ class FrameReader:
             return 0
         return max(0, start + length - len(buffer))
 
-    def pending_disconnect(self) -> int | None:
-        """The reason code of the first whole DISCONNECT among the bytes received and not yet
-        returned as packets (0 for one without: MQTT 3's), None if none is there. Nothing is
-        consumed."""
-        buffer = self._buffer
-        pos = self._pos
-        while pos < len(buffer):
-            try:
-                length, start = decode_varint(buffer, pos + 1)
-            except MalformedPacket:  # (not all come yet, or malformed)
-                return None
-            if start + length > len(buffer):
-                return None
-            if buffer[pos] >> 4 == 14:
-                return buffer[start] if length else 0
-            pos = start + length
-        return None
+    def held(self) -> bytes:
+        """The bytes received and not yet returned as packets."""
+        return bytes(self._buffer[self._pos:])
 
     def next_packet(self) -> Packet | None:
         buffer = self._buffer
