@@ -331,12 +331,17 @@ class BrokerService(MultiService):
 
     def _filter_readable(self, session: Session, identity: Any) -> list[Queued]:
         """Drop what is in flight that ``identity`` may not read; returns the QoS 1 messages of
-        shared subscriptions among them, which another member may have [MQTT-4.8.2-5]."""
+        shared subscriptions among them, which another member may have [MQTT-4.8.2-5]. A QoS 2
+        message sent already is released instead (a PUBREL, not the message, is sent again): the
+        client may hold its packet id until then [MQTT-4.3.3-2]."""
         assert self.security is not None
         can_read = self.security.can_read
         unread: list[Queued] = []
         for packet_id, out in list(session.outgoing.items()):
             if not out.released and not can_read(identity, out.message.topic):
+                if out.qos == 2 and not out.unsent:
+                    self.delivery.released(session, packet_id)
+                    continue
                 del session.outgoing[packet_id]
                 self.delivery.forget(session, out)
                 if out.share is not None and out.qos == 1:

@@ -460,13 +460,14 @@ class Delivery:
         if session.stored:  # what was recorded last may not be written yet
             connection.wait_for_store(any(out.qos == 2 for out in session.outgoing.values()))
         now = self.clock.seconds()
-        resent = 0
+        # A PUBREL is never held back [MQTT-3.3.4-10], and its message is in flight until PUBCOMP:
+        # the PUBRELs take their places of the Receive Maximum first [MQTT-4.9.0-2].
+        resent = sum(1 for out in session.outgoing.values() if out.released)
         for packet_id, out in list(session.outgoing.items()):
             out.sent_at = now
             out.unsent = False  # decided afresh for this connection's Receive Maximum
             if out.released:
-                connection.send_pubrel(packet_id)
-                resent += 1  # in flight until PUBCOMP, within the Receive Maximum [MQTT-4.9.0-2]
+                connection.send_pubrel(packet_id, again=True)
             elif resent >= connection.send_quota:
                 out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
                 session.unsent += 1
@@ -651,7 +652,7 @@ class Delivery:
         for packet_id, out in session.outgoing.items():
             if out.sent_at <= deadline:
                 if out.released:
-                    connection.send_pubrel(packet_id)
+                    connection.send_pubrel(packet_id, again=True)
                 else:
                     connection.send_publish(out.message, out.qos, out.retain, packet_id, True)
                 if out.unsent:

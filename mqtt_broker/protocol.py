@@ -672,8 +672,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         data, offset = publish_template(topic, message.payload, qos, retain, properties, MQTT_5, 1 if qos else 0)
         return data, offset, alias_topic
 
-    def send_pubrel(self, packet_id: int) -> None:
-        self.send_ack(0x62, packet_id)
+    def send_pubrel(self, packet_id: int, again: bool = False) -> None:
+        """``again``: sent before; MQTT 3.1 marks that with DUP (3.1's 2.1; no later version does)."""
+        self.send_ack(0x6A if again and self.version == MQTT_3_1 else 0x62, packet_id)
 
     def send_ack(self, first: int, packet_id: int) -> None:
         """A PUBACK, PUBREC, PUBREL or PUBCOMP with reason code 0 and no properties, written

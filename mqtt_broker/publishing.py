@@ -61,7 +61,7 @@ class Publishing:
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None: ...
     def send(self, packet: Packet) -> None: ...
     def send_ack(self, first: int, packet_id: int) -> None: ...
-    def send_pubrel(self, packet_id: int) -> None: ...
+    def send_pubrel(self, packet_id: int, again: bool = False) -> None: ...
     def wait_for_store(self, exact: bool = False) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
@@ -93,6 +93,12 @@ class Publishing:
             raise MQTTError(f"QoS {qos} is above the maximum {config.max_qos}", ReasonCode.QOS_NOT_SUPPORTED)
         if packet.retain and not config.retain_available:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
+        packet_id = packet.packet_id
+        if qos == 2 and packet_id in self.session.awaiting_pubrel:
+            # A resend: not routed again [MQTT-4.3.3-9], and acknowledged as it was, whatever the
+            # rules say now (refused, its packet id would stay taken here and be free for the client).
+            self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
+            return
         security = broker.security
         identity = self.identity  # (None: connected before an auth hook's rules had checks made)
         if (topic[0] == "$" and reserved(topic)) or (  # (the call only for "$" topics: this is per message)
@@ -109,13 +115,8 @@ class Publishing:
             if qos:
                 self._refuse_publish(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
             return
-        packet_id = packet.packet_id
         if qos == 2:
             awaiting = self.session.awaiting_pubrel
-            if packet_id in awaiting:
-                # A resend: not routed again [MQTT-4.3.3-9].
-                self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
-                return
             if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5 and (
                     self._inherited_pubrels is None
                     or len(awaiting - self._inherited_pubrels) >= config.max_inflight_messages):

@@ -69,12 +69,16 @@ class Subscribing:
         security = self.broker.security
         replays: dict[int, str] = {}  # the replay each request asks for, by its place in ``wanted``
         replaying: set[str] = set()
-        asked = dict(packet.properties.get("user_property", ())).get("replay") if packet.properties else None
+        # Without a message log there is nothing to replay: a ``replay`` user property is the
+        # application's own then, and asks for nothing.
+        logged = self.broker.history is not None
+        asked = dict(packet.properties.get("user_property", ())).get("replay") \
+            if packet.properties and logged else None
         for request in packet.subscriptions:
             spec, topic_filter = split_replay_filter(request.topic_filter)
             spec = spec or asked
             group, _ = split_shared(topic_filter)
-            if spec is not None:
+            if spec is not None and group is None and logged:  # (a shared subscription is not replayed)
                 try:
                     parse_spec(spec)
                 except ReplayError:

@@ -20,7 +20,8 @@ from mqtt_broker.auth.acl import (DENY, READ, READWRITE, WRITE, AccessRules, Acl
 from mqtt_broker.passwd import main as passwd
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.wire.packets import (
-    Connect, Puback, Publish, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
+    Connect, Puback, Publish, Pubrec, Pubrel, Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe,
+    Will,
 )
 
 # --- matching ------------------------------------------------------------------------------------
@@ -637,6 +638,65 @@ def test_what_is_in_flight_before_a_reload_is_not_sent_again_past_the_new_rules(
     again = FakeClient(broker)
     assert again.connect("alice", clean=False, username="alice").session_present  # type: ignore[union-attr]
     assert read_payloads(again) == [] and not broker.sessions["alice"].outgoing
+
+
+def test_a_qos2_message_in_flight_a_reload_made_unreadable_is_released_not_dropped(tmp_path: Path) -> None:
+    """The client holds the packet id of a QoS 2 PUBLISH it received until the PUBREL, taking a
+    PUBLISH with that id for a resend meanwhile [MQTT-4.3.3-2]: dropped without a PUBREL, the
+    message left the id taken there, and a later message given it was lost (after a restart,
+    the broker's packet ids start again at 1)."""
+    from durability_helpers import Receiver
+    acl = tmp_path / "acl"
+    acl.write_text("user sub\ntopic read secret/#\ntopic read open/#\n")
+    restarts = Restarts(MemoryStore(), acl_file=str(acl))
+    broker = restarts.start()
+    sub = connected(broker, "sub", username="sub", clean=False)
+    sub.subscribe("secret/#", "open/#", qos=2)
+    broker.publish("secret/x", b"old", qos=2)
+    receiver = Receiver()
+    receiver.handle(*sub.received())  # delivered; its PUBREC lost with the connection
+    sub.lose()
+    acl.write_text("user sub\ntopic read open/#\n")
+    broker = restarts.restart()
+    sub = FakeClient(broker)
+    assert sub.connect("sub", username="sub", clean=False).session_present  # type: ignore[union-attr]
+    for publish in (False, True):
+        if publish:
+            broker.publish("open/x", b"new", qos=2)
+        for _ in range(10):  # (bounded)
+            packets = sub.received()
+            if not packets:
+                break
+            for packet in packets:
+                for reply in receiver.handle(packet):
+                    sub.send(reply)
+    assert receiver.payloads() == [b"old", b"new"] and not broker.sessions["sub"].outgoing
+
+
+def test_a_qos2_resend_the_rules_now_refuse_is_acknowledged_as_it_was(tmp_path: Path) -> None:
+    """Refused with PUBREC 0x87, the resend ended the exchange for an MQTT 5 client, which then
+    gave its packet id to a new message, while the broker kept it awaiting PUBREL and took that
+    message for another resend: lost [MQTT-4.3.3-9]."""
+    acl = tmp_path / "acl"
+    acl.write_text("user pub\ntopic write t\ntopic write u\nuser sub\ntopic read #\n")
+    broker = make_broker(acl_file=str(acl))
+    sub = connected(broker, "sub", username="sub")
+    sub.subscribe("t", "u", qos=2)
+    persistent = {"session_expiry_interval": 100}
+    pub = connected(broker, "pub", version=5, username="pub", clean=False, properties=persistent)
+    pub.send(Publish(topic="t", payload=b"one", qos=2, packet_id=5))
+    assert [(type(a), a.reason_code) for a in pub.received()] == [(Pubrec, 0)]  # type: ignore[attr-defined]
+    assert [m.payload for m in sub.received()] == [b"one"]  # type: ignore[attr-defined]
+    pub.lose()  # (before the PUBREC reached it)
+    acl.write_text("user pub\ntopic write u\nuser sub\ntopic read #\n")
+    broker.reload()
+    pub = FakeClient(broker, 5)
+    pub.connect("pub", username="pub", clean=False, properties=persistent)
+    pub.send(Publish(topic="t", payload=b"one", qos=2, packet_id=5, dup=True))
+    assert pub.received() == [Pubrec(packet_id=5)] and sub.received() == []  # (not routed twice)
+    pub.send(Pubrel(packet_id=5))
+    pub.send(Publish(topic="u", payload=b"two", qos=2, packet_id=5))
+    assert [m.payload for m in sub.received()] == [b"two"]  # type: ignore[attr-defined]
 
 
 def test_an_empty_username_is_anonymous_as_in_mosquitto(tmp_path: Path) -> None:

@@ -131,6 +131,21 @@ def test_replays_of_one_subscribe_are_bounded_and_read_only_the_logs_they_could_
     assert compared == ["quiet/x"] * history.MAX_REPLAYS  # quiet/n cannot match what busy/# logs
 
 
+@pytest.mark.parametrize("history_filters, filters", [
+    ([], [f"a/{n}" for n in range(18)]),  # no message log: a "replay" property is the application's own
+    (["log/#"], [f"$share/g/a/{n}" for n in range(18)]),  # a shared subscription is not replayed
+    ([], ["a/1"]),
+])
+def test_subscriptions_that_replay_nothing_take_no_place_of_the_replays(
+        history_filters: list[str], filters: list[str]) -> None:
+    broker = make_broker(history_filters=history_filters)
+    client = connected(broker, "c", version=5)
+    properties = {"user_property": [("replay", "all" if len(filters) > 1 else "not a spec")]}
+    client.send(Subscribe(packet_id=2, properties=properties,
+                          subscriptions=tuple(SubscriptionRequest(topic_filter=f) for f in filters)))
+    assert client.received() == [Suback(packet_id=2, reason_codes=(0,) * len(filters))]
+
+
 def test_the_store_keeps_what_the_logs_hold_whatever_a_quiet_filter_keeps() -> None:
     """A quiet filter's old entry must not keep in the store what the busy filters dropped since
     (it grew with every message, and a restart read it all back)."""

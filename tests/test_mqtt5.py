@@ -747,6 +747,26 @@ def test_resent_messages_respect_the_new_connections_receive_maximum() -> None:
     assert all(p.dup for p in resent)
 
 
+def test_resent_pubrels_take_their_places_of_the_receive_maximum_first() -> None:
+    """A PUBREL is never held back [MQTT-3.3.4-10] and its message is in flight until PUBCOMP:
+    a QoS 1 message sent before it (acknowledgements are ordered per QoS only) waits for a place
+    under a Receive Maximum of 1; resent first, the two were in flight at once."""
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=persistent(receive_maximum=10))
+    sub.subscribe("t", qos=2)
+    broker.publish("t", b"A", qos=1)
+    broker.publish("t", b"B", qos=2)
+    a, b = sub.received()
+    sub.send(Pubrec(packet_id=b.packet_id))  # type: ignore[attr-defined]
+    assert sub.received() == [Pubrel(packet_id=b.packet_id)]  # type: ignore[attr-defined]
+    sub.lose()
+    again, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=1))
+    assert again.received() == [Pubrel(packet_id=b.packet_id)]  # type: ignore[attr-defined]
+    again.send(Pubcomp(packet_id=b.packet_id))  # type: ignore[attr-defined]
+    [resent] = again.received()
+    assert (resent.payload, resent.dup, resent.packet_id) == (b"A", True, a.packet_id)  # type: ignore[attr-defined]
+
+
 def test_messages_held_back_by_receive_maximum_all_go_out_over_reconnects() -> None:
     """[MQTT-4.9.0-2] over reconnects with different Receive Maximums: what one connection held
     back is decided afresh by the next, and acknowledging what was sent sends the rest, each

@@ -614,6 +614,23 @@ def test_max_connections() -> None:
     assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
 
 
+def test_a_pubrel_sent_again_to_an_mqtt_3_1_client_has_dup_set() -> None:
+    """MQTT 3.1 (2.1): DUP is set when the client or server re-delivers a PUBLISH, PUBREL,
+    SUBSCRIBE or UNSUBSCRIBE; later versions have no DUP on a PUBREL."""
+    for level, first in ((3, b"\x6a"), (4, b"\x62")):
+        broker = make_broker(retry_interval=20)
+        sub = FakeClient(broker, level)
+        sub.connect("sub", clean=False, protocol_level=level)
+        sub.subscribe("t", qos=2)
+        broker.publish("t", b"A", qos=2)
+        [publish] = sub.received()
+        sub.send(Pubrec(packet_id=publish.packet_id))  # type: ignore[attr-defined]
+        assert sub.transport.value()[:1] == b"\x62"  # the first PUBREL
+        sub.transport.clear()
+        broker.clock.advance(20)
+        assert sub.transport.value() == first + b"\x02" + publish.packet_id.to_bytes(2, "big")  # type: ignore[attr-defined]
+
+
 # --- hooks -----------------------------------------------------------------------------------
 
 def test_server_side_publish_and_read_access() -> None:
