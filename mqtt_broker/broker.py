@@ -339,7 +339,7 @@ class BrokerService(MultiService):
         unread: list[Queued] = []
         for packet_id, out in list(session.outgoing.items()):
             if not out.released and not can_read(identity, out.message.topic):
-                if out.qos == 2 and not out.unsent:
+                if out.qos == 2:  # (held back by a Receive Maximum, it was sent on a connection before)
                     self.delivery.released(session, packet_id)
                     continue
                 del session.outgoing[packet_id]
@@ -552,14 +552,13 @@ class BrokerService(MultiService):
         if connection is not None:
             will, delay, client = connection.will, connection.will_delay, connection.client
             assert client is not None
-            graceful = connection.ended_gracefully()
             connection.will = None
             connection.session = session.connection = None  # detached here, not by the close
             self.attached -= 1
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
-            if will is not None and will_left and not graceful and (ended or not delay):
+            if will is not None and will_left and (ended or not delay):
                 self.wills.publish(client, will, connection.identity)
-            self._notify_disconnect(client, graceful)
+            self._notify_disconnect(client, False)
 
     def moved_away(self, client_id: str) -> bool:
         """Whether the client's session here is the copy of one another node of the cluster
@@ -656,7 +655,7 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             old = session.connection
-            self.detach(old, graceful=old.ended_gracefully(), taken_over=True)
+            self.detach(old, graceful=False, taken_over=True)
             old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
             session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
         # A clean start ends the old session now, so its will is due [MQTT-3.1.3-9].

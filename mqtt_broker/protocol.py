@@ -264,30 +264,6 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     # --- ending a connection ------------------------------------------------------------
 
-    def ended_gracefully(self) -> bool:
-        """Whether the client's last word is a DISCONNECT 0x00, which discards its will
-        [MQTT-3.14.4-3]: handled, or read and held while a hook decides on a packet before it
-        (the connection may be ended before the hook decides: taken over, kicked, stopped). A
-        held one counts if it and the packets before it are ones the connection would take."""
-        if self._graceful:
-            return True
-        blocked = self._blocked
-        if blocked is None or blocked.called or self.state is not State.CONNECTED:
-            return False  # (called: the close comes of handling the packet decided on)
-        reader = FrameReader(self.reader.max_packet_size, self.version)
-        reader.receive_data(self.reader.held())
-        try:
-            while (packet := reader.next_packet()) is not None:
-                lifecycle.check(self.state, packet, self.version)
-                if type(packet) is Disconnect:
-                    client = self.client
-                    return packet.reason_code == ReasonCode.SUCCESS and not (
-                        packet.properties.get("session_expiry_interval") and client is not None
-                        and not client.properties.get("session_expiry_interval"))  # (see _on_disconnect)
-        except MQTTError:
-            pass
-        return False
-
     def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False) -> None:
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first. Unless
         ``abort``, the socket lingers (``close_linger``) so that the client reads that DISCONNECT
@@ -295,7 +271,6 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         ``routine``: the client asked for it (logged only with ``connection_messages``)."""
         if self.state is State.CLOSED:
             return
-        graceful = self.ended_gracefully()
         if len(message) > 256:  # (one quoting a client's 64 KiB topic: a reason string holds no more)
             message = message[:253] + "..."
         connack_sent = not self.connack_held()
@@ -310,7 +285,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      client_id=self.client.client_id if self.client else None, peer=self._where(), reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
-        self.broker.detach(self, graceful)
+        self.broker.detach(self, self._graceful)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._out = None
         elif abort:

@@ -75,20 +75,23 @@ class Subscribing:
         asked = dict(packet.properties.get("user_property", ())).get("replay") \
             if packet.properties and logged else None
         for request in packet.subscriptions:
-            spec, topic_filter = split_replay_filter(request.topic_filter)
-            spec = spec or asked
+            named, topic_filter = split_replay_filter(request.topic_filter)
+            spec = named or asked
             group, _ = split_shared(topic_filter)
-            if spec is not None and group is None and logged:  # (a shared subscription is not replayed)
-                try:
-                    parse_spec(spec)
-                except ReplayError:
-                    wanted.append(ReasonCode.UNSPECIFIED_ERROR)
-                    continue
-                if len(replaying) >= MAX_REPLAYS and topic_filter not in replaying:
-                    wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
-                    continue
-                replaying.add(topic_filter)
-                replays[len(wanted)] = spec
+            if spec is not None:
+                replayed = group is None and logged  # (a shared subscription is not replayed)
+                if replayed or named is not None:  # ($replay/{spec}/ is understood, or refused, in any case)
+                    try:
+                        parse_spec(spec)
+                    except ReplayError:
+                        wanted.append(ReasonCode.UNSPECIFIED_ERROR)
+                        continue
+                if replayed:
+                    if len(replaying) >= MAX_REPLAYS and topic_filter not in replaying:
+                        wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
+                        continue
+                    replaying.add(topic_filter)
+                    replays[len(wanted)] = spec
             if not valid_topic_filter(topic_filter) or (spec is not None and topic_filter.startswith(REPLAY_PREFIX)):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
             elif group is not None and not config.shared_subscription_available and not self._own:

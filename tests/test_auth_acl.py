@@ -654,7 +654,8 @@ def test_a_qos2_message_in_flight_a_reload_made_unreadable_is_released_not_dropp
     sub.subscribe("secret/#", "open/#", qos=2)
     broker.publish("secret/x", b"old", qos=2)
     receiver = Receiver()
-    receiver.handle(*sub.received())  # delivered; its PUBREC lost with the connection
+    [old] = sub.received()
+    receiver.handle(old)  # delivered; its PUBREC lost with the connection
     sub.lose()
     acl.write_text("user sub\ntopic read open/#\n")
     broker = restarts.restart()
@@ -671,6 +672,35 @@ def test_a_qos2_message_in_flight_a_reload_made_unreadable_is_released_not_dropp
                 for reply in receiver.handle(packet):
                     sub.send(reply)
     assert receiver.payloads() == [b"old", b"new"] and not broker.sessions["sub"].outgoing
+
+
+def test_a_qos2_message_held_back_by_receive_maximum_then_made_unreadable_is_released_too(tmp_path: Path) -> None:
+    """Held back by the Receive Maximum of the last connection, the message went out on the one
+    before it: the client holds its packet id all the same."""
+    from durability_helpers import Receiver
+    acl = tmp_path / "acl"
+    acl.write_text("user sub\ntopic read secret/#\ntopic read open/#\n")
+    broker = make_broker(acl_file=str(acl))
+    persistent = {"session_expiry_interval": 100, "receive_maximum": 10}
+    sub = connected(broker, "sub", version=5, username="sub", clean=False, properties=persistent)
+    sub.subscribe("secret/#", "open/#", qos=2)
+    receiver = Receiver()
+    broker.publish("open/a", b"A", qos=2)
+    broker.publish("secret/b", b"B", qos=2)
+    a, b = sub.received()
+    for packet in (a, b):  # both delivered, their packet ids kept until the PUBRELs; the PUBRECs lost
+        receiver.handle(packet)
+    sub.lose()
+    sub = FakeClient(broker, 5)
+    sub.connect("sub", username="sub", clean=False, properties={**persistent, "receive_maximum": 1})
+    [resent] = sub.received()  # B held back by the Receive Maximum of 1
+    assert resent.payload == b"A"  # type: ignore[attr-defined]
+    sub.lose()
+    acl.write_text("user sub\ntopic read open/#\n")
+    broker.reload()
+    sub = FakeClient(broker, 5)
+    sub.connect("sub", username="sub", clean=False, properties=persistent)
+    assert Pubrel(packet_id=b.packet_id) in sub.received()  # type: ignore[attr-defined]
 
 
 def test_a_qos2_resend_the_rules_now_refuse_is_acknowledged_as_it_was(tmp_path: Path) -> None:

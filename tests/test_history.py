@@ -146,6 +146,17 @@ def test_subscriptions_that_replay_nothing_take_no_place_of_the_replays(
     assert client.received() == [Suback(packet_id=2, reason_codes=(0,) * len(filters))]
 
 
+@pytest.mark.parametrize("history_filters, topic_filter", [
+    ([], "$replay/nonsense/x"),  # no message log: the $replay/ form is understood, or refused, all the same
+    (["log/#"], "$replay/nonsense/$share/g/x"),  # a shared filter, which is not replayed
+])
+def test_a_replay_filter_that_cannot_be_understood_gets_0x80(history_filters: list[str], topic_filter: str) -> None:
+    broker = make_broker(history_filters=history_filters)
+    client = connected(broker, "c", version=5)
+    client.send(Subscribe(packet_id=2, subscriptions=(SubscriptionRequest(topic_filter=topic_filter),)))
+    assert client.received() == [Suback(packet_id=2, reason_codes=(0x80,))]
+
+
 def test_the_store_keeps_what_the_logs_hold_whatever_a_quiet_filter_keeps() -> None:
     """A quiet filter's old entry must not keep in the store what the busy filters dropped since
     (it grew with every message, and a restart read it all back)."""

@@ -878,14 +878,3 @@ def test_the_reader_keeps_no_copy_of_what_it_has_read() -> None:
     assert reader.feed(encode(Pingreq()) * 3) == [Pingreq()] * 3
     assert reader.buffered == 0 and reader._buffer == b""  # an idle connection holds nothing
     assert reader.feed(encode(Pingreq())[:1]) == [] and reader.buffered == 1
-
-
-def test_the_reader_gives_what_it_holds_without_reading_it() -> None:
-    reader = FrameReader(version=MQTT_5)
-    first, second = encode(Publish(topic="t", payload=b"x" * 300), MQTT_5), encode(Disconnect(reason_code=4), MQTT_5)
-    reader.receive_data(first + second[:2])
-    assert reader.held() == first + second[:2]
-    assert type(reader.next_packet()) is Publish and reader.held() == second[:2]
-    assert reader.next_packet() is None and reader.held() == second[:2]
-    reader.receive_data(second[2:])
-    assert reader.next_packet() == Disconnect(reason_code=4) and reader.held() == b""

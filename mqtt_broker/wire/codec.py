@@ -94,10 +94,6 @@ class FrameReader:
             return 0
         return max(0, start + length - len(buffer))
 
-    def held(self) -> bytes:
-        """The bytes received and not yet returned as packets."""
-        return bytes(self._buffer[self._pos:])
-
     def next_packet(self) -> Packet | None:
         buffer = self._buffer
         pos = self._pos
