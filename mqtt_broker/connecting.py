@@ -286,8 +286,11 @@ class Connecting:
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}
         # (Without a limit, the common case, it is encoded once.)
-        if self.max_send_size < MAX_PACKET_SIZE and not self._connack_fits(properties):
-            return
+        if self.max_send_size < MAX_PACKET_SIZE:
+            fitting = self._connack_that_fits(properties)
+            if fitting is None:
+                return
+            properties = fitting
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
@@ -332,17 +335,21 @@ class Connecting:
         self._watch_expiry()
         self.delivery.resume(session)
 
-    def _connack_fits(self, properties: Properties) -> bool:
-        """Whether the CONNACK fits in the client's Maximum Packet Size; if not, the connection is
-        closed, before its session is touched, without a CONNACK [MQTT-3.1.2-24] or a
-        DISCONNECT, which may not come before one [MQTT-3.14.0-1]. (Session Present does not
-        change its size.)"""
+    def _connack_that_fits(self, properties: Properties) -> Properties | None:
+        """The CONNACK's properties within the client's Maximum Packet Size, Response Information
+        left out if need be (the broker may send it, 3.1.2.11.7); None if the rest does not fit
+        either: the connection is then closed, before its session is touched, without a CONNACK
+        [MQTT-3.1.2-24] or a DISCONNECT, which may not come before one [MQTT-3.14.0-1]. (Session
+        Present does not change its size.)"""
         size = len(self.broker.connack.encode(False, properties, self.version))
+        if size > self.max_send_size and "response_information" in properties:
+            properties = {k: v for k, v in properties.items() if k != "response_information"}
+            size = len(self.broker.connack.encode(False, properties, self.version))
         if size <= self.max_send_size:
-            return True
+            return properties
         self.drop(ReasonCode.PACKET_TOO_LARGE, f"its CONNACK would be {size} bytes, more than its Maximum Packet "
                   f"Size ({self.max_send_size})")
-        return False
+        return None
 
     def _forbidden_by_credentials(self, topic: str) -> bool:
         """Whether the ACL that came with the client's credentials (a token's claims, an HTTP
