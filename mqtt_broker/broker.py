@@ -308,6 +308,7 @@ class BrokerService(MultiService):
             cancel(session.retry_call)
             session.expiry_call = session.retry_call = None
         self.wills.stop()
+        self.delivery.stop()
         if self.store is not None:
             stopping.append(self.store.close())
         if self.cluster is not None:
@@ -440,7 +441,7 @@ class BrokerService(MultiService):
                 for connection in unflushed:
                     connection.flush()
                     session = connection.session
-                    if session is not None and session.queue and not connection.paused:
+                    if session is not None and (session.queue or session.spilled) and not connection.paused:
                         self.delivery.pump(session)
         finally:
             self.batching -= 1

@@ -124,8 +124,8 @@ class BrokerConfig:
         "With a store, QoS 1/2 messages beyond it wait in the store (up to max_stored_messages); "
         "without one, or for QoS 0, they are dropped and counted.")
     max_queued_bytes: int = _setting(
-        0, "Payload bytes queued in memory per client; 0 for no limit. Beyond it, as for "
-        "max_queued_messages.")
+        0, "Payload bytes queued in memory per client; 0 for no limit (an empty queue takes one "
+        "message of any size, as Mosquitto's does). Beyond it, as for max_queued_messages.")
     max_held_bytes: int = _setting(
         1_048_576, "Encoded bytes a connection holds while its socket is full, before messages wait "
         "in its session's queue instead (bounded by max_queued_messages and max_queued_bytes), and "

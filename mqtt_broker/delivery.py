@@ -75,6 +75,10 @@ class Delivery:
         still be this node's when Redis writes the records."""
         self.route_timer: Callable[[float], None] | None = None
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
+        self._reading: Session | None = None
+        """The session whose spilled messages ``_load_spilled`` asks the store for, while it asks."""
+        self._rereads: dict[str, Any] = {}
+        """Client id -> the call that reads its spilled messages again after a failed read."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 
@@ -483,7 +487,6 @@ class Delivery:
         """Send queued messages while the connection and its in-flight window allow; expired
         messages are dropped, never delivered [MQTT-3.3.2-5]."""
         connection = session.connection
-        queue = session.queue
         now = None
         # While writes are gathered, the transport cannot say it is full: stop past max_held_bytes,
         # so that the write that follows fills it and it asks to resume us later.
@@ -492,37 +495,49 @@ class Delivery:
         # reload, another user taking the session over, a session queued for before a restart).
         security = self.security
         identity = session.identity if security is not None else None
-        while queue and connection is not None and connection.pending_bytes < held:
-            head = queue[0]
-            if head.qos and len(session.outgoing) >= connection.send_quota:
-                return
-            session.dequeue()
-            expires_at = head.message.expires_at
-            if expires_at is not None:
-                now = now or self.clock.seconds()
-                if expires_at <= now:
-                    self.stats.messages_expired += 1
+        while True:
+            queue = session.queue
+            while queue and connection is not None and connection.pending_bytes < held:
+                head = queue[0]
+                if head.qos and len(session.outgoing) >= connection.send_quota:
+                    return
+                session.dequeue()
+                expires_at = head.message.expires_at
+                if expires_at is not None:
+                    now = now or self.clock.seconds()
+                    if expires_at <= now:
+                        self.stats.messages_expired += 1
+                        self.forget(session, head)
+                        continue
+                if identity is not None and security is not None and not security.can_read(
+                        identity, head.message.topic):
                     self.forget(session, head)
+                    if head.share is not None:  # (a member that may read it may have it)
+                        self.hand_on(head.message, head.share, self.subscriptions.shared_members(*head.share))
                     continue
-            if identity is not None and security is not None and not security.can_read(identity, head.message.topic):
-                self.forget(session, head)
-                if head.share is not None:  # (a member that may read it may have it)
-                    self.hand_on(head.message, head.share, self.subscriptions.shared_members(*head.share))
-                continue
-            if head.qos:
-                self._send_tracked(session, head, queued=True)
-            elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
-                self.stats.messages_sent += 1
-        if not queue and session.spilled and not session.loading:
-            self._load_spilled(session)
+                if head.qos:
+                    self._send_tracked(session, head, queued=True)
+                elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
+                    self.stats.messages_sent += 1
+            # Spilled messages the store reads at once (a MemoryStore) are sent in this same loop.
+            if queue or not session.spilled or session.loading or not self._load_spilled(session):
+                return
 
-    def _load_spilled(self, session: Session) -> None:
-        """Bring the next spilled messages of a session back from the store into its queue."""
+    def _load_spilled(self, session: Session) -> bool:
+        """Bring the next spilled messages of a session back from the store into its queue.
+        True if the store answered at once with some: then they are not pumped from within the
+        read (a store that always answers at once would take that recursion past the stack's
+        depth), the caller sends them."""
         assert self.store is not None
         session.loading = True
         limit = self.config.max_queued_messages or 1000
-        self.store.load_queued(session.client_id, session.loaded_seq, limit).addCallbacks(
-            self._spilled_loaded, self._spilled_failed, callbackArgs=(session,), errbackArgs=(session,))
+        self._reading = session
+        try:
+            self.store.load_queued(session.client_id, session.loaded_seq, limit).addCallbacks(
+                self._spilled_loaded, self._spilled_failed, callbackArgs=(session,), errbackArgs=(session,))
+        finally:
+            self._reading = None
+        return not session.loading and bool(session.queue)
 
     def _spilled_loaded(self, items: list[Queued], session: Session) -> None:
         session.loading = False
@@ -543,7 +558,8 @@ class Delivery:
             session.push(*items)
             session.loaded_seq = items[-1].seq
             session.spilled -= len(items)
-        self.pump(session)
+        if self._reading is not session:  # (read at once: _load_spilled's caller pumps)
+            self.pump(session)
 
     def _spilled_failed(self, failure: Any, session: Session) -> None:
         if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
@@ -551,12 +567,19 @@ class Delivery:
                         client_id=session.client_id)
         # Read again later: a session with nothing else in flight may never be pumped again.
         # ``loading`` stays set until then, so that nothing else starts a read meanwhile.
-        self.clock.callLater(SPILLED_READ_RETRY, self._read_spilled_again, session)
+        self._rereads[session.client_id] = self.clock.callLater(SPILLED_READ_RETRY, self._read_spilled_again, session)
 
     def _read_spilled_again(self, session: Session) -> None:
+        del self._rereads[session.client_id]
         session.loading = False
         if self.sessions.get(session.client_id) is session:
             self.pump(session)
+
+    def stop(self) -> None:
+        """The broker stops: no more reads of a closed store."""
+        for call in self._rereads.values():
+            call.cancel()
+        self._rereads.clear()
 
     def acknowledged(self, session: Session, packet_id: int) -> bool:
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""
@@ -588,7 +611,7 @@ class Delivery:
                 self.forget(session, session.outgoing.pop(next_id))
             if sent:
                 return True
-        if session.queue:
+        if session.queue or session.spilled:
             self.pump(session)
         return True
 

@@ -532,8 +532,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                 out += first.data
             if first is waiting:
                 break
-        if self.session is not None and self.session.queue and not self.paused:
-            self.delivery.pump(self.session)
+        session = self.session
+        if session is not None and (session.queue or session.spilled) and not self.paused:
+            self.delivery.pump(session)
 
     def _forget_unstored(self) -> None:
         """The connection ends: what waited for the store is not sent (the session keeps every

@@ -188,9 +188,10 @@ class Session:
         return self.expiry != 0
 
     def has_room(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
-        """Whether the in-memory queue can take one more message."""
+        """Whether the in-memory queue can take one more message (an empty one takes one of any
+        size, as Mosquitto's does: its max_queued_bytes bounds what is queued already)."""
         return not ((max_messages and len(self.queue) >= max_messages) or (
-            max_bytes and self.queued_bytes + len(item.message.payload) > max_bytes))
+            max_bytes and self.queue and self.queued_bytes + len(item.message.payload) > max_bytes))
 
     def enqueue(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
         """Queue a message for later delivery; False (and counted) when the queue is full."""

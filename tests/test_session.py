@@ -114,10 +114,11 @@ def test_enqueue_bounded_by_bytes() -> None:
     assert len(session.queue) == 3
 
 
-def test_a_message_larger_than_the_byte_bound_is_dropped() -> None:
+def test_a_message_larger_than_the_byte_bound_goes_only_into_an_empty_queue() -> None:
     session = Session("c1")
-    assert session.enqueue(queued(b"x" * 11), 0, 10) is False
-    assert session.dropped == 1 and not session.queue and session.queued_bytes == 0
+    assert session.enqueue(queued(b"x" * 11), 0, 10) is True
+    assert session.enqueue(queued(b"x"), 0, 10) is False
+    assert session.dropped == 1 and len(session.queue) == 1 and session.queued_bytes == 11
 
 
 def test_zero_bounds_mean_no_limit() -> None:

@@ -8,7 +8,7 @@ from mqtt_broker import BrokerService
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.delivery import STORE_SWEEP_EVERY
 from mqtt_broker.store.memory import MemoryStore
-from mqtt_broker.wire import Disconnect, Puback, ReasonCode
+from mqtt_broker.wire import Disconnect, Puback, Publish, ReasonCode
 
 
 def drain(client):  # type: ignore[no-untyped-def]
@@ -216,3 +216,63 @@ def test_messages_waiting_in_the_store_are_counted_as_queued() -> None:
     assert client_json(broker.sessions["s"])["queued"] == 10
     assert figures.read(broker).queued == 10
 
+
+def test_a_message_larger_than_max_queued_bytes_is_queued_into_an_empty_queue() -> None:
+    """As Mosquitto's max_queued_bytes (the same name, docs/mosquitto.md) bounds what is queued
+    already: an empty queue refused every message larger than the bound, lost for good."""
+    broker = make_broker(max_queued_bytes=100)
+    offline_subscriber(broker)
+    connected(broker, "pub").publish("t", b"x" * 200, qos=1)
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    assert drain(again) == [b"x" * 200]
+
+
+def test_a_message_stored_while_a_connected_client_is_busy_follows_once_it_is_not() -> None:
+    broker = make_broker(max_held_bytes=65536, max_queued_bytes=1000, store=MemoryStore())
+    sub = connected(broker, "sub", clean=False)
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    pub.send(Publish(topic="t", payload=b"a" * 70_000, qos=1, packet_id=1),  # (held: the connection is full)
+             Publish(topic="t", payload=b"b" * 2000, qos=1, packet_id=2),
+             Publish(topic="t", payload=b"c" * 2000, qos=1, packet_id=3))  # (past max_queued_bytes: stored)
+    pub.received()
+    got = drain(sub)
+    pub.publish("t", b"later", qos=1, packet_id=4)
+    assert got + drain(sub) == [b"a" * 70_000, b"b" * 2000, b"c" * 2000, b"later"]
+
+
+def test_a_backlog_a_store_reads_at_once_is_sent_without_recursing_once_per_read() -> None:
+    """With a window far wider than max_queued_messages, each read back (a MemoryStore answers at
+    once) pumped the next from within itself: past the stack's depth, the rest of the backlog
+    was never sent, on this connection or the next."""
+    broker = make_broker(max_queued_messages=1, max_inflight_messages=2000, store=MemoryStore())
+    offline_subscriber(broker)
+    for n in range(2000):
+        broker.publish("t", b"%d" % n, qos=1)
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    assert len(again.received()) == 2000 and broker.sessions["sub"].spilled == 0
+
+
+def test_a_stopped_broker_reads_no_backlog_again() -> None:
+    from twisted.internet.defer import fail
+
+    from mqtt_broker.delivery import SPILLED_READ_RETRY
+    from mqtt_broker.store import StoreError
+    store = MemoryStore()
+    broker = make_broker(max_queued_messages=2, store=store, close_linger=0)
+    broker.startService()
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", b"%d" % n, qos=1)
+    reads = []
+    store.load_queued = lambda *args: reads.append(args) or fail(StoreError("write failed"))  # type: ignore[method-assign]
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    drain(again)
+    broker.reactor.advance(SPILLED_READ_RETRY)
+    assert len(reads) == 2  # (read again a second later)
+    broker.stopService()
+    broker.reactor.advance(SPILLED_READ_RETRY * 10)
+    assert len(reads) == 2
