@@ -199,7 +199,7 @@ class BrokerService(MultiService):
         listen raises here (after closing what was opened), so twistd stops at start-up instead
         of running without a port."""
         _raise_open_files_limit()
-        self._stopped = False
+        self._stopped = self.delivery.stopped = False
         try:
             if self.store is not None:
                 self._restore(self.store.load(self.config.max_queued_messages))

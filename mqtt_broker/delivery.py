@@ -77,8 +77,10 @@ class Delivery:
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
         self._reading: Session | None = None
         """The session whose spilled messages ``_load_spilled`` asks the store for, while it asks."""
-        self._rereads: dict[str, Any] = {}
-        """Client id -> the call that reads its spilled messages again after a failed read."""
+        self._rereads: dict[Session, Any] = {}
+        """Session -> the call that reads its spilled messages again after a failed read."""
+        self.stopped = False
+        """The broker stopped: its store is closed, and read no more."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 
@@ -567,16 +569,18 @@ class Delivery:
                         client_id=session.client_id)
         # Read again later: a session with nothing else in flight may never be pumped again.
         # ``loading`` stays set until then, so that nothing else starts a read meanwhile.
-        self._rereads[session.client_id] = self.clock.callLater(SPILLED_READ_RETRY, self._read_spilled_again, session)
+        if not self.stopped:
+            self._rereads[session] = self.clock.callLater(SPILLED_READ_RETRY, self._read_spilled_again, session)
 
     def _read_spilled_again(self, session: Session) -> None:
-        del self._rereads[session.client_id]
+        del self._rereads[session]
         session.loading = False
         if self.sessions.get(session.client_id) is session:
             self.pump(session)
 
     def stop(self) -> None:
-        """The broker stops: no more reads of a closed store."""
+        """The broker stops: no more reads of a closed store (``stopped`` until it starts again)."""
+        self.stopped = True
         for call in self._rereads.values():
             call.cancel()
         self._rereads.clear()

@@ -76,7 +76,7 @@ class Subscribing:
             if packet.properties and logged else None
         for request in packet.subscriptions:
             named, topic_filter = split_replay_filter(request.topic_filter)
-            spec = named or asked
+            spec = named if named is not None else asked
             group, _ = split_shared(topic_filter)
             if spec is not None:
                 replayed = group is None and logged  # (a shared subscription is not replayed)

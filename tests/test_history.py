@@ -149,6 +149,8 @@ def test_subscriptions_that_replay_nothing_take_no_place_of_the_replays(
 @pytest.mark.parametrize("history_filters, topic_filter", [
     ([], "$replay/nonsense/x"),  # no message log: the $replay/ form is understood, or refused, all the same
     (["log/#"], "$replay/nonsense/$share/g/x"),  # a shared filter, which is not replayed
+    ([], "$replay//x"),  # (an empty spec is one too)
+    (["log/#"], "$replay//x"),
 ])
 def test_a_replay_filter_that_cannot_be_understood_gets_0x80(history_filters: list[str], topic_filter: str) -> None:
     broker = make_broker(history_filters=history_filters)

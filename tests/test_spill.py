@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from protocol_helpers import FakeClient, connected, make_broker
 
 from mqtt_broker import BrokerService
@@ -276,3 +278,68 @@ def test_a_stopped_broker_reads_no_backlog_again() -> None:
     broker.stopService()
     broker.reactor.advance(SPILLED_READ_RETRY * 10)
     assert len(reads) == 2
+
+
+def test_a_read_failing_after_the_stop_is_not_tried_again() -> None:
+    """A read in flight at the stop (an SQLite read behind a flush the failing disk fails, which
+    the store's close waits for) failed afterwards, and was tried again every second for ever."""
+    from twisted.internet.defer import Deferred, fail
+
+    from mqtt_broker.delivery import SPILLED_READ_RETRY
+    from mqtt_broker.store import StoreError
+    store = MemoryStore()
+    broker = make_broker(max_queued_messages=2, store=store, close_linger=0)
+    broker.startService()
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", b"%d" % n, qos=1)
+    in_flight: list[Deferred[Any]] = []
+    reads = []
+
+    def load_queued(*args: Any) -> Deferred[Any]:
+        reads.append(args)
+        if not in_flight:
+            in_flight.append(Deferred())
+            return in_flight[0]
+        return fail(StoreError("the store is closed"))
+    store.load_queued = load_queued  # type: ignore[method-assign]
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    assert drain(again) == [b"0", b"1"] and len(reads) == 1  # (the read of the rest in flight)
+    broker.stopService()
+    in_flight[0].errback(StoreError("write to the store failed"))
+    for _ in range(10):
+        broker.reactor.advance(SPILLED_READ_RETRY)
+    assert len(reads) == 1
+
+
+def test_the_reread_of_a_discarded_session_leaves_the_new_sessions_alone() -> None:
+    """The rereads were kept by client id: the old session's call, due first, took the new
+    session's place, and the new one's then failed; its backlog was never read again."""
+    from twisted.internet.defer import fail
+
+    from mqtt_broker.delivery import SPILLED_READ_RETRY
+    from mqtt_broker.store import StoreError
+    store = MemoryStore()
+    broker = make_broker(max_queued_messages=2, max_inflight_messages=1, store=store)
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", b"old%d" % n, qos=1)
+    read = store.load_queued
+    failing = [True]
+    store.load_queued = lambda *args: fail(StoreError("failed")) if failing[0] else read(*args)  # type: ignore[method-assign]
+    first = FakeClient(broker)
+    first.connect("sub", clean=False)
+    assert drain(first) == [b"old0", b"old1"]  # the read of the rest fails: read again in a second
+    first.lose()
+    broker.reactor.advance(SPILLED_READ_RETRY / 2)
+    second = FakeClient(broker)
+    second.connect("sub", clean=True)  # the old session is discarded
+    second.subscribe("t", qos=1)
+    for n in range(5):
+        broker.publish("t", b"new%d" % n, qos=1)
+    assert drain(second) == [b"new0", b"new1", b"new2"]  # the read of the rest fails too
+    failing[0] = False
+    for _ in range(4):
+        broker.reactor.advance(SPILLED_READ_RETRY / 2)
+    assert drain(second) == [b"new3", b"new4"]
