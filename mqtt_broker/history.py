@@ -143,7 +143,12 @@ class MessageLog:
         return [bare(e.message) for e in entries]
 
     def restore(self, entries: Iterable[Entry]) -> None:
-        """Take up logged entries read from a store (oldest first)."""
+        """Take up logged entries read from a store (oldest first), in place of what it held (a
+        service started again on its store)."""
+        self._logs = [deque() for _ in self.filters]
+        self._sizes = [0] * len(self.filters)
+        self._seq = 0
+        self._dropped = []
         for entry in entries:
             self._seq = max(self._seq, entry.seq - 1)
             if self.record(entry.message, entry.at) is None:  # its filter is no longer logged

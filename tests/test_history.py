@@ -244,3 +244,22 @@ def test_last_n_counts_the_messages_not_expired() -> None:
     pub.publish("e/t", b"dies", properties={"message_expiry_interval": 1})
     broker.reactor.advance(5)
     assert payloads(connected(broker, "sub").subscribe("$replay/last:1/e/#")) == [b"lives"]
+
+
+@pytest.mark.parametrize("history_max_messages", [0, 3])
+def test_a_service_started_again_on_its_store_keeps_its_log_once(history_max_messages: int) -> None:
+    """Started again on its store (an embedding application's stop and start), the service took
+    the store's log up on top of what it held: each message was logged twice, and with a bound
+    the copies pushed the originals out, which the store then forgot: a later start replayed
+    nothing."""
+    store = MemoryStore()
+    broker = make_broker(history_filters=["h/#"], history_max_messages=history_max_messages, store=store,
+                         close_linger=0)
+    broker.startService()
+    for n in range(3):
+        broker.publish("h/x", str(n).encode())
+    broker.stopService()
+    broker.startService()
+    sub = connected(broker, "sub")
+    assert [p.payload for p in sub.subscribe("$replay/all/h/#")[1:]] == [b"0", b"1", b"2"]  # type: ignore[attr-defined]
+    assert [entry.message.payload for entry in store.load().history] == [b"0", b"1", b"2"]
