@@ -9,6 +9,7 @@ there dispatches to these handlers like to its own.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from mypy_extensions import trait
@@ -113,8 +114,10 @@ class Subscribing:
                     share_group=group))
         hooks = self.broker.hooks
         if hooks.has_subscribe:
-            decisions = [hooks.decide("subscribe", self.client, w) if isinstance(w, Subscription) else succeed(w)
-                         for w in wanted]
+            # Each hook sees a copy: what it may change is its answer's (a refusal, a lower QoS), not
+            # the subscription granted (a higher QoS than asked, or than max_qos; another filter).
+            decisions = [hooks.decide("subscribe", self.client, replace(w)) if isinstance(w, Subscription)
+                         else succeed(w) for w in wanted]
             self._when(gatherResults(decisions), self._subscribe_decided, packet, wanted, replays)
         else:
             self._subscribe_decided([None] * len(wanted), packet, wanted, replays)
@@ -173,10 +176,12 @@ class Subscribing:
                                          None, (packet, codes, granted, previous, reason))
 
     def _subscribed(self, _: None, packet: Subscribe, codes: list[int], reason: str) -> None:
-        if self.state is not State.CONNECTED:
-            return
+        if self.state is State.CONNECTED:
+            self._suback(packet, codes, reason)
+
+    def _suback(self, packet: Subscribe, codes: list[int], reason: str) -> None:
         if self.version != MQTT_5:
-            codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80
+            codes = [code if code < 0x80 else 0x80 for code in codes]  # 3.x knows only 0x80 [MQTT-3.9.3-2]
         self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
 
     def _send_retained(self, granted: list[Subscription], replaced: list[bool], replays: list[str | None]) -> None:
@@ -199,8 +204,7 @@ class Subscribing:
                 self.broker.unsubscribe(self.session, subscription.topic_filter)
             else:
                 self.broker.subscribe(self.session, before)
-        codes = [0x80 if code < 0x80 else code for code in codes]
-        self.send(Suback(packet_id=packet.packet_id, reason_codes=tuple(codes), properties=self._reason(reason)))
+        self._suback(packet, [0x80 if code < 0x80 else code for code in codes], reason)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         hooks = self.broker.hooks

@@ -1442,6 +1442,22 @@ def test_a_filter_unsubscribed_stays_gone_when_a_subscribe_before_it_is_not_stor
     assert "a" not in broker.sessions["s"].subscriptions
 
 
+@pytest.mark.parametrize("version", [3, 4])
+def test_an_mqtt3_suback_after_a_failed_store_carries_only_its_codes(version: int) -> None:
+    """MQTT 3.1.1 [MQTT-3.9.3-2]: SUBACK codes other than 0x00, 0x01, 0x02 and 0x80 are
+    reserved; the answer to a SUBSCRIBE whose batch failed kept an MQTT 5 one (0x8F here)."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    client = FakeClient(broker, version)
+    client.send(Connect(client_id="s", clean_start=False, protocol_level=version,
+                        protocol_name="MQTT" if version == 4 else "MQIsdp"))
+    assert [type(p) for p in client.received()] == [Connack]
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="a/#/b"),
+                                                      SubscriptionRequest(topic_filter="ok"))))
+    store.write(store.generation, StoreError("the disk is full"))
+    assert [p.reason_codes for p in client.received()] == [(0x80, 0x80)]  # type: ignore[attr-defined]
+
+
 def test_without_a_store_a_delayed_will_waits_for_its_sessions_end_as_started_again() -> None:
     """A will whose delay is longer than its session waits for the session's end: started again
     without a store, that end is counted from the new start, and the will goes with it, not at

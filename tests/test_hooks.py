@@ -638,6 +638,38 @@ def test_a_connection_closed_for_a_packet_before_its_disconnect_publishes_the_wi
     assert [(m.topic, m.payload) for m in watcher.messages()] == [("wills/c", b"gone")]
 
 
+def test_a_retained_message_that_expires_while_its_hook_decides_still_replaces_the_old_one() -> None:
+    """[MQTT-3.3.1-5]: a retained PUBLISH replaces the topic's retained message; this one then
+    expired [MQTT-3.3.2-5], which left the old one to new subscribers."""
+    broker = MemoryBroker()
+    publisher = broker.connect("p")
+    publisher.publish("t", b"old", retain=True)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    publisher.send(Publish(topic="t", payload=b"new", retain=True, properties={"message_expiry_interval": 1}))
+    broker.reactor.advance(2)
+    pending[0].callback(None)
+    late = broker.connect("late")
+    late.subscribe("t")
+    assert late.messages() == [] and "t" not in broker.service.retained
+
+
+def test_a_subscribe_hook_changes_what_is_granted_by_its_answer_only() -> None:
+    """The hook was handed the subscription that is granted: changed in place, a QoS above the
+    one asked for, and above max_qos, was granted unchecked (MQTT 5 3.8.4: a server may grant a
+    lower QoS than asked, never a higher one)."""
+    broker = MemoryBroker(max_qos=1)
+
+    @broker.hooks.on_subscribe
+    def upgrade(client: Client, subscription: Subscription) -> None:
+        subscription.qos = 2
+        subscription.topic_filter = "other"
+
+    subscriber = broker.connect("s")
+    subscriber.subscribe("a", qos=0)
+    assert [(s.topic_filter, s.qos) for s in broker.service.subscriptions_of("s")] == [("a", 0)]
+
+
 def test_a_connection_gone_while_a_hook_decides_takes_no_place_of_max_connections() -> None:
     """It ends once the hook has decided (see the test above), without its socket meanwhile: a
     client connecting again in the meantime was refused for max_connections."""
