@@ -482,7 +482,7 @@ class BrokerService(MultiService):
                             clean_start=False, keep_alive=0)
             # A will waits no longer than its session, which may have ended meanwhile [MQTT-3.1.3-9].
             self.wills.schedule(client, will.message, now if will.client_id in ended_ids else will.due)
-        if self.history is not None:
+        if self.history is not None and getattr(store, "keeps_history", True):
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
             dropped = self.history.take_dropped()

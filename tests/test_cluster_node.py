@@ -1731,3 +1731,17 @@ def test_without_retained_messages_a_node_takes_none_from_redis(server: RedisSer
         assert [m.topic for m in broker.retained if m.topic.startswith("r/")] == []
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_nodes_message_log_is_kept_by_the_restore_step_of_its_start(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The message log stays in each node's memory (docs/cluster.md): Redis keeps none, and the
+    start's restore step, which takes a store's log in place of the one held, emptied it."""
+    broker = yield node_a(server, history_filters=["log/#"])
+    try:
+        yield broker.publish("log/a", b"one", qos=1)
+        now = broker.clock.seconds()
+        broker._restore(broker.store.load(broker.config.max_queued_messages))
+        assert [m.payload for m in broker.history.replay("log/#", "all", now)] == [b"one"]
+    finally:
+        yield broker.stopService()

@@ -84,6 +84,8 @@ class RedisStore:
     through it (messages for other nodes, routes, claims)."""
 
     opened = True
+    keeps_history = False
+    """The message log stays in each node's memory (``save_history`` keeps nothing)."""
 
     def __init__(self, redis: Redis, node: str, reactor: Any, inbox_maxlen: int = 1_000_000) -> None:
         self._retained_pending: dict[str, int] = {}

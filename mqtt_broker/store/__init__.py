@@ -122,6 +122,9 @@ class Store(Protocol):
 
     def close(self) -> Deferred[None]: ...
 
+    # Optional: ``keeps_history = False`` says that ``save_history`` keeps nothing (the message
+    # log stays in memory, and ``load`` gives none back to take its place).
+    #
     # Optional: ``drop_expired(client_id, after_seq, now) -> Deferred[int]`` deletes the queued
     # messages of a session numbered after ``after_seq`` that expired by ``now`` and fires with
     # how many (everything recorded before the call included): expired messages then make room
