@@ -609,6 +609,11 @@ class BrokerService(MultiService):
         self.route_own(topic, payload, qos, retain, properties)
         return succeed(None) if self.store is None else self.store.flushed()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the service was stopped (and not started again): its store is closed."""
+        return self._stopped
+
     def route_own(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                   properties: Properties = NO_PROPERTIES) -> None:
         """:meth:`publish`, without waiting for the store: for what goes on once the message is

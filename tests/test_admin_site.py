@@ -132,6 +132,25 @@ def test_a_refused_request_is_logged_with_its_path_quoted_and_escaped() -> None:
     assert line == "admin API: 'DELETE' '/api/v1/clients/a\\x9b2J\\x85forged' by key - refused: 401"
 
 
+def test_changes_are_refused_once_the_broker_is_stopped() -> None:
+    """An HTTP connection kept open across the stop (stopListening closes the port only) could
+    change the state of a broker whose store was closed."""
+    from mqtt_broker.admin.api import ApiResource
+    from mqtt_broker.message import Message
+    broker = make_broker(close_linger=0, http_api_keys=[hash_key(KEY)])
+    api = ApiResource(broker, broker.operations)
+    broker.startService()
+    broker.retained.store(Message(topic="status/app", payload=b"up", retain=True))
+    broker.stopService()
+    request = DummyRequest([b""])
+    request.method = b"DELETE"
+    request.path = b"/api/v1/retained/status/app"
+    request.requestHeaders.addRawHeader(b"authorization", b"Bearer " + KEY.encode())
+    answer = json.loads(api.render(request))
+    assert request.responseCode == 503 and answer == {"error": "the broker is stopped"}
+    assert broker.retained.get("status/app") is not None
+
+
 # --- the command line ------------------------------------------------------------------------
 
 def test_http_flags_are_repeatable() -> None:

@@ -941,3 +941,62 @@ def test_a_database_locked_by_a_tool_is_not_taken_for_a_damaged_one(
             SQLiteStore(path, reactor).load()
         tool.execute("ROLLBACK")
     assert "move it" not in str(caught.value), str(caught.value)
+
+
+# --- the same store object closed and opened again (a service stopped and started) -----------
+
+@pytest_twisted.inlineCallbacks
+def test_a_disk_still_full_after_the_store_is_opened_again_is_logged_again(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    fill_up(store)
+    store.save_retained(Message(topic="big/1", payload=os.urandom(200_000), retain=True))
+    with CapturedLog() as log:
+        with pytest.raises(StoreError):
+            yield store.flushed()
+        yield store.close()  # (what was not written is logged as lost)
+        store.load()
+        fill_up(store)
+        store.save_retained(Message(topic="big/2", payload=os.urandom(200_000), retain=True))
+        with pytest.raises(StoreError):
+            yield store.flushed()
+        failures = log.matching("cannot write to")
+    make_room(store)
+    assert len(failures) == 2, failures
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_store_opened_again_does_not_say_writing_works_again_when_it_never_failed(
+        sqlite: Harness) -> Iterator[Deferred[Any]]:
+    sqlite.open()
+    store = sqlite.store
+    fill_up(store)
+    store.save_retained(Message(topic="big/1", payload=os.urandom(200_000), retain=True))
+    with pytest.raises(StoreError):
+        yield store.flushed()
+    yield store.close()
+    with CapturedLog() as log:
+        store.load()  # (a new connection has no page limit)
+        store.save_retained(Message(topic="small", payload=b"x", retain=True))
+        yield store.flushed()
+    assert log.matching("works again") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_change_recorded_once_the_store_is_closed_is_said_lost_and_leaves_it_usable(
+        sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """Its write failed an assertion in the reactor, and left the store writing for good: opened
+    again (a service started again), it wrote nothing more, and its stop never finished."""
+    sqlite.open()
+    store = sqlite.store
+    yield store.close()
+    with CapturedLog() as log:
+        store.delete_retained("status/app")
+        with pytest.raises(StoreError):
+            yield store.flushed()
+    assert log.failures() == [] and len(log.matching("changes recorded after")) == 1
+    store.load()
+    store.save_retained(Message(topic="status/app", payload=b"again", retain=True))
+    yield store.flushed()
+    snapshot = yield sqlite.reopen()
+    assert [m.payload for m in snapshot.retained] == [b"again"]

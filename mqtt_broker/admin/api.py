@@ -140,6 +140,8 @@ class ApiResource(Resource):
             if getattr(request, "body_too_large", False):
                 raise ApiError(400, f"request body larger than http_max_body_size "
                                f"({self.broker.config.http_max_body_size} bytes)")
+            if route.method != "GET" and self.broker.stopped:  # (its store is closed)
+                raise ApiError(503, "the broker is stopped")
             result = maybeDeferred(route.handler, self, request, key_id, **params)
         except ApiError as error:
             return self._answer(request, error.status, {"error": error.message}, key_id)

@@ -213,7 +213,8 @@ class SQLiteStore:
         self._failing = False
         self._unwritten: list[tuple[str, tuple[Any, ...]]] = []
         """The statements of a batch that failed, written first in the next one."""
-        self._retry_scheduled = False
+        self._retry_call: Any = None
+        """Writes a failed batch again after RETRY_AFTER, even if nothing new comes."""
         self._batch_started = 0.0
         self.generation = 0
         self.gather: Callable[..., None] = call
@@ -495,6 +496,16 @@ class SQLiteStore:
         self._scheduled = False
         if self._writing:
             return
+        if self._pool is None:  # closed: what was recorded since is not written, and said so
+            lost = [op for op in self._pending if op is not None]
+            if lost:
+                log.error("{count} changes recorded after {path} was closed are lost", count=len(lost),
+                          path=str(self.path))
+            self._pending, self._inserts, self._pubrels = [], {}, {}
+            self.generation += 1
+            waiters, self._waiters = self._waiters, []
+            self.gather(fire, waiters, StoreError(f"{self.path} is closed"))
+            return
         # What a failed batch held goes first: it is written once the disk works again.
         batch = [op for op in self._pending if op is not None]
         if self._unwritten:
@@ -538,9 +549,8 @@ class SQLiteStore:
                             result, path=str(self.path))
             error = StoreError(f"write to {self.path} failed: {result.getErrorMessage()}")
             self._unwritten = batch
-            if not self._retry_scheduled:  # try again even if nothing new comes
-                self._retry_scheduled = True
-                self.reactor.callLater(RETRY_AFTER, self._retry)
+            if self._retry_call is None:  # try again even if nothing new comes
+                self._retry_call = self.reactor.callLater(RETRY_AFTER, self._retry)
             self.gather(fire, waiters, error)
         else:
             if self._failing:
@@ -551,7 +561,7 @@ class SQLiteStore:
             self._flush()
 
     def _retry(self) -> None:
-        self._retry_scheduled = False
+        self._retry_call = None
         if self._unwritten and not self._writing and not self._scheduled and self._db is not None:
             self._flush()
 
@@ -563,6 +573,12 @@ class SQLiteStore:
                 log.error("closing {path} with {count} changes not written: the disk failed, and they are lost",
                           path=str(self.path), count=len(self._unwritten))
                 self._unwritten = []
+            # Opened again, the store starts afresh: a failing disk is logged anew, a working one
+            # is not said to work "again".
+            self._failing = False
+            if self._retry_call is not None and self._retry_call.active():
+                self._retry_call.cancel()
+            self._retry_call = None
             if self._pool is not None:
                 self._pool.stop()
                 self._pool = None
