@@ -257,17 +257,23 @@ def test_a_backlog_a_store_reads_at_once_is_sent_without_recursing_once_per_read
     assert len(again.received()) == 2000 and broker.sessions["sub"].spilled == 0
 
 
+def started_with_a_backlog(store: MemoryStore) -> BrokerService:
+    """A started broker whose offline subscriber "sub" has five QoS 1 messages, three in ``store``."""
+    broker = make_broker(max_queued_messages=2, store=store, close_linger=0)
+    broker.startService()
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", b"%d" % n, qos=1)
+    return broker
+
+
 def test_a_stopped_broker_reads_no_backlog_again() -> None:
     from twisted.internet.defer import fail
 
     from mqtt_broker.delivery import SPILLED_READ_RETRY
     from mqtt_broker.store import StoreError
     store = MemoryStore()
-    broker = make_broker(max_queued_messages=2, store=store, close_linger=0)
-    broker.startService()
-    offline_subscriber(broker)
-    for n in range(5):
-        broker.publish("t", b"%d" % n, qos=1)
+    broker = started_with_a_backlog(store)
     reads = []
     store.load_queued = lambda *args: reads.append(args) or fail(StoreError("write failed"))  # type: ignore[method-assign]
     again = FakeClient(broker)
@@ -288,11 +294,7 @@ def test_a_read_failing_after_the_stop_is_not_tried_again() -> None:
     from mqtt_broker.delivery import SPILLED_READ_RETRY
     from mqtt_broker.store import StoreError
     store = MemoryStore()
-    broker = make_broker(max_queued_messages=2, store=store, close_linger=0)
-    broker.startService()
-    offline_subscriber(broker)
-    for n in range(5):
-        broker.publish("t", b"%d" % n, qos=1)
+    broker = started_with_a_backlog(store)
     in_flight: list[Deferred[Any]] = []
     reads = []
 
