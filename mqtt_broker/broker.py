@@ -60,6 +60,8 @@ class MQTTFactory(Factory):
         return _Refused() if protocol is None and self.wrapped else protocol
 
     def build(self, addr: IAddress) -> MQTTProtocol | None:
+        if self.broker.stopped:  # (a connection of a listener that outlives the stop: the admin site's)
+            return None
         limit = self.broker.config.max_connections
         if limit >= 0 and len(self.broker.connections) - self.broker.ending >= limit:
             self.broker.stats.connections_refused += 1
@@ -207,6 +209,7 @@ class BrokerService(MultiService):
                 self._rearm()
         except BaseException:
             self._unlisten()  # (what privilegedStartService opened)
+            self._stopped = self.delivery.stopped = True  # (its store is not open)
             raise
         super().startService()
         try:

@@ -11,14 +11,16 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+import pytest_twisted
 from admin_http import KEY, OTHER_KEY, start_admin
 from conftest import ROOT, free_port, wait_for_port
 from paho_helpers import WAIT, PahoClient
 from test_tls import _endpoint_quote, make_certs
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.test.requesthelper import DummyRequest
@@ -149,6 +151,32 @@ def test_changes_are_refused_once_the_broker_is_stopped() -> None:
     answer = json.loads(api.render(request))
     assert request.responseCode == 503 and answer == {"error": "the broker is stopped"}
     assert broker.retained.get("status/app") is not None
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_broker_whose_start_failed_refuses_changes(tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """The start failed at its store (the database held by another program): the store is not
+    open, as after a stop."""
+    from twisted.internet import reactor
+
+    from mqtt_broker.admin.api import ApiResource
+    from mqtt_broker.store import StoreError
+    from mqtt_broker.store.sqlite import SQLiteStore
+    broker = make_broker(persistence="sqlite", data_dir=str(tmp_path), close_linger=0,
+                         http_api_keys=[hash_key(KEY)])
+    holder = SQLiteStore(tmp_path / "mqttbroker.db", reactor)
+    holder.load()
+    try:
+        with pytest.raises(StoreError):
+            broker.startService()
+        request = DummyRequest([b""])
+        request.method = b"DELETE"
+        request.path = b"/api/v1/retained/status/app"
+        request.requestHeaders.addRawHeader(b"authorization", b"Bearer " + KEY.encode())
+        ApiResource(broker, broker.operations).render(request)
+        assert request.responseCode == 503 and broker.stopped
+    finally:
+        yield holder.close()
 
 
 # --- the command line ------------------------------------------------------------------------

@@ -1000,3 +1000,22 @@ def test_a_change_recorded_once_the_store_is_closed_is_said_lost_and_leaves_it_u
     yield store.flushed()
     snapshot = yield sqlite.reopen()
     assert [m.payload for m in snapshot.retained] == [b"again"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_change_recorded_while_closed_is_lost_when_the_store_is_opened_again_at_once(
+        sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """Opened again before its flush came, the store wrote it, after load() read the state the
+    broker takes up: the broker held what the disk no longer had."""
+    sqlite.open()
+    store = sqlite.store
+    store.save_retained(Message(topic="status/app", payload=b"up", retain=True))
+    yield store.flushed()
+    yield store.close()
+    with CapturedLog() as log:
+        store.delete_retained("status/app")
+        assert [m.payload for m in store.load().retained] == [b"up"]
+        yield store.flushed()
+    assert len(log.matching("changes recorded after")) == 1
+    snapshot = yield sqlite.reopen()
+    assert [m.payload for m in snapshot.retained] == [b"up"]

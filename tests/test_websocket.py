@@ -197,6 +197,16 @@ def test_a_refused_origin_is_logged_quoted_and_escaped() -> None:
     assert "origin 'https://evil.example\\x9b2J\\x85forged' not in" in line
 
 
+def test_a_stopped_broker_takes_no_websocket_client() -> None:
+    """The admin site's HTTP connections may outlive the stop (only its port is closed): one
+    upgraded to MQTT connected a client to the stopped broker, its store closed."""
+    broker = make_broker(close_linger=0)
+    broker.startService()
+    broker.stopService()
+    client = WSClient(broker)
+    assert client.handshake() == 503 and client.closed and not broker.connections
+
+
 def test_plain_http_request_gets_426_and_no_status_page() -> None:
     """With the headers HTTP requires of the answers [RFC 9110 15.5.22, 15.5.6]."""
     for request, code, header in ((b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 426, ("upgrade", "websocket")),

@@ -235,6 +235,8 @@ class SQLiteStore:
             # close would end the new connection instead of the old one.)
             raise StoreError(f"{self.path} is still being closed: start again once the stop has finished "
                              f"(stopService's Deferred has fired)")
+        if self._pending or self._waiters:  # (recorded while it was closed, its flush not come yet)
+            self._drop_recorded_while_closed()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -496,15 +498,8 @@ class SQLiteStore:
         self._scheduled = False
         if self._writing:
             return
-        if self._pool is None:  # closed: what was recorded since is not written, and said so
-            lost = [op for op in self._pending if op is not None]
-            if lost:
-                log.error("{count} changes recorded after {path} was closed are lost", count=len(lost),
-                          path=str(self.path))
-            self._pending, self._inserts, self._pubrels = [], {}, {}
-            self.generation += 1
-            waiters, self._waiters = self._waiters, []
-            self.gather(fire, waiters, StoreError(f"{self.path} is closed"))
+        if self._pool is None:
+            self._drop_recorded_while_closed()
             return
         # What a failed batch held goes first: it is written once the disk works again.
         batch = [op for op in self._pending if op is not None]
@@ -564,6 +559,18 @@ class SQLiteStore:
         self._retry_call = None
         if self._unwritten and not self._writing and not self._scheduled and self._db is not None:
             self._flush()
+
+    def _drop_recorded_while_closed(self) -> None:
+        """What was recorded while the store was closed is not written (opened again, the store's
+        state was read without it), and said so; whoever waits for it is told."""
+        lost = [op for op in self._pending if op is not None]
+        if lost:
+            log.error("{count} changes recorded after {path} was closed are lost", count=len(lost),
+                      path=str(self.path))
+        self._pending, self._inserts, self._pubrels = [], {}, {}
+        self.generation += 1
+        waiters, self._waiters = self._waiters, []
+        self.gather(fire, waiters, StoreError(f"{self.path} is closed"))
 
     def close(self) -> Deferred[None]:
         """Write what is pending, then close the file and stop the writer thread."""
