@@ -209,7 +209,7 @@ class BrokerService(MultiService):
                 self._rearm()
         except BaseException:
             self._unlisten()  # (what privilegedStartService opened)
-            self._stopped = self.delivery.stopped = True  # (its store is not open)
+            self._stopped = self.delivery.stopped = True  # (not running: nothing is to change it)
             raise
         super().startService()
         try:
