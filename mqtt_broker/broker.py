@@ -109,7 +109,6 @@ class BrokerService(MultiService):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
-        self._stopped = False
         self._retained_sweep: Any = None
         self._alive_call: Any = None
         self.sessions: dict[str, Session] = {}
@@ -201,7 +200,7 @@ class BrokerService(MultiService):
         listen raises here (after closing what was opened), so twistd stops at start-up instead
         of running without a port."""
         _raise_open_files_limit()
-        self._stopped = self.delivery.stopped = False
+        self.delivery.stopped = False
         try:
             if self.store is not None:
                 self._restore(self.store.load(self.config.max_queued_messages))
@@ -209,7 +208,7 @@ class BrokerService(MultiService):
                 self._rearm()
         except BaseException:
             self._unlisten()  # (what privilegedStartService opened)
-            self._stopped = self.delivery.stopped = True  # (not running: nothing is to change it)
+            self.delivery.stopped = True  # (not running: nothing is to change it)
             raise
         super().startService()
         try:
@@ -291,7 +290,7 @@ class BrokerService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        self._stopped = True
+        self.delivery.stop()
         stopping = self._unlisten()
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
@@ -311,7 +310,6 @@ class BrokerService(MultiService):
             cancel(session.retry_call)
             session.expiry_call = session.retry_call = None
         self.wills.stop()
-        self.delivery.stop()
         if self.store is not None:
             stopping.append(self.store.close())
         if self.cluster is not None:
@@ -615,13 +613,13 @@ class BrokerService(MultiService):
     @property
     def stopped(self) -> bool:
         """Whether the service was stopped (and not started again): its store is closed."""
-        return self._stopped
+        return self.delivery.stopped
 
     def route_own(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                   properties: Properties = NO_PROPERTIES) -> None:
         """:meth:`publish`, without waiting for the store: for what goes on once the message is
         routed ($SYS values, the admin API's publish, a bridge's state)."""
-        if self._stopped:
+        if self.delivery.stopped:
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
         if self.store is not None and not self.store.opened:  # (a file the start opens: written to before, it jammed)
             raise RuntimeError("the broker is not started: its store is not open yet")
@@ -842,6 +840,15 @@ class BrokerService(MultiService):
                     subscription.no_local and message.sender == session.client_id):  # [MQTT-3.8.3-3]
                 continue
             delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
+
+    def delete_retained(self, topic: str) -> bool:
+        """Delete a topic's retained message, here and in the store (in a cluster, Redis, whence
+        every node); False if there was none."""
+        if not self.retained.delete(topic):
+            return False
+        if self.store is not None:
+            self.store.delete_retained(topic)
+        return True
 
     def _drop_retained(self, topic: str) -> None:
         """An expired retained message goes [MQTT-3.3.2-5]."""

@@ -80,7 +80,8 @@ class Delivery:
         self._rereads: dict[Session, Any] = {}
         """Session -> the call that reads its spilled messages again after a failed read."""
         self.stopped = False
-        """The broker stopped: its store is closed, and read no more."""
+        """The broker stopped (``stop``, until it starts again): its store is closed, and read no
+        more. ``BrokerService.stopped`` says this."""
 
     # --- routing (the hot path) ---------------------------------------------------------
 
@@ -338,6 +339,10 @@ class Delivery:
         now = self.clock.seconds()
         if now - session.swept_at < 1.0:
             return False
+        return self._drop_expired(session, now)
+
+    def _drop_expired(self, session: Session, now: float) -> bool:
+        """Take what expired out of a session's queue (swept now); returns whether any went."""
         session.swept_at = now
         expired = session.drop_expired(now)
         self.stats.messages_expired += len(expired)
@@ -353,11 +358,7 @@ class Delivery:
         now = self.clock.seconds()
         if drop_expired is None or session.loading or now - session.swept_at < STORE_SWEEP_EVERY:
             return
-        session.swept_at = now
-        expired = session.drop_expired(now)
-        self.stats.messages_expired += len(expired)
-        for item in expired:
-            self.forget(session, item)
+        self._drop_expired(session, now)
         session.loading = True  # (no read of the spilled messages meanwhile: it would count some twice)
         drop_expired(session.client_id, session.loaded_seq, now).addCallbacks(
             self._store_swept, self._store_sweep_failed, callbackArgs=(session,), errbackArgs=(session,))

@@ -74,10 +74,13 @@ class MessageLog:
         self.max_messages = max_messages
         self.max_age = max_age
         self.max_bytes = max_bytes
-        self._logs: list[deque[Entry]] = [deque() for _ in self.filters]
-        self._sizes = [0] * len(self.filters)
         self._routes: dict[str, tuple[int, ...]] = {}
         """Topic -> indexes of the filters it matches (bounded cache)."""
+        self._empty()
+
+    def _empty(self) -> None:
+        self._logs: list[deque[Entry]] = [deque() for _ in self.filters]
+        self._sizes = [0] * len(self.filters)
         self._seq = 0
         self._dropped: list[int] = []
         """Seqs of the entries every log has dropped since ``take_dropped``."""
@@ -145,10 +148,7 @@ class MessageLog:
     def restore(self, entries: Iterable[Entry]) -> None:
         """Take up logged entries read from a store (oldest first), in place of what it held (a
         service started again on its store)."""
-        self._logs = [deque() for _ in self.filters]
-        self._sizes = [0] * len(self.filters)
-        self._seq = 0
-        self._dropped = []
+        self._empty()
         for entry in entries:
             self._seq = max(self._seq, entry.seq - 1)
             if self.record(entry.message, entry.at) is None:  # its filter is no longer logged

@@ -182,11 +182,8 @@ class Publishing:
             message.expires_at = received_at + message.properties["message_expiry_interval"]
             if message.expires_at < self.clock.seconds():  # while the hook decided: it goes nowhere
                 self.stats.messages_expired += 1
-                broker = self.broker
-                if message.retain and broker.config.retain_available and broker.retained.delete(message.topic):
-                    # It replaced the topic's retained message [MQTT-3.3.1-5], and expired.
-                    if broker.store is not None:
-                        broker.store.delete_retained(message.topic)
+                if message.retain and self.broker.config.retain_available:
+                    self.broker.delete_retained(message.topic)  # it replaced it [MQTT-3.3.1-5], and expired
                 if qos == 2:
                     self.delivery.await_pubrel(self.session, packet_id)  # (its PUBREL is to come)
                 if qos:

@@ -427,10 +427,8 @@ class ApiResource(Resource):
 
     def _delete_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
         topic = self._retained_topic(topic)
-        if not self.broker.retained.delete(topic):
+        if not self.broker.delete_retained(topic):
             raise ApiError(404, f"no retained message on {topic!r}")
-        if self.broker.store is not None:
-            self.broker.store.delete_retained(topic)
         log.info("admin API: key {key} deletes the retained message of {topic!r}", key=key_id, topic=topic)
         return 204, None
 

@@ -461,9 +461,8 @@ class Bridge(Service):
     def _send_in(self, local: Link, message: Publish, since: float | None = None) -> None:
         """``since``: the time it came, having waited for a slot: that long is gone of its Message
         Expiry Interval [MQTT-3.3.2-6], and one whose interval ran out goes no further [MQTT-3.3.2-5]."""
-        interval = message.properties.get("message_expiry_interval") if since is not None else None
-        if interval is not None:
-            assert since is not None
+        interval = message.properties.get("message_expiry_interval")
+        if since is not None and interval is not None:
             left = interval - (self.clock.seconds() - since)
             if left <= 0:
                 assert self.remote is not None

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -33,6 +33,7 @@ from ..wire.properties import decode_properties, encode_properties
 from . import Snapshot, StoredWill, StoreError, call, fire
 
 log = Logger()
+_T = TypeVar("_T")
 
 RETRY_AFTER = 1.0
 """Seconds after a failed write before it is tried again, when nothing else comes to write."""
@@ -373,10 +374,13 @@ class SQLiteStore:
                 "SELECT seq, topic, payload, qos, retain, properties, expires_at, subscription_ids, share, "
                 "packet_id FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
                 "ORDER BY seq LIMIT ?", (client_id, after_seq, limit))]
+        return self._once_written(read)
 
-        def written(_: None) -> Deferred[list[Queued]]:
+    def _once_written(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """``work`` on the writer thread, once everything recorded so far is written."""
+        def written(_: None) -> Deferred[_T]:
             assert self._pool is not None
-            return deferToThreadPool(self.reactor, self._pool, read)
+            return deferToThreadPool(self.reactor, self._pool, work)
         return self.flushed().addCallback(written)
 
     def drop_expired(self, client_id: str, after_seq: int, now: float) -> Deferred[int]:
@@ -387,11 +391,7 @@ class SQLiteStore:
             return self._db.execute(
                 "DELETE FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
                 "AND expires_at <= ?", (client_id, after_seq, now)).rowcount
-
-        def written(_: None) -> Deferred[int]:
-            assert self._pool is not None
-            return deferToThreadPool(self.reactor, self._pool, delete)
-        return self.flushed().addCallback(written)
+        return self._once_written(delete)
 
     # --- recording changes --------------------------------------------------------------
 
