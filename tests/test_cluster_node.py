@@ -1745,3 +1745,39 @@ def test_a_nodes_message_log_is_kept_by_the_restore_step_of_its_start(server: Re
         assert [m.payload for m in broker.history.replay("log/#", "all", now)] == [b"one"]
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stored_messages_that_expired_make_room_under_max_stored_messages(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """As with the SQLite store: at max_stored_messages, the offline session's messages that
+    expired are deleted from Redis, and the next ones are taken."""
+    clock = Clock()
+    clock.advance(1000)
+    broker = yield node_a(server, clock, max_queued_messages=1, max_stored_messages=2)
+    try:
+        sub = yield subscriber(broker, "s", "t")
+        sub.lose()
+        publisher = yield connect(broker, 5, client_id="p")
+        publisher.received()  # (its CONNACK)
+
+        @inlineCallbacks
+        def codes(*payloads: bytes, **properties: Any) -> Any:
+            answers = []
+            for n, payload in enumerate(payloads):
+                publisher.send(Publish(topic="t", payload=payload, qos=1, packet_id=n + 1, properties=properties))
+                got: list[Any] = []
+                yield until(lambda: got.extend(publisher.received()) or bool(got), "the PUBACK")
+                answers += [p.reason_code for p in got]
+            return answers
+        assert (yield codes(b"old", b"old", b"old", b"old", message_expiry_interval=10)) == [
+            0, 0, 0, ReasonCode.QUOTA_EXCEEDED]  # one in memory, two in Redis
+        clock.advance(11)
+        assert (yield codes(b"new0")) == [ReasonCode.QUOTA_EXCEEDED]  # (and Redis is swept meanwhile)
+        yield until(lambda: not broker.sessions["s"].spilled, "the sweep's answer")
+        assert (yield codes(b"new1", b"new2")) == [0, 0]
+        assert broker.stats.messages_expired == 3
+        again = yield connect(broker, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        got = yield publishes(again, "the messages kept", 2)
+        assert [p.payload for p in got] == [b"new1", b"new2"]
+    finally:
+        yield broker.stopService()

@@ -17,6 +17,7 @@ from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.cluster.codec import TARGETED, pack_will, unpack_records, unpack_will
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import ACK_DELAY, RedisStore, _Batch
+import mqtt_broker.cluster.store as store_module
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.topics import Subscription
@@ -229,6 +230,35 @@ def test_a_claim_hands_over_the_whole_session(nodes: tuple[RedisStore, RedisStor
     assert s.next_seq == 7  # past every seq in use
     later = yield b.load_queued("c", s.loaded_seq, 10)
     assert [(i.seq, i.message.payload) for i in later] == [(6, b"queued 6")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_drop_expired_deletes_only_queued_messages_past_the_window_that_expired(
+        nodes: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    monkeypatch.setattr(store_module, "SWEEP_PAGE", 2)  # (several pages)
+    yield a.claim("c", False, 0)
+    a.save_session(Session("c", 3600), 1.0)
+
+    def expiring(payload: bytes, seq: int, expires_at: float | None) -> Queued:
+        return Queued(Message(topic="t", payload=payload, qos=1, expires_at=expires_at), 1, False, (), None, seq)
+    a.add_delivery("c", expiring(b"in flight", 1, 5.0), 3)
+    a.add_delivery("c", expiring(b"in memory", 2, 5.0), None)
+    for seq, expires_at in [(3, 5.0), (4, None), (5, 10.0), (6, 4.0), (7, 5.5)]:
+        a.add_delivery("c", expiring(b"%d" % seq, seq, expires_at), None)
+    yield b.claim("other", False, 0)
+    b.save_session(Session("other", 3600), 1.0)
+    b.add_delivery("other", expiring(b"o", 1, 1.0), None)
+    yield b.flushed()
+    dropped = yield a.drop_expired("c", 2, 5.0)  # (recorded, not yet written: included)
+    assert dropped == 2
+    rest = yield a.load_queued("c", 0, 10)
+    assert [q.seq for q in rest] == [2, 4, 5, 7]
+    claim = yield b.claim("c", False, 10)
+    assert claim.session is not None and list(claim.session.outgoing) == [3]
+    assert [q.seq for q in claim.session.queue] == [2, 4, 5, 7]
+    others = yield b.load_queued("other", 0, 10)
+    assert [q.seq for q in others] == [1]
 
 
 @pytest_twisted.inlineCallbacks

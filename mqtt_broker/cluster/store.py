@@ -64,6 +64,9 @@ node's read) instead of twice. A node killed meanwhile has those entries handled
 itself when it restarts or by the node that adopts its inbox; the clean sessions they were for
 ended with it."""
 
+SWEEP_PAGE = 500
+"""Queued messages ``drop_expired`` reads from Redis at a time."""
+
 MAX_IN_FLIGHT = 1
 """Batches sent to Redis and not yet answered, at most. One: Redis answers a connection's
 commands in order, but an error answer to one batch (Redis still loading its files after a
@@ -143,6 +146,25 @@ class RedisStore:
             return self.redis.run(QUEUED, client_id, after_seq, limit).addCallback(
                 lambda reply: [unpack_queued(item, int(seq)) for seq, item in reply if item is not None])
         return self.flushed().addCallback(read)
+
+    @inlineCallbacks
+    def drop_expired(self, client_id: str, after_seq: int, now: float) -> Any:
+        """Delete the queued messages of a session numbered after ``after_seq`` that expired by
+        ``now``; fires with how many, once Redis has deleted them. Read SWEEP_PAGE at a time: a
+        session at max_stored_messages may hold many."""
+        yield self.flushed()
+        count = 0
+        while True:
+            reply = yield self.redis.run(QUEUED, client_id, after_seq, SWEEP_PAGE)
+            for seq, packed in reply:
+                after_seq = int(seq)
+                if packed is not None and unpack_queued(packed, after_seq).message.expired(now):
+                    self.remove_delivery(client_id, after_seq)
+                    count += 1
+            if len(reply) < SWEEP_PAGE:
+                break
+        yield self.flushed()
+        return count
 
     # --- the Store protocol: changes to sessions ------------------------------------------
 
