@@ -8,8 +8,18 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho_helpers import PahoClient
+from protocol_helpers import make_broker
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
 
+from mqtt_broker import BrokerService
 from mqtt_broker.mosquitto import _toml as toml_value
+
+ATTEMPT_DELAY = 0.3
+"""HostnameEndpoint's pause between attempts at an address's IPs: it sees an attempt fail at the next."""
 
 
 def write_config(path: Path, settings: dict[str, Any], bridges: list[dict[str, Any]]) -> Path:
@@ -40,3 +50,48 @@ class StateWatcher:
 
     def close(self) -> None:
         self.client.close()
+
+
+class Bridged:
+    """A broker in this process, on a MemoryReactorClock, with one bridge (named "up"), and a
+    remote broker that the test joins it to: the bridge's attempt to reach the remote is the fake
+    reactor's, and the test decides how it ends (``refuse``, ``accept``)."""
+
+    def __init__(self, bridge: dict[str, Any], reactor: MemoryReactorClock | None = None, **settings: Any) -> None:
+        self.reactor = reactor or MemoryReactorClock()
+        settings.setdefault("sys_interval", 0)
+        self.broker = BrokerService(endpoints=[], reactor=self.reactor, bridge=[bridge], **settings)
+        self.remote = make_broker(sys_interval=0)
+        self.pumps: list[iosim.IOPump] = []
+        self.broker.startService()
+        self.remote.startService()
+        self.bridge = self.broker.bridges.get("up")
+
+    @property
+    def attempts(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def refuse(self) -> None:
+        """The last connection attempt fails, as a closed port makes it."""
+        factory = self.reactor.tcpClients[-1][2]
+        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
+        self.reactor.advance(ATTEMPT_DELAY)
+
+    def accept(self) -> None:
+        """The last connection attempt reaches the remote broker."""
+        host, port, factory = self.reactor.tcpClients[-1][:3]
+        client = factory.buildProtocol(IPv4Address("TCP", host, port))
+        server = self.remote.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps)))
+        self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
+                                        greet=False))
+        self.settle()
+
+    def settle(self) -> None:
+        """Until nothing more crosses (bounded)."""
+        for _ in range(50):
+            moved = any([pump.pump() for pump in self.pumps])
+            self.reactor.advance(0)
+            self.remote.reactor.advance(0)
+            if not moved:
+                return
+        raise AssertionError("the bridge kept talking")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from admin_http import KEY, start_admin
+import bridge_helpers
 from bridge_helpers import write_config
 from browser_helpers import click, text_of, wait_for
 from openapi_spec_validator import validate
@@ -25,11 +26,8 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from test_admin_dashboard import ARTIFACTS, browser  # noqa: F401 (the fixture)
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, eventFromJSON, formatEvent
-from twisted.python.failure import Failure
-from twisted.test import iosim
 from twisted.web.test.requesthelper import DummyRequest
 
 from mqtt_broker import BrokerService
@@ -44,54 +42,15 @@ BRIDGE = {"connection": "up", "addresses": ["127.0.0.1:1", "127.0.0.1:2"], "remo
           "topic": ["sensors/# out 1 local/ remote/", "commands/# in 1"], "restart_timeout": 60}
 RETRY = 60
 """Seconds the bridge waits before it connects again (past any $SYS update a test waits for)."""
-ATTEMPT_DELAY = 0.3
-"""HostnameEndpoint's pause between attempts at an address's IPs: it sees an attempt fail at the next."""
 SYS_INTERVAL = 10
 
 
-class Bridged:
+class Bridged(bridge_helpers.Bridged):
     """A broker with the one bridge ``up``, and a remote broker that the test joins it to."""
 
-    def __init__(self, reactor: MemoryReactorClock | None = None, addresses: list[str] | None = None,
-                 **settings: Any) -> None:
-        self.reactor = reactor or MemoryReactorClock()
-        bridge = dict(BRIDGE, addresses=addresses) if addresses else BRIDGE
-        self.broker = BrokerService(endpoints=[], reactor=self.reactor, bridge=[bridge], sys_interval=SYS_INTERVAL,
-                                    http_api_keys=["ci:" + hash_key(KEY)], **settings)
-        self.remote = make_broker(sys_interval=0)
-        self.pumps: list[iosim.IOPump] = []
-        self.broker.startService()
-        self.remote.startService()
-        self.bridge = self.broker.bridges.get("up")
-
-    @property
-    def attempts(self) -> int:
-        return len(self.reactor.tcpClients)
-
-    def refuse(self) -> None:
-        """The last connection attempt fails, as a closed port makes it."""
-        factory = self.reactor.tcpClients[-1][2]
-        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
-        self.reactor.advance(ATTEMPT_DELAY)
-
-    def accept(self) -> None:
-        """The last connection attempt reaches the remote broker."""
-        host, port, factory = self.reactor.tcpClients[-1][:3]
-        client = factory.buildProtocol(IPv4Address("TCP", host, port))
-        server = self.remote.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps)))
-        self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
-                                        greet=False))
-        self.settle()
-
-    def settle(self) -> None:
-        """Until nothing more crosses (bounded)."""
-        for _ in range(50):
-            moved = any([pump.pump() for pump in self.pumps])
-            self.reactor.advance(0)
-            self.remote.reactor.advance(0)
-            if not moved:
-                return
-        raise AssertionError("the bridge kept talking")
+    def __init__(self, reactor: MemoryReactorClock | None = None, addresses: list[str] | None = None) -> None:
+        super().__init__(dict(BRIDGE, addresses=addresses) if addresses else BRIDGE, reactor,
+                         sys_interval=SYS_INTERVAL, http_api_keys=["ci:" + hash_key(KEY)])
 
 
 def sys_values(broker: BrokerService) -> dict[str, str]:

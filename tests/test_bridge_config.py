@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bridge_helpers import Bridged
 from protocol_helpers import connected, make_broker
 
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
@@ -43,6 +44,11 @@ def test_topic_lines_as_mosquitto_writes_them(line: str, expected: BridgeTopic) 
     ("a/#/b", "not a valid topic filter"),
     ("a out 0 x/+/ y/", "holds a wildcard"),
     ('"" out 0 "" remote/', "an empty pattern needs both prefixes"),
+    ('# in 1 "" $share/g/', "a shared subscription cannot be bridged"),
+    ("$share/g/a/# out 1", "a shared subscription cannot be bridged"),
+    ("$SYS/remote/# in 1", "no PUBLISH to \\$SYS"),
+    ('# both 1 $SYS/r/ r/', "no PUBLISH to \\$SYS"),
+    ('# in 1 "" r\x00/', "not a valid topic filter"),
 ])
 def test_bad_topic_lines_say_why(line: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
@@ -115,6 +121,10 @@ def test_the_toml_file_takes_bridge_tables(tmp_path: Path) -> None:
     ({"restart_timeout": [1, float("inf")]}, "bridge[1].restart_timeout", "finite"),
     ({"notification_topic": "state/+"}, "bridge[1].notification_topic", "not a topic name"),
     ({"remote_clientid": "edge#1"}, "bridge[1].remote_clientid", "not a topic name"),
+    ({"remote_clientid": "edge\x001", "notifications": False}, "bridge[1].remote_clientid", "U+0000"),
+    ({"local_clientid": "l\x00"}, "bridge[1].local_clientid", "U+0000"),
+    ({"remote_username": "u\x00"}, "bridge[1].remote_username", "U+0000"),
+    ({"bridge_insecure": True}, "bridge[1].bridge_insecure", "is for a TLS link"),
 ])
 def test_bad_bridge_settings_name_their_key(values: dict[str, object], key: str, why: str) -> None:
     table = {"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"], **values}
@@ -510,6 +520,92 @@ def test_a_message_from_the_remote_on_too_deep_a_topic_is_dropped_and_acknowledg
     assert [p.packet_id for p in remote.received() if isinstance(p, Puback)] == [1, 2]
     assert payloads(subscriber) == [b"fine"] and remote.bridge.stats.dropped == 1  # type: ignore[union-attr]
     assert remote.bridge.state == "connected"  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
+def test_the_bridges_out_topics_may_be_sys_topics_and_its_in_topics_come_under_a_prefix() -> None:
+    BridgeTopic.parse("$SYS/broker/# out 0")
+    BridgeTopic.parse("$SYS/# in 0 remote/ \"\"")
+
+
+@pytest.mark.parametrize("line, topic, side", [
+    ('# in 1 "" r/', "r/", "remote"),  # empty here
+    ('# in 1 local/ ""', "a" * 65530, "remote"),  # too long here
+    ('# out 1 l/ ""', "l/", "local"),  # empty there
+    ('# out 1 "" p/q/', "/".join(["l"] * 127), "local"),  # too deep there
+    ('# out 1 "" remote/', "a" * 65530, "local"),  # too long there
+])
+def test_a_message_whose_topic_is_no_topic_once_mapped_is_dropped_and_acknowledged(
+        line: str, topic: str, side: str) -> None:
+    """The other broker would close the link for it (an empty topic [MQTT-4.7.3-1], too deep),
+    or it could not be encoded (longer than an MQTT string): sent again at each reconnection,
+    it kept the bridge from staying up."""
+    bridged = Bridged({"connection": "up", "addresses": ["127.0.0.1:1"], "topic": [line], "restart_timeout": 60})
+    bridged.accept()
+    assert bridged.bridge.state == "connected"
+    publisher = connected(bridged.remote if side == "remote" else bridged.broker, "pub", version=5)
+    assert publisher.publish(topic, b"x", qos=1)[0].reason_code == 0  # type: ignore[union-attr]
+    bridged.settle()
+    bridged.reactor.advance(0)
+    bridged.settle()
+    assert bridged.bridge.state == "connected", bridged.bridge.last_error
+    assert bridged.bridge.stats.dropped == 1 and bridged.bridge.queued == 0
+
+
+def test_a_bridge_stopped_and_started_again_at_once_makes_one_link() -> None:
+    """The old links' ends, told after the new start, were taken for a failure of it: a second
+    attempt, and another link once the first was up."""
+    bridged = Bridged({"connection": "up", "addresses": ["127.0.0.1:1"], "topic": ["t/# out 1"],
+                       "restart_timeout": 60})
+    bridged.accept()
+    bridged.bridge.stopService()
+    bridged.bridge.startService()
+    bridged.settle()
+    bridged.accept()
+    assert bridged.bridge.state == "connected"
+    bridged.reactor.advance(60)  # restart_timeout
+    bridged.settle()
+    assert (bridged.bridge.state, bridged.attempts, bridged.bridge.stats.failures) == ("connected", 2, 0)
+
+
+def test_a_bridge_stopped_during_a_restart_counts_its_next_broken_link_as_a_failure() -> None:
+    bridged = Bridged({"connection": "up", "addresses": ["127.0.0.1:1"], "topic": ["t/# out 1"],
+                       "restart_timeout": 60})
+    bridged.accept()
+    bridge = bridged.bridge
+    bridge.restart()
+    bridge.stopService()
+    bridged.settle()
+    assert bridge.state == "stopped"
+    bridge.startService()
+    bridged.accept()
+    assert bridge.state == "connected" and bridge.stats.failures == 0
+    bridge.remote.transport.loseConnection()  # the link breaks
+    bridged.settle()
+    assert (bridge.state, bridge.stats.failures) == ("waiting", 1) and bridge.last_error
+
+
+def test_a_remote_that_refuses_the_bridge_bit_is_tried_again_without_it() -> None:
+    """A remote that does not know try_private's bit answers CONNACK 0x01 (unacceptable protocol
+    version): the next attempts go without it, as Mosquitto's."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from mqtt_broker.wire import Connack
+    remote = FakeRemote(topic=["t/# out 1"])
+    levels = []
+    for _ in range(3):
+        remote.reactor.advance(1.3)  # the back-off, and HostnameEndpoint's steps to its attempt
+        protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        (connect,) = FrameReader(version=4).feed(transport.value())
+        levels.append((connect.protocol_level, connect.bridge))
+        protocol.dataReceived(encode(Connack(reason_code=1), 4))
+        protocol.connectionLost(Failure(ConnectionRefusedError()))
+    assert levels == [(4, True), (4, False), (4, False)]
     remote.broker.stopService()
 
 

@@ -42,10 +42,9 @@ from ..wire import (
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 from ..message import is_utf8
-from ..topics import MAX_TOPIC_LEVELS, too_deep
 from ..wire.codec import MAX_PACKET_SIZE
 from ..wire.codes import ReasonCode
-from .config import BridgeConfig, BridgeConfigError, BridgeTopic
+from .config import BridgeConfig, BridgeConfigError, BridgeTopic, mapped_problem
 from .link import Link, client_tls, pipe
 
 log = Logger()
@@ -101,6 +100,8 @@ class Bridge(Service):
         self._remote_max_qos = 2
         self._remote_retain = True
         self._will_qos = 1
+        self._private = True
+        """Whether an MQTT 3 CONNECT says it is a bridge (try_private): not after a remote refused it."""
         self._local_receive = broker.config.max_inflight_messages
         self._inbound: set[int] = set()
         """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
@@ -126,7 +127,9 @@ class Bridge(Service):
         self._abandon_attempt()
         self._say_disconnected()
         self._close_links("bridge stopped", disconnect=True)
-        self._set_state("stopped")
+        # Their ends are told later, maybe once started again: not that start's broken links.
+        self.remote = self.local = None
+        self._down("bridge stopped")
 
     def restart(self) -> None:
         """Drop the links (if up) and connect again now, from the first address."""
@@ -222,7 +225,7 @@ class Bridge(Service):
                        clean_start=config.cleansession, keep_alive=config.keepalive_interval,
                        client_id=config.remote_client_id, will=will, username=config.remote_username,
                        password=password, properties=properties,
-                       bridge=config.try_private and version != MQTT_5)
+                       bridge=config.try_private and self._private and version != MQTT_5)
 
     def _say_disconnected(self) -> None:
         """Tell the remote the bridge is going: a DISCONNECT of its own discards the will that
@@ -398,8 +401,9 @@ class Bridge(Service):
             if topic is None:
                 self._refuse(link, packet)
                 return
-            if too_deep(topic):  # this broker would close the link for it, and it would come again
-                self._refuse(link, packet, f"more than {MAX_TOPIC_LEVELS} levels")
+            problem = mapped_problem(topic)
+            if problem is not None:  # this broker would close the link for it, and it would come again
+                self._refuse(link, packet, problem)
                 return
             if not packet.qos and packet.properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
                 # (This broker would close the link for it, 0x99; at QoS 1/2 its refusal goes back.)
@@ -427,6 +431,10 @@ class Bridge(Service):
             topic = self.config.to_remote(packet.topic)
             if topic is None:
                 self._refuse(link, packet)
+                return
+            problem = mapped_problem(topic)
+            if problem is not None:  # the remote would close the link for it, and it would go again
+                self._refuse(link, packet, problem)
                 return
             # A retained message or a packet the remote refuses would make it close the link,
             # and the message come again when it reconnects: retain is dropped, and the packet.
@@ -554,6 +562,8 @@ class Bridge(Service):
                 self._remote_retain = False  # the will of the next CONNECT is not retained
             elif link.refused == ReasonCode.QOS_NOT_SUPPORTED:
                 self._will_qos = 0  # (a remote of Maximum QoS 0: the will at QoS 1 was refused)
+            elif link.refused == 0x01 and link.connect.bridge:
+                self._private = False  # (refused for try_private's bit, as Mosquitto: tried without it)
         elif link is self.local:
             self.local = None
         else:
@@ -575,10 +585,10 @@ class Bridge(Service):
         self._inbound.clear()
         self._waiting.clear()
         self._pending_acks = 0
+        restarting, self._restarting = self._restarting, False
         if not self.running:
             self._set_state("stopped")
-        elif self._restarting:
-            self._restarting = False
+        elif restarting:
             self._set_state("waiting")
             self._retry_call = self.clock.callLater(0, self._connect)
         else:

@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..topics import matches, valid_topic_filter, valid_topic_name
+from ..topics import MAX_TOPIC_LEVELS, matches, too_deep, too_long, valid_topic_filter, valid_topic_name
 
 PROTOCOLS = {"mqttv31": 3, "mqttv311": 4, "mqttv50": 5}
 
@@ -72,8 +72,14 @@ class BridgeTopic:
         if not self.pattern and not (self.local_prefix and self.remote_prefix):
             raise BridgeConfigError("an empty pattern needs both prefixes (they are then the topics)", "topic")
         for topic_filter in (self.local_filter, self.remote_filter):
-            if not valid_topic_filter(topic_filter):
+            if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
                 raise BridgeConfigError(f"{topic_filter!r} is not a valid topic filter", "topic")
+            # The messages of a shared subscription come under their topics, which no line maps.
+            if topic_filter.startswith("$share/"):
+                raise BridgeConfigError(f"{topic_filter!r}: a shared subscription cannot be bridged", "topic")
+        if self.incoming and (self.local_filter == "$SYS" or self.local_filter.startswith("$SYS/")):
+            raise BridgeConfigError(f"{self.local_filter!r}: this broker takes no PUBLISH to $SYS topics, a "
+                                    "bridge's neither (bring them in under a local prefix)", "topic")
 
     @property
     def outgoing(self) -> bool:
@@ -111,6 +117,18 @@ def _swap_prefix(topic: str, prefix: str, other: str) -> str | None:
     if topic == prefix[:-1] and prefix.endswith("/") and other.endswith("/") and len(other) > 1:
         return other[:-1]
     return None  # (the other prefix is empty: nothing stands for the parent there)
+
+
+def mapped_problem(topic: str) -> str | None:
+    """Why a topic a line mapped cannot be published (its prefix swapped: "" for "r/" with no
+    local prefix, too deep or too long with a longer one); None if it can."""
+    if not topic:
+        return "an empty topic"
+    if too_deep(topic):
+        return f"more than {MAX_TOPIC_LEVELS} levels"
+    if too_long(topic):
+        return "a topic longer than 65,535 bytes"
+    return None
 
 
 _SCALARS: dict[str, type] = {"str": str, "bool": bool, "int": int, "str | None": str}
@@ -199,7 +217,8 @@ class BridgeConfig:
     bridge_keyfile: str = ""
     """Private key (PEM) of bridge_certfile."""
     bridge_insecure: bool = False
-    """TLS without checking the remote's name (its chain is still checked): for tests only."""
+    """TLS without checking the remote's name (its chain is still checked): for tests only. With
+    bridge_cafile, bridge_certfile or bridge_tls: alone, it is refused."""
     bridge_tls: bool = False
     """TLS with the platform's trusted CAs, when no bridge_cafile is given."""
 
@@ -227,6 +246,12 @@ class BridgeConfig:
             raise BridgeConfigError("bridge_certfile and bridge_keyfile go together", "bridge_certfile")
         if self.remote_password is not None and self.remote_username is None:
             raise BridgeConfigError("a password needs remote_username", "remote_password")
+        for key in ("remote_clientid", "local_clientid", "remote_username"):
+            if "\x00" in (getattr(self, key) or ""):  # (no MQTT string holds U+0000 [MQTT-1.5.4-2])
+                raise BridgeConfigError("holds U+0000", key)
+        if self.bridge_insecure and not self.tls:
+            raise BridgeConfigError("is for a TLS link: give bridge_cafile, bridge_certfile or bridge_tls",
+                                    "bridge_insecure")
         # Published from the start: a topic no PUBLISH can carry would stop the bridge there.
         state_topic = self.state_topic
         if self.notifications and (not valid_topic_name(state_topic) or "\x00" in state_topic):
@@ -329,4 +354,4 @@ class BridgeConfig:
         return None
 
 
-__all__ = ["BridgeConfig", "BridgeConfigError", "BridgeTopic"]
+__all__ = ["BridgeConfig", "BridgeConfigError", "BridgeTopic", "mapped_problem"]
