@@ -1781,3 +1781,74 @@ def test_stored_messages_that_expired_make_room_under_max_stored_messages(server
         assert [p.payload for p in got] == [b"new1", b"new2"]
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_of_a_dead_nodes_session_that_ended_with_it_is_published_when_its_client_resumes(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected, c's session ending with its connection (expiry 0) and
+    c's will delayed 30 s: the session ended when b died, so the will is due at once
+    [MQTT-3.1.3-9]. c reconnected to a before any survivor adopted b: a's claim took the will
+    out of Redis and dropped it, as if c had come back within the delay."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        observer = yield watching_wills(broker)
+        yield b.register(600_000)
+        yield b.claim("c", True, 0)  # c connected to b, its session ending with its connection
+        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        client = yield connect(broker, 5, client_id="c", clean_start=False)
+        assert [p.session_present for p in client.received()] == [False]
+        yield broker.store.flushed()
+        clock.advance(31.0)  # (even after its delay)
+        yield broker.store.flushed()
+        adopting = broker.cluster.survivor.adopt("b").addErrback(broker.cluster.survivor.failed)
+        yield until(lambda: not server.client().exists("mqtt:clients:b"), "the survivor to adopt b")
+        clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
+        yield until(lambda: adopting.called, "the adoption's end")
+        yield broker.store.flushed()
+        got = yield publishes(observer, "the will")
+        # (a DUP copy too, if the clock passed the retry interval meanwhile)
+        assert [(p.topic, p.payload) for p in got if not p.dup] == [("wills/c", b"c is gone")]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_for_a_session_that_moved_here_follows_its_retain_as_published_here(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c's session moved from node x to a, its subscription to "t" with Retain As Published 1;
+    on a, c subscribes to "t" again without it. x's copy (kept until the routes settle) routes a
+    message published with RETAIN 1 to c, passed on to a: what c holds here decides the QoS and
+    the subscription ids [MQTT-3.10.4-2], and the RETAIN flag too [MQTT-3.3.1-12]."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "c", Subscription(client_id="c", topic_filter="t", qos=1, retain_as_published=True),
+                    expiry=600, disconnected_at=1000.0)
+        client = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600})
+        assert "c" in broker.cluster._moving
+        client.received()
+        client.send(Subscribe(packet_id=1, subscriptions=(
+            SubscriptionRequest(topic_filter="t", qos=1, retain_as_published=False),)))
+        yield broker.store.flushed()
+        client.received()
+        # x's copy routes a retained publication to c: passed on to a, c's owner.
+        message = Message(topic="t", payload=b"m", qos=1, retain=True, cluster_id=b"x-1")
+        x.send_on("c", Queued(message, 1, True, (), None, 0), 0)
+        yield x.flushed()
+        got = yield publishes(client, "the message at c")
+        assert [(p.payload, p.retain) for p in got] == [(b"m", False)]
+    finally:
+        yield broker.stopService()
+        yield link.close()

@@ -223,8 +223,9 @@ class Cluster:
         expiry = claim.session.expiry if claim.session is not None else 0
         if claim.will is not None:
             if not claim.previous_alive:
-                self.survivor.will_found(client_id, claim.will, ended=clean_start or ran_out, connecting=attached,
-                                         expiry=expiry)
+                # (no session kept: it ended with its connection on the dead node [MQTT-3.1.3-9])
+                self.survivor.will_found(client_id, claim.will, ended=clean_start or claim.session is None,
+                                         connecting=attached, expiry=expiry)
             elif not (attached or clean_start or not expiry):
                 # The live previous owner published it unless it was delayed: then it was for
                 # the new connection to cancel, which went, so it is due after its delay.
@@ -516,8 +517,8 @@ class Cluster:
                         and matches(s.topic_filter, message.topic) and not (s.no_local and message.sender == client_id)]
                 if not subs:
                     return
-                granted, _, ids, _ = terms(subs)
-                item = Queued(message, min(granted, message.qos), item.retain, ids)
+                granted, as_published, ids, _ = terms(subs)
+                item = Queued(message, min(granted, message.qos), message.retain and as_published, ids)
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
