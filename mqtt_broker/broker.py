@@ -394,6 +394,7 @@ class BrokerService(MultiService):
                 # authorizes. (Mosquitto also closes such clients on reload.)
                 connection.will = None  # nor does it speak for the client any more
                 connection.drop(ReasonCode.NOT_AUTHORIZED, "credentials no longer accepted")
+        self.wills.drop_revoked(self.security.revoked)
 
     def connect_allowed(self, client_id: str) -> bool:
         """Count a CONNECT against max_connections_per_minute; False (logged) past it."""

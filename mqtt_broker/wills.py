@@ -6,7 +6,7 @@ their way to this node's subscribers through its inbox."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from twisted.logger import Logger
 
@@ -109,6 +109,17 @@ class Wills:
             store.delete_will(client_id)
         if publish:
             self.publish(*pending[1:])
+
+    def drop_revoked(self, revoked: Callable[[Identity], str | None]) -> None:
+        """After a reload: the delayed wills of clients whose credentials ``revoked`` says are no
+        longer accepted go unpublished, as those of connected ones (they no longer speak for
+        their clients)."""
+        for client_id, (_, _, _, identity) in list(self._delayed.items()):
+            why = revoked(identity) if identity is not None else None
+            if why is not None:
+                log.info("the delayed will of {client_id!r} is dropped after the reload: {why}",
+                         client_id=client_id, why=why)
+                self.end(client_id, publish=False)
 
     def stop(self) -> None:
         """The broker stops: no will is published from now on. With a store, they are forgotten

@@ -883,6 +883,30 @@ def test_the_will_of_a_client_whose_credentials_a_reload_revoked_is_not_publishe
     assert [p for p in watcher.received() if isinstance(p, Publish)] == []
 
 
+def test_the_delayed_will_of_a_client_whose_credentials_a_reload_revoked_is_not_published(tmp_path: Path) -> None:
+    """As a connected client's: its client went a moment before the reload, and the will waiting
+    for its Will Delay Interval went out when the delay ran out, for a user no longer accepted."""
+    from mqtt_broker.auth.passwords import PasswordHash
+    passwords = tmp_path / "pw"
+    watcher_entry = f"watcher:{PasswordHash.create(b'w')}\n"
+    passwords.write_text(f"alice:{PasswordHash.create(b'a')}\n{watcher_entry}")
+    broker = make_broker(password_file=str(passwords), allow_anonymous=False)
+    watcher = connected(broker, "w", username="watcher", password=b"w")
+    watcher.subscribe("status/#")
+    alice = connected(broker, "a", version=5, clean=False, username="alice", password=b"a",
+                      properties={"session_expiry_interval": 100},
+                      will=Will(topic="status/alice", payload=b"gone", properties={"will_delay_interval": 30}))
+    bob = connected(broker, "b", version=5, clean=False, username="watcher", password=b"w",
+                    properties={"session_expiry_interval": 100},
+                    will=Will(topic="status/bob", payload=b"gone", properties={"will_delay_interval": 30}))
+    alice.lose()
+    bob.lose()
+    passwords.write_text(watcher_entry)  # alice removed
+    assert broker.reload() == []
+    broker.clock.advance(31)
+    assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["status/bob"]
+
+
 # --- one user's client id taken by another ----------------------------------------------------------
 
 SHARED_ACL = "user alice\ntopic read secret/#\nuser bob\ntopic read public/#\nuser dave\ntopic read secret/#\n" \
