@@ -847,7 +847,7 @@ class BrokerService(MultiService):
         every node); False if there was none."""
         if not self.retained.delete(topic):
             return False
-        if self.store is not None:
+        if self.store is not None and not topic.startswith("$SYS/"):  # (each node's own, never stored)
             self.store.delete_retained(topic)
         return True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+from io import BytesIO
 import subprocess
 import sys
 import urllib.parse
@@ -516,6 +517,55 @@ def test_api_answers_503_when_redis_is_slow_and_drops_the_late_answer() -> None:
     assert status == 503 and "Redis did not answer" in body["error"]
     broker.cluster.store.nodes.callback([])   # too late: nothing more is written
     assert answer_of(request) == (status, body)
+
+
+def test_api_answers_503_when_the_redis_connection_is_lost_while_it_asks() -> None:
+    """txredisapi fails every waiting command when its connection drops: that was a 500, and a
+    traceback logged each time the dashboard asked."""
+    import txredisapi
+    from twisted.logger import capturedLogs
+    broker = make_broker(http_api_keys=["ci:" + hash_key(KEY)], sys_interval=0)
+    broker.cluster = StandInCluster()
+    broker.cluster.store.nodes = fail(txredisapi.ConnectionError("Lost connection"))
+    with capturedLogs() as events:
+        status, body, _ = api_call(broker, "/api/v1/cluster/nodes")
+    assert status == 503 and "Lost connection" in body["error"]
+    assert [e for e in events if "log_failure" in e] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_deleting_a_nodes_sys_value_leaves_the_other_nodes_own(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Each node's $SYS topics are its own (never in Redis): a DELETE of one on a node went to
+    Redis like any retained message's, and every node dropped its own value of that topic."""
+    server.client().flushall()
+    brokers = [BrokerService(endpoints=[], reactor=reactor, cluster=server.url, cluster_node_id=name,
+                             sys_interval=3600, http_api_keys=["ci:" + hash_key(KEY)], close_linger=0)
+               for name in ("a", "b")]
+    for broker in brokers:
+        broker.startService()
+    try:
+        for broker in brokers:
+            yield broker.cluster.ready
+        a, b = brokers
+        assert b.retained.get("$SYS/broker/version") is not None
+        api = ApiResource(a, a.operations)
+        for method, path, body in (("DELETE", "/api/v1/retained/$SYS/broker/version", b""),
+                                   ("POST", "/api/v1/publish", b'{"topic": "after", "payload": "x", "retain": true}')):
+            request = DummyRequest([b""])
+            request.method, request.path, request.content = method.encode(), path.encode(), BytesIO(body)
+            request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {KEY}".encode()])
+            api.render(request)
+            assert request.responseCode in (200, 204), request.written
+        # A change after it, on the same control channel: once b has it, b has had the deletion.
+        for _ in range(500):  # (bounded: Redis's round trips)
+            if b.retained.get("after") is not None:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert a.retained.get("$SYS/broker/version") is None
+        assert b.retained.get("$SYS/broker/version") is not None
+    finally:
+        for broker in brokers:
+            yield broker.stopService()
 
 
 def test_api_locates_through_the_store() -> None:

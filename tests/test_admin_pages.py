@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from protocol_helpers import connected, make_broker
@@ -33,7 +34,7 @@ def call(api: ApiResource, method: str, path: str, body: bytes = b"") -> tuple[i
     request = DummyRequest([b""])
     request.method = method.encode()
     request.path = url.path.encode()
-    request.args = {k.encode(): [v.encode() for v in vs] for k, vs in parse_qs(url.query).items()}
+    request.uri = path.encode()
     request.content = BytesIO(body)
     request.requestHeaders.addRawHeader(b"authorization", f"Bearer {KEY}".encode())
     answer = api.render(request)
@@ -123,3 +124,79 @@ def test_the_stats_schema_names_every_field_of_the_answer() -> None:
     status, answer = call(api, "GET", "/api/v1/stats")
     assert status == 200
     assert sorted(set(answer) - set(schema["properties"])) == []
+
+
+# --- what a change or a question through the API may not do -----------------------------------------
+
+def test_an_mqtt3_client_is_given_no_mqtt5_subscription_option() -> None:
+    """With Retain As Published, an MQTT 3.1.1 client got live messages with RETAIN 1, which it
+    takes for stale retained ones [MQTT-3.3.1-9 of 3.1.1]."""
+    broker, api = started()
+    connected(broker, "v311")
+    connected(broker, "v5", version=5)
+    for option in ("retain_as_published", "no_local"):
+        status, body = call(api, "POST", "/api/v1/clients/v311/subscriptions",
+                            json.dumps({"topic_filter": "t/#", option: True}).encode())
+        assert status == 400 and "MQTT 3 client" in body["error"]
+        status, _ = call(api, "POST", "/api/v1/clients/v5/subscriptions",
+                         json.dumps({"topic_filter": "t/#", option: True}).encode())
+        assert status in (200, 201)
+    assert broker.sessions["v311"].subscriptions == {}
+
+
+def test_a_replay_filter_is_refused() -> None:
+    """``$replay/...`` asks a SUBSCRIBE for the message log: the API kept it as a filter, which
+    matched nothing and which the client's UNSUBSCRIBE of the same name could not remove."""
+    broker, api = started()
+    connected(broker, "c", version=5)
+    status, body = call(api, "POST", "/api/v1/clients/c/subscriptions", b'{"topic_filter": "$replay/all/a"}')
+    assert status == 400 and "$replay/" in body["error"] and broker.sessions["c"].subscriptions == {}
+
+
+def test_an_expired_retained_message_is_not_shown() -> None:
+    """It is gone [MQTT-3.3.2-5] (a new subscriber gets nothing) before the sweep deletes it."""
+    broker, api = started()
+    publisher = connected(broker, "pub", version=5)
+    publisher.publish("status/x", b"stale", retain=True, properties={"message_expiry_interval": 1})
+    publisher.publish("status/y", b"kept", retain=True)
+    broker.reactor.advance(5)
+    assert broker.retained.get("status/x") is not None  # (not swept yet)
+    assert call(api, "GET", "/api/v1/retained/status/x")[0] == 404
+    assert [m["topic"] for m in call(api, "GET", "/api/v1/retained?filter=status/%23")[1]["items"]] == ["status/y"]
+    assert [m["topic"] for m in call(api, "GET", "/api/v1/retained")[1]["items"]] == ["status/y"]
+    shown: dict[str, bool] = {}
+
+    def walk(node: dict[str, Any]) -> None:
+        shown[node["topic"]] = node["retained"]
+        for child in node["children"]:
+            walk(child)
+    walk(call(api, "GET", "/api/v1/topics")[1]["tree"])
+    assert (shown["status/x"], shown["status/y"]) == (False, True)  # (both routed lately)
+
+
+def test_a_plus_in_a_query_is_a_plus_sign() -> None:
+    """The query was read as a form's, where "+" is a space: ?filter=a/+ was the filter "a/ "."""
+    broker, api = started()
+    connected(broker, "p").publish("a/b", b"x", retain=True)
+    connected(broker, "a b")
+    assert [m["topic"] for m in call(api, "GET", "/api/v1/retained?filter=a/+")[1]["items"]] == ["a/b"]
+    assert [c["client_id"] for c in call(api, "GET", "/api/v1/clients?q=a%20b")[1]["items"]] == ["a b"]
+
+
+def test_a_change_before_the_start_is_refused_with_503(tmp_path: Path) -> None:
+    """Mounted in a site of one's own before the broker starts, the API answered a publish with
+    500 and a traceback: the SQLite store is not open until the start."""
+    from twisted.logger import capturedLogs
+    broker = make_broker(http_api_keys=[hash_key(KEY)], sys_interval=0, persistence="sqlite", data_dir=str(tmp_path))
+    api = ApiResource(broker, broker.operations)
+    with capturedLogs() as events:
+        status, body = call(api, "POST", "/api/v1/publish", b'{"topic": "t", "payload": "x"}')
+    assert status == 503 and "not started" in body["error"]
+    assert [e for e in events if "log_failure" in e] == []
+
+
+def test_the_document_gives_every_change_its_503() -> None:
+    document = json.loads(OPENAPI.read_text())
+    assert [(method, path) for path, item in document["paths"].items() for method, operation in item.items()
+            if method in ("post", "delete") and "503" not in operation["responses"]] == []
+

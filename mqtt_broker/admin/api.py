@@ -5,8 +5,9 @@ it needs a key. Templates name path parameters ``{name}`` (one segment, percent-
 ``{name+}`` (the rest of the path, for topic names and filters, which contain ``/``: encode ``#``
 as ``%23``). Answers are JSON; an error is ``{"error": "..."}`` with 400 (bad input, including a
 malformed or oversized body), 401 (no key), 403 (a key that is not ours), 404, 405, 501, or 503
-(a cluster node's Redis did not answer in time). Every change (POST, DELETE) is logged with the id
-of the key that made it.
+(a change while the broker is stopped, a publish before it started; a cluster node's Redis that
+did not answer in time). Every change (POST, DELETE) is logged with the id of the key that made it. Query
+parameters are percent-decoded as a URI's, not a form's: ``?filter=a/+`` is the filter ``a/+``.
 
 ``/cluster/...`` read Redis, which holds what the cluster as a whole knows; a broker that is not a
 node of a cluster answers them 404.
@@ -33,6 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..connecting import tally
+from ..history import REPLAY_PREFIX
 from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
@@ -339,6 +341,8 @@ class ApiResource(Resource):
         topic_filter = body_field(body, "topic_filter", str)
         if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
             raise ApiError(400, f"invalid topic filter {topic_filter!r}")
+        if topic_filter.startswith(REPLAY_PREFIX):  # (a SUBSCRIBE's way to ask for the message log)
+            raise ApiError(400, f"{topic_filter!r}: a $replay/ filter is for a SUBSCRIBE; give the filter itself")
         group, _ = split_shared(topic_filter)
         if group is not None and not config.shared_subscription_available:
             raise ApiError(400, "shared subscriptions are turned off (shared_subscription_available)")
@@ -354,10 +358,14 @@ class ApiResource(Resource):
         no_local = body_field(body, "no_local", bool, False)
         if no_local and group is not None:
             raise ApiError(400, "a shared subscription cannot have 'no_local' (MQTT-3.8.3-4)")
+        retain_as_published = body_field(body, "retain_as_published", bool, False)
+        connection = session.connection
+        if (no_local or retain_as_published) and connection is not None and connection.client.protocol_version < 5:
+            raise ApiError(400, f"{client_id!r} is an MQTT 3 client: 'no_local' and 'retain_as_published' are "
+                                "MQTT 5's")
         subscription = Subscription(
             client_id=client_id, topic_filter=topic_filter, qos=body_qos(body, config.max_qos),
-            no_local=no_local,
-            retain_as_published=body_field(body, "retain_as_published", bool, False),
+            no_local=no_local, retain_as_published=retain_as_published,
             retain_handling=retain_handling, share_group=group)
         log.info("admin API: key {key} subscribes {client_id!r} to {topic_filter!r}", key=key_id,
                  client_id=client_id, topic_filter=topic_filter)
@@ -395,10 +403,15 @@ class ApiResource(Resource):
         recent = list(self.broker.subscriptions.recent)[-limit:]
         retained = self.broker.retained
         names = set(recent)
-        topics = [(t, True, retained.get(t) is not None) for t in recent]
+        now = self.broker.clock.seconds()
+
+        def kept(topic: str) -> bool:
+            message = retained.get(topic)
+            return message is not None and not message.expired(now)
+        topics = [(t, True, kept(t)) for t in recent]
         room = limit - len(topics)
         if room > 0:
-            topics += [(t, False, True) for t in retained.topics(room + len(names)) if t not in names][:room]
+            topics += [(t, False, True) for t in retained.topics(room + len(names)) if t not in names and kept(t)][:room]
         return 200, {"count": len(topics), "tree": topic_tree(topics)}
 
     def _list_retained(self, request: Request, key_id: str | None) -> tuple[int, Any]:
@@ -409,7 +422,8 @@ class ApiResource(Resource):
             if not valid_topic_filter(topic_filter) or split_shared(topic_filter)[0] is not None:
                 raise ApiError(400, f"invalid topic filter {topic_filter!r}")
             messages = list(self.broker.retained.match(topic_filter))
-        messages.sort(key=lambda m: m.topic)
+        now = self.broker.clock.seconds()  # (one expired is gone [MQTT-3.3.2-5], swept away or not yet)
+        messages = sorted((m for m in messages if not m.expired(now)), key=lambda m: m.topic)
         # (A page of a thousand payloads of 16 MiB each, encoded on the reactor thread, would stall it.)
         payload_max = int_arg(request, "payload_max", MAX_REMAINING_LENGTH, 0, MAX_REMAINING_LENGTH)
         return 200, page(request, messages, lambda message: message_json(message, payload_max))
@@ -421,7 +435,7 @@ class ApiResource(Resource):
 
     def _get_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
         message = self.broker.retained.get(self._retained_topic(topic))
-        if message is None:
+        if message is None or message.expired(self.broker.clock.seconds()):
             raise ApiError(404, f"no retained message on {topic!r}")
         return 200, message_json(message)
 
@@ -458,6 +472,8 @@ class ApiResource(Resource):
             self.broker.route_own(topic, payload, qos=qos, retain=retain)
         except ValueError as e:  # (one too large for any PUBLISH, say)
             raise ApiError(400, str(e)) from None
+        except RuntimeError as e:  # (not started yet: mounted in a site of one's own, its store not open)
+            raise ApiError(503, str(e)) from None
         return 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
 
     # --- the cluster ------------------------------------------------------------------------------
@@ -485,8 +501,8 @@ class ApiResource(Resource):
         def came(result: Any) -> None:
             if timer.active():
                 timer.cancel()
-                if isinstance(result, Failure):
-                    answer.errback(result)
+                if isinstance(result, Failure):  # (the connection lost meanwhile, say)
+                    answer.errback(ApiError(503, f"Redis did not answer: {result.getErrorMessage()}"))
                 else:
                     answer.callback(result)
         timer = self.broker.clock.callLater(REDIS_TIMEOUT, late)

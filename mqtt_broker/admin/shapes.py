@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 from codecs import getincrementaldecoder
+from urllib.parse import unquote_to_bytes
 from typing import Any, Callable
 
 from ..topics import Subscription
@@ -158,12 +159,23 @@ def body_qos(body: dict[str, Any], maximum: int) -> int:
     return qos
 
 
+def _query(request: Any, name: str) -> bytes | None:
+    """A query parameter (its first value), percent-decoded as a URI's and not as a form's (as
+    ``request.args`` has it): a "+" is a plus sign, which a topic filter holds (a space is %20)."""
+    wanted = name.encode()
+    for pair in request.uri.partition(b"?")[2].split(b"&"):
+        key, _, value = pair.partition(b"=")
+        if unquote_to_bytes(key) == wanted:
+            return unquote_to_bytes(value)
+    return None
+
+
 def int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name.encode())
+    raw = _query(request, name)
     if not raw:
         return default
     try:
-        value = int(raw[0])
+        value = int(raw)
     except ValueError:
         raise ApiError(400, f"query parameter {name!r} must be an integer") from None
     if not low <= value <= high:
@@ -172,11 +184,11 @@ def int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
 
 
 def str_arg(request: Any, name: str) -> str | None:
-    raw = request.args.get(name.encode())
-    if not raw:
+    raw = _query(request, name)
+    if raw is None:
         return None
     try:
-        return raw[0].decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
 
