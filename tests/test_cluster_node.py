@@ -1852,3 +1852,49 @@ def test_a_message_for_a_session_that_moved_here_follows_its_retain_as_published
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_back_while_a_survivor_adopts_it_keeps_its_routes_its_inbox_and_its_membership(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node x, taken for dead, came back (a pause over) while a, its survivor, waited to read its
+    inbox a last time: a went on as if x were dead, dropped its inbox with a message acknowledged
+    into it since, its membership and its routes' version (x's next route events, from version 1
+    again, were ignored)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    broker = yield node_a(server, clock)
+    try:
+        yield x.register(600_000)
+        yield x.create_inbox()
+        x.route("t", True)
+        yield x.flushed()
+        cluster = broker.cluster
+        yield until(lambda: "x" in cluster.forwarding.nodes(), "a to learn x's route")
+        server.client().delete("mqtt:node:x")  # x taken for dead
+        adopting = cluster.survivor.adopt("x").addErrback(cluster.survivor.failed)
+        yield until(lambda: "x" not in cluster.forwarding.nodes(), "a to forget x's routes (G)")
+        # x is back: it registers, makes its inbox and announces its filter again (as start() does).
+        yield x.register(600_000)
+        yield x.create_inbox()
+        x.route("t", True)
+        yield x.flushed()
+        yield until(lambda: "x" in cluster.forwarding.nodes(), "a to learn x's route again")
+        publisher = yield connect(broker, 4, client_id="p")
+        publisher.received()
+        publisher.send(Publish(topic="t", payload=b"for x", qos=1, packet_id=1))
+        yield until(lambda: publisher.received(), "the PUBACK")
+        assert server.client().xlen("mqtt:inbox:x") == 1  # acknowledged: x's inbox holds it
+        clock.advance(2 * cluster.survivor.ttl_ms / 1000)  # a's adoption goes on
+        yield until(lambda: adopting.called, "the adoption's end")
+        r = server.client()
+        assert r.hgetall("mqtt:routes:x") == {b"t": b"1"}
+        assert r.xlen("mqtt:inbox:x") == 1 and r.sismember("mqtt:nodes", "x")
+        x.route("u", True)  # x's subscriber takes a new filter, after the adoption
+        yield x.flushed()
+        yield until(lambda: "u" in cluster.forwarding.filters_of("x"), "a to hear x's new filter")
+    finally:
+        yield broker.stopService()
+        yield link.close()

@@ -46,7 +46,7 @@ def _script(name: str) -> Script:
     return Script(name, resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
 
 
-BATCH, CLAIM, QUEUED, ROUTES = _script("batch"), _script("claim"), _script("queued"), _script("routes")
+BATCH, CLAIM, FORGET, QUEUED, ROUTES = (_script(name) for name in ("batch", "claim", "forget", "queued", "routes"))
 
 
 INBOX_GROUP = "nodes"
@@ -473,25 +473,21 @@ class RedisStore:
         never heard of the claim (it would have published the will itself)."""
         return self.redis.call("HGET", f"mqtt:wills-left:{node}", client_id)
 
-    @inlineCallbacks
-    def forget_node(self, dead: str) -> Any:
-        """A dead node's sessions are adopted: its routes go, and the others are told."""
-        yield self.redis.call("DEL", f"mqtt:routes:{dead}", f"mqtt:clients:{dead}", f"mqtt:wills-left:{dead}")
-        version = yield self.redis.call("HINCRBY", "mqtt:routes-version", dead, 1)
-        yield self.redis.call("PUBLISH", self.CONTROL, f"G\0{dead}\0{version}")
+    def forget_node(self, dead: str) -> Deferred[bool]:
+        """A dead node's sessions are adopted: its routes go, and the others are told. False (and
+        nothing done) if the node is alive again."""
+        return self.redis.run(FORGET, "forget", dead).addCallback(bool)
 
-    @inlineCallbacks
-    def drop_node(self, dead: str) -> Any:
+    def drop_node(self, dead: str) -> Deferred[bool]:
         """The last of a dead node: its inbox, read to the end, its membership and its routes'
         version. Its last batch's marker stays a week (``DROPPED_MARKER_TTL``): a node taken for
         dead that comes back from a partition may still send that batch again, which the marker
         keeps from being applied twice; a node id made afresh at each start leaves nothing for
-        good."""
-        yield self.redis.call("DEL", f"mqtt:inbox:{dead}")
-        yield self.redis.call("HDEL", "mqtt:routes-version", dead)
-        for key in (f"mqtt:applied:{dead}", f"mqtt:refused:{dead}"):
-            yield self.redis.call("EXPIRE", key, DROPPED_MARKER_TTL)
-        yield self.redis.call("SREM", "mqtt:nodes", dead)
+        good. False (and nothing done) if the node is alive again."""
+        return self.redis.run(FORGET, "drop", dead, DROPPED_MARKER_TTL).addCallback(bool)
+
+    def alive(self, node: str) -> Deferred[bool]:
+        return self.redis.call("EXISTS", f"mqtt:node:{node}").addCallback(bool)
 
     def claim(self, client_id: str, clean_start: bool, window: int, required: str = "") -> Deferred[Claim | None]:
         """Take the client's session, after this node's changes so far are written (so that the

@@ -163,10 +163,15 @@ class Survivor:
                 yield self._drain(dead, former)
                 # Nodes that had not yet heard of the death may still have written to the dead
                 # node's inbox: read it again once its routes are gone everywhere, then drop it.
-                yield store.forget_node(dead)
-                yield deferLater(cluster.clock, 2 * self.ttl_ms / 1000, lambda: None)
-                yield self._drain(dead, former)
-                yield store.drop_node(dead)
+                # A node back meanwhile (a pause over) keeps what it has announced and been sent
+                # since: its routes, its inbox, its membership.
+                if (yield store.forget_node(dead)):
+                    yield deferLater(cluster.clock, 2 * self.ttl_ms / 1000, lambda: None)
+                    if not (yield store.alive(dead)):
+                        yield self._drain(dead, former)
+                        if (yield store.drop_node(dead)):
+                            return
+                log.info("node {dead} is alive again: what it holds now is its own", dead=dead)
             elif adopted:
                 log.info("took back {count} sessions of this node from before its restart", count=adopted)
         finally:
