@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 
@@ -1895,6 +1895,140 @@ def test_a_node_back_while_a_survivor_adopts_it_keeps_its_routes_its_inbox_and_i
         x.route("u", True)  # x's subscriber takes a new filter, after the adoption
         yield x.flushed()
         yield until(lambda: "u" in cluster.forwarding.filters_of("x"), "a to hear x's new filter")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_adopted_while_its_client_connects_is_kept_when_that_connection_is_refused(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected, c's will delayed 30 s. c connects to a, whose claim Redis
+    answers late; meanwhile a adopts b and its claim of c comes first: the will was dropped as
+    its client's, connecting again. But that connection was refused (0x88 after
+    cluster_claim_timeout): c never came back [MQTT-3.1.3-9], and its will was never published."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        observer = yield watching_wills(broker)
+        yield b.register(600_000)
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 3600), None)
+        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        answer: Deferred[Any] = Deferred()
+        claim = broker.store.claim
+        broker.store.claim = lambda *args: answer  # Redis slow to answer c's claim
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 3600}))
+        broker.store.claim = claim
+        adopting = broker.cluster.survivor.adopt("b").addErrback(broker.cluster.survivor.failed)
+        yield until(lambda: "c" in broker.sessions, "a to adopt c")
+        clock.advance(broker.config.cluster_claim_timeout)
+        assert [p.reason_code for p in client.received()] == [ReasonCode.SERVER_UNAVAILABLE] and client.closed
+        claim("c", False, 0).chainDeferred(answer)  # the answer, at last
+        yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
+        yield broker.store.flushed()
+        clock.advance(31.0)
+        yield until(lambda: not server.client().exists("mqtt:clients:b"), "the adoption's forget_node")
+        clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
+        yield until(lambda: adopting.called, "the adoption's end")
+        yield broker.store.flushed()
+        got: list[Publish] = []
+        got += [p for p in observer.received() if isinstance(p, Publish)]
+        assert "c" in broker.wills or [(p.topic, p.payload) for p in got if not p.dup] == [
+            ("wills/c", b"c is gone")], "the will was dropped"
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_left_by_a_node_just_killed_is_published_when_the_new_connection_started_clean(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b is killed with c connected (session expiry 3600 s, will delayed 30 s); before its
+    heartbeat key expires, c connects to a with Clean Start 1. a's claim finds b alive and leaves
+    it the will (wills-left); b never hears. The clean start ended c's session, so the will is
+    due at once ([MQTT-3.1.3-9]: "or the Session ends"; a live b would publish it). a adopted b
+    later and found the left will, but took it for one whose client came back: dropped."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        observer = yield watching_wills(broker)
+        yield b.register(600_000)
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 3600), None)
+        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
+        yield b.flushed()
+        # b is killed now; its key lives on a moment: c connects to a, clean.
+        yield connect(broker, 5, client_id="c", clean_start=True, properties={"session_expiry_interval": 3600})
+        assert server.client().hget("mqtt:wills-left:b", "c") is not None
+        server.client().delete("mqtt:node:b")  # b's key expired
+        adopting = broker.cluster.survivor.adopt("b").addErrback(broker.cluster.survivor.failed)
+        yield until(lambda: not server.client().exists("mqtt:clients:b"), "the adoption's forget_node")
+        clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
+        yield until(lambda: adopting.called, "the adoption's end")
+        clock.advance(31.0)
+        yield broker.store.flushed()
+        got: list[Publish] = []
+        got += [p for p in observer.received() if isinstance(p, Publish)]
+        assert [(p.topic, p.payload) for p in got if not p.dup] == [("wills/c", b"c is gone")], "the will was dropped"
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_left_will_is_published_once_when_the_survivor_dies_before_it_forgets_the_dead_node(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b is killed with c connected (will, delay 0). c connects to a before b's key expires:
+    the claim leaves the will to b (wills-left:b). A survivor adopts b, finds the left will and
+    publishes it, then dies before forget_node (which deletes wills-left:b) (here: forget_node
+    fails). The next survivor adopted b again (b still a member, c still in b's clients) and
+    published the will a second time: the left will was read, never taken."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        observer = yield watching_wills(broker)
+        yield b.register(600_000)
+        yield b.claim("c", False, 0)
+        b.save_session(Session("c", 3600), None)
+        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 0)
+        yield b.flushed()
+        yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 3600})
+        assert server.client().hget("mqtt:wills-left:b", "c") is not None
+        server.client().delete("mqtt:node:b")  # b's key expired
+        store = broker.cluster.store
+        forget_node = store.forget_node
+        store.forget_node = lambda dead: fail(RuntimeError("the survivor died here"))
+        ended: list[Any] = []
+        first = store.flushed().addCallback(lambda _: broker.cluster.survivor.adopt("b"))
+        first.addBoth(ended.append)
+        yield until(lambda: ended, "the first survivor's end")
+        assert "the survivor died here" in str(ended[0])
+        store.forget_node = forget_node
+        yield store.flushed()
+        got: list[Publish] = []
+        yield until(lambda: got.extend(p for p in observer.received() if isinstance(p, Publish)) or got, "the will")
+        done: list[Any] = []
+        broker.cluster.survivor.adopt("b").addErrback(broker.cluster.survivor.failed).addBoth(done.append)
+        yield until(lambda: not server.client().exists("mqtt:clients:b"), "the next survivor's forget_node")
+        clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
+        yield until(lambda: done, "the next survivor's end")
+        yield store.flushed()
+        got += [p for p in observer.received() if isinstance(p, Publish)]
+        assert [(p.topic, p.payload) for p in got if not p.dup] == [("wills/c", b"c is gone")], "published twice"
     finally:
         yield broker.stopService()
         yield link.close()

@@ -468,10 +468,17 @@ class RedisStore:
             raise
         return cursor, entries
 
-    def left_will(self, node: str, client_id: str) -> Deferred[bytes | None]:
+    def left_will(self, node: str, client_id: str) -> Deferred[tuple[bytes | None, bool]]:
         """The will of a client another node claimed while ``node`` looked alive, if ``node``
-        never heard of the claim (it would have published the will itself)."""
-        return self.redis.call("HGET", f"mqtt:wills-left:{node}", client_id)
+        never heard of the claim (it would have published the will itself), and whether that
+        claim ended the client's session."""
+        return self.redis.call("HMGET", f"mqtt:wills-left:{node}", client_id, client_id + "\0").addCallback(
+            lambda reply: (reply[0], reply[1] is not None))
+
+    def left_will_taken(self, node: str, client_id: str) -> None:
+        """The will ``left_will`` gave is published (or kept): in the same batch as its messages,
+        so that the next survivor, should this one die first, publishes it once all the same."""
+        self._record("l", node, client_id)
 
     def forget_node(self, dead: str) -> Deferred[bool]:
         """A dead node's sessions are adopted: its routes go, and the others are told. False (and

@@ -127,9 +127,10 @@ class Survivor:
                     continue
                 claim = yield store.claim(client_id, False, broker.config.max_queued_messages, dead)
                 if claim is None:  # another node claimed it meanwhile (its client reconnected)
-                    left = yield store.left_will(dead, client_id)
+                    left, ended = yield store.left_will(dead, client_id)
                     if left is not None:  # (while the dead node looked alive: it never published it)
-                        self.will_found(client_id, bytes(left), ended=False, expiry=0, connecting=True)
+                        self.will_found(client_id, bytes(left), ended=ended, expiry=0, connecting=True)
+                        store.left_will_taken(dead, client_id)
                     if dead != here:
                         for subscription in (yield store.subscriptions_of(client_id)):
                             former.add(subscription)
@@ -141,9 +142,10 @@ class Survivor:
                     cluster.connected(local, local.connection)
                     continue
                 if claim.will is not None:
+                    # (kept even if its client is connecting here: the connection, once it
+                    # attaches, cancels it, and one refused leaves it due [MQTT-3.1.3-9])
                     self.will_found(client_id, claim.will, ended=claim.session is None,
-                                    expiry=claim.session.expiry if claim.session is not None else 0,
-                                    connecting=cluster.claiming(client_id))
+                                    expiry=claim.session.expiry if claim.session is not None else 0)
                 if claim.session is None:
                     store.give_up(client_id)
                     continue

@@ -107,8 +107,11 @@ while i <= n do
     i = i + 3
   elseif op == 'x' then -- another node claimed the client: client
     redis.call('SREM', P .. 'clients:' .. node, ARGV[i + 1])
-    redis.call('HDEL', P .. 'wills-left:' .. node, ARGV[i + 1])
+    redis.call('HDEL', P .. 'wills-left:' .. node, ARGV[i + 1], ARGV[i + 1] .. '\0')
     i = i + 2
+  elseif op == 'l' then -- a will left to a dead node is published by its survivor: node client
+    redis.call('HDEL', P .. 'wills-left:' .. ARGV[i + 1], ARGV[i + 2], ARGV[i + 2] .. '\0')
+    i = i + 3
   elseif op == 'U' then -- a subscription: client epoch filter options
     local c = ARGV[i + 1]
     if mine(c, ARGV[i + 2]) then redis.call('HSET', P .. 'subs:' .. c, ARGV[i + 3], ARGV[i + 4]) end

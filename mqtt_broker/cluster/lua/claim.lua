@@ -55,8 +55,19 @@ end
 local will = redis.call('HGET', data[1], 'will')
 redis.call('HDEL', data[1], 'will')
 -- A previous owner that looks alive publishes the will itself when it hears of the claim, and
--- says so ('x', batch.lua); one just killed never will: the survivor that adopts it does.
-if will and alive == 1 then redis.call('HSET', P .. 'wills-left:' .. old_node, c, will) end
+-- says so ('x', batch.lua); one just killed never will: the survivor that adopts it does. With
+-- the will, whether the claim ends the session (a clean start, or none kept past the previous
+-- connection: field 'client\0'): the will is due at once then, delayed or not.
+if will and alive == 1 then
+  local left = P .. 'wills-left:' .. old_node
+  redis.call('HSET', left, c, will)
+  local expiry = redis.call('HGET', data[1], 'expiry')
+  if clean or not expiry or expiry == '0' then
+    redis.call('HSET', left, c .. '\0', '1')
+  else
+    redis.call('HDEL', left, c .. '\0')
+  end
+end
 if clean and (alive == 1 or not old_node) then -- (a live previous owner ends it itself)
   redis.call('DEL', unpack(data))
   return {epoch, old_node or false, alive, will, 0, since_stamp}
