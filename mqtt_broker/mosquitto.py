@@ -245,6 +245,7 @@ class _Converter:
         self.bridge: dict[str, Any] | None = None
         """The table of the last connection line, until a listener line."""
         self.capaths: list[tuple[dict[str, Any], str, int, str]] = []
+        self.insecure: list[tuple[dict[str, Any], str, int, str]] = []
         self.per_listener = False
         self.security_seen = False
         self.before_listeners: list[tuple[str, Any, str, int, str]] = []
@@ -292,6 +293,8 @@ class _Converter:
                 bridge.setdefault("topic", []).append(value)
             elif name in _BRIDGE_BOOLS:
                 bridge[name] = _bool(value, source, number)
+                if name == "bridge_insecure" and bridge[name]:
+                    self.insecure.append((bridge, source, number, text))  # (left out below without TLS)
             elif name in ("keepalive_interval", "bridge_max_packet_size"):
                 bridge[name] = _value("int", value, source, number)
             elif name == "restart_timeout":
@@ -492,6 +495,12 @@ class _Converter:
                 raise ValueError(f"{source}:{number}: bridge_capath is not supported here: give bridge_cafile with "
                                  f"the remote's CA certificates instead")
             self._note(source, number, text, "the remote's certificate is checked against bridge_cafile only")
+        for bridge_table, source, number, text in self.insecure:
+            if "bridge_cafile" not in bridge_table and "bridge_certfile" not in bridge_table:
+                # (here it is refused alone: it would promise TLS)
+                del bridge_table["bridge_insecure"]
+                self._note(source, number, text, "without TLS settings it changes nothing (Mosquitto connects "
+                                                 "without TLS, as this bridge does)")
         endpoints: list[str] = []
         websockets: list[str] = []
         for listener in listeners:

@@ -635,6 +635,22 @@ def test_bridge_capath_with_bridge_cafile_is_noted(tmp_path: Path) -> None:
     assert conversion.config().bridge[0].tls
 
 
+@pytest.mark.parametrize("tls", ["", "bridge_cafile /c/ca.pem\n"])
+def test_bridge_insecure_is_carried_over_with_tls_and_noted_without(tmp_path: Path, tls: str) -> None:
+    """Without TLS settings Mosquitto's bridge connects without TLS all the same; here the
+    setting alone is refused (it would promise TLS): left out, with a note."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"{BRIDGE}bridge_insecure true\n{tls}")
+    conversion = convert(path)
+    bridge = conversion.config().bridge[0]
+    if tls:
+        assert bridge.bridge_insecure and bridge.tls and conversion.notes == []
+    else:
+        assert not bridge.bridge_insecure and not bridge.tls
+        assert [(n.line, n.why) for n in conversion.notes] == [
+            (7, "without TLS settings it changes nothing (Mosquitto connects without TLS, as this bridge does)")]
+
+
 def test_mosquitto_booleans_and_unlimited_inflight_messages(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\nallow_anonymous 1\nretain_available 0\nmax_inflight_messages 0\n"
