@@ -533,6 +533,16 @@ def test_api_answers_503_when_the_redis_connection_is_lost_while_it_asks() -> No
     assert [e for e in events if "log_failure" in e] == []
 
 
+def test_a_program_error_answering_a_cluster_question_is_a_logged_500_not_redis_unavailable() -> None:
+    from twisted.logger import capturedLogs
+    broker = make_broker(http_api_keys=["ci:" + hash_key(KEY)], sys_interval=0)
+    broker.cluster = StandInCluster()
+    broker.cluster.store.nodes = fail(KeyError("inbox"))
+    with capturedLogs() as events:
+        status, body, _ = api_call(broker, "/api/v1/cluster/nodes")
+    assert status == 500 and [e for e in events if "log_failure" in e] != []
+
+
 @pytest_twisted.inlineCallbacks
 def test_deleting_a_nodes_sys_value_leaves_the_other_nodes_own(server: RedisServer) -> Iterator[Deferred[Any]]:
     """Each node's $SYS topics are its own (never in Redis): a DELETE of one on a node went to

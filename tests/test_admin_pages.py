@@ -183,6 +183,16 @@ def test_a_plus_in_a_query_is_a_plus_sign() -> None:
     assert [c["client_id"] for c in call(api, "GET", "/api/v1/clients?q=a%20b")[1]["items"]] == ["a b"]
 
 
+def test_empty_query_parameters_ask_nothing() -> None:
+    """As docs/operations.md writes them (``/clients?q=&connected=``)."""
+    broker, api = started()
+    connected(broker, "p").publish("a/b", b"x", retain=True)
+    connected(broker, "s").subscribe("a/#")
+    assert call(api, "GET", "/api/v1/clients?q=&connected=&protocol_version=&username=")[1]["total"] == 2
+    assert call(api, "GET", "/api/v1/retained?filter=")[1]["total"] == 1
+    assert call(api, "GET", "/api/v1/subscriptions?client_id=&q=")[1]["total"] == 1
+
+
 def test_a_change_before_the_start_is_refused_with_503(tmp_path: Path) -> None:
     """Mounted in a site of one's own before the broker starts, the API answered a publish with
     500 and a traceback: the SQLite store is not open until the start."""

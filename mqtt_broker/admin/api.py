@@ -493,6 +493,7 @@ class ApiResource(Resource):
         """``asked``'s result, or ApiError 503 if Redis has not answered within REDIS_TIMEOUT. The
         question itself is left to finish (cancelling a command queued on the Redis connection
         would disturb the pairing of its replies); a late answer is dropped."""
+        from txredisapi import RedisError  # (a cluster's only: not imported without one)
         answer: Deferred[Any] = Deferred()
 
         def late() -> None:
@@ -501,8 +502,11 @@ class ApiResource(Resource):
         def came(result: Any) -> None:
             if timer.active():
                 timer.cancel()
-                if isinstance(result, Failure):  # (the connection lost meanwhile, say)
+                if isinstance(result, Failure) and result.check(RedisError, ConnectionError):
+                    # (the connection lost meanwhile, or Redis answered an error: loading, say)
                     answer.errback(ApiError(503, f"Redis did not answer: {result.getErrorMessage()}"))
+                elif isinstance(result, Failure):
+                    answer.errback(result)
                 else:
                     answer.callback(result)
         timer = self.broker.clock.callLater(REDIS_TIMEOUT, late)

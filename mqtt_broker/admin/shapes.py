@@ -184,8 +184,9 @@ def int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
 
 
 def str_arg(request: Any, name: str) -> str | None:
+    """A query parameter; None if it is not given or empty (``?q=`` asks nothing)."""
     raw = _query(request, name)
-    if raw is None:
+    if not raw:
         return None
     try:
         return raw.decode("utf-8")
