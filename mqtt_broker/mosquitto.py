@@ -70,9 +70,10 @@ _ONCE_PER_LISTENER = {"certfile", "keyfile", "cafile", "capath", "ciphers", "crl
 _PER_LISTENER: dict[str, Any] = {"use_identity_as_username": False, "max_connections": -1, "max_qos": 2,
                                  "max_topic_alias": 10}
 """Per-listener settings of Mosquitto that are global here, with Mosquitto's defaults."""
-_SECURITY: dict[str, Any] = {"allow_anonymous": False, "password_file": None, "acl_file": None}
-"""Mosquitto's settings of authentication and ACLs (global here), with Mosquitto 2's defaults for a
-listener that does not set them."""
+_SECURITY: dict[str, Any] = {"allow_anonymous": False, "password_file": None, "acl_file": None,
+                             "allow_zero_length_clientid": True, "auto_id_prefix": "auto-"}
+"""Mosquitto's security settings (per listener with per_listener_settings, global here), with
+Mosquitto 2's defaults for a listener that does not set them."""
 _PLUGIN = ("Mosquitto plugins do not load here, and what it checks (logins, topics: dynamic security, say) "
            "would not be checked; remove the line to accept that, and do its checks with the authenticators "
            "(docs/security.md) or hooks (docs/embedding.md)")
@@ -132,11 +133,20 @@ class Conversion:
     settings: dict[str, Any] = field(default_factory=dict)
     bridges: list[dict[str, Any]] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    lines: dict[str, str] = field(default_factory=dict)
+    """Setting (``bridge[1].topic`` for a bridge's) -> "file:line" of the line that gave it last."""
 
     def config(self) -> Any:
-        """The settings as a :class:`~mqtt_broker.config.BrokerConfig` (raises ConfigError)."""
-        from .config import BrokerConfig
-        return BrokerConfig.from_mapping({**self.settings, "bridge": self.bridges} if self.bridges else self.settings)
+        """The settings as a :class:`~mqtt_broker.config.BrokerConfig` (raises ConfigError, which
+        names the file and line of the setting it refuses)."""
+        from .config import BrokerConfig, ConfigError
+        try:
+            return BrokerConfig.from_mapping({**self.settings, "bridge": self.bridges} if self.bridges else self.settings)
+        except ConfigError as e:
+            where = self.lines.get(e.key or "")
+            if where is None:
+                raise
+            raise ConfigError(e.reason, e.key, where) from None
 
     def toml(self, source: str = "") -> str:
         lines = [f"# Converted from {source} by mqttbroker-config from-mosquitto." if source else
@@ -157,7 +167,8 @@ def _toml(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string for what we write
+        # A TOML basic string is a JSON one of scalar values (no surrogate pairs) and DEL escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return "[" + ", ".join(_toml(v) for v in value) + "]"
 
 
@@ -174,6 +185,10 @@ class _Listener:
         """("mqtt" or "websockets", endpoint string)."""
         o = self.options
         if self.port == 0 and self.bind.startswith("/"):
+            # (Mosquitto speaks TLS there, and refuses WebSocket: neither is done here)
+            if "certfile" in o or "keyfile" in o or "cafile" in o or o.get("protocol", "mqtt") != "mqtt":
+                raise ValueError(f"{self.source}:{self.line}: a Unix socket listener takes neither TLS nor "
+                                 f"WebSocket here")
             return "mqtt", f"unix:{_escape(self.bind)}"
         interface = f":interface={_escape(self.bind)}" if self.bind else ""
         if "certfile" in o or "keyfile" in o:
@@ -222,16 +237,20 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
                     raise ValueError(f"{path}:{number}: unable to open include_dir {str(directory)!r}: "
                                      f"{e.strerror}") from None
                 for name in sorted(names, key=_mosquitto_order):
-                    yield from _lines(directory / name, seen)
+                    try:
+                        yield from _lines(directory / name, seen)
+                    except OSError as e:
+                        raise ValueError(f"{path}:{number}: include_dir: cannot read {str(directory / name)!r}: "
+                                         f"{e.strerror or e}") from None
                 continue
             yield str(path), number, text, words
 
 
 def _mosquitto_order(name: str) -> list[tuple[int, int]]:
     """Mosquitto's sort of include_dir files: each character compared in upper case, then as it
-    is (so "a.conf" < "B.conf" < "b.conf" < "_.conf"), a C char being signed."""
-    signed = [byte - 256 if byte > 127 else byte for byte in name.encode()]
-    return [(byte - 32 if 97 <= byte <= 122 else byte, byte) for byte in signed]
+    is (so "a.conf" < "B.conf" < "b.conf" < "_.conf"), a C char being signed; glibc's toupper of
+    a negative char is its unsigned value (so "z.conf" < "é.conf")."""
+    return [(byte - 32 if 97 <= byte <= 122 else byte, byte - 256 if byte > 127 else byte) for byte in name.encode()]
 
 
 class _Converter:
@@ -241,9 +260,14 @@ class _Converter:
     def __init__(self) -> None:
         self.out = Conversion()
         self.listeners: list[_Listener] = []
+        self.current: _Listener | None = None
+        """The listener of the last listener line of the file being read (None: Mosquitto's
+        default listener, as at the start of each file)."""
         self.default_port: _Listener | None = None
         self.bridge: dict[str, Any] | None = None
-        """The table of the last connection line, until a listener line."""
+        """The table of the last connection line of the file being read."""
+        self.default_limits: dict[str, tuple[Any, str, int, str]] = {}
+        """max_topic_alias before any listener line: the default listener's, not opened for it."""
         self.capaths: list[tuple[dict[str, Any], str, int, str]] = []
         self.insecure: list[tuple[dict[str, Any], str, int, str]] = []
         self.per_listener = False
@@ -261,9 +285,16 @@ class _Converter:
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
+        if self.bridge is not None and key in _BRIDGE:
+            self.out.lines[f"bridge[{len(self.out.bridges)}].{_BRIDGE_RENAMED.get(key, key)}"] = f"{source}:{number}"
+        else:
+            ours = _GLOBAL[key][0] if key in _GLOBAL else {"message_size_limit": "max_packet_size",
+                                                           "persistence_location": "data_dir"}.get(key)
+            if ours is not None:
+                self.out.lines[ours] = f"{source}:{number}"
         if key in _ONCE:
             per_listener = key in _ONCE_PER_LISTENER or (self.per_listener and (key in _SECURITY or key == "psk_file"))
-            scope = (len(self.listeners) if per_listener else -1, key)
+            scope = (id(self.current) if per_listener else -1, key)
             if scope in self.given:
                 raise ValueError(f"{source}:{number}: {key} is given twice; Mosquitto refuses to start so")
             self.given.add(scope)
@@ -275,6 +306,23 @@ class _Converter:
             if family(source, number, text, key, value):
                 return
         self._unsupported_line(source, number, text, key, value)
+
+    def _topic_line(self, source: str, number: int, text: str, value: str) -> str:
+        """A bridge's topic line as Mosquitto reads it: a local prefix without a remote one, and
+        no more than five words."""
+        from .bridge.config import BridgeTopic
+        words = value.split()
+        if len(words) == 4:
+            value = f'{value} ""'
+        elif len(words) > 5:
+            self.out.notes.append(Note(source, number, text, "the words after the fifth are left out, as Mosquitto "
+                                       "does", carried=True))
+            value = " ".join(words[:5])
+        try:
+            BridgeTopic.parse(value)
+        except ValueError as e:
+            raise ValueError(f"{source}:{number}: {e}") from None
+        return value
 
     def _note(self, source: str, number: int, text: str, why: str) -> None:
         self.out.notes.append(Note(source, number, text, why))
@@ -290,7 +338,7 @@ class _Converter:
             if name == "addresses":
                 bridge.setdefault("addresses", []).extend(_words(value.replace(",", " ")))
             elif name == "topic":
-                bridge.setdefault("topic", []).append(value)
+                bridge.setdefault("topic", []).append(self._topic_line(source, number, text, value))
             elif name in _BRIDGE_BOOLS:
                 bridge[name] = _bool(value, source, number)
                 if name == "bridge_insecure" and bridge[name]:
@@ -327,16 +375,16 @@ class _Converter:
             self.security_seen = True
             if not self.per_listener:
                 self.out.settings[ours] = converted
-            elif self.listeners:
-                self.listeners[-1].security[key] = converted
+            elif self.current is not None:
+                self.current.security[key] = converted
             else:
                 self.before_listeners.append((key, converted, source, number, text))
         elif key == "per_listener_settings":
             self.per_listener = _bool(value, source, number)
             if self.per_listener and self.security_seen:
                 # Mosquitto refuses it too: the lines before it were read as global ones.
-                raise ValueError(f"{source}:{number}: per_listener_settings must come before allow_anonymous, "
-                                 f"password_file and acl_file")
+                raise ValueError(f"{source}:{number}: per_listener_settings must come before "
+                                 f"{', '.join(_SECURITY)}")
             if self.per_listener:
                 self._note(source, number, text, "authentication and ACLs apply to every listener alike here")
         else:
@@ -353,8 +401,8 @@ class _Converter:
                 raise ValueError(f"{source}:{number}: listener needs a port")
             if int(args[0]) > 65535:
                 raise ValueError(f"{source}:{number}: invalid port {args[0]}, as Mosquitto says")
-            self.listeners.append(_Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number))
-            self.bridge = None
+            self.current = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
+            self.listeners.append(self.current)  # (a connection's section goes on, as in Mosquitto)
         elif key in ("port", "bind_address"):
             # The default listener's, wherever the line is (as in Mosquitto).
             if self.default_port is None:
@@ -366,8 +414,12 @@ class _Converter:
         elif key in _REFUSED:
             if key not in _REFUSED_IF_TRUE or _bool(value, source, number):
                 raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
-        elif key in _LISTENER and (self.listeners or _opens_default_listener(key, value)):
-            target = self.listeners[-1] if self.listeners else self.default_port
+        elif key == "max_topic_alias" and self.current is None:
+            # The default listener's, which it does not open: the listeners of listener lines
+            # keep Mosquitto's default (10).
+            self.default_limits[key] = (_value("int", value, source, number), source, number, text)
+        elif key in _LISTENER and (self.current is not None or _opens_default_listener(key, value)):
+            target = self.current if self.current is not None else self.default_port
             if target is None:
                 self.default_port = target = _Listener(1883, "", source, number)
             if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
@@ -478,9 +530,26 @@ class _Converter:
                                        f"larger one is disconnected (MQTT 5: 0x95) rather than its message dropped",
                                        carried=True))
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
+        if "max_topic_alias" in self.default_limits:
+            value, source, number, text = self.default_limits["max_topic_alias"]
+            if self.default_port is not None or not listeners:  # (the default listener opened: loopback, say)
+                settings["max_topic_alias"] = value
+            else:
+                self._note(source, number, text, "before any listener line it is the default listener's, which "
+                                                 "is not opened: the listeners keep Mosquitto's default, 10")
+        counted = [listener.limits["max_connections"][0] if "max_connections" in listener.limits else -1
+                   for listener in listeners]
+        if len(listeners) > 1 and any(limit > 0 for limit in counted):
+            # Mosquitto counts each listener's connections; here they are counted together.
+            total = -1 if -1 in counted else sum(counted)
+            settings["max_connections"] = total
+            _, source, number, text = [lst.limits["max_connections"] for lst in listeners
+                                       if "max_connections" in lst.limits][-1]
+            self.out.notes.append(Note(source, number, text, f"each listener's in Mosquitto: here one limit of the "
+                                       f"broker's connections, {total} (the listeners' added up)", carried=True))
         for key, default in _PER_LISTENER.items():
             values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
-            if len(values) > 1:
+            if len(values) > 1 and key != "max_connections":
                 value, source, number, text = [lst.limits[key] for lst in listeners if key in lst.limits][-1]
                 self.out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is "
                                            f"global, {value} for every listener", carried=True))
@@ -533,19 +602,31 @@ class _Converter:
         # or one would be converted with another's (a password file dropped, anonymous clients let in).
         effective = [{**_SECURITY, **listener.security} for listener in listeners]
         for listener, its in zip(listeners[1:], effective[1:]):
-            if its != effective[0]:
-                raise ValueError(f"{listener.source}:{listener.line}: this listener's allow_anonymous, "
-                                 f"password_file or acl_file differ from the first one's (one not set is Mosquitto's "
-                                 f"default: allow_anonymous false, no file); here they apply to every listener "
-                                 f"alike: give each listener the same")
-        self.out.settings.update({key: value for key, value in effective[0].items() if value is not None})
+            differ = [key for key in _SECURITY if its[key] != effective[0][key]]
+            if differ:
+                raise ValueError(f"{listener.source}:{listener.line}: this listener's {', '.join(differ)} "
+                                 f"{'is' if len(differ) == 1 else 'are'} not the first one's (one not set is "
+                                 f"Mosquitto's default: allow_anonymous false, no file); here they apply to every "
+                                 f"listener alike: give each listener the same")
+        given = {key for listener in listeners for key in listener.security}
+        self.out.settings.update({key: value for key, value in effective[0].items()
+                                  if value is not None and (key in ("allow_anonymous", "password_file", "acl_file")
+                                                            or key in given)})
 
 
 def convert(path: str | Path) -> Conversion:
     """Read a mosquitto.conf (and what it includes); raises OSError or ValueError for a file
     that cannot be read or a value that cannot be understood."""
     converter = _Converter()
+    reading = ""
+    sections: dict[str, tuple[_Listener | None, dict[str, Any] | None]] = {}
     for source, number, text, words in _lines(Path(path), set()):
+        if source != reading:
+            # Each file starts at the default listener and outside any connection, as in
+            # Mosquitto, and the including file goes on where it was after the included ones.
+            sections[reading] = (converter.current, converter.bridge)
+            converter.current, converter.bridge = sections.get(source, (None, None))
+            reading = source
         converter.read(source, number, text, words[0])
     return converter.finish()
 
@@ -596,6 +677,8 @@ def _bool(value: str, source: str, number: int) -> bool:
 
 def _setting(kind: str, value: str, source: str, number: int) -> Any:
     """A global setting's value: a relative path is the including file's."""
+    if kind == "path" and not value:
+        raise ValueError(f"{source}:{number}: an empty value, which Mosquitto refuses")
     if kind == "path" and not Path(value).is_absolute():
         value = str(Path(source).parent / value)
     return _value(kind, value, source, number)

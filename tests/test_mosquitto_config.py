@@ -278,10 +278,14 @@ def test_per_listener_security_applies_to_every_listener_or_is_refused(tmp_path:
     settings = convert(path).settings
     assert settings["allow_anonymous"] is False
     assert settings["password_file"] == str(tmp_path / "passwd") and settings["acl_file"] == str(tmp_path / "acl")
-    for second in ("allow_anonymous true\npassword_file passwd\n", "password_file other\n", ""):
-        # Anonymous clients let in on the first listener, another file, no file at all.
+    for second, differ in (("allow_anonymous true\npassword_file passwd\n", "allow_anonymous is"),
+                           ("password_file other\n", "password_file is"), ("", "password_file is"),
+                           ("password_file passwd\nallow_zero_length_clientid false\n", "allow_zero_length_clientid is"),
+                           ("auto_id_prefix x-\n", "password_file, auto_id_prefix are")):
+        # Anonymous clients let in on the first listener, another file, no file at all; clients
+        # without a client id let in, or named otherwise (Mosquitto's security settings too).
         path.write_text(f"per_listener_settings true\nlistener 1883\npassword_file passwd\nlistener 1884\n{second}")
-        with pytest.raises(ValueError, match=r"m.conf:4: this listener's allow_anonymous, password_file or acl_file"):
+        with pytest.raises(ValueError, match=rf"m.conf:4: this listener's {differ} not the first one's"):
             convert(path)
 
 
@@ -289,7 +293,6 @@ def test_per_listener_security_applies_to_every_listener_or_is_refused(tmp_path:
     ("max_qos 1", "max_qos 1", None),
     ("max_qos 1", "max_qos 2", "max_qos 2"),  # the last listener's applies to both
     ("max_qos 1", "", "max_qos 1"),  # the second listener had Mosquitto's default, 2
-    ("max_connections 10", "max_connections 20", "max_connections 20"),
     ("max_topic_alias 0", "max_topic_alias 0", None),
     ("max_topic_alias 0", "", "max_topic_alias 0"),  # the second listener had Mosquitto's default, 10
 ])
@@ -309,11 +312,33 @@ def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
                               f"{noted.split()[1]} for every listener")
 
 
-def test_max_topic_alias_before_any_listener_is_carried(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listeners, carried", [("listener 1883\n", False), ("port 1884\n", True), ("", True)])
+def test_max_topic_alias_before_any_listener_is_the_default_listeners(
+        tmp_path: Path, listeners: str, carried: bool) -> None:
+    """Mosquitto 2.0.11 gives it to its default listener, which a listener line alone does not
+    open: that listener still grants Topic Alias Maximum 10 (its CONNACK, seen)."""
     path = tmp_path / "m.conf"
-    path.write_text("max_topic_alias 0\nlistener 1883\n")
+    path.write_text(f"max_topic_alias 0\n{listeners}")
     conversion = convert(path)
-    assert conversion.settings["max_topic_alias"] == 0 and conversion.notes == []
+    if carried:
+        assert conversion.settings["max_topic_alias"] == 0 and conversion.notes == []
+    else:
+        assert "max_topic_alias" not in conversion.settings
+        assert [n.why for n in conversion.notes] == [
+            "before any listener line it is the default listener's, which is not opened: the listeners keep "
+            "Mosquitto's default, 10"]
+
+
+def test_max_connections_of_each_listener_are_added_up(tmp_path: Path) -> None:
+    """Mosquitto counts each listener's connections; here one limit counts them all."""
+    path = tmp_path / "m.conf"
+    for second, total in (("max_connections 20\n", 30), ("", -1)):
+        path.write_text(f"listener 1883\nmax_connections 10\nlistener 1884\n{second}")
+        conversion = convert(path)
+        assert conversion.settings["max_connections"] == total
+        assert [n.why for n in conversion.notes] == [
+            f"each listener's in Mosquitto: here one limit of the broker's connections, {total} (the listeners' "
+            f"added up)"]
 
 
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:
@@ -726,3 +751,89 @@ def test_limits_mosquitto_takes_for_none_are_none_here(
     path.write_text(f"listener 1883\n{line}\n" if where == "after a listener" else f"{line}\n")
     assert getattr(convert(path).config(), setting) == value
 
+
+
+# --- what Mosquitto 2.0.11 does, seen with the binary ---------------------------------------------
+
+def test_each_file_starts_at_the_default_listener_and_the_including_one_goes_on_where_it_was(tmp_path: Path) -> None:
+    """A listener's section ended with its file: "allow_anonymous true" after it, in another file,
+    is the default listener's in Mosquitto (not opened: its listeners refuse anonymous clients);
+    converted, it let them in."""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.conf").write_text("allow_anonymous true\n")
+    path = tmp_path / "m.conf"
+    path.write_text("per_listener_settings true\nlistener 18866 127.0.0.1\ninclude_dir conf.d\n")
+    assert convert(path).settings["allow_anonymous"] is False
+    (tmp_path / "conf.d" / "a.conf").write_text("listener 18865 127.0.0.1\n")
+    path.write_text("per_listener_settings true\ninclude_dir conf.d\nallow_anonymous true\n")
+    assert convert(path).settings["allow_anonymous"] is False
+    path.write_text("per_listener_settings true\nlistener 18866 127.0.0.1\ninclude_dir conf.d\nallow_anonymous true\n")
+    with pytest.raises(ValueError, match="this listener's allow_anonymous is not the first one's"):
+        convert(path)  # (true for 18866, where the main file goes on after the include)
+
+
+def test_include_dir_reads_non_ascii_names_after_ascii_ones(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "\u00e9.conf").write_text("allow_anonymous false\n")
+    (tmp_path / "conf.d" / "z.conf").write_text("allow_anonymous true\n")
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883 127.0.0.1\ninclude_dir conf.d\n")
+    assert convert(path).settings["allow_anonymous"] is False
+
+
+def test_an_unreadable_included_file_is_named_with_the_include_dir_line(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "broken.conf").symlink_to(tmp_path / "nowhere")
+    refused(tmp_path, "listener 1883 127.0.0.1\ninclude_dir conf.d\n",
+            r"m.conf:2: include_dir: cannot read '.*broken.conf': No such file")
+
+
+@pytest.mark.parametrize("option", ["certfile /c.pem\nkeyfile /k.pem\n", "cafile /ca.pem\n", "protocol websockets\n"])
+def test_a_unix_socket_listener_with_tls_or_websocket_is_refused(tmp_path: Path, option: str) -> None:
+    """Mosquitto speaks TLS on one (converted, it was plain, no client certificate asked for) and
+    refuses WebSocket there (converted, it was plain MQTT)."""
+    refused(tmp_path, f"listener 0 {tmp_path}/mqtt.sock\n{option}allow_anonymous true\n",
+            r"m.conf:1: a Unix socket listener takes neither TLS nor WebSocket here")
+
+
+def test_an_empty_path_is_refused(tmp_path: Path) -> None:
+    """Mosquitto: "Empty password_file value"; converted, it was the file's directory."""
+    refused(tmp_path, "listener 1883 127.0.0.1\npassword_file\n", r"m.conf:2: an empty value")
+
+
+def test_a_connections_section_goes_on_past_a_listener_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("connection b\naddress 127.0.0.1:18839\nlistener 18833 127.0.0.1\nallow_anonymous true\n"
+                    "topic sensors/# out 1\n")
+    conversion = convert(path)
+    assert conversion.bridges[0]["topic"] == ["sensors/# out 1"] and conversion.notes == []
+    assert conversion.config().bridge[0].topic[0].pattern == "sensors/#"
+
+
+def test_a_topic_line_with_a_local_prefix_alone_or_more_than_five_words(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883 127.0.0.1\nconnection b\naddress 127.0.0.1:1884\ntopic sensors/# out 1 local/\n"
+                    "topic cmd/# in 1 here/ there/ extra\n")
+    conversion = convert(path)
+    first, second = conversion.config().bridge[0].topic
+    assert (first.local_filter, first.remote_filter) == ("local/sensors/#", "sensors/#")
+    assert (second.local_filter, second.remote_filter) == ("here/cmd/#", "there/cmd/#")
+    assert [(n.line, n.why) for n in conversion.notes] == [(5, "the words after the fifth are left out, as Mosquitto does")]
+
+
+@pytest.mark.parametrize("line", ["max_qos 3", "topic sensors/# sideways 1"])
+def test_a_value_refused_names_its_file_and_line(tmp_path: Path, line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\nconnection b\naddress 127.0.0.1:1884\n{line}\n")
+    assert main(["from-mosquitto", str(path)]) == 1
+    assert f"{path}:4: " in capsys.readouterr().err
+
+
+def test_the_toml_written_holds_any_character(tmp_path: Path) -> None:
+    """Written as JSON escapes, a character outside the BMP made surrogates, which TOML refuses."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883 127.0.0.1\nauto_id_prefix \U0001F642\x7f-\nconnection cloud\n"
+                    "address 127.0.0.1:1884\ntopic sensors/\U0001F321/# out 1\n")
+    parsed = tomllib.loads(convert(path).toml(str(path)))
+    assert parsed["auto_id_prefix"] == "\U0001F642\x7f-"
+    assert parsed["bridge"][0]["topic"] == ["sensors/\U0001F321/# out 1"]
