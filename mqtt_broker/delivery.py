@@ -73,6 +73,9 @@ class Delivery:
         self.fenced_by: str | None = None
         """With ``through_inboxes``: the client whose QoS 2 PUBLISH it is, whose session must
         still be this node's when Redis writes the records."""
+        self.received_before = False
+        """True for the next ``route`` only (which clears it): the message comes back from this
+        node's inbox (``through_inboxes``), counted as received when it was published here."""
         self.route_timer: Callable[[float], None] | None = None
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
         self._reading: Session | None = None
@@ -117,11 +120,14 @@ class Delivery:
         by_client, groups = self.subscriptions.match(message.topic)
         if self.through_inboxes and self.forwarding is not None and shares is None:
             self.through_inboxes = False
-            count, here = self.forwarding.through_inboxes(message, groups, bool(by_client), self.fenced_by)
-            if not here:  # (else counted as it is routed from this node's inbox)
-                self.stats.messages_received += 1
+            count, _ = self.forwarding.through_inboxes(message, groups, bool(by_client), self.fenced_by)
+            # Counted now, with its QoS (Publishing._routed), whenever it reaches the sessions here.
+            self.stats.messages_received += 1
             return count
-        self.stats.messages_received += 1
+        if self.received_before:
+            self.received_before = False
+        else:
+            self.stats.messages_received += 1
         if self.routing_waits_for_store:
             self._wait_for_store(by_client, groups)
         moving = False

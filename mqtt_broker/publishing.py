@@ -186,8 +186,8 @@ class Publishing:
                     self.broker.delete_retained(message.topic)  # it replaced it [MQTT-3.3.1-5], and expired
                 if qos == 2:
                     self.delivery.await_pubrel(self.session, packet_id)  # (its PUBREL is to come)
-                if qos:
-                    self._routed(qos, packet_id, message, 0)
+                if qos:  # (not counted as received: it was not routed)
+                    self._acknowledge_when_stored(qos, packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS)
                 return
         if qos == 2:
             self._route_exactly_once(packet_id, message)

@@ -257,3 +257,37 @@ def test_disconnections_by_the_broker_are_counted_by_reason() -> None:
     assert value(samples, "mqtt_connections_closed_total", reason="PACKET_TOO_LARGE") == 1
     assert value(samples, "mqtt_connections_closed_total", reason="KEEP_ALIVE_TIMEOUT") == 1
     assert value(samples, "mqtt_connections_closed_total", reason="SESSION_TAKEN_OVER") == 1
+
+
+def test_received_counts_stay_monotonic_when_a_publish_expires_while_its_hook_decides() -> None:
+    """Acknowledged and not routed, it was counted as a QoS 1 message received, not as a
+    message routed: the QoS 0 count, what is left of the routed ones, went below zero."""
+    from twisted.internet.defer import Deferred
+
+    from mqtt_broker.admin import figures
+    broker = make_broker()
+    broker.startService()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    publisher = connected(broker, "pub", version=5)
+    before = figures.read(broker).publish_received
+    publisher.publish("t", b"x", qos=1, properties={"message_expiry_interval": 1})
+    broker.reactor.advance(5)
+    pending.pop().callback(None)
+    assert figures.read(broker).publish_received == before
+
+
+def test_a_reactor_late_each_time_is_measured_late_each_time() -> None:
+    """Measured against a LoopingCall's grid, a late firing took its lateness off the next one's."""
+    broker = make_broker()
+    broker.startService()
+    monitors = metrics.Monitors(broker)
+    monitors.startService()
+    clock = broker.reactor
+    for _ in range(3):  # each time 0.1 s past its timer's due time
+        due = getattr(monitors._lag_call, "call", monitors._lag_call).getTime()  # (a LoopingCall's, or the call)
+        clock.advance(due - clock.seconds() + 0.1)
+    assert monitors.reactor_lag.count == 3 and abs(monitors.reactor_lag.sum - 0.3) < 1e-9
+    monitors.stopService()
+    broker.reactor.advance(1)
+    assert monitors.reactor_lag.count == 3  # (stopped: measured no more)

@@ -129,3 +129,23 @@ def test_stops_with_the_broker() -> None:
     broker.reactor.advance(100)
     assert sys_values(broker)["uptime"] == before
     assert not broker.reactor.getDelayedCalls()
+
+
+def test_without_retained_messages_every_value_goes_at_each_update() -> None:
+    """Only the values that changed went: one that does not (the version) reached no later
+    subscriber, as nothing was retained (Mosquitto keeps its $SYS values retained all the same)."""
+    broker = make_broker(retain_available=False)
+    broker.startService()
+    subscriber = connected(broker, "s")
+    subscriber.subscribe("$SYS/broker/version")
+    broker.reactor.advance(broker.config.sys_interval)
+    assert [p.payload.decode() for p in subscriber.received() if isinstance(p, Publish)] == [
+        f"mqtt_broker version {__version__} ({'compiled' if compiled else 'pure Python'})"]
+
+
+def test_a_sys_value_deleted_through_the_api_is_published_again() -> None:
+    broker = make_broker()
+    broker.startService()
+    assert broker.delete_retained("$SYS/broker/version")
+    broker.reactor.advance(broker.config.sys_interval)
+    assert broker.retained.get("$SYS/broker/version") is not None

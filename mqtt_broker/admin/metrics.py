@@ -78,7 +78,9 @@ class Monitors(Service):
                                            0.01, 0.025, 0.05, 0.1))
         self.store_commit = Histogram(((0.0001, 0.00025) if broker.cluster is not None else ())
                                       + (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self._lag_call: LoopingCall | None = None
+        self._lag_call: Any = None
+        """The next lag measurement (a DelayedCall: each armed from the last one's time, so that
+        a reactor late every time is seen late each time, not only once as on a LoopingCall's grid)."""
         self._sample_call: LoopingCall | None = None
         self._expected = 0.0
 
@@ -86,9 +88,7 @@ class Monitors(Service):
         super().startService()
         clock = self.broker.clock
         self._expected = clock.seconds() + LAG_INTERVAL
-        self._lag_call = LoopingCall(self._measure_lag)
-        self._lag_call.clock = clock
-        self._lag_call.start(LAG_INTERVAL, now=False)
+        self._lag_call = clock.callLater(LAG_INTERVAL, self._measure_lag)
         self._sample_call = LoopingCall(self._arm_sample)
         self._sample_call.clock = clock
         self._sample_call.start(SAMPLE_INTERVAL, now=True)
@@ -97,9 +97,10 @@ class Monitors(Service):
             observers.append(self.store_commit.observe)
 
     def stopService(self) -> Any:
-        for call in (self._lag_call, self._sample_call):
-            if call is not None and call.running:
-                call.stop()
+        if self._lag_call is not None and self._lag_call.active():
+            self._lag_call.cancel()
+        if self._sample_call is not None and self._sample_call.running:
+            self._sample_call.stop()
         self._lag_call = self._sample_call = None
         self.broker.delivery.route_timer = None
         observers = getattr(self.broker.store, "commit_observers", None)
@@ -108,9 +109,11 @@ class Monitors(Service):
         return super().stopService()
 
     def _measure_lag(self) -> None:
-        now = self.broker.clock.seconds()
+        clock = self.broker.clock
+        now = clock.seconds()
         self.reactor_lag.observe(max(0.0, now - self._expected))
         self._expected = now + LAG_INTERVAL
+        self._lag_call = clock.callLater(LAG_INTERVAL, self._measure_lag)
 
     def _arm_sample(self) -> None:
         self.broker.delivery.route_timer = self.delivery_latency.observe  # the next message routed, once

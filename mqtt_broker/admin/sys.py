@@ -181,9 +181,14 @@ class SysTopics(Service):
         self._last = (now, counters)
         for key, load in self.loads.items():
             current[key] = f"{load:.2f}"
-        publish = self.broker.route_own
+        broker = self.broker
+        publish, retained = broker.route_own, broker.retained
+        # Without retained messages, each value goes at each update: a later subscriber gets it
+        # within one interval (Mosquitto's $SYS values are retained whatever retain_available says).
+        every = first or not broker.config.retain_available
         for name, value in current.items():
-            if first or self._published.get(name) != value:
+            if every or self._published.get(name) != value or retained.get(PREFIX + name) is None:
+                # (a value deleted since, through the admin API, goes again)
                 self._published[name] = value
                 publish(PREFIX + name, value.encode(), qos=0, retain=True)
 

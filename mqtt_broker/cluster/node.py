@@ -435,8 +435,9 @@ class Cluster:
                 self.stats.forwarded_in += 1
                 if kind == FORWARDED:  # routed here, but published on another node
                     self.broker.stats.routed_from_nodes += 1
-            else:  # one this node sent itself (Forwarding.through_inboxes)
+            else:  # one this node sent itself (Forwarding.through_inboxes), counted then
                 self.forwarding.came_back(first.sender)
+                delivery.received_before = True
             # Nothing of a QoS 2 message reaches a client before the store holds that this entry
             # is handled: after a crash it is handled again, so it must not have gone out.
             delivery.routing_waits_for_store = first.qos == 2
@@ -448,7 +449,7 @@ class Cluster:
                 else:
                     delivery.route(first, second)
             finally:
-                delivery.routing_waits_for_store = False
+                delivery.routing_waits_for_store = delivery.received_before = False
 
     def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...], stamp: int) -> None:
         """Route a forwarded message, the sessions that moved here lately apart: to each of
