@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,26 @@ def _origins_problem(origins: list[str]) -> str | None:
         if not scheme or not host or any(c in host for c in "/?# \t\r\n"):
             return f"{origin!r} is not an origin (scheme://host[:port], e.g. https://app.example.com)"
     return None
+
+
+_URL_AUTHORITY = re.compile(r"(://)([^/?#]*)")
+
+
+def _without_password(match: re.Match[str]) -> str:
+    """A URL's authority without its password: all before its last ``@`` is credentials (as the
+    broker's own parsers read them: ``redis://secret@host`` holds a password alone), and the
+    password all after the first ``:`` of those."""
+    credentials, at, host = match.group(2).rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _ = credentials.partition(":")
+    return f"{match.group(1)}{user + ':' if colon else ''}********@{host}"
+
+
+def without_passwords(text: str) -> str:
+    """``text`` with the password of each URL in it replaced by ``********``: no password is
+    logged, nor shown by the admin API, nor told in an error."""
+    return _URL_AUTHORITY.sub(_without_password, text)
 
 
 def _redis_problem(url: str) -> str | None:
@@ -373,16 +394,22 @@ class BrokerConfig:
             kind = type(f.default) if f.default is not dataclasses.MISSING else list
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            # (an API key, pasted where its hash belongs, is not echoed: nor what is beside it)
+            shown = f"a {type(value).__name__}" if f.name == "http_api_keys" else repr(value)
             # bool is an int subclass: "max_qos = true" is a mistake, not 1.
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ConfigError(f"expected {kind.__name__}, got {value!r}", f.name)
+                raise ConfigError(f"expected {kind.__name__}, got {shown}", f.name)
             table = f.metadata.get("table")
             if table is not None:
                 value = self._tables(f.name, value, table)
             elif kind is list:
                 if not all(isinstance(item, str) for item in value):
-                    raise ConfigError(f"expected a list of strings, got {value!r}", f.name)
+                    raise ConfigError(f"expected a list of strings, got {shown}", f.name)
                 value = list(value)  # the caller's list is not ours to share
+            # No path, endpoint or MQTT string may hold it [MQTT-1.5.4-2]: refused here rather than
+            # met later as a traceback (a file that cannot be opened) or a malformed CONNACK.
+            if (kind is str and "\x00" in value) or (kind is list and table is None and any("\x00" in v for v in value)):
+                raise ConfigError("holds U+0000", f.name)
             # TOML has nan and inf; a timer cannot be scheduled at either.
             if kind is float and not math.isfinite(value):
                 raise ConfigError(f"expected a finite number, got {value!r}", f.name)

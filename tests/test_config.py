@@ -230,7 +230,10 @@ def test_wrong_type_names_the_key(key: str, value: Any) -> None:
         BrokerConfig(**{key: value})
     assert caught.value.key == key
     assert str(caught.value).startswith(f"{key}: ")
-    assert repr(value) in str(caught.value)
+    if key == "http_api_keys":  # (an entry may be a key, pasted where its hash belongs: never echoed)
+        assert str(caught.value).endswith(f"got a {type(value).__name__}")
+    else:
+        assert repr(value) in str(caught.value)
 
 
 @pytest.mark.parametrize("key", NUMERIC)

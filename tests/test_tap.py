@@ -533,3 +533,82 @@ def test_an_application_s_options_still_raise_usage_errors() -> None:
     """Only a runner's (twistd's) options end the process; parsed by an application, they raise."""
     with pytest.raises(usage.UsageError, match="expected int"):
         parse("--max-packet-size", "big")
+
+
+# --- what a bad setting's message says ---------------------------------------------------------
+
+def test_no_password_of_a_url_is_told_in_an_error(tmp_path: Path) -> None:
+    """The URL was echoed whole (stderr, the journal, a reload's warning, the API's problems)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mqtt_broker.config import ConfigError
+    path = tmp_path / "broker.toml"
+    path.write_text('cluster = "redis://:s3cret-pw@127.0.0.1:63799x/0"\n')
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path), "--endpoint", "tcp:0")
+    assert "cluster: 'redis://:********@127.0.0.1:63799x/0': bad port" in str(caught.value)
+    path.write_text("max_qos = 2\n")
+    service = makeService(parse("--config", str(path), "--endpoint", "tcp:0", "--persistence", "memory"))
+    path.write_text('max_qos = 2\ncluster = "redis://:s3cret-pw@127.0.0.1:6379/zero"\n')
+    with capturedLogs() as events:
+        problems = service.reload()
+    assert problems and "cluster" in problems[0]
+    assert "s3cret-pw" not in " ".join(formatEvent(e) for e in events) + " ".join(problems)
+    options = parse("--endpoint", "tcp:0", "--persistence", "memory",
+                    "--http-auth-url", "ftp://user:s3cret-pw@127.0.0.1/auth")
+    with pytest.raises(ConfigError) as raised:
+        makeService(options)
+    assert str(raised.value) == "http_auth_url: 'ftp://user:********@127.0.0.1/auth' is not an http:// or https:// URL"
+
+
+@pytest.mark.parametrize("text", ['http_api_keys = "Zx9-my-admin-key"\n', 'http_api_keys = ["Zx9-my-admin-key", 7]\n'])
+def test_an_admin_key_of_the_wrong_type_is_not_echoed(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--config", str(path), "--endpoint", "tcp:0")
+    assert "http_api_keys" in str(caught.value) and "Zx9-my-admin-key" not in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["password_file", "acl_file", "jwt_secret_file", "endpoints"])
+def test_a_nul_in_a_file_setting_or_an_endpoint_is_a_one_line_error(tmp_path: Path, key: str) -> None:
+    """TOML strings may hold \\u0000: open() then raised ValueError ("embedded null byte") in the
+    service, a traceback (a unix: endpoint's at listen)."""
+    if key == "endpoints":
+        text = f'endpoints = ["unix:{tmp_path}/mq\\u0000tt.sock"]\n'
+    else:
+        text = f'endpoints = ["tcp:0:interface=127.0.0.1"]\n{key} = "pw\\u0000d"\n'
+    (tmp_path / "broker.toml").write_text(text)
+    status, output = twistd(tmp_path, "--config", "broker.toml", options=("--pidfile=",))
+    assert status == 1 and "Traceback" not in output, output[-600:]
+    assert [line for line in output.splitlines() if "mqttbroker: " in line and key in line and "U+0000" in line]
+
+
+@pytest.mark.parametrize("settings", [{"auto_id_prefix": "id\u0000"}, {"response_information": "reply/\u0000/{client_id}"}])
+def test_a_string_sent_to_clients_holds_no_nul(settings: dict[str, Any]) -> None:
+    """[MQTT-1.5.4-2]: each CONNACK carrying it was malformed."""
+    from mqtt_broker.config import ConfigError
+    with pytest.raises(ConfigError, match=f"{next(iter(settings))}: holds U\\+0000"):
+        BrokerConfig(**settings)
+
+
+@pytest.mark.parametrize("url, why", [("http://127.0.0.1:port/auth", "Port could not be cast"),
+                                      ("http://[::1/auth", "Invalid IPv6 URL")])
+def test_a_bad_http_auth_url_is_refused_at_start(url: str, why: str) -> None:
+    """A bad port was taken, and every CONNECT then refused with a critical error logged; an
+    unclosed IPv6 address ended the start with a traceback naming no setting."""
+    from protocol_helpers import make_broker
+
+    from mqtt_broker.config import ConfigError
+    with pytest.raises(ConfigError, match=f"http_auth_url: .*{why}"):
+        make_broker(http_auth_url=url)
+
+
+def test_an_unreadable_jwks_file_is_said_once(tmp_path: Path) -> None:
+    from protocol_helpers import make_broker
+
+    from mqtt_broker.config import ConfigError
+    missing = tmp_path / "jwks.json"
+    with pytest.raises(ConfigError) as caught:
+        make_broker(jwt_jwks_file=str(missing))
+    assert str(caught.value) == f"jwt_jwks_file: {missing}: cannot read: No such file or directory"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import re
 from codecs import getincrementaldecoder
 from urllib.parse import unquote_to_bytes
 from typing import Any, Callable
 
+from ..config import without_passwords
 from ..topics import Subscription
 from . import figures
 
@@ -112,20 +112,6 @@ def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
 
 # --- input ---------------------------------------------------------------------------------
 
-_URL_AUTHORITY = re.compile(r"(://)([^/?#]*)")
-
-
-def _without_password(match: re.Match[str]) -> str:
-    """A URL's authority without its password: all before its last ``@`` is credentials (as the
-    broker's own parsers read them: ``redis://secret@host`` holds a password alone), and the
-    password all after the first ``:`` of those."""
-    credentials, at, host = match.group(2).rpartition("@")
-    if not at:
-        return match.group(0)
-    user, colon, _ = credentials.partition(":")
-    return f"{match.group(1)}{user + ':' if colon else ''}********@{host}"
-
-
 def redacted(value: Any, key: str = "") -> Any:
     """Settings as the API shows them: without a password, of a setting of its own (a bridge's
     ``remote_password``) or in a URL (``cluster``, ``http_auth_url``)."""
@@ -134,7 +120,7 @@ def redacted(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redacted(v, key) for v in value]
     if isinstance(value, str) and value:
-        return "********" if key.endswith("password") else _URL_AUTHORITY.sub(_without_password, value)
+        return "********" if key.endswith("password") else without_passwords(value)
     return value
 
 

@@ -51,7 +51,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..config import BrokerConfig, ConfigError
+from ..config import BrokerConfig, ConfigError, without_passwords
 from ..wire.codes import ReasonCode
 from . import Credentials, Identity, Refusal, withdrawable
 from .acl import AccessRules
@@ -92,9 +92,14 @@ class HttpAuthenticator:
                  clock: Any = None) -> None:
         """Raises ConfigError on a bad URL, mode or authorization file. ``clock`` (default: the
         reactor) times requests out and ages the cache."""
-        parts = urlsplit(url)
+        shown = repr(without_passwords(url))
+        try:
+            parts = urlsplit(url)
+            parts.port  # (read at each request: a bad one refused now)
+        except ValueError as e:  # (a bad port, an unclosed [IPv6 address)
+            raise ConfigError(f"{shown}: {e}", "http_auth_url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{url!r} is not an http:// or https:// URL", "http_auth_url")
+            raise ConfigError(f"{shown} is not an http:// or https:// URL", "http_auth_url")
         if mode not in MODES:
             raise ConfigError(f"{mode!r} is not one of {', '.join(MODES)}", "http_auth_mode")
         self.url, self.mode = url, mode

@@ -117,8 +117,9 @@ def load_keys(secret_file: str = "", public_key_file: str = "", jwks_file: str =
 
 
 def _load_jwks(path: str) -> list[TokenKey]:
+    text = _read(path, "jwt_jwks_file")  # (its ConfigError, a ValueError, as it is)
     try:
-        document = json.loads(_read(path, "jwt_jwks_file"))
+        document = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not JSON: {e}", "jwt_jwks_file") from None
     entries = document.get("keys") if isinstance(document, dict) else None

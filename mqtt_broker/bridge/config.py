@@ -309,8 +309,8 @@ class BridgeConfig:
             values["restart_timeout"] = (float(timeout[0]), float(timeout[1]))
         for name, value in values.items():
             problem = _type_problem(str(fields[name].type), value)
-            if problem:
-                raise BridgeConfigError(problem, name)
+            if problem:  # (a password is not echoed)
+                raise BridgeConfigError(problem.partition(", got")[0] if name == "remote_password" else problem, name)
         return cls(**values)
 
     @property

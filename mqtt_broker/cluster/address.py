@@ -22,11 +22,13 @@ class RedisAddress:
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
-        """Raises ValueError saying what is wrong with ``url``."""
+        """Raises ValueError saying what is wrong with ``url`` (naming it without its password)."""
+        from ..config import without_passwords
+        shown = repr(without_passwords(url))
         parts = urlsplit(url)
         scheme = parts.scheme
         if scheme not in ("redis", "rediss", "redis+sentinel"):
-            raise ValueError(f"{url!r}: the scheme must be redis://, rediss:// or redis+sentinel://")
+            raise ValueError(f"{shown}: the scheme must be redis://, rediss:// or redis+sentinel://")
         sentinel = scheme == "redis+sentinel"
         netloc = parts.netloc
         credentials, _, hostlist = netloc.rpartition("@")
@@ -45,26 +47,26 @@ class RedisAddress:
             else:
                 name, _, port = host.partition(":")
             if not name:
-                raise ValueError(f"{url!r}: no host")
+                raise ValueError(f"{shown}: no host")
             try:
                 number = int(port) if port else (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
             except ValueError:
-                raise ValueError(f"{url!r}: bad port {port!r}") from None
+                raise ValueError(f"{shown}: bad port {port!r}") from None
             hosts.append((name, number))
         path = [p for p in parts.path.split("/") if p]
         service = None
         if sentinel:
             if not path:
-                raise ValueError(f"{url!r}: a Sentinel URL names the service: redis+sentinel://host:26379/mymaster/0")
+                raise ValueError(f"{shown}: a Sentinel URL names the service: redis+sentinel://host:26379/mymaster/0")
             service = path.pop(0)
         elif len(hosts) != 1:
-            raise ValueError(f"{url!r}: one host (several only for redis+sentinel://)")
+            raise ValueError(f"{shown}: one host (several only for redis+sentinel://)")
         try:
             db = int(path[0]) if path else 0
         except ValueError:
-            raise ValueError(f"{url!r}: the database must be a number") from None
+            raise ValueError(f"{shown}: the database must be a number") from None
         if len(path) > 1:
-            raise ValueError(f"{url!r}: unexpected path {parts.path!r}")
+            raise ValueError(f"{shown}: unexpected path {parts.path!r}")
         return cls(tuple(hosts), service, db, username, password, scheme == "rediss")
 
     def __str__(self) -> str:
