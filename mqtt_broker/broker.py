@@ -828,7 +828,9 @@ class BrokerService(MultiService):
                     replayed.discard(message.topic)
                     continue
                 replayed.add(message.topic)
-                delivery.deliver(session, message, min(message.qos, subscription.qos), False, ids)
+                # (its RETAIN flag as a live message's [MQTT-3.3.1-12, -13])
+                delivery.deliver(session, message, min(message.qos, subscription.qos),
+                                 message.retain and subscription.retain_as_published, ids)
         for index, message in enumerate(retained):
             if delivery.full(session, subscription.qos):
                 delivery.drop(session, len(retained) - index)  # what is left could only be dropped (or skipped)

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Iterable
 
 from .message import Message, bare
-from .topics import filters_overlap, matches
+from .topics import MAX_CACHED_TOPIC_LENGTH, filters_overlap, matches
 from .wire.properties import encode_properties
 
 REPLAY_PREFIX = "$replay/"
@@ -90,10 +90,11 @@ class MessageLog:
         topic = message.topic
         targets = self._routes.get(topic)
         if targets is None:
-            if len(self._routes) >= 10_000:
-                self._routes.clear()
-            targets = self._routes[topic] = tuple(
-                i for i, f in enumerate(self.filters) if matches(f, topic))
+            targets = tuple(i for i, f in enumerate(self.filters) if matches(f, topic))
+            if len(topic) <= MAX_CACHED_TOPIC_LENGTH:  # (10,000 of the longest would hold 650 MB)
+                if len(self._routes) >= 10_000:
+                    self._routes.clear()
+                self._routes[topic] = targets
         if not targets:
             return None
         self._seq += 1

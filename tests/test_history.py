@@ -8,7 +8,7 @@ from protocol_helpers import Held, connected, make_broker, publisher_and_subscri
 from mqtt_broker.history import MessageLog, ReplayError, parse_spec, split_replay_filter
 from mqtt_broker.message import Message
 from mqtt_broker.store.memory import MemoryStore
-from mqtt_broker.wire import Suback, Subscribe, SubscriptionRequest
+from mqtt_broker.wire import Publish, Suback, Subscribe, SubscriptionRequest
 
 
 def payloads(packets):  # type: ignore[no-untyped-def]
@@ -263,3 +263,29 @@ def test_a_service_started_again_on_its_store_keeps_its_log_once(history_max_mes
     sub = connected(broker, "sub")
     assert [p.payload for p in sub.subscribe("$replay/all/h/#")[1:]] == [b"0", b"1", b"2"]  # type: ignore[attr-defined]
     assert [entry.message.payload for entry in store.load().history] == [b"0", b"1", b"2"]
+
+
+def test_a_replayed_message_keeps_its_retain_flag_under_retain_as_published() -> None:
+    """It went with RETAIN 0 whatever the subscription asked [MQTT-3.3.1-12, -13], and the
+    retained copy, replayed, is not sent again: a subscriber with Retain As Published never
+    learnt it was retained."""
+    broker = make_broker(history_filters=["s/#"])
+    connected(broker, "pub").publish("s/t", b"state", retain=True)
+    connected(broker, "pub").publish("s/u", b"event")
+    for as_published in (True, False):
+        sub = connected(broker, "sub", version=5)
+        packets = [p for p in sub.subscribe("$replay/all/s/#", retain_as_published=as_published) if isinstance(p, Publish)]
+        assert [(p.payload, p.retain) for p in packets] == [(b"state", as_published), (b"event", False)]
+
+
+def test_topics_that_are_not_logged_are_not_held_long_by_the_route_cache() -> None:
+    """Up to 10,000 topic names of any length were kept, logged or not: 200 of 60,000 bytes held
+    12 MB (10,000 of the longest, 650 MB)."""
+    broker = make_broker(history_filters=["log/#"])
+    pub = connected(broker, "pub")
+    pub.publish("warm/up", b"x")
+    with Held() as held:
+        for n in range(200):
+            pub.publish(f"t/{n}/" + "y" * 60_000, b"x")
+    assert broker.history is not None and len(broker.history) == 0
+    assert held.bytes < 1_000_000, held.bytes
