@@ -53,24 +53,22 @@ def _origins_problem(origins: list[str]) -> str | None:
     return None
 
 
-_URL_AUTHORITY = re.compile(r"(://)([^/?#]*)")
+_URL_CREDENTIALS = re.compile(r"(://)([^'\"]*)@")
+"""A URL's credentials: all from its ``://`` to its last ``@`` before a quote (as the broker's
+own parsers read them: ``redis://secret@host`` holds a password alone; a password may hold a
+space, or an unescaped ``/``, ``?`` or ``#``, which would end a URL's authority). Rather more
+than less: an ``@`` further on in the same text is taken for the credentials' end."""
 
 
 def _without_password(match: re.Match[str]) -> str:
-    """A URL's authority without its password: all before its last ``@`` is credentials (as the
-    broker's own parsers read them: ``redis://secret@host`` holds a password alone), and the
-    password all after the first ``:`` of those."""
-    credentials, at, host = match.group(2).rpartition("@")
-    if not at:
-        return match.group(0)
-    user, colon, _ = credentials.partition(":")
-    return f"{match.group(1)}{user + ':' if colon else ''}********@{host}"
+    user, colon, _ = match.group(2).partition(":")
+    return f"{match.group(1)}{user + ':' if colon and '/' not in user else ''}********@"
 
 
 def without_passwords(text: str) -> str:
     """``text`` with the password of each URL in it replaced by ``********``: no password is
     logged, nor shown by the admin API, nor told in an error."""
-    return _URL_AUTHORITY.sub(_without_password, text)
+    return _URL_CREDENTIALS.sub(_without_password, text)
 
 
 def _redis_problem(url: str) -> str | None:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cmp_to_key
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,7 +63,7 @@ _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_de
            "log_timestamp_format": "twistd's logging", "log_facility": "twistd --syslog",
            "websockets_log_level": "twistd's logging"}
 _ONCE = {"password_file", "acl_file", "persistence_location", "persistence_file", "pid_file", "user", "bind_address",
-         "certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile", "psk_file"}
+         "certfile", "keyfile", "cafile", "capath", "ciphers", "crlfile", "dhparamfile", "psk_file", "auto_id_prefix"}
 """Settings Mosquitto 2 refuses to start with twice ("Duplicate ... value in configuration"): for
 the whole file, or for each listener (the TLS files; with per_listener_settings, the security ones
 and psk_file)."""
@@ -236,7 +237,7 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
                 except OSError as e:
                     raise ValueError(f"{path}:{number}: unable to open include_dir {str(directory)!r}: "
                                      f"{e.strerror}") from None
-                for name in sorted(names, key=_mosquitto_order):
+                for name in sorted(names, key=cmp_to_key(_mosquitto_compare)):
                     try:
                         yield from _lines(directory / name, seen)
                     except OSError as e:
@@ -246,11 +247,21 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
             yield str(path), number, text, words
 
 
-def _mosquitto_order(name: str) -> list[tuple[int, int]]:
+def _mosquitto_compare(first: str, second: str) -> int:
     """Mosquitto's sort of include_dir files: each character compared in upper case, then as it
     is (so "a.conf" < "B.conf" < "b.conf" < "_.conf"), a C char being signed; glibc's toupper of
-    a negative char is its unsigned value (so "z.conf" < "é.conf")."""
-    return [(byte - 32 if 97 <= byte <= 122 else byte, byte - 256 if byte > 127 else byte) for byte in name.encode()]
+    a negative char is its unsigned value (so "z.conf" < "é.conf"); a name that ends first is
+    compared by its NUL with the other's signed char ("x.confé.conf" < "x.conf")."""
+    one, two = first.encode(), second.encode()
+    for a, b in zip(one, two):
+        upper_a, upper_b = a - 32 if 97 <= a <= 122 else a, b - 32 if 97 <= b <= 122 else b
+        if upper_a != upper_b:
+            return upper_a - upper_b
+        if a != b:
+            return (a - 256 if a > 127 else a) - (b - 256 if b > 127 else b)
+    rest_a = one[len(two)] if len(one) > len(two) else 0
+    rest_b = two[len(one)] if len(two) > len(one) else 0
+    return (rest_a - 256 if rest_a > 127 else rest_a) - (rest_b - 256 if rest_b > 127 else rest_b)
 
 
 class _Converter:
@@ -266,6 +277,9 @@ class _Converter:
         self.default_port: _Listener | None = None
         self.bridge: dict[str, Any] | None = None
         """The table of the last connection line of the file being read."""
+        self.moved = (False, False)
+        """Whether the file's listener, and its connection, were followed by others that a file
+        it included added (see ``convert``)."""
         self.default_limits: dict[str, tuple[Any, str, int, str]] = {}
         """max_topic_alias before any listener line: the default listener's, not opened for it."""
         self.capaths: list[tuple[dict[str, Any], str, int, str]] = []
@@ -285,7 +299,9 @@ class _Converter:
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
-        if self.bridge is not None and key in _BRIDGE:
+        if key == "connection":
+            self.out.lines[f"bridge[{len(self.out.bridges) + 1}].connection"] = f"{source}:{number}"
+        elif self.bridge is not None and key in _BRIDGE:
             self.out.lines[f"bridge[{len(self.out.bridges)}].{_BRIDGE_RENAMED.get(key, key)}"] = f"{source}:{number}"
         else:
             ours = _GLOBAL[key][0] if key in _GLOBAL else {"message_size_limit": "max_packet_size",
@@ -324,6 +340,13 @@ class _Converter:
             raise ValueError(f"{source}:{number}: {e}") from None
         return value
 
+    def _not_moved(self, which: int, source: str, number: int, key: str) -> None:
+        if self.moved[which]:
+            section = ("listener", "connection")[which]
+            raise ValueError(f"{source}:{number}: {key} of a {section} section an include_dir came between (with a "
+                             f"{section} of its own): Mosquitto's reading of it is undefined; move the line before "
+                             f"the include_dir")
+
     def _note(self, source: str, number: int, text: str, why: str) -> None:
         self.out.notes.append(Note(source, number, text, why))
 
@@ -331,9 +354,13 @@ class _Converter:
         if key == "connection":
             self.bridge = {"connection": value}
             self.out.bridges.append(self.bridge)
+            self.moved = (self.moved[0], False)
         elif (bridge := self.bridge) is None:
+            if key in _BRIDGE:  # (each file starts outside any connection section)
+                raise ValueError(f"{source}:{number}: {key} outside a connection section, which Mosquitto refuses")
             return False
         elif key in _BRIDGE:
+            self._not_moved(1, source, number, key)
             name = _BRIDGE_RENAMED.get(key, key)
             if name == "addresses":
                 bridge.setdefault("addresses", []).extend(_words(value.replace(",", " ")))
@@ -376,6 +403,7 @@ class _Converter:
             if not self.per_listener:
                 self.out.settings[ours] = converted
             elif self.current is not None:
+                self._not_moved(0, source, number, key)
                 self.current.security[key] = converted
             else:
                 self.before_listeners.append((key, converted, source, number, text))
@@ -402,6 +430,7 @@ class _Converter:
             if int(args[0]) > 65535:
                 raise ValueError(f"{source}:{number}: invalid port {args[0]}, as Mosquitto says")
             self.current = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
+            self.moved = (False, self.moved[1])
             self.listeners.append(self.current)  # (a connection's section goes on, as in Mosquitto)
         elif key in ("port", "bind_address"):
             # The default listener's, wherever the line is (as in Mosquitto).
@@ -420,6 +449,8 @@ class _Converter:
             self.default_limits[key] = (_value("int", value, source, number), source, number, text)
         elif key in _LISTENER and (self.current is not None or _opens_default_listener(key, value)):
             target = self.current if self.current is not None else self.default_port
+            if self.current is not None:
+                self._not_moved(0, source, number, key)
             if target is None:
                 self.default_port = target = _Listener(1883, "", source, number)
             if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
@@ -529,14 +560,22 @@ class _Converter:
                                        f"but whose topic takes it over is refused too), and a client that sends a "
                                        f"larger one is disconnected (MQTT 5: 0x95) rather than its message dropped",
                                        carried=True))
+        if self.per_listener and self.default_port is None:
+            # The default listener's password_file, or allow_zero_length_clientid false, opens it
+            # (port 1883 on every interface), as Mosquitto 2's config__read does.
+            opening = [(source, number) for key, value, source, number, _ in self.before_listeners
+                       if key == "password_file" or (key == "allow_zero_length_clientid" and value is False)]
+            if opening:
+                self.default_port = _Listener(1883, "", *opening[0])
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
         if "max_topic_alias" in self.default_limits:
             value, source, number, text = self.default_limits["max_topic_alias"]
-            if self.default_port is not None or not listeners:  # (the default listener opened: loopback, say)
-                settings["max_topic_alias"] = value
-            else:
-                self._note(source, number, text, "before any listener line it is the default listener's, which "
-                                                 "is not opened: the listeners keep Mosquitto's default, 10")
+            if self.default_port is not None:  # (opened by a port line, say; the last listener's applies)
+                self.default_port.limits.setdefault("max_topic_alias", self.default_limits["max_topic_alias"])
+                settings.setdefault("max_topic_alias", value)
+            else:  # (without any listener line, Mosquitto's listeners on loopback keep 10 too)
+                self._note(source, number, text, "before any listener line it is the default listener's (of a port "
+                                                 "line), and there is none: the listeners keep Mosquitto's default, 10")
         counted = [listener.limits["max_connections"][0] if "max_connections" in listener.limits else -1
                    for listener in listeners]
         if len(listeners) > 1 and any(limit > 0 for limit in counted):
@@ -619,13 +658,19 @@ def convert(path: str | Path) -> Conversion:
     that cannot be read or a value that cannot be understood."""
     converter = _Converter()
     reading = ""
-    sections: dict[str, tuple[_Listener | None, dict[str, Any] | None]] = {}
+    sections: dict[str, tuple[_Listener | None, dict[str, Any] | None, int, int]] = {}
     for source, number, text, words in _lines(Path(path), set()):
         if source != reading:
             # Each file starts at the default listener and outside any connection, as in
-            # Mosquitto, and the including file goes on where it was after the included ones.
-            sections[reading] = (converter.current, converter.bridge)
-            converter.current, converter.bridge = sections.get(source, (None, None))
+            # Mosquitto, and the including file goes on where it was after the included ones;
+            # unless those added a listener or a connection: Mosquitto's section is then in
+            # memory it has moved (what it does with the lines that follow is undefined).
+            out = converter.out
+            sections[reading] = (converter.current, converter.bridge, len(converter.listeners), len(out.bridges))
+            current, bridge, listeners, bridges = sections.get(source, (None, None, 0, 0))
+            converter.current, converter.bridge = current, bridge
+            converter.moved = (current is not None and listeners != len(converter.listeners),
+                               bridge is not None and bridges != len(out.bridges))
             reading = source
         converter.read(source, number, text, words[0])
     return converter.finish()

@@ -124,6 +124,8 @@ def test_the_toml_file_takes_bridge_tables(tmp_path: Path) -> None:
     ({"remote_clientid": "edge\x001", "notifications": False}, "bridge[1].remote_clientid", "U+0000"),
     ({"local_clientid": "l\x00"}, "bridge[1].local_clientid", "U+0000"),
     ({"remote_username": "u\x00"}, "bridge[1].remote_username", "U+0000"),
+    ({"bridge_cafile": "/etc/ssl/a\x00b.pem"}, "bridge[1].bridge_cafile", "U+0000"),
+    ({"addresses": ["h\x00ost:1883"]}, "bridge[1].addresses", "U+0000"),
     ({"bridge_insecure": True}, "bridge[1].bridge_insecure", "is for a TLS link"),
 ])
 def test_bad_bridge_settings_name_their_key(values: dict[str, object], key: str, why: str) -> None:

@@ -312,7 +312,7 @@ def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
                               f"{noted.split()[1]} for every listener")
 
 
-@pytest.mark.parametrize("listeners, carried", [("listener 1883\n", False), ("port 1884\n", True), ("", True)])
+@pytest.mark.parametrize("listeners, carried", [("listener 1883\n", False), ("port 1884\n", True), ("", False)])
 def test_max_topic_alias_before_any_listener_is_the_default_listeners(
         tmp_path: Path, listeners: str, carried: bool) -> None:
     """Mosquitto 2.0.11 gives it to its default listener, which a listener line alone does not
@@ -325,8 +325,8 @@ def test_max_topic_alias_before_any_listener_is_the_default_listeners(
     else:
         assert "max_topic_alias" not in conversion.settings
         assert [n.why for n in conversion.notes] == [
-            "before any listener line it is the default listener's, which is not opened: the listeners keep "
-            "Mosquitto's default, 10"]
+            "before any listener line it is the default listener's (of a port line), and there is none: the "
+            "listeners keep Mosquitto's default, 10"]
 
 
 def test_max_connections_of_each_listener_are_added_up(tmp_path: Path) -> None:
@@ -768,8 +768,9 @@ def test_each_file_starts_at_the_default_listener_and_the_including_one_goes_on_
     path.write_text("per_listener_settings true\ninclude_dir conf.d\nallow_anonymous true\n")
     assert convert(path).settings["allow_anonymous"] is False
     path.write_text("per_listener_settings true\nlistener 18866 127.0.0.1\ninclude_dir conf.d\nallow_anonymous true\n")
-    with pytest.raises(ValueError, match="this listener's allow_anonymous is not the first one's"):
-        convert(path)  # (true for 18866, where the main file goes on after the include)
+    with pytest.raises(ValueError, match=r"m.conf:4: allow_anonymous of a listener section an include_dir came "
+                                         r"between \(with a listener of its own\): Mosquitto's reading of it is undefined"):
+        convert(path)  # (Mosquitto writes it to a listener it has moved since: seen losing it)
 
 
 def test_include_dir_reads_non_ascii_names_after_ascii_ones(tmp_path: Path) -> None:
@@ -837,3 +838,61 @@ def test_the_toml_written_holds_any_character(tmp_path: Path) -> None:
     parsed = tomllib.loads(convert(path).toml(str(path)))
     assert parsed["auto_id_prefix"] == "\U0001F642\x7f-"
     assert parsed["bridge"][0]["topic"] == ["sensors/\U0001F321/# out 1"]
+
+
+@pytest.mark.parametrize("line", ["allow_zero_length_clientid false", "password_file pw"])
+def test_a_per_listener_security_line_before_any_listener_opens_the_default_listener(tmp_path: Path, line: str) -> None:
+    """As Mosquitto 2.0.11's config__read: port 1883 on every interface (seen listening)."""
+    (tmp_path / "pw").write_text("")
+    path = tmp_path / "m.conf"
+    second = "password_file pw\n" if "password_file" in line else "allow_zero_length_clientid false\n"
+    path.write_text(f"per_listener_settings true\n{line}\nlistener 18851 127.0.0.1\n{second}")
+    assert convert(path).settings["endpoints"] == ["tcp:1883", "tcp:18851:interface=127.0.0.1"]
+    path.write_text(f"per_listener_settings true\n{line}\nlistener 18851 127.0.0.1\nallow_anonymous true\n{second}")
+    with pytest.raises(ValueError, match="m.conf:3: this listener's allow_anonymous is not the first one's"):
+        convert(path)  # (the default listener refuses anonymous clients)
+
+
+def test_include_dir_reads_a_name_before_a_non_ascii_name_it_begins(tmp_path: Path) -> None:
+    """Mosquitto compares the shorter name's end with the other's next char, signed."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.conf").write_text("listener 18883 127.0.0.1\n")
+    (tmp_path / "d" / "x.conf\u00e9.conf").write_text("listener 18884 127.0.0.1\n")
+    path = tmp_path / "m.conf"
+    path.write_text("include_dir d\n")
+    assert convert(path).settings["endpoints"] == ["tcp:18884:interface=127.0.0.1", "tcp:18883:interface=127.0.0.1"]
+
+
+def test_a_connection_section_an_include_came_between_is_refused(tmp_path: Path) -> None:
+    """Mosquitto writes its lines to a connection it has moved since (undefined)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.conf").write_text("connection other\naddress 127.0.0.1:2\ntopic b/# out\n")
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nconnection b\naddress 127.0.0.1:1\ninclude_dir d\ntopic a/# out\n")
+    refused(tmp_path, path.read_text(), r"m.conf:5: topic of a connection section an include_dir came between")
+
+
+def test_a_bridge_line_outside_a_connection_section_is_refused(tmp_path: Path) -> None:
+    """Mosquitto: "Invalid bridge configuration"; each included file starts outside any."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.conf").write_text("topic c/# both 0\n")
+    refused(tmp_path, "listener 1883\nconnection b\naddress 127.0.0.1:1\ntopic a/# both 0\ninclude_dir d\n",
+            r"t.conf:1: topic outside a connection section, which Mosquitto refuses")
+
+
+def test_a_refused_connection_name_and_a_second_auto_id_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nconnection a+b\naddress 127.0.0.1:1\ntopic a/# both 0\n")
+    with pytest.raises(ValueError, match=r"m.conf:2: bridge\[1\].connection: 'a\+b' is not a name"):
+        convert(path).config()
+    refused(tmp_path, "listener 1883\nauto_id_prefix x-\nauto_id_prefix y-\n", r"m.conf:3: auto_id_prefix is given twice")
+
+
+def test_max_topic_alias_of_the_default_listener_and_another_is_what_the_note_says(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("max_topic_alias 5\nport 18895\nlistener 18896 127.0.0.1\nmax_topic_alias 7\n")
+    conversion = convert(path)
+    assert conversion.settings["max_topic_alias"] == 7
+    assert [n.why for n in conversion.notes] == [
+        "max_topic_alias differs between the listeners: here it is global, 7 for every listener"]
+

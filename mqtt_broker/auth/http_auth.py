@@ -96,8 +96,8 @@ class HttpAuthenticator:
         try:
             parts = urlsplit(url)
             parts.port  # (read at each request: a bad one refused now)
-        except ValueError as e:  # (a bad port, an unclosed [IPv6 address)
-            raise ConfigError(f"{shown}: {e}", "http_auth_url") from None
+        except ValueError:  # (its message may quote a password)
+            raise ConfigError(f"{shown}: a bad port, or an unclosed [IPv6 address]", "http_auth_url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{shown} is not an http:// or https:// URL", "http_auth_url")
         if mode not in MODES:

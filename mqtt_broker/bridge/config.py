@@ -246,9 +246,11 @@ class BridgeConfig:
             raise BridgeConfigError("bridge_certfile and bridge_keyfile go together", "bridge_certfile")
         if self.remote_password is not None and self.remote_username is None:
             raise BridgeConfigError("a password needs remote_username", "remote_password")
-        for key in ("remote_clientid", "local_clientid", "remote_username"):
-            if "\x00" in (getattr(self, key) or ""):  # (no MQTT string holds U+0000 [MQTT-1.5.4-2])
-                raise BridgeConfigError("holds U+0000", key)
+        for f in dataclasses.fields(self):  # (no path, address or MQTT string holds U+0000 [MQTT-1.5.4-2])
+            value = getattr(self, f.name)
+            texts = value if isinstance(value, list) and f.name != "topic" else [value]
+            if f.name != "remote_password" and any(isinstance(t, str) and "\x00" in t for t in texts):
+                raise BridgeConfigError("holds U+0000", f.name)
         if self.bridge_insecure and not self.tls:
             raise BridgeConfigError("is for a TLS link: give bridge_cafile, bridge_certfile or bridge_tls",
                                     "bridge_insecure")

@@ -51,7 +51,7 @@ class RedisAddress:
             try:
                 number = int(port) if port else (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
             except ValueError:
-                raise ValueError(f"{shown}: bad port {port!r}") from None
+                raise ValueError(f"{shown}: a bad port") from None  # (not shown: it may be part of a password)
             hosts.append((name, number))
         path = [p for p in parts.path.split("/") if p]
         service = None
@@ -66,7 +66,7 @@ class RedisAddress:
         except ValueError:
             raise ValueError(f"{shown}: the database must be a number") from None
         if len(path) > 1:
-            raise ValueError(f"{shown}: unexpected path {parts.path!r}")
+            raise ValueError(f"{shown}: an unexpected path")
         return cls(tuple(hosts), service, db, username, password, scheme == "rediss")
 
     def __str__(self) -> str:
