@@ -1783,6 +1783,46 @@ def test_stored_messages_that_expired_make_room_under_max_stored_messages(server
         yield broker.stopService()
 
 
+@inlineCallbacks
+def adopted(server: RedisServer, broker: BrokerService, clock: Clock, dead: str = "b") -> Any:
+    """The survivor's adoption of ``dead``, to its end (past its wait for the others' last writes)."""
+    adopting = broker.cluster.survivor.adopt(dead).addErrback(broker.cluster.survivor.failed)
+    yield until(lambda: not server.client().exists(f"mqtt:clients:{dead}"), "the adoption's forget_node")
+    clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
+    yield until(lambda: adopting.called, "the adoption's end")
+
+
+@inlineCallbacks
+def wills_published(broker: BrokerService, observer: FakeClient) -> Any:
+    """What the observer got (not the DUP copies of a retry), once the store wrote what it holds."""
+    yield broker.store.flushed()
+    return [(p.topic, p.payload) for p in observer.received() if isinstance(p, Publish) and not p.dup]
+
+
+@inlineCallbacks
+def a_watching_wills(server: RedisServer) -> Any:
+    """Node a on a Clock, with a client of it watching wills/#: (clock, broker, observer)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    return clock, broker, (yield watching_wills(broker))
+
+
+@inlineCallbacks
+def b_holding_c(server: RedisServer, delay: int, expiry: int = 3600) -> Any:
+    """Node b (a store of its own) holds client c, connected, with a will on wills/c of ``delay``
+    seconds and a session of ``expiry`` (0: none kept past the connection). Returns b's link."""
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    yield b.register(600_000)
+    yield b.claim("c", not expiry, 0)
+    if expiry:
+        b.save_session(Session("c", expiry), None)
+    b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), delay)
+    yield b.flushed()
+    return link
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_delayed_will_of_a_dead_nodes_session_that_ended_with_it_is_published_when_its_client_resumes(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -1790,27 +1830,16 @@ def test_a_delayed_will_of_a_dead_nodes_session_that_ended_with_it_is_published_
     c's will delayed 30 s: the session ended when b died, so the will is due at once
     [MQTT-3.1.3-9]. c reconnected to a before any survivor adopted b: a's claim took the will
     out of Redis and dropped it, as if c had come back within the delay."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
-    link = Redis(RedisAddress.parse(server.url))
-    b = RedisStore(link, "b", reactor)
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 30, expiry=0)  # (its session ending with its connection)
     try:
-        observer = yield watching_wills(broker)
-        yield b.register(600_000)
-        yield b.claim("c", True, 0)  # c connected to b, its session ending with its connection
-        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
-        yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
         client = yield connect(broker, 5, client_id="c", clean_start=False)
         assert [p.session_present for p in client.received()] == [False]
         yield broker.store.flushed()
         clock.advance(31.0)  # (even after its delay)
         yield broker.store.flushed()
-        adopting = broker.cluster.survivor.adopt("b").addErrback(broker.cluster.survivor.failed)
-        yield until(lambda: not server.client().exists("mqtt:clients:b"), "the survivor to adopt b")
-        clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
-        yield until(lambda: adopting.called, "the adoption's end")
+        yield adopted(server, broker, clock)
         yield broker.store.flushed()
         got = yield publishes(observer, "the will")
         # (a DUP copy too, if the clock passed the retry interval meanwhile)
@@ -1907,18 +1936,9 @@ def test_a_delayed_will_adopted_while_its_client_connects_is_kept_when_that_conn
     answers late; meanwhile a adopts b and its claim of c comes first: the will was dropped as
     its client's, connecting again. But that connection was refused (0x88 after
     cluster_claim_timeout): c never came back [MQTT-3.1.3-9], and its will was never published."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
-    link = Redis(RedisAddress.parse(server.url))
-    b = RedisStore(link, "b", reactor)
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 30)
     try:
-        observer = yield watching_wills(broker)
-        yield b.register(600_000)
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 3600), None)
-        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
-        yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
         answer: Deferred[Any] = Deferred()
         claim = broker.store.claim
@@ -1938,11 +1958,7 @@ def test_a_delayed_will_adopted_while_its_client_connects_is_kept_when_that_conn
         yield until(lambda: not server.client().exists("mqtt:clients:b"), "the adoption's forget_node")
         clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
         yield until(lambda: adopting.called, "the adoption's end")
-        yield broker.store.flushed()
-        got: list[Publish] = []
-        got += [p for p in observer.received() if isinstance(p, Publish)]
-        assert "c" in broker.wills or [(p.topic, p.payload) for p in got if not p.dup] == [
-            ("wills/c", b"c is gone")], "the will was dropped"
+        assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
     finally:
         yield broker.stopService()
         yield link.close()
@@ -1956,31 +1972,16 @@ def test_a_delayed_will_left_by_a_node_just_killed_is_published_when_the_new_con
     it the will (wills-left); b never hears. The clean start ended c's session, so the will is
     due at once ([MQTT-3.1.3-9]: "or the Session ends"; a live b would publish it). a adopted b
     later and found the left will, but took it for one whose client came back: dropped."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
-    link = Redis(RedisAddress.parse(server.url))
-    b = RedisStore(link, "b", reactor)
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 30)
     try:
-        observer = yield watching_wills(broker)
-        yield b.register(600_000)
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 3600), None)
-        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 30)
-        yield b.flushed()
         # b is killed now; its key lives on a moment: c connects to a, clean.
         yield connect(broker, 5, client_id="c", clean_start=True, properties={"session_expiry_interval": 3600})
         assert server.client().hget("mqtt:wills-left:b", "c") is not None
         server.client().delete("mqtt:node:b")  # b's key expired
-        adopting = broker.cluster.survivor.adopt("b").addErrback(broker.cluster.survivor.failed)
-        yield until(lambda: not server.client().exists("mqtt:clients:b"), "the adoption's forget_node")
-        clock.advance(2 * broker.cluster.survivor.ttl_ms / 1000)
-        yield until(lambda: adopting.called, "the adoption's end")
+        yield adopted(server, broker, clock)
         clock.advance(31.0)
-        yield broker.store.flushed()
-        got: list[Publish] = []
-        got += [p for p in observer.received() if isinstance(p, Publish)]
-        assert [(p.topic, p.payload) for p in got if not p.dup] == [("wills/c", b"c is gone")], "the will was dropped"
+        assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
     finally:
         yield broker.stopService()
         yield link.close()
@@ -1994,18 +1995,9 @@ def test_a_left_will_is_published_once_when_the_survivor_dies_before_it_forgets_
     publishes it, then dies before forget_node (which deletes wills-left:b) (here: forget_node
     fails). The next survivor adopted b again (b still a member, c still in b's clients) and
     published the will a second time: the left will was read, never taken."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
-    link = Redis(RedisAddress.parse(server.url))
-    b = RedisStore(link, "b", reactor)
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 0)
     try:
-        observer = yield watching_wills(broker)
-        yield b.register(600_000)
-        yield b.claim("c", False, 0)
-        b.save_session(Session("c", 3600), None)
-        b.arm_will("c", None, Message(topic="wills/c", payload=b"c is gone", qos=1), 0)
-        yield b.flushed()
         yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 3600})
         assert server.client().hget("mqtt:wills-left:b", "c") is not None
         server.client().delete("mqtt:node:b")  # b's key expired

@@ -773,13 +773,21 @@ def test_each_file_starts_at_the_default_listener_and_the_including_one_goes_on_
         convert(path)  # (Mosquitto writes it to a listener it has moved since: seen losing it)
 
 
-def test_include_dir_reads_non_ascii_names_after_ascii_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("files, setting, expected", [
+    ({"\u00e9.conf": "allow_anonymous false\n", "z.conf": "allow_anonymous true\n"}, "allow_anonymous", False),
+    # (a name that ends first is compared by its NUL with the other's next char, signed)
+    ({"x.conf": "listener 18883 127.0.0.1\n", "x.conf\u00e9.conf": "listener 18884 127.0.0.1\n"}, "endpoints",
+     ["tcp:18884:interface=127.0.0.1", "tcp:18883:interface=127.0.0.1"]),
+])
+def test_include_dir_reads_names_beyond_ascii_as_mosquitto(tmp_path: Path, files: dict[str, str], setting: str,
+                                                           expected: Any) -> None:
     (tmp_path / "conf.d").mkdir()
-    (tmp_path / "conf.d" / "\u00e9.conf").write_text("allow_anonymous false\n")
-    (tmp_path / "conf.d" / "z.conf").write_text("allow_anonymous true\n")
+    for name, text in files.items():
+        (tmp_path / "conf.d" / name).write_text(text)
     path = tmp_path / "m.conf"
-    path.write_text("listener 1883 127.0.0.1\ninclude_dir conf.d\n")
-    assert convert(path).settings["allow_anonymous"] is False
+    path.write_text("include_dir conf.d\nallow_anonymous true\n" if setting == "endpoints" else
+                    "listener 1883 127.0.0.1\ninclude_dir conf.d\n")
+    assert convert(path).settings[setting] == expected
 
 
 def test_an_unreadable_included_file_is_named_with_the_include_dir_line(tmp_path: Path) -> None:
@@ -851,16 +859,6 @@ def test_a_per_listener_security_line_before_any_listener_opens_the_default_list
     path.write_text(f"per_listener_settings true\n{line}\nlistener 18851 127.0.0.1\nallow_anonymous true\n{second}")
     with pytest.raises(ValueError, match="m.conf:3: this listener's allow_anonymous is not the first one's"):
         convert(path)  # (the default listener refuses anonymous clients)
-
-
-def test_include_dir_reads_a_name_before_a_non_ascii_name_it_begins(tmp_path: Path) -> None:
-    """Mosquitto compares the shorter name's end with the other's next char, signed."""
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.conf").write_text("listener 18883 127.0.0.1\n")
-    (tmp_path / "d" / "x.conf\u00e9.conf").write_text("listener 18884 127.0.0.1\n")
-    path = tmp_path / "m.conf"
-    path.write_text("include_dir d\n")
-    assert convert(path).settings["endpoints"] == ["tcp:18884:interface=127.0.0.1", "tcp:18883:interface=127.0.0.1"]
 
 
 def test_a_connection_section_an_include_came_between_is_refused(tmp_path: Path) -> None:
