@@ -859,9 +859,18 @@ class BrokerService(MultiService):
         self._expired_retained(topic)
 
     def _expire_retained(self) -> None:
+        """Every RETAINED_SWEEP: the retained messages that expired go, and the message log's
+        entries past history_max_age."""
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
-        for topic in self.retained.expire(self.clock.seconds()):
+        now = self.clock.seconds()
+        for topic in self.retained.expire(now):
             self._expired_retained(topic)
+        history = self.history
+        if history is not None and history.max_age:
+            history.expire(now)
+            dropped = history.take_dropped()
+            if dropped and self.store is not None:
+                self.store.drop_history(dropped)
 
     def _expired_retained(self, topic: str) -> None:
         """An expired retained message goes from the store too. (In a cluster, from Redis only if

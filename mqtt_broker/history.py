@@ -120,6 +120,12 @@ class MessageLog:
             if not entry.holders:
                 self._dropped.append(entry.seq)
 
+    def expire(self, now: float) -> None:
+        """Drop what every log holds past its bounds by ``now`` (past history_max_age: a quiet
+        filter's log is not trimmed by new messages); ``take_dropped`` tells which went."""
+        for index in range(len(self._logs)):
+            self._trim(index, now)
+
     def take_dropped(self) -> list[int]:
         """The seqs of the entries no log holds any more, since the last call (for the store:
         one quiet filter's old entries must not keep what the busy ones dropped)."""

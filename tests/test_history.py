@@ -289,3 +289,19 @@ def test_topics_that_are_not_logged_are_not_held_long_by_the_route_cache() -> No
             pub.publish(f"t/{n}/" + "y" * 60_000, b"x")
     assert broker.history is not None and len(broker.history) == 0
     assert held.bytes < 1_000_000, held.bytes
+
+
+def test_the_log_forgets_what_is_older_than_history_max_age_without_new_messages() -> None:
+    """Entries were dropped only as a message was logged to their filter, or a replay read it:
+    after a burst and silence, memory and the store held them for good (a restart read them back)."""
+    from mqtt_broker.broker import RETAINED_SWEEP
+    store = MemoryStore()
+    broker = make_broker(history_filters=["h/#", "other/#"], history_max_age=10, history_max_messages=0, store=store)
+    broker.startService()
+    for n in range(100):
+        broker.publish("h/x", b"%d" % n)
+    broker.reactor.advance(RETAINED_SWEEP)
+    assert broker.history is not None and len(broker.history) == 0
+    assert store.load().history == []
+    broker.stopService()
+
