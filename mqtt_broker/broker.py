@@ -217,7 +217,7 @@ class BrokerService(MultiService):
         except BaseException:
             self.stopService()
             raise
-        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
+        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
         note = getattr(self.store, "alive", None)
         if note is not None:
             self._alive(note)
@@ -487,9 +487,7 @@ class BrokerService(MultiService):
         if self.history is not None and getattr(store, "keeps_history", True):
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
-            dropped = self.history.take_dropped()
-            if dropped:
-                store.drop_history(dropped)
+            self.delivery.forget_dropped()
         log.info("restored {sessions} sessions, {retained} retained messages and {wills} delayed wills",
                  sessions=len(self.sessions), retained=len(self.retained), wills=len(self.wills))
 
@@ -858,19 +856,16 @@ class BrokerService(MultiService):
         self.retained.delete(topic)
         self._expired_retained(topic)
 
-    def _expire_retained(self) -> None:
+    def _sweep(self) -> None:
         """Every RETAINED_SWEEP: the retained messages that expired go, and the message log's
         entries past history_max_age."""
-        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._expire_retained)
+        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
         now = self.clock.seconds()
         for topic in self.retained.expire(now):
             self._expired_retained(topic)
-        history = self.history
-        if history is not None and history.max_age:
-            history.expire(now)
-            dropped = history.take_dropped()
-            if dropped and self.store is not None:
-                self.store.drop_history(dropped)
+        if self.history is not None and self.history.max_age:
+            self.history.expire(now)
+            self.delivery.forget_dropped()
 
     def _expired_retained(self, topic: str) -> None:
         """An expired retained message goes from the store too. (In a cluster, from Redis only if

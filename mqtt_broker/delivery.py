@@ -243,11 +243,17 @@ class Delivery:
         entry = self.history.record(message, self.clock.seconds())
         if entry is None:
             return
-        dropped = self.history.take_dropped()  # (without a store too, or they pile up)
         if self.store is not None:
             self.store.save_history(entry)
-            if dropped:
-                self.store.drop_history(dropped)
+        self.forget_dropped()
+
+    def forget_dropped(self) -> None:
+        """The entries no log holds any more go from the store too (taken without a store too,
+        or they pile up)."""
+        assert self.history is not None
+        dropped = self.history.take_dropped()
+        if dropped and self.store is not None:
+            self.store.drop_history(dropped)
 
     def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         """One member of a shared group gets the message: connected members in turn, or an

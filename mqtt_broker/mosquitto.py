@@ -277,11 +277,12 @@ class _Converter:
         self.default_port: _Listener | None = None
         self.bridge: dict[str, Any] | None = None
         """The table of the last connection line of the file being read."""
-        self.moved = (False, False)
-        """Whether the file's listener, and its connection, were followed by others that a file
-        it included added (see ``convert``)."""
-        self.default_limits: dict[str, tuple[Any, str, int, str]] = {}
-        """max_topic_alias before any listener line: the default listener's, not opened for it."""
+        self.moved: set[str] = set()
+        """The sections ("listener", "connection") of the file being read that a file it included
+        followed with one of its own (see ``convert``)."""
+        self.default_topic_alias: tuple[int, str, int, str] | None = None
+        """max_topic_alias before any listener line, and its line: the default listener's, not
+        opened for it."""
         self.capaths: list[tuple[dict[str, Any], str, int, str]] = []
         self.insecure: list[tuple[dict[str, Any], str, int, str]] = []
         self.per_listener = False
@@ -340,9 +341,8 @@ class _Converter:
             raise ValueError(f"{source}:{number}: {e}") from None
         return value
 
-    def _not_moved(self, which: int, source: str, number: int, key: str) -> None:
-        if self.moved[which]:
-            section = ("listener", "connection")[which]
+    def _not_moved(self, section: str, source: str, number: int, key: str) -> None:
+        if section in self.moved:
             raise ValueError(f"{source}:{number}: {key} of a {section} section an include_dir came between (with a "
                              f"{section} of its own): Mosquitto's reading of it is undefined; move the line before "
                              f"the include_dir")
@@ -354,13 +354,13 @@ class _Converter:
         if key == "connection":
             self.bridge = {"connection": value}
             self.out.bridges.append(self.bridge)
-            self.moved = (self.moved[0], False)
+            self.moved.discard("connection")
         elif (bridge := self.bridge) is None:
             if key in _BRIDGE:  # (each file starts outside any connection section)
                 raise ValueError(f"{source}:{number}: {key} outside a connection section, which Mosquitto refuses")
             return False
         elif key in _BRIDGE:
-            self._not_moved(1, source, number, key)
+            self._not_moved("connection", source, number, key)
             name = _BRIDGE_RENAMED.get(key, key)
             if name == "addresses":
                 bridge.setdefault("addresses", []).extend(_words(value.replace(",", " ")))
@@ -403,7 +403,7 @@ class _Converter:
             if not self.per_listener:
                 self.out.settings[ours] = converted
             elif self.current is not None:
-                self._not_moved(0, source, number, key)
+                self._not_moved("listener", source, number, key)
                 self.current.security[key] = converted
             else:
                 self.before_listeners.append((key, converted, source, number, text))
@@ -430,7 +430,7 @@ class _Converter:
             if int(args[0]) > 65535:
                 raise ValueError(f"{source}:{number}: invalid port {args[0]}, as Mosquitto says")
             self.current = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
-            self.moved = (False, self.moved[1])
+            self.moved.discard("listener")
             self.listeners.append(self.current)  # (a connection's section goes on, as in Mosquitto)
         elif key in ("port", "bind_address"):
             # The default listener's, wherever the line is (as in Mosquitto).
@@ -446,11 +446,11 @@ class _Converter:
         elif key == "max_topic_alias" and self.current is None:
             # The default listener's, which it does not open: the listeners of listener lines
             # keep Mosquitto's default (10).
-            self.default_limits[key] = (_value("int", value, source, number), source, number, text)
+            self.default_topic_alias = (_value("int", value, source, number), source, number, text)
         elif key in _LISTENER and (self.current is not None or _opens_default_listener(key, value)):
             target = self.current if self.current is not None else self.default_port
             if self.current is not None:
-                self._not_moved(0, source, number, key)
+                self._not_moved("listener", source, number, key)
             if target is None:
                 self.default_port = target = _Listener(1883, "", source, number)
             if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
@@ -568,10 +568,10 @@ class _Converter:
             if opening:
                 self.default_port = _Listener(1883, "", *opening[0])
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
-        if "max_topic_alias" in self.default_limits:
-            value, source, number, text = self.default_limits["max_topic_alias"]
+        if self.default_topic_alias is not None:
+            value, source, number, text = self.default_topic_alias
             if self.default_port is not None:  # (opened by a port line, say; the last listener's applies)
-                self.default_port.limits.setdefault("max_topic_alias", self.default_limits["max_topic_alias"])
+                self.default_port.limits.setdefault("max_topic_alias", self.default_topic_alias)
                 settings.setdefault("max_topic_alias", value)
             else:  # (without any listener line, Mosquitto's listeners on loopback keep 10 too)
                 self._note(source, number, text, "before any listener line it is the default listener's (of a port "
@@ -669,8 +669,9 @@ def convert(path: str | Path) -> Conversion:
             sections[reading] = (converter.current, converter.bridge, len(converter.listeners), len(out.bridges))
             current, bridge, listeners, bridges = sections.get(source, (None, None, 0, 0))
             converter.current, converter.bridge = current, bridge
-            converter.moved = (current is not None and listeners != len(converter.listeners),
-                               bridge is not None and bridges != len(out.bridges))
+            converter.moved = {section for section, moved in (
+                ("listener", current is not None and listeners != len(converter.listeners)),
+                ("connection", bridge is not None and bridges != len(out.bridges))) if moved}
             reading = source
         converter.read(source, number, text, words[0])
     return converter.finish()

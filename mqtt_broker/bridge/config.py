@@ -256,7 +256,7 @@ class BridgeConfig:
                                     "bridge_insecure")
         # Published from the start: a topic no PUBLISH can carry would stop the bridge there.
         state_topic = self.state_topic
-        if self.notifications and (not valid_topic_name(state_topic) or "\x00" in state_topic):
+        if self.notifications and not valid_topic_name(state_topic):  # (U+0000 refused above)
             raise BridgeConfigError(f"{state_topic!r} is not a topic name",
                                     "notification_topic" if self.notification_topic else "remote_clientid")
 
