@@ -260,6 +260,30 @@ def test_next_seq_is_above_every_stored_delivery(harness: Harness) -> Iterator[D
 
 
 @pytest_twisted.inlineCallbacks
+def test_each_change_of_a_delivery_finds_it_among_many(harness: Harness) -> Iterator[Deferred[Any]]:
+    """Sent, released, acknowledged: each change names its message by seq, among 3,000 queued
+    and a packet id used again once acknowledged; what is left reloads as it was."""
+    harness.open()
+    harness.store.save_session(Session("s", NEVER), 1.0)
+    for seq in range(1, 3001):
+        harness.store.add_delivery("s", item(seq, payload=b"%d" % seq, qos=2), None)
+    for seq in range(1, 2001):
+        packet_id = seq % 10 + 1
+        harness.store.update_delivery("s", seq, packet_id, False)
+        harness.store.update_delivery("s", seq, packet_id, True)
+        harness.store.remove_delivery("s", seq)
+    harness.store.update_delivery("s", 2001, 1, False)
+    harness.store.update_delivery("s", 2002, 2, True)
+    yield harness.store.flushed()
+    snapshot = yield harness.reopen()
+    restored = by_id(snapshot)["s"][0]
+    assert {packet_id: (out.seq, out.released) for packet_id, out in restored.outgoing.items()} == {
+        1: (2001, False), 2: (2002, True)}
+    assert [queued.seq for queued in restored.queue] == list(range(2003, 3001))
+    assert restored.queue[0].message.payload == b"2003"
+
+
+@pytest_twisted.inlineCallbacks
 def test_window_loads_the_first_queued_messages_and_the_rest_on_demand(harness: Harness) -> Iterator[Deferred[Any]]:
     harness.open()
     harness.store.save_session(Session("s", NEVER), 1.0)

@@ -17,6 +17,21 @@ from ..history import Entry
 from . import Snapshot, StoredWill, call
 
 
+class _Stored:
+    """A session as the store keeps it: its messages by sequence number, which is how the broker
+    names them, so that each change finds its message at once however many are queued."""
+
+    __slots__ = ("session", "queued", "outgoing", "packets")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.queued: dict[int, Queued] = {}
+        self.outgoing: dict[int, tuple[int, Outgoing]] = {}
+        """By sequence number: the packet id and the message in flight."""
+        self.packets: dict[int, int] = {}
+        """The sequence number of the message in flight under each packet id."""
+
+
 class MemoryStore:
     generation = 0
     """Never changes: every change is kept as it is recorded."""
@@ -24,7 +39,7 @@ class MemoryStore:
     opened = True
 
     def __init__(self) -> None:
-        self._sessions: dict[str, tuple[Session, float | None]] = {}
+        self._sessions: dict[str, tuple[_Stored, float | None]] = {}
         self._retained: dict[str, Message] = {}
         self._wills: dict[str, StoredWill] = {}
         self._history: dict[int, Entry] = {}
@@ -32,17 +47,19 @@ class MemoryStore:
     def load(self, window: int = 0) -> Snapshot:
         sessions = []
         for stored, disconnected_at in self._sessions.values():
-            session = Session(stored.client_id, stored.expiry)
+            kept_session = stored.session
+            session = Session(kept_session.client_id, kept_session.expiry)
             session.stored = True
-            session.subscriptions = dict(stored.subscriptions)
-            session.outgoing = {k: copy.copy(v) for k, v in stored.outgoing.items()}
-            queued = sorted(stored.queue, key=lambda item: item.seq)
+            session.subscriptions = dict(kept_session.subscriptions)
+            for packet_id, out in stored.outgoing.values():
+                session.track(packet_id, copy.copy(out))
+            queued = [stored.queued[seq] for seq in sorted(stored.queued)]
             kept = queued[:window] if window else queued
             session.push(*(copy.copy(item) for item in kept))
             session.spilled = len(queued) - len(kept)
             session.loaded_seq = kept[-1].seq if kept else 0
-            session.awaiting_pubrel = set(stored.awaiting_pubrel)
-            session.next_seq = stored.next_seq
+            session.awaiting_pubrel = set(kept_session.awaiting_pubrel)
+            session.next_seq = kept_session.next_seq
             sessions.append((session, disconnected_at))
         history = [self._history[seq] for seq in sorted(self._history)]
         return Snapshot(sessions, list(self._retained.values()), list(self._wills.values()), history)
@@ -60,37 +77,39 @@ class MemoryStore:
 
     def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
         known = self._sessions.get(client_id)
-        queued = sorted((i for i in known[0].queue if i.seq > after_seq), key=lambda i: i.seq) if known else []
-        return succeed([copy.copy(item) for item in queued[:limit]])
+        if known is None:
+            return succeed([])
+        queued = known[0].queued
+        return succeed([copy.copy(queued[seq]) for seq in sorted(seq for seq in queued if seq > after_seq)[:limit]])
 
     def drop_expired(self, client_id: str, after_seq: int, now: float) -> Deferred[int]:
         known = self._sessions.get(client_id)
         if known is None:
             return succeed(0)
-        queue = known[0].queue
-        expired = [i for i in queue if i.seq > after_seq and i.message.expired(now)]
-        for item in expired:
-            queue.remove(item)
+        queued = known[0].queued
+        expired = [seq for seq, item in queued.items() if seq > after_seq and item.message.expired(now)]
+        for seq in expired:
+            del queued[seq]
         return succeed(len(expired))
 
-    def _session(self, client_id: str) -> Session:
+    def _stored(self, client_id: str) -> _Stored:
         return self._sessions[client_id][0]
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None:
         known = self._sessions.get(session.client_id)
-        stored = known[0] if known else Session(session.client_id)
-        stored.expiry = session.expiry
-        stored.next_seq = max(stored.next_seq, session.next_seq)
+        stored = known[0] if known else _Stored(Session(session.client_id))
+        stored.session.expiry = session.expiry
+        stored.session.next_seq = max(stored.session.next_seq, session.next_seq)
         self._sessions[session.client_id] = (stored, disconnected_at)
 
     def delete_session(self, client_id: str) -> None:
         self._sessions.pop(client_id, None)
 
     def save_subscription(self, client_id: str, subscription: Subscription) -> None:
-        self._session(client_id).subscribe(copy.copy(subscription))
+        self._stored(client_id).session.subscribe(copy.copy(subscription))
 
     def delete_subscription(self, client_id: str, topic_filter: str) -> None:
-        self._session(client_id).subscriptions.pop(topic_filter, None)
+        self._stored(client_id).session.subscriptions.pop(topic_filter, None)
 
     def save_retained(self, message: Message) -> None:
         self._retained[message.topic] = message
@@ -99,39 +118,49 @@ class MemoryStore:
         self._retained.pop(topic, None)
 
     def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
-        session = self._session(client_id)
-        session.next_seq = max(session.next_seq, item.seq + 1)
+        stored = self._stored(client_id)
+        stored.session.next_seq = max(stored.session.next_seq, item.seq + 1)
         if packet_id is None:
-            session.push(copy.copy(item))
+            stored.queued[item.seq] = copy.copy(item)
         else:
-            session.track(packet_id, Outgoing(item.message, item.qos, item.retain, item.subscription_ids,
-                                              item.share, item.seq))
+            self._track(stored, packet_id, Outgoing(item.message, item.qos, item.retain,
+                                                    item.subscription_ids, item.share, item.seq))
+
+    def _track(self, stored: _Stored, packet_id: int, out: Outgoing) -> None:
+        # A packet id names one message in flight: one it named before is done with.
+        self._untrack(stored, out.seq)
+        before = stored.packets.get(packet_id)
+        if before is not None:
+            del stored.outgoing[before]
+        stored.packets[packet_id] = out.seq
+        stored.outgoing[out.seq] = (packet_id, out)
+
+    @staticmethod
+    def _untrack(stored: _Stored, seq: int) -> None:
+        known = stored.outgoing.pop(seq, None)
+        if known is not None:
+            del stored.packets[known[0]]
 
     def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
-        session = self._session(client_id)
-        for item in list(session.queue):
-            if item.seq == seq:
-                session.queue.remove(item)
-                session.track(packet_id, Outgoing(item.message, item.qos, item.retain,
-                                                  item.subscription_ids, item.share, item.seq))
-        for out in session.outgoing.values():
-            if out.seq == seq:
-                out.released = released
+        stored = self._stored(client_id)
+        item = stored.queued.pop(seq, None)
+        if item is not None:
+            self._track(stored, packet_id, Outgoing(item.message, item.qos, item.retain,
+                                                    item.subscription_ids, item.share, item.seq))
+        known = stored.outgoing.get(seq)
+        if known is not None:
+            known[1].released = released
 
     def remove_delivery(self, client_id: str, seq: int) -> None:
-        session = self._session(client_id)
-        for item in [i for i in session.queue if i.seq == seq]:
-            session.queue.remove(item)
-        for packet_id in [p for p, out in session.outgoing.items() if out.seq == seq]:
-            del session.outgoing[packet_id]
+        stored = self._stored(client_id)
+        stored.queued.pop(seq, None)
+        self._untrack(stored, seq)
 
     def add_pubrel(self, client_id: str, packet_id: int) -> None:
-        self._session(client_id).expect_pubrel(packet_id)
+        self._stored(client_id).session.expect_pubrel(packet_id)
 
     def remove_pubrel(self, client_id: str, packet_id: int) -> None:
-        awaiting = self._session(client_id).awaiting_pubrel
-        if packet_id in awaiting:
-            awaiting.discard(packet_id)
+        self._stored(client_id).session.awaiting_pubrel.discard(packet_id)
 
     def save_will(self, will: StoredWill) -> None:
         self._wills[will.client_id] = will
