@@ -273,7 +273,8 @@ class BrokerConfig:
         "receive from.")
     http_auth_url: str = _setting(
         "", "URL the broker POSTs each connecting client's credentials to, for a verdict (see "
-        "http_auth_mode); empty for none.")
+        "http_auth_mode); empty for none. Credentials for the service itself go in "
+        "http_auth_authorization_file, not in the URL.")
     http_auth_mode: str = _setting(
         "json", "json (the broker's JSON request and answer) or introspection (the password is an "
         "OAuth2 token, checked at an RFC 7662 introspection endpoint).",

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .auth.passwords import (ALGORITHMS, DEFAULT_ITERATIONS, PBKDF2, PasswordFile, PasswordFileError,
-                             PasswordHash)
+from .auth.passwords import (ALGORITHMS, DEFAULT_ITERATIONS, MAX_ITERATIONS, PBKDF2, PasswordFile,
+                             PasswordFileError, PasswordHash)
 
 
 class CommandError(Exception):
@@ -126,7 +126,12 @@ def _upgrade(path: Path) -> None:
             out.append(line)  # already hashed
         except ValueError:
             out.append(f"{username.strip()}:{PasswordHash.create(value.strip().encode('utf-8'))}")
-    write_atomically(path, "".join(line + "\n" for line in out))
+    text = "".join(line + "\n" for line in out)
+    try:  # (a file the broker would refuse would lock every user out)
+        PasswordFile.parse(text, str(path))
+    except PasswordFileError as e:
+        raise CommandError(f"{e}; the file is left as it was") from None
+    write_atomically(path, text)
 
 
 def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
@@ -148,8 +153,8 @@ def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
     if not username or ":" in username or username != username.strip() or "\n" in username:
         raise CommandError("the username must not be empty, contain ':' or a line break, "
                            "or start or end with a space")
-    if args.algorithm == PBKDF2 and args.iterations < 1:
-        raise CommandError("the number of iterations must be > 0")
+    if args.algorithm == PBKDF2 and not 1 <= args.iterations <= MAX_ITERATIONS:
+        raise CommandError(f"the number of iterations must be 1 to {MAX_ITERATIONS}")
     if args.delete:
         if args.batch or args.password is not None:
             raise CommandError("-D takes no password")

@@ -429,3 +429,66 @@ async def test_a_client_that_leaves_before_the_answer_withdraws_its_request(serv
         assert "http authentication" not in logged.text() and "Traceback" not in logged.text()
     finally:
         await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_never_ends_is_timed_out_and_its_connection_closed(service: tuple[AuthService, str]) -> None:
+    """The service sends its headers and the start of a body, then stalls: the timeout refuses
+    (0x88) and closes the connection to the service, which would otherwise stay open for good."""
+    resource, url = service
+
+    def stall(request: Request) -> int:
+        resource.hanging.append(request)
+        request.setResponseCode(200)
+        request.write(b'{"result": ')
+        return NOT_DONE_YET
+    resource.render_POST = stall  # type: ignore[method-assign]
+    clock = Clock()
+    sec = with_authenticator(HttpAuthenticator(url, timeout=2.0, clock=clock))
+    asked = sec.authenticate(creds())
+    await _until(lambda: bool(resource.hanging))
+    clock.advance(2.1)
+    answer = await asked
+    assert isinstance(answer, Refusal) and answer.reason_code == ReasonCode.SERVER_UNAVAILABLE
+    [request] = resource.hanging
+    await _until(lambda: request._disconnected)
+    await sec.close()
+
+
+def test_credentials_in_http_auth_url_are_refused_without_showing_them() -> None:
+    """They would not be sent (the request fails on the host name), and every refusal logged the
+    URL with its password: the place for them is http_auth_authorization_file."""
+    with pytest.raises(ConfigError) as caught:
+        HttpAuthenticator("http://broker:hunter2@127.0.0.1:8080/auth")
+    assert caught.value.key == "http_auth_url" and "http_auth_authorization_file" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("exp", [b'"1"', b"NaN", b"Infinity", b"true", b"1e400"])
+@pytest_twisted.ensureDeferred
+async def test_an_introspected_exp_that_is_not_a_time_is_a_bad_answer(service: tuple[AuthService, str],
+                                                                      exp: bytes) -> None:
+    """RFC 7662: exp is a NumericDate. {"exp": "1"} (expired in 1970) let the token in with no
+    expiry at all, NaN gave an expiry of NaN."""
+    resource, url = service
+    resource.reply = lambda body: (200, b'{"active": true, "username": "alice", "exp": ' + exp + b"}")
+    sec = with_authenticator(HttpAuthenticator(url, mode="introspection", cache_seconds=0))
+    with LogCapture() as log:
+        answer = await sec.authenticate(creds(None, b"opaque-token"))
+    await sec.close()
+    assert isinstance(answer, Refusal) and answer.reason_code == ReasonCode.SERVER_UNAVAILABLE, answer
+    assert '"exp" is not a time' in log.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_introspected_null_username_falls_back_to_sub(service: tuple[AuthService, str]) -> None:
+    """The username is the answer's username, else its sub: a null username is none, and bob's
+    token does not connect as the CONNECT's "admin"."""
+    resource, url = service
+    resource.reply = json_reply(200, active=True, username=None, sub="bob")
+    sec = with_authenticator(HttpAuthenticator(url, mode="introspection", cache_seconds=0))
+    refused = await sec.authenticate(creds("admin", b"bobs-token"))
+    accepted = await sec.authenticate(creds(None, b"bobs-token"))
+    await sec.close()
+    assert isinstance(refused, Refusal) and refused.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
+    assert isinstance(accepted, Identity) and accepted.username == "bob"

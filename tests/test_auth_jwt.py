@@ -5,6 +5,8 @@ claims that carry ACLs; reload."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
-from mqtt_broker.auth.tokens import JwtAuthenticator
+from mqtt_broker.auth.tokens import JwtAuthenticator, TokenKey, load_keys
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.passwd import main as passwd
 from mqtt_broker.wire.codes import ReasonCode
@@ -45,6 +47,12 @@ def token(key: Any = SECRET, algorithm: str = "HS256", headers: dict[str, Any] |
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def hs256(claims: bytes, key: bytes) -> bytes:
+    """A token signed with HMAC-SHA256 as written (PyJWT's encode refuses a PEM key as a secret)."""
+    signing = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{b64(claims)}".encode()
+    return signing + b"." + b64(hmac.new(key, signing, hashlib.sha256).digest()).encode()
 
 
 def unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> bytes:
@@ -324,3 +332,50 @@ async def test_reload_reads_new_keys(keys: Path) -> None:
     with pytest.raises(ConfigError):
         sec.reload()
     assert isinstance(await result(sec, token(new_secret, "HS384")), Identity)
+
+
+@pytest.mark.parametrize("exp", [10**400, "NaN"], ids=["10**400", "NaN"])
+@pytest_twisted.ensureDeferred
+async def test_an_exp_that_is_no_time_is_a_bad_token(exp: Any) -> None:
+    """exp = 10**400 passes PyJWT (an int far ahead) and overflowed a float: 0x80 and a logged
+    traceback, where a bad token is 0x86. NaN (which json reads) likewise."""
+    sec = Security(authenticators=[JwtAuthenticator([TokenKey(SECRET, frozenset({"HS256"}), None, "secret")])],
+                   allow_anonymous=False)
+    claims = b'{"sub": "alice", "exp": %s}' % (b"NaN" if exp == "NaN" else str(exp).encode())
+    answer = await sec.authenticate(connect(hs256(claims, SECRET)))
+    assert isinstance(answer, Refusal) and answer.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD, answer
+    assert "exp" in answer.reason, answer
+
+
+def test_a_pem_key_in_jwt_secret_file_is_refused(tmp_path: Path) -> None:
+    """A public key put in jwt_secret_file (for jwt_public_key_file) was taken as an HMAC secret:
+    then every HS256 token made PyJWT raise InvalidKeyError, 0x80 and a traceback per CONNECT."""
+    (tmp_path / "secret").write_bytes(pem(RSA_KEY))
+    with pytest.raises(ConfigError) as caught:
+        load_keys(secret_file=str(tmp_path / "secret"))
+    assert caught.value.key == "jwt_secret_file" and "jwt_public_key_file" in str(caught.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_that_cannot_check_a_token_refuses_it_as_bad() -> None:
+    """A key PyJWT will not use for the algorithm (InvalidKeyError, not an InvalidTokenError):
+    the token is refused (0x86), not a failure of the broker (0x80)."""
+    public = pem(RSA_KEY)
+    sec = Security(authenticators=[JwtAuthenticator([TokenKey(public, frozenset({"HS256"}), None, "odd")])],
+                   allow_anonymous=False)
+    answer = await sec.authenticate(connect(hs256(b'{"sub": "alice", "exp": %d}' % (time.time() + 300), public)))
+    assert isinstance(answer, Refusal) and answer.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD, answer
+
+
+def test_a_jwks_key_for_an_algorithm_not_verified_here_is_left_out(tmp_path: Path) -> None:
+    """A JWK with "alg": "none" made PyJWK raise NotImplementedError, out of the start (and of a
+    SIGHUP reload, which expects ConfigError); such a key verifies nothing here: it is left out."""
+    jwks = tmp_path / "jwks.json"
+    none = {"kty": "oct", "k": b64(SECRET), "alg": "none", "kid": "n"}
+    jwks.write_text(json.dumps({"keys": [none]}))
+    with pytest.raises(ConfigError) as caught:
+        load_keys(jwks_file=str(jwks))
+    assert caught.value.key == "jwt_jwks_file" and "no usable signing key" in str(caught.value)
+    jwks.write_text(json.dumps({"keys": [none, {**json.loads(RSAAlgorithm.to_jwk(RSA_KEY.public_key())), "kid": "r"}]}))
+    [kept] = load_keys(jwks_file=str(jwks))
+    assert kept.kid == "r"

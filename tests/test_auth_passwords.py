@@ -370,3 +370,21 @@ def test_wheel_installs_the_command_and_the_endpoint_plugin(tmp_path: Path) -> N
                             timeout=WAIT, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "mqtt_broker.auth.endpoint"
+
+
+def test_iterations_beyond_what_mosquitto_reads_are_an_error_not_a_traceback(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", "-b", "-I", str(2**31), str(tmp_path / "pw"), "alice", "pw"]) == 1
+    assert "iterations must be 1 to 2147483647" in capsys.readouterr().err
+    assert not (tmp_path / "pw").exists()
+
+
+def test_upgrade_leaves_alone_a_file_the_broker_would_refuse(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """-U hashed ":secret" into a line the broker refuses, and with it the whole file: at start
+    and on reload, every user locked out. It says so and writes nothing."""
+    path = tmp_path / "pw"
+    path.write_text("alice:secret\n:secret\n")
+    assert main(["-U", str(path)]) == 1
+    assert "line 2" in capsys.readouterr().err
+    assert path.read_text() == "alice:secret\n:secret\n"

@@ -55,6 +55,7 @@ and on reload. A password is never logged, nor shown in a ``repr``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar
 
@@ -103,6 +104,18 @@ def withdrawable(start: Callable[[list[bool]], Deferred[T]]) -> Deferred[T]:
     running = start(withdrawn)
     running.addBoth(settle)
     return answer
+
+
+def numeric_date(value: Any) -> float | None:
+    """A JSON NumericDate as seconds, or None if it is not one (a string, a boolean, NaN, or a
+    number beyond any float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def _cacheable(identity: Identity, topic: str) -> bool:

@@ -48,12 +48,15 @@ from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 from ..config import BrokerConfig, ConfigError, without_passwords
 from ..wire.codes import ReasonCode
-from . import Credentials, Identity, Refusal, withdrawable
+from . import Credentials, Identity, Refusal, numeric_date, withdrawable
 from .acl import AccessRules
 
 log = Logger()
@@ -100,6 +103,9 @@ class HttpAuthenticator:
             raise ConfigError(f"{shown}: a bad port, or an unclosed [IPv6 address]", "http_auth_url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{shown} is not an http:// or https:// URL", "http_auth_url")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"{shown}: credentials in the URL are not sent; put the Authorization "
+                              "header in http_auth_authorization_file", "http_auth_url")
         if mode not in MODES:
             raise ConfigError(f"{mode!r} is not one of {', '.join(MODES)}", "http_auth_mode")
         self.url, self.mode = url, mode
@@ -245,18 +251,9 @@ class HttpAuthenticator:
         return requested.addCallback(self._read, credentials)
 
     def _read(self, response: Any, credentials: Credentials) -> Deferred[Answer]:
-        from treq import collect
-        chunks: list[bytes] = []
-        size = [0]
-
-        def collector(data: bytes) -> None:
-            size[0] += len(data)
-            if size[0] > MAX_ANSWER:
-                raise BadAnswer(f"answer larger than {MAX_ANSWER} bytes")
-            chunks.append(data)
-
-        done: Deferred[Any] = collect(response, collector)
-        return done.addCallback(lambda _: self._decide(response.code, b"".join(chunks), credentials))
+        body = _Body()
+        response.deliverBody(body)
+        return body.done.addCallback(lambda data: self._decide(response.code, data, credentials))
 
     def _decide(self, status: int, body: bytes, credentials: Credentials) -> Answer:
         if self.mode == INTROSPECTION:
@@ -291,7 +288,7 @@ class HttpAuthenticator:
             return Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "introspection: token not active")
         if active is not True:
             raise BadAnswer("introspection answer without a boolean \"active\"")
-        named = answer.get("username", answer.get("sub"))
+        named = next((answer[name] for name in ("username", "sub") if isinstance(answer.get(name), str)), None)
         username = credentials.username
         if isinstance(named, str):
             if username is not None and username != named:
@@ -299,10 +296,11 @@ class HttpAuthenticator:
                                "introspection: the username is not the token's")
             username = named
         expiry = answer.get("exp")
+        expires_at = None if expiry is None else numeric_date(expiry)
+        if expiry is not None and expires_at is None:
+            raise BadAnswer("introspection answer whose \"exp\" is not a time")
         return Identity(client_id=credentials.client_id, username=username,
-                        rules=_rules(answer, credentials.client_id, username),
-                        expires_at=float(expiry) if isinstance(expiry, (int, float)) and
-                        not isinstance(expiry, bool) else None)
+                        rules=_rules(answer, credentials.client_id, username), expires_at=expires_at)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -324,6 +322,38 @@ class HttpAuthenticator:
         pool, self._pool, self._client = self._pool, None, None
         closed: Deferred[None] = pool.closeCachedConnections()
         return closed
+
+
+class _Body(Protocol):
+    """A response's body, up to MAX_ANSWER bytes. Cancelled (timed out, withdrawn), it closes
+    the connection: a service that stalls in the middle of its answer keeps none open."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[bytes] = Deferred(self._close)
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def _close(self, _: Any = None) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > MAX_ANSWER:
+            self._close()
+            self.done.errback(BadAnswer(f"answer larger than {MAX_ANSWER} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):  # (the latter: ended by a close)
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
 
 
 def _timed_out(result: Any, timeout: float) -> None:

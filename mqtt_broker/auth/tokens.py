@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
-from . import Credentials, Identity, Refusal
+from . import Credentials, Identity, Refusal, numeric_date
 from .acl import AccessRules
 from .authenticators import in_thread
 
@@ -91,6 +91,9 @@ def load_keys(secret_file: str = "", public_key_file: str = "", jwks_file: str =
     keys: list[TokenKey] = []
     if secret_file:
         secret = _read(secret_file, "jwt_secret_file").strip()
+        if secret.startswith(b"-----BEGIN "):
+            raise ConfigError(f"{secret_file}: a PEM key or certificate is not an HMAC secret (a "
+                              "public key goes in jwt_public_key_file)", "jwt_secret_file")
         if len(secret) < HMAC["HS256"]:
             raise ConfigError(f"{secret_file}: an HMAC secret needs at least 32 bytes, this one has "
                               f"{len(secret)}", "jwt_secret_file")
@@ -129,14 +132,16 @@ def _load_jwks(path: str) -> list[TokenKey]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
+        wanted = entry.get("alg")
+        if wanted is not None and wanted not in KNOWN:
+            continue  # ("none" among them) no token is verified with it
         try:
             key = jwt.PyJWK(entry).key
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as e:
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError, NotImplementedError) as e:
             raise ConfigError(f"{path}: key {index}: {e}", "jwt_jwks_file") from None
         if hasattr(key, "public_key") and not isinstance(key, bytes):
             key = key.public_key()  # a JWK with private parts: verification needs the public half
         algorithms = _algorithms_for(key)
-        wanted = entry.get("alg")
         if isinstance(wanted, str):
             algorithms = algorithms & {wanted}
         if algorithms:
@@ -219,7 +224,7 @@ class JwtAuthenticator:
         refused = ReasonCode.BAD_USER_NAME_OR_PASSWORD
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:
             return Refusal(refused, "token: malformed header")
         algorithm, kid = header.get("alg"), header.get("kid")
         if not isinstance(algorithm, str) or algorithm not in KNOWN:
@@ -239,7 +244,7 @@ class JwtAuthenticator:
                 break
             except jwt.InvalidSignatureError:
                 continue
-            except jwt.InvalidTokenError as e:
+            except jwt.PyJWTError as e:  # (InvalidKeyError too: a key that cannot check it)
                 problem = str(e)[:200] or type(e).__name__
                 break
         if claims is None:
@@ -264,14 +269,14 @@ class JwtAuthenticator:
                                                ).for_client(credentials.client_id, username)
             except ValueError as e:
                 return Refusal(refused, f"token: {e}")
-        expiry = claims.get("exp")
-        if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, (int, float))):
-            # A NumericDate is a JSON number (RFC 7519, 2); PyJWT lets "1796384387" through, and
-            # the connection would then outlive the token.
-            return Refusal(refused, "token: exp is not a number")
+        # A NumericDate is a JSON number (RFC 7519, 2); PyJWT lets "1796384387" through, and
+        # NaN, and the connection would then outlive the token.
+        expiry = numeric_date(claims.get("exp"))
+        if expiry is None:
+            return Refusal(refused, "token: exp is not a time")
         # The token is accepted until exp + leeway; so the connection lasts as long.
         return Identity(client_id=credentials.client_id, username=username, rules=rules,
-                        expires_at=float(expiry) + self.leeway if expiry is not None else None)
+                        expires_at=expiry + self.leeway)
 
     def prepare_reload(self) -> Callable[[], None]:
         if self._reload_keys is None:
