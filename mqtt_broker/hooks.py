@@ -301,7 +301,7 @@ def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:
         return value
     if isinstance(value, int) and value >= 0x80:  # (a ReasonCode, or one written as a plain int)
         return Refused(ReasonCode(value) if value in _REASON_CODES else None)
-    if isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and value > 2):  # (a QoS, or nothing)
+    if isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and not 0 <= value <= 2):  # (a QoS, or nothing)
         return value
     log.error("{event} hook {handler!r} answered {answer!r}, which is not an answer it may give; refusing",
               event=event, handler=handler, answer=value)

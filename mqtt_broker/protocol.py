@@ -397,6 +397,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self._blocked is not decision:  # what it decided waits for another decision now
             return
         self._blocked = None
+        # Waiting for the hook, the broker read nothing: the client's silence counts from now
+        # (what it sent meanwhile, its PINGREQs, waits to be read) [MQTT-3.1.2-24].
+        self._last_seen = self.clock.seconds()
         ended = self._ended
         if self.state is not State.CLOSED:
             if not self._backlogged and ended is None:

@@ -209,7 +209,9 @@ class Subscribing:
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         hooks = self.broker.hooks
         if hooks.has_unsubscribe:
-            decisions = [hooks.decide("unsubscribe", self.client, f) for f in packet.topic_filters]
+            # (Shown the filter it ends: a $replay/ name's, as the subscribe hook was.)
+            decisions = [hooks.decide("unsubscribe", self.client, split_replay_filter(f)[1])
+                         for f in packet.topic_filters]
             self._when(gatherResults(decisions), self._unsubscribe_decided, packet)
         else:
             self._unsubscribe_decided([None] * len(packet.topic_filters), packet)

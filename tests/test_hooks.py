@@ -20,6 +20,7 @@ from mqtt_broker.wire import (
     encode,
 )
 from mqtt_broker.wire.codes import ReasonCode
+from protocol_helpers import FakeClient, make_broker
 
 CLIENT = Client(client_id="c1", username="u", peer="127.0.0.1:5000", protocol_version=4,
                 clean_start=True, keep_alive=60)
@@ -746,6 +747,68 @@ def test_a_slow_hook_does_not_count_as_the_clients_silence() -> None:
     assert not client.closed
     pending[0].callback(None)
     assert [type(p) for p in client.received()] == [Pingresp] * 4
+
+
+def test_a_client_is_not_timed_out_just_after_a_slow_connect_hook_accepts_it() -> None:
+    """A connect hook takes 29 s; the client (keepalive 10) waits for its CONNACK. Its silence
+    counts from then, not from its CONNECT: it was closed 1 s after the CONNACK [MQTT-3.1.2-24]."""
+    broker = MemoryBroker()
+    pending: list[Deferred[Any]] = []
+    broker.hooks.on_connect(lambda client: pending.append(Deferred()) or pending[-1])
+    client = broker.client()
+    assert client.connect("c", keep_alive=10) is None
+    broker.advance(29)
+    pending[0].callback(True)
+    [connack] = client.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    broker.advance(14)
+    assert not client.closed, client.received()
+    broker.advance(1)
+    assert client.closed
+
+
+def test_a_client_is_not_timed_out_as_its_hook_times_out() -> None:
+    """Keepalive 10 and hook_timeout 30: the hook times out in the turn the keepalive fell due
+    (1.5 x 10 x 2), before the PINGREQs held in the paused socket could be read: the client was
+    closed for 30 s of "silence"."""
+    broker = make_broker(hook_timeout=30)
+    broker.startService()
+    broker.hooks.on_publish(lambda client, message: Deferred())  # never answers
+    client = FakeClient(broker, version=MQTT_5)
+    client.connect("c", keep_alive=10)
+    client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=1))
+    held = 0  # PINGREQs sent and left in the socket while the broker reads nothing
+    for second in range(1, 41):
+        broker.clock.advance(1)
+        if second % 10 == 0:
+            held += 1
+        if held and client.transport.producerState != "paused" and not client.closed:
+            client.send(*[Pingreq()] * held)
+            held = 0
+    assert not client.closed, client.received()
+    assert [type(p) for p in client.received()] == [Puback] + [Pingresp] * 4
+
+
+def test_an_unsubscribe_hook_is_shown_the_filter_a_replay_name_ends() -> None:
+    """Unsubscribing from $replay/last:1/alerts/# ends alerts/#, which the hook keeps: it was
+    shown the $replay/ name, and the subscription went."""
+    broker = MemoryBroker()
+    shown: list[str] = []
+    broker.hooks.on_unsubscribe(lambda client, topic_filter: shown.append(topic_filter) or topic_filter != "alerts/#")
+    client = broker.connect("c")
+    assert client.subscribe("alerts/#").reason_codes == (0,)
+    assert client.unsubscribe("$replay/last:1/alerts/#").reason_codes == (0x87,)
+    assert shown == ["alerts/#"] and "alerts/#" in broker.service.sessions["c"].subscriptions
+
+
+@pytest.mark.parametrize("answer", [-1, 3])
+def test_a_subscribe_hook_answering_an_int_that_is_no_qos_refuses(answer: int) -> None:
+    """-1 granted the QoS asked for (3 was refused)."""
+    broker = MemoryBroker()
+    broker.hooks.on_subscribe(lambda client, subscription: answer)
+    client = broker.connect("c")
+    assert client.subscribe("a", qos=1).reason_codes == (0x80,)
+    assert "a" not in broker.service.sessions["c"].subscriptions
 
 
 def test_subscribe_hook_refuses_and_downgrades() -> None:
