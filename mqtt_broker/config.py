@@ -347,7 +347,8 @@ class BrokerConfig:
         "it; off by default because it costs CPU for every message.")
     websocket_max_frame_size: int = _setting(
         0, "Largest WebSocket frame payload accepted, in bytes; a larger frame closes the "
-        "connection (close code 1009). 0: the same as max_packet_size.", 0, 2**63 - 1)
+        "connection (close code 1009). 0: no bound of its own (a frame may hold several packets, "
+        "each bounded by max_packet_size, and is read as it arrives).", 0, 2**63 - 1)
     websocket_max_handshake_size: int = _setting(
         16384, "Largest WebSocket opening handshake (HTTP request line and headers) accepted, in "
         "bytes; a larger one is refused with HTTP 431.", 1024, 1024 * 1024)

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .connecting import describe
 from .keepalive import cancel
 from .protocol import LARGE_PACKET_PROGRESS
 
@@ -249,6 +250,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if self.state == _OPEN and self.current_frame is None and self._perMessageCompress is None:
             self._receive_frames(data)
             return
+        if self.state == _CLOSED:
+            # Refused, or closed: over TLS the socket is read until the client's close_notify,
+            # and nothing of what comes meanwhile is for anyone.
+            self.data = b""
+            return
         if self.state == _CONNECTING:
             limit = self.factory.max_handshake_size
             if len(self.data) + len(data) > limit and (self.data + data).find(b"\r\n\r\n", 0, limit) < 0:
@@ -327,28 +333,35 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         factory = self.factory
         if factory.paths and request.path not in factory.paths:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
+        peer = client_address(self.transport.getPeer(),  # type: ignore[union-attr]
+                              request.headers.get("x-forwarded-for"),
+                              factory.trusted_proxies)
+        self._peer = peer
         origin = request.headers.get("origin")
         if factory.origins and origin is not None and origin.lower() not in factory.origins:
             # A page of another site, in a browser that would lend it the user's cookies or
             # client certificate (cross-site WebSocket hijacking, RFC 6455 10.2).
             log.info("refusing a WebSocket connection from {peer}: origin {origin!r} not in websocket_origins",
-                     peer=self.peer, origin=origin)
+                     peer=self._where(), origin=origin)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
-        subprotocol = next((p for p in request.protocols if p in SUBPROTOCOLS), None)
+        # [MQTT-6.0.0-4]: mqtt, whenever it is offered (3.1.1 and 5.0 say the server selects
+        # it; which version the client speaks is known only at its CONNECT); mqttv3.1 alone
+        # for a client of 3.1 that offers only that.
+        subprotocol = next((p for p in SUBPROTOCOLS if p in request.protocols), None)
         if subprotocol is None:
             # [MQTT-6.0.0-3]: the client must offer mqtt; without it no MQTT is spoken.
             log.info("refusing a WebSocket connection from {peer}: subprotocols {offered}, not mqtt",
-                     peer=self.peer, offered=request.protocols)
+                     peer=self._where(), offered=request.protocols)
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Bad Request: subprotocol mqtt required")
-        peer = client_address(self.transport.getPeer(),  # type: ignore[union-attr]
-                              request.headers.get("x-forwarded-for"),
-                              factory.trusted_proxies)
         mqtt = factory.broker.factory.buildProtocol(peer)
         if mqtt is None:  # max_connections: counted and logged by the MQTT factory
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Service Unavailable")
         self.mqtt = mqtt
-        self._peer = peer
         return subprotocol
+
+    def _where(self) -> str:
+        """The client, as the log names it: behind a trusted proxy, the one it forwards for."""
+        return describe(self._peer) if self._peer is not None else str(self.peer)
 
     def onOpen(self) -> None:
         cancel(self._handshake_call)
@@ -369,7 +382,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
         if not isBinary:
-            log.info("closing WebSocket connection from {peer}: a text frame", peer=self.peer)
+            log.info("closing WebSocket connection from {peer}: a text frame", peer=self._where())
             self._fail_connection(_UNSUPPORTED_DATA, "MQTT takes binary frames only")  # [MQTT-6.0.0-1]
 
     def onMessageFrameData(self, payload: bytes) -> None:
@@ -460,7 +473,9 @@ class WebSocketFactory(WebSocketServerFactory):
             options["perMessageCompressionAccept"] = functools.partial(_accept_deflate, limit=config.max_packet_size)
         self.setProtocolOptions(
             webStatus=False,  # no status page or redirects for a plain GET: 426 Upgrade Required
-            maxFramePayloadSize=config.websocket_max_frame_size or config.max_packet_size,
+            # (0: none. A frame may hold several packets [MQTT-6.0.0-2], each within
+            # max_packet_size; its payload is streamed to MQTT, never collected.)
+            maxFramePayloadSize=config.websocket_max_frame_size,
             maxMessagePayloadSize=0,  # a message is never collected (see onMessageFrameData)
             openHandshakeTimeout=0, closeHandshakeTimeout=0,  # ours, on the broker's clock
             failByDrop=False,  # a protocol error is answered with a close frame giving the reason

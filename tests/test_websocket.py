@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -134,8 +135,9 @@ def test_handshake_accepts_mqtt_subprotocol() -> None:
 
 @pytest.mark.parametrize("offered,chosen", [
     (("mqtt",), "mqtt"), (("mqttv3.1",), "mqttv3.1"), (("wamp.2.json", "mqtt"), "mqtt"),
-    (("mqttv3.1", "mqtt"), "mqttv3.1"), (("mqtt", "mqttv3.1"), "mqtt")])
-def test_subprotocol_is_the_first_mqtt_one_offered(offered: tuple[str, ...], chosen: str) -> None:
+    (("mqttv3.1", "mqtt"), "mqtt"), (("mqtt", "mqttv3.1"), "mqtt")])
+def test_subprotocol_is_mqtt_whenever_offered(offered: tuple[str, ...], chosen: str) -> None:
+    """[MQTT-6.0.0-4]: the server selects mqtt; mqttv3.1 (MQTT 3.1's) only when offered alone."""
     client = WSClient(make_broker())
     assert client.handshake(protocols=offered) == 101
     assert client.headers["sec-websocket-protocol"] == chosen
@@ -483,7 +485,7 @@ def test_text_frame_before_connect_closes_too() -> None:
 
 
 def test_oversize_frame_closes_with_1009_before_its_payload() -> None:
-    broker = make_broker(max_packet_size=1000)
+    broker = make_broker(websocket_max_frame_size=1000)
     client = ws_connected(broker)
     client.send_bytes(client_frame(b"", length=1001)[:8])  # the header alone announces 1001 bytes
     [close] = client.frames()
@@ -948,3 +950,69 @@ def test_an_upgrade_refused_over_tls_is_not_held_by_a_client_that_never_answers_
     # The client neither answers the close_notify nor closes its socket.
     broker.clock.advance(CLOSE_TIMEOUT)  # type: ignore[attr-defined]
     assert socket_.disconnecting, "the refused WebSocket-over-TLS connection is still held"
+
+
+def _tls_websocket(broker: Any) -> tuple[Any, TLSPeer]:
+    key, cert = _self_signed()
+    factory = TLSMemoryBIOFactory(CertificateOptions(privateKey=key, certificate=cert), False,
+                                  WebSocketFactory(broker), clock=broker.clock)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40002))
+    socket = StringTransport()
+    protocol.makeConnection(socket)
+    client = TLSPeer(protocol, socket)
+    client.handshake()
+    return protocol, client
+
+
+def test_bytes_after_a_refused_upgrade_over_tls_are_not_kept() -> None:
+    """Refused, the connection waits up to CLOSE_TIMEOUT for the client's close_notify, reading
+    on: what the client sent meanwhile piled up, as much as it could send in 5 s."""
+    broker = make_broker()
+    tls, client = _tls_websocket(broker)
+    client.send(handshake_request(protocols=None))
+    assert client.read().startswith(b"HTTP/1.1 400")
+    for _ in range(64):
+        client.send(b"x" * 16384)
+    assert len(tls.wrappedProtocol.data) == 0
+
+
+def test_bytes_after_the_close_reply_over_tls_are_not_kept() -> None:
+    broker = make_broker()
+    tls, client = _tls_websocket(broker)
+    client.send(handshake_request())
+    broker.clock.advance(0)  # (TLS gathers small writes until the clock turns)
+    client.pump()
+    assert client.read().startswith(b"HTTP/1.1 101")
+    client.send(client_frame(encode(Connect(client_id="c"))))
+    client.send(client_frame(b"\x03\xe8", CLOSE))  # the broker answers and closes (close_notify)
+    assert tls.wrappedProtocol.state == tls.wrappedProtocol.STATE_CLOSED and tls.disconnecting
+    for _ in range(64):
+        client.send(client_frame(b"y" * 16000))
+    assert len(tls.wrappedProtocol.data) == 0
+
+
+def test_refusals_behind_a_trusted_proxy_name_the_client() -> None:
+    """They named the proxy; the MQTT log lines, and the max_connections refusal, the client."""
+    broker = make_broker(websocket_trusted_proxies=["127.0.0.1"], websocket_origins=["https://app.example.com"])
+    with capturedLogs() as events:
+        assert WSClient(broker).handshake(protocols=None, headers={"X-Forwarded-For": "203.0.113.7"}) == 400
+        assert WSClient(broker).handshake(headers={"X-Forwarded-For": "203.0.113.8",
+                                                   "Origin": "https://evil.example"}) == 403
+        client = WSClient(broker)
+        assert client.handshake(headers={"X-Forwarded-For": "203.0.113.9"}) == 101
+        client.connect("proxied")
+        client.send(b"hello", TEXT)
+    lines = [formatEvent(e) for e in events if "WebSocket connection from" in (formatEvent(e) or "")]
+    assert [line.split(" from ")[1].split(":")[0] for line in lines] == ["203.0.113.7", "203.0.113.8", "203.0.113.9"], lines
+
+
+def test_a_frame_of_several_packets_each_within_max_packet_size_is_read() -> None:
+    """[MQTT-6.0.0-2]: a frame may hold several packets (MQTT.js's browser stream joins those of
+    one burst of writes in one frame): each fits max_packet_size, the frame did not, and 1009."""
+    broker = make_broker(max_packet_size=1000)
+    sub = connected(broker, "sub")
+    sub.subscribe("t")
+    client = ws_connected(broker, "batcher")
+    client.send_packets(Publish(topic="t", payload=b"a" * 600), Publish(topic="t", payload=b"b" * 600))
+    assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == []
+    assert [p.payload[:1] for p in sub.received()] == [b"a", b"b"]
