@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import time
 from itertools import count
+from pathlib import Path
 from typing import Any, Callable, Mapping
+from weakref import WeakKeyDictionary
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
@@ -60,14 +62,21 @@ class MemoryBroker:
     across two brokers instead). The service is started and listens on nothing; its timers run
     on the fake clock, the ``$SYS`` topics' too (every ``sys_interval`` seconds;
     ``sys_interval=0`` turns them off). The clock starts at the wall clock's time, in whole
-    seconds, as a JSON Web Token's times are wall-clock times.
+    seconds, as a JSON Web Token's times are wall-clock times; on a store an earlier
+    ``MemoryBroker`` used, at the time that one reached if it is later (a restart does not take
+    the time back: what expires, expires as it would have).
     """
 
-    def __init__(self, config: BrokerConfig | None = None, *, store: Store | None = None,
+    def __init__(self, config: BrokerConfig | str | Path | None = None, *, store: Store | None = None,
                  **settings: Any) -> None:
+        for name in ("endpoints", "reactor", "clock"):
+            if name in settings:
+                raise TypeError(f"MemoryBroker() takes no {name}: the broker runs on the kit's own "
+                                "reactor and clock (see advance())")
         self.reactor = MemoryReactorClock()
         """The reactor and clock of the broker: ``reactor.seconds()`` is the broker's time."""
-        self.reactor.advance(int(time.time()))
+        self.reactor.advance(max(int(time.time()), _reached_on(store)))
+        self._store = store
         self.service = BrokerService(endpoints=[], config=config, reactor=self.reactor, store=store,
                                      **settings)
         """The broker under test, as an application would embed it."""
@@ -122,6 +131,11 @@ class MemoryBroker:
                 reactor.advance(0)
             self.flush()
         reactor.advance(max(0.0, end - reactor.seconds()))
+        if self._store is not None and _reached_on(self._store) < reactor.seconds():
+            try:
+                _reached[self._store] = reactor.seconds()
+            except TypeError:  # a store without weak references: nothing to go on from
+                pass
         self.flush()
 
     def flush(self) -> None:
@@ -166,7 +180,8 @@ class MemoryClient:
     What the broker sends and the client did not deal with itself waits in the client until a
     method takes it: the method that expects an answer (``connect`` its CONNACK, ``publish``
     its acknowledgement...), :meth:`messages` the PUBLISH packets, :meth:`received` all the
-    rest.
+    rest. Such a method raises ConnectionError when no answer can come: on a connection that
+    has ended, or that the broker ends without answering (a PUBLISH before CONNECT).
     """
 
     def __init__(self, broker: MemoryBroker, version: int = MQTT_5, *, acknowledge: bool = True) -> None:
@@ -303,12 +318,19 @@ class MemoryClient:
     # --- inside -------------------------------------------------------------------------
 
     def _request(self, packet: Packet, is_answer: Callable[[Packet], bool]) -> Packet | None:
-        """Send a packet, and take its answer if it came meanwhile."""
+        """Send a packet, and take its answer if it came meanwhile. Raises ConnectionError when
+        no answer can come: the connection had ended, or ended without one."""
+        name = type(packet).__name__.upper()
+        if self.closed:
+            raise ConnectionError(f"{name} not sent: the connection has ended")
         mark = len(self._inbox)
         self.send(packet)
         for index in range(mark, len(self._inbox)):
             if is_answer(self._inbox[index]):
                 return self._inbox.pop(index)
+        if self.closed:
+            raise ConnectionError(f"the broker closed the connection without answering the {name} (what it "
+                                  "sent is in received())")
         return None
 
     def _allocate(self) -> int:
@@ -359,6 +381,17 @@ class MemoryClient:
         self._lost = True
         if self.protocol is not None:
             self.protocol.connectionLost(Failure(reason))
+
+
+_reached: WeakKeyDictionary[Any, float] = WeakKeyDictionary()
+"""The latest time a MemoryBroker on each store reached: where the next one's clock starts."""
+
+
+def _reached_on(store: Store | None) -> float:
+    try:
+        return _reached.get(store, 0.0) if store is not None else 0.0
+    except TypeError:
+        return 0.0
 
 
 def _answers(kind: type | tuple[type, ...], packet_id: int) -> Callable[[Packet], bool]:

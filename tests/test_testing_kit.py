@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITransport
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mqtt_broker import Client, Message, Refused, ReasonCode
+from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Connack, Disconnect, Puback, Pubcomp, Publish, Pubrec, Suback,
@@ -60,7 +62,8 @@ def test_a_connection_over_max_connections_is_closed_at_once() -> None:
     broker.connect("first")
     second = broker.client()
     assert second.protocol is None and second.closed
-    assert second.connect("second") is None
+    with pytest.raises(ConnectionError, match="the connection has ended"):
+        second.connect("second")
 
 
 def test_the_transport_is_a_transport() -> None:
@@ -388,3 +391,44 @@ def test_a_json_web_token_lasts_its_lifetime_on_the_kits_clock(tmp_path: Path) -
     broker.advance(2)
     assert client.closed
 
+
+
+def test_a_broker_restarted_on_a_memory_store_goes_on_from_the_time_reached() -> None:
+    """The second broker's clock started at the wall clock again, behind the first one's: a
+    session outlived its expiry by the time advanced before the restart."""
+    store = MemoryStore()
+    first = MemoryBroker(store=store, sys_interval=0)
+    first.connect("c", clean_start=False, properties={"session_expiry_interval": 60}).drop()
+    first.advance(50)
+    first.service.stopService()
+    second = MemoryBroker(store=store, sys_interval=0)
+    assert second.reactor.seconds() == first.reactor.seconds()
+    second.advance(9)
+    assert "c" in second.service.sessions
+    second.advance(2)  # 61 s after the client went away
+    assert "c" not in second.service.sessions
+
+
+@pytest.mark.parametrize("closing", ["keepalive", "publish before connect"])
+def test_a_request_no_answer_can_come_to_raises(closing: str) -> None:
+    """It returned None, which says a hook is deciding and the answer comes later."""
+    broker = MemoryBroker(sys_interval=0)
+    if closing == "keepalive":
+        client = broker.connect("c", keep_alive=1)
+        broker.advance(2)
+        with pytest.raises(ConnectionError, match="PUBLISH not sent: the connection has ended"):
+            client.publish("t", b"x", qos=1)
+        with pytest.raises(ConnectionError):
+            client.ping()
+    else:
+        client = broker.client()
+        with pytest.raises(ConnectionError, match="closed the connection without answering the PUBLISH"):
+            client.publish("t", b"x", qos=1)
+    assert client.closed
+
+
+@pytest.mark.parametrize("setting", ["clock", "reactor", "endpoints"])
+def test_settings_that_would_take_the_broker_off_the_kits_clock_are_refused(setting: str) -> None:
+    """clock= was taken: the broker's timers then ran on a clock advance() never moves."""
+    with pytest.raises(TypeError, match=f"takes no {setting}"):
+        MemoryBroker(**{setting: Clock() if setting != "endpoints" else []})
