@@ -672,7 +672,11 @@ class Delivery:
         if message.expires_at is None:
             return None
         # (Less a millisecond: a float's rounding would make an interval sent on at once one more.)
-        return max(0, math.ceil(message.expires_at - self.clock.seconds() - 0.001))
+        left = max(0, math.ceil(message.expires_at - self.clock.seconds() - 0.001))
+        # Never more than it came with: in a cluster, ``expires_at`` may be another node's clock
+        # time, a little ahead of this one's.
+        given = message.properties.get("message_expiry_interval")
+        return left if given is None or left <= given else given
 
     def schedule_retry(self, session: Session) -> None:
         """MQTT 3 only: resend what stays unacknowledged after retry_interval (MQTT 5 resends

@@ -51,7 +51,7 @@ def test_forwarded_records_read_back_in_order(
     """Forwarded to be routed, or handed on to shared subscriptions' members only (with the nodes
     that declined it)."""
     entry = b"".join(pack_forwarded(message, shares, 100.0, kind, declined) for message, shares, kind, declined in messages)
-    records = unpack_records(entry)
+    records = list(unpack_records(entry))
     assert len(records) == len(messages)
     for (kind, got, shares), (sent, sent_shares, sent_kind, declined) in zip(records, messages):
         assert kind == sent_kind and shares == ((sent_shares, declined) if kind == HANDED else sent_shares)
@@ -138,6 +138,6 @@ def test_the_records_0_1_0_left_in_an_inbox_are_read(hexed: str, payload: bytes,
 def test_an_entry_of_0_1_0_with_several_records_keeps_them_all() -> None:
     queued = pack_queued(Queued(Message(topic="t", payload=b"for c", qos=1), 1, False))
     entry = b"".join(bytes.fromhex(hexed) for hexed in OF_0_1_0) + pack_targeted("c", queued)
-    records = unpack_records(records_of_0_1_0(entry))
+    records = list(unpack_records(records_of_0_1_0(entry)))
     assert [kind for kind, _, _ in records] == [FORWARDED, FORWARDED, FORWARDED, TARGETED]
     assert records[-1][1] == "c" and records[-1][2].message.payload == b"for c"

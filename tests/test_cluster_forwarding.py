@@ -11,10 +11,11 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from mqtt_broker import BrokerService
-from mqtt_broker.cluster.codec import FORWARDED, HANDED, unpack_records
+from mqtt_broker.cluster.codec import FORWARDED, HANDED, pack_forwarded, pack_retained, unpack_records, unpack_retained
 from mqtt_broker.cluster.forwarding import ClusterStats, Forwarding
 from mqtt_broker.message import Message
 from mqtt_broker.topics import Subscription, SubscriptionTree
+from mqtt_broker.wire import Publish
 
 from protocol_helpers import connected, make_broker
 
@@ -43,7 +44,7 @@ class Node:
         self.collects += 1
 
     def _send(self, node: str, data: bytes) -> None:
-        self.writes.append((node, unpack_records(data)))
+        self.writes.append((node, list(unpack_records(data))))
 
     def holds(self, node: str, topic_filter: str, awake: bool = True) -> None:
         """Another node advertised a filter."""
@@ -102,7 +103,7 @@ def test_qos1_and_2_records_wait_for_the_stores_batch_with_an_id_each() -> None:
     assert len(first.cluster_id) == 14 and first.cluster_id != second.cluster_id
     outgoing = taken(node.forwarding)
     assert list(outgoing) == ["b"]
-    assert [unpack_records(record)[0][1].cluster_id for record in outgoing["b"]] == [first.cluster_id,
+    assert [next(unpack_records(record))[1].cluster_id for record in outgoing["b"]] == [first.cluster_id,
                                                                                       second.cluster_id]
     assert taken(node.forwarding) == {}
 
@@ -234,7 +235,7 @@ def test_a_message_left_unfinished_is_handed_to_the_other_nodes_members_in_turn(
     node.clock.advance(0)
     assert node.writes == []  # through the inboxes, whatever the QoS
     assert node.collects == 3 and node.stats.forwarded_out == 3
-    outgoing = {target: [unpack_records(record)[0] for record in records]
+    outgoing = {target: [next(unpack_records(record)) for record in records]
                 for target, records in taken(node.forwarding).items()}
     assert {target: [(kind, message.qos, shares) for kind, message, shares in records]
             for target, records in outgoing.items()} == {
@@ -271,7 +272,7 @@ def test_a_message_chosen_for_a_group_whose_members_here_left_goes_to_a_member_e
     forwarding.add_route("c", "$share/g/t")
     assert broker.delivery.route(Message(topic="t", payload=b"p", qos=1), (SHARE,)) == 1
     [(target, [record])] = taken(forwarding).items()
-    assert target == "c" and unpack_records(record)[0][0::2] == (HANDED, ((SHARE,), ("a",)))
+    assert target == "c" and next(unpack_records(record))[0::2] == (HANDED, ((SHARE,), ("a",)))
 
 
 def test_a_message_handed_on_goes_to_each_node_once_at_most_when_no_member_is_here_either() -> None:
@@ -279,7 +280,7 @@ def test_a_message_handed_on_goes_to_each_node_once_at_most_when_no_member_is_he
     forwarding.add_route("c", "$share/g/t")
     assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,), ("b",)) == 1
     [(target, [record])] = taken(forwarding).items()
-    assert target == "c" and unpack_records(record)[0][0::2] == (HANDED, ((SHARE,), ("b", "a")))
+    assert target == "c" and next(unpack_records(record))[0::2] == (HANDED, ((SHARE,), ("b", "a")))
     assert broker.delivery.handed(Message(topic="t", payload=b"p", qos=1), (SHARE,), ("c", "b")) == 0
     assert taken(forwarding) == {}  # no message goes round between stale routes
 
@@ -392,3 +393,59 @@ def test_a_message_handed_to_a_connected_member_elsewhere_may_come_back_to_an_of
     pass_records({"a": a, "b": b})
     session = a.sessions["member-a"]
     assert [item.message.payload for item in session.queue] == [b"m"], "the QoS 1 message was dropped"
+
+
+# --- the largest expiry interval, from a node whose clock is a little ahead -------------------
+
+MAX_EXPIRY = 2**32 - 1
+
+
+def node_b() -> tuple[BrokerService, Forwarding]:
+    """A broker (no Redis) whose delivery forwards through a Forwarding named b, on its clock."""
+    broker = make_broker(persistence="memory")
+    broker.startService()
+    forwarding = Forwarding("b", broker.clock, ClusterStats(), broker.delivery.deliver_shared, lambda: None,
+                            lambda node, data: None)
+    broker.delivery.forwarding = forwarding
+    return broker, forwarding
+
+
+def longest_lived(a_now: float, retain: bool = False) -> Message:
+    return Message(topic="t", payload=b"p", qos=1, retain=retain, sender="pub", cluster_id=b"i" * 14,
+                   properties={"message_expiry_interval": MAX_EXPIRY}, expires_at=a_now + MAX_EXPIRY)
+
+
+def test_the_largest_expiry_from_a_node_whose_clock_is_ahead_goes_on_as_it_came() -> None:
+    """The record carries the expiry as node a's clock time; half a second behind, node b sent
+    the interval left by its own clock, one more than any PUBLISH can carry: the encoding failed,
+    and the message was lost [MQTT-3.3.2-6]."""
+    broker, _ = node_b()
+    subscriber = connected(broker, "subscriber", version=5)
+    subscriber.subscribe("t", qos=1)
+    a_now = broker.clock.seconds() + 0.5
+    [(_, message, _)] = unpack_records(pack_forwarded(longest_lived(a_now), (), a_now))
+    broker.delivery.route(message, ())
+    [publish] = subscriber.received()
+    assert isinstance(publish, Publish) and publish.properties["message_expiry_interval"] == MAX_EXPIRY
+
+
+def test_the_largest_expiry_handed_on_by_a_node_whose_clock_is_behind_is_handed_on() -> None:
+    """Node b, chosen for a group whose members here have left, hands the message to the member
+    on node c: packing it failed the same way, and the group lost it."""
+    broker, forwarding = node_b()
+    forwarding.add_route("c", "$share/g/t")
+    a_now = broker.clock.seconds() + 0.5
+    [(_, message, _)] = unpack_records(pack_forwarded(longest_lived(a_now), (), a_now))
+    assert broker.delivery.route(message, (("g", "$share/g/t"),)) == 1
+    [record] = taken(forwarding)["c"]
+    [(kind, handed, _)] = unpack_records(record)
+    assert kind == HANDED and handed.properties["message_expiry_interval"] == MAX_EXPIRY
+
+
+def test_the_largest_expiry_of_a_retained_message_from_a_node_whose_clock_is_ahead() -> None:
+    broker, _ = node_b()
+    b_now = broker.clock.seconds()
+    broker.retained.store(unpack_retained(pack_retained(longest_lived(b_now + 0.5, retain=True), b_now + 0.5), b_now))
+    subscriber = connected(broker, "subscriber", version=5)
+    [publish] = [p for p in subscriber.subscribe("t", qos=1) if isinstance(p, Publish)]
+    assert publish.properties["message_expiry_interval"] == MAX_EXPIRY

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any, Final
+from typing import Any, Final, Iterator
 
 from ..message import Message
 from ..session import Queued
@@ -39,7 +39,11 @@ def pack_message(message: Message, now: float) -> bytes:
     """The message as an MQTT 5 PUBLISH; an expiry is carried as the interval left at ``now``."""
     properties = message.properties
     if message.expires_at is not None:
-        properties = {**properties, "message_expiry_interval": max(1, math.ceil(message.expires_at - now))}
+        left = max(1, math.ceil(message.expires_at - now))
+        # Never more than it came with: ``expires_at`` may be another node's clock time, a
+        # little ahead of this one's [MQTT-3.3.2-6].
+        given = properties.get("message_expiry_interval")
+        properties = {**properties, "message_expiry_interval": left if given is None or left <= given else given}
     return publish_template(message.topic, message.payload, message.qos, message.retain, properties, MQTT_5,
                             1 if message.qos else 0)[0]
 
@@ -132,8 +136,9 @@ Record = tuple[int, Any, Any]
 id, Queued)."""
 
 
-def unpack_records(data: bytes) -> list[Record]:
-    records: list[Record] = []
+def unpack_records(data: bytes) -> Iterator[Record]:
+    """The records of an inbox entry (or of a QoS 0 write), one by one: those before a damaged
+    one are read whatever follows them."""
     pos, end = 0, len(data)
     while pos < end:
         kind = data[pos] & ~_EXPIRING
@@ -160,20 +165,24 @@ def unpack_records(data: bytes) -> list[Record]:
                     node, pos = _read_string(data, pos)
                     declined.append(node)
             size = _read_u32(data, pos)
+            if pos + 4 + size > end:
+                raise ValueError("a record cut short in an inbox entry")
             message = unpack_message(data[pos + 4:pos + 4 + size])
             message.sender = sender or None
             message.cluster_id = cluster_id
             message.expires_at = expires_at
             pos += 4 + size
-            records.append((kind, message, (tuple(shares), tuple(declined)) if kind == HANDED else tuple(shares)))
+            yield kind, message, (tuple(shares), tuple(declined)) if kind == HANDED else tuple(shares)
         elif kind == TARGETED:
             client_id, pos = _read_string(data, pos + 1)
             size = _read_u32(data, pos)
-            records.append((TARGETED, client_id, unpack_queued(data[pos + 4:pos + 4 + size], 0)))
+            if pos + 4 + size > end:
+                raise ValueError("a record cut short in an inbox entry")
+            queued = unpack_queued(data[pos + 4:pos + 4 + size], 0)
             pos += 4 + size
+            yield TARGETED, client_id, queued
         else:
             raise ValueError(f"unknown record kind {kind} in an inbox entry")
-    return records
 
 
 def records_of_0_1_0(data: bytes) -> bytes:

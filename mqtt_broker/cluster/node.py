@@ -397,7 +397,7 @@ class Cluster:
                     self._handle_entry(bytes(data), stamp, entry_id)
                 except Exception:
                     # (read again, it would fail again, and stop every entry after it for good)
-                    log.failure("handling the entry {entry_id} of this node's inbox: it is passed over",
+                    log.failure("reading the entry {entry_id} of this node's inbox: the rest of it is passed over",
                                 entry_id=entry_id)
             if entry_id not in self._waiting:
                 self.store.handled(entry_id)
@@ -425,31 +425,40 @@ class Cluster:
         self.store.flushed().addBoth(lambda _: self._read_inbox("0"))
 
     def _handle_entry(self, data: bytes, stamp: int, entry_id: bytes) -> None:
-        delivery = self.broker.delivery
+        # (Record by record: one that fails, to be read or routed, loses none before it, and
+        # one that fails to be routed none after it.)
         for kind, first, second in unpack_records(data):
-            if kind == TARGETED:  # (Redis passes these on one to an entry)
-                self.stats.forwarded_in += 1
-                self.deliver_targeted(first, second, stamp, entry_id)
-                continue
-            if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
-                self.stats.forwarded_in += 1
-                if kind == FORWARDED:  # routed here, but published on another node
-                    self.broker.stats.routed_from_nodes += 1
-            else:  # one this node sent itself (Forwarding.through_inboxes), counted then
-                self.forwarding.came_back(first.sender)
-                delivery.received_before = True
-            # Nothing of a QoS 2 message reaches a client before the store holds that this entry
-            # is handled: after a crash it is handled again, so it must not have gone out.
-            delivery.routing_waits_for_store = first.qos == 2
             try:
-                if kind == HANDED:
-                    delivery.handed(first, *second)
-                elif self._moving and first.qos:
-                    self._route_while_moving(first, second, stamp)
-                else:
-                    delivery.route(first, second)
-            finally:
-                delivery.routing_waits_for_store = delivery.received_before = False
+                self._handle_record(kind, first, second, stamp, entry_id)
+            except Exception:
+                log.failure("routing a message of the entry {entry_id} of this node's inbox: it is passed over",
+                            entry_id=entry_id)
+
+    def _handle_record(self, kind: int, first: Any, second: Any, stamp: int, entry_id: bytes) -> None:
+        if kind == TARGETED:  # (Redis passes these on one to an entry)
+            self.stats.forwarded_in += 1
+            self.deliver_targeted(first, second, stamp, entry_id)
+            return
+        delivery = self.broker.delivery
+        if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
+            self.stats.forwarded_in += 1
+            if kind == FORWARDED:  # routed here, but published on another node
+                self.broker.stats.routed_from_nodes += 1
+        else:  # one this node sent itself (Forwarding.through_inboxes), counted then
+            self.forwarding.came_back(first.sender)
+            delivery.received_before = True
+        # Nothing of a QoS 2 message reaches a client before the store holds that this entry
+        # is handled: after a crash it is handled again, so it must not have gone out.
+        delivery.routing_waits_for_store = first.qos == 2
+        try:
+            if kind == HANDED:
+                delivery.handed(first, *second)
+            elif self._moving and first.qos:
+                self._route_while_moving(first, second, stamp)
+            else:
+                delivery.route(first, second)
+        finally:
+            delivery.routing_waits_for_store = delivery.received_before = False
 
     def _route_while_moving(self, message: Message, shares: tuple[tuple[str, str], ...], stamp: int) -> None:
         """Route a forwarded message, the sessions that moved here lately apart: to each of
@@ -475,10 +484,17 @@ class Cluster:
         self.broker.gathered(self._route_qos0, data)
 
     def _route_qos0(self, data: bytes) -> None:
-        for kind, message, shares in unpack_records(data):
-            self.stats.forwarded_in += 1
-            self.broker.stats.routed_from_nodes += 1
-            self.broker.delivery.route(message, shares)
+        stats, route = self.broker.stats, self.broker.delivery.route
+        try:
+            for kind, message, shares in unpack_records(data):
+                self.stats.forwarded_in += 1
+                stats.routed_from_nodes += 1
+                try:
+                    route(message, shares)
+                except Exception:
+                    log.failure("routing a QoS 0 message from another node: it is passed over")
+        except Exception:
+            log.failure("reading QoS 0 messages from another node: the rest of them are passed over")
 
     def deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
@@ -506,7 +522,9 @@ class Cluster:
                     session.identity, item.message.topic):
                 return
             cluster_id = item.message.cluster_id
-            if cluster_id is not None and not self.forwarding.first_time(client_id, cluster_id):
+            # (A shared subscription's copy comes by one way only, and as well as the session's
+            # own copy, if it has a subscription of its own that matches.)
+            if cluster_id is not None and item.share is None and not self.forwarding.first_time(client_id, cluster_id):
                 return  # it came by the other way already
             if item.share is None and client_id in self._moving:
                 # Routed by the subscriptions of the copy the session's previous owner keeps

@@ -191,16 +191,27 @@ class Survivor:
             cursor, entries = yield store.take_inbox(dead, cursor)
             for entry_id, data, stamp in entries:
                 if data is not None:
-                    for kind, first, second in unpack_records(bytes(data)):
-                        if kind == TARGETED:
-                            cluster.deliver_targeted(first, second, stamp)
-                        else:
-                            cluster.deliver_formerly(first, former, stamp, shares=second if kind == FORWARDED else second[0],
-                                                     everyone=kind == FORWARDED)
+                    try:
+                        self._deliver_entry(bytes(data), stamp, former)
+                    except Exception:  # (one damaged entry must not leave the rest of the inbox)
+                        log.failure("reading the entry {entry_id} of {dead}'s inbox: the rest of it is passed over",
+                                    entry_id=entry_id, dead=dead)
                 store.handled(entry_id, dead)
             yield store.flushed()
             if not entries and cursor == "0-0":
                 return
+
+    def _deliver_entry(self, data: bytes, stamp: int, former: SubscriptionTree) -> None:
+        cluster = self.cluster
+        for kind, first, second in unpack_records(data):
+            try:
+                if kind == TARGETED:
+                    cluster.deliver_targeted(first, second, stamp)
+                else:
+                    cluster.deliver_formerly(first, former, stamp, shares=second if kind == FORWARDED else second[0],
+                                             everyone=kind == FORWARDED)
+            except Exception:
+                log.failure("delivering a message of a dead node's inbox: it is passed over")
 
     def will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
                    delayed_only: bool = False) -> None:
