@@ -492,6 +492,8 @@ class Delivery:
                 session.unsent += 1
             elif connection.send_publish(out.message, out.qos, out.retain, packet_id, True, out.subscription_ids):
                 resent += 1
+            elif self._release_unsendable(session, connection, packet_id, out):
+                resent += 1
             else:
                 del session.outgoing[packet_id]
                 self.forget(session, out)
@@ -618,7 +620,8 @@ class Delivery:
                     session.unsent -= 1
                     if session.stored:  # its record may not be written yet
                         connection.wait_for_store(out.qos == 2)
-                    if connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids):
+                    if connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids) \
+                            or self._release_unsendable(session, connection, next_id, out):
                         sent = True
                         break
                     too_large.append(next_id)  # dropped, as if delivered [MQTT-3.1.2-25]
@@ -630,6 +633,19 @@ class Delivery:
                 return True
         if session.queue or session.spilled:
             self.pump(session)
+        return True
+
+    def _release_unsendable(self, session: Session, connection: MQTTProtocol, packet_id: int, out: Outgoing) -> bool:
+        """A QoS 2 message sent before that no longer fits the client's Maximum Packet Size
+        (its topic alias gone with the connection, a smaller maximum) is dropped as if delivered
+        [MQTT-3.1.2-25], but the client may hold its packet id until a PUBREL [MQTT-4.3.3-10]:
+        one goes, and the id is free once the PUBCOMP comes (0x92 from a client that never had
+        the message). Returns False for QoS 1, whose id the client holds nothing for."""
+        if out.qos != 2:
+            return False
+        if self.released(session, packet_id):
+            connection.wait_for_store(exact=True)
+        connection.send_pubrel(packet_id, again=True)
         return True
 
     def released(self, session: Session, packet_id: int) -> bool:

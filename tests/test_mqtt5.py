@@ -883,6 +883,32 @@ def test_message_larger_than_client_maximum_packet_size_is_dropped() -> None:
     assert len(broker.sessions["sub"].outgoing) == 2
 
 
+def test_a_qos2_message_that_no_longer_fits_when_resent_releases_its_packet_id() -> None:
+    """Sent with a topic alias, it fitted the client's Maximum Packet Size; the connection ended
+    before its PUBREC. Resent, with its topic (aliases end with the connection), it is too large:
+    it was dropped and its packet id freed, while the client holds that id until a PUBREL
+    [MQTT-4.3.3-10] and takes the next PUBLISH given it for a resend, never delivered. A PUBREL
+    goes instead, and the id is free once the PUBCOMP comes."""
+    topic = "a/" + "t" * 40
+    properties = {"session_expiry_interval": 100, "topic_alias_maximum": 1, "maximum_packet_size": 60}
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=properties)
+    sub.subscribe("#", qos=2)
+    broker.publish(topic, b"", qos=2)  # (sets the alias)
+    broker.publish(topic, b"B" * 40, qos=2)
+    first, second = sub.received()
+    assert isinstance(second, Publish) and second.topic == "" and second.payload == b"B" * 40
+    sub.send(Pubrec(packet_id=first.packet_id))
+    sub.send(Pubcomp(packet_id=first.packet_id))
+    sub.lose()  # the client holds second.packet_id, its PUBREC lost
+    sub = v5(broker, "sub", clean=False, properties=properties)
+    assert sub.received() == [Pubrel(packet_id=second.packet_id)]
+    held = broker.sessions["sub"].outgoing[second.packet_id]
+    assert held.released and broker.stats.messages_dropped == 1
+    sub.send(Pubcomp(packet_id=second.packet_id))
+    assert broker.sessions["sub"].outgoing == {}
+
+
 def test_a_connack_larger_than_the_client_maximum_packet_size_is_not_sent() -> None:
     """[MQTT-3.1.2-24]: the CONNACK's properties tell the client what it may do (Receive Maximum,
     Topic Alias Maximum...); a client whose limit they do not fit in is closed, without a
