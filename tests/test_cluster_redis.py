@@ -172,3 +172,182 @@ def test_a_master_turned_replica_is_left_for_the_one_the_sentinels_name(stop_aft
         publisher.publish("t/x", b"after", qos=1)  # (PahoClient waits, bounded, for its PUBACK)
     finally:
         publisher.close()
+
+
+# --- what Redis failing does to a node (in this process) ----------------------------------------
+
+from twisted.internet import reactor  # noqa: E402
+from twisted.internet.defer import inlineCallbacks  # noqa: E402
+from twisted.internet.task import Clock, deferLater  # noqa: E402
+from twisted.logger import capturedLogs  # noqa: E402
+
+from mqtt_broker import BrokerService  # noqa: E402
+from mqtt_broker.config import BrokerConfig, ConfigError  # noqa: E402
+from redis_helpers import RedisServer  # noqa: E402
+
+
+@inlineCallbacks
+def until(condition: Any, what: str, clock: Clock | None = None, rounds: int = 300) -> Any:
+    """Bounded wait for real Redis answers; the Clock, if any, moves a second a round, for the
+    retries it drives."""
+    for _ in range(rounds):
+        if condition():
+            return
+        if clock is not None:
+            clock.advance(1.0)
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+def node_on(server: RedisServer, clock: Clock) -> BrokerService:
+    return BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
+                         close_linger=0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_join_that_meets_a_redis_error_is_tried_again(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Redis answered the join with an error (OOM here; a restarted Redis loading its files
+    answers LOADING, a connection may be lost): the failure was logged and nothing tried again,
+    while a warning every 5 s said "still trying"."""
+    admin = server.client()
+    admin.config_set("maxmemory", "1")  # every write that may take memory is refused: OOM
+    clock = Clock()
+    broker = node_on(server, clock)
+    try:
+        with capturedLogs() as events:
+            broker.startService()
+            yield until(lambda: any("could not join" in (e.get("log_format") or "") for e in events),
+                        "the join to meet the OOM answer")
+        admin.config_set("maxmemory", "0")
+        yield until(lambda: broker.cluster.ready.called, "the node to join once Redis writes again", clock)
+    finally:
+        admin.config_set("maxmemory", "0")
+        yield broker.stopService()
+    assert [call.func for call in clock.getDelayedCalls()] == []  # (the join warning's timer too)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_connection_refused_at_its_auth_is_tried_again() -> Iterator[Deferred[Any]]:
+    """Redis answered a new connection's AUTH with an error ("max number of clients reached";
+    a connection lost before the answer does the same): txredisapi gave the connection up for
+    good, and the node never reached Redis again however soon it had room."""
+    import redis as redis_py
+    server = Server("--requirepass", "pw", "--maxclients", "2")
+    occupants = [redis_py.Redis(port=server.port, password="pw") for _ in range(2)]
+    for occupant in occupants:
+        occupant.ping()  # the two connections Redis takes
+    ups: list[None] = []
+    link = Redis(RedisAddress.parse(f"redis://:pw@127.0.0.1:{server.port}/0"), on_up=lambda: ups.append(None))
+    try:
+        yield until(lambda: int(occupants[0].info("stats")["rejected_connections"]) >= 4, "connections refused")
+        for occupant in occupants:
+            occupant.close()  # room again
+        yield until(lambda: ups, "the node to reconnect once Redis has room", rounds=600)
+        assert (yield link.call("PING")) == b"PONG"
+    finally:
+        yield link.close()
+        server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_blocking_read_on_a_connection_that_never_answers_times_out(
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    """The inbox is read with XREADGROUP ... BLOCK on a connection of its own, which had no reply
+    timer: a connection whose other end went without a word (a host power-cycled, a NAT that
+    forgot it) was waited on for good, and the node never read its inbox again while it kept
+    beating (so no other node took it for dead)."""
+    import txredisapi
+    from twisted.internet.protocol import Factory, Protocol
+
+    from mqtt_broker.cluster.redis import READ_BLOCK
+    clock = Clock()
+    monkeypatch.setattr(txredisapi.RedisProtocol, "callLater", clock.callLater)  # (its reply timers)
+    listening = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # accepts, never answers
+    link = Redis(RedisAddress.parse(f"redis://127.0.0.1:{listening.getHost().port}/0"), reply_timeout=5.0)
+    try:
+        yield until(lambda: len(link.commands.pool) == 1 and len(link.reader.pool) == 1, "both connections")
+        read = link.read("XREADGROUP", "GROUP", "nodes", "a", "COUNT", 100, "BLOCK", int(READ_BLOCK * 1000),
+                         "STREAMS", "mqtt:inbox:a", ">")
+        failed: list[Any] = []
+        read.addErrback(failed.append)
+        clock.advance(READ_BLOCK + 4.9)
+        assert not read.called
+        clock.advance(0.2)
+        assert failed and "Not received Redis response" in str(failed[0].value)
+    finally:
+        yield link.close()
+        yield listening.stopListening()
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:70000/0", "redis://127.0.0.1:0/0", "redis://127.0.0.1:-1/0", "redis://127.0.0.1:6379/-1",
+    "redis://127.0.0.1:6379/0?password=secret", "redis://127.0.0.1:6379/0#x"])
+def test_a_cluster_url_the_broker_cannot_use_is_refused(url: str) -> None:
+    """A port outside 1-65535, a negative database, and a query (silently dropped: no password
+    sent) passed the check; the node then only warned every 5 s that it had not reached Redis."""
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig(cluster=url)
+    assert "secret" not in str(caught.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_connect_after_the_scripts_are_flushed_is_not_refused(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Redis forgot the node's scripts under a connection that stayed up (SCRIPT FLUSH, a
+    failover to a replica that never loaded them): the claim's NOSCRIPT answer refused the
+    client with 0x88 from a node whose Redis answers."""
+    from protocol_helpers import FakeClient
+
+    from mqtt_broker.wire import Connack, Connect
+    broker = node_on(server, Clock())
+    broker.startService()
+    try:
+        yield broker.cluster.ready
+        first = FakeClient(broker, 5)
+        first.send(Connect(protocol_level=5, client_id="first"))  # (the claim's script is known now)
+        yield until(lambda: first.transport.value(), "the first CONNACK")
+        server.client().script_flush()
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c"))
+        got: list[Any] = []
+        yield until(lambda: got.extend(client.received()) or got, "the CONNACK")
+        assert [p.reason_code for p in got if isinstance(p, Connack)] == [0]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_refused_for_a_while_are_warned_of_once(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Redis refused the node's writes (OOM) and answered its reads: each read of the batch marker
+    was taken for "writing to Redis works again", then the batch failed again, and both lines came
+    every second for as long as it lasted."""
+    clock = Clock()
+    broker = node_on(server, clock)
+    broker.startService()
+    admin = server.client()
+    try:
+        yield broker.cluster.ready
+        with capturedLogs() as events:
+            def said(text: str) -> int:
+                return sum(text in (e.get("log_format") or "") for e in events)
+            def scripts_run() -> int:
+                return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+            admin.config_set("maxmemory", "1")
+            before = scripts_run()
+            broker.store.route("x/#", True)
+            written = broker.store.flushed()
+            # (The store tries again a second after each failure, on its reactor: a real one.)
+            yield until(lambda: scripts_run() >= before + 3, "the batch to be tried three times", rounds=600)
+            assert not written.called and (said("failed"), said("works again")) == (1, 0)
+            admin.config_set("maxmemory", "0")
+            yield until(lambda: written.called, "the batch to be written", rounds=500)
+        assert (said("failed"), said("works again")) == (1, 1)
+    finally:
+        admin.config_set("maxmemory", "0")
+        yield broker.stopService()

@@ -24,7 +24,8 @@ class RedisAddress:
     def parse(cls, url: str) -> RedisAddress:
         """Raises ValueError saying what is wrong with ``url`` (naming it without its password)."""
         from ..config import without_passwords
-        shown = repr(without_passwords(url))
+        # (Shown without a password, nor a query that may hold one.)
+        shown = repr(without_passwords(url).partition("?")[0].partition("#")[0])
         parts = urlsplit(url)
         scheme = parts.scheme
         if scheme not in ("redis", "rediss", "redis+sentinel"):
@@ -51,7 +52,9 @@ class RedisAddress:
             try:
                 number = int(port) if port else (DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
             except ValueError:
-                raise ValueError(f"{shown}: a bad port") from None  # (not shown: it may be part of a password)
+                number = 0
+            if not 0 < number < 65536:
+                raise ValueError(f"{shown}: a bad port")  # (not shown: it may be part of a password)
             hosts.append((name, number))
         path = [p for p in parts.path.split("/") if p]
         service = None
@@ -61,12 +64,14 @@ class RedisAddress:
             service = path.pop(0)
         elif len(hosts) != 1:
             raise ValueError(f"{shown}: one host (several only for redis+sentinel://)")
-        try:
-            db = int(path[0]) if path else 0
-        except ValueError:
-            raise ValueError(f"{shown}: the database must be a number") from None
+        if path and not path[0].isdigit():
+            raise ValueError(f"{shown}: the database must be a number (0 or more)")
+        db = int(path[0]) if path else 0
         if len(path) > 1:
             raise ValueError(f"{shown}: an unexpected path")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{shown}: nothing goes after the database (no ?query: a password goes before "
+                             "the host, redis://:password@host)")
         return cls(tuple(hosts), service, db, username, password, scheme == "rediss")
 
     def __str__(self) -> str:

@@ -12,15 +12,18 @@ node claimed. Redis keys and scripts stay in :mod:`mqtt_broker.cluster.store`.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..connect import NEVER
+from ..keepalive import cancel
 from ..message import Message
 from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription, matches, terms
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 JOIN_WARNING = 5.0
+JOIN_RETRY = 1.0
 """Seconds between warnings while a starting node cannot reach Redis."""
 LEAVE_TIMEOUT = 5.0
 """Seconds a stopping node waits for Redis to take what it has not written yet and its leaving."""
@@ -104,6 +108,7 @@ class Cluster:
         """Seconds after a session moves until every node routes for it where it is now: the
         previous owner's death noticed, its inbox read, the routes replaced."""
         self.started = False
+        self._join_warning: Any = None
         self._reading = False
         self._down_since: float | None = None
         self.ready: Deferred[None] = Deferred()
@@ -118,24 +123,43 @@ class Cluster:
     @inlineCallbacks
     def start(self) -> Any:
         """Join: register, learn the routes and retained messages, take back this node's own
-        sessions (a restart), and start reading the inbox and beating."""
+        sessions (a restart), and start reading the inbox and beating. A step Redis answers with
+        an error (a Redis still loading its files, out of memory, the connection lost) is tried
+        again, from the start, every JOIN_RETRY seconds while the node runs."""
         self.started = True
-        self.clock.callLater(JOIN_WARNING, self._still_joining)
+        self._join_warning = self.clock.callLater(JOIN_WARNING, self._still_joining)
         self.redis.on_subscribed = self._subscribed
         self.redis.subscribe(self.store.CONTROL, self._control)
         self.redis.subscribe(self.store.qos0_channel(self.node), self._qos0_received)
         yield self._listening
+        for attempt in itertools.count():
+            try:
+                yield self._join()
+                break
+            except Exception as e:
+                if not self.started:
+                    return
+                if not attempt:  # (then _still_joining says it goes on)
+                    log.warn("cluster node {node} could not join through Redis at {address} ({error}); trying again",
+                             node=self.node, address=str(self.address), error=str(e)[:300] or type(e).__name__)
+                yield deferLater(self.clock, JOIN_RETRY, lambda: None)
+                if not self.started:
+                    return
+        self.survivor.start()
+        self._read_inbox("0")
+        log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
+                 node=self.node, address=str(self.address), nodes=len(self.nodes))
+        cancel(self._join_warning)
+        self.ready.callback(None)
+
+    @inlineCallbacks
+    def _join(self) -> Any:
         yield self.store.register(self.survivor.ttl_ms)
         yield self.store.create_inbox()
         yield self.load_routes()
         yield self._load_retained()
         self._announce_all()
         yield self.survivor.adopt(self.node)  # this node's sessions before a restart, if any
-        self.survivor.start()
-        self._read_inbox("0")
-        log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
-                 node=self.node, address=str(self.address), nodes=len(self.nodes))
-        self.ready.callback(None)
 
     def unready(self) -> str | None:
         """Why this node cannot take new clients now (their CONNECTs wait for Redis, and are
@@ -154,13 +178,14 @@ class Cluster:
             log.warn("cluster node {node} has not reached Redis at {address} yet: check the address, the "
                      "password and the TLS settings (cluster, cluster_tls_ca_file); still trying",
                      node=self.node, address=str(self.address))
-            self.clock.callLater(JOIN_WARNING, self._still_joining)
+            self._join_warning = self.clock.callLater(JOIN_WARNING, self._still_joining)
 
     def stop(self) -> Deferred[Any]:
         """Leave: what this node's sessions hold stays in Redis for the survivors to adopt. With
         Redis out of reach, the node leaves without telling it after LEAVE_TIMEOUT (the others
         take it for dead when its heartbeats stop), so that a stop does not wait for Redis."""
         self.started = False
+        cancel(self._join_warning)
         self.survivor.stop()
         leaving = self.store.leave().addTimeout(LEAVE_TIMEOUT, self.clock)
         leaving.addErrback(self._left_without_redis)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import txredisapi
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from .address import RedisAddress
@@ -53,12 +53,26 @@ RECONNECT_MAX_DELAY = 2.0
 node cut off for that long after a short outage)."""
 
 
+READ_BLOCK = 2.0
+"""Seconds a blocking read (of the inbox) waits for Redis to have something."""
+
+
 SENTINEL_DISCOVERY_TIMEOUT = 1.0
 """Seconds one round of asking the Sentinels for the master may take before the connection
 attempt fails and is tried again (with the back-off above)."""
 
 
-class _Factory(_Watched, txredisapi.RedisFactory):
+class _KeepTrying:
+    """A factory mixin: txredisapi gives a connection up for good when its AUTH or SELECT is
+    answered with an error ("max number of clients reached", a restarted Redis still loading,
+    the connection lost meanwhile), where the node is to go on trying (with the back-off) for as
+    long as it runs; only ``disconnect`` stops that."""
+
+    def stopTrying(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class _Factory(_KeepTrying, _Watched, txredisapi.RedisFactory):
     initialDelay = 0.1
     maxDelay = RECONNECT_MAX_DELAY
 
@@ -80,7 +94,7 @@ class _SentinelChecked(txredisapi.SentinelRedisProtocol):
         return self.role().addCallback(check_role)
 
 
-class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
+class _SentinelFactory(_KeepTrying, _Watched, txredisapi.SentinelConnectionFactory):
     maxDelay = RECONNECT_MAX_DELAY
     protocol = _SentinelChecked
 
@@ -146,7 +160,9 @@ class Redis:
                 sentinel._factory.initialDelay, sentinel._factory.maxDelay = _Factory.initialDelay, RECONNECT_MAX_DELAY
         self.up = False
         self.commands = self._connect(_Factory, _SentinelFactory, self._command_up, self._command_down)
-        self.reader = self._connect(_Factory, _SentinelFactory, None, None, reply_timeout=None)
+        # (Its reads wait up to READ_BLOCK for something to read, then for Redis to answer: a
+        # connection whose other end went without a word is found by that timer, and made again.)
+        self.reader = self._connect(_Factory, _SentinelFactory, None, None, reply_timeout=READ_BLOCK + reply_timeout)
         self._handlers: dict[bytes, Callable[[bytes], None]] = {}
         self.on_subscribed: Callable[[], None] | None = None
         """Called each time Redis confirms the channels are listened to (after a reconnection:
@@ -223,20 +239,28 @@ class Redis:
         Commands go in the order they are given, which Redis keeps: a script it may not know
         yet (after a reconnection: Redis may have restarted and lost them) is loaded by a SCRIPT
         LOAD sent just before, not after an answer, which would let later commands overtake it.
-        A NOSCRIPT answer (Redis restarted under a connection that looked alive) fails the call."""
+        A NOSCRIPT answer (Redis restarted under a connection that looked alive, its scripts
+        flushed, a failover to a replica that never loaded them) is answered by loading the
+        script and running it again, once: what was sent meanwhile goes before it, which no
+        caller minds (the store has one batch on its way at a time, a claim's writes wait for
+        its answer)."""
+        return self._run(script, args, True)
+
+    def _run(self, script: Script, args: tuple[Any, ...], again: bool) -> Deferred[Any]:
         if script.sha not in self._scripts_known or not self.up:  # (while away: sent once back)
             self._scripts_known.add(script.sha)
             self.call("SCRIPT", "LOAD", script.source).addErrback(lambda _: self._scripts_known.discard(script.sha))
 
         def unknown(failure: Any) -> Any:
-            if "NOSCRIPT" in str(failure.value):
-                self._scripts_known.discard(script.sha)
-            return failure
+            if "NOSCRIPT" not in str(failure.value):
+                return failure
+            self._scripts_known.discard(script.sha)
+            return self._run(script, args, False) if again else failure
         return self.call("EVALSHA", script.sha, 0, *args).addErrback(unknown)
 
     def read(self, *args: Any) -> Deferred[Any]:
-        """A blocking command (XREADGROUP ... BLOCK), on a connection of its own."""
-        result = _execute(self.reader, *args, apply_timeout=False)
+        """A blocking command (XREADGROUP ... BLOCK, up to READ_BLOCK), on a connection of its own."""
+        result = _execute(self.reader, *args, apply_timeout=True)
         return result if self._sentinel is None else result.addErrback(_demoted, self.reader)
 
     # --- pub/sub -------------------------------------------------------------------------

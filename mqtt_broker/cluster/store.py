@@ -33,7 +33,7 @@ from ..store import Snapshot, StoredWill, call, fire
 from ..topics import Subscription
 from .codec import pack_queued, pack_retained, pack_subscription, pack_will, targeted_head, unpack_queued, \
     unpack_retained, unpack_subscription
-from .redis import Redis, Script
+from .redis import READ_BLOCK, Redis, Script
 from .replies import Claim, InboxEntry, inbox_entries, inbox_entry
 
 log = Logger()
@@ -446,7 +446,7 @@ class RedisStore:
     def read_inbox(self, since: str) -> Deferred[list[InboxEntry]]:
         """Entries of this node's inbox, waiting up to two seconds for some: those given before
         and not yet handled (``since`` "0"), or new ones (">")."""
-        return self.redis.read("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT", 100, "BLOCK", 2000,
+        return self.redis.read("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT", 100, "BLOCK", int(READ_BLOCK * 1000),
                                "STREAMS", f"mqtt:inbox:{self.node}", since).addCallback(inbox_entries)
 
     @inlineCallbacks
@@ -579,6 +579,7 @@ class RedisStore:
         if not self._in_flight or self._in_flight[0] is not batch:
             return  # (answered after it was sent again: done already)
         self._in_flight.popleft()
+        self._works_again()
         elapsed = time.perf_counter() - batch.started
         for observe in self.commit_observers:
             observe(elapsed)
@@ -613,6 +614,11 @@ class RedisStore:
                      "QoS 1/2 acknowledgements wait until then", error=failure.getErrorMessage())
         self.reactor.callLater(RETRY_AFTER, self._recover)
 
+    def _works_again(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("writing to Redis works again")
+
     def _recover(self) -> None:
         def applied(answers: list[Any]) -> None:
             value, refused = answers
@@ -624,9 +630,8 @@ class RedisStore:
                     self._refused(refused)
                 self.gather(fire, batch.waiters)
             self._recovering = False
-            if self._failing:
-                self._failing = False
-                log.info("writing to Redis works again")
+            if not self._in_flight:  # (else: once one of those sent again is written)
+                self._works_again()
             for batch in self._in_flight:
                 self._send(batch)
             self._flush()
