@@ -491,8 +491,7 @@ class _Converter:
                              f"by its common name (use_identity_as_username): here one way applies to every listener")
         self.out.settings["certificate_identity"] = "subject"
         self.out.notes.append(Note(source, number, text, "use_identity_as_username with certificate_identity "
-                                   "\"subject\": the subject as an RFC 4514 string, as Mosquitto's for the usual "
-                                   "attributes", carried=True))
+                                   "\"subject\": the subject written as Mosquitto writes it", carried=True))
         return "use_identity_as_username", "true"
 
     def _persistence_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from .auth.files import BLANKS, lines_of
 from .auth.passwords import (ALGORITHMS, DEFAULT_ITERATIONS, MAX_ITERATIONS, PBKDF2, PasswordFile,
                              PasswordFileError, PasswordHash)
 
@@ -114,18 +115,18 @@ def _ask_password(stdin: TextIO) -> bytes:
 
 
 def _upgrade(path: Path) -> None:
-    lines = _read_text(path).splitlines()
+    text = _read_text(path)
     out = []
-    for line in lines:
+    for line in lines_of(text.removesuffix("\n")) if text else []:
         username, colon, value = line.partition(":")
-        if line.lstrip().startswith("#") or not colon:
+        if line.lstrip(BLANKS).startswith("#") or not colon:
             out.append(line)
             continue
         try:
-            PasswordHash.parse(value.strip())
+            PasswordHash.parse(value.strip(BLANKS))
             out.append(line)  # already hashed
         except ValueError:
-            out.append(f"{username.strip()}:{PasswordHash.create(value.strip().encode('utf-8'))}")
+            out.append(f"{username.strip(BLANKS)}:{PasswordHash.create(value.strip(BLANKS).encode('utf-8'))}")
     text = "".join(line + "\n" for line in out)
     try:  # (a file the broker would refuse would lock every user out)
         PasswordFile.parse(text, str(path))
@@ -181,10 +182,13 @@ def _replace_line(path: Path, username: str, line: str | None) -> bool:
     """Replace (or with None, remove) the user's line, keeping every other line as it is;
     False when the user has no line. Refuses a file the broker could not read."""
     _load(path)
-    lines = _read_text(path).splitlines(keepends=True)
+    text = _read_text(path)
+    lines = [line + "\n" for line in lines_of(text.removesuffix("\n"))] if text else []
+    if text and not text.endswith("\n"):
+        lines[-1] = lines[-1][:-1]
     for index, old in enumerate(lines):
         name, colon, _ = old.partition(":")
-        if colon and not old.lstrip().startswith("#") and name.strip() == username:
+        if colon and not old.lstrip(BLANKS).startswith("#") and name.strip(BLANKS) == username:
             if line is None:
                 del lines[index]
             else:

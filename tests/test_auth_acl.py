@@ -967,3 +967,19 @@ def test_an_auth_hooks_rules_are_checked_without_a_security_setting() -> None:
     assert early.subscribe("devices/#", qos=1) == [Suback(packet_id=1, reason_codes=(1,))]  # (it raised)
     early.publish("commands/all/halt", b"halt", qos=1)
     assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"halt"]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\v", "\f", "\x1c", "\r"])
+def test_acl_file_lines_end_at_a_newline_alone_as_mosquittos(separator: str) -> None:
+    """Mosquitto reads lines with fgets: "user eve<U+2028>topic readwrite #" is one line, for a
+    user of that name (which MQTT allows). Split as Python's splitlines() splits, eve could read
+    and write everything (checked against Mosquitto 2.0.11: eve gets 0x87)."""
+    acl = AclFile.parse(f"user eve{separator}topic readwrite #\nuser admin\ntopic readwrite #\n")
+    assert not acl.check("c", "eve", "x", READ) and not acl.check("c", "eve", "x", WRITE)
+    assert f"eve{separator}topic readwrite #" in acl.users
+
+
+def test_password_file_lines_end_at_a_newline_alone(tmp_path: Path) -> None:
+    from mqtt_broker.auth.passwords import PasswordFile, PasswordHash
+    hashed = PasswordHash.create(b"pw")
+    assert set(PasswordFile.parse(f"eve\u2028x:{hashed}\n").users) == {"eve\u2028x"}

@@ -295,3 +295,86 @@ def test_require_certificate_takes_a_verified_one_without_the_identity_field(cer
         assert done.returncode == 0, (done.stderr, broker.output()[-1000:])
     finally:
         broker.stop()
+
+
+def test_the_subject_is_written_as_mosquittos_use_subject_as_username_writes_it() -> None:
+    """Checked against Mosquitto 2.0.11: OpenSSL's short names (emailAddress, which `openssl req`
+    asks for, and serialNumber, were dotted OIDs here) and non-ASCII escaped byte by byte: an
+    acl_file `user` line written for Mosquitto names the same client."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "GB"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Plant 7"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Büro"), x509.NameAttribute(NameOID.COMMON_NAME, "dev-1"),
+        x509.NameAttribute(NameOID.EMAIL_ADDRESS, "ops@plant.example"), x509.NameAttribute(NameOID.SERIAL_NUMBER, "42")])
+    assert identity_of(issue(subject, subject, key, key), "subject") == (
+        r"serialNumber=42,emailAddress=ops@plant.example,CN=dev-1,OU=B\C3\BCro,O=Plant 7,C=GB")
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    n, size = len(body), (len(body).bit_length() + 7) // 8
+    return bytes([tag]) + (bytes([n]) if n < 128 else bytes([0x80 | size]) + n.to_bytes(size, "big")) + body
+
+
+class _Handshaken:
+    """What the broker reads of a TLS transport (Twisted's TLSMemoryBIOProtocol), over a pyOpenSSL
+    connection."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def getPeerCertificate(self) -> Any:
+        return self._connection.get_peer_certificate()
+
+    def getHandle(self) -> Any:
+        return self._connection
+
+
+def test_a_certificate_openssl_verified_counts_when_cryptography_will_not_read_it(tmp_path: Path) -> None:
+    """A CA-signed certificate whose CN is the PrintableString "dev_1" ("_" is not in its alphabet,
+    but lax CAs write such names): the mqtts: endpoint's OpenSSL verifies it, as Mosquitto's does,
+    and cryptography refused to read it, so the client counted as having no verified certificate
+    (require_certificate and use_identity_as_username refused it, 0x87)."""
+    from cryptography.x509.name import _ASN1Type
+    from OpenSSL import SSL, crypto
+
+    from mqtt_broker.auth.tls import TLSFiles
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lax CA")])
+    ca = issue(ca_name, ca_name, ca_key, ca_key, ca=True)
+    server = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, ca_key, server_key)
+    write_pair(tmp_path, "ca", ca_key, ca)
+    write_pair(tmp_path, "server", server_key, server)
+    # Made as "dev-1" (the builder refuses "_" there), changed, and signed again.
+    made = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1", _type=_ASN1Type.PrintableString)]),
+                 ca_name, ca_key, client_key)
+    tbs = made.tbs_certificate_bytes.replace(b"dev-1", b"dev_1")
+    ecdsa_with_sha256 = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+    client_der = _tlv(0x30, tbs + ecdsa_with_sha256 + _tlv(0x03, b"\0" + ca_key.sign(tbs, ec.ECDSA(hashes.SHA256()))))
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(client_der)
+    server_context = TLSFiles(private_key=str(tmp_path / "server.key"), certificate=str(tmp_path / "server.pem"),
+                              ca_certs=str(tmp_path / "ca.pem")).options().getContext()  # as mqtts: makes it
+    (tmp_path / "client.der").write_bytes(client_der)
+    (tmp_path / "client.key").write_bytes(client_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    client_context = SSL.Context(SSL.TLS_METHOD)
+    client_context.use_certificate_file(str(tmp_path / "client.der"), crypto.FILETYPE_ASN1)
+    client_context.use_privatekey_file(str(tmp_path / "client.key"))
+    server_side, client_side = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
+    server_side.set_accept_state()
+    client_side.set_connect_state()
+    for _ in range(20):  # a handshake in memory, bounded
+        for side in (client_side, server_side):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for source, target in ((client_side, server_side), (server_side, client_side)):
+            try:
+                target.bio_write(source.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    assert server_side.get_verified_chain()
+    transport = _Handshaken(server_side)
+    assert Security().client_certificate(transport) == (True, "dev_1")
+    assert [certificate_identity(transport, field) for field in ("subject", "dns")] == ["CN=dev_1", None]

@@ -494,7 +494,7 @@ def test_use_subject_as_username_names_clients_by_their_certificates_subject(tmp
     assert conversion.settings["use_identity_as_username"] is True
     assert conversion.settings["certificate_identity"] == "subject"
     (note,) = conversion.notes
-    assert note.line == 6 and note.carried and "RFC 4514" in note.why
+    assert note.line == 6 and note.carried and "as Mosquitto writes it" in note.why
     path.write_text(f"listener 8883\n{tls}use_subject_as_username false\n")
     assert "certificate_identity" not in convert(path).settings
     # One way of naming clients for every listener here: the common name on one, the subject on another, refused.

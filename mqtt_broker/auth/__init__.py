@@ -253,11 +253,8 @@ class Security:
     def client_certificate(self, transport: Any) -> tuple[bool, str | None]:
         """Whether the transport verified a client certificate, and its identity (as
         :meth:`certificate_identity`)."""
-        from .certificates import identity_of, verified_certificate
-        certificate = verified_certificate(transport)
-        if certificate is None:
-            return False, None
-        return True, identity_of(certificate, self._certificate_field)
+        from .certificates import verified_identity
+        return verified_identity(transport, self._certificate_field)
 
     def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal]:
         """Run the chain. Fires with an Identity or a Refusal (logged); never fails. Cancelled

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..topics import filter_intersection, matches, split_shared, valid_topic_filter
-from .files import read_utf8
+from .files import BLANKS, lines_of, read_utf8
 
 DENY, READ, WRITE = 0, 1, 2
 READWRITE = READ | WRITE
@@ -198,9 +198,9 @@ class AclFile:
         users: dict[str, list[AclRule]] = {}
         patterns: list[AclRule] = []
         current = anonymous
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines_of(text), 1):
             where = f"{source}, line {number}" if source else f"line {number}"
-            line = line.rstrip()
+            line = line.rstrip(BLANKS)
             if line.lstrip(" ").startswith("#"):
                 continue
             # Mosquitto splits on spaces only (strtok with " "): a tab is part of a word.
@@ -213,7 +213,7 @@ class AclFile:
                 if not rest:
                     raise AclFileError(f"{where}: empty topic")
                 first, _, topic = rest.partition(" ")
-                topic = topic.strip()
+                topic = topic.strip(BLANKS)
                 if topic:
                     if first not in _ACCESS:
                         raise AclFileError(f"{where}: unknown access {first!r} "
@@ -229,7 +229,7 @@ class AclFile:
                 else:
                     patterns.append(AclRule(access, topic, "%u" in topic, "%c" in topic))
             elif keyword == "user":
-                username = rest.strip()
+                username = rest.strip(BLANKS)
                 if not username:
                     raise AclFileError(f"{where}: missing username")
                 current = users.setdefault(username, [])

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+BLANKS = " \t\n\v\f\r"
+"""What Mosquitto trims around its files' lines and words (C's isspace): ASCII alone, where
+Python's ``strip()`` takes any Unicode space too, which a user name may hold."""
+
+
+def lines_of(text: str) -> list[str]:
+    """The lines of a security file as Mosquitto reads them (fgets): ended by a newline alone,
+    where ``splitlines()`` ends one at ``\v``, ``\f``, U+2028 and others, which a user name may
+    hold: a rule would then fall under another user."""
+    return text.split("\n")
+
 
 def read_utf8(path: str | Path, error: type[ValueError]) -> str:
     """The file's text; raises ``error`` naming the file (and line) when it cannot be read or a

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import read_utf8
+from .files import BLANKS, lines_of, read_utf8
 
 PBKDF2 = "sha512-pbkdf2"
 SHA512 = "sha512"
@@ -130,13 +130,13 @@ class PasswordFile:
         refuses the whole file, so that a reload never silently locks a user out.
         """
         users: dict[str, PasswordHash] = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            stripped = line.strip()
+        for number, line in enumerate(lines_of(text), 1):
+            stripped = line.strip(BLANKS)
             if not stripped or stripped.startswith("#"):
                 continue
             where = f"{source}, line {number}" if source else f"line {number}"
             username, colon, hashed = line.partition(":")
-            username, hashed = username.strip(), hashed.strip()
+            username, hashed = username.strip(BLANKS), hashed.strip(BLANKS)
             if not colon or not username:
                 raise PasswordFileError(f"{where}: expected username:hash")
             try:
