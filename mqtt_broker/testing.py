@@ -108,7 +108,10 @@ class MemoryBroker:
         ``options``. Raises AssertionError if the broker refuses the connection or does not
         answer at once (a connect hook returned a Deferred: use those two calls instead)."""
         client = self.client(version, acknowledge=acknowledge)
-        connack = client.connect(client_id, **options)
+        try:
+            connack = client.connect(client_id, **options)
+        except ConnectionError as e:  # (refused before its CONNECT: max_connections)
+            raise AssertionError(f"connection of {client_id!r} not accepted: {e}") from None
         if connack is None or connack.reason_code != 0:
             raise AssertionError(f"connection of {client_id!r} not accepted: {connack!r}")
         return client

@@ -379,3 +379,7 @@ def test_a_jwks_key_for_an_algorithm_not_verified_here_is_left_out(tmp_path: Pat
     jwks.write_text(json.dumps({"keys": [none, {**json.loads(RSAAlgorithm.to_jwk(RSA_KEY.public_key())), "kid": "r"}]}))
     [kept] = load_keys(jwks_file=str(jwks))
     assert kept.kid == "r"
+    for alg in (["RS256"], {"name": "RS256"}):  # (not a name: a TypeError out of the start, unhashable)
+        jwks.write_text(json.dumps({"keys": [{**json.loads(RSAAlgorithm.to_jwk(RSA_KEY.public_key())), "alg": alg}]}))
+        with pytest.raises(ConfigError, match="no usable signing key"):
+            load_keys(jwks_file=str(jwks))

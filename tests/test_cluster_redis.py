@@ -351,3 +351,41 @@ def test_writes_refused_for_a_while_are_warned_of_once(server: RedisServer) -> I
     finally:
         admin.config_set("maxmemory", "0")
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_stopped_while_its_join_waits_to_be_tried_again_leaves_no_timer(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    admin = server.client()
+    admin.config_set("maxmemory", "1")
+    clock = Clock()
+    broker = node_on(server, clock)
+    try:
+        with capturedLogs() as events:
+            broker.startService()
+            yield until(lambda: any("could not join" in (e.get("log_format") or "") for e in events),
+                        "the join to meet the OOM answer")
+        yield broker.stopService()
+        assert [call.func for call in clock.getDelayedCalls()] == []
+    finally:
+        admin.config_set("maxmemory", "0")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_join_answered_after_the_stop_goes_no_further(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Its last step answered after stop() (the adoption of its own sessions here), the join went
+    on: heartbeats for good from a node that had left, and ready fired."""
+    clock = Clock()
+    broker = node_on(server, clock)
+    cluster = broker.cluster
+    adopting: Deferred[None] = Deferred()
+    cluster.survivor.adopt = lambda dead: adopting  # (the adoption under way)
+    try:
+        broker.startService()
+        yield until(lambda: cluster._listening.called and bool(adopting.callbacks), "the join to reach the adoption")
+        yield broker.stopService()
+        adopting.callback(None)
+        assert not cluster.survivor._heartbeat.running and not cluster.ready.called
+        assert [call.func for call in clock.getDelayedCalls()] == []
+    finally:
+        cluster.survivor.stop()

@@ -64,6 +64,8 @@ def test_a_connection_over_max_connections_is_closed_at_once() -> None:
     assert second.protocol is None and second.closed
     with pytest.raises(ConnectionError, match="the connection has ended"):
         second.connect("second")
+    with pytest.raises(AssertionError, match="connection of 'third' not accepted"):
+        broker.connect("third")
 
 
 def test_the_transport_is_a_transport() -> None:

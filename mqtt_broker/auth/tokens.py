@@ -133,7 +133,7 @@ def _load_jwks(path: str) -> list[TokenKey]:
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
         wanted = entry.get("alg")
-        if wanted is not None and wanted not in KNOWN:
+        if wanted is not None and (not isinstance(wanted, str) or wanted not in KNOWN):
             continue  # ("none" among them) no token is verified with it
         try:
             key = jwt.PyJWK(entry).key

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 log = Logger()
 
 JOIN_WARNING = 5.0
-JOIN_RETRY = 1.0
 """Seconds between warnings while a starting node cannot reach Redis."""
+JOIN_RETRY = 1.0
+"""Seconds before a join that met an error is tried again."""
 LEAVE_TIMEOUT = 5.0
 """Seconds a stopping node waits for Redis to take what it has not written yet and its leaving."""
 
@@ -109,6 +110,7 @@ class Cluster:
         previous owner's death noticed, its inbox read, the routes replaced."""
         self.started = False
         self._join_warning: Any = None
+        self._join_retry: Deferred[None] | None = None
         self._reading = False
         self._down_since: float | None = None
         self.ready: Deferred[None] = Deferred()
@@ -142,9 +144,13 @@ class Cluster:
                 if not attempt:  # (then _still_joining says it goes on)
                     log.warn("cluster node {node} could not join through Redis at {address} ({error}); trying again",
                              node=self.node, address=str(self.address), error=str(e)[:300] or type(e).__name__)
-                yield deferLater(self.clock, JOIN_RETRY, lambda: None)
-                if not self.started:
+                self._join_retry = deferLater(self.clock, JOIN_RETRY, lambda: None)
+                try:
+                    yield self._join_retry
+                except CancelledError:  # (stopped meanwhile)
                     return
+        if not self.started:  # (stopped while Redis answered the last step)
+            return
         self.survivor.start()
         self._read_inbox("0")
         log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
@@ -186,6 +192,8 @@ class Cluster:
         take it for dead when its heartbeats stop), so that a stop does not wait for Redis."""
         self.started = False
         cancel(self._join_warning)
+        if self._join_retry is not None:
+            self._join_retry.cancel()
         self.survivor.stop()
         leaving = self.store.leave().addTimeout(LEAVE_TIMEOUT, self.clock)
         leaving.addErrback(self._left_without_redis)
