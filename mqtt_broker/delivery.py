@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
+READ_PAGE = 1000
+"""Queued messages of a session read from the store at a time without max_queued_messages."""
 SPILLED_READ_RETRY = 1.0
 """Seconds before reading a session's spilled messages again after the store failed to."""
 STORE_SWEEP_EVERY = 10.0
@@ -547,10 +549,13 @@ class Delivery:
         depth), the caller sends them."""
         assert self.store is not None
         session.loading = True
-        limit = self.config.max_queued_messages or 1000
+        config = self.config
+        limit = config.max_queued_messages or READ_PAGE
+        # (Room for one at least, whatever its size: as _spilled_loaded keeps them.)
+        max_bytes = max(1, config.max_queued_bytes - session.queued_bytes) if config.max_queued_bytes else 0
         self._reading = session
         try:
-            self.store.load_queued(session.client_id, session.loaded_seq, limit).addCallbacks(
+            self.store.load_queued(session.client_id, session.loaded_seq, limit, max_bytes).addCallbacks(
                 self._spilled_loaded, self._spilled_failed, callbackArgs=(session,), errbackArgs=(session,))
         finally:
             self._reading = None

@@ -230,6 +230,8 @@ def test_a_claim_hands_over_the_whole_session(nodes: tuple[RedisStore, RedisStor
     assert s.next_seq == 7  # past every seq in use
     later = yield b.load_queued("c", s.loaded_seq, 10)
     assert [(i.seq, i.message.payload) for i in later] == [(6, b"queued 6")]
+    first = yield b.load_queued("c", 0, 10, 1)  # (under max_bytes: the first, whatever its size)
+    assert [i.seq for i in first] == [4]
 
 
 @pytest_twisted.inlineCallbacks

@@ -305,6 +305,27 @@ def test_window_loads_the_first_queued_messages_and_the_rest_on_demand(harness: 
 
 
 @pytest_twisted.inlineCallbacks
+def test_queued_messages_are_read_up_to_max_bytes(harness: Harness) -> Iterator[Deferred[Any]]:
+    """At start-up and later: no more payload bytes than max_bytes, the first one whatever its size."""
+    harness.open()
+    harness.store.save_session(Session("s", NEVER), 1.0)
+    for seq, size in enumerate((40, 40, 40, 500, 10), 1):
+        harness.store.add_delivery("s", item(seq, payload=b"x" * size), None)
+    yield harness.store.flushed()
+    yield harness.store.close()
+    harness.store = SQLiteStore(harness.path, reactor) if harness.kind == "sqlite" else harness.memory
+    harness.opened.append(harness.store)
+    restored = by_id(harness.store.load(10, 100))["s"][0]
+    assert [q.seq for q in restored.queue] == [1, 2] and restored.spilled == 3
+    rest = yield harness.store.load_queued("s", 2, 10, 100)
+    assert [q.seq for q in rest] == [3]
+    rest = yield harness.store.load_queued("s", 3, 10, 100)
+    assert [q.seq for q in rest] == [4]  # (alone over max_bytes: read all the same)
+    rest = yield harness.store.load_queued("s", 0, 10)
+    assert [q.seq for q in rest] == [1, 2, 3, 4, 5]
+
+
+@pytest_twisted.inlineCallbacks
 def test_load_queued_includes_what_was_recorded_before_the_call(harness: Harness) -> Iterator[Deferred[Any]]:
     harness.open()
     harness.store.save_session(Session("s", NEVER), None)

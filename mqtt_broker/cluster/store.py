@@ -136,14 +136,15 @@ class RedisStore:
 
     # --- the Store protocol: reading ------------------------------------------------------
 
-    def load(self, window: int = 0) -> Snapshot:
+    def load(self, window: int = 0, max_bytes: int = 0) -> Snapshot:
         """Nothing at start-up: each session is read when its client connects (``claim``), and the
         retained messages by the cluster once Redis answers."""
         return Snapshot()
 
-    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+    def load_queued(self, client_id: str, after_seq: int, limit: int, max_bytes: int = 0) -> Deferred[list[Queued]]:
+        # (max_bytes: counted on the records Redis keeps, a little larger than their payloads.)
         def read(_: Any) -> Deferred[list[Queued]]:
-            return self.redis.run(QUEUED, client_id, after_seq, limit).addCallback(
+            return self.redis.run(QUEUED, client_id, after_seq, limit, max_bytes).addCallback(
                 lambda reply: [unpack_queued(item, int(seq)) for seq, item in reply if item is not None])
         return self.flushed().addCallback(read)
 

@@ -69,14 +69,16 @@ class Store(Protocol):
     def opened(self) -> bool:
         """Whether changes can be recorded yet (SQLite's file is opened by ``load``)."""
 
-    def load(self, window: int = 0) -> Snapshot:
+    def load(self, window: int = 0, max_bytes: int = 0) -> Snapshot:
         """Open the store and read it (blocking, at start-up). Of each session's queued
-        messages only the first ``window`` (0: all) are read; the rest are counted in
+        messages only the first ``window`` (0: all) are read, and with ``max_bytes`` no more
+        payload bytes than that (the first one whatever its size); the rest are counted in
         ``Session.spilled`` and read later with load_queued. Raises StoreError."""
 
-    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+    def load_queued(self, client_id: str, after_seq: int, limit: int, max_bytes: int = 0) -> Deferred[list[Queued]]:
         """The queued (not yet sent) messages of a session numbered after ``after_seq``, in
-        order, at most ``limit``; everything recorded before the call is included."""
+        order, at most ``limit`` and, with ``max_bytes``, no more payload bytes than that (the
+        first one whatever its size); everything recorded before the call is included."""
 
     def save_session(self, session: Session, disconnected_at: float | None) -> None: ...
 

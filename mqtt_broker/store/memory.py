@@ -7,6 +7,7 @@ it the store to embed where a restart of the service (not of the process) must k
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -15,6 +16,21 @@ from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
 from ..history import Entry
 from . import Snapshot, StoredWill, call
+
+
+def _first(items: Iterable[Queued], limit: int, max_bytes: int) -> list[Queued]:
+    """The first ``limit`` of ``items`` and, with ``max_bytes``, no more payload bytes than that
+    (the first one whatever its size)."""
+    first: list[Queued] = []
+    size = 0
+    for item in items:
+        if len(first) >= limit:
+            break
+        size += len(item.message.payload)
+        if max_bytes and size > max_bytes and first:
+            break
+        first.append(item)
+    return first
 
 
 class _Stored:
@@ -26,6 +42,7 @@ class _Stored:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.queued: dict[int, Queued] = {}
+        """By sequence number, in its order."""
         self.outgoing: dict[int, tuple[int, Outgoing]] = {}
         """By sequence number: the packet id and the message in flight."""
         self.packets: dict[int, int] = {}
@@ -44,7 +61,7 @@ class MemoryStore:
         self._wills: dict[str, StoredWill] = {}
         self._history: dict[int, Entry] = {}
 
-    def load(self, window: int = 0) -> Snapshot:
+    def load(self, window: int = 0, max_bytes: int = 0) -> Snapshot:
         sessions = []
         for stored, disconnected_at in self._sessions.values():
             kept_session = stored.session
@@ -53,8 +70,8 @@ class MemoryStore:
             session.subscriptions = dict(kept_session.subscriptions)
             for packet_id, out in stored.outgoing.values():
                 session.track(packet_id, copy.copy(out))
-            queued = [stored.queued[seq] for seq in sorted(stored.queued)]
-            kept = queued[:window] if window else queued
+            queued = list(stored.queued.values())
+            kept = _first(queued, window or len(queued), max_bytes)
             session.push(*(copy.copy(item) for item in kept))
             session.spilled = len(queued) - len(kept)
             session.loaded_seq = kept[-1].seq if kept else 0
@@ -75,12 +92,13 @@ class MemoryStore:
         for seq in seqs:
             self._history.pop(seq, None)
 
-    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+    def load_queued(self, client_id: str, after_seq: int, limit: int, max_bytes: int = 0) -> Deferred[list[Queued]]:
         known = self._sessions.get(client_id)
         if known is None:
             return succeed([])
-        queued = known[0].queued
-        return succeed([copy.copy(queued[seq]) for seq in sorted(seq for seq in queued if seq > after_seq)[:limit]])
+        # (Those up to after_seq still here are the few read and not yet sent: the walk is short.)
+        after = (item for seq, item in known[0].queued.items() if seq > after_seq)
+        return succeed([copy.copy(item) for item in _first(after, limit, max_bytes)])
 
     def drop_expired(self, client_id: str, after_seq: int, now: float) -> Deferred[int]:
         known = self._sessions.get(client_id)
@@ -121,7 +139,11 @@ class MemoryStore:
         stored = self._stored(client_id)
         stored.session.next_seq = max(stored.session.next_seq, item.seq + 1)
         if packet_id is None:
-            stored.queued[item.seq] = copy.copy(item)
+            queued = stored.queued
+            out_of_order = queued and item.seq < next(reversed(queued))
+            queued[item.seq] = copy.copy(item)
+            if out_of_order:  # (never so far: the broker numbers a session's messages in order)
+                stored.queued = dict(sorted(queued.items()))
         else:
             self._track(stored, packet_id, Outgoing(item.message, item.qos, item.retain,
                                                     item.subscription_ids, item.share, item.seq))

@@ -230,7 +230,7 @@ class SQLiteStore:
         """Whether ``load`` has opened the database: nothing can be written before."""
         return self._db is not None
 
-    def load(self, window: int = 0) -> Snapshot:
+    def load(self, window: int = 0, max_bytes: int = 0) -> Snapshot:
         if self._closing:
             # (Opened again now, it would not read the last changes, still being written, and the
             # close would end the new connection instead of the old one.)
@@ -263,7 +263,7 @@ class SQLiteStore:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
-            snapshot = self._read(db, window)
+            snapshot = self._read(db, window, max_bytes)
         except (sqlite3.Error, OSError, ValueError, MQTTError) as e:  # (MQTTError: a damaged properties blob)
             self._release_lock()
             name = getattr(e, "sqlite_errorname", "") or ""
@@ -311,7 +311,7 @@ class SQLiteStore:
             os.close(self._lock)  # (which releases the flock)
             self._lock = None
 
-    def _read(self, db: sqlite3.Connection, window: int) -> Snapshot:
+    def _read(self, db: sqlite3.Connection, window: int, max_bytes: int) -> Snapshot:
         sessions: dict[str, tuple[Session, float | None]] = {}
         for client_id, expiry, disconnected_at, next_seq in db.execute(
                 "SELECT client_id, expiry, disconnected_at, next_seq FROM sessions"):
@@ -326,12 +326,17 @@ class SQLiteStore:
                     client_id=row[0], topic_filter=row[1], qos=row[2], no_local=bool(row[3]),
                     retain_as_published=bool(row[4]), retain_handling=row[5], subscription_id=row[6],
                     share_group=row[7]))
-        # In-flight messages all; queued ones up to the window per session, the rest counted.
-        limit = "" if not window else f" WHERE packet_id IS NOT NULL OR rank <= {int(window)}"
+        # In-flight messages all; queued ones up to the window (and max_bytes) per session, the
+        # rest counted.
+        bounds = ([f"rank <= {int(window)}"] if window else []) + (
+            [f"(rank = 1 OR running <= {int(max_bytes)})"] if max_bytes else [])
+        limit = f" WHERE packet_id IS NOT NULL OR ({' AND '.join(bounds)})" if bounds else ""
         for row in db.execute(
                 "SELECT * FROM (SELECT client_id, seq, topic, payload, qos, retain, properties, expires_at, "
-                "subscription_ids, share, packet_id, released, ROW_NUMBER() OVER (PARTITION BY client_id, "
-                "packet_id IS NULL ORDER BY seq) AS rank FROM deliveries)" + limit + " ORDER BY client_id, seq"):
+                "subscription_ids, share, packet_id, released, ROW_NUMBER() OVER queue AS rank, "
+                "SUM(LENGTH(payload)) OVER queue AS running FROM deliveries "
+                "WINDOW queue AS (PARTITION BY client_id, packet_id IS NULL ORDER BY seq))" + limit +
+                " ORDER BY client_id, seq"):
             if row[0] not in sessions:
                 continue
             session = sessions[row[0]][0]
@@ -367,13 +372,21 @@ class SQLiteStore:
         alive = db.execute("SELECT value FROM meta WHERE key = 'alive'").fetchone()
         return Snapshot(list(sessions.values()), retained, wills, history, alive[0] if alive else None)
 
-    def load_queued(self, client_id: str, after_seq: int, limit: int) -> Deferred[list[Queued]]:
+    def load_queued(self, client_id: str, after_seq: int, limit: int, max_bytes: int = 0) -> Deferred[list[Queued]]:
         def read() -> list[Queued]:
             assert self._db is not None
-            return [_delivery(row) for row in self._db.execute(
-                "SELECT seq, topic, payload, qos, retain, properties, expires_at, subscription_ids, share, "
-                "packet_id FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
-                "ORDER BY seq LIMIT ?", (client_id, after_seq, limit))]
+            items: list[Queued] = []
+            size = 0
+            # (Row by row, as the cursor steps: those past max_bytes are never read.)
+            for row in self._db.execute(
+                    "SELECT seq, topic, payload, qos, retain, properties, expires_at, subscription_ids, share, "
+                    "packet_id FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
+                    "ORDER BY seq LIMIT ?", (client_id, after_seq, limit)):
+                size += len(row[2])
+                if max_bytes and size > max_bytes and items:
+                    break
+                items.append(_delivery(row))
+            return items
         return self._once_written(read)
 
     def _once_written(self, work: Callable[[], _T]) -> Deferred[_T]:
