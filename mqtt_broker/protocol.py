@@ -435,6 +435,17 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return
         self._write_now(data)
 
+    def after_written(self, then: Callable[[], object]) -> None:
+        """Call ``then`` once what was written so far has gone to the transport: at once, or
+        when what waits for the store goes; never if the connection ends first."""
+        if self._unstored:
+            waiting = self._unstored[-1]
+            if waiting.then is None:
+                waiting.then = []
+            waiting.then.append(then)
+        else:
+            then()
+
     def read_no_more_until_sent(self) -> None:
         """Read nothing more from the client until its transport has sent what waits
         (``resumeProducing``): its own answers (PUBACKs, PINGRESPs, a WebSocket's pongs) would
@@ -533,6 +544,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                     out = self._out = []
                     broker.unflushed.append(self)
                 out += first.data
+            for then in first.then or ():
+                then()
             if first is waiting:
                 break
         session = self.session
@@ -733,9 +746,11 @@ classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
 class _Unstored:
     """Writes of one connection that wait for one batch of the store."""
 
-    __slots__ = ("data", "size", "sent", "generation", "exact", "connack")
+    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "then")
 
     def __init__(self, generation: int, exact: bool) -> None:
+        self.then: list[Callable[[], object]] | None = None
+        """What is to happen once they are written (see ``after_written``)."""
         self.data: list[bytes] = []
         self.size = 0
         self.sent = False

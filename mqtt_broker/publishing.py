@@ -63,6 +63,7 @@ class Publishing:
     def send_ack(self, first: int, packet_id: int) -> None: ...
     def send_pubrel(self, packet_id: int, again: bool = False) -> None: ...
     def wait_for_store(self, exact: bool = False) -> None: ...
+    def after_written(self, then: Callable[[], object]) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
 
@@ -226,9 +227,7 @@ class Publishing:
         through an inbox is not known of yet."""
         self.stats.received_by_qos[qos] += 1
         if message.refused:
-            reason = ReasonCode.QUOTA_EXCEEDED
-            if qos == 2 and self.version == MQTT_5:  # PUBREC 0x97 ends the exchange: no PUBREL follows (4.3.3)
-                self.delivery.pubrel_received(self.session, packet_id)
+            reason = ReasonCode.QUOTA_EXCEEDED  # (a PUBREC that frees the packet id: see _acknowledge)
         else:
             reason = ReasonCode.SUCCESS if routed else ReasonCode.NO_MATCHING_SUBSCRIBERS
         self._acknowledge_when_stored(qos, packet_id, reason)
@@ -276,10 +275,8 @@ class Publishing:
                 if self.state is State.CONNECTED:
                     self._acknowledge(qos, packet_id, reason, reason_string)
                 continue
-            # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id; an MQTT 3 client
-            # will send the PUBLISH again, which must not be routed a second time.
-            if qos == 2 and self.session is not None and self.version == MQTT_5:
-                self.delivery.pubrel_received(self.session, packet_id)
+            # MQTT 5's PUBREC 0x80 ends the exchange and frees the packet id (see _acknowledge);
+            # an MQTT 3 client will send the PUBLISH again, which must not be routed a second time.
             if self.state is State.CONNECTED and self.version == MQTT_5:
                 self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
@@ -293,8 +290,15 @@ class Publishing:
             properties["reason_string"] = reason_string
         if qos == 1:
             self.send(Puback(packet_id=packet_id, reason_code=reason, properties=properties))
-        else:
-            self.send(Pubrec(packet_id=packet_id, reason_code=reason, properties=properties))
+            return
+        self.send(Pubrec(packet_id=packet_id, reason_code=reason, properties=properties))
+        session = self.session
+        if reason >= 0x80 and session is not None:
+            # It ends the exchange: no PUBREL follows, and the client may use the packet id
+            # again [MQTT-4.3.3-9]. Once it has gone to the client only: one that never had it
+            # sends the PUBLISH again (DUP) when it reconnects, which is not to be routed twice.
+            delivery = self.delivery
+            self.after_written(lambda: delivery.pubrel_received(session, packet_id))
 
     # --- acknowledgements of what we sent -------------------------------------------------
 

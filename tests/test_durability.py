@@ -1226,6 +1226,10 @@ class HeldStore(MemoryStore):
             else:
                 d.errback(error)
 
+    def write_all(self) -> None:
+        for generation in sorted(self.waiting):
+            self.write(generation)
+
 
 def test_what_the_broker_publishes_while_the_store_fails_fails_its_wait_and_goes_on() -> None:
     """BrokerService.publish's Deferred fails with StoreError then; the admin API's publish, the
@@ -1641,3 +1645,120 @@ def test_on_a_memory_store_too_an_expired_session_is_gone_when_the_service_start
     back = FakeClient(broker, 5)
     connack = back.connect("s", clean=False, properties={"session_expiry_interval": 10})
     assert not connack.session_present
+
+
+def _payloads(client: FakeClient, got: list[bytes]) -> None:
+    got += [p.payload for p in client.received() if isinstance(p, Publish)]
+
+
+def _reconnected(broker: BrokerService) -> FakeClient:
+    """The publisher back, its CONNECT sent, without waiting for its CONNACK (behind the store)."""
+    pub = FakeClient(broker, version=5)
+    pub.send(Connect(client_id="pub", clean_start=False, protocol_level=5, protocol_name="MQTT",
+                     properties={"session_expiry_interval": 100}))
+    return pub
+
+
+def test_a_qos2_resend_is_not_routed_again_when_the_0x80_pubrec_never_went_out() -> None:
+    """A PUBREC 0x80 (the disk failed) ends the exchange and frees the packet id [MQTT-4.3.3-9]:
+    it was freed when the PUBREC was queued, behind a PUBCOMP that waited for the disk. The
+    connection ended before either went out: the client, told nothing, sent the PUBLISH again
+    (DUP) as it must [MQTT-4.4.0-1], and the broker routed it a second time [MQTT-4.3.3-10]."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    sub = connected(broker, "sub", version=5)
+    sub.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+    store.write_all()
+    sub.received()
+    pub = FakeClient(broker, version=5)
+    pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
+    store.write_all()
+    pub.received()
+    got: list[bytes] = []
+    pub.send(Publish(topic="t", payload=b"a", qos=2, packet_id=1))
+    store.write_all()
+    assert [type(p) for p in pub.received()] == [Pubrec]
+    store.generation += 1  # one batch: the PUBREL's end of id 1, and the PUBLISH of id 2
+    pub.send(Pubrel(packet_id=1), Publish(topic="t", payload=b"b", qos=2, packet_id=2))
+    store.write(store.generation, StoreError("the disk is full"))
+    assert pub.received() == []  # the PUBCOMP waits for the disk, the PUBREC 0x80 behind it
+    _payloads(sub, got)
+    assert got == [b"a", b"b"]
+    pub.lose()
+    store.generation += 1
+    pub = _reconnected(broker)
+    pub.send(Pubrel(packet_id=1), Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
+    for _ in range(5):
+        store.write_all()
+    _payloads(sub, got)
+    assert got == [b"a", b"b"]
+    # (Id 1 ended in memory at its first PUBREL: 0x92 now, "not found".)
+    assert [(type(p).__name__, getattr(p, "reason_code", None)) for p in pub.received()][1:] == [
+        ("Pubcomp", 0x92), ("Pubrec", 0)]
+
+
+def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out() -> None:
+    """The same without a failing disk: one subscriber's full quota refuses the message (PUBREC
+    0x97), whose packet id was freed at once, while the PUBREC waited for the store's batch."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
+                           max_queued_messages=1, max_stored_messages=1)
+    ok = connected(broker, "ok", version=5)
+    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+    store.write_all()
+    ok.received()
+    full = FakeClient(broker, version=5)  # offline, its queue and its share of the store full
+    full.connect("full", clean=False, properties={"session_expiry_interval": 1000})
+    full.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+    store.write_all()
+    full.lose()
+    store.write_all()
+    for i in range(2):
+        broker.publish("t", b"fill%d" % i, qos=1)
+        store.write_all()
+    pub = FakeClient(broker, version=5)
+    pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
+    store.write_all()
+    pub.received()
+    ok.received()
+    got: list[bytes] = []
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
+    _payloads(ok, got)
+    assert pub.received() == []  # the PUBREC 0x97 waits for the batch, and the connection ends
+    pub.lose()
+    store.write_all()
+    pub = _reconnected(broker)
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
+    for _ in range(5):
+        store.write_all()
+    _payloads(ok, got)
+    assert got == [b"b"]
+    assert [(type(p).__name__, p.reason_code) for p in pub.received()][1:] == [("Pubrec", 0)]
+    pub.send(Pubrel(packet_id=2))
+    store.write_all()
+    assert [type(p) for p in pub.received()] == [Pubcomp] and 2 not in broker.sessions["pub"].awaiting_pubrel
+
+
+def test_a_refusing_pubrec_that_went_out_frees_its_packet_id() -> None:
+    """Sent, the PUBREC 0x97 ends the exchange: the client may use the id for a new message."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
+                           max_queued_messages=1, max_stored_messages=1)
+    full = FakeClient(broker, version=5)
+    full.connect("full", clean=False, properties={"session_expiry_interval": 1000})
+    full.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+    store.write_all()
+    full.lose()
+    store.write_all()
+    for i in range(2):
+        broker.publish("t", b"fill%d" % i, qos=1)
+        store.write_all()
+    pub = FakeClient(broker, version=5)
+    pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
+    store.write_all()
+    pub.received()
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
+    assert 2 in broker.sessions["pub"].awaiting_pubrel
+    store.write_all()
+    assert [(type(p).__name__, p.reason_code) for p in pub.received()] == [("Pubrec", 0x97)]
+    assert 2 not in broker.sessions["pub"].awaiting_pubrel
