@@ -190,6 +190,9 @@ class Redis:
             factory.protocol = protocol
         factory.on_up, factory.on_down = up, down
         factory.reconnect = True
+        # (txredisapi fails it, which nothing waits on, when a connection's AUTH or SELECT is
+        # answered with an error: the connection is tried again, see _KeepTrying.)
+        factory.deferred.addErrback(lambda _: None)
         factory.startConnecting(endpoint)
         return factory
 
