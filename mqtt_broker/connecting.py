@@ -27,6 +27,7 @@ from .wire import (
     v3_connack_code,
 )
 from .wire.codec import MAX_PACKET_SIZE
+from .wire.properties import sendable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
@@ -255,7 +256,7 @@ class Connecting:
     def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
         count_refusal(self.stats, reason)
         if self.version == MQTT_5:
-            properties = {"reason_string": reason_string} if reason_string and self.problem_information else {}
+            properties = {"reason_string": sendable(reason_string)} if reason_string and self.problem_information else {}
             self.send(Connack(reason_code=reason, properties=properties))
         elif reason not in _NO_V3_CONNACK:
             self.send(Connack(reason_code=v3_connack_code(reason)))  # [MQTT-3.2.2-5]: then close

@@ -45,6 +45,7 @@ from .wire import (
     ReasonCode, Subscribe, Unsubscribe, UnsupportedProtocolVersion, encode,
     publish_template,
 )
+from .wire.properties import sendable
 
 log = Logger(__name__)  # compiled, Logger() would not find the module from the stack
 
@@ -278,7 +279,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self.state is State.CONNECTED and reason >= 0x80:
             tally(self.stats.closed_by_reason, reason.name)
             if self.version == MQTT_5 and connack_sent:  # not before the CONNACK [MQTT-3.14.0-1]
-                self.send(Disconnect(reason_code=reason, properties={"reason_string": message}))
+                self.send(Disconnect(reason_code=reason, properties={"reason_string": sendable(message)}))
         if not routine or self.broker.config.connection_messages:
             log.info("closing connection {client_id!r} from {peer}: {reason}" if self.client else
                      "closing connection from {peer}: {reason}",

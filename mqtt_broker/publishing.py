@@ -24,6 +24,7 @@ from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
 from .wire import (
     MQTT_5, MQTTError, Packet, Properties, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
 )
+from .wire.properties import sendable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -287,7 +288,7 @@ class Publishing:
             return
         properties: dict[str, Any] = {}
         if reason_string and self.problem_information:
-            properties["reason_string"] = reason_string
+            properties["reason_string"] = sendable(reason_string)
         if qos == 1:
             self.send(Puback(packet_id=packet_id, reason_code=reason, properties=properties))
             return

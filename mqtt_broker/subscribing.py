@@ -28,6 +28,7 @@ from .wire import (
     MQTT_5, NO_PROPERTIES, MQTTError, Packet, Properties, ProtocolError, ReasonCode, Suback, Subscribe,
     Unsuback, Unsubscribe,
 )
+from .wire.properties import sendable
 
 if TYPE_CHECKING:
     from .auth import Identity
@@ -250,7 +251,7 @@ class Subscribing:
         """An MQTT 5 answer's properties: a hook's reason string, unless the client asked for
         none [MQTT-3.1.2-29]."""
         if reason and self.version == MQTT_5 and self.problem_information:
-            return {"reason_string": reason}
+            return {"reason_string": sendable(reason)}
         return NO_PROPERTIES
 
 

@@ -669,6 +669,22 @@ def test_a_topic_alias_from_a_remote_that_was_allowed_none_closes_the_link_with_
     assert decode(transport.value(), MQTT_5).reason_code == 0x94  # type: ignore[union-attr]
 
 
+def test_an_mqtt5_link_is_told_a_311_remote_refused_its_protocol_level() -> None:
+    """The remote answers 20 02 00 01 (3.1.1's refusal of the level): the link called it a bad
+    packet from the server, not a refusal it could say why of."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mqtt_broker.bridge.link import Link
+    from mqtt_broker.wire import MQTT_5, Connect, ReasonCode
+
+    link = Link("remote", Connect(protocol_level=MQTT_5, client_id="b"), Clock(), 1 << 20,
+                lambda link, connack: None, lambda link, packet: None, lambda link, why: None)
+    link.makeConnection(StringTransport())
+    link.dataReceived(b"\x20\x02\x00\x01")
+    assert link.refused == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION and "bad packet" not in link.why
+
+
 def test_a_retained_message_of_the_remote_crosses_to_a_broker_without_retain(broker_process: Any, mosquitto: Any,
                                                                            tmp_path: Path) -> None:
     """retain_available = false here: the remote's retained message crosses without the flag, as

@@ -1123,3 +1123,18 @@ def test_a_qos_changed_in_place_that_no_publish_can_carry_is_refused() -> None:
         answer = publisher.publish("t", b"x", qos=1, retain=True)
     assert answer is not None and answer.reason_code == ReasonCode.UNSPECIFIED_ERROR, answer
     assert broker.service.retained.get("t") is None
+
+
+@pytest.mark.parametrize("reason", ["no\x00pe", "a\udc80b", "not allowed: {}"])
+def test_a_hooks_reason_string_that_cannot_be_sent_as_it_is_is_made_sendable(reason: str) -> None:
+    """Three refused 25,000-byte filters quoted in their reasons: the joined reason string, over
+    65,535 bytes, failed to encode, and the client was dropped (0x83, "internal error") without
+    its SUBACK; a U+0000 went out as it was (a malformed SUBACK), a lone surrogate dropped it."""
+    broker = MemoryBroker()
+    broker.hooks.on_subscribe(lambda client, subscription: Refused(
+        ReasonCode.NOT_AUTHORIZED, reason.format(subscription.topic_filter)))
+    client = broker.connect("c")
+    suback = client.subscribe(*[f"{i}/" + "x" * 25_000 for i in range(3)])
+    assert isinstance(suback, Suback) and suback.reason_codes == (0x87, 0x87, 0x87)
+    said = suback.properties["reason_string"]
+    assert "\0" not in said and len(said.encode()) <= 65535 and not client.closed

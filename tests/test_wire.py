@@ -878,3 +878,30 @@ def test_the_reader_keeps_no_copy_of_what_it_has_read() -> None:
     assert reader.feed(encode(Pingreq()) * 3) == [Pingreq()] * 3
     assert reader.buffered == 0 and reader._buffer == b""  # an idle connection holds nothing
     assert reader.feed(encode(Pingreq())[:1]) == [] and reader.buffered == 1
+
+
+@pytest.mark.parametrize("raw", [b"\x40\x03\x00\x0a\x05", b"\x50\x03\x00\x0a\x92", b"\x62\x03\x00\x0a\x80",
+                                 b"\x70\x03\x00\x0a\x10", b"\xe0\x01\x01", b"\xe0\x01\x18"],
+                         ids=["PUBACK 0x05", "PUBREC 0x92", "PUBREL 0x80", "PUBCOMP 0x10", "DISCONNECT 0x01",
+                              "DISCONNECT 0x18"])
+def test_a_reason_code_the_packet_may_not_carry_is_a_protocol_error(raw: bytes) -> None:
+    """[MQTT-3.4.2-1] and the like: the sender uses one of the packet's own reason codes; another
+    is data the protocol does not allow [MQTT-4.13.1-1] (Mosquitto answers it so). Taken as any byte."""
+    with pytest.raises(ProtocolError):
+        decode(raw, MQTT_5)
+
+
+def test_an_mqtt5_reader_reads_the_311_refusal_of_its_protocol_level() -> None:
+    """A server of 3.1.1 answers an MQTT 5 CONNECT with 20 02 00 01 [MQTT-3.1.2-2] (this broker
+    too, "which every version can read"): an MQTT 5 reader (a bridge's) took it for a malformed
+    packet, never told it was refused for its protocol level."""
+    [connack] = FrameReader(version=MQTT_5).feed(b"\x20\x02\x00\x01")
+    assert isinstance(connack, Connack) and connack.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
+
+
+def test_what_is_passed_on_is_made_sendable() -> None:
+    from mqtt_broker.wire.properties import sendable
+    assert sendable("no\0pe") == "nope"
+    assert sendable("a\udc80b") == "a?b"
+    long = sendable("é" * 40000)  # 80,000 bytes: cut between characters
+    assert len(long.encode()) == 65534 and long == "é" * 32767

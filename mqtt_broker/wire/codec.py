@@ -273,6 +273,10 @@ def _decode_connect(body: bytes, version: int) -> Connect:
 def _decode_connack(body: bytes, version: int) -> Connack:
     if len(body) < 2 or body[0] > 1:
         raise MalformedPacket("bad CONNACK")
+    if version == MQTT_5 and len(body) == 2 and body[1] == 1:
+        # A server of 3.1.1 refusing the protocol level, in the form of 3.1.1 [MQTT-3.1.2-2]:
+        # its "unacceptable protocol version" is MQTT 5's 0x84.
+        return Connack(reason_code=0x84)
     properties = NO_PROPERTIES
     pos = 2
     if version == MQTT_5:
@@ -282,7 +286,16 @@ def _decode_connack(body: bytes, version: int) -> Connack:
     return Connack(session_present=bool(body[0]), reason_code=body[1], properties=properties)
 
 
-def _ack_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
+# The reason codes each packet may carry (MQTT 5.0 3.4.2.1, 3.5.2.1, 3.6.2.1, 3.7.2.1,
+# 3.14.2.1): another is a protocol error [MQTT-4.13.1-1], as Mosquitto has it.
+_PUBLISH_ACKS: Final = frozenset({0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99})
+_RELEASE_ACKS: Final = frozenset({0x00, 0x92})
+_DISCONNECTS: Final = frozenset({
+    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96,
+    0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2})
+
+
+def _ack_decoder(cls: type, packet_type: int, allowed: frozenset[int]) -> Callable[[bytes, int], Packet]:
     # The packet is built through its slots' own setters: a frozen dataclass's __init__ goes
     # through object.__setattr__ for each field, more than twice the time, and QoS 1/2 costs one
     # to three acknowledgements per message. The class's own __new__, not object's: a class
@@ -302,6 +315,8 @@ def _ack_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
         if version == MQTT_5:
             if len(body) > 2:
                 reason_code = body[2]
+                if reason_code not in allowed:
+                    raise ProtocolError(f"reason code 0x{reason_code:02X} in a {cls.__name__.upper()}")
             if len(body) > 3:
                 properties, pos = decode_properties(body, 3, packet_type)
                 if pos != len(body):
@@ -401,7 +416,7 @@ def _empty(cls: type) -> Callable[[bytes, int], Packet]:
     return decode_empty
 
 
-def _reason_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packet]:
+def _reason_decoder(cls: type, packet_type: int, allowed: frozenset[int] | None) -> Callable[[bytes, int], Packet]:
     def decode_reason(body: bytes, version: int) -> Packet:
         if version != MQTT_5:
             if body:
@@ -409,6 +424,8 @@ def _reason_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packe
             return cls()  # type: ignore[no-any-return]
         if not body:
             return cls()  # type: ignore[no-any-return]
+        if allowed is not None and body[0] not in allowed:
+            raise ProtocolError(f"reason code 0x{body[0]:02X} in a {cls.__name__.upper()}")
         properties = NO_PROPERTIES
         if len(body) > 1:
             properties, pos = decode_properties(body, 1, packet_type)
@@ -421,18 +438,18 @@ def _reason_decoder(cls: type, packet_type: int) -> Callable[[bytes, int], Packe
 _DECODERS: Final[dict[int, Callable[[bytes, int], Packet]]] = {
     CONNECT: _decode_connect,
     CONNACK: _decode_connack,
-    4: _ack_decoder(Puback, 4),
-    5: _ack_decoder(Pubrec, 5),
-    6: _ack_decoder(Pubrel, 6),
-    7: _ack_decoder(Pubcomp, 7),
+    4: _ack_decoder(Puback, 4, _PUBLISH_ACKS),
+    5: _ack_decoder(Pubrec, 5, _PUBLISH_ACKS),
+    6: _ack_decoder(Pubrel, 6, _RELEASE_ACKS),
+    7: _ack_decoder(Pubcomp, 7, _RELEASE_ACKS),
     SUBSCRIBE: _decode_subscribe,
     9: _decode_suback,
     UNSUBSCRIBE: _decode_unsubscribe,
     11: _decode_unsuback,
     12: _empty(Pingreq),
     13: _empty(Pingresp),
-    DISCONNECT: _reason_decoder(Disconnect, DISCONNECT),
-    AUTH: _reason_decoder(Auth, AUTH),
+    DISCONNECT: _reason_decoder(Disconnect, DISCONNECT, _DISCONNECTS),
+    AUTH: _reason_decoder(Auth, AUTH, None),  # (checked where it is answered: 0x18 from a server only)
 }
 
 

@@ -122,6 +122,14 @@ def encode_string(text: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
+def sendable(text: str) -> str:
+    """``text`` as an MQTT string can carry it: without U+0000 [MQTT-1.5.4-2], lone surrogates
+    replaced [MQTT-1.5.4-1], at most 65,535 bytes of UTF-8, cut between characters. For what
+    the broker only passes on, a hook's reason string say."""
+    raw = text.replace("\0", "").encode("utf-8", "replace")
+    return raw[:65535].decode("utf-8", "ignore")  # (a character cut in two goes)
+
+
 def encode_binary(raw: bytes) -> bytes:
     return _U16.pack(len(raw)) + raw
 
