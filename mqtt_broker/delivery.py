@@ -199,7 +199,7 @@ class Delivery:
         those here are all offline and another node has one connected (connected members
         first, as on one broker). ``pool``: theirs, as ``shared_pool`` gave it."""
         if pool is None:
-            pool = self.shared_pool(message.topic, members) if members else []
+            pool = self.shared_pool(message.topic, members, message.sender) if members else []
         forwarding = self.forwarding
         if forwarding is None or message.topic.startswith("$SYS/"):  # ($SYS: each node's stays its own)
             return self._deliver_to(message, share, pool) if pool else 0
@@ -260,7 +260,7 @@ class Delivery:
     def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
         """One member of a shared group gets the message: connected members in turn, or an
         offline member's session if none is connected."""
-        pool = self.shared_pool(message.topic, members)
+        pool = self.shared_pool(message.topic, members, message.sender)
         return self._deliver_to(message, share, pool) if pool else 0
 
     def _deliver_to(self, message: Message, share: tuple[str, str], pool: list[Subscription]) -> int:
@@ -272,9 +272,13 @@ class Delivery:
                      message.retain and chosen.retain_as_published, ids, share)  # [MQTT-3.3.1-12, -13]
         return 1
 
-    def shared_pool(self, topic: str, members: list[Subscription]) -> list[Subscription]:
-        """The members of a shared group that a message on ``topic`` may go to: those connected
-        that may read it, or if none is, those whose sessions are kept."""
+    def shared_pool(self, topic: str, members: list[Subscription], sender: str | None = None) -> list[Subscription]:
+        """The members of a shared group that a message on ``topic`` (from ``sender``) may go to:
+        those connected that may read it, or if none is, those whose sessions are kept. Not its
+        sender if that member has No Local: a bridge, which is not sent back what it publishes
+        (no client may ask for it on a shared subscription [MQTT-3.8.3-4])."""
+        if sender is not None and any(m.no_local for m in members):
+            members = [m for m in members if not (m.no_local and m.client_id == sender)]
         sessions = self.sessions
         if self.security is not None:
             can_read = self.security.can_read
@@ -287,7 +291,7 @@ class Delivery:
         """``hand_on`` for the unfinished messages of a member whose session ended: each group's
         pool is sorted out once per topic, not once per message (a thousand members and tens of
         thousands of messages held the reactor for seconds)."""
-        pools: dict[tuple[tuple[str, str], str], list[Subscription]] = {}
+        pools: dict[tuple[tuple[str, str], str, str | None], list[Subscription]] = {}
         members: dict[tuple[str, str], list[Subscription]] = {}
         for item in items:
             share, message = item.share, item.message
@@ -295,10 +299,11 @@ class Delivery:
             group = members.get(share)
             if group is None:
                 group = members[share] = members_of(*share)
-            key = (share, message.topic if self.security is not None else "")
+            key = (share, message.topic if self.security is not None else "",
+                   message.sender if any(m.no_local for m in group) else None)
             pool = pools.get(key)
             if pool is None:
-                pool = pools[key] = self.shared_pool(message.topic, group)
+                pool = pools[key] = self.shared_pool(message.topic, group, message.sender)
             self.hand_on(message, share, group, pool)
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,

@@ -202,6 +202,22 @@ def test_a_bridge_is_not_sent_back_what_it_publishes_and_gets_retain_as_publishe
     assert [(p.topic, p.retain) for p in got] == [("t/from-plain", False)]  # a plain subscriber's
 
 
+def test_a_bridge_is_not_sent_back_what_it_publishes_through_a_shared_subscription() -> None:
+    """Its plain subscription kept its own messages from it, its $share/g/t did not: the member
+    chosen was not checked against the sender (a loop between two brokers). With another member
+    in the group, that one has it."""
+    broker = make_broker()
+    bridge_client = connected(broker, "bridge", bridge=True)
+    assert [p.reason_codes for p in bridge_client.subscribe("t", "$share/g/t", qos=1)] == [(1, 1)]  # type: ignore[attr-defined]
+    assert [p for p in bridge_client.publish("t", b"mine") if isinstance(p, Publish)] == []
+    other = connected(broker, "other")
+    other.subscribe("$share/g/t", qos=1)
+    for n in range(2):
+        bridge_client.publish("t", b"%d" % n)
+    assert [p.payload for p in other.received() if isinstance(p, Publish)] == [b"0", b"1"]
+    assert [p for p in bridge_client.received() if isinstance(p, Publish)] == []
+
+
 # --- reconnecting -------------------------------------------------------------------------
 
 def test_back_off_doubles_from_base_to_cap_with_jitter_and_restart_skips_it() -> None:

@@ -2167,3 +2167,30 @@ def test_a_session_that_moved_gets_a_shared_copy_as_well_as_its_own(server: Redi
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dead_nodes_message_reaches_its_publisher_by_a_subscription_without_no_local(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c holds t with No Local and # without, on node b; its own message on t waits in b's inbox
+    when b dies. No Local is its one subscription's [MQTT-3.8.3-3]: the survivor dropped c
+    altogether, where # asks for the message [MQTT-3.3.4-2]."""
+    clock = Clock()
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        yield b.register(600_000)
+        yield b.create_inbox()
+        yield holds(b, "c", Subscription(client_id="c", topic_filter="t", qos=1, no_local=True),
+                    Subscription(client_id="c", topic_filter="#", qos=1, subscription_id=7))
+        b.forward("b", pack_forwarded(Message(topic="t", payload=b"own", qos=1, sender="c"), (), clock.seconds()))
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        yield adopted(server, broker, clock)
+        yield broker.store.flushed()
+        assert [(item.message.payload, item.subscription_ids) for item in broker.sessions["c"].queue] == [
+            (b"own", (7,))]
+    finally:
+        yield broker.stopService()
+        yield link.close()

@@ -582,9 +582,16 @@ class Cluster:
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
         passed on to the node that claimed it since."""
         by_client, groups = former.match(message.topic)
-        targets: list[tuple[str, int, bool, tuple[int, ...], tuple[str, str] | None]] = [
-            (m.client_id, min(m.qos, message.qos), message.retain and m.retain_as_published, m.subscription_ids, None)
-            for m in by_client if everyone and not (m.no_local and message.sender == m.client_id)]
+        targets: list[tuple[str, int, bool, tuple[int, ...], tuple[str, str] | None]] = []
+        for m in by_client if everyone else ():
+            granted, as_published, ids = m.qos, m.retain_as_published, m.subscription_ids
+            if m.no_local and message.sender == m.client_id:
+                # Its own message: by its subscriptions without No Local only [MQTT-3.8.3-3].
+                subs = [s for s in m.subscriptions if not s.no_local]
+                if not subs:
+                    continue
+                granted, as_published, ids, _ = terms(subs)
+            targets.append((m.client_id, min(granted, message.qos), message.retain and as_published, ids, None))
         matched = set()
         for share, members in groups:  # the sending node chose that node for these groups' members
             if share not in shares:
