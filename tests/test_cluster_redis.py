@@ -211,20 +211,28 @@ def node_on(server: RedisServer, clock: Clock) -> BrokerService:
                          close_linger=0)
 
 
+@inlineCallbacks
+def joining_out_of_memory(server: RedisServer, clock: Clock) -> Any:
+    """Node a started on a Redis that refuses every write that may take memory (OOM), once its
+    join has met that answer."""
+    server.client().config_set("maxmemory", "1")
+    broker = node_on(server, clock)
+    with capturedLogs() as events:
+        broker.startService()
+        yield until(lambda: any("could not join" in (e.get("log_format") or "") for e in events),
+                    "the join to meet the OOM answer")
+    return broker
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_join_that_meets_a_redis_error_is_tried_again(server: RedisServer) -> Iterator[Deferred[Any]]:
     """Redis answered the join with an error (OOM here; a restarted Redis loading its files
     answers LOADING, a connection may be lost): the failure was logged and nothing tried again,
     while a warning every 5 s said "still trying"."""
     admin = server.client()
-    admin.config_set("maxmemory", "1")  # every write that may take memory is refused: OOM
     clock = Clock()
-    broker = node_on(server, clock)
+    broker = yield joining_out_of_memory(server, clock)
     try:
-        with capturedLogs() as events:
-            broker.startService()
-            yield until(lambda: any("could not join" in (e.get("log_format") or "") for e in events),
-                        "the join to meet the OOM answer")
         admin.config_set("maxmemory", "0")
         yield until(lambda: broker.cluster.ready.called, "the node to join once Redis writes again", clock)
     finally:
@@ -357,14 +365,9 @@ def test_writes_refused_for_a_while_are_warned_of_once(server: RedisServer) -> I
 def test_a_node_stopped_while_its_join_waits_to_be_tried_again_leaves_no_timer(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     admin = server.client()
-    admin.config_set("maxmemory", "1")
     clock = Clock()
-    broker = node_on(server, clock)
+    broker = yield joining_out_of_memory(server, clock)
     try:
-        with capturedLogs() as events:
-            broker.startService()
-            yield until(lambda: any("could not join" in (e.get("log_format") or "") for e in events),
-                        "the join to meet the OOM answer")
         yield broker.stopService()
         assert [call.func for call in clock.getDelayedCalls()] == []
     finally:

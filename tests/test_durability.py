@@ -1697,17 +1697,11 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x80_pubrec_never_went_out()
         ("Pubcomp", 0x92), ("Pubrec", 0)]
 
 
-def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out() -> None:
-    """The same without a failing disk: one subscriber's full quota refuses the message (PUBREC
-    0x97), whose packet id was freed at once, while the PUBREC waited for the store's batch."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
-                           max_queued_messages=1, max_stored_messages=1)
-    ok = connected(broker, "ok", version=5)
-    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
-    store.write_all()
-    ok.received()
-    full = FakeClient(broker, version=5)  # offline, its queue and its share of the store full
+def _publisher_beside_a_full_session(broker: BrokerService, store: HeldStore) -> FakeClient:
+    """A publisher (MQTT 5, its session kept) connected to a broker of max_queued_messages and
+    max_stored_messages 1, where an offline session on t has both full: a QoS 2 PUBLISH on t
+    gets PUBREC 0x97."""
+    full = FakeClient(broker, version=5)
     full.connect("full", clean=False, properties={"session_expiry_interval": 1000})
     full.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
     store.write_all()
@@ -1720,6 +1714,18 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out()
     pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
     store.write_all()
     pub.received()
+    return pub
+
+
+def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out() -> None:
+    """The same without a failing disk: one subscriber's full quota refuses the message (PUBREC
+    0x97), whose packet id was freed at once, while the PUBREC waited for the store's batch."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
+                           max_queued_messages=1, max_stored_messages=1)
+    ok = connected(broker, "ok", version=5)
+    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+    pub = _publisher_beside_a_full_session(broker, store)
     ok.received()
     got: list[bytes] = []
     pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
@@ -1744,19 +1750,7 @@ def test_a_refusing_pubrec_that_went_out_frees_its_packet_id() -> None:
     store = HeldStore()
     broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
                            max_queued_messages=1, max_stored_messages=1)
-    full = FakeClient(broker, version=5)
-    full.connect("full", clean=False, properties={"session_expiry_interval": 1000})
-    full.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
-    store.write_all()
-    full.lose()
-    store.write_all()
-    for i in range(2):
-        broker.publish("t", b"fill%d" % i, qos=1)
-        store.write_all()
-    pub = FakeClient(broker, version=5)
-    pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
-    store.write_all()
-    pub.received()
+    pub = _publisher_beside_a_full_session(broker, store)
     pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
     assert 2 in broker.sessions["pub"].awaiting_pubrel
     store.write_all()

@@ -932,19 +932,26 @@ class TLSPeer:
         return received
 
 
+def _tls_websocket(broker: Any) -> tuple[Any, TLSPeer, StringTransport]:
+    """A WebSocket listener's connection over TLS (in memory), its TLS handshake done: the TLS
+    protocol, the client, and the socket under both."""
+    key, cert = _self_signed()
+    factory = TLSMemoryBIOFactory(CertificateOptions(privateKey=key, certificate=cert), False,
+                                  WebSocketFactory(broker), clock=broker.clock)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    socket = StringTransport()
+    protocol.makeConnection(socket)
+    client = TLSPeer(protocol, socket)
+    client.handshake()
+    return protocol, client, socket
+
+
 def test_an_upgrade_refused_over_tls_is_not_held_by_a_client_that_never_answers_close_notify() -> None:
     """An upgrade refused with an HTTP error (here 400, no subprotocol mqtt; also 403, 404, 431,
     and 503 at max_connections) over TLS is closed with a close_notify, which Twisted then waits
     to be answered for ever: the close timer bounds the wait."""
     broker = make_broker(websocket_handshake_timeout=3, connect_timeout=5, close_linger=2)
-    key, cert = _self_signed()
-    factory = TLSMemoryBIOFactory(CertificateOptions(privateKey=key, certificate=cert), False,
-                                  WebSocketFactory(broker), clock=broker.clock)
-    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
-    socket_ = StringTransport()
-    protocol.makeConnection(socket_)
-    client = TLSPeer(protocol, socket_)
-    client.handshake()
+    _, client, socket_ = _tls_websocket(broker)
     client.send(handshake_request(protocols=None))  # no subprotocol mqtt: HTTP 400
     assert client.read().startswith(b"HTTP/1.1 400")
     # The client neither answers the close_notify nor closes its socket.
@@ -952,23 +959,11 @@ def test_an_upgrade_refused_over_tls_is_not_held_by_a_client_that_never_answers_
     assert socket_.disconnecting, "the refused WebSocket-over-TLS connection is still held"
 
 
-def _tls_websocket(broker: Any) -> tuple[Any, TLSPeer]:
-    key, cert = _self_signed()
-    factory = TLSMemoryBIOFactory(CertificateOptions(privateKey=key, certificate=cert), False,
-                                  WebSocketFactory(broker), clock=broker.clock)
-    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40002))
-    socket = StringTransport()
-    protocol.makeConnection(socket)
-    client = TLSPeer(protocol, socket)
-    client.handshake()
-    return protocol, client
-
-
 def test_bytes_after_a_refused_upgrade_over_tls_are_not_kept() -> None:
     """Refused, the connection waits up to CLOSE_TIMEOUT for the client's close_notify, reading
     on: what the client sent meanwhile piled up, as much as it could send in 5 s."""
     broker = make_broker()
-    tls, client = _tls_websocket(broker)
+    tls, client, _ = _tls_websocket(broker)
     client.send(handshake_request(protocols=None))
     assert client.read().startswith(b"HTTP/1.1 400")
     for _ in range(64):
@@ -978,7 +973,7 @@ def test_bytes_after_a_refused_upgrade_over_tls_are_not_kept() -> None:
 
 def test_bytes_after_the_close_reply_over_tls_are_not_kept() -> None:
     broker = make_broker()
-    tls, client = _tls_websocket(broker)
+    tls, client, _ = _tls_websocket(broker)
     client.send(handshake_request())
     broker.clock.advance(0)  # (TLS gathers small writes until the clock turns)
     client.pump()
