@@ -27,7 +27,7 @@ from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER, AcceptingConnack, granted_expiry
-from .delivery import READ_PAGE, Delivery
+from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives, cancel
 from .hooks import Hooks
@@ -204,8 +204,7 @@ class BrokerService(MultiService):
         try:
             if self.store is not None:
                 # (As much of each session's queue as it holds in memory running: no more.)
-                config = self.config
-                self._restore(self.store.load(config.max_queued_messages or READ_PAGE, config.max_queued_bytes))
+                self._restore(self.store.load(self.config.max_queued_messages, self.config.max_queued_bytes))
             else:
                 self._rearm()
         except BaseException:

@@ -292,15 +292,16 @@ class Delivery:
         pool is sorted out once per topic, not once per message (a thousand members and tens of
         thousands of messages held the reactor for seconds)."""
         pools: dict[tuple[tuple[str, str], str, str | None], list[Subscription]] = {}
-        members: dict[tuple[str, str], list[Subscription]] = {}
+        members: dict[tuple[str, str], tuple[list[Subscription], bool]] = {}
         for item in items:
             share, message = item.share, item.message
             assert share is not None
-            group = members.get(share)
-            if group is None:
-                group = members[share] = members_of(*share)
-            key = (share, message.topic if self.security is not None else "",
-                   message.sender if any(m.no_local for m in group) else None)
+            known = members.get(share)
+            if known is None:
+                group = members_of(*share)
+                known = members[share] = (group, any(m.no_local for m in group))  # (a bridge's: see shared_pool)
+            group, no_local = known
+            key = (share, message.topic if self.security is not None else "", message.sender if no_local else None)
             pool = pools.get(key)
             if pool is None:
                 pool = pools[key] = self.shared_pool(message.topic, group, message.sender)

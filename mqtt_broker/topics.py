@@ -268,6 +268,8 @@ class SubscriptionTree:
         if len(topic) > MAX_CACHED_TOPIC_LENGTH:
             return result
         size = len(result[0]) + sum(len(members) for _, members in result[1])
+        if size > MAX_CACHED_MATCHES:
+            return result
         if len(self._cache) >= MAX_CACHED_TOPICS or self._cached_matches + size > MAX_CACHED_MATCHES:
             self._cache.clear()
             self._cached_matches = 0

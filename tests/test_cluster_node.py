@@ -2194,3 +2194,66 @@ def test_a_dead_nodes_message_reaches_its_publisher_by_a_subscription_without_no
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest.mark.parametrize("way", ["adopted", "claimed by its client"])
+@pytest_twisted.inlineCallbacks
+def test_a_session_from_redis_is_read_within_max_queued_bytes(server: RedisServer, way: str) -> Iterator[Deferred[Any]]:
+    """A claim read max_queued_messages of the queue (with 0, all of it) whatever max_queued_bytes
+    said, and the claim of a connecting client kept it all in memory: 50 messages of 1,000 bytes
+    under 2,000."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock, max_queued_messages=0, max_queued_bytes=2000, max_inflight_messages=1)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1), expiry=3600, disconnected_at=1000.0)
+        for seq in range(1, 51):
+            x.add_delivery("s", Queued(Message(topic="t", payload=b"x" * 1000, qos=1), 1, False, (), None, seq), None)
+        yield x.flushed()
+        read: list[int] = []
+        claim = broker.store.claim
+        broker.store.claim = lambda *args: claim(*args).addCallback(  # (RedisStore is not compiled)
+            lambda answer: read.append(answer.session.queued_bytes if answer and answer.session else 0) or answer)
+        if way == "adopted":
+            server.client().delete("mqtt:node:x")  # x died
+            adopt(broker, "x")
+            yield until(lambda: "s" in broker.sessions, "a to adopt s")
+        else:
+            yield connect(broker, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 3600})
+        session = broker.sessions["s"]
+        assert read and max(read) <= 2000, f"read from Redis at once: {read} bytes"
+        assert session.queued_bytes <= 2000 and len(session.queue) + len(session.outgoing) + session.spilled == 50
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dead_nodes_shared_message_does_not_go_back_to_the_bridge_that_sent_it(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A bridge (its subscriptions No Local) is not sent back what it publishes, through a shared
+    subscription either: from a dead node's inbox, the survivor gave it to the member the dead
+    node had, the bridge itself."""
+    clock = Clock()
+    broker = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        yield b.register(600_000)
+        yield b.create_inbox()
+        yield holds(b, "br", Subscription(client_id="br", topic_filter="$share/g/t", qos=1, no_local=True,
+                                          share_group="g"))
+        b.forward("b", pack_forwarded(Message(topic="t", payload=b"from br", qos=1, sender="br"),
+                                      (("g", "$share/g/t"),), clock.seconds()))
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        yield adopted(server, broker, clock)
+        yield broker.store.flushed()
+        assert [s.no_local for s in broker.sessions["br"].subscriptions.values()] == [True]
+        assert list(broker.sessions["br"].queue) == []
+    finally:
+        yield broker.stopService()
+        yield link.close()

@@ -433,3 +433,52 @@ def test_a_memory_store_reads_a_backlog_back_without_walking_all_of_it_each_time
     again.connect("sub", clean=False)
     assert drained(again) == [b"%d" % n for n in range(4000)]
     assert _Walked.walked <= 3 * 4000
+
+
+def test_a_restart_leaves_a_queue_without_a_count_limit_in_memory() -> None:
+    """max_queued_messages 0 and max_stored_messages 10: 1,020 messages in memory, and more taken.
+    Started again, the broker read 1,000 of them and counted 20 as stored, past
+    max_stored_messages: the next message was refused (0x97)."""
+    store = MemoryStore()
+    broker = make_broker(store=store, max_queued_messages=0, max_stored_messages=10)
+    broker.startService()
+    offline_subscriber(broker, "s")
+    for n in range(1020):
+        broker.publish("t", b"%d" % n, qos=1)
+
+    def one_more() -> int:
+        publisher = connected(broker, "p", 5)
+        publisher.send(Publish(topic="t", payload=b"one more", qos=1, packet_id=1))
+        [ack] = [p for p in publisher.received() if isinstance(p, Puback)]
+        publisher.send(Disconnect())
+        return ack.reason_code
+    assert one_more() == 0
+    broker.stopService()
+    broker.startService()
+    session = broker.sessions["s"]
+    assert (len(session.queue), session.spilled) == (1021, 0)
+    assert one_more() == 0
+
+
+class _Walks(list):  # type: ignore[type-arg]
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        _Walks.walks += 1
+        return super().__iter__()
+
+
+def test_a_leaving_members_messages_are_handed_on_sorting_the_group_out_once() -> None:
+    """Handing on asked for each message whether a member of the group had No Local (a walk of
+    the whole group each time: 1,000 members and 20,000 messages, 0.14 s became 0.6 s)."""
+    from mqtt_broker.message import Message
+    from mqtt_broker.session import Queued
+    broker = make_broker()
+    broker.startService()
+    for n in range(20):
+        connected(broker, f"m{n}", 5).subscribe("$share/g/t", qos=1)
+    share = ("g", "$share/g/t")
+    items = [Queued(Message(topic="t", payload=b"x", qos=1), 1, False, (), share, n) for n in range(2000)]
+    _Walks.walks = 0
+    broker.delivery.hand_on_all(items, lambda *s: _Walks(broker.subscriptions.shared_members(*s)))
+    assert _Walks.walks <= 10

@@ -546,3 +546,12 @@ def test_a_shared_groups_turns_keep_no_long_filter() -> None:
         turns.next((f"g{n}", f"$share/g{n}/t/" + "x" * (MAX_CACHED_TOPIC_LENGTH + 1)))
     assert len(turns) == 0
     assert [turns.next(("g", "$share/g/t")) for _ in range(3)] == [0, 1, 2]
+
+
+def test_a_match_larger_than_the_cache_is_not_cached() -> None:
+    from mqtt_broker.topics import MAX_CACHED_MATCHES
+    tree = SubscriptionTree()
+    for n in range(MAX_CACHED_MATCHES + 1):
+        tree.add(Subscription(client_id=f"c{n}", topic_filter="#"))
+    first = tree.match("a")[0]
+    assert len(first) == MAX_CACHED_MATCHES + 1 and tree.match("a")[0] is not first

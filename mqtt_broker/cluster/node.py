@@ -218,7 +218,8 @@ class Cluster:
         self._claiming.setdefault(client_id, [])
         answer: Deferred[bool] = Deferred()
         timer = self.clock.callLater(self.broker.config.cluster_claim_timeout, self._claim_late, client_id, answer)
-        self.store.claim(client_id, clean_start, self.broker.config.max_queued_messages).addCallbacks(
+        config = self.broker.config
+        self.store.claim(client_id, clean_start, config.max_queued_messages, "", config.max_queued_bytes).addCallbacks(
             self._claimed, self._not_claimed, callbackArgs=(client_id, clean_start, answer, timer),
             errbackArgs=(client_id, answer, timer))
         return answer
@@ -595,6 +596,10 @@ class Cluster:
         matched = set()
         for share, members in groups:  # the sending node chose that node for these groups' members
             if share not in shares:
+                continue
+            # (Not a bridge its own message: see Delivery.shared_pool.)
+            members = [m for m in members if not (m.no_local and m.client_id == message.sender)]
+            if not members:
                 continue
             matched.add(share)
             member = members[0]

@@ -497,13 +497,17 @@ class RedisStore:
     def alive(self, node: str) -> Deferred[bool]:
         return self.redis.call("EXISTS", f"mqtt:node:{node}").addCallback(bool)
 
-    def claim(self, client_id: str, clean_start: bool, window: int, required: str = "") -> Deferred[Claim | None]:
+    def claim(self, client_id: str, clean_start: bool, window: int, required: str = "",
+              max_bytes: int = 0) -> Deferred[Claim | None]:
         """Take the client's session, after this node's changes so far are written (so that the
-        claim sees them). None when ``required`` names a node that no longer holds it."""
+        claim sees them). None when ``required`` names a node that no longer holds it. Of its
+        queued messages, the first ``window`` (0: all) are read, and with ``max_bytes`` no more
+        bytes than that (counted on the records Redis keeps; the first whatever its size)."""
         known = self.epochs.get(client_id, 0)
 
         def run(_: Any) -> Deferred[Any]:
-            return self.redis.run(CLAIM, client_id, self.node, "1" if clean_start else "0", known, window, required)
+            return self.redis.run(CLAIM, client_id, self.node, "1" if clean_start else "0", known, window, required,
+                                  max_bytes)
 
         def claimed(reply: Any) -> Claim | None:
             if reply is None:

@@ -125,7 +125,8 @@ class Survivor:
             for client_id in clients:
                 if client_id in broker.sessions and dead == here:
                     continue
-                claim = yield store.claim(client_id, False, broker.config.max_queued_messages, dead)
+                claim = yield store.claim(client_id, False, broker.config.max_queued_messages, dead,
+                                          broker.config.max_queued_bytes)
                 if claim is None:  # another node claimed it meanwhile (its client reconnected)
                     left, ended = yield store.left_will(dead, client_id)
                     if left is not None:  # (while the dead node looked alive: it never published it)

@@ -1,7 +1,8 @@
 -- A node takes a client's session: when the client connects to it, or when the node that held
 -- the session is dead (adoption). ARGV: client, node, clean start ('1'/'0'), the epoch the node
--- already holds it at ('0': none), how many queued messages to read (0: all), and the node that
--- must hold it now for the claim to proceed ('': any; adoption names the dead node).
+-- already holds it at ('0': none), how many queued messages to read (0: all), the node that
+-- must hold it now for the claim to proceed ('': any; adoption names the dead node), and how
+-- many bytes of queued messages to read at most (0: no bound; the first whatever its size).
 --
 -- A claim takes a new epoch from one counter (so epochs only grow, whatever happens to a
 -- session), which fences off every later write of the previous owner (batch.lua), and tells
@@ -81,9 +82,18 @@ for j = 1, #seqs, 2 do
   inflight[#inflight + 1] = {seqs[j], seqs[j + 1], redis.call('HGET', data[3], seqs[j])}
 end
 local queued = {}
+local most = (not clean) and tonumber(ARGV[7] or '0') or 0
+local size = 0
 local first = redis.call('ZRANGE', data[5], 0, window > 0 and window - 1 or -1)
 for j = 1, #first do
-  queued[#queued + 1] = {first[j], redis.call('HGET', data[3], first[j])}
+  local item = redis.call('HGET', data[3], first[j])
+  if item then
+    size = size + #item
+    if most > 0 and size > most and #queued > 0 then
+      break
+    end
+  end
+  queued[#queued + 1] = {first[j], item}
 end
 local last = redis.call('ZRANGE', data[5], -1, -1)
 local reply = {epoch, old_node or false, alive, will, 0, since_stamp, redis.call('HGETALL', data[1]), redis.call('HGETALL', data[2]),
