@@ -14,7 +14,7 @@ from protocol_helpers import connected, make_broker
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.tap import Options
-from mqtt_broker.wire import Connect, FrameReader, Pingreq, Pingresp, Puback, Publish, decode, encode
+from mqtt_broker.wire import Connack, Connect, FrameReader, Pingreq, Pingresp, Puback, Publish, decode, encode
 from mqtt_broker.wire.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5
 
 
@@ -881,3 +881,67 @@ def test_the_bridge_sends_no_packet_past_mqtts_largest_to_its_remote() -> None:
     sent = remote.transport.value()
     remote.transport.clear()
     assert len(sent) <= MAX_REMAINING_LENGTH + 5, f"{len(sent)} bytes sent; first bytes {sent[:6].hex()}"
+
+
+def _serve(remote: FakeRemote, connack: Connack, seconds: int = 300) -> list[Any]:
+    """The remote takes the bridge's connection, answers its CONNECT with ``connack``, each
+    SUBSCRIBE with a SUBACK granting QoS 1 and each PINGREQ with a PINGRESP, for ``seconds``;
+    returns what the bridge sent it."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from mqtt_broker.wire import Suback, Subscribe
+    remote.reactor.advance(1.3)  # the back-off, then HostnameEndpoint's steps
+    remote.protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    remote.transport = StringTransport()
+    remote.protocol.makeConnection(remote.transport)
+    remote.protocol.dataReceived(encode(connack, remote.version))
+    remote.reactor.advance(0)
+    sent: list[Any] = []
+    for _ in range(seconds // 5):
+        packets = FrameReader(version=remote.version).feed(remote.transport.value())
+        remote.transport.clear()
+        sent += packets
+        for packet in packets:
+            if isinstance(packet, Subscribe):
+                remote.send(Suback(packet_id=packet.packet_id, reason_codes=(1,) * len(packet.subscriptions)))
+            elif isinstance(packet, Pingreq):
+                remote.send(Pingresp())
+        remote.reactor.advance(5)
+    return sent
+
+
+def test_in_topics_too_many_for_one_subscribe_under_the_remotes_maximum_packet_size() -> None:
+    """A remote that takes packets of 256 bytes at most: the twelve in topics went in one
+    SUBSCRIBE, larger, which the link kept back, and the bridge waited for its SUBACK for good
+    ("connecting", nothing said, nothing crossing). One SUBSCRIBE a topic, as Mosquitto's bridge."""
+    from mqtt_broker.wire import Subscribe
+    lines = [f"in/site-42/sensors/building-{n:02}/floor/# in 1" for n in range(12)]
+    remote = FakeRemote(5, bridge_protocol_version="mqttv50", topic=lines, notifications=False,
+                        keepalive_interval=20)
+    sent = _serve(remote, Connack(properties={"maximum_packet_size": 256}))
+    assert remote.bridge.state == "connected"  # type: ignore[union-attr]
+    assert sorted(r.topic_filter for p in sent if isinstance(p, Subscribe) for r in p.subscriptions) == sorted(
+        line.split()[0] for line in lines)
+    remote.broker.stopService()
+
+
+def test_out_topics_too_many_for_one_subscribe_under_this_brokers_maximum_packet_size() -> None:
+    lines = [f"out/site-42/sensors/building-{n:02}/floor/# out 1" for n in range(12)]
+    remote = FakeRemote(4, topic=lines, notifications=False, max_packet_size=256, keepalive_interval=20)
+    _serve(remote, Connack())
+    assert remote.bridge.state == "connected"  # type: ignore[union-attr]
+    assert len(remote.broker.subscriptions_of("local.vm.b")) == 12
+    connected(remote.broker, "pub").publish("out/site-42/sensors/building-01/floor/t", b"21.5", qos=1, packet_id=1)
+    remote.reactor.advance(0)
+    assert [p.payload for p in FrameReader(version=4).feed(remote.transport.value()) if isinstance(p, Publish)] == [b"21.5"]
+    remote.broker.stopService()
+
+
+def test_a_subscribe_of_one_topic_larger_than_the_remote_takes_closes_the_link_saying_so() -> None:
+    lines = ["in/" + "x" * 300 + "/# in 1"]
+    remote = FakeRemote(5, bridge_protocol_version="mqttv50", topic=lines, notifications=False)
+    _serve(remote, Connack(properties={"maximum_packet_size": 256}), seconds=5)
+    link = remote.protocol._wrappedProtocol  # (its transport aborted: a socket's would then be lost)
+    assert link.closed and "larger than the server's maximum packet size" in link.why
+    remote.broker.stopService()

@@ -250,9 +250,11 @@ class Bridge(Service):
             retain_as_published=v5, retain_handling=1 if v5 else 0) for t in incoming)
         if requests:
             # Packet ids 1.. are free: nothing of ours is in flight to the remote before the
-            # local link opens, and that waits for the SUBACK.
-            link.send(Subscribe(packet_id=1, subscriptions=requests))
-            self._pending_acks = 1
+            # local link opens, and that waits for the SUBACKs.
+            sent = self._send_all(link, [Subscribe(packet_id=n, subscriptions=(request,))
+                                         for n, request in enumerate(requests, 1)])
+            if sent:
+                self._pending_acks = sent
         else:
             link.hold()  # what comes before the local link is up stays in the reader
             self._open_local()
@@ -332,17 +334,29 @@ class Bridge(Service):
         return wanted
 
     def _subscription_changes(self, retain_handling: int) -> list[Packet]:
-        """What makes the session's subscriptions those of the out topics: an UNSUBSCRIBE of
-        those of topics no longer bridged (packet id 2), a SUBSCRIBE (packet id 1)."""
+        """What makes the session's subscriptions those of the out topics: an UNSUBSCRIBE of each
+        of those of topics no longer bridged, a SUBSCRIBE of each out topic (one filter a packet,
+        as Mosquitto's bridge sends them: together, they may be larger than a server takes)."""
         wanted = self._out_filters()
         stale = [s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)
                  if s.topic_filter not in wanted]
-        changes: list[Packet] = []
-        if stale:
-            changes.append(Unsubscribe(packet_id=2, topic_filters=tuple(stale)))
-        if wanted:
-            changes.append(Subscribe(packet_id=1, subscriptions=self._requests(retain_handling)))
+        changes: list[Packet] = [Unsubscribe(packet_id=n, topic_filters=(topic_filter,))
+                                 for n, topic_filter in enumerate(stale, 1)]
+        changes += [Subscribe(packet_id=n, subscriptions=(request,))
+                    for n, request in enumerate(self._requests(retain_handling), len(stale) + 1)]
         return changes
+
+    def _send_all(self, link: Link, packets: list[Packet]) -> int:
+        """Send the packets of a link's start; how many went: 0 if one is larger than the server
+        takes, alone as it is, and the link is closed, saying so (it would wait for the answer
+        for good)."""
+        for packet in packets:
+            if not link.send(packet):
+                why = f"a {type(packet).__name__.upper()} of one filter is larger than the server's maximum packet size"
+                log.warn("bridge {name}: {why}: the link is closed", name=self.connection, why=why)
+                link.close(why)
+                return 0
+        return len(packets)
 
     def _requests(self, retain_handling: int) -> tuple[SubscriptionRequest, ...]:
         """The subscriptions of the out topics, as the session is to hold them."""
@@ -355,11 +369,10 @@ class Bridge(Service):
         """CONNACK from this broker: make the session's subscriptions those of the out topics."""
         self._local_receive = connack.properties.get("receive_maximum", 65535)
         changes = self._subscription_changes(retain_handling=0)
-        for packet in changes:
-            link.send(packet)
-        self._pending_acks = len(changes)
-        if not self._pending_acks:
+        if not changes:
             self._both_up()
+        elif self._send_all(link, changes):
+            self._pending_acks = len(changes)
 
     def _both_up(self) -> None:
         assert self.remote is not None and self.local is not None
