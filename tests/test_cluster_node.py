@@ -2169,6 +2169,18 @@ def test_a_session_that_moved_gets_a_shared_copy_as_well_as_its_own(server: Redi
         yield link.close()
 
 
+@inlineCallbacks
+def b_holding(server: RedisServer, client_id: str, *subscriptions: Subscription) -> Any:
+    """Node b (a store of its own), a member with its inbox, holding the session of
+    ``client_id`` with these subscriptions: (b's link, b)."""
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    yield b.register(600_000)
+    yield b.create_inbox()
+    yield holds(b, client_id, *subscriptions)
+    return link, b
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_dead_nodes_message_reaches_its_publisher_by_a_subscription_without_no_local(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -2177,13 +2189,9 @@ def test_a_dead_nodes_message_reaches_its_publisher_by_a_subscription_without_no
     altogether, where # asks for the message [MQTT-3.3.4-2]."""
     clock = Clock()
     broker = yield node_a(server, clock)
-    link = Redis(RedisAddress.parse(server.url))
-    b = RedisStore(link, "b", reactor)
+    link, b = yield b_holding(server, "c", Subscription(client_id="c", topic_filter="t", qos=1, no_local=True),
+                              Subscription(client_id="c", topic_filter="#", qos=1, subscription_id=7))
     try:
-        yield b.register(600_000)
-        yield b.create_inbox()
-        yield holds(b, "c", Subscription(client_id="c", topic_filter="t", qos=1, no_local=True),
-                    Subscription(client_id="c", topic_filter="#", qos=1, subscription_id=7))
         b.forward("b", pack_forwarded(Message(topic="t", payload=b"own", qos=1, sender="c"), (), clock.seconds()))
         yield b.flushed()
         server.client().delete("mqtt:node:b")  # b died
@@ -2239,13 +2247,9 @@ def test_a_dead_nodes_shared_message_does_not_go_back_to_the_bridge_that_sent_it
     node had, the bridge itself."""
     clock = Clock()
     broker = yield node_a(server, clock)
-    link = Redis(RedisAddress.parse(server.url))
-    b = RedisStore(link, "b", reactor)
+    link, b = yield b_holding(server, "br", Subscription(client_id="br", topic_filter="$share/g/t", qos=1,
+                                                         no_local=True, share_group="g"))
     try:
-        yield b.register(600_000)
-        yield b.create_inbox()
-        yield holds(b, "br", Subscription(client_id="br", topic_filter="$share/g/t", qos=1, no_local=True,
-                                          share_group="g"))
         b.forward("b", pack_forwarded(Message(topic="t", payload=b"from br", qos=1, sender="br"),
                                       (("g", "$share/g/t"),), clock.seconds()))
         yield b.flushed()
