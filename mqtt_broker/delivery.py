@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from .message import Message, bare
 from .session import Outgoing, Queued, Session
 from .store import StoreError
-from .topics import SharedGroups, Subscription, Turns, terms
+from .topics import SharedGroups, Subscription, Turns, but_its_sender, terms
 from .wire.packets import MQTT_5
 
 if TYPE_CHECKING:
@@ -274,11 +274,9 @@ class Delivery:
 
     def shared_pool(self, topic: str, members: list[Subscription], sender: str | None = None) -> list[Subscription]:
         """The members of a shared group that a message on ``topic`` (from ``sender``) may go to:
-        those connected that may read it, or if none is, those whose sessions are kept. Not its
-        sender if that member has No Local: a bridge, which is not sent back what it publishes
-        (no client may ask for it on a shared subscription [MQTT-3.8.3-4])."""
-        if sender is not None and any(m.no_local for m in members):
-            members = [m for m in members if not (m.no_local and m.client_id == sender)]
+        those connected that may read it, or if none is, those whose sessions are kept; not its
+        sender, if a bridge (``but_its_sender``)."""
+        members = but_its_sender(members, sender)
         sessions = self.sessions
         if self.security is not None:
             can_read = self.security.can_read

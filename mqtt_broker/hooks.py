@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from .auth import Identity
 from .message import Client, Message
 from .topics import Subscription
-from .wire.codes import ReasonCode
+from .wire.codes import DISCONNECT_CODES, PUBACK_CODES, ReasonCode
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -73,11 +73,10 @@ answer allows)."""
 
 # The refusals each MQTT 5 answer may carry (MQTT 5.0 3.2.2.2, 3.4.2.1, 3.9.3, 3.11.3, 3.14.2.1).
 CONNACK_REFUSALS: frozenset[int] = frozenset({*range(0x80, 0x8B), 0x8C, 0x90, 0x95, 0x97, *range(0x99, 0x9E), 0x9F})
-PUBACK_REFUSALS: frozenset[int] = frozenset({0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99})
+PUBACK_REFUSALS: frozenset[int] = frozenset(code for code in PUBACK_CODES if code >= 0x80)
 SUBACK_REFUSALS: frozenset[int] = frozenset({0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2})
 UNSUBACK_REFUSALS: frozenset[int] = frozenset({0x80, 0x83, 0x87, 0x8F, 0x91})
-DISCONNECT_REFUSALS: frozenset[int] = frozenset(
-    {0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, *range(0x93, 0xA3)})
+DISCONNECT_REFUSALS: frozenset[int] = frozenset(code for code in DISCONNECT_CODES if code >= 0x80)
 
 
 class Hooks:

@@ -363,6 +363,15 @@ class Turns:
         return len(self._counts)
 
 
+def but_its_sender(members: list[Subscription], sender: str | None) -> list[Subscription]:
+    """A shared group's members that may have a message from ``sender``: not the sender if its
+    subscription has No Local, a bridge, which is not sent back what it publishes (no client may
+    ask for it on a shared subscription [MQTT-3.8.3-4])."""
+    if sender is None or not any(m.no_local for m in members):
+        return members
+    return [m for m in members if not (m.no_local and m.client_id == sender)]
+
+
 def terms(subs: list[Subscription]) -> tuple[int, bool, tuple[int, ...], bool]:
     """What overlapping subscriptions of one client come to: one copy at the highest granted QoS,
     carrying every matching subscription identifier [MQTT-3.3.4-3, -5] (see ClientMatch)."""

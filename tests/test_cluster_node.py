@@ -1181,6 +1181,14 @@ def test_retained_messages_are_read_again_from_redis_after_an_outage(server: Red
 
 
 @inlineCallbacks
+def persistent_publisher(broker: BrokerService) -> Any:
+    """Client p of node a (MQTT 5) with a session Redis keeps, once the store has it."""
+    client = yield connect(broker, 5, client_id="p", clean_start=False, properties={"session_expiry_interval": 600})
+    yield broker.store.flushed()
+    return client
+
+
+@inlineCallbacks
 def subscriber(broker: BrokerService, client_id: str, topic_filter: str) -> Any:
     """A client of node a with a session Redis keeps, subscribed at QoS 2."""
     client = yield connect(broker, 5, client_id=client_id, clean_start=False,
@@ -1239,9 +1247,7 @@ def test_a_qos2_publish_whose_session_another_node_claims_before_its_batch_goes_
     try:
         local = yield subscriber(broker, "s", "t")
         broker.cluster.forwarding.add_route("b", "t")
-        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
-                                  properties={"session_expiry_interval": 600})
-        yield broker.store.flushed()
+        publisher = yield persistent_publisher(broker)
         store = broker.store
         store._recovering = True  # (what holds its batches back after a failure: here, until c has claimed)
         publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=7))
@@ -1318,9 +1324,7 @@ def test_a_qos2_message_then_a_disconnect_that_ends_the_session_reaches_the_subs
     broker = yield node_a(server)
     try:
         local = yield subscriber(broker, "s", "t")
-        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
-                                  properties={"session_expiry_interval": 600})
-        yield broker.store.flushed()
+        publisher = yield persistent_publisher(broker)
         publisher.send(Publish(topic="t", payload=b"last", qos=2, packet_id=7),
                        Disconnect(properties={"session_expiry_interval": 0}))
         got: list[Any] = []
@@ -2050,9 +2054,7 @@ def test_a_fenced_qos2_publish_keeps_the_received_counts_consistent(server: Redi
     c = RedisStore(link, "c", reactor)
     try:
         yield subscriber(broker, "s", "t")
-        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
-                                  properties={"session_expiry_interval": 600})
-        yield broker.store.flushed()
+        publisher = yield persistent_publisher(broker)
         store = broker.store
         store._recovering = True  # (the batch waits, as while Redis is away)
         try:
@@ -2076,9 +2078,7 @@ def test_a_qos2_publish_back_from_this_nodes_inbox_is_counted_once(server: Redis
     broker = yield node_a(server)
     try:
         local = yield subscriber(broker, "s", "t")
-        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
-                                  properties={"session_expiry_interval": 600})
-        yield broker.store.flushed()
+        publisher = yield persistent_publisher(broker)
         publisher.send(Publish(topic="t", payload=b"once", qos=2, packet_id=7))
         assert figures.read(broker).publish_received == [0, 0, 1]  # (on its way through the inbox)
         got = yield publishes(local, "the message at s")

@@ -26,7 +26,7 @@ from ..connect import NEVER
 from ..keepalive import cancel
 from ..message import Message
 from ..session import Queued, Session
-from ..topics import SubscriptionTree, Subscription, matches, terms
+from ..topics import SubscriptionTree, Subscription, but_its_sender, matches, terms
 from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
@@ -597,8 +597,7 @@ class Cluster:
         for share, members in groups:  # the sending node chose that node for these groups' members
             if share not in shares:
                 continue
-            # (Not a bridge its own message: see Delivery.shared_pool.)
-            members = [m for m in members if not (m.no_local and m.client_id == message.sender)]
+            members = but_its_sender(members, message.sender)
             if not members:
                 continue
             matched.add(share)

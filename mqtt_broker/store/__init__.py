@@ -12,7 +12,7 @@ has no store at all and pays nothing for one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -152,4 +152,19 @@ def call(function: Callable[..., None], *args: object) -> None:
     function(*args)
 
 
-__all__ = ["Store", "StoreError", "Snapshot", "StoredWill", "fire", "call"]
+def first_within(items: Iterable[Queued], limit: int, max_bytes: int) -> list[Queued]:
+    """The first ``limit`` of ``items`` and, with ``max_bytes``, no more payload bytes than that
+    (the first one whatever its size)."""
+    first: list[Queued] = []
+    size = 0
+    for item in items:
+        if len(first) >= limit:
+            break
+        size += len(item.message.payload)
+        if max_bytes and size > max_bytes and first:
+            break
+        first.append(item)
+    return first
+
+
+__all__ = ["Store", "StoreError", "Snapshot", "StoredWill", "fire", "call", "first_within"]

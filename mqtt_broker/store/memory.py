@@ -7,7 +7,6 @@ it the store to embed where a restart of the service (not of the process) must k
 from __future__ import annotations
 
 import copy
-from typing import Iterable
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -15,22 +14,7 @@ from ..message import Message
 from ..session import Outgoing, Queued, Session
 from ..topics import Subscription
 from ..history import Entry
-from . import Snapshot, StoredWill, call
-
-
-def _first(items: Iterable[Queued], limit: int, max_bytes: int) -> list[Queued]:
-    """The first ``limit`` of ``items`` and, with ``max_bytes``, no more payload bytes than that
-    (the first one whatever its size)."""
-    first: list[Queued] = []
-    size = 0
-    for item in items:
-        if len(first) >= limit:
-            break
-        size += len(item.message.payload)
-        if max_bytes and size > max_bytes and first:
-            break
-        first.append(item)
-    return first
+from . import Snapshot, StoredWill, call, first_within
 
 
 class _Stored:
@@ -71,7 +55,7 @@ class MemoryStore:
             for packet_id, out in stored.outgoing.values():
                 session.track(packet_id, copy.copy(out))
             queued = list(stored.queued.values())
-            kept = _first(queued, window or len(queued), max_bytes)
+            kept = first_within(queued, window or len(queued), max_bytes)
             session.push(*(copy.copy(item) for item in kept))
             session.spilled = len(queued) - len(kept)
             session.loaded_seq = kept[-1].seq if kept else 0
@@ -98,7 +82,7 @@ class MemoryStore:
             return succeed([])
         # (Those up to after_seq still here are the few read and not yet sent: the walk is short.)
         after = (item for seq, item in known[0].queued.items() if seq > after_seq)
-        return succeed([copy.copy(item) for item in _first(after, limit, max_bytes)])
+        return succeed([copy.copy(item) for item in first_within(after, limit, max_bytes)])
 
     def drop_expired(self, client_id: str, after_seq: int, now: float) -> Deferred[int]:
         known = self._sessions.get(client_id)

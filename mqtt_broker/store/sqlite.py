@@ -30,7 +30,7 @@ from ..topics import Subscription
 from ..wire.codes import MQTTError
 from ..wire.packets import PUBLISH
 from ..wire.properties import decode_properties, encode_properties
-from . import Snapshot, StoredWill, StoreError, call, fire
+from . import Snapshot, StoredWill, StoreError, call, fire, first_within
 
 log = Logger()
 _T = TypeVar("_T")
@@ -375,18 +375,11 @@ class SQLiteStore:
     def load_queued(self, client_id: str, after_seq: int, limit: int, max_bytes: int = 0) -> Deferred[list[Queued]]:
         def read() -> list[Queued]:
             assert self._db is not None
-            items: list[Queued] = []
-            size = 0
-            # (Row by row, as the cursor steps: those past max_bytes are never read.)
-            for row in self._db.execute(
-                    "SELECT seq, topic, payload, qos, retain, properties, expires_at, subscription_ids, share, "
-                    "packet_id FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
-                    "ORDER BY seq LIMIT ?", (client_id, after_seq, limit)):
-                size += len(row[2])
-                if max_bytes and size > max_bytes and items:
-                    break
-                items.append(_delivery(row))
-            return items
+            # (Row by row, as the cursor steps: the reading stops at the first past max_bytes.)
+            return first_within(map(_delivery, self._db.execute(
+                "SELECT seq, topic, payload, qos, retain, properties, expires_at, subscription_ids, share, "
+                "packet_id FROM deliveries WHERE client_id = ? AND seq > ? AND packet_id IS NULL "
+                "ORDER BY seq LIMIT ?", (client_id, after_seq, limit))), limit, max_bytes)
         return self._once_written(read)
 
     def _once_written(self, work: Callable[[], _T]) -> Deferred[_T]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from struct import Struct
 from typing import Any, Callable, Final
 
-from .codes import MalformedPacket, PacketTooLarge, ProtocolError, UnsupportedProtocolVersion
+from .codes import (
+    DISCONNECT_CODES, PUBACK_CODES, PUBREL_CODES, MalformedPacket, PacketTooLarge, ProtocolError,
+    UnsupportedProtocolVersion,
+)
 from .packets import (
     AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_3_1, MQTT_3_1_1, MQTT_5, NO_PROPERTIES,
     PACKET_TYPES, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, Auth, Connack, Connect, Disconnect, Packet,
@@ -286,15 +289,6 @@ def _decode_connack(body: bytes, version: int) -> Connack:
     return Connack(session_present=bool(body[0]), reason_code=body[1], properties=properties)
 
 
-# The reason codes each packet may carry (MQTT 5.0 3.4.2.1, 3.5.2.1, 3.6.2.1, 3.7.2.1,
-# 3.14.2.1): another is a protocol error [MQTT-4.13.1-1], as Mosquitto has it.
-_PUBLISH_ACKS: Final = frozenset({0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99})
-_RELEASE_ACKS: Final = frozenset({0x00, 0x92})
-_DISCONNECTS: Final = frozenset({
-    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96,
-    0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2})
-
-
 def _ack_decoder(cls: type, packet_type: int, allowed: frozenset[int]) -> Callable[[bytes, int], Packet]:
     # The packet is built through its slots' own setters: a frozen dataclass's __init__ goes
     # through object.__setattr__ for each field, more than twice the time, and QoS 1/2 costs one
@@ -438,17 +432,17 @@ def _reason_decoder(cls: type, packet_type: int, allowed: frozenset[int] | None)
 _DECODERS: Final[dict[int, Callable[[bytes, int], Packet]]] = {
     CONNECT: _decode_connect,
     CONNACK: _decode_connack,
-    4: _ack_decoder(Puback, 4, _PUBLISH_ACKS),
-    5: _ack_decoder(Pubrec, 5, _PUBLISH_ACKS),
-    6: _ack_decoder(Pubrel, 6, _RELEASE_ACKS),
-    7: _ack_decoder(Pubcomp, 7, _RELEASE_ACKS),
+    4: _ack_decoder(Puback, 4, PUBACK_CODES),
+    5: _ack_decoder(Pubrec, 5, PUBACK_CODES),
+    6: _ack_decoder(Pubrel, 6, PUBREL_CODES),
+    7: _ack_decoder(Pubcomp, 7, PUBREL_CODES),
     SUBSCRIBE: _decode_subscribe,
     9: _decode_suback,
     UNSUBSCRIBE: _decode_unsubscribe,
     11: _decode_unsuback,
     12: _empty(Pingreq),
     13: _empty(Pingresp),
-    DISCONNECT: _reason_decoder(Disconnect, DISCONNECT, _DISCONNECTS),
+    DISCONNECT: _reason_decoder(Disconnect, DISCONNECT, DISCONNECT_CODES),
     AUTH: _reason_decoder(Auth, AUTH, None),  # (checked where it is answered: 0x18 from a server only)
 }
 

@@ -117,3 +117,13 @@ class UnsupportedProtocolVersion(MQTTError):
     """A CONNECT naming a protocol level this broker does not speak (0x84; 3.x return code 1)."""
 
     reason_code = ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
+
+
+# The reason codes each packet may carry (MQTT 5.0 3.4.2.1, 3.5.2.1, 3.6.2.1, 3.7.2.1,
+# 3.14.2.1): another is a protocol error [MQTT-4.13.1-1].
+PUBACK_CODES: frozenset[int] = frozenset({0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99})
+"""PUBACK's and PUBREC's."""
+PUBREL_CODES: frozenset[int] = frozenset({0x00, 0x92})
+"""PUBREL's and PUBCOMP's."""
+DISCONNECT_CODES: frozenset[int] = frozenset(
+    {0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, *range(0x93, 0xA3)})
