@@ -627,6 +627,42 @@ def test_a_remote_that_refuses_the_bridge_bit_is_tried_again_without_it() -> Non
     remote.broker.stopService()
 
 
+def test_an_mqtt5_bridge_whose_remote_speaks_3_1_1_connects_again_at_once_with_3_1_1() -> None:
+    """A remote of 3.1.1 refuses an MQTT 5 CONNECT in its own form (CONNACK 0x01 [MQTT-3.1.2-2]):
+    the bridge connects again at once with 3.1.1, and keeps to it, as Mosquitto's does."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from mqtt_broker.wire import Connack, Suback
+    remote = FakeRemote(version=4, bridge_protocol_version="mqttv50", topic=["t/# both 1"], notifications=False)
+    remote.reactor.advance(1.3)  # the first attempt's back-off, and HostnameEndpoint's steps
+    levels = []
+    for answer in (b"\x20\x02\x00\x01", encode(Connack(reason_code=0), 4) +
+                   encode(Suback(packet_id=1, reason_codes=(1,)), 4)):
+        assert len(remote.reactor.tcpClients) == len(levels) + 1
+        protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        levels.append(transport.value()[8])  # the CONNECT's protocol level
+        protocol.dataReceived(answer)
+        if transport.disconnecting:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        remote.reactor.advance(0.3)  # no back-off: HostnameEndpoint's steps alone
+    bridge = remote.bridge
+    assert bridge is not None and levels == [5, 0x84]  # (3.1.1 with try_private's bit)
+    assert (bridge.state, bridge.remote.version, bridge.stats.failures) == ("connected", 4, 0)  # type: ignore[union-attr]
+    bridge.restart()  # (the admin API's): MQTT 5 is tried again
+    protocol.connectionLost(Failure(ConnectionDone()))
+    remote.reactor.advance(0.3)
+    protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert (len(remote.reactor.tcpClients), transport.value()[8]) == (3, 5)
+    remote.broker.stopService()
+
+
 # --- before the remote is first reached ------------------------------------------------------------
 
 def sent_out(remote: FakeRemote) -> list[tuple[str, bytes, int]]:

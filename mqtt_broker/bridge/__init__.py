@@ -38,7 +38,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ..wire import (
-    MQTT_3_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
+    MQTT_3_1, MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 from ..message import is_utf8
@@ -102,6 +102,8 @@ class Bridge(Service):
         self._will_qos = 1
         self._private = True
         """Whether an MQTT 3 CONNECT says it is a bridge (try_private): not after a remote refused it."""
+        self._version = config.version
+        """The protocol level of the CONNECT: 3.1.1 once a remote of 3.1.1 refused MQTT 5."""
         self._local_receive = broker.config.max_inflight_messages
         self._inbound: set[int] = set()
         """Ids of QoS 1/2 messages from the remote not yet completed here, at most this
@@ -136,6 +138,7 @@ class Bridge(Service):
         self._cancel_retry()
         self._attempt = 0
         self._address_index = 0
+        self._version = self.config.version  # (the remote may speak MQTT 5 by now)
         if self.remote is not None or self.local is not None:
             self._restarting = True
             self._say_disconnected()
@@ -210,7 +213,7 @@ class Bridge(Service):
 
     def _remote_connect(self) -> Connect:
         config = self.config
-        version = config.version
+        version = self._version
         properties: dict[str, Any] = {}
         if version == MQTT_5:
             properties = {"receive_maximum": self._local_receive}
@@ -577,6 +580,11 @@ class Bridge(Service):
                 self._will_qos = 0  # (a remote of Maximum QoS 0: the will at QoS 1 was refused)
             elif link.refused == 0x01 and link.connect.bridge:
                 self._private = False  # (refused for try_private's bit, as Mosquitto: tried without it)
+            elif link.refused == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION and link.version == MQTT_5:
+                log.info("bridge {name}: {address} does not speak MQTT 5; connecting with 3.1.1",
+                         name=self.connection, address=self.address)
+                self._version = MQTT_3_1_1  # as Mosquitto's bridge: at once, and from then on
+                self._restarting = True
         elif link is self.local:
             self.local = None
         else:

@@ -188,7 +188,8 @@ class BridgeConfig:
     drops. The session on this broker is always kept, so nothing queued here is lost; the QoS 2
     messages the remote was part way through may be lost or come twice (docs/bridges.md)."""
     bridge_protocol_version: str = "mqttv311"
-    """The MQTT version spoken to the remote: ``mqttv31``, ``mqttv311`` or ``mqttv50``."""
+    """The MQTT version spoken to the remote: ``mqttv31``, ``mqttv311`` or ``mqttv50`` (with which
+    a remote that speaks 3.1.1 only is spoken to in 3.1.1, until the bridge is restarted)."""
     keepalive_interval: int = 60
     """Keepalive asked of the remote, in seconds (0 to 65535)."""
     restart_timeout: tuple[float, float] = (5.0, 30.0)
