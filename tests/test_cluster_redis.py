@@ -294,6 +294,89 @@ def test_a_blocking_read_on_a_connection_that_never_answers_times_out(
         yield listening.stopListening()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_subscribed_connection_gone_without_a_word_is_found_by_the_heartbeat_and_made_again(
+        server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    """The connection subscribed to the control channel only listens: gone without a word (a NAT
+    that forgot it, a Redis host power-cycled), nothing found it, and the node missed every route
+    and retained change from then on (a message for a filter subscribed on another node since
+    was not forwarded there). Each heartbeat pings it, under the reply timer."""
+    import txredisapi
+    from twisted.protocols import portforward
+
+    clock = Clock()
+    monkeypatch.setattr(txredisapi.RedisProtocol, "callLater", clock.callLater)  # (its reply timers)
+    relays: list[Any] = []
+
+    class Relay(portforward.ProxyServer):
+        def connectionMade(self) -> None:
+            relays.append(self)
+            super().connectionMade()
+
+        def dataReceived(self, data: bytes) -> None:
+            if self.peer is not None:  # (cut: the node's side hears nothing from now on)
+                super().dataReceived(data)
+
+    relay = portforward.ProxyFactory("127.0.0.1", server.port)
+    relay.protocol = Relay
+    listening = reactor.listenTCP(0, relay, interface="127.0.0.1")
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster_node_id="a", close_linger=0,
+                           cluster=f"redis://127.0.0.1:{listening.getHost().port}/0")
+    broker.startService()
+    admin = server.client()
+
+    def listeners() -> int:
+        return int(admin.pubsub_numsub("mqtt:control")[0][1])
+    try:
+        yield broker.cluster.ready
+        subscribed = broker.cluster.redis._subscriber.pool
+        clock.advance(1.0)  # a heartbeat, its ping answered: the connection stays
+        assert any(p.replyQueue.waiting for p in subscribed)
+        yield until(lambda: not any(p.replyQueue.waiting for p in subscribed), "the ping to be answered")
+        clock.advance(30.1)
+        assert (len(relays), listeners()) == (3, 1)
+        for cut in relays:  # Redis sees the node's connections close; the node sees nothing
+            upstream, cut.peer = cut.peer, None
+            if upstream is not None:
+                upstream.peer = None
+                upstream.transport.unregisterProducer()  # (or closing it stops its producer: the node's side)
+                upstream.transport.abortConnection()
+        yield until(lambda: listeners() == 0, "Redis to see the subscriber go")
+        clock.advance(1.0)  # a heartbeat
+        clock.advance(30.1)  # the reply timeout: the connections are made again, through the relay
+        yield until(lambda: listeners() == 1, "the node to listen to the control channel again")
+    finally:
+        yield broker.stopService()
+        yield listening.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_sends_redis_nothing_for_the_note_a_disk_store_keeps_that_the_broker_lives(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """The broker notes to a store that keeps it (SQLite's ``alive(now)``) that it lives, every
+    ALIVE_EVERY, finding the method by its name: it found the Redis store's ``alive(node)`` and
+    asked Redis each minute whether a node named after the clock was alive, a Deferred nothing
+    waited on (a reply timeout was logged as an unhandled error)."""
+    from mqtt_broker.broker import ALIVE_EVERY
+    clock = Clock()
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
+                           close_linger=0, sys_interval=0)  # (the $SYS figures count the live nodes)
+    broker.startService()
+    admin = server.client()
+
+    def asked() -> int:
+        return int(admin.info("commandstats").get("cmdstat_exists", {}).get("calls", 0))
+    try:
+        yield broker.cluster.ready
+        broker.cluster.survivor.stop()  # (its heartbeats ask whether the members are alive)
+        before = asked()
+        clock.advance(ALIVE_EVERY)
+        yield broker.cluster.redis.call("PING")  # (answered after whatever was sent before it)
+        assert asked() == before
+    finally:
+        yield broker.stopService()
+
+
 @pytest.mark.parametrize("url", [
     "redis://127.0.0.1:70000/0", "redis://127.0.0.1:0/0", "redis://127.0.0.1:-1/0", "redis://127.0.0.1:6379/-1",
     "redis://127.0.0.1:6379/0?password=secret", "redis://127.0.0.1:6379/0#x"])

@@ -273,13 +273,21 @@ class Redis:
         reconnections (messages sent while the connection is down are lost: pub/sub keeps none)."""
         self._handlers[channel.encode()] = handler
         if self._subscriber is None:
+            # (SUBSCRIBE has no reply timer; the pings sent by ``ping_subscribed`` have one.)
             self._subscriber = self._connect(_Factory, _SentinelFactory, self._subscribe_all, None,
-                                             reply_timeout=None,
                                              protocol=_SentinelSubscriber if self._sentinel else _Subscriber)
             self._subscriber.received = self._received
         else:
             for protocol in self._subscriber.pool:
                 protocol.subscribe([channel]).addErrback(_subscribe_failed, channel)
+
+    def ping_subscribed(self) -> None:
+        """PING the subscribed connection, which only listens: gone without a word (a NAT that
+        forgot it, a host power-cycled), its reply timer finds it, and it is made again and
+        subscribes anew (``on_subscribed``)."""
+        for protocol in self._subscriber.pool if self._subscriber is not None else ():
+            if protocol.connected:
+                protocol.execute_command("PING").addErrback(lambda _: None)  # (the timer closed it)
 
     def _subscribe_all(self, protocol: Any) -> None:
         subscribed = protocol.subscribe([channel.decode() for channel in self._handlers])

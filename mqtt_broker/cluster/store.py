@@ -494,7 +494,7 @@ class RedisStore:
         good. False (and nothing done) if the node is alive again."""
         return self.redis.run(FORGET, "drop", dead, DROPPED_MARKER_TTL).addCallback(bool)
 
-    def alive(self, node: str) -> Deferred[bool]:
+    def node_alive(self, node: str) -> Deferred[bool]:
         return self.redis.call("EXISTS", f"mqtt:node:{node}").addCallback(bool)
 
     def claim(self, client_id: str, clean_start: bool, window: int, required: str = "",

@@ -75,6 +75,7 @@ class Survivor:
             return
         # (a member again if it was taken for dead and dropped: paused longer than its lives)
         self.register()
+        cluster.redis.ping_subscribed()
         self.check_nodes().addErrback(self.failed)
 
     def register(self) -> None:
@@ -170,7 +171,7 @@ class Survivor:
                 # since: its routes, its inbox, its membership.
                 if (yield store.forget_node(dead)):
                     yield deferLater(cluster.clock, 2 * self.ttl_ms / 1000, lambda: None)
-                    if not (yield store.alive(dead)):
+                    if not (yield store.node_alive(dead)):
                         yield self._drain(dead, former)
                         if (yield store.drop_node(dead)):
                             return
