@@ -104,7 +104,6 @@ class Subscribing:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             elif security is not None and self.identity is not None and not security.can_subscribe(self.identity,
                                                                                                topic_filter):
-                tally(self.stats.subscriptions_refused, ReasonCode.NOT_AUTHORIZED.name)
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
             else:
                 wanted.append(Subscription(
@@ -138,9 +137,12 @@ class Subscribing:
         for index, (subscription, answer) in enumerate(zip(wanted, answers)):
             if not isinstance(subscription, Subscription):
                 codes.append(subscription)
+                tally(self.stats.subscriptions_refused, subscription.name)
                 continue
             if isinstance(answer, Refused):
-                codes.append(answer.code(ReasonCode.UNSPECIFIED_ERROR, SUBACK_REFUSALS))
+                code = answer.code(ReasonCode.UNSPECIFIED_ERROR, SUBACK_REFUSALS)
+                codes.append(code)
+                tally(self.stats.subscriptions_refused, ReasonCode(code).name)
                 if answer.reason_string:
                     reasons.append(answer.reason_string)
                 continue

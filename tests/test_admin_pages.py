@@ -24,7 +24,7 @@ KEY = "pages-key"
 
 
 def started(**settings: Any) -> tuple[BrokerService, ApiResource]:
-    broker = make_broker(http_api_keys=[hash_key(KEY)], sys_interval=0, **settings)
+    broker = make_broker(http_api_keys=[hash_key(KEY)], **{"sys_interval": 0, **settings})
     broker.startService()
     return broker, ApiResource(broker, broker.operations)
 
@@ -210,3 +210,111 @@ def test_the_document_gives_every_change_its_503() -> None:
     assert [(method, path) for path, item in document["paths"].items() for method, operation in item.items()
             if method in ("post", "delete") and "503" not in operation["responses"]] == []
 
+
+
+# --- paths, keys and refusals a second look found wrong ------------------------------------------------
+
+def test_a_path_with_utf8_as_it_is_names_the_client_and_the_topic_it_says() -> None:
+    """A path holding UTF-8 as it is (curl sends it so; the query is read as UTF-8) was read as
+    Latin-1: the client 'café' was looked for as 'cafÃ©', and a kick missed it."""
+    broker, api = started()
+    client = connected(broker, "café")
+    broker.route_own("température/salon", b"21", retain=True)
+    status, answer = call(api, "GET", "/api/v1/retained/température/salon")
+    assert (status, answer["topic"]) == (200, "température/salon")
+    assert call(api, "DELETE", "/api/v1/clients/café")[0] == 200
+    assert client.protocol.state.name == "CLOSED"
+    request = DummyRequest([b""])
+    request.method, request.path = b"GET", b"/api/v1/clients/caf\xe9"  # (not UTF-8)
+    request.requestHeaders.addRawHeader(b"authorization", f"Bearer {KEY}".encode())
+    assert json.loads(api.render(request)) == {"error": "path is not UTF-8 once percent-decoded"}
+    assert request.responseCode == 400
+
+
+def test_a_key_beyond_ascii_is_taken_as_operations_md_hashes_it() -> None:
+    """operations.md hashes a key one already has as UTF-8; the header was read as Latin-1 and
+    encoded again as UTF-8, so such a key never matched."""
+    key = "clé-secrète-0123456789"
+    broker = make_broker(http_api_keys=["ops:" + hash_key(key)], sys_interval=0)
+    broker.startService()
+    api = ApiResource(broker, broker.operations)
+    for header in (b"authorization", b"x-api-key"):
+        request = DummyRequest([b""])
+        request.method, request.path = b"GET", b"/api/v1/stats"
+        request.requestHeaders.addRawHeader(header, (b"Bearer " if header == b"authorization" else b"") + key.encode())
+        api.render(request)
+        assert request.responseCode in (None, 200), header
+
+
+def test_the_admin_site_mounted_under_a_path_of_ones_own_answers_its_api() -> None:
+    """operations.md: the site is there "to mount in their own twisted.web tree", and the
+    dashboard asks for its API by a relative URL ("api/v1"). Mounted at /admin/, every API call
+    answered 404: the API read the request's whole path and wanted it to begin with /api/v1."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    broker, _ = started()
+    root = Resource()
+    root.putChild(b"admin", broker.operations.site().resource)
+    site = Site(root)
+    answers = []
+    for path in (b"/admin/api/v1/health", b"/admin/api/v1/stats", b"/admin/api/v2/stats"):
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+        answers.append(transport.value().split(b"\r\n", 1)[0])
+    assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]
+
+
+def test_deleting_an_expired_retained_message_is_404_as_reading_it() -> None:
+    """GET /retained/{topic} answers 404 for a retained message that expired (not swept yet);
+    DELETE answered 204 "Deleted" for the message the API says is not there."""
+    broker, api = started()
+    publisher = connected(broker, "pub", version=5)
+    publisher.publish("status/x", b"stale", retain=True, properties={"message_expiry_interval": 1})
+    broker.reactor.advance(5)
+    assert call(api, "GET", "/api/v1/retained/status/x")[0] == 404
+    assert call(api, "DELETE", "/api/v1/retained/status/x")[0] == 404
+
+
+def test_paging_values_the_document_allows_are_taken() -> None:
+    """openapi.json gives offset and payload_max a minimum of 0 and no maximum; the API answered
+    400 to an offset past 2**31 and a payload_max past the largest packet."""
+    broker, api = started()
+    broker.route_own("r/t", b"v", retain=True)
+    status, answer = call(api, "GET", "/api/v1/clients?offset=3000000000")
+    assert (status, answer["items"]) == (200, [])
+    status, answer = call(api, "GET", "/api/v1/retained?payload_max=300000000")
+    assert (status, [item["payload"] for item in answer["items"]]) == (200, ["v"])
+    assert call(api, "GET", "/api/v1/clients?offset=" + "9" * 5000)[0] == 400  # (no number that long)
+
+
+def test_a_sys_value_cannot_be_replaced_through_the_api() -> None:
+    """$SYS values are published again when they change or are deleted (operations.md): one
+    replaced (POST /publish, retained, on $SYS/broker/version) kept the false value for good.
+    The API takes no PUBLISH there, as from a client."""
+    broker, api = started(sys_interval=10)
+    status, answer = call(api, "POST", "/api/v1/publish",
+                          b'{"topic": "$SYS/broker/version", "payload": "mosquitto version 1.0", "retain": true}')
+    assert (status, answer["error"]) == (400, "'$SYS/broker/version' is reserved: $SYS topics are the broker's own, "
+                                              "$share names shared subscriptions")
+    broker.reactor.advance(10)
+    version = broker.retained.get("$SYS/broker/version")
+    assert version is not None and version.payload.startswith(b"mqtt_broker version")
+
+
+def test_every_subscription_a_suback_refuses_is_counted_by_its_reason() -> None:
+    """mqtt_subscriptions_refused_total: "topic filters refused in SUBACKs"; a hook's refusal
+    (and an invalid filter's) was counted nowhere."""
+    from mqtt_broker.admin import figures
+    from mqtt_broker.hooks import Refused
+    from mqtt_broker.wire.codes import ReasonCode
+    broker, _ = started(wildcard_subscription_available=False)
+    broker.hooks.on_subscribe(lambda client, subscription: Refused(ReasonCode.QUOTA_EXCEEDED)
+                              if subscription.topic_filter == "busy" else subscription.topic_filter != "secret")
+    client = connected(broker, "s", version=5)
+    [suback] = client.subscribe("secret", "busy", "a/#", "ok")
+    assert list(suback.reason_codes) == [0x80, 0x97, 0xA2, 0]
+    assert figures.read(broker).subscriptions_refused == {
+        "UNSPECIFIED_ERROR": 1, "QUOTA_EXCEEDED": 1, "WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED": 1}

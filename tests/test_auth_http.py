@@ -387,7 +387,7 @@ async def test_client_id_and_username_in_the_answers_filters(service: tuple[Auth
         assert await granted("dev-2", "bob", "devices/dev-2/x", "inbox/bob/x", "inbox/alice/x") == (0, 0, 0x87)
         assert await granted("dev-3", "h#", "devices/dev-3/#", "inbox/h#/x", "inbox/#", "news/x") == (
             0x87, 0x8F, 0x87, 0)  # "inbox/h#/x" is no filter at all (0x8F)
-        assert broker.stats.subscriptions_refused == {"NOT_AUTHORIZED": 6}
+        assert broker.stats.subscriptions_refused == {"NOT_AUTHORIZED": 6, "TOPIC_FILTER_INVALID": 1}
         assert len(resource.requests) == 3
     finally:
         await broker.stopService()

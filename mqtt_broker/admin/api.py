@@ -35,7 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..connecting import tally
 from ..history import REPLAY_PREFIX
-from ..topics import Subscription, has_wildcard, split_shared, valid_topic_filter, valid_topic_name
+from ..topics import Subscription, has_wildcard, reserved, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
 from . import figures
@@ -115,6 +115,17 @@ class Route:
 
 
 
+def _below_mount(request: Request) -> str:
+    """The request's path from ``/api`` on, read as UTF-8: the site may be mounted in an
+    embedder's own tree, below a path of theirs (``prepath`` ends with this resource's ``api``;
+    it is empty for a request rendered here directly)."""
+    below = request.path.split(b"/")[max(len(request.prepath or ()), 1) + 1:]
+    try:
+        return "/".join(["/api", *(segment.decode("utf-8") for segment in below)])
+    except UnicodeDecodeError:
+        raise ApiError(400, "path is not UTF-8 once percent-decoded") from None
+
+
 class ApiResource(Resource):
     """``/api`` of the admin site; everything below it is dispatched through :data:`ROUTES`."""
 
@@ -130,9 +141,9 @@ class ApiResource(Resource):
         method = request.method.decode("ascii", "replace")
         if method == "HEAD":
             method = "GET"
-        path = request.path.decode("latin-1")
         key_id: str | None = None
         try:
+            path = _below_mount(request)
             if not (path == PREFIX or path.startswith(PREFIX + "/")):
                 raise ApiError(404, f"no such API path {path!r}; the API is under {PREFIX}")
             segments = path[len(PREFIX) + 1:].split("/")
@@ -425,7 +436,7 @@ class ApiResource(Resource):
         now = self.broker.clock.seconds()  # (one expired is gone [MQTT-3.3.2-5], swept away or not yet)
         messages = sorted((m for m in messages if not m.expired(now)), key=lambda m: m.topic)
         # (A page of a thousand payloads of 16 MiB each, encoded on the reactor thread, would stall it.)
-        payload_max = int_arg(request, "payload_max", MAX_REMAINING_LENGTH, 0, MAX_REMAINING_LENGTH)
+        payload_max = min(int_arg(request, "payload_max", MAX_REMAINING_LENGTH, 0), MAX_REMAINING_LENGTH)
         return 200, page(request, messages, lambda message: message_json(message, payload_max))
 
     def _retained_topic(self, topic: str) -> str:
@@ -441,7 +452,9 @@ class ApiResource(Resource):
 
     def _delete_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
         topic = self._retained_topic(topic)
-        if not self.broker.delete_retained(topic):
+        message = self.broker.retained.get(topic)
+        expired = message is not None and message.expired(self.broker.clock.seconds())
+        if not self.broker.delete_retained(topic) or expired:  # (an expired one goes all the same)
             raise ApiError(404, f"no retained message on {topic!r}")
         log.info("admin API: key {key} deletes the retained message of {topic!r}", key=key_id, topic=topic)
         return 204, None
@@ -451,6 +464,9 @@ class ApiResource(Resource):
         topic = body_field(body, "topic", str)
         if not valid_topic_name(topic) or "\x00" in topic:
             raise ApiError(400, f"invalid topic name {topic!r}")
+        if reserved(topic):  # (as a client's PUBLISH)
+            raise ApiError(400, f"{topic!r} is reserved: $SYS topics are the broker's own, $share names shared "
+                                "subscriptions")
         encoding = body_field(body, "payload_encoding", str, "utf-8")
         text = body_field(body, "payload", str, "")
         if encoding == "utf-8":

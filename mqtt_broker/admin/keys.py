@@ -64,15 +64,16 @@ class KeyRing:
 
 
 def presented_key(request: Any) -> str | None:
-    """The key a twisted.web request carries, or None."""
+    """The key a twisted.web request carries, or None. Read as UTF-8, as keys are hashed (bytes
+    that are not UTF-8 match no key)."""
     authorization = request.getHeader(b"authorization")
     if authorization:
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        scheme, _, token = authorization.decode("utf-8", "replace").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     header = request.getHeader(b"x-api-key")
     if header:
-        return header.decode("latin-1").strip() or None
+        return header.decode("utf-8", "replace").strip() or None
     return None
 
 

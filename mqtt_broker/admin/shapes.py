@@ -156,7 +156,7 @@ def _query(request: Any, name: str) -> bytes | None:
     return None
 
 
-def int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
+def int_arg(request: Any, name: str, default: int, low: int, high: int | None = None) -> int:
     raw = _query(request, name)
     if not raw:
         return default
@@ -164,8 +164,8 @@ def int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
         value = int(raw)
     except ValueError:
         raise ApiError(400, f"query parameter {name!r} must be an integer") from None
-    if not low <= value <= high:
-        raise ApiError(400, f"query parameter {name!r} must be in {low}..{high}")
+    if value < low or (high is not None and value > high):
+        raise ApiError(400, f"query parameter {name!r} must be in {low}..{'' if high is None else high}")
     return value
 
 
@@ -183,7 +183,7 @@ def str_arg(request: Any, name: str) -> str | None:
 def page(request: Any, items: list[Any], render: Callable[[Any], Any]) -> dict[str, Any]:
     """The page of ``items`` the request asks for, each made JSON by ``render``: only the page,
     as a list may hold a hundred thousand sessions."""
-    offset = int_arg(request, "offset", 0, 0, 2**31)
+    offset = int_arg(request, "offset", 0, 0)
     limit = int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     return {"total": len(items), "offset": offset, "limit": limit,
             "items": [render(item) for item in items[offset:offset + limit]]}
