@@ -901,6 +901,87 @@ def test_a_database_of_a_later_schema_is_refused_and_left_as_it_was(tmp_path: Pa
         assert db.execute("PRAGMA user_version").fetchone() == (VERSION,)
 
 
+@pytest.mark.parametrize("tables", [
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO users VALUES (1, 'x');",
+    "CREATE TABLE sessions (id INTEGER PRIMARY KEY, token TEXT); INSERT INTO sessions VALUES (1, 'x');"],
+    ids=["its own tables", "a table of one of our names"])
+@pytest_twisted.inlineCallbacks
+def test_a_database_of_another_program_is_refused_and_left_as_it_was(
+        tmp_path: Path, tables: str) -> Iterator[Deferred[Any]]:
+    """Another program's SQLite file (a wrong data_dir, a file copied there) was taken over: the
+    broker's tables added, its journal made WAL, its user_version set; then used, or refused as
+    damaged once written to."""
+    path = tmp_path / "mqttbroker.db"
+    with closing(sqlite3.connect(str(path))) as db:
+        db.executescript(tables)
+        db.commit()
+    before = path.read_bytes()
+    store = SQLiteStore(path, reactor)
+    try:
+        with pytest.raises(StoreError, match=f"{path} is not a database of mqtt_broker"):
+            store.load()
+    finally:
+        yield store.close()
+    assert path.read_bytes() == before and not path.with_name(path.name + "-wal").exists()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_damaged_database_is_refused_before_anything_is_written_to_it(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """Its journal was made WAL and its user_version set before quick_check found the damage."""
+    yield fill(sqlite)
+    data = bytearray(sqlite.path.read_bytes())
+    for number in (10, 20, 30):  # pages inside the tables, the header intact
+        data[number * 4096:(number + 1) * 4096] = os.urandom(4096)
+    sqlite.path.write_bytes(bytes(data))
+    with closing(sqlite3.connect(str(sqlite.path))) as db:
+        db.execute("PRAGMA journal_mode=DELETE")  # (as another program may have left it)
+    before = sqlite.path.read_bytes()
+    yield refused_at_load(sqlite.path)
+    assert sqlite.path.read_bytes() == before
+
+
+DAMAGED_ROWS = {
+    "a delivery's payload as text": "INSERT INTO deliveries VALUES ('s',1,'t','text',1,0,X'00',NULL,'[]',NULL,NULL,0)",
+    "a delivery's subscription ids null": "INSERT INTO deliveries VALUES ('s',1,'t',X'01',1,0,X'00',NULL,'null',NULL,NULL,0)",
+    "a delivery's packet id as text": "INSERT INTO deliveries VALUES ('s',1,'t',X'01',1,0,X'00',NULL,'[]',NULL,'x',0)",
+    "a session's expiry as text": "UPDATE sessions SET expiry = 'x'",
+    "a session's disconnection time as text": "UPDATE sessions SET disconnected_at = 'x'",
+    "a will's due time as text": "INSERT INTO wills VALUES ('w',NULL,'t',X'01',1,0,X'00',NULL,'x')",
+    "a retained message's expiry as text": "INSERT INTO retained VALUES ('r',X'01',1,X'00','x',NULL)",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_ROWS))
+@pytest_twisted.inlineCallbacks
+def test_a_row_of_damaged_content_is_refused_as_a_damaged_database(
+        tmp_path: Path, damage: str) -> Iterator[Deferred[Any]]:
+    """As a damaged properties blob is: the pages are sound (quick_check passes), a value is not
+    of its column's type. Start-up stopped with a TypeError traceback (twistd printed 28 lines)
+    or, for a packet id, went on with it."""
+    from twisted.internet.task import Clock
+
+    from mqtt_broker import BrokerService
+    from mqtt_broker.store.sqlite import APPLICATION_ID, SCHEMA, VERSION
+    path = tmp_path / "mqttbroker.db"
+    with closing(sqlite3.connect(str(path))) as db:
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version = {VERSION}")
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute("INSERT INTO sessions VALUES ('s', 100, 1.0, 1)")
+        db.execute(DAMAGED_ROWS[damage])
+        db.commit()
+    clock = Clock()
+    clock.advance(10)
+    store = SQLiteStore(path, reactor)
+    broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, store=store)
+    try:
+        with pytest.raises(StoreError) as caught:
+            broker.startService()
+        assert_tells_what_to_do(caught.value, path)
+    finally:
+        yield store.close()
+
+
 @pytest.mark.parametrize("error, name", [("attempt to write a readonly database", "SQLITE_READONLY"),
                                          ("database or disk is full", "SQLITE_FULL"),
                                          ("disk I/O error", "SQLITE_IOERR_WRITE")])

@@ -42,6 +42,10 @@ VERSION = 1
 """The schema's version (``PRAGMA user_version``; 0.1.0's databases have 0). A database of a later
 one is refused: this release would not know what it holds."""
 
+APPLICATION_ID = 0x4D515442
+"""``PRAGMA application_id`` of the broker's databases ("MQTB"), which says another program's
+file from this broker's (those made before it was set hold only this broker's tables)."""
+
 _CANNOT_WRITE = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_PERM")
 """Errors of the disk, not of the database: moving the file away would lose sound data."""
 
@@ -186,8 +190,63 @@ def _delivery(row: tuple[Any, ...]) -> Queued:
     share, packet_id)."""
     seq, topic, payload, qos, retain, properties, expires_at, ids, share, _ = row
     message = _message(topic, payload, qos, retain, properties, expires_at)
-    return Queued(message, qos, bool(retain), tuple(json.loads(ids)),
-                  tuple(json.loads(share)) if share else None, seq)  # type: ignore[arg-type]
+    ids, share = json.loads(ids), json.loads(share) if share else None
+    if not (isinstance(ids, list) and all(type(i) is int for i in ids)) or not (
+            share is None or (isinstance(share, list) and len(share) == 2 and all(type(s) is str for s in share))):
+        raise ValueError(f"a queued message's subscription ids or share group: {row[7]!r}, {row[8]!r}")
+    return Queued(message, qos, bool(retain), tuple(ids), tuple(share) if share else None,  # type: ignore[arg-type]
+                  seq)
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, dict[str, tuple[str, bool]]]:
+    """Each table's columns: (declared type, whether NULL is refused)."""
+    names = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name NOT LIKE 'sqlite_%'")]
+    return {name: {column: (kind.upper(), bool(not_null or key))
+                   for _, column, kind, not_null, _, key in db.execute(f'PRAGMA table_info("{name}")')}
+            for name in names}
+
+
+def _schema_tables() -> dict[str, dict[str, tuple[str, bool]]]:
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        return _tables(db)
+    finally:
+        db.close()
+
+
+_OURS = _schema_tables()
+"""This release's tables, and their columns."""
+
+
+def _not_ours(db: sqlite3.Connection, path: Path) -> str | None:
+    """Why the database at ``path`` is not to be opened (another program's, a later release's),
+    read without writing; None if it is this broker's, or empty."""
+    application = db.execute("PRAGMA application_id").fetchone()[0]
+    if application != APPLICATION_ID and (application != 0 or any(
+            name not in _OURS or not set(columns) <= set(_OURS[name]) for name, columns in _tables(db).items())):
+        return f"{path} is not a database of mqtt_broker (another program's?): give the broker a data_dir of its own"
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > VERSION:
+        return (f"{path} was written by a later release of mqtt_broker (its schema {version}, this release's "
+                f"{VERSION}): start that release, or an empty store")
+    return None
+
+
+_SQLITE_TYPES = {"INTEGER": "'integer'", "REAL": "'real', 'integer'", "TEXT": "'text'", "BLOB": "'blob'"}
+"""What ``typeof`` may say of a value of each declared type (SQLite stores any type in any column)."""
+
+
+def _check_types(db: sqlite3.Connection) -> None:
+    """Every value of this broker's tables is of its column's type: a damaged row is refused
+    here, not met as a TypeError by whatever reads it."""
+    for name, columns in _OURS.items():
+        wrong = " OR ".join(f"typeof({column}) NOT IN ({_SQLITE_TYPES[kind]}{'' if required else ', ' + repr('null')})"
+                            for column, (kind, required) in columns.items())
+        found = db.execute(f"SELECT rowid FROM {name} WHERE {wrong} LIMIT 1").fetchone()
+        if found is not None:
+            raise sqlite3.DatabaseError(f"damaged: a row of {name} holds a value not of its column's type")
 
 
 class SQLiteStore:
@@ -245,12 +304,15 @@ class SQLiteStore:
         self._take_lock()
         try:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > VERSION:
+            # Nothing is written before the file is known to be this broker's, and sound.
+            refusal = _not_ours(db, self.path)
+            if refusal is not None:
                 self._release_lock()
                 db.close()
-                raise StoreError(f"{self.path} was written by a later release of mqtt_broker (its schema "
-                                 f"{version}, this release's {VERSION}): start that release, or an empty store")
+                raise StoreError(refusal)
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
@@ -260,9 +322,8 @@ class SQLiteStore:
                     # retained, a bridge's that came back to it the most.)
                     db.execute(f"ALTER TABLE {table} ADD COLUMN sender TEXT")
             db.execute(f"PRAGMA user_version = {VERSION}")
-            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            _check_types(db)
             snapshot = self._read(db, window, max_bytes)
         except (sqlite3.Error, OSError, ValueError, MQTTError) as e:  # (MQTTError: a damaged properties blob)
             self._release_lock()
