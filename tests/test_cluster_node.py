@@ -21,7 +21,7 @@ from mqtt_broker.cluster.codec import (
     HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
 from mqtt_broker.cluster.redis import Redis
-from mqtt_broker.cluster.store import RedisStore
+from mqtt_broker.cluster.store import CLAIM, RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.store import StoredWill
 from mqtt_broker.topics import Subscription
@@ -2261,3 +2261,231 @@ def test_a_dead_nodes_shared_message_does_not_go_back_to_the_bridge_that_sent_it
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+# --- a node taken for dead that is not -------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_taken_for_dead_that_beats_again_before_the_claim_keeps_its_clients(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c is connected to node b, with a will (delay 0). b stalls past its heartbeats; a, its
+    survivor, judges it dead and starts adopting it; b beats again (its pause over) before a's
+    claim of c. The claim took c all the same, leaving b the will, and b, letting c go (0x8E),
+    published it; a published it again, from the claim's reply. The adoption stops there
+    (docs/cluster.md): c stays on b, and no will goes."""
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock)
+    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
+                      close_linger=0)
+    b.startService()
+    try:
+        yield b.cluster.ready
+        watcher = yield connect(a, client_id="watcher")
+        watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=0),)))
+        yield a.store.flushed()
+        watcher.received()
+        c = yield connect(b, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
+                          will=Will(topic="wills/c", payload=b"c is gone", qos=0, retain=False))
+        yield b.store.flushed()
+        c.received()
+        server.client().delete("mqtt:node:b")  # b stalled past its heartbeats: a judges it dead
+        clients_of = a.store.clients_of
+        ttl = b.cluster.survivor.ttl_ms
+        # (b's pause ends, and it beats, between a's judgement and a's claim of c)
+        a.store.clients_of = lambda node: b.store.beat(ttl).addCallback(lambda _: clients_of(node))
+        adopting = a.cluster.survivor.adopt("b").addErrback(a.cluster.survivor.failed)
+        yield until(lambda: adopting.called, "the adoption's end (b is alive: it stops there)")
+        yield a.store.flushed()
+        yield b.store.flushed()
+        assert not c.closed and "c" not in a.sessions and server.client().hget("mqtt:owner:c", "node") == b"b"
+        assert (a.stats.wills_published, b.stats.wills_published) == (0, 0)
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_paused_past_its_adoption_routes_its_filters_again_once_back(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node x holds s1 and s2, connected, both subscribed to "t". x pauses (its clock stops)
+    long enough for a, its survivor, to adopt both and forget x (routes:x deleted, 'G': every
+    node forgets x's routes), then drop it. x's pause ends: it beats again, lets s1 and s2 go
+    (0x8E), and s1's client reconnects to x at once. x held "t" throughout (s2's copy is kept
+    while the routes settle), so it never announces it again: no node routes "t" to x, and a
+    QoS 1 message published on a never reaches s1 (acknowledged, and lost for s1)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock)
+    x_clock = Clock()
+    x_clock.advance(1000.0)
+    x = BrokerService(endpoints=[], reactor=reactor, clock=x_clock, cluster=server.url, cluster_node_id="x",
+                      close_linger=0)
+    x.startService()
+    try:
+        yield x.cluster.ready
+        clients = {}
+        for name in ("s1", "s2"):
+            client = clients[name] = yield connect(x, 5, client_id=name, clean_start=False,
+                                                   properties={"session_expiry_interval": 600})
+            client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield x.store.flushed()
+        yield until(lambda: "t" in a.cluster.forwarding.filters_of("x"), "a to route t to x")
+        # x pauses: no heartbeat (its clock stands still); its key expires.
+        server.client().delete("mqtt:node:x")
+        adopting = a.cluster.survivor.adopt("x").addErrback(a.cluster.survivor.failed)
+        yield until(lambda: not server.client().exists("mqtt:clients:x"), "a to forget x")
+        yield past_the_adoptions_wait(a, clock, adopting)
+        yield until(lambda: adopting.called, "a to drop x")
+        assert not server.client().sismember("mqtt:nodes", "x")
+        # x's pause ends: it beats again; s1's client (let go) reconnects to x at once.
+        x_clock.advance(x.config.cluster_heartbeat)
+        yield until(lambda: server.client().exists("mqtt:node:x"), "x to beat again")
+        yield until(lambda: clients["s1"].closed and clients["s2"].closed, "x to let s1 and s2 go")
+        s1 = yield connect(x, 5, client_id="s1", clean_start=False, properties={"session_expiry_interval": 600})
+        assert s1.received()[0].session_present
+        for _ in range(20):  # the routes settle (on both clocks), x beats, a learns x is back
+            x_clock.advance(1.0)
+            clock.advance(1.0)
+            yield x.store.flushed()
+            yield a.store.flushed()
+        yield a.cluster.survivor.check_nodes()
+        publisher = yield connect(a, 5, client_id="p")
+        publisher.received()
+        publisher.send(Publish(topic="t", payload=b"for s1", qos=1, packet_id=1))
+        yield until(lambda: publisher.received(), "the PUBACK")
+        got: list[Any] = []
+        try:
+            yield until(lambda: got.extend(p for p in s1.received() if isinstance(p, Publish)) or got,
+                        "the message at s1")
+        except AssertionError:
+            pass
+        assert [p.payload for p in got] == [b"for s1"], \
+            f"s1 on x never got it: a routes {a.cluster.forwarding.filters_of('x')} to x, " \
+            f"routes:x = {server.client().hgetall('mqtt:routes:x')}"
+    finally:
+        yield x.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_fenced_off_after_being_taken_for_dead_does_not_publish_the_will_its_survivor_took(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """As above: a is cut off, taken for dead, and x adopts c (its claim finds a dead, 'C' with
+    alive 0, and takes c's will to publish it). The news is lost with a's subscribed connection.
+    Back, a writes for c (c subscribes): Redis refuses the write, and a lets c go (0x8E) as for
+    a claim that left it the will: a publishes c's will too (Cluster._fenced calls _let_go with
+    will_left True). The will goes twice: by x, and by a."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False,
+                               properties={"session_expiry_interval": 600},
+                               will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False))
+        client.received()
+        yield broker.store.flushed()
+        r = server.client()
+        r.client_kill_filter(_type="pubsub")
+        r.client_kill_filter(_type="normal", skipme=True)
+        r.delete("mqtt:node:a")
+        r.set("mqtt:node:x", "x", px=600_000)
+        r.sadd("mqtt:nodes", "x")
+        reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
+        assert reply[2] == 0 and reply[3] is not None  # (a found dead: the will is x's to publish)
+        yield until(lambda: r.exists("mqtt:node:a"), "a to register again")
+        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield until(lambda: client.closed, "a to let c go once Redis refuses its write")
+        yield broker.store.flushed()
+        assert broker.stats.wills_published == 0, "a published c's will, which x took to publish"
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_back_before_its_survivor_drains_its_inbox_keeps_what_was_sent_to_it_since(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """x is taken for dead; a starts adopting it. x's pause ends (it beats again) and node y
+    forwards x a QoS 1 message for x's client n ("n/t"), acknowledged to its publisher once in
+    x's inbox. a's first drain of x's inbox runs without looking whether x is back: it reads
+    the new entry (XREADGROUP '>', as a's consumer), matches it against the subscriptions of the
+    sessions x held (none for "n/t"), drops it and marks it handled. x never reads it.
+    docs/cluster.md: a node taken for dead that is alive again "keeps its inbox"."""
+    from mqtt_broker.cluster.codec import pack_forwarded
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock)
+    link = Redis(RedisAddress.parse(server.url))
+    x, y = RedisStore(link, "x", reactor), RedisStore(link, "y", reactor)
+    try:
+        yield x.register(600_000)
+        yield x.create_inbox()
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1), expiry=600, disconnected_at=1000.0)
+        server.client().delete("mqtt:node:x")  # x taken for dead
+        clients_of = a.store.clients_of
+
+        @inlineCallbacks
+        def x_back_meanwhile(node: str) -> Any:
+            yield x.register(600_000)  # x's pause is over
+            y.forward("x", pack_forwarded(Message(topic="n/t", payload=b"for n", qos=1, cluster_id=b"y-1"), (),
+                                          1000.0))
+            yield y.flushed()  # (its publisher has its PUBACK now)
+            return (yield clients_of(node))
+        a.store.clients_of = x_back_meanwhile
+        adopting = a.cluster.survivor.adopt("x").addErrback(a.cluster.survivor.failed)
+        yield until(lambda: adopting.called, "the adoption's end (x is alive: it stops)")
+        yield a.store.flushed()
+        r = server.client()
+        new = r.xreadgroup("nodes", "x", {"mqtt:inbox:x": ">"})
+        pending = r.xpending("mqtt:inbox:x", "nodes")["pending"]
+        assert new or pending, "the message for x's client n, sent to x after it was back, is gone from x's inbox"
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_taken_for_dead_while_cut_off_closes_its_clients_whose_sessions_were_adopted(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node a is cut off from Redis (its connections lost) long enough to be taken for dead:
+    node x adopts c's session, connected to a (x's claim of it, with required 'a', takes its
+    will out of Redis to publish it). The claim's news on the control channel is lost with a's
+    subscribed connection. Back, a re-registers and beats again, but c, idle, stays connected to
+    a for good: a writes nothing for c that Redis could refuse. docs/cluster.md: a node taken
+    for dead "closes those clients (0x8E), which reconnect" (and when c leaves a, a publishes
+    its will a second time)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False,
+                               properties={"session_expiry_interval": 600},
+                               will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False))
+        client.received()
+        yield broker.store.flushed()
+        r = server.client()
+        assert r.hget("mqtt:owner:c", "node") == b"a"
+        # a is cut off: every connection of it lost (the test's own client is spared) ...
+        r.client_kill_filter(_type="pubsub")
+        r.client_kill_filter(_type="normal", skipme=True)
+        # ... and while it is away, x (alive) takes it for dead and adopts c.
+        r.delete("mqtt:node:a")
+        r.set("mqtt:node:x", "x", px=600_000)
+        r.sadd("mqtt:nodes", "x")
+        reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
+        assert reply is not None and reply[3] is not None  # (the will, for x to publish)
+        assert r.hget("mqtt:owner:c", "node") == b"x"
+        # a is back: it registers again and beats.
+        yield until(lambda: r.exists("mqtt:node:a"), "a to register again")
+        for _ in range(10):
+            clock.advance(broker.config.cluster_heartbeat)
+            yield broker.store.flushed()
+        try:
+            yield until(lambda: client.closed, "a to let c go")  # (once Redis has said who holds c)
+        finally:
+            got = client.received()
+        assert [getattr(p, "reason_code", None) for p in got if isinstance(p, Disconnect)] == \
+            [ReasonCode.SESSION_TAKEN_OVER] and client.closed, f"c still connected to a ({got})"
+        assert broker.stats.wills_published == 0  # (x took it, found a dead)
+    finally:
+        yield broker.stopService()

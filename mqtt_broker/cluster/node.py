@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -164,7 +164,7 @@ class Cluster:
         yield self.store.create_inbox()
         yield self.load_routes()
         yield self._load_retained()
-        self._announce_all()
+        self.announce_all()
         yield self.survivor.adopt(self.node)  # this node's sessions before a restart, if any
 
     def unready(self) -> str | None:
@@ -621,6 +621,8 @@ class Cluster:
         if kind in (b"R", b"r") and not self.store.retained_news(node, parts[1].decode()):
             return
         if node == self.node:
+            if kind == b"G":  # taken for dead (paused past its heartbeats): its routes went
+                self.announce_all()
             return
         if kind in (b"F", b"f", b"I"):
             self._route_event(node, int(parts[2]), kind, parts[1].decode())
@@ -671,9 +673,19 @@ class Cluster:
 
     def _fenced(self, client_id: str, epoch: int) -> None:
         """Redis refused changes to a session this node wrote at ``epoch``: another node has
-        claimed it (the control channel's news may have been lost)."""
+        claimed it (the control channel's news may have been lost). Whether the claim left this
+        node the session's will (it found this node alive) or took it (it found it dead: the
+        claimant publishes it), Redis says: the news said it."""
         if self.store.epochs.get(client_id) == epoch:
-            self._let_go(client_id, False)
+            self._let_go(client_id, False, will_left=False)
+            self.store.left_will(self.node, client_id).addCallback(self._left_will_read, client_id).addErrback(
+                lambda failure: log.failure("reading the will a claim left to this node", failure))
+
+    def _left_will_read(self, left: tuple[bytes | None, bool], client_id: str) -> None:
+        will, ended = left
+        if will is not None:  # (its client is connected to the claimant: a delayed one goes [MQTT-3.1.3-9])
+            self.survivor.will_found(client_id, bytes(will), ended=ended, expiry=0, connecting=True)
+            self.store.left_will_taken(self.node, client_id)
 
     def _let_go(self, client_id: str, clean: bool, will_left: bool = True) -> None:
         """Close the client's connection here. The session ended if the other node's connection
@@ -737,8 +749,9 @@ class Cluster:
         self.survivor.judge_after(self.survivor.ttl_ms / 1000 + 2 * RECONNECT_MAX_DELAY)
         if self.started:
             self.survivor.register()  # (gone again: the next beat registers)
-            self._announce_all()
+            self.announce_all()
             self._read_inbox_again()
+            self._check_owned().addErrback(self._reread_failed)
 
     def _subscribed(self) -> None:
         """The control channel is listened to, for the first time or again after losing its
@@ -748,15 +761,28 @@ class Cluster:
         if not self._listening.called:
             self._listening.callback(None)
         elif self.started:  # (joining too: what it read may predate what it missed)
+            self._check_owned().addErrback(self._reread_failed)
             self.store.retained_reread()
             self.load_routes().addErrback(self._reread_failed)
             self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._reread_failed)
+
+    @inlineCallbacks
+    def _check_owned(self) -> Any:
+        """Let go of the sessions another node claimed while the news of it could not come (a
+        node cut off long enough to be taken for dead, its sessions adopted): an idle client
+        makes no write that Redis would refuse."""
+        held = list(self.store.epochs.items())
+        owners = yield DeferredList([self.store.locate(client_id) for client_id, _ in held], fireOnOneErrback=True,
+                                    consumeErrors=True)
+        for (client_id, epoch), (_, owner) in zip(held, owners):
+            if owner is not None and (owner["node"], owner["epoch"]) != (self.node, epoch):
+                self._fenced(client_id, epoch)
 
     def _reread_failed(self, failure: Any) -> None:
         if self.started:  # (stopping cuts the connection under it)
             log.failure("reading the cluster's routes and retained messages again", failure)
 
-    def _announce_all(self) -> None:
+    def announce_all(self) -> None:
         """Write this node's whole set of filters again (after an outage, events may be lost)."""
         for topic_filter in self.broker.subscriptions.filters():
             self.store.route(topic_filter, True, self._shares.get(topic_filter, True))

@@ -79,9 +79,12 @@ class Survivor:
         self.check_nodes().addErrback(self.failed)
 
     def register(self) -> None:
-        """Join the members again, and beat."""
-        def answered(_: Any) -> None:
+        """Join the members again, and beat. A node that was not a member any more (taken for
+        dead while paused, and dropped) writes its routes again: they went with it."""
+        def answered(results: list[tuple[bool, Any]]) -> None:
             self.answered_at = self.cluster.clock.seconds()
+            if results[0][1] == 1 and self.cluster.started:
+                self.cluster.announce_all()
         self.cluster.store.register(self.ttl_ms).addCallbacks(answered, lambda _: None)
 
     @inlineCallbacks
@@ -128,6 +131,8 @@ class Survivor:
                     continue
                 claim = yield store.claim(client_id, False, broker.config.max_queued_messages, dead,
                                           broker.config.max_queued_bytes)
+                if claim is None and dead != here and (yield store.node_alive(dead)):
+                    break  # (taken for dead, it beat again: what it holds is its own)
                 if claim is None:  # another node claimed it meanwhile (its client reconnected)
                     left, ended = yield store.left_will(dead, client_id)
                     if left is not None:  # (while the dead node looked alive: it never published it)
@@ -185,11 +190,14 @@ class Survivor:
     def _drain(self, dead: str, former: SubscriptionTree) -> Any:
         """Deliver what is left in a dead node's inbox: what it was given and did not finish,
         then what it was never given. Each entry is marked handled in the batch that delivers it,
-        so a survivor that dies meanwhile leaves the rest to the next one."""
+        so a survivor that dies meanwhile leaves the rest to the next one. A node that beats
+        again (taken for dead, it was paused) reads the rest itself."""
         cluster = self.cluster
         store = cluster.store
         cursor = "0-0"
         for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
+            if (yield store.node_alive(dead)):
+                return
             cursor, entries = yield store.take_inbox(dead, cursor)
             for entry_id, data, stamp in entries:
                 if data is not None:

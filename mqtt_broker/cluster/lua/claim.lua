@@ -13,13 +13,13 @@
 -- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
 -- copy is current, since_stamp (below), session fields, subscriptions, {seq, 'packet_id:released', item}...,
 -- {seq, item}... queued, queued count, inbound QoS 2 packet ids, the last queued seq}; false if the session is not
--- held by the required node.
+-- held by the required node, or if that node (another one) is alive: taken for dead, it beat again.
 local P = 'mqtt:'
 local c, node, clean, known, window, required = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local owner_key = P .. 'owner:' .. c
 local old = redis.call('HMGET', owner_key, 'node', 'epoch', 'since_stamp')
 local old_node, old_epoch, since_stamp = old[1], old[2], old[3] or 0
-if required ~= '' and old_node ~= required then
+if required ~= '' and (old_node ~= required or (required ~= node and redis.call('EXISTS', P .. 'node:' .. required) == 1)) then
   return false
 end
 local data = {P .. 'session:' .. c, P .. 'subs:' .. c, P .. 'deliv:' .. c, P .. 'inflight:' .. c,
