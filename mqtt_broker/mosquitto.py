@@ -55,6 +55,10 @@ _BRIDGE = {"address", "addresses", "topic", "remote_clientid", "local_clientid",
            "bridge_outgoing_retain", "bridge_max_packet_size", "clientid", "username", "password"}
 _BRIDGE_RENAMED = {"address": "addresses", "clientid": "remote_clientid", "username": "remote_username",
                    "password": "remote_password"}
+_BRIDGE_ONCE = {"addresses", "remote_clientid", "local_clientid", "remote_username", "remote_password",
+                "notification_topic"}
+"""Bridge settings Mosquitto refuses to start with twice in a connection (a second address line
+among them), here by their names in a [[bridge]] table."""
 _BRIDGE_BOOLS = {"cleansession", "bridge_insecure", "try_private", "notifications", "notifications_local_only",
                  "bridge_outgoing_retain"}
 # Settings whose job twistd does, or that only tune Mosquitto's own workings.
@@ -185,7 +189,7 @@ class _Listener:
     def endpoint(self) -> tuple[str, str]:
         """("mqtt" or "websockets", endpoint string)."""
         o = self.options
-        if self.port == 0 and self.bind.startswith("/"):
+        if self.port == 0:  # (a Unix socket's path, any: Mosquitto refuses port 0 without one)
             # (Mosquitto speaks TLS there, and refuses WebSocket: neither is done here)
             if "certfile" in o or "keyfile" in o or "cafile" in o or o.get("protocol", "mqtt") != "mqtt":
                 raise ValueError(f"{self.source}:{self.line}: a Unix socket listener takes neither TLS nor "
@@ -199,10 +203,9 @@ class _Listener:
                 # rather than converted to a listener that lets in clients without one.
                 raise ValueError(f"{self.source}:{self.line}: require_certificate needs cafile here (capath is "
                                  f"not supported)")
-            if "cafile" in o:
-                required = "yes" if o.get("require_certificate") == "true" else "no"
-                description = f"mqtts:{self.port}{interface}{tls}:caCerts={_escape(o['cafile'])}:requireCertificate={required}"
-            else:
+            if "cafile" in o and o.get("require_certificate") == "true":
+                description = f"mqtts:{self.port}{interface}{tls}:caCerts={_escape(o['cafile'])}:requireCertificate=yes"
+            else:  # (Mosquitto asks for no client certificate without require_certificate, cafile or not)
                 description = f"ssl:{self.port}{interface}{tls}"
         else:
             description = f"tcp:{self.port}{interface}"
@@ -362,6 +365,9 @@ class _Converter:
         elif key in _BRIDGE:
             self._not_moved("connection", source, number, key)
             name = _BRIDGE_RENAMED.get(key, key)
+            if name in _BRIDGE_ONCE and name in bridge:
+                raise ValueError(f"{source}:{number}: {key} is given twice for connection {bridge['connection']}; "
+                                 f"Mosquitto refuses to start so")
             if name == "addresses":
                 bridge.setdefault("addresses", []).extend(_words(value.replace(",", " ")))
             elif name == "topic":
@@ -372,6 +378,10 @@ class _Converter:
                     self.insecure.append((bridge, source, number, text))  # (left out below without TLS)
             elif name in ("keepalive_interval", "bridge_max_packet_size"):
                 bridge[name] = _value("int", value, source, number)
+                if name == "keepalive_interval" and bridge[name] < 5:
+                    bridge[name] = 5
+                    self.out.notes.append(Note(source, number, text, "5 seconds, the least Mosquitto takes",
+                                               carried=True))
             elif name == "restart_timeout":
                 numbers = [_value("float", n, source, number) for n in value.split()]
                 if len(numbers) not in (1, 2):
@@ -385,6 +395,8 @@ class _Converter:
                              f"remote's CA certificates (and bridge_certfile/bridge_keyfile) instead")
         elif key == "bridge_capath":
             self.capaths.append((bridge, source, number, text))  # refused below unless the bridge has bridge_cafile
+        elif key == "start_type" and _first(value) == "manual":
+            raise ValueError(f"{source}:{number}: start_type manual is not supported, as Mosquitto says")
         elif key.startswith("bridge_") or key in ("start_type", "round_robin", "idle_timeout", "threshold",
                                                   "local_username", "local_password", "local_cleansession"):
             self._note(source, number, text, "this bridge setting has no equivalent here")
@@ -394,6 +406,8 @@ class _Converter:
 
     def _security_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key in _SECURITY:
+            if key == "auto_id_prefix" and not value:
+                raise ValueError(f"{source}:{number}: auto_id_prefix may not be empty, as Mosquitto says")
             ours, kind = _GLOBAL[key]
             converted = _setting(kind, value, source, number)
             if kind == "path" and not Path(value).is_absolute():
@@ -429,6 +443,8 @@ class _Converter:
                 raise ValueError(f"{source}:{number}: listener needs a port")
             if int(args[0]) > 65535:
                 raise ValueError(f"{source}:{number}: invalid port {args[0]}, as Mosquitto says")
+            if int(args[0]) == 0 and len(args) < 2:
+                raise ValueError(f"{source}:{number}: a listener on port 0 needs a Unix socket path, as Mosquitto says")
             self.current = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
             self.moved.discard("listener")
             self.listeners.append(self.current)  # (a connection's section goes on, as in Mosquitto)
@@ -437,7 +453,10 @@ class _Converter:
             if self.default_port is None:
                 self.default_port = _Listener(1883, "", source, number)
             if key == "port":
-                self.default_port.port = _value("int", value, source, number)  # keeps what was given before it
+                port = _value("int", value, source, number)
+                if not 0 < port < 65536:
+                    raise ValueError(f"{source}:{number}: port {port} is no port, as Mosquitto says")
+                self.default_port.port = port  # keeps what was given before it
             else:
                 self.default_port.bind = value
         elif key in _REFUSED:
@@ -475,8 +494,15 @@ class _Converter:
                 target.options[key] = protocol
             elif key in ("certfile", "keyfile", "cafile"):
                 target.options[key] = value
+            elif key == "tls_version" and _first(value) == "tlsv1.3":
+                raise ValueError(f"{source}:{number}: tls_version tlsv1.3 is not supported here: TLS 1.2 clients "
+                                 f"would be let in")
             elif key != "socket_domain":  # (the interface decides the family here)
                 self._note(source, number, text, "no per-listener equivalent here")
+        elif key in _PER_LISTENER and self.current is None:
+            # Mosquitto's default listener's, at its default (it does not open it): in a file of
+            # include_dir, it leaves the including file's listeners as they are.
+            self._note(source, number, text, "the default listener's, which it does not open")
         else:
             return False
         return True
@@ -506,6 +532,8 @@ class _Converter:
     def _one_to_one_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key == "message_size_limit":
             self.message_size_limit = (_value("int", value, source, number), source, number, text)
+            if not 0 <= self.message_size_limit[0] <= 268_435_455:
+                raise ValueError(f"{source}:{number}: message_size_limit must be 0 to 268435455, as Mosquitto takes it")
             return True
         if key not in _GLOBAL:
             return False

@@ -519,7 +519,7 @@ def test_bind_address_is_the_default_listeners_wherever_it_is(tmp_path: Path) ->
     ("max_connections 100\n", ["tcp:1883"]),
     ("max_qos 1\nlistener 1884\n", ["tcp:1883", "tcp:1884"]),
     ("use_identity_as_username true\ncafile ca.crt\ncertfile s.crt\nkeyfile s.key\n",
-     ["mqtts:1883:privateKey=s.key:certKey=s.crt:caCerts=ca.crt:requireCertificate=no"]),
+     ["ssl:1883:privateKey=s.key:certKey=s.crt"]),  # (no require_certificate: no client certificate asked)
     ("max_connections -1\nmax_qos 2\nprotocol mqtt\nuse_identity_as_username false\n",
      ["tcp:1883:interface=127.0.0.1"]),  # their defaults: still local only
     ("max_qos 02\nmax_connections -5\n", ["tcp:1883:interface=127.0.0.1"]),  # read as numbers: 2, and -1
@@ -894,3 +894,97 @@ def test_max_topic_alias_of_the_default_listener_and_another_is_what_the_note_sa
     assert [n.why for n in conversion.notes] == [
         "max_topic_alias differs between the listeners: here it is global, 7 for every listener"]
 
+
+
+# --- what Mosquitto 2.0.11 refuses or reads otherwise, a second look ------------------------------------
+
+@pytest.mark.parametrize("line, message", [
+    ("listener 0", "a listener on port 0 needs a Unix socket path"),
+    ("port 0", "port 0 is no port"),
+    ("message_size_limit 300000000", "message_size_limit must be 0 to 268435455"),
+    ("auto_id_prefix", "auto_id_prefix may not be empty"),
+    ("connection a\naddress 127.0.0.1:1\ntopic a\nstart_type manual", "start_type manual is not supported"),
+    ("tls_version tlsv1.3", "tls_version tlsv1.3"),
+])
+def test_a_value_mosquitto_refuses_to_start_with_is_refused(tmp_path: Path, line: str, message: str) -> None:
+    """Each was converted: port 0 to tcp:0 (a port the kernel picks, on every interface), a limit
+    past MQTT's, a bridge that connects where Mosquitto says it does not support manual starts;
+    tls_version tlsv1.3 only noted, letting TLS 1.2 clients in where Mosquitto refuses them."""
+    refused(tmp_path, f"listener 1883\n{line}\nallow_anonymous true\n", rf"m.conf:\d+: .*{message}")
+
+
+def test_a_listener_of_port_0_with_a_relative_socket_path_is_a_unix_socket(tmp_path: Path) -> None:
+    """Mosquitto takes any path after port 0 as a Unix socket's; it became tcp:0:interface=mqtt.sock."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 0 mqtt.sock\nallow_anonymous true\n")
+    assert convert(path).settings["endpoints"] == ["unix:mqtt.sock"]
+
+
+@pytest.mark.parametrize("lines", [
+    "remote_username u\nremote_username v\n",
+    "remote_username u\nremote_password p\nremote_password q\n",
+    "clientid c1\nremote_clientid c2\n",
+    "local_clientid l1\nlocal_clientid l2\n",
+    "notification_topic n/1\nnotification_topic n/2\n",
+    "address 127.0.0.1:2\n",
+])
+def test_a_bridge_setting_mosquitto_takes_once_given_twice_is_refused(tmp_path: Path, lines: str) -> None:
+    """Mosquitto refuses each ("Duplicate bridge ... value in configuration", "Invalid bridge
+    configuration" for a second address line); the last one was converted."""
+    refused(tmp_path, f"listener 1883\nconnection a\naddress 127.0.0.1:1\ntopic a\n{lines}", r"m.conf:\d+: .*twice")
+
+
+@pytest.mark.parametrize("value", ["0", "3"])
+def test_a_bridge_keepalive_below_5_is_mosquittos_5(tmp_path: Path, value: str) -> None:
+    """Mosquitto: "keepalive interval too low, using 5 seconds"; 0 left the bridge without
+    keepalive (a remote gone without a word never noticed)."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\nconnection a\naddress 127.0.0.1:1\ntopic a\nkeepalive_interval {value}\n")
+    conversion = convert(path)
+    [bridge] = conversion.config().bridge
+    assert bridge.keepalive_interval == 5 and any("5 seconds" in note.why for note in conversion.notes)
+
+
+@pytest.mark.parametrize("line, key, listeners", [
+    ("max_qos 2", "max_qos", 1),
+    ("use_identity_as_username false", "use_identity_as_username", True),
+])
+def test_an_included_files_default_listener_setting_leaves_the_listeners_own(
+        tmp_path: Path, line: str, key: str, listeners: object) -> None:
+    """An include_dir file starts at Mosquitto's default listener: a listener setting there, at
+    its default, is that unopened listener's (Mosquitto's CONNACK still says Maximum QoS 1); it
+    was taken as the global setting, over the including file's listener's."""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.conf").write_text(f"{line}\n")
+    main = tmp_path / "m.conf"
+    main.write_text(f"listener 8883\ncertfile /c\nkeyfile /k\ncafile /ca\nrequire_certificate true\n"
+                    f"{key} {'1' if listeners == 1 else 'true'}\ninclude_dir {tmp_path / 'conf.d'}\n")
+    assert convert(main).settings[key] == listeners
+
+
+def test_a_listener_with_cafile_and_no_require_certificate_asks_no_client_for_one(tmp_path: Path) -> None:
+    """Mosquitto verifies client certificates only with require_certificate true: a client with a
+    certificate of another CA connects. Converted to mqtts:...:requireCertificate=no, the
+    listener asked for one, and that client's handshake failed."""
+    import socket
+    import ssl
+
+    from test_tls import make_certs
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    make_certs(ours)
+    make_certs(theirs)
+    port = free_port()
+    config = tmp_path / "m.conf"
+    config.write_text(f"listener {port} 127.0.0.1\ncertfile {ours}/server.pem\nkeyfile {ours}/server.key\n"
+                      f"cafile {ours}/ca.pem\nallow_anonymous true\n")
+    broker = BrokerProcess("--mosquitto-config", str(config), port=port, listen="", data_dir=tmp_path / "data")
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(str(ours / "ca.pem"))
+        context.load_cert_chain(str(theirs / "client.pem"), str(theirs / "client.key"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03tls")
+                assert tls.recv(4) == b"\x20\x02\x00\x00"
+    finally:
+        broker.stop()
