@@ -398,29 +398,35 @@ class BrokerService(MultiService):
         self.wills.drop_revoked(self.security.revoked)
 
     def connect_allowed(self, client_id: str) -> bool:
-        """Count a CONNECT against max_connections_per_minute; False (logged) past it."""
+        """Whether max_connections_per_minute lets a CONNECT of this client id in; False (logged)
+        once as many were accepted (``connect_accepted``) in its minute. Refused ones do not
+        count: whoever knows a client id would keep its owner out."""
         limit = self.config.max_connections_per_minute
-        if not limit:
+        recent = self._connects.get(hash(client_id)) if limit else None
+        if recent is None or self.clock.seconds() - recent[0] >= 60 or recent[1] < limit:
             return True
+        log.info("refused a CONNECT of {client_id!r}: max_connections_per_minute ({limit})",
+                 client_id=client_id, limit=limit)
+        return False
+
+    def connect_accepted(self, client_id: str) -> None:
+        """Count an accepted CONNECT against max_connections_per_minute."""
+        if not self.config.max_connections_per_minute:
+            return
         now = self.clock.seconds()
         key = hash(client_id)  # (two ids of one hash share a count: vanishingly rare, and only stricter)
         recent = self._connects.get(key)
-        if recent is None or now - recent[0] >= 60:
-            if len(self._connects) >= 100_000:  # forget the old windows now and then
-                kept = {k: v for k, v in self._connects.items() if now - v[0] < 60}
-                if len(kept) > 50_000:
-                    # A flood of new ids: the ids counted first go (half of them), or each CONNECT
-                    # would copy the table. An id dropped so gets a new minute early.
-                    kept = dict(islice(kept.items(), len(kept) - 50_000, None))
-                self._connects = kept
-            self._connects[key] = (now, 1)
-            return True
-        if recent[1] >= limit:
-            log.info("refused a CONNECT of {client_id!r}: max_connections_per_minute ({limit})",
-                     client_id=client_id, limit=limit)
-            return False
-        self._connects[key] = (recent[0], recent[1] + 1)
-        return True
+        if recent is not None and now - recent[0] < 60:
+            self._connects[key] = (recent[0], recent[1] + 1)
+            return
+        if len(self._connects) >= 100_000:  # forget the old windows now and then
+            kept = {k: v for k, v in self._connects.items() if now - v[0] < 60}
+            if len(kept) > 50_000:
+                # A flood of new ids: the ids counted first go (half of them), or each CONNECT
+                # would copy the table. An id dropped so gets a new minute early.
+                kept = dict(islice(kept.items(), len(kept) - 50_000, None))
+            self._connects = kept
+        self._connects[key] = (now, 1)
 
     def gathered(self, function: Any, *args: Any) -> None:
         """Run ``function(*args)`` with the writes to each connection gathered and sent at once

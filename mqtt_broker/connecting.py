@@ -294,6 +294,7 @@ class Connecting:
             properties = fitting
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored
+        self.broker.connect_accepted(client.client_id)
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
                                               self.identity)
         if ends_stored:

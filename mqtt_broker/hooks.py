@@ -300,6 +300,10 @@ def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:
         return value
     if isinstance(value, int) and value >= 0x80:  # (a ReasonCode, or one written as a plain int)
         return Refused(ReasonCode(value) if value in _REASON_CODES else None)
+    if isinstance(value, (bytes, bytearray, memoryview)) and memoryview(value).nbytes > 65535:
+        log.error("{event} hook {handler!r} answered {size} bytes, more than Authentication Data carries (65,535); "
+                  "refusing", event=event, handler=handler, size=memoryview(value).nbytes)
+        return Refused(ReasonCode.UNSPECIFIED_ERROR)
     if isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and not 0 <= value <= 2):  # (a QoS, or nothing)
         return value
     log.error("{event} hook {handler!r} answered {answer!r}, which is not an answer it may give; refusing",

@@ -140,6 +140,13 @@ class Wills:
         self._delayed[client.client_id] = (call, client, will, identity)
 
     def _due(self, client_id: str) -> None:
+        cluster = self.broker.cluster
+        if cluster is not None and cluster.unsure_of_sessions():
+            # Cut off from Redis, or paused, long enough to be taken for dead: the session may
+            # have been adopted, its will taken by the survivor. Decided once Redis has said.
+            _, client, will, identity = self._delayed[client_id]
+            self._delayed[client_id] = (self.broker.clock.callLater(1.0, self._due, client_id), client, will, identity)
+            return
         pending = self._delayed.pop(client_id)
         store = self.broker.store
         if store is not None:

@@ -43,6 +43,15 @@ def until(condition: Any, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@inlineCallbacks
+def past_a_pause(broker: BrokerService, clock: Clock) -> Any:
+    """After the clock jumped past a heartbeat key's life, as after a pause: once the node has
+    its heartbeat answered and knows who holds its sessions (a delayed will waits for that), a
+    second on, when such a will looks again."""
+    yield until(lambda: not broker.cluster.unsure_of_sessions(), "the node to know who holds its sessions")
+    clock.advance(1.0)
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
     server = RedisServer()
@@ -532,6 +541,7 @@ def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
         message, _, delay, due = unpack_will(server.client().hget("mqtt:session:c", "will"))
         assert (message.payload, delay, due) == (b"c is gone", 0, 1030.0)
         clock.advance(30.0)
+        yield past_a_pause(broker, clock)
         yield broker.store.flushed()
         assert server.client().hget("mqtt:session:c", "will") is None
     finally:
@@ -805,6 +815,7 @@ def test_a_delayed_will_left_to_a_connection_that_went_before_its_claim_was_answ
         yield a.store.flushed()
         assert a.stats.wills_published == 0 and [p for p in watcher.received() if isinstance(p, Publish)] == []
         clock.advance(30.0)
+        yield past_a_pause(a, clock)
         assert a.stats.wills_published == 1
         will = yield publishes(watcher, "the will at the watcher")
         assert [(p.topic, p.payload) for p in will] == [("wills/c", b"c is gone")]
@@ -1971,6 +1982,7 @@ def test_a_delayed_will_adopted_while_its_client_connects_is_kept_when_that_conn
         yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
         yield broker.store.flushed()
         clock.advance(31.0)
+        yield past_a_pause(broker, clock)
         yield until(lambda: not server.client().exists("mqtt:clients:b"), "the adoption's forget_node")
         yield past_the_adoptions_wait(broker, clock, adopting)
         yield until(lambda: adopting.called, "the adoption's end")
@@ -2487,5 +2499,41 @@ def test_a_node_taken_for_dead_while_cut_off_closes_its_clients_whose_sessions_w
         assert [getattr(p, "reason_code", None) for p in got if isinstance(p, Disconnect)] == \
             [ReasonCode.SESSION_TAKEN_OVER] and client.closed, f"c still connected to a ({got})"
         assert broker.stats.wills_published == 0  # (x took it, found a dead)
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_due_during_a_pause_past_the_heartbeats_is_published_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c left node a with a will delayed 10 s (kept in a's memory, and in Redis with its due
+    time). a is cut off from Redis (or pauses) past its heartbeats; x takes it for dead and
+    adopts c (its claim takes the will, due at 1010, to publish it then). At 1010 a, still cut
+    off (or its pause over, its timers running before it reads the claim's news), publishes
+    the will as well: nothing fences a will's publication, and x and a both publish it."""
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    try:
+        client = yield connect(broker, 5, client_id="c", clean_start=False,
+                               properties={"session_expiry_interval": 600},
+                               will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False,
+                                         properties={"will_delay_interval": 10}))
+        client.received()
+        client.lose()
+        yield broker.store.flushed()
+        r = server.client()
+        assert "c" in broker.wills and r.hget("mqtt:session:c", "will") is not None
+        # a pauses: x takes it for dead and adopts c, the will with it ...
+        r.delete("mqtt:node:a")
+        r.set("mqtt:node:x", "x", px=600_000)
+        r.sadd("mqtt:nodes", "x")
+        reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
+        assert reply[2] == 0 and reply[3] is not None  # (x publishes it when due)
+        # ... and a's pause ends at 1011: its timers first (as Twisted's loop runs them), the news after.
+        clock.advance(11.0)
+        yield until(lambda: "c" not in broker.store.epochs, "a to hear of x's claim")
+        yield broker.store.flushed()
+        assert broker.stats.wills_published == 0, "a published c's will, which x took (and publishes)"
     finally:
         yield broker.stopService()

@@ -2144,3 +2144,34 @@ def test_a_member_leaving_hands_its_messages_on_sorting_the_group_out_once(tmp_p
     assert len(checks) <= 20  # (the group once: it was 200 x 20)
     queued = sorted(len(broker.sessions[f"member-{n}"].queue) for n in range(20))
     assert sum(queued) == 200 and queued[0] == queued[-1] == 10
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("reauthenticating", [False, True])
+def test_an_auth_challenge_longer_than_binary_data_carries_refuses(deferred: bool, reauthenticating: bool) -> None:
+    """Authentication Data is Binary Data, 65,535 bytes at most (1.5.6): an on_auth hook's longer
+    challenge raised struct.error out of dataReceived (answered at once) or logged a critical
+    traceback and closed without a CONNACK (a Deferred). It refuses, as an answer a hook may not
+    give: CONNACK 0x80, or DISCONNECT 0x80 during a re-authentication [MQTT-4.12.1-2]."""
+    from twisted.internet.defer import succeed
+    from twisted.logger import LogLevel
+
+    broker = make_broker()
+    challenge = b"x" * 70_000
+
+    def auth(client: Any, method: str, data: Any, again: bool) -> Any:
+        if again != reauthenticating:
+            return None
+        return succeed(challenge) if deferred else challenge
+    broker.hooks.on_auth(auth)
+    client = FakeClient(broker, version=5)
+    with capturedLogs() as events:
+        client.send(Connect(client_id="c", protocol_level=5, properties={"authentication_method": "SCRAM"}))
+        if reauthenticating:
+            assert [p.reason_code for p in client.received()] == [0]
+            client.send(Auth(reason_code=0x19, properties={"authentication_method": "SCRAM"}))
+    [refusal] = client.received()
+    assert (type(refusal), refusal.reason_code, client.closed) == (Disconnect if reauthenticating else Connack, 0x80,
+                                                                    True)
+    assert not [e for e in events if e["log_level"] is LogLevel.critical]
+    assert any("more than Authentication Data carries" in formatEvent(e) for e in events)

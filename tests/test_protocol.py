@@ -676,6 +676,7 @@ def test_counting_connections_per_minute_is_bounded_when_every_id_is_new() -> No
     broker = make_broker(max_connections_per_minute=1)
     for n in range(100_200):
         assert broker.connect_allowed(f"id-{n}")
+        broker.connect_accepted(f"id-{n}")
     assert len(broker._connects) <= 100_000
     assert not broker.connect_allowed("id-100199")  # the latest ids are still counted
 
@@ -808,3 +809,15 @@ def test_a_topic_of_more_than_max_topic_levels_is_refused() -> None:
     assert len(broker.retained) == 0
     will = FakeClient(broker, 5).connect("w", will=Will(topic=deep, payload=b"x"))
     assert will.reason_code == 0x90  # type: ignore[union-attr]
+
+
+def test_connects_refused_at_authentication_leave_the_client_ids_minute_alone() -> None:
+    """max_connections_per_minute counts CONNECTs accepted: refused ones were counted too, so a
+    peer without credentials that knows a client id kept its owner out (0x9F) a minute at a time."""
+    broker = make_broker(max_connections_per_minute=2)
+    broker.hooks.on_connect(lambda client: client.username == "owner")
+    for _ in range(3):
+        assert FakeClient(broker, version=5).connect("device-1", username="mallory").reason_code == 0x87
+    for _ in range(2):
+        assert FakeClient(broker, version=5).connect("device-1", username="owner").reason_code == 0
+    assert FakeClient(broker, version=5).connect("device-1", username="owner").reason_code == 0x9F

@@ -112,6 +112,7 @@ class Cluster:
         self._join_warning: Any = None
         self._join_retry: Deferred[None] | None = None
         self._reading = False
+        self._checking_owned = False
         self._down_since: float | None = None
         self.ready: Deferred[None] = Deferred()
         """Fires once the node has joined (its routes, retained messages and sessions loaded)."""
@@ -178,6 +179,12 @@ class Cluster:
         if silent > self.survivor.ttl_ms / 1000:
             return f"Redis has answered no heartbeat for {silent:.0f} s: new connections wait for it"
         return None
+
+    def unsure_of_sessions(self) -> bool:
+        """Whether another node may have adopted this node's sessions without its knowing yet
+        (Redis out of reach or silent for a heartbeat key's life, or being asked who holds
+        them): what only their owner may do (publish a delayed will) waits."""
+        return self.unready() is not None or self._checking_owned
 
     def _still_joining(self) -> None:
         if not self.ready.called and self.started:
@@ -751,7 +758,7 @@ class Cluster:
             self.survivor.register()  # (gone again: the next beat registers)
             self.announce_all()
             self._read_inbox_again()
-            self._check_owned().addErrback(self._reread_failed)
+            self.check_owned().addErrback(self.failed_rereading)
 
     def _subscribed(self) -> None:
         """The control channel is listened to, for the first time or again after losing its
@@ -761,26 +768,30 @@ class Cluster:
         if not self._listening.called:
             self._listening.callback(None)
         elif self.started:  # (joining too: what it read may predate what it missed)
-            self._check_owned().addErrback(self._reread_failed)
+            self.check_owned().addErrback(self.failed_rereading)
             self.store.retained_reread()
-            self.load_routes().addErrback(self._reread_failed)
-            self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self._reread_failed)
+            self.load_routes().addErrback(self.failed_rereading)
+            self.store.flushed().addBoth(lambda _: self._load_retained()).addErrback(self.failed_rereading)
 
     @inlineCallbacks
-    def _check_owned(self) -> Any:
+    def check_owned(self) -> Any:
         """Let go of the sessions another node claimed while the news of it could not come (a
         node cut off long enough to be taken for dead, its sessions adopted): an idle client
         makes no write that Redis would refuse."""
         held = list(self.store.epochs.items())
-        owners = yield DeferredList([self.store.locate(client_id) for client_id, _ in held], fireOnOneErrback=True,
-                                    consumeErrors=True)
+        self._checking_owned = True
+        try:
+            owners = yield DeferredList([self.store.locate(client_id) for client_id, _ in held],
+                                        fireOnOneErrback=True, consumeErrors=True)
+        finally:
+            self._checking_owned = False
         for (client_id, epoch), (_, owner) in zip(held, owners):
             if owner is not None and (owner["node"], owner["epoch"]) != (self.node, epoch):
                 self._fenced(client_id, epoch)
 
-    def _reread_failed(self, failure: Any) -> None:
+    def failed_rereading(self, failure: Any) -> None:
         if self.started:  # (stopping cuts the connection under it)
-            log.failure("reading the cluster's routes and retained messages again", failure)
+            log.failure("reading again what the cluster changed while this node could not hear of it", failure)
 
     def announce_all(self) -> None:
         """Write this node's whole set of filters again (after an outage, events may be lost)."""

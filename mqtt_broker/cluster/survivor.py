@@ -82,9 +82,13 @@ class Survivor:
         """Join the members again, and beat. A node that was not a member any more (taken for
         dead while paused, and dropped) writes its routes again: they went with it."""
         def answered(results: list[tuple[bool, Any]]) -> None:
-            self.answered_at = self.cluster.clock.seconds()
-            if results[0][1] == 1 and self.cluster.started:
-                self.cluster.announce_all()
+            cluster = self.cluster
+            silent = cluster.clock.seconds() - self.answered_at > self.ttl_ms / 1000
+            self.answered_at = cluster.clock.seconds()
+            if results[0][1] == 1 and cluster.started:
+                cluster.announce_all()
+            if silent and cluster.started:  # (paused long enough to be taken for dead: who holds its sessions?)
+                cluster.check_owned().addErrback(cluster.failed_rereading)
         self.cluster.store.register(self.ttl_ms).addCallbacks(answered, lambda _: None)
 
     @inlineCallbacks
