@@ -56,7 +56,7 @@ _BRIDGE = {"address", "addresses", "topic", "remote_clientid", "local_clientid",
 _BRIDGE_RENAMED = {"address": "addresses", "clientid": "remote_clientid", "username": "remote_username",
                    "password": "remote_password"}
 _BRIDGE_ONCE = {"addresses", "remote_clientid", "local_clientid", "remote_username", "remote_password",
-                "notification_topic"}
+                "notification_topic", "bridge_cafile", "bridge_certfile", "bridge_keyfile"}
 """Bridge settings Mosquitto refuses to start with twice in a connection (a second address line
 among them), here by their names in a [[bridge]] table."""
 _BRIDGE_BOOLS = {"cleansession", "bridge_insecure", "try_private", "notifications", "notifications_local_only",
@@ -616,9 +616,13 @@ class _Converter:
         for key, default in _PER_LISTENER.items():
             values = {listener.limits[key][0] if key in listener.limits else default for listener in listeners}
             if len(values) > 1 and key != "max_connections":
-                value, source, number, text = [lst.limits[key] for lst in listeners if key in lst.limits][-1]
+                # (The value taken is the line read last's, which is not the last listener's when a
+                # file of include_dir sets the default listener's.)
+                given = [lst.limits[key] for lst in listeners if key in lst.limits]
+                taken = settings.get(_GLOBAL[key][0], given[-1][0])
+                _, source, number, text = ([g for g in given if g[0] == taken] or given)[-1]
                 self.out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is "
-                                           f"global, {value} for every listener", carried=True))
+                                           f"global, {taken} for every listener", carried=True))
         if self.per_listener and listeners:
             self._listeners_security(listeners)
         elif self.per_listener:

@@ -207,6 +207,8 @@ class Subscribing:
                 self.broker.unsubscribe(self.session, subscription.topic_filter)
             else:
                 self.broker.subscribe(self.session, before)
+        for _ in granted:
+            tally(self.stats.subscriptions_refused, ReasonCode.UNSPECIFIED_ERROR.name)
         self._suback(packet, [0x80 if code < 0x80 else code for code in codes], reason)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:

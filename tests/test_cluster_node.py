@@ -2537,3 +2537,29 @@ def test_a_delayed_will_due_during_a_pause_past_the_heartbeats_is_published_once
         assert broker.stats.wills_published == 0, "a published c's will, which x took (and publishes)"
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_asking_who_holds_the_sessions_leaves_the_reactor_free_between_a_thousand(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """check_owned (a node back from an outage, or a pause) sent one command per session in one
+    turn of the reactor: 50,000 sessions held it for seconds, longer than a heartbeat key lives,
+    and the node came back only to be taken for dead."""
+    from mqtt_broker.cluster.node import OWNED_AT_ONCE
+    clock = Clock()
+    clock.advance(1000.0)
+    broker = yield node_a(server, clock)
+    try:
+        for i in range(3 * OWNED_AT_ONCE):
+            broker.store.epochs[f"c{i}"] = i + 1
+        sent: list[Any] = []
+        call = broker.store.redis.call
+        broker.store.redis.call = lambda *args, **kwargs: sent.append(args[0]) or call(*args, **kwargs)
+        checking = broker.cluster.check_owned()
+        in_one_turn = len(sent)
+        yield checking
+        broker.store.redis.call = call
+        assert (in_one_turn, len(sent)) == (OWNED_AT_ONCE, 3 * OWNED_AT_ONCE)
+    finally:
+        broker.store.epochs.clear()
+        yield broker.stopService()

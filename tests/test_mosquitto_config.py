@@ -921,6 +921,9 @@ def test_a_listener_of_port_0_with_a_relative_socket_path_is_a_unix_socket(tmp_p
 
 
 @pytest.mark.parametrize("lines", [
+    "bridge_cafile /etc/ca.pem\nbridge_cafile /etc/other.pem\n",
+    "bridge_certfile /etc/c.pem\nbridge_certfile /etc/other.pem\n",
+    "bridge_keyfile /etc/k.pem\nbridge_keyfile /etc/other.pem\n",
     "remote_username u\nremote_username v\n",
     "remote_username u\nremote_password p\nremote_password q\n",
     "clientid c1\nremote_clientid c2\n",
@@ -988,3 +991,17 @@ def test_a_listener_with_cafile_and_no_require_certificate_asks_no_client_for_on
                 assert tls.recv(4) == b"\x20\x02\x00\x00"
     finally:
         broker.stop()
+
+
+def test_the_note_on_a_per_listener_value_names_the_value_taken(tmp_path: Path) -> None:
+    """A listener's max_qos 1, then a file of include_dir setting max_qos 0 (Mosquitto's default
+    listener's there, which it opens): 0 is taken for every listener, and the note said 1."""
+    included = tmp_path / "conf.d"
+    included.mkdir()
+    (included / "a.conf").write_text("max_qos 0\n")
+    main = tmp_path / "mosquitto.conf"
+    main.write_text(f"listener 1884\nmax_qos 1\ninclude_dir {included}\n")
+    conversion = convert(main)
+    [note] = [n for n in conversion.notes if "max_qos differs" in n.why]
+    assert (conversion.settings["max_qos"], note.why, note.text) == (
+        0, "max_qos differs between the listeners: here it is global, 0 for every listener", "max_qos 0")

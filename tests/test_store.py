@@ -940,6 +940,22 @@ def test_a_damaged_database_is_refused_before_anything_is_written_to_it(sqlite: 
     assert sqlite.path.read_bytes() == before
 
 
+def test_a_database_refused_for_a_value_not_of_its_columns_type_is_left_unwritten(tmp_path: Path) -> None:
+    """The type check ran after the writes: a database of 0.1.0 holding text in a number's place
+    was made WAL, given the newer columns, tables, user_version and application_id, then refused."""
+    path = tmp_path / "mqttbroker.db"
+    with closing(sqlite3.connect(str(path))) as db:
+        db.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, "
+                   "properties BLOB NOT NULL, expires_at REAL)")
+        db.execute("INSERT INTO retained VALUES ('t', X'01', 'one', X'00', NULL)")
+        db.commit()
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        SQLiteStore(path, reactor).load()
+    assert_tells_what_to_do(caught.value, path)
+    assert path.read_bytes() == before and not path.with_name(path.name + "-wal").exists()
+
+
 DAMAGED_ROWS = {
     "a delivery's payload as text": "INSERT INTO deliveries VALUES ('s',1,'t','text',1,0,X'00',NULL,'[]',NULL,NULL,0)",
     "a delivery's subscription ids null": "INSERT INTO deliveries VALUES ('s',1,'t',X'01',1,0,X'00',NULL,'null',NULL,NULL,0)",

@@ -165,7 +165,8 @@ def int_arg(request: Any, name: str, default: int, low: int, high: int | None = 
     except ValueError:
         raise ApiError(400, f"query parameter {name!r} must be an integer") from None
     if value < low or (high is not None and value > high):
-        raise ApiError(400, f"query parameter {name!r} must be in {low}..{'' if high is None else high}")
+        raise ApiError(400, f"query parameter {name!r} must be at least {low}" if high is None
+                       else f"query parameter {name!r} must be in {low}..{high}")
     return value
 
 

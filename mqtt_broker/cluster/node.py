@@ -62,6 +62,10 @@ def node_id(config: Any) -> str:
         return made
 
 
+OWNED_AT_ONCE = 1000
+"""Sessions whose holder ``Cluster.check_owned`` asks Redis about at once."""
+
+
 class Cluster:
     """This node's part in a cluster. ``store`` is the node's Store (in Redis)."""
 
@@ -685,14 +689,9 @@ class Cluster:
         claimant publishes it), Redis says: the news said it."""
         if self.store.epochs.get(client_id) == epoch:
             self._let_go(client_id, False, will_left=False)
-            self.store.left_will(self.node, client_id).addCallback(self._left_will_read, client_id).addErrback(
+            self.store.left_will(self.node, client_id).addCallback(
+                lambda left: self.survivor.left_will_found(self.node, client_id, left)).addErrback(
                 lambda failure: log.failure("reading the will a claim left to this node", failure))
-
-    def _left_will_read(self, left: tuple[bytes | None, bool], client_id: str) -> None:
-        will, ended = left
-        if will is not None:  # (its client is connected to the claimant: a delayed one goes [MQTT-3.1.3-9])
-            self.survivor.will_found(client_id, bytes(will), ended=ended, expiry=0, connecting=True)
-            self.store.left_will_taken(self.node, client_id)
 
     def _let_go(self, client_id: str, clean: bool, will_left: bool = True) -> None:
         """Close the client's connection here. The session ended if the other node's connection
@@ -776,18 +775,23 @@ class Cluster:
     @inlineCallbacks
     def check_owned(self) -> Any:
         """Let go of the sessions another node claimed while the news of it could not come (a
-        node cut off long enough to be taken for dead, its sessions adopted): an idle client
-        makes no write that Redis would refuse."""
+        node cut off, or paused, long enough to be taken for dead, its sessions adopted): an
+        idle client makes no write that Redis would refuse. A thousand sessions at a time, the
+        reactor free between them (its heartbeats among what it does)."""
+        if self._checking_owned:
+            return
         held = list(self.store.epochs.items())
         self._checking_owned = True
         try:
-            owners = yield DeferredList([self.store.locate(client_id) for client_id, _ in held],
-                                        fireOnOneErrback=True, consumeErrors=True)
+            for first in range(0, len(held), OWNED_AT_ONCE):
+                some = held[first:first + OWNED_AT_ONCE]
+                owners = yield DeferredList([self.store.locate(client_id) for client_id, _ in some],
+                                            fireOnOneErrback=True, consumeErrors=True)
+                for (client_id, epoch), (_, owner) in zip(some, owners):
+                    if owner is not None and (owner["node"], owner["epoch"]) != (self.node, epoch):
+                        self._fenced(client_id, epoch)
         finally:
             self._checking_owned = False
-        for (client_id, epoch), (_, owner) in zip(held, owners):
-            if owner is not None and (owner["node"], owner["epoch"]) != (self.node, epoch):
-                self._fenced(client_id, epoch)
 
     def failed_rereading(self, failure: Any) -> None:
         if self.started:  # (stopping cuts the connection under it)

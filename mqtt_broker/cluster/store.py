@@ -500,7 +500,8 @@ class RedisStore:
     def claim(self, client_id: str, clean_start: bool, window: int, required: str = "",
               max_bytes: int = 0) -> Deferred[Claim | None]:
         """Take the client's session, after this node's changes so far are written (so that the
-        claim sees them). None when ``required`` names a node that no longer holds it. Of its
+        claim sees them). None when ``required`` names a node that no longer holds it, or that is
+        alive (another than this one: taken for dead, it beat again). Of its
         queued messages, the first ``window`` (0: all) are read, and with ``max_bytes`` no more
         bytes than that (counted on the records Redis keeps; the first whatever its size)."""
         known = self.epochs.get(client_id, 0)

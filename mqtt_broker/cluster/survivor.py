@@ -138,10 +138,8 @@ class Survivor:
                 if claim is None and dead != here and (yield store.node_alive(dead)):
                     break  # (taken for dead, it beat again: what it holds is its own)
                 if claim is None:  # another node claimed it meanwhile (its client reconnected)
-                    left, ended = yield store.left_will(dead, client_id)
-                    if left is not None:  # (while the dead node looked alive: it never published it)
-                        self.will_found(client_id, bytes(left), ended=ended, expiry=0, connecting=True)
-                        store.left_will_taken(dead, client_id)
+                    # (left while the dead node looked alive: it never published it)
+                    self.left_will_found(dead, client_id, (yield store.left_will(dead, client_id)))
                     if dead != here:
                         for subscription in (yield store.subscriptions_of(client_id)):
                             former.add(subscription)
@@ -226,6 +224,15 @@ class Survivor:
                                              everyone=kind == FORWARDED)
             except Exception:
                 log.failure("delivering a message of a dead node's inbox: it is passed over")
+
+    def left_will_found(self, node: str, client_id: str, left: tuple[bytes | None, bool]) -> None:
+        """The will a claim left to ``node`` (``store.left_will``'s answer), if any, which the
+        claimant's connection made due: published now, or dropped if delayed (its client came
+        back within the delay [MQTT-3.1.3-9]); taken in the batch that publishes it."""
+        will, ended = left
+        if will is not None:
+            self.will_found(client_id, bytes(will), ended=ended, expiry=0, connecting=True)
+            self.cluster.store.left_will_taken(node, client_id)
 
     def will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
                    delayed_only: bool = False) -> None:

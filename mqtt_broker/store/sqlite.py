@@ -239,11 +239,12 @@ _SQLITE_TYPES = {"INTEGER": "'integer'", "REAL": "'real', 'integer'", "TEXT": "'
 
 
 def _check_types(db: sqlite3.Connection) -> None:
-    """Every value of this broker's tables is of its column's type: a damaged row is refused
-    here, not met as a TypeError by whatever reads it."""
-    for name, columns in _OURS.items():
+    """Every value of this broker's tables (those there are: an older release's may have fewer)
+    is of its column's type: a damaged row is refused here, not met as a TypeError by whatever
+    reads it."""
+    for name, columns in _tables(db).items():
         wrong = " OR ".join(f"typeof({column}) NOT IN ({_SQLITE_TYPES[kind]}{'' if required else ', ' + repr('null')})"
-                            for column, (kind, required) in columns.items())
+                            for column, (kind, required) in _OURS[name].items() if column in columns)
         found = db.execute(f"SELECT rowid FROM {name} WHERE {wrong} LIMIT 1").fetchone()
         if found is not None:
             raise sqlite3.DatabaseError(f"damaged: a row of {name} holds a value not of its column's type")
@@ -313,6 +314,7 @@ class SQLiteStore:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
+            _check_types(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.executescript(SCHEMA)
@@ -323,7 +325,6 @@ class SQLiteStore:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN sender TEXT")
             db.execute(f"PRAGMA user_version = {VERSION}")
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            _check_types(db)
             snapshot = self._read(db, window, max_bytes)
         except (sqlite3.Error, OSError, ValueError, MQTTError) as e:  # (MQTTError: a damaged properties blob)
             self._release_lock()
