@@ -72,6 +72,16 @@ def node_a(server: RedisServer, clock: Clock | None = None, **settings: Any) -> 
 
 
 @inlineCallbacks
+def node_b(server: RedisServer) -> Any:
+    """Node b beside node a, on a clock of its own: joined."""
+    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
+                      close_linger=0)
+    b.startService()
+    yield b.cluster.ready
+    return b
+
+
+@inlineCallbacks
 def connect(broker: BrokerService, version: int = 4, **fields: Any) -> Any:
     """A client of node a, once its CONNACK came (after the claim, in Redis)."""
     client = FakeClient(broker, version)
@@ -757,11 +767,8 @@ def test_a_qos2_message_published_while_a_session_moves_reaches_it_once(
     own delivery did not count as the first way (for as long as the routes took to settle, 13 s
     with the default heartbeats)."""
     a = yield node_a(server)
-    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
-                      close_linger=0)
-    b.startService()
+    b = yield node_b(server)
     try:
-        yield b.cluster.ready
         first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
         first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
         yield a.store.flushed()
@@ -794,15 +801,9 @@ def test_a_delayed_will_left_to_a_connection_that_went_before_its_claim_was_answ
     clock = Clock()
     clock.advance(1000.0)
     a = yield node_a(server, clock)
-    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
-                      close_linger=0)
-    b.startService()
+    b = yield node_b(server)
     try:
-        yield b.cluster.ready
-        watcher = yield connect(a, client_id="watcher")
-        watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=0),)))
-        yield a.store.flushed()
-        watcher.received()
+        watcher = yield watching_wills(a)
         c = yield connect(b, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
                           will=Will(topic="wills/c", payload=b"c is gone", qos=0, retain=False,
                                     properties={"will_delay_interval": 30}))
@@ -2288,15 +2289,9 @@ def test_a_node_taken_for_dead_that_beats_again_before_the_claim_keeps_its_clien
     clock = Clock()
     clock.advance(1000.0)
     a = yield node_a(server, clock)
-    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
-                      close_linger=0)
-    b.startService()
+    b = yield node_b(server)
     try:
-        yield b.cluster.ready
-        watcher = yield connect(a, client_id="watcher")
-        watcher.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="wills/#", qos=0),)))
-        yield a.store.flushed()
-        watcher.received()
+        watcher = yield watching_wills(a)
         c = yield connect(b, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
                           will=Will(topic="wills/c", payload=b"c is gone", qos=0, retain=False))
         yield b.store.flushed()
@@ -2312,6 +2307,7 @@ def test_a_node_taken_for_dead_that_beats_again_before_the_claim_keeps_its_clien
         yield b.store.flushed()
         assert not c.closed and "c" not in a.sessions and server.client().hget("mqtt:owner:c", "node") == b"b"
         assert (a.stats.wills_published, b.stats.wills_published) == (0, 0)
+        assert [p for p in watcher.received() if isinstance(p, Publish)] == []
     finally:
         yield b.stopService()
         yield a.stopService()
@@ -2380,6 +2376,29 @@ def test_a_node_paused_past_its_adoption_routes_its_filters_again_once_back(
         yield a.stopService()
 
 
+@inlineCallbacks
+def c_on(broker: BrokerService, **will_properties: Any) -> Any:
+    """Client c of node a, connected, with a persistent session and a will on wills/c."""
+    client = yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
+                           will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False,
+                                     properties=will_properties))
+    client.received()
+    yield broker.store.flushed()
+    return client
+
+
+def x_adopts_c_from_a(server: RedisServer) -> Any:
+    """Node x (alive) takes a for dead and claims c as an adoption does: the claim's reply (the
+    will is x's to publish: a is found dead)."""
+    r = server.client()
+    r.delete("mqtt:node:a")
+    r.set("mqtt:node:x", "x", px=600_000)
+    r.sadd("mqtt:nodes", "x")
+    reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
+    assert reply[2] == 0 and reply[3] is not None and r.hget("mqtt:owner:c", "node") == b"x"
+    return reply
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_node_fenced_off_after_being_taken_for_dead_does_not_publish_the_will_its_survivor_took(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -2392,19 +2411,11 @@ def test_a_node_fenced_off_after_being_taken_for_dead_does_not_publish_the_will_
     clock.advance(1000.0)
     broker = yield node_a(server, clock)
     try:
-        client = yield connect(broker, 5, client_id="c", clean_start=False,
-                               properties={"session_expiry_interval": 600},
-                               will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False))
-        client.received()
-        yield broker.store.flushed()
+        client = yield c_on(broker)
         r = server.client()
         r.client_kill_filter(_type="pubsub")
         r.client_kill_filter(_type="normal", skipme=True)
-        r.delete("mqtt:node:a")
-        r.set("mqtt:node:x", "x", px=600_000)
-        r.sadd("mqtt:nodes", "x")
-        reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
-        assert reply[2] == 0 and reply[3] is not None  # (a found dead: the will is x's to publish)
+        x_adopts_c_from_a(server)
         yield until(lambda: r.exists("mqtt:node:a"), "a to register again")
         client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
         yield until(lambda: client.closed, "a to let c go once Redis refuses its write")
@@ -2470,23 +2481,13 @@ def test_a_node_taken_for_dead_while_cut_off_closes_its_clients_whose_sessions_w
     clock.advance(1000.0)
     broker = yield node_a(server, clock)
     try:
-        client = yield connect(broker, 5, client_id="c", clean_start=False,
-                               properties={"session_expiry_interval": 600},
-                               will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False))
-        client.received()
-        yield broker.store.flushed()
+        client = yield c_on(broker)
         r = server.client()
         assert r.hget("mqtt:owner:c", "node") == b"a"
         # a is cut off: every connection of it lost (the test's own client is spared) ...
         r.client_kill_filter(_type="pubsub")
         r.client_kill_filter(_type="normal", skipme=True)
-        # ... and while it is away, x (alive) takes it for dead and adopts c.
-        r.delete("mqtt:node:a")
-        r.set("mqtt:node:x", "x", px=600_000)
-        r.sadd("mqtt:nodes", "x")
-        reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
-        assert reply is not None and reply[3] is not None  # (the will, for x to publish)
-        assert r.hget("mqtt:owner:c", "node") == b"x"
+        x_adopts_c_from_a(server)  # ... and while it is away, x takes it for dead and adopts c
         # a is back: it registers again and beats.
         yield until(lambda: r.exists("mqtt:node:a"), "a to register again")
         for _ in range(10):
@@ -2515,21 +2516,11 @@ def test_a_delayed_will_due_during_a_pause_past_the_heartbeats_is_published_once
     clock.advance(1000.0)
     broker = yield node_a(server, clock)
     try:
-        client = yield connect(broker, 5, client_id="c", clean_start=False,
-                               properties={"session_expiry_interval": 600},
-                               will=Will(topic="wills/c", payload=b"c is gone", qos=1, retain=False,
-                                         properties={"will_delay_interval": 10}))
-        client.received()
+        client = yield c_on(broker, will_delay_interval=10)
         client.lose()
         yield broker.store.flushed()
-        r = server.client()
-        assert "c" in broker.wills and r.hget("mqtt:session:c", "will") is not None
-        # a pauses: x takes it for dead and adopts c, the will with it ...
-        r.delete("mqtt:node:a")
-        r.set("mqtt:node:x", "x", px=600_000)
-        r.sadd("mqtt:nodes", "x")
-        reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
-        assert reply[2] == 0 and reply[3] is not None  # (x publishes it when due)
+        assert "c" in broker.wills and server.client().hget("mqtt:session:c", "will") is not None
+        x_adopts_c_from_a(server)  # a pauses: x takes it for dead and adopts c, the will with it ...
         # ... and a's pause ends at 1011: its timers first (as Twisted's loop runs them), the news after.
         clock.advance(11.0)
         yield until(lambda: "c" not in broker.store.epochs, "a to hear of x's claim")
