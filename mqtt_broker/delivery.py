@@ -264,13 +264,36 @@ class Delivery:
         return self._deliver_to(message, share, pool) if pool else 0
 
     def _deliver_to(self, message: Message, share: tuple[str, str], pool: list[Subscription]) -> int:
-        """``deliver_shared`` to a member of ``pool``, as ``shared_pool`` gave it (not empty)."""
+        """``deliver_shared`` to a member of ``pool``, as ``shared_pool`` gave it (not empty): the
+        one whose turn it is, or the next that would not drop it (a full queue, a QoS 0
+        subscription of a session offline), if one would not."""
         sessions = self.sessions
-        chosen = pool[self._share_turns.next(share) % len(pool)]
+        turn = self._share_turns.next(share)
+        chosen = pool[turn % len(pool)]
+        if len(pool) > 1 and self._drops(sessions[chosen.client_id], min(chosen.qos, message.qos)):
+            for step in range(1, len(pool)):  # (every one would: the turn's, which counts it)
+                other = pool[(turn + step) % len(pool)]
+                if not self._drops(sessions[other.client_id], min(other.qos, message.qos)):
+                    chosen = other
+                    break
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
         self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos),
                      message.retain and chosen.retain_as_published, ids, share)  # [MQTT-3.3.1-12, -13]
         return 1
+
+    def _drops(self, session: Session, qos: int) -> bool:
+        """Whether ``deliver`` would drop a message of this QoS for the session now (its queue's
+        count full, nothing sent at once, nothing stored; the bytes bound aside)."""
+        connection, config = session.connection, self.config
+        if connection is None:
+            if not qos and not config.queue_qos0_messages:
+                return True
+        elif connection.pending_bytes < config.max_held_bytes and not session.queue and not session.spilled and (
+                not qos or len(session.outgoing) < connection.send_quota):
+            return False
+        if qos and self.store is not None:
+            return False
+        return 0 < config.max_queued_messages <= len(session.queue)
 
     def shared_pool(self, topic: str, members: list[Subscription], sender: str | None = None) -> list[Subscription]:
         """The members of a shared group that a message on ``topic`` (from ``sender``) may go to:
