@@ -70,7 +70,6 @@ class Subscribing:
         wanted: list[Subscription | ReasonCode] = []
         security = self.broker.security
         replays: dict[int, str] = {}  # the replay each request asks for, by its place in ``wanted``
-        replaying: set[str] = set()
         # Without a message log there is nothing to replay: a ``replay`` user property is the
         # application's own then, and asks for nothing.
         logged = self.broker.history is not None
@@ -79,7 +78,7 @@ class Subscribing:
         for request in packet.subscriptions:
             named, topic_filter = split_replay_filter(request.topic_filter)
             spec = named if named is not None else asked
-            group, _ = split_shared(topic_filter)
+            group, inner = split_shared(topic_filter)
             if spec is not None:
                 replayed = group is None and logged  # (a shared subscription is not replayed)
                 if replayed or named is not None:  # ($replay/{spec}/ is understood, or refused, in any case)
@@ -89,12 +88,13 @@ class Subscribing:
                         wanted.append(ReasonCode.UNSPECIFIED_ERROR)
                         continue
                 if replayed:
-                    if len(replaying) >= MAX_REPLAYS and topic_filter not in replaying:
-                        wanted.append(ReasonCode.QUOTA_EXCEEDED)  # each reads the logs, in this turn
+                    if len(replays) >= MAX_REPLAYS:  # (each reads the logs in this turn, a filter repeated too)
+                        wanted.append(ReasonCode.QUOTA_EXCEEDED)
                         continue
-                    replaying.add(topic_filter)
                     replays[len(wanted)] = spec
-            if not valid_topic_filter(topic_filter) or (spec is not None and topic_filter.startswith(REPLAY_PREFIX)):
+            # (A $replay/ name within a replay, or a group's, would be subscribed to as it is.)
+            if not valid_topic_filter(topic_filter) or (
+                    (spec is not None or group is not None) and inner.startswith(REPLAY_PREFIX)):
                 wanted.append(ReasonCode.TOPIC_FILTER_INVALID)
             elif group is not None and not config.shared_subscription_available and not self._own:
                 wanted.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)

@@ -305,3 +305,34 @@ def test_the_log_forgets_what_is_older_than_history_max_age_without_new_messages
     assert store.load().history == []
     broker.stopService()
 
+
+
+def test_one_replay_filter_repeated_is_held_to_max_replays() -> None:
+    """docs/message-log.md: "one SUBSCRIBE may make 16 requests ... the filters past them get
+    0x97". The quota counted distinct filters: one filter repeated was replayed each time (1,000
+    copies over a log of 10,000 messages held the reactor 11 s)."""
+    from mqtt_broker import history
+    broker = make_broker(history_filters=["busy/#"])
+    pub = connected(broker, "pub")
+    for n in range(20):
+        pub.publish("busy/x", b"%d" % n)
+    assert broker.history is not None
+    reads = []
+    replay = broker.history.replay
+    broker.history.replay = lambda *args: reads.append(args) or replay(*args)  # type: ignore[method-assign]
+    sub = connected(broker, "sub", version=5)
+    sub.send(Subscribe(packet_id=1, subscriptions=tuple(
+        SubscriptionRequest(topic_filter="$replay/since:99999999999/busy/#") for _ in range(history.MAX_REPLAYS * 4))))
+    [suback] = [p for p in sub.received() if not hasattr(p, "payload")]
+    assert len(reads) == history.MAX_REPLAYS
+    assert list(suback.reason_codes) == [0] * history.MAX_REPLAYS + [0x97] * history.MAX_REPLAYS * 3
+
+
+def test_a_shared_filter_of_a_replay_name_is_refused() -> None:
+    """`$share/g/$replay/last:1/s/#` was granted as a shared subscription to the literal filter
+    `$replay/last:1/s/#`: neither replayed nor subscribed to s/#, the group got nothing from s/#
+    (`$replay/all/$replay/all/x` is refused 0x8F, for the same reason)."""
+    broker = make_broker(history_filters=["s/#"])
+    client = connected(broker, "c", version=5)
+    [suback] = client.subscribe("$share/g/$replay/last:1/s/#")
+    assert (list(suback.reason_codes), broker.subscriptions_of("c")) == ([0x8F], [])
