@@ -265,15 +265,15 @@ class Delivery:
 
     def _deliver_to(self, message: Message, share: tuple[str, str], pool: list[Subscription]) -> int:
         """``deliver_shared`` to a member of ``pool``, as ``shared_pool`` gave it (not empty): the
-        one whose turn it is, or the next that would not drop it (a full queue, a QoS 0
-        subscription of a session offline), if one would not."""
+        one whose turn it is, or the next that would not drop it (too large for its client, a
+        full queue, a QoS 0 subscription of a session offline), if one would not."""
         sessions = self.sessions
         turn = self._share_turns.next(share)
         chosen = pool[turn % len(pool)]
-        if len(pool) > 1 and self._drops(sessions[chosen.client_id], min(chosen.qos, message.qos)):
+        if len(pool) > 1 and self._drops(sessions[chosen.client_id], message, min(chosen.qos, message.qos)):
             for step in range(1, len(pool)):  # (every one would: the turn's, which counts it)
                 other = pool[(turn + step) % len(pool)]
-                if not self._drops(sessions[other.client_id], min(other.qos, message.qos)):
+                if not self._drops(sessions[other.client_id], message, min(other.qos, message.qos)):
                     chosen = other
                     break
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
@@ -281,10 +281,13 @@ class Delivery:
                      message.retain and chosen.retain_as_published, ids, share)  # [MQTT-3.3.1-12, -13]
         return 1
 
-    def _drops(self, session: Session, qos: int) -> bool:
-        """Whether ``deliver`` would drop a message of this QoS for the session now (its queue's
-        count full, nothing sent at once, nothing stored; the bytes bound aside)."""
+    def _drops(self, session: Session, message: Message, qos: int) -> bool:
+        """Whether ``deliver`` would drop the message at this QoS for the session now: larger
+        than its client takes (its topic and payload alone), or its queue's count full, nothing
+        sent at once, nothing stored (the bytes bound aside)."""
         connection, config = session.connection, self.config
+        if connection is not None and len(message.payload) + len(message.topic) > connection.max_send_size:
+            return True
         if connection is None:
             if not qos and not config.queue_qos0_messages:
                 return True

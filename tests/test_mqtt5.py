@@ -2223,3 +2223,17 @@ def test_an_offline_group_gives_qos1_messages_to_the_member_that_keeps_them() ->
     c = FakeClient(broker, version=5)
     assert c.connect("c", clean=False, properties={"session_expiry_interval": 3600}).session_present
     assert sorted(_taken(c)) == [b"0", b"1", b"2", b"3"]
+
+
+def test_a_message_too_large_for_one_group_member_goes_to_another() -> None:
+    """Member a takes packets of 100 bytes at most [MQTT-3.1.2-24], member b any: a message of
+    500 bytes whose turn was a's was dropped for a, while b could take it."""
+    broker = make_broker()
+    a = connected(broker, "a", version=5, properties={"maximum_packet_size": 100})
+    b = connected(broker, "b", version=5)
+    for member in (a, b):
+        member.subscribe("$share/g/t", qos=1)
+        member.received()
+    for n in range(4):
+        broker.publish("t", b"%d" % n + b"L" * 500, qos=1)
+    assert (_taken(a), len(_taken(b)), broker.stats.messages_dropped) == ([], 4, 0)
