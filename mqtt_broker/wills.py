@@ -39,11 +39,13 @@ class Wills:
     def __iter__(self) -> Iterator[str]:
         return iter(self._delayed)
 
-    def publish(self, client: Client, will: Message, identity: Identity | None = None) -> None:
+    def publish(self, client: Client, will: Message, identity: Identity | None = None,
+                then: Callable[[], None] | None = None) -> None:
         """Publish a client's will, if the client may still publish to its topic (never to
         ``$SYS``): the rules may have changed since its CONNECT (a reload), as Mosquitto checks a
         will when it sends it. ``identity``: the connection's; without it (a will restored from
-        the store, or from another node of a cluster), the rules of the client's user name apply."""
+        the store, or from another node of a cluster), the rules of the client's user name apply.
+        ``then`` is called once it is published or refused, in the same turn."""
         broker = self.broker
         cluster = broker.cluster
         # Decided now: a will hook may answer after the session has gone.
@@ -55,13 +57,18 @@ class Wills:
             # is accepted.)
             log.info("will of {client_id!r} to {topic!r} not published: not allowed", client_id=client.client_id,
                      topic=will.topic)
-            return
-        if not broker.hooks.has_will:
+        elif not broker.hooks.has_will:
             broker.stats.wills_published += 1
             self._route(will, through_inboxes)
+        else:
+            broker.hooks.decide("will", client, will).addCallback(self._decided, will, client, through_inboxes, then)
             return
+        if then is not None:
+            then()
 
-        def decided(answer: Any) -> None:
+    def _decided(self, answer: Any, will: Message, client: Client, through_inboxes: bool,
+                 then: Callable[[], None] | None) -> None:
+        try:
             if answer is not None and not isinstance(answer, Message):
                 return  # refused
             message = will if answer is None else answer
@@ -71,9 +78,11 @@ class Wills:
                 log.error("a will hook made the will of {client_id!r} one that cannot be sent ({problem})",
                           client_id=client.client_id, problem=problem)
                 return
-            broker.stats.wills_published += 1
+            self.broker.stats.wills_published += 1
             self._route(message, through_inboxes)
-        broker.hooks.decide("will", client, will).addCallback(decided)
+        finally:
+            if then is not None:
+                then()
 
     def _route(self, will: Message, through_inboxes: bool) -> None:
         delivery = self.broker.delivery

@@ -2056,6 +2056,91 @@ def test_a_left_will_is_published_once_when_the_survivor_dies_before_it_forgets_
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_will_a_survivor_took_is_published_by_the_next_when_that_survivor_dies_before_it_published_it(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected (will, no delay). Node s claimed c's session as b's survivor
+    (the claim took the will out of the session) and was killed before its next batch: the node
+    that adopts s publishes c's will, once. It was lost with s."""
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 0)
+    s = RedisStore(link, "s", reactor)
+    try:
+        server.client().delete("mqtt:node:b")  # b died
+        yield s.register(600_000)
+        claim = yield s.claim("c", False, 0, "b")
+        assert claim is not None and claim.will is not None
+        server.client().delete("mqtt:node:s")  # s killed before it wrote anything more
+        yield adopted(server, broker, clock, "b")
+        yield adopted(server, broker, clock, "s")
+        assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
+        assert not server.client().keys("mqtt:wills-due:*")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_whose_claim_answer_was_lost_is_published_when_the_node_takes_its_sessions_back(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected (will, no delay). Redis applied a's claim of c and its
+    answer was lost: a takes back what Redis says it holds (as after a restart) and publishes
+    c's will, once. The claim had taken the will out of the session, and nothing published it."""
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 0)
+    try:
+        r = server.client()
+        r.delete("mqtt:node:b")  # b died
+        assert r.eval(CLAIM.source, 0, "c", "a", "0", "0", 0, "", 0)  # (its answer lost)
+        done: list[Any] = []
+        broker.cluster.survivor.adopt("a").addBoth(done.append)
+        yield until(lambda: done, "the adoption's end")
+        assert done == [None]
+        assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
+        assert not r.keys("mqtt:wills-due:*")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_left_will_is_published_once_when_two_nodes_adopt_the_dead_node_at_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b is killed with c connected (will, no delay); c connects to a before b's key
+    expires, so the claim leaves the will to b (wills-left:b). Nodes a and d both take b for dead
+    and adopt it at the same time (their batches held: a stall): each read the left will, and
+    each published it."""
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 0)
+    d = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="d",
+                      close_linger=0)
+    d.startService()
+    try:
+        yield d.cluster.ready
+        yield connect(broker, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 3600})
+        assert server.client().hget("mqtt:wills-left:b", "c") is not None
+        yield broker.store.flushed()
+        yield d.store.flushed()
+        server.client().delete("mqtt:node:b")  # b's key expired
+        found: list[str] = []
+        for node in (broker, d):
+            survivor = node.cluster.survivor
+            left_will_found = survivor.left_will_found
+            survivor.left_will_found = lambda *args, f=left_will_found, n=node: (  # type: ignore[method-assign]
+                found.append(n.cluster.node), f(*args))
+            node.store._recovering = True  # (its batches wait)
+        for node in (broker, d):
+            adopt(node, "b")
+        yield until(lambda: len(found) == 2, "both adoptions to look for the left will")
+        assert broker.stats.wills_published + d.stats.wills_published == 1
+    finally:
+        for node in (broker, d):
+            node.store._recovering = False
+        yield d.stopService()
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_fenced_qos2_publish_keeps_the_received_counts_consistent(server: RedisServer) -> Iterator[Deferred[Any]]:
     """A QoS 2 PUBLISH routed through the inboxes, fenced by its publisher's session, which
     another node claims before the batch goes: routed nowhere. It was counted as a QoS 2 message

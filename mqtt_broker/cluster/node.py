@@ -270,7 +270,7 @@ class Cluster:
             if not claim.previous_alive:
                 # (no session kept: it ended with its connection on the dead node [MQTT-3.1.3-9])
                 self.survivor.will_found(client_id, claim.will, ended=clean_start or claim.session is None,
-                                         connecting=attached, expiry=expiry)
+                                         connecting=attached, expiry=expiry, taken=claim.will_id)
             elif not (attached or clean_start or not expiry):
                 # The live previous owner published it unless it was delayed: then it was for
                 # the new connection to cancel, which went, so it is due after its delay.
@@ -689,8 +689,8 @@ class Cluster:
         claimant publishes it), Redis says: the news said it."""
         if self.store.epochs.get(client_id) == epoch:
             self._let_go(client_id, False, will_left=False)
-            self.store.left_will(self.node, client_id).addCallback(
-                lambda left: self.survivor.left_will_found(self.node, client_id, left)).addErrback(
+            self.store.take_left_will(self.node, client_id).addCallback(
+                lambda taken: self.survivor.left_will_found(client_id, taken)).addErrback(
                 lambda failure: log.failure("reading the will a claim left to this node", failure))
 
     def _let_go(self, client_id: str, clean: bool, will_left: bool = True) -> None:

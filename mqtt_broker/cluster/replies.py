@@ -3,7 +3,7 @@ hands over), and the entries of an inbox."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..session import Outgoing, Session
 from .codec import records_of_0_1_0, unpack_queued, unpack_subscription
@@ -12,7 +12,8 @@ from .codec import records_of_0_1_0, unpack_queued, unpack_subscription
 class Claim:
     """What ``RedisStore.claim`` found: the new epoch, the previous owner, and the session."""
 
-    __slots__ = ("epoch", "previous", "previous_alive", "will", "current", "since_stamp", "session", "disconnected_at")
+    __slots__ = ("epoch", "previous", "previous_alive", "will", "will_id", "current", "since_stamp", "session",
+                 "disconnected_at")
 
     def __init__(self, reply: list[Any], client_id: str) -> None:
         self.epoch = int(reply[0])
@@ -21,6 +22,9 @@ class Claim:
         self.will: bytes | None = reply[3] or None
         """The session's will, taken out of Redis (pack_will): the previous owner's to publish
         if it is alive, but for a delayed one of a session that goes on."""
+        self.will_id = self.epoch if self.will is not None and not self.previous_alive else None
+        """A dead previous owner's will is this node's, kept in Redis under this id until it is
+        published, kept or dropped (``RedisStore.will_done``)."""
         self.current = bool(reply[4])
         """The caller held the session already: its copy is current."""
         self.since_stamp = int(reply[5])
@@ -30,6 +34,32 @@ class Claim:
         self.disconnected_at: float | None = None
         if len(reply) > 6:
             self.session, self.disconnected_at = read_session(client_id, reply)
+
+
+class TakenWill(NamedTuple):
+    """A will no live node will publish, taken by this node (wills.lua)."""
+
+    id: int
+    """Its id in Redis, until it is published, kept or dropped (``RedisStore.will_done``)."""
+    client_id: str
+    will: bytes
+    """pack_will's."""
+    ended: bool
+    """Its session ended: due at once, delayed or not."""
+    back: bool
+    """Its client connected again: dropped if delayed [MQTT-3.1.3-9]."""
+    expiry: int
+    """Its session's expiry interval, otherwise."""
+
+
+def taken_wills(reply: list[Any]) -> list[TakenWill]:
+    """The wills of a wills.lua answer: id, 'flag\\0client\\0will', ..."""
+    wills = []
+    for j in range(0, len(reply), 2):
+        flag, client_id, will = bytes(reply[j + 1]).split(b"\0", 2)
+        wills.append(TakenWill(int(reply[j]), client_id.decode(), will, flag == b"0", flag == b"c",
+                               int(flag) if flag.isdigit() else 0))
+    return wills
 
 
 InboxEntry = tuple[bytes, bytes | None, int]
@@ -86,4 +116,4 @@ def read_session(client_id: str, reply: list[Any]) -> tuple[Session | None, floa
     return session, disconnected_at
 
 
-__all__ = ["Claim", "InboxEntry", "inbox_entries", "inbox_entry", "read_session"]
+__all__ = ["Claim", "InboxEntry", "TakenWill", "inbox_entries", "inbox_entry", "read_session", "taken_wills"]

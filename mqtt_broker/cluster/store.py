@@ -34,7 +34,7 @@ from ..topics import Subscription
 from .codec import pack_queued, pack_retained, pack_subscription, pack_will, targeted_head, unpack_queued, \
     unpack_retained, unpack_subscription
 from .redis import READ_BLOCK, Redis, Script
-from .replies import Claim, InboxEntry, inbox_entries, inbox_entry
+from .replies import Claim, InboxEntry, TakenWill, inbox_entries, inbox_entry, taken_wills
 
 log = Logger()
 
@@ -46,7 +46,8 @@ def _script(name: str) -> Script:
     return Script(name, resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
 
 
-BATCH, CLAIM, FORGET, QUEUED, ROUTES = (_script(name) for name in ("batch", "claim", "forget", "queued", "routes"))
+BATCH, CLAIM, FORGET, QUEUED, ROUTES, WILLS = (
+    _script(name) for name in ("batch", "claim", "forget", "queued", "routes", "wills"))
 
 
 INBOX_GROUP = "nodes"
@@ -102,6 +103,9 @@ class RedisStore:
         """The epoch this node holds each of its clients' sessions at (claim)."""
         self.since_stamps: dict[str, int] = {}
         """When each of those sessions was last begun anew (Claim.since_stamp)."""
+        self.wills_in_hand: set[int] = set()
+        """The ids of the wills this node took (claims, ``take_left_will``, ``take_wills``) that
+        no batch has yet marked published, kept or dropped (``will_done``)."""
         self._given_up: dict[str, int] = {}
         """The epochs of sessions another node claimed from this one, while this node keeps a copy
         (until ``forgotten``): what it still writes for one is refused and passed on as queued at
@@ -469,17 +473,28 @@ class RedisStore:
             raise
         return cursor, entries
 
-    def left_will(self, node: str, client_id: str) -> Deferred[tuple[bytes | None, bool]]:
+    def take_left_will(self, node: str, client_id: str) -> Deferred[TakenWill | None]:
         """The will of a client another node claimed while ``node`` looked alive, if ``node``
-        never heard of the claim (it would have published the will itself), and whether that
-        claim ended the client's session."""
-        return self.redis.call("HMGET", f"mqtt:wills-left:{node}", client_id, client_id + "\0").addCallback(
-            lambda reply: (reply[0], reply[1] is not None))
+        never heard of the claim (it would have published the will itself): taken, once,
+        whichever nodes ask."""
+        return self.redis.run(WILLS, "left", self.node, node, client_id).addCallback(
+            lambda reply: next(iter(self._in_hand(reply)), None))
 
-    def left_will_taken(self, node: str, client_id: str) -> None:
-        """The will ``left_will`` gave is published (or kept): in the same batch as its messages,
-        so that the next survivor, should this one die first, publishes it once all the same."""
-        self._record("l", node, client_id)
+    def take_wills(self, node: str) -> Deferred[list[TakenWill]]:
+        """The wills a dead ``node`` took and did not finish; this node's own: those it took
+        before a restart, or by a claim whose answer was lost (not those it is handling)."""
+        return self.redis.run(WILLS, "due", self.node, node).addCallback(self._in_hand)
+
+    def _in_hand(self, reply: list[Any]) -> list[TakenWill]:
+        wills = [will for will in taken_wills(reply) if will.id not in self.wills_in_hand]
+        self.wills_in_hand.update(will.id for will in wills)
+        return wills
+
+    def will_done(self, will_id: int) -> None:
+        """A will this node took is published, kept or dropped: in the same batch as its
+        messages, so that the node that adopts this one, should it die first, does it instead."""
+        self._record("L", will_id)
+        self.flushed().addBoth(lambda _: self.wills_in_hand.discard(will_id))
 
     def forget_node(self, dead: str) -> Deferred[bool]:
         """A dead node's sessions are adopted: its routes go, and the others are told. False (and
@@ -515,6 +530,8 @@ class RedisStore:
                 return None
             claim = Claim(reply, client_id)
             self.epochs[client_id] = claim.epoch
+            if claim.will_id is not None:
+                self.wills_in_hand.add(claim.will_id)
             self._given_up.pop(client_id, None)
             self.since_stamps[client_id] = claim.since_stamp
             return claim

@@ -20,6 +20,7 @@ from ..store import StoredWill
 from ..topics import SubscriptionTree
 from ..wire import MQTT_5
 from .codec import FORWARDED, TARGETED, unpack_records, unpack_will
+from .replies import TakenWill
 
 if TYPE_CHECKING:
     from .node import Cluster
@@ -139,7 +140,7 @@ class Survivor:
                     break  # (taken for dead, it beat again: what it holds is its own)
                 if claim is None:  # another node claimed it meanwhile (its client reconnected)
                     # (left while the dead node looked alive: it never published it)
-                    self.left_will_found(dead, client_id, (yield store.left_will(dead, client_id)))
+                    self.left_will_found(client_id, (yield store.take_left_will(dead, client_id)))
                     if dead != here:
                         for subscription in (yield store.subscriptions_of(client_id)):
                             former.add(subscription)
@@ -149,12 +150,15 @@ class Survivor:
                     # Its client connected here meanwhile, and its claim came first: the session
                     # is its connection's, whose will (taken out of Redis by this claim) goes back.
                     cluster.connected(local, local.connection)
+                    if claim.will_id is not None:
+                        store.will_done(claim.will_id)
                     continue
                 if claim.will is not None:
                     # (kept even if its client is connecting here: the connection, once it
                     # attaches, cancels it, and one refused leaves it due [MQTT-3.1.3-9])
                     self.will_found(client_id, claim.will, ended=claim.session is None,
-                                    expiry=claim.session.expiry if claim.session is not None else 0)
+                                    expiry=claim.session.expiry if claim.session is not None else 0,
+                                    taken=claim.will_id)
                 if claim.session is None:
                     store.give_up(client_id)
                     continue
@@ -168,6 +172,13 @@ class Survivor:
                 # again may hold what they have, the mark of an entry dropped as a copy lost)
                 cluster.moved_here(client_id)
                 adopted += 1
+            if dead == here:  # (a will this node finished since is not taken for one it did not)
+                yield store.flushed()
+            for taken in (yield store.take_wills(dead)):
+                # A will the node took (a dead node's session's) and did not finish: as it would have.
+                session = broker.sessions.get(taken.client_id)
+                self.will_found(taken.client_id, taken.will, ended=taken.ended, expiry=taken.expiry, taken=taken.id,
+                                connecting=taken.back or session is not None and session.connection is not None)
             if dead != here:
                 cluster.stats.adopted += adopted
                 log.info("adopted {count} sessions of node {dead}, which is gone", count=adopted, dead=dead)
@@ -225,37 +236,42 @@ class Survivor:
             except Exception:
                 log.failure("delivering a message of a dead node's inbox: it is passed over")
 
-    def left_will_found(self, node: str, client_id: str, left: tuple[bytes | None, bool]) -> None:
-        """The will a claim left to ``node`` (``store.left_will``'s answer), if any, which the
-        claimant's connection made due: published now, or dropped if delayed (its client came
-        back within the delay [MQTT-3.1.3-9]); taken in the batch that publishes it."""
-        will, ended = left
-        if will is not None:
-            self.will_found(client_id, bytes(will), ended=ended, expiry=0, connecting=True)
-            self.cluster.store.left_will_taken(node, client_id)
+    def left_will_found(self, client_id: str, taken: TakenWill | None) -> None:
+        """The will a claim left to a node that never heard of it (``store.take_left_will``'s
+        answer), if any, which the claimant's connection made due: published now, or dropped if
+        delayed (its client came back within the delay [MQTT-3.1.3-9])."""
+        if taken is not None:
+            self.will_found(client_id, taken.will, ended=taken.ended, expiry=0, connecting=True, taken=taken.id)
 
     def will_found(self, client_id: str, data: bytes, ended: bool, expiry: int, connecting: bool = False,
-                   delayed_only: bool = False) -> None:
+                   delayed_only: bool = False, taken: int | None = None) -> None:
         """A will no live node will publish: its client's connection was on a node that is dead
         (or on this node before a restart), so it ended then [MQTT-3.1.2-8]; or, ``delayed_only``,
         a delayed one a live previous owner left to a new connection that went. Published now if
         its delay is 0 or the session ends; dropped if the client is connecting again (it came
         back within the delay [MQTT-3.1.3-9]: ``connecting``); otherwise due after its delay, or
-        at the time a delayed will was given. ``delayed_only``: only if it had a delay."""
+        at the time a delayed will was given. ``delayed_only``: only if it had a delay.
+        ``taken``: the will's id in Redis (``RedisStore.wills_in_hand``), marked done in the batch
+        that publishes, keeps or drops it."""
         message, username, delay, due = unpack_will(data)
         if delayed_only and due is None and not delay:
             return
+        store = self.cluster.store
+        done = (lambda: store.will_done(taken)) if taken is not None else None
         broker = self.cluster.broker
         message.sender = client_id
         client = Client(client_id=client_id, username=username, peer="", protocol_version=MQTT_5,
                         clean_start=False, keep_alive=0)
         if ended or (due is None and not delay):
-            broker.wills.publish(client, message)
-        elif not connecting:
+            broker.wills.publish(client, message, then=done)
+            return
+        if not connecting:
             due = due if due is not None else self.cluster.clock.seconds() + min(delay, expiry)
             broker.wills.schedule(client, message, due)
-            # In Redis too (the claim took it out): for the next node, should this one die first.
-            self.cluster.store.save_will(StoredWill(client_id, username, message, due))
+            # In the session in Redis again: for the next node, should this one die first.
+            store.save_will(StoredWill(client_id, username, message, due))
+        if done is not None:
+            done()
 
 
 __all__ = ["Survivor"]

@@ -109,9 +109,9 @@ while i <= n do
     redis.call('SREM', P .. 'clients:' .. node, ARGV[i + 1])
     redis.call('HDEL', P .. 'wills-left:' .. node, ARGV[i + 1], ARGV[i + 1] .. '\0')
     i = i + 2
-  elseif op == 'l' then -- a will left to a dead node is published by its survivor: node client
-    redis.call('HDEL', P .. 'wills-left:' .. ARGV[i + 1], ARGV[i + 2], ARGV[i + 2] .. '\0')
-    i = i + 3
+  elseif op == 'L' then -- a will this node took (wills-due, claim.lua and wills.lua) is published, kept or dropped: id
+    redis.call('HDEL', P .. 'wills-due:' .. node, ARGV[i + 1])
+    i = i + 2
   elseif op == 'U' then -- a subscription: client epoch filter options
     local c = ARGV[i + 1]
     if mine(c, ARGV[i + 2]) then redis.call('HSET', P .. 'subs:' .. c, ARGV[i + 3], ARGV[i + 4]) end

@@ -8,7 +8,8 @@
 -- session), which fences off every later write of the previous owner (batch.lua), and tells
 -- the previous owner on the control channel. The session's will leaves Redis here, and is
 -- returned: a live previous owner publishes it itself, but for a delayed will of a session that
--- goes on (the claimant keeps that one, should its own connection be gone).
+-- goes on (the claimant keeps that one, should its own connection be gone); a dead one's is the
+-- claimant's, kept in Redis until it is published (below).
 --
 -- Returns {epoch, previous node or false, 1 if it is alive, will or false, 1 if the caller's
 -- copy is current, since_stamp (below), session fields, subscriptions, {seq, 'packet_id:released', item}...,
@@ -68,6 +69,14 @@ if will and alive == 1 then
   else
     redis.call('HDEL', left, c .. '\0')
   end
+elseif will then
+  -- A dead previous owner (or this node before a restart) never will: the claimant does. The will
+  -- stays in Redis (wills-due:<claimant>, under this epoch) until the claimant's batch that
+  -- publishes, keeps or drops it ('L', batch.lua): should the claimant die first, the node that
+  -- adopts it takes the will from there (wills.lua). With it, '0' if the session ends, or its expiry.
+  local expiry = redis.call('HGET', data[1], 'expiry')
+  local ends = clean or not expiry or expiry == '0'
+  redis.call('HSET', P .. 'wills-due:' .. node, epoch, (ends and '0' or expiry) .. '\0' .. c .. '\0' .. will)
 end
 if clean and (alive == 1 or not old_node) then -- (a live previous owner ends it itself)
   redis.call('DEL', unpack(data))

@@ -1,0 +1,34 @@
+-- Wills no live node will publish, taken by the node that will (ARGV: the step, the taking node,
+-- the node they were another's of, then for 'left' the client):
+--   'left': a will a claim left to a node that died before it heard of the claim (wills-left,
+--   claim.lua), under a new id;
+--   'due': every will a node took and did not finish (wills-due, claim.lua), a dead one's, or
+--   the taking node's own (read only: before a restart, or a claim whose answer was lost).
+-- Each goes to wills-due:<taking node>, where it stays until the batch that publishes, keeps or
+-- drops it ('L', batch.lua): taken once, whichever nodes ask at the same time, and never lost
+-- with a node that dies before that batch. Returns id, 'flag\0client\0will', ... where the
+-- flag is '0' if the will's session ended, 'c' if its client is back, or the session's expiry.
+local P = 'mqtt:'
+local step, taker, node = ARGV[1], ARGV[2], ARGV[3]
+local due = P .. 'wills-due:' .. taker
+if step == 'left' then
+  local c, left = ARGV[4], P .. 'wills-left:' .. node
+  local found = redis.call('HMGET', left, c, c .. '\0')
+  if not found[1] then
+    return {}
+  end
+  redis.call('HDEL', left, c, c .. '\0')
+  local id = redis.call('INCR', P .. 'epochs')
+  local value = (found[2] and '0' or 'c') .. '\0' .. c .. '\0' .. found[1]
+  redis.call('HSET', due, id, value)
+  return {id, value}
+end
+local from = P .. 'wills-due:' .. node
+local wills = redis.call('HGETALL', from)
+if node ~= taker and #wills > 0 then
+  for first = 1, #wills, 1000 do  -- (unpack takes a few thousand values at most)
+    redis.call('HSET', due, unpack(wills, first, math.min(first + 999, #wills)))
+  end
+  redis.call('DEL', from)
+end
+return wills
