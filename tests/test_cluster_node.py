@@ -2080,6 +2080,27 @@ def test_a_will_a_survivor_took_is_published_by_the_next_when_that_survivor_dies
 
 
 @pytest_twisted.inlineCallbacks
+def test_the_wills_a_node_took_are_not_taken_from_it_while_it_is_alive(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node s claimed c's session from dead b, and was left c2's will by a claim that found it
+    alive: both wills are s's to publish while it lives (an adoption of s that finds it back, a
+    pause over, goes on to read what s left). Another node took them all the same."""
+    server.client().flushall()
+    link = yield b_holding_c(server, 0)
+    s, t = RedisStore(link, "s", reactor), RedisStore(link, "t", reactor)
+    try:
+        server.client().delete("mqtt:node:b")  # b died
+        yield s.register(600_000)
+        yield t.register(600_000)
+        assert (yield s.claim("c", False, 0, "b")).will_id is not None
+        server.client().hset("mqtt:wills-left:s", "c2", b"a will")
+        assert (yield t.take_wills("s")) == []
+        assert (yield t.take_left_will("s", "c2")) is None
+        assert server.client().hlen("mqtt:wills-due:s") == 1 and server.client().hexists("mqtt:wills-left:s", "c2")
+    finally:
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_will_whose_claim_answer_was_lost_is_published_when_the_node_takes_its_sessions_back(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Node b died with c connected (will, no delay). Redis applied a's claim of c and its

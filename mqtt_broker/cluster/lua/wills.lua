@@ -7,10 +7,14 @@
 -- Each goes to wills-due:<taking node>, where it stays until the batch that publishes, keeps or
 -- drops it ('L', batch.lua): taken once, whichever nodes ask at the same time, and never lost
 -- with a node that dies before that batch. Returns id, 'flag\0client\0will', ... where the
--- flag is '0' if the will's session ended, 'c' if its client is back, or the session's expiry.
+-- flag is '0' if the will's session ended, 'c' if its client is back, or the session's expiry;
+-- nothing if that other node is alive.
 local P = 'mqtt:'
 local step, taker, node = ARGV[1], ARGV[2], ARGV[3]
 local due = P .. 'wills-due:' .. taker
+if node ~= taker and redis.call('EXISTS', P .. 'node:' .. node) == 1 then
+  return {}  -- (alive: taken for dead, it beat again; they are its own)
+end
 if step == 'left' then
   local c, left = ARGV[4], P .. 'wills-left:' .. node
   local found = redis.call('HMGET', left, c, c .. '\0')
