@@ -45,10 +45,13 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
     WebSocket one) lingers on its own: its ``loseConnection`` sends a close frame, reads on until
     the answer and has a timer of its own, so it is given no second one.
     """
+    handshake = getattr(transport, "closing_handshake", False)
     if linger <= 0:
+        if handshake:  # (the client's close frame is read whatever input MQTT had paused)
+            transport.resumeProducing()
         transport.loseConnection()
         socket = transport if half_close else None
-        if not half_close and not getattr(transport, "closing_handshake", False):
+        if not half_close and not handshake:
             # TLS: its close_notify is written to the socket under it; that is closed once it
             # is, rather than held until the peer answers, which it may never do.
             socket = getattr(transport, "transport", None)
@@ -67,7 +70,7 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
         transport.loseWriteConnection()
     else:
         transport.loseConnection()
-    if getattr(transport, "closing_handshake", False):
+    if handshake:
         return None
     return clock.callLater(linger, transport.abortConnection)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from typing import Any, Iterable, Sequence
 
 from autobahn.twisted.resource import WebSocketResource as _AutobahnResource
@@ -48,6 +49,9 @@ SUBPROTOCOLS = ("mqtt", "mqttv3.1")
 
 CLOSE_TIMEOUT = 5.0
 """Seconds the peer has to answer our close frame before the socket is dropped."""
+CLOSING_PONGS = 8
+"""Pings answered while the broker waits for the client's close frame (the rest are not: one
+that pings on meanwhile is given no growing backlog of pongs to hold)."""
 
 _GATHER = 65536
 """Frames up to this payload size that a read cuts wait whole for their end; larger ones stream."""
@@ -217,6 +221,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     factory: WebSocketFactory
     maxFramePayloadSize: int  # copied from the factory's protocol options by autobahn
+    _closing_pongs = 0  # (on the instance only once it closes)
 
     def __init__(self) -> None:
         super().__init__()
@@ -263,6 +268,12 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
                 self.failHandshake("Request Header Fields Too Large", 431)
                 return
         self._dataReceived(data)  # autobahn's own dataReceived formats a debug line per read
+
+    def processHandshake(self) -> None:
+        end = self.data.find(b"\r\n\r\n")
+        if end >= 0:
+            self.data = _one_extensions_line(self.data[:end]) + self.data[end:]
+        super().processHandshake()
 
     def _receive_frames(self, data: bytes) -> None:
         """The hot path: whole, masked, uncompressed binary frames (and continuations of a binary
@@ -325,6 +336,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             self.consumeData()
 
     def onPing(self, payload: bytes) -> None:
+        if self.state == _CLOSING:
+            # Answered until the client's close frame comes [RFC 6455 5.5.2] (autobahn answers
+            # only while open); a few, as the socket goes on reading for that frame.
+            if self.closedByMe and self._closing_pongs < CLOSING_PONGS:
+                self._closing_pongs += 1
+                self.sendFrame(opcode=10, payload=payload)
+            return
         super().onPing(payload)  # (the pong goes to the socket, past what MQTT holds and counts)
         if self.mqtt is not None and self.mqtt.paused:  # the socket holds more than it sends
             self.mqtt.read_no_more_until_sent()
@@ -357,6 +375,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if mqtt is None:  # max_connections: counted and logged by the MQTT factory
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Service Unavailable")
         self.mqtt = mqtt
+        # An offer the broker cannot take is declined, not a reason to fail the handshake as
+        # autobahn would [RFC 7692 5]: without compression, every offer.
+        self.websocket_extensions = [(name, params) for name, params in self.websocket_extensions
+                                     if factory.compression and _takes(name, params)]
         return subprotocol
 
     def _where(self) -> str:
@@ -469,6 +491,7 @@ class WebSocketFactory(WebSocketServerFactory):
         self.max_handshake_size: int = config.websocket_max_handshake_size
         self.handshake_timeout: float = config.websocket_handshake_timeout
         options: dict[str, Any] = {}
+        self.compression: bool = config.websocket_compression
         if config.websocket_compression:
             options["perMessageCompressionAccept"] = functools.partial(_accept_deflate, limit=config.max_packet_size)
         self.setProtocolOptions(
@@ -485,6 +508,30 @@ class WebSocketFactory(WebSocketServerFactory):
             versions=[13],
             tcpNoDelay=config.set_tcp_nodelay,
             **options)
+
+
+_EXTENSIONS_LINE = re.compile(rb"\r\nsec-websocket-extensions:[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+def _one_extensions_line(head: bytes) -> bytes:
+    """A request's head with its Sec-WebSocket-Extensions lines made one, their lists joined: a
+    client may split them [RFC 6455 9.1], which autobahn refuses as a header given twice."""
+    lines = _EXTENSIONS_LINE.findall(head)
+    if len(lines) < 2:
+        return head
+    return _EXTENSIONS_LINE.sub(b"", head) + b"\r\nSec-WebSocket-Extensions: " + b", ".join(lines)
+
+
+def _takes(extension: str, params: Any) -> bool:
+    """Whether an extension offer is one the broker can take: permessage-deflate as autobahn
+    reads it."""
+    if extension != PerMessageDeflateOffer.EXTENSION_NAME:
+        return False
+    try:
+        PerMessageDeflateOffer.parse(params)
+    except Exception:  # (autobahn raises plain Exceptions for what it cannot take)
+        return False
+    return True
 
 
 def _accept_deflate(offers: list[Any], limit: int) -> PerMessageDeflateOfferAccept | None:

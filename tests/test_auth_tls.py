@@ -378,3 +378,100 @@ def test_a_certificate_openssl_verified_counts_when_cryptography_will_not_read_i
     transport = _Handshaken(server_side)
     assert Security().client_certificate(transport) == (True, "dev_1")
     assert [certificate_identity(transport, field) for field in ("subject", "dns")] == ["CN=dev_1", None]
+
+
+def _chain(directory: Path) -> None:
+    """root.pem (a root CA), fullchain.pem (a server certificate for localhost signed by an
+    intermediate CA, then that intermediate: what Let's Encrypt's fullchain.pem holds), leaf.key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def issue(subject: str, issuer: str, key: Any, issuer_key: Any, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+                critical=True)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def pem(certificate: x509.Certificate) -> bytes:
+        return certificate.public_bytes(serialization.Encoding.PEM)
+
+    root_key, intermediate_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = issue("root CA", "root CA", root_key, root_key, True)
+    intermediate = issue("intermediate CA", "root CA", intermediate_key, root_key, True)
+    leaf = issue("localhost", "intermediate CA", leaf_key, intermediate_key, False)
+    (directory / "root.pem").write_bytes(pem(root))
+    (directory / "fullchain.pem").write_bytes(pem(leaf) + pem(intermediate))
+    (directory / "leaf.key").write_bytes(leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _handshake(tls: Any, cafile: str) -> str | None:
+    """A TLS handshake in memory between ``tls`` (a listener's connection creator) and Python's
+    ssl trusting ``cafile``: None when it succeeds, else the client's error."""
+    import ssl
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    clock = Clock()
+    server = TLSMemoryBIOFactory(tls, False, Factory.forProtocol(Protocol), clock=clock).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 40000))
+    socket = StringTransport()
+    server.makeConnection(socket)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context(cafile=cafile).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    for _ in range(20):  # bounded
+        try:
+            client.do_handshake()
+            return None
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as e:
+            return str(e)
+        data = outgoing.read()
+        if data:
+            server.dataReceived(data)
+        clock.advance(0)
+        back = socket.value()
+        socket.clear()
+        incoming.write(back)
+    return "no handshake"
+
+
+def test_a_mosquitto_certfile_with_its_intermediate_certificates_serves_the_chain(tmp_path: Path) -> None:
+    """Mosquitto loads certfile with SSL_CTX_use_certificate_chain_file: the server certificate
+    and the intermediates after it (a public CA's fullchain.pem) are sent, and clients that
+    trust the root verify the server. Converted (docs/mosquitto.md: `listener 8883` +
+    certfile/keyfile -> ssl:...:certKey=...), TLSFiles.options keeps the first certificate of
+    certKey only: the intermediate is never sent and every such client fails verification."""
+    from twisted.internet import reactor
+
+    from mqtt_broker.auth.tls import server_endpoint
+    from mqtt_broker.mosquitto import convert
+
+    _chain(tmp_path)
+    (tmp_path / "mosquitto.conf").write_text(
+        f"listener 8883\ncertfile {tmp_path / 'fullchain.pem'}\nkeyfile {tmp_path / 'leaf.key'}\n")
+    [description] = convert(tmp_path / "mosquitto.conf").settings["endpoints"]
+    endpoint = server_endpoint(reactor, description)
+    assert _handshake(endpoint.tls, str(tmp_path / "root.pem")) is None  # type: ignore[attr-defined]

@@ -1011,3 +1011,98 @@ def test_a_frame_of_several_packets_each_within_max_packet_size_is_read() -> Non
     client.send_packets(Publish(topic="t", payload=b"a" * 600), Publish(topic="t", payload=b"b" * 600))
     assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == []
     assert [p.payload[:1] for p in sub.received()] == [b"a", b"b"]
+# RFC 7692 section 5: "A server MUST decline an extension negotiation offer for this extension
+# if ... the negotiation offer contains an extension parameter not defined for use in an offer
+# ... an extension parameter with an invalid value ... multiple extension parameters with the
+# same name ... [or] the server doesn't support the offered configuration." Declining is
+# answering without the extension, not failing the opening handshake. 8 is a valid
+# server_max_window_bits (RFC 7692 7.1.2.1: "a value in the range 8 to 15").
+@pytest.mark.parametrize("compression", [False, True])
+@pytest.mark.parametrize("offer", [
+    "permessage-deflate; server_max_window_bits=8",
+    "permessage-deflate; server_max_window_bits=8, permessage-deflate",  # a fallback offer after it
+    "permessage-deflate; x-unknown-parameter",
+])
+def test_a_permessage_deflate_offer_the_broker_cannot_take_is_declined_not_refused(
+        compression: bool, offer: str) -> None:
+    client = WSClient(make_broker(websocket_compression=compression))
+    status = client.handshake(headers={"Sec-WebSocket-Extensions": offer})
+    assert status == 101, f"handshake offering {offer!r} refused with HTTP {status} (compression={compression})"
+    assert client.headers.get("sec-websocket-protocol") == "mqtt"
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_sec_websocket_extensions_on_two_lines_is_one_list(compression: bool) -> None:
+    """RFC 6455 9.1: "like other HTTP header fields, this header field MAY be split or combined
+    across multiple lines" (11.3.2: it "MAY appear multiple times in an HTTP request"): refused
+    with 400 ("appears more than once"), even with compression off."""
+
+    client = WSClient(make_broker(websocket_compression=compression))
+    request = handshake_request(headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
+    client.send_bytes(request.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: x-private-extension\r\n\r\n"))
+    response = split_response(client.socket.value())
+    assert response is not None and response[0] == 101, f"refused: {client.socket.value()[:80]!r}"
+
+
+def test_a_ping_during_the_closing_handshake_does_not_stop_the_socket_reading() -> None:
+    """A subscriber whose socket's buffer was full (MQTT paused) is closed by the broker (here a
+    takeover: close frame sent, closing handshake begun, the socket reading on for the client's
+    answer). A WebSocket ping from the client then (Python's websockets pings every 20 s) gets
+    no pong (autobahn answers none once closing), yet onPing still calls
+    read_no_more_until_sent on the stale ``paused`` of the closed MQTT connection: the socket
+    stops reading for good, the client's close frame is never read, and a clean close becomes
+    an abort after CLOSE_TIMEOUT (RFC 6455 7.1.1: the server closes once the close frames are
+    exchanged)."""
+
+    broker = make_broker()
+    client = ws_connected(broker, "slow")
+    client.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="q"),)))
+    client.packets()
+    client.socket.producer.pauseProducing()  # the socket's buffer is full
+    ws_connected(broker, "slow")  # taken over: the broker starts the closing handshake
+    assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == [1000]
+    assert client.socket.producerState == "producing"  # reading on, for the client's close frame
+    client.send(b"keepalive", PING)
+    assert client.socket.producerState == "producing", (
+        "the socket stopped reading during the closing handshake: the client's close frame will never be read")
+
+
+def test_with_close_linger_0_the_closing_handshake_still_reads_the_clients_close_frame() -> None:
+    """close_linger = 0: linger.close_lingering only calls loseConnection, without the
+    resumeProducing its lingering branch does first. Over TCP that is a close; over WebSocket it
+    starts a closing handshake that must read the client's close frame, and a socket whose input
+    MQTT had paused (here while an on_publish hook decides; likewise a client read no more
+    until its pongs are sent) never reads it: the clean close becomes an abort after
+    CLOSE_TIMEOUT (docs/websocket.md: only "a client that does not answer the broker's close
+    frame within 5 seconds is dropped")."""
+
+    broker = make_broker(close_linger=0)
+    pending: list[Deferred[None]] = []
+
+    @broker.hooks.on_publish
+    def decide(client: object, message: object) -> Deferred[None]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    client = ws_connected(broker, "c")
+    client.send_packets(Publish(topic="t", payload=b"1", qos=1, packet_id=1))
+    assert client.socket.producerState == "paused"  # input paused while the hook decides
+    ws_connected(broker, "c")  # taken over: the broker starts the closing handshake
+    assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == [1000]
+    assert client.socket.producerState == "producing", (
+        "closing handshake begun on a paused socket: the client's close frame will never be read")
+
+
+def test_a_ping_during_the_closing_handshake_is_answered() -> None:
+    """RFC 6455 5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+    response, unless it already received a Close frame" (docs/websocket.md: "Pings are answered
+    with pongs"). The broker has sent its close frame (the client's DISCONNECT) and not yet
+    received the client's: autobahn's onPing answers only in STATE_OPEN."""
+
+    client = ws_connected(make_broker())
+    client.send_packets(Disconnect())
+    assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == [1000]
+    client.send(b"still there?", PING)
+    assert client.frames() == [Frame(PONG, b"still there?")]
+
+

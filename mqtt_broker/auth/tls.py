@@ -85,14 +85,13 @@ class TLSFiles:
         that a key that does not fit its certificate shows here rather than at a handshake.
         Raises OSError (a file that cannot be read; the error names it) or ValueError naming
         the file."""
-        from OpenSSL import SSL, crypto
+        from OpenSSL import SSL
         from twisted.internet import ssl
         from twisted.python.filepath import FilePath
 
-        try:
-            certificate = crypto.load_certificate(crypto.FILETYPE_PEM, Path(self.certificate).read_bytes())
-        except crypto.Error:
-            raise ValueError(f"certKey={self.certificate} holds no PEM certificate") from None
+        # The certificates after the server's are its chain (a CA's fullchain.pem), sent with it
+        # as Mosquitto's certfile and nginx's ssl_certificate send them.
+        certificate, *chain = certificates(self.certificate, "certKey")
         key = private_key(self.private_key, "privateKey")
         settings: dict[str, Any] = {}
         if self.method is not None:
@@ -101,7 +100,9 @@ class TLSFiles:
                 raise ValueError(f"sslmethod={self.method} is not an OpenSSL method")
             settings["method"] = method
         if self.extra_chain is not None:
-            settings["extraCertChain"] = certificates(self.extra_chain, "extraCertChain")
+            chain += certificates(self.extra_chain, "extraCertChain")
+        if chain:
+            settings["extraCertChain"] = chain
         if self.dh_parameters is not None:
             FilePath(self.dh_parameters).getContent()  # unreadable: OSError naming it, as ssl: does
             settings["dhParameters"] = ssl.DiffieHellmanParameters.fromFile(FilePath(self.dh_parameters))
