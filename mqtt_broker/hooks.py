@@ -17,6 +17,7 @@ Two kinds of events:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -27,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .auth import Identity
+from .auth.acl import AccessRules
 from .message import Client, Message
 from .topics import Subscription
 from .wire.codes import DISCONNECT_CODES, PUBACK_CODES, ReasonCode
@@ -297,14 +299,20 @@ def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:
     if value is False:
         return Refused()
     if isinstance(value, Refused):
-        return value
-    if isinstance(value, int) and value >= 0x80:  # (a ReasonCode, or one written as a plain int)
-        return Refused(ReasonCode(value) if value in _REASON_CODES else None)
-    if isinstance(value, (bytes, bytearray, memoryview)) and memoryview(value).nbytes > 65535:
+        code, text = value.reason_code, value.reason_string
+        if (code is None or type(code) in (int, ReasonCode)) and (text is None or isinstance(text, str)):
+            # (a code written as a plain int is the ReasonCode of that value; an unknown one, none)
+            return value if code is None or isinstance(code, ReasonCode) else Refused(_code(code), text)
+    elif isinstance(value, int) and value >= 0x80:  # (a ReasonCode, or one written as a plain int)
+        return Refused(_code(value))
+    elif isinstance(value, (bytes, bytearray, memoryview)) and memoryview(value).nbytes > 65535:
         log.error("{event} hook {handler!r} answered {size} bytes, more than Authentication Data carries (65,535); "
                   "refusing", event=event, handler=handler, size=memoryview(value).nbytes)
         return Refused(ReasonCode.UNSPECIFIED_ERROR)
-    if isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and not 0 <= value <= 2):  # (a QoS, or nothing)
+    elif isinstance(value, Identity):
+        if event == "auth" and _well_formed(value):
+            return value
+    elif isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and not 0 <= value <= 2):  # (a QoS, or nothing)
         return value
     log.error("{event} hook {handler!r} answered {answer!r}, which is not an answer it may give; refusing",
               event=event, handler=handler, answer=value)
@@ -312,6 +320,18 @@ def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:
 
 
 _REASON_CODES = frozenset(int(code) for code in ReasonCode)
+
+
+def _code(value: int) -> ReasonCode | None:
+    return ReasonCode(value) if value in _REASON_CODES else None
+
+
+def _well_formed(identity: Identity) -> bool:
+    """Whether an Identity a hook made holds what the broker will use as its types say."""
+    expires_at = identity.expires_at
+    return isinstance(identity.client_id, str) and isinstance(identity.username, (str, type(None))) \
+        and isinstance(identity.rules, (AccessRules, type(None))) \
+        and (expires_at is None or type(expires_at) in (int, float) and math.isfinite(expires_at))
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:

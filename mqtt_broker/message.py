@@ -104,6 +104,8 @@ def unsendable(message: Message, own: bool = False) -> str | None:
     decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here.
     ``own``: the broker's own, which may go to $SYS."""
     topic, properties = message.topic, message.properties
+    if not isinstance(topic, str) or not isinstance(properties, dict) or type(message.retain) is not bool:
+        return "a topic, properties or retain flag not of its type (str, dict, bool)"
     if not isinstance(message.payload, bytes):
         return f"its payload is {type(message.payload).__name__}, not bytes"
     if type(message.qos) is not int or message.qos not in (0, 1, 2):

@@ -231,6 +231,19 @@ def test_keys_tool_makes_a_key_and_its_config_line() -> None:
     assert bad.returncode == 2
 
 
+@pytest.mark.parametrize("name", ["capteur-é", "٣"])
+def test_the_keys_tool_refuses_a_name_the_setting_would_refuse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Letters and digits of any script passed the tool's check (str.isalnum), and the entry it
+    printed was refused by twistd mqttbroker (--http-api-key: not a hashed key)."""
+    from mqtt_broker.admin import keys
+    from mqtt_broker.tap import Options
+    assert keys.main(["keys", name]) == 2
+    assert "key:" not in capsys.readouterr().out
+    entry = f"{name}:{hash_key('x')}"
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--endpoint", "tcp:0", "--http-api-key", entry])
+
+
 def test_key_ids_and_the_documented_one_liner() -> None:
     one_liner = subprocess.run(
         [sys.executable, "-c", 'import hashlib,sys; print("sha256:" + hashlib.sha256(sys.argv[1].encode()).hexdigest())',

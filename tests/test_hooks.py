@@ -1138,3 +1138,120 @@ def test_a_hooks_reason_string_that_cannot_be_sent_as_it_is_is_made_sendable(rea
     assert isinstance(suback, Suback) and suback.reason_codes == (0x87, 0x87, 0x87)
     said = suback.properties["reason_string"]
     assert "\0" not in said and len(said.encode()) <= 65535 and not client.closed
+
+
+# --- hooks: Refused with an error code written as an int ----------------------------------------
+
+@pytest.mark.parametrize("version, expected", [(4, 3), (5, 0x97)])
+def test_a_connect_hook_refusing_with_an_int_code_is_answered_with_a_connack(version: int, expected: int) -> None:
+    """docs/embedding.md: "an error code (a ReasonCode or an int of 0x80 or more) refuses with it"
+    and "a mistake in a hook lets no one in" (refused, 0x80, logged). ``Refused(0x97, ...)`` is
+    taken by the publish, subscribe and unsubscribe hooks (0x97 in the PUBACK, SUBACK, UNSUBACK);
+    from a connect hook, connecting._refuse calls ``reason.name`` on the int: AttributeError out
+    of dataReceived (with a Deferred: "error handling a packet", closed without a CONNACK)."""
+    from mqtt_broker import Refused
+    from mqtt_broker.testing import MemoryBroker
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_connect(lambda client: Refused(0x97, "quota"))
+    client = broker.client(version)
+    try:
+        connack = client.connect("c")
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"the CONNECT was not answered: {type(e).__name__}: {e}")
+    assert connack is not None and connack.reason_code == expected
+
+
+def test_an_auth_hook_refusing_a_re_authentication_with_an_int_code_disconnects_with_it() -> None:
+    """The same for a re-authentication: MQTTProtocol.drop tallies ``reason.name``."""
+    from mqtt_broker import Refused
+    from mqtt_broker.testing import MemoryBroker
+    from mqtt_broker.wire import Auth, Disconnect
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_auth(lambda client, method, data, again: Refused(0x87, "no") if again else None)
+    client = broker.client()
+    client.connect("c", properties={"authentication_method": "M"})
+    try:
+        client.send(Auth(reason_code=0x19, properties={"authentication_method": "M"}))
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"the re-authentication was not answered: {type(e).__name__}: {e}")
+    assert [p.reason_code for p in client.received() if isinstance(p, Disconnect)] == [0x87]
+
+
+@pytest.mark.parametrize("event", ["publish", "subscribe"])
+def test_a_refusal_whose_reason_string_is_not_a_str_refuses_and_keeps_the_connection(event: str) -> None:
+    """docs/embedding.md: an answer the hook may not give "refuses too, with 0x80, and is logged,
+    as a handler that raises is: a mistake in a hook lets no one in". A ``Refused`` whose reason
+    string is not a str (an int, bytes) reaches ``sendable(reason_string)``: AttributeError or
+    TypeError out of dataReceived (publish, connect) or "error handling a packet" and the
+    connection dropped as an internal error (subscribe, unsubscribe) -- a QoS 1 publisher then
+    resends the same PUBLISH after every reconnect, and is dropped every time."""
+    from mqtt_broker import Refused, ReasonCode
+    from mqtt_broker.testing import MemoryBroker
+
+    broker = MemoryBroker(sys_interval=0)
+    getattr(broker.hooks, "on_" + event)(lambda *args: Refused(ReasonCode.NOT_AUTHORIZED, 42))
+    client = broker.connect("c")
+    try:
+        answer = client.publish("t", b"x", qos=1) if event == "publish" else client.subscribe("t")
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"the {event.upper()} was not answered: {type(e).__name__}: {e}")
+    assert answer is not None
+    codes = [answer.reason_code] if event == "publish" else list(answer.reason_codes)  # type: ignore[union-attr]
+    assert all(code >= 0x80 for code in codes) and not client.closed
+
+
+# --- hooks: a message a publish hook made that no PUBLISH can carry -----------------------------
+
+def _topic_an_int(message: object) -> object:
+    import dataclasses
+    return dataclasses.replace(message, topic=5)  # type: ignore[type-var]
+
+
+def _properties_a_list(message: object) -> object:
+    import dataclasses
+    return dataclasses.replace(message, properties=[("content_type", "x")])  # type: ignore[type-var]
+
+
+def _topic_an_int_in_place(message: object) -> None:
+    message.topic = 5  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("hook", [_topic_an_int, _properties_a_list, _topic_an_int_in_place])
+def test_a_made_message_no_publish_can_carry_is_refused_not_an_error(hook: object) -> None:
+    """docs/embedding.md, on_publish: "a message that no PUBLISH can carry (...), made or changed
+    in place, is logged and refused (0x80)". message.unsendable checks the payload's and the
+    QoS's types but calls valid_topic_name(topic) and properties.get(...) outside its try: a
+    topic that is not a str, or properties that are not a mapping, raise TypeError or
+    AttributeError out of dataReceived (pure-Python build; compiled, the hook itself raises
+    TypeError, which refuses)."""
+    from mqtt_broker.testing import MemoryBroker
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_publish(lambda client, message: hook(message))  # type: ignore[operator]
+    client = broker.connect("c")
+    try:
+        puback = client.publish("t", b"x", qos=1)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"the PUBLISH was not answered: {type(e).__name__}: {e}")
+    assert puback is not None and puback.reason_code == 0x80 and not client.closed
+
+
+def test_an_auth_hooks_identity_with_an_expiry_that_is_not_a_number_refuses() -> None:
+    """on_auth: "an Identity authenticates as it, its rules and expires_at replacing the
+    connection's"; a mistake in a hook "lets no one in" (refused, logged). An Identity whose
+    expires_at is not a number reaches ``expires_at - clock.seconds()`` in _watch_expiry:
+    TypeError out of dataReceived, the CONNECT never answered."""
+    from mqtt_broker.auth import Identity
+    from mqtt_broker.testing import MemoryBroker
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_auth(lambda client, method, data, again: Identity(client_id="c", username=None,
+                                                                      expires_at="tomorrow"))  # type: ignore[arg-type]
+    client = broker.client()
+    try:
+        connack = client.connect("c", properties={"authentication_method": "M"})
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"the CONNECT was not answered: {type(e).__name__}: {e}")
+    assert connack is not None and connack.reason_code >= 0x80

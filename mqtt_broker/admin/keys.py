@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -79,8 +80,8 @@ def presented_key(request: Any) -> str | None:
 
 def main(argv: list[str]) -> int:
     name = argv[1] if len(argv) > 1 else ""
-    if name and not all(c.isalnum() or c in "_.-" for c in name):
-        print("a key name has only letters, digits, '_', '.' and '-'", file=sys.stderr)
+    if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        print("a key name has only ASCII letters, digits, '_', '.' and '-'", file=sys.stderr)
         return 2
     key = secrets.token_urlsafe(32)
     entry = (name + ":" if name else "") + hash_key(key)
