@@ -291,7 +291,6 @@ class BrokerService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        self.delivery.stop()
         stopping = self._unlisten()
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
@@ -299,6 +298,9 @@ class BrokerService(MultiService):
         # refusal a client would take as the broker's), and the will hooks the drops called are
         # cancelled too. (An answer after the stop would route with the store closed.)
         self.hooks.cancel_pending()
+        # Routing ends here, not before the drops: a disconnect hook may publish (a presence
+        # topic), as the wills they publish are routed.
+        self.delivery.stop()
         # The connections linger (close_linger) so that clients read the DISCONNECT 0x8B; the
         # reactor closes what is left once this fires, so waiting longer would only delay the stop.
         self._all_closed = AllClosed(self.connections, self.clock, self.config.close_linger)

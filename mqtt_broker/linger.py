@@ -15,11 +15,13 @@ closes is bounded like any other flood of connections).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sized
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.protocols.policies import ProtocolWrapper
 
 
 UNTAKEN_LIMIT = 5.0
@@ -73,6 +75,19 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
     if handshake:
         return None
     return clock.callLater(linger, transport.abortConnection)
+
+
+def socket_of(transport: Any) -> tcp.Connection | None:
+    """The socket (TCP or UNIX: Twisted's ``tcp.Connection``) a transport is, or writes to
+    unchanged: the PROXY header's wrapper (``haproxy:tcp:``) passes on what it is given, and
+    ``close_lingering`` may half-close the socket under it. None for TLS and the rest."""
+    if isinstance(transport, tcp.Connection):
+        return transport
+    tls = sys.modules.get("twisted.protocols.tls")  # (not imported: no transport is TLS)
+    if isinstance(transport, ProtocolWrapper) and isinstance(transport.transport, tcp.Connection) and not (
+            tls is not None and isinstance(transport, tls.TLSMemoryBIOProtocol)):
+        return transport.transport
+    return None
 
 
 def unwritten(transport: Any) -> bool:

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
     ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
 )
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import classImplements
 
@@ -35,7 +36,7 @@ from .auth import Identity
 from .connect import NEVER, Terms, granted_expiry
 from .connecting import Connecting, count_refusal, describe, tally
 from .delivery import Delivery
-from .linger import close_lingering, unwritten
+from .linger import close_lingering, socket_of, unwritten
 from .publishing import Publishing, _Acks
 from .subscribing import Subscribing
 from .store import StoreError
@@ -276,10 +277,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             message = message[:253] + "..."
         connack_sent = not self.connack_held()
         self._forget_unstored()
+        told = False
         if self.state is State.CONNECTED and reason >= 0x80:
             tally(self.stats.closed_by_reason, reason.name)
             if self.version == MQTT_5 and connack_sent:  # not before the CONNACK [MQTT-3.14.0-1]
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": sendable(message)}))
+                told = True
         if not routine or self.broker.config.connection_messages:
             log.info("closing connection {client_id!r} from {peer}: {reason}" if self.client else
                      "closing connection from {peer}: {reason}",
@@ -289,6 +292,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self.broker.detach(self, self._graceful)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._out = None
+        elif abort and told and isinstance(self.transport, ProtocolWrapper):
+            # Over TLS (or the PROXY header's wrapper) the DISCONNECT waits in a buffer above the
+            # socket, which an abort would throw away: closed as without a linger instead, which
+            # bounds the wait for a client that takes nothing (UNTAKEN_LIMIT).
+            self._out = None
+            self._linger_call = close_lingering(self.transport, self.clock, 0, False)
         elif abort:
             self._out = None
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -302,9 +311,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # never read it: the linger's timer bounds the wait). TLS keeps its timer: it bounds
             # the wait for close_notify.
             linger = self.broker.config.close_linger
-            if routine and self._on_socket and not unwritten(self.transport):
+            socket = self.transport if self._on_socket else socket_of(self.transport)
+            if routine and socket is not None and not unwritten(socket):
                 linger = 0
-            self._linger_call = close_lingering(self.transport, self.clock, linger, self._on_socket)
+            self._linger_call = close_lingering(socket or self.transport, self.clock, linger, socket is not None)
 
     def _cancel_timers(self) -> None:
         if self._deadline is not None:
@@ -378,7 +388,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         Deferred); until then, read nothing more from this client, so its packets are handled
         in the order they came."""
         if not isinstance(decision, Deferred):
-            then(decision, *args)
+            if self.state is not State.CLOSED:  # (the hook may have ended it: the broker's stop)
+                then(decision, *args)
             return
         done = False
 

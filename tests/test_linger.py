@@ -3,7 +3,11 @@ and a Clock: the timer that aborts, what cancels it, what is read meanwhile, and
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any, Iterator
 
 import pytest
@@ -11,10 +15,12 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, capturedLogs
 
 from mqtt_broker import BrokerService
 from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unwritten
-from mqtt_broker.wire import Connect, Disconnect, Pingreq, Publish, ReasonCode, Subscribe, SubscriptionRequest, encode
+from mqtt_broker.wire import (
+    Connect, Disconnect, Pingreq, Puback, Publish, ReasonCode, Subscribe, SubscriptionRequest, Will, encode)
 
 from protocol_helpers import FakeClient, connected, make_broker
 
@@ -307,3 +313,203 @@ def test_a_closed_connection_whose_client_takes_nothing_is_not_held(
     finally:
         sock.close()
         yield broker.stopService()
+
+
+def _unread(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.parametrize("endpoint,header", [
+    ("tcp:0:interface=127.0.0.1", b""),
+    ("haproxy:tcp:0:interface=127.0.0.1", b"PROXY TCP4 127.0.0.9 127.0.0.1 50000 1883\r\n"),
+], ids=["tcp", "haproxy"])
+@pytest_twisted.inlineCallbacks
+def test_a_closed_client_still_writing_is_read_on_not_reset(endpoint: str, header: bytes) -> Iterator[Deferred[Any]]:
+    """docs/configuration.md, 'How the broker closes': the broker half-closes and for up to
+    close_linger reads and discards what the client still sends, so that the client is not
+    reset. Behind haproxy: (plain TCP under the PROXY header) the socket is closed outright
+    instead, with the client's unread bytes in it: the kernel resets the connection."""
+    clock = Clock()
+    broker = BrokerService(endpoints=[endpoint], reactor=reactor, clock=clock, sys_interval=0, close_linger=2)
+    broker.startService()
+    sock = socket.create_connection(("127.0.0.1", broker.ports[0].getHost().port))  # type: ignore[attr-defined]
+    sock.setblocking(False)
+    try:
+        sock.send(header + encode(Connect(client_id="kicked", protocol_level=5, keep_alive=0), 5))
+        seen = b""
+        for _ in range(500):  # bounded: the CONNACK
+            try:
+                seen += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            if seen:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert seen[:1] == b"\x20"
+        [connection] = broker.connections
+        socket_transport = connection.transport
+        while not hasattr(socket_transport, "socket"):  # (under the PROXY header's wrapper)
+            socket_transport = socket_transport.transport
+        # The client is writing as the broker decides to close: its bytes wait, unread.
+        sock.send(encode(Publish(topic="t", payload=b"x" * 100), 5))
+        for _ in range(100_000):  # bounded: loopback delivers at once
+            if _unread(socket_transport.fileno()):
+                break
+        connection.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
+        received = b""
+        for _ in range(50):  # bounded: the DISCONNECT and the FIN reach the client
+            yield deferLater(reactor, 0.01, lambda: None)
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+            received += data
+        assert received[:1] == b"\xe0"  # the DISCONNECT 0x98
+        # The broker lingers, reading: the client can still write, and is not reset.
+        outcome = "written"
+        try:
+            sock.send(encode(Publish(topic="t", payload=b"y"), 5))
+            yield deferLater(reactor, 0.05, lambda: None)
+            sock.send(encode(Publish(topic="t", payload=b"z"), 5))
+        except OSError as e:
+            outcome = errno.errorcode.get(e.errno or 0, str(e))
+        assert outcome == "written"
+        assert connection in broker.connections  # still lingering, as close_linger says
+    finally:
+        sock.close()
+        clock.advance(2)
+        yield broker.stopService()
+
+
+def test_a_disconnect_hook_may_publish_as_the_stop_closes_its_client() -> None:
+    """At stopService the broker still routes (and stores) the wills of the clients it closes, but
+    an on_disconnect handler that publishes (a presence topic: the usual use of the event) gets
+    RuntimeError('the broker is stopped'), logged as a failed hook, and the retained 'online'
+    stays. BrokerService.stopped says 'its store is closed': it is not, yet, while the
+    connections are closed."""
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+    broker.hooks.on_disconnect(
+        lambda client, graceful: broker.publish(f"presence/{client.client_id}", b"offline", retain=True))
+    connected(broker, "c", version=5, will=Will(topic="will/c", payload=b"gone", retain=True))
+    broker.publish("presence/c", b"online", retain=True)
+    with capturedLogs() as events:
+        broker.stopService()
+    failures = [e for e in events if e.get("log_failure") is not None or e["log_level"] >= LogLevel.error]
+    assert broker.retained.get("will/c").payload == b"gone"  # (the will is routed at the stop)
+    assert [str(e["log_failure"].value) for e in failures] == []
+    assert broker.retained.get("presence/c").payload == b"offline"
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ssl", "haproxy"])
+@pytest_twisted.inlineCallbacks
+def test_a_keepalive_timeout_still_writes_disconnect_0x8d_before_the_abort(
+        kind: str, tmp_path: Any) -> Iterator[Deferred[Any]]:
+    """docs/configuration.md: 'Two closes stay aborts ... and the keepalive timeout (an MQTT 5
+    client is still sent 0x8D first)'. Over TCP it is handed to the socket before the abort; over
+    TLS (and behind haproxy:) it is only put in the transport's buffer, which the abort throws
+    away: never sent."""
+    import ssl
+
+    from test_tls import make_certs
+
+    endpoint = "tcp:0:interface=127.0.0.1"
+    header = b""
+    if kind == "haproxy":
+        endpoint = "haproxy:" + endpoint
+        header = b"PROXY TCP4 127.0.0.9 127.0.0.1 50000 1883\r\n"
+    if kind == "ssl":
+        make_certs(tmp_path / "certs")
+        endpoint = (f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'certs' / 'server.key'}"
+                    f":certKey={tmp_path / 'certs' / 'server.pem'}")
+    clock = Clock()
+    broker = BrokerService(endpoints=[endpoint], reactor=reactor, clock=clock, sys_interval=0)
+    broker.startService()
+    raw = socket.create_connection(("127.0.0.1", broker.ports[0].getHost().port))  # type: ignore[attr-defined]
+    raw.setblocking(False)
+    sock: Any = raw
+    try:
+        if kind == "ssl":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            sock = context.wrap_socket(raw, do_handshake_on_connect=False)
+            for _ in range(500):  # bounded: the handshake
+                try:
+                    sock.do_handshake()
+                    break
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    yield deferLater(reactor, 0.01, lambda: None)
+
+        def receive() -> bytes | None:
+            """What came (b"" for nothing yet); None at the end of the stream or a reset."""
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return b""
+            except OSError:
+                return None
+            return data if data else None
+
+        sock.send(header + encode(Connect(client_id="sleepy", protocol_level=5, keep_alive=2), 5))
+        seen = b""
+        for _ in range(500):  # bounded: the CONNACK
+            seen += receive() or b""
+            if seen:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert seen[:1] == b"\x20"
+        clock.advance(3)  # silent for 1.5 keepalives: aborted
+        seen = b""
+        for _ in range(100):  # bounded: what the broker sent, then the end
+            yield deferLater(reactor, 0.01, lambda: None)
+            data = receive()
+            if data is None:
+                break
+            seen += data
+        assert seen[:1] == b"\xe0" and seen[2:3] == b"\x8d", seen
+    finally:
+        sock.close()
+        yield broker.stopService()
+
+
+def test_nothing_is_sent_after_the_disconnect_when_a_hook_answering_at_once_ended_the_connection() -> None:
+    """[MQTT-3.14.4-1]: after sending DISCONNECT the sender MUST NOT send any more MQTT Control
+    Packets. A hook that answers with a Deferred finds its connection closed and nothing more is
+    sent (MQTTProtocol._when's run); one that answers at once after ending the connection (here
+    it stops the broker) has its answer acted on all the same: a PUBACK follows the DISCONNECT."""
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+
+    def on_publish(client: Any, message: Any) -> None:
+        if message.topic == "admin/stop":
+            broker.stopService()
+
+    broker.hooks.on_publish(on_publish)
+    client = connected(broker, "c", version=5)
+    client.send(Publish(topic="admin/stop", payload=b"now", qos=1, packet_id=1))
+    kinds = [type(packet) for packet in client.received()]
+    assert kinds[-1:] == [Disconnect], kinds
+    assert Puback not in kinds[kinds.index(Disconnect):]
+
+
+def test_a_connection_a_connect_hook_answering_at_once_ended_is_not_attached_after_it() -> None:
+    """The same, at CONNECT: a connect hook that stops the broker (the connection is closed by
+    the stop) and lets the client in has the closed connection attached to a session after the
+    stop: a CONNACK after the end, a client counted as connected for good, and its disconnect
+    event never fired."""
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+    events: list[Any] = []
+    broker.hooks.on_disconnect(lambda client, graceful: events.append(client.client_id))
+
+    def on_connect(client: Any) -> None:
+        broker.stopService()
+
+    broker.hooks.on_connect(on_connect)
+    client = FakeClient(broker, 5)
+    client.send(Connect(client_id="last", protocol_level=5))
+    assert client.received() == []
+    assert broker.clients() == [] and broker.attached == 0
