@@ -21,7 +21,7 @@ from mqtt_broker.cluster.codec import (
     HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
 from mqtt_broker.cluster.redis import Redis
-from mqtt_broker.cluster.store import CLAIM, RedisStore
+from mqtt_broker.cluster.store import CLAIM, WILLS, RedisStore
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.store import StoredWill
 from mqtt_broker.topics import Subscription
@@ -2101,6 +2101,31 @@ def test_the_wills_a_node_took_are_not_taken_from_it_while_it_is_alive(server: R
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_will_of_a_session_another_adoption_took_is_left_to_that_node(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node s took c's will from dead b (delayed, the session going on) and died. Nodes x and a
+    adopt s at the same time: x claimed c first; a's take of s's wills leaves c's to x, which
+    holds the session (and hears of c's next connection), and x takes it."""
+    server.client().flushall()
+    link = yield b_holding_c(server, 60)
+    s, x, a = (RedisStore(link, node, reactor) for node in "sxa")
+    try:
+        r = server.client()
+        r.delete("mqtt:node:b")  # b died
+        yield s.register(600_000)
+        assert (yield s.claim("c", False, 0, "b")).will_id is not None
+        r.delete("mqtt:node:s")  # s died
+        yield x.register(600_000)
+        yield a.register(600_000)
+        assert (yield x.claim("c", False, 0, "s")) is not None
+        assert (yield a.take_wills("s")) == [] and r.hlen("mqtt:wills-due:s") == 1
+        [taken] = yield x.take_wills("s")
+        assert (taken.client_id, taken.back, taken.expiry) == ("c", False, 3600)
+        assert not r.exists("mqtt:wills-due:s") and r.hlen("mqtt:wills-due:x") == 1
+    finally:
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_will_whose_claim_answer_was_lost_is_published_when_the_node_takes_its_sessions_back(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Node b died with c connected (will, no delay). Redis applied a's claim of c and its
@@ -2157,6 +2182,83 @@ def test_a_left_will_is_published_once_when_two_nodes_adopt_the_dead_node_at_onc
         for node in (broker, d):
             node.store._recovering = False
         yield d.stopService()
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_a_dead_node_took_is_not_published_once_its_client_is_back_on_another_node(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected (session of 3600 s, will delayed 60 s). Node s claimed c's
+    session from b (the will went to wills-due:s) and was killed before its next batch. c then
+    connected to node t (its claim found s dead): a new connection within the delay, so the will
+    must not be sent [MQTT-3.1.3-9]. Node a adopts s: it takes the will from wills-due:s and,
+    not holding c's session, schedules it, and publishes it after 60 s while c is on t."""
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 60)
+    s, t = RedisStore(link, "s", reactor), RedisStore(link, "t", reactor)
+    try:
+        r = server.client()
+        r.delete("mqtt:node:b")  # b died
+        yield s.register(600_000)
+        claim = yield s.claim("c", False, 0, "b")
+        assert claim is not None and claim.will is not None
+        r.delete("mqtt:node:s")  # s killed before it wrote anything more
+        yield t.register(600_000)
+        claim = yield t.claim("c", False, 0)  # c connects to t (within the will's delay)
+        assert claim is not None and claim.previous == "s"
+        yield adopted(server, broker, clock, "s")
+        clock.advance(61.0)
+        yield past_a_pause(broker, clock)
+        yield broker.store.flushed()
+        assert broker.stats.wills_published == 0
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_whose_adoption_claim_answer_was_lost_is_published_when_the_adoption_runs_again(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected (will, no delay). Node a, adopting b, had its claim of c
+    applied by Redis and its answer lost (the connection cut: the adoption failed): the will
+    went to wills-due:a. The adoption runs again at the next beat: its claim of c finds a
+    holding it (no will), wills-due:b is empty, and wills-due:a is read only at a's restart or
+    after a CONNECT's lost claim: the will stays in Redis, unpublished."""
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 0)
+    try:
+        r = server.client()
+        r.delete("mqtt:node:b")  # b died
+        assert r.eval(CLAIM.source, 0, "c", "a", "0", "0", 0, "b", 0)  # a's adoption claim (its answer lost)
+        yield adopted(server, broker, clock, "b")  # the adoption again, at the next beat
+        assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_whose_move_to_the_survivor_had_its_answer_lost_is_published_when_the_adoption_runs_again(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b died with c connected (will, no delay); node s claimed c's session from b (the
+    will went to wills-due:s) and was killed before its next batch. Node a, adopting s, had its
+    wills.lua 'due' step applied (the will moved to wills-due:a) and its answer lost. The
+    adoption of s runs again: wills-due:s is empty now, and wills-due:a is read only at a's
+    restart: c's will is never published."""
+    clock, broker, observer = yield a_watching_wills(server)
+    link = yield b_holding_c(server, 0)
+    s = RedisStore(link, "s", reactor)
+    try:
+        r = server.client()
+        r.delete("mqtt:node:b")  # b died
+        yield s.register(600_000)
+        assert (yield s.claim("c", False, 0, "b")).will_id is not None
+        r.delete("mqtt:node:s")  # s killed before it wrote anything more
+        assert r.eval(WILLS.source, 0, "due", "a", "s")  # a's take_wills("s") (its answer lost)
+        yield adopted(server, broker, clock, "s")  # the adoption again, at the next beat
+        assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
+    finally:
         yield broker.stopService()
         yield link.close()
 

@@ -172,9 +172,11 @@ class Survivor:
                 # again may hold what they have, the mark of an entry dropped as a copy lost)
                 cluster.moved_here(client_id)
                 adopted += 1
-            if dead == here:  # (a will this node finished since is not taken for one it did not)
-                yield store.flushed()
-            for taken in (yield store.take_wills(dead)):
+            yield store.flushed()  # (a will this node finished since is not taken for one it did not)
+            wills = yield store.take_wills(dead)
+            if dead != here:  # (and its own, which a step of an earlier adoption took, its answer lost)
+                wills += yield store.take_wills(here)
+            for taken in wills:
                 # A will the node took (a dead node's session's) and did not finish: as it would have.
                 session = broker.sessions.get(taken.client_id)
                 self.will_found(taken.client_id, taken.will, ended=taken.ended, expiry=taken.expiry, taken=taken.id,

@@ -44,6 +44,12 @@ if clean then
 else
   redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
 end
+-- Whether an adoption took it, rather than its client connecting (wills.lua)
+if required ~= '' then
+  redis.call('HSET', owner_key, 'adopted', '1')
+else
+  redis.call('HDEL', owner_key, 'adopted')
+end
 local alive = 0
 if old_node and old_node ~= node and redis.call('EXISTS', P .. 'node:' .. old_node) == 1 then alive = 1 end
 -- The previous owner keeps the client in its set until it hears of the claim (a node just

@@ -8,7 +8,7 @@
 -- drops it ('L', batch.lua): taken once, whichever nodes ask at the same time, and never lost
 -- with a node that dies before that batch. Returns id, 'flag\0client\0will', ... where the
 -- flag is '0' if the will's session ended, 'c' if its client is back, or the session's expiry;
--- nothing if that other node is alive.
+-- nothing if that other node is alive. (Claims mark the owner 'adopted' when an adoption made them.)
 local P = 'mqtt:'
 local step, taker, node = ARGV[1], ARGV[2], ARGV[3]
 local due = P .. 'wills-due:' .. taker
@@ -27,12 +27,22 @@ if step == 'left' then
   redis.call('HSET', due, id, value)
   return {id, value}
 end
+-- A will whose session another node holds now: its client is back (flagged 'c'), or, taken by
+-- another node adopting the dead one at the same time, left for that node to take.
 local from = P .. 'wills-due:' .. node
-local wills = redis.call('HGETALL', from)
-if node ~= taker and #wills > 0 then
-  for first = 1, #wills, 1000 do  -- (unpack takes a few thousand values at most)
-    redis.call('HSET', due, unpack(wills, first, math.min(first + 999, #wills)))
+local wills, taken = redis.call('HGETALL', from), {}
+for j = 1, #wills, 2 do
+  local c, will = string.match(wills[j + 1], '^[^%z]*%z([^%z]*)%z(.*)$')
+  local owner = redis.call('HMGET', P .. 'owner:' .. c, 'node', 'adopted')
+  local elsewhere = owner[1] and owner[1] ~= node and owner[1] ~= taker
+  if not (elsewhere and owner[2] and node ~= taker) then
+    local value = elsewhere and ('c\0' .. c .. '\0' .. will) or wills[j + 1]
+    taken[#taken + 1] = wills[j]
+    taken[#taken + 1] = value
+    if node ~= taker then
+      redis.call('HSET', due, wills[j], value)
+      redis.call('HDEL', from, wills[j])
+    end
   end
-  redis.call('DEL', from)
 end
-return wills
+return taken
