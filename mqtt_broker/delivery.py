@@ -109,12 +109,15 @@ class Delivery:
         if message.properties and message.expires_at is None and "message_expiry_interval" in message.properties:
             # (A message from another node of a cluster comes with its expiry time.)
             message.expires_at = self.clock.seconds() + message.properties["message_expiry_interval"]
-        if message.retain and self.config.retain_available and shares is None:
-            self.retained.store(bare(message))
+        if message.retain and not self.config.retain_available:
+            message.retain = False  # (a hook's, or a will hook's: the clients were told there are none)
+        elif message.retain and shares is None:
+            kept = bare(message)
+            self.retained.store(kept)
             # $SYS values are made afresh at start-up: a stored one would only be stale.
             if self.store is not None and not message.topic.startswith("$SYS/"):
                 if message.payload:
-                    self.store.save_retained(message)
+                    self.store.save_retained(kept)
                 else:
                     self.store.delete_retained(message.topic)
         if self.history is not None and shares is None:

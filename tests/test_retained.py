@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mqtt_broker.message import Message
 from mqtt_broker.retained import RetainedMessages
+from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.topics import matches, valid_topic_filter, valid_topic_name
 from mqtt_broker.wire import Publish
 
@@ -278,3 +279,55 @@ def test_without_retained_messages_the_brokers_own_publish_carries_no_retain_fla
     client.subscribe("t", qos=0, retain_as_published=True)
     broker.publish("t", b"x", retain=True)
     assert [p.retain for p in client.received() if isinstance(p, Publish)] == [False]
+
+
+def test_a_retained_message_kept_by_a_memory_store_keeps_one_copy_of_its_payload() -> None:
+    """As test_retained.test_a_retained_message_keeps_one_copy_of_its_payload, with the
+    MemoryStore embedders are told to use to keep state across a restart of the service: the
+    store keeps the message as routed (the PUBLISH as received, one encoding per kind of
+    subscriber), not a bare copy, so each retained topic holds its payload several times."""
+    count, size = 50, 20_000
+    broker = make_broker(store=MemoryStore())
+    broker.startService()
+    publisher, live = publisher_and_subscribers(broker, "r/#")
+    with Held() as held:
+        for n in range(count):
+            publisher.publish(f"r/{n}", bytes([n]) * size, retain=True)
+        for subscriber in live:
+            assert len([p for p in subscriber.received() if isinstance(p, Publish)]) == count
+    assert held.bytes < 1.2 * count * size, f"held {held.bytes / (count * size):.2f} times the payloads"
+
+
+def _retained_publishes(client: object) -> list[tuple[bytes, bool]]:
+    return [(p.payload, p.retain) for p in client.received() if isinstance(p, Publish)]  # type: ignore[attr-defined]
+
+
+def test_a_publish_hooks_retained_message_carries_no_retain_flag_without_retained_messages() -> None:
+    """With retain_available = false, clients are told Retain Available 0 and the broker's own
+    PUBLISHes (BrokerService.publish, $SYS, a bridge's) go without the RETAIN flag; a message a
+    publish hook makes with retain=True went to a Retain As Published subscriber with RETAIN 1."""
+    from test_mqtt5 import subscribe5, v5
+
+    broker = make_broker(retain_available=False)
+    broker.hooks.on_publish(lambda client, m: Message(m.topic, m.payload, m.qos, True, properties=m.properties))
+    subscriber = v5(broker, "s")
+    subscribe5(subscriber, "t", retain_as_published=True)
+    subscriber.received()
+    v5(broker, "p").publish("t", b"x")
+    assert _retained_publishes(subscriber) == [(b"x", False)]
+
+
+def test_a_will_hooks_retained_will_carries_no_retain_flag_without_retained_messages() -> None:
+    """The same for a will a will hook makes retained (a client's own retained will is refused
+    with CONNACK 0x9A [MQTT-3.2.2-13])."""
+    from mqtt_broker.message import Message
+    from mqtt_broker.wire import Will
+    from test_mqtt5 import subscribe5, v5
+
+    broker = make_broker(retain_available=False)
+    broker.hooks.on_will(lambda client, m: Message(m.topic, m.payload, m.qos, True, properties=m.properties))
+    subscriber = v5(broker, "s")
+    subscribe5(subscriber, "t", retain_as_published=True)
+    subscriber.received()
+    v5(broker, "c", will=Will(topic="t", payload=b"bye")).lose()
+    assert _retained_publishes(subscriber) == [(b"bye", False)]
