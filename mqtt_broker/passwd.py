@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .auth.files import BLANKS, lines_of
+from .auth.files import BLANKS, lines_of, read_utf8
 from .auth.passwords import (ALGORITHMS, DEFAULT_ITERATIONS, MAX_ITERATIONS, PBKDF2, PasswordFile,
                              PasswordFileError, PasswordHash)
 
@@ -55,12 +55,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text to edit. A comment that is not UTF-8, which the broker reads (as Mosquitto
+    reads bytes), is kept byte for byte (``surrogateescape``); another line refuses the file."""
     try:
-        return path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        read_utf8(path, PasswordFileError)
     except OSError as e:
         raise CommandError(f"unable to open password file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise CommandError(f"{path} is not UTF-8") from None
+    except PasswordFileError as e:
+        raise CommandError(str(e)) from None
+    return data.decode("utf-8", "surrogateescape")
 
 
 def _load(path: Path) -> PasswordFile:
@@ -81,7 +85,7 @@ def write_atomically(path: Path, text: str) -> None:
         old = None
     handle, temporary = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with os.fdopen(handle, "w", encoding="utf-8", errors="surrogateescape") as file:
             file.write(text)
             file.flush()
             if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
@@ -151,9 +155,9 @@ def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
         username.encode("utf-8")
     except UnicodeEncodeError:
         raise CommandError("the username must be UTF-8, as the broker reads the file") from None
-    if not username or ":" in username or username != username.strip() or "\n" in username:
+    if not username or ":" in username or username != username.strip() or "\n" in username or username[0] == "#":
         raise CommandError("the username must not be empty, contain ':' or a line break, "
-                           "or start or end with a space")
+                           "start with '#' (a comment) or start or end with a space")
     if args.algorithm == PBKDF2 and not 1 <= args.iterations <= MAX_ITERATIONS:
         raise CommandError(f"the number of iterations must be 1 to {MAX_ITERATIONS}")
     if args.delete:

@@ -388,3 +388,26 @@ def test_upgrade_leaves_alone_a_file_the_broker_would_refuse(tmp_path: Path,
     assert main(["-U", str(path)]) == 1
     assert "line 2" in capsys.readouterr().err
     assert path.read_text() == "alice:secret\n:secret\n"
+
+
+def test_passwd_never_writes_a_user_the_broker_reads_as_a_comment(tmp_path: Path) -> None:
+    """mqttbroker-passwd takes a username starting with "#" and writes "#admin:$7$...": a line the
+    broker (as Mosquitto) skips as a comment. The user can never log in, adding it again appends
+    a second line, and -D does not find it. The tool should refuse such a username (exit 1), as
+    it refuses ':' and surrounding spaces, since the broker could never use it."""
+    path = tmp_path / "pw"
+    assert main(["-c", "-b", str(path), "#admin", "pw"]) == 1
+    assert not path.exists()
+
+
+def test_passwd_updates_a_file_whose_comment_is_not_utf8_as_the_broker_reads_it(tmp_path: Path) -> None:
+    """docs/mosquitto.md: a comment line that is not UTF-8 (Latin-1, say) in the password file is
+    read, as Mosquitto reads bytes; PasswordFile.load accepts such a file. mqttbroker-passwd
+    refuses to add a user to it ("is not UTF-8"), though its own rule is to refuse only a file
+    the broker could not read, and to keep other lines as they are."""
+    path = tmp_path / "pw"
+    path.write_bytes(b"# Gr\xfc\xdfe von M\xfcller\n")
+    assert list(PasswordFile.load(path).users) == []  # the broker reads it
+    assert main(["-b", str(path), "bob", "pw"]) == 0
+    assert path.read_bytes().startswith(b"# Gr\xfc\xdfe von M\xfcller\n")
+    assert PasswordFile.load(path).users["bob"].verify(b"pw")
