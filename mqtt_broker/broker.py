@@ -63,7 +63,7 @@ class MQTTFactory(Factory):
         if self.broker.stopped:  # (a connection of a listener that outlives the stop: the admin site's)
             return None
         limit = self.broker.config.max_connections
-        if limit >= 0 and len(self.broker.connections) - self.broker.ending >= limit:
+        if limit >= 0 and len(self.broker.connections) - self.broker.ending - self.broker.own_links >= limit:
             self.broker.stats.connections_refused += 1
             self.broker.stats.refused_by_reason["max_connections"] = \
                 self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
@@ -127,6 +127,9 @@ class BrokerService(MultiService):
         it has (see ``MQTTProtocol.connectionLost``): not counted against max_connections."""
         self.attached = 0
         """How many of ``connections`` have a session: the clients connected now."""
+        self.own_links = 0
+        """How many of ``connections`` are this broker's bridges' links to it: not clients, not
+        counted against max_connections."""
         self._all_closed: AllClosed | None = None
         """While stopping: what waits for the last connection to go."""
         self.keepalives = Keepalives(self.clock)
@@ -323,6 +326,8 @@ class BrokerService(MultiService):
 
     def connection_lost(self, connection: Any) -> None:
         """A connection's socket is gone (it was detached before)."""
+        if connection in self.connections and connection._own:
+            self.own_links -= 1
         self.connections.discard(connection)
         if self._all_closed is not None:
             self._all_closed.lost()

@@ -139,7 +139,7 @@ class Connecting:
         if terms.reason:
             self._refuse(terms.reason, "CONNECT refused")
             return
-        if not self.broker.connect_allowed(terms.client_id):
+        if not self._own and not self.broker.connect_allowed(terms.client_id):  # (a bridge's link: not a client's)
             self._refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
             return
         self._bridge = packet.bridge

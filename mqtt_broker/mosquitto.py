@@ -386,6 +386,10 @@ class _Converter:
                 numbers = [_value("float", n, source, number) for n in value.split()]
                 if len(numbers) not in (1, 2):
                     raise ValueError(f"{source}:{number}: restart_timeout takes one or two numbers of seconds")
+                if min(numbers) < 1:
+                    numbers = [max(n, 1.0) for n in numbers]
+                    self.out.notes.append(Note(source, number, text, "1 second at least, as Mosquitto takes it",
+                                               carried=True))
                 bridge[name] = numbers if len(numbers) == 2 else numbers[0]
             else:
                 bridge[name] = value

@@ -165,6 +165,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     def connectionMade(self) -> None:
         self.broker.connections.add(self)
+        if self._own:
+            self.broker.own_links += 1
         self.broker.stats.connections_total += 1
         if self.peer == "?":  # not told by the factory
             self.peer = describe(self.transport.getPeer())  # type: ignore[union-attr]

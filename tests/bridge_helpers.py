@@ -87,11 +87,14 @@ class Bridged:
         self.settle()
 
     def settle(self) -> None:
-        """Until nothing more crosses (bounded)."""
+        """Until nothing more crosses (bounded): twice nothing, as a turn of either reactor may
+        still write what the last pump brought."""
+        quiet = 0
         for _ in range(50):
             moved = any([pump.pump() for pump in self.pumps])
             self.reactor.advance(0)
             self.remote.reactor.advance(0)
-            if not moved:
+            quiet = 0 if moved else quiet + 1
+            if quiet == 2:
                 return
         raise AssertionError("the bridge kept talking")

@@ -733,13 +733,14 @@ def test_a_remote_qos0_message_not_the_utf8_it_says_is_dropped_and_the_link_stay
         client.close()
 
 
-def test_an_mqtt3_remote_message_over_bridge_max_packet_size_is_dropped_and_the_link_stays(
+def test_an_mqtt3_remote_message_over_max_packet_size_is_dropped_and_the_link_stays(
         broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
-    """An MQTT 3.1.1 remote cannot be told the largest packet the bridge takes. The link was
-    closed for a larger one, and the remote sent it again at each reconnection: nothing crossed
-    either way again. It is acknowledged, dropped and logged, and what follows crosses."""
+    """An MQTT 3.1.1 remote cannot be told the largest packet the bridge takes (this broker's
+    max_packet_size). The link was closed for a larger one, and the remote sent it again at each
+    reconnection: nothing crossed either way again. It is acknowledged, dropped and logged, and
+    what follows crosses."""
     remote = mosquitto()
-    ours = bridged(broker_process, tmp_path, remote.port, topic=["c/# in 1"], bridge_max_packet_size=300)
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["c/# in 1"], settings={"max_packet_size": 300})
     watcher = StateWatcher(ours.port, "edge-cloud")
     watcher.wait_for(b"1")
     local = PahoClient(ours.port)
@@ -749,7 +750,7 @@ def test_an_mqtt3_remote_message_over_bridge_max_packet_size_is_dropped_and_the_
     cloud.publish("c/ok", b"ok", 1)
     assert local.message().payload == b"ok"
     assert watcher.client.no_message(1.0)  # (the link stayed up: no state 0)
-    dropped = [e for e in ours.events() if str(e.get("why", "")).startswith("larger than bridge_max_packet_size")]
+    dropped = [e for e in ours.events() if str(e.get("why", "")).startswith("larger than max_packet_size")]
     assert [e["topic"] for e in dropped] == ["c/big"]
     for client in (local, cloud, watcher):
         client.close()

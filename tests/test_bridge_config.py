@@ -981,3 +981,109 @@ def test_a_subscribe_of_one_topic_larger_than_the_remote_takes_closes_the_link_s
     link = remote.protocol._wrappedProtocol  # (its transport aborted: a socket's would then be lost)
     assert link.closed and "larger than the server's maximum packet size" in link.why
     remote.broker.stopService()
+
+
+_BRIDGE = {"connection": "up", "addresses": ["127.0.0.1:1883"], "remote_clientid": "edge", "restart_timeout": 5}
+
+
+def _published(client: Any) -> list[tuple[str, bytes]]:
+    return [(p.topic, p.payload) for p in client.received() if isinstance(p, Publish)]
+
+
+def test_max_connections_per_minute_does_not_refuse_the_bridges_own_local_link() -> None:
+    # A limit meant for clients' reconnection storms: the bridge's in-memory link to this broker
+    # CONNECTs as its session is primed at start and at each (re)connection of the remote.
+    bridged = Bridged({**_BRIDGE, "topic": ["t/# out 1"]}, max_connections_per_minute=2)
+    bridged.accept()
+    assert bridged.bridge.state == "connected"
+    bridged.bridge.restart()  # as POST /api/v1/bridges/up/restart does
+    bridged.settle()
+    bridged.reactor.advance(0)
+    bridged.accept()
+    assert bridged.bridge.state == "connected", bridged.bridge.last_error
+
+
+def test_with_an_acl_file_a_bridge_still_carries_dollar_topics_other_than_sys(tmp_path: Path) -> None:
+    # Without any security the line below carries $aws/... both ways; with an acl_file (which
+    # even grants everyone $aws/#) the bridge's own session may neither read nor publish them.
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\ntopic readwrite $aws/#\n")
+    bridged = Bridged({**_BRIDGE, "topic": ["$aws/things/# both 1"]}, acl_file=str(acl))
+    bridged.accept()
+    assert bridged.bridge.state == "connected"
+    here = connected(bridged.broker, "here", version=5)
+    here.subscribe("$aws/#", qos=1)
+    there = connected(bridged.remote, "there", version=5)
+    there.subscribe("$aws/#", qos=1)
+    connected(bridged.remote, "remote-publisher", version=5).publish("$aws/things/r", b"from there", qos=1)
+    bridged.settle()
+    connected(bridged.broker, "local-publisher", version=5).publish("$aws/things/l", b"from here", qos=1)
+    bridged.settle()
+    assert ("$aws/things/r", b"from there") in _published(here)
+    assert ("$aws/things/l", b"from here") in _published(there)
+
+
+def test_mosquittos_bridge_max_packet_size_converted_does_not_drop_what_the_remote_sends(tmp_path: Path) -> None:
+    # mosquitto.conf(5): bridge_max_packet_size restricts "the size of messages sent to a remote
+    # bridge". The converter carries it over, silently, as this broker's setting of the same name,
+    # which limits what is taken FROM the remote: messages Mosquitto bridged in are dropped.
+    from mqtt_broker.mosquitto import convert
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 127.0.0.1\nallow_anonymous true\nconnection up\naddress 127.0.0.1:1884\n"
+                    "remote_clientid edge\ntopic c/# both 1\nbridge_max_packet_size 300\n")
+    bridge = convert(conf).bridges[0]
+    assert bridge["bridge_max_packet_size"] == 300  # (carried over, its meaning Mosquitto's here too)
+    bridged = Bridged(bridge)
+    bridged.accept()
+    here = connected(bridged.broker, "here", version=5)
+    here.subscribe("c/#", qos=1)
+    connected(bridged.remote, "remote-publisher", version=5).publish("c/big", b"x" * 1000, qos=1)
+    bridged.settle()
+    assert [topic for topic, _ in _published(here)] == ["c/big"], bridged.bridge.stats.dropped
+
+
+def test_a_mosquitto_topic_line_with_its_direction_in_capitals_is_converted(tmp_path: Path) -> None:
+    # Mosquitto 2.0.11 reads the direction with strcasecmp ("OUT", "In" and "Both" start it);
+    # docs/mosquitto.md: the converter refuses "a file that would not start".
+    from mqtt_broker.mosquitto import convert
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 127.0.0.1\nallow_anonymous true\nconnection up\naddress 127.0.0.1:1884\n"
+                    "topic sensors/# OUT 1\ntopic cmd/# In 2 \"\" edge/\n")
+    bridge = convert(conf).config().bridge[0]
+    assert [(t.pattern, t.direction) for t in bridge.topic] == [("sensors/#", "out"), ("cmd/#", "in")]
+
+
+def test_the_bridges_own_local_link_takes_none_of_max_connections() -> None:
+    # max_connections: "Simultaneous client connections". The bridge's in-memory link to this
+    # broker is counted in broker.connections, so it takes a client's place.
+    from twisted.internet.address import IPv4Address
+    bridged = Bridged({**_BRIDGE, "topic": ["t/# out 1"]}, max_connections=1)
+    bridged.accept()
+    assert bridged.bridge.state == "connected"
+    protocol = bridged.broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    assert protocol is not None, "the only client allowed was refused: the bridge's link took its place"
+
+
+def test_a_mosquitto_restart_timeout_below_one_second_is_converted(tmp_path: Path) -> None:
+    # Mosquitto 2.0.11: "restart_timeout interval too low, using 1 second." and it starts.
+    from mqtt_broker.mosquitto import convert
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 127.0.0.1\nallow_anonymous true\nconnection up\naddress 127.0.0.1:1884\n"
+                    "topic a/# out 1\nrestart_timeout 0\n")
+    bridge = convert(conf).config().bridge[0]
+    assert bridge.restart_timeout == (1.0, 1.0)
+
+
+def test_bridge_max_packet_size_bounds_what_goes_to_the_remote() -> None:
+    """As Mosquitto's: the largest packet sent to the remote (a larger message is acknowledged
+    here, logged and dropped, and what follows goes on)."""
+    bridged = Bridged({**_BRIDGE, "topic": ["c/# out 1"], "bridge_max_packet_size": 300})
+    bridged.accept()
+    there = connected(bridged.remote, "there", version=5)
+    there.subscribe("c/#", qos=1)
+    here = connected(bridged.broker, "here", version=5)
+    here.publish("c/big", b"x" * 1000, qos=1)
+    here.publish("c/small", b"x", qos=1, packet_id=2)
+    bridged.settle()
+    assert [topic for topic, _ in _published(there)] == ["c/small"]
+    assert bridged.bridge.stats.dropped == 1

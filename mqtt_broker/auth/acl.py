@@ -169,6 +169,22 @@ class AccessRules:
         return any(filter_covers(granted, inner) for granted in self.subscribe)
 
 
+class Unrestricted(AccessRules):
+    """Rules that allow every topic, ``$`` ones too: a bridge's own session's, the broker's, past
+    every ACL as Mosquitto lets a bridge (``$SYS`` stays the broker's to publish to)."""
+
+    __slots__ = ()
+
+    def can_publish(self, topic: str) -> bool:
+        return True
+
+    def can_read(self, topic: str) -> bool:
+        return True
+
+    def can_subscribe(self, topic_filter: str) -> bool:
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class AclRule:
     """One ``topic`` or ``pattern`` line."""

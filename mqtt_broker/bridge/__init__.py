@@ -182,7 +182,7 @@ class Bridge(Service):
         # Only an MQTT 5 remote is told the largest packet the bridge takes. An MQTT 3 one sends
         # anything, and closing the link for a packet it cannot know is too large would have it
         # send that packet again at each reconnection: read anything, drop what is too large.
-        max_size = self._max_size if connect.protocol_level == MQTT_5 else MAX_PACKET_SIZE
+        max_size = self.broker.config.max_packet_size if connect.protocol_level == MQTT_5 else MAX_PACKET_SIZE
         factory = Factory.forProtocol(lambda: Link(
             "remote", connect, self.clock, max_size, self._remote_up, self._from_remote, self._lost))
         attempt = self._connecting = endpoint.connect(factory)
@@ -206,11 +206,6 @@ class Bridge(Service):
             return
         self._failed(f"cannot connect to {self.address}: {failure.getErrorMessage()}")
 
-    @property
-    def _max_size(self) -> int:
-        """The largest packet taken from the remote."""
-        return self.config.bridge_max_packet_size or self.broker.config.max_packet_size
-
     def _remote_connect(self) -> Connect:
         config = self.config
         version = self._version
@@ -219,7 +214,7 @@ class Bridge(Service):
             properties = {"receive_maximum": self._local_receive}
             if not config.cleansession:
                 properties["session_expiry_interval"] = 0xFFFFFFFF
-            properties["maximum_packet_size"] = min(self._max_size, MAX_PACKET_SIZE)
+            properties["maximum_packet_size"] = min(self.broker.config.max_packet_size, MAX_PACKET_SIZE)
         will = None
         if config.notifications and not config.notifications_local_only:
             will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)
@@ -239,6 +234,9 @@ class Bridge(Service):
 
     def _remote_up(self, link: Link, connack: Connack) -> None:
         """CONNACK from the remote: subscribe to the in topics there, then open the local link."""
+        limit = self.config.bridge_max_packet_size
+        if limit:  # (Mosquitto's: what goes to the remote, the smaller with an MQTT 5 remote's own)
+            link.max_send_size = min(link.max_send_size or limit, limit)
         properties = connack.properties
         self._remote_receive = properties.get("receive_maximum", 65535) if link.version == MQTT_5 \
             else self.broker.config.max_inflight_messages
@@ -279,7 +277,7 @@ class Bridge(Service):
                     lost: Callable[[Link, str], None]) -> Link:
         """A client connection to this broker, in memory, that resumes the bridge's session."""
         from ..auth import Identity
-        from ..auth.acl import AccessRules
+        from ..auth.acl import Unrestricted
         from ..protocol import MQTTProtocol
         config = self.config
         broker = self.broker
@@ -287,8 +285,7 @@ class Bridge(Service):
         server._own = True
         if broker.security is not None:
             # The bridge's session is the broker's own: the ACLs of clients do not apply to it.
-            server.identity = Identity(client_id=config.local_client_id, username=None,
-                                       rules=AccessRules(("#",), ("#", "$SYS/#")))
+            server.identity = Identity(client_id=config.local_client_id, username=None, rules=Unrestricted())
         connect = Connect(protocol_level=MQTT_5, clean_start=False, client_id=config.local_client_id,
                           properties={"session_expiry_interval": 0xFFFFFFFF,
                                       "receive_maximum": min(self._remote_receive, 65535)})
@@ -410,8 +407,9 @@ class Bridge(Service):
                 del self._lowered[packet.packet_id]
             local.send(Pubrec(packet_id=packet.packet_id, reason_code=packet.reason_code))  # (QoS 2 here)
         elif isinstance(packet, Publish):
-            if packet.frame is not None and len(packet.frame) > self._max_size:  # (an MQTT 3 remote)
-                self._refuse(link, packet, f"larger than bridge_max_packet_size ({self._max_size})")
+            limit = self.broker.config.max_packet_size
+            if packet.frame is not None and len(packet.frame) > limit:  # (an MQTT 3 remote)
+                self._refuse(link, packet, f"larger than max_packet_size ({limit})")
                 return
             topic = self.config.to_local(packet.topic)
             if topic is None:
@@ -463,7 +461,7 @@ class Bridge(Service):
                 else:
                     self._lowered.pop(packet.packet_id, None)
             else:
-                self._refuse(link, packet, f"larger than the remote's maximum packet size ({remote.max_send_size})")
+                self._refuse(link, packet, f"larger than the remote takes ({remote.max_send_size} bytes)")
         elif isinstance(packet, Pubrel) and self._lowered.pop(packet.packet_id, None) is not None:
             link.send(Pubcomp(packet_id=packet.packet_id))  # (the remote had it at QoS 0 or 1: done)
         elif isinstance(packet, _ACKS):

@@ -52,7 +52,7 @@ class BridgeTopic:
                                     "topic")
         values: dict[str, Any] = {"pattern": words[0]}
         if len(words) > 1:
-            values["direction"] = words[1]
+            values["direction"] = words[1].lower()  # (as Mosquitto reads it: OUT, In)
         if len(words) > 2:
             if not (words[2].isascii() and words[2].isdigit()):
                 raise BridgeConfigError(f"{line!r}: QoS {words[2]!r} is not 0, 1 or 2", "topic")
@@ -209,7 +209,9 @@ class BridgeConfig:
     bridge_outgoing_retain: bool = True
     """Keep the retain flag of what goes out (false: the remote gets no retained messages)."""
     bridge_max_packet_size: int = 0
-    """Largest packet accepted from the remote, in bytes; 0: max_packet_size."""
+    """Largest packet sent to the remote, in bytes, as Mosquitto's (with an MQTT 5 remote, the
+    smaller of this and its Maximum Packet Size); 0: the remote's only. What comes from the
+    remote is bounded by max_packet_size."""
     bridge_cafile: str = ""
     """CA certificates (PEM) the remote's certificate must chain to: setting it (or the other
     bridge_* files) makes the link TLS. The remote's name is checked against its address."""
