@@ -2762,3 +2762,122 @@ def test_asking_who_holds_the_sessions_leaves_the_reactor_free_between_a_thousan
     finally:
         broker.store.epochs.clear()
         yield broker.stopService()
+
+
+@inlineCallbacks
+def two_nodes(server: Any, clock: Clock | None = None, **settings: Any) -> Any:
+    """Nodes a and b on the server's Redis (emptied first), on one clock (node clocks agree)."""
+    server.client().flushall()
+    clock = clock or Clock()
+    nodes = []
+    for name in ("a", "b"):
+        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url,
+                               cluster_node_id=name, close_linger=0, **settings)
+        broker.startService()
+        yield broker.cluster.ready
+        nodes.append(broker)
+    return nodes
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_retained_message_deleted_while_a_node_joins_stays_on_that_node(server: Any) -> Iterator[Deferred[Any]]:
+    """Node a holds the retained message of r/x; node c joins and reads the retained messages
+    from Redis (HSCAN). Between Redis's answer and c's taking it (or between two pages of the
+    scan), a client of a deletes r/x (empty retained PUBLISH): c hears the 'r' event first, finds
+    nothing to delete in its replica, then stores r/x from what it read. c's clients are sent a
+    retained message deleted everywhere else, for as long as c runs ([MQTT-3.3.1-6]; docs: an
+    empty payload deletes it everywhere)."""
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    server.client().flushall()
+    a = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="a",
+                      close_linger=0)
+    a.startService()
+    c = None
+    try:
+        yield a.cluster.ready
+        yield a.publish("r/x", b"old", qos=1, retain=True)
+        c = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=server.url, cluster_node_id="c",
+                          close_linger=0)
+        held: dict[str, Any] = {}
+        call = c.cluster.store.redis.call
+
+        def scanning(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            d = call(*args, **kwargs)
+            if args[0] == "HSCAN" and "gate" not in held:
+                gate = held["gate"] = Deferred()
+                d.addCallback(lambda reply: held.setdefault("reply", reply) and gate)
+            return d
+        c.cluster.store.redis.call = scanning
+        events: list[bytes] = []
+        control = c.cluster._control
+        c.cluster._control = lambda data: events.append(data) or control(data)
+        c.startService()
+        yield until(lambda: "reply" in held, "c's scan of the retained messages, answered")
+        yield a.publish("r/x", b"", qos=1, retain=True)  # deleted, everywhere
+        yield until(lambda: any(e.startswith(b"r\0") for e in events), "c to hear of the deletion")
+        held["gate"].callback(held["reply"])
+        yield c.cluster.ready
+        assert server.client().hget("mqtt:retained", "r/x") is None and a.retained.get("r/x") is None
+        assert c.retained.get("r/x") is None, "c keeps the retained message r/x deleted everywhere else"
+    finally:
+        if c is not None:
+            yield c.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_that_expired_in_an_inbox_is_not_sent(server: Any) -> Iterator[Deferred[Any]]:
+    """A QoS 1 message with a Message Expiry Interval of 5 s, published on node a for a
+    subscriber connected to node b, is read from b's inbox 10 s later (b behind reading it):
+    it expired before onward delivery started, so b must not send it [MQTT-3.3.2-5]. It was sent,
+    with a Message Expiry Interval of 0."""
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    a, b = yield two_nodes(server, clock)
+    try:
+        sub = yield connect(b, 5, client_id="s")
+        sub.received()
+        sub.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield b.store.flushed()
+        sub.received()
+        yield until(lambda: "t" in a.cluster.forwarding.filters_of("b"), "a to route t to b")
+        pub = yield connect(a, 5, client_id="p")
+        pub.received()
+        pub.send(Publish(topic="t", payload=b"stale", qos=1, packet_id=1, properties={"message_expiry_interval": 5}))
+        clock.advance(10.0)  # (b reads its inbox 10 s on)
+        yield a.store.flushed()
+        yield until(lambda: b.cluster.stats.forwarded_in >= 1, "b to read the message")
+        yield b.store.flushed()
+        got = [(p.payload, p.properties) for p in sub.received() if isinstance(p, Publish)]
+        assert got == [], f"sent after it expired: {got}"
+        assert b.stats.messages_expired == 1
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_of_expiry_interval_0_crosses_to_a_connected_subscriber(server: Any) -> Iterator[Deferred[Any]]:
+    """As on one broker, a message published with a Message Expiry Interval of 0 goes to the
+    subscribers connected when it is routed: on another node too, though its time is up when
+    that node reads it."""
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    a, b = yield two_nodes(server, clock)
+    try:
+        sub = yield connect(b, 5, client_id="s")
+        sub.received()
+        sub.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield b.store.flushed()
+        sub.received()
+        yield until(lambda: "t" in a.cluster.forwarding.filters_of("b"), "a to route t to b")
+        pub = yield connect(a, 5, client_id="p")
+        pub.received()
+        pub.send(Publish(topic="t", payload=b"now", qos=1, packet_id=1, properties={"message_expiry_interval": 0}))
+        clock.advance(1.0)
+        got = yield publishes(sub, "the message on b")
+        assert [p.payload for p in got] == [b"now"] and b.stats.messages_expired == 0
+    finally:
+        yield b.stopService()
+        yield a.stopService()

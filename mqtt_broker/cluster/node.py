@@ -92,6 +92,8 @@ class Cluster:
         its own session over) tells them nothing."""
         self._route_versions: dict[str, int] = {}
         """The version of each other node's routes that the replica is at (see ``load_routes``)."""
+        self._retained_reads: list[set[str]] = []
+        """For each read of the retained messages under way, the topics an event changed since it began."""
         self._route_reads: dict[str, list[list[tuple[int, bytes, str]]]] = {}
         """The route events of each node whose routes are being read, one list per read."""
         self.forwarding = Forwarding(self.node, self.clock, self.stats, self._deliver_shared, self.store.collect,
@@ -492,6 +494,8 @@ class Cluster:
         else:  # one this node sent itself (Forwarding.through_inboxes), counted then
             self.forwarding.came_back(first.sender)
             delivery.received_before = True
+        if self.expired_on_its_way(first):
+            return
         # Nothing of a QoS 2 message reaches a client before the store holds that this entry
         # is handled: after a crash it is handled again, so it must not have gone out.
         delivery.routing_waits_for_store = first.qos == 2
@@ -541,6 +545,16 @@ class Cluster:
         except Exception:
             log.failure("reading QoS 0 messages from another node: the rest of them are passed over")
 
+    def expired_on_its_way(self, message: Message) -> bool:
+        """Whether a message read from an inbox expired before it came (read late): not sent, as
+        a queued one that expired is not [MQTT-3.3.2-5]; but for one published with an interval
+        of 0, which is sent as on one broker."""
+        if message.expires_at is not None and message.properties.get("message_expiry_interval") and \
+                message.expired(self.clock.seconds()):
+            self.broker.stats.messages_expired += 1
+            return True
+        return False
+
     def deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
         an inbox entry of ``stamp``: not for the session if it was begun anew since the entry
@@ -549,6 +563,8 @@ class Cluster:
         here, the message waits for it if it came alone in an entry of this node's inbox
         (``entry_id``), else goes through Redis to the session's owner: either way its entry is
         marked handled only once it is queued (or sent on)."""
+        if self.expired_on_its_way(item.message):
+            return
         claiming = self._claiming.get(client_id)
         if claiming is not None and entry_id is not None:
             # Its entry stays unhandled until the message is queued: a node that dies first
@@ -593,6 +609,8 @@ class Cluster:
         """A message from a dead node's inbox: to each session it held that matches (only to
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
         passed on to the node that claimed it since."""
+        if self.expired_on_its_way(message):
+            return
         by_client, groups = former.match(message.topic)
         targets: list[tuple[str, int, bool, tuple[int, ...], tuple[str, str] | None]] = []
         for m in by_client if everyone else ():
@@ -629,8 +647,12 @@ class Cluster:
         kind, _, rest = data.partition(b"\0")
         parts = rest.split(b"\0", 2 if kind == b"R" else -1)  # (a retained message may hold a NUL)
         node = parts[0].decode()
-        if kind in (b"R", b"r") and not self.store.retained_news(node, parts[1].decode()):
-            return
+        if kind in (b"R", b"r"):
+            topic = parts[1].decode()
+            for changed in self._retained_reads:
+                changed.add(topic)
+            if not self.store.retained_news(node, topic):
+                return
         if node == self.node:
             if kind == b"G":  # taken for dead (paused past its heartbeats): its routes went
                 self.announce_all()
@@ -833,11 +855,17 @@ class Cluster:
         Redis was read, by an event or a client, keeps the change: it is the newer."""
         retained = self.broker.retained
         before = {message.topic: message for message in retained}
-        loaded = {message.topic: message for message in (yield self.store.retained())}
+        changed: set[str] = set()
+        self._retained_reads.append(changed)
+        try:
+            loaded = {message.topic: message for message in (yield self.store.retained())}
+        finally:
+            self._retained_reads.remove(changed)
         now = self.clock.seconds()
         for topic in before.keys() | loaded.keys():
-            if retained.get(topic) is not before.get(topic) or topic.startswith("$SYS/"):
-                continue  # changed meanwhile, or the broker's own (never in Redis)
+            if topic in changed or self.store.retained_pending(topic) or retained.get(topic) is not before.get(
+                    topic) or topic.startswith("$SYS/"):
+                continue  # changed meanwhile (a deletion too), or the broker's own (never in Redis)
             message = loaded.get(topic)
             if message is None or message.expired(now):
                 retained.delete(topic)

@@ -267,6 +267,10 @@ class RedisStore:
             pending[topic] = left
         return False
 
+    def retained_pending(self, topic: str) -> bool:
+        """Whether a change of the topic's retained message by this node is on its way."""
+        return topic in self._retained_pending
+
     def retained_reread(self) -> None:
         """The control channel was away (events lost): the replica is read from Redis again."""
         self._retained_pending.clear()
