@@ -212,11 +212,15 @@ class Subscribing:
         self._suback(packet, [0x80 if code < 0x80 else code for code in codes], reason)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        filters = [split_replay_filter(f)[1] for f in packet.topic_filters]
+        if self.version != MQTT_5 and not all(valid_topic_filter(f) for f in filters):
+            # No UNSUBACK of MQTT 3 can say so: a protocol violation closes [MQTT-4.8.0-1].
+            raise ProtocolError("UNSUBSCRIBE of an invalid topic filter")  # [MQTT-4.7.1-1, -2, 4.7.3-1]
         hooks = self.broker.hooks
         if hooks.has_unsubscribe:
             # (Shown the filter it ends: a $replay/ name's, as the subscribe hook was.)
-            decisions = [hooks.decide("unsubscribe", self.client, split_replay_filter(f)[1])
-                         for f in packet.topic_filters]
+            decisions = [hooks.decide("unsubscribe", self.client, f) if valid_topic_filter(f) else succeed(None)
+                         for f in filters]
             self._when(gatherResults(decisions), self._unsubscribe_decided, packet)
         else:
             self._unsubscribe_decided([None] * len(packet.topic_filters), packet)
@@ -225,11 +229,14 @@ class Subscribing:
         codes = []
         reasons: list[str] = []
         for topic_filter, answer in zip(packet.topic_filters, answers):
-            if isinstance(answer, Refused):
+            topic_filter = split_replay_filter(topic_filter)[1]
+            if not valid_topic_filter(topic_filter):
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+            elif isinstance(answer, Refused):
                 codes.append(answer.code(ReasonCode.NOT_AUTHORIZED, UNSUBACK_REFUSALS))
                 if answer.reason_string:
                     reasons.append(answer.reason_string)
-            elif self.broker.unsubscribe(self.session, split_replay_filter(topic_filter)[1]):
+            elif self.broker.unsubscribe(self.session, topic_filter):
                 codes.append(ReasonCode.SUCCESS)
             else:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)

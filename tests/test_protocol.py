@@ -12,7 +12,7 @@ from mqtt_broker.config import BrokerConfig
 from mqtt_broker.hooks import Refused
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
-    MQTT_3_1_1, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode,
+    MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode,
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
@@ -821,3 +821,43 @@ def test_connects_refused_at_authentication_leave_the_client_ids_minute_alone() 
     for _ in range(2):
         assert FakeClient(broker, version=5).connect("device-1", username="owner").reason_code == 0
     assert FakeClient(broker, version=5).connect("device-1", username="owner").reason_code == 0x9F
+
+
+# Topic filters every version forbids: empty [MQTT-4.7.3-1], '#' not last [MQTT-4.7.1-1],
+# '+' not a whole level [MQTT-4.7.1-2]. The broker answers each in a SUBSCRIBE (3.1.1: 0x80,
+# 5: 0x8F) but takes it in an UNSUBSCRIBE as a filter it had no subscription for.
+_INVALID_FILTERS = ["", "a/#/b", "a+/b"]
+
+
+@pytest.mark.parametrize("topic_filter", _INVALID_FILTERS)
+def test_v311_unsubscribe_of_an_invalid_filter_closes(topic_filter: str) -> None:
+    """MQTT 3.1.1: a filter that breaks [MQTT-4.7.3-1] / [MQTT-4.7.1-1..2] is a protocol
+    violation, and the Server MUST close the connection [MQTT-4.8.0-1] (UNSUBACK has no failure
+    code to say it). Mosquitto 2.0.11 closes. Here it is acknowledged and the connection goes on."""
+    client = connected(make_broker(), "c", version=MQTT_3_1_1)
+    client.send(Unsubscribe(packet_id=5, topic_filters=(topic_filter,)))
+    answer = client.received()
+    assert client.closed and not any(isinstance(p, Unsuback) for p in answer)
+
+
+@pytest.mark.parametrize("topic_filter", _INVALID_FILTERS)
+def test_v5_unsubscribe_of_an_invalid_filter_is_refused(topic_filter: str) -> None:
+    """MQTT 5: the same filter in a SUBSCRIBE gets 0x8F (Topic Filter invalid); in an
+    UNSUBSCRIBE it gets 0x11 (No subscription existed), as if it were a filter the client could
+    have held. Expected: 0x8F in the UNSUBACK, or a DISCONNECT 0x81/0x82 (4.13; Mosquitto: 0x81)."""
+    client = connected(make_broker(), "c", version=MQTT_5)
+    client.send(Unsubscribe(packet_id=5, topic_filters=(topic_filter,)))
+    answer = client.received()
+    assert [(p.packet_id, p.reason_codes) for p in answer if isinstance(p, Unsuback)] == [(5, (0x8F,))]
+    assert not client.closed
+
+
+def test_v5_publish_with_packet_identifier_0_is_a_protocol_error() -> None:
+    """A QoS 1 PUBLISH with Packet Identifier 0 [MQTT-2.2.1-3] parses (a Two Byte Integer); what
+    is wrong is a value the protocol does not allow: a Protocol Error by the definitions of 1.2
+    (as the spec rules for the other zeros: Subscription Identifier 0, Receive Maximum 0, Maximum
+    Packet Size 0). Mosquitto 2.0.11 answers DISCONNECT 0x82; here 0x81 Malformed Packet."""
+    client = connected(make_broker(), "c", version=MQTT_5)
+    client.send_bytes(b"\x32\x06\x00\x01t\x00\x00\x00")  # QoS 1, topic "t", packet id 0, no properties
+    answer = client.received()
+    assert [p.reason_code for p in answer if isinstance(p, Disconnect)] == [0x82]

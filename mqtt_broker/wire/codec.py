@@ -194,7 +194,7 @@ def _decode_publish(frame: bytes, start: int, first: int, version: int, cls: typ
         packet_id = frame[pos] << 8 | frame[pos + 1]
         pos += 2
         if not packet_id:
-            raise MalformedPacket("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
+            raise ProtocolError("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
     properties = NO_PROPERTIES
     if version == MQTT_5:
         if pos < length and not frame[pos]:
@@ -303,7 +303,7 @@ def _ack_decoder(cls: type, packet_type: int, allowed: frozenset[int]) -> Callab
             raise MalformedPacket("packet ends inside a two-byte integer")
         packet_id = body[0] << 8 | body[1]
         if not packet_id:
-            raise MalformedPacket("packet identifier 0")
+            raise ProtocolError("packet identifier 0")
         reason_code = 0
         properties = NO_PROPERTIES
         if version == MQTT_5:
@@ -328,7 +328,7 @@ def _ack_decoder(cls: type, packet_type: int, allowed: frozenset[int]) -> Callab
 def _decode_subscribe(body: bytes, version: int) -> Subscribe:
     packet_id = _u16(body, 0)
     if not packet_id:
-        raise MalformedPacket("SUBSCRIBE with packet identifier 0")  # [MQTT-2.3.1-1]
+        raise ProtocolError("SUBSCRIBE with packet identifier 0")  # [MQTT-2.3.1-1]
     properties: Properties = NO_PROPERTIES
     pos = 2
     if version == MQTT_5:
@@ -376,7 +376,7 @@ def _decode_suback(body: bytes, version: int) -> Suback:
 def _decode_unsubscribe(body: bytes, version: int) -> Unsubscribe:
     packet_id = _u16(body, 0)
     if not packet_id:
-        raise MalformedPacket("UNSUBSCRIBE with packet identifier 0")
+        raise ProtocolError("UNSUBSCRIBE with packet identifier 0")
     properties = NO_PROPERTIES
     pos = 2
     if version == MQTT_5:
