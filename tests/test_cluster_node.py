@@ -2881,3 +2881,141 @@ def test_a_message_of_expiry_interval_0_crosses_to_a_connected_subscriber(server
     finally:
         yield b.stopService()
         yield a.stopService()
+
+
+@pytest.mark.parametrize("clean", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_a_current_claim_answered_after_the_news_of_a_later_claim_lets_the_client_go(
+        server: RedisServer, clean: bool) -> Iterator[Deferred[Any]]:
+    """s is connected to a, its session ending with its connection (expiry 0). Its client
+    connects to a again (a's claim finds a's copy current, epoch 1) and, a moment later, to b
+    (epoch 2). The news of b's claim reaches a before the answer to a's claim: a closes the old
+    connection, then the answer sets the client's epoch back to 1 and attaches the new
+    connection. The client stays connected on a and on b [MQTT-3.1.4-3]: a never writes
+    for it (no session kept), so nothing fences it off."""
+    a = yield node_a(server)
+    b = yield node_b(server)
+    try:
+        s = yield connect(a, 5, client_id="s", clean_start=clean)
+        s.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield a.store.flushed()
+        s.received()
+        real = a.store.redis.run
+        applied: list[Any] = []
+        held: Deferred[Any] = Deferred()
+
+        def run(script: Any, *args: Any) -> Any:
+            if script is CLAIM:  # applied in Redis now, its answer held back
+                real(script, *args).addCallback(applied.append)
+                return held
+            return real(script, *args)
+        a.store.redis.run = run
+        again = FakeClient(a, 5)
+        again.send(Connect(protocol_level=5, client_id="s", clean_start=clean))
+        yield until(lambda: applied, "a's claim applied in Redis")
+        a.store.redis.run = real
+        on_b = yield connect(b, 5, client_id="s", clean_start=clean)
+        yield until(lambda: s.closed, "the news of b's claim at a")
+        held.callback(applied[0])
+        for _ in range(3):
+            yield a.store.flushed()
+            yield b.store.flushed()
+        assert server.client().hget("mqtt:owner:s", "node") == b"b" and not on_b.closed
+        assert again.closed, f"still connected to a as well as to b (a's epochs: {a.store.epochs})"
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_will_published_at_a_bounce_is_not_published_again_when_its_node_dies(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s (will W, delay 0) is on node a; its client connects to b, then back to a before a hears
+    of b's claim. a publishes W as it takes s back (once: right). b's claim had left W to a in
+    Redis (wills-left:a), and a, which never heard of that claim, never clears it. Later a dies;
+    the client connects to b (no will this time) and b adopts a: W is published a second time."""
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock)
+    b = yield node_b(server)
+    b.clock.advance(1000.0)
+    try:
+        watcher = yield watching_wills(b)
+        yield until(lambda: "wills/#" in a.cluster.forwarding.filters_of("b"), "a to route wills/# to b")
+        s = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600},
+                          will=Will(topic="wills/s", payload=b"W", qos=0, retain=False))
+        yield a.store.flushed()
+        handlers = a.cluster.redis._handlers
+        real = handlers[a.store.CONTROL.encode()]
+        held: list[bytes] = []
+
+        def control(data: bytes) -> None:
+            if data.startswith(b"C\0"):
+                held.append(data)
+            else:
+                real(data)
+        handlers[a.store.CONTROL.encode()] = control  # (b's claim news comes late)
+        on_b = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        yield until(lambda: held, "b's claim news (held)")
+        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        for x in held:
+            real(x)
+        handlers[a.store.CONTROL.encode()] = real
+        yield until(lambda: on_b.closed and s.closed, "b and the first connection closed")
+        for _ in range(3):
+            yield a.store.flushed()
+            yield b.store.flushed()
+        clock.advance(0)  # (a's QoS 0 messages for other nodes go at the clock's next turn)
+        first = yield publishes(watcher, "W, published once as a took s back")
+        assert [x.payload for x in first] == [b"W"]
+        # a dies (kill -9): it hears and writes nothing more
+        handlers[a.store.CONTROL.encode()] = lambda data: None
+        server.client().delete("mqtt:node:a")
+        again = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        assert again.received()[0].session_present
+        yield adopted(server, b, b.clock, "a")
+        for _ in range(3):
+            yield b.store.flushed()
+        more = [x.payload for x in watcher.received() if isinstance(x, Publish)]  # (b's own: sent at once)
+        assert more == [], "W was published again"
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_that_ran_out_taken_from_a_live_node_publishes_its_will(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s (expiry 60, will delayed 120) disconnected from a. Its client connects to b just as the
+    session runs out, before a's expiry timer ran: b finds it ran out and ends it, and leaves the
+    will to a (alive); a, told the session goes on (not a clean start), cancels the delayed will.
+    The session ended, yet its will is never published [MQTT-3.1.2-8]."""
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock)
+    b = yield node_b(server)
+    b.clock.advance(1000.0)
+    try:
+        watcher = yield watching_wills(a)
+        s = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 60},
+                          will=Will(topic="wills/s", payload=b"W", qos=0, retain=False,
+                                    properties={"will_delay_interval": 120}))
+        yield a.store.flushed()
+        s.lose()
+        yield a.store.flushed()
+        clock.advance(59.99)  # a's expiry timer has not fired yet
+        b.clock.advance(60.0)
+        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        assert not moved.received()[0].session_present
+        yield until(lambda: "s" not in a.store.epochs, "a to let s go")
+        for _ in range(3):
+            yield a.store.flushed()
+            yield b.store.flushed()
+        clock.advance(200)
+        yield past_a_pause(a, clock)
+        b.clock.advance(200)
+        got = yield publishes(watcher, "W")
+        assert [x.payload for x in got] == [b"W"]
+    finally:
+        yield b.stopService()
+        yield a.stopService()

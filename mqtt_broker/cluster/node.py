@@ -269,7 +269,11 @@ class Cluster:
         attached = session is not None and session.connection is not None
         expiry = claim.session.expiry if claim.session is not None else 0
         if claim.will is not None:
-            if not claim.previous_alive:
+            if ran_out:
+                # Ended by this node's clock, not yet by the live previous owner's, which takes
+                # the session for one that goes on and drops the will: it is due now.
+                self.survivor.will_found(client_id, claim.will, ended=True, expiry=0, taken=claim.will_id)
+            elif not claim.previous_alive:
                 # (no session kept: it ended with its connection on the dead node [MQTT-3.1.3-9])
                 self.survivor.will_found(client_id, claim.will, ended=clean_start or claim.session is None,
                                          connecting=attached, expiry=expiry, taken=claim.will_id)
@@ -696,12 +700,10 @@ class Cluster:
     def _claimed_elsewhere(self, client_id: str, epoch: int, clean: bool, will_left: bool = True) -> None:
         """Another node took a session this node held: its connection here is closed (0x8E),
         and the session's copy here forgotten (the new owner has it, from Redis)."""
+        if client_id in self._claiming:  # (the answer to this node's own claim is yet to come)
+            self._overtaken[client_id] = (epoch, clean)
         held = self.store.epochs.get(client_id)
-        if held is None:
-            if client_id in self._claiming:  # (the answer to this node's claim is yet to come)
-                self._overtaken[client_id] = (epoch, clean)
-            return
-        if held < epoch:
+        if held is not None and held < epoch:
             self._let_go(client_id, clean, will_left)
 
     def _fenced(self, client_id: str, epoch: int) -> None:

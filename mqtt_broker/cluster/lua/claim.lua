@@ -44,6 +44,9 @@ if clean then
 else
   redis.call('HSET', owner_key, 'node', node, 'epoch', epoch)
 end
+-- A will another node's claim left this one, which it never heard of (it takes the session
+-- back first): its own connection's, which it publishes itself as it takes the session back.
+redis.call('HDEL', P .. 'wills-left:' .. node, c, c .. '\0')
 -- Whether an adoption took it, rather than its client connecting (wills.lua)
 if required ~= '' then
   redis.call('HSET', owner_key, 'adopted', '1')
