@@ -53,22 +53,15 @@ def _origins_problem(origins: list[str]) -> str | None:
     return None
 
 
-_URL_CREDENTIALS = re.compile(r"(://)([^'\"]*)@")
-"""A URL's credentials: all from its ``://`` to its last ``@`` before a quote (as the broker's
-own parsers read them: ``redis://secret@host`` holds a password alone; a password may hold a
-space, or an unescaped ``/``, ``?`` or ``#``, which would end a URL's authority). Rather more
-than less: an ``@`` further on in the same text is taken for the credentials' end."""
-
-
-def _without_password(match: re.Match[str]) -> str:
-    user, colon, _ = match.group(2).partition(":")
-    return f"{match.group(1)}{user + ':' if colon and '/' not in user else ''}********@"
-
-
-def without_passwords(text: str) -> str:
-    """``text`` with the password of each URL in it replaced by ``********``: no password is
-    logged, nor shown by the admin API, nor told in an error."""
-    return _URL_CREDENTIALS.sub(_without_password, text)
+def url_without_password(url: str) -> str:
+    """A URL (a setting's whole value) with its password replaced by ``********``: all from its
+    ``://`` to its last ``@`` is its credentials, quotes included."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user + ':' if colon and '/' not in user else ''}********@{host}"
 
 
 def _redis_problem(url: str) -> str | None:
@@ -95,11 +88,22 @@ def _filters_problem(filters: list[str]) -> str | None:
     return None
 
 
+def _utf8_problem(text: str) -> str | None:
+    """An MQTT string must be UTF-8 [MQTT-1.5.4-1]: a byte that is not, given on the command line,
+    arrives as a lone surrogate."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "not UTF-8, as an MQTT string must be"
+    return None
+
+
 def _prefix_problem(prefix: str) -> str | None:
     # An assigned id is the prefix and 32 hex digits, sent as a UTF-8 string (at most 65535 bytes).
-    if len(prefix.encode()) > 65535 - 32:
+    problem = _utf8_problem(prefix)
+    if problem is None and len(prefix.encode()) > 65535 - 32:
         return f"longer than {65535 - 32} bytes"
-    return None
+    return problem
 
 
 def _proxies_problem(proxies: list[str]) -> str | None:
@@ -113,7 +117,6 @@ def _proxies_problem(proxies: list[str]) -> str | None:
 
 
 def _api_keys_problem(keys: list[str]) -> str | None:
-    import re
     for number, key in enumerate(keys, 1):
         if not re.fullmatch(r"(?:[A-Za-z0-9_.-]+:)?sha256:[0-9a-f]{64}", key):
             # Not echoed: it may be a key itself, pasted where its hash belongs.
@@ -335,7 +338,7 @@ class BrokerConfig:
         0, "Bytes of the messages (topic, payload and properties) kept per history filter; 0 for no limit.")
     response_information: str = _setting(
         "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
-        "for it ({client_id} is replaced); empty to send none.")
+        "for it ({client_id} is replaced); empty to send none.", check=_utf8_problem)
     websocket_endpoints: list[str] = _setting(
         [], "Twisted endpoint strings to listen on for MQTT over WebSocket (tcp:8083, "
         "ssl:8084:privateKey=...:certKey=...); empty for none.")
@@ -393,7 +396,10 @@ class BrokerConfig:
             value = getattr(self, f.name)
             kind = type(f.default) if f.default is not dataclasses.MISSING else list
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # (TOML's integers have no bound)
+                    raise ConfigError("an integer too large to be a number of seconds", f.name) from None
             # (an API key, pasted where its hash belongs, is not echoed: nor what is beside it)
             shown = f"a {type(value).__name__}" if f.name == "http_api_keys" else repr(value)
             # bool is an int subclass: "max_qos = true" is a mistake, not 1.

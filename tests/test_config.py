@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.python import usage
 
 from mqtt_broker.config import BrokerConfig, ConfigError, settings
 from mqtt_broker.tap import TWISTD_DEFAULTS, Options
@@ -500,3 +501,79 @@ def test_settings_with_a_fixed_set_of_values(key: str, good: list[str], bad: lis
     for value in bad:
         with pytest.raises(ConfigError, match=f"{key}: .* is not one of"):
             BrokerConfig(**{key: value})
+
+
+def _options(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_float_setting_given_a_toml_integer_too_large_for_a_float_is_a_config_error(tmp_path: Path) -> None:
+    # TOML integers have no bound in tomllib; a float setting converts them with float().
+    path = tmp_path / "big.toml"
+    path.write_text("connect_timeout = 1" + "0" * 400 + "\n")
+    with pytest.raises(ConfigError, match="connect_timeout"):
+        BrokerConfig.from_file(path)
+
+
+def test_float_setting_given_a_toml_integer_too_large_on_the_command_line_path_is_a_usage_error(
+        tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_text("sys_interval = 1" + "0" * 400 + "\n")
+    with pytest.raises(usage.UsageError, match="sys_interval"):
+        _options("--config", str(path))
+
+
+def test_an_auto_id_prefix_that_is_not_utf8_is_a_usage_error() -> None:
+    # A byte that is not UTF-8 in argv arrives as a lone surrogate (surrogateescape).
+    with pytest.raises(usage.UsageError, match="--auto-id-prefix"):
+        _options("--auto-id-prefix", "auto-\udcff")
+
+
+def test_a_response_information_that_is_not_utf8_is_refused() -> None:
+    # Accepted, it makes every MQTT 5 CONNECT asking for Response Information raise
+    # UnicodeEncodeError in connect._connack_properties [MQTT-1.5.4-1].
+    with pytest.raises(usage.UsageError, match="--response-information"):
+        _options("--response-information", "response/\udcff")
+
+
+def test_a_response_information_that_is_not_utf8_is_refused_when_embedding() -> None:
+    from protocol_helpers import make_broker
+    with pytest.raises(ConfigError, match="response_information"):
+        make_broker(response_information="response/\udcff", sys_interval=0)
+
+
+def test_a_cluster_password_holding_a_quote_is_not_told_in_an_error() -> None:
+    # docs/security.md, docs/twistd.md: no password is ever logged; config.without_passwords:
+    # "no password is logged, nor shown by the admin API, nor told in an error".
+    with pytest.raises(ConfigError) as raised:
+        BrokerConfig(cluster='redis://:pa"ss@127.0.0.1:notaport/0')
+    assert 'pa"ss' not in str(raised.value), str(raised.value)
+
+
+def test_a_cluster_password_holding_a_quote_is_not_shown_by_the_admin_api() -> None:
+    import dataclasses
+
+    from mqtt_broker.admin.shapes import redacted  # what GET /api/v1/config answers
+    for password in ("pa'ss", 'pa"ss'):
+        config = BrokerConfig(cluster=f"redis://:{password}@127.0.0.1:6379/0")
+        shown = redacted(dataclasses.asdict(config))["cluster"]
+        assert password not in shown, shown
+
+
+def test_sighup_reading_a_float_setting_given_a_huge_integer_reports_a_problem(tmp_path: Path) -> None:
+    # What SIGHUP runs (tap.reload -> BrokerService.reload -> tap._config_problems): a file that
+    # cannot be read now is to be named as a problem, not raise out of the reload.
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker import BrokerService
+    from mqtt_broker.tap import _config_problems
+    path = tmp_path / "broker.toml"
+    path.write_text('endpoints = ["tcp:0:interface=127.0.0.1"]\npersistence = "memory"\n')
+    options = _options("--config", str(path))
+    service = BrokerService(config=options["broker_config"], reactor=MemoryReactorClock())
+    path.write_text('endpoints = ["tcp:0:interface=127.0.0.1"]\npersistence = "memory"\n'
+                    "hook_timeout = 1" + "0" * 400 + "\n")
+    problems = _config_problems(service, options)
+    assert problems and "hook_timeout" in problems[0], problems

@@ -11,7 +11,7 @@ from codecs import getincrementaldecoder
 from urllib.parse import unquote_to_bytes
 from typing import Any, Callable
 
-from ..config import without_passwords
+from ..config import url_without_password
 from ..topics import Subscription
 from . import figures
 
@@ -120,7 +120,7 @@ def redacted(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redacted(v, key) for v in value]
     if isinstance(value, str) and value:
-        return "********" if key.endswith("password") else without_passwords(value)
+        return "********" if key.endswith("password") else url_without_password(value)
     return value
 
 

@@ -54,7 +54,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ..config import BrokerConfig, ConfigError, without_passwords
+from ..config import BrokerConfig, ConfigError, url_without_password
 from ..wire.codes import ReasonCode
 from . import Credentials, Identity, Refusal, numeric_date, withdrawable
 from .acl import AccessRules
@@ -95,7 +95,7 @@ class HttpAuthenticator:
                  clock: Any = None) -> None:
         """Raises ConfigError on a bad URL, mode or authorization file. ``clock`` (default: the
         reactor) times requests out and ages the cache."""
-        shown = repr(without_passwords(url))
+        shown = repr(url_without_password(url))
         try:
             parts = urlsplit(url)
             parts.port  # (read at each request: a bad one refused now)

@@ -23,9 +23,9 @@ class RedisAddress:
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
         """Raises ValueError saying what is wrong with ``url`` (naming it without its password)."""
-        from ..config import without_passwords
+        from ..config import url_without_password
         # (Shown without a password, nor a query that may hold one.)
-        shown = repr(without_passwords(url).partition("?")[0].partition("#")[0])
+        shown = repr(url_without_password(url).partition("?")[0].partition("#")[0])
         parts = urlsplit(url)
         scheme = parts.scheme
         if scheme not in ("redis", "rediss", "redis+sentinel"):
