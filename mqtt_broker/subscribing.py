@@ -23,7 +23,7 @@ from .history import MAX_REPLAYS, REPLAY_PREFIX, ReplayError, parse_spec, split_
 from .lifecycle import State
 from .message import Client
 from .store import StoreError
-from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter
+from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter, wildcards_in_place
 from .wire import (
     MQTT_5, NO_PROPERTIES, MQTTError, Packet, Properties, ProtocolError, ReasonCode, Suback, Subscribe,
     Unsuback, Unsubscribe,
@@ -212,10 +212,11 @@ class Subscribing:
         self._suback(packet, [0x80 if code < 0x80 else code for code in codes], reason)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
-        filters = [split_replay_filter(f)[1] for f in packet.topic_filters]
-        if self.version != MQTT_5 and not all(valid_topic_filter(f) for f in filters):
-            # No UNSUBACK of MQTT 3 can say so: a protocol violation closes [MQTT-4.8.0-1].
+        if self.version != MQTT_5 and not all(f and wildcards_in_place(f) for f in packet.topic_filters):
+            # No UNSUBACK of MQTT 3 can say so: a protocol violation closes [MQTT-4.8.0-1]. (One
+            # only over this broker's limits is answered, as its SUBSCRIBE was [MQTT-3.10.4-5].)
             raise ProtocolError("UNSUBSCRIBE of an invalid topic filter")  # [MQTT-4.7.1-1, -2, 4.7.3-1]
+        filters = [split_replay_filter(f)[1] for f in packet.topic_filters]
         hooks = self.broker.hooks
         if hooks.has_unsubscribe:
             # (Shown the filter it ends: a $replay/ name's, as the subscribe hook was.)

@@ -50,8 +50,13 @@ def valid_topic_filter(topic_filter: str) -> bool:
         if not group or "+" in group or "#" in group or not inner:
             return False
         topic_filter = inner
-    if too_deep(topic_filter):
-        return False
+    return not too_deep(topic_filter) and wildcards_in_place(topic_filter)
+
+
+def wildcards_in_place(topic_filter: str) -> bool:
+    """Whether a filter keeps MQTT's rules for its wildcards: ``#`` only as the whole last
+    level, ``+`` only as a whole level [MQTT-4.7.1-2, -3] (the rest of ``valid_topic_filter``
+    is this broker's own limits, and the shape of a shared subscription)."""
     levels = topic_filter.split("/")
     last = len(levels) - 1
     for index, level in enumerate(levels):

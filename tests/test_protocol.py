@@ -861,3 +861,23 @@ def test_v5_publish_with_packet_identifier_0_is_a_protocol_error() -> None:
     client.send_bytes(b"\x32\x06\x00\x01t\x00\x00\x00")  # QoS 1, topic "t", packet id 0, no properties
     answer = client.received()
     assert [p.reason_code for p in answer if isinstance(p, Disconnect)] == [0x82]
+
+
+@pytest.mark.parametrize("topic_filter", ["/".join(["a"] * 129), "$share/g", "$replay/x"],
+                         ids=["129-levels", "share-no-filter", "replay-no-filter"])
+def test_mqtt311_unsubscribe_of_a_filter_the_broker_refuses_to_subscribe_gets_an_unsuback(topic_filter: str) -> None:
+    """A filter of 129 levels is a valid MQTT 3.1.1 topic filter (section 4.7: no limit on
+    levels); the broker's own limit (MAX_TOPIC_LEVELS) refuses it in a SUBSCRIBE with 0x80, as it
+    may. The client, told so, UNSUBSCRIBEs it (or cleans up its list): the broker closes the
+    connection as for a protocol violation, with no UNSUBACK, where "even where no Topic
+    Subscriptions are deleted, the Server MUST respond with an UNSUBACK" [MQTT-3.10.4-4, -5].
+    Likewise ``$share/g``, a valid 3.1.1 filter (3.1.1 has no shared subscriptions), which the
+    broker reads as a shared one with no filter and refuses in a SUBSCRIBE with 0x80, and
+    ``$replay/x`` (the broker's message-log prefix with no filter after it)."""
+    broker = make_broker()
+    client = connected(broker, "deep", version=4)
+    assert [p.reason_codes for p in client.subscribe(topic_filter, qos=1)] == [(0x80,)]  # type: ignore[attr-defined]
+    client.send(Unsubscribe(packet_id=2, topic_filters=(topic_filter,)))
+    answers = client.received()
+    assert not client.closed, f"the broker closed a 3.1.1 client for UNSUBSCRIBE of {topic_filter[:20]!r}..., a valid filter it refused with 0x80"
+    assert [type(p) for p in answers] == [Unsuback]
