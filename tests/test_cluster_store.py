@@ -9,14 +9,14 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.cluster.codec import TARGETED, pack_will, unpack_records, unpack_will
 from mqtt_broker.cluster.redis import Redis
-from mqtt_broker.cluster.store import ACK_DELAY, RedisStore, _Batch
+from mqtt_broker.cluster.store import ACK_DELAY, RETRY_AFTER, RedisStore, _Batch
 import mqtt_broker.cluster.store as store_module
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued, Session
@@ -476,3 +476,31 @@ def test_a_batch_refused_for_thousands_of_sessions_keeps_every_refusal(server: R
     assert redis.lrange("mqtt:refused:a", 0, -1) == answer
     # Sent again (its answer lost), it is not applied twice, and answers the same.
     assert redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, *ops) == answer
+
+
+class AwayRedis:
+    """A Redis out of reach: every command fails as a lost connection does."""
+
+    up = False
+
+    def run(self, script: Any, *args: Any) -> Deferred[Any]:
+        return fail(ConnectionError("Connection refused"))
+
+    def call(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return fail(ConnectionError("Connection refused"))
+
+
+def test_retained_qos0_messages_do_not_pile_up_while_redis_is_away() -> None:
+    """QoS 0 retained PUBLISHes need no acknowledgement, so nothing slows their publisher while
+    Redis is away: each is kept in the store's pending list until Redis is back. One topic set
+    again and again needs only its last value written; memory should not grow with the count."""
+    clock = Clock()
+    store = RedisStore(AwayRedis(), "a", clock)  # type: ignore[arg-type]
+    store.save_retained(Message(topic="t", payload=b"0", qos=0, retain=True))
+    clock.advance(0)  # the first batch fails: the store waits for Redis
+    assert store._recovering
+    for i in range(10_000):
+        store.save_retained(Message(topic="t", payload=b"x" * 100, qos=0, retain=True))
+        if i % 1000 == 0:
+            clock.advance(RETRY_AFTER)
+    assert len(store._pending) == 1, f"{len(store._pending)} retained writes of one topic held while Redis is away"

@@ -121,6 +121,8 @@ class RedisStore:
         self._queued_at: dict[tuple[str, int], int] = {}
         """Messages queued by the pending batch: (client id, seq) -> index in _pending."""
         self._pubrels_at: dict[tuple[str, int], int] = {}
+        self._retained_at: dict[str, int] = {}
+        """Retained topics the pending batch changes: topic -> index in _pending."""
         self._waiters: list[Deferred[None]] = []
         self._scheduled = False
         self._in_flight: deque[_Batch] = deque()
@@ -244,15 +246,20 @@ class RedisStore:
         self._record("w", client_id, self.epoch_of(client_id))
 
     def save_retained(self, message: Message) -> None:
-        self._retained_written(message.topic)
-        self._record("R", message.topic, pack_retained(message, self.reactor.seconds()))
+        self._retained_written(message.topic, ("R", message.topic, pack_retained(message, self.reactor.seconds())))
 
     def delete_retained(self, topic: str) -> None:
-        self._retained_written(topic)
-        self._record("r", topic)
+        self._retained_written(topic, ("r", topic))
 
-    def _retained_written(self, topic: str) -> None:
-        self._retained_pending[topic] = self._retained_pending.get(topic, 0) + 1
+    def _retained_written(self, topic: str, op: tuple[Any, ...]) -> None:
+        # A change of a topic the next batch changes already replaces it: while Redis is away, a
+        # publisher of retained messages (at QoS 0, unslowed) would otherwise fill memory.
+        earlier = self._retained_at.get(topic)
+        if earlier is not None:
+            self._pending[earlier] = op
+        else:
+            self._retained_pending[topic] = self._retained_pending.get(topic, 0) + 1
+            self._retained_at[topic] = self._record(*op)
 
     def retained_news(self, node: str, topic: str) -> bool:
         """A change of a retained topic that Redis applied, told on the control channel: whether
@@ -584,6 +591,7 @@ class RedisStore:
         self._pending, self._handled = [], []
         self._queued_at.clear()
         self._pubrels_at.clear()
+        self._retained_at.clear()
         self.generation += 1
         if not ops:
             if self._in_flight:  # nothing new: they wait for what is on its way
