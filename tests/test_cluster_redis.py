@@ -177,6 +177,7 @@ def test_a_master_turned_replica_is_left_for_the_one_the_sentinels_name(stop_aft
 # --- what Redis failing does to a node (in this process) ----------------------------------------
 
 from twisted.internet import reactor  # noqa: E402
+from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.internet.defer import inlineCallbacks  # noqa: E402
 from twisted.internet.task import Clock, deferLater  # noqa: E402
 from twisted.logger import capturedLogs  # noqa: E402
@@ -475,3 +476,31 @@ def test_a_join_answered_after_the_stop_goes_no_further(server: RedisServer) -> 
         assert [call.func for call in clock.getDelayedCalls()] == []
     finally:
         cluster.survivor.stop()
+
+
+class _Silent(Protocol):
+    """A Redis that takes connections and never answers (a stopped process, a hung host)."""
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1  # type: ignore[attr-defined]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_redis_that_never_answers_is_not_taken_for_up() -> Iterator[Deferred[Any]]:
+    """docs/cluster.md: one warning per outage. A connection was counted as Redis being up as soon
+    as it was made: one that answers nothing was "back" at each connection and "unreachable" again
+    at each reply timeout that dropped it."""
+    factory = Factory.forProtocol(_Silent)
+    factory.accepted = 0  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    events: list[str] = []
+    link = Redis(RedisAddress.parse(f"redis://127.0.0.1:{port.getHost().port}/0"), on_up=lambda: events.append("up"),
+                 on_down=lambda: events.append("down"), reply_timeout=0.2)
+    try:
+        for _ in range(3):  # commands sent, each unanswered until its timer drops the connection
+            link.call("PING").addErrback(lambda _: None)
+        yield until(lambda: factory.accepted >= 2, "the connection dropped and made again")  # type: ignore[attr-defined]
+        assert events == [] and not link.up
+    finally:
+        yield link.close()
+        yield port.stopListening()

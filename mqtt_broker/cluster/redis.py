@@ -214,8 +214,13 @@ class Redis:
                 raise ConfigError(f"{self._tls_ca_file}: holds no PEM certificate", "cluster_tls_ca_file") from None
         return ssl.optionsForClientTLS(host, trustRoot=trust)
 
-    def _command_up(self, _: Any) -> None:
+    def _command_up(self, protocol: Any) -> None:
         self._scripts_known.clear()
+        # Up once Redis has answered on it: one that takes connections and answers nothing (a
+        # hung host) is one outage, not one each time a reply timer drops the connection.
+        protocol.ping().addCallbacks(self._answered, lambda _: None)
+
+    def _answered(self, _: Any) -> None:
         if not self.up:
             self.up = True
             if self._on_up is not None:
