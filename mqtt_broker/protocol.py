@@ -313,7 +313,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # never read it: the linger's timer bounds the wait). TLS keeps its timer: it bounds
             # the wait for close_notify.
             linger = self.broker.config.close_linger
-            socket = self.transport if self._on_socket else socket_of(self.transport)
+            socket = socket_of(self.transport)
             if routine and socket is not None and not unwritten(socket):
                 linger = 0
             self._linger_call = close_lingering(socket or self.transport, self.clock, linger, socket is not None)

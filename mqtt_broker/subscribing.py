@@ -216,22 +216,23 @@ class Subscribing:
             # No UNSUBACK of MQTT 3 can say so: a protocol violation closes [MQTT-4.8.0-1]. (One
             # only over this broker's limits is answered, as its SUBSCRIBE was [MQTT-3.10.4-5].)
             raise ProtocolError("UNSUBSCRIBE of an invalid topic filter")  # [MQTT-4.7.1-1, -2, 4.7.3-1]
-        filters = [split_replay_filter(f)[1] for f in packet.topic_filters]
+        # The filter each ends (a $replay/ name's), None for one that is not valid.
+        filters = [inner if valid_topic_filter(inner) else None
+                   for inner in (split_replay_filter(f)[1] for f in packet.topic_filters)]
         hooks = self.broker.hooks
         if hooks.has_unsubscribe:
-            # (Shown the filter it ends: a $replay/ name's, as the subscribe hook was.)
-            decisions = [hooks.decide("unsubscribe", self.client, f) if valid_topic_filter(f) else succeed(None)
+            # (Shown the filter it ends, as the subscribe hook was.)
+            decisions = [hooks.decide("unsubscribe", self.client, f) if f is not None else succeed(None)
                          for f in filters]
-            self._when(gatherResults(decisions), self._unsubscribe_decided, packet)
+            self._when(gatherResults(decisions), self._unsubscribe_decided, packet, filters)
         else:
-            self._unsubscribe_decided([None] * len(packet.topic_filters), packet)
+            self._unsubscribe_decided([None] * len(filters), packet, filters)
 
-    def _unsubscribe_decided(self, answers: list[Any], packet: Unsubscribe) -> None:
+    def _unsubscribe_decided(self, answers: list[Any], packet: Unsubscribe, filters: list[str | None]) -> None:
         codes = []
         reasons: list[str] = []
-        for topic_filter, answer in zip(packet.topic_filters, answers):
-            topic_filter = split_replay_filter(topic_filter)[1]
-            if not valid_topic_filter(topic_filter):
+        for topic_filter, answer in zip(filters, answers):
+            if topic_filter is None:
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)
             elif isinstance(answer, Refused):
                 codes.append(answer.code(ReasonCode.NOT_AUTHORIZED, UNSUBACK_REFUSALS))

@@ -72,6 +72,14 @@ def node_a(server: RedisServer, clock: Clock | None = None, **settings: Any) -> 
 
 
 @inlineCallbacks
+def a_at_1000(server: RedisServer) -> Any:
+    """Node a on a Clock at 1000 s: (clock, broker)."""
+    clock = Clock()
+    clock.advance(1000.0)
+    return clock, (yield node_a(server, clock))
+
+
+@inlineCallbacks
 def node_b(server: RedisServer) -> Any:
     """Node b beside node a, on a clock of its own: joined."""
     b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
@@ -533,9 +541,7 @@ def test_a_delayed_will_of_an_adopted_session_stays_in_redis_until_it_is_due(
     """Node b died with c connected and c's will delayed 30 s. a adopts c's session and
     schedules the will; the claim took it out of Redis, and a writes it back with its due time,
     so that a node adopting c after a finds it (it lived in a's memory only)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
@@ -565,9 +571,7 @@ def test_a_session_claimed_for_a_client_gone_before_the_answer_expires_here(
     """c's session is on node b (disconnected there). c connects to a and goes before a's claim
     is answered: the session is a's now (Redis says so), kept as if c had just disconnected,
     and it expires (it stayed on a, with no timer, for good)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
@@ -616,9 +620,7 @@ def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its
     only after cluster_claim_timeout (c is refused, 0x88): the claim went on in Redis, so the
     session is a's, kept as disconnected, and the will it took out of Redis is published (a
     knew nothing of it: the will was lost and the session left with no owner that knew)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
@@ -681,9 +683,7 @@ def test_a_client_reconnecting_while_its_node_takes_its_sessions_back_stays_conn
     """Node a, restarted, takes back the sessions it held while c connects to it again, c's
     claim first: c stays connected (it was closed with 0x8E and its will published), and its
     will is in Redis still."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     before = RedisStore(link, "a", reactor)  # node a before its restart
     try:
@@ -708,9 +708,7 @@ def test_a_shared_message_for_a_session_adopted_lately_is_delivered(server: Redi
     node c forwards to a for the group while s counts as having moved lately goes to s (it was
     dropped: the sessions that moved are kept apart from the routing for a while, against a
     message coming by two ways, which a shared subscription's does not)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     try:
@@ -737,9 +735,7 @@ def test_a_message_a_session_brought_with_it_is_not_queued_again_by_a_second_way
     """Node x died with a QoS 2 message queued in s's session; a adopts s, and the same message
     (by its id) reaches a from the node it was published on, forwarded while s moved: s got it
     twice, the copy it brought counting as no way at all."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     try:
@@ -832,9 +828,7 @@ def test_a_clean_start_after_the_owner_died_hands_on_what_its_shared_subscriptio
     flight. Before any survivor adopts s, its client connects to a with a clean start: the
     message goes to the group's other member, as when a session ends on a live node (the
     claim deleted it with the session)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
@@ -1161,9 +1155,7 @@ def test_retained_messages_are_read_again_from_redis_after_an_outage(server: Red
     """While node a was cut off from Redis, retained messages were deleted and set there without
     a word to it (the events went with the connection): once back, its replica is what Redis
     holds, each message expiring when it was to; what its own client retained stays."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
@@ -1671,9 +1663,7 @@ def test_a_claim_of_a_session_that_ran_out_on_a_dead_node_publishes_its_will_at_
     100 s. At 1050 c connects to node a, the session having ended at 1010: its will is due at
     once [MQTT-3.1.3-9], and the session is not resumed (Session Present 0), whether c stays or
     goes before the claim is answered (the will waited for 1100, or for an expiry counted anew)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     b = RedisStore(link, "b", reactor)
     try:
@@ -1830,9 +1820,7 @@ def wills_published(broker: BrokerService, observer: FakeClient) -> Any:
 @inlineCallbacks
 def a_watching_wills(server: RedisServer) -> Any:
     """Node a on a Clock, with a client of it watching wills/#: (clock, broker, observer)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     return clock, broker, (yield watching_wills(broker))
 
 
@@ -1884,9 +1872,7 @@ def test_a_message_for_a_session_that_moved_here_follows_its_retain_as_published
     on a, c subscribes to "t" again without it. x's copy (kept until the routes settle) routes a
     message published with RETAIN 1 to c, passed on to a: what c holds here decides the QoS and
     the subscription ids [MQTT-3.10.4-2], and the RETAIN flag too [MQTT-3.3.1-12]."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
@@ -2355,9 +2341,7 @@ def test_a_session_that_moved_gets_a_shared_copy_as_well_as_its_own(server: Redi
     """s holds "t" and "$share/g/t" (its only member) and moved to node a lately. On one broker
     it gets a copy for each [MQTT-4.8.2]; here the group's copy was taken for one it had by the
     other way (the same message id), and the group lost the message."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     link = Redis(RedisAddress.parse(server.url))
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     share = ("g", "$share/g/t")
@@ -2615,9 +2599,7 @@ def test_a_node_fenced_off_after_being_taken_for_dead_does_not_publish_the_will_
     Back, a writes for c (c subscribes): Redis refuses the write, and a lets c go (0x8E) as for
     a claim that left it the will: a publishes c's will too (Cluster._fenced calls _let_go with
     will_left True). The will goes twice: by x, and by a."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     try:
         client = yield c_on(broker)
         r = server.client()
@@ -2685,9 +2667,7 @@ def test_a_node_taken_for_dead_while_cut_off_closes_its_clients_whose_sessions_w
     a for good: a writes nothing for c that Redis could refuse. docs/cluster.md: a node taken
     for dead "closes those clients (0x8E), which reconnect" (and when c leaves a, a publishes
     its will a second time)."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     try:
         client = yield c_on(broker)
         r = server.client()
@@ -2720,9 +2700,7 @@ def test_a_delayed_will_due_during_a_pause_past_the_heartbeats_is_published_once
     adopts c (its claim takes the will, due at 1010, to publish it then). At 1010 a, still cut
     off (or its pause over, its timers running before it reads the claim's news), publishes
     the will as well: nothing fences a will's publication, and x and a both publish it."""
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     try:
         client = yield c_on(broker, will_delay_interval=10)
         client.lose()
@@ -2745,9 +2723,7 @@ def test_asking_who_holds_the_sessions_leaves_the_reactor_free_between_a_thousan
     turn of the reactor: 50,000 sessions held it for seconds, longer than a heartbeat key lives,
     and the node came back only to be taken for dead."""
     from mqtt_broker.cluster.node import OWNED_AT_ONCE
-    clock = Clock()
-    clock.advance(1000.0)
-    broker = yield node_a(server, clock)
+    clock, broker = yield a_at_1000(server)
     try:
         for i in range(3 * OWNED_AT_ONCE):
             broker.store.epochs[f"c{i}"] = i + 1
