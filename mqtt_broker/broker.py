@@ -30,6 +30,7 @@ from .connect import NEVER, AcceptingConnack, granted_expiry
 from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives, cancel
+from .lifecycle import State
 from .hooks import Hooks
 from .linger import AllClosed
 from .message import Client, Message, unsendable
@@ -394,14 +395,19 @@ class BrokerService(MultiService):
         for connection in list(self.connections):
             identity = connection.identity
             why = self.security.revoked(identity) if identity is not None else None
-            if why is not None:
-                log.info("disconnecting client {client_id!r} after the reload: {why}",
-                         client_id=identity.client_id, why=why)
-                # 0x87 Not authorized: DISCONNECT has no 0x86 (bad user name or password is a
-                # CONNACK code), and 0x87 is its code for a client the server no longer
-                # authorizes. (Mosquitto also closes such clients on reload.)
-                connection.will = None  # nor does it speak for the client any more
-                connection.drop(ReasonCode.NOT_AUTHORIZED, "credentials no longer accepted")
+            if why is None or connection.state is State.CLOSED:  # (closed: lingering)
+                continue
+            log.info("disconnecting client {client_id!r} after the reload: {why}", client_id=identity.client_id, why=why)
+            if connection.state is not State.CONNECTED:
+                # Between its password check and CONNACK (a hook deciding, an AUTH exchange, a
+                # claim in a cluster): refused as a reload during the check itself refuses it.
+                connection.refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "credentials no longer accepted")
+                continue
+            # 0x87 Not authorized: DISCONNECT has no 0x86 (bad user name or password is a CONNACK
+            # code), and 0x87 is its code for a client the server no longer authorizes.
+            # (Mosquitto also closes such clients on reload.)
+            connection.will = None  # nor does it speak for the client any more
+            connection.drop(ReasonCode.NOT_AUTHORIZED, "credentials no longer accepted")
         self.wills.drop_revoked(self.security.revoked)
 
     def connect_allowed(self, client_id: str) -> bool:

@@ -137,10 +137,10 @@ class Connecting:
                              protocol_version=self.version, clean_start=packet.clean_start,
                              keep_alive=terms.keep_alive, properties=packet.properties)
         if terms.reason:
-            self._refuse(terms.reason, "CONNECT refused")
+            self.refuse(terms.reason, "CONNECT refused")
             return
         if not self._own and not self.broker.connect_allowed(terms.client_id):  # (a bridge's link: not a client's)
-            self._refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
+            self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
             return
         self._bridge = packet.bridge
         security = self.broker.security
@@ -159,7 +159,7 @@ class Connecting:
         """The security chain's answer (None: there is none); then enhanced authentication and
         connect hooks."""
         if isinstance(identity, Refusal):  # (counted by _refuse, as an authentication failure if it is one)
-            self._refuse(identity.reason_code, "authentication failed")
+            self.refuse(identity.reason_code, "authentication failed")
             return
         will = packet.will
         if identity is not None:
@@ -178,7 +178,7 @@ class Connecting:
         if method is None:
             self._authorize(packet)
         elif not self.broker.hooks.has_auth:
-            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, f"no authentication method {method!r}")
+            self.refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, f"no authentication method {method!r}")
         else:
             self._auth_method = method
             self._auth_connect = packet
@@ -215,7 +215,7 @@ class Connecting:
                 self.stats.auth_failures += 1
                 self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
             else:
-                self._refuse(reason, "refused by an auth hook", answer.reason_string)
+                self.refuse(reason, "refused by an auth hook", answer.reason_string)
         elif isinstance(answer, bytes):
             if not reauthenticating:
                 self._set_state(State.AUTHENTICATING)
@@ -230,9 +230,13 @@ class Connecting:
 
     def _take_identity(self, identity: Identity) -> None:
         """An auth hook's identity replaces the connection's: its rights apply from the next
-        operation (and to what the session is sent), its expiry to the disconnect timer."""
+        operation (and to what the session is sent), its expiry to the disconnect timer. What
+        ``password_file`` checked stays with it: a reload that revokes it disconnects the client."""
         if identity.rules is not None and self.broker.security is None:
             self.broker.obey_rules()
+        previous = self.identity
+        if identity.entry is None and previous is not None and previous.entry is not None:
+            identity = dataclasses.replace(identity, entry=previous.entry)
         self.identity = identity
         if self.session is not None:
             self.session.identity = identity
@@ -248,12 +252,13 @@ class Connecting:
 
     def _connect_decided(self, answer: Any, packet: Connect) -> None:
         if isinstance(answer, Refused):
-            self._refuse(answer.code(ReasonCode.NOT_AUTHORIZED, CONNACK_REFUSALS), "refused by a connect hook",
+            self.refuse(answer.code(ReasonCode.NOT_AUTHORIZED, CONNACK_REFUSALS), "refused by a connect hook",
                          answer.reason_string)
         else:
             self._accept(packet)
 
-    def _refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
+    def refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
+        """Refuse the CONNECT, before its CONNACK: a CONNACK with ``reason``, counted, and close."""
         count_refusal(self.stats, reason)
         if self.version == MQTT_5:
             properties = {"reason_string": sendable(reason_string)} if reason_string and self.problem_information else {}
@@ -276,7 +281,7 @@ class Connecting:
         if claimed:
             self._attach(packet)
         else:
-            self._refuse(ReasonCode.SERVER_UNAVAILABLE, "the cluster's Redis did not answer in time")
+            self.refuse(ReasonCode.SERVER_UNAVAILABLE, "the cluster's Redis did not answer in time")
 
     def _attach(self, packet: Connect) -> None:
         terms = self.terms

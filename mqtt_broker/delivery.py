@@ -652,8 +652,13 @@ class Delivery:
         if session.unsent and connection is not None and len(session.outgoing) - session.unsent < connection.send_quota:
             sent = False
             too_large = []
-            for next_id, out in session.outgoing.items():
+            for next_id, out in list(session.outgoing.items()):
                 if out.unsent:
+                    if self._unreadable(session, connection, next_id, out):
+                        if next_id in session.outgoing:  # released: a PUBREL went
+                            sent = True
+                            break
+                        continue
                     out.unsent = False
                     session.unsent -= 1
                     if session.stored:  # its record may not be written yet
@@ -671,6 +676,23 @@ class Delivery:
                 return True
         if session.queue or session.spilled:
             self.pump(session)
+        return True
+
+    def _unreadable(self, session: Session, connection: MQTTProtocol, packet_id: int, out: Outgoing) -> bool:
+        """Whether a message in flight, to be sent again, may no longer be read by its client (a
+        reload took the right away since it was first sent): then it is not. A QoS 1 one is
+        dropped (handed to another member of its shared group), a QoS 2 one released as
+        ``_release_unsendable`` releases it: the client may hold its packet id."""
+        security, identity = self.security, session.identity
+        if security is None or identity is None or security.can_read(identity, out.message.topic):
+            return False
+        if not self._release_unsendable(session, connection, packet_id, out):
+            del session.outgoing[packet_id]
+            if out.unsent:
+                session.unsent -= 1
+            self.forget(session, out)
+            if out.share is not None:
+                self.hand_on(out.message, out.share, self.subscriptions.shared_members(*out.share))
         return True
 
     def _release_unsendable(self, session: Session, connection: MQTTProtocol, packet_id: int, out: Outgoing) -> bool:
@@ -747,16 +769,24 @@ class Delivery:
             return
         now = self.clock.seconds()
         deadline = now - self.config.retry_interval
-        for packet_id, out in session.outgoing.items():
+        dropped = False
+        for packet_id, out in list(session.outgoing.items()):
             if out.sent_at <= deadline:
                 if out.released:
                     connection.send_pubrel(packet_id, again=True)
+                elif self._unreadable(session, connection, packet_id, out):
+                    if packet_id not in session.outgoing:
+                        dropped = True
+                        continue
                 else:
                     connection.send_publish(out.message, out.qos, out.retain, packet_id, True)
                 if out.unsent:
                     out.unsent = False
                     session.unsent -= 1
                 out.sent_at = now
-        oldest = min(out.sent_at for out in session.outgoing.values())
-        session.retry_call = self.clock.callLater(
-            max(oldest + self.config.retry_interval - now, 0.001), self._retry, session)
+        if session.outgoing:
+            oldest = min(out.sent_at for out in session.outgoing.values())
+            session.retry_call = self.clock.callLater(
+                max(oldest + self.config.retry_interval - now, 0.001), self._retry, session)
+        if dropped and (session.queue or session.spilled):
+            self.pump(session)

@@ -156,8 +156,9 @@ class Identity:
     0xA0). None: no expiry."""
     entry: Any = field(default=None, compare=False, repr=False)
     """What the credentials were checked against, kept instead of the password so that a reload
-    can tell whether they still pass (:meth:`Security.revoked`): the user's hash in
-    ``password_file``. None: nothing to check again."""
+    can tell whether they still pass (:meth:`Security.revoked`): the user name and hash
+    ``password_file`` checked, kept when an auth hook's identity replaces the file's. None:
+    nothing to check again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 
@@ -33,6 +33,14 @@ def in_thread(reactor: Any, function: Callable[..., T], *args: Any) -> Deferred[
         return function(*args)
     deferToThreadPool(reactor, reactor.getThreadPool(), unless_cancelled).chainDeferred(result)
     return result
+
+
+class FileEntry(NamedTuple):
+    """What a client the file let in was checked against (its ``Identity.entry``), kept too when
+    an auth hook's identity, of another username perhaps, replaces the one the file gave."""
+
+    username: str
+    hash: PasswordHash
 
 
 class PasswordFileAuthenticator:
@@ -68,7 +76,8 @@ class PasswordFileAuthenticator:
         stored = self._file.users.get(credentials.username)
         if stored is None:
             return succeed(None)
-        identity = Identity(client_id=credentials.client_id, username=credentials.username, entry=stored)
+        identity = Identity(client_id=credentials.client_id, username=credentials.username,
+                            entry=FileEntry(credentials.username, stored))
         password = credentials.password or None  # (a zero-length one is none, as Mosquitto reads it)
 
         def judged(correct: bool) -> Identity | Refusal:
@@ -104,13 +113,14 @@ class PasswordFileAuthenticator:
     def revoked(self, identity: Identity) -> str | None:
         """Why a client let in by this file is no longer: its entry changed (a new password, or
         the same one hashed again) or is gone. Entries are compared, nothing is hashed."""
-        if not isinstance(identity.entry, PasswordHash):
+        checked = identity.entry
+        if not isinstance(checked, FileEntry):
             return None  # not let in by this file
-        entry = self._file.users.get(identity.username or "")
+        entry = self._file.users.get(checked.username)
         if entry is None:
-            return f"user {identity.username!r} is no longer in {self.path}"
-        if entry != identity.entry:
-            return f"the password of {identity.username!r} changed in {self.path}"
+            return f"user {checked.username!r} is no longer in {self.path}"
+        if entry != checked.hash:
+            return f"the password of {checked.username!r} changed in {self.path}"
         return None
 
     def prepare_reload(self) -> Callable[[], None]:

@@ -116,7 +116,7 @@ class HttpAuthenticator:
         self._reactor, self._clock = reactor, clock
         self._client: Any = None
         self._pool: Any = None
-        self._closes = 0
+        self._closes = self._reloads = 0
         self._asking: set[Deferred[Answer]] = set()
         """The requests under way, cancelled by ``close``."""
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, Answer]] = OrderedDict()
@@ -173,7 +173,8 @@ class HttpAuthenticator:
             asked.addTimeout(self.timeout, self._clock or self._the_reactor(), onTimeoutCancel=_timed_out)
         # (Withdrawn, the client gone, the request goes, unlogged.)
         return withdrawable(lambda withdrawn: asked.addCallbacks(
-            self._remember, self._unavailable, callbackArgs=(key,), errbackArgs=(self._closes, withdrawn)))
+            self._remember, self._unavailable, callbackArgs=(key, self._reloads),
+            errbackArgs=(self._closes, withdrawn)))
 
     def _answered(self, result: Any, asked: Deferred[Answer]) -> Any:
         self._asking.discard(asked)
@@ -196,8 +197,10 @@ class HttpAuthenticator:
         self._cache.move_to_end(key)
         return entry
 
-    def _remember(self, answer: Answer, key: tuple[Any, ...]) -> Answer:
-        if self.cache_seconds > 0 and self.cache_size > 0:
+    def _remember(self, answer: Answer, key: tuple[Any, ...], asked_at: int) -> Answer:
+        # One asked for before a reload is not kept: it was asked with the Authorization
+        # header the reload replaced, which the service may no longer take.
+        if self.cache_seconds > 0 and self.cache_size > 0 and asked_at == self._reloads:
             until = self._now() + self.cache_seconds
             if isinstance(answer, Identity) and answer.expires_at is not None:
                 until = min(until, answer.expires_at)
@@ -310,6 +313,7 @@ class HttpAuthenticator:
         def commit() -> None:
             self._authorization = authorization
             self._cache.clear()
+            self._reloads += 1
         return commit
 
     def close(self) -> Deferred[None]:

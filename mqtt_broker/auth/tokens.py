@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
@@ -109,6 +110,8 @@ def load_keys(secret_file: str = "", public_key_file: str = "", jwks_file: str =
         except ValueError:
             raise ConfigError(f"{public_key_file}: not a PEM public key or certificate",
                               "jwt_public_key_file") from None
+        except UnsupportedAlgorithm as e:  # (an elliptic curve the cryptography package lacks)
+            raise ConfigError(f"{public_key_file}: unsupported key: {e}", "jwt_public_key_file") from None
         algorithms = _algorithms_for(public)
         if not algorithms:
             raise ConfigError(f"{public_key_file}: unsupported key type {type(public).__name__}",
