@@ -44,11 +44,12 @@ check the traits' assignments against: the attributes are MQTTProtocol's slots."
 
 
 def describe(address: IAddress) -> str:
-    """A peer's address as logs and hooks show it: ``host:port``, or ``unix:path`` for a UNIX
+    """A peer's address as logs and hooks show it: ``host:port`` (``[::1]:port``), or ``unix:path`` for a UNIX
     socket's (``unix`` alone: a client's socket has no path, as a rule)."""
     host = getattr(address, "host", None)
     if host is not None:
-        return f"{host}:{getattr(address, 'port', '')}"
+        port = getattr(address, "port", "")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # (IPv6: its port is no group)
     if isinstance(address, UNIXAddress):
         name = address.name
         path = name.decode(errors="replace") if isinstance(name, bytes) else name
@@ -83,7 +84,7 @@ class Connecting:
     send_quota: int
     max_send_size: int
     problem_information: bool
-    _bridge: bool
+    bridge: bool
     _client_id: str
     _auth_method: str | None
     _auth_connect: Connect | None
@@ -142,7 +143,7 @@ class Connecting:
         if not self._own and not self.broker.connect_allowed(terms.client_id):  # (a bridge's link: not a client's)
             self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
             return
-        self._bridge = packet.bridge
+        self.bridge = packet.bridge
         security = self.broker.security
         if security is None or self.identity is not None:
             # An identity given before CONNECT is the broker's own (an in-process bridge's link).
@@ -308,7 +309,7 @@ class Connecting:
             self.wait_for_store(exact=True)
         self.session = session
         self._client_id = client.client_id
-        if present and self.version != MQTT_5 and not self._bridge and session.subscriptions:
+        if present and self.version != MQTT_5 and not self.bridge and session.subscriptions:
             self.broker.options_of_mqtt3(session)
         if session.awaiting_pubrel:
             self._inherited_pubrels = set(session.awaiting_pubrel)

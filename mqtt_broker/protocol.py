@@ -77,7 +77,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
-        "_unstored", "_acks", "_bridge", "transport", "connected", "_inherited_pubrels", "_ended",
+        "_unstored", "_acks", "bridge", "transport", "connected", "_inherited_pubrels", "_ended",
         "_reauthenticating", "_own",
     )
 
@@ -147,7 +147,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         """The packet ids of QoS 2 PUBLISHes that a session resumed by this connection had
         received and not yet released: they do not count against this connection's Receive
         Maximum, which starts afresh with each connection (MQTT 5, 4.9)."""
-        self._bridge = False
+        self.bridge = False
         """An MQTT 3 bridge (try_private): its subscriptions are no-local and retain-as-published."""
         self._ended: Failure | None = None
         """Why the transport ended while a hook decided on a packet of this connected client: the
@@ -573,6 +573,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             for waiting in self._unstored:
                 waiting.sent = True
                 self.pending_bytes -= waiting.size
+                self.stats.packets_unsent += len(waiting.data)  # (a write is a packet)
             self._unstored.clear()
 
     def _transmit(self, data: bytes) -> None:

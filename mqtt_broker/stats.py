@@ -17,7 +17,7 @@ class Stats:
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
                  "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
-                 "publishes_denied", "routed_from_nodes", "connects")
+                 "publishes_denied", "routed_from_nodes", "connects", "packets_unsent")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
@@ -34,6 +34,9 @@ class Stats:
         self.bytes_received = self.bytes_sent = 0
         self.packets_received = self.control_packets_sent = 0
         """MQTT packets of any type in; packets out other than PUBLISH."""
+        self.packets_unsent = 0
+        """Of the packets counted as sent, those held for the store whose connection ended before
+        they were written (a message among them is sent again on the next connection)."""
         self.refused_by_reason: dict[str, int] = {}
         """Connections refused, by reason (a ReasonCode name, or max_connections)."""
         self.subscriptions_refused: dict[str, int] = {}

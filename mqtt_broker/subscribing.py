@@ -52,7 +52,7 @@ class Subscribing:
     identity: Identity | None
     session: Any
     problem_information: bool
-    _bridge: bool
+    bridge: bool
     _own: bool
     _client_id: str
 
@@ -108,8 +108,8 @@ class Subscribing:
             else:
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
-                    no_local=request.no_local or self._bridge,
-                    retain_as_published=request.retain_as_published or self._bridge,
+                    no_local=request.no_local or self.bridge,
+                    retain_as_published=request.retain_as_published or self.bridge,
                     retain_handling=request.retain_handling, subscription_id=subscription_id,
                     share_group=group))
         hooks = self.broker.hooks

@@ -371,7 +371,9 @@ class ApiResource(Resource):
             raise ApiError(400, "a shared subscription cannot have 'no_local' (MQTT-3.8.3-4)")
         retain_as_published = body_field(body, "retain_as_published", bool, False)
         connection = session.connection
-        if (no_local or retain_as_published) and connection is not None and connection.client.protocol_version < 5:
+        if connection is not None and connection.bridge:  # (as its own SUBSCRIBEs: see subscribing.py)
+            no_local = retain_as_published = True
+        elif (no_local or retain_as_published) and connection is not None and connection.client.protocol_version < 5:
             raise ApiError(400, f"{client_id!r} is an MQTT 3 client: 'no_local' and 'retain_as_published' are "
                                 "MQTT 5's")
         subscription = Subscription(
@@ -388,6 +390,8 @@ class ApiResource(Resource):
     def _unsubscribe_client(self, request: Request, key_id: str | None, client_id: str,
                             topic_filter: str) -> tuple[int, Any]:
         session = self._session(client_id)
+        if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
+            raise ApiError(400, f"invalid topic filter {topic_filter!r}")
         if not self.broker.unsubscribe(session, topic_filter):
             raise ApiError(404, f"{client_id!r} has no subscription {topic_filter!r}")
         log.info("admin API: key {key} unsubscribes {client_id!r} from {topic_filter!r}", key=key_id,

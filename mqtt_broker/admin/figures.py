@@ -237,7 +237,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         dropped={"queue_full": stats.messages_dropped - stats.dropped_too_large,
                  "too_large": stats.dropped_too_large, "expired": stats.messages_expired},
         resent=stats.resent, packets_received=stats.packets_received,
-        packets_sent=stats.messages_sent + stats.resent + stats.control_packets_sent,
+        packets_sent=stats.messages_sent + stats.resent + stats.control_packets_sent - stats.packets_unsent,
         bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
         subscriptions=broker.subscriptions.count - moved_subscriptions, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,

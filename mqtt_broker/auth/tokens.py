@@ -138,17 +138,23 @@ def _load_jwks(path: str) -> list[TokenKey]:
         wanted = entry.get("alg")
         if wanted is not None and (not isinstance(wanted, str) or wanted not in KNOWN):
             continue  # ("none" among them) no token is verified with it
+        kid = entry.get("kid")
+        kty = entry.get("kty")
+        name = f"key {index}" + (f" ({kid!r})" if isinstance(kid, str) else "")
+        if not isinstance(kty, str):
+            raise ConfigError(f"{path}: {name}: no \"kty\"", "jwt_jwks_file")
         try:
             key = jwt.PyJWK(entry).key
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError, NotImplementedError) as e:
-            raise ConfigError(f"{path}: key {index}: {e}", "jwt_jwks_file") from None
+            # Not PyJWT's words: some quote the whole JWK, its secret or private parts included.
+            raise ConfigError(f"{path}: {name}: not a usable {kty!r} key ({type(e).__name__})",
+                              "jwt_jwks_file") from None
         if hasattr(key, "public_key") and not isinstance(key, bytes):
             key = key.public_key()  # a JWK with private parts: verification needs the public half
         algorithms = _algorithms_for(key)
         if isinstance(wanted, str):
             algorithms = algorithms & {wanted}
         if algorithms:
-            kid = entry.get("kid")
             keys.append(TokenKey(key, algorithms, kid if isinstance(kid, str) else None, path))
     if not keys:
         raise ConfigError(f"{path}: no usable signing key", "jwt_jwks_file")

@@ -169,7 +169,7 @@ class Bridge(Service):
             return
         config = self.config
         host, port = config.endpoints[self._address_index % len(config.endpoints)]
-        self.address = f"{host}:{port}"
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._set_state("connecting")
         endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=10)
         if config.tls:
