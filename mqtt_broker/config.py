@@ -143,8 +143,9 @@ class BrokerConfig:
         20, "QoS 1/2 messages sent to a client and not yet acknowledged, per client.", 1, 65535)
     max_queued_messages: int = _setting(
         1000, "Messages queued in memory per client while it is offline or slow; 0 for no limit. "
-        "With a store, QoS 1/2 messages beyond it wait in the store (up to max_stored_messages); "
-        "without one, or for QoS 0, they are dropped and counted.")
+        "With a store, QoS 1/2 messages beyond it wait in the store (up to max_stored_messages), "
+        "but for the retained messages sent for a new subscription; without one, or for QoS 0, "
+        "they are dropped and counted.")
     max_queued_bytes: int = _setting(
         0, "Payload bytes queued in memory per client; 0 for no limit (an empty queue takes one "
         "message of any size, as Mosquitto's does). Beyond it, as for max_queued_messages.")

@@ -425,23 +425,20 @@ class Delivery:
         self._store_swept(0, session)
 
     def full(self, session: Session, qos: int) -> bool:
-        """Whether ``deliver`` would drop every message, whatever its size, that a subscription of
-        ``qos`` sends the session now (each at QoS 0 up to ``qos``): a long run of deliveries (the
-        retained messages of a SUBSCRIBE) stops there rather than drop them one by one, holding up
-        the reactor."""
+        """Whether the retained messages a subscription of ``qos`` sends the session now would
+        neither go at once nor wait in its queue in memory: a long run of deliveries stops there
+        rather than drop them one by one, holding up the reactor. They are not spilled to the
+        store either: each filter of a SUBSCRIBE sends them again, and "#" a thousand times over
+        in 4 KB would put a million copies there in one read."""
         config = self.config
         connection = session.connection
         if connection is not None and connection.pending_bytes < config.max_held_bytes and not session.queue \
                 and not session.spilled:
             return False
-        queue_full = bool(config.max_queued_messages) and len(session.queue) >= config.max_queued_messages
-        if not queue_full and (connection is not None or config.queue_qos0_messages):
-            return False  # QoS 0 would be queued
-        if not qos:
+        if (config.max_queued_messages and len(session.queue) >= config.max_queued_messages) or (
+                qos and session.spilled):  # (a QoS 1/2 one would be spilled, behind those)
             return True
-        if self.store is not None:
-            return bool(config.max_stored_messages) and session.spilled >= config.max_stored_messages
-        return queue_full
+        return not qos and connection is None and not config.queue_qos0_messages
 
     def drop(self, session: Session, count: int) -> None:
         """``count`` messages dropped for the session at once (see ``full``)."""

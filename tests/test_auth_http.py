@@ -492,3 +492,28 @@ async def test_an_introspected_null_username_falls_back_to_sub(service: tuple[Au
     await sec.close()
     assert isinstance(refused, Refusal) and refused.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
     assert isinstance(accepted, Identity) and accepted.username == "bob"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_answer_cache_keeps_no_whole_long_client_ids(service: Any) -> None:
+    """Answers, "deny" too, are cached by a keyed hash of what they depend on: client ids and
+    user names of up to 64 KiB each, of clients that need no account to be refused, made keys of
+    120 KB each (10,000 of them: 1.2 GB)."""
+    from protocol_helpers import Held
+    resource, url = service
+    resource.reply = json_reply(200, result="deny")
+    authenticator = HttpAuthenticator(url)
+    try:
+        await authenticator.authenticate(creds(client_id="warm-up"))  # (modules imported, a connection made)
+        with Held() as held:
+            for n in range(50):
+                answer = await authenticator.authenticate(creds(
+                    client_id=f"{n:05}" + "c" * 60_000, username=f"{n:05}" + "u" * 60_000, password=b"x"))
+                assert isinstance(answer, Refusal)
+            resource.requests.clear()  # (the test service's record of the requests)
+        assert held.bytes < 50 * 10_000, f"{held.bytes / 1e6:.1f} MB held by the cache of 50 refused clients"
+        again = await authenticator.authenticate(creds(client_id="00007" + "c" * 60_000, username="00007" + "u" * 60_000,
+                                                       password=b"x"))
+        assert isinstance(again, Refusal) and resource.requests == []  # (answered from the cache)
+    finally:
+        await authenticator.close()

@@ -10,6 +10,7 @@ from twisted.logger import capturedLogs, formatEventAsClassicLogText
 
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.hooks import Refused
+from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
     MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode,
@@ -393,6 +394,43 @@ def test_retained_messages_a_full_session_cannot_take_are_dropped_at_once(qos: i
     assert broker.retained.get(last.topic) is last
     sub.protocol.resumeProducing()
     assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3 + 10
+
+
+def test_retained_messages_a_session_cannot_take_are_not_spilled_to_the_store() -> None:
+    """With a store, QoS 1 messages a session's queue cannot take wait in the store, but not the
+    retained messages of a SUBSCRIBE: each of its filters sends them again, and "#" a thousand
+    times over in 4 KB put a million copies there in one read, holding the reactor for seconds.
+    Beyond the queue they are dropped, as without a store."""
+    broker = make_broker(store=MemoryStore(), max_queued_messages=10, max_held_bytes=65536)
+    for n in range(1000):
+        broker.publish(f"r/{n}", b"x" * 10_000, qos=1, retain=True)
+    sub = connected(broker, "sub", clean=False)
+    sub.protocol.pauseProducing()  # its socket is full: what is not held waits in the queue
+    data = encode(Subscribe(packet_id=1, subscriptions=tuple(
+        SubscriptionRequest(topic_filter="#", qos=1) for _ in range(1000))), 4)
+    assert len(data) < 5000
+    sub.send_bytes(data)
+    session = broker.sessions["sub"]
+    assert session.spilled == 0 and len(session.queue) == 10
+    sub.protocol.resumeProducing()
+    sent = [p for p in sub.received() if isinstance(p, Publish)]
+    assert 10 < len(sent) < 1000 and broker.stats.messages_dropped == 1000 - len(sent)
+
+
+def test_messages_too_large_for_a_subscriber_are_logged_once_per_thousand() -> None:
+    """An MQTT 5 subscriber with a Maximum Packet Size of 64 bytes on "#": each larger message
+    is dropped for it [MQTT-3.1.2-25] and counted, and logged the first time, then once per
+    thousand (as a full queue's drops): one client cannot turn all traffic into log lines."""
+    broker = make_broker()
+    sub = connected(broker, "tiny", version=5, properties={"maximum_packet_size": 64})
+    sub.subscribe("#")
+    pub = connected(broker, "pub")
+    with capturedLogs() as events:
+        for n in range(2001):
+            pub.send(Publish(topic=f"t/{n}", payload=b"x" * 100))
+    assert broker.stats.dropped_too_large == 2001 and broker.sessions["tiny"].dropped == 2001
+    lines = [formatEventAsClassicLogText(e) for e in events if "above its maximum packet size" in e["log_format"]]
+    assert len(lines) == 3 and "(2001 messages dropped for it so far)" in lines[-1], lines
 
 
 def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]

@@ -31,8 +31,9 @@ answer ``{"active": true, ...}`` accepts: the username is the answer's ``usernam
 
 In both modes ``http_auth_authorization_file`` (optional) holds the ``Authorization`` header
 the broker sends. Answers (allow and deny, not errors) are cached for
-``http_auth_cache_seconds``, at most ``http_auth_cache_size`` of them, keyed by client id,
-username, a keyed hash of the password and the peer's host (not its port).
+``http_auth_cache_seconds``, at most ``http_auth_cache_size`` of them, keyed by a keyed hash of
+the client id, username, password and the peer's host (not its port): 32 bytes each, however
+long the client ids and usernames (up to 64 KiB each) of clients refused.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class HttpAuthenticator:
         self._closes = self._reloads = 0
         self._asking: set[Deferred[Answer]] = set()
         """The requests under way, cancelled by ``close``."""
-        self._cache: OrderedDict[tuple[Any, ...], tuple[float, Answer]] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[float, Answer]] = OrderedDict()
         self._cache_key = os.urandom(32)  # never a plain password hash in memory
         self.requests = 0
         """Requests sent, for tests and statistics."""
@@ -180,14 +181,12 @@ class HttpAuthenticator:
         self._asking.discard(asked)
         return result
 
-    def _key(self, credentials: Credentials) -> tuple[Any, ...]:
-        password = None
-        if credentials.password is not None:
-            password = hmac.new(self._cache_key, credentials.password, hashlib.sha256).digest()
+    def _key(self, credentials: Credentials) -> bytes:
         host = credentials.peer.rsplit(":", 1)[0]
-        return (credentials.client_id, credentials.username, password, host, credentials.certificate_identity)
+        what = (credentials.client_id, credentials.username, credentials.password, host, credentials.certificate_identity)
+        return hmac.new(self._cache_key, repr(what).encode("utf-8", "backslashreplace"), hashlib.sha256).digest()
 
-    def _cached(self, key: tuple[Any, ...]) -> tuple[float, Answer] | None:
+    def _cached(self, key: bytes) -> tuple[float, Answer] | None:
         entry = self._cache.get(key)
         if entry is None:
             return None
@@ -197,7 +196,7 @@ class HttpAuthenticator:
         self._cache.move_to_end(key)
         return entry
 
-    def _remember(self, answer: Answer, key: tuple[Any, ...], asked_at: int) -> Answer:
+    def _remember(self, answer: Answer, key: bytes, asked_at: int) -> Answer:
         # One asked for before a reload is not kept: it was asked with the Authorization
         # header the reload replaced, which the service may no longer take.
         if self.cache_seconds > 0 and self.cache_size > 0 and asked_at == self._reloads:
