@@ -18,6 +18,7 @@ from typing import Any, Callable, Final
 
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     ILoggingContext, IProtocol, IPushProducer, IReactorTime, ITransport,
@@ -59,6 +60,10 @@ LARGE_PACKET_PROGRESS: Final = 1000
 """Bytes still to come of a packet, above which a read of part of it counts as traffic for the
 keepalive, as Mosquitto has it: a large PUBLISH on a slow link keeps its connection alive as it
 arrives, where a small packet trickled byte by byte does not."""
+PACKETS_PER_TURN: Final = 10_000
+"""Packets of one connection handled in one turn of the reactor; the rest of what was read waits
+for the next turn, as for a hook. A TCP read of PUBLISHes holds fewer; 64 KiB of 2-byte PINGREQs
+holds 32,768, and a WebSocket message of 4 KiB may inflate to 16 MiB of them."""
 
 
 class MQTTProtocol(Connecting, Publishing, Subscribing):
@@ -211,6 +216,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                     self._on_publish(packet)
                 else:
                     handlers[type(packet)](self, packet)
+                if count == PACKETS_PER_TURN and self._blocked is None and self.state is not State.CLOSED \
+                        and reader.buffered:
+                    self._when(deferLater(self.clock, 0, _nothing), _nothing)  # the rest at the next turn
         except MQTTError as error:
             self._violation(error)
         finally:
@@ -742,6 +750,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._graceful = packet.reason_code == ReasonCode.SUCCESS
         self.drop(ReasonCode.SUCCESS, f"client disconnected (0x{packet.reason_code:02x})",
                   routine=packet.reason_code < 0x80)
+
+
+def _nothing(*_: Any) -> None:
+    pass
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each

@@ -10,6 +10,7 @@ from twisted.logger import capturedLogs, formatEventAsClassicLogText
 
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.hooks import Refused
+from mqtt_broker.protocol import PACKETS_PER_TURN
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
@@ -433,6 +434,22 @@ def test_messages_too_large_for_a_subscriber_are_logged_once_per_thousand() -> N
     assert len(lines) == 3 and "(2001 messages dropped for it so far)" in lines[-1], lines
 
 
+def test_a_read_of_many_packets_is_handled_over_several_turns_of_the_reactor() -> None:
+    """A read is handled PACKETS_PER_TURN packets at a time, one turn of the reactor each, the
+    client read no further meanwhile: 64 KiB of PINGREQs, or a WebSocket message of 4 KiB that
+    inflates to 16 MiB of them, held the reactor while every one was handled and answered."""
+    broker = make_broker()
+    client = connected(broker, "c")
+    client.send_bytes(encode(Pingreq()) * (PACKETS_PER_TURN * 2 + 5))
+    assert len(client.received()) == PACKETS_PER_TURN and client.transport.producerState == "paused"
+    now = broker.clock.seconds()  # type: ignore[attr-defined]
+    assert [call.getTime() for call in broker.clock.getDelayedCalls()].count(now) == 1  # type: ignore[attr-defined]
+    broker.clock.advance(0)  # type: ignore[attr-defined]  # (a Clock runs the next turn's call too)
+    assert len(client.received()) == PACKETS_PER_TURN + 5 and client.transport.producerState == "producing"
+    client.send(Pingreq())
+    assert client.received() == [Pingresp()]
+
+
 def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]
     broker = make_broker()
     pub = connected(broker, "pub")
@@ -603,6 +620,7 @@ def test_a_client_read_no_more_for_its_backlog_is_dropped_after_its_keepalive() 
     with capturedLogs() as events:
         client.send(*(Publish(topic="t", qos=1, packet_id=n % 65535 + 1)
                       for n in range(broker.config.max_held_bytes // 4 + 1)))
+        broker.reactor.advance(0)  # (the read's packets past PACKETS_PER_TURN, at the next turn)
         assert client.transport.producerState == "paused"
         broker.reactor.advance(15)
     assert client.closed

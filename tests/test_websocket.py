@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService
 from mqtt_broker.config import BrokerConfig
+from mqtt_broker.protocol import PACKETS_PER_TURN
 from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
@@ -732,6 +733,23 @@ def test_a_compressed_message_is_bounded_once_inflated_as_a_packet_is() -> None:
     assert len(bomb) < 2_000
     client.send(bomb, rsv1=True)
     assert [f.close_code for f in client.frames()] == [1009]
+
+
+def test_a_small_message_inflated_to_many_packets_is_handled_over_several_turns() -> None:
+    """4 KiB deflated, 4 MB of PINGREQs inflated (within max_packet_size, the bound on a
+    message): two million packets were handled and answered in one turn of the reactor. MQTT
+    takes them PACKETS_PER_TURN at a time, as any read."""
+    broker = make_broker(websocket_compression=True)
+    client = WSClient(broker)
+    assert client.handshake(headers=DEFLATE_OFFER) == 101
+    client.send(deflate(encode(Connect(client_id="squeezed"))), rsv1=True)
+    assert client.frames()
+    bomb = deflate(encode(Pingreq()) * 2_000_000)
+    assert len(bomb) < 5_000
+    client.send(bomb, rsv1=True)
+    assert broker.stats.packets_received == 1 + PACKETS_PER_TURN
+    broker.clock.advance(0)  # type: ignore[attr-defined]  # (a Clock runs each next turn's call at once)
+    assert broker.stats.packets_received == 1 + 2_000_000
 
 
 def test_compressed_frame_refused_without_compression() -> None:
