@@ -22,7 +22,7 @@ from .message import Client, Message, encoding_kind, is_utf8, unsendable
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
 from .wire import (
-    MQTT_5, MQTTError, Packet, Properties, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
+    MQTT_5, NO_PROPERTIES, MQTTError, Packet, Properties, ProtocolError, Puback, Pubcomp, Pubrec, Pubrel, ReasonCode,
 )
 from .wire.properties import sendable
 
@@ -142,9 +142,11 @@ class Publishing:
                 offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
                 message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
+            if message.properties is NO_PROPERTIES:  # (the shared empty one: a hook may add to its own)
+                message.properties = {}
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
             # (Before a hook may change it; its time counts against the expiry [MQTT-3.3.2-6].)
-            as_received = (message.topic, message.payload, message.properties, qos, self.clock.seconds())
+            as_received = (message.topic, message.payload, message.properties, qos, message.retain, self.clock.seconds())
             self._when(broker.hooks.resolve("publish", self.client, message), self._publish_decided,
                        qos, packet_id, message, as_received)
             return
@@ -156,20 +158,24 @@ class Publishing:
             self._routed(qos, packet_id, message, routed)
 
     def _publish_decided(self, answer: Any, qos: int, packet_id: int, message: Message,
-                         as_received: tuple[str, bytes, Properties, int, float]) -> None:
+                         as_received: tuple[str, bytes, Properties, int, bool, float]) -> None:
         if isinstance(answer, Refused):
             if qos:
                 self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
                                     answer.reason_string)
             return
         made = answer if isinstance(answer, Message) else None
-        topic, payload, properties, qos_received, received_at = as_received
+        topic, payload, properties, qos_received, retain_received, received_at = as_received
+        # (A QoS of 1.0 or a retain flag of 1 is a change too, which the check below refuses, as
+        # the compiled Message refuses it at once.)
         changed = (message.topic is not topic or message.payload is not payload or message.properties is not properties
-                   or message.qos != qos_received)
-        if changed:
-            message.encoded = None  # changed in place: not the bytes it came as any more
-        if changed or message.properties:  # (a dict may have been changed in place, unlike the shared empty one)
+                   or message.qos != qos_received or message.retain != retain_received
+                   or type(message.qos) is not int or type(message.retain) is not bool)
+        if changed or message.properties:  # (its dict may have been changed in place)
+            message.encoded = None  # not the bytes it came as, perhaps
             made = made or message
+        else:
+            message.properties = NO_PROPERTIES  # (shared again: queued, it holds no dict of its own)
         if made is not None:  # what a hook made or changed is checked as a client's PUBLISH was decoded
             problem = unsendable(made)
             if problem is not None:

@@ -254,3 +254,41 @@ def test_key_ids_and_the_documented_one_liner() -> None:
     assert ring.identify("other") == "ci"
     assert ring.identify("S3cret") is None and ring.identify("") is None
     assert [k.key_id for k in parse(["a.b-c_d:" + hash_key("x")])] == ["a.b-c_d"]
+
+
+# --- docs/operations.md: the admin site mounted in an embedder's own twisted.web tree ----------
+
+def test_the_admin_api_mounted_in_an_embedders_tree_keeps_to_http_max_body_size() -> None:
+    """docs/operations.md: "Embedders get the same site from `broker.operations.site()`, to listen
+    on or to mount in their own twisted.web tree", and a body above `http_max_body_size` is
+    answered 400 (the setting: "a larger one is answered 400"). Mounted under a Site of the
+    embedder's, the API takes any body: the bound lives only in the admin site's own request
+    factory (BoundedRequest), which a mounted resource is not served by."""
+    import hashlib
+    import json
+
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from mqtt_broker.testing import MemoryBroker
+    key = "operator-key-0123456789"
+    broker = MemoryBroker(sys_interval=0, http_max_body_size=100,
+                          http_api_keys=["sha256:" + hashlib.sha256(key.encode()).hexdigest()])
+
+    def status(site: Site, path: str, body: bytes) -> bytes:
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            f"POST {path} HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body)
+        return transport.value().split(b"\r\n", 1)[0]
+
+    body = json.dumps({"topic": "t", "payload": "x" * 500}).encode()
+    own = broker.service.operations.site()
+    assert status(own, "/api/v1/publish", body) == b"HTTP/1.1 400 Bad Request"  # its own site: bounded
+    root = Resource()
+    root.putChild(b"admin", own.resource)
+    assert status(Site(root), "/admin/api/v1/publish", body) == b"HTTP/1.1 400 Bad Request"

@@ -1255,3 +1255,58 @@ def test_an_auth_hooks_identity_with_an_expiry_that_is_not_a_number_refuses() ->
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"the CONNECT was not answered: {type(e).__name__}: {e}")
     assert connack is not None and connack.reason_code >= 0x80
+
+
+# --- docs/embedding.md, the on_publish row of the hooks table ----------------------------------
+
+def _publish_through(change: Any) -> tuple[Any, list[Any]]:
+    """A QoS 1 PUBLISH of an MQTT 5 client whose publish hook changes the message in place with
+    ``change``: (the PUBACK's reason code, or the exception the publish raised; what a subscriber got)."""
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_publish(lambda client, message: change(message))
+    subscriber = broker.connect("subscriber")
+    subscriber.subscribe("t", qos=2)
+    publisher = broker.connect("publisher")
+    try:
+        answer: Any = publisher.publish("t", b"x", qos=1).reason_code  # type: ignore[union-attr]
+    except Exception as e:  # (an exception out of the broker's dataReceived)
+        answer = e
+    return answer, subscriber.messages()
+
+
+def test_a_publish_hook_setting_a_float_qos_in_place_is_refused_with_0x80() -> None:
+    """docs/embedding.md: a message that no PUBLISH can carry, "made or changed in place, is
+    logged and refused (0x80)" (``unsendable`` says "QoS 1.0" of it). Set in place to 1.0, equal
+    to the QoS received, the change is not seen (``message.qos != qos_received``): the message is
+    routed unchecked and its delivery raises TypeError out of the publisher's dataReceived (in
+    the pure-Python build; the compiled Message refuses the float at once)."""
+    answer, delivered = _publish_through(lambda message: setattr(message, "qos", 1.0))
+    assert answer == 0x80, f"expected PUBACK 0x80, got {answer!r} (delivered: {delivered!r})"
+
+
+def test_a_publish_hook_setting_an_int_retain_flag_in_place_is_refused_with_0x80() -> None:
+    """The same for ``message.retain = 1``, which the page names (compiled: TypeError, which
+    refuses; ``unsendable``: "retain flag not of its type"). The publish path does not look at
+    ``retain`` when it decides whether the hook changed the message: the pure build routes it
+    and keeps it as the topic's retained message."""
+    answer, delivered = _publish_through(lambda message: setattr(message, "retain", 1))
+    assert answer == 0x80, f"expected PUBACK 0x80, got {answer!r} (delivered: {delivered!r})"
+
+
+def test_a_publish_hook_adding_a_property_in_place_has_it_go_out() -> None:
+    """docs/embedding.md: "a `Message` replaces it (`dataclasses.replace(message, payload=...)`;
+    a change in place goes out too)". A hook that adds a user property in place to a PUBLISH that
+    came without properties (every MQTT 3 one) fails instead: the message's ``properties`` is the
+    shared, immutable NO_PROPERTIES ("TypeError: NO_PROPERTIES is immutable"), so the hook
+    counts as failed and the message is refused with 0x80."""
+    def tag(client: Any, message: Any) -> None:
+        message.properties["user_property"] = [("checked-by", "hook")]
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_publish(tag)
+    subscriber = broker.connect("subscriber")
+    subscriber.subscribe("t", qos=1)
+    publisher = broker.connect("publisher")
+    answer = publisher.publish("t", b"x", qos=1)
+    assert answer is not None and answer.reason_code == 0, answer
+    assert [m.properties.get("user_property") for m in subscriber.messages()] == [[("checked-by", "hook")]]

@@ -77,6 +77,19 @@ class BoundedRequest(Request):
         content.write(data)
 
 
+def _body_too_large(request: Request, limit: int) -> bool:
+    """Whether the request's body is over ``limit``: as a ``BoundedRequest`` found as it came,
+    or, mounted in another site's tree (whose requests keep whole bodies), by its size."""
+    if isinstance(request, BoundedRequest):
+        return request.body_too_large
+    content = request.content
+    if content is None:
+        return False
+    size = content.seek(0, 2)
+    content.seek(0)
+    return size > limit
+
+
 # --- the resource --------------------------------------------------------------------------
 
 Handler = Callable[..., Any]
@@ -150,7 +163,7 @@ class ApiResource(Resource):
             route, params = self._route(method, segments, request)
             if not route.public:
                 key_id = self._authenticate(request)
-            if getattr(request, "body_too_large", False):
+            if _body_too_large(request, self.broker.config.http_max_body_size):
                 raise ApiError(400, f"request body larger than http_max_body_size "
                                f"({self.broker.config.http_max_body_size} bytes)")
             if route.method != "GET" and self.broker.stopped:  # (its store is closed)
