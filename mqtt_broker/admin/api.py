@@ -82,7 +82,7 @@ def _body_too_large(request: Request, limit: int) -> bool:
     or, mounted in another site's tree (whose requests keep whole bodies), by its size."""
     if isinstance(request, BoundedRequest):
         return request.body_too_large
-    content = request.content
+    content = getattr(request, "content", None)  # (twisted.web's DummyRequest has none)
     if content is None:
         return False
     size = content.seek(0, 2)
