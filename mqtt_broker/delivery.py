@@ -286,8 +286,9 @@ class Delivery:
 
     def _drops(self, session: Session, message: Message, qos: int) -> bool:
         """Whether ``deliver`` would drop the message at this QoS for the session now: larger
-        than its client takes (its topic and payload alone), or its queue's count full, nothing
-        sent at once, nothing stored (the bytes bound aside)."""
+        than its client takes (its topic and payload alone), or not sent at once and with no
+        room left: its queue's count full, or with a store (QoS 1/2) max_stored_messages of its
+        already there (the bytes bound aside)."""
         connection, config = session.connection, self.config
         if connection is not None and len(message.payload) + len(message.topic) > connection.max_send_size:
             return True
@@ -297,8 +298,8 @@ class Delivery:
         elif connection.pending_bytes < config.max_held_bytes and not session.queue and not session.spilled and (
                 not qos or len(session.outgoing) < connection.send_quota):
             return False
-        if qos and self.store is not None:
-            return False
+        if qos and self.store is not None:  # to the store: dropped past max_stored_messages
+            return 0 < config.max_stored_messages <= session.spilled
         return 0 < config.max_queued_messages <= len(session.queue)
 
     def shared_pool(self, topic: str, members: list[Subscription], sender: str | None = None) -> list[Subscription]:

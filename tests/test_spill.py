@@ -482,3 +482,43 @@ def test_a_leaving_members_messages_are_handed_on_sorting_the_group_out_once() -
     _Walks.walks = 0
     broker.delivery.hand_on_all(items, lambda *s: _Walks(broker.subscriptions.shared_members(*s)))
     assert _Walks.walks <= 10
+
+
+def test_a_shared_message_goes_to_a_member_with_room_in_the_store_not_one_at_max_stored_messages() -> None:
+    """Two offline members of a shared group: A has reached max_stored_messages, B has room.
+    A message whose turn is A's goes to B (as for a full queue without a store), not dropped
+    with 0x97 to its MQTT 5 publisher."""
+    broker = make_broker(max_queued_messages=1, max_stored_messages=1, store=MemoryStore())
+    a = connected(broker, "a", clean=False)
+    a.subscribe("$share/g/t", qos=1)
+    a.lose()
+    pub = connected(broker, "pub", version=5)
+    for n in range(2):  # A alone: one in memory, one in the store
+        assert pub.publish("t", b"a%d" % n, qos=1, packet_id=n + 1)[0].reason_code == 0  # type: ignore[union-attr]
+    b = connected(broker, "b", clean=False)
+    b.subscribe("$share/g/t", qos=1)
+    b.lose()
+    codes = [pub.publish("t", b"m%d" % n, qos=1, packet_id=10 + n)[0].reason_code  # type: ignore[union-attr]
+             for n in range(2)]
+    assert codes == [0, 0]
+    assert broker.stats.messages_dropped == 0
+
+
+
+def test_a_shared_message_goes_to_an_idle_connected_member_not_a_slow_one_at_max_stored_messages() -> None:
+    """Both members connected: A reads nothing (its queue and its store bound full), B is idle.
+    A message whose turn is A's is dropped (0x97) though B would take it at once."""
+    broker = make_broker(max_queued_messages=1, max_stored_messages=1, max_inflight_messages=1, store=MemoryStore())
+    a = connected(broker, "a", clean=False)
+    a.subscribe("$share/g/t", qos=1)
+    pub = connected(broker, "pub", version=5)
+    for n in range(3):  # A alone: one in flight, one in memory, one in the store
+        assert pub.publish("t", b"a%d" % n, qos=1, packet_id=n + 1)[0].reason_code == 0  # type: ignore[union-attr]
+    session = broker.sessions["a"]
+    assert len(session.outgoing) == 1 and len(session.queue) == 1 and session.spilled == 1
+    b = connected(broker, "b", clean=False)
+    b.subscribe("$share/g/t", qos=1)
+    codes = [pub.publish("t", b"m%d" % n, qos=1, packet_id=10 + n)[0].reason_code  # type: ignore[union-attr]
+             for n in range(2)]
+    assert codes == [0, 0]
+    assert broker.stats.messages_dropped == 0
