@@ -2468,6 +2468,40 @@ def test_a_dead_nodes_shared_message_does_not_go_back_to_the_bridge_that_sent_it
         yield link.close()
 
 
+
+@pytest_twisted.inlineCallbacks
+def test_a_dead_nodes_shared_message_its_member_may_not_read_goes_to_one_that_may(
+        server: RedisServer, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """Node b died holding m1, its one member of $share/g/t/+, and a QoS 1 message on t/secret
+    given to b waits in its inbox; m1's client (user nope: t/open only) reconnected to node a,
+    where m3 may read t/secret. Draining b's inbox, a gave the message to m1, which may not read
+    it, and it went to no member: another member has it, as on one node."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\nuser nope\ntopic write #\ntopic read t/open\n")
+    clock = Clock()
+    broker = yield node_a(server, clock, acl_file=str(acl))
+    share = ("g", "$share/g/t/+")
+    link, b = yield b_holding(server, "m1", Subscription(client_id="m1", topic_filter=share[1], qos=1, share_group="g"))
+    try:
+        m3 = yield connect(broker, 5, client_id="m3")
+        m3.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter=share[1], qos=1),)))
+        yield broker.store.flushed()
+        m3.received()
+        b.forward("b", pack_forwarded(Message(topic="t/secret", payload=b"secret", qos=1, sender="p"),
+                                      (share,), clock.seconds()))
+        yield b.flushed()
+        server.client().delete("mqtt:node:b")  # b died
+        m1 = yield connect(broker, 5, client_id="m1", username="nope", clean_start=False,
+                           properties={"session_expiry_interval": 600})
+        yield broker.store.flushed()
+        yield adopted(server, broker, clock)
+        yield broker.store.flushed()
+        [got] = yield publishes(m3, "the message, for m3")
+        assert got.payload == b"secret" and not [p for p in m1.received() if isinstance(p, Publish)]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
 # --- a node taken for dead that is not -------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
