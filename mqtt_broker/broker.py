@@ -807,14 +807,16 @@ class BrokerService(MultiService):
             self.store.save_subscription(session.client_id, subscription)
         return existed
 
-    def options_of_mqtt3(self, session: Session) -> None:
-        """A session an MQTT 3 client resumes, made by an MQTT 5 one: its subscriptions lose the
-        options MQTT 3 has not. Routed with Retain As Published, a message went to the client
-        with the RETAIN flag of a retained one [MQTT-3.3.1-9 of 3.1.1]; with No Local, its own
-        messages did not come back, which it could not have asked for."""
+    def options_of_mqtt3(self, session: Session, bridge: bool = False) -> None:
+        """A session an MQTT 3 client resumes: its subscriptions get the options an MQTT 3
+        client's have. Made by an MQTT 5 client, they lose those MQTT 3 has not: routed with
+        Retain As Published, a message went to the client with the RETAIN flag of a retained one
+        [MQTT-3.3.1-9 of 3.1.1]; with No Local, its own messages did not come back, which it
+        could not have asked for. A bridge's (``bridge``, try_private) are No Local and Retain As
+        Published, as its own SUBSCRIBEs are made, one the admin API made while it was away too."""
         for subscription in list(session.subscriptions.values()):
-            if subscription.no_local or subscription.retain_as_published:
-                self.subscribe(session, dataclasses.replace(subscription, no_local=False, retain_as_published=False))
+            if subscription.no_local != bridge or subscription.retain_as_published != bridge:
+                self.subscribe(session, dataclasses.replace(subscription, no_local=bridge, retain_as_published=bridge))
 
     def send_retained(self, session: Session, subscription: Subscription, existed: bool,
                       replay: str | None = None) -> None:
@@ -850,7 +852,7 @@ class BrokerService(MultiService):
                 delivery.deliver(session, message, min(message.qos, subscription.qos),
                                  message.retain and subscription.retain_as_published, ids)
         for index, message in enumerate(retained):
-            if delivery.full(session, subscription.qos):
+            if delivery.full(session, subscription.qos, len(message.payload)):
                 delivery.drop(session, len(retained) - index)  # what is left could only be dropped (or skipped)
                 return
             if message.expired(now):

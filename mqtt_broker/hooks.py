@@ -32,6 +32,7 @@ from .auth.acl import AccessRules
 from .message import Client, Message
 from .topics import Subscription
 from .wire.codes import DISCONNECT_CODES, PUBACK_CODES, ReasonCode
+from .wire.packets import NO_PROPERTIES
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -179,6 +180,8 @@ class Hooks:
         """:meth:`decide`, without a Deferred while every handler answers at once: the answer
         itself, or a Deferred from the first handler that answered with one (or a coroutine)."""
         transforms = event in _TRANSFORMING
+        if transforms and isinstance(args[1], Message) and args[1].properties is NO_PROPERTIES:
+            args[1].properties = {}  # (the shared empty one is immutable): a handler may add to it
         answer: Any = None
         handlers = tuple(self._handlers[event])  # a handler may remove itself, or add one
         for index, handler in enumerate(handlers):

@@ -648,16 +648,13 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             data, offset, _ = self._encode_for_this_client(message, qos, retain, subscription_ids, aliased=False)
             size = len(data)
         if size > self.max_send_size:
-            self.stats.messages_dropped += 1
-            self.stats.dropped_too_large += 1
-            session = self.session
-            if session is not None:
-                session.dropped += 1
-            if session is None or session.dropped % 1000 == 1:  # (the first, then one per thousand)
+            stats = self.stats
+            stats.messages_dropped += 1
+            stats.dropped_too_large += 1
+            if stats.dropped_too_large % 1000 == 1:  # the first, then one per thousand: any client may ask
                 log.info("dropped a {size} byte message to {client_id!r}: above its maximum packet size "
-                         "({dropped} messages dropped for it so far)", size=size,
-                         client_id=self.client.client_id if self.client else "-",
-                         dropped=session.dropped if session is not None else 1)
+                         "({dropped} dropped so far for their size, to all clients)", size=size,
+                         client_id=self.client.client_id if self.client else "-", dropped=stats.dropped_too_large)
             return False
         if qos:
             patched = bytearray(data)

@@ -142,7 +142,7 @@ class Publishing:
                 offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
                 message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
-            if message.properties is NO_PROPERTIES:  # (the shared empty one: a hook may add to its own)
+            if message.properties is NO_PROPERTIES:  # (as the hook will have it: see Hooks.resolve)
                 message.properties = {}
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
             # (Before a hook may change it; its time counts against the expiry [MQTT-3.3.2-6].)

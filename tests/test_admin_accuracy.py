@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from protocol_helpers import make_broker
+from protocol_helpers import connected, make_broker
 from twisted.web.test.requesthelper import DummyRequest
 
 from mqtt_broker import BrokerService
 from mqtt_broker.admin.api import ApiResource
 from mqtt_broker.admin.keys import hash_key
+from mqtt_broker.wire import Publish
 
 KEY = "operator-key"
 
@@ -106,7 +107,6 @@ def test_unsubscribing_a_client_from_an_invalid_filter_is_400_as_documented() ->
     """docs/operations.md: "a bad topic or filter, a bad parameter: 400" (openapi.json gives the
     DELETE its 400). POST .../subscriptions answers 400 for "a/#/b"; DELETE answers 404 "has no
     subscription", as for a valid filter it does not hold."""
-    from protocol_helpers import connected
     broker, api = started()
     connected(broker, "c")
     assert call(api, "POST", "/api/v1/clients/c/subscriptions", b'{"topic_filter": "a/#/b"}')[0] == 400
@@ -122,9 +122,7 @@ def test_a_subscription_the_api_makes_for_an_mqtt3_bridge_does_not_send_it_back_
     made No Local and Retain As Published (subscribing.py). One the admin API makes for it is a
     plain subscription (and the API refuses 'no_local' for an MQTT 3 client): what the remote
     broker bridges in comes straight back to it, a loop between the two brokers."""
-    from protocol_helpers import connected
 
-    from mqtt_broker.wire import Publish
     broker, api = started()
     remote = connected(broker, "mosquitto-bridge", version=4, clean=False, bridge=True)
     remote.subscribe("x/#", qos=1)
@@ -169,3 +167,17 @@ def test_an_ipv6_clients_address_is_shown_as_host_port() -> None:
     status, answer = call(api, "GET", "/api/v1/clients/v6")
     assert status == 200 and answer["connected"], answer
     assert answer["peer"] == "[::1]:50000", answer["peer"]
+
+
+def test_a_subscription_the_api_makes_for_an_offline_mqtt3_bridge_does_not_send_it_back_its_own_messages() -> None:
+    """A subscription the admin API makes for an MQTT 3 bridge while it is away is made No Local
+    and Retain As Published when it comes back, as its own are: what it publishes does not come
+    straight back to it."""
+    broker, api = started()
+    remote = connected(broker, "mosquitto-bridge", version=4, clean=False, bridge=True)
+    remote.lose()
+    status, _ = call(api, "POST", "/api/v1/clients/mosquitto-bridge/subscriptions", b'{"topic_filter": "a/#", "qos": 1}')
+    assert status == 201
+    remote = connected(broker, "mosquitto-bridge", version=4, clean=False, bridge=True)
+    echoed = [p.topic for p in remote.publish("a/1", b"bridged in") if isinstance(p, Publish)]
+    assert echoed == [], "its own message came back to the bridge"

@@ -20,7 +20,7 @@ from mqtt_broker.wire import (
     encode,
 )
 from mqtt_broker.wire.codes import ReasonCode
-from protocol_helpers import FakeClient, make_broker
+from protocol_helpers import FakeClient, connected, make_broker
 
 CLIENT = Client(client_id="c1", username="u", peer="127.0.0.1:5000", protocol_version=4,
                 clean_start=True, keep_alive=60)
@@ -1310,3 +1310,22 @@ def test_a_publish_hook_adding_a_property_in_place_has_it_go_out() -> None:
     answer = publisher.publish("t", b"x", qos=1)
     assert answer is not None and answer.reason_code == 0, answer
     assert [m.properties.get("user_property") for m in subscriber.messages()] == [[("checked-by", "hook")]]
+
+
+def test_a_will_hook_adding_a_property_in_place_to_an_mqtt3_will_has_it_go_out() -> None:
+    """A will hook is given a message whose properties it may add to in place, as a publish
+    hook is: an MQTT 3 will's were the shared, immutable NO_PROPERTIES, the hook failed and the
+    will was not published at all."""
+    broker = make_broker(sys_interval=0)
+
+    def tag(client: Any, message: Any) -> None:
+        message.properties["user_property"] = [("checked-by", "hook")]
+
+    broker.hooks.on_will(tag)
+    subscriber = connected(broker, "sub", version=5)
+    subscriber.subscribe("will/#")
+    dying = connected(broker, "dying", will=Will(topic="will/dying", payload=b"gone"))
+    dying.lose()
+    broker.reactor.advance(0)
+    got = [p for p in subscriber.received() if isinstance(p, Publish)]
+    assert [p.properties.get("user_property") for p in got] == [[("checked-by", "hook")]], got

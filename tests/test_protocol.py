@@ -421,7 +421,7 @@ def test_retained_messages_a_session_cannot_take_are_not_spilled_to_the_store() 
 def test_messages_too_large_for_a_subscriber_are_logged_once_per_thousand() -> None:
     """An MQTT 5 subscriber with a Maximum Packet Size of 64 bytes on "#": each larger message
     is dropped for it [MQTT-3.1.2-25] and counted, and logged the first time, then once per
-    thousand (as a full queue's drops): one client cannot turn all traffic into log lines."""
+    thousand (broker-wide): one client cannot turn all traffic into log lines."""
     broker = make_broker()
     sub = connected(broker, "tiny", version=5, properties={"maximum_packet_size": 64})
     sub.subscribe("#")
@@ -429,9 +429,9 @@ def test_messages_too_large_for_a_subscriber_are_logged_once_per_thousand() -> N
     with capturedLogs() as events:
         for n in range(2001):
             pub.send(Publish(topic=f"t/{n}", payload=b"x" * 100))
-    assert broker.stats.dropped_too_large == 2001 and broker.sessions["tiny"].dropped == 2001
+    assert broker.stats.dropped_too_large == 2001
     lines = [formatEventAsClassicLogText(e) for e in events if "above its maximum packet size" in e["log_format"]]
-    assert len(lines) == 3 and "(2001 messages dropped for it so far)" in lines[-1], lines
+    assert len(lines) == 3 and "(2001 dropped so far for their size" in lines[-1], lines
 
 
 def test_a_read_of_many_packets_is_handled_over_several_turns_of_the_reactor() -> None:
@@ -448,6 +448,65 @@ def test_a_read_of_many_packets_is_handled_over_several_turns_of_the_reactor() -
     assert len(client.received()) == PACKETS_PER_TURN + 5 and client.transport.producerState == "producing"
     client.send(Pingreq())
     assert client.received() == [Pingresp()]
+
+
+def _log_lines(events: list[Any], text: str) -> list[str]:
+    from twisted.logger import formatEventAsClassicLogText
+    return [formatEventAsClassicLogText(e) for e in events if text in e["log_format"]]
+
+
+def test_a_full_queue_is_still_warned_of_after_a_message_too_large_was_dropped() -> None:
+    """The warning of the first message a full queue drops is given after a message too large
+    for the client was dropped too (each kind of drop is logged on its own count)."""
+    from twisted.logger import capturedLogs
+    broker = make_broker(sys_interval=0, max_queued_messages=2)
+    sub = connected(broker, "tiny", version=5, clean=False, properties={"maximum_packet_size": 64,
+                                                                         "session_expiry_interval": 600})
+    sub.subscribe("#", qos=1)
+    pub = connected(broker, "pub")
+    pub.publish("big", b"x" * 100, qos=1)       # too large for it: dropped, session.dropped == 1
+    sub.lose()                                  # offline: its queue takes 2 messages
+    with capturedLogs() as events:
+        for n in range(5):
+            pub.publish(f"t/{n}", b"m", qos=1)
+    assert broker.sessions["tiny"].dropped == 3 and broker.stats.dropped_too_large == 1
+    assert len(_log_lines(events, "is full")) == 1, "no warning of the full queue"
+
+
+def test_the_first_message_too_large_for_a_client_is_logged_after_queue_drops() -> None:
+    """The first message too large for a client is logged after its queue dropped some."""
+    from twisted.logger import capturedLogs
+    broker = make_broker(sys_interval=0, max_queued_messages=1)
+    sub = connected(broker, "tiny", version=5, clean=False, properties={"maximum_packet_size": 64,
+                                                                         "session_expiry_interval": 600})
+    sub.subscribe("#", qos=1)
+    sub.lose()
+    pub = connected(broker, "pub")
+    for n in range(3):
+        pub.publish(f"t/{n}", b"m", qos=1)      # one queued, two dropped: session.dropped == 2
+    sub = connected(broker, "tiny", version=5, clean=False, properties={"maximum_packet_size": 64,
+                                                                         "session_expiry_interval": 600})
+    sub.received()
+    with capturedLogs() as events:
+        pub.publish("big", b"x" * 100, qos=1)   # too large for it
+    assert broker.stats.dropped_too_large == 1
+    assert len(_log_lines(events, "above its maximum packet size")) == 1, "the first one was not logged"
+
+
+def test_retained_messages_of_a_subscribe_are_not_spilled_when_the_queue_is_full_by_bytes() -> None:
+    """Retained messages a SUBSCRIBE sends beyond a session's queue are dropped, not spilled to
+    the store, when its queue is full by max_queued_bytes too: the first that did not fit went
+    to the store, and every live message after it queued there behind it."""
+    from mqtt_broker.store.memory import MemoryStore
+    from mqtt_broker.wire import Subscribe, SubscriptionRequest, encode
+    broker = make_broker(store=MemoryStore(), max_queued_messages=1000, max_queued_bytes=1000,
+                         max_held_bytes=65536, sys_interval=0)
+    for n in range(100):
+        broker.publish(f"r/{n}", b"x" * 300, qos=1, retain=True)
+    sub = connected(broker, "sub", clean=False)
+    sub.protocol.pauseProducing()
+    sub.send_bytes(encode(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="#", qos=1),)), 4))
+    assert broker.sessions["sub"].spilled == 0
 
 
 def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]
