@@ -4,40 +4,16 @@ DummyRequest on a broker in this process, its figures, the addresses it shows.""
 from __future__ import annotations
 
 import json
-from io import BytesIO
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from protocol_helpers import connected, make_broker
-from twisted.web.test.requesthelper import DummyRequest
+from protocol_helpers import connected
+from test_admin_pages import KEY, call, started
 
 from mqtt_broker import BrokerService
 from mqtt_broker.admin.api import ApiResource
 from mqtt_broker.admin.keys import hash_key
 from mqtt_broker.wire import Publish
-
-KEY = "operator-key"
-
-
-def started(**settings: Any) -> tuple[BrokerService, ApiResource]:
-    broker = make_broker(http_api_keys=[hash_key(KEY)], **{"sys_interval": 0, **settings})
-    broker.startService()
-    return broker, ApiResource(broker, broker.operations)
-
-
-def call(api: ApiResource, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
-    url = urlsplit(path)
-    request = DummyRequest([b""])
-    request.method = method.encode()
-    request.path = url.path.encode()
-    request.uri = path.encode()
-    request.content = BytesIO(body)
-    request.requestHeaders.addRawHeader(b"authorization", f"Bearer {KEY}".encode())
-    answer = api.render(request)
-    assert isinstance(answer, bytes)
-    return request.responseCode or 200, json.loads(answer) if answer else None
-
 
 # --- no secret shown -----------------------------------------------------------------------------
 
