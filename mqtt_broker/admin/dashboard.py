@@ -45,6 +45,17 @@ class StaticFiles(File):
     def directoryListing(self) -> Resource:  # type: ignore[override]
         return self.childNotFound
 
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        # A name no file has (a NUL, bytes that are not UTF-8): Twisted's File lets the error of
+        # its stat, or of the decoding, out as a 500 or a logged traceback, one request each.
+        if b"\x00" in path:
+            return self.childNotFound
+        try:
+            path.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.childNotFound
+        return super().getChild(path, request)  # type: ignore[no-any-return]
+
 
 class MetricsResource(Resource):
     """``/metrics``: the Prometheus text format, built at scrape time."""

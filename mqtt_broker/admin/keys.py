@@ -56,7 +56,7 @@ class KeyRing:
 
     def identify(self, presented: str) -> str | None:
         """The id of the key ``presented``, or None if it is not one of ours (constant time per key)."""
-        digest = hashlib.sha256(presented.encode("utf-8")).digest()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()  # (the bytes sent)
         found = None
         for key in self.keys:
             if hmac.compare_digest(digest, key.digest):
@@ -65,16 +65,16 @@ class KeyRing:
 
 
 def presented_key(request: Any) -> str | None:
-    """The key a twisted.web request carries, or None. Read as UTF-8, as keys are hashed (bytes
-    that are not UTF-8 match no key)."""
+    """The key a twisted.web request carries, or None. Read as UTF-8, as keys are hashed; bytes
+    that are not UTF-8 make a key that matches none (a lone surrogate, which no key holds)."""
     authorization = request.getHeader(b"authorization")
     if authorization:
-        scheme, _, token = authorization.decode("utf-8", "replace").partition(" ")
+        scheme, _, token = authorization.decode("utf-8", "surrogateescape").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     header = request.getHeader(b"x-api-key")
     if header:
-        return header.decode("utf-8", "replace").strip() or None
+        return header.decode("utf-8", "surrogateescape").strip() or None
     return None
 
 

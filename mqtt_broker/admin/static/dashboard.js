@@ -3,7 +3,8 @@
 "use strict";
 
 const API = "api/v1";
-const POLL_MS = Math.max(500, Number(new URLSearchParams(location.search).get("interval")) || 2000);
+// Between 0.5 s and an hour whatever a link says: setTimeout takes a delay past 2^31 - 1 ms as 0.
+const POLL_MS = Math.min(3600000, Math.max(500, Number(new URLSearchParams(location.search).get("interval")) || 2000));
 const HISTORY = 300; // points per chart: ten minutes at the default interval
 
 const state = {

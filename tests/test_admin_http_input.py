@@ -1,0 +1,88 @@
+"""The admin HTTP side against hostile input: paths no file has, keys that are not UTF-8, links
+that set the dashboard's polling; in-process, on StringTransports."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
+
+from mqtt_broker.testing import MemoryBroker
+
+KEY = "operator-key-0123456789"
+
+
+def _site(**settings: Any) -> Any:
+    keys = settings.pop("http_api_keys", ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    broker = MemoryBroker(sys_interval=0, http_api_keys=keys, **settings)
+    return broker.service.operations.site()
+
+
+def _get(site: Any, path: bytes, headers: bytes = b"") -> bytes:
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: broker\r\n" + headers + b"Connection: close\r\n\r\n")
+    return transport.value()
+
+
+# --- a path no file can have: answered 404, without a traceback in the broker's log -----------------
+
+@pytest.mark.parametrize("path", [b"/%00", b"/index.html%00", b"/api%00/v1/health", b"/%ff", b"/%c0%ae%c0%ae/x"],
+                         ids=["nul", "nul-after-file", "nul-in-api", "not-utf8", "overlong-dot"])
+def test_a_path_no_static_file_can_have_is_a_plain_404(path: bytes) -> None:
+    """Anyone who can reach the admin port, with no key, sent GET /%00: the dashboard's static
+    files (twisted.web's File) stat a path holding a NUL, the ValueError escaped, the site
+    answered 500 and logged a traceback; a segment that is not UTF-8 (GET /%ff) was a logged
+    traceback too: one request each to fill the log."""
+    site = _site()
+    with capturedLogs() as events:
+        answer = _get(site, path)
+    status = answer.split(b"\r\n", 1)[0]
+    failures = [(formatEvent(e) or "").splitlines()[:1] + [(e.get("log_failure") or e.get("failure")).getErrorMessage()]
+                for e in events if e.get("log_failure") is not None or e.get("failure") is not None]
+    assert (status, failures) == (b"HTTP/1.1 404 Not Found", [])
+
+
+# --- an API key is the bytes sent, not those bytes with the invalid ones replaced -------------------
+
+def test_a_key_sent_with_bytes_that_are_not_utf8_matches_no_key() -> None:
+    """A key is the bytes sent: read with errors="replace", every byte that is not UTF-8 became
+    U+FFFD before hashing, and a key holding U+FFFD was matched by any other byte in its place
+    (b"\\xff", b"\\xfe", ...): different secrets taken for the same key."""
+    configured = "ops-key-\ufffd-0123456789"
+    site = _site(http_api_keys=["sha256:" + hashlib.sha256(configured.encode()).hexdigest()])
+    for sent in (b"ops-key-\xff-0123456789", b"ops-key-\xfe-0123456789"):
+        status = _get(site, b"/api/v1/stats", b"Authorization: Bearer " + sent + b"\r\n").split(b"\r\n", 1)[0]
+        assert status == b"HTTP/1.1 403 Forbidden", (sent, status)
+
+
+# --- the dashboard's ?interval= keeps its floor of 500 ms ------------------------------------------
+
+@pytest.mark.parametrize("interval", ["3e9", "Infinity"])
+def test_the_dashboard_polls_no_faster_than_its_floor_whatever_the_link_says(interval: str) -> None:
+    """dashboard.js keeps 500 ms at least between two refreshes (each some eight API calls with
+    the operator's key). A link with ?interval=3e9 (or Infinity) passed that floor, and
+    setTimeout takes a delay beyond 2**31-1 ms as 0 (WebIDL long: 3e9 wraps negative; Infinity
+    is 0): the page refreshed as fast as the broker answered, on anyone's link. Checked with node
+    on the page's own expression."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import mqtt_broker.admin.dashboard as dashboard
+    node = shutil.which("node")  # (installed by scripts/test, for the browser tests)
+    assert node is not None
+    script = (Path(dashboard.__file__).with_name("static") / "dashboard.js").read_text()
+    [line] = re.findall(r"^const POLL_MS = .*;$", script, re.M)
+    program = (f"const location = {{search: '?interval={interval}'}};\n{line}\n"
+               "process.stdout.write(String(POLL_MS));")
+    shown = subprocess.run([node, "-e", program], capture_output=True, text=True, timeout=60, check=True).stdout
+    poll_ms = float(shown)
+    # What a browser's setTimeout will wait (WebIDL "long": ToInt32, a negative delay is 0).
+    as_int32 = 0 if poll_ms == float("inf") else (int(poll_ms) + 2**31) % 2**32 - 2**31
+    assert max(0, as_int32) >= 500, (interval, poll_ms, as_int32)
