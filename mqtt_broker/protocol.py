@@ -459,7 +459,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     def after_written(self, then: Callable[[], object]) -> None:
         """Call ``then`` once what was written so far has gone to the transport: at once, or
-        when what waits for the store goes; never if the connection ends first."""
+        when what waits for the store goes; never if the connection ends first, nor once its
+        transport is gone (``_ended``: the rest of a read handled before its end)."""
+        if self._ended is not None:
+            return
         if self._unstored:
             waiting = self._unstored[-1]
             if waiting.then is None:
@@ -566,8 +569,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                     out = self._out = []
                     broker.unflushed.append(self)
                 out += first.data
-            for then in first.then or ():
-                then()
+            if self._ended is None:  # (the transport gone, nothing went to it)
+                for then in first.then or ():
+                    then()
             if first is waiting:
                 break
         session = self.session

@@ -25,10 +25,11 @@ from mqtt_broker import BrokerService
 from mqtt_broker.store import Store, StoreError
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.store.sqlite import SQLiteStore
+from mqtt_broker.protocol import PACKETS_PER_TURN
 from mqtt_broker.wire import ReasonCode
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe,
-    SubscriptionRequest, Unsuback, Unsubscribe, Will,
+    SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
 from durability_helpers import CapturedLog, Receiver, Restarts, crash_copy, rows
@@ -1743,6 +1744,61 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out()
     pub.send(Pubrel(packet_id=2))
     store.write_all()
     assert [type(p) for p in pub.received()] == [Pubcomp] and 2 not in broker.sessions["pub"].awaiting_pubrel
+
+
+def test_a_refusing_pubrec_for_a_transport_gone_does_not_free_its_packet_id() -> None:
+    """The same when the connection is lost while the rest of its read waits, for a publish
+    hook deciding on a later PUBLISH: the PUBREC 0x97, released by the store's batch, went to a
+    transport that is gone, and freed the packet id all the same: the resend was routed again."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
+                           max_queued_messages=1, max_stored_messages=1)
+    pending: list[Deferred[Any]] = []
+    broker.hooks.on_publish(lambda client, message: (pending.append(Deferred()) or pending[-1])
+                            if message.payload == b"later" else None)
+    ok = connected(broker, "ok", version=5)
+    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+    pub = _publisher_beside_a_full_session(broker, store)
+    ok.received()
+    got: list[bytes] = []
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2), Publish(topic="u", payload=b"later", qos=1, packet_id=3))
+    assert len(pending) == 1
+    pub.lose()  # the hook decides on "later": the connection ends once it has
+    store.write_all()  # the PUBREC 0x97 of packet id 2 "goes out", to nobody
+    pending[0].callback(None)
+    store.write_all()
+    _payloads(ok, got)
+    pub = _reconnected(broker)
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
+    for _ in range(5):
+        store.write_all()
+    _payloads(ok, got)
+    assert got == [b"b"], "the resend of a QoS 2 message was routed a second time"
+
+
+def test_a_refusing_pubrec_of_a_read_split_over_turns_for_a_transport_gone_does_not_free_its_id() -> None:
+    """The same with no hook and no store: the connection lost between two turns of one read."""
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), max_queued_messages=1)
+    full = FakeClient(broker, version=5)
+    full.connect("full", clean=False, properties={"session_expiry_interval": 1000})
+    full.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+    full.lose()
+    broker.publish("t", b"fill", qos=1)
+    ok = connected(broker, "ok", version=5)
+    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+    ok.received()
+    pub = FakeClient(broker, version=5)
+    pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
+    pub.send_bytes(encode(Pingreq(), 5) * PACKETS_PER_TURN + encode(Publish(topic="t", payload=b"b", qos=2, packet_id=2), 5))
+    pub.lose()  # before the next turn of the reactor, where the PUBLISH is handled
+    broker.clock.advance(0)  # type: ignore[attr-defined]
+    got: list[bytes] = []
+    _payloads(ok, got)
+    pub = FakeClient(broker, version=5)
+    pub.connect("pub", clean=False, properties={"session_expiry_interval": 100})
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
+    _payloads(ok, got)
+    assert got == [b"b"], "the resend of a QoS 2 message was routed a second time"
 
 
 def test_a_refusing_pubrec_that_went_out_frees_its_packet_id() -> None:
