@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cmp_to_key
@@ -31,7 +32,7 @@ _GLOBAL: dict[str, tuple[str, str]] = {
     "max_connections": ("max_connections", "int"),
     "max_qos": ("max_qos", "int"),
     "max_topic_alias": ("max_topic_alias", "int"),
-    "sys_interval": ("sys_interval", "float"),
+    "sys_interval": ("sys_interval", "atoi"),
     "retain_available": ("retain_available", "bool"),
     "allow_zero_length_clientid": ("allow_zero_length_clientid", "bool"),
     "auto_id_prefix": ("auto_id_prefix", "str"),
@@ -194,9 +195,10 @@ class _Listener:
             if "certfile" in o or "keyfile" in o or "cafile" in o or o.get("protocol", "mqtt") != "mqtt":
                 raise ValueError(f"{self.source}:{self.line}: a Unix socket listener takes neither TLS nor "
                                  f"WebSocket here")
-            return "mqtt", f"unix:{_escape(self.bind)}"
-        interface = f":interface={_escape(self.bind)}" if self.bind else ""
-        if "certfile" in o or "keyfile" in o:
+            return "mqtt", f"unix:{_escape(self.bind)}:mode=770"  # (Mosquitto's: not every local user's)
+        bind = self.bind or ("::" if o.get("socket_domain") == "ipv6" else "")
+        interface = f":interface={_escape(bind)}" if bind else ""
+        if "certfile" in o and "keyfile" in o:  # (one alone: Mosquitto listens without TLS, as here)
             tls = f":privateKey={_escape(o.get('keyfile', ''))}:certKey={_escape(o.get('certfile', ''))}"
             if "cafile" not in o and o.get("require_certificate") == "true":
                 # Without the CA, the listener could not ask for a client certificate: refused
@@ -216,8 +218,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[str]]]:
-    """(source, line number, text, words) of every setting line, include_dir files in place."""
+def _lines(path: Path, seen: set[Path], top: bool = True) -> Iterator[tuple[str, int, str, list[str]]]:
+    """(source, line number, text, words) of every setting line, the files of the main file's
+    include_dir lines in place after their line (Mosquitto follows none in an included file)."""
     path = path.resolve()
     if path in seen:
         return
@@ -232,6 +235,9 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
                 raise ValueError(f"{path}:{number}: not UTF-8 (byte {e.start + 1})") from None
             words = text.split()
             if words[0] == "include_dir" and len(words) > 1:
+                yield str(path), number, text, words  # (for what differs from Mosquitto: see read)
+                if not top:
+                    continue
                 directory = Path(text.split(None, 1)[1])
                 if not directory.is_absolute():
                     directory = path.parent / directory
@@ -242,7 +248,7 @@ def _lines(path: Path, seen: set[Path]) -> Iterator[tuple[str, int, str, list[st
                                      f"{e.strerror}") from None
                 for name in sorted(names, key=cmp_to_key(_mosquitto_compare)):
                     try:
-                        yield from _lines(directory / name, seen)
+                        yield from _lines(directory / name, seen, False)
                     except OSError as e:
                         raise ValueError(f"{path}:{number}: include_dir: cannot read {str(directory / name)!r}: "
                                          f"{e.strerror or e}") from None
@@ -271,7 +277,8 @@ class _Converter:
     """One conversion, read a line at a time: a method per family of directives takes the lines
     that are its own, finish() does what needs every line."""
 
-    def __init__(self) -> None:
+    def __init__(self, main_file: str) -> None:
+        self.main_file = main_file
         self.out = Conversion()
         self.listeners: list[_Listener] = []
         self.current: _Listener | None = None
@@ -303,6 +310,13 @@ class _Converter:
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
         value = text[len(key):].strip()
+        if key == "include_dir":  # (its files are read in place, those of the main file's)
+            if source != self.main_file:
+                self._note(source, number, text, "Mosquitto follows include_dir in its main file only")
+            elif not Path(value).is_absolute():
+                self.out.notes.append(Note(source, number, text, "a relative path: Mosquitto opens it from the "
+                                           "directory it runs in, this conversion from the file's", carried=True))
+            return
         if key == "connection":
             self.out.lines[f"bridge[{len(self.out.bridges) + 1}].connection"] = f"{source}:{number}"
         elif self.bridge is not None and key in _BRIDGE:
@@ -501,7 +515,16 @@ class _Converter:
             elif key == "tls_version" and _first(value) == "tlsv1.3":
                 raise ValueError(f"{source}:{number}: tls_version tlsv1.3 is not supported here: TLS 1.2 clients "
                                  f"would be let in")
-            elif key != "socket_domain":  # (the interface decides the family here)
+            elif key == "socket_domain":
+                domain = _first(value)
+                if domain not in ("ipv4", "ipv6"):
+                    raise ValueError(f"{source}:{number}: socket_domain is ipv4 or ipv6, not {domain!r}")
+                target.options[key] = domain
+                if domain == "ipv6" and not target.bind:
+                    self.out.notes.append(Note(source, number, text, "listening on :: here: IPv6 clients, and IPv4 "
+                                               "ones where the system maps them (Linux's default); Mosquitto's "
+                                               "takes IPv6 ones only", carried=True))
+            else:
                 self._note(source, number, text, "no per-listener equivalent here")
         elif key in _PER_LISTENER and self.current is None:
             # Mosquitto's default listener's, at its default (it does not open it): in a file of
@@ -649,6 +672,9 @@ class _Converter:
         for listener in listeners:
             protocol, description = listener.endpoint()
             (websockets if protocol == "websockets" else endpoints).append(description)
+            if ("certfile" in listener.options) != ("keyfile" in listener.options):
+                self._note(listener.source, listener.line, f"listener {listener.port}", "certfile and keyfile go "
+                           "together: with one alone Mosquitto listens without TLS, and so does this broker")
         if not listeners:
             # Mosquitto 2 without a listener: local only, anonymous clients welcome.
             endpoints = ["tcp:1883:interface=127.0.0.1"]
@@ -691,7 +717,7 @@ class _Converter:
 def convert(path: str | Path) -> Conversion:
     """Read a mosquitto.conf (and what it includes); raises OSError or ValueError for a file
     that cannot be read or a value that cannot be understood."""
-    converter = _Converter()
+    converter = _Converter(str(Path(path).resolve()))
     reading = ""
     sections: dict[str, tuple[_Listener | None, dict[str, Any] | None, int, int]] = {}
     for source, number, text, words in _lines(Path(path), set()):
@@ -769,7 +795,7 @@ _UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 864
 
 
 def _value(kind: str, value: str, source: str, number: int) -> Any:
-    if kind in ("bool", "int", "float", "duration"):
+    if kind in ("bool", "int", "float", "duration", "atoi"):
         value = _first(value)
     try:
         if kind == "bool":
@@ -778,6 +804,9 @@ def _value(kind: str, value: str, source: str, number: int) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "atoi":  # as Mosquitto reads some, C's atoi: its leading digits ("0.5" is 0)
+            digits = re.match(r"[+-]?[0-9]+", value)
+            return int(digits.group()) if digits else 0
         if kind == "duration":  # Mosquitto's persistent_client_expiration: 1h, 2d, 1w, 1m, 1y (a unit needed)
             seconds = int(value[:-1]) * _UNITS[value[-1]]
             if seconds <= 0:

@@ -257,7 +257,7 @@ def test_tls_listeners_become_ssl_or_mqtts_endpoints(tmp_path: Path) -> None:
     assert settings["endpoints"] == [
         "ssl:8883:privateKey=/c/server.key:certKey=/c/server.pem",
         "mqtts:8884:interface=\\:\\:1:privateKey=/c/s.key:certKey=/c/s.pem:caCerts=/c/ca.pem:requireCertificate=yes",
-        "unix:/run/mqtt.sock"]
+        "unix:/run/mqtt.sock:mode=770"]
     assert settings["websocket_endpoints"] == ["tcp:9001"]
     assert settings["use_identity_as_username"] is True
 
@@ -623,8 +623,10 @@ def test_include_dir_is_read_in_mosquittos_order(tmp_path: Path) -> None:
     path.write_text("listener 1883\ninclude_dir conf.d\n")
     conversion = convert(path)
     assert conversion.settings["allow_anonymous"] is False  # Z-lockdown.conf comes after a-open.conf
-    # Each character compared in upper case first, then as it is: "_" after the letters.
-    assert [n.text.split()[1] for n in conversion.notes] == [".h.conf", "A.conf", "a.conf", "b.conf", "_u.conf"]
+    # Each character compared in upper case first, then as it is: "_" after the letters (the
+    # first note is the relative include_dir's own).
+    assert [n.text.split()[1] for n in conversion.notes] == ["conf.d", ".h.conf", "A.conf", "a.conf", "b.conf",
+                                                              "_u.conf"]
 
 
 def test_a_missing_include_dir_is_refused(tmp_path: Path) -> None:
@@ -917,7 +919,7 @@ def test_a_listener_of_port_0_with_a_relative_socket_path_is_a_unix_socket(tmp_p
     """Mosquitto takes any path after port 0 as a Unix socket's; it became tcp:0:interface=mqtt.sock."""
     path = tmp_path / "m.conf"
     path.write_text("listener 0 mqtt.sock\nallow_anonymous true\n")
-    assert convert(path).settings["endpoints"] == ["unix:mqtt.sock"]
+    assert convert(path).settings["endpoints"] == ["unix:mqtt.sock:mode=770"]
 
 
 @pytest.mark.parametrize("lines", [
@@ -1005,3 +1007,112 @@ def test_the_note_on_a_per_listener_value_names_the_value_taken(tmp_path: Path) 
     [note] = [n for n in conversion.notes if "max_qos differs" in n.why]
     assert (conversion.settings["max_qos"], note.why, note.text) == (
         0, "max_qos differs between the listeners: here it is global, 0 for every listener", "max_qos 0")
+
+
+# --- where Mosquitto 2.0.11 reads a file its own way ---------------------------------------------
+
+def test_socket_domain_ipv6_is_not_dropped_in_silence(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 with `listener 1883` + `socket_domain ipv6` logs "Opening ipv6 listen
+    socket" and listens on IPv6 only (IPV6_V6ONLY). Converted, the line is dropped without a
+    note and the listener becomes tcp:1883, IPv4 only: IPv6 clients are refused, IPv4 ones
+    (which Mosquitto does not listen for) let in. docs/mosquitto.md: what it cannot carry
+    over it names, "instead of dropping it"."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nsocket_domain ipv6\nallow_anonymous true\n")
+    conversion = convert(path)
+    endpoints = conversion.settings["endpoints"]
+    noted = [str(note) for note in conversion.notes if note.line == 2]
+    assert any(e.startswith("tcp6:") for e in endpoints) or noted, (
+        f"socket_domain ipv6 dropped in silence: endpoints {endpoints}, no note")
+
+
+@pytest.mark.parametrize("line", ["certfile {dir}/server.pem", "keyfile {dir}/server.key"])
+def test_a_listener_with_certfile_or_keyfile_alone_converts_to_toml_that_starts(
+        tmp_path: Path, line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Mosquitto 2.0.11 starts with a listener given certfile alone (or keyfile alone): it
+    listens on plain TCP there (checked: a plain CONNECT is answered). mqttbroker-config exits 0
+    with an ssl: endpoint of an empty certKey= (or privateKey=), which the broker's endpoint
+    parser refuses, so the TOML written does not start. docs/mosquitto.md: "It refuses a file
+    that would not start (naming the file and line ...)"."""
+    (tmp_path / "server.pem").write_text("x")
+    (tmp_path / "server.key").write_text("x")
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 8883 127.0.0.1\n{line.format(dir=tmp_path)}\nallow_anonymous true\n")
+    status = main(["from-mosquitto", str(path)])
+    out, err = capsys.readouterr()
+    if status == 0:
+        settings = tomllib.loads(out)
+        empty = [e for e in settings["endpoints"] if "certKey=:" in e + ":" or "privateKey=:" in e]
+        assert not empty, f"mqttbroker-config wrote an endpoint with an empty file: {empty}"
+
+
+def test_a_relative_include_dir_is_noted_as_a_relative_password_file_is(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 opens a relative include_dir from the directory it runs in (checked:
+    `mosquitto -c ../inc/m.conf` from another directory: "Error: Unable to open include_dir
+    'conf.d'", exit 3; run from inc/, it loads conf.d/a.conf). The converter reads the config
+    file's directory instead, without a note, so it converts other files than Mosquitto reads
+    (or a file Mosquitto refuses to start with). A relative password_file, read the same way, is
+    noted (docs/mosquitto.md: "the config file's directory's, noted (Mosquitto opens it from the
+    directory it runs in)")."""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.conf").write_text("allow_anonymous true\n")
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883 127.0.0.1\ninclude_dir conf.d\n")
+    conversion = convert(path)
+    assert conversion.settings["allow_anonymous"] is True  # (read from the config file's directory)
+    noted = [str(note) for note in conversion.notes if note.line == 2]
+    assert noted, "a relative include_dir is read from the config file's directory, not noted"
+
+
+def test_a_unix_socket_listener_is_not_opened_to_every_local_user(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11's `listener 0 /path.sock` makes the socket srwxrwx--- (0770, checked with
+    umask 0022 and 0000): local users outside its user and group cannot connect. Converted, it is
+    `unix:/path.sock`, which Twisted binds with mode 0666: every local user can connect (with
+    allow_anonymous true, as such sockets often have, without a password). docs/mosquitto.md: the
+    converter refuses "what would make the broker more open than Mosquitto with the same file"."""
+    from twisted.internet import reactor
+
+    from mqtt_broker.auth.tls import server_endpoint
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 0 {tmp_path / 'mqtt.sock'}\nallow_anonymous true\n")
+    [description] = convert(path).config().endpoints
+    endpoint = server_endpoint(reactor, description)
+    mode = endpoint._mode  # (what listenUNIX chmods the socket to)
+    assert mode & 0o007 == 0, f"{description!r}: the socket is made {oct(mode)}, Mosquitto's 0o770"
+
+
+def test_an_include_dir_in_an_included_file_is_not_followed(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 reads include_dir in the main file only (conf.c: level 0): one in an
+    included file is passed over (checked: m.conf includes conf.d/, whose a.conf has
+    `include_dir more/`, whose b.conf has `allow_anonymous true`; Mosquitto logs "Loading config
+    file .../conf.d/a.conf" only, and answers an anonymous CONNECT with 0x05, not authorised).
+    The converter follows it and lets anonymous clients in: more open than Mosquitto with the
+    same file, which docs/mosquitto.md says it refuses."""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "more").mkdir()
+    (tmp_path / "conf.d" / "a.conf").write_text(f"include_dir {tmp_path / 'more'}\n")
+    (tmp_path / "more" / "b.conf").write_text("allow_anonymous true\n")
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\ninclude_dir {tmp_path / 'conf.d'}\n")
+    try:
+        config = convert(path).config()
+    except ValueError:
+        return  # (refused: fine too)
+    assert config.allow_anonymous is False, "anonymous clients let in by a file Mosquitto never reads"
+
+
+@pytest.mark.parametrize("value", ["0.5", "0.05"])
+def test_sys_interval_is_read_as_mosquittos_whole_seconds(tmp_path: Path, value: str) -> None:
+    """Mosquitto 2.0.11 reads sys_interval as an integer (atoi): `sys_interval 0.5` is 0, no
+    $SYS at all (checked: mosquitto_sub -t '$SYS/broker/uptime' -W 2 times out; with
+    `sys_interval 1` it gets "0 seconds"). Converted, 0.5 becomes $SYS updates twice a second,
+    and 0.05 (which Mosquitto starts with, $SYS off) is refused as out of range."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\nsys_interval {value}\n")
+    conversion = convert(path)
+    try:
+        interval = conversion.config().sys_interval
+    except ValueError as e:
+        pytest.fail(f"sys_interval {value}, which Mosquitto starts with ($SYS off), refused: {e}")
+    noted = [str(note) for note in conversion.notes if note.line == 2]
+    assert interval == 0 or noted, f"sys_interval {value}: $SYS every {interval} s here, none in Mosquitto"
