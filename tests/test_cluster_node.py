@@ -17,6 +17,7 @@ from twisted.logger import capturedLogs
 
 from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
+from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
     HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
@@ -3008,4 +3009,68 @@ def test_a_session_that_ran_out_taken_from_a_live_node_publishes_its_will(
         assert [x.payload for x in got] == [b"W"]
     finally:
         yield b.stopService()
+        yield a.stopService()
+
+
+# --- what a node reports ---------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_an_inbox_read_to_its_end_after_a_trim_shows_no_unread_entries(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A node fell behind its inbox until cluster_inbox_maxlen trimmed entries it had not read
+    (2 of 5 here, trimmed as other nodes wrote: XADD MAXLEN); it then read and handled the other 3.
+    Redis's XINFO GROUPS ``lag`` counts entries added minus entries read, trimmed ones included,
+    and stayed 2 for good: /cluster/nodes said unread 2, and so did $SYS cluster/inbox/lag,
+    mqtt_cluster_inbox_lag and the dashboard."""
+    redis = server.client()
+    a = yield node_a(server, sys_interval=0)
+
+    def handled() -> bool:
+        groups = redis.xinfo_groups("mqtt:inbox:a")
+        return groups[0]["pending"] == 0 and groups[0]["last-delivered-id"] == redis.xinfo_stream(
+            "mqtt:inbox:a")["last-generated-id"]
+
+    @inlineCallbacks
+    def handled_all() -> Any:
+        for _ in range(50):  # bounded: the batch that marks them handled (its window is on the clock)
+            a.clock.advance(0.05)
+            if handled():
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+        raise AssertionError(f"not handled: {redis.xinfo_groups('mqtt:inbox:a')}")
+    try:
+        redis.xadd("mqtt:inbox:a", {"d": b"", "e": 1})  # one read and handled in time, as ever
+        yield handled_all()
+        pipe = redis.pipeline(transaction=True)  # (node a reads none of them before the trim)
+        for n in range(5):
+            pipe.xadd("mqtt:inbox:a", {"d": b"", "e": 1})
+        pipe.xtrim("mqtt:inbox:a", maxlen=3, approximate=False)
+        pipe.execute()
+        yield handled_all()
+        nodes = yield a.cluster.store.describe_nodes()
+        assert [n["inbox"] for n in nodes if n["id"] == "a"] == [{"length": 3, "unread": 0, "unhandled": 0}]
+        lag = InboxLag(a.cluster)  # ($SYS cluster/inbox/lag, mqtt_cluster_inbox_lag, /stats)
+        lag.refresh()
+        yield until(lambda: lag.value is not None, "Redis's answer")
+        assert lag.value == 0
+    finally:
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_that_joins_counts_the_live_nodes_it_read(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node b joins a cluster whose node a holds no filter yet: its join read the members
+    (load_routes) but kept none of them, so until its first heartbeat b said it was alone:
+    cluster/nodes 1, mqtt_cluster_nodes 1, and the log line 'joined ... (0 other nodes)'."""
+    from twisted.logger import capturedLogs
+    a = yield node_a(server)
+    b = None
+    try:
+        with capturedLogs() as events:
+            b = yield node_b(server)
+        joined = [e for e in events if e.get("log_format", "").startswith("cluster node {node} joined")]
+        assert read(b).cluster.nodes == 2
+        assert [e["nodes"] for e in joined] == [1]
+    finally:
+        if b is not None:
+            yield b.stopService()
         yield a.stopService()

@@ -837,7 +837,14 @@ class Cluster:
         read (by another connection: before or after the answer was made) are applied again
         over it if they are newer."""
         forwarding = self.forwarding
-        nodes = {only} if only else {*(yield self.store.members())[0], *forwarding.nodes()}
+        if only:
+            nodes = {only}
+        else:
+            members, live = yield self.store.members()
+            now = self.clock.seconds()
+            for node in live - {self.node}:  # (known at once, not at the first heartbeat)
+                self.nodes.setdefault(node, now)
+            nodes = {*members, *forwarding.nodes()}
         for node in nodes - {self.node}:
             events: list[tuple[int, bytes, str]] = []
             reads = self._route_reads.setdefault(node, [])

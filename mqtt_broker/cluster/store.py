@@ -435,6 +435,13 @@ class RedisStore:
                 for group in (yield self.redis.call("XINFO", "GROUPS", f"mqtt:inbox:{node}")):
                     fields = {group[j].decode(): group[j + 1] for j in range(0, len(group), 2)}
                     lag, pending = int(fields.get("lag") or 0), int(fields.get("pending") or 0)
+                    if lag:
+                        # Redis's lag counts the entries trimmed unread too, for good: nothing is
+                        # unread once the group has read the last one written.
+                        stream = yield self.redis.call("XINFO", "STREAM", f"mqtt:inbox:{node}")
+                        last = {stream[j].decode(): stream[j + 1] for j in range(0, len(stream), 2)}
+                        lag = 0 if fields.get("last-delivered-id") == last.get("last-generated-id") else min(
+                            lag, int(length))
             except Exception:
                 pass  # no inbox yet
             described.append({"id": node, "alive": node in alive, "filters": int(routes), "clients": int(clients),
