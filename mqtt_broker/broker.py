@@ -852,7 +852,7 @@ class BrokerService(MultiService):
                 delivery.deliver(session, message, min(message.qos, subscription.qos),
                                  message.retain and subscription.retain_as_published, ids)
         for index, message in enumerate(retained):
-            if delivery.full(session, subscription.qos, len(message.payload)):
+            if delivery.full(session, subscription.qos):
                 delivery.drop(session, len(retained) - index)  # what is left could only be dropped (or skipped)
                 return
             if message.expired(now):
@@ -861,6 +861,9 @@ class BrokerService(MultiService):
             # A topic replayed had its latest logged message sent, the retained one or newer.
             if message.topic in replayed or not readable(message) or (
                     subscription.no_local and message.sender == session.client_id):  # [MQTT-3.8.3-3]
+                continue
+            if delivery.too_large_to_queue(session, message):  # (not spilled to the store either)
+                delivery.drop(session, 1)
                 continue
             delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
 

@@ -44,6 +44,8 @@ class Terms:
     problem_information: bool = True
     connack_properties: Properties = NO_PROPERTIES
     """Set by negotiate for MQTT 5 (3.x CONNACKs have none)."""
+    why: str = "CONNECT refused"
+    """With ``reason``, what the log says of it."""
 
     def __init__(self, reason: ReasonCode, client_id: str, keep_alive: int, session_expiry: int, send_quota: int,
                  max_send_size: int, alias_maximum: int, problem_information: bool = True) -> None:
@@ -57,6 +59,7 @@ class Terms:
         self.alias_maximum = alias_maximum
         self.problem_information = problem_information
         self.connack_properties = NO_PROPERTIES
+        self.why = "CONNECT refused"
 
 
 def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack | None = None) -> Terms:
@@ -91,8 +94,10 @@ def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack 
         terms.client_id = config.auto_id_prefix + uuid.uuid4().hex
     if max_keepalive and (keep_alive > max_keepalive or (max_keepalive < 65535 and keep_alive == 0)):
         if level != MQTT_5:
-            # MQTT 3 cannot tell a client to use a shorter keepalive; refuse as Mosquitto does.
+            # MQTT 3 cannot tell a client to use a shorter keepalive; refuse as Mosquitto does
+            # (with "identifier rejected": the log says why).
             terms.reason = ReasonCode.CLIENT_IDENTIFIER_NOT_VALID
+            terms.why = f"keepalive {keep_alive} refused (max_keepalive {max_keepalive})"
             return terms
         terms.keep_alive = max_keepalive
     will = connect.will

@@ -138,7 +138,7 @@ class Connecting:
                              protocol_version=self.version, clean_start=packet.clean_start,
                              keep_alive=terms.keep_alive, properties=packet.properties)
         if terms.reason:
-            self.refuse(terms.reason, "CONNECT refused")
+            self.refuse(terms.reason, terms.why)
             return
         if not self._own and not self.broker.connect_allowed(terms.client_id):  # (a bridge's link: not a client's)
             self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")

@@ -425,23 +425,28 @@ class Delivery:
                         client_id=session.client_id)
         self._store_swept(0, session)
 
-    def full(self, session: Session, qos: int, size: int = 0) -> bool:
-        """Whether the retained messages a subscription of ``qos`` sends the session now (the
-        next of ``size`` payload bytes) would neither go at once nor wait in its queue in memory:
-        a long run of deliveries stops there rather than drop them one by one, holding up the
-        reactor. They are not spilled to the store either: each filter of a SUBSCRIBE sends them
-        again, and "#" a thousand times over in 4 KB would put a million copies there in one read."""
+    def full(self, session: Session, qos: int) -> bool:
+        """Whether the retained messages a subscription of ``qos`` sends the session now would
+        neither go at once nor wait in its queue in memory: a long run of deliveries stops there
+        rather than drop them one by one, holding up the reactor. They are not spilled to the
+        store either: each filter of a SUBSCRIBE sends them again, and "#" a thousand times over
+        in 4 KB would put a million copies there in one read. (Its bytes bound is the caller's,
+        message by message: ``too_large_to_queue``.)"""
         config = self.config
         connection = session.connection
         if connection is not None and connection.pending_bytes < config.max_held_bytes and not session.queue \
                 and not session.spilled:
             return False
-        queue = session.queue
-        if (config.max_queued_messages and len(queue) >= config.max_queued_messages) or (
-                config.max_queued_bytes and queue and session.queued_bytes + size > config.max_queued_bytes) or (
+        if (config.max_queued_messages and len(session.queue) >= config.max_queued_messages) or (
                 qos and session.spilled):  # (a QoS 1/2 one would be spilled, behind those)
             return True
         return not qos and connection is None and not config.queue_qos0_messages
+
+    def too_large_to_queue(self, session: Session, message: Message) -> bool:
+        """Whether a retained message would wait in the session's queue and go past
+        max_queued_bytes there (an empty queue takes one of any size)."""
+        limit = self.config.max_queued_bytes
+        return bool(limit) and bool(session.queue) and session.queued_bytes + len(message.payload) > limit
 
     def drop(self, session: Session, count: int) -> None:
         """``count`` messages dropped for the session at once (see ``full``)."""

@@ -100,8 +100,8 @@ class MessageLog:
         self._seq += 1
         # Topic and properties too: a 1-byte payload may come with 64 KiB of topic and megabytes
         # of user properties, which the log keeps as well.
-        size = len(topic) + len(message.payload) + (len(encode_properties(message.properties))
-                                                     if message.properties else 0)
+        size = len(topic.encode("utf-8", "surrogatepass")) + len(message.payload) + (
+            len(encode_properties(message.properties)) if message.properties else 0)
         entry = Entry(self._seq, bare(message), now, len(targets), size)
         for i in targets:
             self._logs[i].append(entry)

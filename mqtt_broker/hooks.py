@@ -180,12 +180,12 @@ class Hooks:
         """:meth:`decide`, without a Deferred while every handler answers at once: the answer
         itself, or a Deferred from the first handler that answered with one (or a coroutine)."""
         transforms = event in _TRANSFORMING
-        if transforms and isinstance(args[1], Message) and args[1].properties is NO_PROPERTIES:
-            args[1].properties = {}  # (the shared empty one is immutable): a handler may add to it
+        if transforms and isinstance(args[1], Message):
+            own_properties(args[1])
         answer: Any = None
         handlers = tuple(self._handlers[event])  # a handler may remove itself, or add one
         for index, handler in enumerate(handlers):
-            call_args = (args[0], answer) if transforms and isinstance(answer, Message) else args
+            call_args = (args[0], own_properties(answer)) if transforms and isinstance(answer, Message) else args
             try:
                 value = handler(*call_args)
             except Exception:
@@ -210,7 +210,7 @@ class Hooks:
             answer = verdict
         if not rest:
             return answer
-        call_args = (args[0], answer) if event in _TRANSFORMING and isinstance(answer, Message) else args
+        call_args = (args[0], own_properties(answer)) if event in _TRANSFORMING and isinstance(answer, Message) else args
         handler = rest[0]
         try:
             value = handler(*call_args)
@@ -284,6 +284,14 @@ class Hooks:
 
 _TRANSFORMING = frozenset({"publish", "will"})
 """Events whose handlers may replace the message that later handlers see."""
+
+
+def own_properties(message: Message) -> Message:
+    """``message``, with a properties dict of its own in place of the shared empty one, which
+    is immutable: a publish or will hook may add to it in place."""
+    if message.properties is NO_PROPERTIES:
+        message.properties = {}
+    return message
 
 
 _ANSWERS: dict[str, tuple[type, ...]] = {

@@ -214,6 +214,24 @@ class _Listener:
         return o.get("protocol", "mqtt"), description
 
 
+def _one_listener_per_port(listeners: list[_Listener]) -> None:
+    """Refuse two listeners this broker could not both open: one port, on addresses that meet
+    (an IPv6 socket on :: takes IPv4 clients too, where Mosquitto's takes IPv6 ones only)."""
+    taken: dict[int, list[tuple[str, _Listener]]] = {}
+    for listener in listeners:
+        if listener.port == 0:  # (a Unix socket)
+            continue
+        bind = listener.bind or ("::" if listener.options.get("socket_domain") == "ipv6" else "")
+        for other_bind, other in taken.get(listener.port, []):
+            if bind == other_bind or "::" in (bind, other_bind) or (
+                    bind in ("", "0.0.0.0") and ":" not in other_bind) or (
+                    other_bind in ("", "0.0.0.0") and ":" not in bind):
+                raise ValueError(f"{listener.source}:{listener.line}: listener {listener.port} takes the port of "
+                                 f"the listener of {other.source}:{other.line} here (socket_domain ipv6 listens on "
+                                 f"::, which takes IPv4 clients too): give them addresses of their own")
+        taken.setdefault(listener.port, []).append((bind, listener))
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
@@ -667,6 +685,7 @@ class _Converter:
                 del bridge_table["bridge_insecure"]
                 self._note(source, number, text, "without TLS settings it changes nothing (Mosquitto connects "
                                                  "without TLS, as this bridge does)")
+        _one_listener_per_port(listeners)
         endpoints: list[str] = []
         websockets: list[str] = []
         for listener in listeners:

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from .aliases import InboundAliases
 from .connecting import NO_SLOTS
-from .hooks import PUBACK_REFUSALS, Refused
+from .hooks import PUBACK_REFUSALS, Refused, own_properties
 from .lifecycle import State
 from .message import Client, Message, encoding_kind, is_utf8, unsendable
 from .store import StoreError
@@ -142,8 +142,7 @@ class Publishing:
                 offset = len(frame) - len(packet.payload) - 2 - v5  # v5: one byte of empty properties
                 message.encoded = {encoding_kind(v5, qos, False): (frame, offset)}
         if broker.hooks.has_publish:
-            if message.properties is NO_PROPERTIES:  # (as the hook will have it: see Hooks.resolve)
-                message.properties = {}
+            own_properties(message)  # (now, not by the hook: as_received holds the dict the hook has)
             # The acknowledgement goes by the PUBLISH as received, whatever the hook makes of it.
             # (Before a hook may change it; its time counts against the expiry [MQTT-3.3.2-6].)
             as_received = (message.topic, message.payload, message.properties, qos, message.retain, self.clock.seconds())

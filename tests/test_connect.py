@@ -7,6 +7,7 @@ from mqtt_broker.connect import Terms, negotiate
 from mqtt_broker.wire import MQTT_5, Connect, ReasonCode
 
 from conftest import assert_every_field_set
+from protocol_helpers import FakeClient, make_broker
 
 
 def test_terms_set_every_field() -> None:
@@ -22,3 +23,16 @@ def test_negotiated_terms_of_an_mqtt_5_client() -> None:
     assert (terms.reason, terms.client_id, terms.keep_alive, terms.send_quota, terms.session_expiry) == (
         ReasonCode.SUCCESS, "c", 30, 5, 60)
     assert terms.connack_properties["receive_maximum"] == config.max_inflight_messages
+
+
+def test_an_mqtt3_keepalive_above_max_keepalive_is_logged_as_such() -> None:
+    """max_keepalive: an MQTT 3 client asking for more is refused with 'identifier rejected' (the
+    wire's code, as Mosquitto's); the log says why (its keepalive), where it said only
+    CLIENT_IDENTIFIER_NOT_VALID and sent the operator looking for a client id problem."""
+    from twisted.logger import capturedLogs, formatEvent
+    broker = make_broker(max_keepalive=30, sys_interval=0)
+    with capturedLogs() as events:
+        connack = FakeClient(broker, 4).connect("sensor-1", keep_alive=31)
+    assert connack.reason_code == 2
+    lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("mqtt_broker")]
+    assert any("keepalive" in line or "max_keepalive" in line for line in lines), lines

@@ -336,3 +336,14 @@ def test_a_shared_filter_of_a_replay_name_is_refused() -> None:
     client = connected(broker, "c", version=5)
     [suback] = client.subscribe("$share/g/$replay/last:1/s/#")
     assert (list(suback.reason_codes), broker.subscriptions_of("c")) == ([0x8F], [])
+
+
+def test_history_max_bytes_counts_the_topics_bytes_not_its_characters() -> None:
+    """history_max_bytes: "Bytes of the messages (topic, payload and properties) kept per history
+    filter". A topic of 4 two-byte characters and 3 bytes of payload is 11 bytes, more than 10:
+    the log keeps nothing (it counted the topic's characters)."""
+    from mqtt_broker.history import MessageLog
+    from mqtt_broker.message import Message
+    log = MessageLog(["#"], max_messages=0, max_age=0, max_bytes=10)
+    log.record(Message(topic="\u00e9" * 4, payload=b"xxx"), now=0)
+    assert log.replay("#", "all", now=0) == []

@@ -1116,3 +1116,20 @@ def test_sys_interval_is_read_as_mosquittos_whole_seconds(tmp_path: Path, value:
         pytest.fail(f"sys_interval {value}, which Mosquitto starts with ($SYS off), refused: {e}")
     noted = [str(note) for note in conversion.notes if note.line == 2]
     assert interval == 0 or noted, f"sys_interval {value}: $SYS every {interval} s here, none in Mosquitto"
+
+
+def test_two_listeners_of_one_port_on_addresses_that_meet_are_refused(tmp_path: Path) -> None:
+    """Mosquitto listens with both an IPv4 socket on 1883 (socket_domain ipv4) and an IPv6 one
+    (socket_domain ipv6, IPV6_V6ONLY); here :: takes IPv4 clients too (Linux's bindv6only 0), and
+    the second bind failed: the converted file did not start. Refused, naming the line, as two
+    plain listeners of one port are (which Mosquitto cannot open either)."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nsocket_domain ipv4\nlistener 1883\nsocket_domain ipv6\nallow_anonymous true\n")
+    with pytest.raises(ValueError, match=r"m.conf:3: listener 1883 takes the port of the listener of .*m.conf:1"):
+        convert(path)
+    path.write_text("listener 1883\nlistener 1883 127.0.0.1\n")
+    with pytest.raises(ValueError, match=r"m.conf:2: listener 1883 takes the port"):
+        convert(path)
+    path.write_text("listener 1883 127.0.0.1\nlistener 1883 ::1\nlistener 1884\n")
+    assert convert(path).settings["endpoints"] == ["tcp:1883:interface=127.0.0.1", "tcp:1883:interface=\\:\\:1",
+                                                   "tcp:1884"]

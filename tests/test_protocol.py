@@ -509,6 +509,40 @@ def test_retained_messages_of_a_subscribe_are_not_spilled_when_the_queue_is_full
     assert broker.sessions["sub"].spilled == 0
 
 
+def _payloads_acknowledged(client: Any) -> list[bytes]:
+    out = []
+    for _ in range(50):
+        packets = [p for p in client.received() if isinstance(p, Publish)]
+        if not packets:
+            break
+        for p in packets:
+            out.append(p.payload)
+            if p.qos:
+                client.send(Puback(packet_id=p.packet_id))
+    return out
+
+
+def test_a_small_retained_message_that_fits_is_not_dropped_behind_a_large_one_that_does_not() -> None:
+    """max_queued_bytes 1000, a connected subscriber with 900 bytes queued (its one in-flight
+    slot taken). A SUBSCRIBE matches a 500-byte retained message, then a 10-byte one. The first
+    does not fit; the second does (900 + 10 <= 1000), and is queued: the first one too large
+    for the queue's bytes does not stop the run of retained messages."""
+    broker = make_broker(max_queued_bytes=1000, max_inflight_messages=1, sys_interval=0)
+    broker.publish("r/small", b"b" * 10, qos=1, retain=True)
+    broker.publish("r/big", b"A" * 500, qos=1, retain=True)
+    order = [m.topic for m in broker.retained.match("r/#")]
+    assert order == ["r/big", "r/small"], order  # (the large one is matched first)
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    broker.publish("t", b"in flight", qos=1)
+    broker.publish("t", b"q" * 900, qos=1)
+    session = broker.sessions["sub"]
+    assert len(session.outgoing) == 1 and session.queued_bytes == 900
+    sub.subscribe("r/#", qos=1, packet_id=2)
+    assert [bytes(i.message.payload) for i in session.queue][1:] == [b"b" * 10], \
+        "the 10-byte retained message, which fits, was dropped behind the 500-byte one"
+
+
 def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]
     broker = make_broker()
     pub = connected(broker, "pub")
