@@ -271,6 +271,12 @@ class Connecting:
         self.drop(reason, f"{why}: {reason.name}")
 
     def _accept(self, packet: Connect) -> None:
+        identity = self.identity
+        if identity is not None and identity.expires_at is not None and identity.expires_at <= self.clock.seconds():
+            # Expired already (while a hook decided, or an introspected token whose service's
+            # clock is behind): a client let in would be sent its session's messages first.
+            self.refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "credentials expired before the CONNACK")
+            return
         cluster = self.broker.cluster
         if cluster is not None:  # the session may be on another node: take it first
             assert self.client is not None

@@ -444,9 +444,9 @@ class Delivery:
 
     def too_large_to_queue(self, session: Session, message: Message) -> bool:
         """Whether a retained message would wait in the session's queue and go past
-        max_queued_bytes there (an empty queue takes one of any size)."""
-        limit = self.config.max_queued_bytes
-        return bool(limit) and bool(session.queue) and session.queued_bytes + len(message.payload) > limit
+        max_queued_bytes there, once what expired in it went (as ``deliver`` sweeps it)."""
+        size, limit = len(message.payload), self.config.max_queued_bytes
+        return not session.takes(size, limit) and (not self.sweep(session) or not session.takes(size, limit))
 
     def drop(self, session: Session, count: int) -> None:
         """``count`` messages dropped for the session at once (see ``full``)."""

@@ -10,6 +10,7 @@ more open than Mosquitto without it (plugins, which may check logins and topics)
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -187,6 +188,11 @@ class _Listener:
         self.limits: dict[str, tuple[Any, str, int, str]] = {}
         """Its settings of _PER_LISTENER (global here): (value, source, line, text)."""
 
+    @property
+    def address(self) -> str:
+        """The address it listens on ("": every IPv4 one)."""
+        return self.bind or ("::" if self.options.get("socket_domain") == "ipv6" else "")
+
     def endpoint(self) -> tuple[str, str]:
         """("mqtt" or "websockets", endpoint string)."""
         o = self.options
@@ -196,8 +202,7 @@ class _Listener:
                 raise ValueError(f"{self.source}:{self.line}: a Unix socket listener takes neither TLS nor "
                                  f"WebSocket here")
             return "mqtt", f"unix:{_escape(self.bind)}:mode=770"  # (Mosquitto's: not every local user's)
-        bind = self.bind or ("::" if o.get("socket_domain") == "ipv6" else "")
-        interface = f":interface={_escape(bind)}" if bind else ""
+        interface = f":interface={_escape(self.address)}" if self.address else ""
         if "certfile" in o and "keyfile" in o:  # (one alone: Mosquitto listens without TLS, as here)
             tls = f":privateKey={_escape(o.get('keyfile', ''))}:certKey={_escape(o.get('certfile', ''))}"
             if "cafile" not in o and o.get("require_certificate") == "true":
@@ -217,19 +222,34 @@ class _Listener:
 def _one_listener_per_port(listeners: list[_Listener]) -> None:
     """Refuse two listeners this broker could not both open: one port, on addresses that meet
     (an IPv6 socket on :: takes IPv4 clients too, where Mosquitto's takes IPv6 ones only)."""
-    taken: dict[int, list[tuple[str, _Listener]]] = {}
+    taken: dict[int, list[tuple[tuple[int, bool, str], _Listener]]] = {}
     for listener in listeners:
         if listener.port == 0:  # (a Unix socket)
             continue
-        bind = listener.bind or ("::" if listener.options.get("socket_domain") == "ipv6" else "")
-        for other_bind, other in taken.get(listener.port, []):
-            if bind == other_bind or "::" in (bind, other_bind) or (
-                    bind in ("", "0.0.0.0") and ":" not in other_bind) or (
-                    other_bind in ("", "0.0.0.0") and ":" not in bind):
+        one = _family_of(listener.address)
+        for other_address, other in taken.get(listener.port, []):
+            if _meet(one, other_address):
                 raise ValueError(f"{listener.source}:{listener.line}: listener {listener.port} takes the port of "
                                  f"the listener of {other.source}:{other.line} here (socket_domain ipv6 listens on "
                                  f"::, which takes IPv4 clients too): give them addresses of their own")
-        taken.setdefault(listener.port, []).append((bind, listener))
+        taken.setdefault(listener.port, []).append((one, listener))
+
+
+def _family_of(address: str) -> tuple[int, bool, str]:
+    """(IP version, every address of it, the address in one spelling) of a listener's address
+    ("": every IPv4 one; a host name: as it is, taken for IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address or "0.0.0.0")
+    except ValueError:
+        return 4, False, address
+    return ip.version, ip.is_unspecified, str(ip)
+
+
+def _meet(one: tuple[int, bool, str], other: tuple[int, bool, str]) -> bool:
+    """Whether two addresses cannot both be listened on, one port: the same, a wildcard and an
+    address of its version, or the IPv6 wildcard (which takes IPv4 clients too) and any."""
+    return one[2] == other[2] or (one[0] == 6 and one[1]) or (other[0] == 6 and other[1]) or (
+        one[0] == other[0] and (one[1] or other[1]))
 
 
 def _escape(value: str) -> str:

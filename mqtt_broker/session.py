@@ -190,8 +190,12 @@ class Session:
     def has_room(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
         """Whether the in-memory queue can take one more message (an empty one takes one of any
         size, as Mosquitto's does: its max_queued_bytes bounds what is queued already)."""
-        return not ((max_messages and len(self.queue) >= max_messages) or (
-            max_bytes and self.queue and self.queued_bytes + len(item.message.payload) > max_bytes))
+        return not (max_messages and len(self.queue) >= max_messages) and self.takes(len(item.message.payload), max_bytes)
+
+    def takes(self, size: int, max_bytes: int) -> bool:
+        """Whether the in-memory queue has room for ``size`` more payload bytes under
+        ``max_bytes`` (0: no bound; an empty queue takes any size)."""
+        return not (max_bytes and self.queue and self.queued_bytes + size > max_bytes)
 
     def enqueue(self, item: Queued, max_messages: int, max_bytes: int) -> bool:
         """Queue a message for later delivery; False (and counted) when the queue is full."""

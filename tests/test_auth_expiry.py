@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest_twisted
 from auth_helpers import LogCapture, RawClient
-from test_auth_http import AuthService
+from test_auth_http import AuthService, _until
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -21,7 +21,7 @@ from twisted.web.server import Site
 
 from mqtt_broker import BrokerService
 from mqtt_broker.auth import Identity
-from mqtt_broker.wire import Auth, Disconnect, Pingreq, Pingresp, ReasonCode
+from mqtt_broker.wire import Auth, Disconnect, Pingreq, Pingresp, Publish, ReasonCode, Subscribe, SubscriptionRequest
 
 SECRET = b"an HMAC secret of at least thirty-two bytes"
 
@@ -156,3 +156,112 @@ async def test_introspected_expiry_ends_the_connection(tmp_path: Path) -> None:
         client.close()
         await broker.stopService()
         await site.stopListening()
+
+
+# --- credentials expired before the CONNACK ------------------------------------------------------
+
+def _introspection_service(holder: dict[str, Any]) -> tuple[AuthService, Any]:
+    service = AuthService()
+    site = reactor.listenTCP(0, Site(service), interface="127.0.0.1")
+    exps = {b"fresh": 120.0, b"expired": -60.0}
+
+    def reply(body: bytes) -> tuple[int, bytes]:
+        token = body.split(b"token=")[1].split(b"&")[0]
+        return 200, json.dumps({"active": True, "username": "alice",
+                                "exp": holder["clock"].seconds() + exps.get(token, 120.0)}).encode()
+    service.reply = reply
+    return service, site
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_introspected_token_already_expired_is_refused_at_connack(tmp_path: Path) -> None:
+    """docs/security.md: a "bad or expired token" is refused with 0x86; an introspection answer
+    whose exp has passed (the service's clock behind the broker's) was let in: CONNACK 0x00."""
+    site = None
+    broker = None
+    client = None
+    try:
+        holder: dict[str, Any] = {}
+        _, site = _introspection_service(holder)
+        broker, clock, port = await start(tmp_path, http_auth_url=f"http://127.0.0.1:{site.getHost().port}/i",
+                                          http_auth_mode="introspection")
+        holder["clock"] = clock
+        client = await deferToThread(RawClient, port, "dev", None, b"expired", 5)
+        assert client.connack.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD, client.connack
+    finally:
+        if client is not None:
+            client.close()
+        if broker is not None:
+            await broker.stopService()
+        if site is not None:
+            await site.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_introspected_token_is_not_sent_the_sessions_queued_messages(tmp_path: Path) -> None:
+    """A client whose token had expired got the messages queued for its session before the 0xA0
+    disconnect (the expiry timer is started after the CONNACK and the session's resume)."""
+    site = None
+    broker = None
+    clients: list[RawClient] = []
+    try:
+        holder: dict[str, Any] = {}
+        _, site = _introspection_service(holder)
+        broker, clock, port = await start(tmp_path, http_auth_url=f"http://127.0.0.1:{site.getHost().port}/i",
+                                          http_auth_mode="introspection")
+        holder["clock"] = clock
+        dev = await deferToThread(RawClient, port, "dev", None, b"fresh", 5, clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        clients.append(dev)
+        assert dev.connack.reason_code == 0
+        dev.send(Subscribe(packet_id=1, subscriptions=[SubscriptionRequest(topic_filter="t", qos=1)]))
+        await deferToThread(dev.next)  # SUBACK
+        dev.send(Disconnect())
+        assert await deferToThread(dev.next) is None
+        publisher = await deferToThread(RawClient, port, "pub", None, b"fresh", 5)
+        clients.append(publisher)
+        publisher.send(Publish(topic="t", payload=b"secret", qos=1, packet_id=1))
+        await deferToThread(publisher.next)  # PUBACK
+        again = await deferToThread(RawClient, port, "dev", None, b"expired", 5, clean_start=False,
+                                    properties={"session_expiry_interval": 600})
+        clients.append(again)
+        clock.advance(0)  # the expiry timer (delay 0) fires
+        first = await deferToThread(again.next)
+        assert not isinstance(first, Publish), f"CONNACK {again.connack.reason_code:#x}, then {first!r}"
+    finally:
+        for c in clients:
+            c.close()
+        if broker is not None:
+            await broker.stopService()
+        if site is not None:
+            await site.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_jwt_that_expires_while_a_connect_hook_decides_is_not_accepted(tmp_path: Path) -> None:
+    """The token is checked at CONNECT; one that expires before the CONNACK (a connect hook, an
+    AUTH exchange) was accepted all the same (CONNACK 0x00) and its session resumed."""
+    from twisted.internet.defer import Deferred
+    (tmp_path / "secret").write_bytes(SECRET)
+    broker, clock, port = await start(tmp_path, jwt_secret_file=str(tmp_path / "secret"))
+    pending: list[Deferred[None]] = []
+
+    @broker.hooks.on_connect
+    def slow(client: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        pending.append(d)
+        return d
+
+    token = jwt.encode({"sub": "alice", "exp": int(clock.seconds()) + 2}, SECRET, algorithm="HS256").encode()
+    connecting = deferToThread(RawClient, port, "dev", None, token, 5)
+    try:
+        await _until(lambda: bool(pending))  # (bounded reactor turns, no sleep)
+        clock.advance(3)  # the token's exp has passed
+        pending[0].callback(None)
+        client = await connecting
+        try:
+            assert client.connack.reason_code != 0, client.connack
+        finally:
+            client.close()
+    finally:
+        await broker.stopService()

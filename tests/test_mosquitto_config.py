@@ -1130,6 +1130,9 @@ def test_two_listeners_of_one_port_on_addresses_that_meet_are_refused(tmp_path: 
     path.write_text("listener 1883\nlistener 1883 127.0.0.1\n")
     with pytest.raises(ValueError, match=r"m.conf:2: listener 1883 takes the port"):
         convert(path)
+    path.write_text("listener 1883 0.0.0.0\nlistener 1883 ::0\n")  # (:: spelt otherwise)
+    with pytest.raises(ValueError, match=r"m.conf:2: listener 1883 takes the port"):
+        convert(path)
     path.write_text("listener 1883 127.0.0.1\nlistener 1883 ::1\nlistener 1884\n")
     assert convert(path).settings["endpoints"] == ["tcp:1883:interface=127.0.0.1", "tcp:1883:interface=\\:\\:1",
                                                    "tcp:1884"]

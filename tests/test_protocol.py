@@ -543,6 +543,25 @@ def test_a_small_retained_message_that_fits_is_not_dropped_behind_a_large_one_th
         "the 10-byte retained message, which fits, was dropped behind the 500-byte one"
 
 
+def test_a_retained_message_is_not_dropped_for_bytes_that_expired_messages_hold() -> None:
+    """max_queued_bytes 1000, a connected subscriber with 900 bytes queued (its one in-flight slot
+    taken) whose messages expired. A live message of 500 bytes is queued then (deliver sweeps the
+    expired ones, which make room: [MQTT-3.3.2-5] they are never sent), and so is a retained one
+    of 500 bytes a SUBSCRIBE matches at that moment (it was dropped for the expired bytes)."""
+    broker = make_broker(max_queued_bytes=1000, max_inflight_messages=1, sys_interval=0)
+    broker.publish("r/big", b"A" * 500, qos=1, retain=True)
+    sub = connected(broker, "sub", version=5)
+    sub.subscribe("t", qos=1)
+    broker.publish("t", b"in flight", qos=1)
+    broker.publish("t", b"q" * 900, qos=1, properties={"message_expiry_interval": 1})
+    session = broker.sessions["sub"]
+    assert len(session.outgoing) == 1 and session.queued_bytes == 900
+    broker.reactor.advance(5)  # the queued message expired
+    sub.subscribe("r/#", qos=1, packet_id=2)
+    assert [bytes(i.message.payload) for i in session.queue] == [b"A" * 500], \
+        "the retained message was dropped for the bytes of an expired message"
+
+
 def test_empty_retained_payload_deletes() -> None:  # [MQTT-3.3.1-10]
     broker = make_broker()
     pub = connected(broker, "pub")
