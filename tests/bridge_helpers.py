@@ -98,3 +98,25 @@ class Bridged:
             if quiet == 2:
                 return
         raise AssertionError("the bridge kept talking")
+
+    def step(self) -> None:
+        """One exchange across the link, and a turn of each reactor."""
+        for pump in self.pumps:
+            pump.pump()
+        self.reactor.advance(0)
+        self.remote.reactor.advance(0)
+
+    def drop(self) -> None:
+        """The link to the remote is cut."""
+        pump = self.pumps[-1]
+        pump.clientIO.abortConnection()
+        self.settle()
+        self.pumps.remove(pump)
+
+    def reconnect(self) -> None:
+        """The bridge's next attempt (after its restart_timeout, 5 s at most), accepted."""
+        before = self.attempts
+        self.reactor.advance(6)
+        assert self.attempts > before
+        self.accept()
+        assert self.bridge.state == "connected", self.bridge.last_error

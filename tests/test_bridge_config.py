@@ -14,7 +14,9 @@ from protocol_helpers import connected, make_broker
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
 from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.tap import Options
-from mqtt_broker.wire import Connack, Connect, FrameReader, Pingreq, Pingresp, Puback, Publish, decode, encode
+from mqtt_broker.wire import (
+    Connack, Connect, FrameReader, Pingreq, Pingresp, Puback, Publish, Pubrel, Subscribe, decode, encode,
+)
 from mqtt_broker.wire.packets import MQTT_3_1, MQTT_3_1_1, MQTT_5
 
 
@@ -1087,3 +1089,38 @@ def test_bridge_max_packet_size_bounds_what_goes_to_the_remote() -> None:
     bridged.settle()
     assert [topic for topic, _ in _published(there)] == ["c/small"]
     assert bridged.bridge.stats.dropped == 1
+
+
+@pytest.mark.parametrize("link", ["remote", "local"])
+def test_a_subscribe_after_a_reconnect_takes_no_packet_id_a_qos2_exchange_holds(link: str, monkeypatch: Any) -> None:
+    """[MQTT-2.2.1-3]: a new SUBSCRIBE takes a Packet Identifier "currently unused", and a QoS 2
+    PUBLISH's holds its id until it ends. The link drops with a QoS 2 message 1 unfinished: the
+    bridge's to the remote (both sessions resumed), or the remote's here, whose PUBREL this
+    broker awaits: the bridge subscribed again with packet id 1 on that link."""
+    from mqtt_broker.bridge.link import Link
+    bridged = Bridged({"connection": "up", "addresses": ["127.0.0.1:1883"], "remote_clientid": "edge",
+                       "restart_timeout": 5, "topic": ["o/# out 2", "i/# in 2"], "bridge_protocol_version": "mqttv50"})
+    bridged.accept()
+    session = bridged.broker.sessions[bridged.bridge.config.local_client_id]
+    if link == "remote":
+        receiver = connected(bridged.remote, "receiver", version=5)
+        receiver.subscribe("o/#", qos=2)
+        sender = connected(bridged.broker, "sender", version=5)
+        sender.publish("o/x", b"1", qos=2)
+        sender.send(Pubrel(packet_id=1))
+        for _ in range(20):  # (bounded) until the receiver has it, its PUBREC not yet back
+            bridged.step()
+            if [p for p in receiver.received() if isinstance(p, Publish)]:
+                break
+    bridged.drop()
+    if link == "local":  # (dropped between the PUBREC here and the remote's PUBREL)
+        session.expect_pubrel(1)
+    in_use = set(session.outgoing if link == "remote" else session.awaiting_pubrel)
+    assert in_use
+    sent: list[tuple[str, Any]] = []
+    send = Link.send
+    monkeypatch.setattr(Link, "send", lambda self, packet: sent.append((self.name, packet)) or send(self, packet))
+    bridged.reconnect()
+    bridged.settle()
+    ids = [p.packet_id for name, p in sent if name == link and isinstance(p, Subscribe)]
+    assert ids and not set(ids) & in_use, f"SUBSCRIBE packet ids {ids} while {sorted(in_use)} are in use"

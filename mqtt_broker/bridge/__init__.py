@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -250,10 +250,13 @@ class Bridge(Service):
             topic_filter=t.remote_filter, qos=min(t.qos, self.broker.config.max_qos), no_local=v5,
             retain_as_published=v5, retain_handling=1 if v5 else 0) for t in incoming)
         if requests:
-            # Packet ids 1.. are free: nothing of ours is in flight to the remote before the
-            # local link opens, and that waits for the SUBACKs.
+            # Nothing new of ours goes to the remote before the local link opens, which waits for
+            # the SUBACKs; but a resumed session's QoS 2 messages to it (their ids the local
+            # session's, as they cross) hold their ids until they end.
+            session = self.broker.sessions.get(self.config.local_client_id)
+            ids = _free_ids(session.outgoing if session is not None else (), len(requests))
             sent = self._send_all(link, [Subscribe(packet_id=n, subscriptions=(request,))
-                                         for n, request in enumerate(requests, 1)])
+                                         for n, request in zip(ids, requests)])
             if sent:
                 self._pending_acks = sent
         else:
@@ -340,10 +343,13 @@ class Bridge(Service):
         wanted = self._out_filters()
         stale = [s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)
                  if s.topic_filter not in wanted]
+        requests = self._requests(retain_handling)
+        # (Not the ids of the remote's QoS 2 messages this broker awaits the PUBREL of.)
+        session = self.broker.sessions.get(self.config.local_client_id)
+        ids = _free_ids(session.awaiting_pubrel if session is not None else (), len(stale) + len(requests))
         changes: list[Packet] = [Unsubscribe(packet_id=n, topic_filters=(topic_filter,))
-                                 for n, topic_filter in enumerate(stale, 1)]
-        changes += [Subscribe(packet_id=n, subscriptions=(request,))
-                    for n, request in enumerate(self._requests(retain_handling), len(stale) + 1)]
+                                 for n, topic_filter in zip(ids, stale)]
+        changes += [Subscribe(packet_id=n, subscriptions=(request,)) for n, request in zip(ids[len(stale):], requests)]
         return changes
 
     def _send_all(self, link: Link, packets: list[Packet]) -> int:
@@ -645,6 +651,17 @@ class Bridge(Service):
     def _publish_state(self, state: bytes) -> None:
         # At QoS 1, as Mosquitto: a session that subscribed at QoS 1 keeps the change while away.
         self.broker.route_own(self.config.state_topic, state, qos=min(1, self.broker.config.max_qos), retain=True)
+
+
+def _free_ids(in_use: Collection[int], count: int) -> list[int]:
+    """``count`` packet ids from 1 on that no exchange holds [MQTT-2.2.1-3]."""
+    ids: list[int] = []
+    n = 0
+    while len(ids) < count:
+        n += 1
+        if n not in in_use:
+            ids.append(n)
+    return ids
 
 
 class Bridges:
