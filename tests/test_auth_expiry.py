@@ -192,7 +192,7 @@ async def test_an_introspected_token_already_expired_is_refused_before_its_sessi
                                   properties={"session_expiry_interval": 600})
         clients.append(dev)
         assert dev.connack.reason_code == 0
-        dev.send(Subscribe(packet_id=1, subscriptions=[SubscriptionRequest(topic_filter="t", qos=1)]))
+        dev.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
         await deferToThread(dev.next)  # SUBACK
         dev.send(Disconnect())
         assert await deferToThread(dev.next) is None
