@@ -271,12 +271,6 @@ class Connecting:
         self.drop(reason, f"{why}: {reason.name}")
 
     def _accept(self, packet: Connect) -> None:
-        identity = self.identity
-        if identity is not None and identity.expires_at is not None and identity.expires_at <= self.clock.seconds():
-            # Expired already (while a hook decided, or an introspected token whose service's
-            # clock is behind): a client let in would be sent its session's messages first.
-            self.refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "credentials expired before the CONNACK")
-            return
         cluster = self.broker.cluster
         if cluster is not None:  # the session may be on another node: take it first
             assert self.client is not None
@@ -291,6 +285,13 @@ class Connecting:
             self.refuse(ReasonCode.SERVER_UNAVAILABLE, "the cluster's Redis did not answer in time")
 
     def _attach(self, packet: Connect) -> None:
+        identity = self.identity
+        if identity is not None and identity.expires_at is not None and identity.expires_at <= self.clock.seconds():
+            # Expired already (while a hook decided or a cluster claimed the session, or an
+            # introspected token whose service's clock is behind): let in, the client would be
+            # sent its session's messages first. (A claimed session stays, as if it had left.)
+            self.refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "credentials expired before the CONNACK")
+            return
         terms = self.terms
         self.terms = None  # needed no longer: an idle connection keeps nothing it does not use
         client = self.client

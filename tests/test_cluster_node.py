@@ -3012,6 +3012,51 @@ def test_a_session_that_ran_out_taken_from_a_live_node_publishes_its_will(
         yield a.stopService()
 
 
+
+@pytest_twisted.inlineCallbacks
+def test_credentials_that_expire_while_the_session_is_claimed_are_refused(
+        server: RedisServer, tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """A JWT that expires while Redis hands the session over (the claim, up to
+    cluster_claim_timeout) was accepted, CONNACK 0, the session's messages sent before the 0xA0
+    disconnect: refused with 0x86 as when it expires while a hook decides. The session claimed
+    stays here, as if its client had left."""
+    import time
+
+    import jwt
+    secret = b"an HMAC secret of at least thirty-two bytes"
+    (tmp_path / "secret").write_bytes(secret)
+    clock = Clock()
+    clock.advance(time.time())  # (PyJWT reads the wall clock)
+    broker = yield node_a(server, clock, jwt_secret_file=str(tmp_path / "secret"))
+    token = jwt.encode({"sub": "alice", "exp": int(clock.seconds()) + 2}, secret, algorithm="HS256").encode()
+    session = {"session_expiry_interval": 600}
+    first = yield connect(broker, 5, client_id="dev", clean_start=False, username="alice", password=token,
+                          properties=session)
+    first.send(Disconnect())
+    yield broker.store.flushed()
+    claim = broker.store.claim
+    held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+
+    def slow(*args: Any) -> Deferred[Any]:
+        late: Deferred[Any] = Deferred()
+        held.append((claim(*args), late))
+        return late
+    broker.store.claim = slow  # (RedisStore is not compiled)
+    try:
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="dev", clean_start=False, username="alice", password=token,
+                            properties=session))
+        yield until(lambda: held, "the claim")
+        clock.advance(3)  # the token's exp passed while Redis answered
+        answer = yield held[0][0]
+        held[0][1].callback(answer)
+        yield until(lambda: client.transport.value(), "the CONNACK")
+        [connack] = [p for p in client.received() if isinstance(p, Connack)]
+        assert connack.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD, connack
+        assert broker.sessions["dev"].connection is None
+    finally:
+        yield broker.stopService()
+
 # --- what a node reports ---------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
