@@ -195,6 +195,10 @@ class Delivery:
             return 0
         return self.to_group(message, share, members, pool)
 
+    def hand_on_to_group(self, message: Message, share: tuple[str, str]) -> int:
+        """``hand_on`` to the members ``share``'s group has here (or elsewhere in a cluster)."""
+        return self.hand_on(message, share, self.subscriptions.shared_members(*share))
+
     def to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
                  pool: list[Subscription] | None = None) -> int:
         """A message for a shared subscription's group, whose ``members`` here are these: to one
@@ -570,7 +574,7 @@ class Delivery:
                         identity, head.message.topic):
                     self.forget(session, head)
                     if head.share is not None:  # (a member that may read it may have it)
-                        self.hand_on(head.message, head.share, self.subscriptions.shared_members(*head.share))
+                        self.hand_on_to_group(head.message, head.share)
                     continue
                 if head.qos:
                     self._send_tracked(session, head, queued=True)
@@ -697,7 +701,7 @@ class Delivery:
                 session.unsent -= 1
             self.forget(session, out)
             if out.share is not None:
-                self.hand_on(out.message, out.share, self.subscriptions.shared_members(*out.share))
+                self.hand_on_to_group(out.message, out.share)
         return True
 
     def _release_unsendable(self, session: Session, connection: MQTTProtocol, packet_id: int, out: Outgoing) -> bool:

@@ -229,9 +229,9 @@ def _one_listener_per_port(listeners: list[_Listener]) -> None:
         one = _family_of(listener.address)
         for other_address, other in taken.get(listener.port, []):
             if _meet(one, other_address):
+                dual = " (:: takes IPv4 clients too here)" if (6, True, "::") in (one, other_address) else ""
                 raise ValueError(f"{listener.source}:{listener.line}: listener {listener.port} takes the port of "
-                                 f"the listener of {other.source}:{other.line} here (socket_domain ipv6 listens on "
-                                 f"::, which takes IPv4 clients too): give them addresses of their own")
+                                 f"the listener of {other.source}:{other.line}{dual}: give them addresses of their own")
         taken.setdefault(listener.port, []).append((one, listener))
 
 

@@ -2469,7 +2469,6 @@ def test_a_dead_nodes_shared_message_does_not_go_back_to_the_bridge_that_sent_it
         yield link.close()
 
 
-
 @pytest_twisted.inlineCallbacks
 def test_a_dead_nodes_shared_message_its_member_may_not_read_goes_to_one_that_may(
         server: RedisServer, tmp_path: Path) -> Iterator[Deferred[Any]]:
@@ -3010,7 +3009,6 @@ def test_a_session_that_ran_out_taken_from_a_live_node_publishes_its_will(
     finally:
         yield b.stopService()
         yield a.stopService()
-
 
 
 @pytest_twisted.inlineCallbacks

@@ -90,6 +90,20 @@ def _body_too_large(request: Request, limit: int) -> bool:
     return size > limit
 
 
+def _topic_name(topic: str) -> str:
+    """``topic``, if a PUBLISH could carry it (else 400)."""
+    if not valid_topic_name(topic) or "\x00" in topic:
+        raise ApiError(400, f"invalid topic name {topic!r}")
+    return topic
+
+
+def _topic_filter(topic_filter: str) -> str:
+    """``topic_filter``, if a SUBSCRIBE could carry it (else 400)."""
+    if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
+        raise ApiError(400, f"invalid topic filter {topic_filter!r}")
+    return topic_filter
+
+
 # --- the resource --------------------------------------------------------------------------
 
 Handler = Callable[..., Any]
@@ -362,9 +376,7 @@ class ApiResource(Resource):
         session = self._session(client_id)
         body = self._body(request)
         config = self.broker.config
-        topic_filter = body_field(body, "topic_filter", str)
-        if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
-            raise ApiError(400, f"invalid topic filter {topic_filter!r}")
+        topic_filter = _topic_filter(body_field(body, "topic_filter", str))
         if topic_filter.startswith(REPLAY_PREFIX):  # (a SUBSCRIBE's way to ask for the message log)
             raise ApiError(400, f"{topic_filter!r}: a $replay/ filter is for a SUBSCRIBE; give the filter itself")
         group, _ = split_shared(topic_filter)
@@ -403,9 +415,7 @@ class ApiResource(Resource):
     def _unsubscribe_client(self, request: Request, key_id: str | None, client_id: str,
                             topic_filter: str) -> tuple[int, Any]:
         session = self._session(client_id)
-        if not valid_topic_filter(topic_filter) or "\x00" in topic_filter:
-            raise ApiError(400, f"invalid topic filter {topic_filter!r}")
-        if not self.broker.unsubscribe(session, topic_filter):
+        if not self.broker.unsubscribe(session, _topic_filter(topic_filter)):
             raise ApiError(404, f"{client_id!r} has no subscription {topic_filter!r}")
         log.info("admin API: key {key} unsubscribes {client_id!r} from {topic_filter!r}", key=key_id,
                  client_id=client_id, topic_filter=topic_filter)
@@ -456,19 +466,14 @@ class ApiResource(Resource):
         payload_max = min(int_arg(request, "payload_max", MAX_REMAINING_LENGTH, 0), MAX_REMAINING_LENGTH)
         return 200, page(request, messages, lambda message: message_json(message, payload_max))
 
-    def _retained_topic(self, topic: str) -> str:
-        if not valid_topic_name(topic) or "\x00" in topic:
-            raise ApiError(400, f"invalid topic name {topic!r}")
-        return topic
-
     def _get_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
-        message = self.broker.retained.get(self._retained_topic(topic))
+        message = self.broker.retained.get(_topic_name(topic))
         if message is None or message.expired(self.broker.clock.seconds()):
             raise ApiError(404, f"no retained message on {topic!r}")
         return 200, message_json(message)
 
     def _delete_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
-        topic = self._retained_topic(topic)
+        topic = _topic_name(topic)
         message = self.broker.retained.get(topic)
         expired = message is not None and message.expired(self.broker.clock.seconds())
         if not self.broker.delete_retained(topic) or expired:  # (an expired one goes all the same)
@@ -478,9 +483,7 @@ class ApiResource(Resource):
 
     def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         body = self._body(request)
-        topic = body_field(body, "topic", str)
-        if not valid_topic_name(topic) or "\x00" in topic:
-            raise ApiError(400, f"invalid topic name {topic!r}")
+        topic = _topic_name(body_field(body, "topic", str))
         if reserved(topic):  # (as a client's PUBLISH)
             raise ApiError(400, f"{topic!r} is reserved: $SYS topics are the broker's own, $share names shared "
                                 "subscriptions")

@@ -586,8 +586,7 @@ class Cluster:
             if security is not None and session.identity is not None and not security.can_read(
                     session.identity, item.message.topic):
                 if item.share is not None:  # another member of its group may read it
-                    members = self.broker.subscriptions.shared_members(*item.share)
-                    self.broker.delivery.hand_on(item.message, item.share, members)
+                    self.broker.delivery.hand_on_to_group(item.message, item.share)
                 return
             cluster_id = item.message.cluster_id
             # (A shared subscription's copy comes by one way only, and as well as the session's
