@@ -156,11 +156,25 @@ class Wills:
             _, client, will, identity = self._delayed[client_id]
             self._delayed[client_id] = (self.broker.clock.callLater(1.0, self._due, client_id), client, will, identity)
             return
-        pending = self._delayed.pop(client_id)
+        pending = self._delayed[client_id]
         store = self.broker.store
         if store is not None:
             store.delete_will(client_id)
+        if cluster is not None and cluster.holds(client_id):
+            # Another node may have claimed the session, its news not here yet: published once
+            # Redis has deleted the will as this node's (a write of the session's owner). Until
+            # then it stays here, for the news to end as it says.
+            waiting = (None, *pending[1:])
+            self._delayed[client_id] = waiting
+            cluster.still_holds(client_id).addCallback(self._confirmed, client_id, waiting)
+            return
+        del self._delayed[client_id]
         self.publish(*pending[1:])
+
+    def _confirmed(self, held: bool, client_id: str, waiting: tuple[Any, Client, Message, Identity | None]) -> None:
+        if held and self._delayed.get(client_id) is waiting:
+            del self._delayed[client_id]
+            self.publish(*waiting[1:])
 
 
 __all__ = ["Wills"]

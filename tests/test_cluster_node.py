@@ -814,12 +814,56 @@ def test_a_delayed_will_left_to_a_connection_that_went_before_its_claim_was_answ
         assert a.stats.wills_published == 0 and [p for p in watcher.received() if isinstance(p, Publish)] == []
         clock.advance(30.0)
         yield past_a_pause(a, clock)
-        assert a.stats.wills_published == 1
+        yield until(lambda: a.stats.wills_published == 1, "the will, once Redis deleted it as a's")
         will = yield publishes(watcher, "the will at the watcher")
         assert [(p.topic, p.payload) for p in will] == [("wills/c", b"c is gone")]
     finally:
         yield b.stopService()
         yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delayed_will_due_before_the_news_of_a_claim_elsewhere_is_not_published(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c left node a without a DISCONNECT (its will delayed 30 s) and, 10 s later, resumed its
+    session on node b. The news of b's claim has not reached a (lost, or late on the control
+    channel) when a's timer comes due: the client came back within the delay, so the will is
+    not published [MQTT-3.1.3-9]. Redis refuses a's deleting the will as the session's owner,
+    which tells a that it is no longer."""
+    clock = Clock()
+    clock.advance(1000.0)
+    a = yield node_a(server, clock, cluster_heartbeat=60)  # (the clock's 30 s are no pause)
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        yield b.register(600_000)
+        watcher = yield watching_wills(a)
+        c = yield connect(a, 5, client_id="c", clean_start=False, properties={"session_expiry_interval": 600},
+                          will=Will(topic="wills/c", payload=b"c is gone", qos=1,
+                                    properties={"will_delay_interval": 30}))
+        c.lose()
+        yield a.store.flushed()
+        assert "c" in a.wills
+        clock.advance(10.0)
+        handlers = a.cluster.redis._handlers
+        control = handlers[b"mqtt:control"]
+        held: list[bytes] = []
+        handlers[b"mqtt:control"] = held.append  # the news of b's claim does not come (yet)
+        claim = yield b.claim("c", False, 0)
+        assert claim.session is not None  # resumed on b: Session Present 1
+        yield until(lambda: held, "the news of the claim, held back")
+        clock.advance(20.0)  # a's timer
+        yield until(lambda: "c" not in a.sessions or a.cluster.moved_away("c"), "a to let c go")
+        for event in held:
+            control(event)
+        yield a.store.flushed()
+        assert a.stats.wills_published == 0 and "c" not in a.wills
+        assert [p for p in watcher.received() if isinstance(p, Publish)] == []
+        assert server.client().hgetall("mqtt:wills-left:a") == {}
+    finally:
+        handlers[b"mqtt:control"] = control
+        yield a.stopService()
+        yield link.close()
 
 
 @pytest_twisted.inlineCallbacks

@@ -192,6 +192,17 @@ class Cluster:
         them): what only their owner may do (publish a delayed will) waits."""
         return self.unready() is not None or self._checking_owned
 
+    def holds(self, client_id: str) -> bool:
+        """Whether this node holds the client's session, as far as it knows."""
+        return client_id in self.store.epochs
+
+    def still_holds(self, client_id: str) -> Deferred[bool]:
+        """Whether this node holds the client's session still once what it recorded so far is
+        written: a write Redis refused as the session's (another node claimed it, the news not
+        here yet) has let it go by then."""
+        epoch = self.store.epochs.get(client_id)
+        return self.store.flushed().addCallback(lambda _: epoch is not None and self.store.epochs.get(client_id) == epoch)
+
     def _still_joining(self) -> None:
         if not self.ready.called and self.started:
             log.warn("cluster node {node} has not reached Redis at {address} yet: check the address, the "
