@@ -60,6 +60,10 @@ LARGE_PACKET_PROGRESS: Final = 1000
 """Bytes still to come of a packet, above which a read of part of it counts as traffic for the
 keepalive, as Mosquitto has it: a large PUBLISH on a slow link keeps its connection alive as it
 arrives, where a small packet trickled byte by byte does not."""
+READ_WHILE_DECIDING: Final = 64 * 1024
+"""Bytes of a connection read and held, not handled, while a hook decides on one of its packets;
+reading stops above that. Reading on is how the broker sees a client leave meanwhile: a socket
+not read is not watched, and a client gone before the CONNACK was held until the hook answered."""
 PACKETS_PER_TURN: Final = 10_000
 """Packets of one connection handled in one turn of the reactor; the rest of what was read waits
 for the next turn, as for a hook. A TCP read of PUBLISHes holds fewer; 64 KiB of 2-byte PINGREQs
@@ -192,9 +196,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self.state is State.CLOSED:
             return
         self.stats.bytes_received += len(data)
-        self.reader.receive_data(data)
+        reader = self.reader
+        reader.receive_data(data)
         if self._blocked is None:
             self._process()
+        elif reader.buffered > READ_WHILE_DECIDING:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _process(self) -> None:
         reader = self.reader
@@ -395,8 +402,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     def _when(self, decision: Any, then: Callable[..., None], *args: Any) -> None:
         """Run ``then(result, *args)`` when a hook decides (at once if ``decision`` is not a
-        Deferred); until then, read nothing more from this client, so its packets are handled
-        in the order they came."""
+        Deferred); until then, handle nothing more this client sends (what is read waits, up to
+        READ_WHILE_DECIDING), so its packets are handled in the order they came."""
         if not isinstance(decision, Deferred):
             if self.state is not State.CLOSED:  # (the hook may have ended it: the broker's stop)
                 then(decision, *args)
@@ -412,7 +419,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         decision.addCallback(run).addErrback(self._after_failure)
         if not done:
             self._blocked = decision
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            if self.reader.buffered > READ_WHILE_DECIDING:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
             decision.addBoth(self._unblock, decision)
 
     def _unblock(self, _: Any, decision: Any) -> None:

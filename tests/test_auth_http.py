@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs
@@ -428,6 +430,41 @@ async def test_a_client_that_leaves_before_the_answer_withdraws_its_request(serv
             assert http._asking == set() and broker.connections == set()
         assert "http authentication" not in logged.text() and "Traceback" not in logged.text()
     finally:
+        await broker.stopService()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_its_socket_before_the_answer_withdraws_its_request(
+        service: tuple[AuthService, str], reset: bool) -> None:
+    """As above, the client's socket closed or reset for real: the broker reads on while the
+    service decides (a paused socket is not watched, and the client's end went unseen until the
+    answer, for ever with no http_auth_timeout)."""
+    from mqtt_broker.wire import Connect, encode
+    resource, url = service
+    resource.reply = lambda body: None  # never answers
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0,
+                           close_linger=0, http_auth_url=url, http_auth_timeout=0, allow_anonymous=False)
+    broker.startService()
+    [http] = broker.security._authenticators  # type: ignore[union-attr]
+    client = socket.create_connection(("127.0.0.1", broker.ports[0].getHost().port))  # type: ignore[attr-defined]
+    try:
+        client.sendall(encode(Connect(client_id="gone", protocol_level=5, username="alice", password=b"pw"), 5))
+        for _ in range(500):  # bounded: the request reaches the service
+            if resource.hanging:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert len(resource.hanging) == 1 and len(broker.connections) == 1
+        if reset:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        for _ in range(500):  # bounded: the broker sees the client go, the service the request
+            if resource.hanging[0]._disconnected and not broker.connections:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert resource.hanging[0]._disconnected and http._asking == set() and broker.connections == set()
+    finally:
+        client.close()
         await broker.stopService()
 
 

@@ -19,6 +19,7 @@ from twisted.logger import LogLevel, capturedLogs
 
 from mqtt_broker import BrokerService
 from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unwritten
+from mqtt_broker.protocol import READ_WHILE_DECIDING
 from mqtt_broker.wire import (
     Connect, Disconnect, Pingreq, Puback, Publish, ReasonCode, Subscribe, SubscriptionRequest, Will, encode)
 
@@ -186,6 +187,7 @@ def test_a_connection_paused_by_a_hook_reads_again_while_it_lingers() -> None:
     broker.hooks.on_subscribe(lambda client, subscription: pending)
     client = connected(broker, "waiting", version=5)
     client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t"),)))
+    client.publish("t", bytes(READ_WHILE_DECIDING))  # read while it decides, up to that
     assert client.transport.producerState == "paused"
     client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
     assert client.transport.producerState == "producing"

@@ -10,7 +10,7 @@ from twisted.logger import capturedLogs, formatEventAsClassicLogText
 
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.hooks import Refused
-from mqtt_broker.protocol import PACKETS_PER_TURN
+from mqtt_broker.protocol import PACKETS_PER_TURN, READ_WHILE_DECIDING
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
@@ -436,16 +436,20 @@ def test_messages_too_large_for_a_subscriber_are_logged_once_per_thousand() -> N
 
 def test_a_read_of_many_packets_is_handled_over_several_turns_of_the_reactor() -> None:
     """A read is handled PACKETS_PER_TURN packets at a time, one turn of the reactor each, the
-    client read no further meanwhile: 64 KiB of PINGREQs, or a WebSocket message of 4 KiB that
-    inflates to 16 MiB of them, held the reactor while every one was handled and answered."""
+    client read no further meanwhile (past READ_WHILE_DECIDING held): 64 KiB of PINGREQs, or a
+    WebSocket message of 4 KiB that inflates to 16 MiB of them, held the reactor while every one
+    was handled and answered."""
     broker = make_broker()
     client = connected(broker, "c")
     client.send_bytes(encode(Pingreq()) * (PACKETS_PER_TURN * 2 + 5))
-    assert len(client.received()) == PACKETS_PER_TURN and client.transport.producerState == "paused"
+    assert len(client.received()) == PACKETS_PER_TURN and client.transport.producerState == "producing"
+    client.send_bytes(encode(Pingreq()) * (READ_WHILE_DECIDING // 2))
+    assert client.received() == [] and client.transport.producerState == "paused"
     now = broker.clock.seconds()  # type: ignore[attr-defined]
     assert [call.getTime() for call in broker.clock.getDelayedCalls()].count(now) == 1  # type: ignore[attr-defined]
-    broker.clock.advance(0)  # type: ignore[attr-defined]  # (a Clock runs the next turn's call too)
-    assert len(client.received()) == PACKETS_PER_TURN + 5 and client.transport.producerState == "producing"
+    broker.clock.advance(0)  # type: ignore[attr-defined]  # (a Clock runs the next turns' calls too)
+    assert len(client.received()) == PACKETS_PER_TURN + 5 + READ_WHILE_DECIDING // 2
+    assert client.transport.producerState == "producing"
     client.send(Pingreq())
     assert client.received() == [Pingresp()]
 

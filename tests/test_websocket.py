@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService
 from mqtt_broker.config import BrokerConfig
-from mqtt_broker.protocol import PACKETS_PER_TURN
+from mqtt_broker.protocol import PACKETS_PER_TURN, READ_WHILE_DECIDING
 from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
@@ -796,7 +796,7 @@ def test_slow_subscriber_is_paused_and_queued_as_over_tcp(qos: int) -> None:
     assert outcomes[0][2] == [(str(n).encode(), qos) for n in range(6)]
 
 
-def test_input_is_paused_while_a_hook_decides() -> None:
+def test_input_is_held_while_a_hook_decides_and_paused_past_a_bound() -> None:
     broker = make_broker()
     pending: list[Deferred[Any]] = []
 
@@ -808,12 +808,15 @@ def test_input_is_paused_while_a_hook_decides() -> None:
     client = ws_connected(broker)
     client.send_packets(Publish(topic="t", payload=b"1", qos=1, packet_id=1),
                         Publish(topic="t", payload=b"2", qos=1, packet_id=2))
+    assert client.socket.producerState == "producing" and len(pending) == 1
+    client.send_packets(Publish(topic="t", payload=bytes(READ_WHILE_DECIDING), qos=1, packet_id=3))
     assert client.socket.producerState == "paused" and len(pending) == 1
     pending[0].callback(None)
     assert len(pending) == 2
     pending[1].callback(None)
+    pending[2].callback(None)
     assert client.socket.producerState == "producing"
-    assert [p.packet_id for p in client.packets()] == [1, 2]  # type: ignore[union-attr]
+    assert [p.packet_id for p in client.packets()] == [1, 2, 3]  # type: ignore[union-attr]
 
 
 def test_tls_details_come_from_the_socket() -> None:
@@ -1103,7 +1106,8 @@ def test_with_close_linger_0_the_closing_handshake_still_reads_the_clients_close
         return pending[-1]
 
     client = ws_connected(broker, "c")
-    client.send_packets(Publish(topic="t", payload=b"1", qos=1, packet_id=1))
+    client.send_packets(Publish(topic="t", payload=b"1", qos=1, packet_id=1),
+                        Publish(topic="t", payload=bytes(READ_WHILE_DECIDING), qos=1, packet_id=2))
     assert client.socket.producerState == "paused"  # input paused while the hook decides
     ws_connected(broker, "c")  # taken over: the broker starts the closing handshake
     assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == [1000]
