@@ -207,9 +207,12 @@ class Connecting:
             answer = bytes(answer)
         self._reauthenticating = reauthenticating and isinstance(answer, bytes)
         if isinstance(answer, Identity):  # authenticated, as this identity from now on
-            self._take_identity(answer)
-            if reauthenticating:
-                self._watch_expiry()
+            if reauthenticating and answer.expires_at is not None and answer.expires_at <= self.clock.seconds():
+                answer = Refused(reason_string="credentials expired")  # (a CONNECT's are refused at attach)
+            else:
+                self._take_identity(answer)
+                if reauthenticating:
+                    self._watch_expiry()
         if isinstance(answer, Refused):
             reason = answer.code(ReasonCode.NOT_AUTHORIZED, DISCONNECT_REFUSALS if reauthenticating else CONNACK_REFUSALS)
             if reauthenticating:
@@ -231,17 +234,23 @@ class Connecting:
 
     def _take_identity(self, identity: Identity) -> None:
         """An auth hook's identity replaces the connection's: its rights apply from the next
-        operation (and to what the session is sent), its expiry to the disconnect timer. What
-        ``password_file`` checked stays with it: a reload that revokes it disconnects the client."""
-        if identity.rules is not None and self.broker.security is None:
-            self.broker.obey_rules()
+        operation (and to what the session is sent), ``%c`` and ``%u`` in them replaced as in
+        ``acl_file`` patterns; its expiry to the disconnect timer. What ``password_file`` checked
+        stays with it: a reload that revokes it disconnects the client."""
+        assert self.client is not None
+        changes: dict[str, Any] = {}
+        if identity.rules is not None:
+            if self.broker.security is None:
+                self.broker.obey_rules()
+            changes["rules"] = identity.rules.for_client(self.client.client_id, identity.username)
         previous = self.identity
         if identity.entry is None and previous is not None and previous.entry is not None:
-            identity = dataclasses.replace(identity, entry=previous.entry)
+            changes["entry"] = previous.entry
+        if changes:
+            identity = dataclasses.replace(identity, **changes)
         self.identity = identity
         if self.session is not None:
             self.session.identity = identity
-        assert self.client is not None
         if identity.username != self.client.username:
             self.client = dataclasses.replace(self.client, username=identity.username)
 

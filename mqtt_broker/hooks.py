@@ -125,8 +125,9 @@ class Hooks:
         MQTT 5 enhanced authentication. Called with the Authentication Method and Data of the
         CONNECT and of every AUTH packet. None or True: authenticated. An
         :class:`~mqtt_broker.auth.Identity`: authenticated as that identity (for this client
-        id), which replaces the connection's: its ``rules`` from the next operation on, its
-        ``expires_at`` for the timer that disconnects the client (re-authentication moves it).
+        id), which replaces the connection's: its ``rules`` from the next operation on (``%c`` and
+        ``%u`` in them replaced as in ``acl_file`` patterns), its ``expires_at`` for the timer
+        that disconnects the client (re-authentication moves it; expired already, it refuses).
         Bytes (or a bytearray, a memoryview): continue, sending them to the client in an AUTH
         packet (0x18) and waiting for its answer. False refuses (CONNACK 0x87, or DISCONNECT 0x87
         when re-authenticating). Without a handler, a CONNECT with an Authentication Method is

@@ -1890,6 +1890,42 @@ def test_reauthentication_failure_gets_disconnect_0x87() -> None:
     assert calls[-1] == ("c", "SCRAM", b"bad", True)
 
 
+def test_a_reauthentication_as_an_identity_expired_already_fails() -> None:
+    """[MQTT-4.12.1-2]: credentials expired when the hook accepts them are a failed
+    re-authentication (DISCONNECT 0x87), as they refuse a CONNECT (0x86), not a success (AUTH
+    0x00) followed by a DISCONNECT for their expiry."""
+    from mqtt_broker.auth import Identity
+    broker = make_broker()
+    _scram(broker)
+    client = _authenticated(broker)
+    now = broker.clock.seconds()  # type: ignore[attr-defined]
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating: Identity(
+        client_id=client.client_id, username=None, expires_at=now - 1))
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again-ok")))
+    assert_server_disconnect(client, ReasonCode.NOT_AUTHORIZED)
+    assert broker.stats.auth_failures == 1
+
+
+def test_an_auth_hooks_rules_have_their_client_id_and_username_put_in() -> None:
+    """%c and %u in an auth hook's rules are the client id and the username, as in an acl_file
+    pattern, a JWT's claims or an HTTP service's answer: not a literal topic level."""
+    from mqtt_broker.auth import AccessRules, Identity
+    broker = make_broker()
+    rules = AccessRules.from_lists(["devices/%c/#", "users/%u/#"], ["devices/%c/#"])
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating: Identity(
+        client_id=client.client_id, username="alice", rules=rules))
+    watcher = connected(broker, "w", version=5)
+    watcher.subscribe("#")
+    device = FakeClient(broker, version=5)
+    device.send(Connect(client_id="d1", protocol_level=5, properties=_auth_properties(b"any")))
+    [connack] = device.received()
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    for n, topic in enumerate(["devices/d1/state", "devices/%c/state", "users/alice/x", "users/%u/x"], 1):
+        device.publish(topic, topic.encode(), qos=1, packet_id=n)
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"devices/d1/state",
+                                                                                b"users/alice/x"]
+
+
 @pytest.mark.parametrize("code, sent", [(ReasonCode.BAD_USER_NAME_OR_PASSWORD, ReasonCode.NOT_AUTHORIZED),
                                          (ReasonCode.ADMINISTRATIVE_ACTION, ReasonCode.ADMINISTRATIVE_ACTION)])
 def test_a_reauthentication_refused_with_a_code_is_told_in_disconnects_codes(code: ReasonCode,

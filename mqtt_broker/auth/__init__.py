@@ -148,8 +148,9 @@ class Identity:
     client_id: str
     username: str | None
     rules: AccessRules | None = None
-    """ACL handed out with the authentication (JWT claims, HTTP answer); when set, it replaces
-    ``acl_file`` for this client."""
+    """ACL handed out with the authentication (JWT claims, HTTP answer, an auth hook's answer);
+    when set, it replaces ``acl_file`` for this client. ``%c`` and ``%u`` in an auth hook's are
+    replaced by the broker (:meth:`AccessRules.for_client`)."""
     expires_at: float | None = None
     """POSIX time at which the credentials expire (a JWT's ``exp`` plus ``jwt_leeway``, an
     introspected token's ``exp``); the broker disconnects the client then (MQTT 5: DISCONNECT
