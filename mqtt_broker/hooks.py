@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from weakref import WeakKeyDictionary
@@ -95,11 +96,9 @@ class Hooks:
         self.has_unsubscribe = self.has_ping = self.has_disconnect = self.has_will = False
         self._pending: set[Deferred[Any]] = set()
         """The broker's waits for handlers' Deferreds, cancelled when it stops."""
-        self._waits: dict[Deferred[Any], int] = {}
-        """Handlers' Deferreds, with how many of those waits are on each (counted, not looked up
-        in ``_pending``: a stop, or a slow authenticator's timeouts, gives up thousands at once)."""
-        self._observers: dict[Deferred[Any], int] = {}
-        """Handlers' Deferreds not yet fired, with how many waits will see them fire."""
+        self._waits: dict[Deferred[Any], set[Deferred[Any]]] = {}
+        """Handlers' Deferreds not yet fired, with the waits on each (a set of its own, not looked
+        up in ``_pending``: a stop, or a slow authenticator's timeouts, gives up thousands at once)."""
         self._failures: WeakKeyDictionary[Deferred[Any], Failure] = WeakKeyDictionary()
         """Handlers' Deferreds that failed, with the failure (a wait took it from the Deferred)."""
 
@@ -224,49 +223,49 @@ class Hooks:
         """A Deferred of the broker's own for a handler's answer. The handler's Deferred may be
         shared (one "ready" Deferred returned to every call): what it fires with reaches every
         wait, those that come after it fired too, and a value stays the handler's (a failure is
-        taken by the last wait, and logged). A handler that never answers would hold its client
+        taken from it, and each wait logs it). A handler that never answers would hold its client
         for ever, reading nothing from it: past ``timeout`` the wait is cancelled, and the
         handler's Deferred too once no other wait is on it."""
         theirs = maybeDeferred(lambda: value)
         failure = self._failures.get(theirs)
-        if failure is not None:  # it failed, and a wait before this one took the failure
+        if failure is not None:  # it failed, and the waits then took the failure
             return fail(failure)
-        mine: Deferred[Any] = Deferred(lambda _: self._give_up(theirs))
+        mine: Deferred[Any] = Deferred(partial(self._give_up, theirs))
         self._pending.add(mine)
-        waits, observers = self._waits, self._observers
-        waits[theirs] = waits.get(theirs, 0) + 1
-        observers[theirs] = observers.get(theirs, 0) + 1
-
-        def answered(result: Any) -> Any:
-            left = observers.pop(theirs) - 1
-            if left:
-                observers[theirs] = left
-            if not mine.called:
-                if isinstance(result, Failure):
-                    mine.errback(result)
-                else:
-                    mine.callback(result)
-            if isinstance(result, Failure) and not left:
-                # Taken, or the Deferred would log it again when collected; later waits get it here.
-                self._failures[theirs] = result
-                return None
-            return result
-
-        theirs.addBoth(answered)
-        mine.addBoth(self._done, mine, theirs)
+        waits = self._waits.get(theirs)
+        if waits is None:
+            # One callback on theirs, however many waits come and give up before it fires.
+            self._waits[theirs] = {mine}
+            theirs.addBoth(self._answered, theirs)
+        else:
+            waits.add(mine)
+        mine.addBoth(self._done, mine)
         if self.timeout and self._clock is not None and not mine.called:
             mine.addTimeout(self.timeout, self._clock)
         return mine
 
-    def _give_up(self, theirs: Deferred[Any]) -> None:
-        if self._waits.get(theirs, 0) <= 1:  # (the other waits keep theirs going)
-            theirs.cancel()
+    def _answered(self, result: Any, theirs: Deferred[Any]) -> Any:
+        waits = self._waits.pop(theirs, ())
+        if isinstance(result, Failure):
+            # Taken, or the Deferred would log it again when collected. Kept before the waits
+            # hear of it: a wait their callbacks start on theirs finds it here too.
+            self._failures[theirs] = result
+            for mine in waits:
+                mine.errback(result)
+            return None
+        for mine in waits:
+            mine.callback(result)
+        return result
 
-    def _done(self, result: Any, mine: Deferred[Any], theirs: Deferred[Any]) -> Any:
+    def _give_up(self, theirs: Deferred[Any], mine: Deferred[Any]) -> None:
+        waits = self._waits.get(theirs)
+        if waits is not None:
+            waits.discard(mine)
+            if not waits:  # (the other waits keep theirs going)
+                theirs.cancel()
+
+    def _done(self, result: Any, mine: Deferred[Any]) -> Any:
         self._pending.discard(mine)
-        left = self._waits.pop(theirs, 1) - 1
-        if left:
-            self._waits[theirs] = left
         return result
 
     def cancel_pending(self) -> None:

@@ -4,6 +4,8 @@ clients see of them in a running broker."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 from typing import Any, Iterator, Sequence
 
 import pytest
@@ -296,6 +298,27 @@ def test_a_wait_that_times_out_leaves_the_others_on_the_same_deferred_waiting() 
     assert first.value == Refused(ReasonCode.UNSPECIFIED_ERROR) and not second.fired and not cancelled
     clock.advance(4)
     assert second.value == Refused(ReasonCode.UNSPECIFIED_ERROR) and cancelled == [gate]
+
+
+def test_waits_that_gave_up_on_a_deferred_leave_nothing_on_it() -> None:
+    """A "ready" Deferred that has not fired, each call given up (its client left, or its
+    hook_timeout passed) while the next one waits: the Deferred holds the wait still on it, not
+    every wait that gave up on it."""
+    hooks = Hooks()
+    ready: Deferred[Any] = Deferred()
+    hooks.on_connect(lambda client: ready)
+    wait = hooks.decide("connect", CLIENT)
+    given_up: list[weakref.ref[Deferred[Any]]] = []
+    for _ in range(100):
+        given_up.append(weakref.ref(wait))
+        wait, previous = hooks.decide("connect", CLIENT), wait
+        previous.cancel()
+    del previous
+    gc.collect()
+    assert [ref for ref in given_up if ref() is not None] == []
+    last = Outcome(wait)
+    ready.callback(False)
+    assert last.value == Refused()
 
 
 def test_a_handler_removing_itself_leaves_the_next_one_to_decide() -> None:
