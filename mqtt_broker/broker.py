@@ -191,7 +191,10 @@ class BrokerService(MultiService):
 
     def privilegedStartService(self) -> None:
         """Listen on every endpoint: twistd calls this before it sheds root's privileges
-        (``--uid``), so that a broker started as root may listen on ports below 1024."""
+        (``--uid``), so that a broker started as root may listen on ports below 1024. Nothing,
+        if it is running (see :meth:`startService`)."""
+        if self.running:
+            return
         super().privilegedStartService()
         try:
             self._listen()
@@ -202,7 +205,11 @@ class BrokerService(MultiService):
     def startService(self) -> None:
         """Listen on every endpoint (unless :meth:`privilegedStartService` did); any failure to
         listen raises here (after closing what was opened), so twistd stops at start-up instead
-        of running without a port."""
+        of running without a port. Nothing, if it is running: MultiService.addService starts a
+        service added to a running parent, and a broker started already would listen again and
+        leave the timers of its first start running after its stop."""
+        if self.running:
+            return
         _raise_open_files_limit()
         self.delivery.stopped = False
         try:

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from mqtt_broker import BrokerService
@@ -404,6 +405,21 @@ def test_start_listens_and_stop_closes() -> None:
 
 class _Node:
     next: _Node
+
+
+def test_a_running_broker_added_to_a_running_parent_is_not_started_again() -> None:
+    """MultiService.addService starts what is added to a running parent: the broker listened a
+    second time, and the $SYS update and retained sweep of its first start ran on after the stop."""
+    reactor = MemoryReactorClock()
+    parent = MultiService()
+    parent.startService()
+    broker = BrokerService(endpoints=["tcp:1883"], reactor=reactor)
+    broker.startService()
+    broker.setServiceParent(parent)
+    assert len(reactor.tcpServers) == 1
+    assert parent.stopService().called
+    reactor.advance(100)
+    assert not broker.running and reactor.getDelayedCalls() == []
 
 
 def test_a_twistd_broker_tunes_its_collector() -> None:
