@@ -178,7 +178,9 @@ class MemoryClient:
     The client answers by itself what the protocol asks of it: it completes the QoS 2 exchange
     of what it publishes (PUBREL after PUBREC) and, unless made with ``acknowledge=False``,
     acknowledges the QoS 1 and 2 messages it is sent (PUBACK; PUBREC, then PUBCOMP after
-    PUBREL). It sends nothing else on its own: no PINGREQ (see :meth:`ping`).
+    PUBREL). It gives a message the broker sent with a Topic Alias alone (to a client that
+    connected with ``topic_alias_maximum``) the topic of that alias; the alias stays in its
+    properties. It sends nothing else on its own: no PINGREQ (see :meth:`ping`).
 
     What the broker sends and the client did not deal with itself waits in the client until a
     method takes it: the method that expects an answer (``connect`` its CONNACK, ``publish``
@@ -204,6 +206,9 @@ class MemoryClient:
         self._reader = FrameReader(version=version)
         self._inbox: list[Packet] = []
         self._in_flight: set[int] = set()
+        self._aliases: dict[int, str] = {}
+        """The topics of the Topic Aliases the broker set (a client that connected with
+        ``topic_alias_maximum``)."""
         self._next_id = 0
         self._lost = self.protocol is None
         if self.protocol is not None:
@@ -360,6 +365,12 @@ class MemoryClient:
         answers: list[Packet] = []
         for packet in self._reader.feed(data):
             if isinstance(packet, Publish):
+                alias = packet.properties.get("topic_alias")
+                if alias is not None:
+                    if packet.topic:
+                        self._aliases[alias] = packet.topic
+                    else:  # the topic the alias was last sent with (MQTT 5 3.3.2.3.4)
+                        packet.topic = self._aliases.get(alias, "")
                 if self.acknowledge and packet.qos == 1:
                     answers.append(Puback(packet_id=packet.packet_id))
                 elif self.acknowledge and packet.qos == 2:

@@ -101,6 +101,20 @@ def test_many_messages_are_acknowledged_as_they_come() -> None:
     assert [m.payload for m in sub.messages()] == [b"0", b"1", b"2", b"3", b"4"]
 
 
+def test_a_message_sent_with_a_topic_alias_only_has_its_topic() -> None:
+    """A client that allows topic aliases is sent a topic once, then its alias alone (MQTT 5
+    3.3.2.3.4): the kit gave the later messages the topic ''."""
+    broker = MemoryBroker()
+    sub = broker.connect("sub", properties={"topic_alias_maximum": 10})
+    sub.subscribe("t/#")
+    pub = broker.connect("pub")
+    for topic in ("t/1", "t/1", "t/2", "t/1"):
+        pub.publish(topic, b"x")
+    messages = sub.messages()
+    assert [m.topic for m in messages] == ["t/1", "t/1", "t/2", "t/1"]
+    assert [m.properties["topic_alias"] for m in messages] == [1, 1, 2, 1]
+
+
 def test_unsubscribe() -> None:
     broker = MemoryBroker()
     sub = broker.connect("sub", version=MQTT_3_1_1)
