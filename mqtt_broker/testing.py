@@ -10,7 +10,8 @@ transports, so every packet goes through the same code as on the network, hooks 
     sub = broker.connect("sub")
     sub.subscribe("#")
     pub = broker.connect("pub")
-    assert pub.publish("forbidden", b"x", qos=1).reason_code == ReasonCode.NOT_AUTHORIZED
+    ack = pub.publish("forbidden", b"x", qos=1)  # (None while a hook's Deferred has not fired)
+    assert ack is not None and ack.reason_code == ReasonCode.NOT_AUTHORIZED
     pub.publish("allowed", b"y")
     assert [m.topic for m in sub.messages()] == ["allowed"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from mqtt_broker.wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Connack, Disconnect, Puback, Pubcomp, Publish, Pubrec, Suback,
     Unsuback, Will,
 )
+
+from conftest import ROOT
 
 VERSIONS = [MQTT_3_1_1, MQTT_5]
 
@@ -340,13 +343,27 @@ def test_the_broker_does_not_import_the_kit() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_documented_example() -> None:
-    page = (Path(__file__).parent.parent / "docs" / "embedding.md").read_text(encoding="utf-8")
+def documented_example() -> str:
+    page = (ROOT / "docs" / "embedding.md").read_text(encoding="utf-8")
     section = page.split("## Testing code that embeds the broker\n", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_example() -> None:
     namespace: dict[str, Any] = {}
-    exec(compile(code, "docs/embedding.md", "exec"), namespace)
+    exec(compile(documented_example(), "docs/embedding.md", "exec"), namespace)
     namespace["test_a_sensor_publishes_under_its_own_id"]()
+
+
+def test_the_documented_example_passes_a_strict_type_check(tmp_path: Path) -> None:
+    """Embedders' tests are type checked too: the example read ``reason_code`` from what
+    ``publish()`` returns, which is None while a hook decides."""
+    (tmp_path / "test_example.py").write_text(documented_example())
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
+         "test_example.py"], cwd=tmp_path, env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=300)
+    assert checked.returncode == 0, checked.stdout
 
 
 def test_a_closed_client_is_let_go() -> None:
