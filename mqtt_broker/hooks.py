@@ -96,9 +96,10 @@ class Hooks:
         self.has_unsubscribe = self.has_ping = self.has_disconnect = self.has_will = False
         self._pending: set[Deferred[Any]] = set()
         """The broker's waits for handlers' Deferreds, cancelled when it stops."""
-        self._waits: dict[Deferred[Any], set[Deferred[Any]]] = {}
-        """Handlers' Deferreds not yet fired, with the waits on each (a set of its own, not looked
-        up in ``_pending``: a stop, or a slow authenticator's timeouts, gives up thousands at once)."""
+        self._waits: dict[Deferred[Any], dict[Deferred[Any], None]] = {}
+        """Handlers' Deferreds not yet fired, with the waits on each, in the order they came (kept
+        apart, not looked up in ``_pending``: a stop, or a slow authenticator's timeouts, gives
+        up thousands at once)."""
         self._failures: WeakKeyDictionary[Deferred[Any], Failure] = WeakKeyDictionary()
         """Handlers' Deferreds that failed, with the failure (a wait took it from the Deferred)."""
 
@@ -235,17 +236,17 @@ class Hooks:
         waits = self._waits.get(theirs)
         if waits is None:
             # One callback on theirs, however many waits come and give up before it fires.
-            self._waits[theirs] = {mine}
+            self._waits[theirs] = {mine: None}
             theirs.addBoth(self._answered, theirs)
         else:
-            waits.add(mine)
+            waits[mine] = None
         mine.addBoth(self._done, mine)
         if self.timeout and self._clock is not None and not mine.called:
             mine.addTimeout(self.timeout, self._clock)
         return mine
 
     def _answered(self, result: Any, theirs: Deferred[Any]) -> Any:
-        waits = self._waits.pop(theirs, ())
+        waits = self._waits.pop(theirs, {})
         if isinstance(result, Failure):
             # Taken, or the Deferred would log it again when collected. Kept before the waits
             # hear of it: a wait their callbacks start on theirs finds it here too.
@@ -260,7 +261,7 @@ class Hooks:
     def _give_up(self, theirs: Deferred[Any], mine: Deferred[Any]) -> None:
         waits = self._waits.get(theirs)
         if waits is not None:
-            waits.discard(mine)
+            waits.pop(mine, None)
             if not waits:  # (the other waits keep theirs going)
                 theirs.cancel()
 
