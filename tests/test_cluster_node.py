@@ -1799,6 +1799,30 @@ def test_a_nodes_message_log_is_kept_by_the_restore_step_of_its_start(server: Re
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_replay_asked_for_while_a_message_comes_back_from_the_inbox_gets_it_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A QoS 2 message of a session Redis keeps reaches this node's subscribers when it comes
+    back from the node's inbox: logged when it was published, it reached a replay asked for
+    meanwhile twice, from the log and live (docs/message-log.md: neither a gap nor a duplicate).
+    It is logged as it comes back now, just before it goes to the subscribers here."""
+    broker = yield node_a(server, history_filters=["log/#"])
+    try:
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        early = yield subscriber(broker, "early", "log/#")
+        late = yield connect(broker, 5, client_id="late")
+        publisher.received()
+        late.received()
+        publisher.send(Publish(topic="log/x", payload=b"once", qos=2, packet_id=7))
+        late.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/log/#", qos=2),)))
+        yield publishes(early, "the message, back from the inbox")
+        assert [p.payload for p in late.received() if isinstance(p, Publish)] == [b"once"]
+        assert [m.payload for m in broker.history.replay("log/#", "all", 0)] == [b"once"]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_stored_messages_that_expired_make_room_under_max_stored_messages(server: RedisServer) -> Iterator[Deferred[Any]]:
     """As with the SQLite store: at max_stored_messages, the offline session's messages that
     expired are deleted from Redis, and the next ones are taken."""
