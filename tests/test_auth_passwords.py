@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -328,48 +327,6 @@ def test_python_dash_m(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mqtt_broker.passwd", "-D", str(path), "bob"],
                             cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 1 and "Error: user bob not found" in result.stderr
-
-
-def test_wheel_installs_the_command_and_the_endpoint_plugin(tmp_path: Path) -> None:
-    """The wheel declares mqttbroker-passwd and ships the mqtts: endpoint plugin; installed, the
-    script runs the command and Twisted finds the plugin."""
-    source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache", ".mypy_cache",
-        ".hypothesis", "node_modules", "_trial_temp", "tests", "mqttbroker-data"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w",
-                    str(tmp_path / "dist")], check=True, timeout=300, cwd=tmp_path)
-    [wheel] = (tmp_path / "dist").glob("mqtt_broker-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        [entry_points] = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
-        declared = archive.read(entry_points).decode()
-        assert "mqttbroker-passwd = mqtt_broker.passwd:main" in declared
-        assert "mqttbroker-config = mqtt_broker.mosquitto:main" in declared
-        assert {"twisted/plugins/mqttbroker_mqtts.py", "mqtt_broker/auth/endpoint.py",
-                "mqtt_broker/passwd.py"} <= set(archive.namelist())
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
-                    str(wheel)], check=True, timeout=300, cwd=tmp_path)
-    path = tmp_path / "pw"
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    result = subprocess.run([str(site / "bin" / "mqttbroker-passwd"), "-c", "-b", str(path), "alice", "pw"],
-                            env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert PasswordFile.load(path).users["alice"].verify(b"pw")
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text("listener 1883 127.0.0.1\n")
-    result = subprocess.run([str(site / "bin" / "mqttbroker-config"), "from-mosquitto", str(conf)],
-                            env=env, capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert 'endpoints = ["tcp:1883:interface=127.0.0.1"]' in result.stdout
-    script = ("from twisted.plugin import getPlugins\n"
-              "from twisted.internet.interfaces import IStreamServerEndpointStringParser as I\n"
-              "[p] = [p for p in getPlugins(I) if p.prefix == 'mqtts']\n"
-              "print(type(p).__module__)")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=WAIT, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "mqtt_broker.auth.endpoint"
 
 
 def test_iterations_beyond_what_mosquitto_reads_are_an_error_not_a_traceback(tmp_path: Path,

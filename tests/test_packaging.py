@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import mqtt_broker
+from mqtt_broker.auth.passwords import PasswordFile
 
 ROOT = Path(__file__).resolve().parent.parent
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -157,6 +158,34 @@ def test_wheel_has_every_module(wheel: Path) -> None:
     source = {path.relative_to(ROOT).as_posix() for path in (ROOT / "mqtt_broker").rglob("*.py")
               if "__pycache__" not in path.parts}
     assert source and source <= names
+
+
+def test_wheel_installs_the_commands_and_the_endpoint_plugin(wheel: Path, installed: Path, tmp_path: Path) -> None:
+    """The wheel declares mqttbroker-passwd and mqttbroker-config and ships the mqtts: endpoint
+    plugin; installed, the scripts run the commands and Twisted finds the plugin."""
+    with zipfile.ZipFile(wheel) as archive:
+        [entry_points] = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        declared = archive.read(entry_points).decode()
+        assert "mqttbroker-passwd = mqtt_broker.passwd:main" in declared
+        assert "mqttbroker-config = mqtt_broker.mosquitto:main" in declared
+        assert {"twisted/plugins/mqttbroker_mqtts.py", "mqtt_broker/auth/endpoint.py",
+                "mqtt_broker/passwd.py"} <= set(archive.namelist())
+    path = tmp_path / "pw"
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    run([str(installed / "bin" / "mqttbroker-passwd"), "-c", "-b", str(path), "alice", "pw"], cwd=tmp_path, env=env,
+        timeout=30)
+    assert PasswordFile.load(path).users["alice"].verify(b"pw")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 1883 127.0.0.1\n")
+    result = run([str(installed / "bin" / "mqttbroker-config"), "from-mosquitto", str(conf)], cwd=tmp_path, env=env,
+                 timeout=30)
+    assert 'endpoints = ["tcp:1883:interface=127.0.0.1"]' in result.stdout
+    script = ("from twisted.plugin import getPlugins\n"
+              "from twisted.internet.interfaces import IStreamServerEndpointStringParser as I\n"
+              "[p] = [p for p in getPlugins(I) if p.prefix == 'mqtts']\n"
+              "print(type(p).__module__)")
+    result = run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=30)
+    assert result.stdout.strip() == "mqtt_broker.auth.endpoint"
 
 
 def test_installed_plugin_is_found(installed: Path, tmp_path: Path) -> None:
