@@ -19,7 +19,7 @@ from .aliases import InboundAliases, OutboundAliases
 from .auth import Credentials, Identity, Refusal
 from .connect import negotiate
 from .delivery import Delivery
-from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Refused
+from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Authenticated, Refused
 from .lifecycle import State
 from .message import Client, Message
 from .wire import (
@@ -205,6 +205,10 @@ class Connecting:
         reauthenticating = self.state is State.CONNECTED
         if isinstance(answer, (bytearray, memoryview)):
             answer = bytes(answer)
+        final: dict[str, bytes] = {}
+        if isinstance(answer, Authenticated):  # authenticated, with data for the client's last step
+            final["authentication_data"] = answer.data
+            answer = answer.identity
         self._reauthenticating = reauthenticating and isinstance(answer, bytes)
         if isinstance(answer, Identity):  # authenticated, as this identity from now on
             if reauthenticating and answer.expires_at is not None and answer.expires_at <= self.clock.seconds():
@@ -226,10 +230,12 @@ class Connecting:
             self.send(Auth(reason_code=ReasonCode.CONTINUE_AUTHENTICATION, properties={
                 "authentication_method": self._auth_method, "authentication_data": answer}))
         elif reauthenticating:
-            self.send(Auth(properties={"authentication_method": self._auth_method}))
+            self.send(Auth(properties={"authentication_method": self._auth_method, **final}))
         else:
             connect, self._auth_connect = self._auth_connect, None
-            assert connect is not None
+            assert connect is not None and self.terms is not None
+            if final:  # (the terms' properties may be shared: a dict of its own)
+                self.terms.connack_properties = {**self.terms.connack_properties, **final}
             self._authorize(connect)
 
     def _take_identity(self, identity: Identity) -> None:

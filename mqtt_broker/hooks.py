@@ -70,6 +70,16 @@ class Refused:
         return code
 
 
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """An auth hook's answer: authenticated, with Authentication Data for the client's last step
+    (a SCRAM server-final message, MQTT 5 §4.12), sent in the CONNACK, or in the AUTH 0x00 that
+    ends a re-authentication; with an ``identity``, as that one (as an Identity answer)."""
+
+    data: bytes
+    identity: Identity | None = None
+
+
 _SAID: set[tuple[int, int, frozenset[int]]] = set()
 """What :meth:`Refused.code` has warned of, in this process: (code, default, the codes the
 answer allows)."""
@@ -121,7 +131,8 @@ class Hooks:
         return self._register("connect", handler)
 
     def on_auth(self, handler: Handler) -> Handler:
-        """``handler(client, method, data, reauthenticating) -> None | bool | bytes | Refused``:
+        """``handler(client, method, data, reauthenticating) -> None | bool | Identity | bytes |
+        Authenticated | Refused``:
         MQTT 5 enhanced authentication. Called with the Authentication Method and Data of the
         CONNECT and of every AUTH packet. None or True: authenticated. An
         :class:`~mqtt_broker.auth.Identity`: authenticated as that identity (for this client
@@ -129,7 +140,8 @@ class Hooks:
         ``%u`` in them replaced as in ``acl_file`` patterns), its ``expires_at`` for the timer
         that disconnects the client (re-authentication moves it; expired already, it refuses).
         Bytes (or a bytearray, a memoryview): continue, sending them to the client in an AUTH
-        packet (0x18) and waiting for its answer. False refuses (CONNACK 0x87, or DISCONNECT 0x87
+        packet (0x18) and waiting for its answer. :class:`Authenticated`: authenticated, with
+        data for the client's last step. False refuses (CONNACK 0x87, or DISCONNECT 0x87
         when re-authenticating). Without a handler, a CONNECT with an Authentication Method is
         refused with 0x8C."""
         return self._register("auth", handler)
@@ -297,7 +309,7 @@ def own_properties(message: Message) -> Message:
 
 _ANSWERS: dict[str, tuple[type, ...]] = {
     "connect": (), "unsubscribe": (), "ping": (),
-    "auth": (Identity, bytes, bytearray, memoryview), "publish": (Message,), "will": (Message,),
+    "auth": (Identity, Authenticated, bytes, bytearray, memoryview), "publish": (Message,), "will": (Message,),
     "subscribe": (int,),  # (a QoS to grant at most: 0 to 2)
 }
 """The answers an event's handlers may give besides None, a bool, a refusal and an error code."""
@@ -324,6 +336,12 @@ def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:
     elif isinstance(value, Identity):
         if event == "auth" and _well_formed(value):
             return value
+    elif isinstance(value, Authenticated):
+        data, identity = value.data, value.identity
+        if event == "auth" and (identity is None or isinstance(identity, Identity) and _well_formed(identity)) \
+                and isinstance(data, (bytes, bytearray, memoryview)):
+            judged = _judge(data, event, handler)  # (no more than Authentication Data carries)
+            return judged if isinstance(judged, Refused) else Authenticated(bytes(data), identity)
     elif isinstance(value, _ANSWERS[event]) and not (isinstance(value, int) and not 0 <= value <= 2):  # (a QoS, or nothing)
         return value
     log.error("{event} hook {handler!r} answered {answer!r}, which is not an answer it may give; refusing",
@@ -354,4 +372,4 @@ def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refuse
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
 
 
-__all__ = ["Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]
+__all__ = ["Authenticated", "Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]

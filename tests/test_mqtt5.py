@@ -1890,6 +1890,45 @@ def test_reauthentication_failure_gets_disconnect_0x87() -> None:
     assert calls[-1] == ("c", "SCRAM", b"bad", True)
 
 
+def test_an_auth_hook_ends_an_exchange_with_data_for_the_clients_last_step() -> None:
+    """§4.12 (its SCRAM example): the server's final message goes with the success, in the
+    CONNACK's Authentication Data (3.2.2.3.18), or in the AUTH 0x00 ending a re-authentication:
+    Authenticated(data) says so, Authenticated(data, identity) as that identity."""
+    from mqtt_broker.auth import AccessRules, Identity
+    from mqtt_broker.hooks import Authenticated
+    broker = make_broker()
+    watcher = connected(broker, "w", version=5)
+    watcher.subscribe("#")
+    rules = AccessRules.from_lists(["mine/%c"], [])
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating:
+                         b"server-first" if data == b"client-first" else
+                         Authenticated(b"server-final", Identity(client_id="c", username=None, rules=rules))
+                         if reauthenticating else Authenticated(bytearray(b"server-final")))
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"client-first")))
+    client.send(Auth(reason_code=0x18, properties=_auth_properties(b"client-final")))
+    [challenge, connack] = client.received()
+    assert challenge == Auth(reason_code=0x18, properties=_auth_properties(b"server-first"))
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    assert connack.properties["authentication_data"] == b"server-final"
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again")))
+    assert client.received() == [Auth(properties=_auth_properties(b"server-final"))]
+    client.publish("mine/c", b"as the identity", qos=1)
+    client.publish("other", b"refused", qos=1, packet_id=2)
+    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"as the identity"]
+
+
+@pytest.mark.parametrize("answer", ["too long", "not bytes"])
+def test_an_auth_hooks_final_data_it_cannot_send_refuses(answer: str) -> None:
+    from mqtt_broker.hooks import Authenticated
+    broker = make_broker()
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating:
+                         Authenticated(bytes(65536) if answer == "too long" else "text"))  # type: ignore[arg-type]
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5, properties=_auth_properties(b"client-first")))
+    assert client.received() == [Connack(reason_code=ReasonCode.UNSPECIFIED_ERROR)] and client.closed
+
+
 def test_a_reauthentication_as_an_identity_expired_already_fails() -> None:
     """[MQTT-4.12.1-2]: credentials expired when the hook accepts them are a failed
     re-authentication (DISCONNECT 0x87), as they refuse a CONNECT (0x86), not a success (AUTH
