@@ -4,7 +4,8 @@ Each WebSocket connection carries one :class:`~mqtt_broker.protocol.MQTTProtocol
 broker's own factory, so every feature behaves as over TCP. The payload of every binary frame goes
 to its ``dataReceived`` as it arrives (MQTT packets may span frames and a frame may hold several:
 the MQTT frame reader does the framing [MQTT-6.0.0-2]); each of its ``transport.write`` calls goes
-out as one binary frame. A text frame closes the connection [MQTT-6.0.0-1].
+out as one binary frame, or one per MESSAGE_SIZE bytes when it is larger. A text frame closes the
+connection [MQTT-6.0.0-1].
 
 autobahn does the opening and closing handshakes, ping/pong, frame parsing and permessage-deflate.
 Around it this module adds what a broker needs: subprotocol ``mqtt`` (``mqttv3.1`` for 3.1
@@ -52,6 +53,12 @@ CLOSE_TIMEOUT = 5.0
 CLOSING_PONGS = 8
 """Pings answered while the broker waits for the client's close frame (the rest are not: one
 that pings on meanwhile is given no growing backlog of pongs to hold)."""
+
+MESSAGE_SIZE = 65536
+"""The most MQTT bytes the broker sends in one WebSocket message. A client may bound a message
+(Python's websockets at 1 MiB, Netty at 64 KiB) and close with 1009 past it, while the output
+of one turn may be over a MiB (what a SUBSCRIBE's retained messages or a slow subscriber's held
+ones make): it goes out in several messages, as MQTT packets may span them [MQTT-6.0.0-2]."""
 
 _GATHER = 65536
 """Frames up to this payload size that a read cuts wait whole for their end; larger ones stream."""
@@ -137,10 +144,11 @@ def _is_trusted(host: str, trusted: Sequence[Network]) -> bool:
 class WebSocketTransport:
     """The transport an MQTTProtocol sees on a WebSocket connection.
 
-    Writes become binary frames (nothing is sent once the closing handshake has begun, as RFC 6455
-    5.5.1 requires); producer registration, pausing the input and TCP options go to the socket
-    underneath; ``loseConnection`` starts the closing handshake, ``abortConnection`` drops the
-    socket. ``getPeer`` is the client's address (from X-Forwarded-For behind a trusted proxy).
+    Writes become binary frames of MESSAGE_SIZE bytes at most (nothing is sent once the closing
+    handshake has begun, as RFC 6455 5.5.1 requires); producer registration, pausing the input
+    and TCP options go to the socket underneath; ``loseConnection`` starts the closing handshake,
+    ``abortConnection`` drops the socket. ``getPeer`` is the client's address (from
+    X-Forwarded-For behind a trusted proxy).
     """
 
     __slots__ = ("_websocket", "_socket", "_peer")
@@ -163,11 +171,16 @@ class WebSocketTransport:
         if websocket.state != _OPEN:
             return
         if websocket._perMessageCompress is not None:
-            websocket.sendMessage(data, isBinary=True)
+            for start in range(0, len(data), MESSAGE_SIZE):
+                websocket.sendMessage(data[start:start + MESSAGE_SIZE], isBinary=True)
         elif len(data) < 65536:
             self._socket.write(frame_header(len(data)) + data)
-        else:  # a large payload is not copied: the header and the payload go out as they are
-            self._socket.writeSequence([frame_header(len(data)), data])
+        else:  # one message per MESSAGE_SIZE bytes
+            pieces: list[bytes] = []
+            for start in range(0, len(data), MESSAGE_SIZE):
+                piece = data[start:start + MESSAGE_SIZE]
+                pieces += (frame_header(len(piece)), piece)
+            self._socket.writeSequence(pieces)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))

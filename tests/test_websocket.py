@@ -333,17 +333,56 @@ def test_connect_and_round_trip_with_a_tcp_client() -> None:
     assert [c.client_id for c in broker.clients()] == ["ws", "tcp"]
 
 
-def test_every_write_is_one_binary_frame() -> None:
+def test_every_write_is_one_binary_frame_or_one_per_64_kib() -> None:
     broker = make_broker()
     ws = ws_connected(broker)
     ws.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="big", qos=0),)))
     ws.packets()
-    for size in (10, 200, 70_000):  # the three header lengths: 7-bit, 16-bit, 64-bit
+    # The three header lengths: 7-bit, 16-bit, and 64-bit for the first 64 KiB of the largest.
+    for size, messages in ((10, 1), (200, 1), (65_000, 1), (70_000, 2)):
         broker.publish("big", b"x" * size)
-        [frame] = ws.frames()
-        assert frame.opcode == BINARY and frame.fin and not frame.rsv1
-        [publish] = ws.reader.feed(frame.payload)
+        frames = ws.frames()
+        assert [(f.opcode, f.fin, f.rsv1) for f in frames] == [(BINARY, True, False)] * messages
+        [publish] = ws.reader.feed(b"".join(f.payload for f in frames))
         assert publish.payload == b"x" * size  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_the_retained_messages_of_a_subscribe_go_out_in_messages_of_64_kib_at_most(compression: bool) -> None:
+    """A client may bound the size of a message (Python websockets: 1 MiB, Netty: 64 KiB) and
+    close with 1009 past it: 300 retained messages of 10 kB went out as one message of 3 MB.
+    MQTT packets may span messages [MQTT-6.0.0-2]."""
+    broker = make_broker(websocket_compression=compression)
+    for n in range(300):
+        broker.publish(f"r/{n}", b"x" * 10_000, retain=True)
+    client = WSClient(broker)
+    assert client.handshake(headers=DEFLATE_OFFER) == 101
+    inflate = zlib.decompressobj(wbits=-15)
+    client.send_packets(Connect(client_id="ws"), Subscribe(packet_id=1, subscriptions=(
+        SubscriptionRequest(topic_filter="r/#", qos=0),)))
+    packets = []
+    for frame in client.frames():
+        assert frame.opcode == BINARY and frame.fin and frame.rsv1 == compression
+        payload = inflate.decompress(frame.payload + b"\x00\x00\xff\xff") if compression else frame.payload
+        assert len(payload) <= 65536
+        packets += client.reader.feed(payload)
+    assert packets[:2] == [Connack(reason_code=0), Suback(packet_id=1, reason_codes=(0,))]
+    assert sorted(p.topic for p in packets[2:]) == sorted(f"r/{n}" for n in range(300))  # type: ignore[union-attr]
+
+
+def test_a_slow_subscribers_held_messages_go_out_in_messages_of_64_kib_at_most() -> None:
+    """Held while its socket was full, they went out as one message of 1 MB once it drained."""
+    broker = make_broker()
+    client = ws_connected(broker)
+    client.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=0),)))
+    client.packets()
+    client.socket.producer.pauseProducing()  # the socket's buffer is full
+    for _ in range(100):
+        broker.publish("t", b"x" * 10_000)
+    client.socket.producer.resumeProducing()  # drained
+    frames = client.frames()
+    assert max(len(f.payload) for f in frames) <= 65536
+    assert [p.payload for f in frames for p in client.reader.feed(f.payload)] == [b"x" * 10_000] * 100  # type: ignore[union-attr]
 
 
 def test_frame_header() -> None:
