@@ -309,10 +309,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self.broker.detach(self, self._graceful)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._out = None
-        elif abort and told and isinstance(self.transport, ProtocolWrapper):
+        elif abort and told and (isinstance(self.transport, ProtocolWrapper)
+                                 or getattr(self.transport, "closing_handshake", False)):
             # Over TLS (or the PROXY header's wrapper) the DISCONNECT waits in a buffer above the
-            # socket, which an abort would throw away: closed as without a linger instead, which
-            # bounds the wait for a client that takes nothing (UNTAKEN_LIMIT).
+            # socket, over WebSocket in the socket's, which an abort would throw away: closed as
+            # without a linger instead, which bounds the wait for a client that takes nothing
+            # (UNTAKEN_LIMIT; over WebSocket the closing handshake's timer).
             self._out = None
             self._linger_call = close_lingering(self.transport, self.clock, 0, False)
         elif abort:

@@ -681,6 +681,23 @@ def test_keepalive_timeout_aborts_the_socket() -> None:
     assert client.socket.disconnected
 
 
+def test_an_mqtt5_clients_keepalive_timeout_is_told_before_the_socket_closes() -> None:
+    """DISCONNECT 0x8D first, as over TCP: the socket was aborted with it still in its buffer,
+    thrown away. It goes out with the close frame after it, and the close timer bounds the wait
+    for a client that takes nothing."""
+    broker = make_broker()
+    client = WSClient(broker, version=5)
+    client.handshake()
+    assert client.connect("sleepy", keep_alive=10).reason_code == 0  # type: ignore[union-attr]
+    broker.clock.advance(15.1)  # type: ignore[attr-defined]
+    frames = client.frames()
+    [disconnect] = client.reader.feed(frames[0].payload)
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x8D
+    assert frames[1].close_code == 1000 and not client.socket.disconnected  # not aborted
+    broker.clock.advance(CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+    assert client.socket.disconnected
+
+
 @pytest.mark.parametrize("size", [60_000, 100_000])  # gathered here whole, streamed by autobahn
 def test_a_large_packet_arriving_slowly_keeps_its_connection_alive(size: int) -> None:
     """As over TCP: part of a large packet counts for the keepalive as it arrives. A frame of up

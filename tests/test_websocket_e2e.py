@@ -220,6 +220,18 @@ def test_text_frame_closes_the_connection(ws_broker: WSBroker) -> None:  # [MQTT
     assert close.opcode == CLOSE and close.close_code == 1003
 
 
+def test_an_mqtt5_client_silent_past_its_keepalive_reads_why_before_the_end(ws_broker: WSBroker) -> None:
+    """As over TCP: DISCONNECT 0x8D, which the abort of the socket threw away."""
+    client = RawWebSocket(ws_broker.ws_port, version=5)
+    client.send(encode(Connect(client_id="sleepy", keep_alive=1, protocol_level=5), 5))
+    assert client.packets()[0].reason_code == 0  # type: ignore[union-attr]
+    [disconnect] = client.packets()  # within WAIT: 1.5 s
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x8D
+    assert client.next_frame().close_code == 1000
+    client.send(b"\x03\xe8", CLOSE)
+    assert client.until_closed() == []
+
+
 @pytest.mark.parametrize("offered", [None, ("wamp.2.json",)], ids=["none", "unknown"])
 def test_missing_or_unknown_subprotocol_is_refused(ws_broker: WSBroker, offered: tuple[str, ...] | None) -> None:
     client = RawWebSocket(ws_broker.ws_port, protocols=offered)
