@@ -58,25 +58,32 @@ class MQTTFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Any:  # type: ignore[override]
         protocol = self.build(addr)
-        return _Refused() if protocol is None and self.wrapped else protocol
+        return RefusedConnection() if protocol is None and self.wrapped else protocol
 
     def build(self, addr: IAddress) -> MQTTProtocol | None:
-        if self.broker.stopped:  # (a connection of a listener that outlives the stop: the admin site's)
-            return None
-        limit = self.broker.config.max_connections
-        if limit >= 0 and len(self.broker.connections) - self.broker.ending - self.broker.own_links >= limit:
-            self.broker.stats.connections_refused += 1
-            self.broker.stats.refused_by_reason["max_connections"] = \
-                self.broker.stats.refused_by_reason.get("max_connections", 0) + 1
-            log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
+        # (Stopped: a connection of a listener that outlives the stop, the admin site's.)
+        if self.broker.stopped or self.full(addr):
             return None
         protocol = MQTTProtocol(self.broker, self.broker.clock)
         if not self.wrapped:  # (a wrapper may know better: haproxy: reads the client's from its header)
             protocol.peer = describe(addr)  # the transport would make another address object
         return protocol
 
+    def full(self, addr: IAddress) -> bool:
+        """Whether max_connections is reached, WebSocket connections still upgrading counted:
+        then the refusal of a connection from ``addr`` is counted and logged."""
+        broker = self.broker
+        limit = broker.config.max_connections
+        if limit < 0 or len(broker.connections) - broker.ending - broker.own_links + broker.upgrading < limit:
+            return False
+        broker.stats.connections_refused += 1
+        refused = broker.stats.refused_by_reason
+        refused["max_connections"] = refused.get("max_connections", 0) + 1
+        log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
+        return True
 
-class _Refused(Protocol):
+
+class RefusedConnection(Protocol):
     """A connection past max_connections under a wrapping factory: aborted as it is made."""
 
     def connectionMade(self) -> None:
@@ -131,6 +138,9 @@ class BrokerService(MultiService):
         self.own_links = 0
         """How many of ``connections`` are this broker's bridges' links to it: not clients, not
         counted against max_connections."""
+        self.upgrading = 0
+        """How many WebSocket connections are open and not upgraded to MQTT yet (not in
+        ``connections``): counted against max_connections, as a TCP one awaiting CONNECT is."""
         self._all_closed: AllClosed | None = None
         """While stopping: what waits for the last connection to go."""
         self.keepalives = Keepalives(self.clock)

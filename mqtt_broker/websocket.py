@@ -10,9 +10,10 @@ connection [MQTT-6.0.0-1].
 autobahn does the opening and closing handshakes, ping/pong, frame parsing and permessage-deflate.
 Around it this module adds what a broker needs: subprotocol ``mqtt`` (``mqttv3.1`` for 3.1
 clients) required [MQTT-6.0.0-3, -4], optional request paths, bounded handshake size and time,
-X-Forwarded-For from trusted proxies only, the broker's connection limit (HTTP 503), and
-back-pressure: MQTTProtocol registers itself as the push producer of the socket underneath, so a
-slow WebSocket subscriber is paused and queued exactly like a slow TCP one.
+X-Forwarded-For from trusted proxies only, the broker's connection limit (as sockets are accepted;
+HTTP 503 for a site's connections), and back-pressure: MQTTProtocol registers itself as the push
+producer of the socket underneath, so a slow WebSocket subscriber is paused and queued exactly
+like a slow TCP one.
 
 Two ways in: :class:`WebSocketFactory` for an endpoint (``BrokerService`` builds one for
 ``websocket_endpoints``), and :class:`WebSocketResource` to mount in a ``twisted.web`` site.
@@ -39,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .broker import RefusedConnection
 from .connecting import describe
 from .keepalive import cancel
 from .protocol import LARGE_PACKET_PROGRESS
@@ -245,12 +247,15 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self._close_call: Any = None
         self._mqtt_closed_it = False
         self._mqtt_lost = False
+        self._upgrading = False
         self.message_data_total_length = 0  # autobahn sets it per message; the fast path does not
 
     # --- the opening handshake ----------------------------------------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._upgrading = True
+        self.factory.broker.upgrading += 1
         timeout = self.factory.handshake_timeout
         if timeout:
             # From the moment the socket is accepted, so a stalled TLS handshake counts too.
@@ -384,6 +389,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             log.info("refusing a WebSocket connection from {peer}: subprotocols {offered}, not mqtt",
                      peer=self._where(), offered=request.protocols)
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Bad Request: subprotocol mqtt required")
+        self._upgraded()  # (from here it counts as the MQTT connection it becomes)
         mqtt = factory.broker.factory.buildProtocol(peer)
         if mqtt is None:  # max_connections: counted and logged by the MQTT factory
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Service Unavailable")
@@ -393,6 +399,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self.websocket_extensions = [(name, params) for name, params in self.websocket_extensions
                                      if factory.compression and _takes(name, params)]
         return subprotocol
+
+    def _upgraded(self) -> None:
+        if self._upgrading:
+            self._upgrading = False
+            self.factory.broker.upgrading -= 1
 
     def _where(self) -> str:
         """The client, as the log names it: behind a trusted proxy, the one it forwards for."""
@@ -479,6 +490,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         cancel(self._handshake_call)
         cancel(self._close_call)
         self._handshake_call = self._close_call = None
+        self._upgraded()
         self._lose_mqtt(reason)
 
     def _lose_mqtt(self, reason: Failure) -> None:
@@ -489,14 +501,20 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
 class WebSocketFactory(WebSocketServerFactory):
     """Builds an :class:`MQTTWebSocketProtocol` per connection, for ``broker`` (a BrokerService)
-    with its ``websocket_*`` settings; ``paths`` overrides ``websocket_paths`` (empty: any)."""
+    with its ``websocket_*`` settings; ``paths`` overrides ``websocket_paths`` (empty: any).
+
+    Past max_connections (connections still upgrading counted) a listener's connection is
+    aborted as it is accepted, as a TCP listener's is; with ``listener`` false (the connections
+    of a ``twisted.web`` site, which has accepted them already) its upgrade is answered with 503.
+    """
 
     protocol = MQTTWebSocketProtocol  # type: ignore[assignment]
 
-    def __init__(self, broker: Any, paths: Iterable[str] | None = None) -> None:
+    def __init__(self, broker: Any, paths: Iterable[str] | None = None, listener: bool = True) -> None:
         super().__init__(protocols=list(SUBPROTOCOLS), server=None, reactor=broker.reactor)
         config = broker.config
         self.broker = broker
+        self.listener = listener
         self.paths = frozenset(config.websocket_paths if paths is None else paths)
         self.origins = frozenset(origin.lower() for origin in config.websocket_origins)
         self.trusted_proxies: tuple[Network, ...] = tuple(
@@ -521,6 +539,13 @@ class WebSocketFactory(WebSocketServerFactory):
             versions=[13],
             tcpNoDelay=config.set_tcp_nodelay,
             **options)
+
+    def buildProtocol(self, addr: IAddress) -> Any:  # type: ignore[override]
+        if self.listener and self.broker.factory.full(addr):
+            # Not left to the upgrade's 503: each would stay open until its handshake timeout,
+            # holding up to websocket_max_handshake_size of request.
+            return RefusedConnection()
+        return super().buildProtocol(addr)
 
 
 _EXTENSIONS_LINE = re.compile(rb"\r\nsec-websocket-extensions:[ \t]*([^\r]*)", re.IGNORECASE)
@@ -570,7 +595,7 @@ class WebSocketResource(_AutobahnResource):
     """
 
     def __init__(self, broker: Any) -> None:
-        super().__init__(WebSocketFactory(broker, paths=()))
+        super().__init__(WebSocketFactory(broker, paths=(), listener=False))
 
     def render(self, request: Any) -> Any:
         transport = request.channel.transport

@@ -27,6 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mqtt_broker import BrokerService
+from mqtt_broker.broker import MQTTFactory
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.protocol import PACKETS_PER_TURN, READ_WHILE_DECIDING
 from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
@@ -304,10 +305,28 @@ def test_connect_timeout_runs_after_the_handshake() -> None:
     assert client.socket.disconnected  # MQTTProtocol's own timeout: aborted as over TCP
 
 
-def test_connection_limit_answers_503() -> None:
+def test_sockets_past_max_connections_are_closed_as_they_are_accepted() -> None:
+    """As over TCP; those still upgrading count. Each was held open until its handshake timeout,
+    with up to websocket_max_handshake_size of request buffered."""
+    broker = make_broker(max_connections=2)
+    factory = WebSocketFactory(broker)
+    first = ws_connected(broker, "first", factory=factory)
+    upgrading = WSClient(broker, factory)
+    upgrading.send_bytes(handshake_request()[:30])
+    refused = WSClient(broker, factory)
+    assert refused.socket.disconnected and not upgrading.closed and not first.closed
+    tcp = MQTTFactory(broker).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1883))
+    assert tcp is None  # a TCP listener's too
+    assert broker.stats.connections_refused == 2
+    upgrading.lose()
+    assert ws_connected(broker, "second", factory=factory)
+
+
+def test_past_max_connections_a_sites_connection_is_answered_503() -> None:
+    """WebSocketResource: the site has accepted the connection, and answers its request."""
     broker = make_broker(max_connections=1)
     first = ws_connected(broker, "first")
-    second = WSClient(broker)
+    second = WSClient(broker, WebSocketFactory(broker, paths=(), listener=False))
     assert second.handshake() == 503
     assert second.closed and not first.closed
     assert broker.stats.connections_refused == 1
