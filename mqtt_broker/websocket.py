@@ -412,6 +412,13 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         cancel(self._handshake_call)
         self._handshake_call = None
+        # autobahn keeps the request, whole and parsed, and its answer for the life of the
+        # connection, which needs none of them now: up to a few websocket_max_handshake_size.
+        self.http_request_data = b""
+        self.http_response_data = self.http_status_line = self.http_request_uri = ""
+        self.http_request_path = self.http_request_host = self.websocket_origin = ""
+        self.http_headers, self.http_request_params = {}, {}
+        self.websocket_protocols, self.websocket_extensions = [], []
         assert self.mqtt is not None and self._peer is not None
         self.mqtt.makeConnection(WebSocketTransport(self, self.transport, self._peer))
 

@@ -270,6 +270,16 @@ def test_handshake_within_the_size_limit_with_a_frame_behind_it() -> None:
     assert client.reader.feed(client.parser.feed(rest)[0].payload) == [Connack(reason_code=0)]
 
 
+def test_the_upgrade_request_is_not_kept_once_the_connection_is_open() -> None:
+    """autobahn kept it whole and parsed (its path thrice) for the life of the connection: up
+    to a few times websocket_max_handshake_size for each."""
+    token = "q" * 4_000
+    client = WSClient(make_broker())
+    assert client.handshake(path="/mqtt?token=" + token, headers={"Cookie": token}) == 101
+    assert client.connect("kept") == Connack(reason_code=0)
+    assert [name for name, value in vars(client.protocol).items() if token in repr(value)] == []
+
+
 def test_stalled_handshake_is_dropped_after_the_timeout() -> None:
     broker = make_broker(websocket_handshake_timeout=3)
     client = WSClient(broker)
