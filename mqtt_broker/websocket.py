@@ -32,6 +32,7 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket import USES_NVX
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.xormasker import create_xor_masker
+from autobahn.util import encode_truncate
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IConsumer, IPushProducer, ITransport
@@ -71,6 +72,7 @@ _CLOSING = WebSocketServerProtocol.STATE_CLOSING
 _CLOSED = WebSocketServerProtocol.STATE_CLOSED
 _UNSUPPORTED_DATA = WebSocketServerProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA
 _NORMAL = WebSocketServerProtocol.CLOSE_STATUS_CODE_NORMAL
+_GOING_AWAY = WebSocketServerProtocol.CLOSE_STATUS_CODE_GOING_AWAY
 
 # Server frames are not masked [RFC 6455 5.1], so a binary frame is a 2, 4 or 10 byte header and
 # the payload as it is: cheap enough to build here instead of through autobahn's sendMessage.
@@ -435,8 +437,8 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
         if not isBinary:
-            log.info("closing WebSocket connection from {peer}: a text frame", peer=self._where())
-            self._fail_connection(_UNSUPPORTED_DATA, "MQTT takes binary frames only")  # [MQTT-6.0.0-1]
+            # [MQTT-6.0.0-1]
+            self._fail_connection(_UNSUPPORTED_DATA, "a text frame (MQTT takes binary frames only)")
 
     def onMessageFrameData(self, payload: bytes) -> None:
         if self.state == _OPEN:
@@ -471,12 +473,36 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             # all, instead of when the peer answers.
             self._lose_mqtt(Failure(ConnectionDone("WebSocket closing handshake")))
 
+    def _fail_connection(self, code: int = _GOING_AWAY, reason: str = "going away") -> None:
+        """autobahn's (with ``failByDrop`` off), logged at info naming the client, where autobahn
+        warns naming the socket's peer: a frame the protocol refuses is the client's doing, as a
+        malformed packet is over TCP."""
+        if self.state == _CLOSED:
+            return
+        log.info("closing WebSocket connection from {peer}: {reason}", peer=self._where(), reason=reason)
+        self.failedByMe = True
+        if self.state == _CLOSING:  # (a second error while closing)
+            self.dropConnection()
+        else:
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123))
+
     def dropConnection(self, abort: bool = False) -> None:
+        """autobahn's, without its warning of a drop that no closing handshake came before, which
+        names the socket's peer (a proxy): each is routine here (a timeout, a refused upgrade, an
+        MQTT abort, the client's error) and has its line at info already, and a client or a port
+        scanner could write warnings at will, which over TCP it cannot."""
+        self.unregisterProducer()
+        if self.state == _CLOSED:
+            return
         # The client answered our close frame: autobahn aborts the socket, which throws away
         # what is not written yet, our close frame too when the answer came in the same read
         # (a client's DISCONNECT and close frame together). Closed, the socket sends it first;
         # one that never drains is aborted by the close timer.
-        super().dropConnection(abort=abort and not (self.wasClean and self.state == _CLOSING))
+        abort = abort and not (self.wasClean and self.state == _CLOSING)
+        self.droppedByMe = True
+        self.state = _CLOSED
+        self.is_closed.callback(self)  # (txaio.resolve, under Twisted)
+        self._closeConnection(abort)
 
     def _bound_the_close(self) -> None:
         """Abort the socket after CLOSE_TIMEOUT (on the broker's clock) unless it is closed by then."""

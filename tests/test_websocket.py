@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -193,7 +193,7 @@ def test_origins_restrict_the_pages_of_browsers() -> None:
 
 
 def test_a_refused_origin_is_logged_quoted_and_escaped() -> None:
-    from twisted.logger import capturedLogs, formatEvent
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
     broker = make_broker(websocket_origins=["https://app.example.com"])
     with capturedLogs() as events:
         assert WSClient(broker).handshake(headers={"Origin": "https://evil.example\x9b2J\x85forged"}) == 403
@@ -1105,6 +1105,39 @@ def test_refusals_behind_a_trusted_proxy_name_the_client() -> None:
         client.send(b"hello", TEXT)
     lines = [formatEvent(e) for e in events if "WebSocket connection from" in (formatEvent(e) or "")]
     assert [line.split(" from ")[1].split(":")[0] for line in lines] == ["203.0.113.7", "203.0.113.8", "203.0.113.9"], lines
+
+
+@pytest.mark.parametrize("end", ["keepalive timeout", "connect timeout", "handshake timeout",
+                                 "refused upgrade", "text frame", "unmasked frame", "unanswered close"])
+def test_what_a_client_causes_is_not_warned_of(end: str) -> None:
+    """autobahn warned of each, naming the socket's peer (a proxy), on top of the broker's line:
+    a client or a port scanner could write warnings at will, which over TCP it cannot. What
+    breaks the WebSocket protocol is logged at info, naming the client, as a malformed packet is
+    over TCP."""
+    broker = make_broker(websocket_paths=["/mqtt"], websocket_trusted_proxies=["127.0.0.1"])
+    client = WSClient(broker)
+    forwarded = {"X-Forwarded-For": "203.0.113.7"}
+    with capturedLogs() as events:
+        if end == "handshake timeout":
+            client.send_bytes(b"GET /mqtt HTTP/1.1\r\n")
+        elif end == "refused upgrade":
+            assert client.handshake(path="/other", headers=forwarded) == 404
+        else:
+            assert client.handshake(headers=forwarded) == 101
+        if end not in ("handshake timeout", "refused upgrade", "connect timeout"):
+            assert client.connect("c", keep_alive=10) == Connack(reason_code=0)
+        if end == "text frame":
+            client.send(b"hi", TEXT)
+        elif end == "unmasked frame":
+            client.send_bytes(b"\x82\x01x")
+        elif end == "unanswered close":
+            client.send_packets(Disconnect())
+        broker.clock.advance(100)  # type: ignore[attr-defined]
+    assert client.socket.disconnected
+    assert [formatEvent(e) for e in events if e["log_level"] > LogLevel.info] == []
+    if end in ("text frame", "unmasked frame"):
+        [line] = [formatEvent(e) for e in events if "WebSocket connection from" in (formatEvent(e) or "")]
+        assert line.startswith("closing WebSocket connection from 203.0.113.7"), line
 
 
 def test_a_frame_of_several_packets_each_within_max_packet_size_is_read() -> None:
