@@ -21,8 +21,10 @@ from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
     HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
+from mqtt_broker.cluster.node import node_id
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import CLAIM, WILLS, RedisStore
+from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.session import Queued, Session
 from mqtt_broker.store import StoredWill
 from mqtt_broker.topics import Subscription
@@ -157,6 +159,29 @@ def test_a_broker_without_a_cluster_imports_nothing_of_it() -> None:
             "print(loaded); sys.exit(1 if loaded else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def kept_in(data_dir: Path | str) -> BrokerConfig:
+    return BrokerConfig(cluster="redis://127.0.0.1:1/0", data_dir=str(data_dir))
+
+
+@pytest.mark.parametrize("setup", ["data-dir-a-file", "id-a-directory", "data-dir-cannot-be-made"])
+def test_a_data_dir_that_cannot_keep_the_node_id_is_a_config_error(tmp_path: Path, setup: str) -> None:
+    """NotADirectoryError, IsADirectoryError and FileNotFoundError were raised as they came, and
+    twistd showed them under a traceback."""
+    data_dir = tmp_path / "data"
+    if setup == "data-dir-a-file":
+        data_dir.write_text("")
+    elif setup == "id-a-directory":
+        (data_dir / "cluster-node-id").mkdir(parents=True)
+    else:
+        data_dir = Path("/proc/no/such")  # (root may make a directory anywhere else)
+    with pytest.raises(ConfigError) as caught:
+        node_id(kept_in(data_dir))
+    assert caught.value.key == "data_dir"
+    id_file = data_dir / "cluster-node-id"
+    assert str(caught.value).startswith(f"data_dir: cannot keep the cluster node id in {id_file}: ")
+    assert node_id(kept_in(data_dir).replace(cluster_node_id="a")) == "a"
 
 
 @pytest_twisted.inlineCallbacks

@@ -498,6 +498,14 @@ def test_twistd_says_a_file_it_cannot_use_in_one_line(tmp_path: Path) -> None:
                                             f"{tmp_path / 'file'}: File exists"), output
 
 
+def test_twistd_says_a_data_dir_that_cannot_keep_the_cluster_node_id_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    status, output = twistd(tmp_path, "--endpoint", "tcp:0:interface=127.0.0.1", "--cluster",
+                            "redis://127.0.0.1:1/0", "--data-dir", str(tmp_path / "file"))
+    assert (status, output.strip()) == (1, f"mqttbroker: cannot start: data_dir: cannot keep the cluster node id "
+                                           f"in {tmp_path / 'file' / 'cluster-node-id'}: Not a directory")
+
+
 
 @pytest.mark.parametrize("listener", ["--endpoint", "--websocket", "--http"])
 def test_twistd_says_a_tls_file_it_cannot_read_in_one_line(tmp_path: Path, listener: str) -> None:

@@ -22,6 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, Timeo
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ..config import ConfigError
 from ..connect import NEVER
 from ..keepalive import cancel
 from ..message import Message
@@ -49,17 +50,29 @@ LEAVE_TIMEOUT = 5.0
 
 
 def node_id(config: Any) -> str:
-    """``cluster_node_id``, or a stable id kept in ``data_dir`` (made at the first start)."""
+    """``cluster_node_id``, or a stable id kept in ``data_dir`` (made at the first start).
+    Raises ConfigError naming the file when ``data_dir`` cannot keep it."""
     if config.cluster_node_id:
         return config.cluster_node_id
     path = Path(config.data_dir) / "cluster-node-id"
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
+        kept = _kept_id(path)
+        if kept is not None:
+            return kept
         path.parent.mkdir(parents=True, exist_ok=True)
         made = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         path.write_text(made + "\n")
         return made
+    except OSError as e:
+        raise ConfigError(f"cannot keep the cluster node id in {path}: {e.strerror or e}", "data_dir") from None
+
+
+def _kept_id(path: Path) -> str | None:
+    """The id kept in ``path``; None if there is no such file."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 OWNED_AT_ONCE = 1000
