@@ -165,6 +165,33 @@ def kept_in(data_dir: Path | str) -> BrokerConfig:
     return BrokerConfig(cluster="redis://127.0.0.1:1/0", data_dir=str(data_dir))
 
 
+def test_a_node_keeps_the_id_it_made_in_its_data_dir(tmp_path: Path) -> None:
+    made = node_id(kept_in(tmp_path / "data"))
+    assert made and node_id(kept_in(tmp_path / "data")) == made
+    assert (tmp_path / "data" / "cluster-node-id").read_text() == made + "\n"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cluster-node-id"]  # (no temporary file left)
+
+
+@pytest.mark.parametrize("text", ["", "\n"])
+def test_an_empty_node_id_file_gets_a_new_id(tmp_path: Path, text: str) -> None:
+    """What a crash while the file was written left: every node that read it took the id ""."""
+    (tmp_path / "cluster-node-id").write_text(text)
+    with capturedLogs() as events:
+        made = node_id(kept_in(tmp_path))
+    assert made and (tmp_path / "cluster-node-id").read_text() == made + "\n"
+    assert any("cluster-node-id" in str(e.get("path")) for e in events), events
+
+
+def test_a_node_id_whose_write_fails_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written in place, the file was empty after a failure between its creation and its text."""
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("os.fsync", full)
+    with pytest.raises(ConfigError, match="No space left on device"):
+        node_id(kept_in(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("setup", ["data-dir-a-file", "id-a-directory", "data-dir-cannot-be-made"])
 def test_a_data_dir_that_cannot_keep_the_node_id_is_a_config_error(tmp_path: Path, setup: str) -> None:
     """NotADirectoryError, IsADirectoryError and FileNotFoundError were raised as they came, and

@@ -13,6 +13,7 @@ node claimed. Redis keys and scripts stay in :mod:`mqtt_broker.cluster.store`.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -57,11 +58,15 @@ def node_id(config: Any) -> str:
     path = Path(config.data_dir) / "cluster-node-id"
     try:
         kept = _kept_id(path)
-        if kept is not None:
+        if kept:
             return kept
-        path.parent.mkdir(parents=True, exist_ok=True)
         made = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        path.write_text(made + "\n")
+        if kept is not None:
+            # Left by a crash while it was written in place (as releases before this one did):
+            # the id it was to hold is lost either way, and two nodes that took "" would be one.
+            log.warn("{path} holds no id: this node is {node}", path=str(path), node=made)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_whole(path, made + "\n")
         return made
     except OSError as e:
         raise ConfigError(f"cannot keep the cluster node id in {path}: {e.strerror or e}", "data_dir") from None
@@ -73,6 +78,21 @@ def _kept_id(path: Path) -> str | None:
         return path.read_text().strip()
     except FileNotFoundError:
         return None
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it: a crash or a full disk leaves it
+    as it was, never half written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        with open(temporary, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 OWNED_AT_ONCE = 1000
