@@ -478,6 +478,10 @@ class BrokerConfig:
         except UnicodeDecodeError as e:  # tomllib decodes before parsing and lets this through
             raise ConfigError(f"not valid TOML: not UTF-8 ({e.reason} at byte {e.start})",
                               source=str(path)) from None
+        except ValueError as e:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
+            raise ConfigError(f"not valid TOML: {e}", source=str(path)) from None
+        except RecursionError:  # tomllib recurses once per level of arrays or inline tables
+            raise ConfigError("not valid TOML: nested too deeply", source=str(path)) from None
         defaults = dataclasses.asdict(base) if base is not None else {}
         return cls.from_mapping({**defaults, **values}, str(path))
 

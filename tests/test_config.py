@@ -428,6 +428,20 @@ def test_file_not_utf8(tmp_path: Path) -> None:
     assert str(caught.value).startswith(f"{path}: not valid TOML: not UTF-8")
 
 
+# Valid TOML, but tomllib raises ValueError (Python's limit on an integer's digits) and
+# RecursionError (one call per level of nesting): both escaped from_file.
+UNPARSABLE = ["max_packet_size = " + "9" * 5000 + "\n", "endpoints = " + "[" * 3000 + "]" * 3000 + "\n"]
+
+
+@pytest.mark.parametrize("text", UNPARSABLE, ids=["integer-of-5000-digits", "arrays-nested-3000-deep"])
+def test_toml_that_python_cannot_parse_names_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        BrokerConfig.from_file(path)
+    assert str(caught.value).startswith(f"{path}: not valid TOML: ")
+
+
 # --- replace ------------------------------------------------------------------------------
 
 def test_replace() -> None:
@@ -577,3 +591,18 @@ def test_sighup_reading_a_float_setting_given_a_huge_integer_reports_a_problem(t
                     "hook_timeout = 1" + "0" * 400 + "\n")
     problems = _config_problems(service, options)
     assert problems and "hook_timeout" in problems[0], problems
+
+
+@pytest.mark.parametrize("text", UNPARSABLE, ids=["integer-of-5000-digits", "arrays-nested-3000-deep"])
+def test_sighup_reading_toml_that_python_cannot_parse_reports_a_problem(tmp_path: Path, text: str) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker import BrokerService
+    from mqtt_broker.tap import _config_problems
+    path = tmp_path / "broker.toml"
+    path.write_text('endpoints = ["tcp:0:interface=127.0.0.1"]\npersistence = "memory"\n')
+    options = _options("--config", str(path))
+    service = BrokerService(config=options["broker_config"], reactor=MemoryReactorClock())
+    path.write_text(text)
+    problems = _config_problems(service, options)
+    assert problems and f"{path}: not valid TOML: " in problems[0], problems
