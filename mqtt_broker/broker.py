@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from . import tcp
 from .auth import Security
-from .auth.tls import ServerTLS, TLSServerEndpoint, server_endpoint
+from .auth.tls import ServerTLS, TLSServerEndpoint, parse_description, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER, AcceptingConnack, granted_expiry
 from .delivery import Delivery
@@ -937,16 +937,23 @@ one, within these seconds of the kill, not from the restart. (An idle broker wri
 once per note: a minute is nothing next to expiries of minutes or days, and spares flash.)"""
 
 
+_BACKLOG_AT = {"tcp": 3, "tcp6": 2, "unix": 3, "ssl": 6, "mqtts": 2}
+"""The position of a backlog given by position to each listener given one here, counting the
+endpoint's name as 0 (``tcp:PORT:INTERFACE:BACKLOG``). ``mqtts:`` takes only its port by
+position, and refuses more."""
+
+
 def with_backlog(description: str, backlog: int) -> str:
     """A listening endpoint string with a listen queue of ``backlog`` unless it names one: the
     default of 50 overflows when many clients reconnect at once, and a dropped SYN costs the
     client a one-second retry."""
-    kind, _, rest = description.partition(":")
-    if kind == "haproxy":  # (a wrapper: its listener is the endpoint it names)
-        kind = rest.partition(":")[0]
-    if kind in ("tcp", "tcp6", "ssl", "mqtts", "unix") and "backlog=" not in description:
-        return f"{description}:backlog={backlog}"
-    return description
+    arguments, options = parse_description(description)
+    if arguments[0] == "haproxy":  # (a wrapper: its listener is the endpoint it names)
+        arguments = arguments[1:]
+    at = _BACKLOG_AT.get(arguments[0]) if arguments else None
+    if at is None or "backlog" in options or len(arguments) > at:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _raise_open_files_limit() -> None:

@@ -209,8 +209,8 @@ class BrokerConfig:
         "default). Off, only the connections the broker refuses or closes are logged: a log "
         "line costs more than the rest of a short connection's work.")
     listen_backlog: int = _setting(
-        1024, "Length of the listen queue of endpoints that do not set backlog= themselves "
-        "(the kernel caps it at net.core.somaxconn).", 1, 65535)
+        1024, "Length of the listen queue of endpoints that do not set one themselves (backlog=, "
+        "or by position as in tcp:1883:0.0.0.0:128; the kernel caps it at net.core.somaxconn).", 1, 65535)
     max_topic_alias: int = _setting(
         10, "MQTT 5: topic aliases a client may set on its PUBLISHes (0 turns them off).", 0, 65535)
     max_topic_alias_broker: int = _setting(

@@ -36,15 +36,17 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _endpoint_problem(description: str) -> str | None:
-    """Why ``description`` is not a server endpoint Twisted can parse, or None if it is."""
+def _endpoint_problem(description: str, backlog: int) -> str | None:
+    """Why ``description``, with the listen queue of ``backlog`` that the broker adds unless it
+    gives one, is not a server endpoint Twisted can parse, or None if it is."""
     # Parsing is all this does; nothing listens. (The broker's own parser: Twisted's would ask
     # for an encrypted key's passphrase on the terminal.)
     from twisted.internet import reactor
 
     from .auth.tls import server_endpoint
+    from .broker import with_backlog
     try:
-        server_endpoint(reactor, description)
+        server_endpoint(reactor, with_backlog(description, backlog))
     except OSError:
         # ssl: reads its key and certificate while parsing. Relative paths are relative to
         # twistd's --rundir, which twistd enters after parsing options: leave files to startService.
@@ -212,7 +214,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"{source('endpoints')}: no endpoint to listen on")
         for name in ("endpoints", "websocket_endpoints", "http_endpoints"):
             for description in getattr(config, name):
-                problem = _endpoint_problem(description)
+                problem = _endpoint_problem(description, config.listen_backlog)
                 if problem is not None:
                     raise usage.UsageError(f"{source(name)} {description!r}: {problem}")
         return config

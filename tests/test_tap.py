@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from mqtt_broker import BrokerService
+from mqtt_broker.broker import with_backlog
 from mqtt_broker.config import BrokerConfig, settings
 
 # As a server, twistd mqttbroker keeps its state in SQLite unless told otherwise.
@@ -199,6 +200,28 @@ def test_endpoint_files_are_left_to_start_up() -> None:
     """twistd enters --rundir after parsing options, so a relative key path cannot be checked yet."""
     config = parse("--endpoint", "ssl:8883:privateKey=key.pem:certKey=cert.pem")["broker_config"]
     assert config.endpoints == ["ssl:8883:privateKey=key.pem:certKey=cert.pem"]
+
+
+@pytest.mark.parametrize("description", ["tcp:0:127.0.0.1:10", "tcp6:0:10", "unix:{tmp}/mqtt.sock:666:10",
+                                         "haproxy:tcp:0:127.0.0.1:10", "tcp:0:backlog=10"])
+def test_a_backlog_given_by_position_is_the_listeners(tmp_path: Path, description: str) -> None:
+    """Twisted's endpoints take a backlog by position too (tcp:PORT:INTERFACE:BACKLOG): the
+    listen_backlog added where no backlog= was written gave it twice, and start-up was a TypeError."""
+    from twisted.internet import reactor
+
+    from mqtt_broker.auth.tls import server_endpoint
+    description = description.format(tmp=tmp_path)
+    config = parse("--endpoint", description)["broker_config"]
+    assert with_backlog(description, config.listen_backlog) == description
+    endpoint = server_endpoint(reactor, with_backlog(description, config.listen_backlog))
+    assert getattr(endpoint, "_wrappedEndpoint", endpoint)._backlog == 10
+
+
+@pytest.mark.parametrize("description", ["tcp:0", "tcp:0:127.0.0.1", "tcp6:0", "unix:/run/mqtt.sock:666",
+                                         "ssl:0:k.pem:c.pem:SSLv23_METHOD:127.0.0.1", "mqtts:0:caCerts=ca.pem",
+                                         "haproxy:tcp:0:interface=127.0.0.1"])
+def test_a_listener_without_a_backlog_gets_listen_backlog(description: str) -> None:
+    assert with_backlog(description, 1024) == description + ":backlog=1024"
 
 
 def test_an_encrypted_key_is_refused_as_such_without_asking_for_its_passphrase(tmp_path: Path) -> None:
