@@ -172,10 +172,11 @@ def test_a_node_keeps_the_id_it_made_in_its_data_dir(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["cluster-node-id"]  # (no temporary file left)
 
 
-@pytest.mark.parametrize("text", ["", "\n"])
-def test_an_empty_node_id_file_gets_a_new_id(tmp_path: Path, text: str) -> None:
-    """What a crash while the file was written left: every node that read it took the id ""."""
-    (tmp_path / "cluster-node-id").write_text(text)
+@pytest.mark.parametrize("text", [b"", b"\n", b"\xff\xfe"])
+def test_an_empty_node_id_file_gets_a_new_id(tmp_path: Path, text: bytes) -> None:
+    """What a crash while the file was written left: every node that read it took the id "" (and
+    bytes that are no text stopped the start with a traceback)."""
+    (tmp_path / "cluster-node-id").write_bytes(text)
     with capturedLogs() as events:
         made = node_id(kept_in(tmp_path))
     assert made and (tmp_path / "cluster-node-id").read_text() == made + "\n"

@@ -73,11 +73,13 @@ def node_id(config: Any) -> str:
 
 
 def _kept_id(path: Path) -> str | None:
-    """The id kept in ``path``; None if there is no such file."""
+    """The id kept in ``path`` ("" if it holds none, or no text); None if there is no such file."""
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        return ""
 
 
 def _write_whole(path: Path, text: str) -> None:
