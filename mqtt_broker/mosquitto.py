@@ -10,6 +10,7 @@ more open than Mosquitto without it (plugins, which may check logins and topics)
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import json
 import os
@@ -109,6 +110,32 @@ _MAKE_DEFAULT_LISTENER: dict[str, Any] = {
     "use_identity_as_username": False, "use_subject_as_username": False, "require_certificate": False}
 """Listener settings that, before any listener line, make Mosquitto open its default listener (port
 1883, or ``port``'s, on every interface, or ``bind_address``'s), unless given their default here."""
+_MOSQUITTO_KEYS = frozenset({
+    "acl_file", "address", "addresses", "allow_anonymous", "allow_duplicate_messages", "allow_zero_length_clientid",
+    "auth_plugin", "auth_plugin_deny_special_chars", "auto_id_prefix", "autosave_interval", "autosave_on_changes",
+    "bind_address", "bind_interface", "bridge_alpn", "bridge_attempt_unsubscribe", "bridge_bind_address",
+    "bridge_cafile", "bridge_capath", "bridge_certfile", "bridge_identity", "bridge_insecure", "bridge_keyfile",
+    "bridge_max_packet_size", "bridge_outgoing_retain", "bridge_protocol_version", "bridge_psk",
+    "bridge_require_ocsp", "bridge_tls_version", "cafile", "capath", "certfile", "check_retain_source", "ciphers",
+    "ciphers_tls1.3", "cleansession", "clientid", "clientid_prefixes", "connection", "connection_messages",
+    "crlfile", "dhparamfile", "global_plugin", "http_dir", "idle_timeout", "include_dir", "keepalive_interval",
+    "keyfile", "listener", "local_cleansession", "local_clientid", "local_password", "local_username", "log_dest",
+    "log_facility", "log_timestamp", "log_timestamp_format", "log_type", "max_connections", "max_inflight_bytes",
+    "max_inflight_messages", "max_keepalive", "max_packet_size", "max_qos", "max_queued_bytes",
+    "max_queued_messages", "max_topic_alias", "maximum_qos", "memory_limit", "message_size_limit", "mount_point",
+    "notification_topic", "notifications", "notifications_local_only", "password", "password_file",
+    "per_listener_settings", "persistence", "persistence_file", "persistence_location",
+    "persistent_client_expiration", "pid_file", "plugin", "port", "protocol", "psk_file", "psk_hint",
+    "queue_qos0_messages", "remote_clientid", "remote_password", "remote_username", "require_certificate",
+    "restart_timeout", "retain_available", "retained_persistence", "retry_interval", "round_robin",
+    "set_tcp_nodelay", "socket_domain", "start_type", "sys_interval", "threshold", "tls_engine",
+    "tls_engine_kpass_sha1", "tls_keyform", "tls_version", "topic", "try_private", "upgrade_outgoing_qos",
+    "use_identity_as_username", "use_subject_as_username", "use_username_as_clientid", "user", "username",
+    "websockets_headers_size", "websockets_log_level"})
+"""The settings Mosquitto 2.0 reads (and ``plugin_opt_*``, ``auth_opt_*``): it refuses to start
+with any other ("Unknown configuration variable"), a misspelt ``acl_file`` say, which noted and
+dropped here would leave the broker without its ACL. (``global_plugin``, a later Mosquitto's, is
+refused as the other plugins are.)"""
 _MOST_PACKET_SIZE = 268_435_460
 """Mosquitto's packet size limit when none is set: the most MQTT allows (header included)."""
 _RANGES: dict[str, tuple[int, int | None]] = {"max_keepalive": (10, 65535), "max_packet_size": (20, None)}
@@ -347,6 +374,10 @@ class _Converter:
         """(listener, key) of the settings of _ONCE read so far (listener -1: the whole file's)."""
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
+        if key not in _MOSQUITTO_KEYS and not key.startswith(("plugin_opt_", "auth_opt_")):
+            near = difflib.get_close_matches(key, _MOSQUITTO_KEYS, 1, 0.8)
+            raise ValueError(f"{source}:{number}: {key} is no setting of Mosquitto's, which refuses to start so"
+                             + (f": {near[0]}?" if near else ""))
         value = text[len(key):].strip()
         if key == "include_dir":  # (its files are read in place, those of the main file's)
             if source != self.main_file:

@@ -344,7 +344,7 @@ def test_max_connections_of_each_listener_are_added_up(tmp_path: Path) -> None:
 def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\nplugin_opt_config_file /etc/dynsec.json\nper_listener_settings true\n"
-                    "http_dir /srv/www\nfrobnicate 1\nmemory_limit 1000000\nautosave_interval 60\n")
+                    "http_dir /srv/www\nretry_interval 20\nmemory_limit 1000000\nautosave_interval 60\n")
     notes = [(n.line, n.why) for n in convert(path).notes]
     assert notes[0] == (2, "Mosquitto plugins do not load here")
     assert notes[1][0] == 3 and "every listener" in notes[1][1]
@@ -367,6 +367,23 @@ def test_what_checks_clients_in_mosquitto_and_not_here_is_refused(tmp_path: Path
         convert(path)
     path.write_text("listener 1883\ncheck_retain_source false\nallow_anonymous true\n")
     assert convert(path).notes == []
+
+
+@pytest.mark.parametrize("line, why", [
+    ("acl_flie /etc/mosquitto/acl", "acl_flie is no setting of Mosquitto's, which refuses to start so: acl_file?"),
+    ("frobnicate 1", "frobnicate is no setting of Mosquitto's, which refuses to start so"),
+    ("  allow_anonymus false", "allow_anonymus is no setting of Mosquitto's, which refuses to start so: "
+                               "allow_anonymous?")])
+def test_what_mosquitto_does_not_know_is_refused(tmp_path: Path, line: str, why: str) -> None:
+    """A misspelt key is no setting to Mosquitto, which refuses the file; noted and dropped, the
+    ACL it was to read, say, was not applied here."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\nallow_anonymous true\n{line}\n")
+    with pytest.raises(ValueError) as refused:
+        convert(path)
+    assert str(refused.value) == f"{path}:3: {why}"
+    mosquitto = subprocess.run(["/usr/sbin/mosquitto", "-c", str(path)], capture_output=True, text=True, timeout=30)
+    assert mosquitto.returncode != 0 and "Unknown configuration variable" in mosquitto.stderr + mosquitto.stdout
 
 
 @pytest.mark.parametrize("value", ["1", "true # every client needs one"])
@@ -618,7 +635,7 @@ def test_include_dir_is_read_in_mosquittos_order(tmp_path: Path) -> None:
     (included / "a-open.conf").write_text("allow_anonymous true\n")
     (included / "Z-lockdown.conf").write_text("allow_anonymous false\n")
     for name in ("b.conf", "A.conf", "a.conf", "_u.conf", ".h.conf", ".conf", "x.CONF"):
-        (included / name).write_text(f"frobnicate {name}\n")
+        (included / name).write_text(f"retry_interval {name}\n")
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\ninclude_dir conf.d\n")
     conversion = convert(path)
