@@ -260,6 +260,9 @@ class BrokerService(MultiService):
             listeners += [(description, websocket, "MQTT over WebSocket listening on {endpoint}")
                           for description in self.config.websocket_endpoints]
         if self.config.http_endpoints:
+            if not self.config.http_api_keys:
+                log.warn("no http_api_keys: the admin API and the dashboard refuse every request (401) but health, "
+                         "readiness and the OpenAPI document; make a key with python -m mqtt_broker.admin.keys NAME")
             site = self.operations.site()
             listeners += [(description, site, "admin API, metrics and dashboard on {endpoint}")
                           for description in self.config.http_endpoints]

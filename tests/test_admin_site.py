@@ -96,6 +96,28 @@ def test_without_http_endpoints_nothing_listens_for_http() -> None:
     assert broker.ports == [] and broker.operations.monitors is None
 
 
+@pytest.mark.parametrize("keys", [[], [hash_key(KEY)]])
+def test_an_admin_site_without_keys_is_warned_of_and_says_so(keys: list[str]) -> None:
+    """Without http_api_keys every path but health, readiness and the OpenAPI document answers
+    401, and nothing said why: the start warns, and the 401 says none is configured."""
+    from twisted.logger import capturedLogs
+
+    from mqtt_broker.admin.api import ApiResource
+    broker = make_broker(http_endpoints=["tcp:0:interface=127.0.0.1"], http_api_keys=keys)
+    with capturedLogs() as events:
+        broker.startService()
+    try:
+        warned = [e for e in events if e["log_level"].name == "warn" and "http_api_keys" in e["log_format"]]
+        assert len(warned) == (0 if keys else 1)
+        request = DummyRequest([b""])
+        request.path = b"/api/v1/clients"
+        body = json.loads(ApiResource(broker, broker.operations).render(request))
+        assert request.responseCode == 401
+        assert ("no API key is configured" in body["error"]) == (not keys), body
+    finally:
+        broker.stopService()
+
+
 def test_readiness_before_start_and_after_stop() -> None:
     from mqtt_broker.admin.api import ApiResource
     broker = make_broker()
@@ -242,6 +264,16 @@ def test_the_keys_tool_refuses_a_name_the_setting_would_refuse(name: str, capsys
     entry = f"{name}:{hash_key('x')}"
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--endpoint", "tcp:0", "--http-api-key", entry])
+
+
+@pytest.mark.parametrize("argument, status", [("--help", 0), ("-h", 0), ("--name", 2)])
+def test_the_keys_tool_takes_an_option_for_no_name(argument: str, status: int,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A name may hold "-": "--help" made a key named --help instead of telling how to use it."""
+    from mqtt_broker.admin import keys
+    assert keys.main(["keys", argument]) == status
+    out, err = capsys.readouterr()
+    assert "key:    " not in out and "usage: python -m mqtt_broker.admin.keys [NAME]" in (out if status == 0 else err)
 
 
 def test_key_ids_and_the_documented_one_liner() -> None:

@@ -353,6 +353,31 @@ def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path, monkey
     assert "max_qos" in warning["error"] and "a restart may fail" in warning["log_format"]
 
 
+@pytest.mark.parametrize("setting", ["password_file", "acl_file", "jwt_secret_file"])
+def test_sighup_names_a_changed_file_that_would_stop_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               setting: str) -> None:
+    """A new password_file that cannot be read was named as changed, only a restart applying it;
+    the restart then failed on it. It is named as what would stop a restart."""
+    from twisted.logger import capturedLogs
+
+    from mqtt_broker import tap
+    path = tmp_path / "broker.toml"
+    path.write_text("allow_anonymous = true\n")
+    monkeypatch.chdir(tmp_path)
+    options = parse("--config", "broker.toml", "--endpoint", "tcp:0")
+    service = makeService(options)
+    path.write_text(f'allow_anonymous = true\n{setting} = "{tmp_path / "absent"}"\n')
+    with capturedLogs() as events:
+        problems = service.reload()
+    [warning] = [e for e in events if e["log_level"].name == "warn"]
+    assert warning["names"] == setting
+    changed, problem = problems
+    assert changed.endswith(f"until it restarts: {setting}")
+    assert problem.startswith("a restart would fail: ") and setting in problem and "absent" in problem, problem
+    [error] = [e for e in events if e["log_level"].name == "error"]
+    assert error["error"] in problem
+
+
 def test_a_reload_over_the_admin_api_reads_the_configuration_file_again(tmp_path: Path) -> None:
     """docs/operations.md: POST /config/reload names what could not be read again. The file of
     --config was read again on SIGHUP only: over the API, one that would stop a restart was

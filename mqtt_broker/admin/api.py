@@ -219,10 +219,14 @@ class ApiResource(Resource):
         presented = presented_key(request)
         if presented is None:
             request.setHeader(b"www-authenticate", b'Bearer realm="mqtt_broker admin"')
+            if not self.keys.keys:
+                raise ApiError(401, "an API key is needed, and no API key is configured (http_api_keys; make one "
+                                    "with python -m mqtt_broker.admin.keys NAME)")
             raise ApiError(401, "an API key is needed: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         key_id = self.keys.identify(presented)
         if key_id is None:
-            raise ApiError(403, "this API key is not accepted")
+            raise ApiError(403, "this API key is not accepted" if self.keys.keys else
+                           "this API key is not accepted: no API key is configured (http_api_keys)")
         return key_id
 
     def _answer(self, request: Request, status: int, body: Any, key_id: str | None) -> bytes:

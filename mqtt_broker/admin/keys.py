@@ -78,8 +78,17 @@ def presented_key(request: Any) -> str | None:
     return None
 
 
+USAGE = """usage: python -m mqtt_broker.admin.keys [NAME]
+Makes an admin API key: prints the key, and the http_api_keys entry (its hash, named NAME) for
+the configuration."""
+
+
 def main(argv: list[str]) -> int:
     name = argv[1] if len(argv) > 1 else ""
+    if name.startswith("-"):
+        asked = name in ("-h", "--help")
+        print(USAGE, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         print("a key name has only ASCII letters, digits, '_', '.' and '-'", file=sys.stderr)
         return 2
