@@ -132,10 +132,11 @@ _MOSQUITTO_KEYS = frozenset({
     "tls_engine_kpass_sha1", "tls_keyform", "tls_version", "topic", "try_private", "upgrade_outgoing_qos",
     "use_identity_as_username", "use_subject_as_username", "use_username_as_clientid", "user", "username",
     "websockets_headers_size", "websockets_log_level"})
-"""The settings Mosquitto 2.0 reads (and ``plugin_opt_*``, ``auth_opt_*``): it refuses to start
-with any other ("Unknown configuration variable"), a misspelt ``acl_file`` say, which noted and
-dropped here would leave the broker without its ACL. (``global_plugin``, a later Mosquitto's, is
-refused as the other plugins are.)"""
+"""The settings Mosquitto 2.0.11 reads (and ``plugin_opt_*``, ``auth_opt_*``): it refuses to start
+with any other ("Unknown configuration variable"). One close to them is taken for a misspelling
+and refused (an ``acl_flie``, noted and dropped, would leave the broker without its ACL); another
+is noted, as other releases of Mosquitto know keys this one does not (``store_clean_interval``,
+say, or ``global_plugin``, which is refused as the other plugins are)."""
 _MOST_PACKET_SIZE = 268_435_460
 """Mosquitto's packet size limit when none is set: the most MQTT allows (header included)."""
 _RANGES: dict[str, tuple[int, int | None]] = {"max_keepalive": (10, 65535), "max_packet_size": (20, None)}
@@ -374,10 +375,10 @@ class _Converter:
         """(listener, key) of the settings of _ONCE read so far (listener -1: the whole file's)."""
 
     def read(self, source: str, number: int, text: str, key: str) -> None:
-        if key not in _MOSQUITTO_KEYS and not key.startswith(("plugin_opt_", "auth_opt_")):
-            near = difflib.get_close_matches(key, _MOSQUITTO_KEYS, 1, 0.8)
-            raise ValueError(f"{source}:{number}: {key} is no setting of Mosquitto's, which refuses to start so"
-                             + (f": {near[0]}?" if near else ""))
+        near = [] if key in _MOSQUITTO_KEYS else difflib.get_close_matches(key, _MOSQUITTO_KEYS, 1, 0.8)
+        if near and not key.startswith(("plugin_opt_", "auth_opt_")):
+            raise ValueError(f"{source}:{number}: {key} is no setting of Mosquitto's, which refuses to start so: "
+                             f"{near[0]}?")
         value = text[len(key):].strip()
         if key == "include_dir":  # (its files are read in place, those of the main file's)
             if source != self.main_file:
@@ -661,6 +662,8 @@ class _Converter:
             self._note(source, number, text, _NO_LIMIT_HERE[key])
         elif key.startswith(("plugin_opt_", "auth_opt_")):
             self._note(source, number, text, "Mosquitto plugins do not load here")
+        elif key not in _MOSQUITTO_KEYS:
+            self._note(source, number, text, "no setting of Mosquitto 2.0.11 (which refuses to start with it), nor here")
         else:
             self._note(source, number, text, "no equivalent setting here")
 
