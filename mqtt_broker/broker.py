@@ -62,14 +62,14 @@ class MQTTFactory(Factory):
 
     def build(self, addr: IAddress) -> MQTTProtocol | None:
         # (Stopped: a connection of a listener that outlives the stop, the admin site's.)
-        if self.broker.stopped or self.full(addr):
+        if self.broker.stopped or self.refuse_if_full(addr):
             return None
         protocol = MQTTProtocol(self.broker, self.broker.clock)
         if not self.wrapped:  # (a wrapper may know better: haproxy: reads the client's from its header)
             protocol.peer = describe(addr)  # the transport would make another address object
         return protocol
 
-    def full(self, addr: IAddress) -> bool:
+    def refuse_if_full(self, addr: IAddress) -> bool:
         """Whether max_connections is reached, WebSocket connections still upgrading counted:
         then the refusal of a connection from ``addr`` is counted and logged."""
         broker = self.broker

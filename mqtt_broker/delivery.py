@@ -122,17 +122,17 @@ class Delivery:
                     self.store.delete_retained(message.topic)
         # Published here: logged once, as it reaches the subscribers here (a replay asked for
         # before then has it live only), or at once if it goes to none.
-        log = self.history is not None and (shares is None or self.received_before)
+        to_log = self.history is not None and (shares is None or self.received_before)
         by_client, groups = self.subscriptions.match(message.topic)
         if self.through_inboxes and self.forwarding is not None and shares is None:
             self.through_inboxes = False
             count, here = self.forwarding.through_inboxes(message, groups, bool(by_client), self.fenced_by)
-            if log and not here:
+            if to_log and not here:
                 self._log(message)
             # Counted now, with its QoS (Publishing._routed), whenever it reaches the sessions here.
             self.stats.messages_received += 1
             return count
-        if log:
+        if to_log:
             self._log(message)
         if self.received_before:
             self.received_before = False

@@ -237,7 +237,7 @@ class Hooks:
         shared (one "ready" Deferred returned to every call): what it fires with reaches every
         wait, those that come after it fired too, and a value stays the handler's (a failure is
         taken from it, and each wait logs it). A handler that never answers would hold its client
-        for ever, reading nothing from it: past ``timeout`` the wait is cancelled, and the
+        for ever, handling nothing of it: past ``timeout`` the wait is cancelled, and the
         handler's Deferred too once no other wait is on it."""
         theirs = maybeDeferred(lambda: value)
         failure = self._failures.get(theirs)
@@ -264,10 +264,12 @@ class Hooks:
             # hear of it: a wait their callbacks start on theirs finds it here too.
             self._failures[theirs] = result
             for mine in waits:
-                mine.errback(result)
+                if not mine.called:  # (one wait's answer may end another: its client gone with it)
+                    mine.errback(result)
             return None
         for mine in waits:
-            mine.callback(result)
+            if not mine.called:
+                mine.callback(result)
         return result
 
     def _give_up(self, theirs: Deferred[Any], mine: Deferred[Any]) -> None:

@@ -62,7 +62,7 @@ keepalive, as Mosquitto has it: a large PUBLISH on a slow link keeps its connect
 arrives, where a small packet trickled byte by byte does not."""
 READ_WHILE_DECIDING: Final = 64 * 1024
 """Bytes of a connection read and held, not handled, while a hook decides on one of its packets;
-reading stops above that. Reading on is how the broker sees a client leave meanwhile: a socket
+reading stops once a read takes it above that. Reading on is how the broker sees a client leave meanwhile: a socket
 not read is not watched, and a client gone before the CONNACK was held until the hook answered."""
 PACKETS_PER_TURN: Final = 10_000
 """Packets of one connection handled in one turn of the reactor; the rest of what was read waits
@@ -383,7 +383,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return deadline
         idle = now - self._last_seen
         if self._blocked is not None:
-            # Waiting for a hook, the broker reads nothing: what the client sent meanwhile (its
+            # Waiting for a hook, the broker handles nothing: what the client sent meanwhile (its
             # PINGREQs) is not silence. (hook_timeout bounds the wait.)
             return now + limit
         self._deadline = None
@@ -429,8 +429,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self._blocked is not decision:  # what it decided waits for another decision now
             return
         self._blocked = None
-        # Waiting for the hook, the broker read nothing: the client's silence counts from now
-        # (what it sent meanwhile, its PINGREQs, waits to be read) [MQTT-3.1.2-24].
+        # Waiting for the hook, the broker handled nothing: the client's silence counts from now
+        # (what it sent meanwhile, its PINGREQs, waits to be handled) [MQTT-3.1.2-24].
         self._last_seen = self.clock.seconds()
         ended = self._ended
         if self.state is not State.CLOSED:

@@ -313,26 +313,18 @@ def _config_problems(service: BrokerService, options: Options) -> list[str]:
     changed = ", ".join(names)
     log.warn("settings changed since the broker started are not applied until it restarts: {names}", names=changed)
     problems = [f"settings changed since the broker started are not applied until it restarts: {changed}"]
-    if _SECURITY_FILES.intersection(names):
-        # What a restart reads of them, read now: the files of the new paths.
-        from .auth.acl import AclFile, AclFileError
-        from .auth.authenticators import authenticators_from_config
-        try:
-            authenticators_from_config(config)
-            if config.acl_file:
-                try:
-                    AclFile.load(config.acl_file)
-                except AclFileError as e:
-                    raise ConfigError(str(e), "acl_file") from None
-        except ConfigError as e:
-            log.error("a restart would fail: {error}", error=str(e))
-            problems.append(f"a restart would fail: {e}")
+    # What a restart reads of the authentication settings, read now: the files of new paths, say.
+    from .auth.acl import AclFile, AclFileError
+    from .auth.authenticators import authenticators_from_config
+    try:
+        authenticators_from_config(config)
+        if config.acl_file:
+            AclFile.load(config.acl_file)
+    except (ConfigError, AclFileError) as e:
+        error = str(e) if isinstance(e, ConfigError) else str(ConfigError(str(e), "acl_file"))
+        log.error("a restart would fail: {error}", error=error)
+        problems.append(f"a restart would fail: {error}")
     return problems
-
-
-_SECURITY_FILES = frozenset({"password_file", "acl_file", "jwt_secret_file", "jwt_public_key_file", "jwt_jwks_file",
-                             "http_auth_authorization_file", "http_auth_url"})
-"""The settings whose files a restart reads (and refuses to start with when it cannot)."""
 
 
 __all__ = ["Options", "TWISTD_DEFAULTS", "makeService", "reload"]

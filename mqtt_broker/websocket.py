@@ -177,7 +177,7 @@ class WebSocketTransport:
         if websocket._perMessageCompress is not None:
             for start in range(0, len(data), MESSAGE_SIZE):
                 websocket.sendMessage(data[start:start + MESSAGE_SIZE], isBinary=True)
-        elif len(data) < 65536:
+        elif len(data) <= MESSAGE_SIZE:
             self._socket.write(frame_header(len(data)) + data)
         else:  # one message per MESSAGE_SIZE bytes
             pieces: list[bytes] = []
@@ -574,7 +574,7 @@ class WebSocketFactory(WebSocketServerFactory):
             **options)
 
     def buildProtocol(self, addr: IAddress) -> Any:  # type: ignore[override]
-        if self.listener and self.broker.factory.full(addr):
+        if self.listener and self.broker.factory.refuse_if_full(addr):
             # Not left to the upgrade's 503: each would stay open until its handshake timeout,
             # holding up to websocket_max_handshake_size of request.
             return RefusedConnection()

@@ -321,6 +321,22 @@ def test_waits_that_gave_up_on_a_deferred_leave_nothing_on_it() -> None:
     assert last.value == Refused()
 
 
+def test_the_waits_on_a_shared_deferred_hear_it_once_each_in_the_order_they_came() -> None:
+    """The first wait's answer ends the second (its client's connection lost in the same turn):
+    the second is not answered again, and the third, after it, is still answered."""
+    hooks = Hooks()
+    ready: Deferred[Any] = Deferred()
+    hooks.on_connect(lambda client: ready)
+    waits = [hooks.decide("connect", CLIENT) for _ in range(4)]
+    heard: list[tuple[int, Any]] = []
+    for n, wait in enumerate(waits):
+        wait.addBoth(lambda result, n=n: heard.append((n, result)))
+    waits[0].addCallback(lambda _: waits[2].cancel())
+    ready.callback(True)
+    assert heard == [(0, None), (2, Refused(ReasonCode.UNSPECIFIED_ERROR)), (1, None), (3, None)]
+    assert ready.result is True
+
+
 def test_a_handler_removing_itself_leaves_the_next_one_to_decide() -> None:
     hooks = Hooks()
     calls: list[tuple[str, tuple[Any, ...]]] = []

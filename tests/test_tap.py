@@ -353,9 +353,11 @@ def test_sighup_names_the_settings_only_a_restart_applies(tmp_path: Path, monkey
     assert "max_qos" in warning["error"] and "a restart may fail" in warning["log_format"]
 
 
-@pytest.mark.parametrize("setting", ["password_file", "acl_file", "jwt_secret_file"])
+@pytest.mark.parametrize("setting, value, named", [
+    ("password_file", "{tmp}/absent", "absent"), ("acl_file", "{tmp}/absent", "absent"),
+    ("jwt_secret_file", "{tmp}/absent", "absent"), ("jwt_algorithms", "RS256", "jwt_secret_file")])
 def test_sighup_names_a_changed_file_that_would_stop_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               setting: str) -> None:
+                                                               setting: str, value: str, named: str) -> None:
     """A new password_file that cannot be read was named as changed, only a restart applying it;
     the restart then failed on it. It is named as what would stop a restart."""
     from twisted.logger import capturedLogs
@@ -366,14 +368,14 @@ def test_sighup_names_a_changed_file_that_would_stop_a_restart(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     options = parse("--config", "broker.toml", "--endpoint", "tcp:0")
     service = makeService(options)
-    path.write_text(f'allow_anonymous = true\n{setting} = "{tmp_path / "absent"}"\n')
+    path.write_text(f'allow_anonymous = true\n{setting} = "{value.format(tmp=tmp_path)}"\n')
     with capturedLogs() as events:
         problems = service.reload()
     [warning] = [e for e in events if e["log_level"].name == "warn"]
     assert warning["names"] == setting
     changed, problem = problems
     assert changed.endswith(f"until it restarts: {setting}")
-    assert problem.startswith("a restart would fail: ") and setting in problem and "absent" in problem, problem
+    assert problem.startswith("a restart would fail: ") and named in problem, problem
     [error] = [e for e in events if e["log_level"].name == "error"]
     assert error["error"] in problem
 

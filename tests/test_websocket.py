@@ -315,6 +315,30 @@ def test_connect_timeout_runs_after_the_handshake() -> None:
     assert client.socket.disconnected  # MQTTProtocol's own timeout: aborted as over TCP
 
 
+@pytest.mark.parametrize("how", ["upgraded", "path", "origin", "subprotocol", "oversize", "timeout", "lost"])
+def test_a_socket_upgrading_counts_against_max_connections_until_it_is_an_mqtt_connection_or_gone(how: str) -> None:
+    broker = make_broker(websocket_paths=["/mqtt"], websocket_origins=["https://a.example"],
+                         websocket_handshake_timeout=3)
+    client = WSClient(broker)
+    assert broker.upgrading == 1
+    if how == "upgraded":
+        client.handshake(headers={"Origin": "https://a.example"})
+        assert broker.upgrading == 0 and len(broker.connections) == 1
+    elif how == "path":
+        client.handshake(path="/x")
+    elif how == "origin":
+        client.handshake(headers={"Origin": "https://b.example"})
+    elif how == "subprotocol":
+        client.handshake(protocols=("other",), headers={"Origin": "https://a.example"})
+    elif how == "oversize":
+        client.send_bytes(b"GET /mqtt HTTP/1.1\r\nX: " + b"y" * 100_000)
+    elif how == "timeout":
+        client.send_bytes(b"GET /mqtt")
+        broker.clock.advance(10)  # type: ignore[attr-defined]
+    client.lose()
+    assert broker.upgrading == 0
+
+
 def test_sockets_past_max_connections_are_closed_as_they_are_accepted() -> None:
     """As over TCP; those still upgrading count. Each was held open until its handshake timeout,
     with up to websocket_max_handshake_size of request buffered."""
