@@ -10,6 +10,7 @@ the ``paused``/``send_quota``/``identity`` attributes).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import resource
 from itertools import islice
 from pathlib import Path
@@ -849,9 +850,10 @@ class BrokerService(MultiService):
             if delivery.full(session, subscription.qos):
                 return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
         replaying = replay is not None and self.history is not None and subscription.share_group is None
-        retained = [] if subscription.share_group is not None or subscription.retain_handling == 2 or (
-            subscription.retain_handling == 1 and existed) else self.retained.match(subscription.topic_filter)
-        if not replaying and not retained:  # no retained messages on a shared subscription [MQTT-3.8.4-?]
+        retained = iter(()) if subscription.share_group is not None or subscription.retain_handling == 2 or (
+            subscription.retain_handling == 1 and existed) else self.retained.matching(subscription.topic_filter)
+        first = next(retained, None)
+        if not replaying and first is None:  # no retained messages on a shared subscription [MQTT-3.8.4-?]
             return
         ids = (subscription.subscription_id,) if subscription.subscription_id else ()
         now = self.clock.seconds()
@@ -871,12 +873,15 @@ class BrokerService(MultiService):
                 # (its RETAIN flag as a live message's [MQTT-3.3.1-12, -13])
                 delivery.deliver(session, message, min(message.qos, subscription.qos),
                                  message.retain and subscription.retain_as_published, ids)
-        for index, message in enumerate(retained):
+        expired: list[str] = []
+        for message in itertools.chain(() if first is None else (first,), retained):
             if delivery.full(session, subscription.qos):
-                delivery.drop(session, len(retained) - index)  # what is left could only be dropped (or skipped)
-                return
+                # What is left could only be dropped: not even matched (a million took seconds),
+                # so not counted.
+                delivery.drop(session, 1)
+                break
             if message.expired(now):
-                self._drop_retained(message.topic)
+                expired.append(message.topic)  # (after the walk, which the tree may not change under)
                 continue
             # A topic replayed had its latest logged message sent, the retained one or newer.
             if message.topic in replayed or not readable(message) or (
@@ -886,6 +891,8 @@ class BrokerService(MultiService):
                 delivery.drop(session, 1)
                 continue
             delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
+        for topic in expired:
+            self._drop_retained(topic)
 
     def delete_retained(self, topic: str) -> bool:
         """Delete a topic's retained message, here and in the store (in a cluster, Redis, whence

@@ -93,11 +93,14 @@ class RetainedMessages:
         return node.message
 
     def match(self, topic_filter: str) -> list[Message]:
-        """Every retained message whose topic matches a (non-shared) filter (a list, not a
-        generator: a SUBSCRIBE that matches none, the usual case, costs a call or two)."""
-        found: list[Message] = []
-        _match(self._root, topic_filter.split("/"), 0, found)
-        return found
+        """Every retained message whose topic matches a (non-shared) filter."""
+        return list(self.matching(topic_filter))
+
+    def matching(self, topic_filter: str) -> Iterator[Message]:
+        """The retained messages whose topics match a (non-shared) filter, found as they are
+        asked for: a SUBSCRIBE that can take a few of a million walks no further. (The tree may
+        not change while it is walked.)"""
+        return _matching(self._root, topic_filter.split("/"), 0)
 
     def topics(self, limit: int) -> list[str]:
         """The first ``limit`` topics, ordered level by level, without walking the others (the
@@ -125,28 +128,28 @@ class RetainedMessages:
         return self.count
 
 
-def _match(node: _Level, levels: list[str], index: int, found: list[Message]) -> None:
+def _matching(node: _Level, levels: list[str], index: int) -> Iterator[Message]:
     if index == len(levels):
         if node.message is not None:
-            found.append(node.message)
+            yield node.message
         return
     level = levels[index]
     if level == "#":
         # "a/#" matches "a" itself too [MQTT-4.7.1-2]; no leading wildcard matches "$" topics.
         stack = [node] if index else [c for name, c in node.children.items() if not name.startswith("$")]
         if index and node.message is not None:
-            found.append(node.message)
+            yield node.message
             stack = list(node.children.values())
         while stack:
             current = stack.pop()
             if current.message is not None:
-                found.append(current.message)
+                yield current.message
             stack.extend(current.children.values())
     elif level == "+":
         for name, child in node.children.items():
             if index or not name.startswith("$"):
-                _match(child, levels, index + 1, found)
+                yield from _matching(child, levels, index + 1)
     else:
         exact = node.children.get(level)
         if exact is not None:
-            _match(exact, levels, index + 1, found)
+            yield from _matching(exact, levels, index + 1)
