@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Iterator
 
 from .message import NOT_CACHED, Message
@@ -103,18 +105,24 @@ class RetainedMessages:
         return _matching(self._root, topic_filter.split("/"), 0)
 
     def topics(self, limit: int) -> list[str]:
-        """The first ``limit`` topics, ordered level by level, without walking the others (the
-        admin API's topic tree is a page of what may be a hundred thousand)."""
-        found: list[str] = []
-        stack: list[tuple[str | None, _Level]] = [(None, self._root)]
-        while stack and len(found) < limit:
-            topic, node = stack.pop()
-            if topic is not None and node.message is not None:
-                found.append(topic)
+        """The first ``limit`` topics, ordered level by level (``in_order``)."""
+        return [message.topic for message in itertools.islice(self.in_order(), limit)]
+
+    def in_order(self) -> Iterator[Message]:
+        """The messages by topic, level by level (as ``topic.split("/")`` compare), found as they
+        are asked for: the admin API's pages of what may be a million walk no further than their
+        end. (The tree may not change while it is walked.)"""
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.message is not None:
+                yield node.message
             children = node.children
-            stack.extend([(name if topic is None else f"{topic}/{name}", children[name])
-                          for name in sorted(children, reverse=True)])
-        return found
+            stack.extend([children[name] for name in sorted(children, reverse=True)])
+
+    def live(self, now: float) -> int:
+        """How many are kept and not expired (``expire`` deletes those within a minute)."""
+        return self.count - sum(1 for at in self._expiring.values() if at <= now)
 
     def __iter__(self) -> Iterator[Message]:
         stack = [self._root]

@@ -458,17 +458,19 @@ class ApiResource(Resource):
 
     def _list_retained(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         topic_filter = str_arg(request, "filter")
-        if topic_filter is None:
-            messages = list(self.broker.retained)
-        else:
-            if not valid_topic_filter(topic_filter) or split_shared(topic_filter)[0] is not None:
-                raise ApiError(400, f"invalid topic filter {topic_filter!r}")
-            messages = list(self.broker.retained.match(topic_filter))
+        retained = self.broker.retained
         now = self.broker.clock.seconds()  # (one expired is gone [MQTT-3.3.2-5], swept away or not yet)
-        messages = sorted((m for m in messages if not m.expired(now)), key=lambda m: m.topic)
         # (A page of a thousand payloads of 16 MiB each, encoded on the reactor thread, would stall it.)
         payload_max = min(int_arg(request, "payload_max", MAX_REMAINING_LENGTH, 0), MAX_REMAINING_LENGTH)
-        return 200, page(request, messages, lambda message: message_json(message, payload_max))
+        render: Callable[[Any], Any] = lambda message: message_json(message, payload_max)
+        if topic_filter is None:  # a page of what may be a million, walked to its end only
+            return 200, page(request, (m for m in retained.in_order() if not m.expired(now)), render,
+                             total=retained.live(now))
+        if not valid_topic_filter(topic_filter) or split_shared(topic_filter)[0] is not None:
+            raise ApiError(400, f"invalid topic filter {topic_filter!r}")
+        messages = sorted((m for m in retained.matching(topic_filter) if not m.expired(now)),
+                          key=lambda m: m.topic.split("/"))
+        return 200, page(request, messages, render)
 
     def _get_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
         message = self.broker.retained.get(_topic_name(topic))

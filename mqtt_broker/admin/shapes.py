@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 from codecs import getincrementaldecoder
 from urllib.parse import unquote_to_bytes
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..config import url_without_password
 from ..topics import Subscription
@@ -181,13 +182,17 @@ def str_arg(request: Any, name: str) -> str | None:
         raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
 
 
-def page(request: Any, items: list[Any], render: Callable[[Any], Any]) -> dict[str, Any]:
+def page(request: Any, items: Iterable[Any], render: Callable[[Any], Any], total: int | None = None) -> dict[str, Any]:
     """The page of ``items`` the request asks for, each made JSON by ``render``: only the page,
-    as a list may hold a hundred thousand sessions."""
+    as a list may hold a hundred thousand sessions. ``items`` may be an iterator (taken to the
+    page's end only), with its ``total``."""
     offset = int_arg(request, "offset", 0, 0)
     limit = int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    return {"total": len(items), "offset": offset, "limit": limit,
-            "items": [render(item) for item in items[offset:offset + limit]]}
+    if total is None:
+        items = list(items)
+        total = len(items)
+    return {"total": total, "offset": offset, "limit": limit,
+            "items": [render(item) for item in itertools.islice(items, offset, offset + limit)]}
 
 
 __all__ = ["ApiError", "body_field", "body_qos", "bridge_json", "client_json", "int_arg", "message_json", "page",
