@@ -188,6 +188,26 @@ def test_a_nodes_routes_are_replaced_by_its_whole_set() -> None:
     assert node.forwarding.nodes() == {"b"}
 
 
+def test_a_nodes_routes_replaced_touch_what_changed_only() -> None:
+    """A node joining with 50,000 filters beside others of as many held the reactor half a
+    second: each of the other nodes' routes was walked to find its own, and each of its own
+    added again though it was there."""
+    node = Node()
+    for n in range(100):
+        node.holds("c", f"c/{n}")
+        node.holds("b", f"b/{n}")
+    touched: list[str] = []
+    routes = node.forwarding.routes
+    add, remove = routes.add, routes.remove
+    routes.add = lambda subscription: touched.append(subscription.topic_filter) or add(subscription)  # type: ignore[method-assign]
+    routes.remove = lambda client_id, topic_filter: touched.append(topic_filter) or remove(client_id, topic_filter)  # type: ignore[method-assign]
+    node.forwarding.replace_routes("b", {**{f"b/{n}": True for n in range(1, 100)}, "b/0": False, "b/new": True})
+    assert sorted(touched) == ["b/0", "b/new"]
+    assert node.forwarding.filters_of("b") == {**{f"b/{n}": True for n in range(1, 100)}, "b/0": False, "b/new": True}
+    node.forwarding.forget("c")
+    assert node.forwarding.nodes() == {"b"} and node.forwarding.filters_of("c") == {}
+
+
 def test_a_message_left_unfinished_goes_to_a_node_with_a_connected_member_first() -> None:
     node = Node()
     share = ("g", "$share/g/t")
