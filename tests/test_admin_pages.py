@@ -4,6 +4,7 @@ document's schemas against the real answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from io import BytesIO
 from pathlib import Path
@@ -98,6 +99,52 @@ def test_one_clients_subscriptions_are_listed_from_its_session() -> None:
     assert status == 200 and [(s["client_id"], s["topic_filter"]) for s in answer["items"]] == [("c1", "a/+")]
     status, answer = call(api, "GET", "/api/v1/subscriptions?client_id=nobody")
     assert (status, answer["total"]) == (200, 0)
+
+
+def test_a_page_of_every_subscription_is_the_same_without_walking_them_all() -> None:
+    """Every subscription was walked, and sorted, for each page: 0.8 s of the reactor's for one
+    of 500,000. A page is what a sorted list of them all would give, ``total`` its length."""
+    broker, api = started()
+    for client_id, filters in {"c2": ("b/#", "a/+", "$share/g/a/b"), "c10": ("a/b",), "none": (),
+                               "ab": ("x/y", "a/+/c", "$share/h/x/#"), "a": ("a",), "c1": ("z", "b/a")}.items():
+        session = broker.sessions[client_id] = Session(client_id)
+        for topic_filter in filters:
+            broker.subscribe(session, Subscription(client_id=client_id, topic_filter=topic_filter, qos=1))
+    broker.unsubscribe(broker.sessions["c2"], "b/#")
+    every = sorted(broker.subscriptions, key=lambda s: (s.client_id, s.topic_filter))
+    broker.subscriptions = Unwalkable(broker.subscriptions)  # type: ignore[assignment]
+
+    ab = [s for s in every if s.client_id == "ab"]
+    for asked, chosen in (("", every), ("q=a", [s for s in every if "a" in s.topic_filter]),
+                          ("q=%24share", [s for s in every if "$share" in s.topic_filter]), ("q=nothing", []),
+                          ("client_id=ab", ab), ("client_id=ab&q=%2B", [s for s in ab if "+" in s.topic_filter]),
+                          ("client_id=none", []), ("client_id=nobody", [])):
+        expected = [dataclasses.asdict(s) for s in chosen]
+        for offset in range(len(expected) + 2):
+            for limit in range(1, len(expected) + 2):
+                status, answer = call(api, "GET", f"/api/v1/subscriptions?{asked}&offset={offset}&limit={limit}")
+                assert (status, answer) == (200, {"total": len(expected), "offset": offset, "limit": limit,
+                                                  "items": expected[offset:offset + limit]}), (asked, offset, limit)
+
+
+def test_a_session_that_moved_away_is_not_listed_or_counted_among_the_subscriptions() -> None:
+    broker, api = started()
+    for client_id in ("a", "moved", "z"):
+        session = broker.sessions[client_id] = Session(client_id)
+        for topic_filter in ("t/1", "t/2"):
+            broker.subscribe(session, Subscription(client_id=client_id, topic_filter=topic_filter))
+
+    class MovedAway:
+        def moved_away(self, client_id: str) -> bool:
+            return client_id == "moved"
+    broker.cluster = MovedAway()
+    answer = call(api, "GET", "/api/v1/subscriptions?offset=1&limit=2")[1]
+    assert (answer["total"], [(s["client_id"], s["topic_filter"]) for s in answer["items"]]) == (
+        4, [("a", "t/2"), ("z", "t/1")])
+    assert call(api, "GET", "/api/v1/subscriptions?q=1")[1]["total"] == 2
+    assert call(api, "GET", "/api/v1/subscriptions?client_id=moved")[1] == {
+        "total": 0, "offset": 0, "limit": 100, "items": []}
+    broker.cluster = None
 
 
 def test_the_topic_tree_takes_the_first_retained_topics_without_walking_them_all() -> None:

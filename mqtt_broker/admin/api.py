@@ -24,7 +24,7 @@ import dataclasses
 import json
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -40,8 +40,8 @@ from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
 from . import figures
 from .shapes import (
-    ApiError, body_field, body_qos, bridge_json, client_json, int_arg, message_json, page, redacted, str_arg,
-    subscription_json, topic_tree,
+    ApiError, body_field, body_qos, bridge_json, client_json, int_arg, message_json, page, paging, redacted,
+    str_arg, subscription_json, topic_tree,
 )
 from .keys import KeyRing, presented_key
 
@@ -430,15 +430,37 @@ class ApiResource(Resource):
     def _list_subscriptions(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         client_id = str_arg(request, "client_id")
         query = str_arg(request, "q")
-        moved_away = self.broker.moved_away
+        offset, limit = paging(request)
+        sessions, moved_away = self.broker.sessions, self.broker.moved_away
         if client_id is None:
-            subscriptions: Iterable[Subscription] = self.broker.subscriptions
-        else:  # (the dashboard asks for its selected client's every 2 s: not a walk of every one)
-            session = self.broker.sessions.get(client_id)
-            subscriptions = session.subscriptions.values() if session is not None else ()
-        items = sorted((s for s in subscriptions if (query is None or query in s.topic_filter)
-                        and not moved_away(s.client_id)), key=lambda s: (s.client_id, s.topic_filter))
-        return 200, page(request, items, subscription_json)
+            clients = sorted(sessions)
+        else:  # (the dashboard asks for its selected client's every 2 s)
+            clients = [client_id] if client_id in sessions else []
+
+        def count(held: dict[str, Subscription]) -> int:
+            return len(held) if query is None else sum(query in topic_filter for topic_filter in held)
+        # The tree holds what the sessions hold: counted through the sessions in the order they lie
+        # in memory, then a page taken from their clients in order, each one's own filters sorted,
+        # rather than every subscription walked and sorted for every page (500,000: 0.8 s).
+        kept = sessions.items() if client_id is None else [(client, sessions[client]) for client in clients]
+        total = sum(count(session.subscriptions) for client, session in kept if not moved_away(client))
+        items: list[Subscription] = []
+        skip = offset
+        for client in clients:
+            if len(items) == limit:
+                break
+            if moved_away(client):
+                continue
+            held = sessions[client].subscriptions
+            matching = count(held)
+            if skip >= matching:
+                skip -= matching
+                continue
+            chosen = sorted(f for f in held if query is None or query in f)[skip:skip + limit - len(items)]
+            items += [held[topic_filter] for topic_filter in chosen]
+            skip = 0
+        return 200, {"total": total, "offset": offset, "limit": limit,
+                     "items": [subscription_json(subscription) for subscription in items]}
 
     def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         limit = int_arg(request, "limit", 1000, 1, 10_000)

@@ -182,12 +182,16 @@ def str_arg(request: Any, name: str) -> str | None:
         raise ApiError(400, f"query parameter {name!r} is not UTF-8") from None
 
 
+def paging(request: Any) -> tuple[int, int]:
+    """The offset and the limit of the page the request asks for."""
+    return int_arg(request, "offset", 0, 0), int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+
+
 def page(request: Any, items: Iterable[Any], render: Callable[[Any], Any], total: int | None = None) -> dict[str, Any]:
     """The page of ``items`` the request asks for, each made JSON by ``render``: only the page,
     as a list may hold a hundred thousand sessions. ``items`` may be an iterator (taken to the
     page's end only), with its ``total``."""
-    offset = int_arg(request, "offset", 0, 0)
-    limit = int_arg(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset, limit = paging(request)
     if total is None:
         items = list(items)
         total = len(items)
@@ -196,4 +200,4 @@ def page(request: Any, items: Iterable[Any], render: Callable[[Any], Any], total
 
 
 __all__ = ["ApiError", "body_field", "body_qos", "bridge_json", "client_json", "int_arg", "message_json", "page",
-           "payload_json", "redacted", "str_arg", "subscription_json", "topic_tree"]
+           "paging", "payload_json", "redacted", "str_arg", "subscription_json", "topic_tree"]
