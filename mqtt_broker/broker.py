@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import resource
+from collections import deque
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -120,6 +121,9 @@ class BrokerService(MultiService):
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
         self._retained_sweep: Any = None
         self._alive_call: Any = None
+        self._due: deque[tuple[Session, Any]] = deque()
+        """Sessions whose expiry came, with the call that said so, waiting to end (_end_due)."""
+        self._end_due_call: Any = None
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages(kept=self.config.retain_available)
@@ -333,6 +337,9 @@ class BrokerService(MultiService):
         self.keepalives.stop()
         cancel(self._retained_sweep)
         cancel(self._alive_call)
+        cancel(self._end_due_call)
+        self._end_due_call = None
+        self._due.clear()
         for session in self.sessions.values():
             cancel(session.expiry_call)
             cancel(session.retry_call)
@@ -775,13 +782,32 @@ class BrokerService(MultiService):
             self.hooks.notify("disconnect", client, graceful)
 
     def _expire(self, session: Session) -> None:
-        session.expiry_call = None
-        if session.connection is None and self.sessions.get(session.client_id) is session:
-            log.info("session {client_id!r} expired", client_id=session.client_id)
-            self.stats.sessions_expired += 1
-            self.wills.end(session.client_id, publish=True)
-            self._discard(session)
-            self._release(session.client_id)
+        """The session's expiry came: it ends in a turn of its own (see _end_due). Its
+        ``expiry_call`` stays the call that ran until then: attaching the session again, or
+        ending it otherwise, replaces that, which keeps it from being ended."""
+        self._due.append((session, session.expiry_call))
+        if self._end_due_call is None:
+            self._end_due_call = self.clock.callLater(0, self._end_due)
+
+    def _end_due(self) -> None:
+        """End up to SESSIONS_ENDED_PER_TURN of the sessions whose expiry came, the rest in the
+        next turns: those of a fleet come due at the same instant (disconnected by an outage,
+        or restored with the time the broker stopped), and ending them all held the reactor."""
+        self._end_due_call = None
+        due = self._due
+        for _ in range(min(len(due), SESSIONS_ENDED_PER_TURN)):
+            session, call = due.popleft()
+            if session.expiry_call is not call:  # (attached again meanwhile, or ended otherwise)
+                continue
+            session.expiry_call = None
+            if session.connection is None and self.sessions.get(session.client_id) is session:
+                log.info("session {client_id!r} expired", client_id=session.client_id)
+                self.stats.sessions_expired += 1
+                self.wills.end(session.client_id, publish=True)
+                self._discard(session)
+                self._release(session.client_id)
+        if due:
+            self._end_due_call = self.clock.callLater(0, self._end_due)
 
     def _alive(self, note: Callable[[float], None]) -> None:
         """Tell the store the broker is alive now (``note``: its ``alive``; see ALIVE_EVERY)."""
@@ -938,6 +964,9 @@ class BrokerService(MultiService):
         return True
 
 
+SESSIONS_ENDED_PER_TURN = 1000
+"""How many of the sessions whose expiry came end in one turn of the reactor; the others wait
+for the next turns, reads and writes between (a fleet's sessions come due together)."""
 RETAINED_SWEEP = 60.0
 """Seconds between two sweeps of the expired retained messages."""
 ALIVE_EVERY = 60.0

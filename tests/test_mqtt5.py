@@ -20,7 +20,9 @@ from mqtt_broker.wire import (
 )
 from mqtt_broker.topics import MAX_SHARE_TURNS, Turns
 
-from protocol_helpers import FakeClient, connected, make_broker
+from mqtt_broker.broker import SESSIONS_ENDED_PER_TURN
+
+from protocol_helpers import FakeClient, TurnClock, connected, make_broker
 
 NEVER = 0xFFFFFFFF
 
@@ -311,6 +313,37 @@ def test_session_kept_for_its_expiry_interval_then_discarded() -> None:
     assert "c" not in broker.sessions
     assert list(broker.subscriptions) == []
     assert broker.subscriptions_of("c") == []
+
+
+def test_sessions_expiring_together_end_a_bounded_number_a_turn() -> None:
+    """Sessions due at the same instant (a fleet an outage disconnected, or every session whose
+    client was connected when the broker stopped) end SESSIONS_ENDED_PER_TURN a turn of the
+    reactor, reads and writes between: ended in the turn their timers ran, 100,000 held it for
+    two seconds. One attached again before its turn is not ended; lost again, it ends after
+    its new interval."""
+    broker = make_broker(reactor=TurnClock())
+    count = 2 * SESSIONS_ENDED_PER_TURN + 5
+    for n in range(count):
+        client = v5(broker, f"c{n}", clean=False, properties=persistent(30))
+        client.subscribe(f"t/{n}", qos=1)
+        client.lose()
+    last = f"c{count - 1}"
+    broker.clock.advance(30)  # (the turn of their timers)
+    broker.clock.advance(0)
+    assert len(broker.sessions) == count - SESSIONS_ENDED_PER_TURN
+    again, connack = connect5(broker, last, clean=False, properties=persistent(30))
+    assert connack.session_present
+    broker.clock.advance(0)
+    assert len(broker.sessions) == count - 2 * SESSIONS_ENDED_PER_TURN
+    again.lose()
+    broker.clock.advance(0)
+    assert list(broker.sessions) == [last] and broker.stats.sessions_expired == count - 1
+    assert [s.client_id for s in broker.subscriptions] == [last]
+    broker.clock.advance(29)
+    assert list(broker.sessions) == [last]
+    broker.clock.advance(1)
+    broker.clock.advance(0)
+    assert broker.sessions == {} and broker.clock.getDelayedCalls() == []
 
 
 def test_session_expiry_ffffffff_never_expires() -> None:
