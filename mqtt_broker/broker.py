@@ -935,12 +935,16 @@ class BrokerService(MultiService):
         self._expired_retained(topic)
 
     def _sweep(self) -> None:
-        """Every RETAINED_SWEEP: the retained messages that expired go, and the message log's
-        entries past history_max_age."""
-        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
+        """Every RETAINED_SWEEP: the retained messages that expired go, RETAINED_EXPIRED_PER_TURN
+        a turn of the reactor (a SUBSCRIBE meanwhile sends none that expired), then the message
+        log's entries past history_max_age."""
         now = self.clock.seconds()
-        for topic in self.retained.expire(now):
+        for topic in self.retained.expire(now, RETAINED_EXPIRED_PER_TURN):
             self._expired_retained(topic)
+        if self.retained.due(now):
+            self._retained_sweep = self.clock.callLater(0, self._sweep)
+            return
+        self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
         if self.history is not None and self.history.max_age:
             self.history.expire(now)
             self.delivery.forget_dropped()
@@ -964,6 +968,9 @@ class BrokerService(MultiService):
         return True
 
 
+RETAINED_EXPIRED_PER_TURN = 5000
+"""How many expired retained messages a sweep deletes in one turn of the reactor; the others go
+in the next turns, reads and writes between."""
 SESSIONS_ENDED_PER_TURN = 1000
 """How many of the sessions whose expiry came end in one turn of the reactor; the others wait
 for the next turns, reads and writes between (a fleet's sessions come due together)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-
+from heapq import heappop, heappush
 from typing import Iterator
 
 from .message import NOT_CACHED, Message
@@ -28,8 +28,13 @@ class RetainedMessages:
         self.count = 0
         self.bytes = 0
         """The payload bytes of the messages kept."""
-        self._expiring: dict[str, float] = {}
-        """Topic -> expiry time of the kept messages that have one."""
+        self._expiring: list[tuple[float, int, str]] = []
+        """A heap of (time, order, topic) (the order spares comparing topics): a topic's message expires no sooner than its entry's time.
+        Kept anew with a later expiry, the entry stays and is moved on when its time comes
+        (a topic kept anew every few seconds adds none)."""
+        self._entry_at: dict[str, float] = {}
+        """Topic -> the time of its entry in ``_expiring`` (others of its are dropped unread)."""
+        self._order = itertools.count()
 
     def store(self, message: Message) -> None:
         """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10].
@@ -40,10 +45,12 @@ class RetainedMessages:
             self.delete(message.topic)
             return
         message.encoded = NOT_CACHED
-        if message.expires_at is not None:
-            self._expiring[message.topic] = message.expires_at
-        elif self._expiring:
-            self._expiring.pop(message.topic, None)
+        expires_at = message.expires_at
+        if expires_at is not None:
+            entry_at = self._entry_at.get(message.topic)
+            if entry_at is None or expires_at < entry_at:
+                self._entry_at[message.topic] = expires_at
+                heappush(self._expiring, (expires_at, next(self._order), message.topic))
         node = self._root
         for level in message.topic.split("/"):
             child = node.children.get(level)
@@ -70,7 +77,6 @@ class RetainedMessages:
         self.bytes -= len(path[-1].message.payload)
         path[-1].message = None
         self.count -= 1
-        self._expiring.pop(topic, None)
         for depth in range(len(levels), 0, -1):
             node = path[depth]
             if node.children or node.message is not None:
@@ -78,12 +84,32 @@ class RetainedMessages:
             del path[depth - 1].children[levels[depth - 1]]
         return True
 
-    def expire(self, now: float) -> list[str]:
-        """Delete the messages whose expiry has passed [MQTT-3.3.2-5]; their topics."""
-        topics = [topic for topic, at in self._expiring.items() if at <= now]
-        for topic in topics:
-            self.delete(topic)
+    def expire(self, now: float, limit: int) -> list[str]:
+        """Delete the messages whose expiry has passed [MQTT-3.3.2-5], looking at no more than
+        ``limit`` of them (``due`` tells whether more are left); their topics."""
+        expiring, entry_at = self._expiring, self._entry_at
+        topics: list[str] = []
+        for _ in range(limit):
+            if not expiring or expiring[0][0] > now:
+                break
+            at, _, topic = heappop(expiring)
+            if entry_at.get(topic) != at:
+                continue  # (an earlier expiry replaced this entry)
+            message = self.get(topic)
+            if message is None or message.expires_at is None:  # deleted, or kept anew without one
+                del entry_at[topic]
+            elif message.expires_at <= now:
+                del entry_at[topic]
+                self.delete(topic)
+                topics.append(topic)
+            else:  # kept anew, to expire later
+                entry_at[topic] = message.expires_at
+                heappush(expiring, (message.expires_at, next(self._order), topic))
         return topics
+
+    def due(self, now: float) -> bool:
+        """Whether a message may have expired by ``now`` that ``expire`` has not looked at."""
+        return bool(self._expiring) and self._expiring[0][0] <= now
 
     def get(self, topic: str) -> Message | None:
         node = self._root
@@ -122,7 +148,12 @@ class RetainedMessages:
 
     def live(self, now: float) -> int:
         """How many are kept and not expired (``expire`` deletes those within a minute)."""
-        return self.count - sum(1 for at in self._expiring.values() if at <= now)
+        expired = 0
+        for topic, at in self._entry_at.items():
+            if at <= now:  # (its message may have been kept anew since, to expire later)
+                message = self.get(topic)
+                expired += message is not None and message.expired(now)
+        return self.count - expired
 
     def __iter__(self) -> Iterator[Message]:
         stack = [self._root]

@@ -221,15 +221,53 @@ def test_expired_messages_are_swept_from_memory_and_the_store() -> None:
     broker.stopService()
 
 
+def test_expired_messages_are_swept_a_bounded_number_a_turn() -> None:
+    """The sweep deletes RETAINED_EXPIRED_PER_TURN expired messages a turn of the reactor, the
+    rest in the next turns (half a million expired at once held it for a second), and a
+    SUBSCRIBE meanwhile gets none of those still kept [MQTT-3.3.2-5]."""
+    from mqtt_broker.broker import RETAINED_EXPIRED_PER_TURN, RETAINED_SWEEP
+
+    from protocol_helpers import TurnClock
+    store = MemoryStore()
+    broker = make_broker(reactor=TurnClock(), store=store, sys_interval=0)
+    broker.startService()
+    count = 2 * RETAINED_EXPIRED_PER_TURN + 5
+    for n in range(count):
+        broker.publish(f"t/{n}", b"soon gone", retain=True, properties={"message_expiry_interval": 1})
+    broker.publish("t/kept", b"kept", retain=True)
+    broker.clock.advance(RETAINED_SWEEP)
+    assert len(broker.retained) == count + 1 - RETAINED_EXPIRED_PER_TURN
+    last = f"t/{count - 1}"
+    assert broker.retained.get(last) is not None
+    sub = connected(broker, "sub")
+    assert sub.subscribe("t/kept", last)[1:] == [Publish(topic="t/kept", payload=b"kept", retain=True)]
+    broker.clock.advance(0)
+    assert len(broker.retained) == count - 2 * RETAINED_EXPIRED_PER_TURN  # (and the one the SUBSCRIBE dropped)
+    broker.clock.advance(0)
+    assert [m.topic for m in broker.retained] == ["t/kept"]
+    assert list(store._retained) == ["t/kept"]  # type: ignore[attr-defined]
+    broker.stopService()
+
+
 def test_expire_drops_only_what_is_due() -> None:
     retained = RetainedMessages()
     retained.store(Message(topic="a", payload=b"1", retain=True, expires_at=10.0))
     retained.store(Message(topic="b", payload=b"2", retain=True, expires_at=20.0))
     retained.store(Message(topic="c", payload=b"3", retain=True))
-    assert retained.expire(10.0) == ["a"] and retained.expire(15.0) == []
+    assert retained.expire(10.0, 10) == ["a"] and retained.expire(15.0, 10) == []
     assert sorted(m.topic for m in retained) == ["b", "c"]
     retained.delete("b")
-    assert retained.expire(100.0) == [] and len(retained) == 1
+    assert retained.expire(100.0, 10) == [] and len(retained) == 1
+
+
+def test_a_message_kept_anew_expires_by_its_own_expiry() -> None:
+    retained = RetainedMessages()
+    retained.store(Message(topic="later", payload=b"1", retain=True, expires_at=10.0))
+    retained.store(Message(topic="later", payload=b"2", retain=True, expires_at=30.0))
+    retained.store(Message(topic="sooner", payload=b"1", retain=True, expires_at=30.0))
+    retained.store(Message(topic="sooner", payload=b"2", retain=True, expires_at=5.0))
+    assert retained.expire(20.0, 10) == ["sooner"] and not retained.due(20.0)
+    assert retained.expire(30.0, 10) == ["later"] and len(retained) == 0
 
 
 def test_a_retained_message_keeps_one_copy_of_its_payload() -> None:
