@@ -10,10 +10,9 @@ the ``paused``/``send_quota``/``identity`` attributes).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import resource
 from collections import deque
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -900,7 +899,7 @@ class BrokerService(MultiService):
                 delivery.deliver(session, message, min(message.qos, subscription.qos),
                                  message.retain and subscription.retain_as_published, ids)
         expired: list[str] = []
-        for message in itertools.chain(() if first is None else (first,), retained):
+        for message in chain(() if first is None else (first,), retained):
             if delivery.full(session, subscription.qos):
                 # What is left could only be dropped: not even matched (a million took seconds),
                 # so not counted.
