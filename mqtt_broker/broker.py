@@ -28,6 +28,7 @@ from .auth import Security
 from .auth.tls import ServerTLS, TLSServerEndpoint, parse_description, server_endpoint
 from .config import BrokerConfig, ConfigError
 from .connect import NEVER, AcceptingConnack, granted_expiry
+from .connecting import tally
 from .delivery import Delivery
 from .history import MessageLog
 from .keepalive import Keepalives, cancel
@@ -78,8 +79,7 @@ class MQTTFactory(Factory):
         if limit < 0 or len(broker.connections) - broker.ending - broker.own_links + broker.upgrading < limit:
             return False
         broker.stats.connections_refused += 1
-        refused = broker.stats.refused_by_reason
-        refused["max_connections"] = refused.get("max_connections", 0) + 1
+        tally(broker.stats.refused_by_reason, "max_connections")
         log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
         return True
 

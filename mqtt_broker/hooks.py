@@ -259,18 +259,15 @@ class Hooks:
 
     def _answered(self, result: Any, theirs: Deferred[Any]) -> Any:
         waits = self._waits.pop(theirs, {})
-        if isinstance(result, Failure):
+        failed = isinstance(result, Failure)
+        if failed:
             # Taken, or the Deferred would log it again when collected. Kept before the waits
             # hear of it: a wait their callbacks start on theirs finds it here too.
             self._failures[theirs] = result
-            for mine in waits:
-                if not mine.called:  # (one wait's answer may end another: its client gone with it)
-                    mine.errback(result)
-            return None
         for mine in waits:
-            if not mine.called:
-                mine.callback(result)
-        return result
+            if not mine.called:  # (one wait's answer may end another: its client gone with it)
+                (mine.errback if failed else mine.callback)(result)
+        return None if failed else result
 
     def _give_up(self, theirs: Deferred[Any], mine: Deferred[Any]) -> None:
         waits = self._waits.get(theirs)

@@ -62,8 +62,9 @@ keepalive, as Mosquitto has it: a large PUBLISH on a slow link keeps its connect
 arrives, where a small packet trickled byte by byte does not."""
 READ_WHILE_DECIDING: Final = 64 * 1024
 """Bytes of a connection read and held, not handled, while a hook decides on one of its packets;
-reading stops once a read takes it above that. Reading on is how the broker sees a client leave meanwhile: a socket
-not read is not watched, and a client gone before the CONNACK was held until the hook answered."""
+reading stops once a read takes it above that. Reading on is how the broker sees a client leave
+meanwhile: a socket not read is not watched, and a client gone before the CONNACK was held until
+the hook answered."""
 PACKETS_PER_TURN: Final = 10_000
 """Packets of one connection handled in one turn of the reactor; the rest of what was read waits
 for the next turn, as for a hook. A TCP read of PUBLISHes holds fewer; 64 KiB of 2-byte PINGREQs

@@ -29,9 +29,9 @@ class RetainedMessages:
         self.bytes = 0
         """The payload bytes of the messages kept."""
         self._expiring: list[tuple[float, int, str]] = []
-        """A heap of (time, order, topic) (the order spares comparing topics): a topic's message expires no sooner than its entry's time.
-        Kept anew with a later expiry, the entry stays and is moved on when its time comes
-        (a topic kept anew every few seconds adds none)."""
+        """A heap of (time, order, topic) (the order spares comparing topics): a topic's message
+        expires no sooner than its entry's time. Kept anew with a later expiry, the entry stays
+        and is moved on when its time comes (a topic kept anew every few seconds adds none)."""
         self._entry_at: dict[str, float] = {}
         """Topic -> the time of its entry in ``_expiring`` (others of its are dropped unread)."""
         self._order = itertools.count()

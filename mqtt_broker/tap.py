@@ -314,16 +314,15 @@ def _config_problems(service: BrokerService, options: Options) -> list[str]:
     log.warn("settings changed since the broker started are not applied until it restarts: {names}", names=changed)
     problems = [f"settings changed since the broker started are not applied until it restarts: {changed}"]
     # What a restart reads of the authentication settings, read now: the files of new paths, say.
-    from .auth.acl import AclFile, AclFileError
+    from .auth import load_acl
     from .auth.authenticators import authenticators_from_config
     try:
         authenticators_from_config(config)
         if config.acl_file:
-            AclFile.load(config.acl_file)
-    except (ConfigError, AclFileError) as e:
-        error = str(e) if isinstance(e, ConfigError) else str(ConfigError(str(e), "acl_file"))
-        log.error("a restart would fail: {error}", error=error)
-        problems.append(f"a restart would fail: {error}")
+            load_acl(config.acl_file)
+    except ConfigError as e:
+        log.error("a restart would fail: {error}", error=str(e))
+        problems.append(f"a restart would fail: {e}")
     return problems
 
 

@@ -203,7 +203,7 @@ class Security:
         """Most callers want :meth:`from_config`. ``acl_file`` is read here; raises ConfigError."""
         self._authenticators = list(authenticators)
         self._acl_path = acl_file
-        self._acl: AclFile | None = _load_acl(acl_file) if acl_file else None
+        self._acl: AclFile | None = load_acl(acl_file) if acl_file else None
         self._allow_anonymous = allow_anonymous
         self._closes = 0
         self._require_certificate = require_certificate
@@ -401,7 +401,7 @@ class Security:
         rules in force stay. New rules apply to connected clients at once."""
         try:
             commits = [a.prepare_reload() for a in self._authenticators]
-            acl = _load_acl(self._acl_path) if self._acl_path else None
+            acl = load_acl(self._acl_path) if self._acl_path else None
         except ConfigError as e:
             log.error("reload refused, the previous security settings stay in force: {error}", error=str(e))
             raise
@@ -422,7 +422,8 @@ class Security:
         return gatherResults(closing, consumeErrors=True).addBoth(lambda _: None)
 
 
-def _load_acl(path: str) -> AclFile:
+def load_acl(path: str) -> AclFile:
+    """The ACL file at ``path``; raises ConfigError naming ``acl_file`` when it cannot be used."""
     from .acl import AclFileError
     try:
         return AclFile.load(path)
@@ -430,4 +431,4 @@ def _load_acl(path: str) -> AclFile:
         raise ConfigError(str(e), "acl_file") from None
 
 
-__all__ = ["Security", "Credentials", "Identity", "Refusal", "AccessRules", "Authenticator", "ConfigError"]
+__all__ = ["Security", "Credentials", "Identity", "Refusal", "AccessRules", "Authenticator", "ConfigError", "load_acl"]
