@@ -20,7 +20,7 @@ COMPILED = ["mqtt_broker/wire/__init__.py", "mqtt_broker/wire/codec.py", "mqtt_b
             "mqtt_broker/wire/properties.py", "mqtt_broker/topics.py", "mqtt_broker/cluster/codec.py",
             "mqtt_broker/cluster/forwarding.py",
             "mqtt_broker/message.py", "mqtt_broker/session.py", "mqtt_broker/delivery.py",
-            "mqtt_broker/keepalive.py", "mqtt_broker/protocol.py", "mqtt_broker/connecting.py",
+            "mqtt_broker/deadlines.py", "mqtt_broker/protocol.py", "mqtt_broker/connecting.py",
             "mqtt_broker/publishing.py", "mqtt_broker/subscribing.py", "mqtt_broker/connect.py"]
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import resource
-from collections import deque
 from itertools import chain, islice
+from operator import methodcaller
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -31,7 +31,7 @@ from .connect import NEVER, AcceptingConnack, granted_expiry
 from .connecting import tally
 from .delivery import Delivery
 from .history import MessageLog
-from .keepalive import Keepalives, cancel
+from .deadlines import Deadlines, cancel
 from .lifecycle import State
 from .hooks import Hooks
 from .linger import AllClosed
@@ -120,9 +120,8 @@ class BrokerService(MultiService):
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
         self._retained_sweep: Any = None
         self._alive_call: Any = None
-        self._due: deque[tuple[Session, Any]] = deque()
-        """Sessions whose expiry came, with the call that said so, waiting to end (_end_due)."""
-        self._end_due_call: Any = None
+        self.expiries = Deadlines(self.clock, self._expire, SESSIONS_ENDED_PER_TURN)
+        """Every disconnected session's expiry, on one timer (``Session.expiry_deadline``)."""
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages(kept=self.config.retain_available)
@@ -147,7 +146,7 @@ class BrokerService(MultiService):
         ``connections``): counted against max_connections, as a TCP one awaiting CONNECT is."""
         self._all_closed: AllClosed | None = None
         """While stopping: what waits for the last connection to go."""
-        self.keepalives = Keepalives(self.clock)
+        self.keepalives = Deadlines(self.clock, methodcaller("keepalive_due"))
         """Every connection's keepalive deadline, on one timer."""
         self.ports: list[IListeningPort] = []
         self._starting: list[Deferred[Any]] = []
@@ -336,13 +335,10 @@ class BrokerService(MultiService):
         self.keepalives.stop()
         cancel(self._retained_sweep)
         cancel(self._alive_call)
-        cancel(self._end_due_call)
-        self._end_due_call = None
-        self._due.clear()
+        self.expiries.stop()
         for session in self.sessions.values():
-            cancel(session.expiry_call)
             cancel(session.retry_call)
-            session.expiry_call = session.retry_call = None
+            session.expiry_deadline = session.retry_call = None
         self.wills.stop()
         if self.store is not None:
             stopping.append(self.store.close())
@@ -500,8 +496,8 @@ class BrokerService(MultiService):
         starts it again): the sessions and delayed wills kept in memory have their timers again,
         a session's expiry counted from now."""
         for session in self.sessions.values():
-            if session.connection is None and session.expiry != NEVER and session.expiry_call is None:
-                session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
+            if session.connection is None and session.expiry != NEVER and session.expiry_deadline is None:
+                self._expire_in(session, session.expiry)
         self.wills.rearm()
 
     def _restore(self, snapshot: Snapshot) -> None:
@@ -557,7 +553,7 @@ class BrokerService(MultiService):
                 self.store.delete_session(session.client_id)
                 self._release(session.client_id)
                 return False
-            session.expiry_call = self.clock.callLater(remaining, self._expire, session)
+            self._expire_in(session, remaining)
         max_bytes = self.config.max_queued_bytes
         queue = session.queue
         while max_bytes and len(queue) > 1 and session.queued_bytes > max_bytes:
@@ -578,8 +574,8 @@ class BrokerService(MultiService):
             self._discard(session)
             self._release(session.client_id)
             return
-        if session.expiry != NEVER and session.expiry_call is None:
-            session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
+        if session.expiry != NEVER and session.expiry_deadline is None:
+            self._expire_in(session, session.expiry)
         if session.stored:
             assert self.store is not None
             self.store.save_session(session, self.clock.seconds())
@@ -594,8 +590,7 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         if session is None:
             return
-        cancel(session.expiry_call)
-        session.expiry_call = None
+        self._unexpire(session)
         connection = session.connection
         if connection is not None:
             will, delay, client = connection.will, connection.will_delay, connection.client
@@ -626,7 +621,7 @@ class BrokerService(MultiService):
         if session.connection is not None:
             self.let_go(client_id, False)  # (it finds the connection through the session)
         del self.sessions[client_id]
-        cancel(session.expiry_call)
+        self._unexpire(session)
         cancel(session.retry_call)
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(client_id, topic_filter)
@@ -719,8 +714,7 @@ class BrokerService(MultiService):
         present = session is not None
         if session is None:
             session = self.sessions[client_id] = Session(client_id)
-        cancel(session.expiry_call)
-        session.expiry_call = None
+        self._unexpire(session)
         session.expiry = expiry
         session.connection = connection
         if identity is not None and self.security is not None:
@@ -770,7 +764,7 @@ class BrokerService(MultiService):
                 self._release(session.client_id)
             return self._notify_disconnect(client, graceful)
         if session.expiry != NEVER:
-            session.expiry_call = self.clock.callLater(session.expiry, self._expire, session)
+            self._expire_in(session, session.expiry)
         if session.stored:
             assert self.store is not None
             self.store.save_session(session, self.clock.seconds())
@@ -780,33 +774,27 @@ class BrokerService(MultiService):
         if self.hooks.has_disconnect:
             self.hooks.notify("disconnect", client, graceful)
 
-    def _expire(self, session: Session) -> None:
-        """The session's expiry came: it ends in a turn of its own (see _end_due). Its
-        ``expiry_call`` stays the call that ran until then: attaching the session again, or
-        ending it otherwise, replaces that, which keeps it from being ended."""
-        self._due.append((session, session.expiry_call))
-        if self._end_due_call is None:
-            self._end_due_call = self.clock.callLater(0, self._end_due)
+    def _expire_in(self, session: Session, seconds: float) -> None:
+        self._unexpire(session)
+        session.expiry_deadline = self.expiries.watch(session, self.clock.seconds() + seconds)
 
-    def _end_due(self) -> None:
-        """End up to SESSIONS_ENDED_PER_TURN of the sessions whose expiry came, the rest in the
-        next turns: those of a fleet come due at the same instant (disconnected by an outage,
-        or restored with the time the broker stopped), and ending them all held the reactor."""
-        self._end_due_call = None
-        due = self._due
-        for _ in range(min(len(due), SESSIONS_ENDED_PER_TURN)):
-            session, call = due.popleft()
-            if session.expiry_call is not call:  # (attached again meanwhile, or ended otherwise)
-                continue
-            session.expiry_call = None
-            if session.connection is None and self.sessions.get(session.client_id) is session:
-                log.info("session {client_id!r} expired", client_id=session.client_id)
-                self.stats.sessions_expired += 1
-                self.wills.end(session.client_id, publish=True)
-                self._discard(session)
-                self._release(session.client_id)
-        if due:
-            self._end_due_call = self.clock.callLater(0, self._end_due)
+    def _unexpire(self, session: Session) -> None:
+        if session.expiry_deadline is not None:
+            self.expiries.forget(session.expiry_deadline)
+            session.expiry_deadline = None
+
+    def _expire(self, session: Session) -> None:
+        """The session's expiry came. Those of a fleet come due at the same instant
+        (disconnected by an outage, or restored with the time the broker stopped): they end
+        SESSIONS_ENDED_PER_TURN a turn of the reactor (``expiries``), as ending them all in one
+        held it."""
+        session.expiry_deadline = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("session {client_id!r} expired", client_id=session.client_id)
+            self.stats.sessions_expired += 1
+            self.wills.end(session.client_id, publish=True)
+            self._discard(session)
+            self._release(session.client_id)
 
     def _alive(self, note: Callable[[float], None]) -> None:
         """Tell the store the broker is alive now (``note``: its ``alive``; see ALIVE_EVERY)."""
@@ -820,8 +808,7 @@ class BrokerService(MultiService):
             self.cluster.released(client_id)
 
     def _discard(self, session: Session) -> None:
-        cancel(session.expiry_call)  # (a Clean Start ends a session that was waiting to expire)
-        session.expiry_call = None
+        self._unexpire(session)  # (a Clean Start ends a session that was waiting to expire)
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:

@@ -112,7 +112,8 @@ class Session:
     connection: MQTTProtocol | None = None
     dropped: int = 0
     """Messages discarded because the queue was full."""
-    expiry_call: Any = None
+    expiry_deadline: Any = None
+    """Its entry in the broker's ``expiries`` while it waits to expire (see mqtt_broker.deadlines)."""
     retry_call: Any = None
     stored: bool = False
     """Whether the store has this session (it outlives its connection and there is a store)."""
@@ -144,7 +145,7 @@ class Session:
         self.awaiting_pubrel = NO_PUBRELS
         self.connection = None
         self.dropped = 0
-        self.expiry_call = None
+        self.expiry_deadline = None
         self.retry_call = None
         self.stored = False
         self.spilled = 0

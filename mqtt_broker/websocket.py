@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from .broker import RefusedConnection
 from .connecting import describe
-from .keepalive import cancel
+from .deadlines import cancel
 from .protocol import LARGE_PACKET_PROGRESS
 
 log = Logger()

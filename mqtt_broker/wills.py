@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from twisted.logger import Logger
 
 from .auth import Identity
-from .keepalive import cancel
+from .deadlines import cancel
 from .message import Client, Message, unsendable
 from .store import StoredWill
 from .topics import reserved

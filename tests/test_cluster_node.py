@@ -638,7 +638,7 @@ def test_a_session_claimed_for_a_client_gone_before_the_answer_expires_here(
         yield until(lambda: "c" not in broker.cluster._claiming, "the claim's answer")
         yield broker.store.flushed()
         assert server.client().hget("mqtt:owner:c", "node") == b"a"
-        assert broker.sessions["c"].expiry_call is not None
+        assert broker.sessions["c"].expiry_deadline is not None
         clock.advance(61.0)
         yield broker.store.flushed()
         assert "c" not in broker.sessions and "c" not in broker.store.epochs
@@ -696,7 +696,7 @@ def test_a_claim_answered_after_its_client_was_refused_keeps_the_session_and_its
         claim("c", False, 0).chainDeferred(answer)  # the answer, at last
         yield until(lambda: "c" in broker.sessions, "the session to be taken")
         yield broker.store.flushed()
-        assert broker.sessions["c"].connection is None and broker.sessions["c"].expiry_call is not None
+        assert broker.sessions["c"].connection is None and broker.sessions["c"].expiry_deadline is not None
         will = yield publishes(observer, "the will at the observer")
         assert [(p.topic, p.payload) for p in will] == [("wills/c", b"c is gone")]
     finally:

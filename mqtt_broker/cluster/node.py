@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from ..config import ConfigError
 from ..connect import NEVER
-from ..keepalive import cancel
+from ..deadlines import cancel
 from ..message import Message
 from ..session import Queued, Session
 from ..topics import SubscriptionTree, Subscription, but_its_sender, matches, terms

@@ -1,10 +1,18 @@
-"""The keepalive deadlines of every connection on one timer (mqtt_broker.keepalive)."""
+"""Deadlines on one timer (mqtt_broker.deadlines): the keepalives of every connection, the expiry
+of every disconnected session."""
 
 from __future__ import annotations
 
+from operator import methodcaller
+
 from twisted.internet.task import Clock
 
-from mqtt_broker.keepalive import Keepalives
+from mqtt_broker.deadlines import Deadlines
+from protocol_helpers import TurnClock
+
+
+def Keepalives(clock: Clock) -> Deadlines:
+    return Deadlines(clock, methodcaller("keepalive_due"))
 
 
 class Connection:
@@ -98,3 +106,33 @@ def test_a_connection_that_forgets_another_while_it_is_called() -> None:
     assert dropper.called == [5.0]
     clock.advance(4)
     assert dropper.called == [5.0, 9.0]
+
+
+def test_at_most_per_turn_are_called_a_turn_the_rest_in_the_next_turns() -> None:
+    clock = TurnClock()
+    called: list[tuple[str, float]] = []
+    deadlines = Deadlines(clock, lambda name: called.append((name, clock.seconds())), per_turn=2)
+    for name in "abcde":
+        deadlines.watch(name, 5.0)
+    deadlines.watch("later", 6.0)
+    clock.advance(5)
+    assert called == [("a", 5.0), ("b", 5.0)]
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [5.0]  # the next turn, not 6
+    clock.advance(0)
+    assert [name for name, _ in called] == ["a", "b", "c", "d"]
+    clock.advance(1)
+    assert called[4:] == [("e", 6.0), ("later", 6.0)] and len(deadlines) == 0
+
+
+def test_stopped_it_calls_nothing_and_what_it_held_can_be_forgotten_still() -> None:
+    clock = Clock()
+    called: list[str] = []
+    deadlines = Deadlines(clock, called.append)
+    entry = deadlines.watch("a", 5.0)
+    deadlines.watch("b", 6.0)
+    deadlines.stop()
+    assert clock.getDelayedCalls() == [] and len(deadlines) == 0
+    deadlines.forget(entry)
+    deadlines.watch("c", 7.0)
+    clock.advance(10)
+    assert called == ["c"] and len(deadlines) == 0

@@ -1,41 +1,45 @@
-"""The deadlines of every connection (CONNECT within connect_timeout, then its keepalive), on
-one timer of the broker's clock.
+"""Deadlines on one timer of the broker's clock: every connection's (CONNECT within
+connect_timeout, then its keepalive) and every disconnected session's expiry.
 
-A ``callLater`` per connection costs about 420 bytes (the ``DelayedCall``, its bound methods and
-keyword dictionary), a fifth of what an idle connection holds. Here a connection's deadline is
-an entry of a heap (a small list) and the clock has one timer, for the earliest deadline, so a
-connection is checked at exactly the time its own timer would have fired.
+A ``callLater`` costs about 420 bytes with Twisted's reactor (the ``DelayedCall``, its bound
+methods and keyword dictionary): a fifth of what an idle connection holds, and more than an
+offline session holds besides. Here a deadline is an entry of a heap (a small list) and the
+clock has one timer, for the earliest deadline, so each one is checked at exactly the time its
+own timer would have fired.
 
-A connection that ends is forgotten by clearing its entry, which then waits in the heap for its
-time (holding nothing); the heap is rebuilt without such entries once they are the majority, as
-Twisted's reactor does with cancelled calls.
+An entry that is no longer wanted is forgotten by clearing it, and then waits in the heap for
+its time (holding nothing); the heap is rebuilt without such entries once they are the
+majority, as Twisted's reactor does with cancelled calls.
 """
 
 from __future__ import annotations
 
 import heapq
 from itertools import count
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 
 
-class Keepalives:
-    """``watch(connection, at)`` calls ``connection.keepalive_due()`` at clock time ``at``
-    (unless ``forget`` comes first), which returns the next time to be called at, or None."""
+class Deadlines:
+    """``watch(item, at)`` calls ``due(item)`` at clock time ``at`` (unless ``forget`` comes
+    first), which returns the next time to be called at, or None. ``per_turn``: at most so many
+    calls a turn of the reactor, the rest in the next turns (0: all that are due)."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, due: Callable[[Any], float | None], per_turn: int = 0) -> None:
         self.clock = clock
+        self._call_due = due
+        self._per_turn = per_turn
         self._heap: list[list[Any]] = []
-        """Entries ``[at, order, connection]``; ``connection`` is None once forgotten."""
+        """Entries ``[at, order, item]``; ``item`` is None once forgotten."""
         self._order = count()
         self._forgotten = 0
         self._call: Any = None
         self._call_at = 0.0
 
-    def watch(self, connection: Any, at: float) -> list[Any]:
+    def watch(self, item: Any, at: float) -> list[Any]:
         """Returns the entry, for :meth:`forget`."""
-        entry = [at, next(self._order), connection]
+        entry = [at, next(self._order), item]
         heapq.heappush(self._heap, entry)
         if self._call is None or at < self._call_at:
             self._schedule(at)
@@ -61,6 +65,11 @@ class Keepalives:
         return len(self._heap) - self._forgotten
 
     def stop(self) -> None:
+        """Forget every entry (a later ``forget`` of one changes nothing) and the timer."""
+        for entry in self._heap:
+            entry[2] = None
+        self._heap.clear()
+        self._forgotten = 0
         cancel(self._call)
         self._call = None
 
@@ -73,17 +82,19 @@ class Keepalives:
         self._call = None
         heap = self._heap
         now = self.clock.seconds()
-        while heap and heap[0][0] <= now:
+        left = self._per_turn or -1
+        while heap and heap[0][0] <= now and left:
             entry = heapq.heappop(heap)
-            connection = entry[2]
-            if connection is None:
+            item = entry[2]
+            if item is None:
                 self._forgotten -= 1
                 continue
+            left -= 1
             entry[2] = None  # done: a forget() of it now changes nothing
-            later = connection.keepalive_due()
+            later = self._call_due(item)
             if later is not None:
-                entry[0], entry[1], entry[2] = later, next(self._order), connection
-                heapq.heappush(heap, entry)  # the same entry: the connection's handle stays valid
+                entry[0], entry[1], entry[2] = later, next(self._order), item
+                heapq.heappush(heap, entry)  # the same entry: the item's handle stays valid
         while heap and heap[0][2] is None:  # the next timer for a live entry only
             heapq.heappop(heap)
             self._forgotten -= 1
