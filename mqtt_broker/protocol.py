@@ -87,8 +87,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
-        "_unstored", "_acks", "bridge", "transport", "connected", "_inherited_pubrels", "_ended",
-        "_reauthenticating", "_own",
+        "_unstored", "_acks", "_pubacks_waiting", "bridge", "transport", "connected", "_inherited_pubrels",
+        "_ended", "_reauthenticating", "_own",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -153,6 +153,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._acks: _Acks | None = None
         """The acknowledgements of PUBLISHes waiting for the store's latest batch (see
         ``Publishing._acknowledge_when_stored``)."""
+        self._pubacks_waiting = 0
+        """QoS 1 PUBLISHes whose PUBACK waits for the store, in this batch or an earlier one:
+        they count against the Receive Maximum (MQTT 5, 3.3.4)."""
         self._inherited_pubrels: set[int] | None = None
         """The packet ids of QoS 2 PUBLISHes that a session resumed by this connection had
         received and not yet released: they do not count against this connection's Receive

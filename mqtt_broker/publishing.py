@@ -56,6 +56,7 @@ class Publishing:
     _client_id: str
     _aliases_in: InboundAliases | None
     _acks: _Acks | None
+    _pubacks_waiting: int
     _inherited_pubrels: set[int] | None
 
     # MQTTProtocol's methods that these use (see Connecting)
@@ -117,12 +118,14 @@ class Publishing:
             if qos:
                 self._refuse_publish(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
             return
-        if qos == 2:
+        if qos and self.version == MQTT_5:
+            # QoS 1 PUBLISHes count until their PUBACK goes, QoS 2 ones until their PUBREL comes.
+            waiting = self._pubacks_waiting
             awaiting = self.session.awaiting_pubrel
-            if len(awaiting) >= config.max_inflight_messages and self.version == MQTT_5 and (
+            if waiting + len(awaiting) >= config.max_inflight_messages and (
                     self._inherited_pubrels is None
-                    or len(awaiting - self._inherited_pubrels) >= config.max_inflight_messages):
-                raise MQTTError("more unacknowledged QoS 2 PUBLISHes than Receive Maximum",
+                    or waiting + len(awaiting - self._inherited_pubrels) >= config.max_inflight_messages):
+                raise MQTTError("more unacknowledged QoS 1 and 2 PUBLISHes than Receive Maximum",
                                 ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
         if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
             if not qos:
@@ -244,8 +247,10 @@ class Publishing:
         acks = self._acks
         if acks is None:
             self._acknowledge(qos, packet_id, reason, reason_string)
-        else:
-            acks.entries.append((qos, packet_id, reason, reason_string, True))
+            return
+        acks.entries.append((qos, packet_id, reason, reason_string, True))
+        if qos == 1:
+            self._pubacks_waiting += 1
 
     def _acknowledge_when_stored(self, qos: int, packet_id: int, reason: ReasonCode) -> None:
         """Acknowledge once everything recorded so far is stored; through the store even when
@@ -256,6 +261,8 @@ class Publishing:
         if store is None:
             self._acknowledge(qos, packet_id, reason)
             return
+        if qos == 1:
+            self._pubacks_waiting += 1
         acks = self._acks
         if acks is not None and acks.generation == store.generation:
             acks.entries.append((qos, packet_id, reason, None, False))
@@ -266,8 +273,11 @@ class Publishing:
     def _durable(self, _: None, acks: _Acks) -> None:
         if self._acks is acks:
             self._acks = None
-        if self.state is State.CONNECTED:
-            for qos, packet_id, reason, reason_string, _refused in acks.entries:
+        connected = self.state is State.CONNECTED
+        for qos, packet_id, reason, reason_string, _refused in acks.entries:
+            if qos == 1:
+                self._pubacks_waiting -= 1
+            if connected:
                 self._acknowledge(qos, packet_id, reason, reason_string)
 
     def _not_durable(self, failure: Failure, acks: _Acks) -> None:
@@ -277,6 +287,8 @@ class Publishing:
             self._acks = None
         failure.trap(StoreError)
         for qos, packet_id, reason, reason_string, refused in acks.entries:
+            if qos == 1:
+                self._pubacks_waiting -= 1
             if refused:  # not routed: nothing of it to store
                 if self.state is State.CONNECTED:
                     self._acknowledge(qos, packet_id, reason, reason_string)

@@ -1314,6 +1314,32 @@ def test_a_refused_publish_is_answered_after_the_earlier_ones_waiting_for_the_st
     assert [(p.packet_id, p.reason_code) for p in client.received()] == [(5, 0x80), (6, 0x87)]  # type: ignore[attr-defined]
 
 
+def test_qos1_publishes_waiting_for_the_store_count_against_the_receive_maximum() -> None:
+    """§3.3.4 [MQTT-3.3.4-9]: more QoS 1 and QoS 2 PUBLISHes than the broker's Receive Maximum
+    that it has not sent a PUBACK or PUBCOMP for: DISCONNECT 0x93. A QoS 1 PUBLISH counts until
+    its PUBACK goes, once the store has it; MQTT 3 has no Receive Maximum."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, max_inflight_messages=3)
+    client = connected(broker, "p", 5)
+    client.received()
+    client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=1), Publish(topic="t", payload=b"x", qos=1, packet_id=2))
+    store.write(store.generation)
+    assert [p.packet_id for p in client.received()] == [1, 2]  # type: ignore[attr-defined]
+    client.send(Publish(topic="t", payload=b"x", qos=2, packet_id=3),
+                Publish(topic="t", payload=b"x", qos=1, packet_id=4), Publish(topic="$SYS/x", payload=b"x", qos=1, packet_id=5))
+    assert client.received() == [] and not client.closed  # three, PUBACKs and PUBREC waiting
+    client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=6))
+    [disconnect] = client.received()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
+    assert client.closed
+
+    mqtt3 = connected(broker, "q", 4)
+    mqtt3.received()
+    mqtt3.send(*(Publish(topic="t", payload=b"x", qos=1, packet_id=i) for i in range(1, 6)))
+    store.write_all()
+    assert [p.packet_id for p in mqtt3.received()] == [1, 2, 3, 4, 5]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("version", [4, 5])
 def test_a_stored_session_gets_a_topics_retained_message_before_a_newer_one(version: int) -> None:
     """[MQTT-4.6.0-5]: a publisher's messages to a topic reach a subscriber in the order they
