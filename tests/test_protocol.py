@@ -65,6 +65,16 @@ def test_mqtt31_client_id_of_other_than_1_to_23_characters_is_rejected(client_id
     assert FakeClient(make_broker(), version=3).connect("x" * 23, protocol_level=3).reason_code == 0
 
 
+def test_an_mqtt31_connect_with_the_user_name_flag_and_no_user_name_is_connected_anonymously() -> None:
+    """MQTT V3.1, 3.1: "the User Name flag is set, but the User Name string is missing. This is
+    valid, and connections should be allowed to continue" (Mosquitto connects it too)."""
+    broker = make_broker()
+    client = FakeClient(broker, version=3)
+    client.send_bytes(b"\x10\x11\x00\x06MQIsdp\x03\xc2\x00\x3c\x00\x03c31")  # user name, password flags
+    assert client.received() == [Connack(reason_code=0)] and not client.closed
+    assert broker.clients()[0].username is None
+
+
 def test_empty_client_id_is_assigned_with_clean_session() -> None:
     broker = make_broker()
     client = FakeClient(broker)

@@ -595,6 +595,31 @@ def test_password_without_user_name_only_refused_before_mqtt5() -> None:
         decode(v4)
 
 
+@pytest.mark.parametrize("flags, payload, username", [
+    (0x82, b"\x00\x01c", None),                  # user name flag, no user name
+    (0xC2, b"\x00\x01c\x00\x01u", "u"),          # password flag, no password
+    (0xC2, b"\x00\x01c", None),                  # neither
+    (0x0A, b"\x00\x01c", None),                  # will QoS 1 without the will flag
+    (0x22, b"\x00\x01c", None),                  # will retain without the will flag
+    (0x03, b"\x00\x01c", None),                  # the reserved bit (and clean session)
+], ids=["user-name-missing", "password-missing", "both-missing", "will-qos", "will-retain", "reserved"])
+def test_mqtt31_connect_flags_that_3_1_1_made_errors_are_read_as_3_1_reads_them(
+        flags: int, payload: bytes, username: str | None) -> None:
+    # MQTT V3.1, 3.1: "the User Name flag is set, but the User Name string is missing. This is
+    # valid" (the same for the password); the will QoS and retain are "disregarded" without the
+    # will flag, and the reserved bit is not checked. They are errors from 3.1.1 on
+    # [MQTT-3.1.2-3, -13, -15, -19, -21].
+    def raw(name: bytes, level: int) -> bytes:
+        body = len(name).to_bytes(2, "big") + name + bytes((level, flags)) + b"\x00\x3c" + payload
+        return bytes((0x10, len(body))) + body
+
+    assert decode(raw(b"MQIsdp", MQTT_3_1)) == Connect(
+        protocol_name="MQIsdp", protocol_level=MQTT_3_1, clean_start=bool(flags & 2), keep_alive=60,
+        client_id="c", username=username)
+    with pytest.raises(MalformedPacket):
+        decode(raw(b"MQTT", MQTT_3_1_1))
+
+
 def test_errors_carry_their_reason_codes() -> None:
     assert MQTTError("x").reason_code == ReasonCode.UNSPECIFIED_ERROR
     assert MalformedPacket("x").reason_code == ReasonCode.MALFORMED_PACKET == 0x81

@@ -235,14 +235,18 @@ def _decode_connect(body: bytes, version: int) -> Connect:
     flags = body[pos + 1]
     keep_alive = _u16(body, pos + 2)
     pos += 4
-    if flags & 1:
+    # MQTT 3.1 checks neither the reserved bit nor the will QoS and retain without a will
+    # (they are "disregarded"), and lets a user name or password flag be set with its string
+    # missing ("This is valid"): as Mosquitto does, these are errors from 3.1.1 on only.
+    v31 = level == MQTT_3_1
+    if flags & 1 and not v31:
         raise MalformedPacket("CONNECT reserved flag is set")  # [MQTT-3.1.2-3]
     will_flag = flags & 4
     will_qos = (flags >> 3) & 3
     will_retain = bool(flags & 0x20)
     if will_qos == 3:
         raise MalformedPacket("will QoS 3")  # [MQTT-3.1.2-14]
-    if not will_flag and (will_qos or will_retain):
+    if not will_flag and (will_qos or will_retain) and not v31:
         raise MalformedPacket("will QoS or retain set without a will")  # [MQTT-3.1.2-13, -15]
     if level != MQTT_5 and flags & 0x40 and not flags & 0x80:
         raise MalformedPacket("password without a user name")  # [MQTT-3.1.2-22]
@@ -262,10 +266,10 @@ def _decode_connect(body: bytes, version: int) -> Connect:
         will = Will(topic=will_topic, payload=will_payload, qos=will_qos, retain=will_retain,
                     properties=will_props)
     username = password = None
-    if flags & 0x80:
-        username, pos = decode_string(body, pos)
-    if flags & 0x40:
-        password, pos = decode_binary(body, pos)
+    if flags & 0x80 and not (v31 and pos == len(body)):
+        username, pos = decode_string(body, pos)  # [MQTT-3.1.2-19]
+    if flags & 0x40 and not (v31 and pos == len(body)):
+        password, pos = decode_binary(body, pos)  # [MQTT-3.1.2-21]
     if pos != len(body):
         raise MalformedPacket("trailing bytes after the CONNECT payload")
     return Connect(protocol_name=name, protocol_level=level, clean_start=bool(flags & 2),
