@@ -164,8 +164,9 @@ class BrokerConfig:
         False, "Queue QoS 0 messages for offline persistent sessions too.")
     max_keepalive: int = _setting(
         65535, "Largest keepalive a client may ask for, in seconds. An MQTT 3 client asking "
-        "for more (or for 0) is refused with 'identifier rejected', as in Mosquitto; 0 for no "
-        "limit, as in Mosquitto.", 0, 65535)
+        "for more is refused with 'identifier rejected', as in Mosquitto, and so is one asking for "
+        "0 (no keepalive) when this is below 65535; an MQTT 5 client is given this value instead. "
+        "0 for no limit, as in Mosquitto.", 0, 65535)
     max_connections: int = _setting(
         -1, "Simultaneous client connections; -1 for no limit.", -1)
     max_connections_per_minute: int = _setting(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.connect import Terms, negotiate
-from mqtt_broker.wire import MQTT_5, Connect, ReasonCode
+from mqtt_broker.wire import MQTT_3_1_1, MQTT_5, Connect, ReasonCode
 
 from conftest import assert_every_field_set
 from protocol_helpers import FakeClient, make_broker
@@ -23,6 +23,21 @@ def test_negotiated_terms_of_an_mqtt_5_client() -> None:
     assert (terms.reason, terms.client_id, terms.keep_alive, terms.send_quota, terms.session_expiry) == (
         ReasonCode.SUCCESS, "c", 30, 5, 60)
     assert terms.connack_properties["receive_maximum"] == config.max_inflight_messages
+
+
+def test_a_keepalive_of_0_is_refused_or_capped_only_below_a_max_keepalive_of_65535() -> None:
+    """max_keepalive's help: an MQTT 3 client asking for no keepalive (0) is refused with
+    'identifier rejected' when max_keepalive is below 65535, an MQTT 5 one is given it; with
+    65535 (the default) or 0 (no limit), 0 is no keepalive."""
+    def negotiated(max_keepalive: int, level: int) -> tuple[ReasonCode, int]:
+        terms = negotiate(BrokerConfig(max_keepalive=max_keepalive),
+                          Connect(protocol_level=level, client_id="c", keep_alive=0))
+        return terms.reason, terms.keep_alive
+
+    assert negotiated(65535, MQTT_3_1_1) == negotiated(0, MQTT_3_1_1) == (ReasonCode.SUCCESS, 0)
+    assert negotiated(65535, MQTT_5) == negotiated(0, MQTT_5) == (ReasonCode.SUCCESS, 0)
+    assert negotiated(65534, MQTT_3_1_1)[0] == ReasonCode.CLIENT_IDENTIFIER_NOT_VALID
+    assert negotiated(60, MQTT_5) == (ReasonCode.SUCCESS, 60)
 
 
 def test_an_mqtt3_keepalive_above_max_keepalive_is_logged_as_such() -> None:
