@@ -126,7 +126,7 @@ class Publishing:
                     self._inherited_pubrels is None
                     or waiting + len(awaiting - self._inherited_pubrels) >= config.max_inflight_messages):
                 raise MQTTError("more unacknowledged QoS 1 and 2 PUBLISHes than Receive Maximum",
-                                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-9]
+                                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # [MQTT-3.3.4-7]
         if properties and properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
             if not qos:
                 raise MQTTError("payload is not UTF-8 as its format indicator says", ReasonCode.PAYLOAD_FORMAT_INVALID)

@@ -1315,7 +1315,7 @@ def test_a_refused_publish_is_answered_after_the_earlier_ones_waiting_for_the_st
 
 
 def test_qos1_publishes_waiting_for_the_store_count_against_the_receive_maximum() -> None:
-    """§3.3.4 [MQTT-3.3.4-9]: more QoS 1 and QoS 2 PUBLISHes than the broker's Receive Maximum
+    """§3.3.4 [MQTT-3.3.4-7]: more QoS 1 and QoS 2 PUBLISHes than the broker's Receive Maximum
     that it has not sent a PUBACK or PUBCOMP for: DISCONNECT 0x93. A QoS 1 PUBLISH counts until
     its PUBACK goes, once the store has it; MQTT 3 has no Receive Maximum."""
     store = HeldStore()

@@ -1631,7 +1631,7 @@ def test_pubrec_0x97_for_a_full_queue_ends_the_exchange() -> None:
     """[MQTT-4.3.3-9], §4.3.3: a PUBREC of 0x97 because a subscriber's queue is full ends the
     exchange as a hook's refusal does: a PUBREL for the id gets PUBCOMP 0x92, the id used again
     is a new message (routed, not taken for a resend), and the refused PUBLISHes do not count
-    against the broker's Receive Maximum [MQTT-3.3.4-9]."""
+    against the broker's Receive Maximum [MQTT-3.3.4-7]."""
     broker = make_broker(max_queued_messages=1, max_inflight_messages=20)
     away = v5(broker, "away", clean=False, properties=persistent())
     away.subscribe("t", qos=1)
