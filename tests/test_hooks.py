@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from mqtt_broker import hooks as hooks_module
@@ -697,6 +698,31 @@ def test_a_retained_message_that_expires_while_its_hook_decides_still_replaces_t
     late = broker.connect("late")
     late.subscribe("t")
     assert late.messages() == [] and "t" not in broker.service.retained
+
+
+class TickingClock(MemoryReactorClock):
+    """A reactor whose time moves on a microsecond each time it is read, as a real one's does."""
+
+    def seconds(self) -> float:
+        self.rightNow += 1e-6
+        return self.rightNow
+
+
+def test_a_message_of_expiry_interval_0_is_sent_on_at_once_through_a_publish_hook_too() -> None:
+    """[MQTT-3.3.2-5]: a message whose interval is 0 reaches the subscribers connected now, as it
+    does without a hook. A hook that answers at once took no time, but a real clock moves on
+    between the PUBLISH's reading and the answer: such messages were all taken for expired
+    while the hook decided (PUBACK 0x10, not routed)."""
+    broker = make_broker(TickingClock())
+    broker.hooks.on_publish(lambda client, message: None)
+    subscriber = connected(broker, "sub", version=5)
+    subscriber.subscribe("t", qos=1)
+    publisher = connected(broker, "pub", version=5)
+    acks = publisher.publish("t", b"now", qos=1, properties={"message_expiry_interval": 0})
+    assert acks == [Puback(packet_id=1)]
+    assert [(p.payload, p.properties.get("message_expiry_interval")) for p in subscriber.received()
+            if isinstance(p, Publish)] == [(b"now", 0)]
+    assert broker.stats.messages_expired == 0
 
 
 def test_a_subscribe_hook_changes_what_is_granted_by_its_answer_only() -> None:
