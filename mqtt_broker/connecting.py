@@ -300,6 +300,16 @@ class Connecting:
             self.refuse(ReasonCode.SERVER_UNAVAILABLE, "the cluster's Redis did not answer in time")
 
     def _attach(self, packet: Connect) -> None:
+        client = self.client
+        assert client is not None
+        previous = self.broker.sessions.get(client.client_id)
+        # The connection holding the session may have packets of the client to handle, read
+        # while a hook decided: they come first (messages to route, a DISCONNECT that discards
+        # the will [MQTT-3.14.4-3]).
+        handed_over = previous.connection.hand_over() if previous is not None and previous.connection else None
+        self._when(handed_over, self._take_session, packet)
+
+    def _take_session(self, _: None, packet: Connect) -> None:
         identity = self.identity
         if identity is not None and identity.expires_at is not None and identity.expires_at <= self.clock.seconds():
             # Expired already (while a hook decided or a cluster claimed the session, or an

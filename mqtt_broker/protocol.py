@@ -69,6 +69,10 @@ PACKETS_PER_TURN: Final = 10_000
 """Packets of one connection handled in one turn of the reactor; the rest of what was read waits
 for the next turn, as for a hook. A TCP read of PUBLISHes holds fewer; 64 KiB of 2-byte PINGREQs
 holds 32,768, and a WebSocket message of 4 KiB may inflate to 16 MiB of them."""
+TAKEOVER_WAIT: Final = 30.0
+"""Seconds at most a client's new connection waits for its old one to handle what it read while
+a hook decided (see ``hand_over``) where hook_timeout, the bound otherwise, is 0: a hook may hold
+its own client for ever, not the client's next connection."""
 
 
 class MQTTProtocol(Connecting, Publishing, Subscribing):
@@ -88,7 +92,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_pubacks_waiting", "bridge", "transport", "connected", "_inherited_pubrels",
-        "_ended", "_reauthenticating", "_own",
+        "_ended", "_reauthenticating", "_own", "_successors",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -165,6 +169,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._ended: Failure | None = None
         """Why the transport ended while a hook decided on a packet of this connected client: the
         connection ends once the packets read before are handled (see ``connectionLost``)."""
+        self._successors: list[Deferred[None]] | None = None
+        """The waits of new connections of this client for this one to handle what it read (see
+        ``hand_over``)."""
 
     # --- transport events ---------------------------------------------------------------
 
@@ -263,7 +270,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._cancel_timers()
         self._set_state(State.CLOSED)
         self._forget_unstored()
-        self.broker.detach(self, self._graceful)
+        self.broker.detach(self, self._graceful, self._successors is not None)
         self.broker.connection_lost(self)
         if blocked is not None:  # (connecting: an authentication, a hook, that no one waits for)
             blocked.cancel()
@@ -310,7 +317,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      client_id=self.client.client_id if self.client else None, peer=self._where(), reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
-        self.broker.detach(self, self._graceful)
+        # Waited for by a new connection (see hand_over), it is taken over: the client stays here.
+        self.broker.detach(self, self._graceful, self._successors is not None)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._out = None
         elif abort and told and (isinstance(self.transport, ProtocolWrapper)
@@ -445,6 +453,27 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._ended = None
             self.broker.ending -= 1
             self.connectionLost(ended)
+        successors = self._successors
+        if successors is not None and self._blocked is None:
+            self._successors = None
+            for waiting in successors:
+                if not waiting.called:  # (timed out, or its connection gone)
+                    waiting.callback(None)
+
+    def hand_over(self) -> Deferred[None] | None:
+        """A new connection of this client is to take its session over: None if this one may be
+        closed at once; else, a hook deciding on a packet of it, a Deferred that fires once it
+        has handled what it read (the packets after that one too: its PUBLISHes are routed, a
+        DISCONNECT 0x00 discards its will [MQTT-3.14.4-3] and ends it), or after hook_timeout
+        (TAKEOVER_WAIT if that is 0) at the latest, when the takeover closes it as it is."""
+        if self._blocked is None or self.state is not State.CONNECTED:
+            return None
+        waiting: Deferred[None] = Deferred(_go_on)
+        if self._successors is None:
+            self._successors = []
+        self._successors.append(waiting)
+        waiting.addTimeout(self.broker.config.hook_timeout or TAKEOVER_WAIT, self.clock)
+        return waiting
 
     def _after_failure(self, failure: Failure) -> None:
         if self.state is State.CLOSED and failure.check(CancelledError):
@@ -769,6 +798,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
 def _nothing(*_: Any) -> None:
     pass
+
+
+def _go_on(waiting: Deferred[None]) -> None:
+    """Cancelled (timed out, or its connection gone), a wait in ``hand_over`` ends as answered."""
+    waiting.callback(None)
 
 
 # The dispatch table: one per class, not per connection (thousands of connections would each

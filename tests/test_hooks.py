@@ -16,7 +16,7 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from mqtt_broker import hooks as hooks_module
 from mqtt_broker.hooks import EVENTS, Hooks, Refused
 from mqtt_broker.message import Client, Message
-from mqtt_broker.protocol import READ_WHILE_DECIDING
+from mqtt_broker.protocol import READ_WHILE_DECIDING, TAKEOVER_WAIT
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
@@ -596,14 +596,74 @@ def test_what_a_client_sent_before_closing_while_a_hook_decides_is_handled(
     assert failures_logged(logged) == [] and len(broker.reactor.getDelayedCalls()) == timers
 
 
-@pytest.mark.parametrize("ending", ["taken over", "stop", "kick"])
+@pytest.mark.parametrize("socket_closed", [False, True])
+def test_a_client_connecting_again_while_a_hook_decides_has_what_it_sent_before_handled_first(
+        logged: Sequence[LogEvent], socket_closed: bool) -> None:
+    """A client sends two PUBLISHes and a DISCONNECT 0x00 while a publish hook decides on the
+    first, and connects again before it has: the new connection's CONNACK waits until the old
+    one has handled them, so both messages are routed and the will is discarded
+    [MQTT-3.14.4-3], with the old socket closed or not. (Taken over at once, the old connection
+    published the will and lost both.)"""
+    broker = MemoryBroker()
+    pending: list[Deferred[None]] = []
+
+    @broker.hooks.on_publish
+    def slow_on_the_first(client: Client, message: Message) -> Deferred[None] | None:
+        if message.payload != b"1":
+            return None
+        pending.append(Deferred())
+        return pending[-1]
+
+    watcher = broker.connect("watcher")
+    watcher.subscribe("#")
+    old = broker.client()
+    old.connect("c", will=Will(topic="wills/c", payload=b"gone"))
+    old.send(Publish(topic="data", payload=b"1"), Publish(topic="data", payload=b"2"), Disconnect(reason_code=0))
+    if socket_closed:
+        old.drop()
+    new = broker.client()
+    waited = new.connect("c") is None and watcher.messages() == []  # (waiting for the hook)
+    pending[0].callback(None)
+    assert [(m.topic, m.payload) for m in watcher.messages()] == [("data", b"1"), ("data", b"2")]
+    assert broker.service.stats.wills_published == 0
+    assert waited and [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
+    assert old.received() == [] and old.closed and failures_logged(logged) == []
+
+
+@pytest.mark.parametrize("hook_timeout", [5.0, 0.0])
+def test_a_client_connecting_again_waits_for_its_old_connection_no_longer_than_a_hook_may_take(
+        hook_timeout: float) -> None:
+    """Each of the old connection's PUBLISHes waits for a hook that never answers: the new
+    connection takes the session over after hook_timeout (TAKEOVER_WAIT without one, when a
+    hook may hold its own client for ever), as it did at once before; the old connection is
+    then closed (0x8E) with what it had not handled, and its will goes."""
+    broker = MemoryBroker(hook_timeout=hook_timeout)
+    watcher = broker.connect("watcher")
+    watcher.subscribe("wills/#")
+    broker.hooks.on_publish(lambda client, message: Deferred())
+    old = broker.client()
+    old.connect("c", will=Will(topic="wills/c", payload=b"gone"))
+    old.send(Publish(topic="data", payload=b"1"), Publish(topic="data", payload=b"2"), Disconnect(reason_code=0))
+    new = broker.client()
+    assert new.connect("c", keep_alive=60) is None  # (without, connect_timeout would end it first)
+    wait = hook_timeout or TAKEOVER_WAIT
+    broker.reactor.advance(wait - 0.1)
+    assert new.received() == [] and not old.closed
+    broker.reactor.advance(0.1)
+    assert [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
+    assert old.received() == [Disconnect(reason_code=ReasonCode.SESSION_TAKEN_OVER, properties={
+        "reason_string": "session taken over by a new connection"})] and old.closed
+    assert [(m.topic, m.payload) for m in watcher.messages()] == [("wills/c", b"gone")]
+
+
+@pytest.mark.parametrize("ending", ["stop", "kick"])
 @pytest.mark.parametrize("reason", [0, 0x04])
 def test_what_a_client_sent_after_a_packet_a_hook_decides_on_is_not_handled_if_the_broker_ends_first(
         ending: str, reason: int) -> None:
-    """As above, but the broker ends the connection before the hook decides (the client
-    connecting again, the broker stopping, a kick): what the client sent after that packet is
-    not handled, a DISCONNECT among it neither, and the will goes as for any connection the
-    broker ends (docs/embedding.md)."""
+    """As above, but the broker ends the connection before the hook decides (the broker
+    stopping, a kick): what the client sent after that packet is not handled, a DISCONNECT
+    among it neither, and the will goes as for any connection the broker ends
+    (docs/embedding.md)."""
     broker = MemoryBroker()
     pending: list[Deferred[None]] = []
     broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
@@ -615,9 +675,7 @@ def test_what_a_client_sent_after_a_packet_a_hook_decides_on_is_not_handled_if_t
     client.send(Publish(topic="data", payload=b"last reading"), Publish(topic="data", payload=b"after it"),
                 Disconnect(reason_code=reason))
     client.drop()
-    if ending == "taken over":
-        broker.client().send(Connect(client_id="c", protocol_level=5, protocol_name="MQTT"))
-    elif ending == "stop":
+    if ending == "stop":
         broker.service.stopService()
     else:
         client.protocol.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")
@@ -630,8 +688,8 @@ def test_what_a_client_sent_after_a_packet_a_hook_decides_on_is_not_handled_if_t
 
 
 # A DISCONNECT malformed or refused when handled is no normal one: handled in its turn, it
-# closes the connection with the will published [MQTT-3.1.2-8]; held behind a hook when the
-# connection is taken over, it is no more.
+# closes the connection with the will published [MQTT-3.1.2-8], the client connecting again
+# meanwhile or not.
 NOT_A_NORMAL_DISCONNECT = {
     "reserved flags set": b"\xe2\x00",
     "session expiry after 0 at CONNECT": encode(
