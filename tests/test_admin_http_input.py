@@ -86,3 +86,26 @@ def test_the_dashboard_polls_no_faster_than_its_floor_whatever_the_link_says(int
     # What a browser's setTimeout will wait (WebIDL "long": ToInt32, a negative delay is 0).
     as_int32 = 0 if poll_ms == float("inf") else (int(poll_ms) + 2**31) % 2**32 - 2**31
     assert max(0, as_int32) >= 500, (interval, poll_ms, as_int32)
+
+
+# --- an offset past every item: an empty page ------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/api/v1/clients", "/api/v1/clients/c/subscriptions", "/api/v1/retained",
+                                  "/api/v1/retained?filter=%23", "/api/v1/subscriptions"])
+def test_an_offset_past_what_a_list_holds_is_an_empty_page_however_large(path: str) -> None:
+    """openapi.json takes any offset from 0; one of 2**63 or more reached itertools.islice, which
+    takes no index past sys.maxsize: a 500 and a logged traceback, where /subscriptions (paged by
+    hand) answered an empty page."""
+    from protocol_helpers import connected
+    from test_admin_pages import call, started
+
+    broker, api = started()
+    client = connected(broker, "c")
+    client.subscribe("a/b", qos=1)
+    client.publish("r/1", b"x", retain=True)
+    offset = 2**63
+    with capturedLogs() as events:
+        status, answer = call(api, "GET", f"{path}{'&' if '?' in path else '?'}offset={offset}")
+    assert (status, answer["items"], answer["offset"]) == (200, [], offset), answer
+    assert answer["total"] >= 1
+    assert [e for e in events if e.get("log_failure") is not None] == []

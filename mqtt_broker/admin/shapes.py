@@ -195,8 +195,9 @@ def page(request: Any, items: Iterable[Any], render: Callable[[Any], Any], total
     if total is None:
         items = list(items)
         total = len(items)
+    start = min(offset, total)  # (islice takes no index past sys.maxsize; any offset is valid)
     return {"total": total, "offset": offset, "limit": limit,
-            "items": [render(item) for item in itertools.islice(items, offset, offset + limit)]}
+            "items": [render(item) for item in itertools.islice(items, start, start + limit)]}
 
 
 __all__ = ["ApiError", "body_field", "body_qos", "bridge_json", "client_json", "int_arg", "message_json", "page",
