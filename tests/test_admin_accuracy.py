@@ -77,6 +77,25 @@ def test_packets_held_for_the_store_and_dropped_with_their_connection_are_not_co
     assert (reading.bytes_sent, reading.packets_sent) == (tally.bytes_to_clients, tally.packets_to_clients)
 
 
+def test_resends_on_a_live_connection_are_counted_in_resent_as_the_api_document_says() -> None:
+    """openapi.json's ``Stats.resent`` said "PUBLISHes sent again (DUP), after a reconnection";
+    an MQTT 3 client that does not acknowledge is sent the message again after retry_interval on
+    the same connection, and that is counted too."""
+    from mqtt_broker.admin import figures
+
+    broker, _ = started(retry_interval=5)
+    subscriber = connected(broker, "s")
+    subscriber.subscribe("t", qos=1)
+    connected(broker, "p").publish("t", b"m", qos=1)
+    assert [p.dup for p in subscriber.received() if isinstance(p, Publish)] == [False]
+    broker.reactor.advance(6)
+    assert [p.dup for p in subscriber.received() if isinstance(p, Publish)] == [True]
+    assert figures.read(broker).resent == 1
+    document = json.loads((Path(figures.__file__).with_name("openapi.json")).read_text())
+    description = document["components"]["schemas"]["Stats"]["properties"]["resent"]["description"]
+    assert "retry_interval" in description, description
+
+
 # --- the documented codes for bad input ------------------------------------------------------------
 
 def test_unsubscribing_a_client_from_an_invalid_filter_is_400_as_documented() -> None:
