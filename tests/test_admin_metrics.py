@@ -277,6 +277,34 @@ def test_received_counts_stay_monotonic_when_a_publish_expires_while_its_hook_de
     assert figures.read(broker).publish_received == before
 
 
+def test_messages_a_smaller_receive_maximum_holds_back_after_a_reconnection_are_queued_not_in_flight() -> None:
+    """Five sent, none acknowledged, and the client back with Receive Maximum 2: two go again,
+    three wait for acknowledgements (``Outgoing.unsent``). The figures said five in flight ("sent
+    and not yet acknowledged") and none queued, in /stats, /metrics, $SYS and the client's own."""
+    from mqtt_broker.admin import figures
+    from mqtt_broker.admin.shapes import client_json
+    from mqtt_broker.wire import Publish
+
+    broker = make_broker(sys_interval=0)
+    broker.startService()
+    terms = {"session_expiry_interval": 60}
+    subscriber = connected(broker, "q", version=5, clean=False, properties={**terms, "receive_maximum": 5})
+    subscriber.subscribe("t", qos=1)
+    publisher = connected(broker, "p")
+    for n in range(5):
+        publisher.publish("t", b"m", qos=1, packet_id=n + 1)
+    assert len(subscriber.received()) == 5
+    subscriber.lose()
+    subscriber = connected(broker, "q", version=5, clean=False, properties={**terms, "receive_maximum": 2})
+    assert [p.dup for p in subscriber.received() if isinstance(p, Publish)] == [True, True]
+    reading = figures.read(broker)
+    assert (reading.inflight, reading.queued, reading.queued_bytes) == (2, 3, 3)
+    samples = scrape(broker)
+    assert (value(samples, "mqtt_inflight_messages"), value(samples, "mqtt_queued_messages")) == (2, 3)
+    shown = client_json(broker.sessions["q"])
+    assert (shown["inflight"], shown["queued"], shown["queued_bytes"]) == (2, 3, 3)
+
+
 def test_a_reactor_late_each_time_is_measured_late_each_time() -> None:
     """Measured against a LoopingCall's grid, a late firing took its lateness off the next one's."""
     broker = make_broker()

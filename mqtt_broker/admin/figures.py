@@ -212,10 +212,13 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
             connected += 1
         else:
             disconnected += 1
-        queued += len(session.queue) + session.spilled
-        queued_bytes += session.queued_bytes
-        inflight += len(session.outgoing)
-        inflight_bytes += sum(len(out.message.payload) for out in session.outgoing.values())
+        # Those a smaller Receive Maximum holds back after a reconnection wait: queued, not in flight.
+        held_back = session.unsent
+        queued += len(session.queue) + session.spilled + held_back
+        inflight += len(session.outgoing) - held_back
+        held_back_bytes = held_back and sum(len(out.message.payload) for out in session.outgoing.values() if out.unsent)
+        queued_bytes += session.queued_bytes + held_back_bytes
+        inflight_bytes += sum(len(out.message.payload) for out in session.outgoing.values()) - held_back_bytes
     routed_from_clients = (stats.messages_received - stats.broker_published - stats.wills_published
                            - stats.routed_from_nodes)
     received = [routed_from_clients - stats.received_by_qos[1] - stats.received_by_qos[2],

@@ -34,6 +34,8 @@ class ApiError(Exception):
 def client_json(session: Any) -> dict[str, Any]:
     connection = session.connection
     client = connection.client if connection is not None else None
+    # Held back by a smaller Receive Maximum after a reconnection: queued, not in flight (as in /stats).
+    held_back = [out for out in session.outgoing.values() if out.unsent] if session.unsent else []
     return {
         "client_id": session.client_id,
         "connected": connection is not None,
@@ -44,9 +46,9 @@ def client_json(session: Any) -> dict[str, Any]:
         "clean_start": client.clean_start if client else None,
         "session_expiry_interval": session.expiry,
         "subscription_count": len(session.subscriptions),
-        "inflight": len(session.outgoing),
-        "queued": len(session.queue) + session.spilled,
-        "queued_bytes": session.queued_bytes,
+        "inflight": len(session.outgoing) - len(held_back),
+        "queued": len(session.queue) + session.spilled + len(held_back),
+        "queued_bytes": session.queued_bytes + sum(len(out.message.payload) for out in held_back),
         "dropped": session.dropped,
     }
 
