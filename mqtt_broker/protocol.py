@@ -270,6 +270,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._cancel_timers()
         self._set_state(State.CLOSED)
         self._forget_unstored()
+        self._forget_out()
         self.broker.detach(self, self._graceful, self._successors is not None)
         self.broker.connection_lost(self)
         if blocked is not None:  # (connecting: an authentication, a hook, that no one waits for)
@@ -320,17 +321,17 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         # Waited for by a new connection (see hand_over), it is taken over: the client stays here.
         self.broker.detach(self, self._graceful, self._successors is not None)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
-            self._out = None
+            self._forget_out()
         elif abort and told and (isinstance(self.transport, ProtocolWrapper)
                                  or getattr(self.transport, "closing_handshake", False)):
             # Over TLS (or the PROXY header's wrapper) the DISCONNECT waits in a buffer above the
             # socket, over WebSocket in the socket's, which an abort would throw away: closed as
             # without a linger instead, which bounds the wait for a client that takes nothing
             # (UNTAKEN_LIMIT; over WebSocket the closing handshake's timer).
-            self._out = None
+            self._forget_out()
             self._linger_call = close_lingering(self.transport, self.clock, 0, False)
         elif abort:
-            self._out = None
+            self._forget_out()
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
             self.flush(even_if_paused=True)
@@ -628,8 +629,25 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             for waiting in self._unstored:
                 waiting.sent = True
                 self.pending_bytes -= waiting.size
-                self.stats.packets_unsent += len(waiting.data)  # (a write is a packet)
+                count_kinds(waiting.data, self.stats.unsent)
             self._unstored.clear()
+
+    def _forget_out(self) -> None:
+        """The connection ends: what it gathered, or held for a full socket, never goes to its
+        transport."""
+        out = self._out
+        if out is not None:
+            self._out = None
+            self.pending_bytes -= sum(len(data) for data in out)
+            count_kinds(out, self.stats.unsent)
+
+    def count_unwritten(self, into: list[int]) -> None:
+        """Add to ``into`` what was written to this connection and has not gone to its transport
+        yet, by kind (see ``count_kinds``): counted as sent, it may still be lost with it."""
+        if self._out is not None:
+            count_kinds(self._out, into)
+        for waiting in self._unstored or ():
+            count_kinds(waiting.data, into)
 
     def _transmit(self, data: bytes) -> None:
         """Hand bytes to the transport. A TCP transport with nothing waiting is given them
@@ -805,6 +823,21 @@ def _go_on(waiting: Deferred[None]) -> None:
     waiting.callback(None)
 
 
+def count_kinds(writes: list[bytes], into: list[int]) -> None:
+    """Add to ``into`` how many of ``writes`` (a packet each) are PUBLISHes sent the first time at
+    QoS 0, 1 and 2, PUBLISHes sent again (DUP) and other packets, told by their first byte: the
+    kinds of ``Stats.unsent``. Counting them there, as they are written, would cost every message;
+    this runs only for what a connection holds when the figures are read or when it ends."""
+    for data in writes:
+        first = data[0]
+        if first >> 4 != 3:
+            into[4] += 1
+        elif first & 0x08:
+            into[3] += 1
+        else:
+            into[(first >> 1) & 3] += 1
+
+
 # The dispatch table: one per class, not per connection (thousands of connections would each
 # carry ten bound methods). Not PUBLISH (decoded into a Message): _process calls its handler.
 _HANDLERS: Final[dict[type, Callable[[MQTTProtocol, Any], None]]] = {
@@ -844,4 +877,4 @@ class _Unstored:
         """It holds the connection's CONNACK, which every other packet must follow."""
 
 
-__all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "describe"]
+__all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "count_kinds", "describe"]

@@ -17,7 +17,7 @@ class Stats:
                  "received_by_qos", "sent_by_qos", "dropped_too_large", "resent", "bytes_received",
                  "bytes_sent", "packets_received", "control_packets_sent", "refused_by_reason",
                  "subscriptions_refused", "closed_by_reason", "auth_failures", "sessions_expired", "clients_maximum",
-                 "publishes_denied", "routed_from_nodes", "connects", "packets_unsent")
+                 "publishes_denied", "routed_from_nodes", "connects", "unsent")
 
     def __init__(self) -> None:
         self.messages_received = self.messages_sent = self.messages_dropped = 0
@@ -34,9 +34,13 @@ class Stats:
         self.bytes_received = self.bytes_sent = 0
         self.packets_received = self.control_packets_sent = 0
         """MQTT packets of any type in; packets out other than PUBLISH."""
-        self.packets_unsent = 0
-        """Of the packets counted as sent, those held for the store whose connection ended before
-        they were written (a message among them is sent again on the next connection)."""
+        self.unsent = [0, 0, 0, 0, 0]
+        """Of the packets counted as sent (when written), those a connection held and lost with
+        it, never handed to its transport (held for the store, for a full socket, or gathered
+        when the broker aborted it), by kind: PUBLISHes sent the first time at QoS 0, 1 and 2,
+        PUBLISHes sent again (DUP), other packets (see ``protocol.count_kinds``). The figures
+        take them off, and those held at the time, so that they count what went, as bytes_sent
+        does (a QoS 1/2 message among them goes again, DUP, on the next connection)."""
         self.refused_by_reason: dict[str, int] = {}
         """Connections refused, by reason (a ReasonCode name, or max_connections)."""
         self.subscriptions_refused: dict[str, int] = {}

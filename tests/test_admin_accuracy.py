@@ -77,6 +77,75 @@ def test_packets_held_for_the_store_and_dropped_with_their_connection_are_not_co
     assert (reading.bytes_sent, reading.packets_sent) == (tally.bytes_to_clients, tally.packets_to_clients)
 
 
+def test_packets_sent_never_goes_down_when_a_connection_ends_with_packets_held_for_the_store() -> None:
+    """``mqtt_packets_sent_total`` is a counter: Prometheus reads a decrease as a reset (a spike
+    of rate() and increase()). A PUBLISH held for the store was counted as sent when written, and
+    taken off again when its connection ended before the store wrote it: a scrape between the
+    two saw one more packet than the next."""
+    from admin_helpers import CountingClient, Tally
+    from test_durability import HeldStore
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker.admin import figures
+    from mqtt_broker.wire import Connect
+
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, sys_interval=0)
+    broker.startService()
+    tally = Tally()
+
+    def connect(client_id: str, clean: bool) -> CountingClient:
+        client = CountingClient(broker, tally)
+        client.send(Connect(client_id=client_id, clean_start=clean, protocol_level=4))
+        store.write_all()
+        client.received()
+        return client
+    subscriber = connect("s", clean=False)
+    subscriber.subscribe("t", qos=1)
+    store.write_all()
+    subscriber.received()
+    publisher = connect("p", clean=True)
+    publisher.publish("t", b"m", qos=1, packet_id=1)
+    held = figures.read(broker)                 # a scrape while the PUBLISH waits for the store
+    subscriber.lose()
+    after = figures.read(broker)
+    assert (after.packets_sent, after.publish_sent) == (held.packets_sent, held.publish_sent)
+    assert (after.packets_sent, after.bytes_sent) == (tally.packets_to_clients, tally.bytes_to_clients)
+
+
+def test_publishes_held_for_a_full_socket_and_lost_with_their_connection_are_not_counted_as_sent() -> None:
+    """A connection whose transport is full holds what it is written (up to max_held_bytes);
+    lost meanwhile, that never went. Its PUBLISHes were counted as delivered when written, where
+    ``bytes_sent`` counts what goes to the transport: the two disagreed, and QoS 0 messages that
+    no client got showed as delivered. (A QoS 1 one goes again, DUP, on the next connection.)"""
+    from admin_helpers import CountingClient, Tally
+
+    from mqtt_broker.admin import figures
+    from mqtt_broker.wire import Connect
+
+    broker, _ = started()
+    tally = Tally()
+    subscriber = tally.client(broker, "s", clean=False)
+    subscriber.subscribe("t/+", qos=1)
+    publisher = tally.client(broker, "p")
+    before = figures.read(broker)
+    subscriber.protocol.pauseProducing()        # its socket is full
+    publisher.publish("t/0", b"m", qos=0)
+    publisher.publish("t/1", b"m", qos=1)
+    while_held = figures.read(broker)
+    subscriber.lose()
+    lost = figures.read(broker)
+    assert (lost.publish_sent, lost.resent) == (while_held.publish_sent, while_held.resent) == (
+        before.publish_sent, before.resent)
+    assert (lost.packets_sent, lost.bytes_sent) == (tally.packets_to_clients, tally.bytes_to_clients)
+    again = CountingClient(broker, tally)
+    again.send(Connect(client_id="s", clean_start=False, protocol_level=4))
+    assert [(p.qos, p.dup) for p in again.received() if isinstance(p, Publish)] == [(1, True)]
+    reading = figures.read(broker)
+    assert (reading.publish_sent, reading.resent) == (before.publish_sent, before.resent + 1)
+    assert (reading.packets_sent, reading.bytes_sent) == (tally.packets_to_clients, tally.bytes_to_clients)
+
+
 def test_resends_on_a_live_connection_are_counted_in_resent_as_the_api_document_says() -> None:
     """openapi.json's ``Stats.resent`` said "PUBLISHes sent again (DUP), after a reconnection";
     an MQTT 3 client that does not acknowledge is sent the message again after retry_interval on

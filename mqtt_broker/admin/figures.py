@@ -144,7 +144,8 @@ class Figures:
     publish_received: list[int]
     """PUBLISHes from clients that were routed, by QoS."""
     publish_sent: list[int]
-    """PUBLISHes delivered to clients, by QoS (resends not counted)."""
+    """PUBLISHes delivered to clients, by QoS (resends not counted), once they went to the
+    transport (see ``Stats.unsent``)."""
     broker_published: int
     wills_published: int
     dropped: dict[str, int]
@@ -223,8 +224,13 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
                            - stats.routed_from_nodes)
     received = [routed_from_clients - stats.received_by_qos[1] - stats.received_by_qos[2],
                 stats.received_by_qos[1], stats.received_by_qos[2]]
-    sent = [stats.messages_sent - stats.sent_by_qos[1] - stats.sent_by_qos[2],
-            stats.sent_by_qos[1], stats.sent_by_qos[2]]
+    # Counted when written; what the connections hold, or held and lost, has not gone (yet).
+    unwritten = list(stats.unsent)
+    for connection in broker.connections:
+        if connection.pending_bytes:
+            connection.count_unwritten(unwritten)
+    sent = [stats.messages_sent - stats.sent_by_qos[1] - stats.sent_by_qos[2] - unwritten[0],
+            stats.sent_by_qos[1] - unwritten[1], stats.sent_by_qos[2] - unwritten[2]]
     now = broker.clock.seconds()
     memory = resident_memory()
     return Figures(
@@ -239,8 +245,8 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         broker_published=stats.broker_published, wills_published=stats.wills_published,
         dropped={"queue_full": stats.messages_dropped - stats.dropped_too_large,
                  "too_large": stats.dropped_too_large, "expired": stats.messages_expired},
-        resent=stats.resent, packets_received=stats.packets_received,
-        packets_sent=stats.messages_sent + stats.resent + stats.control_packets_sent - stats.packets_unsent,
+        resent=stats.resent - unwritten[3], packets_received=stats.packets_received,
+        packets_sent=stats.messages_sent + stats.resent + stats.control_packets_sent - sum(unwritten),
         bytes_received=stats.bytes_received, bytes_sent=stats.bytes_sent,
         subscriptions=broker.subscriptions.count - moved_subscriptions, retained=len(broker.retained),
         queued=queued, queued_bytes=queued_bytes, inflight=inflight,
