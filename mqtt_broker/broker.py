@@ -597,6 +597,7 @@ class BrokerService(MultiService):
             assert client is not None
             connection.will = None
             connection.session = session.connection = None  # detached here, not by the close
+            self._members_connected(session, False)
             self.attached -= 1
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
             if will is not None and will_left and (ended or not delay):
@@ -717,6 +718,7 @@ class BrokerService(MultiService):
         self._unexpire(session)
         session.expiry = expiry
         session.connection = connection
+        self._members_connected(session, True)
         if identity is not None and self.security is not None:
             # What is in flight is sent again at once, only if the client may read it: another
             # user may take the session over, and a reload may have taken the right away; what is
@@ -724,7 +726,7 @@ class BrokerService(MultiService):
             unread = self._filter_readable(session, identity) if present else []
             session.identity = identity
             if unread:  # (a shared subscription's: for a member that may read them)
-                self.delivery.hand_on_all(unread, self.subscriptions.shared_members)
+                self.delivery.hand_on_all(unread, self.subscriptions.shared_group)
         self.attached += 1
         if self.attached > self.stats.clients_maximum:
             self.stats.clients_maximum = self.attached
@@ -742,6 +744,7 @@ class BrokerService(MultiService):
             return
         connection.session = None
         session.connection = None
+        self._members_connected(session, False)
         self.attached -= 1
         cancel(session.retry_call)
         session.retry_call = None
@@ -769,6 +772,12 @@ class BrokerService(MultiService):
             assert self.store is not None
             self.store.save_session(session, self.clock.seconds())
         self._notify_disconnect(client, graceful)
+
+    def _members_connected(self, session: Session, connected: bool) -> None:
+        """The session's client connected or went away: its shared groups count it among their
+        connected members, or no longer (``SharedGroup.connected``)."""
+        for subscription in session.subscriptions.values():
+            self.subscriptions.set_connected(subscription, connected)
 
     def _notify_disconnect(self, client: Client, graceful: bool) -> None:
         if self.hooks.has_disconnect:
@@ -826,7 +835,7 @@ class BrokerService(MultiService):
         orphans = [*(out for out in session.outgoing.values() if out.share is not None and out.qos == 1),
                    *(item for item in session.queue if item.share is not None)]
         session.clear()
-        self.delivery.hand_on_all(orphans, self.subscriptions.shared_members)
+        self.delivery.hand_on_all(orphans, self.subscriptions.shared_group)
 
     # --- subscriptions ------------------------------------------------------------------
 
@@ -834,7 +843,7 @@ class BrokerService(MultiService):
         """Add (or replace) a subscription; returns whether it replaced one."""
         existed = subscription.topic_filter in session.subscriptions
         session.subscribe(subscription)
-        self.subscriptions.add(subscription)
+        self.subscriptions.add(subscription, session.connection is not None)
         if session.stored:
             assert self.store is not None
             self.store.save_subscription(session.client_id, subscription)

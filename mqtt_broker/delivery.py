@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from .message import Message, bare
 from .session import Outgoing, Queued, Session
 from .store import StoreError
-from .topics import SharedGroups, Subscription, Turns, but_its_sender, terms
+from .topics import SharedGroup, SharedGroups, Subscription, Turns, but_its_sender, terms
 from .wire.packets import MQTT_5
 
 if TYPE_CHECKING:
@@ -174,8 +174,8 @@ class Delivery:
         # every node publishes the same names about itself, so each node's stay its own.
         if self.forwarding is not None and not (message.topic[0] == "$" and message.topic.startswith("$SYS/")):
             return count + self.forwarding.forward(message, groups)
-        for share, members in groups:
-            count += self.deliver_shared(message, share, members)
+        for share, group in groups:
+            count += self.deliver_shared(message, share, group)
         return count
 
     def to_groups(self, message: Message, shares: tuple[tuple[str, str], ...], groups: SharedGroups | None = None) -> int:
@@ -191,35 +191,35 @@ class Delivery:
         # of interval 0 would be dropped.)
         return sum([self.to_group(message, share, held.get(share)) for share in shares])
 
-    def hand_on(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
+    def hand_on(self, message: Message, share: tuple[str, str], group: SharedGroup | None,
                 pool: list[Subscription] | None = None) -> int:
         """A message for a shared subscription's group (one a member left unfinished, say), if it
         has not expired meanwhile: ``to_group``."""
         if message.expired(self.clock.seconds()):  # queued, it expired meanwhile [MQTT-3.3.2-5]
             self.stats.messages_expired += 1
             return 0
-        return self.to_group(message, share, members, pool)
+        return self.to_group(message, share, group, pool)
 
     def hand_on_to_group(self, message: Message, share: tuple[str, str]) -> int:
         """``hand_on`` to the members ``share``'s group has here (or elsewhere in a cluster)."""
-        return self.hand_on(message, share, self.subscriptions.shared_members(*share))
+        return self.hand_on(message, share, self.subscriptions.shared_group(*share))
 
-    def to_group(self, message: Message, share: tuple[str, str], members: list[Subscription] | None,
+    def to_group(self, message: Message, share: tuple[str, str], group: SharedGroup | None,
                  pool: list[Subscription] | None = None) -> int:
-        """A message for a shared subscription's group, whose ``members`` here are these: to one
-        of them, or in a cluster to a member on another node if none here may have it, or if
-        those here are all offline and another node has one connected (connected members
+        """A message for a shared subscription's group, whose members here are ``group``'s: to
+        one of them, or in a cluster to a member on another node if none here may have it, or
+        if those here are all offline and another node has one connected (connected members
         first, as on one broker). ``pool``: theirs, as ``shared_pool`` gave it."""
         if pool is None:
-            pool = self.shared_pool(message.topic, members, message.sender) if members else []
+            pool = self.shared_pool(message.topic, share, group, message.sender) if group is not None else []
         forwarding = self.forwarding
         if forwarding is None or message.topic.startswith("$SYS/"):  # ($SYS: each node's stays its own)
-            return self._deliver_to(message, share, pool) if pool else 0
+            return self._deliver_to(message, share, pool, group) if pool else 0
         if not pool:
             return forwarding.hand_on(message, share)
         if self.sessions[pool[0].client_id].connection is None and forwarding.hand_on(message, share, awake_only=True):
             return 1
-        return self._deliver_to(message, share, pool)
+        return self._deliver_to(message, share, pool, group)
 
     def handed(self, message: Message, shares: tuple[tuple[str, str], ...], declined: tuple[str, ...] = ()) -> int:
         """A message that other nodes, ``declined``, had no member of these shared subscriptions
@@ -233,20 +233,20 @@ class Delivery:
             self._wait_for_store((), [(share, held[share]) for share in shares if share in held])
         count = 0
         for share in shares:
-            members = held.get(share)
-            done = self.deliver_shared(message, share, members) if members else 0
+            group = held.get(share)
+            done = self.deliver_shared(message, share, group) if group is not None else 0
             if not done and self.forwarding is not None:
                 done = self.forwarding.hand_on(message, share, declined)
             count += done
         return count
 
-    def _wait_for_store(self, by_client: Any, groups: Any) -> None:
+    def _wait_for_store(self, by_client: Any, groups: SharedGroups) -> None:
         """Every connection that may be sent the message being routed waits for the store. (Not
         through a failing disk: a stored session that is sent it at QoS 2 waits for its own
         record, ``_send``.)"""
         sessions = self.sessions
         client_ids = [match[0] for match in by_client]
-        client_ids += [member.client_id for _, members in groups for member in members]
+        client_ids += [member.client_id for _, group in groups for member in group.connected]
         for client_id in client_ids:
             session = sessions.get(client_id)
             if session is not None and session.connection is not None:
@@ -269,25 +269,36 @@ class Delivery:
         if dropped and self.store is not None:
             self.store.drop_history(dropped)
 
-    def deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
+    def deliver_shared(self, message: Message, share: tuple[str, str], group: SharedGroup) -> int:
         """One member of a shared group gets the message: connected members in turn, or an
         offline member's session if none is connected."""
-        pool = self.shared_pool(message.topic, members, message.sender)
-        return self._deliver_to(message, share, pool) if pool else 0
+        pool = self.shared_pool(message.topic, share, group, message.sender)
+        return self._deliver_to(message, share, pool, group) if pool else 0
 
-    def _deliver_to(self, message: Message, share: tuple[str, str], pool: list[Subscription]) -> int:
-        """``deliver_shared`` to a member of ``pool``, as ``shared_pool`` gave it (not empty): the
-        one whose turn it is, or the next that would not drop it (too large for its client, a
-        full queue, a QoS 0 subscription of a session offline), if one would not."""
+    def _deliver_to(self, message: Message, share: tuple[str, str], pool: list[Subscription],
+                    group: SharedGroup | None = None) -> int:
+        """``deliver_shared`` to a member of ``pool``, as ``shared_pool`` gave it (not empty) for
+        ``group``: the one whose turn it is, or the next that would not drop it (too large for
+        its client, a full queue, a QoS 0 subscription of a session offline), if one would not.
+        Of the group's own list of connected members, only those that may have it."""
         sessions = self.sessions
+        size = len(pool)
         turn = self._share_turns.next(share)
-        chosen = pool[turn % len(pool)]
-        if len(pool) > 1 and self._drops(sessions[chosen.client_id], message, min(chosen.qos, message.qos)):
-            for step in range(1, len(pool)):  # (every one would: the turn's, which counts it)
-                other = pool[(turn + step) % len(pool)]
-                if not self._drops(sessions[other.client_id], message, min(other.qos, message.qos)):
-                    chosen = other
-                    break
+        checked = group is None or pool is not group.connected
+        first: Subscription | None = None  # the first that may have it: it counts it if every one would drop it
+        for step in range(size):
+            member = pool[(turn + step) % size]
+            if not checked and not self._may_have(member, message.topic, message.sender):
+                continue
+            if first is None:
+                first = member
+            if size == 1 or not self._drops(sessions[member.client_id], message, min(member.qos, message.qos)):
+                chosen = member
+                break
+        else:
+            if first is None:
+                return 0
+            chosen = first
         ids = (chosen.subscription_id,) if chosen.subscription_id else ()
         self.deliver(sessions[chosen.client_id], message, min(chosen.qos, message.qos),
                      message.retain and chosen.retain_as_published, ids, share)  # [MQTT-3.3.1-12, -13]
@@ -311,11 +322,18 @@ class Delivery:
             return 0 < config.max_stored_messages <= session.spilled
         return 0 < config.max_queued_messages <= len(session.queue)
 
-    def shared_pool(self, topic: str, members: list[Subscription], sender: str | None = None) -> list[Subscription]:
+    def shared_pool(self, topic: str, share: tuple[str, str], group: SharedGroup,
+                    sender: str | None = None) -> list[Subscription]:
         """The members of a shared group that a message on ``topic`` (from ``sender``) may go to:
         those connected that may read it, or if none is, those whose sessions are kept; not its
-        sender, if a bridge (``but_its_sender``)."""
-        members = but_its_sender(members, sender)
+        sender, if a bridge (``but_its_sender``). If the connected member whose turn is next
+        may have it, the group's own list of connected members, as it is (``_deliver_to``
+        passes over those that may not): a message costs the same whatever the group's size.
+        Otherwise the group is gone through, member by member."""
+        connected = group.connected
+        if connected and self._may_have(connected[self._share_turns.peek(share) % len(connected)], topic, sender):
+            return connected
+        members = but_its_sender(list(group.members.values()), sender)
         sessions = self.sessions
         if self.security is not None:
             can_read = self.security.can_read
@@ -324,24 +342,37 @@ class Delivery:
         online = [m for m in members if m.client_id in sessions and sessions[m.client_id].connection is not None]
         return online or [m for m in members if m.client_id in sessions]
 
-    def hand_on_all(self, items: list[Queued], members_of: Callable[[str, str], list[Subscription]]) -> None:
+    def _may_have(self, member: Subscription, topic: str, sender: str | None) -> bool:
+        """Whether a connected member of a shared group may have a message on ``topic`` from
+        ``sender``: its client may read the topic, and it is not the sender's own with No Local
+        (``but_its_sender``)."""
+        if member.no_local and member.client_id == sender:
+            return False
+        security = self.security
+        if security is None:
+            return True
+        identity = self.sessions[member.client_id].identity
+        return identity is None or security.can_read(identity, topic)
+
+    def hand_on_all(self, items: list[Queued], group_of: Callable[[str, str], SharedGroup | None]) -> None:
         """``hand_on`` for the unfinished messages of a member whose session ended: each group's
         pool is sorted out once per topic, not once per message (a thousand members and tens of
         thousands of messages held the reactor for seconds)."""
         pools: dict[tuple[tuple[str, str], str, str | None], list[Subscription]] = {}
-        members: dict[tuple[str, str], tuple[list[Subscription], bool]] = {}
+        groups: dict[tuple[str, str], tuple[SharedGroup | None, bool]] = {}
         for item in items:
             share, message = item.share, item.message
             assert share is not None
-            known = members.get(share)
+            known = groups.get(share)
             if known is None:
-                group = members_of(*share)
-                known = members[share] = (group, any(m.no_local for m in group))  # (a bridge's: see shared_pool)
+                found = group_of(*share)
+                no_local = found is not None and any(m.no_local for m in found.members.values())  # (see shared_pool)
+                known = groups[share] = (found, no_local)
             group, no_local = known
             key = (share, message.topic if self.security is not None else "", message.sender if no_local else None)
             pool = pools.get(key)
             if pool is None:
-                pool = pools[key] = self.shared_pool(message.topic, group, message.sender)
+                pool = pools[key] = [] if group is None else self.shared_pool(message.topic, share, group, message.sender)
             self.hand_on(message, share, group, pool)
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,

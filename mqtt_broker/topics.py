@@ -9,8 +9,9 @@ from typing import Callable, Final, Iterator, NamedTuple
 
 MAX_CACHED_TOPICS: Final = 10_000
 MAX_CACHED_MATCHES: Final = 100_000
-"""Clients' and group members' matches the cache holds at most, whatever the topics: 10,000
-topics each matching 1,000 clients held 1.7 GB (a match is about 170 bytes)."""
+"""Clients' and shared groups' matches the cache holds at most, whatever the topics: 10,000
+topics each matching 1,000 clients held 1.7 GB (a match is about 170 bytes). A group is one
+match, whatever its size: the cache holds the group, not a copy of its members."""
 MAX_RECENT_TOPICS: Final = 10_000
 MAX_CACHED_TOPIC_LENGTH: Final = 1024
 """Longer topic names are matched each time and not listed as recent: 10,000 of the longest
@@ -143,13 +144,60 @@ class Subscription:
     share_group: str | None = None
 
 
+class SharedGroup:
+    """The members of one shared subscription (group, filter), and apart from them those whose
+    clients are connected, kept up to date as they come and go: a message picks one by its turn
+    without looking at the others, whatever the group's size."""
+
+    __slots__ = ("members", "connected", "_places")
+
+    def __init__(self) -> None:
+        self.members: dict[str, Subscription] = {}
+        """Client id -> its subscription, connected or not."""
+        self.connected: list[Subscription] = []
+        """The members whose clients are connected, in no particular order (one that leaves
+        takes the last one's place)."""
+        self._places: dict[str, int] = {}
+        """Client id -> its index in ``connected``."""
+
+    def add(self, subscription: Subscription, connected: bool) -> None:
+        """Add or replace a member's subscription."""
+        client_id = subscription.client_id
+        self.members[client_id] = subscription
+        place = self._places.get(client_id)
+        if place is not None:
+            self.connected[place] = subscription
+        self.set_connected(client_id, connected)
+
+    def remove(self, client_id: str) -> Subscription | None:
+        """Take a member out; its subscription, or None if it was none."""
+        self.set_connected(client_id, False)
+        return self.members.pop(client_id, None)
+
+    def set_connected(self, client_id: str, connected: bool) -> None:
+        """A member's client connected, or went away (a client that is no member: nothing)."""
+        places = self._places
+        place = places.get(client_id)
+        if connected:
+            subscription = self.members.get(client_id)
+            if place is None and subscription is not None:
+                places[client_id] = len(self.connected)
+                self.connected.append(subscription)
+        elif place is not None:
+            del places[client_id]
+            last = self.connected.pop()
+            if last.client_id != client_id:
+                self.connected[place] = last
+                places[last.client_id] = place
+
+
 class _Node:
     __slots__ = ("children", "subscribers", "shared")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
         self.subscribers: dict[str, Subscription] = {}
-        self.shared: dict[str, dict[str, Subscription]] = {}
+        self.shared: dict[str, SharedGroup] = {}
 
     def empty(self) -> bool:
         return not (self.children or self.subscribers or self.shared)
@@ -171,8 +219,8 @@ class ClientMatch(NamedTuple):
     again without those."""
 
 
-SharedGroups = list[tuple[tuple[str, str], list[Subscription]]]
-"""The shared groups a topic matches: ((group, shared filter), the members' subscriptions)."""
+SharedGroups = list[tuple[tuple[str, str], SharedGroup]]
+"""The shared groups a topic matches: ((group, shared filter), the group)."""
 
 Match = tuple[list[ClientMatch], SharedGroups]
 """What a topic matches: a ClientMatch per subscribed client, and its SharedGroups."""
@@ -200,8 +248,9 @@ class SubscriptionTree:
         the cache is cleared on every change of subscriptions and when full, so it costs cache
         hits nothing."""
 
-    def add(self, subscription: Subscription) -> bool:
-        """Add or replace a client's subscription; True when it replaced one [MQTT-3.8.4-3]."""
+    def add(self, subscription: Subscription, connected: bool = False) -> bool:
+        """Add or replace a client's subscription; True when it replaced one [MQTT-3.8.4-3].
+        ``connected``: whether its client is, for a shared one (see ``set_connected``)."""
         group, inner = split_shared(subscription.topic_filter)
         node = self._root
         for level in inner.split("/"):
@@ -209,13 +258,25 @@ class SubscriptionTree:
             if child is None:
                 child = node.children[level] = _Node()
             node = child
-        members = node.subscribers if group is None else node.shared.setdefault(group, {})
+        shared = None
+        if group is None:
+            members = node.subscribers
+        else:
+            shared = node.shared.get(group)
+            if shared is None:
+                shared = node.shared[group] = SharedGroup()
+            members = shared.members
         previous = members.get(subscription.client_id)
         if previous is not None and previous == subscription:
+            if shared is not None:
+                shared.set_connected(subscription.client_id, connected)
             return True  # the same again (a client subscribing again as it reconnects): matches stand
         replaced = previous is not None
         first = not members
-        members[subscription.client_id] = subscription
+        if shared is None:
+            members[subscription.client_id] = subscription
+        else:
+            shared.add(subscription, connected)
         if not replaced:
             self.count += 1
             if group is not None and self.watch_shared is not None:
@@ -237,17 +298,22 @@ class SubscriptionTree:
                 return False
             path.append(child)
         node = path[-1]
-        members = node.subscribers if group is None else node.shared.get(group, {})
-        removed = members.pop(client_id, None)
+        if group is None:
+            removed = node.subscribers.pop(client_id, None)
+            left = bool(node.subscribers)
+        else:
+            shared = node.shared.get(group)
+            removed = shared.remove(client_id) if shared is not None else None
+            left = shared is not None and bool(shared.members)
         if removed is None:
             return False
         if group is not None:
-            if not members:
+            if not left:
                 del node.shared[group]
             if self.watch_shared is not None:
                 self.watch_shared(removed, False)
         self.count -= 1
-        if not members and self.watch is not None:
+        if not left and self.watch is not None:
             self.watch(topic_filter, False)
         if self._cache:
             self._cache.clear()
@@ -265,14 +331,14 @@ class SubscriptionTree:
         if cached is not None:
             return cached
         by_client: dict[str, list[Subscription]] = {}
-        groups: dict[tuple[str, str], list[Subscription]] = {}
+        groups: dict[tuple[str, str], SharedGroup] = {}
         levels = topic.split("/")
         self._collect(self._root, levels, 0, topic.startswith("$"), by_client, groups)
         result: Match = ([ClientMatch(client_id, subs, *terms(subs)) for client_id, subs in by_client.items()],
                          list(groups.items()))
         if len(topic) > MAX_CACHED_TOPIC_LENGTH:
             return result
-        size = len(result[0]) + sum(len(members) for _, members in result[1])
+        size = len(result[0]) + len(result[1])
         if size > MAX_CACHED_MATCHES:
             return result
         if len(self._cache) >= MAX_CACHED_TOPICS or self._cached_matches + size > MAX_CACHED_MATCHES:
@@ -290,7 +356,7 @@ class SubscriptionTree:
         return result
 
     def _collect(self, node: _Node, levels: list[str], index: int, dollar: bool,
-                 by_client: dict[str, list[Subscription]], groups: dict[tuple[str, str], list[Subscription]]) -> None:
+                 by_client: dict[str, list[Subscription]], groups: dict[tuple[str, str], SharedGroup]) -> None:
         wild = not (dollar and index == 0)
         if wild:
             multi = node.children.get("#")
@@ -307,13 +373,24 @@ class SubscriptionTree:
             if child is not None:
                 self._collect(child, levels, index + 1, dollar, by_client, groups)
 
-    def shared_members(self, group: str, topic_filter: str) -> list[Subscription]:
-        """The members of one shared subscription group (``topic_filter`` is the whole
-        ``$share/...`` filter)."""
+    def shared_group(self, group: str, topic_filter: str) -> SharedGroup | None:
+        """One shared subscription group (``topic_filter`` is the whole ``$share/...`` filter),
+        or None if it has no member."""
         node: _Node | None = self._root
         for level in split_shared(topic_filter)[1].split("/"):
             node = node.children.get(level) if node is not None else None
-        return list(node.shared.get(group, {}).values()) if node is not None else []
+        return node.shared.get(group) if node is not None else None
+
+    def set_connected(self, subscription: Subscription, connected: bool) -> None:
+        """The client of a shared subscription held here connected, or went away: its group
+        counts it among its connected members, or no longer (``SharedGroup.connected``). A
+        subscription of no group: nothing."""
+        group = split_shared(subscription.topic_filter)[0]
+        if group is None:
+            return
+        shared = self.shared_group(group, subscription.topic_filter)
+        if shared is not None:
+            shared.set_connected(subscription.client_id, connected)
 
     def filters(self) -> list[str]:
         """Every filter some client holds, once (shared ones as ``$share/{group}/{filter}``)."""
@@ -323,8 +400,8 @@ class SubscriptionTree:
             node = stack.pop()
             if node.subscribers:
                 found.append(next(iter(node.subscribers.values())).topic_filter)
-            for members in node.shared.values():
-                found.append(next(iter(members.values())).topic_filter)
+            for shared in node.shared.values():
+                found.append(next(iter(shared.members.values())).topic_filter)
             stack.extend(node.children.values())
         return found
 
@@ -333,8 +410,8 @@ class SubscriptionTree:
         while stack:
             node = stack.pop()
             yield from node.subscribers.values()
-            for members in node.shared.values():
-                yield from members.values()
+            for shared in node.shared.values():
+                yield from shared.members.values()
             stack.extend(node.children.values())
 
 
@@ -352,6 +429,14 @@ class Turns:
 
     def next(self, share: tuple[str, str]) -> int:
         """The turn of the group's next message."""
+        turn = self.peek(share)
+        if len(share[1]) <= MAX_CACHED_TOPIC_LENGTH:
+            self._counts[share] = turn + 1
+        return turn
+
+    def peek(self, share: tuple[str, str]) -> int:
+        """The turn ``next`` gives next, without taking it (for the longest filters, whose
+        turns are not kept, one at random, as each of theirs is)."""
         counts = self._counts
         if len(share[1]) > MAX_CACHED_TOPIC_LENGTH:
             return random.getrandbits(30)  # (not kept: 10,000 of the longest would hold 650 MB)
@@ -360,8 +445,7 @@ class Turns:
             if len(counts) >= self._limit:
                 counts.clear()
                 self._forgotten = True
-            turn = random.getrandbits(30) if self._forgotten else 0
-        counts[share] = turn + 1
+            turn = counts[share] = random.getrandbits(30) if self._forgotten else 0
         return turn
 
     def __len__(self) -> int:
@@ -385,13 +469,13 @@ def terms(subs: list[Subscription]) -> tuple[int, bool, tuple[int, ...], bool]:
 
 
 def _gather(node: _Node, levels: list[str], by_client: dict[str, list[Subscription]],
-            groups: dict[tuple[str, str], list[Subscription]]) -> None:
+            groups: dict[tuple[str, str], SharedGroup]) -> None:
     for client_id, subscription in node.subscribers.items():
         found = by_client.get(client_id)
         if found is None:
             by_client[client_id] = [subscription]
         else:
             found.append(subscription)
-    for group, members in node.shared.items():
-        key = (group, next(iter(members.values())).topic_filter)
-        groups.setdefault(key, []).extend(members.values())
+    # The group itself, not a copy of its members: (group, filter) names one node's group.
+    for group, shared in node.shared.items():
+        groups[(group, next(iter(shared.members.values())).topic_filter)] = shared

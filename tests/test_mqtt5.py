@@ -2254,6 +2254,37 @@ def test_a_member_leaving_hands_its_messages_on_sorting_the_group_out_once(tmp_p
     assert sum(queued) == 200 and queued[0] == queued[-1] == 10
 
 
+def _members_read_per_message(tmp_path: Any, size: int, messages: int = 20) -> list[int]:
+    """The members of a group of ``size`` connected ones whose rights each message was checked
+    for (an ACL that lets everyone read), and how many of its members had one."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\n")
+    broker = make_broker(acl_file=str(acl))
+    members = [v5(broker, f"member-{n}") for n in range(size)]
+    for member in members:
+        member.subscribe("$share/g/t")
+    security = broker.security
+    assert security is not None
+    checks: list[str] = []
+    can_read = security.can_read
+    security.can_read = lambda identity, topic: checks.append(topic) or can_read(identity, topic)  # type: ignore[method-assign]
+    for n in range(messages):
+        broker.publish("t", b"%d" % n)
+    got = sum(1 for member in members if any(isinstance(p, Publish) for p in member.received()))
+    return [len(checks), got]
+
+
+def test_a_message_to_a_shared_group_looks_at_as_many_members_whatever_the_groups_size(tmp_path: Any) -> None:
+    """A message goes to one member, but the members it could go to were sorted out for each
+    one: every member looked at (who is connected, who may read the topic), 5,000 of them 40
+    times the time of one. The group keeps its connected members apart, and the member whose
+    turn it is is looked at (the others only if it may not have it)."""
+    small = _members_read_per_message(tmp_path, 2)
+    large = _members_read_per_message(tmp_path, 400)
+    assert small[0] == large[0] <= 2 * 20
+    assert (small[1], large[1]) == (2, 20)  # (in turn)
+
+
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("reauthenticating", [False, True])
 def test_an_auth_challenge_longer_than_binary_data_carries_refuses(deferred: bool, reauthenticating: bool) -> None:

@@ -29,7 +29,8 @@ def by_client(result: Match) -> dict[str, list[str]]:
 def by_group(result: Match) -> dict[tuple[str, str], set[str]]:
     """(group, shared filter) -> member client ids; every list holds one filter of one group."""
     groups: dict[tuple[str, str], set[str]] = {}
-    for key, subs in result[1]:
+    for key, group in result[1]:
+        subs = list(group.members.values())
         filters = {s.topic_filter for s in subs}
         assert len(filters) == 1, f"one group entry mixes filters {filters}"
         topic_filter = filters.pop()
@@ -313,19 +314,51 @@ def test_removing_an_inner_filter_keeps_deeper_ones() -> None:
     assert by_client(tree.match("a")) == {}
 
 
+def members_of(tree: SubscriptionTree, group: str, topic_filter: str) -> list[str]:
+    found = tree.shared_group(group, topic_filter)
+    return sorted(found.members) if found is not None else []
+
+
 def test_shared_members() -> None:
     tree = SubscriptionTree()
     tree.add(sub("c1", "$share/g/a/+"))
     tree.add(sub("c2", "$share/g/a/+"))
     tree.add(sub("c3", "$share/h/a/+"))
     tree.add(sub("c4", "a/+"))
-    assert sorted(s.client_id for s in tree.shared_members("g", "$share/g/a/+")) == ["c1", "c2"]
-    assert [s.client_id for s in tree.shared_members("h", "$share/h/a/+")] == ["c3"]
-    assert tree.shared_members("x", "$share/x/a/+") == []
-    assert tree.shared_members("g", "$share/g/a/b") == []
-    assert tree.shared_members("g", "$share/g/z/y") == []
+    assert members_of(tree, "g", "$share/g/a/+") == ["c1", "c2"]
+    assert members_of(tree, "h", "$share/h/a/+") == ["c3"]
+    assert tree.shared_group("x", "$share/x/a/+") is None
+    assert tree.shared_group("g", "$share/g/a/b") is None
+    assert tree.shared_group("g", "$share/g/z/y") is None
     tree.remove("c1", "$share/g/a/+")
-    assert [s.client_id for s in tree.shared_members("g", "$share/g/a/+")] == ["c2"]
+    assert members_of(tree, "g", "$share/g/a/+") == ["c2"]
+
+
+def test_a_shared_group_is_one_match_and_keeps_its_connected_members_apart() -> None:
+    """A topic's match holds the group itself, counted as one in the cache whatever its size (a
+    copy of its members, counted each, left a wildcard group of 5,000 members 20 topics cached);
+    the members whose clients are connected are kept up to date as they come and go, subscribe,
+    change their options and leave."""
+    tree = SubscriptionTree()
+    for n in range(5):
+        tree.add(sub(f"c{n}", "$share/g/a/+"), connected=n % 2 == 0)
+    _, [(share, group)] = tree.match("a/b")
+    assert share == ("g", "$share/g/a/+") and group is tree.shared_group(*share)
+    assert tree._cached_matches == 1
+    connected = lambda: sorted(s.client_id for s in group.connected)  # noqa: E731
+    assert connected() == ["c0", "c2", "c4"]
+    tree.set_connected(sub("c1", "$share/g/a/+"), True)
+    tree.set_connected(sub("c0", "$share/g/a/+"), False)
+    tree.set_connected(sub("c0", "$share/g/a/+"), False)
+    tree.set_connected(sub("c9", "$share/g/a/+"), True)  # (no member)
+    assert connected() == ["c1", "c2", "c4"]
+    tree.add(sub("c2", "$share/g/a/+", qos=1), connected=True)
+    assert [s.qos for s in group.connected if s.client_id == "c2"] == [1]
+    tree.remove("c4", "$share/g/a/+")
+    tree.remove("c0", "$share/g/a/+")
+    assert connected() == ["c1", "c2"] and sorted(group.members) == ["c1", "c2", "c3"]
+    tree.add(sub("c3", "$share/g/a/+"), connected=True)  # the same again, as its client reconnects
+    assert connected() == ["c1", "c2", "c3"]
 
 
 def test_iteration_yields_every_subscription() -> None:

@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable
 
 from ..message import Message
-from ..topics import ClientMatch, SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
+from ..topics import ClientMatch, SharedGroup, SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
 from .codec import HANDED, pack_forwarded
 
 
@@ -51,7 +51,7 @@ class Forwarding:
     reactor's turn through ``send_qos0``, one write per node."""
 
     def __init__(self, node: str, clock: Any, stats: ClusterStats,
-                 deliver_shared: Callable[[Message, tuple[str, str], list[Subscription]], int],
+                 deliver_shared: Callable[[Message, tuple[str, str], SharedGroup], int],
                  collect: Callable[[], None], send_qos0: Callable[[str, bytes], None],
                  epoch_of: Callable[[str], int] = lambda client_id: 0) -> None:
         self.node = node
@@ -237,7 +237,7 @@ class Forwarding:
         connected member. Returns 0 if no other node holds the group so (it is dropped, as on
         one node)."""
         _, node_groups = self.routes.match(message.topic)
-        nodes = sorted({node.client_id for held, members in node_groups if held == share for node in members}
+        nodes = sorted({node for held, group in node_groups if held == share for node in group.members}
                        - set(declined))
         awake = [node for node in nodes if (node, share[1]) not in self._idle]
         if awake_only:
@@ -299,8 +299,8 @@ class Forwarding:
         count = 0
         local = dict(groups)
         remote: dict[tuple[str, str], list[str]] = {}
-        for share, members in node_groups:
-            remote[share] = [member.client_id for member in members]
+        for share, group in node_groups:
+            remote[share] = list(group.members)
         for share in {*local, *remote}:
             nodes = ([self.node] if share in local else []) + sorted(remote.get(share, []))
             candidates = self._awake_first(nodes, share[1])

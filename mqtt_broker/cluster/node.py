@@ -28,7 +28,7 @@ from ..connect import NEVER
 from ..deadlines import cancel
 from ..message import Message
 from ..session import Queued, Session
-from ..topics import SubscriptionTree, Subscription, but_its_sender, matches, terms
+from ..topics import SharedGroup, SubscriptionTree, Subscription, but_its_sender, matches, terms
 from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
@@ -374,8 +374,8 @@ class Cluster:
                 del waiting[entry_id]
                 self.store.handled(entry_id)
 
-    def _deliver_shared(self, message: Message, share: tuple[str, str], members: list[Subscription]) -> int:
-        return self.broker.delivery.to_group(message, share, members)
+    def _deliver_shared(self, message: Message, share: tuple[str, str], group: SharedGroup) -> int:
+        return self.broker.delivery.to_group(message, share, group)
 
     def _collect(self) -> None:
         """Before the store cuts a batch: the records for the nodes' inboxes (this node's too) go
@@ -675,10 +675,10 @@ class Cluster:
                 granted, as_published, ids, _ = terms(subs)
             targets.append((m.client_id, min(granted, message.qos), message.retain and as_published, ids, None))
         matched = set()
-        for share, members in groups:  # the sending node chose that node for these groups' members
+        for share, group in groups:  # the sending node chose that node for these groups' members
             if share not in shares:
                 continue
-            members = but_its_sender(members, message.sender)
+            members = but_its_sender(list(group.members.values()), message.sender)
             if not members:
                 continue
             matched.add(share)
