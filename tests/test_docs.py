@@ -244,3 +244,39 @@ def test_admin_api_table_names_real_operations() -> None:
     for methods, path in named:
         for method in methods.split("/"):
             assert (method, shape(path)) in operations, f"{method} {path}"
+
+
+def test_the_mqtt5_page_lists_the_reason_codes_the_broker_sends() -> None:
+    """The rows of reason codes on the MQTT 5 page left codes out: SUBACK 0x97
+    (max_subscriptions_per_client), UNSUBACK 0x8F and 0x87, the DISCONNECTs of a PUBLISH the
+    broker does not take (0x90, 0x9A, 0x9B) and of a Subscription Identifier while they are turned
+    off (0xA1). The codes are the broker's answers here, looked up on the page."""
+    from protocol_helpers import connected, make_broker
+
+    from mqtt_broker.wire import Publish, Subscribe, SubscriptionRequest, Unsubscribe
+
+    page = (DOCS / "mqtt5.md").read_text()
+    rows = dict(re.findall(r"^\| (reason codes|server DISCONNECT) \| ([^|]*) \|", page, re.M))
+
+    def listed(row: str, packet: str) -> set[int]:
+        return {int(code, 16) for codes in re.findall(rf"(?:^|, ){packet} ([0-9A-Fx/]+)", row)
+                for code in codes.split("/")}
+
+    broker = make_broker(max_subscriptions_per_client=1, subscription_identifier_available=False, max_qos=1,
+                         retain_available=False)
+    broker.hooks.on_unsubscribe(lambda client, topic_filter: topic_filter != "kept")
+    client = connected(broker, "c", version=5)
+    [suback] = client.subscribe("a", "b", "kept")
+    client.send(Unsubscribe(packet_id=2, topic_filters=("a/#/b", "kept")))
+    [unsuback] = client.received()
+    assert set(suback.reason_codes) - {0} <= listed(rows["reason codes"], "SUBACK"), suback
+    assert set(unsuback.reason_codes) <= listed(rows["reason codes"], "UNSUBACK"), unsuback
+    server = {int(code, 16) for code in re.findall(r"0x[0-9A-F]{2}", rows["server DISCONNECT"])}
+    for packet in (Publish(topic="a/+", payload=b"x"), Publish(topic="a", payload=b"x", qos=2, packet_id=1),
+                   Publish(topic="a", payload=b"x", retain=True),
+                   Subscribe(packet_id=1, properties={"subscription_identifier": 1},
+                             subscriptions=(SubscriptionRequest(topic_filter="c"),))):
+        client = connected(broker, "c", version=5)
+        client.send(packet)
+        [disconnect] = client.received()
+        assert disconnect.reason_code in server, disconnect
