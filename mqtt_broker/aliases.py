@@ -25,7 +25,7 @@ class InboundAliases:
             return topic
         known = self._topics.get(alias)
         if known is None:
-            raise ProtocolError(f"topic alias {alias} used before it was set")  # [MQTT-3.3.4-?]
+            raise ProtocolError(f"topic alias {alias} used before it was set")  # a Protocol Error (MQTT 5 §3.3.4)
         return known
 
 

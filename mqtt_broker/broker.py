@@ -871,10 +871,11 @@ class BrokerService(MultiService):
             if delivery.full(session, subscription.qos):
                 return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
         replaying = replay is not None and self.history is not None and subscription.share_group is None
+        # No retained messages on a shared subscription (MQTT 5 §4.8.2).
         retained = iter(()) if subscription.share_group is not None or subscription.retain_handling == 2 or (
             subscription.retain_handling == 1 and existed) else self.retained.matching(subscription.topic_filter)
         first = next(retained, None)
-        if not replaying and first is None:  # no retained messages on a shared subscription [MQTT-3.8.4-?]
+        if not replaying and first is None:
             return
         ids = (subscription.subscription_id,) if subscription.subscription_id else ()
         now = self.clock.seconds()

@@ -39,7 +39,7 @@ LEGAL: dict[State, frozenset[type]] = {
     State.AWAITING_CONNECT: frozenset({Connect}),  # [MQTT-3.1.0-1]
     # Input is held back while a CONNECT is being decided, so nothing arrives in CONNECTING.
     State.CONNECTING: frozenset(),
-    State.AUTHENTICATING: frozenset({Auth, Disconnect}),  # [MQTT-4.12.0-?]
+    State.AUTHENTICATING: frozenset({Auth, Disconnect}),  # [MQTT-3.1.2-30]
     State.CONNECTED: _FROM_CLIENT_CONNECTED,
     State.CLOSED: frozenset(),
 }

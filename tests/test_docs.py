@@ -280,3 +280,14 @@ def test_the_mqtt5_page_lists_the_reason_codes_the_broker_sends() -> None:
         client.send(packet)
         [disconnect] = client.received()
         assert disconnect.reason_code in server, disconnect
+
+
+
+def test_the_spec_statements_cited_are_named_in_full() -> None:
+    """A citation is a statement's id (``[MQTT-3.1.2-24]``) or, where the specification numbers
+    none, its section: one with a question mark for its number sends the reader nowhere."""
+    placeholder = re.compile(r"\[MQTT-[0-9.]+-\?\]")
+    files = [*(ROOT / "mqtt_broker").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *PAGES]
+    found = [f"{path.relative_to(ROOT)}:{number}" for path in files
+             for number, line in enumerate(path.read_text().splitlines(), 1) if placeholder.search(line)]
+    assert found == []

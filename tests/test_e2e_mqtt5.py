@@ -81,7 +81,7 @@ def test_a_message_expiry_interval_of_0_is_sent_on_at_once(broker) -> None:  # t
     subscriber.close()
 
 def test_shared_subscription_splits_messages(broker) -> None:  # type: ignore[no-untyped-def]
-    """Each message to a shared subscription goes to one member [MQTT-4.8.2-?]."""
+    """Each message to a shared subscription goes to one member (§4.8.2)."""
     members = [PahoClient(broker.port, f"worker{n}", version=V5) for n in range(2)]
     for member in members:
         member.subscribe("$share/workers/jobs", qos=1)
