@@ -450,12 +450,19 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if not self._backlogged and ended is None:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
             self._process()
-        if ended is not None and self._blocked is None:  # what was read before the end is handled
+        self._handled_what_was_read(ended)
+
+    def _handled_what_was_read(self, ended: Failure | None) -> None:
+        # (Apart from _unblock, where ``_blocked`` was set to None: compiled, a reading there is
+        # taken to be None still, and a new decision that _process waits for fails it.)
+        if self._blocked is not None:  # what was read waits for another decision
+            return
+        if ended is not None:  # what was read before the end is handled
             self._ended = None
             self.broker.ending -= 1
             self.connectionLost(ended)
         successors = self._successors
-        if successors is not None and self._blocked is None:
+        if successors is not None:
             self._successors = None
             for waiting in successors:
                 if not waiting.called:  # (timed out, or its connection gone)

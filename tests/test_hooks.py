@@ -758,6 +758,26 @@ def test_a_retained_message_that_expires_while_its_hook_decides_still_replaces_t
     assert late.messages() == [] and "t" not in broker.service.retained
 
 
+def test_a_client_gone_while_hooks_decide_on_two_of_its_packets_in_turn_has_both_handled() -> None:
+    """The connection ends once what it read before its socket closed is handled, the second
+    PUBLISH's decision coming after the first's: the compiled build took ``_blocked`` for None
+    still after the first answer and failed there."""
+    broker = make_broker()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    subscriber = connected(broker, "sub")
+    subscriber.subscribe("t", qos=1)
+    publisher = connected(broker, "pub")
+    publisher.send(Publish(topic="t", payload=b"1", qos=1, packet_id=1),
+                   Publish(topic="t", payload=b"2", qos=1, packet_id=2))
+    publisher.lose()
+    pending[0].callback(None)
+    assert len(pending) == 2 and "pub" in broker.sessions  # (not ended yet: "2" is being decided)
+    pending[1].callback(None)
+    assert [p.payload for p in subscriber.received() if isinstance(p, Publish)] == [b"1", b"2"]
+    assert "pub" not in broker.sessions and broker.ending == 0
+
+
 class TickingClock(MemoryReactorClock):
     """A reactor whose time moves on a microsecond each time it is read, as a real one's does."""
 
