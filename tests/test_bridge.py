@@ -284,6 +284,31 @@ def test_a_remote_of_a_lower_maximum_qos_gets_what_was_queued_at_a_higher_one(
         client.close()
 
 
+def test_what_the_remote_queued_at_qos2_comes_in_once_max_qos_here_is_1(broker_process: Any, mosquitto: Any,
+                                                                        tmp_path: Path) -> None:
+    """The bridge's session at Mosquitto subscribed at QoS 2, then this broker restarted with
+    max_qos 1: Mosquitto sends what it queued at QoS 2. Taken at QoS 2, it made this broker close
+    the bridge's link (0x9B), and it came again at each reconnection: nothing crossed."""
+    remote = mosquitto()
+    data = tmp_path / "ours"
+    data.mkdir()
+    ours = bridged(broker_process, tmp_path, remote.port, data_dir=data, topic=["in/# in 2"])
+    local = PahoClient(ours.port, client_id="local-sub", clean=False)
+    local.subscribe("in/#", 1)
+    local.close()
+    ours.stop()
+    cloud = PahoClient(remote.port)
+    for n in range(3):
+        cloud.publish("in/x", f"queued {n}".encode(), 2)
+    ours = bridged(broker_process, tmp_path, remote.port, data_dir=data, topic=["in/# in 2"], settings={"max_qos": 1})
+    local = PahoClient(ours.port, client_id="local-sub", clean=False)
+    cloud.publish("in/x", b"once up", 2)
+    assert [local.message().payload for _ in range(4)] == [b"queued 0", b"queued 1", b"queued 2", b"once up"]
+    assert local.no_message(0.5)
+    cloud.close()
+    local.close()
+
+
 def remote_state(port: int, topic: str) -> bytes | None:
     """The retained message of ``topic`` on the broker at ``port`` (None: none)."""
     client = PahoClient(port)

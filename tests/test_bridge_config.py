@@ -402,6 +402,62 @@ def test_a_queued_qos2_message_the_remote_refuses_at_qos1_is_done_here() -> None
     remote.broker.stopService()
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_qos2_message_from_the_remote_above_max_qos_1_here_is_taken_at_qos1_and_completed(version: int) -> None:
+    """The remote's session subscribed at QoS 2 before max_qos was lowered here, and resends what
+    it had in flight: taken at QoS 2, this broker closed the link for it (0x9B), and it came
+    again at each reconnection. This broker's PUBACK is the remote's PUBREC; its PUBREL is
+    answered here."""
+    from mqtt_broker.wire import Pubcomp, Pubrec
+    remote = FakeRemote(version=version, bridge_protocol_version="mqttv50" if version == 5 else "mqttv311",
+                        settings={"max_qos": 1}, topic=["in/# in 2"], notifications=False)
+    subscriber = connected(remote.broker, "sub")
+    subscriber.subscribe("in/#", qos=1)
+    remote.up(session_present=True, granted=(1,))
+    remote.received()
+    remote.send(Publish(topic="in/x", payload=b"queued at 2", qos=2, dup=True, packet_id=7))
+    assert [(p.payload, p.qos) for p in subscriber.received() if isinstance(p, Publish)] == [(b"queued at 2", 1)]
+    assert remote.received() == [Pubrec(packet_id=7)]
+    remote.send(Pubrel(packet_id=7))
+    assert remote.received() == [Pubcomp(packet_id=7)]
+    assert (remote.bridge.state, remote.bridge._inbound, remote.bridge._lowered_in) == (  # type: ignore[union-attr]
+        "connected", set(), set())
+    assert not remote.broker.sessions["local.vm.b"].awaiting_pubrel
+    remote.broker.stopService()
+
+
+def test_a_qos2_message_from_the_remote_above_max_qos_dropped_here_is_refused_as_qos2() -> None:
+    from mqtt_broker.wire import Pubcomp, Pubrec
+    remote = FakeRemote(max_packet_size=200, settings={"max_qos": 1},
+                        topic=["# in 2 a/much/longer/local/prefix/for/what/comes/in/ r/"], notifications=False)
+    remote.up(session_present=True, granted=(1,))
+    remote.received()
+    remote.send(Publish(topic="r/x", payload=b"p" * 150, qos=2, packet_id=7))
+    assert remote.received() == [Pubrec(packet_id=7)]
+    remote.send(Pubrel(packet_id=7))
+    assert remote.received() == [Pubcomp(packet_id=7)]
+    assert remote.bridge.stats.dropped == 1 and not remote.bridge._lowered_in  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_message_from_the_remote_above_max_qos_0_here_is_acknowledged_to_it_at_once(qos: int) -> None:
+    from mqtt_broker.wire import Pubcomp, Pubrec
+    remote = FakeRemote(settings={"max_qos": 0}, topic=["in/# in 2"], notifications=False)
+    subscriber = connected(remote.broker, "sub")
+    subscriber.subscribe("in/#")
+    remote.up(session_present=True, granted=(0,))
+    remote.received()
+    remote.send(Publish(topic="in/x", payload=b"queued", qos=qos, packet_id=7))
+    assert payloads(subscriber) == [b"queued"]
+    assert remote.received() == [Puback(packet_id=7) if qos == 1 else Pubrec(packet_id=7)]
+    if qos == 2:
+        remote.send(Pubrel(packet_id=7))
+        assert remote.received() == [Pubcomp(packet_id=7)]
+    assert remote.bridge.state == "connected" and not remote.bridge._lowered_in  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
 @pytest.mark.parametrize("qos", [1, 2])
 def test_queued_messages_the_remote_takes_at_qos0_are_acknowledged_here_and_sent_once(qos: int) -> None:
     remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=[f"out/# out {qos}"],

@@ -18,7 +18,8 @@ what is unacknowledged. Ids never clash: the remote's server-to-client ids becom
 session's client-to-server ids and the other way round, each a namespace of its own. One
 exception: a message the session has at a QoS above the remote's Maximum QoS crosses at the
 remote's, and the bridge finishes the session's exchange for it (at QoS 0 at once; a QoS 2 one
-sent at QoS 1 when the remote's PUBACK comes).
+sent at QoS 1 when the remote's PUBACK comes); and so does it for the remote's messages above
+this broker's ``max_qos``.
 
 Loops are prevented with No Local on both sides (this broker's session always speaks MQTT 5;
 an MQTT 3 remote is told it is a bridge, ``try_private``) and by the prefixes.
@@ -113,6 +114,10 @@ class Bridge(Service):
         """Ids of the session's QoS 2 messages sent to the remote at a lower QoS (its Maximum QoS),
         and at which: the bridge finishes their exchange with the session itself (a PUBACK from
         the remote is the session's PUBREC; the session's PUBREL is answered here)."""
+        self._lowered_in: set[int] = set()
+        """Ids of the remote's QoS 2 messages taken here at a lower QoS (``max_qos``): the bridge
+        finishes their exchange with the remote itself (this broker's PUBACK is the remote's
+        PUBREC, at QoS 0 it is sent at once; the remote's PUBREL is answered here)."""
 
     # --- the service ----------------------------------------------------------------------
 
@@ -268,6 +273,7 @@ class Bridge(Service):
         before, and may use their packet ids again, for new messages that this broker would take
         for resends and not route [MQTT-4.3.3-9]. (The ids are the remote's, kept by the bridge's
         session here.)"""
+        self._lowered_in.clear()
         session = self.broker.sessions.get(self.config.local_client_id)
         if session is not None:
             for packet_id in list(session.awaiting_pubrel):
@@ -412,6 +418,9 @@ class Bridge(Service):
             if packet.reason_code >= 0x80:  # (a PUBREC that refuses ends the exchange: no PUBREL comes)
                 del self._lowered[packet.packet_id]
             local.send(Pubrec(packet_id=packet.packet_id, reason_code=packet.reason_code))  # (QoS 2 here)
+        elif isinstance(packet, Pubrel) and packet.packet_id in self._lowered_in:
+            self._lowered_in.discard(packet.packet_id)
+            link.send(Pubcomp(packet_id=packet.packet_id))  # (this broker had it at QoS 0 or 1: done)
         elif isinstance(packet, Publish):
             limit = self.broker.config.max_packet_size
             if packet.frame is not None and len(packet.frame) > limit:  # (an MQTT 3 remote)
@@ -425,15 +434,21 @@ class Bridge(Service):
             if problem is not None:  # this broker would close the link for it, and it would come again
                 self._refuse(link, packet, problem)
                 return
-            if not packet.qos and packet.properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
+            # Above max_qos, this broker would close the link for it (0x9B), and it would come
+            # again at each reconnection: the remote's session may have subscribed at QoS 2
+            # before max_qos was lowered.
+            qos = min(packet.qos, self.broker.config.max_qos)
+            if not qos and packet.properties.get("payload_format_indicator") == 1 and not is_utf8(packet.payload):
                 # (This broker would close the link for it, 0x99; at QoS 1/2 its refusal goes back.)
                 self._refuse(link, packet, "a payload that is not the UTF-8 its format indicator says")
                 return
             self.stats.messages_in += 1
             # Retained only where this broker keeps retained messages: it closes the link for one
             # otherwise, and the remote would send it again at each reconnection.
-            message = self._crossing(packet, topic, packet.retain and self.broker.config.retain_available, MQTT_5, 2)
-            if self._waiting or (packet.qos and len(self._inbound) >= self._local_receive):
+            message = self._crossing(packet, topic, packet.retain and self.broker.config.retain_available, MQTT_5, qos)
+            if qos < packet.qos:
+                self._lowered_taken(link, packet, qos)
+            if self._waiting or (qos and len(self._inbound) >= self._local_receive):
                 self._wait(message, since)
             else:
                 self._send_in(local, message, since)
@@ -470,6 +485,12 @@ class Bridge(Service):
                 self._refuse(link, packet, f"larger than the remote takes ({remote.max_send_size} bytes)")
         elif isinstance(packet, Pubrel) and self._lowered.pop(packet.packet_id, None) is not None:
             link.send(Pubcomp(packet_id=packet.packet_id))  # (the remote had it at QoS 0 or 1: done)
+        elif isinstance(packet, Puback) and packet.packet_id in self._lowered_in:
+            self._completed(packet.packet_id)
+            code = packet.reason_code if remote.version == MQTT_5 else 0
+            if code >= 0x80:  # (a PUBREC that refuses ends the exchange: no PUBREL comes)
+                self._lowered_in.discard(packet.packet_id)
+            remote.send(Pubrec(packet_id=packet.packet_id, reason_code=code))
         elif isinstance(packet, _ACKS):
             if isinstance(packet, (Puback, Pubcomp)) or (isinstance(packet, Pubrec) and packet.reason_code >= 0x80):
                 self._completed(packet.packet_id)
@@ -485,6 +506,17 @@ class Bridge(Service):
                 return
             link.send(Pubrec(packet_id=packet.packet_id))
         self._lowered[packet.packet_id] = qos  # (QoS 2 here: its PUBREL is answered here)
+
+    def _lowered_taken(self, link: Link, packet: Publish, qos: int) -> None:
+        """A message of the remote taken at this broker's lower ``max_qos``: what this broker
+        will not acknowledge is acknowledged here (at QoS 0, at once), so that the remote's
+        exchange ends."""
+        if qos == 0:
+            if packet.qos == 1:
+                link.send(Puback(packet_id=packet.packet_id))
+                return
+            link.send(Pubrec(packet_id=packet.packet_id))
+        self._lowered_in.add(packet.packet_id)  # (QoS 2 there: its PUBREL is answered here)
 
     def _send_in(self, local: Link, message: Publish, since: float | None = None) -> None:
         """``since``: the time it came, having waited for a slot: that long is gone of its Message
@@ -555,7 +587,9 @@ class Bridge(Service):
         and dropped."""
         self.stats.dropped += 1
         log.info("bridge {name}: {topic!r} dropped: {why}", name=self.connection, topic=packet.topic, why=why)
-        if packet.qos == 1:
+        if packet.qos == 1 and link is self.remote and packet.packet_id in self._lowered_in:
+            link.send(Pubrec(packet_id=packet.packet_id))  # (QoS 2 there, taken at QoS 1 here)
+        elif packet.qos == 1:
             link.send(Puback(packet_id=packet.packet_id))
         elif packet.qos == 2:
             link.send(Pubrec(packet_id=packet.packet_id))
