@@ -694,6 +694,37 @@ def test_a_topic_alias_from_a_remote_that_was_allowed_none_closes_the_link_with_
     assert decode(transport.value(), MQTT_5).reason_code == 0x94  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("data, code", [
+    pytest.param(b"\x30\x82\x01" + b"\x00\x01x" + b"\x00" + b"p" * 126, 0x95, id="larger than the link takes"),
+    pytest.param(b"\x36\x05\x00\x01x\x00\x00", 0x81, id="malformed"),
+    pytest.param(b"\x40\x02\x00\x00", 0x82, id="protocol error"),
+])
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_bad_packet_from_the_remote_closes_an_mqtt5_link_with_disconnect_and_its_reason_code(
+        data: bytes, code: int, version: int) -> None:
+    """[MQTT-4.13.1], 3.1.2.11.4 (0x95 for a packet over the CONNECT's Maximum Packet Size). An
+    MQTT 3 link is closed without one: its DISCONNECT is a normal end, which discards the will."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mqtt_broker.bridge.link import Link
+    from mqtt_broker.wire import Connack, Connect, decode, encode
+
+    link = Link("remote", Connect(protocol_level=version, client_id="b", keep_alive=0), Clock(), 128,
+                lambda link, connack: None, lambda link, packet: None, lambda link, why: None)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    link.dataReceived(encode(Connack(), version))
+    transport.clear()
+    link.dataReceived(data)
+    assert link.closed and "bad packet" in link.why
+    if version == 5:
+        assert decode(transport.value(), version).reason_code == code  # type: ignore[union-attr]
+        assert transport.disconnecting
+    else:
+        assert transport.value() == b""
+
+
 def test_an_mqtt5_link_is_told_a_311_remote_refused_its_protocol_level() -> None:
     """The remote answers 20 02 00 01 (3.1.1's refusal of the level): the link called it a bad
     packet from the server, not a refusal it could say why of."""

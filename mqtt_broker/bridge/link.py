@@ -15,8 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..wire import (Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp, Publish,
-                    ReasonCode, encode)
+from ..wire import (MQTT_5, Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp,
+                    Publish, ReasonCode, encode)
 from ..wire.codec import MAX_PACKET_SIZE
 from .config import BridgeConfig
 
@@ -29,7 +29,7 @@ class Link(Protocol):
     """An MQTT client connection that hands every packet after a successful CONNACK to
     ``receive``. It sends the CONNECT, keeps the connection alive (PINGREQ every keepalive
     seconds; no answer within half as long again closes it) and fails the connection on a
-    refusing CONNACK or a malformed packet.
+    refusing CONNACK or a bad packet (the latter with a DISCONNECT of its reason code, MQTT 5).
 
     ``held``: while true, packets stay in the reader (and the transport is paused), so that the
     other side of the bridge is not sent more than it can take."""
@@ -99,7 +99,10 @@ class Link(Protocol):
                 else:
                     self._receive(self, packet)
         except MQTTError as error:
-            self.close(f"bad packet from the server: {error.message}")
+            # An MQTT 5 client says why [MQTT-4.13.1] (0x95 for a packet over its Maximum Packet
+            # Size, 3.1.2.11.4); an MQTT 3 one's DISCONNECT is a normal end, which discards the will.
+            self.close(f"bad packet from the server: {error.message}",
+                       code=error.reason_code if self.version == MQTT_5 else None)
 
     def _connack(self, packet: Packet) -> None:
         if type(packet) is not Connack:
