@@ -550,6 +550,31 @@ def test_a_remote_that_starts_a_new_session_may_use_its_qos2_ids_again() -> None
     remote.broker.stopService()
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_remote_that_answers_a_clean_start_with_a_session_present_is_left_and_tried_again(version: int) -> None:
+    """[MQTT-3.2.2-4], 3.1.1's 3.2.2.2: a client with no session state MUST close the network
+    connection on Session Present 1."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from mqtt_broker.wire import Connack
+    remote = FakeRemote(version=version, bridge_protocol_version="mqttv50" if version == 5 else "mqttv311",
+                        topic=["t/# out 1"], notifications=False, cleansession=True)
+    remote.reactor.advance(1.3)
+    protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(encode(Connack(session_present=True), version))
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    remote.reactor.advance(0)
+    bridge: Any = remote.bridge
+    assert (bridge.state, bridge.local, bridge.last_error) == (
+        "waiting", None, "Session Present 1 from the server, which was asked for a clean start")
+    remote.up()  # (a new session: Session Present 0)
+    remote.broker.stopService()
+
+
 def test_an_mqtt_3_1_remote_says_nothing_of_its_session() -> None:
     """MQTT 3.1's CONNACK has no Session Present (the byte is 0): the remote may have kept its
     session and send an unreleased QoS 2 message again, which is then a resend."""

@@ -112,6 +112,11 @@ class Link(Protocol):
             self.refused = packet.reason_code
             self.close(f"CONNECT refused with reason code 0x{packet.reason_code:02x}")
             return
+        if packet.session_present and self.connect.clean_start:
+            # The client has no session state to match it: it MUST close the connection
+            # [MQTT-3.2.2-4] (3.1.1's 3.2.2.2 too), and starts again with a clean start.
+            self.close("Session Present 1 from the server, which was asked for a clean start")
+            return
         self.up = True
         self.max_send_size = packet.properties.get("maximum_packet_size", 0)
         self.keep_alive = packet.properties.get("server_keep_alive", self.connect.keep_alive)
