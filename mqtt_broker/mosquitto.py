@@ -55,7 +55,8 @@ _BRIDGE = {"address", "addresses", "topic", "remote_clientid", "local_clientid",
            "remote_password", "cleansession", "bridge_protocol_version", "keepalive_interval",
            "restart_timeout", "bridge_cafile", "bridge_certfile", "bridge_keyfile", "bridge_insecure",
            "try_private", "notifications", "notification_topic", "notifications_local_only",
-           "bridge_outgoing_retain", "bridge_max_packet_size", "clientid", "username", "password"}
+           "bridge_outgoing_retain", "bridge_max_packet_size", "bridge_attempt_unsubscribe", "clientid", "username",
+           "password"}
 _BRIDGE_RENAMED = {"address": "addresses", "clientid": "remote_clientid", "username": "remote_username",
                    "password": "remote_password"}
 _BRIDGE_ONCE = {"addresses", "remote_clientid", "local_clientid", "remote_username", "remote_password",
@@ -63,7 +64,7 @@ _BRIDGE_ONCE = {"addresses", "remote_clientid", "local_clientid", "remote_userna
 """Bridge settings Mosquitto refuses to start with twice in a connection (a second address line
 among them), here by their names in a [[bridge]] table."""
 _BRIDGE_BOOLS = {"cleansession", "bridge_insecure", "try_private", "notifications", "notifications_local_only",
-                 "bridge_outgoing_retain"}
+                 "bridge_outgoing_retain", "bridge_attempt_unsubscribe"}
 # Settings whose job twistd does, or that only tune Mosquitto's own workings.
 _TWISTD = {"pid_file": "twistd --pidfile", "user": "twistd --uid/--gid", "log_dest": "twistd --logfile/--syslog",
            "log_type": "twistd's logging", "log_timestamp": "twistd's logging",

@@ -309,6 +309,28 @@ def test_what_the_remote_queued_at_qos2_comes_in_once_max_qos_here_is_1(broker_p
     local.close()
 
 
+def test_a_topic_changed_from_both_to_out_stops_coming_in_from_mosquitto(broker_process: Any, mosquitto: Any,
+                                                                        tmp_path: Path) -> None:
+    """Mosquitto kept the bridge's session (cleansession false) and its subscription of the
+    topic: it went on sending what the bridge only dropped."""
+    remote = mosquitto()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["t/# both 1", "marker in 1"])
+    ours.stop()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["t/# out 1", "marker in 1"])
+    local = PahoClient(ours.port)
+    local.subscribe("marker", 1)
+    cloud = PahoClient(remote.port)
+    cloud.publish("t/x", b"from the cloud", 1)
+    cloud.publish("marker", b"after it", 1)
+    assert local.message().payload == b"after it"  # (Mosquitto sends in order: t/x would have gone first)
+    remote.stop()  # (its log is complete)
+    sent = [line for line in remote.log_path.read_text(errors="replace").splitlines()
+            if "Sending PUBLISH to edge-cloud" in line and "'t/x'" in line]
+    assert sent == []
+    local.close()
+    cloud.close()
+
+
 def remote_state(port: int, topic: str) -> bytes | None:
     """The retained message of ``topic`` on the broker at ``port`` (None: none)."""
     client = PahoClient(port)

@@ -312,16 +312,19 @@ class FakeRemote:
         from twisted.internet.address import IPv4Address
         from twisted.internet.testing import StringTransport
 
-        from mqtt_broker.wire import Connack, Suback
+        from mqtt_broker.wire import Connack, Suback, Unsuback, Unsubscribe
         self.reactor.advance(1)  # the back-off
         self.reactor.advance(0.3)  # HostnameEndpoint's steps to its attempt
         self.protocol = self.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
-        self.send(Connack(session_present=session_present, reason_code=0, properties=properties or {}),
-                  Suback(packet_id=1, reason_codes=granted))
+        self.send(Connack(session_present=session_present, reason_code=0, properties=properties or {}))
+        sent = self.received()
+        self.send(*(Suback(packet_id=p.packet_id, reason_codes=granted) if isinstance(p, Subscribe)
+                    else Unsuback(packet_id=p.packet_id, reason_codes=(0,) * len(p.topic_filters))
+                    for p in sent if isinstance(p, (Subscribe, Unsubscribe))))
         assert self.bridge.state == "connected"  # type: ignore[union-attr]
-        self._early = self.received()  # (what the bridge sent as the link came up: received() has it)
+        self._early = sent + self.received()  # (what the bridge sent as the link came up: received() has it)
 
     def send(self, *packets: Any) -> None:
         for packet in packets:
@@ -547,6 +550,22 @@ def test_a_remote_that_starts_a_new_session_may_use_its_qos2_ids_again() -> None
         remote.down()  # before its PUBREL
     remote.up(session_present=True)  # the PUBREL can come: the id stays known
     assert remote.broker.sessions["local.vm.b"].awaiting_pubrel == {1}
+    remote.broker.stopService()
+
+
+@pytest.mark.parametrize("attempt", [True, False])
+def test_the_out_topics_are_unsubscribed_at_a_remote_that_kept_the_session_as_mosquitto_does(attempt: bool) -> None:
+    """A topic changed from in or both to out: the remote's session kept its subscription, and it
+    went on sending (and queuing while the bridge was away) what the bridge only dropped. Not
+    the filter of an in line too; not when the remote starts a new session, which holds none."""
+    from mqtt_broker.wire import Unsubscribe
+    lines = ["t/# out 1", 'x/# out 1 "" r/', "s/# out 1", "s/# in 1", "c/# in 1"]
+    remote = FakeRemote(topic=lines, notifications=False, bridge_attempt_unsubscribe=attempt)
+    for session_present in (True, False):
+        remote.up(session_present=session_present, granted=(1,))
+        unsubscribed = [f for p in remote.received() if isinstance(p, Unsubscribe) for f in p.topic_filters]
+        assert unsubscribed == (["t/#", "r/x/#"] if attempt and session_present else [])
+        remote.down()
     remote.broker.stopService()
 
 

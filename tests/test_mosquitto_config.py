@@ -724,6 +724,14 @@ def test_bridges_convert_to_bridge_tables(tmp_path: Path) -> None:
     assert bridge.to_remote("sensors/a") == "edge1/sensors/a"
 
 
+def test_bridge_attempt_unsubscribe_is_carried_over(tmp_path: Path) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text("connection cloud\naddress 127.0.0.1:1884\ntopic # out\nbridge_attempt_unsubscribe false\n")
+    conversion = convert(path)
+    assert conversion.bridges[0]["bridge_attempt_unsubscribe"] is False and not conversion.notes
+    assert conversion.config().bridge[0].bridge_attempt_unsubscribe is False
+
+
 def test_the_command_writes_toml_that_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = materialize("edge.conf", tmp_path, port=1884, tls_port=8884, certs=tmp_path)
     assert main(["from-mosquitto", str(config)]) == 0

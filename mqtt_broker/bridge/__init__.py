@@ -238,7 +238,8 @@ class Bridge(Service):
             remote.send(Publish(topic=config.state_topic, payload=b"0", qos=0, retain=self._remote_retain))
 
     def _remote_up(self, link: Link, connack: Connack) -> None:
-        """CONNACK from the remote: subscribe to the in topics there, then open the local link."""
+        """CONNACK from the remote: subscribe to the in topics there (and unsubscribe the out
+        ones from a session it kept), then open the local link."""
         limit = self.config.bridge_max_packet_size
         if limit:  # (Mosquitto's: what goes to the remote, the smaller with an MQTT 5 remote's own)
             link.max_send_size = min(link.max_send_size or limit, limit)
@@ -247,21 +248,31 @@ class Bridge(Service):
             else self.broker.config.max_inflight_messages
         self._remote_max_qos = properties.get("maximum_qos", 2)
         self._remote_retain = bool(properties.get("retain_available", 1))
-        if not connack.session_present and (link.version != MQTT_3_1 or self.config.cleansession):
-            self._forget_remote_qos2()  # (MQTT 3.1's CONNACK has no Session Present: 0 says nothing)
+        # (MQTT 3.1's CONNACK has no Session Present: 0 says nothing.)
+        new_session = not connack.session_present and (link.version != MQTT_3_1 or self.config.cleansession)
+        if new_session:
+            self._forget_remote_qos2()
         incoming = [t for t in self.config.topic if t.incoming]
         v5 = link.version == MQTT_5
         requests = tuple(SubscriptionRequest(
             topic_filter=t.remote_filter, qos=min(t.qos, self.broker.config.max_qos), no_local=v5,
             retain_as_published=v5, retain_handling=1 if v5 else 0) for t in incoming)
-        if requests:
+        # A kept session still holds the subscriptions of topics since changed to out: the remote
+        # would send (and queue while the bridge is away) what the bridge only drops.
+        subscribed = {r.topic_filter for r in requests}
+        stale = [] if new_session or not self.config.bridge_attempt_unsubscribe else list(dict.fromkeys(
+            t.remote_filter for t in self.config.topic if not t.incoming and t.remote_filter not in subscribed))
+        if requests or stale:
             # Nothing new of ours goes to the remote before the local link opens, which waits for
-            # the SUBACKs; but a resumed session's QoS 2 messages to it (their ids the local
-            # session's, as they cross) hold their ids until they end.
+            # the SUBACKs and UNSUBACKs; but a resumed session's QoS 2 messages to it (their ids
+            # the local session's, as they cross) hold their ids until they end.
             session = self.broker.sessions.get(self.config.local_client_id)
-            ids = _free_ids(session.outgoing if session is not None else (), len(requests))
-            sent = self._send_all(link, [Subscribe(packet_id=n, subscriptions=(request,))
-                                         for n, request in zip(ids, requests)])
+            ids = _free_ids(session.outgoing if session is not None else (), len(requests) + len(stale))
+            packets: list[Packet] = [Subscribe(packet_id=n, subscriptions=(request,))
+                                     for n, request in zip(ids, requests)]
+            packets += [Unsubscribe(packet_id=n, topic_filters=(topic_filter,))
+                        for n, topic_filter in zip(ids[len(requests):], stale)]
+            sent = self._send_all(link, packets)
             if sent:
                 self._pending_acks = sent
         else:

@@ -208,6 +208,10 @@ class BridgeConfig:
     """Publish the state notifications on this broker only, not on the remote."""
     bridge_outgoing_retain: bool = True
     """Keep the retain flag of what goes out (false: the remote gets no retained messages)."""
+    bridge_attempt_unsubscribe: bool = True
+    """UNSUBSCRIBE at the remote the filters of the out topics (not of an in topic too) as the
+    link comes up, when the remote kept the bridge's session, as Mosquitto does: a topic changed
+    from in or both to out stops coming in. False for a remote that refuses such UNSUBSCRIBEs."""
     bridge_max_packet_size: int = 0
     """Largest packet sent to the remote, in bytes, as Mosquitto's (with an MQTT 5 remote, the
     smaller of this and its Maximum Packet Size); 0: the remote's only. What comes from the
