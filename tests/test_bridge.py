@@ -898,3 +898,33 @@ def test_a_retained_message_bridged_out_does_not_come_back_stale(broker_process:
     here.close()
     for client in (local, watcher):
         client.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_retained_message_bridged_out_does_not_come_back_stale_from_mosquitto(
+        broker_process: Any, mosquitto: Any, tmp_path: Path, version: str) -> None:
+    """As above, Mosquitto as the remote, which sends a bridge its own retained messages for a
+    SUBSCRIBE (with Retain Handling 1, MQTT 5, only for a new subscription): the bridge, whose
+    session Mosquitto kept (cleansession false), does not subscribe there again."""
+    remote = mosquitto()
+    ours = bridged(broker_process, tmp_path, remote.port, topic=["shared/# both 1"], keepalive_interval=1,
+                   bridge_protocol_version=version)
+    watcher = StateWatcher(ours.port, "edge-cloud")
+    watcher.wait_for(b"1")
+    local = PahoClient(ours.port)
+    local.publish("shared/x", b"v1", 1, retain=True)
+    retained_becomes(remote.port, "shared/x", b"v1")
+    os.kill(remote.process.pid, signal.SIGSTOP)
+    try:
+        watcher.wait_for(b"0")
+        local.publish("shared/x", b"v2", 1, retain=True)
+    finally:
+        os.kill(remote.process.pid, signal.SIGCONT)
+    watcher.wait_for(b"1")
+    retained_becomes(remote.port, "shared/x", b"v2")
+    here = PahoClient(ours.port)
+    here.subscribe("shared/x", 1)
+    assert here.message().payload == b"v2" and here.no_message(1.0)
+    here.close()
+    for client in (local, watcher):
+        client.close()

@@ -114,6 +114,13 @@ class Bridge(Service):
         """Ids of the session's QoS 2 messages sent to the remote at a lower QoS (its Maximum QoS),
         and at which: the bridge finishes their exchange with the session itself (a PUBACK from
         the remote is the session's PUBREC; the session's PUBREL is answered here)."""
+        self._held_at_remote: tuple[str, tuple[SubscriptionRequest, ...], tuple[str, ...]] | None = None
+        """The remote's address, and the subscriptions and unsubscriptions of the topic lines it
+        granted there (all of them), in this process: a Session Present 1 there says it still
+        holds them."""
+        self._subscribing: tuple[str, tuple[SubscriptionRequest, ...], tuple[str, ...]] | None = None
+        """What the SUBSCRIBEs and UNSUBSCRIBEs under way make the remote hold, once all are
+        granted."""
         self._lowered_in: set[int] = set()
         """Ids of the remote's QoS 2 messages taken here at a lower QoS (``max_qos``): the bridge
         finishes their exchange with the remote itself (this broker's PUBACK is the remote's
@@ -239,7 +246,7 @@ class Bridge(Service):
 
     def _remote_up(self, link: Link, connack: Connack) -> None:
         """CONNACK from the remote: subscribe to the in topics there (and unsubscribe the out
-        ones from a session it kept), then open the local link."""
+        ones from a session it kept) unless it holds them already, then open the local link."""
         limit = self.config.bridge_max_packet_size
         if limit:  # (Mosquitto's: what goes to the remote, the smaller with an MQTT 5 remote's own)
             link.max_send_size = min(link.max_send_size or limit, limit)
@@ -260,9 +267,17 @@ class Bridge(Service):
         # A kept session still holds the subscriptions of topics since changed to out: the remote
         # would send (and queue while the bridge is away) what the bridge only drops.
         subscribed = {r.topic_filter for r in requests}
-        stale = [] if new_session or not self.config.bridge_attempt_unsubscribe else list(dict.fromkeys(
+        stale = () if not self.config.bridge_attempt_unsubscribe else tuple(dict.fromkeys(
             t.remote_filter for t in self.config.topic if not t.incoming and t.remote_filter not in subscribed))
+        held = (self.address, requests, stale)
+        if new_session:
+            stale = ()
+        elif connack.session_present and held == self._held_at_remote:
+            # A SUBSCRIBE would bring the remote's retained messages again: Mosquitto sends a
+            # bridge back those it sent, older maybe than one retained here while it was away.
+            requests, stale = (), ()
         if requests or stale:
+            self._held_at_remote, self._subscribing = None, held
             # Nothing new of ours goes to the remote before the local link opens, which waits for
             # the SUBACKs and UNSUBACKs; but a resumed session's QoS 2 messages to it (their ids
             # the local session's, as they cross) hold their ids until they end.
@@ -562,10 +577,13 @@ class Bridge(Service):
 
     def _subscribed(self, link: Link, packet: Suback | Unsuback) -> None:
         self._log_refusals(link, packet)
+        if link is self.remote and any(code >= 0x80 for code in packet.reason_codes):
+            self._subscribing = None  # (to be tried again at the next connection)
         self._pending_acks -= 1
         if self._pending_acks:
             return
         if link is self.remote:
+            self._held_at_remote, self._subscribing = self._subscribing, None
             link.hold()  # what comes before the local link is up stays in the reader
             self._open_local()
         else:
