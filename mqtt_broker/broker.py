@@ -170,6 +170,9 @@ class BrokerService(MultiService):
                                 self.config.persistence_synchronous)
         self.store = store
         """Where sessions and messages are kept across restarts; None keeps them in memory only."""
+        self.bounded_store: Any = store if getattr(store, "max_unwritten_bytes", 0) else None
+        """The store, if it bounds what waits for its disk (see ``Store``): a connection whose
+        packets take that past its bound is read no more until the store has caught up."""
         if store is not None:
             store.gather = self.gathered
         config = self.config

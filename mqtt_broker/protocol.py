@@ -92,7 +92,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_pubacks_waiting", "bridge", "transport", "connected", "_inherited_pubrels",
-        "_ended", "_reauthenticating", "_own", "_successors",
+        "_ended", "_reauthenticating", "_own", "_successors", "_awaiting_disk",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -142,6 +142,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._backlogged = False
         """Reading from the client stopped: it reads nothing of what it is sent, answers included,
         and those are held up to max_held_bytes."""
+        self._awaiting_disk = False
+        """Reading from the client stopped: its packets took what waits for the store's disk past
+        the store's bound (see ``_added_to_store``)."""
         self._graceful = False
         self._last_seen = 0.0
         self._keep_alive = 0.0
@@ -219,6 +222,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         handlers = _HANDLERS
         count = 0  # counted in a local, added once per read
         broker = self.broker
+        store = broker.bounded_store
+        unwritten = store.unwritten_bytes if store is not None else 0
         broker.batching += 1
         try:
             while self._blocked is None:
@@ -244,6 +249,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if self._keep_alive and (count or reader.awaited() > LARGE_PACKET_PROGRESS):
                 self._last_seen = self.clock.seconds()
             self.stats.packets_received += count
+            if store is not None and store.unwritten_bytes > unwritten:
+                self._added_to_store(store)
             broker.batching -= 1
             if not broker.batching and broker.unflushed:
                 broker.flush_writes()
@@ -285,7 +292,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self.flush()
         if self._backlogged:
             self._backlogged = False
-            if self._blocked is None and self.state is not State.CLOSED:
+            if self._blocked is None and not self._awaiting_disk and self.state is not State.CLOSED:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
         if self.session is not None:
             self.broker.gathered(self.delivery.pump, self.session)
@@ -395,9 +402,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if now < deadline:  # (not ``now - last_seen < limit``: by rounding, true at the deadline itself)
             return deadline
         idle = now - self._last_seen
-        if self._blocked is not None:
-            # Waiting for a hook, the broker handles nothing: what the client sent meanwhile (its
-            # PINGREQs) is not silence. (hook_timeout bounds the wait.)
+        if self._blocked is not None or self._awaiting_disk:
+            # Waiting for a hook or the disk, the broker handles nothing: what the client sent
+            # meanwhile (its PINGREQs) is not silence. (hook_timeout bounds the wait for a hook.)
             return now + limit
         self._deadline = None
         # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
@@ -429,7 +436,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             nonlocal done
             done = True
             if self.state is not State.CLOSED:
+                store = self.broker.bounded_store
+                unwritten = store.unwritten_bytes if store is not None else 0
                 then(result, *args)
+                if store is not None and store.unwritten_bytes > unwritten:
+                    self._added_to_store(store)
 
         decision.addCallback(run).addErrback(self._after_failure)
         if not done:
@@ -447,7 +458,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._last_seen = self.clock.seconds()
         ended = self._ended
         if self.state is not State.CLOSED:
-            if not self._backlogged and ended is None:
+            if not self._backlogged and not self._awaiting_disk and ended is None:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
             self._process()
         self._handled_what_was_read(ended)
@@ -482,6 +493,34 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._successors.append(waiting)
         waiting.addTimeout(self.broker.config.hook_timeout or TAKEOVER_WAIT, self.clock)
         return waiting
+
+    def _added_to_store(self, store: Any) -> None:
+        """What this client sent added to what waits for the store's disk (``store``: the
+        broker's ``bounded_store``). Past the store's bound, read nothing more from it until the
+        store has written what it holds: a slow or failing disk then slows the clients that
+        feed it, where the broker's memory would grow with every message. What was read is
+        handled; nothing is refused."""
+        if store.unwritten_bytes > store.max_unwritten_bytes and not self._awaiting_disk \
+                and self.state is not State.CLOSED:
+            self._awaiting_disk = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            store.flushed().addBoth(self._store_caught_up, store)
+
+    def _store_caught_up(self, result: Any, store: Any) -> None:
+        if self.state is State.CLOSED:
+            return
+        if isinstance(result, Failure):
+            if result.check(StoreError):
+                # The disk fails: what waits stays in memory until it works (the store tries
+                # again by itself), and reading on would add to it.
+                store.flushed().addBoth(self._store_caught_up, store)
+                return
+            log.failure("waiting for the store", result)
+        self._awaiting_disk = False
+        # Not read, the client was not silent: its silence counts from now [MQTT-3.1.2-24].
+        self._last_seen = self.clock.seconds()
+        if self._blocked is None and not self._backlogged:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _after_failure(self, failure: Failure) -> None:
         if self.state is State.CLOSED and failure.check(CancelledError):

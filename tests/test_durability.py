@@ -1415,6 +1415,66 @@ def test_a_hooks_refusal_keeps_its_code_whatever_the_store_does(version: int) ->
     assert got == ([(1, 0x80), (2, 0x97)] if version == 5 else [(2, 0)])
 
 
+class BoundedStore(HeldStore):
+    """A HeldStore that counts the payloads of the deliveries it has not written, as SQLiteStore
+    counts what waits for its disk (``unwritten_bytes``), and bounds them."""
+
+    max_unwritten_bytes = 4000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwritten_bytes = 0
+
+    def add_delivery(self, client_id: str, item: Any, packet_id: int | None) -> None:
+        self.unwritten_bytes += len(item.message.payload)
+        super().add_delivery(client_id, item, packet_id)
+
+    def write(self, generation: int, error: Exception | None = None) -> None:
+        if error is None:
+            self.unwritten_bytes = 0
+        super().write(generation, error)
+
+
+def test_a_publisher_outpacing_the_disk_is_read_no_more_until_the_store_has_caught_up() -> None:
+    """A slow disk (a stall of 15 s) let 40,000 QoS 1 PUBLISHes of 1 KiB to an offline session
+    wait in memory for it, and their publisher was read on. Past the store's bound, the
+    connection whose packets added to it is read no more (what was read is handled) until the
+    store has written what it holds; while the disk fails, until it works again. Nothing is
+    refused, and its client is not taken for silent meanwhile; a client adding nothing is read on."""
+    store = BoundedStore()
+    clock = MemoryReactorClock()
+    broker = BrokerService(endpoints=[], reactor=clock, store=store, close_linger=0)
+    s = connected(broker, "s", 4, clean=False)
+    subscribe(s, "t", qos=1)
+    store.write_all()
+    s.lose()
+    p = connected(broker, "p", 4, keep_alive=10)
+    other = connected(broker, "other", 4)
+    store.write_all()
+    p.received()
+    p.send(*(Publish(topic="t", payload=b"x" * 1000, qos=1, packet_id=i) for i in (1, 2, 3)))
+    assert p.transport.producerState == "producing"
+    p.send(Publish(topic="t", payload=b"x" * 1000, qos=1, packet_id=4),
+           Publish(topic="t", payload=b"x" * 1000, qos=1, packet_id=5))
+    assert p.transport.producerState == "paused"
+    other.send(Pingreq())
+    assert other.received() == [Pingresp()] and other.transport.producerState == "producing"
+    clock.advance(60)  # (past 1.5 keepalives)
+    assert not p.closed
+    store.write_all()
+    assert p.transport.producerState == "producing"
+    assert [(type(a), a.packet_id) for a in p.received()] == [(Puback, i) for i in (1, 2, 3, 4, 5)]
+    clock.advance(10)
+    assert not p.closed  # its silence counts from when it was read again
+
+    p.send(*(Publish(topic="t", payload=b"x" * 1000, qos=1, packet_id=i) for i in range(6, 11)))
+    assert p.transport.producerState == "paused"
+    store.write(store.generation, StoreError("the disk is full"))
+    assert p.transport.producerState == "paused"
+    store.write_all()
+    assert p.transport.producerState == "producing"
+
+
 def stored_session_of(client_id: str, store: HeldStore) -> BrokerService:
     """A broker on ``store`` with a stored session of ``client_id``, its client gone."""
     broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, close_linger=0)

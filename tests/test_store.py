@@ -422,15 +422,10 @@ def test_changes_of_one_reactor_turn_are_one_transaction(sqlite: Harness) -> Ite
     assert rows(sqlite.path, "SELECT COUNT(*) FROM retained") == [(500,)]
 
 
-@pytest_twisted.inlineCallbacks
-def test_changes_made_while_a_batch_is_written_share_the_next_one(sqlite: Harness) -> Iterator[Deferred[Any]]:
-    """Group commit under load: while one transaction is on disk, everything recorded meanwhile
-    (over many reactor turns) waits and goes in one next transaction."""
-    sqlite.open()
-    store = sqlite.store
-    release = threading.Event()
-    started = threading.Event()
-    writes = count_writes(store)
+def hold_first_write(store: SQLiteStore) -> tuple[threading.Event, threading.Event]:
+    """Wrap the store's writer: the first batch waits on the writer thread until the test sets
+    the second event (the first says it has begun)."""
+    started, release = threading.Event(), threading.Event()
     inner = store._write
     calls = []
 
@@ -441,14 +436,31 @@ def test_changes_made_while_a_batch_is_written_share_the_next_one(sqlite: Harnes
             assert release.wait(10), "the test did not release the writer"
         inner(batch)
     store._write = slow_first  # type: ignore[method-assign]
+    return started, release
+
+
+@pytest_twisted.inlineCallbacks
+def writer_busy(started: threading.Event) -> Iterator[Deferred[Any]]:
+    """A bounded wait for the writer thread to take its first batch."""
+    for _ in range(500):
+        if started.is_set():
+            break
+        yield deferLater(reactor, 0.01, lambda: None)
+    assert started.is_set()
+
+
+@pytest_twisted.inlineCallbacks
+def test_changes_made_while_a_batch_is_written_share_the_next_one(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """Group commit under load: while one transaction is on disk, everything recorded meanwhile
+    (over many reactor turns) waits and goes in one next transaction."""
+    sqlite.open()
+    store = sqlite.store
+    writes = count_writes(store)
+    started, release = hold_first_write(store)
     store.save_session(Session("s", NEVER), None)
     first = store.flushed()
     try:
-        for _ in range(500):  # bounded wait for the writer thread to take the first batch
-            if started.is_set():
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        assert started.is_set()
+        yield writer_busy(started)
         for seq in range(1, 101):  # a hundred reactor turns while the first batch is held
             yield deferLater(reactor, 0, lambda: None)
             store.add_delivery("s", item(seq), None)
@@ -457,6 +469,59 @@ def test_changes_made_while_a_batch_is_written_share_the_next_one(sqlite: Harnes
         release.set()
     yield store.flushed()
     assert [n for _, n in writes] == [1, 100]
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_waits_for_the_disk_is_counted_until_it_is_written(sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """``unwritten_bytes``, by which the broker stops reading publishers that outpace the disk:
+    each change counts STATEMENT_BYTES and its payload, from being recorded to being written,
+    through the batch on the disk; one undone before its batch counts no more."""
+    sqlite.open()
+    store = sqlite.store
+    each = sqlite_module.STATEMENT_BYTES
+    started, release = hold_first_write(store)
+    store.save_session(Session("s", NEVER), None)
+    first = store.flushed()
+    try:
+        yield writer_busy(started)
+        assert store.unwritten_bytes == each
+        store.add_delivery("s", item(1, payload=b"x" * 1000), None)
+        store.add_delivery("s", item(2, payload=b"y" * 3000), 5)
+        store.save_retained(Message(topic="r", payload=b"z" * 100, retain=True))
+        store.add_pubrel("s", 7)
+        assert store.unwritten_bytes == 5 * each + 4100
+        store.remove_delivery("s", 2)  # acknowledged before its batch
+        store.remove_pubrel("s", 7)
+        assert store.unwritten_bytes == 3 * each + 1100
+    finally:
+        release.set()
+    yield first
+    assert store.unwritten_bytes == 2 * each + 1100  # (the next batch)
+    yield store.flushed()
+    assert store.unwritten_bytes == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_topics_retained_message_set_again_while_a_batch_is_written_waits_once(
+        sqlite: Harness) -> Iterator[Deferred[Any]]:
+    """QoS 0 retained traffic on one topic during a slow write kept a statement for every
+    PUBLISH (40,000 for one row)."""
+    sqlite.open()
+    store = sqlite.store
+    started, release = hold_first_write(store)
+    store.save_session(Session("s", NEVER), None)
+    try:
+        yield writer_busy(started)
+        for n in range(1000):
+            store.save_retained(Message(topic="status", payload=b"%d" % n, retain=True))
+            store.save_retained(Message(topic="gone", payload=b"%d" % n, retain=True))
+        store.delete_retained("gone")
+        assert len([op for op in store._pending if op is not None]) == 2
+        assert store.unwritten_bytes == sqlite_module.STATEMENT_BYTES * 3 + len(b"999")
+    finally:
+        release.set()
+    yield store.flushed()
+    assert rows(sqlite.path, "SELECT topic, payload FROM retained") == [("status", b"999")]
 
 
 @pytest_twisted.inlineCallbacks
@@ -722,6 +787,7 @@ def test_what_waits_for_a_failing_disk_stays_the_size_of_what_it_changes(sqlite:
     assert rows(sqlite.path, "SELECT * FROM awaiting_pubrel") == []
     assert rows(sqlite.path, "SELECT payload FROM retained") == [(b"201",)]
     assert rows(sqlite.path, "SELECT seq FROM history ORDER BY seq") == [(199,), (200,), (201,)]
+    assert store.unwritten_bytes == 0
 
 
 def test_a_backlog_written_before_the_disk_failed_costs_one_statement_a_message_while_it_fails() -> None:

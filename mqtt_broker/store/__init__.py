@@ -136,6 +136,11 @@ class Store(Protocol):
     # ``now`` (the broker calls it every few seconds), for ``load`` to give as
     # ``Snapshot.alive_at``: the sessions whose clients were connected when the broker was
     # killed then count their expiry from then rather than from the restart.
+    #
+    # Optional: ``unwritten_bytes`` and ``max_unwritten_bytes`` (ints) say what the changes
+    # recorded and not yet written hold in memory, and the most they should: a connection whose
+    # packets take ``unwritten_bytes`` past ``max_unwritten_bytes`` is read no more until a
+    # ``flushed()`` asked for then fires (while it fails, until one fires without failing).
 
 
 def fire(waiters: list[Deferred[None]], error: Exception | None = None) -> None:

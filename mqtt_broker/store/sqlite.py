@@ -38,6 +38,19 @@ _T = TypeVar("_T")
 RETRY_AFTER = 1.0
 """Seconds after a failed write before it is tried again, when nothing else comes to write."""
 
+MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
+"""The most that changes waiting for the disk hold (``SQLiteStore.unwritten_bytes``) before the
+broker stops reading the clients that add to them, until the store has caught up: a slow or
+failing disk then slows its publishers instead of growing the broker's memory with every message.
+Not a setting: a disk that keeps up writes a batch long before the next one holds as much, so the
+bound costs nothing then, and a larger one would only hold more in memory when it does not. It
+also bounds the backlog a failing disk leaves, which each attempt to write it goes through."""
+
+STATEMENT_BYTES = 256
+"""What ``unwritten_bytes`` counts for a change beside its payload: about what its statement
+takes in memory (its tuples, strings and encoded properties; an acknowledgement's DELETE, with no
+payload, 150 bytes), so that many small messages are bounded as large ones are."""
+
 VERSION = 1
 """The schema's version (``PRAGMA user_version``; 0.1.0's databases have 0). A database of a later
 one is refused: this release would not know what it holds."""
@@ -105,6 +118,16 @@ _ROWS: dict[str, tuple[str, int]] = {
 one row in a batch, the last does what they all do."""
 
 Statement = tuple[str, tuple[Any, ...]]
+
+_PAYLOADS = {_INSERT_DELIVERY: 3, _SAVE_RETAINED: 1, _SAVE_HISTORY: 2, _SAVE_WILL: 3}
+"""Where the statements that hold a message have its payload among their arguments."""
+
+
+def _size(statement: Statement) -> int:
+    """What ``statement`` counts in ``SQLiteStore.unwritten_bytes``."""
+    sql, args = statement
+    at = _PAYLOADS.get(sql)
+    return STATEMENT_BYTES if at is None else STATEMENT_BYTES + len(args[at])
 
 
 def compacted(batch: list[Statement]) -> list[Statement]:
@@ -269,6 +292,17 @@ class SQLiteStore:
         self._inserts: dict[tuple[str, int], int] = {}
         """Deliveries inserted by the pending batch: (client id, seq) -> index in _pending."""
         self._pubrels: dict[tuple[str, int], int] = {}
+        self._retained: dict[str, int] = {}
+        """The retained message each topic's latest change sets (or deletes): topic -> index in
+        _pending. The one before is dropped, so that a topic set at every PUBLISH while the disk
+        is slow waits once."""
+        self.unwritten_bytes = 0
+        """What the changes recorded and not yet written hold (pending, being written, or of a
+        batch that failed): STATEMENT_BYTES and its payload each. Past ``max_unwritten_bytes``,
+        the broker reads no more from a client whose packets add to it until ``flushed()``."""
+        self.max_unwritten_bytes = MAX_UNWRITTEN_BYTES
+        self._batch_bytes = 0
+        """What the batch being written counts in ``unwritten_bytes``."""
         self._scheduled = False
         self._writing = False
         self._failing = False
@@ -463,12 +497,28 @@ class SQLiteStore:
 
     # --- recording changes --------------------------------------------------------------
 
-    def _record(self, sql: str, args: tuple[Any, ...]) -> int:
+    def _record(self, sql: str, args: tuple[Any, ...], payload: int = 0) -> int:
+        """Add a statement to the pending batch (``payload``: the length of the payload it
+        holds); returns its index there."""
         self._pending.append((sql, args))
+        self.unwritten_bytes += STATEMENT_BYTES + payload
         if not self._scheduled and not self._writing:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return len(self._pending) - 1
+
+    def _drop(self, index: int) -> None:
+        """Take the statement at ``index`` out of the pending batch."""
+        statement = self._pending[index]
+        assert statement is not None
+        self._pending[index] = None
+        self.unwritten_bytes -= _size(statement)
+
+    def _record_retained(self, topic: str, sql: str, args: tuple[Any, ...], payload: int = 0) -> None:
+        earlier = self._retained.get(topic)
+        if earlier is not None:
+            self._drop(earlier)
+        self._retained[topic] = self._record(sql, args, payload)
 
     def alive(self, now: float) -> None:
         """The broker is alive at clock time ``now`` (kept for the sessions its next start takes
@@ -490,17 +540,19 @@ class SQLiteStore:
         self._record(_DELETE_SUBSCRIPTION, (client_id, topic_filter))
 
     def save_retained(self, message: Message) -> None:
-        self._record(_SAVE_RETAINED, (message.topic, message.payload, message.qos, _props(message), message.expires_at,
-                                      message.sender))
+        self._record_retained(message.topic, _SAVE_RETAINED, (
+            message.topic, message.payload, message.qos, _props(message), message.expires_at, message.sender),
+            len(message.payload))
 
     def delete_retained(self, topic: str) -> None:
-        self._record(_DELETE_RETAINED, (topic,))
+        self._record_retained(topic, _DELETE_RETAINED, (topic,))
 
     def add_delivery(self, client_id: str, item: Queued, packet_id: int | None) -> None:
         m = item.message
         index = self._record(_INSERT_DELIVERY, (
             client_id, item.seq, m.topic, m.payload, item.qos, item.retain, _props(m), m.expires_at,
-            json.dumps(item.subscription_ids), json.dumps(item.share) if item.share else None, packet_id, 0))
+            json.dumps(item.subscription_ids), json.dumps(item.share) if item.share else None, packet_id, 0),
+            len(m.payload))
         self._inserts[(client_id, item.seq)] = index
 
     def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
@@ -514,7 +566,7 @@ class SQLiteStore:
     def remove_delivery(self, client_id: str, seq: int) -> None:
         index = self._inserts.pop((client_id, seq), None)
         if index is not None:  # never written: nothing to delete
-            self._pending[index] = None
+            self._drop(index)
             return
         self._record(_DELETE_DELIVERY, (client_id, seq))
 
@@ -525,19 +577,19 @@ class SQLiteStore:
     def remove_pubrel(self, client_id: str, packet_id: int) -> None:
         index = self._pubrels.pop((client_id, packet_id), None)
         if index is not None:
-            self._pending[index] = None
+            self._drop(index)
             return
         self._record(_DELETE_PUBREL, (client_id, packet_id))
 
     def save_will(self, will: StoredWill) -> None:
         m = will.message
         self._record(_SAVE_WILL, (will.client_id, will.username, m.topic, m.payload, m.qos, m.retain, _props(m),
-                                  m.expires_at, will.due))
+                                  m.expires_at, will.due), len(m.payload))
 
     def save_history(self, entry: Entry) -> None:
         m = entry.message
         self._record(_SAVE_HISTORY, (entry.seq, m.topic, m.payload, m.qos, _props(m), m.expires_at, entry.at,
-                                     m.sender))
+                                     m.sender), len(m.payload))
 
     def forget_history(self, before_seq: int) -> None:
         self._record(_FORGET_HISTORY, (before_seq,))
@@ -573,11 +625,14 @@ class SQLiteStore:
         batch = [op for op in self._pending if op is not None]
         if self._unwritten:
             batch, self._unwritten = compacted(self._unwritten + batch), []
+            self.unwritten_bytes = sum(map(_size, batch))  # (what compacting left)
+        self._batch_bytes = self.unwritten_bytes
         self.generation += 1
         waiters = self._waiters
         self._pending, self._waiters = [], []
         self._inserts.clear()
         self._pubrels.clear()
+        self._retained.clear()
         if not batch:
             self.gather(fire, waiters)
             return
@@ -616,6 +671,7 @@ class SQLiteStore:
                 self._retry_call = self.reactor.callLater(RETRY_AFTER, self._retry)
             self.gather(fire, waiters, error)
         else:
+            self.unwritten_bytes -= self._batch_bytes
             if self._failing:
                 self._failing = False
                 log.info("writing to {path} works again", path=str(self.path))
@@ -635,7 +691,8 @@ class SQLiteStore:
         if lost:
             log.error("{count} changes recorded after {path} was closed are lost", count=len(lost),
                       path=str(self.path))
-        self._pending, self._inserts, self._pubrels = [], {}, {}
+        self._pending, self._inserts, self._pubrels, self._retained = [], {}, {}, {}
+        self.unwritten_bytes = 0
         self.generation += 1
         waiters, self._waiters = self._waiters, []
         self.gather(fire, waiters, StoreError(f"{self.path} is closed"))
@@ -647,6 +704,7 @@ class SQLiteStore:
             if self._unwritten:  # (written, or failed again, by the flush this close waited for)
                 log.error("closing {path} with {count} changes not written: the disk failed, and they are lost",
                           path=str(self.path), count=len(self._unwritten))
+                self.unwritten_bytes -= sum(map(_size, self._unwritten))
                 self._unwritten = []
             # Opened again, the store starts afresh: a failing disk is logged anew, a working one
             # is not said to work "again".
