@@ -25,6 +25,7 @@ from mqtt_broker import BrokerService
 from mqtt_broker.store import Store, StoreError
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.store.sqlite import SQLiteStore
+import mqtt_broker.store.sqlite as sqlite_module
 from mqtt_broker.protocol import PACKETS_PER_TURN
 from mqtt_broker.wire import ReasonCode
 from mqtt_broker.wire import (
@@ -521,7 +522,9 @@ def test_sqlite_a_delayed_will_whose_session_ends_at_the_start_is_published_then
 
 
 @pytest.fixture
-def on_disk(tmp_path: Path) -> Iterator[SQLiteRestarts]:
+def on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SQLiteRestarts]:
+    # A failed batch is tried again only after RETRY_AFTER: soon, for the tests of a full disk.
+    monkeypatch.setattr(sqlite_module, "RETRY_AFTER", 0.01)
     r = SQLiteRestarts(tmp_path / "mqttbroker.db")
     yield r
     pytest_twisted.blockon(r.stop())

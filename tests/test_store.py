@@ -78,7 +78,9 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
 
 
 @pytest.fixture
-def sqlite(tmp_path: Path) -> Iterator[Harness]:
+def sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    # A failed batch is tried again only after RETRY_AFTER: soon, for tests that fail many.
+    monkeypatch.setattr(sqlite_module, "RETRY_AFTER", 0.01)
     h = Harness("sqlite", tmp_path)
     yield h
     pytest_twisted.blockon(h.close_all())
@@ -714,6 +716,32 @@ def test_a_failing_write_fails_flushed_logs_once_and_recovers(sqlite: Harness) -
             yield store.flushed()
         assert len(log.matching("cannot write to")) == 2
     make_room(store)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failing_disk_is_written_again_only_when_its_retry_comes(
+        sqlite: Harness, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    """While writes fail, what comes to write waits for the retry, RETRY_AFTER after the last
+    failure: each change started a write of the whole backlog at once, compacted on the reactor
+    thread first, and each failure the next (238,000 statements waiting: 150 ms stalls of the
+    reactor, back to back)."""
+    monkeypatch.setattr(sqlite_module, "RETRY_AFTER", 60.0)
+    sqlite.open()
+    store = sqlite.store
+    writes = count_writes(store)
+    fill_up(store)
+    store.save_retained(Message(topic="big", payload=os.urandom(200_000), retain=True))
+    with pytest.raises(StoreError):
+        yield store.flushed()
+    waiting = store.flushed()
+    for n in range(100):  # a change at each of a hundred turns of the reactor
+        store.save_retained(Message(topic=f"r/{n}", payload=b"v", retain=True))
+        yield deferLater(reactor, 0, lambda: None)
+    assert len(writes) == 1 and not waiting.called
+    make_room(store)
+    store._retry_call.reset(0)  # (the retry's time has come)
+    yield waiting
+    assert [n for _, n in writes] == [1, 101]
 
 
 @pytest_twisted.inlineCallbacks

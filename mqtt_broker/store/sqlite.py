@@ -36,7 +36,7 @@ log = Logger()
 _T = TypeVar("_T")
 
 RETRY_AFTER = 1.0
-"""Seconds after a failed write before it is tried again, when nothing else comes to write."""
+"""Seconds after a failed write before it is tried again (with what came meanwhile)."""
 
 MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
 """The most that changes waiting for the disk hold (``SQLiteStore.unwritten_bytes``) before the
@@ -309,7 +309,7 @@ class SQLiteStore:
         self._unwritten: list[tuple[str, tuple[Any, ...]]] = []
         """The statements of a batch that failed, written first in the next one."""
         self._retry_call: Any = None
-        """Writes a failed batch again after RETRY_AFTER, even if nothing new comes."""
+        """Writes a failed batch again after RETRY_AFTER, with what came meanwhile."""
         self._batch_started = 0.0
         self.generation = 0
         self.gather: Callable[..., None] = call
@@ -503,9 +503,18 @@ class SQLiteStore:
         self._pending.append((sql, args))
         self.unwritten_bytes += STATEMENT_BYTES + payload
         if not self._scheduled and not self._writing:
-            self._scheduled = True
-            self.reactor.callLater(0, self._flush)
+            self._schedule()
         return len(self._pending) - 1
+
+    def _schedule(self) -> None:
+        """Write what waits at the next turn of the reactor; while writes fail, RETRY_AFTER after
+        the last failure only: each write goes through the whole backlog (compacted first, on the
+        reactor thread), which must not be once per change, nor one failure after the other."""
+        self._scheduled = True
+        if self._failing:
+            self._retry_call = self.reactor.callLater(RETRY_AFTER, self._retry)
+        else:
+            self.reactor.callLater(0, self._flush)
 
     def _drop(self, index: int) -> None:
         """Take the statement at ``index`` out of the pending batch."""
@@ -608,10 +617,8 @@ class SQLiteStore:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
-        # While writes fail, waiting alone does not write again at once: the retry timer does.
-        if not self._scheduled and not self._writing and (self._pending or not self._failing):
-            self._scheduled = True
-            self.reactor.callLater(0, self._flush)
+        if not self._scheduled and not self._writing:
+            self._schedule()
         return d
 
     def _flush(self) -> None:
@@ -667,22 +674,20 @@ class SQLiteStore:
                             result, path=str(self.path))
             error = StoreError(f"write to {self.path} failed: {result.getErrorMessage()}")
             self._unwritten = batch
-            if self._retry_call is None:  # try again even if nothing new comes
-                self._retry_call = self.reactor.callLater(RETRY_AFTER, self._retry)
+            self._schedule()  # (before the waiters hear, who may wait again)
             self.gather(fire, waiters, error)
-        else:
-            self.unwritten_bytes -= self._batch_bytes
-            if self._failing:
-                self._failing = False
-                log.info("writing to {path} works again", path=str(self.path))
-            self.gather(fire, waiters)
-        if self._pending or (self._waiters and not self._failing):
+            return
+        self.unwritten_bytes -= self._batch_bytes
+        if self._failing:
+            self._failing = False
+            log.info("writing to {path} works again", path=str(self.path))
+        self.gather(fire, waiters)
+        if self._pending or self._waiters:
             self._flush()
 
     def _retry(self) -> None:
         self._retry_call = None
-        if self._unwritten and not self._writing and not self._scheduled and self._db is not None:
-            self._flush()
+        self._flush()
 
     def _drop_recorded_while_closed(self) -> None:
         """What was recorded while the store was closed is not written (opened again, the store's
@@ -709,9 +714,10 @@ class SQLiteStore:
             # Opened again, the store starts afresh: a failing disk is logged anew, a working one
             # is not said to work "again".
             self._failing = False
-            if self._retry_call is not None and self._retry_call.active():
+            if self._retry_call is not None:
                 self._retry_call.cancel()
-            self._retry_call = None
+                self._retry_call = None
+                self._scheduled = False
             if self._pool is not None:
                 self._pool.stop()
                 self._pool = None
