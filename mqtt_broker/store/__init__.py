@@ -133,7 +133,7 @@ class Store(Protocol):
     # under max_stored_messages.
     #
     # Optional: ``alive(now: float) -> None`` records that the broker is alive at clock time
-    # ``now`` (the broker calls it every few seconds), for ``load`` to give as
+    # ``now`` (the broker calls it every minute: ``broker.ALIVE_EVERY``), for ``load`` to give as
     # ``Snapshot.alive_at``: the sessions whose clients were connected when the broker was
     # killed then count their expiry from then rather than from the restart.
     #
