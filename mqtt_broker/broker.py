@@ -780,7 +780,8 @@ class BrokerService(MultiService):
         """The session's client connected or went away: its shared groups count it among their
         connected members, or no longer (``SharedGroup.connected``)."""
         for subscription in session.subscriptions.values():
-            self.subscriptions.set_connected(subscription, connected)
+            if subscription.share_group is not None:
+                self.subscriptions.set_connected(subscription, connected)
 
     def _notify_disconnect(self, client: Client, graceful: bool) -> None:
         if self.hooks.has_disconnect:

@@ -57,6 +57,17 @@ def describe(address: IAddress) -> str:
     return str(address)
 
 
+TAKEOVER_WAIT: Final = 30.0
+"""Seconds at most a client's new connection waits for its old one to handle what it read while
+a hook decided (see ``MQTTProtocol.hand_over``) where hook_timeout, the bound otherwise, is 0: a
+hook may hold its own client for ever, not the client's next connection."""
+
+
+def takeover_wait(config: Any) -> float:
+    """The most a new connection of a client waits for its old one (``hand_over``)."""
+    return float(config.hook_timeout or TAKEOVER_WAIT)
+
+
 @trait
 class Connecting:
     """The CONNECT and AUTH handlers of MQTTProtocol and what follows from their answers. The
@@ -286,6 +297,23 @@ class Connecting:
         self.drop(reason, f"{why}: {reason.name}")
 
     def _accept(self, packet: Connect) -> None:
+        client = self.client
+        assert client is not None
+        previous = self.broker.sessions.get(client.client_id)
+        # The connection holding the session here may have packets of the client to handle, read
+        # while a hook decided: they come first (messages to route, a DISCONNECT that discards
+        # the will [MQTT-3.14.4-3]), before a cluster's claim, which another node's may follow.
+        handed_over = previous.connection.hand_over() if previous is not None and previous.connection else None
+        if handed_over is not None and not self._keep_alive and self._deadline is not None:
+            # connect_timeout, which bounds a client without a keepalive until its CONNACK,
+            # counts from the end of the wait (hand_over bounds it).
+            keepalives, now = self.broker.keepalives, self.clock.seconds()
+            keepalives.forget(self._deadline)
+            self._deadline = keepalives.watch(
+                self, now + takeover_wait(self.broker.config) + self.broker.config.connect_timeout)
+        self._when(handed_over, self._handed_over, packet)
+
+    def _handed_over(self, _: None, packet: Connect) -> None:
         cluster = self.broker.cluster
         if cluster is not None:  # the session may be on another node: take it first
             assert self.client is not None
@@ -300,16 +328,6 @@ class Connecting:
             self.refuse(ReasonCode.SERVER_UNAVAILABLE, "the cluster's Redis did not answer in time")
 
     def _attach(self, packet: Connect) -> None:
-        client = self.client
-        assert client is not None
-        previous = self.broker.sessions.get(client.client_id)
-        # The connection holding the session may have packets of the client to handle, read
-        # while a hook decided: they come first (messages to route, a DISCONNECT that discards
-        # the will [MQTT-3.14.4-3]).
-        handed_over = previous.connection.hand_over() if previous is not None and previous.connection else None
-        self._when(handed_over, self._take_session, packet)
-
-    def _take_session(self, _: None, packet: Connect) -> None:
         identity = self.identity
         if identity is not None and identity.expires_at is not None and identity.expires_at <= self.clock.seconds():
             # Expired already (while a hook decided or a cluster claimed the session, or an

@@ -35,7 +35,7 @@ from .message import NOT_CACHED, Client, Message, encoding_kind
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms, granted_expiry
-from .connecting import Connecting, count_refusal, describe, tally
+from .connecting import Connecting, count_refusal, describe, takeover_wait, tally
 from .delivery import Delivery
 from .linger import close_lingering, socket_of, unwritten
 from .publishing import Publishing, _Acks
@@ -69,10 +69,6 @@ PACKETS_PER_TURN: Final = 10_000
 """Packets of one connection handled in one turn of the reactor; the rest of what was read waits
 for the next turn, as for a hook. A TCP read of PUBLISHes holds fewer; 64 KiB of 2-byte PINGREQs
 holds 32,768, and a WebSocket message of 4 KiB may inflate to 16 MiB of them."""
-TAKEOVER_WAIT: Final = 30.0
-"""Seconds at most a client's new connection waits for its old one to handle what it read while
-a hook decided (see ``hand_over``) where hook_timeout, the bound otherwise, is 0: a hook may hold
-its own client for ever, not the client's next connection."""
 
 
 class MQTTProtocol(Connecting, Publishing, Subscribing):
@@ -278,7 +274,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._set_state(State.CLOSED)
         self._forget_unstored()
         self._forget_out()
-        self.broker.detach(self, self._graceful, self._successors is not None)
+        self.broker.detach(self, self._graceful, self._awaited())
         self.broker.connection_lost(self)
         if blocked is not None:  # (connecting: an authentication, a hook, that no one waits for)
             blocked.cancel()
@@ -325,8 +321,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      client_id=self.client.client_id if self.client else None, peer=self._where(), reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
-        # Waited for by a new connection (see hand_over), it is taken over: the client stays here.
-        self.broker.detach(self, self._graceful, self._successors is not None)
+        self.broker.detach(self, self._graceful, self._awaited())
+        self._let_successors_on()  # (what it read is not handled now)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._forget_out()
         elif abort and told and (isinstance(self.transport, ProtocolWrapper)
@@ -472,6 +468,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._ended = None
             self.broker.ending -= 1
             self.connectionLost(ended)
+        self._let_successors_on()
+
+    def _let_successors_on(self) -> None:
+        """The new connections of its client that wait for this one (``hand_over``) go on."""
         successors = self._successors
         if successors is not None:
             self._successors = None
@@ -479,19 +479,24 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                 if not waiting.called:  # (timed out, or its connection gone)
                     waiting.callback(None)
 
+    def _awaited(self) -> bool:
+        """Whether a new connection of its client waits for this one (see ``hand_over``): ending,
+        it is taken over, and the client stays this node's."""
+        return self._successors is not None and any(not waiting.called for waiting in self._successors)
+
     def hand_over(self) -> Deferred[None] | None:
         """A new connection of this client is to take its session over: None if this one may be
         closed at once; else, a hook deciding on a packet of it, a Deferred that fires once it
         has handled what it read (the packets after that one too: its PUBLISHes are routed, a
         DISCONNECT 0x00 discards its will [MQTT-3.14.4-3] and ends it), or after hook_timeout
-        (TAKEOVER_WAIT if that is 0) at the latest, when the takeover closes it as it is."""
+        (``takeover_wait``) at the latest, when the takeover closes it as it is."""
         if self._blocked is None or self.state is not State.CONNECTED:
             return None
         waiting: Deferred[None] = Deferred(_go_on)
         if self._successors is None:
             self._successors = []
         self._successors.append(waiting)
-        waiting.addTimeout(self.broker.config.hook_timeout or TAKEOVER_WAIT, self.clock)
+        waiting.addTimeout(takeover_wait(self.broker.config), self.clock)
         return waiting
 
     def _added_to_store(self, store: Any) -> None:

@@ -980,6 +980,38 @@ def test_a_claim_overtaken_before_its_answer_came_lets_the_client_go(server: Red
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_connection_waiting_for_its_old_one_here_claims_after_the_wait(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """c connects to node a again while a hook decides on a PUBLISH of its connection there: the
+    new connection waits for the old one to handle what it read, and only then claims the
+    session. Claimed before the wait, another node's claim during it left a connecting the
+    client over the copy it had let go: c was connected on both nodes."""
+    broker = yield node_a(server)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    link = Redis(RedisAddress.parse(server.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        expiry = {"session_expiry_interval": 60}
+        old = yield connect(broker, 5, client_id="c", clean_start=False, properties=expiry)
+        old.received()
+        old.send(Publish(topic="t", payload=b"1"))
+        claims = broker.cluster.stats.claims
+        new = FakeClient(broker, 5)
+        new.send(Connect(protocol_level=5, client_id="c", clean_start=False, properties=expiry))
+        yield b.register(60_000)
+        assert broker.cluster.stats.claims == claims  # (none for the new connection yet: it waits)
+        yield b.claim("c", False, 0)  # c connected to node b meanwhile
+        yield until(lambda: old.closed, "node a to let c's old connection go")
+        yield until(lambda: new.transport.value() or new.closed, "the new connection's claim and answer")
+        assert [p.reason_code for p in new.received()] == [0]
+        assert broker.sessions["c"].connection is new.protocol and not broker.moved_away("c")
+        assert broker.cluster.holds("c")
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_session_moved_here_twice_counts_as_moving_for_the_whole_time_after_the_second(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """(Against a message coming by two ways while routes settle.) The first move's time ended

@@ -16,7 +16,8 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from mqtt_broker import hooks as hooks_module
 from mqtt_broker.hooks import EVENTS, Hooks, Refused
 from mqtt_broker.message import Client, Message
-from mqtt_broker.protocol import READ_WHILE_DECIDING, TAKEOVER_WAIT
+from mqtt_broker.connecting import TAKEOVER_WAIT
+from mqtt_broker.protocol import READ_WHILE_DECIDING
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
@@ -630,13 +631,16 @@ def test_a_client_connecting_again_while_a_hook_decides_has_what_it_sent_before_
     assert old.received() == [] and old.closed and failures_logged(logged) == []
 
 
+@pytest.mark.parametrize("keep_alive", [60, 0])
 @pytest.mark.parametrize("hook_timeout", [5.0, 0.0])
 def test_a_client_connecting_again_waits_for_its_old_connection_no_longer_than_a_hook_may_take(
-        hook_timeout: float) -> None:
+        hook_timeout: float, keep_alive: int) -> None:
     """Each of the old connection's PUBLISHes waits for a hook that never answers: the new
     connection takes the session over after hook_timeout (TAKEOVER_WAIT without one, when a
     hook may hold its own client for ever), as it did at once before; the old connection is
-    then closed (0x8E) with what it had not handled, and its will goes."""
+    then closed (0x8E) with what it had not handled, and its will goes. A client without a
+    keepalive, which connect_timeout (10 s) bounds until its CONNACK, has it from the wait's end:
+    it was closed at 10 s, each time it came back."""
     broker = MemoryBroker(hook_timeout=hook_timeout)
     watcher = broker.connect("watcher")
     watcher.subscribe("wills/#")
@@ -645,7 +649,7 @@ def test_a_client_connecting_again_waits_for_its_old_connection_no_longer_than_a
     old.connect("c", will=Will(topic="wills/c", payload=b"gone"))
     old.send(Publish(topic="data", payload=b"1"), Publish(topic="data", payload=b"2"), Disconnect(reason_code=0))
     new = broker.client()
-    assert new.connect("c", keep_alive=60) is None  # (without, connect_timeout would end it first)
+    assert new.connect("c", keep_alive=keep_alive) is None
     wait = hook_timeout or TAKEOVER_WAIT
     broker.reactor.advance(wait - 0.1)
     assert new.received() == [] and not old.closed
