@@ -322,7 +322,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful, self._awaited())
-        self._let_successors_on()  # (what it read is not handled now)
+        if self._successors is not None:  # what it read is not handled now
+            # Not in this call: it may be a takeover by one of them, which the others, going
+            # on within it, would find half done.
+            self.clock.callLater(0, self._let_successors_on)
         if self._ended is not None:  # the transport is gone already (see connectionLost)
             self._forget_out()
         elif abort and told and (isinstance(self.transport, ProtocolWrapper)

@@ -660,6 +660,32 @@ def test_a_client_connecting_again_waits_for_its_old_connection_no_longer_than_a
     assert [(m.topic, m.payload) for m in watcher.messages()] == [("wills/c", b"gone")]
 
 
+@pytest.mark.parametrize("hook_timeout", [5.0, 0.0])
+def test_of_two_new_connections_waiting_for_the_old_one_the_newest_has_the_session(hook_timeout: float) -> None:
+    """c connects again while a hook that never answers holds its old connection, and again
+    halfway through that wait: the first new connection takes the session over once its wait
+    ends, and the second, whose wait the old connection's close ends, takes it from the first
+    (0x8E) [MQTT-3.1.4-2]. Its wait ended inside the first's takeover, and both were left
+    connected, one of them on a session it no longer held."""
+    broker = MemoryBroker(hook_timeout=hook_timeout)
+    wait = hook_timeout or TAKEOVER_WAIT
+    broker.hooks.on_publish(lambda client, message: Deferred())
+    old = broker.client()
+    old.connect("c")
+    old.send(Publish(topic="data", payload=b"1"), Publish(topic="data", payload=b"2"))
+    first = broker.client()
+    assert first.connect("c", keep_alive=60) is None
+    broker.reactor.advance(wait / 2)
+    second = broker.client()
+    assert second.connect("c", keep_alive=60) is None
+    broker.reactor.advance(wait / 2)
+    broker.reactor.advance(0)
+    assert old.closed and first.closed and not second.closed
+    assert [p.reason_code for p in first.received()] == [0, ReasonCode.SESSION_TAKEN_OVER]  # type: ignore[attr-defined]
+    assert [p.reason_code for p in second.received()] == [0]  # type: ignore[attr-defined]
+    assert broker.service.sessions["c"].connection is second.protocol
+
+
 @pytest.mark.parametrize("ending", ["stop", "kick"])
 @pytest.mark.parametrize("reason", [0, 0x04])
 def test_what_a_client_sent_after_a_packet_a_hook_decides_on_is_not_handled_if_the_broker_ends_first(
