@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,18 +31,34 @@ Python subprocess that is given it on PYTHONPATH runs the same build as the test
 _HANDED_OUT: set[int] = set()
 
 
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # (Linux's default)
+
+
+_EPHEMERAL_START = _ephemeral_ports_start()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now, and never one this test run handed out before:
-    the kernel gives a port it has just given again about once in 20,000 pairs of calls here,
-    and two listeners of one test (a broker's MQTT and HTTP ports) must not get the same one."""
-    for _ in range(100):
+    """A loopback port nothing listens on now, below the kernel's range of ephemeral ports, and
+    never one this test run handed out before. A port the kernel hands out for binding to 0 is
+    one it may give the next outgoing connection of any process (a Redis Sentinel's to its
+    master took a broker's port before the broker listened on it), and two listeners of one
+    test (a broker's MQTT and HTTP ports) must not get the same one."""
+    for _ in range(1000):
+        port = random.randrange(10_000, _EPHEMERAL_START)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return int(port)
-    raise RuntimeError("no port that was not handed out before in 100 tries")
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # (in use)
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range in 1,000 tries")
 
 
 @pytest.fixture

@@ -1002,6 +1002,7 @@ def test_a_connection_waiting_for_its_old_one_here_claims_after_the_wait(server:
         assert broker.cluster.stats.claims == claims  # (none for the new connection yet: it waits)
         yield b.claim("c", False, 0)  # c connected to node b meanwhile
         yield until(lambda: old.closed, "node a to let c's old connection go")
+        broker.clock.advance(0)  # (the turn after the close, when its waits go on)
         yield until(lambda: new.transport.value() or new.closed, "the new connection's claim and answer")
         assert [p.reason_code for p in new.received()] == [0]
         assert broker.sessions["c"].connection is new.protocol and not broker.moved_away("c")

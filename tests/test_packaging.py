@@ -93,7 +93,7 @@ def test_wheel_is_compiled_unless_told_not_to(wheel: Path) -> None:
         assert compiled == {f"mqtt_broker__mypyc{SUFFIX}"} | {
             f"mqtt_broker/cluster/{name}{SUFFIX}" for name in ("codec", "forwarding")} | {
             f"mqtt_broker/{name}{SUFFIX}" for name in (
-                "topics", "message", "session", "delivery", "keepalive", "protocol", "connecting", "publishing",
+                "topics", "message", "session", "delivery", "deadlines", "protocol", "connecting", "publishing",
                 "subscribing", "connect")} | {
             f"mqtt_broker/wire/{name}{SUFFIX}" for name in ("__init__", "codec", "packets", "properties")}
 

@@ -31,6 +31,7 @@ from mqtt_broker.broker import MQTTFactory
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.protocol import PACKETS_PER_TURN, READ_WHILE_DECIDING
 from mqtt_broker.websocket import CLOSE_TIMEOUT, SUBPROTOCOLS, WebSocketFactory, client_address, frame_header
+from mqtt_broker.wire.codes import ReasonCode
 from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
     SubscriptionRequest, encode, FrameReader,
@@ -1251,7 +1252,9 @@ def test_with_close_linger_0_the_closing_handshake_still_reads_the_clients_close
     client.send_packets(Publish(topic="t", payload=b"1", qos=1, packet_id=1),
                         Publish(topic="t", payload=bytes(READ_WHILE_DECIDING), qos=1, packet_id=2))
     assert client.socket.producerState == "paused"  # input paused while the hook decides
-    ws_connected(broker, "c")  # taken over: the broker starts the closing handshake
+    connection = broker.sessions["c"].connection
+    assert connection is not None
+    connection.drop(ReasonCode.ADMINISTRATIVE_ACTION, "kicked")  # the broker starts the closing handshake
     assert [f.close_code for f in client.frames() if f.opcode == CLOSE] == [1000]
     assert client.socket.producerState == "producing", (
         "closing handshake begun on a paused socket: the client's close frame will never be read")
