@@ -1039,6 +1039,43 @@ def test_a_message_from_the_remote_that_waits_for_a_slot_here_loses_that_time_of
     assert sorted(p.packet_id for p in remote.received() if isinstance(p, Puback)) == [1, 2]
 
 
+def test_what_the_remote_sends_at_qos0_while_this_broker_reads_the_bridge_no_more_is_bounded() -> None:
+    """This broker reads the bridge's session no more for a while (a slow hook here; its disk
+    behind, too): the remote goes on being read, and what it sent at QoS 0 waited in the pipe
+    between the two, without bound. Past max_held_bytes there, it is dropped and counted; QoS 1
+    goes on crossing (this broker's Receive Maximum bounds it), acknowledged once taken."""
+    from twisted.internet.defer import Deferred
+
+    from mqtt_broker.wire import Puback
+    held = 65536
+    remote = FakeRemote(5, settings={"max_held_bytes": held, "hook_timeout": 100}, bridge_protocol_version="mqttv50",
+                        topic=["in/# in 1"], notifications=False)
+    gate: Deferred[None] = Deferred()
+    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
+    remote.reactor.advance(0)
+    subscriber = connected(remote.broker, "s", 5)
+    subscriber.subscribe("in/#", qos=1)
+    remote.up()
+    remote.send(Publish(topic="in/x", payload=b"first", qos=0))
+    pipe: Any = remote.bridge.local.transport  # type: ignore[union-attr]
+    read = encode(Publish(topic="in/x", payload=b"p" * 100, qos=0), 5) * 600  # (64 KiB, as a socket reads)
+    for _ in range(40):
+        remote.protocol.dataReceived(read)
+        remote.reactor.advance(0)
+        assert pipe.buffered <= held + 109
+    assert remote.transport.producerState == "producing"  # (the remote is read on)
+    remote.send(*(Publish(topic="in/x", payload=b"q1", qos=1, packet_id=n) for n in (1, 2)))
+    gate.callback(None)
+    for _ in range(3):
+        remote.reactor.advance(0)
+    got = payloads(subscriber)
+    dropped = remote.bridge.stats.dropped  # type: ignore[union-attr]
+    assert got[0] == b"first" and got[-2:] == [b"q1", b"q1"] and len(got) - 3 + dropped == 24_000 and dropped
+    assert [p.packet_id for p in remote.received() if isinstance(p, Puback)] == [1, 2]
+    remote.send(Publish(topic="in/x", payload=b"after", qos=0))
+    assert payloads(subscriber) == [b"after"]
+
+
 def test_the_bridge_sends_no_packet_past_mqtts_largest_to_its_remote() -> None:
     """[MQTT-1.5.5, 2.1.4]: to an MQTT 3.1.1 remote (which says nothing of its maximum), the
     largest PUBLISH there is, grown by a topic line's remote prefix, went with a five-byte

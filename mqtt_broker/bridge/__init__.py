@@ -68,7 +68,8 @@ class BridgeStats:
         """Connection attempts that failed, and links that broke."""
         self.dropped = 0
         """Messages from one side with no topic line to map them (e.g. after the topics changed),
-        or larger than the remote's Maximum Packet Size."""
+        or larger than the remote's Maximum Packet Size; and QoS 0 ones from the remote that this
+        broker could not take as fast as they came."""
 
 
 class Bridge(Service):
@@ -546,7 +547,9 @@ class Bridge(Service):
 
     def _send_in(self, local: Link, message: Publish, since: float | None = None) -> None:
         """``since``: the time it came, having waited for a slot: that long is gone of its Message
-        Expiry Interval [MQTT-3.3.2-6], and one whose interval ran out goes no further [MQTT-3.3.2-5]."""
+        Expiry Interval [MQTT-3.3.2-6], and one whose interval ran out goes no further [MQTT-3.3.2-5].
+        At QoS 0, past max_held_bytes that this broker has not read yet, it is dropped and counted
+        (as what waits for a slot past MAX_WAITING)."""
         interval = message.properties.get("message_expiry_interval")
         if since is not None and interval is not None:
             left = interval - (self.clock.seconds() - since)
@@ -555,6 +558,13 @@ class Bridge(Service):
                 self._refuse(self.remote, message, "its message expiry interval ran out while it waited")
                 return
             message.properties = {**message.properties, "message_expiry_interval": math.ceil(left - 0.001)}
+        if not message.qos and local.transport.buffered > self.broker.config.max_held_bytes:  # type: ignore[union-attr]
+            # This broker reads the session no more for now (its disk is behind, a hook decides)
+            # and the pipe has no bound. Not reading the remote instead would stall both ways
+            # with a remote that stops reading a bridge that does not read (as this broker does),
+            # once this broker's writes to it fill up too: until the keepalive ends the links.
+            self.stats.dropped += 1
+            return
         if not local.send(message):
             assert self.remote is not None
             self._refuse(self.remote, message, f"larger than this broker's maximum packet size ({local.max_send_size})")

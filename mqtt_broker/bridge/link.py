@@ -228,11 +228,14 @@ class PipeEnd:
         self.reading = True
         self.producer: Any = None
         self._out: list[bytes] = []
+        self.buffered = 0
+        """Bytes written here that the other end has not read yet (held while it is paused)."""
         self._call: Any = None
 
     def write(self, data: bytes) -> None:
         if self.connected and not self.disconnecting and data:
             self._out.append(data)
+            self.buffered += len(data)
             self._schedule()
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
@@ -250,6 +253,7 @@ class PipeEnd:
         if self._out and self.peer.reading:
             data = b"".join(self._out)
             self._out = []
+            self.buffered = 0
             self.peer.protocol.dataReceived(data)
         if self.disconnecting and not self._out:
             self._close(ConnectionDone())
