@@ -33,6 +33,8 @@ class Node:
         self.stats = ClusterStats()
         self.shared_here: list[tuple[str, tuple[str, str]]] = []
         self.collects = 0
+        self.collected = 0
+        """The length of the records collects were told of (which wait in memory for a batch)."""
         self.writes: list[tuple[str, list[Any]]] = []
         self.forwarding = Forwarding("a", self.clock, self.stats, self._deliver_shared, self._collect, self._send)
 
@@ -40,8 +42,9 @@ class Node:
         self.shared_here.append((message.topic, share))
         return 1
 
-    def _collect(self) -> None:
+    def _collect(self, made: int) -> None:
         self.collects += 1
+        self.collected += made
 
     def _send(self, node: str, data: bytes) -> None:
         self.writes.append((node, list(unpack_records(data))))
@@ -103,6 +106,7 @@ def test_qos1_and_2_records_wait_for_the_stores_batch_with_an_id_each() -> None:
     assert len(first.cluster_id) == 14 and first.cluster_id != second.cluster_id
     outgoing = taken(node.forwarding)
     assert list(outgoing) == ["b"]
+    assert node.collected == sum(len(record) for record in outgoing["b"])
     assert [next(unpack_records(record))[1].cluster_id for record in outgoing["b"]] == [first.cluster_id,
                                                                                       second.cluster_id]
     assert taken(node.forwarding) == {}
@@ -256,8 +260,9 @@ def test_a_message_left_unfinished_is_handed_to_the_other_nodes_members_in_turn(
     node.clock.advance(0)
     assert node.writes == []  # through the inboxes, whatever the QoS
     assert node.collects == 3 and node.stats.forwarded_out == 3
-    outgoing = {target: [next(unpack_records(record)) for record in records]
-                for target, records in taken(node.forwarding).items()}
+    made = taken(node.forwarding)
+    assert node.collected == sum(len(record) for records in made.values() for record in records)
+    outgoing = {target: [next(unpack_records(record)) for record in records] for target, records in made.items()}
     assert {target: [(kind, message.qos, shares) for kind, message, shares in records]
             for target, records in outgoing.items()} == {
         "b": [(HANDED, 1, ((share,), ("a",))), (HANDED, 2, ((share,), ("a",)))], "c": [(HANDED, 0, ((share,), ("a",)))]}
@@ -280,7 +285,7 @@ def node_broker() -> tuple[BrokerService, Forwarding]:
     """A broker (no Redis) whose delivery forwards through a Forwarding with no store behind it."""
     broker = make_broker(persistence="memory")
     broker.startService()
-    forwarding = Forwarding("a", Clock(), ClusterStats(), broker.delivery.deliver_shared, lambda: None,
+    forwarding = Forwarding("a", Clock(), ClusterStats(), broker.delivery.deliver_shared, lambda made: None,
                             lambda node, data: None)
     broker.delivery.forwarding = forwarding
     return broker, forwarding
@@ -358,7 +363,7 @@ def bare_node(name: str, **settings: Any) -> BrokerService:
     wires it (a shared group's message chosen here goes through ``Delivery.to_group``)."""
     broker = make_broker(persistence="memory", **settings)
     broker.startService()
-    forwarding = Forwarding(name, Clock(), ClusterStats(), broker.delivery.to_group, lambda: None,
+    forwarding = Forwarding(name, Clock(), ClusterStats(), broker.delivery.to_group, lambda made: None,
                             lambda node, data: None)
     broker.delivery.forwarding = forwarding
     return broker
@@ -425,7 +430,7 @@ def node_b() -> tuple[BrokerService, Forwarding]:
     """A broker (no Redis) whose delivery forwards through a Forwarding named b, on its clock."""
     broker = make_broker(persistence="memory")
     broker.startService()
-    forwarding = Forwarding("b", broker.clock, ClusterStats(), broker.delivery.deliver_shared, lambda: None,
+    forwarding = Forwarding("b", broker.clock, ClusterStats(), broker.delivery.deliver_shared, lambda made: None,
                             lambda node, data: None)
     broker.delivery.forwarding = forwarding
     return broker, forwarding

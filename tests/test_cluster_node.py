@@ -29,8 +29,8 @@ from mqtt_broker.session import Queued, Session
 from mqtt_broker.store import StoredWill
 from mqtt_broker.topics import Subscription
 from mqtt_broker.wire import (
-    Connack, Connect, Disconnect, Publish, Pubrec, ReasonCode, Suback, Subscribe, SubscriptionRequest, Unsubscribe,
-    Will)
+    Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Pubrec, ReasonCode, Suback, Subscribe,
+    SubscriptionRequest, Unsubscribe, Will)
 
 from protocol_helpers import FakeClient
 from redis_helpers import RedisServer
@@ -3271,3 +3271,47 @@ def test_a_node_that_joins_counts_the_live_nodes_it_read(server: RedisServer) ->
         if b is not None:
             yield b.stopService()
         yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_publisher_adding_past_the_bound_of_what_waits_for_redis_is_read_no_more_until_redis_has_it(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """While Redis takes no write, a client publishing QoS 1 messages without waiting for its
+    PUBACKs (which wait for Redis) had them pile up in the node's memory, for another node's
+    inbox or the sessions Redis keeps. Past the store's bound, its connection is read no more
+    (what was read is handled); once Redis holds what waited, it is read again, and every message
+    is acknowledged and kept. A client adding nothing is read on meanwhile."""
+    broker = yield node_a(server)
+    redis = server.client()
+    store = broker.store
+    try:
+        assert broker.bounded_store is store
+        store.max_unwritten_bytes = 10_000
+        broker.cluster.forwarding.add_route("b", "t")
+        publisher = yield connect(broker, client_id="p")
+        other = yield connect(broker, client_id="other")
+        publisher.received()
+        other.received()
+        yield store.flushed()
+        redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+        try:
+            publisher.send(Publish(topic="t", payload=b"first", qos=1, packet_id=1))
+            yield until(lambda: store._in_flight, "the batch on its way")  # (held by Redis)
+            publisher.send(*(Publish(topic="t", payload=b"x" * 1000, qos=1, packet_id=i) for i in range(2, 6)))
+            assert publisher.transport.producerState == "producing"
+            publisher.send(*(Publish(topic="t", payload=b"x" * 1000, qos=1, packet_id=i) for i in range(6, 12)))
+            assert publisher.transport.producerState == "paused"
+            assert store.unwritten_bytes > store.max_unwritten_bytes
+            other.send(Pingreq())
+            assert other.received() == [Pingresp()] and other.transport.producerState == "producing"
+            assert publisher.received() == []
+        finally:
+            redis.execute_command("CLIENT", "UNPAUSE")
+        yield until(lambda: publisher.transport.producerState == "producing", "the publisher read again")
+        assert [(type(a), a.packet_id) for a in publisher.received()] == [(Puback, i) for i in range(1, 12)]
+        assert store.unwritten_bytes == 0
+        payloads = [message.payload for _, fields in redis.xrange("mqtt:inbox:b")
+                    for _, message, _ in unpack_records(fields[b"d"])]
+        assert payloads == [b"first"] + [b"x" * 1000] * 10
+    finally:
+        yield broker.stopService()

@@ -9,12 +9,14 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from mqtt_broker.cluster.address import RedisAddress
-from mqtt_broker.cluster.codec import TARGETED, pack_will, unpack_records, unpack_will
+from mqtt_broker.cluster.codec import (
+    TARGETED, pack_queued, pack_retained, pack_will, targeted_head, unpack_records, unpack_retained, unpack_will,
+)
 from mqtt_broker.cluster.redis import Redis
 from mqtt_broker.cluster.store import ACK_DELAY, RETRY_AFTER, RedisStore, _Batch
 import mqtt_broker.cluster.store as store_module
@@ -50,6 +52,16 @@ def fenced_calls(store: RedisStore) -> list[tuple[str, int]]:
 
 def item(payload: bytes, seq: int, qos: int = 1) -> Queued:
     return Queued(Message(topic="t", payload=payload, qos=qos), qos, False, (), None, seq)
+
+
+@inlineCallbacks
+def until(condition: Any, what: str, polls: int = 500) -> Any:
+    """Wait (bounded: ``polls`` of 10 ms) for Redis's answers to arrive."""
+    for _ in range(polls):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest_twisted.inlineCallbacks
@@ -504,3 +516,64 @@ def test_retained_qos0_messages_do_not_pile_up_while_redis_is_away() -> None:
         if i % 1000 == 0:
             clock.advance(RETRY_AFTER)
     assert len(store._pending) == 1, f"{len(store._pending)} retained writes of one topic held while Redis is away"
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_waits_for_redis_is_counted_until_redis_holds_it_outage_included() -> Iterator[Deferred[Any]]:
+    """``unwritten_bytes``, by which the broker stops reading the clients that add to what waits
+    for Redis: each change counts OP_BYTES and the messages it carries, from when it is
+    recorded until Redis has applied its batch, and through an outage, its batch sent again; a
+    change undone before its batch is cut (a message acknowledged at once, a retained topic set
+    again) counts no more. Nothing is lost."""
+    redis_server = RedisServer()
+    clock = Clock()
+    link = Redis(RedisAddress.parse(redis_server.url))
+    store = RedisStore(link, "a", clock)
+    each = store_module.OP_BYTES
+
+    def queued(queued_item: Queued) -> int:
+        packed = pack_queued(queued_item)
+        return each + len(packed) + len(targeted_head("c", len(packed)))
+
+    try:
+        assert store.max_unwritten_bytes == store_module.MAX_UNWRITTEN_BYTES
+        yield store.claim("c", False, 0)
+        first, second, third = item(b"1" * 1000, 1), item(b"2" * 2000, 2), item(b"3" * 3000, 3)
+        store.add_delivery("c", first, None)
+        store.add_delivery("c", second, None)
+        store.add_pubrel("c", 7)
+        store.forward("b", b"an entry")
+        assert store.unwritten_bytes == queued(first) + queued(second) + each + each + len(b"an entry")
+        store.update_delivery("c", 1, 5, False)
+        store.remove_delivery("c", 2)
+        store.remove_pubrel("c", 7)
+        assert store.unwritten_bytes == queued(first) + each + len(b"an entry")
+        store.delete_retained("r")
+        latest = Message(topic="r", payload=b"r" * 500, qos=1, retain=True)
+        store.save_retained(Message(topic="r", payload=b"r" * 100, qos=1, retain=True))
+        store.save_retained(latest)
+        before_outage = queued(first) + each + len(b"an entry") + each + len(pack_retained(latest, clock.seconds()))
+        assert store.unwritten_bytes == before_outage
+
+        # Redis stops taking writes with the batch on its way, then is stopped: the batch waits,
+        # and what is recorded meanwhile adds to it.
+        redis_server.client().execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+        clock.advance(0)
+        assert len(store._in_flight) == 1 and store.unwritten_bytes == before_outage
+        redis_server.kill()
+        yield until(lambda: store._recovering, "the batch to fail")
+        store.add_delivery("c", third, None)
+        store.forward_parts("b", [(("c", store.epochs["c"]), b"guarded"), (None, b"not")])
+        assert store.unwritten_bytes == before_outage + queued(third) + each + len(b"guarded") + len(b"not")
+        redis_server.start()
+        done = store.flushed()
+        yield until(lambda: clock.advance(RETRY_AFTER) or done.called, "Redis to hold what waited", 1500)
+        assert store.unwritten_bytes == 0 and not store._in_flight
+        redis = redis_server.client()
+        assert sorted(redis.hkeys("mqtt:deliv:c")) == [b"1", b"3"]
+        assert [fields[b"d"] for _, fields in redis.xrange("mqtt:inbox:b")][0] == b"an entry"
+        assert redis.xlen("mqtt:inbox:b") == 2
+        assert unpack_retained(redis.hget("mqtt:retained", "r"), 0).payload == latest.payload
+    finally:
+        yield link.close()
+        redis_server.close()

@@ -46,13 +46,14 @@ class Forwarding:
     """Sends each message routed on this node to the other nodes holding a matching filter.
 
     ``routes`` holds the other nodes' filters (a Subscription per (node, filter)). QoS 1 and 2
-    records wait for the store's next batch (``collect`` asks for one; ``take_outgoing`` hands
-    them over), and so do messages handed on (``hand_on``); QoS 0 records go at the end of the
-    reactor's turn through ``send_qos0``, one write per node."""
+    records wait for the store's next batch (``collect`` asks for one, told the length of the
+    records made, which wait in memory meanwhile; ``take_outgoing`` hands them over), and so do
+    messages handed on (``hand_on``); QoS 0 records go at the end of the reactor's turn through
+    ``send_qos0``, one write per node."""
 
     def __init__(self, node: str, clock: Any, stats: ClusterStats,
                  deliver_shared: Callable[[Message, tuple[str, str], SharedGroup], int],
-                 collect: Callable[[], None], send_qos0: Callable[[str, bytes], None],
+                 collect: Callable[[int], None], send_qos0: Callable[[str, bytes], None],
                  epoch_of: Callable[[str], int] = lambda client_id: 0) -> None:
         self.node = node
         self.clock = clock
@@ -152,9 +153,12 @@ class Forwarding:
             self.identify(message)
         now: float = self.clock.seconds()
         if message.qos:
+            made = 0
             for node, shares in targets.items():
-                self._add(node, None, pack_forwarded(message, tuple(shares), now))
-            self._collect()
+                record = pack_forwarded(message, tuple(shares), now)
+                self._add(node, None, record)
+                made += len(record)
+            self._collect(made)
         else:
             for node, shares in targets.items():
                 self._add_qos0(node, pack_forwarded(message, tuple(shares), now))
@@ -214,13 +218,15 @@ class Forwarding:
             self.identify(message)
         guard = None if fenced_by is None else (fenced_by, self._epoch_of(fenced_by))
         now: float = self.clock.seconds()
+        made = 0
         for node, shares in targets.items():
             record = pack_forwarded(message, tuple(shares), now)
             if message.qos or node == self.node:
                 self._add(node, guard, record)
+                made += len(record)
             else:
                 self._add_qos0(node, record)
-        self._collect()
+        self._collect(made)
         here = self.node in targets
         sender = message.sender
         if here and sender is not None:
@@ -250,8 +256,9 @@ class Forwarding:
             self.identify(message)
         # (A node with offline members, handing on to a connected one, has not declined it.)
         declined = declined if awake_only else (*declined, self.node)
-        self._add(node, None, pack_forwarded(message, (share,), self.clock.seconds(), HANDED, declined))
-        self._collect()
+        record = pack_forwarded(message, (share,), self.clock.seconds(), HANDED, declined)
+        self._add(node, None, record)
+        self._collect(len(record))
         self.stats.forwarded_out += 1
         return 1
 

@@ -11,7 +11,8 @@ to another node is acknowledged only once that node's inbox holds it.
 When Redis is away, a batch waits and is written when it is back (acknowledgements wait with it;
 nothing is acknowledged that Redis does not hold). A batch whose answer was lost with the
 connection may have been applied or not: the marker it leaves in Redis tells, so it is written
-again only if it was not.
+again only if it was not. What waits meanwhile is bounded (``unwritten_bytes``): past
+MAX_UNWRITTEN_BYTES the broker reads no more from the clients that add to it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ ended with it."""
 SWEEP_PAGE = 500
 """Queued messages ``drop_expired`` reads from Redis at a time."""
 
+MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
+"""The most that changes waiting for Redis hold (``RedisStore.unwritten_bytes``) before the broker
+stops reading the clients that add to them, until Redis has them: while Redis is slow or away, a
+client that publishes without waiting for its PUBACKs, or a message fanned out to many sessions
+Redis keeps, would otherwise grow the node's memory with every message. Not a setting: a Redis
+that answers writes a batch long before the next one holds as much."""
+
+OP_BYTES = 256
+"""What ``unwritten_bytes`` counts for a change beside the bytes it carries (its messages, packed):
+about what its tuple, strings and place in the batch take in memory, so that many small changes
+are bounded as large ones are."""
+
 MAX_IN_FLIGHT = 1
 """Batches sent to Redis and not yet answered, at most. One: Redis answers a connection's
 commands in order, but an error answer to one batch (Redis still loading its files after a
@@ -77,10 +90,18 @@ flight gave no more throughput, the round trip being short next to the work arou
 
 
 class _Batch:
-    __slots__ = ("number", "ops", "waiters", "started")
+    __slots__ = ("number", "ops", "waiters", "started", "size")
 
-    def __init__(self, number: int, ops: list[Any], waiters: list[Deferred[None]]) -> None:
+    def __init__(self, number: int, ops: list[Any], waiters: list[Deferred[None]], size: int = 0) -> None:
         self.number, self.ops, self.waiters, self.started = number, ops, waiters, 0.0
+        self.size = size
+        """What the batch counts in ``RedisStore.unwritten_bytes`` until Redis has applied it."""
+
+
+def _size(op: tuple[Any, ...]) -> int:
+    """What a change counts in ``RedisStore.unwritten_bytes``: OP_BYTES and the bytes it carries
+    (as ``_record`` was told them), taken off when it is undone or replaced in the pending batch."""
+    return OP_BYTES + sum(len(value) for value in op if isinstance(value, bytes))
 
 
 class RedisStore:
@@ -124,6 +145,15 @@ class RedisStore:
         self._retained_at: dict[str, int] = {}
         """Retained topics the pending batch changes: topic -> index in _pending."""
         self._waiters: list[Deferred[None]] = []
+        self.unwritten_bytes = 0
+        """What the changes recorded and not yet applied by Redis hold (pending, on their way,
+        or waiting for Redis to be back), and the records the cluster collects for the next
+        batch (``collect``): OP_BYTES and the bytes each carries. Past ``max_unwritten_bytes``,
+        the broker reads no more from a client whose packets add to it until ``flushed()``."""
+        self.max_unwritten_bytes = MAX_UNWRITTEN_BYTES
+        self._collected = 0
+        """What the records ``collect`` was told of count in ``unwritten_bytes`` until
+        ``before_batch`` records them (as changes, counted anew)."""
         self._scheduled = False
         self._in_flight: deque[_Batch] = deque()
         self._recovering = False
@@ -189,8 +219,9 @@ class RedisStore:
         self._record("D", client_id, self.epoch_of(client_id))
 
     def save_subscription(self, client_id: str, subscription: Subscription) -> None:
-        self._record("U", client_id, self.epoch_of(client_id), subscription.topic_filter,
-                     pack_subscription(subscription))
+        packed = pack_subscription(subscription)
+        self._record("U", client_id, self.epoch_of(client_id), subscription.topic_filter, packed,
+                     carried=len(packed))
 
     def delete_subscription(self, client_id: str, topic_filter: str) -> None:
         self._record("u", client_id, self.epoch_of(client_id), topic_filter)
@@ -204,7 +235,8 @@ class RedisStore:
         # member all the same, begun anew or not (the group would lose it): at epoch 0, which
         # Redis refuses and compares with no clean start.
         epoch = self.epoch_of(client_id) if item.share is None else self.epochs.get(client_id, 0)
-        index = self._record("Q", client_id, epoch, item.seq, packed, "" if packet_id is None else packet_id, 0, head)
+        index = self._record("Q", client_id, epoch, item.seq, packed, "" if packet_id is None else packet_id, 0, head,
+                             carried=len(packed) + len(head))
         self._queued_at[(client_id, item.seq)] = index
 
     def update_delivery(self, client_id: str, seq: int, packet_id: int, released: bool) -> None:
@@ -219,7 +251,10 @@ class RedisStore:
     def remove_delivery(self, client_id: str, seq: int) -> None:
         index = self._queued_at.pop((client_id, seq), None)
         if index is not None:  # never written: nothing to remove
+            op = self._pending[index]
+            assert op is not None
             self._pending[index] = None
+            self.unwritten_bytes -= OP_BYTES + len(op[4]) + len(op[7])  # (_size: its message and head)
             return
         self._record("q", client_id, self.epoch_of(client_id), seq)
 
@@ -229,37 +264,43 @@ class RedisStore:
     def remove_pubrel(self, client_id: str, packet_id: int) -> None:
         index = self._pubrels_at.pop((client_id, packet_id), None)
         if index is not None:
-            self._pending[index] = None
+            self._drop(index)
             return
         self._record("p", client_id, self.epoch_of(client_id), packet_id)
 
     def save_will(self, will: StoredWill) -> None:
         """A delayed will: due at ``will.due``."""
         c = will.client_id
-        self._record("W", c, self.epoch_of(c), pack_will(will.message, will.username, 0, will.due))
+        packed = pack_will(will.message, will.username, 0, will.due)
+        self._record("W", c, self.epoch_of(c), packed, carried=len(packed))
 
     def arm_will(self, client_id: str, username: str | None, message: Message, delay: int) -> None:
         """The will of a connected client, for the node that finds its connection gone."""
-        self._record("W", client_id, self.epoch_of(client_id), pack_will(message, username, delay, None))
+        packed = pack_will(message, username, delay, None)
+        self._record("W", client_id, self.epoch_of(client_id), packed, carried=len(packed))
 
     def delete_will(self, client_id: str) -> None:
         self._record("w", client_id, self.epoch_of(client_id))
 
     def save_retained(self, message: Message) -> None:
-        self._retained_written(message.topic, ("R", message.topic, pack_retained(message, self.reactor.seconds())))
+        packed = pack_retained(message, self.reactor.seconds())
+        self._retained_written(message.topic, ("R", message.topic, packed), len(packed))
 
     def delete_retained(self, topic: str) -> None:
-        self._retained_written(topic, ("r", topic))
+        self._retained_written(topic, ("r", topic), 0)
 
-    def _retained_written(self, topic: str, op: tuple[Any, ...]) -> None:
+    def _retained_written(self, topic: str, op: tuple[Any, ...], carried: int) -> None:
         # A change of a topic the next batch changes already replaces it: while Redis is away, a
-        # publisher of retained messages (at QoS 0, unslowed) would otherwise fill memory.
+        # publisher of retained messages (at QoS 0, slowed only past max_unwritten_bytes) would
+        # otherwise fill the bound with one topic's changes.
         earlier = self._retained_at.get(topic)
         if earlier is not None:
+            self._drop(earlier)
             self._pending[earlier] = op
+            self.unwritten_bytes += OP_BYTES + carried
         else:
             self._retained_pending[topic] = self._retained_pending.get(topic, 0) + 1
-            self._retained_at[topic] = self._record(*op)
+            self._retained_at[topic] = self._record(*op, carried=carried)
 
     def retained_news(self, node: str, topic: str) -> bool:
         """A change of a retained topic that Redis applied, told on the control channel: whether
@@ -299,7 +340,7 @@ class RedisStore:
 
     def forward(self, node: str, entry: bytes) -> None:
         """Messages for a node's inbox (pack_forwarded records), this node's too."""
-        self._record("X", node, entry)
+        self._record("X", node, entry, carried=len(entry))
 
     def forward_parts(self, node: str, parts: list[tuple[tuple[str, int] | None, bytes]]) -> None:
         """Messages for a node's inbox (this node's too), in one entry, in order: each part with
@@ -307,7 +348,8 @@ class RedisStore:
         (a client's QoS 2 messages, the epoch they were published at: see
         ``Forwarding.through_inboxes``), or None."""
         self._record("Y", node, len(parts), *(value for guard, records in parts
-                                               for value in (*(guard or ("", 0)), records)))
+                                               for value in (*(guard or ("", 0)), records)),
+                     carried=sum(len(records) for _, records in parts))
 
     def handled(self, entry_id: bytes, node: str = "") -> None:
         """An entry of this node's inbox (or of a dead ``node``'s) is routed: what it queued is
@@ -356,7 +398,8 @@ class RedisStore:
         (0: none): Redis passes it to the node that holds the session, or drops it if the
         session is gone or was begun anew since the entry was made."""
         packed = pack_queued(item)
-        self._record("T", client_id, stamp, packed, targeted_head(client_id, len(packed)))
+        head = targeted_head(client_id, len(packed))
+        self._record("T", client_id, stamp, packed, head, carried=len(packed) + len(head))
 
     def give_up(self, client_id: str) -> None:
         """The node no longer holds the client (its session ended)."""
@@ -557,16 +600,30 @@ class RedisStore:
 
     # --- writing --------------------------------------------------------------------------
 
-    def _record(self, *op: Any) -> int:
+    def _record(self, *op: Any, carried: int = 0) -> int:
+        """Add a change to the pending batch (``carried``: the length of the bytes among its
+        values, its messages); returns its index there."""
         self._pending.append(op)
+        self.unwritten_bytes += OP_BYTES + carried
         if not self._scheduled:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return len(self._pending) - 1
 
-    def collect(self) -> None:
-        """``before_batch`` has something to record in the next batch: from now on a
-        ``flushed()`` waits for it."""
+    def _drop(self, index: int) -> None:
+        """Take the change at ``index`` out of the pending batch."""
+        op = self._pending[index]
+        assert op is not None
+        self._pending[index] = None
+        self.unwritten_bytes -= _size(op)
+
+    def collect(self, carried: int = 0) -> None:
+        """``before_batch`` has something to record in the next batch (``carried``: the length
+        of the records it holds for it, counted meanwhile in ``unwritten_bytes``: while Redis is
+        away they wait there): from now on a ``flushed()`` waits for it."""
+        if carried:
+            self.unwritten_bytes += OP_BYTES + carried
+            self._collected += OP_BYTES + carried
         if not self._collect:
             self._collect = True
             if not self._scheduled:
@@ -591,6 +648,8 @@ class RedisStore:
             return  # sent when an answer comes
         if self._collect and self.before_batch is not None:
             self._collect = False
+            self.unwritten_bytes -= self._collected  # (recorded now, they count as changes)
+            self._collected = 0
             self.before_batch()
         ops = [value for op in self._pending if op is not None for value in op]
         ops += self._handled
@@ -607,7 +666,9 @@ class RedisStore:
                 self.gather(fire, waiters)
             return
         self._batches += 1
-        batch = _Batch(self._batches, ops, waiters)
+        # (What is counted is this batch's, but for the batches on their way and what waits to be collected.)
+        size = self.unwritten_bytes - self._collected - sum(sent.size for sent in self._in_flight)
+        batch = _Batch(self._batches, ops, waiters, size)
         self._in_flight.append(batch)
         self._send(batch)
 
@@ -621,6 +682,7 @@ class RedisStore:
         if not self._in_flight or self._in_flight[0] is not batch:
             return  # (answered after it was sent again: done already)
         self._in_flight.popleft()
+        self.unwritten_bytes -= batch.size
         self._works_again()
         elapsed = time.perf_counter() - batch.started
         for observe in self.commit_observers:
@@ -668,6 +730,7 @@ class RedisStore:
             last = int(number) if incarnation == self._incarnation else 0
             while self._in_flight and self._in_flight[0].number <= last:
                 batch = self._in_flight.popleft()
+                self.unwritten_bytes -= batch.size
                 if batch.number == last:  # (what it found refused, kept with the marker: one batch in flight)
                     self._refused(refused)
                 self.gather(fire, batch.waiters)
