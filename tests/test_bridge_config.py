@@ -1298,3 +1298,67 @@ def test_a_subscribe_after_a_reconnect_takes_no_packet_id_a_qos2_exchange_holds(
     bridged.settle()
     ids = [p.packet_id for name, p in sent if name == link and isinstance(p, Subscribe)]
     assert ids and not set(ids) & in_use, f"SUBSCRIBE packet ids {ids} while {sorted(in_use)} are in use"
+
+
+def test_qos0_that_waited_for_a_slot_is_not_dropped_going_on_to_this_broker_reading_the_bridge() -> None:
+    """QoS 0 messages from the remote wait behind a QoS 1 one for a slot here (this broker's
+    Receive Maximum, up to MAX_WAITING); this broker reads the bridge all along. When the slot
+    frees, they all go into the pipe in one turn, past max_held_bytes: they were dropped, though
+    this broker was reading the pipe."""
+    from twisted.internet.defer import Deferred
+
+    remote = FakeRemote(5, settings={"max_inflight_messages": 1, "hook_timeout": 100},
+                        bridge_protocol_version="mqttv50", topic=["in/# in 1"], notifications=False)
+    gate: Deferred[None] = Deferred()
+    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
+    remote.reactor.advance(0)
+    subscriber = connected(remote.broker, "s", 5)
+    subscriber.subscribe("in/#", qos=0)
+    remote.up()
+    # A QoS 1 message whose PUBACK is slow (a hook here; a store's disk the same), a second one
+    # that waits for the slot, and QoS 0 messages behind it, read 64 KiB at a time.
+    remote.send(Publish(topic="in/x", payload=b"first", qos=1, packet_id=1),
+                Publish(topic="in/x", payload=b"second", qos=1, packet_id=2))
+    pipe: Any = remote.bridge.local.transport  # type: ignore[union-attr]
+    one = encode(Publish(topic="in/x", payload=b"p" * 200, qos=0), 5)
+    read = one * (65536 // len(one))
+    sent = 0
+    while sent + 65536 // len(one) <= 9000:
+        remote.protocol.dataReceived(read)
+        remote.reactor.advance(0)
+        sent += 65536 // len(one)
+        assert pipe.buffered == 0 and pipe.peer.reading  # (this broker reads the bridge: nothing is held)
+    gate.callback(None)
+    got: list[bytes] = []
+    for _ in range(500):
+        remote.reactor.advance(0)
+        got += payloads(subscriber)
+    dropped = remote.bridge.stats.dropped  # type: ignore[union-attr]
+    # (The subscriber, sent them all in one turn, takes max_held_bytes of them, its own bound.)
+    taken = len(got) + remote.broker.sessions["s"].dropped
+    assert (taken, dropped) == (2 + sent, 0)
+
+
+def test_one_read_of_small_qos0_messages_is_not_dropped_while_this_broker_reads_the_bridge() -> None:
+    """One read from the remote (64 KiB, as a socket gives it) of small QoS 0 messages, a topic
+    line's local prefix making each longer here: they all go into the pipe in the turn they are
+    read, past max_held_bytes (at its least, 65536), and were dropped though this broker was
+    reading the pipe."""
+    remote = FakeRemote(4, settings={"max_held_bytes": 65536},
+                        topic=["# in 0 a/much/longer/local/prefix/for/what/comes/in/ r/"], notifications=False)
+    remote.reactor.advance(0)
+    subscriber = connected(remote.broker, "s", 5)
+    subscriber.subscribe("a/#", qos=0)
+    remote.up()
+    pipe: Any = remote.bridge.local.transport  # type: ignore[union-attr]
+    assert pipe.buffered == 0 and pipe.peer.reading
+    one = encode(Publish(topic="r/x", payload=b"p" * 20, qos=0), 4)
+    count = 65536 // len(one)
+    remote.protocol.dataReceived(one * count)
+    got: list[bytes] = []
+    for _ in range(100):
+        remote.reactor.advance(0)
+        got += payloads(subscriber)
+    # (The subscriber, sent them all in one turn, takes max_held_bytes of them, its own bound.)
+    taken = len(got) + remote.broker.sessions["s"].dropped
+    assert (taken, remote.bridge.stats.dropped) == (count, 0)  # type: ignore[union-attr]

@@ -558,9 +558,11 @@ class Bridge(Service):
                 self._refuse(self.remote, message, "its message expiry interval ran out while it waited")
                 return
             message.properties = {**message.properties, "message_expiry_interval": math.ceil(left - 0.001)}
-        if not message.qos and local.transport.buffered > self.broker.config.max_held_bytes:  # type: ignore[union-attr]
+        pipe: Any = local.transport
+        if not message.qos and not pipe.peer.reading and pipe.buffered > self.broker.config.max_held_bytes:
             # This broker reads the session no more for now (its disk is behind, a hook decides)
-            # and the pipe has no bound. Not reading the remote instead would stall both ways
+            # and the pipe has no bound. (While it reads, what goes in within a turn, however
+            # much, is read in the next.) Not reading the remote instead would stall both ways
             # with a remote that stops reading a bridge that does not read (as this broker does),
             # once this broker's writes to it fill up too: until the keepalive ends the links.
             self.stats.dropped += 1
