@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from bridge_helpers import Bridged
 from protocol_helpers import connected, make_broker
 
@@ -1008,22 +1009,28 @@ def test_a_bridges_session_stored_with_a_limit_of_clients_never_expires_once_res
     assert broker.sessions[client_id].expiry == 0xFFFFFFFF
 
 
+def held_by_a_hook(qos: int, **settings: Any) -> tuple[FakeRemote, Deferred[None], Any]:
+    """A bridge up to this broker, whose publish hook holds the message b"first" until the
+    Deferred fires (its PUBACK slow, as with a store's disk behind), and a subscriber of in/# at
+    ``qos`` here: (remote, that Deferred, subscriber)."""
+    remote = FakeRemote(5, settings={"hook_timeout": 100, **settings}, bridge_protocol_version="mqttv50",
+                        topic=["in/# in 1"], notifications=False)
+    gate: Deferred[None] = Deferred()
+    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
+    remote.reactor.advance(0)
+    subscriber = connected(remote.broker, "s", 5)
+    subscriber.subscribe("in/#", qos=qos)
+    remote.up()
+    return remote, gate, subscriber
+
+
 @pytest.mark.parametrize("interval", [50, 10])
 def test_a_message_from_the_remote_that_waits_for_a_slot_here_loses_that_time_of_its_expiry(interval: int) -> None:
     """[MQTT-3.3.2-5, -6]: this broker's Receive Maximum full (a slow hook here), a message from
     the remote waited for a slot, then went in with its whole interval, or after it had run out;
     one that ran out is acknowledged to the remote and goes no further."""
-    from twisted.internet.defer import Deferred
-
     from mqtt_broker.wire import Puback
-    remote = FakeRemote(5, settings={"max_inflight_messages": 1, "hook_timeout": 100},
-                        bridge_protocol_version="mqttv50", topic=["in/# in 1"], notifications=False)
-    gate: Deferred[None] = Deferred()
-    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
-    remote.reactor.advance(0)
-    subscriber = connected(remote.broker, "s", 5)
-    subscriber.subscribe("in/#", qos=1)
-    remote.up()
+    remote, gate, subscriber = held_by_a_hook(1, max_inflight_messages=1)
     remote.send(Publish(topic="in/x", payload=b"first", qos=1, packet_id=1, properties={"message_expiry_interval": 100}),
                 Publish(topic="in/x", payload=b"second", qos=1, packet_id=2,
                         properties={"message_expiry_interval": interval}))
@@ -1044,18 +1051,9 @@ def test_what_the_remote_sends_at_qos0_while_this_broker_reads_the_bridge_no_mor
     behind, too): the remote goes on being read, and what it sent at QoS 0 waited in the pipe
     between the two, without bound. Past max_held_bytes there, it is dropped and counted; QoS 1
     goes on crossing (this broker's Receive Maximum bounds it), acknowledged once taken."""
-    from twisted.internet.defer import Deferred
-
     from mqtt_broker.wire import Puback
     held = 65536
-    remote = FakeRemote(5, settings={"max_held_bytes": held, "hook_timeout": 100}, bridge_protocol_version="mqttv50",
-                        topic=["in/# in 1"], notifications=False)
-    gate: Deferred[None] = Deferred()
-    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
-    remote.reactor.advance(0)
-    subscriber = connected(remote.broker, "s", 5)
-    subscriber.subscribe("in/#", qos=1)
-    remote.up()
+    remote, gate, subscriber = held_by_a_hook(1, max_held_bytes=held)
     remote.send(Publish(topic="in/x", payload=b"first", qos=0))
     pipe: Any = remote.bridge.local.transport  # type: ignore[union-attr]
     read = encode(Publish(topic="in/x", payload=b"p" * 100, qos=0), 5) * 600  # (64 KiB, as a socket reads)
@@ -1305,16 +1303,7 @@ def test_qos0_that_waited_for_a_slot_is_not_dropped_going_on_to_this_broker_read
     Receive Maximum, up to MAX_WAITING); this broker reads the bridge all along. When the slot
     frees, they all go into the pipe in one turn, past max_held_bytes: they were dropped, though
     this broker was reading the pipe."""
-    from twisted.internet.defer import Deferred
-
-    remote = FakeRemote(5, settings={"max_inflight_messages": 1, "hook_timeout": 100},
-                        bridge_protocol_version="mqttv50", topic=["in/# in 1"], notifications=False)
-    gate: Deferred[None] = Deferred()
-    remote.broker.hooks.on_publish(lambda client, message: gate if message.payload == b"first" else None)
-    remote.reactor.advance(0)
-    subscriber = connected(remote.broker, "s", 5)
-    subscriber.subscribe("in/#", qos=0)
-    remote.up()
+    remote, gate, subscriber = held_by_a_hook(0, max_inflight_messages=1)
     # A QoS 1 message whose PUBACK is slow (a hook here; a store's disk the same), a second one
     # that waits for the slot, and QoS 0 messages behind it, read 64 KiB at a time.
     remote.send(Publish(topic="in/x", payload=b"first", qos=1, packet_id=1),

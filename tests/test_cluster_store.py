@@ -521,7 +521,7 @@ def test_retained_qos0_messages_do_not_pile_up_while_redis_is_away() -> None:
 @pytest_twisted.inlineCallbacks
 def test_what_waits_for_redis_is_counted_until_redis_holds_it_outage_included() -> Iterator[Deferred[Any]]:
     """``unwritten_bytes``, by which the broker stops reading the clients that add to what waits
-    for Redis: each change counts OP_BYTES and the messages it carries, from when it is
+    for Redis: each change counts CHANGE_BYTES and the messages it carries, from when it is
     recorded until Redis has applied its batch, and through an outage, its batch sent again; a
     change undone before its batch is cut (a message acknowledged at once, a retained topic set
     again) counts no more. Nothing is lost."""
@@ -529,7 +529,7 @@ def test_what_waits_for_redis_is_counted_until_redis_holds_it_outage_included() 
     clock = Clock()
     link = Redis(RedisAddress.parse(redis_server.url))
     store = RedisStore(link, "a", clock)
-    each = store_module.OP_BYTES
+    each = store_module.CHANGE_BYTES
 
     def queued(queued_item: Queued) -> int:
         packed = pack_queued(queued_item)

@@ -476,11 +476,11 @@ def test_changes_made_while_a_batch_is_written_share_the_next_one(sqlite: Harnes
 @pytest_twisted.inlineCallbacks
 def test_what_waits_for_the_disk_is_counted_until_it_is_written(sqlite: Harness) -> Iterator[Deferred[Any]]:
     """``unwritten_bytes``, by which the broker stops reading publishers that outpace the disk:
-    each change counts STATEMENT_BYTES and its payload, from being recorded to being written,
+    each change counts CHANGE_BYTES and its payload, from being recorded to being written,
     through the batch on the disk; one undone before its batch counts no more."""
     sqlite.open()
     store = sqlite.store
-    each = sqlite_module.STATEMENT_BYTES
+    each = sqlite_module.CHANGE_BYTES
     started, release = hold_first_write(store)
     store.save_session(Session("s", NEVER), None)
     first = store.flushed()
@@ -519,7 +519,7 @@ def test_a_topics_retained_message_set_again_while_a_batch_is_written_waits_once
             store.save_retained(Message(topic="gone", payload=b"%d" % n, retain=True))
         store.delete_retained("gone")
         assert len([op for op in store._pending if op is not None]) == 2
-        assert store.unwritten_bytes == sqlite_module.STATEMENT_BYTES * 3 + len(b"999")
+        assert store.unwritten_bytes == sqlite_module.CHANGE_BYTES * 3 + len(b"999")
     finally:
         release.set()
     yield store.flushed()

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from ..history import Entry
 from ..message import Message
 from ..session import Queued, Session
-from ..store import Snapshot, StoredWill, call, fire
+from ..store import CHANGE_BYTES, MAX_UNWRITTEN_BYTES, Snapshot, StoredWill, call, fire
 from ..topics import Subscription
 from .codec import pack_queued, pack_retained, pack_subscription, pack_will, targeted_head, unpack_queued, \
     unpack_retained, unpack_subscription
@@ -69,18 +69,6 @@ ended with it."""
 SWEEP_PAGE = 500
 """Queued messages ``drop_expired`` reads from Redis at a time."""
 
-MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
-"""The most that changes waiting for Redis hold (``RedisStore.unwritten_bytes``) before the broker
-stops reading the clients that add to them, until Redis has them: while Redis is slow or away, a
-client that publishes without waiting for its PUBACKs, or a message fanned out to many sessions
-Redis keeps, would otherwise grow the node's memory with every message. Not a setting: a Redis
-that answers writes a batch long before the next one holds as much."""
-
-OP_BYTES = 256
-"""What ``unwritten_bytes`` counts for a change beside the bytes it carries (its messages, packed):
-about what its tuple, strings and place in the batch take in memory, so that many small changes
-are bounded as large ones are."""
-
 MAX_IN_FLIGHT = 1
 """Batches sent to Redis and not yet answered, at most. One: Redis answers a connection's
 commands in order, but an error answer to one batch (Redis still loading its files after a
@@ -99,9 +87,9 @@ class _Batch:
 
 
 def _size(op: tuple[Any, ...]) -> int:
-    """What a change counts in ``RedisStore.unwritten_bytes``: OP_BYTES and the bytes it carries
+    """What a change counts in ``RedisStore.unwritten_bytes``: CHANGE_BYTES and the bytes it carries
     (as ``_record`` was told them), taken off when it is undone or replaced in the pending batch."""
-    return OP_BYTES + sum(len(value) for value in op if isinstance(value, bytes))
+    return CHANGE_BYTES + sum(len(value) for value in op if isinstance(value, bytes))
 
 
 class RedisStore:
@@ -148,7 +136,7 @@ class RedisStore:
         self.unwritten_bytes = 0
         """What the changes recorded and not yet applied by Redis hold (pending, on their way,
         or waiting for Redis to be back), and the records the cluster collects for the next
-        batch (``collect``): OP_BYTES and the bytes each carries. Past ``max_unwritten_bytes``,
+        batch (``collect``): CHANGE_BYTES and the bytes each carries. Past ``max_unwritten_bytes``,
         the broker reads no more from a client whose packets add to it until ``flushed()``."""
         self.max_unwritten_bytes = MAX_UNWRITTEN_BYTES
         self._collected = 0
@@ -254,7 +242,7 @@ class RedisStore:
             op = self._pending[index]
             assert op is not None
             self._pending[index] = None
-            self.unwritten_bytes -= OP_BYTES + len(op[4]) + len(op[7])  # (_size: its message and head)
+            self.unwritten_bytes -= CHANGE_BYTES + len(op[4]) + len(op[7])  # (_size: its message and head)
             return
         self._record("q", client_id, self.epoch_of(client_id), seq)
 
@@ -297,7 +285,7 @@ class RedisStore:
         if earlier is not None:
             self._drop(earlier)
             self._pending[earlier] = op
-            self.unwritten_bytes += OP_BYTES + carried
+            self.unwritten_bytes += CHANGE_BYTES + carried
         else:
             self._retained_pending[topic] = self._retained_pending.get(topic, 0) + 1
             self._retained_at[topic] = self._record(*op, carried=carried)
@@ -604,7 +592,7 @@ class RedisStore:
         """Add a change to the pending batch (``carried``: the length of the bytes among its
         values, its messages); returns its index there."""
         self._pending.append(op)
-        self.unwritten_bytes += OP_BYTES + carried
+        self.unwritten_bytes += CHANGE_BYTES + carried
         if not self._scheduled:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
@@ -622,8 +610,8 @@ class RedisStore:
         of the records it holds for it, counted meanwhile in ``unwritten_bytes``: while Redis is
         away they wait there): from now on a ``flushed()`` waits for it."""
         if carried:
-            self.unwritten_bytes += OP_BYTES + carried
-            self._collected += OP_BYTES + carried
+            self.unwritten_bytes += CHANGE_BYTES + carried
+            self._collected += CHANGE_BYTES + carried
         if not self._collect:
             self._collect = True
             if not self._scheduled:

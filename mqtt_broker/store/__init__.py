@@ -143,6 +143,22 @@ class Store(Protocol):
     # ``flushed()`` asked for then fires (while it fails, until one fires without failing).
 
 
+MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
+"""The most that changes waiting to be written (a store's ``unwritten_bytes``: to the disk, to
+Redis) hold before the broker stops reading the clients that add to them, until the store has
+caught up: a slow, failing or unreachable store then slows its publishers instead of growing the
+broker's memory with every message. Not a setting: a store that keeps up writes a batch long
+before the next one holds as much, so the bound costs nothing then, and a larger one would only
+hold more in memory when it does not. It also bounds the backlog a failing disk leaves, which
+each attempt to write it goes through."""
+
+CHANGE_BYTES = 256
+"""What ``unwritten_bytes`` counts for a change beside the message bytes it carries: about what
+it takes in memory besides (its tuple or statement, strings, encoded properties; an
+acknowledgement's DELETE, with no payload, 150 bytes), so that many small changes are bounded as
+large ones are."""
+
+
 def fire(waiters: list[Deferred[None]], error: Exception | None = None) -> None:
     """Fire the ``flushed()`` Deferreds of a batch, in order."""
     for d in waiters:

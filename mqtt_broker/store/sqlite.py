@@ -30,26 +30,13 @@ from ..topics import Subscription
 from ..wire.codes import MQTTError
 from ..wire.packets import PUBLISH
 from ..wire.properties import decode_properties, encode_properties
-from . import Snapshot, StoredWill, StoreError, call, fire, first_within
+from . import CHANGE_BYTES, MAX_UNWRITTEN_BYTES, Snapshot, StoredWill, StoreError, call, fire, first_within
 
 log = Logger()
 _T = TypeVar("_T")
 
 RETRY_AFTER = 1.0
 """Seconds after a failed write before it is tried again (with what came meanwhile)."""
-
-MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
-"""The most that changes waiting for the disk hold (``SQLiteStore.unwritten_bytes``) before the
-broker stops reading the clients that add to them, until the store has caught up: a slow or
-failing disk then slows its publishers instead of growing the broker's memory with every message.
-Not a setting: a disk that keeps up writes a batch long before the next one holds as much, so the
-bound costs nothing then, and a larger one would only hold more in memory when it does not. It
-also bounds the backlog a failing disk leaves, which each attempt to write it goes through."""
-
-STATEMENT_BYTES = 256
-"""What ``unwritten_bytes`` counts for a change beside its payload: about what its statement
-takes in memory (its tuples, strings and encoded properties; an acknowledgement's DELETE, with no
-payload, 150 bytes), so that many small messages are bounded as large ones are."""
 
 VERSION = 1
 """The schema's version (``PRAGMA user_version``; 0.1.0's databases have 0). A database of a later
@@ -127,7 +114,7 @@ def _size(statement: Statement) -> int:
     """What ``statement`` counts in ``SQLiteStore.unwritten_bytes``."""
     sql, args = statement
     at = _PAYLOADS.get(sql)
-    return STATEMENT_BYTES if at is None else STATEMENT_BYTES + len(args[at])
+    return CHANGE_BYTES if at is None else CHANGE_BYTES + len(args[at])
 
 
 def compacted(batch: list[Statement]) -> list[Statement]:
@@ -298,7 +285,7 @@ class SQLiteStore:
         is slow waits once."""
         self.unwritten_bytes = 0
         """What the changes recorded and not yet written hold (pending, being written, or of a
-        batch that failed): STATEMENT_BYTES and its payload each. Past ``max_unwritten_bytes``,
+        batch that failed): CHANGE_BYTES and its payload each. Past ``max_unwritten_bytes``,
         the broker reads no more from a client whose packets add to it until ``flushed()``."""
         self.max_unwritten_bytes = MAX_UNWRITTEN_BYTES
         self._batch_bytes = 0
@@ -501,7 +488,7 @@ class SQLiteStore:
         """Add a statement to the pending batch (``payload``: the length of the payload it
         holds); returns its index there."""
         self._pending.append((sql, args))
-        self.unwritten_bytes += STATEMENT_BYTES + payload
+        self.unwritten_bytes += CHANGE_BYTES + payload
         if not self._scheduled and not self._writing:
             self._schedule()
         return len(self._pending) - 1
