@@ -721,6 +721,15 @@ class _Converter:
                 given = [lst.limits[key] for lst in listeners if key in lst.limits]
                 taken = settings.get(_GLOBAL[key][0], given[-1][0])
                 _, source, number, text = ([g for g in given if g[0] == taken] or given)[-1]
+                if key == "use_identity_as_username" and not taken:
+                    # True for all only refuses clients without a certificate; false would let
+                    # them claim a username where Mosquitto names them by their certificate.
+                    named = next(lst for lst in listeners if lst.limits.get(key, (False,))[0])
+                    raise ValueError(f"{source}:{number}: use_identity_as_username false would apply to every "
+                                     f"listener here, the one of {named.source}:{named.line} too, whose clients "
+                                     f"Mosquitto names by their certificate: a client with any certificate of its "
+                                     f"CA would be taken by the username it gives (and get that user's ACL rights); "
+                                     f"give every listener the same value")
                 self.out.notes.append(Note(source, number, text, f"{key} differs between the listeners: here it is "
                                            f"global, {taken} for every listener", carried=True))
         if self.per_listener and listeners:

@@ -312,6 +312,29 @@ def test_per_listener_settings_made_global_are_noted_when_the_listeners_differ(
                               f"{noted.split()[1]} for every listener")
 
 
+@pytest.mark.parametrize("naming", ["use_identity_as_username true", "use_subject_as_username true"])
+def test_a_listener_naming_clients_by_certificate_is_refused_where_another_listeners_false_is_taken(
+        tmp_path: Path, naming: str) -> None:
+    """Global here: the false of the line read last applied to the listener whose clients
+    Mosquitto names by their certificate too, and there a client with any certificate of the CA
+    was taken by the username it gave, with that user's ACL rights (Mosquitto 2.0.11 names it by
+    its certificate: seen). True taken over a listener's false only refuses that listener's
+    clients without a certificate: converted, noted."""
+    tls = "certfile s.crt\nkeyfile s.key\ncafile ca.crt\nrequire_certificate true\n"
+    path = tmp_path / "m.conf"
+    path.write_text(f"allow_anonymous true\nacl_file acl\nlistener 8883\n{tls}{naming}\n"
+                    f"listener 1884\nuse_identity_as_username false\n")
+    with pytest.raises(ValueError, match=r"m.conf:10: use_identity_as_username false would apply to every listener "
+                                         r"here, the one of /.*m.conf:3 too"):
+        convert(path)
+    path.write_text(f"allow_anonymous true\nlistener 1884\nuse_identity_as_username false\n"
+                    f"listener 8883\n{tls}{naming}\n")
+    conversion = convert(path)
+    assert conversion.settings["use_identity_as_username"] is True
+    assert [n.why for n in conversion.notes if "differs" in n.why] == [
+        "use_identity_as_username differs between the listeners: here it is global, True for every listener"]
+
+
 @pytest.mark.parametrize("listeners, carried", [("listener 1883\n", False), ("port 1884\n", True), ("", False)])
 def test_max_topic_alias_before_any_listener_is_the_default_listeners(
         tmp_path: Path, listeners: str, carried: bool) -> None:
