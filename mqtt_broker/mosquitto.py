@@ -352,6 +352,14 @@ class _Converter:
         """The listener of the last listener line of the file being read (None: Mosquitto's
         default listener, as at the start of each file)."""
         self.default_port: _Listener | None = None
+        self.opened_by: tuple[str, int, str] | None = None
+        """The listener setting that opened Mosquitto's default listener, and its line."""
+        self.local_only = True
+        """No listener, port or bind_address line was read: Mosquitto 2 stays in its local-only
+        mode, where it lets anonymous clients in whatever allow_anonymous says (but for the default
+        listener's own, with per_listener_settings)."""
+        self.anonymous: tuple[str, int, str] | None = None
+        """The last allow_anonymous line."""
         self.bridge: dict[str, Any] | None = None
         """The table of the last connection line of the file being read."""
         self.moved: set[str] = set()
@@ -503,6 +511,8 @@ class _Converter:
                 self.out.notes.append(Note(source, number, text, f"a relative path: Mosquitto opens it from the "
                                            f"directory it runs in, this broker {converted}", carried=True))
             self.security_seen = True
+            if key == "allow_anonymous":
+                self.anonymous = (source, number, text)
             if not self.per_listener:
                 self.out.settings[ours] = converted
             elif self.current is not None:
@@ -526,6 +536,8 @@ class _Converter:
         given = key
         if key == "use_subject_as_username":
             key, value = self._subject_as_username(source, number, text, value)
+        if key in ("listener", "port", "bind_address"):
+            self.local_only = False
         if key == "listener":
             args = _words(value)
             if not args or not args[0].isdigit():
@@ -561,6 +573,7 @@ class _Converter:
                 self._not_moved("listener", source, number, key)
             if target is None:
                 self.default_port = target = _Listener(1883, "", source, number)
+                self.opened_by = (source, number, text)
             if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
                 target.options[key] = "true" if _bool(value, source, number) else "false"
             elif key in _PER_LISTENER:
@@ -690,10 +703,11 @@ class _Converter:
         if self.per_listener and self.default_port is None:
             # The default listener's password_file, or allow_zero_length_clientid false, opens it
             # (port 1883 on every interface), as Mosquitto 2's config__read does.
-            opening = [(source, number) for key, value, source, number, _ in self.before_listeners
+            opening = [(source, number, text) for key, value, source, number, text in self.before_listeners
                        if key == "password_file" or (key == "allow_zero_length_clientid" and value is False)]
             if opening:
-                self.default_port = _Listener(1883, "", *opening[0])
+                self.opened_by = opening[0]
+                self.default_port = _Listener(1883, "", *self.opened_by[:2])
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
         if self.default_topic_alias is not None:
             value, source, number, text = self.default_topic_alias
@@ -764,6 +778,15 @@ class _Converter:
             settings.setdefault("allow_anonymous", True)
         else:
             settings.setdefault("allow_anonymous", False)  # Mosquitto 2's default once a listener is set
+        own = self.per_listener and bool(listeners) and "allow_anonymous" in listeners[0].security
+        where = self.anonymous or self.opened_by
+        if self.local_only and not settings["allow_anonymous"] and not own and where is not None:
+            # Kept closed: a file that opens every interface by a listener setting alone is
+            # more likely a mistake than a wish for anonymous clients from anywhere.
+            self.out.notes.append(Note(*where, "Mosquitto 2 without a listener, port or bind_address line stays in "
+                                       "its local-only mode, which lets anonymous clients in (on every interface "
+                                       "where a listener setting opens its default listener); here they are "
+                                       "refused: allow_anonymous true lets them in", carried=True))
         settings["endpoints"] = endpoints
         if websockets:
             settings["websocket_endpoints"] = websockets

@@ -557,7 +557,8 @@ def test_bind_address_is_the_default_listeners_wherever_it_is(tmp_path: Path) ->
 
 @pytest.mark.parametrize("text, endpoints", [
     # Mosquitto 2.0's conf.c: a listener setting before any listener line, other than its default,
-    # opens the default listener on every interface, and the local-only mode is off.
+    # opens the default listener on every interface (still in the local-only mode, which lets
+    # anonymous clients in: see below).
     ("max_connections 100\n", ["tcp:1883"]),
     ("max_qos 1\nlistener 1884\n", ["tcp:1883", "tcp:1884"]),
     ("use_identity_as_username true\ncafile ca.crt\ncertfile s.crt\nkeyfile s.key\n",
@@ -573,6 +574,40 @@ def test_listener_settings_before_any_listener_open_mosquittos_default_listener(
     path.write_text(text)
     assert convert(path).settings["endpoints"] == endpoints
 
+
+@pytest.mark.parametrize("text, noted", [
+    # Mosquitto 2.0.11, each seen (in a network namespace of its own): without a listener, port or
+    # bind_address line it stays local only, and lets anonymous clients in on the default listener
+    # it opens on every interface, allow_anonymous false or not; here they are refused.
+    ("max_qos 1\n", 1),
+    ("max_connections 5\n", 1),
+    ("socket_domain ipv4\n", 1),
+    ("allow_anonymous false\nmax_qos 1\n", 1),
+    ("per_listener_settings true\nmax_qos 1\n", 2),
+    ("per_listener_settings true\npassword_file pw\n", 2),
+    ("allow_anonymous false\n", 1),  # (no listener: 127.0.0.1 only, anonymous clients let in)
+    ("per_listener_settings true\nallow_anonymous false\n", 2),
+    # The default listener's own allow_anonymous false with per_listener_settings, a port line:
+    # Mosquitto refuses them too. Anonymous clients given allow_anonymous true: let in alike.
+    ("per_listener_settings true\nallow_anonymous false\nmax_qos 1\n", None),
+    ("max_qos 1\nport 18899\n", None),
+    ("max_qos 1\nbind_address 127.0.0.1\n", None),
+    ("max_qos 1\nallow_anonymous true\n", None),
+    ("persistence false\n", None),
+])
+def test_mosquittos_local_only_mode_letting_anonymous_clients_in_is_noted_where_they_are_refused_here(
+        tmp_path: Path, text: str, noted: int | None) -> None:
+    (tmp_path / "pw").write_text("")
+    path = tmp_path / "m.conf"
+    path.write_text(text)
+    conversion = convert(path)
+    local_only = [(note.line, note.why) for note in conversion.notes if "local-only" in note.why]
+    assert local_only == ([] if noted is None else [(noted, (
+        "Mosquitto 2 without a listener, port or bind_address line stays in its local-only mode, which lets "
+        "anonymous clients in (on every interface where a listener setting opens its default listener); here "
+        "they are refused: allow_anonymous true lets them in"))])
+    if noted is not None:
+        assert conversion.settings["allow_anonymous"] is False
 
 def test_a_boolean_or_a_number_is_the_first_word_of_its_line(tmp_path: Path) -> None:
     """Mosquitto reads no more of such a line: the rest may be a comment."""
