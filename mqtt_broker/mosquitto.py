@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from functools import cmp_to_key
@@ -279,6 +280,17 @@ def _meet(one: tuple[int, bool, str], other: tuple[int, bool, str]) -> bool:
     address of its version, or the IPv6 wildcard (which takes IPv4 clients too) and any."""
     return one[2] == other[2] or (one[0] == 6 and one[1]) or (other[0] == 6 and other[1]) or (
         one[0] == other[0] and (one[1] or other[1]))
+
+
+def _ipv6_loopback() -> bool:
+    """Whether ::1 can be listened on here: Mosquitto's local-only mode opens it where it can,
+    and a broker would not start on it without (a container without IPv6, say)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def _escape(value: str) -> str:
@@ -775,6 +787,8 @@ class _Converter:
         if not listeners:
             # Mosquitto 2 without a listener: local only, anonymous clients welcome.
             endpoints = ["tcp:1883:interface=127.0.0.1"]
+            if _ipv6_loopback():
+                endpoints.append("tcp6:1883:interface=\\:\\:1")
             settings.setdefault("allow_anonymous", True)
         else:
             settings.setdefault("allow_anonymous", False)  # Mosquitto 2's default once a listener is set

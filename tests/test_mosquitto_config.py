@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -23,6 +24,8 @@ from mqtt_broker.wire.packets import MQTT_3_1_1, MQTT_5
 
 CONFIGS = Path(__file__).parent / "mosquitto_configs"
 USERS = {"alice": "wonderland", "admin": "s3cret", "bob": "builder"}
+LOOPBACKS = ["tcp:1883:interface=127.0.0.1", "tcp6:1883:interface=\\:\\:1"]
+"""Mosquitto 2's listeners without a listener (where the machine has an IPv6 loopback)."""
 
 
 def materialize(name: str, directory: Path, **values: Any) -> Path:
@@ -243,8 +246,40 @@ def test_no_listener_is_local_only_and_anonymous(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("persistence false\n")
     settings = convert(path).settings
-    assert settings["endpoints"] == ["tcp:1883:interface=127.0.0.1"]
+    assert settings["endpoints"] == LOOPBACKS
     assert settings["allow_anonymous"] is True and settings["persistence"] == "memory"
+
+
+def test_no_listener_answers_on_the_ipv6_loopback_too(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 without a listener opens 127.0.0.1 and ::1 (port 1883, "Opening ipv6
+    listen socket", mosquitto_pub -h ::1 answered); converted, only 127.0.0.1 answered."""
+    if not socket.has_ipv6:
+        pytest.fail("the machine has no IPv6 loopback")
+    path = tmp_path / "m.conf"
+    path.write_text("persistence false\n")
+    conversion = convert(path)
+    port = free_port()  # (for 1883, which this machine may have in use)
+    conversion.settings["endpoints"] = [e.replace(":1883:", f":{port}:") for e in conversion.settings["endpoints"]]
+    config = tmp_path / "converted.toml"
+    config.write_text(conversion.toml())
+    broker = BrokerProcess("--config", str(config), port=port, listen="")
+    try:
+        wait_for_port(port, broker.process, host="::1")
+        client = RawClient(port, "six", host="::1", version=MQTT_3_1_1)
+        client.sock.close()
+        assert isinstance(client.connack, Connack) and client.connack.reason_code == 0
+    finally:
+        broker.stop()
+
+
+def test_no_listener_leaves_the_ipv6_loopback_out_where_there_is_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Mosquitto opens what it can: a broker that failed to start on ::1 would be no answer."""
+    import mqtt_broker.mosquitto
+    monkeypatch.setattr(mqtt_broker.mosquitto, "_ipv6_loopback", lambda: False)
+    path = tmp_path / "m.conf"
+    path.write_text("persistence false\n")
+    assert convert(path).settings["endpoints"] == ["tcp:1883:interface=127.0.0.1"]
 
 
 def test_tls_listeners_become_ssl_or_mqtts_endpoints(tmp_path: Path) -> None:
@@ -564,8 +599,8 @@ def test_bind_address_is_the_default_listeners_wherever_it_is(tmp_path: Path) ->
     ("use_identity_as_username true\ncafile ca.crt\ncertfile s.crt\nkeyfile s.key\n",
      ["ssl:1883:privateKey=s.key:certKey=s.crt"]),  # (no require_certificate: no client certificate asked)
     ("max_connections -1\nmax_qos 2\nprotocol mqtt\nuse_identity_as_username false\n",
-     ["tcp:1883:interface=127.0.0.1"]),  # their defaults: still local only
-    ("max_qos 02\nmax_connections -5\n", ["tcp:1883:interface=127.0.0.1"]),  # read as numbers: 2, and -1
+     LOOPBACKS),  # their defaults: still local only
+    ("max_qos 02\nmax_connections -5\n", LOOPBACKS),  # read as numbers: 2, and -1
     ("require_certificate true\n", ["tcp:1883"]),  # (checked: Mosquitto 2.0.11 opens 1883 for it alone)
 ])
 def test_listener_settings_before_any_listener_open_mosquittos_default_listener(
