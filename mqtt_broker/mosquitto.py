@@ -474,7 +474,8 @@ class _Converter:
                 raise ValueError(f"{source}:{number}: {key} is given twice for connection {bridge['connection']}; "
                                  f"Mosquitto refuses to start so")
             if name == "addresses":
-                bridge.setdefault("addresses", []).extend(_words(value.replace(",", " ")))
+                bridge.setdefault("addresses", []).extend(
+                    _bridge_address(address, source, number) for address in _words(value.replace(",", " ")))
             elif name == "topic":
                 bridge.setdefault("topic", []).append(self._topic_line(source, number, text, value))
             elif name in _BRIDGE_BOOLS:
@@ -893,6 +894,21 @@ def _words(value: str) -> list[str]:
         if word.startswith("#"):
             return words[:index]
     return words
+
+
+def _bridge_address(address: str, source: str, number: int) -> str:
+    """A bridge address as Mosquitto reads it, the port after its last colon (an IPv6 address
+    without brackets: ::1:1883), written as this broker's bridges read it ([::1]:1883)."""
+    host, _, port = address.rpartition(":")
+    if ":" not in host or address.startswith("["):  # (a bracketed one is a host name to Mosquitto)
+        return address
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{source}:{number}: bridge address {address!r}: Mosquitto takes what follows its last colon "
+                         f"for the port, and {host!r} for the host, which is no address (an IPv6 address goes with "
+                         f"its port: ::1:1883)") from None
+    return f"[{host}]:{port}"
 
 
 def _bool(value: str, source: str, number: int) -> bool:

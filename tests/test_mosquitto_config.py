@@ -817,6 +817,22 @@ def test_bridges_convert_to_bridge_tables(tmp_path: Path) -> None:
     assert bridge.to_remote("sensors/a") == "edge1/sensors/a"
 
 
+def test_a_bridge_address_is_split_at_its_last_colon_as_mosquitto_splits_it(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 takes what follows the last colon for the port, and knows no brackets
+    ([::1] is a host name to it): `address ::1:28832` connects to ::1, port 28832 (seen). It was
+    refused here, asking for the [::1]:1883 Mosquitto itself does not take."""
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883\nconnection c\naddress ::1:28832, fe80::1%eth0:8883 h:1884 h\ntopic a out\n")
+    conversion = convert(path)
+    assert conversion.bridges[0]["addresses"] == ["[::1]:28832", "[fe80::1%eth0]:8883", "h:1884", "h"]
+    assert conversion.config().bridge[0].endpoints == [("::1", 28832), ("fe80::1%eth0", 8883), ("h", 1884),
+                                                       ("h", 1883)]
+    # ::1 alone is host ":", port 1 to Mosquitto (seen: "Connecting bridge c (::1)", never connected).
+    refused(tmp_path, "listener 1883\nconnection c\naddress 127.0.0.1:1 ::1\ntopic a out\n",
+            r"m.conf:3: bridge address '::1': Mosquitto takes what follows its last colon for the port, and ':' "
+            r"for the host")
+
+
 def test_bridge_attempt_unsubscribe_is_carried_over(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("connection cloud\naddress 127.0.0.1:1884\ntopic # out\nbridge_attempt_unsubscribe false\n")
