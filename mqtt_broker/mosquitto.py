@@ -590,7 +590,7 @@ class _Converter:
             if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
                 target.options[key] = "true" if _bool(value, source, number) else "false"
             elif key in _PER_LISTENER:
-                # Global settings here: the last listener's value applies to every one.
+                # Global settings here: the value given last, on whichever listener, applies to every one.
                 ours, kind = _GLOBAL[key]
                 self.out.settings[ours] = _value(kind, value, source, number)
                 if key == "max_connections" and self.out.settings[ours] < 1:
@@ -724,7 +724,7 @@ class _Converter:
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
         if self.default_topic_alias is not None:
             value, source, number, text = self.default_topic_alias
-            if self.default_port is not None:  # (opened by a port line, say; the last listener's applies)
+            if self.default_port is not None:  # (opened by a port line, say; a listener line's applies over it)
                 self.default_port.limits.setdefault("max_topic_alias", self.default_topic_alias)
                 settings.setdefault("max_topic_alias", value)
             else:  # (without any listener line, Mosquitto's listeners on loopback keep 10 too)
