@@ -59,12 +59,14 @@ def describe(address: IAddress) -> str:
 
 TAKEOVER_WAIT: Final = 30.0
 """Seconds at most a client's new connection waits for its old one to handle what it read while
-a hook decided (see ``MQTTProtocol.hand_over``) where hook_timeout, the bound otherwise, is 0: a
-hook may hold its own client for ever, not the client's next connection."""
+a hook decided (see ``MQTTProtocol.hand_over``), or for a will hook deciding on its will (see
+``Wills.decided``), where hook_timeout, the bound otherwise, is 0: a hook may hold its own client
+(or will) for ever, not the client's next connection."""
 
 
 def takeover_wait(config: Any) -> float:
-    """The most a new connection of a client waits for its old one (``hand_over``)."""
+    """The most a new connection of a client waits for its old one (``hand_over``), and for its
+    will's hook."""
     return float(config.hook_timeout or TAKEOVER_WAIT)
 
 
@@ -304,16 +306,31 @@ class Connecting:
         # while a hook decided: they come first (messages to route, a DISCONNECT that discards
         # the will [MQTT-3.14.4-3]), before a cluster's claim, which another node's may follow.
         handed_over = previous.connection.hand_over() if previous is not None and previous.connection else None
-        if handed_over is not None and not self._keep_alive and self._deadline is not None:
+        self._wait_then(handed_over, self._handed_over, packet)
+
+    def _handed_over(self, _: None, packet: Connect) -> None:
+        # The client's wills that hooks decide on here (its last connection's, one whose delay
+        # is over) go out, or not, before its CONNACK: a will after it would replace what the
+        # client publishes once connected (a retained "online" by its "offline").
+        assert self.client is not None
+        decided = self.broker.wills.decided(self.client.client_id)
+        if decided is not None:
+            decided.addTimeout(takeover_wait(self.broker.config), self.clock)
+        self._wait_then(decided, self._wills_decided, packet)
+
+    def _wait_then(self, waiting: Any, then: Callable[..., None], packet: Connect) -> None:
+        """``then(None, packet)`` once ``waiting`` (None, or a wait bounded by
+        ``takeover_wait``) fires."""
+        if waiting is not None and not self._keep_alive and self._deadline is not None:
             # connect_timeout, which bounds a client without a keepalive until its CONNACK,
-            # counts from the end of the wait (hand_over bounds it).
+            # counts from the end of the wait.
             keepalives, now = self.broker.keepalives, self.clock.seconds()
             keepalives.forget(self._deadline)
             self._deadline = keepalives.watch(
                 self, now + takeover_wait(self.broker.config) + self.broker.config.connect_timeout)
-        self._when(handed_over, self._handed_over, packet)
+        self._when(waiting, then, packet)
 
-    def _handed_over(self, _: None, packet: Connect) -> None:
+    def _wills_decided(self, _: None, packet: Connect) -> None:
         cluster = self.broker.cluster
         if cluster is not None:  # the session may be on another node: take it first
             assert self.client is not None

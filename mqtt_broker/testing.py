@@ -107,7 +107,8 @@ class MemoryBroker:
                 **options: Any) -> MemoryClient:
         """A new client, connected: :meth:`client` then :meth:`MemoryClient.connect` with
         ``options``. Raises AssertionError if the broker refuses the connection or does not
-        answer at once (a connect hook returned a Deferred: use those two calls instead)."""
+        answer at once (a connect hook returned a Deferred, a will hook decides on the client's last
+        will: use those two calls instead)."""
         client = self.client(version, acknowledge=acknowledge)
         try:
             connack = client.connect(client_id, **options)

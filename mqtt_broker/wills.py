@@ -6,8 +6,10 @@ their way to this node's subscribers through its inbox."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .auth import Identity
@@ -28,6 +30,7 @@ class Wills:
     def __init__(self, broker: BrokerService) -> None:
         self.broker = broker
         self._delayed: dict[str, tuple[Any, Client, Message, Identity | None]] = {}
+        self._deciding: dict[str, _Deciding] = {}
 
     def __len__(self) -> int:
         return len(self._delayed)
@@ -61,6 +64,10 @@ class Wills:
             broker.stats.wills_published += 1
             self._route(will, through_inboxes)
         else:
+            deciding = self._deciding.get(client.client_id)
+            if deciding is None:
+                deciding = self._deciding[client.client_id] = _Deciding()
+            deciding.wills += 1
             broker.hooks.decide("will", client, will).addCallback(self._decided, will, client, through_inboxes, then)
             return
         if then is not None:
@@ -83,6 +90,28 @@ class Wills:
         finally:
             if then is not None:
                 then()
+            self._answered(client.client_id)
+
+    def _answered(self, client_id: str) -> None:
+        deciding = self._deciding[client_id]
+        deciding.wills -= 1
+        if not deciding.wills:
+            del self._deciding[client_id]
+            for waiting in deciding.waiting:
+                if not waiting.called:  # (gave up: timed out, or its connection gone)
+                    waiting.callback(None)
+
+    def decided(self, client_id: str) -> Deferred[None] | None:
+        """For a new connection of the client, before it takes its session: None if no will of
+        the client waits for a will hook here; else a Deferred that fires once each has been
+        decided (published or not), so that it goes out before anything the new connection
+        publishes. Cancelled, it fires at once."""
+        deciding = self._deciding.get(client_id)
+        if deciding is None:
+            return None
+        waiting: Deferred[None] = Deferred(_go_on)
+        deciding.waiting.append(waiting)
+        return waiting
 
     def _route(self, will: Message, through_inboxes: bool) -> None:
         delivery = self.broker.delivery
@@ -175,6 +204,18 @@ class Wills:
         if held and self._delayed.get(client_id) is waiting:
             del self._delayed[client_id]
             self.publish(*waiting[1:])
+
+
+@dataclass
+class _Deciding:
+    """A client's wills that will hooks decide on, and its new connections waiting for them."""
+
+    wills: int = 0
+    waiting: list[Deferred[None]] = field(default_factory=list)
+
+
+def _go_on(waiting: Deferred[None]) -> None:
+    waiting.callback(None)
 
 
 __all__ = ["Wills"]

@@ -686,6 +686,52 @@ def test_of_two_new_connections_waiting_for_the_old_one_the_newest_has_the_sessi
     assert broker.service.sessions["c"].connection is second.protocol
 
 
+@pytest.mark.parametrize("will_delay", [0, 5])
+def test_a_client_connecting_again_while_a_will_hook_decides_has_its_old_will_go_out_first(will_delay: int) -> None:
+    """c's connection drops and a will hook decides on its retained will (at once, or once its
+    Will Delay Interval is over); c connects again before the hook has answered: the new
+    connection's CONNACK waits for the answer, so the old will goes out before what the new
+    connection publishes. (Accepted at once, c published its retained "online", which the old
+    "offline" then replaced while c was connected.)"""
+    broker = MemoryBroker()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_will(lambda client, message: pending.append(Deferred()) or pending[-1])
+    old = broker.client()
+    old.connect("c", properties={"session_expiry_interval": 60}, will=Will(
+        topic="status/c", payload=b"offline", retain=True, properties={"will_delay_interval": will_delay}))
+    old.publish("status/c", b"online", retain=True)
+    old.drop()
+    broker.advance(will_delay)
+    new = broker.client()
+    assert pending and new.connect("c", clean_start=False, keep_alive=60) is None
+    pending[0].callback(None)
+    assert [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
+    new.publish("status/c", b"online", retain=True)
+    watcher = broker.connect("watcher")
+    watcher.subscribe("status/#")
+    assert [m.payload for m in watcher.messages()] == [b"online"]
+    assert broker.service.stats.wills_published == 1
+
+
+@pytest.mark.parametrize("hook_timeout", [5.0, 0.0])
+def test_a_client_connecting_again_waits_for_its_old_will_no_longer_than_a_hook_may_take(hook_timeout: float) -> None:
+    """A will hook that never answers holds c's next connection hook_timeout at most
+    (TAKEOVER_WAIT without one, when the hook may hold the will for ever, not the client):
+    then it is accepted."""
+    broker = MemoryBroker(hook_timeout=hook_timeout)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_will(lambda client, message: pending.append(Deferred()) or pending[-1])
+    broker.connect("c", will=Will(topic="status/c", payload=b"offline", retain=True)).drop()
+    new = broker.client()
+    assert new.connect("c", keep_alive=60) is None
+    wait = hook_timeout or TAKEOVER_WAIT
+    broker.reactor.advance(wait - 0.1)
+    assert new.received() == []
+    broker.reactor.advance(0.1)
+    assert [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
+    assert not new.closed
+
+
 @pytest.mark.parametrize("ending", ["stop", "kick"])
 @pytest.mark.parametrize("reason", [0, 0x04])
 def test_what_a_client_sent_after_a_packet_a_hook_decides_on_is_not_handled_if_the_broker_ends_first(
