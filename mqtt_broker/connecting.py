@@ -102,7 +102,7 @@ class Connecting:
     _auth_method: str | None
     _auth_connect: Connect | None
     _reauthenticating: bool
-    _own: bool
+    _own: str
     _aliases_in: InboundAliases | None
     _aliases_out: OutboundAliases | None
     _deadline: Any
@@ -149,7 +149,7 @@ class Connecting:
         self.max_send_size = terms.max_send_size
         self.client = Client(client_id=terms.client_id, username=packet.username, peer=self._where(),
                              protocol_version=self.version, clean_start=packet.clean_start,
-                             keep_alive=terms.keep_alive, properties=packet.properties)
+                             keep_alive=terms.keep_alive, properties=packet.properties, bridge=self._own or None)
         if terms.reason:
             self.refuse(terms.reason, terms.why)
             return

@@ -169,9 +169,13 @@ class Client:
     Alive), 0 for none."""
     properties: Properties = NO_PROPERTIES
     """The CONNECT properties of an MQTT 5 client (user properties, session expiry, ...)."""
+    bridge: str | None = None
+    """The name of the bridge (its ``connection``) whose own link to this broker this is: a
+    bridge's session here connects through the hooks as a client does. None for a client."""
 
     def __init__(self, *, client_id: str, username: str | None, peer: str, protocol_version: int,
-                 clean_start: bool, keep_alive: int, properties: Properties = NO_PROPERTIES) -> None:
+                 clean_start: bool, keep_alive: int, properties: Properties = NO_PROPERTIES,
+                 bridge: str | None = None) -> None:
         # The dataclass's own, written out: compiled, this one is native, where the one
         # dataclasses makes would be interpreted (one per CONNECT). Frozen: fields are set as
         # dataclasses sets them.
@@ -183,6 +187,7 @@ class Client:
         set_field(self, "clean_start", clean_start)
         set_field(self, "keep_alive", keep_alive)
         set_field(self, "properties", properties)
+        set_field(self, "bridge", bridge)
 
     def __reduce__(self) -> tuple[Any, tuple[object, ...]]:
         return init_arguments(self)

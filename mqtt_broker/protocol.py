@@ -131,9 +131,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._auth_connect: Connect | None = None
         self._reauthenticating = False
         """The broker sent AUTH 0x18 in a re-authentication and waits for the client's answer."""
-        self._own = False
-        """A connection of the broker's own (a bridge's, in memory): the limits set for clients
-        (session expiry, wildcard and shared subscriptions, subscriptions a client) are not its."""
+        self._own = ""
+        """The name of the bridge whose in-memory link to this broker this is ("" for a client's
+        connection): the limits set for clients (session expiry, wildcard and shared
+        subscriptions, subscriptions a client) are not its."""
         self._blocked: Deferred[Any] | None = None
         self._backlogged = False
         """Reading from the client stopped: it reads nothing of what it is sent, answers included,

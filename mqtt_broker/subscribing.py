@@ -53,7 +53,7 @@ class Subscribing:
     session: Any
     problem_information: bool
     bridge: bool
-    _own: bool
+    _own: str
     _client_id: str
 
     # MQTTProtocol's methods that these use (see Connecting)

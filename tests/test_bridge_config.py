@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from bridge_helpers import Bridged
-from protocol_helpers import connected, make_broker
+from protocol_helpers import FakeClient, connected, make_broker
 
 from mqtt_broker.bridge.config import BridgeConfig, BridgeTopic
 from mqtt_broker.config import BrokerConfig, ConfigError
@@ -1351,3 +1351,16 @@ def test_one_read_of_small_qos0_messages_is_not_dropped_while_this_broker_reads_
     # (The subscriber, sent them all in one turn, takes max_held_bytes of them, its own bound.)
     taken = len(got) + remote.broker.sessions["s"].dropped
     assert (taken, remote.bridge.stats.dropped) == (count, 0)  # type: ignore[union-attr]
+
+
+def test_a_connect_hook_that_lets_in_only_bridges_lets_the_bridges_own_link_in() -> None:
+    # The bridge's in-memory link to this broker passes through the hooks as a client does
+    # (docs/bridges.md): a hook tells it by Client.bridge, the bridge's name (None for a client).
+    seen: list[tuple[str, str | None]] = []
+    bridged = Bridged({**_BRIDGE, "topic": ["t/# both 1"]})
+    bridged.broker.hooks.on_connect(lambda client: seen.append((client.client_id, client.bridge))
+                                    or client.bridge is not None)
+    bridged.accept()
+    assert bridged.bridge.state == "connected", bridged.bridge.last_error
+    assert FakeClient(bridged.broker).connect("app").reason_code == 5  # type: ignore[union-attr]
+    assert set(seen) == {(bridged.bridge.config.local_client_id, "up"), ("app", None)}

@@ -318,7 +318,7 @@ class Bridge(Service):
         config = self.config
         broker = self.broker
         server = MQTTProtocol(broker, self.clock)
-        server._own = True
+        server._own = self.connection
         if broker.security is not None:
             # The bridge's session is the broker's own: the ACLs of clients do not apply to it.
             server.identity = Identity(client_id=config.local_client_id, username=None, rules=Unrestricted())
