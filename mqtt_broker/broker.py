@@ -320,8 +320,8 @@ class BrokerService(MultiService):
         return stopping
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        stopping = self._unlisten()
+        # (A MultiService's stop waits for its children's: an application's services among them.)
+        stopping = [super().stopService(), *self._unlisten()]
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
         # After the drops: a connection's pending decision then finds it closed (no answer, no

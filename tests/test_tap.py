@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -470,6 +471,29 @@ def test_a_running_broker_added_to_a_running_parent_is_not_started_again() -> No
     assert parent.stopService().called
     reactor.advance(100)
     assert not broker.running and reactor.getDelayedCalls() == []
+
+
+class _SlowToStop(Service):
+    def __init__(self) -> None:
+        self.stopped: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stopped
+
+
+def test_the_brokers_stop_waits_for_a_child_service_that_stops_later() -> None:
+    """The broker is a MultiService (docs/embedding.md), whose stop waits for its children's, an
+    application's service added to it among them: their Deferreds were dropped, and the broker's
+    fired while they were still stopping."""
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), sys_interval=0)
+    child = _SlowToStop()
+    child.setServiceParent(broker)
+    broker.startService()
+    stopped = broker.stopService()
+    assert not stopped.called
+    child.stopped.callback(None)
+    assert stopped.called
 
 
 def test_a_twistd_broker_tunes_its_collector() -> None:
