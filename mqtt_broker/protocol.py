@@ -208,6 +208,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return
         self.stats.bytes_received += len(data)
         reader = self.reader
+        if self.state is State.AWAITING_CONNECT and not reader.buffered and data and data[0] >> 4 != 1:
+            # [MQTT-3.1.0-1] at the first byte, not once the length it claims has come: an HTTP
+            # request reads as a PUBACK of 69 bytes, and would hold the socket till connect_timeout.
+            self._violation(ProtocolError(f"the first packet is not a CONNECT (first byte 0x{data[0]:02x})"))
+            return
         reader.receive_data(data)
         if self._blocked is None:
             self._process()

@@ -98,7 +98,8 @@ class Publishing:
             raise MQTTError("retained messages are not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
         packet_id = packet.packet_id
         if qos == 2 and packet_id in self.session.awaiting_pubrel:
-            # A resend: not routed again [MQTT-4.3.3-9], and acknowledged as it was, whatever the
+            # A resend: not routed again [MQTT-4.3.3-9], and acknowledged as accepted (0x00, where
+            # the first PUBREC may have said 0x10, no subscribers: both successes), whatever the
             # rules say now (refused, its packet id would stay taken here and be free for the client).
             self._acknowledge_when_stored(qos, packet_id, ReasonCode.SUCCESS)
             return

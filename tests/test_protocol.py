@@ -37,6 +37,22 @@ def test_first_packet_must_be_connect() -> None:  # [MQTT-3.1.0-1]
     assert client.closed and client.received() == []
 
 
+@pytest.mark.parametrize("first", [b"G", b"GET / HTTP/1.1\r\n\r\n", b"\x30\xff\x7f"])
+def test_a_first_packet_that_is_not_connect_closes_at_its_first_byte(first: bytes) -> None:  # [MQTT-3.1.0-1]
+    # Not once the length its first bytes claim has come: an HTTP request reads as a PUBACK of
+    # 69 bytes, which would hold the socket until connect_timeout.
+    client = FakeClient(make_broker())
+    client.send_bytes(first)
+    assert client.closed and client.received() == []
+
+
+def test_a_connect_arriving_a_byte_at_a_time_is_read() -> None:
+    client = FakeClient(make_broker())
+    for byte in encode(Connect(client_id="c1")):
+        client.send_bytes(bytes([byte]))
+    assert client.received() == [Connack(session_present=False, reason_code=0)]
+
+
 def test_second_connect_closes() -> None:  # [MQTT-3.1.0-2]
     broker = make_broker()
     client = connected(broker, "c1")
