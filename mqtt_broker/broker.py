@@ -72,11 +72,12 @@ class MQTTFactory(Factory):
         return protocol
 
     def refuse_if_full(self, addr: IAddress) -> bool:
-        """Whether max_connections is reached, WebSocket connections still upgrading counted:
+        """Whether max_connections is reached, WebSocket sockets with no MQTT connection counted:
         then the refusal of a connection from ``addr`` is counted and logged."""
         broker = self.broker
         limit = broker.config.max_connections
-        if limit < 0 or len(broker.connections) - broker.ending - broker.own_links + broker.upgrading < limit:
+        if limit < 0 or (len(broker.connections) - broker.ending - broker.own_links
+                         + broker.websockets_without_mqtt) < limit:
             return False
         broker.stats.connections_refused += 1
         tally(broker.stats.refused_by_reason, "max_connections")
@@ -141,9 +142,11 @@ class BrokerService(MultiService):
         self.own_links = 0
         """How many of ``connections`` are this broker's bridges' links to it: not clients, not
         counted against max_connections."""
-        self.upgrading = 0
-        """How many WebSocket connections are open and not upgraded to MQTT yet (not in
-        ``connections``): counted against max_connections, as a TCP one awaiting CONNECT is."""
+        self.websockets_without_mqtt = 0
+        """How many WebSocket sockets are open with no MQTT connection in ``connections`` for them:
+        not upgraded yet, refused with 503, or closing after their MQTT connection ended (the
+        client's close frame). Counted against max_connections until they are gone, as a TCP
+        socket awaiting CONNECT or lingering is."""
         self._all_closed: AllClosed | None = None
         """While stopping: what waits for the last connection to go."""
         self.keepalives = Deadlines(self.clock, methodcaller("keepalive_due"))

@@ -249,15 +249,15 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self._close_call: Any = None
         self._mqtt_closed_it = False
         self._mqtt_lost = False
-        self._upgrading = False
+        self._without_mqtt = False
+        """Whether this socket is counted in the broker's ``websockets_without_mqtt``."""
         self.message_data_total_length = 0  # autobahn sets it per message; the fast path does not
 
     # --- the opening handshake ----------------------------------------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._upgrading = True
-        self.factory.broker.upgrading += 1
+        self._count_without_mqtt(True)
         timeout = self.factory.handshake_timeout
         if timeout:
             # From the moment the socket is accepted, so a stalled TLS handshake counts too.
@@ -391,9 +391,10 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             log.info("refusing a WebSocket connection from {peer}: subprotocols {offered}, not mqtt",
                      peer=self._where(), offered=request.protocols)
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Bad Request: subprotocol mqtt required")
-        self._upgraded()  # (from here it counts as the MQTT connection it becomes)
+        self._count_without_mqtt(False)  # (from here it counts as the MQTT connection it becomes)
         mqtt = factory.broker.factory.buildProtocol(peer)
         if mqtt is None:  # max_connections: counted and logged by the MQTT factory
+            self._count_without_mqtt(True)  # (answered 503, the socket counts until it is gone)
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Service Unavailable")
         self.mqtt = mqtt
         # An offer the broker cannot take is declined, not a reason to fail the handshake as
@@ -402,10 +403,12 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
                                      if factory.compression and _takes(name, params)]
         return subprotocol
 
-    def _upgraded(self) -> None:
-        if self._upgrading:
-            self._upgrading = False
-            self.factory.broker.upgrading -= 1
+    def _count_without_mqtt(self, counted: bool) -> None:
+        """Count this socket against max_connections on its own (while no MQTT connection in the
+        broker's ``connections`` stands for it), or no longer: once either way."""
+        if counted != self._without_mqtt:
+            self._without_mqtt = counted
+            self.factory.broker.websockets_without_mqtt += 1 if counted else -1
 
     def _where(self) -> str:
         """The client, as the log names it: behind a trusted proxy, the one it forwards for."""
@@ -471,7 +474,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             # Closed from the WebSocket side (the client's close frame, a text or oversize frame, a
             # protocol error): no more MQTT can flow, so the MQTT connection ends now, will and
             # all, instead of when the peer answers.
-            self._lose_mqtt(Failure(ConnectionDone("WebSocket closing handshake")))
+            self._lose_mqtt(Failure(ConnectionDone("WebSocket closing handshake")), socket_open=True)
 
     def _fail_connection(self, code: int = _GOING_AWAY, reason: str = "going away") -> None:
         """autobahn's (with ``failByDrop`` off), logged at info naming the client, where autobahn
@@ -523,12 +526,17 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         cancel(self._handshake_call)
         cancel(self._close_call)
         self._handshake_call = self._close_call = None
-        self._upgraded()
-        self._lose_mqtt(reason)
+        self._count_without_mqtt(False)
+        self._lose_mqtt(reason, socket_open=False)
 
-    def _lose_mqtt(self, reason: Failure) -> None:
+    def _lose_mqtt(self, reason: Failure, socket_open: bool) -> None:
         if self.mqtt is not None and self.mqtt.connected and not self._mqtt_lost:
             self._mqtt_lost = True
+            if socket_open:
+                # The socket outlives the MQTT connection (until the client's close_notify over
+                # TLS, or while the client does not read the answer to its close frame): it
+                # counts in its place until it is gone, as a lingering TCP socket does.
+                self._count_without_mqtt(True)
             self.mqtt.connectionLost(reason)
 
 
@@ -536,9 +544,10 @@ class WebSocketFactory(WebSocketServerFactory):
     """Builds an :class:`MQTTWebSocketProtocol` per connection, for ``broker`` (a BrokerService)
     with its ``websocket_*`` settings; ``paths`` overrides ``websocket_paths`` (empty: any).
 
-    Past max_connections (connections still upgrading counted) a listener's connection is
-    aborted as it is accepted, as a TCP listener's is; with ``listener`` false (the connections
-    of a ``twisted.web`` site, which has accepted them already) its upgrade is answered with 503.
+    Past max_connections (each socket counted until it is gone, upgrading and closing ones
+    included) a listener's connection is aborted as it is accepted, as a TCP listener's is; with
+    ``listener`` false (the connections of a ``twisted.web`` site, which has accepted them
+    already) its upgrade is answered with 503.
     """
 
     protocol = MQTTWebSocketProtocol  # type: ignore[assignment]

@@ -321,10 +321,10 @@ def test_a_socket_upgrading_counts_against_max_connections_until_it_is_an_mqtt_c
     broker = make_broker(websocket_paths=["/mqtt"], websocket_origins=["https://a.example"],
                          websocket_handshake_timeout=3)
     client = WSClient(broker)
-    assert broker.upgrading == 1
+    assert broker.websockets_without_mqtt == 1
     if how == "upgraded":
         client.handshake(headers={"Origin": "https://a.example"})
-        assert broker.upgrading == 0 and len(broker.connections) == 1
+        assert broker.websockets_without_mqtt == 0 and len(broker.connections) == 1
     elif how == "path":
         client.handshake(path="/x")
     elif how == "origin":
@@ -337,7 +337,7 @@ def test_a_socket_upgrading_counts_against_max_connections_until_it_is_an_mqtt_c
         client.send_bytes(b"GET /mqtt")
         broker.clock.advance(10)  # type: ignore[attr-defined]
     client.lose()
-    assert broker.upgrading == 0
+    assert broker.websockets_without_mqtt == 0
 
 
 def test_sockets_past_max_connections_are_closed_as_they_are_accepted() -> None:
@@ -366,7 +366,55 @@ def test_past_max_connections_a_sites_connection_is_answered_503() -> None:
     assert second.closed and not first.closed
     assert broker.stats.connections_refused == 1
     first.lose()
+    assert full(broker)  # the answer's socket counts until it is gone (over TLS, the client's close_notify)
+    second.lose()
     assert ws_connected(broker, "third")
+
+
+def full(broker: BrokerService) -> bool:
+    """Whether max_connections is reached: a TCP connection would be refused now."""
+    return MQTTFactory(broker).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1883)) is None
+
+
+@pytest.mark.parametrize("how", ["client's close frame", "text frame", "close timeout", "broker's close frame",
+                                 "hook answers while open", "hook answers once gone", "socket lost"])
+def test_a_socket_counts_against_max_connections_until_it_is_gone_however_its_mqtt_connection_ends(how: str) -> None:
+    """The client's close frame (or a frame the broker refuses) ends the MQTT connection at once,
+    while the socket lives on until the client has read the answer (over TLS, until its
+    close_notify), for up to CLOSE_TIMEOUT: it counts meanwhile, as a lingering TCP socket does,
+    and once only, whichever of the MQTT connection and the socket goes first."""
+    broker = make_broker(max_connections=1)
+    pending: list[Deferred[None]] = []
+
+    @broker.hooks.on_publish
+    def decide(client: object, message: object) -> Deferred[None]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    client = ws_connected(broker)
+    if how.startswith("hook"):
+        client.send_packets(Publish(topic="t", payload=b"1"))
+        assert len(pending) == 1
+    if how == "text frame":
+        client.send(b"hello", TEXT)  # the broker's close frame (1003), unanswered
+    elif how != "socket lost":
+        if how == "broker's close frame":
+            client.send_packets(Disconnect())
+        client.send(b"\x03\xe8", CLOSE)
+    if how == "close timeout":
+        broker.clock.advance(CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+        assert client.socket.disconnected  # aborted: gone once the reactor says so
+    elif how != "socket lost":
+        assert not client.socket.disconnected
+    if how == "hook answers while open":
+        pending[0].callback(None)
+    assert full(broker)
+    client.lose()
+    if how == "hook answers once gone":
+        assert not full(broker)  # (the MQTT connection ends once the hook has decided, counted no more)
+        pending[0].callback(None)
+    assert not full(broker)
+    assert (broker.websockets_without_mqtt, broker.ending, broker.connections) == (0, 0, set())
 
 
 # --- MQTT in binary frames -----------------------------------------------------------------------
