@@ -72,12 +72,11 @@ class MQTTFactory(Factory):
         return protocol
 
     def refuse_if_full(self, addr: IAddress) -> bool:
-        """Whether max_connections is reached, WebSocket sockets with no MQTT connection counted:
-        then the refusal of a connection from ``addr`` is counted and logged."""
+        """Whether max_connections is reached (by ``open_connections``): then the refusal of a
+        connection from ``addr`` is counted and logged."""
         broker = self.broker
         limit = broker.config.max_connections
-        if limit < 0 or (len(broker.connections) - broker.ending - broker.own_links
-                         + broker.websockets_without_mqtt) < limit:
+        if limit < 0 or broker.open_connections() < limit:
             return False
         broker.stats.connections_refused += 1
         tally(broker.stats.refused_by_reason, "max_connections")
@@ -353,6 +352,12 @@ class BrokerService(MultiService):
         if self.security is not None:
             stopping.append(self.security.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    def open_connections(self) -> int:
+        """The client connections open now, as max_connections counts them: their sockets, those
+        in CONNECT, lingering, or still upgrading or closing over WebSocket included, this broker's
+        own bridge links and those whose socket is gone already not."""
+        return len(self.connections) - self.ending - self.own_links + self.websockets_without_mqtt
 
     def connection_lost(self, connection: Any) -> None:
         """A connection's socket is gone (it was detached before)."""

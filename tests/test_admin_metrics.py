@@ -209,6 +209,23 @@ def test_refused_when_max_connections_reached() -> None:
     assert ReasonCode.ADMINISTRATIVE_ACTION == 0x98
 
 
+def test_open_connections_are_those_max_connections_counts() -> None:
+    """mqtt_connections_open (the API's ``connections``) and the limit count the same: a WebSocket
+    socket still upgrading and one closing after its client's close frame count, as a TCP one in
+    CONNECT does, so that the broker never refuses at max_connections while showing fewer."""
+    from test_websocket import WSClient, ws_connected
+    from twisted.internet.address import IPv4Address
+    from websocket_helpers import CLOSE
+    from mqtt_broker.admin import figures
+
+    broker = make_broker(max_connections=3, sys_interval=0)
+    FakeClient(broker)  # in CONNECT
+    WSClient(broker).send_bytes(b"GET /mqtt HTTP/1.1\r\n")  # upgrading
+    ws_connected(broker, "closing").send(b"\x03\xe8", CLOSE)  # its socket waits for the client to read the answer
+    assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
+    assert value(scrape(broker), "mqtt_connections_open") == figures.read(broker).connections == 3
+
+
 def test_subscription_refusals_are_counted_end_to_end(broker_process: type[BrokerProcess]) -> None:
     """max_subscriptions_per_client refusals, read from /metrics and /api/v1/stats of a broker
     process, after real clients were refused."""

@@ -128,7 +128,8 @@ class Figures:
     clients_maximum: int
     clients_expired: int
     connections: int
-    """Open network connections, those still in CONNECT included."""
+    """Open client connections, as max_connections counts them (``BrokerService.open_connections``):
+    those in CONNECT, lingering, or still upgrading or closing over WebSocket included."""
     connections_total: int
     connects: int
     """CONNECT packets received (connections_total counts sockets)."""
@@ -237,7 +238,7 @@ def read(broker: Any, started_at: float | None = None, inbox_lag: InboxLag | Non
         uptime=max(0.0, now - started_at) if started_at is not None else 0.0,
         clients_connected=connected, clients_disconnected=disconnected,
         clients_maximum=max(stats.clients_maximum, connected), clients_expired=stats.sessions_expired,
-        connections=len(broker.connections), connections_total=stats.connections_total,
+        connections=broker.open_connections(), connections_total=stats.connections_total,
         refused=dict(stats.refused_by_reason), subscriptions_refused=dict(stats.subscriptions_refused),
         closed=dict(stats.closed_by_reason),
         auth_failures=stats.auth_failures, publishes_denied=stats.publishes_denied,

@@ -147,7 +147,8 @@ class BrokerCollector:
         yield _counter("mqtt_bytes_sent", "Bytes sent to clients.", f.bytes_sent)
         yield _counter("mqtt_packets_received", "MQTT packets of any type received.", f.packets_received)
         yield _counter("mqtt_packets_sent", "MQTT packets of any type sent.", f.packets_sent)
-        yield _gauge("mqtt_connections_open", "Open client connections (those still in CONNECT included).", f.connections)
+        yield _gauge("mqtt_connections_open", "Open client connections, as max_connections counts them (those in "
+                     "CONNECT, lingering, or still upgrading or closing over WebSocket included).", f.connections)
         yield _counter("mqtt_connections", "Client connections accepted since start-up.", f.connections_total)
         yield _by_reason("mqtt_connections_refused", "Connections refused, by reason.", f.refused)
         yield _by_reason("mqtt_subscriptions_refused", "Topic filters of SUBSCRIBEs refused, by reason.",
