@@ -558,7 +558,7 @@ class WebSocketFactory(WebSocketServerFactory):
         self.broker = broker
         self.listener = listener
         self.paths = frozenset(config.websocket_paths if paths is None else paths)
-        self.origins = frozenset(origin.lower() for origin in config.websocket_origins)
+        self.origins = frozenset(map(_serialized, config.websocket_origins))
         self.trusted_proxies: tuple[Network, ...] = tuple(
             ipaddress.ip_network(proxy, strict=False) for proxy in config.websocket_trusted_proxies)
         self.max_handshake_size: int = config.websocket_max_handshake_size
@@ -588,6 +588,17 @@ class WebSocketFactory(WebSocketServerFactory):
             # holding up to websocket_max_handshake_size of request.
             return RefusedConnection()
         return super().buildProtocol(addr)
+
+
+_DEFAULT_PORTS = {"http": ":80", "ws": ":80", "https": ":443", "wss": ":443"}
+
+
+def _serialized(origin: str) -> str:
+    """A configured origin as a browser sends it in Origin [RFC 6454 6.2]: in lower case, the
+    scheme's default port left out (``https://app.example.com:443`` is ``https://app.example.com``)."""
+    origin = origin.lower()
+    default = _DEFAULT_PORTS.get(origin.partition("://")[0])
+    return origin.removesuffix(default) if default else origin
 
 
 _EXTENSIONS_LINE = re.compile(rb"\r\nsec-websocket-extensions:[ \t]*([^\r]*)", re.IGNORECASE)

@@ -193,6 +193,16 @@ def test_origins_restrict_the_pages_of_browsers() -> None:
         assert client.closed and len(broker.connections) == accepted
 
 
+def test_an_origin_configured_with_its_default_port_lets_its_pages_in() -> None:
+    """A browser leaves the scheme's default port out of Origin (RFC 6454 6.2), so one written
+    with it (which the setting's check takes) would refuse every page of its site."""
+    broker = make_broker(websocket_origins=["https://app.example.com:443", "HTTP://[::1]:80", "http://a.example:443"])
+    for origin in ("https://app.example.com", "http://[::1]", "http://a.example:443"):
+        assert WSClient(broker).handshake(headers={"Origin": origin}) == 101, origin
+    for origin in ("http://app.example.com", "https://[::1]", "http://a.example"):
+        assert WSClient(broker).handshake(headers={"Origin": origin}) == 403, origin
+
+
 def test_a_refused_origin_is_logged_quoted_and_escaped() -> None:
     from twisted.logger import LogLevel, capturedLogs, formatEvent
     broker = make_broker(websocket_origins=["https://app.example.com"])
