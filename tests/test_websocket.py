@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import random
 import ssl
 import zlib
 from typing import Any
@@ -36,7 +37,7 @@ from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
     SubscriptionRequest, encode, FrameReader,
 )
-from protocol_helpers import connected, make_broker
+from protocol_helpers import Held, connected, make_broker
 from websocket_helpers import (
     ACCEPT, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Frame, FrameParser, client_frame,
     handshake_request, split_response,
@@ -884,6 +885,31 @@ def test_compression_when_configured() -> None:
     assert frame.opcode == BINARY and frame.rsv1
     inflated = zlib.decompressobj(wbits=-15).decompress(frame.payload + b"\x00\x00\xff\xff")
     assert client.reader.feed(inflated) == [Connack(reason_code=0)]
+
+
+@pytest.mark.parametrize("offer, window", [
+    ("permessage-deflate", 15),  # (Firefox's)
+    ("permessage-deflate; client_max_window_bits", 15),  # (Chromium's)
+    ("permessage-deflate; server_max_window_bits=10", 10),
+])
+def test_a_compressing_connection_holds_a_small_deflate_state(offer: str, window: int) -> None:
+    """zlib's defaults (a 32 KiB window, memLevel 8) allocate 256 KiB for each connection's
+    compressor, 100 KiB of it resident from the first message and 220 KiB after a few dozen;
+    what it sends still inflates, message after message, with the window the client has."""
+    broker = make_broker(websocket_compression=True)
+    client = WSClient(broker)
+    assert client.handshake(headers={"Sec-WebSocket-Extensions": offer}) == 101
+    assert client.headers["sec-websocket-extensions"] == offer.replace("; client_max_window_bits", "")
+    with Held() as held:
+        client.send_packets(Connect(client_id="squeezed"))  # the CONNACK makes the compressor
+    assert held.bytes < 64 * 1024
+    client.send_packets(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t"),)))
+    payload = bytes(random.Random(1).randrange(256) for _ in range(12_000))
+    client.send_packets(Publish(topic="t", payload=payload))
+    client.send_packets(Publish(topic="t", payload=payload))  # (a message of its own)
+    inflate = zlib.decompressobj(wbits=-window)
+    inflated = b"".join(inflate.decompress(f.payload + b"\x00\x00\xff\xff") for f in client.frames())
+    assert [p.payload for p in client.reader.feed(inflated) if isinstance(p, Publish)] == [payload, payload]
 
 
 def test_a_compressed_message_is_bounded_once_inflated_as_a_packet_is() -> None:
