@@ -3315,3 +3315,44 @@ def test_a_publisher_adding_past_the_bound_of_what_waits_for_redis_is_read_no_mo
         assert payloads == [b"first"] + [b"x" * 1000] * 10
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_qos0_messages_for_other_nodes_past_the_bound_of_what_waits_for_redis_are_dropped(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """While Redis answers nothing and its connection stays up (a hung host, a network black hole)
+    or answers slower than a QoS 0 publisher, every QoS 0 message for another node was written
+    to the connection all the same, its PUBLISH and the Deferred of its answer held in the node's
+    memory without bound. Past the store's bound of what waits for Redis, they are dropped; those
+    within it go through once Redis answers, and so do those published after."""
+    broker = yield node_a(server)
+    redis = server.client()
+    channel = redis.pubsub()
+    channel.subscribe(broker.store.qos0_channel("b"))
+    try:
+        broker.store.max_unwritten_bytes = 10_000
+        broker.cluster.forwarding.add_route("b", "t")
+        publisher = yield connect(broker, client_id="p")
+        redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+        try:
+            for n in range(20):
+                publisher.send(Publish(topic="t", payload=b"%02d" % n + b"x" * 1000, qos=0))
+                broker.clock.advance(0)  # (one write each: QoS 0 records go at the end of the turn)
+        finally:
+            redis.execute_command("CLIENT", "UNPAUSE")
+        yield broker.store.locate("nobody")  # (answered in order: the PUBLISHes' answers came before)
+        publisher.send(Publish(topic="t", payload=b"after", qos=0))
+        broker.clock.advance(0)
+        payloads: list[bytes] = []
+        for _ in range(100):  # bounded: each wait is too
+            event = channel.get_message(ignore_subscribe_messages=True, timeout=5.0)
+            if event is not None:
+                payloads += [message.payload for _, message, _ in unpack_records(event["data"])]
+                if payloads[-1] == b"after":
+                    break
+        *kept, after = payloads
+        assert after == b"after"
+        assert 0 < len(kept) < 10 and kept == [b"%02d" % n + b"x" * 1000 for n in range(len(kept))]
+    finally:
+        channel.close()
+        yield broker.stopService()

@@ -135,6 +135,8 @@ class Cluster:
                                      self._send_qos0, self.store.epoch_of)
         self.nodes: dict[str, float] = {}
         """The live nodes other than this one, with the time each was last seen."""
+        self._qos0_unanswered = 0
+        """The bytes of QoS 0 messages for other nodes sent to Redis and not answered yet."""
         self._claiming: dict[str, list[tuple[Queued, int, bytes]]] = {}
         """Clients whose claim is under way, with the messages for them that came meanwhile (and
         their inbox entries' stamps and ids, see ``deliver_targeted``)."""
@@ -395,9 +397,17 @@ class Cluster:
         self._shares_changed.clear()
 
     def _send_qos0(self, node: str, data: bytes) -> None:
-        if not self.store.redis.up:
-            return  # dropped, as QoS 0 may be: held for Redis's return, they grew without bound
-        self.store.publish_qos0(node, data).addErrback(lambda _: None)  # fire and forget, as QoS 0 promises
+        # Dropped, as QoS 0 may be, while Redis is out of reach, and past the store's bound while
+        # it answers slower than they come (hung, its connection up till a reply timer drops it):
+        # held for Redis, they grew without bound.
+        size = len(data)
+        if not self.store.redis.up or self._qos0_unanswered + size > self.store.max_unwritten_bytes:
+            return
+        self._qos0_unanswered += size
+        self.store.publish_qos0(node, data).addBoth(self._qos0_answered, size)  # (an error too: fire and forget)
+
+    def _qos0_answered(self, _: Any, size: int) -> None:
+        self._qos0_unanswered -= size
 
     def filter_changed(self, topic_filter: str, held: bool) -> None:
         """This node's sessions hold a filter now, or no longer (from the subscription tree). A
