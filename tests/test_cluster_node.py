@@ -3356,3 +3356,44 @@ def test_qos0_messages_for_other_nodes_past_the_bound_of_what_waits_for_redis_ar
     finally:
         channel.close()
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_claim_of_a_connect_refused_while_redis_was_out_of_reach_is_never_sent() -> Iterator[Deferred[Any]]:
+    """c, whose session node b holds, connects to node a while a cannot reach Redis: refused
+    after cluster_claim_timeout, it goes back to b. Its claim on a waited for Redis all the same,
+    and was sent once a reached it again: it took the session from c's connection on b (0x8E
+    there). Not yet sent when its client is refused, it is withdrawn."""
+    from mqtt_broker.cluster.node import LEAVE_TIMEOUT
+    redis = RedisServer()
+    clock = Clock()
+    link = Redis(RedisAddress.parse(redis.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=redis.url, cluster_node_id="a",
+                               close_linger=0)
+        broker.startService()
+        yield broker.cluster.ready
+        yield b.register(600_000)
+        yield holds(b, "c", expiry=3600)
+        redis.stop()
+        yield until(lambda: broker.cluster.unready() is not None, "a to find Redis gone")
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 3600}))
+        clock.advance(broker.config.cluster_claim_timeout)
+        assert [p.reason_code for p in client.received()] == [ReasonCode.SERVER_UNAVAILABLE] and client.closed
+        redis.start()
+        for _ in range(5):  # bounded: reconnecting backs off up to 2 s
+            if broker.cluster.redis.up:
+                break
+            yield deferLater(reactor, 1.0, lambda: None)
+        owner = yield broker.store.locate("c")  # (answered after what waited for the connection)
+        assert owner is not None and owner["node"] == "b"
+        assert "c" not in broker.sessions and not broker.cluster.claiming("c")
+        stopped = broker.stopService()
+        clock.advance(LEAVE_TIMEOUT)
+        yield until(lambda: stopped.called, "the stop")
+    finally:
+        yield link.close()
+        redis.close()

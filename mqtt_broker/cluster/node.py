@@ -273,22 +273,29 @@ class Cluster:
     def claim(self, client_id: str, clean_start: bool) -> Deferred[bool]:
         """Take the client's session before its CONNACK: load it if another node (or this node
         before a restart) had it, and make that node let go. False if Redis did not answer in
-        time (the client is refused with 0x88); the claim goes on all the same, and a session
-        it takes once the client is gone is kept here as if its client had just disconnected."""
+        time (the client is refused with 0x88). A claim not sent by then (this node's changes
+        before it, or Redis, out of reach) is withdrawn; one sent goes on, and a session it
+        takes once the client is gone is kept here as if its client had just disconnected."""
         self.stats.claims += 1
         self._claiming.setdefault(client_id, [])
         answer: Deferred[bool] = Deferred()
-        timer = self.clock.callLater(self.broker.config.cluster_claim_timeout, self._claim_late, client_id, answer)
         config = self.broker.config
-        self.store.claim(client_id, clean_start, config.max_queued_messages, "", config.max_queued_bytes).addCallbacks(
+        sending = self.store.sendable()
+        timer = self.clock.callLater(config.cluster_claim_timeout, self._claim_late, client_id, answer, sending)
+        sending.addCallback(lambda _: self.store.claim(client_id, clean_start, config.max_queued_messages, "",
+                                                       config.max_queued_bytes)).addCallbacks(
             self._claimed, self._not_claimed, callbackArgs=(client_id, clean_start, answer, timer),
             errbackArgs=(client_id, answer, timer))
         return answer
 
-    def _claim_late(self, client_id: str, answer: Deferred[bool]) -> None:
+    def _claim_late(self, client_id: str, answer: Deferred[bool], sending: Deferred[None]) -> None:
         log.warn("Redis has not handed over the session of {client_id!r} in time: the client is refused",
                  client_id=client_id)
         answer.callback(False)
+        if not sending.called:
+            # Sent once Redis is back, minutes later perhaps, it would take the session from
+            # the connection the client has made to another node since (0x8E there).
+            sending.cancel()
 
     def _claimed(self, claim: Claim | None, client_id: str, clean_start: bool, answer: Deferred[bool],
                  timer: Any) -> None:
@@ -344,12 +351,14 @@ class Cluster:
 
     def _not_claimed(self, failure: Any, client_id: str, answer: Deferred[bool], timer: Any) -> None:
         self._overtaken.pop(client_id, None)
-        log.warn("could not claim the session of {client_id!r} in Redis: {error}", client_id=client_id,
-                 error=failure.getErrorMessage())
         if timer.active():
             timer.cancel()
             answer.callback(False)
         self._deliver_held(client_id)  # to the session's owner, through Redis
+        if failure.check(CancelledError):
+            return  # withdrawn before it was sent (_claim_late): Redis has nothing of it
+        log.warn("could not claim the session of {client_id!r} in Redis: {error}", client_id=client_id,
+                 error=failure.getErrorMessage())
         # Redis may have applied the claim and lost only its answer: once it answers again,
         # what it says this node holds and this node does not know is taken as at a restart.
         survivor = self.survivor

@@ -159,6 +159,7 @@ class Redis:
             for sentinel in self._sentinel.sentinels:  # (txredisapi's own connections: up to 10 s apart)
                 sentinel._factory.initialDelay, sentinel._factory.maxDelay = _Factory.initialDelay, RECONNECT_MAX_DELAY
         self.up = False
+        self._up_waiters: list[Deferred[None]] = []
         self.commands = self._connect(_Factory, _SentinelFactory, self._command_up, self._command_down)
         # (Its reads wait up to READ_BLOCK for something to read, then for Redis to answer: a
         # connection whose other end went without a word is found by that timer, and made again.)
@@ -225,6 +226,9 @@ class Redis:
             self.up = True
             if self._on_up is not None:
                 self._on_up()
+            waiters, self._up_waiters = self._up_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def _command_down(self, _: Any) -> None:
         if self.up:
@@ -233,6 +237,17 @@ class Redis:
                 self._on_down()
 
     # --- commands ------------------------------------------------------------------------
+
+    def when_up(self) -> Deferred[None]:
+        """Fires once the command connection is up (at once if it is): a command sent then
+        reaches Redis unless the connection is lost under it, where one given to ``call`` while
+        Redis is away waits in txredisapi's queue, out of reach, to be sent whenever it is back.
+        Cancelled before, it waits no more."""
+        if self.up:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._up_waiters.remove)
+        self._up_waiters.append(waiter)
+        return waiter
 
     def call(self, *args: Any, apply_timeout: bool = True) -> Deferred[Any]:
         """Run a command on the command connection (waiting for one while Redis is away).

@@ -561,6 +561,14 @@ class RedisStore:
     def node_alive(self, node: str) -> Deferred[bool]:
         return self.redis.call("EXISTS", f"mqtt:node:{node}").addCallback(bool)
 
+    @inlineCallbacks
+    def sendable(self) -> Any:
+        """Fires once this node's changes so far are written and Redis is reachable: a claim
+        sent then sees those changes, and reaches Redis unless the connection is lost under it.
+        Cancelled before, it waits no more: what was to be sent then is withdrawn."""
+        yield self.flushed()
+        yield self.redis.when_up()
+
     def claim(self, client_id: str, clean_start: bool, window: int, required: str = "",
               max_bytes: int = 0) -> Deferred[Claim | None]:
         """Take the client's session, after this node's changes so far are written (so that the
