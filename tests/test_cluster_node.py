@@ -3397,3 +3397,55 @@ def test_the_claim_of_a_connect_refused_while_redis_was_out_of_reach_is_never_se
     finally:
         yield link.close()
         redis.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_entries_of_a_dead_nodes_inbox_trimmed_before_they_were_handled_are_told(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node x's inbox kept its last cluster_inbox_maxlen entries while x was dead and not yet
+    taken for dead: the entries it had been given and not handled, and those written since, that
+    were trimmed went without a word (Redis told of the first, XAUTOCLAIM's deleted ids, and
+    counts the second with the unread, for good). The survivor tells how many, once."""
+    clock, broker = yield a_at_1000(server)
+    redis = server.client()
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield x.create_inbox()
+        for _ in range(3):
+            redis.xadd("mqtt:inbox:x", {"d": b"", "e": 1})
+        redis.xreadgroup("nodes", "x", {"mqtt:inbox:x": ">"})  # given to x, which dies before it handles them
+        pipe = redis.pipeline(transaction=True)
+        for _ in range(5):
+            pipe.xadd("mqtt:inbox:x", {"d": b"", "e": 1})
+        pipe.xtrim("mqtt:inbox:x", maxlen=3, approximate=False)  # (3 given and 2 never given go)
+        pipe.execute()
+        redis.delete("mqtt:node:x")
+        with capturedLogs() as events:
+            yield adopted(server, broker, clock, "x")
+        assert [e["count"] for e in events if "trimmed" in e.get("log_format", "")] == [5]
+    finally:
+        yield broker.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dead_nodes_inbox_that_was_written_to_and_never_read_is_adopted_to_its_end(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Other nodes wrote to node x's inbox before x made its group (or after it was dropped): the
+    inbox has no group to count the entries trimmed unread with, and its adoption goes on."""
+    clock, broker = yield a_at_1000(server)
+    redis = server.client()
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        redis.xadd("mqtt:inbox:x", {"d": b"", "e": 1})
+        redis.delete("mqtt:node:x")
+        with capturedLogs() as events:
+            yield adopted(server, broker, clock, "x")
+        assert not [e for e in events if e.get("log_failure")] and not redis.exists("mqtt:inbox:x")  # (dropped)
+    finally:
+        yield broker.stopService()
+        yield link.close()

@@ -507,12 +507,16 @@ class RedisStore:
     def take_inbox(self, dead: str, cursor: str) -> Any:
         """Entries of a dead node's inbox for this node to handle: first those given to any node
         and not handled (from ``cursor``), then, once those are done, those never given.
-        Returns (next cursor, entries); no entries and cursor "0-0": the inbox is empty."""
+        Returns (next cursor, entries); no entries and cursor "0-0": the inbox is empty. An
+        entry given and trimmed since comes without its data."""
         stream = f"mqtt:inbox:{dead}"
         try:
             reply = yield self.redis.call("XAUTOCLAIM", stream, INBOX_GROUP, self.node, 0, cursor, "COUNT", 100)
             cursor = reply[0].decode()
             entries = [inbox_entry(entry_id, fields) for entry_id, fields in reply[1]]
+            # Given and trimmed since (cluster_inbox_maxlen): Redis tells their ids once, as it
+            # takes them out of the pending ones (Redis 7).
+            entries += [(entry_id, None, 0) for entry_id in (reply[2] if len(reply) > 2 else ())]
             if cursor == "0-0":
                 entries += inbox_entries((yield self.redis.call("XREADGROUP", "GROUP", INBOX_GROUP, self.node, "COUNT",
                                                            100, "STREAMS", stream, ">")))
@@ -521,6 +525,26 @@ class RedisStore:
                 return "0-0", []
             raise
         return cursor, entries
+
+    @inlineCallbacks
+    def trimmed_unread(self, node: str) -> Any:
+        """How many entries of a node's inbox were trimmed (cluster_inbox_maxlen) before they
+        were given to any node, once the last one written was given (else 0): Redis counts
+        them, for good, with the entries written and not given (its group's lag)."""
+        try:
+            groups = yield self.redis.call("XINFO", "GROUPS", f"mqtt:inbox:{node}")
+            stream = yield self.redis.call("XINFO", "STREAM", f"mqtt:inbox:{node}")
+        except Exception as e:
+            if "no such key" in str(e):  # (no inbox, or dropped meanwhile)
+                return 0
+            raise
+        last = {stream[j].decode(): stream[j + 1] for j in range(0, len(stream), 2)}
+        for group in groups:  # (none: written to by other nodes, never read)
+            fields = {group[j].decode(): group[j + 1] for j in range(0, len(group), 2)}
+            if fields.get("name") == INBOX_GROUP.encode() and fields.get("last-delivered-id") == last.get(
+                    "last-generated-id"):
+                return int(fields.get("lag") or 0)
+        return 0
 
     def take_left_will(self, node: str, client_id: str) -> Deferred[TakenWill | None]:
         """The will of a client another node claimed while ``node`` looked alive, if ``node``

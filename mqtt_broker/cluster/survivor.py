@@ -184,7 +184,7 @@ class Survivor:
             if dead != here:
                 cluster.stats.adopted += adopted
                 log.info("adopted {count} sessions of node {dead}, which is gone", count=adopted, dead=dead)
-                yield self._drain(dead, former)
+                told = yield self._drain(dead, former, 0)
                 # Nodes that had not yet heard of the death may still have written to the dead
                 # node's inbox: read it again once its routes are gone everywhere, then drop it.
                 # A node back meanwhile (a pause over) keeps what it has announced and been sent
@@ -192,7 +192,7 @@ class Survivor:
                 if (yield store.forget_node(dead)):
                     yield deferLater(cluster.clock, 2 * self.ttl_ms / 1000, lambda: None)
                     if not (yield store.node_alive(dead)):
-                        yield self._drain(dead, former)
+                        yield self._drain(dead, former, told)
                         if (yield store.drop_node(dead)):
                             return
                 log.info("node {dead} is alive again: what it holds now is its own", dead=dead)
@@ -202,20 +202,25 @@ class Survivor:
             self._adopting.discard(dead)
 
     @inlineCallbacks
-    def _drain(self, dead: str, former: SubscriptionTree) -> Any:
+    def _drain(self, dead: str, former: SubscriptionTree, told: int) -> Any:
         """Deliver what is left in a dead node's inbox: what it was given and did not finish,
         then what it was never given. Each entry is marked handled in the batch that delivers it,
         so a survivor that dies meanwhile leaves the rest to the next one. A node that beats
-        again (taken for dead, it was paused) reads the rest itself."""
+        again (taken for dead, it was paused) reads the rest itself. The entries trimmed before
+        they were handled are told (but for the ``told`` first never given); returns how many
+        were never given, once the inbox is read to its end."""
         cluster = self.cluster
         store = cluster.store
         cursor = "0-0"
+        trimmed = 0
         for _ in range(1_000_000):  # bounded: an inbox holds at most cluster_inbox_maxlen entries
             if (yield store.node_alive(dead)):
-                return
+                break
             cursor, entries = yield store.take_inbox(dead, cursor)
             for entry_id, data, stamp in entries:
-                if data is not None:
+                if data is None:
+                    trimmed += 1
+                else:
                     try:
                         self._deliver_entry(bytes(data), stamp, former)
                     except Exception:  # (one damaged entry must not leave the rest of the inbox)
@@ -224,7 +229,14 @@ class Survivor:
                 store.handled(entry_id, dead)
             yield store.flushed()
             if not entries and cursor == "0-0":
-                return
+                unread = yield store.trimmed_unread(dead)
+                trimmed += max(unread - told, 0)
+                told = unread
+                break
+        if trimmed > 0:
+            log.warn("{count} entries of node {dead}'s inbox were trimmed (cluster_inbox_maxlen) before they were "
+                     "handled: their messages are lost", count=trimmed, dead=dead)
+        return told
 
     def _deliver_entry(self, data: bytes, stamp: int, former: SubscriptionTree) -> None:
         cluster = self.cluster
