@@ -831,8 +831,8 @@ class Cluster:
         if not self.started:
             return
         self._down_since = self.clock.seconds()
-        log.warn("Redis at {address} is unreachable: local clients are still served; QoS 1/2 "
-                 "acknowledgements, new connections and messages to other nodes wait for it",
+        log.warn("Redis at {address} is unreachable: local clients are still served; the acknowledgements "
+                 "of what Redis is to hold, new connections and messages to other nodes wait for it",
                  address=str(self.address))
 
     def _redis_up(self) -> None:
