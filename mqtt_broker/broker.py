@@ -873,22 +873,26 @@ class BrokerService(MultiService):
                 self.subscribe(session, dataclasses.replace(subscription, no_local=bridge, retain_as_published=bridge))
 
     def send_retained(self, session: Session, subscription: Subscription, existed: bool,
-                      replay: str | None = None) -> None:
+                      replay: str | None = None) -> bool:
         """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
         Handling option says [MQTT-3.3.1-9..11]; with ``replay``, first the logged messages it
-        asks for (see mqtt_broker.history), and no retained message that was among them."""
+        asks for (see mqtt_broker.history), and no retained message that was among them.
+
+        Returns False once the session can take no more: the retained message that found it so
+        is counted as dropped, and what is left is not even matched (a million took seconds),
+        nor are the next filters of a SUBSCRIBE, whose messages could only be dropped too."""
         delivery = self.delivery
-        if delivery.full(session, subscription.qos):
-            delivery.sweep(session)  # (what expired in the queue makes room)
-            if delivery.full(session, subscription.qos):
-                return  # (a SUBSCRIBE of many filters, each matching many messages: each would only be dropped)
         replaying = replay is not None and self.history is not None and subscription.share_group is None
         # No retained messages on a shared subscription (MQTT 5 §4.8.2).
         retained = iter(()) if subscription.share_group is not None or subscription.retain_handling == 2 or (
             subscription.retain_handling == 1 and existed) else self.retained.matching(subscription.topic_filter)
         first = next(retained, None)
         if not replaying and first is None:
-            return
+            return True
+        if self._takes_no_more(session, subscription.qos):
+            if first is not None:
+                delivery.drop(session, 1)
+            return False
         ids = (subscription.subscription_id,) if subscription.subscription_id else ()
         now = self.clock.seconds()
         security = self.security
@@ -908,11 +912,11 @@ class BrokerService(MultiService):
                 delivery.deliver(session, message, min(message.qos, subscription.qos),
                                  message.retain and subscription.retain_as_published, ids)
         expired: list[str] = []
+        took_all = True
         for message in chain(() if first is None else (first,), retained):
-            if delivery.full(session, subscription.qos):
-                # What is left could only be dropped: not even matched (a million took seconds),
-                # so not counted.
+            if self._takes_no_more(session, subscription.qos):
                 delivery.drop(session, 1)
+                took_all = False
                 break
             if message.expired(now):
                 expired.append(message.topic)  # (after the walk, which the tree may not change under)
@@ -927,6 +931,13 @@ class BrokerService(MultiService):
             delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
         for topic in expired:
             self._drop_retained(topic)
+        return took_all
+
+    def _takes_no_more(self, session: Session, qos: int) -> bool:
+        """Whether a session is ``Delivery.full`` for a new subscription of ``qos``, once what
+        expired in its queue went (once a second at most: ``Delivery.sweep``)."""
+        delivery = self.delivery
+        return delivery.full(session, qos) and (not delivery.sweep(session) or delivery.full(session, qos))
 
     def delete_retained(self, topic: str) -> bool:
         """Delete a topic's retained message, here and in the store (in a cluster, Redis, whence

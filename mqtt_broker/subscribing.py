@@ -191,7 +191,8 @@ class Subscribing:
         if self.state is not State.CONNECTED:  # (a SUBACK too large for the client closes it)
             return
         for subscription, existed, replay in zip(granted, replaced, replays):
-            self.broker.send_retained(self.session, subscription, existed, replay)
+            if not self.broker.send_retained(self.session, subscription, existed, replay):
+                return
 
     def _not_subscribed(self, failure: Failure, packet: Subscribe, codes: list[int], granted: list[Subscription],
                         previous: list[Subscription | None], reason: str) -> None:

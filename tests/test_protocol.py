@@ -430,6 +430,25 @@ def test_retained_messages_a_full_session_cannot_take_are_dropped_at_once(qos: i
     assert len([p for p in sub.received() if isinstance(p, Publish)]) == 3 + 10
 
 
+def test_retained_messages_a_queue_full_before_the_subscribe_cannot_take_are_counted_as_dropped() -> None:
+    """max_queued_messages: the retained messages a new subscription matches that the session
+    cannot take are dropped and counted. Full before the SUBSCRIBE came, its queue took none and
+    none was counted. As when it fills on the way: the first is counted, the rest not even
+    matched, nor the next filters."""
+    broker = make_broker(max_queued_messages=2, max_inflight_messages=1)
+    for n in range(3):
+        broker.publish(f"r/{n}", b"retained", qos=1, retain=True)
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    for _ in range(3):
+        broker.publish("t", b"live", qos=1)  # one in flight, two queued
+    sub.received()
+    sub.send(Subscribe(packet_id=2, subscriptions=tuple(
+        SubscriptionRequest(topic_filter=f, qos=1) for f in ("r/#", "r/+"))))
+    assert sub.received() == [Suback(packet_id=2, reason_codes=(1, 1))]
+    assert (broker.stats.messages_dropped, broker.sessions["sub"].dropped) == (1, 1)
+
+
 def test_retained_messages_a_session_cannot_take_are_not_spilled_to_the_store() -> None:
     """With a store, QoS 1 messages a session's queue cannot take wait in the store, but not the
     retained messages of a SUBSCRIBE: each of its filters sends them again, and "#" a thousand
