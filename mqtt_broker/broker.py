@@ -928,7 +928,7 @@ class BrokerService(MultiService):
             if delivery.too_large_to_queue(session, message):  # (not spilled to the store either)
                 delivery.drop(session, 1)
                 continue
-            delivery.deliver(session, message, min(message.qos, subscription.qos), True, ids)
+            delivery.deliver_retained(session, message, min(message.qos, subscription.qos), ids)
         for topic in expired:
             self._drop_retained(topic)
         return took_all

@@ -469,18 +469,34 @@ class Delivery:
         """Whether the retained messages a subscription of ``qos`` sends the session now would
         neither go at once nor wait in its queue in memory: a long run of deliveries stops there
         rather than drop them one by one, holding up the reactor. They are not spilled to the
-        store either: each filter of a SUBSCRIBE sends them again, and "#" a thousand times over
-        in 4 KB would put a million copies there in one read. (Its bytes bound is the caller's,
-        message by message: ``too_large_to_queue``.)"""
+        store either (``deliver_retained``): each filter of a SUBSCRIBE sends them again, and "#"
+        a thousand times over in 4 KB would put a million copies there in one read. (Its bytes
+        bound is the caller's, message by message: ``too_large_to_queue``.)"""
         config = self.config
         connection = session.connection
         if connection is not None and connection.pending_bytes < config.max_held_bytes and not session.queue \
                 and not session.spilled:
             return False
-        if (config.max_queued_messages and len(session.queue) >= config.max_queued_messages) or (
-                qos and session.spilled):  # (a QoS 1/2 one would be spilled, behind those)
+        if config.max_queued_messages and len(session.queue) >= config.max_queued_messages:
             return True
         return not qos and connection is None and not config.queue_qos0_messages
+
+    def deliver_retained(self, session: Session, message: Message, qos: int, subscription_ids: tuple[int, ...]) -> None:
+        """``deliver`` a retained message a new subscription matches, which the session is not
+        ``full`` for and not ``too_large_to_queue``. While the session's backlog waits in the
+        store, a QoS 1/2 one waits in memory, behind what is there and ahead of what is stored:
+        only the messages its subscriptions had before keep their order behind those; the new
+        subscription has none to keep with them, and what it gets live comes after."""
+        if not (qos and session.spilled):
+            self.deliver(session, message, qos, True, subscription_ids)
+            return
+        item = Outgoing(message, qos, True, subscription_ids)
+        # Numbered after the backlog, it is left out of ``loaded_seq``: only an empty queue is read
+        # into, and once sent the store has it in flight, not queued. But a read of the backlog
+        # under way (``loading``) could bring it back a second time: then it is kept in memory only.
+        if not session.loading:
+            self._item(session, item, stored=True)
+        session.push(item)
 
     def too_large_to_queue(self, session: Session, message: Message) -> bool:
         """Whether a retained message would wait in the session's queue and go past

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from protocol_helpers import FakeClient, connected, make_broker
 
 from mqtt_broker import BrokerService
@@ -11,7 +13,7 @@ from mqtt_broker.config import BrokerConfig
 from mqtt_broker.delivery import STORE_SWEEP_EVERY
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.topics import SharedGroup
-from mqtt_broker.wire import Disconnect, Puback, Publish, ReasonCode
+from mqtt_broker.wire import Disconnect, Puback, Publish, ReasonCode, Suback
 
 
 def drain(client):  # type: ignore[no-untyped-def]
@@ -180,6 +182,67 @@ def test_a_read_of_the_backlog_failed_by_a_failing_write_is_not_logged_at_each_r
     assert drain(again) == [b"2", b"3", b"4"]
     logged = log.matching("cannot read the queued messages of 'sub'")
     assert len(logged) == 1 and len(log.failures()) == 1 and "disk I/O error" in str(log.failures()[0]["log_failure"])
+
+
+def backlogged_subscriber(store: MemoryStore) -> tuple[BrokerService, FakeClient]:
+    """A broker with a retained message on "r" and "sub" back with a window of one: of its
+    backlog of five, "0" in flight, "1" and "2" queued in memory, "3" and "4" stored."""
+    broker = make_broker(max_queued_messages=3, max_inflight_messages=1, store=store)
+    broker.publish("r", b"retained", qos=1, retain=True)
+    offline_subscriber(broker)
+    for n in range(5):
+        broker.publish("t", str(n).encode(), qos=1)
+    again = FakeClient(broker)
+    again.connect("sub", clean=False)
+    return broker, again
+
+
+def test_a_new_subscriptions_retained_message_goes_ahead_of_a_stored_backlog() -> None:
+    """[MQTT-3.3.1-6]: a new subscription gets the retained messages it matches. A QoS 1 one got
+    none while any of its session's backlog was in the store, though the queue in memory had
+    room, and none was counted as dropped. It waits in memory behind what is there, ahead of what
+    is stored (a new subscription has no order to keep with the backlog of the others), and the
+    store keeps it: a restart meanwhile sends it after the backlog."""
+    store = MemoryStore()
+    broker, again = backlogged_subscriber(store)
+    [first] = again.received()
+    session = broker.sessions["sub"]
+    assert first.payload == b"0" and len(session.queue) == 2 and session.spilled == 2
+    assert again.subscribe("r", qos=1, packet_id=9) == [Suback(packet_id=9, reason_codes=(1,))]
+    again.send(Puback(packet_id=first.packet_id))
+    assert drain(again) == [b"1", b"2", b"retained", b"3", b"4"]
+    assert broker.stats.messages_dropped == 0
+    broker, again = backlogged_subscriber(MemoryStore())
+    again.subscribe("r", qos=1, packet_id=9)
+    again.lose()
+    broker.stopService()
+    restarted = make_broker(max_queued_messages=3, store=broker.store)
+    restarted.startService()
+    back = FakeClient(restarted)
+    back.connect("sub", clean=False)
+    assert drain(back) == [b"0", b"1", b"2", b"3", b"4", b"retained"]
+
+
+def test_a_new_subscriptions_retained_message_is_not_read_back_with_the_backlog_being_read() -> None:
+    """The store is reading the next of the backlog when the retained message of a new
+    subscription is queued: it stays out of the store, which would read it back a second time
+    (it is numbered after the backlog)."""
+    store = MemoryStore()
+    reads: list[tuple[Deferred[Any], tuple[Any, ...]]] = []
+    read = store.load_queued
+    store.load_queued = lambda *args: reads.append((Deferred(), args)) or reads[-1][0]  # type: ignore[method-assign]
+    broker, again = backlogged_subscriber(store)
+    [first] = again.received()
+    again.send(Puback(packet_id=first.packet_id))
+    [second] = again.received()
+    again.send(Puback(packet_id=second.packet_id))
+    [third] = again.received()  # "2": the queue is empty, the store reads "3" on
+    again.subscribe("r", qos=1, packet_id=9)
+    [(reading, args)] = reads
+    read(*args).chainDeferred(reading)
+    again.send(Puback(packet_id=third.packet_id))
+    assert drain(again) == [b"retained", b"3", b"4"]
+    assert broker.sessions["sub"].spilled == 0
 
 
 def test_spilled_messages_read_back_keep_to_max_queued_bytes() -> None:
