@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.logger import Logger
 
 from .message import Message, bare
-from .session import Outgoing, Queued, Session
+from .session import NO_HELD_BACK, Outgoing, Queued, Session
 from .store import StoreError
 from .topics import SharedGroup, SharedGroups, Subscription, Turns, but_its_sender, terms
 from .wire.packets import MQTT_5
@@ -567,6 +567,7 @@ class Delivery:
         connection = session.connection
         assert connection is not None
         session.unsent = 0
+        session.held_back = NO_HELD_BACK
         if session.outgoing:
             self._resend(session, connection)
         self.pump(session)
@@ -584,8 +585,7 @@ class Delivery:
             if out.released:
                 connection.send_pubrel(packet_id, again=True)
             elif resent >= connection.send_quota:
-                out.unsent = True  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
-                session.unsent += 1
+                session.hold_back(packet_id, out)  # the client's Receive Maximum [MQTT-4.9.0-2]: sent as acks come
             elif connection.send_publish(out.message, out.qos, out.retain, packet_id, True, out.subscription_ids):
                 resent += 1
             elif self._release_unsendable(session, connection, packet_id, out):
@@ -711,33 +711,40 @@ class Delivery:
         # One held back goes if a slot is free: an acknowledgement of one held back (the client
         # had it from the connection before) frees none [MQTT-4.9.0-2].
         if session.unsent and connection is not None and len(session.outgoing) - session.unsent < connection.send_quota:
-            sent = False
-            too_large = []
-            for next_id, out in list(session.outgoing.items()):
-                if out.unsent:
-                    if self._unreadable(session, connection, next_id, out):
-                        if next_id in session.outgoing:  # released: a PUBREL went
-                            sent = True
-                            break
-                        continue
-                    out.unsent = False
-                    session.unsent -= 1
-                    if session.stored:  # its record may not be written yet
-                        connection.wait_for_store(out.qos == 2)
-                    if connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids) \
-                            or self._release_unsendable(session, connection, next_id, out):
-                        sent = True
-                        break
-                    too_large.append(next_id)  # dropped, as if delivered [MQTT-3.1.2-25]
-            else:
-                session.unsent = 0
-            for next_id in too_large:
-                self.forget(session, session.outgoing.pop(next_id))
-            if sent:
+            if self._send_held_back(session, connection):
                 return True
         if session.queue or session.spilled:
             self.pump(session)
         return True
+
+    def _send_held_back(self, session: Session, connection: MQTTProtocol) -> bool:
+        """Send the next message held back, in the order they were held back. Returns whether
+        one went (or, for one its client may no longer read, its PUBREL)."""
+        held, outgoing = session.held_back, session.outgoing
+        sent = False
+        while held:
+            next_id = held.popleft()
+            out = outgoing.get(next_id)
+            if out is None or not out.unsent:
+                continue  # acknowledged or released since (its id may name a message sent since)
+            if self._unreadable(session, connection, next_id, out):
+                if next_id in outgoing:  # released: a PUBREL went
+                    sent = True
+                    break
+                continue
+            out.unsent = False
+            session.unsent -= 1
+            if session.stored:  # its record may not be written yet
+                connection.wait_for_store(out.qos == 2)
+            if connection.send_publish(out.message, out.qos, out.retain, next_id, True, out.subscription_ids) \
+                    or self._release_unsendable(session, connection, next_id, out):
+                sent = True
+                break
+            del outgoing[next_id]  # dropped, as if delivered [MQTT-3.1.2-25]
+            self.forget(session, out)
+        if not session.unsent:
+            session.held_back = NO_HELD_BACK
+        return sent
 
     def _unreadable(self, session: Session, connection: MQTTProtocol, packet_id: int, out: Outgoing) -> bool:
         """Whether a message in flight, to be sent again, may no longer be read by its client (a

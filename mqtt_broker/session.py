@@ -91,7 +91,12 @@ thousands of idle sessions); ``Session.subscribe`` makes the dict."""
 NO_OUTGOING: Final[dict[int, Outgoing]] = _shared_empty(dict, *_DICT_ADDERS)
 """The messages in flight of a session that has sent none yet; ``Session.track`` makes the dict."""
 
-NO_QUEUE: Final[deque[Queued]] = _shared_empty(deque, "append", "appendleft", "extend", "extendleft", "insert", "__iadd__")
+_DEQUE_ADDERS: Final = ("append", "appendleft", "extend", "extendleft", "insert", "__iadd__")
+
+NO_HELD_BACK: Final[deque[int]] = _shared_empty(deque, *_DEQUE_ADDERS)
+"""The ``held_back`` packet ids of a session that holds none back; ``Session.hold_back`` makes the deque."""
+
+NO_QUEUE: Final[deque[Queued]] = _shared_empty(deque, *_DEQUE_ADDERS)
 """The queue of a session that has queued nothing yet (a deque costs 600 bytes even empty, for
 each of thousands of idle sessions). Only ``Session.push`` and ``enqueue`` add to a queue; they
 make the deque."""
@@ -130,6 +135,10 @@ class Session:
     next_seq: int = 1
     unsent: int = 0
     """How many of ``outgoing`` wait to be resent (their ``unsent`` flag)."""
+    held_back: deque[int] = NO_HELD_BACK
+    """The packet ids of those, in the order they are to go: each acknowledgement that frees a
+    slot finds the next at once, however many are in flight. It may still hold ids no longer
+    held back (acknowledged or released since), passed over as they come."""
     swept_at: float = 0.0
     """When its full queue was last rid of the messages in it that expired."""
     _next_id: int = 1
@@ -154,6 +163,7 @@ class Session:
         self.loaded_seq = 0
         self.next_seq = 1
         self.unsent = 0
+        self.held_back = NO_HELD_BACK
         self.swept_at = 0.0
         self._next_id = 1
 
@@ -177,6 +187,15 @@ class Session:
         if self.outgoing is NO_OUTGOING:
             self.outgoing = {}
         self.outgoing[packet_id] = item
+
+    def hold_back(self, packet_id: int, item: Outgoing) -> None:
+        """A message in flight with this packet id is to be resent once the client's Receive
+        Maximum allows, after those held back before it."""
+        item.unsent = True
+        self.unsent += 1
+        if self.held_back is NO_HELD_BACK:
+            self.held_back = deque()
+        self.held_back.append(packet_id)
 
     def expect_pubrel(self, packet_id: int) -> None:
         """An inbound QoS 2 PUBLISH with this id was routed: its PUBREL is awaited."""
@@ -236,6 +255,7 @@ class Session:
         self.subscriptions = NO_SUBSCRIPTIONS
         self.outgoing = NO_OUTGOING
         self.unsent = 0
+        self.held_back = NO_HELD_BACK
         self.queue = NO_QUEUE
         self.queued_bytes = 0
         self.spilled = 0

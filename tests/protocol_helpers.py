@@ -17,9 +17,11 @@ _ports = iter(range(20000, 60000))
 
 class Held:
     """Bytes allocated inside a ``with Held() as held:`` block and still held at its end, after a
-    collection (``held.bytes``): what the broker keeps of what the block made it do."""
+    collection (``held.bytes``): what the broker keeps of what the block made it do; and the most
+    held at once within it (``held.peak``)."""
 
     bytes = 0
+    peak = 0
 
     def __enter__(self) -> Held:
         tracemalloc.start()
@@ -28,6 +30,7 @@ class Held:
 
     def __exit__(self, *_: object) -> None:
         try:
+            self.peak = tracemalloc.get_traced_memory()[1] - self._before
             gc.collect()
             self.bytes = tracemalloc.get_traced_memory()[0] - self._before
         finally:

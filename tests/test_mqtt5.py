@@ -22,7 +22,7 @@ from mqtt_broker.topics import MAX_SHARE_TURNS, Turns
 
 from mqtt_broker.broker import SESSIONS_ENDED_PER_TURN
 
-from protocol_helpers import FakeClient, TurnClock, connected, make_broker
+from protocol_helpers import FakeClient, Held, TurnClock, connected, make_broker
 
 NEVER = 0xFFFFFFFF
 
@@ -851,6 +851,55 @@ def test_an_acknowledgement_of_a_message_held_back_frees_no_slot(qos: int) -> No
     assert sub.received() == []
     acknowledge(first[0].packet_id)
     assert [p.payload for p in sub.received()] == [b"2"]
+
+
+def test_messages_held_back_go_in_the_order_they_were_sent_passing_over_those_acknowledged_meanwhile() -> None:
+    """[MQTT-4.9.0-2]: of six messages in flight from the connection before, a Receive Maximum
+    of 2 resends two and holds four back. The client acknowledges one held back (it had it): as
+    slots free, the others go in the order they were first sent, each once, and that one not."""
+    broker = make_broker()
+    sub = v5(broker, "sub", clean=False, properties=persistent(receive_maximum=10))
+    sub.subscribe("t", qos=1)
+    for n in range(6):
+        broker.publish("t", str(n).encode(), qos=1)
+    had = {p.payload: p.packet_id for p in sub.received()}
+    sub.lose()
+    sub, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=2))
+    in_flight = sub.received()
+    assert payloads(in_flight) == [b"0", b"1"]
+    sub.send(Puback(packet_id=had[b"3"]))
+    assert sub.received() == []
+    released = []
+    for _ in range(10):  # acknowledged one by one, bounded
+        if not in_flight:
+            break
+        sub.send(Puback(packet_id=in_flight.pop(0).packet_id))
+        sent = sub.received()
+        released += [(p.payload, p.packet_id, p.dup) for p in sent]
+        in_flight += sent
+    assert released == [(b"2", had[b"2"], True), (b"4", had[b"4"], True), (b"5", had[b"5"], True)]
+    session = broker.sessions["sub"]
+    assert session.outgoing == {} and session.unsent == 0
+
+
+def test_an_acknowledgement_that_sends_a_message_held_back_does_not_copy_those_in_flight() -> None:
+    """A client with 10,000 messages in flight from before is back with a Receive Maximum of 1
+    (up to 65,535 may be in flight: Mosquitto's max_inflight_messages 0): each acknowledgement
+    copied the whole window to find the next held back, 3 s of the reactor for 200 of them at
+    30,000 in flight."""
+    broker = make_broker(max_inflight_messages=65535)
+    sub = v5(broker, "sub", clean=False, properties=persistent(receive_maximum=65535))
+    sub.subscribe("t", qos=1)
+    for _ in range(10_000):
+        broker.publish("t", b"x", qos=1)
+    sub.received()
+    sub.lose()
+    sub, _ = connect5(broker, "sub", clean=False, properties=persistent(receive_maximum=1))
+    [resent] = sub.received()
+    with Held() as held:
+        sub.send(Puback(packet_id=resent.packet_id))
+    [_] = sub.received()
+    assert held.peak < 50_000, f"{held.peak} bytes for one acknowledgement"
 
 
 def test_client_exceeding_broker_receive_maximum_is_disconnected() -> None:

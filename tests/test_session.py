@@ -205,13 +205,24 @@ def test_idle_sessions_share_empty_subscriptions_and_in_flight_messages() -> Non
 
 
 def test_the_shared_empty_queue_and_pubrels_refuse_to_be_added_to() -> None:
-    from mqtt_broker.session import NO_PUBRELS, NO_QUEUE
+    from mqtt_broker.session import NO_HELD_BACK, NO_PUBRELS, NO_QUEUE
     item = Queued(message(), 1, False)
     for write in (lambda: NO_QUEUE.append(item), lambda: NO_QUEUE.extend([item]), lambda: NO_PUBRELS.add(1),
-                  lambda: NO_PUBRELS.update({1})):
+                  lambda: NO_PUBRELS.update({1}), lambda: NO_HELD_BACK.append(1)):
         with pytest.raises(TypeError):
             write()
-    assert not NO_QUEUE and not NO_PUBRELS and 1 not in NO_PUBRELS
+    assert not NO_QUEUE and not NO_PUBRELS and 1 not in NO_PUBRELS and not NO_HELD_BACK
+
+
+def test_a_session_holding_none_back_shares_the_empty_held_back_ids() -> None:
+    from mqtt_broker.session import NO_HELD_BACK
+    idle, busy = Session("idle"), Session("busy")
+    assert idle.held_back is busy.held_back is NO_HELD_BACK
+    for packet_id in (3, 1):
+        busy.hold_back(packet_id, Outgoing(message(), 1, False))
+    assert list(busy.held_back) == [3, 1] and busy.unsent == 2 and not NO_HELD_BACK
+    busy.clear()
+    assert busy.held_back is NO_HELD_BACK and busy.unsent == 0
 
 
 @pytest.mark.parametrize("copy_of", [copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))])
