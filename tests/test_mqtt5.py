@@ -403,6 +403,25 @@ def test_an_mqtt3_client_resuming_a_session_of_mqtt5_loses_the_options_mqtt3_has
     assert not subscription.retain_as_published and not subscription.no_local
 
 
+def test_messages_routed_to_a_session_of_mqtt5_under_retain_as_published_reach_an_mqtt3_resume_with_retain_0() -> None:
+    """MQTT 3.1.1 [MQTT-3.3.1-9] for the messages routed before the MQTT 3.1.1 client resumed the
+    session too: those in flight or queued kept the RETAIN 1 Retain As Published gave them."""
+    broker = make_broker(max_inflight_messages=1)
+    old = v5(broker, "c", clean=False, properties=persistent(1000))
+    subscribe5(old, "t", qos=1, retain_as_published=True)
+    pub = connected(broker, "pub")
+    pub.publish("t", b"in flight", qos=1, retain=True)
+    assert [(p.payload, p.retain) for p in old.received()] == [(b"in flight", True)]
+    old.lose()
+    pub.publish("t", b"queued", qos=1, retain=True, packet_id=2)
+    again = FakeClient(broker, version=4)
+    assert again.connect("c", clean=False).session_present
+    [resent] = again.received()
+    again.send(Puback(packet_id=resent.packet_id))
+    [queued] = again.received()
+    assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"in flight", False), (b"queued", False)]
+
+
 def test_clean_start_zero_resumes_existing_session() -> None:
     """[MQTT-3.1.2-5] [MQTT-3.2.2-3]: Clean Start 0 with a session: Session Present 1, its
     subscriptions still deliver."""
