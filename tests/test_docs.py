@@ -283,6 +283,30 @@ def test_the_mqtt5_page_lists_the_reason_codes_the_broker_sends() -> None:
 
 
 
+@pytest.mark.parametrize("qos", [1, 2])
+def test_the_mqtt5_page_names_the_publishes_counted_against_the_brokers_receive_maximum(qos: int) -> None:
+    """The flow control row said QoS 1 PUBLISHes were not counted: they are, until their PUBACK
+    goes (which waits for the store) [MQTT-3.3.4-7]. The QoS the row names are those that take a
+    client past the broker's Receive Maximum to DISCONNECT 0x93."""
+    from protocol_helpers import connected
+    from test_durability import HeldStore
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mqtt_broker import BrokerService
+    from mqtt_broker.wire import Disconnect, Publish, ReasonCode
+
+    page = (DOCS / "mqtt5.md").read_text()
+    [row] = re.findall(r"^\| flow control \| ([^|]*) \|", page, re.M)
+    named = re.search(r"a client with more (QoS [12](?: and [12])?) PUBLISHes unacknowledged than ours", row)
+    assert named is not None and f"{qos}" in named[1], row
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=HeldStore(), max_inflight_messages=2)
+    client = connected(broker, "p", 5)
+    client.received()
+    client.send(*(Publish(topic="t", payload=b"x", qos=qos, packet_id=n) for n in range(1, 4)))
+    [disconnect] = client.received()
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
+
+
 def test_the_spec_statements_cited_are_named_in_full() -> None:
     """A citation is a statement's id (``[MQTT-3.1.2-24]``) or, where the specification numbers
     none, its section: one with a question mark for its number sends the reader nowhere."""
