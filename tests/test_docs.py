@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -162,6 +164,35 @@ def test_the_readme_embedded_example_refuses_what_its_hook_does_not_want() -> No
         broker.stopService()
 
 
+def test_the_readme_embedded_broker_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """Run as written (with SQLite, as docs/durability.md has embedders do), Ctrl-C stops the
+    broker: its MQTT 5 client is told 0x8B [MQTT-3.14.2-1] and the process ends (the store's
+    thread is the broker's stop's to end)."""
+    from conftest import free_port, terminate, wait_for_port
+
+    [text] = [text for page, text in _blocks("python") if page == "README.md" and "on_publish" in text]
+    port = free_port()
+    code = text.replace('BrokerService(endpoints=["tcp:1883"]',
+                        f'BrokerService(persistence="sqlite", endpoints=["tcp:{port}:interface=127.0.0.1"]')
+    assert str(port) in code
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        wait_for_port(port, process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(bytes.fromhex("101000044d5154540502003c000003763563"))  # CONNECT, MQTT 5, "v5c"
+            assert client.recv(1) == b"\x20"  # CONNACK
+            client.recv(64)
+            process.send_signal(signal.SIGINT)
+            said = b""
+            while len(said) < 3 and (piece := client.recv(64)):
+                said += piece
+        assert said[:1] == b"\xe0" and said[2:3] == b"\x8b", said.hex()
+        assert process.wait(10) is not None
+    finally:
+        terminate(process)
+
+
 @pytest.mark.parametrize("page,text", TOML, ids=[f"{page}-{n}" for n, (page, _) in enumerate(TOML)])
 def test_toml_examples_are_valid_settings(page: str, text: str) -> None:
     BrokerConfig.from_mapping(tomllib.loads(text), page)
@@ -281,6 +312,37 @@ def test_the_mqtt5_page_lists_the_reason_codes_the_broker_sends() -> None:
         [disconnect] = client.received()
         assert disconnect.reason_code in server, disconnect
 
+
+
+def test_the_mqtt5_page_lists_the_connack_codes_the_broker_refuses_with() -> None:
+    """No page named 0x85 (an empty client id the broker does not take) or 0x9F
+    (max_connections_per_minute). The codes are the broker's answers here, looked up on the page."""
+    from protocol_helpers import FakeClient, make_broker
+
+    from mqtt_broker.wire import Will
+
+    page = (DOCS / "mqtt5.md").read_text()
+    [row] = re.findall(r"^\| reason codes \| ([^|]*) \|", page, re.M)
+    [codes] = re.findall(r"(?:^|, )CONNACK ([0-9A-Fx/]+)", row)
+    listed = {int(code, 16) for code in codes.split("/")}
+    broker = make_broker(allow_zero_length_clientid=False, max_connections_per_minute=1, max_qos=1,
+                         retain_available=False)
+    broker.hooks.on_connect(lambda client: client.client_id != "refused")
+    attempts: list[tuple[str, dict[str, Any]]] = [
+        ("", {}), ("twice", {}), ("twice", {}), ("refused", {}),
+        ("w1", {"will": Will(topic="w", payload=b"", qos=2)}),
+        ("w2", {"will": Will(topic="w", payload=b"", retain=True)}),
+        ("w3", {"will": Will(topic="w/#", payload=b"")}),
+        ("w4", {"will": Will(topic="w", payload=b"\xff", properties={"payload_format_indicator": 1})}),
+        ("a", {"properties": {"authentication_method": "SCRAM-SHA-1"}}),
+    ]
+    refused = set()
+    for client_id, options in attempts:
+        connack = FakeClient(broker, version=5).connect(client_id, **options)
+        if connack.reason_code:
+            refused.add(connack.reason_code)
+    assert len(refused) == 8, refused
+    assert refused <= listed, refused - listed
 
 
 @pytest.mark.parametrize("qos", [1, 2])
