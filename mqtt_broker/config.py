@@ -313,8 +313,9 @@ class BrokerConfig:
         "kept in Redis (persistence and data_dir's database are not used). Empty: no cluster.",
         check=_redis_problem)
     cluster_tls_ca_file: str = _setting(
-        "", "CA certificates (PEM) that a rediss:// Redis's certificate must chain to; empty: "
-        "the platform's trusted CAs. Its name is checked against the URL's host either way.")
+        "", "CA certificates (PEM) that a rediss:// Redis's certificate must chain to (refused "
+        "with a redis:// or redis+sentinel:// URL: those have no TLS); empty: the platform's "
+        "trusted CAs. Its name is checked against the URL's host either way.")
     cluster_node_id: str = _setting(
         "", "This node's id in the cluster; empty: an id made at the first start and kept in "
         "data_dir (cluster-node-id). Two nodes must never share one.")
@@ -435,6 +436,15 @@ class BrokerConfig:
             if problem:
                 raise ConfigError(problem, f.name)
             object.__setattr__(self, f.name, value)
+        # Taken with another URL, it would promise TLS while the node talks to Redis in clear
+        # text, its password too.
+        if self.cluster_tls_ca_file and self.cluster and not self._cluster_tls():
+            raise ConfigError("is for a rediss:// cluster URL (TLS): redis:// and redis+sentinel:// "
+                              "connect in clear text", "cluster_tls_ca_file")
+
+    def _cluster_tls(self) -> bool:
+        from .cluster.address import RedisAddress  # parses only (the URL was checked already)
+        return RedisAddress.parse(self.cluster).tls
 
     @staticmethod
     def _tables(name: str, value: list[Any], table: Callable[[Mapping[str, Any]], Any]) -> list[Any]:

@@ -566,6 +566,15 @@ def test_a_cluster_password_holding_a_quote_is_not_told_in_an_error() -> None:
     assert 'pa"ss' not in str(raised.value), str(raised.value)
 
 
+@pytest.mark.parametrize("url", ["redis://:secret@127.0.0.1:6379/0",
+                                 "redis+sentinel://127.0.0.1:26379/mymaster/0"])
+def test_cluster_tls_ca_file_without_a_rediss_url_is_refused(url: str) -> None:
+    # Taken, it would promise TLS while the node talks to Redis (its password too) in clear text.
+    with pytest.raises(ConfigError, match="cluster_tls_ca_file.*rediss://"):
+        BrokerConfig(cluster=url, cluster_tls_ca_file="ca.pem")
+    assert BrokerConfig(cluster="rediss://127.0.0.1:6379/0", cluster_tls_ca_file="ca.pem").cluster_tls_ca_file
+
+
 def test_a_cluster_password_holding_a_quote_is_not_shown_by_the_admin_api() -> None:
     import dataclasses
 
