@@ -116,6 +116,22 @@ def test_tls_with_the_server_certificate_checked(stop_after: list[object], tmp_p
     assert not joined(untrusted)
 
 
+def test_tls_trusts_every_ca_of_cluster_tls_ca_file(stop_after: list[object], tmp_path: Path) -> None:
+    for directory in ("ours", "other"):
+        result = subprocess.run(["bash", str(ROOT / "certs" / "make-certs.sh"), str(tmp_path / directory)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    ours = tmp_path / "ours"
+    redis = Server("--tls-cert-file", str(ours / "server.pem"), "--tls-key-file", str(ours / "server.key"),
+                   "--tls-ca-cert-file", str(ours / "ca.pem"), "--tls-auth-clients", "no", tls=True)
+    stop_after.append(redis)
+    bundle = tmp_path / "bundle.pem"  # the CA of Redis's certificate second
+    bundle.write_bytes((tmp_path / "other" / "ca.pem").read_bytes() + (ours / "ca.pem").read_bytes())
+    broker = node(f"rediss://localhost:{redis.port}/0", "tls-bundle", "--cluster-tls-ca-file", str(bundle))
+    stop_after.append(broker)
+    wait_until(lambda: joined(broker), "the node to join")
+
+
 def test_the_master_a_sentinel_names(stop_after: list[object]) -> None:
     redis = Server()
     stop_after.append(redis)

@@ -198,21 +198,21 @@ class Redis:
         return factory
 
     def _tls(self, host: str) -> Any:
-        """TLS to Redis, checking its certificate against ``tls_ca_file`` (else the platform's
-        trusted CAs) and its name against ``host``."""
-        from OpenSSL.crypto import Error as OpenSSLError
+        """TLS to Redis, checking its certificate against every CA of ``tls_ca_file`` (else the
+        platform's trusted CAs) and its name against ``host``."""
         from twisted.internet import ssl
 
+        from ..auth.tls import certificates
         from ..config import ConfigError
         trust = None
         if self._tls_ca_file:
             try:
-                with open(self._tls_ca_file, "rb") as f:
-                    trust = ssl.Certificate.loadPEM(f.read())
+                authorities = certificates(self._tls_ca_file, "cluster_tls_ca_file")
             except OSError as e:
                 raise ConfigError(f"{self._tls_ca_file}: cannot read: {e.strerror}", "cluster_tls_ca_file") from None
-            except OpenSSLError:
+            except ValueError:
                 raise ConfigError(f"{self._tls_ca_file}: holds no PEM certificate", "cluster_tls_ca_file") from None
+            trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in authorities])
         return ssl.optionsForClientTLS(host, trustRoot=trust)
 
     def _command_up(self, protocol: Any) -> None:
