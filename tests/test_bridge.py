@@ -519,6 +519,48 @@ def test_tls_bridge_checks_the_remote_name(broker_process: Any, mosquitto: Any, 
     watcher.close()
 
 
+def _client_chain(directory: Path) -> tuple[Path, Path, Path]:
+    """A root CA, an intermediate it signs and a client certificate the intermediate signs; returns
+    the root, the client's chain file (its certificate, then the intermediate's) and its key."""
+    import subprocess
+    directory.mkdir()
+    root, chain, key = directory / "root.pem", directory / "chain.pem", directory / "edge.key"
+    ca = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+    (directory / "intermediate.ext").write_text(ca)
+    (directory / "edge.ext").write_text("basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [["openssl", "req", "-x509", *new_key, "-keyout", directory / "root.key", "-subj", "/CN=root CA",
+                 "-days", "2", "-out", root, "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign"]]
+    for name, issuer in (("intermediate", "root"), ("edge", "intermediate")):
+        commands += [["openssl", "req", "-new", *new_key, "-keyout", directory / f"{name}.key", "-subj", f"/CN={name}",
+                      "-out", directory / f"{name}.csr"],
+                     ["openssl", "x509", "-req", "-in", directory / f"{name}.csr", "-CA", directory / f"{issuer}.pem",
+                      "-CAkey", directory / f"{issuer}.key", "-CAcreateserial", "-days", "2",
+                      "-out", directory / f"{name}.pem", "-extfile", directory / f"{name}.ext"]]
+    for command in commands:
+        subprocess.run([str(c) for c in command], check=True, capture_output=True, timeout=30)
+    chain.write_bytes((directory / "edge.pem").read_bytes() + (directory / "intermediate.pem").read_bytes())
+    return root, chain, key
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["name-checked", "bridge_insecure"])
+def test_tls_bridge_sends_the_chain_of_its_certificate_file(broker_process: Any, mosquitto: Any, tmp_path: Path,
+                                                             insecure: bool) -> None:
+    """bridge_certfile is a chain file, as Mosquitto's is: a remote that trusts only the root
+    needs the intermediates that follow the bridge's certificate."""
+    from test_tls import make_certs
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    root, chain, key = _client_chain(tmp_path / "clients")
+    remote = mosquitto(certfile=str(certs / "server.pem"), keyfile=str(certs / "server.key"), cafile=str(root),
+                       require_certificate="true")
+    # (bridged waits for the bridge's state topic to say it is connected)
+    bridged(broker_process, tmp_path, remote.port, addresses=[f"localhost:{remote.port}"], topic=["t/# out 1"],
+            bridge_cafile=str(certs / "ca.pem"), bridge_certfile=str(chain), bridge_keyfile=str(key),
+            bridge_insecure=insecure)
+
+
 def test_remote_credentials(broker_process: Any, mosquitto: Any, tmp_path: Path) -> None:
     """remote_username/remote_password log in; a refused login is logged with its reason code and
     retried with back-off, and nothing crosses meanwhile."""

@@ -326,11 +326,14 @@ def client_tls(config: BridgeConfig, host: str) -> Any:
         authorities = certificates(config.bridge_cafile, "bridge_cafile")
         trust = trustRootFromCertificates([Certificate(c) for c in authorities])
     client_certificate = None
+    chain: list[Any] = []
     if config.bridge_certfile:
+        # The certificates after the bridge's are its chain, sent with it as Mosquitto's
+        # bridge_certfile sends them: a remote may trust only the root.
+        certificate, *chain = certificates(config.bridge_certfile, "bridge_certfile")
         try:
             client_certificate = PrivateCertificate.fromCertificateAndKeyPair(
-                Certificate(certificates(config.bridge_certfile, "bridge_certfile")[0]),
-                KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
+                Certificate(certificate), KeyPair(private_key(config.bridge_keyfile, "bridge_keyfile")))
         except VerifyError:  # (one of the two replaced, the other not yet)
             raise ValueError(f"bridge_keyfile={config.bridge_keyfile} is not the key of "
                              f"bridge_certfile={config.bridge_certfile}") from None
@@ -338,5 +341,7 @@ def client_tls(config: BridgeConfig, host: str) -> Any:
         return CertificateOptions(
             trustRoot=trust,
             privateKey=client_certificate.privateKey.original if client_certificate else None,
-            certificate=client_certificate.original if client_certificate else None)
-    return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_certificate)
+            certificate=client_certificate.original if client_certificate else None,
+            extraCertChain=chain or None)
+    return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_certificate,
+                               extraCertificateOptions={"extraCertChain": chain} if chain else None)
