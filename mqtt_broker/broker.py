@@ -286,6 +286,9 @@ class BrokerService(MultiService):
                 raise ConfigError(f"{description!r}: {e}", key) from None
             if isinstance(endpoint, TLSServerEndpoint):
                 self._tls.append((description, endpoint.tls))
+                # Told, not refused: clients that do not check the dates would be cut off too, and
+                # the renewed files may be on their way (a reload takes them).
+                self._warn_of_dates(description, endpoint.tls)
             listened = tcp.listen(endpoint, factory, self.config.set_tcp_nodelay)
             if not listened.called:  # a plugin's endpoint (onion:, say) listens later
                 self._starting.append(listened)
@@ -301,6 +304,11 @@ class BrokerService(MultiService):
             else:
                 self.ports.append(outcome[0])
                 log.info(listening, endpoint=description)
+
+    def _warn_of_dates(self, description: str, tls: ServerTLS) -> None:
+        problem = tls.dates_problem(self.clock.seconds())
+        if problem is not None:
+            log.warn("TLS listener {endpoint}: {problem}", endpoint=description, problem=problem)
 
     def _listened_late(self, port: Any, listened: Deferred[Any], description: str, listening: str) -> None:
         if listened not in self._starting:  # stopped meanwhile
@@ -395,12 +403,12 @@ class BrokerService(MultiService):
 
     def reload(self) -> list[str]:
         """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
-        files again (SIGHUP under twistd). A bad new file is logged and what was in force stays.
-        Connected clients whose credentials no longer pass (password changed, user removed from
-        ``password_file``) are disconnected; the others keep their connections, and their rights
-        follow the new rules from their next operation on; ``config_check``, if set, says what
-        else the files now give. Returns what was not reloaded, and why: nothing when
-        everything was."""
+        files again (SIGHUP under twistd). A bad new file (a certificate that has expired or is
+        not valid yet too) is logged and what was in force stays. Connected clients whose
+        credentials no longer pass (password changed, user removed from ``password_file``) are
+        disconnected; the others keep their connections, and their rights follow the new rules
+        from their next operation on; ``config_check``, if set, says what else the files now
+        give. Returns what was not reloaded, and why: nothing when everything was."""
         problems = []
         if self.security is not None:
             try:
@@ -411,13 +419,14 @@ class BrokerService(MultiService):
                 self._drop_revoked()
         for description, tls in self._tls:
             try:
-                tls.reload()
+                tls.reload(self.clock.seconds())
             except (OSError, ValueError) as e:
                 log.error("TLS files of {endpoint} not reloaded, the previous certificate stays in use: "
                           "{error}", endpoint=description, error=str(e))
                 problems.append(f"TLS files of {description}: {e}")
             else:
                 log.info("TLS files of {endpoint} reloaded", endpoint=description)
+                self._warn_of_dates(description, tls)
         if self.config_check is not None:
             problems += self.config_check()
         return problems

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import signal
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor
 from twisted.internet.endpoints import _parse  # the reference for our own splitting
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
 from mqtt_broker import BrokerService
 from mqtt_broker.auth.tls import TLSServerEndpoint, parse_description, server_endpoint
 from mqtt_broker.wire import Pingreq, Pingresp, Publish, Suback, Subscribe, SubscriptionRequest
+
+
+DAY = 86400.0
 
 
 def _name(common_name: str) -> x509.Name:
@@ -63,14 +68,15 @@ class PKI:
         (directory / "client.key").write_bytes(_key_pem(self.client.key))
 
     def _issue(self, subject: x509.Name, ca: bool = False, usage: Any = None,
-               names: list[x509.GeneralName] | None = None) -> Issued:
+               names: list[x509.GeneralName] | None = None, valid: tuple[float, float] = (-300, 2 * DAY)) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         issuer = self.ca if not ca else Issued(key, None)  # type: ignore[arg-type]
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = (x509.CertificateBuilder().subject_name(subject)
                    .issuer_name(subject if ca else self.ca.certificate.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now + datetime.timedelta(seconds=valid[0]))
+                   .not_valid_after(now + datetime.timedelta(seconds=valid[1]))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if usage is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -78,10 +84,11 @@ class PKI:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return Issued(key, builder.sign(issuer.key, hashes.SHA256()))
 
-    def server(self, name: str) -> Issued:
-        """A new server certificate (CN ``name``, for localhost), written as server.pem/.key."""
+    def server(self, name: str, valid: tuple[float, float] = (-300, 2 * DAY)) -> Issued:
+        """A new server certificate (CN ``name``, for localhost), written as server.pem/.key;
+        ``valid``: from and until when, in seconds from now."""
         issued = self._issue(_name(name), usage=ExtendedKeyUsageOID.SERVER_AUTH,
-                             names=[x509.DNSName("localhost")])
+                             names=[x509.DNSName("localhost")], valid=valid)
         (self.directory / "server.pem").write_bytes(_pem(issued.certificate))
         (self.directory / "server.key").write_bytes(_key_pem(issued.key))
         return issued
@@ -185,6 +192,73 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(tmp_path: Path)
     finally:
         for client in clients:
             client.close()
+        await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_refuses_a_certificate_outside_its_dates(tmp_path: Path) -> None:
+    """Every client that checks the dates would refuse it: the certificate in use stays, and
+    the reload says why, as for a file that cannot be used."""
+    pki = PKI(tmp_path)
+    first = pki.server("first", valid=(-300, 30 * DAY))
+    broker = BrokerService(endpoints=listeners(pki), reactor=reactor, sys_interval=0)
+    broker.startService()
+    clients: list[RawClient] = []
+    try:
+        ssl_port, mqtts_port = (port.getHost().port for port in broker.ports)  # type: ignore[attr-defined]
+        plain, verified = pki.context(), pki.context(client_certificate=True)
+        for name, valid, why in (("expired", (-10 * DAY, -DAY), "has expired (notAfter "),
+                                 ("future", (DAY, 10 * DAY), "is not valid yet (notBefore ")):
+            pki.server(name, valid)
+            with LogCapture() as log:
+                problems = broker.reload()
+            assert len(problems) == 2, problems
+            assert all(f"certKey={tmp_path / 'server.pem'} {why}" in problem for problem in problems), problems
+            assert log.text().count("not reloaded, the previous certificate stays in use") == 2
+            for port, context in ((ssl_port, plain), (mqtts_port, verified)):
+                probe = await connect(port, context, name)
+                clients.append(probe)
+                assert peer(probe) == first.der
+        # One that expires within two weeks is taken, and its end told.
+        second = pki.server("second", valid=(-300, 2 * DAY))
+        with LogCapture() as log:
+            assert broker.reload() == []
+        assert log.text().count(f"certKey={tmp_path / 'server.pem'} expires within 14 days (notAfter ") == 2
+        probe = await connect(ssl_port, plain, "second")
+        clients.append(probe)
+        assert peer(probe) == second.der
+    finally:
+        for client in clients:
+            client.close()
+        await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("offset, told", [
+    (0.0, None),
+    (-DAY, "is not valid yet (notBefore {not_before:%Y-%m-%d %H:%M:%S} UTC)"),
+    (17 * DAY, "expires within 14 days (notAfter {not_after:%Y-%m-%d %H:%M:%S} UTC)"),
+    (31 * DAY, "has expired (notAfter {not_after:%Y-%m-%d %H:%M:%S} UTC)")],
+    ids=["valid", "not-yet-valid", "expiring", "expired"])
+async def test_a_certificate_outside_its_dates_or_near_its_end_is_told_at_start(
+        tmp_path: Path, offset: float, told: str | None) -> None:
+    """Told, and listened on all the same: clients that do not check the dates still connect,
+    and a reload takes the renewed files."""
+    pki = PKI(tmp_path)
+    certificate = pki.server("server", valid=(-300, 30 * DAY)).certificate
+    clock = Clock()
+    clock.advance(time.time() + offset)
+    description = listeners(pki)[0]
+    broker = BrokerService(endpoints=[description], reactor=reactor, clock=clock, sys_interval=0)
+    with LogCapture() as log:
+        broker.startService()
+    try:
+        assert len(broker.ports) == 1
+        dates = {"not_before": certificate.not_valid_before_utc, "not_after": certificate.not_valid_after_utc}
+        expected = [] if told is None else [
+            f"TLS listener {description}: certKey={tmp_path / 'server.pem'} {told.format(**dates)}"]
+        assert [line for line in log.lines if line.startswith("TLS listener ")] == expected
+    finally:
         await broker.stopService()
 
 

@@ -3,8 +3,9 @@
 Twisted's ``ssl:`` endpoint reads its files once, into a context that every handshake then
 shares. Here each TLS listener gets a :class:`ServerTLS`: every new connection takes the
 context made from the files as last read, and :meth:`ServerTLS.reload` reads them again
-(``BrokerService.reload()``, SIGHUP). A file that cannot be used raises an error naming it,
-and the previous context stays; connections already open keep the context they began with.
+(``BrokerService.reload()``, SIGHUP). A file that cannot be used, or a certificate that has
+expired or is not valid yet, raises an error naming it, and the previous context stays;
+connections already open keep the context they began with.
 
 :func:`server_endpoint` builds ``ssl:`` listeners itself, with the options and defaults of
 Twisted's parser (``privateKey``, ``certKey``, ``sslmethod``, ``extraCertChain``,
@@ -127,6 +128,24 @@ def _openssl_reason(error: Exception) -> str:
     return reasons[-1] if reasons else str(error)
 
 
+EXPIRY_NOTICE = 14 * 24 * 3600.0
+"""How long before a server certificate expires the broker warns of it (seconds)."""
+
+
+def _dates_problem(certificate: Any, path: str, now: float, notice: float) -> str | None:
+    """See :meth:`ServerTLS.dates_problem`; ``certificate`` is an OpenSSL one."""
+    x509 = certificate.to_cryptography()
+    not_before, not_after = x509.not_valid_before_utc, x509.not_valid_after_utc
+    if now > not_after.timestamp():
+        return f"certKey={path} has expired (notAfter {not_after:%Y-%m-%d %H:%M:%S} UTC)"
+    if now < not_before.timestamp():
+        return f"certKey={path} is not valid yet (notBefore {not_before:%Y-%m-%d %H:%M:%S} UTC)"
+    if now > not_after.timestamp() - notice:
+        return (f"certKey={path} expires within {notice / 86400:g} days "
+                f"(notAfter {not_after:%Y-%m-%d %H:%M:%S} UTC)")
+    return None
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """The TLS side of a listener's new connections, made from :attr:`files` as last read."""
@@ -139,10 +158,21 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
         return self._options.serverConnectionForTLS(tlsProtocol)
 
-    def reload(self) -> None:
-        """Read the files again. Raises OSError or ValueError naming the file, and then the
+    def dates_problem(self, now: float) -> str | None:
+        """Why clients will refuse the certificate in use at ``now`` (seconds since the epoch),
+        or soon: it has expired, is not valid yet, or expires within :data:`EXPIRY_NOTICE`;
+        None if none of these."""
+        return _dates_problem(self._options.certificate, self.files.certificate, now, EXPIRY_NOTICE)
+
+    def reload(self, now: float) -> None:
+        """Read the files again. Raises OSError or ValueError naming the file, or a certificate
+        that has expired at ``now`` (seconds since the epoch) or is not valid yet, and then the
         context in use stays."""
-        self._options = self.files.options()
+        options = self.files.options()
+        problem = _dates_problem(options.certificate, self.files.certificate, now, 0.0)
+        if problem is not None:
+            raise ValueError(problem)
+        self._options = options
 
 
 class TLSServerEndpoint(SSL4ServerEndpoint):
@@ -188,5 +218,5 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     return ssl_endpoint(reactor, *arguments[1:], **options)
 
 
-__all__ = ["ServerTLS", "TLSFiles", "TLSServerEndpoint", "certificates", "parse_description", "server_endpoint",
+__all__ = ["EXPIRY_NOTICE", "ServerTLS", "TLSFiles", "TLSServerEndpoint", "certificates", "parse_description", "server_endpoint",
            "ssl_endpoint"]
