@@ -3449,3 +3449,46 @@ def test_a_dead_nodes_inbox_that_was_written_to_and_never_read_is_adopted_to_its
     finally:
         yield broker.stopService()
         yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_goes_to_redis_once_the_changes_before_it_are_written_not_those_recorded_since() -> Iterator[
+        Deferred[Any]]:
+    """c, whose session node b holds, connects to node a while a batch of a's is on its way to
+    Redis, and a records more changes meanwhile. The claim went once that batch was written, and
+    then waited for the next as well: Redis lost under it, the client was refused at
+    cluster_claim_timeout with its claim held, not withdrawn (no longer waiting for Redis), and
+    sent once the batch was written, minutes later perhaps, taking the session from c's
+    connection on b (0x8E there). It goes once what was recorded before it is written."""
+    redis = RedisServer()
+    clock = Clock()
+    link = Redis(RedisAddress.parse(redis.url))
+    b = RedisStore(link, "b", reactor)
+    try:
+        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=redis.url, cluster_node_id="a",
+                               close_linger=0)
+        broker.startService()
+        yield broker.cluster.ready
+        yield b.register(600_000)
+        yield holds(b, "c", expiry=3600)
+        store = broker.store
+        before: Deferred[None] = Deferred()  # the batch on its way when c connects
+        since: Deferred[None] = Deferred()  # the next, which Redis, lost under it, does not answer
+        real_flushed = store.flushed
+        store.flushed = lambda: since if before.called else before  # type: ignore[method-assign]
+        client = FakeClient(broker, 5)
+        client.send(Connect(protocol_level=5, client_id="c", clean_start=False,
+                            properties={"session_expiry_interval": 3600}))
+        before.callback(None)
+        yield until(lambda: client.transport.value() or client.closed, "the claim's answer")
+        assert [p.reason_code for p in client.received()] == [ReasonCode.SUCCESS] and not client.closed
+        clock.advance(broker.config.cluster_claim_timeout)
+        assert not client.closed
+        store.flushed = real_flushed  # type: ignore[method-assign]
+        since.callback(None)
+        owner = yield store.locate("c")
+        assert owner is not None and owner["node"] == "a"
+        yield broker.stopService()
+    finally:
+        yield link.close()
+        redis.close()

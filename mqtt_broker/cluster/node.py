@@ -280,22 +280,21 @@ class Cluster:
         self._claiming.setdefault(client_id, [])
         answer: Deferred[bool] = Deferred()
         config = self.broker.config
-        sending = self.store.sendable()
-        timer = self.clock.callLater(config.cluster_claim_timeout, self._claim_late, client_id, answer, sending)
-        sending.addCallback(lambda _: self.store.claim(client_id, clean_start, config.max_queued_messages, "",
-                                                       config.max_queued_bytes)).addCallbacks(
+        withdraw: Deferred[None] = Deferred()
+        timer = self.clock.callLater(config.cluster_claim_timeout, self._claim_late, client_id, answer, withdraw)
+        self.store.claim(client_id, clean_start, config.max_queued_messages, "", config.max_queued_bytes,
+                         withdraw).addCallbacks(
             self._claimed, self._not_claimed, callbackArgs=(client_id, clean_start, answer, timer),
             errbackArgs=(client_id, answer, timer))
         return answer
 
-    def _claim_late(self, client_id: str, answer: Deferred[bool], sending: Deferred[None]) -> None:
+    def _claim_late(self, client_id: str, answer: Deferred[bool], withdraw: Deferred[None]) -> None:
         log.warn("Redis has not handed over the session of {client_id!r} in time: the client is refused",
                  client_id=client_id)
         answer.callback(False)
-        if not sending.called:
-            # Sent once Redis is back, minutes later perhaps, it would take the session from
-            # the connection the client has made to another node since (0x8E there).
-            sending.cancel()
+        # Not yet sent, it would be once Redis is back, minutes later perhaps, and take the
+        # session from the connection the client has made to another node since (0x8E there).
+        withdraw.callback(None)
 
     def _claimed(self, claim: Claim | None, client_id: str, clean_start: bool, answer: Deferred[bool],
                  timer: Any) -> None:

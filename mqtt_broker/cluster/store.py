@@ -586,37 +586,42 @@ class RedisStore:
         return self.redis.call("EXISTS", f"mqtt:node:{node}").addCallback(bool)
 
     @inlineCallbacks
-    def sendable(self) -> Any:
-        """Fires once this node's changes so far are written and Redis is reachable: a claim
-        sent then sees those changes, and reaches Redis unless the connection is lost under it.
-        Cancelled before, it waits no more: what was to be sent then is withdrawn."""
-        yield self.flushed()
-        yield self.redis.when_up()
-
-    def claim(self, client_id: str, clean_start: bool, window: int, required: str = "",
-              max_bytes: int = 0) -> Deferred[Claim | None]:
-        """Take the client's session, after this node's changes so far are written (so that the
-        claim sees them). None when ``required`` names a node that no longer holds it, or that is
-        alive (another than this one: taken for dead, it beat again). Of its
-        queued messages, the first ``window`` (0: all) are read, and with ``max_bytes`` no more
-        bytes than that (counted on the records Redis keeps; the first whatever its size)."""
+    def claim(self, client_id: str, clean_start: bool, window: int, required: str = "", max_bytes: int = 0,
+              withdraw: Deferred[None] | None = None) -> Any:
+        """Take the client's session (``Deferred[Claim | None]``), sent once this node's changes
+        so far are written (so that the claim sees them) and Redis is reachable. ``withdraw``
+        fired before then, it never is (CancelledError): Redis has nothing of it; fired after,
+        it changes nothing (Redis may have applied it). None when ``required`` names a node
+        that no longer holds it, or that is alive (another than this one: taken for dead, it
+        beat again). Of its queued messages, the first ``window`` (0: all) are read, and with
+        ``max_bytes`` no more bytes than that (counted on the records Redis keeps; the first
+        whatever its size)."""
         known = self.epochs.get(client_id, 0)
+        sendable = self._sendable()
+        if withdraw is not None:
+            withdraw.addCallback(lambda _: sendable.cancel())  # (sent, the wait is over: nothing to cancel)
+        yield sendable
+        reply = yield self.redis.run(CLAIM, client_id, self.node, "1" if clean_start else "0", known, window,
+                                     required, max_bytes)
+        if reply is None:
+            return None
+        claim = Claim(reply, client_id)
+        self.epochs[client_id] = claim.epoch
+        if claim.will_id is not None:
+            self.wills_in_hand.add(claim.will_id)
+        self._given_up.pop(client_id, None)
+        self.since_stamps[client_id] = claim.since_stamp
+        return claim
 
-        def run(_: Any) -> Deferred[Any]:
-            return self.redis.run(CLAIM, client_id, self.node, "1" if clean_start else "0", known, window, required,
-                                  max_bytes)
-
-        def claimed(reply: Any) -> Claim | None:
-            if reply is None:
-                return None
-            claim = Claim(reply, client_id)
-            self.epochs[client_id] = claim.epoch
-            if claim.will_id is not None:
-                self.wills_in_hand.add(claim.will_id)
-            self._given_up.pop(client_id, None)
-            self.since_stamps[client_id] = claim.since_stamp
-            return claim
-        return self.flushed().addCallback(run).addCallback(claimed)
+    @inlineCallbacks
+    def _sendable(self) -> Any:
+        """Fires once this node's changes so far are written and Redis is reachable, when a
+        command given to it goes (given while Redis is away, it would wait in txredisapi's
+        queue, out of reach of a withdrawal, to be sent whenever Redis is back). Cancelled
+        before, it waits no more."""
+        yield self.flushed()
+        while not self.redis.up:
+            yield self.redis.when_up()
 
     # --- writing --------------------------------------------------------------------------
 
