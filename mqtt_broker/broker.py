@@ -877,18 +877,20 @@ class BrokerService(MultiService):
         [MQTT-3.3.1-9 of 3.1.1]; with No Local, its own messages did not come back, which it
         could not have asked for. A bridge's (``bridge``, try_private) are No Local and Retain As
         Published, as its own SUBSCRIBEs are made, one the admin API made while it was away too."""
-        as_published = not bridge and any(s.retain_as_published for s in session.subscriptions.values())
         for subscription in list(session.subscriptions.values()):
             if subscription.no_local != bridge or subscription.retain_as_published != bridge:
                 self.subscribe(session, dataclasses.replace(subscription, no_local=bridge, retain_as_published=bridge))
-        if as_published:
-            # The messages routed with it that wait for the client (queued, or to be sent again)
-            # lose the flag too. A retained message sent for a new subscription (RETAIN 1
-            # [MQTT-3.3.1-8 of 3.1.1]) that waits in the queue cannot be told from those, and loses
-            # it as well: a mark on every queued message, kept by the store too, would cost more
-            # than this rare case is worth. Those waiting in the store only keep theirs.
+        if session.as_published and not bridge:
+            # The messages routed with the option that wait for the client (queued, or to be
+            # sent again) lose the flag too, those of a subscription gone since as well. A
+            # retained message sent for a new subscription (RETAIN 1 [MQTT-3.3.1-8 of 3.1.1])
+            # that waits in the queue cannot be told from those, and loses it as well: a mark on
+            # every queued message, kept by the store too, would cost more than this rare case
+            # (a session of MQTT 5 and Retain As Published resumed by MQTT 3) is worth. Those
+            # waiting in the store only keep theirs.
             for item in (*session.queue, *session.outgoing.values()):
                 item.retain = False
+            session.as_published = False
 
     def send_retained(self, session: Session, subscription: Subscription, existed: bool,
                       replay: str | None = None) -> bool:

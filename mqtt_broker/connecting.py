@@ -376,7 +376,7 @@ class Connecting:
             self.wait_for_store(exact=True)
         self.session = session
         self._client_id = client.client_id
-        if present and self.version != MQTT_5 and session.subscriptions:
+        if present and self.version != MQTT_5:
             self.broker.options_of_mqtt3(session, self.bridge)
         if session.awaiting_pubrel:
             self._inherited_pubrels = set(session.awaiting_pubrel)

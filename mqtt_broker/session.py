@@ -141,6 +141,9 @@ class Session:
     held back (acknowledged or released since), passed over as they come."""
     swept_at: float = 0.0
     """When its full queue was last rid of the messages in it that expired."""
+    as_published: bool = False
+    """Whether it had a subscription with Retain As Published since an MQTT 3 client last resumed
+    it: messages routed with that option may wait in it with the RETAIN 1 of a retained one."""
     _next_id: int = 1
 
     def __init__(self, client_id: str, expiry: int = 0) -> None:
@@ -165,6 +168,7 @@ class Session:
         self.unsent = 0
         self.held_back = NO_HELD_BACK
         self.swept_at = 0.0
+        self.as_published = False
         self._next_id = 1
 
     def allocate_packet_id(self) -> int:
@@ -181,6 +185,8 @@ class Session:
         if self.subscriptions is NO_SUBSCRIPTIONS:
             self.subscriptions = {}
         self.subscriptions[subscription.topic_filter] = subscription
+        if subscription.retain_as_published:
+            self.as_published = True
 
     def track(self, packet_id: int, item: Outgoing) -> None:
         """A QoS 1/2 message is in flight with this packet id."""

@@ -422,6 +422,48 @@ def test_messages_routed_to_a_session_of_mqtt5_under_retain_as_published_reach_a
     assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"in flight", False), (b"queued", False)]
 
 
+def test_messages_a_retain_as_published_subscription_routed_before_it_went_reach_an_mqtt3_resume_with_retain_0() -> None:
+    """MQTT 3.1.1 [MQTT-3.3.1-9] for the messages routed under Retain As Published by a
+    subscription gone before the MQTT 3.1.1 client resumed the session (unsubscribed: those
+    in flight or queued stay): only a subscription with the option found then cleared their
+    RETAIN 1."""
+    broker = make_broker(max_inflight_messages=1)
+    old = v5(broker, "c", clean=False, properties=persistent(1000))
+    subscribe5(old, "t", qos=1, retain_as_published=True)
+    pub = connected(broker, "pub")
+    pub.publish("t", b"in flight", qos=1, retain=True)
+    pub.publish("t", b"queued", qos=1, retain=True, packet_id=2)
+    assert [(p.payload, p.retain) for p in old.received()] == [(b"in flight", True)]
+    old.send(Unsubscribe(packet_id=2, topic_filters=("t",)))
+    assert [type(p) for p in old.received()] == [Unsuback]
+    old.lose()
+    again = FakeClient(broker, version=4)
+    assert again.connect("c", clean=False).session_present
+    [resent] = again.received()
+    again.send(Puback(packet_id=resent.packet_id))
+    [queued] = again.received()
+    assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"in flight", False), (b"queued", False)]
+
+
+def test_retained_messages_a_new_subscription_queued_reach_an_mqtt3_resume_with_retain_1() -> None:
+    """MQTT 3.1.1 [MQTT-3.3.1-8]: a retained message sent because a new subscription was made
+    has RETAIN 1, also when it waited in the queue for the client to resume its session."""
+    broker = make_broker(max_inflight_messages=1)
+    pub = connected(broker, "pub")
+    pub.publish("a", b"first", qos=1, retain=True)
+    pub.publish("b", b"second", qos=1, retain=True, packet_id=2)
+    old = FakeClient(broker, version=4)
+    old.connect("c", clean=False)
+    assert [(p.payload, p.retain) for p in old.subscribe("a", "b", qos=1)[1:]] == [(b"first", True)]
+    old.lose()
+    again = FakeClient(broker, version=4)
+    assert again.connect("c", clean=False).session_present
+    [resent] = again.received()
+    again.send(Puback(packet_id=resent.packet_id))
+    [queued] = again.received()
+    assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"first", True), (b"second", True)]
+
+
 def test_clean_start_zero_resumes_existing_session() -> None:
     """[MQTT-3.1.2-5] [MQTT-3.2.2-3]: Clean Start 0 with a session: Session Present 1, its
     subscriptions still deliver."""
