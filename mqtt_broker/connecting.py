@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 
 from mypy_extensions import trait
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .aliases import InboundAliases, OutboundAliases
@@ -120,6 +121,7 @@ class Connecting:
     def _watch_keepalive(self, keep_alive: int) -> None: ...
     def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
     def wait_for_store(self, exact: bool = False) -> None: ...
+    def hold_until(self, decision: Deferred[None]) -> None: ...
 
     # --- CONNECT and enhanced authentication --------------------------------------------
 
@@ -368,8 +370,19 @@ class Connecting:
         previous = self.broker.sessions.get(client.client_id)
         ends_stored = packet.clean_start and previous is not None and previous.stored
         self.broker.connect_accepted(client.client_id)
+        wills = self.broker.wills
+        waited = wills.deciding(client.client_id)  # (by ``_handed_over``, takeover_wait at most: not again)
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
                                               self.identity)
+        decided = None if waited else wills.decided(client.client_id)
+        if decided is not None:
+            # A will this connection made due itself (it took over a connection still open, or
+            # its clean start ended a session whose will waited for its delay) goes out, or not,
+            # before the CONNACK and what follows it, and before what the client sent meanwhile
+            # is handled, as those due before it (``_handed_over``).
+            decided.addTimeout(takeover_wait(self.broker.config), self.clock)
+            self.hold_until(decided)
+            self._when(decided, lambda _: None)
         if ends_stored:
             # Session Present 0 only once the old session's end is committed: brought back by a
             # crash, its inbound QoS 2 ids would take the new session's first messages for resends.

@@ -636,6 +636,21 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         unstored.append(waiting)
         stored.addBoth(self._stored, waiting)
 
+    def hold_until(self, decision: Deferred[None]) -> None:
+        """Hold what is written from now on (a CONNACK first) until ``decision`` fires, as
+        ``wait_for_store`` holds it for the store; what waits for the store behind it waits for
+        both."""
+        waiting = _Unstored(-1, False, decision=True)  # (no generation: it covers no batch)
+        if self._unstored is None:
+            self._unstored = deque()
+        self._unstored.append(waiting)
+        decision.addBoth(self._decided, waiting)
+
+    def _decided(self, _: Any, waiting: _Unstored) -> None:
+        if not waiting.sent:
+            waiting.ready = True
+            self.broker.gathered(self._send_ready)
+
     def _stored(self, result: Any, waiting: _Unstored) -> None:
         """The store wrote (or failed to write) the batch ``waiting`` waited for, and so every
         earlier one: send what waited for them, in order."""
@@ -663,8 +678,19 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
     def _send_stored(self, waiting: _Unstored) -> None:
         unstored = self._unstored
         assert unstored is not None
+        for held in unstored:  # (the store writes its batches in order: the earlier ones are written)
+            if not held.decision:
+                held.ready = True
+            if held is waiting:
+                break
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        """Send what waited for what is done, in order, up to what waits still."""
+        unstored = self._unstored
+        assert unstored is not None
         broker = self.broker
-        while unstored:
+        while unstored and unstored[0].ready:
             first = unstored.popleft()
             first.sent = True
             if first.data:  # gathered with the other writes (still counted in pending_bytes)
@@ -676,8 +702,6 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if self._ended is None:  # (the transport gone, nothing went to it)
                 for then in first.then or ():
                     then()
-            if first is waiting:
-                break
         session = self.session
         if session is not None and (session.queue or session.spilled) and not self.paused:
             self.delivery.pump(session)
@@ -855,9 +879,12 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._unstored[-1].connack = True
 
     def connack_held(self) -> bool:
-        """Whether the connection's CONNACK waits for the store (see ``wait_for_store``)."""
+        """Whether the connection's CONNACK waits for the store (see ``wait_for_store``), or for
+        a decision (``hold_until``)."""
         unstored = self._unstored
-        return bool(unstored) and unstored[0].connack  # type: ignore[index]  # (not None when true)
+        if not unstored:
+            return False
+        return any(waiting.connack for waiting in unstored)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
         # Only a normal disconnection discards the will [MQTT-3.14.4-3]; MQTT 5's 0x04 and
@@ -919,11 +946,11 @@ classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
 
 
 class _Unstored:
-    """Writes of one connection that wait for one batch of the store."""
+    """Writes of one connection that wait for one batch of the store, or for a decision."""
 
-    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "then")
+    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "then", "decision", "ready")
 
-    def __init__(self, generation: int, exact: bool) -> None:
+    def __init__(self, generation: int, exact: bool, decision: bool = False) -> None:
         self.then: list[Callable[[], object]] | None = None
         """What is to happen once they are written (see ``after_written``)."""
         self.data: list[bytes] = []
@@ -935,6 +962,10 @@ class _Unstored:
         """It holds a step of a QoS 2 exchange: sent only once the store has the batch."""
         self.connack = False
         """It holds the connection's CONNACK, which every other packet must follow."""
+        self.decision = decision
+        """It waits for a decision (``hold_until``), not for the store."""
+        self.ready = False
+        """What it waited for is done: it goes once those before it have gone."""
 
 
 __all__ = ["MQTTProtocol", "MQTT_3_1", "MQTT_3_1_1", "MQTT_5", "count_kinds", "describe"]

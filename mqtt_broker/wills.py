@@ -101,8 +101,12 @@ class Wills:
                 if not waiting.called:  # (gave up: timed out, or its connection gone)
                     waiting.callback(None)
 
+    def deciding(self, client_id: str) -> bool:
+        """Whether a will hook decides on a will of the client here."""
+        return client_id in self._deciding
+
     def decided(self, client_id: str) -> Deferred[None] | None:
-        """For a new connection of the client, before it takes its session: None if no will of
+        """For a new connection of the client, before its CONNACK: None if no will of
         the client waits for a will hook here; else a Deferred that fires once each has been
         decided (published or not), so that it goes out before anything the new connection
         publishes. Cancelled, it fires at once."""

@@ -713,6 +713,54 @@ def test_a_client_connecting_again_while_a_will_hook_decides_has_its_old_will_go
     assert broker.service.stats.wills_published == 1
 
 
+@pytest.mark.parametrize("making", ["takeover", "clean start"])
+def test_a_will_a_new_connection_makes_due_itself_goes_out_before_its_connack(making: str) -> None:
+    """As above for a will the new connection makes due itself: it takes over c's connection,
+    still open (half-open: c did not see it go), or its clean start ends the session whose will
+    waited for its delay. Its CONNACK, and what follows it (the message in flight on the old
+    connection, sent again), waits for the will hook's answer; what the client sent meanwhile
+    (its retained "online") is handled after it. (Accepted at once, c's "online" was replaced
+    by the old "offline" when the hook answered.)"""
+    broker = MemoryBroker()
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_will(lambda client, message: pending.append(Deferred()) or pending[-1])
+    old = broker.client(acknowledge=False)
+    old.connect("c", properties={"session_expiry_interval": 60}, will=Will(
+        topic="status/c", payload=b"offline", retain=True,
+        properties={"will_delay_interval": 5 if making == "clean start" else 0}))
+    old.subscribe("news", qos=1)
+    old.publish("status/c", b"online", retain=True)
+    broker.connect("p").publish("news", b"in flight", qos=1)
+    assert [m.payload for m in old.messages()] == [b"in flight"]
+    if making == "clean start":
+        old.drop()
+    new = broker.client()
+    assert new.connect("c", clean_start=making == "clean start", keep_alive=60) is None
+    new.publish("status/c", b"online", retain=True)
+    assert pending and new.received() == []
+    pending[0].callback(None)
+    received = new.received()
+    assert [type(p) for p in received] == [Connack, *[Publish] * (making == "takeover")]
+    watcher = broker.connect("watcher")
+    watcher.subscribe("status/#")
+    assert [m.payload for m in watcher.messages()] == [b"online"]
+    assert broker.service.stats.wills_published == 1
+
+
+def test_a_will_a_new_connection_makes_due_itself_holds_its_connack_no_longer_than_a_hook_may_take() -> None:
+    """As for a will due before (below): TAKEOVER_WAIT at most, with no hook_timeout."""
+    broker = MemoryBroker()
+    broker.hooks.on_will(lambda client, message: Deferred())
+    broker.connect("c", will=Will(topic="status/c", payload=b"offline"))
+    new = broker.client()
+    assert new.connect("c", keep_alive=60) is None
+    broker.reactor.advance(TAKEOVER_WAIT - 0.1)
+    assert new.received() == []
+    broker.reactor.advance(0.1)
+    assert [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
+    assert not new.closed
+
+
 @pytest.mark.parametrize("hook_timeout", [5.0, 0.0])
 def test_a_client_connecting_again_waits_for_its_old_will_no_longer_than_a_hook_may_take(hook_timeout: float) -> None:
     """A will hook that never answers holds c's next connection hook_timeout at most
