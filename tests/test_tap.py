@@ -363,7 +363,6 @@ def test_sighup_names_a_changed_file_that_would_stop_a_restart(tmp_path: Path, m
     the restart then failed on it. It is named as what would stop a restart."""
     from twisted.logger import capturedLogs
 
-    from mqtt_broker import tap
     path = tmp_path / "broker.toml"
     path.write_text("allow_anonymous = true\n")
     monkeypatch.chdir(tmp_path)

@@ -205,7 +205,7 @@ def test_an_origin_configured_with_its_default_port_lets_its_pages_in() -> None:
 
 
 def test_a_refused_origin_is_logged_quoted_and_escaped() -> None:
-    from twisted.logger import LogLevel, capturedLogs, formatEvent
+    from twisted.logger import capturedLogs, formatEvent
     broker = make_broker(websocket_origins=["https://app.example.com"])
     with capturedLogs() as events:
         assert WSClient(broker).handshake(headers={"Origin": "https://evil.example\x9b2J\x85forged"}) == 403
