@@ -403,6 +403,17 @@ def test_an_mqtt3_client_resuming_a_session_of_mqtt5_loses_the_options_mqtt3_has
     assert not subscription.retain_as_published and not subscription.no_local
 
 
+def resumed_as_mqtt3(broker: Any) -> list[tuple[bytes, bool]]:
+    """Client "c" resumes its session as MQTT 3.1.1 with one message in flight and one queued:
+    each one's payload and RETAIN flag, in the order they came."""
+    again = FakeClient(broker, version=4)
+    assert again.connect("c", clean=False).session_present
+    [resent] = again.received()
+    again.send(Puback(packet_id=resent.packet_id))
+    [queued] = again.received()
+    return [(p.payload, p.retain) for p in (resent, queued)]
+
+
 def test_messages_routed_to_a_session_of_mqtt5_under_retain_as_published_reach_an_mqtt3_resume_with_retain_0() -> None:
     """MQTT 3.1.1 [MQTT-3.3.1-9] for the messages routed before the MQTT 3.1.1 client resumed the
     session too: those in flight or queued kept the RETAIN 1 Retain As Published gave them."""
@@ -414,12 +425,7 @@ def test_messages_routed_to_a_session_of_mqtt5_under_retain_as_published_reach_a
     assert [(p.payload, p.retain) for p in old.received()] == [(b"in flight", True)]
     old.lose()
     pub.publish("t", b"queued", qos=1, retain=True, packet_id=2)
-    again = FakeClient(broker, version=4)
-    assert again.connect("c", clean=False).session_present
-    [resent] = again.received()
-    again.send(Puback(packet_id=resent.packet_id))
-    [queued] = again.received()
-    assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"in flight", False), (b"queued", False)]
+    assert resumed_as_mqtt3(broker) == [(b"in flight", False), (b"queued", False)]
 
 
 def test_messages_a_retain_as_published_subscription_routed_before_it_went_reach_an_mqtt3_resume_with_retain_0() -> None:
@@ -437,12 +443,7 @@ def test_messages_a_retain_as_published_subscription_routed_before_it_went_reach
     old.send(Unsubscribe(packet_id=2, topic_filters=("t",)))
     assert [type(p) for p in old.received()] == [Unsuback]
     old.lose()
-    again = FakeClient(broker, version=4)
-    assert again.connect("c", clean=False).session_present
-    [resent] = again.received()
-    again.send(Puback(packet_id=resent.packet_id))
-    [queued] = again.received()
-    assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"in flight", False), (b"queued", False)]
+    assert resumed_as_mqtt3(broker) == [(b"in flight", False), (b"queued", False)]
 
 
 def test_retained_messages_a_new_subscription_queued_reach_an_mqtt3_resume_with_retain_1() -> None:
@@ -456,12 +457,7 @@ def test_retained_messages_a_new_subscription_queued_reach_an_mqtt3_resume_with_
     old.connect("c", clean=False)
     assert [(p.payload, p.retain) for p in old.subscribe("a", "b", qos=1)[1:]] == [(b"first", True)]
     old.lose()
-    again = FakeClient(broker, version=4)
-    assert again.connect("c", clean=False).session_present
-    [resent] = again.received()
-    again.send(Puback(packet_id=resent.packet_id))
-    [queued] = again.received()
-    assert [(p.payload, p.retain) for p in (resent, queued)] == [(b"first", True), (b"second", True)]
+    assert resumed_as_mqtt3(broker) == [(b"first", True), (b"second", True)]
 
 
 def test_clean_start_zero_resumes_existing_session() -> None:
