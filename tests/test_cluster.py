@@ -237,6 +237,26 @@ def test_an_expired_retained_message_goes_from_redis_too(cluster: Cluster) -> No
                "the expired message to go")
 
 
+@pytest.mark.parametrize("subscribe_on", ["a", "b"])
+def test_no_local_keeps_a_clients_own_retained_message_from_it_on_any_node(cluster: Cluster,
+                                                                          subscribe_on: str) -> None:
+    """[MQTT-3.8.3-3] on a retained message too: the client that published it, subscribing with
+    No Local on the node it published on or on one that read the message from Redis, does not
+    get it back."""
+    client_id, topic = unique("own"), unique("own-retained")
+    publisher = PahoClient(cluster["a"].port, client_id, version=mqtt.MQTTv5)
+    publisher.publish(topic, b"mine", qos=1, retain=True)
+    publisher.close()
+    wait_until(lambda: retained_at(cluster["b"].port, topic) == b"mine", "b's replica to hold the message")
+    again = PahoClient(cluster[subscribe_on].port, client_id, version=mqtt.MQTTv5)
+    try:
+        again.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
+        assert again.no_message(0.5)
+    finally:
+        again.publish(topic, b"", qos=1, retain=True)
+        again.close()
+
+
 @pytest.mark.parametrize("publisher_on", ["a", "b"])
 def test_a_session_moved_to_another_node_gets_nothing_for_a_filter_it_dropped_there(
         cluster: Cluster, publisher_on: str) -> None:

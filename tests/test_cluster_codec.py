@@ -4,6 +4,7 @@ strings, the properties and the shared subscriptions chosen."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
@@ -106,6 +107,24 @@ def test_a_retained_message_keeps_when_it_expires(message: Message, now: float, 
     got = unpack_retained(stored, now + 3600.0)
     assert got.expires_at == message.expires_at and got.retain
     assert (got.topic, got.payload, got.qos) == (message.topic, message.payload, message.qos)
+
+
+@FUZZ
+@given(message=MESSAGES)
+def test_a_retained_message_keeps_its_publisher(message: Message) -> None:
+    """A node that reads it from Redis knows whose it is: No Local holds for it [MQTT-3.8.3-3]."""
+    message.retain = True
+    assert unpack_retained(pack_retained(message, 0.0), 0.0).sender == message.sender
+
+
+def test_a_retained_message_kept_without_its_publisher_is_read() -> None:
+    """As Redis kept them before the publisher was: a zero byte, the clock time it expires at
+    (0: never), the PUBLISH."""
+    message = Message(topic="t", payload=b"p", retain=True, properties={"message_expiry_interval": 60})
+    got = unpack_retained(b"\0" + struct.pack(">d", 5060.0) + pack_message(message, 5000.0), 5030.0)
+    assert (got.topic, got.payload, got.retain, got.expires_at, got.sender) == ("t", b"p", True, 5060.0, None)
+    never = unpack_retained(b"\0" + struct.pack(">d", 0.0) + pack_message(Message(topic="t", payload=b"p"), 0.0), 9.0)
+    assert (never.payload, never.expires_at, never.sender) == (b"p", None, None)
 
 
 def test_a_retained_message_kept_as_a_publish_alone_expires_its_interval_after_it_is_read() -> None:

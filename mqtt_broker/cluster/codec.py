@@ -58,27 +58,39 @@ def unpack_message(data: bytes) -> Message:
 
 
 _CLOCK: Final = struct.Struct(">d")
-_RETAINED: Final = struct.Struct(">xd")
-"""The head of a retained message as Redis keeps it: a zero byte (never a PUBLISH's first), then
-the clock time it expires at."""
+_RETAINED: Final = struct.Struct(">Bd")
+"""The head of a retained message as Redis keeps it: a version (never a PUBLISH's first byte),
+then the clock time it expires at."""
+
+_RETAINED_SENT: Final = 1
+"""The version whose head is followed by the publisher's client id (No Local), then the PUBLISH;
+version 0 (before it) has the PUBLISH at once."""
 
 
 def pack_retained(message: Message, now: float) -> bytes:
     """A retained message as Redis keeps it: the clock time it expires at (0: never), so that a
-    node that loads it later knows how long it has left, then its PUBLISH."""
-    return _RETAINED.pack(message.expires_at or 0.0) + pack_message(message, now)
+    node that loads it later knows how long it has left, its publisher, then its PUBLISH."""
+    return (_RETAINED.pack(_RETAINED_SENT, message.expires_at or 0.0) + _string(message.sender or "")
+            + pack_message(message, now))
 
 
 def unpack_retained(data: bytes, now: float) -> Message:
-    """The message of ``pack_retained``; a PUBLISH alone (as 0.1.0 kept them) expires its
-    interval after ``now``."""
-    if data[0]:
+    """The message of ``pack_retained``, or of an older release's: a PUBLISH alone (as 0.1.0
+    kept them) expires its interval after ``now``, and neither it nor a version 0 record knows
+    its publisher."""
+    version = data[0]
+    if version > _RETAINED_SENT:
         message = unpack_message(data)
         interval = message.properties.get("message_expiry_interval")
         message.expires_at = now + interval if interval else None
     else:
-        message = unpack_message(data[_RETAINED.size:])
-        message.expires_at = _RETAINED.unpack_from(data)[0] or None
+        pos = _RETAINED.size
+        sender = ""
+        if version == _RETAINED_SENT:
+            sender, pos = _read_string(data, pos)
+        message = unpack_message(data[pos:])
+        message.expires_at = _CLOCK.unpack_from(data, 1)[0] or None
+        message.sender = sender or None
     message.retain = True
     return message
 

@@ -146,7 +146,7 @@ while i <= n do
     -- (only if what Redis holds is that expired one: another node may have set the topic anew;
     -- no event: every node drops an expired message from its replica by itself)
     local held = redis.call('HGET', P .. 'retained', ARGV[i + 1])
-    if held and string.byte(held, 1) == 0 then
+    if held and string.byte(held, 1) <= 1 then -- (a head's version, not a PUBLISH alone: codec.py)
       local at = struct.unpack('>d', string.sub(held, 2, 9))
       if at > 0 and at <= tonumber(ARGV[i + 2]) then redis.call('HDEL', P .. 'retained', ARGV[i + 1]) end
     end
