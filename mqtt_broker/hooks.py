@@ -267,6 +267,12 @@ class Hooks:
         for mine in waits:
             if not mine.called:  # (one wait's answer may end another: its client gone with it)
                 (mine.errback if failed else mine.callback)(result)
+        if failed:
+            # Heard (and logged) whole, it is kept without the frames it was raised through:
+            # they hold theirs, the key it is weakly kept by, and with it the connection and what
+            # its handler was asked about, for ever.
+            _forget_frames(result.value)
+            self._failures[theirs] = Failure(result.value, result.type)  # type: ignore[no-untyped-call]
         return None if failed else result
 
     def _give_up(self, theirs: Deferred[Any], mine: Deferred[Any]) -> None:
@@ -369,6 +375,19 @@ def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refuse
     else:
         log.failure("{event} hook {handler!r} failed; refusing", failure, event=event, handler=handler)
     return Refused(ReasonCode.UNSPECIFIED_ERROR)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Drop the tracebacks of ``error`` and of the exceptions it was raised from or during."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        each = pending.pop()
+        if each is None or id(each) in seen:
+            continue
+        seen.add(id(each))
+        each.__traceback__ = None
+        pending += (each.__cause__, each.__context__)
 
 
 __all__ = ["Authenticated", "Hooks", "Refused", "EVENTS", "Client", "Message", "Subscription"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
+import subprocess
+import sys
 import weakref
 from typing import Any, Iterator, Sequence
 
@@ -321,6 +324,56 @@ def test_waits_that_gave_up_on_a_deferred_leave_nothing_on_it() -> None:
     last = Outcome(wait)
     ready.callback(False)
     assert last.value == Refused()
+
+
+_REFUSED_CLIENTS = """
+import gc, sys
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import globalLogBeginner
+from mqtt_broker.protocol import MQTTProtocol
+from mqtt_broker.testing import MemoryBroker
+
+async def raising(client, *_):
+    raise PermissionError(client.client_id)
+
+@inlineCallbacks
+def raising_later(client, *_):
+    yield None
+    raise PermissionError(client.client_id)
+
+async def stuck(client, *_):
+    await Deferred()  # cancelled at hook_timeout: CancelledError is thrown into the coroutine
+
+globalLogBeginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)  # (no buffer, as a broker's)
+event, handler = sys.argv[1], globals()[sys.argv[2]]
+broker = MemoryBroker(hook_timeout=5)
+getattr(broker.hooks, "on_" + event)(handler)
+for n in range(20):
+    client = broker.client()
+    answers = [client.connect("c%d" % n)]
+    if event == "publish":
+        answers = [client.publish("t", b"x" * 1000, qos=1)]
+    broker.advance(10)
+    [answer] = [a for a in answers if a is not None] + client.received()
+    assert answer.reason_code >= 0x80, answer
+    client.drop()
+    del client
+gc.collect()
+print(sum(type(o) is MQTTProtocol for o in gc.get_objects()))
+"""
+
+
+@pytest.mark.parametrize("event", ["connect", "publish"])
+@pytest.mark.parametrize("handler", ["raising", "raising_later", "stuck"])
+def test_a_handler_that_fails_keeps_nothing_of_the_clients_it_refused(event: str, handler: str) -> None:
+    """A handler's Deferred that failed was kept with its failure, whose traceback's frames hold
+    the Deferred (the key it was weakly kept by), the connection and what was asked about: 10 KiB
+    for each refused client, for ever. (In a process of its own: a test's log events, buffered
+    until logging begins, hold the frames too.)"""
+    alive = subprocess.run([sys.executable, "-c", _REFUSED_CLIENTS, event, handler], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert alive.returncode == 0, alive.stderr
+    assert alive.stdout.split() == ["0"], alive.stdout
 
 
 def test_the_waits_on_a_shared_deferred_hear_it_once_each_in_the_order_they_came() -> None:
