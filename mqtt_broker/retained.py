@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import Iterator
 
 from .message import NOT_CACHED, Message
@@ -32,8 +32,12 @@ class RetainedMessages:
         """A heap of (time, order, topic) (the order spares comparing topics): a topic's message
         expires no sooner than its entry's time. Kept anew with a later expiry, the entry stays
         and is moved on when its time comes (a topic kept anew every few seconds adds none)."""
-        self._entry_at: dict[str, float] = {}
-        """Topic -> the time of its entry in ``_expiring`` (others of its are dropped unread)."""
+        self._entries: dict[str, tuple[float, int, str]] = {}
+        """Topic -> its entry in ``_expiring``. The others there are dead (their topic was
+        deleted, or kept anew without an expiry or with a sooner one): they wait for their time,
+        which may be years away, and the heap is rebuilt without them once they are the majority
+        (as ``Deadlines`` does), so a topic per device cleared when it goes leaves nothing."""
+        self._dead = 0
         self._order = itertools.count()
 
     def store(self, message: Message) -> None:
@@ -46,11 +50,14 @@ class RetainedMessages:
             return
         message.encoded = NOT_CACHED
         expires_at = message.expires_at
-        if expires_at is not None:
-            entry_at = self._entry_at.get(message.topic)
-            if entry_at is None or expires_at < entry_at:
-                self._entry_at[message.topic] = expires_at
-                heappush(self._expiring, (expires_at, next(self._order), message.topic))
+        if expires_at is None:
+            self._forget(message.topic)
+        else:
+            entry = self._entries.get(message.topic)
+            if entry is None or expires_at < entry[0]:
+                self._forget(message.topic)
+                entry = self._entries[message.topic] = (expires_at, next(self._order), message.topic)
+                heappush(self._expiring, entry)
         node = self._root
         for level in message.topic.split("/"):
             child = node.children.get(level)
@@ -77,6 +84,7 @@ class RetainedMessages:
         self.bytes -= len(path[-1].message.payload)
         path[-1].message = None
         self.count -= 1
+        self._forget(topic)
         for depth in range(len(levels), 0, -1):
             node = path[depth]
             if node.children or node.message is not None:
@@ -87,24 +95,25 @@ class RetainedMessages:
     def expire(self, now: float, limit: int) -> list[str]:
         """Delete the messages whose expiry has passed [MQTT-3.3.2-5], looking at no more than
         ``limit`` of them (``due`` tells whether more are left); their topics."""
-        expiring, entry_at = self._expiring, self._entry_at
+        expiring, entries = self._expiring, self._entries
         topics: list[str] = []
         for _ in range(limit):
             if not expiring or expiring[0][0] > now:
                 break
-            at, _, topic = heappop(expiring)
-            if entry_at.get(topic) != at:
-                continue  # (an earlier expiry replaced this entry)
+            entry = heappop(expiring)
+            topic = entry[2]
+            if entries.get(topic) is not entry:
+                self._dead -= 1
+                continue
             message = self.get(topic)
-            if message is None or message.expires_at is None:  # deleted, or kept anew without one
-                del entry_at[topic]
-            elif message.expires_at <= now:
-                del entry_at[topic]
+            assert message is not None and message.expires_at is not None  # (else it had no entry)
+            if message.expires_at <= now:
+                del entries[topic]
                 self.delete(topic)
                 topics.append(topic)
             else:  # kept anew, to expire later
-                entry_at[topic] = message.expires_at
-                heappush(expiring, (message.expires_at, next(self._order), topic))
+                entry = entries[topic] = (message.expires_at, next(self._order), topic)
+                heappush(expiring, entry)
         return topics
 
     def due(self, now: float) -> bool:
@@ -149,11 +158,27 @@ class RetainedMessages:
     def live(self, now: float) -> int:
         """How many are kept and not expired (``expire`` deletes those within a minute)."""
         expired = 0
-        for topic, at in self._entry_at.items():
+        for topic, (at, _, _) in self._entries.items():
             if at <= now:  # (its message may have been kept anew since, to expire later)
                 message = self.get(topic)
                 expired += message is not None and message.expired(now)
         return self.count - expired
+
+    def _forget(self, topic: str) -> None:
+        """The topic's entry to expire, if any, is dead: its message is gone, or has another
+        expiry or none."""
+        if self._entries.pop(topic, None) is None:
+            return
+        self._dead += 1
+        expiring = self._expiring
+        if self._dead == len(expiring):
+            expiring.clear()
+            self._dead = 0
+        elif self._dead > 50 and self._dead * 2 > len(expiring):
+            entries = self._entries  # in place: expire() holds it while it deletes
+            expiring[:] = [entry for entry in expiring if entries.get(entry[2]) is entry]
+            heapify(expiring)
+            self._dead = 0
 
     def __iter__(self) -> Iterator[Message]:
         stack = [self._root]

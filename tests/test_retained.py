@@ -270,6 +270,45 @@ def test_a_message_kept_anew_expires_by_its_own_expiry() -> None:
     assert retained.expire(30.0, 10) == ["later"] and len(retained) == 0
 
 
+def test_topics_cleared_or_kept_anew_without_an_expiry_leave_nothing_to_expire() -> None:
+    """A presence topic per device (retained with an expiry, cleared when the device goes)
+    kept an entry to expire per device until its expiry came, up to 2**32-1 s later."""
+    retained = RetainedMessages()
+    for n in range(1000):
+        retained.store(Message(topic=f"cleared/{n}", payload=b"online", retain=True, expires_at=1e9))
+        retained.store(msg(f"cleared/{n}", b""))
+        retained.store(Message(topic=f"anew/{n}", payload=b"online", retain=True, expires_at=1e9))
+        retained.store(msg(f"anew/{n}", b"offline"))
+    assert (len(retained._expiring), len(retained._entries)) == (0, 0)
+    retained.store(Message(topic="kept", payload=b"1", retain=True, expires_at=1e9))
+    for n in range(1000):
+        retained.store(Message(topic=f"cleared/{n}", payload=b"online", retain=True, expires_at=1e9))
+        retained.delete(f"cleared/{n}")
+        retained.store(Message(topic="sooner", payload=b"1", retain=True, expires_at=1e9 - n))
+    # the dead entries ("cleared/...", "sooner"'s earlier ones) go once they are the majority
+    assert len(retained._expiring) <= 2 * 51 + 2 and len(retained._entries) == 2
+    assert retained.live(1e9 - 999) == 1000 + 1  # "anew/..." and "kept": "sooner" has expired
+    assert retained.expire(1e9, 1000) == ["sooner", "kept"] and not retained._expiring
+
+
+def test_a_topic_cleared_then_kept_with_an_expiry_expires_by_it() -> None:
+    retained = RetainedMessages()
+    for at in (10.0, 20.0, 5.0):  # the cleared one's expiry, a later one, a sooner one
+        retained.store(Message(topic="same", payload=b"1", retain=True, expires_at=10.0))
+        retained.store(msg("same", b""))
+        retained.store(Message(topic="same", payload=b"2", retain=True, expires_at=at))
+        assert retained.expire(at - 1, 10) == [] and retained.get("same") is not None
+        assert retained.expire(at, 10) == ["same"] and len(retained) == 0
+        assert not retained._expiring and not retained._entries
+    for n in range(100):  # enough cleared to rebuild the heap without them
+        retained.store(Message(topic=f"t/{n}", payload=b"1", retain=True, expires_at=10.0))
+        retained.delete(f"t/{n}")
+        retained.store(Message(topic=f"t/{n}", payload=b"2", retain=True, expires_at=10.0 + n % 2))
+    assert retained.expire(10.0, 1000) == [f"t/{n}" for n in range(0, 100, 2)]
+    assert retained.expire(11.0, 1000) == [f"t/{n}" for n in range(1, 100, 2)]
+    assert len(retained) == 0 and not retained._expiring and not retained._entries
+
+
 def test_a_retained_message_keeps_one_copy_of_its_payload() -> None:
     """Kept as long as its topic is: sent live to MQTT 3.1.1 and 5 subscribers, then as
     retained to new ones of both, it held five times its payload (the PUBLISH as received,
