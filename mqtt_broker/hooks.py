@@ -380,10 +380,10 @@ def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refuse
 def _forget_frames(error: BaseException) -> None:
     """Drop the tracebacks of ``error`` and of the exceptions it was raised from or during."""
     seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
+    pending: list[object] = [error]
     while pending:
         each = pending.pop()
-        if each is None or id(each) in seen:
+        if not isinstance(each, BaseException) or id(each) in seen:  # (a Failure may hold any value)
             continue
         seen.add(id(each))
         each.__traceback__ = None
