@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -401,35 +401,39 @@ class BrokerService(MultiService):
                     unread.append(out)
         return unread
 
-    def reload(self) -> list[str]:
+    def reload(self) -> Deferred[list[str]]:
         """Read the password file, ACL file, JWT keys and the TLS listeners' key and certificate
-        files again (SIGHUP under twistd). A bad new file (a certificate that has expired or is
-        not valid yet too) is logged and what was in force stays. Connected clients whose
-        credentials no longer pass (password changed, user removed from ``password_file``) are
-        disconnected; the others keep their connections, and their rights follow the new rules
-        from their next operation on; ``config_check``, if set, says what else the files now
-        give. Returns what was not reloaded, and why: nothing when everything was."""
-        problems = []
-        if self.security is not None:
-            try:
-                self.security.reload()
-            except ConfigError as e:  # (logged by Security; the old state is kept)
-                problems.append(f"security settings: {e}")
-            else:
-                self._drop_revoked()
-        for description, tls in self._tls:
-            try:
-                tls.reload(self.clock.seconds())
-            except (OSError, ValueError) as e:
-                log.error("TLS files of {endpoint} not reloaded, the previous certificate stays in use: "
-                          "{error}", endpoint=description, error=str(e))
-                problems.append(f"TLS files of {description}: {e}")
-            else:
-                log.info("TLS files of {endpoint} reloaded", endpoint=description)
-                self._warn_of_dates(description, tls)
-        if self.config_check is not None:
-            problems += self.config_check()
-        return problems
+        files again (SIGHUP under twistd); the security files are read in the reactor's thread
+        pool. A bad new file (a certificate that has expired or is not valid yet too) is logged
+        and what was in force stays. Connected clients whose credentials no longer pass
+        (password changed, user removed from ``password_file``) are disconnected; the others
+        keep their connections, and their rights follow the new rules from their next operation
+        on; ``config_check``, if set, says what else the files now give. Fires with what was not
+        reloaded, and why: nothing when everything was."""
+        problems: list[str] = []
+
+        def security_refused(failure: Failure) -> None:
+            failure.trap(ConfigError)  # (logged by Security; the old state is kept)
+            problems.append(f"security settings: {failure.value}")
+
+        def the_rest(_: object) -> list[str]:
+            for description, tls in self._tls:
+                try:
+                    tls.reload(self.clock.seconds())
+                except (OSError, ValueError) as e:
+                    log.error("TLS files of {endpoint} not reloaded, the previous certificate stays in use: "
+                              "{error}", endpoint=description, error=str(e))
+                    problems.append(f"TLS files of {description}: {e}")
+                else:
+                    log.info("TLS files of {endpoint} reloaded", endpoint=description)
+                    self._warn_of_dates(description, tls)
+            if self.config_check is not None:
+                problems.extend(self.config_check())
+            return problems
+        if self.security is None:
+            return maybeDeferred(the_rest, None)
+        reading = self.security.reload().addCallbacks(lambda _: self._drop_revoked(), security_refused)
+        return reading.addCallback(the_rest)
 
     def _drop_revoked(self) -> None:
         """After a reload, disconnect every client (connected, or between its password check and

@@ -15,6 +15,9 @@ from .config import BrokerConfig, ConfigError, settings
 log = Logger()
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
     from .broker import BrokerService
 
 
@@ -293,10 +296,12 @@ def _reload_on_sighup(service: BrokerService, options: Options) -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
-def reload(service: BrokerService, options: Options) -> None:
+def reload(service: BrokerService, options: Options) -> Deferred[list[str] | None]:
     """What SIGHUP does: ``service.reload()``, which reads ``options``' files again too
     (``_config_problems``, the service's ``config_check``)."""
-    service.reload()
+    def failed(failure: Failure) -> None:
+        log.failure("reloading", failure)
+    return service.reload().addErrback(failed)
 
 
 def _config_problems(service: BrokerService, options: Options) -> list[str]:

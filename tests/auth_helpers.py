@@ -1,6 +1,6 @@
 """Helpers for the security tests: a real Mosquitto on a loopback port, a raw MQTT client
-(the project's own codec over a blocking socket, so every reply is seen in order), and a log
-capture that checks no password leaks into the log."""
+(the project's own codec over a blocking socket, so every reply is seen in order), a log
+capture that checks no password leaks into the log, and what a reload came to."""
 
 from __future__ import annotations
 
@@ -10,15 +10,29 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from conftest import free_port, wait_for_port
+from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from mqtt_broker.wire import Connack, Connect, FrameReader, encode
 from mqtt_broker.wire.packets import MQTT_5, Packet
 
 WAIT = 10.0
+T = TypeVar("T")
+
+
+def reloaded(reload: Deferred[T]) -> T:
+    """What a reload came to (raised, if it failed). Its files are read in the reactor's thread
+    pool: with a reactor that has none (a task.Clock), in place, so it has fired."""
+    outcome: list[Any] = []
+    reload.addBoth(outcome.append)
+    assert outcome, "the reload has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]  # type: ignore[no-any-return]
 
 
 class Mosquitto:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from auth_helpers import Mosquitto, RawClient
+from auth_helpers import Mosquitto, RawClient, reloaded
 from durability_helpers import Restarts
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -616,7 +616,7 @@ def test_what_is_queued_before_a_reload_passes_the_new_rules(tmp_path: Path) -> 
     broker = make_broker(acl_file=str(acl))
     queued_while_away(broker, "alice", "alice", "secret/x")
     acl.write_text("user alice\ntopic deny secret/#\nuser pub\ntopic write #\n")
-    broker.reload()
+    reloaded(broker.reload())
     alice = FakeClient(broker)
     alice.connect("alice", clean=False, username="alice")
     assert read_payloads(alice) == []
@@ -634,7 +634,7 @@ def test_what_is_in_flight_before_a_reload_is_not_sent_again_past_the_new_rules(
     assert [p.payload for p in alice.received()] == [b"in flight"]  # (not acknowledged)
     alice.lose()
     acl.write_text("user alice\ntopic read other/#\nuser pub\ntopic write #\n")
-    broker.reload()
+    reloaded(broker.reload())
     again = FakeClient(broker)
     assert again.connect("alice", clean=False, username="alice").session_present  # type: ignore[union-attr]
     assert read_payloads(again) == [] and not broker.sessions["alice"].outgoing
@@ -697,7 +697,7 @@ def test_a_qos2_message_held_back_by_receive_maximum_then_made_unreadable_is_rel
     assert resent.payload == b"A"  # type: ignore[attr-defined]
     sub.lose()
     acl.write_text("user sub\ntopic read open/#\n")
-    broker.reload()
+    reloaded(broker.reload())
     sub = FakeClient(broker, 5)
     sub.connect("sub", username="sub", clean=False, properties=persistent)
     assert Pubrel(packet_id=b.packet_id) in sub.received()  # type: ignore[attr-defined]
@@ -719,7 +719,7 @@ def test_a_qos2_resend_the_rules_now_refuse_is_acknowledged_as_it_was(tmp_path: 
     assert [m.payload for m in sub.received()] == [b"one"]  # type: ignore[attr-defined]
     pub.lose()  # (before the PUBREC reached it)
     acl.write_text("user pub\ntopic write u\nuser sub\ntopic read #\n")
-    broker.reload()
+    reloaded(broker.reload())
     pub = FakeClient(broker, 5)
     pub.connect("pub", username="pub", clean=False, properties=persistent)
     pub.send(Publish(topic="t", payload=b"one", qos=2, packet_id=5, dup=True))
@@ -789,7 +789,7 @@ def test_a_will_the_acl_denies_is_accepted_and_not_published_as_by_mosquitto(tmp
         ("a1", "status/other")]
     granted_later = connected(broker, "a2", version, username="alice", will=Will(topic="status/later", payload=b"gone"))
     acl.write_text("user alice\ntopic write status/later\nuser watcher\ntopic read status/#\n")
-    broker.reload()
+    reloaded(broker.reload())
     denied.lose()
     granted_later.lose()
     assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["status/later"]
@@ -807,7 +807,7 @@ def test_a_will_is_checked_again_when_it_is_published(tmp_path: Path) -> None:
                       will=Will(topic="status/later", payload=b"gone", properties={"will_delay_interval": 5}))
     kept = connected(broker, "a3", username="alice", will=Will(topic="status/kept", payload=b"gone"))
     acl.write_text("user alice\ntopic write status/kept\nuser watcher\ntopic read status/#\n")
-    broker.reload()
+    reloaded(broker.reload())
     for client in (now, later, kept):
         client.lose()
     broker.reactor.advance(5)  # type: ignore[attr-defined]
@@ -878,7 +878,7 @@ def test_the_will_of_a_client_whose_credentials_a_reload_revoked_is_not_publishe
     watcher.subscribe("status/#")
     alice = connected(broker, "a", username="alice", password=b"a", will=Will(topic="status/alice", payload=b"gone"))
     passwords.write_text(f"watcher:{PasswordHash.create(b'w')}\n")
-    broker.reload()
+    reloaded(broker.reload())
     assert alice.closed
     assert [p for p in watcher.received() if isinstance(p, Publish)] == []
 
@@ -902,7 +902,7 @@ def test_the_delayed_will_of_a_client_whose_credentials_a_reload_revoked_is_not_
     alice.lose()
     bob.lose()
     passwords.write_text(watcher_entry)  # alice removed
-    assert broker.reload() == []
+    assert reloaded(broker.reload()) == []
     broker.clock.advance(31)
     assert [p.topic for p in watcher.received() if isinstance(p, Publish)] == ["status/bob"]
 

@@ -344,12 +344,12 @@ async def test_reload_reads_the_authorization_file_and_empties_the_cache(
     try:
         await sec.authenticate(creds())
         (tmp_path / "authorization").write_text("Bearer two")
-        sec.reload()
+        await sec.reload()
         await sec.authenticate(creds())
         assert [r["headers"]["authorization"] for r in resource.requests] == ["Bearer one", "Bearer two"]
         (tmp_path / "authorization").unlink()
         with pytest.raises(ConfigError):
-            sec.reload()
+            await sec.reload()
         await sec.authenticate(creds(client_id="other"))
         assert resource.requests[-1]["headers"]["authorization"] == "Bearer two"
     finally:

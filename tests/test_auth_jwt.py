@@ -325,12 +325,12 @@ async def test_reload_reads_new_keys(keys: Path) -> None:
     new_secret = b"n" * 48
     assert isinstance(await result(sec, token()), Identity)
     (keys / "secret").write_bytes(new_secret)
-    sec.reload()
+    await sec.reload()
     assert is_refused(await result(sec, token()))
     assert isinstance(await result(sec, token(new_secret, "HS384")), Identity)
     (keys / "secret").write_bytes(b"short")
     with pytest.raises(ConfigError):
-        sec.reload()
+        await sec.reload()
     assert isinstance(await result(sec, token(new_secret, "HS384")), Identity)
 
 

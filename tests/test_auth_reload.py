@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from auth_helpers import reloaded
 from protocol_helpers import FakeClient, connected, make_broker
 
 from mqtt_broker.auth import Identity
@@ -35,7 +36,7 @@ def test_a_client_an_auth_hook_gave_an_identity_is_disconnected_when_its_passwor
     [connack] = alice.received()
     assert isinstance(connack, Connack) and connack.reason_code == 0
     path.write_text(f"bob:{PasswordHash.create(b'b')}\n")  # alice removed
-    assert broker.reload() == []
+    assert reloaded(broker.reload()) == []
     assert [getattr(p, "reason_code", None) for p in alice.received()] == [0x87]
     assert alice.closed
 
@@ -53,7 +54,7 @@ def test_an_mqtt3_retry_does_not_resend_what_a_reload_made_unreadable(tmp_path: 
     connected(broker, "pub", username="pub").publish("secret/x", b"in flight", qos=1)
     assert [p.payload for p in sub.received() if isinstance(p, Publish)] == [b"in flight"]  # not acknowledged
     acl.write_text("user sub\ntopic read other/#\nuser pub\ntopic write #\n")
-    assert broker.reload() == []
+    assert reloaded(broker.reload()) == []
     broker.clock.advance(broker.config.retry_interval + 1)  # type: ignore[attr-defined]
     assert [p.payload for p in sub.received() if isinstance(p, Publish)] == []
 
@@ -78,7 +79,7 @@ def test_a_client_revoked_between_its_password_check_and_connack_is_refused_with
     alice.send(Connect(client_id="a", protocol_level=5, username="alice", password=b"a"))
     assert alice.received() == [] and len(deciding) == 1
     path.write_text(f"bob:{PasswordHash.create(b'b')}\n")  # alice removed
-    assert broker.reload() == []
+    assert reloaded(broker.reload()) == []
     deciding[0].callback(None)
     assert alice.closed
     [connack] = alice.received()  # (0x86 as for a reload during the check, or 0x87 Not authorized)
@@ -109,7 +110,7 @@ def test_a_reload_with_a_jwt_public_key_of_an_unknown_curve_is_refused_and_said(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     broker = make_broker(jwt_public_key_file=str(key), allow_anonymous=False)
     key.write_bytes(SM2_PUBLIC_KEY)
-    problems = broker.reload()
+    problems = reloaded(broker.reload())
     assert len(problems) == 1 and "jwt_public_key_file" in problems[0], problems
 
 
@@ -141,7 +142,7 @@ def test_an_http_answer_asked_for_before_a_reload_is_not_cached_past_it(tmp_path
     answers: list[object] = []
     security.authenticate(credentials).addCallback(answers.append)
     (tmp_path / "authorization").write_text("Bearer new")
-    security.reload()
+    reloaded(security.reload())
     # The service no longer takes the old header: the request under way is answered "denied".
     asked[0][1].callback(Refusal(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "denied"))
     assert isinstance(answers[0], Refusal)
@@ -170,6 +171,6 @@ def test_a_message_held_back_by_receive_maximum_is_not_sent_past_a_reload_that_m
     [a] = [p for p in sub.received() if isinstance(p, Publish)]  # B held back by the Receive Maximum of 1
     assert a.payload == b"A"
     acl.write_text("user sub\ntopic read open/#\nuser pub\ntopic write #\n")
-    assert broker.reload() == []
+    assert reloaded(broker.reload()) == []
     sub.send(Puback(packet_id=a.packet_id))
     assert [p.payload for p in sub.received() if isinstance(p, Publish)] == []

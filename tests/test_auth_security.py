@@ -12,7 +12,7 @@ from unittest.mock import patch
 
 import pytest
 import pytest_twisted
-from auth_helpers import LogCapture
+from auth_helpers import LogCapture, reloaded
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 
@@ -245,7 +245,7 @@ def test_every_check_hashes_the_same_whoever_is_named(tmp_path: Path, monkeypatc
         assert sorted(hashed) == kinds, (username, password)
     # Reloaded with one kind only: one hash per check.
     (tmp_path / "pw").write_text(f"alice:{PasswordHash.create(b'a', iterations=101)}\n")
-    sec.reload()
+    reloaded(sec.reload())
     hashed.clear()
     sec.authenticate(credentials("dave", b"x"))
     assert hashed == [("sha512-pbkdf2", 101)]
@@ -452,7 +452,7 @@ async def test_reload_applies_new_files(files: Path) -> None:
     assert not sec.can_subscribe(alice, "other/#")
     assert passwd(["-b", str(files / "pw"), "alice", "new-pw"]) == 0
     (files / "acl").write_text("user alice\ntopic read other/#\n")
-    sec.reload()
+    await sec.reload()
     assert sec.can_subscribe(alice, "other/#") and not sec.can_subscribe(alice, "alice/#")
     assert await answer(sec, credentials(password=b"new-pw")) == Identity(client_id="c1", username="alice")
     assert refused(await answer(sec, credentials()), ReasonCode.BAD_USER_NAME_OR_PASSWORD)
@@ -471,7 +471,7 @@ async def test_bad_reload_keeps_everything(files: Path, broken: str) -> None:
     (files / "acl").write_text("user alice\ntopic read other/#\n")
     (files / broken).write_text("this is not a valid line\n")
     with LogCapture() as log, pytest.raises(ConfigError) as caught:
-        sec.reload()
+        await sec.reload()
     assert caught.value.key == ("password_file" if broken == "pw" else "acl_file")
     assert "reload refused" in log.text() and str(files / broken) in log.text()
     # Neither file's new content is in force: all or nothing.
@@ -480,7 +480,7 @@ async def test_bad_reload_keeps_everything(files: Path, broken: str) -> None:
     (files / "pw").write_text(good_pw)
     (files / "acl").unlink()
     with pytest.raises(ConfigError):
-        sec.reload()
+        await sec.reload()
     assert sec.can_read(alice, "alice/x")
 
 
@@ -488,7 +488,7 @@ async def test_bad_reload_keeps_everything(files: Path, broken: str) -> None:
 async def test_reload_tells_which_password_file_users_no_longer_pass(files: Path) -> None:
     sec = security(files)
     assert passwd(["-b", str(files / "pw"), "carol", "carol-pw"]) == 0
-    sec.reload()
+    await sec.reload()
     alice, bob, carol = [await answer(sec, credentials(user, f"{user}-pw".encode()))
                          for user in ("alice", "bob", "carol")]
     assert all(isinstance(i, Identity) and sec.revoked(i) is None for i in (alice, bob, carol))
@@ -497,13 +497,37 @@ async def test_reload_tells_which_password_file_users_no_longer_pass(files: Path
     assert passwd(["-b", str(files / "pw"), "alice", "changed"]) == 0
     assert passwd(["-D", str(files / "pw"), "bob"]) == 0
     assert sec.revoked(alice) is None  # judged by the files in force: not reloaded yet
-    sec.reload()
+    await sec.reload()
     assert sec.revoked(alice) == f"the password of 'alice' changed in {files / 'pw'}"  # type: ignore[arg-type]
     assert sec.revoked(bob) == f"user 'bob' is no longer in {files / 'pw'}"  # type: ignore[arg-type]
     assert sec.revoked(carol) is None  # type: ignore[arg-type]
     # Identities the file did not give out have nothing to check again.
     assert sec.revoked(Identity(client_id="c", username="alice")) is None
     assert sec.revoked(Identity(client_id="c", username=None)) is None
+
+
+def test_a_reload_reads_its_files_in_the_thread_pool_one_reload_at_a_time(files: Path) -> None:
+    """Parsing a password file of 100,000 users held the reactor for half a second. A reload
+    asked for while another reads begins once that one is in force: the later files win."""
+    from twisted.internet.interfaces import IReactorThreads
+    from zope.interface import directlyProvides
+    reactor = HeldThreads()
+    directlyProvides(reactor, IReactorThreads)
+    sec = Security.from_config(BrokerConfig(password_file=str(files / "pw"), acl_file=str(files / "acl")),
+                               reactor=reactor)
+    alice = Identity(client_id="c", username="alice")
+    done: list[str] = []
+    sec.reload().addCallback(lambda _: done.append("first"))
+    sec.reload().addCallback(lambda _: done.append("second"))
+    assert len(reactor.jobs) == 1 and sec.can_read(alice, "alice/x")  # nothing read on the reactor
+    (files / "acl").write_text("user alice\ntopic read second/#\n")
+    reactor.run()
+    assert done == ["first"] and len(reactor.jobs) == 1
+    assert sec.can_read(alice, "second/x")  # (as the file was when the first's turn came)
+    (files / "acl").write_text("user alice\ntopic read third/#\n")
+    reactor.run()
+    assert done == ["first", "second"]
+    assert sec.can_read(alice, "third/x") and not sec.can_read(alice, "second/x")
 
 
 def test_a_reload_during_the_password_check_refuses_the_old_password(files: Path) -> None:
@@ -514,7 +538,7 @@ def test_a_reload_during_the_password_check_refuses_the_old_password(files: Path
 
     def verify_then_reload(stored: PasswordHash, password: bytes) -> bool:
         assert passwd(["-b", str(files / "pw"), "alice", "changed"]) == 0
-        sec.reload()
+        reloaded(sec.reload())
         return verify(stored, password)
 
     with patch.object(PasswordHash, "verify", verify_then_reload):

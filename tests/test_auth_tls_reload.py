@@ -146,7 +146,7 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(tmp_path: Path)
         good_key = (tmp_path / "server.key").read_bytes()
         (tmp_path / "server.key").write_text("not a key\n")
         with LogCapture() as log:
-            broker.reload()
+            await broker.reload()
         assert f"privateKey={tmp_path / 'server.key'} holds no PEM private key" in log.text()
         assert log.text().count("not reloaded, the previous certificate stays in use") == 2
         # An encrypted key: refused as such, without OpenSSL asking for its passphrase on a terminal.
@@ -154,18 +154,18 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(tmp_path: Path)
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"passphrase")))
         with LogCapture() as log:
-            broker.reload()
+            await broker.reload()
         assert f"privateKey={tmp_path / 'server.key'} is encrypted" in log.text()
         assert log.text().count("not reloaded, the previous certificate stays in use") == 2
         # A key of another certificate: it does not fit, refused likewise.
         (tmp_path / "server.key").write_bytes(_key_pem(pki.client.key))
         with LogCapture() as log:
-            broker.reload()
+            await broker.reload()
         assert "cannot be used together" in log.text() and str(tmp_path / "server.key") in log.text()
         (tmp_path / "server.key").write_bytes(good_key)
         (tmp_path / "ca.pem").write_text("")  # mqtts: also reads its CA file again
         with LogCapture() as log:
-            broker.reload()
+            await broker.reload()
         assert f"caCerts={tmp_path / 'ca.pem'} holds no PEM certificate" in log.text()
         (tmp_path / "ca.pem").write_bytes(_pem(pki.ca.certificate))
         for port, context in ((ssl_port, plain), (mqtts_port, verified)):
@@ -175,7 +175,7 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(tmp_path: Path)
 
         second = pki.server("second")
         with LogCapture() as log:
-            broker.reload()
+            await broker.reload()
         assert log.text().count("reloaded") == 2 and "not reloaded" not in log.text()
         new = await connect(ssl_port, plain, "new")
         new_mqtts = await connect(mqtts_port, verified, "new-mqtts")
@@ -211,7 +211,7 @@ async def test_reload_refuses_a_certificate_outside_its_dates(tmp_path: Path) ->
                                  ("future", (DAY, 10 * DAY), "is not valid yet (notBefore ")):
             pki.server(name, valid)
             with LogCapture() as log:
-                problems = broker.reload()
+                problems = await broker.reload()
             assert len(problems) == 2, problems
             assert all(f"certKey={tmp_path / 'server.pem'} {why}" in problem for problem in problems), problems
             assert log.text().count("not reloaded, the previous certificate stays in use") == 2
@@ -222,7 +222,7 @@ async def test_reload_refuses_a_certificate_outside_its_dates(tmp_path: Path) ->
         # One that expires within two weeks is taken, and its end told.
         second = pki.server("second", valid=(-300, 2 * DAY))
         with LogCapture() as log:
-            assert broker.reload() == []
+            assert await broker.reload() == []
         assert log.text().count(f"certKey={tmp_path / 'server.pem'} expires within 14 days (notAfter ") == 2
         probe = await connect(ssl_port, plain, "second")
         clients.append(probe)

@@ -25,6 +25,7 @@ from mqtt_broker.config import BrokerConfig, settings
 TWISTD_DEFAULTS = BrokerConfig(persistence="sqlite")
 from mqtt_broker.tap import GC_THRESHOLD, Options, makeService, tune_gc
 
+from auth_helpers import reloaded
 from conftest import free_port
 
 # List settings (endpoints, websocket_endpoints, ...) have repeatable flags of their own.
@@ -370,7 +371,7 @@ def test_sighup_names_a_changed_file_that_would_stop_a_restart(tmp_path: Path, m
     service = makeService(options)
     path.write_text(f'allow_anonymous = true\n{setting} = "{value.format(tmp=tmp_path)}"\n')
     with capturedLogs() as events:
-        problems = service.reload()
+        problems = reloaded(service.reload())
     [warning] = [e for e in events if e["log_level"].name == "warn"]
     assert warning["names"] == setting
     changed, problem = problems
@@ -648,7 +649,7 @@ def test_no_password_of_a_url_is_told_in_an_error(tmp_path: Path) -> None:
     service = makeService(parse("--config", str(path), "--endpoint", "tcp:0", "--persistence", "memory"))
     path.write_text('max_qos = 2\ncluster = "redis://:s3cret-pw@127.0.0.1:6379/zero"\n')
     with capturedLogs() as events:
-        problems = service.reload()
+        problems = reloaded(service.reload())
     assert problems and "cluster" in problems[0]
     assert "s3cret-pw" not in " ".join(formatEvent(e) for e in events) + " ".join(problems)
     options = parse("--endpoint", "tcp:0", "--persistence", "memory",

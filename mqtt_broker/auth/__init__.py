@@ -14,8 +14,8 @@ The broker builds one :class:`Security` with :meth:`Security.from_config` and, w
   is dropped; MQTT 5 PUBACK/PUBREC 0x87);
 - on each delivery, retained messages sent on SUBSCRIBE included:
   ``security.can_read(identity, topic)`` (False: not delivered). Cached, so it is cheap;
-- on SIGHUP: ``security.reload()``; it raises :class:`ConfigError` (already logged) and keeps
-  the old state if a new file is bad. Then, for each connected client,
+- on SIGHUP: ``security.reload()``, a ``Deferred``; it fails with :class:`ConfigError` (already
+  logged) and keeps the old state if a new file is bad. Once it fired, for each connected client,
   ``security.revoked(identity)``: a reason (str) when its credentials no longer pass (password
   changed, user removed): disconnect it;
 - on shutdown: ``security.close()`` (a ``Deferred``; closes the HTTP connection pool).
@@ -49,8 +49,9 @@ credentials run out: it disconnects the client then. With ``enabled`` false the
 broker calls nothing here, so it must refuse PUBLISHes to ``$SYS`` itself if it wants them
 refused in that case too.
 
-Hash checks and token verification run in the reactor's thread pool; files are read at start-up
-and on reload. A password is never logged, nor shown in a ``repr``.
+Hash checks, token verification and the reading of files on reload run in the reactor's thread
+pool; at start-up, files are read before the broker listens. A password is never logged, nor
+shown in a ``repr``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -182,7 +183,8 @@ class Authenticator(Protocol):
 
     def prepare_reload(self) -> Callable[[], None]:
         """Read the authenticator's files again; raises ConfigError if one is bad. Returns the
-        function that puts what was read in force (called only when every part succeeded)."""
+        function that puts what was read in force (called only when every part succeeded, on
+        the reactor). Called in the reactor's thread pool: it must change nothing itself."""
 
     def close(self) -> Deferred[None]:
         """Release connections and the like."""
@@ -210,6 +212,7 @@ class Security:
         self._use_identity_as_username = use_identity_as_username
         self._certificate_field = certificate_identity_field
         self._reactor = reactor
+        self._reloads = DeferredLock()
         self._reads: dict[tuple[Any, ...], bool] = {}
         self._writes: dict[tuple[Any, ...], bool] = {}
         self.enabled = bool(self._authenticators or self._acl is not None or not allow_anonymous
@@ -394,22 +397,35 @@ class Security:
 
     # --- life cycle ---------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Read ``password_file``, ``acl_file`` and the JWT keys (and HTTP credentials) again.
+    def reload(self) -> Deferred[None]:
+        """Read ``password_file``, ``acl_file`` and the JWT keys (and HTTP credentials) again,
+        in the reactor's thread pool (a file of 100,000 users takes half a second to parse).
 
-        All or nothing: if any file is bad, the error is logged, ConfigError is raised and the
-        rules in force stay. New rules apply to connected clients at once."""
-        try:
-            commits = [a.prepare_reload() for a in self._authenticators]
-            acl = load_acl(self._acl_path) if self._acl_path else None
-        except ConfigError as e:
-            log.error("reload refused, the previous security settings stay in force: {error}", error=str(e))
-            raise
+        All or nothing: if any file is bad, the error is logged, the Deferred fails with
+        ConfigError and the rules in force stay. New rules apply to connected clients when it
+        fires. A reload asked for while another reads begins when that one is done."""
+        return self._reloads.run(self._reload)
+
+    def _reload(self) -> Deferred[None]:
+        from .authenticators import in_thread
+        return in_thread(self._reactor, self._read_again).addCallbacks(self._put_in_force, self._reload_refused)
+
+    def _read_again(self) -> tuple[list[Callable[[], None]], AclFile | None]:
+        # (In a thread: reads and parses, changes nothing.)
+        return [a.prepare_reload() for a in self._authenticators], load_acl(self._acl_path) if self._acl_path else None
+
+    def _put_in_force(self, read: tuple[list[Callable[[], None]], AclFile | None]) -> None:
+        commits, self._acl = read
         for commit in commits:
             commit()
-        self._acl = acl
         self._reads, self._writes = {}, {}
         log.info("security settings reloaded")
+
+    def _reload_refused(self, failure: Failure) -> Failure:
+        if failure.check(ConfigError):
+            log.error("reload refused, the previous security settings stay in force: {error}",
+                      error=str(failure.value))
+        return failure
 
     def close(self) -> Deferred[None]:
         """Release what the authenticators hold (HTTP connections). Fires when done. Checks under

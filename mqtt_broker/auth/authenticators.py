@@ -52,23 +52,20 @@ class PasswordFileAuthenticator:
         """Reads the file; raises ConfigError (key ``password_file``) if it cannot be used."""
         self.path = path
         self._reactor = reactor
-        self._use(self._load())
+        self._file, self._kinds = self._load()
         self._closes = 0
 
-    def _use(self, file: PasswordFile) -> None:
-        self._file = file
-        self._kinds = {(h.algorithm, h.iterations): PasswordHash(h.algorithm, h.salt, bytes(len(h.digest)), h.iterations)
-                       for h in file.users.values()}
-        """A hash that matches nothing, of each kind (algorithm, iterations) in the file: every
-        check hashes once with each kind, the user's own entry for its kind, so that it costs the
-        same whoever is named, listed or not (the time would tell otherwise, in a file of
-        several kinds: iterations raised for some users, $6$ entries beside $7$ ones)."""
-
-    def _load(self) -> PasswordFile:
+    def _load(self) -> tuple[PasswordFile, dict[tuple[str, int], PasswordHash]]:
+        """The file, and a hash that matches nothing of each kind (algorithm, iterations) in it:
+        every check hashes once with each kind, the user's own entry for its kind, so that it
+        costs the same whoever is named, listed or not (the time would tell otherwise, in a file
+        of several kinds: iterations raised for some users, $6$ entries beside $7$ ones)."""
         try:
-            return PasswordFile.load(self.path)
+            file = PasswordFile.load(self.path)
         except PasswordFileError as e:
             raise ConfigError(str(e), "password_file") from None
+        return file, {(h.algorithm, h.iterations): PasswordHash(h.algorithm, h.salt, bytes(len(h.digest)), h.iterations)
+                      for h in file.users.values()}
 
     def authenticate(self, credentials: Credentials) -> Deferred[Identity | Refusal | None]:
         if credentials.username is None:
@@ -127,7 +124,7 @@ class PasswordFileAuthenticator:
         new = self._load()
 
         def commit() -> None:
-            self._use(new)
+            self._file, self._kinds = new
         return commit
 
     def close(self) -> Deferred[None]:
