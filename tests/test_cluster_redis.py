@@ -482,10 +482,15 @@ def test_a_join_answered_after_the_stop_goes_no_further(server: RedisServer) -> 
     broker = node_on(server, clock)
     cluster = broker.cluster
     adopting: Deferred[None] = Deferred()
-    cluster.survivor.adopt = lambda dead: adopting  # (the adoption under way)
+    asked: list[str] = []
+
+    def adopt(dead: str) -> Deferred[None]:  # (the adoption under way)
+        asked.append(dead)
+        return adopting
+    cluster.survivor.adopt = adopt  # type: ignore[method-assign]
     try:
         broker.startService()
-        yield until(lambda: cluster._listening.called and bool(adopting.callbacks), "the join to reach the adoption")
+        yield until(lambda: cluster._listening.called and bool(asked), "the join to reach the adoption")
         yield broker.stopService()
         adopting.callback(None)
         assert not cluster.survivor._heartbeat.running and not cluster.ready.called
