@@ -191,9 +191,10 @@ class BrokerService(MultiService):
         """Per client id (its hash: an id may be 65,535 bytes long, and the table keeps up to
         100,000): the start of its current minute and the CONNECTs in it."""
         self.factory = MQTTFactory(self)
-        self.config_check: Callable[[], list[str]] | None = None
+        self.config_check: Callable[[], Deferred[list[str]] | list[str]] | None = None
         """What ``reload`` checks besides: the files the settings were read from, read again
-        (twistd's ``--config``); returns the problems, a setting that only a restart applies too."""
+        (twistd's ``--config``); returns the problems (or a Deferred of them), a setting that only
+        a restart applies too."""
         self.bridges: Any = None
         """The bridges of the ``bridge`` setting (:class:`mqtt_broker.bridge.Bridges`); None
         without any (nothing of the bridges is imported)."""
@@ -416,7 +417,7 @@ class BrokerService(MultiService):
             failure.trap(ConfigError)  # (logged by Security; the old state is kept)
             problems.append(f"security settings: {failure.value}")
 
-        def the_rest(_: object) -> list[str]:
+        def the_rest(_: object) -> Deferred[list[str]]:
             for description, tls in self._tls:
                 try:
                     tls.reload(self.clock.seconds())
@@ -427,12 +428,13 @@ class BrokerService(MultiService):
                 else:
                     log.info("TLS files of {endpoint} reloaded", endpoint=description)
                     self._warn_of_dates(description, tls)
-            if self.config_check is not None:
-                problems.extend(self.config_check())
-            return problems
+            found = self.config_check() if self.config_check is not None else []
+            if isinstance(found, list):
+                return succeed(problems + found)
+            return found.addCallback(lambda more: problems + more)
         if self.security is None:
             return maybeDeferred(the_rest, None)
-        reading = self.security.reload().addCallbacks(lambda _: self._drop_revoked(), security_refused)
+        reading: Deferred[None] = self.security.reload().addCallbacks(lambda _: self._drop_revoked(), security_refused)
         return reading.addCallback(the_rest)
 
     def _drop_revoked(self) -> None:

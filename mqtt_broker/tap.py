@@ -304,7 +304,7 @@ def reload(service: BrokerService, options: Options) -> Deferred[list[str] | Non
     return service.reload().addErrback(failed)
 
 
-def _config_problems(service: BrokerService, options: Options) -> list[str]:
+def _config_problems(service: BrokerService, options: Options) -> Deferred[list[str]] | list[str]:
     """A warning, and a problem, naming the settings the files or flags now give otherwise, which
     only a restart applies (a changed ``acl_file`` path, say), or what would stop a restart."""
     try:
@@ -318,17 +318,20 @@ def _config_problems(service: BrokerService, options: Options) -> list[str]:
     changed = ", ".join(names)
     log.warn("settings changed since the broker started are not applied until it restarts: {names}", names=changed)
     problems = [f"settings changed since the broker started are not applied until it restarts: {changed}"]
-    # What a restart reads of the authentication settings, read now: the files of new paths, say.
-    from .auth import load_acl
-    from .auth.authenticators import authenticators_from_config
-    try:
-        authenticators_from_config(config)
+
+    def read_as_a_restart_would() -> None:  # (the files of new paths, say: in the thread pool, as a reload's)
+        from .auth import load_acl
+        from .auth.authenticators import authenticators_from_config
+        authenticators_from_config(config, service.reactor)
         if config.acl_file:
             load_acl(config.acl_file)
-    except ConfigError as e:
-        log.error("a restart would fail: {error}", error=str(e))
-        problems.append(f"a restart would fail: {e}")
-    return problems
+
+    def would_fail(failure: Failure) -> None:
+        failure.trap(ConfigError)
+        log.error("a restart would fail: {error}", error=str(failure.value))
+        problems.append(f"a restart would fail: {failure.value}")
+    from .auth.authenticators import in_thread
+    return in_thread(service.reactor, read_as_a_restart_would).addErrback(would_fail).addCallback(lambda _: problems)
 
 
 __all__ = ["Options", "TWISTD_DEFAULTS", "makeService", "reload"]
