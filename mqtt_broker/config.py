@@ -85,6 +85,11 @@ def _filters_problem(filters: list[str]) -> str | None:
     for topic_filter in filters:
         if not valid_topic_filter(topic_filter):
             return f"{topic_filter!r} is not a topic filter"
+        # (No message is published on either: the log would stay empty, without a word.)
+        if topic_filter.startswith("$share/"):
+            return f"{topic_filter!r} names a shared subscription: give the filter itself"
+        if topic_filter.startswith("$replay/"):
+            return f"{topic_filter!r} is how a SUBSCRIBE asks for the log: give the filter itself"
     return None
 
 

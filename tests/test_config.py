@@ -375,6 +375,11 @@ def test_table_in_file_is_an_unknown_key(tmp_path: Path) -> None:
     ('websocket_origins = ["https://app.example.com/"]', "websocket_origins",
      "'https://app.example.com/' is not an origin (scheme://host[:port], e.g. https://app.example.com)"),
     ('history_filters = ["a/#/b"]', "history_filters", "'a/#/b' is not a topic filter"),
+    # (Nothing is published on these: the log stayed empty without a word.)
+    ('history_filters = ["a/#", "$share/g/a/#"]', "history_filters",
+     "'$share/g/a/#' names a shared subscription: give the filter itself"),
+    ('history_filters = ["$replay/all/a/#"]', "history_filters",
+     "'$replay/all/a/#' is how a SUBSCRIBE asks for the log: give the filter itself"),
     ('http_api_keys = ["secret"]', "http_api_keys", "entry 1 is not a hashed key (sha256:<64 hex "
      "digits>, optionally name:sha256:...); python -m mqtt_broker.admin.keys makes one"),
     (f'http_api_keys = ["sha256:{"0" * 64}", "sha256:abc"]', "http_api_keys", "entry 2 is not a hashed key "
