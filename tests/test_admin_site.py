@@ -324,3 +324,36 @@ def test_the_admin_api_mounted_in_an_embedders_tree_keeps_to_http_max_body_size(
     root = Resource()
     root.putChild(b"admin", own.resource)
     assert status(Site(root), "/admin/api/v1/publish", body) == b"HTTP/1.1 400 Bad Request"
+
+
+def test_the_admin_api_mounted_in_an_embedders_tree_takes_a_chunked_or_large_body() -> None:
+    """Mounted under a Site of the embedder's, a request's body is twisted.web's own: a temporary
+    file when it is 100,000 bytes or more or comes chunked (no Content-Length), which has no
+    getvalue(). POST /publish (and a subscribe) answered 500 and logged a traceback for a body
+    well under http_max_body_size."""
+    import hashlib
+    import json
+
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from mqtt_broker.testing import MemoryBroker
+    key = "operator-key-0123456789"
+    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(key.encode()).hexdigest()])
+    root = Resource()
+    root.putChild(b"admin", broker.service.operations.site().resource)
+
+    def status(body: bytes, chunked: bool) -> bytes:
+        protocol = Site(root).buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        framing = (b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+                   if chunked else f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        protocol.dataReceived(f"POST /admin/api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {key}\r\n"
+                              f"Content-Type: application/json\r\nConnection: close\r\n".encode() + framing)
+        return transport.value().split(b"\r\n", 1)[0]
+
+    small = json.dumps({"topic": "t", "payload": "x"}).encode()
+    large = json.dumps({"topic": "t", "payload": "x" * 150_000}).encode()
+    assert [status(small, chunked=True), status(large, chunked=False)] == [b"HTTP/1.1 200 OK"] * 2

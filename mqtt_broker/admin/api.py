@@ -268,7 +268,13 @@ class ApiResource(Resource):
             request.finish()
 
     def _body(self, request: Request) -> dict[str, Any]:
-        raw = request.content.getvalue() if request.content is not None else b""  # type: ignore[attr-defined]
+        # Mounted in another site's tree, the content is twisted.web's own: a temporary file for a
+        # chunked body or one of 100,000 bytes or more, which has no getvalue().
+        content = request.content
+        raw = b""
+        if content is not None:
+            content.seek(0)
+            raw = content.read()
         if not raw.strip():
             raise ApiError(400, "a JSON object is needed in the request body")
         try:
