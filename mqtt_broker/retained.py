@@ -9,12 +9,29 @@ from typing import Iterator
 from .message import NOT_CACHED, Message
 
 
+_SORTED_KEPT_FROM = 64
+"""A level with this many children or more keeps their names sorted, once ``in_order`` walked
+it, until a child comes or goes; a narrower one is sorted at each walk, which costs less than a
+list kept at each of a million levels of one child."""
+
+
 class _Level:
-    __slots__ = ("children", "message")
+    __slots__ = ("children", "message", "order")
 
     def __init__(self) -> None:
         self.children: dict[str, _Level] = {}
         self.message: Message | None = None
+        self.order: list[str] | None = None
+        """The children's names sorted, kept for ``in_order``; None when not known."""
+
+    def sorted_names(self) -> list[str]:
+        """The children's names sorted (kept for the next walk if the level is wide)."""
+        order = self.order
+        if order is None:
+            order = sorted(self.children)
+            if len(order) >= _SORTED_KEPT_FROM:
+                self.order = order
+        return order
 
 
 class RetainedMessages:
@@ -63,6 +80,7 @@ class RetainedMessages:
             child = node.children.get(level)
             if child is None:
                 child = node.children[level] = _Level()
+                node.order = None
             node = child
         if node.message is None:
             self.count += 1
@@ -90,6 +108,7 @@ class RetainedMessages:
             if node.children or node.message is not None:
                 break
             del path[depth - 1].children[levels[depth - 1]]
+            path[depth - 1].order = None
         return True
 
     def expire(self, now: float, limit: int) -> list[str]:
@@ -146,14 +165,21 @@ class RetainedMessages:
     def in_order(self) -> Iterator[Message]:
         """The messages by topic, level by level (as ``topic.split("/")`` compare), found as they
         are asked for: the admin API's pages of what may be a million walk no further than their
-        end. (The tree may not change while it is walked.)"""
-        stack = [self._root]
+        end. A level of a million children (``dev/<id>``) is sorted at the first walk after one
+        of them came or went, not at each. (The tree may not change while it is walked.)"""
+        root = self._root
+        stack = [(root, iter(root.sorted_names()))]
         while stack:
-            node = stack.pop()
-            if node.message is not None:
-                yield node.message
-            children = node.children
-            stack.extend([children[name] for name in sorted(children, reverse=True)])
+            node, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = node.children[name]
+            if child.message is not None:
+                yield child.message
+            if child.children:
+                stack.append((child, iter(child.sorted_names())))
 
     def live(self, now: float) -> int:
         """How many are kept and not expired (``expire`` deletes those within a minute)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import product
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -101,6 +102,63 @@ def test_iteration_yields_every_message_once() -> None:
     retained.store(msg("a/b", b"new"))
     assert Counter(m.topic for m in retained) == Counter(topics)
     assert [m.payload for m in retained if m.topic == "a/b"] == [b"new"]
+
+
+def in_levels(topics: list[str]) -> list[str]:
+    return sorted(topics, key=lambda topic: topic.split("/"))
+
+
+def test_in_order_is_by_level_as_topics_come_and_go() -> None:
+    """The order of the admin API's pages, kept sorted for a wide level, follows what is stored and
+    deleted after a walk."""
+    topics = [f"dev/{n}" for n in range(200)] + [f"dev/{n}/status" for n in range(0, 200, 3)] + [
+        "dev", "dev-x", "dev/", "/dev", "a", "$SYS/x"]
+    retained = store_all(*topics)
+    assert [m.topic for m in retained.in_order()] == in_levels(topics)
+    live = set(topics)
+    for topic, kept in [("dev/7", False), ("dev/!", True), ("dev/9/status", False), ("dev/7/x", True),
+                        ("dev/3/status", False), ("dev/3", False), ("dev/~", True), ("dev/0/status", True)]:
+        retained.store(msg(topic, b"x" if kept else b""))
+        live = live | {topic} if kept else live - {topic}
+        assert [m.topic for m in retained.in_order()] == in_levels(list(live)), topic
+    assert retained.topics(3) == in_levels(list(live))[:3]
+
+
+class CountedChildren(dict[str, Any]):
+    """A level's children, counting how many of them are looked up."""
+
+    looked_up = 0
+
+    def __getitem__(self, name: str) -> Any:
+        CountedChildren.looked_up += 1
+        return super().__getitem__(name)
+
+
+def test_a_page_in_order_sorts_a_wide_level_once_and_looks_at_its_own_messages_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /retained and /topics (each polled every 2 s by the dashboard) sorted every child of a
+    level and stacked them all before the first message: 1,000,000 retained under dev/<id> made
+    a page of one 350 ms, each poll. A level's names are sorted once, until a child comes or goes,
+    and walked as the page asks."""
+    import mqtt_broker.retained as module
+    n = 20_000
+    retained = store_all(*[f"dev/{i}" for i in range(n)])
+    level = retained._root.children["dev"]
+    level.children = CountedChildren(level.children)
+    sorted_names: list[int] = []
+
+    def counted_sorted(names: Any, **kwargs: Any) -> list[Any]:
+        result = sorted(names, **kwargs)
+        sorted_names.append(len(result))
+        return result
+    monkeypatch.setattr(module, "sorted", counted_sorted, raising=False)
+    pages = []
+    for _ in range(3):
+        CountedChildren.looked_up = 0
+        pages.append(retained.topics(1))
+        assert CountedChildren.looked_up <= 2
+    assert pages == [["dev/0"]] * 3
+    assert sum(sorted_names) <= n + 10, sorted_names  # the wide level, once
 
 
 # --- match ------------------------------------------------------------------------------------
