@@ -101,6 +101,25 @@ def test_one_clients_subscriptions_are_listed_from_its_session() -> None:
     assert (status, answer["total"]) == (200, 0)
 
 
+def test_one_client_is_answered_with_its_first_subscriptions_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /clients/{id} rendered every subscription of the session: any client can hold 200,000
+    (one SUBSCRIBE may carry any number of filters), which held the reactor 2.5 s. It answers the
+    first 1,000 by filter, as a page of /clients/{id}/subscriptions would, and their count."""
+    import mqtt_broker.admin.api as api_module
+    broker, api = started()
+    session = broker.sessions["big"] = Session("big")
+    filters = [f"s/{n}" for n in range(2500)]
+    for topic_filter in filters:
+        broker.subscribe(session, Subscription(client_id="big", topic_filter=topic_filter, qos=1))
+    rendered: list[Subscription] = []
+    monkeypatch.setattr(api_module, "subscription_json",
+                        lambda subscription: rendered.append(subscription) or dataclasses.asdict(subscription))
+    status, answer = call(api, "GET", "/api/v1/clients/big")
+    assert (status, answer["subscription_count"], len(rendered)) == (200, 2500, 1000)
+    first = call(api, "GET", "/api/v1/clients/big/subscriptions?limit=1000")[1]["items"]
+    assert answer["subscriptions"] == first and [s["topic_filter"] for s in first] == sorted(filters)[:1000]
+
+
 def test_a_page_of_every_subscription_is_the_same_without_walking_them_all() -> None:
     """Every subscription was walked, and sorted, for each page: 0.8 s of the reactor's for one
     of 500,000. A page is what a sorted list of them all would give, ``total`` its length."""

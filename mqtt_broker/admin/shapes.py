@@ -202,5 +202,5 @@ def page(request: Any, items: Iterable[Any], render: Callable[[Any], Any], total
             "items": [render(item) for item in itertools.islice(items, start, start + limit)]}
 
 
-__all__ = ["ApiError", "body_field", "body_qos", "bridge_json", "client_json", "int_arg", "message_json", "page",
-           "paging", "payload_json", "redacted", "str_arg", "subscription_json", "topic_tree"]
+__all__ = ["MAX_LIMIT", "ApiError", "body_field", "body_qos", "bridge_json", "client_json", "int_arg", "message_json",
+           "page", "paging", "payload_json", "redacted", "str_arg", "subscription_json", "topic_tree"]
