@@ -247,6 +247,15 @@ def test_a_page_of_retained_messages_walks_to_its_end_only() -> None:
     assert [m["topic"] for m in body["items"]] == [t for t in in_levels if t.startswith("t/")][10:30]
 
 
+def test_a_retained_filter_holding_nul_is_400_as_a_subscribes() -> None:
+    """docs/operations.md: a bad filter is 400. The other operations refuse U+0000 in a filter
+    [MQTT-1.5.4-2]; GET /retained?filter= took it, and answered an empty page."""
+    _, api = started()
+    for bad in ("a%00", "%00/%23", "$share/g/a"):
+        status, answer = call(api, "GET", f"/api/v1/retained?filter={bad}")
+        assert status == 400 and "invalid topic filter" in answer["error"], bad
+
+
 def test_an_expired_retained_message_is_not_shown() -> None:
     """It is gone [MQTT-3.3.2-5] (a new subscriber gets nothing) before the sweep deletes it."""
     broker, api = started()

@@ -508,7 +508,7 @@ class ApiResource(Resource):
         if topic_filter is None:  # a page of what may be a million, walked to its end only
             return 200, page(request, (m for m in retained.in_order() if not m.expired(now)), render,
                              total=retained.live(now))
-        if not valid_topic_filter(topic_filter) or split_shared(topic_filter)[0] is not None:
+        if split_shared(_topic_filter(topic_filter))[0] is not None:
             raise ApiError(400, f"invalid topic filter {topic_filter!r}")
         messages = sorted((m for m in retained.matching(topic_filter) if not m.expired(now)),
                           key=lambda m: m.topic.split("/"))
