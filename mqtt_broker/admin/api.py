@@ -393,8 +393,11 @@ class ApiResource(Resource):
         return 200, {"disconnected": client_id}
 
     def _client_subscriptions(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
-        session = self._session(client_id)
-        return 200, page(request, [s for _, s in sorted(session.subscriptions.items())], subscription_json)
+        held = self._session(client_id).subscriptions
+        offset, limit = paging(request)
+        chosen = heapq.nsmallest(offset + limit, held)[offset:]  # (not all 200,000 a client may hold sorted)
+        return 200, {"total": len(held), "offset": offset, "limit": limit,
+                     "items": [subscription_json(held[topic_filter]) for topic_filter in chosen]}
 
     def _subscribe_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
@@ -476,7 +479,7 @@ class ApiResource(Resource):
             if skip >= matching:
                 skip -= matching
                 continue
-            chosen = sorted(f for f in held if query is None or query in f)[skip:skip + limit - len(items)]
+            chosen = heapq.nsmallest(skip + limit - len(items), (f for f in held if query is None or query in f))[skip:]
             items += [held[topic_filter] for topic_filter in chosen]
             skip = 0
         return 200, {"total": total, "offset": offset, "limit": limit,
