@@ -120,6 +120,24 @@ def test_one_client_is_answered_with_its_first_subscriptions_only(monkeypatch: p
     assert answer["subscriptions"] == first and [s["topic_filter"] for s in first] == sorted(filters)[:1000]
 
 
+def test_every_page_of_one_clients_subscriptions_is_a_slice_of_them_sorted() -> None:
+    """A page's filters are found without sorting all a client holds (200,000: 666 ms): each page,
+    of either operation, is still the slice of the sorted filters that the paging asks for."""
+    broker, api = started()
+    session = broker.sessions["c"] = Session("c")
+    filters = [f"t/{n * 37 % 50}/x" for n in range(50)] + ["a/b", "z", "t/+/x"]
+    for topic_filter in filters:
+        broker.subscribe(session, Subscription(client_id="c", topic_filter=topic_filter, qos=1))
+    ordered = sorted(filters)
+    for offset in (0, 1, 7, 49, 52, 53, 60):
+        for limit in (1, 3, 10):
+            for path in (f"/api/v1/clients/c/subscriptions?offset={offset}&limit={limit}",
+                         f"/api/v1/subscriptions?client_id=c&offset={offset}&limit={limit}"):
+                status, answer = call(api, "GET", path)
+                assert status == 200 and answer["total"] == len(filters), (path, answer)
+                assert [s["topic_filter"] for s in answer["items"]] == ordered[offset:offset + limit], path
+
+
 def test_a_page_of_every_subscription_is_the_same_without_walking_them_all() -> None:
     """Every subscription was walked, and sorted, for each page: 0.8 s of the reactor's for one
     of 500,000. A page is what a sorted list of them all would give, ``total`` its length."""
