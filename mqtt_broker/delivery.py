@@ -388,7 +388,7 @@ class Delivery:
                     self.stats.messages_sent += 1
                 return
             if len(session.outgoing) < connection.send_quota:
-                self._send_tracked(session, self._item(session, Outgoing(message, qos, retain, subscription_ids, share)))
+                self._send_tracked(session, Outgoing(message, qos, retain, subscription_ids, share))
                 return
         elif connection is None and not qos and not self.config.queue_qos0_messages:
             return  # QoS 0 is not kept for offline sessions unless asked to
@@ -493,7 +493,8 @@ class Delivery:
         item = Outgoing(message, qos, True, subscription_ids)
         # Numbered after the backlog, it is left out of ``loaded_seq``: only an empty queue is read
         # into, and once sent the store has it in flight, not queued. But a read of the backlog
-        # under way (``loading``) could bring it back a second time: then it is kept in memory only.
+        # under way (``loading``) could bring it back a second time: then the store has it only
+        # once it is sent, with its packet id (``_send_tracked``).
         if not session.loading:
             self._item(session, item, stored=True)
         session.push(item)
@@ -519,7 +520,7 @@ class Delivery:
 
     def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
         """Number a QoS 1/2 message of a stored session; ``stored``: record it as queued now
-        (otherwise _send_tracked records it with its packet id)."""
+        (otherwise ``_send_tracked`` records it with its packet id)."""
         if session.stored:
             item.seq = session.next_seq
             session.next_seq += 1
@@ -534,20 +535,21 @@ class Delivery:
             assert self.store is not None
             self.store.remove_delivery(session.client_id, item.seq)
 
-    def _send_tracked(self, session: Session, item: Queued, queued: bool = False) -> None:
-        """Send a QoS 1/2 message with a new packet id and track it until acknowledged;
-        ``queued``: it comes from the queue (and the store already has it)."""
+    def _send_tracked(self, session: Session, item: Queued) -> None:
+        """Send a QoS 1/2 message with a new packet id and track it until acknowledged. Of a
+        stored session, a numbered one is in the store already (queued); one not numbered yet
+        is numbered and recorded now."""
         connection = session.connection
         assert connection is not None
         packet_id = session.allocate_packet_id()
-        if item.seq and session.stored:
+        if session.stored:
             # On the wire only once the store has it with its packet id: after a crash it is
             # sent again with the same id, which the client knows [MQTT-4.3.3-2, -4.4.0-1].
             assert self.store is not None
-            if queued:
+            if item.seq:
                 self.store.update_delivery(session.client_id, item.seq, packet_id, False)
             else:
-                self.store.add_delivery(session.client_id, item, packet_id)
+                self.store.add_delivery(session.client_id, self._item(session, item), packet_id)
             connection.wait_for_store(item.qos == 2)
         if not connection.send_publish(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
             self.forget(session, item)
@@ -629,7 +631,7 @@ class Delivery:
                         self.hand_on_to_group(head.message, head.share)
                     continue
                 if head.qos:
-                    self._send_tracked(session, head, queued=True)
+                    self._send_tracked(session, head)
                 elif connection.send_publish(head.message, 0, head.retain, 0, False, head.subscription_ids):
                     self.stats.messages_sent += 1
             # Spilled messages the store reads at once (a MemoryStore) are sent in this same loop.

@@ -245,6 +245,36 @@ def test_a_new_subscriptions_retained_message_is_not_read_back_with_the_backlog_
     assert broker.sessions["sub"].spilled == 0
 
 
+def test_a_retained_message_queued_while_the_backlog_is_read_is_stored_as_it_is_sent() -> None:
+    """docs/durability.md: a QoS 1/2 PUBLISH to a stored session goes out only once the store
+    has its packet id. Kept out of the store while the backlog was read, the retained message
+    of a new subscription went out unrecorded: after a restart it was not sent again
+    [MQTT-4.4.0-1], and its packet id, which a QoS 2 subscriber holds until the PUBREL, was
+    free for another message."""
+    store = MemoryStore()
+    reads: list[tuple[Deferred[Any], tuple[Any, ...]]] = []
+    read = store.load_queued
+    store.load_queued = lambda *args: reads.append((Deferred(), args)) or reads[-1][0]  # type: ignore[method-assign]
+    broker, again = backlogged_subscriber(store)
+    for _ in range(3):  # "0" to "2": the queue is empty, the store reads "3" on
+        [sent] = again.received()
+        again.send(Puback(packet_id=sent.packet_id))
+    [_, retained] = again.subscribe("r", qos=1, packet_id=9)
+    assert retained.payload == b"retained"  # type: ignore[union-attr]
+    [(reading, args)] = reads
+    read(*args).chainDeferred(reading)
+    again.lose()
+    broker.stopService()
+    del store.load_queued
+    restarted = make_broker(max_queued_messages=3, store=store)
+    restarted.startService()
+    back = FakeClient(restarted)
+    back.connect("sub", clean=False)
+    got: list[Any] = back.received()
+    assert [(p.payload, p.dup) for p in got] == [(b"retained", True), (b"3", False), (b"4", False)]
+    assert got[0].packet_id == retained.packet_id  # type: ignore[union-attr]
+
+
 def test_spilled_messages_read_back_keep_to_max_queued_bytes() -> None:
     """Memory holds max_queued_bytes of a session's queue (docs/durability.md): read back from
     the store, no more than that, whatever max_queued_messages allows (at least one message)."""
