@@ -575,6 +575,17 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         else:
             then()
 
+    def unless_written(self, then: Callable[[], object]) -> None:
+        """Call ``then`` if what was written so far never goes to the transport: the connection
+        ends while it waits, or its transport is gone already (the converse of ``after_written``)."""
+        if self._ended is not None:
+            then()
+        elif self._unstored:
+            waiting = self._unstored[-1]
+            if waiting.otherwise is None:
+                waiting.otherwise = []
+            waiting.otherwise.append(then)
+
     def read_no_more_until_sent(self) -> None:
         """Read nothing more from the client until its transport has sent what waits
         (``resumeProducing``): its own answers (PUBACKs, PINGRESPs, a WebSocket's pongs) would
@@ -699,9 +710,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                     out = self._out = []
                     broker.unflushed.append(self)
                 out += first.data
-            if self._ended is None:  # (the transport gone, nothing went to it)
-                for then in first.then or ():
-                    then()
+            # (The transport gone, nothing went to it.)
+            for then in (first.then if self._ended is None else first.otherwise) or ():
+                then()
         session = self.session
         if session is not None and (session.queue or session.spilled) and not self.paused:
             self.delivery.pump(session)
@@ -714,6 +725,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                 waiting.sent = True
                 self.pending_bytes -= waiting.size
                 count_kinds(waiting.data, self.stats.unsent)
+                for then in waiting.otherwise or ():
+                    then()
             self._unstored.clear()
 
     def _forget_out(self) -> None:
@@ -948,11 +961,13 @@ classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
 class _Unstored:
     """Writes of one connection that wait for one batch of the store, or for a decision."""
 
-    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "then", "decision", "ready")
+    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "then", "otherwise", "decision", "ready")
 
     def __init__(self, generation: int, exact: bool, decision: bool = False) -> None:
         self.then: list[Callable[[], object]] | None = None
         """What is to happen once they are written (see ``after_written``)."""
+        self.otherwise: list[Callable[[], object]] | None = None
+        """What is to happen if they never are (see ``unless_written``)."""
         self.data: list[bytes] = []
         self.size = 0
         self.sent = False

@@ -66,6 +66,7 @@ class Publishing:
     def send_pubrel(self, packet_id: int, again: bool = False) -> None: ...
     def wait_for_store(self, exact: bool = False) -> None: ...
     def after_written(self, then: Callable[[], object]) -> None: ...
+    def unless_written(self, then: Callable[[], object]) -> None: ...
 
     # --- PUBLISH in ---------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class Publishing:
             if qos == 1:
                 self._pubacks_waiting -= 1
             if connected:
-                self._acknowledge(qos, packet_id, reason, reason_string)
+                self._acknowledge(qos, packet_id, reason, reason_string, committed=True)
 
     def _not_durable(self, failure: Failure, acks: _Acks) -> None:
         """The store could not write: no acknowledgement. MQTT 5 is told (0x80); an MQTT 3
@@ -301,8 +302,10 @@ class Publishing:
             if self.state is State.CONNECTED and self.version == MQTT_5:
                 self._acknowledge(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR, "the broker cannot store the message")
 
-    def _acknowledge(self, qos: int, packet_id: int, reason: ReasonCode, reason_string: str | None = None) -> None:
-        """PUBACK (QoS 1) or PUBREC (QoS 2) for a PUBLISH received."""
+    def _acknowledge(self, qos: int, packet_id: int, reason: ReasonCode, reason_string: str | None = None,
+                     committed: bool = False) -> None:
+        """PUBACK (QoS 1) or PUBREC (QoS 2) for a PUBLISH received; ``committed``: the store
+        has written what routing it recorded (its packet id, awaiting PUBREL)."""
         if not reason or self.version != MQTT_5:  # the common case, without building a packet
             self.send_ack(0x40 if qos == 1 else 0x50, packet_id)
             return
@@ -312,14 +315,19 @@ class Publishing:
         if qos == 1:
             self.send(Puback(packet_id=packet_id, reason_code=reason, properties=properties))
             return
-        self.send(Pubrec(packet_id=packet_id, reason_code=reason, properties=properties))
         session = self.session
-        if reason >= 0x80 and session is not None:
+        delivery = self.delivery
+        if reason >= 0x80 and session is not None and delivery.pubrel_received(session, packet_id):
             # It ends the exchange: no PUBREL follows, and the client may use the packet id
-            # again [MQTT-4.3.3-9]. Once it has gone to the client only: one that never had it
-            # sends the PUBLISH again (DUP) when it reconnects, which is not to be routed twice.
-            delivery = self.delivery
-            self.after_written(lambda: delivery.pubrel_received(session, packet_id))
+            # again at once [MQTT-4.3.3-9]. A restart must not take that new message for a
+            # resend: the PUBREC goes once the store has forgotten the id it had. A client that
+            # never has the PUBREC sends the PUBLISH again (DUP) when it reconnects, which is
+            # not to be routed twice: if the connection ends before the PUBREC went, the id is
+            # awaited again.
+            if committed and session.stored:
+                self.wait_for_store(exact=True)
+            self.unless_written(lambda: delivery.await_pubrel(session, packet_id))
+        self.send(Pubrec(packet_id=packet_id, reason_code=reason, properties=properties))
 
     # --- acknowledgements of what we sent -------------------------------------------------
 

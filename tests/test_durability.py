@@ -1207,6 +1207,44 @@ def test_pubcomp_goes_out_once_the_packet_id_is_forgotten_in_the_store(
     assert receiver.payloads() == [b"first", b"second"]
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_refusing_pubrec_goes_out_once_the_packet_id_is_forgotten_in_the_store(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """MQTT 5: a PUBREC of 0x80 or more ends the QoS 2 exchange, and the publisher may use the
+    packet id again at once [MQTT-4.3.3-9]. Sent before the id's removal was committed, a crash
+    brought the id back as awaiting PUBREL, and the publisher's next message with it was taken
+    for a resend: acknowledged, and routed to no one."""
+    on_disk = SQLiteRestarts(tmp_path / "mqttbroker.db", max_queued_messages=1, max_stored_messages=1)
+    broker = on_disk.start()
+    try:
+        full = connected(broker, "full", 4, clean=False)
+        subscribe(full, "q", qos=1)
+        yield on_disk.store.flushed()
+        full.lose()
+        for _ in range(2):  # its queue in memory, and its room in the store
+            yield broker.publish("q", b"fill", qos=1)
+        p = connected(broker, "p", 5, **persistent(5))
+        yield on_disk.store.flushed()
+        p.send(Publish(topic="q", payload=b"refused", qos=2, packet_id=7))
+        yield on_disk.store.flushed()  # the id, awaiting PUBREL, is committed
+        assert p.received() == []  # the PUBREC that frees it waits for its removal
+        (pubrec,) = yield when_stored(on_disk.store, p)
+        assert isinstance(pubrec, Pubrec) and pubrec.reason_code == ReasonCode.QUOTA_EXCEEDED
+        assert rows(on_disk.path, "SELECT packet_id FROM awaiting_pubrel") == []
+        broker = yield on_disk.again(crash_copy(on_disk.path, tmp_path / "crashed.db"))  # killed now
+        s = connected(broker, "s", 4)
+        subscribe(s, "q", qos=1)
+        s.received()
+        p, _ = reconnect(broker, "p", 5)
+        p.send(Publish(topic="q", payload=b"new", qos=2, packet_id=7))  # the id used again: a new message
+        yield on_disk.store.flushed()
+        (pubrec,) = yield when_stored(on_disk.store, p)
+        assert pubrec.reason_code == ReasonCode.QUOTA_EXCEEDED  # ("full" has no room still)
+        assert [m.payload for m in publishes(s.received())] == [b"new"]
+    finally:
+        yield on_disk.stop()
+
+
 class HeldStore(MemoryStore):
     """A store whose batches the test writes, or fails: ``flushed()`` waits for the batch of the
     current ``generation``, which the test moves on."""
@@ -1835,6 +1873,33 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out()
     assert [type(p) for p in pub.received()] == [Pubcomp] and 2 not in broker.sessions["pub"].awaiting_pubrel
 
 
+def test_a_refusing_pubrec_waiting_for_the_ids_removal_when_the_connection_ends_leaves_it_awaited() -> None:
+    """The same once the store's batch came: the PUBREC 0x97 waits for the packet id's removal
+    from the store, and the connection ends before it goes. The id is awaited again, in memory
+    and in the store (a restart finds it too): the resend is known as one."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
+                           max_queued_messages=1, max_stored_messages=1)
+    ok = connected(broker, "ok", version=5)
+    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+    pub = _publisher_beside_a_full_session(broker, store)
+    ok.received()
+    got: list[bytes] = []
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
+    store.write_all()
+    assert pub.received() == []  # the PUBREC 0x97 waits for the id's removal
+    pub.lose()
+    store.write_all()
+    assert [2 in session.awaiting_pubrel for session, _ in store.load().sessions if session.client_id == "pub"] == [True]
+    pub = _reconnected(broker)
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
+    for _ in range(5):
+        store.write_all()
+    _payloads(ok, got)
+    assert got == [b"b"], "the resend of a QoS 2 message was routed a second time"
+    assert [(type(p).__name__, p.reason_code) for p in pub.received()][1:] == [("Pubrec", 0)]
+
+
 def test_a_refusing_pubrec_for_a_transport_gone_does_not_free_its_packet_id() -> None:
     """The same when the connection is lost while the rest of its read waits, for a publish
     hook deciding on a later PUBLISH: the PUBREC 0x97, released by the store's batch, went to a
@@ -1898,6 +1963,8 @@ def test_a_refusing_pubrec_that_went_out_frees_its_packet_id() -> None:
     pub = _publisher_beside_a_full_session(broker, store)
     pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
     assert 2 in broker.sessions["pub"].awaiting_pubrel
+    store.write_all()
+    assert pub.received() == []  # the store forgets the id first
     store.write_all()
     assert [(type(p).__name__, p.reason_code) for p in pub.received()] == [("Pubrec", 0x97)]
     assert 2 not in broker.sessions["pub"].awaiting_pubrel
