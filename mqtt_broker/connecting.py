@@ -371,6 +371,9 @@ class Connecting:
         ends_stored = packet.clean_start and previous is not None and previous.stored
         self.broker.connect_accepted(client.client_id)
         wills = self.broker.wills
+        # A will waiting for its delay goes with this connection (``attach``): dropped, or
+        # published after a clean start; the store forgets it.
+        ends_will = client.client_id in wills and self.broker.store is not None
         waited = wills.deciding(client.client_id)  # (by ``_handed_over``, takeover_wait at most: not again)
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
                                               self.identity)
@@ -383,10 +386,12 @@ class Connecting:
             decided.addTimeout(takeover_wait(self.broker.config), self.clock)
             self.hold_until(decided)
             self._when(decided, lambda _: None)
-        if ends_stored:
+        if ends_stored or ends_will:
             # Session Present 0 only once the old session's end is committed: brought back by a
             # crash, its inbound QoS 2 ids would take the new session's first messages for resends.
-            self.wait_for_store(exact=True)
+            # And a will the client cancels by coming back before its delay [MQTT-3.1.3-9] must
+            # not come back with a crash after the CONNACK (a failing disk lets the CONNACK go).
+            self.wait_for_store(exact=ends_stored)
         self.session = session
         self._client_id = client.client_id
         if present and self.version != MQTT_5:

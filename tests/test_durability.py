@@ -1033,6 +1033,40 @@ def test_a_clean_start_is_acknowledged_once_the_old_session_is_gone_from_the_dis
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_reconnection_is_acknowledged_once_the_delayed_will_it_cancels_is_gone_from_the_disk(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """[MQTT-3.1.3-9]: a client back before its Will Delay Interval has passed cancels its will.
+    The CONNACK went before the will's deletion was committed: killed then, the restarted broker
+    published the will of a client that had been told it was back."""
+    clock = Clock()
+    clock.advance(1_000_000)
+    on_disk = SQLiteRestarts(tmp_path / "mqttbroker.db", clock=clock)
+    broker = on_disk.start()
+    try:
+        w = connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": 3600},
+                      will=Will(topic="wills/w", payload=b"w is gone", qos=1,
+                                properties={"will_delay_interval": 30}))
+        w.lose()
+        yield on_disk.store.flushed()
+        clock.advance(5)
+        w = FakeClient(broker, 5)
+        w.send(Connect(client_id="w", clean_start=False, protocol_level=5, protocol_name="MQTT",
+                       properties={"session_expiry_interval": 3600}))
+        assert w.received() == []  # not before the will's end is on the disk
+        (connack,) = yield when_stored(on_disk.store, w)
+        assert isinstance(connack, Connack) and connack.reason_code == 0 and connack.session_present
+        assert rows(on_disk.path, "SELECT client_id FROM wills") == []
+        broker = yield on_disk.again(crash_copy(on_disk.path, tmp_path / "crashed.db"))  # killed now
+        watcher = connected(broker, "watcher", 4)
+        subscribe(watcher, "wills/#", qos=1)
+        watcher.received()
+        clock.advance(60)
+        assert publishes(watcher.received()) == []
+    finally:
+        yield on_disk.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_pubrel_sent_before_a_crash_is_not_followed_by_the_publish_again(
         on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
     """[MQTT-4.3.3-5]: once the broker has sent PUBREL it must not send the PUBLISH again. The
