@@ -155,6 +155,12 @@ class Connecting:
         if terms.reason:
             self.refuse(terms.reason, terms.why)
             return
+        bridges = self.broker.bridges
+        if not self._own and bridges is not None and bridges.holds(terms.client_id):
+            # Taking it over would close the bridge's link and have the client sent what is for
+            # the remote (Mosquitto gives such a client nothing of the bridge's either).
+            self.refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "the client id of a bridge's session here")
+            return
         if not self._own and not self.broker.connect_allowed(terms.client_id):  # (a bridge's link: not a client's)
             self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
             return

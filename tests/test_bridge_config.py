@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from auth_helpers import LogCapture
 from bridge_helpers import Bridged
 from protocol_helpers import FakeClient, connected, make_broker
 
@@ -1364,3 +1365,25 @@ def test_a_connect_hook_that_lets_in_only_bridges_lets_the_bridges_own_link_in()
     assert bridged.bridge.state == "connected", bridged.bridge.last_error
     assert FakeClient(bridged.broker).connect("app").reason_code == 5  # type: ignore[union-attr]
     assert set(seen) == {(bridged.bridge.config.local_client_id, "up"), ("app", None)}
+
+
+@pytest.mark.parametrize("version, code", [(MQTT_5, 0x85), (MQTT_3_1_1, 2)])
+def test_a_client_with_the_bridges_local_clientid_is_refused_and_takes_nothing_of_the_bridge(
+        version: int, code: int) -> None:
+    # Mosquitto 2.0.11 gives such a client nothing of what goes to the remote, nor stops the
+    # bridge. The session being an ordinary one, the client took it over: the bridge's link was
+    # closed (0x8E) and what was published for the remote went to that client.
+    bridged = Bridged({**_BRIDGE, "topic": ["out/# out 1"]})
+    bridged.accept()
+    there = connected(bridged.remote, "there", version=5)
+    there.subscribe("out/#", qos=1)
+    impostor = FakeClient(bridged.broker, version)
+    with LogCapture() as logged:
+        connack = impostor.connect(bridged.bridge.config.local_client_id, clean=False)
+    bridged.settle()
+    assert (connack.reason_code, impostor.closed) == (code, True)  # type: ignore[union-attr]
+    assert "a bridge's session here" in logged.text()
+    connected(bridged.broker, "pub", version=5).publish("out/t", b"for the remote", qos=1)
+    bridged.settle()
+    assert bridged.bridge.state == "connected", bridged.bridge.last_error
+    assert _published(there) == [("out/t", b"for the remote")]
