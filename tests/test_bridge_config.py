@@ -1387,3 +1387,18 @@ def test_a_client_with_the_bridges_local_clientid_is_refused_and_takes_nothing_o
     bridged.settle()
     assert bridged.bridge.state == "connected", bridged.bridge.last_error
     assert _published(there) == [("out/t", b"for the remote")]
+
+
+@pytest.mark.parametrize("lines, qos", [(["a/# out 0", "a/# out 2"], 2), (["a/# out 2", "a/# out 0"], 0)])
+def test_of_two_out_lines_of_one_filter_the_last_sets_the_qos_as_in_mosquitto(lines: list[str], qos: int) -> None:
+    # Mosquitto 2.0.11 subscribes its bridge's session for each line: the later subscription of
+    # the filter replaces the earlier. The first line's QoS was taken: a converted Mosquitto
+    # file sent QoS 2 messages at QoS 0.
+    bridged = Bridged({**_BRIDGE, "topic": lines})
+    bridged.accept()
+    assert bridged.bridge.state == "connected"
+    there = connected(bridged.remote, "there", version=5)
+    there.subscribe("a/#", qos=2)
+    connected(bridged.broker, "here", version=5).publish("a/x", b"m", qos=2)
+    bridged.settle()
+    assert [(p.topic, p.qos) for p in there.received() if isinstance(p, Publish)] == [("a/x", qos)]

@@ -362,12 +362,9 @@ class Bridge(Service):
                      filters=", ".join(missing), why=why)
 
     def _out_filters(self) -> dict[str, BridgeTopic]:
-        """The local filters of the out topics, with the first line of each."""
-        wanted: dict[str, BridgeTopic] = {}
-        for line in self.config.topic:
-            if line.outgoing:
-                wanted.setdefault(line.local_filter, line)
-        return wanted
+        """The local filters of the out topics, with the last line of each: its QoS is the
+        session's, as in Mosquitto, whose later subscription of a filter replaces the earlier."""
+        return {line.local_filter: line for line in self.config.topic if line.outgoing}
 
     def _subscription_changes(self, retain_handling: int) -> list[Packet]:
         """What makes the session's subscriptions those of the out topics: an UNSUBSCRIBE of each
