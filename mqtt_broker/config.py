@@ -446,6 +446,13 @@ class BrokerConfig:
         if self.cluster_tls_ca_file and self.cluster and not self._cluster_tls():
             raise ConfigError("is for a rediss:// cluster URL (TLS): redis:// and redis+sentinel:// "
                               "connect in clear text", "cluster_tls_ca_file")
+        # One node runs a bridge at a time, and the next takes its sessions, here and at the
+        # remote: named after each node's host, they would be as many as the nodes.
+        if self.cluster:
+            for number, bridge in enumerate(self.bridge, 1):
+                if not bridge.remote_clientid:
+                    raise ConfigError("must be given with cluster: the nodes run the bridge in turn, under one "
+                                      "client id (left out, it is each host's name)", f"bridge[{number}].remote_clientid")
 
     def _cluster_tls(self) -> bool:
         from .cluster.address import RedisAddress  # parses only (the URL was checked already)

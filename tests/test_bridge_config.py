@@ -1402,3 +1402,12 @@ def test_of_two_out_lines_of_one_filter_the_last_sets_the_qos_as_in_mosquitto(li
     connected(bridged.broker, "here", version=5).publish("a/x", b"m", qos=2)
     bridged.settle()
     assert [(p.topic, p.qos) for p in there.received() if isinstance(p, Publish)] == [("a/x", qos)]
+
+
+def test_a_bridge_of_a_cluster_must_be_given_its_remote_clientid() -> None:
+    # Left out, it was each host's name: as many sessions at the remote and here as nodes.
+    table = {"connection": "cloud", "addresses": ["h:1883"], "topic": ["#"]}
+    with pytest.raises(ConfigError, match="must be given with cluster") as caught:
+        BrokerConfig(cluster="redis://127.0.0.1:6379/0", bridge=[{**table, "remote_clientid": "edge"}, {**table, "connection": "b"}])
+    assert caught.value.key == "bridge[2].remote_clientid"
+    assert BrokerConfig(bridge=[table]).bridge[0].remote_clientid == ""

@@ -3492,3 +3492,88 @@ def test_a_claim_goes_to_redis_once_the_changes_before_it_are_written_not_those_
     finally:
         yield link.close()
         redis.close()
+
+
+@inlineCallbacks
+def bridged_nodes(server: RedisServer, remote_port: int) -> Any:
+    """Nodes a and b, each with the same [[bridge]] table (to the remote on ``remote_port``,
+    ``q/#`` out): (a, b, a's clock), once both joined."""
+    bridge = {"connection": "up", "addresses": [f"127.0.0.1:{remote_port}"], "remote_clientid": "edge",
+              "restart_timeout": 5, "topic": ["q/# out 1"]}
+    clock = Clock()
+    a = yield node_a(server, clock, bridge=[bridge])
+    b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
+                      close_linger=0, bridge=[bridge])
+    b.startService()
+    yield b.cluster.ready
+    return a, b, clock
+
+
+@inlineCallbacks
+def crossed(there: FakeClient, node: BrokerService, what: str) -> Any:
+    """The PUBLISH a client of the remote is sent through the bridge running on ``node``, whose
+    in-memory link to the bridge is on the node's clock, turned as it waits."""
+    got: list[Publish] = []
+    yield until(lambda: node.clock.advance(0) or got.extend(p for p in there.received() if isinstance(p, Publish))
+                or got, what)
+    return got
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bridge_runs_on_one_node_of_a_cluster_and_moves_to_another_when_that_node_stops(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    # Every node ran every [[bridge]]: the nodes took the bridge's sessions from each other,
+    # here and at the remote, and what crossed did so once per node.
+    remote = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, clock=Clock(), close_linger=0)
+    remote.startService()
+    there = FakeClient(remote, 5)
+    there.connect("there")
+    there.subscribe("q/#", qos=1)
+    there.received()
+    a, b, _ = yield bridged_nodes(server, remote.ports[0].getHost().port)
+    try:
+        on_a, on_b = a.bridges.get("up"), b.bridges.get("up")
+        # (The bridge's link to its node is in memory, on the node's clock: turned as it waits.)
+        yield until(lambda: a.clock.advance(0) or on_a.state == "connected",
+                    "the bridge to come up on node a, which joined first")
+        yield b.cluster.leases.renew()  # (a heartbeat of b: the lease is a's)
+        assert (on_b.running, server.client().get("mqtt:lease:bridge:up")) == (False, b"a")
+        yield until(lambda: b.cluster.forwarding.routes.match("q/t")[0], "node b to learn the bridge's route")
+        publisher = yield connect(b, 5, client_id="publisher")
+        publisher.received()
+        publisher.send(Publish(topic="q/t", payload=b"from b", qos=1, packet_id=1))
+        got = yield crossed(there, a, "the message at the remote")
+        yield a.stopService()  # (it gives the lease up: b takes it at its next heartbeat)
+        yield b.cluster.leases.renew()
+        yield until(lambda: b.clock.advance(0) or on_b.state == "connected", "the bridge to come up on node b")
+        publisher.send(Publish(topic="q/t", payload=b"after the move", qos=1, packet_id=2))
+        got += yield crossed(there, b, "the second message at the remote")
+        assert [p.payload for p in got] == [b"from b", b"after the move"]
+        assert len(remote.connections) == 2  # (there, and b's bridge: a's went)
+    finally:
+        yield b.stopService()
+        yield remote.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_node_that_cannot_renew_its_bridges_lease_stops_the_bridge_before_the_lease_expires(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    a, b, clock = yield bridged_nodes(server, 1)  # (port 1: the bridge tries, and waits to try again)
+    try:
+        on_a = a.bridges.get("up")
+        yield until(lambda: on_a.running, "node a, which joined first, to start the bridge")
+        renewed = clock.seconds()
+        yield a.cluster.leases.renew()
+        a.cluster.survivor.stop()  # it beats no more, as a node cut off from Redis
+        clock.advance(a.cluster.survivor.ttl_ms / 1000 - 0.01 - (clock.seconds() - renewed))
+        assert on_a.running
+        clock.advance(0.01)
+        assert not on_a.running
+        server.client().delete("mqtt:lease:bridge:up")  # its TTL in Redis ran out too, after a's
+        yield b.cluster.leases.renew()
+        assert b.bridges.get("up").running
+        yield a.cluster.leases.renew()  # (back, a finds it held by b: it runs it no more)
+        assert not on_a.running and server.client().get("mqtt:lease:bridge:up") == b"b"
+    finally:
+        yield a.stopService()
+        yield b.stopService()

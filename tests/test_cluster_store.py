@@ -577,3 +577,18 @@ def test_what_waits_for_redis_is_counted_until_redis_holds_it_outage_included() 
     finally:
         yield link.close()
         redis_server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_lease_is_one_nodes_renewed_by_it_alone_and_free_once_given_up_or_expired(
+        nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    a, b = nodes
+    assert (yield a.lease("bridge:up", 60_000)) and not (yield b.lease("bridge:up", 60_000))
+    assert (yield a.lease("bridge:up", 60_000))  # renewed
+    assert 59_000 < server.client().pttl("mqtt:lease:bridge:up") <= 60_000
+    yield b.give_lease("bridge:up")  # (not b's to give)
+    assert server.client().get("mqtt:lease:bridge:up") == b"a"
+    yield a.give_lease("bridge:up")
+    assert (yield b.lease("bridge:up", 60_000)) and not (yield a.lease("bridge:up", 60_000))
+    server.client().delete("mqtt:lease:bridge:up")  # (its TTL ran out: b beat no more)
+    assert (yield a.lease("bridge:up", 60_000))

@@ -741,6 +741,9 @@ class Bridges:
 
     def __init__(self, broker: Any, configs: list[BridgeConfig], reactor: Any, clock: IReactorTime) -> None:
         self.by_name = {c.connection: Bridge(broker, c, reactor, clock) for c in configs}
+        if broker.cluster is not None:
+            _Leased(self, broker.cluster.leases).setServiceParent(broker)
+            return
         for bridge in self.by_name.values():
             bridge.setServiceParent(broker)
 
@@ -753,6 +756,37 @@ class Bridges:
     def holds(self, client_id: str) -> bool:
         """Whether the session of ``client_id`` here is a bridge's (``local_clientid``)."""
         return any(bridge.config.local_client_id == client_id for bridge in self)
+
+
+
+class _Leased(Service):
+    """A cluster's bridges: each runs on the node that holds its lease (see
+    :mod:`mqtt_broker.cluster.leases`), one node at a time, as two nodes running it would send
+    each message across once each, or take its sessions from each other. Its session here is a
+    cluster session: the node that starts the bridge claims it as a client's connection would."""
+
+    def __init__(self, bridges: Bridges, leases: Any) -> None:
+        self.bridges = bridges
+        self.leases = leases
+
+    def startService(self) -> None:
+        super().startService()
+        for bridge in self.bridges:
+            self.leases.want(f"bridge:{bridge.connection}", lambda held, bridge=bridge: self._leased(bridge, held))
+
+    def _leased(self, bridge: Bridge, held: bool) -> None:
+        if held and self.running and not bridge.running:
+            log.info("bridge {name}: runs on this node of the cluster from now on", name=bridge.connection)
+            bridge.startService()
+        elif not held and bridge.running:
+            log.info("bridge {name}: stopped on this node, whose lease of it ended", name=bridge.connection)
+            bridge.stopService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for bridge in self.bridges:
+            if bridge.running:
+                bridge.stopService()
 
 
 __all__ = ["Bridge", "BridgeConfig", "BridgeConfigError", "BridgeTopic", "Bridges"]

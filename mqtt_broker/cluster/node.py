@@ -32,6 +32,7 @@ from ..topics import SharedGroup, SubscriptionTree, Subscription, but_its_sender
 from .address import RedisAddress
 from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
 from .forwarding import ClusterStats, Forwarding
+from .leases import Leases
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .replies import Claim, InboxEntry
 from .store import RedisStore
@@ -148,6 +149,8 @@ class Cluster:
         """Clients whose claim here is under way and that another node claimed since, the news
         coming before the answer: that node's epoch, and whether its connection started clean."""
         self.survivor = Survivor(self)
+        self.leases = Leases(self.store, self.clock, self.survivor.ttl_ms)
+        """What only one node of the cluster runs at a time (the bridges), renewed at each heartbeat."""
         self._settle = 4 * self.survivor.ttl_ms / 1000 + 1.0
         """Seconds after a session moves until every node routes for it where it is now: the
         previous owner's death noticed, its inbox read, the routes replaced."""
@@ -196,6 +199,7 @@ class Cluster:
         if not self.started:  # (stopped while Redis answered the last step)
             return
         self.survivor.start()
+        self.leases.renew()
         self._read_inbox("0")
         log.info("cluster node {node} joined through Redis at {address} ({nodes} other nodes)",
                  node=self.node, address=str(self.address), nodes=len(self.nodes))
@@ -256,6 +260,7 @@ class Cluster:
         if self._join_retry is not None:
             self._join_retry.cancel()
         self.survivor.stop()
+        self.leases.give_up()  # (sent before the leaving, which waits for the same writes)
         leaving = self.store.leave().addTimeout(LEAVE_TIMEOUT, self.clock)
         leaving.addErrback(self._left_without_redis)
         return leaving.addBoth(lambda _: self.redis.close())

@@ -47,8 +47,8 @@ def _script(name: str) -> Script:
     return Script(name, resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
 
 
-BATCH, CLAIM, FORGET, QUEUED, ROUTES, WILLS = (
-    _script(name) for name in ("batch", "claim", "forget", "queued", "routes", "wills"))
+BATCH, CLAIM, FORGET, LEASE, QUEUED, ROUTES, WILLS = (
+    _script(name) for name in ("batch", "claim", "forget", "lease", "queued", "routes", "wills"))
 
 
 INBOX_GROUP = "nodes"
@@ -417,6 +417,16 @@ class RedisStore:
         """Stop being alive at once: the survivors adopt what this node held."""
         d = self.flushed().addCallback(lambda _: self.redis.call("DEL", f"mqtt:node:{self.node}"))
         return d.addCallback(lambda _: self.redis.call("PUBLISH", self.CONTROL, f"B\0{self.node}"))
+
+    def lease(self, name: str, ttl_ms: int) -> Deferred[bool]:
+        """Take the lease ``name`` if it is free, or renew it if this node holds it, for
+        ``ttl_ms`` from when Redis applies it: whether this node holds it now."""
+        return self.redis.run(LEASE, "take", name, self.node, ttl_ms).addCallback(bool)
+
+    def give_lease(self, name: str) -> Deferred[Any]:
+        """Free the lease ``name`` if this node holds it, once what it recorded so far is written
+        (the next holder's claims see it)."""
+        return self.flushed().addCallback(lambda _: self.redis.run(LEASE, "give", name, self.node, 0))
 
     @inlineCallbacks
     def members(self) -> Any:

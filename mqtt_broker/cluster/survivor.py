@@ -76,6 +76,7 @@ class Survivor:
             return
         # (a member again if it was taken for dead and dropped: paused longer than its lives)
         self.register()
+        cluster.leases.renew()
         cluster.redis.ping_subscribed()
         self.check_nodes().addErrback(self.failed)
 
