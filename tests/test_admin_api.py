@@ -447,7 +447,8 @@ def test_the_config_shows_no_password() -> None:
     from mqtt_broker.config import BrokerConfig
     config = BrokerConfig(cluster="redis://:s3cret@127.0.0.1:6379/0", http_auth_url="https://svc:pw@127.0.0.1/auth",
                           bridge=[{"connection": "b", "addresses": ["127.0.0.1:1"], "topic": ["t/#"],
-                                   "remote_username": "edge", "remote_password": "bridge-pw"}])
+                                   "remote_clientid": "edge-1", "remote_username": "edge",
+                                   "remote_password": "bridge-pw"}])
     shown = redacted(dataclasses.asdict(config))
     assert shown["cluster"] == "redis://:********@127.0.0.1:6379/0"
     assert shown["http_auth_url"] == "https://svc:********@127.0.0.1/auth"

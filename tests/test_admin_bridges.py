@@ -266,6 +266,19 @@ def test_restart_needs_a_key_and_is_logged() -> None:
     assert "admin API: 'POST' '/api/v1/bridges/nope/restart' by key ci refused: 404" in lines
 
 
+def test_a_bridge_that_does_not_run_here_is_not_started_by_a_restart() -> None:
+    """In a cluster a bridge runs on the node holding its lease; on the others it is stopped,
+    and a restart over their API connected it there too: two nodes running one bridge."""
+    bridged = Bridged()
+    broker = bridged.broker
+    bridged.refuse()
+    bridged.bridge.stopService()
+    assert call(broker, "POST", "/bridges/up/restart") == (409, {"error": "bridge 'up' does not run on this node"})
+    bridged.bridge.restart()
+    broker.reactor.advance(RETRY)
+    assert bridged.attempts == 1 and bridged.bridge.state == "stopped"
+
+
 def test_restarting_a_connected_bridge_reconnects_it() -> None:
     bridged = Bridged()
     broker = bridged.broker

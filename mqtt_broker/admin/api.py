@@ -634,6 +634,8 @@ class ApiResource(Resource):
 
     def _restart_bridge(self, request: Request, key_id: str | None, name: str) -> tuple[int, Any]:
         bridge = self._bridge(name)
+        if not bridge.running:  # (in a cluster, the node holding its lease runs it)
+            raise ApiError(409, f"bridge {name!r} does not run on this node")
         log.info("admin API: key {key} restarts bridge {name}", key=key_id, name=name)
         bridge.restart()
         return 200, bridge_json(bridge)

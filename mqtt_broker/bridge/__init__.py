@@ -147,7 +147,10 @@ class Bridge(Service):
         self._down("bridge stopped")
 
     def restart(self) -> None:
-        """Drop the links (if up) and connect again now, from the first address."""
+        """Drop the links (if up) and connect again now, from the first address. A bridge that
+        is not running (its broker stopped; in a cluster, another node runs it) stays so."""
+        if not self.running:
+            return
         self._cancel_retry()
         self._attempt = 0
         self._address_index = 0
