@@ -576,8 +576,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             then()
 
     def unless_written(self, then: Callable[[], object]) -> None:
-        """Call ``then`` if what was written so far never goes to the transport: the connection
-        ends while it waits, or its transport is gone already (the converse of ``after_written``)."""
+        """Call ``then`` if what was written so far never leaves the writes that wait for the
+        store: the connection ends while they wait, or its transport is gone already (the
+        converse of ``after_written``)."""
         if self._ended is not None:
             then()
         elif self._unstored:

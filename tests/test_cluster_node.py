@@ -3567,8 +3567,13 @@ def test_a_node_that_cannot_renew_its_bridges_lease_stops_the_bridge_before_the_
         a.cluster.survivor.stop()  # it beats no more, as a node cut off from Redis
         clock.advance(a.cluster.survivor.ttl_ms / 1000 - 0.01 - (clock.seconds() - renewed))
         assert on_a.running
+        state = "$SYS/broker/connection/edge/state"
+        assert a.retained.get(state) is not None  # ("0": a's bridge is not connected)
         clock.advance(0.01)
         assert not on_a.running
+        # (Each node's own topic: a's "0" would tell its clients the bridge is down for good,
+        # once b runs it.)
+        assert a.retained.get(state) is None
         server.client().delete("mqtt:lease:bridge:up")  # its TTL in Redis ran out too, after a's
         yield b.cluster.leases.renew()
         assert b.bridges.get("up").running

@@ -761,7 +761,6 @@ class Bridges:
         return any(bridge.config.local_client_id == client_id for bridge in self)
 
 
-
 class _Leased(Service):
     """A cluster's bridges: each runs on the node that holds its lease (see
     :mod:`mqtt_broker.cluster.leases`), one node at a time, as two nodes running it would send
@@ -784,6 +783,11 @@ class _Leased(Service):
         elif not held and bridge.running:
             log.info("bridge {name}: stopped on this node, whose lease of it ended", name=bridge.connection)
             bridge.stopService()
+            topic = bridge.config.state_topic
+            if self.running and bridge.config.notifications and topic.startswith("$SYS/"):
+                # Each node's own: this one's "0" would tell its clients the bridge is down while
+                # another node runs it. The node running it tells its own.
+                bridge.broker.route_own(topic, b"", retain=True)
 
     def stopService(self) -> None:
         super().stopService()
