@@ -335,9 +335,12 @@ class BrokerService(MultiService):
         stopping = [super().stopService(), *self._unlisten()]
         for connection in list(self.connections):
             connection.drop(ReasonCode.SERVER_SHUTTING_DOWN, "broker shutting down")
+        # After the drops, whose delayed wills wait with the others (published now without a store).
+        self.wills.stop()
         # After the drops: a connection's pending decision then finds it closed (no answer, no
-        # refusal a client would take as the broker's), and the will hooks the drops called are
-        # cancelled too. (An answer after the stop would route with the store closed.)
+        # refusal a client would take as the broker's), and the will hooks the drops and the
+        # wills' stop called are cancelled too. (An answer after the stop would route with the
+        # store closed.)
         self.hooks.cancel_pending()
         # Routing ends here, not before the drops: a disconnect hook may publish (a presence
         # topic), as the wills they publish are routed.
@@ -353,7 +356,6 @@ class BrokerService(MultiService):
         for session in self.sessions.values():
             cancel(session.retry_call)
             session.expiry_deadline = session.retry_call = None
-        self.wills.stop()
         if self.store is not None:
             stopping.append(self.store.close())
         if self.cluster is not None:
@@ -519,12 +521,11 @@ class BrokerService(MultiService):
 
     def _rearm(self) -> None:
         """Started again without a store (an embedding application stopped the service and
-        starts it again): the sessions and delayed wills kept in memory have their timers again,
-        a session's expiry counted from now."""
+        starts it again): the sessions kept in memory have their timers again, a session's expiry
+        counted from now. (Their delayed wills were published at the stop.)"""
         for session in self.sessions.values():
             if session.connection is None and session.expiry != NEVER and session.expiry_deadline is None:
                 self._expire_in(session, session.expiry)
-        self.wills.rearm()
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Take up what the store kept: sessions (their expiry measured from when their client

@@ -164,18 +164,14 @@ class Wills:
                 self.end(client_id, publish=False)
 
     def stop(self) -> None:
-        """The broker stops: no will is published from now on. With a store, they are forgotten
-        (the store has them, for the next start); without one, ``rearm`` sets them again."""
-        for call, *_ in self._delayed.values():
-            cancel(call)
-        if self.broker.store is not None:
-            self._delayed.clear()
-
-    def rearm(self) -> None:
-        """Started again without a store: each will waits what was left of its delay."""
-        now = self.broker.clock.seconds()
-        for client_id, (call, client, will, identity) in list(self._delayed.items()):
-            self._wait(client, will, identity, max(0.0, call.getTime() - now))
+        """The broker stops, once it has closed its connections: no will waits from now on. With
+        a store, the delayed ones are left to it, for the next start; without one, every session
+        ends with the broker's process, so they are due now [MQTT-3.1.3-9] and published, as
+        Mosquitto publishes them at its stop (a service started again in the same process keeps
+        the sessions, their wills gone)."""
+        publish = self.broker.store is None
+        for client_id in list(self._delayed):
+            self.end(client_id, publish, in_store=False)
 
     def _wait(self, client: Client, will: Message, identity: Identity | None, delay: float) -> None:
         call = self.broker.clock.callLater(delay, self._due, client.client_id)

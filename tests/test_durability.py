@@ -1624,10 +1624,29 @@ def test_an_mqtt3_suback_after_a_failed_store_carries_only_its_codes(version: in
     assert [p.reason_codes for p in client.received()] == [(0x80, 0x80)]  # type: ignore[attr-defined]
 
 
-def test_without_a_store_a_delayed_will_waits_for_its_sessions_end_as_started_again() -> None:
-    """A will whose delay is longer than its session waits for the session's end: started again
-    without a store, that end is counted from the new start, and the will goes with it, not at
-    the session's old end while the session lives and its client may resume it."""
+def test_without_a_store_every_delayed_will_is_published_at_the_stop() -> None:
+    """Without a store every session ends with the broker's process, so every will is due at
+    the stop [MQTT-3.1.3-9], as Mosquitto publishes them at its own: that of a connection the
+    stop closes, whose Will Delay Interval had not begun, and that of a client gone before,
+    whose delay was still running. Both were cancelled and never published."""
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), close_linger=0)
+    broker.startService()
+    clients = [connected(broker, client_id, 5, properties={"session_expiry_interval": 100},
+                         will=Will(topic=f"wills/{client_id}", payload=b"gone",
+                                   properties={"will_delay_interval": delay}))
+               for client_id, delay in (("now", 0), ("delayed", 10), ("left", 10))]
+    clients[2].lose()
+    broker.reactor.advance(5)  # type: ignore[attr-defined]
+    published: list[str] = []
+    broker.hooks.on_will(lambda client, message: published.append(message.topic))
+    broker.stopService()
+    assert sorted(published) == ["wills/delayed", "wills/left", "wills/now"]
+
+
+def test_without_a_store_a_session_started_again_ends_without_its_will_once_more() -> None:
+    """A will whose delay is longer than its session is published at the stop, its session's
+    end with the process: started again in the same process, the session lives on in memory,
+    its end counted from the new start, and that end publishes nothing more."""
     broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), close_linger=0)
     broker.startService()
     willing = FakeClient(broker, 5)
@@ -1636,42 +1655,46 @@ def test_without_a_store_a_delayed_will_waits_for_its_sessions_end_as_started_ag
     willing.lose()
     broker.reactor.advance(5)  # type: ignore[attr-defined]
     broker.stopService()
+    assert broker.stats.wills_published == 1
     broker.reactor.advance(1)  # type: ignore[attr-defined]
     broker.startService()  # at 6: the session ends at 16
-    watcher = connected(broker, "w")
-    watcher.subscribe("wills/#")
     broker.reactor.advance(9)  # type: ignore[attr-defined]
-    assert "d" in broker.sessions and broker.stats.wills_published == 0
+    assert "d" in broker.sessions
     broker.reactor.advance(1)  # type: ignore[attr-defined]
-    assert "d" not in broker.sessions
-    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"gone"]
+    assert "d" not in broker.sessions and broker.stats.wills_published == 1
 
 
 def test_without_a_store_a_service_started_again_keeps_its_timers() -> None:
     """An embedding application may stop the service and start it again: sessions kept in
-    memory still expire (counted from the new start), and a delayed will is still published."""
+    memory still expire (counted from the new start). A delayed will was published at the
+    stop, into the sessions kept in memory: a subscriber back after the start has it."""
     broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), close_linger=0)
     broker.startService()
-    watcher = connected(broker, "w")
-    watcher.subscribe("wills/#")
+    watcher = connected(broker, "w", clean=False)
+    subscribe(watcher, "wills/#")
     session = FakeClient(broker, 5)
     session.connect("s", properties={"session_expiry_interval": 10})
     session.send(Disconnect())
     session.lose()
     willing = FakeClient(broker, 5)
     willing.connect("d", properties={"session_expiry_interval": 60},
-                    will=Will(topic="wills/d", payload=b"gone", properties={"will_delay_interval": 30}))
+                    will=Will(topic="wills/d", payload=b"gone", qos=1, properties={"will_delay_interval": 30}))
     willing.lose()
     broker.reactor.advance(5)  # type: ignore[attr-defined]
     broker.stopService()
     broker.reactor.advance(1)  # type: ignore[attr-defined]
     broker.startService()
-    watcher = connected(broker, "w2")
-    watcher.subscribe("wills/#")
-    broker.reactor.advance(10)  # type: ignore[attr-defined]
+    watcher, connack = reconnect(broker, "w")
+    assert connack.session_present
+    (will,) = publishes(watcher.received())
+    assert will.payload == b"gone"
+    watcher.send(Puback(packet_id=will.packet_id))
+    broker.reactor.advance(9)  # type: ignore[attr-defined]
+    assert "s" in broker.sessions
+    broker.reactor.advance(1)  # type: ignore[attr-defined]
     assert "s" not in broker.sessions
-    broker.reactor.advance(15)  # type: ignore[attr-defined]  # the will's 30 s, from its disconnection
-    assert [p.payload for p in watcher.received() if isinstance(p, Publish)] == [b"gone"]
+    broker.reactor.advance(60)  # type: ignore[attr-defined]
+    assert publishes(watcher.received()) == []
 
 
 def _shared_members_away(broker: BrokerService) -> None:
