@@ -539,6 +539,8 @@ class BrokerService(MultiService):
             self.forget_session(client_id)
         ended = [session for session, disconnected_at in snapshot.sessions
                  if not self.take_session(session, disconnected_at, snapshot.alive_at)]
+        left_at = {session.client_id: disconnected_at for session, disconnected_at in snapshot.sessions
+                   if disconnected_at is not None}
         ended_ids = {session.client_id for session in ended}
         # Sessions that ended while the broker was down hand what they held of shared
         # subscriptions to another member, once every restored member is back in the tree.
@@ -552,8 +554,11 @@ class BrokerService(MultiService):
         for will in snapshot.wills:
             client = Client(client_id=will.client_id, username=will.username, peer="", protocol_version=MQTT_5,
                             clean_start=False, keep_alive=0)
-            # A will waits no longer than its session, which may have ended meanwhile [MQTT-3.1.3-9].
-            self.wills.schedule(client, will.message, now if will.client_id in ended_ids else will.due)
+            # A will waits no longer than its session, which may have ended meanwhile [MQTT-3.1.3-9],
+            # nor than its delay, counted from when its client left (saved with it): after the
+            # system clock stepped back, its due time is further than that.
+            due = now if will.client_id in ended_ids else will.due - max(0.0, left_at.get(will.client_id, now) - now)
+            self.wills.schedule(client, will.message, due)
         if self.history is not None and getattr(store, "keeps_history", True):
             self.history.restore(snapshot.history)
             store.forget_history(self.history.oldest_seq)
@@ -574,6 +579,8 @@ class BrokerService(MultiService):
         if disconnected_at is None:  # connected when its broker stopped: it went away then
             disconnected_at = min(now, alive_at) if alive_at is not None else now
             self.store.save_session(session, disconnected_at)
+        # Not later than now: after the system clock stepped back it would outlive its expiry.
+        disconnected_at = min(now, disconnected_at)
         if session.expiry != NEVER:
             remaining = disconnected_at + session.expiry - now
             if remaining <= 0:

@@ -344,6 +344,23 @@ def test_session_connected_when_the_broker_stopped_expires_from_then(restarts: R
     assert "s" not in broker.sessions
 
 
+def test_a_session_restored_after_the_clock_stepped_back_ends_within_its_expiry(restarts: Restarts) -> None:
+    """The system clock stepped back while the broker was down (NTP after a bad real-time
+    clock): the session of a client that left at 10,000 on the old clock, restored at 5,000 on
+    the new, lived 5,100 s, not at most its 100 s."""
+    restarts.reactor.advance(10_000)
+    broker = restarts.start()
+    connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100}).lose()
+    restarts.stop()
+    restarts.reactor = MemoryReactorClock()
+    restarts.reactor.advance(5_000)
+    broker = restarts.start()
+    restarts.reactor.advance(99)
+    assert "s" in broker.sessions
+    restarts.reactor.advance(1)
+    assert "s" not in broker.sessions
+
+
 def test_delayed_will_survives_a_restart_and_fires_at_its_time(restarts: Restarts) -> None:
     broker = restarts.start()
     will = Will(topic="wills/w", payload=b"gone", qos=1, retain=False,
@@ -427,6 +444,27 @@ def test_a_delayed_will_whose_session_ends_at_the_start_is_published_then(restar
     restarts.reactor.advance(0)
     assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
     assert "w" not in broker.wills
+
+
+def test_a_delayed_will_restored_after_the_clock_stepped_back_waits_no_longer_than_its_delay(
+        restarts: Restarts) -> None:
+    """As a session after the clock stepped back: the will of a client that left at 10,000 on
+    the old clock, restored at 5,000 on the new, waited 5,030 s, not its 30 s."""
+    restarts.reactor.advance(10_000)
+    broker = restarts.start()
+    connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": NEVER},
+              will=Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 30})).lose()
+    restarts.stop()
+    restarts.reactor = MemoryReactorClock()
+    restarts.reactor.advance(5_000)
+    broker = restarts.start()
+    watcher = connected(broker, "watcher", 4)
+    subscribe(watcher, "wills/#")
+    watcher.received()
+    restarts.reactor.advance(29)
+    assert watcher.received() == []
+    restarts.reactor.advance(1)
+    assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
 
 
 def test_delayed_will_of_a_client_back_before_its_time_is_not_published(restarts: Restarts) -> None:
