@@ -49,7 +49,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT, source, ignore=IGNORED)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w", str(tmp / "dist")],
         cwd=tmp)
-    [built] = (tmp / "dist").glob("mqtt_broker-*.whl")
+    [built] = (tmp / "dist").glob("txmqttbroker-*.whl")
     return built
 
 

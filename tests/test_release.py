@@ -94,10 +94,11 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 
 def test_build_names_the_version_once_and_twine_accepts_it(release: Release) -> None:
     version = source_version()
-    assert release.sdist.name == f"mqtt_broker-{version}.tar.gz"
-    assert release.wheel.name == f"mqtt_broker-{version}-py3-none-any.whl"
+    # (mqtt_broker on PyPI is another project's, which ships a package of that name too.)
+    assert release.sdist.name == f"txmqttbroker-{version}.tar.gz"
+    assert release.wheel.name == f"txmqttbroker-{version}-py3-none-any.whl"
     with zipfile.ZipFile(release.wheel) as wheel:
-        metadata = wheel.read(f"mqtt_broker-{version}.dist-info/METADATA").decode()
+        metadata = wheel.read(f"txmqttbroker-{version}.dist-info/METADATA").decode()
     assert f"\nVersion: {version}\n" in metadata
     assert "Description-Content-Type: text/markdown" in metadata
     # setup.cfg reads it from the package; nothing else may say it.
@@ -110,9 +111,20 @@ def test_build_names_the_version_once_and_twine_accepts_it(release: Release) -> 
 
 
 def test_changelog_has_this_release() -> None:
+    """A release's version has its dated section, and nothing is left under Unreleased. Between
+    releases the version is the next one's .devN: built from main as 0.1.0, it was taken for the
+    release it had moved past (pip would not upgrade 0.1.0 to it)."""
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert "[Keep a Changelog](https://keepachangelog.com/" in changelog
-    assert re.search(rf"(?m)^## {re.escape(source_version())} - \d{{4}}-\d{{2}}-\d{{2}}$", changelog)
+    version = source_version()
+    released = re.findall(r"(?m)^## (\d+\.\d+\.\d+) - \d{4}-\d{2}-\d{2}$", changelog)
+    unreleased = re.search(r"(?ms)^## Unreleased$(.*?)^## ", changelog)
+    if ".dev" not in version:
+        assert version in released and (unreleased is None or not unreleased.group(1).strip()), version
+        return
+    base, _, dev = version.partition(".dev")
+    assert dev.isdigit() and unreleased is not None and unreleased.group(1).strip()
+    assert all(tuple(map(int, base.split("."))) > tuple(map(int, r.split("."))) for r in released), (version, released)
 
 
 def test_sdist_holds_the_tests_docs_and_examples(release: Release) -> None:
