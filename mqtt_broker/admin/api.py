@@ -57,8 +57,7 @@ before answering 503."""
 
 class BoundedRequest(Request):
     """A request whose body is kept only up to ``max_body`` bytes; past that it is discarded as
-    it arrives and ``body_too_large`` is set (the API then answers 400). A form body is not
-    parsed into ``args``: the API reads JSON only."""
+    it arrives and ``body_too_large`` is set (the API then answers 400)."""
 
     max_body = 1 << 20
     body_too_large = False
@@ -77,15 +76,6 @@ class BoundedRequest(Request):
             self.content = BytesIO()
             return
         content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        # twisted.web parses a POST form body into args (1 MiB of it held the reactor 300 ms) before
-        # any resource checks a key. It takes the content's position for the body's length: at 0,
-        # nothing is parsed and the body stays whole. (Twisted 23.10, which setup.cfg allows, has
-        # no Site(parsePOSTFormSubmission=False).)
-        if self.content is not None:
-            self.content.seek(0)
-        super().requestReceived(command, path, version)
 
 
 def _body_too_large(request: Request, limit: int) -> bool:
