@@ -28,8 +28,27 @@ def warn(why: str) -> None:
     print(f"*** mqtt_broker: {why}; installing the pure-Python modules only ***", file=sys.stderr)
 
 
+def cannot_compile() -> str | None:
+    """Why no extension can be built here (no C compiler, no Python headers), or None. Known
+    before setup(), such a build makes a pure-Python wheel (py3-none-any), not one tagged for
+    this platform that holds no extension."""
+    import shlex
+    import shutil
+    import sysconfig
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(shlex.split(compiler)[0]) is None:
+        return f"no C compiler ({compiler})"
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return "no Python headers (Python.h: python3-dev on Debian)"
+    return None
+
+
 def compiled_modules() -> list[Extension]:
     if os.environ.get("MQTT_BROKER_COMPILE", "1") == "0":
+        return []
+    why = cannot_compile()
+    if why is not None:
+        warn(why)
         return []
     try:
         from mypyc.build import mypycify

@@ -62,6 +62,19 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
+def test_a_build_without_a_c_compiler_makes_a_pure_python_wheel(tmp_path: Path) -> None:
+    """It fell back to pure Python when the compiler failed, but the wheel was tagged for this
+    platform (cp311-cp311-linux_x86_64) with no extension in it."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=IGNORED)
+    result = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", str(source), "-w", str(tmp_path / "dist")],
+                 cwd=tmp_path, env=clean_env(MQTT_BROKER_COMPILE="1", CC="/nonexistent/cc"))
+    [built] = (tmp_path / "dist").glob("txmqttbroker-*.whl")
+    assert built.name.endswith("-py3-none-any.whl"), built.name
+    assert "no C compiler (/nonexistent/cc)" in result.stdout + result.stderr
+    assert not [name for name in zipfile.ZipFile(built).namelist() if name.endswith(SUFFIX)]
+
+
 def test_no_plugins_init_in_source() -> None:
     assert (ROOT / "twisted" / "plugins" / "mqttbroker.py").is_file()
     assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
