@@ -36,8 +36,12 @@ def cannot_compile() -> str | None:
     import shutil
     import sysconfig
     compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    if shutil.which(shlex.split(compiler)[0]) is None:
-        return f"no C compiler ({compiler})"
+    try:
+        words = shlex.split(compiler)
+    except ValueError:  # (an unbalanced quote)
+        words = []
+    if not words or shutil.which(words[0]) is None:
+        return f"no C compiler ({compiler!r})"
     if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
         return "no Python headers (Python.h: python3-dev on Debian)"
     return None

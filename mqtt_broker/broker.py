@@ -40,7 +40,7 @@ from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
 from .session import Queued, Session
 from .stats import Stats
-from .store import Snapshot, Store
+from .store import Snapshot, Store, StoredWill
 from .topics import Subscription, SubscriptionTree
 from .wills import Wills
 from .wire.codes import ReasonCode
@@ -558,6 +558,8 @@ class BrokerService(MultiService):
             # nor than its delay, counted from when its client left (saved with it): after the
             # system clock stepped back, its due time is further than that.
             due = now if will.client_id in ended_ids else will.due - max(0.0, left_at.get(will.client_id, now) - now)
+            if due < will.due and will.client_id not in ended_ids:  # (kept so for the next start)
+                store.save_will(StoredWill(will.client_id, will.username, will.message, due))
             self.wills.schedule(client, will.message, due)
         if self.history is not None and getattr(store, "keeps_history", True):
             self.history.restore(snapshot.history)
@@ -579,8 +581,11 @@ class BrokerService(MultiService):
         if disconnected_at is None:  # connected when its broker stopped: it went away then
             disconnected_at = min(now, alive_at) if alive_at is not None else now
             self.store.save_session(session, disconnected_at)
-        # Not later than now: after the system clock stepped back it would outlive its expiry.
-        disconnected_at = min(now, disconnected_at)
+        elif disconnected_at > now:
+            # The system clock stepped back since: from then, it would outlive its expiry, and be
+            # counted from each start again while the clock is behind, unless kept so.
+            disconnected_at = now
+            self.store.save_session(session, now)
         if session.expiry != NEVER:
             remaining = disconnected_at + session.expiry - now
             if remaining <= 0:

@@ -361,6 +361,24 @@ def test_a_session_restored_after_the_clock_stepped_back_ends_within_its_expiry(
     assert "s" not in broker.sessions
 
 
+def test_a_session_restored_after_the_clock_stepped_back_counts_the_time_down_at_the_next_start(
+        restarts: Restarts) -> None:
+    """The time counted from was kept only in memory: each start while the clock was still behind
+    counted the expiry from itself again, not the time the broker was down since."""
+    restarts.reactor.advance(10_000)
+    broker = restarts.start()
+    connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100}).lose()
+    restarts.stop()
+    restarts.reactor = MemoryReactorClock()
+    restarts.reactor.advance(5_000)
+    broker = restarts.start()
+    restarts.reactor.advance(10)
+    restarts.stop()
+    restarts.reactor.advance(1_000)  # (down past the session's end, at 5,100)
+    broker = restarts.start()
+    assert "s" not in broker.sessions
+
+
 def test_delayed_will_survives_a_restart_and_fires_at_its_time(restarts: Restarts) -> None:
     broker = restarts.start()
     will = Will(topic="wills/w", payload=b"gone", qos=1, retain=False,
@@ -464,6 +482,29 @@ def test_a_delayed_will_restored_after_the_clock_stepped_back_waits_no_longer_th
     restarts.reactor.advance(29)
     assert watcher.received() == []
     restarts.reactor.advance(1)
+    assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
+
+
+def test_a_delayed_will_restored_after_the_clock_stepped_back_is_due_at_the_next_start(
+        restarts: Restarts) -> None:
+    """As a session's: the will's corrected due time was kept in memory only, and the next start
+    counted its delay from itself again."""
+    restarts.reactor.advance(10_000)
+    broker = restarts.start()
+    connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": NEVER},
+              will=Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 30})).lose()
+    restarts.stop()
+    restarts.reactor = MemoryReactorClock()
+    restarts.reactor.advance(5_000)
+    restarts.start()
+    restarts.reactor.advance(10)
+    restarts.stop()
+    restarts.reactor.advance(1_000)  # (down past 5,030, when it was due)
+    broker = restarts.start()
+    watcher = connected(broker, "watcher", 4)
+    subscribe(watcher, "wills/#")
+    watcher.received()
+    restarts.reactor.advance(0)
     assert [m.payload for m in publishes(watcher.received())] == [b"gone"]
 
 

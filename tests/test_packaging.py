@@ -71,8 +71,15 @@ def test_a_build_without_a_c_compiler_makes_a_pure_python_wheel(tmp_path: Path) 
                  cwd=tmp_path, env=clean_env(MQTT_BROKER_COMPILE="1", CC="/nonexistent/cc"))
     [built] = (tmp_path / "dist").glob("txmqttbroker-*.whl")
     assert built.name.endswith("-py3-none-any.whl"), built.name
-    assert "no C compiler (/nonexistent/cc)" in result.stdout + result.stderr
+    assert "no C compiler ('/nonexistent/cc')" in result.stdout + result.stderr
     assert not [name for name in zipfile.ZipFile(built).namelist() if name.endswith(SUFFIX)]
+
+
+@pytest.mark.parametrize("cc", [" ", 'gcc "-O2'])
+def test_a_cc_that_names_no_command_is_no_c_compiler(cc: str) -> None:
+    """Blank (``$CCACHE $COMPILER``, both unset) or unbalanced, it made setup.py fail."""
+    result = run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=clean_env(MQTT_BROKER_COMPILE="1", CC=cc))
+    assert result.stdout.split()[-1] == "txmqttbroker" and f"no C compiler ({cc!r})" in result.stderr
 
 
 def test_no_plugins_init_in_source() -> None:
