@@ -161,8 +161,7 @@ class Connecting:
             # the remote (Mosquitto gives such a client nothing of the bridge's either).
             self.refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "the client id of a bridge's session here")
             return
-        if not self._own and not self.broker.connect_allowed(terms.client_id):  # (a bridge's link: not a client's)
-            self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
+        if self._over_rate(terms.client_id):  # (checked before the password check, which it saves)
             return
         self.bridge = packet.bridge
         security = self.broker.security
@@ -176,6 +175,16 @@ class Connecting:
                                   password=packet.password, peer=self.peer, protocol_version=self.version,
                                   certificate_identity=identity, certificate_verified=verified)
         self._when(security.authenticate(credentials), self._authenticated, packet)
+
+    def _over_rate(self, client_id: str) -> bool:
+        """Refuse the CONNECT if max_connections_per_minute allows its client id no more; whether
+        it did. A CONNECT is counted only once accepted: those of one client id that passed this
+        before any of them was (each waiting for its password check, a hook, a claim) are held
+        to the limit by checking again then."""
+        if self._own or self.broker.connect_allowed(client_id):  # (a bridge's link: not a client's)
+            return False
+        self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
+        return True
 
     def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:
         """The security chain's answer (None: there is none); then enhanced authentication and
@@ -360,10 +369,13 @@ class Connecting:
             # sent its session's messages first. (A claimed session stays, as if it had left.)
             self.refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "credentials expired before the CONNACK")
             return
+        client = self.client
+        assert client is not None
+        if self._over_rate(client.client_id):  # (counted below, in this same turn)
+            return
         terms = self.terms
         self.terms = None  # needed no longer: an idle connection keeps nothing it does not use
-        client = self.client
-        assert terms is not None and client is not None
+        assert terms is not None
         properties = terms.connack_properties
         if self.version == MQTT_5 and self._auth_method is not None:
             properties = {**properties, "authentication_method": self._auth_method}

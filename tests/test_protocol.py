@@ -884,6 +884,24 @@ def test_connections_per_minute_per_client_id() -> None:
     assert FakeClient(broker).connect("busy").reason_code == 0
 
 
+def test_connects_waiting_together_for_a_decision_are_held_to_the_limit() -> None:
+    """CONNECTs of one client id that all passed the early check while a hook (or the password
+    check, or a cluster's claim) decided are counted as they are accepted: past the limit, the
+    rest are refused (0x9F), not let in because none had been counted yet."""
+    broker = make_broker(max_connections_per_minute=2)
+    pending: list[Deferred[bool]] = []
+    broker.hooks.on_connect(lambda client: pending.append(Deferred()) or pending[-1])
+    clients = [FakeClient(broker, version=5) for _ in range(4)]
+    for client in clients:
+        client.send(Connect(client_id="busy", protocol_level=MQTT_5))
+    assert len(pending) == 4
+    for decision in pending:
+        decision.callback(True)
+    codes = [packet.reason_code for client in clients for packet in client.received()
+             if isinstance(packet, Connack)]
+    assert codes == [0, 0, 0x9F, 0x9F]
+
+
 def test_counting_connections_per_minute_keeps_no_client_id() -> None:
     """Up to 100,000 ids are counted at once: whole ids of 65,535 bytes would be gigabytes."""
     broker = make_broker(max_connections_per_minute=2)
