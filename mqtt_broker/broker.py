@@ -35,6 +35,7 @@ from .deadlines import Deadlines, cancel
 from .lifecycle import State
 from .hooks import Hooks
 from .linger import AllClosed
+from .logged import shortened
 from .message import Client, Message, unsendable
 from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
@@ -448,7 +449,8 @@ class BrokerService(MultiService):
             why = self.security.revoked(identity) if identity is not None else None
             if why is None or connection.state is State.CLOSED:  # (closed: lingering)
                 continue
-            log.info("disconnecting client {client_id!r} after the reload: {why}", client_id=identity.client_id, why=why)
+            log.info("disconnecting client {client_id!r} after the reload: {why}",
+                     client_id=shortened(identity.client_id), why=why)
             if connection.state is not State.CONNECTED:
                 # Between its password check and CONNACK (a hook deciding, an AUTH exchange, a
                 # claim in a cluster): refused as a reload during the check itself refuses it.
@@ -470,7 +472,7 @@ class BrokerService(MultiService):
         if recent is None or self.clock.seconds() - recent[0] >= 60 or recent[1] < limit:
             return True
         log.info("refused a CONNECT of {client_id!r}: max_connections_per_minute ({limit})",
-                 client_id=client_id, limit=limit)
+                 client_id=shortened(client_id), limit=limit)
         return False
 
     def connect_accepted(self, client_id: str) -> None:

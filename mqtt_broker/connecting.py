@@ -22,6 +22,7 @@ from .connect import negotiate
 from .delivery import Delivery
 from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Authenticated, Refused
 from .lifecycle import State
+from .logged import shortened
 from .message import Client, Message
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
@@ -204,7 +205,7 @@ class Connecting:
             if will is not None and not will.topic.startswith("$SYS") and not self.broker.security.can_publish(
                     identity, will.topic):
                 log.info("will of {client_id!r} to {topic!r} is not allowed: it will not be published",
-                         client_id=self.client.client_id, topic=will.topic)
+                         client_id=shortened(self.client.client_id), topic=shortened(will.topic))
         method = packet.properties.get("authentication_method")
         if method is None:
             self._authorize(packet)
@@ -437,7 +438,7 @@ class Connecting:
         self._send_connack(present and self.version != MQTT_3_1, properties)
         if self.broker.config.connection_messages:
             log.info("client {client_id!r} connected from {peer} (MQTT {version}, clean start {clean}, "
-                     "keepalive {keep_alive} s, session present {present})", client_id=client.client_id,
+                     "keepalive {keep_alive} s, session present {present})", client_id=shortened(client.client_id),
                      peer=self.peer, version=_VERSION_NAMES[self.version], clean=packet.clean_start,
                      keep_alive=terms.keep_alive, present=present)
         if not terms.keep_alive and self._deadline is not None:  # (connect_timeout's, until now)
@@ -474,7 +475,7 @@ class Connecting:
         if security.can_publish(identity, topic):
             return False
         log.info("will of {client_id!r} to {topic!r} is not allowed by its credentials: dropped",
-                 client_id=identity.client_id, topic=topic)
+                 client_id=shortened(identity.client_id), topic=shortened(topic))
         return True
 
     def _send_connack(self, present: bool, properties: Properties) -> None:

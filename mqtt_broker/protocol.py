@@ -38,6 +38,7 @@ from .connect import NEVER, Terms, granted_expiry
 from .connecting import Connecting, count_refusal, describe, takeover_wait, tally
 from .delivery import Delivery
 from .linger import close_lingering, socket_of, unwritten
+from .logged import shortened
 from .publishing import Publishing, _Acks
 from .subscribing import Subscribing
 from .store import StoreError
@@ -274,7 +275,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
             log.info("connection {client_id!r} from {peer} lost: {reason}" if self.client else
                      "connection from {peer} lost: {reason}",
-                     client_id=self.client.client_id if self.client else None, peer=self._where(),
+                     client_id=shortened(self.client.client_id) if self.client else None, peer=self._where(),
                      reason=reason.getErrorMessage() if reason is not None else "closed")
         self._cancel_timers()
         self._set_state(State.CLOSED)
@@ -324,7 +325,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if not routine or self.broker.config.connection_messages:
             log.info("closing connection {client_id!r} from {peer}: {reason}" if self.client else
                      "closing connection from {peer}: {reason}",
-                     client_id=self.client.client_id if self.client else None, peer=self._where(), reason=message)
+                     client_id=shortened(self.client.client_id) if self.client else None, peer=self._where(),
+                     reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
         self.broker.detach(self, self._graceful, self._awaited())
@@ -817,7 +819,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if stats.dropped_too_large % 1000 == 1:  # the first, then one per thousand: any client may ask
                 log.info("dropped a {size} byte message to {client_id!r}: above its maximum packet size "
                          "({dropped} dropped so far for their size, to all clients)", size=size,
-                         client_id=self.client.client_id if self.client else "-", dropped=stats.dropped_too_large)
+                         client_id=shortened(self.client.client_id) if self.client else "-",
+                         dropped=stats.dropped_too_large)
             return False
         if qos:
             patched = bytearray(data)

@@ -383,6 +383,34 @@ async def test_passwords_never_reach_the_log(files: Path) -> None:
     assert "alice-pw" not in text
 
 
+def test_a_refused_connect_logs_a_bounded_part_of_what_its_client_named(files: Path) -> None:
+    """Before it is authenticated, a client decides what it names itself: a refused CONNECT with a
+    client id and a user name of 60,000 control characters was logged whole, in two lines, and
+    again repr'd in the JSON event stream (flattened), some 25 bytes logged per byte sent. Refused
+    by the password check, or by max_connections_per_minute before it, as the log would write it."""
+    from twisted.logger import capturedLogs, eventAsJSON
+    from protocol_helpers import FakeClient
+    from mqtt_broker.wire import Connack, Connect, encode
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), password_file=str(files / "pw"),
+                           allow_anonymous=False, max_connections_per_minute=1)
+    named = "\x01" * 60_000
+    connects = [Connect(client_id=f"{n}{named}", protocol_level=5, username=named, password=b"guess")
+                for n in range(5)]
+    assert FakeClient(broker, 5).connect(named, username="alice", password=b"alice-pw").reason_code == 0
+    connects.append(Connect(client_id=named, protocol_level=5, username="alice", password=b"alice-pw"))
+    codes = []
+    with capturedLogs() as events:
+        for connect in connects:
+            client = FakeClient(broker, 5)
+            client.send(connect)
+            codes += [p.reason_code for p in client.received() if isinstance(p, Connack)]
+            client.lose()
+    assert codes == [0x86] * 5 + [0x9F] and len(events) >= 12
+    sent = sum(len(encode(connect, 5)) for connect in connects)
+    logged = sum(len(eventAsJSON(event).encode()) for event in events)
+    assert logged < sent // 5, f"{logged} bytes logged for {sent} bytes of refused CONNECTs"
+
+
 # --- authorization --------------------------------------------------------------------------
 
 def test_sys_and_share_can_never_be_published_to(files: Path) -> None:

@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import BrokerConfig, ConfigError
+from ..logged import shortened
 from ..topics import reserved
 from ..wire.codes import ReasonCode
 from .acl import READ, WRITE, AccessRules, AclFile
@@ -284,7 +285,7 @@ class Security:
                 if cancelled is not None:
                     return cancelled
                 log.failure("{name} authentication of {client_id!r} failed; refusing",
-                            name=authenticator.name, client_id=credentials.client_id)
+                            name=authenticator.name, client_id=shortened(credentials.client_id))
                 return self._refused(credentials, ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name} failed")
             if isinstance(answer, Refusal):
                 return self._refused(credentials, answer.reason_code, f"{authenticator.name}: {answer.reason}")
@@ -328,8 +329,9 @@ class Security:
 
     def _refused(self, credentials: Credentials, code: ReasonCode, reason: str) -> Refusal:
         log.info("refused client {client_id!r} (username {username!r}) from {peer}: {reason} "
-                 "(reason code 0x{code:02X})", client_id=credentials.client_id,
-                 username=credentials.username, peer=credentials.peer, reason=reason, code=int(code))
+                 "(reason code 0x{code:02X})", client_id=shortened(credentials.client_id),
+                 username=shortened(credentials.username), peer=credentials.peer, reason=shortened(reason),
+                 code=int(code))
         return Refusal(code, reason)
 
     def revoked(self, identity: Identity) -> str | None:
