@@ -344,17 +344,22 @@ def test_session_connected_when_the_broker_stopped_expires_from_then(restarts: R
     assert "s" not in broker.sessions
 
 
+def _left_before_the_clock_stepped_back(restarts: Restarts, client_id: str, **connect: Any) -> BrokerService:
+    """The client left at 10,000 on the clock; the broker, stopped then, starts again at 5,000 on
+    a clock that stepped back meanwhile (NTP after a bad real-time clock)."""
+    restarts.reactor.advance(10_000)
+    connected(restarts.start(), client_id, 5, clean=False, **connect).lose()
+    restarts.stop()
+    restarts.reactor = MemoryReactorClock()
+    restarts.reactor.advance(5_000)
+    return restarts.start()
+
+
 def test_a_session_restored_after_the_clock_stepped_back_ends_within_its_expiry(restarts: Restarts) -> None:
     """The system clock stepped back while the broker was down (NTP after a bad real-time
     clock): the session of a client that left at 10,000 on the old clock, restored at 5,000 on
     the new, lived 5,100 s, not at most its 100 s."""
-    restarts.reactor.advance(10_000)
-    broker = restarts.start()
-    connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100}).lose()
-    restarts.stop()
-    restarts.reactor = MemoryReactorClock()
-    restarts.reactor.advance(5_000)
-    broker = restarts.start()
+    broker = _left_before_the_clock_stepped_back(restarts, "s", properties={"session_expiry_interval": 100})
     restarts.reactor.advance(99)
     assert "s" in broker.sessions
     restarts.reactor.advance(1)
@@ -365,13 +370,7 @@ def test_a_session_restored_after_the_clock_stepped_back_counts_the_time_down_at
         restarts: Restarts) -> None:
     """The time counted from was kept only in memory: each start while the clock was still behind
     counted the expiry from itself again, not the time the broker was down since."""
-    restarts.reactor.advance(10_000)
-    broker = restarts.start()
-    connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 100}).lose()
-    restarts.stop()
-    restarts.reactor = MemoryReactorClock()
-    restarts.reactor.advance(5_000)
-    broker = restarts.start()
+    broker = _left_before_the_clock_stepped_back(restarts, "s", properties={"session_expiry_interval": 100})
     restarts.reactor.advance(10)
     restarts.stop()
     restarts.reactor.advance(1_000)  # (down past the session's end, at 5,100)
@@ -468,14 +467,9 @@ def test_a_delayed_will_restored_after_the_clock_stepped_back_waits_no_longer_th
         restarts: Restarts) -> None:
     """As a session after the clock stepped back: the will of a client that left at 10,000 on
     the old clock, restored at 5,000 on the new, waited 5,030 s, not its 30 s."""
-    restarts.reactor.advance(10_000)
-    broker = restarts.start()
-    connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": NEVER},
-              will=Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 30})).lose()
-    restarts.stop()
-    restarts.reactor = MemoryReactorClock()
-    restarts.reactor.advance(5_000)
-    broker = restarts.start()
+    broker = _left_before_the_clock_stepped_back(restarts, "w", properties={"session_expiry_interval": NEVER},
+                                                 will=Will(topic="wills/w", payload=b"gone",
+                                                           properties={"will_delay_interval": 30}))
     watcher = connected(broker, "watcher", 4)
     subscribe(watcher, "wills/#")
     watcher.received()
@@ -489,14 +483,9 @@ def test_a_delayed_will_restored_after_the_clock_stepped_back_is_due_at_the_next
         restarts: Restarts) -> None:
     """As a session's: the will's corrected due time was kept in memory only, and the next start
     counted its delay from itself again."""
-    restarts.reactor.advance(10_000)
-    broker = restarts.start()
-    connected(broker, "w", 5, clean=False, properties={"session_expiry_interval": NEVER},
-              will=Will(topic="wills/w", payload=b"gone", properties={"will_delay_interval": 30})).lose()
-    restarts.stop()
-    restarts.reactor = MemoryReactorClock()
-    restarts.reactor.advance(5_000)
-    restarts.start()
+    _left_before_the_clock_stepped_back(restarts, "w", properties={"session_expiry_interval": NEVER},
+                                        will=Will(topic="wills/w", payload=b"gone",
+                                                  properties={"will_delay_interval": 30}))
     restarts.reactor.advance(10)
     restarts.stop()
     restarts.reactor.advance(1_000)  # (down past 5,030, when it was due)
@@ -1981,9 +1970,9 @@ def _publisher_beside_a_full_session(broker: BrokerService, store: HeldStore) ->
     return pub
 
 
-def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out() -> None:
-    """The same without a failing disk: one subscriber's full quota refuses the message (PUBREC
-    0x97), whose packet id was freed at once, while the PUBREC waited for the store's batch."""
+def _refused_by_a_full_session() -> tuple[HeldStore, BrokerService, FakeClient, FakeClient]:
+    """A QoS 2 message to "t" that "ok" takes and a full stored session refuses (PUBREC 0x97 to
+    be sent): the store, the broker, "ok" and the publisher."""
     store = HeldStore()
     broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
                            max_queued_messages=1, max_stored_messages=1)
@@ -1991,8 +1980,15 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out()
     ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
     pub = _publisher_beside_a_full_session(broker, store)
     ok.received()
-    got: list[bytes] = []
     pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
+    return store, broker, ok, pub
+
+
+def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out() -> None:
+    """The same without a failing disk: one subscriber's full quota refuses the message (PUBREC
+    0x97), whose packet id was freed at once, while the PUBREC waited for the store's batch."""
+    store, broker, ok, pub = _refused_by_a_full_session()
+    got: list[bytes] = []
     _payloads(ok, got)
     assert pub.received() == []  # the PUBREC 0x97 waits for the batch, and the connection ends
     pub.lose()
@@ -2013,15 +2009,8 @@ def test_a_refusing_pubrec_waiting_for_the_ids_removal_when_the_connection_ends_
     """The same once the store's batch came: the PUBREC 0x97 waits for the packet id's removal
     from the store, and the connection ends before it goes. The id is awaited again, in memory
     and in the store (a restart finds it too): the resend is known as one."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
-                           max_queued_messages=1, max_stored_messages=1)
-    ok = connected(broker, "ok", version=5)
-    ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
-    pub = _publisher_beside_a_full_session(broker, store)
-    ok.received()
+    store, broker, ok, pub = _refused_by_a_full_session()
     got: list[bytes] = []
-    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
     store.write_all()
     assert pub.received() == []  # the PUBREC 0x97 waits for the id's removal
     pub.lose()
