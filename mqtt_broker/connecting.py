@@ -331,9 +331,7 @@ class Connecting:
         # is over) go out, or not, before its CONNACK: a will after it would replace what the
         # client publishes once connected (a retained "online" by its "offline").
         assert self.client is not None
-        decided = self.broker.wills.decided(self.client.client_id)
-        if decided is not None:
-            decided.addTimeout(takeover_wait(self.broker.config), self.clock)
+        decided = self.broker.wills.decided(self.client.client_id, takeover_wait(self.broker.config))
         self._wait_then(decided, self._wills_decided, packet)
 
     def _wait_then(self, waiting: Any, then: Callable[..., None], packet: Connect) -> None:
@@ -396,13 +394,12 @@ class Connecting:
         waited = wills.deciding(client.client_id)  # (by ``_handed_over``, takeover_wait at most: not again)
         session, present = self.broker.attach(self, client.client_id, packet.clean_start, terms.session_expiry,
                                               self.identity)
-        decided = None if waited else wills.decided(client.client_id)
+        decided = None if waited else wills.decided(client.client_id, takeover_wait(self.broker.config))
         if decided is not None:
             # A will this connection made due itself (it took over a connection still open, or
             # its clean start ended a session whose will waited for its delay) goes out, or not,
             # before the CONNACK and what follows it, and before what the client sent meanwhile
             # is handled, as those due before it (``_handed_over``).
-            decided.addTimeout(takeover_wait(self.broker.config), self.clock)
             self.hold_until(decided)
             self._when(decided, lambda _: None)
         if ends_stored or ends_will:

@@ -563,24 +563,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return
         self._write_now(data)
 
-    def after_written(self, then: Callable[[], object]) -> None:
-        """Call ``then`` once what was written so far has gone to the transport: at once, or
-        when what waits for the store goes; never if the connection ends first, nor once its
-        transport is gone (``_ended``: the rest of a read handled before its end)."""
-        if self._ended is not None:
-            return
-        if self._unstored:
-            waiting = self._unstored[-1]
-            if waiting.then is None:
-                waiting.then = []
-            waiting.then.append(then)
-        else:
-            then()
-
     def unless_written(self, then: Callable[[], object]) -> None:
         """Call ``then`` if what was written so far never leaves the writes that wait for the
-        store: the connection ends while they wait, or its transport is gone already (the
-        converse of ``after_written``)."""
+        store: the connection ends while they wait, or its transport is gone already (``_ended``:
+        the rest of a read handled before its end)."""
         if self._ended is not None:
             then()
         elif self._unstored:
@@ -713,9 +699,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                     out = self._out = []
                     broker.unflushed.append(self)
                 out += first.data
-            # (The transport gone, nothing went to it.)
-            for then in (first.then if self._ended is None else first.otherwise) or ():
-                then()
+            if self._ended is not None:  # (the transport gone, nothing went to it)
+                for then in first.otherwise or ():
+                    then()
         session = self.session
         if session is not None and (session.queue or session.spilled) and not self.paused:
             self.delivery.pump(session)
@@ -965,11 +951,9 @@ classImplements(MQTTProtocol, IProtocol, ILoggingContext, IPushProducer)
 class _Unstored:
     """Writes of one connection that wait for one batch of the store, or for a decision."""
 
-    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "then", "otherwise", "decision", "ready")
+    __slots__ = ("data", "size", "sent", "generation", "exact", "connack", "otherwise", "decision", "ready")
 
     def __init__(self, generation: int, exact: bool, decision: bool = False) -> None:
-        self.then: list[Callable[[], object]] | None = None
-        """What is to happen once they are written (see ``after_written``)."""
         self.otherwise: list[Callable[[], object]] | None = None
         """What is to happen if they never are (see ``unless_written``)."""
         self.data: list[bytes] = []

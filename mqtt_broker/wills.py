@@ -105,17 +105,17 @@ class Wills:
         """Whether a will hook decides on a will of the client here."""
         return client_id in self._deciding
 
-    def decided(self, client_id: str) -> Deferred[None] | None:
+    def decided(self, client_id: str, within: float) -> Deferred[None] | None:
         """For a new connection of the client, before its CONNACK: None if no will of
         the client waits for a will hook here; else a Deferred that fires once each has been
         decided (published or not), so that it goes out before anything the new connection
-        publishes. Cancelled, it fires at once."""
+        publishes, or after ``within`` seconds. Cancelled, it fires at once."""
         deciding = self._deciding.get(client_id)
         if deciding is None:
             return None
         waiting: Deferred[None] = Deferred(_go_on)
         deciding.waiting.append(waiting)
-        return waiting
+        return waiting.addTimeout(within, self.broker.clock)
 
     def _route(self, will: Message, through_inboxes: bool) -> None:
         delivery = self.broker.delivery

@@ -3370,10 +3370,7 @@ def test_the_claim_of_a_connect_refused_while_redis_was_out_of_reach_is_never_se
     link = Redis(RedisAddress.parse(redis.url))
     b = RedisStore(link, "b", reactor)
     try:
-        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=redis.url, cluster_node_id="a",
-                               close_linger=0)
-        broker.startService()
-        yield broker.cluster.ready
+        broker = yield node_a(redis, clock)
         yield b.register(600_000)
         yield holds(b, "c", expiry=3600)
         redis.stop()
@@ -3465,10 +3462,7 @@ def test_a_claim_goes_to_redis_once_the_changes_before_it_are_written_not_those_
     link = Redis(RedisAddress.parse(redis.url))
     b = RedisStore(link, "b", reactor)
     try:
-        broker = BrokerService(endpoints=[], reactor=reactor, clock=clock, cluster=redis.url, cluster_node_id="a",
-                               close_linger=0)
-        broker.startService()
-        yield broker.cluster.ready
+        broker = yield node_a(redis, clock)
         yield b.register(600_000)
         yield holds(b, "c", expiry=3600)
         store = broker.store

@@ -25,7 +25,7 @@ import heapq
 import json
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -369,7 +369,7 @@ class ApiResource(Resource):
         # Any client may hold 200,000 (2.5 s to render): the first page's worth; the rest are paged
         # by /clients/{id}/subscriptions, and subscription_count says how many there are.
         held = session.subscriptions
-        body["subscriptions"] = [subscription_json(held[f]) for f in heapq.nsmallest(MAX_LIMIT, held)]
+        body["subscriptions"] = [subscription_json(held[f]) for f in _in_order(held, 0, MAX_LIMIT)]
         return 200, body
 
     def _kick_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
@@ -385,9 +385,8 @@ class ApiResource(Resource):
     def _client_subscriptions(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         held = self._session(client_id).subscriptions
         offset, limit = paging(request)
-        chosen = heapq.nsmallest(offset + limit, held)[offset:]  # (not all 200,000 a client may hold sorted)
         return 200, {"total": len(held), "offset": offset, "limit": limit,
-                     "items": [subscription_json(held[topic_filter]) for topic_filter in chosen]}
+                     "items": [subscription_json(held[f]) for f in _in_order(held, offset, limit)]}
 
     def _subscribe_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
         session = self._session(client_id)
@@ -469,7 +468,7 @@ class ApiResource(Resource):
             if skip >= matching:
                 skip -= matching
                 continue
-            chosen = heapq.nsmallest(skip + limit - len(items), (f for f in held if query is None or query in f))[skip:]
+            chosen = _in_order((f for f in held if query is None or query in f), skip, limit - len(items))
             items += [held[topic_filter] for topic_filter in chosen]
             skip = 0
         return 200, {"total": total, "offset": offset, "limit": limit,
@@ -648,6 +647,12 @@ class ApiResource(Resource):
             return 200, {"reloaded": not problems, "problems": problems or []}
         result = maybeDeferred(reload)
         return result.addCallback(done)
+
+
+def _in_order(filters: Iterable[str], offset: int, limit: int) -> list[str]:
+    """The ``limit`` filters from ``offset`` on, in order, without sorting them all (a client
+    may hold 200,000: the first 1,000 took 666 ms sorted)."""
+    return heapq.nsmallest(offset + limit, filters)[offset:]
 
 
 ROUTES = (

@@ -33,9 +33,6 @@ class Leases:
         is called with True once this node holds it, with False once it holds it no more."""
         self._wanted[name] = changed
 
-    def holds(self, name: str) -> bool:
-        return name in self._held
-
     def renew(self) -> Deferred[Any]:
         """Take the free leases asked for and renew those held (a heartbeat); fires once Redis
         answered."""
