@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqtt_broker.cluster.codec import (
-    FORWARDED, HANDED, TARGETED, pack_forwarded, pack_message, pack_queued, pack_retained, pack_targeted,
-    records_of_0_1_0, unpack_records, unpack_retained,
+    BARRIER, CLEARED, FORWARDED, HANDED, HELD, TARGETED, pack_barrier, pack_cleared, pack_forwarded, pack_message,
+    pack_queued, pack_retained, pack_targeted, records_of_0_1_0, targeted_head, unpack_records, unpack_retained,
 )
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued
@@ -84,6 +84,19 @@ def test_a_targeted_record_carries_the_queued_message(client_id: str, message: M
     assert kind == TARGETED and got_client == client_id
     same_message(got.message, message)
     assert (got.qos, got.retain, got.subscription_ids, got.share) == (item.qos, item.retain, (3, 7), ("group", "a/#"))
+
+
+@FUZZ
+@given(node=TEXT, client_id=TEXT, origin=st.binary(max_size=255), message=MESSAGES)
+def test_a_barrier_its_answer_and_a_held_message_read_back_in_order(node: str, client_id: str, origin: bytes,
+                                                                     message: Message) -> None:
+    packed = pack_queued(Queued(message, message.qos, False, (), None, 1))
+    entry = (pack_barrier(node, client_id, origin) + pack_cleared(client_id, origin)
+             + targeted_head(client_id, len(packed), HELD) + packed)
+    barrier, cleared, (kind, held_for, held) = unpack_records(entry)
+    assert (barrier, cleared) == ((BARRIER, node, (client_id, origin)), (CLEARED, client_id, origin))
+    assert (kind, held_for) == (HELD, client_id)
+    same_message(held.message, message)
 
 
 def test_a_record_carries_hundreds_of_shared_subscriptions() -> None:

@@ -19,7 +19,7 @@ from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
-    HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
+    BARRIER, HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
 )
 from mqtt_broker.cluster.node import node_id
 from mqtt_broker.cluster.redis import Redis
@@ -839,6 +839,72 @@ def test_a_qos2_message_published_while_a_session_moves_reaches_it_once(
     finally:
         yield b.stopService()
         yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_that_moves_gets_a_publishers_messages_in_order_whichever_way_they_come(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moves from node a to node b. Node c's publisher sent message 1 to a (c had not heard of
+    b's filter yet), then message 2 to b directly: a passes 1 on to b through Redis, a batch
+    later than 2 reached b. b holds what comes directly for s until a has passed on what came
+    before (a barrier through a's inbox), so s gets 1 then 2 [MQTT-4.6.0-6]; it got 2 first."""
+    a = yield node_a(server)
+    b = yield node_b(server)
+    link = Redis(RedisAddress.parse(server.url))
+    c = RedisStore(link, "c", reactor)
+    try:
+        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield a.store.flushed()
+        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        moved.received()
+        yield until(lambda: first.closed, "a to let s go")
+        origin = b"\x0c" * 6
+        for node, number in (("a", 1), ("b", 2)):
+            message = Message(topic="t", payload=b"%d" % number, qos=1, cluster_id=origin + number.to_bytes(8, "big"))
+            c.forward(node, pack_forwarded(message, (), 0.0))
+        yield c.flushed()
+        got = yield publishes(moved, "both messages at s", 2)
+        assert [p.payload for p in got] == [b"1", b"2"]
+        yield until(lambda: server.client().xpending("mqtt:inbox:b", "nodes")["pending"] == 0, "b's entries handled")
+        assert "s" not in b.cluster._barriers or not b.cluster._barriers["s"].held
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_waits_for_a_previous_node_that_does_not_answer_goes_after_a_second_its_entry_pending_till_then(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from node x, alive but silent (its inbox is never read): a message
+    forwarded to a for s goes round through a's inbox and waits there for x's answer, its entry
+    unhandled (a node that dies meanwhile leaves it to be read again). Without an answer, s gets
+    it a second later (BARRIER_TIMEOUT), once."""
+    clock, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        client = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        assert "s" in a.cluster._barriers
+        message = Message(topic="t", payload=b"m", qos=1, cluster_id=b"\x0c" * 14)
+        x.forward("a", pack_forwarded(message, (), 0.0))
+        yield x.flushed()
+        inbox = server.client()
+        yield until(lambda: a.cluster._barriers["s"].held, "the message back from its round, held")
+        assert [r for r in unpack_records(inbox.xrange("mqtt:inbox:x")[-1][1][b"d"])][0][:2] == (BARRIER, "a")
+        yield a.store.flushed()
+        assert inbox.xpending("mqtt:inbox:a", "nodes")["pending"] == 1
+        assert [p for p in client.received() if isinstance(p, Publish)] == []
+        clock.advance(1.0)
+        got = yield publishes(client, "the message, without x's answer")
+        assert [p.payload for p in got] == [b"m"]
+        yield until(lambda: inbox.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "its entry handled")
+    finally:
+        yield a.stopService()
+        yield link.close()
 
 
 @pytest_twisted.inlineCallbacks

@@ -25,6 +25,13 @@ from ..wire import MQTT_5, decode_publish, publish_template
 FORWARDED: Final = 0
 TARGETED: Final = 1
 HANDED: Final = 2
+# While a session that moved settles on its new node (see Cluster.moved_here): a message for it
+# that the node sends round through its own inbox, to be held there until the session's previous
+# node has passed on what it had before (HELD); a node's request to that node (BARRIER), which
+# answers once it has passed on what its inbox held before the request (CLEARED).
+HELD: Final = 3
+BARRIER: Final = 4
+CLEARED: Final = 5
 
 _EXPIRING: Final = 0x80
 """Set in the kind of a FORWARDED or HANDED record whose message expires: the clock time it
@@ -138,14 +145,25 @@ def pack_targeted(client_id: str, item: bytes) -> bytes:
     return targeted_head(client_id, len(item)) + item
 
 
-def targeted_head(client_id: str, size: int) -> bytes:
-    """What precedes a queued message of ``size`` bytes in a TARGETED record."""
-    return bytes((TARGETED,)) + _string(client_id) + size.to_bytes(4, "big")
+def targeted_head(client_id: str, size: int, kind: int = TARGETED) -> bytes:
+    """What precedes a queued message of ``size`` bytes in a TARGETED (or HELD) record."""
+    return bytes((kind,)) + _string(client_id) + size.to_bytes(4, "big")
+
+
+def pack_barrier(node: str, client_id: str, origin: bytes) -> bytes:
+    """A BARRIER record: ``node`` asks for a CLEARED answer about the client's messages from the
+    node whose message ids begin with ``origin``."""
+    return bytes((BARRIER,)) + _string(node) + _string(client_id) + bytes((len(origin),)) + origin
+
+
+def pack_cleared(client_id: str, origin: bytes) -> bytes:
+    """The CLEARED answer to a BARRIER record."""
+    return bytes((CLEARED,)) + _string(client_id) + bytes((len(origin),)) + origin
 
 
 Record = tuple[int, Any, Any]
-"""(FORWARDED, message, shares), (HANDED, message, (shares, declined nodes)) or (TARGETED, client
-id, Queued)."""
+"""(FORWARDED, message, shares), (HANDED, message, (shares, declined nodes)), (TARGETED or HELD,
+client id, Queued), (BARRIER, node, (client id, origin)) or (CLEARED, client id, origin)."""
 
 
 def unpack_records(data: bytes) -> Iterator[Record]:
@@ -185,14 +203,27 @@ def unpack_records(data: bytes) -> Iterator[Record]:
             message.expires_at = expires_at
             pos += 4 + size
             yield kind, message, (tuple(shares), tuple(declined)) if kind == HANDED else tuple(shares)
-        elif kind == TARGETED:
+        elif kind == TARGETED or kind == HELD:
             client_id, pos = _read_string(data, pos + 1)
             size = _read_u32(data, pos)
             if pos + 4 + size > end:
                 raise ValueError("a record cut short in an inbox entry")
             queued = unpack_queued(data[pos + 4:pos + 4 + size], 0)
             pos += 4 + size
-            yield TARGETED, client_id, queued
+            yield kind, client_id, queued
+        elif kind == BARRIER or kind == CLEARED:
+            node = ""
+            if kind == BARRIER:
+                node, pos = _read_string(data, pos + 1)
+                client_id, pos = _read_string(data, pos)
+            else:
+                client_id, pos = _read_string(data, pos + 1)
+            size = data[pos]
+            if pos + 1 + size > end:
+                raise ValueError("a record cut short in an inbox entry")
+            origin = data[pos + 1:pos + 1 + size]
+            pos += 1 + size
+            yield (kind, node, (client_id, origin)) if kind == BARRIER else (kind, client_id, origin)
         else:
             raise ValueError(f"unknown record kind {kind} in an inbox entry")
 

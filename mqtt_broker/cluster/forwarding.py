@@ -9,11 +9,21 @@ This is the cluster's part of a message's path, compiled with the rest of that p
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from ..message import Message
 from ..topics import ClientMatch, SharedGroup, SharedGroups, Subscription, SubscriptionTree, Turns, split_shared
 from .codec import HANDED, pack_forwarded
+
+
+ORIGIN: Final = 6
+"""The length of the part of a message's cluster id that names the node (and its start) that
+gave the id (``origin_of``)."""
+
+
+def origin_of(cluster_id: bytes) -> bytes:
+    """The part of a message's cluster id that names the node, in one of its lives, that gave it."""
+    return cluster_id[:ORIGIN]
 
 
 class ClusterStats:
@@ -82,7 +92,7 @@ class Forwarding:
         self._qos0_scheduled = False
         self._turns = Turns()
         self._ids = 0
-        self._id_prefix = os.urandom(6)
+        self._id_prefix = os.urandom(ORIGIN)
         self.moving: dict[str, set[bytes]] = {}
         """Sessions that moved here lately (the cluster adds and removes them), with the ids of
         the QoS 1/2 messages delivered to each since: see ``first_time``."""

@@ -30,8 +30,10 @@ from ..message import Message
 from ..session import Queued, Session
 from ..topics import SharedGroup, SubscriptionTree, Subscription, but_its_sender, matches, terms
 from .address import RedisAddress
-from .codec import FORWARDED, HANDED, TARGETED, unpack_records, unpack_retained
-from .forwarding import ClusterStats, Forwarding
+from .codec import (
+    BARRIER, CLEARED, FORWARDED, HANDED, HELD, TARGETED, pack_barrier, pack_cleared, unpack_records, unpack_retained,
+)
+from .forwarding import ClusterStats, Forwarding, origin_of
 from .leases import Leases
 from .redis import RECONNECT_MAX_DELAY, Redis
 from .replies import Claim, InboxEntry
@@ -100,6 +102,39 @@ def _write_whole(path: Path, text: str) -> None:
 
 OWNED_AT_ONCE = 1000
 """Sessions whose holder ``Cluster.check_owned`` asks Redis about at once."""
+BARRIER_TIMEOUT = 1.0
+"""Seconds a session that moved here waits for its previous node's CLEARED answer (which takes a
+few Redis round trips) before it is given what it holds back all the same."""
+
+Waiting = tuple[Queued, int, bytes, bool]
+"""A message for a client that waits, for its claim or for a ``Barrier``: the stamp and id of the
+inbox entry it came in, whether it came HELD."""
+
+
+class Barrier:
+    """A session that moved here from a live node, until the routes settle. A message another
+    node forwards here for it may overtake one that node sent to the previous node before it
+    knew of this one, which the previous node passes on through Redis a batch later. So the
+    messages forwarded here for the session go round through this node's inbox (HELD records,
+    durable and in order) and wait there until the previous node has answered a BARRIER record
+    put in its inbox after the first of them came: it answers once it has passed on what its
+    inbox held before, so the passed-on messages arrive here first [MQTT-4.6.0-6]. One BARRIER per
+    node of origin: each switched to this node at its own time."""
+
+    __slots__ = ("previous", "cleared", "asked", "round", "held", "ending")
+
+    def __init__(self, previous: str) -> None:
+        self.previous = previous
+        self.cleared: set[bytes] = set()
+        """The origins (``origin_of``) whose earlier messages for the session are here."""
+        self.asked: dict[bytes, Any] = {}
+        """The origins asked about and not answered yet, with the call that stops waiting."""
+        self.round = 0
+        """HELD records sent and not back yet: while any are, the next message goes round too."""
+        self.held: list[Waiting] = []
+        """The HELD records back and waiting for the answers."""
+        self.ending = False
+        """The routes have settled, and the session counts as moving only until ``round`` is 0."""
 
 
 class Cluster:
@@ -138,9 +173,9 @@ class Cluster:
         """The live nodes other than this one, with the time each was last seen."""
         self._qos0_unanswered = 0
         """The bytes of QoS 0 messages for other nodes sent to Redis and not answered yet."""
-        self._claiming: dict[str, list[tuple[Queued, int, bytes]]] = {}
-        """Clients whose claim is under way, with the messages for them that came meanwhile (and
-        their inbox entries' stamps and ids, see ``deliver_targeted``)."""
+        self._claiming: dict[str, list[Waiting]] = {}
+        """Clients whose claim is under way, with the messages for them that came meanwhile (see
+        ``deliver_targeted``)."""
         self._waiting: dict[bytes, int] = {}
         """The entries of this node's inbox with messages that wait for claims, and how many:
         each is marked handled once they are queued; read again meanwhile (after an outage,
@@ -166,6 +201,8 @@ class Cluster:
         """Fires once the control channel is listened to: routes and retained messages are read
         after that, so that no change falls between the reading and the listening."""
         self._moving = self.forwarding.moving  # (the routing of messages published here checks it too)
+        self._barriers: dict[str, Barrier] = {}
+        """The sessions that moved here from live nodes lately: see ``Barrier``."""
 
     # --- starting and stopping --------------------------------------------------------------
 
@@ -319,7 +356,7 @@ class Cluster:
                 for subscription in claim.session.subscriptions.values():
                     broker.subscriptions.add(subscription)
                 if claim.previous is not None and claim.previous != self.node:
-                    self.moved_here(client_id)
+                    self.moved_here(client_id, claim.previous if claim.previous_alive else None)
         self._deliver_held(client_id)
         if timer.active():
             timer.cancel()
@@ -378,12 +415,16 @@ class Cluster:
         return client_id in self._claiming
 
     def _deliver_held(self, client_id: str) -> None:
-        """The claim ended: the messages that came for the client meanwhile are delivered (or
-        sent on), and the inbox entries they came in marked handled after them, in the same
-        batch or a later one."""
+        """The claim ended: the messages that came for the client meanwhile are delivered."""
+        self._deliver_waiting(client_id, self._claiming.pop(client_id, []))
+
+    def _deliver_waiting(self, client_id: str, waited: list[Waiting]) -> None:
+        """Messages for the client that waited (for its claim, or its previous node's answer) are
+        delivered (or sent on), and the inbox entries they came in marked handled after them, in
+        the same batch or a later one."""
         waiting = self._waiting
-        for item, stamp, entry_id in self._claiming.pop(client_id, []):
-            self.deliver_targeted(client_id, item, stamp)
+        for item, stamp, entry_id, held in waited:
+            self.deliver_targeted(client_id, item, stamp, held=held)
             waiting[entry_id] -= 1
             if not waiting[entry_id]:
                 del waiting[entry_id]
@@ -555,9 +596,16 @@ class Cluster:
                             entry_id=entry_id)
 
     def _handle_record(self, kind: int, first: Any, second: Any, stamp: int, entry_id: bytes) -> None:
-        if kind == TARGETED:  # (Redis passes these on one to an entry)
-            self.stats.forwarded_in += 1
-            self.deliver_targeted(first, second, stamp, entry_id)
+        if kind == TARGETED or kind == HELD:  # (Redis passes these on one to an entry)
+            if kind == TARGETED:  # (a HELD one was counted when it first came)
+                self.stats.forwarded_in += 1
+            self.deliver_targeted(first, second, stamp, entry_id, held=kind == HELD)
+            return
+        if kind == BARRIER:  # (what this node's inbox held before is routed: passed on in the batches so far)
+            self.store.forward(first, pack_cleared(*second))
+            return
+        if kind == CLEARED:
+            self._cleared(first, second, self._barriers.get(first))
             return
         delivery = self.broker.delivery
         if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
@@ -600,7 +648,7 @@ class Cluster:
                 for subscription in session.subscriptions.values():
                     if subscription.share_group is None:
                         former.add(subscription)
-            self.deliver_formerly(message, former, stamp)
+            self.deliver_formerly(message, former, stamp, direct=True)
 
     def _qos0_received(self, data: bytes) -> None:
         self.broker.gathered(self._route_qos0, data)
@@ -628,14 +676,17 @@ class Cluster:
             return True
         return False
 
-    def deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None) -> None:
+    def deliver_targeted(self, client_id: str, item: Queued, stamp: int, entry_id: bytes | None = None,
+                         direct: bool = False, held: bool = False) -> None:
         """A message for one session (its previous owner's writes were fenced off, say), from
         an inbox entry of ``stamp``: not for the session if it was begun anew since the entry
         was made. A shared subscription's message goes to the member it was given to all the
         same (dropped, the group would not have it). While the session's claim is under way
         here, the message waits for it if it came alone in an entry of this node's inbox
         (``entry_id``), else goes through Redis to the session's owner: either way its entry is
-        marked handled only once it is queued (or sent on)."""
+        marked handled only once it is queued (or sent on). ``direct``: forwarded here for a
+        session that moved here lately; ``held``: sent round through this node's inbox for
+        such a session (see ``Barrier``), counted as had then."""
         if self.expired_on_its_way(item.message):
             return
         claiming = self._claiming.get(client_id)
@@ -643,7 +694,7 @@ class Cluster:
             # Its entry stays unhandled until the message is queued: a node that dies first
             # leaves it to be read again.
             self._waiting[entry_id] = self._waiting.get(entry_id, 0) + 1
-            claiming.append((item, stamp, entry_id))
+            claiming.append((item, stamp, entry_id, held))
             return
         if item.share is not None:
             stamp = 0
@@ -660,7 +711,8 @@ class Cluster:
             cluster_id = item.message.cluster_id
             # (A shared subscription's copy comes by one way only, and as well as the session's
             # own copy, if it has a subscription of its own that matches.)
-            if cluster_id is not None and item.share is None and not self.forwarding.first_time(client_id, cluster_id):
+            if cluster_id is not None and item.share is None and not held and \
+                    not self.forwarding.first_time(client_id, cluster_id):
                 return  # it came by the other way already
             if item.share is None and client_id in self._moving:
                 # Routed by the subscriptions of the copy the session's previous owner keeps
@@ -674,16 +726,61 @@ class Cluster:
                     return
                 granted, as_published, ids, _ = terms(subs)
                 item = Queued(message, min(granted, message.qos), message.retain and as_published, ids)
+                barrier = self._barriers.get(client_id)
+                if barrier is not None and cluster_id is not None and (direct or (held and entry_id is not None)) \
+                        and self._held_back(client_id, barrier, item, stamp, entry_id, direct):
+                    return
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
-            self.store.send_on(client_id, item, stamp)
+            self.store.send_on(client_id, item, stamp, HELD if held else TARGETED)
+
+    def _held_back(self, client_id: str, barrier: Barrier, item: Queued, stamp: int, entry_id: bytes | None,
+                   direct: bool) -> bool:
+        """Whether a message for a session that moved here lately waits (see ``Barrier``): one
+        forwarded here goes round through this node's inbox while an answer is awaited or others
+        are on their way round; one back from its round waits for the answers, its entry
+        unhandled meanwhile."""
+        if direct:
+            origin = origin_of(item.message.cluster_id or b"")
+            if origin not in barrier.cleared and origin not in barrier.asked:
+                self.store.forward(barrier.previous, pack_barrier(self.node, client_id, origin))
+                barrier.asked[origin] = self.clock.callLater(BARRIER_TIMEOUT, self._cleared, client_id, origin,
+                                                             barrier)
+            if not barrier.asked and not barrier.round:
+                return False
+            barrier.round += 1
+            self.store.send_on(client_id, item, stamp, HELD)
+            return True
+        barrier.round = max(barrier.round - 1, 0)
+        if not barrier.asked:
+            if barrier.ending and not barrier.round:
+                self._settled(client_id, self._moving.get(client_id), True)
+            return False
+        assert entry_id is not None
+        self._waiting[entry_id] = self._waiting.get(entry_id, 0) + 1
+        barrier.held.append((item, stamp, entry_id, True))
+        return True
+
+    def _cleared(self, client_id: str, origin: bytes, barrier: Barrier | None) -> None:
+        """The previous node has passed on what it had for the client from ``origin``, or has
+        not answered in time: what waits for no other answer goes to the session."""
+        if barrier is None or self._barriers.get(client_id) is not barrier:
+            return
+        timer = barrier.asked.pop(origin, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        barrier.cleared.add(origin)
+        if not barrier.asked:
+            held, barrier.held = barrier.held, []
+            self._deliver_waiting(client_id, held)
 
     def deliver_formerly(self, message: Message, former: SubscriptionTree, stamp: int,
-                          shares: tuple[tuple[str, str], ...] = (), everyone: bool = True) -> None:
+                          shares: tuple[tuple[str, str], ...] = (), everyone: bool = True, direct: bool = False) -> None:
         """A message from a dead node's inbox: to each session it held that matches (only to
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
-        passed on to the node that claimed it since."""
+        passed on to the node that claimed it since. (``direct``: one forwarded here, for the
+        sessions that moved here lately.)"""
         if self.expired_on_its_way(message):
             return
         by_client, groups = former.match(message.topic)
@@ -710,7 +807,7 @@ class Cluster:
                             message.retain and member.retain_as_published,
                             (member.subscription_id,) if member.subscription_id else (), share))
         for client_id, qos, retain, ids, chosen in targets:
-            self.deliver_targeted(client_id, Queued(message, qos, retain, ids, chosen), stamp)
+            self.deliver_targeted(client_id, Queued(message, qos, retain, ids, chosen), stamp, direct=direct)
         for share in shares:
             if share not in matched:  # its members there ended with the node: another member has it
                 here = dict(self.broker.subscriptions.match(message.topic)[1]).get(share)
@@ -796,6 +893,7 @@ class Cluster:
         now) to its new owner rather than lost."""
         session = self.broker.sessions.get(client_id)
         ended = clean or (session is not None and not session.expiry)
+        self._end_barrier(client_id)
         self.store.lost(client_id)
         self.broker.let_go(client_id, ended, will_left)
         self.forwarding.forget_sender(client_id)
@@ -817,17 +915,40 @@ class Cluster:
         if client_id not in self.store.epochs:  # (not claimed back meanwhile)
             self.store.forgotten(client_id)
 
-    def moved_here(self, client_id: str) -> None:
-        """A session moved here: until the routes settle, a message it has had (what it brought
-        among them) is not delivered to it again by a second way."""
+    def moved_here(self, client_id: str, previous: str | None = None) -> None:
+        """A session moved here (from ``previous``, a live node): until the routes settle, a
+        message it has had (what it brought among them) is not delivered to it again by a second
+        way, and what is forwarded here for it does not overtake what ``previous`` passes on."""
         session = self.broker.sessions.get(client_id)
         brought = [*session.queue, *session.outgoing.values()] if session is not None else ()
         seen = self._moving[client_id] = {i.message.cluster_id for i in brought if i.message.cluster_id is not None}
+        self._end_barrier(client_id)
+        if previous is not None:
+            self._barriers[client_id] = Barrier(previous)
         self.clock.callLater(self._settle, self._settled, client_id, seen)
 
-    def _settled(self, client_id: str, seen: set[bytes]) -> None:
-        if self._moving.get(client_id) is seen:  # (not moved here again since)
-            del self._moving[client_id]
+    def _settled(self, client_id: str, seen: set[bytes] | None, drained: bool = False) -> None:
+        """The routes have settled: the session no longer counts as moving, once no message for
+        it is on its way round through the inbox (else the next one would overtake it), or after
+        as long again at most."""
+        if seen is None or self._moving.get(client_id) is not seen:  # (moved here again since)
+            return
+        barrier = self._barriers.get(client_id)
+        if barrier is not None and not drained and not barrier.ending and barrier.round:
+            barrier.ending = True
+            self.clock.callLater(self._settle, self._settled, client_id, seen, True)
+            return
+        del self._moving[client_id]
+        self._end_barrier(client_id)
+
+    def _end_barrier(self, client_id: str) -> None:
+        """What waits for the previous node's answers (``Barrier``) goes now."""
+        barrier = self._barriers.pop(client_id, None)
+        if barrier is not None:
+            for timer in barrier.asked.values():
+                if timer.active():
+                    timer.cancel()
+            self._deliver_waiting(client_id, barrier.held)
 
     # --- Redis coming and going ---------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from ..message import Message
 from ..session import Queued, Session
 from ..store import CHANGE_BYTES, MAX_UNWRITTEN_BYTES, Snapshot, StoredWill, call, fire
 from ..topics import Subscription
-from .codec import pack_queued, pack_retained, pack_subscription, pack_will, targeted_head, unpack_queued, \
+from .codec import TARGETED, pack_queued, pack_retained, pack_subscription, pack_will, targeted_head, unpack_queued, \
     unpack_retained, unpack_subscription
 from .redis import READ_BLOCK, Redis, Script
 from .replies import Claim, InboxEntry, TakenWill, inbox_entries, inbox_entry, taken_wills
@@ -381,12 +381,13 @@ class RedisStore:
         """This node's copy of a session another node claimed is gone."""
         self._given_up.pop(client_id, None)
 
-    def send_on(self, client_id: str, item: Queued, stamp: int) -> None:
+    def send_on(self, client_id: str, item: Queued, stamp: int, kind: int = TARGETED) -> None:
         """A message for a session this node does not hold, from an inbox entry of ``stamp``
         (0: none): Redis passes it to the node that holds the session, or drops it if the
-        session is gone or was begun anew since the entry was made."""
+        session is gone or was begun anew since the entry was made. (HELD: a message for a
+        session this node holds, sent round through its inbox, see ``Cluster.moved_here``.)"""
         packed = pack_queued(item)
-        head = targeted_head(client_id, len(packed))
+        head = targeted_head(client_id, len(packed), kind)
         self._record("T", client_id, stamp, packed, head, carried=len(packed) + len(head))
 
     def give_up(self, client_id: str) -> None:

@@ -19,7 +19,7 @@ from ..message import Client
 from ..store import StoredWill
 from ..topics import SubscriptionTree
 from ..wire import MQTT_5
-from .codec import FORWARDED, TARGETED, unpack_records, unpack_will
+from .codec import BARRIER, CLEARED, FORWARDED, HELD, TARGETED, unpack_records, unpack_will
 from .replies import TakenWill
 
 if TYPE_CHECKING:
@@ -243,8 +243,10 @@ class Survivor:
         cluster = self.cluster
         for kind, first, second in unpack_records(data):
             try:
-                if kind == TARGETED:
-                    cluster.deliver_targeted(first, second, stamp)
+                if kind == TARGETED or kind == HELD:
+                    cluster.deliver_targeted(first, second, stamp, held=kind == HELD)
+                elif kind == BARRIER or kind == CLEARED:
+                    continue  # (the node that asked took the dead node's silence for an answer long ago)
                 else:
                     cluster.deliver_formerly(first, former, stamp, shares=second if kind == FORWARDED else second[0],
                                              everyone=kind == FORWARDED)
