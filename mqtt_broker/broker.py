@@ -182,7 +182,7 @@ class BrokerService(MultiService):
         self.history = MessageLog(config.history_filters, config.history_max_messages, config.history_max_age,
                                   config.history_max_bytes) if config.history_filters else None
         """The message log that subscribers can ask to replay; None when no filter is logged."""
-        security = Security.from_config(config, reactor)
+        security = Security.from_config(config, reactor, self.clock)
         self.security: Security | None = security if security.enabled else None
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
         self.wills = Wills(self)
@@ -384,7 +384,7 @@ class BrokerService(MultiService):
         they are checked from now on, as with one (what no rules say stays allowed)."""
         if self.security is None:
             log.info("an auth hook gave rules of its own: they are checked from now on")
-            self.security = self.delivery.security = Security.from_config(self.config, self.reactor)
+            self.security = self.delivery.security = Security.from_config(self.config, self.reactor, self.clock)
 
     def _filter_readable(self, session: Session, identity: Any) -> list[Queued]:
         """Drop what is in flight that ``identity`` may not read; returns the QoS 1 messages of

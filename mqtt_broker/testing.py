@@ -63,9 +63,9 @@ class MemoryBroker:
     across two brokers instead). The service is started and listens on nothing; its timers run
     on the fake clock, the ``$SYS`` topics' too (every ``sys_interval`` seconds;
     ``sys_interval=0`` turns them off). The clock starts at the wall clock's time, in whole
-    seconds, as a JSON Web Token's times are wall-clock times; on a store an earlier
-    ``MemoryBroker`` used, at the time that one reached if it is later (a restart does not take
-    the time back: what expires, expires as it would have).
+    seconds, as a JSON Web Token's times are wall-clock times (checked against this clock); on a
+    store an earlier ``MemoryBroker`` used, at the time that one reached if it is later (a
+    restart does not take the time back: what expires, expires as it would have).
     """
 
     def __init__(self, config: BrokerConfig | str | Path | None = None, *, store: Store | None = None,

@@ -19,6 +19,7 @@ import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from twisted.internet.task import Clock
 
 from mqtt_broker.auth import AccessRules, Credentials, Identity, Refusal, Security
 from mqtt_broker.auth.tokens import JwtAuthenticator, TokenKey, load_keys
@@ -143,6 +144,25 @@ async def test_expired_and_not_yet_valid(keys: Path) -> None:
     assert is_refused(await result(sec, token(exp=str(int(time.time()) + 300))))
     lenient = security(keys, jwt_leeway=60)
     assert isinstance(await result(lenient, token(exp=int(time.time()) - 10)), Identity)
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_times_are_checked_on_the_brokers_clock(keys: Path) -> None:
+    """exp, nbf and iat are checked against the clock the broker runs on (BrokerService's
+    clock=), which also ends the connection at exp: PyJWT checked them on the wall clock."""
+    now = 1_000_000_000  # (2001: long before the wall clock's time)
+    clock = Clock()
+    clock.advance(now)
+    sec = Security.from_config(BrokerConfig(jwt_secret_file=str(keys / "secret"), allow_anonymous=False,
+                                            jwt_leeway=5), clock=clock)
+    assert await result(sec, token(exp=now + 60)) == Identity(client_id="dev-1", username="alice",
+                                                              expires_at=float(now + 65))
+    assert isinstance(await result(sec, token(exp=now - 4)), Identity)
+    assert is_refused(await result(sec, token(exp=now - 5)))
+    assert isinstance(await result(sec, token(exp=now + 60, nbf=now + 5, iat=now + 5)), Identity)
+    assert is_refused(await result(sec, token(exp=now + 60, nbf=now + 6)))
+    assert is_refused(await result(sec, token(exp=now + 60, iat=now + 6)))
+    assert is_refused(await result(sec, token(exp=now + 60, nbf=str(now))))  # a NumericDate is a number
 
 
 @pytest_twisted.ensureDeferred

@@ -425,6 +425,27 @@ def test_a_json_web_token_lasts_its_lifetime_on_the_kits_clock(tmp_path: Path) -
     assert client.closed
 
 
+def test_a_json_web_tokens_times_are_the_kits_once_the_clock_moved(tmp_path: Path) -> None:
+    """PyJWT checked iat and nbf against the wall clock, and exp too: once a test advanced the
+    clock, a token made at the kit's time was "not yet valid (iat)", and one made with
+    time.time() let in a client whose token had run out on the broker's clock."""
+    import jwt
+    secret = b"an HMAC secret of at least thirty-two bytes"
+    (tmp_path / "secret").write_bytes(secret)
+    broker = MemoryBroker(jwt_secret_file=str(tmp_path / "secret"), allow_anonymous=False, sys_interval=0)
+    start = int(broker.reactor.seconds())
+    later = jwt.encode({"sub": "alice", "nbf": start + 600, "exp": start + 3600}, secret, algorithm="HS256")
+    early = broker.client().connect("alice", password=later)
+    assert early is not None and early.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
+    broker.advance(601)
+    for claims in ({"nbf": start + 600, "exp": start + 3600}, {"iat": start + 601, "exp": start + 661}):
+        token = jwt.encode({"sub": "alice", **claims}, secret, algorithm="HS256")
+        connack = broker.client().connect("alice", password=token)
+        assert connack is not None and connack.reason_code == ReasonCode.SUCCESS, (claims, connack)
+    run_out = jwt.encode({"sub": "alice", "exp": start + 300}, secret, algorithm="HS256")
+    connack = broker.client().connect("alice", password=run_out)
+    assert connack is not None and connack.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
+
 
 def test_a_broker_restarted_on_a_memory_store_goes_on_from_the_time_reached() -> None:
     """The second broker's clock started at the wall clock again, behind the first one's: a

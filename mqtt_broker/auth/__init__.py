@@ -222,16 +222,18 @@ class Security:
         need not call anything here."""
 
     @classmethod
-    def from_config(cls, config: BrokerConfig, reactor: IReactorTime | IReactorThreads | None = None) -> Security:
+    def from_config(cls, config: BrokerConfig, reactor: IReactorTime | IReactorThreads | None = None,
+                    clock: IReactorTime | None = None) -> Security:
         """The security of a broker with these settings; reads every configured file.
 
         Raises ConfigError naming the setting (and file) when something cannot be used. The
         reactor (default: the global one) runs hash checks in its thread pool, HTTP requests
-        and their timeouts."""
+        and their timeouts. A JSON Web Token's times are checked against ``clock`` (default:
+        the reactor), the broker's, which also ends the connection when the token expires."""
         from .authenticators import authenticators_from_config
         if config.use_identity_as_username and not config.require_certificate:
             log.info("use_identity_as_username: clients without a verified certificate will be refused")
-        chain = authenticators_from_config(config, reactor)
+        chain = authenticators_from_config(config, reactor, clock)
         security = cls(authenticators=chain, acl_file=config.acl_file,
                        allow_anonymous=config.allow_anonymous,
                        require_certificate=config.require_certificate,

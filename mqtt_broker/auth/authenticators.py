@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 
@@ -10,6 +10,9 @@ from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
 from . import Authenticator, Credentials, Identity, Refusal
 from .passwords import PasswordFile, PasswordFileError, PasswordHash
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 T = TypeVar("T")
 
@@ -132,14 +135,16 @@ class PasswordFileAuthenticator:
         return succeed(None)
 
 
-def authenticators_from_config(config: BrokerConfig, reactor: Any = None) -> list[Authenticator]:
-    """The chain for these settings, in order: password file, JWT, HTTP. Raises ConfigError."""
+def authenticators_from_config(config: BrokerConfig, reactor: Any = None,
+                               clock: IReactorTime | None = None) -> list[Authenticator]:
+    """The chain for these settings, in order: password file, JWT, HTTP. Raises ConfigError.
+    ``clock`` (default: the reactor) is the broker's, which a token's times are checked against."""
     chain: list[Authenticator] = []
     if config.password_file:
         chain.append(PasswordFileAuthenticator(config.password_file, reactor))
     if config.jwt_secret_file or config.jwt_public_key_file or config.jwt_jwks_file:
         from .tokens import JwtAuthenticator
-        chain.append(JwtAuthenticator.from_config(config, reactor))
+        chain.append(JwtAuthenticator.from_config(config, reactor, clock))
     elif config.jwt_algorithms or config.jwt_issuer or config.jwt_audience:
         raise ConfigError("JWT settings are given but no key: set jwt_secret_file, "
                           "jwt_public_key_file or jwt_jwks_file", "jwt_secret_file")

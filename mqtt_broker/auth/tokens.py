@@ -15,8 +15,9 @@ Ed25519, Ed448                EdDSA
 
 narrowed by a JWK's ``alg`` and by ``jwt_algorithms``. ``alg: none`` is never accepted, and an
 HMAC algorithm never meets a public key (no key confusion). ``exp`` is required; ``nbf`` and
-``iat`` are checked when present; ``iss`` and ``aud`` must equal ``jwt_issuer`` and
-``jwt_audience`` when those are set (a token with an ``aud`` is refused when
+``iat`` are checked when present, all three against the broker's clock (with ``jwt_leeway``
+seconds of slack), the one that ends the connection at ``exp``; ``iss`` and ``aud`` must equal
+``jwt_issuer`` and ``jwt_audience`` when those are set (a token with an ``aud`` is refused when
 ``jwt_audience`` is not set). The username is the ``jwt_username_claim`` claim (``sub``); a
 CONNECT username must then equal it. The ``jwt_publish_claim`` and ``jwt_subscribe_claim``
 claims (lists of topic filters, or one filter) become the client's :class:`AccessRules`, with
@@ -31,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -46,6 +47,9 @@ from ..wire.codes import ReasonCode
 from . import Credentials, Identity, Refusal, numeric_date
 from .acl import AccessRules
 from .authenticators import in_thread
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 log = Logger()
 
@@ -183,16 +187,20 @@ class JwtAuthenticator:
     def __init__(self, keys: list[TokenKey], *, algorithms: frozenset[str] | None = None,
                  issuer: str = "", audience: str = "", leeway: float = 0, username_claim: str = "sub",
                  publish_claim: str = "publish", subscribe_claim: str = "subscribe",
-                 reactor: Any = None, reload_keys: Callable[[], list[TokenKey]] | None = None) -> None:
+                 reactor: Any = None, clock: IReactorTime | None = None,
+                 reload_keys: Callable[[], list[TokenKey]] | None = None) -> None:
+        """``clock`` (default: the reactor) is the broker's, which a token's times are checked
+        against."""
         self._allowed = algorithms
         self._keys = self._narrow(keys)
         self.issuer, self.audience, self.leeway = issuer, audience, leeway
         self.username_claim, self.publish_claim, self.subscribe_claim = username_claim, publish_claim, subscribe_claim
-        self._reactor = reactor
+        self._reactor, self._clock = reactor, clock
         self._reload_keys = reload_keys
 
     @classmethod
-    def from_config(cls, config: BrokerConfig, reactor: Any = None) -> JwtAuthenticator:
+    def from_config(cls, config: BrokerConfig, reactor: Any = None,
+                    clock: IReactorTime | None = None) -> JwtAuthenticator:
         """Raises ConfigError naming the setting."""
         def keys() -> list[TokenKey]:
             return load_keys(config.jwt_secret_file, config.jwt_public_key_file, config.jwt_jwks_file)
@@ -200,7 +208,8 @@ class JwtAuthenticator:
         authenticator = cls(keys(), algorithms=parse_algorithms(config.jwt_algorithms),
                             issuer=config.jwt_issuer, audience=config.jwt_audience, leeway=config.jwt_leeway,
                             username_claim=config.jwt_username_claim, publish_claim=config.jwt_publish_claim,
-                            subscribe_claim=config.jwt_subscribe_claim, reactor=reactor, reload_keys=keys)
+                            subscribe_claim=config.jwt_subscribe_claim, reactor=reactor, clock=clock,
+                            reload_keys=keys)
         log.info("JWT authentication: {algorithms}", algorithms=", ".join(sorted(authenticator.algorithms)))
         return authenticator
 
@@ -226,10 +235,17 @@ class JwtAuthenticator:
             return succeed(None)
         if not _SHAPE.fullmatch(token):
             return succeed(None)
-        return in_thread(self._reactor, self.verify, token, credentials)
+        return in_thread(self._reactor, self.verify, token, credentials, self._now())
 
-    def verify(self, token: str, credentials: Credentials) -> Identity | Refusal:
-        """Check a token (off the reactor thread: RSA and EC checks take a while)."""
+    def _now(self) -> float:
+        clock = self._clock if self._clock is not None else self._reactor
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return float(clock.seconds())
+
+    def verify(self, token: str, credentials: Credentials, now: float) -> Identity | Refusal:
+        """Check a token (off the reactor thread: RSA and EC checks take a while) at ``now``,
+        the broker's time (read on the reactor thread)."""
         refused = ReasonCode.BAD_USER_NAME_OR_PASSWORD
         try:
             header = jwt.get_unverified_header(token)
@@ -249,7 +265,10 @@ class JwtAuthenticator:
             try:
                 claims = jwt.decode(token, candidate.key, algorithms=[algorithm],
                                     audience=self.audience or None, issuer=self.issuer or None,
-                                    leeway=self.leeway, options={"require": required})
+                                    # (The times are checked below, on the broker's clock:
+                                    # PyJWT's is the wall clock.)
+                                    options={"require": required, "verify_exp": False,
+                                             "verify_nbf": False, "verify_iat": False})
                 break
             except jwt.InvalidSignatureError:
                 continue
@@ -258,9 +277,23 @@ class JwtAuthenticator:
                 break
         if claims is None:
             return Refusal(refused, f"token: {problem}")
-        return self._identity(claims, credentials)
+        # A NumericDate is a JSON number (RFC 7519, 2); PyJWT lets "1796384387" through, and
+        # NaN, and the connection would then outlive the token.
+        expiry = numeric_date(claims.get("exp"))
+        if expiry is None:
+            return Refusal(refused, "token: exp is not a time")
+        if expiry + self.leeway <= now:
+            return Refusal(refused, "token: expired")
+        for claim in ("nbf", "iat"):
+            if claim in claims:
+                start = numeric_date(claims[claim])
+                if start is None:
+                    return Refusal(refused, f"token: {claim} is not a time")
+                if start > now + self.leeway:
+                    return Refusal(refused, f"token: not yet valid ({claim})")
+        return self._identity(claims, credentials, expiry)
 
-    def _identity(self, claims: dict[str, Any], credentials: Credentials) -> Identity | Refusal:
+    def _identity(self, claims: dict[str, Any], credentials: Credentials, expiry: float) -> Identity | Refusal:
         refused = ReasonCode.BAD_USER_NAME_OR_PASSWORD
         username = credentials.username
         if self.username_claim:
@@ -278,11 +311,6 @@ class JwtAuthenticator:
                                                ).for_client(credentials.client_id, username)
             except ValueError as e:
                 return Refusal(refused, f"token: {e}")
-        # A NumericDate is a JSON number (RFC 7519, 2); PyJWT lets "1796384387" through, and
-        # NaN, and the connection would then outlive the token.
-        expiry = numeric_date(claims.get("exp"))
-        if expiry is None:
-            return Refusal(refused, "token: exp is not a time")
         # The token is accepted until exp + leeway; so the connection lasts as long.
         return Identity(client_id=credentials.client_id, username=username, rules=rules,
                         expires_at=expiry + self.leeway)
