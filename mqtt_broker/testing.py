@@ -52,6 +52,10 @@ from .wire import (
 
 Acknowledgement = Puback | Pubrec | Pubcomp
 """What ends a QoS 1 or 2 PUBLISH: its PUBACK, its PUBCOMP, or a PUBREC that refuses it."""
+MAX_TURNS = 100_000
+"""Turns of the reactor, each running the calls due at once, that one :meth:`MemoryBroker.flush`
+runs before it raises (of ``PACKETS_PER_TURN`` packets each, a billion): a broker that kept
+answering its clients with calls due at once, a busy loop on a real reactor, would hang the test."""
 
 
 class MemoryBroker:
@@ -145,15 +149,18 @@ class MemoryBroker:
 
     def flush(self) -> None:
         """Deliver everything in transit until nothing moves: the broker's gathered writes to
-        the clients, the clients' automatic answers to the broker, and the closing of the
-        connections the broker closed. Every method of the kit does this before it returns;
-        call it after firing a hook's Deferred and before looking at the broker's state."""
+        the clients, the clients' automatic answers to the broker, the closing of the
+        connections the broker closed, and what the broker left for the reactor's next turn
+        (calls due at once: the rest of a read longer than ``PACKETS_PER_TURN`` packets). Every
+        method of the kit does this before it returns; call it after firing a hook's Deferred
+        and before looking at the broker's state. Raises RuntimeError after ``MAX_TURNS`` turns
+        that each left calls due at once."""
         if self._flushing:
             return  # called from a hook the kit itself caused to run
         self._flushing = True
-        service = self.service
+        service, reactor = self.service, self.reactor
         try:
-            moved = True
+            moved, turns = True, 0
             while moved:
                 if service.unflushed:
                     service.flush_writes()
@@ -163,6 +170,14 @@ class MemoryBroker:
                     if client.transport.disconnecting and not client._lost:
                         client._lose(ConnectionAborted() if client.transport.disconnected else ConnectionDone())
                         moved = True
+                if not moved and any(call.getTime() <= reactor.seconds() for call in reactor.getDelayedCalls()):
+                    # The next turn comes at this same moment: time moves only by advance().
+                    turns += 1
+                    if turns > MAX_TURNS:
+                        raise RuntimeError(f"calls still fell due at once after {MAX_TURNS} turns of the "
+                                           "reactor: a loop of zero-delay calls?")
+                    reactor.advance(0)
+                    moved = True
             # (A closed client keeps what it received: the kit lets it go, or every call would
             # go through every client a long test ever made.)
             self._clients = [client for client in self._clients if not client._lost]

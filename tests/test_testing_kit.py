@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mqtt_broker import Client, Message, Refused, ReasonCode
+from mqtt_broker.protocol import PACKETS_PER_TURN
 from mqtt_broker.store.memory import MemoryStore
 from mqtt_broker.testing import MemoryBroker
 from mqtt_broker.wire import (
@@ -102,6 +103,22 @@ def test_many_messages_are_acknowledged_as_they_come() -> None:
     for n in range(5):
         pub.publish("t", str(n), qos=1)
     assert [m.payload for m in sub.messages()] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_a_burst_longer_than_a_turn_is_all_handled_without_advancing_the_clock() -> None:
+    """The broker handles PACKETS_PER_TURN packets of a read and the rest at the reactor's next
+    turn (a call due at once), which the kit ran only when the test advanced the clock: the
+    subscriber got 10,000 messages of 10,001, and the next PUBLISH seemed held by a hook."""
+    broker = MemoryBroker(sys_interval=0, max_queued_messages=2 * PACKETS_PER_TURN)
+    sub = broker.connect("sub")
+    sub.subscribe("t")
+    pub = broker.connect("pub")
+    start = broker.reactor.seconds()
+    pub.send(*[Publish(topic="t", payload=b"%d" % n) for n in range(PACKETS_PER_TURN + 1)])
+    assert len(sub.messages()) == PACKETS_PER_TURN + 1
+    ack = pub.publish("t", b"last", qos=1)
+    assert ack is not None and ack.reason_code == ReasonCode.SUCCESS
+    assert broker.reactor.seconds() == start
 
 
 def test_a_message_sent_with_a_topic_alias_only_has_its_topic() -> None:
