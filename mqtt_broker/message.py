@@ -118,11 +118,12 @@ def unsendable(message: Message, own: bool = False) -> str | None:
         return "a payload that is not the UTF-8 its format indicator says"  # (0x99, a client's)
     try:
         size = len(topic.encode())  # (a str may hold a lone surrogate, which no MQTT string may [MQTT-1.5.4-1])
+    except UnicodeEncodeError:
+        return f"the topic name {topic!r}, which no UTF-8 can carry"
+    try:  # (a UnicodeEncodeError here, a ValueError, is a property's string)
         encoded = encode_properties(properties)
         if properties:
             decode_properties(encoded, 0, PUBLISH)
-    except UnicodeEncodeError:
-        return f"the topic name {topic!r}, which no UTF-8 can carry"
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError, struct.error, MQTTError) as e:
         return f"its properties {dict(properties)!r} ({e!r})"
     # What follows the fixed header of the largest PUBLISH it goes as (MQTT 5's, with the

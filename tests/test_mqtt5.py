@@ -2333,6 +2333,15 @@ def test_the_broker_publishes_only_to_a_topic_an_mqtt_string_can_carry() -> None
     assert subscriber.received() == [] and broker.retained.match("t/#") == []
 
 
+def test_a_property_no_utf8_can_carry_is_blamed_on_the_properties() -> None:
+    """A lone surrogate in a user property was reported as "the topic name 't', which no UTF-8
+    can carry"."""
+    broker = make_broker()
+    with pytest.raises(ValueError) as refused:
+        broker.publish("t", b"x", properties={"user_property": [("k", "\ud800")]})
+    assert "its properties" in str(refused.value) and "topic name" not in str(refused.value), refused.value
+
+
 def test_a_member_leaving_hands_its_messages_on_sorting_the_group_out_once(tmp_path: Any) -> None:
     """Each message a member left unfinished went through the whole group again (its members,
     who is connected, who may read the topic): 1,000 members and 20,000 messages held the
