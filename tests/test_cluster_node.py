@@ -19,7 +19,8 @@ from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
-    BARRIER, HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_will,
+    BARRIER, HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_retained,
+    unpack_will,
 )
 from mqtt_broker.cluster.node import node_id
 from mqtt_broker.cluster.redis import Redis
@@ -3555,11 +3556,11 @@ def test_a_claim_goes_to_redis_once_the_changes_before_it_are_written_not_those_
 
 
 @inlineCallbacks
-def bridged_nodes(server: RedisServer, remote_port: int) -> Any:
+def bridged_nodes(server: RedisServer, remote_port: int, **settings: Any) -> Any:
     """Nodes a and b, each with the same [[bridge]] table (to the remote on ``remote_port``,
-    ``q/#`` out): (a, b, a's clock), once both joined."""
+    ``q/#`` out, and ``settings``): (a, b, a's clock), once both joined."""
     bridge = {"connection": "up", "addresses": [f"127.0.0.1:{remote_port}"], "remote_clientid": "edge",
-              "restart_timeout": 5, "topic": ["q/# out 1"]}
+              "restart_timeout": 5, "topic": ["q/# out 1"], **settings}
     clock = Clock()
     a = yield node_a(server, clock, bridge=[bridge])
     b = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url, cluster_node_id="b",
@@ -3642,3 +3643,43 @@ def test_a_node_that_cannot_renew_its_bridges_lease_stops_the_bridge_before_the_
     finally:
         yield a.stopService()
         yield b.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_0_a_node_cut_off_from_redis_published_as_its_lease_ran_out_does_not_replace_the_next_holders_state(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    # Node a, cut off, stops the bridge and publishes "0" (retained, cluster-wide), which waits
+    # for Redis while b takes the lease and publishes "1": written once a is back, it told every
+    # node's clients the bridge was down while b ran it.
+    remote = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, clock=Clock(), close_linger=0)
+    remote.startService()
+    state = "bridges/up/state"
+    a, b, clock = yield bridged_nodes(server, remote.ports[0].getHost().port, notification_topic=state)
+    try:
+        on_a, on_b = a.bridges.get("up"), b.bridges.get("up")
+        yield until(lambda: a.clock.advance(0) or on_a.state == "connected", "the bridge to come up on node a")
+        yield until(lambda: getattr(b.retained.get(state), "payload", None) == b"1", "node b to be told 1")
+        a.cluster.survivor.stop()  # cut off: it beats no more, and its batches wait
+        store = a.cluster.store
+        held: list[Any] = []
+        real_send = store._send
+        store._send = held.append  # type: ignore[method-assign]
+        clock.advance(a.cluster.survivor.ttl_ms / 1000)
+        assert not on_a.running and a.retained.get(state).payload == b"0"  # type: ignore[union-attr]
+        server.client().delete("mqtt:lease:bridge:up")  # its TTL in Redis ran out too, after a's
+        yield b.cluster.leases.renew()
+        yield until(lambda: b.clock.advance(0) or on_b.state == "connected", "the bridge to come up on node b")
+        yield b.cluster.store.flushed()
+        store._send = real_send  # type: ignore[method-assign]
+        for batch in held:  # back: what waited is written
+            real_send(batch)
+        yield store.flushed()
+        assert unpack_retained(server.client().hget("mqtt:retained", state), 0).payload == b"1"
+        yield until(lambda: getattr(a.retained.get(state), "payload", None) == b"1", "node a to be told b's 1")
+        yield a.publish("after", b"x", retain=True)  # (its event comes after those of a's batch)
+        yield until(lambda: b.retained.get("after") is not None, "node b to hear of a's batch")
+        assert b.retained.get(state).payload == b"1"  # type: ignore[union-attr]
+    finally:
+        yield a.stopService()
+        yield b.stopService()
+        yield remote.stopService()

@@ -774,7 +774,10 @@ class _Leased(Service):
     def startService(self) -> None:
         super().startService()
         for bridge in self.bridges:
-            self.leases.want(f"bridge:{bridge.connection}", lambda held, bridge=bridge: self._leased(bridge, held))
+            name = f"bridge:{bridge.connection}"
+            if bridge.config.notifications:
+                self.leases.guard_retained(name, bridge.config.state_topic)
+            self.leases.want(name, lambda held, bridge=bridge: self._leased(bridge, held))
 
     def _leased(self, bridge: Bridge, held: bool) -> None:
         if held and self.running and not bridge.running:

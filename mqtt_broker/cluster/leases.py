@@ -33,6 +33,13 @@ class Leases:
         is called with True once this node holds it, with False once it holds it no more."""
         self._wanted[name] = changed
 
+    def guard_retained(self, name: str, topic: str) -> None:
+        """The retained message of ``topic`` is written by the holder of the lease ``name``:
+        this node's changes of it are applied only while it holds the lease or no node does. A
+        node cut off from Redis whose lease ran out writes what it published then (a bridge's
+        "0") once back, over what the next holder published meanwhile."""
+        self._store.guard_retained(topic, name)
+
     def renew(self) -> Deferred[Any]:
         """Take the free leases asked for and renew those held (a heartbeat); fires once Redis
         answered."""

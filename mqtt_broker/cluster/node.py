@@ -817,13 +817,21 @@ class Cluster:
 
     def _control(self, data: bytes) -> None:
         kind, _, rest = data.partition(b"\0")
-        parts = rest.split(b"\0", 2 if kind == b"R" else -1)  # (a retained message may hold a NUL)
+        parts = rest.split(b"\0", 2 if kind in (b"R", b"K") else -1)  # (a retained message may hold a NUL)
         node = parts[0].decode()
-        if kind in (b"R", b"r"):
+        if kind in (b"R", b"r", b"K"):
             topic = parts[1].decode()
+            if kind == b"K" and node != self.node:
+                return  # (another node's change, refused: nothing changed)
             for changed in self._retained_reads:
                 changed.add(topic)
-            if not self.store.retained_news(node, topic):
+            if not self.store.retained_news(node, topic, refused=kind == b"K"):
+                return
+            if kind == b"K":  # this node's change, refused: what Redis keeps instead
+                if parts[2]:
+                    self.broker.retained.store(unpack_retained(parts[2], self.clock.seconds()))
+                else:
+                    self.broker.retained.delete(topic)
                 return
         if node == self.node:
             if kind == b"G":  # taken for dead (paused past its heartbeats): its routes went

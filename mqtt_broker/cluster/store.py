@@ -132,6 +132,8 @@ class RedisStore:
         self._pubrels_at: dict[tuple[str, int], int] = {}
         self._retained_at: dict[str, int] = {}
         """Retained topics the pending batch changes: topic -> index in _pending."""
+        self._leased_topics: dict[str, str] = {}
+        """Retained topics this node changes only under a lease (``guard_retained``): topic -> lease."""
         self._waiters: list[Deferred[None]] = []
         self.unwritten_bytes = 0
         """What the changes recorded and not yet applied by Redis hold (pending, on their way,
@@ -272,10 +274,17 @@ class RedisStore:
 
     def save_retained(self, message: Message) -> None:
         packed = pack_retained(message, self.reactor.seconds())
-        self._retained_written(message.topic, ("R", message.topic, packed), len(packed))
+        topic = message.topic
+        self._retained_written(topic, ("R", topic, packed, self._leased_topics.get(topic, "")), len(packed))
 
     def delete_retained(self, topic: str) -> None:
-        self._retained_written(topic, ("r", topic), 0)
+        self._retained_written(topic, ("r", topic, self._leased_topics.get(topic, "")), 0)
+
+    def guard_retained(self, topic: str, lease: str) -> None:
+        """The retained message of ``topic`` is the holder's of the lease ``lease`` (a bridge's
+        state): Redis applies this node's changes of it only while this node holds the lease or
+        no node does, and tells the node what it keeps instead (``retained_news``)."""
+        self._leased_topics[topic] = lease
 
     def _retained_written(self, topic: str, op: tuple[Any, ...], carried: int) -> None:
         # A change of a topic the next batch changes already replaces it: while Redis is away, a
@@ -290,18 +299,22 @@ class RedisStore:
             self._retained_pending[topic] = self._retained_pending.get(topic, 0) + 1
             self._retained_at[topic] = self._record(*op, carried=carried)
 
-    def retained_news(self, node: str, topic: str) -> bool:
-        """A change of a retained topic that Redis applied, told on the control channel: whether
-        this node's replica is to take it. Not this node's own (the replica has it already), nor
-        another node's while a change of this node's is on its way: Redis applied that one
-        before this node's, whose event comes after (events keep Redis's order)."""
+    def retained_news(self, node: str, topic: str, refused: bool = False) -> bool:
+        """A change of a retained topic that Redis applied, or a change of this node's that it
+        ``refused`` (told with what Redis keeps instead: ``guard_retained``), told on the control
+        channel: whether this node's replica is to take it. Not this node's own change (the
+        replica has it already), but its refused one unless another change of the topic by this
+        node is on its way; nor another node's change while one of this node's is on its way:
+        Redis applied that one before this node's, whose event comes after (events keep Redis's
+        order)."""
         pending = self._retained_pending
         if node != self.node:
             return topic not in pending
         left = pending.pop(topic, 0) - 1
         if left > 0:
             pending[topic] = left
-        return False
+            return False
+        return refused
 
     def retained_pending(self, topic: str) -> bool:
         """Whether a change of the topic's retained message by this node is on its way."""

@@ -7,6 +7,8 @@
 -- made only if that is still the session's epoch: once another node has claimed the session,
 -- the old owner's late writes are refused here (fencing). A message the old owner queued for it
 -- then goes to the new owner's inbox instead. Returns 'client\0epoch' for each epoch refused.
+-- A change of a retained topic that a lease guards (lease.lua: a bridge's state) is refused
+-- likewise while another node holds the lease: its node hears what Redis keeps ('K' event).
 local P = 'mqtt:'
 local node, marker, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local verdict, refused = {}, {}
@@ -36,6 +38,22 @@ local function pass_on(c, n, since, data)
   if owner[1] and not (owner[2] and n > 0 and tonumber(owner[2]) > n) then
     redis.call('XADD', P .. 'inbox:' .. owner[1], 'MAXLEN', '~', maxlen, '*', 'd', data, 'e', stamp)
   end
+end
+
+-- Whether this node may change a retained topic the lease guards ('': none): while the lease is
+-- free or this node's. A node cut off from Redis as its lease ran out writes its bridge's "0"
+-- once back, when the next holder may have written its own state.
+local function unleased(lease)
+  if lease == '' then return true end
+  local holder = redis.call('GET', P .. 'lease:' .. lease)
+  return not holder or holder == node
+end
+
+-- A change of a retained topic refused: the node's replica, which has the change, is told what
+-- Redis keeps ('': none). The event is for that node alone.
+local function kept(topic)
+  local held = redis.call('HGET', P .. 'retained', topic) or ''
+  redis.call('PUBLISH', P .. 'control', 'K\0' .. node .. '\0' .. topic .. '\0' .. held)
 end
 
 local function mine(c, epoch)
@@ -134,14 +152,22 @@ while i <= n do
     local c = ARGV[i + 1]
     if mine(c, ARGV[i + 2]) then redis.call('HDEL', P .. 'session:' .. c, 'will') end
     i = i + 3
-  elseif op == 'R' then -- a retained message: topic message
-    redis.call('HSET', P .. 'retained', ARGV[i + 1], ARGV[i + 2])
-    redis.call('PUBLISH', P .. 'control', 'R\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. ARGV[i + 2])
+  elseif op == 'R' then -- a retained message: topic message lease
+    if unleased(ARGV[i + 3]) then
+      redis.call('HSET', P .. 'retained', ARGV[i + 1], ARGV[i + 2])
+      redis.call('PUBLISH', P .. 'control', 'R\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. ARGV[i + 2])
+    else
+      kept(ARGV[i + 1])
+    end
+    i = i + 4
+  elseif op == 'r' then -- topic lease
+    if unleased(ARGV[i + 2]) then
+      redis.call('HDEL', P .. 'retained', ARGV[i + 1])
+      redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
+    else
+      kept(ARGV[i + 1])
+    end
     i = i + 3
-  elseif op == 'r' then -- topic
-    redis.call('HDEL', P .. 'retained', ARGV[i + 1])
-    redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
-    i = i + 2
   elseif op == 'e' then -- a retained message expired by now (a node's clock): topic now
     -- (only if what Redis holds is that expired one: another node may have set the topic anew;
     -- no event: every node drops an expired message from its replica by itself)
