@@ -165,8 +165,11 @@ class Delivery:
                 if not subs:
                     continue
                 granted, as_published, ids, _ = terms(subs)
-            self.deliver(session, message, granted if granted < message.qos else message.qos,
-                         message.retain and as_published, ids)
+            qos = granted if granted < message.qos else message.qos
+            if moving and self.cluster.goes_round(client_id, message, qos, message.retain and as_published, ids):
+                count += 1  # (after what the session's previous node passes on: cluster.node.Barrier)
+                continue
+            self.deliver(session, message, qos, message.retain and as_published, ids)
             count += 1
         if shares is not None:
             return count + self.to_groups(message, shares, groups) if shares else count

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,8 +20,8 @@ from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
-    BARRIER, HANDED, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records, unpack_retained,
-    unpack_will,
+    BARRIER, HANDED, HELD, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records,
+    unpack_retained, unpack_will,
 )
 from mqtt_broker.cluster.node import node_id
 from mqtt_broker.cluster.redis import Redis
@@ -876,6 +877,41 @@ def test_a_session_that_moves_gets_a_publishers_messages_in_order_whichever_way_
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_session_that_moves_to_its_publishers_node_gets_its_messages_in_order(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moves from node a to node b, where its publisher p is: p's message 1, published before
+    the move, went to a, which (slow to read its inbox here) passes it on to b after the move;
+    p's message 2, published after it, is for s on b at once. It waits until a has passed on
+    what it had, so s gets 1 then 2 [MQTT-4.6.0-6]; it got 2 first."""
+    a = yield node_a(server)
+    b = yield node_b(server)
+    try:
+        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield a.store.flushed()
+        publisher = yield connect(b, 5, client_id="p")
+        yield until(lambda: "t" in b.cluster.forwarding.filters_of("a"), "b to route t to a")
+        stashed: list[Any] = []
+        a.cluster._handle_entries = stashed.append  # (a reads its inbox, and handles it later)
+        publisher.send(Publish(topic="t", payload=b"1", qos=1, packet_id=1))
+        yield until(lambda: stashed, "message 1 in a's inbox")
+        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        moved.received()
+        yield until(lambda: first.closed, "a to let s go")
+        publisher.send(Publish(topic="t", payload=b"2", qos=1, packet_id=2))
+        yield b.store.flushed()
+        yield until(lambda: len(stashed) == 2, "b's request in a's inbox")
+        del a.cluster._handle_entries
+        for entries in stashed:
+            a.cluster._handle_entries(entries)
+        got = yield publishes(moved, "both messages at s", 2)
+        assert [p.payload for p in got] == [b"1", b"2"]
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_what_waits_for_a_previous_node_that_does_not_answer_goes_after_a_second_its_entry_pending_till_then(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """s moved to node a from node x, alive but silent (its inbox is never read): a message
@@ -903,6 +939,173 @@ def test_what_waits_for_a_previous_node_that_does_not_answer_goes_after_a_second
         got = yield publishes(client, "the message, without x's answer")
         assert [p.payload for p in got] == [b"m"]
         yield until(lambda: inbox.xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "its entry handled")
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
+def held_for_x(number: int, qos: int = 1, payload: bytes = b"m") -> Message:
+    """A message of node x's publisher (its ids' origin: twelve 0x0c bytes)."""
+    return Message(topic="t", payload=payload, qos=qos, cluster_id=b"\x0c" * 6 + number.to_bytes(8, "big"))
+
+
+def kept_for(session: Session) -> list[bytes]:
+    return [i.message.payload for i in session.queue] + [i.message.payload for i in session.outgoing.values()]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_held_qos2_message_read_again_after_a_crash_reaches_the_session_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from x (alive, slow): a QoS 2 message forwarded to a goes round and is
+    held, its entry unhandled. a dies; x passes on its own copy of the message late. a starts
+    again, takes s back and reads its inbox again: s has the message once (the HELD record, no
+    longer one a barrier sent round, is checked as any message that may come two ways)."""
+    clock, first = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    second = None
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2))
+        yield connect(first, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        message = held_for_x(1, qos=2, payload=b"once")
+        x.forward("a", pack_forwarded(message, (), 0.0))
+        yield x.flushed()
+        yield until(lambda: first.cluster._barriers["s"].held, "the message back from its round, held")
+        yield first.store.flushed()
+        first.cluster.started = False  # (killed: a hears and writes nothing more)
+        first.cluster.survivor.stop()
+        yield first.cluster.redis.close()
+        x.send_on("s", Queued(message, 2, False, (), None, 0), 0)
+        yield x.flushed()
+        second = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url,
+                               cluster_node_id="a", close_linger=0)
+        second.startService()
+        yield second.cluster.ready
+        yield until(lambda: server.client().xpending("mqtt:inbox:a", "nodes")["pending"] == 0, "a's entries handled")
+        yield second.store.flushed()
+        assert kept_for(second.sessions["s"]) == [b"once"]
+    finally:
+        if second is not None:
+            yield second.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dead_nodes_held_message_and_the_copy_passed_on_to_it_reach_the_session_once(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """x died with two records for s in its inbox: the HELD one it sent round and the copy of the
+    same message another node passed on. a adopts s and x's inbox: s has the message once."""
+    _, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x, p = RedisStore(link, "x", reactor), RedisStore(link, "p", reactor)
+    try:
+        yield x.register(600_000)
+        yield x.create_inbox()
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=2), expiry=3600)
+        message = held_for_x(2, qos=2, payload=b"once")
+        x.send_on("s", Queued(message, 2, False, (), None, 0), 0, HELD)
+        p.send_on("s", Queued(message, 2, False, (), None, 0), 0)
+        yield x.flushed()
+        yield p.flushed()
+        server.client().delete("mqtt:node:x")
+        adopt(a, "x")
+        yield until(lambda: "s" in a.sessions and kept_for(a.sessions["s"]), "a to deliver x's inbox")
+        yield a.store.flushed()  # (the two records are read together, handled in one turn)
+        assert kept_for(a.sessions["s"]) == [b"once"]
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_a_session_that_moved_holds_back_stays_in_the_inbox_when_the_node_stops(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A message held for x's answer when node a stops: nothing of the barrier runs after the
+    stop (it delivered into the stopped broker and wrote to a closed store, retried for ever);
+    the message's entry stays unhandled, for whoever reads a's inbox next."""
+    clock, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        x.forward("a", pack_forwarded(held_for_x(3), (), 0.0))
+        yield x.flushed()
+        yield until(lambda: a.cluster._barriers["s"].held, "the message held")
+        yield a.store.flushed()
+    finally:
+        yield a.stopService()
+        yield link.close()
+    clock.advance(2 * a.cluster._settle)
+    assert (a.store._pending, a.store._handled, a.store._in_flight) == ([], [], deque())
+    assert server.client().xpending("mqtt:inbox:a", "nodes")["pending"] == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_connects_again_to_the_node_its_session_moved_to_gets_its_messages_in_order(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from x (alive, slow to answer): message 1 is held for x's answer. The
+    client connects to a again, and message 2 comes while that claim is under way (Redis slow):
+    it waits for the claim and then behind message 1, which goes once x's answer is given up on
+    [MQTT-4.6.0-6]; it overtook message 1."""
+    clock, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        x.forward("a", pack_forwarded(held_for_x(11, payload=b"1"), (), 0.0))
+        yield x.flushed()
+        yield until(lambda: a.cluster._barriers["s"].held, "message 1 back from its round, held")
+        gate: Deferred[None] = Deferred()
+        claim = a.store.claim
+        a.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
+        again = FakeClient(a, 5)
+        again.send(Connect(protocol_level=5, client_id="s", clean_start=False,
+                           properties={"session_expiry_interval": 600}))
+        x.forward("a", pack_forwarded(held_for_x(12, payload=b"2"), (), 0.0))
+        yield x.flushed()
+        yield until(lambda: a.cluster._claiming.get("s"), "message 2 back, waiting for the claim")
+        gate.callback(None)
+        yield until(lambda: again.transport.value(), "the CONNACK")
+        yield a.store.flushed()
+        clock.advance(1.0)
+        got = yield publishes(again, "both messages", 2)
+        assert [p.payload for p in got] == [b"1", b"2"]
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_session_that_moved_from_a_node_gone_since_waits_for_no_answer_from_it(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from x, alive then; x dies and what is left of it goes, its inbox
+    among it. A message forwarded to a for s goes to s at once: a request to x would have made
+    its inbox again, for nobody ever to read or drop."""
+    _, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
+    redis = server.client()
+    try:
+        yield x.register(600_000)
+        yield x.create_inbox()
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        client = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        assert a.cluster._barriers["s"].previous == "x"
+        redis.delete("mqtt:node:x")
+        yield a.store.forget_node("x")
+        assert (yield a.store.drop_node("x"))
+        yield until(lambda: a.cluster._barriers["s"].previous is None, "a to hear that x is gone")
+        c.forward("a", pack_forwarded(held_for_x(21), (), 0.0))
+        yield c.flushed()
+        got = yield publishes(client, "the message")
+        assert [p.payload for p in got] == [b"m"]
+        yield a.store.flushed()
+        assert not redis.exists("mqtt:inbox:x")
     finally:
         yield a.stopService()
         yield link.close()

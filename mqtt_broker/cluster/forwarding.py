@@ -338,6 +338,11 @@ class Forwarding:
         awake = [node for node in nodes if (here_awake if node == here else (node, topic_filter) not in idle)]
         return awake or nodes
 
+    def send_record(self, node: str, record: bytes) -> None:
+        """A record for a node's inbox, after the messages sent there so far."""
+        self._add(node, None, record)
+        self._collect(len(record))
+
     def take_outgoing(self) -> dict[str, list[Run]]:
         """The records waiting for each node's inbox, in runs, handed over once."""
         outgoing, self._outgoing = self._outgoing, {}

@@ -119,22 +119,32 @@ class Barrier:
     durable and in order) and wait there until the previous node has answered a BARRIER record
     put in its inbox after the first of them came: it answers once it has passed on what its
     inbox held before, so the passed-on messages arrive here first [MQTT-4.6.0-6]. One BARRIER per
-    node of origin: each switched to this node at its own time."""
+    node of origin: each switched to this node at its own time. This node is one of them: what it
+    sent the previous node before the move goes before what is published here after it."""
 
     __slots__ = ("previous", "cleared", "asked", "round", "held", "ending")
 
     def __init__(self, previous: str) -> None:
-        self.previous = previous
+        self.previous: str | None = previous
+        """None once that node is gone (then nothing more is asked of it)."""
         self.cleared: set[bytes] = set()
         """The origins (``origin_of``) whose earlier messages for the session are here."""
         self.asked: dict[bytes, Any] = {}
         """The origins asked about and not answered yet, with the call that stops waiting."""
-        self.round = 0
-        """HELD records sent and not back yet: while any are, the next message goes round too."""
+        self.round: set[bytes] = set()
+        """The ids of the messages sent round and not back yet: while any are, the next message
+        goes round too. (Counted as had when they came: back, they are not checked again.)"""
         self.held: list[Waiting] = []
         """The HELD records back and waiting for the answers."""
         self.ending = False
-        """The routes have settled, and the session counts as moving only until ``round`` is 0."""
+        """The routes have settled, and the session counts as moving only until ``round`` is empty."""
+
+    def clear(self) -> None:
+        """Nothing more is waited for: the timers are cancelled."""
+        for timer in self.asked.values():
+            if timer.active():
+                timer.cancel()
+        self.asked.clear()
 
 
 class Cluster:
@@ -293,6 +303,9 @@ class Cluster:
         Redis out of reach, the node leaves without telling it after LEAVE_TIMEOUT (the others
         take it for dead when its heartbeats stop), so that a stop does not wait for Redis."""
         self.started = False
+        for barrier in self._barriers.values():  # (what they hold stays unhandled in the inbox, read again)
+            barrier.clear()
+        self._barriers.clear()
         cancel(self._join_warning)
         if self._join_retry is not None:
             self._join_retry.cancel()
@@ -415,16 +428,17 @@ class Cluster:
         return client_id in self._claiming
 
     def _deliver_held(self, client_id: str) -> None:
-        """The claim ended: the messages that came for the client meanwhile are delivered."""
-        self._deliver_waiting(client_id, self._claiming.pop(client_id, []))
+        """The claim ended: the messages that came for the client meanwhile are delivered (those
+        a ``Barrier`` sent round wait for it again, their entries with them)."""
+        self._deliver_waiting(client_id, self._claiming.pop(client_id, []), claimed=True)
 
-    def _deliver_waiting(self, client_id: str, waited: list[Waiting]) -> None:
+    def _deliver_waiting(self, client_id: str, waited: list[Waiting], claimed: bool = False) -> None:
         """Messages for the client that waited (for its claim, or its previous node's answer) are
         delivered (or sent on), and the inbox entries they came in marked handled after them, in
         the same batch or a later one."""
         waiting = self._waiting
         for item, stamp, entry_id, held in waited:
-            self.deliver_targeted(client_id, item, stamp, held=held)
+            self.deliver_targeted(client_id, item, stamp, entry_id if claimed and held else None, held=held)
             waiting[entry_id] -= 1
             if not waiting[entry_id]:
                 del waiting[entry_id]
@@ -599,7 +613,7 @@ class Cluster:
         if kind == TARGETED or kind == HELD:  # (Redis passes these on one to an entry)
             if kind == TARGETED:  # (a HELD one was counted when it first came)
                 self.stats.forwarded_in += 1
-            self.deliver_targeted(first, second, stamp, entry_id, held=kind == HELD)
+            self.deliver_targeted(first, second, stamp, entry_id, held=kind == HELD and self._went_round(first, second))
             return
         if kind == BARRIER:  # (what this node's inbox held before is routed: passed on in the batches so far)
             self.store.forward(first, pack_cleared(*second))
@@ -731,9 +745,24 @@ class Cluster:
                         and self._held_back(client_id, barrier, item, stamp, entry_id, direct):
                     return
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
+        elif direct and claiming is not None and client_id in self._barriers:
+            # (The client connects here again: what comes for the session meanwhile keeps its
+            # barrier, back from its round once the claim is answered.)
+            cluster_id = item.message.cluster_id
+            if cluster_id is not None and self.forwarding.first_time(client_id, cluster_id):
+                self._barriers[client_id].round.add(cluster_id)
+                self.store.send_on(client_id, item, stamp, HELD)
         else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
             self.store.send_on(client_id, item, stamp, HELD if held else TARGETED)
+
+    def _went_round(self, client_id: str, item: Queued) -> bool:
+        """Whether a HELD record is one this node sent round for a session's ``Barrier`` (and
+        counted as had then). Any other, read again after a restart or from a dead node's inbox,
+        is checked as a message that may have come by two ways."""
+        barrier = self._barriers.get(client_id)
+        cluster_id = item.message.cluster_id
+        return barrier is not None and cluster_id is not None and cluster_id in barrier.round
 
     def _held_back(self, client_id: str, barrier: Barrier, item: Queued, stamp: int, entry_id: bytes | None,
                    direct: bool) -> bool:
@@ -741,18 +770,20 @@ class Cluster:
         forwarded here goes round through this node's inbox while an answer is awaited or others
         are on their way round; one back from its round waits for the answers, its entry
         unhandled meanwhile."""
+        cluster_id = item.message.cluster_id or b""
         if direct:
-            origin = origin_of(item.message.cluster_id or b"")
-            if origin not in barrier.cleared and origin not in barrier.asked:
-                self.store.forward(barrier.previous, pack_barrier(self.node, client_id, origin))
+            origin = origin_of(cluster_id)
+            if origin not in barrier.cleared and origin not in barrier.asked and barrier.previous is not None:
+                # (After what this node routed to the previous node so far, in its inbox.)
+                self.forwarding.send_record(barrier.previous, pack_barrier(self.node, client_id, origin))
                 barrier.asked[origin] = self.clock.callLater(BARRIER_TIMEOUT, self._cleared, client_id, origin,
                                                              barrier)
             if not barrier.asked and not barrier.round:
                 return False
-            barrier.round += 1
+            barrier.round.add(cluster_id)
             self.store.send_on(client_id, item, stamp, HELD)
             return True
-        barrier.round = max(barrier.round - 1, 0)
+        barrier.round.discard(cluster_id)
         if not barrier.asked:
             if barrier.ending and not barrier.round:
                 self._settled(client_id, self._moving.get(client_id), True)
@@ -762,10 +793,27 @@ class Cluster:
         barrier.held.append((item, stamp, entry_id, True))
         return True
 
+    def _previous_gone(self, node: str) -> None:
+        """A node left, or its sessions were adopted: the sessions that moved here from it wait
+        for its answers no more (a request would make its inbox again)."""
+        for client_id, barrier in list(self._barriers.items()):
+            if barrier.previous == node:
+                barrier.previous = None
+                for origin in list(barrier.asked):
+                    self._cleared(client_id, origin, barrier)
+
+    def goes_round(self, client_id: str, message: Message, qos: int, retain: bool, ids: tuple[int, ...]) -> bool:
+        """Whether a message routed here for a session that moved here lately goes round through
+        this node's inbox (see ``Barrier``) instead of to the session at once: one published here
+        may overtake those published here a moment before, which went to the previous node."""
+        barrier = self._barriers.get(client_id)
+        return barrier is not None and self._held_back(client_id, barrier, Queued(message, qos, retain, ids), 0, None,
+                                                       True)
+
     def _cleared(self, client_id: str, origin: bytes, barrier: Barrier | None) -> None:
         """The previous node has passed on what it had for the client from ``origin``, or has
         not answered in time: what waits for no other answer goes to the session."""
-        if barrier is None or self._barriers.get(client_id) is not barrier:
+        if barrier is None or self._barriers.get(client_id) is not barrier or not self.started:
             return
         timer = barrier.asked.pop(origin, None)
         if timer is not None and timer.active():
@@ -850,6 +898,7 @@ class Cluster:
                                     len(parts) < 5 or parts[4] != b"0")
         elif kind == b"B":  # a node left: what it held is adopted at once
             self.nodes.pop(node, None)
+            self._previous_gone(node)
             self.survivor.left()
         elif kind == b"G":  # a dead node's sessions are adopted: its routes go
             self._route_event(node, int(parts[1]), kind, "")
@@ -866,6 +915,7 @@ class Cluster:
             self.nodes.pop(node, None)
             self._route_versions.pop(node, None)  # (silent for long already: its own events are all in)
             self.forwarding.forget(node)
+            self._previous_gone(node)
             return
         self.nodes.setdefault(node, self.clock.seconds())
         if kind != b"f":
@@ -939,7 +989,7 @@ class Cluster:
         """The routes have settled: the session no longer counts as moving, once no message for
         it is on its way round through the inbox (else the next one would overtake it), or after
         as long again at most."""
-        if seen is None or self._moving.get(client_id) is not seen:  # (moved here again since)
+        if seen is None or self._moving.get(client_id) is not seen or not self.started:  # (moved here again since)
             return
         barrier = self._barriers.get(client_id)
         if barrier is not None and not drained and not barrier.ending and barrier.round:
@@ -953,9 +1003,7 @@ class Cluster:
         """What waits for the previous node's answers (``Barrier``) goes now."""
         barrier = self._barriers.pop(client_id, None)
         if barrier is not None:
-            for timer in barrier.asked.values():
-                if timer.active():
-                    timer.cancel()
+            barrier.clear()
             self._deliver_waiting(client_id, barrier.held)
 
     # --- Redis coming and going ---------------------------------------------------------------

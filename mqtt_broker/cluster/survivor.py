@@ -243,8 +243,8 @@ class Survivor:
         cluster = self.cluster
         for kind, first, second in unpack_records(data):
             try:
-                if kind == TARGETED or kind == HELD:
-                    cluster.deliver_targeted(first, second, stamp, held=kind == HELD)
+                if kind == TARGETED or kind == HELD:  # (a HELD one checked as any: its node is gone)
+                    cluster.deliver_targeted(first, second, stamp)
                 elif kind == BARRIER or kind == CLEARED:
                     continue  # (the node that asked took the dead node's silence for an answer long ago)
                 else:
