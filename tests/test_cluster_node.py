@@ -1080,6 +1080,117 @@ def test_a_client_that_connects_again_to_the_node_its_session_moved_to_gets_its_
         yield link.close()
 
 
+def from_c(number: int, payload: bytes) -> Message:
+    """A message of node c's publisher (its ids' origin: six 0x0d bytes)."""
+    return Message(topic="t", payload=payload, qos=1, cluster_id=b"\x0d" * 6 + number.to_bytes(8, "big"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_held_for_a_session_whose_client_connects_again_meanwhile_reaches_it(server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from x (alive, slow to answer): message 1 is held for x's answer. The
+    client connects to a again (Redis slow to answer the claim) and x's answer is given up on
+    meanwhile: message 1 must still reach s."""
+    clock, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        x.forward("a", pack_forwarded(held_for_x(11, payload=b"1"), (), 0.0))
+        yield x.flushed()
+        yield until(lambda: a.cluster._barriers["s"].held, "message 1 back from its round, held")
+        gate: Deferred[None] = Deferred()
+        claim = a.store.claim
+        a.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
+        again = FakeClient(a, 5)
+        again.send(Connect(protocol_level=5, client_id="s", clean_start=False,
+                           properties={"session_expiry_interval": 600}))
+        assert a.cluster.claiming("s")
+        clock.advance(1.0)  # x's answer given up on while the claim is under way
+        yield a.store.flushed()
+        gate.callback(None)
+        yield until(lambda: again.transport.value(), "the CONNACK")
+        yield a.store.flushed()
+        got = yield publishes(again, "message 1")
+        assert [p.payload for p in got] == [b"1"]
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_publishers_first_message_while_the_client_connects_again_waits_for_the_previous_node(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from x (alive, slow to answer). The client connects to a again (Redis
+    slow to answer the claim); meanwhile the first message of node c's publisher forwarded to a
+    directly comes (2): c sent its message 1 to x before it knew of a, which x passes on late.
+    Message 2 must wait for x's answer (or its timeout) as it would outside the claim: s gets 1
+    then 2 [MQTT-4.6.0-6]."""
+    clock, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        gate: Deferred[None] = Deferred()
+        claim = a.store.claim
+        a.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
+        again = FakeClient(a, 5)
+        again.send(Connect(protocol_level=5, client_id="s", clean_start=False,
+                           properties={"session_expiry_interval": 600}))
+        c.forward("a", pack_forwarded(from_c(2, b"2"), (), 0.0))
+        yield c.flushed()
+        yield until(lambda: a.cluster._claiming.get("s"), "message 2 back from its round, waiting for the claim")
+        gate.callback(None)
+        yield until(lambda: again.transport.value(), "the CONNACK")
+        yield a.store.flushed()
+        x.send_on("s", Queued(from_c(1, b"1"), 1, False, (), None, 0), 0)  # x passes message 1 on
+        yield x.flushed()
+        clock.advance(1.0)
+        got = yield publishes(again, "both messages", 2)
+        assert [p.payload for p in got] == [b"1", b"2"]
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_back_from_its_round_for_a_dropped_subscription_leaves_nothing_on_its_way_round(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moved to node a from x (alive, slow). Message 1 forwarded to a goes round; the client
+    unsubscribes before it is back. Back, it is for no subscription: nothing is on its way round
+    any more, and the session counts as moving until the routes settle, not twice as long."""
+    clock, a = yield a_at_1000(server)
+    link = Redis(RedisAddress.parse(server.url))
+    x = RedisStore(link, "x", reactor)
+    try:
+        yield x.register(600_000)
+        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+        client = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        stashed: list[Any] = []
+        a.cluster._handle_entries = stashed.append  # (a reads its inbox, and handles it later)
+        x.forward("a", pack_forwarded(held_for_x(41, payload=b"1"), (), 0.0))
+        yield x.flushed()
+        yield until(lambda: stashed, "message 1 in a's inbox")
+        del a.cluster._handle_entries
+        a.cluster._handle_entries(stashed.pop())
+        assert a.cluster._barriers["s"].round
+        a.cluster._handle_entries = stashed.append
+        yield a.store.flushed()
+        yield until(lambda: stashed, "message 1 back from its round")
+        client.send(Unsubscribe(packet_id=2, topic_filters=("t",)))
+        del a.cluster._handle_entries
+        a.cluster._handle_entries(stashed.pop())
+        yield a.store.flushed()
+        clock.advance(1.0)  # (x's answer given up on)
+        assert not a.cluster._barriers["s"].round, a.cluster._barriers["s"].round
+    finally:
+        yield a.stopService()
+        yield link.close()
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_session_that_moved_from_a_node_gone_since_waits_for_no_answer_from_it(
         server: RedisServer) -> Iterator[Deferred[Any]]:

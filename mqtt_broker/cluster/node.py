@@ -437,7 +437,11 @@ class Cluster:
         delivered (or sent on), and the inbox entries they came in marked handled after them, in
         the same batch or a later one."""
         waiting = self._waiting
+        claiming = self._claiming.get(client_id)
         for item, stamp, entry_id, held in waited:
+            if claiming is not None:  # (the client connects here again: after its claim, entries and all)
+                claiming.append((item, stamp, entry_id, held))
+                continue
             self.deliver_targeted(client_id, item, stamp, entry_id if claimed and held else None, held=held)
             waiting[entry_id] -= 1
             if not waiting[entry_id]:
@@ -750,7 +754,9 @@ class Cluster:
             # barrier, back from its round once the claim is answered.)
             cluster_id = item.message.cluster_id
             if cluster_id is not None and self.forwarding.first_time(client_id, cluster_id):
-                self._barriers[client_id].round.add(cluster_id)
+                barrier = self._barriers[client_id]
+                self._ask(client_id, barrier, origin_of(cluster_id))
+                barrier.round.add(cluster_id)
                 self.store.send_on(client_id, item, stamp, HELD)
         else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
@@ -762,7 +768,10 @@ class Cluster:
         is checked as a message that may have come by two ways."""
         barrier = self._barriers.get(client_id)
         cluster_id = item.message.cluster_id
-        return barrier is not None and cluster_id is not None and cluster_id in barrier.round
+        if barrier is None or cluster_id is None or cluster_id not in barrier.round:
+            return False
+        barrier.round.discard(cluster_id)  # (back, whether it is delivered or not)
+        return True
 
     def _held_back(self, client_id: str, barrier: Barrier, item: Queued, stamp: int, entry_id: bytes | None,
                    direct: bool) -> bool:
@@ -770,20 +779,14 @@ class Cluster:
         forwarded here goes round through this node's inbox while an answer is awaited or others
         are on their way round; one back from its round waits for the answers, its entry
         unhandled meanwhile."""
-        cluster_id = item.message.cluster_id or b""
         if direct:
-            origin = origin_of(cluster_id)
-            if origin not in barrier.cleared and origin not in barrier.asked and barrier.previous is not None:
-                # (After what this node routed to the previous node so far, in its inbox.)
-                self.forwarding.send_record(barrier.previous, pack_barrier(self.node, client_id, origin))
-                barrier.asked[origin] = self.clock.callLater(BARRIER_TIMEOUT, self._cleared, client_id, origin,
-                                                             barrier)
+            cluster_id = item.message.cluster_id or b""
+            self._ask(client_id, barrier, origin_of(cluster_id))
             if not barrier.asked and not barrier.round:
                 return False
             barrier.round.add(cluster_id)
             self.store.send_on(client_id, item, stamp, HELD)
             return True
-        barrier.round.discard(cluster_id)
         if not barrier.asked:
             if barrier.ending and not barrier.round:
                 self._settled(client_id, self._moving.get(client_id), True)
@@ -792,6 +795,13 @@ class Cluster:
         self._waiting[entry_id] = self._waiting.get(entry_id, 0) + 1
         barrier.held.append((item, stamp, entry_id, True))
         return True
+
+    def _ask(self, client_id: str, barrier: Barrier, origin: bytes) -> None:
+        """Ask the session's previous node about the messages of ``origin``, if not done yet."""
+        if origin not in barrier.cleared and origin not in barrier.asked and barrier.previous is not None:
+            # (After what this node routed to the previous node so far, in its inbox.)
+            self.forwarding.send_record(barrier.previous, pack_barrier(self.node, client_id, origin))
+            barrier.asked[origin] = self.clock.callLater(BARRIER_TIMEOUT, self._cleared, client_id, origin, barrier)
 
     def _previous_gone(self, node: str) -> None:
         """A node left, or its sessions were adopted: the sessions that moved here from it wait
