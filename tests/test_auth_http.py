@@ -277,6 +277,29 @@ async def test_cache(service: tuple[AuthService, str]) -> None:
 # --- introspection ------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
+async def test_an_embedded_brokers_clock_ages_the_answers(service: tuple[AuthService, str]) -> None:
+    """Given a clock, the broker's HTTP authenticator ages its cache on it, as it checks a JSON
+    Web Token's times: on the reactor's, a test that advanced the clock past the cache's life
+    was still answered from the cache."""
+    resource, url = service
+    clock = Clock()
+    broker = BrokerService(endpoints=[], persistence="memory", clock=clock, http_auth_url=url,
+                           http_auth_cache_seconds=30)
+    sec = broker.security
+    assert sec is not None
+    try:
+        resource.reply = json_reply(200, result="allow")
+        assert isinstance(await sec.authenticate(creds()), Identity)
+        assert isinstance(await sec.authenticate(creds()), Identity)
+        assert len(resource.requests) == 1
+        clock.advance(30)
+        assert isinstance(await sec.authenticate(creds()), Identity)
+        assert len(resource.requests) == 2
+    finally:
+        await sec.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_introspection(service: tuple[AuthService, str], tmp_path: Path) -> None:
     resource, url = service
     basic = "Basic " + base64.b64encode(b"broker:broker-secret").decode()

@@ -138,7 +138,8 @@ class PasswordFileAuthenticator:
 def authenticators_from_config(config: BrokerConfig, reactor: Any = None,
                                clock: IReactorTime | None = None) -> list[Authenticator]:
     """The chain for these settings, in order: password file, JWT, HTTP. Raises ConfigError.
-    ``clock`` (default: the reactor) is the broker's, which a token's times are checked against."""
+    ``clock`` (default: the reactor) is the broker's: a token's times are checked against it,
+    and HTTP requests time out and answers age on it."""
     chain: list[Authenticator] = []
     if config.password_file:
         chain.append(PasswordFileAuthenticator(config.password_file, reactor))
@@ -150,7 +151,7 @@ def authenticators_from_config(config: BrokerConfig, reactor: Any = None,
                           "jwt_public_key_file or jwt_jwks_file", "jwt_secret_file")
     if config.http_auth_url:
         from .http_auth import HttpAuthenticator
-        chain.append(HttpAuthenticator.from_config(config, reactor))
+        chain.append(HttpAuthenticator.from_config(config, reactor, clock))
     return chain
 
 

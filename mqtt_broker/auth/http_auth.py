@@ -126,11 +126,11 @@ class HttpAuthenticator:
         """Requests sent, for tests and statistics."""
 
     @classmethod
-    def from_config(cls, config: BrokerConfig, reactor: Any = None) -> HttpAuthenticator:
+    def from_config(cls, config: BrokerConfig, reactor: Any = None, clock: Any = None) -> HttpAuthenticator:
         return cls(config.http_auth_url, mode=config.http_auth_mode,
                    authorization_file=config.http_auth_authorization_file, timeout=config.http_auth_timeout,
                    cache_seconds=config.http_auth_cache_seconds, cache_size=config.http_auth_cache_size,
-                   reactor=reactor)
+                   reactor=reactor, clock=clock)
 
     def _the_reactor(self) -> Any:
         if self._reactor is None:
