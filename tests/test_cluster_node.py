@@ -912,6 +912,56 @@ def test_a_session_that_moves_to_its_publishers_node_gets_its_messages_in_order(
 
 
 @pytest_twisted.inlineCallbacks
+def test_what_the_copy_of_a_session_that_moved_passes_on_in_its_last_moment_is_not_delivered_twice(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """s moves from node a to node b; a keeps its copy for the settling time, b takes what comes
+    by two ways for one for as long. Just before a forgets its copy, node c's QoS 2 message comes
+    to both nodes: b delivers it, a's copy passes it on a moment later, when b's settling time
+    has run out too: s got it twice [MQTT-4.3.3]. b counts s as moving for longer than a keeps
+    its copy."""
+    a = yield node_a(server)
+    b = yield node_b(server)
+    link = Redis(RedisAddress.parse(server.url))
+    c = RedisStore(link, "c", reactor)
+    try:
+        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
+        yield a.store.flushed()
+        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        moved.received()
+        yield until(lambda: first.closed, "a to let s go")
+        c.forward("b", pack_forwarded(Message(topic="t", payload=b"first", qos=2, cluster_id=b"\x0c" * 13 + b"\x01"),
+                                      (), 0.0))
+        yield c.flushed()
+        got = yield publishes(moved, "c's first message, after a's answer")
+        settle = a.cluster._settle
+        for node in (a, b):
+            node.clock.advance(settle - 0.5)
+        assert "s" in a.sessions  # (the copy)
+        stashed: list[Any] = []
+        a.cluster._handle_entries = stashed.append  # (a reads its inbox, and handles it later)
+        message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"\x0c" * 13 + b"\x02")
+        c.forward("a", pack_forwarded(message, (), 0.0))
+        c.forward("b", pack_forwarded(message, (), 0.0))
+        yield c.flushed()
+        got += yield publishes(moved, "the message, at b directly")
+        yield until(lambda: stashed, "the message in a's inbox")
+        b.clock.advance(1.0)
+        del a.cluster._handle_entries
+        for entries in stashed:
+            a.cluster._handle_entries(entries)
+        forwarded_in = b.cluster.stats.forwarded_in
+        yield until(lambda: b.cluster.stats.forwarded_in > forwarded_in, "a's copy to pass it on to b")
+        yield b.store.flushed()
+        got += [p for p in moved.received() if isinstance(p, Publish)]
+        assert [p.payload for p in got] == [b"first", b"once"]
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+        yield link.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_what_waits_for_a_previous_node_that_does_not_answer_goes_after_a_second_its_entry_pending_till_then(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """s moved to node a from node x, alive but silent (its inbox is never read): a message
@@ -1402,11 +1452,11 @@ def test_a_session_moved_here_twice_counts_as_moving_for_the_whole_time_after_th
     cluster = broker.cluster
     try:
         cluster.moved_here("c")
-        broker.clock.advance(cluster._settle / 2)
+        broker.clock.advance(cluster._moving_for / 2)
         cluster.moved_here("c")
-        broker.clock.advance(cluster._settle / 2 + 0.1)
+        broker.clock.advance(cluster._moving_for / 2 + 0.1)
         assert "c" in cluster._moving
-        broker.clock.advance(cluster._settle / 2)
+        broker.clock.advance(cluster._moving_for / 2)
         assert "c" not in cluster._moving
     finally:
         yield broker.stopService()

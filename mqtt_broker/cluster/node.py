@@ -199,6 +199,11 @@ class Cluster:
         self._settle = 4 * self.survivor.ttl_ms / 1000 + 1.0
         """Seconds after a session moves until every node routes for it where it is now: the
         previous owner's death noticed, its inbox read, the routes replaced."""
+        self._moving_for = 2 * self._settle
+        """Seconds a session that moved here counts as moving (``moved_here``): longer than the
+        copy its previous node keeps, ``_settle`` from when that node heard of the move, so that
+        what the copy passes on in its last moment, a batch or more later, is known for a second
+        copy (a QoS 2 message went out twice, ``_settle`` after a move)."""
         self.started = False
         self._join_warning: Any = None
         self._join_retry: Deferred[None] | None = None
@@ -993,7 +998,7 @@ class Cluster:
         self._end_barrier(client_id)
         if previous is not None:
             self._barriers[client_id] = Barrier(previous)
-        self.clock.callLater(self._settle, self._settled, client_id, seen)
+        self.clock.callLater(self._moving_for, self._settled, client_id, seen)
 
     def _settled(self, client_id: str, seen: set[bytes] | None, drained: bool = False) -> None:
         """The routes have settled: the session no longer counts as moving, once no message for
