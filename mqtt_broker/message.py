@@ -120,7 +120,7 @@ def unsendable(message: Message, own: bool = False) -> str | None:
         size = len(topic.encode())  # (a str may hold a lone surrogate, which no MQTT string may [MQTT-1.5.4-1])
     except UnicodeEncodeError:
         return f"the topic name {topic!r}, which no UTF-8 can carry"
-    try:  # (a UnicodeEncodeError here, a ValueError, is a property's string)
+    try:  # (a property's string no UTF-8 can carry raises UnicodeEncodeError, a ValueError: below)
         encoded = encode_properties(properties)
         if properties:
             decode_properties(encoded, 0, PUBLISH)

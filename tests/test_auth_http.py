@@ -274,8 +274,6 @@ async def test_cache(service: tuple[AuthService, str]) -> None:
         await sec.close()
 
 
-# --- introspection ------------------------------------------------------------------------
-
 @pytest_twisted.ensureDeferred
 async def test_an_embedded_brokers_clock_ages_the_answers(service: tuple[AuthService, str]) -> None:
     """Given a clock, the broker's HTTP authenticator ages its cache on it, as it checks a JSON
@@ -298,6 +296,8 @@ async def test_an_embedded_brokers_clock_ages_the_answers(service: tuple[AuthSer
     finally:
         await sec.close()
 
+
+# --- introspection ------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
 async def test_introspection(service: tuple[AuthService, str], tmp_path: Path) -> None:

@@ -843,6 +843,60 @@ def test_a_qos2_message_published_while_a_session_moves_reaches_it_once(
         yield a.stopService()
 
 
+@inlineCallbacks
+def s_on(broker: BrokerService, qos: int = 1) -> Any:
+    """s's client on the node, subscribed to t (in Redis): its connection."""
+    client = yield connect(broker, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=qos),)))
+    yield broker.store.flushed()
+    return client
+
+
+@inlineCallbacks
+def s_moves(first: FakeClient, to: BrokerService) -> Any:
+    """s's client connects to another node, which takes its session: the new connection, once
+    the first one is closed."""
+    moved = yield connect(to, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+    moved.received()
+    yield until(lambda: first.closed, "the first node to let s go")
+    return moved
+
+
+@inlineCallbacks
+def moved_from_x(a: BrokerService, x: RedisStore) -> Any:
+    """s's client connects to node a after node x (alive, its inbox never read: x is a store
+    alone) held s, subscribed to t at QoS 1: its connection, s moving to a from x."""
+    yield x.register(600_000)
+    yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
+    return (yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600}))
+
+
+class Stash:
+    """A node slow to handle its inbox: what it reads is kept until ``release``."""
+
+    def __init__(self, broker: BrokerService) -> None:
+        self.cluster = broker.cluster
+        self.entries: list[Any] = []
+        self.cluster._handle_entries = self.entries.append
+
+    def release(self) -> None:
+        """What was kept is handled, in order, and what comes next at once."""
+        del self.cluster._handle_entries
+        for entries in self.entries:
+            self.cluster._handle_entries(entries)
+
+
+def connecting_slowly(broker: BrokerService) -> tuple[Deferred[None], FakeClient]:
+    """s's client connects to the node again, Redis slow to take its claim: the claim goes once
+    the Deferred returned fires; and the new connection."""
+    gate: Deferred[None] = Deferred()
+    claim = broker.store.claim
+    broker.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
+    again = FakeClient(broker, 5)
+    again.send(Connect(protocol_level=5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600}))
+    return gate, again
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_session_that_moves_gets_a_publishers_messages_in_order_whichever_way_they_come(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -855,12 +909,7 @@ def test_a_session_that_moves_gets_a_publishers_messages_in_order_whichever_way_
     link = Redis(RedisAddress.parse(server.url))
     c = RedisStore(link, "c", reactor)
     try:
-        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
-        yield a.store.flushed()
-        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        moved.received()
-        yield until(lambda: first.closed, "a to let s go")
+        moved = yield s_moves((yield s_on(a)), b)
         origin = b"\x0c" * 6
         for node, number in (("a", 1), ("b", 2)):
             message = Message(topic="t", payload=b"%d" % number, qos=1, cluster_id=origin + number.to_bytes(8, "big"))
@@ -886,24 +935,17 @@ def test_a_session_that_moves_to_its_publishers_node_gets_its_messages_in_order(
     a = yield node_a(server)
     b = yield node_b(server)
     try:
-        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
-        yield a.store.flushed()
+        first = yield s_on(a)
         publisher = yield connect(b, 5, client_id="p")
         yield until(lambda: "t" in b.cluster.forwarding.filters_of("a"), "b to route t to a")
-        stashed: list[Any] = []
-        a.cluster._handle_entries = stashed.append  # (a reads its inbox, and handles it later)
+        stash = Stash(a)
         publisher.send(Publish(topic="t", payload=b"1", qos=1, packet_id=1))
-        yield until(lambda: stashed, "message 1 in a's inbox")
-        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        moved.received()
-        yield until(lambda: first.closed, "a to let s go")
+        yield until(lambda: stash.entries, "message 1 in a's inbox")
+        moved = yield s_moves(first, b)
         publisher.send(Publish(topic="t", payload=b"2", qos=1, packet_id=2))
         yield b.store.flushed()
-        yield until(lambda: len(stashed) == 2, "b's request in a's inbox")
-        del a.cluster._handle_entries
-        for entries in stashed:
-            a.cluster._handle_entries(entries)
+        yield until(lambda: len(stash.entries) == 2, "b's request in a's inbox")
+        stash.release()
         got = yield publishes(moved, "both messages at s", 2)
         assert [p.payload for p in got] == [b"1", b"2"]
     finally:
@@ -924,12 +966,7 @@ def test_what_the_copy_of_a_session_that_moved_passes_on_in_its_last_moment_is_n
     link = Redis(RedisAddress.parse(server.url))
     c = RedisStore(link, "c", reactor)
     try:
-        first = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        first.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
-        yield a.store.flushed()
-        moved = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        moved.received()
-        yield until(lambda: first.closed, "a to let s go")
+        moved = yield s_moves((yield s_on(a, qos=2)), b)
         c.forward("b", pack_forwarded(Message(topic="t", payload=b"first", qos=2, cluster_id=b"\x0c" * 13 + b"\x01"),
                                       (), 0.0))
         yield c.flushed()
@@ -938,18 +975,15 @@ def test_what_the_copy_of_a_session_that_moved_passes_on_in_its_last_moment_is_n
         for node in (a, b):
             node.clock.advance(settle - 0.5)
         assert "s" in a.sessions  # (the copy)
-        stashed: list[Any] = []
-        a.cluster._handle_entries = stashed.append  # (a reads its inbox, and handles it later)
+        stash = Stash(a)
         message = Message(topic="t", payload=b"once", qos=2, cluster_id=b"\x0c" * 13 + b"\x02")
         c.forward("a", pack_forwarded(message, (), 0.0))
         c.forward("b", pack_forwarded(message, (), 0.0))
         yield c.flushed()
         got += yield publishes(moved, "the message, at b directly")
-        yield until(lambda: stashed, "the message in a's inbox")
+        yield until(lambda: stash.entries, "the message in a's inbox")
         b.clock.advance(1.0)
-        del a.cluster._handle_entries
-        for entries in stashed:
-            a.cluster._handle_entries(entries)
+        stash.release()
         forwarded_in = b.cluster.stats.forwarded_in
         yield until(lambda: b.cluster.stats.forwarded_in > forwarded_in, "a's copy to pass it on to b")
         yield b.store.flushed()
@@ -972,9 +1006,7 @@ def test_what_waits_for_a_previous_node_that_does_not_answer_goes_after_a_second
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
-        client = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        client = yield moved_from_x(a, x)
         assert "s" in a.cluster._barriers
         message = Message(topic="t", payload=b"m", qos=1, cluster_id=b"\x0c" * 14)
         x.forward("a", pack_forwarded(message, (), 0.0))
@@ -995,7 +1027,7 @@ def test_what_waits_for_a_previous_node_that_does_not_answer_goes_after_a_second
 
 
 def held_for_x(number: int, qos: int = 1, payload: bytes = b"m") -> Message:
-    """A message of node x's publisher (its ids' origin: twelve 0x0c bytes)."""
+    """A message of node x's publisher (its ids' origin: six 0x0c bytes)."""
     return Message(topic="t", payload=payload, qos=qos, cluster_id=b"\x0c" * 6 + number.to_bytes(8, "big"))
 
 
@@ -1078,9 +1110,7 @@ def test_what_a_session_that_moved_holds_back_stays_in_the_inbox_when_the_node_s
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
-        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        yield moved_from_x(a, x)
         x.forward("a", pack_forwarded(held_for_x(3), (), 0.0))
         yield x.flushed()
         yield until(lambda: a.cluster._barriers["s"].held, "the message held")
@@ -1104,18 +1134,11 @@ def test_a_client_that_connects_again_to_the_node_its_session_moved_to_gets_its_
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
-        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        yield moved_from_x(a, x)
         x.forward("a", pack_forwarded(held_for_x(11, payload=b"1"), (), 0.0))
         yield x.flushed()
         yield until(lambda: a.cluster._barriers["s"].held, "message 1 back from its round, held")
-        gate: Deferred[None] = Deferred()
-        claim = a.store.claim
-        a.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
-        again = FakeClient(a, 5)
-        again.send(Connect(protocol_level=5, client_id="s", clean_start=False,
-                           properties={"session_expiry_interval": 600}))
+        gate, again = connecting_slowly(a)
         x.forward("a", pack_forwarded(held_for_x(12, payload=b"2"), (), 0.0))
         yield x.flushed()
         yield until(lambda: a.cluster._claiming.get("s"), "message 2 back, waiting for the claim")
@@ -1136,7 +1159,8 @@ def from_c(number: int, payload: bytes) -> Message:
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_message_held_for_a_session_whose_client_connects_again_meanwhile_reaches_it(server: RedisServer) -> Iterator[Deferred[Any]]:
+def test_a_message_held_for_a_session_whose_client_connects_again_meanwhile_reaches_it(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
     """s moved to node a from x (alive, slow to answer): message 1 is held for x's answer. The
     client connects to a again (Redis slow to answer the claim) and x's answer is given up on
     meanwhile: message 1 must still reach s."""
@@ -1144,18 +1168,11 @@ def test_a_message_held_for_a_session_whose_client_connects_again_meanwhile_reac
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
-        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
+        yield moved_from_x(a, x)
         x.forward("a", pack_forwarded(held_for_x(11, payload=b"1"), (), 0.0))
         yield x.flushed()
         yield until(lambda: a.cluster._barriers["s"].held, "message 1 back from its round, held")
-        gate: Deferred[None] = Deferred()
-        claim = a.store.claim
-        a.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
-        again = FakeClient(a, 5)
-        again.send(Connect(protocol_level=5, client_id="s", clean_start=False,
-                           properties={"session_expiry_interval": 600}))
+        gate, again = connecting_slowly(a)
         assert a.cluster.claiming("s")
         clock.advance(1.0)  # x's answer given up on while the claim is under way
         yield a.store.flushed()
@@ -1181,15 +1198,8 @@ def test_a_publishers_first_message_while_the_client_connects_again_waits_for_th
     link = Redis(RedisAddress.parse(server.url))
     x, c = RedisStore(link, "x", reactor), RedisStore(link, "c", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
-        yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        gate: Deferred[None] = Deferred()
-        claim = a.store.claim
-        a.store.claim = lambda *args, **kw: gate.addCallback(lambda _: claim(*args, **kw))
-        again = FakeClient(a, 5)
-        again.send(Connect(protocol_level=5, client_id="s", clean_start=False,
-                           properties={"session_expiry_interval": 600}))
+        yield moved_from_x(a, x)
+        gate, again = connecting_slowly(a)
         c.forward("a", pack_forwarded(from_c(2, b"2"), (), 0.0))
         yield c.flushed()
         yield until(lambda: a.cluster._claiming.get("s"), "message 2 back from its round, waiting for the claim")
@@ -1216,23 +1226,18 @@ def test_a_message_back_from_its_round_for_a_dropped_subscription_leaves_nothing
     link = Redis(RedisAddress.parse(server.url))
     x = RedisStore(link, "x", reactor)
     try:
-        yield x.register(600_000)
-        yield holds(x, "s", Subscription(client_id="s", topic_filter="t", qos=1))
-        client = yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
-        stashed: list[Any] = []
-        a.cluster._handle_entries = stashed.append  # (a reads its inbox, and handles it later)
+        client = yield moved_from_x(a, x)
+        stash = Stash(a)
         x.forward("a", pack_forwarded(held_for_x(41, payload=b"1"), (), 0.0))
         yield x.flushed()
-        yield until(lambda: stashed, "message 1 in a's inbox")
-        del a.cluster._handle_entries
-        a.cluster._handle_entries(stashed.pop())
+        yield until(lambda: stash.entries, "message 1 in a's inbox")
+        stash.release()
         assert a.cluster._barriers["s"].round
-        a.cluster._handle_entries = stashed.append
+        stash = Stash(a)
         yield a.store.flushed()
-        yield until(lambda: stashed, "message 1 back from its round")
+        yield until(lambda: stash.entries, "message 1 back from its round")
         client.send(Unsubscribe(packet_id=2, topic_filters=("t",)))
-        del a.cluster._handle_entries
-        a.cluster._handle_entries(stashed.pop())
+        stash.release()
         yield a.store.flushed()
         clock.advance(1.0)  # (x's answer given up on)
         assert not a.cluster._barriers["s"].round, a.cluster._barriers["s"].round

@@ -597,32 +597,36 @@ def test_a_lease_is_one_nodes_renewed_by_it_alone_and_free_once_given_up_or_expi
 @pytest_twisted.inlineCallbacks
 def test_a_retained_topic_a_lease_guards_changes_only_while_the_lease_is_free_or_the_writers(
         nodes: tuple[RedisStore, RedisStore], server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A bridge's state topic: a's "0" is written while the lease is free, refused while b holds
+    it (a is told what Redis keeps, a 'K' event), written again once b gave it up."""
     a, b = nodes
     redis = server.client()
     control = redis.pubsub()
     control.subscribe("mqtt:control")
-    for store in nodes:
-        store.guard_retained("up/state", "bridge:up")
+    try:
+        for store in nodes:
+            store.guard_retained("up/state", "bridge:up")
 
-    def state(payload: bytes) -> Message:
-        return Message(topic="up/state", payload=payload, qos=1, retain=True)
-    a.save_retained(state(b"0"))  # (free: written)
-    yield a.flushed()
-    assert (yield b.lease("bridge:up", 60_000))
-    b.save_retained(state(b"1"))
-    yield b.flushed()
-    a.save_retained(state(b"0"))  # (b's: refused, and a told what Redis keeps)
-    yield a.flushed()
-    a.delete_retained("up/state")
-    yield a.flushed()
-    held = redis.hget("mqtt:retained", "up/state")
-    assert unpack_retained(held, 0).payload == b"1"
-    yield b.give_lease("bridge:up")
-    a.delete_retained("up/state")  # (free again: deleted)
-    yield a.flushed()
-    assert redis.hget("mqtt:retained", "up/state") is None
-    events = [m["data"] for m in iter(lambda: control.get_message(timeout=0.2), None) if m["type"] == "message"]
-    assert [e.split(b"\0", 2)[:2] for e in events] == [[b"R", b"a"], [b"R", b"b"], [b"K", b"a"], [b"K", b"a"],
-                                                      [b"r", b"a"]]
-    assert events[2:4] == [b"K\0a\0up/state\0" + held] * 2
-    control.close()
+        def state(payload: bytes) -> Message:
+            return Message(topic="up/state", payload=payload, qos=1, retain=True)
+        a.save_retained(state(b"0"))  # (free: written)
+        yield a.flushed()
+        assert (yield b.lease("bridge:up", 60_000))
+        b.save_retained(state(b"1"))
+        yield b.flushed()
+        a.save_retained(state(b"0"))  # (b's: refused, and a told what Redis keeps)
+        yield a.flushed()
+        a.delete_retained("up/state")
+        yield a.flushed()
+        held = redis.hget("mqtt:retained", "up/state")
+        assert unpack_retained(held, 0).payload == b"1"
+        yield b.give_lease("bridge:up")
+        a.delete_retained("up/state")  # (free again: deleted)
+        yield a.flushed()
+        assert redis.hget("mqtt:retained", "up/state") is None
+        events = [m["data"] for m in iter(lambda: control.get_message(timeout=0.2), None) if m["type"] == "message"]
+        assert [e.split(b"\0", 2)[:2] for e in events] == [[b"R", b"a"], [b"R", b"b"], [b"K", b"a"], [b"K", b"a"],
+                                                          [b"r", b"a"]]
+        assert events[2:4] == [b"K\0a\0up/state\0" + held] * 2
+    finally:
+        control.close()

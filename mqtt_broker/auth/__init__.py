@@ -227,9 +227,10 @@ class Security:
         """The security of a broker with these settings; reads every configured file.
 
         Raises ConfigError naming the setting (and file) when something cannot be used. The
-        reactor (default: the global one) runs hash checks in its thread pool, HTTP requests
-        and their timeouts. A JSON Web Token's times are checked against ``clock`` (default:
-        the reactor), the broker's, which also ends the connection when the token expires."""
+        reactor (default: the global one) runs hash checks in its thread pool and HTTP requests.
+        ``clock`` (default: the reactor) is the broker's, which ends a connection when its token
+        expires: a JSON Web Token's times are checked against it, and HTTP requests time out and
+        answers age on it."""
         from .authenticators import authenticators_from_config
         if config.use_identity_as_username and not config.require_certificate:
             log.info("use_identity_as_username: clients without a verified certificate will be refused")

@@ -41,6 +41,8 @@ from .store import RedisStore
 from .survivor import Survivor
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
     from ..broker import BrokerService
 
 log = Logger()
@@ -112,15 +114,17 @@ inbox entry it came in, whether it came HELD."""
 
 
 class Barrier:
-    """A session that moved here from a live node, until the routes settle. A message another
-    node forwards here for it may overtake one that node sent to the previous node before it
-    knew of this one, which the previous node passes on through Redis a batch later. So the
-    messages forwarded here for the session go round through this node's inbox (HELD records,
-    durable and in order) and wait there until the previous node has answered a BARRIER record
-    put in its inbox after the first of them came: it answers once it has passed on what its
-    inbox held before, so the passed-on messages arrive here first [MQTT-4.6.0-6]. One BARRIER per
-    node of origin: each switched to this node at its own time. This node is one of them: what it
-    sent the previous node before the move goes before what is published here after it."""
+    """A session that moved here from a live node, while it counts as moving (``moved_here``). A
+    message another node forwards here for it may overtake one that node sent to the previous
+    node before it knew of this one, which the previous node passes on through Redis a batch
+    later. So what is forwarded (or published) here for the session goes round through this
+    node's inbox (HELD records, durable and in order) while the previous node's answer is awaited
+    or others are on their way round, and waits there until the previous node has answered a
+    BARRIER record put in its inbox after the first of them came: it answers once it has passed
+    on what its inbox held before, so the passed-on messages arrive here first [MQTT-4.6.0-6]. One
+    BARRIER per node of origin, as each switched to this node at its own time (this node is one
+    of them: what it sent the previous node before the move goes before what is published here
+    after it); none to a node gone, and none waited for past BARRIER_TIMEOUT."""
 
     __slots__ = ("previous", "cleared", "asked", "round", "held", "ending")
 
@@ -129,7 +133,7 @@ class Barrier:
         """None once that node is gone (then nothing more is asked of it)."""
         self.cleared: set[bytes] = set()
         """The origins (``origin_of``) whose earlier messages for the session are here."""
-        self.asked: dict[bytes, Any] = {}
+        self.asked: dict[bytes, IDelayedCall] = {}
         """The origins asked about and not answered yet, with the call that stops waiting."""
         self.round: set[bytes] = set()
         """The ids of the messages sent round and not back yet: while any are, the next message
@@ -137,7 +141,7 @@ class Barrier:
         self.held: list[Waiting] = []
         """The HELD records back and waiting for the answers."""
         self.ending = False
-        """The routes have settled, and the session counts as moving only until ``round`` is empty."""
+        """The session's time as moving is over, but for what is on its way round (``round``)."""
 
     def clear(self) -> None:
         """Nothing more is waited for: the timers are cancelled."""
@@ -435,19 +439,20 @@ class Cluster:
     def _deliver_held(self, client_id: str) -> None:
         """The claim ended: the messages that came for the client meanwhile are delivered (those
         a ``Barrier`` sent round wait for it again, their entries with them)."""
-        self._deliver_waiting(client_id, self._claiming.pop(client_id, []), claimed=True)
+        self._deliver_waiting(client_id, self._claiming.pop(client_id, []), hold_again=True)
 
-    def _deliver_waiting(self, client_id: str, waited: list[Waiting], claimed: bool = False) -> None:
+    def _deliver_waiting(self, client_id: str, waited: list[Waiting], hold_again: bool = False) -> None:
         """Messages for the client that waited (for its claim, or its previous node's answer) are
         delivered (or sent on), and the inbox entries they came in marked handled after them, in
-        the same batch or a later one."""
+        the same batch or a later one. While the client's claim is under way here they wait for
+        it instead; ``hold_again``: those back from a ``Barrier``'s round may wait for it again."""
         waiting = self._waiting
         claiming = self._claiming.get(client_id)
         for item, stamp, entry_id, held in waited:
             if claiming is not None:  # (the client connects here again: after its claim, entries and all)
                 claiming.append((item, stamp, entry_id, held))
                 continue
-            self.deliver_targeted(client_id, item, stamp, entry_id if claimed and held else None, held=held)
+            self.deliver_targeted(client_id, item, stamp, entry_id if hold_again and held else None, held=held)
             waiting[entry_id] -= 1
             if not waiting[entry_id]:
                 del waiting[entry_id]
@@ -622,7 +627,8 @@ class Cluster:
         if kind == TARGETED or kind == HELD:  # (Redis passes these on one to an entry)
             if kind == TARGETED:  # (a HELD one was counted when it first came)
                 self.stats.forwarded_in += 1
-            self.deliver_targeted(first, second, stamp, entry_id, held=kind == HELD and self._went_round(first, second))
+            counted = kind == HELD and self._back_from_round(first, second)
+            self.deliver_targeted(first, second, stamp, entry_id, held=counted)
             return
         if kind == BARRIER:  # (what this node's inbox held before is routed: passed on in the batches so far)
             self.store.forward(first, pack_cleared(*second))
@@ -707,9 +713,10 @@ class Cluster:
         same (dropped, the group would not have it). While the session's claim is under way
         here, the message waits for it if it came alone in an entry of this node's inbox
         (``entry_id``), else goes through Redis to the session's owner: either way its entry is
-        marked handled only once it is queued (or sent on). ``direct``: forwarded here for a
-        session that moved here lately; ``held``: sent round through this node's inbox for
-        such a session (see ``Barrier``), counted as had then."""
+        marked handled only once it is queued (or sent on). ``direct``: forwarded (or
+        published) here for a session that moved here lately; ``held``: back from its round
+        through this node's inbox for such a session, counted as had when it came. For a
+        session with a ``Barrier``, either may go round or wait instead of going to it."""
         if self.expired_on_its_way(item.message):
             return
         claiming = self._claiming.get(client_id)
@@ -750,9 +757,11 @@ class Cluster:
                 granted, as_published, ids, _ = terms(subs)
                 item = Queued(message, min(granted, message.qos), message.retain and as_published, ids)
                 barrier = self._barriers.get(client_id)
-                if barrier is not None and cluster_id is not None and (direct or (held and entry_id is not None)) \
-                        and self._held_back(client_id, barrier, item, stamp, entry_id, direct):
-                    return
+                if barrier is not None and cluster_id is not None:
+                    if direct and self._sent_round(client_id, barrier, item, stamp):
+                        return
+                    if held and entry_id is not None and self._held_back(client_id, barrier, item, stamp, entry_id):
+                        return
             self.broker.delivery.deliver(session, item.message, item.qos, item.retain, item.subscription_ids, item.share)
         elif direct and claiming is not None and client_id in self._barriers:
             # (The client connects here again: what comes for the session meanwhile keeps its
@@ -761,16 +770,17 @@ class Cluster:
             if cluster_id is not None and self.forwarding.first_time(client_id, cluster_id):
                 barrier = self._barriers[client_id]
                 self._ask(client_id, barrier, origin_of(cluster_id))
-                barrier.round.add(cluster_id)
-                self.store.send_on(client_id, item, stamp, HELD)
+                self._go_round(client_id, barrier, item, stamp)
         else:  # not here (any more, or not yet): Redis passes it to the session's owner, if any
             self.stats.redirected += 1
+            # (One counted as had here stays HELD: if it comes back here, it is not checked again.)
             self.store.send_on(client_id, item, stamp, HELD if held else TARGETED)
 
-    def _went_round(self, client_id: str, item: Queued) -> bool:
-        """Whether a HELD record is one this node sent round for a session's ``Barrier`` (and
-        counted as had then). Any other, read again after a restart or from a dead node's inbox,
-        is checked as a message that may have come by two ways."""
+    def _back_from_round(self, client_id: str, item: Queued) -> bool:
+        """A HELD record is read: whether it is one this node sent round for a session's
+        ``Barrier`` (and counted as had then), which then has it on its way round no more. Any
+        other, read again after a restart or from a dead node's inbox, is checked as a message
+        that may have come by two ways."""
         barrier = self._barriers.get(client_id)
         cluster_id = item.message.cluster_id
         if barrier is None or cluster_id is None or cluster_id not in barrier.round:
@@ -778,25 +788,30 @@ class Cluster:
         barrier.round.discard(cluster_id)  # (back, whether it is delivered or not)
         return True
 
-    def _held_back(self, client_id: str, barrier: Barrier, item: Queued, stamp: int, entry_id: bytes | None,
-                   direct: bool) -> bool:
-        """Whether a message for a session that moved here lately waits (see ``Barrier``): one
-        forwarded here goes round through this node's inbox while an answer is awaited or others
-        are on their way round; one back from its round waits for the answers, its entry
+    def _sent_round(self, client_id: str, barrier: Barrier, item: Queued, stamp: int) -> bool:
+        """Whether a message forwarded (or published) here for a session with a ``Barrier`` goes
+        round through this node's inbox, and so sent: while an answer is awaited (its origin is
+        asked about, if it never was) or others are on their way round."""
+        cluster_id = item.message.cluster_id
+        assert cluster_id is not None
+        self._ask(client_id, barrier, origin_of(cluster_id))
+        if not barrier.asked and not barrier.round:
+            return False
+        self._go_round(client_id, barrier, item, stamp)
+        return True
+
+    def _go_round(self, client_id: str, barrier: Barrier, item: Queued, stamp: int) -> None:
+        """Send a message round through this node's inbox: a HELD record (``_back_from_round``)."""
+        barrier.round.add(item.message.cluster_id or b"")
+        self.store.send_on(client_id, item, stamp, HELD)
+
+    def _held_back(self, client_id: str, barrier: Barrier, item: Queued, stamp: int, entry_id: bytes) -> bool:
+        """Whether a message back from its round waits for the previous node's answers, its entry
         unhandled meanwhile."""
-        if direct:
-            cluster_id = item.message.cluster_id or b""
-            self._ask(client_id, barrier, origin_of(cluster_id))
-            if not barrier.asked and not barrier.round:
-                return False
-            barrier.round.add(cluster_id)
-            self.store.send_on(client_id, item, stamp, HELD)
-            return True
         if not barrier.asked:
             if barrier.ending and not barrier.round:
-                self._settled(client_id, self._moving.get(client_id), True)
+                self._stop_moving(client_id)
             return False
-        assert entry_id is not None
         self._waiting[entry_id] = self._waiting.get(entry_id, 0) + 1
         barrier.held.append((item, stamp, entry_id, True))
         return True
@@ -818,12 +833,12 @@ class Cluster:
                     self._cleared(client_id, origin, barrier)
 
     def goes_round(self, client_id: str, message: Message, qos: int, retain: bool, ids: tuple[int, ...]) -> bool:
-        """Whether a message routed here for a session that moved here lately goes round through
-        this node's inbox (see ``Barrier``) instead of to the session at once: one published here
-        may overtake those published here a moment before, which went to the previous node."""
+        """Whether a message published here for a session that moved here lately goes round
+        through this node's inbox (see ``Barrier``), and so sent, instead of to the session at
+        once: it would overtake those published here a moment before, which went to the previous
+        node."""
         barrier = self._barriers.get(client_id)
-        return barrier is not None and self._held_back(client_id, barrier, Queued(message, qos, retain, ids), 0, None,
-                                                       True)
+        return barrier is not None and self._sent_round(client_id, barrier, Queued(message, qos, retain, ids), 0)
 
     def _cleared(self, client_id: str, origin: bytes, barrier: Barrier | None) -> None:
         """The previous node has passed on what it had for the client from ``origin``, or has
@@ -839,7 +854,8 @@ class Cluster:
             self._deliver_waiting(client_id, held)
 
     def deliver_formerly(self, message: Message, former: SubscriptionTree, stamp: int,
-                          shares: tuple[tuple[str, str], ...] = (), everyone: bool = True, direct: bool = False) -> None:
+                          shares: tuple[tuple[str, str], ...] = (), everyone: bool = True,
+                          direct: bool = False) -> None:
         """A message from a dead node's inbox: to each session it held that matches (only to
         a member of each of ``shares`` unless ``everyone``), here if this node adopted it, else
         passed on to the node that claimed it since. (``direct``: one forwarded here, for the
@@ -989,9 +1005,10 @@ class Cluster:
             self.store.forgotten(client_id)
 
     def moved_here(self, client_id: str, previous: str | None = None) -> None:
-        """A session moved here (from ``previous``, a live node): until the routes settle, a
-        message it has had (what it brought among them) is not delivered to it again by a second
-        way, and what is forwarded here for it does not overtake what ``previous`` passes on."""
+        """A session moved here (from ``previous``, a live node): while it counts as moving
+        (``_moving_for``), a message it has had (what it brought among them) is not delivered to
+        it again by a second way, and what is forwarded here for it does not overtake what
+        ``previous`` passes on."""
         session = self.broker.sessions.get(client_id)
         brought = [*session.queue, *session.outgoing.values()] if session is not None else ()
         seen = self._moving[client_id] = {i.message.cluster_id for i in brought if i.message.cluster_id is not None}
@@ -1000,18 +1017,21 @@ class Cluster:
             self._barriers[client_id] = Barrier(previous)
         self.clock.callLater(self._moving_for, self._settled, client_id, seen)
 
-    def _settled(self, client_id: str, seen: set[bytes] | None, drained: bool = False) -> None:
-        """The routes have settled: the session no longer counts as moving, once no message for
-        it is on its way round through the inbox (else the next one would overtake it), or after
-        as long again at most."""
-        if seen is None or self._moving.get(client_id) is not seen or not self.started:  # (moved here again since)
+    def _settled(self, client_id: str, seen: set[bytes], last: bool = False) -> None:
+        """The session's time as moving is over: it counts as moving no more once no message for
+        it is on its way round through the inbox (the next one would overtake it), or after
+        ``_settle`` more at most (``last``)."""
+        if self._moving.get(client_id) is not seen or not self.started:  # (moved here again since; stopped)
             return
         barrier = self._barriers.get(client_id)
-        if barrier is not None and not drained and not barrier.ending and barrier.round:
+        if barrier is not None and not last and barrier.round:
             barrier.ending = True
             self.clock.callLater(self._settle, self._settled, client_id, seen, True)
             return
-        del self._moving[client_id]
+        self._stop_moving(client_id)
+
+    def _stop_moving(self, client_id: str) -> None:
+        self._moving.pop(client_id, None)
         self._end_barrier(client_id)
 
     def _end_barrier(self, client_id: str) -> None:

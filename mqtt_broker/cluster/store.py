@@ -340,7 +340,7 @@ class RedisStore:
     # --- what the cluster records ---------------------------------------------------------
 
     def forward(self, node: str, entry: bytes) -> None:
-        """Messages for a node's inbox (pack_forwarded records), this node's too."""
+        """Records for a node's inbox (pack_forwarded's, or a CLEARED answer), this node's too."""
         self._record("X", node, entry, carried=len(entry))
 
     def forward_parts(self, node: str, parts: list[tuple[tuple[str, int] | None, bytes]]) -> None:
@@ -397,8 +397,8 @@ class RedisStore:
     def send_on(self, client_id: str, item: Queued, stamp: int, kind: int = TARGETED) -> None:
         """A message for a session this node does not hold, from an inbox entry of ``stamp``
         (0: none): Redis passes it to the node that holds the session, or drops it if the
-        session is gone or was begun anew since the entry was made. (HELD: a message for a
-        session this node holds, sent round through its inbox, see ``Cluster.moved_here``.)"""
+        session is gone or was begun anew since the entry was made. (HELD: one sent round
+        through an inbox for a session that moved lately, see ``node.Barrier``.)"""
         packed = pack_queued(item)
         head = targeted_head(client_id, len(packed), kind)
         self._record("T", client_id, stamp, packed, head, carried=len(packed) + len(head))

@@ -246,7 +246,7 @@ class Survivor:
                 if kind == TARGETED or kind == HELD:  # (a HELD one checked as any: its node is gone)
                     cluster.deliver_targeted(first, second, stamp)
                 elif kind == BARRIER or kind == CLEARED:
-                    continue  # (the node that asked took the dead node's silence for an answer long ago)
+                    continue  # (a BARRIER's asker stopped waiting long ago; a CLEARED answered the dead node)
                 else:
                     cluster.deliver_formerly(first, former, stamp, shares=second if kind == FORWARDED else second[0],
                                              everyone=kind == FORWARDED)
