@@ -1912,6 +1912,17 @@ def _reconnected(broker: BrokerService) -> FakeClient:
     return pub
 
 
+def _resent(broker: BrokerService, store: Any, ok: FakeClient, got: list[bytes]) -> FakeClient:
+    """The publisher back, sending its QoS 2 message "b" again (DUP), the store's batches written
+    and what ``ok`` got added to ``got``: the publisher's connection."""
+    pub = _reconnected(broker)
+    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
+    for _ in range(5):
+        store.write_all()
+    _payloads(ok, got)
+    return pub
+
+
 def test_a_qos2_resend_is_not_routed_again_when_the_0x80_pubrec_never_went_out() -> None:
     """A PUBREC 0x80 (the disk failed) ends the exchange and frees the packet id [MQTT-4.3.3-9]:
     it was freed when the PUBREC was queued, behind a PUBCOMP that waited for the disk. The
@@ -1993,11 +2004,7 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x97_pubrec_never_went_out()
     assert pub.received() == []  # the PUBREC 0x97 waits for the batch, and the connection ends
     pub.lose()
     store.write_all()
-    pub = _reconnected(broker)
-    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
-    for _ in range(5):
-        store.write_all()
-    _payloads(ok, got)
+    pub = _resent(broker, store, ok, got)
     assert got == [b"b"]
     assert [(type(p).__name__, p.reason_code) for p in pub.received()][1:] == [("Pubrec", 0)]
     pub.send(Pubrel(packet_id=2))
@@ -2016,11 +2023,7 @@ def test_a_refusing_pubrec_waiting_for_the_ids_removal_when_the_connection_ends_
     pub.lose()
     store.write_all()
     assert [2 in session.awaiting_pubrel for session, _ in store.load().sessions if session.client_id == "pub"] == [True]
-    pub = _reconnected(broker)
-    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
-    for _ in range(5):
-        store.write_all()
-    _payloads(ok, got)
+    pub = _resent(broker, store, ok, got)
     assert got == [b"b"], "the resend of a QoS 2 message was routed a second time"
     assert [(type(p).__name__, p.reason_code) for p in pub.received()][1:] == [("Pubrec", 0)]
 
@@ -2047,11 +2050,7 @@ def test_a_refusing_pubrec_for_a_transport_gone_does_not_free_its_packet_id() ->
     pending[0].callback(None)
     store.write_all()
     _payloads(ok, got)
-    pub = _reconnected(broker)
-    pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2, dup=True))
-    for _ in range(5):
-        store.write_all()
-    _payloads(ok, got)
+    pub = _resent(broker, store, ok, got)
     assert got == [b"b"], "the resend of a QoS 2 message was routed a second time"
 
 

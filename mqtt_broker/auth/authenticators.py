@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def the_clock(clock: Any, reactor: Any) -> Any:
+    """The clock an authenticator goes by: the broker's when given, else its reactor, else the
+    global reactor (imported only then: a twistd plugin chooses the reactor first)."""
+    if clock is not None:
+        return clock
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
 def in_thread(reactor: Any, function: Callable[..., T], *args: Any) -> Deferred[T]:
     """Run ``function(*args)`` in the reactor's thread pool (the global reactor when None). A
     reactor without threads (a ``task.Clock`` in tests) runs it in place, deterministically.

@@ -59,6 +59,7 @@ from ..config import BrokerConfig, ConfigError, url_without_password
 from ..wire.codes import ReasonCode
 from . import Credentials, Identity, Refusal, numeric_date, withdrawable
 from .acl import AccessRules
+from .authenticators import the_clock
 
 log = Logger()
 
@@ -149,8 +150,7 @@ class HttpAuthenticator:
         return self._client
 
     def _now(self) -> float:
-        clock = self._clock or self._the_reactor()
-        return float(clock.seconds())
+        return float(the_clock(self._clock, self._reactor).seconds())
 
     # --- the chain ----------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class HttpAuthenticator:
         self._asking.add(asked)
         asked.addBoth(self._answered, asked)
         if self.timeout > 0:
-            asked.addTimeout(self.timeout, self._clock or self._the_reactor(), onTimeoutCancel=_timed_out)
+            asked.addTimeout(self.timeout, the_clock(self._clock, self._reactor), onTimeoutCancel=_timed_out)
         # (Withdrawn, the client gone, the request goes, unlogged.)
         return withdrawable(lambda withdrawn: asked.addCallbacks(
             self._remember, self._unavailable, callbackArgs=(key, self._reloads),

@@ -46,7 +46,7 @@ from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
 from . import Credentials, Identity, Refusal, numeric_date
 from .acl import AccessRules
-from .authenticators import in_thread
+from .authenticators import in_thread, the_clock
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -238,10 +238,7 @@ class JwtAuthenticator:
         return in_thread(self._reactor, self.verify, token, credentials, self._now())
 
     def _now(self) -> float:
-        clock = self._clock if self._clock is not None else self._reactor
-        if clock is None:
-            from twisted.internet import reactor as clock
-        return float(clock.seconds())
+        return float(the_clock(self._clock, self._reactor).seconds())
 
     def verify(self, token: str, credentials: Credentials, now: float) -> Identity | Refusal:
         """Check a token (off the reactor thread: RSA and EC checks take a while) at ``now``,
