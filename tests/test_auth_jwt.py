@@ -212,11 +212,22 @@ async def test_issuer_and_audience(keys: Path) -> None:
     assert isinstance(await result(sec, token(iss="https://issuer.example", aud="mqtt")), Identity)
     assert isinstance(await result(sec, token(iss="https://issuer.example", aud=["web", "mqtt"])), Identity)
     for claims in ({"iss": "https://evil.example", "aud": "mqtt"}, {"aud": "mqtt"},
-                   {"iss": "https://issuer.example", "aud": "web"}, {"iss": "https://issuer.example"}):
+                   {"iss": "https://issuer.example", "aud": "web"}, {"iss": "https://issuer.example"},
+                   {"iss": "https://issuer", "aud": "mqtt"}, {"iss": "", "aud": "mqtt"}):
         assert is_refused(await result(sec, token(**claims))), claims
     open_audience = security(keys)
     assert is_refused(await result(open_audience, token(aud="mqtt")))  # meant for someone named
     assert isinstance(await result(open_audience, token(iss="anyone")), Identity)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_issuer_is_compared_whole_whatever_pyjwt_checks(keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyJWT 2.10.0 compared ``iss`` as a substring of the issuer expected (CVE-2024-53861)."""
+    monkeypatch.setattr(jwt.api_jwt.PyJWT, "_validate_iss", lambda *args, **kwargs: None)
+    sec = security(keys, jwt_issuer="https://issuer.example")
+    assert isinstance(await result(sec, token(iss="https://issuer.example")), Identity)
+    for issuer in ("https://issuer", "", "i"):
+        assert is_refused(await result(sec, token(iss=issuer))), issuer
 
 
 @pytest_twisted.ensureDeferred

@@ -640,3 +640,27 @@ def test_an_authentication_withdrawn_while_the_cost_of_a_refusal_is_equalized_lo
         assert len(chain.pending) == 1 and not answer.called
         answer.cancel()
     assert answer.called and logged.text() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_the_password_file_passes_on_costs_a_hash_when_a_token_refuses_them(
+        files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a JSON Web Token key too, a password shaped like a token was refused by it at once for
+    a user the file does not list, and after a hash for one it lists: timing told them apart."""
+    hashed: list[bytes] = []
+    original = PasswordHash.verify
+
+    def counting(self: PasswordHash, password: bytes) -> bool:
+        hashed.append(password)
+        return original(self, password)
+
+    monkeypatch.setattr(PasswordHash, "verify", counting)
+    (tmp_path / "secret").write_bytes(b"s" * 32)
+    sec = security(files, jwt_secret_file=str(tmp_path / "secret"))
+    costs = []
+    for user in ("alice", "nobody"):
+        hashed.clear()
+        answer = await sec.authenticate(credentials(user, b"a.b.c"))
+        assert isinstance(answer, Refusal) and answer.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
+        costs.append(len(hashed))
+    assert costs == [2, 2]  # (one hash of each kind in the file: $7$ and $6$)

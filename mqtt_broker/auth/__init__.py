@@ -280,7 +280,7 @@ class Security:
                 return self._refused(credentials, ReasonCode.NOT_AUTHORIZED,
                                      "use_identity_as_username: no identity in a verified client certificate")
             return Identity(client_id=credentials.client_id, username=credentials.certificate_identity)
-        for authenticator in self._authenticators:
+        for done, authenticator in enumerate(self._authenticators):
             try:
                 answer = await authenticator.authenticate(credentials)
             except Exception as e:
@@ -291,6 +291,11 @@ class Security:
                             name=authenticator.name, client_id=shortened(credentials.client_id))
                 return self._refused(credentials, ReasonCode.UNSPECIFIED_ERROR, f"{authenticator.name} failed")
             if isinstance(answer, Refusal):
+                # A later authenticator refusing at once (a password shaped like no token) would
+                # tell the users the earlier ones passed on from those they hashed for.
+                cancelled = await self._equalized(credentials, self._authenticators[:done], closes, withdrawn)
+                if cancelled is not None:
+                    return cancelled
                 return self._refused(credentials, answer.reason_code, f"{authenticator.name}: {answer.reason}")
             if isinstance(answer, Identity):
                 revoked = self.revoked(answer)
@@ -307,8 +312,16 @@ class Security:
             # (Nothing could check the user name: taken as given, it would let anyone be anyone.)
             return self._refused(credentials, ReasonCode.NOT_AUTHORIZED,
                                  "allow_anonymous is false, and no authenticator (password_file, ...) is configured")
-        for authenticator in self._authenticators:
-            # Cost an unknown user what a known one costs, so timing does not tell them apart.
+        cancelled = await self._equalized(credentials, self._authenticators, closes, withdrawn)
+        if cancelled is not None:
+            return cancelled
+        return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")
+
+    async def _equalized(self, credentials: Credentials, passed: Sequence[Authenticator], closes: int,
+                         withdrawn: list[bool]) -> Refusal | None:
+        """Cost a user the authenticators in ``passed`` do not know what a known one costs, so
+        timing does not tell them apart; the refusal if the client or the broker left meanwhile."""
+        for authenticator in passed:
             equalize = getattr(authenticator, "equalize", None)
             if equalize is not None:
                 try:
@@ -318,7 +331,7 @@ class Security:
                     if cancelled is not None:
                         return cancelled
                     log.failure("{name}: equalizing the cost of a refusal failed", name=authenticator.name)
-        return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no authenticator accepted the user")
+        return None
 
     def _cancelled(self, error: Exception, name: str, closes: int, withdrawn: list[bool]) -> Refusal | None:
         """The refusal, unlogged, for a check cancelled because no one waits for its answer any

@@ -274,6 +274,8 @@ class JwtAuthenticator:
                 break
         if claims is None:
             return Refusal(refused, f"token: {problem}")
+        if self.issuer and claims.get("iss") != self.issuer:  # (PyJWT 2.10.0 took any substring of it)
+            return Refusal(refused, "token: Invalid issuer")
         # A NumericDate is a JSON number (RFC 7519, 2); PyJWT lets "1796384387" through, and
         # NaN, and the connection would then outlive the token.
         expiry = numeric_date(claims.get("exp"))
