@@ -252,7 +252,8 @@ class Connecting:
             reason = answer.code(ReasonCode.NOT_AUTHORIZED, DISCONNECT_REFUSALS if reauthenticating else CONNACK_REFUSALS)
             if reauthenticating:
                 self.stats.auth_failures += 1
-                self.drop(reason, answer.reason_string or "re-authentication failed")  # [MQTT-4.12.1-2]
+                told = answer.reason_string if self.problem_information else None  # (as refuse)
+                self.drop(reason, told or "re-authentication failed")  # [MQTT-4.12.1-2]
             else:
                 self.refuse(reason, "refused by an auth hook", answer.reason_string)
         elif isinstance(answer, bytes):

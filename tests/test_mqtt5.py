@@ -2117,6 +2117,26 @@ def test_a_reauthentication_refused_with_a_code_is_told_in_disconnects_codes(cod
     assert_server_disconnect(client, sent)
 
 
+@pytest.mark.parametrize("problem_information", [0, 1])
+def test_a_refused_reauthentication_tells_the_hooks_reason_only_to_a_client_that_asked(
+        problem_information: int) -> None:
+    """Request Problem Information 0: the hook's reason string stays in the broker, as it does
+    for a refused CONNECT, PUBLISH or SUBSCRIBE."""
+    broker = make_broker()
+    broker.hooks.on_auth(lambda client, method, data, reauthenticating:
+                         Refused(ReasonCode.NOT_AUTHORIZED, "secret detail") if reauthenticating else None)
+    client = FakeClient(broker, version=5)
+    client.send(Connect(client_id="c", protocol_level=5,
+                        properties={**_auth_properties(b"x"), "request_problem_information": problem_information}))
+    connack = client.received()[-1]
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    client.send(Auth(reason_code=0x19, properties=_auth_properties(b"again")))
+    disconnect = client.received()[-1]
+    assert isinstance(disconnect, Disconnect) and disconnect.reason_code == ReasonCode.NOT_AUTHORIZED
+    told = disconnect.properties.get("reason_string")
+    assert told == "secret detail" if problem_information else told != "secret detail" and told
+
+
 def test_an_auth_0x18_with_no_reauthentication_under_way_is_a_protocol_error() -> None:
     """§4.12.1, §3.15.2.1: a re-authentication starts with AUTH 0x19; a 0x18 only answers the
     server's 0x18. One out of turn: DISCONNECT 0x82, the hook not asked (as Mosquitto does)."""
