@@ -1066,6 +1066,42 @@ def test_session_expiry_counts_the_time_down_after_a_kill_9(tmp_path: Path) -> I
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_session_of_a_short_expiry_connected_at_a_kill_9_outlives_a_quick_restart(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """Counted from the note a minute before the kill, a session of 20 s connected then was gone
+    after a restart at once, and the messages its publishers had been acknowledged with it. The
+    notes come four times within the shortest expiry of a session connected (once a second at
+    most)."""
+    clock = MemoryReactorClock()
+    clock.advance(1_000_000)
+    on_disk = SQLiteRestarts(tmp_path / "mqttbroker.db", clock=clock)
+    try:
+        broker = on_disk.start()
+        connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 20}).subscribe("q", qos=1)
+        connected(broker, "brief", 5, clean=False, properties={"session_expiry_interval": 2})
+        p = connected(broker, "p", 5)
+        yield on_disk.store.flushed()
+        clock.advance(45)
+        p.publish("q", b"acknowledged", qos=1, packet_id=1)
+        yield on_disk.store.flushed()
+        assert [type(a) for a in p.received()] == [Puback]
+        clock.advance(10)  # killed 55 s after the start, both sessions connected
+        yield on_disk.store.flushed()
+        noted = clock.seconds()
+        crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+        clock.advance(0.5)
+        broker = yield on_disk.again(crashed)
+        assert "s" in broker.sessions and "brief" in broker.sessions
+        yield on_disk.store.flushed()
+        assert rows(on_disk.path, "SELECT disconnected_at FROM sessions WHERE client_id = 's'") == [(noted,)]
+        s, connack = reconnect(broker, "s", 5)
+        got = yield when_stored(on_disk.store, s)
+        assert connack.session_present and [m.payload for m in publishes(got)] == [b"acknowledged"]
+    finally:
+        yield on_disk.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_clean_start_is_acknowledged_once_the_old_session_is_gone_from_the_disk(
         on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
     """Session Present 0 went out before the old session's end was committed: killed then, the
