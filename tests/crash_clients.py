@@ -232,6 +232,7 @@ class Report:
     qos: int
     messages: int
     kills: int
+    """Kills of a broker serving: one that had acknowledged a message since it started."""
     seed: int
     acknowledged: int = 0
     received: int = 0
@@ -296,7 +297,7 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
     subscriber got."""
     rng = random.Random(seed)
     points = sorted(rng.sample(range(messages // 20, messages * 9 // 10), kills))
-    report = Report(qos, messages, kills, seed)
+    report = Report(qos, messages, 0, seed)
     publisher = Publisher("crash-pub", qos, messages, window)
     subscriber = Subscriber("crash-sub", qos, receive_maximum)
     clients: dict[str, Any] = {"sub": subscriber, "pub": publisher}
@@ -305,6 +306,7 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
     started = last_start = time.monotonic()
     kill_at: float | None = None
     back_at = {"sub": 0.0, "pub": 0.0}
+    served_from = 0  # messages acknowledged before the last start: the broker serves once past it
 
     def down(name: str) -> None:
         endpoint = endpoints[name]
@@ -322,11 +324,16 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
             if now - started > deadline or (not points and now - last_start > settle):
                 report.stalled = True
                 break
-            if points and kill_at is None and publisher.next_number >= points[0]:
+            # A kill waits until the broker started last has acknowledged something: two points
+            # in one window of messages killed a broker still starting (not in the traffic).
+            serving = len(publisher.acknowledged) > served_from
+            if points and kill_at is None and publisher.next_number >= points[0] and (serving or publisher.done):
                 kill_at = now + rng.uniform(0, 0.05)
             if kill_at is not None and now >= kill_at:
                 points.pop(0)
                 kill_at = None
+                report.kills += serving
+                served_from = len(publisher.acknowledged)
                 kill()
                 last_start = time.monotonic()
                 back_at["sub"] = last_start + rng.uniform(0, away)
@@ -379,7 +386,6 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
     end = time.monotonic()
     report.seconds = end - started
     report.after_last_restart = end - last_start
-    report.kills = kills - len(points)
     report.acknowledged = len(publisher.acknowledged)
     report.excess = subscriber.excess
     seen: set[int] = set()

@@ -26,7 +26,7 @@ def test_nothing_acknowledged_lost_doubled_or_stuck_across_kills(
         tmp_path: Path, qos: int, seed: int, away: float, broker_args: tuple[str, ...]) -> None:
     report = run(qos, messages=3000, kills=6, seed=seed, port=free_port(), workdir=tmp_path, away=away,
                  broker_args=broker_args, settle=30.0, deadline=90.0)
-    assert report.kills >= 5, report.line()  # killed in the middle of the traffic, not after it
+    assert report.kills == 6, report.line()  # each of a broker serving the traffic
     assert report.ok(), report.line() + "\n" + (tmp_path / "broker.log").read_text(errors="replace")[-3000:]
     assert report.received == report.acknowledged == 3000
     if qos == 2:
