@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from .message import Message, bare
 from .session import NO_HELD_BACK, Outgoing, Queued, Session
+from .stats import once_per_thousand
 from .store import StoreError
 from .topics import SharedGroup, SharedGroups, Subscription, Turns, but_its_sender, terms
 from .wire.packets import MQTT_5
@@ -517,7 +518,7 @@ class Delivery:
     @staticmethod
     def _warn_full(session: Session, count: int) -> None:
         """A warning for the first message dropped for a session, then one per thousand."""
-        if session.dropped == count or session.dropped // 1000 != (session.dropped - count) // 1000:
+        if once_per_thousand(session.dropped, count):
             log.warn("queue of {client_id!r} is full: {dropped} messages dropped so far",
                      client_id=session.client_id, dropped=session.dropped)
 

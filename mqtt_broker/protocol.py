@@ -40,6 +40,7 @@ from .delivery import Delivery
 from .linger import close_lingering, socket_of, unwritten
 from .logged import shortened
 from .publishing import Publishing, _Acks
+from .stats import once_per_thousand
 from .subscribing import Subscribing
 from .store import StoreError
 from .wire import (
@@ -802,7 +803,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             stats = self.stats
             stats.messages_dropped += 1
             stats.dropped_too_large += 1
-            if stats.dropped_too_large % 1000 == 1:  # the first, then one per thousand: any client may ask
+            if once_per_thousand(stats.dropped_too_large):  # (any client may ask for a small maximum)
                 log.info("dropped a {size} byte message to {client_id!r}: above its maximum packet size "
                          "({dropped} dropped so far for their size, to all clients)", size=size,
                          client_id=shortened(self.client.client_id) if self.client else "-",

@@ -19,6 +19,7 @@ from .connecting import NO_SLOTS
 from .hooks import PUBACK_REFUSALS, Refused, own_properties
 from .lifecycle import State
 from .message import Client, Message, encoding_kind, is_utf8, unsendable
+from .stats import once_per_thousand
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
 from .wire import (
@@ -112,7 +113,7 @@ class Publishing:
             # another's, where a count per client would keep an entry for every client id.
             stats = broker.stats
             stats.publishes_denied += 1
-            if stats.publishes_denied % 1000 == 1:
+            if once_per_thousand(stats.publishes_denied):
                 log.info("denied PUBLISH to {topic!r} from {client_id!r} ({count} denied in all; logged once per "
                          "thousand)", topic=topic, client_id=self.client.client_id,  # type: ignore[union-attr]
                          count=stats.publishes_denied)

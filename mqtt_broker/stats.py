@@ -51,11 +51,17 @@ class Stats:
         KEEP_ALIVE_TIMEOUT, PROTOCOL_ERROR, SESSION_TAKEN_OVER, ...)."""
         self.auth_failures = self.sessions_expired = self.clients_maximum = 0
         self.publishes_denied = 0
-        """PUBLISHes not routed for the client's ACL (or to $SYS): the first and every thousandth
-        is logged, as any client may send them as fast as it can."""
+        """PUBLISHes not routed for the client's ACL (or to $SYS): logged ``once_per_thousand``."""
         self.routed_from_nodes = 0
         """Of messages_received, those a node of a cluster routed for another node (forwarded in):
         not PUBLISHes of its own clients."""
+
+
+def once_per_thousand(count: int, added: int = 1) -> bool:
+    """Whether the event that raised ``count`` by ``added`` is logged: the first, then the one
+    that passes each thousand more (1001, 2001, ...). For what any client can repeat by the
+    thousand a second (a refusal, a drop): one line each would be megabytes of log a second."""
+    return (count - 1) // 1000 != (count - added - 1) // 1000
 
 
 __all__ = ["Stats"]
