@@ -40,7 +40,7 @@ from .message import Client, Message, unsendable
 from .protocol import MQTTProtocol, describe
 from .retained import RetainedMessages
 from .session import Queued, Session
-from .stats import Stats
+from .stats import Stats, once_per_thousand
 from .store import Snapshot, Store, StoredWill
 from .topics import Subscription, SubscriptionTree
 from .wills import Wills
@@ -74,14 +74,19 @@ class MQTTFactory(Factory):
 
     def refuse_if_full(self, addr: IAddress) -> bool:
         """Whether max_connections is reached (by ``open_connections``): then the refusal of a
-        connection from ``addr`` is counted and logged."""
+        connection from ``addr`` is counted, and logged ``once_per_thousand`` (a client may open
+        thousands a second, and needs send no CONNECT)."""
         broker = self.broker
         limit = broker.config.max_connections
         if limit < 0 or broker.open_connections() < limit:
             return False
-        broker.stats.connections_refused += 1
-        tally(broker.stats.refused_by_reason, "max_connections")
-        log.warn("refusing a connection from {addr}: max_connections ({limit}) reached", addr=addr, limit=limit)
+        stats = broker.stats
+        stats.connections_refused += 1
+        tally(stats.refused_by_reason, "max_connections")
+        refused = stats.refused_by_reason["max_connections"]
+        if once_per_thousand(refused):
+            log.warn("refusing a connection from {addr}: max_connections ({limit}) reached ({refused} refused for "
+                     "it in all; logged once per thousand)", addr=addr, limit=limit, refused=refused)
         return True
 
 

@@ -839,6 +839,19 @@ def test_max_connections() -> None:
     assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
 
 
+def test_connections_refused_at_max_connections_are_logged_once_per_thousand() -> None:
+    """Each is counted, and logged the first time, then once per thousand: a client may open
+    thousands of connections a second (no CONNECT needed), one line each."""
+    broker = make_broker(max_connections=1)
+    FakeClient(broker)
+    from twisted.internet.address import IPv4Address
+    with capturedLogs() as events:
+        for port in range(2001):
+            assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port)) is None
+    assert [e["refused"] for e in events if "max_connections" in e["log_format"]] == [1, 1001, 2001]
+    assert broker.stats.connections_refused == 2001
+
+
 def test_a_pubrel_sent_again_to_an_mqtt_3_1_client_has_dup_set() -> None:
     """MQTT 3.1 (2.1): DUP is set when the client or server re-delivers a PUBLISH, PUBREL,
     SUBSCRIBE or UNSUBSCRIBE; later versions have no DUP on a PUBREL."""
