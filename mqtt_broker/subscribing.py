@@ -22,6 +22,7 @@ from .hooks import SUBACK_REFUSALS, UNSUBACK_REFUSALS, Refused
 from .history import MAX_REPLAYS, REPLAY_PREFIX, ReplayError, parse_spec, split_replay_filter
 from .lifecycle import State
 from .message import Client
+from .stats import once_per_thousand
 from .store import StoreError
 from .topics import Subscription, has_wildcard, split_shared, valid_topic_filter, wildcards_in_place
 from .wire import (
@@ -159,10 +160,14 @@ class Subscribing:
             granted.append(subscription)
             granted_replays.append(replays.get(index))
             codes.append(subscription.qos)
-        if over_quota:  # (one line per SUBSCRIBE, however many filters it refuses)
-            more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
-            log.info("refused {count} subscription(s) of {client_id!r} to {filters}: max_subscriptions_per_client",
-                     count=len(over_quota), client_id=self._client_id, filters=", ".join(map(repr, over_quota[:3])) + more)
+        if over_quota:
+            refused = self.stats.subscriptions_refused["max_subscriptions_per_client"]
+            if once_per_thousand(refused, len(over_quota)):  # (one line for a SUBSCRIBE's filters)
+                more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
+                log.info("refused {count} subscription(s) of {client_id!r} to {filters}: max_subscriptions_per_client "
+                         "({refused} refused for it in all; logged once per thousand)", count=len(over_quota),
+                         client_id=self._client_id, filters=", ".join(map(repr, over_quota[:3])) + more,
+                         refused=refused)
         previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]
         reason = "; ".join(dict.fromkeys(reasons))  # (the hooks' reason strings, each once)

@@ -946,6 +946,23 @@ def test_subscriptions_per_client() -> None:
     assert v5.subscribe("x", "y", "z") == [Suback(packet_id=1, reason_codes=(0, 0, 0x97))]
 
 
+def test_subscriptions_over_the_quota_are_logged_once_per_thousand() -> None:
+    """Each filter refused is counted, and the SUBSCRIBE that refuses the first, then the one
+    that passes each thousand more, is logged: a client may send thousands a second."""
+    broker = make_broker(max_subscriptions_per_client=1)
+    client = connected(broker, "c")
+    client.subscribe("a")
+    with capturedLogs() as events:
+        for n in range(999):
+            client.subscribe(f"b/{n}", packet_id=2)
+        client.subscribe("c/1", "c/2", "c/3", packet_id=2)  # refusals 1000 to 1002
+        for n in range(999):
+            client.subscribe(f"d/{n}", packet_id=2)
+    lines = [e for e in events if "max_subscriptions_per_client" in e["log_format"]]
+    assert [(e["count"], e["refused"]) for e in lines] == [(1, 1), (3, 1002), (1, 2001)]
+    assert broker.stats.subscriptions_refused == {"max_subscriptions_per_client": 2001}
+
+
 def test_the_same_filter_twice_in_one_subscribe_takes_one_place_of_the_quota() -> None:
     """A SUBSCRIBE's filters are handled as a sequence of SUBSCRIBEs, a second 'a' replacing the
     first [MQTT-3.8.4-3, -5]: it was counted twice, and refused at the limit though held."""
