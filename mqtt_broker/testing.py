@@ -2,7 +2,7 @@
 
 :class:`MemoryBroker` runs a real :class:`~mqtt_broker.BrokerService` on a
 ``MemoryReactorClock``: no socket is opened and no real time passes. Its clients,
-:class:`MemoryClient`, speak MQTT 3.1.1 or 5 to the broker's own protocol over in-memory
+:class:`MemoryClient`, speak MQTT 3.1, 3.1.1 or 5 to the broker's own protocol over in-memory
 transports, so every packet goes through the same code as on the network, hooks included::
 
     broker = MemoryBroker()
