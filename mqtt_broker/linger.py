@@ -96,6 +96,36 @@ def unwritten(transport: Any) -> bool:
     return isinstance(transport, tcp.Connection) and bool(transport.dataBuffer or transport._tempDataLen)
 
 
+def unsent_bytes(transport: Any) -> int:
+    """Bytes written to the socket (Twisted's ``tcp.Connection``) that ``transport`` is, or
+    writes to under TLS or the PROXY header's wrapper, that its peer has not taken yet: those the
+    transport holds, and on Linux those of the kernel's send buffer (which may hold megabytes,
+    and takes more from the transport only once much of it has gone: a slow reader takes from it
+    for seconds while the transport holds the same); 0 for another kind. While nothing more is
+    written to it, fewer of them later means the peer reads."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    if not isinstance(transport, tcp.Connection):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen + _in_kernel(transport)
+
+
+if sys.platform == "linux":
+    from fcntl import ioctl
+    from termios import TIOCOUTQ
+
+
+def _in_kernel(socket: tcp.Connection) -> int:
+    """Bytes of a socket's send buffer that its peer has not acknowledged (Linux's SIOCOUTQ; the
+    kernel's own measure for a UNIX socket); 0 where that cannot be told."""
+    if sys.platform != "linux":
+        return 0
+    try:
+        return int.from_bytes(ioctl(socket.fileno(), TIOCOUTQ, bytes(4)), sys.byteorder)
+    except (OSError, ValueError):  # (closed: its descriptor is -1)
+        return 0
+
+
 class AllClosed:
     """How long the broker's shutdown waits for the connections it closed to finish lingering:
     ``done`` fires when ``connections`` is empty (``lost()`` is called after each connection
@@ -126,4 +156,4 @@ class AllClosed:
             self.done.callback(None)
 
 
-__all__ = ["AllClosed", "close_lingering", "unwritten"]
+__all__ = ["AllClosed", "close_lingering", "unsent_bytes", "unwritten"]

@@ -37,7 +37,7 @@ from .auth import Identity
 from .connect import NEVER, Terms, granted_expiry
 from .connecting import Connecting, count_refusal, describe, takeover_wait, tally
 from .delivery import Delivery
-from .linger import close_lingering, socket_of, unwritten
+from .linger import close_lingering, socket_of, unsent_bytes, unwritten
 from .logged import shortened
 from .publishing import Publishing, _Acks
 from .stats import once_per_thousand
@@ -87,7 +87,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "broker", "delivery", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
-        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_graceful",
+        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_owed", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_pubacks_waiting", "bridge", "transport", "connected", "_inherited_pubrels",
         "_ended", "_reauthenticating", "_own", "_successors", "_awaiting_disk",
@@ -141,6 +141,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._backlogged = False
         """Reading from the client stopped: it reads nothing of what it is sent, answers included,
         and those are held up to max_held_bytes."""
+        self._owed = 0
+        """What the broker owed the client when reading it stopped: bytes held for it and bytes
+        its socket had not taken (see ``keepalive_due``)."""
         self._awaiting_disk = False
         """Reading from the client stopped: its packets took what waits for the store's disk past
         the store's bound (see ``_added_to_store``)."""
@@ -394,7 +397,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         """Called by the broker's keepalives at this connection's deadline: closes a connection
         with no CONNECT within connect_timeout (nor, with no keepalive, a CONNACK within
         connect_timeout of its CONNECT), or a client silent for 1.5 keepalives [MQTT-3.1.2-24];
-        or returns the next deadline."""
+        or returns the next deadline. A client read no more for its backlog is silent only if
+        its socket took no more than the answers held for it since; else it is read again."""
         if not self._keep_alive:
             self._deadline = None
             # An abort, not a lingering close: there is nothing to tell a client that is not
@@ -414,12 +418,21 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # Waiting for a hook or the disk, the broker handles nothing: what the client sent
             # meanwhile (its PINGREQs) is not silence. (hook_timeout bounds the wait for a hook.)
             return now + limit
+        if self._backlogged and self.pending_bytes + unsent_bytes(self.transport) < self._owed:
+            # Read no more for its backlog, it reads all the same, slowly: its socket took more
+            # than the answers held for it since. Its PINGREQs wait because the broker stopped
+            # reading, not because it is silent: it is read again, until the next answer held
+            # stops that, one read at most a check (what is held grows no faster than it reads).
+            self._backlogged = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+            return now + limit
         self._deadline = None
         # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
         # gone, and what is queued for it may never drain, so lingering would only hold its
         # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
         # after all (best effort: the reset may overtake it).
-        why = (f"keepalive timeout: reading nothing it was sent for {idle:.1f}s, it was read no more"
+        why = (f"keepalive timeout: reading nothing it was sent (or less than its answers) for {idle:.1f}s, "
+               f"it was read no more"
                if self._backlogged else f"keepalive timeout ({idle:.1f}s idle)")
         self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, why, abort=True)
         return None
@@ -578,10 +591,16 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     def read_no_more_until_sent(self) -> None:
         """Read nothing more from the client until its transport has sent what waits
-        (``resumeProducing``): its own answers (PUBACKs, PINGRESPs, a WebSocket's pongs) would
-        pile up for as long as it sends and does not read."""
+        (``resumeProducing``), or its keepalive finds that it reads (``keepalive_due``): its own
+        answers (PUBACKs, PINGRESPs, a WebSocket's pongs) would pile up for as long as it sends
+        and does not read."""
         if not self._backlogged:
             self._backlogged = True
+            self._owed = self.pending_bytes + unsent_bytes(self.transport)
+            if self._keep_alive:
+                # Its packets are not read from now on: whether it is silent is told by its
+                # socket taking bytes or not, over 1.5 keepalives from now (see keepalive_due).
+                self._last_seen = self.clock.seconds()
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _write_now(self, data: bytes) -> None:

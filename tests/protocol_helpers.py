@@ -6,6 +6,7 @@ import gc
 import tracemalloc
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -117,6 +118,88 @@ class FakeClient:
         self.send(Publish(topic=topic, payload=payload, qos=qos, retain=retain,
                           packet_id=packet_id or (1 if qos else 0), **kwargs))
         return self.received()
+
+
+class _PeerSocket:
+    """A socket as a TCP transport sees it: ``send`` takes as many bytes as the peer has made
+    room for by reading (``room``), into ``taken``."""
+
+    def __init__(self) -> None:
+        self.room = 1 << 30
+        self.taken = bytearray()
+
+    def send(self, data: Any) -> int:
+        size = min(len(data), self.room)
+        self.room -= size
+        self.taken += data[:size]
+        return size
+
+    def fileno(self) -> int:
+        return -1
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def setsockopt(self, *_: Any) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SocketClient(FakeClient):
+    """A client on a TCP transport (Twisted's ``tcp.Connection``) over a fake socket: what the
+    broker writes waits in the transport until the client ``reads`` it; what the client sends
+    waits, as in the kernel's buffer, while the transport does not read (``deliver``, the
+    reactor's read, hands it to the broker)."""
+
+    def __init__(self, broker: BrokerService, version: int = 4) -> None:
+        self.version = version
+        address = IPv4Address("TCP", "127.0.0.1", next(_ports))
+        self.protocol = broker.factory.buildProtocol(address)
+        assert self.protocol is not None
+        self.socket = _PeerSocket()
+        self.reactor = broker.reactor
+        self.transport: Any = tcp.Connection(self.socket, self.protocol, self.reactor)
+        self.transport.connected = 1
+        self.transport.startReading()
+        self.protocol.makeConnection(self.transport)
+        self.reader = FrameReader(version=version)
+        self.lost = False
+        self._pending: list[Packet] = []
+        self.unread = b""
+        """What the client sent that the broker has not read."""
+
+    def send_bytes(self, data: bytes) -> None:
+        self.unread += data
+        self.deliver()
+
+    def deliver(self) -> None:
+        """A turn of the reactor: the transport reads what the client sent, if it reads."""
+        if self.unread and self.transport in self.reactor.getReaders():
+            data, self.unread = self.unread, b""
+            self.protocol.dataReceived(data)
+
+    def reads(self, size: int) -> None:
+        """The client reads ``size`` bytes more: the transport writes as many to the socket."""
+        self.socket.room += size
+        if self.transport in self.reactor.getWriters():
+            self.transport.doWrite()
+
+    def received(self) -> list[Packet]:
+        broker = self.protocol.broker
+        if broker.unflushed:
+            broker.flush_writes()
+        data, self.socket.taken = bytes(self.socket.taken), bytearray()
+        packets, self._pending = self._pending + self.reader.feed(data), []
+        return packets
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting or self.transport.disconnected or self.transport._aborting)
 
 
 def connected(broker: BrokerService, client_id: str = "c", version: int = 4, **kwargs: Any) -> FakeClient:

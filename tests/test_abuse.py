@@ -23,7 +23,8 @@ from rawclient import (
 )
 
 from mqtt_broker.wire import (
-    Connack, Connect, Disconnect, FrameReader, Publish, Puback, Suback, Subscribe, SubscriptionRequest, encode,
+    Connack, Connect, Disconnect, FrameReader, Pingreq, Publish, Puback, Suback, Subscribe, SubscriptionRequest,
+    encode,
 )
 from mqtt_broker.wire.properties import encode_varint
 
@@ -514,6 +515,50 @@ def test_slow_subscriber_does_not_grow_the_broker(broker_process, bound: tuple[s
     logged = [formatEvent(eventFromJSON(line)) for line in broker.output().replace("\x1e", "\n").splitlines()
               if line.strip()]
     assert any(line.startswith("queue of 'slow' is full") for line in logged)
+
+
+def test_a_slow_subscriber_that_reads_and_pings_outlives_its_keepalive_under_a_flood(broker_process) -> None:  # type: ignore[no-untyped-def]
+    """A subscriber reading about 20 KB/s under a QoS 0 flood, pinging every second with a
+    keepalive of 2 s: the broker stops reading it (what it holds for it is full), but it reads,
+    so it is not silent [MQTT-3.1.2-24]. It stays connected for 10 s, three keepalive checks:
+    each reads its PINGREQs again (unread, it would be dropped at the next one)."""
+    broker = broker_process("--max-held-bytes", "65536")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (its window opens as it reads)
+    slow.settimeout(5.0)
+    slow.connect(("127.0.0.1", broker.port))
+    slow.sendall(encode(Connect(client_id="slow", keep_alive=2)) + encode(Subscribe(
+        packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="flood", qos=0),))))
+    pub = RawClient(broker.port, timeout=30.0)
+    stop = threading.Event()
+
+    def flood() -> None:
+        batch = encode(Publish(topic="flood", payload=bytes(1000))) * 50
+        while not stop.wait(0.01):  # 50 KB each 10 ms, until the test ends
+            pub.send_bytes(batch)
+    ended = None
+    try:
+        assert pub.connect("flood-pub").reason_code == 0
+        assert pub.ping() < 5.0  # the SUBSCRIBE has been handled by now too
+        flooding, _ = run_in_thread(flood)
+        start = pinged = time.monotonic()
+        while time.monotonic() - start < 10.0 and ended is None:
+            try:
+                if time.monotonic() - pinged >= 1.0:
+                    slow.sendall(encode(Pingreq()))
+                    pinged = time.monotonic()
+                if not slow.recv(2048):
+                    ended = "closed"
+            except OSError as e:
+                ended = repr(e)
+            stop.wait(0.1)  # the client's pace: 2 KiB every 0.1 s
+    finally:
+        stop.set()
+        slow.close()
+        pub.close()
+    flooding.join(timeout=5.0)
+    assert ended is None, f"{ended} after {time.monotonic() - start:.1f}s: " + " ".join(
+        str(event["reason"]) for event in broker.events() if event.get("client_id") == "slow" and "reason" in event)
 
 
 def test_a_connection_dropped_while_its_socket_is_full_closes(broker_process) -> None:  # type: ignore[no-untyped-def]

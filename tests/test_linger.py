@@ -7,18 +7,22 @@ import errno
 import fcntl
 import socket
 import struct
+import sys
 import termios
 from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import LogLevel, capturedLogs
+from twisted.protocols.policies import ProtocolWrapper
 
 from mqtt_broker import BrokerService
-from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unwritten
+from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unsent_bytes, unwritten
 from mqtt_broker.protocol import READ_WHILE_DECIDING
 from mqtt_broker.wire import (
     Connect, Disconnect, Pingreq, Puback, Publish, ReasonCode, Subscribe, SubscriptionRequest, Will, encode)
@@ -255,6 +259,29 @@ def test_stop_with_no_connections_or_no_linger_is_done_at_once() -> None:
     broker.startService()
     connected(broker, "stays", version=5)
     assert broker.stopService().called
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's part is told on Linux only")
+def test_unsent_bytes_counts_what_the_kernel_holds_until_the_peer_reads_it() -> None:
+    """A slow reader takes from the kernel's send buffer (a loopback's holds megabytes) long
+    before the transport can write more: that shows, under a wrapper (TLS, PROXY) too."""
+    ours, peer = socket.socketpair()
+    transport = tcp.Connection(ours, Protocol(), MemoryReactor())
+    transport.connected = 1
+    wrapper = ProtocolWrapper(None, Protocol())  # type: ignore[arg-type]
+    wrapper.transport = transport
+    try:
+        ours.send(b"x" * 1000)  # in the kernel's buffer
+        transport.write(b"y" * 10)  # held by the transport
+        assert unsent_bytes(transport) == unsent_bytes(wrapper) >= 1010
+        peer.recv(1000)
+        assert unsent_bytes(wrapper) == 10
+        ours.close()
+        assert unsent_bytes(wrapper) == 10
+        assert unsent_bytes(StringTransport()) == 0
+    finally:
+        ours.close()
+        peer.close()
 
 
 # --- a client that does not take what it was sent, on a real socket -----------------------------

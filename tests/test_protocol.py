@@ -18,7 +18,7 @@ from mqtt_broker.wire import (
     Suback, Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will, encode,
 )
 
-from protocol_helpers import FakeClient, Held, connected, make_broker
+from protocol_helpers import FakeClient, Held, SocketClient, connected, make_broker
 
 
 # --- CONNECT ---------------------------------------------------------------------------------
@@ -794,6 +794,77 @@ def test_a_client_read_no_more_for_its_backlog_is_dropped_after_its_keepalive() 
         broker.reactor.advance(15)
     assert client.closed
     assert any("reading nothing it was sent" in str(event.get("reason", "")) for event in events)
+
+
+def _flooded(broker: Any, after: float = 0) -> SocketClient:
+    """A subscriber with keepalive 10 whose socket is full under a flood of QoS 0 messages
+    ``after`` seconds: the broker holds max_held_bytes for it, queues the rest and reads it no
+    more; its PINGREQ waits."""
+    client = SocketClient(broker)
+    assert client.connect("slow", keep_alive=10).reason_code == 0
+    client.subscribe("t")
+    client.socket.room = 0  # from now on it reads only what the test says
+    broker.reactor.advance(after)
+    for _ in range(200):
+        broker.publish("t", b"x" * 1000)
+    client.send(Pingreq())
+    assert client.unread  # (in the kernel's buffer)
+    return client
+
+
+def test_a_client_read_no_more_for_its_backlog_is_read_again_while_its_socket_takes_bytes() -> None:
+    """A subscriber that reads slowly (200 bytes a second) and pings every 5 s is not silent
+    [MQTT-3.1.2-24]: once its socket has taken more than the answers held for it since reading
+    stopped, it is read again at its keepalive, its PINGREQs answered behind what waits."""
+    broker = make_broker(max_held_bytes=65536)
+    client = _flooded(broker)
+    queued = len(broker.sessions["slow"].queue)
+    pings = 1
+    for _ in range(12):  # a minute: four keepalive checks
+        broker.reactor.advance(5)
+        client.reads(1000)
+        client.send(Pingreq())
+        pings += 1
+        assert not client.closed
+    assert not client.unread  # every PINGREQ read (the last one at the last check)
+    for _ in range(10):  # then it reads all the rest (bounded)
+        client.reads(1 << 20)
+        broker.reactor.advance(0)
+    kinds = [type(p) for p in client.received()]
+    # Behind the messages written or held before them, ahead of those queued.
+    assert kinds == [Publish] * (200 - queued) + [Pingresp] * pings + [Publish] * queued
+    assert not client.closed
+
+
+def test_a_client_read_no_more_just_before_its_keepalive_ran_out_has_a_whole_one_to_read() -> None:
+    """Reading it stopped a moment before its deadline: whether it reads is told over the 1.5
+    keepalives from then, not over that moment (its PINGREQ came and waits)."""
+    broker = make_broker(max_held_bytes=65536)
+    client = _flooded(broker, after=14.9)
+    broker.reactor.advance(0.2)  # its deadline, had it been read
+    assert not client.closed
+    client.reads(1000)
+    broker.reactor.advance(15)
+    client.deliver()
+    assert not client.unread and not client.closed
+
+
+def test_a_client_read_no_more_whose_socket_takes_nothing_is_dropped_after_its_keepalive() -> None:
+    """A subscriber on a socket that takes nothing is dropped at 1.5 keepalives, as silent; one
+    whose socket takes fewer bytes than the answers held for it since reading stopped is dropped
+    at the next check (a client that pings and hardly reads would grow what the broker holds)."""
+    for reading, pings, dropped_at in ((0, 1, 15), (2, 1000, 30)):
+        broker = make_broker(max_held_bytes=65536)
+        client = _flooded(broker)
+        client.send(*[Pingreq()] * pings)  # (waiting with the first, read together)
+        with capturedLogs() as events:
+            while not client.closed and broker.reactor.seconds() < 60:  # (bounded)
+                broker.reactor.advance(5)
+                broker.reactor.advance(0)  # (an abort ends the transport at the next turn)
+                client.reads(reading)
+                client.deliver()
+        assert broker.reactor.seconds() == dropped_at
+        assert any("reading nothing it was sent" in str(event.get("reason", "")) for event in events)
 
 
 def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
