@@ -16,8 +16,8 @@ def main(port: int = 1883) -> None:
     broker = BrokerService(endpoints=[f"tcp:{port}:interface=127.0.0.1"], max_queued_messages=500)
 
     @broker.hooks.on_connect
-    def greet(client: Client) -> None:
-        print(f"connected: {client.client_id} from {client.peer}", flush=True)
+    def greet(client: Client) -> None:  # (a decision: None lets it in, unless the broker refuses it still)
+        print(f"connecting: {client.client_id} from {client.peer}", flush=True)
 
     @broker.hooks.on_publish
     def no_secrets(client: Client, message: Message) -> bool:

@@ -119,14 +119,16 @@ class Hooks:
         return handler
 
     def remove(self, event: str, handler: Callable[..., Any]) -> None:
+        """Call ``handler`` no more for ``event``, decisions under way included."""
         handlers = self._handlers[event]
         handlers.remove(handler)
         setattr(self, "has_" + event, bool(handlers))
 
     def on_connect(self, handler: Handler) -> Handler:
         """``handler(client) -> None | bool | ReasonCode | Refused``: a CONNECT that passed the
-        protocol's checks (``client.properties`` has an MQTT 5 client's CONNECT properties).
-        False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses
+        protocol's checks (``client.properties`` has an MQTT 5 client's CONNECT properties): a
+        decision, not yet a connection (the broker may still refuse it, and then no disconnect
+        follows: ``on_disconnect`` comes only after a CONNACK that accepted it). False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses
         with that code (3.x: the nearest return code)."""
         return self._register("connect", handler)
 
@@ -156,7 +158,8 @@ class Hooks:
     def on_subscribe(self, handler: Handler) -> Handler:
         """``handler(client, subscription) -> None | bool | int | Refused``: one filter of a
         SUBSCRIBE. False refuses the filter (SUBACK 0x80); a ReasonCode or Refused refuses with
-        that code in MQTT 5 (0x80 in 3.x); an int 0..2 grants at most that QoS. A shared
+        that code in MQTT 5 (0x80 in 3.x); an int 0..2 grants at most that QoS (the lowest of
+        several handlers' answers). A shared
         subscription's ``topic_filter`` keeps its ``$share/{group}/`` prefix (``share_group`` is
         set): :func:`mqtt_broker.topics.split_shared` gives the filter it matches topics with."""
         return self._register("subscribe", handler)
@@ -184,8 +187,9 @@ class Hooks:
     # --- firing -------------------------------------------------------------------------
 
     def decide(self, event: str, *args: Any) -> Deferred[Any]:
-        """Run a decider's handlers; fires with the last answer that was neither None nor True,
-        or with ``Refused`` at the first refusal. A handler's failure is logged and refuses."""
+        """Run a decider's handlers; fires with the last answer that was neither None nor True
+        (of subscribe's QoS caps, the lowest), or with ``Refused`` at the first refusal. A
+        handler's failure is logged and refuses."""
         result = self.resolve(event, *args)
         return result if isinstance(result, Deferred) else succeed(result)
 
@@ -210,7 +214,7 @@ class Hooks:
             if isinstance(verdict, Refused):
                 return verdict
             if verdict is not None:
-                answer = verdict
+                answer = _together(event, answer, verdict)
         return answer
 
     def _resume(self, value: Any, event: str, args: tuple[Any, ...], answered: Callable[..., Any],
@@ -220,7 +224,9 @@ class Hooks:
         if isinstance(verdict, Refused):
             return verdict
         if verdict is not None:
-            answer = verdict
+            answer = _together(event, answer, verdict)
+        handlers = self._handlers[event]
+        rest = [h for h in rest if h in handlers]  # (removed meanwhile: not called)
         if not rest:
             return answer
         call_args = (args[0], own_properties(answer)) if event in _TRANSFORMING and isinstance(answer, Message) else args
@@ -318,6 +324,15 @@ _ANSWERS: dict[str, tuple[type, ...]] = {
     "subscribe": (int,),  # (a QoS to grant at most: 0 to 2)
 }
 """The answers an event's handlers may give besides None, a bool, a refusal and an error code."""
+
+
+def _together(event: str, answer: Any, verdict: Any) -> Any:
+    """The answer so far with one more handler's: each subscribe answer grants at most a QoS,
+    so together they grant the lowest; elsewhere the later answer stands (a replaced message
+    is what the next handler was shown)."""
+    if event == "subscribe" and answer is not None:
+        return min(answer, verdict)
+    return verdict
 
 
 def _judge(value: Any, event: str, handler: Callable[..., Any]) -> Any:

@@ -98,7 +98,7 @@ def test_embedding_example() -> None:
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=10)
-    assert b"connected: embedded" in output
+    assert b"connecting: embedded" in output
 
 
 def test_tac_file_runs_under_twistd() -> None:

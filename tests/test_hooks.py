@@ -193,6 +193,36 @@ def test_last_non_none_answer_wins() -> None:
     assert result_of(hooks.decide("subscribe", CLIENT, None)) == 1
 
 
+def test_several_subscribe_hooks_grant_the_lowest_qos_of_their_answers() -> None:
+    """Each int grants at most that QoS: a later handler's 2 lifted an earlier one's cap of 0."""
+    hooks = Hooks()
+    later: Deferred[Any] = Deferred()
+    hooks.on_subscribe(lambda client, subscription: 0)
+    hooks.on_subscribe(lambda client, subscription: 2)
+    assert result_of(hooks.decide("subscribe", CLIENT, None)) == 0
+    hooks.on_subscribe(lambda client, subscription: later)
+    decided = hooks.decide("subscribe", CLIENT, None)
+    later.callback(1)
+    assert result_of(decided) == 0
+
+
+def test_a_handler_removed_while_an_earlier_one_decides_is_not_called() -> None:
+    hooks = Hooks()
+    first: Deferred[Any] = Deferred()
+    calls: list[str] = []
+
+    def refusing(client: Client, message: Message) -> bool:
+        calls.append(message.topic)
+        return False
+
+    hooks.on_publish(lambda client, message: first)
+    hooks.on_publish(refusing)
+    decided = hooks.decide("publish", CLIENT, Message(topic="t", payload=b""))
+    hooks.remove("publish", refusing)
+    first.callback(None)
+    assert result_of(decided) is None and calls == []
+
+
 def test_zero_is_an_answer_not_a_refusal() -> None:  # grant QoS 0
     hooks = Hooks()
     hooks.on_subscribe(lambda client, subscription: 0)
