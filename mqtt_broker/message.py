@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .topics import reserved, valid_topic_name
 from .wire.codec import MAX_REMAINING_LENGTH
 from .wire.codes import MQTTError
 from .wire.packets import NO_PROPERTIES, PUBLISH, Properties, Publish
-from .wire.properties import decode_properties, encode_properties
+from .wire.properties import decode_properties, encode_properties, encode_property_list
 
 
 def init_arguments(obj: Any) -> tuple[Any, tuple[object, ...]]:
@@ -41,7 +41,9 @@ class Message(Publish):
 
     ``encoded`` caches the wire bytes (and the offset of the packet id in them) per kind of
     receiver (``encoding_kind``), so a message sent to many subscribers is encoded once for each
-    kind of subscriber, not once each; it starts with the PUBLISH as it was received.
+    kind of subscriber, not once each; it starts with the PUBLISH as it was received. For MQTT 5
+    subscribers that get properties of their own, it holds the properties they all get alike
+    (``shared_properties``).
     """
 
     sender: str | None = None
@@ -152,6 +154,33 @@ def encoding_kind(mqtt5: bool, qos: int, retain: bool) -> int:
     """The key of ``Message.encoded`` for receivers of one protocol level (MQTT 5 or not), QoS
     and retain flag: an int, so that no tuple is made per delivery."""
     return mqtt5 << 3 | qos << 1 | retain
+
+
+SHARED_PROPERTIES: Final = 1 << 4
+"""The key of ``Message.encoded`` (above every ``encoding_kind``) that keeps the message's
+``shared_properties``, with 0 for the offset."""
+
+
+def shared_properties(message: Message) -> bytes:
+    """The message's properties as every MQTT 5 receiver gets them (all but its expiry, of which
+    each is sent the time left), encoded once (``encode_property_list``) and kept with its
+    encodings: a receiver with properties of its own (the expiry left, a topic alias,
+    subscription identifiers) is sent them after these. Encoded again for each, a PUBLISH of up
+    to max_packet_size of user properties cost that size times its subscribers in one turn."""
+    properties = message.properties
+    if not properties:
+        return b""
+    cache = message.encoded
+    if cache is None:
+        cache = message.encoded = {}
+    entry = cache.get(SHARED_PROPERTIES)
+    if entry is None:
+        if message.expires_at is not None:  # (each receiver is sent the time left [MQTT-3.3.2-6])
+            properties = {k: v for k, v in properties.items() if k != "message_expiry_interval"}
+        entry = (encode_property_list(properties), 0)
+        if cache is not NOT_CACHED:
+            cache[SHARED_PROPERTIES] = entry
+    return entry[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,7 +31,7 @@ from zope.interface import classImplements
 from . import lifecycle
 from .hooks import Refused
 from .lifecycle import State
-from .message import NOT_CACHED, Client, Message, encoding_kind
+from .message import NOT_CACHED, Client, Message, encoding_kind, shared_properties
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
 from .connect import NEVER, Terms, granted_expiry
@@ -842,24 +842,26 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     def _encode_for_this_client(self, message: Message, qos: int, retain: bool, subscription_ids: tuple[int, ...],
                                 aliased: bool = True) -> tuple[bytes, int, str | None]:
-        """An MQTT 5 PUBLISH whose properties are this receiver's own: its subscription
-        identifiers [MQTT-3.3.4-3], the expiry time left [MQTT-3.3.2-6], its topic alias (unless
-        not ``aliased``); and the topic given a new alias, if any."""
-        properties = dict(message.properties)
+        """An MQTT 5 PUBLISH with properties of this receiver's own, after those of the message
+        (``shared_properties``): its subscription identifiers [MQTT-3.3.4-3], the expiry time
+        left [MQTT-3.3.2-6], its topic alias (unless not ``aliased``); and the topic given a new
+        alias, if any."""
+        own: dict[str, Any] = {}
         if subscription_ids:
-            properties["subscription_identifier"] = list(subscription_ids)
+            own["subscription_identifier"] = subscription_ids
         if message.expires_at is not None:
-            properties["message_expiry_interval"] = self.delivery.remaining_expiry(message)
+            own["message_expiry_interval"] = self.delivery.remaining_expiry(message)
         topic = message.topic
         alias_topic = None
         if aliased and self._aliases_out is not None:
             alias, known = self._aliases_out.assign(topic)
-            properties["topic_alias"] = alias
+            own["topic_alias"] = alias
             if known:
                 topic = ""
             else:
                 alias_topic = topic
-        data, offset = publish_template(topic, message.payload, qos, retain, properties, MQTT_5, 1 if qos else 0)
+        data, offset = publish_template(topic, message.payload, qos, retain, own, MQTT_5, 1 if qos else 0,
+                                        shared=shared_properties(message))
         return data, offset, alias_topic
 
     def send_pubrel(self, packet_id: int, again: bool = False) -> None:

@@ -26,7 +26,7 @@ from mqtt_broker.wire import (
 )
 from mqtt_broker.wire.codec import MAX_REMAINING_LENGTH
 from mqtt_broker.wire.packets import PACKET_TYPES
-from mqtt_broker.wire.properties import decode_varint, encode_varint
+from mqtt_broker.wire.properties import decode_varint, encode_property_list, encode_varint
 
 from conftest import assert_every_field_set
 from wire_fixtures import (
@@ -314,6 +314,20 @@ def test_publish_template_offset_is_the_packet_identifier(level: int, qos: int, 
     assert decode(bytes(patched), level) == Publish(
         topic="topic/ü", payload=payload, qos=qos, retain=True, dup=True, packet_id=0xBEEF,
         properties=props)
+
+
+@pytest.mark.parametrize("payload", [b"payload", b"p" * 20_000], ids=["short", "3-byte"])
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_publish_template_of_properties_after_shared_ones_is_that_of_them_all(qos: int, payload: bytes) -> None:
+    """A receiver's own properties, put after those encoded once for many receivers (``shared``),
+    make the PUBLISH that all of them would (whatever the size of the property block's length,
+    and of the packet's)."""
+    shared = {"content_type": "text/plain", "user_property": [("k", "v")] * 50}
+    own = {"message_expiry_interval": 9, "subscription_identifier": (1, 200), "topic_alias": 3}
+    for first, then in ((shared, own), ({}, own), (shared, {}), ({}, {})):
+        assert publish_template("topic/ü", payload, qos, True, then, MQTT_5, qos,
+                                shared=encode_property_list(first)) == publish_template(
+            "topic/ü", payload, qos, True, {**first, **then}, MQTT_5, qos)
 
 
 def test_encode_publish_is_encode() -> None:

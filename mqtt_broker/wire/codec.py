@@ -17,7 +17,7 @@ from .packets import (
 )
 from .properties import (
     WILL, decode_binary, decode_properties, decode_string, decode_varint, encode_binary,
-    encode_properties, encode_string, encode_varint,
+    encode_properties, encode_property_list, encode_string, encode_varint,
 )
 
 _U16: Final = Struct("!H")
@@ -463,12 +463,22 @@ def encode_publish(publish: Publish, version: int) -> bytes:
 
 
 def publish_template(topic: str, payload: bytes, qos: int, retain: bool, properties: Properties,
-                     version: int, packet_id: int = 0, dup: bool = False) -> tuple[bytes, int]:
+                     version: int, packet_id: int = 0, dup: bool = False, shared: bytes = b"") -> tuple[bytes, int]:
     """Encode a PUBLISH; returns (bytes, offset of the packet id), so that the same bytes can be
-    sent to many subscribers with only the two packet id bytes (and the DUP bit) changed."""
+    sent to many subscribers with only the two packet id bytes (and the DUP bit) changed.
+
+    ``shared``: MQTT 5 properties encoded already (``encode_property_list``'s), which
+    ``properties`` follow: those many receivers get alike, encoded once for them all, and then
+    one receiver's own (its topic alias, say)."""
     raw_topic = topic.encode("utf-8")
     topic_size = len(raw_topic)
-    props = encode_properties(properties) if version == MQTT_5 else b""
+    if version != MQTT_5:
+        props = b""
+    elif shared:
+        own = encode_property_list(properties)
+        props = b"".join((encode_varint(len(shared) + len(own)), shared, own))
+    else:
+        props = encode_properties(properties)
     length = 2 + topic_size + (2 if qos else 0) + len(props) + len(payload)
     first = 0x30 | qos << 1 | retain | dup << 3
     # One join: the length is known before the body is, and most PUBLISHes fit a one-byte length

@@ -205,6 +205,17 @@ def encode_properties(props: Properties) -> bytes:
     """Encode a property block, its length prefix included."""
     if not props:
         return b"\x00"
+    out = _encoded(props)
+    return encode_varint(len(out)) + out
+
+
+def encode_property_list(props: Properties) -> bytes:
+    """Encode properties one after the other, without the length that leads a property block:
+    what one block's parts, encoded apart, are joined from."""
+    return bytes(_encoded(props))
+
+
+def _encoded(props: Properties) -> bytearray:
     out = bytearray()
     for name, value in props.items():
         prefix, kind = _ENCODING[name]
@@ -225,4 +236,4 @@ def encode_properties(props: Properties) -> bytes:
             out += prefix + encode_string(value)
         else:
             out += prefix + encode_binary(value)
-    return encode_varint(len(out)) + out
+    return out
