@@ -80,19 +80,14 @@ class Subscribing:
             named, topic_filter = split_replay_filter(request.topic_filter)
             spec = named if named is not None else asked
             group, inner = split_shared(topic_filter)
-            if spec is not None:
-                replayed = group is None and logged  # (a shared subscription is not replayed)
-                if replayed or named is not None:  # ($replay/{spec}/ is understood, or refused, in any case)
-                    try:
-                        parse_spec(spec)
-                    except ReplayError:
-                        wanted.append(ReasonCode.UNSPECIFIED_ERROR)
-                        continue
-                if replayed:
-                    if len(replays) >= MAX_REPLAYS:  # (each reads the logs in this turn, a filter repeated too)
-                        wanted.append(ReasonCode.QUOTA_EXCEEDED)
-                        continue
-                    replays[len(wanted)] = spec
+            replay = spec if group is None and logged else None  # (a shared subscription is not replayed)
+            # ($replay/{spec}/ is understood, or refused, in any case.)
+            if spec is not None and (replay is not None or named is not None):
+                try:
+                    parse_spec(spec)
+                except ReplayError:
+                    wanted.append(ReasonCode.UNSPECIFIED_ERROR)
+                    continue
             # (A $replay/ name within a replay, or a group's, would be subscribed to as it is.)
             if not valid_topic_filter(topic_filter) or (
                     (spec is not None or group is not None) and inner.startswith(REPLAY_PREFIX)):
@@ -106,7 +101,12 @@ class Subscribing:
             elif security is not None and self.identity is not None and not security.can_subscribe(self.identity,
                                                                                                topic_filter):
                 wanted.append(ReasonCode.NOT_AUTHORIZED)
+            elif replay is not None and len(replays) >= MAX_REPLAYS:
+                # (Each reads the logs in this turn, a filter repeated too; one refused reads none.)
+                wanted.append(ReasonCode.QUOTA_EXCEEDED)
             else:
+                if replay is not None:
+                    replays[len(wanted)] = replay
                 wanted.append(Subscription(
                     client_id=client_id, topic_filter=topic_filter, qos=min(request.qos, config.max_qos),
                     no_local=request.no_local or self.bridge,
@@ -218,13 +218,15 @@ class Subscribing:
         self._suback(packet, [0x80 if code < 0x80 else code for code in codes], reason)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
-        if self.version != MQTT_5 and not all(f and wildcards_in_place(f) for f in packet.topic_filters):
+        inners = [split_replay_filter(f)[1] for f in packet.topic_filters]  # (a $replay/ name's: the filter it ends)
+        if self.version != MQTT_5 and not all(f and wildcards_in_place(inner)
+                                              for f, inner in zip(packet.topic_filters, inners)):
             # No UNSUBACK of MQTT 3 can say so: a protocol violation closes [MQTT-4.8.0-1]. (One
-            # only over this broker's limits is answered, as its SUBSCRIBE was [MQTT-3.10.4-5].)
+            # only over this broker's limits is answered, as its SUBSCRIBE was [MQTT-3.10.4-5].
+            # A $replay/since: time's "+01:00" is no wildcard.)
             raise ProtocolError("UNSUBSCRIBE of an invalid topic filter")  # [MQTT-4.7.1-1, -2, 4.7.3-1]
-        # The filter each ends (a $replay/ name's), None for one that is not valid.
-        filters = [inner if valid_topic_filter(inner) else None
-                   for inner in (split_replay_filter(f)[1] for f in packet.topic_filters)]
+        # The filter each ends, None for one that is not valid.
+        filters = [inner if valid_topic_filter(inner) else None for inner in inners]
         hooks = self.broker.hooks
         if hooks.has_unsubscribe:
             # (Shown the filter it ends, as the subscribe hook was.)

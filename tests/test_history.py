@@ -131,6 +131,31 @@ def test_replays_of_one_subscribe_are_bounded_and_read_only_the_logs_they_could_
     assert compared == ["quiet/x"] * history.MAX_REPLAYS  # quiet/n cannot match what busy/# logs
 
 
+def test_an_mqtt3_client_unsubscribes_from_a_replay_since_a_time_with_an_offset() -> None:
+    """The "+" of "+01:00" is no wildcard: the SUBSCRIBE was granted, its UNSUBSCRIBE closed."""
+    broker = make_broker(history_filters=["log/#"])
+    connected(broker, "pub").publish("log/a", b"0")
+    sub = connected(broker, "sub")
+    name = "$replay/since:1970-01-01T01:00:00+01:00/log/#"
+    packets = sub.subscribe(name)
+    assert packets[0] == Suback(packet_id=1, reason_codes=(0,)) and payloads(packets[1:]) == [b"0"]
+    from mqtt_broker.wire import Unsubscribe, Unsuback
+    sub.send(Unsubscribe(packet_id=2, topic_filters=(name,)))
+    assert sub.received() == [Unsuback(packet_id=2)]
+    assert broker.subscriptions_of("sub") == []
+
+
+def test_refused_replay_filters_take_no_place_of_the_replays() -> None:
+    """A refused filter reads no log: 16 of them left a valid replay after them 0x97."""
+    from mqtt_broker import history
+    broker = make_broker(history_filters=["log/#"])
+    connected(broker, "pub").publish("log/a", b"0")
+    sub = connected(broker, "sub", version=5)
+    (suback, *replayed) = sub.subscribe(*["$replay/all/log/#/bad"] * history.MAX_REPLAYS, "$replay/all/log/#")
+    assert suback.reason_codes == (0x8F,) * history.MAX_REPLAYS + (0,)  # type: ignore[attr-defined]
+    assert payloads(replayed) == [b"0"]
+
+
 @pytest.mark.parametrize("history_filters, filters", [
     ([], [f"a/{n}" for n in range(18)]),  # no message log: a "replay" property is the application's own
     (["log/#"], [f"$share/g/a/{n}" for n in range(18)]),  # a shared subscription is not replayed
