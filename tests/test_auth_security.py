@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from unittest.mock import patch
 
 import pytest
@@ -38,6 +38,20 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "acl").write_text("topic read public/#\nuser alice\ntopic readwrite alice/#\n"
                                   "pattern readwrite clients/%c/#\n")
     return tmp_path
+
+
+def hashes(monkeypatch: pytest.MonkeyPatch,
+           seen: Callable[[PasswordHash, bytes], Any] = lambda entry, password: password) -> list[Any]:
+    """What each hash checked from now on is recorded as (``seen``: by default its password)."""
+    hashed: list[Any] = []
+    verify = PasswordHash.verify
+
+    def recording(entry: PasswordHash, password: bytes) -> bool:
+        hashed.append(seen(entry, password))
+        return verify(entry, password)
+
+    monkeypatch.setattr(PasswordHash, "verify", recording)
+    return hashed
 
 
 def security(files: Path, **settings: Any) -> Security:
@@ -198,14 +212,7 @@ async def test_use_identity_as_username(files: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_hashing_runs_off_the_reactor_thread(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    threads: list[threading.Thread] = []
-    original = PasswordHash.verify
-
-    def recording(self: PasswordHash, password: bytes) -> bool:
-        threads.append(threading.current_thread())
-        return original(self, password)
-
-    monkeypatch.setattr(PasswordHash, "verify", recording)
+    threads = hashes(monkeypatch, lambda entry, password: threading.current_thread())
     sec = security(files)
     await answer(sec, credentials())
     await answer(sec, credentials(password=b"wrong"))
@@ -225,14 +232,7 @@ def test_every_check_hashes_the_same_whoever_is_named(tmp_path: Path, monkeypatc
     (tmp_path / "pw").write_text(f"alice:{PasswordHash.create(b'a', iterations=101)}\n"
                                  f"bob:{PasswordHash.create(b'b', iterations=20_000)}\n"
                                  f"carol:{PasswordHash.create(b'c', algorithm='sha512')}\n")
-    hashed: list[tuple[str, int]] = []
-    original = PasswordHash.verify
-
-    def recording(self: PasswordHash, password: bytes) -> bool:
-        hashed.append((self.algorithm, self.iterations))
-        return original(self, password)
-
-    monkeypatch.setattr(PasswordHash, "verify", recording)
+    hashed = hashes(monkeypatch, lambda entry, password: (entry.algorithm, entry.iterations))
     sec = Security.from_config(BrokerConfig(password_file=str(tmp_path / "pw")), reactor=Clock())
     kinds = sorted([("sha512-pbkdf2", 101), ("sha512-pbkdf2", 20_000), ("sha512", 0)])
     for username, password, accepted in [("alice", b"a", True), ("bob", b"b", True), ("carol", b"c", True),
@@ -293,14 +293,7 @@ def test_password_checks_queued_when_the_broker_stops_are_not_run(files: Path,
     costly hash held a stop 25 s, hashing for clients already gone."""
     from twisted.internet.interfaces import IReactorThreads
     from zope.interface import directlyProvides
-    hashed: list[bytes] = []
-    original = PasswordHash.verify
-
-    def counting(self: PasswordHash, password: bytes) -> bool:
-        hashed.append(password)
-        return original(self, password)
-
-    monkeypatch.setattr(PasswordHash, "verify", counting)
+    hashed = hashes(monkeypatch)
     reactor = HeldThreads()
     directlyProvides(reactor, IReactorThreads)
     sec = Security.from_config(BrokerConfig(password_file=str(files / "pw")), reactor=reactor)
@@ -591,9 +584,7 @@ async def test_the_password_of_a_client_gone_before_its_turn_is_not_hashed(
     from twisted.internet.task import deferLater
     from protocol_helpers import FakeClient
     from mqtt_broker.wire import Connect
-    hashed: list[bytes] = []
-    verify = PasswordHash.verify
-    monkeypatch.setattr(PasswordHash, "verify", lambda self, password: hashed.append(password) or verify(self, password))
+    hashed = hashes(monkeypatch)
     broker = BrokerService(endpoints=[], reactor=reactor, sys_interval=0, close_linger=0,
                            password_file=str(files / "pw"), allow_anonymous=False)
     broker.startService()
@@ -647,14 +638,7 @@ async def test_a_user_the_password_file_passes_on_costs_a_hash_when_a_token_refu
         files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a JSON Web Token key too, a password shaped like a token was refused by it at once for
     a user the file does not list, and after a hash for one it lists: timing told them apart."""
-    hashed: list[bytes] = []
-    original = PasswordHash.verify
-
-    def counting(self: PasswordHash, password: bytes) -> bool:
-        hashed.append(password)
-        return original(self, password)
-
-    monkeypatch.setattr(PasswordHash, "verify", counting)
+    hashed = hashes(monkeypatch)
     (tmp_path / "secret").write_bytes(b"s" * 32)
     sec = security(files, jwt_secret_file=str(tmp_path / "secret"))
     costs = []
