@@ -80,6 +80,9 @@ class Publisher:
     acknowledged: set[int] = field(default_factory=set)
     """Messages the broker took responsibility for (PUBACK, or PUBREC for QoS 2)."""
     completed: int = 0
+    until: int = 0
+    """Messages are sent up to this number (not included) for now: the run holds the publisher
+    within a window of the next kill, so that it cannot finish before the kills are made."""
     quota: int = 0
     connects: int = 0
     _next_id: int = 1
@@ -105,7 +108,7 @@ class Publisher:
 
     def more(self) -> list[Packet]:
         new: list[Packet] = []
-        while len(self.inflight) < self.quota and self.next_number < self.total:
+        while len(self.inflight) < self.quota and self.next_number < min(self.until, self.total):
             packet_id = self._next_id
             while packet_id in self.inflight:
                 packet_id = packet_id % 65535 + 1
@@ -307,6 +310,7 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
     kill_at: float | None = None
     back_at = {"sub": 0.0, "pub": 0.0}
     served_from = 0  # messages acknowledged before the last start: the broker serves once past it
+    publisher.until = points[0] + window if points else messages
 
     def down(name: str) -> None:
         endpoint = endpoints[name]
@@ -324,16 +328,18 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
             if now - started > deadline or (not points and now - last_start > settle):
                 report.stalled = True
                 break
-            # A kill waits until the broker started last has acknowledged something: two points
-            # in one window of messages killed a broker still starting (not in the traffic).
-            serving = len(publisher.acknowledged) > served_from
-            if points and kill_at is None and publisher.next_number >= points[0] and (serving or publisher.done):
+            # A kill waits until the broker started last has acknowledged something (two points
+            # in one window of messages killed a broker still starting, not in the traffic), and
+            # the publisher waits within a window of the next kill, so as not to finish before.
+            if points and kill_at is None and publisher.next_number >= points[0] and \
+                    len(publisher.acknowledged) > served_from:
                 kill_at = now + rng.uniform(0, 0.05)
             if kill_at is not None and now >= kill_at:
                 points.pop(0)
                 kill_at = None
-                report.kills += serving
+                report.kills += 1
                 served_from = len(publisher.acknowledged)
+                publisher.until = points[0] + window if points else messages  # (sent on its reconnect)
                 kill()
                 last_start = time.monotonic()
                 back_at["sub"] = last_start + rng.uniform(0, away)
