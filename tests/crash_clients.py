@@ -339,8 +339,11 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
                 kill_at = None
                 report.kills += 1
                 served_from = len(publisher.acknowledged)
-                publisher.until = points[0] + window if points else messages  # (sent on its reconnect)
+                publisher.until = points[0] + window if points else messages
                 kill()
+                endpoint = endpoints["pub"]
+                if endpoint is not None and endpoint.connected:  # (on a node still up; else on its reconnect)
+                    endpoint.send(*publisher.more())
                 last_start = time.monotonic()
                 back_at["sub"] = last_start + rng.uniform(0, away)
             for name, client in clients.items():
