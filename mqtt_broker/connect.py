@@ -127,9 +127,12 @@ class AcceptingConnack:
     def __init__(self, config: BrokerConfig) -> None:
         props: dict[str, Any] = {
             "receive_maximum": config.max_inflight_messages,
-            "maximum_packet_size": config.max_packet_size,
             "topic_alias_maximum": config.max_topic_alias,
         }
+        if config.max_packet_size < MAX_PACKET_SIZE:
+            # (At the protocol's own limit it says nothing: paho-mqtt 2 refuses a CONNACK saying
+            # 268,435,460, and Mosquitto leaves it out.)
+            props["maximum_packet_size"] = config.max_packet_size
         if config.max_qos < 2:
             props["maximum_qos"] = config.max_qos
         if not config.retain_available:

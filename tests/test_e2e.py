@@ -14,6 +14,21 @@ from paho_helpers import PahoClient
 from mqtt_broker.wire import Connect, FrameReader, Will, encode
 
 
+def test_paho_mqtt5_clients_connect_to_a_broker_of_the_protocols_largest_packet_size(
+        broker_process) -> None:  # type: ignore[no-untyped-def]
+    """A mosquitto.conf without message_size_limit converts to max_packet_size 268,435,460:
+    paho-mqtt 2 refused a CONNACK saying so (it wants 1-268,435,455), and never connected."""
+    broker = broker_process("--max-packet-size", "268435460")
+    sub = PahoClient(broker.port, "sub", version=mqtt.MQTTv5)
+    assert not sub.reason.is_failure
+    assert [int(rc.value) for rc in sub.subscribe("e2e/#", qos=1)] == [1]
+    pub = PahoClient(broker.port, "pub", version=mqtt.MQTTv5)
+    pub.publish("e2e/big", b"x" * 100_000, qos=1)
+    assert sub.message().payload == b"x" * 100_000
+    pub.close()
+    sub.close()
+
+
 def test_qos_round_trips(broker) -> None:  # type: ignore[no-untyped-def]
     sub = PahoClient(broker.port, "sub")
     assert [int(rc.value) for rc in sub.subscribe("e2e/#", qos=2)] == [2]

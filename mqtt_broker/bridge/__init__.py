@@ -230,7 +230,8 @@ class Bridge(Service):
             properties = {"receive_maximum": self._local_receive}
             if not config.cleansession:
                 properties["session_expiry_interval"] = 0xFFFFFFFF
-            properties["maximum_packet_size"] = min(self.broker.config.max_packet_size, MAX_PACKET_SIZE)
+            if self.broker.config.max_packet_size < MAX_PACKET_SIZE:  # (as in a CONNACK: AcceptingConnack)
+                properties["maximum_packet_size"] = self.broker.config.max_packet_size
         will = None
         if config.notifications and not config.notifications_local_only:
             will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)
