@@ -69,12 +69,37 @@ def test_prefixes_map_topics_both_ways() -> None:
     exact = bridge(topic=['"" out 1 local/state remote/state'])
     assert exact.to_remote("local/state") == "remote/state"
     assert exact.to_remote("local/state/x") is None
-    # "#" matches its parent level too: the prefixes' own level, when both end one.
-    assert config.to_remote("factory") == "edge1"
+    # "#" matches its parent level too, which does not start with the prefix: it is kept.
+    assert config.to_remote("factory") == "edge1/factory"
     assert config.to_local("cloud/edge1/cmd") == "local/cmd" and config.to_local("cloud/edge1") is None
     one_sided = BridgeTopic(pattern="#", direction="both", local_prefix="", remote_prefix="cloud/")
-    assert one_sided.to_local("cloud") is None  # it would be the empty topic here
+    assert one_sided.to_local("cloud") == "cloud"
     assert one_sided.to_local("cloud/a") == "a" and one_sided.to_remote("a") == "cloud/a"
+
+
+@pytest.mark.parametrize("line, way, topic, mapped", [
+    ("# out 1 local/ remote/", "out", "local/a", "remote/a"),
+    ("# out 1 local/ remote/", "out", "local", "remote/local"),
+    ("# both 1 l/ r/", "out", "l", "r/l"),
+    ("# both 1 l/ r/", "in", "r", "l/r"),
+    ("# both 1 l/ r/", "in", "r/a", "l/a"),
+    ('# out 1 here/ ""', "out", "here", "here"),
+    ('# out 1 here/ ""', "out", "here/a", "a"),
+    ('# in 1 here/ ""', "in", "a/b", "here/a/b"),
+    ('# in 1 here/ ""', "in", "here/c", "here/here/c"),
+    ('sensors/# out 1 "" edge1/', "out", "sensors", "edge1/sensors"),
+    ('"" both 1 loc/one rem/one', "out", "loc/one", "rem/one"),
+    ('"" both 1 loc/one rem/one', "in", "rem/one", "loc/one"),
+    ("+/x in 1 l/ r/", "in", "r/a/x", "l/a/x"),
+])
+def test_a_line_maps_a_topic_as_mosquittos_bridge_does(line: str, way: str, topic: str, mapped: str) -> None:
+    """As Mosquitto 2.0.11 maps them (seen): a topic that matches the line's prefix and pattern
+    loses the one prefix if it starts with it, as a string, and gets the other in any case. So
+    the level a "#" pattern matches above it ("local" for "local/#") keeps its name, under the
+    other prefix; it was mapped to that prefix's own level ("remote"), or dropped when the other
+    prefix was empty."""
+    config = bridge(topic=[line])
+    assert (config.to_remote(topic) if way == "out" else config.to_local(topic)) == mapped
 
 
 def test_defaults_follow_mosquitto() -> None:

@@ -29,7 +29,8 @@ class BridgeTopic:
     """One ``topic`` line: ``pattern [[[out|in|both] qos] local-prefix remote-prefix]``.
 
     Out: the bridge subscribes to ``local_prefix + pattern`` here and publishes what it gets to
-    the remote with ``local_prefix`` replaced by ``remote_prefix``; in: the other way round."""
+    the remote with ``local_prefix`` taken off (where the topic starts with it) and
+    ``remote_prefix`` put before; in: the other way round."""
 
     pattern: str
     """The topic filter, without the prefixes; empty when both prefixes are the topics."""
@@ -110,13 +111,10 @@ class BridgeTopic:
         return None
 
 
-def _swap_prefix(topic: str, prefix: str, other: str) -> str | None:
-    if topic.startswith(prefix):
-        return other + topic[len(prefix):]
-    # The one topic a "#" pattern matches without the prefix: its parent level, "a" for "a/#".
-    if topic == prefix[:-1] and prefix.endswith("/") and other.endswith("/") and len(other) > 1:
-        return other[:-1]
-    return None  # (the other prefix is empty: nothing stands for the parent there)
+def _swap_prefix(topic: str, prefix: str, other: str) -> str:
+    # As Mosquitto's bridge: the level a "#" pattern matches above it ("a" for "a/#") does not
+    # start with the prefix, and keeps its name under the other one.
+    return other + topic.removeprefix(prefix)
 
 
 def mapped_problem(topic: str) -> str | None:
