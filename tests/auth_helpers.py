@@ -38,7 +38,8 @@ def reloaded(reload: Deferred[T]) -> T:
 class Mosquitto:
     """``mosquitto -c`` with the given settings, on a free loopback port; ``stop()`` ends it."""
 
-    def __init__(self, directory: Path, **settings: str) -> None:
+    def __init__(self, directory: Path, **settings: str | list[str]) -> None:
+        """``settings``: a list is its key's lines, in order (a bridge's ``topic`` lines)."""
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.port = free_port()
         self.config = directory / f"mosquitto-{self.port}.conf"
@@ -46,7 +47,8 @@ class Mosquitto:
                  # Started as root, Mosquitto switches to this user: stay who we are, so that it can
                  # read the test's files.
                  f"user {getpass.getuser()}", "log_dest stdout", "log_type all"]
-        lines += [f"{key} {value}" for key, value in settings.items()]
+        lines += [f"{key} {value}" for key, values in settings.items()
+                  for value in (values if isinstance(values, list) else [values])]
         self.config.write_text("\n".join(lines) + "\n")
         self.log_path = directory / f"mosquitto-{self.port}.log"
         self._log = open(self.log_path, "wb")

@@ -21,7 +21,7 @@ from paho_helpers import WAIT, PahoClient
 def mosquitto(tmp_path: Path) -> Iterator[Any]:
     started: list[Mosquitto] = []
 
-    def start(**settings: str) -> Mosquitto:
+    def start(**settings: str | list[str]) -> Mosquitto:
         m = Mosquitto(tmp_path, allow_anonymous="true", **settings)
         started.append(m)
         return m
@@ -73,6 +73,38 @@ def test_out_and_in_with_prefixes(broker_process: Any, mosquitto: Any, tmp_path:
     # Nothing outside the topic lines crosses, either way.
     local.publish("elsewhere/x", b"no", 1)
     cloud.publish("cloud/other/x", b"no", 1)
+    assert cloud.no_message() and local.no_message()
+    cloud.close()
+    local.close()
+
+
+@pytest.mark.parametrize("edge", ["mosquitto", "ours"])
+def test_topics_are_mapped_as_by_mosquittos_own_bridge(broker_process: Any, mosquitto: Any, tmp_path: Path,
+                                                       edge: str) -> None:
+    """The same topic lines in a Mosquitto bridge and in ours, each to a Mosquitto: the line with
+    a prefix maps what a line without one sends too, whatever their order; and r, the level r/#
+    matches above it, keeps its name under the local prefix."""
+    lines = ["a/# out 1", '# out 1 "" pre/', "# in 1 l/ r/"]
+    remote = mosquitto()
+    cloud = PahoClient(remote.port)
+    cloud.publish("r", b"above", 1, retain=True)  # (retained: it comes in whenever the bridge subscribes)
+    cloud.publish("r/x", b"under", 1, retain=True)
+    for topic in ("a/#", "c", "pre/a/#", "pre/c"):
+        cloud.subscribe(topic, 1)
+    if edge == "mosquitto":
+        port = mosquitto(connection="cloud", address=f"127.0.0.1:{remote.port}", remote_clientid="edge-cloud",
+                         topic=lines).port
+        watcher = StateWatcher(port, "edge-cloud")
+        watcher.wait_for(b"1")
+        watcher.close()
+    else:
+        port = bridged(broker_process, tmp_path, remote.port, topic=lines).port
+    local = PahoClient(port)
+    local.subscribe("l/#", 1)
+    assert sorted(local.message().topic for _ in range(2)) == ["l/r", "l/x"]
+    local.publish("a/b", b"a", 1)
+    local.publish("c", b"c", 1)
+    assert sorted(cloud.message().topic for _ in range(2)) == ["pre/a/b", "pre/c"]
     assert cloud.no_message() and local.no_message()
     cloud.close()
     local.close()

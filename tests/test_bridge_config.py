@@ -102,6 +102,21 @@ def test_a_line_maps_a_topic_as_mosquittos_bridge_does(line: str, way: str, topi
     assert (config.to_remote(topic) if way == "out" else config.to_local(topic)) == mapped
 
 
+def test_the_first_line_with_a_prefix_that_matches_maps_a_topic_and_one_without_lets_it_through() -> None:
+    """As Mosquitto's bridge, whatever the order of the lines: a line without prefixes maps
+    nothing, but a message it matches that no line with a prefix maps goes as it is."""
+    out = bridge(topic=["a/# out 1", '# out 1 "" pre/', '# out 1 "" other/'])
+    assert (out.to_remote("a/b"), out.to_remote("c")) == ("pre/a/b", "pre/c")
+    into = bridge(topic=["r/# in 1", "# in 1 l/ r/", "x/# in 1"])
+    assert (into.to_local("r/a"), into.to_local("r"), into.to_local("x/y")) == ("l/a", "l/r", "x/y")
+    assert into.to_local("y") is None  # no line brings it in
+    both = bridge(topic=["l/# both 1", "# both 1 l/ r/"])
+    assert (both.to_remote("l/a"), both.to_local("r/a"), both.to_local("l/a")) == ("r/a", "l/a", "l/a")
+    # A line with prefixes maps only the way it carries messages.
+    one_way = bridge(topic=["# out 1 l/ r/", "# both 1"])
+    assert (one_way.to_local("r/a"), one_way.to_remote("l/a")) == ("r/a", "r/a")
+
+
 def test_defaults_follow_mosquitto() -> None:
     import socket
     config = bridge()

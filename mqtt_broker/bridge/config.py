@@ -9,7 +9,7 @@ import dataclasses
 import math
 import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..topics import MAX_TOPIC_LEVELS, matches, too_deep, too_long, valid_topic_filter, valid_topic_name
 
@@ -346,19 +346,26 @@ class BridgeConfig:
         return self.notification_topic or f"$SYS/broker/connection/{self.remote_client_id}/state"
 
     def to_remote(self, topic: str) -> str | None:
-        """The remote topic of a local message, by the first ``topic`` line that sends it."""
-        for line in self.topic:
-            mapped = line.to_remote(topic)
-            if mapped is not None:
-                return mapped
-        return None
+        """The remote topic of a local message: by the first ``topic`` line with a prefix that
+        sends it; else the topic itself, if a line without prefixes sends it; else None."""
+        return _first_mapping(self.topic, topic, BridgeTopic.to_remote)
 
     def to_local(self, topic: str) -> str | None:
-        for line in self.topic:
-            mapped = line.to_local(topic)
-            if mapped is not None:
+        """The local topic of a remote message, as :meth:`to_remote` finds it."""
+        return _first_mapping(self.topic, topic, BridgeTopic.to_local)
+
+
+def _first_mapping(lines: list[BridgeTopic], topic: str, way: Callable[[BridgeTopic, str], str | None]) -> str | None:
+    # Mosquitto's bridge maps by the lines with a prefix alone, in their order, wherever the
+    # others are: a line without lets a message through, but does not keep it from being mapped.
+    through = None
+    for line in lines:
+        mapped = way(line, topic)
+        if mapped is not None:
+            if line.local_prefix or line.remote_prefix:
                 return mapped
-        return None
+            through = mapped
+    return through
 
 
 __all__ = ["BridgeConfig", "BridgeConfigError", "BridgeTopic", "mapped_problem"]
