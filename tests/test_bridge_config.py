@@ -782,6 +782,38 @@ def test_a_bridge_stopped_during_a_restart_counts_its_next_broken_link_as_a_fail
     assert (bridge.state, bridge.stats.failures) == ("waiting", 1) and bridge.last_error
 
 
+def test_a_refused_attempt_and_a_broken_link_are_each_logged_once() -> None:
+    """Each was logged as its link closed and again as the bridge failed, with the same reason
+    (a broken link a third time, as the local link closed after it); the one line says which
+    link broke."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    remote = FakeRemote(topic=["t/# out 1"])
+    with LogCapture() as logged:
+        for _ in range(2):
+            remote.reactor.advance(1.3)  # the back-off, and HostnameEndpoint's steps to its attempt
+            protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+            protocol.makeConnection(StringTransport())
+            protocol.dataReceived(encode(Connack(reason_code=5), 4))
+            protocol.connectionLost(Failure(ConnectionDone()))
+            remote.reactor.advance(0)
+        remote.up()
+        remote.down()
+        remote.reactor.advance(0)
+    bridge_lines = [line for line in logged.lines if line.startswith("bridge b: ")]
+    assert [line for line in bridge_lines if "0x05" in line] == [
+        "bridge b: CONNECT refused with reason code 0x05"] * 2
+    assert [line for line in bridge_lines if "connection lost" in line] == [
+        "bridge b: remote link closed: connection lost: Connection to the other side was lost in a non-clean "
+        "fashion."]
+    assert remote.bridge.last_error == "remote link closed: connection lost: Connection to the other side was " \
+        "lost in a non-clean fashion."  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
 def test_a_remote_that_refuses_the_bridge_bit_is_tried_again_without_it() -> None:
     """A remote that does not know try_private's bit answers CONNACK 0x01 (unacceptable protocol
     version): the next attempts go without it, as Mosquitto's."""

@@ -669,8 +669,9 @@ class Bridge(Service):
             self.local = None
         else:
             return
-        if not self._restarting and self.state in ("connected", "connecting"):
-            log.info("bridge {name}: {side} link closed: {why}", name=self.connection, side=link.name, why=why)
+        if not self._restarting and self.state == "connected" and (self.remote is not None or self.local is not None):
+            # The first of the two to break: which it was goes into the one line _failed logs.
+            why = f"{link.name} link closed: {why}"
         self._close_links(why)
         if self.remote is None and self.local is None:
             self._down(why)
