@@ -85,8 +85,8 @@ class MQTTFactory(Factory):
         tally(stats.refused_by_reason, "max_connections")
         refused = stats.refused_by_reason["max_connections"]
         if once_per_thousand(refused):
-            log.warn("refusing a connection from {addr}: max_connections ({limit}) reached ({refused} refused for "
-                     "it in all; logged once per thousand)", addr=addr, limit=limit, refused=refused)
+            log.warn("refusing a connection from {addr}: max_connections ({limit}) reached ({refused} connections "
+                     "refused for it so far; logged once per thousand)", addr=addr, limit=limit, refused=refused)
         return True
 
 
@@ -127,6 +127,8 @@ class BrokerService(MultiService):
         self._retained_sweep: Any = None
         self._alive_call: Any = None
         self._alive_every = ALIVE_EVERY
+        """Seconds between two notes that the broker is alive: ALIVE_EVERY, or less once a
+        session of a short expiry has been connected (``_alive_within``)."""
         self.expiries = Deadlines(self.clock, self._expire, SESSIONS_ENDED_PER_TURN)
         """Every disconnected session's expiry, on one timer (``Session.expiry_deadline``)."""
         self.sessions: dict[str, Session] = {}
@@ -861,9 +863,10 @@ class BrokerService(MultiService):
         self._alive_call = self.clock.callLater(self._alive_every, self._alive, note)
 
     def _alive_within(self, expiry: int) -> None:
-        """A session of ``expiry`` seconds is connected: from now on the notes come four times in
-        that at least (but ALIVE_SOONEST), so that a kill takes no more than a quarter of it."""
-        self._alive_every = every = max(ALIVE_SOONEST, min(self._alive_every, expiry / 4))
+        """A session of ``expiry`` seconds (less than four notes' time) is connected: from now on
+        the notes come four times within it at least (no more often than ALIVE_SOONEST), so that a
+        kill takes no more than a quarter of it."""
+        self._alive_every = every = max(ALIVE_SOONEST, expiry / 4)
         if self._alive_call.active() and self._alive_call.getTime() - self.clock.seconds() > every:
             self._alive_call.reset(every)
 

@@ -13,7 +13,7 @@ from typing import Any
 from .config import BrokerConfig
 from .message import is_utf8
 from .topics import valid_topic_name
-from .wire.codec import MAX_PACKET_SIZE, encode_connack
+from .wire.codec import MAX_PACKET_SIZE, MAX_REMAINING_LENGTH, encode_connack
 from .wire.codes import ReasonCode
 from .wire.packets import MQTT_3_1, MQTT_5, NO_PROPERTIES, Connect, Properties
 
@@ -118,6 +118,13 @@ def negotiate(config: BrokerConfig, connect: Connect, connack: AcceptingConnack 
     return terms
 
 
+def announced_packet_size(config: BrokerConfig) -> int | None:
+    """The Maximum Packet Size the broker tells its peers (in a CONNACK, a bridge's CONNECT), or
+    None to say nothing: past the largest remaining length, paho-mqtt 2 refuses the property (it
+    wants 1-268,435,455), and left out it means the protocol's own limit, as Mosquitto leaves it."""
+    return config.max_packet_size if config.max_packet_size <= MAX_REMAINING_LENGTH else None
+
+
 class AcceptingConnack:
     """``AcceptingConnack(config)``: what every v5 CONNACK of a broker says about it
     [MQTT-3.2.2] (only what differs from the defaults), and the whole accepting CONNACK that says
@@ -129,10 +136,9 @@ class AcceptingConnack:
             "receive_maximum": config.max_inflight_messages,
             "topic_alias_maximum": config.max_topic_alias,
         }
-        if config.max_packet_size < MAX_PACKET_SIZE:
-            # (At the protocol's own limit it says nothing: paho-mqtt 2 refuses a CONNACK saying
-            # 268,435,460, and Mosquitto leaves it out.)
-            props["maximum_packet_size"] = config.max_packet_size
+        size = announced_packet_size(config)
+        if size is not None:
+            props["maximum_packet_size"] = size
         if config.max_qos < 2:
             props["maximum_qos"] = config.max_qos
         if not config.retain_available:

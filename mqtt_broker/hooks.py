@@ -128,8 +128,9 @@ class Hooks:
         """``handler(client) -> None | bool | ReasonCode | Refused``: a CONNECT that passed the
         protocol's checks (``client.properties`` has an MQTT 5 client's CONNECT properties): a
         decision, not yet a connection (the broker may still refuse it, and then no disconnect
-        follows: ``on_disconnect`` comes only after a CONNACK that accepted it). False refuses with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses
-        with that code (3.x: the nearest return code)."""
+        follows: ``on_disconnect`` comes only after a CONNACK that accepted it). False refuses
+        with CONNACK "not authorized" (3.x: 5, 5.0: 0x87); a ReasonCode refuses with that code
+        (3.x: the nearest return code)."""
         return self._register("connect", handler)
 
     def on_auth(self, handler: Handler) -> Handler:
@@ -159,9 +160,9 @@ class Hooks:
         """``handler(client, subscription) -> None | bool | int | Refused``: one filter of a
         SUBSCRIBE. False refuses the filter (SUBACK 0x80); a ReasonCode or Refused refuses with
         that code in MQTT 5 (0x80 in 3.x); an int 0..2 grants at most that QoS (the lowest of
-        several handlers' answers). A shared
-        subscription's ``topic_filter`` keeps its ``$share/{group}/`` prefix (``share_group`` is
-        set): :func:`mqtt_broker.topics.split_shared` gives the filter it matches topics with."""
+        several handlers' answers). A shared subscription's ``topic_filter`` keeps its
+        ``$share/{group}/`` prefix (``share_group`` is set): :func:`mqtt_broker.topics.split_shared`
+        gives the filter it matches topics with."""
         return self._register("subscribe", handler)
 
     def on_unsubscribe(self, handler: Handler) -> Handler:
@@ -200,8 +201,11 @@ class Hooks:
         if transforms and isinstance(args[1], Message):
             own_properties(args[1])
         answer: Any = None
-        handlers = tuple(self._handlers[event])  # a handler may remove itself, or add one
+        current = self._handlers[event]
+        handlers = tuple(current)  # a handler may remove itself, or add one
         for index, handler in enumerate(handlers):
+            if handler not in current:  # (removed by an earlier one)
+                continue
             call_args = (args[0], own_properties(answer)) if transforms and isinstance(answer, Message) else args
             try:
                 value = handler(*call_args)

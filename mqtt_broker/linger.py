@@ -114,15 +114,16 @@ if sys.platform == "linux":
     from fcntl import ioctl
     from termios import TIOCOUTQ
 
-
-def _in_kernel(socket: tcp.Connection) -> int:
-    """Bytes of a socket's send buffer that its peer has not acknowledged (Linux's SIOCOUTQ; the
-    kernel's own measure for a UNIX socket); 0 where that cannot be told."""
-    if sys.platform != "linux":
-        return 0
-    try:
-        return int.from_bytes(ioctl(socket.fileno(), TIOCOUTQ, bytes(4)), sys.byteorder)
-    except (OSError, ValueError):  # (closed: its descriptor is -1)
+    def _in_kernel(socket: tcp.Connection) -> int:
+        """Bytes of a socket's send buffer that its peer has not acknowledged (Linux's SIOCOUTQ;
+        the kernel's own measure for a UNIX socket)."""
+        try:
+            return int.from_bytes(ioctl(socket.fileno(), TIOCOUTQ, bytes(4)), sys.byteorder)
+        except (OSError, ValueError):  # (closed: its descriptor is -1)
+            return 0
+else:
+    def _in_kernel(socket: tcp.Connection) -> int:
+        """0: the kernel's measure cannot be told here."""
         return 0
 
 

@@ -431,9 +431,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         # gone, and what is queued for it may never drain, so lingering would only hold its
         # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
         # after all (best effort: the reset may overtake it).
-        why = (f"keepalive timeout: reading nothing it was sent (or less than its answers) for {idle:.1f}s, "
-               f"it was read no more"
-               if self._backlogged else f"keepalive timeout ({idle:.1f}s idle)")
+        why = (f"keepalive timeout: read no more for what it was sent, its socket took less than its "
+               f"answers in {idle:.1f}s" if self._backlogged else f"keepalive timeout ({idle:.1f}s idle)")
         self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, why, abort=True)
         return None
 

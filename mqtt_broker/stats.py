@@ -64,4 +64,4 @@ def once_per_thousand(count: int, added: int = 1) -> bool:
     return (count - 1) // 1000 != (count - added - 1) // 1000
 
 
-__all__ = ["Stats"]
+__all__ = ["Stats", "once_per_thousand"]

@@ -310,7 +310,11 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
     kill_at: float | None = None
     back_at = {"sub": 0.0, "pub": 0.0}
     served_from = 0  # messages acknowledged before the last start: the broker serves once past it
-    publisher.until = points[0] + window if points else messages
+
+    def hold_publisher() -> None:
+        """Within a window of the next kill point (all the messages after the last)."""
+        publisher.until = points[0] + window if points else messages
+    hold_publisher()
 
     def down(name: str) -> None:
         endpoint = endpoints[name]
@@ -339,7 +343,7 @@ def exchange(qos: int, messages: int, kills: int, seed: int, ports: dict[str, in
                 kill_at = None
                 report.kills += 1
                 served_from = len(publisher.acknowledged)
-                publisher.until = points[0] + window if points else messages
+                hold_publisher()
                 kill()
                 endpoint = endpoints["pub"]
                 if endpoint is not None and endpoint.connected:  # (on a node still up; else on its reconnect)

@@ -247,8 +247,8 @@ def test_subscription_refusals_are_counted_end_to_end(broker_process: type[Broke
     assert value(samples, "mqtt_subscriptions_refused_total", reason="max_subscriptions_per_client") == 3
     assert admin.call("GET", "/api/v1/stats").body["subscriptions_refused"] == {"max_subscriptions_per_client": 3}
     refusals = [line for line in map(formatEvent, admin.broker.events()) if "max_subscriptions_per_client" in line]
-    assert [line.split("refused ", 1)[1] for line in refusals] == [  # (the next after the 1001st refusal)
-        "1 subscription(s) of 'limited-5' to 'limit/2': max_subscriptions_per_client (1 refused for it in all; "
+    assert [line.split("refused ", 1)[1] for line in refusals] == [  # (the next line only at the 1001st refusal)
+        "1 subscription(s) of 'limited-5' to 'limit/2': max_subscriptions_per_client (1 filters of all clients refused for it so far; "
         "logged once per thousand)"]
 
 

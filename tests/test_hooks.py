@@ -206,6 +206,19 @@ def test_several_subscribe_hooks_grant_the_lowest_qos_of_their_answers() -> None
     assert result_of(decided) == 0
 
 
+def test_a_handler_an_earlier_one_removes_is_not_called() -> None:
+    hooks = Hooks()
+    calls: list[str] = []
+
+    def refusing(client: Client, message: Message) -> bool:
+        calls.append(message.topic)
+        return False
+
+    hooks.on_publish(lambda client, message: hooks.remove("publish", refusing))
+    hooks.on_publish(refusing)
+    assert result_of(hooks.decide("publish", CLIENT, Message(topic="t", payload=b""))) is None and calls == []
+
+
 def test_a_handler_removed_while_an_earlier_one_decides_is_not_called() -> None:
     hooks = Hooks()
     first: Deferred[Any] = Deferred()

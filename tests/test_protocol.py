@@ -793,7 +793,7 @@ def test_a_client_read_no_more_for_its_backlog_is_dropped_after_its_keepalive() 
         assert client.transport.producerState == "paused"
         broker.reactor.advance(15)
     assert client.closed
-    assert any("reading nothing it was sent" in str(event.get("reason", "")) for event in events)
+    assert any("read no more for what it was sent" in str(event.get("reason", "")) for event in events)
 
 
 def _flooded(broker: Any, after: float = 0) -> SocketClient:
@@ -864,7 +864,7 @@ def test_a_client_read_no_more_whose_socket_takes_nothing_is_dropped_after_its_k
                 client.reads(reading)
                 client.deliver()
         assert broker.reactor.seconds() == dropped_at
-        assert any("reading nothing it was sent" in str(event.get("reason", "")) for event in events)
+        assert any("read no more for what it was sent" in str(event.get("reason", "")) for event in events)
 
 
 def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
@@ -908,6 +908,14 @@ def test_max_connections() -> None:
     FakeClient(broker)
     from twisted.internet.address import IPv4Address
     assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
+
+
+@pytest.mark.parametrize("count, added, logged", [
+    (1, 1, True), (2, 1, False), (1000, 1, False), (1001, 1, True), (1002, 1, False), (2001, 1, True),
+    (3, 3, True), (1002, 3, True), (1003, 2, False), (2500, 2500, True), (2500, 1499, True), (2500, 499, False)])
+def test_the_first_event_and_each_that_passes_a_thousand_more_is_logged(count: int, added: int, logged: bool) -> None:
+    from mqtt_broker.stats import once_per_thousand
+    assert once_per_thousand(count, added) == logged
 
 
 def test_connections_refused_at_max_connections_are_logged_once_per_thousand() -> None:

@@ -280,7 +280,7 @@ class Security:
                 return self._refused(credentials, ReasonCode.NOT_AUTHORIZED,
                                      "use_identity_as_username: no identity in a verified client certificate")
             return Identity(client_id=credentials.client_id, username=credentials.certificate_identity)
-        for done, authenticator in enumerate(self._authenticators):
+        for asked, authenticator in enumerate(self._authenticators):
             try:
                 answer = await authenticator.authenticate(credentials)
             except Exception as e:
@@ -293,7 +293,7 @@ class Security:
             if isinstance(answer, Refusal):
                 # A later authenticator refusing at once (a password shaped like no token) would
                 # tell the users the earlier ones passed on from those they hashed for.
-                cancelled = await self._equalized(credentials, self._authenticators[:done], closes, withdrawn)
+                cancelled = await self._equalized(credentials, self._authenticators[:asked], closes, withdrawn)
                 if cancelled is not None:
                     return cancelled
                 return self._refused(credentials, answer.reason_code, f"{authenticator.name}: {answer.reason}")

@@ -42,6 +42,7 @@ from ..wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
+from ..connect import announced_packet_size
 from ..message import is_utf8
 from ..wire.codec import MAX_PACKET_SIZE
 from ..wire.codes import ReasonCode
@@ -230,8 +231,9 @@ class Bridge(Service):
             properties = {"receive_maximum": self._local_receive}
             if not config.cleansession:
                 properties["session_expiry_interval"] = 0xFFFFFFFF
-            if self.broker.config.max_packet_size < MAX_PACKET_SIZE:  # (as in a CONNACK: AcceptingConnack)
-                properties["maximum_packet_size"] = self.broker.config.max_packet_size
+            size = announced_packet_size(self.broker.config)
+            if size is not None:
+                properties["maximum_packet_size"] = size
         will = None
         if config.notifications and not config.notifications_local_only:
             will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)

@@ -133,7 +133,8 @@ class Store(Protocol):
     # under max_stored_messages.
     #
     # Optional: ``alive(now: float) -> None`` records that the broker is alive at clock time
-    # ``now`` (the broker calls it every minute: ``broker.ALIVE_EVERY``), for ``load`` to give as
+    # ``now`` (the broker calls it every minute, ``broker.ALIVE_EVERY``, down to every second,
+    # ``ALIVE_SOONEST``, once sessions of short expiries have connected), for ``load`` to give as
     # ``Snapshot.alive_at``: the sessions whose clients were connected when the broker was
     # killed then count their expiry from then rather than from the restart.
     #
