@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from twisted.application.service import MultiService
+from twisted.internet import tcp as twisted_tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -227,7 +229,7 @@ class BrokerService(MultiService):
         try:
             self._listen()
         except BaseException:
-            self._unlisten()
+            self._unlisten(at_once=True)
             raise
 
     def startService(self) -> None:
@@ -247,7 +249,7 @@ class BrokerService(MultiService):
             else:
                 self._rearm()
         except BaseException:
-            self._unlisten()  # (what privilegedStartService opened)
+            self._unlisten(at_once=True)  # (what privilegedStartService opened)
             self.delivery.stopped = True  # (not running: nothing is to change it)
             raise
         super().startService()
@@ -255,6 +257,7 @@ class BrokerService(MultiService):
             if not self._listening:
                 self._listen()
         except BaseException:
+            self._unlisten(at_once=True)
             self.stopService()
             raise
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
@@ -333,9 +336,17 @@ class BrokerService(MultiService):
             self._starting.remove(listened)
             log.failure("cannot listen on {endpoint}: running without it", failure, endpoint=description)
 
-    def _unlisten(self) -> list[Any]:
-        """Close every listener (and those still starting once they listen)."""
-        stopping = [port.stopListening() for port in self.ports]
+    def _unlisten(self, at_once: bool = False) -> list[Any]:
+        """Close every listener (and those still starting once they listen). ``at_once`` (a start
+        that failed): a listener of the reactor's own closes now, not at the reactor's next turn,
+        which a twistd that fails to start never runs; a UNIX socket's file and its lock would
+        stay on disk."""
+        stopping = []
+        for port in self.ports:
+            if at_once and isinstance(port, twisted_tcp.Port):  # (a unix: listener's too)
+                port.connectionLost(Failure(ConnectionDone()))  # (what stopListening has the next turn do)
+            else:
+                stopping.append(port.stopListening())
         self.ports, self._starting, self._tls, self._listening = [], [], [], False
         return stopping
 

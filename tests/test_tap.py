@@ -459,6 +459,17 @@ def test_start_on_busy_port_raises(busy_port: int) -> None:
     assert not service.running
 
 
+def test_a_start_that_fails_closes_its_unix_socket_at_once(tmp_path: Path, busy_port: int) -> None:
+    """Its file and lock are gone before the start raises: an application may end there, without
+    the reactor's next turn (in which a stop closes listeners)."""
+    service = makeService(parse("--persistence", "memory", "--endpoint", f"unix:{tmp_path}/mqtt.sock",
+                                "--endpoint", f"tcp:{busy_port}:interface=127.0.0.1"))
+    with pytest.raises(CannotListenError):
+        service.startService()
+    assert list(tmp_path.iterdir()) == [] and service.ports == []
+    service.stopService()
+
+
 def test_start_listens_and_stop_closes() -> None:
     """TCP listen is synchronous, so a started service accepts connections without a running
     reactor; closing the port is a delayed call, and the store's last write comes back from its
@@ -577,6 +588,20 @@ def test_twistd_says_a_start_up_failure_in_one_line(tmp_path: Path, busy_port: i
                          f"[Errno 98] Address already in use."), output
     assert "Traceback" not in output and "File " not in output, output
     assert not (tmp_path / "twistd.pid").exists()  # removed, as for any exception
+
+
+@pytest.mark.parametrize("failure", ["busy-port", "unusable-data-dir"])
+def test_a_start_that_fails_leaves_no_unix_socket_or_lock_behind(tmp_path: Path, busy_port: int, failure: str) -> None:
+    """Twisted closes a listener (unlinks a UNIX socket and releases its lock) at the reactor's
+    next turn, which a twistd that fails to start never runs: the socket file and its lock,
+    naming the PID, stayed on disk."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "file").write_text("")
+    then = (["--endpoint", f"tcp:{busy_port}:interface=127.0.0.1"] if failure == "busy-port"
+            else ["--persistence", "sqlite", "--data-dir", str(tmp_path / "file")])
+    status, output = twistd(tmp_path, "--endpoint", f"unix:{tmp_path}/run/mqtt.sock", *then)
+    assert status == 1 and "mqttbroker: cannot start: " in output, output
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_twistd_says_an_unusable_key_file_under_rundir_in_one_line(tmp_path: Path) -> None:
