@@ -18,18 +18,23 @@ listening socket rather than on each connection.
 
 The broker listens through :func:`listen`, which uses ``Port`` (Twisted's ``tcp.Port`` with
 this ``Server``) for Twisted's ``tcp:`` and ``tcp6:`` endpoints on a reactor of file
-descriptors, and leaves every other endpoint (``ssl:``, ``unix:``, ...) to itself.
+descriptors, and leaves every other endpoint (``ssl:``, ``unix:``, ...) to itself, once the
+stale lock of a ``unix:`` one that Twisted would take for this process's own is gone.
 """
 
 from __future__ import annotations
 
 import _socket
+import contextlib
+import errno
+import os
 import socket
+import stat
 import sys
 from typing import Any
 
 from twisted.internet import address, defer, main, tcp
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocol, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python import log
@@ -198,9 +203,11 @@ def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
     on a reactor of file descriptors (the listener its ``listen`` would make, but for the
     transport of the connections). ``nodelay``: the connections of such a listener on Linux
     start with Nagle's algorithm off (:attr:`Port.nodelay`), so that turning it off costs them
-    nothing."""
+    nothing. A ``unix:`` listener's lock that a killed process of this one's id left is removed
+    first (:func:`_clear_own_stale_lock`)."""
     reactor = getattr(endpoint, "_reactor", None)
     if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint) or not isinstance(reactor, PosixReactorBase):
+        _clear_own_stale_lock(getattr(endpoint, "_wrappedEndpoint", endpoint))  # (haproxy: wraps one)
         return endpoint.listen(factory)
 
     def listening() -> IListeningPort:
@@ -209,6 +216,37 @@ def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
         port.startListening()
         return port
     return defer.execute(listening)
+
+
+def _clear_own_stale_lock(endpoint: object) -> None:
+    """Remove the lock of a ``unix:`` listener (Twisted's ``PATH.lock``, a link to the process id
+    of its holder) if it names this process and nothing answers on PATH, with the socket file
+    left beside it. A broker killed (kill -9, the OOM killer) leaves both behind; started again
+    as the same process id (a container's process 1, its filesystem kept), Twisted took the
+    lock's holder for alive, itself, and refused to listen at every start. A lock naming another
+    process Twisted removes itself once that process is gone; one that this process holds is in
+    use, and PATH answers."""
+    if not isinstance(endpoint, UNIXServerEndpoint) or not endpoint._wantPID:
+        return
+    path = endpoint._address
+    lock = f"{path}.lock"
+    try:
+        if os.readlink(lock) != str(os.getpid()) or _answers(path):
+            return
+    except OSError:
+        return  # no lock, or not Twisted's: Twisted says what it makes of it
+    with contextlib.suppress(OSError):  # (no socket left: the lock alone)
+        if stat.S_ISSOCK(os.lstat(path).st_mode):  # (as Twisted: never a file a typo named)
+            os.remove(path)
+    with contextlib.suppress(OSError):  # (if it stays, Twisted says it cannot take it)
+        os.remove(lock)
+
+
+def _answers(path: str) -> bool:
+    """Whether a listener (of this process: the lock names it) takes connections on ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # (a full listen queue would hold a connect: it answers all the same)
+        return probe.connect_ex(path) not in (errno.ECONNREFUSED, errno.ENOENT)
 
 
 __all__ = ["Port", "Server", "listen"]

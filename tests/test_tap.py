@@ -565,14 +565,15 @@ def test_a_twistd_broker_tunes_its_collector() -> None:
 
 # --- run by twistd ------------------------------------------------------------------------
 
-def twistd(tmp_path: Path, *args: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
-    """``twistd -n OPTIONS mqttbroker ARGS`` in tmp_path, to its end: its exit status and its output."""
+def twistd(tmp_path: Path, *args: str, options: tuple[str, ...] = (), before: str = "") -> tuple[int, str]:
+    """``twistd -n OPTIONS mqttbroker ARGS`` in tmp_path, to its end: its exit status and its output.
+    ``before``: Python statements the process runs first."""
     import os
     import subprocess
     import sys
 
     from conftest import PACKAGE_ROOT
-    done = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", *options,
+    done = subprocess.run([sys.executable, "-c", f"{before}\nfrom twisted.scripts.twistd import run; run()", "-n", *options,
                            "mqttbroker", "--persistence", "memory", *args],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
@@ -602,6 +603,23 @@ def test_a_start_that_fails_leaves_no_unix_socket_or_lock_behind(tmp_path: Path,
     status, output = twistd(tmp_path, "--endpoint", f"unix:{tmp_path}/run/mqtt.sock", *then)
     assert status == 1 and "mqttbroker: cannot start: " in output, output
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_twistd_listens_over_the_unix_socket_and_lock_left_by_a_broker_of_its_process_id(tmp_path: Path,
+                                                                                          busy_port: int) -> None:
+    """A container's process 1 killed (the OOM killer) and restarted with its filesystem kept is
+    process 1 again: its socket's lock named a live process, itself, and every start failed with
+    "Cannot acquire lock". (The busy port ends the start once the socket is listened on.)"""
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "mqtt.sock"
+    left = (f"import os, socket\nsocket.socket(socket.AF_UNIX).bind({str(path)!r})\n"
+            f"os.symlink(str(os.getpid()), {f'{path}.lock'!r})")
+    status, output = twistd(tmp_path, "--endpoint", f"unix:{path}", "--endpoint", f"tcp:{busy_port}:interface=127.0.0.1",
+                            before=left)
+    assert status == 1 and f"MQTT broker listening on unix:{path}" in output, output
+    [line] = [line for line in output.splitlines() if "mqttbroker: " in line]
+    assert line.endswith(f"mqttbroker: cannot start: Couldn't listen on 127.0.0.1:{busy_port}: "
+                         f"[Errno 98] Address already in use."), output
 
 
 def test_twistd_says_an_unusable_key_file_under_rundir_in_one_line(tmp_path: Path) -> None:

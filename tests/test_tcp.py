@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionAborted, ConnectionDone
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
@@ -363,6 +363,50 @@ async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None
             assert [c.peer for c in broker.clients()] == ["unix"]  # (a client's socket has no path)
     finally:
         await broker.stopService()
+
+
+@pytest.mark.parametrize("prefix", ["", "haproxy:"])
+@pytest_twisted.ensureDeferred
+async def test_a_unix_listener_starts_over_the_socket_and_lock_a_killed_broker_of_its_process_id_left(
+        tmp_path: Any, prefix: str) -> None:
+    """Killed (kill -9, the OOM killer), a broker leaves its socket and its lock, a link to its
+    process id. Started again as the same process id (a container's process 1), it took the
+    lock's owner for alive (itself) and refused to listen, at every start."""
+    path = str(tmp_path / "mqtt.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(path)  # (closed, its file stays)
+    os.symlink(str(os.getpid()), f"{path}.lock")
+    broker = BrokerService(endpoints=[f"{prefix}unix:{path}"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(WAIT)
+            client.connect(path)
+            client.sendall((b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n" if prefix else b"") + CONNECT)
+            assert await deferToThread(client.recv, 4) == CONNACK
+        assert os.readlink(f"{path}.lock") == str(os.getpid())  # (its own now)
+    finally:
+        await broker.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unix_socket_this_process_listens_on_is_not_taken_from_it(tmp_path: Any) -> None:
+    """Its lock names this process too: a second broker on the same path refuses to listen, and
+    the first keeps its socket."""
+    path = str(tmp_path / "mqtt.sock")
+    first = BrokerService(endpoints=[f"unix:{path}"], reactor=reactor, sys_interval=0)
+    first.startService()
+    try:
+        second = BrokerService(endpoints=[f"unix:{path}"], reactor=reactor, sys_interval=0)
+        with pytest.raises(CannotListenError, match="Cannot acquire lock"):
+            second.startService()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(WAIT)
+            client.connect(path)
+            client.sendall(CONNECT)
+            assert await deferToThread(client.recv, 4) == CONNACK
+    finally:
+        await first.stopService()
 
 
 class _Later:
