@@ -259,6 +259,45 @@ def test_plugin_is_found() -> None:
     assert "mqtts" in result.stdout
 
 
+CONNECT = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01c"
+CONNACK = b"\x20\x02\x00\x00"
+
+
+def proxy_then_tls(port: int, certs: Path, header: bytes) -> bytes:
+    """What HAProxy's send-proxy (or an AWS NLB) sends on: the PROXY header in clear, then the
+    client's TLS (with make-certs.sh's client certificate) and its CONNECT; the broker's answer."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    context.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+        raw.sendall(header)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(CONNECT)
+            return tls.recv(4)
+
+
+@pytest.mark.parametrize("listener", ["ssl", "mqtts"])
+@pytest_twisted.ensureDeferred
+async def test_behind_haproxy_tls_begins_after_the_proxy_header(certs: Path, listener: str) -> None:
+    """The PROXY header comes first on the connection, in clear, the TLS handshake after it: the
+    client's address is the header's, and its certificate still names it."""
+    from mqtt_broker import BrokerService
+    tls = (mqtts(certs) if listener == "mqtts" else
+           f"ssl:0:interface=127.0.0.1:privateKey={certs / 'server.key'}:certKey={certs / 'server.pem'}")
+    broker = BrokerService(endpoints=[f"haproxy:{tls}"], reactor=reactor, sys_interval=0,
+                           use_identity_as_username=listener == "mqtts")
+    seen: list[Any] = []
+    broker.hooks.on_connect(seen.append)
+    broker.startService()
+    try:
+        header = b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n"
+        answer = await threads.deferToThread(proxy_then_tls, broker.ports[0].getHost().port, certs, header)
+        assert answer == CONNACK
+        [client] = seen
+        assert (client.peer, client.username) == ("203.0.113.7:5555", "client" if listener == "mqtts" else None)
+    finally:
+        await broker.stopService()
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 def test_broker_listens_on_mqtts(certs: Path) -> None:
