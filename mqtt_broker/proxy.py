@@ -1,5 +1,13 @@
 """Listeners behind a proxy that tells each client's address in a PROXY header (``haproxy:``).
 
+:class:`ProxyHeaderProtocol` is Twisted's reader of the header (``HAProxyProtocolWrapper``),
+less what a log or a hook could be fooled by: Twisted takes any bytes but a space for a v1
+header's address, and the broker would show them as the client's; here the header's addresses
+must be IP addresses of its family, or the connection is closed, and they are written as the
+kernel writes a direct client's (a v2 header's IPv6 one was not compressed). A v2 header that
+speaks for a client of a UNIX socket gives the connection's own addresses, the proxy's: its path
+is the proxy's business.
+
 Twisted's ``haproxy:`` wraps the listener it names: over ``ssl:`` or ``mqtts:`` its reader of
 the header sits inside TLS, and looks for the header in the decrypted stream. A proxy sends it
 first, in clear, and the client's TLS handshake after it (the PROXY protocol's spec, HAProxy's
@@ -9,12 +17,73 @@ header there, and runs TLS over what follows.
 
 from __future__ import annotations
 
+import ipaddress
+
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.internet.endpoints import TCP4ServerEndpoint, _WrapperServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 
 from .auth.tls import TLSServerEndpoint
+
+
+def checked(address: IAddress | None) -> IAddress | None:
+    """A header's address as the broker shows it: an IP address of its family written as the
+    kernel writes one (``2001:db8::1``); None for another kind, which the connection's own
+    stands for. Raises ValueError if it holds no such IP address."""
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        return None
+    host = ipaddress.ip_address(address.host)
+    if (host.version == 4) != isinstance(address, IPv4Address):
+        raise ValueError(f"an IPv{host.version} address for the other family")
+    return type(address)(address.type, host.compressed, address.port)
+
+
+class ProxyHeaderProtocol(HAProxyProtocolWrapper):
+    """Reads the PROXY header (v1 or v2) before anything else; then tells its addresses."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._proxyInfo is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        parser = self._parser
+        if parser is None:
+            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
+                self._parser = parser = V2Parser()
+            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
+                self._parser = parser = V1Parser()
+            else:
+                self.loseConnection()
+                return
+        try:
+            info, remaining = parser.feed(data)
+            if info is not None:
+                source = checked(info.source)
+                info = ProxyInfo(info.header, source, checked(info.destination) if source else None)
+        except (InvalidProxyHeader, ValueError):  # (ValueError: a v1 port that is no number, too)
+            self.loseConnection()
+            return
+        if info is not None:
+            self._proxyInfo = info
+            if remaining:
+                self.wrappedProtocol.dataReceived(remaining)
+
+
+class ProxyHeaderFactory(HAProxyWrappingFactory):
+    protocol = ProxyHeaderProtocol  # type: ignore[assignment]  # (a subclass: Twisted's Self in its __init__ puts mypy off)
+
+
+def proxied(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+    """``endpoint``, its connections read by :class:`ProxyHeaderProtocol`; over TLS, a
+    :class:`ProxiedTLSEndpoint`."""
+    if isinstance(endpoint, TLSServerEndpoint):
+        return ProxiedTLSEndpoint.around(endpoint)
+    return _WrapperServerEndpoint(endpoint, ProxyHeaderFactory)
 
 
 class ProxiedTLSEndpoint(TLSServerEndpoint):
@@ -32,7 +101,7 @@ class ProxiedTLSEndpoint(TLSServerEndpoint):
 
         tls = TLSMemoryBIOFactory(self.tls, False, protocolFactory)
         listening = TCP4ServerEndpoint(self._reactor, self._port, self._backlog, self._interface)  # type: ignore[attr-defined]
-        return listening.listen(HAProxyWrappingFactory(tls))
+        return listening.listen(ProxyHeaderFactory(tls))
 
 
-__all__ = ["ProxiedTLSEndpoint"]
+__all__ = ["ProxiedTLSEndpoint", "ProxyHeaderFactory", "ProxyHeaderProtocol", "checked", "proxied"]

@@ -349,6 +349,49 @@ async def test_behind_haproxy_a_client_that_never_connects_is_logged_with_its_ow
         await broker.stopService()
 
 
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 10.0.0.1\n2030-01-01T00:00:00_[-]_admin\x1b[2K 127.0.0.1 1 1883\r\n",
+    b"PROXY TCP4 example.com 127.0.0.1 5555 1883\r\n",
+    b"PROXY TCP4 2001:db8::1 127.0.0.1 5555 1883\r\n",
+], ids=["a-line-of-its-own", "a-name", "the-other-family"])
+@pytest_twisted.ensureDeferred
+async def test_behind_haproxy_a_header_whose_address_is_no_ip_address_of_its_family_is_refused(header: bytes) -> None:
+    """Twisted's reader takes any bytes but a space for a v1 header's address: the broker would
+    show them as the client's, to hooks and in its log, a line break and all."""
+    broker = BrokerService(endpoints=["haproxy:tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0)
+    seen: list[Any] = []
+    broker.hooks.on_connect(seen.append)
+    broker.startService()
+    try:
+        received, _ = await deferToThread(exchange, broker.ports[0].getHost().port, header + CONNECT)
+        assert (received, seen) == (b"", [])
+    finally:
+        await broker.stopService()
+
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP6 2001:db8:0:0::1 ::1 6000 1883\r\n",
+    V2_SIGNATURE + b"\x21\x21\x00\x24" + socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    + socket.inet_pton(socket.AF_INET6, "::1") + (6000).to_bytes(2, "big") + (1883).to_bytes(2, "big"),
+], ids=["v1", "v2"])
+@pytest_twisted.ensureDeferred
+async def test_behind_haproxy_an_ipv6_clients_address_is_written_as_a_direct_clients(header: bytes) -> None:
+    """As the kernel writes it, compressed: Twisted's v2 reader wrote all eight groups."""
+    broker = BrokerService(endpoints=["haproxy:tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0)
+    broker.startService()
+    try:
+        with socket.create_connection(("127.0.0.1", broker.ports[0].getHost().port), timeout=WAIT) as client:
+            client.sendall(header + CONNECT)
+            assert await deferToThread(client.recv, 4) == CONNACK
+            assert [c.peer for c in broker.clients()] == ["[2001:db8::1]:6000"]
+    finally:
+        await broker.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None:
     path = str(tmp_path / "mqtt.sock")

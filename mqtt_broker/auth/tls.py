@@ -212,16 +212,13 @@ def ssl_endpoint(reactor: Any, port: str, privateKey: str = "server.pem", certKe
 def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """``serverFromString``, except that an ``ssl:`` listener is built by :func:`ssl_endpoint`
     so that its certificate can be reloaded (``mqtts:`` does so itself), and that ``haproxy:``
-    over either reads its PROXY header before the TLS handshake
-    (:class:`mqtt_broker.proxy.ProxiedTLSEndpoint`)."""
-    kind = description.split(":", 2)
-    if kind[0] == "haproxy" and kind[1:2] in (["ssl"], ["mqtts"]):
-        from ..proxy import ProxiedTLSEndpoint
+    reads its PROXY header with :mod:`mqtt_broker.proxy`, over TLS before the handshake."""
+    kind, _, inner = description.partition(":")
+    if kind == "haproxy" and inner:
+        from ..proxy import proxied
 
-        inner = server_endpoint(reactor, description.split(":", 1)[1])
-        assert isinstance(inner, TLSServerEndpoint)
-        return ProxiedTLSEndpoint.around(inner)
-    if kind[0] != "ssl":
+        return proxied(server_endpoint(reactor, inner))
+    if kind != "ssl":
         return serverFromString(reactor, description)
     arguments, options = parse_description(description)
     return ssl_endpoint(reactor, *arguments[1:], **options)
