@@ -6,7 +6,9 @@ header's address, and the broker would show them as the client's; here the heade
 must be IP addresses of its family, or the connection is closed, and they are written as the
 kernel writes a direct client's (a v2 header's IPv6 one was not compressed). A v2 header that
 speaks for a client of a UNIX socket gives the connection's own addresses, the proxy's: its path
-is the proxy's business.
+is the proxy's business. And it waits for the whole header, as the spec has it: Twisted's closed
+a connection whose first read held less than 8 bytes (16 for v2), and refused v1's shortest
+header, ``PROXY UNKNOWN``.
 
 Twisted's ``haproxy:`` wraps the listener it names: over ``ssl:`` or ``mqtts:`` its reader of
 the header sits inside TLS, and looks for the header in the decrypted stream. A proxy sends it
@@ -44,34 +46,61 @@ def checked(address: IAddress | None) -> IAddress | None:
     return type(address)(address.type, host.compressed, address.port)
 
 
+V1_LONGEST = 107
+"""The most bytes a v1 header holds, its CRLF included (the PROXY protocol's spec, 2.1)."""
+
+
+def read_header(data: bytes) -> tuple[ProxyInfo, int] | None:
+    """The PROXY header (v1 or v2) that ``data`` begins with, its addresses :func:`checked`, and
+    its length; None while ``data`` is only its beginning. Raises ValueError, or Twisted's
+    InvalidProxyHeader, if ``data`` begins with none."""
+    if data.startswith(V2Parser.PREFIX):
+        end = 16 + int.from_bytes(data[14:16], "big")
+        if len(data) < max(16, end):
+            return None
+        info = V2Parser.parse(data[:end])
+    elif data.startswith(b"PROXY "):
+        end = data.find(b"\r\n", 0, V1_LONGEST) + 2
+        if end == 1:
+            if len(data) >= V1_LONGEST:
+                raise ValueError(f"a v1 header of more than {V1_LONGEST} bytes")
+            return None
+        line = data[:end - 2]
+        # UNKNOWN, whatever follows it: the connection's own addresses (2.1). Twisted's reader
+        # refuses the shortest header, "PROXY UNKNOWN\r\n".
+        info = ProxyInfo(line, None, None) if line.split(b" ")[1] == b"UNKNOWN" else V1Parser.parse(line)
+    elif V2Parser.PREFIX.startswith(data) or b"PROXY ".startswith(data):
+        return None
+    else:
+        raise ValueError("no PROXY header")
+    source = checked(info.source)
+    return ProxyInfo(info.header, source, checked(info.destination) if source else None), end
+
+
 class ProxyHeaderProtocol(HAProxyProtocolWrapper):
-    """Reads the PROXY header (v1 or v2) before anything else; then tells its addresses."""
+    """Reads the PROXY header (v1 or v2) before anything else, however it comes in pieces; then
+    tells its addresses. connect_timeout ends a connection that never finishes it."""
+
+    _read = b""
+    """What came of the header so far."""
 
     def dataReceived(self, data: bytes) -> None:
         if self._proxyInfo is not None:
             self.wrappedProtocol.dataReceived(data)
             return
-        parser = self._parser
-        if parser is None:
-            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
-                self._parser = parser = V2Parser()
-            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
-                self._parser = parser = V1Parser()
-            else:
-                self.loseConnection()
-                return
+        data = self._read + data
         try:
-            info, remaining = parser.feed(data)
-            if info is not None:
-                source = checked(info.source)
-                info = ProxyInfo(info.header, source, checked(info.destination) if source else None)
+            read = read_header(data)
         except (InvalidProxyHeader, ValueError):  # (ValueError: a v1 port that is no number, too)
             self.loseConnection()
             return
-        if info is not None:
-            self._proxyInfo = info
-            if remaining:
-                self.wrappedProtocol.dataReceived(remaining)
+        if read is None:
+            self._read = data
+            return
+        self._proxyInfo, end = read
+        self._read = b""
+        if len(data) > end:
+            self.wrappedProtocol.dataReceived(data[end:])
 
 
 class ProxyHeaderFactory(HAProxyWrappingFactory):
@@ -104,4 +133,4 @@ class ProxiedTLSEndpoint(TLSServerEndpoint):
         return listening.listen(ProxyHeaderFactory(tls))
 
 
-__all__ = ["ProxiedTLSEndpoint", "ProxyHeaderFactory", "ProxyHeaderProtocol", "checked", "proxied"]
+__all__ = ["V1_LONGEST", "ProxiedTLSEndpoint", "ProxyHeaderFactory", "ProxyHeaderProtocol", "checked", "proxied", "read_header"]

@@ -392,6 +392,48 @@ async def test_behind_haproxy_an_ipv6_clients_address_is_written_as_a_direct_cli
         await broker.stopService()
 
 
+
+class Collecting(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+V1_HEADER = b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n"
+V2_HEADER = (V2_SIGNATURE + b"\x21\x11\x00\x0c" + socket.inet_aton("203.0.113.7") + socket.inet_aton("127.0.0.1")
+             + (5555).to_bytes(2, "big") + (1883).to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize("header,peer", [
+    (V1_HEADER, "203.0.113.7:5555"),
+    (V2_HEADER, "203.0.113.7:5555"),
+    (b"PROXY UNKNOWN\r\n", "10.0.0.2:40000"),  # the shortest v1 header: the connection's own address
+    (b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", "10.0.0.2:40000"),
+    (V2_SIGNATURE + b"\x20\x00\x00\x00", "10.0.0.2:40000"),  # LOCAL: the proxy's own health check
+], ids=["v1", "v2", "v1-unknown", "v1-unknown-with-addresses", "v2-local"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-at-a-time"])
+def test_behind_haproxy_a_header_may_come_in_pieces_and_say_unknown(header: bytes, peer: str, split: bool) -> None:
+    """A header is a stream of bytes like any other (the PROXY protocol's spec, 2.1 and 2.2: the
+    receiver waits for the whole of it): Twisted's reader closed a connection whose first read held
+    fewer than 8 bytes (16 for v2), and refused v1's "PROXY UNKNOWN\\r\\n"."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from mqtt_broker.connecting import describe
+    from mqtt_broker.proxy import ProxyHeaderFactory
+    socket_peer = IPv4Address("TCP", "10.0.0.2", 40000)
+    wrapper = ProxyHeaderFactory(Factory.forProtocol(Collecting)).buildProtocol(socket_peer)
+    transport = StringTransport(peerAddress=socket_peer)
+    wrapper.makeConnection(transport)
+    data = header + CONNECT
+    for chunk in [data[i:i + 1] for i in range(len(data))] if split else [data]:
+        wrapper.dataReceived(chunk)
+    assert not transport.disconnecting
+    assert (wrapper.wrappedProtocol.received, describe(wrapper.getPeer())) == (CONNECT, peer)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None:
     path = str(tmp_path / "mqtt.sock")
