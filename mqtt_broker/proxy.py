@@ -25,6 +25,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, _WrapperServerEndpoint
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -32,17 +33,25 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 
 from .auth.tls import TLSServerEndpoint
+from .connecting import describe
+from .stats import once_per_thousand
+
+log = Logger()
 
 
 def checked(address: IAddress | None) -> IAddress | None:
     """A header's address as the broker shows it: an IP address of its family written as the
     kernel writes one (``2001:db8::1``); None for another kind, which the connection's own
-    stands for. Raises ValueError if it holds no such IP address."""
+    stands for. Raises ValueError (saying why, not what it holds) if it holds no such IP address."""
     if not isinstance(address, (IPv4Address, IPv6Address)):
         return None
-    host = ipaddress.ip_address(address.host)
-    if (host.version == 4) != isinstance(address, IPv4Address):
-        raise ValueError(f"an IPv{host.version} address for the other family")
+    family = 4 if isinstance(address, IPv4Address) else 6
+    try:
+        host = ipaddress.ip_address(address.host)
+    except ValueError:
+        host = None
+    if host is None or host.version != family:
+        raise ValueError(f"its address that is no IPv{family} address")
     return type(address)(address.type, host.compressed, address.port)
 
 
@@ -52,13 +61,16 @@ V1_LONGEST = 107
 
 def read_header(data: bytes) -> tuple[ProxyInfo, int] | None:
     """The PROXY header (v1 or v2) that ``data`` begins with, its addresses :func:`checked`, and
-    its length; None while ``data`` is only its beginning. Raises ValueError, or Twisted's
-    InvalidProxyHeader, if ``data`` begins with none."""
+    its length; None while ``data`` is only its beginning. Raises ValueError, saying why (never
+    with the header's bytes, which a client chose), if ``data`` begins with none."""
     if data.startswith(V2Parser.PREFIX):
         end = 16 + int.from_bytes(data[14:16], "big")
         if len(data) < max(16, end):
             return None
-        info = V2Parser.parse(data[:end])
+        try:
+            info = V2Parser.parse(data[:end])
+        except InvalidProxyHeader:
+            raise ValueError("a v2 header that cannot be read") from None
     elif data.startswith(b"PROXY "):
         end = data.find(b"\r\n", 0, V1_LONGEST) + 2
         if end == 1:
@@ -68,7 +80,10 @@ def read_header(data: bytes) -> tuple[ProxyInfo, int] | None:
         line = data[:end - 2]
         # UNKNOWN, whatever follows it: the connection's own addresses (2.1). Twisted's reader
         # refuses the shortest header, "PROXY UNKNOWN\r\n".
-        info = ProxyInfo(line, None, None) if line.split(b" ")[1] == b"UNKNOWN" else V1Parser.parse(line)
+        try:
+            info = ProxyInfo(line, None, None) if line.split(b" ")[1] == b"UNKNOWN" else V1Parser.parse(line)
+        except (InvalidProxyHeader, ValueError):  # (ValueError: a port that is no number)
+            raise ValueError("a v1 header that cannot be read") from None
     elif V2Parser.PREFIX.startswith(data) or b"PROXY ".startswith(data):
         return None
     else:
@@ -91,8 +106,8 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
         data = self._read + data
         try:
             read = read_header(data)
-        except (InvalidProxyHeader, ValueError):  # (ValueError: a v1 port that is no number, too)
-            self.loseConnection()
+        except ValueError as e:
+            self._refuse(str(e))
             return
         if read is None:
             self._read = data
@@ -102,9 +117,24 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
         if len(data) > end:
             self.wrappedProtocol.dataReceived(data[end:])
 
+    def _refuse(self, why: str) -> None:
+        """Close the connection for its header: logged the first time, then ``once_per_thousand``
+        (a client may open thousands a second)."""
+        factory = self.factory
+        assert isinstance(factory, ProxyHeaderFactory)
+        factory.refused += 1
+        if once_per_thousand(factory.refused):
+            assert self.transport is not None
+            log.warn("closing a connection from {peer}: {why} ({refused} closed for their header on this listener; "
+                     "logged once per thousand)", peer=describe(self.transport.getPeer()), why=why,
+                     refused=factory.refused)
+        self.loseConnection()
+
 
 class ProxyHeaderFactory(HAProxyWrappingFactory):
     protocol = ProxyHeaderProtocol  # type: ignore[assignment]  # (a subclass: Twisted's Self in its __init__ puts mypy off)
+    refused = 0
+    """How many connections it closed for their header."""
 
 
 def proxied(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:

@@ -434,6 +434,31 @@ def test_behind_haproxy_a_header_may_come_in_pieces_and_say_unknown(header: byte
     assert (wrapper.wrappedProtocol.received, describe(wrapper.getPeer())) == (CONNECT, peer)
 
 
+
+def test_behind_haproxy_a_connection_closed_for_its_header_is_logged_once_per_thousand() -> None:
+    """With the reason, and never the header's bytes (a client chose them); any client can open
+    thousands a second: the first, then one in a thousand, with the count."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import formatEvent
+
+    from mqtt_broker.proxy import ProxyHeaderFactory
+    factory = ProxyHeaderFactory(Factory.forProtocol(Collecting))
+    socket_peer = IPv4Address("TCP", "10.0.0.2", 40000)
+    with capturedLogs() as events:
+        for data in [CONNECT] + [b"PROXY TCP4 10.0.0.1\n\x1b[2K 127.0.0.1 1 1883\r\n"] * 1000 + [b"GET / HTTP/1.1\r\n"]:
+            wrapper = factory.buildProtocol(socket_peer)
+            transport = StringTransport(peerAddress=socket_peer)
+            wrapper.makeConnection(transport)
+            wrapper.dataReceived(data)
+            assert transport.disconnecting and wrapper.wrappedProtocol.received == b""
+    assert [formatEvent(e) for e in events] == [
+        "closing a connection from 10.0.0.2:40000: no PROXY header (1 closed for their header on this listener; "
+        "logged once per thousand)",
+        "closing a connection from 10.0.0.2:40000: its address that is no IPv4 address (1001 closed for"
+        " their header on this listener; logged once per thousand)"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None:
     path = str(tmp_path / "mqtt.sock")
