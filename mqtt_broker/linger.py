@@ -57,6 +57,8 @@ def close_lingering(transport: Any, clock: IReactorTime, linger: float, half_clo
             # TLS: its close_notify is written to the socket under it; that is closed once it
             # is, rather than held until the peer answers, which it may never do.
             socket = getattr(transport, "transport", None)
+            while isinstance(socket, ProtocolWrapper):  # (TLS over the PROXY header's wrapper)
+                socket = socket.transport
             if socket is not None:
                 socket.loseConnection()
         if socket is not None and unwritten(socket):

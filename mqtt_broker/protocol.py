@@ -67,6 +67,10 @@ READ_WHILE_DECIDING: Final = 64 * 1024
 reading stops once a read takes it above that. Reading on is how the broker sees a client leave
 meanwhile: a socket not read is not watched, and a client gone before the CONNACK was held until
 the hook answered."""
+RESUMED_GRACE: Final = 1.0
+"""Seconds after a client read no more for its backlog is read again at its keepalive
+(``keepalive_due``) within which a packet of it must come: what it sent meanwhile waited in the
+kernel, and is read at once."""
 PACKETS_PER_TURN: Final = 10_000
 """Packets of one connection handled in one turn of the reactor; the rest of what was read waits
 for the next turn, as for a hook. A TCP read of PUBLISHes holds fewer; 64 KiB of 2-byte PINGREQs
@@ -87,7 +91,8 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "broker", "delivery", "clock", "stats", "reader", "state", "_legal", "version", "session", "client",
         "will", "will_delay", "paused", "send_quota", "max_send_size", "problem_information",
         "terms", "peer", "_aliases_in", "_aliases_out", "_auth_method", "_client_id", "identity",
-        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_owed", "_graceful",
+        "_out", "_on_socket", "pending_bytes", "_auth_connect", "_blocked", "_backlogged", "_owed", "_granted",
+        "_resumed_at", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_pubacks_waiting", "bridge", "transport", "connected", "_inherited_pubrels",
         "_ended", "_reauthenticating", "_own", "_successors", "_awaiting_disk",
@@ -144,6 +149,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._owed = 0
         """What the broker owed the client when reading it stopped: bytes held for it and bytes
         its socket had not taken (see ``keepalive_due``)."""
+        self._granted = self._resumed_at = -1.0
+        """When reading it stopped for its backlog, its silence counted from then
+        (``read_no_more_until_sent``); when ``keepalive_due`` last read it again for its socket
+        taking bytes. -1: never."""
         self._awaiting_disk = False
         """Reading from the client stopped: its packets took what waits for the store's disk past
         the store's bound (see ``_added_to_store``)."""
@@ -418,21 +427,25 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # Waiting for a hook or the disk, the broker handles nothing: what the client sent
             # meanwhile (its PINGREQs) is not silence. (hook_timeout bounds the wait for a hook.)
             return now + limit
-        if self._backlogged and self.pending_bytes + unsent_bytes(self.transport) < self._owed:
+        if self._backlogged and self._resumed_at <= self._last_seen and \
+                self.pending_bytes + unsent_bytes(self.transport) < self._owed:
             # Read no more for its backlog, it reads all the same, slowly: its socket took more
             # than the answers held for it since. Its PINGREQs wait because the broker stopped
-            # reading, not because it is silent: it is read again, until the next answer held
-            # stops that, one read at most a check (what is held grows no faster than it reads).
+            # reading, not because it is silent: it is read again (until the next answer held
+            # stops that), and what waits in the kernel comes at once. A client that sent
+            # nothing even so is silent: it is looked at again shortly, and dropped unless a
+            # packet came since (a client that reads and never sends is not kept for ever).
+            self._resumed_at = now
             self._backlogged = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
-            return now + limit
+            return now + min(limit, RESUMED_GRACE)
         self._deadline = None
         # An abort, not a lingering close: a client silent for 1.5 keepalives is presumed
         # gone, and what is queued for it may never drain, so lingering would only hold its
         # descriptor. The DISCONNECT 0x8D is still written first, for a client that is alive
         # after all (best effort: the reset may overtake it).
-        why = (f"keepalive timeout: read no more for what it was sent, its socket took less than its "
-               f"answers in {idle:.1f}s" if self._backlogged else f"keepalive timeout ({idle:.1f}s idle)")
+        why = (f"keepalive timeout ({idle:.1f}s idle; read no more for what it was sent)" if self._backlogged
+               else f"keepalive timeout ({idle:.1f}s idle)")
         self.drop(ReasonCode.KEEP_ALIVE_TIMEOUT, why, abort=True)
         return None
 
@@ -596,10 +609,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         if not self._backlogged:
             self._backlogged = True
             self._owed = self.pending_bytes + unsent_bytes(self.transport)
-            if self._keep_alive:
-                # Its packets are not read from now on: whether it is silent is told by its
-                # socket taking bytes or not, over 1.5 keepalives from now (see keepalive_due).
-                self._last_seen = self.clock.seconds()
+            if self._keep_alive and self._last_seen > self._granted:
+                # Its packets are not read from now on (a PINGREQ sent a moment ago waits): its
+                # silence counts from now, once for each packet read (never sending, it is not
+                # granted this again and again as reading stops again).
+                self._last_seen = self._granted = self.clock.seconds()
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _write_now(self, data: bytes) -> None:

@@ -50,8 +50,11 @@ def checked(address: IAddress | None) -> IAddress | None:
         host = ipaddress.ip_address(address.host)
     except ValueError:
         host = None
-    if host is None or host.version != family:
+    # (A scope id, "%" and whatever follows, is any bytes but a space, as the address was.)
+    if host is None or host.version != family or getattr(host, "scope_id", None) is not None:
         raise ValueError(f"its address that is no IPv{family} address")
+    if not 0 <= address.port <= 65535:
+        raise ValueError("its port out of 0-65535")
     return type(address)(address.type, host.compressed, address.port)
 
 

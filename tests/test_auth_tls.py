@@ -514,3 +514,75 @@ def test_a_mosquitto_certfile_with_its_intermediate_certificates_serves_the_chai
     [description] = convert(tmp_path / "mosquitto.conf").settings["endpoints"]
     endpoint = server_endpoint(reactor, description)
     assert _handshake(endpoint.tls, str(tmp_path / "root.pem")) is None  # type: ignore[attr-defined]
+
+
+def _tls_reader(port: int, certs: Path, header: bytes) -> ssl.SSLSocket:
+    """Connect (the PROXY header first, if any), handshake, CONNECT and SUBSCRIBE, read the
+    CONNACK and SUBACK, then read nothing more: the open TLS socket, its window small."""
+    from mqtt_broker.wire import Connect, Subscribe, SubscriptionRequest, encode
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(WAIT)
+    raw.connect(("127.0.0.1", port))
+    raw.sendall(header)
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(encode(Connect(client_id="reader", keep_alive=0)) + encode(Subscribe(
+        packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t"),))))
+    seen = b""
+    while len(seen) < 9:
+        seen += tls.recv(64)
+    return tls
+
+
+@pytest.mark.parametrize("prefix", ["", "haproxy:"], ids=["ssl", "haproxy-ssl"])
+@pytest_twisted.inlineCallbacks
+def test_a_tls_connection_closed_without_linger_whose_client_takes_nothing_is_not_held(
+        certs: Path, prefix: str) -> Iterator[Any]:
+    """A socket closed with bytes its client never takes is aborted after UNTAKEN_LIMIT. Under
+    haproxy:ssl: the TLS transport writes to the PROXY header's wrapper, not to the socket: the
+    socket's bytes were not seen, and the connection was held for ever."""
+    from twisted.internet import tcp
+    from twisted.internet.task import Clock, deferLater
+    from mqtt_broker import BrokerService
+    from mqtt_broker.linger import UNTAKEN_LIMIT, unwritten
+    from protocol_helpers import FakeClient
+    clock = Clock()
+    endpoint = f"{prefix}ssl:0:interface=127.0.0.1:privateKey={certs / 'server.key'}:certKey={certs / 'server.pem'}"
+    broker = BrokerService(endpoints=[endpoint], reactor=reactor, clock=clock, sys_interval=0, close_linger=0,
+                           max_queued_messages=1)
+    broker.startService()
+    client = None
+    try:
+        header = b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n" if prefix else b""
+        client = yield threads.deferToThread(_tls_reader, broker.ports[0].getHost().port, certs, header)
+        [reader] = broker.connections
+        under = reader.transport
+        while not isinstance(under, tcp.Connection):
+            under = under.transport
+        under.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # (no autotuning: it fills)
+        for _ in range(400):  # bounded: until the socket holds, for good, what the client does not take
+            if unwritten(under):
+                yield deferLater(reactor, 0.02, lambda: None)
+                if unwritten(under):
+                    break
+            broker.publish("t", bytes(65536))
+            yield deferLater(reactor, 0, lambda: None)
+        assert unwritten(under)
+        FakeClient(broker).connect("reader")  # taken over: closed, no linger
+        for _ in range(500):  # bounded: the takeover done
+            if reader.session is None:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.05, lambda: None)
+        assert reader in broker.connections  # (its socket still holds what was not taken)
+        clock.advance(UNTAKEN_LIMIT)
+        for _ in range(200):  # bounded: the abort reaches the reactor
+            if reader not in broker.connections:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert reader not in broker.connections
+    finally:
+        if client is not None:
+            client.close()
+        yield broker.stopService()

@@ -867,6 +867,27 @@ def test_a_client_read_no_more_whose_socket_takes_nothing_is_dropped_after_its_k
         assert any("read no more for what it was sent" in str(event.get("reason", "")) for event in events)
 
 
+def test_a_subscriber_that_reads_but_never_sends_is_dropped_after_its_keepalive() -> None:
+    """[MQTT-3.1.2-24]: a subscriber of large messages that reads (100 KB/s) and sends nothing had
+    its silence counted again from each time reading it stopped for its backlog, and was kept for
+    ever. Counted again once for each packet read, and read again only while packets come."""
+    broker = make_broker(max_held_bytes=65536, max_queued_messages=100000)
+    client = SocketClient(broker)
+    assert client.connect("mute", keep_alive=10).reason_code == 0
+    client.subscribe("t")  # its last packet, at 0
+    client.socket.room = 0
+    while not client.closed and broker.reactor.seconds() < 120:  # (bounded)
+        for _ in range(20):
+            broker.publish("t", b"x" * 30000)
+        for _ in range(10):
+            broker.reactor.advance(0.1)
+            broker.reactor.advance(0)
+            client.reads(10_000)
+            client.received()
+            client.deliver()
+    assert client.closed and broker.reactor.seconds() <= 17
+
+
 def test_a_queue_moved_on_after_a_read_goes_out_in_one_write() -> None:
     """Messages queued behind BrokerConfig().max_held_bytes of one read, when the transport took all of it, are
     moved on gathered: one more write, not one per message."""

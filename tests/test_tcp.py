@@ -354,7 +354,11 @@ async def test_behind_haproxy_a_client_that_never_connects_is_logged_with_its_ow
     b"PROXY TCP4 10.0.0.1\n2030-01-01T00:00:00_[-]_admin\x1b[2K 127.0.0.1 1 1883\r\n",
     b"PROXY TCP4 example.com 127.0.0.1 5555 1883\r\n",
     b"PROXY TCP4 2001:db8::1 127.0.0.1 5555 1883\r\n",
-], ids=["a-line-of-its-own", "a-name", "the-other-family"])
+    b"PROXY TCP6 fe80::1%\x1b[2K\n2030-01-01T00:00:00_[-]_admin ::1 5555 1883\r\n",
+    b"PROXY TCP4 203.0.113.7 127.0.0.1 99999 1883\r\n",
+    b"PROXY TCP4 203.0.113.7 127.0.0.1 -1 1883\r\n",
+], ids=["a-line-of-its-own", "a-name", "the-other-family", "a-scope-of-its-own", "a-port-past-65535",
+        "a-negative-port"])
 @pytest_twisted.ensureDeferred
 async def test_behind_haproxy_a_header_whose_address_is_no_ip_address_of_its_family_is_refused(header: bytes) -> None:
     """Twisted's reader takes any bytes but a space for a v1 header's address: the broker would
