@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from typing import Any
+from typing import Any, Generator
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mqtt_broker import BrokerService
+from mqtt_broker.linger import unwritten
 from mqtt_broker.wire import Connect, FrameReader, Packet, Publish, Subscribe, SubscriptionRequest, encode
 
 _ports = iter(range(20000, 60000))
@@ -216,3 +219,38 @@ def publisher_and_subscribers(broker: BrokerService, topic_filter: str) -> tuple
     for subscriber in subscribers:
         subscriber.subscribe(topic_filter)
     return publisher, subscribers
+
+
+@inlineCallbacks
+def filled_until_untaken(broker: BrokerService, socket: tcp.Connection) -> Generator[Deferred[Any], Any, None]:
+    """Publish 64 KiB messages to "t" (bounded) until ``socket``, the broker's side of a client
+    that reads nothing, holds for good what its client does not take."""
+    from twisted.internet import reactor
+    for _ in range(400):
+        if unwritten(socket):
+            yield deferLater(reactor, 0.02, lambda: None)
+            if unwritten(socket):
+                break
+        broker.publish("t", bytes(65536))
+        yield deferLater(reactor, 0, lambda: None)
+    assert unwritten(socket)
+
+
+@inlineCallbacks
+def aborted_after(broker: BrokerService, reader: Any, clock: Clock, bound: float) -> Generator[Deferred[Any], Any, None]:
+    """Once ``reader``'s session is gone (it was closed; bounded wait), it is still held, for
+    what its socket holds, until ``clock`` is advanced by ``bound``; then aborted."""
+    from twisted.internet import reactor
+    for _ in range(500):
+        if reader.session is None:
+            break
+        yield deferLater(reactor, 0.01, lambda: None)
+    yield deferLater(reactor, 0.05, lambda: None)
+    assert reader in broker.connections  # (its socket still holds what was not taken)
+    clock.advance(bound)
+    for _ in range(500):  # bounded: the abort reaches the reactor
+        if reader not in broker.connections:
+            break
+        yield deferLater(reactor, 0.01, lambda: None)
+    assert reader not in broker.connections
+

@@ -543,10 +543,10 @@ def test_a_tls_connection_closed_without_linger_whose_client_takes_nothing_is_no
     haproxy:ssl: the TLS transport writes to the PROXY header's wrapper, not to the socket: the
     socket's bytes were not seen, and the connection was held for ever."""
     from twisted.internet import tcp
-    from twisted.internet.task import Clock, deferLater
+    from twisted.internet.task import Clock
     from mqtt_broker import BrokerService
-    from mqtt_broker.linger import UNTAKEN_LIMIT, unwritten
-    from protocol_helpers import FakeClient
+    from mqtt_broker.linger import UNTAKEN_LIMIT
+    from protocol_helpers import FakeClient, aborted_after, filled_until_untaken
     clock = Clock()
     endpoint = f"{prefix}ssl:0:interface=127.0.0.1:privateKey={certs / 'server.key'}:certKey={certs / 'server.pem'}"
     broker = BrokerService(endpoints=[endpoint], reactor=reactor, clock=clock, sys_interval=0, close_linger=0,
@@ -561,27 +561,9 @@ def test_a_tls_connection_closed_without_linger_whose_client_takes_nothing_is_no
         while not isinstance(under, tcp.Connection):
             under = under.transport
         under.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # (no autotuning: it fills)
-        for _ in range(400):  # bounded: until the socket holds, for good, what the client does not take
-            if unwritten(under):
-                yield deferLater(reactor, 0.02, lambda: None)
-                if unwritten(under):
-                    break
-            broker.publish("t", bytes(65536))
-            yield deferLater(reactor, 0, lambda: None)
-        assert unwritten(under)
+        yield filled_until_untaken(broker, under)
         FakeClient(broker).connect("reader")  # taken over: closed, no linger
-        for _ in range(500):  # bounded: the takeover done
-            if reader.session is None:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        yield deferLater(reactor, 0.05, lambda: None)
-        assert reader in broker.connections  # (its socket still holds what was not taken)
-        clock.advance(UNTAKEN_LIMIT)
-        for _ in range(200):  # bounded: the abort reaches the reactor
-            if reader not in broker.connections:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        assert reader not in broker.connections
+        yield aborted_after(broker, reader, clock, UNTAKEN_LIMIT)
     finally:
         if client is not None:
             client.close()

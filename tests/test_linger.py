@@ -7,7 +7,6 @@ import errno
 import fcntl
 import socket
 import struct
-import sys
 import termios
 from typing import Any, Iterator
 
@@ -22,12 +21,12 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.policies import ProtocolWrapper
 
 from mqtt_broker import BrokerService
-from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unsent_bytes, unwritten
+from mqtt_broker.linger import UNTAKEN_LIMIT, AllClosed, close_lingering, unsent_bytes
 from mqtt_broker.protocol import READ_WHILE_DECIDING
 from mqtt_broker.wire import (
     Connect, Disconnect, Pingreq, Puback, Publish, ReasonCode, Subscribe, SubscriptionRequest, Will, encode)
 
-from protocol_helpers import FakeClient, connected, make_broker
+from protocol_helpers import FakeClient, aborted_after, connected, filled_until_untaken, make_broker
 
 
 class Recorder:
@@ -261,7 +260,6 @@ def test_stop_with_no_connections_or_no_linger_is_done_at_once() -> None:
     assert broker.stopService().called
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's part is told on Linux only")
 def test_unsent_bytes_counts_what_the_kernel_holds_until_the_peer_reads_it() -> None:
     """A slow reader takes from the kernel's send buffer (a loopback's holds megabytes) long
     before the transport can write more: that shows, under a wrapper (TLS, PROXY) too."""
@@ -317,28 +315,12 @@ def test_a_closed_connection_whose_client_takes_nothing_is_not_held(
                 break
             yield deferLater(reactor, 0.01, lambda: None)
         [reader] = broker.connections
-        for _ in range(400):  # bounded: until the socket holds what the client does not take
-            if unwritten(reader.transport):
-                break
-            broker.publish("t", bytes(65536))
-            yield deferLater(reactor, 0, lambda: None)
-        assert unwritten(reader.transport)
+        yield filled_until_untaken(broker, reader.transport)
         if how == "disconnect":
             sock.send(encode(Disconnect()))
         else:
             FakeClient(broker).connect("reader")
-        for _ in range(500):  # bounded: the DISCONNECT read, or the takeover done
-            if reader.session is None:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        yield deferLater(reactor, 0.05, lambda: None)
-        assert reader in broker.connections  # (its socket still holds what was not taken)
-        clock.advance(bound)
-        for _ in range(500):  # bounded: the abort reaches the reactor
-            if reader not in broker.connections:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        assert reader not in broker.connections
+        yield aborted_after(broker, reader, clock, bound)
     finally:
         sock.close()
         yield broker.stopService()
