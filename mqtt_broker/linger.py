@@ -100,15 +100,19 @@ def unwritten(transport: Any) -> bool:
 
 def unsent_bytes(transport: Any) -> int:
     """Bytes written to the socket (Twisted's ``tcp.Connection``) that ``transport`` is, or
-    writes to under TLS or the PROXY header's wrapper, that its peer has not taken yet: those the
-    transport holds, and on Linux those of the kernel's send buffer (which may hold megabytes,
-    and takes more from the transport only once much of it has gone: a slow reader takes from it
-    for seconds while the transport holds the same); 0 for another kind. While nothing more is
-    written to it, fewer of them later means the peer reads."""
-    while isinstance(transport, ProtocolWrapper):
-        transport = transport.transport
-    if not isinstance(transport, tcp.Connection):
-        return 0
+    writes to under TLS, the PROXY header's wrapper or a WebSocket, that its peer has not taken
+    yet: those the transport holds, and on Linux those of the kernel's send buffer (which may
+    hold megabytes, and takes more from the transport only once much of it has gone: a slow
+    reader takes from it for seconds while the transport holds the same); 0 for another kind.
+    While nothing more is written to it, fewer of them later means the peer reads."""
+    websocket = sys.modules.get("mqtt_broker.websocket")  # (not imported: no transport is a WebSocket)
+    while not isinstance(transport, tcp.Connection):
+        if isinstance(transport, ProtocolWrapper):
+            transport = transport.transport
+        elif websocket is not None and isinstance(transport, websocket.WebSocketTransport):
+            transport = transport.socket
+        else:
+            return 0
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen + _in_kernel(transport)
 
 

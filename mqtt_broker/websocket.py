@@ -155,7 +155,7 @@ class WebSocketTransport:
     X-Forwarded-For behind a trusted proxy).
     """
 
-    __slots__ = ("_websocket", "_socket", "_peer")
+    __slots__ = ("_websocket", "socket", "_peer")
 
     closing_handshake = True
     """``loseConnection`` lingers by itself (see :func:`mqtt_broker.linger.close_lingering`): the
@@ -163,7 +163,8 @@ class WebSocketTransport:
 
     def __init__(self, websocket: MQTTWebSocketProtocol, socket: Any, peer: IAddress) -> None:
         self._websocket = websocket
-        self._socket = socket
+        self.socket = socket
+        """The transport the frames go to: TCP's, or TLS's over it."""
         self._peer = peer
 
     @property
@@ -178,13 +179,13 @@ class WebSocketTransport:
             for start in range(0, len(data), MESSAGE_SIZE):
                 websocket.sendMessage(data[start:start + MESSAGE_SIZE], isBinary=True)
         elif len(data) <= MESSAGE_SIZE:
-            self._socket.write(frame_header(len(data)) + data)
+            self.socket.write(frame_header(len(data)) + data)
         else:  # one message per MESSAGE_SIZE bytes
             pieces: list[bytes] = []
             for start in range(0, len(data), MESSAGE_SIZE):
                 piece = data[start:start + MESSAGE_SIZE]
                 pieces += (frame_header(len(piece)), piece)
-            self._socket.writeSequence(pieces)
+            self.socket.writeSequence(pieces)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
@@ -199,38 +200,38 @@ class WebSocketTransport:
         return self._peer
 
     def getHost(self) -> IAddress:
-        return self._socket.getHost()  # type: ignore[no-any-return]
+        return self.socket.getHost()  # type: ignore[no-any-return]
 
     # TLS: client certificate authentication sees the same as on an ssl: endpoint (a plain
     # socket raises AttributeError for both, as a TCP transport does).
     def getPeerCertificate(self) -> Any:
-        return self._socket.getPeerCertificate()
+        return self.socket.getPeerCertificate()
 
     def getHandle(self) -> Any:
-        return self._socket.getHandle()
+        return self.socket.getHandle()
 
     def setTcpNoDelay(self, enabled: bool) -> None:
-        self._socket.setTcpNoDelay(enabled)
+        self.socket.setTcpNoDelay(enabled)
 
     def getTcpNoDelay(self) -> bool:
-        return bool(self._socket.getTcpNoDelay())
+        return bool(self.socket.getTcpNoDelay())
 
     # IConsumer: the MQTT protocol is the producer of what the socket sends.
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._socket.registerProducer(producer, streaming)
+        self.socket.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self._socket.unregisterProducer()
+        self.socket.unregisterProducer()
 
     # IPushProducer: the MQTT protocol pauses its input while a hook decides.
     def pauseProducing(self) -> None:
-        self._socket.pauseProducing()
+        self.socket.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._socket.resumeProducing()
+        self.socket.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._socket.stopProducing()
+        self.socket.stopProducing()
 
 
 class MQTTWebSocketProtocol(WebSocketServerProtocol):

@@ -123,7 +123,7 @@ class FakeClient:
         return self.received()
 
 
-class _PeerSocket:
+class PeerSocket:
     """A socket as a TCP transport sees it: ``send`` takes as many bytes as the peer has made
     room for by reading (``room``), into ``taken``."""
 
@@ -164,7 +164,7 @@ class SocketClient(FakeClient):
         address = IPv4Address("TCP", "127.0.0.1", next(_ports))
         self.protocol = broker.factory.buildProtocol(address)
         assert self.protocol is not None
-        self.socket = _PeerSocket()
+        self.socket = PeerSocket()
         self.reactor = broker.reactor
         self.transport: Any = tcp.Connection(self.socket, self.protocol, self.reactor)
         self.transport.connected = 1

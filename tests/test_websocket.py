@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -37,7 +38,7 @@ from mqtt_broker.wire import (
     Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, Publish, Suback, Subscribe,
     SubscriptionRequest, encode, FrameReader,
 )
-from protocol_helpers import Held, connected, make_broker
+from protocol_helpers import Held, PeerSocket, connected, make_broker
 from websocket_helpers import (
     ACCEPT, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Frame, FrameParser, client_frame,
     handshake_request, split_response,
@@ -63,7 +64,7 @@ class WSClient:
         self.factory = factory or WebSocketFactory(broker)
         address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, next(_ports))
         self.protocol = self.factory.buildProtocol(address)
-        self.socket = Socket(peerAddress=address)
+        self.socket = self.transport_to(address)
         self.protocol.makeConnection(self.socket)
         self.parser = FrameParser()
         self.reader = FrameReader(version=version)
@@ -71,13 +72,16 @@ class WSClient:
         self.status: int | None = None
         self.headers: dict[str, str] = {}
 
+    def transport_to(self, address: IPv4Address | IPv6Address) -> Any:
+        return Socket(peerAddress=address)
+
     def handshake(self, path: str = "/mqtt", protocols: tuple[str, ...] | None = ("mqtt",),
                   headers: dict[str, str] | None = None) -> int:
         self.send_bytes(handshake_request(path, protocols, headers))
-        response = split_response(self.socket.value())
-        assert response is not None, self.socket.value()
+        written = self.written()
+        response = split_response(written)
+        assert response is not None, written
         self.status, self.headers, rest = response
-        self.socket.clear()
         self.parser.feed(rest)
         return self.status
 
@@ -90,10 +94,14 @@ class WSClient:
     def send_packets(self, *packets: Packet) -> None:
         self.send(b"".join(encode(p, self.version) for p in packets))
 
-    def frames(self) -> list[Frame]:
+    def written(self) -> bytes:
+        """What the broker wrote since last asked."""
         data = self.socket.value()
         self.socket.clear()
-        return self.parser.feed(data)
+        return bytes(data)
+
+    def frames(self) -> list[Frame]:
+        return self.parser.feed(self.written())
 
     def packets(self) -> list[Packet]:
         packets: list[Packet] = []
@@ -988,6 +996,80 @@ def test_slow_subscriber_is_paused_and_queued_as_over_tcp(qos: int) -> None:
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0] == 3 and outcomes[0][1] == 2
     assert outcomes[0][2] == [(str(n).encode(), qos) for n in range(6)]
+
+
+class WSSocketClient(WSClient):
+    """A WebSocket client on a TCP transport (Twisted's ``tcp.Connection``) over a fake socket:
+    what the broker writes waits in the transport until the client ``reads`` it; what the client
+    sends waits, as in the kernel's buffer, while the transport does not read."""
+
+    unread = b""
+
+    def transport_to(self, address: IPv4Address | IPv6Address) -> Any:
+        self.peer = PeerSocket()
+        return tcp.Server(self.peer, self.protocol, (address.host, address.port), None, 0, self.broker.reactor)
+
+    def send_bytes(self, data: bytes) -> None:
+        self.unread += data
+        self.deliver()
+
+    def deliver(self) -> None:
+        if self.unread and self.socket in self.broker.reactor.getReaders():
+            data, self.unread = self.unread, b""
+            self.protocol.dataReceived(data)
+
+    def reads(self, size: int) -> None:
+        self.peer.room += size
+        if self.socket in self.broker.reactor.getWriters():
+            self.socket.doWrite()
+
+    def written(self) -> bytes:
+        if self.broker.unflushed:
+            self.broker.flush_writes()
+        if self.socket in self.broker.reactor.getWriters():  # (the reactor's turn)
+            self.socket.doWrite()
+        data, self.peer.taken = bytes(self.peer.taken), bytearray()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.socket.disconnecting or self.socket.disconnected or self.socket._aborting)
+
+
+@pytest.mark.parametrize("reading", [1000, 0])
+def test_a_slow_reader_read_no_more_for_its_backlog_is_read_again_as_over_tcp(reading: int) -> None:
+    """A WebSocket subscriber that reads slowly (200 bytes a second) and pings every 5 s is not
+    silent [MQTT-3.1.2-24]: the socket under its WebSocket is looked at, as a TCP client's, and it
+    is read again at its keepalive, its PINGREQs answered behind what waits. One whose socket
+    takes nothing is dropped at 1.5 keepalives."""
+    broker = make_broker(max_held_bytes=65536)
+    client = WSSocketClient(broker)
+    assert client.handshake() == 101
+    client.send_packets(Connect(client_id="slow", keep_alive=10),
+                        Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=0),)))
+    assert [type(p) for p in client.packets()] == [Connack, Suback]
+    client.peer.room = 0  # from now on it reads only what the test says
+    for _ in range(200):
+        broker.publish("t", b"x" * 1000)
+    client.send_packets(Pingreq())
+    assert client.unread  # (in the kernel's buffer)
+    pings = 1
+    while not client.closed and broker.reactor.seconds() < 60:  # a minute: four keepalive checks
+        broker.reactor.advance(5)
+        broker.reactor.advance(0)  # (an abort ends the transport at the next turn)
+        client.reads(reading)
+        client.send_packets(Pingreq())
+        pings += 1
+    if not reading:
+        assert client.closed and broker.reactor.seconds() == 15
+        return
+    assert not client.closed and not client.unread  # every PINGREQ read (the last one at the last check)
+    for _ in range(10):  # then it reads all the rest (bounded)
+        client.reads(1 << 20)
+        broker.reactor.advance(0)
+    kinds = [type(p) for p in client.packets()]
+    assert kinds.count(Publish) == 200 and kinds.count(Pingresp) == pings
+    assert not client.closed
 
 
 def test_input_is_held_while_a_hook_decides_and_paused_past_a_bound() -> None:
