@@ -388,6 +388,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if self.state is not State.AWAITING_CONNECT:  # 0x84 is a CONNACK's, not a DISCONNECT's
                 error = ProtocolError(f"a second CONNECT ({error.message})")  # [MQTT-3.1.0-2]
             else:
+                # A CONNECT all the same, read whole (the reader refused it in decoding): counted
+                # as one, as its CONNACK is counted as sent.
+                self.stats.packets_received += 1
+                self.stats.connects += 1
                 count_refusal(self.stats, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
                 # [MQTT-3.1.2-2]: answer in the 3.1.1 format, which every version can read (the
                 # connection's until a CONNECT is accepted).

@@ -61,10 +61,14 @@ def test_second_connect_closes() -> None:  # [MQTT-3.1.0-2]
 
 
 def test_unsupported_protocol_level_gets_connack_1() -> None:  # [MQTT-3.1.2-2]
-    client = FakeClient(make_broker())
+    """Counted as a packet received and a CONNECT, as its CONNACK is a packet sent ($SYS's
+    messages/received and load/connections, as Mosquitto counts them)."""
+    broker = make_broker()
+    client = FakeClient(broker)
     client.send_bytes(b"\x10\x0c\x00\x04MQTT\x07\x02\x00\x3c\x00\x00")
     assert client.received() == [Connack(reason_code=1)]
     assert client.closed
+    assert (broker.stats.packets_received, broker.stats.connects, broker.stats.control_packets_sent) == (1, 1, 1)
 
 
 def test_unknown_protocol_name_closes_without_connack() -> None:  # [MQTT-3.1.2-1]

@@ -7,8 +7,9 @@ ordinary routing: hooks that authorize subscriptions (ACLs) apply to them as to 
 
 Where Mosquitto measures something a Python broker does not have, the nearest figure is given:
 ``heap/current`` and ``heap/maximum`` are the resident set size and its peak, in bytes.
-``messages/*`` count MQTT packets of every type, ``publish/messages/*`` PUBLISHes only, as in
-Mosquitto. The ``load/...`` figures are Mosquitto's: exponentially damped moving averages, per
+``messages/*`` count MQTT packets of every type, as in Mosquitto; ``publish/messages/*`` the
+PUBLISHes routed from clients and delivered to them (Mosquitto counts every PUBLISH it reads, one
+it denies too, and its resends). The ``load/...`` figures are Mosquitto's: exponentially damped moving averages, per
 minute, over 1, 5 and 15 minutes.
 
 A node of a cluster adds ``cluster/...`` (Mosquitto has none): its id, the live nodes, messages
