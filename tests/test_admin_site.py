@@ -25,6 +25,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.test.requesthelper import DummyRequest
 
+from mqtt_broker.admin.api import OPENAPI
 from mqtt_broker.admin.keys import KeyRing, hash_key, parse
 from mqtt_broker.tap import Options, makeService
 from protocol_helpers import make_broker
@@ -286,6 +287,70 @@ def test_key_ids_and_the_documented_one_liner() -> None:
     assert ring.identify("other") == "ci"
     assert ring.identify("S3cret") is None and ring.identify("") is None
     assert [k.key_id for k in parse(["a.b-c_d:" + hash_key("x")])] == ["a.b-c_d"]
+
+
+# --- a client that sends and does not read ---------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_requests_of_a_client_that_reads_nothing_are_answered_only_as_it_reads() -> Iterator[Deferred[Any]]:
+    """200 pipelined GET /api/v1/openapi.json (public, a 42 KB answer) from a client that reads
+    nothing. twisted.web's HTTPChannel answered every request it had read, its socket full or
+    not: 64 KiB of such requests (1,400) made the transport hold 60 MB until the idle timeout.
+    The admin site answers the next request only once its socket took the last answer; then,
+    as the client reads, the rest."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from mqtt_broker.linger import unsent_bytes
+    from mqtt_broker.testing import MemoryBroker
+    site = MemoryBroker(sys_interval=0).service.operations.site()
+    rendered: list[Any] = []
+
+    class Counted(site.requestFactory):  # type: ignore[misc, name-defined]
+        def process(self) -> None:
+            rendered.append(self.channel.transport)
+            super().process()
+
+    site.requestFactory = Counted
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    # (accepted sockets take the listener's: without it, Linux lets a loopback socket's send
+    # buffer grow to megabytes, which would take many answers before the transport holds any)
+    port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sent = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: broker\r\n\r\n" * 200
+    try:
+        client.connect(("127.0.0.1", port.getHost().port))
+        client.setblocking(False)
+        offset = 0
+        for _ in range(500):  # bounded: until all is sent, and no more is answered for 0.2 s
+            if offset < len(sent):
+                try:
+                    offset += client.send(sent[offset:offset + 4096])
+                except BlockingIOError:
+                    pass
+            answered = len(rendered)
+            yield deferLater(reactor, 0.01, lambda: None)
+            if offset == len(sent) and len(rendered) == answered:
+                yield deferLater(reactor, 0.2, lambda: None)
+                if len(rendered) == answered:
+                    break
+        answers, answer = len(rendered), len(OPENAPI.read_bytes())
+        assert 1 <= answers <= 5, f"{answers} answers rendered for a client that reads nothing"
+        assert unsent_bytes(rendered[0]) < 4 * answer
+        for _ in range(20_000):  # bounded: the client reads, and every request is answered
+            try:
+                client.recv(1 << 16)
+            except BlockingIOError:
+                yield deferLater(reactor, 0, lambda: None)
+            if len(rendered) == 200 and not unsent_bytes(rendered[0]):
+                break
+        assert len(rendered) == 200
+    finally:
+        client.close()
+        yield port.stopListening()
+        if rendered:
+            rendered[0].abortConnection()
 
 
 # --- docs/operations.md: the admin site mounted in an embedder's own twisted.web tree ----------
