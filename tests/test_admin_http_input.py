@@ -1,14 +1,18 @@
 """The admin HTTP side against hostile input: paths no file has, keys that are not UTF-8, links
-that set the dashboard's polling; in-process, on StringTransports."""
+that set the dashboard's polling, request lines as long as MQTT's strings and longer; in-process,
+on StringTransports."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols.basic import LineReceiver
 
 from mqtt_broker.testing import MemoryBroker
 
@@ -140,3 +144,72 @@ def test_a_form_body_is_not_parsed_before_the_key_is_checked() -> None:
                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         assert transport.value().startswith(b"HTTP/1.1 401 "), content_type
         assert seen[-1] == ({}, True), content_type  # (the body kept whole, for a resource to read)
+
+
+# --- a client id or topic filter as long as MQTT allows fits in a request line ---------------------
+
+def _call(site: Any, method: bytes, path: bytes, headers: bytes = b"", piece: int = 4096) -> tuple[bytes, Any]:
+    """The status line and the JSON body of a request sent in pieces of ``piece`` bytes, with the key."""
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    sent = (method + b" " + path + b" HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+            + headers + b"Connection: close\r\n\r\n")
+    for start in range(0, len(sent), piece):
+        protocol.dataReceived(sent[start:start + piece])
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], json.loads(body) if body else None
+
+
+def test_a_client_whose_id_is_as_long_as_mqtt_allows_is_read_unsubscribed_and_kicked() -> None:
+    """A client id of 65,535 bytes (21,845 times "\u20ac", 3 bytes each), as MQTT allows, is
+    196,605 bytes percent-encoded in the request line, and with a topic filter as long after it
+    twice that: twisted.web's HTTPChannel reads lines of 16 KiB at most, and closed the
+    connection without an answer."""
+    from mqtt_broker.testing import MemoryBroker
+    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    client_id = topic_filter = "\u20ac" * 21_845
+    client = broker.connect(client_id)
+    client.subscribe(topic_filter)
+    site = broker.service.operations.site()
+    path = b"/api/v1/clients/" + quote(client_id, safe="").encode()
+    status, body = _call(site, b"GET", path)
+    assert (status, body["client_id"], body["subscription_count"]) == (b"HTTP/1.1 200 OK", client_id, 1)
+    unsubscribe = path + b"/subscriptions/" + quote(topic_filter, safe="").encode()
+    assert _call(site, b"DELETE", unsubscribe) == (b"HTTP/1.1 204 No Content", None)
+    assert _call(site, b"DELETE", path) == (b"HTTP/1.1 200 OK", {"disconnected": client_id})
+    assert client.closed
+
+
+@pytest.mark.parametrize("line, headers, status", [
+    (b"/api/v1/clients/" + b"%E2%82%AC" * 44_000, b"", b"HTTP/1.1 414 URI Too Long"),
+    (b"/api/v1/stats", b"X-Padding: " + b"x" * 20_000 + b"\r\n", b"HTTP/1.1 431 Request Header Fields Too Large"),
+    (b"/api/v1/stats", b"".join(b"X-Padding-%d: %s\r\n" % (n, b"x" * 1000) for n in range(20)),
+     b"HTTP/1.1 431 Request Header Fields Too Large"),
+], ids=["request-line", "header-line", "headers"])
+def test_a_request_line_or_headers_past_their_limits_are_refused_with_a_json_answer(
+        line: bytes, headers: bytes, status: bytes) -> None:
+    """Past the limits (a request line of two MQTT strings percent-encoded; 16 KiB of headers),
+    twisted.web closed the connection without a word (a line) or answered a bare 400 (headers)."""
+    answer, body = _call(_site(), b"GET", line, headers)
+    assert answer == status and set(body) == {"error"}
+
+
+def test_a_long_request_line_that_comes_in_small_pieces_is_searched_for_its_end_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LineReceiver joins what it holds of a line with each piece that comes and looks for the
+    line's end in the whole again: a request line of 196,605 bytes that came 64 bytes at a time
+    made it go through 300 MB (in pieces of a byte, 19 GB, some seconds of the reactor's time for
+    each such client)."""
+    searched = [0]
+    received = LineReceiver.dataReceived
+
+    def counted(self: LineReceiver, data: bytes) -> Any:
+        searched[0] += len(self._buffer) + len(data)
+        return received(self, data)
+
+    monkeypatch.setattr(LineReceiver, "dataReceived", counted)
+    path = b"/api/v1/clients/" + b"%E2%82%AC" * 21_845
+    status, _ = _call(_site(), b"GET", path, piece=64)
+    assert status == b"HTTP/1.1 404 Not Found"
+    assert searched[0] < 2 * len(path)

@@ -11,6 +11,7 @@ shows each bridge's state and figures, with a button that restarts it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,14 @@ from .shapes import ApiError
 from .keys import KeyRing, presented_key
 
 STATIC = Path(__file__).with_name("static")
+
+REQUEST_LINE_LIMIT = 6 * 65_535 + 1024
+"""Bytes of a request line the admin site reads: a path may hold a client id and a topic filter,
+each as long as MQTT allows (65,535 bytes) and 3 times that percent-encoded, with the rest of the
+line beside them. twisted.web reads 16 KiB: 2,750 non-ASCII characters of an id."""
+HEADERS_LIMIT = 16_384
+"""Bytes of a request's header lines, the request line apart (414 past REQUEST_LINE_LIMIT, 431
+past this)."""
 
 # Everything the page needs is on this site; nothing inline, nothing from elsewhere.
 _SECURITY_HEADERS = {
@@ -89,13 +98,63 @@ class MetricsResource(Resource):
 
 class AdminChannel(HTTPChannel):
     """An HTTP/1.1 connection of the admin site, which answers a pipelined request only once its
-    transport took the answer before.
+    transport took the answer before, and reads a request line up to :data:`REQUEST_LINE_LIMIT`.
 
     twisted.web's HTTPChannel stops reading when the transport is full between requests, but
     goes on answering the requests it has already read: 64 KiB of pipelined requests from a
     client that reads nothing made the transport hold some 1,400 answers (60 MB of
     ``openapi.json``) until the idle timeout, and held the reactor for each.
     """
+
+    MAX_LENGTH = REQUEST_LINE_LIMIT
+    # (the request line and its headers: lineReceived holds the headers alone to HEADERS_LIMIT)
+    totalHeadersSize = REQUEST_LINE_LIMIT + HEADERS_LIMIT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pieces: list[bytes] = []
+        self._pieces_size = 0
+        self._request_line_size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        # LineReceiver joins what it holds of a line with each piece that comes, and looks for
+        # the line's end in the whole again: a request line of REQUEST_LINE_LIMIT that came a
+        # byte at a time would take the reactor seconds. Pieces with no end of line in them wait
+        # here, to be joined once.
+        if (data and b"\n" not in data and self.line_mode and not self._busyReceiving and not self.paused
+                and len(self._buffer) + self._pieces_size + len(data) <= self.MAX_LENGTH):
+            self._pieces.append(data)
+            self._pieces_size += len(data)
+            self.resetTimeout()
+            return
+        if self._pieces:
+            data = b"".join([*self._pieces, data])
+            self._pieces, self._pieces_size = [], 0
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._receivedHeaderSize:
+            self._request_line_size = len(line)
+        elif self._receivedHeaderSize - self._request_line_size + len(line) > HEADERS_LIMIT:
+            self._refuse(b"431 Request Header Fields Too Large", f"request headers above {HEADERS_LIMIT} bytes")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._receivedHeaderSize:
+            self._refuse(b"431 Request Header Fields Too Large", f"a request header above {HEADERS_LIMIT} bytes")
+        else:
+            self._refuse(b"414 URI Too Long", f"request line above {REQUEST_LINE_LIMIT} bytes")
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        """Answer ``status`` with a JSON error, as the API does, and close: what follows in the
+        connection cannot be told from the request it cut off (twisted.web closes without an
+        answer, or answers a bare 400)."""
+        body = json.dumps({"error": message}).encode() + b"\n"
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        self.loseConnection()
 
     def requestDone(self, request: Request) -> None:
         if self._waitingForTransport:
@@ -140,4 +199,4 @@ def make_site(broker: Any, operations: Any) -> AdminSite:
     return site
 
 
-__all__ = ["AdminChannel", "AdminSite", "MetricsResource", "StaticFiles", "make_site"]
+__all__ = ["HEADERS_LIMIT", "REQUEST_LINE_LIMIT", "AdminChannel", "AdminSite", "MetricsResource", "StaticFiles", "make_site"]
