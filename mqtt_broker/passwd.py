@@ -183,23 +183,26 @@ def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
 
 
 def _replace_line(path: Path, username: str, line: str | None) -> bool:
-    """Replace (or with None, remove) the user's line, keeping every other line as it is;
-    False when the user has no line. Refuses a file the broker could not read."""
+    """Replace (or with None, remove) the user's lines, every one as mosquitto_passwd does (the
+    broker reads the last), keeping every other line as it is; False when the user has no line.
+    Refuses a file the broker could not read."""
     _load(path)
     text = _read_text(path)
     lines = [line + "\n" for line in lines_of(text.removesuffix("\n"))] if text else []
     if text and not text.endswith("\n"):
         lines[-1] = lines[-1][:-1]
-    for index, old in enumerate(lines):
+    kept, found = [], False
+    for old in lines:
         name, colon, _ = old.partition(":")
-        if colon and not old.lstrip(BLANKS).startswith("#") and name.strip(BLANKS) == username:
-            if line is None:
-                del lines[index]
-            else:
-                lines[index] = line + "\n"
-            write_atomically(path, "".join(lines))
-            return True
-    return False
+        if not colon or old.lstrip(BLANKS).startswith("#") or name.strip(BLANKS) != username:
+            kept.append(old)
+            continue
+        found = True
+        if line is not None:
+            kept.append(line + "\n")
+    if found:
+        write_atomically(path, "".join(kept))
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,12 +94,36 @@ def test_file_parse_skips_comments_and_blank_lines() -> None:
     ("alice\n", "line 1: expected username:hash"),
     (":$6$x$y\n", "line 1: expected username:hash"),
     ("alice:plaintext\n", "line 1: user 'alice': not a $6$ or $7$ hash"),
-    ("alice:{h}\nalice:{h}\n", "line 2: user 'alice' appears twice"),
 ])
 def test_bad_file_names_the_line(text: str, problem: str) -> None:
     with pytest.raises(PasswordFileError) as caught:
         PasswordFile.parse(text.format(h=PasswordHash.create(b"x")), "pw")
     assert str(caught.value) == "pw, " + problem
+
+
+def test_a_user_listed_twice_has_the_password_of_their_last_line_as_in_mosquitto(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 starts with such a file and takes the user's last line (alice "one"
+    refused, "uno" let in); the file was refused here, and the broker did not start."""
+    path = tmp_path / "pw"
+    mosquitto_passwd("-c", "-b", path, "alice", "one")
+    first = path.read_text()
+    mosquitto_passwd("-c", "-b", path, "alice", "uno")
+    path.write_text(f"{first}# again\n{path.read_text()}")
+    parsed = PasswordFile.load(path)
+    assert parsed.users["alice"].verify(b"uno") and not parsed.users["alice"].verify(b"one")
+    assert parsed.repeated == (f"{path}, line 3: user 'alice' given again: its line 1 is not used (the last line "
+                               f"counts, as in Mosquitto)",)
+
+
+def test_the_broker_warns_of_a_user_listed_twice(tmp_path: Path) -> None:
+    from auth_helpers import LogCapture
+
+    from mqtt_broker.auth.authenticators import PasswordFileAuthenticator
+    path = tmp_path / "pw"
+    path.write_text(f"alice:{PasswordHash.create(b'one')}\nalice:{PasswordHash.create(b'uno')}\n")
+    with LogCapture() as log:
+        PasswordFileAuthenticator(str(path))
+    assert f"{path}, line 2: user 'alice' given again: its line 1 is not used" in log.text()
 
 
 def test_bad_file_error_never_repeats_a_plain_password() -> None:
@@ -204,6 +228,20 @@ def test_update_keeps_other_lines_and_the_mode(tmp_path: Path) -> None:
     assert PasswordFile.load(path).users["alice"].verify(b"new")
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["pw"]  # no temporary file left behind
+
+
+def test_update_and_delete_take_every_line_of_a_user_listed_twice_as_mosquitto_passwd(tmp_path: Path) -> None:
+    """mosquitto_passwd 2.0.11 gives each of the user's lines the new password, and -D removes
+    them all: changing only the first would leave the last, the one read, as it was."""
+    path = tmp_path / "pw"
+    bob = PasswordHash.create(b"two")
+    path.write_text(f"alice:{PasswordHash.create(b'one')}\nbob:{bob}\nalice:{PasswordHash.create(b'uno')}\n")
+    assert ours("-b", path, "alice", "new") == 0
+    lines = path.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["alice", "bob", "alice"] and lines[1] == f"bob:{bob}"
+    assert all(PasswordHash.parse(line.split(":", 1)[1]).verify(b"new") for line in lines[::2])
+    assert ours("-D", path, "alice") == 0
+    assert path.read_text() == f"bob:{bob}\n"
 
 
 def test_update_keeps_the_owner(tmp_path: Path) -> None:

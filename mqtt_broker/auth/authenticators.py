@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
 
 from ..config import BrokerConfig, ConfigError
 from ..wire.codes import ReasonCode
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
 T = TypeVar("T")
+log = Logger()
 
 
 def the_clock(clock: Any, reactor: Any) -> Any:
@@ -77,6 +79,8 @@ class PasswordFileAuthenticator:
             file = PasswordFile.load(self.path)
         except PasswordFileError as e:
             raise ConfigError(str(e), "password_file") from None
+        for repeated in file.repeated:
+            log.warn("{repeated}", repeated=repeated)
         return file, {(h.algorithm, h.iterations): PasswordHash(h.algorithm, h.salt, bytes(len(h.digest)), h.iterations)
                       for h in file.users.values()}
 

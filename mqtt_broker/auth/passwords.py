@@ -121,15 +121,20 @@ class PasswordFile:
 
     users: dict[str, PasswordHash]
     source: str = ""
+    repeated: tuple[str, ...] = ()
+    """What to warn of: each line of a user listed before, and the line it puts out of use."""
 
     @classmethod
     def parse(cls, text: str, source: str = "") -> PasswordFile:
         """Read the text of a password file; raises PasswordFileError naming the line.
 
         Stricter than Mosquitto, which drops a bad line with a log message: here a bad line
-        refuses the whole file, so that a reload never silently locks a user out.
+        refuses the whole file, so that a reload never silently locks a user out. A user listed
+        twice has the password of their last line, as in Mosquitto (``repeated`` says so).
         """
         users: dict[str, PasswordHash] = {}
+        lines: dict[str, int] = {}
+        repeated: list[str] = []
         for number, line in enumerate(lines_of(text), 1):
             stripped = line.strip(BLANKS)
             if not stripped or stripped.startswith("#"):
@@ -146,9 +151,10 @@ class PasswordFile:
                 # mistake would be: never repeat the field.
                 raise PasswordFileError(f"{where}: user {username!r}: {e}") from None
             if username in users:
-                raise PasswordFileError(f"{where}: user {username!r} appears twice")
-            users[username] = users_hash
-        return cls(users, source)
+                repeated.append(f"{where}: user {username!r} given again: its line {lines[username]} is not used "
+                                f"(the last line counts, as in Mosquitto)")
+            users[username], lines[username] = users_hash, number
+        return cls(users, source, tuple(repeated))
 
     @classmethod
     def load(cls, path: str | Path) -> PasswordFile:
