@@ -219,6 +219,11 @@ class _Listener:
         """Its settings of _PER_LISTENER (global here): (value, source, line, text)."""
 
     @property
+    def tls(self) -> bool:
+        """Whether it speaks TLS: certfile and keyfile (one alone, Mosquitto listens without)."""
+        return "certfile" in self.options and "keyfile" in self.options
+
+    @property
     def address(self) -> str:
         """The address it listens on ("": every IPv4 one)."""
         return self.bind or ("::" if self.options.get("socket_domain") == "ipv6" else "")
@@ -391,6 +396,9 @@ class _Converter:
         self.location = ""
         self.identity_by_cn = False
         """A use_identity_as_username true was read (the common name names clients)."""
+        self.identities: list[tuple[_Listener, bool, bool]] = []
+        """(listener, value, by subject) of each use_identity_as_username (or
+        use_subject_as_username true) line, in the order read."""
         self.message_size_limit: tuple[int, str, int, str] | None = None
         self.given: set[tuple[int, str]] = set()
         """(listener, key) of the settings of _ONCE read so far (listener -1: the whole file's)."""
@@ -601,6 +609,8 @@ class _Converter:
                                          f"common name, another by its subject (use_subject_as_username): here one "
                                          f"way applies to every listener")
                     self.identity_by_cn = True
+                if key == "use_identity_as_username":
+                    self.identities.append((target, self.out.settings[ours], given != key))
                 target.limits[key] = (self.out.settings[ours], source, number, text)
             elif key == "protocol":
                 protocol = _first(value)
@@ -722,6 +732,7 @@ class _Converter:
                 self.opened_by = opening[0]
                 self.default_port = _Listener(1883, "", *self.opened_by[:2])
         listeners = self.listeners if self.default_port is None else [self.default_port, *self.listeners]
+        self._identity_from_tls_listeners(listeners)
         if self.default_topic_alias is not None:
             value, source, number, text = self.default_topic_alias
             if self.default_port is not None:  # (opened by a port line, say; a listener line's applies over it)
@@ -808,6 +819,28 @@ class _Converter:
         for table in self.out.bridges:
             table.setdefault("topic", [])
         return self.out
+
+    def _identity_from_tls_listeners(self, listeners: list[_Listener]) -> None:
+        """Leave out use_identity_as_username (use_subject_as_username) true of a listener without
+        TLS: Mosquitto ignores it there, where here, global, it would refuse every client without
+        a certificate, on every listener. (A false there is what Mosquitto does: kept.)"""
+        plain = [listener for listener in listeners
+                 if not listener.tls and listener.limits.get("use_identity_as_username", (False,))[0]]
+        if not plain:
+            return
+        for listener in plain:
+            _, source, number, text = listener.limits.pop("use_identity_as_username")
+            self.out.notes = [n for n in self.out.notes if (n.source, n.line) != (source, number)]
+            self._note(source, number, text, "a listener without TLS (certfile and keyfile): Mosquitto names no "
+                                             "client by a certificate there, and ignores it")
+        kept = [(value, subject) for listener, value, subject in self.identities if listener not in plain]
+        settings = self.out.settings
+        if kept:
+            settings["use_identity_as_username"] = kept[-1][0]
+        else:
+            del settings["use_identity_as_username"]
+        if not any(value and subject for value, subject in kept):
+            settings.pop("certificate_identity", None)
 
     def _listeners_security(self, listeners: list[_Listener]) -> None:
         """With per_listener_settings: the listeners' authentication and ACLs, refused unless alike."""

@@ -557,6 +557,42 @@ def test_listener_settings_that_would_open_the_listener_more_are_refused(
             convert(path)
 
 
+@pytest.mark.parametrize("naming", ["use_identity_as_username true", "use_subject_as_username true"])
+def test_naming_clients_by_certificate_is_taken_from_a_tls_listener_only(tmp_path: Path, naming: str) -> None:
+    """Mosquitto 2.0.11 names clients by their certificate only on a listener with certfile and
+    keyfile, and ignores the setting on another (anonymous and password clients let in: seen);
+    global here, it refused every client of every listener (none has a certificate)."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\n{naming}\nallow_anonymous true\n")
+    conversion = convert(path)
+    config = conversion.config()
+    assert not config.use_identity_as_username and config.certificate_identity != "subject"
+    (note,) = conversion.notes
+    assert (note.line, note.text, note.carried) == (2, naming, False)
+    assert note.why == ("a listener without TLS (certfile and keyfile): Mosquitto names no client by a certificate "
+                        "there, and ignores it")
+    tls = "certfile s.crt\nkeyfile s.key\ncafile ca.crt\nrequire_certificate true\n"
+    path.write_text(f"listener 8883\n{tls}use_identity_as_username false\nlistener 1883\n{naming}\n")
+    conversion = convert(path)
+    assert conversion.settings.get("use_identity_as_username") is False
+    assert [(n.line, n.carried) for n in conversion.notes] == [(8, False)]
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "ours"])
+def test_use_identity_as_username_on_a_listener_without_tls_lets_its_clients_in(tmp_path: Path, kind: str) -> None:
+    port = free_port()
+    password_file(tmp_path)
+    config = tmp_path / "m.conf"
+    config.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nuse_identity_as_username true\n"
+                      f"allow_anonymous true\npassword_file {tmp_path}/passwords\n")
+    server = Server(kind, config, port, tmp_path)
+    try:
+        let_in = [login(port, user, password, MQTT_3_1_1) == 0 for user, password in LOGINS[:4]]
+        assert let_in == [True, False, False, True]  # alice, alice wrong, nobody, anonymous
+    finally:
+        server.stop()
+
+
 def test_use_username_as_clientid_false_is_what_happens_here(tmp_path: Path) -> None:
     path = tmp_path / "m.conf"
     path.write_text("listener 1883\nuse_username_as_clientid false\n")
