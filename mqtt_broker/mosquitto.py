@@ -392,7 +392,8 @@ class _Converter:
         self.before_listeners: list[tuple[str, Any, str, int, str]] = []
         """With per_listener_settings, the security lines before the first listener: (key, value,
         source, line, text), the default listener's in Mosquitto."""
-        self.persistence = False
+        self.persistence: tuple[str, int, str] | None = None
+        """The persistence true line, if the last one is."""
         self.location = ""
         self.identity_by_cn = False
         """A use_identity_as_username true was read (the common name names clients)."""
@@ -656,7 +657,7 @@ class _Converter:
 
     def _persistence_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key == "persistence":
-            self.persistence = _bool(value, source, number)
+            self.persistence = (source, number, text) if _bool(value, source, number) else None
         elif key == "persistence_location":
             self.location = value
         else:
@@ -708,10 +709,13 @@ class _Converter:
         """The conversion, with what needs every line: persistence, the listeners' settings that are
         global here, the bridges' bridge_capath, the endpoints."""
         settings = self.out.settings
-        if self.persistence:
+        if self.persistence is not None:
             settings["persistence"] = "sqlite"
             if self.location:
                 settings["data_dir"] = self.location.rstrip("/") or "/"
+            self.out.notes.append(Note(*self.persistence, "as the SQLite store, which does not read Mosquitto's "
+                                       "database (mosquitto.db): the broker starts without the retained messages, "
+                                       "sessions and queued messages Mosquitto kept", carried=True))
         else:
             settings["persistence"] = "memory"
         settings["max_packet_size"] = min(settings.get("max_packet_size", _MOST_PACKET_SIZE), _MOST_PACKET_SIZE)

@@ -237,9 +237,22 @@ def test_the_debian_default_file_converts_with_notes(tmp_path: Path) -> None:
     assert settings["allow_anonymous"] is False
     assert settings["password_file"] == f"{tmp_path}/passwords"
     notes = {(Path(n.source).name, n.line, n.text.split()[0]) for n in conversion.notes}
-    assert notes == {("mosquitto.conf", 6, "pid_file"), ("mosquitto.conf", 11, "log_dest"),
-                     ("local.conf", 2, "user")}
+    assert notes == {("mosquitto.conf", 6, "pid_file"), ("mosquitto.conf", 8, "persistence"),
+                     ("mosquitto.conf", 11, "log_dest"), ("local.conf", 2, "user")}
     conversion.config()  # valid settings
+
+
+def test_persistence_true_says_mosquittos_database_is_not_read(tmp_path: Path) -> None:
+    """The store starts empty beside Mosquitto's mosquitto.db: the retained messages and sessions
+    Mosquitto kept are gone after the move, and nothing said so."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\npersistence true\npersistence_location {tmp_path}/\n")
+    (note,) = convert(path).notes
+    assert (note.line, note.text, note.carried) == (2, "persistence true", True)
+    assert note.why == ("as the SQLite store, which does not read Mosquitto's database (mosquitto.db): the broker "
+                        "starts without the retained messages, sessions and queued messages Mosquitto kept")
+    path.write_text("listener 1883\npersistence true\npersistence false\n")
+    assert convert(path).notes == []
 
 
 def test_no_listener_is_local_only_and_anonymous(tmp_path: Path) -> None:
