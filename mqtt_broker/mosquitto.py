@@ -143,6 +143,8 @@ _MOST_PACKET_SIZE = 268_435_460
 """Mosquitto's packet size limit when none is set: the most MQTT allows (header included)."""
 _RANGES: dict[str, tuple[int, int | None]] = {"max_keepalive": (10, 65535), "max_packet_size": (20, None)}
 """Values Mosquitto 2 refuses to start with outside these bounds."""
+_QUEUED = 1000
+"""Mosquitto's max_queued_messages when none is set (this broker's too)."""
 _MAX_INFLIGHT = 65535
 """The most max_inflight_messages can be here: as many as there are packet identifiers."""
 _HANDLED_HERE = {"autosave_interval", "autosave_on_changes", "persistence_file"}
@@ -400,6 +402,8 @@ class _Converter:
         self.identities: list[tuple[_Listener, bool, bool]] = []
         """(listener, value, by subject) of each use_identity_as_username (or
         use_subject_as_username true) line, in the order read."""
+        self.queue_lines: dict[str, tuple[str, int, str]] = {}
+        """The max_queued_messages and max_queued_bytes lines (source, line, text)."""
         self.message_size_limit: tuple[int, str, int, str] | None = None
         self.given: set[tuple[int, str]] = set()
         """(listener, key) of the settings of _ONCE read so far (listener -1: the whole file's)."""
@@ -689,6 +693,8 @@ class _Converter:
             settings[ours] = 0
         elif key == "max_connections" and settings[ours] < 0:  # (before any listener: 0 opens the default one)
             settings[ours] = -1
+        if key in ("max_queued_messages", "max_queued_bytes"):
+            self.queue_lines[key] = (source, number, text)
         return True
 
     def _unsupported_line(self, source: str, number: int, text: str, key: str, value: str) -> None:
@@ -716,6 +722,7 @@ class _Converter:
             self.out.notes.append(Note(*self.persistence, "as the SQLite store, which does not read Mosquitto's "
                                        "database (mosquitto.db): the broker starts without the retained messages, "
                                        "sessions and queued messages Mosquitto kept", carried=True))
+            self._queue_bound_with_the_store(self.persistence)
         else:
             settings["persistence"] = "memory"
         settings["max_packet_size"] = min(settings.get("max_packet_size", _MOST_PACKET_SIZE), _MOST_PACKET_SIZE)
@@ -823,6 +830,29 @@ class _Converter:
         for table in self.out.bridges:
             table.setdefault("topic", [])
         return self.out
+
+    def _queue_bound_with_the_store(self, persistence: tuple[str, int, str]) -> None:
+        """Bound a session's messages in memory and in the store together, as Mosquitto bounds
+        them with max_queued_messages and max_queued_bytes, persistence or not: with the store,
+        QoS 1/2 messages past those wait in it, up to max_stored_messages, which is no bound at 0
+        (the default) and takes one message at least."""
+        settings = self.out.settings
+        count, size = settings.get("max_queued_messages", _QUEUED), settings.get("max_queued_bytes", 0)
+        if not count and not size:
+            return  # (no bound in Mosquitto either)
+        settings["max_stored_messages"] = 1
+        if count > 1:
+            settings["max_queued_messages"] = count - 1
+            why = (f"max_queued_messages {count - 1} in memory and max_stored_messages 1: {count} QoS 1/2 messages of "
+                   f"a session in all, as Mosquitto keeps (QoS 0 ones, never stored, {count - 1})")
+        elif count:
+            why = "max_stored_messages 1: 2 QoS 1/2 messages of a session in all, one more than Mosquitto keeps"
+        else:
+            why = "max_stored_messages 1: one message more than max_queued_bytes takes in memory may wait in the store"
+        if count and size:
+            why += "; past max_queued_bytes, one more message may wait in the store"
+        where = self.queue_lines.get("max_queued_messages" if count else "max_queued_bytes", persistence)
+        self.out.notes.append(Note(*where, f"with the store (persistence true): {why}", carried=True))
 
     def _identity_from_tls_listeners(self, listeners: list[_Listener]) -> None:
         """Leave out use_identity_as_username (use_subject_as_username) true of a listener without

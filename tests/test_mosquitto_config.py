@@ -4,6 +4,7 @@ started, and checked with the same clients against the same file run in Mosquitt
 from __future__ import annotations
 
 import getpass
+import queue
 import shutil
 import socket
 import subprocess
@@ -247,7 +248,7 @@ def test_persistence_true_says_mosquittos_database_is_not_read(tmp_path: Path) -
     Mosquitto kept are gone after the move, and nothing said so."""
     path = tmp_path / "m.conf"
     path.write_text(f"listener 1883\npersistence true\npersistence_location {tmp_path}/\n")
-    (note,) = convert(path).notes
+    (note,) = [n for n in convert(path).notes if "mosquitto.db" in n.why]
     assert (note.line, note.text, note.carried) == (2, "persistence true", True)
     assert note.why == ("as the SQLite store, which does not read Mosquitto's database (mosquitto.db): the broker "
                         "starts without the retained messages, sessions and queued messages Mosquitto kept")
@@ -604,6 +605,61 @@ def test_use_identity_as_username_on_a_listener_without_tls_lets_its_clients_in(
         assert let_in == [True, False, False, True]  # alice, alice wrong, nobody, anonymous
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "ours"])
+def test_an_offline_session_keeps_max_queued_messages_with_persistence_too(tmp_path: Path, kind: str) -> None:
+    """Mosquitto 2.0.11 keeps the first max_queued_messages of an offline session's messages,
+    persistence or not; converted, persistence true let the store take every one past them."""
+    port = free_port()
+    config = tmp_path / "m.conf"
+    config.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+                      f"persistence true\npersistence_location {tmp_path}/data/\nmax_queued_messages 10\n")
+    server = Server(kind, config, port, tmp_path)
+    try:
+        keeper = PahoClient(port, "keeper", clean=False)
+        keeper.subscribe("t/x", 1)
+        keeper.close()
+        publisher = PahoClient(port, "publisher")
+        for number in range(30):
+            publisher.publish("t/x", str(number).encode(), 1)
+        publisher.close()
+        keeper = PahoClient(port, "keeper", clean=False)
+        received = []
+        for _ in range(30):
+            try:
+                received.append(int(keeper.messages.get(timeout=1.0).payload))
+            except queue.Empty:
+                break
+        keeper.close()
+        assert received == list(range(10))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("lines, queued, stored, noted", [
+    ("max_queued_messages 10\n", 9, 1, (4, "max_queued_messages 10", "max_queued_messages 9 in memory and "
+                                        "max_stored_messages 1: 10 QoS 1/2 messages of a session in all")),
+    ("", 999, 1, (3, "persistence true", "max_queued_messages 999 in memory and max_stored_messages 1: 1000 QoS "
+                                         "1/2 messages of a session in all")),
+    ("max_queued_messages 1\n", 1, 1, (4, "max_queued_messages 1", "max_stored_messages 1: 2 QoS 1/2 messages of "
+                                       "a session in all, one more than Mosquitto keeps")),
+    ("max_queued_messages 0\nmax_queued_bytes 500\n", 0, 1, (5, "max_queued_bytes 500", "max_stored_messages 1: "
+                                                             "one message more than max_queued_bytes takes in memory "
+                                                             "may wait in the store")),
+    ("max_queued_messages 0\n", 0, 0, None),
+])
+def test_persistence_bounds_a_sessions_messages_in_memory_and_store_together(
+        tmp_path: Path, lines: str, queued: int, stored: int, noted: tuple[int, str, str] | None) -> None:
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883\nallow_anonymous true\npersistence true\n{lines}")
+    conversion = convert(path)
+    config = conversion.config()
+    assert (config.max_queued_messages, config.max_stored_messages) == (queued, stored)
+    found = [(n.line, n.text, n.why) for n in conversion.notes if "max_stored_messages" in n.why]
+    assert [(line, text) for line, text, _ in found] == ([noted[:2]] if noted else [])
+    if noted:
+        assert found[0][2].startswith(f"with the store (persistence true): {noted[2]}")
 
 
 def test_use_username_as_clientid_false_is_what_happens_here(tmp_path: Path) -> None:
