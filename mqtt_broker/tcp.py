@@ -19,7 +19,8 @@ listening socket rather than on each connection.
 The broker listens through :func:`listen`, which uses ``Port`` (Twisted's ``tcp.Port`` with
 this ``Server``) for Twisted's ``tcp:`` and ``tcp6:`` endpoints on a reactor of file
 descriptors, and leaves every other endpoint (``ssl:``, ``unix:``, ...) to itself, once the
-stale lock of a ``unix:`` one that Twisted would take for this process's own is gone.
+stale lock of a ``unix:`` one that Twisted would take for this process's own is gone, and the
+socket file a ``unix:`` one without a lock finds and nothing listens on.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from twisted.internet import address, defer, main, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocol, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
 from twisted.python import log
 from twisted.python.failure import Failure
 
 # One for every connection, as Twisted's reactor has it: a Failure computes its exception's
 # class names the first time it is asked about them.
 _DONE = Failure(main.CONNECTION_DONE)
+logger = Logger()
 
 
 class Server(tcp.Server):
@@ -204,10 +207,13 @@ def listen(endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
     transport of the connections). ``nodelay``: the connections of such a listener on Linux
     start with Nagle's algorithm off (:attr:`Port.nodelay`), so that turning it off costs them
     nothing. A ``unix:`` listener's lock that a killed process of this one's id left is removed
-    first (:func:`_clear_own_stale_lock`)."""
+    first (:func:`_clear_own_stale_lock`), and so is a socket file without a lock that nothing
+    listens on (:func:`_clear_stale_socket`)."""
     reactor = getattr(endpoint, "_reactor", None)
     if type(endpoint) not in (TCP4ServerEndpoint, TCP6ServerEndpoint) or not isinstance(reactor, PosixReactorBase):
-        _clear_own_stale_lock(getattr(endpoint, "_wrappedEndpoint", endpoint))  # (haproxy: wraps one)
+        unwrapped = getattr(endpoint, "_wrappedEndpoint", endpoint)  # (haproxy: wraps one)
+        _clear_own_stale_lock(unwrapped)
+        _clear_stale_socket(unwrapped)
         return endpoint.listen(factory)
 
     def listening() -> IListeningPort:
@@ -242,8 +248,28 @@ def _clear_own_stale_lock(endpoint: object) -> None:
         os.remove(lock)
 
 
+def _clear_stale_socket(endpoint: object) -> None:
+    """Remove the socket file of a ``unix:`` listener that has no lock (``lockfile=0``, or none
+    left beside it) if nothing answers on it, as Mosquitto unlinks its socket's path before it
+    binds: a killed Mosquitto, or a broker killed without a lock, leaves the file, and binding
+    failed with "Address already in use" at every start. With a lock, Twisted removes the
+    socket itself once the lock's holder is gone. Never a file that is no socket (a typo's)."""
+    if not isinstance(endpoint, UNIXServerEndpoint):
+        return
+    path = endpoint._address
+    try:
+        if endpoint._wantPID and os.path.lexists(f"{path}.lock"):
+            return
+        if not stat.S_ISSOCK(os.lstat(path).st_mode) or _answers(path):
+            return
+        os.remove(path)
+    except OSError:
+        return  # (none there, or not ours to remove: binding says what is wrong)
+    logger.info("removed the stale socket file {path}: nothing listened on it", path=path)
+
+
 def _answers(path: str) -> bool:
-    """Whether a listener (of this process: the lock names it) takes connections on ``path``."""
+    """Whether a listener takes connections on ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.setblocking(False)  # (a full listen queue would hold a connect: it answers all the same)
         return probe.connect_ex(path) not in (errno.ECONNREFUSED, errno.ENOENT)

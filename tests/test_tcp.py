@@ -11,6 +11,7 @@ import os
 import select
 import socket
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
@@ -501,6 +502,51 @@ async def test_a_unix_listener_starts_over_the_socket_and_lock_a_killed_broker_o
         assert os.readlink(f"{path}.lock") == str(os.getpid())  # (its own now)
     finally:
         await broker.stopService()
+
+
+@pytest.mark.parametrize("options", ["", ":lockfile=0"])
+@pytest_twisted.ensureDeferred
+async def test_a_unix_listener_starts_over_a_socket_file_nothing_listens_on_without_a_lock(
+        tmp_path: Any, options: str) -> None:
+    """Mosquitto unlinks its socket's path before it binds: a converted listener 0 started where
+    a killed Mosquitto (which takes no lock) left the socket file refused to listen, "Address
+    already in use", as a listener with lockfile=0 did after a kill."""
+    path = str(tmp_path / "mqtt.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(path)  # (closed, its file stays)
+    broker = BrokerService(endpoints=[f"unix:{path}{options}"], reactor=reactor, sys_interval=0)
+    with capturedLogs() as events:
+        broker.startService()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(WAIT)
+            client.connect(path)
+            client.sendall(CONNECT)
+            assert await deferToThread(client.recv, 4) == CONNACK
+        assert [e["path"] for e in events if "stale" in e.get("log_format", "")] == [path]
+    finally:
+        await broker.stopService()
+
+
+@pytest.mark.parametrize("listening", [True, False])
+def test_a_unix_listener_takes_no_socket_someone_listens_on_nor_a_file_that_is_no_socket(
+        tmp_path: Any, listening: bool) -> None:
+    path = str(tmp_path / "mqtt.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        if listening:
+            other.bind(path)
+            other.listen(1)
+        else:
+            Path(path).write_text("not a socket")
+        broker = BrokerService(endpoints=[f"unix:{path}:lockfile=0"], reactor=reactor, sys_interval=0)
+        with pytest.raises(CannotListenError, match="Address already in use"):
+            broker.startService()
+        if listening:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(WAIT)
+                client.connect(path)
+        else:
+            assert Path(path).read_text() == "not a socket"
 
 
 @pytest_twisted.ensureDeferred
