@@ -28,11 +28,13 @@ class ConfigError(ValueError):
 
 def _setting(default: Any, help: str, minimum: float | None = 0, maximum: float | None = None,
              choices: tuple[str, ...] | None = None, check: Callable[[Any], str | None] | None = None,
-             table: Callable[[Mapping[str, Any]], Any] | None = None) -> Any:
+             table: Callable[[Mapping[str, Any]], Any] | None = None, secret: bool = False) -> Any:
     """``check(value)`` returns why a value is refused, or None. ``table``: the setting is a list
     of TOML tables (``[[name]]``), each made into an object by ``table(mapping)``; it has no
-    command-line flag."""
-    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check, "table": table}
+    command-line flag. ``secret``: the value may hold a password or a key, so an error of its
+    type names the type only, never the value."""
+    metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check,
+                "table": table, "secret": secret}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -284,7 +286,7 @@ class BrokerConfig:
     http_auth_url: str = _setting(
         "", "URL the broker POSTs each connecting client's credentials to, for a verdict (see "
         "http_auth_mode); empty for none. Credentials for the service itself go in "
-        "http_auth_authorization_file, not in the URL.")
+        "http_auth_authorization_file, not in the URL.", secret=True)
     http_auth_mode: str = _setting(
         "json", "json (the broker's JSON request and answer) or introspection (the password is an "
         "OAuth2 token, checked at an RFC 7662 introspection endpoint).",
@@ -316,7 +318,7 @@ class BrokerConfig:
         "TLS, redis+sentinel://host:26379,host2:26379/mymaster/0 through Sentinel; a password as "
         "redis://:password@host). Sessions, retained messages and messages between nodes are then "
         "kept in Redis (persistence and data_dir's database are not used). Empty: no cluster.",
-        check=_redis_problem)
+        check=_redis_problem, secret=True)
     cluster_tls_ca_file: str = _setting(
         "", "CA certificates (PEM) that a rediss:// Redis's certificate must chain to (refused "
         "with a redis:// or redis+sentinel:// URL: those have no TLS); empty: the platform's "
@@ -388,7 +390,7 @@ class BrokerConfig:
         [], "Keys of the admin API, hashed: \"sha256:<hex>\" or \"name:sha256:<hex>\" (the name, "
         "or the hash's first 8 digits, is logged with every change it makes); "
         "python -m mqtt_broker.admin.keys makes a key and its hash. Empty: only health, readiness, "
-        "metrics and the dashboard page answer.", check=_api_keys_problem)
+        "metrics and the dashboard page answer.", check=_api_keys_problem, secret=True)
     http_metrics_auth: bool = _setting(
         False, "Require an API key for /metrics too (Prometheus sends it as a bearer token).")
     http_max_body_size: int = _setting(
@@ -398,7 +400,8 @@ class BrokerConfig:
         False, "Serve MQTT over WebSocket at /mqtt on the admin HTTP endpoints too.")
     bridge: list[Any] = _setting(
         [], "Bridges to other brokers, one [[bridge]] table each, with Mosquitto's bridge settings "
-        "(connection, addresses, topic, remote_clientid, ...; see docs/bridges.md).", table=_bridge)
+        "(connection, addresses, topic, remote_clientid, ...; see docs/bridges.md).", table=_bridge,
+        secret=True)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -409,12 +412,14 @@ class BrokerConfig:
                     value = float(value)
                 except OverflowError:  # (TOML's integers have no bound)
                     raise ConfigError("an integer too large to be a number of seconds", f.name) from None
-            # (an API key, pasted where its hash belongs, is not echoed: nor what is beside it)
-            shown = f"a {type(value).__name__}" if f.name == "http_api_keys" else repr(value)
+            # Not echoed: a password (in a URL, a bridge's table) or an API key pasted where its hash
+            # belongs, printed at start, logged on SIGHUP and answered by the admin API's reload.
+            shown = f"a {type(value).__name__}" if f.metadata["secret"] else repr(value)
+            table = f.metadata.get("table")
             # bool is an int subclass: "max_qos = true" is a mistake, not 1.
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ConfigError(f"expected {kind.__name__}, got {shown}", f.name)
-            table = f.metadata.get("table")
+                expected = f"a list of [[{f.name}]] tables" if table is not None else kind.__name__
+                raise ConfigError(f"expected {expected}, got {shown}", f.name)
             if table is not None:
                 value = self._tables(f.name, value, table)
             elif kind is list:
@@ -463,7 +468,8 @@ class BrokerConfig:
         made = []
         for number, item in enumerate(value, 1):
             if not isinstance(item, Mapping) and not dataclasses.is_dataclass(item):
-                raise ConfigError(f"expected a list of [[{name}]] tables, got {value!r}", name)
+                raise ConfigError(f"expected a list of [[{name}]] tables, entry {number} is a "
+                                  f"{type(item).__name__}", name)
             try:
                 made.append(table(item))  # type: ignore[arg-type]
             except ValueError as e:

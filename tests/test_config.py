@@ -195,6 +195,9 @@ def kind_of(f: dataclasses.Field[Any]) -> type:
 
 
 FIELDS = settings()
+# Never echoed in an error, only their type named: a password (a bridge's, or in a URL) or an API
+# key, pasted where its hash belongs.
+MAY_HOLD_A_SECRET = {"cluster", "http_auth_url", "http_api_keys", "bridge"}
 NUMERIC = [f.name for f in FIELDS if kind_of(f) in (int, float)]
 
 
@@ -231,8 +234,10 @@ def test_wrong_type_names_the_key(key: str, value: Any) -> None:
         BrokerConfig(**{key: value})
     assert caught.value.key == key
     assert str(caught.value).startswith(f"{key}: ")
-    if key == "http_api_keys":  # (an entry may be a key, pasted where its hash belongs: never echoed)
-        assert str(caught.value).endswith(f"got a {type(value).__name__}")
+    if key in MAY_HOLD_A_SECRET:  # only a type is named, the value's or an entry's
+        named = re.search(r"(?:got|is) a (\w+)$", str(caught.value))
+        entries = value if isinstance(value, list) else []
+        assert named and named[1] in {type(v).__name__ for v in [value, *entries]}, str(caught.value)
     else:
         assert repr(value) in str(caught.value)
 
@@ -569,6 +574,28 @@ def test_a_cluster_password_holding_a_quote_is_not_told_in_an_error() -> None:
     with pytest.raises(ConfigError) as raised:
         BrokerConfig(cluster='redis://:pa"ss@127.0.0.1:notaport/0')
     assert 'pa"ss' not in str(raised.value), str(raised.value)
+
+
+A_BRIDGE = ('connection = "b1"\naddresses = "127.0.0.1:1883"\ntopic = "a/# both 1"\n'
+            'remote_username = "u"\nremote_password = "hunter2"\n')
+
+
+@pytest.mark.parametrize("text,key,reason", [
+    ("[bridge]\n" + A_BRIDGE, "bridge", "expected a list of [[bridge]] tables, got a dict"),
+    ('bridge = [{connection = "b", addresses = "h", topic = "a", remote_username = "u", '
+     'remote_password = "hunter2"}, "x"]\n',
+     "bridge", "expected a list of [[bridge]] tables, entry 2 is a str"),
+    ('cluster = ["redis://:hunter2@127.0.0.1:6379/0"]\n', "cluster", "expected str, got a list"),
+    ('http_auth_url = ["https://broker:hunter2@auth.example/check"]\n', "http_auth_url", "expected str, got a list"),
+], ids=["bridge-written-as-one-table", "bridge-list-with-a-string", "cluster-list", "http_auth_url-list"])
+def test_a_setting_of_the_wrong_shape_does_not_tell_the_password_it_holds(
+        tmp_path: Path, text: str, key: str, reason: str) -> None:
+    # Told at start, in SIGHUP's warning and in POST /api/v1/config/reload's problems.
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        BrokerConfig.from_file(path)
+    assert str(raised.value) == f"{path}: {key}: {reason}"
 
 
 @pytest.mark.parametrize("url", ["redis://:secret@127.0.0.1:6379/0",
