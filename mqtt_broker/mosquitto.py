@@ -155,7 +155,10 @@ _NO_LIMIT_HERE = {"memory_limit": "no memory limit here: bound what sessions hol
 
 @dataclass
 class Note:
-    """A line that is not carried over, or not as it was (``carried``), and why."""
+    """A line that is not carried over, or not as it was (``carried``), and why. Shown, a line not
+    carried over is named by its key alone: its value may be a password (``local_password``, a
+    plugin's ``plugin_opt_*``, a key of another release), and the notes are printed at every start
+    with ``--mosquitto-config``."""
 
     source: str
     line: int
@@ -164,7 +167,8 @@ class Note:
     carried: bool = False
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.line}: {self.text!r}{'' if self.carried else ' not carried over'}: {self.why}"
+        shown = self.text if self.carried else self.text.split(maxsplit=1)[0]
+        return f"{self.source}:{self.line}: {shown!r}{'' if self.carried else ' not carried over'}: {self.why}"
 
 
 @dataclass

@@ -429,6 +429,27 @@ def test_what_cannot_be_carried_over_is_named_with_its_line(tmp_path: Path) -> N
     assert notes[6] == (8, "no setting of Mosquitto 2.0.11 (which refuses to start with it), nor here")
 
 
+@pytest.mark.parametrize("line", ["local_password l0cal-s3cret", "auth_opt_pg_password db-s3cret",
+                                  "plugin_opt_pg_password db-s3cret", "tls_engine_kpass_sha1 s3cret",
+                                  "ldap_bind_secret s3cret"])
+def test_a_line_not_carried_over_is_named_by_its_key_alone(
+        tmp_path: Path, line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its value may be a password: the notes go to stderr (the journal, under systemd) at every
+    # start with --mosquitto-config, and into the converted file.
+    from mqtt_broker.tap import Options
+    path = tmp_path / "m.conf"
+    path.write_text("listener 1883 127.0.0.1\nallow_anonymous true\nconnection b1\naddress 127.0.0.1:1884\n"
+                    f"topic a/# both 1\n{line}\n")
+    key = line.split()[0]
+    assert [str(note) for note in convert(path).notes] == [
+        f"{path}:6: {key!r} not carried over: {convert(path).notes[0].why}"]
+    assert main(["from-mosquitto", str(path)]) == 0
+    Options().parseOptions(["--mosquitto-config", str(path)])
+    out, err = capsys.readouterr()
+    assert f"{path}:6: {key!r} not carried over" in err
+    assert "s3cret" not in out + err
+
+
 @pytest.mark.parametrize("line", ["plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
                                   "auth_plugin /usr/lib/mosquitto-go-auth.so", "check_retain_source true"])
 def test_what_checks_clients_in_mosquitto_and_not_here_is_refused(tmp_path: Path, line: str) -> None:
