@@ -540,6 +540,22 @@ async def test_an_introspected_exp_that_is_not_a_time_is_a_bad_answer(service: t
     assert '"exp" is not a time' in log.text()
 
 
+@pytest.mark.parametrize("mode", ["json", "introspection"])
+@pytest_twisted.ensureDeferred
+async def test_an_answer_nested_too_deeply_to_parse_is_a_bad_answer(service: tuple[AuthService, str],
+                                                                    mode: str) -> None:
+    # json.loads raises RecursionError, no ValueError, past some 1,000 levels (2,000 bytes of the
+    # 64 KiB an answer may have): it was logged in Python's words, not as what the answer lacks.
+    resource, url = service
+    resource.reply = lambda body: (200, b'{"active": true, "result": ' + b"[" * 10_000 + b"]" * 10_000 + b"}")
+    sec = with_authenticator(HttpAuthenticator(url, mode=mode, cache_seconds=0))
+    with LogCapture() as log:
+        answer = await sec.authenticate(creds())
+    await sec.close()
+    assert isinstance(answer, Refusal) and answer.reason_code == ReasonCode.SERVER_UNAVAILABLE, answer
+    assert "answer is not JSON: nested too deeply" in log.text() and "Recursion" not in log.text()
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_introspected_null_username_falls_back_to_sub(service: tuple[AuthService, str]) -> None:
     """The username is the answer's username, else its sub: a null username is none, and bob's

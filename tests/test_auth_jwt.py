@@ -342,6 +342,15 @@ def test_bad_key_files(tmp_path: Path, file: str, content: bytes, key: str, prob
     assert caught.value.key == key and problem in str(caught.value)
 
 
+def test_a_jwks_nested_too_deeply_to_parse_is_a_config_error(tmp_path: Path) -> None:
+    # json.loads raises RecursionError, no ValueError, for it: a start ended in a traceback.
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError) as caught:
+        Security.from_config(BrokerConfig(jwt_jwks_file=str(jwks)))
+    assert str(caught.value) == f"jwt_jwks_file: {jwks}: not JSON: nested too deeply"
+
+
 @pytest.mark.parametrize("algorithms,problem", [("none", "never accepted"), ("RS256,XX1", "unknown algorithm"),
                                                 ("HS256", "no configured key fits")])
 def test_bad_algorithms(keys: Path, algorithms: str, problem: str) -> None:

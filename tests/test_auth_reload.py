@@ -114,6 +114,19 @@ def test_a_reload_with_a_jwt_public_key_of_an_unknown_curve_is_refused_and_said(
     assert len(problems) == 1 and "jwt_public_key_file" in problems[0], problems
 
 
+def test_a_reload_with_a_jwks_nested_too_deeply_to_parse_is_refused_and_said(tmp_path: Path) -> None:
+    """As for the key above: json.loads raises RecursionError for it, which the reload let
+    through (SIGHUP logged a traceback, the TLS listeners were not reloaded, POST
+    /api/v1/config/reload answered 500)."""
+    import json
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{"kty": "oct", "k": "A" * 60, "alg": "HS256"}]}))
+    broker = make_broker(jwt_jwks_file=str(jwks), allow_anonymous=False)
+    jwks.write_text('{"keys": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    problems = reloaded(broker.reload())
+    assert len(problems) == 1 and "jwt_jwks_file" in problems[0] and "nested too deeply" in problems[0], problems
+
+
 def test_an_http_answer_asked_for_before_a_reload_is_not_cached_past_it(tmp_path: Path) -> None:
     """A reload reads http_auth_authorization_file again and empties the answer cache
     (HttpAuthenticator.prepare_reload), so that what the service answered to the old

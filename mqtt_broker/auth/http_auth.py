@@ -369,6 +369,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
         answer = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadAnswer("answer is not JSON") from None
+    except RecursionError:  # (json recurses once per level of arrays or objects)
+        raise BadAnswer("answer is not JSON: nested too deeply") from None
     if not isinstance(answer, dict):
         raise BadAnswer("answer is not a JSON object")
     return answer

@@ -132,6 +132,8 @@ def _load_jwks(path: str) -> list[TokenKey]:
         document = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not JSON: {e}", "jwt_jwks_file") from None
+    except RecursionError:  # (json recurses once per level of arrays or objects)
+        raise ConfigError(f"{path}: not JSON: nested too deeply", "jwt_jwks_file") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: a JWKS is an object with a \"keys\" list", "jwt_jwks_file")
