@@ -498,6 +498,31 @@ def test_a_request_no_answer_can_come_to_raises(closing: str) -> None:
     assert client.closed
 
 
+def test_a_qos0_publish_on_a_connection_that_ended_raises() -> None:
+    """Dropped without a word, it left the test to find its subscriber's list empty."""
+    broker = MemoryBroker(sys_interval=0)
+    client = broker.connect("c", keep_alive=1)
+    broker.advance(2)
+    with pytest.raises(ConnectionError, match="PUBLISH not sent: the connection has ended"):
+        client.publish("t", b"x")
+
+
+@pytest.mark.parametrize("options", [
+    {"no_local": True}, {"retain_as_published": True}, {"retain_handling": 1},
+    {"properties": {"subscription_identifier": 3}}])
+def test_mqtt5_options_given_to_an_mqtt3_client_are_refused_not_dropped(options: dict[str, Any]) -> None:
+    """MQTT 3.1.1 cannot carry them: sent without them, the test would not test what it asked for."""
+    broker = MemoryBroker(sys_interval=0)
+    client = broker.connect("c", version=4)
+    with pytest.raises(ValueError, match="MQTT 5"):
+        client.subscribe("t", **options)
+    with pytest.raises(ValueError, match="MQTT 5"):
+        client.publish("t", b"x", properties={"message_expiry_interval": 5})
+    with pytest.raises(ValueError, match="MQTT 5"):
+        broker.client(version=4).connect("d", properties={"session_expiry_interval": 5})
+    assert client.subscribe("t").reason_codes == (0,)  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("setting", ["clock", "reactor", "endpoints"])
 def test_settings_that_would_take_the_broker_off_the_kits_clock_are_refused(setting: str) -> None:
     """clock= was taken: the broker's timers then ran on a clock advance() never moves."""
