@@ -2713,7 +2713,7 @@ def test_a_will_whose_claim_answer_was_lost_is_published_when_the_node_takes_its
     try:
         r = server.client()
         r.delete("mqtt:node:b")  # b died
-        assert r.eval(CLAIM.source, 0, "c", "a", "0", "0", 0, "", 0)  # (its answer lost)
+        assert r.eval(CLAIM.source, 0, "c", "a", "0", "0", 0, "", 0, "mqtt:control")  # (its answer lost)
         done: list[Any] = []
         broker.cluster.survivor.adopt("a").addBoth(done.append)
         yield until(lambda: done, "the adoption's end")
@@ -2807,7 +2807,8 @@ def test_a_will_whose_adoption_claim_answer_was_lost_is_published_when_the_adopt
     try:
         r = server.client()
         r.delete("mqtt:node:b")  # b died
-        assert r.eval(CLAIM.source, 0, "c", "a", "0", "0", 0, "b", 0)  # a's adoption claim (its answer lost)
+        # a's adoption claim (its answer lost)
+        assert r.eval(CLAIM.source, 0, "c", "a", "0", "0", 0, "b", 0, "mqtt:control")
         yield adopted(server, broker, clock, "b")  # the adoption again, at the next beat
         assert (yield wills_published(broker, observer)) == [("wills/c", b"c is gone")]
     finally:
@@ -3210,7 +3211,7 @@ def x_adopts_c_from_a(server: RedisServer) -> Any:
     r.delete("mqtt:node:a")
     r.set("mqtt:node:x", "x", px=600_000)
     r.sadd("mqtt:nodes", "x")
-    reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0)
+    reply = r.eval(CLAIM.source, 0, "c", "x", "0", "0", 0, "a", 0, "mqtt:control")
     assert reply[2] == 0 and reply[3] is not None and r.hget("mqtt:owner:c", "node") == b"x"
     return reply
 
@@ -3526,7 +3527,7 @@ def test_a_will_published_at_a_bounce_is_not_published_again_when_its_node_dies(
                           will=Will(topic="wills/s", payload=b"W", qos=0, retain=False))
         yield a.store.flushed()
         handlers = a.cluster.redis._handlers
-        real = handlers[a.store.CONTROL.encode()]
+        real = handlers[a.store.control.encode()]
         held: list[bytes] = []
 
         def control(data: bytes) -> None:
@@ -3534,13 +3535,13 @@ def test_a_will_published_at_a_bounce_is_not_published_again_when_its_node_dies(
                 held.append(data)
             else:
                 real(data)
-        handlers[a.store.CONTROL.encode()] = control  # (b's claim news comes late)
+        handlers[a.store.control.encode()] = control  # (b's claim news comes late)
         on_b = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
         yield until(lambda: held, "b's claim news (held)")
         yield connect(a, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
         for x in held:
             real(x)
-        handlers[a.store.CONTROL.encode()] = real
+        handlers[a.store.control.encode()] = real
         yield until(lambda: on_b.closed and s.closed, "b and the first connection closed")
         for _ in range(3):
             yield a.store.flushed()
@@ -3549,7 +3550,7 @@ def test_a_will_published_at_a_bounce_is_not_published_again_when_its_node_dies(
         first = yield publishes(watcher, "W, published once as a took s back")
         assert [x.payload for x in first] == [b"W"]
         # a dies (kill -9): it hears and writes nothing more
-        handlers[a.store.CONTROL.encode()] = lambda data: None
+        handlers[a.store.control.encode()] = lambda data: None
         server.client().delete("mqtt:node:a")
         again = yield connect(b, 5, client_id="s", clean_start=False, properties={"session_expiry_interval": 600})
         assert again.received()[0].session_present

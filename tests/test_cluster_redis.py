@@ -160,6 +160,37 @@ def test_the_sentinels_are_asked_again_within_the_back_off() -> Iterator[Deferre
         yield link.close()
 
 
+def test_clusters_on_two_databases_of_one_redis_share_nothing(stop_after: list[object]) -> None:
+    """Two clusters on one Redis, one on database 0 and one on database 1, a node each. Pub/sub
+    ignores the database: each cluster heard the other's events, and its nodes sent the other's
+    QoS 0 messages to their subscribers, kept its retained messages, and wrote QoS 1 messages for
+    its nodes into inboxes of their own database that nobody reads."""
+    import redis
+
+    server = Server()
+    stop_after.append(server)
+    x = node(f"redis://127.0.0.1:{server.port}/0", "x")
+    y = node(f"redis://127.0.0.1:{server.port}/1", "y")
+    stop_after += [x, y]
+    wait_until(lambda: joined(x) and joined(y), "both nodes to join")
+    on_y = PahoClient(y.port, "on-y")
+    stop_after.append(on_y)
+    on_y.subscribe("tenant/#", 1)
+    wait_until(lambda: redis.Redis(port=server.port, db=1).hexists("mqtt:routes:y", "tenant/#"),
+               "y's filter to be in its database (its event sent)")
+    on_x = PahoClient(x.port, "on-x")
+    stop_after.append(on_x)
+    on_x.publish("tenant/live", b"at QoS 0", qos=0)
+    on_x.publish("tenant/live", b"at QoS 1", qos=1)  # (acknowledged: whatever x wrote for it is in Redis)
+    on_x.publish("tenant/kept", b"retained", qos=1, retain=True)
+    assert on_y.no_message(1.0)
+    assert not redis.Redis(port=server.port, db=0).exists("mqtt:inbox:y")
+    late = PahoClient(y.port, "late-on-y")
+    stop_after.append(late)
+    late.subscribe("tenant/#", 0)
+    assert late.no_message(0.5), "y keeps x's retained message"
+
+
 def test_a_master_turned_replica_is_left_for_the_one_the_sentinels_name(stop_after: list[object]) -> None:
     """A switchover that leaves the old master's clients connected: every write is refused
     READONLY. The node retried its batches there for ever (logging each second that writing

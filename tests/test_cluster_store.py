@@ -482,18 +482,19 @@ def test_a_batch_refused_for_thousands_of_sessions_keeps_every_refusal(server: R
     ops: list[Any] = []
     for i in range(9000):
         ops += ["w", f"c{i}", 1]
-    answer = redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, *ops)
+    answer = redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, "mqtt:control", *ops)
     assert len(answer) == 9000
     assert redis.get("mqtt:applied:a") == b"incarnation:1"
     assert redis.lrange("mqtt:refused:a", 0, -1) == answer
     # Sent again (its answer lost), it is not applied twice, and answers the same.
-    assert redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, *ops) == answer
+    assert redis.eval(BATCH.source, 0, "a", "incarnation:1", 1000, "mqtt:control", *ops) == answer
 
 
 class AwayRedis:
     """A Redis out of reach: every command fails as a lost connection does."""
 
     up = False
+    address = RedisAddress.parse("redis://127.0.0.1:6379/0")
 
     def run(self, script: Any, *args: Any) -> Deferred[Any]:
         return fail(ConnectionError("Connection refused"))

@@ -234,7 +234,7 @@ class Cluster:
         self.started = True
         self._join_warning = self.clock.callLater(JOIN_WARNING, self._still_joining)
         self.redis.on_subscribed = self._subscribed
-        self.redis.subscribe(self.store.CONTROL, self._control)
+        self.redis.subscribe(self.store.control, self._control)
         self.redis.subscribe(self.store.qos0_channel(self.node), self._qos0_received)
         yield self._listening
         for attempt in itertools.count():

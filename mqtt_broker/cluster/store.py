@@ -1,6 +1,6 @@
 """The Store of a cluster node, in Redis: sessions, retained messages, and the node's messages
 to other nodes and routes, written in batches that Redis applies at once. The only module that
-knows the keys (they are in the Lua scripts beside it, under ``mqtt:``).
+knows the keys and channels (the keys are in the Lua scripts beside it too, under ``mqtt:``).
 
 Changes are recorded on the reactor thread and written as one script call per batch; while a
 batch is on its way the next one collects what comes meanwhile (group commit), so under load one
@@ -106,6 +106,12 @@ class RedisStore:
         the control channel yet (see ``retained_news``)."""
         self.redis = redis
         self.node = node
+        # Pub/sub ignores the database number: clusters on one Redis, each on a database of its
+        # own, keep apart by their channels' names. (Database 0's are those of earlier releases.)
+        db = redis.address.db
+        self._channels = f"mqtt:{db}:" if db else "mqtt:"
+        self.control = f"{self._channels}control"
+        """The channel of the cluster's events: routes, retained messages, claims, nodes leaving."""
         self.reactor = reactor
         self.inbox_maxlen = inbox_maxlen
         self.epochs: dict[str, int] = {}
@@ -412,12 +418,9 @@ class RedisStore:
 
     # --- membership, routes and inboxes (read and written at once, not in batches) --------
 
-    CONTROL = "mqtt:control"
-    """The channel of the cluster's events: routes, retained messages, claims, nodes leaving."""
-
     def qos0_channel(self, node: str) -> str:
         """The channel a node's QoS 0 messages come by."""
-        return f"mqtt:qos0:{node}"
+        return f"{self._channels}qos0:{node}"
 
     def register(self, ttl_ms: int) -> Deferred[Any]:
         """Join the cluster's members, alive for ``ttl_ms``; also a heartbeat."""
@@ -430,7 +433,7 @@ class RedisStore:
     def leave(self) -> Deferred[Any]:
         """Stop being alive at once: the survivors adopt what this node held."""
         d = self.flushed().addCallback(lambda _: self.redis.call("DEL", f"mqtt:node:{self.node}"))
-        return d.addCallback(lambda _: self.redis.call("PUBLISH", self.CONTROL, f"B\0{self.node}"))
+        return d.addCallback(lambda _: self.redis.call("PUBLISH", self.control, f"B\0{self.node}"))
 
     def lease(self, name: str, ttl_ms: int) -> Deferred[bool]:
         """Take the lease ``name`` if it is free, or renew it if this node holds it, for
@@ -596,7 +599,7 @@ class RedisStore:
     def forget_node(self, dead: str) -> Deferred[bool]:
         """A dead node's sessions are adopted: its routes go, and the others are told. False (and
         nothing done) if the node is alive again."""
-        return self.redis.run(FORGET, "forget", dead).addCallback(bool)
+        return self.redis.run(FORGET, "forget", dead, self.control).addCallback(bool)
 
     def drop_node(self, dead: str) -> Deferred[bool]:
         """The last of a dead node: its inbox, read to the end, its membership and its routes'
@@ -604,7 +607,7 @@ class RedisStore:
         dead that comes back from a partition may still send that batch again, which the marker
         keeps from being applied twice; a node id made afresh at each start leaves nothing for
         good. False (and nothing done) if the node is alive again."""
-        return self.redis.run(FORGET, "drop", dead, DROPPED_MARKER_TTL).addCallback(bool)
+        return self.redis.run(FORGET, "drop", dead, self.control, DROPPED_MARKER_TTL).addCallback(bool)
 
     def node_alive(self, node: str) -> Deferred[bool]:
         return self.redis.call("EXISTS", f"mqtt:node:{node}").addCallback(bool)
@@ -626,7 +629,7 @@ class RedisStore:
             withdraw.addCallback(lambda _: sendable.cancel())  # (sent, the wait is over: nothing to cancel)
         yield sendable
         reply = yield self.redis.run(CLAIM, client_id, self.node, "1" if clean_start else "0", known, window,
-                                     required, max_bytes)
+                                     required, max_bytes, self.control)
         if reply is None:
             return None
         claim = Claim(reply, client_id)
@@ -724,7 +727,7 @@ class RedisStore:
     def _send(self, batch: _Batch) -> None:
         batch.started = time.perf_counter()
         marker = f"{self._incarnation}:{batch.number}"
-        self.redis.run(BATCH, self.node, marker, self.inbox_maxlen, *batch.ops).addCallbacks(
+        self.redis.run(BATCH, self.node, marker, self.inbox_maxlen, self.control, *batch.ops).addCallbacks(
             self._written, self._not_written, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _written(self, refused: list[bytes], batch: _Batch) -> None:

@@ -1,7 +1,7 @@
 -- One batch of a node's changes, applied at once: a script runs alone, and with appendonly its
 -- effects are written together. ARGV: the node, a marker naming the batch (kept in
 -- applied:<node>, so that a batch whose answer was lost is not applied twice), the inboxes'
--- MAXLEN, then the changes, each an opcode and its arguments.
+-- MAXLEN, the control channel, then the changes, each an opcode and its arguments.
 --
 -- A change to a session carries the epoch its node claimed the session at (claim.lua) and is
 -- made only if that is still the session's epoch: once another node has claimed the session,
@@ -10,7 +10,7 @@
 -- A change of a retained topic that a lease guards (lease.lua: a bridge's state) is refused
 -- likewise while another node holds the lease: its node hears what Redis keeps ('K' event).
 local P = 'mqtt:'
-local node, marker, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local node, marker, maxlen, control = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local verdict, refused = {}, {}
 -- Each inbox entry is stamped with the epochs counter (field 'e'): a session begun anew after
 -- it was made has a higher 'since_stamp' (claim.lua), and the entry's messages for it are dropped.
@@ -53,7 +53,7 @@ end
 -- Redis keeps ('': none). The event is for that node alone.
 local function kept(topic)
   local held = redis.call('HGET', P .. 'retained', topic) or ''
-  redis.call('PUBLISH', P .. 'control', 'K\0' .. node .. '\0' .. topic .. '\0' .. held)
+  redis.call('PUBLISH', control, 'K\0' .. node .. '\0' .. topic .. '\0' .. held)
 end
 
 local function mine(c, epoch)
@@ -67,7 +67,7 @@ local function mine(c, epoch)
   return ok
 end
 
-local i = 4
+local i = 5
 local n = #ARGV
 while i <= n do
   local op = ARGV[i]
@@ -155,7 +155,7 @@ while i <= n do
   elseif op == 'R' then -- a retained message: topic message lease
     if unleased(ARGV[i + 3]) then
       redis.call('HSET', P .. 'retained', ARGV[i + 1], ARGV[i + 2])
-      redis.call('PUBLISH', P .. 'control', 'R\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. ARGV[i + 2])
+      redis.call('PUBLISH', control, 'R\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. ARGV[i + 2])
     else
       kept(ARGV[i + 1])
     end
@@ -163,7 +163,7 @@ while i <= n do
   elseif op == 'r' then -- topic lease
     if unleased(ARGV[i + 2]) then
       redis.call('HDEL', P .. 'retained', ARGV[i + 1])
-      redis.call('PUBLISH', P .. 'control', 'r\0' .. node .. '\0' .. ARGV[i + 1])
+      redis.call('PUBLISH', control, 'r\0' .. node .. '\0' .. ARGV[i + 1])
     else
       kept(ARGV[i + 1])
     end
@@ -205,7 +205,7 @@ while i <= n do
       redis.call('HDEL', P .. 'routes:' .. node, ARGV[i + 1])
     end
     local version = redis.call('HINCRBY', P .. 'routes-version', node, 1)
-    redis.call('PUBLISH', P .. 'control', op .. '\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. version)
+    redis.call('PUBLISH', control, op .. '\0' .. node .. '\0' .. ARGV[i + 1] .. '\0' .. version)
     i = i + 2
   else
     return redis.error_reply('unknown change ' .. tostring(op))

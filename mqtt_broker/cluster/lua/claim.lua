@@ -2,7 +2,8 @@
 -- the session is dead (adoption). ARGV: client, node, clean start ('1'/'0'), the epoch the node
 -- already holds it at ('0': none), how many queued messages to read (0: all), the node that
 -- must hold it now for the claim to proceed ('': any; adoption names the dead node), and how
--- many bytes of queued messages to read at most (0: no bound; the first whatever its size).
+-- many bytes of queued messages to read at most (0: no bound; the first whatever its size),
+-- and the control channel.
 --
 -- A claim takes a new epoch from one counter (so epochs only grow, whatever happens to a
 -- session), which fences off every later write of the previous owner (batch.lua), and tells
@@ -60,7 +61,7 @@ if old_node and old_node ~= node and redis.call('EXISTS', P .. 'node:' .. old_no
 -- inbox delivers what is left there for the client to the client's session, wherever it is.
 redis.call('SADD', P .. 'clients:' .. node, c)
 if old_node and old_node ~= node then
-  redis.call('PUBLISH', P .. 'control', 'C\0' .. node .. '\0' .. c .. '\0' .. epoch .. '\0' .. (clean and '1' or '0')
+  redis.call('PUBLISH', ARGV[8], 'C\0' .. node .. '\0' .. c .. '\0' .. epoch .. '\0' .. (clean and '1' or '0')
              .. '\0' .. alive)
 end
 local will = redis.call('HGET', data[1], 'will')
