@@ -206,6 +206,9 @@ class BrokerService(MultiService):
         """What ``reload`` checks besides: the files the settings were read from, read again
         (twistd's ``--config``); returns the problems (or a Deferred of them), a setting that only
         a restart applies too."""
+        self.on_given_up: Callable[[], object] | None = None
+        """Called in place of the service's own stop when the broker gives up (``give_up``):
+        twistd's (set by tap) stops the reactor, which stops the service and ends the process."""
         self.bridges: Any = None
         """The bridges of the ``bridge`` setting (:class:`mqtt_broker.bridge.Bridges`); None
         without any (nothing of the bridges is imported)."""
@@ -383,6 +386,14 @@ class BrokerService(MultiService):
         if self.security is not None:
             stopping.append(self.security.close())
         return DeferredList([d for d in stopping if d is not None]).addCallback(lambda _: None)
+
+    def give_up(self) -> None:
+        """Stop serving for good: what this broker is to be is another process's (its cluster
+        node id). ``on_given_up`` if set (under twistd, the process ends), else the service stops."""
+        if self.on_given_up is not None:
+            self.on_given_up()
+        elif self.running:
+            self.stopService().addErrback(lambda failure: log.failure("stopping", failure))
 
     def open_connections(self) -> int:
         """The client connections open now, as max_connections counts them: their sockets, those

@@ -325,7 +325,8 @@ class BrokerConfig:
         "trusted CAs. Its name is checked against the URL's host either way.")
     cluster_node_id: str = _setting(
         "", "This node's id in the cluster; empty: an id made at the first start and kept in "
-        "data_dir (cluster-node-id). Two nodes must never share one.")
+        "data_dir (cluster-node-id). Two nodes must never share one: a node started with the id "
+        "of one that still beats stops.")
     cluster_heartbeat: float = _setting(
         1.0, "Seconds between a node's heartbeats in Redis.", 0.05, 60)
     cluster_missed_heartbeats: int = _setting(

@@ -239,6 +239,7 @@ def makeService(options: Options) -> BrokerService:
     _reload_on_sighup(service, options)
     from twisted.internet import reactor
     reactor.addSystemEventTrigger("after", "startup", tune_gc)  # type: ignore[attr-defined]
+    service.on_given_up = reactor.stop  # type: ignore[attr-defined]
     return service
 
 

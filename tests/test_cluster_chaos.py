@@ -16,7 +16,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cluster_helpers import Cluster, reachable, wait_until
+from cluster_helpers import HEARTBEAT, Cluster, reachable, wait_until
+from conftest import BrokerProcess
 from crash_clients import exchange
 from paho_helpers import PahoClient
 from rawclient import RawClient
@@ -200,6 +201,62 @@ def test_a_node_taken_for_dead_while_alive_does_not_publish_its_wills_again(clus
     wait_until(lambda: "a" in cluster.members(), "a to join again")
     assert observer.no_message(3.0)
     observer.close()
+
+def test_a_process_started_with_a_live_nodes_id_does_not_join_and_stops() -> None:
+    """A second process with the id of a live node (a copied data_dir, a cloned machine, a typo)
+    joined as that node: it read the node's inbox as the same consumer, and part of the
+    acknowledged QoS 1 messages for the node's subscribers went to it instead. It waits a
+    heartbeat key's life and a beat for the id to be free, then stops; the node gets every
+    message, during the wait and after."""
+    cluster = Cluster("a", "b")
+    try:
+        subscriber = PahoClient(cluster["a"].port, "on-a")
+        subscriber.subscribe("twice/#", 1)
+        publisher = PahoClient(cluster["b"].port, "on-b")
+        reachable(publisher, [subscriber], "twice/x")
+        second = BrokerProcess("--cluster", cluster.redis.url, "--cluster-node-id", "a",
+                               "--cluster-heartbeat", HEARTBEAT)
+        try:
+            wait_until(lambda: any(said in second.output() for said in ("joined through Redis", "beats with its id")),
+                       "the second process to join or to find its id taken")
+            got: list[int] = []
+            for i in range(100):
+                publisher.publish("twice/x", b"%d" % i, qos=1)  # (each acknowledged: Redis holds it)
+            wait_until(lambda: _numbered(subscriber, got) and len(got) >= 100, "every message")
+            second.process.wait(15)
+            assert "another process beats with this node's id" in second.output()
+        finally:
+            second.stop()
+        publisher.publish("twice/x", b"100", qos=1)
+        wait_until(lambda: _numbered(subscriber, got) and len(got) >= 101, "the message after the stop")
+        assert sorted(got) == list(range(101))
+        assert "a" in cluster.members() and cluster.redis.client().exists("mqtt:node:a")
+    finally:
+        cluster.close()
+
+
+def test_a_node_killed_and_started_again_at_once_joins_as_its_last_beat_expires() -> None:
+    """Started again while its killed self's heartbeat key lives on (its last beat, for
+    `cluster_missed_heartbeats` beats), a node waits for the key to expire and joins, within
+    the key's life and a beat from when it found it."""
+    cluster = Cluster("a", "b")
+    try:
+        again = BrokerProcess("--cluster", cluster.redis.url, "--cluster-node-id", "a",
+                              "--cluster-heartbeat", HEARTBEAT)
+        try:
+            wait_until(lambda: "beats with its id" in again.output(), "a's heartbeat key to be found held")
+            cluster["a"].kill()
+            wait_until(lambda: "joined through Redis" in again.output(), "a to join again")
+            assert "another process beats with this node's id" not in again.output()
+            subscriber = PahoClient(again.port, "on-a-again")
+            subscriber.subscribe("again/#", 1)
+            publisher = PahoClient(cluster["b"].port, "on-b")
+            reachable(publisher, [subscriber], "again/x")
+        finally:
+            again.stop()
+    finally:
+        cluster.close()
+
 
 def _numbered(client: PahoClient, into: list[int]) -> bool:
     """Move the numbered payloads a client has received into ``into`` (probes left out)."""

@@ -311,6 +311,26 @@ def test_a_node_silent_past_its_heartbeats_is_taken_for_dead_and_its_sessions_ad
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_node_whose_id_another_process_took_meanwhile_gives_up_at_its_next_beat(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Node a, cut off or paused past its heartbeats, finds at its next beat that another process
+    started as a meanwhile: it holds a's heartbeat key. The two would read one inbox and take one
+    node's sessions: a gives up (under twistd its process ends), and its stop leaves the other's
+    key as it is."""
+    clock = Clock()
+    broker = yield node_a(server, clock)
+    given_up: list[bool] = []
+    broker.on_given_up = lambda: given_up.append(True)
+    try:
+        server.client().set("mqtt:node:a", "another process", px=600_000)
+        clock.advance(broker.config.cluster_heartbeat)
+        yield until(lambda: given_up, "a to give up")
+    finally:
+        yield broker.stopService()
+    assert server.client().get("mqtt:node:a") == b"another process"
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_shared_subscription_is_announced_with_whether_a_member_is_connected_here(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """Redis (and the other nodes, by the same script's event) learn whether a node's members of
@@ -1060,6 +1080,7 @@ def test_a_held_qos2_message_read_again_after_a_crash_reaches_the_session_once(
         yield first.cluster.redis.close()
         x.send_on("s", Queued(message, 2, False, (), None, 0), 0)
         yield x.flushed()
+        server.client().delete("mqtt:node:a")  # (its heartbeat key expired: the restart waited for that)
         second = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url,
                                cluster_node_id="a", close_linger=0)
         second.startService()
@@ -2107,6 +2128,7 @@ def test_a_restarted_node_does_not_queue_again_a_message_its_session_has(server:
         first.cluster.started = False
         first.cluster.survivor.stop()
         yield first.cluster.redis.close()  # (dead: writes nothing more)
+        redis.delete("mqtt:node:a")  # (its heartbeat key expired: the restart waited for that)
         # a restarts: it takes its sessions back and reads the entries it was given again.
         second = BrokerService(endpoints=[], reactor=reactor, clock=Clock(), cluster=server.url,
                                cluster_node_id="a", close_linger=0)

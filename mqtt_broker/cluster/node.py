@@ -102,6 +102,10 @@ def _write_whole(path: Path, text: str) -> None:
         raise
 
 
+class NodeIdTaken(Exception):
+    """Another process is this node: it beats with the node's id (``cluster_node_id``)."""
+
+
 OWNED_AT_ONCE = 1000
 """Sessions whose holder ``Cluster.check_owned`` asks Redis about at once."""
 BARRIER_TIMEOUT = 1.0
@@ -241,6 +245,9 @@ class Cluster:
             try:
                 yield self._join()
                 break
+            except NodeIdTaken:
+                self.id_taken()
+                return
             except Exception as e:
                 if not self.started:
                     return
@@ -264,12 +271,44 @@ class Cluster:
 
     @inlineCallbacks
     def _join(self) -> Any:
-        yield self.store.register(self.survivor.ttl_ms)
+        yield self._take_id()
         yield self.store.create_inbox()
         yield self.load_routes()
         yield self._load_retained()
         self.announce_all()
         yield self.survivor.adopt(self.node)  # this node's sessions before a restart, if any
+
+    @inlineCallbacks
+    def _take_id(self) -> Any:
+        """Register, once no other process holds the node's heartbeat key. One that does is waited
+        for, a key's life and a heartbeat (this node before a kill -9, its last beat not expired
+        yet); still there, it is another process with this node's id: raises NodeIdTaken."""
+        ttl_ms, heartbeat = self.survivor.ttl_ms, self.broker.config.cluster_heartbeat
+        deadline = self.clock.seconds() + ttl_ms / 1000 + heartbeat
+        for attempt in itertools.count():
+            held, _ = yield self.store.register(ttl_ms)
+            if held:
+                return
+            if self.clock.seconds() >= deadline:
+                raise NodeIdTaken()
+            if not attempt:
+                log.info("cluster node {node}: another process beats with its id (this node before a restart?); "
+                         "waiting up to {seconds:.1f} s for its heartbeat key to expire", node=self.node,
+                         seconds=deadline - self.clock.seconds())
+            self._join_retry = deferLater(self.clock, heartbeat, lambda: None)
+            yield self._join_retry
+
+    def id_taken(self) -> None:
+        """Another process is this node (it holds the node's heartbeat key): this one stops, the
+        broker with it (``BrokerService.give_up``), so that the two never read one inbox nor take
+        one node's sessions."""
+        if not self.started:
+            return
+        self.started = False
+        log.critical("cluster node {node}: another process beats with this node's id in Redis at {address}; "
+                     "two processes must never share a cluster_node_id (a copied data_dir, a cloned machine, "
+                     "a typo): this one stops", node=self.node, address=str(self.address))
+        self.broker.give_up()
 
     def unready(self) -> str | None:
         """Why this node cannot take new clients now (their CONNECTs wait for Redis, and are

@@ -47,8 +47,8 @@ def _script(name: str) -> Script:
     return Script(name, resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
 
 
-BATCH, CLAIM, FORGET, LEASE, QUEUED, ROUTES, WILLS = (
-    _script(name) for name in ("batch", "claim", "forget", "lease", "queued", "routes", "wills"))
+BATCH, CLAIM, FORGET, HEARTBEAT, LEASE, QUEUED, ROUTES, WILLS = (
+    _script(name) for name in ("batch", "claim", "forget", "heartbeat", "lease", "queued", "routes", "wills"))
 
 
 INBOX_GROUP = "nodes"
@@ -156,6 +156,7 @@ class RedisStore:
         self._abandoned = False
         self._closing: Deferred[None] | None = None
         self._incarnation = os.urandom(6).hex()
+        """This process's token: in the markers of its batches, and its node's heartbeat key."""
         self._batches = 0
         self._failing = False
         self.commit_observers: list[Callable[[float], None]] = []
@@ -422,18 +423,19 @@ class RedisStore:
         """The channel a node's QoS 0 messages come by."""
         return f"{self._channels}qos0:{node}"
 
-    def register(self, ttl_ms: int) -> Deferred[Any]:
-        """Join the cluster's members, alive for ``ttl_ms``; also a heartbeat."""
-        return DeferredList([self.redis.call("SADD", "mqtt:nodes", self.node), self.beat(ttl_ms)],
-                            fireOnOneErrback=True, consumeErrors=True)
-
-    def beat(self, ttl_ms: int) -> Deferred[Any]:
-        return self.redis.call("SET", f"mqtt:node:{self.node}", self.node, "PX", ttl_ms)
+    def register(self, ttl_ms: int) -> Deferred[tuple[bool, bool]]:
+        """Beat, alive for ``ttl_ms``, as one of the cluster's members: fires with whether this
+        process is the node now, and whether the node was not a member. The node's heartbeat key
+        holds a token of this process: while another process's holds it (alive, with this node's
+        id), nothing is changed."""
+        return self.redis.run(HEARTBEAT, "beat", self.node, self._incarnation, ttl_ms).addCallback(
+            lambda reply: (bool(reply[0]), bool(reply[1])))
 
     def leave(self) -> Deferred[Any]:
-        """Stop being alive at once: the survivors adopt what this node held."""
-        d = self.flushed().addCallback(lambda _: self.redis.call("DEL", f"mqtt:node:{self.node}"))
-        return d.addCallback(lambda _: self.redis.call("PUBLISH", self.control, f"B\0{self.node}"))
+        """Stop being alive at once: the survivors adopt what this node held. (Nothing, if
+        another process is the node now.)"""
+        return self.flushed().addCallback(
+            lambda _: self.redis.run(HEARTBEAT, "leave", self.node, self._incarnation, self.control))
 
     def lease(self, name: str, ttl_ms: int) -> Deferred[bool]:
         """Take the lease ``name`` if it is free, or renew it if this node holds it, for

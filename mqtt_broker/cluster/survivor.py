@@ -82,12 +82,18 @@ class Survivor:
 
     def register(self) -> None:
         """Join the members again, and beat. A node that was not a member any more (taken for
-        dead while paused, and dropped) writes its routes again: they went with it."""
-        def answered(results: list[tuple[bool, Any]]) -> None:
+        dead while paused, and dropped) writes its routes again: they went with it. One whose
+        id another process beats with (it took this one for dead) stops."""
+        def answered(result: tuple[bool, bool]) -> None:
             cluster = self.cluster
+            held, added = result
+            if not held:
+                if cluster.ready.called:  # (while joining: the join waits for the id)
+                    cluster.id_taken()
+                return
             silent = cluster.clock.seconds() - self.answered_at > self.ttl_ms / 1000
             self.answered_at = cluster.clock.seconds()
-            if results[0][1] == 1 and cluster.started:
+            if added and cluster.started:
                 cluster.announce_all()
             if silent and cluster.started:  # (paused long enough to be taken for dead: who holds its sessions?)
                 cluster.check_owned().addErrback(cluster.failed_rereading)
