@@ -1633,6 +1633,21 @@ def test_an_auth_hooks_identity_with_an_expiry_that_is_not_a_number_refuses() ->
     assert connack is not None and connack.reason_code >= 0x80
 
 
+@pytest.mark.parametrize("expires_at", [10**400, -10**400])
+def test_an_auth_hooks_identity_with_an_expiry_no_float_can_hold_refuses(expires_at: int,
+                                                                        logged: Sequence[LogEvent]) -> None:
+    """An int is a time an Identity may give, but one too large for a float raised OverflowError
+    out of the check of the answer (math.isfinite), and so out of the connection's dataReceived."""
+    from mqtt_broker.auth import Identity
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_auth(lambda client, method, data, again: Identity(client_id="c", username=None,
+                                                                      expires_at=expires_at))
+    connack = broker.client().connect("c", properties={"authentication_method": "M"})
+    assert connack is not None and connack.reason_code == ReasonCode.UNSPECIFIED_ERROR
+    assert any("not an answer it may give" in event.get("log_format", "") for event in logged)
+
+
 # --- docs/embedding.md, the on_publish row of the hooks table ----------------------------------
 
 def _publish_through(change: Any) -> tuple[Any, list[Any]]:
