@@ -712,7 +712,8 @@ class BrokerService(MultiService):
         of persistent sessions), or fails with StoreError while the store cannot write (logged
         by the store, which writes it once it can).
 
-        Without retained messages (``retain_available`` off), ``retain`` is dropped.
+        Without retained messages (``retain_available`` off), ``retain`` is dropped. Correlation
+        data may be a bytearray or a memoryview: the message keeps bytes of its own.
 
         Raises ValueError for an invalid topic, QoS or properties (MQTT 5's of a PUBLISH, by
         their names in :mod:`mqtt_broker.wire.properties`, without a topic alias or

@@ -103,11 +103,21 @@ def is_utf8(payload: bytes) -> bool:
 
 def unsendable(message: Message, own: bool = False) -> str | None:
     """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
-    decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here.
-    ``own``: the broker's own, which may go to $SYS."""
+    decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here,
+    after it is given what the compiled Message makes of it, so that both builds take the same:
+    a QoS given as a bool or an IntEnum becomes its int, and correlation data given as a
+    bytearray or a memoryview bytes of its own (the caller's may change after; compiled, the
+    codec takes only bytes). ``own``: the broker's own, which may go to $SYS."""
     topic, properties = message.topic, message.properties
-    if not isinstance(topic, str) or not isinstance(properties, dict) or type(message.retain) is not bool:
-        return "a topic, properties or retain flag not of its type (str, dict, bool)"
+    if not isinstance(topic, str) or not isinstance(properties, dict) or type(message.retain) is not bool \
+            or type(message.dup) is not bool:
+        return "a topic, properties, retain or DUP flag not of its type (str, dict, bool)"
+    qos = message.qos
+    if isinstance(qos, int) and type(qos) is not int:
+        message.qos = int(qos)
+    data = properties.get("correlation_data")
+    if isinstance(data, (bytearray, memoryview)):
+        message.properties = properties = {**properties, "correlation_data": bytes(data)}
     if not isinstance(message.payload, bytes):
         return f"its payload is {type(message.payload).__name__}, not bytes"
     if type(message.qos) is not int or message.qos not in (0, 1, 2):

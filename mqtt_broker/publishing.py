@@ -170,11 +170,11 @@ class Publishing:
             return
         made = answer if isinstance(answer, Message) else None
         topic, payload, properties, qos_received, retain_received, received_at = as_received
-        # (A QoS of 1.0 or a retain flag of 1 is a change too, which the check below refuses, as
-        # the compiled Message refuses it at once.)
+        # (A QoS of 1.0 or True, a retain or DUP flag of 1, is a change too, which the check below
+        # refuses or makes an int, as the compiled Message does at once.)
         changed = (message.topic is not topic or message.payload is not payload or message.properties is not properties
                    or message.qos != qos_received or message.retain != retain_received
-                   or type(message.qos) is not int or type(message.retain) is not bool)
+                   or type(message.qos) is not int or type(message.retain) is not bool or type(message.dup) is not bool)
         if changed or message.properties:  # (its dict may have been changed in place)
             message.encoded = None  # not the bytes it came as, perhaps
             made = made or message

@@ -4,6 +4,7 @@ clients see of them in a running broker."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import gc
 import os
 import subprocess
@@ -1682,6 +1683,63 @@ def test_a_publish_hook_setting_an_int_retain_flag_in_place_is_refused_with_0x80
     and keeps it as the topic's retained message."""
     answer, delivered = _publish_through(lambda message: setattr(message, "retain", 1))
     assert answer == 0x80, f"expected PUBACK 0x80, got {answer!r} (delivered: {delivered!r})"
+
+
+def test_a_publish_hook_setting_an_int_dup_flag_in_place_is_refused_with_0x80() -> None:
+    """As an int retain flag is, in both builds: the compiled Message takes only a bool (TypeError,
+    which refuses); the pure-Python build routed the message."""
+    answer, delivered = _publish_through(lambda message: setattr(message, "dup", 1))
+    assert answer == 0x80, f"expected PUBACK 0x80, got {answer!r} (delivered: {delivered!r})"
+
+
+class _QoS(enum.IntEnum):
+    AT_MOST_ONCE = 0
+    EXACTLY_ONCE = 2
+
+
+@pytest.mark.parametrize("qos, expected", [(True, 1), (_QoS.EXACTLY_ONCE, 2), (_QoS.AT_MOST_ONCE, 0)],
+                         ids=["True", "IntEnum-2", "IntEnum-0"])
+def test_a_publish_hook_setting_a_bool_or_int_enum_qos_has_the_message_go_at_its_int(qos: Any, expected: int) -> None:
+    """docs/embedding.md: as the compiled Message makes it when it is set; the pure-Python build
+    refused the message (0x80)."""
+    answer, delivered = _publish_through(lambda message: setattr(message, "qos", qos))
+    assert answer == ReasonCode.SUCCESS, f"expected PUBACK 0, got {answer!r}"
+    assert [(m.payload, m.qos) for m in delivered] == [(b"x", expected)]
+
+
+def _correlation_data_in_place(data: Any) -> Any:
+    def hook(client: Client, message: Message) -> None:
+        message.properties["correlation_data"] = data
+    return hook
+
+
+def _correlation_data_replaced(data: Any) -> Any:
+    return lambda client, message: dataclasses.replace(message, properties={"correlation_data": data})
+
+
+@pytest.mark.parametrize("event", ["publish", "will"])
+@pytest.mark.parametrize("answer", [_correlation_data_in_place, _correlation_data_replaced], ids=["in-place", "replaced"])
+@pytest.mark.parametrize("data", [lambda given: given, memoryview], ids=["bytearray", "memoryview"])
+def test_a_hooks_correlation_data_of_another_bytes_type_goes_out_as_bytes_of_its_own(
+        event: str, answer: Any, data: Any) -> None:
+    """docs/embedding.md. Compiled, the message was refused ("bytes object expected"); pure, it
+    went out, and the retained message kept the hook's bytearray, which a change after changed."""
+    broker = MemoryBroker(sys_interval=0)
+    given = bytearray(b"id-1")
+    getattr(broker.hooks, "on_" + event)(answer(data(given)))
+    subscriber = broker.connect("subscriber")
+    subscriber.subscribe("t", qos=1)
+    properties = {"content_type": "a"}
+    if event == "publish":
+        ack = broker.connect("publisher").publish("t", b"x", qos=1, retain=True, properties=properties)
+        assert ack is not None and ack.reason_code == ReasonCode.SUCCESS, ack
+    else:
+        broker.connect("dying", will=Will(topic="t", payload=b"x", qos=1, retain=True, properties=properties)).drop()
+    assert [m.properties["correlation_data"] for m in subscriber.messages()] == [b"id-1"]
+    given[:] = b"gone"
+    late = broker.connect("late")
+    late.subscribe("t", qos=1)
+    assert [m.properties["correlation_data"] for m in late.messages()] == [b"id-1"]
 
 
 def test_a_publish_hook_adding_a_property_in_place_has_it_go_out() -> None:

@@ -2408,6 +2408,18 @@ def test_the_broker_publishes_only_what_its_types_allow(arguments: dict[str, Any
     assert retained is not None and retained.retain is True
 
 
+@pytest.mark.parametrize("data", [lambda given: given, memoryview], ids=["bytearray", "memoryview"])
+def test_the_broker_publishes_correlation_data_of_another_bytes_type_as_bytes_of_its_own(data: Any) -> None:
+    """Compiled, publish raised ValueError ("bytes object expected"); pure, the retained message
+    kept the caller's bytearray, which a change after changed."""
+    broker = make_broker()
+    given = bytearray(b"id-1")
+    broker.publish("status/a", b"1", qos=1, retain=True, properties={"correlation_data": data(given)})
+    given[:] = b"gone"
+    [message] = [p for p in connected(broker, "late", version=5).subscribe("status/#", qos=1) if isinstance(p, Publish)]
+    assert message.properties == {"correlation_data": b"id-1"}
+
+
 def test_the_broker_publishes_only_to_a_topic_an_mqtt_string_can_carry() -> None:
     """A str may hold a lone surrogate; no MQTT string may [MQTT-1.5.4-1]. Kept retained, such a
     topic failed every SUBSCRIBE matching it, with an unhandled error in that connection."""
