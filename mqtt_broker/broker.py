@@ -751,7 +751,7 @@ class BrokerService(MultiService):
                           properties=properties)
         # Checked before routing, which would otherwise fail for some subscribers, and keep a
         # retained message that fails each SUBSCRIBE after.
-        problem = unsendable(message, own=True)
+        problem = unsendable(message, self.clock.seconds(), own=True)
         if problem is not None:
             raise ValueError(f"no PUBLISH can carry this message: {problem}")
         self.stats.broker_published += 1

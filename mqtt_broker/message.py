@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -49,7 +50,8 @@ class Message(Publish):
     sender: str | None = None
     """Client id of the publisher; None for messages published by the broker itself."""
     expires_at: float | None = None
-    """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval)."""
+    """Clock time after which the message is not delivered (MQTT 5 Message Expiry Interval). One
+    a hook sets may be at most 2**32-1 seconds ahead, the longest interval a PUBLISH carries."""
     refused: int = 0
     """Subscribers it could not be queued for (queue full, or the store's quota reached)."""
     cluster_id: bytes | None = None
@@ -101,13 +103,14 @@ def is_utf8(payload: bytes) -> bool:
     return True
 
 
-def unsendable(message: Message, own: bool = False) -> str | None:
+def unsendable(message: Message, now: float, own: bool = False) -> str | None:
     """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
     decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here,
     after it is given what the compiled Message makes of it, so that both builds take the same:
     a QoS given as a bool or an IntEnum becomes its int, and correlation data given as a
     bytearray or a memoryview bytes of its own (the caller's may change after; compiled, the
-    codec takes only bytes). ``own``: the broker's own, which may go to $SYS."""
+    codec takes only bytes). ``now``: the clock's time, which its ``expires_at`` may be no more
+    than a Message Expiry Interval ahead of. ``own``: the broker's own, which may go to $SYS."""
     topic, properties = message.topic, message.properties
     if not isinstance(topic, str) or not isinstance(properties, dict) or type(message.retain) is not bool \
             or type(message.dup) is not bool:
@@ -122,6 +125,12 @@ def unsendable(message: Message, own: bool = False) -> str | None:
         return f"its payload is {type(message.payload).__name__}, not bytes"
     if type(message.qos) is not int or message.qos not in (0, 1, 2):
         return f"QoS {message.qos!r}"
+    # (Any, not float: compiled, an int too large for a float would raise OverflowError as it is
+    # made one to be compared. Neither inf nor NaN is within the bounds.)
+    expires_at: Any = message.expires_at
+    if expires_at is not None and not (type(expires_at) in (int, float)
+                                       and -sys.float_info.max <= expires_at <= now + 0xFFFFFFFF):
+        return f"its expiry time {expires_at!r}, not a time at most 2**32-1 s (a Message Expiry Interval) ahead"
     if not valid_topic_name(topic) or "\x00" in topic or (reserved(topic) and not (own and topic.startswith("$SYS"))):
         return f"the topic name {topic!r}"
     if "topic_alias" in properties or "subscription_identifier" in properties:

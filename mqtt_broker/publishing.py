@@ -171,17 +171,19 @@ class Publishing:
         made = answer if isinstance(answer, Message) else None
         topic, payload, properties, qos_received, retain_received, received_at = as_received
         # (A QoS of 1.0 or True, a retain or DUP flag of 1, is a change too, which the check below
-        # refuses or makes an int, as the compiled Message does at once.)
+        # refuses or makes an int, as the compiled Message does at once; so is an expiry time, which
+        # a client's PUBLISH gets only below.)
         changed = (message.topic is not topic or message.payload is not payload or message.properties is not properties
                    or message.qos != qos_received or message.retain != retain_received
-                   or type(message.qos) is not int or type(message.retain) is not bool or type(message.dup) is not bool)
+                   or type(message.qos) is not int or type(message.retain) is not bool or type(message.dup) is not bool
+                   or message.expires_at is not None)
         if changed or message.properties:  # (its dict may have been changed in place)
             message.encoded = None  # not the bytes it came as, perhaps
             made = made or message
         else:
             message.properties = NO_PROPERTIES  # (shared again: queued, it holds no dict of its own)
         if made is not None:  # what a hook made or changed is checked as a client's PUBLISH was decoded
-            problem = unsendable(made)
+            problem = unsendable(made, self.clock.seconds())
             if problem is not None:
                 log.error("a publish hook made a message of {client_id!r} one that cannot be sent "
                           "({problem}); refusing", client_id=self._client_id, problem=problem)

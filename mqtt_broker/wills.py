@@ -80,7 +80,8 @@ class Wills:
                 return  # refused
             message = will if answer is None else answer
             message.sender = will.sender  # (a new Message has none): still the client's
-            problem = unsendable(message)  # (a hook may have changed it in place, or made another)
+            # (A hook may have changed it in place, or made another.)
+            problem = unsendable(message, self.broker.clock.seconds())
             if problem is not None:
                 log.error("a will hook made the will of {client_id!r} one that cannot be sent ({problem})",
                           client_id=client.client_id, problem=problem)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -1740,6 +1741,60 @@ def test_a_hooks_correlation_data_of_another_bytes_type_goes_out_as_bytes_of_its
     late = broker.connect("late")
     late.subscribe("t", qos=1)
     assert [m.properties["correlation_data"] for m in late.messages()] == [b"id-1"]
+
+
+@pytest.mark.parametrize("expires_at", [lambda now: now * 1000, lambda now: now + 2**32, lambda now: 10**400,
+                                        lambda now: math.inf, lambda now: -math.inf, lambda now: math.nan,
+                                        lambda now: str(now + 10)],
+                         ids=["milliseconds", "past-interval", "huge-int", "inf", "-inf", "nan", "str"])
+@pytest.mark.parametrize("event", ["publish", "will"])
+def test_a_hooks_expiry_no_message_expiry_interval_can_carry_is_refused(expires_at: Any, event: str,
+                                                                        logged: Sequence[LogEvent]) -> None:
+    """docs/embedding.md: a message that no PUBLISH can carry is logged and refused (0x80). Its
+    delivery to an MQTT 5 subscriber raised struct.error (or OverflowError, ValueError) out of the
+    publisher's dataReceived: no PUBACK, the subscribers after it not reached; retained, out of
+    every SUBSCRIBE that matched it after, which dropped the subscriber."""
+    broker = MemoryBroker(sys_interval=0)
+
+    def expire(client: Client, message: Message) -> None:
+        message.expires_at = expires_at(broker.reactor.seconds())
+
+    getattr(broker.hooks, "on_" + event)(expire)
+    subscriber = broker.connect("subscriber")
+    subscriber.subscribe("t", qos=1)
+    with capturedLogs():  # (compiled, a str is refused as it is set: the hook fails)
+        if event == "publish":
+            ack = broker.connect("publisher").publish("t", b"x", qos=1, retain=True)
+            assert ack is not None and ack.reason_code == ReasonCode.UNSPECIFIED_ERROR, ack
+        else:
+            broker.connect("dying", will=Will(topic="t", payload=b"x", qos=1, retain=True)).drop()
+    assert subscriber.messages() == [] and not subscriber.closed
+    assert broker.service.retained.get("t") is None
+    late = broker.connect("late")
+    late.subscribe("t", qos=1)
+    assert late.messages() == [] and not late.closed
+
+
+@pytest.mark.parametrize("event", ["publish", "will"])
+def test_a_hooks_expiry_as_far_ahead_as_an_interval_can_carry_goes_out_with_the_time_left(event: str) -> None:
+    broker = MemoryBroker(sys_interval=0)
+
+    def expire(client: Client, message: Message) -> None:
+        message.expires_at = broker.reactor.seconds() + 0xFFFFFFFF
+
+    getattr(broker.hooks, "on_" + event)(expire)
+    subscriber = broker.connect("subscriber")
+    subscriber.subscribe("t", qos=1)
+    if event == "publish":
+        ack = broker.connect("publisher").publish("t", b"x", qos=1, retain=True)
+        assert ack is not None and ack.reason_code == ReasonCode.SUCCESS, ack
+    else:
+        broker.connect("dying", will=Will(topic="t", payload=b"x", qos=1, retain=True)).drop()
+    assert [m.properties["message_expiry_interval"] for m in subscriber.messages()] == [0xFFFFFFFF]
+    broker.advance(10)
+    late = broker.connect("late")
+    late.subscribe("t", qos=1)
+    assert [m.properties["message_expiry_interval"] for m in late.messages()] == [0xFFFFFFFF - 10]
 
 
 def test_a_publish_hook_adding_a_property_in_place_has_it_go_out() -> None:
