@@ -11,24 +11,8 @@ from typing import Any, Final
 from .topics import reserved, valid_topic_name
 from .wire.codec import MAX_REMAINING_LENGTH
 from .wire.codes import MQTTError
-from .wire.packets import NO_PROPERTIES, PUBLISH, Properties, Publish
+from .wire.packets import NO_PROPERTIES, PUBLISH, Properties, Publish, init_arguments
 from .wire.properties import decode_properties, encode_properties, encode_property_list
-
-
-def init_arguments(obj: Any) -> tuple[Any, tuple[object, ...]]:
-    """``__reduce__`` of a dataclass that writes its ``__init__`` out: compiled, copy and pickle
-    make one by calling its class, so they must pass its arguments, keyword-only ones by keyword
-    (Python's default makes it empty, then sets its fields)."""
-    fields = [f for f in dataclasses.fields(obj) if f.init]
-    arguments = tuple(getattr(obj, f.name) for f in fields if not f.kw_only)
-    keywords = {f.name: getattr(obj, f.name) for f in fields if f.kw_only}
-    if keywords:
-        return _called, (type(obj), arguments, keywords)
-    return type(obj), arguments
-
-
-def _called(cls: type, arguments: tuple[object, ...], keywords: dict[str, object]) -> Any:
-    return cls(*arguments, **keywords)
 
 
 @dataclass(slots=True, eq=False)

@@ -10,8 +10,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from .message import Message, init_arguments
+from .message import Message
 from .topics import Subscription
+from .wire.packets import init_arguments
 
 if TYPE_CHECKING:
     from .protocol import MQTTProtocol
@@ -170,6 +171,11 @@ class Session:
         self.swept_at = 0.0
         self.as_published = False
         self._next_id = 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Compiled, copy and pickle make it by calling its class, whose __init__ takes two of its
+        # fields; its state, as each build's own __getstate__ gives it, sets them all after.
+        return Session, (self.client_id, self.expiry), self.__getstate__()
 
     def allocate_packet_id(self) -> int:
         """A packet id not in use by any outgoing message [MQTT-2.3.1-2]. Always finds one: the

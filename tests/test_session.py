@@ -239,6 +239,22 @@ def test_messages_and_deliveries_copy_and_pickle_with_every_field(copy_of: Any) 
         assert dataclasses.asdict(copied) == dataclasses.asdict(original)
 
 
+def test_a_session_copies_with_every_field() -> None:
+    """Compiled, copy.copy raised TypeError: it made the copy by calling Session() without its
+    client id."""
+    session = Session("c", 60)
+    session.subscribe(Subscription(client_id="c", topic_filter="a/#", qos=1))
+    in_flight(session, session.allocate_packet_id())
+    session.expect_pubrel(4)
+    for original in (session, Session("idle")):
+        copied = copy.copy(original)
+        assert type(copied) is Session and copied is not original
+        assert [getattr(copied, f.name) for f in dataclasses.fields(Session)] == [
+            getattr(original, f.name) for f in dataclasses.fields(Session)]
+        # (Shallow: it shares them, the idle one's shared empty ones too.)
+        assert copied.subscriptions is original.subscriptions and copied.outgoing is original.outgoing
+
+
 def test_messages_are_equal_by_what_subscribers_get() -> None:
     """Not by how one came (its packet id, DUP flag, frame) nor where it went since."""
     received = Message("t", b"x", 1, False, True, 5, {"content_type": "a"}, b"frame", "pub")

@@ -7,11 +7,14 @@ Property encoding (every type, the allowed-in table) is tested in ``test_wire_pr
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -296,6 +299,25 @@ def test_packets_are_keyword_only_and_frozen_except_publish_and_connect() -> Non
     connect = Connect(client_id="c", keep_alive=30)
     assert_every_field_set(connect, client_id="c", keep_alive=30)  # its __init__ is written out
     assert connect == Connect(client_id="c", keep_alive=30) != Connect(client_id="d", keep_alive=30)
+
+
+COPIES = [copy.copy, copy.deepcopy, lambda packet: pickle.loads(pickle.dumps(packet))]
+
+
+@pytest.mark.parametrize("copy_of", COPIES, ids=["copy", "deepcopy", "pickle"])
+@pytest.mark.parametrize("packet", PACKETS_5, ids=[f"{i}-{type(p).__name__}" for i, p in enumerate(PACKETS_5)])
+def test_every_packet_copies_and_pickles_equal_to_itself(packet: Packet, copy_of: Any) -> None:
+    """As in the pure-Python build. Compiled, a frozen packet (a CONNECT's will too) raised
+    FrozenInstanceError, its fields being set after it was made, and a copy without properties
+    was unequal to its original: its NO_PROPERTIES was another, unequal to the first."""
+    copied = copy_of(packet)
+    assert type(copied) is type(packet) and copied == packet
+
+
+@pytest.mark.parametrize("copy_of", COPIES, ids=["copy", "deepcopy", "pickle"])
+def test_the_shared_empty_properties_copy_and_pickle_as_themselves(copy_of: Any) -> None:
+    assert copy_of(NO_PROPERTIES) is NO_PROPERTIES
+    assert copy_of(Puback(packet_id=1)).properties is NO_PROPERTIES
 
 
 # --- encode_publish and the shared publish template ----------------------------------------
@@ -895,7 +917,7 @@ def test_importing_the_codec_does_not_import_twisted() -> None:
 
 
 def test_codec_modules_import_only_the_standard_library_and_each_other() -> None:
-    allowed = {"__future__", "dataclasses", "enum", "mypy_extensions", "struct", "typing"}
+    allowed = {"__future__", "copyreg", "dataclasses", "enum", "mypy_extensions", "struct", "typing"}
     for path in sorted(WIRE.glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):

@@ -7,6 +7,8 @@ packet is decoded, and are left out when one is encoded for 3.x.
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Final, Mapping, NoReturn, Union
 
@@ -59,6 +61,10 @@ class _NoProperties(dict[str, Any]):
 
     def __repr__(self) -> str:
         return "{}"
+
+    def __reduce__(self) -> str:
+        # Copied and pickled as the one it is: compiled, two of them compare unequal.
+        return "NO_PROPERTIES"
 
 
 NO_PROPERTIES: Final[Properties] = _NoProperties()
@@ -241,6 +247,30 @@ class Disconnect:
 class Auth:
     reason_code: int = 0
     properties: Properties = NO_PROPERTIES
+
+
+def init_arguments(obj: Any) -> tuple[Any, tuple[object, ...]]:
+    """``__reduce__`` of a dataclass that writes its ``__init__`` out, or is frozen: compiled, copy
+    and pickle make one by calling its class, so they must pass its arguments, keyword-only ones
+    by keyword (Python's default makes it empty, then sets its fields, which a frozen one refuses
+    with FrozenInstanceError)."""
+    fields = [f for f in dataclasses.fields(obj) if f.init]
+    arguments = tuple(getattr(obj, f.name) for f in fields if not f.kw_only)
+    keywords = {f.name: getattr(obj, f.name) for f in fields if f.kw_only}
+    if keywords:
+        return _called, (type(obj), arguments, keywords)
+    return type(obj), arguments
+
+
+def _called(cls: type, arguments: tuple[object, ...], keywords: dict[str, object]) -> Any:
+    return cls(*arguments, **keywords)
+
+
+# Registered for copy and pickle rather than given a __reduce__ each (or a base class for it):
+# the frozen classes are copied and pickled as in the pure-Python build, compiled too.
+for _frozen in (Will, Connack, Puback, Pubrec, Pubrel, Pubcomp, SubscriptionRequest, Subscribe, Suback,
+                Unsubscribe, Unsuback, Pingreq, Pingresp, Disconnect, Auth):
+    copyreg.pickle(_frozen, init_arguments)
 
 
 Packet = Union[
