@@ -464,18 +464,23 @@ def test_behind_haproxy_a_connection_closed_for_its_header_is_logged_once_per_th
         " their header on this listener; logged once per thousand)"]
 
 
+async def _connack_on(path: str, before: bytes = b"") -> bytes:
+    """What a client of the unix socket ``path`` is sent for its CONNECT (``before`` it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(WAIT)
+        client.connect(path)
+        client.sendall(before + CONNECT)
+        return await deferToThread(client.recv, 4)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_unix_socket_clients_address_reads_as_one(tmp_path: Any) -> None:
     path = str(tmp_path / "mqtt.sock")
     broker = BrokerService(endpoints=[f"unix:{path}"], reactor=reactor, sys_interval=0)
     broker.startService()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(WAIT)
-            client.connect(path)
-            client.sendall(CONNECT)
-            assert await deferToThread(client.recv, 4) == CONNACK
-            assert [c.peer for c in broker.clients()] == ["unix"]  # (a client's socket has no path)
+        assert await _connack_on(path) == CONNACK
+        assert [c.peer for c in broker.clients()] == ["unix"]  # (a client's socket has no path)
     finally:
         await broker.stopService()
 
@@ -494,11 +499,7 @@ async def test_a_unix_listener_starts_over_the_socket_and_lock_a_killed_broker_o
     broker = BrokerService(endpoints=[f"{prefix}unix:{path}"], reactor=reactor, sys_interval=0)
     broker.startService()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(WAIT)
-            client.connect(path)
-            client.sendall((b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n" if prefix else b"") + CONNECT)
-            assert await deferToThread(client.recv, 4) == CONNACK
+        assert await _connack_on(path, b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n" if prefix else b"") == CONNACK
         assert os.readlink(f"{path}.lock") == str(os.getpid())  # (its own now)
     finally:
         await broker.stopService()
@@ -518,11 +519,7 @@ async def test_a_unix_listener_starts_over_a_socket_file_nothing_listens_on_with
     with capturedLogs() as events:
         broker.startService()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(WAIT)
-            client.connect(path)
-            client.sendall(CONNECT)
-            assert await deferToThread(client.recv, 4) == CONNACK
+        assert await _connack_on(path) == CONNACK
         assert [e["path"] for e in events if "stale" in e.get("log_format", "")] == [path]
     finally:
         await broker.stopService()
@@ -560,11 +557,7 @@ async def test_a_unix_socket_this_process_listens_on_is_not_taken_from_it(tmp_pa
         second = BrokerService(endpoints=[f"unix:{path}"], reactor=reactor, sys_interval=0)
         with pytest.raises(CannotListenError, match="Cannot acquire lock"):
             second.startService()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(WAIT)
-            client.connect(path)
-            client.sendall(CONNECT)
-            assert await deferToThread(client.recv, 4) == CONNACK
+        assert await _connack_on(path) == CONNACK
     finally:
         await first.stopService()
 
