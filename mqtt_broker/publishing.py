@@ -193,7 +193,8 @@ class Publishing:
             message = made
             message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
         if message.properties and "message_expiry_interval" in message.properties:
-            message.expires_at = received_at + message.properties["message_expiry_interval"]
+            if message.expires_at is None:  # (else the hook's own, which it may set [docs/embedding.md])
+                message.expires_at = received_at + message.properties["message_expiry_interval"]
             # Run out while the hook decided, it goes nowhere. (Less a millisecond: a real clock
             # moves on even for a hook that answers at once, and an interval of 0 is sent on now.)
             if message.expires_at < self.clock.seconds() - 0.001:

@@ -254,7 +254,7 @@ class MemoryClient:
         an AUTH packet (MQTT 5 enhanced authentication, also in :meth:`received`). ``will`` is a
         :class:`mqtt_broker.wire.Will`; ``properties`` the MQTT 5 CONNECT properties by name
         (``{"session_expiry_interval": 60}``)."""
-        self._mqtt5_only(properties=properties)
+        self._mqtt5_only(properties=properties, will_properties=will is not None and will.properties)
         self.client_id = client_id
         if isinstance(password, str):
             password = password.encode("utf-8")
@@ -314,6 +314,7 @@ class MemoryClient:
     def disconnect(self, reason_code: int = 0, properties: Mapping[str, Any] | None = None) -> None:
         """End the connection with a DISCONNECT: reason code 0, the normal disconnection, discards
         the will [MQTT-3.14.4-3]; MQTT 5's 0x04 (disconnect with will message) keeps it."""
+        self._mqtt5_only(reason_code=reason_code, properties=properties)
         self.send(Disconnect(reason_code=reason_code, properties=_properties(properties)))
 
     def drop(self) -> None:

@@ -1797,6 +1797,32 @@ def test_a_hooks_expiry_as_far_ahead_as_an_interval_can_carry_goes_out_with_the_
     assert [m.properties["message_expiry_interval"] for m in late.messages()] == [0xFFFFFFFF - 10]
 
 
+@pytest.mark.parametrize("interval", [None, 100])
+def test_a_publish_hooks_expiry_holds_whatever_interval_the_client_gave(interval: int | None) -> None:
+    """The client's Message Expiry Interval was worked out again after the hook, over the expiry
+    time the hook had set: a message the hook gave 5 s went out 10 s later."""
+    broker = MemoryBroker(sys_interval=0)
+
+    def shorten(client: Client, message: Message) -> None:
+        message.expires_at = broker.reactor.seconds() + 5
+
+    broker.hooks.on_publish(shorten)
+    subscriber = broker.connect("subscriber", clean_start=False, properties={"session_expiry_interval": 600})
+    subscriber.subscribe("t", qos=1)
+    subscriber.disconnect()
+    publisher = broker.connect("publisher")
+    publisher.publish("t", b"lives 5 s", qos=1, properties={"message_expiry_interval": interval} if interval else None)
+    publisher.publish("t", b"lives 5 s too", qos=1)
+    broker.advance(4)
+    subscriber = broker.connect("subscriber", clean_start=False, properties={"session_expiry_interval": 600})
+    assert [m.properties["message_expiry_interval"] for m in subscriber.messages()] == [1, 1]
+    subscriber.disconnect()
+    publisher.publish("t", b"x", qos=1, properties={"message_expiry_interval": interval} if interval else None)
+    broker.advance(6)
+    subscriber = broker.connect("subscriber", clean_start=False, properties={"session_expiry_interval": 600})
+    assert subscriber.messages() == []
+
+
 def test_a_publish_hook_adding_a_property_in_place_has_it_go_out() -> None:
     """docs/embedding.md: "a `Message` replaces it (`dataclasses.replace(message, payload=...)`;
     a change in place goes out too)". A hook that adds a user property in place to a PUBLISH that

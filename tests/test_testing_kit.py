@@ -520,6 +520,10 @@ def test_mqtt5_options_given_to_an_mqtt3_client_are_refused_not_dropped(options:
         client.publish("t", b"x", properties={"message_expiry_interval": 5})
     with pytest.raises(ValueError, match="MQTT 5"):
         broker.client(version=4).connect("d", properties={"session_expiry_interval": 5})
+    with pytest.raises(ValueError, match="will_properties: MQTT 5"):
+        broker.client(version=4).connect("d", will=Will(topic="w", payload=b"", properties={"will_delay_interval": 5}))
+    with pytest.raises(ValueError, match="reason_code: MQTT 5"):
+        client.disconnect(0x04)  # (with its will)
     assert client.subscribe("t").reason_codes == (0,)  # type: ignore[union-attr]
 
 
