@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import importlib
 import importlib.machinery
 import json
@@ -15,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import mqtt_broker
 from mqtt_broker.auth.passwords import PasswordFile
@@ -25,6 +28,20 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 # Build output and caches that must not go into the copy the wheel is built from.
 IGNORED = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
                                  "dropin.cache", ".mypy_cache", ".hypothesis", "node_modules", "_trial_temp")
+
+
+# The oldest release of each dependency the broker works with, for what the release before lacks.
+FLOORS = {
+    # websocket.py imports USES_NVX (25.9.1); a message inflated past the limit closed 1000, not
+    # 1009 (26.7.1); the handshake's header lines were split at a NEL byte too, so a client behind
+    # a trusted proxy could add an X-Forwarded-For of its own (26.11.1).
+    "autobahn": "26.11.1",
+    # The first that does not import cgi, which Python 3.13 removed.
+    "treq": "24.9.0",
+    # Older ones read a peer's certificate with X509.get_extension, which pyOpenSSL 26.2 removed,
+    # so every TLS client connection (Redis, bridges, http_auth_url) failed its hostname check.
+    "service-identity": "24.2.0",
+}
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -80,6 +97,18 @@ def test_a_cc_that_names_no_command_is_no_c_compiler(cc: str) -> None:
     """Blank (``$CCACHE $COMPILER``, both unset) or unbalanced, it made setup.py fail."""
     result = run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=clean_env(MQTT_BROKER_COMPILE="1", CC=cc))
     assert result.stdout.split()[-1] == "txmqttbroker" and f"no C compiler ({cc!r})" in result.stderr
+
+
+def test_the_dependencies_exclude_the_releases_the_broker_fails_with() -> None:
+    """pip keeps an older release already installed, or takes one a constraints file names, if
+    the requirement allows it; `pip check` then sees nothing wrong and the broker fails at run
+    time (or, with autobahn, trusts an address a client wrote)."""
+    options = configparser.ConfigParser(interpolation=None)
+    options.read(ROOT / "setup.cfg")
+    requirements = {canonicalize_name(r.name): r for r in map(Requirement, filter(
+        None, options["options"]["install_requires"].splitlines()))}
+    assert {name: str(requirements[name].specifier) for name in FLOORS} == {
+        name: f">={floor}" for name, floor in FLOORS.items()}
 
 
 def test_no_plugins_init_in_source() -> None:
