@@ -10,6 +10,7 @@ import os
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build import build
 from setuptools.command.build_ext import build_ext
 
 # The codec, topic matching and the path of a message from socket to socket: the work done for
@@ -80,4 +81,22 @@ class BuildExt(build_ext):
             warn(f"compiling failed ({e})")
 
 
-setup(ext_modules=compiled_modules(), cmdclass={"build_ext": BuildExt})
+class Build(build):
+    """Starts from what this build makes: all of build_lib goes into the wheel, and `pip install .`
+    builds in the checkout's build/, which keeps an earlier build's files. The stub of a module
+    compiled then and no longer (left out of COMPILED, or deleted) shadows the .py and cannot be
+    imported, the shared library having no init for it; a module deleted since would ship too.
+    What this build makes it keeps: build_ext leaves an extension newer than its C alone."""
+
+    def run(self) -> None:
+        made = {os.path.normpath(path) for command in ("build_py", "build_ext")
+                for path in self.get_finalized_command(command).get_outputs()}
+        for directory, _, files in os.walk(self.build_lib):
+            for name in files:
+                path = os.path.normpath(os.path.join(directory, name))
+                if path not in made:
+                    os.remove(path)
+        super().run()
+
+
+setup(ext_modules=compiled_modules(), cmdclass={"build": Build, "build_ext": BuildExt})

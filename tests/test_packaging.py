@@ -92,6 +92,24 @@ def test_a_build_without_a_c_compiler_makes_a_pure_python_wheel(tmp_path: Path) 
     assert not [name for name in zipfile.ZipFile(built).namelist() if name.endswith(SUFFIX)]
 
 
+def test_a_build_in_a_checkout_leaves_out_what_an_earlier_build_left_there(tmp_path: Path) -> None:
+    """`pip install .` builds in the checkout's build/, and setuptools put all of it into the
+    wheel: the stub of a module compiled then and no longer (left out of COMPILED, or deleted),
+    which shadows the .py and cannot be imported, and a module deleted since."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=IGNORED)
+    earlier = source / "build" / "lib" / "mqtt_broker"  # (the pure build's; a compiled one has its own)
+    earlier.mkdir(parents=True)
+    (earlier / f"connect{SUFFIX}").write_bytes(b"\x7fELF")
+    (earlier / "gone.py").write_text("")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w", str(tmp_path / "dist")],
+        cwd=tmp_path, env=clean_env(MQTT_BROKER_COMPILE="0"))
+    [built] = (tmp_path / "dist").glob("txmqttbroker-*.whl")
+    names = set(zipfile.ZipFile(built).namelist())
+    assert "mqtt_broker/connect.py" in names
+    assert not {f"mqtt_broker/connect{SUFFIX}", "mqtt_broker/gone.py"} & names
+
+
 @pytest.mark.parametrize("cc", [" ", 'gcc "-O2'])
 def test_a_cc_that_names_no_command_is_no_c_compiler(cc: str) -> None:
     """Blank (``$CCACHE $COMPILER``, both unset) or unbalanced, it made setup.py fail."""
