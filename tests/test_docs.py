@@ -128,6 +128,18 @@ def _commands(program: str) -> list[tuple[str, list[str]]]:
     return found
 
 
+
+def test_the_pip_commands_that_build_a_release_skip_pips_wheel_cache() -> None:
+    """pip keeps the wheel it built from a release's sdist and installs it again for that release:
+    a C compiler installed since, or MQTT_BROKER_COMPILE=0, would change nothing."""
+    prose = [re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S) for page in PAGES]
+    spans = [" ".join(span.split()) for text in prose for span in re.findall(r"`([^`]+)`", text)]
+    commands = [span for span in spans if re.match(r"(\S+=\S* )*pip install ", span)]
+    commands += [" ".join(words) for _, words in _commands("pip")]
+    building = [command for command in commands if "--no-binary" in command]
+    assert building and [command for command in building if "--no-cache-dir" not in command] == []
+
+
 TOML = _blocks("toml")
 
 
