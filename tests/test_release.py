@@ -46,6 +46,15 @@ SDIST_FILES = {"README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in", "setup.py"
                "mqttbroker.example.toml", "certs/make-certs.sh", "certs/README.md", "tests/conftest.py",
                "examples/mqttbroker.service", "scripts/test"}
 SDIST_TREES = ("tests", "docs", "examples", "scripts", "bench")
+# What a developer's checkout may hold besides the sources, none of which a release takes: keys made
+# with make-certs.sh, caches, virtualenvs, npm's packages for the browser test, the documents as
+# the README builds them, the browser test's screenshots, a broker's state.
+UNWANTED = re.compile(r"(^|/)(\.git|\.venv[^/]*|__pycache__|node_modules|build|\.mypy_cache|\.hypothesis|_trial_temp"
+                      r"|mqttbroker-data)/|\.py[co]$|^certs/.*\.(pem|key|srl|csr)$|dropin\.cache$|^docs/_build/"
+                      r"|^test-artifacts/")
+# Some of those, made in the copies the release is built from: a checkout without them shows nothing.
+LEFTOVERS = ("docs/_build/html/index.html", "docs/_build/html/.doctrees/environment.pickle",
+             "test-artifacts/dashboard.png", "mqttbroker-data/mqttbroker.db")
 
 
 def source_version() -> str:
@@ -76,6 +85,9 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     for name, args in (("release", []), ("checkout", ["--wheel"])):
         source = tmp / f"source-{name}"
         shutil.copytree(ROOT, source, ignore=IGNORED)
+        for leftover in LEFTOVERS:
+            (source / leftover).parent.mkdir(parents=True, exist_ok=True)
+            (source / leftover).write_bytes(b"")
         builds[name] = subprocess.Popen([sys.executable, "-m", "build", *args, "--outdir", str(tmp / name),
                                          str(source)], cwd=tmp, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
@@ -136,19 +148,16 @@ def test_sdist_holds_the_tests_docs_and_examples(release: Release) -> None:
     missing = SDIST_FILES - names
     assert not missing, f"not in the sdist: {sorted(missing)}"
     for tree in SDIST_TREES:
-        # The copy the sdist was built from, less build output and caches (test_packaging.IGNORED).
-        files = {path.relative_to(release.source).as_posix() for path in (release.source / tree).rglob("*")
-                 if path.is_file()}
+        # The copy the sdist was built from, less build output and caches (test_packaging.IGNORED)
+        # and the leftovers.
+        files = {name for path in (release.source / tree).rglob("*") if path.is_file()
+                 and not UNWANTED.search(name := path.relative_to(release.source).as_posix())}
         assert files and not files - names, f"{tree}/ files not in the sdist: {sorted(files - names)}"
     assert {path.relative_to(ROOT).as_posix() for path in (ROOT / "mqtt_broker").rglob("*.py")
             if "__pycache__" not in path.parts} <= names
     assert all(mode & 0o111 for mode in scripts.values()) and len(scripts) == 3, scripts
-    # Nothing a developer's checkout may hold besides the sources: keys made with make-certs.sh,
-    # caches, virtualenvs, npm's packages for the browser test.
-    unwanted = [name for name in names if re.search(
-        r"(^|/)(\.git|\.venv[^/]*|__pycache__|node_modules|build|\.mypy_cache|\.hypothesis)/|\.py[co]$"
-        r"|^certs/.*\.(pem|key|srl|csr)$|dropin\.cache$", name)]
-    assert not unwanted
+    unwanted = [name for name in names if UNWANTED.search(name)]
+    assert not unwanted, unwanted
 
 
 def test_wheel_from_the_sdist_is_the_wheel_from_the_checkout(release: Release) -> None:
