@@ -841,6 +841,11 @@ class Delivery:
         connection = session.connection
         if connection is None or not session.outgoing:
             return
+        if connection.paused:
+            # What was sent before has not left yet (its socket takes nothing): a copy more would
+            # only be held behind it, without bound for a client that never reads.
+            session.retry_call = self.clock.callLater(self.config.retry_interval, self._retry, session)
+            return
         now = self.clock.seconds()
         deadline = now - self.config.retry_interval
         dropped = False

@@ -326,6 +326,28 @@ def test_mqtt3_retry_resends_with_dup() -> None:
     assert sub.received() == []
 
 
+def test_mqtt3_retries_wait_while_the_copies_sent_before_have_not_left() -> None:
+    """A subscriber that reads nothing (keepalive 0: never dropped) was sent a copy more of every
+    unacknowledged message at each retry_interval, behind the copies still held for it: 1 MB
+    more held at each interval for twenty messages of 50 kB, without bound."""
+    broker = make_broker(max_inflight_messages=20, retry_interval=20)
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    sub.protocol.pauseProducing()  # its socket's buffer is full
+    publisher = connected(broker, "pub")
+    for n in range(20):
+        publisher.publish("t", b"%02d" % n + b"x" * 50_000, qos=1)
+    held = sub.protocol.pending_bytes
+    for _ in range(10):
+        broker.clock.advance(20)
+        assert sub.protocol.pending_bytes == held
+    sub.protocol.resumeProducing()  # it reads at last: what was held goes, then the copies again
+    broker.clock.advance(20)
+    received = sub.received()
+    assert [(p.payload[:2], p.dup) for p in received] == (
+        [(b"%02d" % n, False) for n in range(20)] + [(b"%02d" % n, True) for n in range(20)])
+
+
 # --- subscriptions ---------------------------------------------------------------------------
 
 def test_overlapping_subscriptions_deliver_one_copy_at_highest_qos() -> None:
