@@ -814,6 +814,42 @@ def test_a_refused_attempt_and_a_broken_link_are_each_logged_once() -> None:
     remote.broker.stopService()
 
 
+def test_messages_that_cannot_cross_are_logged_once_per_thousand_with_their_topic_cut_and_escaped() -> None:
+    """A client here or the remote may send them by the thousand a second (larger than the other
+    side takes, say): one line each, with the topic whole (up to 64 KiB), was megabytes of log."""
+    remote = FakeRemote(topic=["a/# in 0"])
+    remote.up()
+    topic = "b/\x1b[31m\n2026-12-07T00:00:00 forged " + "x" * 1000
+    with LogCapture() as logged:
+        for _ in range(2500):
+            remote.send(Publish(topic=topic, payload=b"", qos=0))
+    lines = [line for line in logged.lines if line.startswith("bridge b: ")]
+    assert len(lines) == 3 and remote.bridge.stats.dropped == 2500  # type: ignore[union-attr]
+    assert lines[0].startswith("bridge b: 'b/\\x1b[31m\\n2026-12-07T00:00:00 forged xxx")
+    assert lines[0].endswith("... (1035 characters)' dropped: no topic line sends it on (1 that could not cross; "
+                             "logged once per thousand)")
+    assert lines[2].endswith("(2001 that could not cross; logged once per thousand)")
+    assert all(len(line) < 400 and line.isprintable() for line in lines), lines
+    remote.broker.stopService()
+
+
+def test_the_reason_string_of_a_remotes_disconnect_is_logged_quoted_cut_and_escaped() -> None:
+    """The remote chooses it: written as it came, its newlines and escape sequences made lines
+    and colours of the remote's own in the log."""
+    from mqtt_broker.wire import Disconnect
+    remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=["t/# out 1"])
+    remote.up()
+    reason = "bye\n2026-12-07T00:00:00 [-] forged \x1b[2J" + "r" * 1000
+    with LogCapture() as logged:
+        remote.send(Disconnect(reason_code=0x8B, properties={"reason_string": reason}))
+        remote.down()  # (the remote closes the socket after it)
+    [line] = [line for line in logged.lines if line.startswith("bridge b: ")]
+    assert line.startswith("bridge b: remote link closed: DISCONNECT 0x8b from the server ('bye\\n2026-12-07T00:00:00 "
+                           "[-] forged \\x1b[2Jrrr")
+    assert line.endswith("... (1039 characters)')") and line.isprintable() and len(line) < 400
+    remote.broker.stopService()
+
+
 def test_a_remote_that_refuses_the_bridge_bit_is_tried_again_without_it() -> None:
     """A remote that does not know try_private's bit answers CONNACK 0x01 (unacceptable protocol
     version): the next attempts go without it, as Mosquitto's."""

@@ -43,7 +43,9 @@ from ..wire import (
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
 from ..connect import announced_packet_size
+from ..logged import shortened
 from ..message import is_utf8
+from ..stats import once_per_thousand
 from ..wire.codec import MAX_PACKET_SIZE
 from ..wire.codes import ReasonCode
 from .config import BridgeConfig, BridgeConfigError, BridgeTopic, mapped_problem
@@ -87,6 +89,8 @@ class Bridge(Service):
         self.state = "stopped"
         """stopped, connecting, connected or waiting (to reconnect)."""
         self.stats = BridgeStats()
+        self._refused = 0
+        """Messages dropped by ``_refuse``: what its throttled line counts."""
         self.address = ""
         self.last_error = ""
         self.remote: Link | None = None
@@ -628,9 +632,13 @@ class Bridge(Service):
 
     def _refuse(self, link: Link, packet: Publish, why: str = "no topic line sends it on") -> None:
         """A message that cannot cross (no topic line maps it, say): acknowledged to its sender
-        and dropped."""
+        and dropped; logged the first time, then ``once_per_thousand`` (a client here, or the
+        remote, may send such messages by the thousand a second)."""
         self.stats.dropped += 1
-        log.info("bridge {name}: {topic!r} dropped: {why}", name=self.connection, topic=packet.topic, why=why)
+        self._refused += 1
+        if once_per_thousand(self._refused):
+            log.info("bridge {name}: {topic!r} dropped: {why} ({refused} that could not cross; logged once per "
+                     "thousand)", name=self.connection, topic=shortened(packet.topic), why=why, refused=self._refused)
         if packet.qos == 1 and link is self.remote and packet.packet_id in self._lowered_in:
             link.send(Pubrec(packet_id=packet.packet_id))  # (QoS 2 there, taken at QoS 1 here)
         elif packet.qos == 1:

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..logged import shortened
 from ..wire import (MQTT_5, Connack, Connect, Disconnect, FrameReader, MQTTError, Packet, Pingreq, Pingresp,
                     Publish, ReasonCode, encode)
 from ..wire.codec import MAX_PACKET_SIZE
@@ -90,8 +91,10 @@ class Link(Protocol):
                 elif type(packet) is Pingresp:
                     pass
                 elif type(packet) is Disconnect:
-                    self.close(f"DISCONNECT 0x{packet.reason_code:02x} from the server "
-                               f"({packet.properties.get('reason_string', '')})".replace(" ()", ""))
+                    # Its Reason String is the remote's text: quoted, as a client's is in the log.
+                    reason = packet.properties.get("reason_string")
+                    self.close(f"DISCONNECT 0x{packet.reason_code:02x} from the server"
+                               + (f" ({shortened(reason)!r})" if reason else ""))
                 elif type(packet) is Publish and "topic_alias" in packet.properties:
                     # The CONNECT announced no Topic Alias Maximum: none may be used (3.3.2.3.4).
                     self.close("a topic alias from the server, which none were allowed",
