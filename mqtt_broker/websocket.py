@@ -44,7 +44,9 @@ from zope.interface import implementer
 from .broker import RefusedConnection
 from .connecting import describe
 from .deadlines import cancel
+from .logged import shortened
 from .protocol import LARGE_PACKET_PROGRESS
+from .stats import once_per_thousand
 
 log = Logger()
 
@@ -240,6 +242,9 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
     factory: WebSocketFactory
     maxFramePayloadSize: int  # copied from the factory's protocol options by autobahn
     _closing_pongs = 0  # (on the instance only once it closes)
+    _refusal: str | None = None
+    """Why onConnect refused the handshake, as failHandshake logs it (its reason is the HTTP
+    status's)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -265,9 +270,22 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             self._handshake_call = self.factory.broker.clock.callLater(timeout, self._handshake_timed_out)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """autobahn's, but for its log line, which has ``reason`` whole and as it is, with what the
+        client sent in it (header values of up to websocket_max_handshake_size, Latin-1 decoded:
+        control characters too). Logged here quoted and cut, the first time, then
+        ``once_per_thousand`` on the listener: any client may fail handshakes by the thousand a
+        second."""
+        factory = self.factory
+        factory.refused += 1
+        if once_per_thousand(factory.refused):
+            log.info("refusing a WebSocket connection from {peer}: {why} ({refused} refused on this listener; "
+                     "logged once per thousand)", peer=self._where(),
+                     why=self._refusal or repr(shortened(reason)), refused=factory.refused)
+        self.wasNotCleanReason = reason
         # The headers HTTP requires of these answers [RFC 9110 15.5.6, 15.5.22].
         required = {405: [("Allow", "GET")], 426: [("Upgrade", "websocket")]}.get(code, [])
-        super().failHandshake(reason, code, [*(responseHeaders or []), *required])
+        self.sendHttpErrorResponse(code, reason, [*(responseHeaders or []), *required])
+        self.dropConnection(abort=False)
         # The socket is closed once the answer is out, over TLS once the client answers the
         # close_notify, which it may never do: the close timer bounds the wait.
         self._bound_the_close()
@@ -380,8 +398,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         if factory.origins and origin is not None and origin.lower() not in factory.origins:
             # A page of another site, in a browser that would lend it the user's cookies or
             # client certificate (cross-site WebSocket hijacking, RFC 6455 10.2).
-            log.info("refusing a WebSocket connection from {peer}: origin {origin!r} not in websocket_origins",
-                     peer=self._where(), origin=origin)
+            self._refusal = f"origin {shortened(origin)!r} not in websocket_origins"
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         # [MQTT-6.0.0-4]: mqtt, whenever it is offered (3.1.1 and 5.0 say the server selects
         # it; which version the client speaks is known only at its CONNECT); mqttv3.1 alone
@@ -389,8 +406,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         subprotocol = next((p for p in SUBPROTOCOLS if p in request.protocols), None)
         if subprotocol is None:
             # [MQTT-6.0.0-3]: the client must offer mqtt; without it no MQTT is spoken.
-            log.info("refusing a WebSocket connection from {peer}: subprotocols {offered}, not mqtt",
-                     peer=self._where(), offered=request.protocols)
+            self._refusal = f"subprotocols {shortened(', '.join(request.protocols))!r}, not mqtt"
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "Bad Request: subprotocol mqtt required")
         self._count_without_mqtt(False)  # (from here it counts as the MQTT connection it becomes)
         mqtt = factory.broker.factory.buildProtocol(peer)
@@ -552,6 +568,8 @@ class WebSocketFactory(WebSocketServerFactory):
     """
 
     protocol = MQTTWebSocketProtocol  # type: ignore[assignment]
+    refused = 0
+    """How many opening handshakes it failed."""
 
     def __init__(self, broker: Any, paths: Iterable[str] | None = None, listener: bool = True) -> None:
         super().__init__(protocols=list(SUBPROTOCOLS), server=None, reactor=broker.reactor)

@@ -221,6 +221,38 @@ def test_a_refused_origin_is_logged_quoted_and_escaped() -> None:
     assert "origin 'https://evil.example\\x9b2J\\x85forged' not in" in line
 
 
+def test_refused_handshakes_are_logged_once_per_thousand_a_listener() -> None:
+    """Any client may fail handshakes by the thousand a second: each was a line (two for an
+    origin refused, autobahn's and the broker's), with the origin whole (up to
+    websocket_max_handshake_size)."""
+    broker = make_broker(websocket_origins=["https://app.example.com"])
+    factory = WebSocketFactory(broker)
+    with capturedLogs() as events:
+        for _ in range(2001):
+            assert WSClient(broker, factory).handshake(headers={"Origin": "https://evil.example/" + "A" * 15000}) == 403
+    lines = [formatEvent(e) or "" for e in events if e["log_level"] >= LogLevel.info]
+    assert len(lines) == 3 and all("websocket_origins" in line for line in lines), lines[:4]
+    assert lines[0].endswith("... (15021 characters)' not in websocket_origins (1 refused on this listener; logged "
+                             "once per thousand)")
+    assert lines[2].endswith("(2001 refused on this listener; logged once per thousand)")
+    assert all(len(line) < 500 for line in lines)
+
+
+def test_a_handshake_autobahn_fails_is_logged_quoted_cut_and_escaped() -> None:
+    """autobahn's line had the reason whole and as it came, header values in it: Latin-1 decoded,
+    a NEL (U+0085) or CSI (U+009B) byte went into the log raw."""
+    client = WSClient(make_broker())
+    request = handshake_request().replace(b"Sec-WebSocket-Version: 13",
+                                          b"Sec-WebSocket-Version: 13\x85\x9b31mFORGED " + b"B" * 15000)
+    with capturedLogs() as events:
+        client.send_bytes(request)
+    assert client.socket.value().startswith(b"HTTP/1.1 400 ") and client.closed
+    [line] = [formatEvent(e) or "" for e in events if e["log_level"] >= LogLevel.info]
+    assert line.startswith("refusing a WebSocket connection from ") and line.endswith(
+        "... (15095 characters)' (1 refused on this listener; logged once per thousand)")
+    assert "\\x85\\x9b31mFORGED BBB" in line and line.isprintable() and len(line) < 500, line
+
+
 def test_a_stopped_broker_takes_no_websocket_client() -> None:
     """The admin site's HTTP connections may outlive the stop (only its port is closed): one
     upgraded to MQTT connected a client to the stopped broker, its store closed."""
