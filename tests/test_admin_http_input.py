@@ -51,6 +51,43 @@ def test_a_path_no_static_file_can_have_is_a_plain_404(path: bytes) -> None:
     assert (status, failures) == (b"HTTP/1.1 404 Not Found", [])
 
 
+# --- what anyone may send without a key is logged once per thousand, its path cut -----------------
+
+def _send(site: Any, request: bytes) -> bytes:
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(request)
+    return transport.value().split(b"\r\n", 1)[0]
+
+
+def test_refusals_without_a_key_are_logged_once_per_thousand_with_their_path_cut() -> None:
+    """Anyone who reaches the admin port may send them by the thousand a second: each POST or
+    DELETE refused was a line, its path whole (request lines go up to 394 KB), decided before
+    the key is looked at (a 404, a 405) or for the key (401, 403). An operator's refusals, with
+    a key, are each logged."""
+    site = _site()
+    path = b"/api/v1/" + b"A" * 15000
+    with capturedLogs() as events:
+        for n in range(2001):
+            key = b"X-API-Key: wrong\r\n" if n % 2 else b""
+            assert _send(site, b"POST " + path + b" HTTP/1.1\r\nHost: broker\r\n" + key
+                         + b"Content-Length: 0\r\n\r\n") == b"HTTP/1.1 404 Not Found"
+        assert _send(site, b"DELETE /api/v1/retained/x HTTP/1.1\r\nHost: broker\r\nX-API-Key: wrong\r\n"
+                     b"Content-Length: 0\r\n\r\n") == b"HTTP/1.1 403 Forbidden"
+        for _ in range(2):
+            assert _call(site, b"DELETE", b"/api/v1/clients/nobody")[0] == b"HTTP/1.1 404 Not Found"
+    lines = [formatEvent(e) or "" for e in events if "admin API" in (formatEvent(e) or "")]
+    assert len(lines) == 5, lines[:6]
+    assert lines[0] == ("admin API: 'POST' '/api/v1/" + "A" * 248 + "... (15008 characters)' by key - refused: 404 "
+                        "(1 refused without a key; logged once per thousand)")
+    assert [line.rpartition(" refused: ")[2] for line in lines[1:]] == [
+        "404 (1001 refused without a key; logged once per thousand)",
+        "404 (2001 refused without a key; logged once per thousand)",
+        "404", "404"]
+    assert lines[3].startswith("admin API: 'DELETE' '/api/v1/clients/nobody' by key ")
+
+
 # --- an API key is the bytes sent, not those bytes with the invalid ones replaced -------------------
 
 def test_a_key_sent_with_bytes_that_are_not_utf8_matches_no_key() -> None:

@@ -154,7 +154,8 @@ def test_a_refused_request_is_logged_with_its_path_quoted_and_escaped() -> None:
                              b"Content-Length: 0\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 400")  # (a path that is not UTF-8)
     [line] = [formatEvent(e) for e in events if "admin API" in (formatEvent(e) or "")]
-    assert line == "admin API: 'DELETE' '/api/v1/clients/a\\x9b2J\\x85forged' by key - refused: 400"
+    assert line == ("admin API: 'DELETE' '/api/v1/clients/a\\x9b2J\\x85forged' by key - refused: 400 (1 refused "
+                    "without a key; logged once per thousand)")
 
 
 def test_changes_are_refused_once_the_broker_is_stopped() -> None:

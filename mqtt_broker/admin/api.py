@@ -36,6 +36,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..connecting import tally
 from ..history import REPLAY_PREFIX
+from ..logged import shortened
+from ..stats import once_per_thousand
 from ..topics import Subscription, has_wildcard, reserved, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
@@ -164,6 +166,8 @@ class ApiResource(Resource):
         self.broker = broker
         self.operations = operations
         self.keys = KeyRing(broker.config.http_api_keys)
+        self._refused_without_key = 0
+        """POSTs and DELETEs refused before a key was taken: what their throttled line counts."""
 
     def render(self, request: Request) -> Any:
         method = request.method.decode("ascii", "replace")
@@ -232,8 +236,19 @@ class ApiResource(Resource):
 
     def _answer(self, request: Request, status: int, body: Any, key_id: str | None) -> bytes:
         if request.method in (b"POST", b"DELETE") and status >= 400:  # changes made are logged by their handlers
-            log.info("admin API: {method!r} {path!r} by key {key} refused: {status}", method=request.method.decode(),
-                     path=request.path.decode("latin-1"), key=key_id or "-", status=status)
+            if key_id is not None:
+                log.info("admin API: {method!r} {path!r} by key {key} refused: {status}",
+                         method=request.method.decode(), path=shortened(request.path.decode("latin-1")), key=key_id,
+                         status=status)
+            else:
+                # Refused before a key was taken (for it, or before it is looked at: a 404, a
+                # 405): anyone who reaches the port may send them by the thousand a second.
+                self._refused_without_key += 1
+                if once_per_thousand(self._refused_without_key):
+                    log.info("admin API: {method!r} {path!r} by key - refused: {status} ({refused} refused without "
+                             "a key; logged once per thousand)", method=request.method.decode(),
+                             path=shortened(request.path.decode("latin-1")), status=status,
+                             refused=self._refused_without_key)
         request.setResponseCode(status)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")  # (an error echoes what the request said)
@@ -250,7 +265,7 @@ class ApiResource(Resource):
             error: ApiError = failure.value  # type: ignore[assignment]
             return self._answer(request, error.status, {"error": error.message}, key_id)
         log.failure("admin API: {method!r} {path!r} failed", failure, method=request.method.decode(),
-                    path=request.path.decode("latin-1"))
+                    path=shortened(request.path.decode("latin-1")))
         return self._answer(request, 500, {"error": "internal error (see the broker's log)"}, key_id)
 
     def _finish(self, body: bytes, request: Request) -> None:
