@@ -18,6 +18,7 @@ from .aliases import InboundAliases
 from .connecting import NO_SLOTS
 from .hooks import PUBACK_REFUSALS, Refused, own_properties
 from .lifecycle import State
+from .logged import shortened
 from .message import Client, Message, encoding_kind, is_utf8, unsendable
 from .stats import once_per_thousand
 from .store import StoreError
@@ -115,7 +116,8 @@ class Publishing:
             stats.publishes_denied += 1
             if once_per_thousand(stats.publishes_denied):
                 log.info("denied PUBLISH to {topic!r} from {client_id!r} ({count} denied in all; logged once per "
-                         "thousand)", topic=topic, client_id=self.client.client_id,  # type: ignore[union-attr]
+                         "thousand)", topic=shortened(topic),
+                         client_id=shortened(self.client.client_id),  # type: ignore[union-attr]
                          count=stats.publishes_denied)
             if qos:
                 self._refuse_publish(qos, packet.packet_id, ReasonCode.NOT_AUTHORIZED)
@@ -186,7 +188,7 @@ class Publishing:
             problem = unsendable(made, self.clock.seconds())
             if problem is not None:
                 log.error("a publish hook made a message of {client_id!r} one that cannot be sent "
-                          "({problem}); refusing", client_id=self._client_id, problem=problem)
+                          "({problem}); refusing", client_id=shortened(self._client_id), problem=problem)
                 if qos:
                     self._refuse_publish(qos, packet_id, ReasonCode.UNSPECIFIED_ERROR)
                 return

@@ -21,6 +21,7 @@ from .connecting import NO_SLOTS, tally
 from .hooks import SUBACK_REFUSALS, UNSUBACK_REFUSALS, Refused
 from .history import MAX_REPLAYS, REPLAY_PREFIX, ReplayError, parse_spec, split_replay_filter
 from .lifecycle import State
+from .logged import shortened
 from .message import Client
 from .stats import once_per_thousand
 from .store import StoreError
@@ -166,7 +167,8 @@ class Subscribing:
                 more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
                 log.info("refused {count} subscription(s) of {client_id!r} to {filters}: max_subscriptions_per_client "
                          "({refused} filters of all clients refused for it so far; logged once per thousand)", count=len(over_quota),
-                         client_id=self._client_id, filters=", ".join(map(repr, over_quota[:3])) + more,
+                         client_id=shortened(self._client_id),
+                         filters=", ".join([repr(shortened(f)) for f in over_quota[:3]]) + more,
                          refused=refused)
         previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]
         replaced = [self.broker.subscribe(self.session, subscription) for subscription in granted]

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from .auth import Identity
 from .deadlines import cancel
+from .logged import shortened
 from .message import Client, Message, unsendable
 from .store import StoredWill
 from .topics import reserved
@@ -58,8 +59,8 @@ class Wills:
                 identity or Identity(client_id=client.client_id, username=client.username), will.topic):
             # (As for a PUBLISH. A bridge's will is on $SYS, as Mosquitto names it: its CONNECT
             # is accepted.)
-            log.info("will of {client_id!r} to {topic!r} not published: not allowed", client_id=client.client_id,
-                     topic=will.topic)
+            log.info("will of {client_id!r} to {topic!r} not published: not allowed",
+                     client_id=shortened(client.client_id), topic=shortened(will.topic))
         elif not broker.hooks.has_will:
             broker.stats.wills_published += 1
             self._route(will, through_inboxes)
@@ -84,7 +85,7 @@ class Wills:
             problem = unsendable(message, self.broker.clock.seconds())
             if problem is not None:
                 log.error("a will hook made the will of {client_id!r} one that cannot be sent ({problem})",
-                          client_id=client.client_id, problem=problem)
+                          client_id=shortened(client.client_id), problem=problem)
                 return
             self.broker.stats.wills_published += 1
             self._route(message, through_inboxes)
@@ -161,7 +162,7 @@ class Wills:
             why = revoked(identity) if identity is not None else None
             if why is not None:
                 log.info("the delayed will of {client_id!r} is dropped after the reload: {why}",
-                         client_id=client_id, why=why)
+                         client_id=shortened(client_id), why=why)
                 self.end(client_id, publish=False)
 
     def stop(self) -> None:

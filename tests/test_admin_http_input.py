@@ -185,13 +185,18 @@ def test_a_form_body_is_not_parsed_before_the_key_is_checked() -> None:
 
 # --- a client id or topic filter as long as MQTT allows fits in a request line ---------------------
 
-def _call(site: Any, method: bytes, path: bytes, headers: bytes = b"", piece: int = 4096) -> tuple[bytes, Any]:
-    """The status line and the JSON body of a request sent in pieces of ``piece`` bytes, with the key."""
+def _call(site: Any, method: bytes, path: bytes, headers: bytes = b"", piece: int = 4096,
+          body: Any = None) -> tuple[bytes, Any]:
+    """The status line and the JSON body of a request sent in pieces of ``piece`` bytes, with the key
+    (and ``body`` as JSON)."""
     protocol = site.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
+    content = b"" if body is None else json.dumps(body).encode()
+    if content:
+        headers += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(content)
     sent = (method + b" " + path + b" HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
-            + headers + b"Connection: close\r\n\r\n")
+            + headers + b"Connection: close\r\n\r\n" + content)
     for start in range(0, len(sent), piece):
         protocol.dataReceived(sent[start:start + piece])
     head, _, body = transport.value().partition(b"\r\n\r\n")
@@ -216,6 +221,27 @@ def test_a_client_whose_id_is_as_long_as_mqtt_allows_is_read_unsubscribed_and_ki
     assert _call(site, b"DELETE", unsubscribe) == (b"HTTP/1.1 204 No Content", None)
     assert _call(site, b"DELETE", path) == (b"HTTP/1.1 200 OK", {"disconnected": client_id})
     assert client.closed
+
+
+def test_the_changes_to_a_client_whose_strings_are_long_are_logged_with_them_cut() -> None:
+    """A client chooses its id, the filters it holds and the topics it publishes to, each up to
+    65,535 bytes: an operator's change wrote them whole into the log."""
+    from mqtt_broker.testing import MemoryBroker
+    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    client_id, topic_filter, topic = "c" * 5000, "f" * 5000, "t" * 5000
+    broker.connect(client_id, version=4)
+    site = broker.service.operations.site()
+    path = b"/api/v1/clients/" + client_id.encode()
+    with capturedLogs() as events:
+        assert _call(site, b"POST", path + b"/subscriptions", body={"topic_filter": topic_filter})[0] == (
+            b"HTTP/1.1 201 Created")
+        assert _call(site, b"DELETE", path + b"/subscriptions/" + topic_filter.encode())[0] == b"HTTP/1.1 204 No Content"
+        assert _call(site, b"POST", b"/api/v1/publish", body={"topic": topic, "payload": "x", "retain": True})[0] == b"HTTP/1.1 200 OK"
+        assert _call(site, b"DELETE", b"/api/v1/retained/" + topic.encode())[0] == b"HTTP/1.1 204 No Content"
+        assert _call(site, b"DELETE", path)[0] == b"HTTP/1.1 200 OK"
+    lines = [formatEvent(e) or "" for e in events if "admin API: key" in (formatEvent(e) or "")]
+    assert [line.count("... (5000 characters)'") for line in lines] == [2, 2, 1, 1, 1], lines
+    assert all(len(line) < 700 for line in lines)
 
 
 @pytest.mark.parametrize("line, headers, status", [

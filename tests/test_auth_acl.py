@@ -773,6 +773,23 @@ def test_denied_publishes_are_logged_once_per_thousand(tmp_path: Path) -> None:
     assert broker.stats.publishes_denied == 2001 and not client.closed
 
 
+def test_a_denied_publish_and_a_denied_will_are_logged_with_their_topic_and_client_id_cut(tmp_path: Path) -> None:
+    """Each may be 65,535 bytes, which an authenticated client chooses."""
+    from twisted.logger import capturedLogs, formatEvent
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\n")
+    broker = make_broker(acl_file=str(acl))
+    with capturedLogs() as events:
+        client = connected(broker, "c" * 5000, will=Will(topic="w/" + "t" * 5000, payload=b"gone"))
+        client.send(Publish(topic="p/" + "t" * 5000, payload=b"x"))
+        client.lose()
+    lines = [formatEvent(e) or "" for e in events if "denied PUBLISH" in e["log_format"]
+             or "not published: not allowed" in e["log_format"]]
+    assert len(lines) == 2 and all(line.count("... (5000 characters)'") == 1
+                                   and line.count("... (5002 characters)'") == 1 and len(line) < 700
+                                   for line in lines), lines
+
+
 @pytest.mark.parametrize("version", [4, 5])
 def test_a_will_the_acl_denies_is_accepted_and_not_published_as_by_mosquitto(tmp_path: Path, version: int) -> None:
     """Mosquitto 2 accepts such a CONNECT (checked: 2.0.11, MQTT 3.1.1 and 5) and drops the will

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import capturedLogs, formatEventAsClassicLogText
+from twisted.logger import capturedLogs, formatEvent, formatEventAsClassicLogText
 
 from mqtt_broker.config import BrokerConfig
 from mqtt_broker.hooks import Refused
@@ -1087,6 +1087,18 @@ def test_subscriptions_over_the_quota_are_logged_once_per_thousand() -> None:
     lines = [e for e in events if "max_subscriptions_per_client" in e["log_format"]]
     assert [(e["count"], e["refused"]) for e in lines] == [(1, 1), (3, 1002), (1, 2001)]
     assert broker.stats.subscriptions_refused == {"max_subscriptions_per_client": 2001}
+
+
+def test_filters_refused_for_the_quota_are_logged_cut_as_is_the_client_id() -> None:
+    """Each may be 65,535 bytes: the line held three filters and the client id whole."""
+    broker = make_broker(max_subscriptions_per_client=1)
+    client = connected(broker, "c" * 5000)
+    with capturedLogs() as events:
+        client.subscribe("a", *(f"{n}/" + "f" * 5000 for n in range(4)))
+    [line] = [formatEvent(e) or "" for e in events if "max_subscriptions_per_client" in e["log_format"]]
+    assert line.count("... (5000 characters)'") == 1 and line.count("... (5002 characters)'") == 3, line
+    assert line.endswith(" and 1 more: max_subscriptions_per_client (4 filters of all clients refused for it so far; "
+                         "logged once per thousand)") and len(line) < 1500
 
 
 def test_the_same_filter_twice_in_one_subscribe_takes_one_place_of_the_quota() -> None:

@@ -392,7 +392,7 @@ class ApiResource(Resource):
         connection = session.connection
         if connection is None:
             raise ApiError(404, f"client {client_id!r} is not connected")
-        log.info("admin API: key {key} disconnects client {client_id!r}", key=key_id, client_id=client_id)
+        log.info("admin API: key {key} disconnects client {client_id!r}", key=key_id, client_id=shortened(client_id))
         # MQTT 5 clients are told why: DISCONNECT 0x98 Administrative action.
         connection.drop(ReasonCode.ADMINISTRATIVE_ACTION, "disconnected by an administrator")
         return 200, {"disconnected": client_id}
@@ -437,7 +437,7 @@ class ApiResource(Resource):
             no_local=no_local, retain_as_published=retain_as_published,
             retain_handling=retain_handling, share_group=group)
         log.info("admin API: key {key} subscribes {client_id!r} to {topic_filter!r}", key=key_id,
-                 client_id=client_id, topic_filter=topic_filter)
+                 client_id=shortened(client_id), topic_filter=shortened(topic_filter))
         existed = self.broker.subscribe(session, subscription)
         if session.connection is not None:
             self.broker.send_retained(session, subscription, existed)
@@ -449,7 +449,7 @@ class ApiResource(Resource):
         if not self.broker.unsubscribe(session, _topic_filter(topic_filter)):
             raise ApiError(404, f"{client_id!r} has no subscription {topic_filter!r}")
         log.info("admin API: key {key} unsubscribes {client_id!r} from {topic_filter!r}", key=key_id,
-                 client_id=client_id, topic_filter=topic_filter)
+                 client_id=shortened(client_id), topic_filter=shortened(topic_filter))
         return 204, None
 
     # --- subscriptions, topics, retained messages -----------------------------------------------
@@ -533,7 +533,7 @@ class ApiResource(Resource):
         expired = message is not None and message.expired(self.broker.clock.seconds())
         if not self.broker.delete_retained(topic) or expired:  # (an expired one goes all the same)
             raise ApiError(404, f"no retained message on {topic!r}")
-        log.info("admin API: key {key} deletes the retained message of {topic!r}", key=key_id, topic=topic)
+        log.info("admin API: key {key} deletes the retained message of {topic!r}", key=key_id, topic=shortened(topic))
         return 204, None
 
     def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any]:
@@ -557,7 +557,8 @@ class ApiResource(Resource):
         retain = body_field(body, "retain", bool, False)
         if retain and not self.broker.config.retain_available:
             raise ApiError(400, "retained messages are turned off (retain_available)")
-        log.info("admin API: key {key} publishes {size} bytes to {topic!r}", key=key_id, size=len(payload), topic=topic)
+        log.info("admin API: key {key} publishes {size} bytes to {topic!r}", key=key_id, size=len(payload),
+                 topic=shortened(topic))
         # Answered once routed (the store logs a failure to write it, and writes it once it can).
         try:
             self.broker.route_own(topic, payload, qos=qos, retain=retain)
