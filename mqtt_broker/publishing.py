@@ -194,20 +194,24 @@ class Publishing:
                 return
             message = made
             message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
-        if message.properties and "message_expiry_interval" in message.properties:
-            if message.expires_at is None:  # (else the hook's own, which it may set [docs/embedding.md])
-                message.expires_at = received_at + message.properties["message_expiry_interval"]
-            # Run out while the hook decided, it goes nowhere. (Less a millisecond: a real clock
-            # moves on even for a hook that answers at once, and an interval of 0 is sent on now.)
-            if message.expires_at < self.clock.seconds() - 0.001:
-                self.stats.messages_expired += 1
-                if message.retain and self.broker.config.retain_available:
-                    self.broker.delete_retained(message.topic)  # it replaced it [MQTT-3.3.1-5], and expired
-                if qos == 2:
-                    self.delivery.await_pubrel(self.session, packet_id)  # (its PUBREL is to come)
-                if qos:  # (not counted as received: it was not routed)
-                    self._acknowledge_when_stored(qos, packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS)
-                return
+        properties = message.properties
+        if properties and "message_expiry_interval" in properties:
+            if message.expires_at is None:
+                message.expires_at = received_at + properties["message_expiry_interval"]
+            else:  # the hook's own time [docs/embedding.md]: subscribers are told what is left of it
+                message.properties = {k: v for k, v in properties.items() if k != "message_expiry_interval"}
+        # Run out while the hook decided (or by the hook's time), it goes nowhere. (Less a
+        # millisecond: a real clock moves on even for a hook that answers at once, and an
+        # interval of 0 is sent on now.)
+        if message.expires_at is not None and message.expires_at < self.clock.seconds() - 0.001:
+            self.stats.messages_expired += 1
+            if message.retain and self.broker.config.retain_available:
+                self.broker.delete_retained(message.topic)  # it replaced it [MQTT-3.3.1-5], and expired
+            if qos == 2:
+                self.delivery.await_pubrel(self.session, packet_id)  # (its PUBREL is to come)
+            if qos:  # (not counted as received: it was not routed)
+                self._acknowledge_when_stored(qos, packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS)
+            return
         if qos == 2:
             self._route_exactly_once(packet_id, message)
             return

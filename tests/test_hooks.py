@@ -1823,6 +1823,30 @@ def test_a_publish_hooks_expiry_holds_whatever_interval_the_client_gave(interval
     assert subscriber.messages() == []
 
 
+@pytest.mark.parametrize("interval", [None, 10])
+def test_a_publish_hooks_expiry_past_goes_nowhere_and_a_later_one_is_what_subscribers_are_told(
+        interval: int | None) -> None:
+    """A time already past went out (an interval of 0) when the client gave no interval; a time
+    later than the client's interval was held, but subscribers were told the client's."""
+    broker = MemoryBroker(sys_interval=0)
+    hooked: list[float] = []
+    broker.hooks.on_publish(lambda client, message: setattr(message, "expires_at", broker.reactor.seconds() + hooked.pop()))
+    subscriber = broker.connect("subscriber", clean_start=False, properties={"session_expiry_interval": 600})
+    subscriber.subscribe("t", qos=1)
+    publisher = broker.connect("publisher")
+    properties = {"message_expiry_interval": interval} if interval else None
+    hooked.append(-10)
+    ack = publisher.publish("t", b"expired", qos=1, properties=properties)
+    assert ack is not None and ack.reason_code == ReasonCode.NO_MATCHING_SUBSCRIBERS, ack
+    assert subscriber.messages() == []
+    subscriber.disconnect()
+    hooked.append(100)
+    publisher.publish("t", b"lives 100 s", qos=1, properties=properties)
+    broker.advance(50)
+    subscriber = broker.connect("subscriber", clean_start=False, properties={"session_expiry_interval": 600})
+    assert [m.properties["message_expiry_interval"] for m in subscriber.messages()] == [50]
+
+
 def test_a_publish_hook_adding_a_property_in_place_has_it_go_out() -> None:
     """docs/embedding.md: "a `Message` replaces it (`dataclasses.replace(message, payload=...)`;
     a change in place goes out too)". A hook that adds a user property in place to a PUBLISH that
