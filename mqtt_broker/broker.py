@@ -280,8 +280,8 @@ class BrokerService(MultiService):
             for description in self.config.endpoints]
         if self.config.websocket_endpoints:
             from .websocket import WebSocketFactory  # autobahn is imported only when used
-            websocket = WebSocketFactory(self)
-            listeners += [(description, websocket, "MQTT over WebSocket listening on {endpoint}")
+            # (One each: a factory counts the handshakes it refused, as logged for its listener.)
+            listeners += [(description, WebSocketFactory(self), "MQTT over WebSocket listening on {endpoint}")
                           for description in self.config.websocket_endpoints]
         if self.config.http_endpoints:
             if not self.config.http_api_keys:

@@ -23,7 +23,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -236,6 +236,24 @@ def test_refused_handshakes_are_logged_once_per_thousand_a_listener() -> None:
                              "once per thousand)")
     assert lines[2].endswith("(2001 refused on this listener; logged once per thousand)")
     assert all(len(line) < 500 for line in lines)
+
+
+def test_each_websocket_listener_counts_its_own_refusals() -> None:
+    """Two listeners shared one factory, and so one count: the first refusal on the second was not
+    logged, though the line says "on this listener"."""
+    broker = BrokerService(endpoints=[], websocket_endpoints=["tcp:8080", "tcp:8081"], reactor=MemoryReactorClock(),
+                           sys_interval=0)
+    broker.startService()
+    try:
+        factories = [factory for _, factory, _, _ in broker.reactor.tcpServers]
+        assert len(factories) == 2 and factories[0] is not factories[1]
+        with capturedLogs() as events:
+            for factory in factories:
+                assert WSClient(broker, factory).handshake(protocols=None) == 400
+        lines = [formatEvent(e) or "" for e in events if e["log_level"] >= LogLevel.info]
+        assert len(lines) == 2 and all("(1 refused on this listener;" in line for line in lines), lines
+    finally:
+        broker.stopService()
 
 
 def test_a_handshake_autobahn_fails_is_logged_quoted_cut_and_escaped() -> None:
