@@ -850,6 +850,21 @@ def test_the_reason_string_of_a_remotes_disconnect_is_logged_quoted_cut_and_esca
     remote.broker.stopService()
 
 
+def test_a_bad_packet_from_the_remote_is_logged_cut() -> None:
+    """What is wrong with a remote's packet may quote the remote's text (a Response Topic that is
+    no topic name, of 20,000 characters): the line and last_error held it whole."""
+    remote = FakeRemote(version=5, bridge_protocol_version="mqttv50", topic=["t/# in 1"])
+    remote.up()
+    bad = Publish(topic="t/a", payload=b"", properties={"response_topic": "t/+/" + "x" * 20000})
+    with LogCapture() as logged:
+        remote.protocol.dataReceived(encode(bad, 5))
+        remote.down()  # (the socket closes after it)
+    [line] = [line for line in logged.lines if line.startswith("bridge b: ")]
+    assert "bad packet from the server: response topic 't/+/xxx" in line and len(line) < 500, line[:300]
+    assert len(remote.bridge.last_error) < 500  # type: ignore[union-attr]
+    remote.broker.stopService()
+
+
 def test_a_remote_that_refuses_the_bridge_bit_is_tried_again_without_it() -> None:
     """A remote that does not know try_private's bit answers CONNACK 0x01 (unacceptable protocol
     version): the next attempts go without it, as Mosquitto's."""

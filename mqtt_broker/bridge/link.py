@@ -104,7 +104,7 @@ class Link(Protocol):
         except MQTTError as error:
             # An MQTT 5 client says why [MQTT-4.13.1] (0x95 for a packet over its Maximum Packet
             # Size, 3.1.2.11.4); an MQTT 3 one's DISCONNECT is a normal end, which discards the will.
-            self.close(f"bad packet from the server: {error.message}",
+            self.close(f"bad packet from the server: {shortened(error.message)}",  # (it may quote the server)
                        code=error.reason_code if self.version == MQTT_5 else None)
 
     def _connack(self, packet: Packet) -> None:
