@@ -6,6 +6,7 @@ Either way the package holds every .py file, and the pure-Python modules are the
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -79,6 +80,9 @@ class BuildExt(build_ext):
             super().run()
         except Exception as e:  # distutils raises several unrelated types for a missing compiler
             warn(f"compiling failed ({e})")
+            for path in self.get_outputs():  # an earlier build's would ship, and shadow the .py
+                if os.path.exists(path):
+                    os.remove(path)
 
 
 class Build(build):
@@ -86,16 +90,20 @@ class Build(build):
     builds in the checkout's build/, which keeps an earlier build's files. The stub of a module
     compiled then and no longer (left out of COMPILED, or deleted) shadows the .py and cannot be
     imported, the shared library having no init for it; a module deleted since would ship too.
-    What this build makes it keeps: build_ext leaves an extension newer than its C alone."""
+    What this build makes it keeps: build_ext leaves an extension newer than its C alone. Only
+    what this project's builds make is looked at (``--build-lib`` may name a folder of others)."""
 
     def run(self) -> None:
         made = {os.path.normpath(path) for command in ("build_py", "build_ext")
                 for path in self.get_finalized_command(command).get_outputs()}
-        for directory, _, files in os.walk(self.build_lib):
-            for name in files:
-                path = os.path.normpath(os.path.join(directory, name))
+        ours = [os.path.join(self.build_lib, "mqtt_broker"), os.path.join(self.build_lib, "twisted", "plugins")]
+        for directory, _, files in (entry for root in ours for entry in os.walk(root)):
+            for path in (os.path.normpath(os.path.join(directory, name)) for name in files):
                 if path not in made:
                     os.remove(path)
+        for path in glob.glob(os.path.join(self.build_lib, "mqtt_broker__mypyc*")):
+            if os.path.normpath(path) not in made:
+                os.remove(path)
         super().run()
 
 

@@ -110,6 +110,28 @@ def test_a_build_in_a_checkout_leaves_out_what_an_earlier_build_left_there(tmp_p
     assert not {f"mqtt_broker/connect{SUFFIX}", "mqtt_broker/gone.py"} & names
 
 
+def test_a_build_whose_compiling_fails_ships_no_module_an_earlier_build_compiled(tmp_path: Path) -> None:
+    """The stubs an earlier compiled build left in build/ were kept as what this one makes, and
+    shipped when compiling then failed ("installing the pure-Python modules only"). Nothing of
+    build_lib but what the build makes is removed (``--build-lib`` may name a folder of other
+    files)."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=IGNORED)
+    earlier = source / "build" / f"lib.linux-x86_64-cpython-{sys.version_info[0]}{sys.version_info[1]}"
+    (earlier / "mqtt_broker").mkdir(parents=True)
+    stale = earlier / "mqtt_broker" / f"connect{SUFFIX}"
+    stale.write_bytes(b"\x7fELF")
+    os.utime(stale, (978307200, 978307200))  # (2001: older than the C the build writes)
+    result = run([sys.executable, "setup.py", "build_ext"], cwd=source, env=clean_env(MQTT_BROKER_COMPILE="1", CC="false"))
+    assert "compiling failed" in result.stderr and not stale.exists()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "other").mkdir(parents=True)
+    (elsewhere / "other" / "keep.py").write_text("")
+    run([sys.executable, "setup.py", "build", "--build-lib", str(elsewhere)], cwd=source,
+        env=clean_env(MQTT_BROKER_COMPILE="0"))
+    assert (elsewhere / "other" / "keep.py").exists() and (elsewhere / "mqtt_broker" / "connect.py").exists()
+
+
 @pytest.mark.parametrize("cc", [" ", 'gcc "-O2'])
 def test_a_cc_that_names_no_command_is_no_c_compiler(cc: str) -> None:
     """Blank (``$CCACHE $COMPILER``, both unset) or unbalanced, it made setup.py fail."""
