@@ -17,7 +17,6 @@ Two kinds of events:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import partial
 from types import CoroutineType
@@ -30,7 +29,7 @@ from twisted.python.failure import Failure
 
 from .auth import Identity
 from .auth.acl import AccessRules
-from .message import Client, Message
+from .message import Client, Message, is_time
 from .topics import Subscription
 from .wire.codes import DISCONNECT_CODES, PUBACK_CODES, ReasonCode
 from .wire.packets import NO_PROPERTIES
@@ -380,17 +379,12 @@ def _code(value: int) -> ReasonCode | None:
     return ReasonCode(value) if value in _REASON_CODES else None
 
 
-_MAX_FLOAT = sys.float_info.max
-"""The bounds of a time a hook gives, compared with rather than checked by math.isfinite, which
-raises OverflowError for an int too large for a float. Neither inf nor NaN is within them."""
-
-
 def _well_formed(identity: Identity) -> bool:
     """Whether an Identity a hook made holds what the broker will use as its types say."""
     expires_at = identity.expires_at
     return isinstance(identity.client_id, str) and isinstance(identity.username, (str, type(None))) \
         and isinstance(identity.rules, (AccessRules, type(None))) \
-        and (expires_at is None or type(expires_at) in (int, float) and -_MAX_FLOAT <= expires_at <= _MAX_FLOAT)
+        and (expires_at is None or is_time(expires_at))
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:

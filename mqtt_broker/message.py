@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -87,6 +86,13 @@ def is_utf8(payload: bytes) -> bool:
     return True
 
 
+def is_time(value: Any, latest: float = sys.float_info.max) -> bool:
+    """Whether a hook's ``value`` is a clock time (an int or a float; neither inf nor NaN) no later
+    than ``latest``. Compared, not checked by math.isfinite, which raises OverflowError for an int
+    too large for a float (and ``value`` is Any: compiled, a float would be made of it to compare)."""
+    return type(value) in (int, float) and -sys.float_info.max <= value <= latest
+
+
 def unsendable(message: Message, now: float, own: bool = False) -> str | None:
     """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
     decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here,
@@ -109,11 +115,8 @@ def unsendable(message: Message, now: float, own: bool = False) -> str | None:
         return f"its payload is {type(message.payload).__name__}, not bytes"
     if type(message.qos) is not int or message.qos not in (0, 1, 2):
         return f"QoS {message.qos!r}"
-    # (Any, not float: compiled, an int too large for a float would raise OverflowError as it is
-    # made one to be compared. Neither inf nor NaN is within the bounds.)
-    expires_at: Any = message.expires_at
-    if expires_at is not None and not (type(expires_at) in (int, float)
-                                       and -sys.float_info.max <= expires_at <= now + 0xFFFFFFFF):
+    expires_at: Any = message.expires_at  # (compiled, a float local would be made of it: see is_time)
+    if expires_at is not None and not is_time(expires_at, now + 0xFFFFFFFF):
         return f"its expiry time {expires_at!r}, not a time at most 2**32-1 s (a Message Expiry Interval) ahead"
     if not valid_topic_name(topic) or "\x00" in topic or (reserved(topic) and not (own and topic.startswith("$SYS"))):
         return f"the topic name {topic!r}"

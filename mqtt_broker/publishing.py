@@ -194,12 +194,12 @@ class Publishing:
                 return
             message = made
             message.sender = self._client_id  # (a new Message has none): still this client's PUBLISH
-        properties = message.properties
-        if properties and "message_expiry_interval" in properties:
+        interval = message.properties.get("message_expiry_interval") if message.properties else None
+        if interval is not None:
             if message.expires_at is None:
-                message.expires_at = received_at + properties["message_expiry_interval"]
+                message.expires_at = received_at + interval
             else:  # the hook's own time [docs/embedding.md]: subscribers are told what is left of it
-                message.properties = {k: v for k, v in properties.items() if k != "message_expiry_interval"}
+                message.properties = {k: v for k, v in message.properties.items() if k != "message_expiry_interval"}
         # Run out while the hook decided (or by the hook's time), it goes nowhere. (Less a
         # millisecond: a real clock moves on even for a hook that answers at once, and an
         # interval of 0 is sent on now.)

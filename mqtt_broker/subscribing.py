@@ -166,8 +166,8 @@ class Subscribing:
             if once_per_thousand(refused, len(over_quota)):  # (one line for a SUBSCRIBE's filters)
                 more = f" and {len(over_quota) - 3} more" if len(over_quota) > 3 else ""
                 log.info("refused {count} subscription(s) of {client_id!r} to {filters}: max_subscriptions_per_client "
-                         "({refused} filters of all clients refused for it so far; logged once per thousand)", count=len(over_quota),
-                         client_id=shortened(self._client_id),
+                         "({refused} filters of all clients refused for it so far; logged once per thousand)",
+                         count=len(over_quota), client_id=shortened(self._client_id),
                          filters=", ".join([repr(shortened(f)) for f in over_quota[:3]]) + more,
                          refused=refused)
         previous = [self.session.subscriptions.get(subscription.topic_filter) for subscription in granted]

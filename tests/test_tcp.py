@@ -464,6 +464,14 @@ def test_behind_haproxy_a_connection_closed_for_its_header_is_logged_once_per_th
         " their header on this listener; logged once per thousand)"]
 
 
+def _left_socket(tmp_path: Any) -> str:
+    """The path of a socket file a killed listener left: bound, closed, nothing listening."""
+    path = str(tmp_path / "mqtt.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(path)  # (closed, its file stays)
+    return path
+
+
 async def _connack_on(path: str, before: bytes = b"") -> bytes:
     """What a client of the unix socket ``path`` is sent for its CONNECT (``before`` it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
@@ -492,9 +500,7 @@ async def test_a_unix_listener_starts_over_the_socket_and_lock_a_killed_broker_o
     """Killed (kill -9, the OOM killer), a broker leaves its socket and its lock, a link to its
     process id. Started again as the same process id (a container's process 1), it took the
     lock's owner for alive (itself) and refused to listen, at every start."""
-    path = str(tmp_path / "mqtt.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
-        left.bind(path)  # (closed, its file stays)
+    path = _left_socket(tmp_path)
     os.symlink(str(os.getpid()), f"{path}.lock")
     broker = BrokerService(endpoints=[f"{prefix}unix:{path}"], reactor=reactor, sys_interval=0)
     broker.startService()
@@ -512,9 +518,7 @@ async def test_a_unix_listener_starts_over_a_socket_file_nothing_listens_on_with
     """Mosquitto unlinks its socket's path before it binds: a converted listener 0 started where
     a killed Mosquitto (which takes no lock) left the socket file refused to listen, "Address
     already in use", as a listener with lockfile=0 did after a kill."""
-    path = str(tmp_path / "mqtt.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
-        left.bind(path)  # (closed, its file stays)
+    path = _left_socket(tmp_path)
     broker = BrokerService(endpoints=[f"unix:{path}{options}"], reactor=reactor, sys_interval=0)
     with capturedLogs() as events:
         broker.startService()

@@ -199,4 +199,5 @@ def make_site(broker: Any, operations: Any) -> AdminSite:
     return site
 
 
-__all__ = ["HEADERS_LIMIT", "REQUEST_LINE_LIMIT", "AdminChannel", "AdminSite", "MetricsResource", "StaticFiles", "make_site"]
+__all__ = ["HEADERS_LIMIT", "REQUEST_LINE_LIMIT", "AdminChannel", "AdminSite", "MetricsResource", "StaticFiles",
+           "make_site"]
