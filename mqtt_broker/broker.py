@@ -874,7 +874,7 @@ class BrokerService(MultiService):
         held it."""
         session.expiry_deadline = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
-            log.info("session {client_id!r} expired", client_id=session.client_id)
+            log.info("session {client_id!r} expired", client_id=shortened(session.client_id))
             self.stats.sessions_expired += 1
             self.wills.end(session.client_id, publish=True)
             self._discard(session)

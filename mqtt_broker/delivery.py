@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.logger import Logger
 
+from .logged import shortened
 from .message import Message, bare
 from .session import NO_HELD_BACK, Outgoing, Queued, Session
 from .stats import once_per_thousand
@@ -466,7 +467,7 @@ class Delivery:
     def _store_sweep_failed(self, failure: Any, session: Session) -> None:
         if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
             log.failure("cannot delete the expired messages of {client_id!r} from the store", failure,
-                        client_id=session.client_id)
+                        client_id=shortened(session.client_id))
         self._store_swept(0, session)
 
     def full(self, session: Session, qos: int) -> bool:
@@ -520,7 +521,7 @@ class Delivery:
         """A warning for the first message dropped for a session, then one per thousand."""
         if once_per_thousand(session.dropped, count):
             log.warn("queue of {client_id!r} is full: {dropped} messages dropped so far",
-                     client_id=session.client_id, dropped=session.dropped)
+                     client_id=shortened(session.client_id), dropped=session.dropped)
 
     def _item(self, session: Session, item: Queued, stored: bool = False) -> Queued:
         """Number a QoS 1/2 message of a stored session; ``stored``: record it as queued now
@@ -686,7 +687,7 @@ class Delivery:
     def _spilled_failed(self, failure: Any, session: Session) -> None:
         if not failure.check(StoreError):  # (a write that failed: the store logs that once per episode)
             log.failure("cannot read the queued messages of {client_id!r} back from the store", failure,
-                        client_id=session.client_id)
+                        client_id=shortened(session.client_id))
         # Read again later: a session with nothing else in flight may never be pumped again.
         # ``loading`` stays set until then, so that nothing else starts a read meanwhile.
         if not self.stopped:

@@ -1089,6 +1089,23 @@ def test_subscriptions_over_the_quota_are_logged_once_per_thousand() -> None:
     assert broker.stats.subscriptions_refused == {"max_subscriptions_per_client": 2001}
 
 
+def test_a_long_client_id_is_cut_in_the_lines_of_its_full_queue_and_its_session_expiring() -> None:
+    """MQTT allows a client id of 65,535 bytes: these lines held it whole."""
+    broker = make_broker(max_queued_messages=1)
+    client_id = "c" * 5000
+    sub = connected(broker, client_id, version=5, clean=False, properties={"session_expiry_interval": 10})
+    sub.subscribe("t", qos=1)
+    sub.send(Disconnect())
+    with capturedLogs() as events:
+        for _ in range(2):
+            broker.publish("t", b"m", qos=1)
+        broker.clock.advance(11)
+    lines = [formatEvent(e) or "" for e in events
+             if "is full" in e["log_format"] or "expired" in e["log_format"]]
+    assert [line.split("'")[0] for line in lines] == ["queue of ", "session "], lines
+    assert all(line.count("... (5000 characters)'") == 1 and len(line) < 400 for line in lines), lines
+
+
 def test_filters_refused_for_the_quota_are_logged_cut_as_is_the_client_id() -> None:
     """Each may be 65,535 bytes: the line held three filters and the client id whole."""
     broker = make_broker(max_subscriptions_per_client=1)

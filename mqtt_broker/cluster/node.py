@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from ..config import ConfigError
 from ..connect import NEVER
 from ..deadlines import cancel
+from ..logged import shortened
 from ..message import Message
 from ..session import Queued, Session
 from ..topics import SharedGroup, SubscriptionTree, Subscription, but_its_sender, matches, terms
@@ -393,7 +394,7 @@ class Cluster:
 
     def _claim_late(self, client_id: str, answer: Deferred[bool], withdraw: Deferred[None]) -> None:
         log.warn("Redis has not handed over the session of {client_id!r} in time: the client is refused",
-                 client_id=client_id)
+                 client_id=shortened(client_id))
         answer.callback(False)
         # Not yet sent, it would be once Redis is back, minutes later perhaps, and take the
         # session from the connection the client has made to another node since (0x8E there).
@@ -459,8 +460,8 @@ class Cluster:
         self._deliver_held(client_id)  # to the session's owner, through Redis
         if failure.check(CancelledError):
             return  # withdrawn before it was sent (_claim_late): Redis has nothing of it
-        log.warn("could not claim the session of {client_id!r} in Redis: {error}", client_id=client_id,
-                 error=failure.getErrorMessage())
+        log.warn("could not claim the session of {client_id!r} in Redis: {error}",
+                 client_id=shortened(client_id), error=failure.getErrorMessage())
         # Redis may have applied the claim and lost only its answer: once it answers again,
         # what it says this node holds and this node does not know is taken as at a restart.
         survivor = self.survivor

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..history import Entry
+from ..logged import shortened
 from ..message import Message
 from ..session import Queued, Session
 from ..store import CHANGE_BYTES, MAX_UNWRITTEN_BYTES, Snapshot, StoredWill, call, fire
@@ -756,7 +757,8 @@ class RedisStore:
                 try:
                     self.on_fenced(client_id, int(epoch))
                 except Exception:  # (the batch's waiters, and the store, go on all the same)
-                    log.failure("letting go of {client_id!r}, whose session another node holds", client_id=client_id)
+                    log.failure("letting go of {client_id!r}, whose session another node holds",
+                                client_id=shortened(client_id))
 
     def _not_written(self, failure: Failure, batch: _Batch) -> None:
         """A batch failed, or its answer was lost with the connection (and so those sent after
