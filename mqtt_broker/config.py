@@ -145,7 +145,8 @@ class BrokerConfig:
         ["tcp:1883"], "Twisted endpoint strings to listen on (tcp:, ssl:, unix:, ...).")
     max_packet_size: int = _setting(
         16 * 1024 * 1024, "Largest packet accepted from a client, in bytes; larger ones close "
-        "the connection (MQTT 5: DISCONNECT 0x95).", 2, 268_435_460)
+        "the connection (MQTT 5: DISCONNECT 0x95). Above 268,435,455 (which MQTT 5 clients "
+        "are told in CONNACK): the protocol's own limit, 268,435,460.", 2, 268_435_460)
     max_inflight_messages: int = _setting(
         20, "QoS 1/2 messages sent to a client and not yet acknowledged, per client.", 1, 65535)
     max_queued_messages: int = _setting(

@@ -125,6 +125,13 @@ def announced_packet_size(config: BrokerConfig) -> int | None:
     return config.max_packet_size if config.max_packet_size <= MAX_REMAINING_LENGTH else None
 
 
+def read_packet_size(config: BrokerConfig) -> int:
+    """The largest packet the broker reads from a peer: what it announces, or the protocol's
+    own limit where it announces nothing (a limit a peer is not told of would close it for a
+    packet MQTT allows [MQTT-3.2.2.3.6])."""
+    return announced_packet_size(config) or MAX_PACKET_SIZE
+
+
 class AcceptingConnack:
     """``AcceptingConnack(config)``: what every v5 CONNACK of a broker says about it
     [MQTT-3.2.2] (only what differs from the defaults), and the whole accepting CONNACK that says

@@ -34,7 +34,7 @@ from .lifecycle import State
 from .message import NOT_CACHED, Client, Message, encoding_kind, shared_properties
 from .aliases import InboundAliases, OutboundAliases
 from .auth import Identity
-from .connect import NEVER, Terms, granted_expiry
+from .connect import NEVER, Terms, granted_expiry, read_packet_size
 from .connecting import Connecting, count_refusal, describe, takeover_wait, tally
 from .delivery import Delivery
 from .linger import close_lingering, socket_of, unsent_bytes, unwritten
@@ -107,7 +107,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self.clock = clock
         self.stats = broker.stats
         config = broker.config
-        self.reader = FrameReader(max_packet_size=config.max_packet_size, publish_type=Message)
+        self.reader = FrameReader(max_packet_size=read_packet_size(config), publish_type=Message)
         self.state = State.AWAITING_CONNECT
         self._legal = _LEGAL[self.state]
         self.version = MQTT_3_1_1

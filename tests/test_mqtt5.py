@@ -129,6 +129,19 @@ def test_a_broker_whose_packets_may_be_as_large_as_mqtt_allows_announces_no_maxi
     assert connack.reason_code == 0 and ("maximum_packet_size" in connack.properties) == announced
 
 
+def test_a_limit_the_connack_does_not_tell_is_the_protocols_own() -> None:
+    """max_packet_size 268,435,456: not announced, it still closed a client for a packet of
+    268,435,460 bytes, which MQTT allows when no Maximum Packet Size is given [MQTT-3.2.2.3.6]."""
+    broker = make_broker(max_packet_size=268_435_456)
+    client, connack = connect5(broker, "c")
+    assert "maximum_packet_size" not in connack.properties
+    # A PUBLISH of the largest remaining length: its fixed header alone tells its size.
+    client.transport.clear()
+    client.protocol.dataReceived(bytes([0x30, 0xFF, 0xFF, 0xFF, 0x7F]))
+    assert client.received() == [] and not client.closed
+    assert client.protocol.reader.max_packet_size == 268_435_460
+
+
 def test_each_broker_announces_its_own_settings_and_a_clients_own_terms() -> None:
     """The part of the CONNACK that depends on the settings only is made once per settings:
     brokers of different settings in one process each announce theirs, with Session Present and

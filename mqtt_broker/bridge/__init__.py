@@ -42,7 +42,7 @@ from ..wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Packet, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
     Subscribe, SubscriptionRequest, Unsuback, Unsubscribe, Will,
 )
-from ..connect import announced_packet_size
+from ..connect import announced_packet_size, read_packet_size
 from ..logged import shortened
 from ..message import is_utf8
 from ..stats import once_per_thousand
@@ -203,7 +203,7 @@ class Bridge(Service):
         # Only an MQTT 5 remote is told the largest packet the bridge takes. An MQTT 3 one sends
         # anything, and closing the link for a packet it cannot know is too large would have it
         # send that packet again at each reconnection: read anything, drop what is too large.
-        max_size = self.broker.config.max_packet_size if connect.protocol_level == MQTT_5 else MAX_PACKET_SIZE
+        max_size = read_packet_size(self.broker.config) if connect.protocol_level == MQTT_5 else MAX_PACKET_SIZE
         factory = Factory.forProtocol(lambda: Link(
             "remote", connect, self.clock, max_size, self._remote_up, self._from_remote, self._lost))
         attempt = self._connecting = endpoint.connect(factory)
