@@ -10,6 +10,8 @@ reactor turn, so there is neither a gap nor a duplicate between them.
 
 from __future__ import annotations
 
+import math
+import re
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,20 +42,28 @@ class ReplayError(ValueError):
     """A replay request that cannot be understood."""
 
 
+# A spec's N and seconds, in ASCII digits: int() and float() take more (other scripts' digits,
+# "_", spaces, signs, exponents, nan and inf).
+_COUNT = re.compile("[0-9]+")
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 def parse_spec(spec: str) -> tuple[str, float]:
-    """``all`` -> ("all", 0); ``last:N`` -> ("last", N); ``since:T`` -> ("since", epoch seconds)."""
+    """``all`` -> ("all", 0); ``last:N`` -> ("last", N); ``since:T`` -> ("since", epoch seconds),
+    T an ISO 8601 time (the broker's local time without a UTC offset) or seconds in decimal."""
     kind, _, value = spec.partition(":")
     try:
-        if kind == "all" and not value:
+        if spec == "all":
             return "all", 0
-        if kind == "last" and int(value) > 0:
+        if kind == "last" and _COUNT.fullmatch(value) and int(value) > 0:
             return "last", int(value)
-        if kind == "since":
-            try:
-                return "since", float(value)
-            except ValueError:
-                return "since", datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        if kind == "since" and _SECONDS.fullmatch(value):
+            seconds = float(value)
+            if math.isfinite(seconds):  # (not so for some 310 digits)
+                return "since", seconds
+        elif kind == "since":
+            return "since", datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:  # (not a time; or more digits than int() takes)
         pass
     raise ReplayError(f"replay request {spec!r} is not all, last:N or since:TIME")
 

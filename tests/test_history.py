@@ -27,6 +27,17 @@ def test_parse_spec() -> None:
     assert split_replay_filter("a/#") == (None, "a/#")
 
 
+@pytest.mark.parametrize("spec", ["since:nan", "since:inf", "since:-infinity", "since:1e3", "since:1_000",
+                                  "since: 100", "since:" + "9" * 400, "all:", "last: 3", "last:1_0", "last:+3",
+                                  "last:\u0663", "last:" + "9" * 5000])
+def test_a_spec_other_than_all_last_n_or_since_t_is_refused(spec: str) -> None:
+    """docs/message-log.md: "A request that cannot be understood gets SUBACK 0x80". float() and
+    int() took more than a count and a time: `since:nan` was granted and replayed nothing,
+    `last:\u0663` (an Arabic-Indic three) and `last:1_0` were counts, `all:` was `all`."""
+    with pytest.raises(ReplayError):
+        parse_spec(spec)
+
+
 def test_log_bounds_by_count_bytes_and_age() -> None:
     log = MessageLog(["a/#"], max_messages=3, max_age=10, max_bytes=0)
     for n in range(5):
