@@ -135,7 +135,11 @@ class BrokerService(MultiService):
         """Every disconnected session's expiry, on one timer (``Session.expiry_deadline``)."""
         self.sessions: dict[str, Session] = {}
         self.subscriptions = SubscriptionTree()
-        self.retained = RetainedMessages(kept=self.config.retain_available)
+        config = self.config
+        self.history = MessageLog(config.history_filters, config.history_max_messages, config.history_max_age,
+                                  config.history_max_bytes) if config.history_filters else None
+        """The message log that subscribers can ask to replay; None when no filter is logged."""
+        self.retained = RetainedMessages(kept=config.retain_available, log=self.history)
         self.stats = Stats()
         self.batching = 0
         """Non-zero while a read is being handled: connections gather their writes meanwhile."""
@@ -188,10 +192,6 @@ class BrokerService(MultiService):
         packets take that past its bound is read no more until the store has caught up."""
         if store is not None:
             store.gather = self.gathered
-        config = self.config
-        self.history = MessageLog(config.history_filters, config.history_max_messages, config.history_max_age,
-                                  config.history_max_bytes) if config.history_filters else None
-        """The message log that subscribers can ask to replay; None when no filter is logged."""
         security = Security.from_config(config, reactor, self.clock)
         self.security: Security | None = security if security.enabled else None
         """Authentication and ACLs; None when nothing is configured (then nothing is checked)."""
@@ -582,7 +582,7 @@ class BrokerService(MultiService):
             if message.expired(now):
                 store.delete_retained(message.topic)
             else:
-                self.retained.store(message)
+                self.retained.store(message, logged=0)  # (whether it is newer than the log's: not known)
         for will in snapshot.wills:
             client = Client(client_id=will.client_id, username=will.username, peer="", protocol_version=MQTT_5,
                             clean_start=False, keep_alive=0)
@@ -958,7 +958,8 @@ class BrokerService(MultiService):
                       replay: str | None = None) -> bool:
         """Send the retained messages a new subscription matches [MQTT-3.3.1-6], as its Retain
         Handling option says [MQTT-3.3.1-9..11]; with ``replay``, first the logged messages it
-        asks for (see mqtt_broker.history), and no retained message that was among them.
+        asks for (see mqtt_broker.history), then the retained messages but those no newer than
+        what it sent of their topics.
 
         Returns False once the session can take no more: the retained message that found it so
         is counted as dropped, and what is left is not even matched (a million took seconds),
@@ -980,16 +981,14 @@ class BrokerService(MultiService):
         security = self.security
         readable = (lambda message: True) if security is None or session.identity is None else (
             lambda message: security.can_read(session.identity, message.topic))
-        replayed: set[str] = set()
+        replayed: dict[str, int] = {}  # topic -> the seq of the newest of its logged messages sent
         if replaying:
             assert self.history is not None and replay is not None
-            for message in self.history.replay(subscription.topic_filter, replay, now):
+            for entry in self.history.replay(subscription.topic_filter, replay, now):
+                message = entry.message
                 if not readable(message) or (subscription.no_local and message.sender == session.client_id):
-                    # [MQTT-3.8.3-3] for the past too. (Oldest first: a topic stays replayed
-                    # only if its newest message went, which the retained one is then no newer than.)
-                    replayed.discard(message.topic)
-                    continue
-                replayed.add(message.topic)
+                    continue  # [MQTT-3.8.3-3] for the past too
+                replayed[message.topic] = entry.seq
                 # (its RETAIN flag as a live message's [MQTT-3.3.1-12, -13])
                 delivery.deliver(session, message, min(message.qos, subscription.qos),
                                  message.retain and subscription.retain_as_published, ids)
@@ -1003,10 +1002,12 @@ class BrokerService(MultiService):
             if message.expired(now):
                 expired.append(message.topic)  # (after the walk, which the tree may not change under)
                 continue
-            # A topic replayed had its latest logged message sent, the retained one or newer.
-            if message.topic in replayed or not readable(message) or (
-                    subscription.no_local and message.sender == session.client_id):  # [MQTT-3.8.3-3]
-                continue
+            # Kept here before the newest message of its topic the replay sent was logged, the
+            # retained message is that one or older: the client has the topic's latest. Kept
+            # after, it is newer (set on another node of a cluster, which logs it there).
+            if (message.topic in replayed and self.retained.logged(message.topic) < replayed[message.topic]) \
+                    or not readable(message) or (subscription.no_local and message.sender == session.client_id):
+                continue  # [MQTT-3.8.3-3]
             if delivery.too_large_to_queue(session, message):  # (not spilled to the store either)
                 delivery.drop(session, 1)
                 continue

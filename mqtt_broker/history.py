@@ -142,9 +142,9 @@ class MessageLog:
         dropped, self._dropped = self._dropped, []
         return dropped
 
-    def replay(self, topic_filter: str, spec: str, now: float) -> list[Message]:
-        """The logged messages that match ``topic_filter``, oldest first, as ``spec`` asks.
-        Raises ReplayError for a spec that cannot be understood."""
+    def replay(self, topic_filter: str, spec: str, now: float) -> list[Entry]:
+        """The entries of the logged messages that match ``topic_filter``, oldest first, as
+        ``spec`` asks. Raises ReplayError for a spec that cannot be understood."""
         kind, value = parse_spec(spec)
         seen: dict[int, Entry] = {}
         for index, log in enumerate(self._logs):
@@ -159,8 +159,8 @@ class MessageLog:
             entries = entries[-int(value):]
         elif kind == "since":
             entries = [e for e in entries if e.at >= value]
-        # Copies, whose encodings go with their deliveries rather than stay in the log.
-        return [bare(e.message) for e in entries]
+        # Copies, whose messages' encodings go with their deliveries rather than stay in the log.
+        return [Entry(e.seq, bare(e.message), e.at) for e in entries]
 
     def restore(self, entries: Iterable[Entry]) -> None:
         """Take up logged entries read from a store (oldest first), in place of what it held (a
@@ -170,6 +170,11 @@ class MessageLog:
             self._seq = max(self._seq, entry.seq - 1)
             if self.record(entry.message, entry.at) is None:  # its filter is no longer logged
                 self._dropped.append(entry.seq)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last message logged (0 before any): the next one's is greater."""
+        return self._seq
 
     @property
     def oldest_seq(self) -> int:

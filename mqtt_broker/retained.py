@@ -6,6 +6,7 @@ import itertools
 from heapq import heapify, heappop, heappush
 from typing import Iterator
 
+from .history import MessageLog
 from .message import NOT_CACHED, Message
 
 
@@ -16,11 +17,13 @@ list kept at each of a million levels of one child."""
 
 
 class _Level:
-    __slots__ = ("children", "message", "order")
+    __slots__ = ("children", "message", "order", "logged")
 
     def __init__(self) -> None:
         self.children: dict[str, _Level] = {}
         self.message: Message | None = None
+        self.logged = 0
+        """``RetainedMessages.logged`` of ``message``."""
         self.order: list[str] | None = None
         """The children's names sorted, kept for ``in_order``; None when not known."""
 
@@ -37,10 +40,12 @@ class _Level:
 class RetainedMessages:
     """The last retained message of every topic [MQTT-3.3.1-5]."""
 
-    def __init__(self, kept: bool = True) -> None:
+    def __init__(self, kept: bool = True, log: MessageLog | None = None) -> None:
         self.kept = kept
         """False without retained messages (``retain_available`` off): nothing is kept, whether
         restored from the store or told by another node of a cluster."""
+        self.log = log
+        """The message log, if any, whose progress each message notes as it is kept (``logged``)."""
         self._root = _Level()
         self.count = 0
         self.bytes = 0
@@ -57,9 +62,10 @@ class RetainedMessages:
         self._dead = 0
         self._order = itertools.count()
 
-    def store(self, message: Message) -> None:
+    def store(self, message: Message, logged: int | None = None) -> None:
         """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10].
-        It keeps no encoding from now on (``NOT_CACHED``)."""
+        It keeps no encoding from now on (``NOT_CACHED``). ``logged``: see ``logged``; by default
+        the log's last seq, the message being kept now."""
         if not self.kept:
             return
         if not message.payload:
@@ -88,6 +94,7 @@ class RetainedMessages:
             self.bytes -= len(node.message.payload)
         self.bytes += len(message.payload)
         node.message = message
+        node.logged = logged if logged is not None else self.log.last_seq if self.log is not None else 0
 
     def delete(self, topic: str) -> bool:
         path = [self._root]
@@ -140,13 +147,25 @@ class RetainedMessages:
         return bool(self._expiring) and self._expiring[0][0] <= now
 
     def get(self, topic: str) -> Message | None:
+        node = self._level(topic)
+        return None if node is None else node.message
+
+    def logged(self, topic: str) -> int:
+        """The seq of the last message logged when the topic's retained message was kept here:
+        the topic's logged messages up to it are older, those after it newer, or the retained
+        message itself (one published here is kept, then logged). 0 when not known (read from the
+        store at start-up) or without a log: as old as any logged."""
+        node = self._level(topic)
+        return 0 if node is None else node.logged
+
+    def _level(self, topic: str) -> _Level | None:
         node = self._root
         for level in topic.split("/"):
             child = node.children.get(level)
             if child is None:
                 return None
             node = child
-        return node.message
+        return node
 
     def match(self, topic_filter: str) -> list[Message]:
         """Every retained message whose topic matches a (non-shared) filter."""

@@ -2337,9 +2337,54 @@ def test_a_nodes_message_log_is_kept_by_the_restore_step_of_its_start(server: Re
         yield broker.publish("log/a", b"one", qos=1)
         now = broker.clock.seconds()
         broker._restore(broker.store.load(broker.config.max_queued_messages))
-        assert [m.payload for m in broker.history.replay("log/#", "all", now)] == [b"one"]
+        assert [e.message.payload for e in broker.history.replay("log/#", "all", now)] == [b"one"]
     finally:
         yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_replay_is_followed_by_the_retained_message_another_node_set_after_what_it_replayed(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A retained message set on b reaches a's retained messages through Redis, never a's log: a
+    replay on a sent a's older logged message of the topic and took the retained one for no newer,
+    where a plain subscriber got it [MQTT-3.3.1-6]. The client ended with the old value."""
+    a = yield node_a(server, history_filters=["s/#"])
+    b = yield node_b(server)
+    try:
+        yield a.publish("s/t", b"old", qos=1, retain=True)
+        yield until(lambda: b.retained.get("s/t") is not None, "b to have a's retained message")
+        yield b.publish("s/t", b"new", qos=1, retain=True)
+        yield until(lambda: a.retained.get("s/t").payload == b"new", "a to have b's retained message")
+        client = yield connect(a, 5, client_id="c")
+        client.received()
+        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/s/#", qos=1),)))
+        got: list[Any] = []
+        yield until(lambda: got.extend(client.received()) or Suback in map(type, got), "the SUBACK")
+        assert [(p.payload, p.retain) for p in got if isinstance(p, Publish)] == [(b"old", False), (b"new", True)]
+    finally:
+        yield b.stopService()
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_retained_message_read_again_from_redis_unchanged_is_not_sent_again_after_its_replay(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """After an outage the node reads Redis's retained messages again in place of its own: one it
+    logged and that did not change meanwhile stays as old as it was, and a replay that sent it
+    does not send it again."""
+    a = yield node_a(server, history_filters=["s/#"])
+    try:
+        yield a.publish("s/t", b"state", qos=1, retain=True)
+        yield until(lambda: not a.cluster.store.retained_pending("s/t"), "a's change to come back from Redis")
+        yield a.cluster._load_retained()
+        client = yield connect(a, 5, client_id="c")
+        client.received()
+        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/s/#", qos=1),)))
+        got: list[Any] = []
+        yield until(lambda: got.extend(client.received()) or Suback in map(type, got), "the SUBACK")
+        assert [(p.payload, p.retain) for p in got if isinstance(p, Publish)] == [(b"state", False)]
+    finally:
+        yield a.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -2361,7 +2406,7 @@ def test_a_replay_asked_for_while_a_message_comes_back_from_the_inbox_gets_it_on
         late.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/log/#", qos=2),)))
         yield publishes(early, "the message, back from the inbox")
         assert [p.payload for p in late.received() if isinstance(p, Publish)] == [b"once"]
-        assert [m.payload for m in broker.history.replay("log/#", "all", 0)] == [b"once"]
+        assert [e.message.payload for e in broker.history.replay("log/#", "all", 0)] == [b"once"]
     finally:
         yield broker.stopService()
 

@@ -42,8 +42,8 @@ def test_log_bounds_by_count_bytes_and_age() -> None:
     log = MessageLog(["a/#"], max_messages=3, max_age=10, max_bytes=0)
     for n in range(5):
         log.record(Message(topic="a/x", payload=str(n).encode()), now=n)
-    assert [m.payload for m in log.replay("#", "all", now=5)] == [b"2", b"3", b"4"]
-    assert [m.payload for m in log.replay("#", "all", now=13)] == [b"3", b"4"]  # age: at >= 3
+    assert [e.message.payload for e in log.replay("#", "all", now=5)] == [b"2", b"3", b"4"]
+    assert [e.message.payload for e in log.replay("#", "all", now=13)] == [b"3", b"4"]  # age: at >= 3
     by_bytes = MessageLog(["#"], max_messages=0, max_age=0, max_bytes=6)  # (topic and payload: 3 bytes each)
     for n in range(4):
         by_bytes.record(Message(topic="t", payload=b"xx"), now=0)
@@ -54,9 +54,9 @@ def test_a_message_in_several_logs_is_replayed_once_in_order() -> None:
     log = MessageLog(["a/#", "+/b"], max_messages=10, max_age=0, max_bytes=0)
     for topic in ("a/b", "a/c", "x/b", "z"):
         log.record(Message(topic=topic, payload=topic.encode()), now=0)
-    assert [m.topic for m in log.replay("#", "all", now=0)] == ["a/b", "a/c", "x/b"]
-    assert [m.topic for m in log.replay("+/b", "last:1", now=0)] == ["x/b"]
-    assert [m.topic for m in log.replay("#", "since:0", now=0)] == ["a/b", "a/c", "x/b"]
+    assert [e.message.topic for e in log.replay("#", "all", now=0)] == ["a/b", "a/c", "x/b"]
+    assert [e.message.topic for e in log.replay("+/b", "last:1", now=0)] == ["x/b"]
+    assert [e.message.topic for e in log.replay("#", "since:0", now=0)] == ["a/b", "a/c", "x/b"]
 
 
 def test_v5_replay_property_then_live_without_gap_or_duplicate() -> None:
@@ -248,6 +248,42 @@ def test_a_replay_no_local_kept_from_the_newest_leaves_the_retained_message_to_g
     me.send(Subscribe(packet_id=2, properties={"user_property": [("replay", "all")]},
                       subscriptions=(SubscriptionRequest(topic_filter="s/#", qos=0, no_local=True),)))
     assert payloads(me.received()) == [b"old"]
+
+
+def test_a_retained_message_replayed_is_not_sent_again_when_no_local_keeps_a_newer_one_out() -> None:
+    """docs/message-log.md: the retained message is not sent again when it was among the
+    replayed. The client's own newer message, kept out (No Local), made the topic count as not
+    replayed: the retained "state" went a second time, with RETAIN 1."""
+    broker = make_broker(history_filters=["s/#"])
+    connected(broker, "other").publish("s/t", b"state", retain=True)
+    me = connected(broker, "me", version=5)
+    me.publish("s/t", b"mine")
+    me.send(Subscribe(packet_id=2, properties={"user_property": [("replay", "all")]},
+                      subscriptions=(SubscriptionRequest(topic_filter="s/#", qos=0, no_local=True),)))
+    assert [(p.payload, p.retain) for p in me.received() if isinstance(p, Publish)] == [(b"state", False)]
+
+
+def test_a_retained_message_the_log_dropped_does_not_follow_a_newer_message_of_its_topic_replayed() -> None:
+    """Older than all the log holds, it would leave the client with an older value than the
+    replayed as the topic's latest."""
+    broker = make_broker(history_filters=["s/#"], history_max_messages=2)
+    pub = connected(broker, "pub")
+    for payload, retain in ((b"state", True), (b"1", False), (b"2", False)):
+        pub.publish("s/t", payload, retain=retain)
+    assert payloads(connected(broker, "sub").subscribe("$replay/all/s/#")[1:]) == [b"1", b"2"]
+
+
+def test_a_retained_message_read_back_from_the_store_does_not_follow_the_replay_of_its_topic() -> None:
+    """The store keeps no sign of how old a retained message is against the log: it is taken for
+    older than what the log holds, and not sent again (a service started again on its store sent
+    it after the replay as newer)."""
+    store = MemoryStore()
+    broker = make_broker(history_filters=["s/#"], store=store, close_linger=0)
+    broker.startService()
+    broker.publish("s/t", b"state", retain=True)
+    broker.stopService()
+    broker.startService()
+    assert payloads(connected(broker, "sub").subscribe("$replay/all/s/#")[1:]) == [b"state"]
 
 
 def test_history_max_bytes_counts_topics_and_properties_too() -> None:

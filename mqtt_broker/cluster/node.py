@@ -1201,6 +1201,8 @@ class Cluster:
             message = loaded.get(topic)
             if message is None or message.expired(now):
                 retained.delete(topic)
+            elif message == before.get(topic):  # as far as this node can tell, the one it had
+                retained.store(message, logged=retained.logged(topic))
             else:
                 retained.store(message)
 
