@@ -739,6 +739,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if self._ended is not None:  # (the transport gone, nothing went to it)
                 for then in first.otherwise or ():
                     then()
+        if self.paused and self.pending_bytes > broker.config.max_held_bytes:
+            # Now held for a full socket, as _write_now's writes are: a client of a stored
+            # session whose every answer waits for the store is read no more either.
+            self.read_no_more_until_sent()
         session = self.session
         if session is not None and (session.queue or session.spilled) and not self.paused:
             self.delivery.pump(session)
