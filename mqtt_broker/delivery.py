@@ -708,7 +708,7 @@ class Delivery:
 
     def acknowledged(self, session: Session, packet_id: int) -> bool:
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) ended a message; False if it was not in flight."""
-        out = session.outgoing.pop(packet_id, None)
+        out = session.untrack(packet_id)
         if out is None:
             return False
         if out.unsent:

@@ -86,6 +86,26 @@ def test_allocated_ids_stay_unique_while_in_flight() -> None:
             session.outgoing.pop(next(iter(session.outgoing)))
 
 
+def test_an_id_acknowledged_in_a_crowded_window_is_taken_when_the_next_in_order_is_in_flight() -> None:
+    """The ids acknowledgements free are kept while CROWDED or more are in flight, the newest
+    taken first, those in flight again since passed over; with fewer in flight, none is kept."""
+    from mqtt_broker.session import CROWDED
+    session = Session("c1")
+    in_flight(session, *range(1, 65536))
+    assert session.untrack(500) is not None and session.untrack(7) is not None
+    in_flight(session, 7)  # (taken since by the ids in order)
+    assert session.allocate_packet_id() == 500
+    in_flight(session, 500)
+    session.outgoing.pop(9)  # freed otherwise: found in order
+    assert session.allocate_packet_id() == 9
+    assert session.untrack(9) is None and session.freed is not None and not session.freed
+    session.clear()
+    assert session.freed is None
+    in_flight(session, *range(1, CROWDED + 1))
+    session.untrack(CROWDED)
+    assert session.freed is None
+
+
 # --- the offline queue ------------------------------------------------------------------------
 
 def test_enqueue_bounded_by_message_count() -> None:
