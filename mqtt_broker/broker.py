@@ -494,16 +494,12 @@ class BrokerService(MultiService):
         self.wills.drop_revoked(self.security.revoked)
 
     def connect_allowed(self, client_id: str) -> bool:
-        """Whether max_connections_per_minute lets a CONNECT of this client id in; False (logged)
-        once as many were accepted (``connect_accepted``) in its minute. Refused ones do not
-        count: whoever knows a client id would keep its owner out."""
+        """Whether max_connections_per_minute lets a CONNECT of this client id in; False once as
+        many were accepted (``connect_accepted``) in its minute. Refused ones do not count:
+        whoever knows a client id would keep its owner out."""
         limit = self.config.max_connections_per_minute
         recent = self._connects.get(hash(client_id)) if limit else None
-        if recent is None or self.clock.seconds() - recent[0] >= 60 or recent[1] < limit:
-            return True
-        log.info("refused a CONNECT of {client_id!r}: max_connections_per_minute ({limit})",
-                 client_id=shortened(client_id), limit=limit)
-        return False
+        return recent is None or self.clock.seconds() - recent[0] >= 60 or recent[1] < limit
 
     def connect_accepted(self, client_id: str) -> None:
         """Count an accepted CONNECT against max_connections_per_minute."""

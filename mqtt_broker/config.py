@@ -179,7 +179,8 @@ class BrokerConfig:
         -1, "Simultaneous client connections; -1 for no limit.", -1)
     max_connections_per_minute: int = _setting(
         0, "CONNECTs accepted per client id per minute; more are refused (MQTT 5: 0x9F connection rate "
-        "exceeded; MQTT 3: server unavailable) and logged (refused ones do not count); 0 for no limit.")
+        "exceeded; MQTT 3: server unavailable), counted and logged once per thousand (refused ones do not "
+        "count against the limit); 0 for no limit.")
     max_subscriptions_per_client: int = _setting(
         0, "Subscriptions one client may hold; more are refused (SUBACK 0x97 quota exceeded; MQTT 3: "
         "0x80), logged and counted; 0 for no limit.")

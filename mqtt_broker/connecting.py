@@ -24,6 +24,7 @@ from .hooks import CONNACK_REFUSALS, DISCONNECT_REFUSALS, Authenticated, Refused
 from .lifecycle import State
 from .logged import shortened
 from .message import Client, Message
+from .stats import once_per_thousand
 from .wire import (
     MQTT_3_1, MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Packet, Properties, ProtocolError, ReasonCode,
     v3_connack_code,
@@ -120,7 +121,8 @@ class Connecting:
     def write(self, data: bytes) -> None: ...
     def write_connack(self, data: bytes) -> None: ...
     def _watch_keepalive(self, keep_alive: int) -> None: ...
-    def drop(self, reason: ReasonCode, message: str, abort: bool = False) -> None: ...
+    def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False,
+             logged: bool = True) -> None: ...
     def wait_for_store(self, exact: bool = False) -> None: ...
     def hold_until(self, decision: Deferred[None]) -> None: ...
 
@@ -184,7 +186,14 @@ class Connecting:
         to the limit by checking again then."""
         if self._own or self.broker.connect_allowed(client_id):  # (a bridge's link: not a client's)
             return False
-        self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id")
+        # Logged once per thousand: the setting is for clients that reconnect in a loop, as fast
+        # as they are refused.
+        self.refuse(ReasonCode.CONNECTION_RATE_EXCEEDED, "too many CONNECTs for this client id", logged=False)
+        refused = self.stats.refused_by_reason[ReasonCode.CONNECTION_RATE_EXCEEDED.name]
+        if once_per_thousand(refused):
+            log.info("refused a CONNECT of {client_id!r} from {peer}: max_connections_per_minute ({limit}) "
+                     "({refused} refused for it so far; logged once per thousand)", client_id=shortened(client_id),
+                     peer=self._where(), limit=self.broker.config.max_connections_per_minute, refused=refused)
         return True
 
     def _authenticated(self, identity: Identity | Refusal | None, packet: Connect) -> None:
@@ -305,8 +314,9 @@ class Connecting:
         else:
             self._accept(packet)
 
-    def refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None) -> None:
-        """Refuse the CONNECT, before its CONNACK: a CONNACK with ``reason``, counted, and close."""
+    def refuse(self, reason: ReasonCode, why: str, reason_string: str | None = None, logged: bool = True) -> None:
+        """Refuse the CONNECT, before its CONNACK: a CONNACK with ``reason``, counted, and close
+        (not ``logged``: the caller logs it, see ``drop``)."""
         count_refusal(self.stats, reason)
         if self.version == MQTT_5:
             properties = {"reason_string": sendable(reason_string)} if reason_string and self.problem_information else {}
@@ -315,7 +325,7 @@ class Connecting:
             self.send(Connack(reason_code=v3_connack_code(reason)))  # [MQTT-3.2.2-5]: then close
         # else: no 3.x return code says what is wrong with the will: close without a CONNACK
         # [MQTT-3.2.2-6], as Mosquitto does ("server unavailable" would tell it to come back)
-        self.drop(reason, f"{why}: {reason.name}")
+        self.drop(reason, f"{why}: {reason.name}", logged=logged)
 
     def _accept(self, packet: Connect) -> None:
         client = self.client

@@ -318,11 +318,13 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
 
     # --- ending a connection ------------------------------------------------------------
 
-    def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False) -> None:
+    def drop(self, reason: ReasonCode, message: str, abort: bool = False, routine: bool = False,
+             logged: bool = True) -> None:
         """Close the connection; an MQTT 5 client is told why with a DISCONNECT first. Unless
         ``abort``, the socket lingers (``close_linger``) so that the client reads that DISCONNECT
         (or a refusing CONNACK) before the end of the stream: see :mod:`mqtt_broker.linger`.
-        ``routine``: the client asked for it (logged only with ``connection_messages``)."""
+        ``routine``: the client asked for it; not ``logged``: the caller logs it otherwise (once
+        per thousand). Either is logged only with ``connection_messages``."""
         if self.state is State.CLOSED:
             return
         if len(message) > 256:  # (one quoting a client's 64 KiB topic: a reason string holds no more)
@@ -335,7 +337,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             if self.version == MQTT_5 and connack_sent:  # not before the CONNACK [MQTT-3.14.0-1]
                 self.send(Disconnect(reason_code=reason, properties={"reason_string": sendable(message)}))
                 told = True
-        if not routine or self.broker.config.connection_messages:
+        if (logged and not routine) or self.broker.config.connection_messages:
             log.info("closing connection {client_id!r} from {peer}: {reason}" if self.client else
                      "closing connection from {peer}: {reason}",
                      client_id=shortened(self.client.client_id) if self.client else None, peer=self._where(),

@@ -1059,6 +1059,22 @@ def test_connections_per_minute_per_client_id() -> None:
     assert FakeClient(broker).connect("busy").reason_code == 0
 
 
+def test_connects_refused_by_max_connections_per_minute_are_logged_once_per_thousand() -> None:
+    """The setting is for clients that reconnect in a loop: each refusal is counted, and logged
+    the first time, then once per thousand, in one line (each was two lines, the refusal's and
+    the closing's)."""
+    broker = make_broker(max_connections_per_minute=1)
+    assert FakeClient(broker).connect("storm").reason_code == 0
+    with capturedLogs() as events:
+        for _ in range(2001):
+            assert FakeClient(broker).connect("storm").reason_code == 3
+    assert [e.get("refused") for e in events] == [1, 1001, 2001]
+    first = formatEvent(events[0])
+    assert first.startswith("refused a CONNECT of 'storm' from 127.0.0.1:") and first.endswith(
+        ": max_connections_per_minute (1) (1 refused for it so far; logged once per thousand)")
+    assert broker.stats.refused_by_reason["CONNECTION_RATE_EXCEEDED"] == 2001
+
+
 def test_connects_waiting_together_for_a_decision_are_held_to_the_limit() -> None:
     """CONNECTs of one client id that all passed the early check while a hook (or the password
     check, or a cluster's claim) decided are counted as they are accepted: past the limit, the
