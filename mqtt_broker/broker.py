@@ -236,7 +236,9 @@ class BrokerService(MultiService):
             raise
 
     def startService(self) -> None:
-        """Listen on every endpoint (unless :meth:`privilegedStartService` did); any failure to
+        """Listen on every endpoint (unless :meth:`privilegedStartService` did), then read the
+        store: clients connecting meanwhile wait for their CONNACK rather than find no port,
+        under ``python -m twisted`` (which calls only this) as under twistd. Any failure to
         listen raises here (after closing what was opened), so twistd stops at start-up instead
         of running without a port. Nothing, if it is running: MultiService.addService starts a
         service added to a running parent, and a broker started already would listen again and
@@ -246,23 +248,18 @@ class BrokerService(MultiService):
         _raise_open_files_limit()
         self.delivery.stopped = False
         try:
+            if not self._listening:
+                self._listen()
             if self.store is not None:
                 # (As much of each session's queue as it holds in memory running: no more.)
                 self._restore(self.store.load(self.config.max_queued_messages, self.config.max_queued_bytes))
             else:
                 self._rearm()
         except BaseException:
-            self._unlisten(at_once=True)  # (what privilegedStartService opened)
+            self._unlisten(at_once=True)
             self.delivery.stopped = True  # (not running: nothing is to change it)
             raise
         super().startService()
-        try:
-            if not self._listening:
-                self._listen()
-        except BaseException:
-            self._unlisten(at_once=True)
-            self.stopService()
-            raise
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
         note = getattr(self.store, "alive", None)
         if note is not None:

@@ -659,6 +659,27 @@ async def test_a_start_that_fails_closes_what_privilegedStartService_listened_on
             await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_broker_started_without_twistd_listens_before_it_reads_its_store() -> None:
+    """``python -m twisted`` calls startService only: the broker read its store (seconds for a
+    large one) before it listened, and clients found no port meanwhile, where under twistd they
+    wait for their CONNACK (docs/operations.md)."""
+    from mqtt_broker.store.memory import MemoryStore
+
+    class Watched(MemoryStore):
+        def load(self, window: int = 0, max_bytes: int = 0) -> Any:
+            listening.append(len(broker.ports))
+            return super().load(window, max_bytes)
+    listening: list[int] = []
+    broker = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, sys_interval=0,
+                           store=Watched())
+    broker.startService()
+    try:
+        assert listening == [1]
+    finally:
+        await broker.stopService()
+
+
 def test_one_endpoint_string_is_refused_as_the_setting_is() -> None:
     """A str where a list is wanted: refused as the setting refuses it, not listened on as one
     endpoint a character ("Unknown endpoint type: 't'" at the start)."""
