@@ -80,6 +80,13 @@ class Delivery:
         self.received_before = False
         """True for the next ``route`` only (which clears it): the message comes back from this
         node's inbox (``through_inboxes``), counted as received when it was published here."""
+        self._uncommitted: dict[str, Message] = {}
+        """Topic -> the retained message a QoS 2 PUBLISH kept there whose packet id the store has
+        not committed yet (``_kept_uncommitted``)."""
+        self._uncommitted_batch: list[Message] = []
+        """Those of them kept while the store's generation was ``_uncommitted_generation``: one
+        ``flushed()`` of the store covers them all."""
+        self._uncommitted_generation = -1
         self.route_timer: Callable[[float], None] | None = None
         """Given the seconds the next message takes to route (a sample for the metrics), then None."""
         self._reading: Session | None = None
@@ -120,6 +127,8 @@ class Delivery:
             if self.store is not None and not message.topic.startswith("$SYS/"):
                 if message.payload:
                     self.store.save_retained(kept)
+                    if self.routing_waits_for_store or self.fenced_by is not None:
+                        self._kept_uncommitted(kept)
                 else:
                     self.store.delete_retained(message.topic)
         # Published here: logged once, as it reaches the subscribers here (a replay asked for
@@ -256,6 +265,31 @@ class Delivery:
             session = sessions.get(client_id)
             if session is not None and session.connection is not None:
                 session.connection.wait_for_store()
+
+    def _kept_uncommitted(self, kept: Message) -> None:
+        """A QoS 2 PUBLISH kept a retained message before the store has committed its packet id:
+        until then a new subscription gets it only behind the store (``deliver_retained``), as
+        the subscriptions it is routed to now do. Killed meanwhile, the broker restarts with the
+        topic's previous retained message, and its publisher sends it again."""
+        assert self.store is not None
+        if self._uncommitted_generation != self.store.generation or not self._uncommitted_batch:
+            stored = self.store.flushed()
+            if stored.called:  # (a store that keeps every change as it is recorded)
+                return
+            self._uncommitted_batch = []
+            self._uncommitted_generation = self.store.generation
+            stored.addBoth(self._retained_committed, self._uncommitted_batch)
+        self._uncommitted_batch.append(kept)
+        self._uncommitted[kept.topic] = kept
+
+    def _retained_committed(self, _: object, batch: list[Message]) -> None:
+        """The store wrote (or failed to write: sent all the same, as to the subscriptions it
+        was routed to) the batch of these retained messages' packet ids."""
+        uncommitted = self._uncommitted
+        for kept in batch:
+            if uncommitted.get(kept.topic) is kept:
+                del uncommitted[kept.topic]
+        batch.clear()
 
     def _log(self, message: Message) -> None:
         assert self.history is not None
@@ -491,7 +525,10 @@ class Delivery:
         ``full`` for and not ``too_large_to_queue``. While the session's backlog waits in the
         store, a QoS 1/2 one waits in memory, behind what is there and ahead of what is stored:
         only the messages its subscriptions had before keep their order behind those; the new
-        subscription has none to keep with them, and what it gets live comes after."""
+        subscription has none to keep with them, and what it gets live comes after. One a QoS 2
+        PUBLISH kept goes behind the store until it has committed its packet id."""
+        if self._uncommitted and self._uncommitted.get(message.topic) is message and session.connection is not None:
+            session.connection.wait_for_store()
         if not (qos and session.spilled):
             self.deliver(session, message, qos, True, subscription_ids)
             return

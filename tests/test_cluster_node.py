@@ -1827,6 +1827,30 @@ def test_a_qos2_message_of_a_session_redis_keeps_reaches_the_sessions_here_throu
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_qos2_retained_message_of_a_session_redis_keeps_reaches_a_filter_subscribed_meanwhile_once_written(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """As its subscribers of before get it from the inbox once Redis has its packet id, so does
+    a filter subscribed here before then (to which the retained copy went at once)."""
+    broker = yield node_a(server)
+    try:
+        publisher = yield persistent_publisher(broker)
+        late = yield connect(broker, 5, client_id="late")
+        late.received()
+        store = broker.store
+        store._recovering = True  # (what holds its batches back after a failure: here, until it is looked at)
+        publisher.send(Publish(topic="t", payload=b"once", qos=2, retain=True, packet_id=7))
+        late.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=0),)))
+        yield deferLater(reactor, 0.05, lambda: None)
+        early = [p for p in late.received() if isinstance(p, Publish)]
+        store._recovering = False
+        yield store.flushed()
+        assert early == []
+        yield publishes(late, "the retained message, once Redis has its packet id")
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_qos2_publish_whose_session_another_node_claims_before_its_batch_goes_nowhere_from_here(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """The publisher's session is claimed by node c between its PUBLISH here and the batch that
