@@ -61,6 +61,10 @@ class RetainedMessages:
         (as ``Deadlines`` does), so a topic per device cleared when it goes leaves nothing."""
         self._dead = 0
         self._order = itertools.count()
+        self._lapsed: dict[str, Message] = {}
+        """Topic -> its message, found expired (``_lapse``) and not deleted yet, in the order they
+        expired: out of ``_expiring`` and ``_entries``, each is looked at once after its time,
+        however often ``live`` asks."""
 
     def store(self, message: Message, logged: int | None = None) -> None:
         """Keep ``message`` for its topic; an empty payload deletes what was kept [MQTT-3.3.1-10].
@@ -72,6 +76,8 @@ class RetainedMessages:
             self.delete(message.topic)
             return
         message.encoded = NOT_CACHED
+        if self._lapsed:
+            self._lapsed.pop(message.topic, None)
         expires_at = message.expires_at
         if expires_at is None:
             self._forget(message.topic)
@@ -109,6 +115,8 @@ class RetainedMessages:
         self.bytes -= len(path[-1].message.payload)
         path[-1].message = None
         self.count -= 1
+        if self._lapsed:
+            self._lapsed.pop(topic, None)
         self._forget(topic)
         for depth in range(len(levels), 0, -1):
             node = path[depth]
@@ -121,11 +129,20 @@ class RetainedMessages:
     def expire(self, now: float, limit: int) -> list[str]:
         """Delete the messages whose expiry has passed [MQTT-3.3.2-5], looking at no more than
         ``limit`` of them (``due`` tells whether more are left); their topics."""
-        expiring, entries = self._expiring, self._entries
-        topics: list[str] = []
-        for _ in range(limit):
-            if not expiring or expiring[0][0] > now:
-                break
+        if len(self._lapsed) < limit:
+            self._lapse(now, limit - len(self._lapsed))
+        topics = list(itertools.islice(self._lapsed, limit))
+        for topic in topics:
+            self.delete(topic)
+        return topics
+
+    def _lapse(self, now: float, limit: int | None = None) -> None:
+        """Move the messages whose expiry has passed by ``now`` to ``_lapsed``, looking at no
+        more than ``limit`` entries of ``_expiring`` (None: at every one due)."""
+        expiring, entries, lapsed = self._expiring, self._entries, self._lapsed
+        looked = 0
+        while expiring and expiring[0][0] <= now and (limit is None or looked < limit):
+            looked += 1
             entry = heappop(expiring)
             topic = entry[2]
             if entries.get(topic) is not entry:
@@ -135,16 +152,14 @@ class RetainedMessages:
             assert message is not None and message.expires_at is not None  # (else it had no entry)
             if message.expires_at <= now:
                 del entries[topic]
-                self.delete(topic)
-                topics.append(topic)
+                lapsed[topic] = message
             else:  # kept anew, to expire later
                 entry = entries[topic] = (message.expires_at, next(self._order), topic)
                 heappush(expiring, entry)
-        return topics
 
     def due(self, now: float) -> bool:
-        """Whether a message may have expired by ``now`` that ``expire`` has not looked at."""
-        return bool(self._expiring) and self._expiring[0][0] <= now
+        """Whether a message may have expired by ``now`` that ``expire`` has not deleted."""
+        return bool(self._lapsed) or (bool(self._expiring) and self._expiring[0][0] <= now)
 
     def get(self, topic: str) -> Message | None:
         node = self._level(topic)
@@ -200,14 +215,13 @@ class RetainedMessages:
             if child.children:
                 stack.append((child, iter(child.sorted_names())))
 
-    def live(self, now: float) -> int:
-        """How many are kept and not expired (``expire`` deletes those within a minute)."""
-        expired = 0
-        for topic, (at, _, _) in self._entries.items():
-            if at <= now:  # (its message may have been kept anew since, to expire later)
-                message = self.get(topic)
-                expired += message is not None and message.expired(now)
-        return self.count - expired
+    def live(self, now: float, limit: int | None = None) -> int:
+        """How many are kept and not expired (``expire`` deletes those within a minute). A
+        message is looked at once after its time, by the first call (or ``expire``) that comes;
+        with ``limit``, no more than that many are looked at, and those not looked at yet count
+        as kept."""
+        self._lapse(now, limit)
+        return self.count - len(self._lapsed)
 
     def _forget(self, topic: str) -> None:
         """The topic's entry to expire, if any, is dead: its message is gone, or has another
@@ -220,7 +234,7 @@ class RetainedMessages:
             expiring.clear()
             self._dead = 0
         elif self._dead > 50 and self._dead * 2 > len(expiring):
-            entries = self._entries  # in place: expire() holds it while it deletes
+            entries = self._entries
             expiring[:] = [entry for entry in expiring if entries.get(entry[2]) is entry]
             heapify(expiring)
             self._dead = 0

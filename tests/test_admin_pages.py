@@ -16,6 +16,7 @@ from protocol_helpers import connected, make_broker
 from twisted.web.test.requesthelper import DummyRequest
 
 from mqtt_broker import BrokerService, Message, Subscription
+import mqtt_broker.admin.api as api_module
 from mqtt_broker.admin.api import OPENAPI, ApiResource
 from mqtt_broker.admin.keys import hash_key
 from mqtt_broker.session import Session
@@ -263,6 +264,33 @@ def test_a_page_of_retained_messages_walks_to_its_end_only() -> None:
     assert len(walked) <= 31
     status, body = call(api, "GET", "/api/v1/retained?filter=t/%2B/%23&offset=10&limit=20")
     assert [m["topic"] for m in body["items"]] == [t for t in in_levels if t.startswith("t/")][10:30]
+
+
+def test_a_page_of_retained_messages_looks_at_each_expired_one_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/operations.md: the pages after the first look at their own messages only. Each
+    unfiltered page counted its total by walking every retained message with an expiry, and
+    looked each one up whose time had passed: 200,000, half of them expired before the sweep
+    came, took 100 ms a page, every two seconds of the dashboard's. A message is looked at once
+    after its time now, by the first page (or sweep) that comes, and a page looks at a bounded
+    number of them; the total leaves out those looked at."""
+    monkeypatch.setattr(api_module, "EXPIRED_LOOKED_AT_PER_PAGE", 400)
+    broker, api = started()
+    now = broker.clock.seconds()
+    for n in range(2000):  # as a client's PUBLISHes with a Message Expiry Interval leave them
+        broker.retained.store(Message(f"dev/{n}/t", b"x", retain=True, expires_at=now + 10 + n % 2 * 10_000))
+    looked_up: list[str] = []
+    get = broker.retained.get
+
+    def counted(topic: str) -> Message | None:
+        looked_up.append(topic)
+        return get(topic)
+    broker.retained.get = counted  # type: ignore[method-assign]
+    assert call(api, "GET", "/api/v1/retained?limit=10")[1]["total"] == 2000 and looked_up == []
+    broker.reactor.advance(20)  # half of them expired; the sweep (every 60 s) has not come yet
+    totals = [call(api, "GET", "/api/v1/retained?limit=10")[1]["total"] for _ in range(3)]
+    assert totals == [1600, 1200, 1000] and len(looked_up) == 1000
+    status, body = call(api, "GET", "/api/v1/retained?offset=10&limit=10")
+    assert (status, body["total"], len(body["items"]), len(looked_up)) == (200, 1000, 10, 1000)
 
 
 def test_a_retained_filter_holding_nul_is_400_as_a_subscribes() -> None:

@@ -349,6 +349,17 @@ def test_topics_cleared_or_kept_anew_without_an_expiry_leave_nothing_to_expire()
     assert retained.expire(1e9, 1000) == ["sooner", "kept"] and not retained._expiring
 
 
+def test_a_message_counted_as_expired_then_kept_anew_or_deleted_counts_as_it_is_now() -> None:
+    retained = RetainedMessages()
+    for topic in ("anew", "deleted", "stays"):
+        retained.store(Message(topic=topic, payload=b"1", retain=True, expires_at=10.0))
+    assert retained.live(5.0) == 3 and retained.live(10.0) == 0 and retained.due(10.0)
+    retained.store(msg("anew", b"2"))
+    retained.delete("deleted")
+    assert retained.live(10.0) == 1 and retained.expire(10.0, 10) == ["stays"]
+    assert retained.live(1e9) == len(retained) == 1 and not retained.due(1e9)
+
+
 def test_a_topic_cleared_then_kept_with_an_expiry_expires_by_it() -> None:
     retained = RetainedMessages()
     for at in (10.0, 20.0, 5.0):  # the cleared one's expiry, a later one, a sooner one

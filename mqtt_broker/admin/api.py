@@ -55,6 +55,10 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 REDIS_TIMEOUT = 5.0
 """Seconds a cluster endpoint waits for Redis (which may be away: its commands then wait for it)
 before answering 503."""
+EXPIRED_LOOKED_AT_PER_PAGE = 5000
+"""Of the retained messages whose expiry passed since it was last looked for (by a page, or the
+sweep), at most this many a page looks at and leaves out of its ``total``; the rest stay counted
+until a later page or the sweep (within a minute) has looked at them."""
 
 
 class BoundedRequest(Request):
@@ -514,7 +518,7 @@ class ApiResource(Resource):
         render: Callable[[Any], Any] = lambda message: message_json(message, payload_max)
         if topic_filter is None:  # a page of what may be a million, walked to its end only
             return 200, page(request, (m for m in retained.in_order() if not m.expired(now)), render,
-                             total=retained.live(now))
+                             total=retained.live(now, EXPIRED_LOOKED_AT_PER_PAGE))
         if split_shared(_topic_filter(topic_filter))[0] is not None:
             raise ApiError(400, f"invalid topic filter {topic_filter!r}")
         messages = sorted((m for m in retained.matching(topic_filter) if not m.expired(now)),
