@@ -977,6 +977,10 @@ class BrokerService(MultiService):
         replayed: dict[str, int] = {}  # topic -> the seq of the newest of its logged messages sent
         if replaying:
             assert self.history is not None and replay is not None
+            if session.connection is not None:
+                # A QoS 2 message is logged as it is routed, before its packet id is stored: it
+                # reaches no subscriber before (docs/durability.md), nor a replay.
+                session.connection.wait_for_store()
             for entry in self.history.replay(subscription.topic_filter, replay, now):
                 message = entry.message
                 if not readable(message) or (subscription.no_local and message.sender == session.client_id):

@@ -1568,6 +1568,21 @@ def test_a_new_subscription_gets_a_qos2_retained_message_once_its_packet_id_is_s
     assert [p.payload for p in publishes(late.received())] == [b"exactly once"]
 
 
+def test_a_replay_gets_a_qos2_message_once_its_packet_id_is_stored() -> None:
+    """The message log records a message as it is routed: a replay asked for before the QoS 2
+    message's packet id was stored was sent it at once, which its subscribers of before were not."""
+    store = HeldStore()
+    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, history_filters=["#"])
+    publisher = connected(broker, "p", 5, clean=False, properties={"session_expiry_interval": NEVER})
+    store.write_all()
+    publisher.send(Publish(topic="t", payload=b"exactly once", qos=2, packet_id=1))
+    late = connected(broker, "late", 4)
+    subscribe(late, "$replay/all/t", qos=0)
+    assert publishes(late.received()) == []
+    store.write(store.generation)
+    assert [p.payload for p in publishes(late.received())] == [b"exactly once"]
+
+
 @pytest.mark.parametrize("version", [4, 5])
 def test_unsuback_waits_until_the_removal_is_stored(version: int) -> None:
     store = HeldStore()
