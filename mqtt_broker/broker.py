@@ -128,6 +128,10 @@ class BrokerService(MultiService):
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
         self._retained_sweep: Any = None
         self._alive_call: Any = None
+        self._note_alive: Callable[[float], None] | None = None
+        """The store's ``alive``, if it can keep the notes that the broker is alive."""
+        self._noted_at = 0.0
+        """When the last of those notes was written."""
         self._alive_every = ALIVE_EVERY
         """Seconds between two notes that the broker is alive: ALIVE_EVERY, or less once a
         session of a short expiry has been connected (``_alive_within``)."""
@@ -261,9 +265,9 @@ class BrokerService(MultiService):
             raise
         super().startService()
         self._retained_sweep = self.clock.callLater(RETAINED_SWEEP, self._sweep)
-        note = getattr(self.store, "alive", None)
-        if note is not None:
-            self._alive(note)
+        self._note_alive = getattr(self.store, "alive", None)
+        if self._note_alive is not None:
+            self._alive()
         if self.cluster is not None:
             self.cluster.start().addErrback(lambda failure: log.failure("joining the cluster", failure))
 
@@ -873,18 +877,28 @@ class BrokerService(MultiService):
             self._discard(session)
             self._release(session.client_id)
 
-    def _alive(self, note: Callable[[float], None]) -> None:
-        """Tell the store the broker is alive now (``note``: its ``alive``; see ALIVE_EVERY)."""
-        note(self.clock.seconds())
-        self._alive_call = self.clock.callLater(self._alive_every, self._alive, note)
+    def _alive(self) -> None:
+        """Tell the store the broker is alive now (see ALIVE_EVERY)."""
+        assert self._note_alive is not None
+        self._noted_at = now = self.clock.seconds()
+        self._note_alive(now)
+        self._alive_call = self.clock.callLater(self._alive_every, self._alive)
 
     def _alive_within(self, expiry: int) -> None:
         """A session of ``expiry`` seconds (less than four notes' time) is connected: from now on
         the notes come four times within it at least (no more often than ALIVE_SOONEST), so that a
         kill takes no more than a quarter of it."""
         self._alive_every = every = max(ALIVE_SOONEST, expiry / 4)
-        if self._alive_call.active() and self._alive_call.getTime() - self.clock.seconds() > every:
-            self._alive_call.reset(every)
+        if not self._alive_call.active():
+            return
+        now = self.clock.seconds()
+        if now - self._noted_at >= every:
+            # A kill before the next note would count the session from the last, too long ago:
+            # one now. (A storm of such connections writes one a quarter of the shortest expiry.)
+            self._alive_call.cancel()
+            self._alive()
+        elif self._alive_call.getTime() > self._noted_at + every:
+            self._alive_call.reset(self._noted_at + every - now)
 
     def _release(self, client_id: str) -> None:
         """The client's session ended here (not replaced by a new one): in a cluster, this node

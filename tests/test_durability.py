@@ -1102,6 +1102,47 @@ def test_a_session_of_a_short_expiry_connected_at_a_kill_9_outlives_a_quick_rest
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_session_of_a_short_expiry_connected_long_after_the_last_note_outlives_a_kill_9_at_once(
+        tmp_path: Path) -> Iterator[Deferred[Any]]:
+    """A session of 20 s connected 50 s after the last note (the start's) and killed 2 s later,
+    before the next, counted its expiry from that note: gone after a restart at once, with the
+    message its publisher had been acknowledged. Its connection writes a note at once; a storm
+    of such connections, no more than one a quarter of the shortest expiry."""
+    clock = MemoryReactorClock()
+    clock.advance(1_000_000)
+    on_disk = SQLiteRestarts(tmp_path / "mqttbroker.db", clock=clock)
+    alive = "SELECT value FROM meta WHERE key = 'alive'"
+    try:
+        broker = on_disk.start()
+        p = connected(broker, "p", 5)
+        yield on_disk.store.flushed()
+        clock.advance(50)  # the next note is due a minute after the start
+        connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 20}).subscribe("q", qos=1)
+        yield on_disk.store.flushed()
+        noted = clock.seconds()
+        assert rows(on_disk.path, alive) == [(noted,)]
+        clock.advance(1)
+        connected(broker, "other", 5, clean=False, properties={"session_expiry_interval": 16})
+        p.publish("q", b"acknowledged", qos=1, packet_id=1)
+        yield on_disk.store.flushed()
+        assert [type(a) for a in p.received()] == [Puback]
+        assert rows(on_disk.path, alive) == [(noted,)]
+        clock.advance(1)  # killed 2 s after "s" connected
+        yield on_disk.store.flushed()
+        crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+        clock.advance(0.5)
+        broker = yield on_disk.again(crashed)
+        assert "s" in broker.sessions
+        yield on_disk.store.flushed()
+        assert rows(on_disk.path, "SELECT disconnected_at FROM sessions WHERE client_id = 's'") == [(noted,)]
+        s, connack = reconnect(broker, "s", 5)
+        got = yield when_stored(on_disk.store, s)
+        assert connack.session_present and [m.payload for m in publishes(got)] == [b"acknowledged"]
+    finally:
+        yield on_disk.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_clean_start_is_acknowledged_once_the_old_session_is_gone_from_the_disk(
         on_disk: SQLiteRestarts, tmp_path: Path) -> Iterator[Deferred[Any]]:
     """Session Present 0 went out before the old session's end was committed: killed then, the
