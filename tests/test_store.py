@@ -365,9 +365,9 @@ def count_writes(store: SQLiteStore) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     original = store._write
 
-    def write(batch: list[Any]) -> None:
+    def write(batch: list[Any]) -> Any:
         calls.append((threading.get_ident(), len(batch)))
-        original(batch)
+        return original(batch)
     store._write = write  # type: ignore[method-assign]
     return calls
 
@@ -431,12 +431,12 @@ def hold_first_write(store: SQLiteStore) -> tuple[threading.Event, threading.Eve
     inner = store._write
     calls = []
 
-    def slow_first(batch: list[Any]) -> None:
+    def slow_first(batch: list[Any]) -> Any:
         calls.append(len(batch))
         if len(calls) == 1:
             started.set()
             assert release.wait(10), "the test did not release the writer"
-        inner(batch)
+        return inner(batch)
     store._write = slow_first  # type: ignore[method-assign]
     return started, release
 
@@ -756,6 +756,34 @@ def test_closing_on_a_failing_disk_says_what_is_lost(sqlite: Harness) -> Iterato
         yield store.close()
     [line] = log.matching("changes not written")
     assert str(sqlite.path) in line and "2 changes" in line, log.texts()
+
+
+@pytest.mark.parametrize("table, change", [
+    ("wills", lambda store: store.save_will(StoredWill("s", "\ud800", Message(topic="w", payload=b"x"), 1e12))),
+    ("sessions", lambda store: store.save_session(Session("huge", 2**64), None)),
+])
+@pytest_twisted.inlineCallbacks
+def test_a_change_sqlite_cannot_take_is_dropped_and_said_not_taken_for_a_failing_disk(
+        sqlite: Harness, table: str, change: Any) -> Iterator[Deferred[Any]]:
+    """sqlite3 cannot bind a str with a lone surrogate (an auth answer's username in a delayed
+    will) nor an int beyond 64 bits, however often it tries: the batch was kept as for a disk
+    that fails and tried again each second with everything after it, so that no client's change
+    was written any more. The change is dropped and said once; the others are written."""
+    sqlite.open()
+    store = sqlite.store
+    with CapturedLog() as log:
+        store.save_session(Session("s", NEVER), None)
+        change(store)
+        store.save_retained(Message(topic="with", payload=b"v", retain=True))
+        yield store.flushed()
+        store.save_retained(Message(topic="after", payload=b"v", retain=True))
+        yield store.flushed()
+    assert rows(sqlite.path, "SELECT client_id FROM sessions") == [("s",)]
+    assert rows(sqlite.path, "SELECT topic FROM retained ORDER BY topic") == [("after",), ("with",)]
+    assert rows(sqlite.path, "SELECT client_id FROM wills") == []
+    [line] = log.matching("dropped")
+    assert str(sqlite.path) in line and table in line, log.texts()
+    assert log.matching("cannot write to") == []
 
 
 @pytest_twisted.inlineCallbacks

@@ -46,6 +46,12 @@ APPLICATION_ID = 0x4D515442
 """``PRAGMA application_id`` of the broker's databases ("MQTB"), which says another program's
 file from this broker's (those made before it was set hold only this broker's tables)."""
 
+_REFUSED = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError,
+            sqlite3.DataError)
+"""What sqlite3 raises for one change it cannot take, however often it tries (a str with a lone
+surrogate, an int beyond 64 bits, a constraint): that change is dropped, not taken for a disk
+that fails, whose batches are kept and tried again with everything after them."""
+
 _CANNOT_WRITE = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_PERM")
 """Errors of the disk, not of the database: moving the file away would lose sound data."""
 
@@ -635,18 +641,25 @@ class SQLiteStore:
         assert self._pool is not None
         deferToThreadPool(self.reactor, self._pool, self._write, batch).addBoth(self._written, waiters, batch)
 
-    def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, Exception]]:
+        """Write ``batch`` in one transaction; returns the statements sqlite3 refused (_REFUSED),
+        left out of it, with why."""
         db = self._db
         assert db is not None
+        refused: list[tuple[str, Exception]] = []
         try:
             db.execute("BEGIN")
             for sql, args in batch:
-                db.execute(sql, args)
+                try:
+                    db.execute(sql, args)
+                except _REFUSED as e:  # (the statement alone is undone: the transaction goes on)
+                    refused.append((sql, e))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        return refused
 
     def _written(self, result: Any, waiters: list[Deferred[None]], batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         self._writing = False
@@ -665,6 +678,9 @@ class SQLiteStore:
             self.gather(fire, waiters, error)
             return
         self.unwritten_bytes -= self._batch_bytes
+        for sql, error in result:
+            log.error("{path} cannot take a change, dropped ({statement}): {error}", path=str(self.path),
+                      statement=sql.split(" (", 1)[0], error=error)
         if self._failing:
             self._failing = False
             log.info("writing to {path} works again", path=str(self.path))
