@@ -27,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .auth import Identity
+from .auth import Identity, lone_surrogate_in
 from .auth.acl import AccessRules
 from .message import Client, Message, is_time
 from .topics import Subscription
@@ -380,11 +380,12 @@ def _code(value: int) -> ReasonCode | None:
 
 
 def _well_formed(identity: Identity) -> bool:
-    """Whether an Identity a hook made holds what the broker will use as its types say."""
+    """Whether an Identity a hook made holds what the broker will use as its types say, and
+    names an MQTT string can hold."""
     expires_at = identity.expires_at
     return isinstance(identity.client_id, str) and isinstance(identity.username, (str, type(None))) \
         and isinstance(identity.rules, (AccessRules, type(None))) \
-        and (expires_at is None or is_time(expires_at))
+        and (expires_at is None or is_time(expires_at)) and lone_surrogate_in(identity) is None
 
 
 def _failed(failure: Failure, event: str, handler: Callable[..., Any]) -> Refused:

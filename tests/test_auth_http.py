@@ -570,6 +570,23 @@ async def test_an_introspected_null_username_falls_back_to_sub(service: tuple[Au
     assert isinstance(accepted, Identity) and accepted.username == "bob"
 
 
+@pytest.mark.parametrize("name", ["username", "sub"])
+@pytest_twisted.ensureDeferred
+async def test_an_introspected_username_with_a_lone_surrogate_is_refused_as_bad_credentials(
+        service: tuple[AuthService, str], name: str) -> None:
+    """JSON carries "\\ud800", and a str was taken whole for the user name: no MQTT string holds
+    it [MQTT-1.5.4-1], and the store could not write it (a delayed will's row), which held up
+    every write after it."""
+    resource, url = service
+    resource.reply = json_reply(200, active=True, **{name: "\ud800"})
+    sec = with_authenticator(HttpAuthenticator(url, mode="introspection", cache_seconds=0))
+    with LogCapture() as log:
+        answer = await sec.authenticate(creds(None, b"opaque-token"))
+    await sec.close()
+    assert refused(answer, ReasonCode.BAD_USER_NAME_OR_PASSWORD), answer
+    assert "lone surrogate" in log.text()
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_answer_cache_keeps_no_whole_long_client_ids(service: Any) -> None:
     """Answers, "deny" too, are cached by a keyed hash of what they depend on: client ids and

@@ -27,6 +27,8 @@ from mqtt_broker.config import BrokerConfig, ConfigError
 from mqtt_broker.passwd import main as passwd
 from mqtt_broker.wire.codes import ReasonCode
 
+from auth_helpers import LogCapture
+
 SECRET = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"  # 64 bytes
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -262,6 +264,18 @@ async def test_username_must_be_the_subject(keys: Path) -> None:
     unchecked = security(keys, jwt_username_claim="")
     answer = await result(unchecked, token(sub=None), "whoever")
     assert isinstance(answer, Identity) and answer.username == "whoever"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subject_with_a_lone_surrogate_is_refused_as_bad_credentials(keys: Path) -> None:
+    """JSON carries "\\ud800", and a str claim was taken whole for the user name: no MQTT string
+    holds it [MQTT-1.5.4-1], and the store could not write it (a delayed will's row), which held
+    up every write after it."""
+    sec = security(keys)
+    with LogCapture() as log:
+        assert is_refused(await result(sec, token(sub="\ud800")))
+        assert is_refused(await result(sec, token(sub="alice\udfff")))
+    assert log.text().count("lone surrogate") == 2, log.text()
 
 
 @pytest_twisted.ensureDeferred

@@ -1650,6 +1650,18 @@ def test_an_auth_hooks_identity_with_an_expiry_no_float_can_hold_refuses(expires
     assert any("not an answer it may give" in event.get("log_format", "") for event in logged)
 
 
+def test_an_auth_hooks_identity_with_a_lone_surrogate_refuses(logged: Sequence[LogEvent]) -> None:
+    """A user name a hook took from JSON ("\\ud800") is no MQTT string [MQTT-1.5.4-1], and the
+    store could not write it (a delayed will's row), which held up every write after it."""
+    from mqtt_broker.auth import Identity
+
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_auth(lambda client, method, data, again: Identity(client_id="c", username="\ud800"))
+    connack = broker.client().connect("c", properties={"authentication_method": "M"})
+    assert connack is not None and connack.reason_code == ReasonCode.UNSPECIFIED_ERROR
+    assert any("not an answer it may give" in event.get("log_format", "") for event in logged)
+
+
 # --- docs/embedding.md, the on_publish row of the hooks table ----------------------------------
 
 def _publish_through(change: Any) -> tuple[Any, list[Any]]:

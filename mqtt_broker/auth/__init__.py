@@ -120,6 +120,20 @@ def numeric_date(value: Any) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
+def lone_surrogate_in(identity: Identity) -> str | None:
+    """Which of ``identity``'s client id and user name holds a lone surrogate ("client id",
+    "username"), or None. No MQTT string may [MQTT-1.5.4-1], nor can the store write one (a
+    delayed will's row), but an auth answer's JSON can carry one (a JWT's ``sub``, an HTTP
+    answer's ``username``: "\\ud800")."""
+    for what, name in (("client id", identity.client_id), ("username", identity.username)):
+        try:
+            if name is not None:
+                name.encode("utf-8")
+        except UnicodeEncodeError:
+            return what
+    return None
+
+
 def _cacheable(identity: Identity, topic: str) -> bool:
     return len(topic) <= MAX_CACHED_TOPIC and len(identity.client_id) <= MAX_CACHED_TOPIC and (
         identity.username is None or len(identity.username) <= MAX_CACHED_TOPIC)
@@ -298,6 +312,10 @@ class Security:
                     return cancelled
                 return self._refused(credentials, answer.reason_code, f"{authenticator.name}: {answer.reason}")
             if isinstance(answer, Identity):
+                malformed = lone_surrogate_in(answer)
+                if malformed is not None:
+                    return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD,
+                                         f"{authenticator.name}: the {malformed} holds a lone surrogate")
                 revoked = self.revoked(answer)
                 if revoked is not None:  # the file changed while the password was being checked
                     return self._refused(credentials, ReasonCode.BAD_USER_NAME_OR_PASSWORD, revoked)
