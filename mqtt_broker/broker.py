@@ -88,7 +88,7 @@ class MQTTFactory(Factory):
         refused = stats.refused_by_reason["max_connections"]
         if once_per_thousand(refused):
             log.warn("refusing a connection from {addr}: max_connections ({limit}) reached ({refused} connections "
-                     "refused for it so far; logged once per thousand)", addr=addr, limit=limit, refused=refused)
+                     "refused for it so far; logged once per thousand)", addr=describe(addr), limit=limit, refused=refused)
         return True
 
 

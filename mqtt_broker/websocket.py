@@ -388,12 +388,12 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> str:
         factory = self.factory
-        if factory.paths and request.path not in factory.paths:
-            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         peer = client_address(self.transport.getPeer(),  # type: ignore[union-attr]
                               request.headers.get("x-forwarded-for"),
                               factory.trusted_proxies)
-        self._peer = peer
+        self._peer = peer  # (before any refusal: its line names the client behind a trusted proxy)
+        if factory.paths and request.path not in factory.paths:
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         origin = request.headers.get("origin")
         if factory.origins and origin is not None and origin.lower() not in factory.origins:
             # A page of another site, in a browser that would lend it the user's cookies or
@@ -428,8 +428,11 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
             self.factory.broker.websockets_without_mqtt += 1 if counted else -1
 
     def _where(self) -> str:
-        """The client, as the log names it: behind a trusted proxy, the one it forwards for."""
-        return describe(self._peer) if self._peer is not None else str(self.peer)
+        """The client, as the log names it: behind a trusted proxy, the one it forwards for;
+        behind ``haproxy:``, the one its header names (autobahn's ``peer`` was taken before)."""
+        if self._peer is not None:
+            return describe(self._peer)
+        return describe(self.transport.getPeer()) if self.transport is not None else str(self.peer)
 
     def onOpen(self) -> None:
         cancel(self._handshake_call)
@@ -448,7 +451,7 @@ class MQTTWebSocketProtocol(WebSocketServerProtocol):
         self._handshake_call = None
         if self.state == _CONNECTING:
             log.info("dropping WebSocket connection from {peer}: no handshake within {timeout}s",
-                     peer=self.peer, timeout=self.factory.handshake_timeout)
+                     peer=self._where(), timeout=self.factory.handshake_timeout)
             self.wasNotCleanReason = "opening handshake timeout"
             self.dropConnection(abort=True)
 

@@ -1012,6 +1012,7 @@ def test_connections_refused_at_max_connections_are_logged_once_per_thousand() -
             assert broker.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port)) is None
     assert [e["refused"] for e in events if "max_connections" in e["log_format"]] == [1, 1001, 2001]
     assert broker.stats.connections_refused == 2001
+    assert formatEvent(events[0]).startswith("refusing a connection from 127.0.0.1:0: max_connections (1)")
 
 
 def test_a_pubrel_sent_again_to_an_mqtt_3_1_client_has_dup_set() -> None:

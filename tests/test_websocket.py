@@ -1333,6 +1333,40 @@ def test_bytes_after_the_close_reply_over_tls_are_not_kept() -> None:
     assert len(tls.wrappedProtocol.data) == 0
 
 
+def test_a_refusal_for_its_path_behind_a_trusted_proxy_names_the_client() -> None:
+    """As the 400 and 403 refusals do: the 404 one named the proxy, in autobahn's format."""
+    broker = make_broker(websocket_paths=["/mqtt"], websocket_trusted_proxies=["127.0.0.1"])
+    with capturedLogs() as events:
+        assert WSClient(broker).handshake(path="/other", headers={"X-Forwarded-For": "203.0.113.7"}) == 404
+    [line] = [formatEvent(e) or "" for e in events if "refusing" in e["log_format"]]
+    assert line.startswith("refusing a WebSocket connection from 203.0.113.7:"), line
+
+
+def test_behind_haproxy_a_refusal_for_its_path_names_the_client_of_the_header() -> None:
+    """autobahn's peer is taken as the proxy connects, before its PROXY header is read."""
+    from mqtt_broker.proxy import ProxyHeaderFactory
+    broker = make_broker(websocket_paths=["/mqtt"])
+    proxy = IPv4Address("TCP", "10.0.0.2", 40000)
+    wrapper = ProxyHeaderFactory(WebSocketFactory(broker)).buildProtocol(proxy)
+    transport = Socket(peerAddress=proxy)
+    wrapper.makeConnection(transport)
+    with capturedLogs() as events:
+        wrapper.dataReceived(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 1883\r\n" + handshake_request(path="/other"))
+    assert transport.value().startswith(b"HTTP/1.1 404")
+    [line] = [formatEvent(e) or "" for e in events if "refusing" in e["log_format"]]
+    assert line.startswith("refusing a WebSocket connection from 203.0.113.7:5555:"), line
+
+
+def test_a_handshake_that_does_not_come_names_the_peer_as_the_other_lines_do() -> None:
+    broker = make_broker()
+    client = WSClient(broker)
+    with capturedLogs() as events:
+        client.send_bytes(b"GET /mqtt HTTP/1.1\r\n")
+        broker.clock.advance(100)  # type: ignore[attr-defined]
+    [line] = [formatEvent(e) or "" for e in events if "no handshake" in e["log_format"]]
+    assert line.startswith("dropping WebSocket connection from 127.0.0.1:"), line
+
+
 def test_refusals_behind_a_trusted_proxy_name_the_client() -> None:
     """They named the proxy; the MQTT log lines, and the max_connections refusal, the client."""
     broker = make_broker(websocket_trusted_proxies=["127.0.0.1"], websocket_origins=["https://app.example.com"])
