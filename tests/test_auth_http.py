@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from auth_helpers import LogCapture, RawClient
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
@@ -513,6 +514,43 @@ async def test_a_body_that_never_ends_is_timed_out_and_its_connection_closed(ser
     [request] = resource.hanging
     await _until(lambda: request._disconnected)
     await sec.close()
+
+
+class HeadersThenClose(Protocol):
+    """A service that sends its status line and ``head``ers, then closes: one whose handler
+    raised after sending its headers, or that was killed in the middle of its answer."""
+
+    head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 200 OK\r\n" + self.head + b"\r\n")
+            self.transport.loseConnection()
+
+
+@pytest.mark.parametrize("head, allowed", [
+    (b"Content-Length: 0\r\n", True),  # (an empty body, known to be one)
+    (b"Connection: close\r\n", False),  # (a body read to the close, which came before any)
+    (b"Content-Length: 18\r\n", False),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_service_that_closes_after_its_headers_lets_nobody_in(head: bytes, allowed: bool) -> None:
+    """An answer with neither a length nor chunks ends when the connection closes: closed before
+    any body, it was taken for an empty 200, an allow, although the service may have died then."""
+    kind = type("Service", (HeadersThenClose,), {"head": head})
+    port = reactor.listenTCP(0, Factory.forProtocol(kind), interface="127.0.0.1")
+    sec = with_authenticator(HttpAuthenticator(f"http://127.0.0.1:{port.getHost().port}/auth", cache_seconds=0))
+    try:
+        with LogCapture() as log:
+            answer = await sec.authenticate(creds())
+    finally:
+        await sec.close()
+        await port.stopListening()
+    if allowed:
+        assert answer == Identity(client_id="dev-1", username="alice")
+    else:
+        assert refused(answer, ReasonCode.SERVER_UNAVAILABLE), answer
+        assert "refusing" in log.text()
 
 
 def test_credentials_in_http_auth_url_are_refused_without_showing_them() -> None:

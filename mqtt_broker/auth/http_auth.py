@@ -9,16 +9,18 @@
 (``password`` is null when the password is not UTF-8; ``password_base64`` always carries the
 exact bytes; both are null without a password.) The answer decides:
 
-- 2xx with an empty body, ``{"result": "allow"}``, or an object with an ACL alone: accepted. The object may add
-  ``"publish": [filters]`` and ``"subscribe": [filters]``: the client's ACL (it replaces
-  ``acl_file`` for that client; ``%c`` and ``%u`` in them are replaced by the client id and
-  username as in ``acl_file`` patterns);
+- 2xx with an empty body (one its headers said was empty: ``Content-Length: 0``, a 204, an
+  empty chunked body), ``{"result": "allow"}``, or an object with an ACL alone: accepted. The
+  object may add ``"publish": [filters]`` and ``"subscribe": [filters]``: the client's ACL (it
+  replaces ``acl_file`` for that client; ``%c`` and ``%u`` in them are replaced by the client
+  id and username as in ``acl_file`` patterns);
 - 401, 403, or 2xx with ``{"result": "deny"}``: refused (0x86, or 0x87 without credentials);
 - 2xx with ``{"result": "ignore"}``: not decided here (``allow_anonymous`` then applies to a
   client without a username, any other is refused);
-- anything else (another status, a body that is not such JSON or larger than 64 KiB, no
-  answer within ``http_auth_timeout``, a refused connection): refused with 0x88 (server
-  unavailable) and logged. Nobody gets in because the service is down.
+- anything else (another status, a body that is not such JSON or larger than 64 KiB, an
+  answer of no length whose connection closed before any body, as a service's that died after
+  its headers does, no answer within ``http_auth_timeout``, a refused connection): refused
+  with 0x88 (server unavailable) and logged. Nobody gets in because the service is down.
 
 ``http_auth_mode = "introspection"``: the password is an OAuth2 access token, checked by
 token introspection (RFC 7662): the broker POSTs ``token=...&token_type_hint=access_token``
@@ -353,8 +355,15 @@ class _Body(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):  # (the latter: ended by a close)
+        if reason.check(ResponseDone):
             self.done.callback(b"".join(self._chunks))
+        elif reason.check(PotentialDataLoss):  # (an answer of no length, ended by the close)
+            # Closed before any body, the service may have died after its headers: an empty
+            # body, which allows, is one whose length said so (Content-Length: 0, a 204, chunks).
+            if self._chunks:
+                self.done.callback(b"".join(self._chunks))
+            else:
+                self.done.errback(BadAnswer("the connection closed before any body, in an answer of no length"))
         else:
             self.done.errback(reason)
 
