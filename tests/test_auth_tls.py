@@ -419,6 +419,90 @@ def test_a_certificate_openssl_verified_counts_when_cryptography_will_not_read_i
     assert [certificate_identity(transport, field) for field in ("subject", "dns")] == ["CN=dev_1", None]
 
 
+class _Verified:
+    """A pyOpenSSL connection that verified ``certificate`` (DER), as far as the broker asks."""
+
+    def __init__(self, certificate: bytes) -> None:
+        self._certificate = certificate
+
+    def get_peer_certificate(self) -> Any:
+        from OpenSSL import crypto
+        return crypto.load_certificate(crypto.FILETYPE_ASN1, self._certificate)
+
+    def get_verified_chain(self) -> list[Any]:
+        return [self.get_peer_certificate()]
+
+
+def _printed_by_openssl(certificate: bytes) -> str:
+    """The subject as Mosquitto's use_subject_as_username writes it: X509_NAME_print_ex with
+    XN_FLAG_RFC2253, which is what `openssl x509 -nameopt RFC2253` prints."""
+    printed = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-subject", "-nameopt", "RFC2253"],
+                             input=certificate, capture_output=True, check=True, timeout=WAIT).stdout
+    return printed.decode("latin-1").rstrip("\n").removeprefix("subject=")
+
+
+def test_the_subject_is_what_openssl_prints_for_mosquitto() -> None:
+    """Attributes cryptography has no short name for were dotted OIDs, control characters were
+    not escaped, the values of a multi-valued RDN came in the opposite order, and a TeletexString
+    (bytes OpenSSL reads as Latin-1) or an attribute OpenSSL does not know (its DER in hex) were
+    written otherwise: an acl_file `user` line written for Mosquitto named nobody."""
+    from cryptography.x509.name import _ASN1Type
+    key = ec.generate_private_key(ec.SECP256R1())
+    attribute = x509.NameAttribute
+    subjects = [
+        [attribute(NameOID.COMMON_NAME, "dev-1"), attribute(x509.ObjectIdentifier("2.5.4.13"), "line 3"),
+         attribute(NameOID.UNSTRUCTURED_NAME, "box"), attribute(NameOID.POSTAL_ADDRESS, "1 Road"),
+         attribute(NameOID.DOMAIN_COMPONENT, "example"), attribute(NameOID.USER_ID, "u1"),
+         attribute(x509.ObjectIdentifier("2.5.4.72"), "operator")],
+        [attribute(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), "x"),
+         attribute(x509.ObjectIdentifier("1.3.6.1.4.1.99999.2"), "é", _ASN1Type.BMPString)],
+        [attribute(NameOID.COMMON_NAME, "dev\x01one\x7f\ttab\x00z")],
+        [attribute(NameOID.COMMON_NAME, 'a,b+c"d\\e<f>g;h=i#j k!@$%&*[]^_`{|}~')],
+        [attribute(NameOID.ORGANIZATION_NAME, " "), attribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "#"),
+         attribute(NameOID.COMMON_NAME, " #a "), attribute(NameOID.LOCALITY_NAME, "#a"),
+         attribute(NameOID.STATE_OR_PROVINCE_NAME, "a# "), attribute(NameOID.TITLE, "  "),
+         attribute(NameOID.SURNAME, "")],
+        [attribute(NameOID.COMMON_NAME, "Büro€"), attribute(NameOID.ORGANIZATION_NAME, "Büro", _ASN1Type.T61String),
+         attribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Büro€", _ASN1Type.BMPString),
+         attribute(NameOID.LOCALITY_NAME, "Bü😀", _ASN1Type.UniversalString),
+         attribute(NameOID.SERIAL_NUMBER, "42", _ASN1Type.NumericString),
+         attribute(NameOID.X500_UNIQUE_IDENTIFIER, b"\x01\x02", _ASN1Type.BitString)],
+    ]
+    # The attribute types a name may hold that OpenSSL has a short name for, and the arcs between
+    # them it has none for.
+    arcs = [*(f"2.5.4.{n}" for n in range(101)), *(f"1.2.840.113549.1.9.{n}" for n in range(1, 10)),
+            *(f"0.9.2342.19200300.100.1.{n}" for n in range(1, 60)), "1.3.6.1.4.1.311.60.2.1.1",
+            "1.3.6.1.4.1.311.60.2.1.2", "1.3.6.1.4.1.311.60.2.1.3"]
+    subjects.append([attribute(x509.ObjectIdentifier(oid), "ab") for oid in arcs])
+    names = [x509.Name(subject) for subject in subjects]
+    names.append(x509.Name([
+        x509.RelativeDistinguishedName([attribute(NameOID.COUNTRY_NAME, "GB")]),
+        x509.RelativeDistinguishedName([attribute(NameOID.COMMON_NAME, "dev-1"),
+                                        attribute(NameOID.ORGANIZATION_NAME, "P"),
+                                        attribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Plant 7")])]))
+    differ = {}
+    for name in names:
+        certificate = issue(name, name, key, key)
+        printed = _printed_by_openssl(certificate.public_bytes(serialization.Encoding.DER))
+        if identity_of(certificate, "subject") != printed:
+            differ[printed] = identity_of(certificate, "subject")
+    assert differ == {}
+
+
+def test_a_subject_only_openssl_reads_is_written_as_openssl_prints_it() -> None:
+    """cryptography refuses a PrintableString with a "_" in it; the subject OpenSSL read left a
+    leading "#" or space unescaped."""
+    from cryptography.x509.name import _ASN1Type
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dev-1", _ASN1Type.PrintableString),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "#dev 1 ")])
+    certificate = issue(name, name, key, key).public_bytes(serialization.Encoding.DER).replace(b"dev-1", b"dev_1")
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(certificate)
+    assert certificate_identity(_Handshaken(_Verified(certificate)), "subject") == _printed_by_openssl(certificate) == (
+        r"CN=\#dev 1\ ,O=dev_1")
+
+
 def _chain(directory: Path) -> None:
     """root.pem (a root CA), fullchain.pem (a server certificate for localhost signed by an
     intermediate CA, then that intermediate: what Let's Encrypt's fullchain.pem holds), leaf.key."""

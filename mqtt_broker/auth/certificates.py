@@ -7,7 +7,7 @@ and verifies it against ``caCerts``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -17,6 +17,8 @@ FIELDS = ("cn", "subject", "dns", "email", "uri")
 ``use_identity_as_username``), ``subject`` (the whole subject, written as Mosquitto's
 ``use_subject_as_username`` writes it: see :func:`subject_of`), or the first ``dns``, ``email``
 or ``uri`` subject alternative name."""
+
+_COMMON_NAME = NameOID.COMMON_NAME.dotted_string
 
 _SAN_TYPES: dict[str, Any] = {
     "dns": x509.DNSName, "email": x509.RFC822Name, "uri": x509.UniformResourceIdentifier}
@@ -41,27 +43,134 @@ def identity_of(certificate: x509.Certificate, field: str = "cn") -> str | None:
     return str(values[0]) if values else None
 
 
-# OpenSSL's short names where they are not cryptography's (which writes the others as dotted OIDs).
+def subject_of(certificate: x509.Certificate) -> str:
+    """The subject as Mosquitto's ``use_subject_as_username`` writes it, so that the ``user``
+    lines of an acl_file written for Mosquitto name the same clients: see :func:`_rfc2253`."""
+    return _rfc2253(_subject(certificate.tbs_certificate_bytes))
+
+
+def _short_names(prefix: str, first: int, names: str) -> dict[str, str]:
+    return {f"{prefix}.{first + n}": name for n, name in enumerate(names.split())}
+
+
+# OpenSSL's short names (OBJ_nid2sn) of the attribute types a name may hold, by OID: under each
+# prefix, those of consecutive arcs from the first. (OpenSSL 3.0's; it has more OIDs, which no
+# name holds: algorithms, extensions.)
 _OPENSSL_NAMES = {
-    NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.SERIAL_NUMBER: "serialNumber", NameOID.STREET_ADDRESS: "street",
-    NameOID.TITLE: "title", NameOID.GIVEN_NAME: "GN", NameOID.SURNAME: "SN", NameOID.INITIALS: "initials",
-    NameOID.GENERATION_QUALIFIER: "generationQualifier", NameOID.DN_QUALIFIER: "dnQualifier",
-    NameOID.PSEUDONYM: "pseudonym", NameOID.POSTAL_CODE: "postalCode", NameOID.BUSINESS_CATEGORY: "businessCategory",
-    NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC", NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME: "jurisdictionST",
-    NameOID.JURISDICTION_LOCALITY_NAME: "jurisdictionL", NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier",
+    **_short_names("2.5.4", 3, """CN SN serialNumber C L ST street O OU title description searchGuide
+        businessCategory postalAddress postalCode postOfficeBox physicalDeliveryOfficeName telephoneNumber
+        telexNumber teletexTerminalIdentifier facsimileTelephoneNumber x121Address internationaliSDNNumber
+        registeredAddress destinationIndicator preferredDeliveryMethod presentationAddress
+        supportedApplicationContext member owner roleOccupant seeAlso userPassword userCertificate
+        cACertificate authorityRevocationList certificateRevocationList crossCertificatePair name GN initials
+        generationQualifier x500UniqueIdentifier dnQualifier enhancedSearchGuide protocolInformation
+        distinguishedName uniqueMember houseIdentifier supportedAlgorithms deltaRevocationList dmdName"""),
+    "2.5.4.65": "pseudonym", "2.5.4.72": "role",
+    **_short_names("2.5.4", 97, "organizationIdentifier c3 n3 dnsName"),
+    **_short_names("1.2.840.113549.1.9", 1, """emailAddress unstructuredName contentType messageDigest
+        signingTime countersignature challengePassword unstructuredAddress extendedCertificateAttributes"""),
+    **_short_names("0.9.2342.19200300.100.1", 1, """UID textEncodedORAddress mail info favouriteDrink
+        roomNumber photo userClass host manager documentIdentifier documentTitle documentVersion
+        documentAuthor documentLocation"""),
+    **_short_names("0.9.2342.19200300.100.1", 20, """homeTelephoneNumber secretary otherMailbox
+        lastModifiedTime lastModifiedBy DC aRecord pilotAttributeType27 mXRecord nSRecord sOARecord
+        cNAMERecord"""),
+    **_short_names("0.9.2342.19200300.100.1", 37, """associatedDomain associatedName homePostalAddress
+        personalTitle mobileTelephoneNumber pagerTelephoneNumber friendlyCountryName uid organizationalStatus
+        janetMailbox mailPreferenceOption buildingName dSAQuality singleLevelQuality subtreeMinimumQuality
+        subtreeMaximumQuality personalSignature dITRedirect audio documentPublisher"""),
+    **_short_names("1.3.6.1.4.1.311.60.2.1", 1, "jurisdictionL jurisdictionST jurisdictionC"),
 }
 
+_UTF8_STRING = 0x0C
+_WIDTHS = {0x12: 1, 0x13: 1, 0x14: 1, 0x16: 1, 0x17: 1, 0x18: 1, 0x1A: 1, 0x1C: 4, 0x1E: 2}
+"""Bytes per character of the other string types OpenSSL writes as text, by tag: Numeric,
+Printable, Teletex (read as Latin-1), IA5, the two times, Visible; Universal; BMP."""
 
-def subject_of(certificate: x509.Certificate) -> str:
-    """The subject as Mosquitto's ``use_subject_as_username`` writes it (OpenSSL's RFC 2253 form:
-    its short names, and each byte of a non-ASCII character escaped as ``\\XX``), so that the
-    ``user`` lines of an acl_file written for Mosquitto name the same clients."""
-    return _escaped(certificate.subject.rfc4514_string(_OPENSSL_NAMES))
+_SPECIAL = frozenset(b',+"\\<>;')
+
+_Attribute = tuple[str, int, bytes, bytes]
+"""An attribute of a name: its type's OID, and its value's tag, contents and whole DER."""
 
 
-def _escaped(text: str) -> str:
-    return text if text.isascii() else "".join(
-        c if c.isascii() else "".join(f"\\{b:02X}" for b in c.encode("utf-8")) for c in text)
+def _rfc2253(rdns: list[list[_Attribute]]) -> str:
+    """A name as OpenSSL's ``X509_NAME_print_ex(..., XN_FLAG_RFC2253)`` writes it: attributes
+    from the last to the first (those of a multi-valued RDN too, joined by "+"), named by
+    OpenSSL's short names; values converted to UTF-8 and escaped by :func:`_escaped`; an
+    attribute of a type OpenSSL has no name for, or a value of a type it does not write as text,
+    as "#" and the value's DER in hex, the type then named by its OID."""
+    def written(oid: str, tag: int, contents: bytes, whole: bytes) -> str:
+        name, text = _OPENSSL_NAMES.get(oid), _text(tag, contents)
+        if name is None or text is None:
+            return f"{name or oid}=#{whole.hex().upper()}"
+        return f"{name}={_escaped(text)}"
+    return ",".join("+".join(written(*attribute) for attribute in reversed(rdn)) for rdn in reversed(rdns))
+
+
+def _text(tag: int, contents: bytes) -> bytes | None:
+    """A string's characters in UTF-8 as OpenSSL converts them, or None for a type it dumps."""
+    if tag == _UTF8_STRING:
+        return contents
+    width = _WIDTHS.get(tag)
+    if width is None:
+        return None
+    points = (int.from_bytes(contents[at:at + width], "big") for at in range(0, len(contents) - width + 1, width))
+    # (Not a character, a surrogate or past U+10FFFF, which OpenSSL refuses to read anyway: left out.)
+    return "".join(chr(p) for p in points if p < 0x110000 and not 0xD800 <= p < 0xE000).encode("utf-8")
+
+
+def _escaped(text: bytes) -> str:
+    """RFC 2253's escaping as OpenSSL does it: a backslash before ``,+"\\<>;``, before a space
+    that begins or ends the value and before a "#" that begins it (unless it is the whole value),
+    and each control or non-ASCII byte as ``\\XX``."""
+    last = len(text) - 1
+    return "".join(
+        "\\" + chr(byte) if byte in _SPECIAL or (byte == 0x20 and at in (0, last)) or (byte == 0x23 and at == 0 < last)
+        else f"\\{byte:02X}" if byte < 0x20 or byte >= 0x7F else chr(byte)
+        for at, byte in enumerate(text))
+
+
+def _subject(tbs_certificate: bytes) -> list[list[_Attribute]]:
+    """The subject's RDNs, in a TBSCertificate's DER."""
+    [(_, fields, _)] = _elements(tbs_certificate)
+    # (version [0], optional), serialNumber, signature, issuer, validity, subject
+    tagged = [(tag, contents) for tag, contents, _ in _elements(fields)]
+    _, subject = tagged[5 if tagged[0][0] == 0xA0 else 4]
+    rdns: list[list[_Attribute]] = []
+    for _, rdn, _ in _elements(subject):
+        attributes: list[_Attribute] = []
+        for _, attribute, _ in _elements(rdn):
+            (_, oid, _), (tag, contents, whole) = _elements(attribute)
+            attributes.append((_dotted(oid), tag, contents, whole))
+        rdns.append(attributes)
+    return rdns
+
+
+def _elements(der: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """The DER elements in ``der``, one after the other: each one's tag, contents and whole."""
+    at = 0
+    while at < len(der):
+        start, tag, size = at, der[at], der[at + 1]
+        at += 2
+        if size & 0x80:
+            count = size & 0x7F
+            size, at = int.from_bytes(der[at:at + count], "big"), at + count
+        if at + size > len(der):
+            raise ValueError("a DER element longer than what holds it")
+        yield tag, der[at:at + size], der[start:at + size]
+        at += size
+
+
+def _dotted(oid: bytes) -> str:
+    """An OBJECT IDENTIFIER's contents as "2.5.4.3"."""
+    arcs, arc = [], 0
+    for byte in oid:
+        arc = arc << 7 | byte & 0x7F
+        if not byte & 0x80:
+            arcs.append(arc)
+            arc = 0
+    first = min(arcs[0] // 40, 2)  # (the first two arcs share a number: 40 * first + second)
+    return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))
 
 
 def certificate_identity(transport: Any, field: str = "cn") -> str | None:
@@ -102,16 +211,17 @@ def verified_identity(transport: Any, field: str = "cn") -> tuple[bool, str | No
 def _openssl_identity(peer: Any, field: str) -> str | None:
     """``identity_of`` for a certificate only OpenSSL reads: its common name or its subject (the
     alternative names, which it would take cryptography to read, are none)."""
+    from OpenSSL import crypto
     try:
-        components = [(name.decode(), value.decode("utf-8", "replace"))
-                      for name, value in peer.get_subject().get_components()]
+        [(_, certificate, _)] = _elements(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+        rdns = _subject(next(_elements(certificate))[2])
     except Exception:
         return None
     if field == "cn":
-        return next((value for name, value in components if name == "CN" and value), None)
+        return next((text.decode("utf-8", "replace") for rdn in rdns for oid, tag, contents, _ in rdn
+                     if oid == _COMMON_NAME and (text := _text(tag, contents))), None)
     if field == "subject":
-        special = str.maketrans({c: "\\" + c for c in ',+"\\<>;'})  # (RFC 2253's, as OpenSSL escapes them)
-        return ",".join(f"{name}={_escaped(value.translate(special))}" for name, value in reversed(components)) or None
+        return _rfc2253(rdns) or None
     return None
 
 
