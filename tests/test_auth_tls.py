@@ -503,6 +503,21 @@ def test_a_subject_only_openssl_reads_is_written_as_openssl_prints_it() -> None:
         r"CN=\#dev 1\ ,O=dev_1")
 
 
+def test_a_name_with_a_nul_in_it_names_nobody() -> None:
+    """No MQTT user name holds U+0000 [MQTT-1.5.4-2], and a CA that signs "admin\\0.devices.example"
+    for the owner of devices.example named nobody "admin" (the null-prefix trick): Mosquitto
+    refuses such a common name, and the client is refused (0x87) as for a certificate without one."""
+    from cryptography.x509.name import _ASN1Type
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dev-1", _ASN1Type.PrintableString),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "admin\x00.devices.example")])
+    certificate = issue(name, name, key, key, [x509.DNSName("admin\x00.devices.example")])
+    assert [identity_of(certificate, field) for field in ("cn", "dns", "subject")] == [
+        None, None, r"CN=admin\00.devices.example,O=dev-1"]
+    only_openssl_reads = certificate.public_bytes(serialization.Encoding.DER).replace(b"dev-1", b"dev_1")
+    assert certificate_identity(_Handshaken(_Verified(only_openssl_reads)), "cn") is None
+
+
 def _chain(directory: Path) -> None:
     """root.pem (a root CA), fullchain.pem (a server certificate for localhost signed by an
     intermediate CA, then that intermediate: what Let's Encrypt's fullchain.pem holds), leaf.key."""

@@ -25,13 +25,14 @@ _SAN_TYPES: dict[str, Any] = {
 
 
 def identity_of(certificate: x509.Certificate, field: str = "cn") -> str | None:
-    """The ``field`` (one of :data:`FIELDS`) of a certificate, or None when it has none."""
+    """The ``field`` (one of :data:`FIELDS`) of a certificate, or None when it has none (or one
+    that names nobody: see :func:`_named`)."""
     if field == "cn":
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         value = names[0].value if names else None
-        return value if isinstance(value, str) and value else None
+        return _named(value) if isinstance(value, str) else None
     if field == "subject":
-        return subject_of(certificate) or None
+        return subject_of(certificate) or None  # (a NUL in it written as \00)
     kind = _SAN_TYPES.get(field)
     if kind is None:
         raise ValueError(f"unknown certificate field {field!r}; one of {', '.join(FIELDS)}")
@@ -40,7 +41,15 @@ def identity_of(certificate: x509.Certificate, field: str = "cn") -> str | None:
     except x509.ExtensionNotFound:
         return None
     values = alternative.value.get_values_for_type(kind)
-    return str(values[0]) if values else None
+    return _named(str(values[0])) if values else None
+
+
+def _named(identity: str) -> str | None:
+    """``identity``, or None when it is empty or holds a NUL: no MQTT user name holds U+0000
+    [MQTT-1.5.4-2], and a CA that signed "admin\\0.devices.example" for the owner of
+    devices.example did not name anyone "admin" (the null-prefix trick, which Mosquitto refuses
+    too)."""
+    return identity if identity and "\x00" not in identity else None
 
 
 def subject_of(certificate: x509.Certificate) -> str:
@@ -218,8 +227,9 @@ def _openssl_identity(peer: Any, field: str) -> str | None:
     except Exception:
         return None
     if field == "cn":
-        return next((text.decode("utf-8", "replace") for rdn in rdns for oid, tag, contents, _ in rdn
+        name = next((text for rdn in rdns for oid, tag, contents, _ in rdn
                      if oid == _COMMON_NAME and (text := _text(tag, contents))), None)
+        return _named(name.decode("utf-8", "replace")) if name is not None else None
     if field == "subject":
         return _rfc2253(rdns) or None
     return None
