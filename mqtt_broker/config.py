@@ -257,7 +257,7 @@ class BrokerConfig:
         "without one are refused.")
     certificate_identity: str = _setting(
         "cn", "The part of a client certificate that names the client: cn (common name), "
-        "subject (RFC 4514), or the first dns, email or uri subject alternative name.",
+        "subject (RFC 2253 as Mosquitto's use_subject_as_username writes it), or the first dns, email or uri subject alternative name.",
         choices=("cn", "subject", "dns", "email", "uri"))
     jwt_secret_file: str = _setting(
         "", "File holding the HMAC secret (32 bytes or more) of HS256/HS384/HS512 tokens sent as "
