@@ -152,7 +152,8 @@ class Hooks:
         """``handler(client, message) -> None | bool | Message | Refused``: a PUBLISH from a
         client, before it is routed. False drops it (it is still acknowledged, as MQTT 3 has no
         way to say no; MQTT 5 gets reason code 0x87); a Message replaces it for routing and
-        later handlers (one no PUBLISH can carry is logged and refused, 0x80)."""
+        later handlers (one no PUBLISH can carry is logged and refused, 0x80). The broker routes
+        a copy of a Message of the hook's own, which it may answer with again."""
         return self._register("publish", handler)
 
     def on_subscribe(self, handler: Handler) -> Handler:
@@ -181,7 +182,8 @@ class Hooks:
 
     def on_will(self, handler: Handler) -> Handler:
         """``handler(client, message) -> None | bool | Message``: a will about to be published.
-        False suppresses it; a Message replaces it."""
+        False suppresses it; a Message replaces it (the broker routes a copy of one of the
+        hook's own, which it may answer with again)."""
         return self._register("will", handler)
 
     # --- firing -------------------------------------------------------------------------

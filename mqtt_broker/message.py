@@ -145,7 +145,10 @@ def unsendable(message: Message, now: float, own: bool = False) -> str | None:
 def bare(message: Message) -> Message:
     """The message without the PUBLISH it came as nor its encodings, for what outlives its
     deliveries (the retained message of a topic, the message log): they would keep two to four
-    copies of its payload for as long (one per kind of subscriber it went to)."""
+    copies of its payload for as long (one per kind of subscriber it went to). And for a Message
+    a publish or will hook answers with, which it may answer with again (one it keeps): routed
+    itself, it would carry what the broker writes on the message it routes (its expiry time, the
+    subscribers that turned it away, its encodings) from one publish into the next."""
     return Message(message.topic, message.payload, message.qos, message.retain, properties=message.properties,
                    sender=message.sender, expires_at=message.expires_at, cluster_id=message.cluster_id)
 

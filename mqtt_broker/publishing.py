@@ -19,7 +19,7 @@ from .connecting import NO_SLOTS
 from .hooks import PUBACK_REFUSALS, Refused, own_properties
 from .lifecycle import State
 from .logged import shortened
-from .message import Client, Message, encoding_kind, is_utf8, unsendable
+from .message import Client, Message, bare, encoding_kind, is_utf8, unsendable
 from .stats import once_per_thousand
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
@@ -170,7 +170,8 @@ class Publishing:
                 self._refuse_publish(qos, packet_id, answer.code(ReasonCode.NOT_AUTHORIZED, PUBACK_REFUSALS),
                                     answer.reason_string)
             return
-        made = answer if isinstance(answer, Message) else None
+        # A Message of the hook's own is routed as a copy: the hook may answer with it again.
+        made = (answer if answer is message else bare(answer)) if isinstance(answer, Message) else None
         topic, payload, properties, qos_received, retain_received, received_at = as_received
         # (A QoS of 1.0 or True, a retain or DUP flag of 1, is a change too, which the check below
         # refuses or makes an int, as the compiled Message does at once; so is an expiry time, which

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from .auth import Identity
 from .deadlines import cancel
 from .logged import shortened
-from .message import Client, Message, unsendable
+from .message import Client, Message, bare, unsendable
 from .store import StoredWill
 from .topics import reserved
 
@@ -79,7 +79,8 @@ class Wills:
         try:
             if answer is not None and not isinstance(answer, Message):
                 return  # refused
-            message = will if answer is None else answer
+            # (A Message of the hook's own is routed as a copy: the hook may answer with it again.)
+            message = will if answer is None or answer is will else bare(answer)
             message.sender = will.sender  # (a new Message has none): still the client's
             # (A hook may have changed it in place, or made another.)
             problem = unsendable(message, self.broker.clock.seconds())

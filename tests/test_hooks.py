@@ -1383,6 +1383,49 @@ def test_a_will_a_will_hook_makes_is_still_its_clients() -> None:
     assert again.messages() == []
 
 
+def test_a_message_a_publish_hook_answers_with_each_time_goes_out_each_time() -> None:
+    """A hook may answer with one Message it keeps (a constant "redacted" one): the broker routes
+    a copy, and writes nothing of one publish on it. It wrote its routing on the hook's Message:
+    the expiry time the first publish gave it dropped every publish 60 s later as expired (0x10),
+    and a queue that once turned it away had every later publish told 0x97."""
+    redacted = Message("alerts/redacted", b"-", qos=1, properties={"message_expiry_interval": 60})
+    broker = MemoryBroker(sys_interval=0, max_queued_messages=1)
+    broker.hooks.on_publish(lambda client, message: redacted if message.topic.startswith("secret/") else None)
+    slow = broker.connect("slow", clean_start=False, properties={"session_expiry_interval": 600})
+    slow.subscribe("alerts/#", qos=1)
+    slow.drop()
+    sensor = broker.connect("sensor")
+    sensor.publish("alerts/x", b"fills the queue of slow", qos=1)
+    full = sensor.publish("secret/a", b"1", qos=1)
+    assert full is not None and full.reason_code == ReasonCode.QUOTA_EXCEEDED, full
+    slow = broker.connect("slow", clean_start=False, properties={"session_expiry_interval": 600})
+    assert [m.payload for m in slow.messages()] == [b"fills the queue of slow"]
+    for seconds in (0, 120):
+        broker.advance(seconds)
+        later = sensor.publish("secret/b", b"2", qos=1)
+        assert later is not None and later.reason_code == ReasonCode.SUCCESS, (seconds, later)
+        assert [(m.topic, m.properties.get("message_expiry_interval")) for m in slow.messages()] == [
+            ("alerts/redacted", 60)]
+    assert (redacted.sender, redacted.expires_at, redacted.refused, redacted.encoded) == (None, None, 0, None)
+    assert redacted.properties == {"message_expiry_interval": 60}
+
+
+def test_a_will_a_will_hook_answers_with_each_time_goes_out_each_time_with_its_expiry() -> None:
+    """The expiry time the first will was given stayed on the hook's Message: a later will went
+    out with a Message Expiry Interval of 0, or not at all."""
+    offline = Message("status/offline", b"gone", qos=1, properties={"message_expiry_interval": 60})
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_will(lambda client, message: offline)
+    watcher = broker.connect("watcher")
+    watcher.subscribe("status/#", qos=1)
+    for n in range(2):
+        broker.connect(f"device{n}", will=Will(topic=f"will/device{n}", payload=b"x")).drop()
+        assert [(m.topic, m.properties.get("message_expiry_interval")) for m in watcher.messages()] == [
+            ("status/offline", 60)], n
+        broker.advance(120)
+    assert (offline.sender, offline.expires_at, offline.encoded) == (None, None, None)
+
+
 def test_stopping_while_a_publish_hook_decides_acknowledges_nothing() -> None:
     """MQTT 3.1.1 has no refusal: a PUBACK says the broker took the message over, and the client
     would not send it again. The stop leaves the message unacknowledged instead, for the client
