@@ -399,8 +399,15 @@ class BrokerService(MultiService):
     def open_connections(self) -> int:
         """The client connections open now, as max_connections counts them: their sockets, those
         in CONNECT, lingering, or still upgrading or closing over WebSocket included, this broker's
-        own bridge links and those whose socket is gone already not."""
-        return len(self.connections) - self.ending - self.own_links + self.websockets_without_mqtt
+        own bridge links not, nor those whose socket is gone while a hook decides (``ending``),
+        up to max_connections of them: each keeps its session and what it read until the hook
+        answers (``hook_timeout``, or never), so past as many again they count, or a client that
+        connects, publishes and closes in a loop would have the broker hold any number."""
+        ending = self.ending
+        limit = self.config.max_connections
+        if 0 <= limit < ending:
+            ending = limit
+        return len(self.connections) - ending - self.own_links + self.websockets_without_mqtt
 
     def connection_lost(self, connection: Any) -> None:
         """A connection's socket is gone (it was detached before)."""

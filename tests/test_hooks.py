@@ -1065,6 +1065,27 @@ def test_a_connection_gone_while_a_hook_decides_takes_no_place_of_max_connection
     assert broker.service.ending == 0
 
 
+def test_connections_gone_while_a_hook_decides_take_places_of_max_connections_past_as_many_again() -> None:
+    """Each keeps its session and what it read (up to READ_WHILE_DECIDING, and a read more) until
+    the hook answers (hook_timeout, or never with 0): a client that connected, published, sent
+    64 KiB and closed, again and again under new client ids, had 200 held with max_connections 2."""
+    broker = MemoryBroker(max_connections=2)
+    pending: list[Deferred[None]] = []
+    broker.hooks.on_publish(lambda client, message: pending.append(Deferred()) or pending[-1])
+    for n in range(10):
+        client = broker.client()
+        if client.protocol is None:
+            break
+        client.connect(f"c{n}")
+        client.send(Publish(topic="data", payload=b"x"))
+        client.drop()
+    assert len(broker.service.connections) == broker.service.ending == 4
+    for decision in pending:
+        decision.callback(None)
+    assert broker.service.connections == set()
+    broker.connect("again")
+
+
 def test_a_connect_hook_whose_client_left_is_cancelled(logged: Sequence[LogEvent]) -> None:
     """No one waits for its answer any more: the handler's Deferred is cancelled, and its client
     not held until hook_timeout."""
