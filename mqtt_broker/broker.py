@@ -674,10 +674,12 @@ class BrokerService(MultiService):
             connection.session = session.connection = None  # detached here, not by the close
             self._members_connected(session, False)
             self.attached -= 1
+            connack_sent = connection.connack_went()  # (before the drop, which forgets it)
             connection.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a connection to another node")
             if will is not None and will_left and (ended or not delay):
                 self.wills.publish(client, will, connection.identity)
-            self._notify_disconnect(client, False)
+            if connack_sent:  # (see ``detach``)
+                self._notify_disconnect(client, False)
 
     def moved_away(self, client_id: str) -> bool:
         """Whether the client's session here is the copy of one another node of the cluster
@@ -780,7 +782,7 @@ class BrokerService(MultiService):
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             old = session.connection
-            self.detach(old, graceful=False, taken_over=True)
+            self.detach(old, graceful=False, taken_over=True, connack_sent=old.connack_went())
             old.drop(ReasonCode.SESSION_TAKEN_OVER, "session taken over by a new connection")
             session = self.sessions.get(client_id)  # gone if it was not to outlive the connection
         # A clean start ends the old session now, so its will is due [MQTT-3.1.3-9].
@@ -813,10 +815,12 @@ class BrokerService(MultiService):
             self.store.save_session(session, None)
         return session, present
 
-    def detach(self, connection: Any, graceful: bool, taken_over: bool = False) -> None:
+    def detach(self, connection: Any, graceful: bool, taken_over: bool = False, connack_sent: bool = True) -> None:
         """A connection ended: publish its will unless it ended gracefully, and keep or discard
         its session. ``taken_over``: by a new connection of its client, here (in a cluster, the
-        client stays this node's)."""
+        client stays this node's). ``connack_sent``: False if the CONNACK that accepted it was
+        still held (for a will hook, for the store): its client was never told it is connected,
+        and ``on_disconnect`` comes only after such a CONNACK."""
         session = connection.session
         if session is None:
             return
@@ -843,13 +847,14 @@ class BrokerService(MultiService):
             self._discard(session)
             if not taken_over:
                 self._release(session.client_id)
-            return self._notify_disconnect(client, graceful)
-        if session.expiry != NEVER:
-            self._expire_in(session, session.expiry)
-        if session.stored:
-            assert self.store is not None
-            self.store.save_session(session, self.clock.seconds())
-        self._notify_disconnect(client, graceful)
+        else:
+            if session.expiry != NEVER:
+                self._expire_in(session, session.expiry)
+            if session.stored:
+                assert self.store is not None
+                self.store.save_session(session, self.clock.seconds())
+        if connack_sent:
+            self._notify_disconnect(client, graceful)
 
     def _members_connected(self, session: Session, connected: bool) -> None:
         """The session's client connected or went away: its shared groups count it among their

@@ -175,7 +175,8 @@ class Hooks:
         return self._register("ping", handler)
 
     def on_disconnect(self, handler: Handler) -> Handler:
-        """``handler(client, graceful) -> None``: the connection ended; ``graceful`` is True after
+        """``handler(client, graceful) -> None``: the connection ended, after the CONNACK that
+        accepted it went (see ``on_connect``); ``graceful`` is True after
         a DISCONNECT packet that ends it without its will (reason code 0x00: not MQTT 5's 0x04,
         Disconnect with Will Message). A notification: the result is ignored, failures are logged."""
         return self._register("disconnect", handler)

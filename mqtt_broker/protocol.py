@@ -95,7 +95,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         "_resumed_at", "_graceful",
         "_last_seen", "_keep_alive", "_deadline", "_expiry_call", "_linger_call",
         "_unstored", "_acks", "_pubacks_waiting", "bridge", "transport", "connected", "_inherited_pubrels",
-        "_ended", "_reauthenticating", "_own", "_successors", "_awaiting_disk",
+        "_ended", "_connack_lost", "_reauthenticating", "_own", "_successors", "_awaiting_disk",
     )
 
     def __init__(self, broker: Any, clock: IReactorTime) -> None:
@@ -183,6 +183,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self._ended: Failure | None = None
         """Why the transport ended while a hook decided on a packet of this connected client: the
         connection ends once the packets read before are handled (see ``connectionLost``)."""
+        self._connack_lost = False
+        """With ``_ended``: the CONNACK that accepted the connection was held still (for a will
+        hook, for the store) when the transport ended, and so never went (``connack_went``)."""
         self._successors: list[Deferred[None]] | None = None
         """The waits of new connections of this client for this one to handle what it read (see
         ``hand_over``)."""
@@ -283,6 +286,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             # A hook decides on a packet read before the end: the packets read after it are
             # handled once it has (a DISCONNECT, say, that discards the will), then it ends.
             self._ended = reason if reason is not None else Failure(ConnectionDone())
+            self._connack_lost = self.connack_held()
             self.broker.ending += 1
             return
         if self.state is not State.CLOSED and self.broker.config.connection_messages:
@@ -292,9 +296,10 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      reason=reason.getErrorMessage() if reason is not None else "closed")
         self._cancel_timers()
         self._set_state(State.CLOSED)
+        connack_sent = self.connack_went()
         self._forget_unstored()
         self._forget_out()
-        self.broker.detach(self, self._graceful, self._awaited())
+        self.broker.detach(self, self._graceful, self._awaited(), connack_sent)
         self.broker.connection_lost(self)
         if blocked is not None:  # (connecting: an authentication, a hook, that no one waits for)
             blocked.cancel()
@@ -329,7 +334,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             return
         if len(message) > 256:  # (one quoting a client's 64 KiB topic: a reason string holds no more)
             message = message[:253] + "..."
-        connack_sent = not self.connack_held()
+        connack_sent = self.connack_went()
         self._forget_unstored()
         told = False
         if self.state is State.CONNECTED and reason >= 0x80:
@@ -344,7 +349,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
-        self.broker.detach(self, self._graceful, self._awaited())
+        self.broker.detach(self, self._graceful, self._awaited(), connack_sent)
         if self._successors is not None:  # what it read is not handled now
             # Not in this call: it may be a takeover by one of them, which the others, going
             # on within it, would find half done.
@@ -925,6 +930,11 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         self.write(data)
         if self._unstored:
             self._unstored[-1].connack = True
+
+    def connack_went(self) -> bool:
+        """Whether the CONNACK that accepted the connection went to its transport, of a connection
+        that has one: not held still, nor when its transport ended."""
+        return not self._connack_lost and not self.connack_held()
 
     def connack_held(self) -> bool:
         """Whether the connection's CONNACK waits for the store (see ``wait_for_store``), or for

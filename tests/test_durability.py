@@ -1795,6 +1795,24 @@ def test_a_connection_ended_while_its_connack_is_held_gets_no_disconnect() -> No
     assert isinstance(second.received()[0], Connack)
 
 
+@pytest.mark.parametrize("ending", ["closed", "taken over"])
+def test_a_connection_ended_while_its_connack_is_held_has_no_disconnect_hook_called(ending: str) -> None:
+    """on_connect: "on_disconnect comes only after a CONNACK that accepted it". The client of a
+    connection ended before the store let its CONNACK go was never told it is connected."""
+    store = HeldStore()
+    broker = stored_session_of("c", store)
+    disconnected: list[str] = []
+    broker.hooks.on_disconnect(lambda client, graceful: disconnected.append(client.peer))
+    first = FakeClient(broker, 5)
+    first.send(Connect(client_id="c", clean_start=True, protocol_level=5))
+    if ending == "closed":
+        first.lose()
+    else:
+        FakeClient(broker, 5).send(Connect(client_id="c", clean_start=True, protocol_level=5))
+    store.write_all()
+    assert first.received() == [] and disconnected == []
+
+
 def test_a_filter_unsubscribed_stays_gone_when_a_subscribe_before_it_is_not_stored() -> None:
     """A SUBSCRIBE replacing 'a', then an UNSUBSCRIBE of it, in one batch of the store that
     fails: the SUBSCRIBE is refused and what it replaced was put back, though the UNSUBSCRIBE,

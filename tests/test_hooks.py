@@ -866,6 +866,23 @@ def test_a_will_a_new_connection_makes_due_itself_holds_its_connack_no_longer_th
     assert [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
     assert not new.closed
 
+def test_a_connection_that_closes_before_its_accepting_connack_went_has_no_disconnect_hook_called() -> None:
+    """on_connect: "on_disconnect comes only after a CONNACK that accepted it". A connection that
+    takes over c's makes c's will due, and its CONNACK waits for the will hook: if it closes
+    meanwhile, the client was never told it is connected, and on_disconnect was called for it."""
+    broker = MemoryBroker()
+    deciding: list[Deferred[None]] = []
+    broker.hooks.on_will(lambda client, message: deciding.append(Deferred()) or deciding[-1])
+    disconnected: list[str] = []
+    broker.hooks.on_disconnect(lambda client, graceful: disconnected.append(client.peer))
+    first = broker.connect("c", will=Will(topic="status/c", payload=b"offline"))
+    held = broker.client()
+    assert held.connect("c") is None and deciding
+    held.drop()
+    deciding[0].callback(None)
+    assert not [p for p in held.received() if isinstance(p, Connack)]
+    assert disconnected == [first.protocol.peer]  # type: ignore[union-attr]
+
 
 @pytest.mark.parametrize("hook_timeout", [5.0, 0.0])
 def test_a_client_connecting_again_waits_for_its_old_will_no_longer_than_a_hook_may_take(hook_timeout: float) -> None:
