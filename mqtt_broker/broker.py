@@ -738,7 +738,8 @@ class BrokerService(MultiService):
     def route_own(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                   properties: Properties = NO_PROPERTIES) -> None:
         """:meth:`publish`, without waiting for the store: for what goes on once the message is
-        routed ($SYS values, the admin API's publish, a bridge's state)."""
+        routed ($SYS values, a bridge's state), or waits for the store only when it stores
+        something (the admin API's publish)."""
         if self.delivery.stopped:
             raise RuntimeError("the broker is stopped: nothing is routed, nor stored")
         if self.store is not None and not self.store.opened:  # (a file the start opens: written to before, it jammed)

@@ -361,6 +361,113 @@ def test_the_document_gives_every_change_its_503() -> None:
 
 
 
+# --- changes answered once the store holds them ----------------------------------------------------
+
+def _render(api: ApiResource, method: str, path: str, body: bytes = b"") -> DummyRequest:
+    """The request ``call`` makes, rendered, for an answer that may come later (``_answered``)."""
+    request = DummyRequest([b""])
+    request.method = method.encode()
+    request.path = request.uri = path.encode()
+    request.content = BytesIO(body)
+    request.requestHeaders.addRawHeader(b"authorization", f"Bearer {KEY}".encode())
+    answer = api.render(request)
+    if isinstance(answer, bytes):
+        request.write(answer)
+        request.finish()
+    return request
+
+
+def _answered(request: DummyRequest) -> tuple[int, Any] | None:
+    """The status and JSON body of a request ``_render`` rendered, None while it is not answered."""
+    if not request.finished:
+        return None
+    body = b"".join(request.written)
+    return request.responseCode or 200, json.loads(body) if body else None
+
+
+def _stored_subscriber(store: Any) -> tuple[BrokerService, ApiResource]:
+    """A broker on ``store`` with a stored session, "keeper", whose client is away, subscribed to
+    "kept/#" at QoS 1."""
+    broker, api = started(store=store)
+    keeper = connected(broker, "keeper", clean=False)
+    keeper.subscribe("kept/#", qos=1)
+    store.write_all()
+    keeper.lose()
+    store.write_all()
+    return broker, api
+
+
+def test_a_change_through_the_api_is_answered_once_the_store_holds_it() -> None:
+    """docs/durability.md: a QoS 1/2 PUBLISH is acknowledged only once the message and its
+    routing to every stored session are committed, a SUBACK once the subscription is. POST
+    /publish answered 200 once routed, before the store had written it: a kill -9 right after
+    the 200 lost the message for a stored offline subscriber (2 runs of 3). So did a subscribe,
+    an unsubscribe and a retained message's delete answer before the store had them."""
+    from test_durability import HeldStore
+    store = HeldStore()
+    _, api = _stored_subscriber(store)
+    changes = [("POST", "/api/v1/publish", b'{"topic": "kept/1", "payload": "m", "qos": 1}', 200),
+               ("POST", "/api/v1/publish", b'{"topic": "kept/r", "payload": "r", "retain": true}', 200),
+               ("POST", "/api/v1/clients/keeper/subscriptions", b'{"topic_filter": "more/#"}', 201),
+               ("DELETE", "/api/v1/clients/keeper/subscriptions/more/%23", b"", 204),
+               ("DELETE", "/api/v1/retained/kept/r", b"", 204)]
+    for method, path, body, status in changes:
+        request = _render(api, method, path, body)
+        assert _answered(request) is None, (method, path)
+        store.write(store.generation)
+        assert _answered(request) is not None and _answered(request)[0] == status, (method, path, _answered(request))
+    # Nothing to store: answered at once.
+    assert _answered(_render(api, "POST", "/api/v1/publish", b'{"topic": "kept/0", "payload": "m"}'))[0] == 200
+    assert store.waiting == {}
+
+
+def test_a_change_through_the_api_the_store_cannot_write_is_answered_503() -> None:
+    """As a client's QoS 1/2 PUBLISH is not acknowledged while the disk fails, and its SUBSCRIBE
+    refused with the subscription left as it was (docs/durability.md)."""
+    from test_durability import HeldStore
+
+    from mqtt_broker.store import StoreError
+    store = HeldStore()
+    broker, api = _stored_subscriber(store)
+    requests = [_render(api, "POST", "/api/v1/publish", b'{"topic": "kept/1", "payload": "m", "qos": 1}'),
+                _render(api, "POST", "/api/v1/clients/keeper/subscriptions", b'{"topic_filter": "more/#"}'),
+                _render(api, "POST", "/api/v1/clients/keeper/subscriptions",
+                        b'{"topic_filter": "kept/#", "qos": 0}')]
+    store.write(store.generation, StoreError("the disk is full"))
+    answers = [_answered(request) for request in requests]
+    assert [answer and answer[0] for answer in answers] == [503] * 3, answers
+    assert all("the disk is full" in answer[1]["error"] for answer in answers if answer)
+    held = broker.sessions["keeper"].subscriptions
+    assert sorted(held) == ["kept/#"] and held["kept/#"].qos == 1  # as they were
+    request = _render(api, "DELETE", "/api/v1/clients/keeper/subscriptions/kept/%23")
+    store.write(store.generation, StoreError("the disk is full"))
+    assert _answered(request) is not None and _answered(request)[0] == 503
+
+
+def test_a_change_whose_client_went_away_before_the_store_wrote_it_is_not_answered() -> None:
+    """The request's connection was lost while the store wrote: no answer, and no error."""
+    from test_durability import HeldStore
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import capturedLogs
+    from twisted.python.failure import Failure
+    store = HeldStore()
+    broker, _ = _stored_subscriber(store)
+    site = broker.operations.site()
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    body = b'{"topic": "kept/1", "payload": "m", "qos": 1}'
+    protocol.dataReceived(b"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer " + KEY.encode()
+                          + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert transport.value() == b""
+    protocol.connectionLost(Failure(ConnectionLost()))
+    with capturedLogs() as events:
+        store.write(store.generation)
+    assert transport.value() == b""
+    assert [e for e in events if e.get("log_failure") is not None or e.get("isError")] == []
+
+
 # --- paths, keys and refusals a second look found wrong ------------------------------------------------
 
 def test_a_path_is_read_as_utf8_once_percent_decoded() -> None:

@@ -5,9 +5,12 @@ it needs a key. Templates name path parameters ``{name}`` (one segment, percent-
 ``{name+}`` (the rest of the path, for topic names and filters, which contain ``/``: encode ``#``
 as ``%23``). Answers are JSON; an error is ``{"error": "..."}`` with 400 (bad input, including a
 malformed or oversized body), 401 (no key), 403 (a key that is not ours), 404, 405, 501, or 503
-(a change while the broker is stopped, a publish before it started; a cluster node's Redis that
-did not answer in time). Every change (POST, DELETE) is logged with the id of the key that made it. Query
-parameters are percent-decoded as a URI's, not a form's: ``?filter=a/+`` is the filter ``a/+``.
+(a change while the broker is stopped, a publish before it started, one the store cannot write;
+a cluster node's Redis that did not answer in time). Every change (POST, DELETE) is logged with
+the id of the key that made it. A change to what the store keeps (a QoS 1/2 or retained publish,
+a stored session's subscriptions, a retained message's delete) is answered once the store holds
+it, as a client's PUBACK or SUBACK is. Query parameters are percent-decoded as a URI's, not a
+form's: ``?filter=a/+`` is the filter ``a/+``.
 
 ``/cluster/...`` read Redis, which holds what the cluster as a whole knows; a broker that is not a
 node of a cluster answers them 404.
@@ -38,6 +41,7 @@ from ..connecting import tally
 from ..history import REPLAY_PREFIX
 from ..logged import shortened
 from ..stats import once_per_thousand
+from ..store import StoreError
 from ..topics import Subscription, has_wildcard, reserved, split_shared, valid_topic_filter, valid_topic_name
 from ..wire.codec import MAX_REMAINING_LENGTH
 from ..wire.codes import ReasonCode
@@ -304,6 +308,22 @@ class ApiResource(Resource):
                                 "which is not a character") from None
         return body
 
+    def _once_stored(self, answer: tuple[int, Any], not_stored: str,
+                     undo: Callable[[], None] | None = None) -> tuple[int, Any] | Deferred[tuple[int, Any]]:
+        """``answer`` once the store holds what the request changed (at once without a store), as
+        a client's PUBACK or SUBACK waits for it: an answer before would promise what a kill -9
+        takes back. While the store cannot write, ``undo()`` and 503 ``not_stored``."""
+        store = self.broker.store
+        if store is None:
+            return answer
+
+        def failed(failure: Failure) -> tuple[int, Any]:
+            failure.trap(StoreError)
+            if undo is not None:
+                undo()
+            raise ApiError(503, f"{not_stored} ({failure.getErrorMessage()})")
+        return store.flushed().addCallbacks(lambda _: answer, failed)
+
     def _session(self, client_id: str) -> Any:
         session = self.broker.sessions.get(client_id)
         if session is None:
@@ -407,7 +427,8 @@ class ApiResource(Resource):
         return 200, {"total": len(held), "offset": offset, "limit": limit,
                      "items": [subscription_json(held[f]) for f in _in_order(held, offset, limit)]}
 
-    def _subscribe_client(self, request: Request, key_id: str | None, client_id: str) -> tuple[int, Any]:
+    def _subscribe_client(self, request: Request, key_id: str | None,
+                          client_id: str) -> tuple[int, Any] | Deferred[tuple[int, Any]]:
         session = self._session(client_id)
         body = self._body(request)
         config = self.broker.config
@@ -442,19 +463,38 @@ class ApiResource(Resource):
             retain_handling=retain_handling, share_group=group)
         log.info("admin API: key {key} subscribes {client_id!r} to {topic_filter!r}", key=key_id,
                  client_id=shortened(client_id), topic_filter=shortened(topic_filter))
+        previous = session.subscriptions.get(topic_filter)
         existed = self.broker.subscribe(session, subscription)
-        if session.connection is not None:
+        if session.connection is not None:  # (at once, as a SUBSCRIBE's: see subscribing.py)
             self.broker.send_retained(session, subscription, existed)
-        return (200 if existed else 201), {"replaced": existed, "subscription": subscription_json(subscription)}
+        answer = (200 if existed else 201), {"replaced": existed, "subscription": subscription_json(subscription)}
+        if not session.stored:
+            return answer
+
+        def undo() -> None:
+            # As a SUBSCRIBE the store could not write: what it replaced stands again, unless
+            # the subscription changed since (that stands).
+            if self.broker.sessions.get(client_id) is not session or (
+                    session.subscriptions.get(topic_filter) is not subscription):
+                return
+            if previous is None:
+                self.broker.unsubscribe(session, topic_filter)
+            else:
+                self.broker.subscribe(session, previous)
+            tally(self.broker.stats.subscriptions_refused, ReasonCode.UNSPECIFIED_ERROR.name)
+        return self._once_stored(answer, "the store cannot write the subscription: it is not made", undo)
 
     def _unsubscribe_client(self, request: Request, key_id: str | None, client_id: str,
-                            topic_filter: str) -> tuple[int, Any]:
+                            topic_filter: str) -> tuple[int, Any] | Deferred[tuple[int, Any]]:
         session = self._session(client_id)
         if not self.broker.unsubscribe(session, _topic_filter(topic_filter)):
             raise ApiError(404, f"{client_id!r} has no subscription {topic_filter!r}")
         log.info("admin API: key {key} unsubscribes {client_id!r} from {topic_filter!r}", key=key_id,
                  client_id=shortened(client_id), topic_filter=shortened(topic_filter))
-        return 204, None
+        if not session.stored:
+            return 204, None
+        return self._once_stored((204, None), "the subscription is removed, but the store cannot write that now "
+                                              "(it does once it can)")
 
     # --- subscriptions, topics, retained messages -----------------------------------------------
 
@@ -531,16 +571,18 @@ class ApiResource(Resource):
             raise ApiError(404, f"no retained message on {topic!r}")
         return 200, message_json(message)
 
-    def _delete_retained(self, request: Request, key_id: str | None, topic: str) -> tuple[int, Any]:
+    def _delete_retained(self, request: Request, key_id: str | None,
+                         topic: str) -> tuple[int, Any] | Deferred[tuple[int, Any]]:
         topic = _topic_name(topic)
         message = self.broker.retained.get(topic)
         expired = message is not None and message.expired(self.broker.clock.seconds())
         if not self.broker.delete_retained(topic) or expired:  # (an expired one goes all the same)
             raise ApiError(404, f"no retained message on {topic!r}")
         log.info("admin API: key {key} deletes the retained message of {topic!r}", key=key_id, topic=shortened(topic))
-        return 204, None
+        return self._once_stored((204, None), "the retained message is deleted, but the store cannot write that now "
+                                              "(it does once it can)")
 
-    def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any]:
+    def _publish(self, request: Request, key_id: str | None) -> tuple[int, Any] | Deferred[tuple[int, Any]]:
         body = self._body(request)
         topic = _topic_name(body_field(body, "topic", str))
         if reserved(topic):  # (as a client's PUBLISH)
@@ -563,14 +605,17 @@ class ApiResource(Resource):
             raise ApiError(400, "retained messages are turned off (retain_available)")
         log.info("admin API: key {key} publishes {size} bytes to {topic!r}", key=key_id, size=len(payload),
                  topic=shortened(topic))
-        # Answered once routed (the store logs a failure to write it, and writes it once it can).
         try:
             self.broker.route_own(topic, payload, qos=qos, retain=retain)
         except ValueError as e:  # (one too large for any PUBLISH, say)
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:  # (not started yet: mounted in a site of one's own, its store not open)
             raise ApiError(503, str(e)) from None
-        return 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
+        answer = 200, {"topic": topic, "qos": qos, "retain": retain, "size": len(payload)}
+        if not (qos or retain):  # (nothing of it is stored)
+            return answer
+        return self._once_stored(answer, "the message is routed, but the store cannot write it now (it does once "
+                                         "it can)")
 
     # --- the cluster ------------------------------------------------------------------------------
 
