@@ -957,11 +957,14 @@ class BrokerService(MultiService):
         client's have. Made by an MQTT 5 client, they lose those MQTT 3 has not: routed with
         Retain As Published, a message went to the client with the RETAIN flag of a retained one
         [MQTT-3.3.1-9 of 3.1.1]; with No Local, its own messages did not come back, which it
-        could not have asked for. A bridge's (``bridge``, try_private) are No Local and Retain As
-        Published, as its own SUBSCRIBEs are made, one the admin API made while it was away too."""
+        could not have asked for; Retain Handling is back to 0, as an MQTT 3 SUBSCRIBE makes it.
+        A bridge's (``bridge``, try_private) are No Local and Retain As Published, as its own
+        SUBSCRIBEs are made, one the admin API made while it was away too."""
         for subscription in list(session.subscriptions.values()):
-            if subscription.no_local != bridge or subscription.retain_as_published != bridge:
-                self.subscribe(session, dataclasses.replace(subscription, no_local=bridge, retain_as_published=bridge))
+            if (subscription.no_local != bridge or subscription.retain_as_published != bridge
+                    or subscription.retain_handling):
+                self.subscribe(session, dataclasses.replace(subscription, no_local=bridge, retain_as_published=bridge,
+                                                            retain_handling=0))
         if session.as_published and not bridge:
             # The messages routed with the option that wait for the client (queued, or to be
             # sent again) lose the flag too, those of a subscription gone since as well. A

@@ -215,18 +215,21 @@ def test_the_stats_schema_names_every_field_of_the_answer() -> None:
 
 def test_an_mqtt3_client_is_given_no_mqtt5_subscription_option() -> None:
     """With Retain As Published, an MQTT 3.1.1 client got live messages with RETAIN 1, which it
-    takes for stale retained ones [MQTT-3.3.1-9 of 3.1.1]."""
+    takes for stale retained ones [MQTT-3.3.1-9 of 3.1.1]; with Retain Handling 2, no retained
+    message for its new subscription, which MQTT 3.1.1 sends it [MQTT-3.8.4-3]."""
     broker, api = started()
-    connected(broker, "v311")
+    broker.route_own("t/1", b"kept", retain=True)
+    v311 = connected(broker, "v311")
     connected(broker, "v5", version=5)
-    for option in ("retain_as_published", "no_local"):
+    for option, value in (("retain_as_published", True), ("no_local", True), ("retain_handling", 2),
+                          ("retain_handling", 1)):
         status, body = call(api, "POST", "/api/v1/clients/v311/subscriptions",
-                            json.dumps({"topic_filter": "t/#", option: True}).encode())
-        assert status == 400 and "MQTT 3 client" in body["error"]
+                            json.dumps({"topic_filter": "t/#", option: value}).encode())
+        assert status == 400 and "MQTT 3 client" in body["error"], (option, value, body)
         status, _ = call(api, "POST", "/api/v1/clients/v5/subscriptions",
-                         json.dumps({"topic_filter": "t/#", option: True}).encode())
+                         json.dumps({"topic_filter": "t/#", option: value}).encode())
         assert status in (200, 201)
-    assert broker.sessions["v311"].subscriptions == {}
+    assert broker.sessions["v311"].subscriptions == {} and v311.received() == []
 
 
 def test_a_replay_filter_is_refused() -> None:

@@ -452,9 +452,12 @@ class ApiResource(Resource):
             raise ApiError(400, "a shared subscription cannot have 'no_local' (MQTT-3.8.3-4)")
         retain_as_published = body_field(body, "retain_as_published", bool, False)
         connection = session.connection
+        mqtt3 = connection is not None and connection.client.protocol_version < 5
+        if mqtt3 and retain_handling:  # (its retained messages are sent it [MQTT-3.8.4-3 of 3.1.1])
+            raise ApiError(400, f"{client_id!r} is an MQTT 3 client: 'retain_handling' is MQTT 5's")
         if connection is not None and connection.bridge:  # (as its own SUBSCRIBEs: see subscribing.py)
             no_local = retain_as_published = True
-        elif (no_local or retain_as_published) and connection is not None and connection.client.protocol_version < 5:
+        elif (no_local or retain_as_published) and mqtt3:
             raise ApiError(400, f"{client_id!r} is an MQTT 3 client: 'no_local' and 'retain_as_published' are "
                                 "MQTT 5's")
         subscription = Subscription(
