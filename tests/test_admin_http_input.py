@@ -180,7 +180,80 @@ def test_a_form_body_is_not_parsed_before_the_key_is_checked() -> None:
         protocol.dataReceived(f"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nContent-Type: {content_type}\r\n"
                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         assert transport.value().startswith(b"HTTP/1.1 401 "), content_type
-        assert seen[-1] == ({}, True), content_type  # (the body kept whole, for a resource to read)
+        assert seen[-1] == ({}, False), content_type  # (nor kept: it came without a key)
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(f"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {KEY}\r\n"
+                              f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                              "\r\n".encode() + body)
+        assert transport.value().startswith(b"HTTP/1.1 400 "), content_type  # (not JSON)
+        assert seen[-1] == ({}, True), content_type  # (with the key, the body kept whole, for a resource to read)
+
+
+# --- a request without a key, or one that does not come whole, holds nothing for long ---------------
+
+def _connected(site: Any) -> tuple[Any, StringTransport]:
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize("key", [None, "not-" + KEY], ids=["none", "not-accepted"])
+def test_the_body_of_a_request_without_an_accepted_key_is_not_kept(key: str | None) -> None:
+    """The body was kept, up to http_max_body_size, until the API looked at the key once it had
+    come whole: 100 POSTs without a key, each of Content-Length 1 MiB and sent 10 bytes short,
+    held 120 MB for as long as their clients kept them open. It is discarded as it comes, as an
+    oversized one is, and the answer is the same (401 or 403)."""
+    site = _site()
+    protocol, transport = _connected(site)
+    authorization = b"" if key is None else b"Authorization: Bearer " + key.encode() + b"\r\n"
+    size = 1 << 20
+    protocol.dataReceived(b"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\n" + authorization
+                          + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+                          + b" " * (size - 10))
+    [request] = protocol.requests
+    assert request.content.tell() == 0
+    protocol.dataReceived(b" " * 10)
+    assert transport.value().split(b"\r\n", 1)[0] == (b"HTTP/1.1 401 Unauthorized" if key is None
+                                                       else b"HTTP/1.1 403 Forbidden")
+
+
+def test_the_body_of_a_request_with_an_accepted_key_is_kept_as_it_comes() -> None:
+    site = _site()
+    protocol, _ = _connected(site)
+    body = json.dumps({"topic": "t", "payload": "x" * 1000}).encode()
+    protocol.dataReceived(b"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer " + KEY.encode()
+                          + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-1])
+    [request] = protocol.requests
+    assert request.content.getvalue() == body[:-1]
+
+
+def test_a_request_that_does_not_come_whole_within_its_deadline_is_answered_408_and_closed() -> None:
+    """twisted.web's idle timeout (60 s) starts again with every byte: a request sent a byte
+    every 25 s held its connection for ever, and a body held with it. A request has 60 s from
+    its first byte to its last."""
+    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    protocol, transport = _connected(broker.service.operations.site())
+    sent = b"GET /api/v1/health HTTP/1.1\r\nHost: broker\r\n\r\n"
+    for byte in range(3):
+        protocol.dataReceived(sent[byte:byte + 1])
+        broker.advance(25)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0] == b"HTTP/1.1 408 Request Timeout" and set(json.loads(body)) == {"error"}
+    assert transport.disconnecting
+
+
+def test_each_request_of_a_connection_has_its_own_deadline() -> None:
+    """The deadline runs from a request's first byte until it is whole: a connection that sends
+    one request a minute, each whole at once, is never cut."""
+    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    protocol, transport = _connected(broker.service.operations.site())
+    for _ in range(3):
+        protocol.dataReceived(b"GET /api/v1/health HTTP/1.1\r\nHost: broker\r\n\r\n")
+        broker.advance(50)
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 3 and not transport.disconnecting
 
 
 # --- a client id or topic filter as long as MQTT allows fits in a request line ---------------------

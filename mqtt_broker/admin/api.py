@@ -67,19 +67,28 @@ until a later page or the sweep (within a minute) has looked at them."""
 
 class BoundedRequest(Request):
     """A request whose body is kept only up to ``max_body`` bytes; past that it is discarded as
-    it arrives and ``body_too_large`` is set (the API then answers 400)."""
+    it arrives and ``body_too_large`` is set (the API then answers 400). With ``keys``, the body
+    of a request that carries none of them is discarded too (``keyless``): every path that reads
+    a body needs a key, and the API answers such a request 401 or 403 without reading it."""
 
     max_body = 1 << 20
+    keys: KeyRing | None = None
     body_too_large = False
+    keyless = False
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
         if length is not None and length > self.max_body:
             self.body_too_large = True
+        elif length != 0 and self.keys is not None:
+            # Looked at as soon as the headers are in: else anyone who reaches the port has a
+            # body of up to max_body held for as long as they take to send it.
+            presented = presented_key(self)
+            self.keyless = presented is None or self.keys.identify(presented) is None
 
     def handleContentChunk(self, data: bytes) -> None:
         content = self.content
-        if self.body_too_large or content is None:
+        if self.body_too_large or self.keyless or content is None:
             return
         if content.tell() + len(data) > self.max_body:
             self.body_too_large = True

@@ -15,6 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -34,6 +37,10 @@ line beside them. twisted.web reads 16 KiB: 2,750 non-ASCII characters of an id.
 HEADERS_LIMIT = 16_384
 """Bytes of a request's header lines, the request line apart (414 past REQUEST_LINE_LIMIT, 431
 past this)."""
+REQUEST_DEADLINE = 60.0
+"""Seconds a request has from its first byte to its last (line, headers and body) before its
+connection is answered 408 and closed. The idle timeout (as long) starts again with every byte: a
+request trickled a byte every 25 s held its connection, and what it had sent, for ever."""
 
 # Everything the page needs is on this site; nothing inline, nothing from elsewhere.
 _SECURITY_HEADERS = {
@@ -98,7 +105,8 @@ class MetricsResource(Resource):
 
 class AdminChannel(HTTPChannel):
     """An HTTP/1.1 connection of the admin site, which answers a pipelined request only once its
-    transport took the answer before, and reads a request line up to :data:`REQUEST_LINE_LIMIT`.
+    transport took the answer before, reads a request line up to :data:`REQUEST_LINE_LIMIT`, and
+    gives each request :data:`REQUEST_DEADLINE` seconds to come whole.
 
     twisted.web's HTTPChannel stops reading when the transport is full between requests, but
     goes on answering the requests it has already read: 64 KiB of pipelined requests from a
@@ -115,8 +123,13 @@ class AdminChannel(HTTPChannel):
         self._pieces: list[bytes] = []
         self._pieces_size = 0
         self._request_line_size = 0
+        self._deadline: IDelayedCall | None = None
 
     def dataReceived(self, data: bytes) -> None:
+        if data and self._deadline is None and not self._handlingRequest:
+            # (what comes while a request is handled waits unread for it, and starts its deadline
+            # once it is read)
+            self._deadline = self.callLater(REQUEST_DEADLINE, self._too_slow)
         # LineReceiver joins what it holds of a line with each piece that comes, and looks for
         # the line's end in the whole again: a request line of REQUEST_LINE_LIMIT that came a
         # byte at a time would take the reactor seconds. Pieces with no end of line in them wait
@@ -145,6 +158,26 @@ class AdminChannel(HTTPChannel):
             self._refuse(b"431 Request Header Fields Too Large", f"a request header above {HEADERS_LIMIT} bytes")
         else:
             self._refuse(b"414 URI Too Long", f"request line above {REQUEST_LINE_LIMIT} bytes")
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(b"408 Request Timeout", f"the request did not come whole within {REQUEST_DEADLINE:g} seconds")
+        if self.abortTimeout is not None:  # (as twisted.web's idle timeout: a client that reads nothing)
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer ``status`` with a JSON error, as the API does, and close: what follows in the
@@ -186,18 +219,20 @@ class AdminSite(Site):
 def make_site(broker: Any, operations: Any) -> AdminSite:
     root = StaticFiles(str(STATIC))
     root.indexNames = ["index.html"]
-    root.putChild(b"api", ApiResource(broker, operations))
+    api = ApiResource(broker, operations)
+    root.putChild(b"api", api)
     root.putChild(b"metrics", MetricsResource(broker, operations))
     if broker.config.http_websocket:
         from ..websocket import WebSocketResource  # autobahn is imported only when used
         root.putChild(b"mqtt", WebSocketResource(broker))
-    request_factory = type("AdminRequest", (BoundedRequest,), {"max_body": broker.config.http_max_body_size})
+    request_factory = type("AdminRequest", (BoundedRequest,), {"max_body": broker.config.http_max_body_size,
+                                                               "keys": api.keys})
     # twisted.web parses a POST form body into args before any resource checks a key (1 MiB of it
     # held the reactor 300 ms): the API reads JSON only.
-    site = AdminSite(root, requestFactory=request_factory, parsePOSTFormSubmission=False)
+    site = AdminSite(root, requestFactory=request_factory, parsePOSTFormSubmission=False, reactor=broker.reactor)
     site.displayTracebacks = False
     return site
 
 
-__all__ = ["HEADERS_LIMIT", "REQUEST_LINE_LIMIT", "AdminChannel", "AdminSite", "MetricsResource", "StaticFiles",
-           "make_site"]
+__all__ = ["HEADERS_LIMIT", "REQUEST_DEADLINE", "REQUEST_LINE_LIMIT", "AdminChannel", "AdminSite", "MetricsResource",
+           "StaticFiles", "make_site"]
