@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from mqtt_broker.cluster.codec import (
     BARRIER, CLEARED, FORWARDED, HANDED, HELD, TARGETED, pack_barrier, pack_cleared, pack_forwarded, pack_message,
-    pack_queued, pack_retained, pack_targeted, records_of_0_1_0, targeted_head, unpack_records, unpack_retained,
+    pack_queued, pack_retained, pack_targeted, pack_will, records_of_0_1_0, targeted_head, unpack_queued,
+    unpack_records, unpack_retained, unpack_will,
 )
 from mqtt_broker.message import Message
 from mqtt_broker.session import Queued
@@ -146,6 +147,55 @@ def test_a_retained_message_kept_as_a_publish_alone_expires_its_interval_after_i
                        0.0)
     assert unpack_retained(old, 5000.0).expires_at == 5060.0
     assert unpack_retained(pack_message(Message(topic="t", payload=b"p", retain=True), 0.0), 5000.0).expires_at is None
+
+
+# --- what a session keeps in Redis --------------------------------------------------------------
+
+# The longest strings MQTT allows (65,535 bytes of UTF-8), which JSON writes as \uXXXX: 131,070
+# bytes for the first, 196,596 for the second (a surrogate pair each).
+LONGEST = ["\u4e2d" * 21_845, "\U0001f600" * 16_383]
+
+
+@pytest.mark.parametrize("text", LONGEST, ids=["3-byte", "4-byte"])
+def test_a_queued_message_keeps_a_publisher_and_a_shared_subscription_of_any_length_mqtt_allows(text: str) -> None:
+    """As queued in Redis, and as sent on to a session's owner in an inbox; the terms of its
+    delivery (a JSON head) may be longer than two bytes count."""
+    message = Message(topic="t", payload=b"p", qos=1, sender=text, cluster_id=b"id")
+    item = Queued(message, 1, False, (1, 268_435_455), (text, "$share/" + text[:5_000] + "/t"), 9)
+    got = unpack_queued(pack_queued(item), 9)
+    [(kind, client_id, sent_on)] = unpack_records(pack_targeted(text, pack_queued(item)))
+    assert (kind, client_id) == (TARGETED, text)
+    for read in (got, sent_on):
+        same_message(read.message, message)
+        assert (read.qos, read.subscription_ids, read.share) == (1, (1, 268_435_455), item.share)
+
+
+def test_a_queued_message_keeps_as_many_subscription_identifiers_as_a_publish_holds() -> None:
+    """Each matching subscription of the session may give one [MQTT-3.3.4-3]: 7,000 in a PUBLISH
+    of 35 KB."""
+    ids = tuple(range(268_435_455 - 7_000, 268_435_455))
+    item = Queued(Message(topic="t", payload=b"p", qos=1), 1, False, ids, None, 1)
+    assert unpack_queued(pack_queued(item), 1).subscription_ids == ids
+
+
+@pytest.mark.parametrize("user_name", LONGEST, ids=["3-byte", "4-byte"])
+def test_a_will_keeps_a_user_name_of_any_length_mqtt_allows(user_name: str) -> None:
+    message, got_user_name, delay, due = unpack_will(pack_will(Message(topic="w", payload=b"gone", qos=1), user_name,
+                                                               30, 12.5))
+    assert (message.topic, message.payload, got_user_name, delay, due) == ("w", b"gone", user_name, 30, 12.5)
+
+
+def test_a_queued_message_and_a_will_as_kept_before_are_read() -> None:
+    """Their heads' lengths in two bytes, as 0.1.0 and the releases since wrote them all."""
+    queued = unpack_queued(bytes.fromhex(
+        "00325b312c66616c73652c5b375d2c5b2267222c222473686172652f672f712f23225d2c6e756c6c2c2270222c2230313032225d"
+        "320d0003712f6100010068656c6c6f"), 3)
+    assert (queued.message.topic, queued.message.payload, queued.message.sender, queued.message.cluster_id) == (
+        "q/a", b"hello", "p", b"\1\2")
+    assert (queued.qos, queued.subscription_ids, queued.share, queued.seq) == (1, (7,), ("g", "$share/g/q/#"), 3)
+    will = bytes.fromhex("000d5b2275222c33302c31322e355d320c0003772f63000100676f6e65")
+    message, user_name, delay, due = unpack_will(will)
+    assert (message.topic, message.payload, user_name, delay, due) == ("w/c", b"gone", "u", 30, 12.5)
 
 
 # --- what 0.1.0 left in an inbox --------------------------------------------------------------

@@ -20,7 +20,7 @@ from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
-    BARRIER, HANDED, HELD, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_records,
+    BARRIER, HANDED, HELD, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_queued, unpack_records,
     unpack_retained, unpack_will,
 )
 from mqtt_broker.cluster.node import node_id
@@ -749,6 +749,33 @@ def test_a_will_is_in_redis_before_its_connack(server: RedisServer) -> Iterator[
         assert in_redis_at_connack and in_redis_at_connack[0] is not None
         message, _, delay, _ = unpack_will(in_redis_at_connack[0])
         assert (message.topic, message.payload, delay) == ("wills/c", b"c is gone", 0)
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_id_and_a_user_name_of_long_non_ascii_text_go_to_redis(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """12,000 CJK characters (36,000 bytes of UTF-8, a valid MQTT string): the client's will
+    and its QoS 1 message queued for a session Redis keeps failed to be written (their JSON
+    heads, 72,000 bytes, had their length in two bytes): no CONNACK, then no PUBACK."""
+    broker = yield node_a(server)
+    long = "\u4e2d" * 12_000
+    try:
+        stored = yield connect(broker, 5, client_id="s", clean_start=False,
+                               properties={"session_expiry_interval": 600})
+        stored.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=1),)))
+        yield broker.store.flushed()
+        stored.lose()
+        publisher = yield connect(broker, 5, client_id=long, username=long,
+                                  will=Will(topic="wills", payload=b"gone", qos=1, retain=False))
+        publisher.send(Publish(topic="t", payload=b"queued", qos=1, packet_id=1))
+        yield broker.store.flushed()
+        assert [type(p) for p in publisher.received()] == [Connack, Puback]
+        [queued] = [unpack_queued(item, 1).message for item in server.client().hvals("mqtt:deliv:s")]
+        assert (queued.payload, queued.sender) == (b"queued", long)
+        will, username, _, _ = unpack_will(server.client().hget(f"mqtt:session:{long}", "will"))
+        assert (will.payload, username) == (b"gone", long)
     finally:
         yield broker.stopService()
 

@@ -253,6 +253,28 @@ def records_of_0_1_0(data: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _headed(head: bytes) -> bytes:
+    """The JSON head of a queued message or a will, after its length: in two bytes, as every
+    release wrote it, or, for a head longer than that counts, a length of 0 (no head is empty:
+    a JSON list) and the length in four. JSON writes each character past ASCII as \\uXXXX (6
+    bytes, 12 past the BMP): a client id or a user name MQTT allows (65,535 bytes) may take
+    196,596, and a message's subscription identifiers are as many as its session's matching
+    subscriptions."""
+    size = len(head)
+    if size <= 0xFFFF:
+        return size.to_bytes(2, "big") + head
+    return b"\0\0" + size.to_bytes(4, "big") + head
+
+
+def _read_head(data: bytes) -> tuple[Any, int]:
+    """The JSON head of ``_headed`` and where what follows it begins."""
+    size = data[0] << 8 | data[1]
+    if size:
+        return json.loads(data[2:2 + size]), 2 + size
+    size = _read_u32(data, 2)
+    return json.loads(data[6:6 + size]), 6 + size
+
+
 def pack_queued(item: Queued) -> bytes:
     """A queued or in-flight message of a session: its terms and its PUBLISH. The expiry is kept
     as clock time, as the SQLite store keeps it."""
@@ -263,13 +285,12 @@ def pack_queued(item: Queued) -> bytes:
     message = item.message
     body = publish_template(message.topic, message.payload, message.qos, message.retain, message.properties,
                             MQTT_5, 1 if message.qos else 0)[0]
-    return len(head).to_bytes(2, "big") + head + body
+    return _headed(head) + body
 
 
 def unpack_queued(data: bytes, seq: int) -> Queued:
-    size = data[0] << 8 | data[1]
-    qos, retain, ids, share, expires_at, sender, cluster_id = json.loads(data[2:2 + size])
-    message = unpack_message(data[2 + size:])
+    (qos, retain, ids, share, expires_at, sender, cluster_id), pos = _read_head(data)
+    message = unpack_message(data[pos:])
     message.expires_at = expires_at
     message.sender = sender
     message.cluster_id = bytes.fromhex(cluster_id) if cluster_id else None
@@ -292,13 +313,12 @@ def pack_will(message: Message, username: str | None, delay: int, due: float | N
     """A client's will as a session keeps it: ``due`` None while its client is connected (armed:
     published by whoever finds the connection gone), else the clock time it is due."""
     head = json.dumps([username, delay, due], separators=(",", ":")).encode()
-    return len(head).to_bytes(2, "big") + head + pack_message(message, 0.0)
+    return _headed(head) + pack_message(message, 0.0)
 
 
 def unpack_will(data: bytes) -> tuple[Message, str | None, int, float | None]:
-    size = data[0] << 8 | data[1]
-    username, delay, due = json.loads(data[2:2 + size])
-    return unpack_message(data[2 + size:]), username, delay, due
+    (username, delay, due), pos = _read_head(data)
+    return unpack_message(data[pos:]), username, delay, due
 
 
 __all__ = ["pack_message", "unpack_message", "pack_forwarded", "pack_targeted", "targeted_head", "unpack_records", "records_of_0_1_0",
