@@ -108,6 +108,17 @@ def test_a_record_carries_hundreds_of_shared_subscriptions() -> None:
     assert (kind, message.topic, read) == (FORWARDED, "t", shares)
 
 
+@pytest.mark.parametrize("cluster_id", [b"id", None])
+def test_a_record_carries_more_shared_subscriptions_than_two_bytes_count(cluster_id: bytes | None) -> None:
+    """Nothing bounds the shared groups of a topic a node's clients hold (max_subscriptions_per_client
+    0): 70,000 of them, all chosen on one node, failed every publish to the topic on another node."""
+    shares = tuple((f"g{i}", "t") for i in range(70_000))
+    message = Message(topic="t", payload=b"p", qos=1 if cluster_id else 0, cluster_id=cluster_id, sender="s")
+    entry = pack_forwarded(message, shares, 0.0) + pack_forwarded(message, (("g", "t"),), 0.0)
+    assert [(kind, got.payload, got.sender, got.cluster_id, read) for kind, got, read in unpack_records(entry)] == [
+        (FORWARDED, b"p", "s", cluster_id, shares), (FORWARDED, b"p", "s", cluster_id, (("g", "t"),))]
+
+
 @FUZZ
 @given(message=MESSAGES, now=st.sampled_from([0.0, 0.5, 1_800_000_000.25]), expires_in=st.none() | st.integers(1, 10**6))
 def test_a_retained_message_keeps_when_it_expires(message: Message, now: float, expires_in: int | None) -> None:

@@ -38,6 +38,10 @@ _EXPIRING: Final = 0x80
 expires at follows the cluster id, so that a record read late (from a dead node's inbox, say)
 does not give the message its whole interval again."""
 
+_MANY: Final = 0x40
+"""Set in the kind of a FORWARDED or HANDED record whose count of shares takes four bytes, not
+two: nothing bounds how many shared groups of a topic the clients of a node hold."""
+
 _FORWARDED_NO_ID: Final = bytes((FORWARDED, 0))
 """The head of a FORWARDED record of a message without a cluster id or an expiry (QoS 0)."""
 
@@ -123,15 +127,18 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
     it, which it is not handed to again)."""
     body = pack_message(message, now)
     cluster_id, expires_at = message.cluster_id, message.expires_at
-    if cluster_id is None and expires_at is None and kind == FORWARDED:
+    many = len(shares) > 0xFFFF
+    if cluster_id is None and expires_at is None and kind == FORWARDED and not many:
         head = _FORWARDED_NO_ID
     else:
         ident = cluster_id or b""
-        head = bytes((kind if expires_at is None else kind | _EXPIRING, len(ident))) + ident
+        flags = (0 if expires_at is None else _EXPIRING) | (_MANY if many else 0)
+        head = bytes((kind | flags, len(ident))) + ident
         if expires_at is not None:
             head += _CLOCK.pack(expires_at)
-    # (Two bytes for the count of shares: a client may hold hundreds of shared groups of a topic.)
-    parts = [head, _string(message.sender or ""), len(shares).to_bytes(2, "big")]
+    # (Two bytes for the count of shares, as a rule: a client may hold hundreds of shared groups
+    # of a topic.)
+    parts = [head, _string(message.sender or ""), len(shares).to_bytes(4 if many else 2, "big")]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
     if kind == HANDED:
@@ -171,17 +178,22 @@ def unpack_records(data: bytes) -> Iterator[Record]:
     one are read whatever follows them."""
     pos, end = 0, len(data)
     while pos < end:
-        kind = data[pos] & ~_EXPIRING
+        flags = data[pos]
+        kind = flags & ~(_EXPIRING | _MANY)
         if kind == FORWARDED or kind == HANDED:
             size = data[pos + 1]
             cluster_id = data[pos + 2:pos + 2 + size] or None
             expires_at: float | None = None
-            if data[pos] & _EXPIRING:
+            if flags & _EXPIRING:
                 expires_at = _CLOCK.unpack_from(data, pos + 2 + size)[0]
                 size += _CLOCK.size
             sender, pos = _read_string(data, pos + 2 + size)
-            count = data[pos] << 8 | data[pos + 1]
-            pos += 2
+            if flags & _MANY:
+                count = _read_u32(data, pos)
+                pos += 4
+            else:
+                count = data[pos] << 8 | data[pos + 1]
+                pos += 2
             shares: list[tuple[str, str]] = []
             for _ in range(count):
                 group, pos = _read_string(data, pos)
