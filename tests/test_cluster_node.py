@@ -20,7 +20,7 @@ from mqtt_broker import BrokerService, Message
 from mqtt_broker.cluster.address import RedisAddress
 from mqtt_broker.admin.figures import InboxLag, read
 from mqtt_broker.cluster.codec import (
-    BARRIER, HANDED, HELD, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_queued, unpack_records,
+    BARRIER, FORWARDED, HANDED, HELD, pack_forwarded, pack_queued, pack_retained, targeted_head, unpack_queued, unpack_records,
     unpack_retained, unpack_will,
 )
 from mqtt_broker.cluster.node import node_id
@@ -2389,6 +2389,46 @@ def test_a_nodes_message_log_is_kept_by_the_restore_step_of_its_start(server: Re
         now = broker.clock.seconds()
         broker._restore(broker.store.load(broker.config.max_queued_messages))
         assert [e.message.payload for e in broker.history.replay("log/#", "all", now)] == [b"one"]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_of_another_node_that_expired_on_its_way_is_not_counted_as_routed(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Counted as routed here for another node, but not as received (it was routed nowhere): the
+    messages received from clients, worked out as received less those, went below zero."""
+    clock, broker = yield a_at_1000(server)
+    try:
+        message = Message("t", b"late", qos=1, properties={"message_expiry_interval": 1}, sender="c",
+                          expires_at=clock.seconds() - 1)
+        broker.cluster._handle_record(FORWARDED, message, (), 0, b"1-0")
+        assert broker.stats.messages_expired == 1 and broker.stats.routed_from_nodes == 0
+        assert read(broker).publish_received == [0, 0, 0]
+    finally:
+        yield broker.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_next_message_after_one_of_this_node_expired_on_its_way_back_is_counted(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """A QoS 2 message of a stored session goes round through this node's inbox, counted as
+    received as it was published: one that expired on its way back left the mark of "counted
+    before" for the next message routed here, which was then counted by no one."""
+    clock, broker = yield a_at_1000(server)
+    try:
+        subscriber = yield connect(broker, 5, client_id="s")
+        subscriber.subscribe("t", qos=2)
+        publisher = yield connect(broker, 5, client_id="p", clean_start=False,
+                                  properties={"session_expiry_interval": 600})
+        publisher.send(Publish(topic="t", payload=b"expiring", qos=2, packet_id=1,
+                               properties={"message_expiry_interval": 1}))
+        clock.advance(2.0)  # before a reads it back from its inbox
+        yield until(lambda: broker.stats.messages_expired == 1, "a to read its message back, expired")
+        assert not [p for p in subscriber.received() if isinstance(p, Publish)]
+        before = sum(read(broker).publish_received)
+        publisher.send(Publish(topic="other", payload=b"counted", qos=0))
+        assert sum(read(broker).publish_received) == before + 1
     finally:
         yield broker.stopService()
 

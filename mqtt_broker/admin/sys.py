@@ -24,7 +24,8 @@ A broker with bridges adds ``bridges/count`` and, for each bridge, ``bridges/<co
 - ``state``: stopped, connecting, connected or waiting (to reconnect);
 - ``queued``: messages waiting here for the remote (queued, stored or in flight);
 - ``messages/sent``, ``messages/received``: messages forwarded to the remote and from it;
-- ``messages/dropped``: messages from either side that no topic line maps;
+- ``messages/dropped``: messages from either side that no topic line maps, or larger than the
+  other side takes, and QoS 0 ones this broker could not take as fast as the remote sent them;
 - ``connects``: links made, the first connection included (so reconnections are one less);
 - ``failures``: connection attempts that failed and links that broke.
 """

@@ -677,15 +677,17 @@ class Cluster:
             self._cleared(first, second, self._barriers.get(first))
             return
         delivery = self.broker.delivery
-        if kind != FORWARDED or first.cluster_id is None or not self.forwarding.made_here(first.cluster_id):
-            self.stats.forwarded_in += 1
-            if kind == FORWARDED:  # routed here, but published on another node
-                self.broker.stats.routed_from_nodes += 1
-        else:  # one this node sent itself (Forwarding.through_inboxes), counted then
+        back = kind == FORWARDED and first.cluster_id is not None and self.forwarding.made_here(first.cluster_id)
+        if back:  # one this node sent itself (Forwarding.through_inboxes), counted then
             self.forwarding.came_back(first.sender)
-            delivery.received_before = True
+        else:
+            self.stats.forwarded_in += 1
         if self.expired_on_its_way(first):
-            return
+            return  # (not routed: counted as received by no node, nor taken for counted by the next)
+        if back:
+            delivery.received_before = True
+        elif kind == FORWARDED:  # routed here, but published on another node
+            self.broker.stats.routed_from_nodes += 1
         # Nothing of a QoS 2 message reaches a client before the store holds that this entry
         # is handled: after a crash it is handled again, so it must not have gone out.
         delivery.routing_waits_for_store = first.qos == 2
