@@ -29,6 +29,7 @@ from redis_helpers import RedisServer
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from mqtt_broker import BrokerService
@@ -564,8 +565,7 @@ def test_deleting_a_nodes_sys_value_leaves_the_other_nodes_own(server: RedisServ
             request = DummyRequest([b""])
             request.method, request.path, request.content = method.encode(), path.encode(), BytesIO(body)
             request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {KEY}".encode()])
-            api.render(request)
-            if not request.finished:  # (answered once Redis has the change)
+            if api.render(request) is NOT_DONE_YET:  # (answered once Redis has the change)
                 yield request.notifyFinish()
             assert request.responseCode in (200, 204), request.written
         # A change after it, on the same control channel: once b has it, b has had the deletion.
