@@ -392,6 +392,13 @@ def payloads(client: Any) -> list[bytes]:
     return [p.payload for p in client.received() if isinstance(p, Publish)]
 
 
+def linked_before(remote: FakeRemote) -> None:
+    """A first link, to a remote without a session (the bridge's session here is new): the next
+    links resume the one it starts."""
+    remote.up()
+    remote.down()
+
+
 def restarted_while_away(remote: FakeRemote, *lines: BridgeTopic) -> None:
     """The bridge, once connected, started again with these topic lines while the remote is away."""
     remote.up()
@@ -458,6 +465,7 @@ def test_a_qos2_message_from_the_remote_above_max_qos_1_here_is_taken_at_qos1_an
                         settings={"max_qos": 1}, topic=["in/# in 2"], notifications=False)
     subscriber = connected(remote.broker, "sub")
     subscriber.subscribe("in/#", qos=1)
+    linked_before(remote)
     remote.up(session_present=True, granted=(1,))
     remote.received()
     remote.send(Publish(topic="in/x", payload=b"queued at 2", qos=2, dup=True, packet_id=7))
@@ -475,6 +483,7 @@ def test_a_qos2_message_from_the_remote_above_max_qos_dropped_here_is_refused_as
     from mqtt_broker.wire import Pubcomp, Pubrec
     remote = FakeRemote(max_packet_size=200, settings={"max_qos": 1},
                         topic=["# in 2 a/much/longer/local/prefix/for/what/comes/in/ r/"], notifications=False)
+    linked_before(remote)
     remote.up(session_present=True, granted=(1,))
     remote.received()
     remote.send(Publish(topic="r/x", payload=b"p" * 150, qos=2, packet_id=7))
@@ -491,6 +500,7 @@ def test_a_message_from_the_remote_above_max_qos_0_here_is_acknowledged_to_it_at
     remote = FakeRemote(settings={"max_qos": 0}, topic=["in/# in 2"], notifications=False)
     subscriber = connected(remote.broker, "sub")
     subscriber.subscribe("in/#")
+    linked_before(remote)
     remote.up(session_present=True, granted=(0,))
     remote.received()
     remote.send(Publish(topic="in/x", payload=b"queued", qos=qos, packet_id=7))
@@ -595,6 +605,111 @@ def test_a_remote_that_starts_a_new_session_may_use_its_qos2_ids_again() -> None
     remote.broker.stopService()
 
 
+def test_a_bridge_whose_session_here_is_new_starts_a_new_session_at_the_remote() -> None:
+    """Its session here new (persistence "memory", a new data_dir, another local_clientid), the
+    bridge numbers its messages from 1 again: a session resumed at the remote held the ids of the
+    last run's QoS 2 messages it had PUBREC'd, awaiting their PUBREL, and took the new ones for
+    resends, dropped [MQTT-4.3.3-9]. That session is ended, and the one the bridge starts there
+    outlasts the link: what comes for it meanwhile comes in at the next."""
+    from mqtt_broker.wire import Pubrec
+    bridged = Bridged({**_BRIDGE, "topic": ["q/# out 2", "r/# in 1"]}, persistence="memory")
+    last_run = connected(bridged.remote, "edge", clean=False)
+    for n in (1, 2, 3):
+        assert last_run.publish("q/old", b"last run", qos=2, packet_id=n) == [Pubrec(packet_id=n)]
+    last_run.lose()
+    there = connected(bridged.remote, "there")
+    there.subscribe("q/#", qos=2)
+    there.received()
+    for _ in range(3):  # (each at once after the last)
+        bridged.accept()
+        bridged.reactor.advance(0)
+    # Asked to resume, with no session here: a Session Present 1 closes the link; a clean start
+    # ends that session there, and lasts as long as its connection, which the bridge ends.
+    assert [pump.client._wrappedProtocol.connect.clean_start for pump in bridged.pumps] == [False, True, False]
+    assert bridged.bridge.state == "connected"
+    here = connected(bridged.broker, "here", clean=False)
+    here.subscribe("r/#", qos=1)
+    publisher = connected(bridged.broker, "pub")
+    for n in (1, 2, 3):
+        publisher.publish("q/new", f"new {n}".encode(), qos=2, packet_id=n)
+        publisher.send(Pubrel(packet_id=n))
+    bridged.settle()
+    assert [p.payload for p in there.received() if isinstance(p, Publish)] == [b"new 1", b"new 2", b"new 3"]
+    bridged.drop()
+    connected(bridged.remote, "cloud").publish("r/x", b"while away", qos=1)
+    bridged.reconnect()
+    assert not bridged.bridge.remote.connect.clean_start
+    assert [p.payload for p in here.received() if isinstance(p, Publish)] == [b"while away"]
+
+
+def answered(remote: FakeRemote, connack: Connack) -> list[Any]:
+    """What the bridge sends at its next attempt, answered with ``connack``, on which it closes
+    the link and connects again."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    remote.reactor.advance(1.3)
+    protocol = remote.reactor.tcpClients[-1][2].buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(encode(connack, remote.version))
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    remote.reactor.advance(0)
+    return FrameReader(version=remote.version).feed(transport.value())
+
+
+@pytest.mark.parametrize("version", [3, 5])
+def test_a_new_session_here_starts_the_remotes_anew_at_the_first_connect(version: int) -> None:
+    """An MQTT 3.1 CONNACK does not say whether a session was resumed: as with MQTT 5, the first
+    CONNECT asks for a clean start. An MQTT 3 session so started lasts as long as its connection
+    [MQTT-3.1.2-6]: the bridge ends it at once (with a DISCONNECT) and connects again for one
+    that outlasts the link."""
+    from mqtt_broker.wire import Disconnect
+    protocol = "mqttv31" if version == 3 else "mqttv50"
+    remote = FakeRemote(version=version, bridge_protocol_version=protocol, topic=["q/# out 2"])
+    connects = []
+    if version == 3:
+        sent = answered(remote, Connack())
+        assert [type(p) for p in sent] == [Connect, Disconnect]
+        connects.append(sent[0])
+    for _ in range(2):
+        remote.up()
+        connects += [p for p in remote.received() if isinstance(p, Connect)]
+        remote.down()
+    assert [c.clean_start for c in connects] == ([True, False, False] if version == 3 else [True, False])
+    remote.broker.stopService()
+
+
+def test_an_mqtt_311_remote_with_a_session_a_new_one_here_does_not_go_with_is_started_anew() -> None:
+    """Asked to resume a session (a remote without one is connected to once), it answers Session
+    Present 1: the link is closed before anything crosses (3.1.1's 3.2.2.2), a clean start ends
+    that session, and the next link starts one that lasts."""
+    from mqtt_broker.wire import Disconnect
+    remote = FakeRemote(topic=["out/# out 2"], notifications=False)
+    queue(remote, 2, b"numbered from 1 again")
+    sent = answered(remote, Connack(session_present=True))
+    assert [type(p) for p in sent] == [Connect, Disconnect] and not sent[0].clean_start  # type: ignore[union-attr]
+    sent = answered(remote, Connack())
+    assert [type(p) for p in sent] == [Connect, Disconnect] and sent[0].clean_start  # type: ignore[union-attr]
+    remote.up()
+    got = remote.received()
+    assert [p.clean_start for p in got if isinstance(p, Connect)] == [False]
+    assert [p.payload for p in got if isinstance(p, Publish)] == [b"numbered from 1 again"]
+    remote.broker.stopService()
+
+
+def test_a_bridge_whose_session_here_was_kept_resumes_the_remotes() -> None:
+    """Kept from the bridge's last run (or restored from the store), the session here holds what
+    the remote's does of their exchanges: the first link of the new run resumes it."""
+    bridged = Bridged({**_BRIDGE, "topic": ["q/# out 2"]})
+    bridged.accept()
+    bridged.bridge.stopService()
+    bridged.settle()
+    bridged.bridge.startService()
+    bridged.accept()
+    assert bridged.bridge.state == "connected" and not bridged.bridge.remote.connect.clean_start
+
+
 def test_a_remote_that_kept_the_subscriptions_the_bridge_made_there_is_not_sent_them_again() -> None:
     """A SUBSCRIBE brings the remote's retained messages again, and Mosquitto sends a bridge
     back those it sent (older, maybe, than one retained here since): a `both` line's came back
@@ -623,6 +738,7 @@ def test_a_remote_that_kept_the_subscriptions_the_bridge_made_there_is_not_sent_
 def test_an_mqtt_3_1_remote_is_subscribed_at_each_connection() -> None:
     """Its CONNACK has no Session Present: whether it kept the subscriptions is not known."""
     remote = FakeRemote(version=3, topic=["in/# in 1"], bridge_protocol_version="mqttv31", notifications=False)
+    answered(remote, Connack())  # (the clean start of a new session here)
     for _ in range(2):
         remote.up()
         assert [p for p in remote.received() if isinstance(p, Subscribe)]
@@ -637,7 +753,9 @@ def test_the_out_topics_are_unsubscribed_at_a_remote_that_kept_the_session_as_mo
     the filter of an in line too; not when the remote starts a new session, which holds none."""
     from mqtt_broker.wire import Unsubscribe
     lines = ["t/# out 1", 'x/# out 1 "" r/', "s/# out 1", "s/# in 1", "c/# in 1"]
-    remote = FakeRemote(topic=lines, notifications=False, bridge_attempt_unsubscribe=attempt)
+    remote = FakeRemote(topic=["t/# both 1", 'x/# both 1 "" r/', "s/# in 1", "c/# in 1"], notifications=False,
+                        bridge_attempt_unsubscribe=attempt)
+    restarted_while_away(remote, *(BridgeTopic.parse(line) for line in lines))
     for session_present in (True, False):
         remote.up(session_present=session_present, granted=(1,))
         unsubscribed = [f for p in remote.received() if isinstance(p, Unsubscribe) for f in p.topic_filters]
@@ -677,6 +795,7 @@ def test_an_mqtt_3_1_remote_says_nothing_of_its_session() -> None:
     remote = FakeRemote(version=3, topic=["in/# in 2"], bridge_protocol_version="mqttv31", cleansession=False)
     subscriber = connected(remote.broker, "sub")
     subscriber.subscribe("in/#", qos=2)
+    answered(remote, Connack())  # (the clean start of a new session here)
     remote.up()
     remote.send(Publish(topic="in/a", payload=b"once", qos=2, packet_id=5))
     remote.down()  # the PUBREC did not reach it

@@ -4147,6 +4147,9 @@ def test_a_bridge_runs_on_one_node_of_a_cluster_and_moves_to_another_when_that_n
         yield a.stopService()  # (it gives the lease up: b takes it at its next heartbeat)
         yield b.cluster.leases.renew()
         yield until(lambda: b.clock.advance(0) or on_b.state == "connected", "the bridge to come up on node b")
+        # The session here moved with it: the remote's goes on (a clean start would drop what
+        # that session had of their exchanges, and what it queued for the bridge).
+        assert not on_b.remote.connect.clean_start
         publisher.send(Publish(topic="q/t", payload=b"after the move", qos=1, packet_id=2))
         got += yield crossed(there, b, "the second message at the remote")
         assert [p.payload for p in got] == [b"from b", b"after the move"]

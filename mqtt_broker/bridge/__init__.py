@@ -14,12 +14,13 @@ comes back as the session's PUBACK 7, and the other way round. So each side's ex
 state machine runs end to end, an acknowledgement reaches the sender only once the receiving
 broker has taken the message (here: routed and stored), and neither side's state lives in the
 bridge: both links are up together or down together, and after a restart both brokers resend
-what is unacknowledged. Ids never clash: the remote's server-to-client ids become this
-session's client-to-server ids and the other way round, each a namespace of its own. One
-exception: a message the session has at a QoS above the remote's Maximum QoS crosses at the
-remote's, and the bridge finishes the session's exchange for it (at QoS 0 at once; a QoS 2 one
-sent at QoS 1 when the remote's PUBACK comes); and so does it for the remote's messages above
-this broker's ``max_qos``.
+what is unacknowledged (the remote's session is resumed only while the session here goes with
+it: a new one here, numbering from 1 again, starts the remote's anew). Ids never clash: the
+remote's server-to-client ids become this session's client-to-server ids and the other way
+round, each a namespace of its own. One exception: a message the session has at a QoS above
+the remote's Maximum QoS crosses at the remote's, and the bridge finishes the session's
+exchange for it (at QoS 0 at once; a QoS 2 one sent at QoS 1 when the remote's PUBACK comes);
+and so does it for the remote's messages above this broker's ``max_qos``.
 
 Loops are prevented with No Local on both sides (this broker's session always speaks MQTT 5;
 an MQTT 3 remote is told it is a bridge, ``try_private``) and by the prefixes.
@@ -131,6 +132,17 @@ class Bridge(Service):
         """Ids of the remote's QoS 2 messages taken here at a lower QoS (``max_qos``): the bridge
         finishes their exchange with the remote itself (this broker's PUBACK is the remote's
         PUBREC, at QoS 0 it is sent at once; the remote's PUBREL is answered here)."""
+        self._kept_here = False
+        """Whether the bridge's session here goes with the remote's: it was there as the bridge
+        started (restored from the store, kept from the bridge's last run, a cluster's claimed
+        from another node), or a link of this run started the remote's anew. Until then the
+        remote's session is not resumed (see ``_remote_connect``)."""
+        self._old_there = False
+        """Whether an MQTT 3.1.1 remote answered with Session Present 1 while ``_kept_here`` was
+        not: its session is to be started anew."""
+        self._priming: Link | None = None
+        """In a cluster, the link that makes or claims the session as the bridge starts: the
+        first connection to the remote waits for its CONNACK, which says whether there was one."""
 
     # --- the service ----------------------------------------------------------------------
 
@@ -138,11 +150,15 @@ class Bridge(Service):
         super().startService()
         if self.config.notifications:
             self._publish_state(b"0")
+        self._kept_here = self.config.local_client_id in self.broker.sessions
+        self._old_there = False
         self._prime()
-        self._connect()
+        if self._priming is None:
+            self._connect()
 
     def stopService(self) -> None:
         super().stopService()
+        self._priming = None
         self._cancel_retry()
         self._abandon_attempt()
         self._say_disconnected()
@@ -166,7 +182,8 @@ class Bridge(Service):
             self._close_links("restarted", disconnect=True)  # reconnects when both are down
             return
         self._abandon_attempt()  # (to an address that may not answer for a while)
-        self._connect()
+        if self._priming is None:  # (the first connection comes once the session here is known)
+            self._connect()
 
     def _abandon_attempt(self) -> None:
         """Cancel the connection attempt under way, whose outcome no longer counts."""
@@ -242,8 +259,16 @@ class Bridge(Service):
         if config.notifications and not config.notifications_local_only:
             will = Will(topic=config.state_topic, payload=b"0", qos=self._will_qos, retain=self._remote_retain)
         password = config.remote_password.encode() if config.remote_password is not None else None
+        # A session here that does not go with the remote's (new: persistence "memory", another
+        # data_dir or local_clientid) numbers its messages from 1 again, which the remote's,
+        # resumed, would take for resends of the QoS 2 messages of those ids it awaits the PUBREL
+        # of, and drop [MQTT-4.3.3-9]: it is started anew [MQTT-3.2.2-4]. An MQTT 3.1.1 remote is
+        # asked to resume it first, as its Session Present says whether there is one (see
+        # ``_remote_up``): one without is connected to once, not three times. An MQTT 3.1 CONNACK
+        # does not say.
+        clean_start = config.cleansession or (not self._kept_here and (version != MQTT_3_1_1 or self._old_there))
         return Connect(protocol_name="MQIsdp" if version == 3 else "MQTT", protocol_level=version,
-                       clean_start=config.cleansession, keep_alive=config.keepalive_interval,
+                       clean_start=clean_start, keep_alive=config.keepalive_interval,
                        client_id=config.remote_client_id, will=will, username=config.remote_username,
                        password=password, properties=properties,
                        bridge=config.try_private and self._private and version != MQTT_5)
@@ -258,6 +283,21 @@ class Bridge(Service):
     def _remote_up(self, link: Link, connack: Connack) -> None:
         """CONNACK from the remote: subscribe to the in topics there (and unsubscribe the out
         ones from a session it kept) unless it holds them already, then open the local link."""
+        if not self._kept_here and not self.config.cleansession:
+            if link.connect.clean_start:
+                log.info("bridge {name}: its session here is new: the remote's is started anew", name=self.connection)
+                if link.version != MQTT_5:
+                    # An MQTT 3 session started clean lasts as long as its connection [MQTT-3.1.2-6]:
+                    # this one ended the remote's old session, the next starts one that outlasts it.
+                    self._kept_here = self._restarting = True
+                    link.close("the remote's old session ended", disconnect=True)
+                    return
+            elif connack.session_present:
+                # No session state here to go with it: the connection MUST be closed (3.1.1's
+                # 3.2.2.2), and the next starts the remote's anew.
+                self._old_there = self._restarting = True
+                link.close("Session Present 1 from the server, and no session here to go with it", disconnect=True)
+                return
         limit = self.config.bridge_max_packet_size
         if limit:  # (Mosquitto's: what goes to the remote, the smaller with an MQTT 5 remote's own)
             link.max_send_size = min(link.max_send_size or limit, limit)
@@ -270,6 +310,7 @@ class Bridge(Service):
         new_session = not connack.session_present and (link.version != MQTT_3_1 or self.config.cleansession)
         if new_session:
             self._forget_remote_qos2()
+        self._kept_here = True
         incoming = [t for t in self.config.topic if t.incoming]
         v5 = link.version == MQTT_5
         requests = tuple(SubscriptionRequest(
@@ -347,23 +388,39 @@ class Bridge(Service):
         in it too, as in any outage. One write (CONNECT, the subscriptions, DISCONNECT) does it,
         within the reactor's first turn, before any client can have published (unless a connect
         hook delays the CONNECT). The session is left as in an outage, for the local link to
-        resume; Retain Handling 2, as that link's subscriptions send the retained messages."""
+        resume; Retain Handling 2, as that link's subscriptions send the retained messages. In a
+        cluster, a session not here may be another node's: the link claims it, and the first
+        connection to the remote waits for its CONNACK."""
         subscribed = {(s.topic_filter, s.qos, s.no_local, s.retain_as_published)
                       for s in self.broker.subscriptions_of(self.config.local_client_id)}
         wanted = {(r.topic_filter, min(r.qos, self.broker.config.max_qos), r.no_local, r.retain_as_published)
                   for r in self._requests(retain_handling=2)}
-        if subscribed == wanted:
+        in_cluster = self.broker.cluster is not None
+        if subscribed == wanted and (self._kept_here or not in_cluster):
             return  # (restored from the store as it is to be, or nothing goes out)
-        link = self._local_link(lambda link, connack: None, self._primed, self._primed_lost)
+        link = self._local_link(self._primed_up, self._primed, self._primed_lost)
+        if in_cluster and not self._kept_here:  # (another node may hold it: the link claims it)
+            self._priming = link
         for packet in self._subscription_changes(retain_handling=2):
             link.send(packet)
         link.send(Disconnect())
+
+    def _primed_up(self, link: Link, connack: Connack) -> None:
+        if link is self._priming:
+            self._kept_here = connack.session_present
+            self._first_connect()
+
+    def _first_connect(self) -> None:
+        self._priming = None
+        self._connect()
 
     def _primed(self, link: Link, packet: Packet) -> None:
         if isinstance(packet, (Suback, Unsuback)):
             self._log_refusals(link, packet)
 
     def _primed_lost(self, link: Link, why: str) -> None:
+        if link is self._priming:  # (refused, a claim that Redis did not answer in time, say)
+            self._first_connect()
         subscribed = {s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)}
         missing = sorted(set(self._out_filters()) - subscribed)
         if missing and self.local is None:  # (the session is being resumed otherwise: the link subscribes)
