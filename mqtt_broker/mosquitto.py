@@ -450,16 +450,24 @@ class _Converter:
         self._unsupported_line(source, number, text, key, value)
 
     def _topic_line(self, source: str, number: int, text: str, value: str) -> str:
-        """A bridge's topic line as Mosquitto reads it: a local prefix without a remote one, and
-        no more than five words."""
+        """A bridge's topic line as Mosquitto reads it: up to a comment after the direction (the
+        pattern may be "#"), the QoS by C's atoi, a local prefix without a remote one, and no
+        more than five words."""
         from .bridge.config import BridgeTopic
         words = value.split()
+        words = words[:2] + _words(" ".join(words[2:]))
+        if len(words) > 2 and not (words[2].isascii() and words[2].isdigit()):
+            qos = _value("atoi", words[2], source, number)
+            self.out.notes.append(Note(source, number, text, f"QoS {words[2]!r} is read as {qos}, as Mosquitto "
+                                       "reads it (C's atoi)", carried=True))
+            words[2] = str(qos)
         if len(words) == 4:
-            value = f'{value} ""'
+            words.append('""')
         elif len(words) > 5:
             self.out.notes.append(Note(source, number, text, "the words after the fifth are left out, as Mosquitto "
                                        "does", carried=True))
-            value = " ".join(words[:5])
+            words = words[:5]
+        value = " ".join(words)
         try:
             BridgeTopic.parse(value)
         except ValueError as e:
@@ -959,7 +967,8 @@ def _first(value: str) -> str:
 
 def _words(value: str) -> list[str]:
     """The words of a value up to a comment: Mosquitto stops at a word that begins with ``#``
-    where a line takes several (a listener's, a bridge's addresses)."""
+    where a line takes several (a listener's, a bridge's addresses, a topic line's after its
+    direction)."""
     words = value.split()
     for index, word in enumerate(words):
         if word.startswith("#"):

@@ -19,6 +19,7 @@ from auth_helpers import RawClient
 from conftest import BrokerProcess, free_port, terminate, wait_for_port
 from paho_helpers import PahoClient
 
+from mqtt_broker.bridge.config import BridgeTopic
 from mqtt_broker.mosquitto import convert, main
 from mqtt_broker.wire import Connack
 from mqtt_broker.wire.packets import MQTT_3_1_1, MQTT_5
@@ -1092,6 +1093,33 @@ def test_a_topic_line_with_a_local_prefix_alone_or_more_than_five_words(tmp_path
     assert (first.local_filter, first.remote_filter) == ("local/sensors/#", "sensors/#")
     assert (second.local_filter, second.remote_filter) == ("here/cmd/#", "there/cmd/#")
     assert [(n.line, n.why) for n in conversion.notes] == [(5, "the words after the fifth are left out, as Mosquitto does")]
+
+
+@pytest.mark.parametrize("line, expected, why", [
+    ("a/# out 1 # the sensors", "a/# out 1", None),
+    ("a/# out # the sensors", "a/# out 0", None),
+    ("a/# both #1 l/ r/", "a/# both 0", None),
+    ('a/# out 1 l/ # the cloud', 'a/# out 1 l/ ""', None),
+    ("a/# in 2 l/ r/ # the cloud", "a/# in 2 l/ r/", None),
+    ("# out 1", "# out 1", None),
+    ("a/# out 1x", "a/# out 1", "QoS '1x' is read as 1, as Mosquitto reads it (C's atoi)"),
+    ("a/# out 2#", "a/# out 2", "QoS '2#' is read as 2, as Mosquitto reads it (C's atoi)"),
+])
+def test_a_topic_line_is_read_as_mosquitto_reads_it(tmp_path: Path, line: str, expected: str,
+                                                    why: str | None) -> None:
+    """As Mosquitto 2.0.11 reads them (seen): past the direction, a word that begins with "#"
+    starts a comment, and the QoS is read by C's atoi (its leading digits, 0 without any). A
+    comment was read as a prefix, or a QoS, and the file refused."""
+    path = tmp_path / "m.conf"
+    path.write_text(f"listener 1883 127.0.0.1\nconnection b\naddress 127.0.0.1:1884\ntopic {line}\n")
+    conversion = convert(path)
+    assert [BridgeTopic.parse(t) for t in conversion.bridges[0]["topic"]] == [BridgeTopic.parse(expected)]
+    assert [n.why for n in conversion.notes] == ([why] if why else [])
+
+
+def test_a_comment_in_place_of_a_topic_lines_direction_is_refused(tmp_path: Path) -> None:
+    refused(tmp_path, "listener 1883 127.0.0.1\nconnection b\naddress 127.0.0.1:1884\ntopic a/# # the sensors\n",
+            r"m.conf:4: .*direction '#'")
 
 
 @pytest.mark.parametrize("line", ["max_qos 3", "topic sensors/# sideways 1"])
