@@ -518,6 +518,29 @@ def test_a_name_with_a_nul_in_it_names_nobody() -> None:
     assert certificate_identity(_Handshaken(_Verified(only_openssl_reads)), "cn") is None
 
 
+@pytest.mark.parametrize("field", ["cn", "subject"])
+def test_a_verified_certificate_whose_subject_cannot_be_read_names_nobody(field: str) -> None:
+    """cryptography reads a certificate's fields as they are asked for: a subject value of a
+    long-form tag raised out of the CONNECT's handling (no CONNACK), where a certificate that names
+    nobody is refused as one without the field."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ZZZZ")])
+    der = issue(name, name, key, key).public_bytes(serialization.Encoding.DER)
+    odd = x509.load_der_x509_certificate(der.replace(b"\x0c\x04ZZZZ", b"\x1f\x1f\x03ZZZ"))
+
+    class Verified:
+        def getPeerCertificate(self) -> x509.Certificate:
+            return odd
+
+        def getHandle(self) -> Any:
+            return self
+
+        def get_verified_chain(self) -> list[Any]:
+            return [odd]
+    from mqtt_broker.auth.certificates import verified_identity
+    assert verified_identity(Verified(), field) == (True, None)
+
+
 def _chain(directory: Path) -> None:
     """root.pem (a root CA), fullchain.pem (a server certificate for localhost signed by an
     intermediate CA, then that intermediate: what Let's Encrypt's fullchain.pem holds), leaf.key."""

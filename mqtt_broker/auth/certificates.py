@@ -208,13 +208,14 @@ def verified_identity(transport: Any, field: str = "cn") -> tuple[bool, str | No
             return False, None
     except Exception:  # a transport that is closing, or not an OpenSSL one: no identity
         return False, None
-    if isinstance(peer, x509.Certificate):
-        return True, identity_of(peer, field)
     try:
-        certificate = peer.to_cryptography()
+        certificate = peer if isinstance(peer, x509.Certificate) else peer.to_cryptography()
     except Exception:
         return True, _openssl_identity(peer, field)
-    return True, identity_of(certificate, field)
+    try:
+        return True, identity_of(certificate, field)
+    except ValueError:  # (cryptography reads a certificate's fields as they are asked for)
+        return True, None  # one OpenSSL verified that names nobody as read here
 
 
 def _openssl_identity(peer: Any, field: str) -> str | None:
