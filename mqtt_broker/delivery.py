@@ -267,10 +267,11 @@ class Delivery:
                 session.connection.wait_for_store()
 
     def _kept_uncommitted(self, kept: Message) -> None:
-        """A QoS 2 PUBLISH kept a retained message before the store has committed its packet id:
-        until then a new subscription gets it only behind the store (``deliver_retained``), as
-        the subscriptions it is routed to now do. Killed meanwhile, the broker restarts with the
-        topic's previous retained message, and its publisher sends it again."""
+        """A QoS 2 PUBLISH of a stored session (here or in Redis) kept a retained message before
+        the store has committed its packet id: until then a new subscription gets it only behind
+        the store (``deliver_retained``), as the subscriptions it is routed to now do. Killed
+        meanwhile, the broker restarts with the topic's previous retained message, and its
+        publisher sends it again."""
         assert self.store is not None
         if self._uncommitted_generation != self.store.generation or not self._uncommitted_batch:
             stored = self.store.flushed()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Iterable
 
@@ -59,7 +59,7 @@ def parse_spec(spec: str) -> tuple[str, float]:
             return "last", int(value)
         if kind == "since" and _SECONDS.fullmatch(value):
             seconds = float(value)
-            if math.isfinite(seconds):  # (not so for some 310 digits)
+            if math.isfinite(seconds):  # (float() gives inf from 310 digits on)
                 return "since", seconds
         elif kind == "since":
             return "since", datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
@@ -159,8 +159,9 @@ class MessageLog:
             entries = entries[-int(value):]
         elif kind == "since":
             entries = [e for e in entries if e.at >= value]
-        # Copies, whose messages' encodings go with their deliveries rather than stay in the log.
-        return [Entry(e.seq, bare(e.message), e.at) for e in entries]
+        # Copies, whose messages' encodings go with their deliveries rather than stay in the log
+        # (held by no log).
+        return [replace(e, message=bare(e.message), holders=0) for e in entries]
 
     def restore(self, entries: Iterable[Entry]) -> None:
         """Take up logged entries read from a store (oldest first), in place of what it held (a

@@ -299,7 +299,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
         connack_sent = self.connack_went()
         self._forget_unstored()
         self._forget_out()
-        self.broker.detach(self, self._graceful, self._awaited(), connack_sent)
+        self.broker.detach(self, graceful=self._graceful, taken_over=self._awaited(), connack_sent=connack_sent)
         self.broker.connection_lost(self)
         if blocked is not None:  # (connecting: an authentication, a hook, that no one waits for)
             blocked.cancel()
@@ -349,7 +349,7 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
                      reason=message)
         self._set_state(State.CLOSED)
         self._cancel_timers()  # now, not when the socket goes: it may linger
-        self.broker.detach(self, self._graceful, self._awaited(), connack_sent)
+        self.broker.detach(self, graceful=self._graceful, taken_over=self._awaited(), connack_sent=connack_sent)
         if self._successors is not None:  # what it read is not handled now
             # Not in this call: it may be a takeover by one of them, which the others, going
             # on within it, would find half done.
@@ -932,8 +932,9 @@ class MQTTProtocol(Connecting, Publishing, Subscribing):
             self._unstored[-1].connack = True
 
     def connack_went(self) -> bool:
-        """Whether the CONNACK that accepted the connection went to its transport, of a connection
-        that has one: not held still, nor when its transport ended."""
+        """Whether the CONNACK that accepted the connection went to its transport: False only
+        while it is held, or if it was held when the transport ended (True for a connection that
+        never had one)."""
         return not self._connack_lost and not self.connack_held()
 
     def connack_held(self) -> bool:

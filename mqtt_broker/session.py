@@ -220,7 +220,8 @@ class Session:
 
     def untrack(self, packet_id: int) -> Outgoing | None:
         """The message in flight with this packet id is acknowledged: returns it (None if no
-        message is in flight with it)."""
+        message is in flight with it). With CROWDED still in flight after it, the id freed is
+        kept in ``freed`` for ``allocate_packet_id``."""
         outgoing = self.outgoing
         out = outgoing.pop(packet_id, None)
         if out is not None and len(outgoing) >= CROWDED:

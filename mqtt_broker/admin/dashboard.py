@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+from ..deadlines import cancel
 from . import metrics
 from .api import ApiResource, BoundedRequest
 from .shapes import ApiError
@@ -168,10 +169,8 @@ class AdminChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+        cancel(self._deadline)
+        self._deadline = None
 
     def _too_slow(self) -> None:
         self._deadline = None

@@ -136,8 +136,8 @@ def pack_forwarded(message: Message, shares: tuple[tuple[str, str], ...], now: f
         head = bytes((kind | flags, len(ident))) + ident
         if expires_at is not None:
             head += _CLOCK.pack(expires_at)
-    # (Two bytes for the count of shares, as a rule: a client may hold hundreds of shared groups
-    # of a topic.)
+    # (The count of shares in two bytes, as every release wrote it; in four, flagged _MANY, past
+    # 65,535: a client may hold that many shared groups of a topic.)
     parts = [head, _string(message.sender or ""), len(shares).to_bytes(4 if many else 2, "big")]
     for group, topic_filter in shares:
         parts += [_string(group), _string(topic_filter)]
