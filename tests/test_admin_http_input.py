@@ -230,6 +230,21 @@ def test_the_body_of_a_request_with_an_accepted_key_is_kept_as_it_comes() -> Non
     assert request.content.getvalue() == body[:-1]
 
 
+def test_the_key_of_a_request_with_a_body_is_hashed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key of a request with a body is looked at as soon as its headers are in (to keep the
+    body or not); the API then hashed it against every key again."""
+    site = _site()
+    keys = site.requestFactory.keys
+    looked: list[str] = []
+
+    def identify(presented: str) -> str | None:
+        looked.append(presented)
+        return type(keys).identify(keys, presented)
+    monkeypatch.setattr(keys, "identify", identify)
+    assert _call(site, b"POST", b"/api/v1/publish", body={"topic": "t", "payload": "x"})[0] == b"HTTP/1.1 200 OK"
+    assert looked == [KEY]
+
+
 def test_a_request_that_does_not_come_whole_within_its_deadline_is_answered_408_and_closed() -> None:
     """twisted.web's idle timeout (60 s) starts again with every byte: a request sent a byte
     every 25 s held its connection for ever, and a body held with it. A request has 60 s from

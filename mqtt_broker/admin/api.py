@@ -75,6 +75,9 @@ class BoundedRequest(Request):
     keys: KeyRing | None = None
     body_too_large = False
     keyless = False
+    key_id: str | None = None
+    """The id of the key in ``keys`` that a request with a body carries, once its headers are in
+    (the API takes it then instead of hashing the key again)."""
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
@@ -84,7 +87,8 @@ class BoundedRequest(Request):
             # Looked at as soon as the headers are in: else anyone who reaches the port has a
             # body of up to max_body held for as long as they take to send it.
             presented = presented_key(self)
-            self.keyless = presented is None or self.keys.identify(presented) is None
+            self.key_id = None if presented is None else self.keys.identify(presented)
+            self.keyless = self.key_id is None
 
     def handleContentChunk(self, data: bytes) -> None:
         content = self.content
@@ -238,6 +242,8 @@ class ApiResource(Resource):
         raise ApiError(404, "no such API path")
 
     def _authenticate(self, request: Request) -> str:
+        if isinstance(request, BoundedRequest) and request.key_id is not None and request.keys is self.keys:
+            return request.key_id
         presented = presented_key(request)
         if presented is None:
             request.setHeader(b"www-authenticate", b'Bearer realm="mqtt_broker admin"')
