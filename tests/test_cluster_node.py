@@ -2491,6 +2491,25 @@ def test_a_retained_message_read_again_from_redis_unchanged_is_not_sent_again_af
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_retained_message_read_again_from_redis_from_another_publisher_is_newer_than_the_log(
+        server: RedisServer) -> Iterator[Deferred[Any]]:
+    """Two retained messages of the same content are two messages: one Redis holds from another
+    publisher (or expiring at another time) than the one the node had, after an event the node
+    missed, is newer than what the node logged, as any other change is."""
+    a = yield node_a(server, history_filters=["s/#"])
+    try:
+        yield a.publish("s/t", b"state", qos=1, retain=True)
+        yield until(lambda: not a.cluster.store.retained_pending("s/t"), "a's change to come back from Redis")
+        yield a.publish("s/u", b"later", qos=1)
+        a.retained.store(Message("s/t", b"state", qos=1, retain=True, sender="other"), logged=a.retained.logged("s/t"))
+        assert a.retained.logged("s/t") < a.history.last_seq
+        yield a.cluster._load_retained()
+        assert (a.retained.get("s/t").sender, a.retained.logged("s/t")) == (None, a.history.last_seq)
+    finally:
+        yield a.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_replay_asked_for_while_a_message_comes_back_from_the_inbox_gets_it_once(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     """A QoS 2 message of a session Redis keeps reaches this node's subscribers when it comes

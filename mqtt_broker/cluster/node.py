@@ -1200,10 +1200,12 @@ class Cluster:
             if topic in changed or self.store.retained_pending(topic) or retained.get(topic) is not before.get(
                     topic) or topic.startswith("$SYS/"):
                 continue  # changed meanwhile (a deletion too), or the broker's own (never in Redis)
-            message = loaded.get(topic)
+            message, had = loaded.get(topic), before.get(topic)
             if message is None or message.expired(now):
                 retained.delete(topic)
-            elif message == before.get(topic):  # as far as this node can tell, the one it had
+            elif had is not None and message == had and (message.sender, message.expires_at) == (
+                    had.sender, had.expires_at):
+                # As far as this node can tell, the one it had (Redis keeps no cluster id).
                 retained.store(message, logged=retained.logged(topic))
             else:
                 retained.store(message)
