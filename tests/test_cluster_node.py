@@ -4179,6 +4179,41 @@ def test_a_bridge_runs_on_one_node_of_a_cluster_and_moves_to_another_when_that_n
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_bridge_whose_session_could_not_be_claimed_claims_it_again_before_it_reaches_the_remote(
+        server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deferred[Any]]:
+    """The node that takes the bridge over claims its session first; a claim Redis did not
+    answer in time left the session unknown here, and the bridge went on to the remote as with
+    a new one: it started the remote's anew, dropping what that session had of their exchanges
+    and what it queued for the bridge. It claims the session again after its back-off."""
+    remote = BrokerService(endpoints=["tcp:0:interface=127.0.0.1"], reactor=reactor, clock=Clock(), close_linger=0)
+    remote.startService()
+    a, b, _ = yield bridged_nodes(server, remote.ports[0].getHost().port)
+    try:
+        on_a, on_b = a.bridges.get("up"), b.bridges.get("up")
+        yield until(lambda: a.clock.advance(0) or on_a.state == "connected", "the bridge to come up on node a")
+        claim, unanswered = b.cluster.claim, []
+
+        def claim_once_unanswered(client_id: str, clean_start: bool) -> Deferred[bool]:
+            if client_id == on_b.config.local_client_id and not unanswered:
+                unanswered.append(client_id)
+                return succeed(False)
+            return claim(client_id, clean_start)
+        monkeypatch.setattr(b.cluster, "claim", claim_once_unanswered)
+        yield a.stopService()
+        connects = remote.stats.connects
+        yield b.cluster.leases.renew()
+        yield until(lambda: b.clock.advance(0) or on_b.state == "waiting", "the bridge on b to wait after the claim")
+        assert (unanswered, on_b.remote, on_b._connecting) == (["local.edge"], None, None)
+        b.clock.advance(on_b.config.restart_timeout[1])
+        yield until(lambda: b.clock.advance(0) or on_b.state == "connected", "the bridge to come up on node b")
+        # One CONNECT, resuming the remote's session (a clean start is two more with MQTT 3.1.1).
+        assert (remote.stats.connects - connects, on_b.remote.connect.clean_start) == (1, False)
+    finally:
+        yield b.stopService()
+        yield remote.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_node_that_cannot_renew_its_bridges_lease_stops_the_bridge_before_the_lease_expires(
         server: RedisServer) -> Iterator[Deferred[Any]]:
     a, b, clock = yield bridged_nodes(server, 1)  # (port 1: the bridge tries, and waits to try again)

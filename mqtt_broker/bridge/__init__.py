@@ -205,6 +205,9 @@ class Bridge(Service):
         self._cancel_retry()
         if not self.running:
             return
+        if self._claim_unknown():
+            self._prime()  # (the first connection to the remote follows its CONNACK)
+            return
         config = self.config
         host, port = config.endpoints[self._address_index % len(config.endpoints)]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -405,12 +408,22 @@ class Bridge(Service):
             link.send(packet)
         link.send(Disconnect())
 
+    def _claim_unknown(self) -> bool:
+        """Whether, in a cluster, the bridge's session is not known to be this node's: it may be
+        another node's, which goes with the remote's, and the remote's is not to be started anew
+        (nor resumed by a new session here) until a claim says which."""
+        return (self.broker.cluster is not None and not self._kept_here
+                and self.config.local_client_id not in self.broker.sessions)
+
     def _primed_up(self, link: Link, connack: Connack) -> None:
+        """The priming link's claim answered: whether the session was there says whether the
+        remote's goes with it."""
         if link is self._priming:
             self._kept_here = connack.session_present
             self._first_connect()
 
     def _first_connect(self) -> None:
+        """The session here is known: the first connection to the remote may go."""
         self._priming = None
         self._connect()
 
@@ -420,6 +433,10 @@ class Bridge(Service):
 
     def _primed_lost(self, link: Link, why: str) -> None:
         if link is self._priming:  # (refused, a claim that Redis did not answer in time, say)
+            if self._claim_unknown():  # claimed again after the back-off (see ``_connect``)
+                self._priming = None
+                self._failed(f"its session here was not claimed: {why}", next_address=False)
+                return
             self._first_connect()
         subscribed = {s.topic_filter for s in self.broker.subscriptions_of(self.config.local_client_id)}
         missing = sorted(set(self._out_filters()) - subscribed)
