@@ -1,5 +1,6 @@
 """A known workload on an in-memory broker (task.Clock), with every byte and packet counted on
-the client side, so that $SYS and /metrics can be checked against exact numbers."""
+the client side, so that $SYS and /metrics can be checked against exact numbers; and a
+connection to an admin site on a StringTransport."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol_helpers import FakeClient, make_broker
+from twisted.internet.testing import StringTransport
 
 from mqtt_broker import BrokerService
 from mqtt_broker.wire import Disconnect, Puback, Pubcomp, Publish, Pubrec, Pubrel
+
+
+def site_connection(site: Any) -> tuple[Any, StringTransport]:
+    """A connection (HTTPChannel) to ``site`` on a StringTransport: what the site answers is
+    the transport's ``value()``."""
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
 
 
 class CountingClient(FakeClient):

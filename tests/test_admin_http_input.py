@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from twisted.internet.testing import StringTransport
+from admin_helpers import site_connection
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.basic import LineReceiver
 
@@ -19,16 +19,18 @@ from mqtt_broker.testing import MemoryBroker
 KEY = "operator-key-0123456789"
 
 
-def _site(**settings: Any) -> Any:
+def _broker(**settings: Any) -> MemoryBroker:
+    """A broker that takes KEY (unless ``http_api_keys`` says otherwise)."""
     keys = settings.pop("http_api_keys", ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
-    broker = MemoryBroker(sys_interval=0, http_api_keys=keys, **settings)
-    return broker.service.operations.site()
+    return MemoryBroker(sys_interval=0, http_api_keys=keys, **settings)
+
+
+def _site(**settings: Any) -> Any:
+    return _broker(**settings).service.operations.site()
 
 
 def _get(site: Any, path: bytes, headers: bytes = b"") -> bytes:
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
+    protocol, transport = site_connection(site)
     protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: broker\r\n" + headers + b"Connection: close\r\n\r\n")
     return transport.value()
 
@@ -54,9 +56,7 @@ def test_a_path_no_static_file_can_have_is_a_plain_404(path: bytes) -> None:
 # --- what anyone may send without a key is logged once per thousand, its path cut -----------------
 
 def _send(site: Any, request: bytes) -> bytes:
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
+    protocol, transport = site_connection(site)
     protocol.dataReceived(request)
     return transport.value().split(b"\r\n", 1)[0]
 
@@ -174,16 +174,12 @@ def test_a_form_body_is_not_parsed_before_the_key_is_checked() -> None:
     bodies = {"application/x-www-form-urlencoded": (b"a=&" * size)[:size],
               "multipart/form-data; boundary=B": part * (size // len(part)) + b"--B--\r\n"}
     for content_type, body in bodies.items():
-        protocol = site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = site_connection(site)
         protocol.dataReceived(f"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nContent-Type: {content_type}\r\n"
                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         assert transport.value().startswith(b"HTTP/1.1 401 "), content_type
         assert seen[-1] == ({}, False), content_type  # (nor kept: it came without a key)
-        protocol = site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = site_connection(site)
         protocol.dataReceived(f"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {KEY}\r\n"
                               f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
                               "\r\n".encode() + body)
@@ -193,13 +189,6 @@ def test_a_form_body_is_not_parsed_before_the_key_is_checked() -> None:
 
 # --- a request without a key, or one that does not come whole, holds nothing for long ---------------
 
-def _connected(site: Any) -> tuple[Any, StringTransport]:
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return protocol, transport
-
-
 @pytest.mark.parametrize("key", [None, "not-" + KEY], ids=["none", "not-accepted"])
 def test_the_body_of_a_request_without_an_accepted_key_is_not_kept(key: str | None) -> None:
     """The body was kept, up to http_max_body_size, until the API looked at the key once it had
@@ -207,7 +196,7 @@ def test_the_body_of_a_request_without_an_accepted_key_is_not_kept(key: str | No
     held 120 MB for as long as their clients kept them open. It is discarded as it comes, as an
     oversized one is, and the answer is the same (401 or 403)."""
     site = _site()
-    protocol, transport = _connected(site)
+    protocol, transport = site_connection(site)
     authorization = b"" if key is None else b"Authorization: Bearer " + key.encode() + b"\r\n"
     size = 1 << 20
     protocol.dataReceived(b"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\n" + authorization
@@ -222,7 +211,7 @@ def test_the_body_of_a_request_without_an_accepted_key_is_not_kept(key: str | No
 
 def test_the_body_of_a_request_with_an_accepted_key_is_kept_as_it_comes() -> None:
     site = _site()
-    protocol, _ = _connected(site)
+    protocol, _ = site_connection(site)
     body = json.dumps({"topic": "t", "payload": "x" * 1000}).encode()
     protocol.dataReceived(b"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer " + KEY.encode()
                           + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-1])
@@ -249,8 +238,8 @@ def test_a_request_that_does_not_come_whole_within_its_deadline_is_answered_408_
     """twisted.web's idle timeout (60 s) starts again with every byte: a request sent a byte
     every 25 s held its connection for ever, and a body held with it. A request has 60 s from
     its first byte to its last."""
-    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
-    protocol, transport = _connected(broker.service.operations.site())
+    broker = _broker()
+    protocol, transport = site_connection(broker.service.operations.site())
     sent = b"GET /api/v1/health HTTP/1.1\r\nHost: broker\r\n\r\n"
     for byte in range(3):
         protocol.dataReceived(sent[byte:byte + 1])
@@ -263,8 +252,8 @@ def test_a_request_that_does_not_come_whole_within_its_deadline_is_answered_408_
 def test_each_request_of_a_connection_has_its_own_deadline() -> None:
     """The deadline runs from a request's first byte until it is whole: a connection that sends
     one request a minute, each whole at once, is never cut."""
-    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
-    protocol, transport = _connected(broker.service.operations.site())
+    broker = _broker()
+    protocol, transport = site_connection(broker.service.operations.site())
     for _ in range(3):
         protocol.dataReceived(b"GET /api/v1/health HTTP/1.1\r\nHost: broker\r\n\r\n")
         broker.advance(50)
@@ -277,9 +266,7 @@ def _call(site: Any, method: bytes, path: bytes, headers: bytes = b"", piece: in
           body: Any = None) -> tuple[bytes, Any]:
     """The status line and the JSON body of a request sent in pieces of ``piece`` bytes, with the key
     (and ``body`` as JSON)."""
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
+    protocol, transport = site_connection(site)
     content = b"" if body is None else json.dumps(body).encode()
     if content:
         headers += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(content)
@@ -296,8 +283,7 @@ def test_a_client_whose_id_is_as_long_as_mqtt_allows_is_read_unsubscribed_and_ki
     196,605 bytes percent-encoded in the request line, and with a topic filter as long after it
     twice that: twisted.web's HTTPChannel reads lines of 16 KiB at most, and closed the
     connection without an answer."""
-    from mqtt_broker.testing import MemoryBroker
-    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    broker = _broker()
     client_id = topic_filter = "\u20ac" * 21_845
     client = broker.connect(client_id)
     client.subscribe(topic_filter)
@@ -314,8 +300,7 @@ def test_a_client_whose_id_is_as_long_as_mqtt_allows_is_read_unsubscribed_and_ki
 def test_the_changes_to_a_client_whose_strings_are_long_are_logged_with_them_cut() -> None:
     """A client chooses its id, the filters it holds and the topics it publishes to, each up to
     65,535 bytes: an operator's change wrote them whole into the log."""
-    from mqtt_broker.testing import MemoryBroker
-    broker = MemoryBroker(sys_interval=0, http_api_keys=["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()])
+    broker = _broker()
     client_id, topic_filter, topic = "c" * 5000, "f" * 5000, "t" * 5000
     broker.connect(client_id, version=4)
     site = broker.service.operations.site()

@@ -12,7 +12,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from admin_helpers import site_connection
 from protocol_helpers import connected, make_broker
+from test_durability import HeldStore
 from twisted.web.test.requesthelper import DummyRequest
 
 from mqtt_broker import BrokerService, Message, Subscription
@@ -406,7 +408,6 @@ def test_a_change_through_the_api_is_answered_once_the_store_holds_it() -> None:
     /publish answered 200 once routed, before the store had written it: a kill -9 right after
     the 200 lost the message for a stored offline subscriber (2 runs of 3). So did a subscribe,
     an unsubscribe and a retained message's delete answer before the store had them."""
-    from test_durability import HeldStore
     store = HeldStore()
     _, api = _stored_subscriber(store)
     changes = [("POST", "/api/v1/publish", b'{"topic": "kept/1", "payload": "m", "qos": 1}', 200),
@@ -427,8 +428,6 @@ def test_a_change_through_the_api_is_answered_once_the_store_holds_it() -> None:
 def test_a_change_through_the_api_the_store_cannot_write_is_answered_503() -> None:
     """As a client's QoS 1/2 PUBLISH is not acknowledged while the disk fails, and its SUBSCRIBE
     refused with the subscription left as it was (docs/durability.md)."""
-    from test_durability import HeldStore
-
     from mqtt_broker.store import StoreError
     store = HeldStore()
     broker, api = _stored_subscriber(store)
@@ -449,17 +448,12 @@ def test_a_change_through_the_api_the_store_cannot_write_is_answered_503() -> No
 
 def test_a_change_whose_client_went_away_before_the_store_wrote_it_is_not_answered() -> None:
     """The request's connection was lost while the store wrote: no answer, and no error."""
-    from test_durability import HeldStore
     from twisted.internet.error import ConnectionLost
-    from twisted.internet.testing import StringTransport
     from twisted.logger import capturedLogs
     from twisted.python.failure import Failure
     store = HeldStore()
     broker, _ = _stored_subscriber(store)
-    site = broker.operations.site()
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
+    protocol, transport = site_connection(broker.operations.site())
     body = b'{"topic": "kept/1", "payload": "m", "qos": 1}'
     protocol.dataReceived(b"POST /api/v1/publish HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer " + KEY.encode()
                           + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -477,16 +471,13 @@ def test_a_path_is_read_as_utf8_once_percent_decoded() -> None:
     """Through the site: a client id or topic beyond ASCII, percent-encoded (twisted.web takes
     no raw byte beyond ASCII in a request line), names what it says; a path that is not UTF-8
     once decoded is answered 400."""
-    from twisted.internet.testing import StringTransport
     broker, _ = started()
     client = connected(broker, "café")
     broker.route_own("température/salon", b"21", retain=True)
     answers = []
     for method, path in ((b"GET", b"/api/v1/retained/temp%C3%A9rature/salon"), (b"DELETE", b"/api/v1/clients/caf%C3%A9"),
                          (b"GET", b"/api/v1/clients/caf%E9")):
-        channel = broker.operations.site().buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
+        channel, transport = site_connection(broker.operations.site())
         channel.dataReceived(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                              + b"\r\n\r\n")
         answers.append(transport.value().split(b"\r\n", 1)[0])
@@ -513,7 +504,6 @@ def test_the_admin_site_mounted_under_a_path_of_ones_own_answers_its_api() -> No
     """operations.md: the site is there "to mount in their own twisted.web tree", and the
     dashboard asks for its API by a relative URL ("api/v1"). Mounted at /admin/, every API call
     answered 404: the API read the request's whole path and wanted it to begin with /api/v1."""
-    from twisted.internet.testing import StringTransport
     from twisted.web.resource import Resource
     from twisted.web.server import Site
     broker, _ = started()
@@ -522,9 +512,7 @@ def test_the_admin_site_mounted_under_a_path_of_ones_own_answers_its_api() -> No
     site = Site(root)
     answers = []
     for path in (b"/admin/api/v1/health", b"/admin/api/v1/stats", b"/admin/api/v2/stats"):
-        channel = site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
+        channel, transport = site_connection(site)
         channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
         answers.append(transport.value().split(b"\r\n", 1)[0])
     assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]

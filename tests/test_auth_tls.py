@@ -20,6 +20,7 @@ from conftest import ROOT, BrokerProcess
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type  # (private: how a NameAttribute is given a string type)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
@@ -34,6 +35,10 @@ from mqtt_broker.tap import Options
 
 MAKE_CERTS = ROOT / "certs" / "make-certs.sh"
 WAIT = 10.0
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 def write_pair(directory: Path, name: str, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
@@ -65,17 +70,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stderr
     ca_certificate = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     named = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Plant 7"),
                              x509.NameAttribute(NameOID.COMMON_NAME, "sensor-7")]),
                   ca_certificate.subject, ca_key, key,
                   [x509.DNSName("sensor-7.plant.example"), x509.RFC822Name("ops@plant.example"),
                    x509.UniformResourceIdentifier("spiffe://plant/sensor-7")])
     write_pair(directory, "named", key, named)
-    rogue_ca_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_ca_key = new_key()
     rogue_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rogue CA")])
     rogue_ca = issue(rogue_name, rogue_name, rogue_ca_key, rogue_ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     write_pair(directory, "rogue", key, issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")]),
                                              rogue_ca.subject, rogue_ca_key, key))
     return directory
@@ -189,7 +194,7 @@ async def test_plain_tcp_gives_no_identity(listening: Any) -> None:
 
 
 def test_identity_of_edge_cases(certs: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     nameless = issue(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no cn")]),
                      x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")]), key, key)
     assert identity_of(nameless, "cn") is None and identity_of(nameless, "dns") is None
@@ -340,7 +345,7 @@ def test_the_subject_is_written_as_mosquittos_use_subject_as_username_writes_it(
     """Checked against Mosquitto 2.0.11: OpenSSL's short names (emailAddress, which `openssl req`
     asks for, and serialNumber, were dotted OIDs here) and non-ASCII escaped byte by byte: an
     acl_file `user` line written for Mosquitto names the same client."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     subject = x509.Name([
         x509.NameAttribute(NameOID.COUNTRY_NAME, "GB"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Plant 7"),
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Büro"), x509.NameAttribute(NameOID.COMMON_NAME, "dev-1"),
@@ -373,11 +378,10 @@ def test_a_certificate_openssl_verified_counts_when_cryptography_will_not_read_i
     but lax CAs write such names): the mqtts: endpoint's OpenSSL verifies it, as Mosquitto's does,
     and cryptography refused to read it, so the client counted as having no verified certificate
     (require_certificate and use_identity_as_username refused it, 0x87)."""
-    from cryptography.x509.name import _ASN1Type
     from OpenSSL import SSL, crypto
 
     from mqtt_broker.auth.tls import TLSFiles
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_key, server_key, client_key = (new_key() for _ in range(3))
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lax CA")])
     ca = issue(ca_name, ca_name, ca_key, ca_key, ca=True)
     server = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, ca_key, server_key)
@@ -446,8 +450,7 @@ def test_the_subject_is_what_openssl_prints_for_mosquitto() -> None:
     not escaped, the values of a multi-valued RDN came in the opposite order, and a TeletexString
     (bytes OpenSSL reads as Latin-1) or an attribute OpenSSL does not know (its DER in hex) were
     written otherwise: an acl_file `user` line written for Mosquitto named nobody."""
-    from cryptography.x509.name import _ASN1Type
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     attribute = x509.NameAttribute
     subjects = [
         [attribute(NameOID.COMMON_NAME, "dev-1"), attribute(x509.ObjectIdentifier("2.5.4.13"), "line 3"),
@@ -492,8 +495,7 @@ def test_the_subject_is_what_openssl_prints_for_mosquitto() -> None:
 def test_a_subject_only_openssl_reads_is_written_as_openssl_prints_it() -> None:
     """cryptography refuses a PrintableString with a "_" in it; the subject OpenSSL read left a
     leading "#" or space unescaped."""
-    from cryptography.x509.name import _ASN1Type
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dev-1", _ASN1Type.PrintableString),
                       x509.NameAttribute(NameOID.COMMON_NAME, "#dev 1 ")])
     certificate = issue(name, name, key, key).public_bytes(serialization.Encoding.DER).replace(b"dev-1", b"dev_1")
@@ -507,8 +509,7 @@ def test_a_name_with_a_nul_in_it_names_nobody() -> None:
     """No MQTT user name holds U+0000 [MQTT-1.5.4-2], and a CA that signs "admin\\0.devices.example"
     for the owner of devices.example named nobody "admin" (the null-prefix trick): Mosquitto
     refuses such a common name, and the client is refused (0x87) as for a certificate without one."""
-    from cryptography.x509.name import _ASN1Type
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dev-1", _ASN1Type.PrintableString),
                       x509.NameAttribute(NameOID.COMMON_NAME, "admin\x00.devices.example")])
     certificate = issue(name, name, key, key, [x509.DNSName("admin\x00.devices.example")])
@@ -523,7 +524,7 @@ def test_a_verified_certificate_whose_subject_cannot_be_read_names_nobody(field:
     """cryptography reads a certificate's fields as they are asked for: a subject value of a
     long-form tag raised out of the CONNECT's handling (no CONNACK), where a certificate that names
     nobody is refused as one without the field."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ZZZZ")])
     der = issue(name, name, key, key).public_bytes(serialization.Encoding.DER)
     odd = x509.load_der_x509_certificate(der.replace(b"\x0c\x04ZZZZ", b"\x1f\x1f\x03ZZZ"))
@@ -573,7 +574,7 @@ def _chain(directory: Path) -> None:
     def pem(certificate: x509.Certificate) -> bytes:
         return certificate.public_bytes(serialization.Encoding.PEM)
 
-    root_key, intermediate_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root_key, intermediate_key, leaf_key = (new_key() for _ in range(3))
     root = issue("root CA", "root CA", root_key, root_key, True)
     intermediate = issue("intermediate CA", "root CA", intermediate_key, root_key, True)
     leaf = issue("localhost", "intermediate CA", leaf_key, intermediate_key, False)

@@ -2441,6 +2441,18 @@ def replayed(broker: BrokerService) -> Iterator[Deferred[Any]]:
     yield deferLater(reactor, 0, lambda: None)
 
 
+@inlineCallbacks
+def replay_of_s(broker: BrokerService, client: FakeClient) -> Any:
+    """The PUBLISHes a client of ``broker`` is sent once it subscribed to ``$replay/all/s/#``:
+    the replay, then the retained messages."""
+    client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/s/#", qos=1),)))
+    got: list[Any] = []
+    yield until(lambda: got.extend(client.received()) or Suback in map(type, got), "the SUBACK")
+    yield replayed(broker)
+    got += client.received()
+    return [p for p in got if isinstance(p, Publish)]
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_replay_is_followed_by_the_retained_message_another_node_set_after_what_it_replayed(
         server: RedisServer) -> Iterator[Deferred[Any]]:
@@ -2456,12 +2468,8 @@ def test_a_replay_is_followed_by_the_retained_message_another_node_set_after_wha
         yield until(lambda: a.retained.get("s/t").payload == b"new", "a to have b's retained message")
         client = yield connect(a, 5, client_id="c")
         client.received()
-        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/s/#", qos=1),)))
-        got: list[Any] = []
-        yield until(lambda: got.extend(client.received()) or Suback in map(type, got), "the SUBACK")
-        yield replayed(a)
-        got += client.received()
-        assert [(p.payload, p.retain) for p in got if isinstance(p, Publish)] == [(b"old", False), (b"new", True)]
+        got = yield replay_of_s(a, client)
+        assert [(p.payload, p.retain) for p in got] == [(b"old", False), (b"new", True)]
     finally:
         yield b.stopService()
         yield a.stopService()
@@ -2480,12 +2488,8 @@ def test_a_retained_message_read_again_from_redis_unchanged_is_not_sent_again_af
         yield a.cluster._load_retained()
         client = yield connect(a, 5, client_id="c")
         client.received()
-        client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="$replay/all/s/#", qos=1),)))
-        got: list[Any] = []
-        yield until(lambda: got.extend(client.received()) or Suback in map(type, got), "the SUBACK")
-        yield replayed(a)
-        got += client.received()
-        assert [(p.payload, p.retain) for p in got if isinstance(p, Publish)] == [(b"state", False)]
+        got = yield replay_of_s(a, client)
+        assert [(p.payload, p.retain) for p in got] == [(b"state", False)]
     finally:
         yield a.stopService()
 

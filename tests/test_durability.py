@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
@@ -1065,6 +1065,23 @@ def test_session_expiry_counts_the_time_down_after_a_kill_9(tmp_path: Path) -> I
         yield on_disk.stop()
 
 
+@inlineCallbacks
+def s_kept_through_a_kill_9(on_disk: SQLiteRestarts, clock: MemoryReactorClock, tmp_path: Path, noted: float,
+                            *also: str) -> Iterator[Deferred[Any]]:
+    """Killed now and started again half a second later, the broker has the session of "s" (and
+    those of ``also``), noted as connected until ``noted``, and the message acknowledged to its
+    publisher for it."""
+    crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
+    clock.advance(0.5)
+    broker = yield on_disk.again(crashed)
+    assert [c for c in ("s", *also) if c not in broker.sessions] == []
+    yield on_disk.store.flushed()
+    assert rows(on_disk.path, "SELECT disconnected_at FROM sessions WHERE client_id = 's'") == [(noted,)]
+    s, connack = reconnect(broker, "s", 5)
+    got = yield when_stored(on_disk.store, s)
+    assert connack.session_present and [m.payload for m in publishes(got)] == [b"acknowledged"]
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_session_of_a_short_expiry_connected_at_a_kill_9_outlives_a_quick_restart(
         tmp_path: Path) -> Iterator[Deferred[Any]]:
@@ -1088,15 +1105,7 @@ def test_a_session_of_a_short_expiry_connected_at_a_kill_9_outlives_a_quick_rest
         clock.advance(10)  # killed 55 s after the start, both sessions connected
         yield on_disk.store.flushed()
         noted = clock.seconds()
-        crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
-        clock.advance(0.5)
-        broker = yield on_disk.again(crashed)
-        assert "s" in broker.sessions and "brief" in broker.sessions
-        yield on_disk.store.flushed()
-        assert rows(on_disk.path, "SELECT disconnected_at FROM sessions WHERE client_id = 's'") == [(noted,)]
-        s, connack = reconnect(broker, "s", 5)
-        got = yield when_stored(on_disk.store, s)
-        assert connack.session_present and [m.payload for m in publishes(got)] == [b"acknowledged"]
+        yield s_kept_through_a_kill_9(on_disk, clock, tmp_path, noted, "brief")
     finally:
         yield on_disk.stop()
 
@@ -1129,15 +1138,7 @@ def test_a_session_of_a_short_expiry_connected_long_after_the_last_note_outlives
         assert rows(on_disk.path, alive) == [(noted,)]
         clock.advance(1)  # killed 2 s after "s" connected
         yield on_disk.store.flushed()
-        crashed = crash_copy(on_disk.path, tmp_path / "crashed.db")
-        clock.advance(0.5)
-        broker = yield on_disk.again(crashed)
-        assert "s" in broker.sessions
-        yield on_disk.store.flushed()
-        assert rows(on_disk.path, "SELECT disconnected_at FROM sessions WHERE client_id = 's'") == [(noted,)]
-        s, connack = reconnect(broker, "s", 5)
-        got = yield when_stored(on_disk.store, s)
-        assert connack.session_present and [m.payload for m in publishes(got)] == [b"acknowledged"]
+        yield s_kept_through_a_kill_9(on_disk, clock, tmp_path, noted)
     finally:
         yield on_disk.stop()
 
@@ -1452,6 +1453,20 @@ class HeldStore(MemoryStore):
             self.write(generation)
 
 
+def held_broker(**settings: Any) -> tuple[HeldStore, BrokerService]:
+    """A broker (on a MemoryReactorClock) whose store's batches the test writes."""
+    store = HeldStore()
+    return store, BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, **settings)
+
+
+def with_a_stored_publisher(**settings: Any) -> tuple[HeldStore, BrokerService, FakeClient]:
+    """``held_broker``, and a publisher "p" (MQTT 5) whose session the store keeps, written."""
+    store, broker = held_broker(**settings)
+    publisher = connected(broker, "p", 5, clean=False, properties={"session_expiry_interval": NEVER})
+    store.write_all()
+    return store, broker, publisher
+
+
 def test_what_the_broker_publishes_while_the_store_fails_fails_its_wait_and_goes_on() -> None:
     """BrokerService.publish's Deferred fails with StoreError then, and the admin API's publish,
     which waits for it, is answered 503; the $SYS values and a bridge's state, which go on once
@@ -1466,9 +1481,7 @@ def test_what_the_broker_publishes_while_the_store_fails_fails_its_wait_and_goes
 
     from mqtt_broker.admin.api import ApiResource
     from mqtt_broker.admin.keys import hash_key
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
-                           http_api_keys=["ci:" + hash_key("k" * 32)])
+    store, broker = held_broker(http_api_keys=["ci:" + hash_key("k" * 32)])
     failures: list[Any] = []
     broker.publish("t", b"x", retain=True).addErrback(failures.append)
     request = DummyRequest([b""])
@@ -1490,8 +1503,7 @@ def test_acknowledgements_wait_for_their_batch_together_and_in_order() -> None:
     """The PUBLISHes acknowledged within one batch of the store ask it once, and are answered in
     the order they came when that batch is written; when a batch fails, each of its MQTT 5
     PUBLISHes gets 0x80, and a QoS 2 one's packet id is free again."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    store, broker = held_broker()
     client = connected(broker, "p", 5)
     client.received()
     asked = store.asked
@@ -1517,8 +1529,7 @@ def test_acknowledgements_wait_for_their_batch_together_and_in_order() -> None:
 def test_a_refused_publish_is_answered_after_the_earlier_ones_waiting_for_the_store() -> None:
     """A PUBLISH that is not routed needs nothing stored, but its answer keeps its turn
     [MQTT-4.6.0-2, -3]; with nothing waiting it comes at once."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    store, broker = held_broker()
     client = connected(broker, "p", 5)
     client.received()
     client.send(Publish(topic="$SYS/broker/x", payload=b"x", qos=1, packet_id=1))
@@ -1540,8 +1551,7 @@ def test_qos1_publishes_waiting_for_the_store_count_against_the_receive_maximum(
     """§3.3.4 [MQTT-3.3.4-7]: more QoS 1 and QoS 2 PUBLISHes than the broker's Receive Maximum
     that it has not sent a PUBACK or PUBCOMP for: DISCONNECT 0x93. A QoS 1 PUBLISH counts until
     its PUBACK goes, once the store has it; MQTT 3 has no Receive Maximum."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, max_inflight_messages=3)
+    store, broker = held_broker(max_inflight_messages=3)
     client = connected(broker, "p", 5)
     client.received()
     client.send(Publish(topic="t", payload=b"x", qos=1, packet_id=1), Publish(topic="t", payload=b"x", qos=1, packet_id=2))
@@ -1598,10 +1608,7 @@ def test_a_new_subscription_gets_a_qos2_retained_message_once_its_packet_id_is_s
     went at once to a filter subscribed meanwhile (at QoS 0, or to a session that ends with its
     connection): killed then, the broker came back with the topic's previous retained message.
     A QoS 1 one goes at once, as it goes to the subscribers of before."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
-    publisher = connected(broker, "p", 5, clean=False, properties={"session_expiry_interval": NEVER})
-    store.write_all()
+    store, broker, publisher = with_a_stored_publisher()
     publisher.send(Publish(topic="t", payload=b"exactly once", qos=2, retain=True, packet_id=1),
                    Publish(topic="u", payload=b"at least once", qos=1, retain=True, packet_id=2))
     late = connected(broker, "late", 4)
@@ -1614,10 +1621,7 @@ def test_a_new_subscription_gets_a_qos2_retained_message_once_its_packet_id_is_s
 def test_a_replay_gets_a_qos2_message_once_its_packet_id_is_stored() -> None:
     """The message log records a message as it is routed: a replay asked for before the QoS 2
     message's packet id was stored was sent it at once, which its subscribers of before were not."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, history_filters=["#"])
-    publisher = connected(broker, "p", 5, clean=False, properties={"session_expiry_interval": NEVER})
-    store.write_all()
+    store, broker, publisher = with_a_stored_publisher(history_filters=["#"])
     publisher.send(Publish(topic="t", payload=b"exactly once", qos=2, packet_id=1))
     late = connected(broker, "late", 4)
     subscribe(late, "$replay/all/t", qos=0)
@@ -1628,8 +1632,7 @@ def test_a_replay_gets_a_qos2_message_once_its_packet_id_is_stored() -> None:
 
 @pytest.mark.parametrize("version", [4, 5])
 def test_unsuback_waits_until_the_removal_is_stored(version: int) -> None:
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    store, broker = held_broker()
     client = FakeClient(broker, version)
     client.send(Connect(client_id="s", clean_start=False, protocol_level=version, protocol_name="MQTT",
                         properties={"session_expiry_interval": 60} if version == 5 else {}))
@@ -1657,8 +1660,7 @@ def test_a_hooks_refusal_keeps_its_code_whatever_the_store_does(version: int) ->
     """A hook may refuse with any code, 0x97 say: behind a batch that fails, its PUBLISH is still
     a refused one (acknowledged with the hook's code), not one the store failed to keep."""
     from mqtt_broker.hooks import Refused
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    store, broker = held_broker()
 
     @broker.hooks.on_publish
     def limit(client: Any, message: Any) -> Any:
@@ -1737,8 +1739,7 @@ def test_a_stored_session_that_reads_nothing_is_read_no_more_once_its_answers_fi
     is written behind them, wait for the store, then join what is held for its full socket. Past
     max_held_bytes, nothing more is read from it until it reads, as without a store (it was
     read on and the answers held grew by 200 MB in 2.5 million exchanges)."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, max_held_bytes=65536)
+    store, broker = held_broker(max_held_bytes=65536)
     limit = broker.config.max_held_bytes
     client = connected(broker, "q2", 4, clean=False)
     store.write_all()
@@ -1819,8 +1820,7 @@ def test_a_filter_unsubscribed_stays_gone_when_a_subscribe_before_it_is_not_stor
     """A SUBSCRIBE replacing 'a', then an UNSUBSCRIBE of it, in one batch of the store that
     fails: the SUBSCRIBE is refused and what it replaced was put back, though the UNSUBSCRIBE,
     whose removal stands, had removed it (UNSUBACK 0x00)."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store, close_linger=0)
+    store, broker = held_broker(close_linger=0)
     client = connected(broker, "s", 5, clean=False, properties={"session_expiry_interval": 60})
     client.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="a", qos=0),)))
     store.write(store.generation)
@@ -1838,8 +1838,7 @@ def test_a_filter_unsubscribed_stays_gone_when_a_subscribe_before_it_is_not_stor
 def test_an_mqtt3_suback_after_a_failed_store_carries_only_its_codes(version: int) -> None:
     """MQTT 3.1.1 [MQTT-3.9.3-2]: SUBACK codes other than 0x00, 0x01, 0x02 and 0x80 are
     reserved; the answer to a SUBSCRIBE whose batch failed kept an MQTT 5 one (0x8F here)."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    store, broker = held_broker()
     client = FakeClient(broker, version)
     client.send(Connect(client_id="s", clean_start=False, protocol_level=version,
                         protocol_name="MQTT" if version == 4 else "MQIsdp"))
@@ -2086,8 +2085,7 @@ def test_a_qos2_resend_is_not_routed_again_when_the_0x80_pubrec_never_went_out()
     it was freed when the PUBREC was queued, behind a PUBCOMP that waited for the disk. The
     connection ended before either went out: the client, told nothing, sent the PUBLISH again
     (DUP) as it must [MQTT-4.4.0-1], and the broker routed it a second time [MQTT-4.3.3-10]."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store)
+    store, broker = held_broker()
     sub = connected(broker, "sub", version=5)
     sub.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
     store.write_all()
@@ -2142,9 +2140,7 @@ def _publisher_beside_a_full_session(broker: BrokerService, store: HeldStore) ->
 def _refused_by_a_full_session() -> tuple[HeldStore, BrokerService, FakeClient, FakeClient]:
     """A QoS 2 message to "t" that "ok" takes and a full stored session refuses (PUBREC 0x97 to
     be sent): the store, the broker, "ok" and the publisher."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
-                           max_queued_messages=1, max_stored_messages=1)
+    store, broker = held_broker(max_queued_messages=1, max_stored_messages=1)
     ok = connected(broker, "ok", version=5)
     ok.send(Subscribe(packet_id=1, subscriptions=(SubscriptionRequest(topic_filter="t", qos=2),)))
     pub = _publisher_beside_a_full_session(broker, store)
@@ -2190,9 +2186,7 @@ def test_a_refusing_pubrec_for_a_transport_gone_does_not_free_its_packet_id() ->
     """The same when the connection is lost while the rest of its read waits, for a publish
     hook deciding on a later PUBLISH: the PUBREC 0x97, released by the store's batch, went to a
     transport that is gone, and freed the packet id all the same: the resend was routed again."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
-                           max_queued_messages=1, max_stored_messages=1)
+    store, broker = held_broker(max_queued_messages=1, max_stored_messages=1)
     pending: list[Deferred[Any]] = []
     broker.hooks.on_publish(lambda client, message: (pending.append(Deferred()) or pending[-1])
                             if message.payload == b"later" else None)
@@ -2239,9 +2233,7 @@ def test_a_refusing_pubrec_of_a_read_split_over_turns_for_a_transport_gone_does_
 
 def test_a_refusing_pubrec_that_went_out_frees_its_packet_id() -> None:
     """Sent, the PUBREC 0x97 ends the exchange: the client may use the id for a new message."""
-    store = HeldStore()
-    broker = BrokerService(endpoints=[], reactor=MemoryReactorClock(), store=store,
-                           max_queued_messages=1, max_stored_messages=1)
+    store, broker = held_broker(max_queued_messages=1, max_stored_messages=1)
     pub = _publisher_beside_a_full_session(broker, store)
     pub.send(Publish(topic="t", payload=b"b", qos=2, packet_id=2))
     assert 2 in broker.sessions["pub"].awaiting_pubrel

@@ -866,6 +866,7 @@ def test_a_will_a_new_connection_makes_due_itself_holds_its_connack_no_longer_th
     assert [p.reason_code for p in new.received()] == [0]  # type: ignore[attr-defined]
     assert not new.closed
 
+
 def test_a_connection_that_closes_before_its_accepting_connack_went_has_no_disconnect_hook_called() -> None:
     """on_connect: "on_disconnect comes only after a CONNACK that accepted it". A connection that
     takes over c's makes c's will due, and its CONNACK waits for the will hook: if it closes
