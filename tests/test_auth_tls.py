@@ -545,13 +545,6 @@ def test_a_verified_certificate_whose_subject_cannot_be_read_names_nobody(field:
 def _chain(directory: Path) -> None:
     """root.pem (a root CA), fullchain.pem (a server certificate for localhost signed by an
     intermediate CA, then that intermediate: what Let's Encrypt's fullchain.pem holds), leaf.key."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def name(common_name: str) -> x509.Name:
