@@ -347,8 +347,10 @@ class Delivery:
     def _drops(self, session: Session, message: Message, qos: int) -> bool:
         """Whether ``deliver`` would drop the message at this QoS for the session now: larger
         than its client takes (its topic and payload alone), or not sent at once and with no
-        room left: its queue's count full, or with a store (QoS 1/2) max_stored_messages of its
-        already there (the bytes bound aside)."""
+        room left: with a store (QoS 1/2), max_stored_messages of its already there (what its
+        queue has no room for spills there); otherwise its queue full, by count or by
+        max_queued_bytes (what expired in it not swept: if every member would drop it,
+        ``deliver`` sweeps the first's)."""
         connection, config = session.connection, self.config
         if connection is not None and len(message.payload) + len(message.topic) > connection.max_send_size:
             return True
@@ -360,7 +362,8 @@ class Delivery:
             return False
         if qos and self.store is not None:  # to the store: dropped past max_stored_messages
             return 0 < config.max_stored_messages <= session.spilled
-        return 0 < config.max_queued_messages <= len(session.queue)
+        return 0 < config.max_queued_messages <= len(session.queue) or not session.takes(
+            len(message.payload), config.max_queued_bytes)
 
     def shared_pool(self, topic: str, share: tuple[str, str], group: SharedGroup,
                     sender: str | None = None) -> list[Subscription]:

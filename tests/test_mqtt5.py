@@ -2576,6 +2576,25 @@ def test_a_group_member_whose_queue_is_full_is_passed_over_for_one_with_room() -
     assert broker.stats.messages_dropped == 0 and sorted(got_a + got_b) == [b"%d" % n for n in range(6)]
 
 
+def test_a_group_member_whose_queue_is_full_by_bytes_is_passed_over_for_one_with_room() -> None:
+    """The same with a's queue full by max_queued_bytes (one of 90 bytes of 100 queued behind
+    one in flight): a message whose turn was a's was dropped (0x97 to its publisher) while b
+    was idle, as only max_queued_messages was asked."""
+    broker = make_broker(max_queued_bytes=100, max_inflight_messages=1)
+    a = connected(broker, "a", version=5)
+    a.subscribe("$share/g/t", qos=1)
+    pub = connected(broker, "pub", version=5)
+    for n in range(2):  # a alone
+        pub.publish("t", b"a" * 90, qos=1, packet_id=n + 1)
+    assert (len(broker.sessions["a"].outgoing), len(broker.sessions["a"].queue)) == (1, 1)
+    b = connected(broker, "b", version=5)
+    b.subscribe("$share/g/t", qos=1)
+    b.received()
+    codes = [pub.publish("t", b"b" * 50, qos=1, packet_id=10 + n)[0].reason_code  # type: ignore[union-attr]
+             for n in range(2)]
+    assert (codes, len(_taken(b)), broker.stats.messages_dropped) == ([0, 0], 2, 0)
+
+
 def test_an_offline_group_gives_qos1_messages_to_the_member_that_keeps_them() -> None:
     """Every member offline, a granted QoS 0 and c QoS 1: a's turns went to a, whose offline
     session does not keep QoS 0, while c's would have kept them [MQTT-4.8.2-3 lets a's copy be

@@ -623,3 +623,20 @@ def test_a_shared_message_goes_to_an_idle_connected_member_not_a_slow_one_at_max
              for n in range(2)]
     assert codes == [0, 0]
     assert broker.stats.messages_dropped == 0
+
+
+def test_a_shared_qos0_message_goes_to_a_member_with_room_not_one_full_by_max_queued_bytes() -> None:
+    """Two offline members keeping QoS 0: A's queue is full by max_queued_bytes, B's empty. A
+    QoS 0 message waits in memory, not in the store: one whose turn was A's was dropped."""
+    broker = make_broker(max_queued_bytes=100, queue_qos0_messages=True, store=MemoryStore())
+    a = connected(broker, "a", version=5, clean=False, properties={"session_expiry_interval": 100})
+    a.subscribe("$share/g/t")
+    a.lose()
+    pub = connected(broker, "pub", version=5)
+    pub.publish("t", b"a" * 90)  # A alone
+    b = connected(broker, "b", version=5, clean=False, properties={"session_expiry_interval": 100})
+    b.subscribe("$share/g/t")
+    b.lose()
+    for _ in range(2):
+        pub.publish("t", b"b" * 50)
+    assert (len(broker.sessions["b"].queue), broker.stats.messages_dropped) == (2, 0)
