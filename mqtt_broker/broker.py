@@ -934,9 +934,22 @@ class BrokerService(MultiService):
     def _leave_unfinished(self, session: Session) -> None:
         """Empty an ended session (its subscriptions gone): the messages it got through a shared
         subscription and did not finish go to another member, except QoS 2 ones already sent,
-        which may not go to a second client [MQTT-4.8.2-5]."""
+        which may not go to a second client [MQTT-4.8.2-5]. Those it spilled to the store go
+        with it, counted as dropped if it was a member."""
         orphans = [*(out for out in session.outgoing.values() if out.share is not None and out.qos == 1),
                    *(item for item in session.queue if item.share is not None)]
+        spilled = session.spilled
+        if spilled and any(s.share_group is not None for s in session.subscriptions.values()):
+            # Not read back to be handed on: a store reads once what it was told to write is
+            # written, the deletion of the session's records among them (which cannot wait for
+            # the read: a new session of the client may be stored meanwhile). Nor does it say
+            # which came through a shared subscription: all are counted.
+            self.stats.messages_dropped += spilled
+            session.dropped += spilled
+            if once_per_thousand(session.dropped, spilled):
+                log.warn("{count} messages of {client_id!r} in the store went with its session: those of its "
+                         "shared subscriptions are not handed on to another member",
+                         count=spilled, client_id=shortened(session.client_id))
         session.clear()
         self.delivery.hand_on_all(orphans, self.subscriptions.shared_group)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs, formatEvent
 
 from protocol_helpers import FakeClient, connected, make_broker
 
@@ -640,3 +641,24 @@ def test_a_shared_qos0_message_goes_to_a_member_with_room_not_one_full_by_max_qu
     for _ in range(2):
         pub.publish("t", b"b" * 50)
     assert (len(broker.sessions["b"].queue), broker.stats.messages_dropped) == (2, 0)
+
+
+def test_what_a_leaving_member_spilled_to_the_store_is_counted_dropped_and_logged() -> None:
+    """A connected member reads slowly: of four messages, one in flight, one in memory, two in
+    the store. Its session ends with its connection: the first two go to another member; the
+    two in the store were lost with the session, neither counted nor logged."""
+    broker = make_broker(max_queued_messages=1, max_inflight_messages=1, store=MemoryStore())
+    a = connected(broker, "a", version=5)
+    a.subscribe("$share/g/t", qos=1)
+    for n in range(4):
+        broker.publish("t", b"%d" % n, qos=1)
+    assert broker.sessions["a"].spilled == 2
+    b = connected(broker, "b", version=5)
+    b.subscribe("$share/g/t", qos=1)
+    b.received()
+    with capturedLogs() as events:
+        a.lose()
+    assert (sorted(drain(b)), broker.stats.messages_dropped) == ([b"0", b"1"], 2)
+    assert [formatEvent(e) for e in events if "went with its session" in formatEvent(e)] == [
+        "2 messages of 'a' in the store went with its session: those of its shared subscriptions are not "
+        "handed on to another member"]
