@@ -4,7 +4,7 @@
 
     mqttbroker-passwd [-H sha512-pbkdf2|sha512] [-I ITERATIONS] [-c | -D] passwordfile username
     mqttbroker-passwd [-H ...] [-I ITERATIONS] [-c] -b passwordfile username password
-    mqttbroker-passwd -U passwordfile
+    mqttbroker-passwd [-H ...] [-I ITERATIONS] -U passwordfile
 
 Also ``python -m mqtt_broker.passwd``. Files it writes verify in Mosquitto, and Mosquitto's in
 the broker. Differences from ``mosquitto_passwd``: ``-U`` leaves lines that already hold a hash
@@ -118,7 +118,7 @@ def _ask_password(stdin: TextIO) -> bytes:
     return os.fsencode(first)
 
 
-def _upgrade(path: Path) -> None:
+def _upgrade(path: Path, algorithm: str, iterations: int) -> None:
     text = _read_text(path)
     out = []
     for line in lines_of(text.removesuffix("\n")) if text else []:
@@ -130,7 +130,8 @@ def _upgrade(path: Path) -> None:
             PasswordHash.parse(value.strip(BLANKS))
             out.append(line)  # already hashed
         except ValueError:
-            out.append(f"{username.strip(BLANKS)}:{PasswordHash.create(value.strip(BLANKS).encode('utf-8'))}")
+            hashed = PasswordHash.create(value.strip(BLANKS).encode("utf-8"), algorithm, iterations)
+            out.append(f"{username.strip(BLANKS)}:{hashed}")
     text = "".join(line + "\n" for line in out)
     try:  # (a file the broker would refuse would lock every user out)
         PasswordFile.parse(text, str(path))
@@ -143,10 +144,12 @@ def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
     """Carry out one command; raises CommandError."""
     args = _parser().parse_args(argv)
     path = Path(args.passwordfile)
+    if args.algorithm == PBKDF2 and not 1 <= args.iterations <= MAX_ITERATIONS:
+        raise CommandError(f"the number of iterations must be 1 to {MAX_ITERATIONS}")
     if args.upgrade:
         if args.username is not None:
             raise CommandError("-U takes only the password file")
-        _upgrade(path)
+        _upgrade(path, args.algorithm, args.iterations)
         return
     if args.username is None:
         raise CommandError("a username is required")
@@ -158,8 +161,6 @@ def run(argv: Sequence[str], stdin: TextIO = sys.stdin) -> None:
     if not username or ":" in username or username != username.strip() or "\n" in username or username[0] == "#":
         raise CommandError("the username must not be empty, contain ':' or a line break, "
                            "start with '#' (a comment) or start or end with a space")
-    if args.algorithm == PBKDF2 and not 1 <= args.iterations <= MAX_ITERATIONS:
-        raise CommandError(f"the number of iterations must be 1 to {MAX_ITERATIONS}")
     if args.delete:
         if args.batch or args.password is not None:
             raise CommandError("-D takes no password")

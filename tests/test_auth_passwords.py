@@ -281,6 +281,19 @@ def test_upgrade_plain_text_file(tmp_path: Path) -> None:
     assert path.read_text().startswith("# comment\n")
 
 
+@pytest.mark.parametrize("options, algorithm, iterations", [(["-H", "sha512"], SHA512, 0), (["-I", "2345"], PBKDF2, 2345)])
+def test_upgrade_hashes_as_its_options_say(tmp_path: Path, options: list[str], algorithm: str, iterations: int) -> None:
+    """-U hashed with 101 PBKDF2 iterations whatever -H or -I said (mosquitto_passwd -H sha512 -U
+    writes $6$ lines)."""
+    path = tmp_path / "pw"
+    path.write_text("alice:plain one\n")
+    assert ours(*options, "-U", path) == 0
+    hashed = PasswordFile.load(path).users["alice"]
+    assert (hashed.algorithm, hashed.iterations) == (algorithm, iterations) and hashed.verify(b"plain one")
+    path.write_text("alice:plain one\n")
+    assert ours("-I", "0", "-U", path) == 1 and path.read_text() == "alice:plain one\n"
+
+
 def test_non_utf8_password_bytes_are_hashed_as_given(tmp_path: Path) -> None:
     path = tmp_path / "pw"
     password = os.fsdecode(b"caf\xe9")  # what argv holds for bytes that are not UTF-8
