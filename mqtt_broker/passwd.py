@@ -77,12 +77,22 @@ def _load(path: Path) -> PasswordFile:
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, which
     keeps the old one's mode and owner (a broker running as its own user must still read it).
-    A symbolic link stays one: the file it names is replaced."""
-    path = Path(os.path.realpath(path))
+    A symbolic link stays one: the file it names is replaced. Raises CommandError naming
+    ``path`` when it cannot be written."""
+    given, path = path, Path(os.path.realpath(path))
     try:
         old = path.stat()
     except FileNotFoundError:
         old = None
+    try:
+        _write_beside(path, text, old)
+    except OSError as e:  # (its file name is the temporary file's, a name the user never gave)
+        raise CommandError(f"unable to write password file {given}: {e.strerror or e}") from None
+
+
+def _write_beside(path: Path, text: str, old: os.stat_result | None) -> None:
+    """Write ``text`` to a new file beside ``path``, with ``old``'s mode and owner, then put it
+    in ``path``'s place."""
     handle, temporary = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "w", encoding="utf-8", errors="surrogateescape") as file:

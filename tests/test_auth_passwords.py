@@ -323,6 +323,18 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[s
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("where", ["missing/pw", "directory"])
+def test_a_file_that_cannot_be_written_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """The error named the temporary file written beside it (".pw.ug7zgu2q: No such file or
+    directory", or ".directory.x1b2: Is a directory"), a name the user never gave."""
+    (tmp_path / "directory").mkdir()
+    path = tmp_path / where
+    assert main(["-c", "-b", str(path), "alice", "x"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"Error: unable to write password file {path}: "), error
+    assert [p.name for p in tmp_path.iterdir()] == ["directory"] and not any((tmp_path / "directory").iterdir())
+
+
 def test_a_password_piped_in_twice_is_taken_as_mosquitto_passwd_takes_it(tmp_path: Path) -> None:
     """Scripts pipe it to keep it off the command line; it was refused without a terminal."""
     import io
