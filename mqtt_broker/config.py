@@ -113,6 +113,14 @@ def _prefix_problem(prefix: str) -> str | None:
     return problem
 
 
+def _response_information_problem(template: str) -> str | None:
+    # Sent as a UTF-8 string of at most 65535 bytes; too long with a client id, it is left out.
+    problem = _utf8_problem(template)
+    if problem is None and len(template.replace("{client_id}", "").encode()) > 65535:
+        return "longer than 65535 bytes"
+    return problem
+
+
 def _proxies_problem(proxies: list[str]) -> str | None:
     import ipaddress
     for proxy in proxies:
@@ -351,7 +359,7 @@ class BrokerConfig:
         0, "Bytes of the messages (topic, payload and properties) kept per history filter; 0 for no limit.")
     response_information: str = _setting(
         "response/{client_id}", "MQTT 5: the Response Information sent to a client that asks "
-        "for it ({client_id} is replaced); empty to send none.", check=_utf8_problem)
+        "for it ({client_id} is replaced); empty to send none.", check=_response_information_problem)
     websocket_endpoints: list[str] = _setting(
         [], "Twisted endpoint strings to listen on for MQTT over WebSocket (tcp:8083, "
         "ssl:8084:privateKey=...:certKey=...); empty for none.")

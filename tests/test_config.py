@@ -406,6 +406,14 @@ def test_an_auto_id_prefix_too_long_to_send_is_refused() -> None:
     with pytest.raises(ConfigError, match="auto_id_prefix: longer than 65503 bytes"):
         BrokerConfig(auto_id_prefix="x" * 65504)
 
+
+def test_a_response_information_too_long_to_send_is_refused() -> None:
+    """Response Information is a string of at most 65535 bytes: a longer one was accepted and
+    then never sent, to any client that asked for it."""
+    assert BrokerConfig(response_information="é" * 32767 + "{client_id}").response_information
+    with pytest.raises(ConfigError, match="response_information: longer than 65535 bytes"):
+        BrokerConfig(response_information="é" * 32768)
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
     with pytest.raises(ConfigError) as caught:
