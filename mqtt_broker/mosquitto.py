@@ -483,6 +483,13 @@ class _Converter:
     def _note(self, source: str, number: int, text: str, why: str) -> None:
         self.out.notes.append(Note(source, number, text, why))
 
+    def _note_dual_stack(self, source: str, number: int, text: str) -> None:
+        """Name a listener on the IPv6 wildcard address: Mosquitto's socket there is IPv6 only
+        (IPV6_V6ONLY), where this broker's takes IPv4 clients too."""
+        self.out.notes.append(Note(source, number, text, "listening on :: here: IPv6 clients, and IPv4 ones where "
+                                   "the system maps them (Linux's default); Mosquitto's takes IPv6 ones only",
+                                   carried=True))
+
     def _bridge_line(self, source: str, number: int, text: str, key: str, value: str) -> bool:
         if key == "connection":
             self.bridge = {"connection": value}
@@ -585,6 +592,8 @@ class _Converter:
             if int(args[0]) == 0 and len(args) < 2:
                 raise ValueError(f"{source}:{number}: a listener on port 0 needs a Unix socket path, as Mosquitto says")
             self.current = _Listener(int(args[0]), args[1] if len(args) > 1 else "", source, number)
+            if self.current.port and _family_of(self.current.bind)[:2] == (6, True):
+                self._note_dual_stack(source, number, text)
             self.moved.discard("listener")
             self.listeners.append(self.current)  # (a connection's section goes on, as in Mosquitto)
         elif key in ("port", "bind_address"):
@@ -598,6 +607,8 @@ class _Converter:
                 self.default_port.port = port  # keeps what was given before it
             else:
                 self.default_port.bind = value
+                if _family_of(value)[:2] == (6, True):
+                    self._note_dual_stack(source, number, text)
         elif key in _REFUSED:
             if key not in _REFUSED_IF_TRUE or _bool(value, source, number):
                 raise ValueError(f"{source}:{number}: {key} is not supported here: {_REFUSED[key]}")
@@ -645,9 +656,7 @@ class _Converter:
                     raise ValueError(f"{source}:{number}: socket_domain is ipv4 or ipv6, not {domain!r}")
                 target.options[key] = domain
                 if domain == "ipv6" and not target.bind:
-                    self.out.notes.append(Note(source, number, text, "listening on :: here: IPv6 clients, and IPv4 "
-                                               "ones where the system maps them (Linux's default); Mosquitto's "
-                                               "takes IPv6 ones only", carried=True))
+                    self._note_dual_stack(source, number, text)
             else:
                 self._note(source, number, text, "no per-listener equivalent here")
         elif key in _PER_LISTENER and self.current is None:

@@ -1316,6 +1316,21 @@ def test_socket_domain_ipv6_is_not_dropped_in_silence(tmp_path: Path) -> None:
         f"socket_domain ipv6 dropped in silence: endpoints {endpoints}, no note")
 
 
+@pytest.mark.parametrize("text,line", [("listener 1883 ::\n", 1), ("listener 1883 ::0\n", 1),
+                                       ("bind_address ::\n", 1), ("port 1884\nbind_address 0::0\n", 2)])
+def test_a_listener_on_the_ipv6_wildcard_address_is_named_as_socket_domain_ipv6_is(
+        tmp_path: Path, text: str, line: int) -> None:
+    """Mosquitto 2.0.11's `listener 1883 ::` is an IPv6 socket alone (IPV6_V6ONLY; checked:
+    mosquitto_pub -h ::1 is let in, -h 127.0.0.1 gets "Connection refused"). Converted, it is
+    tcp:1883:interface=\\:\\:, which takes IPv4 clients too where the system maps them, and
+    nothing said so, where the same listener given by socket_domain ipv6 is named."""
+    path = tmp_path / "m.conf"
+    path.write_text(text + "allow_anonymous true\n")
+    conversion = convert(path)
+    noted = [note.why for note in conversion.notes if note.line == line]
+    assert any("IPv4" in why for why in noted), f"IPv4 clients let in where Mosquitto takes none, not named: {noted}"
+
+
 @pytest.mark.parametrize("line", ["certfile {dir}/server.pem", "keyfile {dir}/server.key"])
 def test_a_listener_with_certfile_or_keyfile_alone_converts_to_toml_that_starts(
         tmp_path: Path, line: str, capsys: pytest.CaptureFixture[str]) -> None:
