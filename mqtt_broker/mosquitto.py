@@ -223,6 +223,8 @@ class _Listener:
         """Its allow_anonymous, password_file and acl_file (global settings here)."""
         self.limits: dict[str, tuple[Any, str, int, str]] = {}
         """Its settings of _PER_LISTENER (global here): (value, source, line, text)."""
+        self.by_subject = False
+        """It has use_subject_as_username true."""
 
     @property
     def tls(self) -> bool:
@@ -626,6 +628,14 @@ class _Converter:
             if key == "require_certificate":  # the listener's TLS handshake asks for it (mqtts:)
                 target.options[key] = "true" if _bool(value, source, number) else "false"
             elif key in _PER_LISTENER:
+                if given == "use_identity_as_username" and target.by_subject and not _bool(value, source, number):
+                    # Mosquitto names the listener's clients by their certificate while either is
+                    # true: taken, the false would let them give the username they like.
+                    self._note(source, number, text, "this listener's use_subject_as_username true names its "
+                                                     "clients by their certificate's subject still, as in Mosquitto")
+                    return True
+                if given == "use_subject_as_username":
+                    target.by_subject = _bool(value, source, number)
                 # Global settings here: the value given last, on whichever listener, applies to every one.
                 ours, kind = _GLOBAL[key]
                 self.out.settings[ours] = _value(kind, value, source, number)

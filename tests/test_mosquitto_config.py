@@ -709,6 +709,23 @@ def test_use_subject_as_username_names_clients_by_their_certificates_subject(tmp
             convert(path)
 
 
+def test_use_identity_as_username_false_leaves_a_listeners_use_subject_as_username_true(tmp_path: Path) -> None:
+    """Mosquitto 2.0.11 names a listener's clients by their certificate where either setting is
+    true (checked: `use_subject_as_username true` then `use_identity_as_username false`, a client
+    with a certificate and the username "admin" is named "CN=client,O=...", and its PUBLISH to a
+    topic only admin may write is denied). Converted, the false line was taken over the subject
+    one: the client was "admin", with admin's ACL rights (with allow_anonymous true and no
+    password file, usernames are taken as given)."""
+    path = tmp_path / "m.conf"
+    tls = "certfile s.crt\nkeyfile s.key\ncafile ca.crt\nrequire_certificate true\n"
+    path.write_text(f"listener 8883\n{tls}use_subject_as_username true\nuse_identity_as_username false\n"
+                    f"allow_anonymous true\n")
+    conversion = convert(path)
+    assert (conversion.settings["use_identity_as_username"], conversion.settings["certificate_identity"]) == (
+        True, "subject")
+    assert [note.line for note in conversion.notes if not note.carried] == [7]
+
+
 def test_bind_address_is_the_default_listeners_wherever_it_is(tmp_path: Path) -> None:
     """Mosquitto 2.0.11 listens on 0.0.0.0:1883 and 127.0.0.1:18832 here: bind_address, as port,
     is the default listener's."""
