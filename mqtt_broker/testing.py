@@ -24,7 +24,9 @@ asks of them (acknowledgements). Time moves only by :meth:`MemoryBroker.advance`
 
 A hook that returns a Deferred holds its answer back until the test fires that Deferred; the
 method that was waiting for it returns None meanwhile, and the answer comes later in
-:meth:`MemoryClient.received` (or :meth:`MemoryClient.messages`).
+:meth:`MemoryClient.received` (or :meth:`MemoryClient.messages`). So it does while the broker
+reads nothing more from a client, as it stops reading a socket (a store that bounds what waits
+for it, until it has caught up): what the client sends meanwhile waits in the client.
 
 The broker itself never imports this module.
 """
@@ -172,6 +174,7 @@ class MemoryBroker:
                 moved = False
                 for client in list(self._clients):
                     moved = client._read() or moved
+                    moved = client._read_on() or moved
                     if client.transport.disconnecting and not client._lost:
                         client._lose(ConnectionAborted() if client.transport.disconnected else ConnectionDone())
                         moved = True
@@ -232,6 +235,9 @@ class MemoryClient:
         """The topics of the Topic Aliases the broker set (a client that connected with
         ``topic_alias_maximum``)."""
         self._next_id = 0
+        self._unread = bytearray()
+        """What the client sent that the broker has not read: held while the broker reads no more
+        from the connection (it paused the transport), as a socket would hold it."""
         self._lost = self.protocol is None
         if self.protocol is not None:
             self.protocol.makeConnection(self.transport)
@@ -321,6 +327,12 @@ class MemoryClient:
         """End the connection without a DISCONNECT, as when the network fails: the broker
         publishes the will."""
         if not self._lost:
+            if self._unread and self.protocol is not None:
+                # Sent before the end, it comes before it: a socket the broker does not read
+                # holds it, and the end of the stream behind it.
+                data = bytes(self._unread)
+                self._unread.clear()
+                self.protocol.dataReceived(data)
             self._lose(ConnectionLost("connection dropped"))
         self.broker.flush()
 
@@ -388,8 +400,24 @@ class MemoryClient:
         raise RuntimeError("every packet id is in use")
 
     def _write(self, data: bytes) -> None:
-        if not self.closed and self.protocol is not None:
+        if self.closed or self.protocol is None:
+            return
+        if self._unread or self.transport.producerState != "producing":
+            self._unread += data  # (after what waits already: a stream keeps its order)
+            self._read_on()
+        else:
             self.protocol.dataReceived(data)
+
+    def _read_on(self) -> bool:
+        """Hand the broker what it did not read while it had paused the transport (its store
+        had to catch up, say), once it reads again; returns whether it did."""
+        if not self._unread or self.transport.producerState != "producing" or self.closed \
+                or self.protocol is None:
+            return False
+        data = bytes(self._unread)
+        self._unread.clear()
+        self.protocol.dataReceived(data)
+        return True
 
     def _read(self) -> bool:
         """Take what the broker wrote, answer what the protocol asks, keep the rest; returns

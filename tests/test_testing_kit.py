@@ -189,6 +189,72 @@ def test_received_takes_what_messages_left() -> None:
     assert client.messages() == []
 
 
+
+class SlowStore(MemoryStore):
+    """A store whose batches the test writes (``write_all``), bounding what waits for them as
+    SQLiteStore bounds what waits for its disk (``unwritten_bytes``)."""
+
+    max_unwritten_bytes = 4000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwritten_bytes = 0
+        self._waiting: list[Deferred[None]] = []
+
+    def add_delivery(self, client_id: str, item: Any, packet_id: int | None) -> None:
+        self.unwritten_bytes += len(item.message.payload)
+        super().add_delivery(client_id, item, packet_id)
+
+    def flushed(self) -> Deferred[None]:
+        self._waiting.append(Deferred())
+        return self._waiting[-1]
+
+    def write_all(self) -> None:
+        self.unwritten_bytes = 0
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+def test_a_client_the_broker_reads_no_more_is_read_once_it_reads_again() -> None:
+    """Past its store's bound, the broker reads no more from the publisher until the store has
+    caught up (it pauses the transport, as a socket it stops reading): the kit went on handing
+    the broker what the client sent, so the PUBLISH after the bound was routed at once."""
+    store = SlowStore()
+    broker = MemoryBroker(store=store, sys_interval=0)
+    offline = broker.connect("offline", clean_start=False, properties={"session_expiry_interval": 600})
+    offline.subscribe("t", qos=1)
+    offline.drop()
+    watcher = broker.connect("watcher")
+    watcher.subscribe("t")
+    publisher = broker.connect("p")
+    store.write_all()
+    assert publisher.publish("t", b"x" * 3000, qos=1) is None  # (its PUBACK waits for the store)
+    assert publisher.publish("t", b"y" * 3000, qos=1) is None  # past the bound: read no more
+    assert publisher.publish("t", b"later", qos=1) is None
+    assert [m.payload[:1] for m in watcher.messages()] == [b"x", b"y"]
+    store.write_all()
+    assert [m.payload for m in watcher.messages()] == [b"later"]
+    store.write_all()
+    assert publisher.received() == [Puback(packet_id=1), Puback(packet_id=2), Puback(packet_id=3)]
+
+
+def test_what_a_client_sent_while_the_broker_read_no_more_is_handled_before_its_end() -> None:
+    """While a hook decides, the broker reads on until it holds 64 KiB, then reads no more; a
+    client that sent more and then dropped has all it sent handled once the hook has decided."""
+    broker = MemoryBroker(sys_interval=0)
+    decision: Deferred[bool] = Deferred()
+    broker.hooks.on_publish(lambda client, message: decision if message.topic == "decided" else None)
+    watcher = broker.connect("watcher")
+    watcher.subscribe("#")
+    publisher = broker.connect("p", will=Will(topic="will", payload=b"gone"))
+    publisher.publish("decided", b"1")
+    publisher.publish("large", b"x" * 70_000)
+    publisher.publish("after", b"3")
+    publisher.drop()
+    decision.callback(True)
+    assert [m.topic for m in watcher.messages()] == ["decided", "large", "after", "will"]
+
 # --- ending connections: wills, keepalive, sessions -------------------------------------------
 
 def test_will_on_drop_and_not_on_disconnect() -> None:
