@@ -126,6 +126,7 @@ class BrokerService(MultiService):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.hooks = Hooks(self.clock, self.config.hook_timeout)
+        """The hooks: register handlers on them (``broker.hooks.on_publish(handler)``)."""
         self._retained_sweep: Any = None
         self._alive_call: Any = None
         self._note_alive: Callable[[float], None] | None = None
@@ -355,6 +356,12 @@ class BrokerService(MultiService):
         return stopping
 
     def stopService(self) -> Deferred[Any]:
+        """Stop listening and close every connection (MQTT 5 clients are told 0x8B, Server
+        shutting down) and publish the wills that are due: the connections', and without a
+        store the delayed ones too. What the hooks are still deciding is cancelled, and the
+        store writes what it holds and is closed. Returns a Deferred that fires once every
+        connection is gone (or ``close_linger`` is over), the store is closed and the services
+        added to this one have stopped; the service may be started again after that."""
         # (A MultiService's stop waits for its children's: an application's services among them.)
         stopping = [super().stopService(), *self._unlisten()]
         for connection in list(self.connections):

@@ -106,6 +106,31 @@ def test_the_compiled_classes_are_documented_from_their_docstrings(builds: dict[
         assert text in page, text
 
 
+def test_what_an_embedder_uses_is_in_the_api_reference(builds: dict[str, tuple[Path, int, str]]) -> None:
+    """The broker's page listed stopService, which autodoc left out (it had no docstring), and
+    not the hooks nor route_own that docs/embedding.md has embedders use; nothing showed the
+    packets the testing kit's clients take and return (a Will's fields, a CONNACK's)."""
+    import typing
+
+    from mqtt_broker.testing import MemoryClient
+    ids = _ids(builds, "api/broker.html")
+    for name in ("startService", "stopService", "hooks", "publish", "route_own", "clients", "subscriptions_of"):
+        assert f"mqtt_broker.BrokerService.{name}" in ids, name
+    named: set[str] = set()
+
+    def name(hint: Any) -> None:  # (every class a hint names: list[Packet], Connack | None, ...)
+        if isinstance(hint, type) and hint.__module__.startswith("mqtt_broker.wire"):
+            named.add(hint.__name__)
+        for argument in typing.get_args(hint):
+            name(argument)
+
+    for method in ("connect", "subscribe", "unsubscribe", "publish", "ping", "send", "messages", "received"):
+        for hint in typing.get_type_hints(getattr(MemoryClient, method)).values():
+            name(hint)
+    assert {"Will", "Connack", "Puback", "Pubrec", "Pubcomp", "Publish", "Auth"} <= named, named
+    ids = _ids(builds, "api/testing.html")
+    assert [name for name in sorted(named) if f"mqtt_broker.wire.{name}" not in ids] == []
+
 # --- the examples on the pages ---------------------------------------------------------------
 
 def _blocks(language: str) -> list[tuple[str, str]]:
