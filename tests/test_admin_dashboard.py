@@ -176,3 +176,34 @@ def test_dashboard_of_a_cluster_node(browser: webdriver.Chrome) -> None:
             cluster.redis.process.send_signal(signal.SIGCONT)
     finally:
         cluster.close()
+
+
+def _series(driver: webdriver.Chrome) -> dict[str, list[dict[str, float]]]:
+    """The points of the page's two charts."""
+    return driver.execute_script("return {messages: state.messages, connections: state.connections};")
+
+
+def test_the_charts_take_no_rate_across_a_restart_of_the_broker(broker_process: Any, browser: webdriver.Chrome) -> None:
+    admin = start_admin(broker_process)
+    publisher = PahoClient(admin.broker.port, "dash-restart-publisher")
+    for n in range(300):
+        publisher.publish(f"dash/restart/{n % 5}", b"1")
+    browser.get(f"{admin.base}/?interval=300")
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "save-key").click()
+    wait_for(browser, lambda d: d.execute_script("return state.previous ? state.previous.publish_received_total : -1") >= 300,
+             "the page never read the messages published")
+    publisher.close()
+    admin.broker.stop()
+    # The same admin port, a new broker process: its counters start from zero.
+    again = broker_process("--persistence", "memory", "--http", f"tcp:{admin.http_port}:interface=127.0.0.1",
+                           "--http-api-key", "ci:" + hash_key(KEY))
+    wait_for_port(admin.http_port, again.process)
+    wait_for(browser, lambda d: d.execute_script("return state.previous.publish_received_total") == 0,
+             "the page never read the new broker's figures")
+    points = len(_series(browser)["messages"])
+    wait_for(browser, lambda d: len(_series(d)["messages"]) >= points + 2, "the charts stopped after the restart")
+    series = _series(browser)
+    assert [p for p in series["messages"] if p["in"] < 0 or p["out"] < 0] == []
+    assert [p for p in series["connections"] if p["rate"] < 0] == []
+    assert not browser.find_element(By.ID, "message").is_displayed()

@@ -94,7 +94,10 @@ async function refreshStats() {
   $("fig-memory").textContent = humanBytes(stats.memory);
   const previous = state.previous;
   state.previous = stats;
-  if (previous && stats.time > previous.time) {
+  // A broker started since the last reading (stats.time - stats.uptime is its start) counts from
+  // zero again: a rate across the two readings would be its counters' fall, drawn below the axis.
+  const restarted = previous && stats.time - stats.uptime > previous.time;
+  if (previous && stats.time > previous.time && !restarted) {
     const dt = stats.time - previous.time;
     push(state.messages, { t: stats.time, in: (stats.publish_received_total - previous.publish_received_total) / dt,
                            out: (stats.publish_sent_total - previous.publish_sent_total) / dt });
