@@ -207,3 +207,24 @@ def test_the_charts_take_no_rate_across_a_restart_of_the_broker(broker_process: 
     assert [p for p in series["messages"] if p["in"] < 0 or p["out"] < 0] == []
     assert [p for p in series["connections"] if p["rate"] < 0] == []
     assert not browser.find_element(By.ID, "message").is_displayed()
+
+
+def test_a_broker_that_stops_answering_is_shown_unreachable_and_recovers(broker_process: Any,
+                                                                         browser: webdriver.Chrome) -> None:
+    admin = start_admin(broker_process)
+    browser.get(f"{admin.base}/?interval=300")
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "save-key").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "fig-connected").text == "0", "the figures were never shown")
+    wait_for(browser, lambda d: "ready" in d.find_element(By.ID, "health").text, "health never shown")
+    # Its process held (a blocked reactor answers nothing either): the connections stay open, unanswered.
+    admin.broker.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(browser, lambda d: d.find_element(By.ID, "health").text == "unreachable",
+                 "the page went on showing a broker that answers nothing as healthy", timeout=30)
+        wait_for(browser, lambda d: "did not answer" in d.find_element(By.ID, "message").text,
+                 "the page never said the API did not answer", timeout=30)
+    finally:
+        admin.broker.process.send_signal(signal.SIGCONT)
+    wait_for(browser, lambda d: "ready" in d.find_element(By.ID, "health").text, "the page did not recover")
+    wait_for(browser, lambda d: not d.find_element(By.ID, "message").is_displayed(), "the message stayed")

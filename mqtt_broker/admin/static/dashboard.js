@@ -6,6 +6,9 @@ const API = "api/v1";
 // Between 0.5 s and an hour whatever a link says: setTimeout takes a delay past 2^31 - 1 ms as 0.
 const POLL_MS = Math.min(3600000, Math.max(500, Number(new URLSearchParams(location.search).get("interval")) || 2000));
 const HISTORY = 300; // points per chart: ten minutes at the default interval
+// A broker whose reactor is held (or a host gone from the network) keeps the connection open and
+// answers nothing: without a limit the page would wait for ever, showing the last figures as live.
+const ANSWER_MS = 10000;
 
 const state = {
   key: localStorage.getItem("mqtt_broker.key") || "",
@@ -36,10 +39,19 @@ function say(text) {
   box.hidden = !text;
 }
 
+async function ask(path, options = {}) {
+  try {
+    return await fetch(API + path, Object.assign({ signal: AbortSignal.timeout(ANSWER_MS) }, options));
+  } catch (e) {
+    if (e.name === "TimeoutError") throw new Error("the broker did not answer within " + ANSWER_MS / 1000 + " s");
+    throw e;
+  }
+}
+
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (state.key) headers.Authorization = "Bearer " + state.key;
-  const response = await fetch(API + path, Object.assign({}, options, { headers }));
+  const response = await ask(path, Object.assign({}, options, { headers }));
   if (response.status === 204) return null;
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -68,8 +80,8 @@ function humanDuration(seconds) {
 async function refreshHealth() {
   const pill = $("health");
   try {
-    const health = await fetch(API + "/health").then((r) => r.json());
-    const ready = await fetch(API + "/ready").then((r) => r.json());
+    const health = await ask("/health").then((r) => r.json());
+    const ready = await ask("/ready").then((r) => r.json());
     pill.textContent = ready.ready ? "healthy · ready" : "alive · not ready: " + ready.reason;
     pill.className = "pill " + (ready.ready ? "ok" : "bad");
     $("version").textContent = health.version;
