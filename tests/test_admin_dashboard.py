@@ -228,3 +228,30 @@ def test_a_broker_that_stops_answering_is_shown_unreachable_and_recovers(broker_
         admin.broker.process.send_signal(signal.SIGCONT)
     wait_for(browser, lambda d: "ready" in d.find_element(By.ID, "health").text, "the page did not recover")
     wait_for(browser, lambda d: not d.find_element(By.ID, "message").is_displayed(), "the message stayed")
+
+
+def test_points_older_than_the_chart_axis_are_not_drawn_or_scaled_to(broker_process: Any,
+                                                                     browser: webdriver.Chrome) -> None:
+    admin = start_admin(broker_process)
+    browser.get(f"{admin.base}/")  # (no key: the page draws no chart of its own meanwhile)
+    wait_for(browser, lambda d: "ready" in d.find_element(By.ID, "health").text, "health never shown")
+    # A full history of a busy broker's polls, each 2 s apart plus the 0.2 s its answers took: 300
+    # points span 658 s, past the axis's 598 s. A burst at the start, 10 minutes of calm since.
+    left_edge_blue = browser.execute_script("""
+        const points = [];
+        for (let i = 0; i < 300; i++) points.push({ t: 1000 + 2.2 * i, in: i < 20 ? 5000 : 10, out: 0 });
+        const canvas = $("chart-messages");
+        draw(canvas, points, [["in", "--in"], ["out", "--out"]]);
+        // The column of pixels on the axis's left edge (x 44), between the grid lines.
+        const g = canvas.getContext("2d"), ratio = window.devicePixelRatio || 1;
+        const top = 8, bottom = canvas.clientHeight - 18;
+        let blue = 0;
+        for (let y = top + 2; y < bottom - 2; y++) {
+          const [r, gr, b] = g.getImageData(44 * ratio, y * ratio, 1, 1).data;
+          if (b > 150 && r < 100) blue++;
+        }
+        return blue;""")
+    points, peak = chart(browser, "messages")
+    assert peak["in"] == 10   # the burst is off the axis: it does not set its scale
+    assert points == 272      # those within the last 598 s
+    assert left_edge_blue == 0  # nor are the points before it piled up on its left edge

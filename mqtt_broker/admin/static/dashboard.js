@@ -136,8 +136,16 @@ function draw(canvas, points, lines) {
   g.clearRect(0, 0, width, height);
   const style = getComputedStyle(document.documentElement);
   const left = 44, bottom = height - 18, top = 8, right = width - 8;
+  // The axis spans the points there are (at least 30 s), up to the whole history at POLL_MS. Polls
+  // come POLL_MS after the last one's answers, so a full history spans more: the points before the
+  // axis's start are off the chart, neither drawn (they were piled up on its left edge) nor in its
+  // scale (a burst gone from view kept the lines shown flat along the bottom).
+  const last = points.length ? points[points.length - 1].t : 0;
+  const span = points.length ? Math.min((HISTORY - 1) * POLL_MS / 1000, Math.max(30, last - points[0].t)) : 30;
+  const t0 = last - span;
+  const shown = points.filter((p) => p.t >= t0);
   let max = 1;
-  for (const p of points) for (const [name] of lines) max = Math.max(max, p[name]);
+  for (const p of shown) for (const [name] of lines) max = Math.max(max, p[name]);
   max = niceCeiling(max);
   g.strokeStyle = "#e3e6eb";
   g.fillStyle = "#6b7280";
@@ -148,19 +156,15 @@ function draw(canvas, points, lines) {
     g.beginPath(); g.moveTo(left, y); g.lineTo(right, y); g.stroke();
     g.fillText(formatNumber(max * i / 4), 4, y + 4);
   }
-  if (points.length) {
-    // The axis spans the points there are (at least 30 s), up to the whole history.
-    const last = points[points.length - 1].t;
-    const span = Math.min((HISTORY - 1) * POLL_MS / 1000, Math.max(30, last - points[0].t));
-    const t0 = last - span;
-    const x = (t) => left + (right - left) * Math.max(0, t - t0) / span;
+  if (shown.length) {
+    const x = (t) => left + (right - left) * (t - t0) / span;
     g.fillText(span >= 120 ? Math.round(span / 60) + " min ago" : Math.round(span) + " s ago", left, height - 4);
     g.fillText("now", right - 22, height - 4);
     for (const [name, colour] of lines) {
       g.strokeStyle = style.getPropertyValue(colour).trim() || "#000";
       g.lineWidth = 2;
       g.beginPath();
-      points.forEach((p, i) => {
+      shown.forEach((p, i) => {
         const y = bottom - (bottom - top) * p[name] / max;
         if (i) g.lineTo(x(p.t), y); else g.moveTo(x(p.t), y);
       });
@@ -168,8 +172,8 @@ function draw(canvas, points, lines) {
     }
   }
   // For tests and curious operators: how many points, and each line's highest value shown.
-  canvas.dataset.points = String(points.length);
-  canvas.dataset.peak = JSON.stringify(Object.fromEntries(lines.map(([name]) => [name, Math.max(0, ...points.map((p) => p[name]))])));
+  canvas.dataset.points = String(shown.length);
+  canvas.dataset.peak = JSON.stringify(Object.fromEntries(lines.map(([name]) => [name, Math.max(0, ...shown.map((p) => p[name]))])));
 }
 
 function niceCeiling(value) {
