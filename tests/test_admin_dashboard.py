@@ -255,3 +255,23 @@ def test_points_older_than_the_chart_axis_are_not_drawn_or_scaled_to(broker_proc
     assert peak["in"] == 10   # the burst is off the axis: it does not set its scale
     assert points == 272      # those within the last 598 s
     assert left_edge_blue == 0  # nor are the points before it piled up on its left edge
+
+
+def test_a_client_with_more_subscriptions_than_the_panel_lists_is_said_to_have_them(
+        broker_process: Any, browser: webdriver.Chrome) -> None:
+    admin = start_admin(broker_process)
+    client = PahoClient(admin.broker.port, "dash-many")
+    client.subscribe([(f"dash/many/{n:04}", 0) for n in range(1001)])  # type: ignore[arg-type]
+    try:
+        browser.get(f"{admin.base}/?interval=300")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "save-key").click()
+        click(browser, 'tr[data-client-id="dash-many"] td', "the client's row could not be clicked")
+        wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#subscriptions tbody tr")) == 1000,
+                 "the client's subscriptions were not listed")
+        # The last one is not in the list: the panel says the list is not all of them.
+        assert "dash/many/1000" not in browser.find_element(By.ID, "subscriptions").text
+        wait_for(browser, lambda d: "first 1000 of 1001" in d.find_element(By.ID, "details-client").text,
+                 "the panel did not say it lists the first 1000 of the client's 1001 subscriptions")
+    finally:
+        client.close()

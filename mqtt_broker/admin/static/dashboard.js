@@ -229,8 +229,14 @@ async function select(clientId) {
 
 async function refreshSubscriptions() {
   const body = $("subscriptions").tBodies[0];
-  if (state.selected === null) { body.replaceChildren(); return; }
-  const page = await api("/subscriptions?limit=1000&client_id=" + encodeURIComponent(state.selected));
+  const clientId = state.selected;
+  if (clientId === null) { body.replaceChildren(); return; }
+  const page = await api("/subscriptions?limit=1000&client_id=" + encodeURIComponent(clientId));
+  if (clientId !== state.selected) return;  // (another client was chosen meanwhile: its answer shows)
+  // A client may hold more than a page: say so, as the clients panel does, or a filter past the
+  // first thousand looks absent.
+  $("details-client").textContent = clientId + (page.total > page.items.length
+    ? " (first " + page.items.length + " of " + page.total + ")" : "");
   body.replaceChildren(...page.items.map((s) => el("tr", {},
     el("td", {}, s.topic_filter), el("td", {}, s.qos),
     el("td", {}, [s.no_local && "no local", s.retain_as_published && "retain as published",
