@@ -337,7 +337,15 @@ def test_topic_tree(admin: Admin) -> None:
     c = tree["children"][1]
     assert (c["topic"], c["retained"]) == ("tree/c", True)
     assert "$SYS" in [node["name"] for node in answer.body["tree"]["children"]]
+    assert "message" not in c
     assert admin.call("GET", "/api/v1/topics?limit=0").status == 400
+    assert admin.call("GET", "/api/v1/topics?payload_max=-1").status == 400
+    # With payload_max, a retained topic's node holds its message, its payload cut.
+    answer = admin.call("GET", "/api/v1/topics?payload_max=2")
+    [tree] = [node for node in answer.body["tree"]["children"] if node["name"] == "tree"]
+    assert tree["children"][1]["message"] == {"topic": "tree/c", "qos": 0, "size": 4, "payload": "ke",
+                                              "payload_encoding": "utf-8"}
+    assert "message" not in tree["children"][0]["children"][0]
 
 
 # --- figures, settings -----------------------------------------------------------------------------

@@ -553,6 +553,7 @@ class ApiResource(Resource):
 
     def _topics(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         limit = int_arg(request, "limit", 1000, 1, 10_000)
+        payload_max = min(int_arg(request, "payload_max", -1, 0), MAX_REMAINING_LENGTH)
         recent = list(self.broker.subscriptions.recent)[-limit:]
         retained = self.broker.retained
         names = set(recent)
@@ -565,7 +566,10 @@ class ApiResource(Resource):
         room = limit - len(topics)
         if room > 0:
             topics += [(t, False, True) for t in retained.topics(room + len(names)) if t not in names and kept(t)][:room]
-        return 200, {"count": len(topics), "tree": topic_tree(topics)}
+        # (With payload_max, each retained topic's message in the same answer: the dashboard's
+        # tree showed none for a topic past the first page of /retained.)
+        shown = None if payload_max < 0 else lambda topic: message_json(retained.get(topic), payload_max)
+        return 200, {"count": len(topics), "tree": topic_tree(topics, shown)}
 
     def _list_retained(self, request: Request, key_id: str | None) -> tuple[int, Any]:
         topic_filter = str_arg(request, "filter")

@@ -90,8 +90,10 @@ def message_json(message: Any, payload_max: int | None = None) -> dict[str, Any]
     return {"topic": message.topic, "qos": message.qos, "size": len(payload), **shown}
 
 
-def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
-    """A tree of topic levels from (topic, seen lately, retained) triples."""
+def topic_tree(topics: list[tuple[str, bool, bool]],
+               message: Callable[[str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A tree of topic levels from (topic, seen lately, retained) triples; with ``message``, a
+    retained topic's node holds what it gives for the topic."""
     root: dict[str, Any] = {"name": "", "topic": None, "recent": False, "retained": False, "children": {}}
     for topic, recent, retained in topics:
         node = root
@@ -105,6 +107,8 @@ def topic_tree(topics: list[tuple[str, bool, bool]]) -> dict[str, Any]:
         node["topic"] = topic
         node["recent"] = node["recent"] or recent
         node["retained"] = node["retained"] or retained
+        if retained and message is not None:
+            node["message"] = message(topic)
 
     def finish(node: dict[str, Any]) -> dict[str, Any]:
         node.pop("path", None)

@@ -245,31 +245,32 @@ async function refreshSubscriptions() {
 
 // --- topics -------------------------------------------------------------------------------------------
 
-async function refreshTopics() {
-  const [topics, retained] = await Promise.all([api("/topics?limit=2000"), api("/retained?limit=1000&payload_max=320")]);
-  const payloads = new Map(retained.items.map((m) => [m.topic, m]));
-  $("topics-count").textContent = topics.count + " topics, " + retained.total + " retained";
+async function refreshTopics(stats) {
+  // (Each retained topic's message comes in the tree itself: taken from a page of /retained, a
+  // topic past that page was shown without one.)
+  const topics = await api("/topics?limit=2000&payload_max=320");
+  $("topics-count").textContent = topics.count + " topics, " + stats.retained + " retained";
   // Application topics first; the broker's own $SYS tree last, folded.
   const roots = topics.tree.children.slice().sort((a, b) => (a.name.startsWith("$") - b.name.startsWith("$")));
-  $("topics").replaceChildren(...roots.map((node) => treeNode(node, payloads)));
+  $("topics").replaceChildren(...roots.map((node) => treeNode(node)));
 }
 
-function treeNode(node, payloads) {
+function treeNode(node) {
   const item = el("li", { "data-topic": node.topic || "" }, el("span", { class: "level" }, node.name || "(empty)"));
   if (node.name === "$SYS" && node.topic === null) {
     const folded = el("details", {}, el("summary", {}, "$SYS"));
     folded.open = state.sysOpen;   // kept across refreshes
     folded.addEventListener("toggle", () => { state.sysOpen = folded.open; });
-    folded.append(el("ul", {}, ...node.children.map((child) => treeNode(child, payloads))));
+    folded.append(el("ul", {}, ...node.children.map((child) => treeNode(child))));
     return el("li", { "data-topic": "" }, folded);
   }
-  const message = node.topic !== null ? payloads.get(node.topic) : undefined;
+  const message = node.message;
   if (message) {
     const text = message.payload_encoding === "utf-8" ? message.payload : "base64:" + message.payload;
     item.append(el("span", { class: "retained", title: "retained, QoS " + message.qos }, "= " + text.slice(0, 80)));
   }
   if (node.topic !== null && !node.retained && node.recent) item.append(el("span", { class: "tag" }, "live"));
-  if (node.children.length) item.append(el("ul", {}, ...node.children.map((child) => treeNode(child, payloads))));
+  if (node.children.length) item.append(el("ul", {}, ...node.children.map((child) => treeNode(child))));
   return item;
 }
 
@@ -336,7 +337,7 @@ async function refresh() {
   if (!state.key) { say("Paste an API key to see clients, topics and figures."); return; }
   try {
     const stats = await refreshStats();
-    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics(), refreshCluster(stats),
+    await Promise.all([refreshClients(), refreshSubscriptions(), refreshTopics(stats), refreshCluster(stats),
                       refreshBridges(stats)]);
     say("");
   } catch (e) {
