@@ -93,6 +93,27 @@ def is_time(value: Any, latest: float = sys.float_info.max) -> bool:
     return type(value) in (int, float) and -sys.float_info.max <= value <= latest
 
 
+def mistyped(message: Message) -> str | None:
+    """The name of a field the broker keeps of a message besides what its PUBLISH carries (its
+    sender, cluster id, the PUBLISH it came as, its encodings) whose value is not of its declared
+    type, or None. Compiled, the Message refuses such a value as a hook sets it (TypeError, which
+    refuses the message); checked here, the pure-Python build refuses it too, where it was routed
+    (and a non-dict ``encoded`` raised AttributeError out of the publisher's dataReceived)."""
+    if not isinstance(message.sender, (str, type(None))):
+        return "sender"
+    if not isinstance(message.cluster_id, (bytes, type(None))):
+        return "cluster_id"
+    if not isinstance(message.frame, (bytes, type(None))):
+        return "frame"
+    if not isinstance(message.encoded, (dict, type(None))):
+        return "encoded"
+    if not isinstance(message.packet_id, int):
+        return "packet_id"
+    if not isinstance(message.refused, int):
+        return "refused"
+    return None
+
+
 def unsendable(message: Message, now: float, own: bool = False) -> str | None:
     """Why no PUBLISH can carry ``message``, or None. A client's PUBLISH is checked as it is
     decoded; one an application makes (a hook's, ``BrokerService.publish``'s) is checked here,
@@ -105,6 +126,9 @@ def unsendable(message: Message, now: float, own: bool = False) -> str | None:
     if not isinstance(topic, str) or not isinstance(properties, dict) or type(message.retain) is not bool \
             or type(message.dup) is not bool:
         return "a topic, properties, retain or DUP flag not of its type (str, dict, bool)"
+    field = mistyped(message)
+    if field is not None:
+        return f"its {field} {getattr(message, field)!r}, not of its type"
     qos = message.qos
     if isinstance(qos, int) and type(qos) is not int:
         message.qos = int(qos)

@@ -19,7 +19,7 @@ from .connecting import NO_SLOTS
 from .hooks import PUBACK_REFUSALS, Refused, own_properties
 from .lifecycle import State
 from .logged import shortened
-from .message import Client, Message, bare, encoding_kind, is_utf8, unsendable
+from .message import Client, Message, bare, encoding_kind, is_utf8, mistyped, unsendable
 from .stats import once_per_thousand
 from .store import StoreError
 from .topics import MAX_TOPIC_LEVELS, reserved, too_deep
@@ -173,15 +173,17 @@ class Publishing:
         # A Message of the hook's own is routed as a copy: the hook may answer with it again.
         made = (answer if answer is message else bare(answer)) if isinstance(answer, Message) else None
         topic, payload, properties, qos_received, retain_received, received_at = as_received
-        # (A QoS of 1.0 or True, a retain or DUP flag of 1, is a change too, which the check below
-        # refuses or makes an int, as the compiled Message does at once; so is an expiry time, which
-        # a client's PUBLISH gets only below.)
+        # (A QoS of 1.0 or True, a retain or DUP flag of 1, a field of another type, is a change
+        # too, which the check below refuses or makes an int, as the compiled Message does at once;
+        # so is an expiry time, which a client's PUBLISH gets only below.)
+        wrong_type = mistyped(message)  # (refused below, as the compiled Message refuses it when it is set)
         changed = (message.topic is not topic or message.payload is not payload or message.properties is not properties
                    or message.qos != qos_received or message.retain != retain_received
                    or type(message.qos) is not int or type(message.retain) is not bool or type(message.dup) is not bool
-                   or message.expires_at is not None)
+                   or message.expires_at is not None or wrong_type is not None)
         if changed or message.properties:  # (its dict may have been changed in place)
-            message.encoded = None  # not the bytes it came as, perhaps
+            if wrong_type is None:  # (an ``encoded`` of another type is to be refused, not cleared)
+                message.encoded = None  # not the bytes it came as, perhaps
             made = made or message
         else:
             message.properties = NO_PROPERTIES  # (shared again: queued, it holds no dict of its own)

@@ -1787,6 +1787,33 @@ def test_a_publish_hook_setting_an_int_dup_flag_in_place_is_refused_with_0x80() 
     assert answer == 0x80, f"expected PUBACK 0x80, got {answer!r} (delivered: {delivered!r})"
 
 
+@pytest.mark.parametrize("field, value", [("sender", 5), ("sender", b"publisher"), ("cluster_id", "id"),
+                                          ("packet_id", None), ("frame", "s"), ("refused", 1.5), ("encoded", 5)])
+def test_a_publish_hook_setting_another_field_to_a_value_not_of_its_type_is_refused_with_0x80(field: str,
+                                                                                               value: Any) -> None:
+    """docs/embedding.md: the fields of a hook's Message "take only the types they are declared
+    with" (compiled: TypeError as it is set, which refuses), and "the pure-Python build refuses
+    such a message too (0x80, logged)". It did for the topic, payload, QoS, flags, properties and
+    expiry only: a sender, cluster id, packet id, frame or count of a wrong type was routed (a
+    refused count of 1.5 answered 0x97), and a non-dict ``encoded`` raised AttributeError out of
+    the publisher's dataReceived."""
+    answer, delivered = _publish_through(lambda message: setattr(message, field, value))
+    assert answer == 0x80, f"expected PUBACK 0x80, got {answer!r} (delivered: {delivered!r})"
+
+
+@pytest.mark.parametrize("field, value", [("sender", 5), ("cluster_id", "id"), ("refused", None)])
+def test_a_will_hook_setting_a_field_to_a_value_not_of_its_type_publishes_nothing(field: str, value: Any) -> None:
+    """The same of a will: the pure-Python build published it."""
+    broker = MemoryBroker(sys_interval=0)
+    broker.hooks.on_will(lambda client, message: setattr(message, field, value))
+    subscriber = broker.connect("subscriber")
+    subscriber.subscribe("w")
+    client = broker.connect("c", will=Will(topic="w", payload=b"gone"))
+    with capturedLogs():
+        client.drop()
+    assert subscriber.messages() == []
+
+
 class _QoS(enum.IntEnum):
     AT_MOST_ONCE = 0
     EXACTLY_ONCE = 2
