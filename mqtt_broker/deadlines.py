@@ -1,5 +1,6 @@
 """Deadlines on one timer of the broker's clock: every connection's (CONNECT within
-connect_timeout, then its keepalive) and every disconnected session's expiry.
+connect_timeout, then its keepalive), every disconnected session's expiry and every delayed will's
+delay.
 
 A ``callLater`` costs about 420 bytes with Twisted's reactor (the ``DelayedCall``, its bound
 methods and keyword dictionary): a fifth of what an idle connection holds, and more than an

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .auth import Identity
-from .deadlines import cancel
+from .deadlines import Deadlines
 from .logged import shortened
 from .message import Client, Message, bare, unsendable
 from .store import StoredWill
@@ -31,6 +31,11 @@ class Wills:
     def __init__(self, broker: BrokerService) -> None:
         self.broker = broker
         self._delayed: dict[str, tuple[Any, Client, Message, Identity | None]] = {}
+        """Client id -> (its entry in ``_due_times``, or None while a cluster confirms it is due;
+        the client; the will; the connection's identity)."""
+        self._due_times = Deadlines(broker.clock, self._due, WILLS_PUBLISHED_PER_TURN)
+        """The delays of the wills waiting, on one timer: a fleet's come due together (the
+        clients a stop closed), published WILLS_PUBLISHED_PER_TURN a turn of the reactor."""
         self._deciding: dict[str, _Deciding] = {}
 
     def __len__(self) -> int:
@@ -148,7 +153,8 @@ class Wills:
         pending = self._delayed.pop(client_id, None)
         if pending is None:
             return
-        cancel(pending[0])
+        if pending[0] is not None:
+            self._due_times.forget(pending[0])
         store = self.broker.store
         if in_store and store is not None:
             store.delete_will(client_id)
@@ -175,19 +181,20 @@ class Wills:
         publish = self.broker.store is None
         for client_id in list(self._delayed):
             self.end(client_id, publish, in_store=False)
+        self._due_times.stop()
 
     def _wait(self, client: Client, will: Message, identity: Identity | None, delay: float) -> None:
-        call = self.broker.clock.callLater(delay, self._due, client.client_id)
-        self._delayed[client.client_id] = (call, client, will, identity)
+        entry = self._due_times.watch(client.client_id, self.broker.clock.seconds() + delay)
+        self._delayed[client.client_id] = (entry, client, will, identity)
 
-    def _due(self, client_id: str) -> None:
+    def _due(self, client_id: str) -> float | None:
+        """A will's delay is over (called by ``_due_times``): published, unless a cluster
+        must say first; returns when to be called again, if it must wait."""
         cluster = self.broker.cluster
         if cluster is not None and cluster.unsure_of_sessions():
             # Cut off from Redis, or paused, long enough to be taken for dead: the session may
             # have been adopted, its will taken by the survivor. Decided once Redis has said.
-            _, client, will, identity = self._delayed[client_id]
-            self._delayed[client_id] = (self.broker.clock.callLater(1.0, self._due, client_id), client, will, identity)
-            return
+            return self.broker.clock.seconds() + 1.0
         pending = self._delayed[client_id]
         store = self.broker.store
         if store is not None:
@@ -199,9 +206,10 @@ class Wills:
             waiting = (None, *pending[1:])
             self._delayed[client_id] = waiting
             cluster.still_holds(client_id).addCallback(self._confirmed, client_id, waiting)
-            return
+            return None
         del self._delayed[client_id]
         self.publish(*pending[1:])
+        return None
 
     def _confirmed(self, held: bool, client_id: str, waiting: tuple[Any, Client, Message, Identity | None]) -> None:
         if held and self._delayed.get(client_id) is waiting:
@@ -221,4 +229,9 @@ def _go_on(waiting: Deferred[None]) -> None:
     waiting.callback(None)
 
 
-__all__ = ["Wills"]
+WILLS_PUBLISHED_PER_TURN = 1000
+"""How many of the delayed wills whose time came are published in one turn of the reactor; the
+others wait for the next turns, reads and writes between (a fleet's come due together)."""
+
+
+__all__ = ["WILLS_PUBLISHED_PER_TURN", "Wills"]

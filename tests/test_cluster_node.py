@@ -2327,7 +2327,7 @@ def test_a_claim_of_a_session_that_ran_out_on_a_dead_node_publishes_its_will_at_
         clock.advance(1.0)  # (a will due at once is published on the next turn)
         yield broker.store.flushed()
         got = [(p.topic, p.payload) for p in observer.received() if isinstance(p, Publish)]
-        waiting = broker.wills._delayed["c"][0].getTime() - clock.seconds() if "c" in broker.wills else None
+        waiting = broker.wills._delayed["c"][0][0] - clock.seconds() if "c" in broker.wills else None
         assert got == [("wills/c", b"c is gone")], f"the will still waits {waiting} s"
     finally:
         yield broker.stopService()

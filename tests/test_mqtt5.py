@@ -21,6 +21,7 @@ from mqtt_broker.wire import (
 from mqtt_broker.topics import MAX_SHARE_TURNS, Turns
 
 from mqtt_broker.broker import SESSIONS_ENDED_PER_TURN
+from mqtt_broker.wills import WILLS_PUBLISHED_PER_TURN
 
 from protocol_helpers import FakeClient, Held, TurnClock, connected, make_broker
 
@@ -775,6 +776,31 @@ def test_will_delay_longer_than_session_expiry_publishes_at_session_end() -> Non
     broker.clock.advance(2)
     assert payloads(watcher.received()) == [b"gone"]
     assert "c" not in broker.sessions
+    broker.clock.advance(200)
+    assert watcher.received() == []
+
+
+def test_delayed_wills_due_together_are_published_a_bounded_number_a_turn() -> None:
+    """Delayed wills due at the same instant (those of a fleet's clients the broker's stop
+    closed, due together after the restart) are published WILLS_PUBLISHED_PER_TURN a turn of
+    the reactor, reads and writes between, as expired sessions end: published in the turn their
+    timers ran, 100,000 held it for nearly three seconds. A client back before its will's turn
+    keeps it from being published [MQTT-3.1.3-9]."""
+    broker = make_broker(reactor=TurnClock())
+    watcher = _will_watcher(broker)
+    count = 2 * WILLS_PUBLISHED_PER_TURN + 5
+    for n in range(count):
+        client = v5(broker, f"c{n}", clean=False, properties=persistent(100),
+                    will=Will(topic=f"will/{n}", payload=b"gone", properties={"will_delay_interval": 10}))
+        client.lose()
+    broker.clock.advance(10)  # (the turn of their timer)
+    assert len(watcher.received()) == WILLS_PUBLISHED_PER_TURN
+    connect5(broker, f"c{count - 1}", clean=False, properties=persistent(100))
+    broker.clock.advance(0)
+    assert len(watcher.received()) == WILLS_PUBLISHED_PER_TURN
+    broker.clock.advance(0)
+    assert payloads(watcher.received()) == [b"gone"] * 4
+    assert len(broker.wills) == 0
     broker.clock.advance(200)
     assert watcher.received() == []
 
