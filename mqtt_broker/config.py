@@ -5,6 +5,7 @@ Names follow Mosquitto's where Mosquitto has the setting, so its users' knowledg
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 import re
@@ -511,7 +512,8 @@ class BrokerConfig:
         the file and key on any problem."""
         try:
             with open(path, "rb") as f:
-                values = tomllib.load(f)
+                # (with the byte order mark Windows' Notepad writes, which no editor shows)
+                values = tomllib.loads(f.read().removeprefix(codecs.BOM_UTF8).decode())
         except OSError as e:
             raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
         except tomllib.TOMLDecodeError as e:

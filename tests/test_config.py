@@ -446,6 +446,14 @@ def test_file_not_utf8(tmp_path: Path) -> None:
     assert str(caught.value).startswith(f"{path}: not valid TOML: not UTF-8")
 
 
+
+def test_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Windows' Notepad starts a UTF-8 file with a byte order mark: the broker refused to start
+    on it ("Invalid statement at line 1, column 1"), which no editor shows."""
+    path = tmp_path / "broker.toml"
+    path.write_bytes(b'\xef\xbb\xbfauto_id_prefix = "x-"\n')
+    assert BrokerConfig.from_file(path).auto_id_prefix == "x-"
+
 # Valid TOML, but tomllib raises ValueError (Python's limit on an integer's digits) and
 # RecursionError (one call per level of nesting): both escaped from_file.
 UNPARSABLE = ["max_packet_size = " + "9" * 5000 + "\n", "endpoints = " + "[" * 3000 + "]" * 3000 + "\n"]
