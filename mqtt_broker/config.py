@@ -96,30 +96,24 @@ def _filters_problem(filters: list[str]) -> str | None:
     return None
 
 
-def _utf8_problem(text: str) -> str | None:
+def _utf8_problem(text: str, most: int | None = None) -> str | None:
     """An MQTT string must be UTF-8 [MQTT-1.5.4-1]: a byte that is not, given on the command line,
-    arrives as a lone surrogate."""
+    arrives as a lone surrogate. With ``most``, at most so many bytes."""
     try:
-        text.encode()
+        encoded = text.encode()
     except UnicodeEncodeError:
         return "not UTF-8, as an MQTT string must be"
-    return None
+    return f"longer than {most} bytes" if most is not None and len(encoded) > most else None
 
 
 def _prefix_problem(prefix: str) -> str | None:
     # An assigned id is the prefix and 32 hex digits, sent as a UTF-8 string (at most 65535 bytes).
-    problem = _utf8_problem(prefix)
-    if problem is None and len(prefix.encode()) > 65535 - 32:
-        return f"longer than {65535 - 32} bytes"
-    return problem
+    return _utf8_problem(prefix, 65535 - 32)
 
 
 def _response_information_problem(template: str) -> str | None:
     # Sent as a UTF-8 string of at most 65535 bytes; too long with a client id, it is left out.
-    problem = _utf8_problem(template)
-    if problem is None and len(template.replace("{client_id}", "").encode()) > 65535:
-        return "longer than 65535 bytes"
-    return problem
+    return _utf8_problem(template.replace("{client_id}", ""), 65535)
 
 
 def _proxies_problem(proxies: list[str]) -> str | None:

@@ -327,12 +327,9 @@ class MemoryClient:
         """End the connection without a DISCONNECT, as when the network fails: the broker
         publishes the will."""
         if not self._lost:
-            if self._unread and self.protocol is not None:
-                # Sent before the end, it comes before it: a socket the broker does not read
-                # holds it, and the end of the stream behind it.
-                data = bytes(self._unread)
-                self._unread.clear()
-                self.protocol.dataReceived(data)
+            # Sent before the end, it comes before it: a socket the broker does not read holds
+            # it, and the end of the stream behind it.
+            self._hand_over()
             self._lose(ConnectionLost("connection dropped"))
         self.broker.flush()
 
@@ -400,19 +397,18 @@ class MemoryClient:
         raise RuntimeError("every packet id is in use")
 
     def _write(self, data: bytes) -> None:
-        if self.closed or self.protocol is None:
-            return
-        if self._unread or self.transport.producerState != "producing":
+        if not self.closed and self.protocol is not None:
             self._unread += data  # (after what waits already: a stream keeps its order)
             self._read_on()
-        else:
-            self.protocol.dataReceived(data)
 
     def _read_on(self) -> bool:
-        """Hand the broker what it did not read while it had paused the transport (its store
-        had to catch up, say), once it reads again; returns whether it did."""
-        if not self._unread or self.transport.producerState != "producing" or self.closed \
-                or self.protocol is None:
+        """Hand the broker what the client sent, unless it has paused the transport (its store
+        has to catch up, say); returns whether it did."""
+        return self.transport.producerState == "producing" and self._hand_over()
+
+    def _hand_over(self) -> bool:
+        """Hand the broker what the client sent that it has not read; returns whether there was any."""
+        if not self._unread or self.closed or self.protocol is None:
             return False
         data = bytes(self._unread)
         self._unread.clear()

@@ -189,7 +189,6 @@ def test_received_takes_what_messages_left() -> None:
     assert client.messages() == []
 
 
-
 class SlowStore(MemoryStore):
     """A store whose batches the test writes (``write_all``), bounding what waits for them as
     SQLiteStore bounds what waits for its disk (``unwritten_bytes``)."""
@@ -254,6 +253,7 @@ def test_what_a_client_sent_while_the_broker_read_no_more_is_handled_before_its_
     publisher.drop()
     decision.callback(True)
     assert [m.topic for m in watcher.messages()] == ["decided", "large", "after", "will"]
+
 
 # --- ending connections: wills, keepalive, sessions -------------------------------------------
 
